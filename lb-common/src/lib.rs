@@ -1,0 +1,276 @@
+//! Map keys and values shared by the XDP programs (`lb-ebpf`) and userspace (`lb-userspace`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so the layout the kernel sees is the
+//! layout userspace writes, byte for byte, and BTF describes no hidden holes. Addresses and ports
+//! are stored in **network byte order** exactly as they appear in packet headers, so the XDP
+//! program compares raw header fields without swapping; userspace converts at the edges.
+#![no_std]
+
+/// Names of the maps and programs, used by the loader, the pin directory and `lb dump`.
+pub mod names {
+    /// The balancer program, attached to the interfaces that receive VIP traffic.
+    pub const PROG_XDP: &str = "lb_xdp";
+    /// The backend-side decapsulator.
+    pub const PROG_DECAP: &str = "lb_decap";
+    /// A program that passes every packet: the benchmark baseline, and the program the test
+    /// topology attaches to veth peers so that XDP_TX'd frames are delivered promptly.
+    pub const PROG_PASS: &str = "lb_pass";
+
+    /// [`super::LbConfig`] at index 0.
+    pub const MAP_CONFIG: &str = "LB_CONFIG";
+    /// [`super::VipKey`] → [`super::VipMeta`].
+    pub const MAP_VIPS: &str = "LB_VIPS";
+    /// [`super::BackendId`] index → [`super::Backend`].
+    pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+    /// `vip_id * ring_size + slot` → backend id ([`super::RING_EMPTY`] for none).
+    pub const MAP_RINGS: &str = "LB_RINGS";
+    /// LRU: [`super::FlowKey`] → [`super::FlowValue`].
+    pub const MAP_FLOWS: &str = "LB_FLOWS";
+    /// Per-CPU [`super::Counters`] per VIP id.
+    pub const MAP_VIP_STATS: &str = "LB_VIP_STATS";
+    /// Per-CPU [`super::Counters`] per backend id.
+    pub const MAP_BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    /// Per-CPU `u64` per [`super::Reason`].
+    pub const MAP_REASONS: &str = "LB_REASONS";
+    /// Per-CPU `u64` per [`super::DecapReason`].
+    pub const MAP_DECAP_STATS: &str = "LB_DECAP_STATS";
+}
+
+/// IANA protocol numbers the balancer understands.
+pub const IPPROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// IANA protocol number of IPv4-in-IPv4 (RFC 2003).
+pub const IPPROTO_IPIP: u8 = 4;
+
+/// Ring slot value meaning "no backend" (the VIP has no backend in service).
+pub const RING_EMPTY: u32 = u32::MAX;
+
+/// Default Maglev table size: prime, as Maglev requires (Eisenbud et al., NSDI 2016, §3.4).
+pub const DEFAULT_RING_SIZE: u32 = 65_537;
+
+/// Default number of VIPs the maps are sized for.
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+/// Default number of backends (over all VIPs) the maps are sized for.
+pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
+/// Default flow-table capacity (LRU: the least recently seen flow is evicted when full).
+pub const DEFAULT_MAX_FLOWS: u32 = 1_048_576;
+
+/// Global settings of the balancer program: one entry, index 0 of [`names::MAP_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Source address of the outer IPv4 header of encapsulated packets (network order).
+    pub lb_addr: u32,
+    /// Maglev table size M; every VIP's ring holds M slots.
+    pub ring_size: u32,
+    /// Bit set of `CONFIG_F_*`.
+    pub flags: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Flow table key: the 5-tuple of the client's packet, as it appears in the headers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address (network order).
+    pub src_addr: u32,
+    /// VIP address (network order).
+    pub dst_addr: u32,
+    /// Client port (network order); 0 for protocols without ports.
+    pub src_port: u16,
+    /// VIP port (network order).
+    pub dst_port: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+
+/// Flow table value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Backend the flow is pinned to.
+    pub backend_id: u32,
+    /// VIP the flow belongs to (lets `lb dump flows` group flows without a second lookup).
+    pub vip_id: u32,
+    /// `bpf_ktime_get_ns()` of the last packet seen.
+    pub last_seen_ns: u64,
+}
+
+/// VIP table key. `port == 0` matches every port of the address (a port-0 VIP); the program
+/// looks up the exact port first and falls back to port 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// VIP address (network order).
+    pub addr: u32,
+    /// VIP port (network order); 0 = all ports.
+    pub port: u16,
+    /// IANA protocol number ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]).
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+}
+
+/// VIP table value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index of this VIP's ring in [`names::MAP_RINGS`] and of its counters.
+    pub vip_id: u32,
+    /// Bit set of `VIP_F_*`.
+    pub flags: u32,
+}
+
+/// Backend table value, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend address (network order): the outer destination of encapsulated packets.
+    pub addr: u32,
+    /// Backend port (network order), as registered.
+    pub port: u16,
+    /// Bit set of `BACKEND_F_*`.
+    pub flags: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+    /// VIP this backend serves.
+    pub vip_id: u32,
+    /// Maglev weight as registered.
+    pub weight: u32,
+}
+
+/// [`Backend::flags`]: the backend receives traffic. A flow whose backend lacks this bit is
+/// re-steered through the ring on its next packet.
+pub const BACKEND_F_IN_SERVICE: u8 = 1;
+
+/// Per-VIP and per-backend counters (per CPU; readers sum over CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded (of the client's packet, before encapsulation).
+    pub bytes: u64,
+    /// Flows created (flow-table misses that picked a backend).
+    pub new_flows: u64,
+}
+
+macro_rules! reasons {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal => $label:literal,)* }) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant = $value,)*
+        }
+
+        impl $name {
+            /// Every variant, in index order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+            /// Number of variants: the size of the counter map.
+            pub const COUNT: u32 = $name::ALL.len() as u32;
+
+            /// The name shown by `lb stats`.
+            pub const fn label(self) -> &'static str {
+                match self { $($name::$variant => $label,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// What `lb_xdp` did with a packet, counted per CPU in [`names::MAP_REASONS`]. Every packet
+    /// the program sees increments exactly one of these.
+    pub enum Reason {
+        /// Not IPv4 (ARP, IPv6, VLAN, …): passed untouched.
+        PassNotIpv4 = 0 => "pass_not_ipv4",
+        /// IPv4 but neither TCP nor UDP (ICMP, …): passed untouched.
+        PassNotTcpUdp = 1 => "pass_not_tcp_udp",
+        /// TCP/UDP to an address:port that is no VIP (host traffic, L7 listeners): passed.
+        PassNotVip = 2 => "pass_not_vip",
+        /// Shorter than its Ethernet, IPv4 or L4 header claims, or IHL < 5: passed to the
+        /// kernel, whose own checks drop it and count it in its SNMP counters.
+        PassMalformed = 3 => "pass_malformed",
+        /// Encapsulated and sent back out of the receiving interface.
+        Tx = 4 => "tx",
+        /// Encapsulated and redirected to another interface.
+        Redirect = 5 => "redirect",
+        /// An IPv4 fragment addressed to a VIP: without ports it cannot be steered
+        /// consistently with the rest of its flow, so it is dropped.
+        DropFragment = 6 => "drop_fragment",
+        /// The VIP has no backend in service (empty ring).
+        DropNoBackend = 7 => "drop_no_backend",
+        /// The encapsulated packet would exceed the egress MTU.
+        DropMtu = 8 => "drop_mtu",
+        /// `bpf_fib_lookup` found no route or no neighbour for the backend.
+        DropNoRoute = 9 => "drop_no_route",
+        /// Growing the packet for the outer header failed.
+        DropAdjustHead = 10 => "drop_adjust_head",
+        /// The ring or backend table held an id the program could not resolve: a
+        /// userspace/kernel inconsistency, counted so it is never silent.
+        DropInternal = 11 => "drop_internal",
+    }
+}
+
+reasons! {
+    /// What `lb_decap` did with a packet, per CPU in [`names::MAP_DECAP_STATS`].
+    pub enum DecapReason {
+        /// IP-in-IP addressed to this host: outer header removed, inner packet passed up.
+        Decapsulated = 0 => "decapsulated",
+        /// Anything else: passed untouched.
+        Passed = 1 => "passed",
+        /// IP-in-IP whose inner header is truncated: passed untouched for the kernel to drop.
+        PassMalformed = 2 => "pass_malformed",
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is `repr(C)`, `Copy`, made only of integers, and has no implicit
+    // padding (explicit `_pad` fields fill every hole), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::LbConfig {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn map_types_have_no_implicit_padding() {
+        // Sum of field sizes equals the struct size: no hole the compiler filled.
+        assert_eq!(size_of::<LbConfig>(), 4 * 4);
+        assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<FlowValue>(), 4 + 4 + 8);
+        assert_eq!(size_of::<VipKey>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<VipMeta>(), 4 + 4);
+        assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1 + 4 + 4);
+        assert_eq!(size_of::<Counters>(), 3 * 8);
+    }
+
+    #[test]
+    fn reason_indices_are_dense_and_labels_unique() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?} is out of order");
+        }
+        for (i, r) in DecapReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?} is out of order");
+        }
+        let labels: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.label()).collect();
+        let mut dedup = labels.clone();
+        dedup.sort_unstable();
+        dedup.dedup();
+        assert_eq!(labels.len(), dedup.len());
+    }
+}

@@ -1,0 +1,205 @@
+//! Command-line interface of the `lb` binary (clap derive). Parsing only: turning flags into a
+//! validated model is `config`'s job, so that every problem can be reported with its flag.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default bpffs directory for pinned maps.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+/// Default path of the admin socket of a running `lb run`.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/lb/admin.sock";
+
+/// lb: an ELB-style load balancer (L4 in XDP, L7 in userspace).
+#[derive(Debug, Parser)]
+#[command(name = "lb", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the load balancer: attach lb_xdp for L4 VIPs, serve L7 listeners, until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Run the backend-side decapsulator (lb_decap) on interfaces until SIGINT/SIGTERM.
+    Decap(DecapArgs),
+    /// Print counters read from the pinned maps of a running `lb run`.
+    Stats(PinArgs),
+    /// Print the contents of a pinned map of a running `lb run`.
+    Dump(DumpArgs),
+    /// Change the targets of a running `lb run` through its admin socket.
+    Targets(TargetsArgs),
+}
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum XdpMode {
+    /// Driver (native) mode; fails if the driver lacks XDP support.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Skb,
+    /// Native, falling back to skb with a warning.
+    #[default]
+    Auto,
+}
+
+/// Flags of `lb run`.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// Interface that receives VIP traffic; lb_xdp is attached to each (repeatable).
+    #[arg(long = "iface", value_name = "IFACE")]
+    pub ifaces: Vec<String>,
+
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    pub xdp_mode: XdpMode,
+
+    /// Source address of the outer IPv4 header of encapsulated packets (default: the first
+    /// IPv4 address of the first --iface).
+    #[arg(long, value_name = "ADDR")]
+    pub lb_addr: Option<std::net::Ipv4Addr>,
+
+    /// An L4 virtual IP: `[NAME=]ADDR:PORT/PROTO`, PROTO `tcp` or `udp`; PORT 0 = every port
+    /// (repeatable). Example: `--vip web=10.100.0.1:80/tcp`.
+    #[arg(long = "vip", value_name = "SPEC")]
+    pub vips: Vec<String>,
+
+    /// A target: `OWNER=ADDR[:PORT][,weight=W]` where OWNER is a VIP (its NAME or its
+    /// `ADDR:PORT/PROTO`) or an L7 target group name (repeatable).
+    /// Example: `--target web=10.0.0.11,weight=2`.
+    #[arg(long = "target", value_name = "SPEC")]
+    pub targets: Vec<String>,
+
+    /// An L7 listener: `NAME=PROTO://ADDR:PORT[,OPTION=VALUE…]` (repeatable; see README).
+    #[arg(long = "listener", value_name = "SPEC")]
+    pub listeners: Vec<String>,
+
+    /// An L7 target group: `NAME[,OPTION=VALUE…]` (repeatable; see README).
+    #[arg(long = "target-group", value_name = "SPEC")]
+    pub target_groups: Vec<String>,
+
+    /// An L7 listener rule: `LISTENER,priority=N,CONDITION…,ACTION` (repeatable; see README).
+    #[arg(long = "rule", value_name = "SPEC")]
+    pub rules: Vec<String>,
+
+    /// Flow-table capacity (LRU: the least recently seen flow is evicted when full).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FLOWS)]
+    pub max_flows: u32,
+
+    /// Maglev table size per VIP; must be prime.
+    #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE)]
+    pub ring_size: u32,
+
+    /// Most L4 VIPs the maps are sized for.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_VIPS)]
+    pub max_vips: u32,
+
+    /// Most L4 backends (over all VIPs) the maps are sized for.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
+    pub max_backends: u32,
+
+    /// bpffs directory where the maps are pinned (mounted if it is under an unmounted
+    /// /sys/fs/bpf).
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+
+    /// Unix socket for `lb targets …` (runtime changes).
+    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+
+    /// Validate the flags, print the resulting configuration and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Flags of `lb decap`.
+#[derive(Debug, Args, Clone)]
+pub struct DecapArgs {
+    /// Interface that receives encapsulated packets (repeatable).
+    #[arg(long = "iface", value_name = "IFACE", required = true)]
+    pub ifaces: Vec<String>,
+
+    /// Outer destination addresses to decapsulate (default: every IPv4 address of the
+    /// interfaces).
+    #[arg(long = "addr", value_name = "ADDR")]
+    pub addrs: Vec<std::net::Ipv4Addr>,
+
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    pub xdp_mode: XdpMode,
+}
+
+/// Where the pinned maps are.
+#[derive(Debug, Args, Clone)]
+pub struct PinArgs {
+    /// bpffs directory of the running `lb run`.
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `lb dump`.
+#[derive(Debug, Args, Clone)]
+pub struct DumpArgs {
+    /// Which map.
+    #[command(subcommand)]
+    pub what: DumpWhat,
+
+    #[command(flatten)]
+    pub pin: PinArgs,
+}
+
+/// What `lb dump` prints.
+#[derive(Debug, Subcommand, Clone)]
+pub enum DumpWhat {
+    /// The VIP table.
+    Vips,
+    /// The backend table.
+    Backends,
+    /// The flow table (5-tuple → backend).
+    Flows,
+    /// The Maglev ring of one VIP, as slot counts per backend (`--slots` for every slot).
+    Ring {
+        /// The VIP: `ADDR:PORT/PROTO`.
+        vip: String,
+        /// Print every slot, not just the share per backend.
+        #[arg(long)]
+        slots: bool,
+    },
+}
+
+/// Flags of `lb targets`.
+#[derive(Debug, Args, Clone)]
+pub struct TargetsArgs {
+    /// What to change.
+    #[command(subcommand)]
+    pub action: TargetsAction,
+
+    /// Admin socket of the running `lb run`.
+    #[arg(long, global = true, default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+}
+
+/// Runtime target changes (AWS: register-targets / deregister-targets / describe-target-health).
+#[derive(Debug, Subcommand, Clone)]
+pub enum TargetsAction {
+    /// Add targets: same syntax as `lb run --target`.
+    Register {
+        /// `OWNER=ADDR[:PORT][,weight=W]` (repeatable).
+        #[arg(long = "target", value_name = "SPEC", required = true)]
+        targets: Vec<String>,
+    },
+    /// Remove targets: `OWNER=ADDR[:PORT]`.
+    Deregister {
+        /// `OWNER=ADDR[:PORT]` (repeatable).
+        #[arg(long = "target", value_name = "SPEC", required = true)]
+        targets: Vec<String>,
+    },
+    /// List targets and their state.
+    Describe,
+}

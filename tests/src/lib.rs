@@ -1,0 +1,1 @@
+//! Test harness: network-namespace topologies and small servers.
