@@ -1,0 +1,1 @@
+//! desync (in progress).

@@ -1,0 +1,13 @@
+//! The Layer 7 tier: listeners, TLS, request handling and forwarding to targets.
+//!
+//! - [`server`]: listeners (HTTP/HTTPS, SNI, ALPN), the hyper server, limits, timeouts,
+//!   LB-generated responses, graceful shutdown; evaluates [`crate::rules`] per request.
+//! - [`desync`]: request classification (ALB desync mitigation, `defensive` mode).
+//! - [`client`] and [`pool`]: forwarding to targets over pooled connections, with keep-alive
+//!   learning and safe retry of stale pooled connections.
+//! - [`error`]: proxy errors: which side failed, whether retry is safe, the status they map to.
+pub mod client;
+pub mod desync;
+pub mod error;
+pub mod pool;
+pub mod server;
