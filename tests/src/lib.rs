@@ -1,1 +1,20 @@
-//! Test harness: network-namespace topologies and small servers.
+//! Test harness of `lb`: real topologies in network namespaces, the real `lb` binary, real
+//! traffic.
+//!
+//! - [`Topology`] builds a client, balancers and backends on one bridged L2 segment, starts
+//!   `lb run` and `lb decap`, and removes everything on drop (also while panicking).
+//! - [`netns`] runs code and commands inside a namespace ([`netns::in_netns`]).
+//! - [`servers`] are small TCP, HTTP/1.0 and UDP servers that answer with their backend's name;
+//!   [`client`] connects to them from chosen source ports.
+//! - [`stats`] reads `lb stats --json` without depending on its exact layout.
+//!
+//! Errors are `anyhow` with context: a harness failure is read by a person, never matched.
+pub mod client;
+pub mod netns;
+mod pass;
+pub mod process;
+pub mod servers;
+pub mod stats;
+pub mod topology;
+
+pub use topology::{Node, Proto, TargetSpec, Topology, TopologyBuilder, VipSpec};

@@ -1,0 +1,1 @@
+//! Reading `lb stats --json` (shape to be confirmed when the daemon lands).
