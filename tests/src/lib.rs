@@ -18,3 +18,16 @@ pub mod stats;
 pub mod topology;
 
 pub use topology::{Node, Proto, TargetSpec, Topology, TopologyBuilder, VipSpec};
+
+/// Counts how often each answer occurs (e.g. which backend served each connection).
+pub fn tally<I, S>(answers: I) -> std::collections::BTreeMap<String, usize>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut counts = std::collections::BTreeMap::new();
+    for a in answers {
+        *counts.entry(a.into()).or_insert(0) += 1;
+    }
+    counts
+}

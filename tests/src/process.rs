@@ -58,7 +58,7 @@ impl LbProcess {
     /// Starts `cmd`, logging its stderr and stdout to `log`, and waits until it prints a line
     /// starting with `ready`. Fails with the log's content if it exits or times out first.
     ///
-    /// The child gets `PR_SET_PDEATHSIG(SIGTERM)`, so it does not outlive a test process that
+    /// The child runs in its own process group and gets `PR_SET_PDEATHSIG(SIGTERM)`, so it does not outlive a test process that
     /// dies without running destructors. (That signal follows the *thread* that spawned it:
     /// spawn from a thread that lives as long as the guard, as test threads do.)
     pub fn spawn(label: &str, mut cmd: Command, log: &Path) -> Result<Self> {
@@ -68,9 +68,14 @@ impl LbProcess {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file.try_clone().context("duplicating log file")?);
-        // SAFETY: prctl is async-signal-safe and touches only the child.
+        // SAFETY: setpgid and prctl are async-signal-safe and touch only the child.
         unsafe {
             cmd.pre_exec(|| {
+                // Own process group: a Ctrl-C in the terminal reaches the harness, which then
+                // stops its children in order, instead of killing them all mid-step.
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -221,6 +221,7 @@ pub struct TopologyBuilder {
     start_lb: bool,
     start_decap: bool,
     static_neighbours: bool,
+    lb_bin: Option<PathBuf>,
 }
 
 impl Default for TopologyBuilder {
@@ -234,6 +235,7 @@ impl Default for TopologyBuilder {
             start_lb: true,
             start_decap: true,
             static_neighbours: true,
+            lb_bin: None,
         }
     }
 }
@@ -290,6 +292,12 @@ impl TopologyBuilder {
         self
     }
 
+    /// The `lb` binary to run (default: [`crate::process::lb_bin`]'s search: `$LB_BIN`, then the target dir).
+    pub fn lb_bin(mut self, path: PathBuf) -> Self {
+        self.lb_bin = Some(path);
+        self
+    }
+
     /// Creates everything. Fails (never skips) without root or without the `lb` binary when
     /// a balancer or decapsulator is to be started. On error, what was created is removed.
     pub fn build(self) -> Result<Topology> {
@@ -297,7 +305,9 @@ impl TopologyBuilder {
         if self.lbs > MAX_LBS || self.backends > MAX_BACKENDS {
             bail!("at most {MAX_LBS} balancers and {MAX_BACKENDS} backends");
         }
-        let lb_bin = if self.start_lb || self.start_decap {
+        let lb_bin = if let Some(path) = &self.lb_bin {
+            Some(path.clone())
+        } else if self.start_lb || self.start_decap {
             Some(lb_bin()?)
         } else {
             None
@@ -628,6 +638,11 @@ impl Topology {
             ],
         )?;
         Ok(())
+    }
+
+    /// The `lb decap` command line of backend `j` (`None` if it runs none).
+    pub fn decap_command_line(&self, j: usize) -> Option<&str> {
+        self.decaps.get(j).map(LbProcess::command_line)
     }
 
     /// The client node.
