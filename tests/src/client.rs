@@ -167,10 +167,11 @@ pub fn ask_tcp(src_port: u16, dst: SocketAddrV4) -> Result<String> {
 /// One HTTP/1.0 `GET /` from `src_port` to `dst`; returns (status code, body).
 pub fn http_get(src_port: u16, dst: SocketAddrV4) -> Result<(u16, String)> {
     let mut stream = tcp_connect_from(src_port, dst, TIMEOUT)?;
-    write!(
-        stream,
-        "GET / HTTP/1.0\r\nHost: {dst}\r\nUser-Agent: lb-tests\r\n\r\n"
-    )?;
+    // One write, one segment: `write!` on an unbuffered stream sends each piece alone.
+    let request = format!("GET / HTTP/1.0\r\nHost: {dst}\r\nUser-Agent: lb-tests\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .with_context(|| format!("sending the HTTP request to {dst}"))?;
     let mut raw = Vec::new();
     let deadline = Instant::now() + TIMEOUT;
     let mut buf = [0u8; 4096];
