@@ -6,46 +6,43 @@ use serde_json::Value;
 /// One numeric leaf of the JSON document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Leaf {
-    /// Keys and array indices from the root, joined with `/` (e.g. `backends/2/new_flows`),
-    /// plus the string values of the enclosing objects (`name`, `addr`, `reason`, …), so a
-    /// filter on `10.0.0.11` or `drop_no_backend` finds the entry they label.
+    /// Keys and array indices from the root, joined with `/` (e.g. `backends/2/new_flows`).
     pub path: String,
+    /// String values of the enclosing objects (`"addr": "10.0.0.11"`, `"reason": "drop_mtu"`),
+    /// which label the entry the number belongs to.
+    pub labels: Vec<String>,
     /// The field name (last key).
     pub key: String,
     /// Its value.
     pub value: u64,
 }
 
-/// Every non-negative integer leaf of `doc`, with its path.
+/// Every non-negative integer leaf of `doc`, with its path and labels.
 pub fn leaves(doc: &Value) -> Vec<Leaf> {
     let mut out = Vec::new();
-    walk(doc, String::new(), "", &mut out);
+    walk(doc, String::new(), Vec::new(), "", &mut out);
     out
 }
 
-fn walk(v: &Value, path: String, key: &str, out: &mut Vec<Leaf>) {
+fn walk(v: &Value, path: String, labels: Vec<String>, key: &str, out: &mut Vec<Leaf>) {
     match v {
         Value::Object(map) => {
-            // String members label the object: append them to the path of its numbers.
-            let labels: Vec<&str> = map.values().filter_map(Value::as_str).collect();
-            let here = if labels.is_empty() {
-                path
-            } else {
-                format!("{path}[{}]", labels.join(","))
-            };
+            let mut labels = labels;
+            labels.extend(map.values().filter_map(Value::as_str).map(str::to_owned));
             for (k, child) in map {
-                walk(child, format!("{here}/{k}"), k, out);
+                walk(child, format!("{path}/{k}"), labels.clone(), k, out);
             }
         }
         Value::Array(items) => {
             for (i, child) in items.iter().enumerate() {
-                walk(child, format!("{path}/{i}"), key, out);
+                walk(child, format!("{path}/{i}"), labels.clone(), key, out);
             }
         }
         Value::Number(n) => {
             if let Some(value) = n.as_u64() {
                 out.push(Leaf {
                     path,
+                    labels,
                     key: key.to_owned(),
                     value,
                 });
@@ -55,37 +52,36 @@ fn walk(v: &Value, path: String, key: &str, out: &mut Vec<Leaf>) {
     }
 }
 
-/// Sum of the leaves named `key` whose path contains `within` (case-insensitive).
-pub fn sum(doc: &Value, key: &str, within: &str) -> u64 {
-    let within = within.to_ascii_lowercase();
+/// Sum of the leaves named `key` whose path contains `section` (case-insensitive substring of
+/// the keys, e.g. `backend` matches `backends/0/new_flows`).
+pub fn sum(doc: &Value, key: &str, section: &str) -> u64 {
+    let section = section.to_ascii_lowercase();
     leaves(doc)
         .into_iter()
-        .filter(|l| l.key == key && l.path.to_ascii_lowercase().contains(&within))
+        .filter(|l| l.key == key && l.path.to_ascii_lowercase().contains(&section))
         .map(|l| l.value)
         .sum()
 }
 
-/// The leaves named `key` whose path contains `within`.
-pub fn find(doc: &Value, key: &str, within: &str) -> Vec<Leaf> {
-    let within = within.to_ascii_lowercase();
+/// Sum of the leaves named `key` in entries labelled exactly `label` (e.g. the backend whose
+/// `addr` is `10.0.0.11`), within `section`.
+pub fn sum_for(doc: &Value, key: &str, section: &str, label: &str) -> u64 {
+    let section = section.to_ascii_lowercase();
     leaves(doc)
         .into_iter()
-        .filter(|l| l.key == key && l.path.to_ascii_lowercase().contains(&within))
-        .collect()
+        .filter(|l| l.key == key && l.path.to_ascii_lowercase().contains(&section))
+        .filter(|l| l.labels.iter().any(|x| x == label))
+        .map(|l| l.value)
+        .sum()
 }
 
-/// Every non-zero counter that counts a drop: a leaf whose own name, or the label of whose
+/// Every non-zero counter that counts a drop: a leaf whose own name, or a label of whose
 /// entry, starts with `drop` (`drop_no_backend: 3` or `{"reason": "drop_mtu", "packets": 3}`).
 pub fn nonzero_drops(doc: &Value) -> Vec<Leaf> {
     leaves(doc)
         .into_iter()
         .filter(|l| l.value != 0)
-        .filter(|l| {
-            l.key.starts_with("drop")
-                || l.path
-                    .split(['[', ']', ',', '/'])
-                    .any(|part| part.starts_with("drop"))
-        })
+        .filter(|l| l.key.starts_with("drop") || l.labels.iter().any(|x| x.starts_with("drop")))
         .collect()
 }
 
@@ -104,7 +100,8 @@ mod tests {
             ]
         });
         assert_eq!(sum(&doc, "new_flows", "backends"), 7);
-        assert_eq!(sum(&doc, "new_flows", "10.0.0.12"), 4);
+        assert_eq!(sum_for(&doc, "new_flows", "backends", "10.0.0.12"), 4);
+        assert_eq!(sum_for(&doc, "new_flows", "backends", "10.0.0.1"), 0);
         assert_eq!(sum(&doc, "packets", "backends"), 10);
         assert_eq!(sum(&doc, "new_flows", "vips"), 7);
     }

@@ -47,7 +47,7 @@ fn three_hundred_connections_spread_over_three_backends_and_are_counted() {
     for be in topo.backends() {
         let n = counts[&be.name] as u64;
         assert_eq!(
-            stats::sum(&doc, "new_flows", &be.addr.to_string()),
+            stats::sum_for(&doc, "new_flows", "backend", &be.addr.to_string()),
             n,
             "{} ({}) new_flows = connections it answered: {doc:#}",
             be.name,

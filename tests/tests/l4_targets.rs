@@ -31,16 +31,35 @@ fn long_lived_connection_stays_on_its_backend_while_targets_change() {
         .position(|n| *n == serving)
         .expect("a known backend");
     assert_ne!(serving_idx, 3, "backend-4 is not a target yet");
+    // Companions: adding a backend moves about a quarter of the ring's slots, so with twenty
+    // more connections some surely sit on moved slots and only the flow table keeps them.
+    let mut companions: Vec<(LineClient, String)> = topo
+        .in_client(|| {
+            (1..=20u16)
+                .map(|i| {
+                    let mut c = LineClient::connect(30_000 + i, vip).expect("connect");
+                    let who = c.ask().expect("first answer");
+                    (c, who)
+                })
+                .collect()
+        })
+        .expect("client namespace");
 
     topo.register(0, "web", 3, None)
         .expect("lb targets register");
     assert_eq!(conn.ask().expect("answer after register"), serving);
+    for (c, who) in &mut companions {
+        assert_eq!(&c.ask().expect("companion after register"), who);
+    }
 
     let removed = (0..3).find(|&j| j != serving_idx).expect("another backend");
     topo.deregister(0, "web", removed)
         .expect("lb targets deregister");
     for _ in 0..5 {
         assert_eq!(conn.ask().expect("answer after deregister"), serving);
+    }
+    for (c, who) in companions.iter_mut().filter(|(_, w)| *w != names[removed]) {
+        assert_eq!(&c.ask().expect("companion after deregister"), who);
     }
 
     // The changes took effect for new connections: the added backend serves some, the
