@@ -9,6 +9,27 @@
 //! - [`stats`] reads `lb stats --json` without depending on its exact layout.
 //!
 //! Errors are `anyhow` with context: a harness failure is read by a person, never matched.
+//!
+//! ```no_run
+//! use std::net::{Ipv4Addr, SocketAddrV4};
+//! use lb_tests::{Topology, VipSpec, client, tally};
+//!
+//! let vip = SocketAddrV4::new(Ipv4Addr::new(10, 100, 0, 1), 80);
+//! let mut topo = Topology::builder()
+//!     .backends(3)
+//!     .vip(VipSpec::tcp("web", *vip.ip(), vip.port()))
+//!     .build()?;
+//! topo.serve_tcp_lines(80)?;
+//! let answers = topo.in_client(|| {
+//!     (0..30u16).map(|i| client::ask_tcp(20_000 + i, vip)).collect::<Result<Vec<_>, _>>()
+//! })??;
+//! println!("{:?}", tally(answers)); // {"backend-1": 9, "backend-2": 11, "backend-3": 10}
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! Kernel tests need root and the `lb` binary (`$LB_BIN`, else `<target>/debug/lb`). Topologies
+//! of one process are serialised by a lock, so `cargo test` is safe; `--test-threads=1` keeps
+//! the output readable.
 pub mod client;
 pub mod netns;
 mod pass;

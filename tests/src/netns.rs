@@ -9,6 +9,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 
@@ -61,10 +62,22 @@ where
     cmd
 }
 
+/// Whether [`run_command`] prints each command line before running it (the demo's
+/// `--verbose`, for operators who want to replay the setup by hand).
+static ECHO: AtomicBool = AtomicBool::new(false);
+
+/// Makes [`run_command`] print every command line (prefixed with `$ `) before running it.
+pub fn set_echo(on: bool) {
+    ECHO.store(on, Ordering::Relaxed);
+}
+
 /// Runs a prepared command, failing with the command line, exit status and stderr when it
 /// does not exit 0.
 pub fn run_command(cmd: &mut Command) -> Result<Output> {
     let line = command_line(cmd);
+    if ECHO.load(Ordering::Relaxed) {
+        println!("$ {line}");
+    }
     let out = cmd.output().with_context(|| format!("starting `{line}`"))?;
     if !out.status.success() {
         bail!(

@@ -6,8 +6,9 @@
 //! requests to the virtual IP, shows who answered and what the balancer counted, and removes
 //! everything on exit, also on Ctrl-C.
 //!
-//! Usage: `lb-demo [PATH-TO-LB] [--keep]` (the path defaults to `$LB_BIN`, then the cargo
-//! target directory). `--keep` leaves the demo running until Ctrl-C so you can try commands.
+//! Usage: `lb-demo [PATH-TO-LB] [--keep] [--verbose]` (the path defaults to `$LB_BIN`, then
+//! the cargo target directory). `--keep` leaves the demo running until Ctrl-C so you can try
+//! commands; `--verbose` prints every `ip`/`sysctl`/`ethtool` command of the setup.
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,11 +73,14 @@ fn demo() -> Result<()> {
     install_signal_handlers()?;
     let mut lb_bin = None;
     let mut keep = false;
+    let mut verbose = false;
     for arg in std::env::args_os().skip(1) {
         if arg == "--keep" {
             keep = true;
+        } else if arg == "--verbose" {
+            verbose = true;
         } else if arg == "--help" || arg == "-h" {
-            println!("usage: lb-demo [PATH-TO-LB] [--keep]");
+            println!("usage: lb-demo [PATH-TO-LB] [--keep] [--verbose]");
             return Ok(());
         } else {
             lb_bin = Some(PathBuf::from(arg));
@@ -94,6 +98,12 @@ fn demo() -> Result<()> {
     println!("bridge, as if plugged into one switch). The virtual IP {VIP}:{PORT} is routed by");
     println!("the client through the balancer; each backend also holds {VIP} on its loopback so");
     println!("it can answer the client directly (direct server return).");
+    if verbose {
+        netns::set_echo(true);
+    } else {
+        println!("(Run with --verbose to see every ip/sysctl/ethtool command.)");
+    }
+    println!();
     let mut topo = Topology::builder()
         .backends(3)
         .lbs(1)
@@ -101,6 +111,7 @@ fn demo() -> Result<()> {
         .lb_bin(lb_bin.clone())
         .build()
         .context("building the demo network")?;
+    netns::set_echo(false);
     check_stop()?;
 
     let client = topo.client().clone();
