@@ -650,7 +650,7 @@ impl Topology {
         &self.client
     }
 
-    /// Backend `j` (0-based).
+    /// Backend `j` (0-based). Panics if there is no such backend (a bug in the test).
     pub fn backend(&self, j: usize) -> &Node {
         &self.backends[j]
     }
@@ -660,7 +660,7 @@ impl Topology {
         &self.backends
     }
 
-    /// Balancer `i` (0-based).
+    /// Balancer `i` (0-based). Panics if there is no such balancer (a bug in the test).
     pub fn lb(&self, i: usize) -> &Lb {
         &self.lbs[i]
     }
