@@ -1,6 +1,7 @@
 //! Rule actions: forward (weighted target groups), redirect, fixed-response, each validated as
 //! ALB validates it.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -304,7 +305,10 @@ impl Template {
                 Piece::Literal(s) => out.push_str(s),
                 Piece::Protocol => out.push_str(ctx.protocol),
                 Piece::Host => out.push_str(ctx.host),
-                Piece::Port => out.push_str(&ctx.port.to_string()),
+                Piece::Port => {
+                    // Writing to a String cannot fail.
+                    let _ = write!(out, "{}", ctx.port);
+                }
                 Piece::Path => out.push_str(ctx.path.strip_prefix('/').unwrap_or(ctx.path)),
                 Piece::Query => out.push_str(ctx.query),
             }

@@ -491,6 +491,95 @@ mod tests {
         assert!(set.validate_for_listener("http").is_ok());
     }
 
+    /// Counts heap allocations made by the current thread (a pass-through to the system
+    /// allocator, so other tests in this binary are unaffected).
+    mod allocations {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static COUNT: Cell<u64> = const { Cell::new(0) };
+        }
+
+        struct Counting;
+
+        fn bump() {
+            // `try_with`: the thread-local may already be gone while a thread shuts down.
+            let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+        }
+
+        // SAFETY: every method forwards its arguments unchanged to `System`, which upholds
+        // the GlobalAlloc contract; counting touches only a const-initialised thread-local.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                bump();
+                // SAFETY: same contract as our caller's.
+                unsafe { System.alloc(layout) }
+            }
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                bump();
+                // SAFETY: same contract as our caller's.
+                unsafe { System.alloc_zeroed(layout) }
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                bump();
+                // SAFETY: same contract as our caller's.
+                unsafe { System.realloc(ptr, layout, new_size) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                // SAFETY: same contract as our caller's.
+                unsafe { System.dealloc(ptr, layout) }
+            }
+        }
+
+        #[global_allocator]
+        static COUNTING: Counting = Counting;
+
+        /// Allocations made so far by this thread.
+        pub(super) fn so_far() -> u64 {
+            COUNT.with(Cell::get)
+        }
+    }
+
+    #[test]
+    fn evaluate_does_not_allocate() {
+        let mut specs: Vec<Rule> = [
+            "web,priority=1,host=*.example.org|api.example.com,path=/v?/*,forward=a",
+            "web,priority=2,header=User-Agent:*bot*,header=X-Env:canary,forward=a",
+            "web,priority=3,query=version:v*|:debug,method=POST,forward=a",
+            "web,priority=4,source-ip=10.0.0.0/8|2001:db8::/32,forward=a",
+        ]
+        .iter()
+        .map(|s| match parse_rule(s).unwrap().rule {
+            RuleOrDefault::Rule(r) => r,
+            RuleOrDefault::Default(_) => unreachable!("specs are rules"),
+        })
+        .collect();
+        specs.push(path_rule(5, "/static/*", "static"));
+        let set = RuleSet::new(specs, forward("fallback")).unwrap();
+        let mut h = HeaderMap::new();
+        h.append("user-agent", "Mozilla/5.0".parse().unwrap());
+        h.append("x-env", "prod".parse().unwrap());
+        let req = RequestView {
+            method: "GET",
+            host: Some("WWW.Example.COM:8080"),
+            path: "/v1/users",
+            query: Some("version=%76%32&debug"),
+            headers: &h,
+            source_ip: "192.0.2.1".parse().unwrap(),
+        };
+        let before = allocations::so_far();
+        let m = std::hint::black_box(&set).evaluate(std::hint::black_box(&req));
+        let after = allocations::so_far();
+        // Every rule was tried (rule 3's query matches, its method does not) and none matched.
+        assert_eq!((m.priority, m.rules_evaluated), (0, 5));
+        assert_eq!(after - before, 0, "evaluate allocated");
+        // The counter does see allocations (so the assertion above can fail).
+        let v = std::hint::black_box(vec![1u8; 16]);
+        assert!(allocations::so_far() > after);
+        drop(v);
+    }
+
     #[test]
     fn actions_lists_every_rule_action_and_the_default() {
         let set = RuleSet::new(vec![path_rule(2, "/a", "a")], forward("f")).unwrap();
