@@ -198,6 +198,12 @@ pub struct RuleSet {
     default: Action,
 }
 
+// Rule sets are shared across connection tasks (behind an `Arc`, swapped on reload).
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<RuleSet>();
+};
+
 /// The outcome of evaluating a request against a [`RuleSet`].
 #[derive(Debug, Clone, Copy)]
 pub struct Matched<'a> {

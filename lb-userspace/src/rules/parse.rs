@@ -63,11 +63,13 @@ struct Builder<'a> {
     conditions: Vec<Condition>,
     forward: Option<(&'a str, Vec<WeightedGroup>)>,
     stickiness: Option<(&'a str, Duration)>,
-    redirect_url: Option<&'a str>,
+    /// `redirect=URL`: the part as written and the URL.
+    redirect_url: Option<(&'a str, &'a str)>,
     redirect: RedirectParts,
     redirect_parts: Vec<&'a str>,
     status: Option<(&'a str, RedirectStatus)>,
-    fixed: Option<&'a str>,
+    /// `fixed-response=STATUS`: the part as written and the status.
+    fixed: Option<(&'a str, &'a str)>,
     content_type: Option<(&'a str, String)>,
     body: Option<(&'a str, String)>,
 }
@@ -186,7 +188,7 @@ impl<'a> Builder<'a> {
                 }
                 once(&mut self.stickiness, key, (part, d))
             }
-            "redirect" => once(&mut self.redirect_url, key, part),
+            "redirect" => once(&mut self.redirect_url, key, (part, raw)),
             "redirect-protocol" => self.redirect_component(part, key, raw, |r| &mut r.protocol),
             "redirect-host" => self.redirect_component(part, key, raw, |r| &mut r.host),
             "redirect-port" => self.redirect_component(part, key, raw, |r| &mut r.port),
@@ -198,7 +200,7 @@ impl<'a> Builder<'a> {
             }
             "fixed-response" => {
                 FixedResponseAction::new(raw.trim(), None, "").map_err(RuleError::from_vec)?;
-                once(&mut self.fixed, key, part)
+                once(&mut self.fixed, key, (part, raw.trim()))
             }
             "content-type" => once(&mut self.content_type, key, (part, unescape(raw))),
             "body" => once(&mut self.body, key, (part, unescape(raw))),
@@ -276,11 +278,10 @@ impl<'a> Builder<'a> {
             Action::Forward(
                 ForwardAction::new(groups, stickiness.map(|s| s.1)).map_err(RuleError::from_vec)?,
             )
-        } else if let Some(part) = fixed {
-            let (_, status) = part.split_once('=').unwrap_or(("", part));
+        } else if let Some((_, status)) = fixed {
             Action::FixedResponse(
                 FixedResponseAction::new(
-                    status.trim(),
+                    status,
                     content_type.as_ref().map(|c| c.1.as_str()),
                     body.map(|b| b.1).unwrap_or_default(),
                 )
@@ -306,16 +307,13 @@ impl<'a> Builder<'a> {
                 ));
             };
             let built = match redirect_url {
-                Some(url_part) if !redirect_parts.is_empty() => {
+                Some((url_part, _)) if !redirect_parts.is_empty() => {
                     return Err(RuleError::Syntax(format!(
                         "use either `{url_part}` or redirect-* components, not both"
                     )));
                 }
-                Some(url_part) => {
-                    let (_, url) = url_part.split_once('=').unwrap_or(("", url_part));
-                    RedirectAction::from_url(status, &unescape(url))
-                        .map_err(|e| RuleError::from_vec(e).in_part(url_part))
-                }
+                Some((url_part, url)) => RedirectAction::from_url(status, &unescape(url))
+                    .map_err(|e| RuleError::from_vec(e).in_part(url_part)),
                 None => RedirectAction::new(status, redirect).map_err(RuleError::from_vec),
             };
             Action::Redirect(built?)
