@@ -422,6 +422,21 @@ impl RedirectAction {
         self.protocol.source == "HTTP"
     }
 
+    /// Whether, on a listener with this protocol and port, the redirect would send the client
+    /// to the URL it asked for (protocol and port resolve to the listener's own, host, path and
+    /// query are left at their defaults).
+    pub fn loops_on(&self, listener_protocol: &str, listener_port: u16) -> bool {
+        let same_protocol = self.protocol.source == DEFAULT_PROTOCOL
+            || self.protocol.source.eq_ignore_ascii_case(listener_protocol);
+        let same_port =
+            self.port.source == DEFAULT_PORT || self.port.source.parse() == Ok(listener_port);
+        same_protocol
+            && same_port
+            && self.host.source == DEFAULT_HOST
+            && self.path.source == DEFAULT_PATH
+            && self.query.source == DEFAULT_QUERY
+    }
+
     /// Builds the `Location` URL for `req` arriving on a listener with `listener_protocol`
     /// (`http`/`https`, any case) and `listener_port`.
     ///
@@ -894,6 +909,36 @@ mod tests {
             .unwrap_err(),
             vec![RuleError::SelfRedirect]
         );
+    }
+
+    #[test]
+    fn redirect_to_the_listeners_own_protocol_and_port_loops() {
+        let https_443 = RedirectAction::new(
+            RedirectStatus::Permanent,
+            parts(|p| {
+                p.protocol = Some("HTTPS".into());
+                p.port = Some("443".into());
+            }),
+        )
+        .unwrap();
+        assert!(https_443.loops_on("https", 443));
+        assert!(!https_443.loops_on("http", 80));
+        assert!(!https_443.loops_on("https", 8443));
+        let to_http = RedirectAction::new(
+            RedirectStatus::Found,
+            parts(|p| p.protocol = Some("HTTP".into())),
+        )
+        .unwrap();
+        assert!(to_http.loops_on("HTTP", 8080));
+        let moved = RedirectAction::new(
+            RedirectStatus::Found,
+            parts(|p| {
+                p.protocol = Some("HTTPS".into());
+                p.path = Some("/new/#{path}".into());
+            }),
+        )
+        .unwrap();
+        assert!(!moved.loops_on("https", 443));
     }
 
     #[test]

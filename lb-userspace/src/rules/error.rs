@@ -125,6 +125,14 @@ pub enum RuleError {
         "the redirect leaves protocol, host, port, path and query unchanged, so it would redirect to itself"
     )]
     SelfRedirect,
+    /// A redirect that resolves, on its listener, to the very URL requested.
+    #[error(
+        "rule {priority} redirects to this listener's own protocol and port with host, path and query unchanged, so it would redirect to itself"
+    )]
+    RedirectLoop {
+        /// The rule's priority (0 = default rule).
+        priority: u32,
+    },
     /// An HTTPS listener with a redirect to plain HTTP.
     #[error("rule {priority} redirects to HTTP, but an HTTPS listener cannot redirect to HTTP")]
     RedirectDowngrade {

@@ -11,7 +11,7 @@
 //! parse_rule(spec) -> Result<ParsedRule { listener, rule: RuleOrDefault }, RuleError>
 //! Rule::new(priority, Vec<Condition>, Action) -> Result<Rule, Vec<RuleError>>
 //! RuleSet::new(Vec<Rule>, default: Action) -> Result<RuleSet, Vec<RuleError>>
-//! RuleSet::validate_for_listener(&self, "http" | "https") -> Result<(), Vec<RuleError>>
+//! RuleSet::validate_for_listener(&self, "http" | "https", port) -> Result<(), Vec<RuleError>>
 //! RuleSet::evaluate(&self, &RequestView) -> Matched { priority (0 = default), action, rules_evaluated }
 //! Action::{Forward(ForwardAction), Redirect(RedirectAction), FixedResponse(FixedResponseAction)}
 //! Action::target_groups() / Action::kind()            config checks, access-log actions_executed
@@ -51,9 +51,11 @@
 //!   group stickiness 1 s – 7 days.
 //! - redirect: status 301/302 (required: ALB has no default), components default to
 //!   `#{protocol}`, `#{host}`, `#{port}`, `/#{path}`, `#{query}`; `#{path}` expands without its
-//!   leading `/`. A redirect leaving every component at its default is refused. HTTPS→HTTP is
-//!   refused by [`RuleSet::validate_for_listener`], and [`RedirectAction::location`] never
-//!   downgrades a request that arrived over HTTPS whatever the configuration says.
+//!   leading `/`. A redirect leaving every component at its default is refused.
+//!   [`RuleSet::validate_for_listener`] refuses HTTPS→HTTP and redirects that resolve to the
+//!   requested URL on that listener (HTTPS:443 redirecting to `HTTPS` port `443`); config must
+//!   call it. [`RedirectAction::location`] never downgrades a request that arrived over HTTPS
+//!   whatever the configuration says.
 //! - fixed-response: status `^(2|4|5)\d\d$`, content type one of text/plain, text/css,
 //!   text/html, application/javascript, application/json, body at most 1024 characters.
 //!
@@ -249,24 +251,31 @@ impl RuleSet {
         }
     }
 
-    /// Refuses redirects to plain HTTP on an HTTPS listener, as ALB does.
-    pub fn validate_for_listener(&self, listener_protocol: &str) -> Result<(), Vec<RuleError>> {
-        if !listener_protocol.eq_ignore_ascii_case("https") {
-            return Ok(());
-        }
+    /// Checks the redirects against the listener they are attached to, as ALB does: an HTTPS
+    /// listener cannot redirect to HTTP, and no redirect may resolve to the requested URL
+    /// itself (e.g. `redirect-protocol=HTTPS,redirect-port=443` on the HTTPS:443 listener).
+    pub fn validate_for_listener(
+        &self,
+        listener_protocol: &str,
+        listener_port: u16,
+    ) -> Result<(), Vec<RuleError>> {
+        let https = listener_protocol.eq_ignore_ascii_case("https");
+        let mut errors = Vec::new();
         let actions = self
             .rules
             .iter()
             .map(|r| (r.priority, &r.action))
             .chain([(DEFAULT_RULE_PRIORITY, &self.default)]);
-        let errors: Vec<_> = actions
-            .filter_map(|(priority, action)| match action {
-                Action::Redirect(r) if r.targets_plain_http() => {
-                    Some(RuleError::RedirectDowngrade { priority })
-                }
-                _ => None,
-            })
-            .collect();
+        for (priority, action) in actions {
+            let Action::Redirect(r) = action else {
+                continue;
+            };
+            if https && r.targets_plain_http() {
+                errors.push(RuleError::RedirectDowngrade { priority });
+            } else if r.loops_on(listener_protocol, listener_port) {
+                errors.push(RuleError::RedirectLoop { priority });
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -469,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn https_listener_refuses_redirects_to_http() {
+    fn https_listener_refuses_redirects_to_http_and_http_listener_sees_a_loop() {
         let to_http = Action::Redirect(
             RedirectAction::new(
                 RedirectStatus::Found,
@@ -488,13 +497,34 @@ mod tests {
         .unwrap();
         let set = RuleSet::new(vec![rule], to_http).unwrap();
         assert_eq!(
-            set.validate_for_listener("HTTPS").unwrap_err(),
+            set.validate_for_listener("HTTPS", 443).unwrap_err(),
             vec![
                 RuleError::RedirectDowngrade { priority: 3 },
                 RuleError::RedirectDowngrade { priority: 0 }
             ]
         );
-        assert!(set.validate_for_listener("http").is_ok());
+        // On an HTTP listener the same redirect changes nothing at all.
+        assert_eq!(
+            set.validate_for_listener("http", 8080).unwrap_err(),
+            vec![
+                RuleError::RedirectLoop { priority: 3 },
+                RuleError::RedirectLoop { priority: 0 }
+            ]
+        );
+    }
+
+    #[test]
+    fn https_redirect_is_fine_on_port_80_but_loops_on_the_https_443_listener() {
+        let upgrade = Action::Redirect(
+            RedirectAction::from_url(RedirectStatus::Permanent, "HTTPS://#{host}:443").unwrap(),
+        );
+        let set = RuleSet::new(vec![], upgrade).unwrap();
+        assert!(set.validate_for_listener("http", 80).is_ok());
+        assert_eq!(
+            set.validate_for_listener("https", 443).unwrap_err(),
+            vec![RuleError::RedirectLoop { priority: 0 }]
+        );
+        assert!(set.validate_for_listener("https", 8443).is_ok());
     }
 
     /// Counts heap allocations made by the current thread (a pass-through to the system
