@@ -44,6 +44,10 @@
 //! - An IPv4-mapped IPv6 peer (`::ffff:10.1.2.3`, what a dual-stack socket reports for an IPv4
 //!   client) is matched as its IPv4 address; an IPv4 block never matches a genuine IPv6 peer.
 //! - A CIDR with host bits set (`10.0.0.1/8`) is refused rather than silently masked.
+//! - The path is matched as received (percent-encoded, not normalised); ALB's path-pattern
+//!   alphabet has no `%`, so encoded characters can only be matched by wildcards.
+//! - Header values are matched one header line at a time (a comma-separated list in one line is
+//!   one value).
 //!
 //! # Actions
 //!
@@ -95,6 +99,13 @@
 //! written, so a query-string condition's own `\*` (literal star) passes through unchanged.
 //! Example: `body=a\, b \| c` is the body `a, b | c`. Whitespace before a key is ignored;
 //! values are taken exactly. Every error names the part of the spec it comes from.
+//!
+//! ```text
+//! --rule 'web,priority=10,host=api.example.com,path=/v1/*,forward=v1:9|v2:1,group-stickiness=3600'
+//! --rule 'web,priority=20,header=X-Canary:yes,method=GET|HEAD,forward=canary'
+//! --rule 'web,default,fixed-response=404,content-type=text/plain,body=no route\, sorry'
+//! --rule 'plain,default,redirect-protocol=HTTPS,redirect-port=443,status=301'
+//! ```
 
 mod action;
 mod condition;

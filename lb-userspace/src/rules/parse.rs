@@ -634,6 +634,18 @@ mod tests {
     }
 
     #[test]
+    fn module_doc_examples_parse() {
+        for spec in [
+            "web,priority=10,host=api.example.com,path=/v1/*,forward=v1:9|v2:1,group-stickiness=3600",
+            "web,priority=20,header=X-Canary:yes,method=GET|HEAD,forward=canary",
+            r"web,default,fixed-response=404,content-type=text/plain,body=no route\, sorry",
+            "plain,default,redirect-protocol=HTTPS,redirect-port=443,status=301",
+        ] {
+            parse_rule(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        }
+    }
+
+    #[test]
     fn parsed_rules_build_a_rule_set() {
         let specs = [
             "web,priority=20,path=/api/*,forward=broad",
