@@ -78,8 +78,9 @@ pub struct TargetStatus {
 
 /// A runtime target group, shared by every connection (wrap it in an `Arc`).
 ///
-/// One short mutex section per pick (no I/O, no allocation beyond the cookie text);
-/// the outstanding count of a pick is released without the lock when its [`Picked`] drops.
+/// One short mutex section per pick (no I/O, no allocation; cookies are checked before it
+/// and sealed after it). The outstanding count of a pick is released without the lock when
+/// its [`Picked`] drops.
 #[derive(Debug)]
 pub struct TargetGroup {
     config: TargetGroupConfig,
@@ -246,47 +247,28 @@ impl TargetGroup {
 
     /// [`pick`](Self::pick) at a given time (cookie expiry is checked and set against `now`).
     pub fn pick_at(&self, request_cookies: Option<&str>, now: SystemTime) -> Option<Picked> {
+        // Cookie checks (HMAC) need no lock: done before taking it.
+        let sticky_id = request_cookies.and_then(|cookies| self.sticky_target(cookies, now));
         let mut inner = self.lock();
-        let failing_open = !inner.slots.iter().any(|s| s.state.in_service());
-        let routable = |s: &Slot| {
-            if failing_open {
-                s.state.routable_when_failing_open()
-            } else {
-                s.state.in_service()
-            }
-        };
-        // Weight 0 means "no new requests", unless every routable target has weight 0.
-        let all_weightless = inner
-            .slots
-            .iter()
-            .filter(|s| routable(s))
-            .all(|s| s.weight == 0);
-        let share = |s: &Slot| -> u64 {
-            match (routable(s), all_weightless) {
-                (false, _) => 0,
-                (true, true) => 1,
-                (true, false) => u64::from(s.weight),
-            }
-        };
-        if inner.slots.iter().all(|s| share(s) == 0) {
+        let shares = Shares::of(&inner.slots);
+        if inner.slots.iter().all(|s| shares.share(s) == 0) {
             return None;
         }
-
-        let sticky_index = request_cookies.and_then(|cookies| {
-            let id = self.sticky_target(cookies, now)?;
-            inner.slots.iter().position(|s| s.id == id && share(s) > 0)
+        let sticky_index = sticky_id.and_then(|id| {
+            inner
+                .slots
+                .iter()
+                .position(|s| s.id == id && shares.share(s) > 0)
         });
         let index = match sticky_index {
             Some(i) => i,
-            None => {
-                let shares: Vec<u64> = inner.slots.iter().map(share).collect();
-                match self.config.algorithm {
-                    Algorithm::RoundRobin => inner.smooth_weighted_round_robin(&shares),
-                    Algorithm::LeastOutstandingRequests => inner.least_outstanding(&shares),
-                    Algorithm::WeightedRandom => inner.weighted_random(&shares),
-                }
-            }
+            None => match self.config.algorithm {
+                Algorithm::RoundRobin => inner.smooth_weighted_round_robin(shares),
+                Algorithm::LeastOutstandingRequests => inner.least_outstanding(shares),
+                Algorithm::WeightedRandom => inner.weighted_random(shares),
+            },
         };
+        let failing_open = shares.failing_open;
 
         let slot = &inner.slots[index];
         let entry = Arc::clone(&slot.entry);
@@ -348,6 +330,47 @@ impl TargetGroup {
     }
 }
 
+/// Which targets may take a new request now, and their share of requests.
+#[derive(Debug, Clone, Copy)]
+struct Shares {
+    /// No target is in service: fail open to the ones that are merely unhealthy or initial.
+    failing_open: bool,
+    /// Every routable target has weight 0: they share equally instead of refusing traffic.
+    all_weightless: bool,
+}
+
+impl Shares {
+    fn of(slots: &[Slot]) -> Self {
+        let failing_open = !slots.iter().any(|s| s.state.in_service());
+        let mut shares = Self {
+            failing_open,
+            all_weightless: false,
+        };
+        shares.all_weightless = slots
+            .iter()
+            .filter(|s| shares.routable(s))
+            .all(|s| s.weight == 0);
+        shares
+    }
+
+    fn routable(self, slot: &Slot) -> bool {
+        if self.failing_open {
+            slot.state.routable_when_failing_open()
+        } else {
+            slot.state.in_service()
+        }
+    }
+
+    /// The target's share of new requests: 0 for none.
+    fn share(self, slot: &Slot) -> u64 {
+        match (self.routable(slot), self.all_weightless) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => u64::from(slot.weight),
+        }
+    }
+}
+
 impl Inner {
     fn new_slot(&mut self, target: TargetAddr) -> Slot {
         let id = self.next_id;
@@ -369,10 +392,11 @@ impl Inner {
     /// nginx's smooth weighted round robin: every candidate gains its weight, the richest is
     /// chosen and pays the total. Exact over a cycle of sum(weights) picks, and spread out
     /// (weights 5,1,1 give a a b a c a a, not a a a a a b c).
-    fn smooth_weighted_round_robin(&mut self, shares: &[u64]) -> usize {
+    fn smooth_weighted_round_robin(&mut self, shares: Shares) -> usize {
         let mut total: i64 = 0;
         let mut best: Option<(usize, i64)> = None;
-        for (i, (slot, &share)) in self.slots.iter_mut().zip(shares).enumerate() {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let share = shares.share(slot);
             if share == 0 {
                 continue;
             }
@@ -391,13 +415,13 @@ impl Inner {
     }
 
     /// Fewest outstanding requests among candidates; ties broken round robin.
-    fn least_outstanding(&mut self, shares: &[u64]) -> usize {
+    fn least_outstanding(&mut self, shares: Shares) -> usize {
         let n = self.slots.len();
         let start = self.cursor % n;
         let mut best: Option<(usize, u64)> = None;
         for offset in 0..n {
             let i = (start + offset) % n;
-            if shares[i] == 0 {
+            if shares.share(&self.slots[i]) == 0 {
                 continue;
             }
             let outstanding = self.slots[i].entry.outstanding.load(Ordering::Relaxed);
@@ -411,16 +435,18 @@ impl Inner {
     }
 
     /// A candidate with probability share / sum(shares).
-    fn weighted_random(&mut self, shares: &[u64]) -> usize {
-        let total: u64 = shares.iter().sum();
+    fn weighted_random(&mut self, shares: Shares) -> usize {
+        let total: u64 = self.slots.iter().map(|s| shares.share(s)).sum();
         let mut ticket = self.rng.random_range(0..total.max(1));
-        for (i, &share) in shares.iter().enumerate() {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let share = shares.share(slot);
             if ticket < share {
                 return i;
             }
             ticket -= share;
         }
-        shares.iter().position(|&s| s > 0).unwrap_or(0)
+        // Unreachable: the tickets cover exactly the shares.
+        0
     }
 }
 
@@ -544,6 +570,13 @@ mod tests {
 
     fn lb_cookie_of(picked: &Picked) -> String {
         issued(&picked.set_cookies(&HeaderMap::new()), "AWSALB").expect("an AWSALB cookie")
+    }
+
+    #[test]
+    fn group_and_guard_can_cross_threads_and_awaits() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<TargetGroup>();
+        send_sync::<Picked>();
     }
 
     #[test]
