@@ -40,7 +40,7 @@ mod connect;
 mod tls;
 
 pub use body::MAX_REPLAY_BYTES;
-use body::{Replay, TargetBody};
+use body::{Checkin, Replay, TargetBody};
 
 /// The error type of streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -258,37 +258,28 @@ impl Forwarder {
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
         let idle_timeout = self.inner.config.idle_timeout;
-        let response = match conn {
+        let addr = target.endpoint.addr;
+        let (response, checkin) = match conn {
             Conn::H1(mut conn) => {
                 let sent = conn.sender.try_send_request(req);
                 let response = receive(tokio::time::timeout(idle_timeout, sent).await)?;
-                if let Some(hint) = response
-                    .headers()
-                    .get_all(KEEP_ALIVE)
-                    .iter()
-                    .find_map(super::pool::parse_keep_alive_timeout)
+                if let Some(hint) =
+                    response.headers().get_all(KEEP_ALIVE).iter().find_map(super::pool::parse_keep_alive_timeout)
                 {
                     target.pool.set_keep_alive_hint(hint);
                 }
-                if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                    // Back into the pool once hyper has read the whole response and the
-                    // connection can take another request (never, if it was closed).
-                    let pool = Arc::clone(&target.pool);
-                    tokio::spawn(async move {
-                        if conn.sender.ready().await.is_ok() {
-                            pool.checkin_h1(conn);
-                        }
-                    });
-                }
-                response
+                // After a 101 the connection belongs to the upgrade; otherwise it goes back to
+                // the pool when the body has been read.
+                let checkin = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| Checkin::new(conn, Arc::clone(&target.pool)));
+                (response, checkin)
             }
             Conn::H2(mut conn) => {
                 let sent = conn.sender.try_send_request(req);
-                receive(tokio::time::timeout(idle_timeout, sent).await)?
+                (receive(tokio::time::timeout(idle_timeout, sent).await)?, None)
             }
         };
-        let addr = target.endpoint.addr;
-        Ok(response.map(|body| TargetBody::new(body, addr, idle_timeout).boxed_unsync()))
+        Ok(response.map(|body| TargetBody::new(body, addr, idle_timeout, checkin).boxed_unsync()))
     }
 
     fn error(&self, target: &Target, error: SendError, replay: &Replay) -> ProxyError {

@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::{BoxError, ProxyBody};
 use crate::proxy::error::ProxyError;
+use crate::proxy::pool::{H1Conn, TargetPool};
 
 /// The largest request body kept for a possible retry. Idempotent requests with larger bodies
 /// are not retried (the body streamed through and is gone).
@@ -123,9 +124,13 @@ impl Body for RecordingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // hyper stops polling once the body says it has ended (Content-Length reached), so the
+        // end is noticed here as well as from a final `None`.
+        let ended = self.inner.is_end_stream();
         if let Poll::Ready(item) = &polled
             && let Ok(mut recorded) = self.recorded.lock()
         {
+            recorded.complete |= ended;
             match item {
                 Some(Ok(frame)) if recorded.keep && !recorded.overflowed => {
                     if let Some(data) = frame.data_ref() {
@@ -189,26 +194,73 @@ impl Body for ReplayBody {
     }
 }
 
+/// An HTTP/1.1 connection to give back to its pool once its response has been read.
+pub struct Checkin {
+    conn: H1Conn,
+    pool: Arc<TargetPool>,
+}
+
+impl Checkin {
+    /// Pairs a connection with its pool.
+    pub fn new(conn: H1Conn, pool: Arc<TargetPool>) -> Self {
+        Self { conn, pool }
+    }
+
+    /// Puts the connection back now if hyper says it can take another request, otherwise as
+    /// soon as it can (never, if it closes instead).
+    pub fn give_back(self) {
+        let Self { mut conn, pool } = self;
+        if conn.sender.is_ready() {
+            pool.checkin_h1(conn);
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if conn.sender.ready().await.is_ok() {
+                    pool.checkin_h1(conn);
+                }
+            });
+        }
+    }
+}
+
 /// The target's response body: streamed as it arrives, failing with
 /// [`ProxyError::TargetTimeout`] when the target sends nothing for the idle timeout and with
-/// [`ProxyError::TargetFailed`] when the target breaks off.
+/// [`ProxyError::TargetFailed`] when the target breaks off. When it has been read to the end,
+/// its HTTP/1.1 connection goes back to the pool at once, so the next request can reuse it.
 pub struct TargetBody {
     inner: hyper::body::Incoming,
     target: SocketAddr,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
+    checkin: Option<Checkin>,
 }
 
 impl TargetBody {
-    /// Wraps a response body from `target`.
-    pub fn new(inner: hyper::body::Incoming, target: SocketAddr, idle_timeout: Duration) -> Self {
+    /// Wraps a response body from `target`; `checkin` is its connection, if it is to be pooled.
+    pub fn new(
+        inner: hyper::body::Incoming,
+        target: SocketAddr,
+        idle_timeout: Duration,
+        checkin: Option<Checkin>,
+    ) -> Self {
         let idle = Box::pin(tokio::time::sleep(idle_timeout));
-        Self {
-            inner,
-            target,
-            idle_timeout,
-            idle,
+        let mut body = Self { inner, target, idle_timeout, idle, checkin };
+        body.give_back_if_done();
+        body
+    }
+
+    fn give_back_if_done(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(checkin) = self.checkin.take()
+        {
+            checkin.give_back();
         }
+    }
+}
+
+impl Drop for TargetBody {
+    fn drop(&mut self) {
+        // Dropped before the end: hyper closes the connection, nothing to give back.
+        self.give_back_if_done();
     }
 }
 
@@ -224,6 +276,7 @@ impl Body for TargetBody {
             Poll::Ready(Some(Ok(frame))) => {
                 let deadline = Instant::now() + self.idle_timeout;
                 self.idle.as_mut().reset(deadline);
+                self.give_back_if_done();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => {
@@ -232,7 +285,12 @@ impl Body for TargetBody {
                     source: Box::new(error),
                 }))))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(checkin) = self.checkin.take() {
+                    checkin.give_back();
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => match self.idle.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(ProxyError::TargetTimeout {
                     target: self.target.to_string(),
