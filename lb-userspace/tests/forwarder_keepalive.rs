@@ -43,10 +43,15 @@ async fn requests_at_the_close_time_all_succeed(advertise_keep_alive: bool) -> T
     // starts with GETs at the same spacing until the first close has been observed.
     let mut warm_up = 0;
     if !advertise_keep_alive {
-        while stats_of_or_none(&forwarder).and_then(|s| s.learned_idle_close).is_none() {
+        while stats_of_or_none(&forwarder)
+            .and_then(|s| s.learned_idle_close)
+            .is_none()
+        {
             warm_up += 1;
             assert!(warm_up <= 50, "the target's idle close was never observed");
-            if let Err(error) = forward_collect(&forwarder, &endpoint, get(&format!("/warm-up/{warm_up}"))).await {
+            if let Err(error) =
+                forward_collect(&forwarder, &endpoint, get(&format!("/warm-up/{warm_up}"))).await
+            {
                 failures.push(format!("warm-up GET {warm_up}: {error}"));
             }
             pause().await;
@@ -57,27 +62,50 @@ async fn requests_at_the_close_time_all_succeed(advertise_keep_alive: bool) -> T
         let result = if i % 2 == 0 {
             let payload = format!("post-{i}-{}", rand::rng().random::<u64>());
             posts.push(payload.clone());
-            forward_collect(&forwarder, &endpoint, request("POST", &format!("/post/{i}"), payload)).await
+            forward_collect(
+                &forwarder,
+                &endpoint,
+                request("POST", &format!("/post/{i}"), payload),
+            )
+            .await
         } else {
             forward_collect(&forwarder, &endpoint, get(&format!("/get/{i}"))).await
         };
         match result {
             Ok((forwarded, _)) if forwarded.response.status() == 200 => {}
-            Ok((forwarded, _)) => failures.push(format!("request {i}: status {}", forwarded.response.status())),
+            Ok((forwarded, _)) => failures.push(format!(
+                "request {i}: status {}",
+                forwarded.response.status()
+            )),
             Err(error) => failures.push(format!("request {i}: {error} ({})", error.status())),
         }
         pause().await;
     }
 
-    assert!(failures.is_empty(), "{} of {REQUESTS} requests failed: {failures:#?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {REQUESTS} requests failed: {failures:#?}",
+        failures.len()
+    );
     let mut post_bodies: HashMap<Vec<u8>, usize> = HashMap::new();
-    for seen in target.seen().into_iter().filter(|seen| seen.method == "POST") {
+    for seen in target
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.method == "POST")
+    {
         *post_bodies.entry(seen.body).or_default() += 1;
     }
     let twice: Vec<_> = post_bodies.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "POST bodies the target saw more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "POST bodies the target saw more than once: {twice:?}"
+    );
     for payload in &posts {
-        assert_eq!(post_bodies.get(payload.as_bytes()), Some(&1), "POST {payload} reached the target once");
+        assert_eq!(
+            post_bodies.get(payload.as_bytes()),
+            Some(&1),
+            "POST {payload} reached the target once"
+        );
     }
     stats_of(&forwarder)
 }
@@ -90,28 +118,45 @@ fn stats_of_or_none(forwarder: &Forwarder) -> Option<TargetPoolStats> {
 async fn pause() {
     let jitter = rand::rng().random_range(-JITTER_MICROS..=JITTER_MICROS);
     let micros = i64::try_from(TARGET_IDLE_CLOSE.as_micros()).expect("small duration") + jitter;
-    tokio::time::sleep(Duration::from_micros(u64::try_from(micros).expect("positive pause"))).await;
+    tokio::time::sleep(Duration::from_micros(
+        u64::try_from(micros).expect("positive pause"),
+    ))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_keepalive_connections_never_fail_requests_when_the_target_advertises_its_timeout() {
     let stats = requests_at_the_close_time_all_succeed(true).await;
     assert_eq!(stats.keep_alive_hint, Some(TARGET_IDLE_CLOSE), "{stats:?}");
-    assert!(stats.reuse_limit < TARGET_IDLE_CLOSE, "reuse stops before the advertised timeout: {stats:?}");
-    assert!(stats.retired_early > 0, "connections were retired before the target closed them: {stats:?}");
+    assert!(
+        stats.reuse_limit < TARGET_IDLE_CLOSE,
+        "reuse stops before the advertised timeout: {stats:?}"
+    );
+    assert!(
+        stats.retired_early > 0,
+        "connections were retired before the target closed them: {stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_keepalive_connections_never_fail_requests_when_the_target_advertises_nothing() {
     let stats = requests_at_the_close_time_all_succeed(false).await;
     assert_eq!(stats.keep_alive_hint, None, "{stats:?}");
-    let learned = stats.learned_idle_close.expect("the idle-close time was learned");
+    let learned = stats
+        .learned_idle_close
+        .expect("the idle-close time was learned");
     assert!(
         learned >= TARGET_IDLE_CLOSE / 2 && learned < Duration::from_secs(2),
         "learned {learned:?} for a target closing after {TARGET_IDLE_CLOSE:?}: {stats:?}"
     );
-    assert!(stats.reuse_limit < TARGET_IDLE_CLOSE, "reuse stops before the learned close time: {stats:?}");
-    assert!(stats.retired_early > 0, "connections were retired before the target closed them: {stats:?}");
+    assert!(
+        stats.reuse_limit < TARGET_IDLE_CLOSE,
+        "reuse stops before the learned close time: {stats:?}"
+    );
+    assert!(
+        stats.retired_early > 0,
+        "connections were retired before the target closed them: {stats:?}"
+    );
 }
 
 #[tokio::test]
@@ -125,60 +170,124 @@ async fn pooled_connections_are_reused_well_within_the_targets_idle_close_time()
     let endpoint = plain(target.addr);
     let forwarder = Forwarder::new(config());
     for i in 0..20 {
-        let (forwarded, _) = forward_collect(&forwarder, &endpoint, get(&format!("/{i}"))).await.expect("request succeeds");
+        let (forwarded, _) = forward_collect(&forwarder, &endpoint, get(&format!("/{i}")))
+            .await
+            .expect("request succeeds");
         assert_eq!(forwarded.reused_connection, i > 0, "request {i}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let stats = stats_of(&forwarder);
-    assert_eq!((stats.fresh, stats.reused, stats.retried), (1, 19, 0), "{stats:?}");
+    assert_eq!(
+        (stats.fresh, stats.reused, stats.retried),
+        (1, 19, 0),
+        "{stats:?}"
+    );
     assert_eq!(stats.reuse_limit, Duration::from_secs(4), "{stats:?}");
-    assert!(target.seen().iter().all(|seen| seen.connection == 0), "one connection served everything");
+    assert!(
+        target.seen().iter().all(|seen| seen.connection == 0),
+        "one connection served everything"
+    );
 }
 
 #[tokio::test]
 async fn a_post_on_a_connection_reset_after_the_request_was_read_is_not_retried() {
-    let target = RawTarget::start(RawBehaviour { reset_after_reading_request: Some(2), ..RawBehaviour::default() }).await;
+    let target = RawTarget::start(RawBehaviour {
+        reset_after_reading_request: Some(2),
+        ..RawBehaviour::default()
+    })
+    .await;
     let endpoint = plain(target.addr);
     let forwarder = Forwarder::new(config());
-    forward_collect(&forwarder, &endpoint, get("/first")).await.expect("first request succeeds");
+    forward_collect(&forwarder, &endpoint, get("/first"))
+        .await
+        .expect("first request succeeds");
 
     let error = forward_collect(&forwarder, &endpoint, request("POST", "/pay", "pay-once"))
         .await
         .expect_err("the POST may have been processed: no retry, an error");
-    assert!(matches!(error, ProxyError::TargetFailed { .. }), "{error:?}");
+    assert!(
+        matches!(error, ProxyError::TargetFailed { .. }),
+        "{error:?}"
+    );
     assert_eq!(error.status(), 502);
-    let posts: Vec<_> = target.seen().into_iter().filter(|seen| seen.method == "POST").collect();
-    assert_eq!(posts.len(), 1, "the target saw the POST exactly once: {posts:?}");
+    let posts: Vec<_> = target
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.method == "POST")
+        .collect();
+    assert_eq!(
+        posts.len(),
+        1,
+        "the target saw the POST exactly once: {posts:?}"
+    );
     assert_eq!(posts[0].body, b"pay-once");
     assert_eq!(stats_of(&forwarder).retried, 0);
 }
 
 #[tokio::test]
-async fn a_get_on_a_connection_reset_after_the_request_was_read_is_retried_once_on_a_new_connection() {
-    let target = RawTarget::start(RawBehaviour { reset_after_reading_request: Some(2), ..RawBehaviour::default() }).await;
+async fn a_get_on_a_connection_reset_after_the_request_was_read_is_retried_once_on_a_new_connection()
+ {
+    let target = RawTarget::start(RawBehaviour {
+        reset_after_reading_request: Some(2),
+        ..RawBehaviour::default()
+    })
+    .await;
     let endpoint = plain(target.addr);
     let forwarder = Forwarder::new(config());
-    forward_collect(&forwarder, &endpoint, get("/first")).await.expect("first request succeeds");
+    forward_collect(&forwarder, &endpoint, get("/first"))
+        .await
+        .expect("first request succeeds");
 
-    let (forwarded, body) = forward_collect(&forwarder, &endpoint, get("/again")).await.expect("retried and answered");
+    let (forwarded, body) = forward_collect(&forwarder, &endpoint, get("/again"))
+        .await
+        .expect("retried and answered");
     assert_eq!(forwarded.response.status(), 200);
-    assert!(forwarded.retried && !forwarded.reused_connection && forwarded.connect_time.is_some(), "{forwarded:?}");
+    assert!(
+        forwarded.retried && !forwarded.reused_connection && forwarded.connect_time.is_some(),
+        "{forwarded:?}"
+    );
     assert_eq!(body, "GET /again #1 on connection 1");
-    let attempts: Vec<_> = target.seen().into_iter().filter(|seen| seen.path == "/again").map(|s| s.connection).collect();
-    assert_eq!(attempts, vec![0, 1], "once on the reset connection, once on a new one");
+    let attempts: Vec<_> = target
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.path == "/again")
+        .map(|s| s.connection)
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![0, 1],
+        "once on the reset connection, once on a new one"
+    );
     assert_eq!(stats_of(&forwarder).retried, 1);
 }
 
 #[tokio::test]
 async fn an_idempotent_put_is_retried_with_its_body() {
-    let target = RawTarget::start(RawBehaviour { reset_after_reading_request: Some(2), ..RawBehaviour::default() }).await;
+    let target = RawTarget::start(RawBehaviour {
+        reset_after_reading_request: Some(2),
+        ..RawBehaviour::default()
+    })
+    .await;
     let endpoint = plain(target.addr);
     let forwarder = Forwarder::new(config());
-    forward_collect(&forwarder, &endpoint, get("/first")).await.expect("first request succeeds");
+    forward_collect(&forwarder, &endpoint, get("/first"))
+        .await
+        .expect("first request succeeds");
 
     let (forwarded, _) =
-        forward_collect(&forwarder, &endpoint, request("PUT", "/doc", "version-2")).await.expect("retried and answered");
+        forward_collect(&forwarder, &endpoint, request("PUT", "/doc", "version-2"))
+            .await
+            .expect("retried and answered");
     assert!(forwarded.retried, "{forwarded:?}");
-    let puts: Vec<_> = target.seen().into_iter().filter(|seen| seen.method == "PUT").map(|s| s.body).collect();
-    assert_eq!(puts, vec![b"version-2".to_vec(), b"version-2".to_vec()], "the same body both times");
+    let puts: Vec<_> = target
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.method == "PUT")
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(
+        puts,
+        vec![b"version-2".to_vec(), b"version-2".to_vec()],
+        "the same body both times"
+    );
 }

@@ -153,7 +153,7 @@ enum Conn {
 /// Why sending a request on a connection failed.
 enum SendError {
     /// hyper gave the request back: it was never written to the connection.
-    NotSent(Request<ProxyBody>, hyper::Error),
+    NotSent(Box<Request<ProxyBody>>, hyper::Error),
     /// The request may have been written; no response head arrived.
     Failed(hyper::Error),
     /// No response head within the idle timeout.
@@ -213,7 +213,7 @@ impl Forwarder {
                 }
                 Err(SendError::NotSent(request, error)) => {
                     tracing::debug!(target = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
-                    req = request;
+                    req = *request;
                 }
                 Err(SendError::Failed(error))
                     if is_stale_connection_symptom(&error) && !replay.body_failed() =>
@@ -263,8 +263,11 @@ impl Forwarder {
             Conn::H1(mut conn) => {
                 let sent = conn.sender.try_send_request(req);
                 let response = receive(tokio::time::timeout(idle_timeout, sent).await)?;
-                if let Some(hint) =
-                    response.headers().get_all(KEEP_ALIVE).iter().find_map(super::pool::parse_keep_alive_timeout)
+                if let Some(hint) = response
+                    .headers()
+                    .get_all(KEEP_ALIVE)
+                    .iter()
+                    .find_map(super::pool::parse_keep_alive_timeout)
                 {
                     target.pool.set_keep_alive_hint(hint);
                 }
@@ -276,7 +279,10 @@ impl Forwarder {
             }
             Conn::H2(mut conn) => {
                 let sent = conn.sender.try_send_request(req);
-                (receive(tokio::time::timeout(idle_timeout, sent).await)?, None)
+                (
+                    receive(tokio::time::timeout(idle_timeout, sent).await)?,
+                    None,
+                )
             }
         };
         Ok(response.map(|body| TargetBody::new(body, addr, idle_timeout, checkin).boxed_unsync()))
@@ -310,7 +316,7 @@ fn receive(
         Err(_elapsed) => Err(SendError::Timeout),
         Ok(Ok(response)) => Ok(response),
         Ok(Err(mut error)) => match error.take_message() {
-            Some(request) => Err(SendError::NotSent(request, error.into_error())),
+            Some(request) => Err(SendError::NotSent(Box::new(request), error.into_error())),
             None => Err(SendError::Failed(error.into_error())),
         },
     }

@@ -1,5 +1,8 @@
 //! Small real targets on 127.0.0.1 for the forwarder tests, and request/response helpers.
-#![allow(dead_code, reason = "each test file uses a different part of the support code")]
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the support code"
+)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -19,7 +22,9 @@ pub const SAFETY: Duration = Duration::from_secs(20);
 
 /// A request body from bytes.
 pub fn body(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| -> BoxError { match never {} }).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| -> BoxError { match never {} })
+        .boxed_unsync()
 }
 
 /// An empty request body.
@@ -35,7 +40,10 @@ pub fn get(path: &str) -> Request<ProxyBody> {
 /// A request with a body and an explicit Content-Length (as the server side forwards them).
 pub fn request(method: &str, path: &str, payload: impl Into<Bytes>) -> Request<ProxyBody> {
     let payload = payload.into();
-    let mut builder = Request::builder().method(method).uri(path).header("host", "app.test");
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "app.test");
     if !payload.is_empty() || method == "POST" || method == "PUT" {
         builder = builder.header("content-length", payload.len());
     }
@@ -44,7 +52,11 @@ pub fn request(method: &str, path: &str, payload: impl Into<Bytes>) -> Request<P
 
 /// A plain HTTP/1.1 endpoint at `addr`.
 pub fn plain(addr: SocketAddr) -> TargetEndpoint {
-    TargetEndpoint { addr, tls: None, http2: false }
+    TargetEndpoint {
+        addr,
+        tls: None,
+        http2: false,
+    }
 }
 
 /// Forwards with the safety net, returning the status and the whole body.
@@ -116,7 +128,9 @@ impl Drop for RawTarget {
 impl RawTarget {
     /// Starts the target on an ephemeral loopback port.
     pub async fn start(behaviour: RawBehaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local address");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
@@ -124,7 +138,12 @@ impl RawTarget {
             let mut connection = 0;
             let mut handlers = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                handlers.spawn(serve_raw(stream, connection, behaviour.clone(), Arc::clone(&record)));
+                handlers.spawn(serve_raw(
+                    stream,
+                    connection,
+                    behaviour.clone(),
+                    Arc::clone(&record),
+                ));
                 connection += 1;
             }
         });
@@ -186,7 +205,12 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<RawRe
     Some(RawRequest { method, path, body })
 }
 
-async fn serve_raw(mut stream: TcpStream, connection: usize, behaviour: RawBehaviour, seen: Arc<Mutex<Vec<Seen>>>) {
+async fn serve_raw(
+    mut stream: TcpStream,
+    connection: usize,
+    behaviour: RawBehaviour,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) {
     let mut buf = Vec::new();
     let mut nth = 0;
     loop {
@@ -217,7 +241,10 @@ async fn serve_raw(mut stream: TcpStream, connection: usize, behaviour: RawBehav
             let _ = stream.set_linger(Some(Duration::ZERO));
             return;
         }
-        let payload = format!("{} {} #{nth} on connection {connection}", request.method, request.path);
+        let payload = format!(
+            "{} {} #{nth} on connection {connection}",
+            request.method, request.path
+        );
         let mut head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", payload.len());
         if let Some(keep_alive) = &behaviour.keep_alive_header {
             head.push_str(&format!("Keep-Alive: {keep_alive}\r\n"));
@@ -227,7 +254,9 @@ async fn serve_raw(mut stream: TcpStream, connection: usize, behaviour: RawBehav
             head.push_str(&format!("X-Pad: {}\r\n", "a".repeat(fill)));
         }
         head.push_str("\r\n");
-        if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(payload.as_bytes()).await.is_err() {
+        if stream.write_all(head.as_bytes()).await.is_err()
+            || stream.write_all(payload.as_bytes()).await.is_err()
+        {
             return;
         }
     }
@@ -235,7 +264,9 @@ async fn serve_raw(mut stream: TcpStream, connection: usize, behaviour: RawBehav
 
 /// A target that accepts connections and answers each with `bytes` (then keeps it open).
 pub async fn answering_target(bytes: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
     let addr = listener.local_addr().expect("local address");
     let task = tokio::spawn(async move {
         let mut open = Vec::new();

@@ -243,7 +243,13 @@ impl TargetBody {
         checkin: Option<Checkin>,
     ) -> Self {
         let idle = Box::pin(tokio::time::sleep(idle_timeout));
-        let mut body = Self { inner, target, idle_timeout, idle, checkin };
+        let mut body = Self {
+            inner,
+            target,
+            idle_timeout,
+            idle,
+            checkin,
+        };
         body.give_back_if_done();
         body
     }
