@@ -5,7 +5,7 @@ mod support_client;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lb::proxy::client::{Forwarder, TargetPoolStats};
+use lb::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
 use lb::proxy::error::ProxyError;
 use rand::Rng;
 use support_client::{RawBehaviour, RawTarget, config, forward_collect, get, plain, request};
@@ -289,5 +289,111 @@ async fn an_idempotent_put_is_retried_with_its_body() {
         puts,
         vec![b"version-2".to_vec(), b"version-2".to_vec()],
         "the same body both times"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_our_idle_timeout() {
+    let target = RawTarget::start(RawBehaviour::default()).await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(ClientConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    forward_collect(&forwarder, &endpoint, get("/a"))
+        .await
+        .expect("first request");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        stats_of(&forwarder).idle_connections,
+        1,
+        "pooled while younger than the idle timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = stats_of(&forwarder);
+    assert_eq!(
+        stats.idle_connections, 0,
+        "closed after the idle timeout: {stats:?}"
+    );
+    assert_eq!(
+        stats.retired_early, 0,
+        "our own idle timeout is not an early retirement: {stats:?}"
+    );
+    let (forwarded, _) = forward_collect(&forwarder, &endpoint, get("/b"))
+        .await
+        .expect("second request");
+    assert!(!forwarded.reused_connection);
+}
+
+#[tokio::test]
+async fn a_too_low_estimate_rises_again_when_a_retired_connection_survives() {
+    // Only the first connection is closed when idle (after 150 ms): a fluke, later ones live on.
+    let target = RawTarget::start(RawBehaviour {
+        idle_close_after: Some(Duration::from_millis(150)),
+        idle_close_first_connections: Some(1),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(ClientConfig {
+        idle_timeout: Duration::from_millis(800),
+        ..config()
+    });
+    forward_collect(&forwarder, &endpoint, get("/a"))
+        .await
+        .expect("first request");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let first = stats_of(&forwarder)
+        .learned_idle_close
+        .expect("the first close was observed");
+
+    // A new connection is retired from reuse before the (too low) estimate, kept open unused,
+    // and survives our whole idle timeout: the estimate rises.
+    forward_collect(&forwarder, &endpoint, get("/b"))
+        .await
+        .expect("second request");
+    let mut waited = 0;
+    let raised = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+        let stats = stats_of(&forwarder);
+        match stats.learned_idle_close {
+            Some(learned) if learned > first => break stats,
+            _ => assert!(waited < 50, "the estimate never rose: {stats:?}"),
+        }
+    };
+    assert!(raised.retired_early >= 1, "{raised:?}");
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_activity_not_an_idle_timeout() {
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, StreamBody};
+    let target = RawTarget::start(RawBehaviour::default()).await;
+    let forwarder = Forwarder::new(ClientConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    // Five chunks 150 ms apart: 750 ms in all, never 300 ms without a byte.
+    let chunks = futures_util::stream::iter(0..5).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Ok::<_, lb::proxy::client::BoxError>(http_body::Frame::data(bytes::Bytes::from(format!(
+            "chunk{i};"
+        ))))
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", "app.test")
+        .header("content-length", 35)
+        .body(StreamBody::new(chunks).boxed_unsync())
+        .expect("request");
+    let (forwarded, _) = forward_collect(&forwarder, &plain(target.addr), req)
+        .await
+        .expect("upload answered");
+    assert_eq!(forwarded.response.status(), 200);
+    assert_eq!(
+        target.seen()[0].body,
+        b"chunk0;chunk1;chunk2;chunk3;chunk4;"
     );
 }

@@ -202,7 +202,7 @@ impl Forwarder {
         let mut retried = false;
         if let Some(conn) = target.pool_checkout() {
             target.pool.count_reused();
-            match self.send(&target, conn, req).await {
+            match self.send(&target, conn, req, &replay).await {
                 Ok(response) => {
                     return Ok(Forwarded {
                         response,
@@ -234,7 +234,7 @@ impl Forwarder {
 
         let (conn, connect_time) = connect::connect(&target, &self.inner.config).await?;
         target.pool.count_fresh();
-        match self.send(&target, conn, req).await {
+        match self.send(&target, conn, req, &replay).await {
             Ok(response) => Ok(Forwarded {
                 response,
                 reused_connection: false,
@@ -256,13 +256,14 @@ impl Forwarder {
         target: &Arc<Target>,
         conn: Conn,
         req: Request<ProxyBody>,
+        replay: &Replay,
     ) -> Result<Response<ProxyBody>, SendError> {
         let idle_timeout = self.inner.config.idle_timeout;
         let addr = target.endpoint.addr;
         let (response, checkin) = match conn {
             Conn::H1(mut conn) => {
                 let sent = conn.sender.try_send_request(req);
-                let response = receive(tokio::time::timeout(idle_timeout, sent).await)?;
+                let response = await_head(sent, idle_timeout, replay).await?;
                 if let Some(hint) = response
                     .headers()
                     .get_all(KEEP_ALIVE)
@@ -279,10 +280,7 @@ impl Forwarder {
             }
             Conn::H2(mut conn) => {
                 let sent = conn.sender.try_send_request(req);
-                (
-                    receive(tokio::time::timeout(idle_timeout, sent).await)?,
-                    None,
-                )
+                (await_head(sent, idle_timeout, replay).await?, None)
             }
         };
         Ok(response.map(|body| TargetBody::new(body, addr, idle_timeout, checkin).boxed_unsync()))
@@ -309,13 +307,36 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 type Sent = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ProxyBody>>>;
 
-fn receive(
-    result: Result<Sent, tokio::time::error::Elapsed>,
+/// Waits for the response head. The idle timeout counts from the last request body bytes
+/// sent, not from the start: a slow upload is activity, as on ALB's connections.
+async fn await_head(
+    sent: impl Future<Output = Sent>,
+    idle_timeout: Duration,
+    replay: &Replay,
 ) -> Result<Response<Incoming>, SendError> {
+    let started = tokio::time::Instant::now();
+    let mut sent = std::pin::pin!(sent);
+    loop {
+        let quiet_since = replay
+            .last_activity()
+            .map_or(started, |last| last.max(started));
+        if let Ok(result) = tokio::time::timeout_at(quiet_since + idle_timeout, sent.as_mut()).await
+        {
+            return receive(result);
+        }
+        let still_uploading = replay
+            .last_activity()
+            .is_some_and(|last| last + idle_timeout > tokio::time::Instant::now());
+        if !still_uploading {
+            return Err(SendError::Timeout);
+        }
+    }
+}
+
+fn receive(result: Sent) -> Result<Response<Incoming>, SendError> {
     match result {
-        Err(_elapsed) => Err(SendError::Timeout),
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(mut error)) => match error.take_message() {
+        Ok(response) => Ok(response),
+        Err(mut error) => match error.take_message() {
             Some(request) => Err(SendError::NotSent(Box::new(request), error.into_error())),
             None => Err(SendError::Failed(error.into_error())),
         },

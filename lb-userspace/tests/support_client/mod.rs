@@ -102,6 +102,8 @@ pub struct Seen {
 pub struct RawBehaviour {
     /// Close a connection that has been idle (no request byte) this long after a response.
     pub idle_close_after: Option<Duration>,
+    /// Only the first this-many connections close when idle (the others never do).
+    pub idle_close_first_connections: Option<usize>,
     /// Value of a `Keep-Alive` header added to every response.
     pub keep_alive_header: Option<String>,
     /// Reset (RST) the connection after reading its n-th request, without answering.
@@ -216,7 +218,15 @@ async fn serve_raw(
     loop {
         // The idle clock runs from the end of the previous response to the first byte of the
         // next request, as in real servers (nginx keepalive_timeout, Node keepAliveTimeout).
-        if let (Some(idle), true, true) = (behaviour.idle_close_after, nth > 0, buf.is_empty()) {
+        let closes_when_idle = behaviour
+            .idle_close_first_connections
+            .is_none_or(|first| connection < first);
+        if let (Some(idle), true, true, true) = (
+            behaviour.idle_close_after,
+            closes_when_idle,
+            nth > 0,
+            buf.is_empty(),
+        ) {
             let mut chunk = [0u8; 4096];
             match tokio::time::timeout(idle, stream.read(&mut chunk)).await {
                 Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),

@@ -33,6 +33,8 @@ pub struct Recorded {
     keep: bool,
     /// The body stream (the client's upload) failed.
     failed: bool,
+    /// When the last frame went through.
+    last_frame: Option<Instant>,
 }
 
 enum RecordedFrame {
@@ -101,6 +103,14 @@ impl Replay {
 }
 
 impl Replay {
+    /// When the last request body frame went to the target, if any did.
+    pub fn last_activity(&self) -> Option<Instant> {
+        match self {
+            Replay::Empty => None,
+            Replay::Recording(recorded) => recorded.lock().ok()?.last_frame,
+        }
+    }
+
     /// Whether reading the request body failed (the client broke off its upload).
     pub fn body_failed(&self) -> bool {
         match self {
@@ -131,6 +141,9 @@ impl Body for RecordingBody {
             && let Ok(mut recorded) = self.recorded.lock()
         {
             recorded.complete |= ended;
+            if matches!(item, Some(Ok(_))) {
+                recorded.last_frame = Some(Instant::now());
+            }
             match item {
                 Some(Ok(frame)) if recorded.keep && !recorded.overflowed => {
                     if let Some(data) = frame.data_ref() {
