@@ -212,7 +212,7 @@ impl Forwarder {
                     });
                 }
                 Err(SendError::NotSent(request, error)) => {
-                    tracing::debug!(target = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
+                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
                     req = *request;
                 }
                 Err(SendError::Failed(error))
@@ -223,7 +223,7 @@ impl Forwarder {
                     let Some(again) = again else {
                         return Err(self.error(&target, SendError::Failed(error), &replay));
                     };
-                    tracing::debug!(target = %target.endpoint.addr, %error, "idempotent request failed on a pooled connection; retrying on a new connection");
+                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "idempotent request failed on a pooled connection; retrying on a new connection");
                     req = again;
                 }
                 Err(other) => return Err(self.error(&target, other, &replay)),

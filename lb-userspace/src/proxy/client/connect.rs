@@ -82,7 +82,7 @@ async fn establish(target: &Target, config: &ClientConfig) -> Result<Conn, Proxy
             .map_err(|e| connect_error(addr, e))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::debug!(target = %addr, %error, "HTTP/2 target connection ended");
+                tracing::debug!(target_addr = %addr, %error, "HTTP/2 target connection ended");
             }
             pool.on_connection_ended(id, &shared);
         });
@@ -127,7 +127,7 @@ async fn drive_h1(
         tokio::select! {
             ended = &mut connection => {
                 if let Err(error) = ended {
-                    tracing::debug!(target = %addr, %error, "HTTP/1.1 target connection ended");
+                    tracing::debug!(target_addr = %addr, %error, "HTTP/1.1 target connection ended");
                 }
                 break;
             }
