@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod headers;
 pub mod l4;
 pub mod maglev;
+pub mod packet;
 pub mod proxy;
 pub mod rules;
 pub mod targets;
