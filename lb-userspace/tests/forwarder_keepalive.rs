@@ -59,7 +59,7 @@ async fn requests_at_the_close_time_all_succeed(advertise_keep_alive: bool) -> T
     }
 
     for i in 0..REQUESTS {
-        let result = if i % 2 == 0 {
+        let result = if i.is_multiple_of(2) {
             let payload = format!("post-{i}-{}", rand::rng().random::<u64>());
             posts.push(payload.clone());
             forward_collect(
