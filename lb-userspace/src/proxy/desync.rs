@@ -377,10 +377,7 @@ pub fn analyze(head: &[u8]) -> HeadAnalysis {
             c.raise(Tier::Severe, Reason::BadHeader);
             continue;
         }
-        if value
-            .iter()
-            .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
-        {
+        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
             c.raise(Tier::Severe, Reason::BadHeader);
             continue;
         }
@@ -432,11 +429,19 @@ pub fn analyze(head: &[u8]) -> HeadAnalysis {
         let codings: Vec<&[u8]> = value
             .split(|&b| b == b',')
             .enumerate()
-            .map(|(i, s)| if i > 0 { s.strip_prefix(b" ").unwrap_or(s) } else { s })
+            .map(|(i, s)| {
+                if i > 0 {
+                    s.strip_prefix(b" ").unwrap_or(s)
+                } else {
+                    s
+                }
+            })
             .collect();
-        let well_formed = codings
-            .iter()
-            .all(|k| KNOWN_CODINGS.iter().any(|known| k.eq_ignore_ascii_case(known)));
+        let well_formed = codings.iter().all(|k| {
+            KNOWN_CODINGS
+                .iter()
+                .any(|known| k.eq_ignore_ascii_case(known))
+        });
         let chunked_positions = codings
             .iter()
             .filter(|k| k.eq_ignore_ascii_case(b"chunked"))
@@ -519,7 +524,11 @@ mod tests {
                 Compliant,
                 None,
             ),
-            ("GET / HTTP/1.1\nHost: a\n\n", Acceptable, Some(NonCrLfLineTermination)),
+            (
+                "GET / HTTP/1.1\nHost: a\n\n",
+                Acceptable,
+                Some(NonCrLfLineTermination),
+            ),
             (
                 "GET / HTTP/1.1\r\nX: caf\u{e9}\r\n\r\n",
                 Acceptable,
@@ -623,7 +632,11 @@ mod tests {
             ("GET / HTTP/1.1\r\nX\0Y: 1\r\n\r\n", Severe, Some(BadHeader)),
             ("GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", Severe, Some(BadHeader)),
             ("GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", Severe, Some(BadHeader)),
-            ("GET / HTTP/1.1\r\nNoColon\r\n\r\n", Severe, Some(MissingHeaderColon)),
+            (
+                "GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+                Severe,
+                Some(MissingHeaderColon),
+            ),
             (
                 "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
                 Severe,
@@ -709,7 +722,10 @@ mod tests {
 
     #[test]
     fn desync_mode_parses_and_rejects_unknown() {
-        assert_eq!("strictest".parse::<DesyncMode>().ok(), Some(DesyncMode::Strictest));
+        assert_eq!(
+            "strictest".parse::<DesyncMode>().ok(),
+            Some(DesyncMode::Strictest)
+        );
         assert!("lenient".parse::<DesyncMode>().is_err());
         assert_eq!(DesyncMode::default(), DesyncMode::Defensive);
     }
