@@ -36,7 +36,10 @@ async fn defensive_forwards_ambiguous_then_closes() {
     )
     .await;
     assert_eq!(status_of(&out), 200, "{out}");
-    assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
     assert_eq!(out.matches("HTTP/1.1 200").count(), 1, "{out}");
     // The target saw the request with `Connection: close` so it does not reuse the connection.
     assert!(out.contains("connection: close\n"), "target got: {out}");

@@ -39,7 +39,10 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
             tcp.write_all(msg).await.expect("write frame");
             let mut echo = vec![0u8; msg.len()];
             tcp.read_exact(&mut echo).await.expect("read echo");
-            assert_eq!(echo, msg, "bytes after the upgrade are tunnelled, not parsed");
+            assert_eq!(
+                echo, msg,
+                "bytes after the upgrade are tunnelled, not parsed"
+            );
         }
     })
     .await;
@@ -48,7 +51,10 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
 
 #[tokio::test]
 async fn http2_prior_knowledge_works_on_plain_listeners() {
-    let t = target::http1().route("/", Reply::text("over h2c")).run().await;
+    let t = target::http1()
+        .route("/", Reply::text("over h2c"))
+        .run()
+        .await;
     let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
     let body = within(async {
         let tcp = TcpStream::connect(p.addr).await.expect("connect");
@@ -90,7 +96,11 @@ async fn idle_keep_alive_connection_is_closed_without_a_response() {
         String::from_utf8_lossy(&out).into_owned()
     })
     .await;
-    assert_eq!(out.matches("HTTP/1.1").count(), 1, "only the real response: {out}");
+    assert_eq!(
+        out.matches("HTTP/1.1").count(),
+        1,
+        "only the real response: {out}"
+    );
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
@@ -115,14 +125,20 @@ async fn keep_alive_lifetime_closes_after_the_current_response() {
     })
     .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
     assert!(out.ends_with("slow"), "{out}");
 }
 
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let t = target::http1()
-        .route("/", Reply::Slow(Duration::from_millis(500), "finished".into()))
+        .route(
+            "/",
+            Reply::Slow(Duration::from_millis(500), "finished".into()),
+        )
         .run()
         .await;
     let mut p = ProxyBuilder::forward_to(&[t.addr]).start().await;

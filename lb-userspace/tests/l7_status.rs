@@ -34,7 +34,10 @@ async fn malformed_request_line_is_400_with_alb_page_and_close() {
     let out = raw(p.addr, b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status_of(&out), 400, "{out}");
     assert!(out.contains("<title>400 Bad Request</title>"), "{out}");
-    assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
     assert_eq!(t.hits(), 0, "a malformed request is never forwarded");
 }
 
@@ -82,7 +85,11 @@ async fn content_length_with_transfer_encoding_is_400_and_never_forwarded() {
     )
     .await;
     assert_eq!(status_of(&out), 400, "{out}");
-    assert_eq!(out.matches("HTTP/1.1").count(), 1, "one response only: {out}");
+    assert_eq!(
+        out.matches("HTTP/1.1").count(),
+        1,
+        "one response only: {out}"
+    );
     assert_eq!(t.hits(), 0);
     let counters = p.running.as_ref().expect("running").counters();
     assert_eq!(
@@ -226,7 +233,10 @@ async fn group_without_targets_is_503() {
     let p = ProxyBuilder::forward_to(&[]).start().await;
     let got = get(p.addr, "/").await;
     assert_eq!(got.status, 503);
-    assert!(got.body.contains("503 Service Temporarily Unavailable") || got.body.contains("503 Service Unavailable"));
+    assert!(
+        got.body.contains("503 Service Temporarily Unavailable")
+            || got.body.contains("503 Service Unavailable")
+    );
 }
 
 #[tokio::test]

@@ -162,9 +162,10 @@ async fn alpn_negotiates_h2_and_serves_http2() {
     let s = connect(p.addr, Some("default.test"), &[b"h2", b"http/1.1"]).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let body = within(async {
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .expect("h2 handshake");
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .expect("h2 handshake");
         tokio::spawn(conn);
         let resp = send
             .send_request(
@@ -216,17 +217,28 @@ async fn failed_handshakes_are_counted() {
     let (_t, p) = https_proxy(&certs).await;
     within(async {
         let mut tcp = TcpStream::connect(p.addr).await.expect("connect");
-        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
         let mut buf = Vec::new();
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut buf).await;
     })
     .await;
     let counters = p.running.as_ref().expect("running").counters().clone();
     within(async {
-        while counters.client_tls_negotiation_errors.load(Ordering::Relaxed) == 0 {
+        while counters
+            .client_tls_negotiation_errors
+            .load(Ordering::Relaxed)
+            == 0
+        {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     })
     .await;
-    assert_eq!(counters.client_tls_negotiation_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        counters
+            .client_tls_negotiation_errors
+            .load(Ordering::Relaxed),
+        1
+    );
 }

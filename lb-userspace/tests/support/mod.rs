@@ -5,7 +5,10 @@
 //! `target::raw(RawBehavior::Reset).run().await` a raw TCP one that misbehaves on purpose.
 //! `Proxy::forward_to(&[addr]).start().await` runs the balancer with one HTTP listener whose
 //! default rule forwards to one target group. Every socket is bound to 127.0.0.1:0.
-#![allow(dead_code, reason = "each test file uses a different part of the support code")]
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the support code"
+)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -158,7 +161,11 @@ pub mod target {
             Reply::EchoHeaders => {
                 let mut s = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
                 for (k, v) in req.headers() {
-                    s.push_str(&format!("{}: {}\n", k, String::from_utf8_lossy(v.as_bytes())));
+                    s.push_str(&format!(
+                        "{}: {}\n",
+                        k,
+                        String::from_utf8_lossy(v.as_bytes())
+                    ));
                 }
                 s
             }
@@ -221,7 +228,9 @@ pub mod target {
 
     impl RawBuilder {
         pub async fn run(self) -> Target {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind raw target");
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind raw target");
             let addr = listener.local_addr().expect("addr");
             let hits = Arc::new(AtomicUsize::new(0));
             let h = hits.clone();
@@ -317,7 +326,10 @@ impl ProxyBuilder {
     /// One HTTP listener; default rule forwards to group `tg` over `targets` (HTTP/1).
     pub fn forward_to(targets: &[SocketAddr]) -> Self {
         let mut groups = HashMap::new();
-        groups.insert("tg".to_owned(), group("tg", targets, ProtocolVersion::Http1));
+        groups.insert(
+            "tg".to_owned(),
+            group("tg", targets, ProtocolVersion::Http1),
+        );
         Self {
             listener: ListenerConfig::new(
                 "web",
