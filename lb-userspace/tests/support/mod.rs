@@ -23,7 +23,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb::proxy::server::shim::client::ClientConfig;
-use lb::proxy::server::shim::rules::{Action, FixedResponseAction, ForwardAction, RuleSet};
+use lb::proxy::server::shim::rules::{
+    Action, FixedResponseAction, ForwardAction, RuleSet, WeightedGroup,
+};
 use lb::proxy::server::shim::targets::{
     ProtocolVersion, TargetGroup, TargetGroupConfig, TargetProtocol,
 };
@@ -285,7 +287,10 @@ pub fn group(name: &str, addrs: &[SocketAddr], version: ProtocolVersion) -> Arc<
 pub fn forward_rules(group: &str) -> RuleSet {
     RuleSet {
         default: Action::Forward(ForwardAction {
-            groups: vec![(group.to_owned(), 1)],
+            groups: vec![WeightedGroup {
+                name: group.to_owned(),
+                weight: 1,
+            }],
             group_stickiness: None,
         }),
     }
@@ -296,7 +301,7 @@ pub fn fixed_rules(status: u16, content_type: &str, body: &str) -> RuleSet {
     RuleSet {
         default: Action::FixedResponse(FixedResponseAction {
             status: StatusCode::from_u16(status).expect("status"),
-            content_type: content_type.to_owned(),
+            content_type: Some(content_type.to_owned()),
             body: body.to_owned(),
         }),
     }

@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::shim::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
-use super::shim::headers::{apply_forwarded, strip_hop_by_hop, trace_id};
+use super::shim::headers::{apply_forwarded, request_cookies, strip_hop_by_hop, trace_id};
 use super::shim::rules::{Action, FixedResponseAction, ForwardAction, RequestView};
 use super::shim::targets::{ProtocolVersion, TargetProtocol};
 use super::sniff::{ConnShared, HeadVerdict};
@@ -276,7 +276,10 @@ async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Inc
         source_ip: ctx.peer.ip(),
     };
     let matched = listener.rules.evaluate(&view);
-    L7Counters::add(&counters.rule_evaluations, matched.rules_evaluated as u64);
+    L7Counters::add(
+        &counters.rule_evaluations,
+        u64::from(matched.rules_evaluated),
+    );
     let mut outcome = match matched.action {
         Action::FixedResponse(fixed) => {
             L7Counters::add(&counters.fixed_responses, 1);
@@ -308,7 +311,9 @@ async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Inc
 fn fixed_response(fixed: &FixedResponseAction) -> Response<ProxyBody> {
     let mut response = Response::new(full(fixed.body.clone()));
     *response.status_mut() = fixed.status;
-    if let Ok(ct) = HeaderValue::try_from(fixed.content_type.as_str()) {
+    if let Some(ct) = &fixed.content_type
+        && let Ok(ct) = HeaderValue::try_from(ct.as_str())
+    {
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     response
@@ -360,7 +365,7 @@ async fn forward_request(
     // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
     let sticky_group = forward.group_stickiness.and_then(|_| {
         cookie(req.headers(), GROUP_COOKIE)
-            .filter(|g| forward.groups.iter().any(|(name, _)| name == g))
+            .filter(|g| forward.groups.iter().any(|wg| wg.name == *g))
     });
     let group_name = match sticky_group {
         Some(g) => g.to_owned(),
@@ -374,11 +379,8 @@ async fn forward_request(
     if protocol_mismatch(&req, group_cfg.protocol_version) {
         return from_error(counters, &ProxyError::ProtocolMismatch);
     }
-    let cookies = req
-        .headers()
-        .get(header::COOKIE)
-        .and_then(|v| v.to_str().ok());
-    let Some(picked) = group.pick(cookies) else {
+    let cookies = request_cookies(req.headers());
+    let Some(picked) = group.pick(cookies.as_deref()) else {
         return from_error(
             counters,
             &ProxyError::NoTarget {
@@ -398,17 +400,14 @@ async fn forward_request(
     }
     if let Err(too_many) = apply_forwarded(
         &mut parts.headers,
-        ctx.peer,
+        ctx.peer.ip(),
         listener.cfg.protocol.as_str(),
         listener.port,
         listener.cfg.xff,
     ) {
-        return from_error(counters, &ProxyError::TooManyForwardedFor(too_many.0));
+        return from_error(counters, &ProxyError::TooManyForwardedFor(too_many.count));
     }
-    let trace = trace_id(&parts.headers, SystemTime::now(), &mut rand::rng());
-    parts
-        .headers
-        .insert(header::HeaderName::from_static("x-amzn-trace-id"), trace);
+    trace_id(&mut parts.headers, SystemTime::now(), &mut rand::rng());
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if close_target {
         // Ambiguous request (desync defensive mode): the target connection must not be reused.
@@ -451,7 +450,7 @@ async fn forward_request(
         tokio::spawn(tunnel(client_upgrade, target_upgrade, phase, ctx.peer));
     }
     strip_hop_by_hop(response.headers_mut(), switching);
-    if let Some(cookie) = picked.set_cookie() {
+    for cookie in picked.set_cookies(response.headers()) {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
     if let Some(duration) = forward.group_stickiness

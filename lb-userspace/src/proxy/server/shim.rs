@@ -25,7 +25,7 @@ pub mod rules {
     pub struct Matched<'a> {
         pub priority: u32,
         pub action: &'a Action,
-        pub rules_evaluated: usize,
+        pub rules_evaluated: u32,
     }
 
     pub enum Action {
@@ -34,22 +34,27 @@ pub mod rules {
         FixedResponse(FixedResponseAction),
     }
 
+    pub struct WeightedGroup {
+        pub name: String,
+        pub weight: u32,
+    }
+
     pub struct ForwardAction {
-        pub groups: Vec<(String, u32)>,
+        pub groups: Vec<WeightedGroup>,
         pub group_stickiness: Option<Duration>,
     }
 
     impl ForwardAction {
         pub fn choose(&self, random: u32) -> &str {
-            let total: u32 = self.groups.iter().map(|g| g.1).sum();
+            let total: u32 = self.groups.iter().map(|g| g.weight).sum();
             let mut r = if total == 0 { 0 } else { random % total };
-            for (g, w) in &self.groups {
-                if r < *w {
-                    return g;
+            for g in &self.groups {
+                if r < g.weight {
+                    return &g.name;
                 }
-                r -= w;
+                r -= g.weight;
             }
-            self.groups.first().map(|g| g.0.as_str()).unwrap_or("")
+            self.groups.first().map(|g| g.name.as_str()).unwrap_or("")
         }
     }
 
@@ -69,7 +74,7 @@ pub mod rules {
 
     pub struct FixedResponseAction {
         pub status: StatusCode,
-        pub content_type: String,
+        pub content_type: Option<String>,
         pub body: String,
     }
 
@@ -155,8 +160,8 @@ pub mod targets {
     }
 
     impl Picked {
-        pub fn set_cookie(&self) -> Option<HeaderValue> {
-            None
+        pub fn set_cookies(&self, _response_headers: &http::HeaderMap) -> Vec<HeaderValue> {
+            Vec::new()
         }
     }
 
@@ -168,7 +173,7 @@ pub mod targets {
 }
 
 pub mod headers {
-    use std::net::SocketAddr;
+    use std::net::IpAddr;
     use std::time::SystemTime;
 
     use http::{HeaderMap, HeaderValue};
@@ -194,11 +199,22 @@ pub mod headers {
     }
 
     #[derive(Debug)]
-    pub struct TooManyForwardedFor(pub usize);
+    pub struct TooManyForwardedFor {
+        pub count: usize,
+    }
+
+    pub fn request_cookies(headers: &HeaderMap) -> Option<String> {
+        let lines: Vec<&str> = headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!lines.is_empty()).then(|| lines.join("; "))
+    }
 
     pub fn apply_forwarded(
         headers: &mut HeaderMap,
-        peer: SocketAddr,
+        peer: IpAddr,
         proto: &str,
         port: u16,
         mode: XffMode,
@@ -210,12 +226,14 @@ pub mod headers {
             .flat_map(|v| v.split(',').map(|s| s.trim().to_owned()))
             .collect();
         if existing.len() > 30 {
-            return Err(TooManyForwardedFor(existing.len()));
+            return Err(TooManyForwardedFor {
+                count: existing.len(),
+            });
         }
         match mode {
             XffMode::Append => {
                 let mut v = existing;
-                v.push(peer.ip().to_string());
+                v.push(peer.to_string());
                 if let Ok(h) = HeaderValue::from_str(&v.join(", ")) {
                     headers.insert("x-forwarded-for", h);
                 }
@@ -234,12 +252,37 @@ pub mod headers {
     }
 
     pub fn trace_id(
-        _headers: &HeaderMap,
-        _now: SystemTime,
-        rng: &mut impl rand::Rng,
+        headers: &mut HeaderMap,
+        now: SystemTime,
+        rng: &mut impl rand::RngCore,
     ) -> HeaderValue {
-        let v = format!("Root=1-00000000-{:024x}", rng.random::<u64>());
-        HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Root=1-0-0"))
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let id = format!(
+            "1-{:08x}-{:08x}{:016x}",
+            secs,
+            rng.next_u32(),
+            rng.next_u64()
+        );
+        let old = headers
+            .get("x-amzn-trace-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let v = if old.contains("Root=") {
+            let rest: Vec<&str> = old
+                .split(';')
+                .filter(|f| !f.trim_start().starts_with("Self="))
+                .collect();
+            format!("Self={id};{}", rest.join(";"))
+        } else if old.is_empty() {
+            format!("Root={id}")
+        } else {
+            format!("Root={id};{old}")
+        };
+        let v = HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Root=1-0-0"));
+        headers.insert("x-amzn-trace-id", v.clone());
+        v
     }
 
     pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -307,7 +350,7 @@ pub mod client {
         pub response: Response<ProxyBody>,
         pub reused_connection: bool,
         pub retried: bool,
-        pub connect_time: Duration,
+        pub connect_time: Option<Duration>,
     }
 
     pub struct Forwarder {
@@ -371,7 +414,7 @@ pub mod client {
                 response: resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
                 reused_connection: false,
                 retried: false,
-                connect_time,
+                connect_time: Some(connect_time),
             })
         }
     }
