@@ -581,3 +581,92 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_listener_gets_aws_defaults() {
+        let l = parse_listener("web=http://127.0.0.1:8080").expect("parses");
+        assert_eq!(l.name, "web");
+        assert_eq!(l.protocol, ListenerProtocol::Http);
+        assert_eq!(l.bind, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(l.idle_timeout, Duration::from_secs(60));
+        assert_eq!(l.client_keepalive, Duration::from_secs(3600));
+        assert_eq!(l.xff, XffMode::Append);
+        assert_eq!(l.desync_mode, DesyncMode::Defensive);
+        assert!(l.certificates.is_empty());
+    }
+
+    #[test]
+    fn https_listener_with_certificates_and_options() {
+        let l = parse_listener(
+            "secure=https://[::1]:8443,cert=/c/a.pem:/c/a.key,cert=/c/b.pem:/c/b.key,idle-timeout=120,keepalive=600,xff=remove,desync=strictest",
+        )
+        .expect("parses");
+        assert_eq!(l.protocol, ListenerProtocol::Https);
+        assert_eq!(l.bind, "[::1]:8443".parse().expect("addr"));
+        assert_eq!(l.certificates.len(), 2);
+        assert_eq!(l.certificates[1].cert, PathBuf::from("/c/b.pem"));
+        assert_eq!(l.certificates[1].key, PathBuf::from("/c/b.key"));
+        assert_eq!(l.idle_timeout, Duration::from_secs(120));
+        assert_eq!(l.client_keepalive, Duration::from_secs(600));
+        assert_eq!(l.xff, XffMode::Remove);
+        assert_eq!(l.desync_mode, DesyncMode::Strictest);
+    }
+
+    #[test]
+    fn errors_name_the_bad_part() {
+        let cases = [
+            ("http://1.2.3.4:80", "expected NAME="),
+            ("web=ftp://1.2.3.4:80", "unknown scheme"),
+            ("web=http://1.2.3.4", "bad address"),
+            ("web=http://1.2.3.4:80,idle-timeout=0", "idle-timeout"),
+            ("web=http://1.2.3.4:80,idle-timeout=4001", "1..=4000"),
+            ("web=http://1.2.3.4:80,keepalive=abc", "keepalive"),
+            ("web=http://1.2.3.4:80,xff=sometimes", "xff"),
+            ("web=http://1.2.3.4:80,desync=lenient", "desync"),
+            (
+                "web=http://1.2.3.4:80,colour=blue",
+                "unknown option \"colour\"",
+            ),
+            ("web=http://1.2.3.4:80,cert=a:b", "only applies to https"),
+            ("web=https://1.2.3.4:443", "needs at least one cert"),
+            ("web=https://1.2.3.4:443,cert=nokey", "CERT.pem:KEY.pem"),
+        ];
+        for (spec, needle) in cases {
+            let err = parse_listener(spec).expect_err(spec).to_string();
+            assert!(err.contains(needle), "{spec}: {err}");
+        }
+        let many = (0..27)
+            .map(|i| format!(",cert=c{i}.pem:k{i}.pem"))
+            .collect::<String>();
+        let err = parse_listener(&format!("web=https://1.2.3.4:443{many}"))
+            .expect_err("27 certificates")
+            .to_string();
+        assert!(err.contains("27 certificates"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bind_errors_name_the_listener() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let cfg = L7Config {
+            listeners: vec![(
+                ListenerConfig::new("busy", ListenerProtocol::Http, addr),
+                RuleSet {
+                    default: shim::rules::Action::FixedResponse(shim::rules::FixedResponseAction {
+                        status: http::StatusCode::OK,
+                        content_type: None,
+                        body: String::new(),
+                    }),
+                },
+            )],
+            groups: HashMap::new(),
+            client: ClientConfig::default(),
+        };
+        let err = start(cfg).await.err().expect("address in use");
+        assert!(format!("{err:#}").contains("listener busy"), "{err:#}");
+    }
+}
