@@ -234,8 +234,8 @@ async fn group_without_targets_is_503() {
     let got = get(p.addr, "/").await;
     assert_eq!(got.status, 503);
     assert!(
-        got.body.contains("503 Service Temporarily Unavailable")
-            || got.body.contains("503 Service Unavailable")
+        got.body
+            .contains("<title>503 Service Temporarily Unavailable</title>")
     );
 }
 

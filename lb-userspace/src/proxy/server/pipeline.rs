@@ -69,8 +69,15 @@ fn full(body: impl Into<Bytes>) -> ProxyBody {
 }
 
 /// The page ALB sends with the errors it generates, e.g. `<title>502 Bad Gateway</title>`.
+/// ALB's own wording for 503 and 504 (nginx-style), the standard reason phrase otherwise, and
+/// just the number for ALB's non-standard 460/463/464.
 fn error_page(status: StatusCode) -> String {
-    let title = match status.canonical_reason() {
+    let reason = match status.as_u16() {
+        503 => Some("Service Temporarily Unavailable"),
+        504 => Some("Gateway Time-out"),
+        _ => status.canonical_reason(),
+    };
+    let title = match reason {
         Some(reason) => format!("{} {}", status.as_u16(), reason),
         None => status.as_u16().to_string(),
     };
@@ -516,6 +523,9 @@ mod tests {
         let page = error_page(StatusCode::BAD_GATEWAY);
         assert!(page.starts_with("<html>\r\n<head><title>502 Bad Gateway</title></head>"));
         assert!(error_page(StatusCode::from_u16(463).expect("463")).contains("<title>463</title>"));
+        assert!(
+            error_page(StatusCode::GATEWAY_TIMEOUT).contains("<title>504 Gateway Time-out</title>")
+        );
     }
 
     #[test]
