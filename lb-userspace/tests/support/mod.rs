@@ -432,3 +432,31 @@ pub fn status_of(raw: &str) -> u16 {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {raw:?}"))
 }
+
+/// `n` sequential `GET path` over one keep-alive connection; returns the bodies in order.
+pub async fn get_many(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
+    within(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect to proxy");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let mut bodies = Vec::with_capacity(n);
+        for _ in 0..n {
+            sender.ready().await.expect("connection ready");
+            let resp = sender
+                .send_request(
+                    Request::get(path)
+                        .header("host", "app.test")
+                        .body(Full::new(Bytes::new()))
+                        .expect("request"),
+                )
+                .await
+                .expect("response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            bodies.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        bodies
+    })
+    .await
+}
