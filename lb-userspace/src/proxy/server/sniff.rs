@@ -485,8 +485,11 @@ impl<IO> Sniffer<IO> {
     }
 
     /// The idle timer, polled when the socket has nothing to read. Returns true when it expired.
+    /// Between requests it does not run while a response is outstanding (the target side has
+    /// its own timeout); inside a request body it always runs: the client must keep sending.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.shared.inflight.load(Ordering::SeqCst) > 0 {
+        let in_body = matches!(self.state, State::Length(_) | State::Chunked(..));
+        if !in_body && self.shared.inflight.load(Ordering::SeqCst) > 0 {
             return false;
         }
         let activity = *lock(&self.shared.activity);
@@ -687,6 +690,56 @@ GET /c HTTP/1.1\r\n\r\n";
         assert!(matches!(
             s.shared.pop_verdict(),
             Some(HeadVerdict::Pass { .. })
+        ));
+    }
+
+    async fn read_some(s: &mut Sniffer<tokio::io::DuplexStream>) -> io::Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    #[tokio::test]
+    async fn stalled_request_body_times_out_even_with_the_request_in_flight() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            Duration::from_millis(100),
+            true,
+        );
+        client
+            .write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .expect("write");
+        let got = read_some(&mut s).await.expect("head and body start");
+        assert!(got.ends_with(b"abc"));
+        shared.request_started();
+        let err = read_some(&mut s).await.expect_err("idle timeout");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn silent_connection_gets_a_synthetic_408() {
+        let (_client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            Duration::from_millis(100),
+            true,
+        );
+        let got = read_some(&mut s).await.expect("synthetic head");
+        assert_eq!(got, SYNTHETIC_HEAD);
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::REQUEST_TIMEOUT
         ));
     }
 
