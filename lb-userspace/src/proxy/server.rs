@@ -6,6 +6,23 @@
 //! rule evaluation and the action (forward, redirect, fixed response). HTTP/1 bytes pass through
 //! [`sniff::Sniffer`] first, which enforces the header limits and the idle timeout the way ALB
 //! does and which hyper cannot.
+//!
+//! Decisions where ALB documents nothing precise:
+//! - 464: an HTTP/2 target group (`protocol-version=http2`) only takes HTTP/2 requests; an
+//!   HTTP/1 target group refuses gRPC (`content-type: application/grpc…`). Checked before a
+//!   target is picked, so a refused request never counts as outstanding on a target.
+//! - The connection is closed after 400, 408, 501 and 505 (the request's framing cannot be
+//!   trusted, or the client is too slow) and after an ambiguous request in `defensive` mode
+//!   (the request to the target then carries `Connection: close` too). 405, 463, 464 and the
+//!   target-side 5xx keep the client connection.
+//! - Idle timeout: between requests it runs only while no response is outstanding; inside a
+//!   request body it always runs; HTTP/2 connections close when idle with no open stream.
+//!   Upgraded (WebSocket) connections have no idle timeout; they end when either side closes or
+//!   when the tier stops.
+//! - Header limits: request line and each header line 16 KiB, all header lines together
+//!   64 KiB (line ends included), at most 1,000 header lines (hyper needs a count bound; ALB
+//!   has none). HTTP/2: `SETTINGS_MAX_HEADER_LIST_SIZE` 64 KiB.
+//! - WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not offered.
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
