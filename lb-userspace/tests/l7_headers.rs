@@ -4,7 +4,7 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use lb::proxy::server::shim::headers::XffMode;
+use lb::headers::XffMode;
 use support::target::{self, Reply};
 use support::{ProxyBuilder, send};
 
@@ -75,6 +75,11 @@ async fn host_path_and_query_are_preserved_and_hop_by_hop_headers_dropped() {
     assert_eq!(header(&e, "host"), Some("app.test"), "{e}");
     assert_eq!(header(&e, "x-app"), Some("kept"), "{e}");
     assert_eq!(header(&e, "keep-alive"), None, "{e}");
+    assert_eq!(
+        header(&e, "x-secret"),
+        None,
+        "headers named in Connection are hop-by-hop: {e}"
+    );
 }
 
 #[tokio::test]

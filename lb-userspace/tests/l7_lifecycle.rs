@@ -191,9 +191,10 @@ async fn shutdown_deadline_cuts_requests_that_take_longer() {
 
 #[tokio::test]
 async fn fixed_response_action_answers_without_a_target() {
-    let mut b = ProxyBuilder::forward_to(&[]);
-    b.rules = support::fixed_rules(418, "text/plain", "short and stout");
-    let p = b.start().await;
+    let p = ProxyBuilder::new()
+        .rules(&["web,default,fixed-response=418,content-type=text/plain,body=short and stout"])
+        .start()
+        .await;
     let got = get(p.addr, "/anything").await;
     assert_eq!(got.status.as_u16(), 418);
     assert_eq!(got.headers["content-type"], "text/plain");

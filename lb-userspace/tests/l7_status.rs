@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use lb::proxy::server::shim::targets::ProtocolVersion;
 use support::target::{self, RawBehavior, Reply};
 use support::{ProxyBuilder, get, raw, send, status_of, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -252,12 +251,11 @@ async fn hanging_target_is_504_after_the_idle_timeout() {
 #[tokio::test]
 async fn http1_request_to_an_http2_group_is_464() {
     let t = target::http2().route("/", Reply::text("h2")).run().await;
-    let mut b = ProxyBuilder::forward_to(&[t.addr]);
-    b.groups.insert(
-        "tg".into(),
-        support::group("tg", &[t.addr], ProtocolVersion::Http2),
-    );
-    let p = b.start().await;
+    let p = ProxyBuilder::new()
+        .group_spec("tg,protocol-version=http2", &[t.addr])
+        .rules(&["web,default,forward=tg"])
+        .start()
+        .await;
     assert_eq!(get(p.addr, "/").await.status.as_u16(), 464);
     assert_eq!(t.hits(), 0);
 }

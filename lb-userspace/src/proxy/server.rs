@@ -43,14 +43,13 @@ pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
 mod pipeline;
-pub mod shim;
 mod sniff;
 pub mod tls;
 
-use self::shim::client::{ClientConfig, Forwarder};
-use self::shim::headers::XffMode;
-use self::shim::rules::RuleSet;
-use self::shim::targets::TargetGroup;
+use crate::headers::XffMode;
+use crate::proxy::client::{ClientConfig, Forwarder};
+use crate::rules::RuleSet;
+use crate::targets::TargetGroup;
 
 /// Most listeners per load balancer (ALB quota).
 pub const MAX_LISTENERS: usize = 50;
@@ -672,13 +671,14 @@ mod tests {
         let cfg = L7Config {
             listeners: vec![(
                 ListenerConfig::new("busy", ListenerProtocol::Http, addr),
-                RuleSet {
-                    default: shim::rules::Action::FixedResponse(shim::rules::FixedResponseAction {
-                        status: http::StatusCode::OK,
-                        content_type: None,
-                        body: String::new(),
-                    }),
-                },
+                RuleSet::new(
+                    Vec::new(),
+                    crate::rules::Action::FixedResponse(
+                        crate::rules::FixedResponseAction::new("200", None, "")
+                            .expect("valid fixed response"),
+                    ),
+                )
+                .expect("valid rules"),
             )],
             groups: HashMap::new(),
             client: ClientConfig::default(),

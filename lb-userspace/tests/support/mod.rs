@@ -22,14 +22,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb::proxy::server::shim::client::ClientConfig;
-use lb::proxy::server::shim::rules::{
-    Action, FixedResponseAction, ForwardAction, RuleSet, WeightedGroup,
-};
-use lb::proxy::server::shim::targets::{
-    ProtocolVersion, TargetGroup, TargetGroupConfig, TargetProtocol,
-};
+use lb::proxy::client::ClientConfig;
 use lb::proxy::server::{L7Config, ListenerConfig, ListenerProtocol, RunningL7};
+use lb::rules::{Rule, RuleOrDefault, RuleSet, parse_rule};
+use lb::targets::{TargetAddr, TargetGroup, TargetState, parse_target_group};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -270,41 +266,27 @@ pub mod target {
     }
 }
 
-/// A target group named `name` over `addrs` with HTTP/1 to the targets.
-pub fn group(name: &str, addrs: &[SocketAddr], version: ProtocolVersion) -> Arc<TargetGroup> {
-    Arc::new(TargetGroup::new(
-        TargetGroupConfig {
-            name: name.to_owned(),
-            protocol: TargetProtocol::Http,
-            protocol_version: version,
-            verify_tls: false,
-        },
-        addrs.to_vec(),
-    ))
+/// A target group from a `--target-group` spec with `targets`, all marked healthy.
+pub fn group(spec: &str, targets: Vec<TargetAddr>) -> Arc<TargetGroup> {
+    let group = TargetGroup::new(parse_target_group(spec).expect("target group spec"));
+    group.set_targets(targets.clone());
+    for t in targets {
+        group.set_state(t.addr, TargetState::Healthy);
+    }
+    Arc::new(group)
 }
 
-/// Rules whose default action forwards to `group`.
-pub fn forward_rules(group: &str) -> RuleSet {
-    RuleSet {
-        default: Action::Forward(ForwardAction {
-            groups: vec![WeightedGroup {
-                name: group.to_owned(),
-                weight: 1,
-            }],
-            group_stickiness: None,
-        }),
+/// A listener's rules from `--rule` specs (listener name ignored; one must be `default`).
+pub fn rules(specs: &[&str]) -> RuleSet {
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut default = None;
+    for spec in specs {
+        match parse_rule(spec).expect("rule spec").rule {
+            RuleOrDefault::Rule(r) => rules.push(r),
+            RuleOrDefault::Default(a) => default = Some(a),
+        }
     }
-}
-
-/// Rules whose default action is a fixed response.
-pub fn fixed_rules(status: u16, content_type: &str, body: &str) -> RuleSet {
-    RuleSet {
-        default: Action::FixedResponse(FixedResponseAction {
-            status: StatusCode::from_u16(status).expect("status"),
-            content_type: Some(content_type.to_owned()),
-            body: body.to_owned(),
-        }),
-    }
+    RuleSet::new(rules, default.expect("a default rule")).expect("valid rules")
 }
 
 /// The balancer under test; stopped (hard) on drop.
@@ -328,23 +310,49 @@ pub struct ProxyBuilder {
 }
 
 impl ProxyBuilder {
-    /// One HTTP listener; default rule forwards to group `tg` over `targets` (HTTP/1).
-    pub fn forward_to(targets: &[SocketAddr]) -> Self {
-        let mut groups = HashMap::new();
-        groups.insert(
-            "tg".to_owned(),
-            group("tg", targets, ProtocolVersion::Http1),
-        );
+    /// One HTTP listener `web` whose rules are still to be given ([`Self::rules`]); until then
+    /// every request gets a fixed 404.
+    pub fn new() -> Self {
         Self {
             listener: ListenerConfig::new(
                 "web",
                 ListenerProtocol::Http,
                 "127.0.0.1:0".parse().expect("addr"),
             ),
-            rules: forward_rules("tg"),
-            groups,
+            rules: rules(&["web,default,fixed-response=404"]),
+            groups: HashMap::new(),
             client: ClientConfig::default(),
         }
+    }
+
+    /// One HTTP listener; default rule forwards to group `tg` over `targets` (HTTP/1).
+    pub fn forward_to(targets: &[SocketAddr]) -> Self {
+        Self::new()
+            .group("tg", targets)
+            .rules(&["web,default,forward=tg"])
+    }
+
+    /// Adds a group named `name` with default options.
+    pub fn group(self, name: &str, targets: &[SocketAddr]) -> Self {
+        self.group_spec(name, targets)
+    }
+
+    /// Adds a group from a `--target-group` spec.
+    pub fn group_spec(self, spec: &str, targets: &[SocketAddr]) -> Self {
+        self.group_targets(spec, targets.iter().copied().map(TargetAddr::new).collect())
+    }
+
+    /// Adds a group from a spec with weighted targets.
+    pub fn group_targets(mut self, spec: &str, targets: Vec<TargetAddr>) -> Self {
+        let g = group(spec, targets);
+        self.groups.insert(g.name().to_owned(), g);
+        self
+    }
+
+    /// Replaces the listener's rules (`--rule` specs).
+    pub fn rules(mut self, specs: &[&str]) -> Self {
+        self.rules = rules(specs);
+        self
     }
 
     pub fn listener(mut self, f: impl FnOnce(&mut ListenerConfig)) -> Self {

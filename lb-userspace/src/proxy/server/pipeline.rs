@@ -28,14 +28,14 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::shim::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
-use super::shim::headers::{apply_forwarded, request_cookies, strip_hop_by_hop, trace_id};
-use super::shim::rules::{Action, FixedResponseAction, ForwardAction, RequestView};
-use super::shim::targets::{ProtocolVersion, TargetProtocol};
 use super::sniff::{ConnShared, HeadVerdict};
 use super::{L7Counters, Listener, Phase};
+use crate::headers::{apply_forwarded, request_cookies, strip_hop_by_hop, trace_id};
+use crate::proxy::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
 use crate::proxy::error::ProxyError;
+use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView};
+use crate::targets::{ProtocolVersion, TargetProtocol};
 
 /// ALB's group-stickiness cookie.
 const GROUP_COOKIE: &str = "AWSALBTG";
