@@ -161,6 +161,36 @@ async fn client_leaving_before_the_response_is_counted_as_460() {
 }
 
 #[tokio::test]
+async fn client_aborting_its_upload_is_counted_as_460() {
+    let t = target::http1().route("/", Reply::Hang).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let counters = p.running.as_ref().expect("running").counters().clone();
+    let mut tcp = TcpStream::connect(p.addr).await.expect("connect");
+    tcp.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    within(async {
+        while t.hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(tcp);
+    within(async {
+        while counters.client_closed_requests.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(counters.client_closed_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        counters.elb_5xx.load(Ordering::Relaxed),
+        0,
+        "a client that left is not a load balancer error"
+    );
+}
+
+#[tokio::test]
 async fn more_than_30_forwarded_for_addresses_is_463() {
     let t = hello_target().await;
     let p = ProxyBuilder::forward_to(&[t.addr]).start().await;

@@ -109,6 +109,21 @@ fn closes_connection(status: StatusCode) -> bool {
 
 fn from_error(counters: &L7Counters, e: &ProxyError) -> Outcome {
     let status = e.status();
+    if let ProxyError::ClientClosed = e {
+        // 460: the client went away (its request body broke off); nothing can reach it. The
+        // response below only lets hyper finish; the connection closes.
+        L7Counters::add(&counters.client_closed_requests, 1);
+        tracing::info!(
+            status = status.as_u16(),
+            "client closed the connection before the response"
+        );
+        let mut response = Response::new(full(Bytes::new()));
+        *response.status_mut() = status;
+        return Outcome {
+            response,
+            close: true,
+        };
+    }
     tracing::debug!(error = %e, status = status.as_u16(), "request failed");
     lb_error(counters, status, closes_connection(status))
 }
