@@ -281,14 +281,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     fib.__bindgen_anon_3.ipv4_src = cfg.lb_addr;
     fib.__bindgen_anon_4.ipv4_dst = backend.addr;
     // SAFETY: `fib` is a valid, fully initialised parameter block of the size passed.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            &mut fib,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         return (DROP, Reason::DropMtu);
     }

@@ -135,11 +135,11 @@ pub struct DecapArgs {
 #[derive(Debug, Args, Clone)]
 pub struct PinArgs {
     /// bpffs directory of the running `lb run`.
-    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
 
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
 }
 

@@ -213,7 +213,9 @@ pub fn parse_target(s: &str) -> Result<TargetSpec, String> {
                     .parse::<u32>()
                     .ok()
                     .filter(|w| (1..=MAX_WEIGHT).contains(w))
-                    .ok_or_else(|| format!("weight {w:?} must be a number from 1 to {MAX_WEIGHT}"))?;
+                    .ok_or_else(|| {
+                        format!("weight {w:?} must be a number from 1 to {MAX_WEIGHT}")
+                    })?;
             }
             _ => return Err(format!("unknown option {opt:?} (known: weight=W)")),
         }
@@ -235,8 +237,12 @@ fn parse_hostport(s: &str) -> Result<(IpAddr, Option<u16>), String> {
             .ok_or_else(|| format!("port {p:?} must be a number from 1 to 65535"))
     };
     if let Some(rest) = s.strip_prefix('[') {
-        let (a, tail) = rest.split_once(']').ok_or("missing ']' after IPv6 address")?;
-        let addr = a.parse().map_err(|_| format!("{a:?} is not an IPv6 address"))?;
+        let (a, tail) = rest
+            .split_once(']')
+            .ok_or("missing ']' after IPv6 address")?;
+        let addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv6 address"))?;
         return match tail.strip_prefix(':') {
             Some(p) => Ok((addr, Some(port(p)?))),
             None if tail.is_empty() => Ok((addr, None)),
@@ -418,9 +424,11 @@ impl Config {
                     continue;
                 }
             };
-            let Some(idx) = find_vip(&vips, &spec.owner)
-                .map(|v| vips.iter().position(|x| x.spec.vip == v.spec.vip).expect("found"))
-            else {
+            let Some(idx) = find_vip(&vips, &spec.owner).map(|v| {
+                vips.iter()
+                    .position(|x| x.spec.vip == v.spec.vip)
+                    .expect("found")
+            }) else {
                 // Not a VIP: an L7 target group must claim it (checked with the L7 config).
                 l7_targets.push(spec);
                 continue;
@@ -469,11 +477,7 @@ impl Config {
         }
         for i in &a.ifaces {
             if i.is_empty() || i.len() > 15 || i.contains('/') {
-                errs.push(ConfigError::new(
-                    "--iface",
-                    i,
-                    "not a valid interface name",
-                ));
+                errs.push(ConfigError::new("--iface", i, "not a valid interface name"));
             }
         }
         if let Some(addr) = a.lb_addr
@@ -631,7 +635,11 @@ mod tests {
         let flags: Vec<_> = errs.iter().map(|e| e.flag).collect();
         assert!(flags.contains(&"--ring-size"), "{errs:?}");
         assert!(flags.contains(&"--iface"), "{errs:?}");
-        assert_eq!(flags.iter().filter(|f| **f == "--target").count(), 2, "{errs:?}");
+        assert_eq!(
+            flags.iter().filter(|f| **f == "--target").count(),
+            2,
+            "{errs:?}"
+        );
         assert!(
             errs.iter()
                 .any(|e| e.flag == "--vip" && e.problem.contains("taken")),

@@ -302,13 +302,13 @@ fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Datap
 
 impl Maps {
     fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let mut take = |name: &'static str| {
+        let take = |name: &'static str| {
             ebpf.take_map(name).ok_or_else(|| DataplaneError::Map {
                 what: format!("finding map {name} in the object"),
                 source: aya::maps::MapError::InvalidName { name: name.into() },
             })
         };
-        Self::from_maps(|name| take(name))
+        Self::from_maps(take)
     }
 
     /// Opens the maps pinned in `dir` by a running `lb run`.
@@ -348,9 +348,7 @@ impl Maps {
 
     /// The global settings.
     pub fn lb_config(&self) -> Result<LbConfig> {
-        self.config
-            .get(&0, 0)
-            .map_err(map_err("reading LB_CONFIG"))
+        self.config.get(&0, 0).map_err(map_err("reading LB_CONFIG"))
     }
 
     /// Writes the global settings.
@@ -391,12 +389,13 @@ impl Maps {
             path: "/sys/devices/system/cpu/possible".into(),
             source: e,
         })?;
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); n])
-            .map_err(|source| DataplaneError::Io {
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); n]).map_err(|source| {
+            DataplaneError::Io {
                 what: "building per-CPU zeros for",
                 path: "LB_BACKEND_STATS".into(),
                 source,
-            })?;
+            }
+        })?;
         self.backend_stats
             .set(backend_id, zeros, 0)
             .map_err(map_err("resetting LB_BACKEND_STATS"))
@@ -610,13 +609,7 @@ impl Decap {
     /// Runs `lb_decap` once on `packet` (tests).
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; packet.len() + 256];
-        let res = test_run_named(
-            &self.ebpf,
-            names::PROG_DECAP,
-            packet,
-            Some(&mut out),
-            1,
-        )?;
+        let res = test_run_named(&self.ebpf, names::PROG_DECAP, packet, Some(&mut out), 1)?;
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value, out))
     }

@@ -1,1 +1,749 @@
-//! headers (in progress).
+//! Header rewriting the load balancer does on the way through, as ALB does it. Pure functions
+//! over [`http::HeaderMap`]; the proxy calls them.
+//!
+//! # API
+//!
+//! - [`strip_hop_by_hop`]: removes hop-by-hop headers and the ones `Connection` names
+//!   (requests and responses), optionally keeping a WebSocket upgrade.
+//! - [`apply_forwarded`]: `X-Forwarded-For` per [`XffMode`] (limit: 30 addresses, else
+//!   [`TooManyForwardedFor`] → 463), `X-Forwarded-Proto`, `X-Forwarded-Port`.
+//! - [`trace_id`]: creates or extends `X-Amzn-Trace-Id`, returns it for the access log.
+//! - [`keep_alive_timeout`]: a response's `Keep-Alive: timeout=N`, for the connection pool.
+//! - [`request_cookies`]: every `Cookie` line joined, for target stickiness.
+//!
+//! Order on a request: [`keep_alive_timeout`] has nothing to do there; call
+//! [`strip_hop_by_hop`] first (a client could otherwise name `X-Forwarded-For` in
+//! `Connection` to delete what we add), then [`apply_forwarded`] and [`trace_id`]. On a
+//! response, read [`keep_alive_timeout`] before [`strip_hop_by_hop`] removes `Keep-Alive`.
+//! `Host` is never touched.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{
+    CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Forwarded-For`: the client address and the proxies before us.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`: the listener's protocol (`http` or `https`).
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Port`: the listener's port.
+pub const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+/// `X-Amzn-Trace-Id`: the request's trace id.
+pub const X_AMZN_TRACE_ID: HeaderName = HeaderName::from_static("x-amzn-trace-id");
+/// `Keep-Alive` (RFC 2068 §19.7.1; hop-by-hop).
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `Proxy-Connection` (non-standard, sent by old clients; hop-by-hop).
+pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Most `X-Forwarded-For` addresses a request may carry (after appending ours); more is
+/// answered with 463, as on ALB.
+pub const MAX_FORWARDED_FOR: usize = 30;
+
+/// What the load balancer does with `X-Forwarded-For` (ALB attribute
+/// `routing.http.xff_header_processing.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XffMode {
+    /// Append the client's address (the TCP peer), creating the header if absent. AWS default.
+    #[default]
+    Append,
+    /// Forward the header exactly as received (absent stays absent).
+    Preserve,
+    /// Remove the header before forwarding.
+    Remove,
+}
+
+impl XffMode {
+    /// AWS's spelling (`append`, `preserve`, `remove`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Append => "append",
+            Self::Preserve => "preserve",
+            Self::Remove => "remove",
+        }
+    }
+}
+
+impl fmt::Display for XffMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An `X-Forwarded-For` mode that is not `append`, `preserve` or `remove`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid X-Forwarded-For mode {0:?} (expected append, preserve or remove)")]
+pub struct InvalidXffMode(pub String);
+
+impl FromStr for XffMode {
+    type Err = InvalidXffMode;
+
+    /// Case-insensitive `append`, `preserve` or `remove`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "append" => Ok(Self::Append),
+            "preserve" => Ok(Self::Preserve),
+            "remove" => Ok(Self::Remove),
+            _ => Err(InvalidXffMode(s.to_owned())),
+        }
+    }
+}
+
+/// The request's `X-Forwarded-For` holds more than [`MAX_FORWARDED_FOR`] addresses: the proxy
+/// answers 463 and forwards nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("X-Forwarded-For holds {count} addresses, more than {MAX_FORWARDED_FOR}")]
+pub struct TooManyForwardedFor {
+    /// Addresses counted (including the one `append` would add).
+    pub count: usize,
+}
+
+/// Applies `X-Forwarded-For`, `-Proto` and `-Port` as ALB does.
+///
+/// - `X-Forwarded-For`: addresses are counted over every header line (comma separated,
+///   empty entries ignored). `Append` merges all lines into one, `a, b, <peer>` (an
+///   IPv4-mapped IPv6 peer is written as IPv4); `Preserve` leaves the lines as they are;
+///   `Remove` deletes them.
+/// - The 30-address limit applies in every mode, to what the request carries plus, in
+///   `Append`, the peer: ALB documents 463 as a property of the received header, not of the
+///   mode, and a header that long is abuse whatever we forward. On error nothing is changed.
+/// - `X-Forwarded-Proto: <listener_proto>` and `X-Forwarded-Port: <listener_port>` always
+///   replace what the client sent (a `listener_proto` that is not a valid header value only
+///   removes the client's).
+pub fn apply_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    listener_proto: &str,
+    listener_port: u16,
+    mode: XffMode,
+) -> Result<(), TooManyForwardedFor> {
+    let received: Vec<&[u8]> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|entry| !entry.is_empty())
+        .collect();
+    let count = received.len() + usize::from(mode == XffMode::Append);
+    if count > MAX_FORWARDED_FOR {
+        return Err(TooManyForwardedFor { count });
+    }
+
+    match mode {
+        XffMode::Append => {
+            let peer = peer.to_canonical().to_string();
+            let mut merged = Vec::with_capacity(64);
+            for entry in received.iter().copied().chain([peer.as_bytes()]) {
+                if !merged.is_empty() {
+                    merged.extend_from_slice(b", ");
+                }
+                merged.extend_from_slice(entry);
+            }
+            // Entries come from valid header values or are an IP address: always valid.
+            let value = HeaderValue::from_bytes(&merged)
+                .or_else(|_| HeaderValue::from_str(&peer))
+                .unwrap_or_else(|_| HeaderValue::from_static(""));
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+        XffMode::Preserve => {}
+        XffMode::Remove => {
+            headers.remove(X_FORWARDED_FOR);
+        }
+    }
+
+    match HeaderValue::from_str(listener_proto) {
+        Ok(proto) => {
+            headers.insert(X_FORWARDED_PROTO, proto);
+        }
+        Err(_) => {
+            headers.remove(X_FORWARDED_PROTO);
+        }
+    }
+    headers.insert(X_FORWARDED_PORT, HeaderValue::from(listener_port));
+    Ok(())
+}
+
+/// Sets `X-Amzn-Trace-Id` as ALB does and returns its new value (the access log records it).
+///
+/// - No header, or one without a `Root` field: a new `Root=1-<8 hex epoch seconds>-<24 hex
+///   random>` goes first; other fields the client sent are kept after it.
+/// - A header with a `Root`: `Self=1-<8 hex>-<24 hex>` is put in front (replacing any
+///   `Self` already there, wherever it was) and every other field (`Root`, `Parent`,
+///   `Sampled`, custom ones) is kept in order.
+///
+/// Fields are `;`-separated (`Self=…;Root=…;CalledFrom=app`); several header lines are
+/// merged into one. A header that is not valid UTF-8 is treated as absent.
+pub fn trace_id(
+    headers: &mut HeaderMap,
+    now: SystemTime,
+    random: &mut impl rand::RngCore,
+) -> HeaderValue {
+    let received: Vec<String> = headers
+        .get_all(X_AMZN_TRACE_ID)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(';'))
+        .map(str::trim)
+        .filter(|field| !field.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let has_root = received.iter().any(|f| field_name(f) == "Root");
+    let kept = received.iter().filter(|f| field_name(f) != "Self");
+    let first = format!(
+        "{}={}",
+        if has_root { "Self" } else { "Root" },
+        new_trace_id(now, random)
+    );
+    let text = std::iter::once(&first)
+        .chain(kept)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(";");
+    // Fields come from a valid value (trimmed, split on ';') or are ASCII we made.
+    let value = HeaderValue::from_str(&text)
+        .or_else(|_| HeaderValue::from_str(&first))
+        .unwrap_or_else(|_| HeaderValue::from_static(""));
+    headers.insert(X_AMZN_TRACE_ID, value.clone());
+    value
+}
+
+/// The name of a `Name=value` trace-id field (the whole field if it has no `=`).
+fn field_name(field: &str) -> &str {
+    field.split_once('=').map_or(field, |(name, _)| name).trim()
+}
+
+/// `1-<8 hex epoch seconds>-<24 hex random>` (the X-Ray trace id format).
+fn new_trace_id(now: SystemTime, random: &mut impl rand::RngCore) -> String {
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    // 8 hex digits hold the seconds until 2106; X-Ray keeps the low 32 bits as well.
+    let secs = secs & u64::from(u32::MAX);
+    format!(
+        "1-{secs:08x}-{:016x}{:08x}",
+        random.next_u64(),
+        random.next_u32()
+    )
+}
+
+/// Removes the hop-by-hop headers (`Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`,
+/// `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`, `Proxy-Authorization`)
+/// and every header `Connection` names (RFC 9110 §7.6.1), except `Host`, which a client
+/// cannot make us drop.
+///
+/// With `keep_upgrade`, a request asking for an upgrade (`Connection` lists `upgrade` and an
+/// `Upgrade` header is present) keeps its `Upgrade` lines and is left with exactly
+/// `Connection: upgrade`, so a WebSocket handshake reaches the target.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
+        .collect();
+    let upgrading = keep_upgrade && named.contains(&UPGRADE) && headers.contains_key(UPGRADE);
+    let upgrade: Vec<HeaderValue> = if upgrading {
+        headers.get_all(UPGRADE).iter().cloned().collect()
+    } else {
+        Vec::new()
+    };
+
+    for name in named {
+        if name != HOST {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+
+    if upgrading {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        for value in upgrade {
+            headers.append(UPGRADE, value);
+        }
+    }
+}
+
+/// The `timeout=N` (seconds) of a response's `Keep-Alive` header: how long the target keeps
+/// an idle connection open, so the pool can retire it first. `None` when there is no such
+/// parameter or its value is not a plain number of seconds. Parameter names are
+/// case-insensitive; the first `timeout` found decides.
+pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get_all(KEEP_ALIVE)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(','))
+        .filter_map(|param| param.split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("timeout"))?
+        .1
+        .trim();
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok().map(Duration::from_secs)
+}
+
+/// Every `Cookie` line of a request joined with `"; "` (HTTP/2 sends one line per cookie,
+/// RFC 9113 §8.2.3), for [`crate::targets::TargetGroup::pick`]. Lines that are not UTF-8
+/// are skipped; `None` when nothing is left.
+pub fn request_cookies(headers: &HeaderMap) -> Option<String> {
+    let lines: Vec<&str> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use rand::SeedableRng as _;
+    use rand::rngs::StdRng;
+
+    use super::*;
+
+    fn map(headers: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    /// Headers as (name, value) pairs sorted by name, values of one name in order.
+    fn dump(map: &HeaderMap) -> Vec<(String, String)> {
+        let mut pairs: Vec<_> = map
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+            .collect();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs
+    }
+
+    fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        dump(&map(pairs))
+    }
+
+    const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+
+    #[test]
+    fn forwarded_headers_table() {
+        struct Case {
+            name: &'static str,
+            input: &'static [(&'static str, &'static str)],
+            peer: IpAddr,
+            mode: XffMode,
+            expected: &'static [(&'static str, &'static str)],
+        }
+        let cases = [
+            Case {
+                name: "append creates the header",
+                input: &[("host", "example.com")],
+                peer: V4,
+                mode: XffMode::Append,
+                expected: &[
+                    ("host", "example.com"),
+                    ("x-forwarded-for", "203.0.113.7"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-port", "443"),
+                ],
+            },
+            Case {
+                name: "append adds the peer after the existing chain",
+                input: &[("x-forwarded-for", "198.51.100.1, 10.0.0.1")],
+                peer: V4,
+                mode: XffMode::Append,
+                expected: &[
+                    ("x-forwarded-for", "198.51.100.1, 10.0.0.1, 203.0.113.7"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-port", "443"),
+                ],
+            },
+            Case {
+                name: "append merges several lines into one and drops empty entries",
+                input: &[
+                    ("x-forwarded-for", "198.51.100.1"),
+                    ("x-forwarded-for", " 10.0.0.1 ,, 10.0.0.2"),
+                ],
+                peer: V4,
+                mode: XffMode::Append,
+                expected: &[
+                    (
+                        "x-forwarded-for",
+                        "198.51.100.1, 10.0.0.1, 10.0.0.2, 203.0.113.7",
+                    ),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-port", "443"),
+                ],
+            },
+            Case {
+                name: "append writes IPv6 peers plainly and mapped IPv4 as IPv4",
+                input: &[("x-forwarded-for", "2001:db8::1")],
+                peer: IpAddr::V6(Ipv4Addr::new(192, 0, 2, 9).to_ipv6_mapped()),
+                mode: XffMode::Append,
+                expected: &[
+                    ("x-forwarded-for", "2001:db8::1, 192.0.2.9"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-port", "443"),
+                ],
+            },
+            Case {
+                name: "preserve leaves every line untouched",
+                input: &[
+                    ("x-forwarded-for", "198.51.100.1"),
+                    ("x-forwarded-for", "10.0.0.1 ,x"),
+                ],
+                peer: V4,
+                mode: XffMode::Preserve,
+                expected: &[
+                    ("x-forwarded-for", "198.51.100.1"),
+                    ("x-forwarded-for", "10.0.0.1 ,x"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-port", "443"),
+                ],
+            },
+            Case {
+                name: "preserve does not create the header",
+                input: &[],
+                peer: V4,
+                mode: XffMode::Preserve,
+                expected: &[("x-forwarded-proto", "https"), ("x-forwarded-port", "443")],
+            },
+            Case {
+                name: "remove deletes every line",
+                input: &[
+                    ("x-forwarded-for", "198.51.100.1"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                ],
+                peer: V4,
+                mode: XffMode::Remove,
+                expected: &[("x-forwarded-proto", "https"), ("x-forwarded-port", "443")],
+            },
+            Case {
+                name: "client proto and port are replaced, host kept",
+                input: &[
+                    ("host", "example.com:8443"),
+                    ("x-forwarded-proto", "http"),
+                    ("x-forwarded-proto", "gopher"),
+                    ("x-forwarded-port", "1"),
+                ],
+                peer: IpAddr::V6(Ipv6Addr::LOCALHOST),
+                mode: XffMode::Remove,
+                expected: &[
+                    ("host", "example.com:8443"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-port", "443"),
+                ],
+            },
+        ];
+        for case in cases {
+            let mut headers = map(case.input);
+            apply_forwarded(&mut headers, case.peer, "https", 443, case.mode)
+                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            assert_eq!(dump(&headers), owned(case.expected), "{}", case.name);
+        }
+    }
+
+    fn chain(n: usize) -> String {
+        (1..=n)
+            .map(|i| format!("10.0.0.{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    #[test]
+    fn thirty_addresses_pass_and_thirty_one_are_refused() {
+        // (received addresses, mode, expected outcome: Ok or the count reported)
+        let cases: &[(usize, XffMode, Result<(), usize>)] = &[
+            (29, XffMode::Append, Ok(())),
+            (30, XffMode::Append, Err(31)),
+            (30, XffMode::Preserve, Ok(())),
+            (31, XffMode::Preserve, Err(31)),
+            (30, XffMode::Remove, Ok(())),
+            (31, XffMode::Remove, Err(31)),
+        ];
+        for &(received, mode, expected) in cases {
+            let value = chain(received);
+            let mut headers = map(&[("x-forwarded-for", &value)]);
+            let outcome = apply_forwarded(&mut headers, V4, "http", 80, mode);
+            assert_eq!(
+                outcome,
+                expected.map_err(|count| TooManyForwardedFor { count }),
+                "{received} addresses, {mode}"
+            );
+            if outcome.is_err() {
+                assert_eq!(
+                    dump(&headers),
+                    owned(&[("x-forwarded-for", &value)]),
+                    "refused request left unchanged"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_limit_counts_addresses_across_lines() {
+        let (first, second) = (chain(15), chain(15));
+        let mut headers = map(&[("x-forwarded-for", &first), ("x-forwarded-for", &second)]);
+        assert_eq!(
+            apply_forwarded(&mut headers, V4, "http", 80, XffMode::Append),
+            Err(TooManyForwardedFor { count: 31 })
+        );
+    }
+
+    #[test]
+    fn xff_modes_parse_case_insensitively() {
+        assert_eq!("append".parse(), Ok(XffMode::Append));
+        assert_eq!("Preserve".parse(), Ok(XffMode::Preserve));
+        assert_eq!("REMOVE".parse(), Ok(XffMode::Remove));
+        let err = "replace".parse::<XffMode>().unwrap_err();
+        assert!(err.to_string().contains("append, preserve or remove"));
+    }
+
+    /// Whether `id` is `1-<8 hex>-<24 hex>` (lowercase).
+    fn is_trace_id(id: &str) -> bool {
+        let parts: Vec<&str> = id.split('-').collect();
+        let hex = |s: &str, len: usize| {
+            s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        };
+        parts.len() == 3 && parts[0] == "1" && hex(parts[1], 8) && hex(parts[2], 24)
+    }
+
+    /// 2024-01-01T00:00:00Z = 0x65920080 seconds.
+    fn new_year() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_704_067_200)
+    }
+
+    #[test]
+    fn trace_id_table() {
+        // (incoming lines, expected fields after the new first one, name of the new field)
+        let cases: &[(&[&str], &[&str], &str)] = &[
+            (&[], &[], "Root"),
+            (
+                &["Root=1-5759e988-bd862e3fe1be46a994272793"],
+                &["Root=1-5759e988-bd862e3fe1be46a994272793"],
+                "Self",
+            ),
+            (
+                &[
+                    "Self=1-67891234-12456789abcdef012345678;Root=1-67891233-abcdef012345678912345678;CalledFrom=app",
+                ],
+                &["Root=1-67891233-abcdef012345678912345678", "CalledFrom=app"],
+                "Self",
+            ),
+            (
+                &[
+                    "Root=1-5759e988-bd862e3fe1be46a994272793; Parent=53995c3f42cd8ad8; Sampled=1; Self=1-00000000-000000000000000000000000; Lineage=a:1",
+                ],
+                &[
+                    "Root=1-5759e988-bd862e3fe1be46a994272793",
+                    "Parent=53995c3f42cd8ad8",
+                    "Sampled=1",
+                    "Lineage=a:1",
+                ],
+                "Self",
+            ),
+            (
+                &["Root=1-5759e988-bd862e3fe1be46a994272793", "Custom=x"],
+                &["Root=1-5759e988-bd862e3fe1be46a994272793", "Custom=x"],
+                "Self",
+            ),
+            (
+                &["Parent=53995c3f42cd8ad8;Sampled=0"],
+                &["Parent=53995c3f42cd8ad8", "Sampled=0"],
+                "Root",
+            ),
+        ];
+        for (input, kept, new_field) in cases {
+            let mut headers = HeaderMap::new();
+            for line in *input {
+                headers.append(X_AMZN_TRACE_ID, HeaderValue::from_str(line).unwrap());
+            }
+            let mut rng = StdRng::seed_from_u64(1);
+            let value = trace_id(&mut headers, new_year(), &mut rng);
+            assert_eq!(headers.get_all(X_AMZN_TRACE_ID).iter().count(), 1);
+            assert_eq!(headers.get(X_AMZN_TRACE_ID), Some(&value));
+            let text = value.to_str().unwrap();
+            let fields: Vec<&str> = text.split(';').collect();
+            let (name, id) = fields[0].split_once('=').unwrap();
+            assert_eq!(name, *new_field, "{input:?} → {text}");
+            assert!(is_trace_id(id), "{input:?} → {text}");
+            assert!(
+                id.starts_with("1-65920080-"),
+                "epoch seconds in hex: {text}"
+            );
+            assert_eq!(&fields[1..], *kept, "{input:?} → {text}");
+        }
+    }
+
+    #[test]
+    fn trace_ids_differ_per_request() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let a = trace_id(&mut HeaderMap::new(), new_year(), &mut rng);
+        let b = trace_id(&mut HeaderMap::new(), new_year(), &mut rng);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn refreshing_self_replaces_the_old_one() {
+        let mut headers = HeaderMap::new();
+        let mut rng = StdRng::seed_from_u64(3);
+        let root = trace_id(&mut headers, new_year(), &mut rng);
+        let first = trace_id(&mut headers, new_year(), &mut rng);
+        let second = trace_id(&mut headers, new_year(), &mut rng);
+        let fields: Vec<&str> = second.to_str().unwrap().split(';').collect();
+        assert_eq!(fields.len(), 2, "{second:?}");
+        assert!(fields[0].starts_with("Self="));
+        assert_eq!(fields[1], root.to_str().unwrap());
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn hop_by_hop_table() {
+        // (input, keep_upgrade, expected)
+        type Headers = &'static [(&'static str, &'static str)];
+        let cases: &[(&str, Headers, bool, Headers)] = &[
+            (
+                "every standard hop-by-hop header goes, end-to-end ones stay",
+                &[
+                    ("host", "example.com"),
+                    ("connection", "keep-alive"),
+                    ("keep-alive", "timeout=5"),
+                    ("proxy-connection", "keep-alive"),
+                    ("te", "trailers"),
+                    ("trailer", "x-checksum"),
+                    ("transfer-encoding", "chunked"),
+                    ("upgrade", "h2c"),
+                    ("proxy-authenticate", "Basic"),
+                    ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+                    ("authorization", "Bearer t"),
+                    ("content-type", "text/plain"),
+                ],
+                false,
+                &[
+                    ("host", "example.com"),
+                    ("authorization", "Bearer t"),
+                    ("content-type", "text/plain"),
+                ],
+            ),
+            (
+                "headers named in Connection go, on every Connection line",
+                &[
+                    ("connection", "close, X-Secret"),
+                    ("connection", " x-other ,"),
+                    ("x-secret", "1"),
+                    ("x-other", "2"),
+                    ("x-kept", "3"),
+                ],
+                false,
+                &[("x-kept", "3")],
+            ),
+            (
+                "Connection cannot remove Host",
+                &[
+                    ("host", "example.com"),
+                    ("connection", "host, x-a"),
+                    ("x-a", "1"),
+                ],
+                false,
+                &[("host", "example.com")],
+            ),
+            (
+                "websocket upgrade is kept when asked",
+                &[
+                    ("connection", "keep-alive, Upgrade"),
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                    ("keep-alive", "timeout=5"),
+                ],
+                true,
+                &[
+                    ("connection", "upgrade"),
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ],
+            ),
+            (
+                "upgrade is removed when not asked to keep it",
+                &[("connection", "upgrade"), ("upgrade", "websocket")],
+                false,
+                &[],
+            ),
+            (
+                "Upgrade without Connection: upgrade is not an upgrade",
+                &[("connection", "close"), ("upgrade", "websocket")],
+                true,
+                &[],
+            ),
+        ];
+        for (name, input, keep_upgrade, expected) in cases {
+            let mut headers = map(input);
+            strip_hop_by_hop(&mut headers, *keep_upgrade);
+            assert_eq!(dump(&headers), owned(expected), "{name}");
+        }
+    }
+
+    #[test]
+    fn keep_alive_timeout_table() {
+        let cases: &[(&[&str], Option<u64>)] = &[
+            (&[], None),
+            (&["timeout=5"], Some(5)),
+            (&["timeout=5, max=1000"], Some(5)),
+            (&["max=1000, Timeout = 20"], Some(20)),
+            (&["max=100", "timeout=\"7\""], Some(7)),
+            (&["timeout=0"], Some(0)),
+            (&["timeout="], None),
+            (&["timeout=-1"], None),
+            (&["timeout=+5"], None),
+            (&["timeout=5s"], None),
+            (&["timeout=99999999999999999999999"], None),
+            (&["max=5"], None),
+        ];
+        for (lines, expected) in cases {
+            let mut headers = HeaderMap::new();
+            for line in *lines {
+                headers.append(KEEP_ALIVE, HeaderValue::from_str(line).unwrap());
+            }
+            assert_eq!(
+                keep_alive_timeout(&headers),
+                expected.map(Duration::from_secs),
+                "{lines:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_cookies_joins_every_cookie_line() {
+        assert_eq!(request_cookies(&HeaderMap::new()), None);
+        let headers = map(&[("cookie", "a=1; b=2"), ("cookie", "AWSALB=x")]);
+        assert_eq!(
+            request_cookies(&headers).as_deref(),
+            Some("a=1; b=2; AWSALB=x")
+        );
+    }
+}

@@ -382,7 +382,10 @@ mod tests {
             // not (yet/any more) in service.
             if id != RING_EMPTY {
                 let b = self.backends.get(&id).copied().unwrap_or_default();
-                assert_eq!(b.flags, BACKEND_F_IN_SERVICE, "slot {i} -> backend {id} not in service");
+                assert_eq!(
+                    b.flags, BACKEND_F_IN_SERVICE,
+                    "slot {i} -> backend {id} not in service"
+                );
             }
             self.ring.insert(i, id);
             Ok(())
@@ -414,9 +417,7 @@ mod tests {
     }
 
     fn ring_of(r: &L4Registry<FakeMaps>, vip_id: u32) -> Vec<u32> {
-        (0..M)
-            .map(|s| r.maps.ring[&(vip_id * M + s)])
-            .collect()
+        (0..M).map(|s| r.maps.ring[&(vip_id * M + s)]).collect()
     }
 
     #[test]
@@ -435,12 +436,17 @@ mod tests {
     fn registering_fills_the_ring_with_in_service_backends() {
         let mut r = L4Registry::new(FakeMaps::default(), M, 4, 16);
         r.add_vip(vip(80)).unwrap();
-        let changed = r.register(&vip(80).vip, &[target(11), target(12), target(13)]).unwrap();
+        let changed = r
+            .register(&vip(80).vip, &[target(11), target(12), target(13)])
+            .unwrap();
         assert_eq!(changed, M as usize);
         let ring = ring_of(&r, 0);
         for id in 0..3 {
             assert!(ring.contains(&id), "backend {id} owns no slot");
-            assert_eq!(r.maps.backends[&id].addr, u32::from_ne_bytes([10, 0, 0, 11 + id as u8]));
+            assert_eq!(
+                r.maps.backends[&id].addr,
+                u32::from_ne_bytes([10, 0, 0, 11 + id as u8])
+            );
             assert_eq!(r.maps.backends[&id].vip_id, 0);
         }
     }
@@ -449,14 +455,20 @@ mod tests {
     fn removing_a_backend_rewrites_only_its_slots_then_clears_it() {
         let mut r = L4Registry::new(FakeMaps::default(), M, 4, 16);
         r.add_vip(vip(80)).unwrap();
-        r.register(&vip(80).vip, &[target(11), target(12), target(13)]).unwrap();
+        r.register(&vip(80).vip, &[target(11), target(12), target(13)])
+            .unwrap();
         let before = ring_of(&r, 0);
         let owned = before.iter().filter(|&&id| id == 1).count();
         r.maps.log.clear();
-        let changed = r.deregister(&vip(80).vip, &[(Ipv4Addr::new(10, 0, 0, 12), 80)]).unwrap();
+        let changed = r
+            .deregister(&vip(80).vip, &[(Ipv4Addr::new(10, 0, 0, 12), 80)])
+            .unwrap();
         let after = ring_of(&r, 0);
         assert!(!after.contains(&1));
-        assert!(changed >= owned && changed <= owned + (M as usize) / 50, "{changed} vs {owned}");
+        assert!(
+            changed >= owned && changed <= owned + (M as usize) / 50,
+            "{changed} vs {owned}"
+        );
         // Slots of the others that did not belong to the removed one mostly stay.
         let kept = before
             .iter()
@@ -475,13 +487,17 @@ mod tests {
         let mut r = L4Registry::new(FakeMaps::default(), M, 4, 3);
         r.add_vip(vip(80)).unwrap();
         r.register(&vip(80).vip, &[target(11), target(12)]).unwrap();
-        r.deregister(&vip(80).vip, &[(Ipv4Addr::new(10, 0, 0, 11), 80)]).unwrap();
+        r.deregister(&vip(80).vip, &[(Ipv4Addr::new(10, 0, 0, 11), 80)])
+            .unwrap();
         r.register(&vip(80).vip, &[target(13)]).unwrap();
         let ids: Vec<u32> = r.describe()[0].2.iter().map(|b| b.id).collect();
         assert_eq!(ids, vec![1, 2], "fresh id 2 used before released id 0");
         r.register(&vip(80).vip, &[target(14)]).unwrap();
         assert!(r.describe()[0].2.iter().any(|b| b.id == 0));
-        assert!(matches!(r.register(&vip(80).vip, &[target(15)]), Err(L4Error::Full(_))));
+        assert!(matches!(
+            r.register(&vip(80).vip, &[target(15)]),
+            Err(L4Error::Full(_))
+        ));
     }
 
     #[test]
@@ -507,7 +523,8 @@ mod tests {
         let mut r = L4Registry::new(FakeMaps::default(), M, 4, 16);
         r.add_vip(vip(80)).unwrap();
         r.register(&vip(80).vip, &[target(11)]).unwrap();
-        r.deregister(&vip(80).vip, &[(Ipv4Addr::new(10, 0, 0, 11), 80)]).unwrap();
+        r.deregister(&vip(80).vip, &[(Ipv4Addr::new(10, 0, 0, 11), 80)])
+            .unwrap();
         assert!(ring_of(&r, 0).iter().all(|&s| s == RING_EMPTY));
     }
 }

@@ -10,8 +10,10 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod headers;
+pub mod inspect;
 pub mod l4;
 pub mod maglev;
 pub mod packet;

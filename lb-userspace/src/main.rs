@@ -1,7 +1,41 @@
-use clap::Parser as _;
+//! The `lb` binary: parses flags and dispatches; everything else lives in the library.
+use std::process::ExitCode;
 
-fn main() -> anyhow::Result<()> {
-    let cli = lb::cli::Cli::parse();
-    println!("{cli:?}");
-    Ok(())
+use clap::Parser as _;
+use lb::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => runtime().and_then(|rt| rt.block_on(lb::daemon::run(a))),
+        Command::Decap(a) => runtime().and_then(|rt| rt.block_on(lb::daemon::decap(a))),
+        Command::Stats(a) => lb::inspect::stats(&a),
+        Command::Dump(a) => lb::inspect::dump(&a),
+        Command::Targets(a) => lb::daemon::targets(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Configuration errors list every problem on their own lines.
+            if let Some(c) = e.downcast_ref::<lb::config::ConfigErrors>() {
+                eprint!("lb: {c}");
+                return ExitCode::from(2);
+            }
+            eprintln!("lb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

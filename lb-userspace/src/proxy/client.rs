@@ -1,1 +1,602 @@
-//! client (in progress).
+//! Forwarding requests to targets over pooled connections.
+//!
+//! The server side picks a target and calls [`Forwarder::forward`] once per request. The
+//! forwarder reuses an idle pooled connection when one is safe to reuse, otherwise connects
+//! (TCP, optionally TLS, HTTP/1.1 or HTTP/2 as the target says), sends the request and returns
+//! the response head with the body streaming behind it.
+//!
+//! It never fails a request because a target closed an idle keep-alive connection (the classic
+//! ALB 502, see ALB-REFERENCE.md):
+//! 1. idle connections are retired safely before the target's idle-close time, taken from
+//!    `Keep-Alive: timeout=N` or learned per target from the idle connections it closed
+//!    (see [`crate::proxy::pool`] and its `estimator`);
+//! 2. closed pooled connections are discarded before use (`is_closed`/`is_ready`);
+//! 3. a request that fails on a reused connection before a response arrived is retried once on
+//!    a new connection when that is safe: always when hyper proves the request was never written
+//!    (`TrySendError::take_message`), otherwise only for idempotent methods (RFC 9110 §9.2.2)
+//!    whose body is empty or small enough to have been kept. A request that may have reached the
+//!    target (a POST whose bytes were written) is never sent twice: it fails with 502.
+//!
+//! HTTP/1.1 connections are driven `with_upgrades()`, and the response's extensions are kept,
+//! so after a `101 Switching Protocols` the server side can call `hyper::upgrade::on` on the
+//! returned response to tunnel (WebSocket).
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::header::{HOST, HeaderName};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::error::ProxyError;
+pub use super::pool::TargetPoolStats;
+use super::pool::{H1Conn, H2Conn, TargetPool};
+
+mod body;
+mod connect;
+mod tls;
+
+pub use body::MAX_REPLAY_BYTES;
+use body::{Checkin, Replay, TargetBody};
+
+/// The error type of streamed bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streamed request or response body.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+
+/// How the forwarder talks to targets. Defaults are ALB's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// ALB idle timeout (default 60 s, settable 1–4000 s): how long we wait for response bytes
+    /// (→ 504 before the response head, body aborted after it), and the longest a pooled
+    /// connection sits idle.
+    pub idle_timeout: Duration,
+    /// How long connecting (TCP, TLS and the HTTP handshake) may take (ALB: 10 s) → 504.
+    pub connect_timeout: Duration,
+    /// Largest response head accepted, status line included (ALB: 32 KiB) → 502 beyond.
+    pub max_response_header_bytes: usize,
+    /// Most idle HTTP/1.1 connections kept per target (not an ALB setting; ALB keeps as many as
+    /// it needs). Idle connections beyond it are closed, oldest first.
+    pub max_idle_per_target: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            max_response_header_bytes: 32 * 1024,
+            max_idle_per_target: 64,
+        }
+    }
+}
+
+/// Where and how to reach one target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TargetEndpoint {
+    /// The target's address.
+    pub addr: SocketAddr,
+    /// TLS to the target (HTTPS target group), if any.
+    pub tls: Option<TargetTls>,
+    /// Speak HTTP/2 to the target (target group protocol version HTTP2): with TLS negotiated by
+    /// ALPN `h2`, without TLS by prior knowledge (h2c). Otherwise HTTP/1.1.
+    pub http2: bool,
+}
+
+/// TLS settings towards a target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TargetTls {
+    /// SNI name (and, when verifying, the name the certificate must hold). Empty: no SNI, the
+    /// target's IP address is used for verification.
+    pub server_name: String,
+    /// Verify the target's certificate. ALB does not (default `false`): targets commonly use
+    /// self-signed certificates.
+    pub verify: bool,
+    /// PEM file with the CA certificates to verify against (needed when `verify` is set).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A target's response as the forwarder got it.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// The response; the body streams from the target. Its extensions are hyper's, so
+    /// `hyper::upgrade::on(&mut response)` works after a 101.
+    pub response: Response<ProxyBody>,
+    /// The request went over a pooled connection (and was not retried).
+    pub reused_connection: bool,
+    /// The request failed on a pooled connection and was sent again on a new one.
+    pub retried: bool,
+    /// How long connecting took, when a new connection was made.
+    pub connect_time: Option<Duration>,
+}
+
+/// Forwards requests to targets over pooled connections. One per process; cheap to clone
+/// (clones share the pools).
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    targets: Mutex<std::collections::HashMap<TargetEndpoint, Arc<Target>>>,
+}
+
+/// What the forwarder keeps per target endpoint.
+#[derive(Debug)]
+struct Target {
+    endpoint: TargetEndpoint,
+    pool: Arc<TargetPool>,
+    /// The rustls configuration and SNI name, or why they could not be built.
+    tls: Option<
+        Result<
+            (
+                Arc<rustls::ClientConfig>,
+                rustls::pki_types::ServerName<'static>,
+            ),
+            String,
+        >,
+    >,
+}
+
+/// A connection ready for one request.
+enum Conn {
+    H1(H1Conn),
+    H2(H2Conn),
+}
+
+/// Why sending a request on a connection failed.
+enum SendError {
+    /// hyper gave the request back: it was never written to the connection.
+    NotSent(Box<Request<ProxyBody>>, hyper::Error),
+    /// The request may have been written; no response head arrived.
+    Failed(hyper::Error),
+    /// No response head within the idle timeout.
+    Timeout,
+}
+
+impl Forwarder {
+    /// A forwarder with no connections yet.
+    pub fn new(config: ClientConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                targets: Mutex::new(std::collections::HashMap::new()),
+            }),
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Sends `req` (already rewritten by the server side: headers, origin-form path) to
+    /// `target` and returns the response with a streaming body.
+    ///
+    /// The request's version and URI form are adapted to the connection (HTTP/1.1 origin-form
+    /// with `Host`, or HTTP/2 with `:scheme`/`:authority` taken from `Host`). Errors map to ALB
+    /// statuses through [`ProxyError::status`]: refused/reset/unreachable or TLS failure →
+    /// [`ProxyError::Connect`] (502), connecting too slow → [`ProxyError::ConnectTimeout`] (504),
+    /// target broke off or answered garbage or an oversized head → [`ProxyError::TargetFailed`]
+    /// (502), no response head within the idle timeout → [`ProxyError::TargetTimeout`] (504), the
+    /// client's request body failed → [`ProxyError::ClientClosed`] (460).
+    pub async fn forward(
+        &self,
+        target: &TargetEndpoint,
+        req: Request<ProxyBody>,
+    ) -> Result<Forwarded, ProxyError> {
+        let target = self.inner.target(target);
+        let req = prepare_request(req, &target.endpoint);
+        let idempotent = is_idempotent(req.method());
+        let (parts, body) = req.into_parts();
+        let (body, replay) = Replay::watch(body, idempotent);
+        let template = idempotent.then(|| RequestTemplate::of(&parts));
+        let mut req = Request::from_parts(parts, body);
+
+        let mut retried = false;
+        if let Some(conn) = target.pool_checkout() {
+            target.pool.count_reused();
+            match self.send(&target, conn, req, &replay).await {
+                Ok(response) => {
+                    return Ok(Forwarded {
+                        response,
+                        reused_connection: true,
+                        retried: false,
+                        connect_time: None,
+                    });
+                }
+                Err(SendError::NotSent(request, error)) => {
+                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
+                    req = *request;
+                }
+                Err(SendError::Failed(error))
+                    if is_stale_connection_symptom(&error) && !replay.body_failed() =>
+                {
+                    let again =
+                        template.and_then(|template| Some(template.build(replay.replay()?)));
+                    let Some(again) = again else {
+                        return Err(self.error(&target, SendError::Failed(error), &replay));
+                    };
+                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "idempotent request failed on a pooled connection; retrying on a new connection");
+                    req = again;
+                }
+                Err(other) => return Err(self.error(&target, other, &replay)),
+            }
+            retried = true;
+            target.pool.count_retried();
+        }
+
+        let (conn, connect_time) = connect::connect(&target, &self.inner.config).await?;
+        target.pool.count_fresh();
+        match self.send(&target, conn, req, &replay).await {
+            Ok(response) => Ok(Forwarded {
+                response,
+                reused_connection: false,
+                retried,
+                connect_time: Some(connect_time),
+            }),
+            Err(error) => Err(self.error(&target, error, &replay)),
+        }
+    }
+
+    /// A snapshot of every target's pool: learned idle-close time, idle connections, counters.
+    pub fn stats(&self) -> Vec<TargetPoolStats> {
+        let targets: Vec<Arc<Target>> = self.inner.lock_targets().values().cloned().collect();
+        targets.iter().map(|target| target.pool.stats()).collect()
+    }
+
+    async fn send(
+        &self,
+        target: &Arc<Target>,
+        conn: Conn,
+        req: Request<ProxyBody>,
+        replay: &Replay,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        let idle_timeout = self.inner.config.idle_timeout;
+        let addr = target.endpoint.addr;
+        let (response, checkin) = match conn {
+            Conn::H1(mut conn) => {
+                let sent = conn.sender.try_send_request(req);
+                let response = await_head(sent, idle_timeout, replay).await?;
+                if let Some(hint) = response
+                    .headers()
+                    .get_all(KEEP_ALIVE)
+                    .iter()
+                    .find_map(super::pool::parse_keep_alive_timeout)
+                {
+                    target.pool.set_keep_alive_hint(hint);
+                }
+                // After a 101 the connection belongs to the upgrade; otherwise it goes back to
+                // the pool when the body has been read.
+                let checkin = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| Checkin::new(conn, Arc::clone(&target.pool)));
+                (response, checkin)
+            }
+            Conn::H2(mut conn) => {
+                let sent = conn.sender.try_send_request(req);
+                (await_head(sent, idle_timeout, replay).await?, None)
+            }
+        };
+        Ok(response.map(|body| TargetBody::new(body, addr, idle_timeout, checkin).boxed_unsync()))
+    }
+
+    fn error(&self, target: &Target, error: SendError, replay: &Replay) -> ProxyError {
+        let addr = target.endpoint.addr.to_string();
+        match error {
+            SendError::Timeout => ProxyError::TargetTimeout {
+                target: addr,
+                timeout: self.inner.config.idle_timeout,
+            },
+            _ if replay.body_failed() => ProxyError::ClientClosed,
+            SendError::NotSent(_, error) | SendError::Failed(error) => ProxyError::TargetFailed {
+                target: addr,
+                source: Box::new(error),
+            },
+        }
+    }
+}
+
+/// `Keep-Alive` (RFC 2068 §19.7.1.1), where targets advertise their idle timeout.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+type Sent = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ProxyBody>>>;
+
+/// Waits for the response head. The idle timeout counts from the last request body bytes
+/// sent, not from the start: a slow upload is activity, as on ALB's connections.
+async fn await_head(
+    sent: impl Future<Output = Sent>,
+    idle_timeout: Duration,
+    replay: &Replay,
+) -> Result<Response<Incoming>, SendError> {
+    let started = tokio::time::Instant::now();
+    let mut sent = std::pin::pin!(sent);
+    loop {
+        let quiet_since = replay
+            .last_activity()
+            .map_or(started, |last| last.max(started));
+        if let Ok(result) = tokio::time::timeout_at(quiet_since + idle_timeout, sent.as_mut()).await
+        {
+            return receive(result);
+        }
+        let still_uploading = replay
+            .last_activity()
+            .is_some_and(|last| last + idle_timeout > tokio::time::Instant::now());
+        if !still_uploading {
+            return Err(SendError::Timeout);
+        }
+    }
+}
+
+fn receive(result: Sent) -> Result<Response<Incoming>, SendError> {
+    match result {
+        Ok(response) => Ok(response),
+        Err(mut error) => match error.take_message() {
+            Some(request) => Err(SendError::NotSent(Box::new(request), error.into_error())),
+            None => Err(SendError::Failed(error.into_error())),
+        },
+    }
+}
+
+impl Inner {
+    fn lock_targets(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<TargetEndpoint, Arc<Target>>> {
+        self.targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn target(&self, endpoint: &TargetEndpoint) -> Arc<Target> {
+        let mut targets = self.lock_targets();
+        if let Some(target) = targets.get(endpoint) {
+            return Arc::clone(target);
+        }
+        let tls = endpoint.tls.as_ref().map(|tls| {
+            let alpn: &[u8] = if endpoint.http2 { b"h2" } else { b"http/1.1" };
+            let config = tls::client_config(tls, alpn).map_err(|e| e.to_string())?;
+            let name = tls::server_name(tls, endpoint.addr)
+                .map_err(|e| format!("server name {:?}: {e}", tls.server_name))?;
+            Ok((config, name))
+        });
+        let pool = Arc::new(TargetPool::new(
+            endpoint.addr,
+            endpoint.tls.is_some(),
+            endpoint.http2,
+            self.config.idle_timeout,
+            self.config.max_idle_per_target,
+        ));
+        let target = Arc::new(Target {
+            endpoint: endpoint.clone(),
+            pool,
+            tls,
+        });
+        targets.insert(endpoint.clone(), Arc::clone(&target));
+        target
+    }
+}
+
+impl Target {
+    fn pool_checkout(&self) -> Option<Conn> {
+        if self.endpoint.http2 {
+            self.pool.checkout_h2().map(Conn::H2)
+        } else {
+            self.pool.checkout_h1().map(Conn::H1)
+        }
+    }
+}
+
+/// Idempotent methods (RFC 9110 §9.2.2): sending them twice has the effect of sending them once,
+/// so a request that may have reached the target can be sent again.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether a failure on a reused connection looks like the target having closed it (so the
+/// request never got a chance): closed, reset or broken before a response head. Timeouts and
+/// malformed responses are the target's answer, not staleness, and are not retried.
+fn is_stale_connection_symptom(error: &hyper::Error) -> bool {
+    if error.is_parse() || error.is_timeout() || error.is_user() {
+        return false;
+    }
+    if error.is_incomplete_message() || error.is_canceled() || error.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// What is needed to build an idempotent request again for a retry.
+struct RequestTemplate {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+}
+
+impl RequestTemplate {
+    fn of(parts: &http::request::Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            extensions: parts.extensions.clone(),
+        }
+    }
+
+    fn build(self, body: ProxyBody) -> Request<ProxyBody> {
+        let Self {
+            method,
+            uri,
+            version,
+            headers,
+            extensions,
+        } = self;
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+        *req.extensions_mut() = extensions;
+        req
+    }
+}
+
+/// Adapts version and URI form to the connection: HTTP/1.1 wants origin-form and `Host`;
+/// HTTP/2 wants `:scheme` and `:authority` (from the URI, else `Host`, else the address).
+fn prepare_request(mut req: Request<ProxyBody>, endpoint: &TargetEndpoint) -> Request<ProxyBody> {
+    if req.method() == Method::CONNECT {
+        return req;
+    }
+    let authority = req.uri().authority().cloned().or_else(|| {
+        let host = req.headers().get(HOST)?.to_str().ok()?;
+        Authority::try_from(host).ok()
+    });
+    let authority = authority.unwrap_or_else(|| {
+        Authority::try_from(endpoint.addr.to_string().as_str())
+            .unwrap_or_else(|_| Authority::from_static("localhost"))
+    });
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if endpoint.http2 {
+        *req.version_mut() = Version::HTTP_2;
+        let scheme = if endpoint.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        if let Ok(uri) = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+        {
+            *req.uri_mut() = uri;
+        }
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(HOST)
+            && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(HOST, host);
+        }
+        if req.uri().authority().is_some() {
+            *req.uri_mut() = Uri::from(path);
+        }
+    }
+    req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, host: Option<&str>) -> Request<ProxyBody> {
+        let mut builder = Request::builder().uri(uri);
+        if let Some(host) = host {
+            builder = builder.header(HOST, host);
+        }
+        builder
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .expect("valid test request")
+    }
+
+    fn endpoint(http2: bool, tls: bool) -> TargetEndpoint {
+        TargetEndpoint {
+            addr: "127.0.0.1:8080".parse().expect("valid address"),
+            tls: tls.then(|| TargetTls {
+                server_name: "example.test".into(),
+                verify: false,
+                ca_file: None,
+            }),
+            http2,
+        }
+    }
+
+    #[test]
+    fn idempotent_methods_are_those_of_rfc_9110() {
+        for method in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::TRACE,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(is_idempotent(&method), "{method}");
+        }
+        for method in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&method), "{method}");
+        }
+    }
+
+    #[test]
+    fn http1_requests_are_sent_in_origin_form_with_host() {
+        let req = prepare_request(
+            request("http://app.test:81/a?b=1", None),
+            &endpoint(false, false),
+        );
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()[HOST], "app.test:81");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn http1_requests_keep_the_clients_host() {
+        let req = prepare_request(request("/x", Some("app.test")), &endpoint(false, false));
+        assert_eq!(req.uri(), "/x");
+        assert_eq!(req.headers()[HOST], "app.test");
+    }
+
+    #[test]
+    fn http2_requests_get_scheme_and_authority_from_host() {
+        let req = prepare_request(request("/x?y", Some("app.test")), &endpoint(true, true));
+        assert_eq!(req.uri(), "https://app.test/x?y");
+        assert_eq!(req.version(), Version::HTTP_2);
+        let req = prepare_request(request("/", None), &endpoint(true, false));
+        assert_eq!(req.uri(), "http://127.0.0.1:8080/");
+    }
+
+    #[test]
+    fn client_config_defaults_are_albs() {
+        let ClientConfig {
+            idle_timeout,
+            connect_timeout,
+            max_response_header_bytes,
+            max_idle_per_target,
+        } = ClientConfig::default();
+        assert_eq!(idle_timeout, Duration::from_secs(60));
+        assert_eq!(connect_timeout, Duration::from_secs(10));
+        assert_eq!(max_response_header_bytes, 32 * 1024);
+        assert!(max_idle_per_target > 0);
+    }
+}

@@ -1,0 +1,246 @@
+//! `lb stats` and `lb dump …`: read the pinned maps of a running `lb run` from another process
+//! and print them as a table (or JSON with `--json`).
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+use lb_common::{BACKEND_F_IN_SERVICE, Backend, RING_EMPTY, VipKey};
+use serde_json::{Value, json};
+
+use crate::{
+    cli::{DumpArgs, DumpWhat, PinArgs},
+    config::{Proto, VipAddr},
+    dataplane::Maps,
+};
+
+fn vip_addr(k: &VipKey) -> String {
+    let proto = Proto::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.to_string());
+    format!(
+        "{}:{}/{proto}",
+        Ipv4Addr::from(k.addr.to_ne_bytes()),
+        u16::from_be(k.port)
+    )
+}
+
+fn backend_json(id: u32, b: &Backend, maps: &Maps) -> anyhow::Result<Value> {
+    let c = maps.backend_counters(id)?;
+    Ok(json!({
+        "id": id,
+        "addr": Ipv4Addr::from(b.addr.to_ne_bytes()).to_string(),
+        "port": u16::from_be(b.port),
+        "vip_id": b.vip_id,
+        "weight": b.weight,
+        "in_service": b.flags & BACKEND_F_IN_SERVICE != 0,
+        "packets": c.packets,
+        "bytes": c.bytes,
+        "new_flows": c.new_flows,
+    }))
+}
+
+/// Registered backends: (id, entry) for every non-empty slot of LB_BACKENDS.
+fn backends(maps: &Maps) -> anyhow::Result<Vec<(u32, Backend)>> {
+    let mut out = Vec::new();
+    for (id, b) in maps.backends.iter().enumerate() {
+        let b = b.context("reading LB_BACKENDS")?;
+        if b != Backend::default() {
+            out.push((id as u32, b));
+        }
+    }
+    Ok(out)
+}
+
+/// Everything `lb stats` shows, as JSON.
+pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
+    let all_backends = backends(maps)?;
+    let mut vips = Vec::new();
+    let mut keys: Vec<(VipKey, u32)> = Vec::new();
+    for entry in maps.vips.iter() {
+        let (k, v) = entry.context("reading LB_VIPS")?;
+        keys.push((k, v.vip_id));
+    }
+    keys.sort_by_key(|(_, id)| *id);
+    for (k, id) in keys {
+        let c = maps.vip_counters(id)?;
+        let mut bs = Vec::new();
+        for (bid, b) in all_backends.iter().filter(|(_, b)| b.vip_id == id) {
+            bs.push(backend_json(*bid, b, maps)?);
+        }
+        vips.push(json!({
+            "vip": vip_addr(&k),
+            "id": id,
+            "packets": c.packets,
+            "bytes": c.bytes,
+            "new_flows": c.new_flows,
+            "backends": bs,
+        }));
+    }
+    let reasons: serde_json::Map<String, Value> = maps
+        .reason_totals()?
+        .into_iter()
+        .map(|(r, n)| (r.label().to_string(), json!(n)))
+        .collect();
+    Ok(json!({ "vips": vips, "reasons": reasons }))
+}
+
+/// A JSON counter as a number (tables pad numbers, which `Value`'s Display does not).
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// `lb stats`.
+pub fn stats(args: &PinArgs) -> anyhow::Result<()> {
+    let maps = Maps::open_pinned(&args.pin_path)?;
+    let v = stats_json(&maps)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:>12} {:>14} {:>10}",
+        "VIP / BACKEND", "PACKETS", "BYTES", "NEW FLOWS"
+    );
+    for vip in v["vips"].as_array().into_iter().flatten() {
+        println!(
+            "{:<28} {:>12} {:>14} {:>10}",
+            vip["vip"].as_str().unwrap_or("?"),
+            n(&vip["packets"]),
+            n(&vip["bytes"]),
+            n(&vip["new_flows"])
+        );
+        for b in vip["backends"].as_array().into_iter().flatten() {
+            let label = format!(
+                "  {}:{} w{}{}",
+                b["addr"].as_str().unwrap_or("?"),
+                b["port"],
+                b["weight"],
+                if b["in_service"].as_bool() == Some(true) {
+                    ""
+                } else {
+                    " (out)"
+                }
+            );
+            println!(
+                "{:<28} {:>12} {:>14} {:>10}",
+                label,
+                n(&b["packets"]),
+                n(&b["bytes"]),
+                n(&b["new_flows"])
+            );
+        }
+    }
+    println!();
+    println!("{:<28} {:>12}", "PACKET OUTCOME", "PACKETS");
+    for (k, v) in v["reasons"].as_object().into_iter().flatten() {
+        println!("{k:<28} {:>12}", n(v));
+    }
+    Ok(())
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `lb dump …`.
+pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
+    let maps = Maps::open_pinned(&args.pin.pin_path)?;
+    let json = args.pin.json;
+    let out: Value = match &args.what {
+        DumpWhat::Vips => {
+            let mut rows = Vec::new();
+            for e in maps.vips.iter() {
+                let (k, v) = e.context("reading LB_VIPS")?;
+                rows.push(json!({"vip": vip_addr(&k), "id": v.vip_id, "flags": v.flags}));
+            }
+            Value::Array(rows)
+        }
+        DumpWhat::Backends => {
+            let mut rows = Vec::new();
+            for (id, b) in backends(&maps)? {
+                rows.push(backend_json(id, &b, &maps)?);
+            }
+            Value::Array(rows)
+        }
+        DumpWhat::Flows => {
+            let now = monotonic_ns();
+            let all = backends(&maps)?;
+            let mut rows = Vec::new();
+            for e in maps.flows.iter() {
+                let (k, v) = e.context("reading LB_FLOWS")?;
+                let backend = all
+                    .iter()
+                    .find(|(id, _)| *id == v.backend_id)
+                    .map(|(_, b)| Ipv4Addr::from(b.addr.to_ne_bytes()).to_string());
+                rows.push(json!({
+                    "client": format!("{}:{}", Ipv4Addr::from(k.src_addr.to_ne_bytes()), u16::from_be(k.src_port)),
+                    "vip": format!("{}:{}", Ipv4Addr::from(k.dst_addr.to_ne_bytes()), u16::from_be(k.dst_port)),
+                    "proto": Proto::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.to_string()),
+                    "backend_id": v.backend_id,
+                    "backend": backend,
+                    "idle_s": now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+                }));
+            }
+            Value::Array(rows)
+        }
+        DumpWhat::Ring { vip, slots } => {
+            let addr: VipAddr = vip
+                .parse()
+                .map_err(|e| anyhow::anyhow!("VIP {vip:?}: {e}"))?;
+            let key = VipKey {
+                addr: u32::from_ne_bytes(addr.addr.octets()),
+                port: addr.port.to_be(),
+                proto: addr.proto.number(),
+                _pad: 0,
+            };
+            let meta = maps
+                .vips
+                .get(&key, 0)
+                .with_context(|| format!("VIP {vip} is not configured"))?;
+            let ring_size = maps.lb_config()?.ring_size;
+            let base = meta.vip_id * ring_size;
+            let mut table = Vec::with_capacity(ring_size as usize);
+            for s in 0..ring_size {
+                table.push(maps.rings.get(&(base + s), 0).context("reading LB_RINGS")?);
+            }
+            if *slots {
+                Value::Array(table.iter().map(|&id| json!(id)).collect())
+            } else {
+                let mut rows = Vec::new();
+                for (id, b) in backends(&maps)?
+                    .into_iter()
+                    .filter(|(_, b)| b.vip_id == meta.vip_id)
+                {
+                    let n = table.iter().filter(|&&s| s == id).count();
+                    rows.push(json!({
+                        "backend_id": id,
+                        "backend": format!("{}:{}", Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)),
+                        "weight": b.weight,
+                        "slots": n,
+                        "share": n as f64 / f64::from(ring_size),
+                    }));
+                }
+                let empty = table.iter().filter(|&&s| s == RING_EMPTY).count();
+                rows.push(json!({"backend_id": null, "backend": "(empty)", "slots": empty}));
+                Value::Array(rows)
+            }
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for row in out.as_array().into_iter().flatten() {
+            match row {
+                Value::Object(o) => {
+                    let line: Vec<String> = o.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!("{}", line.join(" "));
+                }
+                other => println!("{other}"),
+            }
+        }
+    }
+    Ok(())
+}

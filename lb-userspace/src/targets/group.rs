@@ -1,0 +1,954 @@
+//! The runtime target group: registered targets, their states and counters, and the pick.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderValue};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+
+use super::config::{Algorithm, Stickiness, TargetGroupConfig};
+use super::state::{TargetAddr, TargetReason, TargetState};
+use super::sticky::{self, APP_COOKIE, CookieKey, CookieKind, LB_COOKIE, LB_CORS_COOKIE};
+
+/// What a [`Picked`] guard shares with its group: the counters that outlive a deregistration
+/// (an in-flight request still finishes and releases its count).
+#[derive(Debug)]
+struct TargetEntry {
+    addr: SocketAddr,
+    /// Requests picked for this target and not yet finished (their [`Picked`] is alive).
+    outstanding: AtomicU64,
+    /// Requests ever picked for this target (RequestCountPerTarget).
+    requests: AtomicU64,
+}
+
+/// A registered target as the group sees it (only touched under the group lock).
+#[derive(Debug)]
+struct Slot {
+    entry: Arc<TargetEntry>,
+    /// Identifies the registration in stickiness cookies (never reused within a group, so a
+    /// cookie of a deregistered target never names a newcomer).
+    id: u64,
+    weight: u32,
+    state: TargetState,
+    reason: Option<TargetReason>,
+    /// Smooth weighted round robin's running weight.
+    current: i64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    slots: Vec<Slot>,
+    next_id: u64,
+    /// Where the next tie-break scan of least outstanding requests starts.
+    cursor: usize,
+    rng: StdRng,
+}
+
+/// Group-wide counters (CloudWatch names), for the metrics module.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetGroupCounters {
+    /// Picks that returned a target (RequestCount for the group).
+    pub requests: u64,
+    /// Picks made while failing open, no target being in service (UnhealthyRoutingRequestCount).
+    pub unhealthy_routing_requests: u64,
+    /// Picks not pinned by a valid stickiness cookie while stickiness is on
+    /// (NonStickyRequestCount).
+    pub non_sticky_requests: u64,
+}
+
+/// One registered target, as [`TargetGroup::describe`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetStatus {
+    /// Target address.
+    pub addr: SocketAddr,
+    /// Its weight.
+    pub weight: u32,
+    /// Its state.
+    pub state: TargetState,
+    /// Why it is in that state, when known.
+    pub reason: Option<TargetReason>,
+    /// Requests in flight on it now.
+    pub outstanding: u64,
+    /// Requests picked for it since it was registered (RequestCountPerTarget).
+    pub requests: u64,
+}
+
+/// A runtime target group, shared by every connection (wrap it in an `Arc`).
+///
+/// One short mutex section per pick (no I/O, no allocation; cookies are checked before it
+/// and sealed after it). The outstanding count of a pick is released without the lock when
+/// its [`Picked`] drops.
+#[derive(Debug)]
+pub struct TargetGroup {
+    config: TargetGroupConfig,
+    key: CookieKey,
+    inner: Mutex<Inner>,
+    requests: AtomicU64,
+    unhealthy_routing_requests: AtomicU64,
+    non_sticky_requests: AtomicU64,
+}
+
+impl TargetGroup {
+    /// An empty group (every pick is `None` until targets are registered).
+    pub fn new(config: TargetGroupConfig) -> Self {
+        Self::with_rng(config, StdRng::from_os_rng())
+    }
+
+    /// An empty group whose `weighted_random` draws come from `seed`: reproducible picks for
+    /// tests and simulations. Cookie keys stay random.
+    pub fn with_seed(config: TargetGroupConfig, seed: u64) -> Self {
+        Self::with_rng(config, StdRng::seed_from_u64(seed))
+    }
+
+    fn with_rng(config: TargetGroupConfig, rng: StdRng) -> Self {
+        Self {
+            config,
+            key: CookieKey::random(),
+            inner: Mutex::new(Inner {
+                slots: Vec::new(),
+                next_id: 1,
+                cursor: 0,
+                rng,
+            }),
+            requests: AtomicU64::new(0),
+            unhealthy_routing_requests: AtomicU64::new(0),
+            non_sticky_requests: AtomicU64::new(0),
+        }
+    }
+
+    /// The group's configuration.
+    pub fn config(&self) -> &TargetGroupConfig {
+        &self.config
+    }
+
+    /// The group name (shortcut for `config().name`).
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // No code under the lock panics; if some did, the data is still consistent.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the registered targets. Targets that stay (same address) keep their state,
+    /// counters, round-robin position and stickiness id, and take the new weight; new ones
+    /// start `Healthy`; the others are deregistered. With duplicate addresses the last wins.
+    pub fn set_targets(&self, targets: Vec<TargetAddr>) {
+        let mut inner = self.lock();
+        let mut old = std::mem::take(&mut inner.slots);
+        for target in targets {
+            if let Some(i) = inner.slots.iter().position(|s| s.entry.addr == target.addr) {
+                inner.slots[i].weight = target.weight;
+            } else if let Some(i) = old.iter().position(|s| s.entry.addr == target.addr) {
+                let mut slot = old.swap_remove(i);
+                slot.weight = target.weight;
+                inner.slots.push(slot);
+            } else {
+                let slot = inner.new_slot(target);
+                inner.slots.push(slot);
+            }
+        }
+    }
+
+    /// Registers one target (`Healthy` until health checks exist). Registering an address
+    /// again only updates its weight.
+    pub fn register(&self, target: TargetAddr) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.iter_mut().find(|s| s.entry.addr == target.addr) {
+            slot.weight = target.weight;
+        } else {
+            let slot = inner.new_slot(target);
+            inner.slots.push(slot);
+        }
+    }
+
+    /// Deregisters a target at once: no new requests; requests in flight keep their
+    /// [`Picked`] and finish. Returns whether it was registered. (The deregistration delay
+    /// belongs to the draining issue: it will set [`TargetState::Draining`] first.)
+    pub fn deregister(&self, addr: SocketAddr) -> bool {
+        let mut inner = self.lock();
+        let before = inner.slots.len();
+        inner.slots.retain(|s| s.entry.addr != addr);
+        inner.slots.len() != before
+    }
+
+    /// Sets a target's state (its reason is cleared). Returns whether it is registered.
+    pub fn set_state(&self, addr: SocketAddr, state: TargetState) -> bool {
+        self.update(addr, state, None)
+    }
+
+    /// Sets a target's state from an AWS reason code (the reason implies the state).
+    /// Returns whether it is registered.
+    pub fn set_reason(&self, addr: SocketAddr, reason: TargetReason) -> bool {
+        self.update(addr, reason.state(), Some(reason))
+    }
+
+    fn update(&self, addr: SocketAddr, state: TargetState, reason: Option<TargetReason>) -> bool {
+        let mut inner = self.lock();
+        let Some(slot) = inner.slots.iter_mut().find(|s| s.entry.addr == addr) else {
+            return false;
+        };
+        if slot.state.in_service() != state.in_service() {
+            // A target (re)joining the rotation starts from a neutral round-robin position.
+            slot.current = 0;
+        }
+        slot.state = state;
+        slot.reason = reason;
+        true
+    }
+
+    /// Every registered target, in registration order.
+    pub fn describe(&self) -> Vec<TargetStatus> {
+        let inner = self.lock();
+        inner
+            .slots
+            .iter()
+            .map(|s| TargetStatus {
+                addr: s.entry.addr,
+                weight: s.weight,
+                state: s.state,
+                reason: s.reason,
+                outstanding: s.entry.outstanding.load(Ordering::Relaxed),
+                requests: s.entry.requests.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Number of targets in service (HealthyHostCount) and registered but not in service
+    /// (UnHealthyHostCount), as CloudWatch counts them.
+    pub fn host_counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let healthy = inner.slots.iter().filter(|s| s.state.in_service()).count();
+        (healthy, inner.slots.len() - healthy)
+    }
+
+    /// The group-wide counters.
+    pub fn counters(&self) -> TargetGroupCounters {
+        TargetGroupCounters {
+            requests: self.requests.load(Ordering::Relaxed),
+            unhealthy_routing_requests: self.unhealthy_routing_requests.load(Ordering::Relaxed),
+            non_sticky_requests: self.non_sticky_requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Picks a target for a request. `request_cookies` is the request's `Cookie` value (several
+    /// `Cookie` lines joined with `"; "`), read only for stickiness.
+    ///
+    /// `None` when no registered target can take requests (none registered, or all
+    /// draining/unused): the caller answers 503. When targets are registered but none is in
+    /// service, the group fails open and routes among all of them (UnhealthyRoutingRequestCount).
+    pub fn pick(&self, request_cookies: Option<&str>) -> Option<Picked> {
+        self.pick_at(request_cookies, SystemTime::now())
+    }
+
+    /// [`pick`](Self::pick) at a given time (cookie expiry is checked and set against `now`).
+    pub fn pick_at(&self, request_cookies: Option<&str>, now: SystemTime) -> Option<Picked> {
+        // Cookie checks (HMAC) need no lock: done before taking it.
+        let sticky_id = request_cookies.and_then(|cookies| self.sticky_target(cookies, now));
+        let mut inner = self.lock();
+        let shares = Shares::of(&inner.slots);
+        if inner.slots.iter().all(|s| shares.share(s) == 0) {
+            return None;
+        }
+        let sticky_index = sticky_id.and_then(|id| {
+            inner
+                .slots
+                .iter()
+                .position(|s| s.id == id && shares.share(s) > 0)
+        });
+        let index = match sticky_index {
+            Some(i) => i,
+            None => match self.config.algorithm {
+                Algorithm::RoundRobin => inner.smooth_weighted_round_robin(shares),
+                Algorithm::LeastOutstandingRequests => inner.least_outstanding(shares),
+                Algorithm::WeightedRandom => inner.weighted_random(shares),
+            },
+        };
+        let failing_open = shares.failing_open;
+
+        let slot = &inner.slots[index];
+        let entry = Arc::clone(&slot.entry);
+        // Counted under the lock, so the next least-outstanding pick already sees it.
+        entry.outstanding.fetch_add(1, Ordering::Relaxed);
+        entry.requests.fetch_add(1, Ordering::Relaxed);
+        let target_id = slot.id;
+        drop(inner);
+
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if failing_open {
+            self.unhealthy_routing_requests
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let sticky = sticky_index.is_some();
+        if self.config.stickiness.enabled() && !sticky {
+            self.non_sticky_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        let cookie = self.issue(target_id, now);
+        Some(Picked {
+            addr: entry.addr,
+            entry,
+            sticky,
+            cookie,
+        })
+    }
+
+    /// The target id a request's stickiness cookies pin it to, if they are valid.
+    fn sticky_target(&self, cookies: &str, now: SystemTime) -> Option<u64> {
+        match &self.config.stickiness {
+            Stickiness::None => None,
+            Stickiness::LbCookie { .. } => sticky::cookie_values(cookies, LB_COOKIE)
+                .find_map(|v| self.key.open(CookieKind::Lb, v, now)),
+            Stickiness::AppCookie { cookie_name, .. } => {
+                // Sticky only while the application's own cookie is present.
+                sticky::cookie_values(cookies, cookie_name).next()?;
+                sticky::cookie_values(cookies, APP_COOKIE)
+                    .find_map(|v| self.key.open(CookieKind::App, v, now))
+            }
+        }
+    }
+
+    /// The cookie to hand the client for this pick, if stickiness is on.
+    fn issue(&self, target_id: u64, now: SystemTime) -> Option<IssuedCookie> {
+        let (kind, duration, app_cookie) = match &self.config.stickiness {
+            Stickiness::None => return None,
+            Stickiness::LbCookie { duration } => (CookieKind::Lb, *duration, None),
+            Stickiness::AppCookie {
+                cookie_name,
+                duration,
+            } => (CookieKind::App, *duration, Some(cookie_name.clone())),
+        };
+        let expires = sticky::expiry(now, duration);
+        Some(IssuedCookie {
+            value: self.key.seal(kind, target_id, expires),
+            expires,
+            app_cookie,
+        })
+    }
+}
+
+/// Which targets may take a new request now, and their share of requests.
+#[derive(Debug, Clone, Copy)]
+struct Shares {
+    /// No target is in service: fail open to the ones that are merely unhealthy or initial.
+    failing_open: bool,
+    /// Every routable target has weight 0: they share equally instead of refusing traffic.
+    all_weightless: bool,
+}
+
+impl Shares {
+    fn of(slots: &[Slot]) -> Self {
+        let failing_open = !slots.iter().any(|s| s.state.in_service());
+        let mut shares = Self {
+            failing_open,
+            all_weightless: false,
+        };
+        shares.all_weightless = slots
+            .iter()
+            .filter(|s| shares.routable(s))
+            .all(|s| s.weight == 0);
+        shares
+    }
+
+    fn routable(self, slot: &Slot) -> bool {
+        if self.failing_open {
+            slot.state.routable_when_failing_open()
+        } else {
+            slot.state.in_service()
+        }
+    }
+
+    /// The target's share of new requests: 0 for none.
+    fn share(self, slot: &Slot) -> u64 {
+        match (self.routable(slot), self.all_weightless) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => u64::from(slot.weight),
+        }
+    }
+}
+
+impl Inner {
+    fn new_slot(&mut self, target: TargetAddr) -> Slot {
+        let id = self.next_id;
+        self.next_id += 1;
+        Slot {
+            entry: Arc::new(TargetEntry {
+                addr: target.addr,
+                outstanding: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+            }),
+            id,
+            weight: target.weight,
+            state: TargetState::Healthy,
+            reason: None,
+            current: 0,
+        }
+    }
+
+    /// nginx's smooth weighted round robin: every candidate gains its weight, the richest is
+    /// chosen and pays the total. Exact over a cycle of sum(weights) picks, and spread out
+    /// (weights 5,1,1 give a a b a c a a, not a a a a a b c).
+    fn smooth_weighted_round_robin(&mut self, shares: Shares) -> usize {
+        let mut total: i64 = 0;
+        let mut best: Option<(usize, i64)> = None;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let share = shares.share(slot);
+            if share == 0 {
+                continue;
+            }
+            // Shares are u32 weights, far from i64's range.
+            let share = i64::try_from(share).unwrap_or(i64::from(u32::MAX));
+            slot.current += share;
+            total += share;
+            if best.is_none_or(|(_, richest)| slot.current > richest) {
+                best = Some((i, slot.current));
+            }
+        }
+        // The caller checked that some share is positive, so `best` is set.
+        let best = best.map_or(0, |(i, _)| i);
+        self.slots[best].current -= total;
+        best
+    }
+
+    /// Fewest outstanding requests among candidates; ties broken round robin.
+    fn least_outstanding(&mut self, shares: Shares) -> usize {
+        let n = self.slots.len();
+        let start = self.cursor % n;
+        let mut best: Option<(usize, u64)> = None;
+        for offset in 0..n {
+            let i = (start + offset) % n;
+            if shares.share(&self.slots[i]) == 0 {
+                continue;
+            }
+            let outstanding = self.slots[i].entry.outstanding.load(Ordering::Relaxed);
+            if best.is_none_or(|(_, fewest)| outstanding < fewest) {
+                best = Some((i, outstanding));
+            }
+        }
+        let best = best.map_or(0, |(i, _)| i);
+        self.cursor = best + 1;
+        best
+    }
+
+    /// A candidate with probability share / sum(shares).
+    fn weighted_random(&mut self, shares: Shares) -> usize {
+        let total: u64 = self.slots.iter().map(|s| shares.share(s)).sum();
+        let mut ticket = self.rng.random_range(0..total.max(1));
+        for (i, slot) in self.slots.iter().enumerate() {
+            let share = shares.share(slot);
+            if ticket < share {
+                return i;
+            }
+            ticket -= share;
+        }
+        // Unreachable: the tickets cover exactly the shares.
+        0
+    }
+}
+
+/// The pending cookie of a pick.
+#[derive(Debug)]
+struct IssuedCookie {
+    value: String,
+    expires: SystemTime,
+    /// For application-based stickiness, the application's cookie name.
+    app_cookie: Option<String>,
+}
+
+/// A chosen target. While it lives it counts one outstanding request on its target (least
+/// outstanding requests reads that count); dropping it releases the count. Keep it until the
+/// response body is done.
+#[derive(Debug)]
+pub struct Picked {
+    /// Where to send the request.
+    pub addr: SocketAddr,
+    entry: Arc<TargetEntry>,
+    sticky: bool,
+    cookie: Option<IssuedCookie>,
+}
+
+impl Picked {
+    /// Whether a valid stickiness cookie chose this target (otherwise the algorithm did, and
+    /// with stickiness on the request counted as NonStickyRequestCount).
+    pub fn sticky(&self) -> bool {
+        self.sticky
+    }
+
+    /// `Set-Cookie` values to append to the response (one header line each), given the
+    /// target's response headers:
+    ///
+    /// - `lb_cookie`: always `AWSALB` and `AWSALBCORS` (`SameSite=None; Secure`), refreshed
+    ///   on every response as AWS does;
+    /// - `app_cookie`: `AWSALBAPP-0` only when the response sets the application cookie
+    ///   (AWS inserts a new stickiness cookie only then);
+    /// - no stickiness: nothing.
+    pub fn set_cookies(&self, response_headers: &HeaderMap) -> Vec<HeaderValue> {
+        let Some(cookie) = &self.cookie else {
+            return Vec::new();
+        };
+        match &cookie.app_cookie {
+            None => vec![
+                sticky::set_cookie(LB_COOKIE, &cookie.value, cookie.expires, ""),
+                sticky::set_cookie(
+                    LB_CORS_COOKIE,
+                    &cookie.value,
+                    cookie.expires,
+                    "; SameSite=None; Secure",
+                ),
+            ],
+            Some(name) if sticky::response_sets_cookie(response_headers, name) => {
+                vec![sticky::set_cookie(
+                    APP_COOKIE,
+                    &cookie.value,
+                    cookie.expires,
+                    "",
+                )]
+            }
+            Some(_) => Vec::new(),
+        }
+    }
+
+    /// When the issued stickiness cookie expires (None without stickiness).
+    pub fn cookie_expires(&self) -> Option<SystemTime> {
+        self.cookie.as_ref().map(|c| c.expires)
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.entry.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::targets::parse_target_group;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 8080))
+    }
+
+    fn group(spec: &str, weights: &[u32]) -> TargetGroup {
+        let group = TargetGroup::with_seed(parse_target_group(spec).unwrap(), 7);
+        group.set_targets(
+            (1..)
+                .zip(weights)
+                .map(|(n, &w)| TargetAddr::with_weight(addr(n), w))
+                .collect(),
+        );
+        group
+    }
+
+    fn pick_addr(group: &TargetGroup) -> SocketAddr {
+        group.pick(None).expect("a target").addr
+    }
+
+    fn counts(group: &TargetGroup, picks: usize) -> HashMap<SocketAddr, usize> {
+        let mut counts = HashMap::new();
+        for _ in 0..picks {
+            *counts.entry(pick_addr(group)).or_default() += 1;
+        }
+        counts
+    }
+
+    /// The value of the first `Set-Cookie` line called `name`.
+    fn issued(cookies: &[HeaderValue], name: &str) -> Option<String> {
+        cookies.iter().find_map(|line| {
+            let line = line.to_str().ok()?;
+            let (n, rest) = line.split_once('=')?;
+            (n == name).then(|| rest.split(';').next().unwrap_or_default().to_owned())
+        })
+    }
+
+    fn lb_cookie_of(picked: &Picked) -> String {
+        issued(&picked.set_cookies(&HeaderMap::new()), "AWSALB").expect("an AWSALB cookie")
+    }
+
+    #[test]
+    fn group_and_guard_can_cross_threads_and_awaits() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<TargetGroup>();
+        send_sync::<Picked>();
+    }
+
+    #[test]
+    fn no_registered_target_picks_nothing() {
+        let group = group("web", &[]);
+        assert!(group.pick(None).is_none());
+        assert_eq!(group.counters().requests, 0);
+    }
+
+    #[test]
+    fn round_robin_gives_each_target_exactly_one_request_per_cycle() {
+        let group = group("web", &[1, 1, 1]);
+        let picks: Vec<_> = (0..30).map(|_| pick_addr(&group)).collect();
+        for cycle in picks.chunks(3) {
+            let mut cycle = cycle.to_vec();
+            cycle.sort();
+            assert_eq!(cycle, [addr(1), addr(2), addr(3)]);
+        }
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_is_exact_and_spread_out() {
+        let group = group("web", &[5, 1, 1]);
+        let first: Vec<_> = (0..7).map(|_| pick_addr(&group)).collect();
+        // nginx's documented sequence for weights 5, 1, 1: a a b a c a a.
+        let (a, b, c) = (addr(1), addr(2), addr(3));
+        assert_eq!(first, [a, a, b, a, c, a, a]);
+        let counts = counts(&group, 70);
+        assert_eq!((counts[&a], counts[&b], counts[&c]), (50, 10, 10));
+    }
+
+    #[test]
+    fn zero_weight_target_gets_no_requests_unless_all_are_zero() {
+        let group = group("web", &[0, 2]);
+        assert_eq!(counts(&group, 10).get(&addr(1)), None);
+        let all_zero = self::group("web", &[0, 0]);
+        let counts = counts(&all_zero, 10);
+        assert_eq!((counts[&addr(1)], counts[&addr(2)]), (5, 5));
+    }
+
+    #[test]
+    fn least_outstanding_avoids_targets_holding_requests() {
+        let group = group("web,algorithm=least_outstanding_requests", &[1, 1, 1]);
+        let busy = group.pick(None).unwrap();
+        let also_busy = group.pick(None).unwrap();
+        assert_ne!(busy.addr, also_busy.addr);
+        let idle = [addr(1), addr(2), addr(3)]
+            .into_iter()
+            .find(|a| *a != busy.addr && *a != also_busy.addr)
+            .unwrap();
+        for _ in 0..10 {
+            // Dropped at once, so the idle target stays the least loaded.
+            assert_eq!(pick_addr(&group), idle);
+        }
+        drop(also_busy);
+        let freed = group.pick(None).unwrap();
+        assert_ne!(freed.addr, busy.addr);
+    }
+
+    #[test]
+    fn least_outstanding_breaks_ties_round_robin() {
+        let group = group("web,algorithm=least_outstanding_requests", &[1, 1, 1]);
+        let picks: Vec<_> = (0..9).map(|_| pick_addr(&group)).collect();
+        for cycle in picks.chunks(3) {
+            let mut cycle = cycle.to_vec();
+            cycle.sort();
+            assert_eq!(cycle, [addr(1), addr(2), addr(3)]);
+        }
+    }
+
+    #[test]
+    fn weighted_random_follows_weights_within_five_points() {
+        let group = group("web,algorithm=weighted_random", &[1, 3]);
+        let counts = counts(&group, 2000);
+        let share = |a| counts.get(&a).copied().unwrap_or(0) as f64 / 20.0;
+        assert!((share(addr(1)) - 25.0).abs() <= 5.0, "{counts:?}");
+        assert!((share(addr(2)) - 75.0).abs() <= 5.0, "{counts:?}");
+    }
+
+    #[test]
+    fn weighted_random_with_the_same_seed_repeats_itself() {
+        let a = group("web,algorithm=weighted_random", &[1, 1, 1]);
+        let b = group("web,algorithm=weighted_random", &[1, 1, 1]);
+        let picks = |g: &TargetGroup| (0..50).map(|_| pick_addr(g)).collect::<Vec<_>>();
+        let first = picks(&a);
+        assert_eq!(first, picks(&b));
+        assert!(first.iter().any(|p| *p != first[0]), "not random at all");
+    }
+
+    #[test]
+    fn lb_cookie_pins_every_later_request_to_the_first_target() {
+        let group = group("web,stickiness=lb_cookie", &[1, 1, 1]);
+        let first = group.pick(None).unwrap();
+        assert!(!first.sticky());
+        let cookie = format!("other=1; AWSALB={}", lb_cookie_of(&first));
+        for _ in 0..50 {
+            let picked = group.pick(Some(&cookie)).unwrap();
+            assert_eq!(picked.addr, first.addr);
+            assert!(picked.sticky());
+        }
+        assert_eq!(group.counters().non_sticky_requests, 1);
+        assert_eq!(group.counters().requests, 51);
+    }
+
+    #[test]
+    fn lb_cookie_comes_with_a_cors_copy_and_an_expiry() {
+        let group = group("web,stickiness=lb_cookie:60", &[1]);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_717);
+        let picked = group.pick_at(None, now).unwrap();
+        let lines: Vec<String> = picked
+            .set_cookies(&HeaderMap::new())
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("AWSALB="));
+        assert!(lines[0].ends_with("; Expires=Sun, 06 Nov 1994 08:49:37 GMT; Path=/"));
+        assert!(lines[1].starts_with("AWSALBCORS="));
+        assert!(lines[1].ends_with("; Path=/; SameSite=None; Secure"));
+        assert_eq!(
+            lines[0].split(';').next().unwrap()["AWSALB=".len()..],
+            lines[1].split(';').next().unwrap()["AWSALBCORS=".len()..]
+        );
+        // The address is not readable in the value, neither as text nor as hex bytes.
+        assert!(!lines[0].contains("127.0.0.1"));
+        assert!(!lines[0].contains("7f000001"));
+    }
+
+    #[test]
+    fn tampered_lb_cookie_is_ignored_and_replaced() {
+        let group = group("web,stickiness=lb_cookie", &[1, 1]);
+        let first = group.pick(None).unwrap();
+        let mut value = lb_cookie_of(&first).into_bytes();
+        let last = value.len() - 1;
+        value[last] = if value[last] == b'0' { b'1' } else { b'0' };
+        let tampered = format!("AWSALB={}", String::from_utf8(value).unwrap());
+        let picks: Vec<_> = (0..4)
+            .map(|_| group.pick(Some(&tampered)).unwrap())
+            .collect();
+        assert!(picks.iter().all(|p| !p.sticky()));
+        // Balanced by the algorithm again, not pinned.
+        assert!(picks.iter().any(|p| p.addr != first.addr));
+        assert_ne!(format!("AWSALB={}", lb_cookie_of(&picks[0])), tampered);
+        assert_eq!(group.counters().non_sticky_requests, 5);
+    }
+
+    #[test]
+    fn expired_lb_cookie_is_ignored() {
+        let group = group("web,stickiness=lb_cookie:60", &[1, 1]);
+        let start = SystemTime::now();
+        let first = group.pick_at(None, start).unwrap();
+        let cookie = format!("AWSALB={}", lb_cookie_of(&first));
+        let within = group
+            .pick_at(Some(&cookie), start + Duration::from_secs(59))
+            .unwrap();
+        assert!(within.sticky());
+        let after = group
+            .pick_at(Some(&cookie), start + Duration::from_secs(61))
+            .unwrap();
+        assert!(!after.sticky());
+    }
+
+    #[test]
+    fn cookie_of_another_group_is_ignored() {
+        let one = group("one,stickiness=lb_cookie", &[1, 1]);
+        let two = group("two,stickiness=lb_cookie", &[1, 1]);
+        let cookie = format!("AWSALB={}", lb_cookie_of(&one.pick(None).unwrap()));
+        assert!(!two.pick(Some(&cookie)).unwrap().sticky());
+    }
+
+    #[test]
+    fn deregistered_sticky_target_is_replaced_by_a_new_pick() {
+        let group = group("web,stickiness=lb_cookie", &[1, 1]);
+        let first = group.pick(None).unwrap();
+        let cookie = format!("AWSALB={}", lb_cookie_of(&first));
+        assert!(group.deregister(first.addr));
+        let picked = group.pick(Some(&cookie)).unwrap();
+        assert_ne!(picked.addr, first.addr);
+        assert!(!picked.sticky());
+        // Registering the address again is a new registration: the old cookie stays invalid.
+        group.register(TargetAddr::new(first.addr));
+        for _ in 0..4 {
+            assert!(!group.pick(Some(&cookie)).unwrap().sticky());
+        }
+    }
+
+    #[test]
+    fn sticky_target_out_of_service_is_replaced_while_others_are_healthy() {
+        let group = group("web,stickiness=lb_cookie", &[1, 1]);
+        let first = group.pick(None).unwrap();
+        let cookie = format!("AWSALB={}", lb_cookie_of(&first));
+        assert!(group.set_reason(first.addr, TargetReason::Timeout));
+        for _ in 0..4 {
+            let picked = group.pick(Some(&cookie)).unwrap();
+            assert_ne!(picked.addr, first.addr);
+            assert!(!picked.sticky());
+        }
+        assert!(group.set_state(first.addr, TargetState::Healthy));
+        assert!(group.pick(Some(&cookie)).unwrap().sticky());
+    }
+
+    #[test]
+    fn app_cookie_sticks_only_while_the_application_cookie_is_present() {
+        let group = group("web,stickiness=app_cookie:SESSION:600", &[1, 1, 1]);
+        let first = group.pick(None).unwrap();
+        // The application did not set its cookie: nothing to add.
+        assert!(first.set_cookies(&HeaderMap::new()).is_empty());
+        let mut response = HeaderMap::new();
+        response.append(
+            http::header::SET_COOKIE,
+            HeaderValue::from_static("SESSION=s1; HttpOnly"),
+        );
+        let lines = first.set_cookies(&response);
+        assert_eq!(lines.len(), 1);
+        let value = issued(&lines, "AWSALBAPP-0").expect("AWSALBAPP-0");
+
+        let with_session = format!("SESSION=s1; AWSALBAPP-0={value}");
+        for _ in 0..10 {
+            let picked = group.pick(Some(&with_session)).unwrap();
+            assert_eq!(picked.addr, first.addr);
+            assert!(picked.sticky());
+        }
+        let without_session = format!("AWSALBAPP-0={value}");
+        let picks: Vec<_> = (0..3)
+            .map(|_| group.pick(Some(&without_session)).unwrap())
+            .collect();
+        assert!(picks.iter().all(|p| !p.sticky()));
+        assert!(picks.iter().any(|p| p.addr != first.addr));
+        // An lb_cookie value is not an app cookie value.
+        let lb = self::group("web,stickiness=lb_cookie", &[1]);
+        let foreign = format!(
+            "SESSION=s1; AWSALBAPP-0={}",
+            lb_cookie_of(&lb.pick(None).unwrap())
+        );
+        assert!(!group.pick(Some(&foreign)).unwrap().sticky());
+    }
+
+    #[test]
+    fn without_stickiness_no_cookie_and_no_non_sticky_count() {
+        let group = group("web", &[1]);
+        let picked = group.pick(Some("AWSALB=whatever")).unwrap();
+        assert!(picked.set_cookies(&HeaderMap::new()).is_empty());
+        assert!(!picked.sticky());
+        assert_eq!(group.counters().non_sticky_requests, 0);
+    }
+
+    #[test]
+    fn all_unhealthy_fails_open_and_counts_it() {
+        let group = group("web", &[1, 1]);
+        group.set_reason(addr(1), TargetReason::FailedHealthChecks);
+        group.set_state(addr(2), TargetState::Unhealthy);
+        let spread = counts(&group, 4);
+        assert_eq!((spread[&addr(1)], spread[&addr(2)]), (2, 2));
+        assert_eq!(group.counters().unhealthy_routing_requests, 4);
+        // One healthy target again: it takes everything, nothing counts as unhealthy routing.
+        group.set_state(addr(2), TargetState::Healthy);
+        assert_eq!(counts(&group, 4)[&addr(2)], 4);
+        assert_eq!(group.counters().unhealthy_routing_requests, 4);
+    }
+
+    #[test]
+    fn draining_and_unused_targets_never_get_new_requests() {
+        let group = group("web", &[1, 1]);
+        group.set_reason(addr(1), TargetReason::DeregistrationInProgress);
+        assert_eq!(counts(&group, 4)[&addr(2)], 4);
+        group.set_state(addr(2), TargetState::Unused);
+        assert!(group.pick(None).is_none());
+    }
+
+    #[test]
+    fn describe_reports_state_reason_and_outstanding() {
+        let group = group("web", &[3]);
+        group.set_reason(addr(1), TargetReason::ResponseCodeMismatch);
+        let picked = group.pick(None).unwrap();
+        let status = group.describe();
+        assert_eq!(
+            status,
+            [TargetStatus {
+                addr: addr(1),
+                weight: 3,
+                state: TargetState::Unhealthy,
+                reason: Some(TargetReason::ResponseCodeMismatch),
+                outstanding: 1,
+                requests: 1,
+            }]
+        );
+        drop(picked);
+        assert_eq!(group.describe()[0].outstanding, 0);
+        assert_eq!(group.host_counts(), (0, 1));
+    }
+
+    #[test]
+    fn set_targets_keeps_the_state_of_targets_that_stay() {
+        let group = group("web", &[1, 1]);
+        group.set_state(addr(2), TargetState::Unhealthy);
+        let held = group.pick(None).unwrap();
+        assert_eq!(held.addr, addr(1));
+        group.set_targets(vec![
+            TargetAddr::with_weight(addr(2), 4),
+            TargetAddr::new(addr(3)),
+            TargetAddr::with_weight(addr(1), 2),
+        ]);
+        let status = group.describe();
+        let by_addr: HashMap<_, _> = status.iter().map(|s| (s.addr, s)).collect();
+        assert_eq!(by_addr.len(), 3);
+        assert_eq!(by_addr[&addr(2)].state, TargetState::Unhealthy);
+        assert_eq!(by_addr[&addr(2)].weight, 4);
+        assert_eq!(by_addr[&addr(1)].outstanding, 1);
+        assert_eq!(by_addr[&addr(1)].weight, 2);
+        assert_eq!(by_addr[&addr(3)].state, TargetState::Healthy);
+        group.set_targets(vec![TargetAddr::new(addr(3))]);
+        assert_eq!(group.describe().len(), 1);
+        // The request in flight on a removed target still finishes and releases cleanly.
+        drop(held);
+        assert!(!group.deregister(addr(1)));
+        assert!(!group.set_state(addr(1), TargetState::Healthy));
+    }
+
+    #[test]
+    fn concurrent_picks_keep_counters_consistent() {
+        const THREADS: usize = 4;
+        const PICKS: usize = 2000;
+        for algorithm in [
+            "round_robin",
+            "least_outstanding_requests",
+            "weighted_random",
+        ] {
+            let group = Arc::new(group(&format!("web,algorithm={algorithm}"), &[1, 2, 3]));
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let group = Arc::clone(&group);
+                    std::thread::spawn(move || {
+                        let mut held = Vec::new();
+                        for i in 0..PICKS {
+                            held.push(group.pick(None).expect("a target"));
+                            if i % 3 == 0 {
+                                held.clear();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for handle in handles {
+                handle.join().expect("picking thread");
+            }
+            let status = group.describe();
+            assert!(
+                status.iter().all(|s| s.outstanding == 0),
+                "{algorithm}: {status:?}"
+            );
+            let total: u64 = status.iter().map(|s| s.requests).sum();
+            assert_eq!(total, (THREADS * PICKS) as u64, "{algorithm}");
+            assert_eq!(group.counters().requests, total, "{algorithm}");
+        }
+    }
+
+    #[test]
+    fn round_robin_stays_exact_under_concurrency() {
+        let group = Arc::new(group("web", &[1, 1, 1, 1]));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let group = Arc::clone(&group);
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        drop(group.pick(None));
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().expect("picking thread");
+        }
+        assert!(group.describe().iter().all(|s| s.requests == 1000));
+    }
+}

@@ -1,0 +1,149 @@
+//! Target failures map to ALB's statuses: 502 for refused, broken or malformed, 504 for slow.
+mod support_client;
+
+use std::time::Duration;
+
+use lb::proxy::client::{ClientConfig, Forwarder};
+use lb::proxy::error::ProxyError;
+use support_client::{
+    RawBehaviour, RawTarget, SAFETY, answering_target, config, forward_collect, get, plain,
+};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+#[tokio::test]
+async fn a_refused_connection_is_a_502_connect_error() {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    drop(listener);
+    let error = forward_collect(&Forwarder::new(config()), &plain(addr), get("/"))
+        .await
+        .expect_err("nobody listens");
+    assert!(matches!(error, ProxyError::Connect { .. }), "{error:?}");
+    assert_eq!(error.status(), 502);
+}
+
+#[tokio::test]
+async fn a_target_that_never_answers_is_a_504_after_the_idle_timeout() {
+    let (addr, _target) = answering_target(b"").await;
+    let forwarder = Forwarder::new(ClientConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    let error = forward_collect(&forwarder, &plain(addr), get("/"))
+        .await
+        .expect_err("no answer");
+    assert!(
+        matches!(error, ProxyError::TargetTimeout { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), 504);
+}
+
+#[tokio::test]
+async fn a_target_answering_garbage_is_a_502() {
+    let (addr, _target) = answering_target(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+    let error = forward_collect(&Forwarder::new(config()), &plain(addr), get("/"))
+        .await
+        .expect_err("garbage");
+    assert!(
+        matches!(error, ProxyError::TargetFailed { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), 502);
+}
+
+#[tokio::test]
+async fn a_target_closing_without_answering_is_a_502() {
+    let target = RawTarget::start(RawBehaviour {
+        reset_after_reading_request: Some(1),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let error = forward_collect(&Forwarder::new(config()), &plain(target.addr), get("/"))
+        .await
+        .expect_err("reset");
+    assert!(
+        matches!(error, ProxyError::TargetFailed { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), 502);
+    assert_eq!(
+        target.seen().len(),
+        1,
+        "a failure on a new connection is not retried"
+    );
+}
+
+#[tokio::test]
+async fn response_headers_over_32_kib_are_a_502() {
+    let target = RawTarget::start(RawBehaviour {
+        pad_response_headers_to: Some(33 * 1024),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let error = forward_collect(&Forwarder::new(config()), &plain(target.addr), get("/"))
+        .await
+        .expect_err("too large");
+    assert!(
+        matches!(error, ProxyError::TargetFailed { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), 502);
+    let cause =
+        std::error::Error::source(&error).and_then(|cause| cause.downcast_ref::<hyper::Error>());
+    assert!(
+        cause.is_some_and(hyper::Error::is_parse_too_large),
+        "rejected for its size: {error:?}"
+    );
+}
+
+#[tokio::test]
+async fn response_headers_just_under_32_kib_pass() {
+    let target = RawTarget::start(RawBehaviour {
+        pad_response_headers_to: Some(31 * 1024),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let (forwarded, _) = forward_collect(&Forwarder::new(config()), &plain(target.addr), get("/"))
+        .await
+        .expect("within the limit");
+    assert_eq!(forwarded.response.status(), 200);
+    assert!(forwarded.response.headers()["x-pad"].len() > 30 * 1024);
+}
+
+/// A listener with backlog 0 whose accept queue is full drops new SYNs, so connecting hangs:
+/// deterministic on Linux loopback as long as the queued connections are never accepted.
+#[tokio::test]
+async fn a_connection_not_established_within_the_connect_timeout_is_a_504() {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind loopback");
+    let addr = socket.local_addr().expect("local address");
+    let _listener = socket.listen(0).expect("listen");
+    // Fill the accept queue until a connect no longer completes.
+    let mut queued = Vec::new();
+    loop {
+        assert!(queued.len() < 16, "the accept queue never filled");
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            Ok(Err(error)) => panic!("connecting to the filling listener failed: {error}"),
+            Err(_) => break,
+        }
+    }
+    let forwarder = Forwarder::new(ClientConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    let error = tokio::time::timeout(SAFETY, forward_collect(&forwarder, &plain(addr), get("/")))
+        .await
+        .expect("within the safety net")
+        .expect_err("cannot connect");
+    assert!(
+        matches!(error, ProxyError::ConnectTimeout { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), 504);
+}

@@ -1,0 +1,399 @@
+//! Stale keep-alive connections never fail requests: Keep-Alive hints, learned idle-close
+//! times, and the one safe retry on a new connection.
+mod support_client;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lb::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
+use lb::proxy::error::ProxyError;
+use rand::Rng;
+use support_client::{RawBehaviour, RawTarget, config, forward_collect, get, plain, request};
+
+/// The target closes connections idle this long.
+const TARGET_IDLE_CLOSE: Duration = Duration::from_millis(200);
+/// Requests in the measured run (half of them POSTs with unique bodies).
+const REQUESTS: usize = 300;
+/// Requests are spaced TARGET_IDLE_CLOSE ± this, so most reach the target within the ~1 ms
+/// race window around its close (a looser spacing would prove nothing).
+const JITTER_MICROS: i64 = 2_000;
+
+fn stats_of(forwarder: &Forwarder) -> TargetPoolStats {
+    let stats = forwarder.stats();
+    assert_eq!(stats.len(), 1, "one target, one pool: {stats:?}");
+    stats.into_iter().next().expect("one pool")
+}
+
+/// Sends requests spaced at the target's idle-close time and checks that none fails and that
+/// no POST reached the target twice. Returns the pool stats afterwards.
+async fn requests_at_the_close_time_all_succeed(advertise_keep_alive: bool) -> TargetPoolStats {
+    let target = RawTarget::start(RawBehaviour {
+        idle_close_after: Some(TARGET_IDLE_CLOSE),
+        keep_alive_header: advertise_keep_alive.then(|| "timeout=0.2".to_string()),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(config());
+    let mut failures = Vec::new();
+    let mut posts = Vec::new();
+
+    // Without a hint, nothing can be known before the target has closed one idle connection:
+    // a POST racing that very first close could not be retried safely. GETs can, so the run
+    // starts with GETs at the same spacing until the first close has been observed.
+    let mut warm_up = 0;
+    if !advertise_keep_alive {
+        while stats_of_or_none(&forwarder)
+            .and_then(|s| s.learned_idle_close)
+            .is_none()
+        {
+            warm_up += 1;
+            assert!(warm_up <= 50, "the target's idle close was never observed");
+            if let Err(error) =
+                forward_collect(&forwarder, &endpoint, get(&format!("/warm-up/{warm_up}"))).await
+            {
+                failures.push(format!("warm-up GET {warm_up}: {error}"));
+            }
+            pause().await;
+        }
+    }
+
+    for i in 0..REQUESTS {
+        let result = if i.is_multiple_of(2) {
+            let payload = format!("post-{i}-{}", rand::rng().random::<u64>());
+            posts.push(payload.clone());
+            forward_collect(
+                &forwarder,
+                &endpoint,
+                request("POST", &format!("/post/{i}"), payload),
+            )
+            .await
+        } else {
+            forward_collect(&forwarder, &endpoint, get(&format!("/get/{i}"))).await
+        };
+        match result {
+            Ok((forwarded, _)) if forwarded.response.status() == 200 => {}
+            Ok((forwarded, _)) => failures.push(format!(
+                "request {i}: status {}",
+                forwarded.response.status()
+            )),
+            Err(error) => failures.push(format!("request {i}: {error} ({})", error.status())),
+        }
+        pause().await;
+    }
+
+    assert!(
+        failures.is_empty(),
+        "{} of {REQUESTS} requests failed: {failures:#?}",
+        failures.len()
+    );
+    let mut post_bodies: HashMap<Vec<u8>, usize> = HashMap::new();
+    for seen in target
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.method == "POST")
+    {
+        *post_bodies.entry(seen.body).or_default() += 1;
+    }
+    let twice: Vec<_> = post_bodies.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "POST bodies the target saw more than once: {twice:?}"
+    );
+    for payload in &posts {
+        assert_eq!(
+            post_bodies.get(payload.as_bytes()),
+            Some(&1),
+            "POST {payload} reached the target once"
+        );
+    }
+    stats_of(&forwarder)
+}
+
+fn stats_of_or_none(forwarder: &Forwarder) -> Option<TargetPoolStats> {
+    forwarder.stats().into_iter().next()
+}
+
+/// Waits TARGET_IDLE_CLOSE ± JITTER_MICROS.
+async fn pause() {
+    let jitter = rand::rng().random_range(-JITTER_MICROS..=JITTER_MICROS);
+    let micros = i64::try_from(TARGET_IDLE_CLOSE.as_micros()).expect("small duration") + jitter;
+    tokio::time::sleep(Duration::from_micros(
+        u64::try_from(micros).expect("positive pause"),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_keepalive_connections_never_fail_requests_when_the_target_advertises_its_timeout() {
+    let stats = requests_at_the_close_time_all_succeed(true).await;
+    assert_eq!(stats.keep_alive_hint, Some(TARGET_IDLE_CLOSE), "{stats:?}");
+    assert!(
+        stats.reuse_limit < TARGET_IDLE_CLOSE,
+        "reuse stops before the advertised timeout: {stats:?}"
+    );
+    assert!(
+        stats.retired_early > 0,
+        "connections were retired before the target closed them: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_keepalive_connections_never_fail_requests_when_the_target_advertises_nothing() {
+    let stats = requests_at_the_close_time_all_succeed(false).await;
+    assert_eq!(stats.keep_alive_hint, None, "{stats:?}");
+    let learned = stats
+        .learned_idle_close
+        .expect("the idle-close time was learned");
+    assert!(
+        learned >= TARGET_IDLE_CLOSE / 2 && learned < Duration::from_secs(2),
+        "learned {learned:?} for a target closing after {TARGET_IDLE_CLOSE:?}: {stats:?}"
+    );
+    assert!(
+        stats.reuse_limit < TARGET_IDLE_CLOSE,
+        "reuse stops before the learned close time: {stats:?}"
+    );
+    assert!(
+        stats.retired_early > 0,
+        "connections were retired before the target closed them: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn pooled_connections_are_reused_well_within_the_targets_idle_close_time() {
+    let target = RawTarget::start(RawBehaviour {
+        idle_close_after: Some(Duration::from_secs(5)),
+        keep_alive_header: Some("timeout=5".into()),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(config());
+    for i in 0..20 {
+        let (forwarded, _) = forward_collect(&forwarder, &endpoint, get(&format!("/{i}")))
+            .await
+            .expect("request succeeds");
+        assert_eq!(forwarded.reused_connection, i > 0, "request {i}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = stats_of(&forwarder);
+    assert_eq!(
+        (stats.fresh, stats.reused, stats.retried),
+        (1, 19, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.reuse_limit, Duration::from_secs(4), "{stats:?}");
+    assert!(
+        target.seen().iter().all(|seen| seen.connection == 0),
+        "one connection served everything"
+    );
+}
+
+#[tokio::test]
+async fn a_post_on_a_connection_reset_after_the_request_was_read_is_not_retried() {
+    let target = RawTarget::start(RawBehaviour {
+        reset_after_reading_request: Some(2),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(config());
+    forward_collect(&forwarder, &endpoint, get("/first"))
+        .await
+        .expect("first request succeeds");
+
+    let error = forward_collect(&forwarder, &endpoint, request("POST", "/pay", "pay-once"))
+        .await
+        .expect_err("the POST may have been processed: no retry, an error");
+    assert!(
+        matches!(error, ProxyError::TargetFailed { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), 502);
+    let posts: Vec<_> = target
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.method == "POST")
+        .collect();
+    assert_eq!(
+        posts.len(),
+        1,
+        "the target saw the POST exactly once: {posts:?}"
+    );
+    assert_eq!(posts[0].body, b"pay-once");
+    assert_eq!(stats_of(&forwarder).retried, 0);
+}
+
+#[tokio::test]
+async fn a_get_on_a_connection_reset_after_the_request_was_read_is_retried_once_on_a_new_connection()
+ {
+    let target = RawTarget::start(RawBehaviour {
+        reset_after_reading_request: Some(2),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(config());
+    forward_collect(&forwarder, &endpoint, get("/first"))
+        .await
+        .expect("first request succeeds");
+
+    let (forwarded, body) = forward_collect(&forwarder, &endpoint, get("/again"))
+        .await
+        .expect("retried and answered");
+    assert_eq!(forwarded.response.status(), 200);
+    assert!(
+        forwarded.retried && !forwarded.reused_connection && forwarded.connect_time.is_some(),
+        "{forwarded:?}"
+    );
+    assert_eq!(body, "GET /again #1 on connection 1");
+    let attempts: Vec<_> = target
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.path == "/again")
+        .map(|s| s.connection)
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![0, 1],
+        "once on the reset connection, once on a new one"
+    );
+    assert_eq!(stats_of(&forwarder).retried, 1);
+}
+
+#[tokio::test]
+async fn an_idempotent_put_is_retried_with_its_body() {
+    let target = RawTarget::start(RawBehaviour {
+        reset_after_reading_request: Some(2),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(config());
+    forward_collect(&forwarder, &endpoint, get("/first"))
+        .await
+        .expect("first request succeeds");
+
+    let (forwarded, _) =
+        forward_collect(&forwarder, &endpoint, request("PUT", "/doc", "version-2"))
+            .await
+            .expect("retried and answered");
+    assert!(forwarded.retried, "{forwarded:?}");
+    let puts: Vec<_> = target
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.method == "PUT")
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(
+        puts,
+        vec![b"version-2".to_vec(), b"version-2".to_vec()],
+        "the same body both times"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_our_idle_timeout() {
+    let target = RawTarget::start(RawBehaviour::default()).await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(ClientConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    forward_collect(&forwarder, &endpoint, get("/a"))
+        .await
+        .expect("first request");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        stats_of(&forwarder).idle_connections,
+        1,
+        "pooled while younger than the idle timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = stats_of(&forwarder);
+    assert_eq!(
+        stats.idle_connections, 0,
+        "closed after the idle timeout: {stats:?}"
+    );
+    assert_eq!(
+        stats.retired_early, 0,
+        "our own idle timeout is not an early retirement: {stats:?}"
+    );
+    let (forwarded, _) = forward_collect(&forwarder, &endpoint, get("/b"))
+        .await
+        .expect("second request");
+    assert!(!forwarded.reused_connection);
+}
+
+#[tokio::test]
+async fn a_too_low_estimate_rises_again_when_a_retired_connection_survives() {
+    // Only the first connection is closed when idle (after 150 ms): a fluke, later ones live on.
+    let target = RawTarget::start(RawBehaviour {
+        idle_close_after: Some(Duration::from_millis(150)),
+        idle_close_first_connections: Some(1),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let endpoint = plain(target.addr);
+    let forwarder = Forwarder::new(ClientConfig {
+        idle_timeout: Duration::from_millis(800),
+        ..config()
+    });
+    forward_collect(&forwarder, &endpoint, get("/a"))
+        .await
+        .expect("first request");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let first = stats_of(&forwarder)
+        .learned_idle_close
+        .expect("the first close was observed");
+
+    // A new connection is retired from reuse before the (too low) estimate, kept open unused,
+    // and survives our whole idle timeout: the estimate rises.
+    forward_collect(&forwarder, &endpoint, get("/b"))
+        .await
+        .expect("second request");
+    let mut waited = 0;
+    let raised = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+        let stats = stats_of(&forwarder);
+        match stats.learned_idle_close {
+            Some(learned) if learned > first => break stats,
+            _ => assert!(waited < 50, "the estimate never rose: {stats:?}"),
+        }
+    };
+    assert!(raised.retired_early >= 1, "{raised:?}");
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_activity_not_an_idle_timeout() {
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, StreamBody};
+    let target = RawTarget::start(RawBehaviour::default()).await;
+    let forwarder = Forwarder::new(ClientConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    // Five chunks 150 ms apart: 750 ms in all, never 300 ms without a byte.
+    let chunks = futures_util::stream::iter(0..5).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Ok::<_, lb::proxy::client::BoxError>(http_body::Frame::data(bytes::Bytes::from(format!(
+            "chunk{i};"
+        ))))
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", "app.test")
+        .header("content-length", 35)
+        .body(StreamBody::new(chunks).boxed_unsync())
+        .expect("request");
+    let (forwarded, _) = forward_collect(&forwarder, &plain(target.addr), req)
+        .await
+        .expect("upload answered");
+    assert_eq!(forwarded.response.status(), 200);
+    assert_eq!(
+        target.seen()[0].body,
+        b"chunk0;chunk1;chunk2;chunk3;chunk4;"
+    );
+}
