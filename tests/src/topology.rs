@@ -234,7 +234,7 @@ impl Default for TopologyBuilder {
             xdp_mode: "native".to_owned(),
             start_lb: true,
             start_decap: true,
-            static_neighbours: true,
+            static_neighbours: false,
             lb_bin: None,
         }
     }
@@ -284,9 +284,10 @@ impl TopologyBuilder {
         self
     }
 
-    /// Whether balancers get permanent neighbour entries for every backend (default true).
-    /// `bpf_fib_lookup` only finds neighbours the kernel already resolved; static entries make
-    /// the first packet of every test deterministic instead of depending on ARP timing.
+    /// Whether balancers get permanent neighbour entries for every backend (default false).
+    /// `bpf_fib_lookup` only finds neighbours the kernel already resolved; `lb run` makes
+    /// managed neighbour entries for its backends itself, which is what the tests exercise by
+    /// default. Static entries take ARP timing out of the picture when a test needs that.
     pub fn static_neighbours(mut self, yes: bool) -> Self {
         self.static_neighbours = yes;
         self
