@@ -206,12 +206,22 @@ pub fn http_get(src_port: u16, dst: SocketAddrV4) -> Result<(u16, String)> {
 /// server ([`crate::servers::Server::udp_echo`]) as (server name, echoed payload). Retries a
 /// few times: a datagram may be lost while a neighbour entry is being resolved.
 pub fn ask_udp(src_port: u16, dst: SocketAddrV4, payload: &str) -> Result<(String, String)> {
+    ask_udp_tries(src_port, dst, payload, 5)
+}
+
+/// [`ask_udp`] with `tries` attempts of one second each (a test expecting no answer uses few).
+pub fn ask_udp_tries(
+    src_port: u16,
+    dst: SocketAddrV4,
+    payload: &str,
+    tries: u32,
+) -> Result<(String, String)> {
     let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src_port))
         .with_context(|| format!("binding udp :{src_port}"))?;
     sock.connect(dst)?;
     sock.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut buf = [0u8; 2048];
-    for _attempt in 0..5 {
+    for _attempt in 0..tries {
         sock.send(payload.as_bytes())
             .with_context(|| format!("sending udp to {dst}"))?;
         match sock.recv(&mut buf) {
@@ -228,7 +238,7 @@ pub fn ask_udp(src_port: u16, dst: SocketAddrV4, payload: &str) -> Result<(Strin
             Err(e) => return Err(e).with_context(|| format!("receiving udp from {dst}")),
         }
     }
-    bail!("no UDP answer from {dst} to source port {src_port} after 5 tries")
+    bail!("no UDP answer from {dst} to source port {src_port} after {tries} tries")
 }
 
 /// Sends one ICMP echo request to `dst` (raw socket: needs root) and waits for the matching

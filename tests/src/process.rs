@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -126,7 +126,7 @@ impl LbProcess {
                         )
                     }
                 };
-                me.stop();
+                let _ = me.stop();
                 bail!(
                     "{} (`{}`) {why}; its output:\n{}",
                     me.label,
@@ -152,36 +152,34 @@ impl LbProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// SIGTERM, wait up to [`STOP_GRACE`], then SIGKILL; always reaps the child.
-    pub fn stop(&mut self) {
-        if !self.is_running() {
-            return;
+    /// SIGTERM, wait up to [`STOP_GRACE`], then SIGKILL; always reaps the child. Returns how
+    /// it ended (`None` if that could not be read): a clean exit after SIGTERM is status 0.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
         }
-        let Ok(pid) = i32::try_from(self.child.id()) else {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            return;
-        };
-        // SAFETY: kill(2) on our own, not yet reaped, child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if !self.is_running() {
-                return;
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own, not yet reaped, child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    return Some(status);
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            eprintln!(
+                "lb-tests: {} ignored SIGTERM for {STOP_GRACE:?}; killing it",
+                self.label
+            );
         }
-        eprintln!(
-            "lb-tests: {} ignored SIGTERM for {STOP_GRACE:?}; killing it",
-            self.label
-        );
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.wait().ok()
     }
 }
 
 impl Drop for LbProcess {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }

@@ -794,6 +794,14 @@ impl Topology {
         serde_json::from_str(&out).with_context(|| format!("parsing `lb stats --json`: {out}"))
     }
 
+    /// Stops `lb run` on balancer `i` (SIGTERM) and returns how it exited; fails if it was
+    /// not running. The namespace, its address and the servers stay.
+    pub fn stop_lb(&mut self, i: usize) -> Result<std::process::ExitStatus> {
+        let lb = self.lbs.get_mut(i).context("no such balancer")?;
+        let mut process = lb.process.take().context("lb run is not running there")?;
+        process.stop().context("reading the exit status of lb run")
+    }
+
     /// Whether every `lb run` and `lb decap` is still running (a crash mid-test is a failure
     /// the test should name, not a timeout).
     pub fn processes_alive(&mut self) -> Result<()> {

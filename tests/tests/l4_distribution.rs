@@ -92,5 +92,16 @@ fn weights_one_to_three_split_connections_one_to_three() {
         (15..=35).contains(&light_pct),
         "weight 1 of 4 got {light_pct}% (want 25% ± 10 points): {counts:?}"
     );
+    let doc = topo.stats_json(0).expect("lb stats --json");
+    assert_eq!(
+        stats::sum(&doc, "new_flows", "backend"),
+        u64::from(total),
+        "{doc:#}"
+    );
+    assert_eq!(
+        stats::nonzero_drops(&doc),
+        vec![],
+        "no drop counter moved: {doc:#}"
+    );
     topo.processes_alive().expect("lb still running");
 }

@@ -38,3 +38,47 @@ fn ping_and_tcp_to_the_balancer_itself_pass_through_lb_xdp() {
     .expect("client namespace");
     topo.processes_alive().expect("lb still running");
 }
+
+#[test]
+fn stopped_lb_run_detaches_lb_xdp_and_removes_its_pins() {
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 100, 0, 1), 80);
+    let mut topo = Topology::builder()
+        .backends(1)
+        .vip(VipSpec::tcp("web", *vip.ip(), vip.port()))
+        .build()
+        .expect("building the topology");
+    topo.serve_tcp_lines(80).expect("servers");
+    let lb = topo.lb(0).node.clone();
+    let pin = topo.lb(0).pin_path.clone();
+    let xdp_on_eth0 = |ns: &str| {
+        let out = lb_tests::netns::run_in(ns, "ip", ["-d", "link", "show", "dev", "eth0"])
+            .expect("ip link show");
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    };
+    assert!(xdp_on_eth0(&lb.ns), "lb_xdp is attached while lb run runs");
+    assert!(
+        pin.join("LB_VIPS").exists(),
+        "maps are pinned at {}",
+        pin.display()
+    );
+    let backend = topo.backend(0).name.clone();
+    let answer = topo
+        .in_client(|| client::ask_tcp(45_000, vip))
+        .expect("client namespace");
+    assert_eq!(answer.expect("VIP before stopping"), backend);
+
+    let status = topo.stop_lb(0).expect("stopping lb run");
+    assert!(
+        status.success(),
+        "lb run exits cleanly on SIGTERM: {status}"
+    );
+    assert!(!xdp_on_eth0(&lb.ns), "lb_xdp is detached");
+    let left: Vec<_> = std::fs::read_dir(&pin)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "pins removed, found {left:?}");
+    // The balancer host itself is still reachable: nothing was left half-attached.
+    topo.in_client(|| client::ping(lb.addr, Duration::from_secs(5)))
+        .expect("client namespace")
+        .expect("ping after stop");
+}

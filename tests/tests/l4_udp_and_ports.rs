@@ -102,7 +102,7 @@ fn port_zero_tcp_vip_does_not_balance_udp() {
     let server = Server::udp_echo(&be.ns, SocketAddr::from((vip_addr, 9000)), &be.name)
         .expect("udp server on the backend");
     let got = topo
-        .in_client(|| client::ask_udp(42_000, SocketAddrV4::new(vip_addr, 9000), "x"))
+        .in_client(|| client::ask_udp_tries(42_000, SocketAddrV4::new(vip_addr, 9000), "x", 2))
         .expect("client namespace");
     drop(server);
     assert!(
