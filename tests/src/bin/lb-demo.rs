@@ -180,7 +180,11 @@ fn demo() -> Result<()> {
         .lb_cli(["stats", "--pin-path", &pin])
         .context("running lb stats")?;
     for line in table.lines() {
-        println!("  {line}");
+        if line.trim().is_empty() {
+            println!();
+        } else {
+            println!("  {line}");
+        }
     }
     println!();
 
