@@ -422,10 +422,12 @@ fn run() -> anyhow::Result<()> {
                 .map(|(_, m)| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // Not available_parallelism(): that honours the affinity set above (1).
+    // SAFETY: no preconditions.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     println!("lb XDP benchmark (BPF_PROG_TEST_RUN)");
     println!(
-        "command:  {}",
+        "command:  cargo xtask bench xdp = cargo bench -p lb-userspace --bench xdp, ran {}",
         std::env::args().collect::<Vec<_>>().join(" ")
     );
     println!(
@@ -468,33 +470,22 @@ fn run() -> anyhow::Result<()> {
         xr / pr
     );
     println!();
-    println!("notes:");
-    println!(
-        "- ns/pkt is the kernel's own BPF_PROG_TEST_RUN duration of one run (repeat=1), so each"
-    );
-    println!(
-        "  figure includes the fixed per-run cost of the test-run loop (a ktime_get_ns() pair,"
-    );
-    println!(
-        "  bottom halves off/on), which lb_pass measures almost alone. diff = lb_xdp's own cost;"
-    );
-    println!(
-        "  the ratio is inflated toward 1 by that shared overhead (compare the repeat cross-check,"
-    );
-    println!("  where the loop cost is spread over {LARGE_REPEAT} runs).");
-    println!("- flow-table hit and new flow include the 20-byte encapsulation and bpf_fib_lookup");
-    println!(
-        "  (route + neighbour lookup) and return XDP_REDIRECT; the redirect itself (the egress"
-    );
-    println!("  driver's transmit) does not happen in test-run mode and is not measured.");
-    println!(
-        "- no NIC, no DMA, no cache-cold packets: the same buffer is hot in cache every call;"
-    );
-    println!(
-        "  maps stay warm too (one CPU, few backends). Real per-packet cost on a NIC differs."
-    );
-    println!(
-        "- wall median is the user-space time of one bpf() syscall (both programs pay it alike)."
+    print!(
+        "\
+notes:
+- ns/pkt is the kernel's own BPF_PROG_TEST_RUN duration of one run (repeat=1), so each figure
+  includes the fixed per-run cost of the test-run loop (a ktime_get_ns() pair, bottom halves
+  off/on), which lb_pass measures almost alone. diff = lb_xdp's own cost; the ratio is pulled
+  toward 1 (understated) by that shared overhead: compare the cross-check, where the loop cost
+  is spread over {LARGE_REPEAT} runs. The kernel clock resolution here is about 10 ns, so
+  single-run figures are quantised.
+- flow-table hit and new flow include the 20-byte encapsulation and bpf_fib_lookup (route and
+  neighbour lookup) and return XDP_REDIRECT; the redirect itself (the egress driver's transmit)
+  does not happen in test-run mode and is not measured.
+- no NIC, no DMA, no cache-cold packets: the same buffer is hot in cache every call and the
+  maps stay warm (one CPU, one VIP). Per-packet cost on a real NIC differs.
+- wall median is the user-space time of one bpf() syscall (both programs pay it alike).
+"
     );
     Ok(())
 }
