@@ -1,1 +1,689 @@
-//! server (in progress).
+//! Listeners and the request pipeline of the L7 tier (ALB semantics; see ALB-REFERENCE.md).
+//!
+//! A listener accepts TCP (and TLS with SNI certificate selection and ALPN `h2`/`http/1.1` for
+//! HTTPS), serves HTTP/1.1 and HTTP/2 with hyper, and runs every request through
+//! [`pipeline`]: desync classification, the checks ALB makes before routing (405, 501, 505),
+//! rule evaluation and the action (forward, redirect, fixed response). HTTP/1 bytes pass through
+//! [`sniff::Sniffer`] first, which enforces the header limits and the idle timeout the way ALB
+//! does and which hyper cannot.
+//!
+//! Decisions where ALB documents nothing precise:
+//! - 464: an HTTP/2 target group (`protocol-version=http2`) only takes HTTP/2 requests; an
+//!   HTTP/1 target group refuses gRPC (`content-type: application/grpc…`). Checked before a
+//!   target is picked, so a refused request never counts as outstanding on a target.
+//! - The connection is closed after 400, 408, 501 and 505 (the request's framing cannot be
+//!   trusted, or the client is too slow) and after an ambiguous request in `defensive` mode
+//!   (the request to the target then carries `Connection: close` too). 405, 463, 464 and the
+//!   target-side 5xx keep the client connection.
+//! - Idle timeout: between requests it runs only while no response is outstanding; inside a
+//!   request body it always runs; HTTP/2 connections close when idle with no open stream.
+//!   Upgraded (WebSocket) connections have no idle timeout; they end when either side closes or
+//!   when the tier stops.
+//! - Header limits: request line and each header line 16 KiB, all header lines together
+//!   64 KiB (line ends included), at most 1,000 header lines (hyper needs a count bound; ALB
+//!   has none). HTTP/2: `SETTINGS_MAX_HEADER_LIST_SIZE` 64 KiB.
+//! - WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not offered.
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use self::tls::{CertificateSpec, TlsError};
+pub use crate::proxy::desync::DesyncMode;
+
+mod pipeline;
+mod sniff;
+pub mod tls;
+
+use crate::headers::XffMode;
+use crate::proxy::client::{ClientConfig, Forwarder};
+use crate::rules::RuleSet;
+use crate::targets::TargetGroup;
+
+/// Most listeners per load balancer (ALB quota).
+pub const MAX_LISTENERS: usize = 50;
+/// Most certificates per HTTPS listener: the default plus 25 selected by SNI (ALB quota).
+pub const MAX_CERTIFICATES: usize = 26;
+/// Idle timeout default (ALB attribute `idle_timeout.timeout_seconds`: 60 s).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle timeout range allowed by ALB (1–4000 s).
+pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=4000;
+/// Client keep-alive lifetime default (ALB attribute `client_keep_alive.seconds`: 3600 s).
+pub const DEFAULT_CLIENT_KEEPALIVE: Duration = Duration::from_secs(3600);
+/// Client keep-alive range allowed by ALB (60–604800 s).
+pub const CLIENT_KEEPALIVE_RANGE: std::ops::RangeInclusive<u64> = 60..=604_800;
+
+/// Listener protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// Plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge).
+    Http,
+    /// TLS-terminated HTTP/1.1 and HTTP/2.
+    Https,
+}
+
+impl ListenerProtocol {
+    /// `http` or `https`, as in `X-Forwarded-Proto` and redirect URLs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
+impl fmt::Display for ListenerProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One listener: protocol, address and the ALB attributes that apply to its connections.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    /// Name used in logs and errors.
+    pub name: String,
+    /// HTTP or HTTPS.
+    pub protocol: ListenerProtocol,
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// HTTPS: first is the default certificate, the rest are chosen by SNI (≤ 25).
+    pub certificates: Vec<CertificateSpec>,
+    /// No bytes from the client for this long → close (408 if no request arrived yet).
+    /// Default [`DEFAULT_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+    /// After this long the connection is closed after the current response (HTTP/1:
+    /// `Connection: close`; HTTP/2: GOAWAY). Default [`DEFAULT_CLIENT_KEEPALIVE`].
+    pub client_keepalive: Duration,
+    /// `X-Forwarded-For` handling (default append).
+    pub xff: XffMode,
+    /// Desync mitigation mode (default defensive).
+    pub desync_mode: DesyncMode,
+}
+
+impl ListenerConfig {
+    /// A listener with every attribute at its AWS default.
+    pub fn new(name: impl Into<String>, protocol: ListenerProtocol, bind: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            protocol,
+            bind,
+            certificates: Vec::new(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            client_keepalive: DEFAULT_CLIENT_KEEPALIVE,
+            xff: XffMode::default(),
+            desync_mode: DesyncMode::default(),
+        }
+    }
+}
+
+/// A `--listener` value that does not parse; the message names the bad part.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ListenerError {
+    /// No `NAME=` prefix.
+    #[error(
+        "listener {0:?}: expected NAME=http://ADDR:PORT or NAME=https://ADDR:PORT,cert=CERT:KEY"
+    )]
+    MissingName(String),
+    /// Scheme other than http/https.
+    #[error("listener {name}: unknown scheme in {value:?} (expected http:// or https://)")]
+    BadScheme {
+        /// Listener name.
+        name: String,
+        /// The address part.
+        value: String,
+    },
+    /// Address does not parse.
+    #[error("listener {name}: bad address {value:?} (expected ADDR:PORT, IPv6 as [ADDR]:PORT)")]
+    BadAddress {
+        /// Listener name.
+        name: String,
+        /// The address.
+        value: String,
+    },
+    /// An option with a bad value.
+    #[error("listener {name}: bad {option} value {value:?}: {reason}")]
+    BadOption {
+        /// Listener name.
+        name: String,
+        /// Option key.
+        option: String,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An option we do not know.
+    #[error("listener {name}: unknown option {option:?}")]
+    UnknownOption {
+        /// Listener name.
+        name: String,
+        /// The option as written.
+        option: String,
+    },
+    /// HTTPS without `cert=`.
+    #[error("listener {0}: https needs at least one cert=CERT.pem:KEY.pem")]
+    MissingCertificate(String),
+    /// `cert=` on an HTTP listener.
+    #[error("listener {0}: cert= only applies to https listeners")]
+    CertificateOnHttp(String),
+    /// More than [`MAX_CERTIFICATES`].
+    #[error("listener {name}: {count} certificates (at most 1 default + 25 SNI)")]
+    TooManyCertificates {
+        /// Listener name.
+        name: String,
+        /// How many were given.
+        count: usize,
+    },
+}
+
+/// Parses a `--listener` value: `NAME=http://ADDR:PORT` or
+/// `NAME=https://ADDR:PORT,cert=CERT.pem:KEY.pem[,cert=…]`, plus `,idle-timeout=SECS`,
+/// `,keepalive=SECS`, `,xff=append|preserve|remove`, `,desync=monitor|defensive|strictest`.
+pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
+    let Some((name, rest)) = spec.split_once('=').filter(|(n, _)| !n.is_empty()) else {
+        return Err(ListenerError::MissingName(spec.to_owned()));
+    };
+    let name = name.to_owned();
+    let mut parts = rest.split(',');
+    let addr_part = parts.next().unwrap_or_default();
+    let (protocol, addr) = if let Some(a) = addr_part.strip_prefix("http://") {
+        (ListenerProtocol::Http, a)
+    } else if let Some(a) = addr_part.strip_prefix("https://") {
+        (ListenerProtocol::Https, a)
+    } else {
+        return Err(ListenerError::BadScheme {
+            name,
+            value: addr_part.to_owned(),
+        });
+    };
+    let bind: SocketAddr = addr.parse().map_err(|_| ListenerError::BadAddress {
+        name: name.clone(),
+        value: addr.to_owned(),
+    })?;
+    let mut cfg = ListenerConfig::new(name.clone(), protocol, bind);
+    let bad = |option: &str, value: &str, reason: String| ListenerError::BadOption {
+        name: name.clone(),
+        option: option.to_owned(),
+        value: value.to_owned(),
+        reason,
+    };
+    let seconds = |option: &str, value: &str, range: std::ops::RangeInclusive<u64>| {
+        let secs: u64 = value
+            .parse()
+            .map_err(|_| bad(option, value, "not a whole number of seconds".into()))?;
+        if !range.contains(&secs) {
+            return Err(bad(
+                option,
+                value,
+                format!("must be {}..={} seconds", range.start(), range.end()),
+            ));
+        }
+        Ok(Duration::from_secs(secs))
+    };
+    for part in parts {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(ListenerError::UnknownOption {
+                name,
+                option: part.to_owned(),
+            });
+        };
+        match key {
+            "cert" => {
+                if protocol != ListenerProtocol::Https {
+                    return Err(ListenerError::CertificateOnHttp(name));
+                }
+                let Some((cert, key)) = value
+                    .rsplit_once(':')
+                    .filter(|(c, k)| !c.is_empty() && !k.is_empty())
+                else {
+                    return Err(bad(key, value, "expected CERT.pem:KEY.pem".into()));
+                };
+                cfg.certificates.push(CertificateSpec {
+                    cert: PathBuf::from(cert),
+                    key: PathBuf::from(key),
+                });
+            }
+            "idle-timeout" => cfg.idle_timeout = seconds(key, value, IDLE_TIMEOUT_RANGE)?,
+            "keepalive" => cfg.client_keepalive = seconds(key, value, CLIENT_KEEPALIVE_RANGE)?,
+            "xff" => {
+                cfg.xff = value
+                    .parse()
+                    .map_err(|_| bad(key, value, "expected append, preserve or remove".into()))?;
+            }
+            "desync" => {
+                cfg.desync_mode = value.parse().map_err(|e| bad(key, value, format!("{e}")))?;
+            }
+            _ => {
+                return Err(ListenerError::UnknownOption {
+                    name,
+                    option: key.to_owned(),
+                });
+            }
+        }
+    }
+    if protocol == ListenerProtocol::Https && cfg.certificates.is_empty() {
+        return Err(ListenerError::MissingCertificate(name));
+    }
+    if cfg.certificates.len() > MAX_CERTIFICATES {
+        return Err(ListenerError::TooManyCertificates {
+            name,
+            count: cfg.certificates.len(),
+        });
+    }
+    Ok(cfg)
+}
+
+/// Everything the L7 tier serves.
+pub struct L7Config {
+    /// Listeners with their rules.
+    pub listeners: Vec<(ListenerConfig, RuleSet)>,
+    /// Target groups by name (the names forward actions use).
+    pub groups: HashMap<String, Arc<TargetGroup>>,
+    /// Connections to targets.
+    pub client: ClientConfig,
+}
+
+/// Counters of the L7 tier (CloudWatch names in the docs). Read with `Ordering::Relaxed`.
+#[derive(Debug, Default)]
+pub struct L7Counters {
+    /// ClientTLSNegotiationErrorCount: TLS handshakes with clients that failed or timed out.
+    pub client_tls_negotiation_errors: AtomicU64,
+    /// DesyncMitigationMode_NonCompliant_Request_Count: requests classified other than
+    /// compliant (whatever the mode did with them).
+    pub desync_non_compliant_requests: AtomicU64,
+    /// HTTP 460: the client closed the connection before the response was sent.
+    pub client_closed_requests: AtomicU64,
+    /// HTTPCode_ELB_4XX_Count.
+    pub elb_4xx: AtomicU64,
+    /// HTTPCode_ELB_5XX_Count.
+    pub elb_5xx: AtomicU64,
+    /// RequestCount: requests for which a target was chosen.
+    pub requests_forwarded: AtomicU64,
+    /// HTTP_Fixed_Response_Count.
+    pub fixed_responses: AtomicU64,
+    /// HTTP_Redirect_Count.
+    pub redirects: AtomicU64,
+    /// RuleEvaluations.
+    pub rule_evaluations: AtomicU64,
+    /// NewConnectionCount.
+    pub new_connections: AtomicU64,
+}
+
+impl L7Counters {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Lifecycle of the whole tier, broadcast to every accept loop, connection and tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Stop accepting; connections finish their current requests and close.
+    Draining,
+    /// Drain deadline passed: close everything now.
+    Stopped,
+}
+
+/// What every listener shares.
+struct Shared {
+    groups: HashMap<String, Arc<TargetGroup>>,
+    forwarder: Forwarder,
+    counters: Arc<L7Counters>,
+    phase: watch::Receiver<Phase>,
+}
+
+/// One listener at run time.
+struct Listener {
+    cfg: ListenerConfig,
+    rules: RuleSet,
+    port: u16,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http: auto::Builder<TokioExecutor>,
+    shared: Arc<Shared>,
+}
+
+/// A running L7 tier (from [`start`]).
+pub struct RunningL7 {
+    /// Every listener's name and bound address (port 0 resolved).
+    pub addrs: Vec<(String, SocketAddr)>,
+    counters: Arc<L7Counters>,
+    phase: watch::Sender<Phase>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningL7 {
+    /// The tier's counters.
+    pub fn counters(&self) -> &Arc<L7Counters> {
+        &self.counters
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `drain`, then closes
+    /// everything and returns when all connections are gone.
+    pub async fn shutdown(mut self, drain: Duration) -> anyhow::Result<()> {
+        self.phase.send_replace(Phase::Draining);
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
+        if tokio::time::timeout(drain, &mut task).await.is_err() {
+            self.phase.send_replace(Phase::Stopped);
+            task.await.context("L7 tier task failed")?;
+        }
+        self.phase.send_replace(Phase::Stopped);
+        Ok(())
+    }
+}
+
+impl Drop for RunningL7 {
+    fn drop(&mut self) {
+        self.phase.send_replace(Phase::Stopped);
+    }
+}
+
+/// Binds every listener (bind errors name the listener) and serves until [`RunningL7::shutdown`].
+pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
+    let L7Config {
+        listeners,
+        groups,
+        client,
+    } = cfg;
+    anyhow::ensure!(
+        listeners.len() <= MAX_LISTENERS,
+        "{} listeners configured; a load balancer has at most {MAX_LISTENERS}",
+        listeners.len()
+    );
+    let counters = Arc::new(L7Counters::default());
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let shared = Arc::new(Shared {
+        groups,
+        forwarder: Forwarder::new(client),
+        counters: counters.clone(),
+        phase: phase_rx,
+    });
+    let mut bound = Vec::new();
+    let mut addrs = Vec::new();
+    for (lcfg, rules) in listeners {
+        let tls = match lcfg.protocol {
+            ListenerProtocol::Http => None,
+            ListenerProtocol::Https => Some(tokio_rustls::TlsAcceptor::from(
+                tls::server_config(&lcfg.certificates)
+                    .with_context(|| format!("listener {}: loading certificates", lcfg.name))?,
+            )),
+        };
+        let socket = TcpListener::bind(lcfg.bind)
+            .await
+            .with_context(|| format!("listener {}: binding {}", lcfg.name, lcfg.bind))?;
+        let local = socket.local_addr()?;
+        addrs.push((lcfg.name.clone(), local));
+        let listener = Arc::new(Listener {
+            port: local.port(),
+            http: http_builder(),
+            cfg: lcfg,
+            rules,
+            tls,
+            shared: shared.clone(),
+        });
+        bound.push((listener, socket));
+    }
+    let task = tokio::spawn(async move {
+        let mut loops = JoinSet::new();
+        for (listener, socket) in bound {
+            loops.spawn(accept_loop(listener, socket));
+        }
+        while loops.join_next().await.is_some() {}
+    });
+    Ok(RunningL7 {
+        addrs,
+        counters,
+        phase: phase_tx,
+        task: Some(task),
+    })
+}
+
+/// Binds every listener, serves until `shutdown` resolves, then stops accepting and lets
+/// in-flight requests finish up to `drain` before closing.
+pub async fn serve(
+    cfg: L7Config,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let running = start(cfg).await?;
+    for (name, addr) in &running.addrs {
+        tracing::info!(listener = %name, %addr, "listening");
+    }
+    shutdown.await;
+    tracing::info!(?drain, "shutting down listeners");
+    running.shutdown(drain).await
+}
+
+/// hyper settings shared by all listeners: header limits as ALB (the sniffer enforces them
+/// exactly for HTTP/1; hyper's own limits are set above them so they never fire first).
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_headers(sniff::MAX_HEADER_COUNT + 8)
+        .max_buf_size(2 * sniff::MAX_HEADERS_TOTAL + 2 * sniff::MAX_LINE);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(sniff::MAX_HEADERS_TOTAL).unwrap_or(u32::MAX));
+    b
+}
+
+async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
+    let mut phase = listener.shared.phase.clone();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = socket.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    L7Counters::add(&listener.shared.counters.new_connections, 1);
+                    conns.spawn(serve_connection(listener.clone(), tcp, peer));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(listener = %listener.cfg.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() != Phase::Running {
+                    break;
+                }
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(socket);
+    while conns.join_next().await.is_some() {}
+}
+
+async fn serve_connection(listener: Arc<Listener>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let counters = &listener.shared.counters;
+    match &listener.tls {
+        None => run_http(&listener, tcp, peer, true).await,
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(listener.cfg.idle_timeout, acceptor.accept(tcp));
+            match handshake.await {
+                Ok(Ok(stream)) => {
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    run_http(&listener, stream, peer, !h2).await;
+                }
+                Ok(Err(e)) => {
+                    L7Counters::add(&counters.client_tls_negotiation_errors, 1);
+                    tracing::debug!(listener = %listener.cfg.name, %peer, error = %e, "client TLS handshake failed");
+                }
+                Err(_) => {
+                    L7Counters::add(&counters.client_tls_negotiation_errors, 1);
+                    tracing::debug!(listener = %listener.cfg.name, %peer, "client TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+async fn run_http<IO>(listener: &Arc<Listener>, io: IO, peer: SocketAddr, http1: bool)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_shared = sniff::ConnShared::new();
+    let io = sniff::Sniffer::new(
+        io,
+        conn_shared.clone(),
+        listener.cfg.desync_mode,
+        listener.cfg.idle_timeout,
+        http1,
+    );
+    let ctx = Arc::new(pipeline::ConnCtx {
+        listener: listener.clone(),
+        peer,
+        conn: conn_shared,
+    });
+    let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
+    let conn = listener
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let keepalive = tokio::time::sleep(listener.cfg.client_keepalive);
+    tokio::pin!(keepalive);
+    let mut keepalive_done = false;
+    let mut phase = listener.shared.phase.clone();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(listener = %listener.cfg.name, %peer, error = %e, "client connection ended with an error");
+                }
+                break;
+            }
+            () = &mut keepalive, if !keepalive_done => {
+                // Client keep-alive lifetime: finish the current request, then close
+                // (HTTP/1: `Connection: close`; HTTP/2: GOAWAY).
+                keepalive_done = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            changed = phase.changed() => {
+                let now = if changed.is_err() { Phase::Stopped } else { *phase.borrow() };
+                match now {
+                    Phase::Running => {}
+                    Phase::Draining if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    Phase::Draining => {}
+                    Phase::Stopped => break,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_listener_gets_aws_defaults() {
+        let l = parse_listener("web=http://127.0.0.1:8080").expect("parses");
+        assert_eq!(l.name, "web");
+        assert_eq!(l.protocol, ListenerProtocol::Http);
+        assert_eq!(l.bind, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(l.idle_timeout, Duration::from_secs(60));
+        assert_eq!(l.client_keepalive, Duration::from_secs(3600));
+        assert_eq!(l.xff, XffMode::Append);
+        assert_eq!(l.desync_mode, DesyncMode::Defensive);
+        assert!(l.certificates.is_empty());
+    }
+
+    #[test]
+    fn https_listener_with_certificates_and_options() {
+        let l = parse_listener(
+            "secure=https://[::1]:8443,cert=/c/a.pem:/c/a.key,cert=/c/b.pem:/c/b.key,idle-timeout=120,keepalive=600,xff=remove,desync=strictest",
+        )
+        .expect("parses");
+        assert_eq!(l.protocol, ListenerProtocol::Https);
+        assert_eq!(l.bind, "[::1]:8443".parse().expect("addr"));
+        assert_eq!(l.certificates.len(), 2);
+        assert_eq!(l.certificates[1].cert, PathBuf::from("/c/b.pem"));
+        assert_eq!(l.certificates[1].key, PathBuf::from("/c/b.key"));
+        assert_eq!(l.idle_timeout, Duration::from_secs(120));
+        assert_eq!(l.client_keepalive, Duration::from_secs(600));
+        assert_eq!(l.xff, XffMode::Remove);
+        assert_eq!(l.desync_mode, DesyncMode::Strictest);
+    }
+
+    #[test]
+    fn errors_name_the_bad_part() {
+        let cases = [
+            ("http://1.2.3.4:80", "expected NAME="),
+            ("web=ftp://1.2.3.4:80", "unknown scheme"),
+            ("web=http://1.2.3.4", "bad address"),
+            ("web=http://1.2.3.4:80,idle-timeout=0", "idle-timeout"),
+            ("web=http://1.2.3.4:80,idle-timeout=4001", "1..=4000"),
+            ("web=http://1.2.3.4:80,keepalive=abc", "keepalive"),
+            ("web=http://1.2.3.4:80,xff=sometimes", "xff"),
+            ("web=http://1.2.3.4:80,desync=lenient", "desync"),
+            (
+                "web=http://1.2.3.4:80,colour=blue",
+                "unknown option \"colour\"",
+            ),
+            ("web=http://1.2.3.4:80,cert=a:b", "only applies to https"),
+            ("web=https://1.2.3.4:443", "needs at least one cert"),
+            ("web=https://1.2.3.4:443,cert=nokey", "CERT.pem:KEY.pem"),
+        ];
+        for (spec, needle) in cases {
+            let err = parse_listener(spec).expect_err(spec).to_string();
+            assert!(err.contains(needle), "{spec}: {err}");
+        }
+        let many = (0..27)
+            .map(|i| format!(",cert=c{i}.pem:k{i}.pem"))
+            .collect::<String>();
+        let err = parse_listener(&format!("web=https://1.2.3.4:443{many}"))
+            .expect_err("27 certificates")
+            .to_string();
+        assert!(err.contains("27 certificates"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bind_errors_name_the_listener() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let cfg = L7Config {
+            listeners: vec![(
+                ListenerConfig::new("busy", ListenerProtocol::Http, addr),
+                RuleSet::new(
+                    Vec::new(),
+                    crate::rules::Action::FixedResponse(
+                        crate::rules::FixedResponseAction::new("200", None, "")
+                            .expect("valid fixed response"),
+                    ),
+                )
+                .expect("valid rules"),
+            )],
+            groups: HashMap::new(),
+            client: ClientConfig::default(),
+        };
+        let err = start(cfg).await.err().expect("address in use");
+        assert!(format!("{err:#}").contains("listener busy"), "{err:#}");
+    }
+}

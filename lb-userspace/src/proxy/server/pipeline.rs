@@ -1,0 +1,556 @@
+//! The per-request pipeline, in ALB's order:
+//!
+//! 1. the sniffer's verdict (HTTP/1): limits, 408, 501, 505 decided on the raw head, and the
+//!    desync classification with the listener's mitigation (block → 400 + close);
+//! 2. TRACE → 405; a version other than 1.0/1.1/2 → 505 (HTTP/2 requests only reach here as 2);
+//! 3. rule evaluation → action: fixed response, redirect, or forward:
+//!    group (weighted, `AWSALBTG` group stickiness) → target (`TargetGroup::pick`, none → 503) →
+//!    protocol check (464) → header rewrite (463 on too many `X-Forwarded-For`) →
+//!    [`Forwarder`] → response streamed back with the pick's `Set-Cookie`;
+//!    a 101 to an `Upgrade` request becomes a byte tunnel (WebSocket).
+//!
+//! Every response the load balancer makes itself has ALB's status and a small HTML body, and
+//! `Connection: close` where ALB closes the connection. A handler dropped before it produced a
+//! response means the client went away: 460, counted and traced, nothing sent.
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::sniff::{ConnShared, HeadVerdict};
+use super::{L7Counters, Listener, Phase};
+use crate::headers::{apply_forwarded, request_cookies, strip_hop_by_hop, trace_id};
+use crate::proxy::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
+use crate::proxy::desync::{Mitigation, Tier};
+use crate::proxy::error::ProxyError;
+use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView};
+use crate::targets::{ProtocolVersion, TargetProtocol};
+
+/// ALB's group-stickiness cookie.
+const GROUP_COOKIE: &str = "AWSALBTG";
+
+/// Per-connection context of the request handler.
+pub(super) struct ConnCtx {
+    pub listener: Arc<Listener>,
+    pub peer: SocketAddr,
+    pub conn: Arc<ConnShared>,
+}
+
+/// A response and whether the client connection must close after it.
+struct Outcome {
+    response: Response<ProxyBody>,
+    close: bool,
+}
+
+impl Outcome {
+    fn keep(response: Response<ProxyBody>) -> Self {
+        Self {
+            response,
+            close: false,
+        }
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> ProxyBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The page ALB sends with the errors it generates, e.g. `<title>502 Bad Gateway</title>`.
+/// ALB's own wording for 503 and 504 (nginx-style), the standard reason phrase otherwise, and
+/// just the number for ALB's non-standard 460/463/464.
+fn error_page(status: StatusCode) -> String {
+    let reason = match status.as_u16() {
+        503 => Some("Service Temporarily Unavailable"),
+        504 => Some("Gateway Time-out"),
+        _ => status.canonical_reason(),
+    };
+    let title = match reason {
+        Some(reason) => format!("{} {}", status.as_u16(), reason),
+        None => status.as_u16().to_string(),
+    };
+    format!(
+        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n</body>\r\n</html>\r\n"
+    )
+}
+
+/// A load-balancer-generated error response.
+fn lb_error(counters: &L7Counters, status: StatusCode, close: bool) -> Outcome {
+    if status.is_server_error() {
+        L7Counters::add(&counters.elb_5xx, 1);
+    } else {
+        L7Counters::add(&counters.elb_4xx, 1);
+    }
+    let mut response = Response::new(full(error_page(status)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    Outcome { response, close }
+}
+
+/// Statuses after which ALB closes the client connection: the request's framing cannot be
+/// trusted (400, 501, 505) or the client was too slow (408).
+fn closes_connection(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 408 | 501 | 505)
+}
+
+fn from_error(counters: &L7Counters, e: &ProxyError) -> Outcome {
+    let status = e.status();
+    if let ProxyError::ClientClosed = e {
+        // 460: the client went away (its request body broke off); nothing can reach it. The
+        // response below only lets hyper finish; the connection closes.
+        L7Counters::add(&counters.client_closed_requests, 1);
+        tracing::info!(
+            status = status.as_u16(),
+            "client closed the connection before the response"
+        );
+        let mut response = Response::new(full(Bytes::new()));
+        *response.status_mut() = status;
+        return Outcome {
+            response,
+            close: true,
+        };
+    }
+    tracing::debug!(error = %e, status = status.as_u16(), "request failed");
+    lb_error(counters, status, closes_connection(status))
+}
+
+/// Marks the request in flight until dropped (with the response body, if any).
+struct Inflight(Arc<ConnShared>);
+
+impl Inflight {
+    fn new(conn: &Arc<ConnShared>) -> Self {
+        conn.request_started();
+        Self(conn.clone())
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// Counts 460 if the handler is dropped (hyper saw the client close) before a response exists.
+struct ClientGone {
+    counters: Arc<L7Counters>,
+    peer: SocketAddr,
+    armed: bool,
+}
+
+impl Drop for ClientGone {
+    fn drop(&mut self) {
+        if self.armed {
+            L7Counters::add(&self.counters.client_closed_requests, 1);
+            tracing::info!(
+                client = %self.peer,
+                status = ProxyError::ClientClosed.status().as_u16(),
+                "client closed the connection before the response"
+            );
+        }
+    }
+}
+
+/// A response body that keeps guards (the target pick, the in-flight mark) alive until the
+/// body has been sent or dropped.
+struct Guarded<G> {
+    inner: ProxyBody,
+    guard: Option<G>,
+}
+
+impl<G: Send + Unpin + 'static> Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            this.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The hyper service of one connection.
+pub(super) async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let counters = ctx.listener.shared.counters.clone();
+    let inflight = Inflight::new(&ctx.conn);
+    let mut gone = ClientGone {
+        counters: counters.clone(),
+        peer: ctx.peer,
+        armed: true,
+    };
+    let version = req.version();
+    let verdict = if version == Version::HTTP_2 {
+        None
+    } else {
+        ctx.conn.pop_verdict()
+    };
+    let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
+    let Outcome {
+        mut response,
+        close,
+    } = route(&ctx, verdict, req).await;
+    if upgrade_pending {
+        ctx.conn
+            .decide_upgrade(response.status() == StatusCode::SWITCHING_PROTOCOLS);
+    }
+    if close && version != Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    gone.armed = false;
+    Ok(response.map(|b| {
+        Guarded {
+            inner: b,
+            guard: Some(inflight),
+        }
+        .boxed_unsync()
+    }))
+}
+
+async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Incoming>) -> Outcome {
+    let listener = &ctx.listener;
+    let counters = &listener.shared.counters;
+    let mut close_after = false;
+    match verdict {
+        Some(HeadVerdict::Reject {
+            status,
+            reason,
+            classification,
+        }) => {
+            if classification.tier > Tier::Compliant {
+                L7Counters::add(&counters.desync_non_compliant_requests, 1);
+            }
+            tracing::debug!(client = %ctx.peer, status = status.as_u16(), reason, "request rejected");
+            return lb_error(counters, status, true);
+        }
+        Some(HeadVerdict::Pass {
+            classification,
+            mitigation,
+            ..
+        }) => {
+            if classification.tier > Tier::Compliant {
+                L7Counters::add(&counters.desync_non_compliant_requests, 1);
+                tracing::info!(
+                    client = %ctx.peer,
+                    classification = classification.tier.as_str(),
+                    reason = classification.reason.map(|r| r.as_str()),
+                    "non-compliant request"
+                );
+            }
+            // Block never reaches here: the sniffer rejects it before hyper.
+            close_after = mitigation == Mitigation::ForwardThenClose;
+        }
+        None => {}
+    }
+
+    if req.method() == Method::TRACE {
+        return from_error(counters, &ProxyError::MethodNotAllowed);
+    }
+    if !matches!(
+        req.version(),
+        Version::HTTP_10 | Version::HTTP_11 | Version::HTTP_2
+    ) {
+        return from_error(counters, &ProxyError::VersionNotSupported);
+    }
+
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let view = RequestView {
+        method: req.method().as_str(),
+        host,
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+        source_ip: ctx.peer.ip(),
+    };
+    let matched = listener.rules.evaluate(&view);
+    L7Counters::add(
+        &counters.rule_evaluations,
+        u64::from(matched.rules_evaluated),
+    );
+    let mut outcome = match matched.action {
+        Action::FixedResponse(fixed) => {
+            L7Counters::add(&counters.fixed_responses, 1);
+            Outcome::keep(fixed_response(fixed))
+        }
+        Action::Redirect(redirect) => {
+            L7Counters::add(&counters.redirects, 1);
+            let location = redirect.location(&view, listener.cfg.protocol.as_str(), listener.port);
+            let mut response = Response::new(full(Bytes::new()));
+            *response.status_mut() = redirect.status();
+            match HeaderValue::try_from(location) {
+                Ok(v) => {
+                    response.headers_mut().insert(header::LOCATION, v);
+                    Outcome::keep(response)
+                }
+                Err(_) => lb_error(counters, StatusCode::INTERNAL_SERVER_ERROR, false),
+            }
+        }
+        Action::Forward(forward) => {
+            let forward: &ForwardAction = forward;
+            let upgrade = hyper::upgrade::on(&mut req);
+            forward_request(ctx, forward, req, upgrade, close_after).await
+        }
+    };
+    outcome.close |= close_after;
+    outcome
+}
+
+fn fixed_response(fixed: &FixedResponseAction) -> Response<ProxyBody> {
+    let mut response = Response::new(full(fixed.body.clone()));
+    *response.status_mut() = fixed.status;
+    if let Some(ct) = &fixed.content_type
+        && let Ok(ct) = HeaderValue::try_from(ct.as_str())
+    {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    response
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Whether the request asks to switch protocols (WebSocket).
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+}
+
+/// The 464 check: what the target group's protocol version cannot carry. An HTTP/2 (or gRPC)
+/// group needs HTTP/2 requests; an HTTP/1 group cannot carry gRPC
+/// (`content-type: application/grpc…`), which needs HTTP/2 trailers end to end.
+fn protocol_mismatch(req: &Request<Incoming>, group_version: ProtocolVersion) -> bool {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    match group_version {
+        ProtocolVersion::Http2 => req.version() != Version::HTTP_2,
+        ProtocolVersion::Http1 => grpc,
+    }
+}
+
+async fn forward_request(
+    ctx: &ConnCtx,
+    forward: &ForwardAction,
+    req: Request<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    close_target: bool,
+) -> Outcome {
+    let listener = &ctx.listener;
+    let shared = &listener.shared;
+    let counters = &shared.counters;
+
+    // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
+    let sticky_group = forward.group_stickiness.and_then(|_| {
+        cookie(req.headers(), GROUP_COOKIE)
+            .filter(|g| forward.groups.iter().any(|wg| wg.name == *g))
+    });
+    let group_name = match sticky_group {
+        Some(g) => g.to_owned(),
+        None => forward.choose(rand::random()).to_owned(),
+    };
+    let Some(group) = shared.groups.get(&group_name) else {
+        tracing::error!(group = %group_name, "forward action names an unknown target group");
+        return lb_error(counters, StatusCode::INTERNAL_SERVER_ERROR, false);
+    };
+    let group_cfg = group.config();
+    if protocol_mismatch(&req, group_cfg.protocol_version) {
+        return from_error(counters, &ProxyError::ProtocolMismatch);
+    }
+    let cookies = request_cookies(req.headers());
+    let Some(picked) = group.pick(cookies.as_deref()) else {
+        return from_error(
+            counters,
+            &ProxyError::NoTarget {
+                group: group_name.clone(),
+            },
+        );
+    };
+
+    let upgrade = wants_upgrade(&req);
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(h) = HeaderValue::from_str(authority.as_str())
+    {
+        // HTTP/2 clients send `:authority`; HTTP/1 targets need `Host`.
+        parts.headers.insert(header::HOST, h);
+    }
+    if let Err(too_many) = apply_forwarded(
+        &mut parts.headers,
+        ctx.peer.ip(),
+        listener.cfg.protocol.as_str(),
+        listener.port,
+        listener.cfg.xff,
+    ) {
+        return from_error(counters, &ProxyError::TooManyForwardedFor(too_many.count));
+    }
+    trace_id(&mut parts.headers, SystemTime::now(), &mut rand::rng());
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if close_target {
+        // Ambiguous request (desync defensive mode): the target connection must not be reused.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(pq) = parts.uri.path_and_query().cloned() {
+        let mut uri = http::uri::Parts::default();
+        uri.path_and_query = Some(pq);
+        if let Ok(u) = http::Uri::from_parts(uri) {
+            parts.uri = u;
+        }
+    }
+    let target_version = match group_cfg.protocol_version {
+        ProtocolVersion::Http2 => Version::HTTP_2,
+        ProtocolVersion::Http1 => Version::HTTP_11,
+    };
+    parts.version = target_version;
+    let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+    let endpoint = TargetEndpoint {
+        addr: picked.addr,
+        tls: (group_cfg.protocol == TargetProtocol::Https).then(|| TargetTls {
+            server_name: picked.addr.ip().to_string(),
+            verify: group_cfg.verify_tls,
+            ca_file: None,
+        }),
+        http2: group_cfg.protocol_version == ProtocolVersion::Http2,
+    };
+    L7Counters::add(&counters.requests_forwarded, 1);
+    let forwarded = match shared.forwarder.forward(&endpoint, request).await {
+        Ok(f) => f,
+        Err(e) => return from_error(counters, &e),
+    };
+    let mut response = forwarded.response;
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade;
+    if switching {
+        let target_upgrade = hyper::upgrade::on(&mut response);
+        let phase = shared.phase.clone();
+        tokio::spawn(tunnel(client_upgrade, target_upgrade, phase, ctx.peer));
+    }
+    strip_hop_by_hop(response.headers_mut(), switching);
+    for cookie in picked.set_cookies(response.headers()) {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    if let Some(duration) = forward.group_stickiness
+        && let Ok(v) = HeaderValue::try_from(format!(
+            "{GROUP_COOKIE}={group_name}; Max-Age={}; Path=/",
+            duration.as_secs()
+        ))
+    {
+        response.headers_mut().append(header::SET_COOKIE, v);
+    }
+    let response = response.map(|b| {
+        Guarded {
+            inner: b,
+            guard: Some(picked),
+        }
+        .boxed_unsync()
+    });
+    Outcome {
+        response,
+        close: close_target,
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and target connection until either side
+/// closes or the tier stops.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    target: hyper::upgrade::OnUpgrade,
+    mut phase: tokio::sync::watch::Receiver<Phase>,
+    peer: SocketAddr,
+) {
+    let (client, target) = match tokio::try_join!(client, target) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(client = %peer, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut target = TokioIo::new(target);
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut target) => {
+            if let Err(e) = result {
+                tracing::debug!(client = %peer, error = %e, "tunnel ended with an error");
+            }
+        }
+        () = async {
+            while phase.changed().await.is_ok() {
+                if *phase.borrow() == Phase::Stopped {
+                    return;
+                }
+            }
+        } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_pages_look_like_albs() {
+        let page = error_page(StatusCode::BAD_GATEWAY);
+        assert!(page.starts_with("<html>\r\n<head><title>502 Bad Gateway</title></head>"));
+        assert!(error_page(StatusCode::from_u16(463).expect("463")).contains("<title>463</title>"));
+        assert!(
+            error_page(StatusCode::GATEWAY_TIMEOUT).contains("<title>504 Gateway Time-out</title>")
+        );
+    }
+
+    #[test]
+    fn cookie_lookup_finds_the_named_cookie() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; AWSALBTG=blue"),
+        );
+        assert_eq!(cookie(&h, GROUP_COOKIE), Some("blue"));
+        assert_eq!(cookie(&h, "b"), None);
+    }
+}

@@ -1,0 +1,754 @@
+//! The client-side byte stream of an HTTP/1 connection, as seen *before* hyper parses it.
+//!
+//! hyper's HTTP/1 parser normalises (drops `Content-Length` next to `Transfer-Encoding`, trims
+//! whitespace) and rejects some requests with its own bodiless status codes (400 for
+//! `Transfer-Encoding: gzip` or `HTTP/3.0`, 431 for big heads), and its header-read timeout
+//! closes without 408. ALB answers these differently, so [`Sniffer`] sits between the socket and
+//! hyper: it collects each request head, enforces the header size limits, classifies it
+//! ([`crate::proxy::desync`]) and then either hands hyper the original bytes or, when the
+//! request must be answered by the load balancer without being parsed by hyper (400, 408, 501,
+//! 505), a small synthetic head. In both cases a [`HeadVerdict`] is queued for the request
+//! handler, which pops one per HTTP/1 request (hyper handles one request at a time, in order).
+//! After a rejection no further client bytes reach hyper: the handler answers with
+//! `Connection: close` and hyper closes. Request bodies are tracked (length or chunked framing)
+//! so the next head is found where hyper will look for it. A possible upgrade (`Upgrade`,
+//! CONNECT) pauses reading until the handler says whether the response was 101; after a 101 the
+//! stream is passed through untouched (it is a WebSocket now). HTTP/2 connections (ALPN `h2`, or
+//! the prior-knowledge preface on plain listeners) are passed through, with the idle timeout.
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::proxy::desync::{self, Classification, DesyncMode, Framing, Mitigation, Tier};
+
+/// Longest request line and longest single header line (ALB: 16 KiB).
+pub const MAX_LINE: usize = 16 * 1024;
+/// Most bytes of all header lines together (ALB: 64 KiB).
+pub const MAX_HEADERS_TOTAL: usize = 64 * 1024;
+/// Most header lines in one request; hyper needs a fixed bound (its default is 100). ALB has no
+/// count limit, only the 64 KiB total; 1,000 headers of the minimal size reach 4 KiB.
+pub const MAX_HEADER_COUNT: usize = 1000;
+
+const HTTP2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
+/// What hyper parses in place of a request the load balancer answers itself.
+const SYNTHETIC_HEAD: &[u8] = b"GET / HTTP/1.1\r\nhost: lb.invalid\r\nconnection: close\r\n\r\n";
+
+/// What the sniffer decided about one HTTP/1 request head, for the request handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadVerdict {
+    /// hyper got the original head.
+    Pass {
+        /// The desync classification.
+        classification: Classification,
+        /// What the listener's desync mode says to do.
+        mitigation: Mitigation,
+        /// The request may upgrade the connection; the handler must call
+        /// [`ConnShared::decide_upgrade`].
+        upgrade: bool,
+    },
+    /// hyper got [`SYNTHETIC_HEAD`]; answer `status` and close.
+    Reject {
+        /// 400, 408, 501 or 505.
+        status: StatusCode,
+        /// Short reason for logs.
+        reason: &'static str,
+        /// The classification (compliant for limits, 408, 501, 505).
+        classification: Classification,
+    },
+}
+
+/// State shared between a connection's [`Sniffer`] and its request handler.
+#[derive(Debug)]
+pub struct ConnShared {
+    verdicts: Mutex<VecDeque<HeadVerdict>>,
+    inflight: AtomicUsize,
+    activity: Mutex<Instant>,
+    upgrade: Mutex<UpgradeGate>,
+}
+
+#[derive(Debug, Default)]
+struct UpgradeGate {
+    decision: Option<bool>,
+    waker: Option<Waker>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ConnShared {
+    /// Fresh state for a new connection.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            verdicts: Mutex::default(),
+            inflight: AtomicUsize::new(0),
+            activity: Mutex::new(Instant::now()),
+            upgrade: Mutex::default(),
+        })
+    }
+
+    /// The verdict for the next HTTP/1 request, in order. `None` for HTTP/2 (or if the sniffer
+    /// was bypassed), which is treated as compliant.
+    pub fn pop_verdict(&self) -> Option<HeadVerdict> {
+        lock(&self.verdicts).pop_front()
+    }
+
+    /// A request started; the idle timeout does not run while requests are outstanding.
+    pub fn request_started(&self) {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A request (including its response body) finished; the idle timeout restarts now.
+    pub fn request_finished(&self) {
+        *lock(&self.activity) = Instant::now();
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Tells the sniffer whether the request flagged `upgrade` got a 101.
+    pub fn decide_upgrade(&self, upgraded: bool) {
+        let mut gate = lock(&self.upgrade);
+        gate.decision = Some(upgraded);
+        if let Some(w) = gate.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Ext,
+    SizeLf,
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// In a trailer line (`true` if it has any byte besides CR).
+    Trailer(bool),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Collecting a request head.
+    Head,
+    /// Passing a fixed-length body.
+    Length(u64),
+    /// Passing a chunked body (current chunk state, chunk size being read).
+    Chunked(Chunk, u64),
+    /// Waiting for the handler to say whether the connection was upgraded.
+    AwaitUpgrade,
+    /// Raw pass-through (HTTP/2 with the idle timeout; upgraded connections without).
+    Passthrough { idle: bool },
+    /// A rejection was handed to hyper; nothing more is read.
+    Stopped,
+}
+
+/// The sniffing wrapper around a client connection (see the module docs).
+pub struct Sniffer<IO> {
+    io: IO,
+    shared: Arc<ConnShared>,
+    mode: DesyncMode,
+    state: State,
+    /// Bytes of the head being collected.
+    head: Vec<u8>,
+    /// Start of the current, unfinished line in `head`.
+    line_start: usize,
+    /// Length of the request line once known.
+    request_line: Option<usize>,
+    /// Bytes ready for hyper, and how many of them were delivered.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// A head is complete and its body is being passed; go to `AwaitUpgrade` after it.
+    upgrade_after_body: bool,
+    /// Any byte received on this connection yet.
+    seen_any: bool,
+    first_head: bool,
+    idle_timeout: Duration,
+    last_read: Instant,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl<IO> Sniffer<IO> {
+    /// Wraps `io`. `http1`: sniff HTTP/1 heads (false: HTTP/2 by ALPN, pass through).
+    pub fn new(
+        io: IO,
+        shared: Arc<ConnShared>,
+        mode: DesyncMode,
+        idle_timeout: Duration,
+        http1: bool,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            io,
+            shared,
+            mode,
+            state: if http1 {
+                State::Head
+            } else {
+                State::Passthrough { idle: true }
+            },
+            head: Vec::new(),
+            line_start: 0,
+            request_line: None,
+            out: Vec::new(),
+            out_pos: 0,
+            upgrade_after_body: false,
+            seen_any: false,
+            first_head: true,
+            idle_timeout,
+            last_read: now,
+            sleep: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+        }
+    }
+
+    fn push_verdict(&self, v: HeadVerdict) {
+        lock(&self.shared.verdicts).push_back(v);
+    }
+
+    fn reject(&mut self, status: StatusCode, reason: &'static str, classification: Classification) {
+        self.push_verdict(HeadVerdict::Reject {
+            status,
+            reason,
+            classification,
+        });
+        self.out.extend_from_slice(SYNTHETIC_HEAD);
+        self.head.clear();
+        self.state = State::Stopped;
+    }
+
+    /// Feeds newly read bytes through the state machine.
+    fn on_bytes(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match self.state {
+                State::Stopped => return,
+                State::Passthrough { .. } | State::AwaitUpgrade => {
+                    self.out.extend_from_slice(data);
+                    return;
+                }
+                State::Length(n) => {
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(data.len());
+                    self.out.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    let left = n - take as u64;
+                    self.state = if left == 0 {
+                        self.after_body()
+                    } else {
+                        State::Length(left)
+                    };
+                }
+                State::Chunked(chunk, size) => {
+                    let used = self.chunked(chunk, size, data);
+                    self.out.extend_from_slice(&data[..used]);
+                    data = &data[used..];
+                }
+                State::Head => {
+                    let used = self.head_bytes(data);
+                    data = &data[used..];
+                }
+            }
+        }
+    }
+
+    fn after_body(&mut self) -> State {
+        if std::mem::take(&mut self.upgrade_after_body) {
+            State::AwaitUpgrade
+        } else {
+            State::Head
+        }
+    }
+
+    /// Advances the chunked-body tracker over `data`; returns how many bytes belong to the body.
+    fn chunked(&mut self, mut chunk: Chunk, mut size: u64, data: &[u8]) -> usize {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match chunk {
+                Chunk::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = u64::from((b as char).to_digit(16).unwrap_or(0));
+                        size = size.saturating_mul(16).saturating_add(digit);
+                    }
+                    b'\r' => chunk = Chunk::SizeLf,
+                    b'\n' => {
+                        chunk = if size == 0 {
+                            Chunk::Trailer(false)
+                        } else {
+                            Chunk::Data(size)
+                        }
+                    }
+                    _ => chunk = Chunk::Ext,
+                },
+                Chunk::Ext => match b {
+                    b'\r' => chunk = Chunk::SizeLf,
+                    b'\n' => {
+                        chunk = if size == 0 {
+                            Chunk::Trailer(false)
+                        } else {
+                            Chunk::Data(size)
+                        }
+                    }
+                    _ => {}
+                },
+                Chunk::SizeLf => {
+                    chunk = if size == 0 {
+                        Chunk::Trailer(false)
+                    } else {
+                        Chunk::Data(size)
+                    }
+                }
+                Chunk::Data(n) => {
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(data.len() - i);
+                    let left = n - take as u64;
+                    i += take;
+                    chunk = if left == 0 {
+                        Chunk::DataCr
+                    } else {
+                        Chunk::Data(left)
+                    };
+                    continue;
+                }
+                Chunk::DataCr => {
+                    chunk = if b == b'\r' {
+                        Chunk::DataLf
+                    } else {
+                        Chunk::Size
+                    };
+                    size = 0;
+                }
+                Chunk::DataLf => {
+                    chunk = Chunk::Size;
+                    size = 0;
+                }
+                Chunk::Trailer(has_bytes) => match b {
+                    b'\n' if !has_bytes => {
+                        self.state = self.after_body();
+                        return i + 1;
+                    }
+                    b'\n' => chunk = Chunk::Trailer(false),
+                    b'\r' => {}
+                    _ => chunk = Chunk::Trailer(true),
+                },
+            }
+            i += 1;
+        }
+        self.state = State::Chunked(chunk, size);
+        i
+    }
+
+    /// Collects head bytes; returns how many of `data` were consumed (the rest follows the head).
+    fn head_bytes(&mut self, data: &[u8]) -> usize {
+        let mut i = 0;
+        // Empty lines before a request line are ignored by hyper (RFC 7230 §3.5).
+        if self.head.is_empty() {
+            while i < data.len() && matches!(data[i], b'\r' | b'\n') {
+                i += 1;
+            }
+            self.out.extend_from_slice(&data[..i]);
+        }
+        while i < data.len() {
+            let b = data[i];
+            self.head.push(b);
+            i += 1;
+            if b != b'\n' {
+                continue;
+            }
+            let line = &self.head[self.line_start..];
+            let content_len =
+                line.len() - 1 - usize::from(line.len() >= 2 && line[line.len() - 2] == b'\r');
+            self.line_start = self.head.len();
+            if self.request_line.is_none() {
+                self.request_line = Some(self.head.len());
+                if content_len > MAX_LINE {
+                    self.reject(
+                        StatusCode::BAD_REQUEST,
+                        "request line over 16 KiB",
+                        Classification::COMPLIANT,
+                    );
+                    return data.len();
+                }
+                continue;
+            }
+            if content_len == 0 {
+                self.complete_head();
+                return i;
+            }
+            if content_len > MAX_LINE {
+                self.reject(
+                    StatusCode::BAD_REQUEST,
+                    "header over 16 KiB",
+                    Classification::COMPLIANT,
+                );
+                return data.len();
+            }
+        }
+        // Limits on what is still incomplete.
+        let unfinished = self.head.len() - self.line_start;
+        let headers_total = self.head.len() - self.request_line.unwrap_or(0);
+        if unfinished > MAX_LINE + 2 {
+            let reason = if self.request_line.is_none() {
+                "request line over 16 KiB"
+            } else {
+                "header over 16 KiB"
+            };
+            self.reject(StatusCode::BAD_REQUEST, reason, Classification::COMPLIANT);
+            return data.len();
+        }
+        if self.request_line.is_some() && headers_total > MAX_HEADERS_TOTAL {
+            self.reject(
+                StatusCode::BAD_REQUEST,
+                "headers over 64 KiB",
+                Classification::COMPLIANT,
+            );
+            return data.len();
+        }
+        i
+    }
+
+    /// A whole head is in `self.head`: decide what hyper gets.
+    fn complete_head(&mut self) {
+        let head = std::mem::take(&mut self.head);
+        self.line_start = 0;
+        let request_line = self.request_line.take().unwrap_or(0);
+        let first = std::mem::replace(&mut self.first_head, false);
+        if first && head.starts_with(HTTP2_PREFACE_LINE) {
+            // HTTP/2 prior knowledge (h2c): hyper-util's auto builder takes it from here.
+            self.out.extend_from_slice(&head);
+            self.state = State::Passthrough { idle: true };
+            return;
+        }
+        if head.len() - request_line > MAX_HEADERS_TOTAL {
+            self.reject(
+                StatusCode::BAD_REQUEST,
+                "headers over 64 KiB",
+                Classification::COMPLIANT,
+            );
+            return;
+        }
+        let header_lines = head[request_line..].iter().filter(|&&b| b == b'\n').count();
+        if header_lines > MAX_HEADER_COUNT {
+            self.reject(
+                StatusCode::BAD_REQUEST,
+                "too many headers",
+                Classification::COMPLIANT,
+            );
+            return;
+        }
+        let a = desync::analyze(&head);
+        let c = a.classification;
+        let mitigation = self.mode.mitigation(c.tier);
+        if mitigation == Mitigation::Block {
+            let reason = c.reason.map_or("non-compliant request", |r| r.as_str());
+            self.reject(StatusCode::BAD_REQUEST, reason, c);
+            return;
+        }
+        if let Some(v) = a.version
+            && v != (1, 0)
+            && v != (1, 1)
+        {
+            self.reject(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "unsupported HTTP version",
+                c,
+            );
+            return;
+        }
+        if a.unsupported_coding {
+            self.reject(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported transfer-encoding",
+                c,
+            );
+            return;
+        }
+        self.push_verdict(HeadVerdict::Pass {
+            classification: c,
+            mitigation,
+            upgrade: a.upgrade,
+        });
+        self.out.extend_from_slice(&head);
+        self.upgrade_after_body = a.upgrade;
+        self.state = match a.framing {
+            Framing::Length(n) if n > 0 => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunk::Size, 0),
+            Framing::Empty | Framing::Length(_) => self.after_body(),
+            // Only reachable in monitor mode: hyper rejects this head itself and closes.
+            Framing::Invalid => State::Stopped,
+        };
+        debug_assert!(c.tier <= Tier::Severe);
+    }
+
+    /// The idle timer, polled when the socket has nothing to read. Returns true when it expired.
+    /// Between requests it does not run while a response is outstanding (the target side has
+    /// its own timeout); inside a request body it always runs: the client must keep sending.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let in_body = matches!(self.state, State::Length(_) | State::Chunked(..));
+        if !in_body && self.shared.inflight.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        let activity = *lock(&self.shared.activity);
+        let deadline = self.last_read.max(activity) + self.idle_timeout;
+        if self.sleep.deadline() != deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Sniffer<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.out_pos < this.out.len() {
+                let n = (this.out.len() - this.out_pos).min(buf.remaining());
+                buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
+                this.out_pos += n;
+                if this.out_pos == this.out.len() {
+                    this.out.clear();
+                    this.out_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            match this.state {
+                // The handler answers with `Connection: close`; hyper closes after writing it.
+                State::Stopped => return Poll::Pending,
+                State::Passthrough { idle: false } => {
+                    return Pin::new(&mut this.io).poll_read(cx, buf);
+                }
+                State::AwaitUpgrade => {
+                    let mut gate = lock(&this.shared.upgrade);
+                    match gate.decision.take() {
+                        Some(true) => this.state = State::Passthrough { idle: false },
+                        Some(false) => this.state = State::Head,
+                        None => {
+                            gate.waker = Some(cx.waker().clone());
+                            return Poll::Pending;
+                        }
+                    }
+                    continue;
+                }
+                State::Head | State::Length(_) | State::Chunked(..) | State::Passthrough { .. } => {
+                }
+            }
+            let mut tmp = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                    this.last_read = Instant::now();
+                    this.seen_any = true;
+                    this.on_bytes(&tmp[..n]);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    if !this.idle_expired(cx) {
+                        return Poll::Pending;
+                    }
+                    match this.state {
+                        State::Head if !this.seen_any || !this.head.is_empty() => {
+                            // ALB: the client sent no (complete) request within the idle
+                            // timeout: 408, then close.
+                            this.reject(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "idle timeout before a request",
+                                Classification::COMPLIANT,
+                            );
+                        }
+                        // Idle keep-alive connection (or HTTP/2 with no stream): just close.
+                        State::Head | State::Passthrough { .. } => {
+                            return Poll::Ready(Ok(()));
+                        }
+                        _ => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "client idle timeout during the request body",
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniffer<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sniffer() -> Sniffer<tokio::io::Empty> {
+        Sniffer::new(
+            tokio::io::empty(),
+            ConnShared::new(),
+            DesyncMode::Defensive,
+            Duration::from_secs(60),
+            true,
+        )
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_with_bodies_are_split_where_hyper_splits_them() {
+        let mut s = sniffer();
+        let input = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nGET /\r\n0\r\nT: 1\r\n\r\n\
+GET /c HTTP/1.1\r\n\r\n";
+        // Byte by byte, to exercise every resumption point.
+        for b in input {
+            s.on_bytes(std::slice::from_ref(b));
+        }
+        assert_eq!(s.out, input.to_vec(), "original bytes are passed unchanged");
+        let mut n = 0;
+        while let Some(v) = s.shared.pop_verdict() {
+            assert!(matches!(v, HeadVerdict::Pass { .. }), "{v:?}");
+            n += 1;
+        }
+        // The `GET /` inside the chunk is body, not a request.
+        assert_eq!(n, 3);
+        assert_eq!(s.state, State::Head);
+    }
+
+    #[tokio::test]
+    async fn severe_head_is_replaced_and_reading_stops() {
+        let mut s = sniffer();
+        s.on_bytes(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n");
+        assert_eq!(s.out, SYNTHETIC_HEAD.to_vec());
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::BAD_REQUEST
+        ));
+        assert!(
+            s.shared.pop_verdict().is_none(),
+            "the smuggled request is never seen"
+        );
+        assert_eq!(s.state, State::Stopped);
+    }
+
+    #[tokio::test]
+    async fn oversized_header_line_is_rejected_before_the_head_ends() {
+        let mut s = sniffer();
+        s.on_bytes(b"GET / HTTP/1.1\r\nX: ");
+        s.on_bytes(&vec![b'a'; MAX_LINE + 10]);
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Reject {
+                reason: "header over 16 KiB",
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn header_of_exactly_16_kib_passes() {
+        let mut s = sniffer();
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        head.extend_from_slice(b"X: ");
+        head.extend_from_slice(&vec![b'a'; MAX_LINE - 3]);
+        head.extend_from_slice(b"\r\n\r\n");
+        s.on_bytes(&head);
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Pass { .. })
+        ));
+    }
+
+    async fn read_some(s: &mut Sniffer<tokio::io::DuplexStream>) -> io::Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    #[tokio::test]
+    async fn stalled_request_body_times_out_even_with_the_request_in_flight() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            Duration::from_millis(100),
+            true,
+        );
+        client
+            .write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .expect("write");
+        let got = read_some(&mut s).await.expect("head and body start");
+        assert!(got.ends_with(b"abc"));
+        shared.request_started();
+        let err = read_some(&mut s).await.expect_err("idle timeout");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn silent_connection_gets_a_synthetic_408() {
+        let (_client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            Duration::from_millis(100),
+            true,
+        );
+        let got = read_some(&mut s).await.expect("synthetic head");
+        assert_eq!(got, SYNTHETIC_HEAD);
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::REQUEST_TIMEOUT
+        ));
+    }
+
+    #[tokio::test]
+    async fn h2_preface_switches_to_passthrough() {
+        let mut s = sniffer();
+        s.on_bytes(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0");
+        assert_eq!(s.state, State::Passthrough { idle: true });
+        assert!(s.out.ends_with(b"SM\r\n\r\n\0\0"));
+        assert!(s.shared.pop_verdict().is_none());
+    }
+}

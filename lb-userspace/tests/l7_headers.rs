@@ -1,0 +1,106 @@
+//! Request headers as the target receives them.
+mod support;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use lb::headers::XffMode;
+use support::target::{self, Reply};
+use support::{ProxyBuilder, send};
+
+/// Sends a request with `headers` through a listener in `mode`; returns the target's echo.
+async fn echo(mode: XffMode, headers: &[(&str, &str)]) -> String {
+    let t = target::http1().route("/", Reply::EchoHeaders).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| l.xff = mode)
+        .start()
+        .await;
+    let mut req = Request::get("/echo?q=1").header("host", "app.test");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let got = send(p.addr, req.body(Full::new(Bytes::new())).expect("req")).await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    got.body
+}
+
+fn header<'a>(echo: &'a str, name: &str) -> Option<&'a str> {
+    echo.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+}
+
+#[tokio::test]
+async fn forwarded_for_modes_as_seen_by_the_target() {
+    let cases: [(XffMode, Option<&str>, Option<&str>); 6] = [
+        (XffMode::Append, None, Some("127.0.0.1")),
+        (
+            XffMode::Append,
+            Some("10.0.0.1"),
+            Some("10.0.0.1, 127.0.0.1"),
+        ),
+        (XffMode::Preserve, None, None),
+        (XffMode::Preserve, Some("10.0.0.1"), Some("10.0.0.1")),
+        (XffMode::Remove, None, None),
+        (XffMode::Remove, Some("10.0.0.1"), None),
+    ];
+    for (mode, sent, want) in cases {
+        let headers: Vec<(&str, &str)> = sent.map(|v| ("x-forwarded-for", v)).into_iter().collect();
+        let e = echo(mode, &headers).await;
+        assert_eq!(
+            header(&e, "x-forwarded-for"),
+            want,
+            "{mode:?} {sent:?}\n{e}"
+        );
+        assert_eq!(header(&e, "x-forwarded-proto"), Some("http"), "{e}");
+        assert!(
+            header(&e, "x-forwarded-port").is_some_and(|p| p.parse::<u16>().is_ok()),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn host_path_and_query_are_preserved_and_hop_by_hop_headers_dropped() {
+    let e = echo(
+        XffMode::Append,
+        &[
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-app", "kept"),
+        ],
+    )
+    .await;
+    assert!(e.starts_with("GET /echo?q=1 HTTP/1.1"), "{e}");
+    assert_eq!(header(&e, "host"), Some("app.test"), "{e}");
+    assert_eq!(header(&e, "x-app"), Some("kept"), "{e}");
+    assert_eq!(header(&e, "keep-alive"), None, "{e}");
+    assert_eq!(
+        header(&e, "x-secret"),
+        None,
+        "headers named in Connection are hop-by-hop: {e}"
+    );
+}
+
+#[tokio::test]
+async fn trace_id_is_created_or_extended() {
+    let e = echo(XffMode::Append, &[]).await;
+    let id = header(&e, "x-amzn-trace-id").expect("trace id");
+    let root = id.strip_prefix("Root=1-").expect("Root=1-");
+    let (epoch, random) = root.split_once('-').expect("two parts");
+    assert_eq!(epoch.len(), 8, "{id}");
+    assert_eq!(random.len(), 24, "{id}");
+    assert!(
+        epoch
+            .chars()
+            .chain(random.chars())
+            .all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
+
+    let sent = "Root=1-5759e988-bd862e3fe1be46a994272793;Sampled=1";
+    let e = echo(XffMode::Append, &[("x-amzn-trace-id", sent)]).await;
+    let id = header(&e, "x-amzn-trace-id").expect("trace id");
+    assert!(id.starts_with("Self=1-"), "{id}");
+    assert!(id.ends_with(sent), "the client's fields are kept: {id}");
+}

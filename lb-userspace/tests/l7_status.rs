@@ -1,0 +1,310 @@
+//! Every status the load balancer generates, each produced by a real failure on loopback.
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::target::{self, RawBehavior, Reply};
+use support::{ProxyBuilder, get, raw, send, status_of, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn hello_target() -> target::Target {
+    target::http1().route("/", Reply::text("hello")).run().await
+}
+
+#[tokio::test]
+async fn forwards_a_plain_request() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let got = get(p.addr, "/").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "hello");
+    assert_eq!(t.hits(), 1);
+}
+
+#[tokio::test]
+async fn malformed_request_line_is_400_with_alb_page_and_close() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let out = raw(p.addr, b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&out), 400, "{out}");
+    assert!(out.contains("<title>400 Bad Request</title>"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    assert_eq!(t.hits(), 0, "a malformed request is never forwarded");
+}
+
+#[tokio::test]
+async fn header_over_16_kib_is_400() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let mut req = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 16 * 1024 + 1));
+    req.extend_from_slice(b"\r\n\r\n");
+    let out = raw(p.addr, &req).await;
+    assert_eq!(status_of(&out), 400, "{out}");
+    assert_eq!(t.hits(), 0);
+}
+
+#[tokio::test]
+async fn headers_over_64_kib_in_total_are_400_but_just_under_passes() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let head = |lines: usize| {
+        let mut req = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..lines {
+            // 1 KiB per line including CRLF.
+            req.extend_from_slice(format!("X-{i:05}: ").as_bytes());
+            req.extend(std::iter::repeat_n(b'v', 1024 - 11));
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"Connection: close\r\n\r\n");
+        req
+    };
+    let out = raw(p.addr, &head(63)).await;
+    assert_eq!(status_of(&out), 200, "63 KiB of headers pass");
+    let out = raw(p.addr, &head(65)).await;
+    assert_eq!(status_of(&out), 400, "65 KiB of headers are too many");
+    assert_eq!(t.hits(), 1);
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_400_and_never_forwarded() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let out = raw(
+        p.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&out), 400, "{out}");
+    assert_eq!(
+        out.matches("HTTP/1.1").count(),
+        1,
+        "one response only: {out}"
+    );
+    assert_eq!(t.hits(), 0);
+    let counters = p.running.as_ref().expect("running").counters();
+    assert_eq!(
+        counters
+            .desync_non_compliant_requests
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn trace_is_405() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let got = send(
+        p.addr,
+        Request::builder()
+            .method("TRACE")
+            .uri("/")
+            .header("host", "x")
+            .body(Full::new(Bytes::new()))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(got.status, 405);
+    assert!(got.body.contains("405 Method Not Allowed"));
+    assert_eq!(t.hits(), 0);
+}
+
+#[tokio::test]
+async fn silent_client_gets_408_after_the_idle_timeout() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| l.idle_timeout = Duration::from_millis(300))
+        .start()
+        .await;
+    // Connect and send nothing.
+    let out = raw(p.addr, b"").await;
+    assert_eq!(status_of(&out), 408, "{out}");
+    assert!(out.contains("408 Request Timeout"));
+}
+
+#[tokio::test]
+async fn client_leaving_before_the_response_is_counted_as_460() {
+    let t = target::http1()
+        .route("/", Reply::Slow(Duration::from_secs(30), "late".into()))
+        .run()
+        .await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let counters = p.running.as_ref().expect("running").counters().clone();
+    let mut tcp = TcpStream::connect(p.addr).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // Wait until the request reached the target, then leave.
+    within(async {
+        while t.hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(tcp);
+    within(async {
+        while counters.client_closed_requests.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(counters.client_closed_requests.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn client_aborting_its_upload_is_counted_as_460() {
+    let t = target::http1().route("/", Reply::Hang).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let counters = p.running.as_ref().expect("running").counters().clone();
+    let mut tcp = TcpStream::connect(p.addr).await.expect("connect");
+    tcp.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    within(async {
+        while t.hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(tcp);
+    within(async {
+        while counters.client_closed_requests.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(counters.client_closed_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        counters.elb_5xx.load(Ordering::Relaxed),
+        0,
+        "a client that left is not a load balancer error"
+    );
+}
+
+#[tokio::test]
+async fn more_than_30_forwarded_for_addresses_is_463() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let xff = (1..=31)
+        .map(|i| format!("10.0.0.{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let got = send(
+        p.addr,
+        Request::get("/")
+            .header("host", "x")
+            .header("x-forwarded-for", xff)
+            .body(Full::new(Bytes::new()))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(got.status.as_u16(), 463);
+    assert_eq!(t.hits(), 0);
+}
+
+#[tokio::test]
+async fn transfer_encoding_gzip_is_501() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let out = raw(
+        p.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nxxxx",
+    )
+    .await;
+    assert_eq!(status_of(&out), 501, "{out}");
+    assert!(out.contains("501 Not Implemented"));
+    assert_eq!(t.hits(), 0);
+}
+
+#[tokio::test]
+async fn http_3_0_on_http1_is_505() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let out = raw(p.addr, b"GET / HTTP/3.0\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&out), 505, "{out}");
+    assert_eq!(t.hits(), 0);
+}
+
+#[tokio::test]
+async fn target_reset_is_502() {
+    let t = target::raw(RawBehavior::Reset).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let got = get(p.addr, "/").await;
+    assert_eq!(got.status, 502);
+    assert!(got.body.contains("<title>502 Bad Gateway</title>"));
+}
+
+#[tokio::test]
+async fn target_garbage_is_502() {
+    let t = target::raw(RawBehavior::Garbage).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    assert_eq!(get(p.addr, "/").await.status, 502);
+}
+
+#[tokio::test]
+async fn target_closing_with_request_outstanding_is_502() {
+    let t = target::raw(RawBehavior::CloseAfterRequest).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    assert_eq!(get(p.addr, "/").await.status, 502);
+}
+
+#[tokio::test]
+async fn group_without_targets_is_503() {
+    let p = ProxyBuilder::forward_to(&[]).start().await;
+    let got = get(p.addr, "/").await;
+    assert_eq!(got.status, 503);
+    assert!(
+        got.body
+            .contains("<title>503 Service Temporarily Unavailable</title>")
+    );
+}
+
+#[tokio::test]
+async fn hanging_target_is_504_after_the_idle_timeout() {
+    let t = target::http1().route("/", Reply::Hang).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .client(|c| c.idle_timeout = Duration::from_millis(300))
+        .start()
+        .await;
+    assert_eq!(get(p.addr, "/").await.status, 504);
+}
+
+#[tokio::test]
+async fn http1_request_to_an_http2_group_is_464() {
+    let t = target::http2().route("/", Reply::text("h2")).run().await;
+    let p = ProxyBuilder::new()
+        .group_spec("tg,protocol-version=http2", &[t.addr])
+        .rules(&["web,default,forward=tg"])
+        .start()
+        .await;
+    assert_eq!(get(p.addr, "/").await.status.as_u16(), 464);
+    assert_eq!(t.hits(), 0);
+}
+
+#[tokio::test]
+async fn keep_alive_connection_serves_several_requests() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let mut tcp = TcpStream::connect(p.addr).await.expect("connect");
+    within(async {
+        tcp.write_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.expect("read");
+        assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+    })
+    .await;
+    assert_eq!(t.hits(), 2);
+}

@@ -1,0 +1,244 @@
+//! HTTPS listeners: SNI certificate selection, ALPN, HTTP/2 and HTTP/1.1 over TLS, handshake
+//! failures counted.
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lb::proxy::server::{CertificateSpec, ListenerProtocol};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use support::target::{self, Reply};
+use support::{ProxyBuilder, within};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// Certificates written to a directory that is removed on drop.
+struct Certs {
+    dir: PathBuf,
+    /// (DER of the leaf, spec) in listener order: default first.
+    certs: Vec<(Vec<u8>, CertificateSpec)>,
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn make_certs(sets: &[&[&str]]) -> Certs {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lb-l7-tls-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let certs = sets
+        .iter()
+        .enumerate()
+        .map(|(i, names)| {
+            let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+            let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
+            let cert = dir.join(format!("{i}.crt"));
+            let key = dir.join(format!("{i}.key"));
+            std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+            std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+            (ck.cert.der().to_vec(), CertificateSpec { cert, key })
+        })
+        .collect();
+    Certs { dir, certs }
+}
+
+/// Accepts any server certificate: the tests compare the presented certificate themselves.
+#[derive(Debug)]
+struct AcceptAny;
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+async fn connect(addr: SocketAddr, sni: Option<&str>, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = match sni {
+        Some(n) => ServerName::try_from(n.to_owned()).expect("dns name"),
+        // An IP address as server name: rustls sends no SNI.
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    within(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .expect("handshake")
+    })
+    .await
+}
+
+fn leaf(s: &TlsStream<TcpStream>) -> Vec<u8> {
+    s.get_ref().1.peer_certificates().expect("certs")[0].to_vec()
+}
+
+async fn https_proxy(certs: &Certs) -> (target::Target, support::Proxy) {
+    let t = target::http1().route("/", Reply::EchoHeaders).run().await;
+    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| {
+            l.protocol = ListenerProtocol::Https;
+            l.certificates = specs;
+        })
+        .start()
+        .await;
+    (t, p)
+}
+
+#[tokio::test]
+async fn sni_selects_the_matching_certificate_else_the_default() {
+    let certs = make_certs(&[&["default.test"], &["a.test"], &["*.b.test"]]);
+    let (_t, p) = https_proxy(&certs).await;
+    let der = |i: usize| certs.certs[i].0.clone();
+    let cases: [(Option<&str>, usize); 5] = [
+        (Some("a.test"), 1),
+        (Some("x.b.test"), 2),
+        (Some("default.test"), 0),
+        (Some("unknown.test"), 0),
+        (None, 0),
+    ];
+    for (sni, want) in cases {
+        let s = connect(p.addr, sni, &[b"http/1.1"]).await;
+        assert_eq!(leaf(&s), der(want), "sni {sni:?}");
+    }
+}
+
+#[tokio::test]
+async fn alpn_negotiates_h2_and_serves_http2() {
+    let certs = make_certs(&[&["default.test"]]);
+    let (_t, p) = https_proxy(&certs).await;
+    let s = connect(p.addr, Some("default.test"), &[b"h2", b"http/1.1"]).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let body = within(async {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                Request::get("https://default.test/h2")
+                    .body(Full::new(Bytes::new()))
+                    .expect("req"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.expect("body").to_bytes()
+    })
+    .await;
+    let body = String::from_utf8_lossy(&body);
+    // The target (HTTP/1.1) got Host from :authority and X-Forwarded-Proto https.
+    assert!(body.starts_with("GET /h2 HTTP/1.1"), "{body}");
+    assert!(body.contains("host: default.test\n"), "{body}");
+    assert!(body.contains("x-forwarded-proto: https\n"), "{body}");
+}
+
+#[tokio::test]
+async fn alpn_negotiates_http1_and_serves_it() {
+    let certs = make_certs(&[&["default.test"]]);
+    let (_t, p) = https_proxy(&certs).await;
+    let s = connect(p.addr, Some("default.test"), &[b"http/1.1"]).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let status = within(async {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        send.send_request(
+            Request::get("/")
+                .header("host", "default.test")
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("response")
+        .status()
+    })
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn failed_handshakes_are_counted() {
+    let certs = make_certs(&[&["default.test"]]);
+    let (_t, p) = https_proxy(&certs).await;
+    within(async {
+        let mut tcp = TcpStream::connect(p.addr).await.expect("connect");
+        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut buf).await;
+    })
+    .await;
+    let counters = p.running.as_ref().expect("running").counters().clone();
+    within(async {
+        while counters
+            .client_tls_negotiation_errors
+            .load(Ordering::Relaxed)
+            == 0
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        counters
+            .client_tls_negotiation_errors
+            .load(Ordering::Relaxed),
+        1
+    );
+}

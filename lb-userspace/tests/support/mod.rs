@@ -1,0 +1,470 @@
+//! Builders for L7 integration tests (linkerd2-proxy style): real targets and real clients on
+//! loopback, and a [`Proxy`] guard that runs the L7 tier and stops it on drop.
+//!
+//! `target::http1().route("/", Reply::text("hello")).run().await` starts a small hyper target;
+//! `target::raw(RawBehavior::Reset).run().await` a raw TCP one that misbehaves on purpose.
+//! `Proxy::forward_to(&[addr]).start().await` runs the balancer with one HTTP listener whose
+//! default rule forwards to one target group. Every socket is bound to 127.0.0.1:0.
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the support code"
+)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lb::proxy::client::ClientConfig;
+use lb::proxy::server::{L7Config, ListenerConfig, ListenerProtocol, RunningL7};
+use lb::rules::{Rule, RuleOrDefault, RuleSet, parse_rule};
+use lb::targets::{TargetAddr, TargetGroup, TargetState, parse_target_group};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Safety net for every network wait in tests (never asserted on).
+pub const SAFETY: Duration = Duration::from_secs(20);
+
+pub async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(SAFETY, f)
+        .await
+        .expect("test step did not finish within the safety timeout")
+}
+
+pub mod target {
+    use super::*;
+
+    /// What a route of a hyper target answers.
+    #[derive(Clone, Debug)]
+    pub enum Reply {
+        /// 200 with this body.
+        Text(String),
+        /// 200 with `METHOD URI VERSION` and then every received header as `name: value` lines.
+        EchoHeaders,
+        /// Waits, then 200 with the body.
+        Slow(Duration, String),
+        /// Never answers.
+        Hang,
+        /// 101 and then echoes every byte back (a WebSocket-like upgrade echo).
+        UpgradeEcho,
+    }
+
+    impl Reply {
+        pub fn text(s: &str) -> Self {
+            Self::Text(s.to_owned())
+        }
+    }
+
+    pub struct Builder {
+        routes: Vec<(String, Reply)>,
+        http2: bool,
+    }
+
+    pub fn http1() -> Builder {
+        Builder {
+            routes: Vec::new(),
+            http2: false,
+        }
+    }
+
+    pub fn http2() -> Builder {
+        Builder {
+            routes: Vec::new(),
+            http2: true,
+        }
+    }
+
+    /// A running target; it stops when dropped.
+    pub struct Target {
+        pub addr: SocketAddr,
+        /// Requests the target received (whole heads parsed by hyper).
+        pub hits: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Target {
+        pub fn hits(&self) -> usize {
+            self.hits.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for Target {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Builder {
+        /// Requests whose path starts with `prefix` get `reply` (first match wins; `/` matches
+        /// everything).
+        pub fn route(mut self, prefix: &str, reply: Reply) -> Self {
+            self.routes.push((prefix.to_owned(), reply));
+            self
+        }
+
+        pub async fn run(self) -> Target {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+            let addr = listener.local_addr().expect("addr");
+            let hits = Arc::new(AtomicUsize::new(0));
+            let routes = Arc::new(self.routes);
+            let http2 = self.http2;
+            let h = hits.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let routes = routes.clone();
+                    let hits = h.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            answer(routes.clone(), req)
+                        });
+                        if http2 {
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(tcp), svc)
+                                .await;
+                        } else {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(tcp), svc)
+                                .with_upgrades()
+                                .await;
+                        }
+                    });
+                }
+            });
+            Target { addr, hits, task }
+        }
+    }
+
+    async fn answer(
+        routes: Arc<Vec<(String, Reply)>>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let reply = routes
+            .iter()
+            .find(|(p, _)| req.uri().path().starts_with(p.as_str()))
+            .map(|(_, r)| r.clone())
+            .unwrap_or(Reply::Text("no route".into()));
+        let text = match reply {
+            Reply::Text(t) => t,
+            Reply::EchoHeaders => {
+                let mut s = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+                for (k, v) in req.headers() {
+                    s.push_str(&format!(
+                        "{}: {}\n",
+                        k,
+                        String::from_utf8_lossy(v.as_bytes())
+                    ));
+                }
+                s
+            }
+            Reply::Slow(d, t) => {
+                tokio::time::sleep(d).await;
+                t
+            }
+            Reply::Hang => {
+                std::future::pending::<()>().await;
+                String::new()
+            }
+            Reply::UpgradeEcho => {
+                let on = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(up) = on.await {
+                        let mut io = TokioIo::new(up);
+                        let mut buf = [0u8; 1024];
+                        loop {
+                            match io.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if io.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+                let mut resp = Response::new(Full::new(Bytes::new()));
+                *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                resp.headers_mut()
+                    .insert("upgrade", http::HeaderValue::from_static("websocket"));
+                resp.headers_mut()
+                    .insert("connection", http::HeaderValue::from_static("upgrade"));
+                return Ok(resp);
+            }
+        };
+        Ok(Response::new(Full::new(Bytes::from(text))))
+    }
+
+    /// Targets that break HTTP on purpose.
+    #[derive(Clone, Copy, Debug)]
+    pub enum RawBehavior {
+        /// Accepts and resets the connection (RST) as soon as the request arrives.
+        Reset,
+        /// Answers the request with bytes that are not HTTP.
+        Garbage,
+        /// Reads the request and closes cleanly (FIN) without answering.
+        CloseAfterRequest,
+    }
+
+    pub fn raw(behavior: RawBehavior) -> RawBuilder {
+        RawBuilder { behavior }
+    }
+
+    pub struct RawBuilder {
+        behavior: RawBehavior,
+    }
+
+    impl RawBuilder {
+        pub async fn run(self) -> Target {
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind raw target");
+            let addr = listener.local_addr().expect("addr");
+            let hits = Arc::new(AtomicUsize::new(0));
+            let h = hits.clone();
+            let behavior = self.behavior;
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((mut tcp, _)) = listener.accept().await else {
+                        return;
+                    };
+                    h.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        let _ = tcp.read(&mut buf).await;
+                        match behavior {
+                            RawBehavior::Reset => {
+                                // SO_LINGER 0 makes the close an RST; blocking on drop is not
+                                // a concern with a zero timeout.
+                                #[allow(deprecated, reason = "zero linger never blocks")]
+                                let _ = tcp.set_linger(Some(Duration::ZERO));
+                                drop(tcp);
+                            }
+                            RawBehavior::Garbage => {
+                                let _ = tcp.write_all(b"this is not http\r\n\r\n").await;
+                                let _ = tcp.shutdown().await;
+                            }
+                            RawBehavior::CloseAfterRequest => {
+                                let _ = tcp.shutdown().await;
+                            }
+                        }
+                    });
+                }
+            });
+            Target { addr, hits, task }
+        }
+    }
+}
+
+/// A target group from a `--target-group` spec with `targets`, all marked healthy.
+pub fn group(spec: &str, targets: Vec<TargetAddr>) -> Arc<TargetGroup> {
+    let group = TargetGroup::new(parse_target_group(spec).expect("target group spec"));
+    group.set_targets(targets.clone());
+    for t in targets {
+        group.set_state(t.addr, TargetState::Healthy);
+    }
+    Arc::new(group)
+}
+
+/// A listener's rules from `--rule` specs (listener name ignored; one must be `default`).
+pub fn rules(specs: &[&str]) -> RuleSet {
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut default = None;
+    for spec in specs {
+        match parse_rule(spec).expect("rule spec").rule {
+            RuleOrDefault::Rule(r) => rules.push(r),
+            RuleOrDefault::Default(a) => default = Some(a),
+        }
+    }
+    RuleSet::new(rules, default.expect("a default rule")).expect("valid rules")
+}
+
+/// The balancer under test; stopped (hard) on drop.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub running: Option<RunningL7>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        drop(self.running.take());
+    }
+}
+
+/// Configuration of a one-listener balancer.
+pub struct ProxyBuilder {
+    pub listener: ListenerConfig,
+    pub rules: RuleSet,
+    pub groups: HashMap<String, Arc<TargetGroup>>,
+    pub client: ClientConfig,
+}
+
+impl ProxyBuilder {
+    /// One HTTP listener `web` whose rules are still to be given ([`Self::rules`]); until then
+    /// every request gets a fixed 404.
+    pub fn new() -> Self {
+        Self {
+            listener: ListenerConfig::new(
+                "web",
+                ListenerProtocol::Http,
+                "127.0.0.1:0".parse().expect("addr"),
+            ),
+            rules: rules(&["web,default,fixed-response=404"]),
+            groups: HashMap::new(),
+            client: ClientConfig::default(),
+        }
+    }
+
+    /// One HTTP listener; default rule forwards to group `tg` over `targets` (HTTP/1).
+    pub fn forward_to(targets: &[SocketAddr]) -> Self {
+        Self::new()
+            .group("tg", targets)
+            .rules(&["web,default,forward=tg"])
+    }
+
+    /// Adds a group named `name` with default options.
+    pub fn group(self, name: &str, targets: &[SocketAddr]) -> Self {
+        self.group_spec(name, targets)
+    }
+
+    /// Adds a group from a `--target-group` spec.
+    pub fn group_spec(self, spec: &str, targets: &[SocketAddr]) -> Self {
+        self.group_targets(spec, targets.iter().copied().map(TargetAddr::new).collect())
+    }
+
+    /// Adds a group from a spec with weighted targets.
+    pub fn group_targets(mut self, spec: &str, targets: Vec<TargetAddr>) -> Self {
+        let g = group(spec, targets);
+        self.groups.insert(g.name().to_owned(), g);
+        self
+    }
+
+    /// Replaces the listener's rules (`--rule` specs).
+    pub fn rules(mut self, specs: &[&str]) -> Self {
+        self.rules = rules(specs);
+        self
+    }
+
+    pub fn listener(mut self, f: impl FnOnce(&mut ListenerConfig)) -> Self {
+        f(&mut self.listener);
+        self
+    }
+
+    pub fn client(mut self, f: impl FnOnce(&mut ClientConfig)) -> Self {
+        f(&mut self.client);
+        self
+    }
+
+    pub async fn start(self) -> Proxy {
+        let running = lb::proxy::server::start(L7Config {
+            listeners: vec![(self.listener, self.rules)],
+            groups: self.groups,
+            client: self.client,
+        })
+        .await
+        .expect("start the L7 tier");
+        let addr = running.addrs[0].1;
+        Proxy {
+            addr,
+            running: Some(running),
+        }
+    }
+}
+
+/// A response with its body collected.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+/// Sends `req` over a fresh HTTP/1.1 connection.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+    within(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect to proxy");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Got {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    })
+    .await
+}
+
+/// `GET path` with a Host header.
+pub async fn get(addr: SocketAddr, path: &str) -> Got {
+    send(
+        addr,
+        Request::get(path)
+            .header("host", "app.test")
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await
+}
+
+/// Writes raw bytes and reads everything until the proxy closes the connection.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    within(async {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect to proxy");
+        tcp.write_all(bytes).await.expect("write");
+        let mut out = Vec::new();
+        let _ = tcp.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+}
+
+/// The status code of the first response in raw response text.
+pub fn status_of(raw: &str) -> u16 {
+    raw.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {raw:?}"))
+}
+
+/// `n` sequential `GET path` over one keep-alive connection; returns the bodies in order.
+pub async fn get_many(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
+    within(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect to proxy");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let mut bodies = Vec::with_capacity(n);
+        for _ in 0..n {
+            sender.ready().await.expect("connection ready");
+            let resp = sender
+                .send_request(
+                    Request::get(path)
+                        .header("host", "app.test")
+                        .body(Full::new(Bytes::new()))
+                        .expect("request"),
+                )
+                .await
+                .expect("response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            bodies.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        bodies
+    })
+    .await
+}
