@@ -1133,7 +1133,7 @@ fn flows_of_a_deregistered_backend_are_re_steered_to_the_remaining_ones() {
 // lb_decap.
 // ---------------------------------------------------------------------------------------------
 
-/// Loads `lb_decap` for `addrs`; runs `packet`; checks that exactly `reason` went up by one.
+/// Runs `lb_decap` on `packet`; checks XDP_PASS and that exactly `reason` went up by one.
 fn decap_run(decap: &Decap, packet: &[u8], reason: DecapReason) -> Vec<u8> {
     let before = decap.counters().expect("reading LB_DECAP_STATS");
     let (action, out) = decap
