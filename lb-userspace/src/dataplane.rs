@@ -137,7 +137,8 @@ fn load_object(sizes: Sizes) -> Result<Ebpf> {
     EbpfLoader::new()
         .map_max_entries(names::MAP_FLOWS, max_flows)
         .map_max_entries(names::MAP_RINGS, ring_slots)
-        .map_max_entries(names::MAP_VIPS, max_vips)
+        // One address marker per VIP address besides the VIPs (lb_common::VIP_MARKER_PROTO).
+        .map_max_entries(names::MAP_VIPS, max_vips.saturating_mul(2))
         .map_max_entries(names::MAP_VIP_STATS, max_vips)
         .map_max_entries(names::MAP_BACKENDS, max_backends)
         .map_max_entries(names::MAP_BACKEND_STATS, max_backends)

@@ -733,10 +733,10 @@ fn frames_shorter_than_ethernet_and_empty_ones_are_refused_by_the_kernel_with_ei
 }
 
 #[test]
-fn fragments_are_matched_only_against_port_zero_vips() {
-    // A fragment's ports are not looked at (a non-first fragment has none), so it is looked
-    // up as port 0: to an address with only exact-port VIPs it is no VIP packet and goes to
-    // the kernel; to an address with a port-0 VIP it is dropped.
+fn fragments_to_a_vip_address_are_dropped_whatever_the_vip_port() {
+    // A fragment's ports are not looked at (a non-first fragment has none): a fragment to an
+    // address with a VIP of its protocol, exact-port or port-0, is dropped (passing it would
+    // let the LB host route it onwards); one of a protocol with no VIP there is not ours.
     netns_test(|| {
         let mut lb = Lb::load();
         let exact = Ipv4Addr::new(198, 51, 100, 10);
@@ -749,7 +749,13 @@ fn fragments_are_matched_only_against_port_zero_vips() {
                 ..tcp(exact, 80)
             }
             .build();
-            lb.run_untouched(&to_exact, XDP_PASS, Reason::PassNotVip);
+            lb.run_untouched(&to_exact, XDP_DROP, Reason::DropFragment);
+            let udp_to_exact = Frame {
+                frag,
+                ..udp(exact, 80)
+            }
+            .build();
+            lb.run_untouched(&udp_to_exact, XDP_PASS, Reason::PassNotVip);
             let to_any = Frame {
                 frag,
                 ..tcp(any, 80)
