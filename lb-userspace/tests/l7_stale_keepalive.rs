@@ -4,10 +4,6 @@
 //! and the target must never receive a POST body twice. `forwarder_keepalive.rs` tests the
 //! mechanism at the forwarder; this tests what a client of `lb` experiences.
 mod support;
-#[allow(
-    dead_code,
-    reason = "shared with the forwarder tests; this file uses a part"
-)]
 mod support_client;
 
 use std::{collections::HashMap, time::Duration};
