@@ -143,99 +143,58 @@ pub struct Daemon {
     neighbours: Mutex<Neighbours>,
 }
 
-/// An L7 target as `ADDR:PORT` (the port is required for L7 targets).
-fn l7_addr(spec: &config::TargetSpec, raw: &str) -> Result<SocketAddr, String> {
-    spec.port
-        .map(|p| SocketAddr::new(spec.addr, p))
-        .ok_or_else(|| format!("--target {raw:?}: targets of an L7 target group need a port"))
+/// What an admin request does to its targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    Register,
+    Deregister,
 }
 
 impl Daemon {
-    fn register(&self, specs: &[String]) -> Result<(), String> {
+    /// Applies `change` to each `--target` spec in order (a target group's or a VIP's); stops
+    /// at the first problem, reporting it with its spec (earlier ones stay applied).
+    fn change(&self, specs: &[String], change: Change) -> Result<(), String> {
         let parsed = specs
             .iter()
             .map(|s| config::parse_target(s).map_err(|e| format!("--target {s:?}: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        // L7 groups first: they are looked up by name only.
-        let mut l4_specs = Vec::new();
         for (spec, raw) in parsed.iter().zip(specs) {
+            let fail = |e: String| format!("--target {raw:?}: {e}");
             if let Some(g) = self.groups.get(&spec.owner) {
-                let addr = l7_addr(spec, raw)?;
-                g.register(TargetAddr::with_weight(addr, spec.weight));
-                tracing::info!(group = %spec.owner, target = %addr, "registered target");
-            } else {
-                l4_specs.push((spec, raw));
-            }
-        }
-        if l4_specs.is_empty() {
-            return Ok(());
-        }
-        let Some(l4) = &self.l4 else {
-            let (spec, raw) = l4_specs[0];
-            return Err(format!(
-                "--target {raw:?}: no VIP or target group is named {:?}",
-                spec.owner
-            ));
-        };
-        let mut reg = l4.lock().map_err(|_| "registry lock poisoned")?;
-        for (spec, raw) in l4_specs {
-            let vip = reg
-                .resolve(&spec.owner)
-                .ok_or_else(|| format!("--target {raw:?}: no VIP named {:?}", spec.owner))?;
-            let vspec = reg.vip_spec(&vip).expect("resolved").clone();
-            let t =
-                config::l4_target(&vspec, spec).map_err(|e| format!("--target {raw:?}: {e}"))?;
-            self.neighbours
-                .lock()
-                .map_err(|_| "neighbour lock poisoned")?
-                .ensure(t.addr);
-            reg.register(&vip, &[t]).map_err(|e| e.to_string())?;
-            tracing::info!(%vip, target = %t.addr, weight = t.weight, "registered target");
-        }
-        Ok(())
-    }
-
-    fn deregister(&self, specs: &[String]) -> Result<(), String> {
-        let parsed = specs
-            .iter()
-            .map(|s| config::parse_target(s).map_err(|e| format!("--target {s:?}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut l4_specs = Vec::new();
-        for (spec, raw) in parsed.iter().zip(specs) {
-            if let Some(g) = self.groups.get(&spec.owner) {
-                let addr = l7_addr(spec, raw)?;
-                if !g.deregister(addr) {
-                    return Err(format!(
-                        "--target {raw:?}: {addr} is not registered with {}",
-                        spec.owner
-                    ));
+                let addr = spec
+                    .port
+                    .map(|p| SocketAddr::new(spec.addr, p))
+                    .ok_or_else(|| fail("targets of an L7 target group need a port".into()))?;
+                match change {
+                    Change::Register => g.register(TargetAddr::with_weight(addr, spec.weight)),
+                    Change::Deregister if !g.deregister(addr) => {
+                        return Err(fail(format!(
+                            "{addr} is not registered with {}",
+                            spec.owner
+                        )));
+                    }
+                    Change::Deregister => {}
                 }
-                tracing::info!(group = %spec.owner, target = %addr, "deregistered target");
-            } else {
-                l4_specs.push((spec, raw));
+                tracing::info!(group = %spec.owner, target = %addr, ?change, "targets changed");
+                continue;
             }
-        }
-        if l4_specs.is_empty() {
-            return Ok(());
-        }
-        let Some(l4) = &self.l4 else {
-            let (spec, raw) = l4_specs[0];
-            return Err(format!(
-                "--target {raw:?}: no VIP or target group is named {:?}",
-                spec.owner
-            ));
-        };
-        let mut reg = l4.lock().map_err(|_| "registry lock poisoned")?;
-        for (spec, raw) in l4_specs {
-            let vip = reg
-                .resolve(&spec.owner)
-                .ok_or_else(|| format!("--target {raw:?}: no VIP named {:?}", spec.owner))?;
-            let vspec = reg.vip_spec(&vip).expect("resolved").clone();
-            let t =
-                config::l4_target(&vspec, spec).map_err(|e| format!("--target {raw:?}: {e}"))?;
-            reg.deregister(&vip, &[(t.addr, t.port)])
-                .map_err(|e| e.to_string())?;
-            tracing::info!(%vip, target = %t.addr, "deregistered target");
+            let no_owner = || fail(format!("no VIP or target group is named {:?}", spec.owner));
+            let l4 = self.l4.as_ref().ok_or_else(no_owner)?;
+            let mut reg = l4.lock().map_err(|_| "registry lock poisoned")?;
+            let vip = reg.resolve(&spec.owner).ok_or_else(no_owner)?;
+            let t = config::l4_target(reg.vip_spec(&vip).expect("resolved"), spec).map_err(fail)?;
+            match change {
+                Change::Register => {
+                    self.neighbours
+                        .lock()
+                        .map_err(|_| "neighbour lock poisoned")?
+                        .ensure(t.addr);
+                    reg.register(&vip, &[t])
+                }
+                Change::Deregister => reg.deregister(&vip, &[(t.addr, t.port)]),
+            }
+            .map_err(|e| fail(e.to_string()))?;
+            tracing::info!(%vip, target = %t.addr, weight = t.weight, ?change, "targets changed");
         }
         Ok(())
     }
@@ -275,14 +234,12 @@ impl Daemon {
 impl Handler for Daemon {
     fn handle(&self, req: Request) -> Response {
         match req {
-            Request::RegisterTargets { targets } => match self.register(&targets) {
-                Ok(()) => Response::ok(),
-                Err(e) => Response::error(e),
-            },
-            Request::DeregisterTargets { targets } => match self.deregister(&targets) {
-                Ok(()) => Response::ok(),
-                Err(e) => Response::error(e),
-            },
+            Request::RegisterTargets { targets } => self
+                .change(&targets, Change::Register)
+                .map_or_else(Response::error, |()| Response::ok()),
+            Request::DeregisterTargets { targets } => self
+                .change(&targets, Change::Deregister)
+                .map_or_else(Response::error, |()| Response::ok()),
             Request::DescribeTargets => Response {
                 ok: true,
                 error: None,
