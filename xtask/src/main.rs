@@ -1,1 +1,347 @@
-fn main() {}
+//! `cargo xtask …`: the commands a newcomer and CI run.
+//!
+//! - `cargo xtask run`: the self-contained demo in network namespaces.
+//! - `cargo xtask run -- FLAGS`: `lb run FLAGS` on this host (release build).
+//! - `cargo xtask test`: every test (unit, L7 on loopback, L4 in namespaces) plus fmt/clippy.
+//! - `cargo xtask bench xdp`: the XDP benchmark.
+//! - `cargo xtask prereqs`: check (and, as root, install) what the build needs.
+//!
+//! Every command checks the prerequisites first. This crate depends on nothing that needs
+//! them, so it builds on a fresh machine before they exist.
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, demo, test and benchmark lb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Without flags: the namespace demo. With `-- FLAGS`: `lb run FLAGS` on this host.
+    Run {
+        /// Flags for `lb run` (after `--`).
+        #[arg(last = true)]
+        flags: Vec<OsString>,
+    },
+    /// Run every test: unit, L7 on loopback, L4 in network namespaces; then fmt and clippy.
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only run tests whose name contains this (passed to every test binary).
+        filter: Option<String>,
+    },
+    /// Benchmarks.
+    Bench {
+        /// Which benchmark.
+        #[command(subcommand)]
+        which: Bench,
+    },
+    /// Check prerequisites; install missing ones when run as root.
+    Prereqs,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// ns/packet of lb_xdp beside an XDP_PASS program, via BPF_PROG_TEST_RUN.
+    Xdp,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let root = workspace_root();
+    env::set_current_dir(&root).context("entering the workspace")?;
+    add_cargo_bin_to_path();
+    prereqs(&root)?;
+    match cli.command {
+        Cmd::Prereqs => Ok(()),
+        Cmd::Run { flags } if flags.is_empty() => demo(&root),
+        Cmd::Run { flags } => {
+            cargo(&["build", "--release", "-p", "lb-userspace"])?;
+            let lb = target_dir(&root).join("release/lb");
+            let status = Command::new(&lb)
+                .arg("run")
+                .args(&flags)
+                .status()
+                .with_context(|| format!("running {}", lb.display()))?;
+            if !status.success() {
+                bail!("lb run exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { no_lint, filter } => test(&root, no_lint, filter.as_deref()),
+        Cmd::Bench { which: Bench::Xdp } => {
+            require_root("the XDP benchmark")?;
+            cargo(&["bench", "-p", "lb-userspace", "--bench", "xdp"])
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// bpf-linker and friends are installed in ~/.cargo/bin, which a fresh shell may lack.
+fn add_cargo_bin_to_path() {
+    let home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let Some(bin) = home.map(|h| h.join("bin")) {
+        let mut paths: Vec<PathBuf> =
+            env::split_paths(&env::var_os("PATH").unwrap_or_default()).collect();
+        if !paths.contains(&bin) {
+            paths.insert(0, bin);
+            if let Ok(joined) = env::join_paths(paths) {
+                // SAFETY: single-threaded at this point; nothing reads the environment
+                // concurrently.
+                unsafe { env::set_var("PATH", joined) };
+            }
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "{what} loads XDP programs and creates network namespaces: run as root (sudo -E cargo xtask …)"
+        );
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// One prerequisite: how to tell it is there, and the command that installs it.
+struct Prereq {
+    what: &'static str,
+    present: fn() -> bool,
+    install: &'static str,
+}
+
+const PREREQS: &[Prereq] = &[
+    Prereq {
+        what: "nightly toolchain with rust-src (lb-ebpf is built with -Z build-std=core)",
+        present: || {
+            Command::new("rustup")
+                .args(["component", "list", "--toolchain", "nightly", "--installed"])
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .any(|l| l.starts_with("rust-src"))
+                })
+                .unwrap_or(false)
+        },
+        install: "rustup toolchain install nightly --profile minimal && rustup component add rust-src --toolchain nightly",
+    },
+    Prereq {
+        what: "LLVM 22 development files (bpf-linker links against them)",
+        present: || succeeds("dpkg", &["-s", "llvm-22-dev"]),
+        install: "apt-get update && apt-get install -y llvm-22-dev",
+    },
+    Prereq {
+        what: "bpf-linker",
+        present: || succeeds("bpf-linker", &["--version"]),
+        install: "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --no-default-features --features llvm-22",
+    },
+    Prereq {
+        what: "iproute2 (ip), ethtool, nsenter (namespaces for tests and the demo)",
+        present: || {
+            succeeds("ip", &["-V"])
+                && succeeds("ethtool", &["--version"])
+                && succeeds("nsenter", &["--version"])
+        },
+        install: "apt-get update && apt-get install -y iproute2 ethtool util-linux",
+    },
+    Prereq {
+        what: "a bpffs at /sys/fs/bpf (lb pins its maps there)",
+        present: || {
+            std::fs::read_to_string("/proc/mounts")
+                .map(|m| {
+                    m.lines().any(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+                    })
+                })
+                .unwrap_or(false)
+        },
+        install: "mount -t bpf bpffs /sys/fs/bpf",
+    },
+];
+
+fn missing() -> Vec<&'static Prereq> {
+    PREREQS.iter().filter(|p| !(p.present)()).collect()
+}
+
+/// Checks every prerequisite; as root, installs what is missing with
+/// scripts/install-prereqs.sh (which installs nothing that is already there), otherwise prints
+/// the commands to run.
+fn prereqs(root: &Path) -> anyhow::Result<()> {
+    let gone = missing();
+    if gone.is_empty() {
+        return Ok(());
+    }
+    for p in &gone {
+        eprintln!("xtask: missing: {}", p.what);
+    }
+    if !is_root() {
+        eprintln!("xtask: run these as root (or run cargo xtask as root to install them):");
+        for p in &gone {
+            eprintln!("    {}", p.install);
+        }
+        bail!("prerequisites missing");
+    }
+    let script = root.join("scripts/install-prereqs.sh");
+    eprintln!("xtask: installing with {}", script.display());
+    let status = Command::new("bash")
+        .arg(&script)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    let still = missing();
+    if !still.is_empty() {
+        for p in still {
+            eprintln!(
+                "xtask: still missing after install: {} (try: {})",
+                p.what, p.install
+            );
+        }
+        bail!("prerequisites missing");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_env(args, &[])
+}
+
+fn cargo_env(args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = cmd.status().context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn demo(root: &Path) -> anyhow::Result<()> {
+    require_root("the demo")?;
+    cargo(&[
+        "build",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "lb-tests",
+        "--bin",
+        "lb",
+        "--bin",
+        "lb-demo",
+    ])?;
+    let dir = target_dir(root).join("debug");
+    let lb = dir.join("lb");
+    let status = Command::new(dir.join("lb-demo"))
+        .arg(&lb)
+        .env("LB_BIN", &lb)
+        .status()
+        .context("running lb-demo")?;
+    if !status.success() {
+        bail!("the demo failed ({status})");
+    }
+    Ok(())
+}
+
+fn test(root: &Path, no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
+    require_root("the test suite (XDP and namespace tests)")?;
+    let lb = target_dir(root).join("debug/lb");
+    let with_filter = |base: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+        if let Some(f) = filter {
+            v.push("--".into());
+            v.push(f.into());
+        }
+        v
+    };
+    cargo(&["build", "-p", "lb-userspace", "--bin", "lb"])?;
+    // Unit tests, L7 tests on loopback and BPF_PROG_TEST_RUN tests: each test isolates itself
+    // (ephemeral ports, private network namespaces), so they run in parallel.
+    let args = with_filter(&["test", "--workspace", "--exclude", "lb-tests"]);
+    cargo_env(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("LB_BIN", &lb)],
+    )?;
+    // Namespace topologies with real traffic: one at a time (2 cores; timing-sensitive traffic).
+    let mut args = vec![
+        "test".to_string(),
+        "-p".into(),
+        "lb-tests".into(),
+        "--".into(),
+        "--test-threads=1".into(),
+    ];
+    if let Some(f) = filter {
+        args.push(f.into());
+    }
+    cargo_env(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("LB_BIN", &lb)],
+    )?;
+    if !no_lint {
+        cargo(&["fmt", "--all", "--check"])?;
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
+    }
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
