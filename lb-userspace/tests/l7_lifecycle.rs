@@ -107,11 +107,11 @@ async fn idle_keep_alive_connection_is_closed_without_a_response() {
 #[tokio::test]
 async fn keep_alive_lifetime_closes_after_the_current_response() {
     let t = target::http1()
-        .route("/", Reply::Slow(Duration::from_millis(400), "slow".into()))
+        .route("/", Reply::Slow(Duration::from_millis(1500), "slow".into()))
         .run()
         .await;
     let p = ProxyBuilder::forward_to(&[t.addr])
-        .listener(|l| l.client_keepalive = Duration::from_millis(100))
+        .listener(|l| l.client_keepalive = Duration::from_millis(200))
         .start()
         .await;
     let out = within(async {

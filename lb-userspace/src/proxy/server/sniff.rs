@@ -448,6 +448,13 @@ impl<IO> Sniffer<IO> {
             self.reject(StatusCode::BAD_REQUEST, reason, c);
             return;
         }
+        let unparseable =
+            a.unsupported_coding || a.version.is_some_and(|v| v != (1, 0) && v != (1, 1));
+        if unparseable && head.starts_with(b"TRACE ") {
+            // ALB's order: 405 for TRACE comes before 501 and 505.
+            self.reject(StatusCode::METHOD_NOT_ALLOWED, "TRACE", c);
+            return;
+        }
         if let Some(v) = a.version
             && v != (1, 0)
             && v != (1, 1)
@@ -752,6 +759,21 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
             shared.pop_verdict(),
             Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::REQUEST_TIMEOUT
         ));
+    }
+
+    #[tokio::test]
+    async fn trace_is_405_before_501_and_505() {
+        for head in [
+            &b"TRACE / HTTP/3.0\r\nHost: h\r\n\r\n"[..],
+            b"TRACE / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ] {
+            let mut s = sniffer();
+            s.on_bytes(head);
+            assert!(
+                matches!(s.shared.pop_verdict(), Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::METHOD_NOT_ALLOWED),
+                "{head:?}"
+            );
+        }
     }
 
     #[tokio::test]
