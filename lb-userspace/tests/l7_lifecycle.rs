@@ -260,3 +260,44 @@ async fn grpc_to_an_http1_group_is_464() {
     );
     assert_eq!(t.hits(), 1);
 }
+
+#[tokio::test]
+async fn response_bodies_are_streamed_not_buffered() {
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let t = target::http1()
+        .route(
+            "/",
+            Reply::Gated {
+                first: "first,".into(),
+                gate: gate.clone(),
+                second: "second".into(),
+            },
+        )
+        .run()
+        .await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    within(async {
+        let tcp = TcpStream::connect(p.addr).await.expect("connect");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                Request::get("/")
+                    .header("host", "x")
+                    .body(Full::new(Bytes::new()))
+                    .expect("req"),
+            )
+            .await
+            .expect("response");
+        let mut body = resp.into_body();
+        // The first chunk arrives while the target is still holding the rest back.
+        let first = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(first.into_data().expect("data"), "first,");
+        gate.notify_one();
+        let rest = body.collect().await.expect("rest").to_bytes();
+        assert_eq!(rest, "second");
+    })
+    .await;
+}
