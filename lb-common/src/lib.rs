@@ -115,6 +115,19 @@ pub struct VipKey {
     pub _pad: u8,
 }
 
+/// [`VipKey::proto`] of an *address marker*: one entry per VIP address (port 0, proto 0)
+/// whose [`VipMeta::flags`] say which protocols have VIPs there. Fragments carry no ports, so
+/// `lb_xdp` uses the marker to recognise a fragment for any VIP of the address and drop it
+/// (passing it would let the LB host route it onwards). Normal lookups never match it (their
+/// proto is TCP or UDP).
+pub const VIP_MARKER_PROTO: u8 = 0;
+/// [`VipMeta::flags`] of an address marker: the address has a TCP VIP.
+pub const VIP_F_HAS_TCP: u32 = 1 << 0;
+/// [`VipMeta::flags`] of an address marker: the address has a UDP VIP.
+pub const VIP_F_HAS_UDP: u32 = 1 << 1;
+/// [`VipMeta::vip_id`] of an address marker (it has no ring).
+pub const VIP_MARKER_ID: u32 = u32::MAX;
+
 /// VIP table value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -26,13 +26,16 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_IN_SERVICE, Backend, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, DecapReason, FlowKey, FlowValue, IPPROTO_IPIP,
-    IPPROTO_TCP, IPPROTO_UDP, LbConfig, RING_EMPTY, Reason, VipKey, VipMeta,
+    IPPROTO_TCP, IPPROTO_UDP, LbConfig, RING_EMPTY, Reason, VIP_F_HAS_TCP, VIP_F_HAS_UDP,
+    VIP_MARKER_PROTO, VipKey, VipMeta,
 };
 use network_types::eth::EthHdr;
 
 /// Sizes here are the compiled-in defaults; the loader overrides them from the flags
 /// (`--max-flows`, `--max-vips`, `--max-backends`, `--ring-size`) before the maps are created.
 const MAX_VIPS: usize = DEFAULT_MAX_VIPS as usize;
+/// VIPs plus one address marker per VIP address (see `lb_common::VIP_MARKER_PROTO`).
+const VIP_ENTRIES: usize = 2 * MAX_VIPS;
 const MAX_BACKENDS: usize = DEFAULT_MAX_BACKENDS as usize;
 const MAX_FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
 const RING_SLOTS: usize = DEFAULT_MAX_VIPS as usize * DEFAULT_RING_SIZE as usize;
@@ -42,7 +45,7 @@ const DECAP_REASONS: usize = DecapReason::COUNT as usize;
 #[btf_map]
 static LB_CONFIG: Array<LbConfig, 1> = Array::new();
 #[btf_map]
-static LB_VIPS: HashMap<VipKey, VipMeta, MAX_VIPS> = HashMap::new();
+static LB_VIPS: HashMap<VipKey, VipMeta, VIP_ENTRIES> = HashMap::new();
 #[btf_map]
 static LB_BACKENDS: Array<Backend, MAX_BACKENDS> = Array::new();
 #[btf_map]
@@ -212,6 +215,21 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
             // SAFETY: as above.
             match unsafe { LB_VIPS.get(&vkey) } {
                 Some(v) => *v,
+                None if is_fragment => {
+                    // No ports to match: drop it if any VIP of this protocol lives at the
+                    // address (its address marker says so), else it is not ours.
+                    vkey.proto = VIP_MARKER_PROTO;
+                    let want = if proto == IPPROTO_TCP {
+                        VIP_F_HAS_TCP
+                    } else {
+                        VIP_F_HAS_UDP
+                    };
+                    // SAFETY: as above.
+                    return match unsafe { LB_VIPS.get(&vkey) } {
+                        Some(m) if m.flags & want != 0 => (DROP, Reason::DropFragment),
+                        _ => (PASS, Reason::PassNotVip),
+                    };
+                }
                 None => return (PASS, Reason::PassNotVip),
             }
         }

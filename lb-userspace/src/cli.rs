@@ -105,6 +105,10 @@ pub struct RunArgs {
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
 
+    /// On SIGINT/SIGTERM, how long in-flight L7 requests may take to finish (seconds).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub drain_timeout: u64,
+
     /// Unix socket for `lb targets …` (runtime changes).
     #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,

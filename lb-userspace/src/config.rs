@@ -11,6 +11,9 @@ use std::{
 use crate::{
     cli::{RunArgs, XdpMode},
     dataplane::Sizes,
+    proxy::server::{ListenerConfig, parse_listener},
+    rules::{Action, Rule, RuleOrDefault, RuleSet, parse_rule},
+    targets::{TargetAddr, TargetGroupConfig, parse_target_group},
 };
 
 /// One problem with the flags.
@@ -296,17 +299,207 @@ pub struct L4Config {
     pub vips: Vec<L4Vip>,
 }
 
+/// The validated L7 part of `lb run`.
+pub struct L7Spec {
+    /// Listeners with their compiled rules.
+    pub listeners: Vec<(ListenerConfig, RuleSet)>,
+    /// Target groups with their initial targets.
+    pub groups: Vec<(TargetGroupConfig, Vec<TargetAddr>)>,
+}
+
 /// The validated `lb run` configuration.
-#[derive(Debug)]
 pub struct Config {
     /// L4 VIPs (None when no `--vip` was given).
     pub l4: Option<L4Config>,
-    /// `--target` values whose owner is not a VIP: L7 target groups resolve them.
-    pub l7_targets: Vec<TargetSpec>,
+    /// L7 listeners and target groups (None when no `--listener` was given).
+    pub l7: Option<L7Spec>,
     /// Pin directory.
     pub pin_path: PathBuf,
     /// Admin socket path.
     pub admin_socket: PathBuf,
+}
+
+/// Validates the L7 flags: listeners, target groups, their targets and the rules tying them
+/// together. Problems go to `errs`; returns None when there are no listeners (or errors).
+fn l7_from_args(
+    a: &RunArgs,
+    vips: &[L4Vip],
+    targets: Vec<(String, TargetSpec)>,
+    errs: &mut Vec<ConfigError>,
+) -> Option<L7Spec> {
+    let errors_before = errs.len();
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
+    for l in &a.listeners {
+        match parse_listener(l) {
+            Ok(cfg) if listeners.iter().any(|x| x.name == cfg.name) => {
+                errs.push(ConfigError::new(
+                    "--listener",
+                    l,
+                    "a listener of this name exists",
+                ));
+            }
+            Ok(cfg) if listeners.iter().any(|x| x.bind == cfg.bind) => {
+                errs.push(ConfigError::new(
+                    "--listener",
+                    l,
+                    "another listener binds this address",
+                ));
+            }
+            Ok(cfg) => listeners.push(cfg),
+            Err(e) => errs.push(ConfigError::new("--listener", l, e.to_string())),
+        }
+    }
+
+    let mut groups: Vec<(TargetGroupConfig, Vec<TargetAddr>)> = Vec::new();
+    for g in &a.target_groups {
+        match parse_target_group(g) {
+            Ok(cfg) if groups.iter().any(|(x, _)| x.name == cfg.name) => {
+                errs.push(ConfigError::new(
+                    "--target-group",
+                    g,
+                    "a target group of this name exists",
+                ));
+            }
+            Ok(cfg)
+                if vips
+                    .iter()
+                    .any(|v| v.spec.name.as_deref() == Some(cfg.name.as_str())) =>
+            {
+                errs.push(ConfigError::new(
+                    "--target-group",
+                    g,
+                    "a VIP has this name; --target could not tell them apart",
+                ));
+            }
+            Ok(cfg) => groups.push((cfg, Vec::new())),
+            Err(e) => errs.push(ConfigError::new("--target-group", g, e.to_string())),
+        }
+    }
+
+    for (raw, t) in targets {
+        let Some((_, list)) = groups.iter_mut().find(|(g, _)| g.name == t.owner) else {
+            errs.push(ConfigError::new(
+                "--target",
+                raw,
+                format!("no VIP or target group is named {:?}", t.owner),
+            ));
+            continue;
+        };
+        let Some(port) = t.port else {
+            errs.push(ConfigError::new(
+                "--target",
+                raw,
+                "targets of an L7 target group need a port: ADDR:PORT",
+            ));
+            continue;
+        };
+        let addr = std::net::SocketAddr::new(t.addr, port);
+        if list.iter().any(|x| x.addr == addr) {
+            errs.push(ConfigError::new(
+                "--target",
+                raw,
+                "already registered with this group",
+            ));
+            continue;
+        }
+        list.push(TargetAddr::with_weight(addr, t.weight));
+    }
+
+    let mut rules: BTreeMap<String, (Vec<Rule>, Option<Action>)> = BTreeMap::new();
+    for r in &a.rules {
+        match parse_rule(r) {
+            Ok(p) => {
+                if !listeners.iter().any(|l| l.name == p.listener) {
+                    errs.push(ConfigError::new(
+                        "--rule",
+                        r,
+                        format!("no --listener is named {:?}", p.listener),
+                    ));
+                    continue;
+                }
+                let action_groups: Vec<String> = match &p.rule {
+                    RuleOrDefault::Rule(rule) => {
+                        rule.action.target_groups().map(String::from).collect()
+                    }
+                    RuleOrDefault::Default(act) => act.target_groups().map(String::from).collect(),
+                };
+                if let Some(missing) = action_groups
+                    .iter()
+                    .find(|n| !groups.iter().any(|(g, _)| &g.name == *n))
+                {
+                    errs.push(ConfigError::new(
+                        "--rule",
+                        r,
+                        format!("forwards to {missing:?}, which no --target-group defines"),
+                    ));
+                    continue;
+                }
+                let entry = rules.entry(p.listener).or_default();
+                match p.rule {
+                    RuleOrDefault::Rule(rule) => entry.0.push(rule),
+                    RuleOrDefault::Default(_) if entry.1.is_some() => {
+                        errs.push(ConfigError::new(
+                            "--rule",
+                            r,
+                            "this listener already has a default rule",
+                        ));
+                    }
+                    RuleOrDefault::Default(act) => entry.1 = Some(act),
+                }
+            }
+            Err(e) => errs.push(ConfigError::new("--rule", r, e.to_string())),
+        }
+    }
+
+    if listeners.is_empty() {
+        if !groups.is_empty() || !a.rules.is_empty() {
+            errs.push(ConfigError::new(
+                "--listener",
+                "",
+                "--target-group and --rule need at least one --listener",
+            ));
+        }
+        return None;
+    }
+    let mut out = Vec::new();
+    for l in listeners {
+        let (list, default) = rules.remove(&l.name).unwrap_or_default();
+        let Some(default) = default else {
+            errs.push(ConfigError::new(
+                "--listener",
+                l.name.clone(),
+                format!(
+                    "has no default action: add --rule '{},default,forward=GROUP' (or a \
+                     fixed-response/redirect default)",
+                    l.name
+                ),
+            ));
+            continue;
+        };
+        match RuleSet::new(list, default) {
+            Ok(set) => {
+                if let Err(es) = set.validate_for_listener(l.protocol.as_str(), l.bind.port()) {
+                    for e in es {
+                        errs.push(ConfigError::new("--rule", l.name.clone(), e.to_string()));
+                    }
+                    continue;
+                }
+                out.push((l, set));
+            }
+            Err(es) => {
+                for e in es {
+                    errs.push(ConfigError::new("--rule", l.name.clone(), e.to_string()));
+                }
+            }
+        }
+    }
+    if errs.len() > errors_before {
+        return None;
+    }
+    Some(L7Spec {
+        listeners: out,
+        groups,
+    })
 }
 
 /// Resolves a target owner (`NAME` or `ADDR:PORT/PROTO`) to a VIP among `vips`.
@@ -413,7 +606,7 @@ impl Config {
             ));
         }
 
-        let mut l7_targets = Vec::new();
+        let mut l7_targets: Vec<(String, TargetSpec)> = Vec::new();
         let mut backends = 0usize;
         let mut seen: BTreeMap<VipAddr, BTreeSet<(Ipv4Addr, u16)>> = BTreeMap::new();
         for t in &a.targets {
@@ -430,7 +623,7 @@ impl Config {
                     .expect("found")
             }) else {
                 // Not a VIP: an L7 target group must claim it (checked with the L7 config).
-                l7_targets.push(spec);
+                l7_targets.push((t.clone(), spec));
                 continue;
             };
             match l4_target(&vips[idx].spec, &spec) {
@@ -490,6 +683,15 @@ impl Config {
             ));
         }
 
+        let l7 = l7_from_args(a, &vips, l7_targets, &mut errs);
+
+        if vips.is_empty() && l7.is_none() && errs.is_empty() {
+            errs.push(ConfigError::new(
+                "--vip/--listener",
+                "",
+                "nothing to serve: give at least one --vip (L4) or --listener (L7)",
+            ));
+        }
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -507,7 +709,7 @@ impl Config {
         });
         Ok(Config {
             l4,
-            l7_targets,
+            l7,
             pin_path: a.pin_path.clone(),
             admin_socket: a.admin_socket.clone(),
         })
@@ -531,9 +733,10 @@ mod tests {
     }
 
     fn errors(flags: &[&str]) -> Vec<ConfigError> {
-        Config::from_run_args(&run_args(flags))
-            .expect_err("should be rejected")
-            .0
+        match Config::from_run_args(&run_args(flags)) {
+            Ok(_) => panic!("{flags:?} should be rejected"),
+            Err(e) => e.0,
+        }
     }
 
     #[test]
@@ -669,9 +872,73 @@ mod tests {
     }
 
     #[test]
-    fn targets_of_unknown_owners_are_left_for_l7() {
-        let c = Config::from_run_args(&run_args(&["--target", "api=127.0.0.1:8080"])).unwrap();
+    fn targets_of_unknown_owners_are_rejected() {
+        let errs = errors(&[
+            "--vip",
+            "10.100.0.1:80/tcp",
+            "--iface",
+            "eth0",
+            "--target",
+            "api=127.0.0.1:8080",
+        ]);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].problem.contains("no VIP or target group"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn an_l7_command_line_builds_listeners_rules_and_groups() {
+        let c = Config::from_run_args(&run_args(&[
+            "--listener",
+            "web=http://127.0.0.1:8080",
+            "--target-group",
+            "api,algorithm=least_outstanding_requests",
+            "--target-group",
+            "app",
+            "--target",
+            "api=127.0.0.1:9001",
+            "--target",
+            "app=127.0.0.1:9002,weight=2",
+            "--rule",
+            "web,priority=10,path=/api/*,forward=api",
+            "--rule",
+            "web,default,forward=app",
+        ]))
+        .unwrap();
         assert!(c.l4.is_none());
-        assert_eq!(c.l7_targets.len(), 1);
+        let l7 = c.l7.unwrap();
+        assert_eq!(l7.listeners.len(), 1);
+        assert_eq!(l7.listeners[0].1.len(), 1);
+        assert_eq!(l7.groups.len(), 2);
+        assert_eq!(l7.groups[1].1[0].weight, 2);
+    }
+
+    #[test]
+    fn l7_wiring_mistakes_are_each_reported() {
+        let errs = errors(&[
+            "--listener",
+            "web=http://127.0.0.1:8080",
+            "--listener",
+            "api=http://127.0.0.1:8081",
+            "--target-group",
+            "app",
+            "--target",
+            "app=127.0.0.1",
+            "--rule",
+            "web,priority=10,path=/x,forward=nope",
+            "--rule",
+            "other,default,forward=app",
+            "--rule",
+            "api,default,forward=app",
+        ]);
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+        assert!(has("need a port"), "{text:#?}");
+        assert!(has("which no --target-group defines"), "{text:#?}");
+        assert!(has("no --listener is named"), "{text:#?}");
+        assert!(has("has no default action"), "{text:#?}");
+        assert_eq!(errs.len(), 4, "{text:#?}");
     }
 }

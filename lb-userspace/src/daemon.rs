@@ -2,10 +2,12 @@
 //! everything down again on SIGINT/SIGTERM (programs detached, pins and socket removed,
 //! neighbour entries we created deleted).
 use std::{
+    collections::HashMap,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     process::Command,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -16,6 +18,11 @@ use crate::{
     config::{self, Config, L4Config},
     dataplane::{Balancer, Decap, Maps},
     l4::L4Registry,
+    proxy::{
+        client::ClientConfig,
+        server::{self, L7Config},
+    },
+    targets::{TargetAddr, TargetGroup},
 };
 
 /// IPv4 addresses of `iface`, in the order the kernel lists them.
@@ -132,61 +139,80 @@ impl Neighbours {
 /// The running daemon's state, shared with the admin socket.
 pub struct Daemon {
     l4: Option<Mutex<L4Registry<Maps>>>,
+    groups: HashMap<String, Arc<TargetGroup>>,
     neighbours: Mutex<Neighbours>,
 }
 
-impl Daemon {
-    fn register(&self, specs: &[String]) -> Result<(), String> {
-        let parsed = specs
-            .iter()
-            .map(|s| config::parse_target(s).map_err(|e| format!("--target {s:?}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let Some(l4) = &self.l4 else {
-            return Err("no L4 VIPs are configured".into());
-        };
-        let mut reg = l4.lock().map_err(|_| "registry lock poisoned")?;
-        for (spec, raw) in parsed.iter().zip(specs) {
-            let vip = reg
-                .resolve(&spec.owner)
-                .ok_or_else(|| format!("--target {raw:?}: no VIP named {:?}", spec.owner))?;
-            let vspec = reg.vip_spec(&vip).expect("resolved").clone();
-            let t =
-                config::l4_target(&vspec, spec).map_err(|e| format!("--target {raw:?}: {e}"))?;
-            self.neighbours
-                .lock()
-                .map_err(|_| "neighbour lock poisoned")?
-                .ensure(t.addr);
-            reg.register(&vip, &[t]).map_err(|e| e.to_string())?;
-            tracing::info!(%vip, target = %t.addr, weight = t.weight, "registered target");
-        }
-        Ok(())
-    }
+/// What an admin request does to its targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    Register,
+    Deregister,
+}
 
-    fn deregister(&self, specs: &[String]) -> Result<(), String> {
+impl Daemon {
+    /// Applies `change` to each `--target` spec in order (a target group's or a VIP's); stops
+    /// at the first problem, reporting it with its spec (earlier ones stay applied).
+    fn change(&self, specs: &[String], change: Change) -> Result<(), String> {
         let parsed = specs
             .iter()
             .map(|s| config::parse_target(s).map_err(|e| format!("--target {s:?}: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let Some(l4) = &self.l4 else {
-            return Err("no L4 VIPs are configured".into());
-        };
-        let mut reg = l4.lock().map_err(|_| "registry lock poisoned")?;
         for (spec, raw) in parsed.iter().zip(specs) {
-            let vip = reg
-                .resolve(&spec.owner)
-                .ok_or_else(|| format!("--target {raw:?}: no VIP named {:?}", spec.owner))?;
-            let vspec = reg.vip_spec(&vip).expect("resolved").clone();
-            let t =
-                config::l4_target(&vspec, spec).map_err(|e| format!("--target {raw:?}: {e}"))?;
-            reg.deregister(&vip, &[(t.addr, t.port)])
-                .map_err(|e| e.to_string())?;
-            tracing::info!(%vip, target = %t.addr, "deregistered target");
+            let fail = |e: String| format!("--target {raw:?}: {e}");
+            if let Some(g) = self.groups.get(&spec.owner) {
+                let addr = spec
+                    .port
+                    .map(|p| SocketAddr::new(spec.addr, p))
+                    .ok_or_else(|| fail("targets of an L7 target group need a port".into()))?;
+                match change {
+                    Change::Register => g.register(TargetAddr::with_weight(addr, spec.weight)),
+                    Change::Deregister if !g.deregister(addr) => {
+                        return Err(fail(format!(
+                            "{addr} is not registered with {}",
+                            spec.owner
+                        )));
+                    }
+                    Change::Deregister => {}
+                }
+                tracing::info!(group = %spec.owner, target = %addr, ?change, "targets changed");
+                continue;
+            }
+            let no_owner = || fail(format!("no VIP or target group is named {:?}", spec.owner));
+            let l4 = self.l4.as_ref().ok_or_else(no_owner)?;
+            let mut reg = l4.lock().map_err(|_| "registry lock poisoned")?;
+            let vip = reg.resolve(&spec.owner).ok_or_else(no_owner)?;
+            let t = config::l4_target(reg.vip_spec(&vip).expect("resolved"), spec).map_err(fail)?;
+            match change {
+                Change::Register => {
+                    self.neighbours
+                        .lock()
+                        .map_err(|_| "neighbour lock poisoned")?
+                        .ensure(t.addr);
+                    reg.register(&vip, &[t])
+                }
+                Change::Deregister => reg.deregister(&vip, &[(t.addr, t.port)]),
+            }
+            .map_err(|e| fail(e.to_string()))?;
+            tracing::info!(%vip, target = %t.addr, weight = t.weight, ?change, "targets changed");
         }
         Ok(())
     }
 
     fn describe(&self) -> Vec<TargetDescription> {
         let mut out = Vec::new();
+        let mut names: Vec<&String> = self.groups.keys().collect();
+        names.sort();
+        for name in names {
+            for t in self.groups[name].describe() {
+                out.push(TargetDescription {
+                    owner: name.clone(),
+                    target: t.addr.to_string(),
+                    weight: t.weight,
+                    state: t.state.to_string(),
+                });
+            }
+        }
         if let Some(l4) = &self.l4
             && let Ok(reg) = l4.lock()
         {
@@ -208,14 +234,12 @@ impl Daemon {
 impl Handler for Daemon {
     fn handle(&self, req: Request) -> Response {
         match req {
-            Request::RegisterTargets { targets } => match self.register(&targets) {
-                Ok(()) => Response::ok(),
-                Err(e) => Response::error(e),
-            },
-            Request::DeregisterTargets { targets } => match self.deregister(&targets) {
-                Ok(()) => Response::ok(),
-                Err(e) => Response::error(e),
-            },
+            Request::RegisterTargets { targets } => self
+                .change(&targets, Change::Register)
+                .map_or_else(Response::error, |()| Response::ok()),
+            Request::DeregisterTargets { targets } => self
+                .change(&targets, Change::Deregister)
+                .map_or_else(Response::error, |()| Response::ok()),
             Request::DescribeTargets => Response {
                 ok: true,
                 error: None,
@@ -277,22 +301,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         print_check(&cfg);
         return Ok(());
     }
-    if cfg.l4.is_none() {
-        bail!("nothing to do: give at least one --vip (L4) or --listener (L7)");
-    }
-    if let Some(t) = cfg.l7_targets.first() {
-        bail!(
-            "--target {:?}: no VIP or target group is named {:?}",
-            format!("{}={}", t.owner, t.addr),
-            t.owner
-        );
-    }
+    let Config {
+        l4: l4_cfg,
+        l7: l7_cfg,
+        pin_path,
+        admin_socket,
+    } = cfg;
 
     let mut neighbours = Neighbours::default();
     let mut balancer = None;
     let mut l4 = None;
-    if let Some(l4cfg) = &cfg.l4 {
-        match bring_up_l4(l4cfg, &cfg.pin_path, &mut neighbours) {
+    if let Some(l4cfg) = &l4_cfg {
+        match bring_up_l4(l4cfg, &pin_path, &mut neighbours) {
             Ok((b, r)) => {
                 balancer = Some(b);
                 l4 = Some(Mutex::new(r));
@@ -303,28 +323,71 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let mut groups = HashMap::new();
+    let mut l7 = None;
+    if let Some(spec) = l7_cfg {
+        for (gcfg, targets) in spec.groups {
+            let g = Arc::new(TargetGroup::new(gcfg));
+            g.set_targets(targets);
+            groups.insert(g.name().to_string(), g);
+        }
+        let cfg = L7Config {
+            listeners: spec.listeners,
+            groups: groups.clone(),
+            client: ClientConfig::default(),
+        };
+        match server::start(cfg).await {
+            Ok(running) => {
+                for (name, addr) in &running.addrs {
+                    tracing::info!(listener = %name, %addr, "listening");
+                }
+                l7 = Some(running);
+            }
+            Err(e) => {
+                neighbours.remove_all();
+                return Err(e);
+            }
+        }
+    }
     let daemon = Arc::new(Daemon {
         l4,
+        groups,
         neighbours: Mutex::new(neighbours),
     });
 
-    let admin = AdminServer::bind(&cfg.admin_socket)?;
+    let admin = AdminServer::bind(&admin_socket)?;
     let admin_task = tokio::spawn(admin.serve(daemon.clone() as Arc<dyn Handler>));
 
+    let l4_summary = match (&l4_cfg, &balancer) {
+        (Some(c), Some(b)) => format!(
+            "{} VIP(s) on {:?}, maps pinned at {}",
+            c.vips.len(),
+            b.attached(),
+            pin_path.display()
+        ),
+        _ => "no L4 VIPs".into(),
+    };
+    let l7_summary = match &l7 {
+        Some(r) => {
+            let addrs: Vec<String> = r.addrs.iter().map(|(n, a)| format!("{n}={a}")).collect();
+            format!("listeners {}", addrs.join(" "))
+        }
+        None => "no L7 listeners".into(),
+    };
     println!(
-        "ready: {} VIP(s) on {:?}; maps pinned at {}; admin socket {}",
-        cfg.l4.as_ref().map_or(0, |l| l.vips.len()),
-        balancer
-            .as_ref()
-            .map(|b| b.attached().to_vec())
-            .unwrap_or_default(),
-        cfg.pin_path.display(),
-        cfg.admin_socket.display()
+        "ready: {l4_summary}; {l7_summary}; admin socket {}",
+        admin_socket.display()
     );
     let _ = std::io::stdout().flush();
 
     wait_for_signal().await?;
     tracing::info!("shutting down");
+    if let Some(running) = l7 {
+        let drain = Duration::from_secs(args.drain_timeout);
+        if let Err(e) = running.shutdown(drain).await {
+            tracing::warn!(error = %e, "L7 shutdown");
+        }
+    }
     admin_task.abort();
     let _ = admin_task.await;
     drop(balancer);
@@ -336,6 +399,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn print_check(cfg: &Config) {
     println!("configuration is valid");
+    if let Some(l7) = &cfg.l7 {
+        for (l, rules) in &l7.listeners {
+            println!(
+                "L7 listener {} {}://{}: {} rule(s) + default",
+                l.name,
+                l.protocol.as_str(),
+                l.bind,
+                rules.len()
+            );
+        }
+        for (g, targets) in &l7.groups {
+            println!("  target group {}: {} target(s)", g.name, targets.len());
+        }
+    }
     if let Some(l4) = &cfg.l4 {
         println!(
             "L4: lb_xdp on {:?} ({:?} mode), ring size {}, flow table {}",

@@ -137,7 +137,8 @@ fn load_object(sizes: Sizes) -> Result<Ebpf> {
     EbpfLoader::new()
         .map_max_entries(names::MAP_FLOWS, max_flows)
         .map_max_entries(names::MAP_RINGS, ring_slots)
-        .map_max_entries(names::MAP_VIPS, max_vips)
+        // One address marker per VIP address besides the VIPs (lb_common::VIP_MARKER_PROTO).
+        .map_max_entries(names::MAP_VIPS, max_vips.saturating_mul(2))
         .map_max_entries(names::MAP_VIP_STATS, max_vips)
         .map_max_entries(names::MAP_BACKENDS, max_backends)
         .map_max_entries(names::MAP_BACKEND_STATS, max_backends)
@@ -493,6 +494,59 @@ impl Balancer {
     ) -> Result<aya::programs::TestRunResult> {
         test_run_named(&self.ebpf, names::PROG_XDP, packet, out, repeat)
     }
+
+    /// Runs `lb_xdp` once on `packet` as if it had arrived on interface `ingress_ifindex` (of
+    /// the calling thread's network namespace). Without this the kernel's test run uses the
+    /// namespace's `lo` as ingress device; with it the program sees the real receiving
+    /// interface, so a backend reachable through that same interface gives `XDP_TX`.
+    pub fn test_run_ingress(&self, packet: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let res = test_run_with_ctx(
+            &self.ebpf,
+            names::PROG_XDP,
+            packet,
+            &mut out,
+            ingress_ifindex,
+        )?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+}
+
+/// `BPF_PROG_TEST_RUN` with an input `struct xdp_md` that names the ingress interface.
+///
+/// Layout from include/uapi/linux/bpf.h: `data`, `data_end`, `data_meta`, `ingress_ifindex`,
+/// `rx_queue_index`, `egress_ifindex`, all `u32`. The kernel requires `data == 0`,
+/// `data_end == packet length`, no metadata and `egress_ifindex == 0`.
+fn test_run_with_ctx(
+    ebpf: &Ebpf,
+    name: &str,
+    packet: &[u8],
+    out: &mut [u8],
+    ingress_ifindex: u32,
+) -> Result<aya::programs::TestRunResult> {
+    let prog: &Xdp = ebpf
+        .program(name)
+        .ok_or_else(|| DataplaneError::Program {
+            what: format!("finding {name}"),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            what: format!("{name} is not XDP"),
+            source,
+        })?;
+    let fields: [u32; 6] = [0, packet.len() as u32, 0, ingress_ifindex, 0, 0];
+    let ctx: Vec<u8> = fields.iter().flat_map(|f| f.to_ne_bytes()).collect();
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(out);
+    opts.ctx_in = Some(&ctx);
+    prog.test_run(opts)
+        .map_err(|source| DataplaneError::Program {
+            what: format!("BPF_PROG_TEST_RUN of {name} (ingress ifindex {ingress_ifindex})"),
+            source,
+        })
 }
 
 fn test_run_named(

@@ -55,6 +55,9 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
     let mut keys: Vec<(VipKey, u32)> = Vec::new();
     for entry in maps.vips.iter() {
         let (k, v) = entry.context("reading LB_VIPS")?;
+        if k.proto == lb_common::VIP_MARKER_PROTO {
+            continue; // address marker, not a VIP
+        }
         keys.push((k, v.vip_id));
     }
     keys.sort_by_key(|(_, id)| *id);
@@ -154,6 +157,9 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
             let mut rows = Vec::new();
             for e in maps.vips.iter() {
                 let (k, v) = e.context("reading LB_VIPS")?;
+                if k.proto == lb_common::VIP_MARKER_PROTO {
+                    continue; // address marker, not a VIP
+                }
                 rows.push(json!({"vip": vip_addr(&k), "id": v.vip_id, "flags": v.flags}));
             }
             Value::Array(rows)

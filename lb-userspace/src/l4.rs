@@ -10,7 +10,10 @@
 //! recording fake in the tests, so all of this is tested without a kernel.
 use std::collections::{BTreeMap, VecDeque};
 
-use lb_common::{BACKEND_F_IN_SERVICE, Backend, RING_EMPTY, VipKey, VipMeta};
+use lb_common::{
+    BACKEND_F_IN_SERVICE, Backend, RING_EMPTY, VIP_F_HAS_TCP, VIP_F_HAS_UDP, VIP_MARKER_ID,
+    VIP_MARKER_PROTO, VipKey, VipMeta,
+};
 
 use crate::{
     config::{L4Target, VipAddr, VipSpec},
@@ -163,6 +166,8 @@ pub struct L4Registry<M: L4Maps> {
     vips: BTreeMap<VipAddr, VipEntry>,
     vip_ids: IdPool,
     backend_ids: IdPool,
+    /// Address marker flags per VIP address (which protocols have VIPs there).
+    markers: BTreeMap<std::net::Ipv4Addr, u32>,
 }
 
 fn vip_key(v: &VipAddr) -> VipKey {
@@ -183,6 +188,7 @@ impl<M: L4Maps> L4Registry<M> {
             vips: BTreeMap::new(),
             vip_ids: IdPool::new(max_vips),
             backend_ids: IdPool::new(max_backends),
+            markers: BTreeMap::new(),
         }
     }
 
@@ -207,6 +213,25 @@ impl<M: L4Maps> L4Registry<M> {
             VipMeta {
                 vip_id: id,
                 flags: 0,
+            },
+        )?;
+        // The address marker lets lb_xdp recognise fragments for any VIP of this address.
+        let bit = match spec.vip.proto {
+            crate::config::Proto::Tcp => VIP_F_HAS_TCP,
+            crate::config::Proto::Udp => VIP_F_HAS_UDP,
+        };
+        let flags = self.markers.entry(spec.vip.addr).or_default();
+        *flags |= bit;
+        self.maps.set_vip(
+            VipKey {
+                addr: u32::from_ne_bytes(spec.vip.addr.octets()),
+                port: 0,
+                proto: VIP_MARKER_PROTO,
+                _pad: 0,
+            },
+            VipMeta {
+                vip_id: VIP_MARKER_ID,
+                flags: *flags,
             },
         )?;
         self.vips.insert(
@@ -427,6 +452,13 @@ mod tests {
         assert!(ring_of(&r, 0).iter().all(|&s| s == RING_EMPTY));
         let key = (u32::from_ne_bytes([10, 100, 0, 1]), 80u16.to_be(), 6);
         assert_eq!(r.maps.vips[&key].vip_id, 0);
+        let marker = (u32::from_ne_bytes([10, 100, 0, 1]), 0u16, VIP_MARKER_PROTO);
+        assert_eq!(r.maps.vips[&marker].flags, VIP_F_HAS_TCP);
+        let mut udp = vip(53);
+        udp.vip.proto = Proto::Udp;
+        udp.name = None;
+        r.add_vip(udp).unwrap();
+        assert_eq!(r.maps.vips[&marker].flags, VIP_F_HAS_TCP | VIP_F_HAS_UDP);
         assert!(matches!(r.add_vip(vip(80)), Err(L4Error::VipExists(_))));
         assert_eq!(r.resolve("web"), Some(vip(80).vip));
         assert_eq!(r.resolve("10.100.0.1:80/tcp"), Some(vip(80).vip));

@@ -311,7 +311,16 @@ fn test(root: &Path, no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> 
     cargo(&["build", "-p", "lb-userspace", "--bin", "lb"])?;
     // Unit tests, L7 tests on loopback and BPF_PROG_TEST_RUN tests: each test isolates itself
     // (ephemeral ports, private network namespaces), so they run in parallel.
-    let args = with_filter(&["test", "--workspace", "--exclude", "lb-tests"]);
+    // lb-ebpf builds only for the BPF target (the default members leave it out).
+    let args = with_filter(&[
+        "test",
+        "-p",
+        "lb-common",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "xtask",
+    ]);
     cargo_env(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[("LB_BIN", &lb)],

@@ -1,0 +1,236 @@
+//! The `lb` binary end to end on loopback (L7 only: no root or XDP needed): flags become a
+//! running tier, the admin socket changes it, bad flags are reported, SIGTERM cleans up.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::Duration,
+};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+/// A tiny HTTP/1.1 server answering every request with `name` (closes after each response).
+struct Backend {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    fn start(name: &'static str) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        c.set_nonblocking(false).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut buf = [0u8; 4096];
+                        let mut got = Vec::new();
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match c.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                            name.len()
+                        );
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `lb run` as a child; killed on drop.
+struct Lb {
+    child: Child,
+    admin: PathBuf,
+    listener: SocketAddr,
+}
+
+impl Lb {
+    fn start(dir: &std::path::Path, flags: &[String]) -> Self {
+        let admin = dir.join("admin.sock");
+        let mut child = Command::new(LB)
+            .arg("run")
+            .args(flags)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn lb");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("ready:"), "lb printed {line:?}");
+        // "… listeners web=127.0.0.1:PORT; …"
+        let listener = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("web="))
+            .map(|a| a.trim_end_matches(';').parse().unwrap())
+            .expect("listener address in the ready line");
+        Self {
+            child,
+            admin,
+            listener,
+        }
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.listener).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp[9..12].parse().unwrap();
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (status, body)
+    }
+
+    fn targets(&self, args: &[&str]) -> std::process::Output {
+        Command::new(LB)
+            .arg("targets")
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin)
+            .output()
+            .unwrap()
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lb-run-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn flags_become_a_running_tier_that_the_admin_socket_changes() {
+    let dir = tempdir("admin");
+    let a = Backend::start("alpha");
+    let b = Backend::start("beta");
+    let lb = Lb::start(
+        &dir,
+        &[
+            "--listener".into(),
+            "web=http://127.0.0.1:0".into(),
+            "--target-group".into(),
+            "app".into(),
+            "--target".into(),
+            format!("app={}", a.addr),
+            "--rule".into(),
+            "web,priority=1,path=/private*,fixed-response=403,body=nope".into(),
+            "--rule".into(),
+            "web,default,forward=app".into(),
+        ],
+    );
+    assert_eq!(lb.get("/"), (200, "alpha".into()));
+    assert_eq!(lb.get("/private/x"), (403, "nope".into()));
+
+    let out = lb.targets(&["register", "--target", &format!("app={}", b.addr)]);
+    assert!(out.status.success(), "{out:?}");
+    let seen: Vec<String> = (0..4).map(|_| lb.get("/").1).collect();
+    assert_eq!(seen.iter().filter(|s| *s == "beta").count(), 2, "{seen:?}");
+
+    let out = lb.targets(&["deregister", "--target", &format!("app={}", a.addr)]);
+    assert!(out.status.success(), "{out:?}");
+    assert!((0..4).all(|_| lb.get("/").1 == "beta"));
+
+    let out = lb.targets(&["describe"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&b.addr.to_string()) && !text.contains(&a.addr.to_string()),
+        "{text}"
+    );
+
+    // Deregistering what is not there is an error the CLI reports.
+    let out = lb.targets(&["deregister", "--target", &format!("app={}", a.addr)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not registered"));
+
+    let admin = lb.admin.clone();
+    let status = lb.terminate();
+    assert!(status.success(), "lb exited with {status}");
+    assert!(!admin.exists(), "admin socket left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_flags_are_all_reported_with_their_flag_and_exit_2() {
+    let out = Command::new(LB)
+        .args([
+            "run",
+            "--listener",
+            "web=http://127.0.0.1:0",
+            "--rule",
+            "web,default,forward=missing",
+            "--target",
+            "ghost=127.0.0.1:1",
+            "--ring-size",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for flag in ["--rule", "--target", "--ring-size"] {
+        assert!(err.contains(flag), "{flag} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn check_validates_and_exits_without_serving() {
+    let out = Command::new(LB)
+        .args([
+            "run",
+            "--check",
+            "--listener",
+            "web=http://127.0.0.1:0",
+            "--target-group",
+            "app",
+            "--rule",
+            "web,default,fixed-response=200,body=ok",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
+}

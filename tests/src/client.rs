@@ -1,0 +1,346 @@
+//! Client helpers: connect from a chosen source port, ask a [`crate::servers::Server`] who it
+//! is, over TCP, HTTP/1.0 or UDP, and ping. Every call is bounded by a timeout (a safety net:
+//! on a working topology answers take milliseconds).
+//!
+//! Call these from inside the client namespace ([`crate::netns::in_netns`], or
+//! [`crate::Topology::in_client`]).
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Default timeout of one exchange.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A `sockaddr_in` for `addr`.
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn check(rc: libc::c_int, what: &str) -> Result<()> {
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context(what.to_owned());
+    }
+    Ok(())
+}
+
+/// Connects to `dst` from local port `src_port` (0: the kernel picks one), failing after
+/// `timeout`. `SO_REUSEADDR` lets a test reuse a port whose earlier connection is in
+/// TIME_WAIT towards another destination.
+pub fn tcp_connect_from(src_port: u16, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    check(raw, "socket")?;
+    // SAFETY: `raw` is a fresh, valid fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let one: libc::c_int = 1;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd, pointer to a c_int of the given length.
+    check(
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                len,
+            )
+        },
+        "SO_REUSEADDR",
+    )?;
+    let sa_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let local = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src_port));
+    // SAFETY: valid fd and a sockaddr_in of the given length.
+    check(
+        unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), sa_len) },
+        &format!("binding source port {src_port}"),
+    )?;
+    let remote = sockaddr(dst);
+    // SAFETY: as above.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), sa_len) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(err).with_context(|| format!("connecting to {dst} from :{src_port}"));
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        check(n, "poll")?;
+        if n == 0 {
+            bail!("connecting to {dst} from :{src_port}: no answer within {timeout:?}");
+        }
+        let mut so_error: libc::c_int = 0;
+        let mut len = len;
+        // SAFETY: valid fd, out-pointer to a c_int and its length.
+        check(
+            unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    (&raw mut so_error).cast(),
+                    &raw mut len,
+                )
+            },
+            "SO_ERROR",
+        )?;
+        if so_error != 0 {
+            return Err(std::io::Error::from_raw_os_error(so_error))
+                .with_context(|| format!("connecting to {dst} from :{src_port}"));
+        }
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// A connection to a line server ([`crate::servers::Server::tcp_lines`]) that asks, line by
+/// line, who is answering.
+#[derive(Debug)]
+pub struct LineClient {
+    reader: BufReader<TcpStream>,
+    local: SocketAddr,
+}
+
+impl LineClient {
+    /// Connects to `dst` from `src_port` (0: any).
+    pub fn connect(src_port: u16, dst: SocketAddrV4) -> Result<Self> {
+        let stream = tcp_connect_from(src_port, dst, TIMEOUT)?;
+        let local = stream.local_addr()?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+            local,
+        })
+    }
+
+    /// The local (client) address of the connection.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Sends one line and returns the server's answer (its name).
+    pub fn ask(&mut self) -> Result<String> {
+        self.reader
+            .get_mut()
+            .write_all(b"who?\n")
+            .with_context(|| format!("sending from {}", self.local))?;
+        let mut answer = String::new();
+        let n = self
+            .reader
+            .read_line(&mut answer)
+            .with_context(|| format!("reading the answer on {}", self.local))?;
+        if n == 0 {
+            bail!("connection from {} closed without an answer", self.local);
+        }
+        Ok(answer.trim_end().to_owned())
+    }
+}
+
+/// One connection from `src_port` to `dst`, one question: the name of the server that answered.
+pub fn ask_tcp(src_port: u16, dst: SocketAddrV4) -> Result<String> {
+    LineClient::connect(src_port, dst)?.ask()
+}
+
+/// One HTTP/1.0 `GET /` from `src_port` to `dst`; returns (status code, body).
+pub fn http_get(src_port: u16, dst: SocketAddrV4) -> Result<(u16, String)> {
+    let mut stream = tcp_connect_from(src_port, dst, TIMEOUT)?;
+    // One write, one segment: `write!` on an unbuffered stream sends each piece alone.
+    let request = format!("GET / HTTP/1.0\r\nHost: {dst}\r\nUser-Agent: lb-tests\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .with_context(|| format!("sending the HTTP request to {dst}"))?;
+    let mut raw = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut buf = [0u8; 4096];
+    loop {
+        if Instant::now() > deadline {
+            bail!("HTTP response from {dst} not complete within {TIMEOUT:?}");
+        }
+        let n = stream
+            .read(&mut buf)
+            .with_context(|| format!("reading the HTTP response from {dst}"))?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if raw.len() > 1 << 20 {
+            bail!("HTTP response from {dst} larger than 1 MiB");
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no header/body separator in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status code in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// Sends `payload` from `src_port` to `dst` over UDP and returns the answer of a UDP echo
+/// server ([`crate::servers::Server::udp_echo`]) as (server name, echoed payload). Retries a
+/// few times: a datagram may be lost while a neighbour entry is being resolved.
+pub fn ask_udp(src_port: u16, dst: SocketAddrV4, payload: &str) -> Result<(String, String)> {
+    ask_udp_tries(src_port, dst, payload, 5)
+}
+
+/// [`ask_udp`] with `tries` attempts of one second each (a test expecting no answer uses few).
+pub fn ask_udp_tries(
+    src_port: u16,
+    dst: SocketAddrV4,
+    payload: &str,
+    tries: u32,
+) -> Result<(String, String)> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src_port))
+        .with_context(|| format!("binding udp :{src_port}"))?;
+    sock.connect(dst)?;
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut buf = [0u8; 2048];
+    for _attempt in 0..tries {
+        sock.send(payload.as_bytes())
+            .with_context(|| format!("sending udp to {dst}"))?;
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let (name, echo) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+                return Ok((name.to_owned(), echo.to_owned()));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).with_context(|| format!("receiving udp from {dst}")),
+        }
+    }
+    bail!("no UDP answer from {dst} to source port {src_port} after {tries} tries")
+}
+
+/// Sends one ICMP echo request to `dst` (raw socket: needs root) and waits for the matching
+/// echo reply. Returns an error if none arrives within `timeout`.
+pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<()> {
+    // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
+    check(raw, "raw ICMP socket")?;
+    // SAFETY: fresh valid fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let id = (std::process::id() & 0xffff) as u16;
+    let seq: u16 = 1;
+    let mut pkt = [0u8; 16];
+    pkt[0] = 8; // echo request
+    pkt[4..6].copy_from_slice(&id.to_be_bytes());
+    pkt[6..8].copy_from_slice(&seq.to_be_bytes());
+    pkt[8..16].copy_from_slice(b"lb-tests");
+    let sum = inet_checksum(&pkt);
+    pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    let to = sockaddr(SocketAddrV4::new(dst, 0));
+    let sa_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid fd, buffer and sockaddr with their lengths.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const to).cast(),
+            sa_len,
+        )
+    };
+    check(
+        i32::try_from(sent).unwrap_or(-1),
+        &format!("sending ICMP echo to {dst}"),
+    )?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&raw mut pfd, 1, 100) };
+        check(n, "poll")?;
+        if n == 0 {
+            continue;
+        }
+        // SAFETY: valid fd and buffer.
+        let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(got) = usize::try_from(got) else {
+            continue;
+        };
+        // Raw sockets deliver the IPv4 header too.
+        let pkt = &buf[..got];
+        let Some(ihl) = pkt.first().map(|b| usize::from(b & 0x0f) * 4) else {
+            continue;
+        };
+        let src = pkt
+            .get(12..16)
+            .map(|s| Ipv4Addr::new(s[0], s[1], s[2], s[3]));
+        let icmp = pkt.get(ihl..ihl + 8);
+        if let (Some(src), Some(icmp)) = (src, icmp)
+            && src == dst
+            && icmp[0] == 0
+            && icmp[4..6] == id.to_be_bytes()
+            && icmp[6..8] == seq.to_be_bytes()
+        {
+            return Ok(());
+        }
+    }
+    bail!("no ICMP echo reply from {dst} within {timeout:?}")
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_matches_rfc1071_example() {
+        // RFC 1071 §3: the words 0001 f203 f4f5 f6f7 sum (with end-around carry) to ddf2.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(inet_checksum(&data), !0xddf2);
+    }
+}
