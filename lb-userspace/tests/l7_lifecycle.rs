@@ -107,11 +107,11 @@ async fn idle_keep_alive_connection_is_closed_without_a_response() {
 #[tokio::test]
 async fn keep_alive_lifetime_closes_after_the_current_response() {
     let t = target::http1()
-        .route("/", Reply::Slow(Duration::from_millis(400), "slow".into()))
+        .route("/", Reply::Slow(Duration::from_millis(1500), "slow".into()))
         .run()
         .await;
     let p = ProxyBuilder::forward_to(&[t.addr])
-        .listener(|l| l.client_keepalive = Duration::from_millis(100))
+        .listener(|l| l.client_keepalive = Duration::from_millis(200))
         .start()
         .await;
     let out = within(async {
@@ -199,4 +199,105 @@ async fn fixed_response_action_answers_without_a_target() {
     assert_eq!(got.status.as_u16(), 418);
     assert_eq!(got.headers["content-type"], "text/plain");
     assert_eq!(got.body, "short and stout");
+}
+
+/// HTTP/2 from the client (h2c prior knowledge) to an HTTP/2 target group, end to end.
+async fn h2c_get(addr: std::net::SocketAddr, content_type: Option<&str>) -> (u16, Bytes) {
+    within(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2c handshake");
+        tokio::spawn(conn);
+        let mut req = Request::post("http://app.test/svc");
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = send
+            .send_request(req.body(Full::new(Bytes::new())).expect("req"))
+            .await
+            .expect("response");
+        let status = resp.status().as_u16();
+        (
+            status,
+            resp.into_body().collect().await.expect("body").to_bytes(),
+        )
+    })
+    .await
+}
+
+#[tokio::test]
+async fn http2_client_reaches_an_http2_group() {
+    let t = target::http2().route("/", Reply::EchoHeaders).run().await;
+    let p = ProxyBuilder::new()
+        .group_spec("tg,protocol-version=http2", &[t.addr])
+        .rules(&["web,default,forward=tg"])
+        .start()
+        .await;
+    let (status, body) = h2c_get(p.addr, Some("application/grpc")).await;
+    assert_eq!(status, 200);
+    let body = String::from_utf8_lossy(&body);
+    let request_line = body.lines().next().unwrap_or_default();
+    assert!(request_line.starts_with("POST "), "{body}");
+    assert!(
+        request_line.ends_with("/svc HTTP/2.0"),
+        "the target spoke HTTP/2: {body}"
+    );
+}
+
+#[tokio::test]
+async fn grpc_to_an_http1_group_is_464() {
+    let t = target::http1().route("/", Reply::text("h1")).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let (status, _) = h2c_get(p.addr, Some("application/grpc+proto")).await;
+    assert_eq!(status, 464);
+    let (status, body) = h2c_get(p.addr, None).await;
+    assert_eq!(
+        (status, &body[..]),
+        (200, &b"h1"[..]),
+        "plain HTTP/2 to HTTP/1 is fine"
+    );
+    assert_eq!(t.hits(), 1);
+}
+
+#[tokio::test]
+async fn response_bodies_are_streamed_not_buffered() {
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let t = target::http1()
+        .route(
+            "/",
+            Reply::Gated {
+                first: "first,".into(),
+                gate: gate.clone(),
+                second: "second".into(),
+            },
+        )
+        .run()
+        .await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    within(async {
+        let tcp = TcpStream::connect(p.addr).await.expect("connect");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                Request::get("/")
+                    .header("host", "x")
+                    .body(Full::new(Bytes::new()))
+                    .expect("req"),
+            )
+            .await
+            .expect("response");
+        let mut body = resp.into_body();
+        // The first chunk arrives while the target is still holding the rest back.
+        let first = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(first.into_data().expect("data"), "first,");
+        gate.notify_one();
+        let rest = body.collect().await.expect("rest").to_bytes();
+        assert_eq!(rest, "second");
+    })
+    .await;
 }

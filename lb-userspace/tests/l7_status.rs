@@ -57,7 +57,7 @@ async fn headers_over_64_kib_in_total_are_400_but_just_under_passes() {
     let t = hello_target().await;
     let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
     let head = |lines: usize| {
-        let mut req = b"GET / HTTP/1.1\r\n".to_vec();
+        let mut req = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
         for i in 0..lines {
             // 1 KiB per line including CRLF.
             req.extend_from_slice(format!("X-{i:05}: ").as_bytes());
@@ -97,6 +97,17 @@ async fn content_length_with_transfer_encoding_is_400_and_never_forwarded() {
             .load(Ordering::Relaxed),
         1
     );
+}
+
+#[tokio::test]
+async fn http11_without_host_is_400() {
+    let t = hello_target().await;
+    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
+    let out = raw(p.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status_of(&out), 400, "{out}");
+    let out = raw(p.addr, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").await;
+    assert_eq!(status_of(&out), 400, "{out}");
+    assert_eq!(t.hits(), 0);
 }
 
 #[tokio::test]

@@ -97,9 +97,18 @@ impl ServerCertVerifier for AcceptAny {
 }
 
 async fn connect(addr: SocketAddr, sni: Option<&str>, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    connect_with(addr, sni, alpn, rustls::DEFAULT_VERSIONS).await
+}
+
+async fn connect_with(
+    addr: SocketAddr,
+    sni: Option<&str>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TlsStream<TcpStream> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .expect("versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny))
@@ -209,6 +218,28 @@ async fn alpn_negotiates_http1_and_serves_it() {
     })
     .await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn tls12_and_tls13_both_negotiate_aead_suites() {
+    let certs = make_certs(&[&["default.test"]]);
+    let (_t, p) = https_proxy(&certs).await;
+    for (version, want) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let s = connect_with(p.addr, Some("default.test"), &[b"http/1.1"], &[version]).await;
+        let conn = s.get_ref().1;
+        assert_eq!(conn.protocol_version(), Some(want));
+        let suite = format!(
+            "{:?}",
+            conn.negotiated_cipher_suite().expect("suite").suite()
+        );
+        assert!(
+            suite.contains("GCM") || suite.contains("CHACHA20_POLY1305"),
+            "{suite}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -241,6 +241,9 @@ pub struct HeadAnalysis {
     pub unsupported_coding: bool,
     /// `Upgrade` header present or method CONNECT: the connection may be taken over.
     pub upgrade: bool,
+    /// How many `Host` header lines the head has (RFC 9112 §3.2: an HTTP/1.1 request needs
+    /// exactly one, else 400; the server enforces that whatever the desync mode).
+    pub host_headers: usize,
 }
 
 const TE_NAME: &[u8] = b"transfer-encoding";
@@ -356,6 +359,7 @@ pub fn analyze(head: &[u8]) -> HeadAnalysis {
     let mut cl_count = 0usize;
     let mut te_values: Vec<&[u8]> = Vec::new();
     let mut upgrade = method == b"CONNECT";
+    let mut host_headers = 0usize;
 
     for (line, crlf) in it {
         if line.is_empty() {
@@ -406,6 +410,8 @@ pub fn analyze(head: &[u8]) -> HeadAnalysis {
             }
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade = true;
+        } else if name.eq_ignore_ascii_case(b"host") {
+            host_headers += 1;
         } else if same_letters(name, TE_NAME) || same_letters(name, CL_NAME) {
             c.raise(Tier::Ambiguous, Reason::SuspiciousHeader);
         }
@@ -471,6 +477,7 @@ pub fn analyze(head: &[u8]) -> HeadAnalysis {
         version,
         unsupported_coding,
         upgrade,
+        host_headers,
     }
 }
 
@@ -694,6 +701,14 @@ mod tests {
         assert_eq!(v("GET / HTTP/1.0\r\n\r\n"), Some((1, 0)));
         assert_eq!(v("GET / HTTP/3.0\r\n\r\n"), Some((3, 0)));
         assert_eq!(v("GET / HTTP/11\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn host_headers_are_counted() {
+        let n = |h: &str| analyze(h.as_bytes()).host_headers;
+        assert_eq!(n("GET / HTTP/1.1\r\n\r\n"), 0);
+        assert_eq!(n("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), 1);
+        assert_eq!(n("GET / HTTP/1.1\r\nhost: a\r\nHOST: b\r\n\r\n"), 2);
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! Listeners and the request pipeline of the L7 tier (ALB semantics; see ALB-REFERENCE.md).
 //!
 //! A listener accepts TCP (and TLS with SNI certificate selection and ALPN `h2`/`http/1.1` for
-//! HTTPS), serves HTTP/1.1 and HTTP/2 with hyper, and runs every request through
-//! [`pipeline`]: desync classification, the checks ALB makes before routing (405, 501, 505),
-//! rule evaluation and the action (forward, redirect, fixed response). HTTP/1 bytes pass through
-//! [`sniff::Sniffer`] first, which enforces the header limits and the idle timeout the way ALB
-//! does and which hyper cannot.
+//! HTTPS), serves HTTP/1.1 and HTTP/2 with hyper, and runs every request through the pipeline
+//! (`server/pipeline.rs`): desync classification, the checks ALB makes before routing (405,
+//! 501, 505), rule evaluation and the action (forward, redirect, fixed response). HTTP/1 bytes
+//! pass through the sniffer (`server/sniff.rs`) first, which enforces the header limits and the
+//! idle timeout the way ALB does and hyper cannot.
 //!
 //! Decisions where ALB documents nothing precise:
 //! - 464: an HTTP/2 target group (`protocol-version=http2`) only takes HTTP/2 requests; an
@@ -19,6 +19,8 @@
 //!   request body it always runs; HTTP/2 connections close when idle with no open stream.
 //!   Upgraded (WebSocket) connections have no idle timeout; they end when either side closes or
 //!   when the tier stops.
+//! - An HTTP/1.1 request without exactly one `Host` is a 400 (RFC 9112 §3.2), in every
+//!   desync mode: rules never route on a guessed host.
 //! - Header limits: request line and each header line 16 KiB, all header lines together
 //!   64 KiB (line ends included), at most 1,000 header lines (hyper needs a count bound; ALB
 //!   has none). HTTP/2: `SETTINGS_MAX_HEADER_LIST_SIZE` 64 KiB.

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb::proxy::client::ClientConfig;
@@ -54,6 +55,13 @@ pub mod target {
         Hang,
         /// 101 and then echoes every byte back (a WebSocket-like upgrade echo).
         UpgradeEcho,
+        /// 200 whose body sends `first`, then waits for the gate before sending `second`:
+        /// proves the balancer streams instead of buffering the whole body.
+        Gated {
+            first: String,
+            gate: Arc<tokio::sync::Notify>,
+            second: String,
+        },
     }
 
     impl Reply {
@@ -145,10 +153,23 @@ pub mod target {
         }
     }
 
+    type TargetBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+    fn full(b: Bytes) -> TargetBody {
+        BodyExt::boxed(Full::new(b))
+    }
+
+    /// A `Stream` over an mpsc receiver (no tokio-stream dependency).
+    fn tokio_stream_from<T>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
     async fn answer(
         routes: Arc<Vec<(String, Reply)>>,
         mut req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Infallible> {
+    ) -> Result<Response<TargetBody>, Infallible> {
         let reply = routes
             .iter()
             .find(|(p, _)| req.uri().path().starts_with(p.as_str()))
@@ -175,6 +196,20 @@ pub mod target {
                 std::future::pending::<()>().await;
                 String::new()
             }
+            Reply::Gated {
+                first,
+                gate,
+                second,
+            } => {
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+                tokio::spawn(async move {
+                    let _ = tx.send(Ok(Frame::data(Bytes::from(first)))).await;
+                    gate.notified().await;
+                    let _ = tx.send(Ok(Frame::data(Bytes::from(second)))).await;
+                });
+                let body = StreamBody::new(tokio_stream_from(rx));
+                return Ok(Response::new(BodyExt::boxed(body)));
+            }
             Reply::UpgradeEcho => {
                 let on = hyper::upgrade::on(&mut req);
                 tokio::spawn(async move {
@@ -193,7 +228,7 @@ pub mod target {
                         }
                     }
                 });
-                let mut resp = Response::new(Full::new(Bytes::new()));
+                let mut resp = Response::new(full(Bytes::new()));
                 *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
                 resp.headers_mut()
                     .insert("upgrade", http::HeaderValue::from_static("websocket"));
@@ -202,7 +237,7 @@ pub mod target {
                 return Ok(resp);
             }
         };
-        Ok(Response::new(Full::new(Bytes::from(text))))
+        Ok(Response::new(full(Bytes::from(text))))
     }
 
     /// Targets that break HTTP on purpose.

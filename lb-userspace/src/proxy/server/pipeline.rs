@@ -6,7 +6,7 @@
 //! 3. rule evaluation → action: fixed response, redirect, or forward:
 //!    group (weighted, `AWSALBTG` group stickiness) → target (`TargetGroup::pick`, none → 503) →
 //!    protocol check (464) → header rewrite (463 on too many `X-Forwarded-For`) →
-//!    [`Forwarder`] → response streamed back with the pick's `Set-Cookie`;
+//!    `Forwarder` → response streamed back with the pick's `Set-Cookie`;
 //!    a 101 to an `Upgrade` request becomes a byte tunnel (WebSocket).
 //!
 //! Every response the load balancer makes itself has ALB's status and a small HTML body, and

@@ -448,6 +448,13 @@ impl<IO> Sniffer<IO> {
             self.reject(StatusCode::BAD_REQUEST, reason, c);
             return;
         }
+        let unparseable =
+            a.unsupported_coding || a.version.is_some_and(|v| v != (1, 0) && v != (1, 1));
+        if unparseable && head.starts_with(b"TRACE ") {
+            // ALB's order: 405 for TRACE comes before 501 and 505.
+            self.reject(StatusCode::METHOD_NOT_ALLOWED, "TRACE", c);
+            return;
+        }
         if let Some(v) = a.version
             && v != (1, 0)
             && v != (1, 1)
@@ -457,6 +464,17 @@ impl<IO> Sniffer<IO> {
                 "unsupported HTTP version",
                 c,
             );
+            return;
+        }
+        if a.version == Some((1, 1)) && a.host_headers != 1 {
+            // RFC 9112 §3.2: exactly one Host in HTTP/1.1, else 400 (routing on a guessed
+            // host would be unsafe).
+            let reason = if a.host_headers == 0 {
+                "missing Host header"
+            } else {
+                "more than one Host header"
+            };
+            self.reject(StatusCode::BAD_REQUEST, reason, c);
             return;
         }
         if a.unsupported_coding {
@@ -631,9 +649,9 @@ mod tests {
     #[tokio::test]
     async fn pipelined_requests_with_bodies_are_split_where_hyper_splits_them() {
         let mut s = sniffer();
-        let input = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
-POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nGET /\r\n0\r\nT: 1\r\n\r\n\
-GET /c HTTP/1.1\r\n\r\n";
+        let input = b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nGET /\r\n0\r\nT: 1\r\n\r\n\
+GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         // Byte by byte, to exercise every resumption point.
         for b in input {
             s.on_bytes(std::slice::from_ref(b));
@@ -682,7 +700,7 @@ GET /c HTTP/1.1\r\n\r\n";
     #[tokio::test]
     async fn header_of_exactly_16_kib_passes() {
         let mut s = sniffer();
-        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        let mut head = b"GET / HTTP/1.1\r\nHost: h\r\n".to_vec();
         head.extend_from_slice(b"X: ");
         head.extend_from_slice(&vec![b'a'; MAX_LINE - 3]);
         head.extend_from_slice(b"\r\n\r\n");
@@ -714,7 +732,7 @@ GET /c HTTP/1.1\r\n\r\n";
             true,
         );
         client
-            .write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            .write_all(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
             .await
             .expect("write");
         let got = read_some(&mut s).await.expect("head and body start");
@@ -740,6 +758,43 @@ GET /c HTTP/1.1\r\n\r\n";
         assert!(matches!(
             shared.pop_verdict(),
             Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::REQUEST_TIMEOUT
+        ));
+    }
+
+    #[tokio::test]
+    async fn trace_is_405_before_501_and_505() {
+        for head in [
+            &b"TRACE / HTTP/3.0\r\nHost: h\r\n\r\n"[..],
+            b"TRACE / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ] {
+            let mut s = sniffer();
+            s.on_bytes(head);
+            assert!(
+                matches!(s.shared.pop_verdict(), Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::METHOD_NOT_ALLOWED),
+                "{head:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn http11_without_exactly_one_host_is_rejected() {
+        for head in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ] {
+            let mut s = sniffer();
+            s.on_bytes(head);
+            assert!(
+                matches!(s.shared.pop_verdict(), Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::BAD_REQUEST),
+                "{head:?}"
+            );
+        }
+        // HTTP/1.0 predates Host.
+        let mut s = sniffer();
+        s.on_bytes(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Pass { .. })
         ));
     }
 
