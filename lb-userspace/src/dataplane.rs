@@ -428,8 +428,20 @@ impl Balancer {
         if let Some(dir) = pin_dir {
             prepare_pin_dir(dir)?;
         }
-        let mut ebpf = load_object(sizes)?;
-        xdp_program(&mut ebpf, names::PROG_XDP)?;
+        let loaded = load_object(sizes).and_then(|mut ebpf| {
+            xdp_program(&mut ebpf, names::PROG_XDP)?;
+            Ok(ebpf)
+        });
+        let ebpf = match loaded {
+            Ok(e) => e,
+            Err(e) => {
+                // Leave no empty pin directory behind (remove_dir refuses a non-empty one).
+                if let Some(dir) = pin_dir {
+                    let _ = fs::remove_dir(dir);
+                }
+                return Err(e);
+            }
+        };
         let mut this = Self {
             ebpf,
             pin_dir: None,
