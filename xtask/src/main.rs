@@ -342,14 +342,7 @@ fn test(root: &Path, no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> 
     )?;
     if !no_lint {
         cargo(&["fmt", "--all", "--check"])?;
-        cargo(&[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ])?;
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     }
     eprintln!("xtask: all tests passed");
     Ok(())
