@@ -208,12 +208,12 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; no insert/remove happens in between.
-    let vip = match unsafe { LB_VIPS.get(&vkey) } {
+    let vip = match unsafe { LB_VIPS.get(vkey) } {
         Some(v) => *v,
         None => {
             vkey.port = 0;
             // SAFETY: as above.
-            match unsafe { LB_VIPS.get(&vkey) } {
+            match unsafe { LB_VIPS.get(vkey) } {
                 Some(v) => *v,
                 None if is_fragment => {
                     // No ports to match: drop it if any VIP of this protocol lives at the
@@ -225,7 +225,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
                         VIP_F_HAS_UDP
                     };
                     // SAFETY: as above.
-                    return match unsafe { LB_VIPS.get(&vkey) } {
+                    return match unsafe { LB_VIPS.get(vkey) } {
                         Some(m) if m.flags & want != 0 => (DROP, Reason::DropFragment),
                         _ => (PASS, Reason::PassNotVip),
                     };
@@ -258,16 +258,17 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     // that backend left service (or its id now belongs to another VIP), then it is re-steered.
     let mut backend_id = RING_EMPTY;
     let mut backend = Backend::default();
-    if let Some(flow) = LB_FLOWS.get_ptr_mut(&fkey) {
+    if let Some(flow) = LB_FLOWS.get_ptr_mut(fkey) {
         // SAFETY: pointer into the map value, valid for this program run.
         let id = unsafe { (*flow).backend_id };
-        if let Some(b) = LB_BACKENDS.get(id) {
-            if b.flags & BACKEND_F_IN_SERVICE != 0 && b.vip_id == vip.vip_id {
-                backend_id = id;
-                backend = *b;
-                // SAFETY: as above.
-                unsafe { (*flow).last_seen_ns = now };
-            }
+        if let Some(b) = LB_BACKENDS.get(id)
+            && b.flags & BACKEND_F_IN_SERVICE != 0
+            && b.vip_id == vip.vip_id
+        {
+            backend_id = id;
+            backend = *b;
+            // SAFETY: as above.
+            unsafe { (*flow).last_seen_ns = now };
         }
     }
     let new_flow = backend_id == RING_EMPTY;
@@ -314,7 +315,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
             last_seen_ns: now,
         };
         // A full LRU map evicts its least recently used entry; insert cannot fail for space.
-        let _ = LB_FLOWS.insert(&fkey, &value, 0);
+        let _ = LB_FLOWS.insert(fkey, value, 0);
     }
 
     // Grow the packet at the front by one IPv4 header.
@@ -400,7 +401,7 @@ fn decap(ctx: &XdpContext) -> DecapReason {
     }
     let dst = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);
     // SAFETY: value only tested for presence.
-    if unsafe { LB_DECAP_ADDRS.get(&dst) }.is_none() {
+    if unsafe { LB_DECAP_ADDRS.get(dst) }.is_none() {
         return DecapReason::Passed;
     }
     let Some(inner) = ptr_at::<[u8; IPV4_MIN_LEN]>(ctx, ETH_LEN + IPV4_MIN_LEN) else {

@@ -343,6 +343,33 @@ fn test(root: &Path, no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> 
     if !no_lint {
         cargo(&["fmt", "--all", "--check"])?;
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+        // lb-ebpf only builds for the BPF target: lint it there, with the toolchain that builds it.
+        let bpf_lint_dir = target_dir(root).join("bpf-clippy");
+        let args = [
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "lb-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ];
+        eprintln!("xtask: rustup {} … -- -D warnings", args.join(" "));
+        let status = Command::new("rustup")
+            .args(args)
+            .arg(&bpf_lint_dir)
+            .args(["--", "-D", "warnings"])
+            .env_remove("RUSTC")
+            .env_remove("CARGO")
+            .status()
+            .context("running clippy on lb-ebpf")?;
+        if !status.success() {
+            bail!("clippy on lb-ebpf failed ({status})");
+        }
     }
     eprintln!("xtask: all tests passed");
     Ok(())
