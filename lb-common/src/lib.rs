@@ -217,7 +217,8 @@ reasons! {
         DropFragment = 6 => "drop_fragment",
         /// The VIP has no backend in service (empty ring).
         DropNoBackend = 7 => "drop_no_backend",
-        /// The encapsulated packet would exceed the egress MTU.
+        /// The encapsulated packet would exceed the egress MTU and no ICMP could tell the
+        /// sender (DF clear, or IP options); see [`Reason::TxIcmpTooBig`].
         DropMtu = 8 => "drop_mtu",
         /// `bpf_fib_lookup` found no route or no neighbour for the backend.
         DropNoRoute = 9 => "drop_no_route",
@@ -226,6 +227,10 @@ reasons! {
         /// The ring or backend table held an id the program could not resolve: a
         /// userspace/kernel inconsistency, counted so it is never silent.
         DropInternal = 11 => "drop_internal",
+        /// The encapsulated packet would exceed the egress MTU and has DF set: dropped, and
+        /// answered with ICMP "fragmentation needed" (RFC 1191) carrying the MTU that fits
+        /// after encapsulation, so the sender's path-MTU discovery adapts instead of stalling.
+        TxIcmpTooBig = 12 => "tx_icmp_too_big",
     }
 }
 

@@ -19,7 +19,9 @@ use aya_ebpf::{
         xdp_action,
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{
+        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -302,6 +304,13 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     // SAFETY: `fib` is a valid, fully initialised parameter block of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: on FRAG_NEEDED the helper stores the egress MTU in this union member.
+        let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
+        // RFC 1191: only packets that forbid fragmentation get "fragmentation needed". The
+        // quoted header is copied whole, so only option-less headers are answered.
+        if frags & IP_DF_BE != 0 && ihl == IPV4_MIN_LEN && mtu >= 68 + IPV4_MIN_LEN {
+            return icmp_too_big(ctx, (mtu - IPV4_MIN_LEN) as u16);
+        }
         return (DROP, Reason::DropMtu);
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
@@ -368,6 +377,82 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
         (action, Reason::Redirect)
     }
+}
+
+/// One's-complement checksum (RFC 1071) of `N` bytes, `N` even.
+#[inline(always)]
+fn checksum_bytes<const N: usize>(b: &[u8; N]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    // Bounded loop: N is a constant.
+    while i + 1 < N {
+        sum += u16::from_be_bytes([b[i], b[i + 1]]) as u32;
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Turns the packet into ICMP "fragmentation needed" (type 3, code 4; RFC 792, RFC 1191) with
+/// `mtu` as the next-hop MTU, from the VIP to the client, and sends it back out of the
+/// receiving interface. The VIP as source lets the client's connection tracking relate the
+/// ICMP to its connection. Called only for option-less IPv4 headers (checked by the caller).
+#[inline(always)]
+fn icmp_too_big(ctx: &XdpContext, mtu: u16) -> (u32, Reason) {
+    const ICMP_LEN: usize = 8;
+    /// The offending packet's IP header and the first 8 bytes of its payload (RFC 792).
+    const QUOTE: usize = IPV4_MIN_LEN + 8;
+    const IP_TOT: usize = IPV4_MIN_LEN + ICMP_LEN + QUOTE;
+    const FRAME: usize = ETH_LEN + IP_TOT;
+    const DROP: (u32, Reason) = (xdp_action::XDP_DROP, Reason::DropMtu);
+
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return DROP;
+    };
+    let Some(quote) = ptr_at::<[u8; QUOTE]>(ctx, ETH_LEN) else {
+        return DROP;
+    };
+    // SAFETY: bounds checked by ptr_at; copied out before the packet is rewritten.
+    let (eth, quote) = unsafe { (*eth, *quote) };
+    let old_len = ctx.data_end() - ctx.data();
+    if old_len < FRAME {
+        return DROP;
+    }
+    // SAFETY: the context pointer is the one the kernel passed in; shrinking only.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, FRAME as i32 - old_len as i32) } != 0 {
+        return DROP;
+    }
+    let Some(out) = ptr_at::<[u8; FRAME]>(ctx, 0) else {
+        return DROP;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let out = unsafe { &mut *out };
+
+    let mut ip = [0u8; IPV4_MIN_LEN];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(IP_TOT as u16).to_be_bytes());
+    ip[8] = OUTER_TTL;
+    ip[9] = 1; // ICMP
+    ip[12..16].copy_from_slice(&quote[16..20]); // from the VIP …
+    ip[16..20].copy_from_slice(&quote[12..16]); // … to the client
+    let c = checksum_bytes(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+
+    let mut icmp = [0u8; ICMP_LEN + QUOTE];
+    icmp[0] = 3; // destination unreachable
+    icmp[1] = 4; // fragmentation needed and DF set
+    icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+    icmp[ICMP_LEN..].copy_from_slice(&quote);
+    let c = checksum_bytes(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+
+    out[0..6].copy_from_slice(&eth.src_addr);
+    out[6..12].copy_from_slice(&eth.dst_addr);
+    out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    out[ETH_LEN..ETH_LEN + IPV4_MIN_LEN].copy_from_slice(&ip);
+    out[ETH_LEN + IPV4_MIN_LEN..].copy_from_slice(&icmp);
+    (xdp_action::XDP_TX, Reason::TxIcmpTooBig)
 }
 
 #[xdp]

@@ -941,7 +941,7 @@ fn backend_reached_through_the_receiving_interface_is_sent_back_with_xdp_tx() {
 }
 
 #[test]
-fn encapsulation_that_would_exceed_the_egress_mtu_is_dropped_unmodified() {
+fn encapsulation_that_would_exceed_the_egress_mtu_is_answered_with_icmp_or_dropped() {
     netns_test(|| {
         run_cmd(&["ip", "link", "set", "d0", "mtu", "1000"]);
         let mut lb = Lb::load();
@@ -951,16 +951,67 @@ fn encapsulation_that_would_exceed_the_egress_mtu_is_dropped_unmodified() {
             Proto::Tcp,
             &[backend(11)],
         );
-        let of_ip_len = |ip_len: usize| Frame {
-            payload: vec![0x5a; ip_len - IPV4_LEN - 20],
+        let of_ip_len = |ip_len: usize, frag: u16, ip_options: Vec<u8>| Frame {
+            payload: vec![0x5a; ip_len - IPV4_LEN - ip_options.len() - 20],
+            frag,
+            ip_options,
             ..tcp(web.addr, 80)
         };
         // 990 bytes fit the MTU but not with the 20-byte outer header.
-        lb.run_untouched(&of_ip_len(990).build(), XDP_DROP, Reason::DropMtu);
+        // DF clear: the sender allows fragmentation, which we do not do: dropped, unmodified.
+        lb.run_untouched(
+            &of_ip_len(990, 0, vec![]).build(),
+            XDP_DROP,
+            Reason::DropMtu,
+        );
+        // DF set but IP options: the quote would be cut; dropped, unmodified.
+        let with_options = of_ip_len(990, 0x4000, vec![1, 1, 1, 0]).build();
+        lb.run_untouched(&with_options, XDP_DROP, Reason::DropMtu);
+
+        // DF set: answered with ICMP "fragmentation needed" back out of the receiving
+        // interface, so the sender's path-MTU discovery adapts (RFC 1191).
+        let big = of_ip_len(990, 0x4000, vec![]).build();
+        let out = lb.run(&big, XDP_TX, Reason::TxIcmpTooBig);
+        assert_eq!(
+            out.len(),
+            ETH_LEN + IPV4_LEN + 8 + IPV4_LEN + 8,
+            "{out:02x?}"
+        );
+        assert_eq!(&out[0..6], &big[6..12], "Ethernet destination: the sender");
+        assert_eq!(&out[6..12], &big[0..6], "Ethernet source: us");
+        assert_eq!(&out[12..14], &[0x08, 0x00]);
+        let ip = &out[ETH_LEN..ETH_LEN + IPV4_LEN];
+        assert_eq!((ip[0], ip[9]), (0x45, 1), "IPv4 without options, ICMP");
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56, "total length");
+        assert_eq!(&ip[12..16], &web.addr.octets(), "from the VIP");
+        assert_eq!(
+            &ip[16..20],
+            &big[ETH_LEN + 12..ETH_LEN + 16],
+            "to the client"
+        );
+        assert_eq!(packet::checksum(ip), 0, "IP header checksum");
+        let icmp = &out[ETH_LEN + IPV4_LEN..];
+        assert_eq!(
+            (icmp[0], icmp[1]),
+            (3, 4),
+            "destination unreachable, fragmentation needed"
+        );
+        assert_eq!(
+            u16::from_be_bytes([icmp[6], icmp[7]]),
+            1000 - 20,
+            "next-hop MTU: what fits after encapsulation"
+        );
+        assert_eq!(
+            &icmp[8..],
+            &big[ETH_LEN..ETH_LEN + IPV4_LEN + 8],
+            "quotes the IP header and the first 8 payload bytes"
+        );
+        assert_eq!(packet::checksum(icmp), 0, "ICMP checksum");
+
         // 980 + 20 = 1000: exactly the MTU.
-        let fits = of_ip_len(980).build();
+        let fits = of_ip_len(980, 0x4000, vec![]).build();
         lb.run_encap(&fits, backend(11));
-        // The dropped packet created no flow and counted nothing for the VIP.
+        // Neither the drops nor the ICMP answer created a flow or counted for the VIP.
         assert_eq!(
             lb.vip_counters(&web),
             Counters {
