@@ -472,13 +472,7 @@ impl Balancer {
 
     /// Attaches `lb_xdp` to `iface`.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(names::PROG_XDP)
-            .expect("loaded in Balancer::load")
-            .try_into()
-            .expect("checked in Balancer::load");
-        attach(prog, names::PROG_XDP, iface, mode)?;
+        attach_named(&mut self.ebpf, names::PROG_XDP, iface, mode)?;
         self.attached.push(iface.to_string());
         Ok(())
     }
@@ -491,10 +485,7 @@ impl Balancer {
     /// Runs `lb_xdp` once on `packet` with `BPF_PROG_TEST_RUN` (no interface needed). Returns
     /// the XDP action and the packet as the program left it.
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = self.test_run_raw(packet, Some(&mut out), 1)?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        run_once(&self.ebpf, names::PROG_XDP, packet)
     }
 
     /// `BPF_PROG_TEST_RUN` with a repeat count (benchmarks).
@@ -537,17 +528,7 @@ fn test_run_with_ctx(
     out: &mut [u8],
     ingress_ifindex: u32,
 ) -> Result<aya::programs::TestRunResult> {
-    let prog: &Xdp = ebpf
-        .program(name)
-        .ok_or_else(|| DataplaneError::Program {
-            what: format!("finding {name}"),
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            what: format!("{name} is not XDP"),
-            source,
-        })?;
+    let prog = loaded_xdp(ebpf, name)?;
     let fields: [u32; 6] = [0, packet.len() as u32, 0, ingress_ifindex, 0, 0];
     let ctx: Vec<u8> = fields.iter().flat_map(|f| f.to_ne_bytes()).collect();
     let mut opts = TestRunOptions::new();
@@ -561,15 +542,24 @@ fn test_run_with_ctx(
         })
 }
 
-fn test_run_named(
-    ebpf: &Ebpf,
-    name: &str,
-    packet: &[u8],
-    out: Option<&mut [u8]>,
-    repeat: u32,
-) -> Result<aya::programs::TestRunResult> {
-    let prog: &Xdp = ebpf
-        .program(name)
+/// A program of `ebpf` that [`xdp_program`] loaded.
+fn loaded_xdp<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp> {
+    ebpf.program(name)
+        .ok_or_else(|| DataplaneError::Program {
+            what: format!("finding {name}"),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            what: format!("{name} is not XDP"),
+            source,
+        })
+}
+
+/// Attaches the loaded program `name` of `ebpf` to `iface`.
+fn attach_named(ebpf: &mut Ebpf, name: &str, iface: &str, mode: XdpMode) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
         .ok_or_else(|| DataplaneError::Program {
             what: format!("finding {name}"),
             source: aya::programs::ProgramError::UnexpectedProgramType,
@@ -579,6 +569,25 @@ fn test_run_named(
             what: format!("{name} is not XDP"),
             source,
         })?;
+    attach(prog, name, iface, mode)
+}
+
+/// Runs program `name` once on `packet`; returns the action and the packet as left.
+fn run_once(ebpf: &Ebpf, name: &str, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let res = test_run_named(ebpf, name, packet, Some(&mut out), 1)?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out))
+}
+
+fn test_run_named(
+    ebpf: &Ebpf,
+    name: &str,
+    packet: &[u8],
+    out: Option<&mut [u8]>,
+    repeat: u32,
+) -> Result<aya::programs::TestRunResult> {
+    let prog = loaded_xdp(ebpf, name)?;
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
     opts.data_out = out;
@@ -637,13 +646,7 @@ impl Decap {
 
     /// Attaches `lb_decap` to `iface`.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(names::PROG_DECAP)
-            .expect("loaded in Decap::load")
-            .try_into()
-            .expect("checked in Decap::load");
-        attach(prog, names::PROG_DECAP, iface, mode)?;
+        attach_named(&mut self.ebpf, names::PROG_DECAP, iface, mode)?;
         self.attached.push(iface.to_string());
         Ok(())
     }
@@ -674,24 +677,21 @@ impl Decap {
 
     /// Runs `lb_decap` once on `packet` (tests).
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = test_run_named(&self.ebpf, names::PROG_DECAP, packet, Some(&mut out), 1)?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        run_once(&self.ebpf, names::PROG_DECAP, packet)
     }
 }
 
 /// `lb_pass` attached to one interface; detached on drop.
 pub struct PassGuard {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl PassGuard {
-    /// Runs `lb_pass` on `packet` with a repeat count (benchmark baseline).
+    /// Loads `lb_pass` without attaching it (the benchmark baseline).
     pub fn load_unattached() -> Result<Self> {
         let mut ebpf = load_object(Sizes::MINIMAL)?;
         xdp_program(&mut ebpf, names::PROG_PASS)?;
-        Ok(Self { _ebpf: ebpf })
+        Ok(Self { ebpf })
     }
 
     /// `BPF_PROG_TEST_RUN` of `lb_pass` (benchmark baseline).
@@ -701,7 +701,7 @@ impl PassGuard {
         out: Option<&mut [u8]>,
         repeat: u32,
     ) -> Result<aya::programs::TestRunResult> {
-        test_run_named(&self._ebpf, names::PROG_PASS, packet, out, repeat)
+        test_run_named(&self.ebpf, names::PROG_PASS, packet, out, repeat)
     }
 }
 
@@ -711,12 +711,6 @@ impl PassGuard {
 /// needs an XDP program on the peer; this is that program.
 pub fn attach_pass(iface: &str) -> Result<PassGuard> {
     let mut guard = PassGuard::load_unattached()?;
-    let prog: &mut Xdp = guard
-        ._ebpf
-        .program_mut(names::PROG_PASS)
-        .expect("loaded above")
-        .try_into()
-        .expect("checked above");
-    attach(prog, names::PROG_PASS, iface, XdpMode::Native)?;
+    attach_named(&mut guard.ebpf, names::PROG_PASS, iface, XdpMode::Native)?;
     Ok(guard)
 }
