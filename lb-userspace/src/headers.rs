@@ -279,11 +279,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The `timeout=N` (seconds) of a response's `Keep-Alive` header: how long the target keeps
-/// an idle connection open, so the pool can retire it first. `None` when there is no such
-/// parameter or its value is not a plain number of seconds. Parameter names are
-/// case-insensitive; the first `timeout` found decides.
+/// The `timeout=N` of a response's `Keep-Alive` header: how long the target keeps an idle
+/// connection open, so the pool can retire it first. Whole seconds by convention (RFC 2068
+/// §19.7.1.1); decimal seconds (`timeout=0.5`) are accepted too, as some servers send them.
+/// Parameter names are case-insensitive and may come in any order; the first `timeout`
+/// found decides. `None` when there is no such parameter or its value is not a plain,
+/// unsigned number of seconds of at most a day (nothing larger is a keep-alive timeout one can
+/// act on).
 pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
+    const MAX_SECS: f64 = 86_400.0;
     let value = headers
         .get_all(KEEP_ALIVE)
         .iter()
@@ -297,10 +301,15 @@ pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
         .strip_prefix('"')
         .and_then(|v| v.strip_suffix('"'))
         .unwrap_or(value);
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+    // Digits with at most one '.': no sign, exponent, NaN or unit.
+    let plain = value.bytes().any(|b| b.is_ascii_digit())
+        && value.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && value.bytes().filter(|&b| b == b'.').count() <= 1;
+    if !plain {
         return None;
     }
-    value.parse().ok().map(Duration::from_secs)
+    let secs: f64 = value.parse().ok()?;
+    (secs <= MAX_SECS).then(|| Duration::from_secs_f64(secs))
 }
 
 /// Every `Cookie` line of a request joined with `"; "` (HTTP/2 sends one line per cookie,
@@ -712,26 +721,36 @@ mod tests {
     fn keep_alive_timeout_table() {
         let cases: &[(&[&str], Option<u64>)] = &[
             (&[], None),
-            (&["timeout=5"], Some(5)),
-            (&["timeout=5, max=1000"], Some(5)),
-            (&["max=1000, Timeout = 20"], Some(20)),
-            (&["max=100", "timeout=\"7\""], Some(7)),
+            (&["timeout=5"], Some(5_000)),
+            (&["timeout=5, max=1000"], Some(5_000)),
+            (&["max=1000, Timeout = 20"], Some(20_000)),
+            (&["max=100", "timeout=\"7\""], Some(7_000)),
             (&["timeout=0"], Some(0)),
+            (&["timeout=0.2"], Some(200)),
+            (&["timeout=\"3.5\""], Some(3_500)),
+            (&["timeout=86400"], Some(86_400_000)),
+            (&["timeout=86401"], None),
             (&["timeout="], None),
+            (&["timeout=."], None),
+            (&["timeout=1.2.3"], None),
             (&["timeout=-1"], None),
             (&["timeout=+5"], None),
             (&["timeout=5s"], None),
+            (&["timeout=1e12"], None),
+            (&["timeout=NaN"], None),
+            (&["timeout=abc"], None),
             (&["timeout=99999999999999999999999"], None),
             (&["max=5"], None),
+            (&[""], None),
         ];
-        for (lines, expected) in cases {
+        for (lines, expected_ms) in cases {
             let mut headers = HeaderMap::new();
             for line in *lines {
                 headers.append(KEEP_ALIVE, HeaderValue::from_str(line).unwrap());
             }
             assert_eq!(
                 keep_alive_timeout(&headers),
-                expected.map(Duration::from_secs),
+                expected_ms.map(Duration::from_millis),
                 "{lines:?}"
             );
         }

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::header::{HOST, HeaderName};
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -264,12 +264,7 @@ impl Forwarder {
             Conn::H1(mut conn) => {
                 let sent = conn.sender.try_send_request(req);
                 let response = await_head(sent, idle_timeout, replay).await?;
-                if let Some(hint) = response
-                    .headers()
-                    .get_all(KEEP_ALIVE)
-                    .iter()
-                    .find_map(super::pool::parse_keep_alive_timeout)
-                {
+                if let Some(hint) = crate::headers::keep_alive_timeout(response.headers()) {
                     target.pool.set_keep_alive_hint(hint);
                 }
                 // After a 101 the connection belongs to the upgrade; otherwise it goes back to
@@ -301,9 +296,6 @@ impl Forwarder {
         }
     }
 }
-
-/// `Keep-Alive` (RFC 2068 §19.7.1.1), where targets advertise their idle timeout.
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 type Sent = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ProxyBody>>>;
 

@@ -28,7 +28,7 @@ use super::client::ProxyBody;
 
 pub mod estimator;
 
-pub use estimator::{IdleCloseEstimator, parse_keep_alive_timeout, reuse_limit_for};
+pub use estimator::{IdleCloseEstimator, reuse_limit_for};
 
 /// A snapshot of one target's pool, for tests, metrics and the admin API.
 #[derive(Clone, Debug, PartialEq, Eq)]

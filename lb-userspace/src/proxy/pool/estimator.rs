@@ -19,8 +19,6 @@
 //! the target, a misconfigured server) and being wrong that way costs failed requests.
 use std::time::Duration;
 
-use http::HeaderValue;
-
 /// The smallest safety margin kept below an idle-close time.
 ///
 /// Covers what separates our idle clock from the target's: the one-way delay of the last
@@ -42,27 +40,6 @@ pub const MIN_REUSE_MARGIN: Duration = Duration::from_millis(50);
 pub fn reuse_limit_for(close_after: Duration) -> Duration {
     let margin = (close_after / 5).max(MIN_REUSE_MARGIN);
     close_after.saturating_sub(margin)
-}
-
-/// The `timeout` parameter of a `Keep-Alive` response header (`Keep-Alive: timeout=5, max=100`),
-/// the idle time after which the sender says it closes the connection.
-///
-/// The parameter is whole seconds by convention (RFC 2068 §19.7.1.1); decimal seconds
-/// (`timeout=0.5`) are accepted too, they cost nothing and some servers send them. Returns `None`
-/// when the header has no usable `timeout` (absent, negative, not a number, absurdly large).
-pub fn parse_keep_alive_timeout(value: &HeaderValue) -> Option<Duration> {
-    /// Anything above a day is not a keep-alive timeout we can act on.
-    const MAX_SECS: f64 = 86_400.0;
-    let text = value.to_str().ok()?;
-    text.split(',').find_map(|param| {
-        let (name, value) = param.split_once('=')?;
-        if !name.trim().eq_ignore_ascii_case("timeout") {
-            return None;
-        }
-        let secs: f64 = value.trim().trim_matches('"').parse().ok()?;
-        (secs.is_finite() && (0.0..=MAX_SECS).contains(&secs))
-            .then(|| Duration::from_secs_f64(secs))
-    })
 }
 
 /// Per-target knowledge of when the target closes idle connections.
@@ -143,10 +120,6 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    fn header(text: &'static str) -> HeaderValue {
-        HeaderValue::from_static(text)
-    }
-
     #[test]
     fn without_knowledge_connections_are_reused_up_to_our_idle_timeout() {
         let e = IdleCloseEstimator::default();
@@ -168,41 +141,6 @@ mod tests {
         assert_eq!(reuse_limit_for(ms(250)), ms(200));
         assert_eq!(reuse_limit_for(ms(40)), Duration::ZERO);
         assert_eq!(reuse_limit_for(Duration::ZERO), Duration::ZERO);
-    }
-
-    #[test]
-    fn keep_alive_timeout_is_parsed_in_any_parameter_order_and_case() {
-        assert_eq!(
-            parse_keep_alive_timeout(&header("timeout=5, max=100")),
-            Some(Duration::from_secs(5))
-        );
-        assert_eq!(
-            parse_keep_alive_timeout(&header("max=100,Timeout = 20")),
-            Some(Duration::from_secs(20))
-        );
-        assert_eq!(
-            parse_keep_alive_timeout(&header("timeout=0.2")),
-            Some(ms(200))
-        );
-        assert_eq!(
-            parse_keep_alive_timeout(&header("timeout=\"3\"")),
-            Some(Duration::from_secs(3))
-        );
-    }
-
-    #[test]
-    fn unusable_keep_alive_headers_give_no_hint() {
-        for text in [
-            "max=100",
-            "timeout=",
-            "timeout=-1",
-            "timeout=abc",
-            "timeout=1e12",
-            "timeout=NaN",
-            "",
-        ] {
-            assert_eq!(parse_keep_alive_timeout(&header(text)), None, "{text:?}");
-        }
     }
 
     #[test]
