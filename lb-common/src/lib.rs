@@ -36,6 +36,17 @@ pub mod names {
     pub const MAP_DECAP_STATS: &str = "LB_DECAP_STATS";
 }
 
+/// An IPv4 address as the maps store it: the header's bytes (network order) read as a native
+/// `u32`, so the XDP program compares raw header fields without swapping.
+pub fn ipv4_to_map(addr: core::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The inverse of [`ipv4_to_map`].
+pub fn ipv4_from_map(value: u32) -> core::net::Ipv4Addr {
+    core::net::Ipv4Addr::from(value.to_ne_bytes())
+}
+
 /// IANA protocol numbers the balancer understands.
 pub const IPPROTO_TCP: u8 = 6;
 /// IANA protocol number of UDP.

@@ -101,6 +101,27 @@ pub struct VipAddr {
     pub proto: Proto,
 }
 
+impl VipAddr {
+    /// The key of this VIP in the `LB_VIPS` map.
+    pub fn map_key(&self) -> lb_common::VipKey {
+        lb_common::VipKey {
+            addr: lb_common::ipv4_to_map(self.addr),
+            port: self.port.to_be(),
+            proto: self.proto.number(),
+            _pad: 0,
+        }
+    }
+
+    /// The VIP a `LB_VIPS` key stands for; None for address markers and unknown protocols.
+    pub fn from_map_key(key: &lb_common::VipKey) -> Option<Self> {
+        Some(Self {
+            addr: lb_common::ipv4_from_map(key.addr),
+            port: u16::from_be(key.port),
+            proto: Proto::from_number(key.proto)?,
+        })
+    }
+}
+
 impl fmt::Display for VipAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
@@ -146,6 +167,14 @@ pub struct VipSpec {
     pub name: Option<String>,
     /// Address, port, protocol.
     pub vip: VipAddr,
+}
+
+impl VipSpec {
+    /// Whether `owner` (the part before `=` of a `--target`) names this VIP: by its name or
+    /// by its `ADDR:PORT/PROTO`.
+    pub fn answers_to(&self, owner: &str) -> bool {
+        self.name.as_deref() == Some(owner) || owner.parse::<VipAddr>().is_ok_and(|a| a == self.vip)
+    }
 }
 
 /// Parses `[NAME=]ADDR:PORT/PROTO`.
@@ -502,16 +531,6 @@ fn l7_from_args(
     })
 }
 
-/// Resolves a target owner (`NAME` or `ADDR:PORT/PROTO`) to a VIP among `vips`.
-pub fn find_vip<'a>(vips: &'a [L4Vip], owner: &str) -> Option<&'a L4Vip> {
-    vips.iter()
-        .find(|v| v.spec.name.as_deref() == Some(owner))
-        .or_else(|| {
-            let addr: VipAddr = owner.parse().ok()?;
-            vips.iter().find(|v| v.spec.vip == addr)
-        })
-}
-
 /// Checks a target against its VIP and turns it into an [`L4Target`].
 pub fn l4_target(vip: &VipSpec, t: &TargetSpec) -> Result<L4Target, String> {
     let IpAddr::V4(addr) = t.addr else {
@@ -617,11 +636,7 @@ impl Config {
                     continue;
                 }
             };
-            let Some(idx) = find_vip(&vips, &spec.owner).map(|v| {
-                vips.iter()
-                    .position(|x| x.spec.vip == v.spec.vip)
-                    .expect("found")
-            }) else {
+            let Some(idx) = vips.iter().position(|v| v.spec.answers_to(&spec.owner)) else {
                 // Not a VIP: an L7 target group must claim it (checked with the L7 config).
                 l7_targets.push((t.clone(), spec));
                 continue;
@@ -757,6 +772,33 @@ mod tests {
             "[::1]:80/tcp",
         ] {
             assert!(parse_vip(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn vip_map_keys_round_trip_in_network_order_and_markers_are_no_vips() {
+        let v: VipAddr = "10.100.0.1:8080/udp".parse().unwrap();
+        let k = v.map_key();
+        // As in the packet header: address bytes and port bytes in wire order.
+        assert_eq!(k.addr.to_ne_bytes(), [10, 100, 0, 1]);
+        assert_eq!(k.port.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(k.proto, 17);
+        assert_eq!(VipAddr::from_map_key(&k), Some(v));
+        let marker = lb_common::VipKey {
+            proto: lb_common::VIP_MARKER_PROTO,
+            ..k
+        };
+        assert_eq!(VipAddr::from_map_key(&marker), None);
+    }
+
+    #[test]
+    fn a_vip_answers_to_its_name_and_its_address_spec_only() {
+        let v = parse_vip("web=10.100.0.1:80/tcp").unwrap();
+        assert!(v.answers_to("web"));
+        assert!(v.answers_to("10.100.0.1:80/tcp"));
+        assert!(v.answers_to("10.100.0.1:80/TCP"));
+        for other in ["api", "10.100.0.1:81/tcp", "10.100.0.1:80/udp", "WEB"] {
+            assert!(!v.answers_to(other), "{other}");
         }
     }
 

@@ -462,7 +462,7 @@ impl Balancer {
         }
         let mut maps = Maps::take(&mut this.ebpf)?;
         maps.set_lb_config(LbConfig {
-            lb_addr: u32::from_ne_bytes(lb_addr.octets()),
+            lb_addr: lb_common::ipv4_to_map(lb_addr),
             ring_size: sizes.ring_size,
             flags: 0,
             _pad: 0,
@@ -634,7 +634,7 @@ impl Decap {
                 .try_into()
                 .map_err(map_err("LB_DECAP_ADDRS has an unexpected type"))?;
             for a in addrs {
-                map.insert(u32::from_ne_bytes(a.octets()), 1, 0)
+                map.insert(lb_common::ipv4_to_map(*a), 1, 0)
                     .map_err(map_err(format!("adding {a} to LB_DECAP_ADDRS")))?;
             }
         }

@@ -1,9 +1,8 @@
 //! `lb stats` and `lb dump …`: read the pinned maps of a running `lb run` from another process
 //! and print them as a table (or JSON with `--json`).
-use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
-use lb_common::{BACKEND_F_IN_SERVICE, Backend, RING_EMPTY, VipKey};
+use lb_common::{BACKEND_F_IN_SERVICE, Backend, RING_EMPTY, VipKey, ipv4_from_map};
 use serde_json::{Value, json};
 
 use crate::{
@@ -13,19 +12,29 @@ use crate::{
 };
 
 fn vip_addr(k: &VipKey) -> String {
-    let proto = Proto::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.to_string());
-    format!(
-        "{}:{}/{proto}",
-        Ipv4Addr::from(k.addr.to_ne_bytes()),
-        u16::from_be(k.port)
+    VipAddr::from_map_key(k).map_or_else(
+        || {
+            format!(
+                "{}:{}/proto-{}",
+                ipv4_from_map(k.addr),
+                u16::from_be(k.port),
+                k.proto
+            )
+        },
+        |v| v.to_string(),
     )
+}
+
+/// `ADDR:PORT` of a backend entry.
+fn backend_addr(b: &Backend) -> String {
+    format!("{}:{}", ipv4_from_map(b.addr), u16::from_be(b.port))
 }
 
 fn backend_json(id: u32, b: &Backend, maps: &Maps) -> anyhow::Result<Value> {
     let c = maps.backend_counters(id)?;
     Ok(json!({
         "id": id,
-        "addr": Ipv4Addr::from(b.addr.to_ne_bytes()).to_string(),
+        "addr": ipv4_from_map(b.addr).to_string(),
         "port": u16::from_be(b.port),
         "vip_id": b.vip_id,
         "weight": b.weight,
@@ -180,10 +189,10 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
                 let backend = all
                     .iter()
                     .find(|(id, _)| *id == v.backend_id)
-                    .map(|(_, b)| Ipv4Addr::from(b.addr.to_ne_bytes()).to_string());
+                    .map(|(_, b)| ipv4_from_map(b.addr).to_string());
                 rows.push(json!({
-                    "client": format!("{}:{}", Ipv4Addr::from(k.src_addr.to_ne_bytes()), u16::from_be(k.src_port)),
-                    "vip": format!("{}:{}", Ipv4Addr::from(k.dst_addr.to_ne_bytes()), u16::from_be(k.dst_port)),
+                    "client": format!("{}:{}", ipv4_from_map(k.src_addr), u16::from_be(k.src_port)),
+                    "vip": format!("{}:{}", ipv4_from_map(k.dst_addr), u16::from_be(k.dst_port)),
                     "proto": Proto::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.to_string()),
                     "backend_id": v.backend_id,
                     "backend": backend,
@@ -196,12 +205,7 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
             let addr: VipAddr = vip
                 .parse()
                 .map_err(|e| anyhow::anyhow!("VIP {vip:?}: {e}"))?;
-            let key = VipKey {
-                addr: u32::from_ne_bytes(addr.addr.octets()),
-                port: addr.port.to_be(),
-                proto: addr.proto.number(),
-                _pad: 0,
-            };
+            let key = addr.map_key();
             let meta = maps
                 .vips
                 .get(&key, 0)
@@ -223,7 +227,7 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
                     let n = table.iter().filter(|&&s| s == id).count();
                     rows.push(json!({
                         "backend_id": id,
-                        "backend": format!("{}:{}", Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)),
+                        "backend": backend_addr(&b),
                         "weight": b.weight,
                         "slots": n,
                         "share": n as f64 / f64::from(ring_size),

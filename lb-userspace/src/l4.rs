@@ -170,15 +170,6 @@ pub struct L4Registry<M: L4Maps> {
     markers: BTreeMap<std::net::Ipv4Addr, u32>,
 }
 
-fn vip_key(v: &VipAddr) -> VipKey {
-    VipKey {
-        addr: u32::from_ne_bytes(v.addr.octets()),
-        port: v.port.to_be(),
-        proto: v.proto.number(),
-        _pad: 0,
-    }
-}
-
 impl<M: L4Maps> L4Registry<M> {
     /// An empty registry writing to `maps`.
     pub fn new(maps: M, ring_size: u32, max_vips: u32, max_backends: u32) -> Self {
@@ -209,7 +200,7 @@ impl<M: L4Maps> L4Registry<M> {
             self.maps.set_ring_slot(base + slot, RING_EMPTY)?;
         }
         self.maps.set_vip(
-            vip_key(&spec.vip),
+            spec.vip.map_key(),
             VipMeta {
                 vip_id: id,
                 flags: 0,
@@ -224,7 +215,7 @@ impl<M: L4Maps> L4Registry<M> {
         *flags |= bit;
         self.maps.set_vip(
             VipKey {
-                addr: u32::from_ne_bytes(spec.vip.addr.octets()),
+                addr: lb_common::ipv4_to_map(spec.vip.addr),
                 port: 0,
                 proto: VIP_MARKER_PROTO,
                 _pad: 0,
@@ -250,12 +241,8 @@ impl<M: L4Maps> L4Registry<M> {
     pub fn resolve(&self, owner: &str) -> Option<VipAddr> {
         self.vips
             .values()
-            .find(|v| v.spec.name.as_deref() == Some(owner))
+            .find(|v| v.spec.answers_to(owner))
             .map(|v| v.spec.vip)
-            .or_else(|| {
-                let a: VipAddr = owner.parse().ok()?;
-                self.vips.contains_key(&a).then_some(a)
-            })
     }
 
     /// The VIP's spec.
@@ -285,7 +272,7 @@ impl<M: L4Maps> L4Registry<M> {
             self.maps.set_backend(
                 id,
                 Backend {
-                    addr: u32::from_ne_bytes(t.addr.octets()),
+                    addr: lb_common::ipv4_to_map(t.addr),
                     port: t.port.to_be(),
                     flags: BACKEND_F_IN_SERVICE,
                     _pad: 0,
