@@ -324,6 +324,21 @@ pub fn request_cookies(headers: &HeaderMap) -> Option<String> {
     (!lines.is_empty()).then(|| lines.join("; "))
 }
 
+/// Values of every cookie called `name` in a `Cookie` header value (`a=1; b=2`, e.g. from
+/// [`request_cookies`]), in order.
+/// Names are case-sensitive (RFC 6265); surrounding double quotes are removed.
+pub fn cookie_values<'a>(header: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> {
+    header.split(';').filter_map(move |pair| {
+        let (n, v) = pair.split_once('=')?;
+        (n.trim() == name).then(|| {
+            let v = v.trim();
+            v.strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v)
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
@@ -764,5 +779,13 @@ mod tests {
             request_cookies(&headers).as_deref(),
             Some("a=1; b=2; AWSALB=x")
         );
+    }
+
+    #[test]
+    fn cookie_values_are_found_by_exact_name() {
+        let header = "a=1; AWSALB=x; awsalb=lower;AWSALBCORS=y; AWSALB=\"z\"; bad";
+        let found: Vec<_> = cookie_values(header, "AWSALB").collect();
+        assert_eq!(found, ["x", "z"]);
+        assert_eq!(cookie_values(header, "missing").count(), 0);
     }
 }

@@ -300,12 +300,12 @@ impl TargetGroup {
     fn sticky_target(&self, cookies: &str, now: SystemTime) -> Option<u64> {
         match &self.config.stickiness {
             Stickiness::None => None,
-            Stickiness::LbCookie { .. } => sticky::cookie_values(cookies, LB_COOKIE)
+            Stickiness::LbCookie { .. } => crate::headers::cookie_values(cookies, LB_COOKIE)
                 .find_map(|v| self.key.open(CookieKind::Lb, v, now)),
             Stickiness::AppCookie { cookie_name, .. } => {
                 // Sticky only while the application's own cookie is present.
-                sticky::cookie_values(cookies, cookie_name).next()?;
-                sticky::cookie_values(cookies, APP_COOKIE)
+                crate::headers::cookie_values(cookies, cookie_name).next()?;
+                crate::headers::cookie_values(cookies, APP_COOKIE)
                     .find_map(|v| self.key.open(CookieKind::App, v, now))
             }
         }

@@ -102,20 +102,6 @@ fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Values of every cookie called `name` in a `Cookie` header value (`a=1; b=2`), in order.
-/// Names are case-sensitive (RFC 6265); surrounding double quotes are removed.
-pub(crate) fn cookie_values<'a>(header: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> {
-    header.split(';').filter_map(move |pair| {
-        let (n, v) = pair.split_once('=')?;
-        (n.trim() == name).then(|| {
-            let v = v.trim();
-            v.strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(v)
-        })
-    })
-}
-
 /// Whether a response sets a cookie called `name` (any `Set-Cookie` line).
 pub(crate) fn response_sets_cookie(headers: &HeaderMap, name: &str) -> bool {
     headers.get_all(SET_COOKIE).iter().any(|value| {
@@ -217,14 +203,6 @@ mod tests {
         for garbage in ["", "zz", "10.0.0.1:80", &"g".repeat(SEALED_LEN * 2)] {
             assert_eq!(key.open(CookieKind::Lb, garbage, at(0)), None, "{garbage}");
         }
-    }
-
-    #[test]
-    fn cookie_values_are_found_by_exact_name() {
-        let header = "a=1; AWSALB=x; awsalb=lower;AWSALBCORS=y; AWSALB=\"z\"; bad";
-        let found: Vec<_> = cookie_values(header, "AWSALB").collect();
-        assert_eq!(found, ["x", "z"]);
-        assert_eq!(cookie_values(header, "missing").count(), 0);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -30,7 +30,7 @@ use hyper_util::rt::TokioIo;
 
 use super::sniff::{ConnShared, HeadVerdict};
 use super::{L7Counters, Listener, Phase};
-use crate::headers::{apply_forwarded, request_cookies, strip_hop_by_hop, trace_id};
+use crate::headers::{apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id};
 use crate::proxy::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
 use crate::proxy::error::ProxyError;
@@ -341,18 +341,6 @@ fn fixed_response(fixed: &FixedResponseAction) -> Response<ProxyBody> {
     response
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
 /// Whether the request asks to switch protocols (WebSocket).
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
@@ -385,9 +373,10 @@ async fn forward_request(
     let counters = &shared.counters;
 
     // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
+    let cookies = request_cookies(req.headers());
     let sticky_group = forward.group_stickiness.and_then(|_| {
-        cookie(req.headers(), GROUP_COOKIE)
-            .filter(|g| forward.groups.iter().any(|wg| wg.name == *g))
+        cookie_values(cookies.as_deref()?, GROUP_COOKIE)
+            .find(|g| forward.groups.iter().any(|wg| wg.name == *g))
     });
     let group_name = match sticky_group {
         Some(g) => g.to_owned(),
@@ -401,7 +390,6 @@ async fn forward_request(
     if protocol_mismatch(&req, group_cfg.protocol_version) {
         return from_error(counters, &ProxyError::ProtocolMismatch);
     }
-    let cookies = request_cookies(req.headers());
     let Some(picked) = group.pick(cookies.as_deref()) else {
         return from_error(
             counters,
@@ -541,16 +529,5 @@ mod tests {
         assert!(
             error_page(StatusCode::GATEWAY_TIMEOUT).contains("<title>504 Gateway Time-out</title>")
         );
-    }
-
-    #[test]
-    fn cookie_lookup_finds_the_named_cookie() {
-        let mut h = HeaderMap::new();
-        h.append(
-            header::COOKIE,
-            HeaderValue::from_static("a=1; AWSALBTG=blue"),
-        );
-        assert_eq!(cookie(&h, GROUP_COOKIE), Some("blue"));
-        assert_eq!(cookie(&h, "b"), None);
     }
 }
