@@ -485,7 +485,7 @@ impl Balancer {
     /// Runs `lb_xdp` once on `packet` with `BPF_PROG_TEST_RUN` (no interface needed). Returns
     /// the XDP action and the packet as the program left it.
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        run_once(&self.ebpf, names::PROG_XDP, packet)
+        run_once(&self.ebpf, names::PROG_XDP, packet, None)
     }
 
     /// `BPF_PROG_TEST_RUN` with a repeat count (benchmarks).
@@ -495,7 +495,7 @@ impl Balancer {
         out: Option<&mut [u8]>,
         repeat: u32,
     ) -> Result<aya::programs::TestRunResult> {
-        test_run_named(&self.ebpf, names::PROG_XDP, packet, out, repeat)
+        test_run_named(&self.ebpf, names::PROG_XDP, packet, out, repeat, None)
     }
 
     /// Runs `lb_xdp` once on `packet` as if it had arrived on interface `ingress_ifindex` (of
@@ -503,43 +503,8 @@ impl Balancer {
     /// namespace's `lo` as ingress device; with it the program sees the real receiving
     /// interface, so a backend reachable through that same interface gives `XDP_TX`.
     pub fn test_run_ingress(&self, packet: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = test_run_with_ctx(
-            &self.ebpf,
-            names::PROG_XDP,
-            packet,
-            &mut out,
-            ingress_ifindex,
-        )?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        run_once(&self.ebpf, names::PROG_XDP, packet, Some(ingress_ifindex))
     }
-}
-
-/// `BPF_PROG_TEST_RUN` with an input `struct xdp_md` that names the ingress interface.
-///
-/// Layout from include/uapi/linux/bpf.h: `data`, `data_end`, `data_meta`, `ingress_ifindex`,
-/// `rx_queue_index`, `egress_ifindex`, all `u32`. The kernel requires `data == 0`,
-/// `data_end == packet length`, no metadata and `egress_ifindex == 0`.
-fn test_run_with_ctx(
-    ebpf: &Ebpf,
-    name: &str,
-    packet: &[u8],
-    out: &mut [u8],
-    ingress_ifindex: u32,
-) -> Result<aya::programs::TestRunResult> {
-    let prog = loaded_xdp(ebpf, name)?;
-    let fields: [u32; 6] = [0, packet.len() as u32, 0, ingress_ifindex, 0, 0];
-    let ctx: Vec<u8> = fields.iter().flat_map(|f| f.to_ne_bytes()).collect();
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(packet);
-    opts.data_out = Some(out);
-    opts.ctx_in = Some(&ctx);
-    prog.test_run(opts)
-        .map_err(|source| DataplaneError::Program {
-            what: format!("BPF_PROG_TEST_RUN of {name} (ingress ifindex {ingress_ifindex})"),
-            source,
-        })
 }
 
 /// A program of `ebpf` that [`xdp_program`] loaded.
@@ -573,28 +538,44 @@ fn attach_named(ebpf: &mut Ebpf, name: &str, iface: &str, mode: XdpMode) -> Resu
 }
 
 /// Runs program `name` once on `packet`; returns the action and the packet as left.
-fn run_once(ebpf: &Ebpf, name: &str, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+fn run_once(
+    ebpf: &Ebpf,
+    name: &str,
+    packet: &[u8],
+    ingress_ifindex: Option<u32>,
+) -> Result<(u32, Vec<u8>)> {
     let mut out = vec![0u8; packet.len() + 256];
-    let res = test_run_named(ebpf, name, packet, Some(&mut out), 1)?;
+    let res = test_run_named(ebpf, name, packet, Some(&mut out), 1, ingress_ifindex)?;
     out.truncate(res.data_size_out as usize);
     Ok((res.return_value, out))
 }
 
+/// `BPF_PROG_TEST_RUN` of program `name`. With `ingress_ifindex`, an input `struct xdp_md`
+/// names the receiving interface (otherwise the kernel uses the namespace's `lo`). Layout from
+/// include/uapi/linux/bpf.h: `data`, `data_end`, `data_meta`, `ingress_ifindex`,
+/// `rx_queue_index`, `egress_ifindex`, all `u32`; the kernel requires `data == 0`,
+/// `data_end == packet length`, no metadata and `egress_ifindex == 0`.
 fn test_run_named(
     ebpf: &Ebpf,
     name: &str,
     packet: &[u8],
     out: Option<&mut [u8]>,
     repeat: u32,
+    ingress_ifindex: Option<u32>,
 ) -> Result<aya::programs::TestRunResult> {
     let prog = loaded_xdp(ebpf, name)?;
+    let ctx: Option<Vec<u8>> = ingress_ifindex.map(|idx| {
+        let fields: [u32; 6] = [0, packet.len() as u32, 0, idx, 0, 0];
+        fields.iter().flat_map(|f| f.to_ne_bytes()).collect()
+    });
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
     opts.data_out = out;
     opts.repeat = repeat;
+    opts.ctx_in = ctx.as_deref();
     prog.test_run(opts)
         .map_err(|source| DataplaneError::Program {
-            what: format!("BPF_PROG_TEST_RUN of {name}"),
+            what: format!("BPF_PROG_TEST_RUN of {name} (ingress ifindex {ingress_ifindex:?})"),
             source,
         })
 }
@@ -677,7 +658,7 @@ impl Decap {
 
     /// Runs `lb_decap` once on `packet` (tests).
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        run_once(&self.ebpf, names::PROG_DECAP, packet)
+        run_once(&self.ebpf, names::PROG_DECAP, packet, None)
     }
 }
 
@@ -701,7 +682,7 @@ impl PassGuard {
         out: Option<&mut [u8]>,
         repeat: u32,
     ) -> Result<aya::programs::TestRunResult> {
-        test_run_named(&self.ebpf, names::PROG_PASS, packet, out, repeat)
+        test_run_named(&self.ebpf, names::PROG_PASS, packet, out, repeat, None)
     }
 }
 
