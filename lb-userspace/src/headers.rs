@@ -314,14 +314,24 @@ pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
 
 /// Every `Cookie` line of a request joined with `"; "` (HTTP/2 sends one line per cookie,
 /// RFC 9113 §8.2.3), for [`crate::targets::TargetGroup::pick`]. Lines that are not UTF-8
-/// are skipped; `None` when nothing is left.
-pub fn request_cookies(headers: &HeaderMap) -> Option<String> {
-    let lines: Vec<&str> = headers
+/// are skipped; `None` when nothing is left. The usual single line is borrowed, not copied.
+pub fn request_cookies(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+    let mut lines = headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|line| line.to_str().ok())
-        .collect();
-    (!lines.is_empty()).then(|| lines.join("; "))
+        .filter_map(|line| line.to_str().ok());
+    let first = lines.next()?;
+    match lines.next() {
+        None => Some(std::borrow::Cow::Borrowed(first)),
+        Some(second) => {
+            let mut joined = format!("{first}; {second}");
+            for line in lines {
+                joined.push_str("; ");
+                joined.push_str(line);
+            }
+            Some(std::borrow::Cow::Owned(joined))
+        }
+    }
 }
 
 /// Values of every cookie called `name` in a `Cookie` header value (`a=1; b=2`, e.g. from
@@ -774,6 +784,14 @@ mod tests {
     #[test]
     fn request_cookies_joins_every_cookie_line() {
         assert_eq!(request_cookies(&HeaderMap::new()), None);
+        let one = map(&[("cookie", "a=1; b=2")]);
+        assert!(
+            matches!(
+                request_cookies(&one),
+                Some(std::borrow::Cow::Borrowed("a=1; b=2"))
+            ),
+            "a single line is borrowed"
+        );
         let headers = map(&[("cookie", "a=1; b=2"), ("cookie", "AWSALB=x")]);
         assert_eq!(
             request_cookies(&headers).as_deref(),

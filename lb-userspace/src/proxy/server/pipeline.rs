@@ -375,14 +375,19 @@ async fn forward_request(
     // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
     let cookies = request_cookies(req.headers());
     let sticky_group = forward.group_stickiness.and_then(|_| {
-        cookie_values(cookies.as_deref()?, GROUP_COOKIE)
-            .find(|g| forward.groups.iter().any(|wg| wg.name == *g))
+        cookie_values(cookies.as_deref()?, GROUP_COOKIE).find_map(|g| {
+            forward
+                .groups
+                .iter()
+                .find(|wg| wg.name == g)
+                .map(|wg| wg.name.as_str())
+        })
     });
-    let group_name = match sticky_group {
-        Some(g) => g.to_owned(),
-        None => forward.choose(rand::random()).to_owned(),
+    let group_name: &str = match sticky_group {
+        Some(g) => g,
+        None => forward.choose(rand::random()),
     };
-    let Some(group) = shared.groups.get(&group_name) else {
+    let Some(group) = shared.groups.get(group_name) else {
         tracing::error!(group = %group_name, "forward action names an unknown target group");
         return lb_error(counters, StatusCode::INTERNAL_SERVER_ERROR, false);
     };
@@ -394,7 +399,7 @@ async fn forward_request(
         return from_error(
             counters,
             &ProxyError::NoTarget {
-                group: group_name.clone(),
+                group: group_name.to_owned(),
             },
         );
     };
