@@ -166,8 +166,6 @@ pub struct L4Registry<M: L4Maps> {
     vips: BTreeMap<VipAddr, VipEntry>,
     vip_ids: IdPool,
     backend_ids: IdPool,
-    /// Address marker flags per VIP address (which protocols have VIPs there).
-    markers: BTreeMap<std::net::Ipv4Addr, u32>,
 }
 
 impl<M: L4Maps> L4Registry<M> {
@@ -179,7 +177,6 @@ impl<M: L4Maps> L4Registry<M> {
             vips: BTreeMap::new(),
             vip_ids: IdPool::new(max_vips),
             backend_ids: IdPool::new(max_backends),
-            markers: BTreeMap::new(),
         }
     }
 
@@ -206,13 +203,19 @@ impl<M: L4Maps> L4Registry<M> {
                 flags: 0,
             },
         )?;
-        // The address marker lets lb_xdp recognise fragments for any VIP of this address.
-        let bit = match spec.vip.proto {
-            crate::config::Proto::Tcp => VIP_F_HAS_TCP,
-            crate::config::Proto::Udp => VIP_F_HAS_UDP,
-        };
-        let flags = self.markers.entry(spec.vip.addr).or_default();
-        *flags |= bit;
+        // The address marker lets lb_xdp recognise fragments for any VIP of this address: one
+        // bit per protocol that has a VIP there (this one included).
+        let flags = self
+            .vips
+            .keys()
+            .filter(|v| v.addr == spec.vip.addr)
+            .chain([&spec.vip])
+            .fold(0, |f, v| {
+                f | match v.proto {
+                    crate::config::Proto::Tcp => VIP_F_HAS_TCP,
+                    crate::config::Proto::Udp => VIP_F_HAS_UDP,
+                }
+            });
         self.maps.set_vip(
             VipKey {
                 addr: lb_common::ipv4_to_map(spec.vip.addr),
@@ -222,7 +225,7 @@ impl<M: L4Maps> L4Registry<M> {
             },
             VipMeta {
                 vip_id: VIP_MARKER_ID,
-                flags: *flags,
+                flags,
             },
         )?;
         self.vips.insert(
