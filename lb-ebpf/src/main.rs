@@ -123,21 +123,6 @@ fn flow_hash(k: &FlowKey) -> u64 {
     h ^ (h >> 31)
 }
 
-/// One's-complement sum of an IPv4 header given as ten 16-bit words (RFC 1071).
-#[inline(always)]
-fn ipv4_checksum(words: &[u16; 10]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    // Bounded loop: constant trip count, unrolled by the compiler.
-    while i < 10 {
-        sum += words[i] as u32;
-        i += 1;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let (action, reason) = balance(&ctx);
@@ -336,7 +321,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     let Some(new_eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return (DROP, Reason::DropAdjustHead);
     };
-    let Some(outer) = ptr_at::<[u16; 10]>(ctx, ETH_LEN) else {
+    let Some(outer) = ptr_at::<[u8; IPV4_MIN_LEN]>(ctx, ETH_LEN) else {
         return (DROP, Reason::DropAdjustHead);
     };
     let Some(inner) = ptr_at::<[u8; 2]>(ctx, ETH_LEN + IPV4_MIN_LEN) else {
@@ -348,22 +333,20 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         (*new_eth).dst_addr = fib.dmac;
         (*new_eth).src_addr = fib.smac;
         (*new_eth).ether_type = ETH_P_IP_BE;
-        // RFC 2003 §3.1: copy TOS, and DF from the inner header.
-        let words: [u16; 10] = [
-            u16::from_be_bytes([0x45, tos]).to_be(),
-            (outer_len as u16).to_be(),
-            0,
-            frags & IP_DF_BE,
-            u16::from_be_bytes([OUTER_TTL, IPPROTO_IPIP]).to_be(),
-            0,
-            (cfg.lb_addr & 0xffff) as u16,
-            (cfg.lb_addr >> 16) as u16,
-            (backend.addr & 0xffff) as u16,
-            (backend.addr >> 16) as u16,
-        ];
-        let mut with_sum = words;
-        with_sum[5] = ipv4_checksum(&words);
-        *outer = with_sum;
+        // RFC 2003 §3.1: copy TOS, and DF from the inner header. Addresses are stored in
+        // header byte order already.
+        let mut hdr = [0u8; IPV4_MIN_LEN];
+        hdr[0] = 0x45;
+        hdr[1] = tos;
+        hdr[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
+        hdr[6] = frags.to_ne_bytes()[0] & 0x40;
+        hdr[8] = OUTER_TTL;
+        hdr[9] = IPPROTO_IPIP;
+        hdr[12..16].copy_from_slice(&cfg.lb_addr.to_ne_bytes());
+        hdr[16..20].copy_from_slice(&backend.addr.to_ne_bytes());
+        let c = checksum_bytes(&hdr);
+        hdr[10..12].copy_from_slice(&c.to_be_bytes());
+        *outer = hdr;
     }
 
     let bytes = tot_len as u64;
