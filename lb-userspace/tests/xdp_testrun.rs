@@ -1420,7 +1420,7 @@ fn health_check_probe_is_encapsulated_to_the_backend_its_mark_names() {
 }
 
 #[test]
-fn health_check_probe_routed_out_of_another_interface_is_redirected_to_the_backends() {
+fn health_check_probe_leaving_by_another_interface_is_redirected_to_the_backends_interface() {
     netns_test(|| {
         let mut lb = Lb::load();
         let web = lb.add_vip(
@@ -1562,7 +1562,7 @@ fn health_check_probe_that_would_exceed_the_egress_mtu_once_encapsulated_is_drop
 }
 
 #[test]
-fn lb_hc_encap_output_through_lb_decap_gives_back_the_probe() {
+fn health_check_probe_through_lb_decap_gives_back_the_original_packet() {
     netns_test(|| {
         let mut lb = Lb::load();
         let web = lb.add_vip(
