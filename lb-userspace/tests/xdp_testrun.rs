@@ -1584,3 +1584,32 @@ fn health_check_probe_through_lb_decap_gives_back_the_original_packet() {
         assert_eq!(&out[ETH_LEN..], &input[ETH_LEN..], "the probe's IP packet");
     });
 }
+
+/// Names of the programs on `iface`'s tcx egress hook.
+fn tcx_egress_programs(iface: &str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let (_, progs) = SchedClassifier::query_tcx(iface, TcAttachType::Egress)
+        .unwrap_or_else(|e| panic!("querying the tcx egress of {iface}: {e}"));
+    progs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+#[test]
+fn health_check_encap_is_attached_to_egress_with_tcx_and_detached_when_the_balancer_drops() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        assert!(tcx_egress_programs("d0").is_empty());
+        lb.balancer
+            .attach_hc_encap("d0")
+            .expect("attaching lb_hc_encap to d0");
+        assert_eq!(lb.balancer.hc_attached(), ["d0"]);
+        assert_eq!(tcx_egress_programs("d0"), ["lb_hc_encap"]);
+        drop(lb);
+        assert!(
+            tcx_egress_programs("d0").is_empty(),
+            "lb_hc_encap outlived its Balancer"
+        );
+    });
+}
