@@ -15,6 +15,9 @@ pub mod names {
     /// A program that passes every packet: the benchmark baseline, and the program the test
     /// topology attaches to veth peers so that XDP_TX'd frames are delivered promptly.
     pub const PROG_PASS: &str = "lb_pass";
+    /// The TC egress program that sends health-check probes through the DSR data path
+    /// (see [`super::LB_HC_MARK_BASE`]).
+    pub const PROG_HC_ENCAP: &str = "lb_hc_encap";
 
     /// [`super::LbConfig`] at index 0.
     pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -34,6 +37,8 @@ pub mod names {
     pub const MAP_REASONS: &str = "LB_REASONS";
     /// Per-CPU `u64` per [`super::DecapReason`].
     pub const MAP_DECAP_STATS: &str = "LB_DECAP_STATS";
+    /// Per-CPU `u64` per [`super::HcReason`].
+    pub const MAP_HC_STATS: &str = "LB_HC_STATS";
 }
 
 /// An IPv4 address as the maps store it: the header's bytes (network order) read as a native
@@ -66,6 +71,48 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 /// Default flow-table capacity (LRU: the least recently seen flow is evicted when full).
 pub const DEFAULT_MAX_FLOWS: u32 = 1_048_576;
+
+/// First socket mark (`SO_MARK`) of the block reserved for health-check probes: a packet
+/// leaving an interface where `lb_hc_encap` runs with mark `LB_HC_MARK_BASE + id` is
+/// encapsulated IPv4-in-IPv4 to backend `id` (its [`Backend::addr`] in
+/// [`names::MAP_BACKENDS`]), exactly as `lb_xdp` forwards client packets, and sent to it.
+///
+/// The block is the 65536 marks `0x4c42_0000..=0x4c42_ffff` ("LB" in the high half): the
+/// program recognises a probe by the high 16 bits alone and takes the backend id from the low
+/// 16, so the ids that can be probed are `0..65536` ([`LB_HC_MAX_BACKENDS`]); `--max-backends`
+/// must stay at or below that for every backend to be reachable. A mark in the block whose id
+/// is not below the backend table's size, or names an empty entry, is dropped (never sent on
+/// unencapsulated). Firewall marks rarely use this range (they tend to be small integers or
+/// single high bits); a host that does must change this constant and rebuild.
+pub const LB_HC_MARK_BASE: u32 = 0x4c42_0000;
+/// Bits of a socket mark that identify a health-check probe (see [`LB_HC_MARK_BASE`]).
+pub const LB_HC_MARK_MASK: u32 = 0xffff_0000;
+/// Number of backend ids the health-check mark block can address.
+pub const LB_HC_MAX_BACKENDS: u32 = !LB_HC_MARK_MASK + 1;
+
+const _: () = assert!(LB_HC_MARK_BASE & !LB_HC_MARK_MASK == 0);
+const _: () = assert!(DEFAULT_MAX_BACKENDS <= LB_HC_MAX_BACKENDS);
+
+/// The socket mark that sends a probe to backend `backend_id`, or `None` if the id is beyond
+/// what the mark block can address ([`LB_HC_MAX_BACKENDS`]).
+pub const fn hc_mark(backend_id: u32) -> Option<u32> {
+    if backend_id < LB_HC_MAX_BACKENDS {
+        Some(LB_HC_MARK_BASE | backend_id)
+    } else {
+        None
+    }
+}
+
+/// The backend id a socket mark names, or `None` if the mark is not a health-check mark.
+/// The inverse of [`hc_mark`]; the id still has to be below the backend table's size.
+#[inline(always)]
+pub const fn hc_backend_id(mark: u32) -> Option<u32> {
+    if mark & LB_HC_MARK_MASK == LB_HC_MARK_BASE {
+        Some(mark & !LB_HC_MARK_MASK)
+    } else {
+        None
+    }
+}
 
 /// Global settings of the balancer program: one entry, index 0 of [`names::MAP_CONFIG`].
 #[repr(C)]
@@ -257,6 +304,30 @@ reasons! {
     }
 }
 
+reasons! {
+    /// What `lb_hc_encap` (TC egress) did with a packet, per CPU in [`names::MAP_HC_STATS`].
+    /// Every packet the program sees increments exactly one of these.
+    pub enum HcReason {
+        /// No health-check mark (all ordinary egress traffic): passed on untouched.
+        PassUnmarked = 0 => "pass_unmarked",
+        /// Encapsulated to its backend and sent (out of this interface, or redirected to the
+        /// interface the route to the backend uses).
+        Encapsulated = 1 => "encapsulated",
+        /// The mark names an id beyond the backend table, or an entry with no address.
+        DropUnknownBackend = 2 => "drop_unknown_backend",
+        /// Marked, but not an IPv4 packet behind an Ethernet header (e.g. an IPv6 probe).
+        DropNotIpv4 = 3 => "drop_not_ipv4",
+        /// `bpf_fib_lookup` found no route or no neighbour for the backend, or forwarding is
+        /// disabled on the interface (the LB host needs `net.ipv4.ip_forward=1`).
+        DropNoRoute = 4 => "drop_no_route",
+        /// Growing the packet for the outer header failed (e.g. it was already encapsulated).
+        DropAdjustRoom = 5 => "drop_adjust_room",
+        /// The encapsulated probe would exceed the egress MTU (a probe larger than a full
+        /// segment minus 20 bytes; the client data path has the same limit).
+        DropMtu = 6 => "drop_mtu",
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is `repr(C)`, `Copy`, made only of integers, and has no implicit
@@ -296,10 +367,36 @@ mod tests {
         for (i, r) in DecapReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{r:?} is out of order");
         }
+        for (i, r) in HcReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?} is out of order");
+        }
         let labels: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.label()).collect();
         let mut dedup = labels.clone();
         dedup.sort_unstable();
         dedup.dedup();
         assert_eq!(labels.len(), dedup.len());
+        let labels: std::vec::Vec<_> = HcReason::ALL.iter().map(|r| r.label()).collect();
+        let mut dedup = labels.clone();
+        dedup.sort_unstable();
+        dedup.dedup();
+        assert_eq!(labels.len(), dedup.len());
+    }
+
+    #[test]
+    fn health_check_marks_round_trip_and_nothing_else_is_one() {
+        assert_eq!(hc_mark(0), Some(0x4c42_0000));
+        assert_eq!(hc_mark(7), Some(0x4c42_0007));
+        assert_eq!(hc_mark(LB_HC_MAX_BACKENDS - 1), Some(0x4c42_ffff));
+        assert_eq!(
+            hc_mark(LB_HC_MAX_BACKENDS),
+            None,
+            "would spill into another mark"
+        );
+        for id in [0, 1, 4095, 65_535] {
+            assert_eq!(hc_mark(id).and_then(hc_backend_id), Some(id));
+        }
+        for mark in [0, 1, 0x4c41_ffff, 0x4c43_0000, 0x0000_4c42, u32::MAX] {
+            assert_eq!(hc_backend_id(mark), None, "{mark:#x} is no probe mark");
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! The XDP programs of lb.
+//! The eBPF programs of lb.
 //!
 //! - `lb_xdp`: the Layer 4 balancer. Steers packets for configured VIPs to a backend (flow
 //!   table, then Maglev ring), encapsulates them IPv4-in-IPv4 for direct server return and
@@ -6,6 +6,8 @@
 //! - `lb_decap`: runs on backends; strips the outer header of IP-in-IP packets addressed to the
 //!   host so that backends need no tunnel driver.
 //! - `lb_pass`: passes everything (benchmark baseline; veth peers in the test topology).
+//! - `lb_hc_encap` ([`hc_encap`], TC egress): sends marked health-check probes to their backend
+//!   through the same IP-in-IP data path, so a probe tests what client traffic needs.
 //!
 //! Every packet increments exactly one reason counter, so nothing is dropped silently.
 #![no_std]
@@ -32,6 +34,8 @@ use lb_common::{
     VIP_MARKER_PROTO, VipKey, VipMeta,
 };
 use network_types::eth::EthHdr;
+
+mod hc_encap;
 
 /// Sizes here are the compiled-in defaults; the loader overrides them from the flags
 /// (`--max-flows`, `--max-vips`, `--max-backends`, `--ring-size`) before the maps are created.

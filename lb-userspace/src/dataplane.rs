@@ -2,7 +2,9 @@
 //!
 //! The object built from `lb-ebpf` is embedded in the binary. [`Balancer`] owns a loaded copy
 //! of `lb_xdp` and its maps (pinned under `--pin-path` so `lb stats`, `lb dump` and `bpftool`
-//! can read them from another process); [`Decap`] and [`PassGuard`] own `lb_decap` and `lb_pass`.
+//! can read them from another process), and `lb_hc_encap`, the TC egress program that sends
+//! health-check probes through the same data path (same object, so it reads the same
+//! `LB_BACKENDS`); [`Decap`] and [`PassGuard`] own `lb_decap` and `lb_pass`.
 //! Programs are attached through BPF links, so they detach when their owner is dropped or the
 //! process dies, and nothing is left attached by a crash.
 use std::{
@@ -15,10 +17,14 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{TestRun, TestRunOptions, Xdp, XdpMode as AyaXdpMode},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        XdpMode as AyaXdpMode, tc::TcAttachOptions,
+    },
 };
 use lb_common::{
-    Backend, Counters, DecapReason, FlowKey, FlowValue, LbConfig, Reason, VipKey, VipMeta, names,
+    Backend, Counters, DecapReason, FlowKey, FlowValue, HcReason, LbConfig, Reason, VipKey,
+    VipMeta, names,
 };
 
 use crate::cli::XdpMode;
@@ -282,10 +288,12 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, Counters>,
     /// Per-reason packet counters.
     pub reasons: PerCpuArray<MapData, u64>,
+    /// Per-reason packet counters of `lb_hc_encap` (health-check probes).
+    pub hc_stats: PerCpuArray<MapData, u64>,
 }
 
 /// Every map of the balancer that is pinned, in pin order.
-const PINNED: [&str; 8] = [
+const PINNED: [&str; 9] = [
     names::MAP_CONFIG,
     names::MAP_VIPS,
     names::MAP_BACKENDS,
@@ -294,6 +302,7 @@ const PINNED: [&str; 8] = [
     names::MAP_VIP_STATS,
     names::MAP_BACKEND_STATS,
     names::MAP_REASONS,
+    names::MAP_HC_STATS,
 ];
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -344,6 +353,7 @@ impl Maps {
             vip_stats: typed!(names::MAP_VIP_STATS),
             backend_stats: typed!(names::MAP_BACKEND_STATS),
             reasons: typed!(names::MAP_REASONS),
+            hc_stats: typed!(names::MAP_HC_STATS),
         })
     }
 
@@ -368,6 +378,20 @@ impl Maps {
                     .reasons
                     .get(&(r as u32), 0)
                     .map_err(map_err("reading LB_REASONS"))?;
+                Ok((r, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Sum over CPUs of `lb_hc_encap`'s per-reason counters, in [`HcReason`] order.
+    pub fn hc_totals(&self) -> Result<Vec<(HcReason, u64)>> {
+        HcReason::ALL
+            .iter()
+            .map(|&r| {
+                let v = self
+                    .hc_stats
+                    .get(&(r as u32), 0)
+                    .map_err(map_err("reading LB_HC_STATS"))?;
                 Ok((r, v.iter().sum()))
             })
             .collect()
@@ -414,22 +438,43 @@ fn sum_counters(map: &PerCpuArray<MapData, Counters>, idx: u32, name: &str) -> R
     }))
 }
 
-/// The loaded balancer: `lb_xdp`, its maps (pinned), and its attachments.
+/// The loaded balancer: `lb_xdp` and `lb_hc_encap`, their maps (pinned), and their
+/// attachments. Dropping it detaches both programs everywhere and removes the pins.
 pub struct Balancer {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     attached: Vec<String>,
+    hc_attached: Vec<String>,
+}
+
+/// One `BPF_PROG_TEST_RUN` of `lb_hc_encap` ([`Balancer::test_run_hc_encap`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcTestRun {
+    /// The TC action the program returned (`TC_ACT_UNSPEC` = -1, `TC_ACT_OK` = 0,
+    /// `TC_ACT_SHOT` = 2, `TC_ACT_REDIRECT` = 7).
+    pub action: i32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// `skb->mark` after the run.
+    pub mark: u32,
 }
 
 impl Balancer {
-    /// Loads `lb_xdp` with maps of the given sizes and writes the global settings. Maps are
-    /// pinned under `pin_dir` when given (tests and benchmarks may run unpinned).
+    /// Loads `lb_xdp` and `lb_hc_encap` with maps of the given sizes and writes the global
+    /// settings. Maps are pinned under `pin_dir` when given (tests and benchmarks may run
+    /// unpinned). Neither program is attached yet.
     pub fn load(sizes: Sizes, lb_addr: Ipv4Addr, pin_dir: Option<&Path>) -> Result<(Self, Maps)> {
         if let Some(dir) = pin_dir {
             prepare_pin_dir(dir)?;
         }
         let loaded = load_object(sizes).and_then(|mut ebpf| {
             xdp_program(&mut ebpf, names::PROG_XDP)?;
+            hc_program(&mut ebpf)?
+                .load()
+                .map_err(|source| DataplaneError::Program {
+                    what: format!("loading {} (verifier)", names::PROG_HC_ENCAP),
+                    source,
+                })?;
             Ok(ebpf)
         });
         let ebpf = match loaded {
@@ -446,6 +491,7 @@ impl Balancer {
             ebpf,
             pin_dir: None,
             attached: Vec::new(),
+            hc_attached: Vec::new(),
         };
         if let Some(dir) = pin_dir {
             // Set before pinning, so a failure half-way still unpins what was pinned.
@@ -482,6 +528,95 @@ impl Balancer {
         &self.attached
     }
 
+    /// Attaches `lb_hc_encap` to the egress of `iface` (a tcx link, after any programs already
+    /// on that hook), so health-check probes that leave by `iface` with a mark from
+    /// [`lb_common::hc_mark`] are encapsulated to their backend. Attach it to every interface
+    /// a probe to a VIP may be routed out of (normally the one with the default route).
+    pub fn attach_hc_encap(&mut self, iface: &str) -> Result<()> {
+        let prog = hc_program(&mut self.ebpf)?;
+        prog.attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|source| DataplaneError::Program {
+            what: format!(
+                "attaching {} to the egress of {iface} (tcx)",
+                names::PROG_HC_ENCAP
+            ),
+            source,
+        })?;
+        self.hc_attached.push(iface.to_string());
+        Ok(())
+    }
+
+    /// Interfaces whose egress `lb_hc_encap` is attached to.
+    pub fn hc_attached(&self) -> &[String] {
+        &self.hc_attached
+    }
+
+    /// Runs `lb_hc_encap` once with `BPF_PROG_TEST_RUN` on `frame` (an Ethernet frame, as TC
+    /// egress sees it) with `skb->mark = mark`, as if leaving by interface `ifindex` of the
+    /// calling thread's network namespace (`None`: the namespace's `lo`). Nothing is sent: a
+    /// redirect only shows in the returned action.
+    pub fn test_run_hc_encap(
+        &self,
+        frame: &[u8],
+        mark: u32,
+        ifindex: Option<u32>,
+    ) -> Result<TcTestRun> {
+        // `struct __sk_buff` (include/uapi/linux/bpf.h): `mark` at byte 8, `ifindex` at 40.
+        // The kernel accepts only a few fields as input (mark, priority, ifindex, cb, tstamp,
+        // …; the rest must be zero) and requires the output buffer to hold the whole struct
+        // (192 bytes on 6.x), so both buffers are larger and zero-padded.
+        const SKB_CTX: usize = 256;
+        const MARK: usize = 8;
+        const IFINDEX: usize = 40;
+        let mut ctx_in = [0u8; SKB_CTX];
+        ctx_in[MARK..MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        if let Some(idx) = ifindex {
+            ctx_in[IFINDEX..IFINDEX + 4].copy_from_slice(&idx.to_ne_bytes());
+        }
+        let mut ctx_out = [0u8; SKB_CTX];
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(names::PROG_HC_ENCAP)
+            .ok_or_else(|| DataplaneError::Program {
+                what: format!("finding {}", names::PROG_HC_ENCAP),
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                what: format!("{} is not a TC classifier", names::PROG_HC_ENCAP),
+                source,
+            })?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx_in);
+        opts.ctx_out = Some(&mut ctx_out);
+        let res = prog
+            .test_run(opts)
+            .map_err(|source| DataplaneError::Program {
+                what: format!(
+                    "BPF_PROG_TEST_RUN of {} (mark {mark:#x}, ifindex {ifindex:?})",
+                    names::PROG_HC_ENCAP
+                ),
+                source,
+            })?;
+        out.truncate(res.data_size_out as usize);
+        Ok(TcTestRun {
+            action: res.return_value as i32,
+            frame: out,
+            mark: u32::from_ne_bytes(
+                ctx_out[MARK..MARK + 4]
+                    .try_into()
+                    .expect("4 bytes of a fixed-size buffer"),
+            ),
+        })
+    }
+
     /// Runs `lb_xdp` once on `packet` with `BPF_PROG_TEST_RUN` (no interface needed). Returns
     /// the XDP action and the packet as the program left it.
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
@@ -505,6 +640,21 @@ impl Balancer {
     pub fn test_run_ingress(&self, packet: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>)> {
         run_once(&self.ebpf, names::PROG_XDP, packet, Some(ingress_ifindex))
     }
+}
+
+/// `lb_hc_encap` of `ebpf` (loaded or not).
+fn hc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let name = names::PROG_HC_ENCAP;
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Program {
+            what: format!("finding program {name} in the object"),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            what: format!("{name} is not a TC classifier"),
+            source,
+        })
 }
 
 /// A program of `ebpf` that [`xdp_program`] loaded.

@@ -1,4 +1,5 @@
-//! `lb_xdp` and `lb_decap` run with `BPF_PROG_TEST_RUN` on crafted packets.
+//! `lb_xdp`, `lb_decap` and `lb_hc_encap` run with `BPF_PROG_TEST_RUN` on crafted packets
+//! (`lb_hc_encap`, a TC program, with a `struct __sk_buff` context carrying the mark).
 //!
 //! Every case states the XDP action it expects and the ONE reason counter that must go up by
 //! exactly one (all others unchanged), and checks the bytes the program left: packets that are
@@ -17,11 +18,11 @@ use std::{fmt::Debug, io, net::Ipv4Addr, process::Command, sync::mpsc, thread, t
 
 use lb::{
     config::{L4Target, Proto, VipAddr, VipSpec},
-    dataplane::{Balancer, Decap, Maps, Sizes},
+    dataplane::{Balancer, Decap, Maps, Sizes, TcTestRun},
     l4::L4Registry,
     packet::{self, ETH_LEN, Frame, IPV4_LEN},
 };
-use lb_common::{Counters, DecapReason, FlowKey, Reason};
+use lb_common::{Counters, DecapReason, FlowKey, HcReason, Reason};
 
 /// XDP actions (include/uapi/linux/bpf.h `enum xdp_action`).
 const XDP_ABORTED: u32 = 0;
@@ -1302,5 +1303,313 @@ fn lb_xdp_output_through_lb_decap_gives_back_the_original_ip_packet() {
                 "the LB's Ethernet header"
             );
         }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// lb_hc_encap (TC egress): health-check probes through the data path.
+// ---------------------------------------------------------------------------------------------
+
+/// TC actions (include/uapi/linux/pkt_cls.h).
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+fn tc_action_name(a: i32) -> &'static str {
+    match a {
+        TC_ACT_UNSPEC => "TC_ACT_UNSPEC",
+        TC_ACT_OK => "TC_ACT_OK",
+        TC_ACT_SHOT => "TC_ACT_SHOT",
+        TC_ACT_REDIRECT => "TC_ACT_REDIRECT",
+        _ => "unknown TC action",
+    }
+}
+
+/// A probe as the LB host's stack hands it to TC egress: from the host's own address to the
+/// VIP, addressed to the default gateway's MAC (which the program must replace).
+fn probe(vip: &VipAddr) -> Vec<u8> {
+    Frame {
+        src: LB_ADDR,
+        tos: 0x10,
+        payload: b"GET /health HTTP/1.0\r\n\r\n".to_vec(),
+        ..tcp(vip.addr, vip.port)
+    }
+    .build()
+}
+
+impl Lb {
+    fn hc_reasons(&self) -> Vec<(HcReason, u64)> {
+        self.maps().hc_totals().expect("reading LB_HC_STATS")
+    }
+
+    /// Runs `lb_hc_encap` on `frame` with `mark` leaving by `ifindex`; checks the action, that
+    /// exactly `reason` went up by one, and returns what the program left.
+    fn run_hc(
+        &self,
+        frame: &[u8],
+        mark: u32,
+        ifindex: Option<u32>,
+        action: i32,
+        reason: HcReason,
+    ) -> TcTestRun {
+        let before = self.hc_reasons();
+        let run = self
+            .balancer
+            .test_run_hc_encap(frame, mark, ifindex)
+            .expect("BPF_PROG_TEST_RUN of lb_hc_encap");
+        let moved = counter_deltas(&before, &self.hc_reasons());
+        assert_eq!(
+            (tc_action_name(run.action), &moved[..]),
+            (tc_action_name(action), &[(reason, 1)][..]),
+            "mark {mark:#x}: action and counters that moved"
+        );
+        run
+    }
+
+    /// Runs a marked probe expected to be dropped: the mark must not matter afterwards, but
+    /// nothing may leave, and `lb_xdp`'s counters must not move.
+    fn run_hc_dropped(&self, frame: &[u8], mark: u32, reason: HcReason) {
+        let xdp_before = self.reasons();
+        self.run_hc(frame, mark, Some(ifindex("d0")), TC_ACT_SHOT, reason);
+        assert_eq!(self.reasons(), xdp_before, "lb_xdp counters moved");
+    }
+}
+
+fn mark_of(id: u32) -> u32 {
+    lb_common::hc_mark(id).expect("id within the mark block")
+}
+
+#[test]
+fn health_check_probe_is_encapsulated_to_the_backend_its_mark_names() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(11), backend(12), backend(13)],
+        );
+        let input = probe(&web);
+        for b in [backend(11), backend(12), backend(13)] {
+            let id = lb.backend_id(&web, b);
+            // Leaving by d0, where the backend is: sent on from here (no redirect).
+            let run = lb.run_hc(
+                &input,
+                mark_of(id),
+                Some(ifindex("d0")),
+                TC_ACT_OK,
+                HcReason::Encapsulated,
+            );
+            assert_encapsulated(&input, &run.frame, b);
+            let (outer, inner) = (ETH_LEN, ETH_LEN + IPV4_LEN);
+            assert_eq!(
+                run.frame[outer + 4..outer + 6],
+                run.frame[inner + 4..inner + 6],
+                "outer identification copied from the inner header"
+            );
+            assert_eq!(
+                run.mark, 0,
+                "mark cleared, so a redirected copy is not encapsulated twice"
+            );
+        }
+        // The balancer's own counters are untouched: probes are not client traffic.
+        assert!(lb.reasons().iter().all(|&(_, n)| n == 0));
+        assert_eq!(lb.vip_counters(&web), Counters::default());
+    });
+}
+
+#[test]
+fn health_check_probe_leaving_by_another_interface_is_redirected_to_the_backends_interface() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(14)],
+        );
+        let input = probe(&web);
+        // Leaving by lo (the test run's default device): the backend is behind d0.
+        let run = lb.run_hc(
+            &input,
+            mark_of(lb.backend_id(&web, backend(14))),
+            None,
+            TC_ACT_REDIRECT,
+            HcReason::Encapsulated,
+        );
+        assert_encapsulated(&input, &run.frame, backend(14));
+        assert_eq!(run.mark, 0);
+    });
+}
+
+#[test]
+fn packets_without_a_health_check_mark_pass_untouched_to_the_next_program() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(11)],
+        );
+        let input = probe(&web);
+        let id = lb.backend_id(&web, backend(11));
+        // Marks outside the block, including ones that share its low or high half.
+        for mark in [
+            0,
+            1,
+            id,
+            0x4c41_0000 | id,
+            0x4c43_0000 | id,
+            0x0000_4c42,
+            u32::MAX,
+        ] {
+            let run = lb.run_hc(
+                &input,
+                mark,
+                Some(ifindex("d0")),
+                TC_ACT_UNSPEC,
+                HcReason::PassUnmarked,
+            );
+            assert_eq!(run.frame, input, "mark {mark:#x}: modified");
+            assert_eq!(run.mark, mark, "mark {mark:#x}: changed");
+        }
+        // An ARP frame without a mark: not even looked at.
+        let arp = ether(0x0806, &[0u8; 28]);
+        let run = lb.run_hc(&arp, 0, None, TC_ACT_UNSPEC, HcReason::PassUnmarked);
+        assert_eq!(run.frame, arp);
+    });
+}
+
+#[test]
+fn health_check_probe_that_cannot_take_the_data_path_is_dropped_with_its_reason() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(11)],
+        );
+        let unreachable = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 4),
+            80,
+            Proto::Tcp,
+            &[NO_NEIGH_BACKEND, UNROUTED_BACKEND],
+        );
+        let input = probe(&web);
+        let used: Vec<u32> = lb
+            .registry
+            .describe()
+            .into_iter()
+            .flat_map(|(_, _, bs)| bs.into_iter().map(|b| b.id))
+            .collect();
+        let empty_id = (0..32).find(|id| !used.contains(id)).expect("a free id");
+        // `Lb::load` sizes LB_BACKENDS for 32 backends: ids 32 and up are beyond the table.
+        for id in [empty_id, 32, 4096, 65_535] {
+            lb.run_hc_dropped(&input, mark_of(id), HcReason::DropUnknownBackend);
+        }
+        for b in [NO_NEIGH_BACKEND, UNROUTED_BACKEND] {
+            let mark = mark_of(lb.backend_id(&unreachable, b));
+            lb.run_hc_dropped(&input, mark, HcReason::DropNoRoute);
+        }
+
+        let mark = mark_of(lb.backend_id(&web, backend(11)));
+        let arp = ether(0x0806, &[0u8; 28]);
+        lb.run_hc_dropped(&arp, mark, HcReason::DropNotIpv4);
+        let mut ipv6 = ether(0x86dd, &[0u8; 40]);
+        ipv6[ETH_LEN] = 0x60;
+        lb.run_hc_dropped(&ipv6, mark, HcReason::DropNotIpv4);
+        // EtherType IPv4 but a version-6 header: not what the outer header would describe.
+        lb.run_hc_dropped(
+            &with_byte(input.clone(), ETH_LEN, 0x60),
+            mark,
+            HcReason::DropNotIpv4,
+        );
+    });
+}
+
+#[test]
+fn health_check_probe_that_would_exceed_the_egress_mtu_once_encapsulated_is_dropped() {
+    netns_test(|| {
+        run_cmd(&["ip", "link", "set", "d0", "mtu", "1000"]);
+        let mut lb = Lb::load();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(11)],
+        );
+        let mark = mark_of(lb.backend_id(&web, backend(11)));
+        let of_ip_len = |ip_len: usize| Frame {
+            src: LB_ADDR,
+            payload: vec![0x5a; ip_len - IPV4_LEN - 20],
+            ..tcp(web.addr, 80)
+        };
+        lb.run_hc_dropped(&of_ip_len(990).build(), mark, HcReason::DropMtu);
+        // 980 + 20 = 1000: exactly the MTU.
+        let fits = of_ip_len(980).build();
+        let run = lb.run_hc(
+            &fits,
+            mark,
+            Some(ifindex("d0")),
+            TC_ACT_OK,
+            HcReason::Encapsulated,
+        );
+        assert_encapsulated(&fits, &run.frame, backend(11));
+    });
+}
+
+#[test]
+fn health_check_probe_through_lb_decap_gives_back_the_original_packet() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(16)],
+        );
+        let decap = Decap::load(&[backend(16)]).expect("loading lb_decap");
+        let input = probe(&web);
+        let run = lb.run_hc(
+            &input,
+            mark_of(lb.backend_id(&web, backend(16))),
+            Some(ifindex("d0")),
+            TC_ACT_OK,
+            HcReason::Encapsulated,
+        );
+        let out = decap_run(&decap, &run.frame, DecapReason::Decapsulated);
+        assert_eq!(&out[ETH_LEN..], &input[ETH_LEN..], "the probe's IP packet");
+    });
+}
+
+/// Names of the programs on `iface`'s tcx egress hook.
+fn tcx_egress_programs(iface: &str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let (_, progs) = SchedClassifier::query_tcx(iface, TcAttachType::Egress)
+        .unwrap_or_else(|e| panic!("querying the tcx egress of {iface}: {e}"));
+    progs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+#[test]
+fn health_check_encap_is_attached_to_egress_with_tcx_and_detached_when_the_balancer_drops() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        assert!(tcx_egress_programs("d0").is_empty());
+        lb.balancer
+            .attach_hc_encap("d0")
+            .expect("attaching lb_hc_encap to d0");
+        assert_eq!(lb.balancer.hc_attached(), ["d0"]);
+        assert_eq!(tcx_egress_programs("d0"), ["lb_hc_encap"]);
+        drop(lb);
+        assert!(
+            tcx_egress_programs("d0").is_empty(),
+            "lb_hc_encap outlived its Balancer"
+        );
     });
 }

@@ -37,6 +37,22 @@ fn check(rc: libc::c_int, what: &str) -> Result<()> {
 /// `timeout`. `SO_REUSEADDR` lets a test reuse a port whose earlier connection is in
 /// TIME_WAIT towards another destination.
 pub fn tcp_connect_from(src_port: u16, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    tcp_connect(src_port, None, dst, timeout)
+}
+
+/// Connects to `dst` from a socket with `SO_MARK = mark` (needs CAP_NET_ADMIN), failing after
+/// `timeout`: what the health checker does to send a probe through `lb_hc_encap`
+/// (`lb_common::hc_mark`).
+pub fn tcp_connect_marked(mark: u32, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    tcp_connect(0, Some(mark), dst, timeout)
+}
+
+fn tcp_connect(
+    src_port: u16,
+    mark: Option<u32>,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> Result<TcpStream> {
     // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
     let raw = unsafe {
         libc::socket(
@@ -63,6 +79,22 @@ pub fn tcp_connect_from(src_port: u16, dst: SocketAddrV4, timeout: Duration) -> 
         },
         "SO_REUSEADDR",
     )?;
+    if let Some(mark) = mark {
+        let len = std::mem::size_of::<u32>() as libc::socklen_t;
+        // SAFETY: valid fd, pointer to a u32 of the given length.
+        check(
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&raw const mark).cast(),
+                    len,
+                )
+            },
+            &format!("SO_MARK {mark:#x}"),
+        )?;
+    }
     let sa_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     let local = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src_port));
     // SAFETY: valid fd and a sockaddr_in of the given length.
