@@ -185,6 +185,9 @@ pub const VIP_F_HAS_TCP: u32 = 1 << 0;
 pub const VIP_F_HAS_UDP: u32 = 1 << 1;
 /// [`VipMeta::vip_id`] of an address marker (it has no ring).
 pub const VIP_MARKER_ID: u32 = u32::MAX;
+/// [`VipMeta::flags`] of a VIP: its target group fails open (too few healthy targets, so the
+/// ring holds unhealthy ones too); new flows count as `unhealthy_routing_flows`.
+pub const VIP_F_FAIL_OPEN: u32 = 1 << 2;
 
 /// VIP table value.
 #[repr(C)]
@@ -214,9 +217,14 @@ pub struct Backend {
     pub weight: u32,
 }
 
-/// [`Backend::flags`]: the backend receives traffic. A flow whose backend lacks this bit is
-/// re-steered through the ring on its next packet.
-pub const BACKEND_F_IN_SERVICE: u8 = 1;
+/// [`Backend::flags`]: flows pinned to the backend keep being forwarded to it. A flow whose
+/// backend lacks this bit is re-steered through the ring on its next packet. Set for targets
+/// in the ring, and for draining (or unhealthy-draining) targets that left the ring but keep
+/// their established flows until their time is up.
+pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
+/// [`Backend::flags`]: the backend takes new flows (some ring slots name it). Informational,
+/// for `lb dump backends`; the ring itself decides where new flows go.
+pub const BACKEND_F_IN_RING: u8 = 1 << 1;
 
 /// Per-VIP and per-backend counters (per CPU; readers sum over CPUs).
 #[repr(C)]
@@ -228,6 +236,8 @@ pub struct Counters {
     pub bytes: u64,
     /// Flows created (flow-table misses that picked a backend).
     pub new_flows: u64,
+    /// Flows created while the VIP's group failed open (UnhealthyRoutingFlowCount).
+    pub unhealthy_routing_flows: u64,
 }
 
 macro_rules! reasons {
@@ -356,7 +366,7 @@ mod tests {
         assert_eq!(size_of::<VipKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<VipMeta>(), 4 + 4);
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1 + 4 + 4);
-        assert_eq!(size_of::<Counters>(), 3 * 8);
+        assert_eq!(size_of::<Counters>(), 4 * 8);
     }
 
     #[test]

@@ -28,10 +28,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_IN_SERVICE, Backend, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, DecapReason, FlowKey, FlowValue, IPPROTO_IPIP,
-    IPPROTO_TCP, IPPROTO_UDP, LbConfig, RING_EMPTY, Reason, VIP_F_HAS_TCP, VIP_F_HAS_UDP,
-    VIP_MARKER_PROTO, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, Backend, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, DecapReason, FlowKey, FlowValue, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP,
+    LbConfig, RING_EMPTY, Reason, VIP_F_FAIL_OPEN, VIP_F_HAS_TCP, VIP_F_HAS_UDP, VIP_MARKER_PROTO,
+    VipKey, VipMeta,
 };
 use network_types::eth::EthHdr;
 
@@ -102,7 +102,13 @@ fn count(reason: Reason) {
 }
 
 #[inline(always)]
-fn add<const N: usize>(map: &PerCpuArray<Counters, N>, idx: u32, bytes: u64, new_flow: bool) {
+fn add<const N: usize>(
+    map: &PerCpuArray<Counters, N>,
+    idx: u32,
+    bytes: u64,
+    new_flow: bool,
+    fail_open: bool,
+) {
     if let Some(c) = map.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, as in `count`.
         unsafe {
@@ -110,6 +116,9 @@ fn add<const N: usize>(map: &PerCpuArray<Counters, N>, idx: u32, bytes: u64, new
             (*c).bytes += bytes;
             if new_flow {
                 (*c).new_flows += 1;
+                if fail_open {
+                    (*c).unhealthy_routing_flows += 1;
+                }
             }
         }
     }
@@ -246,14 +255,16 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     let now = unsafe { bpf_ktime_get_ns() };
 
     // Flow table first: an established flow stays on its backend across ring changes, unless
-    // that backend left service (or its id now belongs to another VIP), then it is re-steered.
+    // that backend no longer keeps its flows (its drain time is up, or it turned unhealthy
+    // without an unhealthy draining interval) or its id now belongs to another VIP; then it
+    // is re-steered.
     let mut backend_id = RING_EMPTY;
     let mut backend = Backend::default();
     if let Some(flow) = LB_FLOWS.get_ptr_mut(fkey) {
         // SAFETY: pointer into the map value, valid for this program run.
         let id = unsafe { (*flow).backend_id };
         if let Some(b) = LB_BACKENDS.get(id)
-            && b.flags & BACKEND_F_IN_SERVICE != 0
+            && b.flags & BACKEND_F_ACTIVE != 0
             && b.vip_id == vip.vip_id
         {
             backend_id = id;
@@ -354,8 +365,9 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     }
 
     let bytes = tot_len as u64;
-    add(&LB_VIP_STATS, vip.vip_id, bytes, new_flow);
-    add(&LB_BACKEND_STATS, backend_id, bytes, new_flow);
+    let fail_open = vip.flags & VIP_F_FAIL_OPEN != 0;
+    add(&LB_VIP_STATS, vip.vip_id, bytes, new_flow, fail_open);
+    add(&LB_BACKEND_STATS, backend_id, bytes, new_flow, fail_open);
 
     if fib.ifindex == ctx.ingress_ifindex() as u32 {
         (xdp_action::XDP_TX, Reason::Tx)

@@ -32,9 +32,8 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use lb::{
-    config::{L4Target, Proto, VipAddr, VipSpec},
     dataplane::{Balancer, Maps, PassGuard, Sizes},
-    l4::L4Registry,
+    l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
     packet::{ETH_LEN, Frame},
 };
 use lb_common::Reason;
@@ -321,21 +320,17 @@ fn run() -> anyhow::Result<()> {
         max_backends: 64,
     };
     let (lb, maps) = Balancer::load(sizes, LB_ADDR, None).context("loading lb_xdp")?;
-    let mut registry = L4Registry::new(maps, sizes.ring_size, sizes.max_vips, sizes.max_backends);
+    let mut registry = RingWriter::new(maps, sizes.ring_size, sizes.max_vips, sizes.max_backends);
     let vip = VipAddr {
         addr: VIP,
         port: 80,
         proto: Proto::Tcp,
     };
     registry.add_vip(VipSpec { name: None, vip })?;
-    let targets: Vec<L4Target> = (11..11 + BACKENDS)
-        .map(|n| L4Target {
-            addr: Ipv4Addr::new(10, 0, 0, n),
-            port: 80,
-            weight: 1,
-        })
+    let targets: Vec<L4Member> = (11..11 + BACKENDS)
+        .map(|n| L4Member::in_service(Ipv4Addr::new(10, 0, 0, n), 80, 1))
         .collect();
-    registry.register(&vip, &targets)?;
+    registry.apply(&vip, &targets, false)?;
     let pass = PassGuard::load_unattached().context("loading lb_pass")?;
     let bench = Bench { lb, pass };
     let maps = registry.maps();

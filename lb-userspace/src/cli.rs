@@ -29,8 +29,14 @@ pub enum Command {
     Stats(PinArgs),
     /// Print the contents of a pinned map of a running `lb run`.
     Dump(DumpArgs),
-    /// Change the targets of a running `lb run` through its admin socket.
+    /// Register, deregister and describe the targets of a running `lb run` (admin API).
     Targets(TargetsArgs),
+    /// Describe, create, modify and delete target groups of a running `lb run` (admin API).
+    Groups(GroupsArgs),
+    /// Describe the listeners of a running `lb run` (admin API).
+    Listeners(ListenersArgs),
+    /// Describe, create, modify, delete and reorder listener rules of a running `lb run`.
+    Rules(RulesArgs),
 }
 
 /// XDP attach mode.
@@ -109,9 +115,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub drain_timeout: u64,
 
-    /// Unix socket for `lb targets …` (runtime changes).
+    /// Unix socket of the admin API (`lb targets …`, `lb rules …`); created mode 0600.
     #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
+
+    /// Also serve the admin API on this loopback TCP address (requests need the bearer token
+    /// of --admin-token-file).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin_listen: Option<std::net::SocketAddr>,
+
+    /// File holding the bearer token of the TCP admin listener (one word, ≥ 16 characters).
+    #[arg(long, value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Validate the flags, print the resulting configuration and exit.
     #[arg(long)]
@@ -177,33 +192,180 @@ pub enum DumpWhat {
     },
 }
 
-/// Flags of `lb targets`.
+/// How to reach the admin API of a running `lb run`.
 #[derive(Debug, Args, Clone)]
-pub struct TargetsArgs {
-    /// What to change.
-    #[command(subcommand)]
-    pub action: TargetsAction,
-
+pub struct AdminArgs {
     /// Admin socket of the running `lb run`.
     #[arg(long, global = true, default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
+
+    /// Use the TCP admin listener at this address instead of the socket.
+    #[arg(long, global = true, value_name = "ADDR:PORT")]
+    pub admin_url: Option<std::net::SocketAddr>,
+
+    /// Bearer token for --admin-url (or set LB_ADMIN_TOKEN).
+    #[arg(long, global = true, env = "LB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
-/// Runtime target changes (AWS: register-targets / deregister-targets / describe-target-health).
+/// Flags of `lb targets`.
+#[derive(Debug, Args, Clone)]
+pub struct TargetsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: TargetsAction,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Target changes (AWS register-targets / deregister-targets / describe-target-health).
 #[derive(Debug, Subcommand, Clone)]
 pub enum TargetsAction {
-    /// Add targets: same syntax as `lb run --target`.
+    /// Add targets (same syntax as `lb run --target`); a registered target takes the new
+    /// weight.
     Register {
         /// `OWNER=ADDR[:PORT][,weight=W]` (repeatable).
         #[arg(long = "target", value_name = "SPEC", required = true)]
         targets: Vec<String>,
     },
-    /// Remove targets: `OWNER=ADDR[:PORT]`.
+    /// Remove targets: they drain for the group's deregistration delay, then leave.
     Deregister {
         /// `OWNER=ADDR[:PORT]` (repeatable).
         #[arg(long = "target", value_name = "SPEC", required = true)]
         targets: Vec<String>,
     },
-    /// List targets and their state.
+    /// Take targets out of service by hand (no new traffic; open connections continue).
+    Disable {
+        /// `OWNER=ADDR[:PORT]` (repeatable).
+        #[arg(long = "target", value_name = "SPEC", required = true)]
+        targets: Vec<String>,
+    },
+    /// Put targets taken out by `disable` back in service.
+    Enable {
+        /// `OWNER=ADDR[:PORT]` (repeatable).
+        #[arg(long = "target", value_name = "SPEC", required = true)]
+        targets: Vec<String>,
+    },
+    /// Target, port, state, reason and description (AWS describe-target-health).
+    #[command(alias = "describe")]
+    Health {
+        /// Only this target group or VIP (default: all).
+        #[arg(long = "group", value_name = "GROUP|VIP")]
+        group: Option<String>,
+    },
+}
+
+/// Flags of `lb groups`.
+#[derive(Debug, Args, Clone)]
+pub struct GroupsArgs {
+    /// What to do (default: list).
+    #[command(subcommand)]
+    pub action: Option<GroupsAction>,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Target group verbs (AWS describe-target-groups, create-target-group, modify-target-group,
+/// delete-target-group).
+#[derive(Debug, Subcommand, Clone)]
+pub enum GroupsAction {
+    /// Every group with its settings (AWS describe-target-groups).
+    #[command(alias = "list")]
     Describe,
+    /// A new, empty group: same syntax as `lb run --target-group`.
+    Create {
+        /// `NAME[,OPTION=VALUE…]`.
+        spec: String,
+    },
+    /// Change health checks and attributes: `OPTION=VALUE[,OPTION=VALUE…]` with the options
+    /// of `--target-group` (health-check-*, deregistration-delay, slow-start, …).
+    Modify {
+        /// The group.
+        name: String,
+        /// `OPTION=VALUE[,…]`.
+        options: String,
+    },
+    /// Remove a group no rule or VIP uses.
+    Delete {
+        /// The group.
+        name: String,
+    },
+}
+
+/// Flags of `lb listeners`.
+#[derive(Debug, Args, Clone)]
+pub struct ListenersArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Flags of `lb rules`.
+#[derive(Debug, Args, Clone)]
+pub struct RulesArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: RulesAction,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Listener rule verbs (AWS describe-rules, create-rule, modify-rule, delete-rule,
+/// set-rule-priorities). A rule's body is the `--rule` syntax after the listener name and
+/// priority: conditions and action, e.g. `path=/api/*,forward=api`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum RulesAction {
+    /// The rules of a listener, by priority, then its default rule.
+    #[command(alias = "list")]
+    Describe {
+        /// The listener.
+        #[arg(long)]
+        listener: String,
+    },
+    /// Add a rule.
+    Create {
+        /// The listener.
+        #[arg(long)]
+        listener: String,
+        /// Its priority (1–50000, free on this listener).
+        #[arg(long)]
+        priority: u32,
+        /// Conditions and action, e.g. `path=/api/*,forward=api`.
+        rule: String,
+    },
+    /// Replace a rule's conditions and action (priority `default` or 0: the default rule).
+    Modify {
+        /// The listener.
+        #[arg(long)]
+        listener: String,
+        /// The rule's priority, or `default`.
+        #[arg(long)]
+        priority: String,
+        /// Conditions and action.
+        rule: String,
+    },
+    /// Remove a rule.
+    Delete {
+        /// The listener.
+        #[arg(long)]
+        listener: String,
+        /// The rule's priority.
+        #[arg(long)]
+        priority: u32,
+    },
+    /// Move rules to new priorities in one step: `FROM:TO` pairs (`10:20 20:10` swaps).
+    SetPriorities {
+        /// The listener.
+        #[arg(long)]
+        listener: String,
+        /// `FROM:TO` (repeatable).
+        #[arg(required = true, value_name = "FROM:TO")]
+        moves: Vec<String>,
+    },
 }

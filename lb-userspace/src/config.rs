@@ -1,19 +1,24 @@
 //! Flags → one validated model. [`Config::from_run_args`] collects every problem, each with the
 //! flag and value that caused it, so an operator fixes a command line in one go.
+//!
+//! The model's targets live in a [`Registry`], built through the same calls the admin API
+//! makes at run time ([`Registry::resolve`], [`Registry::register`], …), so a target spec
+//! means the same on the command line and in `lb targets register`.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    str::FromStr,
 };
 
 use crate::{
     cli::{RunArgs, XdpMode},
     dataplane::Sizes,
+    l4::{VipSpec, validate_name},
     proxy::server::{ListenerConfig, parse_listener},
-    rules::{Action, Rule, RuleOrDefault, RuleSet, parse_rule},
-    targets::{TargetAddr, TargetGroupConfig, parse_target_group},
+    registry::{Registry, parse_target},
+    rules::{RuleBook, parse_rule},
+    targets::{TargetGroupConfig, TargetProtocol, parse_target_group},
 };
 
 /// One problem with the flags.
@@ -53,267 +58,46 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// L4 protocol of a VIP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Proto {
-    /// IANA protocol number.
-    pub fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => lb_common::IPPROTO_TCP,
-            Proto::Udp => lb_common::IPPROTO_UDP,
-        }
-    }
-
-    /// From an IANA protocol number.
-    pub fn from_number(n: u8) -> Option<Self> {
-        match n {
-            lb_common::IPPROTO_TCP => Some(Proto::Tcp),
-            lb_common::IPPROTO_UDP => Some(Proto::Udp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
-
-/// The identity of an L4 VIP: address, port (0 = every port) and protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct VipAddr {
-    /// Address.
-    pub addr: Ipv4Addr,
-    /// Port; 0 = every port.
-    pub port: u16,
-    /// Protocol.
-    pub proto: Proto,
-}
-
-impl VipAddr {
-    /// The key of this VIP in the `LB_VIPS` map.
-    pub fn map_key(&self) -> lb_common::VipKey {
-        lb_common::VipKey {
-            addr: lb_common::ipv4_to_map(self.addr),
-            port: self.port.to_be(),
-            proto: self.proto.number(),
-            _pad: 0,
-        }
-    }
-
-    /// The VIP a `LB_VIPS` key stands for; None for address markers and unknown protocols.
-    pub fn from_map_key(key: &lb_common::VipKey) -> Option<Self> {
-        Some(Self {
-            addr: lb_common::ipv4_from_map(key.addr),
-            port: u16::from_be(key.port),
-            proto: Proto::from_number(key.proto)?,
-        })
-    }
-}
-
-impl fmt::Display for VipAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
-    }
-}
-
-impl FromStr for VipAddr {
-    type Err = String;
-
-    /// `ADDR:PORT/PROTO`, e.g. `10.100.0.1:80/tcp`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (hostport, proto) = s
-            .rsplit_once('/')
-            .ok_or("expected ADDR:PORT/PROTO, e.g. 10.100.0.1:80/tcp")?;
-        let proto = match proto.to_ascii_lowercase().as_str() {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            other => return Err(format!("protocol {other:?} is not tcp or udp")),
-        };
-        let (addr, port) = hostport
-            .rsplit_once(':')
-            .ok_or("expected ADDR:PORT/PROTO (port missing; use port 0 for every port)")?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IP address"))?;
-        let IpAddr::V4(addr) = addr else {
-            return Err("IPv6 VIPs are not supported yet".into());
-        };
-        if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
-            return Err(format!("{addr} cannot be a VIP"));
-        }
-        let port = port
-            .parse::<u16>()
-            .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
-        Ok(VipAddr { addr, port, proto })
-    }
-}
-
-/// A parsed `--vip` value.
+/// A parsed `--vip` value: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VipSpec {
-    /// Optional name (targets may refer to it).
-    pub name: Option<String>,
-    /// Address, port, protocol.
-    pub vip: VipAddr,
+pub struct VipFlag {
+    /// The VIP.
+    pub spec: VipSpec,
+    /// The target group named by `forward=`, if any.
+    pub forward: Option<String>,
 }
 
-impl VipSpec {
-    /// Whether `owner` (the part before `=` of a `--target`) names this VIP: by its name or
-    /// by its `ADDR:PORT/PROTO`.
-    pub fn answers_to(&self, owner: &str) -> bool {
-        self.name.as_deref() == Some(owner) || owner.parse::<VipAddr>().is_ok_and(|a| a == self.vip)
-    }
-}
-
-/// Parses `[NAME=]ADDR:PORT/PROTO`.
-pub fn parse_vip(s: &str) -> Result<VipSpec, String> {
-    let (name, rest) = match s.split_once('=') {
+/// Parses `[NAME=]ADDR:PORT/PROTO[,forward=GROUP]`.
+pub fn parse_vip(s: &str) -> Result<VipFlag, String> {
+    let mut parts = s.split(',');
+    let head = parts.next().unwrap_or_default();
+    let (name, rest) = match head.split_once('=') {
         Some((n, r)) => (Some(n), r),
-        None => (None, s),
+        None => (None, head),
     };
     if let Some(n) = name {
         validate_name(n)?;
     }
-    Ok(VipSpec {
-        name: name.map(str::to_string),
-        vip: rest.parse()?,
-    })
-}
-
-/// Names of VIPs, listeners and target groups: letters, digits, `-` and `_`, 1 to 32 chars,
-/// as AWS names allow (minus the length: AWS allows 32 for target groups).
-pub fn validate_name(n: &str) -> Result<(), String> {
-    if n.is_empty() || n.len() > 32 {
-        return Err(format!("name {n:?} must be 1 to 32 characters"));
-    }
-    if !n
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(format!(
-            "name {n:?} may only hold letters, digits, '-' and '_'"
-        ));
-    }
-    Ok(())
-}
-
-/// A parsed `--target` value: `OWNER=ADDR[:PORT][,weight=W]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TargetSpec {
-    /// VIP name, VIP `ADDR:PORT/PROTO`, or target-group name.
-    pub owner: String,
-    /// Target address.
-    pub addr: IpAddr,
-    /// Target port, if given.
-    pub port: Option<u16>,
-    /// Weight (default 1).
-    pub weight: u32,
-}
-
-/// Largest target weight accepted.
-pub const MAX_WEIGHT: u32 = 65_535;
-
-/// Parses `OWNER=ADDR[:PORT][,weight=W]`. With `need_weight = false` (deregistration) a
-/// weight is refused.
-pub fn parse_target(s: &str) -> Result<TargetSpec, String> {
-    let (owner, rest) = s
-        .split_once('=')
-        .ok_or("expected OWNER=ADDR[:PORT][,weight=W], e.g. web=10.0.0.11:80,weight=2")?;
-    if owner.is_empty() {
-        return Err("the owner (VIP or target group) before '=' is empty".into());
-    }
-    let mut parts = rest.split(',');
-    let hostport = parts.next().unwrap_or_default();
-    let (addr, port) = parse_hostport(hostport)?;
-    let mut weight = 1;
+    let mut forward = None;
     for opt in parts {
         match opt.split_once('=') {
-            Some(("weight", w)) => {
-                weight = w
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|w| (1..=MAX_WEIGHT).contains(w))
-                    .ok_or_else(|| {
-                        format!("weight {w:?} must be a number from 1 to {MAX_WEIGHT}")
-                    })?;
+            Some(("forward", g)) if forward.is_none() && !g.is_empty() => {
+                forward = Some(g.to_owned());
             }
-            _ => return Err(format!("unknown option {opt:?} (known: weight=W)")),
+            Some(("forward", _)) => return Err("forward= names one target group, once".into()),
+            _ => return Err(format!("unknown option {opt:?} (known: forward=GROUP)")),
         }
     }
-    Ok(TargetSpec {
-        owner: owner.to_string(),
-        addr,
-        port,
-        weight,
+    Ok(VipFlag {
+        spec: VipSpec {
+            name: name.map(str::to_string),
+            vip: rest.parse()?,
+        },
+        forward,
     })
 }
 
-/// `ADDR`, `ADDR:PORT`, `[V6]` or `[V6]:PORT`.
-fn parse_hostport(s: &str) -> Result<(IpAddr, Option<u16>), String> {
-    let port = |p: &str| {
-        p.parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("port {p:?} must be a number from 1 to 65535"))
-    };
-    if let Some(rest) = s.strip_prefix('[') {
-        let (a, tail) = rest
-            .split_once(']')
-            .ok_or("missing ']' after IPv6 address")?;
-        let addr = a
-            .parse()
-            .map_err(|_| format!("{a:?} is not an IPv6 address"))?;
-        return match tail.strip_prefix(':') {
-            Some(p) => Ok((addr, Some(port(p)?))),
-            None if tail.is_empty() => Ok((addr, None)),
-            None => Err(format!("unexpected {tail:?} after the address")),
-        };
-    }
-    if let Ok(addr) = s.parse::<IpAddr>() {
-        return Ok((addr, None));
-    }
-    let (a, p) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} is not an address or ADDR:PORT"))?;
-    let addr = a
-        .parse()
-        .map_err(|_| format!("{a:?} is not an IP address"))?;
-    Ok((addr, Some(port(p)?)))
-}
-
-/// A target of an L4 VIP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct L4Target {
-    /// Backend address (outer destination of encapsulated packets).
-    pub addr: Ipv4Addr,
-    /// Backend port (equals the VIP port under DSR; 0 for port-0 VIPs).
-    pub port: u16,
-    /// Maglev weight.
-    pub weight: u32,
-}
-
-/// A VIP with its targets.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct L4Vip {
-    /// The VIP.
-    pub spec: VipSpec,
-    /// Its targets, in flag order.
-    pub targets: Vec<L4Target>,
-}
-
-/// The validated L4 part of `lb run`.
+/// The validated L4 part of `lb run` (the VIPs' targets are in the registry).
 #[derive(Clone, Debug)]
 pub struct L4Config {
     /// Interfaces lb_xdp attaches to.
@@ -324,38 +108,185 @@ pub struct L4Config {
     pub lb_addr: Option<Ipv4Addr>,
     /// Map sizes.
     pub sizes: Sizes,
-    /// VIPs and their targets.
-    pub vips: Vec<L4Vip>,
+    /// The VIPs, in flag order.
+    pub vips: Vec<VipSpec>,
 }
 
 /// The validated L7 part of `lb run`.
 pub struct L7Spec {
-    /// Listeners with their compiled rules.
-    pub listeners: Vec<(ListenerConfig, RuleSet)>,
-    /// Target groups with their initial targets.
-    pub groups: Vec<(TargetGroupConfig, Vec<TargetAddr>)>,
+    /// Listeners with their rules.
+    pub listeners: Vec<(ListenerConfig, RuleBook)>,
+}
+
+/// Where the admin API listens besides its Unix socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminTcp {
+    /// A loopback address.
+    pub addr: SocketAddr,
+    /// The bearer token every request must carry.
+    pub token: String,
 }
 
 /// The validated `lb run` configuration.
 pub struct Config {
     /// L4 VIPs (None when no `--vip` was given).
     pub l4: Option<L4Config>,
-    /// L7 listeners and target groups (None when no `--listener` was given).
+    /// L7 listeners (None when no `--listener` was given).
     pub l7: Option<L7Spec>,
+    /// Target groups, their targets, the VIPs' groups and the rules' group users.
+    pub registry: Registry,
     /// Pin directory.
     pub pin_path: PathBuf,
     /// Admin socket path.
     pub admin_socket: PathBuf,
+    /// The optional loopback TCP admin listener.
+    pub admin_tcp: Option<AdminTcp>,
 }
 
-/// Validates the L7 flags: listeners, target groups, their targets and the rules tying them
-/// together. Problems go to `errs`; returns None when there are no listeners (or errors).
-fn l7_from_args(
-    a: &RunArgs,
-    vips: &[L4Vip],
-    targets: Vec<(String, TargetSpec)>,
-    errs: &mut Vec<ConfigError>,
-) -> Option<L7Spec> {
+/// Flag-level checks of the L4 sizes and interfaces.
+fn check_sizes(a: &RunArgs, errs: &mut Vec<ConfigError>) {
+    if !crate::maglev::is_prime(a.ring_size) {
+        errs.push(ConfigError::new(
+            "--ring-size",
+            a.ring_size.to_string(),
+            "must be prime (Maglev needs it; the default 65537 is)",
+        ));
+    }
+    if a.max_flows == 0 {
+        errs.push(ConfigError::new("--max-flows", "0", "must be at least 1"));
+    }
+    if a.max_vips == 0 || a.max_backends == 0 {
+        errs.push(ConfigError::new(
+            "--max-vips/--max-backends",
+            format!("{}/{}", a.max_vips, a.max_backends),
+            "must be at least 1",
+        ));
+    }
+    if a.max_backends > lb_common::LB_HC_MAX_BACKENDS {
+        errs.push(ConfigError::new(
+            "--max-backends",
+            a.max_backends.to_string(),
+            format!(
+                "at most {} (health-check probes carry the backend id in their mark)",
+                lb_common::LB_HC_MAX_BACKENDS
+            ),
+        ));
+    }
+    if u64::from(a.ring_size) * u64::from(a.max_vips) > u64::from(u32::MAX / 4) {
+        errs.push(ConfigError::new(
+            "--ring-size",
+            a.ring_size.to_string(),
+            format!(
+                "times --max-vips {} exceeds what one ring array can hold",
+                a.max_vips
+            ),
+        ));
+    }
+    for i in &a.ifaces {
+        if i.is_empty() || i.len() > 15 || i.contains('/') {
+            errs.push(ConfigError::new("--iface", i, "not a valid interface name"));
+        }
+    }
+    if let Some(addr) = a.lb_addr
+        && (addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast())
+    {
+        errs.push(ConfigError::new(
+            "--lb-addr",
+            addr.to_string(),
+            "must be a unicast address of this host",
+        ));
+    }
+}
+
+/// `--target-group` flags → groups in the registry.
+fn add_groups(a: &RunArgs, reg: &mut Registry, errs: &mut Vec<ConfigError>) {
+    for g in &a.target_groups {
+        match parse_target_group(g) {
+            Ok(cfg) => {
+                if let Err(e) = reg.create_group(cfg) {
+                    errs.push(ConfigError::new("--target-group", g, e.to_string()));
+                }
+            }
+            Err(e) => errs.push(ConfigError::new("--target-group", g, e.to_string())),
+        }
+    }
+}
+
+/// `--vip` flags → VIPs bound to their groups (an implicit group per VIP without one).
+fn add_vips(a: &RunArgs, reg: &mut Registry, errs: &mut Vec<ConfigError>) -> Vec<VipSpec> {
+    let mut vips: Vec<VipSpec> = Vec::new();
+    let mut names = BTreeSet::new();
+    for v in &a.vips {
+        let flag = match parse_vip(v) {
+            Ok(f) => f,
+            Err(p) => {
+                errs.push(ConfigError::new("--vip", v, p));
+                continue;
+            }
+        };
+        let spec = flag.spec;
+        if vips.iter().any(|x| x.vip == spec.vip) {
+            errs.push(ConfigError::new("--vip", v, "the same VIP is given twice"));
+            continue;
+        }
+        if let Some(n) = &spec.name
+            && !names.insert(n.clone())
+        {
+            errs.push(ConfigError::new("--vip", v, format!("name {n:?} is taken")));
+            continue;
+        }
+        // The group: forward=, else a --target-group named like the VIP, else an implicit
+        // group of the VIP's own (NLB defaults: TCP checks, 300 s deregistration delay).
+        let label = spec.label();
+        let group = match flag.forward {
+            Some(g) => g,
+            None => {
+                if reg.group_config(&label).is_err() {
+                    let mut cfg = TargetGroupConfig::new(label.clone());
+                    cfg.protocol = match spec.vip.proto {
+                        crate::l4::Proto::Tcp => TargetProtocol::Tcp,
+                        crate::l4::Proto::Udp => TargetProtocol::Udp,
+                    };
+                    if let Err(e) = reg.create_group(cfg) {
+                        errs.push(ConfigError::new("--vip", v, e.to_string()));
+                        continue;
+                    }
+                }
+                label.clone()
+            }
+        };
+        if let Some(n) = &spec.name
+            && *n != group
+            && reg.group_config(n).is_ok()
+        {
+            errs.push(ConfigError::new(
+                "--vip",
+                v,
+                format!(
+                    "a target group is named {n:?} but the VIP forwards to {group:?}: --target \
+                     {n}=… could not tell them apart"
+                ),
+            ));
+            continue;
+        }
+        match reg.add_vip(spec.clone(), &group) {
+            Ok(()) => vips.push(spec),
+            Err(e) => errs.push(ConfigError::new("--vip", v, e.to_string())),
+        }
+    }
+    if vips.len() > a.max_vips as usize {
+        errs.push(ConfigError::new(
+            "--vip",
+            format!("{} VIPs", vips.len()),
+            format!("more than --max-vips {}", a.max_vips),
+        ));
+    }
+    vips
+}
+
+/// `--listener` and `--rule` flags → listeners with their rule books; the rules' group users
+/// go to the registry.
+fn add_listeners(a: &RunArgs, reg: &mut Registry, errs: &mut Vec<ConfigError>) -> Option<L7Spec> {
     let errors_before = errs.len();
     let mut listeners: Vec<ListenerConfig> = Vec::new();
     for l in &a.listeners {
@@ -379,288 +310,194 @@ fn l7_from_args(
         }
     }
 
-    let mut groups: Vec<(TargetGroupConfig, Vec<TargetAddr>)> = Vec::new();
-    for g in &a.target_groups {
-        match parse_target_group(g) {
-            Ok(cfg) if groups.iter().any(|(x, _)| x.name == cfg.name) => {
-                errs.push(ConfigError::new(
-                    "--target-group",
-                    g,
-                    "a target group of this name exists",
-                ));
-            }
-            Ok(cfg)
-                if vips
-                    .iter()
-                    .any(|v| v.spec.name.as_deref() == Some(cfg.name.as_str())) =>
-            {
-                errs.push(ConfigError::new(
-                    "--target-group",
-                    g,
-                    "a VIP has this name; --target could not tell them apart",
-                ));
-            }
-            Ok(cfg) => groups.push((cfg, Vec::new())),
-            Err(e) => errs.push(ConfigError::new("--target-group", g, e.to_string())),
-        }
-    }
-
-    for (raw, t) in targets {
-        let Some((_, list)) = groups.iter_mut().find(|(g, _)| g.name == t.owner) else {
-            errs.push(ConfigError::new(
-                "--target",
-                raw,
-                format!("no VIP or target group is named {:?}", t.owner),
-            ));
-            continue;
-        };
-        let Some(port) = t.port else {
-            errs.push(ConfigError::new(
-                "--target",
-                raw,
-                "targets of an L7 target group need a port: ADDR:PORT",
-            ));
-            continue;
-        };
-        let addr = std::net::SocketAddr::new(t.addr, port);
-        if list.iter().any(|x| x.addr == addr) {
-            errs.push(ConfigError::new(
-                "--target",
-                raw,
-                "already registered with this group",
-            ));
-            continue;
-        }
-        list.push(TargetAddr::with_weight(addr, t.weight));
-    }
-
-    let mut rules: BTreeMap<String, (Vec<Rule>, Option<Action>)> = BTreeMap::new();
+    let mut specs: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for r in &a.rules {
-        match parse_rule(r) {
-            Ok(p) => {
-                if !listeners.iter().any(|l| l.name == p.listener) {
-                    errs.push(ConfigError::new(
-                        "--rule",
-                        r,
-                        format!("no --listener is named {:?}", p.listener),
-                    ));
-                    continue;
-                }
-                let action_groups: Vec<String> = match &p.rule {
-                    RuleOrDefault::Rule(rule) => {
-                        rule.action.target_groups().map(String::from).collect()
-                    }
-                    RuleOrDefault::Default(act) => act.target_groups().map(String::from).collect(),
-                };
-                if let Some(missing) = action_groups
-                    .iter()
-                    .find(|n| !groups.iter().any(|(g, _)| &g.name == *n))
-                {
-                    errs.push(ConfigError::new(
-                        "--rule",
-                        r,
-                        format!("forwards to {missing:?}, which no --target-group defines"),
-                    ));
-                    continue;
-                }
-                let entry = rules.entry(p.listener).or_default();
-                match p.rule {
-                    RuleOrDefault::Rule(rule) => entry.0.push(rule),
-                    RuleOrDefault::Default(_) if entry.1.is_some() => {
-                        errs.push(ConfigError::new(
-                            "--rule",
-                            r,
-                            "this listener already has a default rule",
-                        ));
-                    }
-                    RuleOrDefault::Default(act) => entry.1 = Some(act),
-                }
+        let p = match parse_rule(r) {
+            Ok(p) => p,
+            Err(e) => {
+                errs.push(ConfigError::new("--rule", r, e.to_string()));
+                continue;
             }
-            Err(e) => errs.push(ConfigError::new("--rule", r, e.to_string())),
+        };
+        if !listeners.iter().any(|l| l.name == p.listener) {
+            errs.push(ConfigError::new(
+                "--rule",
+                r,
+                format!("no --listener is named {:?}", p.listener),
+            ));
+            continue;
+        }
+        let action = match &p.rule {
+            crate::rules::RuleOrDefault::Rule(rule) => &rule.action,
+            crate::rules::RuleOrDefault::Default(act) => act,
+        };
+        let mut bad_group = false;
+        for g in action.target_groups() {
+            if let Some(problem) = l7_group_problem(reg, g) {
+                errs.push(ConfigError::new("--rule", r, problem));
+                bad_group = true;
+            }
+        }
+        if !bad_group {
+            specs.entry(p.listener).or_default().push(r);
         }
     }
 
     if listeners.is_empty() {
-        if !groups.is_empty() || !a.rules.is_empty() {
+        if !a.target_groups.is_empty() && a.vips.is_empty() || !a.rules.is_empty() {
             errs.push(ConfigError::new(
                 "--listener",
                 "",
-                "--target-group and --rule need at least one --listener",
+                "--rule (and --target-group without --vip) need at least one --listener",
             ));
         }
         return None;
     }
     let mut out = Vec::new();
+    let mut users: BTreeMap<String, usize> = BTreeMap::new();
     for l in listeners {
-        let (list, default) = rules.remove(&l.name).unwrap_or_default();
-        let Some(default) = default else {
-            errs.push(ConfigError::new(
-                "--listener",
-                l.name.clone(),
-                format!(
-                    "has no default action: add --rule '{},default,forward=GROUP' (or a \
-                     fixed-response/redirect default)",
-                    l.name
-                ),
-            ));
-            continue;
-        };
-        match RuleSet::new(list, default) {
-            Ok(set) => {
-                if let Err(es) = set.validate_for_listener(l.protocol.as_str(), l.bind.port()) {
-                    for e in es {
-                        errs.push(ConfigError::new("--rule", l.name.clone(), e.to_string()));
-                    }
-                    continue;
+        let list = specs.remove(&l.name).unwrap_or_default();
+        match RuleBook::from_specs(&l.name, l.protocol.as_str(), l.bind.port(), &list) {
+            Ok(book) => {
+                for (g, n) in book.group_users() {
+                    *users.entry(g).or_default() += n;
                 }
-                out.push((l, set));
+                out.push((l, book));
             }
             Err(es) => {
                 for e in es {
-                    errs.push(ConfigError::new("--rule", l.name.clone(), e.to_string()));
+                    let flag = if e.starts_with("has no default action") {
+                        "--listener"
+                    } else {
+                        "--rule"
+                    };
+                    errs.push(ConfigError::new(flag, l.name.clone(), e));
                 }
             }
         }
     }
+    reg.set_rule_users(&users);
     if errs.len() > errors_before {
         return None;
     }
-    Some(L7Spec {
-        listeners: out,
-        groups,
-    })
+    Some(L7Spec { listeners: out })
 }
 
-/// Checks a target against its VIP and turns it into an [`L4Target`].
-pub fn l4_target(vip: &VipSpec, t: &TargetSpec) -> Result<L4Target, String> {
-    let IpAddr::V4(addr) = t.addr else {
-        return Err("IPv6 targets are not supported by the L4 tier yet".into());
-    };
-    let port = match (vip.vip.port, t.port) {
-        (0, None) => 0,
-        (0, Some(p)) => {
-            return Err(format!(
-                "VIP {} takes every port, so a target port ({p}) cannot apply: DSR delivers \
-                 packets unchanged",
-                vip.vip
+/// Why a listener rule cannot forward to group `name`, if it cannot.
+pub fn l7_group_problem(reg: &Registry, name: &str) -> Option<String> {
+    match reg.group_config(name) {
+        Err(_) => Some(format!(
+            "forwards to {name:?}, which no --target-group defines"
+        )),
+        Ok(cfg) if !cfg.protocol.is_http() => Some(format!(
+            "forwards to {name:?}, a {} target group: listener rules forward to http or https \
+             groups",
+            cfg.protocol
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// `--target` flags → registered targets.
+fn add_targets(a: &RunArgs, reg: &mut Registry, errs: &mut Vec<ConfigError>) {
+    let mut seen: BTreeSet<(String, SocketAddr)> = BTreeSet::new();
+    for t in &a.targets {
+        let spec = match parse_target(t) {
+            Ok(s) => s,
+            Err(p) => {
+                errs.push(ConfigError::new("--target", t, p));
+                continue;
+            }
+        };
+        let (group, addr) = match reg.resolve(&spec) {
+            Ok(r) => r,
+            Err(p) => {
+                errs.push(ConfigError::new("--target", t, p));
+                continue;
+            }
+        };
+        if !seen.insert((group.clone(), addr)) {
+            errs.push(ConfigError::new(
+                "--target",
+                t,
+                format!("{addr} is already registered with target group {group:?}"),
+            ));
+            continue;
+        }
+        if let Err(e) = reg.register(&group, &[(addr, spec.weight)]) {
+            errs.push(ConfigError::new("--target", t, e.to_string()));
+        }
+    }
+}
+
+/// `--admin-listen` and `--admin-token-file`.
+fn admin_tcp(a: &RunArgs, errs: &mut Vec<ConfigError>) -> Option<AdminTcp> {
+    let Some(addr) = a.admin_listen else {
+        if let Some(f) = &a.admin_token_file {
+            errs.push(ConfigError::new(
+                "--admin-token-file",
+                f.display().to_string(),
+                "only applies with --admin-listen",
             ));
         }
-        (vp, None) => vp,
-        (vp, Some(p)) if p == vp => p,
-        (vp, Some(p)) => {
-            return Err(format!(
-                "port {p} differs from the VIP port {vp}: with direct server return the \
-                 backend receives the packet unchanged, so it must listen on the VIP port"
-            ));
-        }
+        return None;
     };
-    Ok(L4Target {
-        addr,
-        port,
-        weight: t.weight,
-    })
+    if !addr.ip().is_loopback() {
+        errs.push(ConfigError::new(
+            "--admin-listen",
+            addr.to_string(),
+            "must be a loopback address (127.0.0.0/8 or ::1): the admin API changes targets \
+             and rules",
+        ));
+        return None;
+    }
+    let Some(file) = &a.admin_token_file else {
+        errs.push(ConfigError::new(
+            "--admin-listen",
+            addr.to_string(),
+            "needs --admin-token-file: every request must carry its bearer token",
+        ));
+        return None;
+    };
+    match std::fs::read_to_string(file) {
+        Ok(t) if t.trim().len() >= 16 && !t.trim().contains(char::is_whitespace) => {
+            Some(AdminTcp {
+                addr,
+                token: t.trim().to_owned(),
+            })
+        }
+        Ok(_) => {
+            errs.push(ConfigError::new(
+                "--admin-token-file",
+                file.display().to_string(),
+                "the token must be one word of at least 16 characters",
+            ));
+            None
+        }
+        Err(e) => {
+            errs.push(ConfigError::new(
+                "--admin-token-file",
+                file.display().to_string(),
+                format!("cannot read it: {e}"),
+            ));
+            None
+        }
+    }
 }
 
 impl Config {
     /// Validates `lb run` flags. Returns every problem found.
     pub fn from_run_args(a: &RunArgs) -> Result<Config, ConfigErrors> {
         let mut errs = Vec::new();
+        let mut reg = Registry::new();
+        check_sizes(a, &mut errs);
+        add_groups(a, &mut reg, &mut errs);
+        let vips = add_vips(a, &mut reg, &mut errs);
+        let l7 = add_listeners(a, &mut reg, &mut errs);
+        add_targets(a, &mut reg, &mut errs);
+        let admin_tcp = admin_tcp(a, &mut errs);
 
-        if !crate::maglev::is_prime(a.ring_size) {
-            errs.push(ConfigError::new(
-                "--ring-size",
-                a.ring_size.to_string(),
-                "must be prime (Maglev needs it; the default 65537 is)",
-            ));
-        }
-        if a.max_flows == 0 {
-            errs.push(ConfigError::new("--max-flows", "0", "must be at least 1"));
-        }
-        if a.max_vips == 0 || a.max_backends == 0 {
-            errs.push(ConfigError::new(
-                "--max-vips/--max-backends",
-                format!("{}/{}", a.max_vips, a.max_backends),
-                "must be at least 1",
-            ));
-        }
-        if u64::from(a.ring_size) * u64::from(a.max_vips) > u64::from(u32::MAX / 4) {
-            errs.push(ConfigError::new(
-                "--ring-size",
-                a.ring_size.to_string(),
-                format!(
-                    "times --max-vips {} exceeds what one ring array can hold",
-                    a.max_vips
-                ),
-            ));
-        }
-
-        let mut vips: Vec<L4Vip> = Vec::new();
-        let mut names = BTreeSet::new();
-        for v in &a.vips {
-            match parse_vip(v) {
-                Ok(spec) => {
-                    if vips.iter().any(|x| x.spec.vip == spec.vip) {
-                        errs.push(ConfigError::new("--vip", v, "the same VIP is given twice"));
-                        continue;
-                    }
-                    if let Some(n) = &spec.name
-                        && !names.insert(n.clone())
-                    {
-                        errs.push(ConfigError::new("--vip", v, format!("name {n:?} is taken")));
-                        continue;
-                    }
-                    vips.push(L4Vip {
-                        spec,
-                        targets: Vec::new(),
-                    });
-                }
-                Err(p) => errs.push(ConfigError::new("--vip", v, p)),
-            }
-        }
-        if vips.len() > a.max_vips as usize {
-            errs.push(ConfigError::new(
-                "--vip",
-                format!("{} VIPs", vips.len()),
-                format!("more than --max-vips {}", a.max_vips),
-            ));
-        }
-
-        let mut l7_targets: Vec<(String, TargetSpec)> = Vec::new();
-        let mut backends = 0usize;
-        let mut seen: BTreeMap<VipAddr, BTreeSet<(Ipv4Addr, u16)>> = BTreeMap::new();
-        for t in &a.targets {
-            let spec = match parse_target(t) {
-                Ok(s) => s,
-                Err(p) => {
-                    errs.push(ConfigError::new("--target", t, p));
-                    continue;
-                }
-            };
-            let Some(idx) = vips.iter().position(|v| v.spec.answers_to(&spec.owner)) else {
-                // Not a VIP: an L7 target group must claim it (checked with the L7 config).
-                l7_targets.push((t.clone(), spec));
-                continue;
-            };
-            match l4_target(&vips[idx].spec, &spec) {
-                Ok(lt) => {
-                    if !seen
-                        .entry(vips[idx].spec.vip)
-                        .or_default()
-                        .insert((lt.addr, lt.port))
-                    {
-                        errs.push(ConfigError::new(
-                            "--target",
-                            t,
-                            "this target is already registered with this VIP",
-                        ));
-                        continue;
-                    }
-                    backends += 1;
-                    vips[idx].targets.push(lt);
-                }
-                Err(p) => errs.push(ConfigError::new("--target", t, p)),
-            }
-        }
+        let backends: usize = reg.vips().iter().map(|v| reg.target_count(&v.group)).sum();
         if backends > a.max_backends as usize {
             errs.push(ConfigError::new(
                 "--target",
@@ -668,7 +505,6 @@ impl Config {
                 format!("more than --max-backends {}", a.max_backends),
             ));
         }
-
         if !vips.is_empty() && a.ifaces.is_empty() {
             errs.push(ConfigError::new(
                 "--iface",
@@ -683,23 +519,6 @@ impl Config {
                 "no --vip is configured: nothing to balance on this interface",
             ));
         }
-        for i in &a.ifaces {
-            if i.is_empty() || i.len() > 15 || i.contains('/') {
-                errs.push(ConfigError::new("--iface", i, "not a valid interface name"));
-            }
-        }
-        if let Some(addr) = a.lb_addr
-            && (addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast())
-        {
-            errs.push(ConfigError::new(
-                "--lb-addr",
-                addr.to_string(),
-                "must be a unicast address of this host",
-            ));
-        }
-
-        let l7 = l7_from_args(a, &vips, l7_targets, &mut errs);
-
         if vips.is_empty() && l7.is_none() && errs.is_empty() {
             errs.push(ConfigError::new(
                 "--vip/--listener",
@@ -725,8 +544,10 @@ impl Config {
         Ok(Config {
             l4,
             l7,
+            registry: reg,
             pin_path: a.pin_path.clone(),
             admin_socket: a.admin_socket.clone(),
+            admin_tcp,
         })
     }
 }
@@ -737,6 +558,7 @@ mod tests {
 
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::l4::Proto;
 
     fn run_args(flags: &[&str]) -> RunArgs {
         let mut argv = vec!["lb", "run"];
@@ -754,14 +576,32 @@ mod tests {
         }
     }
 
+    fn targets(c: &Config, group: &str) -> Vec<String> {
+        c.registry
+            .describe_target_health(group, None, std::time::Instant::now())
+            .unwrap()
+            .into_iter()
+            .map(|d| {
+                format!(
+                    "{}:{} w{}",
+                    d.target.id,
+                    d.target.port,
+                    d.target.weight.unwrap()
+                )
+            })
+            .collect()
+    }
+
     #[test]
-    fn vip_specs_parse_with_and_without_names() {
+    fn vip_specs_parse_with_and_without_names_and_groups() {
         let v = parse_vip("web=10.100.0.1:80/tcp").unwrap();
-        assert_eq!(v.name.as_deref(), Some("web"));
-        assert_eq!(v.vip.to_string(), "10.100.0.1:80/tcp");
-        let v = parse_vip("10.100.0.2:0/UDP").unwrap();
-        assert_eq!(v.name, None);
-        assert_eq!((v.vip.port, v.vip.proto), (0, Proto::Udp));
+        assert_eq!(v.spec.name.as_deref(), Some("web"));
+        assert_eq!(v.spec.vip.to_string(), "10.100.0.1:80/tcp");
+        assert_eq!(v.forward, None);
+        let v = parse_vip("10.100.0.2:0/UDP,forward=dns").unwrap();
+        assert_eq!(v.spec.name, None);
+        assert_eq!((v.spec.vip.port, v.spec.vip.proto), (0, Proto::Udp));
+        assert_eq!(v.forward.as_deref(), Some("dns"));
         for bad in [
             "10.100.0.1:80",
             "10.100.0.1/tcp",
@@ -770,59 +610,10 @@ mod tests {
             "web site=10.0.0.1:80/tcp",
             "0.0.0.0:80/tcp",
             "[::1]:80/tcp",
+            "web=10.100.0.1:80/tcp,forward=",
+            "web=10.100.0.1:80/tcp,mode=nat",
         ] {
             assert!(parse_vip(bad).is_err(), "{bad} accepted");
-        }
-    }
-
-    #[test]
-    fn vip_map_keys_round_trip_in_network_order_and_markers_are_no_vips() {
-        let v: VipAddr = "10.100.0.1:8080/udp".parse().unwrap();
-        let k = v.map_key();
-        // As in the packet header: address bytes and port bytes in wire order.
-        assert_eq!(k.addr.to_ne_bytes(), [10, 100, 0, 1]);
-        assert_eq!(k.port.to_ne_bytes(), [0x1f, 0x90]);
-        assert_eq!(k.proto, 17);
-        assert_eq!(VipAddr::from_map_key(&k), Some(v));
-        let marker = lb_common::VipKey {
-            proto: lb_common::VIP_MARKER_PROTO,
-            ..k
-        };
-        assert_eq!(VipAddr::from_map_key(&marker), None);
-    }
-
-    #[test]
-    fn a_vip_answers_to_its_name_and_its_address_spec_only() {
-        let v = parse_vip("web=10.100.0.1:80/tcp").unwrap();
-        assert!(v.answers_to("web"));
-        assert!(v.answers_to("10.100.0.1:80/tcp"));
-        assert!(v.answers_to("10.100.0.1:80/TCP"));
-        for other in ["api", "10.100.0.1:81/tcp", "10.100.0.1:80/udp", "WEB"] {
-            assert!(!v.answers_to(other), "{other}");
-        }
-    }
-
-    #[test]
-    fn target_specs_parse_ports_weights_and_v6() {
-        let t = parse_target("web=10.0.0.11:80,weight=3").unwrap();
-        assert_eq!(t.owner, "web");
-        assert_eq!(t.port, Some(80));
-        assert_eq!(t.weight, 3);
-        let t = parse_target("10.100.0.1:80/tcp=10.0.0.12").unwrap();
-        assert_eq!(t.owner, "10.100.0.1:80/tcp");
-        assert_eq!((t.port, t.weight), (None, 1));
-        let t = parse_target("api=[2001:db8::1]:8080").unwrap();
-        assert_eq!(t.port, Some(8080));
-        for bad in [
-            "10.0.0.11",
-            "=10.0.0.11",
-            "web=10.0.0.11,weight=0",
-            "web=10.0.0.11,weight=x",
-            "web=10.0.0.11,colour=red",
-            "web=host:80",
-            "web=10.0.0.11:0",
-        ] {
-            assert!(parse_target(bad).is_err(), "{bad} accepted");
         }
     }
 
@@ -843,24 +634,45 @@ mod tests {
             "10.100.0.2:0/udp=10.0.0.13",
         ]))
         .unwrap();
-        let l4 = c.l4.unwrap();
+        let l4 = c.l4.as_ref().unwrap();
         assert_eq!(l4.vips.len(), 2);
+        // Each VIP without forward= gets a group of its own, named after it.
+        assert_eq!(targets(&c, "web"), ["10.0.0.11:80 w1", "10.0.0.12:80 w3"]);
+        assert_eq!(targets(&c, "10.100.0.2:0/udp"), ["10.0.0.13:0 w1"]);
+        let web = c.registry.group_config("web").unwrap();
+        assert_eq!(web.protocol, TargetProtocol::Tcp);
         assert_eq!(
-            l4.vips[0].targets,
-            vec![
-                L4Target {
-                    addr: Ipv4Addr::new(10, 0, 0, 11),
-                    port: 80,
-                    weight: 1
-                },
-                L4Target {
-                    addr: Ipv4Addr::new(10, 0, 0, 12),
-                    port: 80,
-                    weight: 3
-                }
-            ]
+            web.check().unwrap().protocol,
+            crate::targets::health_check::CheckProtocol::Tcp,
+            "NLB's default check"
         );
-        assert_eq!(l4.vips[1].targets[0].port, 0);
+    }
+
+    #[test]
+    fn vips_forward_to_target_groups_usable_by_rules_too() {
+        let c = Config::from_run_args(&run_args(&[
+            "--iface",
+            "eth0",
+            "--target-group",
+            "web,health-check-path=/healthz",
+            "--vip",
+            "front=10.100.0.1:80/tcp,forward=web",
+            "--listener",
+            "l=http://127.0.0.1:8080",
+            "--rule",
+            "l,default,forward=web",
+            "--target",
+            "front=10.0.0.11",
+            "--target",
+            "web=10.0.0.12:80",
+        ]))
+        .unwrap();
+        assert_eq!(targets(&c, "web"), ["10.0.0.11:80 w1", "10.0.0.12:80 w1"]);
+        assert_eq!(c.registry.vips()[0].group, "web");
+        assert!(
+            c.registry.group_config("front").is_err(),
+            "no implicit group"
+        );
     }
 
     #[test]
@@ -950,11 +762,10 @@ mod tests {
         ]))
         .unwrap();
         assert!(c.l4.is_none());
-        let l7 = c.l7.unwrap();
+        let l7 = c.l7.as_ref().unwrap();
         assert_eq!(l7.listeners.len(), 1);
-        assert_eq!(l7.listeners[0].1.len(), 1);
-        assert_eq!(l7.groups.len(), 2);
-        assert_eq!(l7.groups[1].1[0].weight, 2);
+        assert_eq!(l7.listeners[0].1.compiled().len(), 1);
+        assert_eq!(targets(&c, "app"), ["127.0.0.1:9002 w2"]);
     }
 
     #[test]
@@ -966,10 +777,14 @@ mod tests {
             "api=http://127.0.0.1:8081",
             "--target-group",
             "app",
+            "--target-group",
+            "raw,protocol=tcp",
             "--target",
             "app=127.0.0.1",
             "--rule",
             "web,priority=10,path=/x,forward=nope",
+            "--rule",
+            "web,priority=11,path=/y,forward=raw",
             "--rule",
             "other,default,forward=app",
             "--rule",
@@ -979,8 +794,79 @@ mod tests {
         let has = |needle: &str| text.iter().any(|t| t.contains(needle));
         assert!(has("need a port"), "{text:#?}");
         assert!(has("which no --target-group defines"), "{text:#?}");
+        assert!(
+            has("listener rules forward to http or https groups"),
+            "{text:#?}"
+        );
         assert!(has("no --listener is named"), "{text:#?}");
         assert!(has("has no default action"), "{text:#?}");
-        assert_eq!(errs.len(), 4, "{text:#?}");
+        assert_eq!(errs.len(), 5, "{text:#?}");
+    }
+
+    #[test]
+    fn the_admin_tcp_listener_is_loopback_only_and_needs_a_token() {
+        let dir = std::env::temp_dir().join(format!("lb-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("token");
+        std::fs::write(&good, "0123456789abcdef0123\n").unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "abc").unwrap();
+        let base = [
+            "--listener",
+            "web=http://127.0.0.1:8080",
+            "--rule",
+            "web,default,fixed-response=200",
+        ];
+        let with = |extra: &[&str]| {
+            let mut f: Vec<&str> = base.to_vec();
+            f.extend_from_slice(extra);
+            Config::from_run_args(&run_args(&f))
+        };
+        let ok = with(&[
+            "--admin-listen",
+            "127.0.0.1:9900",
+            "--admin-token-file",
+            good.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(ok.admin_tcp.unwrap().token, "0123456789abcdef0123");
+        for (extra, needle) in [
+            (
+                vec![
+                    "--admin-listen",
+                    "0.0.0.0:9900",
+                    "--admin-token-file",
+                    good.to_str().unwrap(),
+                ],
+                "loopback",
+            ),
+            (
+                vec!["--admin-listen", "127.0.0.1:9900"],
+                "needs --admin-token-file",
+            ),
+            (
+                vec![
+                    "--admin-listen",
+                    "127.0.0.1:9900",
+                    "--admin-token-file",
+                    short.to_str().unwrap(),
+                ],
+                "16 characters",
+            ),
+            (
+                vec!["--admin-token-file", good.to_str().unwrap()],
+                "only applies",
+            ),
+        ] {
+            let errs = match with(&extra) {
+                Ok(_) => panic!("{extra:?} accepted"),
+                Err(e) => e.0,
+            };
+            assert!(
+                errs.iter().any(|e| e.problem.contains(needle)),
+                "{extra:?}: {errs:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -407,6 +407,28 @@ impl Maps {
         sum_counters(&self.backend_stats, backend_id, "LB_BACKEND_STATS")
     }
 
+    /// Deletes every flow-table entry pinned to `backend_id` (it left for good), so the
+    /// entries neither linger in `lb dump flows` nor meet a later owner of the id. Returns
+    /// how many were deleted. Walks the whole table: a control-path operation.
+    pub fn remove_flows_of(&mut self, backend_id: u32) -> Result<usize> {
+        let doomed: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter_map(|entry| match entry {
+                Ok((k, v)) if v.backend_id == backend_id => Some(k),
+                // An entry evicted while we walk is simply gone.
+                _ => None,
+            })
+            .collect();
+        let mut removed = 0;
+        for k in doomed {
+            if self.flows.remove(&k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Zeroes one backend's counters (its id is being given to a new backend).
     pub fn reset_backend_counters(&mut self, backend_id: u32) -> Result<()> {
         let n = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Io {
@@ -431,10 +453,19 @@ fn sum_counters(map: &PerCpuArray<MapData, Counters>, idx: u32, name: &str) -> R
     let v = map
         .get(&idx, 0)
         .map_err(map_err(format!("reading {name}[{idx}]")))?;
-    Ok(v.iter().fold(Counters::default(), |a, c| Counters {
-        packets: a.packets + c.packets,
-        bytes: a.bytes + c.bytes,
-        new_flows: a.new_flows + c.new_flows,
+    Ok(v.iter().fold(Counters::default(), |a, c| {
+        let Counters {
+            packets,
+            bytes,
+            new_flows,
+            unhealthy_routing_flows,
+        } = *c;
+        Counters {
+            packets: a.packets + packets,
+            bytes: a.bytes + bytes,
+            new_flows: a.new_flows + new_flows,
+            unhealthy_routing_flows: a.unhealthy_routing_flows + unhealthy_routing_flows,
+        }
     }))
 }
 

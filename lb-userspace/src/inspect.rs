@@ -2,13 +2,13 @@
 //! and print them as a table (or JSON with `--json`).
 
 use anyhow::Context as _;
-use lb_common::{BACKEND_F_IN_SERVICE, Backend, RING_EMPTY, VipKey, ipv4_from_map};
+use lb_common::{BACKEND_F_ACTIVE, BACKEND_F_IN_RING, Backend, RING_EMPTY, VipKey, ipv4_from_map};
 use serde_json::{Value, json};
 
 use crate::{
     cli::{DumpArgs, DumpWhat, PinArgs},
-    config::{Proto, VipAddr},
     dataplane::Maps,
+    l4::{Proto, VipAddr},
 };
 
 fn vip_addr(k: &VipKey) -> String {
@@ -38,7 +38,10 @@ fn backend_json(id: u32, b: &Backend, maps: &Maps) -> anyhow::Result<Value> {
         "port": u16::from_be(b.port),
         "vip_id": b.vip_id,
         "weight": b.weight,
-        "in_service": b.flags & BACKEND_F_IN_SERVICE != 0,
+        // Takes new flows / keeps forwarding the flows pinned to it (draining: only the
+        // latter).
+        "in_ring": b.flags & BACKEND_F_IN_RING != 0,
+        "active": b.flags & BACKEND_F_ACTIVE != 0,
         "packets": c.packets,
         "bytes": c.bytes,
         "new_flows": c.new_flows,
@@ -82,6 +85,7 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
             "packets": c.packets,
             "bytes": c.bytes,
             "new_flows": c.new_flows,
+            "unhealthy_routing_flows": c.unhealthy_routing_flows,
             "backends": bs,
         }));
     }
@@ -124,10 +128,10 @@ pub fn stats(args: &PinArgs) -> anyhow::Result<()> {
                 b["addr"].as_str().unwrap_or("?"),
                 b["port"],
                 b["weight"],
-                if b["in_service"].as_bool() == Some(true) {
-                    ""
-                } else {
-                    " (out)"
+                match (b["in_ring"].as_bool(), b["active"].as_bool()) {
+                    (Some(true), _) => "",
+                    (_, Some(true)) => " (draining)",
+                    _ => " (out)",
                 }
             );
             println!(

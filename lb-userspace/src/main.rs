@@ -18,7 +18,10 @@ fn main() -> ExitCode {
         Command::Decap(a) => runtime().and_then(|rt| rt.block_on(lb::daemon::decap(a))),
         Command::Stats(a) => lb::inspect::stats(&a),
         Command::Dump(a) => lb::inspect::dump(&a),
-        Command::Targets(a) => lb::daemon::targets(a),
+        Command::Targets(a) => lb::ctl::targets(a),
+        Command::Groups(a) => lb::ctl::groups(a),
+        Command::Listeners(a) => lb::ctl::listeners(a),
+        Command::Rules(a) => lb::ctl::rules(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,9 +17,8 @@
 use std::{fmt::Debug, io, net::Ipv4Addr, process::Command, sync::mpsc, thread, time::Duration};
 
 use lb::{
-    config::{L4Target, Proto, VipAddr, VipSpec},
     dataplane::{Balancer, Decap, Maps, Sizes, TcTestRun},
-    l4::L4Registry,
+    l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
     packet::{self, ETH_LEN, Frame, IPV4_LEN},
 };
 use lb_common::{Counters, DecapReason, FlowKey, HcReason, Reason};
@@ -165,10 +164,12 @@ fn ifindex(name: &str) -> u32 {
 // The balancer under test.
 // ---------------------------------------------------------------------------------------------
 
-/// `lb_xdp` loaded (in the current thread's namespace) with a registry writing its maps.
+/// `lb_xdp` loaded (in the current thread's namespace) with a ring writer for its maps and
+/// the members of each VIP, as the registry would hand them over.
 struct Lb {
     balancer: Balancer,
-    registry: L4Registry<Maps>,
+    registry: RingWriter<Maps>,
+    members: std::collections::BTreeMap<VipAddr, Vec<L4Member>>,
 }
 
 impl Lb {
@@ -183,7 +184,8 @@ impl Lb {
             Balancer::load(sizes, LB_ADDR, None).expect("loading lb_xdp (verifier, privileges)");
         Self {
             balancer,
-            registry: L4Registry::new(maps, RING, sizes.max_vips, sizes.max_backends),
+            registry: RingWriter::new(maps, RING, sizes.max_vips, sizes.max_backends),
+            members: std::collections::BTreeMap::new(),
         }
     }
 
@@ -205,21 +207,19 @@ impl Lb {
     }
 
     fn register(&mut self, vip: &VipAddr, backends: &[Ipv4Addr]) {
-        let targets: Vec<L4Target> = backends
-            .iter()
-            .map(|&addr| L4Target {
-                addr,
-                port: vip.port,
-                weight: 1,
-            })
-            .collect();
-        self.registry.register(vip, &targets).expect("register");
+        let list = self.members.entry(*vip).or_default();
+        list.extend(
+            backends
+                .iter()
+                .map(|&addr| L4Member::in_service(addr, vip.port, 1)),
+        );
+        self.registry.apply(vip, list, false).expect("register");
     }
 
     fn deregister(&mut self, vip: &VipAddr, backend: Ipv4Addr) {
-        self.registry
-            .deregister(vip, &[(backend, vip.port)])
-            .expect("deregister");
+        let list = self.members.entry(*vip).or_default();
+        list.retain(|m| m.addr != backend);
+        self.registry.apply(vip, list, false).expect("deregister");
     }
 
     fn maps(&self) -> &Maps {
@@ -244,7 +244,7 @@ impl Lb {
             .describe()
             .into_iter()
             .find(|(spec, _, _)| spec.vip == *vip)
-            .and_then(|(_, _, backends)| backends.into_iter().find(|b| b.target.addr == addr))
+            .and_then(|(_, _, backends)| backends.into_iter().find(|b| b.member.addr == addr))
             .map(|b| b.id)
             .expect("backend registered")
     }
@@ -801,6 +801,7 @@ fn vip_packet_is_encapsulated_to_its_backend_and_redirected_to_the_egress_interf
             packets: 1,
             bytes: inner_len,
             new_flows: 1,
+            unhealthy_routing_flows: 0,
         };
         assert_eq!(lb.vip_counters(&web), expected, "VIP counters");
         assert_eq!(
@@ -1018,7 +1019,8 @@ fn encapsulation_that_would_exceed_the_egress_mtu_is_answered_with_icmp_or_dropp
             Counters {
                 packets: 1,
                 bytes: 980,
-                new_flows: 1
+                new_flows: 1,
+                unhealthy_routing_flows: 0,
             }
         );
     });
@@ -1095,6 +1097,7 @@ fn same_five_tuple_goes_to_the_same_backend_and_counts_one_new_flow() {
             packets: 2,
             bytes: 2 * len,
             new_flows: 1,
+            unhealthy_routing_flows: 0,
         };
         assert_eq!(lb.vip_counters(&web), two_packets_one_flow);
         assert_eq!(lb.backend_counters(&web, first), two_packets_one_flow);

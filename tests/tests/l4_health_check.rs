@@ -98,10 +98,7 @@ impl HcBed {
         // backend-1 is out of service (flags 0), as an unhealthy target is: it must still be
         // probed, or it could never be found healthy again.
         maps.set_backend(BE1_ID, backend_entry(be1.addr, 0))?;
-        maps.set_backend(
-            BE2_ID,
-            backend_entry(be2.addr, lb_common::BACKEND_F_IN_SERVICE),
-        )?;
+        maps.set_backend(BE2_ID, backend_entry(be2.addr, lb_common::BACKEND_F_ACTIVE))?;
         Ok(Self {
             balancer,
             maps,

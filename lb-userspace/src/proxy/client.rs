@@ -37,7 +37,7 @@ use super::pool::{H1Conn, H2Conn, TargetPool};
 
 mod body;
 mod connect;
-mod tls;
+pub mod tls;
 
 pub use body::MAX_REPLAY_BYTES;
 use body::{Checkin, Replay, TargetBody};

@@ -85,6 +85,13 @@ pub enum ProxyError {
         /// The timeout that expired.
         timeout: Duration,
     },
+    /// The target's deregistration delay ended with the request still open (502, as ALB:
+    /// what is still open when the delay ends is closed).
+    #[error("target {target} left its group (deregistration delay over) mid-request")]
+    DrainExpired {
+        /// `addr:port` of the target.
+        target: String,
+    },
     /// A bug or resource failure in the load balancer (500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -103,7 +110,7 @@ impl ProxyError {
             Self::VersionNotSupported => 505,
             Self::ProtocolMismatch => 464,
             Self::NoTarget { .. } => 503,
-            Self::Connect { .. } | Self::TargetFailed { .. } => 502,
+            Self::Connect { .. } | Self::TargetFailed { .. } | Self::DrainExpired { .. } => 502,
             Self::ConnectTimeout { .. } | Self::TargetTimeout { .. } => 504,
             Self::Internal(_) => 500,
         };
@@ -121,7 +128,7 @@ impl ProxyError {
             | Self::NotImplemented
             | Self::VersionNotSupported
             | Self::ProtocolMismatch => Side::Client,
-            Self::NoTarget { .. } | Self::Internal(_) => Side::Internal,
+            Self::NoTarget { .. } | Self::Internal(_) | Self::DrainExpired { .. } => Side::Internal,
             Self::Connect { .. }
             | Self::ConnectTimeout { .. }
             | Self::TargetFailed { .. }

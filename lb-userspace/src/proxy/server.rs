@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -287,12 +288,15 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
     Ok(cfg)
 }
 
+/// Target groups by name (the names forward actions use).
+pub type Groups = HashMap<String, Arc<TargetGroup>>;
+
 /// Everything the L7 tier serves.
 pub struct L7Config {
     /// Listeners with their rules.
     pub listeners: Vec<(ListenerConfig, RuleSet)>,
     /// Target groups by name (the names forward actions use).
-    pub groups: HashMap<String, Arc<TargetGroup>>,
+    pub groups: Groups,
     /// Connections to targets.
     pub client: ClientConfig,
 }
@@ -346,7 +350,8 @@ enum Phase {
 
 /// What every listener shares.
 struct Shared {
-    groups: HashMap<String, Arc<TargetGroup>>,
+    /// Swapped whole when groups come or go; each request loads it once.
+    groups: ArcSwap<Groups>,
     forwarder: Forwarder,
     counters: Arc<L7Counters>,
     phase: watch::Receiver<Phase>,
@@ -355,23 +360,62 @@ struct Shared {
 /// One listener at run time.
 struct Listener {
     cfg: ListenerConfig,
-    rules: RuleSet,
+    /// Swapped whole when a rule changes: a request evaluates one version from start to end,
+    /// and open connections are not touched.
+    rules: Arc<ArcSwap<RuleSet>>,
     port: u16,
     tls: Option<tokio_rustls::TlsAcceptor>,
     http: auto::Builder<TokioExecutor>,
     shared: Arc<Shared>,
 }
 
+/// Changes a running L7 tier's rules and target groups, atomically, without touching open
+/// connections.
+#[derive(Clone)]
+pub struct L7Handle {
+    shared: Arc<Shared>,
+    rules: Arc<HashMap<String, Arc<ArcSwap<RuleSet>>>>,
+}
+
+impl L7Handle {
+    /// Replaces a listener's rules; false if there is no such listener.
+    pub fn set_rules(&self, listener: &str, rules: Arc<RuleSet>) -> bool {
+        match self.rules.get(listener) {
+            Some(slot) => {
+                slot.store(rules);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces the target groups.
+    pub fn set_groups(&self, groups: Groups) {
+        self.shared.groups.store(Arc::new(groups));
+    }
+
+    /// The current target groups.
+    pub fn groups(&self) -> Arc<Groups> {
+        self.shared.groups.load_full()
+    }
+}
+
 /// A running L7 tier (from [`start`]).
 pub struct RunningL7 {
     /// Every listener's name and bound address (port 0 resolved).
     pub addrs: Vec<(String, SocketAddr)>,
+    handle: L7Handle,
     counters: Arc<L7Counters>,
     phase: watch::Sender<Phase>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningL7 {
+    /// The handle that changes rules and groups at run time.
+    pub fn handle(&self) -> L7Handle {
+        self.handle.clone()
+    }
+
     /// The tier's counters.
     pub fn counters(&self) -> &Arc<L7Counters> {
         &self.counters
@@ -414,14 +458,17 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     let counters = Arc::new(L7Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let shared = Arc::new(Shared {
-        groups,
+        groups: ArcSwap::from_pointee(groups),
         forwarder: Forwarder::new(client),
         counters: counters.clone(),
         phase: phase_rx,
     });
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
+    let mut rule_slots = HashMap::new();
     for (lcfg, rules) in listeners {
+        let rules = Arc::new(ArcSwap::from_pointee(rules));
+        rule_slots.insert(lcfg.name.clone(), rules.clone());
         let tls = match lcfg.protocol {
             ListenerProtocol::Http => None,
             ListenerProtocol::Https => Some(tokio_rustls::TlsAcceptor::from(
@@ -444,6 +491,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         });
         bound.push((listener, socket));
     }
+    let shared_for_handle = shared.clone();
     let task = tokio::spawn(async move {
         let mut loops = JoinSet::new();
         for (listener, socket) in bound {
@@ -453,6 +501,10 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     });
     Ok(RunningL7 {
         addrs,
+        handle: L7Handle {
+            shared: shared_for_handle,
+            rules: Arc::new(rule_slots),
+        },
         counters,
         phase: phase_tx,
         task: Some(task),

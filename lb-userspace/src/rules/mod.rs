@@ -108,6 +108,7 @@
 //! ```
 
 mod action;
+mod book;
 mod condition;
 mod error;
 mod parse;
@@ -120,11 +121,12 @@ pub use action::{
     MAX_GROUP_STICKINESS, MAX_TARGET_GROUPS_PER_FORWARD, MAX_WEIGHT, MIN_GROUP_STICKINESS,
     RedirectAction, RedirectParts, RedirectStatus, WeightedGroup,
 };
+pub use book::RuleBook;
 pub use condition::{
     Condition, MAX_VALUES_PER_CONDITION, MAX_VALUES_PER_RULE, MAX_WILDCARDS_PER_RULE, QueryValue,
 };
 pub use error::RuleError;
-pub use parse::{ParsedRule, RuleOrDefault, parse_rule};
+pub use parse::{ParsedRule, RuleOrDefault, parse_rule, rule_body};
 
 /// Lowest rule priority (evaluated first).
 pub const MIN_PRIORITY: u32 = 1;

@@ -55,6 +55,22 @@ pub fn parse_rule(spec: &str) -> Result<ParsedRule, RuleError> {
     Ok(ParsedRule { listener, rule })
 }
 
+/// The parts of a `--rule` spec after the listener name, without its `priority=N` or
+/// `default` part, as written (escapes kept): what a rule says, apart from which rule it is.
+pub fn rule_body(spec: &str) -> String {
+    let parts = split_unescaped(spec, ',');
+    parts
+        .iter()
+        .skip(1)
+        .filter(|p| {
+            let p = p.trim_start();
+            p != "default" && !p.starts_with("priority=")
+        })
+        .copied()
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Accumulates the parts of one spec.
 #[derive(Default)]
 struct Builder<'a> {

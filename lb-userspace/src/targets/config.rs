@@ -5,6 +5,11 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::health_check::{
+    CheckMode, CheckPort, CheckProtocol, HealthCheck, HealthCheckSettings, INTERVAL_RANGE, Matcher,
+    THRESHOLD_RANGE, TIMEOUT_RANGE,
+};
+
 /// Protocol the load balancer speaks to the targets of a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TargetProtocol {
@@ -14,15 +19,28 @@ pub enum TargetProtocol {
     /// TLS to the targets. Certificates are not verified unless
     /// [`TargetGroupConfig::verify_tls`] is set, as on AWS.
     Https,
+    /// An L4 (NLB-style) group of TCP targets: usable by TCP VIPs only. Health checks default
+    /// to NLB's (TCP, 10 s timeout).
+    Tcp,
+    /// An L4 group of UDP targets: usable by UDP VIPs only; checked over TCP by default, as
+    /// AWS checks UDP targets.
+    Udp,
 }
 
 impl TargetProtocol {
-    /// The spelling used on the command line and in logs (`http`, `https`).
+    /// The spelling used on the command line and in logs (`http`, `https`, `tcp`, `udp`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Http => "http",
             Self::Https => "https",
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
         }
+    }
+
+    /// Whether L7 rules may forward to a group of this protocol (HTTP and HTTPS groups).
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::Http | Self::Https)
     }
 }
 
@@ -148,6 +166,10 @@ pub struct TargetGroupConfig {
     /// Verify target certificates (only with `protocol=https`); default `false`, as on AWS,
     /// which never verifies target certificates.
     pub verify_tls: bool,
+    /// Health checks; every unset field takes AWS's default for the protocol.
+    pub health_check: HealthCheckSettings,
+    /// Lifecycle attributes (deregistration delay, slow start, fail-open threshold, …).
+    pub attributes: GroupAttributes,
 }
 
 impl TargetGroupConfig {
@@ -161,12 +183,100 @@ impl TargetGroupConfig {
             algorithm: Algorithm::default(),
             stickiness: Stickiness::default(),
             verify_tls: false,
+            health_check: HealthCheckSettings::default(),
+            attributes: GroupAttributes::default(),
+        }
+    }
+
+    /// The effective health check (None when checks are disabled).
+    pub fn check(&self) -> Option<HealthCheck> {
+        self.health_check.effective(self.protocol)
+    }
+}
+
+/// Deregistration delay default (AWS `deregistration_delay.timeout_seconds`: 300 s).
+pub const DEFAULT_DEREGISTRATION_DELAY: Duration = Duration::from_secs(300);
+/// Longest deregistration delay AWS accepts: 3600 s.
+pub const MAX_DEREGISTRATION_DELAY: Duration = Duration::from_secs(3600);
+/// Slow-start durations AWS accepts (30–900 s; 0 turns it off).
+pub const SLOW_START_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(30)..=Duration::from_secs(900);
+/// Longest unhealthy draining interval AWS accepts: 360,000 s.
+pub const MAX_UNHEALTHY_DRAINING: Duration = Duration::from_secs(360_000);
+
+/// When a group stops trusting its health checks and routes to every target ("fail open"):
+/// below `count` healthy targets, or below `percent` of the targets that could serve.
+/// AWS `target_group_health.unhealthy_state_routing.minimum_healthy_targets.*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinHealthy {
+    /// Minimum healthy count (AWS default 1: fail open only when none is healthy).
+    pub count: u32,
+    /// Minimum healthy percentage, 1–100 (AWS default off).
+    pub percent: Option<u8>,
+}
+
+impl Default for MinHealthy {
+    fn default() -> Self {
+        Self {
+            count: 1,
+            percent: None,
+        }
+    }
+}
+
+/// A target group's lifecycle attributes (AWS target group attributes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupAttributes {
+    /// How long a deregistered target drains: no new requests or flows, in-flight ones
+    /// finish; what is left when it ends is closed. Default [`DEFAULT_DEREGISTRATION_DELAY`].
+    pub deregistration_delay: Duration,
+    /// Slow start (L7): a newly healthy target's share ramps up linearly over this long.
+    /// Default off.
+    pub slow_start: Option<Duration>,
+    /// Fail-open threshold; default: fail open only when no target is healthy.
+    pub min_healthy: MinHealthy,
+    /// L4: an unhealthy target keeps its established flows this long (NLB's
+    /// `target_health_state.unhealthy.draining_interval_seconds` with connection termination
+    /// disabled). Default None: its flows are re-steered at once (NLB's default).
+    pub unhealthy_draining: Option<Duration>,
+}
+
+impl Default for GroupAttributes {
+    fn default() -> Self {
+        Self {
+            deregistration_delay: DEFAULT_DEREGISTRATION_DELAY,
+            slow_start: None,
+            min_healthy: MinHealthy::default(),
+            unhealthy_draining: None,
         }
     }
 }
 
 /// Options `--target-group` accepts after the name (listed in error messages).
-const OPTIONS: &str = "protocol, protocol-version, algorithm, stickiness, verify-tls";
+const OPTIONS: &str = "protocol, protocol-version, algorithm, stickiness, verify-tls, \
+    health-check, health-check-port, health-check-path, health-check-interval, \
+    health-check-timeout, healthy-threshold, unhealthy-threshold, matcher, health-check-mode, \
+    deregistration-delay, slow-start, min-healthy-targets, min-healthy-percent, \
+    unhealthy-draining";
+
+/// Options that can change on a running group (modify-target-group). The others shape how
+/// requests are forwarded and picked; change them by creating a new group.
+pub const RUNTIME_OPTIONS: &[&str] = &[
+    "health-check",
+    "health-check-port",
+    "health-check-path",
+    "health-check-interval",
+    "health-check-timeout",
+    "healthy-threshold",
+    "unhealthy-threshold",
+    "matcher",
+    "health-check-mode",
+    "deregistration-delay",
+    "slow-start",
+    "min-healthy-targets",
+    "min-healthy-percent",
+    "unhealthy-draining",
+];
 
 /// Why a `--target-group` value was refused. Every variant names the option at fault and what
 /// it accepts.
@@ -239,20 +349,51 @@ pub enum TargetGroupError {
         /// Group name.
         group: String,
     },
+    /// Options that contradict each other (e.g. a timeout not shorter than the interval).
+    #[error("target group {group}: {problem}")]
+    Inconsistent {
+        /// Group name.
+        group: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// An option that cannot change on a running group.
+    #[error(
+        "target group {group}: {option} cannot change on a running group (create a new group and move the rules); changeable: {}",
+        RUNTIME_OPTIONS.join(", ")
+    )]
+    NotChangeable {
+        /// Group name.
+        group: String,
+        /// The option.
+        option: String,
+    },
 }
 
-const PROTOCOL_VALUES: &str = "http or https";
+const PROTOCOL_VALUES: &str = "http, https, tcp or udp";
 const PROTOCOL_VERSION_VALUES: &str = "http1 or http2";
 const ALGORITHM_VALUES: &str = "round_robin, least_outstanding_requests or weighted_random";
 const STICKINESS_VALUES: &str = "lb_cookie[:SECONDS] or app_cookie:COOKIE[:SECONDS]";
 const VERIFY_TLS_VALUES: &str = "true or false";
+const HEALTH_CHECK_VALUES: &str = "http, https, tcp, on or off";
+const PORT_VALUES: &str = "traffic-port or a port from 1 to 65535";
+const PATH_VALUES: &str = "an absolute path starting with '/', at most 1024 characters";
+const INTERVAL_VALUES: &str = "seconds from 0.1 to 300 (AWS: 5 to 300)";
+const TIMEOUT_VALUES: &str = "seconds from 0.05 to 120 (AWS: 2 to 120)";
+const THRESHOLD_VALUES: &str = "a count from 2 to 10";
+const MATCHER_VALUES: &str = "status codes and ranges separated by '|', e.g. 200|202|300-399";
+const MODE_VALUES: &str = "auto, datapath or direct";
+const DELAY_VALUES: &str = "seconds from 0 to 3600";
+const SLOW_START_VALUES: &str = "0 (off) or seconds from 30 to 900";
+const MIN_HEALTHY_VALUES: &str = "a count of at least 1";
+const MIN_PERCENT_VALUES: &str = "a percentage from 1 to 100, or off";
+const UNHEALTHY_DRAINING_VALUES: &str = "0 (off) or seconds up to 360000";
 const COOKIE_NAME_VALUES: &str =
     "a cookie name: RFC 6265 token characters, not starting with AWSALB (reserved)";
 
-/// Parses one `--target-group` value:
-/// `NAME[,protocol=http|https][,protocol-version=http1|http2]`
-/// `[,algorithm=round_robin|least_outstanding_requests|weighted_random]`
-/// `[,stickiness=lb_cookie[:SECONDS]|app_cookie:COOKIE[:SECONDS]][,verify-tls=true|false]`.
+/// Parses one `--target-group` value: `NAME[,OPTION=VALUE…]`, options as in the README
+/// (`protocol`, `protocol-version`, `algorithm`, `stickiness`, `verify-tls`, the
+/// `health-check*` settings and the lifecycle attributes).
 ///
 /// Option names and keyword values are case-insensitive; the name and the cookie name are
 /// taken as given. Each option may appear once.
@@ -260,21 +401,150 @@ pub fn parse_target_group(spec: &str) -> Result<TargetGroupConfig, TargetGroupEr
     let mut parts = spec.split(',').map(str::trim);
     let name = parts.next().unwrap_or_default();
     validate_name(name)?;
-    let group = name.to_owned();
     let mut config = TargetGroupConfig::new(name);
     let mut seen: Vec<&'static str> = Vec::new();
-
     for part in parts {
         let (raw_option, value) = match part.split_once('=') {
             Some((option, value)) => (option.trim(), value.trim()),
             None => (part, ""),
         };
-        let (option, expected) = match raw_option.to_ascii_lowercase().as_str() {
+        let option = set_option(&mut config, raw_option, value)?;
+        if seen.contains(&option) {
+            return Err(TargetGroupError::DuplicateOption {
+                group: config.name,
+                option,
+            });
+        }
+        seen.push(option);
+    }
+    check_consistency(&config)?;
+    Ok(config)
+}
+
+/// Applies `OPTION=VALUE` pairs to a running group's configuration (modify-target-group):
+/// only [`RUNTIME_OPTIONS`] may change. Returns the new configuration; `config` is left as
+/// it was when anything is refused.
+pub fn modify_target_group(
+    config: &TargetGroupConfig,
+    changes: &[(String, String)],
+) -> Result<TargetGroupConfig, TargetGroupError> {
+    let mut new = config.clone();
+    for (option, value) in changes {
+        let canonical = option.trim().to_ascii_lowercase();
+        if !RUNTIME_OPTIONS.contains(&canonical.as_str()) {
+            // Unknown options get the unknown-option error, known ones this.
+            let mut probe = TargetGroupConfig::new(config.name.clone());
+            set_option(&mut probe, option, value)?;
+            return Err(TargetGroupError::NotChangeable {
+                group: config.name.clone(),
+                option: canonical,
+            });
+        }
+        set_option(&mut new, option, value.trim())?;
+    }
+    check_consistency(&new)?;
+    Ok(new)
+}
+
+/// Settings that are valid one by one but not together.
+fn check_consistency(config: &TargetGroupConfig) -> Result<(), TargetGroupError> {
+    let group = || config.name.clone();
+    if config.verify_tls && config.protocol != TargetProtocol::Https {
+        return Err(TargetGroupError::VerifyTlsWithoutHttps { group: group() });
+    }
+    config
+        .health_check
+        .validate(config.protocol)
+        .map_err(|problem| TargetGroupError::Inconsistent {
+            group: group(),
+            problem,
+        })?;
+    if let Some(m) = &config.health_check.matcher {
+        let allowed = HealthCheckSettings::matcher_range(config.protocol);
+        if Matcher::parse(&m.to_string(), allowed.clone()).is_err() {
+            return Err(TargetGroupError::Inconsistent {
+                group: group(),
+                problem: format!(
+                    "matcher {m} allows codes outside {}-{} for a {} group",
+                    allowed.start(),
+                    allowed.end(),
+                    config.protocol
+                ),
+            });
+        }
+    }
+    if config.attributes.slow_start.is_some()
+        && config.algorithm == Algorithm::LeastOutstandingRequests
+    {
+        return Err(TargetGroupError::Inconsistent {
+            group: group(),
+            problem: "slow-start cannot be combined with least_outstanding_requests (as on AWS)"
+                .into(),
+        });
+    }
+    if !config.protocol.is_http() {
+        let l7_only = [
+            (
+                config.protocol_version != ProtocolVersion::default(),
+                "protocol-version",
+            ),
+            (config.algorithm != Algorithm::default(), "algorithm"),
+            (config.stickiness.enabled(), "stickiness"),
+            (config.attributes.slow_start.is_some(), "slow-start"),
+        ];
+        if let Some((_, option)) = l7_only.iter().find(|(set, _)| *set) {
+            return Err(TargetGroupError::Inconsistent {
+                group: group(),
+                problem: format!(
+                    "{option} applies to http/https groups only; a {} group is balanced by \
+                     Maglev in lb_xdp",
+                    config.protocol
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Seconds as a decimal number (`30`, `0.5`), within `range`.
+fn parse_seconds(value: &str, range: std::ops::RangeInclusive<Duration>) -> Option<Duration> {
+    let secs: f64 = value.parse().ok()?;
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return None;
+    }
+    let d = Duration::from_secs_f64(secs);
+    range.contains(&d).then_some(d)
+}
+
+/// Sets one option on `config`; returns its canonical name. Errors name the option and what
+/// it accepts.
+fn set_option(
+    config: &mut TargetGroupConfig,
+    raw_option: &str,
+    value: &str,
+) -> Result<&'static str, TargetGroupError> {
+    let group = config.name.clone();
+    let (option, expected): (&'static str, &'static str) =
+        match raw_option.to_ascii_lowercase().as_str() {
             "protocol" => ("protocol", PROTOCOL_VALUES),
             "protocol-version" => ("protocol-version", PROTOCOL_VERSION_VALUES),
             "algorithm" => ("algorithm", ALGORITHM_VALUES),
             "stickiness" => ("stickiness", STICKINESS_VALUES),
             "verify-tls" => ("verify-tls", VERIFY_TLS_VALUES),
+            "health-check" => ("health-check", HEALTH_CHECK_VALUES),
+            "health-check-port" => ("health-check-port", PORT_VALUES),
+            "health-check-path" => ("health-check-path", PATH_VALUES),
+            "health-check-interval" => ("health-check-interval", INTERVAL_VALUES),
+            "health-check-timeout" => ("health-check-timeout", TIMEOUT_VALUES),
+            "healthy-threshold" => ("healthy-threshold", THRESHOLD_VALUES),
+            "unhealthy-threshold" => ("unhealthy-threshold", THRESHOLD_VALUES),
+            "matcher" => ("matcher", MATCHER_VALUES),
+            "health-check-mode" => ("health-check-mode", MODE_VALUES),
+            "deregistration-delay" => ("deregistration-delay", DELAY_VALUES),
+            "slow-start" => ("slow-start", SLOW_START_VALUES),
+            "min-healthy-targets" => ("min-healthy-targets", MIN_HEALTHY_VALUES),
+            "min-healthy-percent" => ("min-healthy-percent", MIN_PERCENT_VALUES),
+            "unhealthy-draining" => ("unhealthy-draining", UNHEALTHY_DRAINING_VALUES),
             _ => {
                 return Err(TargetGroupError::UnknownOption {
                     group,
@@ -282,61 +552,141 @@ pub fn parse_target_group(spec: &str) -> Result<TargetGroupConfig, TargetGroupEr
                 });
             }
         };
-        if value.is_empty() {
-            return Err(TargetGroupError::MissingValue {
-                group,
-                option,
-                expected,
-            });
-        }
-        if seen.contains(&option) {
-            return Err(TargetGroupError::DuplicateOption { group, option });
-        }
-        seen.push(option);
-        let invalid = || TargetGroupError::InvalidValue {
-            group: group.clone(),
+    if value.is_empty() {
+        return Err(TargetGroupError::MissingValue {
+            group,
             option,
-            value: value.to_owned(),
             expected,
-        };
-        let keyword = value.to_ascii_lowercase();
-        match option {
-            "protocol" => {
-                config.protocol = match keyword.as_str() {
-                    "http" => TargetProtocol::Http,
-                    "https" => TargetProtocol::Https,
-                    _ => return Err(invalid()),
-                }
-            }
-            "protocol-version" => {
-                config.protocol_version = match keyword.as_str() {
-                    "http1" => ProtocolVersion::Http1,
-                    "http2" => ProtocolVersion::Http2,
-                    _ => return Err(invalid()),
-                }
-            }
-            "algorithm" => {
-                config.algorithm = match keyword.as_str() {
-                    "round_robin" => Algorithm::RoundRobin,
-                    "least_outstanding_requests" => Algorithm::LeastOutstandingRequests,
-                    "weighted_random" => Algorithm::WeightedRandom,
-                    _ => return Err(invalid()),
-                }
-            }
-            "stickiness" => config.stickiness = parse_stickiness(&group, value)?,
-            _ => {
-                config.verify_tls = match keyword.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => return Err(invalid()),
-                }
+        });
+    }
+    let invalid = || TargetGroupError::InvalidValue {
+        group: group.clone(),
+        option,
+        value: value.to_owned(),
+        expected,
+    };
+    let keyword = value.to_ascii_lowercase();
+    let hc = &mut config.health_check;
+    let attrs = &mut config.attributes;
+    match option {
+        "protocol" => {
+            config.protocol = match keyword.as_str() {
+                "http" => TargetProtocol::Http,
+                "https" => TargetProtocol::Https,
+                "tcp" => TargetProtocol::Tcp,
+                "udp" => TargetProtocol::Udp,
+                _ => return Err(invalid()),
             }
         }
+        "protocol-version" => {
+            config.protocol_version = match keyword.as_str() {
+                "http1" => ProtocolVersion::Http1,
+                "http2" => ProtocolVersion::Http2,
+                _ => return Err(invalid()),
+            }
+        }
+        "algorithm" => {
+            config.algorithm = match keyword.as_str() {
+                "round_robin" => Algorithm::RoundRobin,
+                "least_outstanding_requests" => Algorithm::LeastOutstandingRequests,
+                "weighted_random" => Algorithm::WeightedRandom,
+                _ => return Err(invalid()),
+            }
+        }
+        "stickiness" => config.stickiness = parse_stickiness(&group, value)?,
+        "verify-tls" => {
+            config.verify_tls = match keyword.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(invalid()),
+            }
+        }
+        "health-check" => {
+            if keyword == "off" || keyword == "false" {
+                hc.enabled = false;
+            } else if keyword == "on" || keyword == "true" {
+                hc.enabled = true;
+            } else {
+                hc.protocol = Some(CheckProtocol::parse(&keyword).ok_or_else(invalid)?);
+                hc.enabled = true;
+            }
+        }
+        "health-check-port" => {
+            hc.port = if keyword == "traffic-port" {
+                CheckPort::TrafficPort
+            } else {
+                CheckPort::Port(value.parse().ok().filter(|p| *p != 0).ok_or_else(invalid)?)
+            }
+        }
+        "health-check-path" => {
+            if !value.starts_with('/') || value.len() > 1024 || value.bytes().any(|b| b <= b' ') {
+                return Err(invalid());
+            }
+            hc.path = Some(value.to_owned());
+        }
+        "health-check-interval" => {
+            hc.interval = Some(parse_seconds(value, INTERVAL_RANGE).ok_or_else(invalid)?)
+        }
+        "health-check-timeout" => {
+            hc.timeout = Some(parse_seconds(value, TIMEOUT_RANGE).ok_or_else(invalid)?)
+        }
+        "healthy-threshold" | "unhealthy-threshold" => {
+            let n = value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| THRESHOLD_RANGE.contains(n))
+                .ok_or_else(invalid)?;
+            if option == "healthy-threshold" {
+                hc.healthy_threshold = Some(n);
+            } else {
+                hc.unhealthy_threshold = Some(n);
+            }
+        }
+        "matcher" => {
+            hc.matcher = Some(Matcher::parse(value, 200..=599).map_err(|_| invalid())?);
+        }
+        "health-check-mode" => hc.mode = CheckMode::parse(&keyword).ok_or_else(invalid)?,
+        "deregistration-delay" => {
+            attrs.deregistration_delay =
+                parse_seconds(value, Duration::ZERO..=MAX_DEREGISTRATION_DELAY)
+                    .ok_or_else(invalid)?
+        }
+        "slow-start" => {
+            attrs.slow_start = match parse_seconds(value, Duration::ZERO..=*SLOW_START_RANGE.end())
+            {
+                Some(Duration::ZERO) => None,
+                Some(d) if SLOW_START_RANGE.contains(&d) => Some(d),
+                _ => return Err(invalid()),
+            }
+        }
+        "min-healthy-targets" => {
+            attrs.min_healthy.count = value.parse().ok().filter(|n| *n >= 1).ok_or_else(invalid)?
+        }
+        "min-healthy-percent" => {
+            attrs.min_healthy.percent = if keyword == "off" {
+                None
+            } else {
+                Some(
+                    value
+                        .trim_end_matches('%')
+                        .parse()
+                        .ok()
+                        .filter(|p| (1..=100).contains(p))
+                        .ok_or_else(invalid)?,
+                )
+            }
+        }
+        _ => {
+            // "unhealthy-draining", the last option of the table above.
+            attrs.unhealthy_draining =
+                match parse_seconds(value, Duration::ZERO..=MAX_UNHEALTHY_DRAINING) {
+                    Some(Duration::ZERO) => None,
+                    Some(d) => Some(d),
+                    None => return Err(invalid()),
+                }
+        }
     }
-    if config.verify_tls && config.protocol != TargetProtocol::Https {
-        return Err(TargetGroupError::VerifyTlsWithoutHttps { group });
-    }
-    Ok(config)
+    Ok(option)
 }
 
 /// AWS target group naming rules.
@@ -438,6 +788,8 @@ mod tests {
                 algorithm: Algorithm::RoundRobin,
                 stickiness: Stickiness::None,
                 verify_tls: false,
+                health_check: HealthCheckSettings::default(),
+                attributes: GroupAttributes::default(),
             }
         );
     }
@@ -528,9 +880,12 @@ mod tests {
             ),
             (
                 "web,protocol=ftp",
-                &["protocol", "\"ftp\"", "http or https"],
+                &["protocol", "\"ftp\"", "http, https, tcp or udp"],
             ),
-            ("web,protocol", &["protocol needs a value", "http or https"]),
+            (
+                "web,protocol",
+                &["protocol needs a value", "http, https, tcp or udp"],
+            ),
             (
                 "web,protocol-version=http3",
                 &["protocol-version", "http1 or http2"],

@@ -1,20 +1,27 @@
 //! The runtime target group: registered targets, their states and counters, and the pick.
+//!
+//! The control plane's registry decides who the targets are and which take new requests; it
+//! hands each change to [`TargetGroup::apply`]. The group keeps what only the data path
+//! needs: outstanding counts, round-robin positions, stickiness ids and slow-start ramps.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
+use tokio_util::sync::CancellationToken;
 
 use super::config::{Algorithm, Stickiness, TargetGroupConfig};
+use super::routing;
 use super::state::{TargetAddr, TargetReason, TargetState};
 use super::sticky::{self, APP_COOKIE, CookieKey, CookieKind, LB_COOKIE, LB_CORS_COOKIE};
 
 /// What a [`Picked`] guard shares with its group: the counters that outlive a deregistration
-/// (an in-flight request still finishes and releases its count).
+/// (an in-flight request still finishes and releases its count), and the signal that the
+/// target is gone for good (its deregistration delay ended: what is still open is closed).
 #[derive(Debug)]
 struct TargetEntry {
     addr: SocketAddr,
@@ -22,6 +29,50 @@ struct TargetEntry {
     outstanding: AtomicU64,
     /// Requests ever picked for this target (RequestCountPerTarget).
     requests: AtomicU64,
+    /// Cancelled when the target leaves the group.
+    gone: CancellationToken,
+}
+
+/// A linear ramp of a newly healthy target's share (ALB slow start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowStart {
+    /// When the target became healthy.
+    pub since: Instant,
+    /// How long the ramp lasts.
+    pub duration: Duration,
+}
+
+/// Shares are weights times this, so a slow-start ramp can hand out fractions of a weight.
+const SHARE_SCALE: u64 = 1000;
+
+impl SlowStart {
+    /// The share (out of [`SHARE_SCALE`]) a weight-1 target gets at `now`: at least 1, so a
+    /// target in slow start is never starved completely.
+    fn ramp(self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.since).as_millis();
+        let total = self.duration.as_millis().max(1);
+        let r = elapsed.saturating_mul(u128::from(SHARE_SCALE)) / total;
+        u64::try_from(r)
+            .unwrap_or(SHARE_SCALE)
+            .clamp(1, SHARE_SCALE)
+    }
+}
+
+/// One target as the control plane describes it to the picker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Where requests go.
+    pub addr: SocketAddr,
+    /// Relative share (see [`TargetAddr::weight`]).
+    pub weight: u32,
+    /// AWS state.
+    pub state: TargetState,
+    /// Why, when known.
+    pub reason: Option<TargetReason>,
+    /// Whether it takes new requests (decided by the registry, fail-open included).
+    pub takes_new: bool,
+    /// Its slow-start ramp, if it is in one.
+    pub slow_start: Option<SlowStart>,
 }
 
 /// A registered target as the group sees it (only touched under the group lock).
@@ -34,6 +85,8 @@ struct Slot {
     weight: u32,
     state: TargetState,
     reason: Option<TargetReason>,
+    takes_new: bool,
+    slow_start: Option<SlowStart>,
     /// Smooth weighted round robin's running weight.
     current: i64,
 }
@@ -45,6 +98,11 @@ struct Inner {
     /// Where the next tie-break scan of least outstanding requests starts.
     cursor: usize,
     rng: StdRng,
+    /// No target is in service: picks count as unhealthy routing.
+    failing_open: bool,
+    /// The latest end of a slow-start ramp; None when no target ramps (picks then never read
+    /// the clock).
+    slow_start_until: Option<Instant>,
 }
 
 /// Group-wide counters (CloudWatch names), for the metrics module.
@@ -112,6 +170,8 @@ impl TargetGroup {
                 next_id: 1,
                 cursor: 0,
                 rng,
+                failing_open: false,
+                slow_start_until: None,
             }),
             requests: AtomicU64::new(0),
             unhealthy_routing_requests: AtomicU64::new(0),
@@ -134,46 +194,87 @@ impl TargetGroup {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Replaces the registered targets. Targets that stay (same address) keep their state,
-    /// counters, round-robin position and stickiness id, and take the new weight; new ones
-    /// start `Healthy`; the others are deregistered. With duplicate addresses the last wins.
-    pub fn set_targets(&self, targets: Vec<TargetAddr>) {
+    /// Takes the control plane's view of the group: who the targets are, their states,
+    /// weights and slow-start ramps, which take new requests, and whether the group fails
+    /// open. Targets that stay (same address) keep their counters, round-robin position and
+    /// stickiness id; targets that are gone have their in-flight requests closed (their
+    /// deregistration delay is over).
+    pub fn apply(&self, members: &[Member], failing_open: bool) {
         let mut inner = self.lock();
         let mut old = std::mem::take(&mut inner.slots);
-        for target in targets {
-            if let Some(i) = inner.slots.iter().position(|s| s.entry.addr == target.addr) {
-                inner.slots[i].weight = target.weight;
-            } else if let Some(i) = old.iter().position(|s| s.entry.addr == target.addr) {
-                let mut slot = old.swap_remove(i);
-                slot.weight = target.weight;
-                inner.slots.push(slot);
-            } else {
-                let slot = inner.new_slot(target);
-                inner.slots.push(slot);
+        for m in members {
+            if inner.slots.iter().any(|s| s.entry.addr == m.addr) {
+                continue; // duplicate address: the first wins
             }
-        }
-    }
-
-    /// Registers one target (`Healthy` until health checks exist). Registering an address
-    /// again only updates its weight.
-    pub fn register(&self, target: TargetAddr) {
-        let mut inner = self.lock();
-        if let Some(slot) = inner.slots.iter_mut().find(|s| s.entry.addr == target.addr) {
-            slot.weight = target.weight;
-        } else {
-            let slot = inner.new_slot(target);
+            let mut slot = match old.iter().position(|s| s.entry.addr == m.addr) {
+                Some(i) => old.swap_remove(i),
+                None => inner.new_slot(m.addr),
+            };
+            if slot.takes_new != m.takes_new {
+                // A target (re)joining the rotation starts from a neutral round-robin position.
+                slot.current = 0;
+            }
+            slot.weight = m.weight;
+            slot.state = m.state;
+            slot.reason = m.reason;
+            slot.takes_new = m.takes_new;
+            slot.slow_start = m.slow_start;
             inner.slots.push(slot);
         }
+        for gone in old {
+            gone.entry.gone.cancel();
+        }
+        inner.failing_open = failing_open;
+        inner.slow_start_until = inner
+            .slots
+            .iter()
+            .filter_map(|s| s.slow_start.map(|r| r.since + r.duration))
+            .max();
     }
 
-    /// Deregisters a target at once: no new requests; requests in flight keep their
-    /// [`Picked`] and finish. Returns whether it was registered. (The deregistration delay
-    /// belongs to the draining issue: it will set [`TargetState::Draining`] first.)
+    /// Replaces the registered targets, every one `Healthy` unless it was registered already
+    /// (then it keeps its state). A convenience for tests and tools without a control plane;
+    /// routing follows [`routing`] with the default threshold.
+    pub fn set_targets(&self, targets: Vec<TargetAddr>) {
+        let states = self.states();
+        let members: Vec<(SocketAddr, u32, TargetState, Option<TargetReason>)> = targets
+            .iter()
+            .map(|t| {
+                let (state, reason) = states
+                    .iter()
+                    .find(|(a, _, _)| *a == t.addr)
+                    .map_or((TargetState::Healthy, None), |(_, s, r)| (*s, *r));
+                (t.addr, t.weight, state, reason)
+            })
+            .collect();
+        self.apply_states(&members);
+    }
+
+    /// Registers one target (`Healthy`). Registering an address again only updates its
+    /// weight. A convenience like [`set_targets`](Self::set_targets).
+    pub fn register(&self, target: TargetAddr) {
+        let mut all: Vec<TargetAddr> = self
+            .describe()
+            .iter()
+            .map(|s| TargetAddr::with_weight(s.addr, s.weight))
+            .filter(|t| t.addr != target.addr)
+            .collect();
+        all.push(target);
+        self.set_targets(all);
+    }
+
+    /// Removes a target at once (in-flight requests on it are closed). Returns whether it
+    /// was registered. A convenience like [`set_targets`](Self::set_targets).
     pub fn deregister(&self, addr: SocketAddr) -> bool {
-        let mut inner = self.lock();
-        let before = inner.slots.len();
-        inner.slots.retain(|s| s.entry.addr != addr);
-        inner.slots.len() != before
+        let before = self.describe();
+        let rest: Vec<TargetAddr> = before
+            .iter()
+            .filter(|s| s.addr != addr)
+            .map(|s| TargetAddr::with_weight(s.addr, s.weight))
+            .collect();
+        let found = rest.len() != before.len();
+        self.set_targets(rest);
+        found
     }
 
     /// Sets a target's state (its reason is cleared). Returns whether it is registered.
@@ -188,17 +289,52 @@ impl TargetGroup {
     }
 
     fn update(&self, addr: SocketAddr, state: TargetState, reason: Option<TargetReason>) -> bool {
-        let mut inner = self.lock();
-        let Some(slot) = inner.slots.iter_mut().find(|s| s.entry.addr == addr) else {
+        let mut members = self.states_weighted();
+        let Some(m) = members.iter_mut().find(|m| m.0 == addr) else {
             return false;
         };
-        if slot.state.in_service() != state.in_service() {
-            // A target (re)joining the rotation starts from a neutral round-robin position.
-            slot.current = 0;
-        }
-        slot.state = state;
-        slot.reason = reason;
+        m.2 = state;
+        m.3 = reason;
+        self.apply_states(&members);
         true
+    }
+
+    fn states(&self) -> Vec<(SocketAddr, TargetState, Option<TargetReason>)> {
+        let inner = self.lock();
+        inner
+            .slots
+            .iter()
+            .map(|s| (s.entry.addr, s.state, s.reason))
+            .collect()
+    }
+
+    fn states_weighted(&self) -> Vec<(SocketAddr, u32, TargetState, Option<TargetReason>)> {
+        let inner = self.lock();
+        inner
+            .slots
+            .iter()
+            .map(|s| (s.entry.addr, s.weight, s.state, s.reason))
+            .collect()
+    }
+
+    /// [`apply`](Self::apply) with routing derived from the states, as the registry derives it.
+    fn apply_states(&self, members: &[(SocketAddr, u32, TargetState, Option<TargetReason>)]) {
+        let failing_open = routing::failing_open(
+            members.iter().map(|m| m.2),
+            self.config.attributes.min_healthy,
+        );
+        let members: Vec<Member> = members
+            .iter()
+            .map(|&(addr, weight, state, reason)| Member {
+                addr,
+                weight,
+                state,
+                reason,
+                takes_new: routing::takes_new(state, failing_open),
+                slow_start: None,
+            })
+            .collect();
+        self.apply(&members, failing_open);
     }
 
     /// Every registered target, in registration order.
@@ -239,8 +375,8 @@ impl TargetGroup {
     /// `Cookie` lines joined with `"; "`), read only for stickiness.
     ///
     /// `None` when no registered target can take requests (none registered, or all
-    /// draining/unused): the caller answers 503. When targets are registered but none is in
-    /// service, the group fails open and routes among all of them (UnhealthyRoutingRequestCount).
+    /// draining/unused): the caller answers 503. When the group fails open, targets that are
+    /// not in service take requests too, and the pick counts as UnhealthyRoutingRequestCount.
     pub fn pick(&self, request_cookies: Option<&str>) -> Option<Picked> {
         self.pick_at(request_cookies, SystemTime::now())
     }
@@ -250,7 +386,19 @@ impl TargetGroup {
         // Cookie checks (HMAC) need no lock: done before taking it.
         let sticky_id = request_cookies.and_then(|cookies| self.sticky_target(cookies, now));
         let mut inner = self.lock();
-        let shares = Shares::of(&inner.slots);
+        let ramp_now = match inner.slow_start_until {
+            Some(until) => {
+                let t = Instant::now();
+                if t >= until {
+                    inner.slow_start_until = None;
+                    None
+                } else {
+                    Some(t)
+                }
+            }
+            None => None,
+        };
+        let shares = Shares::of(&inner.slots, ramp_now);
         if inner.slots.iter().all(|s| shares.share(s) == 0) {
             return None;
         }
@@ -268,7 +416,7 @@ impl TargetGroup {
                 Algorithm::WeightedRandom => inner.weighted_random(shares),
             },
         };
-        let failing_open = shares.failing_open;
+        let failing_open = inner.failing_open;
 
         let slot = &inner.slots[index];
         let entry = Arc::clone(&slot.entry);
@@ -333,58 +481,55 @@ impl TargetGroup {
 /// Which targets may take a new request now, and their share of requests.
 #[derive(Debug, Clone, Copy)]
 struct Shares {
-    /// No target is in service: fail open to the ones that are merely unhealthy or initial.
-    failing_open: bool,
-    /// Every routable target has weight 0: they share equally instead of refusing traffic.
+    /// Every target taking new requests has weight 0: they share equally instead of
+    /// refusing traffic.
     all_weightless: bool,
+    /// `Some(now)` while some target ramps up (slow start).
+    ramp_now: Option<Instant>,
 }
 
 impl Shares {
-    fn of(slots: &[Slot]) -> Self {
-        let failing_open = !slots.iter().any(|s| s.state.in_service());
-        let mut shares = Self {
-            failing_open,
-            all_weightless: false,
-        };
-        shares.all_weightless = slots
-            .iter()
-            .filter(|s| shares.routable(s))
-            .all(|s| s.weight == 0);
-        shares
-    }
-
-    fn routable(self, slot: &Slot) -> bool {
-        if self.failing_open {
-            slot.state.routable_when_failing_open()
-        } else {
-            slot.state.in_service()
+    fn of(slots: &[Slot], ramp_now: Option<Instant>) -> Self {
+        Self {
+            all_weightless: slots.iter().filter(|s| s.takes_new).all(|s| s.weight == 0),
+            ramp_now,
         }
     }
 
     /// The target's share of new requests: 0 for none.
     fn share(self, slot: &Slot) -> u64 {
-        match (self.routable(slot), self.all_weightless) {
-            (false, _) => 0,
-            (true, true) => 1,
-            (true, false) => u64::from(slot.weight),
+        if !slot.takes_new {
+            return 0;
+        }
+        let weight = if self.all_weightless {
+            1
+        } else {
+            u64::from(slot.weight)
+        };
+        match (self.ramp_now, slot.slow_start) {
+            (Some(now), Some(ramp)) => weight * ramp.ramp(now),
+            _ => weight * SHARE_SCALE,
         }
     }
 }
 
 impl Inner {
-    fn new_slot(&mut self, target: TargetAddr) -> Slot {
+    fn new_slot(&mut self, addr: SocketAddr) -> Slot {
         let id = self.next_id;
         self.next_id += 1;
         Slot {
             entry: Arc::new(TargetEntry {
-                addr: target.addr,
+                addr,
                 outstanding: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
+                gone: CancellationToken::new(),
             }),
             id,
-            weight: target.weight,
-            state: TargetState::Healthy,
+            weight: 1,
+            state: TargetState::Initial,
             reason: None,
+            takes_new: false,
+            slow_start: None,
             current: 0,
         }
     }
@@ -400,8 +545,8 @@ impl Inner {
             if share == 0 {
                 continue;
             }
-            // Shares are u32 weights, far from i64's range.
-            let share = i64::try_from(share).unwrap_or(i64::from(u32::MAX));
+            // Shares are u32 weights times 1000, far from i64's range.
+            let share = i64::try_from(share).unwrap_or(i64::MAX / 1024);
             slot.current += share;
             total += share;
             if best.is_none_or(|(_, richest)| slot.current > richest) {
@@ -476,6 +621,12 @@ impl Picked {
     /// with stickiness on the request counted as NonStickyRequestCount).
     pub fn sticky(&self) -> bool {
         self.sticky
+    }
+
+    /// Cancelled when the target leaves its group (its deregistration delay ended): the
+    /// request still open on it must be closed (ALB answers 502 if no response started).
+    pub fn gone(&self) -> CancellationToken {
+        self.entry.gone.clone()
     }
 
     /// `Set-Cookie` values to append to the response (one header line each), given the
@@ -950,5 +1101,85 @@ mod tests {
             handle.join().expect("picking thread");
         }
         assert!(group.describe().iter().all(|s| s.requests == 1000));
+    }
+
+    fn member(n: u8, state: TargetState, takes_new: bool) -> Member {
+        Member {
+            addr: addr(n),
+            weight: 1,
+            state,
+            reason: None,
+            takes_new,
+            slow_start: None,
+        }
+    }
+
+    #[test]
+    fn apply_routes_only_to_members_that_take_new_requests() {
+        let group = group("web", &[]);
+        group.apply(
+            &[
+                member(1, TargetState::Healthy, true),
+                member(2, TargetState::Draining, false),
+                member(3, TargetState::Initial, false),
+            ],
+            false,
+        );
+        assert_eq!(counts(&group, 6)[&addr(1)], 6);
+        assert_eq!(group.counters().unhealthy_routing_requests, 0);
+        // Failing open as the registry decided: picks count as unhealthy routing.
+        group.apply(
+            &[
+                member(1, TargetState::Unhealthy, true),
+                member(3, TargetState::Initial, true),
+            ],
+            true,
+        );
+        let spread = counts(&group, 4);
+        assert_eq!((spread[&addr(1)], spread[&addr(3)]), (2, 2));
+        assert_eq!(group.counters().unhealthy_routing_requests, 4);
+        assert_eq!(group.describe().len(), 2);
+    }
+
+    #[test]
+    fn a_target_leaving_the_group_closes_what_is_still_open_on_it() {
+        let group = group("web", &[1, 1]);
+        let held: Vec<Picked> = (0..2).map(|_| group.pick(None).unwrap()).collect();
+        let (stays, leaves) = if held[0].addr == addr(1) {
+            (&held[0], &held[1])
+        } else {
+            (&held[1], &held[0])
+        };
+        group.apply(&[member(1, TargetState::Healthy, true)], false);
+        assert!(leaves.gone().is_cancelled());
+        assert!(!stays.gone().is_cancelled());
+        // A weight or state change is no departure.
+        group.apply(&[member(1, TargetState::Draining, false)], false);
+        assert!(!stays.gone().is_cancelled());
+    }
+
+    #[test]
+    fn slow_start_ramps_a_new_targets_share_linearly() {
+        let group = group("web", &[]);
+        let now = Instant::now();
+        // Halfway through a 100 s ramp: one third of the requests (share 0.5 against 1).
+        let ramping = Member {
+            slow_start: Some(SlowStart {
+                since: now - Duration::from_secs(50),
+                duration: Duration::from_secs(100),
+            }),
+            ..member(2, TargetState::Healthy, true)
+        };
+        group.apply(&[member(1, TargetState::Healthy, true), ramping], false);
+        let c = counts(&group, 300);
+        assert_eq!((c[&addr(1)], c[&addr(2)]), (200, 100), "{c:?}");
+        // The ramp's share follows the clock.
+        let early = SlowStart {
+            since: now,
+            duration: Duration::from_secs(100),
+        };
+        assert_eq!(early.ramp(now), 1, "never starved completely");
+        assert_eq!(early.ramp(now + Duration::from_secs(10)), 100);
+        assert_eq!(early.ramp(now + Duration::from_secs(200)), SHARE_SCALE);
     }
 }

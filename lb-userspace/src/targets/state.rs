@@ -38,11 +38,10 @@ impl TargetAddr {
 ///
 /// - in service: `Healthy`, and `Unavailable` (health checks disabled: AWS routes to such
 ///   targets);
-/// - fail open only (when no target is in service): `Initial`, `Unhealthy`;
+/// - fail open only (when no target is in service): `Initial`, `Unhealthy`,
+///   `UnhealthyDraining`;
 /// - never: `Draining` (in-flight requests finish, no new ones), `Unused`.
-///
-/// Until health checks exist every registered target starts `Healthy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TargetState {
     /// Registration or the first health check is in progress.
     Initial,
@@ -50,6 +49,9 @@ pub enum TargetState {
     Healthy,
     /// Failing health checks.
     Unhealthy,
+    /// Failing health checks, and keeping its established L4 flows for the group's unhealthy
+    /// draining interval (NLB's `unhealthy.draining`); no new flows.
+    UnhealthyDraining,
     /// Not registered, or its group is not used by any listener rule.
     Unused,
     /// Deregistering: finishing in-flight requests during the deregistration delay.
@@ -68,7 +70,11 @@ impl TargetState {
     pub fn routable_when_failing_open(self) -> bool {
         matches!(
             self,
-            Self::Healthy | Self::Unavailable | Self::Initial | Self::Unhealthy
+            Self::Healthy
+                | Self::Unavailable
+                | Self::Initial
+                | Self::Unhealthy
+                | Self::UnhealthyDraining
         )
     }
 
@@ -78,6 +84,7 @@ impl TargetState {
             Self::Initial => "initial",
             Self::Healthy => "healthy",
             Self::Unhealthy => "unhealthy",
+            Self::UnhealthyDraining => "unhealthy.draining",
             Self::Unused => "unused",
             Self::Draining => "draining",
             Self::Unavailable => "unavailable",
@@ -113,6 +120,9 @@ pub enum TargetReason {
     DeregistrationInProgress,
     /// `Target.HealthCheckDisabled` (unavailable).
     HealthCheckDisabled,
+    /// `Elb.InternalError` (unavailable): the load balancer could not run the check (no
+    /// socket, no route for a data-path probe, …), so it does not judge the target.
+    InternalError,
 }
 
 impl TargetReason {
@@ -128,10 +138,12 @@ impl TargetReason {
             Self::NotInUse => "Target.NotInUse",
             Self::DeregistrationInProgress => "Target.DeregistrationInProgress",
             Self::HealthCheckDisabled => "Target.HealthCheckDisabled",
+            Self::InternalError => "Elb.InternalError",
         }
     }
 
-    /// The state this reason explains.
+    /// The state this reason usually explains (an unhealthy reason also explains
+    /// `unhealthy.draining`).
     pub fn state(self) -> TargetState {
         match self {
             Self::RegistrationInProgress | Self::InitialHealthChecking => TargetState::Initial,
@@ -140,7 +152,7 @@ impl TargetReason {
             }
             Self::NotRegistered | Self::NotInUse => TargetState::Unused,
             Self::DeregistrationInProgress => TargetState::Draining,
-            Self::HealthCheckDisabled => TargetState::Unavailable,
+            Self::HealthCheckDisabled | Self::InternalError => TargetState::Unavailable,
         }
     }
 }

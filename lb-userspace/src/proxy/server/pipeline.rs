@@ -13,6 +13,7 @@
 //! `Connection: close` where ALB closes the connection. A handler dropped before it produced a
 //! response means the client went away: 460, counted and traced, nothing sent.
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -297,7 +298,9 @@ async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Inc
         headers: req.headers(),
         source_ip: ctx.peer.ip(),
     };
-    let matched = listener.rules.evaluate(&view);
+    // One version of the rules for the whole request, whatever changes meanwhile.
+    let rules = listener.rules.load_full();
+    let matched = rules.evaluate(&view);
     L7Counters::add(
         &counters.rule_evaluations,
         u64::from(matched.rules_evaluated),
@@ -387,7 +390,7 @@ async fn forward_request(
         Some(g) => g,
         None => forward.choose(rand::random()),
     };
-    let Some(group) = shared.groups.get(group_name) else {
+    let Some(group) = shared.groups.load().get(group_name).cloned() else {
         tracing::error!(group = %group_name, "forward action names an unknown target group");
         return lb_error(counters, StatusCode::INTERNAL_SERVER_ERROR, false);
     };
@@ -453,16 +456,29 @@ async fn forward_request(
         http2: group_cfg.protocol_version == ProtocolVersion::Http2,
     };
     L7Counters::add(&counters.requests_forwarded, 1);
-    let forwarded = match shared.forwarder.forward(&endpoint, request).await {
-        Ok(f) => f,
-        Err(e) => return from_error(counters, &e),
+    // When the target's deregistration delay ends, what is still open on it is closed.
+    let gone = picked.gone();
+    let forwarded = tokio::select! {
+        result = shared.forwarder.forward(&endpoint, request) => match result {
+            Ok(f) => f,
+            Err(e) => return from_error(counters, &e),
+        },
+        () = gone.cancelled() => {
+            return from_error(counters, &ProxyError::DrainExpired { target: picked.addr.to_string() });
+        }
     };
     let mut response = forwarded.response;
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade;
     if switching {
         let target_upgrade = hyper::upgrade::on(&mut response);
         let phase = shared.phase.clone();
-        tokio::spawn(tunnel(client_upgrade, target_upgrade, phase, ctx.peer));
+        tokio::spawn(tunnel(
+            client_upgrade,
+            target_upgrade,
+            phase,
+            gone.clone(),
+            ctx.peer,
+        ));
     }
     strip_hop_by_hop(response.headers_mut(), switching);
     for cookie in picked.set_cookies(response.headers()) {
@@ -478,7 +494,11 @@ async fn forward_request(
     }
     let response = response.map(|b| {
         Guarded {
-            inner: b,
+            inner: Cut {
+                inner: b,
+                gone: Box::pin(gone.cancelled_owned()),
+            }
+            .boxed_unsync(),
             guard: Some(picked),
         }
         .boxed_unsync()
@@ -489,12 +509,46 @@ async fn forward_request(
     }
 }
 
+/// A response body that ends with an error when its target leaves the group (its
+/// deregistration delay is over): the client sees the response cut off, as from ALB.
+struct Cut {
+    inner: ProxyBody,
+    gone: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl Body for Cut {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.gone.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(
+                "target left its group (deregistration delay over)".into(),
+            )));
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Copies bytes both ways between an upgraded client and target connection until either side
-/// closes or the tier stops.
+/// closes, the target leaves its group (deregistration delay over) or the tier stops.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     target: hyper::upgrade::OnUpgrade,
     mut phase: tokio::sync::watch::Receiver<Phase>,
+    gone: tokio_util::sync::CancellationToken,
     peer: SocketAddr,
 ) {
     let (client, target) = match tokio::try_join!(client, target) {
@@ -519,6 +573,9 @@ async fn tunnel(
                 }
             }
         } => {}
+        () = gone.cancelled() => {
+            tracing::debug!(client = %peer, "tunnel closed: its target left the group");
+        }
     }
 }
 

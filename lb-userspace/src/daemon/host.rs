@@ -1,0 +1,172 @@
+//! The host's networking as `lb run` sees it: interface addresses, routes, and the neighbour
+//! entries `bpf_fib_lookup` needs.
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+/// IPv4 addresses of `iface`, in the order the kernel lists them.
+pub fn iface_ipv4_addrs(iface: &str) -> std::io::Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list returned by getifaddrs.
+        let ifa = unsafe { &*cur };
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if name.to_bytes() == iface.as_bytes() && !ifa.ifa_addr.is_null() {
+            // SAFETY: non-null sockaddr from the list.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: AF_INET means the sockaddr is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The device and next hop the kernel routes `addr` through (packets with socket mark
+/// `mark`, if given): `ip route get`.
+pub fn route_to(addr: Ipv4Addr, mark: Option<u32>) -> Option<(String, Ipv4Addr)> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["-4", "-o", "route", "get", &addr.to_string()]);
+    if let Some(m) = mark {
+        cmd.args(["mark", &m.to_string()]);
+    }
+    let out = cmd.output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let after = |k: &str| {
+        words
+            .iter()
+            .position(|w| *w == k)
+            .and_then(|i| words.get(i + 1))
+            .map(|s| s.to_string())
+    };
+    let dev = after("dev")?;
+    let hop = after("via").and_then(|v| v.parse().ok()).unwrap_or(addr);
+    Some((dev, hop))
+}
+
+/// What `ip neigh show` says of an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NeighState {
+    /// No entry.
+    Absent,
+    /// An entry, with its state words (`PERMANENT`, `REACHABLE`, `STALE`, `FAILED`, …).
+    Present(String),
+}
+
+/// Parses one line of `ip -4 neigh show ADDR dev DEV`.
+pub fn parse_neigh(line: &str) -> NeighState {
+    let line = line.trim();
+    if line.is_empty() {
+        return NeighState::Absent;
+    }
+    let state: Vec<&str> = line
+        .split_whitespace()
+        .filter(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    NeighState::Present(state.join(" "))
+}
+
+/// Kernel neighbour entries of kind `managed` for backends (and their gateways), so that
+/// `bpf_fib_lookup` in lb_xdp finds a MAC address before the first packet of a flow instead of
+/// dropping it as `drop_no_route`. The kernel keeps managed entries resolved by itself.
+///
+/// An entry that exists already, whoever made it and in whatever state, is left exactly as
+/// it is: a permanent entry the operator wrote for a next hop that does not answer ARP must
+/// not be replaced by one that never resolves. At shutdown only the entries `lb` created are
+/// deleted.
+#[derive(Debug, Default)]
+pub struct Neighbours {
+    /// (address, device) entries we created, deleted again at shutdown.
+    created: Vec<(Ipv4Addr, String)>,
+}
+
+impl Neighbours {
+    /// Makes sure the next hop towards `addr` has a neighbour entry.
+    pub fn ensure(&mut self, addr: Ipv4Addr) {
+        let Some((dev, hop)) = route_to(addr, None) else {
+            tracing::warn!(%addr, "no route to backend: next-hop MAC resolution is left to traffic");
+            return;
+        };
+        if dev == "lo" || self.created.iter().any(|(a, d)| *a == hop && *d == dev) {
+            return;
+        }
+        let shown = Command::new("ip")
+            .args(["-4", "neigh", "show", &hop.to_string(), "dev", &dev])
+            .output();
+        let state = match shown {
+            Ok(o) if o.status.success() => parse_neigh(&String::from_utf8_lossy(&o.stdout)),
+            _ => {
+                tracing::warn!(%hop, %dev, "cannot read the neighbour table; leaving it alone");
+                return;
+            }
+        };
+        if let NeighState::Present(s) = state {
+            tracing::debug!(%hop, %dev, state = %s, "neighbour entry exists; leaving it as it is");
+            return;
+        }
+        // `add`, not `replace`: if an entry appeared meanwhile, it is not ours to change.
+        let ok = Command::new("ip")
+            .args([
+                "-4",
+                "neigh",
+                "add",
+                &hop.to_string(),
+                "dev",
+                &dev,
+                "managed",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            self.created.push((hop, dev));
+        } else {
+            tracing::warn!(%hop, %dev, "could not add a managed neighbour entry");
+        }
+    }
+
+    /// Deletes the entries `ensure` created.
+    pub fn remove_all(&mut self) {
+        for (hop, dev) in self.created.drain(..) {
+            let _ = Command::new("ip")
+                .args(["-4", "neigh", "del", &hop.to_string(), "dev", &dev])
+                .status();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neighbour_lines_parse_to_their_state() {
+        assert_eq!(parse_neigh(""), NeighState::Absent);
+        assert_eq!(
+            parse_neigh("10.0.0.11 lladdr 02:00:0a:00:00:0b PERMANENT\n"),
+            NeighState::Present("PERMANENT".into())
+        );
+        assert_eq!(
+            parse_neigh("10.0.0.11 lladdr 02:00:0a:00:00:0b extern_learn STALE"),
+            NeighState::Present("STALE".into())
+        );
+        assert_eq!(
+            parse_neigh("10.0.0.11  FAILED managed"),
+            NeighState::Present("FAILED".into())
+        );
+    }
+}

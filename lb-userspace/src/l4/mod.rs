@@ -1,0 +1,7 @@
+//! The L4 tier's userspace side: what a VIP is ([`vip`]) and the ring writer that keeps
+//! `lb_xdp`'s maps in line with the registry ([`writer`]).
+pub mod vip;
+pub mod writer;
+
+pub use vip::{Proto, VipAddr, VipSpec, validate_name};
+pub use writer::{Applied, BackendInfo, L4Error, L4Maps, L4Member, RingWriter};

@@ -1,0 +1,732 @@
+//! The L4 ring writer: brings `lb_xdp`'s maps in line with the registry's view of each VIP's
+//! target group.
+//!
+//! Two facts per backend are kept apart, as the architecture asks:
+//! - *in the ring*: Maglev slots name it, so it takes new flows;
+//! - *active* ([`BACKEND_F_ACTIVE`]): flows pinned to it keep being forwarded. A draining or
+//!   unhealthy-draining target leaves the ring but stays active until its time is up.
+//!
+//! Ordering rules, so the program never steers a packet to something half-written:
+//! - a backend entry is written (active) before any ring slot names it;
+//! - a backend leaves the ring (its slots move) before its entry loses the active bit or is
+//!   cleared; flows pinned to it are then re-steered on their next packet;
+//! - only ring slots whose backend changed are rewritten (Maglev keeps that to ~1/N);
+//! - a departed backend's flow-table entries are deleted, and its id is reused only after
+//!   every never-used id is gone.
+//!
+//! Map access goes through [`L4Maps`], implemented by [`crate::dataplane::Maps`] and by a
+//! recording fake in the tests, so all of this is tested without a kernel.
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
+
+use lb_common::{
+    BACKEND_F_ACTIVE, BACKEND_F_IN_RING, Backend, RING_EMPTY, VIP_F_FAIL_OPEN, VIP_F_HAS_TCP,
+    VIP_F_HAS_UDP, VIP_MARKER_ID, VIP_MARKER_PROTO, VipKey, VipMeta,
+};
+
+use super::vip::{Proto, VipAddr, VipSpec};
+use crate::{
+    dataplane::{DataplaneError, Maps},
+    maglev,
+};
+
+/// Writes the ring writer makes. Addresses and ports in the map types are in network order.
+pub trait L4Maps {
+    /// Inserts or replaces a VIP entry.
+    fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<(), DataplaneError>;
+    /// Removes a VIP entry.
+    fn remove_vip(&mut self, key: VipKey) -> Result<(), DataplaneError>;
+    /// Writes backend `id`.
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError>;
+    /// Writes one ring slot (`index` = vip_id * ring_size + slot).
+    fn set_ring_slot(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError>;
+    /// Zeroes backend `id`'s counters before the id is reused.
+    fn reset_backend_counters(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Deletes every flow-table entry pinned to backend `id`; returns how many.
+    fn remove_flows_of(&mut self, id: u32) -> Result<usize, DataplaneError>;
+}
+
+impl L4Maps for Maps {
+    fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<(), DataplaneError> {
+        self.vips
+            .insert(key, meta, 0)
+            .map_err(|source| DataplaneError::Map {
+                what: "writing LB_VIPS".into(),
+                source,
+            })
+    }
+    fn remove_vip(&mut self, key: VipKey) -> Result<(), DataplaneError> {
+        self.vips
+            .remove(&key)
+            .map_err(|source| DataplaneError::Map {
+                what: "removing from LB_VIPS".into(),
+                source,
+            })
+    }
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
+        self.backends
+            .set(id, backend, 0)
+            .map_err(|source| DataplaneError::Map {
+                what: format!("writing LB_BACKENDS[{id}]"),
+                source,
+            })
+    }
+    fn set_ring_slot(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
+        self.rings
+            .set(index, backend_id, 0)
+            .map_err(|source| DataplaneError::Map {
+                what: format!("writing LB_RINGS[{index}]"),
+                source,
+            })
+    }
+    fn reset_backend_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        Maps::reset_backend_counters(self, id)
+    }
+    fn remove_flows_of(&mut self, id: u32) -> Result<usize, DataplaneError> {
+        Maps::remove_flows_of(self, id)
+    }
+}
+
+/// Ring writer errors.
+#[derive(Debug, thiserror::Error)]
+pub enum L4Error {
+    /// A map write failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// No VIP of that name or address.
+    #[error("no VIP {0:?}")]
+    NoSuchVip(String),
+    /// The VIP already exists.
+    #[error("VIP {0} already exists")]
+    VipExists(VipAddr),
+    /// Out of VIP or backend ids.
+    #[error("the maps are full: {0} (raise --max-vips / --max-backends)")]
+    Full(&'static str),
+}
+
+/// One target of a VIP as the registry sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4Member {
+    /// Backend address (outer destination of encapsulated packets).
+    pub addr: Ipv4Addr,
+    /// Backend port (the VIP port under DSR; 0 for every-port VIPs).
+    pub port: u16,
+    /// Maglev weight.
+    pub weight: u32,
+    /// In the ring: takes new flows.
+    pub takes_new: bool,
+    /// Keeps forwarding the flows pinned to it (always true when `takes_new`).
+    pub keeps_existing: bool,
+}
+
+impl L4Member {
+    /// A member in service: in the ring, keeping its flows.
+    pub fn in_service(addr: Ipv4Addr, port: u16, weight: u32) -> Self {
+        Self {
+            addr,
+            port,
+            weight,
+            takes_new: true,
+            keeps_existing: true,
+        }
+    }
+
+    fn flags(&self) -> u8 {
+        let mut f = 0;
+        if self.keeps_existing || self.takes_new {
+            f |= BACKEND_F_ACTIVE;
+        }
+        if self.takes_new {
+            f |= BACKEND_F_IN_RING;
+        }
+        f
+    }
+}
+
+/// One backend of a VIP: its id (index in LB_BACKENDS and LB_BACKEND_STATS) and what it was
+/// last written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Its id.
+    pub id: u32,
+    /// The member as last applied.
+    pub member: L4Member,
+}
+
+/// What one [`RingWriter::apply`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Ring slots rewritten.
+    pub slots: usize,
+    /// Backends added.
+    pub added: usize,
+    /// Backends removed (their entries cleared, flows deleted, ids released).
+    pub removed: usize,
+    /// Flow-table entries deleted with removed backends.
+    pub flows_removed: usize,
+}
+
+#[derive(Debug)]
+struct VipEntry {
+    spec: VipSpec,
+    id: u32,
+    /// Keyed by (addr, port): the target identity.
+    backends: BTreeMap<(Ipv4Addr, u16), BackendInfo>,
+    /// Backend id per slot, as last written.
+    ring: Vec<u32>,
+    fail_open: bool,
+}
+
+/// Hands out ids lowest-first and reuses a released id only after every never-used id is
+/// gone, so a flow pinned to a departed backend is not silently handed to a newcomer.
+#[derive(Debug)]
+struct IdPool {
+    next: u32,
+    max: u32,
+    released: VecDeque<u32>,
+}
+
+impl IdPool {
+    fn new(max: u32) -> Self {
+        Self {
+            next: 0,
+            max,
+            released: VecDeque::new(),
+        }
+    }
+    fn available(&self) -> usize {
+        (self.max - self.next) as usize + self.released.len()
+    }
+    fn take(&mut self) -> Option<u32> {
+        if self.next < self.max {
+            self.next += 1;
+            Some(self.next - 1)
+        } else {
+            self.released.pop_front()
+        }
+    }
+    fn give_back(&mut self, id: u32) {
+        self.released.push_back(id);
+    }
+}
+
+/// The VIPs and backends `lb_xdp` serves, as last written to the maps.
+pub struct RingWriter<M: L4Maps> {
+    maps: M,
+    ring_size: u32,
+    vips: BTreeMap<VipAddr, VipEntry>,
+    vip_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+impl<M: L4Maps> RingWriter<M> {
+    /// An empty writer for `maps`.
+    pub fn new(maps: M, ring_size: u32, max_vips: u32, max_backends: u32) -> Self {
+        Self {
+            maps,
+            ring_size,
+            vips: BTreeMap::new(),
+            vip_ids: IdPool::new(max_vips),
+            backend_ids: IdPool::new(max_backends),
+        }
+    }
+
+    /// The map writer (the daemon reads counters through it).
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// Adds a VIP with no backends (its ring is empty: packets are dropped and counted as
+    /// `drop_no_backend` until a target takes flows).
+    pub fn add_vip(&mut self, spec: VipSpec) -> Result<(), L4Error> {
+        if self.vips.contains_key(&spec.vip) {
+            return Err(L4Error::VipExists(spec.vip));
+        }
+        let id = self.vip_ids.take().ok_or(L4Error::Full("VIPs"))?;
+        let base = id * self.ring_size;
+        for slot in 0..self.ring_size {
+            self.maps.set_ring_slot(base + slot, RING_EMPTY)?;
+        }
+        self.maps.set_vip(
+            spec.vip.map_key(),
+            VipMeta {
+                vip_id: id,
+                flags: 0,
+            },
+        )?;
+        // The address marker lets lb_xdp recognise fragments for any VIP of this address: one
+        // bit per protocol that has a VIP there (this one included).
+        let flags = self
+            .vips
+            .keys()
+            .filter(|v| v.addr == spec.vip.addr)
+            .chain([&spec.vip])
+            .fold(0, |f, v| {
+                f | match v.proto {
+                    Proto::Tcp => VIP_F_HAS_TCP,
+                    Proto::Udp => VIP_F_HAS_UDP,
+                }
+            });
+        self.maps.set_vip(
+            VipKey {
+                addr: lb_common::ipv4_to_map(spec.vip.addr),
+                port: 0,
+                proto: VIP_MARKER_PROTO,
+                _pad: 0,
+            },
+            VipMeta {
+                vip_id: VIP_MARKER_ID,
+                flags,
+            },
+        )?;
+        self.vips.insert(
+            spec.vip,
+            VipEntry {
+                spec,
+                id,
+                backends: BTreeMap::new(),
+                ring: vec![RING_EMPTY; self.ring_size as usize],
+                fail_open: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Finds a VIP by name or `ADDR:PORT/PROTO`.
+    pub fn resolve(&self, owner: &str) -> Option<VipAddr> {
+        self.vips
+            .values()
+            .find(|v| v.spec.answers_to(owner))
+            .map(|v| v.spec.vip)
+    }
+
+    /// The backend id of `addr:port` under `vip`, if it is a member (health checks through
+    /// the data path mark their probes with it).
+    pub fn backend_id(&self, vip: &VipAddr, addr: Ipv4Addr, port: u16) -> Option<u32> {
+        self.vips
+            .get(vip)?
+            .backends
+            .get(&(addr, port))
+            .map(|b| b.id)
+    }
+
+    /// Brings a VIP's backends and ring in line with `members` (the registry's view of its
+    /// target group) and sets its fail-open flag. Members missing from the list are removed.
+    /// With duplicate (addr, port) the first wins.
+    pub fn apply(
+        &mut self,
+        vip: &VipAddr,
+        members: &[L4Member],
+        fail_open: bool,
+    ) -> Result<Applied, L4Error> {
+        let entry = self
+            .vips
+            .get(vip)
+            .ok_or_else(|| L4Error::NoSuchVip(vip.to_string()))?;
+        let vip_id = entry.id;
+        let mut wanted: BTreeMap<(Ipv4Addr, u16), L4Member> = BTreeMap::new();
+        for m in members {
+            wanted.entry((m.addr, m.port)).or_insert(*m);
+        }
+        let new_count = wanted
+            .keys()
+            .filter(|k| !entry.backends.contains_key(k))
+            .count();
+        if new_count > self.backend_ids.available() {
+            return Err(L4Error::Full("backends"));
+        }
+        let mut applied = Applied::default();
+
+        // 1. New backends, and backends gaining a bit or changing weight: written first.
+        let mut later: Vec<(u32, L4Member)> = Vec::new();
+        for (key, m) in &wanted {
+            let entry = self.vips.get_mut(vip).expect("checked above");
+            match entry.backends.get(key).copied() {
+                None => {
+                    let id = self.backend_ids.take().ok_or(L4Error::Full("backends"))?;
+                    self.maps.reset_backend_counters(id)?;
+                    self.maps.set_backend(id, backend_entry(m, vip_id))?;
+                    entry.backends.insert(*key, BackendInfo { id, member: *m });
+                    applied.added += 1;
+                }
+                Some(old) if old.member == *m => {}
+                Some(old) => {
+                    let (was, now) = (old.member.flags(), m.flags());
+                    if was & !now != 0 {
+                        // Losing a bit (it cannot gain one at the same time: in the ring
+                        // implies active): after the ring moved away.
+                        later.push((old.id, *m));
+                    } else {
+                        self.maps.set_backend(old.id, backend_entry(m, vip_id))?;
+                    }
+                    entry.backends.insert(
+                        *key,
+                        BackendInfo {
+                            id: old.id,
+                            member: *m,
+                        },
+                    );
+                }
+            }
+        }
+        // Members that left: out of the model now, out of the maps after the ring.
+        let entry = self.vips.get_mut(vip).expect("checked above");
+        let gone: Vec<BackendInfo> = entry
+            .backends
+            .iter()
+            .filter(|(k, _)| !wanted.contains_key(k))
+            .map(|(_, b)| *b)
+            .collect();
+        for b in &gone {
+            entry.backends.remove(&(b.member.addr, b.member.port));
+        }
+
+        // 2. The ring.
+        applied.slots = self.rebuild(vip)?;
+
+        // 3. Bits lost, departures, the fail-open flag.
+        for (id, m) in later {
+            self.maps.set_backend(id, backend_entry(&m, vip_id))?;
+        }
+        for b in gone {
+            self.maps.set_backend(b.id, Backend::default())?;
+            applied.flows_removed += self.maps.remove_flows_of(b.id)?;
+            self.backend_ids.give_back(b.id);
+            applied.removed += 1;
+        }
+        let entry = self.vips.get_mut(vip).expect("checked above");
+        if entry.fail_open != fail_open {
+            entry.fail_open = fail_open;
+            self.maps.set_vip(
+                vip.map_key(),
+                VipMeta {
+                    vip_id,
+                    flags: if fail_open { VIP_F_FAIL_OPEN } else { 0 },
+                },
+            )?;
+        }
+        Ok(applied)
+    }
+
+    /// Recomputes a VIP's ring from its members that take new flows and writes the slots
+    /// that changed; returns how many.
+    fn rebuild(&mut self, vip: &VipAddr) -> Result<usize, L4Error> {
+        let entry = self.vips.get_mut(vip).expect("caller checked");
+        let infos: Vec<BackendInfo> = entry
+            .backends
+            .values()
+            .filter(|b| b.member.takes_new)
+            .copied()
+            .collect();
+        let members: Vec<maglev::Member> = infos
+            .iter()
+            .map(|b| maglev::Member {
+                addr: b.member.addr.into(),
+                port: b.member.port,
+                weight: b.member.weight,
+            })
+            .collect();
+        let table = maglev::build(&members, self.ring_size);
+        let base = entry.id * self.ring_size;
+        let mut changed = 0;
+        for (slot, member) in table.iter().enumerate() {
+            let id = if *member == maglev::EMPTY {
+                RING_EMPTY
+            } else {
+                infos[*member as usize].id
+            };
+            if entry.ring[slot] != id {
+                self.maps.set_ring_slot(base + slot as u32, id)?;
+                entry.ring[slot] = id;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Every VIP with its id and backends, in address order.
+    pub fn describe(&self) -> Vec<(VipSpec, u32, Vec<BackendInfo>)> {
+        self.vips
+            .values()
+            .map(|e| (e.spec.clone(), e.id, e.backends.values().copied().collect()))
+            .collect()
+    }
+}
+
+fn backend_entry(m: &L4Member, vip_id: u32) -> Backend {
+    Backend {
+        addr: lb_common::ipv4_to_map(m.addr),
+        port: m.port.to_be(),
+        flags: m.flags(),
+        _pad: 0,
+        vip_id,
+        weight: m.weight,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records map contents and the order of writes, and checks on every write the
+    /// invariant `lb_xdp` relies on: a ring slot never names a backend that is not active.
+    #[derive(Default)]
+    struct FakeMaps {
+        vips: BTreeMap<(u32, u16, u8), VipMeta>,
+        backends: BTreeMap<u32, Backend>,
+        ring: BTreeMap<u32, u32>,
+        flows: Vec<u32>,
+        log: Vec<String>,
+    }
+
+    impl L4Maps for FakeMaps {
+        fn set_vip(&mut self, k: VipKey, m: VipMeta) -> Result<(), DataplaneError> {
+            self.vips.insert((k.addr, k.port, k.proto), m);
+            Ok(())
+        }
+        fn remove_vip(&mut self, k: VipKey) -> Result<(), DataplaneError> {
+            self.vips.remove(&(k.addr, k.port, k.proto));
+            Ok(())
+        }
+        fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), DataplaneError> {
+            if b.flags & BACKEND_F_ACTIVE == 0 {
+                let named = self.ring.values().any(|&r| r == id);
+                assert!(
+                    !named,
+                    "backend {id} deactivated while a ring slot names it"
+                );
+            }
+            self.log.push(format!("backend {id} flags {}", b.flags));
+            self.backends.insert(id, b);
+            Ok(())
+        }
+        fn set_ring_slot(&mut self, i: u32, id: u32) -> Result<(), DataplaneError> {
+            if id != RING_EMPTY {
+                let b = self.backends.get(&id).copied().unwrap_or_default();
+                assert!(
+                    b.flags & BACKEND_F_ACTIVE != 0,
+                    "slot {i} -> backend {id} not active"
+                );
+            }
+            self.ring.insert(i, id);
+            Ok(())
+        }
+        fn reset_backend_counters(&mut self, _id: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn remove_flows_of(&mut self, id: u32) -> Result<usize, DataplaneError> {
+            let before = self.flows.len();
+            self.flows.retain(|&f| f != id);
+            self.log.push(format!("flows of {id} removed"));
+            Ok(before - self.flows.len())
+        }
+    }
+
+    const M: u32 = 251;
+
+    fn vip(port: u16) -> VipSpec {
+        VipSpec {
+            name: Some("web".into()),
+            vip: VipAddr {
+                addr: Ipv4Addr::new(10, 100, 0, 1),
+                port,
+                proto: Proto::Tcp,
+            },
+        }
+    }
+
+    fn member(last: u8) -> L4Member {
+        L4Member::in_service(Ipv4Addr::new(10, 0, 0, last), 80, 1)
+    }
+
+    fn ring_of(r: &RingWriter<FakeMaps>, vip_id: u32) -> Vec<u32> {
+        (0..M).map(|s| r.maps.ring[&(vip_id * M + s)]).collect()
+    }
+
+    fn writer() -> RingWriter<FakeMaps> {
+        let mut r = RingWriter::new(FakeMaps::default(), M, 4, 16);
+        r.add_vip(vip(80)).unwrap();
+        r
+    }
+
+    #[test]
+    fn a_new_vip_has_an_empty_ring_and_a_map_entry() {
+        let mut r = writer();
+        assert!(ring_of(&r, 0).iter().all(|&s| s == RING_EMPTY));
+        let key = (u32::from_ne_bytes([10, 100, 0, 1]), 80u16.to_be(), 6);
+        assert_eq!(r.maps.vips[&key].vip_id, 0);
+        let marker = (u32::from_ne_bytes([10, 100, 0, 1]), 0u16, VIP_MARKER_PROTO);
+        assert_eq!(r.maps.vips[&marker].flags, VIP_F_HAS_TCP);
+        let mut udp = vip(53);
+        udp.vip.proto = Proto::Udp;
+        udp.name = None;
+        r.add_vip(udp).unwrap();
+        assert_eq!(r.maps.vips[&marker].flags, VIP_F_HAS_TCP | VIP_F_HAS_UDP);
+        assert!(matches!(r.add_vip(vip(80)), Err(L4Error::VipExists(_))));
+        assert_eq!(r.resolve("web"), Some(vip(80).vip));
+        assert_eq!(r.resolve("10.100.0.1:80/tcp"), Some(vip(80).vip));
+    }
+
+    #[test]
+    fn members_in_service_fill_the_ring() {
+        let mut r = writer();
+        let applied = r
+            .apply(&vip(80).vip, &[member(11), member(12), member(13)], false)
+            .unwrap();
+        assert_eq!((applied.slots, applied.added), (M as usize, 3));
+        let ring = ring_of(&r, 0);
+        for id in 0..3 {
+            assert!(ring.contains(&id), "backend {id} owns no slot");
+            let b = r.maps.backends[&id];
+            assert_eq!(b.addr, u32::from_ne_bytes([10, 0, 0, 11 + id as u8]));
+            assert_eq!(b.flags, BACKEND_F_ACTIVE | BACKEND_F_IN_RING);
+            assert_eq!(b.vip_id, 0);
+        }
+        // The same view again changes nothing.
+        let again = r
+            .apply(&vip(80).vip, &[member(11), member(12), member(13)], false)
+            .unwrap();
+        assert_eq!(again, Applied::default());
+    }
+
+    #[test]
+    fn removing_a_member_rewrites_only_its_slots_then_clears_it_and_its_flows() {
+        let mut r = writer();
+        r.apply(&vip(80).vip, &[member(11), member(12), member(13)], false)
+            .unwrap();
+        r.maps.flows = vec![0, 1, 1, 2];
+        let before = ring_of(&r, 0);
+        let owned = before.iter().filter(|&&id| id == 1).count();
+        r.maps.log.clear();
+        let applied = r
+            .apply(&vip(80).vip, &[member(11), member(13)], false)
+            .unwrap();
+        let after = ring_of(&r, 0);
+        assert!(!after.contains(&1));
+        // Maglev's disruption is near-minimal: the removed backend's slots, and few others.
+        assert!(
+            applied.slots >= owned && applied.slots <= owned + (M as usize) / 50,
+            "{} slots moved, {owned} were the removed backend's",
+            applied.slots
+        );
+        let kept = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| **b != 1 && b == a)
+            .count();
+        assert!(kept as f64 >= (M as usize - owned) as f64 * 0.95);
+        assert_eq!(
+            r.maps.log,
+            ["backend 1 flags 0", "flows of 1 removed"],
+            "cleared after the ring moved away, then its flows deleted"
+        );
+        assert_eq!(r.maps.flows, [0, 2]);
+        assert_eq!((applied.removed, applied.flows_removed), (1, 2));
+    }
+
+    #[test]
+    fn a_draining_member_leaves_the_ring_but_keeps_its_flows() {
+        let mut r = writer();
+        r.apply(&vip(80).vip, &[member(11), member(12)], false)
+            .unwrap();
+        r.maps.log.clear();
+        let draining = L4Member {
+            takes_new: false,
+            keeps_existing: true,
+            ..member(12)
+        };
+        r.apply(&vip(80).vip, &[member(11), draining], false)
+            .unwrap();
+        assert!(ring_of(&r, 0).iter().all(|&s| s == 0));
+        assert_eq!(r.maps.backends[&1].flags, BACKEND_F_ACTIVE);
+        assert_eq!(r.maps.log.last().unwrap(), "backend 1 flags 1");
+        // Its time is up: it stops keeping flows (they are re-steered), still registered.
+        let done = L4Member {
+            keeps_existing: false,
+            ..draining
+        };
+        r.apply(&vip(80).vip, &[member(11), done], false).unwrap();
+        assert_eq!(r.maps.backends[&1].flags, 0);
+        assert_eq!(r.maps.backends[&1].addr, u32::from_ne_bytes([10, 0, 0, 12]));
+    }
+
+    #[test]
+    fn a_member_rejoining_is_activated_before_the_ring_names_it() {
+        let mut r = writer();
+        let out = L4Member {
+            takes_new: false,
+            keeps_existing: false,
+            ..member(12)
+        };
+        r.apply(&vip(80).vip, &[member(11), out], false).unwrap();
+        assert_eq!(r.maps.backends[&1].flags, 0);
+        // The fake panics if the ring named backend 1 before its entry was active.
+        r.apply(&vip(80).vip, &[member(11), member(12)], false)
+            .unwrap();
+        assert!(ring_of(&r, 0).contains(&1));
+    }
+
+    #[test]
+    fn fail_open_is_flagged_on_the_vip() {
+        let mut r = writer();
+        r.apply(&vip(80).vip, &[member(11)], true).unwrap();
+        let key = (u32::from_ne_bytes([10, 100, 0, 1]), 80u16.to_be(), 6);
+        assert_eq!(r.maps.vips[&key].flags, VIP_F_FAIL_OPEN);
+        r.apply(&vip(80).vip, &[member(11)], false).unwrap();
+        assert_eq!(r.maps.vips[&key].flags, 0);
+    }
+
+    #[test]
+    fn released_ids_are_reused_only_after_fresh_ones_run_out() {
+        let mut r = RingWriter::new(FakeMaps::default(), M, 4, 3);
+        r.add_vip(vip(80)).unwrap();
+        r.apply(&vip(80).vip, &[member(11), member(12)], false)
+            .unwrap();
+        r.apply(&vip(80).vip, &[member(12)], false).unwrap();
+        r.apply(&vip(80).vip, &[member(12), member(13)], false)
+            .unwrap();
+        let ids: Vec<u32> = r.describe()[0].2.iter().map(|b| b.id).collect();
+        assert_eq!(ids, vec![1, 2], "fresh id 2 used before released id 0");
+        r.apply(&vip(80).vip, &[member(12), member(13), member(14)], false)
+            .unwrap();
+        assert!(r.describe()[0].2.iter().any(|b| b.id == 0));
+        let full = r.apply(
+            &vip(80).vip,
+            &[member(12), member(13), member(14), member(15)],
+            false,
+        );
+        assert!(matches!(full, Err(L4Error::Full(_))));
+        assert_eq!(
+            r.describe()[0].2.len(),
+            3,
+            "a refused apply changes nothing"
+        );
+    }
+
+    #[test]
+    fn removing_the_last_member_empties_the_ring() {
+        let mut r = writer();
+        r.apply(&vip(80).vip, &[member(11)], false).unwrap();
+        r.apply(&vip(80).vip, &[], false).unwrap();
+        assert!(ring_of(&r, 0).iter().all(|&s| s == RING_EMPTY));
+        assert_eq!(
+            r.backend_id(&vip(80).vip, Ipv4Addr::new(10, 0, 0, 11), 80),
+            None
+        );
+    }
+
+    #[test]
+    fn a_weight_change_moves_slots_towards_the_heavier_member() {
+        let mut r = writer();
+        r.apply(&vip(80).vip, &[member(11), member(12)], false)
+            .unwrap();
+        let heavy = L4Member {
+            weight: 3,
+            ..member(12)
+        };
+        r.apply(&vip(80).vip, &[member(11), heavy], false).unwrap();
+        let share = ring_of(&r, 0).iter().filter(|&&s| s == 1).count() as f64 / f64::from(M);
+        assert!((share - 0.75).abs() < 0.02, "{share}");
+        assert_eq!(r.maps.backends[&1].weight, 3);
+    }
+}
