@@ -93,7 +93,15 @@ pub struct VipSpec {
     pub proto: Proto,
     /// Targets given at start; empty = every backend of the topology.
     pub targets: Vec<TargetSpec>,
+    /// Options of the VIP's target group (`--target-group NAME,protocol=…,OPTIONS`). By
+    /// default health checks are off and deregistration is immediate, so the tests about
+    /// distribution and ring changes see every target in service from the first packet;
+    /// tests of health and draining set their own ([`VipSpec::group_options`]).
+    pub group_options: String,
 }
+
+/// [`VipSpec::group_options`] unless a test sets its own.
+pub const DEFAULT_GROUP_OPTIONS: &str = "health-check=off,deregistration-delay=0";
 
 impl VipSpec {
     /// A TCP VIP.
@@ -113,7 +121,15 @@ impl VipSpec {
             port,
             proto,
             targets: Vec::new(),
+            group_options: DEFAULT_GROUP_OPTIONS.to_owned(),
         }
+    }
+
+    /// Sets the options of the VIP's target group, e.g.
+    /// `health-check-interval=0.5,healthy-threshold=2`.
+    pub fn group_options(mut self, options: &str) -> Self {
+        self.group_options = options.to_owned();
+        self
     }
 
     /// Adds backend `backend` as a target (no port, default weight).
@@ -441,6 +457,13 @@ impl Topology {
             };
             self.add_node(&node, UNDERLAY_MTU)?;
             netns::sysctl(&node.ns, "net.ipv4.ip_forward", "1")?;
+            // The balancer's upstream router (as on a real host: a default route). Health
+            // checks through the data path leave by the route to the VIP.
+            run_in(
+                &node.ns,
+                "ip",
+                ["route", "add", "default", "via", &CLIENT_ADDR.to_string()],
+            )?;
             if b.static_neighbours {
                 for be in &self.backends {
                     run_in(
@@ -526,6 +549,13 @@ impl Topology {
         .map(|s| (*s).to_owned())
         .collect();
         for vip in &self.vips {
+            args.push("--target-group".to_owned());
+            args.push(format!(
+                "{},protocol={},{}",
+                vip.name,
+                vip.proto.as_str(),
+                vip.group_options
+            ));
             args.push("--vip".to_owned());
             args.push(vip.flag_value());
             let targets: Vec<TargetSpec> = if vip.targets.is_empty() {

@@ -62,13 +62,9 @@ impl HcBed {
             .start_decap(false)
             .static_neighbours(true)
             .build()?;
+        // The topology gives the balancer a default route via the client (its upstream
+        // router), the way out for probes to the VIP.
         let lb = topo.lb(0).node.clone();
-        let gateway = topo.client().addr.to_string();
-        run_in(
-            &lb.ns,
-            "ip",
-            ["route", "add", "default", "via", &gateway, "dev", "eth0"],
-        )?;
         run_in(&lb.ns, "ethtool", ["-K", "eth0", "tx", "on"])?;
 
         let (be1, be2) = (topo.backend(0).clone(), topo.backend(1).clone());

@@ -208,6 +208,7 @@ struct ListenerState {
 pub struct Control {
     plane: Arc<ControlPlane>,
     l7: Option<(Arc<L7Sync>, L7Handle)>,
+    l4: Option<Arc<L4Sync>>,
     listeners: Mutex<BTreeMap<String, ListenerState>>,
     vips: Vec<(VipSpec, String)>,
     /// Most L4 backends the maps hold.
@@ -219,6 +220,7 @@ impl Control {
     pub fn new(
         plane: Arc<ControlPlane>,
         l7: Option<(Arc<L7Sync>, L7Handle)>,
+        l4: Option<Arc<L4Sync>>,
         listeners: Vec<(ListenerConfig, RuleBook)>,
         vips: Vec<(VipSpec, String)>,
         max_backends: usize,
@@ -226,6 +228,7 @@ impl Control {
         Self {
             plane,
             l7,
+            l4,
             listeners: Mutex::new(
                 listeners
                     .into_iter()
@@ -282,6 +285,16 @@ impl Control {
     fn sync_l7_now(&self) {
         if let Some((sync, _)) = &self.l7 {
             sync.apply(&self.plane.current());
+        }
+    }
+
+    /// Applies the registry's latest snapshot to both planes before the request is answered,
+    /// so that when `lb targets …` returns, the change is in effect (the subscriber tasks
+    /// then find nothing left to do).
+    fn settle(&self) {
+        self.sync_l7_now();
+        if let Some(l4) = &self.l4 {
+            l4.apply(&self.plane.current());
         }
     }
 
@@ -532,6 +545,14 @@ fn api_error(e: RegistryError) -> ApiError {
 
 impl Handler for Control {
     fn handle(&self, req: Request) -> Result<Response, ApiError> {
+        let answer = self.answer(req);
+        self.settle();
+        answer
+    }
+}
+
+impl Control {
+    fn answer(&self, req: Request) -> Result<Response, ApiError> {
         match req {
             Request::RegisterTargets {
                 target_group_name,

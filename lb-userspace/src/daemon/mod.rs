@@ -210,6 +210,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let control = Arc::new(Control::new(
         plane.clone(),
         l7_parts,
+        l4_sync.clone(),
         listener_books,
         vip_groups,
         max_backends,
