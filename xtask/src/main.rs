@@ -3,7 +3,7 @@
 //! - `cargo xtask run`: the self-contained demo in network namespaces.
 //! - `cargo xtask run -- FLAGS`: `lb run FLAGS` on this host (release build).
 //! - `cargo xtask test`: every test (unit, L7 on loopback, L4 in namespaces) plus fmt/clippy.
-//! - `cargo xtask bench xdp`: the XDP benchmark.
+//! - `cargo xtask bench xdp|control`: the XDP and control-plane benchmarks.
 //! - `cargo xtask prereqs`: check (and, as root, install) what the build needs.
 //!
 //! Every command checks the prerequisites first. This crate depends on nothing that needs
@@ -55,6 +55,8 @@ enum Cmd {
 enum Bench {
     /// ns/packet of lb_xdp beside an XDP_PASS program, via BPF_PROG_TEST_RUN.
     Xdp,
+    /// Control plane: Maglev build, API change → maps latency, flow-entry memory.
+    Control,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +94,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench { which: Bench::Xdp } => {
             require_root("the XDP benchmark")?;
             cargo(&["bench", "-p", "lb-userspace", "--bench", "xdp"])
+        }
+        Cmd::Bench {
+            which: Bench::Control,
+        } => {
+            require_root("the control-plane benchmark")?;
+            cargo(&["bench", "-p", "lb-userspace", "--bench", "control"])
         }
     }
 }

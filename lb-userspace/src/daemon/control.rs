@@ -84,6 +84,11 @@ impl L7Sync {
         }
     }
 
+    /// The L7 tier's current groups.
+    pub fn groups(&self) -> Arc<Groups> {
+        self.handle.groups()
+    }
+
     /// Follows the registry until the task is dropped.
     pub async fn run(self: Arc<Self>, plane: Arc<ControlPlane>) {
         let mut rx = plane.subscribe();
@@ -103,6 +108,9 @@ pub struct L4Sync {
     writer: Mutex<RingWriter<Maps>>,
     vips: Vec<(VipSpec, String)>,
     neighbours: Arc<Mutex<Neighbours>>,
+    /// Backends whose next hop was seen to: the neighbour check runs `ip`, so it runs once
+    /// per backend, not on every change.
+    known: Mutex<std::collections::HashSet<std::net::Ipv4Addr>>,
     /// The view each VIP was last written from.
     applied: Mutex<HashMap<VipAddr, Arc<GroupView>>>,
 }
@@ -118,6 +126,7 @@ impl L4Sync {
             writer: Mutex::new(writer),
             vips,
             neighbours,
+            known: Mutex::new(std::collections::HashSet::new()),
             applied: Mutex::new(HashMap::new()),
         }
     }
@@ -153,10 +162,18 @@ impl L4Sync {
                 continue;
             }
             let members = Self::members(view);
-            {
+            let fresh: Vec<std::net::Ipv4Addr> = {
+                let mut known = lock(&self.known);
+                members
+                    .iter()
+                    .map(|m| m.addr)
+                    .filter(|a| known.insert(*a))
+                    .collect()
+            };
+            if !fresh.is_empty() {
                 let mut n = lock(&self.neighbours);
-                for m in &members {
-                    n.ensure(m.addr);
+                for a in fresh {
+                    n.ensure(a);
                 }
             }
             let result = lock(&self.writer).apply(&spec.vip, &members, view.failing_open);
@@ -189,6 +206,11 @@ impl L4Sync {
     /// The writer (for `lb run`'s summary and counters).
     pub fn with_writer<T>(&self, f: impl FnOnce(&RingWriter<Maps>) -> T) -> T {
         f(&lock(&self.writer))
+    }
+
+    /// The writer, to change directly (benchmarks compare the control plane with it).
+    pub fn with_writer_mut<T>(&self, f: impl FnOnce(&mut RingWriter<Maps>) -> T) -> T {
+        f(&mut lock(&self.writer))
     }
 }
 

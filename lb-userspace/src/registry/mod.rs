@@ -829,8 +829,11 @@ fn check_l4_target(vip: &VipAddr, addr: SocketAddr) -> Result<(), String> {
 
 /// Logs every target whose state or reason changed between two views of a group.
 fn log_transitions(group: &str, old: Option<&GroupView>, new: &GroupView) {
+    let before_by_addr: std::collections::HashMap<SocketAddr, &TargetView> = old
+        .map(|o| o.targets.iter().map(|t| (t.addr(), t)).collect())
+        .unwrap_or_default();
     for t in &new.targets {
-        let before = old.and_then(|o| o.targets.iter().find(|x| x.addr() == t.addr()));
+        let before = before_by_addr.get(&t.addr()).copied();
         let (state, reason) = (t.member.state, t.member.reason);
         match before {
             Some(b) if b.member.state == state && b.member.reason == reason => {}
@@ -846,11 +849,9 @@ fn log_transitions(group: &str, old: Option<&GroupView>, new: &GroupView) {
         }
     }
     if let Some(old) = old {
-        for gone in old
-            .targets
-            .iter()
-            .filter(|o| !new.targets.iter().any(|t| t.addr() == o.addr()))
-        {
+        let now: std::collections::HashSet<SocketAddr> =
+            new.targets.iter().map(TargetView::addr).collect();
+        for gone in old.targets.iter().filter(|o| !now.contains(&o.addr())) {
             tracing::info!(group, target = %gone.addr(), from = gone.member.state.as_str(), to = "unused", reason = "Target.NotRegistered", "target left the group");
         }
         if old.failing_open != new.failing_open {

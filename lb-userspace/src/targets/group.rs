@@ -201,13 +201,17 @@ impl TargetGroup {
     /// deregistration delay is over).
     pub fn apply(&self, members: &[Member], failing_open: bool) {
         let mut inner = self.lock();
-        let mut old = std::mem::take(&mut inner.slots);
+        let mut old: std::collections::HashMap<SocketAddr, Slot> = std::mem::take(&mut inner.slots)
+            .into_iter()
+            .map(|s| (s.entry.addr, s))
+            .collect();
+        let mut placed = std::collections::HashSet::with_capacity(members.len());
         for m in members {
-            if inner.slots.iter().any(|s| s.entry.addr == m.addr) {
+            if !placed.insert(m.addr) {
                 continue; // duplicate address: the first wins
             }
-            let mut slot = match old.iter().position(|s| s.entry.addr == m.addr) {
-                Some(i) => old.swap_remove(i),
+            let mut slot = match old.remove(&m.addr) {
+                Some(s) => s,
                 None => inner.new_slot(m.addr),
             };
             if slot.takes_new != m.takes_new {
@@ -221,7 +225,7 @@ impl TargetGroup {
             slot.slow_start = m.slow_start;
             inner.slots.push(slot);
         }
-        for gone in old {
+        for gone in old.into_values() {
             gone.entry.gone.cancel();
         }
         inner.failing_open = failing_open;
