@@ -94,7 +94,12 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
         .into_iter()
         .map(|(r, n)| (r.label().to_string(), json!(n)))
         .collect();
-    Ok(json!({ "vips": vips, "reasons": reasons }))
+    let probes: serde_json::Map<String, Value> = maps
+        .hc_totals()?
+        .into_iter()
+        .map(|(r, n)| (r.label().to_string(), json!(n)))
+        .collect();
+    Ok(json!({ "vips": vips, "reasons": reasons, "health_check_probes": probes }))
 }
 
 /// A JSON counter as a number (tables pad numbers, which `Value`'s Display does not).
@@ -146,6 +151,11 @@ pub fn stats(args: &PinArgs) -> anyhow::Result<()> {
     println!();
     println!("{:<28} {:>12}", "PACKET OUTCOME", "PACKETS");
     for (k, v) in v["reasons"].as_object().into_iter().flatten() {
+        println!("{k:<28} {:>12}", n(v));
+    }
+    println!();
+    println!("{:<28} {:>12}", "HEALTH-CHECK PROBE (TC)", "PACKETS");
+    for (k, v) in v["health_check_probes"].as_object().into_iter().flatten() {
         println!("{k:<28} {:>12}", n(v));
     }
     Ok(())
