@@ -6,7 +6,9 @@
 //! - [`netns`] runs code and commands inside a namespace ([`netns::in_netns`]).
 //! - [`servers`] are small TCP, HTTP/1.0 and UDP servers that answer with their backend's name;
 //!   [`client`] connects to them from chosen source ports.
-//! - [`stats`] reads `lb stats --json` without depending on its exact layout.
+//! - [`stats`] reads `lb stats --json` without depending on its exact layout; [`health`]
+//!   reads `lb targets health --json` by its AWS field names.
+//! - [`wait::wait_until`] waits for a condition with a deadline (tests never assert timings).
 //!
 //! Errors are `anyhow` with context: a harness failure is read by a person, never matched.
 //!
@@ -31,12 +33,14 @@
 //! of one process are serialised by a lock, so `cargo test` is safe; `--test-threads=1` keeps
 //! the output readable.
 pub mod client;
+pub mod health;
 pub mod netns;
 mod pass;
 pub mod process;
 pub mod servers;
 pub mod stats;
 pub mod topology;
+pub mod wait;
 
 pub use topology::{Node, Proto, TargetSpec, Topology, TopologyBuilder, VipSpec};
 

@@ -189,6 +189,23 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// A counter of `/proc/net/snmp` (e.g. group `Tcp`, field `InSegs`) in namespace `ns`.
+pub fn snmp(ns: &str, group: &str, field: &str) -> Result<u64> {
+    let text = in_netns(ns, || std::fs::read_to_string("/proc/thread-self/net/snmp"))?
+        .context("reading /proc/thread-self/net/snmp")?;
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no {group} lines in the snmp of {ns}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == field)
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no {group} {field} in the snmp of {ns}"))
+}
+
 /// Mounts a bpffs on /sys/fs/bpf unless one is already there.
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;

@@ -35,6 +35,8 @@ enum Kind {
 #[derive(Debug)]
 pub struct Server {
     name: String,
+    /// The namespace it runs in.
+    ns: String,
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<()>>>,
@@ -86,7 +88,7 @@ impl Server {
                 Ok(())
             })?
         };
-        Self::started(name, addr, stop, thread, bound_rx)
+        Self::started(ns, name, addr, stop, thread, bound_rx)
     }
 
     fn tcp(ns: &str, addr: SocketAddr, name: &str, kind: Kind) -> Result<Self> {
@@ -113,10 +115,11 @@ impl Server {
                 Ok(())
             })?
         };
-        Self::started(name, addr, stop, thread, bound_rx)
+        Self::started(ns, name, addr, stop, thread, bound_rx)
     }
 
     fn started(
+        ns: &str,
         name: &str,
         addr: SocketAddr,
         stop: Arc<AtomicBool>,
@@ -125,6 +128,7 @@ impl Server {
     ) -> Result<Self> {
         let mut me = Self {
             name: name.to_owned(),
+            ns: ns.to_owned(),
             addr,
             stop,
             thread: Some(thread),
@@ -146,6 +150,11 @@ impl Server {
     /// The name the server answers with.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The namespace it runs in.
+    pub fn ns(&self) -> &str {
+        &self.ns
     }
 
     /// The address it listens on.

@@ -85,6 +85,55 @@ pub fn nonzero_drops(doc: &Value) -> Vec<Leaf> {
         .collect()
 }
 
+/// One backend entry of the maps as `lb stats --json` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    /// Its address.
+    pub addr: String,
+    /// Its Maglev weight.
+    pub weight: u64,
+    /// Named by ring slots: takes new flows (`BACKEND_F_IN_RING`).
+    pub in_ring: bool,
+    /// Keeps forwarding the flows pinned to it (`BACKEND_F_ACTIVE`).
+    pub active: bool,
+    /// Flows it was given.
+    pub new_flows: u64,
+}
+
+/// Every object of the document that carries the `in_ring` and `active` flags, wherever it
+/// sits: the backend entries.
+pub fn backends(doc: &Value) -> Vec<BackendEntry> {
+    let mut out = Vec::new();
+    collect_backends(doc, &mut out);
+    out
+}
+
+fn collect_backends(v: &Value, out: &mut Vec<BackendEntry>) {
+    match v {
+        Value::Object(map) => {
+            if let (Some(in_ring), Some(active)) = (
+                map.get("in_ring").and_then(Value::as_bool),
+                map.get("active").and_then(Value::as_bool),
+            ) {
+                out.push(BackendEntry {
+                    addr: map
+                        .get("addr")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    weight: map.get("weight").and_then(Value::as_u64).unwrap_or(0),
+                    in_ring,
+                    active,
+                    new_flows: map.get("new_flows").and_then(Value::as_u64).unwrap_or(0),
+                });
+            }
+            map.values().for_each(|c| collect_backends(c, out));
+        }
+        Value::Array(items) => items.iter().for_each(|c| collect_backends(c, out)),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +153,18 @@ mod tests {
         assert_eq!(sum_for(&doc, "new_flows", "backends", "10.0.0.1"), 0);
         assert_eq!(sum(&doc, "packets", "backends"), 10);
         assert_eq!(sum(&doc, "new_flows", "vips"), 7);
+    }
+
+    #[test]
+    fn finds_backend_entries_by_their_flags() {
+        let doc = json!({"vips": [{"vip": "10.100.0.1:80/tcp", "backends": [
+            {"addr": "10.0.0.11", "weight": 1, "in_ring": true, "active": true, "new_flows": 4},
+            {"addr": "10.0.0.12", "weight": 3, "in_ring": false, "active": true, "new_flows": 0}
+        ]}]});
+        let b = backends(&doc);
+        assert_eq!(b.len(), 2);
+        assert!(b[0].in_ring && b[0].active && b[0].new_flows == 4);
+        assert!(!b[1].in_ring && b[1].active && b[1].weight == 3);
     }
 
     #[test]

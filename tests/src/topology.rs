@@ -385,7 +385,8 @@ pub struct Topology {
     tmp_dir: PathBuf,
     pin_root: PathBuf,
     servers: Vec<Server>,
-    decaps: Vec<LbProcess>,
+    /// `lb decap` of backend `j` at index `j` (`None` once stopped).
+    decaps: Vec<Option<LbProcess>>,
     pass_keeper: Option<PassKeeper>,
     /// Namespaces created so far, in creation order (removed in reverse).
     created_ns: Vec<String>,
@@ -514,7 +515,7 @@ impl Topology {
                 )?;
                 let log = self.tmp_dir.join(format!("decap-be{j}.log"));
                 let p = LbProcess::spawn(&format!("lb decap on {}", be.name), cmd, &log)?;
-                self.decaps.push(p);
+                self.decaps.push(Some(p));
             }
         }
 
@@ -673,7 +674,10 @@ impl Topology {
 
     /// The `lb decap` command line of backend `j` (`None` if it runs none).
     pub fn decap_command_line(&self, j: usize) -> Option<&str> {
-        self.decaps.get(j).map(LbProcess::command_line)
+        self.decaps
+            .get(j)
+            .and_then(Option::as_ref)
+            .map(LbProcess::command_line)
     }
 
     /// The client node.
@@ -832,6 +836,85 @@ impl Topology {
         process.stop().context("reading the exit status of lb run")
     }
 
+    /// Stops the servers of backend `j` listening on `port` (they close their listener and
+    /// their connections, as an application that exits does). Fails if none ran there.
+    pub fn stop_server(&mut self, j: usize, port: u16) -> Result<()> {
+        let ns = self.backends.get(j).context("no such backend")?.ns.clone();
+        let before = self.servers.len();
+        self.servers
+            .retain(|s| s.ns() != ns || s.addr().port() != port);
+        if self.servers.len() == before {
+            bail!("no server listens on port {port} of backend {j}");
+        }
+        Ok(())
+    }
+
+    /// Starts a line server ([`Server::tcp_lines`]) on `0.0.0.0:port` of backend `j` only.
+    pub fn serve_tcp_lines_on(&mut self, j: usize, port: u16) -> Result<()> {
+        let be = self.backends.get(j).context("no such backend")?.clone();
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        self.servers
+            .push(Server::tcp_lines(&be.ns, addr, &be.name)?);
+        Ok(())
+    }
+
+    /// Stops `lb decap` on backend `j` (SIGTERM: it detaches `lb_decap`), so IP-in-IP for the
+    /// backend reaches its kernel undecapsulated. Fails if it was not running.
+    pub fn stop_decap(&mut self, j: usize) -> Result<()> {
+        let mut p = self
+            .decaps
+            .get_mut(j)
+            .and_then(Option::take)
+            .with_context(|| format!("lb decap is not running on backend {j}"))?;
+        p.stop();
+        Ok(())
+    }
+
+    /// Removes `vip` from backend `j`'s `lo`: decapsulated packets for it are then not for
+    /// this host.
+    pub fn remove_vip_from_lo(&self, j: usize, vip: Ipv4Addr) -> Result<()> {
+        let be = self.backends.get(j).context("no such backend")?;
+        run_in(
+            &be.ns,
+            "ip",
+            ["addr", "del", &format!("{vip}/32"), "dev", "lo"],
+        )?;
+        Ok(())
+    }
+
+    /// Runs `lb ARGS… --admin-socket <balancer lb's socket>` and returns its stdout.
+    pub fn admin_cli(&self, lb: usize, args: &[&str]) -> Result<String> {
+        let socket = self
+            .lbs
+            .get(lb)
+            .context("no such balancer")?
+            .admin_socket
+            .clone();
+        let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        all.push("--admin-socket".into());
+        all.push(socket.into_os_string());
+        self.lb_cli(all)
+    }
+
+    /// `lb targets health [--group GROUP] --json` of balancer `lb`, parsed.
+    pub fn target_health(
+        &self,
+        lb: usize,
+        group: Option<&str>,
+    ) -> Result<Vec<crate::health::TargetHealth>> {
+        let mut args = vec!["targets", "health", "--json"];
+        if let Some(g) = group {
+            args.extend(["--group", g]);
+        }
+        crate::health::parse(&self.admin_cli(lb, &args)?)
+    }
+
+    /// `lb groups modify GROUP OPTIONS` against balancer `lb`.
+    pub fn modify_group(&self, lb: usize, group: &str, options: &str) -> Result<()> {
+        self.admin_cli(lb, &["groups", "modify", group, options])
+            .map(|_| ())
+    }
+
     /// Whether every `lb run` and `lb decap` is still running (a crash mid-test is a failure
     /// the test should name, not a timeout).
     pub fn processes_alive(&mut self) -> Result<()> {
@@ -842,7 +925,7 @@ impl Topology {
                 bail!("lb run on {} exited:\n{}", lb.node.name, p.log_text());
             }
         }
-        for p in &mut self.decaps {
+        for p in self.decaps.iter_mut().flatten() {
             if !p.is_running() {
                 bail!("an lb decap exited:\n{}", p.log_text());
             }

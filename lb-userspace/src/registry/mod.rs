@@ -674,10 +674,15 @@ impl Registry {
             .into_iter()
             .map(|(addr, t, d)| {
                 let takes_new = routing::takes_new(d.state, failing_open);
+                // `initial` is no verdict: a new target has no flows yet, and one whose
+                // checks were just changed or turned on keeps the flows it had while the
+                // checks start over.
                 let keeps_existing = takes_new
                     || matches!(
                         d.state,
-                        TargetState::Draining | TargetState::UnhealthyDraining
+                        TargetState::Draining
+                            | TargetState::UnhealthyDraining
+                            | TargetState::Initial
                     )
                     || (!t.enabled && t.lifecycle == Lifecycle::InUse);
                 let ramp = t

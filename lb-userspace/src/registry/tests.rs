@@ -443,6 +443,27 @@ fn modify_group_changes_checks_and_attributes_and_refuses_the_rest() {
     );
 }
 
+#[test]
+fn targets_whose_checks_start_over_keep_their_flows() {
+    let now = Instant::now();
+    let mut r = registry("web", 2);
+    report(&mut r, 1, CheckResult::Pass, now);
+    report(&mut r, 2, CheckResult::Pass, now);
+    let change = vec![("health-check-path".to_owned(), "/health".to_owned())];
+    r.modify_group("web", &change).unwrap();
+    // Both initial: the group fails open, both take new traffic.
+    let v = view(&mut r, now);
+    assert!(v.failing_open);
+    // Target 1 passes first: the group no longer fails open and target 2, still initial,
+    // takes nothing new, but its established flows must not be cut.
+    report(&mut r, 1, CheckResult::Pass, now);
+    let v = view(&mut r, now);
+    assert!(!v.failing_open);
+    let t = target(&v, 2);
+    assert_eq!(t.member.state, TargetState::Initial);
+    assert!(!t.member.takes_new && t.keeps_existing);
+}
+
 fn vip(port: u16) -> VipSpec {
     VipSpec {
         name: Some("v".into()),
