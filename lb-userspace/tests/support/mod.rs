@@ -476,6 +476,22 @@ pub fn status_of(raw: &str) -> u16 {
         .unwrap_or_else(|| panic!("no status line in {raw:?}"))
 }
 
+/// The head (status line and headers, without the empty line) and the rest of the first
+/// response in raw response text, so header checks never match text of the body.
+pub fn split_response(raw: &str) -> (&str, &str) {
+    raw.split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete response head in {raw:?}"))
+}
+
+/// Whether a raw response head has the header `name: value` (both case-insensitive).
+pub fn head_has(head: &str, name: &str, value: &str) -> bool {
+    head.lines().skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(n, v)| {
+            n.trim().eq_ignore_ascii_case(name) && v.trim().eq_ignore_ascii_case(value)
+        })
+    })
+}
+
 /// `n` sequential `GET path` over one keep-alive connection; returns the bodies in order.
 pub async fn get_many(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
     within(async {
