@@ -8,7 +8,9 @@ use std::time::Duration;
 use lb::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
 use lb::proxy::error::ProxyError;
 use rand::Rng;
-use support_client::{RawBehaviour, RawTarget, config, forward_collect, get, plain, request};
+use support_client::{
+    RawBehaviour, RawTarget, config, forward_collect, get, plain, request, wait_for,
+};
 
 /// The target closes connections idle this long.
 const TARGET_IDLE_CLOSE: Duration = Duration::from_millis(200);
@@ -296,25 +298,26 @@ async fn an_idempotent_put_is_retried_with_its_body() {
 async fn idle_connections_are_closed_after_our_idle_timeout() {
     let target = RawTarget::start(RawBehaviour::default()).await;
     let endpoint = plain(target.addr);
+    // Long enough that the pooled connection is seen before it expires even on a busy machine.
     let forwarder = Forwarder::new(ClientConfig {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(2),
         ..config()
     });
     forward_collect(&forwarder, &endpoint, get("/a"))
         .await
         .expect("first request");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        stats_of(&forwarder).idle_connections,
-        1,
-        "pooled while younger than the idle timeout"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let stats = stats_of(&forwarder);
-    assert_eq!(
-        stats.idle_connections, 0,
-        "closed after the idle timeout: {stats:?}"
-    );
+    wait_for(
+        "the connection to be pooled",
+        || stats_of(&forwarder),
+        |s| s.idle_connections == 1,
+    )
+    .await;
+    let stats = wait_for(
+        "the idle connection to be closed after our idle timeout",
+        || stats_of(&forwarder),
+        |s| s.idle_connections == 0,
+    )
+    .await;
     assert_eq!(
         stats.retired_early, 0,
         "our own idle timeout is not an early retirement: {stats:?}"
@@ -323,6 +326,15 @@ async fn idle_connections_are_closed_after_our_idle_timeout() {
         .await
         .expect("second request");
     assert!(!forwarded.reused_connection);
+    assert_eq!(
+        target
+            .seen()
+            .iter()
+            .map(|s| s.connection)
+            .collect::<Vec<_>>(),
+        vec![0, 1],
+        "the second request went out on a new connection"
+    );
 }
 
 #[tokio::test]
@@ -342,26 +354,26 @@ async fn a_too_low_estimate_rises_again_when_a_retired_connection_survives() {
     forward_collect(&forwarder, &endpoint, get("/a"))
         .await
         .expect("first request");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let first = stats_of(&forwarder)
-        .learned_idle_close
-        .expect("the first close was observed");
+    let first = wait_for(
+        "the target's first idle close to be observed",
+        || stats_of(&forwarder),
+        |s| s.learned_idle_close.is_some(),
+    )
+    .await
+    .learned_idle_close
+    .expect("observed");
 
     // A new connection is retired from reuse before the (too low) estimate, kept open unused,
     // and survives our whole idle timeout: the estimate rises.
     forward_collect(&forwarder, &endpoint, get("/b"))
         .await
         .expect("second request");
-    let mut waited = 0;
-    let raised = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-        let stats = stats_of(&forwarder);
-        match stats.learned_idle_close {
-            Some(learned) if learned > first => break stats,
-            _ => assert!(waited < 50, "the estimate never rose: {stats:?}"),
-        }
-    };
+    let raised = wait_for(
+        "the estimate to rise",
+        || stats_of(&forwarder),
+        |s| s.learned_idle_close.is_some_and(|learned| learned > first),
+    )
+    .await;
     assert!(raised.retired_early >= 1, "{raised:?}");
 }
 
@@ -371,12 +383,13 @@ async fn a_slow_upload_is_activity_not_an_idle_timeout() {
     use http_body_util::{BodyExt, StreamBody};
     let target = RawTarget::start(RawBehaviour::default()).await;
     let forwarder = Forwarder::new(ClientConfig {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(1),
         ..config()
     });
-    // Five chunks 150 ms apart: 750 ms in all, never 300 ms without a byte.
-    let chunks = futures_util::stream::iter(0..5).then(|i| async move {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+    // Eight chunks 200 ms apart: 1.6 s in all, longer than the idle timeout, but never close
+    // to a second without a byte (wide margins: a busy machine stretches sleeps).
+    let chunks = futures_util::stream::iter(0..8).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         Ok::<_, lb::proxy::client::BoxError>(http_body::Frame::data(bytes::Bytes::from(format!(
             "chunk{i};"
         ))))
@@ -385,7 +398,7 @@ async fn a_slow_upload_is_activity_not_an_idle_timeout() {
         .method("POST")
         .uri("/upload")
         .header("host", "app.test")
-        .header("content-length", 35)
+        .header("content-length", 56)
         .body(StreamBody::new(chunks).boxed_unsync())
         .expect("request");
     let (forwarded, _) = forward_collect(&forwarder, &plain(target.addr), req)
@@ -394,6 +407,6 @@ async fn a_slow_upload_is_activity_not_an_idle_timeout() {
     assert_eq!(forwarded.response.status(), 200);
     assert_eq!(
         target.seen()[0].body,
-        b"chunk0;chunk1;chunk2;chunk3;chunk4;"
+        b"chunk0;chunk1;chunk2;chunk3;chunk4;chunk5;chunk6;chunk7;"
     );
 }
