@@ -7,6 +7,7 @@
 //! - Layer 7: [`proxy`] (listeners, TLS, forwarding), [`rules`] (ALB listener rules),
 //!   [`targets`] (target groups, algorithms, stickiness), [`headers`] (X-Forwarded-*, trace id).
 //! - Control: [`cli`] (flags), [`config`] (flags → validated model), [`admin`] (runtime socket).
+//! - Process: [`rlimit`] (the open-files limit `lb run` raises at start).
 pub mod admin;
 pub mod cli;
 pub mod config;
@@ -18,5 +19,6 @@ pub mod l4;
 pub mod maglev;
 pub mod packet;
 pub mod proxy;
+pub mod rlimit;
 pub mod rules;
 pub mod targets;

@@ -44,6 +44,7 @@ use tokio::task::JoinSet;
 pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
+mod limits;
 mod pipeline;
 mod sniff;
 pub mod tls;
@@ -61,6 +62,12 @@ pub const MAX_CERTIFICATES: usize = 26;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle timeout range allowed by ALB (1–4000 s).
 pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=4000;
+/// Request-head deadline default: the whole HTTP/1 request head must arrive within this long
+/// (nginx `client_header_timeout`; ALB documents no separate limit and closes on its 60 s idle
+/// timeout, which a client dribbling one header line at a time never reaches).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest `header-timeout` accepted (as the idle timeout: 4000 s).
+pub const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(4000);
 /// Client keep-alive lifetime default (ALB attribute `client_keep_alive.seconds`: 3600 s).
 pub const DEFAULT_CLIENT_KEEPALIVE: Duration = Duration::from_secs(3600);
 /// Client keep-alive range allowed by ALB (60–604800 s).
@@ -108,10 +115,22 @@ pub struct ListenerConfig {
     /// After this long the connection is closed after the current response (HTTP/1:
     /// `Connection: close`; HTTP/2: GOAWAY). Default [`DEFAULT_CLIENT_KEEPALIVE`].
     pub client_keepalive: Duration,
+    /// An HTTP/1 request head (request line through the empty line) that is not complete this
+    /// long after it started is answered 408 and the connection closed. It starts when the
+    /// connection is accepted (TLS: when the handshake is done) for the first request and with
+    /// the first byte of every later one; request bodies are not affected (the idle timeout
+    /// watches them). Default [`DEFAULT_HEADER_TIMEOUT`].
+    pub header_timeout: Duration,
     /// `X-Forwarded-For` handling (default append).
     pub xff: XffMode,
     /// Desync mitigation mode (default defensive).
     pub desync_mode: DesyncMode,
+    /// Most client connections open at once on this listener; a connection accepted beyond it
+    /// is closed at once and counted (RejectedConnectionCount). `None` (default): no limit.
+    pub max_connections: Option<usize>,
+    /// Most client connections open at once from one source address; `None` (default): no
+    /// limit. Over it, the connection is closed at once and counted like `max_connections`.
+    pub max_connections_per_source: Option<usize>,
 }
 
 impl ListenerConfig {
@@ -124,8 +143,11 @@ impl ListenerConfig {
             certificates: Vec::new(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             client_keepalive: DEFAULT_CLIENT_KEEPALIVE,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
             xff: XffMode::default(),
             desync_mode: DesyncMode::default(),
+            max_connections: None,
+            max_connections_per_source: None,
         }
     }
 }
@@ -192,7 +214,9 @@ pub enum ListenerError {
 
 /// Parses a `--listener` value: `NAME=http://ADDR:PORT` or
 /// `NAME=https://ADDR:PORT,cert=CERT.pem:KEY.pem[,cert=…]`, plus `,idle-timeout=SECS`,
-/// `,keepalive=SECS`, `,xff=append|preserve|remove`, `,desync=monitor|defensive|strictest`.
+/// `,keepalive=SECS`, `,header-timeout=SECS` (fractions allowed, e.g. `0.5`),
+/// `,xff=append|preserve|remove`, `,desync=monitor|defensive|strictest`, `,max-connections=N`,
+/// `,max-connections-per-source=N`.
 pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
     let Some((name, rest)) = spec.split_once('=').filter(|(n, _)| !n.is_empty()) else {
         return Err(ListenerError::MissingName(spec.to_owned()));
@@ -234,6 +258,32 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
         }
         Ok(Duration::from_secs(secs))
     };
+    let fractional_seconds = |option: &str, value: &str, max: Duration| {
+        let secs: f64 = value
+            .parse()
+            .map_err(|_| bad(option, value, "not a number of seconds".into()))?;
+        match Duration::try_from_secs_f64(secs) {
+            Ok(d) if !d.is_zero() && d <= max => Ok(d),
+            _ => Err(bad(
+                option,
+                value,
+                format!("must be more than 0 and at most {} seconds", max.as_secs()),
+            )),
+        }
+    };
+    let count = |option: &str, value: &str| {
+        value
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                bad(
+                    option,
+                    value,
+                    "expected a whole number of at least 1".into(),
+                )
+            })
+    };
     for part in parts {
         let Some((key, value)) = part.split_once('=') else {
             return Err(ListenerError::UnknownOption {
@@ -259,6 +309,13 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
             }
             "idle-timeout" => cfg.idle_timeout = seconds(key, value, IDLE_TIMEOUT_RANGE)?,
             "keepalive" => cfg.client_keepalive = seconds(key, value, CLIENT_KEEPALIVE_RANGE)?,
+            "header-timeout" => {
+                cfg.header_timeout = fractional_seconds(key, value, MAX_HEADER_TIMEOUT)?;
+            }
+            "max-connections" => cfg.max_connections = Some(count(key, value)?),
+            "max-connections-per-source" => {
+                cfg.max_connections_per_source = Some(count(key, value)?);
+            }
             "xff" => {
                 cfg.xff = value
                     .parse()
@@ -321,6 +378,12 @@ pub struct L7Counters {
     pub rule_evaluations: AtomicU64,
     /// NewConnectionCount.
     pub new_connections: AtomicU64,
+    /// RejectedConnectionCount: client connections closed at once because the listener's
+    /// `max-connections` or `max-connections-per-source` was reached.
+    pub rejected_connections: AtomicU64,
+    /// HTTP/1 request heads not complete within the listener's `header-timeout` (each answered
+    /// 408; also counted in HTTPCode_ELB_4XX_Count).
+    pub header_timeouts: AtomicU64,
 }
 
 impl L7Counters {
@@ -360,6 +423,8 @@ struct Listener {
     tls: Option<tokio_rustls::TlsAcceptor>,
     http: auto::Builder<TokioExecutor>,
     shared: Arc<Shared>,
+    /// Open client connections, for `max-connections` and `max-connections-per-source`.
+    connections: limits::ConnectionLimits,
 }
 
 /// A running L7 tier (from [`start`]).
@@ -437,6 +502,10 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         let listener = Arc::new(Listener {
             port: local.port(),
             http: http_builder(),
+            connections: limits::ConnectionLimits::new(
+                lcfg.max_connections,
+                lcfg.max_connections_per_source,
+            ),
             cfg: lcfg,
             rules,
             tls,
@@ -481,6 +550,8 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
+        // The sniffer enforces `header-timeout` with ALB's 408; hyper's own timeout would close
+        // without a response.
         .header_read_timeout(None)
         .max_headers(sniff::MAX_HEADER_COUNT + 8)
         .max_buf_size(2 * sniff::MAX_HEADERS_TOTAL + 2 * sniff::MAX_LINE);
@@ -498,7 +569,17 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
             accepted = socket.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     L7Counters::add(&listener.shared.counters.new_connections, 1);
-                    conns.spawn(serve_connection(listener.clone(), tcp, peer));
+                    match listener.connections.admit(peer.ip()) {
+                        Ok(slot) => {
+                            conns.spawn(serve_connection(listener.clone(), tcp, peer, slot));
+                        }
+                        Err(over) => {
+                            // Closed at once: no TLS handshake, no byte read or written.
+                            L7Counters::add(&listener.shared.counters.rejected_connections, 1);
+                            tracing::debug!(listener = %listener.cfg.name, %peer, limit = %over, "connection rejected");
+                            drop(tcp);
+                        }
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -518,17 +599,25 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
     while conns.join_next().await.is_some() {}
 }
 
-async fn serve_connection(listener: Arc<Listener>, tcp: TcpStream, peer: SocketAddr) {
+/// Serves one accepted client connection; `slot` holds its place under the connection limits
+/// until the connection (or the WebSocket tunnel it became) ends.
+async fn serve_connection(
+    listener: Arc<Listener>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: limits::ConnectionSlot,
+) {
     let _ = tcp.set_nodelay(true);
     let counters = &listener.shared.counters;
+    let slot = Arc::new(slot);
     match &listener.tls {
-        None => run_http(&listener, tcp, peer, true).await,
+        None => run_http(&listener, tcp, peer, true, slot).await,
         Some(acceptor) => {
             let handshake = tokio::time::timeout(listener.cfg.idle_timeout, acceptor.accept(tcp));
             match handshake.await {
                 Ok(Ok(stream)) => {
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    run_http(&listener, stream, peer, !h2).await;
+                    run_http(&listener, stream, peer, !h2, slot).await;
                 }
                 Ok(Err(e)) => {
                     L7Counters::add(&counters.client_tls_negotiation_errors, 1);
@@ -543,8 +632,13 @@ async fn serve_connection(listener: Arc<Listener>, tcp: TcpStream, peer: SocketA
     }
 }
 
-async fn run_http<IO>(listener: &Arc<Listener>, io: IO, peer: SocketAddr, http1: bool)
-where
+async fn run_http<IO>(
+    listener: &Arc<Listener>,
+    io: IO,
+    peer: SocketAddr,
+    http1: bool,
+    slot: Arc<limits::ConnectionSlot>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conn_shared = sniff::ConnShared::new();
@@ -552,13 +646,17 @@ where
         io,
         conn_shared.clone(),
         listener.cfg.desync_mode,
-        listener.cfg.idle_timeout,
+        sniff::Timeouts {
+            idle: listener.cfg.idle_timeout,
+            header: listener.cfg.header_timeout,
+        },
         http1,
     );
     let ctx = Arc::new(pipeline::ConnCtx {
         listener: listener.clone(),
         peer,
         conn: conn_shared,
+        slot,
     });
     let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
     let conn = listener
@@ -615,6 +713,22 @@ mod tests {
         assert_eq!(l.xff, XffMode::Append);
         assert_eq!(l.desync_mode, DesyncMode::Defensive);
         assert!(l.certificates.is_empty());
+        assert_eq!(l.header_timeout, Duration::from_secs(60));
+        assert_eq!(l.max_connections, None);
+        assert_eq!(l.max_connections_per_source, None);
+    }
+
+    #[test]
+    fn header_timeout_takes_fractions_and_limits_take_counts() {
+        let l = parse_listener(
+            "web=http://127.0.0.1:80,header-timeout=0.5,max-connections=1000,max-connections-per-source=20",
+        )
+        .expect("parses");
+        assert_eq!(l.header_timeout, Duration::from_millis(500));
+        assert_eq!(l.max_connections, Some(1000));
+        assert_eq!(l.max_connections_per_source, Some(20));
+        let l = parse_listener("web=http://127.0.0.1:80,header-timeout=30").expect("parses");
+        assert_eq!(l.header_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -652,6 +766,24 @@ mod tests {
             ("web=http://1.2.3.4:80,cert=a:b", "only applies to https"),
             ("web=https://1.2.3.4:443", "needs at least one cert"),
             ("web=https://1.2.3.4:443,cert=nokey", "CERT.pem:KEY.pem"),
+            ("web=http://1.2.3.4:80,header-timeout=0", "header-timeout"),
+            ("web=http://1.2.3.4:80,header-timeout=-1", "header-timeout"),
+            ("web=http://1.2.3.4:80,header-timeout=NaN", "header-timeout"),
+            ("web=http://1.2.3.4:80,header-timeout=inf", "header-timeout"),
+            ("web=http://1.2.3.4:80,header-timeout=4001", "at most 4000"),
+            (
+                "web=http://1.2.3.4:80,header-timeout=soon",
+                "header-timeout",
+            ),
+            ("web=http://1.2.3.4:80,max-connections=0", "max-connections"),
+            (
+                "web=http://1.2.3.4:80,max-connections=-5",
+                "max-connections",
+            ),
+            (
+                "web=http://1.2.3.4:80,max-connections-per-source=lots",
+                "max-connections-per-source",
+            ),
         ];
         for (spec, needle) in cases {
             let err = parse_listener(spec).expect_err(spec).to_string();

@@ -53,6 +53,8 @@ pub mod target {
         Slow(Duration, String),
         /// Never answers.
         Hang,
+        /// 200 with the request body (read whole first).
+        EchoBody,
         /// 101 and then echoes every byte back (a WebSocket-like upgrade echo).
         UpgradeEcho,
         /// 200 whose body sends `first`, then waits for the gate before sending `second`:
@@ -195,6 +197,10 @@ pub mod target {
             Reply::Hang => {
                 std::future::pending::<()>().await;
                 String::new()
+            }
+            Reply::EchoBody => {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                String::from_utf8_lossy(&body.unwrap_or_default()).into_owned()
             }
             Reply::Gated {
                 first,

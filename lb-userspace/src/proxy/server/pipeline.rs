@@ -28,7 +28,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::sniff::{ConnShared, HeadVerdict};
+use super::limits::ConnectionSlot;
+use super::sniff::{self, ConnShared, HeadVerdict};
 use super::{L7Counters, Listener, Phase};
 use crate::headers::{apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id};
 use crate::proxy::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
@@ -45,6 +46,9 @@ pub(super) struct ConnCtx {
     pub listener: Arc<Listener>,
     pub peer: SocketAddr,
     pub conn: Arc<ConnShared>,
+    /// The connection's place under the listener's connection limits; a WebSocket tunnel
+    /// keeps it until the tunnel ends.
+    pub slot: Arc<ConnectionSlot>,
 }
 
 /// A response and whether the client connection must close after it.
@@ -203,12 +207,12 @@ pub(super) async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let counters = ctx.listener.shared.counters.clone();
     let inflight = Inflight::new(&ctx.conn);
+    let version = req.version();
     let mut gone = ClientGone {
         counters: counters.clone(),
         peer: ctx.peer,
         armed: true,
     };
-    let version = req.version();
     let verdict = if version == Version::HTTP_2 {
         None
     } else {
@@ -250,6 +254,9 @@ async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Inc
         }) => {
             if classification.tier > Tier::Compliant {
                 L7Counters::add(&counters.desync_non_compliant_requests, 1);
+            }
+            if reason == sniff::HEADER_TIMEOUT_REASON {
+                L7Counters::add(&counters.header_timeouts, 1);
             }
             tracing::debug!(client = %ctx.peer, status = status.as_u16(), reason, "request rejected");
             return lb_error(counters, status, true);
@@ -462,7 +469,13 @@ async fn forward_request(
     if switching {
         let target_upgrade = hyper::upgrade::on(&mut response);
         let phase = shared.phase.clone();
-        tokio::spawn(tunnel(client_upgrade, target_upgrade, phase, ctx.peer));
+        tokio::spawn(tunnel(
+            client_upgrade,
+            target_upgrade,
+            phase,
+            ctx.peer,
+            ctx.slot.clone(),
+        ));
     }
     strip_hop_by_hop(response.headers_mut(), switching);
     for cookie in picked.set_cookies(response.headers()) {
@@ -490,12 +503,14 @@ async fn forward_request(
 }
 
 /// Copies bytes both ways between an upgraded client and target connection until either side
-/// closes or the tier stops.
+/// closes or the tier stops. `_slot` keeps the client connection counted under the listener's
+/// connection limits while the tunnel lives.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     target: hyper::upgrade::OnUpgrade,
     mut phase: tokio::sync::watch::Receiver<Phase>,
     peer: SocketAddr,
+    _slot: Arc<ConnectionSlot>,
 ) {
     let (client, target) = match tokio::try_join!(client, target) {
         Ok(pair) => pair,

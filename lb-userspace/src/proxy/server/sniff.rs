@@ -37,6 +37,9 @@ pub const MAX_HEADERS_TOTAL: usize = 64 * 1024;
 /// count limit, only the 64 KiB total; 1,000 headers of the minimal size reach 4 KiB.
 pub const MAX_HEADER_COUNT: usize = 1000;
 
+/// The `reason` of the 408 for a request head that missed the listener's `header-timeout`.
+pub const HEADER_TIMEOUT_REASON: &str = "request head not complete within the header timeout";
+
 const HTTP2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
 /// What hyper parses in place of a request the load balancer answers itself.
 const SYNTHETIC_HEAD: &[u8] = b"GET / HTTP/1.1\r\nhost: lb.invalid\r\nconnection: close\r\n\r\n";
@@ -150,6 +153,17 @@ enum State {
     Stopped,
 }
 
+/// The client-side timeouts the sniffer enforces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// No byte from the client for this long: 408 before a request, close between requests,
+    /// error inside a request body (the listener's `idle-timeout`).
+    pub idle: Duration,
+    /// An HTTP/1 request head must be complete this long after it started (408 otherwise):
+    /// the listener's `header-timeout`.
+    pub header: Duration,
+}
+
 /// The sniffing wrapper around a client connection (see the module docs).
 pub struct Sniffer<IO> {
     io: IO,
@@ -173,6 +187,11 @@ pub struct Sniffer<IO> {
     idle_timeout: Duration,
     last_read: Instant,
     sleep: Pin<Box<Sleep>>,
+    header_timeout: Duration,
+    /// When the head being collected must be complete: set when the connection starts (first
+    /// request) or with the first byte of a later head; cleared when the head is complete.
+    head_deadline: Option<Instant>,
+    header_sleep: Pin<Box<Sleep>>,
 }
 
 impl<IO> Sniffer<IO> {
@@ -181,10 +200,14 @@ impl<IO> Sniffer<IO> {
         io: IO,
         shared: Arc<ConnShared>,
         mode: DesyncMode,
-        idle_timeout: Duration,
+        timeouts: Timeouts,
         http1: bool,
     ) -> Self {
         let now = Instant::now();
+        let Timeouts {
+            idle: idle_timeout,
+            header: header_timeout,
+        } = timeouts;
         Self {
             io,
             shared,
@@ -205,6 +228,9 @@ impl<IO> Sniffer<IO> {
             idle_timeout,
             last_read: now,
             sleep: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            header_timeout,
+            head_deadline: http1.then(|| now + header_timeout),
+            header_sleep: Box::pin(tokio::time::sleep_until(now + header_timeout)),
         }
     }
 
@@ -220,6 +246,7 @@ impl<IO> Sniffer<IO> {
         });
         self.out.extend_from_slice(SYNTHETIC_HEAD);
         self.head.clear();
+        self.head_deadline = None;
         self.state = State::Stopped;
     }
 
@@ -249,6 +276,9 @@ impl<IO> Sniffer<IO> {
                     data = &data[used..];
                 }
                 State::Head => {
+                    if self.head_deadline.is_none() {
+                        self.head_deadline = Some(Instant::now() + self.header_timeout);
+                    }
                     let used = self.head_bytes(data);
                     data = &data[used..];
                 }
@@ -413,6 +443,7 @@ impl<IO> Sniffer<IO> {
 
     /// A whole head is in `self.head`: decide what hyper gets.
     fn complete_head(&mut self) {
+        self.head_deadline = None;
         let head = std::mem::take(&mut self.head);
         self.line_start = 0;
         let request_line = self.request_line.take().unwrap_or(0);
@@ -502,6 +533,18 @@ impl<IO> Sniffer<IO> {
         debug_assert!(c.tier <= Tier::Severe);
     }
 
+    /// The request-head deadline, polled when the socket has nothing to read. Returns true when
+    /// a head is being collected and its deadline passed.
+    fn head_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.head_deadline.filter(|_| self.state == State::Head) else {
+            return false;
+        };
+        if self.header_sleep.deadline() != deadline {
+            self.header_sleep.as_mut().reset(deadline);
+        }
+        self.header_sleep.as_mut().poll(cx).is_ready()
+    }
+
     /// The idle timer, polled when the socket has nothing to read. Returns true when it expired.
     /// Between requests it does not run while a response is outstanding (the target side has
     /// its own timeout); inside a request body it always runs: the client must keep sending.
@@ -572,6 +615,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Sniffer<IO> {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
+                    if this.head_expired(cx) {
+                        // Slow request head (slowloris): 408, then close, even while bytes
+                        // keep trickling in.
+                        this.reject(
+                            StatusCode::REQUEST_TIMEOUT,
+                            HEADER_TIMEOUT_REASON,
+                            Classification::COMPLIANT,
+                        );
+                        continue;
+                    }
                     if !this.idle_expired(cx) {
                         return Poll::Pending;
                     }
@@ -636,12 +689,16 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniffer<IO> {
 mod tests {
     use super::*;
 
+    fn timeouts(idle: Duration, header: Duration) -> Timeouts {
+        Timeouts { idle, header }
+    }
+
     fn sniffer() -> Sniffer<tokio::io::Empty> {
         Sniffer::new(
             tokio::io::empty(),
             ConnShared::new(),
             DesyncMode::Defensive,
-            Duration::from_secs(60),
+            timeouts(Duration::from_secs(60), Duration::from_secs(60)),
             true,
         )
     }
@@ -728,7 +785,7 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
             server,
             shared.clone(),
             DesyncMode::Defensive,
-            Duration::from_millis(100),
+            timeouts(Duration::from_millis(100), Duration::from_secs(60)),
             true,
         );
         client
@@ -750,7 +807,7 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
             server,
             shared.clone(),
             DesyncMode::Defensive,
-            Duration::from_millis(100),
+            timeouts(Duration::from_millis(100), Duration::from_secs(60)),
             true,
         );
         let got = read_some(&mut s).await.expect("synthetic head");
@@ -759,6 +816,115 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
             shared.pop_verdict(),
             Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::REQUEST_TIMEOUT
         ));
+    }
+
+    #[tokio::test]
+    async fn a_dribbled_head_gets_408_at_the_header_timeout_although_bytes_keep_coming() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            timeouts(Duration::from_secs(60), Duration::from_millis(200)),
+            true,
+        );
+        let writer = tokio::spawn(async move {
+            client.write_all(b"GET / HTTP/1.1\r\n").await?;
+            for i in 0..1000 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                client.write_all(format!("X-{i}: 1\r\n").as_bytes()).await?;
+            }
+            Ok::<_, io::Error>(client)
+        });
+        let got = tokio::time::timeout(Duration::from_secs(20), read_some(&mut s))
+            .await
+            .expect("the sniffer gave up on the head")
+            .expect("synthetic head");
+        assert_eq!(got, SYNTHETIC_HEAD);
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Reject { status, reason, .. })
+                if status == StatusCode::REQUEST_TIMEOUT && reason == HEADER_TIMEOUT_REASON
+        ));
+        writer.abort();
+    }
+
+    #[tokio::test]
+    async fn a_slow_body_is_not_cut_by_the_header_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            timeouts(Duration::from_secs(60), Duration::from_millis(50)),
+            true,
+        );
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n")
+            .await
+            .expect("write");
+        let mut got = read_some(&mut s).await.expect("head");
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Pass { .. })
+        ));
+        shared.request_started();
+        let writer = tokio::spawn(async move {
+            for b in b"hello" {
+                // Each gap is longer than the header timeout.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                client.write_all(&[*b]).await?;
+            }
+            Ok::<_, io::Error>(client)
+        });
+        while !got.ends_with(b"hello") {
+            got.extend(read_some(&mut s).await.expect("body bytes"));
+        }
+        assert!(shared.pop_verdict().is_none(), "no 408 was queued");
+        let _client = writer.await.expect("writer").expect("wrote the body");
+    }
+
+    #[tokio::test]
+    async fn the_header_timeout_of_a_later_request_starts_with_its_first_byte() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            timeouts(Duration::from_secs(60), Duration::from_millis(100)),
+            true,
+        );
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .expect("write");
+        read_some(&mut s).await.expect("first head");
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Pass { .. })
+        ));
+        // Idle on the keep-alive connection for longer than the header timeout: only the idle
+        // timeout applies between requests.
+        let idle = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            client
+                .write_all(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+                .await
+                .map(|()| client)
+        });
+        let got = read_some(&mut s).await.expect("second head");
+        assert!(got.starts_with(b"GET /2"), "{got:?}");
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Pass { .. })
+        ));
+        let _client = idle.await.expect("writer").expect("wrote");
     }
 
     #[tokio::test]
