@@ -44,6 +44,7 @@ use tokio::task::JoinSet;
 pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
+mod abuse;
 mod limits;
 mod pipeline;
 mod sniff;
@@ -384,6 +385,9 @@ pub struct L7Counters {
     /// HTTP/1 request heads not complete within the listener's `header-timeout` (each answered
     /// 408; also counted in HTTPCode_ELB_4XX_Count).
     pub header_timeouts: AtomicU64,
+    /// HTTP/2 connections closed because the client kept cancelling the streams it opened
+    /// (rapid reset, CVE-2023-44487): see `server/abuse.rs`.
+    pub http2_abusive_connections: AtomicU64,
 }
 
 impl L7Counters {
@@ -544,8 +548,13 @@ pub async fn serve(
     running.shutdown(drain).await
 }
 
+/// Most concurrent HTTP/2 streams per client connection: ALB's limit (128 parallel requests per
+/// HTTP/2 connection). hyper's default is 200.
+pub(crate) const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 128;
+
 /// hyper settings shared by all listeners: header limits as ALB (the sniffer enforces them
-/// exactly for HTTP/1; hyper's own limits are set above them so they never fire first).
+/// exactly for HTTP/1; hyper's own limits are set above them so they never fire first), and
+/// HTTP/2 settings chosen against resource-exhaustion attacks.
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -557,7 +566,40 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .max_buf_size(2 * sniff::MAX_HEADERS_TOTAL + 2 * sniff::MAX_LINE);
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(sniff::MAX_HEADERS_TOTAL).unwrap_or(u32::MAX));
+        // ALB's 64 KiB for all request headers. It also bounds a CONTINUATION flood
+        // (CVE-2024-27316 class): h2 accepts at most max(5, 1.25 × this / max_frame_size)
+        // CONTINUATION frames per header block (5 here) and never buffers more than this many
+        // header bytes, then answers GOAWAY ENHANCE_YOUR_CALM / COMPRESSION_ERROR.
+        .max_header_list_size(u32::try_from(sniff::MAX_HEADERS_TOTAL).unwrap_or(u32::MAX))
+        // 16 KiB, the protocol's minimum and h2's default, stated because the CONTINUATION bound
+        // above is derived from it.
+        .max_frame_size(16 * 1024)
+        // Each open stream can hold a request to a target and buffers; ALB's 128 bounds that.
+        .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+        // Rapid reset (CVE-2023-44487) in its usual shape, HEADERS and RST_STREAM in one burst:
+        // more than 20 streams reset before they were accepted → GOAWAY ENHANCE_YOUR_CALM.
+        // (Streams cancelled after the handler started are bounded in `abuse.rs`.)
+        .max_pending_accept_reset_streams(20)
+        // Streams we had to reset because the client broke the protocol on them (malformed
+        // headers, flow-control violations): a client doing that on purpose makes us spend
+        // work per stream; 128 (one stream window's worth) is far above any honest client's
+        // mistakes. h2's default is 1024.
+        .max_local_error_reset_streams(128)
+        // Received-data buffering: a client may have 1 MiB in flight per connection and per
+        // stream (hyper's defaults, stated): request bodies are buffered at most this much
+        // before flow control stops the client. No adaptive window: it would let one client
+        // grow the buffers.
+        .initial_connection_window_size(1024 * 1024)
+        .initial_stream_window_size(1024 * 1024)
+        .adaptive_window(false)
+        // Per-stream send buffer: bounds what we hold for a client that does not read its
+        // responses (128 streams × 128 KiB = 16 MiB per connection at worst; h2's default is
+        // ~400 KiB per stream).
+        .max_send_buf_size(128 * 1024)
+        // No keep-alive PINGs: a client answering them would reset the sniffer's idle clock
+        // (bytes arrived), so idle HTTP/2 connections would never be closed. Dead peers are
+        // found by the idle timeout instead.
+        .keep_alive_interval(None);
     b
 }
 
@@ -652,11 +694,13 @@ async fn run_http<IO>(
         },
         http1,
     );
+    let abuse = Arc::new(abuse::StreamCancellations::default());
     let ctx = Arc::new(pipeline::ConnCtx {
         listener: listener.clone(),
         peer,
         conn: conn_shared,
         slot,
+        abuse: abuse.clone(),
     });
     let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
     let conn = listener
@@ -668,6 +712,10 @@ async fn run_http<IO>(
     let mut keepalive_done = false;
     let mut phase = listener.shared.phase.clone();
     let mut draining = false;
+    // Armed when the connection is judged abusive: the hard close after GOAWAY.
+    let abuse_close = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(abuse_close);
+    let mut abusive = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -682,6 +730,14 @@ async fn run_http<IO>(
                 keepalive_done = true;
                 conn.as_mut().graceful_shutdown();
             }
+            () = abuse.tripped(), if !abusive => {
+                abusive = true;
+                L7Counters::add(&listener.shared.counters.http2_abusive_connections, 1);
+                tracing::warn!(listener = %listener.cfg.name, %peer, "client keeps cancelling its HTTP/2 streams (rapid reset): closing the connection");
+                conn.as_mut().graceful_shutdown();
+                abuse_close.as_mut().reset(tokio::time::Instant::now() + abuse::ABUSE_CLOSE_GRACE);
+            }
+            () = &mut abuse_close, if abusive => break,
             changed = phase.changed() => {
                 let now = if changed.is_err() { Phase::Stopped } else { *phase.borrow() };
                 match now {

@@ -28,6 +28,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::abuse::StreamCancellations;
 use super::limits::ConnectionSlot;
 use super::sniff::{self, ConnShared, HeadVerdict};
 use super::{L7Counters, Listener, Phase};
@@ -49,6 +50,8 @@ pub(super) struct ConnCtx {
     /// The connection's place under the listener's connection limits; a WebSocket tunnel
     /// keeps it until the tunnel ends.
     pub slot: Arc<ConnectionSlot>,
+    /// Cancelled and answered HTTP/2 streams (rapid-reset detection).
+    pub abuse: Arc<StreamCancellations>,
 }
 
 /// A response and whether the client connection must close after it.
@@ -148,15 +151,26 @@ impl Drop for Inflight {
     }
 }
 
-/// Counts 460 if the handler is dropped (hyper saw the client close) before a response exists.
+/// Counts 460 if the handler is dropped (hyper saw the client close, or the client reset the
+/// HTTP/2 stream) before a response exists; an HTTP/2 cancellation also goes to the
+/// connection's rapid-reset tally.
 struct ClientGone {
     counters: Arc<L7Counters>,
     peer: SocketAddr,
     armed: bool,
+    /// Set for HTTP/2 streams.
+    stream: Option<Arc<StreamCancellations>>,
 }
 
 impl Drop for ClientGone {
     fn drop(&mut self) {
+        if let Some(stream) = &self.stream {
+            if self.armed {
+                stream.cancelled();
+            } else {
+                stream.answered();
+            }
+        }
         if self.armed {
             L7Counters::add(&self.counters.client_closed_requests, 1);
             tracing::info!(
@@ -212,6 +226,7 @@ pub(super) async fn handle(
         counters: counters.clone(),
         peer: ctx.peer,
         armed: true,
+        stream: (version == Version::HTTP_2).then(|| ctx.abuse.clone()),
     };
     let verdict = if version == Version::HTTP_2 {
         None
