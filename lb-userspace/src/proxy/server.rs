@@ -45,6 +45,7 @@ pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
 mod abuse;
+mod head;
 mod limits;
 mod pipeline;
 mod sniff;

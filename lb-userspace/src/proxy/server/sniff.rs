@@ -4,12 +4,14 @@
 //! whitespace) and rejects some requests with its own bodiless status codes (400 for
 //! `Transfer-Encoding: gzip` or `HTTP/3.0`, 431 for big heads), and its header-read timeout
 //! closes without 408. ALB answers these differently, so [`Sniffer`] sits between the socket and
-//! hyper: it collects each request head, enforces the header size limits, classifies it
-//! ([`crate::proxy::desync`]) and then either hands hyper the original bytes or, when the
+//! hyper: it collects each request head (within the listener's `header-timeout`), enforces the
+//! header size limits, classifies it ([`crate::proxy::desync`]) and then either hands hyper the
+//! head rebuilt from its tokens (`head.rs`: framed exactly as we frame the body) or, when the
 //! request must be answered by the load balancer without being parsed by hyper (400, 408, 501,
 //! 505), a small synthetic head. In both cases a [`HeadVerdict`] is queued for the request
 //! handler, which pops one per HTTP/1 request (hyper handles one request at a time, in order).
-//! After a rejection no further client bytes reach hyper: the handler answers with
+//! After a rejection, and after the body of a request forwarded-then-closed (ambiguous in
+//! `defensive` mode), no further client bytes reach hyper: the handler answers with
 //! `Connection: close` and hyper closes. Request bodies are tracked (length or chunked framing)
 //! so the next head is found where hyper will look for it. A possible upgrade (`Upgrade`,
 //! CONNECT) pauses reading until the handler says whether the response was 101; after a 101 the
@@ -27,7 +29,8 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::desync::{self, Classification, DesyncMode, Framing, Mitigation, Tier};
+use super::head;
+use crate::proxy::desync::{self, Classification, DesyncMode, Mitigation};
 
 /// Longest request line and longest single header line (ALB: 16 KiB).
 pub const MAX_LINE: usize = 16 * 1024;
@@ -181,6 +184,9 @@ pub struct Sniffer<IO> {
     out_pos: usize,
     /// A head is complete and its body is being passed; go to `AwaitUpgrade` after it.
     upgrade_after_body: bool,
+    /// A head is complete and its body is being passed; read nothing after it (the request
+    /// was forwarded with `Connection: close`).
+    stop_after_body: bool,
     /// Any byte received on this connection yet.
     seen_any: bool,
     first_head: bool,
@@ -223,6 +229,7 @@ impl<IO> Sniffer<IO> {
             out: Vec::new(),
             out_pos: 0,
             upgrade_after_body: false,
+            stop_after_body: false,
             seen_any: false,
             first_head: true,
             idle_timeout,
@@ -289,6 +296,8 @@ impl<IO> Sniffer<IO> {
     fn after_body(&mut self) -> State {
         if std::mem::take(&mut self.upgrade_after_body) {
             State::AwaitUpgrade
+        } else if std::mem::take(&mut self.stop_after_body) {
+            State::Stopped
         } else {
             State::Head
         }
@@ -471,25 +480,21 @@ impl<IO> Sniffer<IO> {
             );
             return;
         }
-        let a = desync::analyze(&head);
-        let c = a.classification;
+        let raw = desync::tokenize(&head);
+        let c = desync::classify_tokens(&raw);
         let mitigation = self.mode.mitigation(c.tier);
         if mitigation == Mitigation::Block {
             let reason = c.reason.map_or("non-compliant request", |r| r.as_str());
             self.reject(StatusCode::BAD_REQUEST, reason, c);
             return;
         }
-        let unparseable =
-            a.unsupported_coding || a.version.is_some_and(|v| v != (1, 0) && v != (1, 1));
-        if unparseable && head.starts_with(b"TRACE ") {
+        let p = head::prepare(&raw);
+        if p.trace && (p.unsupported_coding || p.version.is_none()) {
             // ALB's order: 405 for TRACE comes before 501 and 505.
             self.reject(StatusCode::METHOD_NOT_ALLOWED, "TRACE", c);
             return;
         }
-        if let Some(v) = a.version
-            && v != (1, 0)
-            && v != (1, 1)
-        {
+        if p.version.is_none() {
             self.reject(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                 "unsupported HTTP version",
@@ -497,10 +502,14 @@ impl<IO> Sniffer<IO> {
             );
             return;
         }
-        if a.version == Some((1, 1)) && a.host_headers != 1 {
+        if let Some(reason) = p.malformed {
+            self.reject(StatusCode::BAD_REQUEST, reason, c);
+            return;
+        }
+        if p.version == Some(head::Version::Http11) && p.host_headers != 1 {
             // RFC 9112 §3.2: exactly one Host in HTTP/1.1, else 400 (routing on a guessed
             // host would be unsafe).
-            let reason = if a.host_headers == 0 {
+            let reason = if p.host_headers == 0 {
                 "missing Host header"
             } else {
                 "more than one Host header"
@@ -508,7 +517,7 @@ impl<IO> Sniffer<IO> {
             self.reject(StatusCode::BAD_REQUEST, reason, c);
             return;
         }
-        if a.unsupported_coding {
+        if p.unsupported_coding {
             self.reject(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported transfer-encoding",
@@ -519,18 +528,19 @@ impl<IO> Sniffer<IO> {
         self.push_verdict(HeadVerdict::Pass {
             classification: c,
             mitigation,
-            upgrade: a.upgrade,
+            upgrade: p.upgrade,
         });
-        self.out.extend_from_slice(&head);
-        self.upgrade_after_body = a.upgrade;
-        self.state = match a.framing {
-            Framing::Length(n) if n > 0 => State::Length(n),
-            Framing::Chunked => State::Chunked(Chunk::Size, 0),
-            Framing::Empty | Framing::Length(_) => self.after_body(),
-            // Only reachable in monitor mode: hyper rejects this head itself and closes.
-            Framing::Invalid => State::Stopped,
+        // hyper gets the rebuilt head, never the client's bytes: it frames what we framed.
+        self.out.extend_from_slice(&p.head);
+        self.upgrade_after_body = p.upgrade;
+        // Ambiguous in defensive mode: nothing after this request's body reaches hyper; the
+        // response says `Connection: close`.
+        self.stop_after_body = mitigation == Mitigation::ForwardThenClose;
+        self.state = match p.framing {
+            head::Framing::Length(n) if n > 0 => State::Length(n),
+            head::Framing::Chunked => State::Chunked(Chunk::Size, 0),
+            head::Framing::Empty | head::Framing::Length(_) => self.after_body(),
         };
-        debug_assert!(c.tier <= Tier::Severe);
     }
 
     /// The request-head deadline, polled when the socket has nothing to read. Returns true when
@@ -713,7 +723,14 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         for b in input {
             s.on_bytes(std::slice::from_ref(b));
         }
-        assert_eq!(s.out, input.to_vec(), "original bytes are passed unchanged");
+        // Heads are rebuilt (framing headers written once, at the end); bodies pass unchanged.
+        let want = b"POST /a HTTP/1.1\r\nHost: h\r\ncontent-length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nGET /\r\n0\r\nT: 1\r\n\r\n\
+GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
+        assert_eq!(
+            String::from_utf8_lossy(&s.out),
+            String::from_utf8_lossy(want)
+        );
         let mut n = 0;
         while let Some(v) = s.shared.pop_verdict() {
             assert!(matches!(v, HeadVerdict::Pass { .. }), "{v:?}");
@@ -722,6 +739,27 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         // The `GET /` inside the chunk is body, not a request.
         assert_eq!(n, 3);
         assert_eq!(s.state, State::Head);
+    }
+
+    #[tokio::test]
+    async fn after_an_ambiguous_request_in_defensive_mode_nothing_more_is_read() {
+        let mut s = sniffer();
+        s.on_bytes(
+            b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET /next HTTP/1.1\r\nHost: h\r\n\r\n",
+        );
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Pass {
+                mitigation: Mitigation::ForwardThenClose,
+                ..
+            })
+        ));
+        assert!(
+            s.shared.pop_verdict().is_none(),
+            "the next request is never read"
+        );
+        assert_eq!(s.state, State::Stopped);
+        assert!(s.out.ends_with(b"\r\n\r\nabc"), "{:?}", s.out);
     }
 
     #[tokio::test]
