@@ -52,7 +52,7 @@ mod sniff;
 pub mod tls;
 
 use crate::headers::XffMode;
-use crate::proxy::client::{ClientConfig, Forwarder};
+use crate::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
 use crate::rules::RuleSet;
 use crate::targets::TargetGroup;
 
@@ -437,6 +437,7 @@ pub struct RunningL7 {
     /// Every listener's name and bound address (port 0 resolved).
     pub addrs: Vec<(String, SocketAddr)>,
     counters: Arc<L7Counters>,
+    forwarder: Forwarder,
     phase: watch::Sender<Phase>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -445,6 +446,13 @@ impl RunningL7 {
     /// The tier's counters.
     pub fn counters(&self) -> &Arc<L7Counters> {
         &self.counters
+    }
+
+    /// Per-target connection pool statistics: reuse, new connections, retries after a stale
+    /// pooled connection, early retirements, unproven reuse avoided, learned idle-close times.
+    /// [`TargetPoolStats::add_counters`] sums them for metrics.
+    pub fn pool_stats(&self) -> Vec<TargetPoolStats> {
+        self.forwarder.stats()
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `drain`, then closes
@@ -483,9 +491,10 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     );
     let counters = Arc::new(L7Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let forwarder = Forwarder::new(client);
     let shared = Arc::new(Shared {
         groups,
-        forwarder: Forwarder::new(client),
+        forwarder: forwarder.clone(),
         counters: counters.clone(),
         phase: phase_rx,
     });
@@ -528,6 +537,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     Ok(RunningL7 {
         addrs,
         counters,
+        forwarder,
         phase: phase_tx,
         task: Some(task),
     })

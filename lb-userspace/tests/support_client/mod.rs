@@ -132,6 +132,11 @@ pub struct RawBehaviour {
     pub reset_after_reading_request: Option<usize>,
     /// Extra header bytes added to every response (`X-Pad: aaaa…`), to test head limits.
     pub pad_response_headers_to: Option<usize>,
+    /// A request that arrives on a connection idle at least this long is read, recorded and
+    /// then answered with a close (FIN), never a response: the target's idle close crossing
+    /// the request on the wire, made deterministic. Whether the target acted on the request is
+    /// unknown to the sender, so it must not be sent again unless it is idempotent.
+    pub drop_request_after_idle: Option<Duration>,
 }
 
 /// A raw-TCP HTTP/1.1 target (only what the tests need: Content-Length bodies, keep-alive),
@@ -279,6 +284,7 @@ async fn serve_raw(
 ) {
     let mut buf = Vec::new();
     let mut nth = 0;
+    let mut idle_since = tokio::time::Instant::now();
     loop {
         // The idle clock runs from the end of the previous response to the first byte of the
         // next request, as in real servers (nginx keepalive_timeout, Node keepAliveTimeout).
@@ -314,6 +320,13 @@ async fn serve_raw(
             connection,
             nth_on_connection: nth,
         });
+        if let Some(idle) = behaviour.drop_request_after_idle
+            && nth > 1
+            && idle_since.elapsed() >= idle
+        {
+            let _ = stream.shutdown().await;
+            return;
+        }
         if behaviour.reset_after_reading_request == Some(nth) {
             // SO_LINGER 0: close() sends RST instead of FIN (and does not block).
             #[expect(deprecated, reason = "a zero linger never blocks the thread on drop")]
@@ -338,6 +351,7 @@ async fn serve_raw(
         {
             return;
         }
+        idle_since = tokio::time::Instant::now();
     }
 }
 
