@@ -25,6 +25,12 @@
 //!   64 KiB (line ends included), at most 1,000 header lines (hyper needs a count bound; ALB
 //!   has none). HTTP/2: `SETTINGS_MAX_HEADER_LIST_SIZE` 64 KiB.
 //! - WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not offered.
+//! - `header-timeout` (default 60 s, nginx's `client_header_timeout`) bounds how long an HTTP/1
+//!   request head may take, against clients that dribble it (ALB documents no such limit).
+//!   HTTP/2 heads are bounded by h2's CONTINUATION limits instead (see `http_builder`).
+//! - `max-connections` / `max-connections-per-source` (default: none) close a connection over
+//!   the limit at once, before TLS (`server/limits.rs`); HTTP/2 clients that keep cancelling
+//!   their streams are sent away (`server/abuse.rs`).
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
