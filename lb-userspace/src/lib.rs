@@ -10,6 +10,7 @@
 //! - Control: [`registry`] (the one source of truth for targets and their states),
 //!   [`health`] (health checks), [`cli`] (flags), [`config`] (flags → validated model),
 //!   [`admin`] (the runtime API), [`ctl`] (the CLI verbs that call it), [`daemon`] (`lb run`).
+//! - Process: [`rlimit`] (the open-files limit `lb run` raises at start).
 pub mod admin;
 pub mod cli;
 pub mod config;
@@ -24,5 +25,6 @@ pub mod maglev;
 pub mod packet;
 pub mod proxy;
 pub mod registry;
+pub mod rlimit;
 pub mod rules;
 pub mod targets;

@@ -14,7 +14,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => runtime().and_then(|rt| rt.block_on(lb::daemon::run(a))),
+        Command::Run(a) => {
+            raise_open_files_limit();
+            runtime().and_then(|rt| rt.block_on(lb::daemon::run(a)))
+        }
         Command::Decap(a) => runtime().and_then(|rt| rt.block_on(lb::daemon::decap(a))),
         Command::Stats(a) => lb::inspect::stats(&a),
         Command::Dump(a) => lb::inspect::dump(&a),
@@ -34,6 +37,20 @@ fn main() -> ExitCode {
             eprintln!("lb: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `lb run` holds a descriptor per connection: raise the soft open-files limit to the hard one
+/// and say what it is (see `lb::rlimit`).
+fn raise_open_files_limit() {
+    match lb::rlimit::raise_open_files_limit() {
+        Ok(l) if l.soft > l.previous_soft => tracing::info!(
+            "open files limit raised from {} to {} (the hard limit)",
+            l.previous_soft,
+            l.soft
+        ),
+        Ok(l) => tracing::info!("open files limit {} (the hard limit)", l.soft),
+        Err(e) => tracing::warn!("could not raise the open files limit: {e}"),
     }
 }
 

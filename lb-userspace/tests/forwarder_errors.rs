@@ -127,7 +127,9 @@ async fn a_connection_not_established_within_the_connect_timeout_is_a_504() {
     let mut queued = Vec::new();
     loop {
         assert!(queued.len() < 16, "the accept queue never filled");
-        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+        // A loopback connect completes at once unless the queue is full; a whole second
+        // keeps a slow scheduler from being mistaken for a full queue.
+        match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => queued.push(stream),
             Ok(Err(error)) => panic!("connecting to the filling listener failed: {error}"),
             Err(_) => break,

@@ -8,7 +8,9 @@ use std::time::Duration;
 use lb::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
 use lb::proxy::error::ProxyError;
 use rand::Rng;
-use support_client::{RawBehaviour, RawTarget, config, forward_collect, get, plain, request};
+use support_client::{
+    RawBehaviour, RawTarget, config, forward_collect, get, plain, request, wait_for,
+};
 
 /// The target closes connections idle this long.
 const TARGET_IDLE_CLOSE: Duration = Duration::from_millis(200);
@@ -17,6 +19,9 @@ const REQUESTS: usize = 300;
 /// Requests are spaced TARGET_IDLE_CLOSE ± this, so most reach the target within the ~1 ms
 /// race window around its close (a looser spacing would prove nothing).
 const JITTER_MICROS: i64 = 2_000;
+/// Every third request follows the previous one after this short gap instead, well inside any
+/// reuse limit: those must go out on a pooled connection (the pool is in use, not bypassed).
+const SHORT_GAP: Duration = Duration::from_millis(30);
 
 fn stats_of(forwarder: &Forwarder) -> TargetPoolStats {
     let stats = forwarder.stats();
@@ -24,67 +29,72 @@ fn stats_of(forwarder: &Forwarder) -> TargetPoolStats {
     stats.into_iter().next().expect("one pool")
 }
 
-/// Sends requests spaced at the target's idle-close time and checks that none fails and that
-/// no POST reached the target twice. Returns the pool stats afterwards.
-async fn requests_at_the_close_time_all_succeed(advertise_keep_alive: bool) -> TargetPoolStats {
-    let target = RawTarget::start(RawBehaviour {
-        idle_close_after: Some(TARGET_IDLE_CLOSE),
-        keep_alive_header: advertise_keep_alive.then(|| "timeout=0.2".to_string()),
-        ..RawBehaviour::default()
-    })
-    .await;
+/// What a run of requests saw.
+struct Run {
+    stats: TargetPoolStats,
+    /// Requests sent after [`SHORT_GAP`]: GETs and POSTs.
+    short_gaps: (u64, u64),
+    /// Requests sent at the target's idle-close time: GETs and POSTs.
+    boundary_gaps: (u64, u64),
+}
+
+/// Sends `n` requests (POSTs with unique bodies and GETs, alternating), each after a pause at
+/// the target's idle-close time, except every third after [`SHORT_GAP`]. Checks that none
+/// failed, that every response body is the target's answer to that very request, and that no
+/// POST reached the target twice (or not at all).
+async fn requests_at_the_close_time_all_succeed(target: &RawTarget, n: usize) -> Run {
     let endpoint = plain(target.addr);
     let forwarder = Forwarder::new(config());
     let mut failures = Vec::new();
     let mut posts = Vec::new();
-
-    // Without a hint, nothing can be known before the target has closed one idle connection:
-    // a POST racing that very first close could not be retried safely. GETs can, so the run
-    // starts with GETs at the same spacing until the first close has been observed.
-    let mut warm_up = 0;
-    if !advertise_keep_alive {
-        while stats_of_or_none(&forwarder)
-            .and_then(|s| s.learned_idle_close)
-            .is_none()
-        {
-            warm_up += 1;
-            assert!(warm_up <= 50, "the target's idle close was never observed");
-            if let Err(error) =
-                forward_collect(&forwarder, &endpoint, get(&format!("/warm-up/{warm_up}"))).await
-            {
-                failures.push(format!("warm-up GET {warm_up}: {error}"));
+    let (mut short_gaps, mut boundary_gaps) = ((0, 0), (0, 0));
+    for i in 0..n {
+        let post = i.is_multiple_of(2);
+        if i > 0 {
+            let counts = if i % 3 == 2 {
+                tokio::time::sleep(SHORT_GAP).await;
+                &mut short_gaps
+            } else {
+                pause().await;
+                &mut boundary_gaps
+            };
+            if post {
+                counts.1 += 1;
+            } else {
+                counts.0 += 1;
             }
-            pause().await;
         }
-    }
-
-    for i in 0..REQUESTS {
-        let result = if i.is_multiple_of(2) {
+        let (method, path) = if post {
+            ("POST", format!("/post/{i}"))
+        } else {
+            ("GET", format!("/get/{i}"))
+        };
+        let req = if method == "POST" {
             let payload = format!("post-{i}-{}", rand::rng().random::<u64>());
             posts.push(payload.clone());
-            forward_collect(
-                &forwarder,
-                &endpoint,
-                request("POST", &format!("/post/{i}"), payload),
-            )
-            .await
+            request("POST", &path, payload)
         } else {
-            forward_collect(&forwarder, &endpoint, get(&format!("/get/{i}"))).await
+            get(&path)
         };
-        match result {
-            Ok((forwarded, _)) if forwarded.response.status() == 200 => {}
+        match forward_collect(&forwarder, &endpoint, req).await {
+            Ok((forwarded, body)) if forwarded.response.status() == 200 => {
+                // "METHOD PATH #n on connection c": the answer to this request, whole.
+                let body = String::from_utf8_lossy(&body);
+                if !body.starts_with(&format!("{method} {path} #")) {
+                    failures.push(format!("request {i}: answered with {body:?}"));
+                }
+            }
             Ok((forwarded, _)) => failures.push(format!(
                 "request {i}: status {}",
                 forwarded.response.status()
             )),
             Err(error) => failures.push(format!("request {i}: {error} ({})", error.status())),
         }
-        pause().await;
     }
 
     assert!(
         failures.is_empty(),
-        "{} of {REQUESTS} requests failed: {failures:#?}",
+        "{} of {n} requests failed: {failures:#?}",
         failures.len()
     );
     let mut post_bodies: HashMap<Vec<u8>, usize> = HashMap::new();
@@ -107,11 +117,16 @@ async fn requests_at_the_close_time_all_succeed(advertise_keep_alive: bool) -> T
             "POST {payload} reached the target once"
         );
     }
-    stats_of(&forwarder)
-}
-
-fn stats_of_or_none(forwarder: &Forwarder) -> Option<TargetPoolStats> {
-    forwarder.stats().into_iter().next()
+    let stats = stats_of(&forwarder);
+    assert!(
+        stats.reused >= short_gaps.0,
+        "every GET after a short gap went out on a pooled connection: {stats:?}"
+    );
+    Run {
+        stats,
+        short_gaps,
+        boundary_gaps,
+    }
 }
 
 /// Waits TARGET_IDLE_CLOSE ± JITTER_MICROS.
@@ -126,11 +141,33 @@ async fn pause() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_keepalive_connections_never_fail_requests_when_the_target_advertises_its_timeout() {
-    let stats = requests_at_the_close_time_all_succeed(true).await;
+    let target = RawTarget::start(RawBehaviour {
+        idle_close_after: Some(TARGET_IDLE_CLOSE),
+        keep_alive_header: Some("timeout=0.2".to_string()),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let Run {
+        stats,
+        short_gaps,
+        boundary_gaps,
+    } = requests_at_the_close_time_all_succeed(&target, REQUESTS).await;
     assert_eq!(stats.keep_alive_hint, Some(TARGET_IDLE_CLOSE), "{stats:?}");
     assert!(
         stats.reuse_limit < TARGET_IDLE_CLOSE,
         "reuse stops before the advertised timeout: {stats:?}"
+    );
+    // With the hint nothing is ever reused at the boundary: every short-gap request reuses,
+    // every boundary request goes out fresh, and no reused connection was ever found stale.
+    assert_eq!(
+        (stats.reused, stats.retried),
+        (short_gaps.0 + short_gaps.1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.fresh,
+        boundary_gaps.0 + boundary_gaps.1 + 1,
+        "{stats:?}"
     );
     assert!(
         stats.retired_early > 0,
@@ -140,7 +177,13 @@ async fn stale_keepalive_connections_never_fail_requests_when_the_target_adverti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_keepalive_connections_never_fail_requests_when_the_target_advertises_nothing() {
-    let stats = requests_at_the_close_time_all_succeed(false).await;
+    // From the first request on: no warm-up, POSTs among the first requests at the boundary.
+    let target = RawTarget::start(RawBehaviour {
+        idle_close_after: Some(TARGET_IDLE_CLOSE),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let Run { stats, .. } = requests_at_the_close_time_all_succeed(&target, REQUESTS).await;
     assert_eq!(stats.keep_alive_hint, None, "{stats:?}");
     let learned = stats
         .learned_idle_close
@@ -156,6 +199,60 @@ async fn stale_keepalive_connections_never_fail_requests_when_the_target_adverti
     assert!(
         stats.retired_early > 0,
         "connections were retired before the target closed them: {stats:?}"
+    );
+    // Once learned, nothing stale is reused; before, only retryable GETs may have been.
+    assert!(stats.retried <= 3, "{stats:?}");
+}
+
+/// The first-contact case: a fresh target that closes idle connections after 200 ms and
+/// advertises nothing; the first 20 requests, POSTs among them, timed at that boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_contact_without_a_hint_has_no_502_and_no_duplicate_post() {
+    let target = RawTarget::start(RawBehaviour {
+        idle_close_after: Some(TARGET_IDLE_CLOSE),
+        ..RawBehaviour::default()
+    })
+    .await;
+    requests_at_the_close_time_all_succeed(&target, 20).await;
+}
+
+/// The same race made deterministic: the target drops every request that arrives on a
+/// connection idle for 150 ms or more (its close crossed the request), and requests come 200 ms
+/// apart. Every reuse at a boundary gap loses the race: a GET is then retried on a new
+/// connection; a POST must never be exposed to it (it would get a 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_never_goes_out_on_a_connection_of_unproven_idle_age() {
+    let target = RawTarget::start(RawBehaviour {
+        drop_request_after_idle: Some(Duration::from_millis(150)),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let Run {
+        stats,
+        short_gaps,
+        boundary_gaps,
+    } = requests_at_the_close_time_all_succeed(&target, 20).await;
+    // The target never closes an idle connection itself, so nothing is ever learned; the only
+    // proof of a safe idle age is a GET reused after 30 ms, too short to cover any margin.
+    assert_eq!(stats.learned_idle_close, None, "{stats:?}");
+    assert_eq!(
+        stats.retried, boundary_gaps.0,
+        "each GET at a boundary gap was dropped on its reused connection and retried: {stats:?}"
+    );
+    assert_eq!(
+        stats.unproven_reuse_avoided,
+        short_gaps.1 + boundary_gaps.1,
+        "every POST after the first went out on a new connection: {stats:?}"
+    );
+    assert_eq!(stats.reused, short_gaps.0 + boundary_gaps.0, "{stats:?}");
+    let posts_on_reused = target
+        .seen()
+        .iter()
+        .filter(|s| s.method == "POST" && s.nth_on_connection > 1)
+        .count();
+    assert_eq!(
+        posts_on_reused, 0,
+        "no POST went out on a reused connection"
     );
 }
 
@@ -191,8 +288,10 @@ async fn pooled_connections_are_reused_well_within_the_targets_idle_close_time()
 
 #[tokio::test]
 async fn a_post_on_a_connection_reset_after_the_request_was_read_is_not_retried() {
+    // The hint makes the pooled connection's idle age provably safe, so the POST reuses it.
     let target = RawTarget::start(RawBehaviour {
         reset_after_reading_request: Some(2),
+        keep_alive_header: Some("timeout=5".into()),
         ..RawBehaviour::default()
     })
     .await;
@@ -296,25 +395,26 @@ async fn an_idempotent_put_is_retried_with_its_body() {
 async fn idle_connections_are_closed_after_our_idle_timeout() {
     let target = RawTarget::start(RawBehaviour::default()).await;
     let endpoint = plain(target.addr);
+    // Long enough that the pooled connection is seen before it expires even on a busy machine.
     let forwarder = Forwarder::new(ClientConfig {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(2),
         ..config()
     });
     forward_collect(&forwarder, &endpoint, get("/a"))
         .await
         .expect("first request");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        stats_of(&forwarder).idle_connections,
-        1,
-        "pooled while younger than the idle timeout"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let stats = stats_of(&forwarder);
-    assert_eq!(
-        stats.idle_connections, 0,
-        "closed after the idle timeout: {stats:?}"
-    );
+    wait_for(
+        "the connection to be pooled",
+        || stats_of(&forwarder),
+        |s| s.idle_connections == 1,
+    )
+    .await;
+    let stats = wait_for(
+        "the idle connection to be closed after our idle timeout",
+        || stats_of(&forwarder),
+        |s| s.idle_connections == 0,
+    )
+    .await;
     assert_eq!(
         stats.retired_early, 0,
         "our own idle timeout is not an early retirement: {stats:?}"
@@ -323,6 +423,15 @@ async fn idle_connections_are_closed_after_our_idle_timeout() {
         .await
         .expect("second request");
     assert!(!forwarded.reused_connection);
+    assert_eq!(
+        target
+            .seen()
+            .iter()
+            .map(|s| s.connection)
+            .collect::<Vec<_>>(),
+        vec![0, 1],
+        "the second request went out on a new connection"
+    );
 }
 
 #[tokio::test]
@@ -342,26 +451,26 @@ async fn a_too_low_estimate_rises_again_when_a_retired_connection_survives() {
     forward_collect(&forwarder, &endpoint, get("/a"))
         .await
         .expect("first request");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let first = stats_of(&forwarder)
-        .learned_idle_close
-        .expect("the first close was observed");
+    let first = wait_for(
+        "the target's first idle close to be observed",
+        || stats_of(&forwarder),
+        |s| s.learned_idle_close.is_some(),
+    )
+    .await
+    .learned_idle_close
+    .expect("observed");
 
     // A new connection is retired from reuse before the (too low) estimate, kept open unused,
     // and survives our whole idle timeout: the estimate rises.
     forward_collect(&forwarder, &endpoint, get("/b"))
         .await
         .expect("second request");
-    let mut waited = 0;
-    let raised = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-        let stats = stats_of(&forwarder);
-        match stats.learned_idle_close {
-            Some(learned) if learned > first => break stats,
-            _ => assert!(waited < 50, "the estimate never rose: {stats:?}"),
-        }
-    };
+    let raised = wait_for(
+        "the estimate to rise",
+        || stats_of(&forwarder),
+        |s| s.learned_idle_close.is_some_and(|learned| learned > first),
+    )
+    .await;
     assert!(raised.retired_early >= 1, "{raised:?}");
 }
 
@@ -371,12 +480,13 @@ async fn a_slow_upload_is_activity_not_an_idle_timeout() {
     use http_body_util::{BodyExt, StreamBody};
     let target = RawTarget::start(RawBehaviour::default()).await;
     let forwarder = Forwarder::new(ClientConfig {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(1),
         ..config()
     });
-    // Five chunks 150 ms apart: 750 ms in all, never 300 ms without a byte.
-    let chunks = futures_util::stream::iter(0..5).then(|i| async move {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+    // Eight chunks 200 ms apart: 1.6 s in all, longer than the idle timeout, but never close
+    // to a second without a byte (wide margins: a busy machine stretches sleeps).
+    let chunks = futures_util::stream::iter(0..8).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         Ok::<_, lb::proxy::client::BoxError>(http_body::Frame::data(bytes::Bytes::from(format!(
             "chunk{i};"
         ))))
@@ -385,7 +495,7 @@ async fn a_slow_upload_is_activity_not_an_idle_timeout() {
         .method("POST")
         .uri("/upload")
         .header("host", "app.test")
-        .header("content-length", 35)
+        .header("content-length", 56)
         .body(StreamBody::new(chunks).boxed_unsync())
         .expect("request");
     let (forwarded, _) = forward_collect(&forwarder, &plain(target.addr), req)
@@ -394,6 +504,6 @@ async fn a_slow_upload_is_activity_not_an_idle_timeout() {
     assert_eq!(forwarded.response.status(), 200);
     assert_eq!(
         target.seen()[0].body,
-        b"chunk0;chunk1;chunk2;chunk3;chunk4;"
+        b"chunk0;chunk1;chunk2;chunk3;chunk4;chunk5;chunk6;chunk7;"
     );
 }

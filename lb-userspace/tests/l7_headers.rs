@@ -8,8 +8,9 @@ use lb::headers::XffMode;
 use support::target::{self, Reply};
 use support::{ProxyBuilder, send};
 
-/// Sends a request with `headers` through a listener in `mode`; returns the target's echo.
-async fn echo(mode: XffMode, headers: &[(&str, &str)]) -> String {
+/// Sends a request with `headers` through a listener in `mode`; returns the target's echo and
+/// the listener's port.
+async fn echo_with_port(mode: XffMode, headers: &[(&str, &str)]) -> (String, u16) {
     let t = target::http1().route("/", Reply::EchoHeaders).run().await;
     let p = ProxyBuilder::forward_to(&[t.addr])
         .listener(|l| l.xff = mode)
@@ -21,12 +22,22 @@ async fn echo(mode: XffMode, headers: &[(&str, &str)]) -> String {
     }
     let got = send(p.addr, req.body(Full::new(Bytes::new())).expect("req")).await;
     assert_eq!(got.status, 200, "{}", got.body);
-    got.body
+    (got.body, p.addr.port())
 }
 
+/// [`echo_with_port`] without the port.
+async fn echo(mode: XffMode, headers: &[(&str, &str)]) -> String {
+    echo_with_port(mode, headers).await.0
+}
+
+/// The value of header `name` in the target's echo; fails if the target got it more than once.
 fn header<'a>(echo: &'a str, name: &str) -> Option<&'a str> {
-    echo.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+    let mut values = echo
+        .lines()
+        .filter_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")));
+    let first = values.next();
+    assert!(values.next().is_none(), "{name} more than once:\n{echo}");
+    first
 }
 
 #[tokio::test]
@@ -44,17 +55,21 @@ async fn forwarded_for_modes_as_seen_by_the_target() {
         (XffMode::Remove, Some("10.0.0.1"), None),
     ];
     for (mode, sent, want) in cases {
-        let headers: Vec<(&str, &str)> = sent.map(|v| ("x-forwarded-for", v)).into_iter().collect();
-        let e = echo(mode, &headers).await;
+        // A client-supplied X-Forwarded-Port/Proto must be replaced, not passed on.
+        let mut headers: Vec<(&str, &str)> =
+            vec![("x-forwarded-port", "1"), ("x-forwarded-proto", "gopher")];
+        headers.extend(sent.map(|v| ("x-forwarded-for", v)));
+        let (e, port) = echo_with_port(mode, &headers).await;
         assert_eq!(
             header(&e, "x-forwarded-for"),
             want,
             "{mode:?} {sent:?}\n{e}"
         );
         assert_eq!(header(&e, "x-forwarded-proto"), Some("http"), "{e}");
-        assert!(
-            header(&e, "x-forwarded-port").is_some_and(|p| p.parse::<u16>().is_ok()),
-            "{e}"
+        assert_eq!(
+            header(&e, "x-forwarded-port"),
+            Some(port.to_string().as_str()),
+            "the port of the listener the client connected to: {e}"
         );
     }
 }

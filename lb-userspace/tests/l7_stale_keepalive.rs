@@ -1,8 +1,10 @@
 //! End to end through the L7 tier: a client keeps one connection to the proxy and sends
 //! requests timed to reach the target just as it closes its idle pooled connection (the
 //! classic ALB 502). The client must see no 5xx and no connection closed without a response,
-//! and the target must never receive a POST body twice. `forwarder_keepalive.rs` tests the
-//! mechanism at the forwarder; this tests what a client of `lb` experiences.
+//! and the target must never receive a POST body twice, from the first request on (POSTs
+//! included, no warm-up). Every third request comes after a short gap and must reuse a pooled
+//! connection, so the test fails for a proxy that never pools. `forwarder_keepalive.rs` tests
+//! the mechanism at the forwarder; this tests what a client of `lb` experiences.
 mod support;
 mod support_client;
 
@@ -19,14 +21,13 @@ use tokio::net::TcpStream;
 
 /// The target closes connections idle this long.
 const TARGET_IDLE_CLOSE: Duration = Duration::from_millis(200);
-/// Measured requests (half POSTs with unique bodies).
+/// Measured requests (half POSTs with unique bodies), from the first contact on.
 const REQUESTS: usize = 300;
 /// Spacing jitter: requests arrive within ±2 ms of the close (the race window on loopback is
 /// about 1 ms, so a looser spacing would prove nothing).
 const JITTER_MICROS: i64 = 2_000;
-/// Without a Keep-Alive hint the proxy must first see the target close one idle connection;
-/// GETs (safely retryable) go first, at the same spacing.
-const WARM_UP_GETS: usize = 20;
+/// Every third request comes after this short gap instead: it must reuse a pooled connection.
+const SHORT_GAP: Duration = Duration::from_millis(30);
 
 async fn pause() {
     let jitter = rand::rng().random_range(-JITTER_MICROS..=JITTER_MICROS);
@@ -52,23 +53,29 @@ async fn client_sees_no_failure(advertise_keep_alive: bool) {
         .expect("handshake");
     tokio::spawn(conn);
 
-    let warm_up = if advertise_keep_alive {
-        0
-    } else {
-        WARM_UP_GETS
-    };
     let mut failures: Vec<String> = Vec::new();
     let mut posts = 0;
-    for i in 0..warm_up + REQUESTS {
-        pause().await;
-        let post = i >= warm_up && i % 2 == 0;
+    let mut short_gap_gets = 0;
+    for i in 0..REQUESTS {
+        let post = i % 2 == 0;
+        if i % 3 == 2 {
+            tokio::time::sleep(SHORT_GAP).await;
+            short_gap_gets += u64::from(!post);
+        } else {
+            pause().await;
+        }
+        let (method, path) = if post {
+            ("POST", format!("/p/{i}"))
+        } else {
+            ("GET", format!("/g/{i}"))
+        };
         let req = if post {
             posts += 1;
-            Request::post(format!("/p/{i}"))
+            Request::post(&path)
                 .header("host", "app.test")
                 .body(Full::new(Bytes::from(format!("body-{i}"))))
         } else {
-            Request::get(format!("/g/{i}"))
+            Request::get(&path)
                 .header("host", "app.test")
                 .body(Full::new(Bytes::new()))
         }
@@ -82,9 +89,19 @@ async fn client_sees_no_failure(advertise_keep_alive: bool) {
         match tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await {
             Ok(Ok(resp)) => {
                 let status = resp.status();
-                let _ = resp.into_body().collect().await;
-                if status.is_server_error() {
-                    failures.push(format!("request {i}: {status}"));
+                match tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+                    .await
+                {
+                    Ok(Ok(body)) => {
+                        let body = body.to_bytes();
+                        let body = String::from_utf8_lossy(&body);
+                        // "METHOD PATH #n on connection c": this request's answer, whole.
+                        if status != 200 || !body.starts_with(&format!("{method} {path} #")) {
+                            failures.push(format!("request {i}: {status} {body:?}"));
+                        }
+                    }
+                    Ok(Err(e)) => failures.push(format!("request {i}: body broke off: {e}")),
+                    Err(_) => failures.push(format!("request {i}: body stalled")),
                 }
             }
             Ok(Err(e)) => failures.push(format!("request {i}: closed without a response: {e}")),
@@ -97,9 +114,10 @@ async fn client_sees_no_failure(advertise_keep_alive: bool) {
         "{} failure(s): {failures:#?}",
         failures.len()
     );
+    let seen = target.seen();
     let mut bodies: HashMap<Vec<u8>, usize> = HashMap::new();
-    for s in target.seen().into_iter().filter(|s| s.method == "POST") {
-        *bodies.entry(s.body).or_default() += 1;
+    for s in seen.iter().filter(|s| s.method == "POST") {
+        *bodies.entry(s.body.clone()).or_default() += 1;
     }
     assert_eq!(bodies.len(), posts, "every POST reached the target");
     let twice: Vec<_> = bodies.iter().filter(|(_, n)| **n > 1).collect();
@@ -107,18 +125,34 @@ async fn client_sees_no_failure(advertise_keep_alive: bool) {
         twice.is_empty(),
         "POST bodies delivered more than once: {twice:?}"
     );
-    // The target really did close idle connections during the run, so the race was real.
-    let connections = target
-        .seen()
-        .iter()
-        .map(|s| s.connection)
-        .max()
-        .unwrap_or(0)
-        + 1;
+    // The race was real: the target closed idle connections during the run (many
+    // connections), and the proxy did pool (requests after short gaps reused a connection).
+    let connections = seen.iter().map(|s| s.connection).max().unwrap_or(0) + 1;
     assert!(
         connections > 10,
         "only {connections} target connection(s): no race happened"
     );
+    let stats = proxy
+        .running
+        .as_ref()
+        .expect("running")
+        .pool_stats()
+        .pop()
+        .expect("one target pool");
+    assert!(
+        stats.reused >= short_gap_gets,
+        "requests after short gaps went out on pooled connections: {stats:?}"
+    );
+    assert!(
+        seen.iter().filter(|s| s.nth_on_connection > 1).count() as u64 >= short_gap_gets,
+        "the target saw those requests on reused connections"
+    );
+    if advertise_keep_alive {
+        assert_eq!(
+            stats.retried, 0,
+            "with the hint no stale connection is ever reused: {stats:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -273,3 +273,30 @@ async fn failed_handshakes_are_counted() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_slow_request_head_over_tls_gets_408_from_the_header_timeout() {
+    // The deadline starts after the handshake and the 408 goes out inside TLS.
+    let certs = make_certs(&[&["default.test"]]);
+    let t = target::http1().route("/", Reply::text("hello")).run().await;
+    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| {
+            l.protocol = ListenerProtocol::Https;
+            l.certificates = specs;
+            l.header_timeout = std::time::Duration::from_millis(300);
+        })
+        .start()
+        .await;
+    let mut s = connect(p.addr, Some("default.test"), &[b"http/1.1"]).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("an unfinished head");
+    let mut out = Vec::new();
+    let _ = within(tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(support::status_of(&out), 408, "{out}");
+    let counters = p.running.as_ref().expect("running").counters();
+    assert_eq!(counters.header_timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(t.hits(), 0);
+}

@@ -236,3 +236,77 @@ fn check_validates_and_exits_without_serving() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
 }
+
+#[test]
+fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempdir("rlimit");
+    let mut cmd = Command::new(LB);
+    cmd.args([
+        "run",
+        "--listener",
+        "web=http://127.0.0.1:0",
+        "--target-group",
+        "app",
+        "--rule",
+        "web,default,fixed-response=200,body=ok",
+        "--admin-socket",
+    ])
+    .arg(dir.join("admin.sock"))
+    .env("LB_LOG", "info")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    // The common service default: soft 256 here (1,024 in the wild), hard 4,096.
+    // SAFETY: setrlimit is async-signal-safe and only changes the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn lb");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert!(line.starts_with("ready:"), "lb printed {line:?}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3..5],
+        ["4096", "4096"],
+        "soft and hard limit of the running lb: {limits}"
+    );
+    // SIGTERM right after `ready`: the handlers are installed before `ready` is printed, so
+    // this is a clean stop, not a kill.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    let status = child.wait().expect("lb exits");
+    assert!(
+        status.success(),
+        "SIGTERM right after ready: {status}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("open files limit raised from 256 to 4096"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

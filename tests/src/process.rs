@@ -155,12 +155,17 @@ impl LbProcess {
     /// SIGTERM, wait up to [`STOP_GRACE`], then SIGKILL; always reaps the child. Returns how
     /// it ended (`None` if that could not be read): a clean exit after SIGTERM is status 0.
     pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// [`Self::stop`] with another signal first (SIGINT: what Ctrl-C sends).
+    pub fn stop_with(&mut self, signal: libc::c_int) -> Option<ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Some(status);
         }
         if let Ok(pid) = i32::try_from(self.child.id()) {
             // SAFETY: kill(2) on our own, not yet reaped, child.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            unsafe { libc::kill(pid, signal) };
             let deadline = Instant::now() + STOP_GRACE;
             while Instant::now() < deadline {
                 if let Ok(Some(status)) = self.child.try_wait() {
@@ -169,7 +174,7 @@ impl LbProcess {
                 std::thread::sleep(Duration::from_millis(20));
             }
             eprintln!(
-                "lb-tests: {} ignored SIGTERM for {STOP_GRACE:?}; killing it",
+                "lb-tests: {} ignored signal {signal} for {STOP_GRACE:?}; killing it",
                 self.label
             );
         }

@@ -831,9 +831,20 @@ impl Topology {
     /// Stops `lb run` on balancer `i` (SIGTERM) and returns how it exited; fails if it was
     /// not running. The namespace, its address and the servers stay.
     pub fn stop_lb(&mut self, i: usize) -> Result<std::process::ExitStatus> {
+        self.stop_lb_with(i, libc::SIGTERM)
+    }
+
+    /// [`Self::stop_lb`] with `signal` (e.g. SIGINT, as Ctrl-C sends) instead of SIGTERM.
+    pub fn stop_lb_with(
+        &mut self,
+        i: usize,
+        signal: libc::c_int,
+    ) -> Result<std::process::ExitStatus> {
         let lb = self.lbs.get_mut(i).context("no such balancer")?;
         let mut process = lb.process.take().context("lb run is not running there")?;
-        process.stop().context("reading the exit status of lb run")
+        process
+            .stop_with(signal)
+            .context("reading the exit status of lb run")
     }
 
     /// Stops the servers of backend `j` listening on `port` (they close their listener and

@@ -93,7 +93,7 @@ fn port_zero_tcp_vip_does_not_balance_udp() {
     // route via the balancer, which is a router: the datagram reaches no backend (no route),
     // and nothing answers. Checked through the counters: no new flow for UDP.
     let vip_addr = Ipv4Addr::new(10, 100, 0, 3);
-    let topo = Topology::builder()
+    let mut topo = Topology::builder()
         .backends(1)
         .vip(VipSpec::tcp("any", vip_addr, 0))
         .build()
@@ -101,6 +101,11 @@ fn port_zero_tcp_vip_does_not_balance_udp() {
     let be = topo.backend(0).clone();
     let server = Server::udp_echo(&be.ns, SocketAddr::from((vip_addr, 9000)), &be.name)
         .expect("udp server on the backend");
+    let passed_before = stats::sum(
+        &topo.stats_json(0).expect("lb stats --json"),
+        "pass_not_vip",
+        "",
+    );
     let got = topo
         .in_client(|| client::ask_udp_tries(42_000, SocketAddrV4::new(vip_addr, 9000), "x", 2))
         .expect("client namespace");
@@ -111,4 +116,17 @@ fn port_zero_tcp_vip_does_not_balance_udp() {
     );
     let doc = topo.stats_json(0).expect("lb stats --json");
     assert_eq!(stats::sum(&doc, "new_flows", "backend"), 0, "{doc:#}");
+    // Positive control: the datagrams did reach lb_xdp, which passed them as "not a VIP"
+    // (without this, the checks above would also pass if they never got to the balancer).
+    assert!(
+        stats::sum(&doc, "pass_not_vip", "") > passed_before,
+        "lb_xdp saw the UDP datagrams and passed them: {doc:#}"
+    );
+    // And TCP to the same address and any port is balanced, on this very topology.
+    topo.serve_tcp_lines(9000).expect("tcp server");
+    let answer = topo
+        .in_client(|| client::ask_tcp(42_001, SocketAddrV4::new(vip_addr, 9000)))
+        .expect("client namespace")
+        .expect("TCP to the port-0 VIP is balanced");
+    assert_eq!(answer, be.name);
 }

@@ -236,13 +236,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => "no L7 listeners".into(),
     };
     let tcp_summary = admin_tcp_addr.map_or_else(String::new, |a| format!(" and {a}"));
+    // Handlers first: a signal right after `ready` must still take everything down.
+    let signals = Signals::install()?;
     println!(
         "ready: {l4_summary}; {l7_summary}; admin socket {}{tcp_summary}",
         admin_socket.display()
     );
     let _ = std::io::stdout().flush();
 
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("shutting down");
     if let Some(running) = l7 {
         let drain = Duration::from_secs(args.drain_timeout);
@@ -307,15 +309,28 @@ fn print_check(cfg: &Config) {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    /// Returns at the first of them.
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
 }
 
 /// `lb decap`: attach lb_decap until a signal.
@@ -335,12 +350,13 @@ pub async fn decap(args: DecapArgs) -> anyhow::Result<()> {
         d.attach(i, args.xdp_mode)
             .with_context(|| format!("--iface {i}"))?;
     }
+    let signals = Signals::install()?;
     println!(
         "ready: lb_decap on {:?}, decapsulating IP-in-IP to {:?}",
         args.ifaces, addrs
     );
     let _ = std::io::stdout().flush();
-    wait_for_signal().await?;
+    signals.wait().await;
     let counts = d.counters().unwrap_or_default();
     for (r, n) in counts {
         tracing::info!(reason = r.label(), packets = n, "lb_decap counter");

@@ -11,7 +11,9 @@
 //!    `Keep-Alive: timeout=N` or learned per target from the idle connections it closed
 //!    (see [`crate::proxy::pool`] and its `estimator`);
 //! 2. closed pooled connections are discarded before use (`is_closed`/`is_ready`);
-//! 3. a request that fails on a reused connection before a response arrived is retried once on
+//! 3. a request that could not be sent again (a POST) only reuses a connection whose idle time is
+//!    proven safe, until then it goes out on a new connection (see [`crate::proxy::pool`]);
+//! 4. a request that fails on a reused connection before a response arrived is retried once on
 //!    a new connection when that is safe: always when hyper proves the request was never written
 //!    (`TrySendError::take_message`), otherwise only for idempotent methods (RFC 9110 §9.2.2)
 //!    whose body is empty or small enough to have been kept. A request that may have reached the
@@ -194,16 +196,26 @@ impl Forwarder {
         let target = self.inner.target(target);
         let req = prepare_request(req, &target.endpoint);
         let idempotent = is_idempotent(req.method());
+        // Whether the request could be sent again if a reused connection turns out stale: an
+        // idempotent method whose body is empty or small enough to be kept (see `Replay`).
+        let retryable = idempotent
+            && (http_body::Body::is_end_stream(req.body())
+                || http_body::Body::size_hint(req.body())
+                    .upper()
+                    .is_some_and(|n| n <= MAX_REPLAY_BYTES as u64));
         let (parts, body) = req.into_parts();
         let (body, replay) = Replay::watch(body, idempotent);
         let template = idempotent.then(|| RequestTemplate::of(&parts));
         let mut req = Request::from_parts(parts, body);
 
         let mut retried = false;
-        if let Some(conn) = target.pool_checkout() {
+        if let Some((conn, idle_for)) = target.pool_checkout(retryable) {
             target.pool.count_reused();
             match self.send(&target, conn, req, &replay).await {
                 Ok(response) => {
+                    if let Some(idle_for) = idle_for {
+                        target.pool.observe_reuse_answered(idle_for);
+                    }
                     return Ok(Forwarded {
                         response,
                         reused_connection: true,
@@ -245,7 +257,8 @@ impl Forwarder {
         }
     }
 
-    /// A snapshot of every target's pool: learned idle-close time, idle connections, counters.
+    /// A snapshot of every target's pool: learned idle-close time, idle connections, counters
+    /// (reused, fresh, retried after a stale connection, retired early, unproven reuse avoided).
     pub fn stats(&self) -> Vec<TargetPoolStats> {
         let targets: Vec<Arc<Target>> = self.inner.lock_targets().values().cloned().collect();
         targets.iter().map(|target| target.pool.stats()).collect()
@@ -374,11 +387,14 @@ impl Inner {
 }
 
 impl Target {
-    fn pool_checkout(&self) -> Option<Conn> {
+    /// A pooled connection for the next request, with how long it was idle (HTTP/1.1 only).
+    fn pool_checkout(&self, retryable: bool) -> Option<(Conn, Option<Duration>)> {
         if self.endpoint.http2 {
-            self.pool.checkout_h2().map(Conn::H2)
+            self.pool.checkout_h2().map(|c| (Conn::H2(c), None))
         } else {
-            self.pool.checkout_h1().map(Conn::H1)
+            self.pool
+                .checkout_h1(retryable)
+                .map(|r| (Conn::H1(r.conn), Some(r.idle_for)))
         }
     }
 }

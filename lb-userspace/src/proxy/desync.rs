@@ -1,48 +1,51 @@
 //! HTTP/1 request classification for ALB desync mitigation.
 //!
-//! ALB classifies every HTTP/1 request head as compliant, acceptable, ambiguous or severe (the
-//! scheme of AWS's `http_desync_guardian` crate) and, depending on the listener's
-//! [`DesyncMode`], forwards it, forwards it and closes both connections afterwards, or blocks
-//! it with 400. We classify the raw bytes of the head *before* hyper parses them, because hyper
-//! normalises exactly the things that matter (it drops `Content-Length` when
-//! `Transfer-Encoding` is present, trims whitespace), so the parsed request no longer shows them.
+//! ALB classifies every HTTP/1 request head as compliant, acceptable, ambiguous or severe with
+//! AWS's `http_desync_guardian` and, depending on the listener's [`DesyncMode`], forwards it,
+//! forwards it and closes both connections afterwards, or blocks it with 400. We classify the
+//! raw bytes of the head *before* hyper parses them, because hyper normalises exactly the things
+//! that matter (it drops `Content-Length` when `Transfer-Encoding` is present, trims
+//! whitespace), so the parsed request no longer shows them.
 //!
-//! We do not use `http_desync_guardian` itself: it is a C-ABI oriented crate with process-global
-//! metrics and logging hooks. The table below follows its tiers, with one deliberate difference
-//! the issue asks for: `Content-Length` together with `Transfer-Encoding` is **severe** (the
-//! guardian calls it ambiguous). Everything hyper's own parser would reject is severe too, so a
-//! request we classify as forwardable is always one hyper frames exactly as we do.
+//! [`classify`] follows `http_desync_guardian` 0.1.3 rule for rule (tokenisation of the request
+//! line and of header lines included), so a request gets the tier ALB gives it; the
+//! `desync_oracle` test compares the two on a table and on generated requests. We do not call
+//! the crate on the request path: it keeps process-global metrics and rate-limited logging, and
+//! we need its tokenisation (which header lines exist, which are folded) to build what we
+//! forward (`server/head.rs`). Its rules, with the reason names ALB logs:
 //!
 //! | what | tier | reason |
 //! |---|---|---|
 //! | method with a non-token byte | severe | `BadMethod` |
-//! | request target with CTL/NUL/DEL, missing, or with spaces | severe | `BadUri` |
-//! | request target with bytes ≥ 0x80 | ambiguous | `AmbiguousUri` |
-//! | version not `HTTP/d.d` | severe | `BadVersion` |
-//! | header name empty / with a non-token byte (incl. space before the colon) | severe | `BadHeader` |
-//! | header line without a colon | severe | `MissingHeaderColon` |
-//! | obsolete line folding (line starts with SP/HTAB) | severe | `MultilineHeader` |
-//! | header value with NUL, bare CR, or another CTL except HTAB | severe | `BadHeader` |
-//! | header value with bytes ≥ 0x80 (obs-text) | acceptable | `NonCompliantHeader` |
-//! | name that spells `Transfer-Encoding`/`Content-Length` with other separators | ambiguous | `SuspiciousHeader` |
-//! | `Content-Length` not plain digits (signs, commas, spaces inside, empty, overflow) | severe | `BadContentLength` |
+//! | request target with NUL, CR or LF | severe | `BadUri` |
+//! | request target with another control byte or DEL | ambiguous | `AmbiguousUri` |
+//! | request target with a space | acceptable | `SpaceInUri` |
+//! | no request target (`GET HTTP/1.1`) | ambiguous | `MissingUri` |
+//! | version not `HTTP/1.d` | severe | `BadVersion` |
+//! | `HTTP/1.2`–`HTTP/1.9`, `HTTP/0.9` or none, spaces around it | acceptable | `NonCompliantVersion` |
+//! | version sorting at or after `HTTP/2` (byte order) | compliant: not analysed | – |
+//! | header name or value with NUL, CR or LF | severe | `BadHeader` |
+//! | header name with another non-token byte, value with a control byte | acceptable | `NonCompliantHeader` |
+//! | empty header name (`: x`) | ambiguous | `EmptyHeader` |
+//! | line without a colon | ambiguous | `MissingHeaderColon` |
+//! | folded line (starts with SP/HTAB), except in `Content-Type` | ambiguous | `MultilineHeader` |
+//! | name that spells `Transfer-Encoding`/`Content-Length` with other separators or look-alike letters | ambiguous | `SuspiciousHeader` |
+//! | `Content-Length` not digits after trimming (an empty value counts as 0) or overflowing | severe | `BadContentLength` |
 //! | two `Content-Length` with different values | severe | `MultipleContentLength` |
 //! | two `Content-Length` with the same value | ambiguous | `DuplicateContentLength` |
-//! | `Content-Length` with leading zeros (`007`) | ambiguous | `ContentLengthLeadingZeros` |
-//! | both `Content-Length` and `Transfer-Encoding` | severe | `BothTeClPresent` |
-//! | more than one `Transfer-Encoding` header | severe | `MultipleTransferEncoding` |
-//! | `Transfer-Encoding` with unknown codings or odd whitespace (`xchunked`, `chunked `, tab) | severe | `BadTransferEncoding` |
-//! | `Transfer-Encoding` list where `chunked` is not last (`chunked, identity`) | severe | `BadTransferEncoding` |
-//! | `Transfer-Encoding` on HTTP/1.0 | severe | `UndefinedTransferEncodingSemantics` |
-//! | GET/HEAD with `Transfer-Encoding` | ambiguous | `UndefinedTransferEncodingSemantics` |
-//! | GET/HEAD with `Content-Length` > 0 | ambiguous | `UndefinedContentLengthSemantics` |
+//! | `Transfer-Encoding` coding other than chunked, compress, deflate, gzip, identity (parameters allowed) | severe | `BadTransferEncoding` |
+//! | `chunked` twice in a row (one header or several) | severe | `MultipleTransferEncodingChunked` |
+//! | both `Content-Length` and `Transfer-Encoding` | ambiguous | `BothTeClPresent` |
+//! | `Transfer-Encoding` on HTTP/1.0 or older (`Content-Length` on 0.9) | ambiguous | `UndefinedTransferEncodingSemantics` (`…ContentLength…`) |
+//! | GET/HEAD with `Transfer-Encoding` / `Content-Length` > 0 | ambiguous | `Undefined…Semantics` |
 //! | GET/HEAD with `Content-Length: 0` | acceptable | `GetHeadZeroContentLength` |
 //! | lines ending in bare LF | acceptable | `NonCrLfLineTermination` |
 //!
-//! A valid coding list that is not exactly `chunked` (`gzip`, `gzip, chunked`, `identity`) is
-//! not a desync risk but a coding we do not implement: [`HeadAnalysis::unsupported_coding`] makes
-//! the server answer 501. A well-formed version other than 1.0/1.1 (`HTTP/3.0`) is compliant
-//! here and answered with 505 by the server.
+//! The highest tier wins; its reason is the first finding of that tier, in the guardian's order
+//! (request line and header lines as parsed, then per header, then `Transfer-Encoding` and
+//! `Content-Length`, method, version, target). Whether a request the tier lets through can be
+//! forwarded, and how, is decided in `server/head.rs`: an unsupported coding is a 501, an
+//! unsupported version a 505, a head hyper cannot represent a 400.
 use std::fmt;
 use std::str::FromStr;
 
@@ -112,56 +115,67 @@ impl Tier {
     }
 }
 
-/// Why a request is not compliant (ALB's `classification_reason` access-log field).
+/// Why a request is not compliant (ALB's `classification_reason` access-log field): the
+/// reasons of `http_desync_guardian`, described in the module table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(missing_docs, reason = "each variant is described in the module table")]
 pub enum Reason {
-    BadMethod,
-    BadUri,
-    AmbiguousUri,
-    BadVersion,
-    BadHeader,
-    MissingHeaderColon,
-    MultilineHeader,
-    NonCompliantHeader,
+    EmptyHeader,
     SuspiciousHeader,
-    BadContentLength,
+    NonCompliantHeader,
+    BadHeader,
+    AmbiguousUri,
+    SpaceInUri,
+    BadUri,
+    NonCompliantVersion,
+    BadVersion,
+    GetHeadZeroContentLength,
+    UndefinedContentLengthSemantics,
     MultipleContentLength,
     DuplicateContentLength,
-    ContentLengthLeadingZeros,
-    BothTeClPresent,
-    MultipleTransferEncoding,
-    BadTransferEncoding,
+    BadContentLength,
     UndefinedTransferEncodingSemantics,
-    UndefinedContentLengthSemantics,
-    GetHeadZeroContentLength,
+    MultipleTransferEncodingChunked,
+    BadTransferEncoding,
+    BothTeClPresent,
+    BadMethod,
     NonCrLfLineTermination,
+    MultilineHeader,
+    PartialHeaderLine,
+    MissingLastEmptyLine,
+    MissingHeaderColon,
+    MissingUri,
 }
 
 impl Reason {
-    /// The name logged in `classification_reason`.
+    /// The name logged in `classification_reason` (the variant's name, as the guardian's).
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::BadMethod => "BadMethod",
-            Self::BadUri => "BadUri",
-            Self::AmbiguousUri => "AmbiguousUri",
-            Self::BadVersion => "BadVersion",
-            Self::BadHeader => "BadHeader",
-            Self::MissingHeaderColon => "MissingHeaderColon",
-            Self::MultilineHeader => "MultilineHeader",
-            Self::NonCompliantHeader => "NonCompliantHeader",
+            Self::EmptyHeader => "EmptyHeader",
             Self::SuspiciousHeader => "SuspiciousHeader",
-            Self::BadContentLength => "BadContentLength",
+            Self::NonCompliantHeader => "NonCompliantHeader",
+            Self::BadHeader => "BadHeader",
+            Self::AmbiguousUri => "AmbiguousUri",
+            Self::SpaceInUri => "SpaceInUri",
+            Self::BadUri => "BadUri",
+            Self::NonCompliantVersion => "NonCompliantVersion",
+            Self::BadVersion => "BadVersion",
+            Self::GetHeadZeroContentLength => "GetHeadZeroContentLength",
+            Self::UndefinedContentLengthSemantics => "UndefinedContentLengthSemantics",
             Self::MultipleContentLength => "MultipleContentLength",
             Self::DuplicateContentLength => "DuplicateContentLength",
-            Self::ContentLengthLeadingZeros => "ContentLengthLeadingZeros",
-            Self::BothTeClPresent => "BothTeClPresent",
-            Self::MultipleTransferEncoding => "MultipleTransferEncoding",
-            Self::BadTransferEncoding => "BadTransferEncoding",
+            Self::BadContentLength => "BadContentLength",
             Self::UndefinedTransferEncodingSemantics => "UndefinedTransferEncodingSemantics",
-            Self::UndefinedContentLengthSemantics => "UndefinedContentLengthSemantics",
-            Self::GetHeadZeroContentLength => "GetHeadZeroContentLength",
+            Self::MultipleTransferEncodingChunked => "MultipleTransferEncodingChunked",
+            Self::BadTransferEncoding => "BadTransferEncoding",
+            Self::BothTeClPresent => "BothTeClPresent",
+            Self::BadMethod => "BadMethod",
             Self::NonCrLfLineTermination => "NonCrLfLineTermination",
+            Self::MultilineHeader => "MultilineHeader",
+            Self::PartialHeaderLine => "PartialHeaderLine",
+            Self::MissingLastEmptyLine => "MissingLastEmptyLine",
+            Self::MissingHeaderColon => "MissingHeaderColon",
+            Self::MissingUri => "MissingUri",
         }
     }
 }
@@ -215,56 +229,28 @@ impl DesyncMode {
     }
 }
 
-/// How the request body is delimited, exactly as hyper's HTTP/1 parser will decide it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Framing {
-    /// No body.
-    Empty,
-    /// `Content-Length` bytes.
-    Length(u64),
-    /// Chunked transfer coding.
-    Chunked,
-    /// hyper will reject the head; no body can be delimited.
-    Invalid,
-}
-
-/// Everything the server needs to know about a raw HTTP/1 request head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HeadAnalysis {
-    /// The desync classification.
-    pub classification: Classification,
-    /// How the body that follows is delimited.
-    pub framing: Framing,
-    /// `(major, minor)` of a well-formed `HTTP/d.d` version; `None` if malformed.
-    pub version: Option<(u8, u8)>,
-    /// `Transfer-Encoding` is a valid coding list other than exactly `chunked` (answer 501).
-    pub unsupported_coding: bool,
-    /// `Upgrade` header present or method CONNECT: the connection may be taken over.
-    pub upgrade: bool,
-    /// How many `Host` header lines the head has (RFC 9112 §3.2: an HTTP/1.1 request needs
-    /// exactly one, else 400; the server enforces that whatever the desync mode).
-    pub host_headers: usize,
-}
-
 const TE_NAME: &[u8] = b"transfer-encoding";
 const CL_NAME: &[u8] = b"content-length";
-/// Transfer codings RFC 7230 registers (`is_valid_te` in http_desync_guardian).
-const KNOWN_CODINGS: [&[u8]; 7] = [
-    b"chunked",
-    b"compress",
-    b"deflate",
-    b"gzip",
-    b"identity",
-    b"x-gzip",
-    b"x-compress",
-];
+/// The transfer codings the guardian knows (`VALID_TE`); anything else is `BadTransferEncoding`.
+const KNOWN_CODINGS: [&[u8]; 5] = [b"chunked", b"compress", b"deflate", b"gzip", b"identity"];
 
-/// tchar (RFC 7230 §3.2.6).
-fn is_tchar(b: u8) -> bool {
+/// tchar (RFC 9110 §5.6.2).
+pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn trim_ows(mut v: &[u8]) -> &[u8] {
+/// Bytes that are never acceptable in a header or target: NUL, CR, LF.
+fn is_bad_char(b: u8) -> bool {
+    matches!(b, 0 | b'\r' | b'\n')
+}
+
+/// Header value bytes RFC 9110 allows: VCHAR, obs-text, SP, HTAB.
+fn is_value_char(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) || b >= 0x80 || b == b'\t'
+}
+
+/// Trims SP and HTAB on both sides (OWS).
+pub(crate) fn trim_ows(mut v: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = v {
         v = rest;
     }
@@ -274,29 +260,98 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
     v
 }
 
-/// Letters of a header name, lower-cased, ignoring everything else; used to spot names that
-/// imitate `Transfer-Encoding`/`Content-Length` (`Transfer_Encoding`, `Content-Length.`).
-fn same_letters(name: &[u8], target: &[u8]) -> bool {
-    let mut letters = name
-        .iter()
-        .filter(|b| b.is_ascii_alphabetic())
-        .map(u8::to_ascii_lowercase);
-    let mut want = target.iter().copied().filter(u8::is_ascii_alphabetic);
-    loop {
-        match (letters.next(), want.next()) {
-            (None, None) => return true,
-            (Some(a), Some(b)) if a == b => {}
-            _ => return false,
+/// How close a header name is to `Transfer-Encoding` or `Content-Length`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Similarity {
+    /// The same name, ignoring case.
+    Identical,
+    /// The same letters with other separators, padding or look-alike letters
+    /// (`Transfer_Encoding`, `Content-Length `, `Transfer-Encodıng`).
+    SameLetters,
+    /// Another name.
+    Distant,
+}
+
+fn next_alphanumeric(v: &[u8], mut i: usize) -> usize {
+    while i < v.len() && !v[i].is_ascii_alphanumeric() {
+        i += 1;
+    }
+    i
+}
+
+fn next_above_space(v: &[u8], mut i: usize) -> usize {
+    while i < v.len() && v[i] <= b' ' {
+        i += 1;
+    }
+    i
+}
+
+/// Whether `header[index..]` starts with the letter `want`, counting the UTF-8 letters that
+/// upper-case to an ASCII letter of the two names (ſ → S, ı → I); returns where the next
+/// character starts.
+fn same_char(want: u8, header: &[u8], index: usize) -> (bool, usize) {
+    const LOOK_ALIKES: [(u8, u8, u8); 2] = [(b's', 0xc5, 0xbf), (b'i', 0xc4, 0xb1)];
+    let got = header[index];
+    if want == got.to_ascii_lowercase() {
+        return (true, index + 1);
+    }
+    if header.len() > index + 1 && LOOK_ALIKES.contains(&(want, got, header[index + 1])) {
+        return (true, index + 2);
+    }
+    (false, index + 1)
+}
+
+/// `determine_similarity` of the guardian: compares the letters of `header` with those of
+/// `important` (lower-case letters and `-`), skipping other bytes.
+pub(crate) fn similarity(important: &[u8], header: &[u8]) -> Similarity {
+    if header.len() < important.len() {
+        return Similarity::Distant;
+    }
+    let mut at = next_alphanumeric(header, 0);
+    let mut identical = at == 0 && important.len() == header.len();
+    for &c in important {
+        if at == header.len() {
+            return Similarity::Distant;
         }
+        let delimiter = c == b'-';
+        let (same, next) = same_char(c, header, at);
+        if !same {
+            if !delimiter {
+                break;
+            }
+            identical = false;
+        }
+        at = if delimiter {
+            next_alphanumeric(header, next)
+        } else {
+            next_above_space(header, next)
+        };
+    }
+    let exhausted = at == header.len();
+    if exhausted && identical {
+        Similarity::Identical
+    } else if exhausted || next_alphanumeric(header, at) == header.len() {
+        Similarity::SameLetters
+    } else {
+        Similarity::Distant
     }
 }
 
-/// Plain `1*DIGIT` without overflow, as hyper requires (`from_digits`).
-fn parse_digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.iter().try_fold(0u64, |acc, &b| {
+/// Similarity to `Transfer-Encoding`, then (if distant) to `Content-Length`.
+pub(crate) fn framing_similarity(name: &[u8]) -> (Similarity, Similarity) {
+    let te = similarity(TE_NAME, name);
+    let cl = if te == Similarity::Distant {
+        similarity(CL_NAME, name)
+    } else {
+        Similarity::Distant
+    };
+    (te, cl)
+}
+
+/// `Content-Length` as the guardian reads it: digits after trimming OWS, an empty value is 0,
+/// no overflow.
+pub(crate) fn parse_content_length(value: &[u8]) -> Option<u64> {
+    trim_ows(value).iter().try_fold(0u64, |acc, &b| {
         if b.is_ascii_digit() {
             acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
         } else {
@@ -305,204 +360,396 @@ fn parse_digits(v: &[u8]) -> Option<u64> {
     })
 }
 
-/// Splits `head` into lines at LF, reporting whether each ended in CRLF.
-fn lines(head: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
-    head.split(|&b| b == b'\n').map(|line| match line {
-        [rest @ .., b'\r'] => (rest, true),
-        _ => (line, false),
-    })
+/// One `Transfer-Encoding` list item, trimmed and without parameters (`gzip;q=1` → `gzip`),
+/// if it is a coding the guardian knows.
+pub(crate) fn known_coding(item: &[u8]) -> Option<&'static [u8]> {
+    let item = trim_ows(item);
+    let coding = trim_ows(item.split(|&b| b == b';').next().unwrap_or_default());
+    KNOWN_CODINGS
+        .iter()
+        .copied()
+        .find(|known| known.eq_ignore_ascii_case(coding))
 }
 
-/// Classifies one raw HTTP/1 request head (request line through the empty line; leading empty
-/// lines allowed) and works out its framing.
-pub fn analyze(head: &[u8]) -> HeadAnalysis {
-    let mut c = Classification::COMPLIANT;
-    let mut it = lines(head).skip_while(|(l, _)| l.is_empty()).peekable();
+/// A window on the head, as the guardian's `RequestBuffer` (the same index arithmetic, so the
+/// same bytes end up in the method, target, version and header tokens).
+#[derive(Clone, Copy)]
+struct Window<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    end: usize,
+}
 
-    let (request_line, crlf) = it.next().unwrap_or((&[][..], true));
-    if !crlf {
-        c.raise(Tier::Acceptable, Reason::NonCrLfLineTermination);
+impl<'a> Window<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self {
+            buf,
+            pos: 0,
+            end: buf.len(),
+        }
     }
-    let mut parts = request_line.split(|&b| b == b' ');
-    let method = parts.next().unwrap_or_default();
-    let target = parts.next();
-    let version_token = parts.next();
-    let extra = parts.next();
-    if method.is_empty() || !method.iter().copied().all(is_tchar) {
-        c.raise(Tier::Severe, Reason::BadMethod);
+
+    fn is_done(&self) -> bool {
+        self.pos >= self.end
     }
-    match target {
-        None | Some([]) => c.raise(Tier::Severe, Reason::BadUri),
-        Some(t) => {
-            if extra.is_some() || t.iter().any(|&b| b < 0x21 || b == 0x7f) {
-                c.raise(Tier::Severe, Reason::BadUri);
-            } else if t.iter().any(|&b| b >= 0x80) {
-                c.raise(Tier::Ambiguous, Reason::AmbiguousUri);
+
+    /// An expected delimiter was missing.
+    fn is_partial(&self) -> bool {
+        self.pos > self.end
+    }
+
+    fn token(&self) -> &'a [u8] {
+        if self.pos < self.end {
+            &self.buf[self.pos..self.end]
+        } else {
+            &[]
+        }
+    }
+
+    fn starts_with_whitespace(&self) -> bool {
+        self.pos < self.end && matches!(self.buf[self.pos], b' ' | b'\t')
+    }
+
+    /// Drops a final CR; false if there was none (the line ended in a bare LF).
+    fn trim_last_cr(&mut self) -> bool {
+        if self.end > self.pos && self.buf[self.end - 1] == b'\r' {
+            self.end -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The token up to `delimiter` (excluded); the window moves past the delimiter.
+    fn next_token(&mut self, delimiter: u8) -> Self {
+        let mut at = self.pos;
+        while at < self.end && self.buf[at] != delimiter {
+            at += 1;
+        }
+        let token = Self {
+            buf: self.buf,
+            pos: self.pos,
+            end: at,
+        };
+        self.pos = at + 1;
+        token
+    }
+
+    /// The last token after `delimiter`, ignoring non-token bytes at the very end; the window
+    /// ends before the delimiter.
+    fn last_token(&mut self, delimiter: u8) -> Self {
+        let mut at = if self.end > self.pos {
+            self.end - 1
+        } else {
+            self.pos
+        };
+        let mut skip_non_tchars = true;
+        while self.pos < at && (self.buf[at] != delimiter || skip_non_tchars) {
+            skip_non_tchars &= !is_tchar(self.buf[at]);
+            at -= 1;
+        }
+        if at >= self.pos && at < self.end {
+            let begin = if self.buf[at] == delimiter {
+                at + 1
+            } else {
+                at
+            };
+            let token = Self {
+                buf: self.buf,
+                pos: begin,
+                end: self.end,
+            };
+            self.end = begin.saturating_sub(1);
+            token
+        } else {
+            // No token: a partial window.
+            Self {
+                buf: self.buf,
+                pos: 1,
+                end: 0,
             }
         }
     }
-    let version = match version_token {
-        Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor])
-            if major.is_ascii_digit() && minor.is_ascii_digit() =>
-        {
-            Some((major - b'0', minor - b'0'))
-        }
-        _ => {
-            c.raise(Tier::Severe, Reason::BadVersion);
-            None
-        }
-    };
-    let http10 = version == Some((1, 0));
-    let body_less_method = method == b"GET" || method == b"HEAD";
+}
 
-    let mut content_length: Option<u64> = None;
-    let mut cl_count = 0usize;
-    let mut te_values: Vec<&[u8]> = Vec::new();
-    let mut upgrade = method == b"CONNECT";
-    let mut host_headers = 0usize;
+/// One header line as tokenised: name and value (value not trimmed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RawHeader<'a> {
+    /// The whole line (without its line end).
+    pub line: &'a [u8],
+    /// The name (for a folded line: the name of the header it continues).
+    pub name: &'a [u8],
+    /// Everything after the first colon (for a folded line: the line up to a colon).
+    pub value: &'a [u8],
+    /// A folded line (starting with SP/HTAB, without a colon, or inside `Content-Type`) that
+    /// continues the previous header.
+    pub continuation: bool,
+    /// The line had no colon.
+    pub no_colon: bool,
+}
 
-    for (line, crlf) in it {
-        if line.is_empty() {
+/// A request head tokenised the way the guardian does it.
+#[derive(Clone, Debug)]
+pub(crate) struct RawHead<'a> {
+    /// The method token (may be empty).
+    pub method: &'a [u8],
+    /// The request target (may be empty or contain spaces).
+    pub target: &'a [u8],
+    /// The version token as written (may be empty or padded).
+    pub version: &'a [u8],
+    /// Header lines in order.
+    pub headers: Vec<RawHeader<'a>>,
+    /// What tokenising found (line endings, missing target, missing colons, folding).
+    findings: Classification,
+}
+
+/// Tokenises `head` (request line through the empty line) as the guardian's raw parser does.
+pub(crate) fn tokenize(head: &[u8]) -> RawHead<'_> {
+    let mut findings = Classification::COMPLIANT;
+    let mut buffer = Window::new(head);
+
+    let mut line = buffer.next_token(b'\n');
+    if !line.trim_last_cr() {
+        findings.raise(Tier::Acceptable, Reason::NonCrLfLineTermination);
+    }
+    let method = line.next_token(b' ');
+    let mut version = line.last_token(b' ');
+    let mut target = line;
+    if (target.is_partial() && version.token().starts_with(b"HTTP/1."))
+        || (version.is_done() && target.is_done())
+    {
+        findings.raise(Tier::Ambiguous, Reason::MissingUri);
+    } else if target.is_partial() {
+        // No version: HTTP/0.9.
+        target = version;
+        version = Window::new(&[]);
+    }
+
+    let mut headers = Vec::new();
+    let mut folding_into: Option<&[u8]> = None;
+    let mut in_content_type = false;
+    loop {
+        let mut line = buffer.next_token(b'\n');
+        if !line.trim_last_cr() {
+            findings.raise(Tier::Acceptable, Reason::NonCrLfLineTermination);
+        }
+        if line.is_done() {
             break;
         }
-        if !crlf {
-            c.raise(Tier::Acceptable, Reason::NonCrLfLineTermination);
+        let whole = line.token();
+        let folded = line.starts_with_whitespace();
+        let first = line.next_token(b':').token();
+        let no_colon = line.is_partial();
+        if !folded && !no_colon {
+            in_content_type = first.eq_ignore_ascii_case(b"content-type");
+            folding_into = Some(first);
         }
-        if matches!(line.first(), Some(b' ' | b'\t')) {
-            c.raise(Tier::Severe, Reason::MultilineHeader);
-            continue;
-        }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            c.raise(Tier::Severe, Reason::MissingHeaderColon);
-            continue;
+        let header = match folding_into {
+            Some(name) if folded && (in_content_type || no_colon) => RawHeader {
+                line: whole,
+                name,
+                value: first,
+                continuation: true,
+                no_colon,
+            },
+            _ => RawHeader {
+                line: whole,
+                name: first,
+                value: line.token(),
+                continuation: false,
+                no_colon,
+            },
         };
-        let (name, value) = (&line[..colon], &line[colon + 1..]);
-        if name.is_empty() || !name.iter().copied().all(is_tchar) {
-            c.raise(Tier::Severe, Reason::BadHeader);
-            continue;
+        headers.push(header);
+        if !folded && no_colon {
+            findings.raise(Tier::Ambiguous, Reason::MissingHeaderColon);
         }
-        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-            c.raise(Tier::Severe, Reason::BadHeader);
-            continue;
+        if folded && !in_content_type {
+            findings.raise(Tier::Ambiguous, Reason::MultilineHeader);
         }
-        if value.iter().any(|&b| b >= 0x80) {
-            c.raise(Tier::Acceptable, Reason::NonCompliantHeader);
-        }
-        if name.eq_ignore_ascii_case(TE_NAME) {
-            te_values.push(value);
-        } else if name.eq_ignore_ascii_case(CL_NAME) {
-            cl_count += 1;
-            let v = trim_ows(value);
-            match parse_digits(v) {
-                None => c.raise(Tier::Severe, Reason::BadContentLength),
-                Some(n) => {
-                    if v.len() > 1 && v[0] == b'0' {
-                        c.raise(Tier::Ambiguous, Reason::ContentLengthLeadingZeros);
-                    }
-                    match content_length {
-                        Some(prev) if prev != n => {
-                            c.raise(Tier::Severe, Reason::MultipleContentLength);
-                        }
-                        Some(_) => c.raise(Tier::Ambiguous, Reason::DuplicateContentLength),
-                        None => content_length = Some(n),
-                    }
-                }
-            }
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = true;
-        } else if name.eq_ignore_ascii_case(b"host") {
-            host_headers += 1;
-        } else if same_letters(name, TE_NAME) || same_letters(name, CL_NAME) {
-            c.raise(Tier::Ambiguous, Reason::SuspiciousHeader);
+        if buffer.is_partial() {
+            findings.raise(Tier::Ambiguous, Reason::PartialHeaderLine);
+            break;
+        } else if buffer.is_done() {
+            findings.raise(Tier::Ambiguous, Reason::MissingLastEmptyLine);
+            break;
         }
     }
+    RawHead {
+        method: method.token(),
+        target: target.token(),
+        version: version.token(),
+        headers,
+        findings,
+    }
+}
 
-    // Transfer-Encoding: exactly `chunked` is the only framing we forward; a valid list of
-    // registered codings is a 501; anything else is an obfuscation attempt.
-    let mut unsupported_coding = false;
-    if let Some(&last) = te_values.last() {
-        if http10 {
-            c.raise(Tier::Severe, Reason::UndefinedTransferEncodingSemantics);
-        }
-        if te_values.len() > 1 {
-            c.raise(Tier::Severe, Reason::MultipleTransferEncoding);
-        }
-        if cl_count > 0 {
-            c.raise(Tier::Severe, Reason::BothTeClPresent);
-        }
-        let leading = last.iter().take_while(|&&b| b == b' ').count();
-        let value = &last[leading..];
-        let codings: Vec<&[u8]> = value
-            .split(|&b| b == b',')
-            .enumerate()
-            .map(|(i, s)| {
-                if i > 0 {
-                    s.strip_prefix(b" ").unwrap_or(s)
-                } else {
-                    s
+/// How a header name and value look on their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum HeaderTier {
+    Compliant,
+    NonCompliant,
+    Bad,
+}
+
+fn header_tier(name: &[u8], value: &[u8]) -> HeaderTier {
+    let part = |bytes: &[u8], ok: fn(u8) -> bool| {
+        let mut tier = HeaderTier::Compliant;
+        for &b in bytes {
+            if !ok(b) {
+                if is_bad_char(b) {
+                    return HeaderTier::Bad;
                 }
-            })
-            .collect();
-        let well_formed = codings.iter().all(|k| {
-            KNOWN_CODINGS
-                .iter()
-                .any(|known| k.eq_ignore_ascii_case(known))
-        });
-        let chunked_positions = codings
-            .iter()
-            .filter(|k| k.eq_ignore_ascii_case(b"chunked"))
-            .count();
-        let ends_chunked = codings
-            .last()
-            .is_some_and(|k| k.eq_ignore_ascii_case(b"chunked"));
-        if !well_formed || (chunked_positions > 0 && !ends_chunked) || chunked_positions > 1 {
-            c.raise(Tier::Severe, Reason::BadTransferEncoding);
-        } else if !value.eq_ignore_ascii_case(b"chunked") {
-            unsupported_coding = true;
+                tier = HeaderTier::NonCompliant;
+            }
         }
-        if body_less_method {
+        tier
+    };
+    part(name, is_tchar).max(part(value, is_value_char))
+}
+
+/// Classifies one raw HTTP/1 request head (request line through the empty line).
+pub fn classify(head: &[u8]) -> Classification {
+    classify_tokens(&tokenize(head))
+}
+
+/// [`classify`] on an already tokenised head.
+pub(crate) fn classify_tokens(raw: &RawHead<'_>) -> Classification {
+    // The guardian leaves versions from HTTP/2 on (in byte order) to the HTTP/2 stack and
+    // calls them compliant, whatever else the head holds.
+    if raw.version >= b"HTTP/2".as_slice() {
+        return Classification::COMPLIANT;
+    }
+    let version: &[u8] = if trim_ows(raw.version).is_empty() {
+        b"HTTP/0.9"
+    } else {
+        raw.version
+    };
+    let mut c = raw.findings;
+    let mut te = Vec::new();
+    let mut cl = Vec::new();
+    for (i, h) in raw.headers.iter().enumerate() {
+        let (te_sim, cl_sim) = framing_similarity(h.name);
+        let essential = te_sim == Similarity::Identical || cl_sim == Similarity::Identical;
+        let tier = header_tier(h.name, h.value);
+        match tier {
+            HeaderTier::Bad => c.raise(Tier::Severe, Reason::BadHeader),
+            HeaderTier::NonCompliant => c.raise(Tier::Acceptable, Reason::NonCompliantHeader),
+            HeaderTier::Compliant => {}
+        }
+        let name = trim_ows(h.name);
+        if name.is_empty() || name[0] == b':' {
+            c.raise(Tier::Ambiguous, Reason::EmptyHeader);
+        } else if !essential && tier != HeaderTier::Bad {
+            // A look-alike still counts as the header it imitates below, as in the guardian.
+            if te_sim == Similarity::SameLetters {
+                te.push(i);
+                c.raise(Tier::Ambiguous, Reason::SuspiciousHeader);
+            } else if cl_sim == Similarity::SameLetters {
+                cl.push(i);
+                c.raise(Tier::Ambiguous, Reason::SuspiciousHeader);
+            }
+        } else if te_sim == Similarity::Identical {
+            te.push(i);
+        } else if cl_sim == Similarity::Identical {
+            cl.push(i);
+        }
+    }
+    framing_findings(&mut c, raw, version, &te, &cl);
+    if !raw.method.iter().copied().all(is_tchar) {
+        c.raise(Tier::Severe, Reason::BadMethod);
+    }
+    version_findings(&mut c, version);
+    for &b in raw.target {
+        if b > b' ' && b != 0x7f {
+            continue;
+        }
+        if is_bad_char(b) {
+            c.raise(Tier::Severe, Reason::BadUri);
+            break;
+        } else if b == b' ' {
+            c.raise(Tier::Acceptable, Reason::SpaceInUri);
+        } else {
+            c.raise(Tier::Ambiguous, Reason::AmbiguousUri);
+        }
+    }
+    c
+}
+
+/// `Transfer-Encoding` and `Content-Length` (`te`, `cl`: indexes of those headers).
+fn framing_findings(
+    c: &mut Classification,
+    raw: &RawHead<'_>,
+    version: &[u8],
+    te: &[usize],
+    cl: &[usize],
+) {
+    if te.is_empty() && cl.is_empty() {
+        return;
+    }
+    // Before HTTP/1.1 the framing headers have no defined meaning: nothing else is checked.
+    if version <= b"HTTP/1.0".as_slice() && !te.is_empty() {
+        c.raise(Tier::Ambiguous, Reason::UndefinedTransferEncodingSemantics);
+        return;
+    }
+    if version < b"HTTP/1.0".as_slice() && !cl.is_empty() {
+        c.raise(Tier::Ambiguous, Reason::UndefinedContentLengthSemantics);
+        return;
+    }
+    let mut chunked_before = false;
+    for &i in te {
+        for item in raw.headers[i].value.split(|&b| b == b',') {
+            match known_coding(item) {
+                Some(coding) => {
+                    let chunked = coding == b"chunked";
+                    if chunked_before && chunked {
+                        c.raise(Tier::Severe, Reason::MultipleTransferEncodingChunked);
+                    }
+                    chunked_before = chunked;
+                }
+                None => c.raise(Tier::Severe, Reason::BadTransferEncoding),
+            }
+        }
+    }
+    let mut length = None;
+    for &i in cl {
+        match parse_content_length(raw.headers[i].value) {
+            Some(n) => match length {
+                Some(first) if first != n => c.raise(Tier::Severe, Reason::MultipleContentLength),
+                Some(_) => c.raise(Tier::Ambiguous, Reason::DuplicateContentLength),
+                None => length = Some(n),
+            },
+            None => c.raise(Tier::Severe, Reason::BadContentLength),
+        }
+    }
+    if raw.method == b"GET" || raw.method == b"HEAD" {
+        if !te.is_empty() {
             c.raise(Tier::Ambiguous, Reason::UndefinedTransferEncodingSemantics);
         }
-    } else if body_less_method {
-        match content_length {
+        match length {
             Some(0) => c.raise(Tier::Acceptable, Reason::GetHeadZeroContentLength),
             Some(_) => c.raise(Tier::Ambiguous, Reason::UndefinedContentLengthSemantics),
             None => {}
         }
     }
-
-    HeadAnalysis {
-        classification: c,
-        framing: hyper_framing(&te_values, content_length, cl_count, c.tier),
-        version,
-        unsupported_coding,
-        upgrade,
-        host_headers,
+    if length.is_some() && !te.is_empty() {
+        c.raise(Tier::Ambiguous, Reason::BothTeClPresent);
     }
 }
 
-/// The framing hyper 1's server parser chooses (`proto::h1::role::Server::parse`): the last
-/// `Transfer-Encoding` decides (its last coding must be `chunked`, else hyper rejects), then
-/// `Content-Length`. Only meaningful when hyper accepts the head; a severe head in `monitor`
-/// mode is passed to hyper, which either rejects it or frames it this way.
-fn hyper_framing(
-    te_values: &[&[u8]],
-    content_length: Option<u64>,
-    cl_count: usize,
-    tier: Tier,
-) -> Framing {
-    if let Some(last) = te_values.last() {
-        let last_coding = last.rsplit(|&b| b == b',').next().unwrap_or_default();
-        return if trim_ows(last_coding).eq_ignore_ascii_case(b"chunked") {
-            Framing::Chunked
-        } else {
-            Framing::Invalid
-        };
+fn version_findings(c: &mut Classification, version: &[u8]) {
+    let trimmed = trim_ows(version);
+    if trimmed == b"HTTP/0.9" {
+        c.raise(Tier::Acceptable, Reason::NonCompliantVersion);
+        return;
     }
-    match content_length {
-        Some(n) => Framing::Length(n),
-        None if cl_count > 0 || tier == Tier::Severe => Framing::Invalid,
-        None => Framing::Empty,
+    match trimmed {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if minor.is_ascii_digit() => {
+            if trimmed.len() != version.len() || *minor > b'1' {
+                c.raise(Tier::Acceptable, Reason::NonCompliantVersion);
+            }
+        }
+        _ => c.raise(Tier::Severe, Reason::BadVersion),
     }
 }
 
@@ -510,34 +757,75 @@ fn hyper_framing(
 mod tests {
     use super::*;
 
-    fn classify(head: &str) -> (Tier, Option<Reason>) {
-        let a = analyze(head.as_bytes());
-        (a.classification.tier, a.classification.reason)
+    fn classify_str(head: &str) -> (Tier, Option<Reason>) {
+        let c = classify(head.as_bytes());
+        (c.tier, c.reason)
     }
 
+    /// Expected values as `http_desync_guardian` 0.1.3 computes them (the `desync_oracle`
+    /// integration test checks the same and more against the crate itself).
     #[test]
     fn classification_table() {
         use Reason::*;
         use Tier::*;
         let cases: &[(&str, Tier, Option<Reason>)] = &[
             ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Compliant, None),
+            ("GET  HTTP/1.1\r\nHost: a\r\n\r\n", Compliant, None),
             (
-                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                "GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n",
+                Compliant,
+                None,
+            ),
+            ("GET / HTTP/3.0\r\nHost: a\r\n\r\n", Compliant, None),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 Compliant,
                 None,
             ),
             (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked;foo=bar\r\n\r\n",
                 Compliant,
                 None,
             ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked \r\n\r\n",
+                Compliant,
+                None,
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 005\r\n\r\n",
+                Compliant,
+                None,
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+                Compliant,
+                None,
+            ),
+            (
+                "GET / HTTP/1.1\r\nContent-Type: a\r\n b\r\n\r\n",
+                Compliant,
+                None,
+            ),
+            ("GET /a b HTTP/1.1\r\n\r\n", Acceptable, Some(SpaceInUri)),
+            (
+                "GET / HTTP/1.2\r\n\r\n",
+                Acceptable,
+                Some(NonCompliantVersion),
+            ),
+            ("GET /\r\n\r\n", Acceptable, Some(NonCompliantVersion)),
             (
                 "GET / HTTP/1.1\nHost: a\n\n",
                 Acceptable,
                 Some(NonCrLfLineTermination),
             ),
             (
-                "GET / HTTP/1.1\r\nX: caf\u{e9}\r\n\r\n",
+                "GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+                Acceptable,
+                Some(NonCompliantHeader),
+            ),
+            (
+                "GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n",
                 Acceptable,
                 Some(NonCompliantHeader),
             ),
@@ -546,6 +834,8 @@ mod tests {
                 Acceptable,
                 Some(GetHeadZeroContentLength),
             ),
+            ("GET HTTP/1.1\r\n\r\n", Ambiguous, Some(MissingUri)),
+            ("GET /a\tb HTTP/1.1\r\n\r\n", Ambiguous, Some(AmbiguousUri)),
             (
                 "GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n",
                 Ambiguous,
@@ -557,9 +847,9 @@ mod tests {
                 Some(UndefinedTransferEncodingSemantics),
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 005\r\n\r\n",
+                "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Ambiguous,
-                Some(ContentLengthLeadingZeros),
+                Some(UndefinedTransferEncodingSemantics),
             ),
             (
                 "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
@@ -567,19 +857,59 @@ mod tests {
                 Some(DuplicateContentLength),
             ),
             (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                Ambiguous,
+                Some(BothTeClPresent),
+            ),
+            (
                 "POST / HTTP/1.1\r\nTransfer_Encoding: chunked\r\n\r\n",
                 Ambiguous,
                 Some(SuspiciousHeader),
             ),
             (
-                "GET /caf\u{e9} HTTP/1.1\r\n\r\n",
+                "POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
                 Ambiguous,
-                Some(AmbiguousUri),
+                Some(SuspiciousHeader),
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\nTransfer-Encod\u{131}ng: chunked\r\n\r\n",
+                Ambiguous,
+                Some(SuspiciousHeader),
+            ),
+            (
+                "GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+                Ambiguous,
+                Some(MissingHeaderColon),
+            ),
+            (
+                "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+                Ambiguous,
+                Some(MultilineHeader),
+            ),
+            (
+                "GET / HTTP/1.1\r\n: a\r\n\r\n",
+                Ambiguous,
+                Some(EmptyHeader),
+            ),
+            ("G(T / HTTP/1.1\r\n\r\n", Severe, Some(BadMethod)),
+            ("GET / HTTP/1.x\r\n\r\n", Severe, Some(BadVersion)),
+            ("GET / HTTP/11\r\n\r\n", Severe, Some(BadVersion)),
+            ("GET / HTTP/1.1\r\nX\0Y: 1\r\n\r\n", Severe, Some(BadHeader)),
+            ("GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", Severe, Some(BadHeader)),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
                 Severe,
-                Some(BothTeClPresent),
+                Some(BadTransferEncoding),
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: x-gzip\r\n\r\n",
+                Severe,
+                Some(BadTransferEncoding),
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Severe,
+                Some(MultipleTransferEncodingChunked),
             ),
             (
                 "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
@@ -587,135 +917,33 @@ mod tests {
                 Some(MultipleContentLength),
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: five\r\n\r\n",
-                Severe,
-                Some(BadContentLength),
-            ),
-            (
-                "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-                Severe,
-                Some(BadContentLength),
-            ),
-            (
                 "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
                 Severe,
                 Some(BadContentLength),
             ),
-            (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked \r\n\r\n",
-                Severe,
-                Some(BadTransferEncoding),
-            ),
-            (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
-                Severe,
-                Some(BadTransferEncoding),
-            ),
-            (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
-                Severe,
-                Some(BadTransferEncoding),
-            ),
-            (
-                "POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\n\r\n",
-                Severe,
-                Some(BadTransferEncoding),
-            ),
-            (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
-                Severe,
-                Some(MultipleTransferEncoding),
-            ),
-            (
-                "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-                Severe,
-                Some(UndefinedTransferEncodingSemantics),
-            ),
-            (
-                "POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
-                Severe,
-                Some(BadHeader),
-            ),
-            ("GET / HTTP/1.1\r\nX\0Y: 1\r\n\r\n", Severe, Some(BadHeader)),
-            ("GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", Severe, Some(BadHeader)),
-            ("GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", Severe, Some(BadHeader)),
-            (
-                "GET / HTTP/1.1\r\nNoColon\r\n\r\n",
-                Severe,
-                Some(MissingHeaderColon),
-            ),
-            (
-                "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
-                Severe,
-                Some(MultilineHeader),
-            ),
-            ("G(T / HTTP/1.1\r\n\r\n", Severe, Some(BadMethod)),
-            ("GET /a b HTTP/1.1\r\n\r\n", Severe, Some(BadUri)),
-            ("GET HTTP/1.1\r\n\r\n", Severe, Some(BadVersion)),
-            ("GET / HTTX/1.1\r\n\r\n", Severe, Some(BadVersion)),
         ];
         for (head, tier, reason) in cases {
-            assert_eq!(classify(head), (*tier, *reason), "{head:?}");
+            assert_eq!(classify_str(head), (*tier, *reason), "{head:?}");
         }
     }
 
     #[test]
-    fn framing_mirrors_hyper() {
-        let f = |h: &str| analyze(h.as_bytes()).framing;
-        assert_eq!(f("GET / HTTP/1.1\r\n\r\n"), Framing::Empty);
-        assert_eq!(
-            f("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"),
-            Framing::Length(12)
-        );
-        assert_eq!(
-            f("POST / HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n"),
-            Framing::Chunked
-        );
-        // hyper drops Content-Length when Transfer-Encoding is present.
-        assert_eq!(
-            f("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Framing::Chunked
-        );
-        assert_eq!(
-            f("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
-            Framing::Invalid
-        );
-    }
-
-    #[test]
-    fn valid_but_unimplemented_codings_are_501_not_desync() {
-        for te in ["gzip", "gzip, chunked", "identity", "GZIP"] {
-            let head = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {te}\r\n\r\n");
-            let a = analyze(head.as_bytes());
-            assert!(a.unsupported_coding, "{te}");
-            assert_eq!(a.classification.tier, Tier::Compliant, "{te}");
+    fn similarity_follows_the_guardian() {
+        use Similarity::*;
+        for (name, want) in [
+            ("Transfer-Encoding", Identical),
+            ("transfer-encoding", Identical),
+            ("Transfer_Encoding", SameLetters),
+            ("Transfer-Encoding ", SameLetters),
+            (" Transfer-Encoding", SameLetters),
+            ("\x01Transfer-Encoding", SameLetters),
+            ("Tran\u{17f}fer-Encoding", SameLetters),
+            ("Transfer-Encodings", Distant),
+            ("X-Transfer-Encoding", Distant),
+            ("Transfer", Distant),
+        ] {
+            assert_eq!(similarity(TE_NAME, name.as_bytes()), want, "{name:?}");
         }
-        let a = analyze(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
-        assert!(!a.unsupported_coding);
-    }
-
-    #[test]
-    fn versions_are_parsed_for_505() {
-        let v = |h: &str| analyze(h.as_bytes()).version;
-        assert_eq!(v("GET / HTTP/1.1\r\n\r\n"), Some((1, 1)));
-        assert_eq!(v("GET / HTTP/1.0\r\n\r\n"), Some((1, 0)));
-        assert_eq!(v("GET / HTTP/3.0\r\n\r\n"), Some((3, 0)));
-        assert_eq!(v("GET / HTTP/11\r\n\r\n"), None);
-    }
-
-    #[test]
-    fn host_headers_are_counted() {
-        let n = |h: &str| analyze(h.as_bytes()).host_headers;
-        assert_eq!(n("GET / HTTP/1.1\r\n\r\n"), 0);
-        assert_eq!(n("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), 1);
-        assert_eq!(n("GET / HTTP/1.1\r\nhost: a\r\nHOST: b\r\n\r\n"), 2);
-    }
-
-    #[test]
-    fn upgrade_is_detected() {
-        assert!(analyze(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
-        assert!(analyze(b"CONNECT a:443 HTTP/1.1\r\n\r\n").upgrade);
-        assert!(!analyze(b"GET / HTTP/1.1\r\n\r\n").upgrade);
     }
 
     #[test]

@@ -8,6 +8,16 @@
 //! - one multiplexed HTTP/2 connection,
 //! - the [`IdleCloseEstimator`] (Keep-Alive hint and learned idle-close time) and counters.
 //!
+//! A request that cannot be sent twice (a POST, or a body too large to keep for a retry) must
+//! not race the target's idle close, because if it loses, nothing can be done but a 502. It only
+//! reuses a connection whose idle time is proven safe: below the reuse limit when the target's
+//! idle-close time is known (hint or learned), otherwise below [`reuse_limit_for`] of the longest
+//! idle time a connection to this target was seen to survive (a reused connection that was
+//! answered, one closed by our own idle timeout, a retired one still open). Before anything is
+//! known it goes out on a new connection; retryable requests meanwhile reuse connections and so
+//! teach the pool. This is what makes the first contact with a target that advertises nothing
+//! free of 502s.
+//!
 //! Each connection has a driver task (see `client`) that runs hyper's connection future. The
 //! driver asks the pool when the connection's idle deadline is ([`TargetPool::idle_deadline`]),
 //! reports the deadline passing ([`TargetPool::on_idle_deadline`]) and the connection ending
@@ -51,12 +61,41 @@ pub struct TargetPoolStats {
     pub reused: u64,
     /// Requests sent on a new connection (retries included).
     pub fresh: u64,
-    /// Requests retried on a new connection after a pooled one failed.
+    /// Requests retried on a new connection after a pooled one failed (stale: the target had
+    /// closed it, or reset it before answering).
     pub retried: u64,
     /// Idle connections we retired before the target's idle-close time.
     pub retired_early: u64,
     /// Idle pooled connections the target closed (each one an estimator observation).
     pub closed_by_target_while_idle: u64,
+    /// Requests that could not be retried safely and went out on a new connection although an
+    /// idle pooled one was there, because its idle time was not proven safe (see the module
+    /// docs).
+    pub unproven_reuse_avoided: u64,
+    /// The longest idle time a connection to this target was seen to survive.
+    pub longest_survived_idle: Option<Duration>,
+}
+
+impl TargetPoolStats {
+    /// Adds `other`'s counters to these (the per-target values of the first are kept): totals
+    /// over all targets for metrics.
+    pub fn add_counters(&mut self, other: &TargetPoolStats) {
+        let TargetPoolStats {
+            reused,
+            fresh,
+            retried,
+            retired_early,
+            closed_by_target_while_idle,
+            unproven_reuse_avoided,
+            ..
+        } = other;
+        self.reused += reused;
+        self.fresh += fresh;
+        self.retried += retried;
+        self.retired_early += retired_early;
+        self.closed_by_target_while_idle += closed_by_target_while_idle;
+        self.unproven_reuse_avoided += unproven_reuse_avoided;
+    }
 }
 
 /// Identifies a connection within its pool.
@@ -105,6 +144,15 @@ struct Idle {
     since: Instant,
 }
 
+/// An HTTP/1.1 connection taken from the pool, with how long it had been idle.
+#[derive(Debug)]
+pub struct Reused {
+    /// The connection.
+    pub conn: H1Conn,
+    /// How long it was idle before it was taken.
+    pub idle_for: Duration,
+}
+
 #[derive(Default)]
 struct Counters {
     reused: u64,
@@ -112,6 +160,7 @@ struct Counters {
     retried: u64,
     retired_early: u64,
     closed_by_target_while_idle: u64,
+    unproven_reuse_avoided: u64,
 }
 
 #[derive(Default)]
@@ -122,10 +171,27 @@ struct PoolState {
     probe: Option<Idle>,
     h2: Option<H2Conn>,
     estimator: IdleCloseEstimator,
+    /// The longest idle time a connection was seen to survive (see the module docs).
+    survived: Option<Duration>,
     counters: Counters,
 }
 
 impl PoolState {
+    fn survived(&mut self, idle_for: Duration) {
+        self.survived = Some(self.survived.map_or(idle_for, |s| s.max(idle_for)));
+    }
+
+    /// How long an idle connection may be reused for a request that cannot be retried.
+    fn unretryable_reuse_limit(&self, idle_timeout: Duration) -> Duration {
+        let limit = self.estimator.reuse_limit(idle_timeout);
+        if self.estimator.close_after().is_some() {
+            return limit;
+        }
+        self.survived
+            .map_or(Duration::ZERO, reuse_limit_for)
+            .min(limit)
+    }
+
     fn wake_idle_drivers(&self) {
         for idle in &self.idle {
             idle.conn.shared.wake.notify_one();
@@ -188,20 +254,45 @@ impl TargetPool {
 
     /// Takes the newest idle HTTP/1.1 connection that is open, ready and younger than the reuse
     /// limit. Older or closed ones are left for their drivers, which retire them or report them
-    /// closed (recording the observation).
-    pub fn checkout_h1(&self) -> Option<H1Conn> {
+    /// closed (recording the observation). `retryable`: whether the request can be sent again
+    /// if the connection turns out stale; if not, only a connection whose idle time is proven
+    /// safe is taken (see the module docs).
+    pub fn checkout_h1(&self, retryable: bool) -> Option<Reused> {
         let now = Instant::now();
         let mut st = self.lock();
         let limit = st.estimator.reuse_limit(self.idle_timeout);
-        let pos = st.idle.iter().rposition(|idle| {
+        let usable = |idle: &Idle, limit: Duration| {
             now.saturating_duration_since(idle.since) < limit
                 && !idle.conn.sender.is_closed()
                 && idle.conn.sender.is_ready()
-        })?;
+        };
+        let pos = if retryable {
+            st.idle.iter().rposition(|idle| usable(idle, limit))?
+        } else {
+            let safe = st.unretryable_reuse_limit(self.idle_timeout);
+            match st.idle.iter().rposition(|idle| usable(idle, safe)) {
+                Some(pos) => pos,
+                None => {
+                    if st.idle.iter().any(|idle| usable(idle, limit)) {
+                        st.counters.unproven_reuse_avoided += 1;
+                    }
+                    return None;
+                }
+            }
+        };
         let idle = st.idle.remove(pos);
         // Its driver must stop watching the idle deadline.
         idle.conn.shared.wake.notify_one();
-        Some(idle.conn)
+        Some(Reused {
+            idle_for: now.saturating_duration_since(idle.since),
+            conn: idle.conn,
+        })
+    }
+
+    /// A request on a connection reused after `idle_for` was answered: the target keeps idle
+    /// connections open at least that long.
+    pub fn observe_reuse_answered(&self, idle_for: Duration) {
+        self.lock().survived(idle_for);
     }
 
     /// Puts an HTTP/1.1 connection back after its response completed (hyper says it is ready
@@ -273,6 +364,8 @@ impl TargetPool {
                 return DriverAction::Keep;
             }
             let idle = st.idle.remove(pos);
+            // Still open after this long: the target keeps idle connections at least this long.
+            st.survived(now.saturating_duration_since(idle.since));
             if limit >= self.idle_timeout {
                 // Our own idle timeout, not an early retirement.
                 return DriverAction::Close;
@@ -292,6 +385,7 @@ impl TargetPool {
             return DriverAction::Keep;
         }
         st.probe = None;
+        st.survived(idle_for);
         st.estimator.observe_survival(idle_for, self.idle_timeout);
         st.wake_idle_drivers();
         DriverAction::Close
@@ -354,6 +448,7 @@ impl TargetPool {
             retried,
             retired_early,
             closed_by_target_while_idle,
+            unproven_reuse_avoided,
         } = st.counters;
         TargetPoolStats {
             target: self.target,
@@ -368,6 +463,8 @@ impl TargetPool {
             retried,
             retired_early,
             closed_by_target_while_idle,
+            unproven_reuse_avoided,
+            longest_survived_idle: st.survived,
         }
     }
 }

@@ -25,6 +25,12 @@
 //!   64 KiB (line ends included), at most 1,000 header lines (hyper needs a count bound; ALB
 //!   has none). HTTP/2: `SETTINGS_MAX_HEADER_LIST_SIZE` 64 KiB.
 //! - WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not offered.
+//! - `header-timeout` (default 60 s, nginx's `client_header_timeout`) bounds how long an HTTP/1
+//!   request head may take, against clients that dribble it (ALB documents no such limit).
+//!   HTTP/2 heads are bounded by h2's CONTINUATION limits instead (see `http_builder`).
+//! - `max-connections` / `max-connections-per-source` (default: none) close a connection over
+//!   the limit at once, before TLS (`server/limits.rs`); HTTP/2 clients that keep cancelling
+//!   their streams are sent away (`server/abuse.rs`).
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -45,12 +51,15 @@ use tokio::task::JoinSet;
 pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
+mod abuse;
+mod head;
+mod limits;
 mod pipeline;
 mod sniff;
 pub mod tls;
 
 use crate::headers::XffMode;
-use crate::proxy::client::{ClientConfig, Forwarder};
+use crate::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
 use crate::rules::RuleSet;
 use crate::targets::TargetGroup;
 
@@ -62,6 +71,12 @@ pub const MAX_CERTIFICATES: usize = 26;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle timeout range allowed by ALB (1–4000 s).
 pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=4000;
+/// Request-head deadline default: the whole HTTP/1 request head must arrive within this long
+/// (nginx `client_header_timeout`; ALB documents no separate limit and closes on its 60 s idle
+/// timeout, which a client dribbling one header line at a time never reaches).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest `header-timeout` accepted (as the idle timeout: 4000 s).
+pub const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(4000);
 /// Client keep-alive lifetime default (ALB attribute `client_keep_alive.seconds`: 3600 s).
 pub const DEFAULT_CLIENT_KEEPALIVE: Duration = Duration::from_secs(3600);
 /// Client keep-alive range allowed by ALB (60–604800 s).
@@ -109,10 +124,22 @@ pub struct ListenerConfig {
     /// After this long the connection is closed after the current response (HTTP/1:
     /// `Connection: close`; HTTP/2: GOAWAY). Default [`DEFAULT_CLIENT_KEEPALIVE`].
     pub client_keepalive: Duration,
+    /// An HTTP/1 request head (request line through the empty line) that is not complete this
+    /// long after it started is answered 408 and the connection closed. It starts when the
+    /// connection is accepted (TLS: when the handshake is done) for the first request and with
+    /// the first byte of every later one; request bodies are not affected (the idle timeout
+    /// watches them). Default [`DEFAULT_HEADER_TIMEOUT`].
+    pub header_timeout: Duration,
     /// `X-Forwarded-For` handling (default append).
     pub xff: XffMode,
     /// Desync mitigation mode (default defensive).
     pub desync_mode: DesyncMode,
+    /// Most client connections open at once on this listener; a connection accepted beyond it
+    /// is closed at once and counted (RejectedConnectionCount). `None` (default): no limit.
+    pub max_connections: Option<usize>,
+    /// Most client connections open at once from one source address; `None` (default): no
+    /// limit. Over it, the connection is closed at once and counted like `max_connections`.
+    pub max_connections_per_source: Option<usize>,
 }
 
 impl ListenerConfig {
@@ -125,8 +152,11 @@ impl ListenerConfig {
             certificates: Vec::new(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             client_keepalive: DEFAULT_CLIENT_KEEPALIVE,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
             xff: XffMode::default(),
             desync_mode: DesyncMode::default(),
+            max_connections: None,
+            max_connections_per_source: None,
         }
     }
 }
@@ -193,7 +223,9 @@ pub enum ListenerError {
 
 /// Parses a `--listener` value: `NAME=http://ADDR:PORT` or
 /// `NAME=https://ADDR:PORT,cert=CERT.pem:KEY.pem[,cert=…]`, plus `,idle-timeout=SECS`,
-/// `,keepalive=SECS`, `,xff=append|preserve|remove`, `,desync=monitor|defensive|strictest`.
+/// `,keepalive=SECS`, `,header-timeout=SECS` (fractions allowed, e.g. `0.5`),
+/// `,xff=append|preserve|remove`, `,desync=monitor|defensive|strictest`, `,max-connections=N`,
+/// `,max-connections-per-source=N`.
 pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
     let Some((name, rest)) = spec.split_once('=').filter(|(n, _)| !n.is_empty()) else {
         return Err(ListenerError::MissingName(spec.to_owned()));
@@ -235,6 +267,32 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
         }
         Ok(Duration::from_secs(secs))
     };
+    let fractional_seconds = |option: &str, value: &str, max: Duration| {
+        let secs: f64 = value
+            .parse()
+            .map_err(|_| bad(option, value, "not a number of seconds".into()))?;
+        match Duration::try_from_secs_f64(secs) {
+            Ok(d) if !d.is_zero() && d <= max => Ok(d),
+            _ => Err(bad(
+                option,
+                value,
+                format!("must be more than 0 and at most {} seconds", max.as_secs()),
+            )),
+        }
+    };
+    let count = |option: &str, value: &str| {
+        value
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                bad(
+                    option,
+                    value,
+                    "expected a whole number of at least 1".into(),
+                )
+            })
+    };
     for part in parts {
         let Some((key, value)) = part.split_once('=') else {
             return Err(ListenerError::UnknownOption {
@@ -260,6 +318,13 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
             }
             "idle-timeout" => cfg.idle_timeout = seconds(key, value, IDLE_TIMEOUT_RANGE)?,
             "keepalive" => cfg.client_keepalive = seconds(key, value, CLIENT_KEEPALIVE_RANGE)?,
+            "header-timeout" => {
+                cfg.header_timeout = fractional_seconds(key, value, MAX_HEADER_TIMEOUT)?;
+            }
+            "max-connections" => cfg.max_connections = Some(count(key, value)?),
+            "max-connections-per-source" => {
+                cfg.max_connections_per_source = Some(count(key, value)?);
+            }
             "xff" => {
                 cfg.xff = value
                     .parse()
@@ -325,6 +390,15 @@ pub struct L7Counters {
     pub rule_evaluations: AtomicU64,
     /// NewConnectionCount.
     pub new_connections: AtomicU64,
+    /// RejectedConnectionCount: client connections closed at once because the listener's
+    /// `max-connections` or `max-connections-per-source` was reached.
+    pub rejected_connections: AtomicU64,
+    /// HTTP/1 request heads not complete within the listener's `header-timeout` (each answered
+    /// 408; also counted in HTTPCode_ELB_4XX_Count).
+    pub header_timeouts: AtomicU64,
+    /// HTTP/2 connections closed because the client kept cancelling the streams it opened
+    /// (rapid reset, CVE-2023-44487): see `server/abuse.rs`.
+    pub http2_abusive_connections: AtomicU64,
 }
 
 impl L7Counters {
@@ -367,6 +441,8 @@ struct Listener {
     tls: Option<tokio_rustls::TlsAcceptor>,
     http: auto::Builder<TokioExecutor>,
     shared: Arc<Shared>,
+    /// Open client connections, for `max-connections` and `max-connections-per-source`.
+    connections: limits::ConnectionLimits,
 }
 
 /// Changes a running L7 tier's rules and target groups, atomically, without touching open
@@ -406,6 +482,7 @@ pub struct RunningL7 {
     pub addrs: Vec<(String, SocketAddr)>,
     handle: L7Handle,
     counters: Arc<L7Counters>,
+    forwarder: Forwarder,
     phase: watch::Sender<Phase>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -419,6 +496,13 @@ impl RunningL7 {
     /// The tier's counters.
     pub fn counters(&self) -> &Arc<L7Counters> {
         &self.counters
+    }
+
+    /// Per-target connection pool statistics: reuse, new connections, retries after a stale
+    /// pooled connection, early retirements, unproven reuse avoided, learned idle-close times.
+    /// [`TargetPoolStats::add_counters`] sums them for metrics.
+    pub fn pool_stats(&self) -> Vec<TargetPoolStats> {
+        self.forwarder.stats()
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `drain`, then closes
@@ -457,9 +541,10 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     );
     let counters = Arc::new(L7Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let forwarder = Forwarder::new(client);
     let shared = Arc::new(Shared {
         groups: ArcSwap::from_pointee(groups),
-        forwarder: Forwarder::new(client),
+        forwarder: forwarder.clone(),
         counters: counters.clone(),
         phase: phase_rx,
     });
@@ -484,6 +569,10 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         let listener = Arc::new(Listener {
             port: local.port(),
             http: http_builder(),
+            connections: limits::ConnectionLimits::new(
+                lcfg.max_connections,
+                lcfg.max_connections_per_source,
+            ),
             cfg: lcfg,
             rules,
             tls,
@@ -506,6 +595,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
             rules: Arc::new(rule_slots),
         },
         counters,
+        forwarder,
         phase: phase_tx,
         task: Some(task),
     })
@@ -527,18 +617,58 @@ pub async fn serve(
     running.shutdown(drain).await
 }
 
+/// Most concurrent HTTP/2 streams per client connection: ALB's limit (128 parallel requests per
+/// HTTP/2 connection). hyper's default is 200.
+pub(crate) const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 128;
+
 /// hyper settings shared by all listeners: header limits as ALB (the sniffer enforces them
-/// exactly for HTTP/1; hyper's own limits are set above them so they never fire first).
+/// exactly for HTTP/1; hyper's own limits are set above them so they never fire first), and
+/// HTTP/2 settings chosen against resource-exhaustion attacks.
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
+        // The sniffer enforces `header-timeout` with ALB's 408; hyper's own timeout would close
+        // without a response.
         .header_read_timeout(None)
         .max_headers(sniff::MAX_HEADER_COUNT + 8)
         .max_buf_size(2 * sniff::MAX_HEADERS_TOTAL + 2 * sniff::MAX_LINE);
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(sniff::MAX_HEADERS_TOTAL).unwrap_or(u32::MAX));
+        // ALB's 64 KiB for all request headers. It also bounds a CONTINUATION flood
+        // (CVE-2024-27316 class): h2 accepts at most max(5, 1.25 × this / max_frame_size)
+        // CONTINUATION frames per header block (5 here) and never buffers more than this many
+        // header bytes, then answers GOAWAY ENHANCE_YOUR_CALM / COMPRESSION_ERROR.
+        .max_header_list_size(u32::try_from(sniff::MAX_HEADERS_TOTAL).unwrap_or(u32::MAX))
+        // 16 KiB, the protocol's minimum and h2's default, stated because the CONTINUATION bound
+        // above is derived from it.
+        .max_frame_size(16 * 1024)
+        // Each open stream can hold a request to a target and buffers; ALB's 128 bounds that.
+        .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+        // Rapid reset (CVE-2023-44487) in its usual shape, HEADERS and RST_STREAM in one burst:
+        // more than 20 streams reset before they were accepted → GOAWAY ENHANCE_YOUR_CALM.
+        // (Streams cancelled after the handler started are bounded in `abuse.rs`.)
+        .max_pending_accept_reset_streams(20)
+        // Streams we had to reset because the client broke the protocol on them (malformed
+        // headers, flow-control violations): a client doing that on purpose makes us spend
+        // work per stream; 128 (one stream window's worth) is far above any honest client's
+        // mistakes. h2's default is 1024.
+        .max_local_error_reset_streams(128)
+        // Received-data buffering: a client may have 1 MiB in flight per connection and per
+        // stream (hyper's defaults, stated): request bodies are buffered at most this much
+        // before flow control stops the client. No adaptive window: it would let one client
+        // grow the buffers.
+        .initial_connection_window_size(1024 * 1024)
+        .initial_stream_window_size(1024 * 1024)
+        .adaptive_window(false)
+        // Per-stream send buffer: bounds what we hold for a client that does not read its
+        // responses (128 streams × 128 KiB = 16 MiB per connection at worst; h2's default is
+        // ~400 KiB per stream).
+        .max_send_buf_size(128 * 1024)
+        // No keep-alive PINGs: a client answering them would reset the sniffer's idle clock
+        // (bytes arrived), so idle HTTP/2 connections would never be closed. Dead peers are
+        // found by the idle timeout instead.
+        .keep_alive_interval(None);
     b
 }
 
@@ -550,7 +680,17 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
             accepted = socket.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     L7Counters::add(&listener.shared.counters.new_connections, 1);
-                    conns.spawn(serve_connection(listener.clone(), tcp, peer));
+                    match listener.connections.admit(peer.ip()) {
+                        Ok(slot) => {
+                            conns.spawn(serve_connection(listener.clone(), tcp, peer, slot));
+                        }
+                        Err(over) => {
+                            // Closed at once: no TLS handshake, no byte read or written.
+                            L7Counters::add(&listener.shared.counters.rejected_connections, 1);
+                            tracing::debug!(listener = %listener.cfg.name, %peer, limit = %over, "connection rejected");
+                            drop(tcp);
+                        }
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -570,17 +710,25 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
     while conns.join_next().await.is_some() {}
 }
 
-async fn serve_connection(listener: Arc<Listener>, tcp: TcpStream, peer: SocketAddr) {
+/// Serves one accepted client connection; `slot` holds its place under the connection limits
+/// until the connection (or the WebSocket tunnel it became) ends.
+async fn serve_connection(
+    listener: Arc<Listener>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: limits::ConnectionSlot,
+) {
     let _ = tcp.set_nodelay(true);
     let counters = &listener.shared.counters;
+    let slot = Arc::new(slot);
     match &listener.tls {
-        None => run_http(&listener, tcp, peer, true).await,
+        None => run_http(&listener, tcp, peer, true, slot).await,
         Some(acceptor) => {
             let handshake = tokio::time::timeout(listener.cfg.idle_timeout, acceptor.accept(tcp));
             match handshake.await {
                 Ok(Ok(stream)) => {
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    run_http(&listener, stream, peer, !h2).await;
+                    run_http(&listener, stream, peer, !h2, slot).await;
                 }
                 Ok(Err(e)) => {
                     L7Counters::add(&counters.client_tls_negotiation_errors, 1);
@@ -595,8 +743,13 @@ async fn serve_connection(listener: Arc<Listener>, tcp: TcpStream, peer: SocketA
     }
 }
 
-async fn run_http<IO>(listener: &Arc<Listener>, io: IO, peer: SocketAddr, http1: bool)
-where
+async fn run_http<IO>(
+    listener: &Arc<Listener>,
+    io: IO,
+    peer: SocketAddr,
+    http1: bool,
+    slot: Arc<limits::ConnectionSlot>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conn_shared = sniff::ConnShared::new();
@@ -604,13 +757,19 @@ where
         io,
         conn_shared.clone(),
         listener.cfg.desync_mode,
-        listener.cfg.idle_timeout,
+        sniff::Timeouts {
+            idle: listener.cfg.idle_timeout,
+            header: listener.cfg.header_timeout,
+        },
         http1,
     );
+    let abuse = Arc::new(abuse::StreamCancellations::default());
     let ctx = Arc::new(pipeline::ConnCtx {
         listener: listener.clone(),
         peer,
         conn: conn_shared,
+        slot,
+        abuse: abuse.clone(),
     });
     let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
     let conn = listener
@@ -622,6 +781,10 @@ where
     let mut keepalive_done = false;
     let mut phase = listener.shared.phase.clone();
     let mut draining = false;
+    // Armed when the connection is judged abusive: the hard close after GOAWAY.
+    let abuse_close = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(abuse_close);
+    let mut abusive = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -636,6 +799,14 @@ where
                 keepalive_done = true;
                 conn.as_mut().graceful_shutdown();
             }
+            () = abuse.tripped(), if !abusive => {
+                abusive = true;
+                L7Counters::add(&listener.shared.counters.http2_abusive_connections, 1);
+                tracing::warn!(listener = %listener.cfg.name, %peer, "client keeps cancelling its HTTP/2 streams (rapid reset): closing the connection");
+                conn.as_mut().graceful_shutdown();
+                abuse_close.as_mut().reset(tokio::time::Instant::now() + abuse::ABUSE_CLOSE_GRACE);
+            }
+            () = &mut abuse_close, if abusive => break,
             changed = phase.changed() => {
                 let now = if changed.is_err() { Phase::Stopped } else { *phase.borrow() };
                 match now {
@@ -667,6 +838,22 @@ mod tests {
         assert_eq!(l.xff, XffMode::Append);
         assert_eq!(l.desync_mode, DesyncMode::Defensive);
         assert!(l.certificates.is_empty());
+        assert_eq!(l.header_timeout, Duration::from_secs(60));
+        assert_eq!(l.max_connections, None);
+        assert_eq!(l.max_connections_per_source, None);
+    }
+
+    #[test]
+    fn header_timeout_takes_fractions_and_limits_take_counts() {
+        let l = parse_listener(
+            "web=http://127.0.0.1:80,header-timeout=0.5,max-connections=1000,max-connections-per-source=20",
+        )
+        .expect("parses");
+        assert_eq!(l.header_timeout, Duration::from_millis(500));
+        assert_eq!(l.max_connections, Some(1000));
+        assert_eq!(l.max_connections_per_source, Some(20));
+        let l = parse_listener("web=http://127.0.0.1:80,header-timeout=30").expect("parses");
+        assert_eq!(l.header_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -704,6 +891,24 @@ mod tests {
             ("web=http://1.2.3.4:80,cert=a:b", "only applies to https"),
             ("web=https://1.2.3.4:443", "needs at least one cert"),
             ("web=https://1.2.3.4:443,cert=nokey", "CERT.pem:KEY.pem"),
+            ("web=http://1.2.3.4:80,header-timeout=0", "header-timeout"),
+            ("web=http://1.2.3.4:80,header-timeout=-1", "header-timeout"),
+            ("web=http://1.2.3.4:80,header-timeout=NaN", "header-timeout"),
+            ("web=http://1.2.3.4:80,header-timeout=inf", "header-timeout"),
+            ("web=http://1.2.3.4:80,header-timeout=4001", "at most 4000"),
+            (
+                "web=http://1.2.3.4:80,header-timeout=soon",
+                "header-timeout",
+            ),
+            ("web=http://1.2.3.4:80,max-connections=0", "max-connections"),
+            (
+                "web=http://1.2.3.4:80,max-connections=-5",
+                "max-connections",
+            ),
+            (
+                "web=http://1.2.3.4:80,max-connections-per-source=lots",
+                "max-connections-per-source",
+            ),
         ];
         for (spec, needle) in cases {
             let err = parse_listener(spec).expect_err(spec).to_string();

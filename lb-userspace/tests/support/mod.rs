@@ -53,6 +53,8 @@ pub mod target {
         Slow(Duration, String),
         /// Never answers.
         Hang,
+        /// 200 with the request body (read whole first).
+        EchoBody,
         /// 101 and then echoes every byte back (a WebSocket-like upgrade echo).
         UpgradeEcho,
         /// 200 whose body sends `first`, then waits for the gate before sending `second`:
@@ -195,6 +197,10 @@ pub mod target {
             Reply::Hang => {
                 std::future::pending::<()>().await;
                 String::new()
+            }
+            Reply::EchoBody => {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                String::from_utf8_lossy(&body.unwrap_or_default()).into_owned()
             }
             Reply::Gated {
                 first,
@@ -474,6 +480,22 @@ pub fn status_of(raw: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {raw:?}"))
+}
+
+/// The head (status line and headers, without the empty line) and the rest of the first
+/// response in raw response text, so header checks never match text of the body.
+pub fn split_response(raw: &str) -> (&str, &str) {
+    raw.split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete response head in {raw:?}"))
+}
+
+/// Whether a raw response head has the header `name: value` (both case-insensitive).
+pub fn head_has(head: &str, name: &str, value: &str) -> bool {
+    head.lines().skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(n, v)| {
+            n.trim().eq_ignore_ascii_case(name) && v.trim().eq_ignore_ascii_case(value)
+        })
+    })
 }
 
 /// `n` sequential `GET path` over one keep-alive connection; returns the bodies in order.

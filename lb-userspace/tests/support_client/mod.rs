@@ -20,6 +20,28 @@ use tokio::task::JoinHandle;
 /// Safety net for anything a test awaits; never an assertion about speed.
 pub const SAFETY: Duration = Duration::from_secs(20);
 
+/// Polls `condition` every 10 ms until it holds; fails the test, saying `what` was awaited and
+/// showing `state()`, if it does not hold within [`SAFETY`]. For conditions a test must see
+/// happen, instead of sleeping a guessed time and checking once.
+pub async fn wait_for<S: std::fmt::Debug>(
+    what: &str,
+    mut state: impl FnMut() -> S,
+    mut condition: impl FnMut(&S) -> bool,
+) -> S {
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    loop {
+        let now = state();
+        if condition(&now) {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {SAFETY:?} for {what}; last state: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A request body from bytes.
 pub fn body(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into())
@@ -110,20 +132,33 @@ pub struct RawBehaviour {
     pub reset_after_reading_request: Option<usize>,
     /// Extra header bytes added to every response (`X-Pad: aaaa…`), to test head limits.
     pub pad_response_headers_to: Option<usize>,
+    /// A request that arrives on a connection idle at least this long is read, recorded and
+    /// then answered with a close (FIN), never a response: the target's idle close crossing
+    /// the request on the wire, made deterministic. Whether the target acted on the request is
+    /// unknown to the sender, so it must not be sent again unless it is idempotent.
+    pub drop_request_after_idle: Option<Duration>,
 }
 
 /// A raw-TCP HTTP/1.1 target (only what the tests need: Content-Length bodies, keep-alive),
 /// with exact control of when it closes idle connections and a record of every request.
+///
+/// Requests it cannot understand (a `Transfer-Encoding` body) are recorded as violations, not
+/// asserted in its connection tasks, where a panic would go unnoticed: [`RawTarget::seen`] and
+/// the drop of the target fail the test when there are any.
 pub struct RawTarget {
     /// Where it listens.
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    violations: Arc<Mutex<Vec<String>>>,
     task: JoinHandle<()>,
 }
 
 impl Drop for RawTarget {
     fn drop(&mut self) {
         self.task.abort();
+        if !std::thread::panicking() {
+            self.assert_no_violations();
+        }
     }
 }
 
@@ -135,7 +170,9 @@ impl RawTarget {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local address");
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let violations = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
+        let report = Arc::clone(&violations);
         let task = tokio::spawn(async move {
             let mut connection = 0;
             let mut handlers = tokio::task::JoinSet::new();
@@ -145,16 +182,32 @@ impl RawTarget {
                     connection,
                     behaviour.clone(),
                     Arc::clone(&record),
+                    Arc::clone(&report),
                 ));
                 connection += 1;
             }
         });
-        Self { addr, seen, task }
+        Self {
+            addr,
+            seen,
+            violations,
+            task,
+        }
     }
 
-    /// Every request seen so far, in order.
+    /// Every request seen so far, in order. Fails the test if the target got a request it
+    /// could not understand.
     pub fn seen(&self) -> Vec<Seen> {
+        self.assert_no_violations();
         self.seen.lock().expect("seen lock").clone()
+    }
+
+    fn assert_no_violations(&self) {
+        let violations = self.violations.lock().expect("violations lock");
+        assert!(
+            violations.is_empty(),
+            "the raw target got requests it cannot handle: {violations:?}"
+        );
     }
 }
 
@@ -164,47 +217,62 @@ struct RawRequest {
     body: Vec<u8>,
 }
 
-/// Reads one request. `None` on a clean close before any byte.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<RawRequest> {
+/// Why [`read_request`] returned no request.
+enum ReadError {
+    /// The connection closed or failed (not a test failure: targets see closes all the time).
+    Closed,
+    /// The request is one this target does not understand: the test must fail.
+    Unsupported(String),
+}
+
+/// Reads one request.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<RawRequest, ReadError> {
     let head_end = loop {
         if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break pos + 4;
         }
         let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await.ok()?;
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| ReadError::Closed)?;
         if n == 0 {
-            return None;
+            return Err(ReadError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let mut lines = head.split("\r\n");
-    let mut request_line = lines.next()?.split(' ');
-    let method = request_line.next()?.to_string();
-    let path = request_line.next()?.to_string();
+    let unsupported = || ReadError::Unsupported(head.clone());
+    let mut request_line = lines.next().ok_or_else(unsupported)?.split(' ');
+    let method = request_line.next().ok_or_else(unsupported)?.to_string();
+    let path = request_line.next().ok_or_else(unsupported)?.to_string();
     let mut length = 0usize;
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             if name.trim().eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().ok()?;
+                length = value.trim().parse().map_err(|_| unsupported())?;
             }
-            assert!(
-                !name.trim().eq_ignore_ascii_case("transfer-encoding"),
-                "the raw target only understands Content-Length bodies"
-            );
+            if name.trim().eq_ignore_ascii_case("transfer-encoding") {
+                // Only Content-Length bodies are understood here.
+                return Err(unsupported());
+            }
         }
     }
     buf.drain(..head_end);
     while buf.len() < length {
         let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await.ok()?;
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| ReadError::Closed)?;
         if n == 0 {
-            return None;
+            return Err(ReadError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = buf.drain(..length).collect();
-    Some(RawRequest { method, path, body })
+    Ok(RawRequest { method, path, body })
 }
 
 async fn serve_raw(
@@ -212,9 +280,11 @@ async fn serve_raw(
     connection: usize,
     behaviour: RawBehaviour,
     seen: Arc<Mutex<Vec<Seen>>>,
+    violations: Arc<Mutex<Vec<String>>>,
 ) {
     let mut buf = Vec::new();
     let mut nth = 0;
+    let mut idle_since = tokio::time::Instant::now();
     loop {
         // The idle clock runs from the end of the previous response to the first byte of the
         // next request, as in real servers (nginx keepalive_timeout, Node keepAliveTimeout).
@@ -234,8 +304,13 @@ async fn serve_raw(
                 _ => return,
             }
         }
-        let Some(request) = read_request(&mut stream, &mut buf).await else {
-            return;
+        let request = match read_request(&mut stream, &mut buf).await {
+            Ok(request) => request,
+            Err(ReadError::Closed) => return,
+            Err(ReadError::Unsupported(head)) => {
+                violations.lock().expect("violations lock").push(head);
+                return;
+            }
         };
         nth += 1;
         seen.lock().expect("seen lock").push(Seen {
@@ -245,6 +320,13 @@ async fn serve_raw(
             connection,
             nth_on_connection: nth,
         });
+        if let Some(idle) = behaviour.drop_request_after_idle
+            && nth > 1
+            && idle_since.elapsed() >= idle
+        {
+            let _ = stream.shutdown().await;
+            return;
+        }
         if behaviour.reset_after_reading_request == Some(nth) {
             // SO_LINGER 0: close() sends RST instead of FIN (and does not block).
             #[expect(deprecated, reason = "a zero linger never blocks the thread on drop")]
@@ -269,6 +351,7 @@ async fn serve_raw(
         {
             return;
         }
+        idle_since = tokio::time::Instant::now();
     }
 }
 
@@ -282,7 +365,7 @@ pub async fn answering_target(bytes: &'static [u8]) -> (SocketAddr, JoinHandle<(
         let mut open = Vec::new();
         while let Ok((mut stream, _)) = listener.accept().await {
             let mut buf = Vec::new();
-            if read_request(&mut stream, &mut buf).await.is_some() {
+            if read_request(&mut stream, &mut buf).await.is_ok() {
                 let _ = stream.write_all(bytes).await;
             }
             open.push(stream);

@@ -29,7 +29,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::sniff::{ConnShared, HeadVerdict};
+use super::abuse::StreamCancellations;
+use super::limits::ConnectionSlot;
+use super::sniff::{self, ConnShared, HeadVerdict};
 use super::{L7Counters, Listener, Phase};
 use crate::headers::{apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id};
 use crate::proxy::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
@@ -46,6 +48,11 @@ pub(super) struct ConnCtx {
     pub listener: Arc<Listener>,
     pub peer: SocketAddr,
     pub conn: Arc<ConnShared>,
+    /// The connection's place under the listener's connection limits; a WebSocket tunnel
+    /// keeps it until the tunnel ends.
+    pub slot: Arc<ConnectionSlot>,
+    /// Cancelled and answered HTTP/2 streams (rapid-reset detection).
+    pub abuse: Arc<StreamCancellations>,
 }
 
 /// A response and whether the client connection must close after it.
@@ -145,15 +152,26 @@ impl Drop for Inflight {
     }
 }
 
-/// Counts 460 if the handler is dropped (hyper saw the client close) before a response exists.
+/// Counts 460 if the handler is dropped (hyper saw the client close, or the client reset the
+/// HTTP/2 stream) before a response exists; an HTTP/2 cancellation also goes to the
+/// connection's rapid-reset tally.
 struct ClientGone {
     counters: Arc<L7Counters>,
     peer: SocketAddr,
     armed: bool,
+    /// Set for HTTP/2 streams.
+    stream: Option<Arc<StreamCancellations>>,
 }
 
 impl Drop for ClientGone {
     fn drop(&mut self) {
+        if let Some(stream) = &self.stream {
+            if self.armed {
+                stream.cancelled();
+            } else {
+                stream.answered();
+            }
+        }
         if self.armed {
             L7Counters::add(&self.counters.client_closed_requests, 1);
             tracing::info!(
@@ -204,12 +222,13 @@ pub(super) async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let counters = ctx.listener.shared.counters.clone();
     let inflight = Inflight::new(&ctx.conn);
+    let version = req.version();
     let mut gone = ClientGone {
         counters: counters.clone(),
         peer: ctx.peer,
         armed: true,
+        stream: (version == Version::HTTP_2).then(|| ctx.abuse.clone()),
     };
-    let version = req.version();
     let verdict = if version == Version::HTTP_2 {
         None
     } else {
@@ -251,6 +270,9 @@ async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Inc
         }) => {
             if classification.tier > Tier::Compliant {
                 L7Counters::add(&counters.desync_non_compliant_requests, 1);
+            }
+            if reason == sniff::HEADER_TIMEOUT_REASON {
+                L7Counters::add(&counters.header_timeouts, 1);
             }
             tracing::debug!(client = %ctx.peer, status = status.as_u16(), reason, "request rejected");
             return lb_error(counters, status, true);
@@ -478,6 +500,7 @@ async fn forward_request(
             phase,
             gone.clone(),
             ctx.peer,
+            ctx.slot.clone(),
         ));
     }
     strip_hop_by_hop(response.headers_mut(), switching);
@@ -544,12 +567,15 @@ impl Body for Cut {
 
 /// Copies bytes both ways between an upgraded client and target connection until either side
 /// closes, the target leaves its group (deregistration delay over) or the tier stops.
+/// `_slot` keeps the client connection counted under the listener's connection limits while
+/// the tunnel lives.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     target: hyper::upgrade::OnUpgrade,
     mut phase: tokio::sync::watch::Receiver<Phase>,
     gone: tokio_util::sync::CancellationToken,
     peer: SocketAddr,
+    _slot: Arc<ConnectionSlot>,
 ) {
     let (client, target) = match tokio::try_join!(client, target) {
         Ok(pair) => pair,

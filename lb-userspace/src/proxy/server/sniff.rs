@@ -4,12 +4,14 @@
 //! whitespace) and rejects some requests with its own bodiless status codes (400 for
 //! `Transfer-Encoding: gzip` or `HTTP/3.0`, 431 for big heads), and its header-read timeout
 //! closes without 408. ALB answers these differently, so [`Sniffer`] sits between the socket and
-//! hyper: it collects each request head, enforces the header size limits, classifies it
-//! ([`crate::proxy::desync`]) and then either hands hyper the original bytes or, when the
+//! hyper: it collects each request head (within the listener's `header-timeout`), enforces the
+//! header size limits, classifies it ([`crate::proxy::desync`]) and then either hands hyper the
+//! head rebuilt from its tokens (`head.rs`: framed exactly as we frame the body) or, when the
 //! request must be answered by the load balancer without being parsed by hyper (400, 408, 501,
 //! 505), a small synthetic head. In both cases a [`HeadVerdict`] is queued for the request
 //! handler, which pops one per HTTP/1 request (hyper handles one request at a time, in order).
-//! After a rejection no further client bytes reach hyper: the handler answers with
+//! After a rejection, and after the body of a request forwarded-then-closed (ambiguous in
+//! `defensive` mode), no further client bytes reach hyper: the handler answers with
 //! `Connection: close` and hyper closes. Request bodies are tracked (length or chunked framing)
 //! so the next head is found where hyper will look for it. A possible upgrade (`Upgrade`,
 //! CONNECT) pauses reading until the handler says whether the response was 101; after a 101 the
@@ -27,7 +29,8 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::desync::{self, Classification, DesyncMode, Framing, Mitigation, Tier};
+use super::head;
+use crate::proxy::desync::{self, Classification, DesyncMode, Mitigation};
 
 /// Longest request line and longest single header line (ALB: 16 KiB).
 pub const MAX_LINE: usize = 16 * 1024;
@@ -36,6 +39,9 @@ pub const MAX_HEADERS_TOTAL: usize = 64 * 1024;
 /// Most header lines in one request; hyper needs a fixed bound (its default is 100). ALB has no
 /// count limit, only the 64 KiB total; 1,000 headers of the minimal size reach 4 KiB.
 pub const MAX_HEADER_COUNT: usize = 1000;
+
+/// The `reason` of the 408 for a request head that missed the listener's `header-timeout`.
+pub const HEADER_TIMEOUT_REASON: &str = "request head not complete within the header timeout";
 
 const HTTP2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
 /// What hyper parses in place of a request the load balancer answers itself.
@@ -150,6 +156,17 @@ enum State {
     Stopped,
 }
 
+/// The client-side timeouts the sniffer enforces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// No byte from the client for this long: 408 before a request, close between requests,
+    /// error inside a request body (the listener's `idle-timeout`).
+    pub idle: Duration,
+    /// An HTTP/1 request head must be complete this long after it started (408 otherwise):
+    /// the listener's `header-timeout`.
+    pub header: Duration,
+}
+
 /// The sniffing wrapper around a client connection (see the module docs).
 pub struct Sniffer<IO> {
     io: IO,
@@ -167,12 +184,20 @@ pub struct Sniffer<IO> {
     out_pos: usize,
     /// A head is complete and its body is being passed; go to `AwaitUpgrade` after it.
     upgrade_after_body: bool,
+    /// A head is complete and its body is being passed; read nothing after it (the request
+    /// was forwarded with `Connection: close`).
+    stop_after_body: bool,
     /// Any byte received on this connection yet.
     seen_any: bool,
     first_head: bool,
     idle_timeout: Duration,
     last_read: Instant,
     sleep: Pin<Box<Sleep>>,
+    header_timeout: Duration,
+    /// When the head being collected must be complete: set when the connection starts (first
+    /// request) or with the first byte of a later head; cleared when the head is complete.
+    head_deadline: Option<Instant>,
+    header_sleep: Pin<Box<Sleep>>,
 }
 
 impl<IO> Sniffer<IO> {
@@ -181,10 +206,14 @@ impl<IO> Sniffer<IO> {
         io: IO,
         shared: Arc<ConnShared>,
         mode: DesyncMode,
-        idle_timeout: Duration,
+        timeouts: Timeouts,
         http1: bool,
     ) -> Self {
         let now = Instant::now();
+        let Timeouts {
+            idle: idle_timeout,
+            header: header_timeout,
+        } = timeouts;
         Self {
             io,
             shared,
@@ -200,11 +229,15 @@ impl<IO> Sniffer<IO> {
             out: Vec::new(),
             out_pos: 0,
             upgrade_after_body: false,
+            stop_after_body: false,
             seen_any: false,
             first_head: true,
             idle_timeout,
             last_read: now,
             sleep: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            header_timeout,
+            head_deadline: http1.then(|| now + header_timeout),
+            header_sleep: Box::pin(tokio::time::sleep_until(now + header_timeout)),
         }
     }
 
@@ -220,6 +253,7 @@ impl<IO> Sniffer<IO> {
         });
         self.out.extend_from_slice(SYNTHETIC_HEAD);
         self.head.clear();
+        self.head_deadline = None;
         self.state = State::Stopped;
     }
 
@@ -249,6 +283,9 @@ impl<IO> Sniffer<IO> {
                     data = &data[used..];
                 }
                 State::Head => {
+                    if self.head_deadline.is_none() {
+                        self.head_deadline = Some(Instant::now() + self.header_timeout);
+                    }
                     let used = self.head_bytes(data);
                     data = &data[used..];
                 }
@@ -259,6 +296,8 @@ impl<IO> Sniffer<IO> {
     fn after_body(&mut self) -> State {
         if std::mem::take(&mut self.upgrade_after_body) {
             State::AwaitUpgrade
+        } else if std::mem::take(&mut self.stop_after_body) {
+            State::Stopped
         } else {
             State::Head
         }
@@ -413,6 +452,7 @@ impl<IO> Sniffer<IO> {
 
     /// A whole head is in `self.head`: decide what hyper gets.
     fn complete_head(&mut self) {
+        self.head_deadline = None;
         let head = std::mem::take(&mut self.head);
         self.line_start = 0;
         let request_line = self.request_line.take().unwrap_or(0);
@@ -440,25 +480,21 @@ impl<IO> Sniffer<IO> {
             );
             return;
         }
-        let a = desync::analyze(&head);
-        let c = a.classification;
+        let raw = desync::tokenize(&head);
+        let c = desync::classify_tokens(&raw);
         let mitigation = self.mode.mitigation(c.tier);
         if mitigation == Mitigation::Block {
             let reason = c.reason.map_or("non-compliant request", |r| r.as_str());
             self.reject(StatusCode::BAD_REQUEST, reason, c);
             return;
         }
-        let unparseable =
-            a.unsupported_coding || a.version.is_some_and(|v| v != (1, 0) && v != (1, 1));
-        if unparseable && head.starts_with(b"TRACE ") {
+        let p = head::prepare(&raw);
+        if p.trace && (p.unsupported_coding || p.version.is_none()) {
             // ALB's order: 405 for TRACE comes before 501 and 505.
             self.reject(StatusCode::METHOD_NOT_ALLOWED, "TRACE", c);
             return;
         }
-        if let Some(v) = a.version
-            && v != (1, 0)
-            && v != (1, 1)
-        {
+        if p.version.is_none() {
             self.reject(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                 "unsupported HTTP version",
@@ -466,10 +502,14 @@ impl<IO> Sniffer<IO> {
             );
             return;
         }
-        if a.version == Some((1, 1)) && a.host_headers != 1 {
+        if let Some(reason) = p.malformed {
+            self.reject(StatusCode::BAD_REQUEST, reason, c);
+            return;
+        }
+        if p.version == Some(head::Version::Http11) && p.host_headers != 1 {
             // RFC 9112 §3.2: exactly one Host in HTTP/1.1, else 400 (routing on a guessed
             // host would be unsafe).
-            let reason = if a.host_headers == 0 {
+            let reason = if p.host_headers == 0 {
                 "missing Host header"
             } else {
                 "more than one Host header"
@@ -477,7 +517,7 @@ impl<IO> Sniffer<IO> {
             self.reject(StatusCode::BAD_REQUEST, reason, c);
             return;
         }
-        if a.unsupported_coding {
+        if p.unsupported_coding {
             self.reject(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported transfer-encoding",
@@ -488,18 +528,31 @@ impl<IO> Sniffer<IO> {
         self.push_verdict(HeadVerdict::Pass {
             classification: c,
             mitigation,
-            upgrade: a.upgrade,
+            upgrade: p.upgrade,
         });
-        self.out.extend_from_slice(&head);
-        self.upgrade_after_body = a.upgrade;
-        self.state = match a.framing {
-            Framing::Length(n) if n > 0 => State::Length(n),
-            Framing::Chunked => State::Chunked(Chunk::Size, 0),
-            Framing::Empty | Framing::Length(_) => self.after_body(),
-            // Only reachable in monitor mode: hyper rejects this head itself and closes.
-            Framing::Invalid => State::Stopped,
+        // hyper gets the rebuilt head, never the client's bytes: it frames what we framed.
+        self.out.extend_from_slice(&p.head);
+        self.upgrade_after_body = p.upgrade;
+        // Ambiguous in defensive mode: nothing after this request's body reaches hyper; the
+        // response says `Connection: close`.
+        self.stop_after_body = mitigation == Mitigation::ForwardThenClose;
+        self.state = match p.framing {
+            head::Framing::Length(n) if n > 0 => State::Length(n),
+            head::Framing::Chunked => State::Chunked(Chunk::Size, 0),
+            head::Framing::Empty | head::Framing::Length(_) => self.after_body(),
         };
-        debug_assert!(c.tier <= Tier::Severe);
+    }
+
+    /// The request-head deadline, polled when the socket has nothing to read. Returns true when
+    /// a head is being collected and its deadline passed.
+    fn head_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.head_deadline.filter(|_| self.state == State::Head) else {
+            return false;
+        };
+        if self.header_sleep.deadline() != deadline {
+            self.header_sleep.as_mut().reset(deadline);
+        }
+        self.header_sleep.as_mut().poll(cx).is_ready()
     }
 
     /// The idle timer, polled when the socket has nothing to read. Returns true when it expired.
@@ -572,6 +625,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Sniffer<IO> {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
+                    if this.head_expired(cx) {
+                        // Slow request head (slowloris): 408, then close, even while bytes
+                        // keep trickling in.
+                        this.reject(
+                            StatusCode::REQUEST_TIMEOUT,
+                            HEADER_TIMEOUT_REASON,
+                            Classification::COMPLIANT,
+                        );
+                        continue;
+                    }
                     if !this.idle_expired(cx) {
                         return Poll::Pending;
                     }
@@ -636,12 +699,16 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniffer<IO> {
 mod tests {
     use super::*;
 
+    fn timeouts(idle: Duration, header: Duration) -> Timeouts {
+        Timeouts { idle, header }
+    }
+
     fn sniffer() -> Sniffer<tokio::io::Empty> {
         Sniffer::new(
             tokio::io::empty(),
             ConnShared::new(),
             DesyncMode::Defensive,
-            Duration::from_secs(60),
+            timeouts(Duration::from_secs(60), Duration::from_secs(60)),
             true,
         )
     }
@@ -656,7 +723,14 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         for b in input {
             s.on_bytes(std::slice::from_ref(b));
         }
-        assert_eq!(s.out, input.to_vec(), "original bytes are passed unchanged");
+        // Heads are rebuilt (framing headers written once, at the end); bodies pass unchanged.
+        let want = b"POST /a HTTP/1.1\r\nHost: h\r\ncontent-length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nGET /\r\n0\r\nT: 1\r\n\r\n\
+GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
+        assert_eq!(
+            String::from_utf8_lossy(&s.out),
+            String::from_utf8_lossy(want)
+        );
         let mut n = 0;
         while let Some(v) = s.shared.pop_verdict() {
             assert!(matches!(v, HeadVerdict::Pass { .. }), "{v:?}");
@@ -665,6 +739,27 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         // The `GET /` inside the chunk is body, not a request.
         assert_eq!(n, 3);
         assert_eq!(s.state, State::Head);
+    }
+
+    #[tokio::test]
+    async fn after_an_ambiguous_request_in_defensive_mode_nothing_more_is_read() {
+        let mut s = sniffer();
+        s.on_bytes(
+            b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET /next HTTP/1.1\r\nHost: h\r\n\r\n",
+        );
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Pass {
+                mitigation: Mitigation::ForwardThenClose,
+                ..
+            })
+        ));
+        assert!(
+            s.shared.pop_verdict().is_none(),
+            "the next request is never read"
+        );
+        assert_eq!(s.state, State::Stopped);
+        assert!(s.out.ends_with(b"\r\n\r\nabc"), "{:?}", s.out);
     }
 
     #[tokio::test]
@@ -728,7 +823,7 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
             server,
             shared.clone(),
             DesyncMode::Defensive,
-            Duration::from_millis(100),
+            timeouts(Duration::from_millis(100), Duration::from_secs(60)),
             true,
         );
         client
@@ -750,7 +845,7 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
             server,
             shared.clone(),
             DesyncMode::Defensive,
-            Duration::from_millis(100),
+            timeouts(Duration::from_millis(100), Duration::from_secs(60)),
             true,
         );
         let got = read_some(&mut s).await.expect("synthetic head");
@@ -759,6 +854,115 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
             shared.pop_verdict(),
             Some(HeadVerdict::Reject { status, .. }) if status == StatusCode::REQUEST_TIMEOUT
         ));
+    }
+
+    #[tokio::test]
+    async fn a_dribbled_head_gets_408_at_the_header_timeout_although_bytes_keep_coming() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            timeouts(Duration::from_secs(60), Duration::from_millis(200)),
+            true,
+        );
+        let writer = tokio::spawn(async move {
+            client.write_all(b"GET / HTTP/1.1\r\n").await?;
+            for i in 0..1000 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                client.write_all(format!("X-{i}: 1\r\n").as_bytes()).await?;
+            }
+            Ok::<_, io::Error>(client)
+        });
+        let got = tokio::time::timeout(Duration::from_secs(20), read_some(&mut s))
+            .await
+            .expect("the sniffer gave up on the head")
+            .expect("synthetic head");
+        assert_eq!(got, SYNTHETIC_HEAD);
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Reject { status, reason, .. })
+                if status == StatusCode::REQUEST_TIMEOUT && reason == HEADER_TIMEOUT_REASON
+        ));
+        writer.abort();
+    }
+
+    #[tokio::test]
+    async fn a_slow_body_is_not_cut_by_the_header_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            timeouts(Duration::from_secs(60), Duration::from_millis(50)),
+            true,
+        );
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n")
+            .await
+            .expect("write");
+        let mut got = read_some(&mut s).await.expect("head");
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Pass { .. })
+        ));
+        shared.request_started();
+        let writer = tokio::spawn(async move {
+            for b in b"hello" {
+                // Each gap is longer than the header timeout.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                client.write_all(&[*b]).await?;
+            }
+            Ok::<_, io::Error>(client)
+        });
+        while !got.ends_with(b"hello") {
+            got.extend(read_some(&mut s).await.expect("body bytes"));
+        }
+        assert!(shared.pop_verdict().is_none(), "no 408 was queued");
+        let _client = writer.await.expect("writer").expect("wrote the body");
+    }
+
+    #[tokio::test]
+    async fn the_header_timeout_of_a_later_request_starts_with_its_first_byte() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            timeouts(Duration::from_secs(60), Duration::from_millis(100)),
+            true,
+        );
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .expect("write");
+        read_some(&mut s).await.expect("first head");
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Pass { .. })
+        ));
+        // Idle on the keep-alive connection for longer than the header timeout: only the idle
+        // timeout applies between requests.
+        let idle = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            client
+                .write_all(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+                .await
+                .map(|()| client)
+        });
+        let got = read_some(&mut s).await.expect("second head");
+        assert!(got.starts_with(b"GET /2"), "{got:?}");
+        assert!(matches!(
+            shared.pop_verdict(),
+            Some(HeadVerdict::Pass { .. })
+        ));
+        let _client = idle.await.expect("writer").expect("wrote");
     }
 
     #[tokio::test]

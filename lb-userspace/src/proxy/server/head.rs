@@ -1,0 +1,434 @@
+//! What hyper gets for an HTTP/1 request head the listener lets through.
+//!
+//! ALB forwards requests its desync classifier lets through even when they are not RFC
+//! compliant: a folded header line, a `Transfer-Encoding` list, an empty request target, a
+//! space in the target. hyper's parser rejects many of them on its own (with a bodiless 400),
+//! and forwarding bytes we did not frame ourselves is how request smuggling starts. So every
+//! request head the sniffer passes is rebuilt here from the same tokens the classifier saw
+//! ([`desync::tokenize`]), in a form hyper parses exactly as we decided:
+//!
+//! - request line `METHOD TARGET HTTP/1.x`: an empty or missing target becomes `/` (RFC 9112
+//!   §3.2.1); spaces around the target are dropped; bytes a URI cannot hold (spaces and control
+//!   bytes inside it, bytes ≥ 0x80 that are not UTF-8) are percent-encoded; a version padded
+//!   with spaces is trimmed.
+//! - header lines keep their order, names and values (without surrounding whitespace); a folded
+//!   line is joined to the header it continues with one space (RFC 9112 §5.2). Lines hyper
+//!   cannot represent are dropped: no colon, an empty name, a name with non-token bytes
+//!   (ALB forwards those unless `routing.http.drop_invalid_header_fields.enabled`; hyper
+//!   cannot), a value with control bytes, and names that imitate `Transfer-Encoding` or
+//!   `Content-Length` (`Transfer_Encoding`): a target that normalises names would frame the
+//!   body by them.
+//! - framing, written once at the end: `transfer-encoding: chunked` when `chunked` is among the
+//!   codings (then every `Content-Length` is dropped, RFC 9112 §6.3), else
+//!   `content-length: N` when `Content-Length` headers agree on N. The only codings supported
+//!   are `chunked` and `identity` (ALB answers anything else with 501); parameters are ignored.
+//!   HTTP/1.0 with `Transfer-Encoding` (ambiguous) is passed to hyper as HTTP/1.1, which is how
+//!   its chunked body can be framed at all; the connection closes after it in `defensive` mode.
+//!
+//! What cannot be forwarded is reported instead: an unsupported version (505), an unsupported
+//! coding (501), and heads no rebuilding makes valid (no method, a target that is no URI,
+//! conflicting or invalid `Content-Length`, `chunked` twice): 400.
+use http::header::{HeaderName, HeaderValue};
+
+use crate::proxy::desync::{
+    RawHead, Similarity, framing_similarity, known_coding, parse_content_length, trim_ows,
+};
+
+/// How the body after the head is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// `Content-Length` bytes (0 included: the header is forwarded).
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+}
+
+/// The HTTP/1 versions served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// HTTP/1.0.
+    Http10,
+    /// HTTP/1.1.
+    Http11,
+}
+
+/// A request head ready for hyper, or the facts that keep it from being forwarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// The head to give hyper (request line through the empty line).
+    pub head: Vec<u8>,
+    /// How its body is delimited.
+    pub framing: Framing,
+    /// `None`: a version other than HTTP/1.0 and HTTP/1.1 (505).
+    pub version: Option<Version>,
+    /// The method is `TRACE` (405, before 501 and 505 as ALB does).
+    pub trace: bool,
+    /// `Transfer-Encoding` names a coding other than chunked and identity (501).
+    pub unsupported_coding: bool,
+    /// Why the head cannot be forwarded at all (400), if it cannot.
+    pub malformed: Option<&'static str>,
+    /// `Host` header lines (an HTTP/1.1 request needs exactly one).
+    pub host_headers: usize,
+    /// `Upgrade` present or method CONNECT: the connection may be taken over.
+    pub upgrade: bool,
+}
+
+/// Percent-encodes `b` into `out`.
+fn encode(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+}
+
+/// The request target as a URI hyper accepts, if there is one.
+fn normalize_target(raw: &[u8]) -> Option<Vec<u8>> {
+    let target = trim_ows(raw);
+    if target.is_empty() {
+        return Some(b"/".to_vec());
+    }
+    let utf8 = std::str::from_utf8(target).is_ok();
+    let mut out = Vec::with_capacity(target.len());
+    for &b in target {
+        if b <= b' ' || b == 0x7f || (b >= 0x80 && !utf8) {
+            encode(&mut out, b);
+        } else {
+            out.push(b);
+        }
+    }
+    if http::Uri::try_from(out.as_slice()).is_ok() {
+        return Some(out);
+    }
+    // Other bytes the URI grammar does not allow (`"`, `<`, `\`, `{`…): encode them too.
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&b);
+    let mut strict = Vec::with_capacity(out.len());
+    for &b in &out {
+        if allowed(b) {
+            strict.push(b);
+        } else {
+            encode(&mut strict, b);
+        }
+    }
+    http::Uri::try_from(strict.as_slice())
+        .is_ok()
+        .then_some(strict)
+}
+
+/// Rebuilds a tokenised head for hyper (see the module docs).
+pub fn prepare(raw: &RawHead<'_>) -> Prepared {
+    let mut malformed = None;
+    let method = raw.method;
+    if method.is_empty() || http::Method::from_bytes(method).is_err() {
+        malformed = Some("invalid method");
+    }
+    let target = normalize_target(raw.target).unwrap_or_else(|| {
+        malformed = malformed.or(Some("invalid request target"));
+        Vec::new()
+    });
+    let mut version = match trim_ows(raw.version) {
+        b"HTTP/1.1" => Some(Version::Http11),
+        b"HTTP/1.0" => Some(Version::Http10),
+        _ => None,
+    };
+
+    let mut kept: Vec<(&[u8], Vec<u8>)> = Vec::new();
+    let mut te_values: Vec<&[u8]> = Vec::new();
+    let mut cl_values: Vec<&[u8]> = Vec::new();
+    // Whether the last header line was kept, so a folded line after it is joined to it.
+    let mut last_kept = false;
+    for h in &raw.headers {
+        let (te, cl) = framing_similarity(h.name);
+        if te == Similarity::Identical {
+            te_values.push(h.value);
+            last_kept = false;
+            continue;
+        }
+        if cl == Similarity::Identical {
+            cl_values.push(h.value);
+            last_kept = false;
+            continue;
+        }
+        if h.continuation {
+            if last_kept && let Some((_, value)) = kept.last_mut() {
+                let more = trim_ows(h.line);
+                if !more.is_empty() {
+                    if !value.is_empty() {
+                        value.push(b' ');
+                    }
+                    value.extend_from_slice(more);
+                }
+            }
+            continue;
+        }
+        let representable = !h.no_colon
+            && te == Similarity::Distant
+            && cl == Similarity::Distant
+            && HeaderName::from_bytes(h.name).is_ok();
+        last_kept = representable;
+        if representable {
+            kept.push((h.name, trim_ows(h.value).to_vec()));
+        }
+    }
+    // Values are checked once folded lines are joined.
+    kept.retain(|(_, value)| HeaderValue::from_bytes(value).is_ok());
+
+    let mut unsupported_coding = false;
+    let mut chunked = 0;
+    for item in te_values.iter().flat_map(|v| v.split(|&b| b == b',')) {
+        match known_coding(item) {
+            Some(b"chunked") => chunked += 1,
+            Some(b"identity") => {}
+            _ => unsupported_coding = true,
+        }
+    }
+    let framing = if chunked > 1 {
+        malformed = malformed.or(Some("chunked applied more than once"));
+        Framing::Empty
+    } else if chunked == 1 {
+        Framing::Chunked
+    } else if cl_values.is_empty() {
+        Framing::Empty
+    } else {
+        let lengths: Option<Vec<u64>> = cl_values.iter().map(|v| parse_content_length(v)).collect();
+        match lengths.as_deref() {
+            Some([first, rest @ ..]) if rest.iter().all(|n| n == first) => Framing::Length(*first),
+            Some(_) => {
+                malformed = malformed.or(Some("conflicting Content-Length"));
+                Framing::Empty
+            }
+            None => {
+                malformed = malformed.or(Some("invalid Content-Length"));
+                Framing::Empty
+            }
+        }
+    };
+    if framing == Framing::Chunked && version == Some(Version::Http10) {
+        // hyper refuses Transfer-Encoding on HTTP/1.0; see the module docs.
+        version = Some(Version::Http11);
+    }
+
+    let host_headers = kept
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"host"))
+        .count();
+    let upgrade = method == b"CONNECT"
+        || kept
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case(b"upgrade"));
+
+    let mut head = Vec::new();
+    if malformed.is_none()
+        && let Some(v) = version
+    {
+        head.reserve(raw.target.len() + 64 * (kept.len() + 2));
+        head.extend_from_slice(method);
+        head.push(b' ');
+        head.extend_from_slice(&target);
+        head.extend_from_slice(match v {
+            Version::Http10 => b" HTTP/1.0\r\n",
+            Version::Http11 => b" HTTP/1.1\r\n",
+        });
+        for (name, value) in &kept {
+            head.extend_from_slice(name);
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value);
+            head.extend_from_slice(b"\r\n");
+        }
+        match framing {
+            Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Length(n) => {
+                head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+            }
+            Framing::Empty => {}
+        }
+        head.extend_from_slice(b"\r\n");
+    }
+    Prepared {
+        head,
+        framing,
+        version,
+        trace: method == b"TRACE",
+        unsupported_coding,
+        malformed,
+        host_headers,
+        upgrade,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::desync::tokenize;
+
+    fn prep(head: &str) -> Prepared {
+        prepare(&tokenize(head.as_bytes()))
+    }
+
+    fn rebuilt(head: &str) -> String {
+        let p = prep(head);
+        assert_eq!(p.malformed, None, "{head:?}");
+        String::from_utf8(p.head).expect("utf-8 head")
+    }
+
+    #[test]
+    fn a_plain_head_is_rebuilt_unchanged_apart_from_the_framing_header_spelling() {
+        assert_eq!(
+            rebuilt("GET /a?b=1 HTTP/1.1\r\nHost: h\r\nX-App: kept \r\n\r\n"),
+            "GET /a?b=1 HTTP/1.1\r\nHost: h\r\nX-App: kept\r\n\r\n"
+        );
+        assert_eq!(
+            rebuilt("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nX: y\r\n\r\n"),
+            "POST / HTTP/1.1\r\nHost: h\r\nX: y\r\ncontent-length: 5\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn an_empty_or_missing_target_becomes_slash() {
+        assert_eq!(
+            rebuilt("GET  HTTP/1.1\r\nHost: h\r\n\r\n"),
+            "GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+        );
+        assert_eq!(
+            rebuilt("GET HTTP/1.1\r\nHost: h\r\n\r\n"),
+            "GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn targets_are_percent_encoded_where_a_uri_cannot_hold_the_bytes() {
+        assert!(rebuilt("GET /a b HTTP/1.1\r\nHost: h\r\n\r\n").starts_with("GET /a%20b HTTP/1.1"));
+        assert!(
+            rebuilt("GET /a\tb HTTP/1.1\r\nHost: h\r\n\r\n").starts_with("GET /a%09b HTTP/1.1")
+        );
+        assert!(
+            rebuilt("GET  /x HTTP/1.1\r\nHost: h\r\n\r\n").starts_with("GET /x HTTP/1.1"),
+            "spaces around the target are not part of it"
+        );
+        // UTF-8 stays as it is; other high bytes are encoded.
+        assert!(
+            rebuilt("GET /caf\u{e9} HTTP/1.1\r\nHost: h\r\n\r\n")
+                .starts_with("GET /caf\u{e9} HTTP/1.1")
+        );
+        let p = prepare(&tokenize(b"GET /\xff HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(p.head.starts_with(b"GET /%FF HTTP/1.1"), "{:?}", p.head);
+        assert!(rebuilt("GET /{a} HTTP/1.1\r\nHost: h\r\n\r\n").starts_with("GET /"));
+        assert_eq!(
+            prep("GET http://[ HTTP/1.1\r\nHost: h\r\n\r\n").malformed,
+            Some("invalid request target")
+        );
+    }
+
+    #[test]
+    fn transfer_encoding_lists_and_parameters_frame_as_chunked() {
+        for te in [
+            "chunked",
+            "Chunked ",
+            "\tchunked",
+            "identity, chunked",
+            "chunked, identity",
+            "chunked;foo=bar",
+        ] {
+            let p = prep(&format!(
+                "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: {te}\r\n\r\n"
+            ));
+            assert_eq!(
+                (p.framing, p.unsupported_coding),
+                (Framing::Chunked, false),
+                "{te:?}"
+            );
+            assert!(
+                String::from_utf8_lossy(&p.head)
+                    .ends_with("\r\ntransfer-encoding: chunked\r\n\r\n"),
+                "{te:?}"
+            );
+        }
+        let p = prep(
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert_eq!(p.framing, Framing::Chunked);
+        for te in ["gzip", "gzip, chunked", "deflate"] {
+            let p = prep(&format!(
+                "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: {te}\r\n\r\n"
+            ));
+            assert!(p.unsupported_coding, "{te:?}");
+        }
+        assert_eq!(
+            prep("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n")
+                .malformed,
+            Some("chunked applied more than once")
+        );
+    }
+
+    #[test]
+    fn content_length_is_dropped_next_to_chunked_and_deduplicated_otherwise() {
+        let p = prep(
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert_eq!(p.framing, Framing::Chunked);
+        assert!(!String::from_utf8_lossy(&p.head).contains("content-length"));
+        let h = rebuilt(
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 005\r\n\r\n",
+        );
+        assert_eq!(h.matches("content-length: 5\r\n").count(), 1, "{h}");
+        assert_eq!(
+            prep("POST / HTTP/1.1\r\nHost: h\r\nContent-Length:\r\n\r\n").framing,
+            Framing::Length(0),
+            "an empty Content-Length is 0, as the classifier reads it"
+        );
+        assert_eq!(
+            prep("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .malformed,
+            Some("conflicting Content-Length")
+        );
+        assert_eq!(
+            prep("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +1\r\n\r\n").malformed,
+            Some("invalid Content-Length")
+        );
+    }
+
+    #[test]
+    fn folded_lines_are_joined_and_unrepresentable_lines_dropped() {
+        assert_eq!(
+            rebuilt(
+                "GET / HTTP/1.1\r\nHost: h\r\nContent-Type: a\r\n  b\r\nX: 1\r\n\ty\r\nNoColon\r\n: empty\r\nBad Name: v\r\nCtl: a\x01b\r\nTransfer_Encoding: chunked\r\nZ: last\r\n\r\n"
+            ),
+            "GET / HTTP/1.1\r\nHost: h\r\nContent-Type: a b\r\nX: 1 y\r\nZ: last\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(
+            prep("GET / HTTP/1.0\r\n\r\n").version,
+            Some(Version::Http10)
+        );
+        assert_eq!(
+            prep("GET / HTTP/1.1 \r\nHost: h\r\n\r\n").version,
+            Some(Version::Http11)
+        );
+        for v in ["HTTP/1.2", "HTTP/2.0", "HTTP/3.0", "HTTX/1.1", ""] {
+            assert_eq!(prep(&format!("GET / {v}\r\n\r\n")).version, None, "{v:?}");
+        }
+        // Chunked on HTTP/1.0 is framed as HTTP/1.1.
+        let p = prep("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(p.version, Some(Version::Http11));
+        assert!(p.head.starts_with(b"POST / HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn host_headers_upgrade_and_trace_are_reported() {
+        assert_eq!(prep("GET / HTTP/1.1\r\n\r\n").host_headers, 0);
+        assert_eq!(
+            prep("GET / HTTP/1.1\r\nhost: a\r\nHOST: b\r\n\r\n").host_headers,
+            2
+        );
+        assert!(prep("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert!(prep("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").upgrade);
+        assert!(!prep("GET / HTTP/1.1\r\n\r\n").upgrade);
+        assert!(prep("TRACE / HTTP/1.1\r\n\r\n").trace);
+        assert_eq!(
+            prep(" / HTTP/1.1\r\nHost: h\r\n\r\n").malformed,
+            Some("invalid method")
+        );
+    }
+}
