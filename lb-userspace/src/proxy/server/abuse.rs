@@ -59,9 +59,8 @@ impl StreamCancellations {
         self.notify.notified().await;
     }
 
-    /// Whether the connection has been judged abusive.
-    #[cfg(test)]
-    fn is_tripped(&self) -> bool {
+    /// Whether the connection has been judged abusive (its new streams are refused).
+    pub(super) fn is_tripped(&self) -> bool {
         self.tripped.load(Ordering::Relaxed)
     }
 }

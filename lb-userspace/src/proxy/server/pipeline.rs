@@ -221,8 +221,16 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let counters = ctx.listener.shared.counters.clone();
-    let inflight = Inflight::new(&ctx.conn);
     let version = req.version();
+    if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
+        // The connection was judged abusive (rapid reset) and is being closed: the streams
+        // h2 still accepts before the GOAWAY takes effect never reach a target, however far
+        // behind the connection task is.
+        let mut refused = Response::new(full(Bytes::new()));
+        *refused.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(refused);
+    }
+    let inflight = Inflight::new(&ctx.conn);
     let mut gone = ClientGone {
         counters: counters.clone(),
         peer: ctx.peer,
