@@ -3,11 +3,13 @@
 //! - `cargo xtask run`: the self-contained demo in network namespaces.
 //! - `cargo xtask run -- FLAGS`: `lb run FLAGS` on this host (release build).
 //! - `cargo xtask test`: every test (unit, L7 on loopback, L4 in namespaces) plus fmt/clippy.
-//! - `cargo xtask bench xdp|control`: the XDP and control-plane benchmarks.
+//! - `cargo xtask bench xdp|control|l7`: the XDP, control-plane and L7 benchmarks.
 //! - `cargo xtask prereqs`: check (and, as root, install) what the build needs.
 //!
 //! Every command checks the prerequisites first. This crate depends on nothing that needs
 //! them, so it builds on a fresh machine before they exist.
+mod bench_l7;
+
 use std::{
     env,
     ffi::OsString,
@@ -57,6 +59,12 @@ enum Bench {
     Xdp,
     /// Control plane: Maglev build, API change → maps latency, flow-entry memory.
     Control,
+    /// L7: lb beside HAProxy and nginx (installed from Debian when missing), on loopback.
+    L7 {
+        /// One short round instead of three long ones.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +102,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench { which: Bench::Xdp } => {
             require_root("the XDP benchmark")?;
             cargo(&["bench", "-p", "lb-userspace", "--bench", "xdp"])
+        }
+        Cmd::Bench {
+            which: Bench::L7 { quick },
+        } => {
+            require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
+            cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
+            bench_l7::run(&root, &target_dir(&root).join("release/lb"), quick)
         }
         Cmd::Bench {
             which: Bench::Control,

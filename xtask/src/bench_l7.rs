@@ -1,0 +1,699 @@
+//! `cargo xtask bench l7 [--quick]`: `lb` beside HAProxy and nginx as L7 proxies, on loopback,
+//! in one run, rounds alternating A B C.
+//!
+//! One nginx backend answers every request with a 100-byte body (keep-alive). Each proxy
+//! listens for HTTP/1.1 and for HTTPS (ECDSA P-256, ALPN h2 and http/1.1) and forwards to
+//! the backend over pooled keep-alive connections, access logs off, at its default
+//! worker/thread count (all three use both cores). Figures:
+//!
+//! - HTTP/1.1 keep-alive (`wrk -t1 -c64`): requests/s, requests per proxy CPU-second, p50/p99;
+//! - HTTP/2 over TLS (`h2load -c32 -m10`): requests/s and per proxy CPU-second;
+//! - full TLS handshakes, one request per connection (`wrk -H 'Connection: close'` over
+//!   HTTPS: wrk resumes no session), per proxy CPU-second;
+//! - `lb`'s resident memory idle and after the keep-alive run.
+//!
+//! A proxy's CPU time is read from `/proc` for every process of it (nginx: master and
+//! workers) before and after each run. Ratios within a round are the headline; rounds give
+//! the spread. Peers' settings are written out in BENCHMARKS.md.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+
+const BACKEND: &str = "127.0.0.1:18080";
+/// The backend's answer: exactly 100 bytes.
+const BODY: &str = "lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01";
+
+/// One proxy under test: where it listens.
+struct Proxy {
+    name: &'static str,
+    http: u16,
+    https: u16,
+}
+
+const PROXIES: [Proxy; 3] = [
+    Proxy {
+        name: "lb",
+        http: 18081,
+        https: 18441,
+    },
+    Proxy {
+        name: "haproxy",
+        http: 18082,
+        https: 18442,
+    },
+    Proxy {
+        name: "nginx",
+        http: 18083,
+        https: 18443,
+    },
+];
+
+/// Run lengths.
+struct Plan {
+    rounds: usize,
+    seconds: u64,
+}
+
+/// A started process (and, for nginx, its workers), killed on drop.
+struct Running {
+    child: Child,
+}
+
+impl Running {
+    fn pids(&self) -> Vec<u32> {
+        let root = self.child.id();
+        let mut pids = vec![root];
+        // nginx's workers are children of the master.
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                if ppid(pid) == Some(root) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// User + system CPU seconds of the process and its children processes.
+    fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().map(cpu_of).sum()
+    }
+
+    /// Resident memory of the main process, in MiB.
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child: SIGTERM so nginx/haproxy/lb exit cleanly.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn cpu_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; here, after the name, 12 and 13 (0-based 11, 12).
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs the peers and load generators from Debian when they are missing.
+fn ensure_tools() -> anyhow::Result<()> {
+    let wanted = [
+        ("haproxy", "haproxy"),
+        ("nginx", "nginx"),
+        ("wrk", "wrk"),
+        ("h2load", "nghttp2-client"),
+        ("openssl", "openssl"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} (apt-get)", missing.join(" "));
+    let ok = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                 --no-install-recommends {}",
+                missing.join(" ")
+            ),
+        ])
+        .status()
+        .context("running apt-get")?
+        .success();
+    ensure!(ok, "installing {} failed", missing.join(" "));
+    // The nginx package starts a system service; the bench runs its own instances.
+    let _ = Command::new("sh")
+        .args(["-c", "service nginx stop >/dev/null 2>&1 || true"])
+        .status();
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// An ECDSA P-256 certificate for 127.0.0.1: (cert, key, cert+key for HAProxy).
+fn certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let (cert, key, both) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("both.pem"),
+    );
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .context("running openssl")?
+        .success();
+    ensure!(ok, "openssl could not make a certificate");
+    let mut combined = std::fs::read_to_string(&cert)?;
+    combined.push_str(&std::fs::read_to_string(&key)?);
+    write(&both, &combined)?;
+    Ok((cert, key, both))
+}
+
+fn spawn(what: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Running> {
+    let log = std::fs::File::create(log)?;
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    Ok(Running { child })
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on 127.0.0.1:{port} after 10 s")
+}
+
+fn nginx_backend(dir: &Path) -> anyhow::Result<Running> {
+    let conf = dir.join("backend.conf");
+    write(
+        &conf,
+        &format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/backend.pid;\nerror_log {d}/backend-error.log;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
+               server {{\n    listen {BACKEND} backlog=4096;\n    default_type text/plain;\n\
+                 location / {{ return 200 \"{BODY}\"; }}\n  }}\n}}\n",
+            d = dir.display()
+        ),
+    )?;
+    let r = spawn(
+        "the nginx backend",
+        Command::new("nginx")
+            .args(["-c"])
+            .arg(&conf)
+            .args(["-p"])
+            .arg(dir),
+        &dir.join("backend.log"),
+    )?;
+    wait_port(18080)?;
+    Ok(r)
+}
+
+fn start_proxy(
+    p: &Proxy,
+    dir: &Path,
+    lb: &Path,
+    certs: &(PathBuf, PathBuf, PathBuf),
+) -> anyhow::Result<Running> {
+    let (cert, key, both) = certs;
+    let r = match p.name {
+        "lb" => spawn(
+            "lb",
+            Command::new(lb).args([
+                "run",
+                "--listener",
+                &format!("web=http://127.0.0.1:{}", p.http),
+                "--listener",
+                &format!(
+                    "tls=https://127.0.0.1:{},cert={}:{}",
+                    p.https,
+                    cert.display(),
+                    key.display()
+                ),
+                "--target-group",
+                "be,health-check=off",
+                "--target",
+                &format!("be={BACKEND}"),
+                "--rule",
+                "web,default,forward=be",
+                "--rule",
+                "tls,default,forward=be",
+                "--admin-socket",
+                &dir.join("lb-admin.sock").to_string_lossy(),
+            ]),
+            &dir.join("lb.log"),
+        )?,
+        "haproxy" => {
+            let conf = dir.join("haproxy.cfg");
+            write(
+                &conf,
+                &format!(
+                    "global\n  maxconn 8000\n  tune.ssl.default-dh-param 2048\n\
+                     defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n\
+                     frontend fe_http\n  bind 127.0.0.1:{http}\n  default_backend be\n\
+                     frontend fe_https\n  bind 127.0.0.1:{https} ssl crt {both} alpn h2,http/1.1\n  default_backend be\n\
+                     backend be\n  server s1 {BACKEND}\n",
+                    http = p.http,
+                    https = p.https,
+                    both = both.display()
+                ),
+            )?;
+            spawn(
+                "haproxy",
+                Command::new("haproxy").args(["-db", "-f"]).arg(&conf),
+                &dir.join("haproxy.log"),
+            )?
+        }
+        _ => {
+            let conf = dir.join("nginx-proxy.conf");
+            write(
+                &conf,
+                &format!(
+                    "worker_processes auto;\ndaemon off;\npid {d}/proxy.pid;\nerror_log {d}/proxy-error.log;\n\
+                     events {{ worker_connections 16384; }}\n\
+                     http {{\n  access_log off;\n  keepalive_requests 100000000;\n\
+                       upstream be {{ server {BACKEND}; keepalive 256; }}\n\
+                       server {{\n    listen 127.0.0.1:{http} backlog=4096;\n    listen 127.0.0.1:{https} ssl http2 backlog=4096;\n\
+                         ssl_certificate {c};\n    ssl_certificate_key {k};\n    ssl_protocols TLSv1.2 TLSv1.3;\n\
+                         location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+                    d = dir.display(),
+                    http = p.http,
+                    https = p.https,
+                    c = cert.display(),
+                    k = key.display()
+                ),
+            )?;
+            spawn(
+                "nginx (proxy)",
+                Command::new("nginx")
+                    .args(["-c"])
+                    .arg(&conf)
+                    .args(["-p"])
+                    .arg(dir),
+                &dir.join("nginx-proxy.log"),
+            )?
+        }
+    };
+    wait_port(p.http)?;
+    wait_port(p.https)?;
+    Ok(r)
+}
+
+/// One load run's result.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    rps: f64,
+    per_cpu_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().context("running the load generator")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "load generator failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text)
+}
+
+/// `wrk` latency like `1.23ms`, `850.00us`, `2.01s` → ms.
+fn wrk_ms(s: &str) -> f64 {
+    let s = s.trim();
+    let (num, mult) = if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        (s, 1.0)
+    };
+    num.parse::<f64>().unwrap_or(f64::NAN) * mult
+}
+
+fn run_wrk(url: &str, conns: u32, seconds: u64, close: bool) -> anyhow::Result<Sample> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t1",
+        &format!("-c{conns}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+    ]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let text = output(cmd.arg(url))?;
+    let mut s = Sample::default();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["Requests/sec:", v] => s.rps = v.parse().unwrap_or(0.0),
+            ["50%", v] => s.p50_ms = wrk_ms(v),
+            ["99%", v] => s.p99_ms = wrk_ms(v),
+            ["Non-2xx", "or", "3xx", "responses:", v] => s.errors += v.parse::<u64>().unwrap_or(0),
+            ["Socket", "errors:", ..] => {
+                s.errors += w
+                    .iter()
+                    .filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    ensure!(s.rps > 0.0, "could not read wrk's output:\n{text}");
+    Ok(s)
+}
+
+fn run_h2load(url: &str, seconds: u64) -> anyhow::Result<Sample> {
+    let text = output(Command::new("h2load").args([
+        "-c32",
+        "-m10",
+        "-t1",
+        "-D",
+        &seconds.to_string(),
+        "--warm-up-time=1",
+        url,
+    ]))?;
+    let mut s = Sample::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("finished in") {
+            // "finished in 10.00s, 51234.50 req/s, 4.56MB/s"
+            s.rps = rest
+                .split(',')
+                .nth(1)
+                .and_then(|v| v.trim().strip_suffix(" req/s"))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+        }
+        if let Some(rest) = line.strip_prefix("requests:") {
+            // "requests: 512345 total, 512345 started, 512345 done, 512345 succeeded, 0 failed, 0 errored, 0 timeout"
+            for part in rest.split(',') {
+                let w: Vec<&str> = part.split_whitespace().collect();
+                if let [n, "failed" | "errored" | "timeout"] = w.as_slice() {
+                    s.errors += n.parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    ensure!(s.rps > 0.0, "could not read h2load's output:\n{text}");
+    Ok(s)
+}
+
+/// A figure measured per proxy per round.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Figure {
+    H1KeepAlive,
+    H2Tls,
+    Handshakes,
+}
+
+impl Figure {
+    const ALL: [Figure; 3] = [Figure::H1KeepAlive, Figure::H2Tls, Figure::Handshakes];
+
+    fn label(self) -> &'static str {
+        match self {
+            Figure::H1KeepAlive => "HTTP/1.1 keep-alive (wrk -t1 -c64)",
+            Figure::H2Tls => "HTTP/2 over TLS (h2load -c32 -m10)",
+            Figure::Handshakes => {
+                "full TLS handshakes, 1 request each (wrk -c32, Connection: close)"
+            }
+        }
+    }
+}
+
+fn measure(f: Figure, p: &Proxy, proxy: &Running, seconds: u64) -> anyhow::Result<Sample> {
+    let before = proxy.cpu_seconds();
+    let mut s = match f {
+        Figure::H1KeepAlive => {
+            run_wrk(&format!("http://127.0.0.1:{}/", p.http), 64, seconds, false)?
+        }
+        Figure::H2Tls => run_h2load(&format!("https://127.0.0.1:{}/", p.https), seconds)?,
+        Figure::Handshakes => run_wrk(
+            &format!("https://127.0.0.1:{}/", p.https),
+            32,
+            seconds,
+            true,
+        )?,
+    };
+    let cpu = proxy.cpu_seconds() - before;
+    s.per_cpu_s = if cpu > 0.0 {
+        s.rps * seconds as f64 / cpu
+    } else {
+        f64::NAN
+    };
+    Ok(s)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn range(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{}–{}", k(lo), k(hi))
+}
+
+fn k(x: f64) -> String {
+    if x >= 1000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+/// `cargo xtask bench l7`.
+pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
+    ensure_tools()?;
+    let plan = if quick {
+        Plan {
+            rounds: 1,
+            seconds: 3,
+        }
+    } else {
+        Plan {
+            rounds: 3,
+            seconds: 10,
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("lb-bench-l7-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = RemoveDir(dir.clone());
+    let certs = certificate(&dir)?;
+    let _backend = nginx_backend(&dir)?;
+
+    println!("lb L7 benchmark, beside HAProxy and nginx");
+    println!(
+        "command:  cargo xtask bench l7{}",
+        if quick { " --quick" } else { "" }
+    );
+    println!("versions: {}", versions(lb));
+    println!(
+        "machine:  {} cpus, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        uname()
+    );
+    println!(
+        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating lb haproxy nginx",
+        plan.rounds, plan.seconds
+    );
+    println!("backend:  one nginx worker, 100-byte body, keep-alive; access logs off everywhere");
+    println!();
+    let _ = root;
+
+    let mut results: BTreeMap<(Figure, &str), Vec<Sample>> = BTreeMap::new();
+    let mut lb_rss = (0.0f64, 0.0f64);
+    for round in 0..plan.rounds {
+        for f in Figure::ALL {
+            for p in &PROXIES {
+                let proxy = start_proxy(p, &dir, lb, &certs)?;
+                // A short warm-up fills the pools.
+                let _ = run_wrk(&format!("http://127.0.0.1:{}/", p.http), 8, 1, false);
+                if p.name == "lb" && f == Figure::H1KeepAlive {
+                    lb_rss.0 = proxy.rss_mib();
+                }
+                let s = measure(f, p, &proxy, plan.seconds)
+                    .with_context(|| format!("round {} {:?} {}", round + 1, f, p.name))?;
+                if p.name == "lb" && f == Figure::H1KeepAlive {
+                    lb_rss.1 = proxy.rss_mib();
+                }
+                eprintln!(
+                    "  round {} {:<12} {:<8} {:>9.0} req/s {:>9.0} req/CPU-s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}",
+                    round + 1,
+                    format!("{f:?}"),
+                    p.name,
+                    s.rps,
+                    s.per_cpu_s,
+                    s.p50_ms,
+                    s.p99_ms,
+                    s.errors
+                );
+                results.entry((f, p.name)).or_default().push(s);
+            }
+        }
+    }
+
+    let mut table = String::new();
+    for f in Figure::ALL {
+        let _ = writeln!(table, "{}", f.label());
+        let _ = writeln!(
+            table,
+            "  {:<8} {:>12} {:>18} {:>10} {:>10} {:>7}   {:>22}",
+            "proxy",
+            "req/s",
+            "req per CPU-s",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+            "lb ÷ peer (req/CPU-s)"
+        );
+        let lb_per: Vec<f64> = results[&(f, "lb")].iter().map(|s| s.per_cpu_s).collect();
+        for p in &PROXIES {
+            let v = &results[&(f, p.name)];
+            let rps: Vec<f64> = v.iter().map(|s| s.rps).collect();
+            let per: Vec<f64> = v.iter().map(|s| s.per_cpu_s).collect();
+            let ratio = if p.name == "lb" {
+                String::new()
+            } else {
+                // Ratio per round, then the median: the same round's conditions for both.
+                let r: Vec<f64> = lb_per.iter().zip(&per).map(|(a, b)| a / b).collect();
+                format!(
+                    "{:.2} ({:.2}–{:.2})",
+                    median(r.clone()),
+                    r.iter().copied().fold(f64::INFINITY, f64::min),
+                    r.iter().copied().fold(0.0, f64::max)
+                )
+            };
+            let lat = |g: fn(&Sample) -> f64| {
+                if f == Figure::H2Tls {
+                    "-".to_owned()
+                } else {
+                    format!("{:.2}", median(v.iter().map(g).collect()))
+                }
+            };
+            let _ = writeln!(
+                table,
+                "  {:<8} {:>12} {:>18} {:>10} {:>10} {:>7}   {:>22}",
+                p.name,
+                format!("{} ({})", k(median(rps.clone())), range(&rps)),
+                format!("{} ({})", k(median(per.clone())), range(&per)),
+                lat(|s| s.p50_ms),
+                lat(|s| s.p99_ms),
+                v.iter().map(|s| s.errors).sum::<u64>(),
+                ratio
+            );
+        }
+        let _ = writeln!(table);
+    }
+    let _ = writeln!(
+        table,
+        "lb resident memory: {:.1} MiB idle, {:.1} MiB after the keep-alive run",
+        lb_rss.0, lb_rss.1
+    );
+    println!("{table}");
+    Ok(())
+}
+
+/// Removes the bench's scratch directory, also when a step fails.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn versions(lb: &Path) -> String {
+    let v = |cmd: &mut Command| -> String {
+        cmd.output()
+            .map(|o| {
+                let t = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                t.lines().next().unwrap_or("").trim().to_owned()
+            })
+            .unwrap_or_default()
+    };
+    format!(
+        "{}; {}; {}",
+        v(Command::new(lb).arg("--version")),
+        v(Command::new("haproxy").arg("-v")),
+        v(Command::new("nginx").arg("-v"))
+    )
+}
+
+fn uname() -> String {
+    Command::new("uname")
+        .arg("-sr")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
