@@ -395,4 +395,67 @@ mod tests {
             "{closed:?}"
         );
     }
+
+    /// An HTTPS server with a self-signed certificate answering every request with `status`.
+    async fn tls_server(status: u16) -> SocketAddr {
+        let ck = rcgen::generate_simple_self_signed(vec!["target.internal".to_owned()]).unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("lb-probe-tls-{}-{status}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let config =
+            crate::proxy::server::tls::server_config(&[crate::proxy::server::CertificateSpec {
+                cert,
+                key,
+            }])
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 1024];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls
+                        .write_all(
+                            format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                        )
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn https_checks_accept_any_target_certificate_and_match_the_status() {
+        let mut check = http_check("/");
+        check.protocol = CheckProtocol::Https;
+        let ok = tls_server(200).await;
+        assert_eq!(run(&probe(check.clone(), ok)).await, CheckResult::Pass);
+        let wrong = tls_server(503).await;
+        assert_eq!(
+            run(&probe(check.clone(), wrong)).await,
+            CheckResult::Fail {
+                reason: TargetReason::ResponseCodeMismatch,
+                description: "Health checks failed with these codes: [503]".into()
+            }
+        );
+        // A plain HTTP server is no TLS target: the handshake fails, and says so.
+        let (plain, _) = server(200).await;
+        let result = run(&probe(check, plain)).await;
+        assert!(
+            matches!(&result, CheckResult::Fail { reason: TargetReason::FailedHealthChecks, description } if description.starts_with("TLS handshake failed")),
+            "{result:?}"
+        );
+    }
 }
