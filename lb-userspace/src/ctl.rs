@@ -129,9 +129,10 @@ pub fn groups(args: GroupsArgs) -> anyhow::Result<()> {
                 options: options.to_owned(),
             }
         }
-        GroupsAction::Modify { name, options } => {
-            Request::ModifyTargetGroup(Box::new(modify_request(&name, &options)?))
-        }
+        GroupsAction::Modify { name, options } => Request::ModifyTargetGroup(Box::new(
+            crate::admin::api::ModifyTargetGroup::from_options(&name, &options)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )),
         GroupsAction::Delete { name } => Request::DeleteTargetGroup {
             target_group_name: name,
         },
@@ -148,12 +149,13 @@ pub fn groups(args: GroupsArgs) -> anyhow::Result<()> {
         "GROUP", "PROTO", "HEALTHY", "UNHEALTHY", "FAILOPEN", "HEALTH CHECK"
     );
     for g in groups {
-        let check = match (&g.health_check_protocol, g.health_check_enabled) {
-            (Some(p), true) => format!(
+        let h = &g.health_check;
+        let check = match (&h.health_check_protocol, h.health_check_enabled) {
+            (Some(p), Some(true)) => format!(
                 "{p} {}{} every {}s",
-                g.health_check_port.as_deref().unwrap_or("-"),
-                g.health_check_path.as_deref().unwrap_or(""),
-                g.health_check_interval_seconds.unwrap_or_default()
+                h.health_check_port.as_deref().unwrap_or("-"),
+                h.health_check_path.as_deref().unwrap_or(""),
+                h.health_check_interval_seconds.unwrap_or_default()
             ),
             _ => "off".to_owned(),
         };
@@ -169,54 +171,6 @@ pub fn groups(args: GroupsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// `OPTION=VALUE[,…]` in `--target-group` syntax → an AWS-typed modify-target-group.
-fn modify_request(
-    name: &str,
-    options: &str,
-) -> anyhow::Result<crate::admin::api::ModifyTargetGroup> {
-    use crate::admin::api::{ATTRIBUTE_OPTIONS, Attribute, Matcher, ModifyTargetGroup};
-    let mut m = ModifyTargetGroup {
-        target_group_name: name.to_owned(),
-        ..ModifyTargetGroup::default()
-    };
-    for part in options.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .with_context(|| format!("{part:?}: expected OPTION=VALUE"))?;
-        let num = |v: &str| -> anyhow::Result<f64> {
-            v.parse().with_context(|| format!("{k}={v}: not a number"))
-        };
-        match k {
-            "health-check" if v == "off" => m.health_check_enabled = Some(false),
-            "health-check" if v == "on" => m.health_check_enabled = Some(true),
-            "health-check" => m.health_check_protocol = Some(v.to_ascii_uppercase()),
-            "health-check-port" => m.health_check_port = Some(v.to_owned()),
-            "health-check-path" => m.health_check_path = Some(v.to_owned()),
-            "health-check-interval" => m.health_check_interval_seconds = Some(num(v)?),
-            "health-check-timeout" => m.health_check_timeout_seconds = Some(num(v)?),
-            "healthy-threshold" => m.healthy_threshold_count = Some(num(v)? as u32),
-            "unhealthy-threshold" => m.unhealthy_threshold_count = Some(num(v)? as u32),
-            "matcher" => {
-                m.matcher = Some(Matcher {
-                    http_code: v.to_owned(),
-                })
-            }
-            "health-check-mode" => m.health_check_mode = Some(v.to_owned()),
-            _ => match ATTRIBUTE_OPTIONS.iter().find(|(_, o)| *o == k) {
-                Some((key, _)) => m.attributes.push(Attribute {
-                    key: (*key).to_owned(),
-                    value: v.to_owned(),
-                }),
-                None => bail!(
-                    "{k:?} cannot change on a running group (changeable: {})",
-                    crate::targets::RUNTIME_OPTIONS.join(", ")
-                ),
-            },
-        }
-    }
-    Ok(m)
 }
 
 /// `lb listeners`.

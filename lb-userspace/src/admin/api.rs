@@ -171,13 +171,12 @@ pub enum Request {
     },
 }
 
-/// AWS modify-target-group (health checks) with modify-target-group-attributes'
-/// `Attributes`. Unset fields stay as they are.
+/// A target group's health-check settings with AWS's field names: what
+/// modify-target-group sets (unset fields stay as they are) and what describe-target-groups
+/// reports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct ModifyTargetGroup {
-    /// The group (or a VIP forwarding to it).
-    pub target_group_name: String,
+pub struct HealthCheckFields {
     /// Checks on or off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check_enabled: Option<bool>,
@@ -208,6 +207,18 @@ pub struct ModifyTargetGroup {
     /// Ours: `auto`, `datapath` or `direct` (the path of L4 checks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check_mode: Option<String>,
+}
+
+/// AWS modify-target-group (health checks) with modify-target-group-attributes'
+/// `Attributes`. Unset fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ModifyTargetGroup {
+    /// The group (or a VIP forwarding to it).
+    pub target_group_name: String,
+    /// Health-check settings to change.
+    #[serde(flatten)]
+    pub health_check: HealthCheckFields,
     /// AWS attribute keys (see [`ATTRIBUTE_OPTIONS`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attributes: Vec<Attribute>,
@@ -235,42 +246,92 @@ pub const ATTRIBUTE_OPTIONS: &[(&str, &str)] = &[
 ];
 
 impl ModifyTargetGroup {
+    /// The request for `OPTION=VALUE[,…]` in `--target-group` syntax (what `lb groups modify`
+    /// takes). The inverse of [`to_options`](Self::to_options): the two directions of the one
+    /// mapping live here, side by side.
+    pub fn from_options(name: &str, options: &str) -> Result<Self, String> {
+        let mut m = Self {
+            target_group_name: name.to_owned(),
+            ..Self::default()
+        };
+        let h = &mut m.health_check;
+        for part in options.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected OPTION=VALUE"))?;
+            let num = |v: &str| -> Result<f64, String> {
+                v.parse().map_err(|_| format!("{k}={v}: not a number"))
+            };
+            let count = |v: &str| -> Result<u32, String> {
+                v.parse().map_err(|_| format!("{k}={v}: not a count"))
+            };
+            match k {
+                "health-check" if v == "off" => h.health_check_enabled = Some(false),
+                "health-check" if v == "on" => h.health_check_enabled = Some(true),
+                "health-check" => h.health_check_protocol = Some(v.to_ascii_uppercase()),
+                "health-check-port" => h.health_check_port = Some(v.to_owned()),
+                "health-check-path" => h.health_check_path = Some(v.to_owned()),
+                "health-check-interval" => h.health_check_interval_seconds = Some(num(v)?),
+                "health-check-timeout" => h.health_check_timeout_seconds = Some(num(v)?),
+                "healthy-threshold" => h.healthy_threshold_count = Some(count(v)?),
+                "unhealthy-threshold" => h.unhealthy_threshold_count = Some(count(v)?),
+                "matcher" => {
+                    h.matcher = Some(Matcher {
+                        http_code: v.to_owned(),
+                    })
+                }
+                "health-check-mode" => h.health_check_mode = Some(v.to_owned()),
+                _ => match ATTRIBUTE_OPTIONS.iter().find(|(_, o)| *o == k) {
+                    Some((key, _)) => m.attributes.push(Attribute {
+                        key: (*key).to_owned(),
+                        value: v.to_owned(),
+                    }),
+                    None => {
+                        return Err(format!(
+                            "{k:?} cannot change on a running group (changeable: {})",
+                            crate::targets::RUNTIME_OPTIONS.join(", ")
+                        ));
+                    }
+                },
+            }
+        }
+        Ok(m)
+    }
+
     /// The changes as `--target-group` options (the one validation path).
     pub fn to_options(&self) -> Result<Vec<(String, String)>, String> {
+        let h = &self.health_check;
         let mut out: Vec<(String, String)> = Vec::new();
         let mut push = |k: &str, v: String| out.push((k.to_owned(), v));
-        if let Some(false) = self.health_check_enabled {
+        if let Some(false) = h.health_check_enabled {
             push("health-check", "off".into());
         }
-        if let Some(p) = &self.health_check_protocol {
+        if let Some(p) = &h.health_check_protocol {
             push("health-check", p.clone());
-        } else if self.health_check_enabled == Some(true) {
+        } else if h.health_check_enabled == Some(true) {
             push("health-check", "on".into());
         }
         let fields: [(&str, Option<String>); 8] = [
-            ("health-check-port", self.health_check_port.clone()),
-            ("health-check-path", self.health_check_path.clone()),
+            ("health-check-port", h.health_check_port.clone()),
+            ("health-check-path", h.health_check_path.clone()),
             (
                 "health-check-interval",
-                self.health_check_interval_seconds.map(|s| s.to_string()),
+                h.health_check_interval_seconds.map(|s| s.to_string()),
             ),
             (
                 "health-check-timeout",
-                self.health_check_timeout_seconds.map(|s| s.to_string()),
+                h.health_check_timeout_seconds.map(|s| s.to_string()),
             ),
             (
                 "healthy-threshold",
-                self.healthy_threshold_count.map(|n| n.to_string()),
+                h.healthy_threshold_count.map(|n| n.to_string()),
             ),
             (
                 "unhealthy-threshold",
-                self.unhealthy_threshold_count.map(|n| n.to_string()),
+                h.unhealthy_threshold_count.map(|n| n.to_string()),
             ),
-            (
-                "matcher",
-                self.matcher.as_ref().map(|m| m.http_code.clone()),
-            ),
-            ("health-check-mode", self.health_check_mode.clone()),
+            ("matcher", h.matcher.as_ref().map(|m| m.http_code.clone())),
+            ("health-check-mode", h.health_check_mode.clone()),
         ];
         for (k, v) in fields {
             if let Some(v) = v {
@@ -303,35 +364,9 @@ pub struct TargetGroupDescription {
     pub target_group_name: String,
     /// `HTTP`, `HTTPS`, `TCP` or `UDP`.
     pub protocol: String,
-    /// Checks on or off.
-    pub health_check_enabled: bool,
-    /// `HTTP`, `HTTPS` or `TCP` (absent when off).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check_protocol: Option<String>,
-    /// `traffic-port` or a port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check_port: Option<String>,
-    /// Path (HTTP/HTTPS).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check_path: Option<String>,
-    /// Seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check_interval_seconds: Option<f64>,
-    /// Seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check_timeout_seconds: Option<f64>,
-    /// Count.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub healthy_threshold_count: Option<u32>,
-    /// Count.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unhealthy_threshold_count: Option<u32>,
-    /// Passing codes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub matcher: Option<Matcher>,
-    /// Ours: the path of L4 checks.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check_mode: Option<String>,
+    /// Its health checks (only `HealthCheckEnabled: false` when off).
+    #[serde(flatten)]
+    pub health_check: HealthCheckFields,
     /// The listeners and VIPs that use it.
     pub used_by: Vec<String>,
     /// HealthyHostCount.
@@ -515,15 +550,36 @@ mod tests {
 
     #[test]
     fn unknown_attributes_and_empty_changes_are_refused() {
-        let mut m = ModifyTargetGroup {
-            target_group_name: "web".into(),
-            ..ModifyTargetGroup::default()
-        };
+        let mut m = ModifyTargetGroup::from_options("web", "").unwrap();
         assert!(m.to_options().unwrap_err().contains("nothing"));
         m.attributes.push(Attribute {
             key: "stickiness.enabled".into(),
             value: "true".into(),
         });
         assert!(m.to_options().unwrap_err().contains("unknown attribute"));
+        assert!(
+            ModifyTargetGroup::from_options("web", "algorithm=weighted_random")
+                .unwrap_err()
+                .contains("cannot change")
+        );
+    }
+
+    #[test]
+    fn cli_options_and_aws_fields_map_both_ways() {
+        let opts = "health-check=http,health-check-port=8080,health-check-path=/h,\
+                    health-check-interval=5,health-check-timeout=2,healthy-threshold=3,\
+                    unhealthy-threshold=4,matcher=200-299,health-check-mode=direct,\
+                    deregistration-delay=10,slow-start=60,min-healthy-targets=2,\
+                    min-healthy-percent=50,unhealthy-draining=30";
+        let m = ModifyTargetGroup::from_options("web", opts).unwrap();
+        let back: Vec<String> = m
+            .to_options()
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let mut want: Vec<&str> = opts.split(',').map(str::trim).collect();
+        want[0] = "health-check=HTTP";
+        assert_eq!(back, want);
     }
 }

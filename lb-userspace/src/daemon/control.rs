@@ -381,20 +381,22 @@ impl Control {
             out.push(TargetGroupDescription {
                 target_group_name: name.clone(),
                 protocol: cfg.protocol.as_str().to_ascii_uppercase(),
-                health_check_enabled: check.is_some(),
-                health_check_protocol: check.map(|c| c.protocol.as_str().to_owned()),
-                health_check_port: check.map(|c| c.port.to_string()),
-                health_check_path: check
-                    .filter(|c| c.protocol != crate::targets::health_check::CheckProtocol::Tcp)
-                    .map(|c| c.path.clone()),
-                health_check_interval_seconds: check.map(|c| c.interval.as_secs_f64()),
-                health_check_timeout_seconds: check.map(|c| c.timeout.as_secs_f64()),
-                healthy_threshold_count: check.map(|c| c.healthy_threshold),
-                unhealthy_threshold_count: check.map(|c| c.unhealthy_threshold),
-                matcher: check.map(|c| api::Matcher {
-                    http_code: c.matcher.to_string(),
-                }),
-                health_check_mode: check.map(|c| c.mode.as_str().to_owned()),
+                health_check: api::HealthCheckFields {
+                    health_check_enabled: Some(check.is_some()),
+                    health_check_protocol: check.map(|c| c.protocol.as_str().to_owned()),
+                    health_check_port: check.map(|c| c.port.to_string()),
+                    health_check_path: check
+                        .filter(|c| c.protocol != crate::targets::health_check::CheckProtocol::Tcp)
+                        .map(|c| c.path.clone()),
+                    health_check_interval_seconds: check.map(|c| c.interval.as_secs_f64()),
+                    health_check_timeout_seconds: check.map(|c| c.timeout.as_secs_f64()),
+                    healthy_threshold_count: check.map(|c| c.healthy_threshold),
+                    unhealthy_threshold_count: check.map(|c| c.unhealthy_threshold),
+                    matcher: check.map(|c| api::Matcher {
+                        http_code: c.matcher.to_string(),
+                    }),
+                    health_check_mode: check.map(|c| c.mode.as_str().to_owned()),
+                },
                 used_by,
                 healthy_host_count: healthy,
                 un_healthy_host_count: view

@@ -381,14 +381,7 @@ impl Registry {
         addrs: &[SocketAddr],
         now: Instant,
     ) -> Result<(), RegistryError> {
-        let g = self.group(group)?;
-        if let Some(missing) = addrs.iter().find(|a| !g.targets.contains_key(a)) {
-            return Err(RegistryError::NotRegistered {
-                group: group.to_owned(),
-                target: *missing,
-            });
-        }
-        let g = self.group_mut(group)?;
+        let g = self.registered(group, addrs)?;
         let delay = g.config.attributes.deregistration_delay;
         for addr in addrs {
             if delay.is_zero() {
@@ -412,6 +405,22 @@ impl Registry {
         addrs: &[SocketAddr],
         enabled: bool,
     ) -> Result<(), RegistryError> {
+        let g = self.registered(group, addrs)?;
+        for addr in addrs {
+            if let Some(t) = g.targets.get_mut(addr) {
+                t.enabled = enabled;
+            }
+        }
+        Ok(())
+    }
+
+    /// `group`, to change, if every one of `addrs` is registered with it (else nothing
+    /// changes and the first missing one is named).
+    fn registered(
+        &mut self,
+        group: &str,
+        addrs: &[SocketAddr],
+    ) -> Result<&mut Group, RegistryError> {
         let g = self.group(group)?;
         if let Some(missing) = addrs.iter().find(|a| !g.targets.contains_key(a)) {
             return Err(RegistryError::NotRegistered {
@@ -419,13 +428,7 @@ impl Registry {
                 target: *missing,
             });
         }
-        let g = self.group_mut(group)?;
-        for addr in addrs {
-            if let Some(t) = g.targets.get_mut(addr) {
-                t.enabled = enabled;
-            }
-        }
-        Ok(())
+        self.group_mut(group)
     }
 
     /// A check of registration `generation` started (initial targets then show
