@@ -25,6 +25,7 @@ pub mod health;
 pub mod inspect;
 pub mod l4;
 pub mod maglev;
+pub mod metrics;
 pub mod packet;
 pub mod proxy;
 pub mod registry;

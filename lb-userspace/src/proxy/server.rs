@@ -48,6 +48,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use self::sniff::HEADER_TIMEOUT_REASON;
 pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
