@@ -163,6 +163,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .collect(),
             groups,
             client: ClientConfig::default(),
+            access_log: None,
         };
         listener_books = spec.listeners;
         match server::start(cfg).await {
