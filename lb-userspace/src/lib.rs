@@ -31,4 +31,5 @@ pub mod proxy;
 pub mod registry;
 pub mod rlimit;
 pub mod rules;
+pub mod stats;
 pub mod targets;

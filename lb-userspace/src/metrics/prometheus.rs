@@ -140,7 +140,7 @@ mod tests {
             text.contains("lb_request_count_total{listener=\"we\\\"b\\\\\"} 3\n"),
             "{text}"
         );
-        assert!(text.contains("lb_active_connection_count{listener=\"web\"} 2\n"));
+        assert!(text.contains("lb_active_connections{listener=\"web\"} 2\n"));
         assert!(text.contains(
             "lb_target_response_time_seconds_bucket{target_group=\"app\",target=\"10.0.0.1:80\",le=\"0.005\"} 1\n"
         ));
