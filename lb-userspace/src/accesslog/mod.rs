@@ -432,6 +432,27 @@ impl Record {
     }
 }
 
+/// The access log's writer: records queued boxed (small queue slots), written as ALB lines
+/// with `elb` as the load balancer's id (see [`elb_id`]); at most `capacity` queued.
+#[expect(
+    clippy::borrowed_box,
+    reason = "the queue holds boxed records; the formatter sees them so"
+)]
+pub fn access_log_writer(
+    destination: Destination,
+    rotation: Rotation,
+    capacity: usize,
+    elb: String,
+) -> std::io::Result<LogWriter<Box<Record>>> {
+    LogWriter::with_capacity(
+        "access-log",
+        destination,
+        rotation,
+        capacity,
+        move |r: &Box<Record>, out: &mut String| r.write_line(&elb, out),
+    )
+}
+
 /// `2018-07-02T22:23:00.186641Z`: ISO 8601, UTC, microseconds.
 pub fn iso8601(t: SystemTime, out: &mut String) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -75,7 +75,7 @@ pub struct WriterStats {
     pub written: u64,
     /// Lines dropped because the queue was full (the writer could not keep up).
     pub dropped: u64,
-    /// Lines lost to write errors (disk full, closed pipe).
+    /// Failed writes (disk full, closed pipe); each may lose the lines buffered with it.
     pub errors: u64,
 }
 
