@@ -83,6 +83,9 @@ fn stat(doc: &Value, metric: &str, dims: &[(&str, &str)]) -> f64 {
         .unwrap_or_else(|| panic!("{metric}: no total or value"))
 }
 
+/// A metric, its dimensions, and the value the test counted.
+type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], u64);
+
 #[test]
 fn every_metric_equals_what_the_test_counted_in_lb_stats_and_prometheus() {
     let a = Target::start("a");
@@ -164,7 +167,7 @@ fn every_metric_equals_what_the_test_counted_in_lb_stats_and_prometheus() {
         },
     );
     let web = [("listener", "web")];
-    let checks: [(&str, &[(&str, &str)], u64); 13] = [
+    let checks: [Expected<'_>; 13] = [
         ("NewConnectionCount", &web, requests),
         ("RequestCount", &web, forwarded + refused),
         ("HTTPCode_ELB_3XX_Count", &web, redirects),
