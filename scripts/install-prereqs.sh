@@ -6,6 +6,7 @@
 #   - llvm-22-dev (bpf-linker links against it)
 #   - bpf-linker built against LLVM 22
 #   - iproute2 and ethtool (tests and the demo build topologies with them)
+#   - promtool (Debian's prometheus package: a test checks the /metrics output with it)
 #   - a bpffs mount at /sys/fs/bpf (lb pins its maps there)
 #
 # Needs root for apt and mount. xtask calls this when a check fails and we are root;
@@ -18,6 +19,7 @@ need_apt=()
 dpkg -s llvm-22-dev >/dev/null 2>&1 || need_apt+=(llvm-22-dev)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || need_apt+=(ethtool)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"

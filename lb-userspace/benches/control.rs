@@ -194,6 +194,7 @@ async fn bed(n: usize) -> anyhow::Result<Bed> {
         listeners: vec![(listener.clone(), (*book.compiled()).clone())],
         groups: L7Sync::groups_for(&plane.current(), &Default::default()),
         client: ClientConfig::default(),
+        access_log: None,
     })
     .await?;
     let l7 = Arc::new(L7Sync::new(running.handle()));

@@ -16,17 +16,37 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+
+    /// How `lb` logs to stderr: `text` (colours only on a terminal) or `json` (one object per
+    /// line, for log shippers).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The format of `lb`'s own log (stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the match"
+)]
 pub enum Command {
     /// Run the load balancer: attach lb_xdp for L4 VIPs, serve L7 listeners, until SIGINT/SIGTERM.
     Run(RunArgs),
     /// Run the backend-side decapsulator (lb_decap) on interfaces until SIGINT/SIGTERM.
     Decap(DecapArgs),
-    /// Print counters read from the pinned maps of a running `lb run`.
-    Stats(PinArgs),
+    /// Metrics of a running `lb run`: L4 from its pinned maps, L7 and health through its admin
+    /// API; totals, the last 1 and 5 minutes, rates.
+    Stats(StatsArgs),
     /// Print the contents of a pinned map of a running `lb run`.
     Dump(DumpArgs),
     /// Register, deregister and describe the targets of a running `lb run` (admin API).
@@ -128,9 +148,86 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// Write one ALB-format access-log line per L7 request to PATH (`-`: stdout). Lines
+    /// are written by a background thread; when it falls behind they are dropped and
+    /// counted, never waited for. SIGHUP reopens the file (after logrotate moved it).
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<PathBuf>,
+
+    /// Rotate the access log before it grows past SIZE bytes (suffixes K, M, G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub access_log_max_size: Option<u64>,
+
+    /// Rotate the access log every SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    pub access_log_rotate_interval: Option<u64>,
+
+    /// Rotated access-log (and health-check-log) files kept; older ones are deleted.
+    #[arg(long, value_name = "N", default_value_t = crate::accesslog::Rotation::DEFAULT_KEEP)]
+    pub access_log_keep: usize,
+
+    /// Write one line per health-check probe to PATH (`-`: stdout), rotated like the
+    /// access log.
+    #[arg(long, value_name = "PATH")]
+    pub health_check_log: Option<PathBuf>,
+
+    /// The load balancer's name, in the logs' `elb` field (`app/NAME/ID`).
+    #[arg(long, value_name = "NAME", default_value = "lb")]
+    pub lb_name: String,
+
     /// Validate the flags, print the resulting configuration and exit.
     #[arg(long)]
     pub check: bool,
+}
+
+/// `100`, `64K`, `100M`, `1G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 100M)"))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (K, M or G)")),
+    };
+    n.checked_mul(mult)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size above 0"))
+}
+
+/// Flags of `lb stats`.
+#[derive(Debug, Args, Clone)]
+pub struct StatsArgs {
+    /// bpffs directory of the running `lb run` (its L4 maps).
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+
+    /// Admin socket of the running `lb run` (L7 and health metrics, and the history behind
+    /// the 1- and 5-minute columns).
+    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+
+    /// Use the TCP admin listener at this address instead of the socket.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin_url: Option<std::net::SocketAddr>,
+
+    /// Bearer token for --admin-url (or set LB_ADMIN_TOKEN).
+    #[arg(long, env = "LB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Print JSON instead of tables (with --watch: one document per line).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Refresh every SECS seconds (default 2) until interrupted.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+    pub watch: Option<f64>,
 }
 
 /// Flags of `lb decap`.

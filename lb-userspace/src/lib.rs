@@ -10,7 +10,10 @@
 //! - Control: [`registry`] (the one source of truth for targets and their states),
 //!   [`health`] (health checks), [`cli`] (flags), [`config`] (flags → validated model),
 //!   [`admin`] (the runtime API), [`ctl`] (the CLI verbs that call it), [`daemon`] (`lb run`).
+//! - Observability: [`accesslog`] (ALB-format access logs, the health-check log, the
+//!   background writer), [`metrics`] (CloudWatch-named metrics of both planes, Prometheus).
 //! - Process: [`rlimit`] (the open-files limit `lb run` raises at start).
+pub mod accesslog;
 pub mod admin;
 pub mod cli;
 pub mod config;
@@ -22,9 +25,11 @@ pub mod health;
 pub mod inspect;
 pub mod l4;
 pub mod maglev;
+pub mod metrics;
 pub mod packet;
 pub mod proxy;
 pub mod registry;
 pub mod rlimit;
 pub mod rules;
+pub mod stats;
 pub mod targets;

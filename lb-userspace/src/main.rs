@@ -2,24 +2,18 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use lb::cli::{Cli, Command};
+use lb::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(a) => {
             raise_open_files_limit();
             runtime().and_then(|rt| rt.block_on(lb::daemon::run(a)))
         }
         Command::Decap(a) => runtime().and_then(|rt| rt.block_on(lb::daemon::decap(a))),
-        Command::Stats(a) => lb::inspect::stats(&a),
+        Command::Stats(a) => lb::stats::run(&a),
         Command::Dump(a) => lb::inspect::dump(&a),
         Command::Targets(a) => lb::ctl::targets(a),
         Command::Groups(a) => lb::ctl::groups(a),
@@ -37,6 +31,21 @@ fn main() -> ExitCode {
             eprintln!("lb: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `lb`'s own log on stderr: `LB_LOG` filters (default `info`); colours only when stderr is a
+/// terminal; `--log-format json` for log shippers.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
     }
 }
 

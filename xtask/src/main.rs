@@ -216,6 +216,11 @@ const PREREQS: &[Prereq] = &[
         install: "apt-get update && apt-get install -y iproute2 ethtool util-linux",
     },
     Prereq {
+        what: "promtool (Prometheus's parser: a test checks lb's /metrics with it)",
+        present: || succeeds("promtool", &["--version"]),
+        install: "apt-get update && apt-get install -y --no-install-recommends prometheus",
+    },
+    Prereq {
         what: "a bpffs at /sys/fs/bpf (lb pins its maps there)",
         present: || {
             std::fs::read_to_string("/proc/mounts")

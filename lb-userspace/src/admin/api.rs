@@ -160,6 +160,9 @@ pub enum Request {
         #[serde(rename = "Priority")]
         priority: u32,
     },
+    /// CloudWatch get-metric-data, roughly: every metric of both planes with its total, its
+    /// sums over the last 1 and 5 minutes and its rate (what `lb stats` shows).
+    DescribeMetrics,
     /// AWS set-rule-priorities: every move at once.
     SetRulePriorities {
         /// The listener.
@@ -423,6 +426,9 @@ pub struct Response {
     /// describe-rules and the rule changes (the listener's rules afterwards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Vec<RuleDescription>>,
+    /// DescribeMetrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<crate::metrics::history::Report>,
 }
 
 /// A target's health with its group (we describe several groups in one answer).

@@ -22,6 +22,11 @@ const MAX_BODY: usize = 1 << 20;
 pub trait Handler: Send + Sync + 'static {
     /// Applies one request.
     fn handle(&self, req: Request) -> Result<Response, ApiError>;
+
+    /// The metrics in Prometheus's text format (`GET /metrics`); `None`: not served.
+    fn prometheus(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Errors of the admin listeners.
@@ -205,11 +210,31 @@ async fn answer(
         (&Method::GET, "/healthz") => {
             return http::Response::new(Full::new(Bytes::from_static(b"ok\n")));
         }
+        (&Method::GET, "/metrics") => {
+            // Collecting reads the XDP maps (system calls): off the async workers.
+            let text = tokio::task::spawn_blocking(move || handler.prometheus())
+                .await
+                .ok()
+                .flatten();
+            let Some(text) = text else {
+                return error(ApiError::new(
+                    "ValidationError",
+                    "this daemon serves no metrics",
+                ));
+            };
+            let mut r = http::Response::new(Full::new(Bytes::from(text)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(crate::metrics::prometheus::CONTENT_TYPE),
+            );
+            return r;
+        }
         (&Method::POST, "/") => {}
         _ => {
             return error(ApiError::new(
                 "ValidationError",
-                "POST / with a JSON request, e.g. {\"Action\":\"DescribeTargetHealth\"}",
+                "POST / with a JSON request, e.g. {\"Action\":\"DescribeTargetHealth\"}, \
+                 or GET /metrics",
             ));
         }
     }

@@ -235,6 +235,8 @@ pub struct Control {
     vips: Vec<(VipSpec, String)>,
     /// Most L4 backends the maps hold.
     max_backends: usize,
+    /// The daemon's metrics (DescribeMetrics, `GET /metrics`).
+    metrics: Option<Arc<crate::metrics::history::Hub>>,
 }
 
 impl Control {
@@ -259,7 +261,14 @@ impl Control {
             ),
             vips,
             max_backends,
+            metrics: None,
         }
+    }
+
+    /// Serves `hub`'s metrics (DescribeMetrics and `GET /metrics`).
+    pub fn with_metrics(mut self, hub: Arc<crate::metrics::history::Hub>) -> Self {
+        self.metrics = Some(hub);
+        self
     }
 
     /// The group a request names: a group, or a VIP forwarding to one.
@@ -569,9 +578,25 @@ fn api_error(e: RegistryError) -> ApiError {
 
 impl Handler for Control {
     fn handle(&self, req: Request) -> Result<Response, ApiError> {
+        if let Request::DescribeMetrics = req {
+            // Changes nothing: nothing to settle.
+            let hub = self
+                .metrics
+                .as_ref()
+                .ok_or_else(|| ApiError::new("ValidationError", "no metrics here"))?;
+            return Ok(Response {
+                metrics: Some(hub.report()),
+                ..Response::default()
+            });
+        }
         let answer = self.answer(req);
         self.settle();
         answer
+    }
+
+    fn prometheus(&self) -> Option<String> {
+        let hub = self.metrics.as_ref()?;
+        Some(crate::metrics::prometheus::render(&hub.current()))
     }
 }
 
@@ -658,6 +683,10 @@ impl Control {
                 self.describe_groups(Some(&[group]))
             }
             Request::DescribeListeners => Ok(self.describe_listeners()),
+            Request::DescribeMetrics => Err(ApiError::new(
+                "ValidationError",
+                "DescribeMetrics is answered before any change",
+            )),
             Request::DescribeRules { listener_name } => {
                 let listeners = lock(&self.listeners);
                 let l = listeners.get(&listener_name).ok_or_else(|| {

@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 
 pub mod control;
 pub mod host;
+pub mod observe;
 
 use crate::{
     admin::AdminServer,
@@ -127,6 +128,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|b| (b.spec.clone(), b.group.clone()))
         .collect();
     let plane = ControlPlane::new(registry);
+    let logs = Arc::new(observe::Logs::open(&args)?);
     let neighbours = Arc::new(Mutex::new(Neighbours::default()));
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -163,6 +165,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .collect(),
             groups,
             client: ClientConfig::default(),
+            access_log: logs.access.clone(),
         };
         listener_books = spec.listeners;
         match server::start(cfg).await {
@@ -203,18 +206,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             icmp,
         }
     });
-    tasks.spawn(health::supervise(plane.clone(), data_path));
+    tasks.spawn(health::supervise(
+        plane.clone(),
+        data_path,
+        logs.health.clone(),
+    ));
     tasks.spawn(plane.clone().run_timers());
 
     let max_backends = l4_cfg.as_ref().map_or(0, |l| l.sizes.max_backends as usize);
-    let control = Arc::new(Control::new(
+    let hub = observe::hub(
+        l7_parts.as_ref().map(|(_, h)| h.clone()),
         plane.clone(),
-        l7_parts,
-        l4_sync.clone(),
-        listener_books,
-        vip_groups,
-        max_backends,
-    ));
+        l4_cfg.as_ref().map(|_| pin_path.as_path()),
+        logs.clone(),
+    )?;
+    tasks.spawn(hub.clone().run());
+    tasks.spawn(logs.clone().reopen_on_sighup());
+    let control = Arc::new(
+        Control::new(
+            plane.clone(),
+            l7_parts,
+            l4_sync.clone(),
+            listener_books,
+            vip_groups,
+            max_backends,
+        )
+        .with_metrics(hub),
+    );
     let admin = AdminServer::bind(&admin_socket, admin_tcp.as_ref())?;
     let admin_tcp_addr = admin.tcp_addr();
     tasks.spawn(admin.serve(control));
@@ -253,6 +271,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     tasks.shutdown().await;
+    logs.close(Duration::from_secs(2));
     drop(l4_sync);
     drop(balancer);
     lock(&neighbours).remove_all();

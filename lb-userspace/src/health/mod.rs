@@ -22,10 +22,12 @@ use rand::Rng as _;
 pub mod icmp;
 pub mod probe;
 
+use crate::accesslog::LogWriter;
+use crate::accesslog::health::{ProbeRecord, ProbeStatus};
 use crate::l4::VipAddr;
 use crate::registry::{CheckResult, ControlPlane, Snapshot};
 use crate::targets::TargetReason;
-use crate::targets::health_check::{CheckMode, HealthCheck};
+use crate::targets::health_check::{CheckMode, CheckProtocol, HealthCheck};
 
 /// Where data-path probes get the backend id their mark carries.
 pub trait BackendIds: Send + Sync + 'static {
@@ -52,8 +54,16 @@ struct Plan {
 
 type Key = (String, SocketAddr, u64);
 
-/// Runs the checks the registry asks for, until the task is dropped.
-pub async fn supervise(plane: Arc<ControlPlane>, data_path: Option<DataPath>) {
+/// Where each probe's result is logged (`--health-check-log`).
+pub type ProbeLog = Arc<LogWriter<ProbeRecord>>;
+
+/// Runs the checks the registry asks for, until the task is dropped; each probe's result goes
+/// to `log` too, if given.
+pub async fn supervise(
+    plane: Arc<ControlPlane>,
+    data_path: Option<DataPath>,
+    log: Option<ProbeLog>,
+) {
     let mut rx = plane.subscribe();
     let mut tasks: HashMap<Key, (Plan, tokio::task::JoinHandle<()>)> = HashMap::new();
     loop {
@@ -75,6 +85,7 @@ pub async fn supervise(plane: Arc<ControlPlane>, data_path: Option<DataPath>) {
                 key.clone(),
                 plan.clone(),
                 data_path.clone(),
+                log.clone(),
             ));
             tasks.insert(key, (plan, task));
         }
@@ -125,19 +136,78 @@ async fn check_loop(
     (group, target, generation): Key,
     plan: Plan,
     data_path: Option<DataPath>,
+    log: Option<ProbeLog>,
 ) {
     let interval = plan.check.interval;
+    let group_name: Arc<str> = Arc::from(group.as_str());
     tokio::time::sleep(jitter(interval.min(Duration::from_secs(1)))).await;
     plane.write(|r, _| r.checking(&group, target, generation));
     loop {
         let started = Instant::now();
-        if let Some(result) = check_once(&plan, target, data_path.as_ref()).await {
+        let code = probe::StatusSeen::default();
+        let result = probe::STATUS
+            .scope(code.clone(), check_once(&plan, target, data_path.as_ref()))
+            .await;
+        if let Some(result) = result {
+            if let Some(log) = &log {
+                log.log(probe_record(
+                    &plan,
+                    &group_name,
+                    target,
+                    started,
+                    &result,
+                    code.get(),
+                ));
+            }
             plane.write(|r, now| r.report(&group, target, generation, result, now));
         }
         // Every interval ± 5 %, from the start of this check.
         let spread = interval / 10;
         let next = started + interval - spread / 2 + jitter(spread);
         tokio::time::sleep_until(next.into()).await;
+    }
+}
+
+/// The health-check log's line for one result.
+fn probe_record(
+    plan: &Plan,
+    group: &Arc<str>,
+    target: SocketAddr,
+    started: Instant,
+    result: &CheckResult,
+    status_code: Option<u16>,
+) -> ProbeRecord {
+    let port = plan.check.port.resolve(target.port()).unwrap_or(0);
+    let (status, reason_code, description) = match result {
+        CheckResult::Pass => (ProbeStatus::Pass, None, None),
+        CheckResult::Fail {
+            reason,
+            description,
+        } => (
+            ProbeStatus::Fail,
+            Some(reason.code()),
+            Some(description.clone()),
+        ),
+        CheckResult::Error { description } => (
+            ProbeStatus::Error,
+            Some("Elb.InternalError"),
+            Some(description.clone()),
+        ),
+    };
+    ProbeRecord {
+        time: std::time::SystemTime::now(),
+        protocol: match plan.check.protocol {
+            CheckProtocol::Http => "http",
+            CheckProtocol::Https => "https",
+            CheckProtocol::Tcp => "tcp",
+        },
+        target_group: group.clone(),
+        target: SocketAddr::new(target.ip(), port),
+        latency: started.elapsed(),
+        status,
+        status_code,
+        reason_code,
+        description,
     }
 }
 

@@ -19,6 +19,28 @@ use crate::registry::CheckResult;
 use crate::targets::TargetReason;
 use crate::targets::health_check::{CheckProtocol, HealthCheck};
 
+tokio::task_local! {
+    /// Where an HTTP probe run inside [`STATUS`]`.scope(…)` leaves the status it got (the
+    /// health-check log's `status_code`), without changing what a check returns.
+    pub static STATUS: StatusSeen;
+}
+
+/// The last HTTP status a probe saw (0: none).
+#[derive(Clone, Debug, Default)]
+pub struct StatusSeen(Arc<std::sync::atomic::AtomicU16>);
+
+impl StatusSeen {
+    /// The status, if a response came.
+    pub fn get(&self) -> Option<u16> {
+        let v = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        (v != 0).then_some(v)
+    }
+
+    fn set(&self, code: u16) {
+        self.0.store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// AWS's health checker identifies itself so.
 pub const USER_AGENT: &str = "ELB-HealthChecker/2.0";
 /// Largest response head read (status line and headers).
@@ -213,6 +235,7 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, p: &Probe) -> Che
                 if response.code.is_some() =>
             {
                 let code = response.code.unwrap_or_default();
+                let _ = STATUS.try_with(|seen| seen.set(code));
                 let _ = s.shutdown().await;
                 return if p.check.matcher.matches(code) {
                     CheckResult::Pass

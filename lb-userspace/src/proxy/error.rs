@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::accesslog::LbError;
+
 /// Which party caused the failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -137,6 +139,48 @@ impl ProxyError {
     }
 }
 
+/// A failed TLS handshake with a target, as the source of [`ProxyError::Connect`]
+/// (TargetTLSNegotiationErrorCount tells it apart from a refused connection by this type).
+#[derive(Debug, thiserror::Error)]
+#[error("TLS handshake: {0}")]
+pub struct TargetTlsError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+impl ProxyError {
+    /// The access log's `lb_error_reason` (and the metrics that count target connection and
+    /// TLS failures).
+    pub fn lb_error(&self) -> LbError {
+        match self {
+            Self::BadRequest { .. }
+            | Self::ClientTimeout(_)
+            | Self::TooManyForwardedFor(_)
+            | Self::MethodNotAllowed
+            | Self::NotImplemented
+            | Self::VersionNotSupported
+            | Self::ProtocolMismatch => LbError::ClientRequest,
+            Self::ClientClosed => LbError::ClientClosed,
+            Self::NoTarget { .. } => LbError::NoTarget,
+            Self::Internal(_) => LbError::Internal,
+            Self::DrainExpired { .. } => LbError::TargetDrainExpired,
+            Self::ConnectTimeout { .. } => LbError::TargetConnectTimeout,
+            Self::TargetFailed { .. } => LbError::TargetResponseFailed,
+            Self::TargetTimeout { .. } => LbError::TargetResponseTimeout,
+            Self::Connect { source, .. } => {
+                if source.is::<TargetTlsError>() {
+                    return LbError::TargetTlsNegotiation;
+                }
+                let refused = source
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+                if refused {
+                    LbError::TargetConnectRefused
+                } else {
+                    LbError::TargetConnectFailed
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +198,16 @@ mod tests {
             source: "refused".into(),
         };
         assert_eq!(e.status().as_u16(), 502);
+        assert_eq!(e.lb_error(), LbError::TargetConnectFailed);
+        let e = ProxyError::Connect {
+            target: "127.0.0.1:1".into(),
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        };
+        assert_eq!(e.lb_error(), LbError::TargetConnectRefused);
+        let e = ProxyError::Connect {
+            target: "127.0.0.1:1".into(),
+            source: Box::new(TargetTlsError("bad certificate".into())),
+        };
+        assert_eq!(e.lb_error(), LbError::TargetTlsNegotiation);
     }
 }

@@ -48,17 +48,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use self::sniff::HEADER_TIMEOUT_REASON;
 pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
 mod abuse;
+mod exchange;
 mod head;
 mod limits;
 mod pipeline;
 mod sniff;
 pub mod tls;
 
+use crate::accesslog::{LogWriter, Record, TlsInfo};
 use crate::headers::XffMode;
+use crate::metrics::ListenerCells;
 use crate::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
 use crate::rules::RuleSet;
 use crate::targets::TargetGroup;
@@ -356,6 +360,9 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
 /// Target groups by name (the names forward actions use).
 pub type Groups = HashMap<String, Arc<TargetGroup>>;
 
+/// The access log the L7 tier writes one record per request to.
+pub type AccessLog = LogWriter<Box<Record>>;
+
 /// Everything the L7 tier serves.
 pub struct L7Config {
     /// Listeners with their rules.
@@ -364,9 +371,14 @@ pub struct L7Config {
     pub groups: Groups,
     /// Connections to targets.
     pub client: ClientConfig,
+    /// Where each request's access-log line goes (`None`: no access log; the metrics are
+    /// counted either way).
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
-/// Counters of the L7 tier (CloudWatch names in the docs). Read with `Ordering::Relaxed`.
+/// Counters of the whole L7 tier (CloudWatch names in the docs), the request ones derived from
+/// each request's record. Read with `Ordering::Relaxed`. The per-listener, per-group and
+/// per-target metrics are in [`crate::metrics`].
 #[derive(Debug, Default)]
 pub struct L7Counters {
     /// ClientTLSNegotiationErrorCount: TLS handshakes with clients that failed or timed out.
@@ -374,7 +386,8 @@ pub struct L7Counters {
     /// DesyncMitigationMode_NonCompliant_Request_Count: requests classified other than
     /// compliant (whatever the mode did with them).
     pub desync_non_compliant_requests: AtomicU64,
-    /// HTTP 460: the client closed the connection before the response was sent.
+    /// HTTP 460: the client closed the connection before the response was sent (also
+    /// counted in `elb_4xx`).
     pub client_closed_requests: AtomicU64,
     /// HTTPCode_ELB_4XX_Count.
     pub elb_4xx: AtomicU64,
@@ -410,6 +423,36 @@ impl L7Counters {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+
+    /// Counts one request from its record.
+    fn record(&self, r: &Record) {
+        use crate::accesslog::ActionKind;
+        if r.classification.tier > crate::proxy::desync::Tier::Compliant {
+            Self::add(&self.desync_non_compliant_requests, 1);
+        }
+        if r.generated_by_lb() {
+            match r.elb_status.unwrap_or(0) / 100 {
+                4 => Self::add(&self.elb_4xx, 1),
+                5 => Self::add(&self.elb_5xx, 1),
+                _ => {}
+            }
+        }
+        if r.elb_status == Some(460) {
+            Self::add(&self.client_closed_requests, 1);
+        }
+        if r.target.is_some() {
+            Self::add(&self.requests_forwarded, 1);
+        }
+        match r.action {
+            Some(ActionKind::FixedResponse) => Self::add(&self.fixed_responses, 1),
+            Some(ActionKind::Redirect) => Self::add(&self.redirects, 1),
+            _ => {}
+        }
+        Self::add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+        if r.lb_error_detail.as_deref() == Some(HEADER_TIMEOUT_REASON) {
+            Self::add(&self.header_timeouts, 1);
+        }
+    }
 }
 
 /// Lifecycle of the whole tier, broadcast to every accept loop, connection and tunnel.
@@ -429,11 +472,19 @@ struct Shared {
     forwarder: Forwarder,
     counters: Arc<L7Counters>,
     phase: watch::Receiver<Phase>,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// One listener at run time.
 struct Listener {
     cfg: ListenerConfig,
+    /// `cfg.name`, shared with every record.
+    name: Arc<str>,
+    /// Its metrics.
+    cells: Arc<ListenerCells>,
+    /// HTTPS: the certificate resolver, and each certificate's file (in the same order), to
+    /// log which one a connection got.
+    certificates: Option<(Arc<tls::SniResolver>, Vec<Arc<str>>)>,
     /// Swapped whole when a rule changes: a request evaluates one version from start to end,
     /// and open connections are not touched.
     rules: Arc<ArcSwap<RuleSet>>,
@@ -451,6 +502,18 @@ struct Listener {
 pub struct L7Handle {
     shared: Arc<Shared>,
     rules: Arc<HashMap<String, Arc<ArcSwap<RuleSet>>>>,
+    listeners: Arc<Vec<Arc<Listener>>>,
+}
+
+/// One listener's metrics, for the collect step.
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    /// The listener's name.
+    pub name: Arc<str>,
+    /// Its counters.
+    pub cells: Arc<ListenerCells>,
+    /// Client connections open now (ActiveConnectionCount).
+    pub open_connections: usize,
 }
 
 impl L7Handle {
@@ -473,6 +536,28 @@ impl L7Handle {
     /// The current target groups.
     pub fn groups(&self) -> Arc<Groups> {
         self.shared.groups.load_full()
+    }
+
+    /// Every listener's metrics now.
+    pub fn listener_metrics(&self) -> Vec<ListenerMetrics> {
+        self.listeners
+            .iter()
+            .map(|l| ListenerMetrics {
+                name: l.name.clone(),
+                cells: l.cells.clone(),
+                open_connections: l.connections.open(),
+            })
+            .collect()
+    }
+
+    /// Per-target connection pool statistics (see [`RunningL7::pool_stats`]).
+    pub fn pool_stats(&self) -> Vec<TargetPoolStats> {
+        self.shared.forwarder.stats()
+    }
+
+    /// The tier's counters.
+    pub fn counters(&self) -> &Arc<L7Counters> {
+        &self.shared.counters
     }
 }
 
@@ -533,6 +618,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         listeners,
         groups,
         client,
+        access_log,
     } = cfg;
     anyhow::ensure!(
         listeners.len() <= MAX_LISTENERS,
@@ -547,6 +633,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         forwarder: forwarder.clone(),
         counters: counters.clone(),
         phase: phase_rx,
+        access_log,
     });
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
@@ -554,12 +641,21 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     for (lcfg, rules) in listeners {
         let rules = Arc::new(ArcSwap::from_pointee(rules));
         rule_slots.insert(lcfg.name.clone(), rules.clone());
-        let tls = match lcfg.protocol {
-            ListenerProtocol::Http => None,
-            ListenerProtocol::Https => Some(tokio_rustls::TlsAcceptor::from(
-                tls::server_config(&lcfg.certificates)
-                    .with_context(|| format!("listener {}: loading certificates", lcfg.name))?,
-            )),
+        let (tls, certificates) = match lcfg.protocol {
+            ListenerProtocol::Http => (None, None),
+            ListenerProtocol::Https => {
+                let (config, resolver) = tls::server_config_with_resolver(&lcfg.certificates)
+                    .with_context(|| format!("listener {}: loading certificates", lcfg.name))?;
+                let files = lcfg
+                    .certificates
+                    .iter()
+                    .map(|c| Arc::from(c.cert.display().to_string()))
+                    .collect();
+                (
+                    Some(tokio_rustls::TlsAcceptor::from(config)),
+                    Some((resolver, files)),
+                )
+            }
         };
         let socket = TcpListener::bind(lcfg.bind)
             .await
@@ -567,6 +663,9 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         let local = socket.local_addr()?;
         addrs.push((lcfg.name.clone(), local));
         let listener = Arc::new(Listener {
+            name: Arc::from(lcfg.name.as_str()),
+            cells: Arc::default(),
+            certificates,
             port: local.port(),
             http: http_builder(),
             connections: limits::ConnectionLimits::new(
@@ -581,6 +680,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         bound.push((listener, socket));
     }
     let shared_for_handle = shared.clone();
+    let listeners_for_handle: Vec<Arc<Listener>> = bound.iter().map(|(l, _)| l.clone()).collect();
     let task = tokio::spawn(async move {
         let mut loops = JoinSet::new();
         for (listener, socket) in bound {
@@ -593,6 +693,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         handle: L7Handle {
             shared: shared_for_handle,
             rules: Arc::new(rule_slots),
+            listeners: Arc::new(listeners_for_handle),
         },
         counters,
         forwarder,
@@ -680,6 +781,7 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
             accepted = socket.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     L7Counters::add(&listener.shared.counters.new_connections, 1);
+                    L7Counters::add(&listener.cells.new_connections, 1);
                     match listener.connections.admit(peer.ip()) {
                         Ok(slot) => {
                             conns.spawn(serve_connection(listener.clone(), tcp, peer, slot));
@@ -687,6 +789,7 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
                         Err(over) => {
                             // Closed at once: no TLS handshake, no byte read or written.
                             L7Counters::add(&listener.shared.counters.rejected_connections, 1);
+                            L7Counters::add(&listener.cells.rejected_connections, 1);
                             tracing::debug!(listener = %listener.cfg.name, %peer, limit = %over, "connection rejected");
                             drop(tcp);
                         }
@@ -721,25 +824,62 @@ async fn serve_connection(
     let _ = tcp.set_nodelay(true);
     let counters = &listener.shared.counters;
     let slot = Arc::new(slot);
+    let id = rand::random::<u64>();
     match &listener.tls {
-        None => run_http(&listener, tcp, peer, true, slot).await,
+        None => {
+            run_http(
+                &listener,
+                tcp,
+                peer,
+                true,
+                slot,
+                exchange::ConnInfo { id, tls: None },
+            )
+            .await
+        }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(listener.cfg.idle_timeout, acceptor.accept(tcp));
             match handshake.await {
                 Ok(Ok(stream)) => {
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    run_http(&listener, stream, peer, !h2, slot).await;
+                    let session = stream.get_ref().1;
+                    let h2 = session.alpn_protocol() == Some(b"h2");
+                    let tls = tls_info(&listener, session);
+                    let conn = exchange::ConnInfo {
+                        id,
+                        tls: Some(Arc::new(tls)),
+                    };
+                    run_http(&listener, stream, peer, !h2, slot, conn).await;
                 }
                 Ok(Err(e)) => {
                     L7Counters::add(&counters.client_tls_negotiation_errors, 1);
+                    L7Counters::add(&listener.cells.client_tls_errors, 1);
                     tracing::debug!(listener = %listener.cfg.name, %peer, error = %e, "client TLS handshake failed");
                 }
                 Err(_) => {
                     L7Counters::add(&counters.client_tls_negotiation_errors, 1);
+                    L7Counters::add(&listener.cells.client_tls_errors, 1);
                     tracing::debug!(listener = %listener.cfg.name, %peer, "client TLS handshake timed out");
                 }
             }
         }
+    }
+}
+
+/// What the access log records of a client TLS session: cipher and protocol in OpenSSL's
+/// names, the SNI name, the certificate chosen.
+fn tls_info(listener: &Listener, session: &rustls::ServerConnection) -> TlsInfo {
+    let sni = session.server_name().map(str::to_owned);
+    let certificate = listener
+        .certificates
+        .as_ref()
+        .and_then(|(resolver, files)| files.get(resolver.choose_index(sni.as_deref())).cloned());
+    TlsInfo {
+        cipher: session
+            .negotiated_cipher_suite()
+            .map_or("-", |s| tls::openssl_cipher_name(s.suite())),
+        protocol: session.protocol_version().map_or("-", tls::protocol_name),
+        sni,
+        certificate,
     }
 }
 
@@ -749,6 +889,7 @@ async fn run_http<IO>(
     peer: SocketAddr,
     http1: bool,
     slot: Arc<limits::ConnectionSlot>,
+    conn: exchange::ConnInfo,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -770,6 +911,7 @@ async fn run_http<IO>(
         conn: conn_shared,
         slot,
         abuse: abuse.clone(),
+        info: conn,
     });
     let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
     let conn = listener
@@ -802,6 +944,7 @@ async fn run_http<IO>(
             () = abuse.tripped(), if !abusive => {
                 abusive = true;
                 L7Counters::add(&listener.shared.counters.http2_abusive_connections, 1);
+                L7Counters::add(&listener.cells.http2_abusive_connections, 1);
                 tracing::warn!(listener = %listener.cfg.name, %peer, "client keeps cancelling its HTTP/2 streams (rapid reset): closing the connection");
                 conn.as_mut().graceful_shutdown();
                 abuse_close.as_mut().reset(tokio::time::Instant::now() + abuse::ABUSE_CLOSE_GRACE);
@@ -941,6 +1084,7 @@ mod tests {
             )],
             groups: HashMap::new(),
             client: ClientConfig::default(),
+            access_log: None,
         };
         let err = start(cfg).await.err().expect("address in use");
         assert!(format!("{err:#}").contains("listener busy"), "{err:#}");

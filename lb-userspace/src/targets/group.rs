@@ -18,6 +18,7 @@ use super::config::{Algorithm, Stickiness, TargetGroupConfig};
 use super::routing;
 use super::state::{TargetAddr, TargetReason, TargetState};
 use super::sticky::{self, APP_COOKIE, CookieKey, CookieKind, LB_COOKIE, LB_CORS_COOKIE};
+use crate::metrics::{GroupCells, TargetCells};
 
 /// What a [`Picked`] guard shares with its group: the counters that outlive a deregistration
 /// (an in-flight request still finishes and releases its count), and the signal that the
@@ -31,6 +32,8 @@ struct TargetEntry {
     requests: AtomicU64,
     /// Cancelled when the target leaves the group.
     gone: CancellationToken,
+    /// Its request metrics (fed from each request's record).
+    metrics: Arc<TargetCells>,
 }
 
 /// A linear ramp of a newly healthy target's share (ALB slow start).
@@ -147,6 +150,7 @@ pub struct TargetGroup {
     requests: AtomicU64,
     unhealthy_routing_requests: AtomicU64,
     non_sticky_requests: AtomicU64,
+    metrics: GroupCells,
 }
 
 impl TargetGroup {
@@ -176,7 +180,22 @@ impl TargetGroup {
             requests: AtomicU64::new(0),
             unhealthy_routing_requests: AtomicU64::new(0),
             non_sticky_requests: AtomicU64::new(0),
+            metrics: GroupCells::default(),
         }
+    }
+
+    /// The group's request metrics (CloudWatch's target-group dimension).
+    pub fn metrics(&self) -> &GroupCells {
+        &self.metrics
+    }
+
+    /// Every registered target's request metrics.
+    pub fn target_metrics(&self) -> Vec<(SocketAddr, Arc<TargetCells>)> {
+        self.lock()
+            .slots
+            .iter()
+            .map(|s| (s.entry.addr, s.entry.metrics.clone()))
+            .collect()
     }
 
     /// The group's configuration.
@@ -444,6 +463,8 @@ impl TargetGroup {
             addr: entry.addr,
             entry,
             sticky,
+            non_sticky: self.config.stickiness.enabled() && !sticky,
+            unhealthy_routing: failing_open,
             cookie,
         })
     }
@@ -527,6 +548,7 @@ impl Inner {
                 outstanding: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 gone: CancellationToken::new(),
+                metrics: Arc::default(),
             }),
             id,
             weight: 1,
@@ -617,6 +639,8 @@ pub struct Picked {
     pub addr: SocketAddr,
     entry: Arc<TargetEntry>,
     sticky: bool,
+    non_sticky: bool,
+    unhealthy_routing: bool,
     cookie: Option<IssuedCookie>,
 }
 
@@ -625,6 +649,22 @@ impl Picked {
     /// with stickiness on the request counted as NonStickyRequestCount).
     pub fn sticky(&self) -> bool {
         self.sticky
+    }
+
+    /// The group has stickiness and no valid cookie chose this target
+    /// (NonStickyRequestCount).
+    pub fn non_sticky(&self) -> bool {
+        self.non_sticky
+    }
+
+    /// The pick happened while the group failed open (UnhealthyRoutingRequestCount).
+    pub fn unhealthy_routing(&self) -> bool {
+        self.unhealthy_routing
+    }
+
+    /// The target's request metrics.
+    pub fn metrics(&self) -> Arc<TargetCells> {
+        self.entry.metrics.clone()
     }
 
     /// Cancelled when the target leaves its group (its deregistration delay ended): the

@@ -348,6 +348,7 @@ pub struct ProxyBuilder {
     pub rules: RuleSet,
     pub groups: HashMap<String, Arc<TargetGroup>>,
     pub client: ClientConfig,
+    pub access_log: Option<Arc<lb::proxy::server::AccessLog>>,
 }
 
 impl ProxyBuilder {
@@ -363,6 +364,7 @@ impl ProxyBuilder {
             rules: rules(&["web,default,fixed-response=404"]),
             groups: HashMap::new(),
             client: ClientConfig::default(),
+            access_log: None,
         }
     }
 
@@ -411,6 +413,7 @@ impl ProxyBuilder {
             listeners: vec![(self.listener, self.rules)],
             groups: self.groups,
             client: self.client,
+            access_log: self.access_log,
         })
         .await
         .expect("start the L7 tier");

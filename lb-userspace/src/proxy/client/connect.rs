@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::{ClientConfig, Conn, ProxyBody, Target};
-use crate::proxy::error::ProxyError;
+use crate::proxy::error::{ProxyError, TargetTlsError};
 use crate::proxy::pool::{ConnId, ConnShared, DriverAction, H1Conn, H2Conn, TargetPool};
 
 /// Most response header lines accepted (hyper's default is 100). The byte limit
@@ -57,13 +57,16 @@ async fn establish(target: &Target, config: &ClientConfig) -> Result<Conn, Proxy
     let stream = match &target.tls {
         None => TargetStream::Plain(tcp),
         Some(Err(reason)) => {
-            return Err(connect_error(addr, format!("TLS configuration: {reason}")));
+            return Err(connect_error(
+                addr,
+                TargetTlsError(format!("TLS configuration: {reason}").into()),
+            ));
         }
         Some(Ok((tls_config, server_name))) => {
             let tls = TlsConnector::from(Arc::clone(tls_config))
                 .connect(server_name.clone(), tcp)
                 .await
-                .map_err(|e| connect_error(addr, e))?;
+                .map_err(|e| connect_error(addr, TargetTlsError(Box::new(e))))?;
             TargetStream::Tls(Box::new(tls))
         }
     };

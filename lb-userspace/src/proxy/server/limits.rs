@@ -96,9 +96,8 @@ impl ConnectionLimits {
         })
     }
 
-    /// Connections open now.
-    #[cfg(test)]
-    fn open(&self) -> usize {
+    /// Connections open now (ActiveConnectionCount).
+    pub(super) fn open(&self) -> usize {
         lock(&self.open).total
     }
 }

@@ -12,6 +12,11 @@
 //! Every response the load balancer makes itself has ALB's status and a small HTML body, and
 //! `Connection: close` where ALB closes the connection. A handler dropped before it produced a
 //! response means the client went away: 460, counted and traced, nothing sent.
+//!
+//! Each request fills one record ([`Exchange`]) on the way: emitted when the load balancer
+//! answers itself, when the response body ends or is dropped, when the handler is dropped
+//! (460), or when a WebSocket tunnel closes; the access log and every request counter come
+//! from it.
 use std::convert::Infallible;
 use std::future::Future as _;
 use std::net::SocketAddr;
@@ -30,9 +35,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::abuse::StreamCancellations;
+use super::exchange::{ConnInfo, Exchange};
 use super::limits::ConnectionSlot;
-use super::sniff::{self, ConnShared, HeadVerdict};
-use super::{L7Counters, Listener, Phase};
+use super::sniff::{ConnShared, HeadVerdict};
+use super::{Listener, Phase};
+use crate::accesslog::{ActionKind, LbError};
 use crate::headers::{apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id};
 use crate::proxy::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
@@ -53,6 +60,8 @@ pub(super) struct ConnCtx {
     pub slot: Arc<ConnectionSlot>,
     /// Cancelled and answered HTTP/2 streams (rapid-reset detection).
     pub abuse: Arc<StreamCancellations>,
+    /// What the connection tells each request's record.
+    pub info: ConnInfo,
 }
 
 /// A response and whether the client connection must close after it.
@@ -94,13 +103,14 @@ fn error_page(status: StatusCode) -> String {
     )
 }
 
-/// A load-balancer-generated error response.
-fn lb_error(counters: &L7Counters, status: StatusCode, close: bool) -> Outcome {
-    if status.is_server_error() {
-        L7Counters::add(&counters.elb_5xx, 1);
-    } else {
-        L7Counters::add(&counters.elb_4xx, 1);
-    }
+/// A load-balancer-generated error response; `why` goes into the record.
+fn lb_error(
+    ex: &mut Exchange,
+    status: StatusCode,
+    close: bool,
+    why: Option<(LbError, String)>,
+) -> Outcome {
+    ex.answer(status, why);
     let mut response = Response::new(full(error_page(status)));
     *response.status_mut() = status;
     response
@@ -115,12 +125,12 @@ fn closes_connection(status: StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 408 | 501 | 505)
 }
 
-fn from_error(counters: &L7Counters, e: &ProxyError) -> Outcome {
+fn from_error(ex: &mut Exchange, e: &ProxyError) -> Outcome {
     let status = e.status();
+    ex.failed(e);
     if let ProxyError::ClientClosed = e {
         // 460: the client went away (its request body broke off); nothing can reach it. The
         // response below only lets hyper finish; the connection closes.
-        L7Counters::add(&counters.client_closed_requests, 1);
         tracing::info!(
             status = status.as_u16(),
             "client closed the connection before the response"
@@ -133,7 +143,15 @@ fn from_error(counters: &L7Counters, e: &ProxyError) -> Outcome {
         };
     }
     tracing::debug!(error = %e, status = status.as_u16(), "request failed");
-    lb_error(counters, status, closes_connection(status))
+    let mut response = Response::new(full(error_page(status)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    Outcome {
+        response,
+        close: closes_connection(status),
+    }
 }
 
 /// Marks the request in flight until dropped (with the response body, if any).
@@ -152,12 +170,10 @@ impl Drop for Inflight {
     }
 }
 
-/// Counts 460 if the handler is dropped (hyper saw the client close, or the client reset the
-/// HTTP/2 stream) before a response exists; an HTTP/2 cancellation also goes to the
-/// connection's rapid-reset tally.
+/// Tallies an HTTP/2 stream for rapid-reset detection: cancelled if the handler is dropped
+/// (the client reset the stream) before a response exists, answered otherwise. (The 460
+/// itself is the record's: see [`Exchange`].)
 struct ClientGone {
-    counters: Arc<L7Counters>,
-    peer: SocketAddr,
     armed: bool,
     /// Set for HTTP/2 streams.
     stream: Option<Arc<StreamCancellations>>,
@@ -171,14 +187,6 @@ impl Drop for ClientGone {
             } else {
                 stream.answered();
             }
-        }
-        if self.armed {
-            L7Counters::add(&self.counters.client_closed_requests, 1);
-            tracing::info!(
-                client = %self.peer,
-                status = ProxyError::ClientClosed.status().as_u16(),
-                "client closed the connection before the response"
-            );
         }
     }
 }
@@ -215,12 +223,66 @@ impl<G: Send + Unpin + 'static> Body for Guarded<G> {
     }
 }
 
+/// The response body of a forwarded request: counts what reaches the client and emits the
+/// request's record when the body ends, fails or is dropped.
+struct Observed {
+    inner: ProxyBody,
+    exchange: Option<Exchange>,
+    inflight: Option<Inflight>,
+}
+
+impl Observed {
+    fn done(&mut self, error: Option<String>) {
+        if let Some(mut ex) = self.exchange.take() {
+            if let Some(e) = error {
+                ex.body_failed(e);
+            }
+            ex.finish();
+        }
+        self.inflight = None;
+    }
+}
+
+impl Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(d), Some(ex)) = (frame.data_ref(), this.exchange.as_mut()) {
+                    ex.sent_body(d.len() as u64);
+                }
+                if this.inner.is_end_stream() {
+                    this.done(None);
+                }
+            }
+            Poll::Ready(None) => this.done(None),
+            Poll::Ready(Some(Err(e))) => this.done(Some(e.to_string())),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The hyper service of one connection.
 pub(super) async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let counters = ctx.listener.shared.counters.clone();
     let version = req.version();
     if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
         // The connection was judged abusive (rapid reset) and is being closed: the streams
@@ -232,8 +294,6 @@ pub(super) async fn handle(
     }
     let inflight = Inflight::new(&ctx.conn);
     let mut gone = ClientGone {
-        counters: counters.clone(),
-        peer: ctx.peer,
         armed: true,
         stream: (version == Version::HTTP_2).then(|| ctx.abuse.clone()),
     };
@@ -242,11 +302,12 @@ pub(super) async fn handle(
     } else {
         ctx.conn.pop_verdict()
     };
+    let mut ex = Exchange::start(&ctx.listener, ctx.peer, &ctx.info, &req, verdict.as_ref());
     let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
     let Outcome {
         mut response,
         close,
-    } = route(&ctx, verdict, req).await;
+    } = route(&ctx, verdict, req, &mut ex).await;
     if upgrade_pending {
         ctx.conn
             .decide_upgrade(response.status() == StatusCode::SWITCHING_PROTOCOLS);
@@ -257,33 +318,60 @@ pub(super) async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     gone.armed = false;
+    ex.responding(response.status(), response.headers());
+    if !ex.answered_by_target() {
+        // The load balancer's own answer (or a 101 whose record went to the tunnel): its
+        // body is known whole, so the record is complete now.
+        if let Some(n) = response.body().size_hint().exact() {
+            ex.sent_body(n);
+        }
+        ex.finish();
+        return Ok(response.map(|b| {
+            Guarded {
+                inner: b,
+                guard: Some(inflight),
+            }
+            .boxed_unsync()
+        }));
+    }
+    if response.body().is_end_stream() {
+        // hyper may never poll an empty body.
+        ex.finish();
+        return Ok(response.map(|b| {
+            Guarded {
+                inner: b,
+                guard: Some(inflight),
+            }
+            .boxed_unsync()
+        }));
+    }
     Ok(response.map(|b| {
-        Guarded {
+        Observed {
             inner: b,
-            guard: Some(inflight),
+            exchange: Some(ex),
+            inflight: Some(inflight),
         }
         .boxed_unsync()
     }))
 }
 
-async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Incoming>) -> Outcome {
+async fn route(
+    ctx: &ConnCtx,
+    verdict: Option<HeadVerdict>,
+    mut req: Request<Incoming>,
+    ex: &mut Exchange,
+) -> Outcome {
     let listener = &ctx.listener;
-    let counters = &listener.shared.counters;
     let mut close_after = false;
     match verdict {
-        Some(HeadVerdict::Reject {
-            status,
-            reason,
-            classification,
-        }) => {
-            if classification.tier > Tier::Compliant {
-                L7Counters::add(&counters.desync_non_compliant_requests, 1);
-            }
-            if reason == sniff::HEADER_TIMEOUT_REASON {
-                L7Counters::add(&counters.header_timeouts, 1);
-            }
+        Some(HeadVerdict::Reject { status, reason, .. }) => {
             tracing::debug!(client = %ctx.peer, status = status.as_u16(), reason, "request rejected");
-            return lb_error(counters, status, true);
+            return lb_error(
+                ex,
+                status,
+                true,
+                Some((LbError::ClientRequest, reason.to_owned())),
+            );
         }
         Some(HeadVerdict::Pass {
             classification,
@@ -291,7 +379,6 @@ async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Inc
             ..
         }) => {
             if classification.tier > Tier::Compliant {
-                L7Counters::add(&counters.desync_non_compliant_requests, 1);
                 tracing::info!(
                     client = %ctx.peer,
                     classification = classification.tier.as_str(),
@@ -306,13 +393,13 @@ async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Inc
     }
 
     if req.method() == Method::TRACE {
-        return from_error(counters, &ProxyError::MethodNotAllowed);
+        return from_error(ex, &ProxyError::MethodNotAllowed);
     }
     if !matches!(
         req.version(),
         Version::HTTP_10 | Version::HTTP_11 | Version::HTTP_2
     ) {
-        return from_error(counters, &ProxyError::VersionNotSupported);
+        return from_error(ex, &ProxyError::VersionNotSupported);
     }
 
     let host = req
@@ -331,32 +418,44 @@ async fn route(ctx: &ConnCtx, verdict: Option<HeadVerdict>, mut req: Request<Inc
     // One version of the rules for the whole request, whatever changes meanwhile.
     let rules = listener.rules.load_full();
     let matched = rules.evaluate(&view);
-    L7Counters::add(
-        &counters.rule_evaluations,
-        u64::from(matched.rules_evaluated),
-    );
+    let kind = match matched.action {
+        Action::FixedResponse(_) => ActionKind::FixedResponse,
+        Action::Redirect(_) => ActionKind::Redirect,
+        Action::Forward(_) => ActionKind::Forward,
+    };
+    ex.rule(matched.priority, matched.rules_evaluated, kind);
     let mut outcome = match matched.action {
         Action::FixedResponse(fixed) => {
-            L7Counters::add(&counters.fixed_responses, 1);
-            Outcome::keep(fixed_response(fixed))
+            let response = fixed_response(fixed);
+            ex.answer(response.status(), None);
+            Outcome::keep(response)
         }
         Action::Redirect(redirect) => {
-            L7Counters::add(&counters.redirects, 1);
             let location = redirect.location(&view, listener.cfg.protocol.as_str(), listener.port);
+            ex.redirect(&location);
             let mut response = Response::new(full(Bytes::new()));
             *response.status_mut() = redirect.status();
             match HeaderValue::try_from(location) {
                 Ok(v) => {
                     response.headers_mut().insert(header::LOCATION, v);
+                    ex.answer(response.status(), None);
                     Outcome::keep(response)
                 }
-                Err(_) => lb_error(counters, StatusCode::INTERNAL_SERVER_ERROR, false),
+                Err(_) => lb_error(
+                    ex,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    false,
+                    Some((
+                        LbError::Internal,
+                        "redirect URL is not a valid header".into(),
+                    )),
+                ),
             }
         }
         Action::Forward(forward) => {
             let forward: &ForwardAction = forward;
             let upgrade = hyper::upgrade::on(&mut req);
-            forward_request(ctx, forward, req, upgrade, close_after).await
+            forward_request(ctx, forward, req, upgrade, close_after, ex).await
         }
     };
     outcome.close |= close_after;
@@ -400,13 +499,14 @@ async fn forward_request(
     req: Request<Incoming>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     close_target: bool,
+    ex: &mut Exchange,
 ) -> Outcome {
     let listener = &ctx.listener;
     let shared = &listener.shared;
-    let counters = &shared.counters;
 
     // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
-    let cookies = request_cookies(req.headers());
+    // Owned: the headers are rewritten before the pick (463 comes first).
+    let cookies = request_cookies(req.headers()).map(|c| c.into_owned());
     let sticky_group = forward.group_stickiness.and_then(|_| {
         cookie_values(cookies.as_deref()?, GROUP_COOKIE).find_map(|g| {
             forward
@@ -422,20 +522,20 @@ async fn forward_request(
     };
     let Some(group) = shared.groups.load().get(group_name).cloned() else {
         tracing::error!(group = %group_name, "forward action names an unknown target group");
-        return lb_error(counters, StatusCode::INTERNAL_SERVER_ERROR, false);
+        return lb_error(
+            ex,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            false,
+            Some((
+                LbError::Internal,
+                format!("forward action names an unknown target group {group_name:?}"),
+            )),
+        );
     };
     let group_cfg = group.config();
     if protocol_mismatch(&req, group_cfg.protocol_version) {
-        return from_error(counters, &ProxyError::ProtocolMismatch);
+        return from_error(ex, &ProxyError::ProtocolMismatch);
     }
-    let Some(picked) = group.pick(cookies.as_deref()) else {
-        return from_error(
-            counters,
-            &ProxyError::NoTarget {
-                group: group_name.to_owned(),
-            },
-        );
-    };
 
     let upgrade = wants_upgrade(&req);
     let (mut parts, body) = req.into_parts();
@@ -446,6 +546,7 @@ async fn forward_request(
         // HTTP/2 clients send `:authority`; HTTP/1 targets need `Host`.
         parts.headers.insert(header::HOST, h);
     }
+    // 463 before a target is picked: a refused request never counts on a target.
     if let Err(too_many) = apply_forwarded(
         &mut parts.headers,
         ctx.peer.ip(),
@@ -453,9 +554,19 @@ async fn forward_request(
         listener.port,
         listener.cfg.xff,
     ) {
-        return from_error(counters, &ProxyError::TooManyForwardedFor(too_many.count));
+        return from_error(ex, &ProxyError::TooManyForwardedFor(too_many.count));
     }
+    let Some(picked) = group.pick(cookies.as_deref()) else {
+        return from_error(
+            ex,
+            &ProxyError::NoTarget {
+                group: group_name.to_owned(),
+            },
+        );
+    };
+    ex.picked(&group, &picked);
     trace_id(&mut parts.headers, SystemTime::now(), &mut rand::rng());
+    ex.trace_id(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if close_target {
         // Ambiguous request (desync defensive mode): the target connection must not be reused.
@@ -475,6 +586,7 @@ async fn forward_request(
         ProtocolVersion::Http1 => Version::HTTP_11,
     };
     parts.version = target_version;
+    let body = ex.count_body(body);
     let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     let endpoint = TargetEndpoint {
         addr: picked.addr,
@@ -485,32 +597,22 @@ async fn forward_request(
         }),
         http2: group_cfg.protocol_version == ProtocolVersion::Http2,
     };
-    L7Counters::add(&counters.requests_forwarded, 1);
     // When the target's deregistration delay ends, what is still open on it is closed.
     let gone = picked.gone();
+    ex.dispatching();
     let forwarded = tokio::select! {
         result = shared.forwarder.forward(&endpoint, request) => match result {
             Ok(f) => f,
-            Err(e) => return from_error(counters, &e),
+            Err(e) => return from_error(ex, &e),
         },
         () = gone.cancelled() => {
-            return from_error(counters, &ProxyError::DrainExpired { target: picked.addr.to_string() });
+            return from_error(ex, &ProxyError::DrainExpired { target: picked.addr.to_string() });
         }
     };
+    ex.forwarded(&forwarded);
     let mut response = forwarded.response;
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade;
-    if switching {
-        let target_upgrade = hyper::upgrade::on(&mut response);
-        let phase = shared.phase.clone();
-        tokio::spawn(tunnel(
-            client_upgrade,
-            target_upgrade,
-            phase,
-            gone.clone(),
-            ctx.peer,
-            ctx.slot.clone(),
-        ));
-    }
+    let target_upgrade = switching.then(|| hyper::upgrade::on(&mut response));
     strip_hop_by_hop(response.headers_mut(), switching);
     for cookie in picked.set_cookies(response.headers()) {
         response.headers_mut().append(header::SET_COOKIE, cookie);
@@ -522,6 +624,20 @@ async fn forward_request(
         ))
     {
         response.headers_mut().append(header::SET_COOKIE, v);
+    }
+    if let Some(target_upgrade) = target_upgrade {
+        // The record goes with the tunnel: a WebSocket is logged when it closes.
+        ex.responding(response.status(), response.headers());
+        let record = ex.split_off();
+        tokio::spawn(tunnel(
+            client_upgrade,
+            target_upgrade,
+            shared.phase.clone(),
+            gone.clone(),
+            ctx.peer,
+            ctx.slot.clone(),
+            record,
+        ));
     }
     let response = response.map(|b| {
         Guarded {
@@ -584,15 +700,17 @@ async fn tunnel(
     gone: tokio_util::sync::CancellationToken,
     peer: SocketAddr,
     _slot: Arc<ConnectionSlot>,
+    mut record: Exchange,
 ) {
     let (client, target) = match tokio::try_join!(client, target) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(client = %peer, error = %e, "upgrade failed");
+            record.body_failed(format!("upgrade failed: {e}"));
             return;
         }
     };
-    let mut client = TokioIo::new(client);
+    let mut client = TokioIo::new(Tally::new(client));
     let mut target = TokioIo::new(target);
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut target) => {
@@ -610,6 +728,68 @@ async fn tunnel(
         () = gone.cancelled() => {
             tracing::debug!(client = %peer, "tunnel closed: its target left the group");
         }
+    }
+    let tally = client.inner();
+    record.tunnel_closed(tally.read, tally.written);
+    record.finish();
+}
+
+/// The client side of a tunnel, counting the bytes each way (the WebSocket's record).
+struct Tally<IO> {
+    io: IO,
+    read: u64,
+    written: u64,
+}
+
+impl<IO> Tally<IO> {
+    fn new(io: IO) -> Self {
+        Self {
+            io,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<IO: hyper::rt::Read + Unpin> hyper::rt::Read for Tally<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        // Count through a small stack buffer: ReadBufCursor does not say how much was filled.
+        let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+        let want = buf.remaining().min(tmp.len());
+        let mut inner = hyper::rt::ReadBuf::uninit(&mut tmp[..want]);
+        let polled = Pin::new(&mut self.io).poll_read(cx, inner.unfilled());
+        if let Poll::Ready(Ok(())) = polled {
+            let filled = inner.filled();
+            self.read += filled.len() as u64;
+            buf.put_slice(filled);
+        }
+        polled
+    }
+}
+
+impl<IO: hyper::rt::Write + Unpin> hyper::rt::Write for Tally<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

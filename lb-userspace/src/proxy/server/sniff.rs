@@ -48,7 +48,7 @@ const HTTP2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
 const SYNTHETIC_HEAD: &[u8] = b"GET / HTTP/1.1\r\nhost: lb.invalid\r\nconnection: close\r\n\r\n";
 
 /// What the sniffer decided about one HTTP/1 request head, for the request handler.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HeadVerdict {
     /// hyper got the original head.
     Pass {
@@ -59,6 +59,9 @@ pub enum HeadVerdict {
         /// The request may upgrade the connection; the handler must call
         /// [`ConnShared::decide_upgrade`].
         upgrade: bool,
+        /// Bytes of the head as the client sent it (request line through the empty line):
+        /// the access log's `received_bytes` counts them.
+        head_len: usize,
     },
     /// hyper got [`SYNTHETIC_HEAD`]; answer `status` and close.
     Reject {
@@ -68,7 +71,42 @@ pub enum HeadVerdict {
         reason: &'static str,
         /// The classification (compliant for limits, 408, 501, 505).
         classification: Classification,
+        /// The request line and host, when the head was complete enough to have them (the
+        /// access log shows what the client sent, not the synthetic head hyper got).
+        line: Option<Box<RawRequestLine>>,
+        /// Bytes of the head received.
+        head_len: usize,
     },
+}
+
+/// A rejected request's line as the client wrote it (lossy UTF-8, each part at most
+/// [`MAX_LINE`] bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawRequestLine {
+    /// The method token.
+    pub method: String,
+    /// The request target.
+    pub target: String,
+    /// The version token.
+    pub version: String,
+    /// The first `Host` header's value, trimmed.
+    pub host: Option<String>,
+}
+
+impl RawRequestLine {
+    fn of(raw: &desync::RawHead<'_>) -> Box<Self> {
+        let text = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(MAX_LINE)]).into_owned();
+        Box::new(Self {
+            method: text(raw.method),
+            target: text(raw.target),
+            version: text(raw.version.trim_ascii()),
+            host: raw
+                .headers
+                .iter()
+                .find(|h| !h.continuation && h.name.trim_ascii().eq_ignore_ascii_case(b"host"))
+                .map(|h| text(h.value.trim_ascii())),
+        })
+    }
 }
 
 /// State shared between a connection's [`Sniffer`] and its request handler.
@@ -190,6 +228,8 @@ pub struct Sniffer<IO> {
     /// Any byte received on this connection yet.
     seen_any: bool,
     first_head: bool,
+    /// Length of the last complete head (a rejection after it reports it).
+    last_head_len: usize,
     idle_timeout: Duration,
     last_read: Instant,
     sleep: Pin<Box<Sleep>>,
@@ -232,6 +272,7 @@ impl<IO> Sniffer<IO> {
             stop_after_body: false,
             seen_any: false,
             first_head: true,
+            last_head_len: 0,
             idle_timeout,
             last_read: now,
             sleep: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
@@ -246,10 +287,27 @@ impl<IO> Sniffer<IO> {
     }
 
     fn reject(&mut self, status: StatusCode, reason: &'static str, classification: Classification) {
+        self.reject_line(status, reason, classification, None);
+    }
+
+    fn reject_line(
+        &mut self,
+        status: StatusCode,
+        reason: &'static str,
+        classification: Classification,
+        line: Option<Box<RawRequestLine>>,
+    ) {
+        let head_len = if self.head.is_empty() {
+            std::mem::take(&mut self.last_head_len)
+        } else {
+            self.head.len()
+        };
         self.push_verdict(HeadVerdict::Reject {
             status,
             reason,
             classification,
+            line,
+            head_len,
         });
         self.out.extend_from_slice(SYNTHETIC_HEAD);
         self.head.clear();
@@ -454,6 +512,7 @@ impl<IO> Sniffer<IO> {
     fn complete_head(&mut self) {
         self.head_deadline = None;
         let head = std::mem::take(&mut self.head);
+        self.last_head_len = head.len();
         self.line_start = 0;
         let request_line = self.request_line.take().unwrap_or(0);
         let first = std::mem::replace(&mut self.first_head, false);
@@ -485,25 +544,41 @@ impl<IO> Sniffer<IO> {
         let mitigation = self.mode.mitigation(c.tier);
         if mitigation == Mitigation::Block {
             let reason = c.reason.map_or("non-compliant request", |r| r.as_str());
-            self.reject(StatusCode::BAD_REQUEST, reason, c);
+            self.reject_line(
+                StatusCode::BAD_REQUEST,
+                reason,
+                c,
+                Some(RawRequestLine::of(&raw)),
+            );
             return;
         }
         let p = head::prepare(&raw);
         if p.trace && (p.unsupported_coding || p.version.is_none()) {
             // ALB's order: 405 for TRACE comes before 501 and 505.
-            self.reject(StatusCode::METHOD_NOT_ALLOWED, "TRACE", c);
+            self.reject_line(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "TRACE",
+                c,
+                Some(RawRequestLine::of(&raw)),
+            );
             return;
         }
         if p.version.is_none() {
-            self.reject(
+            self.reject_line(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                 "unsupported HTTP version",
                 c,
+                Some(RawRequestLine::of(&raw)),
             );
             return;
         }
         if let Some(reason) = p.malformed {
-            self.reject(StatusCode::BAD_REQUEST, reason, c);
+            self.reject_line(
+                StatusCode::BAD_REQUEST,
+                reason,
+                c,
+                Some(RawRequestLine::of(&raw)),
+            );
             return;
         }
         if p.version == Some(head::Version::Http11) && p.host_headers != 1 {
@@ -514,14 +589,20 @@ impl<IO> Sniffer<IO> {
             } else {
                 "more than one Host header"
             };
-            self.reject(StatusCode::BAD_REQUEST, reason, c);
+            self.reject_line(
+                StatusCode::BAD_REQUEST,
+                reason,
+                c,
+                Some(RawRequestLine::of(&raw)),
+            );
             return;
         }
         if p.unsupported_coding {
-            self.reject(
+            self.reject_line(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported transfer-encoding",
                 c,
+                Some(RawRequestLine::of(&raw)),
             );
             return;
         }
@@ -529,7 +610,9 @@ impl<IO> Sniffer<IO> {
             classification: c,
             mitigation,
             upgrade: p.upgrade,
+            head_len: head.len(),
         });
+        self.last_head_len = 0;
         // hyper gets the rebuilt head, never the client's bytes: it frames what we framed.
         self.out.extend_from_slice(&p.head);
         self.upgrade_after_body = p.upgrade;

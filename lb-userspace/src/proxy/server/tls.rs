@@ -69,10 +69,11 @@ pub fn provider() -> CryptoProvider {
 /// matches exactly one label), else the default (first) certificate, as ALB does.
 #[derive(Debug)]
 pub struct SniResolver {
-    default: Arc<CertifiedKey>,
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    /// Wildcard SANs by their suffix (`example.com` for `*.example.com`).
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    keys: Vec<Arc<CertifiedKey>>,
+    /// Exact SAN → index into `keys`.
+    exact: HashMap<String, usize>,
+    /// Wildcard SANs by their suffix (`example.com` for `*.example.com`) → index.
+    wildcard: HashMap<String, usize>,
 }
 
 impl SniResolver {
@@ -80,10 +81,12 @@ impl SniResolver {
     /// leaf certificate's subjectAltName dNSName entries. When two certificates claim the same
     /// name, the earlier one wins.
     pub fn new(keys: Vec<Arc<CertifiedKey>>) -> Result<Self, TlsError> {
-        let default = keys.first().cloned().ok_or(TlsError::NoCertificates)?;
+        if keys.is_empty() {
+            return Err(TlsError::NoCertificates);
+        }
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
-        for key in keys {
+        for (i, key) in keys.iter().enumerate() {
             let Some(leaf) = key.cert.first() else {
                 continue;
             };
@@ -91,38 +94,41 @@ impl SniResolver {
                 let name = name.to_ascii_lowercase();
                 match name.strip_prefix("*.") {
                     Some(suffix) => {
-                        wildcard
-                            .entry(suffix.to_owned())
-                            .or_insert_with(|| key.clone());
+                        wildcard.entry(suffix.to_owned()).or_insert(i);
                     }
                     None => {
-                        exact.entry(name).or_insert_with(|| key.clone());
+                        exact.entry(name).or_insert(i);
                     }
                 }
             }
         }
         Ok(Self {
-            default,
+            keys,
             exact,
             wildcard,
         })
     }
 
-    /// The certificate for an SNI name (or for none).
-    pub fn choose(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+    /// Which certificate (its index in the listener's list) serves an SNI name (or none).
+    pub fn choose_index(&self, sni: Option<&str>) -> usize {
         let Some(name) = sni else {
-            return self.default.clone();
+            return 0;
         };
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(k) = self.exact.get(&name) {
-            return k.clone();
+        if let Some(&k) = self.exact.get(&name) {
+            return k;
         }
         if let Some((_, parent)) = name.split_once('.')
-            && let Some(k) = self.wildcard.get(parent)
+            && let Some(&k) = self.wildcard.get(parent)
         {
-            return k.clone();
+            return k;
         }
-        self.default.clone()
+        0
+    }
+
+    /// The certificate for an SNI name (or for none).
+    pub fn choose(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        self.keys[self.choose_index(sni)].clone()
     }
 }
 
@@ -163,12 +169,20 @@ pub fn load(
 
 /// The rustls server configuration of an HTTPS listener.
 pub fn server_config(certs: &[CertificateSpec]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_with_resolver(certs).map(|(c, _)| c)
+}
+
+/// [`server_config`] and its certificate resolver (to tell which certificate a connection
+/// got, for the access log's `chosen_cert_arn`).
+pub fn server_config_with_resolver(
+    certs: &[CertificateSpec],
+) -> Result<(Arc<rustls::ServerConfig>, Arc<SniResolver>), TlsError> {
     let provider = Arc::new(provider());
     let keys = certs
         .iter()
         .map(|c| load(c, &provider))
         .collect::<Result<Vec<_>, _>>()?;
-    let resolver = SniResolver::new(keys)?;
+    let resolver = Arc::new(SniResolver::new(keys)?);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|source| TlsError::Rustls {
@@ -176,9 +190,9 @@ pub fn server_config(certs: &[CertificateSpec]) -> Result<Arc<rustls::ServerConf
             source,
         })?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok((Arc::new(cfg), resolver))
 }
 
 /// Reads one DER TLV at the start of `data`: (tag, content, rest).
@@ -263,6 +277,33 @@ pub fn san_dns_names(der: &[u8]) -> Vec<String> {
     };
     let _ = parse();
     names
+}
+
+/// OpenSSL's name of a cipher suite, as ALB logs it in `ssl_cipher` (`-` for one rustls
+/// knows and OpenSSL has no name for here).
+pub fn openssl_cipher_name(suite: rustls::CipherSuite) -> &'static str {
+    use rustls::CipherSuite as C;
+    match suite {
+        C::TLS13_AES_128_GCM_SHA256 => "TLS_AES_128_GCM_SHA256",
+        C::TLS13_AES_256_GCM_SHA384 => "TLS_AES_256_GCM_SHA384",
+        C::TLS13_CHACHA20_POLY1305_SHA256 => "TLS_CHACHA20_POLY1305_SHA256",
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => "ECDHE-ECDSA-AES128-GCM-SHA256",
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => "ECDHE-ECDSA-AES256-GCM-SHA384",
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => "ECDHE-ECDSA-CHACHA20-POLY1305",
+        C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => "ECDHE-RSA-AES128-GCM-SHA256",
+        C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => "ECDHE-RSA-AES256-GCM-SHA384",
+        C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => "ECDHE-RSA-CHACHA20-POLY1305",
+        _ => "-",
+    }
+}
+
+/// `TLSv1.2` / `TLSv1.3`, as ALB logs `ssl_protocol`.
+pub fn protocol_name(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "-",
+    }
 }
 
 #[cfg(test)]

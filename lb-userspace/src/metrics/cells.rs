@@ -1,0 +1,409 @@
+//! The L7 tier's counters: plain atomics owned by the listener, the target group and the
+//! target they count, so recording a request takes no lock and no lookup (`Relaxed` adds on
+//! cells the request already holds). Each is fed only from a request's [`Record`], once.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::accesslog::{ActionKind, LbError, Record};
+use crate::proxy::desync::Tier;
+
+/// Upper bounds (seconds) of TargetResponseTime's buckets; a last one is +Inf.
+pub const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0,
+];
+
+/// Rules evaluated per request that LCUs do not charge (ALB: the first 10).
+pub const FREE_RULE_EVALUATIONS: u32 = 10;
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// A fixed-bucket histogram of durations (Prometheus-style: cumulative on export).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
+        add(&self.buckets[i], 1);
+        add(
+            &self.sum_micros,
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+        );
+        add(&self.count, 1);
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: self.buckets.iter().map(get).collect(),
+            sum_micros: get(&self.sum_micros),
+            count: get(&self.count),
+        }
+    }
+}
+
+/// A histogram's counts at one time: per bucket (not cumulative; the last is +Inf), the sum
+/// of the observations and their number.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistogramSnapshot {
+    /// Observations per bucket of [`BUCKETS`], then over the last bound.
+    pub buckets: Vec<u64>,
+    /// Sum of the observations, in microseconds.
+    pub sum_micros: u64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl HistogramSnapshot {
+    /// What was observed between `earlier` and `self` (counter resets read as a restart).
+    pub fn since(&self, earlier: &Self) -> Self {
+        if earlier.count > self.count || earlier.buckets.len() != self.buckets.len() {
+            return self.clone();
+        }
+        Self {
+            buckets: self
+                .buckets
+                .iter()
+                .zip(&earlier.buckets)
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+            sum_micros: self.sum_micros.saturating_sub(earlier.sum_micros),
+            count: self.count - earlier.count,
+        }
+    }
+
+    /// Mean in seconds (None without observations).
+    pub fn average(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum_micros as f64 / 1e6 / self.count as f64)
+    }
+
+    /// The `q` quantile (0–1) in seconds, interpolated linearly inside its bucket as
+    /// Prometheus's `histogram_quantile` does (so it is as precise as the buckets); an
+    /// observation beyond the last bound reads as that bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * self.count as f64;
+        let mut seen = 0u64;
+        for (i, &n) in self.buckets.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            if (seen + n) as f64 >= rank {
+                let Some(&upper) = BUCKETS.get(i) else {
+                    return BUCKETS.last().copied();
+                };
+                let lower = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+                let within = (rank - seen as f64) / n as f64;
+                return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
+            }
+            seen += n;
+        }
+        BUCKETS.last().copied()
+    }
+}
+
+/// Per-listener counters (CloudWatch's load-balancer dimension).
+#[derive(Debug, Default)]
+pub struct ListenerCells {
+    /// NewConnectionCount.
+    pub new_connections: AtomicU64,
+    /// RejectedConnectionCount.
+    pub rejected_connections: AtomicU64,
+    /// ClientTLSNegotiationErrorCount.
+    pub client_tls_errors: AtomicU64,
+    /// HTTP2AbusiveConnectionCount.
+    pub http2_abusive_connections: AtomicU64,
+    processed_bytes: AtomicU64,
+    requests: AtomicU64,
+    elb_3xx: AtomicU64,
+    elb_4xx: AtomicU64,
+    elb_5xx: AtomicU64,
+    elb_500: AtomicU64,
+    elb_502: AtomicU64,
+    elb_503: AtomicU64,
+    elb_504: AtomicU64,
+    rule_evaluations: AtomicU64,
+    lcu_rule_evaluations: AtomicU64,
+    fixed_responses: AtomicU64,
+    redirects: AtomicU64,
+    desync_non_compliant: AtomicU64,
+    header_timeouts: AtomicU64,
+}
+
+/// The counts of a [`ListenerCells`] now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs, reason = "each field is the metric of the same name")]
+pub struct ListenerCounts {
+    pub new_connections: u64,
+    pub rejected_connections: u64,
+    pub client_tls_errors: u64,
+    pub http2_abusive_connections: u64,
+    pub processed_bytes: u64,
+    pub requests: u64,
+    pub elb_3xx: u64,
+    pub elb_4xx: u64,
+    pub elb_5xx: u64,
+    pub elb_500: u64,
+    pub elb_502: u64,
+    pub elb_503: u64,
+    pub elb_504: u64,
+    pub rule_evaluations: u64,
+    pub lcu_rule_evaluations: u64,
+    pub fixed_responses: u64,
+    pub redirects: u64,
+    pub desync_non_compliant: u64,
+    pub header_timeouts: u64,
+}
+
+/// What the pipeline tells apart that the record alone does not: a 408 from the header
+/// deadline (its `lb_error_detail`).
+pub const HEADER_TIMEOUT_DETAIL: &str = crate::proxy::server::HEADER_TIMEOUT_REASON;
+
+impl ListenerCells {
+    /// Counts one request.
+    pub fn record(&self, r: &Record) {
+        add(&self.processed_bytes, r.received_bytes + r.sent_bytes);
+        if r.target.is_some() {
+            add(&self.requests, 1);
+        }
+        if r.generated_by_lb()
+            && let Some(status) = r.elb_status
+        {
+            match status / 100 {
+                3 => add(&self.elb_3xx, 1),
+                4 => add(&self.elb_4xx, 1),
+                5 => add(&self.elb_5xx, 1),
+                _ => {}
+            }
+            match status {
+                500 => add(&self.elb_500, 1),
+                502 => add(&self.elb_502, 1),
+                503 => add(&self.elb_503, 1),
+                504 => add(&self.elb_504, 1),
+                _ => {}
+            }
+        }
+        add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+        add(
+            &self.lcu_rule_evaluations,
+            u64::from(r.rules_evaluated.saturating_sub(FREE_RULE_EVALUATIONS)),
+        );
+        match r.action {
+            Some(ActionKind::FixedResponse) => add(&self.fixed_responses, 1),
+            Some(ActionKind::Redirect) => add(&self.redirects, 1),
+            _ => {}
+        }
+        if r.classification.tier > Tier::Compliant {
+            add(&self.desync_non_compliant, 1);
+        }
+        if r.lb_error_detail.as_deref() == Some(HEADER_TIMEOUT_DETAIL) {
+            add(&self.header_timeouts, 1);
+        }
+    }
+
+    /// The counts now.
+    pub fn counts(&self) -> ListenerCounts {
+        ListenerCounts {
+            new_connections: get(&self.new_connections),
+            rejected_connections: get(&self.rejected_connections),
+            client_tls_errors: get(&self.client_tls_errors),
+            http2_abusive_connections: get(&self.http2_abusive_connections),
+            processed_bytes: get(&self.processed_bytes),
+            requests: get(&self.requests),
+            elb_3xx: get(&self.elb_3xx),
+            elb_4xx: get(&self.elb_4xx),
+            elb_5xx: get(&self.elb_5xx),
+            elb_500: get(&self.elb_500),
+            elb_502: get(&self.elb_502),
+            elb_503: get(&self.elb_503),
+            elb_504: get(&self.elb_504),
+            rule_evaluations: get(&self.rule_evaluations),
+            lcu_rule_evaluations: get(&self.lcu_rule_evaluations),
+            fixed_responses: get(&self.fixed_responses),
+            redirects: get(&self.redirects),
+            desync_non_compliant: get(&self.desync_non_compliant),
+            header_timeouts: get(&self.header_timeouts),
+        }
+    }
+}
+
+/// Counters of requests sent to one target (and, inside [`GroupCells`], to a group).
+#[derive(Debug, Default)]
+pub struct TargetCells {
+    requests: AtomicU64,
+    target_2xx: AtomicU64,
+    target_3xx: AtomicU64,
+    target_4xx: AtomicU64,
+    target_5xx: AtomicU64,
+    connection_errors: AtomicU64,
+    tls_errors: AtomicU64,
+    /// TargetResponseTime.
+    pub response_time: Histogram,
+}
+
+/// The counts of a [`TargetCells`] now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs, reason = "each field is the metric of the same name")]
+pub struct TargetCounts {
+    pub requests: u64,
+    pub target_2xx: u64,
+    pub target_3xx: u64,
+    pub target_4xx: u64,
+    pub target_5xx: u64,
+    pub connection_errors: u64,
+    pub tls_errors: u64,
+}
+
+impl TargetCells {
+    /// Counts one request sent (or being sent) to the target.
+    pub fn record(&self, r: &Record) {
+        add(&self.requests, 1);
+        if let Some(s) = r.target_status {
+            match s / 100 {
+                2 => add(&self.target_2xx, 1),
+                3 => add(&self.target_3xx, 1),
+                4 => add(&self.target_4xx, 1),
+                5 => add(&self.target_5xx, 1),
+                _ => {}
+            }
+        }
+        if let Some(t) = r.target_processing {
+            self.response_time.observe(t);
+        }
+        if let Some(e) = r.lb_error {
+            if e.is_target_connection_error() {
+                add(&self.connection_errors, 1);
+            }
+            if e == LbError::TargetTlsNegotiation {
+                add(&self.tls_errors, 1);
+            }
+        }
+    }
+
+    /// The counts now.
+    pub fn counts(&self) -> TargetCounts {
+        TargetCounts {
+            requests: get(&self.requests),
+            target_2xx: get(&self.target_2xx),
+            target_3xx: get(&self.target_3xx),
+            target_4xx: get(&self.target_4xx),
+            target_5xx: get(&self.target_5xx),
+            connection_errors: get(&self.connection_errors),
+            tls_errors: get(&self.tls_errors),
+        }
+    }
+}
+
+/// Per-target-group counters.
+#[derive(Debug, Default)]
+pub struct GroupCells {
+    /// What every target counts, for the whole group (kept here: a deregistered target's
+    /// counts stay in its group's).
+    pub all: TargetCells,
+    non_sticky: AtomicU64,
+    unhealthy_routing: AtomicU64,
+}
+
+impl GroupCells {
+    /// Counts one request sent (or being sent) to a target of the group.
+    pub fn record(&self, r: &Record) {
+        self.all.record(r);
+        if r.non_sticky {
+            add(&self.non_sticky, 1);
+        }
+        if r.unhealthy_routing {
+            add(&self.unhealthy_routing, 1);
+        }
+    }
+
+    /// NonStickyRequestCount, UnhealthyRoutingRequestCount.
+    pub fn routing_counts(&self) -> (u64, u64) {
+        (get(&self.non_sticky), get(&self.unhealthy_routing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accesslog::RequestType;
+
+    fn record() -> Record {
+        Record::new(
+            RequestType::Http,
+            "web".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            1,
+            None,
+        )
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_buckets() {
+        let h = Histogram::default();
+        for ms in [1, 1, 1, 1, 1, 1, 1, 1, 1, 100] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 10);
+        assert!((s.average().unwrap() - 0.0109).abs() < 1e-9);
+        let p50 = s.quantile(0.5).unwrap();
+        assert!((0.0005..=0.001).contains(&p50), "{p50}");
+        let p99 = s.quantile(0.99).unwrap();
+        assert!((0.05..=0.1).contains(&p99), "{p99}");
+        assert_eq!(HistogramSnapshot::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn a_histogram_since_an_earlier_snapshot_holds_only_the_new_observations() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        let before = h.snapshot();
+        h.observe(Duration::from_secs(90));
+        let d = h.snapshot().since(&before);
+        assert_eq!(d.count, 1);
+        assert_eq!(d.buckets.last(), Some(&1));
+        assert_eq!(
+            d.quantile(0.5),
+            Some(60.0),
+            "beyond the last bound reads as it"
+        );
+    }
+
+    #[test]
+    fn a_load_balancer_generated_status_counts_once_in_its_class_and_split() {
+        let cells = ListenerCells::default();
+        let mut r = record();
+        r.elb_status = Some(502);
+        r.target = Some("127.0.0.1:9".parse().unwrap());
+        r.rules_evaluated = 12;
+        r.received_bytes = 10;
+        r.sent_bytes = 5;
+        cells.record(&r);
+        let mut forwarded = record();
+        forwarded.elb_status = Some(503);
+        forwarded.target_status = Some(503);
+        cells.record(&forwarded);
+        let c = cells.counts();
+        assert_eq!((c.elb_5xx, c.elb_502, c.elb_503), (1, 1, 0));
+        assert_eq!(c.requests, 1);
+        assert_eq!((c.rule_evaluations, c.lcu_rule_evaluations), (12, 2));
+        assert_eq!(c.processed_bytes, 15);
+    }
+}

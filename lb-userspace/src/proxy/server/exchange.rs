@@ -1,0 +1,475 @@
+//! One request's [`Record`], filled as the pipeline goes and emitted exactly once: when the
+//! response body ends or is dropped, when the load balancer answers itself, when the client
+//! goes away before any response (460), or when a WebSocket tunnel closes. Emitting feeds
+//! every L7 request counter (listener, target group, target, [`L7Counters`]) and the access
+//! log from the same record, so they always agree.
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::sniff::HeadVerdict;
+use super::{L7Counters, Listener};
+use crate::accesslog::{
+    ActionKind, LbError, Record, RequestLine, RequestType, TargetConnection, TlsInfo,
+};
+use crate::metrics::TargetCells;
+use crate::proxy::client::Forwarded;
+use crate::proxy::error::ProxyError;
+use crate::targets::{Picked, TargetGroup};
+
+/// What a connection tells each of its requests' records.
+pub(super) struct ConnInfo {
+    /// `conn_trace_id`.
+    pub id: u64,
+    /// TLS details (HTTPS).
+    pub tls: Option<Arc<TlsInfo>>,
+}
+
+/// Size of a head as HTTP/1.1 writes it: start line, `name: value` lines, empty line. For
+/// HTTP/2 heads (HPACK-compressed on the wire) the same count stands for their size.
+pub(super) fn head_bytes(start_line: usize, headers: &HeaderMap) -> u64 {
+    let fields: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    (start_line + 2 + fields + 2) as u64
+}
+
+/// `HTTP/1.1`, as in a request line.
+fn version_text(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "-",
+    }
+}
+
+/// A response head's size (see [`head_bytes`]): `HTTP/1.1 200 OK` and the headers.
+pub(super) fn response_head_bytes(status: StatusCode, headers: &HeaderMap) -> u64 {
+    let reason = status.canonical_reason().map_or(0, |r| r.len() + 1);
+    head_bytes("HTTP/1.1 200".len() + reason, headers)
+}
+
+/// The record of one request and what emitting it needs.
+pub(super) struct Exchange {
+    record: Option<Box<Record>>,
+    listener: Arc<Listener>,
+    counters: Arc<L7Counters>,
+    started: Instant,
+    head_len: u64,
+    body_in: Option<Arc<AtomicU64>>,
+    group: Option<Arc<TargetGroup>>,
+    target_cells: Option<Arc<TargetCells>>,
+    sent_at: Option<Instant>,
+    head_at: Option<Instant>,
+}
+
+impl Exchange {
+    /// A record for `req`, which just arrived on `listener` from `peer`. For HTTP/1 the
+    /// sniffer's verdict gives the head's real size and, for a head the load balancer
+    /// refused, the request line the client wrote (hyper only saw a stand-in).
+    pub fn start(
+        listener: &Arc<Listener>,
+        peer: SocketAddr,
+        conn: &ConnInfo,
+        req: &Request<Incoming>,
+        verdict: Option<&HeadVerdict>,
+    ) -> Self {
+        let https = conn.tls.is_some();
+        let kind = match (req.version(), https) {
+            (Version::HTTP_2, _) => RequestType::H2,
+            (_, true) => RequestType::Https,
+            (_, false) => RequestType::Http,
+        };
+        let mut record = Box::new(Record::new(
+            kind,
+            listener.name.clone(),
+            peer,
+            conn.id,
+            conn.tls.clone(),
+        ));
+        let logging = listener.shared.access_log.is_some();
+        let scheme = listener.cfg.protocol.as_str();
+        let port = listener.port;
+        let head_len = match verdict {
+            Some(HeadVerdict::Pass { head_len, .. } | HeadVerdict::Reject { head_len, .. }) => {
+                *head_len as u64
+            }
+            None => {
+                let line = req.method().as_str().len()
+                    + 1
+                    + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+                    + 1
+                    + 8;
+                head_bytes(line, req.headers())
+            }
+        };
+        match verdict {
+            Some(HeadVerdict::Reject { line, .. }) => {
+                if logging && let Some(line) = line {
+                    let host = line.host.as_deref().map(strip_port).unwrap_or("-");
+                    let url = if line.target.contains("://") {
+                        line.target.clone()
+                    } else {
+                        format!("{scheme}://{host}:{port}{}", line.target)
+                    };
+                    record.request = Some(RequestLine {
+                        method: line.method.clone(),
+                        url,
+                        version: line.version.clone(),
+                    });
+                }
+            }
+            _ => {
+                if logging {
+                    let host = req
+                        .headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                        .map_or("-", strip_port);
+                    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                    record.request = Some(RequestLine {
+                        method: req.method().as_str().to_owned(),
+                        url: format!("{scheme}://{host}:{port}{pq}"),
+                        version: version_text(req.version()).to_owned(),
+                    });
+                    record.user_agent = req
+                        .headers()
+                        .get(http::header::USER_AGENT)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                }
+            }
+        }
+        if let Some(
+            HeadVerdict::Pass { classification, .. } | HeadVerdict::Reject { classification, .. },
+        ) = verdict
+        {
+            record.classification = *classification;
+        }
+        Self {
+            record: Some(record),
+            listener: listener.clone(),
+            counters: listener.shared.counters.clone(),
+            started: Instant::now(),
+            head_len,
+            body_in: None,
+            group: None,
+            target_cells: None,
+            sent_at: None,
+            head_at: None,
+        }
+    }
+
+    fn rec(&mut self) -> Option<&mut Record> {
+        self.record.as_deref_mut()
+    }
+
+    /// Whether the access log is on (text fields are only gathered then).
+    pub fn logging(&self) -> bool {
+        self.listener.shared.access_log.is_some()
+    }
+
+    /// The rule that matched, how many were evaluated, and its action.
+    pub fn rule(&mut self, priority: u32, evaluated: u32, action: ActionKind) {
+        if let Some(r) = self.rec() {
+            r.matched_rule_priority = Some(priority);
+            r.rules_evaluated = evaluated;
+            r.action = Some(action);
+        }
+    }
+
+    /// The `Location` of a redirect.
+    pub fn redirect(&mut self, url: &str) {
+        if self.logging()
+            && let Some(r) = self.rec()
+        {
+            r.redirect_url = Some(url.to_owned());
+        }
+    }
+
+    /// The load balancer answers `status` itself; `why` says what went wrong, if anything.
+    pub fn answer(&mut self, status: StatusCode, why: Option<(LbError, String)>) {
+        if let Some(r) = self.rec() {
+            r.elb_status = Some(status.as_u16());
+            if let Some((e, detail)) = why {
+                r.lb_error.get_or_insert(e);
+                r.lb_error_detail.get_or_insert(detail);
+            }
+        }
+    }
+
+    /// The request failed with `e` (the load balancer answers `e.status()`).
+    pub fn failed(&mut self, e: &ProxyError) {
+        let dispatched = matches!(
+            e,
+            ProxyError::TargetFailed { .. }
+                | ProxyError::TargetTimeout { .. }
+                | ProxyError::DrainExpired { .. }
+                | ProxyError::ClientClosed
+        );
+        if dispatched
+            && self.target_cells.is_some()
+            && let Some(sent) = self.sent_at
+        {
+            let started = self.started;
+            if let Some(r) = self.rec() {
+                r.request_processing = Some(sent.saturating_duration_since(started));
+            }
+        }
+        self.answer(e.status(), Some((e.lb_error(), e.to_string())));
+    }
+
+    /// A target of `group` was picked.
+    pub fn picked(&mut self, group: &Arc<TargetGroup>, picked: &Picked) {
+        self.target_cells = Some(picked.metrics());
+        self.group = Some(group.clone());
+        if let Some(r) = self.rec() {
+            r.target_group = Some(Arc::from(group.name()));
+            r.target = Some(picked.addr);
+            r.non_sticky = picked.non_sticky();
+            r.unhealthy_routing = picked.unhealthy_routing();
+        }
+    }
+
+    /// The trace id as sent to the target.
+    pub fn trace_id(&mut self, headers: &HeaderMap) {
+        if self.logging()
+            && let Some(v) = headers.get("x-amzn-trace-id")
+            && let Some(r) = self.rec()
+        {
+            r.trace_id = Some(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        }
+    }
+
+    /// Counts the request body's bytes as they stream to the target.
+    pub fn count_body(&mut self, body: Incoming) -> Counted<Incoming> {
+        let n = Arc::new(AtomicU64::new(0));
+        self.body_in = Some(n.clone());
+        Counted { inner: body, n }
+    }
+
+    /// The request is about to be sent (the forwarder connects or takes a pooled connection
+    /// now).
+    pub fn dispatching(&mut self) {
+        self.sent_at = Some(Instant::now());
+    }
+
+    /// The target's response head arrived.
+    pub fn forwarded(&mut self, f: &Forwarded) {
+        let now = Instant::now();
+        let call = self.sent_at.unwrap_or(now);
+        // Connecting is part of getting the request to the target.
+        let sent = call + f.connect_time.unwrap_or(Duration::ZERO);
+        let sent = sent.min(now);
+        self.sent_at = Some(sent);
+        self.head_at = Some(now);
+        let started = self.started;
+        if let Some(r) = self.rec() {
+            r.request_processing = Some(sent.saturating_duration_since(started));
+            r.target_processing = Some(now.saturating_duration_since(sent));
+            r.target_status = Some(f.response.status().as_u16());
+            r.target_connection = Some(if f.retried {
+                TargetConnection::RetriedOnNew
+            } else if f.reused_connection {
+                TargetConnection::Reused
+            } else {
+                TargetConnection::New
+            });
+        }
+    }
+
+    /// The response (head) is handed to the client now.
+    pub fn responding(&mut self, status: StatusCode, headers: &HeaderMap) {
+        let head_at = self.head_at;
+        if let Some(r) = self.rec() {
+            r.elb_status = Some(status.as_u16());
+            r.sent_bytes = response_head_bytes(status, headers);
+            if let Some(h) = head_at {
+                r.response_processing = Some(h.elapsed());
+            }
+        }
+    }
+
+    /// Whether the target answered (the response is the target's, not the load balancer's).
+    pub fn answered_by_target(&self) -> bool {
+        self.record
+            .as_deref()
+            .is_some_and(|r| r.target_status.is_some())
+    }
+
+    /// `n` more response body bytes went to the client.
+    pub fn sent_body(&mut self, n: u64) {
+        if let Some(r) = self.rec() {
+            r.sent_bytes += n;
+        }
+    }
+
+    /// The response body broke off (the target closed, or its deregistration delay ended).
+    pub fn body_failed(&mut self, detail: String) {
+        if let Some(r) = self.rec() {
+            r.lb_error.get_or_insert(LbError::ResponseBodyFailed);
+            r.lb_error_detail.get_or_insert(detail);
+        }
+    }
+
+    /// Moves the record into a new exchange (the WebSocket tunnel's); this one then emits
+    /// nothing.
+    pub fn split_off(&mut self) -> Exchange {
+        Exchange {
+            record: self.record.take(),
+            listener: self.listener.clone(),
+            counters: self.counters.clone(),
+            started: self.started,
+            head_len: self.head_len,
+            body_in: self.body_in.clone(),
+            group: self.group.take(),
+            target_cells: self.target_cells.take(),
+            sent_at: self.sent_at,
+            head_at: self.head_at,
+        }
+    }
+
+    /// The tunnel closed after carrying these bytes each way.
+    pub fn tunnel_closed(&mut self, from_client: u64, to_client: u64) {
+        if let Some(r) = self.rec() {
+            r.kind = if r.tls.is_some() {
+                RequestType::Wss
+            } else {
+                RequestType::Ws
+            };
+            r.received_bytes += from_client;
+            r.sent_bytes += to_client;
+        }
+    }
+
+    /// Emits now (also what dropping does).
+    pub fn finish(mut self) {
+        self.emit();
+    }
+
+    fn emit(&mut self) {
+        let Some(mut r) = self.record.take() else {
+            return;
+        };
+        r.time = SystemTime::now();
+        r.received_bytes += self.head_len
+            + self
+                .body_in
+                .as_ref()
+                .map_or(0, |n| n.load(Ordering::Relaxed));
+        if r.elb_status.is_none() {
+            // Dropped before any response existed: the client went away (460).
+            r.elb_status = Some(ProxyError::ClientClosed.status().as_u16());
+            r.lb_error.get_or_insert(LbError::ClientClosed);
+            tracing::info!(
+                client = %r.client,
+                status = 460,
+                "client closed the connection before the response"
+            );
+        }
+        self.listener.cells.record(&r);
+        if r.target.is_some() {
+            if let Some(g) = &self.group {
+                g.metrics().record(&r);
+            }
+            if let Some(t) = &self.target_cells {
+                t.record(&r);
+            }
+        }
+        self.counters.record(&r);
+        if let Some(log) = &self.listener.shared.access_log {
+            log.log(r);
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.emit();
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..=h.len()]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// A request body that counts the bytes it yields.
+pub(super) struct Counted<B> {
+    inner: B,
+    n: Arc<AtomicU64>,
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(d) = frame.data_ref()
+        {
+            self.n.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_come_off_hosts() {
+        assert_eq!(strip_port("app.test:8080"), "app.test");
+        assert_eq!(strip_port("app.test"), "app.test");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn head_sizes_count_lines_as_http1_writes_them() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "x".parse().unwrap());
+        // "GET / HTTP/1.1\r\n" + "host: x\r\n" + "\r\n"
+        assert_eq!(head_bytes("GET / HTTP/1.1".len(), &h), 16 + 9 + 2);
+        // "HTTP/1.1 200 OK\r\n" + "\r\n"
+        assert_eq!(
+            response_head_bytes(StatusCode::OK, &HeaderMap::new()),
+            17 + 2
+        );
+    }
+}
