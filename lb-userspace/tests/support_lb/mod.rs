@@ -234,11 +234,12 @@ pub struct Lb {
     child: Child,
     /// Its admin socket.
     pub admin: PathBuf,
+    /// Its scratch directory (removed on drop).
+    pub dir: PathBuf,
     /// The address of its listener `web`.
     pub listener: SocketAddr,
     /// The TCP admin listener, if it has one.
     pub admin_tcp: Option<SocketAddr>,
-    dir: PathBuf,
     log: PathBuf,
 }
 
@@ -252,10 +253,16 @@ pub fn tempdir(name: &str) -> PathBuf {
 impl Lb {
     /// Starts `lb run FLAGS` (one listener must be named `web`) and waits for its ready line.
     pub fn start(name: &str, flags: &[String]) -> Self {
+        Self::start_with(name, &[], flags)
+    }
+
+    /// [`start`](Self::start) with global options before `run` (e.g. `--log-format json`).
+    pub fn start_with(name: &str, global: &[&str], flags: &[String]) -> Self {
         let dir = tempdir(name);
         let admin = dir.join("admin.sock");
         let log = dir.join("lb.log");
         let mut child = Command::new(LB)
+            .args(global)
             .arg("run")
             .args(flags)
             .arg("--admin-socket")
@@ -366,6 +373,12 @@ impl Lb {
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);
         parse_response(&resp)
+    }
+
+    /// Sends `signal` (e.g. SIGHUP) to it.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
     /// Stops it with SIGTERM; returns whether it exited cleanly.
