@@ -10,7 +10,9 @@
 //! - HTTP/2 over TLS (`h2load -c32 -m10`): requests/s and per proxy CPU-second;
 //! - full TLS handshakes, one request per connection (`wrk -H 'Connection: close'` over
 //!   HTTPS: wrk resumes no session), per proxy CPU-second;
-//! - `lb`'s resident memory idle and after the keep-alive run.
+//! - `lb`'s resident memory idle and after the keep-alive run;
+//! - `lb+log`: `lb` again with its ALB-format access log on (written to a file), so the cost
+//!   of logging shows beside `lb` without it (counting is always on).
 //!
 //! A proxy's CPU time is read from `/proc` for every process of it (nginx: master and
 //! workers) before and after each run. Ratios within a round are the headline; rounds give
@@ -34,11 +36,17 @@ struct Proxy {
     https: u16,
 }
 
-const PROXIES: [Proxy; 3] = [
+const PROXIES: [Proxy; 4] = [
     Proxy {
         name: "lb",
         http: 18081,
         https: 18441,
+    },
+    // lb again, with its ALB-format access log written to a file: what logging costs.
+    Proxy {
+        name: "lb+log",
+        http: 18084,
+        https: 18444,
     },
     Proxy {
         name: "haproxy",
@@ -277,32 +285,38 @@ fn start_proxy(
 ) -> anyhow::Result<Running> {
     let (cert, key, both) = certs;
     let r = match p.name {
-        "lb" => spawn(
-            "lb",
-            Command::new(lb).args([
-                "run",
-                "--listener",
-                &format!("web=http://127.0.0.1:{}", p.http),
-                "--listener",
-                &format!(
+        "lb" | "lb+log" => {
+            let mut args: Vec<String> = [
+                "run".to_owned(),
+                "--listener".to_owned(),
+                format!("web=http://127.0.0.1:{}", p.http),
+                "--listener".to_owned(),
+                format!(
                     "tls=https://127.0.0.1:{},cert={}:{}",
                     p.https,
                     cert.display(),
                     key.display()
                 ),
-                "--target-group",
-                "be,health-check=off",
-                "--target",
-                &format!("be={BACKEND}"),
-                "--rule",
-                "web,default,forward=be",
-                "--rule",
-                "tls,default,forward=be",
-                "--admin-socket",
-                &dir.join("lb-admin.sock").to_string_lossy(),
-            ]),
-            &dir.join("lb.log"),
-        )?,
+                "--target-group".to_owned(),
+                "be,health-check=off".to_owned(),
+                "--target".to_owned(),
+                format!("be={BACKEND}"),
+                "--rule".to_owned(),
+                "web,default,forward=be".to_owned(),
+                "--rule".to_owned(),
+                "tls,default,forward=be".to_owned(),
+                "--admin-socket".to_owned(),
+                dir.join(format!("{}-admin.sock", p.http))
+                    .display()
+                    .to_string(),
+            ]
+            .into();
+            if p.name == "lb+log" {
+                args.push("--access-log".to_owned());
+                args.push(dir.join("access.log").display().to_string());
+            }
+            spawn(p.name, Command::new(lb).args(&args), &dir.join("lb.log"))?
+        }
         "haproxy" => {
             let conf = dir.join("haproxy.cfg");
             write(
@@ -560,10 +574,10 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
         uname()
     );
     println!(
-        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating lb haproxy nginx",
+        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating lb lb+log haproxy nginx",
         plan.rounds, plan.seconds
     );
-    println!("backend:  one nginx worker, 100-byte body, keep-alive; access logs off everywhere");
+    println!("backend:  one nginx worker, 100-byte body, keep-alive; access logs off (but lb+log)");
     println!();
     let _ = root;
 
