@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use lb::{
-    dataplane::{Balancer, Maps, PassGuard, Sizes},
+    dataplane::{Balancer, LbAddrs, Maps, PassGuard, Sizes},
     l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
     packet::{ETH_LEN, Frame},
 };
@@ -319,16 +319,17 @@ fn run() -> anyhow::Result<()> {
         max_vips: 4,
         max_backends: 64,
     };
-    let (lb, maps) = Balancer::load(sizes, LB_ADDR, None).context("loading lb_xdp")?;
+    let (lb, maps) =
+        Balancer::load(sizes, LbAddrs::one(LB_ADDR.into()), None).context("loading lb_xdp")?;
     let mut registry = RingWriter::new(maps, sizes.ring_size, sizes.max_vips, sizes.max_backends);
     let vip = VipAddr {
-        addr: VIP,
+        addr: VIP.into(),
         port: 80,
         proto: Proto::Tcp,
     };
-    registry.add_vip(VipSpec { name: None, vip })?;
+    registry.add_vip(VipSpec::new(None, vip))?;
     let targets: Vec<L4Member> = (11..11 + BACKENDS)
-        .map(|n| L4Member::in_service(Ipv4Addr::new(10, 0, 0, n), 80, 1))
+        .map(|n| L4Member::in_service(Ipv4Addr::new(10, 0, 0, n).into(), 80, 1))
         .collect();
     registry.apply(&vip, &targets, false)?;
     let pass = PassGuard::load_unattached().context("loading lb_pass")?;

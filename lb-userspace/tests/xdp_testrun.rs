@@ -14,12 +14,20 @@
 //! namespace disappears with the thread, so tests run in parallel and leave nothing behind.
 //!
 //! Needs root (BPF, namespaces): without it every test fails with a message saying so.
-use std::{fmt::Debug, io, net::Ipv4Addr, process::Command, sync::mpsc, thread, time::Duration};
+use std::{
+    fmt::Debug,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
 
 use lb::{
-    dataplane::{Balancer, Decap, Maps, Sizes, TcTestRun},
+    dataplane::{Balancer, Decap, LbAddrs, Maps, Sizes, TcTestRun},
     l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
-    packet::{self, ETH_LEN, Frame, IPV4_LEN},
+    packet::{self, ETH_LEN, Frame, Frame6, IPV4_LEN, IPV6_LEN},
 };
 use lb_common::{Counters, DecapReason, FlowKey, HcReason, Reason};
 
@@ -30,8 +38,10 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
-/// The balancer's own address (on `d0`): source of every outer header.
+/// The balancer's own address (on `d0`): source of every outer IPv4 header.
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// The balancer's IPv6 address (on `d0`): source of every outer IPv6 header.
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 /// MAC address given to `d0`: source MAC of every encapsulated frame.
 const D0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// Client address of the crafted packets (`Frame::default()`).
@@ -42,6 +52,12 @@ const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
 const NO_NEIGH_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 99);
 /// No route at all in the namespace: `bpf_fib_lookup` says NOT_FWDED.
 const UNROUTED_BACKEND: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+/// On `d0`'s IPv6 subnet but without a neighbour entry.
+const NO_NEIGH_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x99);
+/// No IPv6 route.
+const UNROUTED_BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
+/// IPv6 client address of the crafted packets (`Frame6::default()`).
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// Maglev table size of the tests (prime, small so adding a VIP is quick).
 const RING: u32 = 251;
 
@@ -50,9 +66,19 @@ fn backend(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, n)
 }
 
-/// The neighbour MAC the namespace holds for a backend: 02:00:00:00:00:`last octet`.
-fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0, addr.octets()[3]]
+/// Backend fd00::`n` (its last byte is `n`), with a permanent neighbour entry for `n` in
+/// 11..=19: the same host, and MAC, as `backend(n)`.
+fn backend6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(n))
+}
+
+/// The neighbour MAC the namespace holds for a backend: 02:00:00:00:00:`last byte`.
+fn backend_mac(addr: impl Into<IpAddr>) -> [u8; 6] {
+    let last = match addr.into() {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    };
+    [0x02, 0, 0, 0, 0, last]
 }
 
 fn action_name(a: u32) -> &'static str {
@@ -112,25 +138,38 @@ fn enter_private_netns() {
     run_cmd(&["ip", "link", "set", "d1", "up"]);
     run_cmd(&["ip", "link", "set", "d0", "address", "02:00:00:00:00:02"]);
     run_cmd(&["ip", "addr", "add", "10.0.0.2/24", "dev", "d0"]);
+    // nodad: usable at once, not after duplicate address detection.
+    run_cmd(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00::2/64",
+        "dev",
+        "d0",
+        "nodad",
+    ]);
     run_cmd(&["ip", "link", "set", "d0", "up"]);
     for n in 11..=19u8 {
-        let addr = backend(n).to_string();
         let mac = format!("02:00:00:00:00:{n:02x}");
-        run_cmd(&[
-            "ip",
-            "neigh",
-            "add",
-            &addr,
-            "lladdr",
-            &mac,
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ]);
+        for addr in [backend(n).to_string(), backend6(n).to_string()] {
+            run_cmd(&[
+                "ip",
+                "neigh",
+                "add",
+                &addr,
+                "lladdr",
+                &mac,
+                "dev",
+                "d0",
+                "nud",
+                "permanent",
+            ]);
+        }
     }
     // bpf_fib_lookup refuses to resolve unless forwarding is on for the ingress device.
     run_cmd(&["sysctl", "-q", "-w", "net.ipv4.conf.all.forwarding=1"]);
+    run_cmd(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
 }
 
 /// Runs `f` in a fresh thread inside a private network namespace; panics propagate.
@@ -180,8 +219,12 @@ impl Lb {
             max_vips: 16,
             max_backends: 32,
         };
+        let addrs = LbAddrs {
+            v4: Some(LB_ADDR),
+            v6: Some(LB_ADDR6),
+        };
         let (balancer, maps) =
-            Balancer::load(sizes, LB_ADDR, None).expect("loading lb_xdp (verifier, privileges)");
+            Balancer::load(sizes, addrs, None).expect("loading lb_xdp (verifier, privileges)");
         Self {
             balancer,
             registry: RingWriter::new(maps, RING, sizes.max_vips, sizes.max_backends),
@@ -189,16 +232,20 @@ impl Lb {
         }
     }
 
-    fn add_vip(
+    fn add_vip<A: Into<IpAddr> + Copy>(
         &mut self,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         proto: Proto,
-        backends: &[Ipv4Addr],
+        backends: &[A],
     ) -> VipAddr {
-        let vip = VipAddr { addr, port, proto };
+        let vip = VipAddr {
+            addr: addr.into(),
+            port,
+            proto,
+        };
         self.registry
-            .add_vip(VipSpec { name: None, vip })
+            .add_vip(VipSpec::new(None, vip))
             .expect("add_vip");
         if !backends.is_empty() {
             self.register(&vip, backends);
@@ -206,17 +253,18 @@ impl Lb {
         vip
     }
 
-    fn register(&mut self, vip: &VipAddr, backends: &[Ipv4Addr]) {
+    fn register<A: Into<IpAddr> + Copy>(&mut self, vip: &VipAddr, backends: &[A]) {
         let list = self.members.entry(*vip).or_default();
         list.extend(
             backends
                 .iter()
-                .map(|&addr| L4Member::in_service(addr, vip.port, 1)),
+                .map(|&addr| L4Member::in_service(addr.into(), vip.port, 1)),
         );
         self.registry.apply(vip, list, false).expect("register");
     }
 
-    fn deregister(&mut self, vip: &VipAddr, backend: Ipv4Addr) {
+    fn deregister(&mut self, vip: &VipAddr, backend: impl Into<IpAddr>) {
+        let backend = backend.into();
         let list = self.members.entry(*vip).or_default();
         list.retain(|m| m.addr != backend);
         self.registry.apply(vip, list, false).expect("deregister");
@@ -239,7 +287,8 @@ impl Lb {
             .expect("VIP registered")
     }
 
-    fn backend_id(&self, vip: &VipAddr, addr: Ipv4Addr) -> u32 {
+    fn backend_id(&self, vip: &VipAddr, addr: impl Into<IpAddr>) -> u32 {
+        let addr = addr.into();
         self.registry
             .describe()
             .into_iter()
@@ -255,7 +304,7 @@ impl Lb {
             .expect("reading LB_VIP_STATS")
     }
 
-    fn backend_counters(&self, vip: &VipAddr, addr: Ipv4Addr) -> Counters {
+    fn backend_counters(&self, vip: &VipAddr, addr: impl Into<IpAddr>) -> Counters {
         self.maps()
             .backend_counters(self.backend_id(vip, addr))
             .expect("reading LB_BACKEND_STATS")
@@ -283,14 +332,14 @@ impl Lb {
 
     /// Runs `lb_xdp` on a packet for a VIP, expects it encapsulated to `backend` and
     /// redirected to `d0`; returns the output.
-    fn run_encap(&self, packet: &[u8], backend: Ipv4Addr) -> Vec<u8> {
+    fn run_encap(&self, packet: &[u8], backend: impl Into<IpAddr>) -> Vec<u8> {
         let out = self.run(packet, XDP_REDIRECT, Reason::Redirect);
         assert_encapsulated(packet, &out, backend);
         out
     }
 
     /// Runs a packet for a VIP and returns the backend it was encapsulated to.
-    fn backend_of(&self, packet: &[u8]) -> Ipv4Addr {
+    fn backend_of(&self, packet: &[u8]) -> IpAddr {
         let out = self.run(packet, XDP_REDIRECT, Reason::Redirect);
         let dst = packet::parse_outer(&out).expect("encapsulated").dst;
         assert_encapsulated(packet, &out, dst);
@@ -314,38 +363,73 @@ fn counter_deltas<R: Copy + PartialEq + Debug>(
         .collect()
 }
 
-/// Checks an IP-in-IP frame made by `lb_xdp` from `input` for `backend`.
-fn assert_encapsulated(input: &[u8], out: &[u8], backend: Ipv4Addr) {
-    let inner_tot_len = u16::from_be_bytes([input[ETH_LEN + 2], input[ETH_LEN + 3]]);
-    let inner_tos = input[ETH_LEN + 1];
-    let inner_df = input[ETH_LEN + 6] & 0x40 != 0;
-    assert_eq!(out.len(), input.len() + IPV4_LEN, "one outer header added");
+/// Checks a frame `lb_xdp` (or `lb_hc_encap`) encapsulated from `input` for `backend`: one
+/// outer header of the backend's family (RFC 2003, RFC 2473, RFC 4213), the input's IP packet
+/// intact behind it.
+fn assert_encapsulated(input: &[u8], out: &[u8], backend: impl Into<IpAddr>) {
+    let backend = backend.into();
+    let (inner_len, inner_tos) = packet::ip_len_and_tos(input).expect("input is IP");
+    let inner_v6 = input[12..14] == [0x86, 0xdd];
+    let outer_len = if backend.is_ipv6() {
+        IPV6_LEN
+    } else {
+        IPV4_LEN
+    };
+    assert_eq!(out.len(), input.len() + outer_len, "one outer header added");
     let outer = packet::parse_outer(out).unwrap_or_else(|| panic!("not IP-in-IP: {out:02x?}"));
-    let o = &out[ETH_LEN..ETH_LEN + IPV4_LEN];
-    assert_eq!(o[0], 0x45, "outer version 4, IHL 5");
-    assert_eq!(o[9], 4, "outer protocol IPIP");
-    assert_eq!(outer.src, LB_ADDR, "outer source");
-    assert_eq!(outer.dst, backend, "outer destination");
-    assert_eq!(outer.ttl, 64, "outer TTL");
-    assert!(outer.checksum_ok, "outer checksum: {o:02x?}");
+    assert_eq!(outer.len, outer_len, "outer family: the backend's");
     assert_eq!(
-        outer.tot_len,
-        inner_tot_len + IPV4_LEN as u16,
-        "outer total length"
+        outer.proto,
+        if inner_v6 { 41 } else { 4 },
+        "protocol / next header announces the inner family"
     );
-    assert_eq!(outer.tos, inner_tos, "TOS copied (RFC 2003 §3.1)");
-    assert_eq!(outer.dont_fragment, inner_df, "DF copied (RFC 2003 §3.1)");
-    assert_eq!(o[6] & 0x3f, 0, "outer MF/offset clear");
-    assert_eq!(o[7], 0, "outer offset clear");
+    let lb: IpAddr = if backend.is_ipv6() {
+        LB_ADDR6.into()
+    } else {
+        LB_ADDR.into()
+    };
+    assert_eq!(outer.src, lb, "outer source");
+    assert_eq!(outer.dst, backend, "outer destination");
+    assert_eq!(outer.ttl, 64, "outer TTL / hop limit");
+    assert!(outer.checksum_ok, "outer checksum: {out:02x?}");
+    assert_eq!(
+        usize::from(outer.tot_len),
+        inner_len + outer_len,
+        "outer length"
+    );
+    assert_eq!(
+        outer.tos, inner_tos,
+        "TOS / traffic class copied (RFC 2003 §3.1, RFC 2473 §6.5)"
+    );
+    if !backend.is_ipv6() {
+        let o = &out[ETH_LEN..ETH_LEN + IPV4_LEN];
+        let inner_df = !inner_v6 && input[ETH_LEN + 6] & 0x40 != 0;
+        assert_eq!(
+            outer.dont_fragment,
+            inner_df || inner_v6,
+            "DF copied (RFC 2003 §3.1), always set over IPv6 (RFC 4213 §3.2)"
+        );
+        assert_eq!(o[6] & 0x3f, 0, "outer MF/offset clear");
+        assert_eq!(o[7], 0, "outer offset clear");
+    }
     assert_eq!(
         &out[0..6],
         &backend_mac(backend),
         "Ethernet dst = neighbour MAC"
     );
     assert_eq!(&out[6..12], &D0_MAC, "Ethernet src = egress MAC");
-    assert_eq!(&out[12..14], &[0x08, 0x00], "Ethernet type IPv4");
+    let ethertype: [u8; 2] = if backend.is_ipv6() {
+        [0x86, 0xdd]
+    } else {
+        [0x08, 0x00]
+    };
     assert_eq!(
-        &out[ETH_LEN + IPV4_LEN..],
+        &out[12..14],
+        &ethertype,
+        "Ethernet type of the outer family"
+    );
+    assert_eq!(
+        &out[ETH_LEN + outer_len..],
         &input[ETH_LEN..],
         "inner packet (and anything after it) unchanged"
     );
@@ -355,20 +439,53 @@ fn assert_encapsulated(input: &[u8], out: &[u8], backend: Ipv4Addr) {
 // Packet builders.
 // ---------------------------------------------------------------------------------------------
 
-fn tcp(dst: Ipv4Addr, dport: u16) -> Frame {
+/// The IPv4 address in `a` (the crafted IPv4 packets' VIPs are IPv4).
+fn v4(a: impl Into<IpAddr>) -> Ipv4Addr {
+    match a.into() {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a} is not IPv4"),
+    }
+}
+
+/// The IPv6 address in `a`.
+fn v6(a: impl Into<IpAddr>) -> Ipv6Addr {
+    match a.into() {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => panic!("{a} is not IPv6"),
+    }
+}
+
+fn tcp(dst: impl Into<IpAddr>, dport: u16) -> Frame {
     Frame {
-        dst,
+        dst: v4(dst),
         dport,
         ..Frame::default()
     }
 }
 
-fn udp(dst: Ipv4Addr, dport: u16) -> Frame {
+fn udp(dst: impl Into<IpAddr>, dport: u16) -> Frame {
     Frame {
-        dst,
+        dst: v4(dst),
         dport,
         proto: 17,
         ..Frame::default()
+    }
+}
+
+fn tcp6(dst: impl Into<IpAddr>, dport: u16) -> Frame6 {
+    Frame6 {
+        dst: v6(dst),
+        dport,
+        ..Frame6::default()
+    }
+}
+
+fn udp6(dst: impl Into<IpAddr>, dport: u16) -> Frame6 {
+    Frame6 {
+        dst: v6(dst),
+        dport,
+        proto: 17,
+        ..Frame6::default()
     }
 }
 
@@ -438,7 +555,7 @@ fn table_vips() -> TableVips {
     lb.add_vip(web, 80, Proto::Tcp, &[backend(11)]);
     lb.add_vip(web, 53, Proto::Udp, &[backend(11)]);
     lb.add_vip(any_port, 0, Proto::Tcp, &[backend(11)]);
-    lb.add_vip(empty, 80, Proto::Tcp, &[]);
+    lb.add_vip::<Ipv4Addr>(empty, 80, Proto::Tcp, &[]);
     lb.add_vip(no_neigh, 80, Proto::Tcp, &[NO_NEIGH_BACKEND]);
     lb.add_vip(unrouted, 80, Proto::Tcp, &[UNROUTED_BACKEND]);
     TableVips {
@@ -477,13 +594,13 @@ fn malformed_foreign_and_undeliverable_packets_pass_or_drop_unmodified_with_one_
                 "ARP",
                 ether(0x0806, &[0u8; 28]),
                 XDP_PASS,
-                Reason::PassNotIpv4,
+                Reason::PassNotIp,
             ),
             (
-                "IPv6 ethertype",
+                "IPv6 ethertype, payload length beyond the frame",
                 ether(0x86dd, &[0x60; 60]),
                 XDP_PASS,
-                Reason::PassNotIpv4,
+                Reason::PassMalformed,
             ),
             (
                 "VLAN-tagged IPv4 to a VIP (802.1Q is not parsed)",
@@ -493,7 +610,7 @@ fn malformed_foreign_and_undeliverable_packets_pass_or_drop_unmodified_with_one_
                     ether(0x8100, &body)
                 },
                 XDP_PASS,
-                Reason::PassNotIpv4,
+                Reason::PassNotIp,
             ),
             (
                 "IPv4 header truncated (19 of 20 bytes)",
@@ -985,7 +1102,7 @@ fn encapsulation_that_would_exceed_the_egress_mtu_is_answered_with_icmp_or_dropp
         let ip = &out[ETH_LEN..ETH_LEN + IPV4_LEN];
         assert_eq!((ip[0], ip[9]), (0x45, 1), "IPv4 without options, ICMP");
         assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56, "total length");
-        assert_eq!(&ip[12..16], &web.addr.octets(), "from the VIP");
+        assert_eq!(&ip[12..16], &v4(web.addr).octets(), "from the VIP");
         assert_eq!(
             &ip[16..20],
             &big[ETH_LEN + 12..ETH_LEN + 16],
@@ -1063,14 +1180,23 @@ fn exact_port_vip_wins_over_port_zero_vip_of_the_same_address() {
 // lb_xdp: flows.
 // ---------------------------------------------------------------------------------------------
 
-fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+fn flow_key(
+    src: impl Into<IpAddr>,
+    sport: u16,
+    dst: impl Into<IpAddr>,
+    dport: u16,
+    proto: u8,
+) -> FlowKey {
+    let (family, src_addr) = lb_common::addr_to_map(src.into());
+    let (_, dst_addr) = lb_common::addr_to_map(dst.into());
     FlowKey {
-        src_addr: u32::from_ne_bytes(src.octets()),
-        dst_addr: u32::from_ne_bytes(dst.octets()),
+        src_addr,
+        dst_addr,
         src_port: sport.to_be(),
         dst_port: dport.to_be(),
         proto,
-        _pad: [0; 3],
+        family,
+        _pad: [0; 2],
     }
 }
 
@@ -1109,7 +1235,7 @@ fn same_five_tuple_goes_to_the_same_backend_and_counts_one_new_flow() {
         assert_eq!(flow.backend_id, lb.backend_id(&web, first));
         assert_eq!(flow.vip_id, lb.vip_id(&web));
         // Different flows are spread: the choice is not a constant.
-        let chosen: std::collections::BTreeSet<Ipv4Addr> = (0..32)
+        let chosen: std::collections::BTreeSet<IpAddr> = (0..32)
             .map(|i| lb.backend_of(&client_syn(&web, 41_000 + i)))
             .collect();
         assert!(chosen.len() >= 2, "32 flows all went to {chosen:?}");
@@ -1144,7 +1270,7 @@ fn established_flows_stay_on_their_backend_when_backends_are_added() {
             "no flow was re-created"
         );
         // The ring did change: new flows now reach the new backends too.
-        let fresh: Vec<Ipv4Addr> = (0..32)
+        let fresh: Vec<IpAddr> = (0..32)
             .map(|i| lb.backend_of(&client_syn(&web, 43_000 + i)))
             .collect();
         assert!(
@@ -1161,7 +1287,7 @@ fn flows_of_a_deregistered_backend_are_re_steered_to_the_remaining_ones() {
         let backends = [backend(11), backend(12), backend(13)];
         let web = lb.add_vip(Ipv4Addr::new(198, 51, 100, 1), 80, Proto::Tcp, &backends);
         let ports: Vec<u16> = (0..48).map(|i| 44_000 + i).collect();
-        let before: Vec<Ipv4Addr> = ports
+        let before: Vec<IpAddr> = ports
             .iter()
             .map(|&p| lb.backend_of(&client_syn(&web, p)))
             .collect();
@@ -1210,9 +1336,10 @@ fn decap_run(decap: &Decap, packet: &[u8], reason: DecapReason) -> Vec<u8> {
     out
 }
 
-fn load_decap(addrs: &[Ipv4Addr]) -> Decap {
+fn load_decap<A: Into<IpAddr> + Copy>(addrs: &[A]) -> Decap {
     require_root();
-    Decap::load(addrs).expect("loading lb_decap")
+    let addrs: Vec<IpAddr> = addrs.iter().map(|&a| a.into()).collect();
+    Decap::load(&addrs).expect("loading lb_decap")
 }
 
 #[test]
@@ -1284,7 +1411,7 @@ fn lb_xdp_output_through_lb_decap_gives_back_the_original_ip_packet() {
             Proto::Tcp,
             &[backend(16)],
         );
-        let decap = Decap::load(&[backend(16)]).expect("loading lb_decap");
+        let decap = Decap::load(&[backend(16).into()]).expect("loading lb_decap");
         for options in [vec![], vec![1u8, 1, 1, 0]] {
             let original = Frame {
                 ip_options: options,
@@ -1520,15 +1647,16 @@ fn health_check_probe_that_cannot_take_the_data_path_is_dropped_with_its_reason(
 
         let mark = mark_of(lb.backend_id(&web, backend(11)));
         let arp = ether(0x0806, &[0u8; 28]);
-        lb.run_hc_dropped(&arp, mark, HcReason::DropNotIpv4);
-        let mut ipv6 = ether(0x86dd, &[0u8; 40]);
-        ipv6[ETH_LEN] = 0x60;
-        lb.run_hc_dropped(&ipv6, mark, HcReason::DropNotIpv4);
-        // EtherType IPv4 but a version-6 header: not what the outer header would describe.
+        lb.run_hc_dropped(&arp, mark, HcReason::DropNotIp);
+        // EtherType IPv6 but a version-4 header, and the other way round: not what the
+        // outer header would describe.
+        let mut v4_in_v6 = input.clone();
+        v4_in_v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        lb.run_hc_dropped(&v4_in_v6, mark, HcReason::DropNotIp);
         lb.run_hc_dropped(
             &with_byte(input.clone(), ETH_LEN, 0x60),
             mark,
-            HcReason::DropNotIpv4,
+            HcReason::DropNotIp,
         );
     });
 }
@@ -1574,7 +1702,7 @@ fn health_check_probe_through_lb_decap_gives_back_the_original_packet() {
             Proto::Tcp,
             &[backend(16)],
         );
-        let decap = Decap::load(&[backend(16)]).expect("loading lb_decap");
+        let decap = Decap::load(&[backend(16).into()]).expect("loading lb_decap");
         let input = probe(&web);
         let run = lb.run_hc(
             &input,
