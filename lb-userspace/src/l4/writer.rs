@@ -442,6 +442,11 @@ impl<M: L4Maps> RingWriter<M> {
         &self.maps
     }
 
+    /// The map writer, to change what the writer does not own (tests age flow entries).
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
     /// Writes the address marker of `addr`: one bit per protocol that has a VIP there, `new`
     /// included (it may not be in `self.vips` yet).
     fn write_marker(&mut self, addr: IpAddr, new: &VipAddr) -> Result<(), L4Error> {
