@@ -130,6 +130,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// How often the flow table is swept (expired entries deleted, its size and the live flows
+    /// the LRU evicted counted for `lb stats`), in seconds; each sweep walks the whole table.
+    /// Default: half the shortest VIP idle timeout, between 1 and 30 s.
+    #[arg(long, value_name = "SECS")]
+    pub flow_sweep_interval: Option<f64>,
+
     /// On SIGINT/SIGTERM, leave lb_xdp attached and its maps pinned: L4 flows keep flowing
     /// (with the targets as they are, no health checks) until the next `lb run` with the same
     /// --pin-path adopts them. Without it a clean shutdown removes everything.

@@ -133,6 +133,8 @@ pub struct L4Config {
     pub lb_addrs: Vec<IpAddr>,
     /// Leave the data plane in place at a clean shutdown.
     pub keep_dataplane: bool,
+    /// `--flow-sweep-interval`, if given.
+    pub sweep_interval: Option<Duration>,
     /// Map sizes.
     pub sizes: Sizes,
     /// The VIPs, in flag order.
@@ -226,6 +228,15 @@ fn check_sizes(a: &RunArgs, errs: &mut Vec<ConfigError>) {
                 "must be a unicast address of this host",
             ));
         }
+    }
+    if let Some(i) = a.flow_sweep_interval
+        && !(0.1..=3600.0).contains(&i)
+    {
+        errs.push(ConfigError::new(
+            "--flow-sweep-interval",
+            i.to_string(),
+            "must be 0.1 to 3600 seconds",
+        ));
     }
     for v6 in [false, true] {
         let of_family: Vec<String> = a
@@ -580,6 +591,7 @@ impl Config {
             xdp_mode: a.xdp_mode,
             lb_addrs: a.lb_addrs.clone(),
             keep_dataplane: a.keep_dataplane,
+            sweep_interval: a.flow_sweep_interval.map(Duration::from_secs_f64),
             sizes: Sizes {
                 max_flows: a.max_flows,
                 ring_size: a.ring_size,

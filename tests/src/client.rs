@@ -498,21 +498,31 @@ pub fn send_icmpv6(dst: Ipv6Addr, msg: &[u8]) -> Result<()> {
     )
 }
 
-/// A raw ICMP (IPv4: whole IP packets) or ICMPv6 (messages without the IPv6 header) socket
-/// that collects what the host it lives in receives. Open it inside the namespace to watch.
+/// A raw socket of one IP protocol (ICMP, ICMPv6, TCP) that collects what the host it lives
+/// in receives of it: IPv4 sockets see whole IP packets, IPv6 ones the payload after the IPv6
+/// header. Open it inside the namespace to watch.
 #[derive(Debug)]
-pub struct IcmpCapture {
+pub struct RawCapture {
     fd: OwnedFd,
 }
 
-impl IcmpCapture {
-    /// Opens the socket: ICMPv6 if `v6`, else ICMP.
-    pub fn open(v6: bool) -> Result<Self> {
-        let (family, proto) = if v6 {
-            (libc::AF_INET6, libc::IPPROTO_ICMPV6)
+impl RawCapture {
+    /// ICMP (IPv4) or ICMPv6 (`v6`).
+    pub fn icmp(v6: bool) -> Result<Self> {
+        if v6 {
+            Self::open(libc::AF_INET6, libc::IPPROTO_ICMPV6)
         } else {
-            (libc::AF_INET, libc::IPPROTO_ICMP)
-        };
+            Self::open(libc::AF_INET, libc::IPPROTO_ICMP)
+        }
+    }
+
+    /// TCP segments of IPv4 (`v6` false) or IPv6.
+    pub fn tcp(v6: bool) -> Result<Self> {
+        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        Self::open(family, libc::IPPROTO_TCP)
+    }
+
+    fn open(family: libc::c_int, proto: libc::c_int) -> Result<Self> {
         // SAFETY: plain socket(2); the fd is owned below.
         let raw = unsafe {
             libc::socket(
@@ -521,15 +531,15 @@ impl IcmpCapture {
                 proto,
             )
         };
-        check(raw, "raw ICMP socket")?;
+        check(raw, "raw socket")?;
         // SAFETY: fresh valid fd.
         Ok(Self {
             fd: unsafe { OwnedFd::from_raw_fd(raw) },
         })
     }
 
-    /// Every packet received so far and until `timeout` passes without one matching `want`;
-    /// returns the first that matches, or None.
+    /// Looks at what was received so far, and until `timeout` passes, for a packet matching
+    /// `want`; returns the first that matches, or None.
     pub fn wait_for(&self, timeout: Duration, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 2048];

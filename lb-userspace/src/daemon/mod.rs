@@ -193,14 +193,19 @@ fn seed_registry(registry: &mut Registry, vip_groups: &[(VipSpec, String)], adop
 
 /// Sweeps the flow table every `interval` (see [`flows`]): deletes expired entries and
 /// records the table's size and the live flows the LRU evicted in `LB_FLOW_STATS`.
-async fn sweep_flows(pin_path: PathBuf, sync: Arc<L4Sync>, timeouts: HashMap<u32, u64>) {
+async fn sweep_flows(
+    pin_path: PathBuf,
+    sync: Arc<L4Sync>,
+    timeouts: HashMap<u32, u64>,
+    interval: Option<Duration>,
+) {
     let shortest = timeouts
         .values()
         .copied()
         .filter(|t| *t > 0)
         .min()
         .map_or(flows::MAX_SWEEP_INTERVAL, Duration::from_nanos);
-    let interval = flows::sweep_interval(shortest);
+    let interval = interval.unwrap_or_else(|| flows::sweep_interval(shortest));
     let maps = match tokio::task::spawn_blocking({
         let p = pin_path.clone();
         move || Maps::open_pinned(&p)
@@ -336,7 +341,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         sync.apply(&plane.current());
         tasks.spawn(sync.clone().run(plane.clone()));
-        tasks.spawn(sweep_flows(pin_path.clone(), sync.clone(), timeouts));
+        tasks.spawn(sweep_flows(
+            pin_path.clone(),
+            sync.clone(),
+            timeouts,
+            l4.sweep_interval,
+        ));
         check_probe_routes(&l4.vips, &l4.ifaces);
         l4_sync = Some(sync);
     }
