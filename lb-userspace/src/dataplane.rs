@@ -874,11 +874,12 @@ impl Balancer {
         self.adopted
     }
 
-    /// Leave `lb_xdp` attached and its maps pinned when this balancer drops, so the flows go
-    /// on (with the ring as it is) until the next `lb run` with the same pin directory adopts
-    /// them. Only with a pin directory; `lb_hc_encap` is detached either way.
-    pub fn keep_dataplane(&mut self) {
-        self.keep = self.pin_dir.is_some();
+    /// Whether to leave `lb_xdp` attached and its maps pinned when this balancer drops, so the
+    /// flows go on (with the ring as it is) until the next `lb run` with the same pin directory
+    /// adopts them; otherwise dropping removes everything. Only with a pin directory;
+    /// `lb_hc_encap` is detached either way.
+    pub fn keep_dataplane(&mut self, keep: bool) {
+        self.keep = keep && self.pin_dir.is_some();
     }
 
     /// Attaches `lb_xdp` to `iface`. With a pin directory the link is pinned, so the program

@@ -302,3 +302,35 @@ fn pinned_maps_of_another_layout_or_size_are_refused_and_left_alone() {
     topo.restart_lb(0, std::slice::from_ref(&web), &[])
         .expect("lb run adopting its own layout");
 }
+
+#[test]
+fn a_restart_that_fails_after_adopting_leaves_the_data_plane_running() {
+    let web = VipSpec::tcp("web", VIP, PORT);
+    let mut topo = Topology::builder()
+        .backends(2)
+        .vip(web.clone())
+        .build()
+        .expect("building the topology");
+    topo.serve_tcp_lines(PORT).expect("servers");
+    let stream = Streamer::start(&topo, 30_200);
+    stream.wait_for_more(20, "answers");
+    topo.kill_lb(0).expect("SIGKILL");
+    // Something else listens on the admin socket: the next run adopts the maps, then fails.
+    let socket = topo.lb(0).admin_socket.clone();
+    let _ = std::fs::remove_file(&socket);
+    let squatter = std::os::unix::net::UnixListener::bind(&socket).expect("binding the socket");
+    let err = topo
+        .restart_lb(0, std::slice::from_ref(&web), &[])
+        .expect_err("lb run cannot serve its admin API");
+    assert!(
+        format!("{err:#}").contains("another lb is listening"),
+        "{err:#}"
+    );
+    assert!(pinned(&topo, "LB_FLOWS") && pinned(&topo, "xdp_link@eth0"));
+    stream.wait_for_more(20, "answers after the failed restart");
+    drop(squatter);
+    topo.restart_lb(0, std::slice::from_ref(&web), &[])
+        .expect("restarting");
+    stream.wait_for_more(20, "answers after the next restart");
+    assert_eq!(tally(stream.summary().1).len(), 1, "one backend all along");
+}

@@ -126,13 +126,14 @@ fn bring_up_l4(l4: &L4Config, pin_path: &Path, registry: &Registry) -> anyhow::R
     let (writer, adoption) = match up {
         Ok(up) => up,
         Err(e) => {
-            if adopted {
-                // Leave the data plane we found as it was: its flows keep going.
-                balancer.keep_dataplane();
-            }
+            // An adopted data plane is left as it was found: its flows keep going.
+            balancer.keep_dataplane(adopted);
             return Err(e);
         }
     };
+    // From here until a clean shutdown decides, a failure leaves an adopted data plane in
+    // place (it carried flows before this run started); a fresh one is removed.
+    balancer.keep_dataplane(adopted);
     for gone in balancer.detach_others() {
         tracing::info!(iface = %gone, "lb_xdp detached from an interface the previous run used and this one does not");
     }
@@ -458,8 +459,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(l4_sync);
     let keep = l4_cfg.as_ref().is_some_and(|l| l.keep_dataplane);
     if let Some(mut b) = balancer {
+        b.keep_dataplane(keep);
         if keep {
-            b.keep_dataplane();
             tracing::info!(pin_path = %pin_path.display(), "leaving lb_xdp attached and its maps pinned (--keep-dataplane): the next lb run with this --pin-path adopts them");
         }
         drop(b);
