@@ -155,10 +155,13 @@ pub fn stats(args: &PinArgs) -> anyhow::Result<()> {
             n(&vip["new_flows"])
         );
         for b in vip["backends"].as_array().into_iter().flatten() {
+            let addr = b["addr"].as_str().unwrap_or("?");
+            let at = match addr.parse::<std::net::IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, n(&b["port"]) as u16).to_string(),
+                Err(_) => format!("{addr}:{}", b["port"]),
+            };
             let label = format!(
-                "  {}:{} w{}{}",
-                b["addr"].as_str().unwrap_or("?"),
-                b["port"],
+                "  {at} w{}{}",
                 b["weight"],
                 match (b["in_ring"].as_bool(), b["active"].as_bool()) {
                     (Some(true), _) => "",
