@@ -28,7 +28,7 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
         family: key.family,
     };
     // SAFETY: the values are copied out at once; no insert/remove happens in between.
-    if let Some(v) = unsafe { LB_VIPS.get(&vkey) } {
+    if let Some(v) = unsafe { LB_VIPS.get(vkey) } {
         let v = *v;
         return if fragment {
             Err((DROP, Reason::DropFragment))
@@ -38,7 +38,7 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
     }
     vkey.port = 0;
     // SAFETY: as above.
-    if let Some(v) = unsafe { LB_VIPS.get(&vkey) } {
+    if let Some(v) = unsafe { LB_VIPS.get(vkey) } {
         let v = *v;
         return if fragment {
             Err((DROP, Reason::DropFragment))
@@ -57,7 +57,7 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
         VIP_F_HAS_UDP
     };
     // SAFETY: as above.
-    match unsafe { LB_VIPS.get(&vkey) } {
+    match unsafe { LB_VIPS.get(vkey) } {
         Some(m) if m.flags & want != 0 => Err((DROP, Reason::DropFragment)),
         _ => Err((PASS, Reason::PassNotVip)),
     }
@@ -163,7 +163,7 @@ pub fn record(key: &FlowKey, steer: &Steer, vip: &VipMeta, now: u64) {
         last_seen_ns: now,
     };
     // A full LRU map evicts its least recently used entries; insert cannot fail for space.
-    if LB_FLOWS.insert(key, &value, 0).is_ok() && steer.new_key {
+    if LB_FLOWS.insert(key, value, 0).is_ok() && steer.new_key {
         count_flow_insert();
     }
 }
