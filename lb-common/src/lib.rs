@@ -39,7 +39,33 @@ pub mod names {
     pub const MAP_DECAP_STATS: &str = "LB_DECAP_STATS";
     /// Per-CPU `u64` per [`super::HcReason`].
     pub const MAP_HC_STATS: &str = "LB_HC_STATS";
+    /// Per-CPU `u64`, index 0: flow-table entries `lb_xdp` created under a key that was not in
+    /// the table (the eviction estimate of [`super::FlowTableStats`] needs it).
+    pub const MAP_FLOW_INSERTS: &str = "LB_FLOW_INSERTS";
+    /// [`super::FlowTableStats`] at index 0, written by `lb run`'s flow sweeper.
+    pub const MAP_FLOW_STATS: &str = "LB_FLOW_STATS";
+    /// [`super::AddrKey`] → `u8`: the outer destinations `lb_decap` accepts.
+    pub const MAP_DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
+    /// Prefix of the pinned XDP links (`xdp_link@IFACE`), which keep `lb_xdp` attached when
+    /// `lb run` dies, until a new one adopts them.
+    pub const PIN_XDP_LINK_PREFIX: &str = "xdp_link@";
 }
+
+/// Version of the map layout (the types below, the map names and what their entries mean).
+/// Stored in [`LbConfig::layout`]: a binary that finds pinned maps of another layout refuses to
+/// adopt them instead of misreading them. Bump it with every change to a map type, a map's
+/// meaning, the reason enums (their counters are indexed by them) or the map names.
+///
+/// History: 1 = IPv4 only, no version field (`LB_CONFIG` had 16-byte values); 2 = both
+/// address families, flow ages and idle timeouts, flow-table accounting.
+pub const LB_LAYOUT_VERSION: u32 = 2;
+/// [`LbConfig::magic`]: marks an `LB_CONFIG` written by a versioned layout ("LBMP").
+pub const LB_CONFIG_MAGIC: u32 = u32::from_le_bytes(*b"LBMP");
+
+/// [`VipKey::family`], [`FlowKey::family`], [`Backend::family`]: IPv4.
+pub const FAMILY_V4: u8 = 4;
+/// The same for IPv6.
+pub const FAMILY_V6: u8 = 6;
 
 /// An IPv4 address as the maps store it: the header's bytes (network order) read as a native
 /// `u32`, so the XDP program compares raw header fields without swapping.
@@ -52,12 +78,49 @@ pub fn ipv4_from_map(value: u32) -> core::net::Ipv4Addr {
     core::net::Ipv4Addr::from(value.to_ne_bytes())
 }
 
+/// An address of either family as the maps store it, with its family: 16 bytes in header
+/// order, as four native `u32` words (so the XDP program copies and compares header words
+/// without swapping). IPv4 sits in word 0 and the other words are zero (the shape of Katran's
+/// address union); the family byte beside every address says which it is, so IPv4 `1.2.3.4`
+/// and IPv6 `102:304::` never meet.
+pub fn addr_to_map(addr: core::net::IpAddr) -> (u8, [u32; 4]) {
+    match addr {
+        core::net::IpAddr::V4(a) => (FAMILY_V4, [ipv4_to_map(a), 0, 0, 0]),
+        core::net::IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (FAMILY_V6, [w(0), w(4), w(8), w(12)])
+        }
+    }
+}
+
+/// The inverse of [`addr_to_map`]; `None` for a family byte that is neither.
+pub fn addr_from_map(family: u8, words: [u32; 4]) -> Option<core::net::IpAddr> {
+    match family {
+        FAMILY_V4 => Some(core::net::IpAddr::V4(ipv4_from_map(words[0]))),
+        FAMILY_V6 => {
+            let mut o = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(core::net::IpAddr::V6(core::net::Ipv6Addr::from(o)))
+        }
+        _ => None,
+    }
+}
+
 /// IANA protocol numbers the balancer understands.
 pub const IPPROTO_TCP: u8 = 6;
 /// IANA protocol number of UDP.
 pub const IPPROTO_UDP: u8 = 17;
-/// IANA protocol number of IPv4-in-IPv4 (RFC 2003).
+/// IANA protocol number of IPv4-in-IPv4 (RFC 2003) and of IPv4 inside IPv6 (RFC 2473).
 pub const IPPROTO_IPIP: u8 = 4;
+/// IANA protocol number of IPv6 encapsulated in IPv6 (RFC 2473) or in IPv4 (RFC 4213).
+pub const IPPROTO_IPV6: u8 = 41;
+/// IANA protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+/// IANA protocol number of ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Ring slot value meaning "no backend" (the VIP has no backend in service).
 pub const RING_EMPTY: u32 = u32::MAX;
@@ -74,7 +137,8 @@ pub const DEFAULT_MAX_FLOWS: u32 = 1_048_576;
 
 /// First socket mark (`SO_MARK`) of the block reserved for health-check probes: a packet
 /// leaving an interface where `lb_hc_encap` runs with mark `LB_HC_MARK_BASE + id` is
-/// encapsulated IPv4-in-IPv4 to backend `id` (its [`Backend::addr`] in
+/// encapsulated to backend `id` (IP-in-IP of the families of the probe and of its
+/// [`Backend::addr`] in
 /// [`names::MAP_BACKENDS`]), exactly as `lb_xdp` forwards client packets, and sent to it.
 ///
 /// The block is the 65536 marks `0x4c42_0000..=0x4c42_ffff` ("LB" in the high half): the
@@ -115,35 +179,44 @@ pub const fn hc_backend_id(mark: u32) -> Option<u32> {
 }
 
 /// Global settings of the balancer program: one entry, index 0 of [`names::MAP_CONFIG`].
+///
+/// `magic` and `layout` come first and keep their place in every future layout, so a binary
+/// can always tell what wrote a pinned `LB_CONFIG` (see [`LB_LAYOUT_VERSION`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbConfig {
-    /// Source address of the outer IPv4 header of encapsulated packets (network order).
-    pub lb_addr: u32,
+    /// [`LB_CONFIG_MAGIC`].
+    pub magic: u32,
+    /// [`LB_LAYOUT_VERSION`] of the binary that created the maps.
+    pub layout: u32,
     /// Maglev table size M; every VIP's ring holds M slots.
     pub ring_size: u32,
-    /// Bit set of `CONFIG_F_*`.
+    /// Bit set of `CONFIG_F_*` (none defined yet; zero).
     pub flags: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// Source address of outer IPv4 headers (network order); 0 = none configured.
+    pub lb_addr4: u32,
+    /// Source address of outer IPv6 headers (as [`addr_to_map`] words); zero = none.
+    pub lb_addr6: [u32; 4],
 }
 
 /// Flow table key: the 5-tuple of the client's packet, as it appears in the headers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// Client address (network order).
-    pub src_addr: u32,
-    /// VIP address (network order).
-    pub dst_addr: u32,
+    /// Client address ([`addr_to_map`] words).
+    pub src_addr: [u32; 4],
+    /// VIP address ([`addr_to_map`] words).
+    pub dst_addr: [u32; 4],
     /// Client port (network order); 0 for protocols without ports.
     pub src_port: u16,
     /// VIP port (network order).
     pub dst_port: u16,
     /// IANA protocol number.
     pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
     /// Explicit padding; always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
 }
 
 /// Flow table value.
@@ -152,8 +225,10 @@ pub struct FlowKey {
 pub struct FlowValue {
     /// Backend the flow is pinned to.
     pub backend_id: u32,
-    /// VIP the flow belongs to (lets `lb dump flows` group flows without a second lookup).
+    /// VIP the flow belongs to (lets `lb dump flows` and the sweeper find its idle timeout).
     pub vip_id: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was steered.
+    pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet seen.
     pub last_seen_ns: u64,
 }
@@ -163,14 +238,14 @@ pub struct FlowValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VipKey {
-    /// VIP address (network order).
-    pub addr: u32,
+    /// VIP address ([`addr_to_map`] words).
+    pub addr: [u32; 4],
     /// VIP port (network order); 0 = all ports.
     pub port: u16,
-    /// IANA protocol number ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]).
+    /// IANA protocol number ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]), or [`VIP_MARKER_PROTO`].
     pub proto: u8,
-    /// Explicit padding; always zero.
-    pub _pad: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
 }
 
 /// [`VipKey::proto`] of an *address marker*: one entry per VIP address (port 0, proto 0)
@@ -197,24 +272,63 @@ pub struct VipMeta {
     pub vip_id: u32,
     /// Bit set of `VIP_F_*`.
     pub flags: u32,
+    /// A flow-table entry of this VIP is valid this long after its last packet; a packet on
+    /// an older entry is steered as a new flow. 0 = never expires (address markers).
+    pub idle_timeout_ns: u64,
 }
 
 /// Backend table value, indexed by backend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
-    /// Backend address (network order): the outer destination of encapsulated packets.
-    pub addr: u32,
+    /// Backend address ([`addr_to_map`] words): the outer destination of encapsulated packets.
+    pub addr: [u32; 4],
     /// Backend port (network order), as registered.
     pub port: u16,
     /// Bit set of `BACKEND_F_*`.
     pub flags: u8,
-    /// Explicit padding; always zero.
-    pub _pad: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]: the outer header's family; 0 for an empty entry.
+    pub family: u8,
     /// VIP this backend serves.
     pub vip_id: u32,
     /// Maglev weight as registered.
     pub weight: u32,
+}
+
+/// Key of [`names::MAP_DECAP_ADDRS`]: an address of the backend host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    /// The address ([`addr_to_map`] words).
+    pub addr: [u32; 4],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+
+/// What `lb run`'s flow sweeper last found in the flow table (index 0 of
+/// [`names::MAP_FLOW_STATS`]), so `lb stats` shows the table's size and the flows it lost.
+///
+/// The LRU hash map does not report evictions, so they are derived: every key `lb_xdp`
+/// inserts ([`names::MAP_FLOW_INSERTS`]) is either still in the table, was deleted by `lb run`
+/// (expired entries the sweeper removes, flows of departed backends), or was evicted. The
+/// sweeper deletes expired entries, so what the LRU evicts between two sweeps was younger than
+/// its timeout at the last sweep: `evicted_live = inserts - deleted - entries`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTableStats {
+    /// Entries in the table after the last sweep (all within their idle timeout).
+    pub entries: u64,
+    /// Entries `lb run` deleted, in total: expired ones and those of departed backends.
+    pub deleted: u64,
+    /// Of `deleted`, the expired entries the sweeper removed.
+    pub expired: u64,
+    /// Entries the LRU evicted while younger than their idle timeout (see above), in total.
+    pub evicted_live: u64,
+    /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) of the last sweep;
+    /// 0 = none yet.
+    pub swept_ns: u64,
 }
 
 /// [`Backend::flags`]: flows pinned to the backend keep being forwarded to it. A flow whose
@@ -267,45 +381,61 @@ reasons! {
     /// What `lb_xdp` did with a packet, counted per CPU in [`names::MAP_REASONS`]. Every packet
     /// the program sees increments exactly one of these.
     pub enum Reason {
-        /// Not IPv4 (ARP, IPv6, VLAN, …): passed untouched.
-        PassNotIpv4 = 0 => "pass_not_ipv4",
-        /// IPv4 but neither TCP nor UDP (ICMP, …): passed untouched.
+        /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, …): passed untouched.
+        PassNotIp = 0 => "pass_not_ip",
+        /// IP but neither TCP nor UDP, nor an ICMP error about a VIP flow (ICMP echo, other
+        /// protocols): passed untouched.
         PassNotTcpUdp = 1 => "pass_not_tcp_udp",
         /// TCP/UDP to an address:port that is no VIP (host traffic, L7 listeners): passed.
         PassNotVip = 2 => "pass_not_vip",
-        /// Shorter than its Ethernet, IPv4 or L4 header claims, or IHL < 5: passed to the
-        /// kernel, whose own checks drop it and count it in its SNMP counters.
+        /// Shorter than its Ethernet, IP, extension or L4 headers claim, IHL < 5, a version
+        /// that does not match the EtherType: passed to the kernel, whose own checks drop it and
+        /// count it in its SNMP counters.
         PassMalformed = 3 => "pass_malformed",
         /// Encapsulated and sent back out of the receiving interface.
         Tx = 4 => "tx",
         /// Encapsulated and redirected to another interface.
         Redirect = 5 => "redirect",
-        /// An IPv4 fragment addressed to a VIP: without ports it cannot be steered
+        /// An IPv4 or IPv6 fragment addressed to a VIP: without ports it cannot be steered
         /// consistently with the rest of its flow, so it is dropped.
         DropFragment = 6 => "drop_fragment",
         /// The VIP has no backend in service (empty ring).
         DropNoBackend = 7 => "drop_no_backend",
         /// The encapsulated packet would exceed the egress MTU and no ICMP could tell the
-        /// sender (DF clear, or IP options); see [`Reason::TxIcmpTooBig`].
+        /// sender (IPv4 with DF clear or with options; room below IPv6's minimum MTU; an ICMP
+        /// error being forwarded); see [`Reason::TxIcmpTooBig`].
         DropMtu = 8 => "drop_mtu",
-        /// `bpf_fib_lookup` found no route or no neighbour for the backend.
+        /// `bpf_fib_lookup` found no route or no neighbour for the backend, or no source
+        /// address of the backend's family is configured for the outer header.
         DropNoRoute = 9 => "drop_no_route",
         /// Growing the packet for the outer header failed.
         DropAdjustHead = 10 => "drop_adjust_head",
         /// The ring or backend table held an id the program could not resolve: a
         /// userspace/kernel inconsistency, counted so it is never silent.
         DropInternal = 11 => "drop_internal",
-        /// The encapsulated packet would exceed the egress MTU and has DF set: dropped, and
-        /// answered with ICMP "fragmentation needed" (RFC 1191) carrying the MTU that fits
-        /// after encapsulation, so the sender's path-MTU discovery adapts instead of stalling.
+        /// The encapsulated packet would exceed the egress MTU: dropped, and answered with
+        /// ICMP "fragmentation needed" (IPv4 with DF set, RFC 1191) or ICMPv6 "packet too big"
+        /// (RFC 8201) carrying the MTU that fits after encapsulation, so the sender's path-MTU
+        /// discovery adapts instead of stalling.
         TxIcmpTooBig = 12 => "tx_icmp_too_big",
+        /// IPv6 whose upper-layer header is not found within the extension headers skipped
+        /// (at most 4 hop-by-hop, routing with no segments left, and destination options
+        /// headers, 1 KiB in all), or behind one that is not skipped (AH, ESP, mobility, a
+        /// routing header with segments left, …): passed untouched.
+        PassIpv6ExtHeader = 13 => "pass_ipv6_ext_header",
+        /// An ICMP destination-unreachable (fragmentation needed, …) or ICMPv6
+        /// destination-unreachable / packet-too-big quoting a packet of a VIP flow (from the
+        /// VIP to a client): encapsulated to the backend that owns the flow, whose TCP needs
+        /// it (path-MTU discovery), and sent out.
+        IcmpToBackend = 14 => "icmp_to_backend",
     }
 }
 
 reasons! {
     /// What `lb_decap` did with a packet, per CPU in [`names::MAP_DECAP_STATS`].
     pub enum DecapReason {
-        /// IP-in-IP addressed to this host: outer header removed, inner packet passed up.
+        /// IPv4 or IPv6 carrying IPv4 or IPv6 (protocol 4 or 41), addressed to this host:
+        /// outer header removed, inner packet passed up.
         Decapsulated = 0 => "decapsulated",
         /// Anything else: passed untouched.
         Passed = 1 => "passed",
@@ -325,15 +455,17 @@ reasons! {
         Encapsulated = 1 => "encapsulated",
         /// The mark names an id beyond the backend table, or an entry with no address.
         DropUnknownBackend = 2 => "drop_unknown_backend",
-        /// Marked, but not an IPv4 packet behind an Ethernet header (e.g. an IPv6 probe).
-        DropNotIpv4 = 3 => "drop_not_ipv4",
+        /// Marked, but not an IPv4 or IPv6 packet behind an Ethernet header.
+        DropNotIp = 3 => "drop_not_ip",
         /// `bpf_fib_lookup` found no route or no neighbour for the backend, or forwarding is
-        /// disabled on the interface (the LB host needs `net.ipv4.ip_forward=1`).
+        /// disabled on the interface (the LB host needs `net.ipv4.ip_forward=1`, and
+        /// `net.ipv6.conf.all.forwarding=1` for IPv6 backends), or no source address of the
+        /// backend's family is configured.
         DropNoRoute = 4 => "drop_no_route",
         /// Growing the packet for the outer header failed (e.g. it was already encapsulated).
         DropAdjustRoom = 5 => "drop_adjust_room",
         /// The encapsulated probe would exceed the egress MTU (a probe larger than a full
-        /// segment minus 20 bytes; the client data path has the same limit).
+        /// segment minus the outer header; the client data path has the same limit).
         DropMtu = 6 => "drop_mtu",
     }
 }
@@ -349,6 +481,8 @@ mod pod {
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::FlowTableStats {}
 }
 
 #[cfg(test)]
@@ -360,13 +494,41 @@ mod tests {
     #[test]
     fn map_types_have_no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hole the compiler filled.
-        assert_eq!(size_of::<LbConfig>(), 4 * 4);
-        assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 3);
-        assert_eq!(size_of::<FlowValue>(), 4 + 4 + 8);
-        assert_eq!(size_of::<VipKey>(), 4 + 2 + 1 + 1);
-        assert_eq!(size_of::<VipMeta>(), 4 + 4);
-        assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1 + 4 + 4);
+        assert_eq!(size_of::<LbConfig>(), 4 * 4 + 4 + 16);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<FlowValue>(), 4 + 4 + 8 + 8);
+        assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<VipMeta>(), 4 + 4 + 8);
+        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4 + 4);
+        assert_eq!(size_of::<AddrKey>(), 16 + 1 + 3);
         assert_eq!(size_of::<Counters>(), 4 * 8);
+        assert_eq!(size_of::<FlowTableStats>(), 5 * 8);
+        // The fields that identify a layout keep their place in every layout.
+        assert_eq!(core::mem::offset_of!(LbConfig, magic), 0);
+        assert_eq!(core::mem::offset_of!(LbConfig, layout), 4);
+    }
+
+    #[test]
+    fn addresses_of_both_families_round_trip_and_never_meet() {
+        use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let v4 = IpAddr::V4(Ipv4Addr::new(1, 2, 3, 4));
+        let v6 = IpAddr::V6(Ipv6Addr::new(0x102, 0x304, 0, 0, 0, 0, 0, 0));
+        let (f4, w4) = addr_to_map(v4);
+        let (f6, w6) = addr_to_map(v6);
+        assert_eq!(
+            (f4, w4),
+            (FAMILY_V4, [u32::from_ne_bytes([1, 2, 3, 4]), 0, 0, 0])
+        );
+        assert_eq!(w6, w4, "same words: only the family tells them apart");
+        assert_ne!(f4, f6);
+        assert_eq!(addr_from_map(f4, w4), Some(v4));
+        assert_eq!(addr_from_map(f6, w6), Some(v6));
+        assert_eq!(addr_from_map(0, w4), None);
+        let fd = IpAddr::V6("fd00::11".parse().unwrap());
+        let (_, w) = addr_to_map(fd);
+        // Header order: the first word holds the first four bytes as they are on the wire.
+        assert_eq!(w[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 0x11]);
     }
 
     #[test]

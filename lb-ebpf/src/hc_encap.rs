@@ -2,10 +2,10 @@
 //!
 //! The health checker opens its probe socket with `SO_MARK = LB_HC_MARK_BASE + backend id`
 //! and connects to `VIP:port`; the kernel routes the probe out of an interface where this
-//! program runs on egress. Here a marked packet is encapsulated IPv4-in-IPv4 to the backend
-//! named by the mark, exactly as `lb_xdp` encapsulates client packets (outer source
-//! `LB_CONFIG.lb_addr`, TTL 64, TOS and DF copied from the inner header), and sent to the
-//! backend's next hop. The backend decapsulates it, answers the LB host directly from the VIP
+//! program runs on egress. Here a marked packet (IPv4 or IPv6) is encapsulated to the backend
+//! named by the mark, exactly as `lb_xdp` encapsulates client packets (an outer header of the
+//! backend's family, source `LB_CONFIG.lb_addr4`/`lb_addr6`, TTL 64, TOS/traffic class and DF
+//! copied from the inner header), and sent to the backend's next hop. The backend decapsulates it, answers the LB host directly from the VIP
 //! (DSR), and that reply is ordinary host traffic for `lb_xdp` (not addressed to a VIP), so it
 //! reaches the probe socket. A probe that succeeds thus proves what client traffic needs: the
 //! backend decapsulates, owns the VIP and serves the port. Katran's
@@ -19,8 +19,9 @@
 //!   outer header by pushing the Ethernet header forwards (`bpf_skb_generic_push`: `skb_push`,
 //!   then `memmove` of the MAC header), so the inner TCP header, and `csum_start` with it, do
 //!   not move.
-//! - With `BPF_F_ADJ_ROOM_ENCAP_L3_IPV4` the helper also sets `skb->encapsulation` and the
-//!   inner network/transport header offsets (`bpf_skb_net_grow`), so the transmit path checks
+//! - With `BPF_F_ADJ_ROOM_ENCAP_L3_IPV4` (or `_IPV6`) the helper also sets `skb->encapsulation`,
+//!   the inner network/transport header offsets and, when the families differ,
+//!   `skb->protocol` to the outer one (`bpf_skb_net_grow`), so the transmit path checks
 //!   the device's `hw_enc_features`: a NIC that cannot checksum inside a tunnel gets the sum
 //!   computed in software by `validate_xmit_skb` → `skb_csum_hwoffload_help` →
 //!   `skb_checksum_help`, and one with `NETIF_F_HW_CSUM` fills it in from `csum_start`.
@@ -30,28 +31,32 @@
 //!   verified (`skb_csum_unnecessary`: `csum_start` at or after the TCP header). The namespace
 //!   test runs with veth tx checksum offload on and checks the backend's `InCsumErrors`.
 //!
-//! GSO. Without `BPF_F_ADJ_ROOM_FIXED_GSO` the helper lowers `gso_size` by the 20 bytes it
-//! adds, so every segment of a large probe still fits the MTU after encapsulation; the GSO type
-//! gains `SKB_GSO_IPXIP4`, which segmentation (in software or the NIC) understands.
+//! GSO. Without `BPF_F_ADJ_ROOM_FIXED_GSO` the helper lowers `gso_size` by the bytes it adds,
+//! so every segment of a large probe still fits the MTU after encapsulation; the GSO type
+//! gains `SKB_GSO_IPXIP4` or `SKB_GSO_IPXIP6`, which segmentation (in software or the NIC)
+//! understands.
 
 use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS,
-        TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup as FibParams,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
     },
     btf_maps::PerCpuArray,
     helpers::{bpf_fib_lookup, bpf_redirect},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
-use lb_common::{HcReason, IPPROTO_IPIP, hc_backend_id};
+use lb_common::{FAMILY_V6, HcReason, IPPROTO_IPIP, IPPROTO_IPV6, hc_backend_id};
 
 use crate::{
-    AF_INET, ETH_LEN, ETH_P_IP_BE, IP_DF_BE, IPV4_MIN_LEN, LB_BACKENDS, LB_CONFIG, OUTER_TTL,
-    checksum_bytes,
+    maps::{LB_BACKENDS, LB_CONFIG},
+    pkt::{
+        AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IPV4_LEN, IPV6_LEN,
+        OUTER_TTL, checksum_bytes, words_to_bytes,
+    },
 };
 
 const HC_REASONS: usize = HcReason::COUNT as usize;
@@ -90,50 +95,89 @@ pub fn lb_hc_encap(ctx: TcContext) -> i32 {
     action
 }
 
+/// What the outer header needs from the probe.
+struct Inner {
+    /// IPv4 TOS or IPv6 traffic class.
+    tos: u8,
+    /// Length of the IP packet.
+    len: usize,
+    /// IPv4 identification (zero for IPv6).
+    id: [u8; 2],
+    /// IPv4 DF; IPv6 always (never fragmented on its path).
+    df: bool,
+    /// The protocol number announcing it in the outer header (4 or 41).
+    proto: u8,
+}
+
+/// The probe's IP header, read with bpf_skb_load_bytes: unlike direct packet access it needs
+/// no data/data_end bounds proof and works on non-linear skbs too. The EtherType check also
+/// refuses interfaces without an Ethernet header (tun, wireguard), where writing MAC
+/// addresses would corrupt the packet.
+#[inline(always)]
+fn inner(ctx: &TcContext, protocol: u32) -> Option<Inner> {
+    if protocol == ETH_P_IP_BE as u32 {
+        let h = ctx.load::<[u8; ETH_LEN + IPV4_LEN]>(0).ok()?;
+        if u16::from_ne_bytes([h[12], h[13]]) != ETH_P_IP_BE || h[ETH_LEN] >> 4 != 4 {
+            return None;
+        }
+        let ip = &h[ETH_LEN..];
+        Some(Inner {
+            tos: ip[1],
+            len: u16::from_be_bytes([ip[2], ip[3]]) as usize,
+            id: [ip[4], ip[5]],
+            df: u16::from_ne_bytes([ip[6], ip[7]]) & IP_DF_BE != 0,
+            proto: IPPROTO_IPIP,
+        })
+    } else if protocol == ETH_P_IPV6_BE as u32 {
+        let h = ctx.load::<[u8; ETH_LEN + IPV6_LEN]>(0).ok()?;
+        if u16::from_ne_bytes([h[12], h[13]]) != ETH_P_IPV6_BE || h[ETH_LEN] >> 4 != 6 {
+            return None;
+        }
+        let ip = &h[ETH_LEN..];
+        Some(Inner {
+            tos: (ip[0] << 4) | (ip[1] >> 4),
+            len: IPV6_LEN + u16::from_be_bytes([ip[4], ip[5]]) as usize,
+            id: [0; 2],
+            df: true,
+            proto: IPPROTO_IPV6,
+        })
+    } else {
+        None
+    }
+}
+
 /// Encapsulates a probe for backend `backend_id` and sends it; returns the TC action and the
 /// reason to count. A probe that cannot be sent through the data path is dropped, never sent
 /// on unencapsulated (it would test the wrong thing).
 #[inline(always)]
 fn encapsulate(ctx: &TcContext, backend_id: u32) -> (i32, HcReason) {
-    const FRAME_HDRS: usize = ETH_LEN + IPV4_MIN_LEN;
-
     // The lookup fails for ids beyond the table (whose size the loader sets from
     // --max-backends): that is the upper end of the mark range.
     let Some(backend) = LB_BACKENDS.get(backend_id) else {
         return (SHOT, HcReason::DropUnknownBackend);
     };
-    let backend_addr = backend.addr;
-    if backend_addr == 0 {
+    let backend = *backend;
+    if backend.family == 0 {
         return (SHOT, HcReason::DropUnknownBackend);
     }
+    let outer_v6 = backend.family == FAMILY_V6;
 
     let skb = ctx.skb.skb;
     // SAFETY: context fields of the kernel's skb; `protocol` holds the __be16 EtherType.
     let (protocol, ifindex, gso_size) =
         unsafe { ((*skb).protocol, (*skb).ifindex, (*skb).gso_size) };
-    if protocol != ETH_P_IP_BE as u32 {
-        return (SHOT, HcReason::DropNotIpv4);
-    }
-    // Ethernet and inner IPv4 headers, read with bpf_skb_load_bytes: unlike direct packet
-    // access it needs no data/data_end bounds proof and works on non-linear skbs too. The
-    // EtherType check also refuses interfaces without an Ethernet header (tun, wireguard),
-    // where writing MAC addresses would corrupt the packet.
-    let Ok(hdrs) = ctx.load::<[u8; FRAME_HDRS]>(0) else {
-        return (SHOT, HcReason::DropNotIpv4);
+    let Some(inner) = inner(ctx, protocol) else {
+        return (SHOT, HcReason::DropNotIp);
     };
-    if u16::from_ne_bytes([hdrs[12], hdrs[13]]) != ETH_P_IP_BE || hdrs[ETH_LEN] >> 4 != 4 {
-        return (SHOT, HcReason::DropNotIpv4);
-    }
-    let inner = &hdrs[ETH_LEN..];
-    let tos = inner[1];
-    let inner_len = u16::from_be_bytes([inner[2], inner[3]]) as usize;
-    let outer_len = inner_len + IPV4_MIN_LEN;
+    let overhead = if outer_v6 { IPV6_LEN } else { IPV4_LEN };
+    let outer_len = inner.len + overhead;
     if outer_len > u16::MAX as usize {
         return (SHOT, HcReason::DropMtu);
     }
-    let df = u16::from_ne_bytes([inner[6], inner[7]]) & IP_DF_BE;
-
-    let lb_addr = LB_CONFIG.get(0).map_or(0, |c| c.lb_addr);
+    let Some(cfg) = LB_CONFIG.get(0) else {
+        return (SHOT, HcReason::DropNoRoute);
+    };
+    let cfg = *cfg;
 
     // Next hop of the backend, before touching the packet. The lookup is made as if the
     // packet arrived on the interface it is leaving by (input-style, so any interface may
@@ -142,15 +186,27 @@ fn encapsulate(ctx: &TcContext, backend_id: u32) -> (i32, HcReason) {
     // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of integers); the
     // verifier requires the whole block to be initialised before the helper reads it.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_IPIP;
+    if outer_v6 {
+        if cfg.lb_addr6 == [0; 4] {
+            return (SHOT, HcReason::DropNoRoute);
+        }
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = cfg.lb_addr6;
+        fib.__bindgen_anon_4.ipv6_dst = backend.addr;
+    } else {
+        if cfg.lb_addr4 == 0 {
+            return (SHOT, HcReason::DropNoRoute);
+        }
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = cfg.lb_addr4;
+        fib.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    }
+    fib.l4_protocol = inner.proto;
     // With tot_len the helper checks it against the route's MTU. A GSO probe is segmented
     // later (into segments that fit, see the module docs): pass 0 and the helper checks
     // the skb itself, which for GSO always fits.
     fib.__bindgen_anon_1.tot_len = if gso_size == 0 { outer_len as u16 } else { 0 };
     fib.ifindex = ifindex;
-    fib.__bindgen_anon_3.ipv4_src = lb_addr;
-    fib.__bindgen_anon_4.ipv4_dst = backend_addr;
     // SAFETY: `fib` is a valid, fully initialised parameter block of the size passed.
     let rc = unsafe { bpf_fib_lookup(skb.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
@@ -160,41 +216,57 @@ fn encapsulate(ctx: &TcContext, backend_id: u32) -> (i32, HcReason) {
         return (SHOT, HcReason::DropNoRoute);
     }
 
-    // Room for the outer header between the Ethernet header and the inner IPv4 header.
+    // Room for the outer header between the Ethernet header and the inner IP header.
+    let flags = if outer_v6 {
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
+    } else {
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+    };
     if ctx
-        .adjust_room(
-            IPV4_MIN_LEN as i32,
-            BPF_ADJ_ROOM_MAC,
-            BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64,
-        )
+        .adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags as u64)
         .is_err()
     {
         return (SHOT, HcReason::DropAdjustRoom);
     }
 
-    // New Ethernet header and outer IPv4 header, written with one bpf_skb_store_bytes (the
+    // New Ethernet header and outer header, written with one bpf_skb_store_bytes each (the
     // helper revalidates offsets after the resize; no packet pointer is held across it).
-    let mut out = [0u8; FRAME_HDRS];
-    out[0..6].copy_from_slice(&fib.dmac);
-    out[6..12].copy_from_slice(&fib.smac);
-    out[12..14].copy_from_slice(&ETH_P_IP_BE.to_ne_bytes());
-    let mut hdr = [0u8; IPV4_MIN_LEN];
-    hdr[0] = 0x45;
-    // RFC 2003 §3.1: TOS copied from the inner header; DF copied too, so path-MTU discovery
-    // of the probe works as for client traffic. The identification is the inner one: unique
-    // per source as RFC 791 wants should the outer header ever be fragmented.
-    hdr[1] = tos;
-    hdr[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
-    hdr[4..6].copy_from_slice(&inner[4..6]);
-    hdr[6..8].copy_from_slice(&df.to_ne_bytes());
-    hdr[8] = OUTER_TTL;
-    hdr[9] = IPPROTO_IPIP;
-    hdr[12..16].copy_from_slice(&lb_addr.to_ne_bytes());
-    hdr[16..20].copy_from_slice(&backend_addr.to_ne_bytes());
-    let c = checksum_bytes(&hdr);
-    hdr[10..12].copy_from_slice(&c.to_be_bytes());
-    out[ETH_LEN..].copy_from_slice(&hdr);
-    if ctx.store(0, &out, 0).is_err() {
+    let mut eth = [0u8; ETH_LEN];
+    eth[0..6].copy_from_slice(&fib.dmac);
+    eth[6..12].copy_from_slice(&fib.smac);
+    let stored = if outer_v6 {
+        eth[12..14].copy_from_slice(&ETH_P_IPV6_BE.to_ne_bytes());
+        // RFC 2473 §6.5: traffic class from the inner header; no flow label (one probe).
+        let mut h = [0u8; IPV6_LEN];
+        h[0] = 0x60 | (inner.tos >> 4);
+        h[1] = inner.tos << 4;
+        h[4..6].copy_from_slice(&(inner.len as u16).to_be_bytes());
+        h[6] = inner.proto;
+        h[7] = OUTER_TTL;
+        h[8..24].copy_from_slice(&words_to_bytes(&cfg.lb_addr6));
+        h[24..40].copy_from_slice(&words_to_bytes(&backend.addr));
+        ctx.store(ETH_LEN, &h, 0)
+    } else {
+        eth[12..14].copy_from_slice(&ETH_P_IP_BE.to_ne_bytes());
+        let mut h = [0u8; IPV4_LEN];
+        h[0] = 0x45;
+        // RFC 2003 §3.1: TOS copied from the inner header; DF copied too, so path-MTU
+        // discovery of the probe works as for client traffic. The identification is the
+        // inner one: unique per source as RFC 791 wants should the outer header ever be
+        // fragmented.
+        h[1] = inner.tos;
+        h[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&inner.id);
+        h[6] = if inner.df { 0x40 } else { 0 };
+        h[8] = OUTER_TTL;
+        h[9] = inner.proto;
+        h[12..16].copy_from_slice(&cfg.lb_addr4.to_ne_bytes());
+        h[16..20].copy_from_slice(&backend.addr[0].to_ne_bytes());
+        let c = checksum_bytes(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        ctx.store(ETH_LEN, &h, 0)
+    };
+    if stored.is_err() || ctx.store(0, &eth, 0).is_err() {
         return (SHOT, HcReason::DropAdjustRoom);
     }
 

@@ -24,7 +24,7 @@ use lb::admin::api::TargetRef;
 use lb::admin::{Handler as _, Request};
 use lb::daemon::control::{Control, L4Sync, L7Sync};
 use lb::daemon::host::Neighbours;
-use lb::dataplane::{Balancer, Maps, Sizes};
+use lb::dataplane::{Balancer, LbAddrs, Maps, Sizes};
 use lb::health::BackendIds as _;
 use lb::l4::{L4Maps as _, L4Member, Proto, RingWriter, VipAddr, VipSpec};
 use lb::maglev;
@@ -95,7 +95,7 @@ fn load(max_backends: u32, max_flows: u32) -> anyhow::Result<(Balancer, Maps)> {
         max_vips: 4,
         max_backends,
     };
-    Balancer::load(sizes, LB_ADDR, None).context("loading lb_xdp (root, BPF)")
+    Balancer::load(sizes, LbAddrs::one(LB_ADDR.into()), None).context("loading lb_xdp (root, BPF)")
 }
 
 fn maglev_build() -> anyhow::Result<()> {
@@ -152,7 +152,7 @@ struct Bed {
 }
 
 const VIP: VipAddr = VipAddr {
-    addr: Ipv4Addr::new(10, 100, 0, 1),
+    addr: std::net::IpAddr::V4(Ipv4Addr::new(10, 100, 0, 1)),
     port: 80,
     proto: Proto::Tcp,
 };
@@ -160,10 +160,7 @@ const VIP: VipAddr = VipAddr {
 async fn bed(n: usize) -> anyhow::Result<Bed> {
     let (balancer, maps) = load(4096, 1024)?;
     let mut writer = RingWriter::new(maps, RING, 4, 4096);
-    let spec = VipSpec {
-        name: Some("web".into()),
-        vip: VIP,
-    };
+    let spec = VipSpec::new(Some("web".into()), VIP);
     writer.add_vip(spec.clone())?;
     let mut reg = Registry::new();
     reg.create_group(parse_target_group(
@@ -291,7 +288,7 @@ fn change_latency() -> anyhow::Result<()> {
 
 /// Checks that the change is in both planes when the handler returned.
 fn verify(bed: &Bed, addr: Ipv4Addr, registered: bool) -> anyhow::Result<()> {
-    let id = bed.l4.backend_id(&VIP, addr, 80);
+    let id = bed.l4.backend_id(&VIP, addr.into(), 80);
     ensure!(
         id.is_some() == registered,
         "ring writer: {addr} registered={registered}, id {id:?}"
@@ -318,10 +315,10 @@ impl Bed {
 /// slots rewritten by a register).
 fn maps_alone(bed: &Bed, n: usize, newcomer: Ipv4Addr) -> anyhow::Result<(Duration, usize)> {
     let base: Vec<L4Member> = (0..n)
-        .map(|i| L4Member::in_service(backend(i), 80, 1))
+        .map(|i| L4Member::in_service(backend(i).into(), 80, 1))
         .collect();
     let mut with = base.clone();
-    with.push(L4Member::in_service(newcomer, 80, 1));
+    with.push(L4Member::in_service(newcomer.into(), 80, 1));
     let mut samples = Vec::new();
     let mut slots = 0;
     // Starts without the newcomer (the API loop may have left it registered).

@@ -19,22 +19,24 @@
 //! - new flow: a distinct source address/port every call, so every call misses the flow
 //!   table, picks a backend from the Maglev ring and inserts a flow (the map is sized so the
 //!   LRU never has to evict).
+//! - IPv6 flow-table hit, IPv6 new flow: the same two for an IPv6 VIP with IPv6 backends
+//!   (IPv6-in-IPv6, a 40-byte outer header and a flow label), after the three IPv4 rows.
 //!
 //! Runs in a private network namespace (veth `d0` with permanent neighbours for the
 //! backends), so `bpf_fib_lookup` resolves and the VIP scenarios encapsulate and return
 //! XDP_REDIRECT, as on a real host. Needs root. Bounded: about 20 s on 2 cores.
 use std::{
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     process::{Command, ExitCode},
     time::Instant,
 };
 
 use anyhow::{Context as _, bail, ensure};
 use lb::{
-    dataplane::{Balancer, Maps, PassGuard, Sizes},
+    dataplane::{Balancer, LbAddrs, Maps, PassGuard, Sizes},
     l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
-    packet::{ETH_LEN, Frame},
+    packet::{ETH_LEN, Frame, Frame6},
 };
 use lb_common::Reason;
 
@@ -53,7 +55,14 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+
+/// Backend `n` of the IPv6 VIP: fd00::`n`, the same host (and MAC) as 10.0.0.`n`.
+fn backend6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(n))
+}
 const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
 
 fn main() -> ExitCode {
@@ -100,22 +109,35 @@ fn private_netns() -> anyhow::Result<()> {
     ])?;
     run_cmd(&["ip", "link", "set", "d1", "up"])?;
     run_cmd(&["ip", "addr", "add", "10.0.0.2/24", "dev", "d0"])?;
+    run_cmd(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00::2/64",
+        "dev",
+        "d0",
+        "nodad",
+    ])?;
     run_cmd(&["ip", "link", "set", "d0", "up"])?;
     for n in 11..11 + BACKENDS {
-        run_cmd(&[
-            "ip",
-            "neigh",
-            "add",
-            &format!("10.0.0.{n}"),
-            "lladdr",
-            &format!("02:00:00:00:00:{n:02x}"),
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ])?;
+        for addr in [format!("10.0.0.{n}"), backend6(n).to_string()] {
+            run_cmd(&[
+                "ip",
+                "neigh",
+                "add",
+                &addr,
+                "lladdr",
+                &format!("02:00:00:00:00:{n:02x}"),
+                "dev",
+                "d0",
+                "nud",
+                "permanent",
+            ])?;
+        }
     }
-    run_cmd(&["sysctl", "-q", "-w", "net.ipv4.conf.all.forwarding=1"])
+    run_cmd(&["sysctl", "-q", "-w", "net.ipv4.conf.all.forwarding=1"])?;
+    run_cmd(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
 }
 
 /// Pins the process to the CPU it runs on, so every call uses the same per-CPU map slots and
@@ -306,8 +328,9 @@ fn run() -> anyhow::Result<()> {
         Err(_) => CALLS,
     };
     ensure!(calls > 0, "LB_BENCH_CALLS must be positive");
+    // Two new-flow scenarios (IPv4 and IPv6) must fit without evictions.
     ensure!(
-        (WARMUP + calls + 1) as u64 <= u64::from(MAX_FLOWS) / 2,
+        2 * (WARMUP + calls + 1) as u64 <= u64::from(MAX_FLOWS) * 7 / 8,
         "LB_BENCH_CALLS too large for the flow table ({MAX_FLOWS} entries)"
     );
     private_netns()?;
@@ -319,22 +342,44 @@ fn run() -> anyhow::Result<()> {
         max_vips: 4,
         max_backends: 64,
     };
-    let (lb, maps) = Balancer::load(sizes, LB_ADDR, None).context("loading lb_xdp")?;
+    let addrs = LbAddrs {
+        v4: Some(LB_ADDR),
+        v6: Some(LB_ADDR6),
+    };
+    let (lb, maps) = Balancer::load(sizes, addrs, None).context("loading lb_xdp")?;
     let mut registry = RingWriter::new(maps, sizes.ring_size, sizes.max_vips, sizes.max_backends);
     let vip = VipAddr {
-        addr: VIP,
+        addr: VIP.into(),
         port: 80,
         proto: Proto::Tcp,
     };
-    registry.add_vip(VipSpec { name: None, vip })?;
+    registry.add_vip(VipSpec::new(None, vip))?;
     let targets: Vec<L4Member> = (11..11 + BACKENDS)
-        .map(|n| L4Member::in_service(Ipv4Addr::new(10, 0, 0, n), 80, 1))
+        .map(|n| L4Member::in_service(Ipv4Addr::new(10, 0, 0, n).into(), 80, 1))
         .collect();
     registry.apply(&vip, &targets, false)?;
+    let vip6 = VipAddr {
+        addr: VIP6.into(),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    registry.add_vip(VipSpec::new(None, vip6))?;
+    let targets6: Vec<L4Member> = (11..11 + BACKENDS)
+        .map(|n| L4Member::in_service(backend6(n).into(), 80, 1))
+        .collect();
+    registry.apply(&vip6, &targets6, false)?;
     let pass = PassGuard::load_unattached().context("loading lb_pass")?;
     let bench = Bench { lb, pass };
     let maps = registry.maps();
-    let vip_id = registry.describe()[0].1;
+    let id_of = |v: &VipAddr| {
+        registry
+            .describe()
+            .into_iter()
+            .find(|(spec, _, _)| spec.vip == *v)
+            .map(|(_, id, _)| id)
+    };
+    let vip_id = id_of(&vip).context("the IPv4 VIP")?;
+    let vip6_id = id_of(&vip6).context("the IPv6 VIP")?;
 
     let started = Instant::now();
     let mut rows = Vec::new();
@@ -406,6 +451,46 @@ fn run() -> anyhow::Result<()> {
         "new-flow scenario created {created} flows for {} calls",
         WARMUP + calls
     );
+
+    // The same over IPv6 (IPv6-in-IPv6).
+    let mut packet = Frame6 {
+        dst: VIP6,
+        sport: 40_000,
+        ..Frame6::default()
+    }
+    .build();
+    let new_flows_before = maps.vip_counters(vip6_id)?.new_flows;
+    bench.per_call(1, &mut packet, XDP_REDIRECT, |_| {})?;
+    let (xdp, pass) = bench.scenario(calls, &mut packet, XDP_REDIRECT, |_| {})?;
+    rows.push(Row {
+        name: "IPv6 hit",
+        xdp,
+        pass,
+    });
+    let created6_hit = maps.vip_counters(vip6_id)?.new_flows - new_flows_before;
+    ensure!(created6_hit == 1, "IPv6 hit created {created6_hit} flows");
+    let new_flows_before = maps.vip_counters(vip6_id)?.new_flows;
+    let mut k: u32 = 0;
+    let (xdp, pass) = bench.scenario(calls, &mut packet, XDP_REDIRECT, |p| {
+        // Source 2001:db8:80::x:y, a distinct (address, port) every call.
+        let hi = (k / 50_000) as u16;
+        let sport = 10_000 + (k % 50_000) as u16;
+        let src = Ipv6Addr::new(0x2001, 0xdb8, 0x80, 0, 0, 0, 0, hi);
+        p[ETH_LEN + 8..ETH_LEN + 24].copy_from_slice(&src.octets());
+        p[ETH_LEN + 40..ETH_LEN + 42].copy_from_slice(&sport.to_be_bytes());
+        k += 1;
+    })?;
+    rows.push(Row {
+        name: "IPv6 new flow",
+        xdp,
+        pass,
+    });
+    let created6 = maps.vip_counters(vip6_id)?.new_flows - new_flows_before;
+    ensure!(
+        created6 == (WARMUP + calls) as u64,
+        "IPv6 new-flow scenario created {created6} flows for {} calls",
+        WARMUP + calls
+    );
     let elapsed = started.elapsed();
 
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
@@ -432,7 +517,7 @@ fn run() -> anyhow::Result<()> {
     println!("kernel:   {}", cmd_output(&["uname", "-sr"]));
     println!("cpu:      {cpu_model} ({cores} cores online; pinned to cpu {cpu})");
     println!(
-        "setup:    1 VIP, {BACKENDS} backends, Maglev ring {}, flow table {MAX_FLOWS}, private netns",
+        "setup:    1 VIP, {BACKENDS} backends, Maglev ring {}, flow table {MAX_FLOWS}, private netns (IPv6 rows: a second VIP, IPv6 with {BACKENDS} IPv6 backends)",
         sizes.ring_size
     );
     println!(
@@ -441,7 +526,7 @@ fn run() -> anyhow::Result<()> {
         elapsed.as_secs_f64()
     );
     println!(
-        "verified: every lb_xdp call returned the expected action; counters: pass_not_vip +{non_vip_runs}, hit created 1 flow, new-flow created {created} flows"
+        "verified: every lb_xdp call returned the expected action; counters: pass_not_vip +{non_vip_runs}, hit created 1 flow, new-flow created {created} flows; IPv6: hit created 1 flow, new-flow created {created6} flows"
     );
     println!();
     println!(
@@ -474,9 +559,9 @@ notes:
   toward 1 (understated) by that shared overhead: compare the cross-check, where the loop cost
   is spread over {LARGE_REPEAT} runs. The kernel clock resolution here is about 10 ns, so
   single-run figures are quantised.
-- flow-table hit and new flow include the 20-byte encapsulation and bpf_fib_lookup (route and
-  neighbour lookup) and return XDP_REDIRECT; the redirect itself (the egress driver's transmit)
-  does not happen in test-run mode and is not measured.
+- flow-table hit and new flow include the 20-byte encapsulation (40 bytes for the IPv6 rows)
+  and bpf_fib_lookup (route and neighbour lookup) and return XDP_REDIRECT; the redirect itself
+  (the egress driver's transmit) does not happen in test-run mode and is not measured.
 - no NIC, no DMA, no cache-cold packets: the same buffer is hot in cache every call and the
   maps stay warm (one CPU, one VIP). Per-packet cost on a real NIC differs.
 - wall median is the user-space time of one bpf() syscall (both programs pay it alike).

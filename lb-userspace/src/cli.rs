@@ -82,13 +82,15 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
 
-    /// Source address of the outer IPv4 header of encapsulated packets (default: the first
-    /// IPv4 address of the first --iface).
-    #[arg(long, value_name = "ADDR")]
-    pub lb_addr: Option<std::net::Ipv4Addr>,
+    /// Source address of the outer header of encapsulated packets, one per family: IPv4 for
+    /// IPv4 backends, IPv6 for IPv6 backends (repeatable; default: the first IPv4 and the first
+    /// global IPv6 address of the first --iface).
+    #[arg(long = "lb-addr", value_name = "ADDR")]
+    pub lb_addrs: Vec<std::net::IpAddr>,
 
-    /// An L4 virtual IP: `[NAME=]ADDR:PORT/PROTO`, PROTO `tcp` or `udp`; PORT 0 = every port
-    /// (repeatable). Example: `--vip web=10.100.0.1:80/tcp`.
+    /// An L4 virtual IP: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]`, PROTO
+    /// `tcp` or `udp`; PORT 0 = every port; IPv6 in brackets (repeatable).
+    /// Example: `--vip web=10.100.0.1:80/tcp`, `--vip web6=[2001:db8::1]:443/tcp`.
     #[arg(long = "vip", value_name = "SPEC")]
     pub vips: Vec<String>,
 
@@ -175,6 +177,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME", default_value = "lb")]
     pub lb_name: String,
 
+    /// How often the flow table is swept (expired entries deleted, its size and the live flows
+    /// the LRU evicted counted for `lb stats`), in seconds; each sweep walks the whole table.
+    /// Default: half the shortest VIP idle timeout, between 1 and 30 s.
+    #[arg(long, value_name = "SECS")]
+    pub flow_sweep_interval: Option<f64>,
+
+    /// On SIGINT/SIGTERM, leave lb_xdp attached and its maps pinned: L4 flows keep flowing
+    /// (with the targets as they are, no health checks) until the next `lb run` with the same
+    /// --pin-path adopts them. Without it a clean shutdown removes everything.
+    #[arg(long)]
+    pub keep_dataplane: bool,
+
     /// Validate the flags, print the resulting configuration and exit.
     #[arg(long)]
     pub check: bool,
@@ -237,10 +251,10 @@ pub struct DecapArgs {
     #[arg(long = "iface", value_name = "IFACE", required = true)]
     pub ifaces: Vec<String>,
 
-    /// Outer destination addresses to decapsulate (default: every IPv4 address of the
-    /// interfaces).
+    /// Outer destination addresses to decapsulate, IPv4 or IPv6 (default: every IPv4 and
+    /// every global IPv6 address of the interfaces).
     #[arg(long = "addr", value_name = "ADDR")]
-    pub addrs: Vec<std::net::Ipv4Addr>,
+    pub addrs: Vec<std::net::IpAddr>,
 
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]

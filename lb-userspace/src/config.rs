@@ -7,14 +7,18 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use crate::{
     cli::{RunArgs, XdpMode},
     dataplane::Sizes,
-    l4::{VipSpec, validate_name},
+    l4::{
+        VipSpec, validate_name,
+        vip::{MAX_IDLE_TIMEOUT, MIN_IDLE_TIMEOUT},
+    },
     proxy::server::{ListenerConfig, parse_listener},
     registry::{Registry, parse_target},
     rules::{RuleBook, parse_rule},
@@ -58,7 +62,7 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// A parsed `--vip` value: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP]`.
+/// A parsed `--vip` value: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipFlag {
     /// The VIP.
@@ -67,7 +71,7 @@ pub struct VipFlag {
     pub forward: Option<String>,
 }
 
-/// Parses `[NAME=]ADDR:PORT/PROTO[,forward=GROUP]`.
+/// Parses `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]`.
 pub fn parse_vip(s: &str) -> Result<VipFlag, String> {
     let mut parts = s.split(',');
     let head = parts.next().unwrap_or_default();
@@ -79,22 +83,42 @@ pub fn parse_vip(s: &str) -> Result<VipFlag, String> {
         validate_name(n)?;
     }
     let mut forward = None;
+    let mut idle_timeout = None;
     for opt in parts {
         match opt.split_once('=') {
             Some(("forward", g)) if forward.is_none() && !g.is_empty() => {
                 forward = Some(g.to_owned());
             }
             Some(("forward", _)) => return Err("forward= names one target group, once".into()),
-            _ => return Err(format!("unknown option {opt:?} (known: forward=GROUP)")),
+            Some(("idle-timeout", t)) if idle_timeout.is_none() => {
+                let secs = t
+                    .parse::<u64>()
+                    .ok()
+                    .map(Duration::from_secs)
+                    .filter(|d| (MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(d))
+                    .ok_or_else(|| {
+                        format!(
+                            "idle-timeout {t:?} must be whole seconds from {} to {} (AWS \
+                             allows 60 to 6000 for TCP; UDP is fixed at 120 there)",
+                            MIN_IDLE_TIMEOUT.as_secs(),
+                            MAX_IDLE_TIMEOUT.as_secs()
+                        )
+                    })?;
+                idle_timeout = Some(secs);
+            }
+            Some(("idle-timeout", _)) => return Err("idle-timeout= is given once".into()),
+            _ => {
+                return Err(format!(
+                    "unknown option {opt:?} (known: forward=GROUP, idle-timeout=SECS)"
+                ));
+            }
         }
     }
-    Ok(VipFlag {
-        spec: VipSpec {
-            name: name.map(str::to_string),
-            vip: rest.parse()?,
-        },
-        forward,
-    })
+    let mut spec = VipSpec::new(name.map(str::to_string), rest.parse()?);
+    if let Some(t) = idle_timeout {
+        spec.idle_timeout = t;
+    }
+    Ok(VipFlag { spec, forward })
 }
 
 /// The validated L4 part of `lb run` (the VIPs' targets are in the registry).
@@ -104,8 +128,13 @@ pub struct L4Config {
     pub ifaces: Vec<String>,
     /// Attach mode.
     pub xdp_mode: XdpMode,
-    /// Outer source address; None = first IPv4 address of the first interface.
-    pub lb_addr: Option<Ipv4Addr>,
+    /// Outer source addresses given (at most one per family); the others default to the
+    /// first interface's.
+    pub lb_addrs: Vec<IpAddr>,
+    /// Leave the data plane in place at a clean shutdown.
+    pub keep_dataplane: bool,
+    /// `--flow-sweep-interval`, if given.
+    pub sweep_interval: Option<Duration>,
     /// Map sizes.
     pub sizes: Sizes,
     /// The VIPs, in flag order.
@@ -187,14 +216,42 @@ fn check_sizes(a: &RunArgs, errs: &mut Vec<ConfigError>) {
             errs.push(ConfigError::new("--iface", i, "not a valid interface name"));
         }
     }
-    if let Some(addr) = a.lb_addr
-        && (addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast())
+    for addr in &a.lb_addrs {
+        let bad = match addr {
+            IpAddr::V4(v) => v.is_unspecified() || v.is_multicast() || v.is_broadcast(),
+            IpAddr::V6(v) => v.is_unspecified() || v.is_multicast() || v.is_loopback(),
+        };
+        if bad {
+            errs.push(ConfigError::new(
+                "--lb-addr",
+                addr.to_string(),
+                "must be a unicast address of this host",
+            ));
+        }
+    }
+    if let Some(i) = a.flow_sweep_interval
+        && !(0.1..=3600.0).contains(&i)
     {
         errs.push(ConfigError::new(
-            "--lb-addr",
-            addr.to_string(),
-            "must be a unicast address of this host",
+            "--flow-sweep-interval",
+            i.to_string(),
+            "must be 0.1 to 3600 seconds",
         ));
+    }
+    for v6 in [false, true] {
+        let of_family: Vec<String> = a
+            .lb_addrs
+            .iter()
+            .filter(|x| x.is_ipv6() == v6)
+            .map(ToString::to_string)
+            .collect();
+        if of_family.len() > 1 {
+            errs.push(ConfigError::new(
+                "--lb-addr",
+                of_family.join(","),
+                "give at most one address per family",
+            ));
+        }
     }
 }
 
@@ -532,7 +589,9 @@ impl Config {
         let l4 = (!vips.is_empty()).then(|| L4Config {
             ifaces: a.ifaces.clone(),
             xdp_mode: a.xdp_mode,
-            lb_addr: a.lb_addr,
+            lb_addrs: a.lb_addrs.clone(),
+            keep_dataplane: a.keep_dataplane,
+            sweep_interval: a.flow_sweep_interval.map(Duration::from_secs_f64),
             sizes: Sizes {
                 max_flows: a.max_flows,
                 ring_size: a.ring_size,
@@ -612,9 +671,64 @@ mod tests {
             "[::1]:80/tcp",
             "web=10.100.0.1:80/tcp,forward=",
             "web=10.100.0.1:80/tcp,mode=nat",
+            "web=10.100.0.1:80/tcp,idle-timeout=0",
+            "web=10.100.0.1:80/tcp,idle-timeout=6001",
+            "web=10.100.0.1:80/tcp,idle-timeout=1.5",
+            "web=10.100.0.1:80/tcp,idle-timeout=60,idle-timeout=70",
         ] {
             assert!(parse_vip(bad).is_err(), "{bad} accepted");
         }
+        let v = parse_vip("web6=[fd00:100::1]:443/tcp,idle-timeout=60,forward=g").unwrap();
+        assert_eq!(v.spec.vip.to_string(), "[fd00:100::1]:443/tcp");
+        assert_eq!(v.spec.idle_timeout, Duration::from_secs(60));
+        assert_eq!(v.forward.as_deref(), Some("g"));
+        let udp = parse_vip("10.100.0.2:53/udp").unwrap();
+        assert_eq!(
+            udp.spec.idle_timeout,
+            Duration::from_secs(120),
+            "NLB's UDP default"
+        );
+    }
+
+    #[test]
+    fn ipv6_vips_take_targets_of_either_family() {
+        let c = Config::from_run_args(&run_args(&[
+            "--iface",
+            "eth0",
+            "--vip",
+            "web6=[fd00:100::1]:80/tcp",
+            "--vip",
+            "web4=10.100.0.1:80/tcp",
+            "--target",
+            "web6=fd00::11",
+            "--target",
+            "web6=10.0.0.12",
+            "--target",
+            "web4=[fd00::13]:80",
+            "--lb-addr",
+            "10.0.0.2",
+            "--lb-addr",
+            "fd00::2",
+        ]))
+        .unwrap();
+        assert_eq!(targets(&c, "web6"), ["10.0.0.12:80 w1", "fd00::11:80 w1"]);
+        assert_eq!(targets(&c, "web4"), ["fd00::13:80 w1"]);
+        assert_eq!(c.l4.unwrap().lb_addrs.len(), 2);
+        let errs = errors(&[
+            "--iface",
+            "eth0",
+            "--vip",
+            "10.100.0.1:80/tcp",
+            "--lb-addr",
+            "10.0.0.2",
+            "--lb-addr",
+            "10.0.0.3",
+        ]);
+        assert!(
+            errs.iter()
+                .any(|e| e.problem.contains("one address per family")),
+            "{errs:?}"
+        );
     }
 
     #[test]

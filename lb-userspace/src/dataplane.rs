@@ -5,26 +5,40 @@
 //! can read them from another process), and `lb_hc_encap`, the TC egress program that sends
 //! health-check probes through the same data path (same object, so it reads the same
 //! `LB_BACKENDS`); [`Decap`] and [`PassGuard`] own `lb_decap` and `lb_pass`.
-//! Programs are attached through BPF links, so they detach when their owner is dropped or the
-//! process dies, and nothing is left attached by a crash.
+//!
+//! Restarts keep every flow. With a pin directory, `lb_xdp`'s XDP links are pinned too
+//! (`xdp_link@IFACE`), so the program stays attached, with its maps, when `lb run` dies. The
+//! next `lb run` with the same directory checks that the pinned maps have this binary's layout
+//! ([`lb_common::LB_LAYOUT_VERSION`] in `LB_CONFIG`) and sizes, loads its program onto them
+//! (`EbpfLoader::map_pin_path`), and swaps it into the pinned links atomically
+//! (`bpf_link_update`): no packet meets a detached interface or an empty map. A clean
+//! shutdown removes the pins (detaching the program) unless the data plane is to be left in
+//! place ([`Balancer::keep_dataplane`]). A lock (`flock` on the directory) keeps two live
+//! `lb run`s off one directory. `lb_hc_encap` is attached unpinned (tcx): it only matters
+//! while a process runs health checks.
 use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
     ffi::CString,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapInfo, PerCpuArray, PerCpuValues},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
-        XdpMode as AyaXdpMode, tc::TcAttachOptions,
+        XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
+        xdp::{XdpLink, XdpLinkId},
     },
 };
 use lb_common::{
-    Backend, Counters, DecapReason, FlowKey, FlowValue, HcReason, LbConfig, Reason, VipKey,
-    VipMeta, names,
+    AddrKey, Backend, Counters, DecapReason, FlowKey, FlowTableStats, FlowValue, HcReason,
+    LB_CONFIG_MAGIC, LB_LAYOUT_VERSION, LbConfig, Reason, VipKey, VipMeta, names,
 };
 
 use crate::cli::XdpMode;
@@ -92,6 +106,14 @@ pub enum DataplaneError {
     /// No such interface.
     #[error("interface {0} does not exist (in this network namespace)")]
     NoSuchInterface(String),
+    /// The pinned maps cannot be adopted by this binary.
+    #[error("--pin-path {path}: {problem}")]
+    Incompatible {
+        /// The directory.
+        path: PathBuf,
+        /// What does not match, and what to do.
+        problem: String,
+    },
 }
 
 /// Shorthand for results of this module.
@@ -132,22 +154,77 @@ impl Sizes {
     };
 }
 
-fn load_object(sizes: Sizes) -> Result<Ebpf> {
+/// Source addresses of the outer headers `lb_xdp` and `lb_hc_encap` write, one per family.
+/// A backend of a family without one is unreachable (`drop_no_route`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAddrs {
+    /// For IPv4 outer headers.
+    pub v4: Option<Ipv4Addr>,
+    /// For IPv6 outer headers.
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl LbAddrs {
+    /// `addr` alone.
+    pub fn one(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(a) => Self {
+                v4: Some(a),
+                v6: None,
+            },
+            IpAddr::V6(a) => Self {
+                v4: None,
+                v6: Some(a),
+            },
+        }
+    }
+
+    fn write_to(self, cfg: &mut LbConfig) {
+        cfg.lb_addr4 = self.v4.map_or(0, lb_common::ipv4_to_map);
+        cfg.lb_addr6 = self
+            .v6
+            .map_or([0; 4], |a| lb_common::addr_to_map(IpAddr::V6(a)).1);
+    }
+}
+
+/// The max_entries each pinned map must have for `sizes` (and what the loader creates), with
+/// the flag to change if a pinned map differs. Maps not listed have fixed sizes.
+fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 6] {
     let Sizes {
         max_flows,
         ring_size,
         max_vips,
         max_backends,
     } = sizes;
-    let ring_slots = ring_size.saturating_mul(max_vips);
-    EbpfLoader::new()
-        .map_max_entries(names::MAP_FLOWS, max_flows)
-        .map_max_entries(names::MAP_RINGS, ring_slots)
+    [
+        (names::MAP_FLOWS, max_flows, "--max-flows"),
+        (
+            names::MAP_RINGS,
+            ring_size.saturating_mul(max_vips),
+            "--ring-size times --max-vips",
+        ),
         // One address marker per VIP address besides the VIPs (lb_common::VIP_MARKER_PROTO).
-        .map_max_entries(names::MAP_VIPS, max_vips.saturating_mul(2))
-        .map_max_entries(names::MAP_VIP_STATS, max_vips)
-        .map_max_entries(names::MAP_BACKENDS, max_backends)
-        .map_max_entries(names::MAP_BACKEND_STATS, max_backends)
+        (names::MAP_VIPS, max_vips.saturating_mul(2), "--max-vips"),
+        (names::MAP_VIP_STATS, max_vips, "--max-vips"),
+        (names::MAP_BACKENDS, max_backends, "--max-backends"),
+        (names::MAP_BACKEND_STATS, max_backends, "--max-backends"),
+    ]
+}
+
+/// Loads the object with maps sized for `sizes`. With `pin_dir`, the pinned maps are created
+/// and pinned there, or reused if they exist (the caller checked that they fit).
+fn load_object(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for (name, entries, _) in sized_maps(sizes) {
+        loader.map_max_entries(name, entries);
+    }
+    let paths: Vec<(&str, PathBuf)> = pin_dir
+        .map(|dir| PINNED.iter().map(|n| (*n, dir.join(n))).collect())
+        .unwrap_or_default();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
         .load(OBJECT)
         .map_err(|e| DataplaneError::Load(Box::new(e)))
 }
@@ -182,11 +259,10 @@ fn ifindex(iface: &str) -> Result<u32> {
 }
 
 /// Attaches `prog` to `iface` in `mode`; `Auto` tries native first, then skb with a warning.
-fn attach(prog: &mut Xdp, prog_name: &str, iface: &str, mode: XdpMode) -> Result<()> {
+fn attach(prog: &mut Xdp, prog_name: &str, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
     let idx = ifindex(iface)?;
     let try_mode = |prog: &mut Xdp, m: AyaXdpMode, label: &str| {
         prog.attach_to_if_index(idx, m)
-            .map(|_| ())
             .map_err(|source| DataplaneError::Program {
                 what: format!("attaching {prog_name} to {iface} ({label} mode)"),
                 source,
@@ -196,7 +272,7 @@ fn attach(prog: &mut Xdp, prog_name: &str, iface: &str, mode: XdpMode) -> Result
         XdpMode::Native => try_mode(prog, AyaXdpMode::Driver, "native"),
         XdpMode::Skb => try_mode(prog, AyaXdpMode::Skb, "skb"),
         XdpMode::Auto => match try_mode(prog, AyaXdpMode::Driver, "native") {
-            Ok(()) => Ok(()),
+            Ok(id) => Ok(id),
             Err(e) => {
                 tracing::warn!(%iface, error = %e, "native XDP failed; falling back to skb mode");
                 try_mode(prog, AyaXdpMode::Skb, "skb")
@@ -206,7 +282,7 @@ fn attach(prog: &mut Xdp, prog_name: &str, iface: &str, mode: XdpMode) -> Result
 }
 
 /// Makes sure `dir` can hold pins: on a bpffs (mounting one at /sys/fs/bpf when that is where
-/// it should be and nothing is mounted), and not already holding another instance's pins.
+/// it should be and nothing is mounted).
 fn prepare_pin_dir(dir: &Path) -> Result<()> {
     let bpffs_root = Path::new("/sys/fs/bpf");
     if dir.starts_with(bpffs_root) && !is_bpffs(bpffs_root) {
@@ -237,14 +313,6 @@ fn prepare_pin_dir(dir: &Path) -> Result<()> {
         }
         tracing::info!("mounted a bpffs at /sys/fs/bpf");
     }
-    if dir.join(names::MAP_FLOWS).exists() {
-        return Err(DataplaneError::PinPath {
-            path: dir.into(),
-            problem: "already holds lb maps: another `lb run` uses this directory (pick another \
-                      --pin-path), or an earlier one was killed (remove it: rm -r DIR)"
-                .into(),
-        });
-    }
     fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
         what: "creating",
         path: dir.into(),
@@ -257,6 +325,148 @@ fn prepare_pin_dir(dir: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Takes the pin directory's lock: an exclusive `flock` on the directory, held as long as the
+/// returned descriptor (so for the process's life, whatever ends it). A second `lb run` on the
+/// same directory is refused while the first lives; one that finds the lock free may adopt
+/// the pins a dead one left.
+fn lock_pin_dir(dir: &Path) -> Result<OwnedFd> {
+    let c =
+        CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| DataplaneError::PinPath {
+            path: dir.into(),
+            problem: "contains a NUL byte".into(),
+        })?;
+    // SAFETY: valid NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(DataplaneError::Io {
+            what: "opening",
+            path: dir.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(DataplaneError::PinPath {
+                path: dir.into(),
+                problem: "is in use by another running `lb run` (stop it, or pick another \
+                          --pin-path)"
+                    .into(),
+            });
+        }
+        return Err(DataplaneError::Io {
+            what: "locking",
+            path: dir.into(),
+            source: e,
+        });
+    }
+    Ok(fd)
+}
+
+/// Checks the `LB_CONFIG` pinned in `dir` against this binary's layout, and returns it.
+fn check_layout(dir: &Path) -> Result<LbConfig> {
+    let incompatible = |problem: String| DataplaneError::Incompatible {
+        path: dir.into(),
+        problem,
+    };
+    let path = dir.join(names::MAP_CONFIG);
+    let info = MapInfo::from_pin(&path)
+        .map_err(map_err(format!("opening pinned {}", names::MAP_CONFIG)))?;
+    let want = std::mem::size_of::<LbConfig>() as u32;
+    if info.value_size() != want || info.key_size() != 4 {
+        return Err(incompatible(format!(
+            "its maps were made by an lb with another map layout ({} holds {}-byte values; \
+             this binary uses layout {LB_LAYOUT_VERSION}, {want}-byte values) and cannot be \
+             adopted: stop the lb that made them and remove the directory (that resets every \
+             flow), or run the binary that made them",
+            names::MAP_CONFIG,
+            info.value_size()
+        )));
+    }
+    let data = MapData::from_pin(&path)
+        .map_err(map_err(format!("opening pinned {}", names::MAP_CONFIG)))?;
+    let config: Array<MapData, LbConfig> = Map::Array(data)
+        .try_into()
+        .map_err(map_err(format!("opening pinned {}", names::MAP_CONFIG)))?;
+    let cfg = config
+        .get(&0, 0)
+        .map_err(map_err(format!("reading pinned {}", names::MAP_CONFIG)))?;
+    if cfg.magic != LB_CONFIG_MAGIC || cfg.layout != LB_LAYOUT_VERSION {
+        return Err(incompatible(format!(
+            "its maps have map layout {} and this binary uses layout {LB_LAYOUT_VERSION}: they \
+             cannot be adopted. Stop the lb that made them and remove the directory (that \
+             resets every flow), or run the binary that made them",
+            if cfg.magic == LB_CONFIG_MAGIC {
+                cfg.layout.to_string()
+            } else {
+                "unknown".to_owned()
+            }
+        )));
+    }
+    Ok(cfg)
+}
+
+/// Whether `dir` holds a previous run's maps that this binary can adopt with `sizes`: `false`
+/// for an empty directory, an error naming what differs otherwise.
+fn check_pinned(dir: &Path, sizes: Sizes) -> Result<bool> {
+    let present: Vec<&str> = PINNED
+        .iter()
+        .copied()
+        .filter(|n| dir.join(n).exists())
+        .collect();
+    if present.is_empty() {
+        return Ok(false);
+    }
+    let incompatible = |problem: String| DataplaneError::Incompatible {
+        path: dir.into(),
+        problem,
+    };
+    if !present.contains(&names::MAP_CONFIG) {
+        return Err(incompatible(format!(
+            "holds lb maps ({}) but no {}: they were made by an lb older than map layout \
+             versioning and cannot be adopted; stop it and remove the directory (that resets \
+             every flow)",
+            present.join(", "),
+            names::MAP_CONFIG
+        )));
+    }
+    let cfg = check_layout(dir)?;
+    if let Some(missing) = PINNED.iter().find(|n| !present.contains(n)) {
+        return Err(incompatible(format!(
+            "holds an incomplete set of lb maps ({missing} is missing); remove the directory \
+             to start afresh (that resets every flow)"
+        )));
+    }
+    if cfg.ring_size != sizes.ring_size {
+        return Err(incompatible(format!(
+            "its maps were made with --ring-size {}, not {}: restart with the same sizes to \
+             keep the flows (or remove the directory to start afresh)",
+            cfg.ring_size, sizes.ring_size
+        )));
+    }
+    for (name, entries, flag) in sized_maps(sizes) {
+        let info =
+            MapInfo::from_pin(dir.join(name)).map_err(map_err(format!("opening pinned {name}")))?;
+        if info.max_entries() != entries {
+            return Err(incompatible(format!(
+                "its {name} holds {} entries and {flag} asks for {entries}: restart with the \
+                 sizes it was made with to keep the flows (or remove the directory to start \
+                 afresh)",
+                info.max_entries()
+            )));
+        }
+    }
+    Ok(true)
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -290,10 +500,14 @@ pub struct Maps {
     pub reasons: PerCpuArray<MapData, u64>,
     /// Per-reason packet counters of `lb_hc_encap` (health-check probes).
     pub hc_stats: PerCpuArray<MapData, u64>,
+    /// Flow-table keys `lb_xdp` inserted (index 0, per CPU).
+    pub flow_inserts: PerCpuArray<MapData, u64>,
+    /// What the flow sweeper last found (index 0).
+    pub flow_stats: Array<MapData, FlowTableStats>,
 }
 
 /// Every map of the balancer that is pinned, in pin order.
-const PINNED: [&str; 9] = [
+const PINNED: [&str; 11] = [
     names::MAP_CONFIG,
     names::MAP_VIPS,
     names::MAP_BACKENDS,
@@ -303,6 +517,8 @@ const PINNED: [&str; 9] = [
     names::MAP_BACKEND_STATS,
     names::MAP_REASONS,
     names::MAP_HC_STATS,
+    names::MAP_FLOW_INSERTS,
+    names::MAP_FLOW_STATS,
 ];
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -321,7 +537,8 @@ impl Maps {
         Self::from_maps(take)
     }
 
-    /// Opens the maps pinned in `dir` by a running `lb run`.
+    /// Opens the maps pinned in `dir` by a running `lb run` (or left by one), after checking
+    /// that they have this binary's layout.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
         if !dir.join(names::MAP_VIPS).exists() {
             return Err(DataplaneError::PinPath {
@@ -329,6 +546,15 @@ impl Maps {
                 problem: "holds no lb maps: is `lb run` running with this --pin-path?".into(),
             });
         }
+        if !dir.join(names::MAP_CONFIG).exists() {
+            return Err(DataplaneError::Incompatible {
+                path: dir.into(),
+                problem: "holds lb maps of a layout older than versioning: read them with the \
+                          binary that made them"
+                    .into(),
+            });
+        }
+        check_layout(dir)?;
         Self::from_maps(|name| {
             let data = MapData::from_pin(dir.join(name))
                 .map_err(map_err(format!("opening pinned {name}")))?;
@@ -354,6 +580,8 @@ impl Maps {
             backend_stats: typed!(names::MAP_BACKEND_STATS),
             reasons: typed!(names::MAP_REASONS),
             hc_stats: typed!(names::MAP_HC_STATS),
+            flow_inserts: typed!(names::MAP_FLOW_INSERTS),
+            flow_stats: typed!(names::MAP_FLOW_STATS),
         })
     }
 
@@ -407,15 +635,15 @@ impl Maps {
         sum_counters(&self.backend_stats, backend_id, "LB_BACKEND_STATS")
     }
 
-    /// Deletes every flow-table entry pinned to `backend_id` (it left for good), so the
-    /// entries neither linger in `lb dump flows` nor meet a later owner of the id. Returns
-    /// how many were deleted. Walks the whole table: a control-path operation.
-    pub fn remove_flows_of(&mut self, backend_id: u32) -> Result<usize> {
+    /// Deletes every flow-table entry pinned to one of `ids` (they left for good), so the
+    /// entries neither linger in `lb dump flows` nor meet a later owner of an id. Returns how
+    /// many were deleted. Walks the whole table once: a control-path operation.
+    pub fn remove_flows_of(&mut self, ids: &BTreeSet<u32>) -> Result<usize> {
         let doomed: Vec<FlowKey> = self
             .flows
             .iter()
             .filter_map(|entry| match entry {
-                Ok((k, v)) if v.backend_id == backend_id => Some(k),
+                Ok((k, v)) if ids.contains(&v.backend_id) => Some(k),
                 // An entry evicted while we walk is simply gone.
                 _ => None,
             })
@@ -427,6 +655,83 @@ impl Maps {
             }
         }
         Ok(removed)
+    }
+
+    /// Every non-empty backend entry with its id.
+    pub fn backend_entries(&self) -> Result<Vec<(u32, Backend)>> {
+        let mut out = Vec::new();
+        for (id, b) in self.backends.iter().enumerate() {
+            let b = b.map_err(map_err("reading LB_BACKENDS"))?;
+            if b != Backend::default() {
+                out.push((id as u32, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sum over CPUs of the flow-table keys `lb_xdp` inserted.
+    pub fn flow_inserts(&self) -> Result<u64> {
+        let v = self
+            .flow_inserts
+            .get(&0, 0)
+            .map_err(map_err("reading LB_FLOW_INSERTS"))?;
+        Ok(v.iter().sum())
+    }
+
+    /// What the flow sweeper last wrote.
+    pub fn flow_table_stats(&self) -> Result<FlowTableStats> {
+        self.flow_stats
+            .get(&0, 0)
+            .map_err(map_err("reading LB_FLOW_STATS"))
+    }
+
+    /// Records what the flow sweeper found.
+    pub fn set_flow_table_stats(&mut self, stats: FlowTableStats) -> Result<()> {
+        self.flow_stats
+            .set(0, stats, 0)
+            .map_err(map_err("writing LB_FLOW_STATS"))
+    }
+
+    /// Capacity of the flow table (its max_entries).
+    pub fn flow_capacity(&self) -> Result<u32> {
+        self.flows
+            .map()
+            .info()
+            .map(|i| i.max_entries())
+            .map_err(map_err("reading LB_FLOWS's info"))
+    }
+
+    /// One sweep of the flow table at `now_ns` (CLOCK_MONOTONIC): deletes the entries idle
+    /// longer than their VIP's timeout (`timeouts` by VIP id; an entry of an unknown VIP counts
+    /// as expired) and counts the rest. Returns (entries left, entries deleted).
+    pub fn sweep_flows(
+        &mut self,
+        now_ns: u64,
+        timeouts: &StdHashMap<u32, u64>,
+    ) -> Result<(u64, u64)> {
+        let mut live = 0u64;
+        let mut doomed: Vec<FlowKey> = Vec::new();
+        for entry in self.flows.iter() {
+            // An entry evicted while we walk is simply gone.
+            let Ok((k, v)) = entry else { continue };
+            let expired = match timeouts.get(&v.vip_id) {
+                Some(0) => false,
+                Some(&t) => now_ns.saturating_sub(v.last_seen_ns) > t,
+                None => true,
+            };
+            if expired {
+                doomed.push(k);
+            } else {
+                live += 1;
+            }
+        }
+        let mut deleted = 0u64;
+        for k in doomed {
+            if self.flows.remove(&k).is_ok() {
+                deleted += 1;
+            }
+        }
+        Ok((live, deleted))
     }
 
     /// Zeroes one backend's counters (its id is being given to a new backend).
@@ -470,12 +775,20 @@ fn sum_counters(map: &PerCpuArray<MapData, Counters>, idx: u32, name: &str) -> R
 }
 
 /// The loaded balancer: `lb_xdp` and `lb_hc_encap`, their maps (pinned), and their
-/// attachments. Dropping it detaches both programs everywhere and removes the pins.
+/// attachments. Dropping it detaches both programs everywhere and removes the pins, unless
+/// [`Balancer::keep_dataplane`] asked to leave `lb_xdp` and its maps in place.
 pub struct Balancer {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    /// The pin directory's lock, held for the process's life.
+    _lock: Option<OwnedFd>,
+    /// The maps were a previous run's, adopted.
+    adopted: bool,
     attached: Vec<String>,
+    /// Pins of the XDP links (one per attached interface).
+    link_pins: Vec<PathBuf>,
     hc_attached: Vec<String>,
+    keep: bool,
 }
 
 /// One `BPF_PROG_TEST_RUN` of `lb_hc_encap` ([`Balancer::test_run_hc_encap`]).
@@ -490,15 +803,27 @@ pub struct TcTestRun {
     pub mark: u32,
 }
 
+/// The pin of `lb_xdp`'s link on `iface`.
+fn link_pin(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("{}{iface}", names::PIN_XDP_LINK_PREFIX))
+}
+
 impl Balancer {
     /// Loads `lb_xdp` and `lb_hc_encap` with maps of the given sizes and writes the global
     /// settings. Maps are pinned under `pin_dir` when given (tests and benchmarks may run
-    /// unpinned). Neither program is attached yet.
-    pub fn load(sizes: Sizes, lb_addr: Ipv4Addr, pin_dir: Option<&Path>) -> Result<(Self, Maps)> {
-        if let Some(dir) = pin_dir {
-            prepare_pin_dir(dir)?;
-        }
-        let loaded = load_object(sizes).and_then(|mut ebpf| {
+    /// unpinned); if the directory holds a previous run's maps, they are checked (layout,
+    /// sizes) and adopted with everything in them, flows included ([`Self::adopted`]).
+    /// Neither program is attached yet.
+    pub fn load(sizes: Sizes, addrs: LbAddrs, pin_dir: Option<&Path>) -> Result<(Self, Maps)> {
+        let (lock, adopted) = match pin_dir {
+            Some(dir) => {
+                prepare_pin_dir(dir)?;
+                let lock = lock_pin_dir(dir)?;
+                (Some(lock), check_pinned(dir, sizes)?)
+            }
+            None => (None, false),
+        };
+        let loaded = load_object(sizes, pin_dir).and_then(|mut ebpf| {
             xdp_program(&mut ebpf, names::PROG_XDP)?;
             hc_program(&mut ebpf)?
                 .load()
@@ -511,47 +836,125 @@ impl Balancer {
         let ebpf = match loaded {
             Ok(e) => e,
             Err(e) => {
-                // Leave no empty pin directory behind (remove_dir refuses a non-empty one).
-                if let Some(dir) = pin_dir {
-                    let _ = fs::remove_dir(dir);
+                // Leave nothing this attempt pinned behind (never an adopted run's pins).
+                if let (Some(dir), false) = (pin_dir, adopted) {
+                    remove_pins(dir);
                 }
                 return Err(e);
             }
         };
         let mut this = Self {
             ebpf,
-            pin_dir: None,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            _lock: lock,
+            adopted,
             attached: Vec::new(),
+            link_pins: Vec::new(),
             hc_attached: Vec::new(),
+            keep: false,
         };
-        if let Some(dir) = pin_dir {
-            // Set before pinning, so a failure half-way still unpins what was pinned.
-            this.pin_dir = Some(dir.to_path_buf());
-            for name in PINNED {
-                let path = dir.join(name);
-                let map = this.ebpf.map(name).ok_or_else(|| DataplaneError::Map {
-                    what: format!("finding map {name}"),
-                    source: aya::maps::MapError::InvalidName { name: name.into() },
-                })?;
-                map.pin(&path)
-                    .map_err(|source| DataplaneError::Pin { name, path, source })?;
-            }
-        }
         let mut maps = Maps::take(&mut this.ebpf)?;
-        maps.set_lb_config(LbConfig {
-            lb_addr: lb_common::ipv4_to_map(lb_addr),
-            ring_size: sizes.ring_size,
-            flags: 0,
-            _pad: 0,
-        })?;
+        let mut cfg = if adopted {
+            maps.lb_config()?
+        } else {
+            LbConfig {
+                magic: LB_CONFIG_MAGIC,
+                layout: LB_LAYOUT_VERSION,
+                ring_size: sizes.ring_size,
+                ..LbConfig::default()
+            }
+        };
+        addrs.write_to(&mut cfg);
+        maps.set_lb_config(cfg)?;
         Ok((this, maps))
     }
 
-    /// Attaches `lb_xdp` to `iface`.
+    /// Whether [`Self::load`] adopted a previous run's maps.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Whether to leave `lb_xdp` attached and its maps pinned when this balancer drops, so the
+    /// flows go on (with the ring as it is) until the next `lb run` with the same pin directory
+    /// adopts them; otherwise dropping removes everything. Only with a pin directory;
+    /// `lb_hc_encap` is detached either way.
+    pub fn keep_dataplane(&mut self, keep: bool) {
+        self.keep = keep && self.pin_dir.is_some();
+    }
+
+    /// Attaches `lb_xdp` to `iface`. With a pin directory the link is pinned, so the program
+    /// stays attached if the process dies; a link a previous run pinned for `iface` gets this
+    /// program swapped in atomically instead (it keeps its attach mode).
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
-        attach_named(&mut self.ebpf, names::PROG_XDP, iface, mode)?;
+        let Some(dir) = self.pin_dir.clone() else {
+            attach_named(&mut self.ebpf, names::PROG_XDP, iface, mode)?;
+            self.attached.push(iface.to_string());
+            return Ok(());
+        };
+        let pin = link_pin(&dir, iface);
+        let prog = loaded_xdp_mut(&mut self.ebpf, names::PROG_XDP)?;
+        let mut replaced = false;
+        if pin.exists() {
+            let swapped = PinnedLink::from_pin(&pin)
+                .map_err(|e| e.to_string())
+                .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            match swapped {
+                Ok(_) => {
+                    tracing::info!(%iface, "lb_xdp swapped into the link a previous run left attached");
+                    replaced = true;
+                }
+                Err(e) => {
+                    // E.g. the interface was deleted and made again: the old link is defunct.
+                    tracing::warn!(%iface, error = %e, "the pinned XDP link cannot be reused; attaching afresh");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+        }
+        if !replaced {
+            let id = attach(prog, names::PROG_XDP, iface, mode)?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program {
+                    what: format!("taking the link of {} on {iface}", names::PROG_XDP),
+                    source,
+                })?;
+            let fd: FdLink = link.try_into().map_err(|e| DataplaneError::PinPath {
+                path: pin.clone(),
+                problem: format!(
+                    "lb_xdp on {iface} was attached without a BPF link ({e}); a kernel with \
+                     XDP links (5.9+) is needed to pin it"
+                ),
+            })?;
+            // Held by the pin from here on; our descriptor closes at the end of the scope.
+            fd.pin(&pin).map_err(|source| DataplaneError::Pin {
+                name: names::PROG_XDP,
+                path: pin.clone(),
+                source,
+            })?;
+        }
+        self.link_pins.push(pin);
         self.attached.push(iface.to_string());
         Ok(())
+    }
+
+    /// Detaches `lb_xdp` from interfaces a previous run attached it to and this one does not
+    /// (their pinned links are removed). Returns them.
+    pub fn detach_others(&mut self) -> Vec<String> {
+        let Some(dir) = &self.pin_dir else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_prefix(names::PIN_XDP_LINK_PREFIX)
+                && !self.attached.iter().any(|a| a == iface)
+                && fs::remove_file(entry.path()).is_ok()
+            {
+                gone.push(iface.to_owned());
+            }
+        }
+        gone
     }
 
     /// Interfaces `lb_xdp` is attached to.
@@ -688,6 +1091,20 @@ fn hc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         })
 }
 
+/// A program of `ebpf` that [`xdp_program`] loaded, to attach.
+fn loaded_xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Program {
+            what: format!("finding {name}"),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            what: format!("{name} is not XDP"),
+            source,
+        })
+}
+
 /// A program of `ebpf` that [`xdp_program`] loaded.
 fn loaded_xdp<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp> {
     ebpf.program(name)
@@ -702,20 +1119,11 @@ fn loaded_xdp<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp> {
         })
 }
 
-/// Attaches the loaded program `name` of `ebpf` to `iface`.
+/// Attaches the loaded program `name` of `ebpf` to `iface` (an unpinned link, detached when
+/// `ebpf` drops).
 fn attach_named(ebpf: &mut Ebpf, name: &str, iface: &str, mode: XdpMode) -> Result<()> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DataplaneError::Program {
-            what: format!("finding {name}"),
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            what: format!("{name} is not XDP"),
-            source,
-        })?;
-    attach(prog, name, iface, mode)
+    let prog = loaded_xdp_mut(ebpf, name)?;
+    attach(prog, name, iface, mode).map(|_| ())
 }
 
 /// Runs program `name` once on `packet`; returns the action and the packet as left.
@@ -761,14 +1169,33 @@ fn test_run_named(
         })
 }
 
+/// Removes every pin of an `lb run` from `dir` (maps and XDP links: a link whose pin is gone
+/// detaches once no process holds it), then the directory if empty.
+fn remove_pins(dir: &Path) {
+    for name in PINNED {
+        let _ = fs::remove_file(dir.join(name));
+    }
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(names::PIN_XDP_LINK_PREFIX)
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
 impl Drop for Balancer {
     fn drop(&mut self) {
-        // Links detach when `ebpf` drops; the pins would outlive us, so remove them.
+        if self.keep {
+            // The pins hold the links and maps; our descriptors close with `ebpf`.
+            return;
+        }
+        // Unpinned links detach when `ebpf` drops; pinned ones once their pins are gone.
         if let Some(dir) = &self.pin_dir {
-            for name in PINNED {
-                let _ = fs::remove_file(dir.join(name));
-            }
-            let _ = fs::remove_dir(dir);
+            remove_pins(dir);
         }
     }
 }
@@ -780,23 +1207,30 @@ pub struct Decap {
 }
 
 impl Decap {
-    /// Loads `lb_decap`, accepting IP-in-IP packets whose outer destination is in `addrs`.
-    pub fn load(addrs: &[Ipv4Addr]) -> Result<Self> {
-        let mut ebpf = load_object(Sizes::MINIMAL)?;
+    /// Loads `lb_decap`, accepting IP-in-IP (either family, either way round) whose outer
+    /// destination is in `addrs`.
+    pub fn load(addrs: &[IpAddr]) -> Result<Self> {
+        let mut ebpf = load_object(Sizes::MINIMAL, None)?;
         xdp_program(&mut ebpf, names::PROG_DECAP)?;
         {
-            let mut map: HashMap<_, u32, u8> = ebpf
-                .map_mut("LB_DECAP_ADDRS")
+            let mut map: HashMap<_, AddrKey, u8> = ebpf
+                .map_mut(names::MAP_DECAP_ADDRS)
                 .ok_or_else(|| DataplaneError::Map {
-                    what: "finding LB_DECAP_ADDRS".into(),
+                    what: format!("finding {}", names::MAP_DECAP_ADDRS),
                     source: aya::maps::MapError::InvalidName {
-                        name: "LB_DECAP_ADDRS".into(),
+                        name: names::MAP_DECAP_ADDRS.into(),
                     },
                 })?
                 .try_into()
                 .map_err(map_err("LB_DECAP_ADDRS has an unexpected type"))?;
             for a in addrs {
-                map.insert(lb_common::ipv4_to_map(*a), 1, 0)
+                let (family, addr) = lb_common::addr_to_map(*a);
+                let key = AddrKey {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                };
+                map.insert(key, 1, 0)
                     .map_err(map_err(format!("adding {a} to LB_DECAP_ADDRS")))?;
             }
         }
@@ -851,7 +1285,7 @@ pub struct PassGuard {
 impl PassGuard {
     /// Loads `lb_pass` without attaching it (the benchmark baseline).
     pub fn load_unattached() -> Result<Self> {
-        let mut ebpf = load_object(Sizes::MINIMAL)?;
+        let mut ebpf = load_object(Sizes::MINIMAL, None)?;
         xdp_program(&mut ebpf, names::PROG_PASS)?;
         Ok(Self { ebpf })
     }

@@ -1,23 +1,37 @@
 //! `lb stats` and `lb dump …`: read the pinned maps of a running `lb run` from another process
 //! and print them as a table (or JSON with `--json`).
 
+use std::{collections::HashMap, net::SocketAddr};
+
 use anyhow::Context as _;
-use lb_common::{BACKEND_F_ACTIVE, BACKEND_F_IN_RING, Backend, RING_EMPTY, VipKey, ipv4_from_map};
+use lb_common::{BACKEND_F_ACTIVE, BACKEND_F_IN_RING, Backend, RING_EMPTY, VipKey, addr_from_map};
 use serde_json::{Value, json};
 
 use crate::{
     cli::{DumpArgs, DumpWhat, PinArgs},
     dataplane::Maps,
-    l4::{Proto, VipAddr},
+    l4::{Proto, VipAddr, flows::monotonic_ns},
 };
+
+/// An address of the maps as text (`?` for a family byte that is neither).
+fn addr_text(family: u8, words: [u32; 4]) -> String {
+    addr_from_map(family, words).map_or_else(|| "?".to_owned(), |a| a.to_string())
+}
+
+/// `ADDR:PORT` (IPv6 in brackets) of an address and a network-order port of the maps.
+fn socket_text(family: u8, words: [u32; 4], port_be: u16) -> String {
+    addr_from_map(family, words).map_or_else(
+        || format!("?:{}", u16::from_be(port_be)),
+        |a| SocketAddr::new(a, u16::from_be(port_be)).to_string(),
+    )
+}
 
 fn vip_addr(k: &VipKey) -> String {
     VipAddr::from_map_key(k).map_or_else(
         || {
             format!(
-                "{}:{}/proto-{}",
-                ipv4_from_map(k.addr),
-                u16::from_be(k.port),
+                "{}/proto-{}",
+                socket_text(k.family, k.addr, k.port),
                 k.proto
             )
         },
@@ -27,14 +41,14 @@ fn vip_addr(k: &VipKey) -> String {
 
 /// `ADDR:PORT` of a backend entry.
 fn backend_addr(b: &Backend) -> String {
-    format!("{}:{}", ipv4_from_map(b.addr), u16::from_be(b.port))
+    socket_text(b.family, b.addr, b.port)
 }
 
 fn backend_json(id: u32, b: &Backend, maps: &Maps) -> anyhow::Result<Value> {
     let c = maps.backend_counters(id)?;
     Ok(json!({
         "id": id,
-        "addr": ipv4_from_map(b.addr).to_string(),
+        "addr": addr_text(b.family, b.addr),
         "port": u16::from_be(b.port),
         "vip_id": b.vip_id,
         "weight": b.weight,
@@ -50,14 +64,22 @@ fn backend_json(id: u32, b: &Backend, maps: &Maps) -> anyhow::Result<Value> {
 
 /// Registered backends: (id, entry) for every non-empty slot of LB_BACKENDS.
 fn backends(maps: &Maps) -> anyhow::Result<Vec<(u32, Backend)>> {
-    let mut out = Vec::new();
-    for (id, b) in maps.backends.iter().enumerate() {
-        let b = b.context("reading LB_BACKENDS")?;
-        if b != Backend::default() {
-            out.push((id as u32, b));
-        }
-    }
-    Ok(out)
+    Ok(maps.backend_entries()?)
+}
+
+/// The flow table's size and what the sweeper of `lb run` found (see `l4::flows`).
+fn flow_table_json(maps: &Maps) -> anyhow::Result<Value> {
+    let s = maps.flow_table_stats()?;
+    let now = monotonic_ns();
+    Ok(json!({
+        "capacity": maps.flow_capacity()?,
+        "entries": s.entries,
+        "inserted": maps.flow_inserts()?,
+        "expired": s.expired,
+        "deleted": s.deleted,
+        "evicted_live": s.evicted_live,
+        "swept_s_ago": (s.swept_ns != 0).then(|| now.saturating_sub(s.swept_ns) as f64 / 1e9),
+    }))
 }
 
 /// Everything `lb stats` shows, as JSON.
@@ -99,7 +121,12 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
         .into_iter()
         .map(|(r, n)| (r.label().to_string(), json!(n)))
         .collect();
-    Ok(json!({ "vips": vips, "reasons": reasons, "health_check_probes": probes }))
+    Ok(json!({
+        "vips": vips,
+        "reasons": reasons,
+        "health_check_probes": probes,
+        "flow_table": flow_table_json(maps)?,
+    }))
 }
 
 /// A JSON counter as a number (tables pad numbers, which `Value`'s Display does not).
@@ -128,10 +155,13 @@ pub fn stats(args: &PinArgs) -> anyhow::Result<()> {
             n(&vip["new_flows"])
         );
         for b in vip["backends"].as_array().into_iter().flatten() {
+            let addr = b["addr"].as_str().unwrap_or("?");
+            let at = match addr.parse::<std::net::IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, n(&b["port"]) as u16).to_string(),
+                Err(_) => format!("{addr}:{}", b["port"]),
+            };
             let label = format!(
-                "  {}:{} w{}{}",
-                b["addr"].as_str().unwrap_or("?"),
-                b["port"],
+                "  {at} w{}{}",
                 b["weight"],
                 match (b["in_ring"].as_bool(), b["active"].as_bool()) {
                     (Some(true), _) => "",
@@ -158,17 +188,18 @@ pub fn stats(args: &PinArgs) -> anyhow::Result<()> {
     for (k, v) in v["health_check_probes"].as_object().into_iter().flatten() {
         println!("{k:<28} {:>12}", n(v));
     }
+    let ft = &v["flow_table"];
+    println!();
+    println!("{:<28} {:>12}", "FLOW TABLE", "");
+    println!(
+        "{:<28} {:>12}",
+        "entries (last sweep)",
+        format!("{} / {}", n(&ft["entries"]), n(&ft["capacity"]))
+    );
+    for k in ["inserted", "expired", "evicted_live"] {
+        println!("{k:<28} {:>12}", n(&ft[k]));
+    }
     Ok(())
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `lb dump …`.
@@ -183,7 +214,12 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
                 if k.proto == lb_common::VIP_MARKER_PROTO {
                     continue; // address marker, not a VIP
                 }
-                rows.push(json!({"vip": vip_addr(&k), "id": v.vip_id, "flags": v.flags}));
+                rows.push(json!({
+                    "vip": vip_addr(&k),
+                    "id": v.vip_id,
+                    "flags": v.flags,
+                    "idle_timeout_s": v.idle_timeout_ns as f64 / 1e9,
+                }));
             }
             Value::Array(rows)
         }
@@ -197,20 +233,33 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
         DumpWhat::Flows => {
             let now = monotonic_ns();
             let all = backends(&maps)?;
+            let mut timeouts: HashMap<u32, u64> = HashMap::new();
+            for e in maps.vips.iter() {
+                let (_, m) = e.context("reading LB_VIPS")?;
+                timeouts.insert(m.vip_id, m.idle_timeout_ns);
+            }
             let mut rows = Vec::new();
             for e in maps.flows.iter() {
-                let (k, v) = e.context("reading LB_FLOWS")?;
+                // An entry evicted or expired while we walk is simply gone.
+                let Ok((k, v)) = e else { continue };
                 let backend = all
                     .iter()
                     .find(|(id, _)| *id == v.backend_id)
-                    .map(|(_, b)| ipv4_from_map(b.addr).to_string());
+                    .map(|(_, b)| addr_text(b.family, b.addr));
+                let idle = now.saturating_sub(v.last_seen_ns);
+                // An expired entry is still in the table until the sweeper deletes it, but
+                // its next packet is steered as a new flow.
+                let expired = timeouts.get(&v.vip_id).is_some_and(|&t| t != 0 && idle > t);
                 rows.push(json!({
-                    "client": format!("{}:{}", ipv4_from_map(k.src_addr), u16::from_be(k.src_port)),
-                    "vip": format!("{}:{}", ipv4_from_map(k.dst_addr), u16::from_be(k.dst_port)),
+                    "client": socket_text(k.family, k.src_addr, k.src_port),
+                    "vip": socket_text(k.family, k.dst_addr, k.dst_port),
                     "proto": Proto::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.to_string()),
                     "backend_id": v.backend_id,
                     "backend": backend,
-                    "idle_s": now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+                    "age_s": now.saturating_sub(v.created_ns) as f64 / 1e9,
+                    "idle_s": idle as f64 / 1e9,
+                    "idle_timeout_s": timeouts.get(&v.vip_id).map(|&t| t as f64 / 1e9),
+                    "expired": expired,
                 }));
             }
             Value::Array(rows)

@@ -14,12 +14,20 @@
 //! namespace disappears with the thread, so tests run in parallel and leave nothing behind.
 //!
 //! Needs root (BPF, namespaces): without it every test fails with a message saying so.
-use std::{fmt::Debug, io, net::Ipv4Addr, process::Command, sync::mpsc, thread, time::Duration};
+use std::{
+    fmt::Debug,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
 
 use lb::{
-    dataplane::{Balancer, Decap, Maps, Sizes, TcTestRun},
+    dataplane::{Balancer, Decap, LbAddrs, Maps, Sizes, TcTestRun},
     l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
-    packet::{self, ETH_LEN, Frame, IPV4_LEN},
+    packet::{self, ETH_LEN, Frame, Frame6, IPV4_LEN, IPV6_LEN},
 };
 use lb_common::{Counters, DecapReason, FlowKey, HcReason, Reason};
 
@@ -30,8 +38,10 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
-/// The balancer's own address (on `d0`): source of every outer header.
+/// The balancer's own address (on `d0`): source of every outer IPv4 header.
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// The balancer's IPv6 address (on `d0`): source of every outer IPv6 header.
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 /// MAC address given to `d0`: source MAC of every encapsulated frame.
 const D0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// Client address of the crafted packets (`Frame::default()`).
@@ -42,6 +52,12 @@ const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
 const NO_NEIGH_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 99);
 /// No route at all in the namespace: `bpf_fib_lookup` says NOT_FWDED.
 const UNROUTED_BACKEND: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+/// On `d0`'s IPv6 subnet but without a neighbour entry.
+const NO_NEIGH_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x99);
+/// No IPv6 route.
+const UNROUTED_BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
+/// IPv6 client address of the crafted packets (`Frame6::default()`).
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// Maglev table size of the tests (prime, small so adding a VIP is quick).
 const RING: u32 = 251;
 
@@ -50,9 +66,19 @@ fn backend(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, n)
 }
 
-/// The neighbour MAC the namespace holds for a backend: 02:00:00:00:00:`last octet`.
-fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0, addr.octets()[3]]
+/// Backend fd00::`n` (its last byte is `n`), with a permanent neighbour entry for `n` in
+/// 11..=19: the same host, and MAC, as `backend(n)`.
+fn backend6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(n))
+}
+
+/// The neighbour MAC the namespace holds for a backend: 02:00:00:00:00:`last byte`.
+fn backend_mac(addr: impl Into<IpAddr>) -> [u8; 6] {
+    let last = match addr.into() {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    };
+    [0x02, 0, 0, 0, 0, last]
 }
 
 fn action_name(a: u32) -> &'static str {
@@ -112,25 +138,38 @@ fn enter_private_netns() {
     run_cmd(&["ip", "link", "set", "d1", "up"]);
     run_cmd(&["ip", "link", "set", "d0", "address", "02:00:00:00:00:02"]);
     run_cmd(&["ip", "addr", "add", "10.0.0.2/24", "dev", "d0"]);
+    // nodad: usable at once, not after duplicate address detection.
+    run_cmd(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00::2/64",
+        "dev",
+        "d0",
+        "nodad",
+    ]);
     run_cmd(&["ip", "link", "set", "d0", "up"]);
     for n in 11..=19u8 {
-        let addr = backend(n).to_string();
         let mac = format!("02:00:00:00:00:{n:02x}");
-        run_cmd(&[
-            "ip",
-            "neigh",
-            "add",
-            &addr,
-            "lladdr",
-            &mac,
-            "dev",
-            "d0",
-            "nud",
-            "permanent",
-        ]);
+        for addr in [backend(n).to_string(), backend6(n).to_string()] {
+            run_cmd(&[
+                "ip",
+                "neigh",
+                "add",
+                &addr,
+                "lladdr",
+                &mac,
+                "dev",
+                "d0",
+                "nud",
+                "permanent",
+            ]);
+        }
     }
     // bpf_fib_lookup refuses to resolve unless forwarding is on for the ingress device.
     run_cmd(&["sysctl", "-q", "-w", "net.ipv4.conf.all.forwarding=1"]);
+    run_cmd(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
 }
 
 /// Runs `f` in a fresh thread inside a private network namespace; panics propagate.
@@ -174,14 +213,31 @@ struct Lb {
 
 impl Lb {
     fn load() -> Self {
+        Self::with_flows(4096)
+    }
+
+    /// Like [`Self::load`] with a flow table of `max_flows` entries.
+    fn with_flows(max_flows: u32) -> Self {
+        Self::with(
+            max_flows,
+            LbAddrs {
+                v4: Some(LB_ADDR),
+                v6: Some(LB_ADDR6),
+            },
+        )
+    }
+
+    /// Like [`Self::load`] with a flow table of `max_flows` entries and these outer source
+    /// addresses.
+    fn with(max_flows: u32, addrs: LbAddrs) -> Self {
         let sizes = Sizes {
-            max_flows: 4096,
+            max_flows,
             ring_size: RING,
             max_vips: 16,
             max_backends: 32,
         };
         let (balancer, maps) =
-            Balancer::load(sizes, LB_ADDR, None).expect("loading lb_xdp (verifier, privileges)");
+            Balancer::load(sizes, addrs, None).expect("loading lb_xdp (verifier, privileges)");
         Self {
             balancer,
             registry: RingWriter::new(maps, RING, sizes.max_vips, sizes.max_backends),
@@ -189,34 +245,43 @@ impl Lb {
         }
     }
 
-    fn add_vip(
+    fn add_vip<A: Into<IpAddr> + Copy>(
         &mut self,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         proto: Proto,
-        backends: &[Ipv4Addr],
+        backends: &[A],
     ) -> VipAddr {
-        let vip = VipAddr { addr, port, proto };
-        self.registry
-            .add_vip(VipSpec { name: None, vip })
-            .expect("add_vip");
+        let vip = VipAddr {
+            addr: addr.into(),
+            port,
+            proto,
+        };
+        self.add_vip_spec(VipSpec::new(None, vip), backends)
+    }
+
+    /// Adds a VIP as `spec` says (e.g. with its own idle timeout) with `backends`.
+    fn add_vip_spec<A: Into<IpAddr> + Copy>(&mut self, spec: VipSpec, backends: &[A]) -> VipAddr {
+        let vip = spec.vip;
+        self.registry.add_vip(spec).expect("add_vip");
         if !backends.is_empty() {
             self.register(&vip, backends);
         }
         vip
     }
 
-    fn register(&mut self, vip: &VipAddr, backends: &[Ipv4Addr]) {
+    fn register<A: Into<IpAddr> + Copy>(&mut self, vip: &VipAddr, backends: &[A]) {
         let list = self.members.entry(*vip).or_default();
         list.extend(
             backends
                 .iter()
-                .map(|&addr| L4Member::in_service(addr, vip.port, 1)),
+                .map(|&addr| L4Member::in_service(addr.into(), vip.port, 1)),
         );
         self.registry.apply(vip, list, false).expect("register");
     }
 
-    fn deregister(&mut self, vip: &VipAddr, backend: Ipv4Addr) {
+    fn deregister(&mut self, vip: &VipAddr, backend: impl Into<IpAddr>) {
+        let backend = backend.into();
         let list = self.members.entry(*vip).or_default();
         list.retain(|m| m.addr != backend);
         self.registry.apply(vip, list, false).expect("deregister");
@@ -239,7 +304,8 @@ impl Lb {
             .expect("VIP registered")
     }
 
-    fn backend_id(&self, vip: &VipAddr, addr: Ipv4Addr) -> u32 {
+    fn backend_id(&self, vip: &VipAddr, addr: impl Into<IpAddr>) -> u32 {
+        let addr = addr.into();
         self.registry
             .describe()
             .into_iter()
@@ -255,7 +321,7 @@ impl Lb {
             .expect("reading LB_VIP_STATS")
     }
 
-    fn backend_counters(&self, vip: &VipAddr, addr: Ipv4Addr) -> Counters {
+    fn backend_counters(&self, vip: &VipAddr, addr: impl Into<IpAddr>) -> Counters {
         self.maps()
             .backend_counters(self.backend_id(vip, addr))
             .expect("reading LB_BACKEND_STATS")
@@ -283,14 +349,14 @@ impl Lb {
 
     /// Runs `lb_xdp` on a packet for a VIP, expects it encapsulated to `backend` and
     /// redirected to `d0`; returns the output.
-    fn run_encap(&self, packet: &[u8], backend: Ipv4Addr) -> Vec<u8> {
+    fn run_encap(&self, packet: &[u8], backend: impl Into<IpAddr>) -> Vec<u8> {
         let out = self.run(packet, XDP_REDIRECT, Reason::Redirect);
         assert_encapsulated(packet, &out, backend);
         out
     }
 
     /// Runs a packet for a VIP and returns the backend it was encapsulated to.
-    fn backend_of(&self, packet: &[u8]) -> Ipv4Addr {
+    fn backend_of(&self, packet: &[u8]) -> IpAddr {
         let out = self.run(packet, XDP_REDIRECT, Reason::Redirect);
         let dst = packet::parse_outer(&out).expect("encapsulated").dst;
         assert_encapsulated(packet, &out, dst);
@@ -314,38 +380,73 @@ fn counter_deltas<R: Copy + PartialEq + Debug>(
         .collect()
 }
 
-/// Checks an IP-in-IP frame made by `lb_xdp` from `input` for `backend`.
-fn assert_encapsulated(input: &[u8], out: &[u8], backend: Ipv4Addr) {
-    let inner_tot_len = u16::from_be_bytes([input[ETH_LEN + 2], input[ETH_LEN + 3]]);
-    let inner_tos = input[ETH_LEN + 1];
-    let inner_df = input[ETH_LEN + 6] & 0x40 != 0;
-    assert_eq!(out.len(), input.len() + IPV4_LEN, "one outer header added");
+/// Checks a frame `lb_xdp` (or `lb_hc_encap`) encapsulated from `input` for `backend`: one
+/// outer header of the backend's family (RFC 2003, RFC 2473, RFC 4213), the input's IP packet
+/// intact behind it.
+fn assert_encapsulated(input: &[u8], out: &[u8], backend: impl Into<IpAddr>) {
+    let backend = backend.into();
+    let (inner_len, inner_tos) = packet::ip_len_and_tos(input).expect("input is IP");
+    let inner_v6 = input[12..14] == [0x86, 0xdd];
+    let outer_len = if backend.is_ipv6() {
+        IPV6_LEN
+    } else {
+        IPV4_LEN
+    };
+    assert_eq!(out.len(), input.len() + outer_len, "one outer header added");
     let outer = packet::parse_outer(out).unwrap_or_else(|| panic!("not IP-in-IP: {out:02x?}"));
-    let o = &out[ETH_LEN..ETH_LEN + IPV4_LEN];
-    assert_eq!(o[0], 0x45, "outer version 4, IHL 5");
-    assert_eq!(o[9], 4, "outer protocol IPIP");
-    assert_eq!(outer.src, LB_ADDR, "outer source");
-    assert_eq!(outer.dst, backend, "outer destination");
-    assert_eq!(outer.ttl, 64, "outer TTL");
-    assert!(outer.checksum_ok, "outer checksum: {o:02x?}");
+    assert_eq!(outer.len, outer_len, "outer family: the backend's");
     assert_eq!(
-        outer.tot_len,
-        inner_tot_len + IPV4_LEN as u16,
-        "outer total length"
+        outer.proto,
+        if inner_v6 { 41 } else { 4 },
+        "protocol / next header announces the inner family"
     );
-    assert_eq!(outer.tos, inner_tos, "TOS copied (RFC 2003 §3.1)");
-    assert_eq!(outer.dont_fragment, inner_df, "DF copied (RFC 2003 §3.1)");
-    assert_eq!(o[6] & 0x3f, 0, "outer MF/offset clear");
-    assert_eq!(o[7], 0, "outer offset clear");
+    let lb: IpAddr = if backend.is_ipv6() {
+        LB_ADDR6.into()
+    } else {
+        LB_ADDR.into()
+    };
+    assert_eq!(outer.src, lb, "outer source");
+    assert_eq!(outer.dst, backend, "outer destination");
+    assert_eq!(outer.ttl, 64, "outer TTL / hop limit");
+    assert!(outer.checksum_ok, "outer checksum: {out:02x?}");
+    assert_eq!(
+        usize::from(outer.tot_len),
+        inner_len + outer_len,
+        "outer length"
+    );
+    assert_eq!(
+        outer.tos, inner_tos,
+        "TOS / traffic class copied (RFC 2003 §3.1, RFC 2473 §6.5)"
+    );
+    if !backend.is_ipv6() {
+        let o = &out[ETH_LEN..ETH_LEN + IPV4_LEN];
+        let inner_df = !inner_v6 && input[ETH_LEN + 6] & 0x40 != 0;
+        assert_eq!(
+            outer.dont_fragment,
+            inner_df || inner_v6,
+            "DF copied (RFC 2003 §3.1), always set over IPv6 (RFC 4213 §3.2)"
+        );
+        assert_eq!(o[6] & 0x3f, 0, "outer MF/offset clear");
+        assert_eq!(o[7], 0, "outer offset clear");
+    }
     assert_eq!(
         &out[0..6],
         &backend_mac(backend),
         "Ethernet dst = neighbour MAC"
     );
     assert_eq!(&out[6..12], &D0_MAC, "Ethernet src = egress MAC");
-    assert_eq!(&out[12..14], &[0x08, 0x00], "Ethernet type IPv4");
+    let ethertype: [u8; 2] = if backend.is_ipv6() {
+        [0x86, 0xdd]
+    } else {
+        [0x08, 0x00]
+    };
     assert_eq!(
-        &out[ETH_LEN + IPV4_LEN..],
+        &out[12..14],
+        &ethertype,
+        "Ethernet type of the outer family"
+    );
+    assert_eq!(
+        &out[ETH_LEN + outer_len..],
         &input[ETH_LEN..],
         "inner packet (and anything after it) unchanged"
     );
@@ -355,20 +456,53 @@ fn assert_encapsulated(input: &[u8], out: &[u8], backend: Ipv4Addr) {
 // Packet builders.
 // ---------------------------------------------------------------------------------------------
 
-fn tcp(dst: Ipv4Addr, dport: u16) -> Frame {
+/// The IPv4 address in `a` (the crafted IPv4 packets' VIPs are IPv4).
+fn v4(a: impl Into<IpAddr>) -> Ipv4Addr {
+    match a.into() {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a} is not IPv4"),
+    }
+}
+
+/// The IPv6 address in `a`.
+fn v6(a: impl Into<IpAddr>) -> Ipv6Addr {
+    match a.into() {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => panic!("{a} is not IPv6"),
+    }
+}
+
+fn tcp(dst: impl Into<IpAddr>, dport: u16) -> Frame {
     Frame {
-        dst,
+        dst: v4(dst),
         dport,
         ..Frame::default()
     }
 }
 
-fn udp(dst: Ipv4Addr, dport: u16) -> Frame {
+fn udp(dst: impl Into<IpAddr>, dport: u16) -> Frame {
     Frame {
-        dst,
+        dst: v4(dst),
         dport,
         proto: 17,
         ..Frame::default()
+    }
+}
+
+fn tcp6(dst: impl Into<IpAddr>, dport: u16) -> Frame6 {
+    Frame6 {
+        dst: v6(dst),
+        dport,
+        ..Frame6::default()
+    }
+}
+
+fn udp6(dst: impl Into<IpAddr>, dport: u16) -> Frame6 {
+    Frame6 {
+        dst: v6(dst),
+        dport,
+        proto: 17,
+        ..Frame6::default()
     }
 }
 
@@ -393,6 +527,23 @@ fn ether(ethertype: u16, body: &[u8]) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
     f.extend_from_slice(&ethertype.to_be_bytes());
     f.extend_from_slice(body);
+    f
+}
+
+/// An IPv6 frame from `LB_ADDR6` to `outer_dst` carrying `inner_ip` (IPv4 or IPv6) behind
+/// next header `next` (4 or 41).
+fn ip6ip(outer_dst: Ipv6Addr, next: u8, inner_ip: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; IPV6_LEN];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&(inner_ip.len() as u16).to_be_bytes());
+    h[6] = next;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&LB_ADDR6.octets());
+    h[24..40].copy_from_slice(&outer_dst.octets());
+    let mut body = h.to_vec();
+    body.extend_from_slice(inner_ip);
+    let mut f = ether(0x86dd, &body);
+    f[0..6].copy_from_slice(&backend_mac(outer_dst));
     f
 }
 
@@ -438,7 +589,7 @@ fn table_vips() -> TableVips {
     lb.add_vip(web, 80, Proto::Tcp, &[backend(11)]);
     lb.add_vip(web, 53, Proto::Udp, &[backend(11)]);
     lb.add_vip(any_port, 0, Proto::Tcp, &[backend(11)]);
-    lb.add_vip(empty, 80, Proto::Tcp, &[]);
+    lb.add_vip::<Ipv4Addr>(empty, 80, Proto::Tcp, &[]);
     lb.add_vip(no_neigh, 80, Proto::Tcp, &[NO_NEIGH_BACKEND]);
     lb.add_vip(unrouted, 80, Proto::Tcp, &[UNROUTED_BACKEND]);
     TableVips {
@@ -477,13 +628,13 @@ fn malformed_foreign_and_undeliverable_packets_pass_or_drop_unmodified_with_one_
                 "ARP",
                 ether(0x0806, &[0u8; 28]),
                 XDP_PASS,
-                Reason::PassNotIpv4,
+                Reason::PassNotIp,
             ),
             (
-                "IPv6 ethertype",
+                "IPv6 ethertype, payload length beyond the frame",
                 ether(0x86dd, &[0x60; 60]),
                 XDP_PASS,
-                Reason::PassNotIpv4,
+                Reason::PassMalformed,
             ),
             (
                 "VLAN-tagged IPv4 to a VIP (802.1Q is not parsed)",
@@ -493,7 +644,7 @@ fn malformed_foreign_and_undeliverable_packets_pass_or_drop_unmodified_with_one_
                     ether(0x8100, &body)
                 },
                 XDP_PASS,
-                Reason::PassNotIpv4,
+                Reason::PassNotIp,
             ),
             (
                 "IPv4 header truncated (19 of 20 bytes)",
@@ -985,7 +1136,7 @@ fn encapsulation_that_would_exceed_the_egress_mtu_is_answered_with_icmp_or_dropp
         let ip = &out[ETH_LEN..ETH_LEN + IPV4_LEN];
         assert_eq!((ip[0], ip[9]), (0x45, 1), "IPv4 without options, ICMP");
         assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56, "total length");
-        assert_eq!(&ip[12..16], &web.addr.octets(), "from the VIP");
+        assert_eq!(&ip[12..16], &v4(web.addr).octets(), "from the VIP");
         assert_eq!(
             &ip[16..20],
             &big[ETH_LEN + 12..ETH_LEN + 16],
@@ -1063,14 +1214,23 @@ fn exact_port_vip_wins_over_port_zero_vip_of_the_same_address() {
 // lb_xdp: flows.
 // ---------------------------------------------------------------------------------------------
 
-fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+fn flow_key(
+    src: impl Into<IpAddr>,
+    sport: u16,
+    dst: impl Into<IpAddr>,
+    dport: u16,
+    proto: u8,
+) -> FlowKey {
+    let (family, src_addr) = lb_common::addr_to_map(src.into());
+    let (_, dst_addr) = lb_common::addr_to_map(dst.into());
     FlowKey {
-        src_addr: u32::from_ne_bytes(src.octets()),
-        dst_addr: u32::from_ne_bytes(dst.octets()),
+        src_addr,
+        dst_addr,
         src_port: sport.to_be(),
         dst_port: dport.to_be(),
         proto,
-        _pad: [0; 3],
+        family,
+        _pad: [0; 2],
     }
 }
 
@@ -1109,7 +1269,7 @@ fn same_five_tuple_goes_to_the_same_backend_and_counts_one_new_flow() {
         assert_eq!(flow.backend_id, lb.backend_id(&web, first));
         assert_eq!(flow.vip_id, lb.vip_id(&web));
         // Different flows are spread: the choice is not a constant.
-        let chosen: std::collections::BTreeSet<Ipv4Addr> = (0..32)
+        let chosen: std::collections::BTreeSet<IpAddr> = (0..32)
             .map(|i| lb.backend_of(&client_syn(&web, 41_000 + i)))
             .collect();
         assert!(chosen.len() >= 2, "32 flows all went to {chosen:?}");
@@ -1144,7 +1304,7 @@ fn established_flows_stay_on_their_backend_when_backends_are_added() {
             "no flow was re-created"
         );
         // The ring did change: new flows now reach the new backends too.
-        let fresh: Vec<Ipv4Addr> = (0..32)
+        let fresh: Vec<IpAddr> = (0..32)
             .map(|i| lb.backend_of(&client_syn(&web, 43_000 + i)))
             .collect();
         assert!(
@@ -1161,7 +1321,7 @@ fn flows_of_a_deregistered_backend_are_re_steered_to_the_remaining_ones() {
         let backends = [backend(11), backend(12), backend(13)];
         let web = lb.add_vip(Ipv4Addr::new(198, 51, 100, 1), 80, Proto::Tcp, &backends);
         let ports: Vec<u16> = (0..48).map(|i| 44_000 + i).collect();
-        let before: Vec<Ipv4Addr> = ports
+        let before: Vec<IpAddr> = ports
             .iter()
             .map(|&p| lb.backend_of(&client_syn(&web, p)))
             .collect();
@@ -1210,9 +1370,10 @@ fn decap_run(decap: &Decap, packet: &[u8], reason: DecapReason) -> Vec<u8> {
     out
 }
 
-fn load_decap(addrs: &[Ipv4Addr]) -> Decap {
+fn load_decap<A: Into<IpAddr> + Copy>(addrs: &[A]) -> Decap {
     require_root();
-    Decap::load(addrs).expect("loading lb_decap")
+    let addrs: Vec<IpAddr> = addrs.iter().map(|&a| a.into()).collect();
+    Decap::load(&addrs).expect("loading lb_decap")
 }
 
 #[test]
@@ -1284,7 +1445,7 @@ fn lb_xdp_output_through_lb_decap_gives_back_the_original_ip_packet() {
             Proto::Tcp,
             &[backend(16)],
         );
-        let decap = Decap::load(&[backend(16)]).expect("loading lb_decap");
+        let decap = Decap::load(&[backend(16).into()]).expect("loading lb_decap");
         for options in [vec![], vec![1u8, 1, 1, 0]] {
             let original = Frame {
                 ip_options: options,
@@ -1520,15 +1681,16 @@ fn health_check_probe_that_cannot_take_the_data_path_is_dropped_with_its_reason(
 
         let mark = mark_of(lb.backend_id(&web, backend(11)));
         let arp = ether(0x0806, &[0u8; 28]);
-        lb.run_hc_dropped(&arp, mark, HcReason::DropNotIpv4);
-        let mut ipv6 = ether(0x86dd, &[0u8; 40]);
-        ipv6[ETH_LEN] = 0x60;
-        lb.run_hc_dropped(&ipv6, mark, HcReason::DropNotIpv4);
-        // EtherType IPv4 but a version-6 header: not what the outer header would describe.
+        lb.run_hc_dropped(&arp, mark, HcReason::DropNotIp);
+        // EtherType IPv6 but a version-4 header, and the other way round: not what the
+        // outer header would describe.
+        let mut v4_in_v6 = input.clone();
+        v4_in_v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        lb.run_hc_dropped(&v4_in_v6, mark, HcReason::DropNotIp);
         lb.run_hc_dropped(
             &with_byte(input.clone(), ETH_LEN, 0x60),
             mark,
-            HcReason::DropNotIpv4,
+            HcReason::DropNotIp,
         );
     });
 }
@@ -1574,7 +1736,7 @@ fn health_check_probe_through_lb_decap_gives_back_the_original_packet() {
             Proto::Tcp,
             &[backend(16)],
         );
-        let decap = Decap::load(&[backend(16)]).expect("loading lb_decap");
+        let decap = Decap::load(&[backend(16).into()]).expect("loading lb_decap");
         let input = probe(&web);
         let run = lb.run_hc(
             &input,
@@ -1614,5 +1776,1142 @@ fn health_check_encap_is_attached_to_egress_with_tcx_and_detached_when_the_balan
             tcx_egress_programs("d0").is_empty(),
             "lb_hc_encap outlived its Balancer"
         );
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both address families: IPv6 VIPs, IPv6 backends, every combination of the two.
+// ---------------------------------------------------------------------------------------------
+
+/// An IPv4 frame carrying `inner_ip` behind protocol `proto` (4 or 41), to `outer_dst`.
+fn ip4ip(outer_dst: Ipv4Addr, proto: u8, inner_ip: &[u8]) -> Vec<u8> {
+    let mut f = ipip(outer_dst, inner_ip);
+    f[ETH_LEN + 9] = proto;
+    f[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
+    let c = packet::checksum(&f[ETH_LEN..ETH_LEN + IPV4_LEN]);
+    f[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+
+#[test]
+fn every_family_combination_is_encapsulated_in_the_backends_family() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let v4_vip = Ipv4Addr::new(198, 51, 100, 1);
+        let six_in_six = lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(12)]);
+        let six_in_four = lb.add_vip(VIP6, 53, Proto::Udp, &[backend(13)]);
+        let four_in_six = lb.add_vip(v4_vip, 80, Proto::Tcp, &[backend6(14)]);
+        let four_in_four = lb.add_vip(v4_vip, 53, Proto::Udp, &[backend(15)]);
+        let cases: Vec<(&str, Vec<u8>, IpAddr, &VipAddr)> = vec![
+            (
+                "IPv6 VIP, IPv6 backend",
+                Frame6 {
+                    tclass: 0xb8,
+                    payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+                    ..tcp6(VIP6, 80)
+                }
+                .build(),
+                backend6(12).into(),
+                &six_in_six,
+            ),
+            (
+                "IPv6 VIP, IPv4 backend",
+                Frame6 {
+                    tclass: 0x10,
+                    payload: vec![0xab; 33],
+                    ..udp6(VIP6, 53)
+                }
+                .build(),
+                backend(13).into(),
+                &six_in_four,
+            ),
+            (
+                "IPv4 VIP, IPv6 backend",
+                Frame {
+                    tos: 0x28,
+                    payload: b"hello".to_vec(),
+                    ..tcp(v4_vip, 80)
+                }
+                .build(),
+                backend6(14).into(),
+                &four_in_six,
+            ),
+            (
+                "IPv4 VIP, IPv4 backend",
+                udp(v4_vip, 53).build(),
+                backend(15).into(),
+                &four_in_four,
+            ),
+        ];
+        for (name, input, backend, vip) in cases {
+            let out = lb.run_encap(&input, backend);
+            let (inner_len, _) = packet::ip_len_and_tos(&input).unwrap();
+            assert_eq!(
+                lb.vip_counters(vip),
+                Counters {
+                    packets: 1,
+                    bytes: inner_len as u64,
+                    new_flows: 1,
+                    unhealthy_routing_flows: 0,
+                },
+                "{name}: VIP counters"
+            );
+            if backend.is_ipv6() {
+                // RFC 6438: the outer flow label is the flow's, the same for every packet.
+                let label = packet::parse_outer(&out).unwrap().flow_label;
+                assert_ne!(label, 0, "{name}: a flow label");
+                let again = lb.run_encap(&input, backend);
+                assert_eq!(packet::parse_outer(&again).unwrap().flow_label, label);
+            }
+        }
+    });
+}
+
+#[test]
+fn ipv6_flows_stay_on_their_backend_and_are_keyed_by_their_five_tuple() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let web = lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(11), backend6(12)]);
+        let syn = |sport: u16| {
+            Frame6 {
+                sport,
+                ..tcp6(VIP6, 80)
+            }
+            .build()
+        };
+        let first = lb.backend_of(&syn(40_000));
+        assert_eq!(lb.backend_of(&syn(40_000)), first);
+        let flow = lb
+            .maps()
+            .flows
+            .get(&flow_key(CLIENT6, 40_000, VIP6, 80, 6), 0)
+            .expect("the flow is in LB_FLOWS under its IPv6 5-tuple");
+        assert_eq!(flow.backend_id, lb.backend_id(&web, first));
+        assert!(flow.created_ns > 0 && flow.last_seen_ns >= flow.created_ns);
+        let chosen: std::collections::BTreeSet<IpAddr> =
+            (0..32).map(|i| lb.backend_of(&syn(41_000 + i))).collect();
+        assert_eq!(chosen.len(), 2, "32 IPv6 flows all went to {chosen:?}");
+        // Adding backends keeps established flows.
+        let before: Vec<IpAddr> = (0..32).map(|i| lb.backend_of(&syn(41_000 + i))).collect();
+        lb.register(&web, &[backend6(13), backend6(14)]);
+        let after: Vec<IpAddr> = (0..32).map(|i| lb.backend_of(&syn(41_000 + i))).collect();
+        assert_eq!(before, after);
+        assert_eq!(lb.vip_counters(&web).new_flows, 33);
+    });
+}
+
+/// An IPv6 extension header of `len8` 8-octet units (`len8 - 1` in its length byte), the
+/// next-header byte left for `Frame6::build`; `fill` for its option bytes (PadN-like zeros
+/// are fine: lb_xdp does not read options).
+fn ext(len8: usize) -> Vec<u8> {
+    let mut h = vec![0u8; len8 * 8];
+    h[1] = (len8 - 1) as u8;
+    h
+}
+
+/// A routing header (type 4, segment routing) with `segments_left`.
+fn routing(segments_left: u8) -> Vec<u8> {
+    let mut h = ext(3); // two segments
+    h[2] = 4;
+    h[3] = segments_left;
+    h
+}
+
+/// A fragment header: `offset` in 8-octet units, more-fragments flag `more`.
+fn fragment(offset: u16, more: bool) -> Vec<u8> {
+    let mut h = vec![0u8; 8];
+    h[2..4].copy_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    h[4..8].copy_from_slice(&0xabcd_0123u32.to_be_bytes());
+    h
+}
+
+/// Runs a table of `(name, frame, action, reason)` through `lb_xdp`: each case must take
+/// exactly its action and move exactly its one counter; passed and dropped frames must come
+/// out byte-identical, encapsulated ones carry the input intact (checked against `backend`).
+fn run_table(lb: &Lb, cases: &[(&str, Vec<u8>, u32, Reason)], backend: IpAddr) {
+    let mut failures = Vec::new();
+    for (name, input, action, reason) in cases {
+        let before = lb.reasons();
+        let (got, out) = match lb.balancer.test_run(input) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{name}: test run failed: {e}"));
+                continue;
+            }
+        };
+        let moved = counter_deltas(&before, &lb.reasons());
+        if got != *action {
+            failures.push(format!(
+                "{name}: {} instead of {}",
+                action_name(got),
+                action_name(*action)
+            ));
+        }
+        if moved != [(*reason, 1)] {
+            failures.push(format!(
+                "{name}: counters moved {moved:?}, expected {reason:?} +1"
+            ));
+        }
+        if *action == XDP_REDIRECT {
+            let ok = std::panic::catch_unwind(|| assert_encapsulated(input, &out, backend));
+            if ok.is_err() {
+                failures.push(format!("{name}: not encapsulated as expected"));
+            }
+        } else if out != *input {
+            failures.push(format!("{name}: packet modified"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn ipv6_extension_headers_are_skipped_within_bounds_and_anything_else_is_passed_counted() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(11)]);
+        lb.add_vip(VIP6, 53, Proto::Udp, &[backend6(11)]);
+        let with_ext = |proto: u8, ext: Vec<(u8, Vec<u8>)>| {
+            Frame6 {
+                proto,
+                ext,
+                dport: if proto == 17 { 53 } else { 80 },
+                ..tcp6(VIP6, 80)
+            }
+            .build()
+        };
+        let plain = tcp6(VIP6, 80).build();
+        let ip = ETH_LEN;
+        let cases: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
+            (
+                "hop-by-hop, then TCP to a VIP",
+                with_ext(6, vec![(0, ext(1))]),
+                XDP_REDIRECT,
+                Reason::Redirect,
+            ),
+            (
+                "destination options (24 bytes), then UDP",
+                with_ext(17, vec![(60, ext(3))]),
+                XDP_REDIRECT,
+                Reason::Redirect,
+            ),
+            (
+                "routing header with no segments left (final destination), then TCP",
+                with_ext(6, vec![(43, routing(0))]),
+                XDP_REDIRECT,
+                Reason::Redirect,
+            ),
+            (
+                "four skippable headers (RFC 8200 §4.1 order), then TCP",
+                with_ext(
+                    6,
+                    vec![(0, ext(1)), (60, ext(1)), (43, routing(0)), (60, ext(2))],
+                ),
+                XDP_REDIRECT,
+                Reason::Redirect,
+            ),
+            (
+                "five skippable headers: beyond the bound",
+                with_ext(
+                    6,
+                    vec![
+                        (0, ext(1)),
+                        (60, ext(1)),
+                        (60, ext(1)),
+                        (60, ext(1)),
+                        (60, ext(1)),
+                    ],
+                ),
+                XDP_PASS,
+                Reason::PassIpv6ExtHeader,
+            ),
+            (
+                "a 2 KiB hop-by-hop header: beyond the 1 KiB bound",
+                with_ext(6, vec![(0, ext(256))]),
+                XDP_PASS,
+                Reason::PassIpv6ExtHeader,
+            ),
+            (
+                "routing header with segments left (this is not the destination)",
+                with_ext(6, vec![(43, routing(1))]),
+                XDP_PASS,
+                Reason::PassIpv6ExtHeader,
+            ),
+            (
+                "authentication header",
+                with_ext(6, vec![(51, ext(2))]),
+                XDP_PASS,
+                Reason::PassIpv6ExtHeader,
+            ),
+            (
+                "ESP",
+                with_ext(6, vec![(50, ext(2))]),
+                XDP_PASS,
+                Reason::PassIpv6ExtHeader,
+            ),
+            (
+                "mobility header",
+                with_ext(6, vec![(135, ext(1))]),
+                XDP_PASS,
+                Reason::PassIpv6ExtHeader,
+            ),
+            (
+                "hop-by-hop, then AH",
+                with_ext(6, vec![(0, ext(1)), (51, ext(2))]),
+                XDP_PASS,
+                Reason::PassIpv6ExtHeader,
+            ),
+            (
+                "no next header (59)",
+                with_ext(59, vec![]),
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "SCTP to a VIP address",
+                with_ext(132, vec![]),
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "ICMPv6 echo request to a VIP",
+                Frame6 {
+                    proto: 58,
+                    payload: vec![128, 0, 0, 0, 0, 1, 0, 1],
+                    ..tcp6(VIP6, 80)
+                }
+                .build(),
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "hop-by-hop, then TCP to an address that is no VIP",
+                Frame6 {
+                    ext: vec![(0, ext(1))],
+                    ..tcp6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 9), 80)
+                }
+                .build(),
+                XDP_PASS,
+                Reason::PassNotVip,
+            ),
+            (
+                "TCP to the VIP address on another port",
+                tcp6(VIP6, 8080).build(),
+                XDP_PASS,
+                Reason::PassNotVip,
+            ),
+            (
+                "extension header cut off by the frame",
+                truncated(with_ext(6, vec![(60, ext(2))]), ETH_LEN + IPV6_LEN + 10),
+                XDP_PASS,
+                Reason::PassMalformed,
+            ),
+            (
+                "extension header beyond the payload length (frame padded)",
+                {
+                    let mut f = with_ext(6, vec![(60, ext(1))]);
+                    f[ip + 4..ip + 6].copy_from_slice(&4u16.to_be_bytes());
+                    f
+                },
+                XDP_PASS,
+                Reason::PassMalformed,
+            ),
+            (
+                "TCP header truncated by the payload length",
+                {
+                    let mut f = plain.clone();
+                    f[ip + 4..ip + 6].copy_from_slice(&10u16.to_be_bytes());
+                    f
+                },
+                XDP_PASS,
+                Reason::PassMalformed,
+            ),
+            (
+                "payload length beyond the frame",
+                {
+                    let mut f = plain.clone();
+                    f[ip + 4..ip + 6].copy_from_slice(&1000u16.to_be_bytes());
+                    f
+                },
+                XDP_PASS,
+                Reason::PassMalformed,
+            ),
+            (
+                "IPv6 header truncated (39 of 40 bytes)",
+                truncated(plain.clone(), ETH_LEN + 39),
+                XDP_PASS,
+                Reason::PassMalformed,
+            ),
+            (
+                "version 4 behind EtherType IPv6",
+                with_byte(plain.clone(), ip, 0x45),
+                XDP_PASS,
+                Reason::PassMalformed,
+            ),
+        ];
+        run_table(&lb, &cases, backend6(11).into());
+    });
+}
+
+#[test]
+fn ipv6_fragments_to_a_vip_are_dropped_and_counted_once() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let exact = VIP6;
+        let any = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 2);
+        lb.add_vip(exact, 80, Proto::Tcp, &[backend6(11)]);
+        lb.add_vip(any, 0, Proto::Tcp, &[backend6(11)]);
+        let frag = |dst: Ipv6Addr, proto: u8, headers: Vec<(u8, Vec<u8>)>| {
+            Frame6 {
+                proto,
+                ext: headers,
+                ..tcp6(dst, 80)
+            }
+            .build()
+        };
+        let cases: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
+            (
+                "first fragment (M) of TCP to a VIP",
+                frag(exact, 6, vec![(44, fragment(0, true))]),
+                XDP_DROP,
+                Reason::DropFragment,
+            ),
+            (
+                "last fragment (offset 1480) of TCP to a VIP",
+                frag(exact, 6, vec![(44, fragment(185, false))]),
+                XDP_DROP,
+                Reason::DropFragment,
+            ),
+            (
+                "atomic fragment (offset 0, no M; RFC 8021) to a VIP",
+                frag(exact, 6, vec![(44, fragment(0, false))]),
+                XDP_DROP,
+                Reason::DropFragment,
+            ),
+            (
+                "hop-by-hop, then a fragment header, to a VIP",
+                frag(exact, 6, vec![(0, ext(1)), (44, fragment(0, true))]),
+                XDP_DROP,
+                Reason::DropFragment,
+            ),
+            (
+                "fragment to a port-0 VIP",
+                frag(any, 6, vec![(44, fragment(10, true))]),
+                XDP_DROP,
+                Reason::DropFragment,
+            ),
+            (
+                "UDP fragment to an address with only TCP VIPs",
+                frag(exact, 17, vec![(44, fragment(10, true))]),
+                XDP_PASS,
+                Reason::PassNotVip,
+            ),
+            (
+                "TCP fragment to an address that is no VIP",
+                frag(
+                    Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 9),
+                    6,
+                    vec![(44, fragment(0, true))],
+                ),
+                XDP_PASS,
+                Reason::PassNotVip,
+            ),
+            (
+                "ICMPv6 in a fragment to a VIP address",
+                frag(exact, 58, vec![(44, fragment(0, true))]),
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "destination options inside a fragment to a VIP address",
+                frag(exact, 6, vec![(44, fragment(0, true)), (60, ext(1))]),
+                XDP_PASS,
+                Reason::PassIpv6ExtHeader,
+            ),
+        ];
+        run_table(&lb, &cases, backend6(11).into());
+        // Positive control: the same packet without a fragment header is balanced.
+        lb.run_encap(&tcp6(exact, 80).build(), backend6(11));
+        lb.run_encap(&tcp6(any, 443).build(), backend6(11));
+    });
+}
+
+/// The ICMPv6 checksum of `msg` (RFC 4443 §2.3) between `src` and `dst`: 0 if it verifies.
+fn icmpv6_checksum(src: &[u8], dst: &[u8], msg: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(src);
+    pseudo.extend_from_slice(dst);
+    pseudo.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(msg);
+    packet::checksum(&pseudo)
+}
+
+#[test]
+fn ipv6_packets_that_no_longer_fit_are_answered_with_packet_too_big() {
+    netns_test(|| {
+        run_cmd(&["ip", "link", "set", "d0", "mtu", "1400"]);
+        let mut lb = Lb::load();
+        let over_v6 = lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(11)]);
+        let over_v4 = lb.add_vip(VIP6, 443, Proto::Tcp, &[backend(12)]);
+        let of_len = |dport: u16, ip_len: usize| {
+            Frame6 {
+                payload: vec![0x5a; ip_len - IPV6_LEN - 20],
+                ..tcp6(VIP6, dport)
+            }
+            .build()
+        };
+        for (vip, overhead) in [(&over_v6, IPV6_LEN), (&over_v4, IPV4_LEN)] {
+            let room = 1400 - overhead;
+            let big = of_len(vip.port, room + 1);
+            let out = lb.run(&big, XDP_TX, Reason::TxIcmpTooBig);
+            assert_eq!(out.len(), ETH_LEN + IPV6_LEN + 8 + 128, "{out:02x?}");
+            assert_eq!(&out[0..6], &big[6..12], "Ethernet destination: the sender");
+            assert_eq!(&out[6..12], &big[0..6], "Ethernet source: us");
+            assert_eq!(&out[12..14], &[0x86, 0xdd]);
+            let ip = &out[ETH_LEN..ETH_LEN + IPV6_LEN];
+            assert_eq!(ip[0] >> 4, 6);
+            assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 136, "payload length");
+            assert_eq!((ip[6], ip[7]), (58, 64), "ICMPv6, hop limit 64");
+            assert_eq!(&ip[8..24], &VIP6.octets(), "from the VIP");
+            assert_eq!(&ip[24..40], &CLIENT6.octets(), "to the client");
+            let icmp = &out[ETH_LEN + IPV6_LEN..];
+            assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+            assert_eq!(
+                u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]) as usize,
+                room,
+                "MTU: what fits after encapsulation"
+            );
+            assert_eq!(
+                &icmp[8..],
+                &big[ETH_LEN..ETH_LEN + 128],
+                "quotes the first 128 bytes of the offending packet"
+            );
+            assert_eq!(icmpv6_checksum(&ip[8..24], &ip[24..40], icmp), 0);
+            // Exactly the room: encapsulated.
+            lb.run_encap(
+                &of_len(vip.port, room),
+                if overhead == IPV6_LEN {
+                    IpAddr::from(backend6(11))
+                } else {
+                    backend(12).into()
+                },
+            );
+        }
+        // IPv4 VIP over IPv6: fragmentation needed with the room an IPv6 outer header leaves.
+        let v4_vip = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend6(13)],
+        );
+        let big4 = Frame {
+            payload: vec![0x5a; 1400 - IPV6_LEN + 1 - IPV4_LEN - 20],
+            ..tcp(v4_vip.addr, 80)
+        }
+        .build();
+        let out = lb.run(&big4, XDP_TX, Reason::TxIcmpTooBig);
+        let icmp = &out[ETH_LEN + IPV4_LEN..];
+        assert_eq!((icmp[0], icmp[1]), (3, 4));
+        assert_eq!(
+            usize::from(u16::from_be_bytes([icmp[6], icmp[7]])),
+            1400 - IPV6_LEN
+        );
+    });
+}
+
+#[test]
+fn ipv6_packet_too_big_is_not_sent_below_the_ipv6_minimum_mtu() {
+    netns_test(|| {
+        // 1300 - 40 = 1260 < 1280: no sender may be told to go below 1280 (RFC 8201 §4).
+        run_cmd(&["ip", "link", "set", "d0", "mtu", "1300"]);
+        let mut lb = Lb::load();
+        lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(11)]);
+        let big = Frame6 {
+            payload: vec![0x5a; 1261 - IPV6_LEN - 20],
+            ..tcp6(VIP6, 80)
+        }
+        .build();
+        lb.run_untouched(&big, XDP_DROP, Reason::DropMtu);
+        // Positive control: what fits is encapsulated.
+        let fits = Frame6 {
+            payload: vec![0x5a; 1260 - IPV6_LEN - 20],
+            ..tcp6(VIP6, 80)
+        }
+        .build();
+        lb.run_encap(&fits, backend6(11));
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP errors about VIP flows go to the flow's backend.
+// ---------------------------------------------------------------------------------------------
+
+/// ICMP destination unreachable / fragmentation needed (RFC 1191) from a router to the VIP,
+/// quoting the backend's reply `quoted` (its IP header and the first 8 bytes after it).
+fn icmp_frag_needed(vip: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let mut msg = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00]; // next-hop MTU 1280
+    msg.extend_from_slice(&quoted[ETH_LEN..ETH_LEN + IPV4_LEN + 8]);
+    let c = packet::checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    Frame {
+        src: Ipv4Addr::new(203, 0, 113, 1),
+        dst: vip,
+        proto: 1,
+        payload: msg,
+        ..Frame::default()
+    }
+    .build()
+}
+
+/// ICMPv6 packet too big from a router to the VIP, quoting `quoted` whole.
+fn icmp6_too_big(vip: Ipv6Addr, quoted: &[u8]) -> Vec<u8> {
+    let mut msg = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00];
+    msg.extend_from_slice(&quoted[ETH_LEN..]);
+    Frame6 {
+        src: Ipv6Addr::new(0x2001, 0xdb8, 0xfe, 0, 0, 0, 0, 1),
+        dst: vip,
+        proto: 58,
+        payload: msg,
+        ..Frame6::default()
+    }
+    .build()
+}
+
+#[test]
+fn icmp_errors_quoting_a_vip_flow_reach_the_backend_of_that_flow_intact() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let vip4 = Ipv4Addr::new(198, 51, 100, 1);
+        let web4 = lb.add_vip(vip4, 80, Proto::Tcp, &[backend(11), backend(12)]);
+        let web6 = lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(11), backend6(12)]);
+        // Flows pinned before the rings change: their ICMP must follow the flow table, not
+        // the new ring.
+        let ports: Vec<u16> = (0..24).map(|i| 47_000 + i).collect();
+        let owners4: Vec<IpAddr> = ports
+            .iter()
+            .map(|&p| lb.backend_of(&client_syn(&web4, p)))
+            .collect();
+        let owners6: Vec<IpAddr> = ports
+            .iter()
+            .map(|&p| {
+                lb.backend_of(
+                    &Frame6 {
+                        sport: p,
+                        ..tcp6(VIP6, 80)
+                    }
+                    .build(),
+                )
+            })
+            .collect();
+        lb.register(&web4, &[backend(13), backend(14), backend(15)]);
+        lb.register(&web6, &[backend6(13), backend6(14), backend6(15)]);
+        let flows_before = (
+            lb.vip_counters(&web4).new_flows,
+            lb.vip_counters(&web6).new_flows,
+        );
+        for (i, &p) in ports.iter().enumerate() {
+            // The backend's reply (VIP → client), as a router quotes it.
+            let reply4 = Frame {
+                src: vip4,
+                dst: CLIENT,
+                sport: 80,
+                dport: p,
+                ..Frame::default()
+            }
+            .build();
+            let icmp = icmp_frag_needed(vip4, &reply4);
+            let key = flow_key(CLIENT, p, vip4, 80, 6);
+            let seen = lb.maps().flows.get(&key, 0).unwrap().last_seen_ns;
+            let out = lb.run(&icmp, XDP_REDIRECT, Reason::IcmpToBackend);
+            assert_encapsulated(&icmp, &out, owners4[i]);
+            assert_eq!(
+                lb.maps().flows.get(&key, 0).unwrap().last_seen_ns,
+                seen,
+                "an ICMP error does not keep its flow alive"
+            );
+
+            let reply6 = Frame6 {
+                src: VIP6,
+                dst: CLIENT6,
+                sport: 80,
+                dport: p,
+                ..Frame6::default()
+            }
+            .build();
+            let icmp6 = icmp6_too_big(VIP6, &reply6);
+            let out = lb.run(&icmp6, XDP_REDIRECT, Reason::IcmpToBackend);
+            assert_encapsulated(&icmp6, &out, owners6[i]);
+        }
+        assert_eq!(
+            (
+                lb.vip_counters(&web4).new_flows,
+                lb.vip_counters(&web6).new_flows
+            ),
+            flows_before,
+            "ICMP errors create no flows"
+        );
+    });
+}
+
+#[test]
+fn icmp_that_is_no_error_about_a_vip_flow_is_passed_with_one_counter() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let vip4 = Ipv4Addr::new(198, 51, 100, 1);
+        lb.add_vip(vip4, 80, Proto::Tcp, &[backend(11)]);
+        lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(11)]);
+        let reply4 = |src: Ipv4Addr, sport: u16| {
+            Frame {
+                src,
+                dst: CLIENT,
+                sport,
+                dport: 40_000,
+                ..Frame::default()
+            }
+            .build()
+        };
+        let reply6 = |src: Ipv6Addr, sport: u16| {
+            Frame6 {
+                src,
+                dst: CLIENT6,
+                sport,
+                dport: 40_000,
+                ..Frame6::default()
+            }
+            .build()
+        };
+        let mut short_quote = icmp_frag_needed(vip4, &reply4(vip4, 80));
+        let cut = short_quote.len() - 8;
+        short_quote.truncate(cut);
+        let len = (short_quote.len() - ETH_LEN) as u16;
+        short_quote = with_tot_len(short_quote, len);
+        let cases: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
+            (
+                "frag-needed quoting a packet from an address that is no VIP",
+                icmp_frag_needed(vip4, &reply4(NOT_A_VIP, 80)),
+                XDP_PASS,
+                Reason::PassNotVip,
+            ),
+            (
+                "frag-needed quoting the VIP address from another port",
+                icmp_frag_needed(vip4, &reply4(vip4, 8080)),
+                XDP_PASS,
+                Reason::PassNotVip,
+            ),
+            (
+                "frag-needed whose quote stops before the ports",
+                short_quote,
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "ICMP echo request to the VIP",
+                Frame {
+                    dst: vip4,
+                    proto: 1,
+                    payload: vec![8, 0, 0, 0, 0, 1, 0, 1],
+                    ..Frame::default()
+                }
+                .build(),
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "ICMP time exceeded quoting a VIP flow (not forwarded)",
+                {
+                    let mut f = icmp_frag_needed(vip4, &reply4(vip4, 80));
+                    f[ETH_LEN + IPV4_LEN] = 11;
+                    f
+                },
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "packet too big quoting a packet from an address that is no VIP",
+                icmp6_too_big(
+                    VIP6,
+                    &reply6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 9), 80),
+                ),
+                XDP_PASS,
+                Reason::PassNotVip,
+            ),
+            (
+                "ICMPv6 neighbour solicitation",
+                Frame6 {
+                    proto: 58,
+                    payload: vec![135, 0, 0, 0, 0, 0, 0, 0],
+                    ..tcp6(VIP6, 80)
+                }
+                .build(),
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+        ];
+        run_table(&lb, &cases, backend(11).into());
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flow idle timeouts and flow-table accounting.
+// ---------------------------------------------------------------------------------------------
+
+/// Pretends `key`'s flow was last seen `ago` before now (as if it had been idle that long).
+fn age_flow(lb: &mut Lb, key: &FlowKey, ago: Duration) {
+    let now = lb::l4::flows::monotonic_ns();
+    let maps = lb.registry.maps_mut();
+    let mut v = maps.flows.get(key, 0).expect("the flow exists");
+    v.last_seen_ns = now - ago.as_nanos() as u64;
+    v.created_ns = v.created_ns.min(v.last_seen_ns);
+    maps.flows.insert(key, v, 0).expect("rewriting the flow");
+}
+
+#[test]
+fn a_flow_idle_beyond_its_vips_timeout_is_steered_as_new_and_one_within_it_is_not() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let mut spec = VipSpec::new(
+            None,
+            VipAddr {
+                addr: Ipv4Addr::new(198, 51, 100, 1).into(),
+                port: 53,
+                proto: Proto::Udp,
+            },
+        );
+        spec.idle_timeout = Duration::from_secs(30);
+        let dns = lb.add_vip_spec(spec, &[backend(11)]);
+        let ports: Vec<u16> = (0..40).map(|i| 48_000 + i).collect();
+        let dgram = |p: u16| {
+            Frame {
+                sport: p,
+                ..udp(dns.addr, 53)
+            }
+            .build()
+        };
+        for &p in &ports {
+            assert_eq!(lb.backend_of(&dgram(p)), IpAddr::from(backend(11)));
+        }
+        // The ring changes: only the flow table keeps flows on backend 11 now.
+        lb.register(&dns, &[backend(12), backend(13)]);
+        let (stale, fresh) = ports.split_at(20);
+        for &p in stale {
+            age_flow(
+                &mut lb,
+                &flow_key(CLIENT, p, dns.addr, 53, 17),
+                Duration::from_secs(31),
+            );
+        }
+        for &p in fresh {
+            age_flow(
+                &mut lb,
+                &flow_key(CLIENT, p, dns.addr, 53, 17),
+                Duration::from_secs(29),
+            );
+        }
+        let flows_before = lb.vip_counters(&dns).new_flows;
+        for &p in fresh {
+            assert_eq!(
+                lb.backend_of(&dgram(p)),
+                IpAddr::from(backend(11)),
+                "flow from port {p}, idle 29 s of 30, stays"
+            );
+        }
+        assert_eq!(lb.vip_counters(&dns).new_flows, flows_before);
+        let moved = stale
+            .iter()
+            .filter(|&&p| lb.backend_of(&dgram(p)) != IpAddr::from(backend(11)))
+            .count();
+        assert_eq!(
+            lb.vip_counters(&dns).new_flows,
+            flows_before + stale.len() as u64,
+            "every expired flow was steered as a new one"
+        );
+        assert!(moved > 0, "some expired flows went where the new ring says");
+        // Re-steered flows start over: created now, not 31 s ago.
+        let v = lb
+            .maps()
+            .flows
+            .get(&flow_key(CLIENT, stale[0], dns.addr, 53, 17), 0)
+            .unwrap();
+        assert!(lb::l4::flows::monotonic_ns() - v.created_ns < 5_000_000_000);
+        assert_eq!(
+            lb.maps().flow_inserts().unwrap(),
+            ports.len() as u64,
+            "re-steering rewrites an entry, it inserts no new key"
+        );
+    });
+}
+
+#[test]
+fn the_flow_sweeper_counts_live_flows_the_lru_evicted_and_deletes_expired_ones() {
+    netns_test(|| {
+        use lb::l4::flows::{SweepResult, account, monotonic_ns};
+        let mut lb = Lb::with_flows(256);
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(11)],
+        );
+        let vip_id = lb.vip_id(&web);
+        let timeouts: std::collections::HashMap<u32, u64> = [(vip_id, 350_000_000_000)].into();
+        let sweep = |lb: &mut Lb, now_ns: u64, prev| {
+            let maps = lb.registry.maps_mut();
+            let inserts = maps.flow_inserts().unwrap();
+            let (entries, expired) = maps.sweep_flows(now_ns, &timeouts).unwrap();
+            account(
+                prev,
+                SweepResult {
+                    inserts,
+                    deleted_by_writer: 0,
+                    expired,
+                    entries,
+                    now_ns,
+                },
+            )
+        };
+        // Positive control: fewer flows than the table holds, nothing evicted.
+        for i in 0..100u16 {
+            lb.backend_of(&client_syn(&web, 10_000 + i));
+        }
+        let s = sweep(&mut lb, monotonic_ns(), Default::default());
+        assert_eq!((s.entries, s.evicted_live, s.expired), (100, 0, 0), "{s:?}");
+        // 900 more: the LRU must evict at least 744 live ones.
+        for i in 0..900u16 {
+            lb.backend_of(&client_syn(&web, 20_000 + i));
+        }
+        let s = sweep(&mut lb, monotonic_ns(), s);
+        assert!(s.entries <= 256, "{s:?}");
+        assert_eq!(
+            s.evicted_live,
+            1000 - s.entries,
+            "every key inserted and not in the table was evicted: {s:?}"
+        );
+        assert!(s.evicted_live >= 744, "{s:?}");
+        // 400 s later every flow is expired: the sweep deletes them, evictions stay.
+        let later = sweep(&mut lb, monotonic_ns() + 400_000_000_000, s);
+        assert_eq!(later.entries, 0, "{later:?}");
+        assert_eq!(later.expired, s.entries);
+        assert_eq!(later.evicted_live, s.evicted_live);
+        assert_eq!(lb.maps().flows.keys().count(), 0);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// lb_decap: every encapsulation lb_xdp emits.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn decap_strips_every_outer_family_from_every_inner_family() {
+    let decap = load_decap(&[IpAddr::from(backend(11)), IpAddr::from(backend6(11))]);
+    let inner4 = Frame {
+        payload: b"four".to_vec(),
+        ..Frame::default()
+    }
+    .build();
+    let inner6 = Frame6 {
+        payload: b"six".to_vec(),
+        ..Frame6::default()
+    }
+    .build();
+    let cases = [
+        ("4in4", ip4ip(backend(11), 4, &inner4[ETH_LEN..]), &inner4),
+        ("6in4", ip4ip(backend(11), 41, &inner6[ETH_LEN..]), &inner6),
+        ("4in6", ip6ip(backend6(11), 4, &inner4[ETH_LEN..]), &inner4),
+        ("6in6", ip6ip(backend6(11), 41, &inner6[ETH_LEN..]), &inner6),
+    ];
+    for (name, encapsulated, inner) in cases {
+        let out = decap_run(&decap, &encapsulated, DecapReason::Decapsulated);
+        assert_eq!(
+            &out[..12],
+            &encapsulated[..12],
+            "{name}: MAC addresses kept"
+        );
+        assert_eq!(
+            &out[12..14],
+            &inner[12..14],
+            "{name}: EtherType of the inner family"
+        );
+        assert_eq!(
+            &out[ETH_LEN..],
+            &inner[ETH_LEN..],
+            "{name}: exactly the inner packet"
+        );
+    }
+    let not_ours: Vec<(&str, Vec<u8>, DecapReason)> = vec![
+        (
+            "IPv6 outer for another address",
+            ip6ip(backend6(12), 41, &inner6[ETH_LEN..]),
+            DecapReason::Passed,
+        ),
+        (
+            "IPv6 outer carrying UDP",
+            ip6ip(backend6(11), 17, &inner4[ETH_LEN..]),
+            DecapReason::Passed,
+        ),
+        (
+            "IPv4 outer to the IPv6 address's words (family differs)",
+            ip4ip(Ipv4Addr::new(0xfd, 0, 0, 0), 41, &inner6[ETH_LEN..]),
+            DecapReason::Passed,
+        ),
+        (
+            "6in6 with a truncated inner header",
+            ip6ip(backend6(11), 41, &inner6[ETH_LEN..ETH_LEN + 30]),
+            DecapReason::PassMalformed,
+        ),
+        (
+            "protocol 41 carrying IPv4",
+            ip4ip(backend(11), 41, &inner4[ETH_LEN..]),
+            DecapReason::PassMalformed,
+        ),
+        (
+            "next header 4 carrying IPv6",
+            ip6ip(backend6(11), 4, &inner6[ETH_LEN..]),
+            DecapReason::PassMalformed,
+        ),
+        ("plain IPv6 TCP", inner6.clone(), DecapReason::Passed),
+    ];
+    for (name, input, reason) in not_ours {
+        let out = decap_run(&decap, &input, reason);
+        assert_eq!(out, input, "{name}: modified");
+    }
+}
+
+#[test]
+fn every_combination_lb_xdp_emits_goes_through_lb_decap_back_to_the_original_packet() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let v4_vip = Ipv4Addr::new(198, 51, 100, 1);
+        lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(16)]);
+        lb.add_vip(VIP6, 53, Proto::Udp, &[backend(16)]);
+        lb.add_vip(v4_vip, 80, Proto::Tcp, &[backend6(16)]);
+        lb.add_vip(v4_vip, 53, Proto::Udp, &[backend(16)]);
+        let decap =
+            Decap::load(&[backend(16).into(), backend6(16).into()]).expect("loading lb_decap");
+        let cases: Vec<(Vec<u8>, IpAddr)> = vec![
+            (
+                Frame6 {
+                    ext: vec![(0, ext(1))],
+                    payload: (0..=255u8).collect(),
+                    ..tcp6(VIP6, 80)
+                }
+                .build(),
+                backend6(16).into(),
+            ),
+            (udp6(VIP6, 53).build(), backend(16).into()),
+            (
+                Frame {
+                    ip_options: vec![1, 1, 1, 0],
+                    ..tcp(v4_vip, 80)
+                }
+                .build(),
+                backend6(16).into(),
+            ),
+            (udp(v4_vip, 53).build(), backend(16).into()),
+        ];
+        for (original, backend) in cases {
+            let encapsulated = lb.run_encap(&original, backend);
+            let out = decap_run(&decap, &encapsulated, DecapReason::Decapsulated);
+            assert_eq!(
+                &out[ETH_LEN..],
+                &original[ETH_LEN..],
+                "the client's IP packet"
+            );
+            assert_eq!(&out[12..14], &original[12..14], "its EtherType");
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// lb_hc_encap: IPv6 probes and IPv6 backends.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn health_check_probes_of_either_family_are_encapsulated_in_the_backends_family() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let v4_vip = Ipv4Addr::new(198, 51, 100, 1);
+        let six = lb.add_vip(
+            VIP6,
+            80,
+            Proto::Tcp,
+            &[IpAddr::from(backend6(11)), IpAddr::from(backend(12))],
+        );
+        let four = lb.add_vip(v4_vip, 80, Proto::Tcp, &[backend6(13)]);
+        let decap = Decap::load(&[backend(12).into(), backend6(11).into(), backend6(13).into()])
+            .expect("loading lb_decap");
+        let probe6 = Frame6 {
+            src: LB_ADDR6,
+            tclass: 0x10,
+            payload: b"GET /health HTTP/1.0\r\n\r\n".to_vec(),
+            ..tcp6(VIP6, 80)
+        }
+        .build();
+        let cases: Vec<(Vec<u8>, &VipAddr, IpAddr)> = vec![
+            (probe6.clone(), &six, backend6(11).into()),
+            (probe6, &six, backend(12).into()),
+            (probe(&four), &four, backend6(13).into()),
+        ];
+        for (input, vip, b) in cases {
+            let run = lb.run_hc(
+                &input,
+                mark_of(lb.backend_id(vip, b)),
+                Some(ifindex("d0")),
+                TC_ACT_OK,
+                HcReason::Encapsulated,
+            );
+            assert_encapsulated(&input, &run.frame, b);
+            assert_eq!(run.mark, 0);
+            let out = decap_run(&decap, &run.frame, DecapReason::Decapsulated);
+            assert_eq!(&out[ETH_LEN..], &input[ETH_LEN..], "the probe's IP packet");
+        }
+        // An IPv6 backend without a route: dropped with its reason.
+        let unreachable = lb.add_vip(
+            Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 4),
+            80,
+            Proto::Tcp,
+            &[NO_NEIGH_BACKEND6, UNROUTED_BACKEND6],
+        );
+        for b in [NO_NEIGH_BACKEND6, UNROUTED_BACKEND6] {
+            let mark = mark_of(lb.backend_id(&unreachable, b));
+            lb.run_hc_dropped(&tcp6(VIP6, 80).build(), mark, HcReason::DropNoRoute);
+        }
+    });
+}
+
+#[test]
+fn ipv6_backends_without_a_route_or_neighbour_are_dropped_unmodified() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let a = lb.add_vip(VIP6, 80, Proto::Tcp, &[NO_NEIGH_BACKEND6]);
+        let b = lb.add_vip(VIP6, 81, Proto::Tcp, &[UNROUTED_BACKEND6]);
+        for vip in [a, b] {
+            lb.run_untouched(&tcp6(VIP6, vip.port).build(), XDP_DROP, Reason::DropNoRoute);
+        }
+    });
+}
+
+#[test]
+fn a_backend_of_a_family_without_an_outer_source_address_is_dropped_as_no_route() {
+    netns_test(|| {
+        let mut lb = Lb::with(
+            4096,
+            LbAddrs {
+                v4: Some(LB_ADDR),
+                v6: None,
+            },
+        );
+        let v4_vip = Ipv4Addr::new(198, 51, 100, 1);
+        lb.add_vip(v4_vip, 80, Proto::Tcp, &[backend6(11)]);
+        lb.add_vip(v4_vip, 81, Proto::Tcp, &[backend(11)]);
+        lb.run_untouched(&tcp(v4_vip, 80).build(), XDP_DROP, Reason::DropNoRoute);
+        // Positive control: the IPv4 backend, which has its source address, is reached.
+        lb.run_encap(&tcp(v4_vip, 81).build(), backend(11));
     });
 }

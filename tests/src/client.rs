@@ -5,7 +5,7 @@
 //! Call these from inside the client namespace ([`crate::netns::in_netns`], or
 //! [`crate::Topology::in_client`]).
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -33,30 +33,92 @@ fn check(rc: libc::c_int, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Connects to `dst` from local port `src_port` (0: the kernel picks one), failing after
-/// `timeout`. `SO_REUSEADDR` lets a test reuse a port whose earlier connection is in
-/// TIME_WAIT towards another destination.
-pub fn tcp_connect_from(src_port: u16, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-    tcp_connect(src_port, None, dst, timeout)
+/// A `sockaddr_in6` for `addr`.
+fn sockaddr6(addr: Ipv6Addr, port: u16) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: port.to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: addr.octets(),
+        },
+        sin6_scope_id: 0,
+    }
+}
+
+/// Storage for a `sockaddr_in` or `sockaddr_in6` and its length.
+enum RawAddr {
+    V4(libc::sockaddr_in),
+    V6(libc::sockaddr_in6),
+}
+
+impl RawAddr {
+    fn of(addr: SocketAddr) -> Self {
+        match addr {
+            SocketAddr::V4(a) => RawAddr::V4(sockaddr(a)),
+            SocketAddr::V6(a) => RawAddr::V6(sockaddr6(*a.ip(), a.port())),
+        }
+    }
+
+    fn ptr_len(&self) -> (*const libc::sockaddr, libc::socklen_t) {
+        match self {
+            RawAddr::V4(a) => (
+                (a as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ),
+            RawAddr::V6(a) => (
+                (a as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            ),
+        }
+    }
+}
+
+/// The wildcard address of `dst`'s family with port `port` (where to bind a client socket).
+fn any_of(dst: SocketAddr, port: u16) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+    }
+}
+
+/// Connects to `dst` (IPv4 or IPv6) from local port `src_port` (0: the kernel picks one),
+/// failing after `timeout`. `SO_REUSEADDR` lets a test reuse a port whose earlier connection
+/// is in TIME_WAIT towards another destination.
+pub fn tcp_connect_from(
+    src_port: u16,
+    dst: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    tcp_connect(src_port, None, dst.into(), timeout)
 }
 
 /// Connects to `dst` from a socket with `SO_MARK = mark` (needs CAP_NET_ADMIN), failing after
 /// `timeout`: what the health checker does to send a probe through `lb_hc_encap`
 /// (`lb_common::hc_mark`).
-pub fn tcp_connect_marked(mark: u32, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-    tcp_connect(0, Some(mark), dst, timeout)
+pub fn tcp_connect_marked(
+    mark: u32,
+    dst: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    tcp_connect(0, Some(mark), dst.into(), timeout)
 }
 
 fn tcp_connect(
     src_port: u16,
     mark: Option<u32>,
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream> {
+    let family = if dst.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
     // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
     let raw = unsafe {
         libc::socket(
-            libc::AF_INET,
+            family,
             libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             0,
         )
@@ -95,16 +157,17 @@ fn tcp_connect(
             &format!("SO_MARK {mark:#x}"),
         )?;
     }
-    let sa_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let local = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src_port));
-    // SAFETY: valid fd and a sockaddr_in of the given length.
+    let local = RawAddr::of(any_of(dst, src_port));
+    let (ptr, len) = local.ptr_len();
+    // SAFETY: valid fd and a sockaddr of the given length.
     check(
-        unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), sa_len) },
+        unsafe { libc::bind(fd.as_raw_fd(), ptr, len) },
         &format!("binding source port {src_port}"),
     )?;
-    let remote = sockaddr(dst);
+    let remote = RawAddr::of(dst);
+    let (ptr, len) = remote.ptr_len();
     // SAFETY: as above.
-    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), sa_len) };
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), ptr, len) };
     if rc < 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EINPROGRESS) {
@@ -123,7 +186,7 @@ fn tcp_connect(
             bail!("connecting to {dst} from :{src_port}: no answer within {timeout:?}");
         }
         let mut so_error: libc::c_int = 0;
-        let mut len = len;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: valid fd, out-pointer to a c_int and its length.
         check(
             unsafe {
@@ -159,7 +222,7 @@ pub struct LineClient {
 
 impl LineClient {
     /// Connects to `dst` from `src_port` (0: any).
-    pub fn connect(src_port: u16, dst: SocketAddrV4) -> Result<Self> {
+    pub fn connect(src_port: u16, dst: impl Into<SocketAddr>) -> Result<Self> {
         let stream = tcp_connect_from(src_port, dst, TIMEOUT)?;
         let local = stream.local_addr()?;
         Ok(Self {
@@ -192,12 +255,13 @@ impl LineClient {
 }
 
 /// One connection from `src_port` to `dst`, one question: the name of the server that answered.
-pub fn ask_tcp(src_port: u16, dst: SocketAddrV4) -> Result<String> {
+pub fn ask_tcp(src_port: u16, dst: impl Into<SocketAddr>) -> Result<String> {
     LineClient::connect(src_port, dst)?.ask()
 }
 
 /// One HTTP/1.0 `GET /` from `src_port` to `dst`; returns (status code, body).
-pub fn http_get(src_port: u16, dst: SocketAddrV4) -> Result<(u16, String)> {
+pub fn http_get(src_port: u16, dst: impl Into<SocketAddr>) -> Result<(u16, String)> {
+    let dst = dst.into();
     let mut stream = tcp_connect_from(src_port, dst, TIMEOUT)?;
     // One write, one segment: `write!` on an unbuffered stream sends each piece alone.
     let request = format!("GET / HTTP/1.0\r\nHost: {dst}\r\nUser-Agent: lb-tests\r\n\r\n");
@@ -237,18 +301,23 @@ pub fn http_get(src_port: u16, dst: SocketAddrV4) -> Result<(u16, String)> {
 /// Sends `payload` from `src_port` to `dst` over UDP and returns the answer of a UDP echo
 /// server ([`crate::servers::Server::udp_echo`]) as (server name, echoed payload). Retries a
 /// few times: a datagram may be lost while a neighbour entry is being resolved.
-pub fn ask_udp(src_port: u16, dst: SocketAddrV4, payload: &str) -> Result<(String, String)> {
+pub fn ask_udp(
+    src_port: u16,
+    dst: impl Into<SocketAddr>,
+    payload: &str,
+) -> Result<(String, String)> {
     ask_udp_tries(src_port, dst, payload, 5)
 }
 
 /// [`ask_udp`] with `tries` attempts of one second each (a test expecting no answer uses few).
 pub fn ask_udp_tries(
     src_port: u16,
-    dst: SocketAddrV4,
+    dst: impl Into<SocketAddr>,
     payload: &str,
     tries: u32,
 ) -> Result<(String, String)> {
-    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src_port))
+    let dst = dst.into();
+    let sock = UdpSocket::bind(any_of(dst, src_port))
         .with_context(|| format!("binding udp :{src_port}"))?;
     sock.connect(dst)?;
     sock.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -374,5 +443,126 @@ mod tests {
         // RFC 1071 §3: the words 0001 f203 f4f5 f6f7 sum (with end-around carry) to ddf2.
         let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(inet_checksum(&data), !0xddf2);
+    }
+}
+
+/// Sends the IPv4 packet `ip` (its header included, `IP_HDRINCL`) to its destination with a
+/// raw socket, as a router sending an ICMP error would. Needs root.
+pub fn send_raw_ipv4(ip: &[u8]) -> Result<()> {
+    let dst = ip
+        .get(16..20)
+        .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]))
+        .context("an IPv4 header")?;
+    // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    check(raw, "raw IPv4 socket")?;
+    // SAFETY: fresh valid fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let to = RawAddr::of(SocketAddr::from((dst, 0)));
+    let (ptr, len) = to.ptr_len();
+    // SAFETY: valid fd, buffer and sockaddr with their lengths.
+    let sent = unsafe { libc::sendto(fd.as_raw_fd(), ip.as_ptr().cast(), ip.len(), 0, ptr, len) };
+    check(
+        i32::try_from(sent).unwrap_or(-1),
+        &format!("sending a raw packet to {dst}"),
+    )
+}
+
+/// Sends the ICMPv6 message `msg` to `dst` from a raw ICMPv6 socket (the kernel writes the
+/// IPv6 header and the checksum). Needs root.
+pub fn send_icmpv6(dst: Ipv6Addr, msg: &[u8]) -> Result<()> {
+    // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMPV6,
+        )
+    };
+    check(raw, "raw ICMPv6 socket")?;
+    // SAFETY: fresh valid fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let to = RawAddr::of(SocketAddr::from((dst, 0)));
+    let (ptr, len) = to.ptr_len();
+    // SAFETY: valid fd, buffer and sockaddr with their lengths.
+    let sent = unsafe { libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, ptr, len) };
+    check(
+        i32::try_from(sent).unwrap_or(-1),
+        &format!("sending ICMPv6 to {dst}"),
+    )
+}
+
+/// A raw socket of one IP protocol (ICMP, ICMPv6, TCP) that collects what the host it lives
+/// in receives of it: IPv4 sockets see whole IP packets, IPv6 ones the payload after the IPv6
+/// header. Open it inside the namespace to watch.
+#[derive(Debug)]
+pub struct RawCapture {
+    fd: OwnedFd,
+}
+
+impl RawCapture {
+    /// ICMP (IPv4) or ICMPv6 (`v6`).
+    pub fn icmp(v6: bool) -> Result<Self> {
+        if v6 {
+            Self::open(libc::AF_INET6, libc::IPPROTO_ICMPV6)
+        } else {
+            Self::open(libc::AF_INET, libc::IPPROTO_ICMP)
+        }
+    }
+
+    /// TCP segments of IPv4 (`v6` false) or IPv6.
+    pub fn tcp(v6: bool) -> Result<Self> {
+        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        Self::open(family, libc::IPPROTO_TCP)
+    }
+
+    fn open(family: libc::c_int, proto: libc::c_int) -> Result<Self> {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let raw = unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                proto,
+            )
+        };
+        check(raw, "raw socket")?;
+        // SAFETY: fresh valid fd.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+        })
+    }
+
+    /// Looks at what was received so far, and until `timeout` passes, for a packet matching
+    /// `want`; returns the first that matches, or None.
+    pub fn wait_for(&self, timeout: Duration, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&raw mut pfd, 1, 50) };
+            if n <= 0 {
+                continue;
+            }
+            // SAFETY: valid fd and buffer.
+            let got =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if let Ok(got) = usize::try_from(got)
+                && want(&buf[..got])
+            {
+                return Some(buf[..got].to_vec());
+            }
+        }
+        None
     }
 }

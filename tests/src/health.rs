@@ -2,7 +2,7 @@
 //! AWS field names alone: `TargetHealthDescriptions[].{TargetGroupName, Target{Id, Port,
 //! Weight}, HealthCheckPort, TargetHealth{State, Reason, Description}}`. The reader does not
 //! use `lb`'s own types, so a change of the JSON an operator's script sees breaks the tests.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -13,7 +13,7 @@ pub struct TargetHealth {
     /// `TargetGroupName`.
     pub group: String,
     /// `Target.Id`.
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// `Target.Port`.
     pub port: u16,
     /// `Target.Weight`, if given.
@@ -66,7 +66,7 @@ fn row(r: &Value) -> Result<TargetHealth> {
         group: text(&r["TargetGroupName"], "TargetGroupName")?,
         addr: text(&target["Id"], "Target.Id")?
             .parse()
-            .context("Target.Id is not an IPv4 address")?,
+            .context("Target.Id is not an IP address")?,
         port: target["Port"]
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
@@ -82,12 +82,15 @@ fn row(r: &Value) -> Result<TargetHealth> {
 }
 
 /// The row of `addr`, if it is listed.
-pub fn of(rows: &[TargetHealth], addr: Ipv4Addr) -> Option<&TargetHealth> {
+pub fn of(rows: &[TargetHealth], addr: impl Into<IpAddr>) -> Option<&TargetHealth> {
+    let addr = addr.into();
     rows.iter().find(|r| r.addr == addr)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -107,6 +110,13 @@ mod tests {
         assert_eq!(a.reason.as_deref(), Some("Target.FailedHealthChecks"));
         assert_eq!(a.description.as_deref(), Some("Connection refused"));
         let b = of(&rows, Ipv4Addr::new(10, 0, 0, 12)).unwrap();
+        let six = parse(
+            r#"{"TargetHealthDescriptions": [{"TargetGroupName": "web",
+               "Target": {"Id": "fd00::11", "Port": 80}, "HealthCheckPort": "80",
+               "TargetHealth": {"State": "healthy"}}]}"#,
+        )
+        .unwrap();
+        assert!(of(&six, "fd00::11".parse::<IpAddr>().unwrap()).is_some());
         assert_eq!((b.state.as_str(), b.reason.as_deref()), ("healthy", None));
         assert!(parse(r#"{"TargetGroups": []}"#).is_err());
     }

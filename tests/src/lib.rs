@@ -9,6 +9,8 @@
 //! - [`stats`] reads `lb stats --json` without depending on its exact layout; [`health`]
 //!   reads `lb targets health --json` by its AWS field names.
 //! - [`wait::wait_until`] waits for a condition with a deadline (tests never assert timings).
+//! - [`bpf`] makes and alters pinned maps with raw `bpf(2)` calls, as another `lb` would have
+//!   left them.
 //!
 //! Errors are `anyhow` with context: a harness failure is read by a person, never matched.
 //!
@@ -32,6 +34,7 @@
 //! Kernel tests need root and the `lb` binary (`$LB_BIN`, else `<target>/debug/lb`). Topologies
 //! of one process are serialised by a lock, so `cargo test` is safe; `--test-threads=1` keeps
 //! the output readable.
+pub mod bpf;
 pub mod client;
 pub mod health;
 pub mod netns;

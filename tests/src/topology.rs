@@ -11,8 +11,12 @@
 //!  10.0.0.1       10.0.0.2+i            10.0.0.11+j, VIPs on lo
 //!  10.100.0.0/24 via an LB
 //! ```
+//!
+//! With IPv6 (on as soon as a VIP or a VIP's targets are IPv6, or asked for), every node also
+//! has `fd00::N` where `N` is the last octet of its IPv4 address written as hex digits
+//! (`10.0.0.11` → `fd00::11`), and the client routes [`VIP6_NET`] through a balancer.
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -39,6 +43,17 @@ pub const MAX_LBS: usize = 9;
 pub const MAX_BACKENDS: usize = 200;
 /// The VIP range, routed by the client through a balancer.
 pub const VIP_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 100, 0, 0), 24);
+/// The IPv6 VIP range, routed by the client through a balancer.
+pub const VIP6_NET: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0), 64);
+/// The prefix length of the segment's IPv6 addresses (`fd00::/64`).
+pub const SEGMENT6_PREFIX_LEN: u8 = 64;
+
+/// The IPv6 address of the node whose IPv4 address is `v4`: `fd00::` followed by the last
+/// octet's decimal digits read as hex (`10.0.0.11` → `fd00::11`), so the two read alike.
+pub fn v6_of(v4: Ipv4Addr) -> Ipv6Addr {
+    let last = u16::from_str_radix(&v4.octets()[3].to_string(), 16).unwrap_or(0);
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last)
+}
 /// MTU of every link except the client's: 20 bytes more than the client's 1500, so a
 /// full-size client packet still fits once the balancer adds its outer IPv4 header (as an
 /// underlay network with a larger MTU would do).
@@ -85,8 +100,9 @@ pub struct TargetSpec {
 pub struct VipSpec {
     /// VIP name (the OWNER of its `--target` flags).
     pub name: String,
-    /// VIP address; put it in [`VIP_NET`] so the client routes it through the balancer.
-    pub addr: Ipv4Addr,
+    /// VIP address; put it in [`VIP_NET`] (or [`VIP6_NET`]) so the client routes it through
+    /// the balancer.
+    pub addr: IpAddr,
     /// VIP port; 0 = every port.
     pub port: u16,
     /// Protocol.
@@ -98,6 +114,10 @@ pub struct VipSpec {
     /// distribution and ring changes see every target in service from the first packet;
     /// tests of health and draining set their own ([`VipSpec::group_options`]).
     pub group_options: String,
+    /// More `--vip` options (`idle-timeout=2`), appended to the flag.
+    pub options: Vec<String>,
+    /// Targets by their IPv6 addresses (`fd00::…`) rather than IPv4 ones.
+    pub ipv6_targets: bool,
 }
 
 /// [`VipSpec::group_options`] unless a test sets its own.
@@ -105,16 +125,16 @@ pub const DEFAULT_GROUP_OPTIONS: &str = "health-check=off,deregistration-delay=0
 
 impl VipSpec {
     /// A TCP VIP.
-    pub fn tcp(name: &str, addr: Ipv4Addr, port: u16) -> Self {
-        Self::new(name, addr, port, Proto::Tcp)
+    pub fn tcp(name: &str, addr: impl Into<IpAddr>, port: u16) -> Self {
+        Self::new(name, addr.into(), port, Proto::Tcp)
     }
 
     /// A UDP VIP.
-    pub fn udp(name: &str, addr: Ipv4Addr, port: u16) -> Self {
-        Self::new(name, addr, port, Proto::Udp)
+    pub fn udp(name: &str, addr: impl Into<IpAddr>, port: u16) -> Self {
+        Self::new(name, addr.into(), port, Proto::Udp)
     }
 
-    fn new(name: &str, addr: Ipv4Addr, port: u16, proto: Proto) -> Self {
+    fn new(name: &str, addr: IpAddr, port: u16, proto: Proto) -> Self {
         Self {
             name: name.to_owned(),
             addr,
@@ -122,7 +142,21 @@ impl VipSpec {
             proto,
             targets: Vec::new(),
             group_options: DEFAULT_GROUP_OPTIONS.to_owned(),
+            options: Vec::new(),
+            ipv6_targets: false,
         }
+    }
+
+    /// Adds a `--vip` option, e.g. `idle-timeout=2`.
+    pub fn option(mut self, option: &str) -> Self {
+        self.options.push(option.to_owned());
+        self
+    }
+
+    /// Registers the targets by their IPv6 addresses (an IPv6 underlay).
+    pub fn ipv6_targets(mut self) -> Self {
+        self.ipv6_targets = true;
+        self
     }
 
     /// Sets the options of the VIP's target group, e.g.
@@ -153,33 +187,43 @@ impl VipSpec {
     }
 
     /// The VIP's address and port.
-    pub fn socket_addr(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.addr, self.port)
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.addr, self.port)
     }
 
-    /// The `--vip` value: `NAME=ADDR:PORT/PROTO`.
+    /// The `--vip` value: `NAME=ADDR:PORT/PROTO[,OPTION…]` (IPv6 in brackets).
     pub fn flag_value(&self) -> String {
-        format!(
-            "{}={}:{}/{}",
+        let mut s = format!(
+            "{}={}/{}",
             self.name,
-            self.addr,
-            self.port,
+            self.socket_addr(),
             self.proto.as_str()
-        )
+        );
+        for o in &self.options {
+            let _ = write!(s, ",{o}");
+        }
+        s
+    }
+
+    /// Whether the VIP needs IPv6 in the topology.
+    fn needs_ipv6(&self) -> bool {
+        self.addr.is_ipv6() || self.ipv6_targets
     }
 }
 
-/// The `--target` value for `target` of VIP `owner`: `OWNER=ADDR[:PORT][,weight=W]`.
+/// The `--target` value for `target` of VIP `owner`: `OWNER=ADDR[:PORT][,weight=W]` (an IPv6
+/// address in brackets when a port follows).
 pub fn target_flag_value(
     owner: &str,
-    addr: Ipv4Addr,
+    addr: impl Into<IpAddr>,
     port: Option<u16>,
     weight: Option<u32>,
 ) -> String {
-    let mut s = format!("{owner}={addr}");
-    if let Some(p) = port {
-        let _ = write!(s, ":{p}");
-    }
+    let addr = addr.into();
+    let mut s = match port {
+        Some(p) => format!("{owner}={}", SocketAddr::new(addr, p)),
+        None => format!("{owner}={addr}"),
+    };
     if let Some(w) = weight {
         let _ = write!(s, ",weight={w}");
     }
@@ -195,6 +239,9 @@ pub struct Node {
     pub ns: String,
     /// Address of its `eth0` on the segment.
     pub addr: Ipv4Addr,
+    /// Its IPv6 address on the segment ([`v6_of`] its IPv4 one; configured only when the
+    /// topology has IPv6).
+    pub addr6: Ipv6Addr,
     /// Name of its veth end inside the bridge namespace.
     pub bridge_port: String,
 }
@@ -238,6 +285,7 @@ pub struct TopologyBuilder {
     start_decap: bool,
     static_neighbours: bool,
     lb_bin: Option<PathBuf>,
+    ipv6: bool,
 }
 
 impl Default for TopologyBuilder {
@@ -252,6 +300,7 @@ impl Default for TopologyBuilder {
             start_decap: true,
             static_neighbours: false,
             lb_bin: None,
+            ipv6: false,
         }
     }
 }
@@ -315,6 +364,14 @@ impl TopologyBuilder {
         self
     }
 
+    /// Gives every node an IPv6 address too (default: only when a VIP or its targets are
+    /// IPv6; otherwise IPv6 is disabled in the namespaces, to keep router solicitations and
+    /// duplicate address detection out of the tests).
+    pub fn ipv6(mut self, yes: bool) -> Self {
+        self.ipv6 = yes;
+        self
+    }
+
     /// Creates everything. Fails (never skips) without root or without the `lb` binary when
     /// a balancer or decapsulator is to be started. On error, what was created is removed.
     pub fn build(self) -> Result<Topology> {
@@ -341,6 +398,8 @@ impl TopologyBuilder {
                 }
             }
         }
+        let mut this = self;
+        this.ipv6 |= this.vips.iter().any(VipSpec::needs_ipv6);
         let serial = KERNEL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         netns::remove_leftovers();
         netns::ensure_bpffs()?;
@@ -354,21 +413,24 @@ impl TopologyBuilder {
                 name: "client".to_owned(),
                 ns: format!("{prefix}cl"),
                 addr: CLIENT_ADDR,
+                addr6: v6_of(CLIENT_ADDR),
                 bridge_port: "cl".to_owned(),
             },
             lbs: Vec::new(),
             backends: Vec::new(),
-            vips: self.vips.clone(),
+            vips: this.vips.clone(),
             lb_bin,
             tmp_dir,
             pin_root,
             servers: Vec::new(),
             decaps: Vec::new(),
             pass_keeper: None,
+            lb_starts: 0,
             created_ns: Vec::new(),
+            builder: this.clone(),
             _serial: serial,
         };
-        topo.create(&self, &prefix)?;
+        topo.create(&this, &prefix)?;
         Ok(topo)
     }
 }
@@ -388,8 +450,12 @@ pub struct Topology {
     /// `lb decap` of backend `j` at index `j` (`None` once stopped).
     decaps: Vec<Option<LbProcess>>,
     pass_keeper: Option<PassKeeper>,
+    /// `lb run`s started so far (each logs to a file of its own).
+    lb_starts: usize,
     /// Namespaces created so far, in creation order (removed in reverse).
     created_ns: Vec<String>,
+    /// What the topology was built from (restarts reuse its `lb run` flags).
+    builder: TopologyBuilder,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -405,37 +471,44 @@ impl Topology {
         std::fs::create_dir_all(&self.pin_root)
             .with_context(|| format!("creating {}", self.pin_root.display()))?;
 
-        // The segment.
-        self.add_ns(&self.bridge_ns.clone())?;
+        // The segment (a bridge: IPv6 frames cross it without it having IPv6 itself).
+        self.add_ns(&self.bridge_ns.clone(), false)?;
         let br = self.bridge_ns.clone();
         run_in(&br, "ip", ["link", "add", "br0", "type", "bridge"])?;
         run_in(&br, "ip", ["link", "set", "br0", "up"])?;
 
         // The client.
         let client = self.client.clone();
-        self.add_node(&client, 1500)?;
+        self.add_node(&client, 1500, b.ipv6)?;
         netns::sysctl(&client.ns, "net.ipv4.conf.all.rp_filter", "0")?;
         netns::sysctl(&client.ns, "net.ipv4.conf.eth0.rp_filter", "0")?;
 
         // The backends: VIPs on lo, no reverse-path filter (the inner packet arrives on eth0
         // addressed to an address of lo), no ARP answers for the VIPs.
         for j in 0..b.backends {
+            let addr = nth_addr(FIRST_BACKEND_ADDR, j);
             let node = Node {
                 name: format!("backend-{}", j + 1),
                 ns: format!("{prefix}be{j}"),
-                addr: nth_addr(FIRST_BACKEND_ADDR, j),
+                addr,
+                addr6: v6_of(addr),
                 bridge_port: format!("be{j}"),
             };
-            self.add_node(&node, UNDERLAY_MTU)?;
-            let mut vip_addrs: Vec<Ipv4Addr> = self.vips.iter().map(|v| v.addr).collect();
+            self.add_node(&node, UNDERLAY_MTU, b.ipv6)?;
+            let mut vip_addrs: Vec<IpAddr> = self.vips.iter().map(|v| v.addr).collect();
             vip_addrs.sort_unstable();
             vip_addrs.dedup();
             for vip in vip_addrs {
-                run_in(
-                    &node.ns,
-                    "ip",
-                    ["addr", "add", &format!("{vip}/32"), "dev", "lo"],
-                )?;
+                let cidr = match vip {
+                    IpAddr::V4(v) => format!("{v}/32"),
+                    // nodad: answered at once, without duplicate address detection.
+                    IpAddr::V6(v) => format!("{v}/128"),
+                };
+                let mut args = vec!["addr", "add", &cidr, "dev", "lo"];
+                if vip.is_ipv6() {
+                    args.push("nodad");
+                }
+                run_in(&node.ns, "ip", args)?;
             }
             for (key, value) in [
                 ("net.ipv4.conf.all.rp_filter", "0"),
@@ -450,13 +523,15 @@ impl Topology {
 
         // The balancers.
         for i in 0..b.lbs {
+            let addr = nth_addr(FIRST_LB_ADDR, i);
             let node = Node {
                 name: format!("lb-{}", i + 1),
                 ns: format!("{prefix}lb{i}"),
-                addr: nth_addr(FIRST_LB_ADDR, i),
+                addr,
+                addr6: v6_of(addr),
                 bridge_port: format!("lb{i}"),
             };
-            self.add_node(&node, UNDERLAY_MTU)?;
+            self.add_node(&node, UNDERLAY_MTU, b.ipv6)?;
             netns::sysctl(&node.ns, "net.ipv4.ip_forward", "1")?;
             // The balancer's upstream router (as on a real host: a default route). Health
             // checks through the data path leave by the route to the VIP.
@@ -465,23 +540,39 @@ impl Topology {
                 "ip",
                 ["route", "add", "default", "via", &CLIENT_ADDR.to_string()],
             )?;
+            if b.ipv6 {
+                // bpf_fib_lookup answers FWD_DISABLED for IPv6 without forwarding.
+                netns::sysctl(&node.ns, "net.ipv6.conf.all.forwarding", "1")?;
+                let via = self.client.addr6.to_string();
+                run_in(
+                    &node.ns,
+                    "ip",
+                    ["-6", "route", "add", "default", "via", &via],
+                )?;
+            }
             if b.static_neighbours {
                 for be in &self.backends {
-                    run_in(
-                        &node.ns,
-                        "ip",
-                        [
-                            "neigh",
-                            "replace",
-                            &be.addr.to_string(),
-                            "lladdr",
-                            &mac_of(be.addr),
-                            "dev",
-                            "eth0",
-                            "nud",
-                            "permanent",
-                        ],
-                    )?;
+                    let mut hops = vec![be.addr.to_string()];
+                    if b.ipv6 {
+                        hops.push(be.addr6.to_string());
+                    }
+                    for hop in hops {
+                        run_in(
+                            &node.ns,
+                            "ip",
+                            [
+                                "neigh",
+                                "replace",
+                                &hop,
+                                "lladdr",
+                                &mac_of(be.addr),
+                                "dev",
+                                "eth0",
+                                "nud",
+                                "permanent",
+                            ],
+                        )?;
+                    }
                 }
             }
             self.lbs.push(Lb {
@@ -521,19 +612,57 @@ impl Topology {
 
         if b.start_lb {
             for i in 0..self.lbs.len() {
-                let args = self.run_args(i, b);
-                let ns = self.lbs[i].node.ns.clone();
-                let cmd = self.lb_command(&ns, &args)?;
-                let log = self.tmp_dir.join(format!("lb{i}.log"));
-                let label = format!("lb run on {}", self.lbs[i].node.name);
-                self.lbs[i].process = Some(LbProcess::spawn(&label, cmd, &log)?);
+                let vips = self.vips.clone();
+                self.spawn_lb(i, &vips, &[])?;
             }
         }
         Ok(())
     }
 
-    /// The `lb run` arguments of balancer `i`.
-    fn run_args(&self, i: usize, b: &TopologyBuilder) -> Vec<String> {
+    /// Starts `lb run` on balancer `i` serving `vips`, with `extra` flags after the builder's.
+    fn spawn_lb(&mut self, i: usize, vips: &[VipSpec], extra: &[&str]) -> Result<()> {
+        let mut args = self.run_args(i, &self.builder, vips);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let ns = self.lbs[i].node.ns.clone();
+        let cmd = self.lb_command(&ns, &args)?;
+        let n = self.lb_starts;
+        self.lb_starts += 1;
+        let log = self.tmp_dir.join(format!("lb{i}-{n}.log"));
+        let label = format!("lb run on {}", self.lbs[i].node.name);
+        self.lbs[i].process = Some(LbProcess::spawn(&label, cmd, &log)?);
+        Ok(())
+    }
+
+    /// Kills `lb run` on balancer `i` with SIGKILL (a crash: no cleanup runs) and waits for
+    /// it to be gone. Fails if it was not running.
+    pub fn kill_lb(&mut self, i: usize) -> Result<()> {
+        self.stop_lb_with(i, libc::SIGKILL).map(|_| ())
+    }
+
+    /// Starts `lb run` on balancer `i` again (after [`Self::kill_lb`] or a stop), serving
+    /// `vips` (the topology's VIPs are updated to them) with `extra` flags; returns when it is
+    /// ready. Fails if one is running there.
+    pub fn restart_lb(&mut self, i: usize, vips: &[VipSpec], extra: &[&str]) -> Result<()> {
+        let lb = self.lbs.get(i).context("no such balancer")?;
+        if lb.process.is_some() {
+            bail!("lb run is still running on {}", lb.node.name);
+        }
+        self.vips = vips.to_vec();
+        self.spawn_lb(i, vips, extra)
+    }
+
+    /// The address backend `j` is registered by as a target of `vip`.
+    fn target_addr(&self, vip: &VipSpec, j: usize) -> IpAddr {
+        let be = &self.backends[j];
+        if vip.ipv6_targets {
+            be.addr6.into()
+        } else {
+            be.addr.into()
+        }
+    }
+
+    /// The `lb run` arguments of balancer `i` serving `vips`.
+    fn run_args(&self, i: usize, b: &TopologyBuilder, vips: &[VipSpec]) -> Vec<String> {
         let lb = &self.lbs[i];
         let mut args: Vec<String> = [
             "run",
@@ -549,7 +678,7 @@ impl Topology {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-        for vip in &self.vips {
+        for vip in vips {
             args.push("--target-group".to_owned());
             args.push(format!(
                 "{},protocol={},{}",
@@ -574,7 +703,7 @@ impl Topology {
                 args.push("--target".to_owned());
                 args.push(target_flag_value(
                     &vip.name,
-                    self.backends[t.backend].addr,
+                    self.target_addr(vip, t.backend),
                     t.port,
                     t.weight,
                 ));
@@ -597,18 +726,31 @@ impl Topology {
         Ok(netns::nsenter(ns, &bin.to_string_lossy(), args))
     }
 
-    fn add_ns(&mut self, ns: &str) -> Result<()> {
+    fn add_ns(&mut self, ns: &str, ipv6: bool) -> Result<()> {
         netns::create_netns(ns)?;
         self.created_ns.push(ns.to_owned());
-        // IPv6 would only add router solicitations and DAD noise to every interface.
-        netns::sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")?;
-        netns::sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        if ipv6 {
+            // Static addresses only: no router advertisements, no duplicate address
+            // detection delaying the addresses.
+            for key in [
+                "net.ipv6.conf.all.accept_ra",
+                "net.ipv6.conf.default.accept_ra",
+                "net.ipv6.conf.all.accept_dad",
+                "net.ipv6.conf.default.accept_dad",
+            ] {
+                netns::sysctl(ns, key, "0")?;
+            }
+        } else {
+            // IPv6 would only add router solicitations and DAD noise to every interface.
+            netns::sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")?;
+            netns::sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        }
         Ok(())
     }
 
     /// Creates `node`'s namespace and its veth to the bridge, addressed and up.
-    fn add_node(&mut self, node: &Node, mtu: u32) -> Result<()> {
-        self.add_ns(&node.ns)?;
+    fn add_node(&mut self, node: &Node, mtu: u32, ipv6: bool) -> Result<()> {
+        self.add_ns(&node.ns, ipv6)?;
         let br = &self.bridge_ns;
         let mtu = mtu.to_string();
         run(
@@ -641,6 +783,14 @@ impl Topology {
         )?;
         let cidr = format!("{}/{SEGMENT_PREFIX_LEN}", node.addr);
         run_in(&node.ns, "ip", ["addr", "add", &cidr, "dev", "eth0"])?;
+        if ipv6 {
+            let cidr6 = format!("{}/{SEGMENT6_PREFIX_LEN}", node.addr6);
+            run_in(
+                &node.ns,
+                "ip",
+                ["-6", "addr", "add", &cidr6, "dev", "eth0", "nodad"],
+            )?;
+        }
         run_in(&node.ns, "ip", ["link", "set", "eth0", "up"])?;
         // veth may leave L4 checksums to "offload" that never happens once XDP touches the
         // packet: compute them in software.
@@ -669,6 +819,23 @@ impl Topology {
                 "eth0",
             ],
         )?;
+        if self.builder.ipv6 {
+            let net6 = format!("{}/{}", VIP6_NET.0, VIP6_NET.1);
+            run_in(
+                &self.client.ns,
+                "ip",
+                [
+                    "-6",
+                    "route",
+                    "replace",
+                    &net6,
+                    "via",
+                    &lb.node.addr6.to_string(),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+        }
         Ok(())
     }
 
@@ -715,11 +882,20 @@ impl Topology {
         netns::in_netns(&self.client.ns, f)
     }
 
-    /// Starts a line server ([`Server::tcp_lines`]) on `0.0.0.0:port` of every backend,
-    /// answering with the backend's name; they stop when the topology drops.
+    /// Where servers listen on `port`: `0.0.0.0`, or `[::]` (IPv4 too) with IPv6.
+    fn any(&self, port: u16) -> SocketAddr {
+        if self.builder.ipv6 {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+        } else {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+        }
+    }
+
+    /// Starts a line server ([`Server::tcp_lines`]) on `0.0.0.0:port` (`[::]:port` with IPv6)
+    /// of every backend, answering with the backend's name; they stop when the topology drops.
     pub fn serve_tcp_lines(&mut self, port: u16) -> Result<()> {
         for be in self.backends.clone() {
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            let addr = self.any(port);
             self.servers
                 .push(Server::tcp_lines(&be.ns, addr, &be.name)?);
         }
@@ -729,17 +905,17 @@ impl Topology {
     /// Starts an HTTP/1.0 server ([`Server::http`]) on `0.0.0.0:port` of every backend.
     pub fn serve_http(&mut self, port: u16) -> Result<()> {
         for be in self.backends.clone() {
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            let addr = self.any(port);
             self.servers.push(Server::http(&be.ns, addr, &be.name)?);
         }
         Ok(())
     }
 
     /// Starts a UDP echo server ([`Server::udp_echo`]) bound to `vip` on every backend.
-    pub fn serve_udp_echo(&mut self, vip: SocketAddrV4) -> Result<()> {
+    pub fn serve_udp_echo(&mut self, vip: impl Into<SocketAddr>) -> Result<()> {
+        let vip = vip.into();
         for be in self.backends.clone() {
-            self.servers
-                .push(Server::udp_echo(&be.ns, vip.into(), &be.name)?);
+            self.servers.push(Server::udp_echo(&be.ns, vip, &be.name)?);
         }
         Ok(())
     }
@@ -798,7 +974,13 @@ impl Topology {
             .context("no such balancer")?
             .admin_socket
             .clone();
-        let addr = self.backends.get(backend).context("no such backend")?.addr;
+        if backend >= self.backends.len() {
+            bail!("no such backend");
+        }
+        let addr = match self.vips.iter().find(|v| v.name == owner) {
+            Some(v) => self.target_addr(v, backend),
+            None => self.backends[backend].addr.into(),
+        };
         let target = target_flag_value(owner, addr, None, weight);
         self.lb_cli([
             "targets".as_ref(),
@@ -863,7 +1045,7 @@ impl Topology {
     /// Starts a line server ([`Server::tcp_lines`]) on `0.0.0.0:port` of backend `j` only.
     pub fn serve_tcp_lines_on(&mut self, j: usize, port: u16) -> Result<()> {
         let be = self.backends.get(j).context("no such backend")?.clone();
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let addr = self.any(port);
         self.servers
             .push(Server::tcp_lines(&be.ns, addr, &be.name)?);
         Ok(())
@@ -883,13 +1065,13 @@ impl Topology {
 
     /// Removes `vip` from backend `j`'s `lo`: decapsulated packets for it are then not for
     /// this host.
-    pub fn remove_vip_from_lo(&self, j: usize, vip: Ipv4Addr) -> Result<()> {
+    pub fn remove_vip_from_lo(&self, j: usize, vip: impl Into<IpAddr>) -> Result<()> {
         let be = self.backends.get(j).context("no such backend")?;
-        run_in(
-            &be.ns,
-            "ip",
-            ["addr", "del", &format!("{vip}/32"), "dev", "lo"],
-        )?;
+        let cidr = match vip.into() {
+            IpAddr::V4(v) => format!("{v}/32"),
+            IpAddr::V6(v) => format!("{v}/128"),
+        };
+        run_in(&be.ns, "ip", ["addr", "del", &cidr, "dev", "lo"])?;
         Ok(())
     }
 

@@ -126,11 +126,19 @@ fn a_small_flow_table_evicts_old_flows_and_keeps_serving() {
     let mut topo = Topology::builder()
         .backends(2)
         .vip(VipSpec::tcp("web", VIP, PORT))
-        .lb_args(["--max-flows", &MAX_FLOWS.to_string()])
+        .lb_args([
+            "--max-flows",
+            &MAX_FLOWS.to_string(),
+            "--flow-sweep-interval",
+            "0.2",
+        ])
         .build()
         .expect("building the topology");
     topo.serve_tcp_lines(PORT).expect("servers");
     let pin = topo.lb(0).pin_path.to_string_lossy().into_owned();
+    // Positive control: a sweep before any churn finds nothing evicted.
+    let quiet = wait_for_sweep(&topo);
+    assert_eq!(quiet["evicted_live"].as_u64(), Some(0), "{quiet:#}");
     let (mut kept, first) = topo
         .in_client(|| {
             let mut c = LineClient::connect(44_000, vip()).expect("long-lived connection");
@@ -191,6 +199,41 @@ fn a_small_flow_table_evicts_old_flows_and_keeps_serving() {
         "every connection was a new flow: {doc:#}"
     );
     assert_eq!(stats::nonzero_drops(&doc), vec![], "{doc:#}");
+    // The evictions are visible: every flow inserted and no longer in the table was evicted
+    // while live (350 s idle timeout), and the table shows its size.
+    let table = wait_for_sweep(&topo);
+    let n = |k: &str| {
+        table[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {table:#}"))
+    };
+    assert_eq!(n("capacity"), MAX_FLOWS as u64, "{table:#}");
+    assert_eq!(n("inserted"), (churn + 1) as u64, "{table:#}");
+    assert!(n("entries") <= MAX_FLOWS as u64, "{table:#}");
+    assert_eq!(n("expired"), 0, "{table:#}");
+    assert_eq!(
+        n("evicted_live"),
+        n("inserted") - n("entries"),
+        "lost live flows are counted: {table:#}"
+    );
+    assert!(
+        n("evicted_live") >= (churn + 1 - MAX_FLOWS) as u64,
+        "{table:#}"
+    );
+}
+
+/// The `flow_table` of `lb stats --json` once a sweep has run after this call.
+fn wait_for_sweep(topo: &Topology) -> serde_json::Value {
+    let asked = Instant::now();
+    lb_tests::wait::wait_until(Duration::from_secs(10), "a flow-table sweep", || {
+        let doc = topo.stats_json(0)?;
+        let table = doc["flow_table"].clone();
+        Ok(match table["swept_s_ago"].as_f64() {
+            Some(ago) if ago < asked.elapsed().as_secs_f64() => std::ops::ControlFlow::Break(table),
+            _ => std::ops::ControlFlow::Continue(table.to_string()),
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A namespace of its own (named as the harness names things, so leftovers of a crashed run

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use lb::{
     cli::XdpMode,
-    dataplane::{Balancer, Decap, Maps, Sizes},
+    dataplane::{Balancer, Decap, LbAddrs, Maps, Sizes},
     l4::L4Maps,
 };
-use lb_common::{Backend, DecapReason, HcReason, Reason, hc_mark, ipv4_to_map};
+use lb_common::{Backend, DecapReason, HcReason, Reason, addr_to_map, hc_mark};
 use lb_tests::{
     Topology, VipSpec, client,
     netns::{self, run_in},
@@ -73,7 +73,7 @@ impl HcBed {
             Server::tcp_lines(&be2.ns, SocketAddr::from((VIP, PORT)), &be2.name)?,
         ];
         let decap = netns::in_netns(&be1.ns, || -> Result<Decap> {
-            let mut d = Decap::load(&[be1.addr])?;
+            let mut d = Decap::load(&[be1.addr.into()])?;
             d.attach("eth0", XdpMode::Native)?;
             Ok(d)
         })??;
@@ -85,7 +85,7 @@ impl HcBed {
             max_backends: MAX_BACKENDS,
         };
         let (balancer, mut maps) = netns::in_netns(&lb.ns, || -> Result<(Balancer, Maps)> {
-            let (mut b, maps) = Balancer::load(sizes, lb.addr, None)?;
+            let (mut b, maps) = Balancer::load(sizes, LbAddrs::one(lb.addr.into()), None)?;
             b.attach("eth0", XdpMode::Native)
                 .context("attaching lb_xdp")?;
             b.attach_hc_encap("eth0").context("attaching lb_hc_encap")?;
@@ -145,11 +145,12 @@ impl HcBed {
 }
 
 fn backend_entry(addr: Ipv4Addr, flags: u8) -> Backend {
+    let (family, addr) = addr_to_map(addr.into());
     Backend {
-        addr: ipv4_to_map(addr),
+        addr,
         port: PORT.to_be(),
         flags,
-        _pad: 0,
+        family,
         vip_id: 0,
         weight: 1,
     }

@@ -110,7 +110,10 @@ pub struct L4Sync {
     neighbours: Arc<Mutex<Neighbours>>,
     /// Backends whose next hop was seen to: the neighbour check runs `ip`, so it runs once
     /// per backend, not on every change.
-    known: Mutex<std::collections::HashSet<std::net::Ipv4Addr>>,
+    known: Mutex<std::collections::HashSet<IpAddr>>,
+    /// Flow-table entries deleted with departed backends, not yet accounted by the flow
+    /// sweeper (it takes them with [`L4Sync::take_flows_removed`]).
+    flows_removed: std::sync::atomic::AtomicU64,
     /// The view each VIP was last written from.
     applied: Mutex<HashMap<VipAddr, Arc<GroupView>>>,
 }
@@ -127,6 +130,7 @@ impl L4Sync {
             vips,
             neighbours,
             known: Mutex::new(std::collections::HashSet::new()),
+            flows_removed: std::sync::atomic::AtomicU64::new(0),
             applied: Mutex::new(HashMap::new()),
         }
     }
@@ -135,19 +139,26 @@ impl L4Sync {
     pub fn members(view: &GroupView) -> Vec<L4Member> {
         view.targets
             .iter()
-            .filter_map(|t| {
-                let IpAddr::V4(addr) = t.addr().ip() else {
-                    return None;
-                };
-                Some(L4Member {
-                    addr,
-                    port: t.addr().port(),
-                    weight: t.member.weight,
-                    takes_new: t.member.takes_new,
-                    keeps_existing: t.keeps_existing,
-                })
+            .map(|t| L4Member {
+                addr: t.addr().ip(),
+                port: t.addr().port(),
+                weight: t.member.weight,
+                takes_new: t.member.takes_new,
+                keeps_existing: t.keeps_existing,
             })
             .collect()
+    }
+
+    /// Counts flow-table entries deleted outside [`Self::apply`] (adopting a data plane).
+    pub fn add_flows_removed(&self, n: u64) {
+        self.flows_removed
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Flow-table entries deleted with departed backends since the last call.
+    pub fn take_flows_removed(&self) -> u64 {
+        self.flows_removed
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Brings the maps in line with `snapshot`; map errors are logged (the next change
@@ -162,7 +173,7 @@ impl L4Sync {
                 continue;
             }
             let members = Self::members(view);
-            let fresh: Vec<std::net::Ipv4Addr> = {
+            let fresh: Vec<IpAddr> = {
                 let mut known = lock(&self.known);
                 members
                     .iter()
@@ -179,6 +190,8 @@ impl L4Sync {
             let result = lock(&self.writer).apply(&spec.vip, &members, view.failing_open);
             match result {
                 Ok(a) => {
+                    self.flows_removed
+                        .fetch_add(a.flows_removed as u64, std::sync::atomic::Ordering::Relaxed);
                     if a != crate::l4::Applied::default() {
                         tracing::debug!(vip = %spec.vip, slots = a.slots, added = a.added, removed = a.removed, flows_removed = a.flows_removed, "ring updated");
                     }
@@ -215,7 +228,7 @@ impl L4Sync {
 }
 
 impl BackendIds for L4Sync {
-    fn backend_id(&self, vip: &VipAddr, addr: std::net::Ipv4Addr, port: u16) -> Option<u32> {
+    fn backend_id(&self, vip: &VipAddr, addr: IpAddr, port: u16) -> Option<u32> {
         lock(&self.writer).backend_id(vip, addr, port)
     }
 }
@@ -457,7 +470,7 @@ impl Control {
         out.extend(self.vips.iter().map(|(v, g)| ListenerDescription {
             listener_name: v.label(),
             protocol: v.vip.proto.to_string().to_ascii_uppercase(),
-            address: format!("{}:{}", v.vip.addr, v.vip.port),
+            address: SocketAddr::new(v.vip.addr, v.vip.port).to_string(),
             default_actions: format!("forward={g}"),
             rule_count: 0,
         }));

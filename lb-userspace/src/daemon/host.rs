@@ -1,10 +1,11 @@
 //! The host's networking as `lb run` sees it: interface addresses, routes, and the neighbour
-//! entries `bpf_fib_lookup` needs.
-use std::net::Ipv4Addr;
+//! entries `bpf_fib_lookup` needs (ARP for IPv4, neighbour discovery for IPv6).
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
-/// IPv4 addresses of `iface`, in the order the kernel lists them.
-pub fn iface_ipv4_addrs(iface: &str) -> std::io::Result<Vec<Ipv4Addr>> {
+/// Addresses of `iface`, IPv4 and IPv6, in the order the kernel lists them. IPv6 link-local
+/// addresses are left out: they cannot be the outer source of packets that are routed.
+pub fn iface_addrs(iface: &str) -> std::io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
@@ -23,7 +24,16 @@ pub fn iface_ipv4_addrs(iface: &str) -> std::io::Result<Vec<Ipv4Addr>> {
             if family == libc::AF_INET {
                 // SAFETY: AF_INET means the sockaddr is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: AF_INET6 means the sockaddr is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                let a = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                if !a.is_unicast_link_local() {
+                    out.push(IpAddr::V6(a));
+                }
             }
         }
         cur = ifa.ifa_next;
@@ -33,11 +43,16 @@ pub fn iface_ipv4_addrs(iface: &str) -> std::io::Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// `-4` or `-6` for `ip(8)`.
+fn family_flag(addr: IpAddr) -> &'static str {
+    if addr.is_ipv6() { "-6" } else { "-4" }
+}
+
 /// The device and next hop the kernel routes `addr` through (packets with socket mark
 /// `mark`, if given): `ip route get`.
-pub fn route_to(addr: Ipv4Addr, mark: Option<u32>) -> Option<(String, Ipv4Addr)> {
+pub fn route_to(addr: IpAddr, mark: Option<u32>) -> Option<(String, IpAddr)> {
     let mut cmd = Command::new("ip");
-    cmd.args(["-4", "-o", "route", "get", &addr.to_string()]);
+    cmd.args([family_flag(addr), "-o", "route", "get", &addr.to_string()]);
     if let Some(m) = mark {
         cmd.args(["mark", &m.to_string()]);
     }
@@ -68,7 +83,7 @@ pub enum NeighState {
     Present(String),
 }
 
-/// Parses one line of `ip -4 neigh show ADDR dev DEV`.
+/// Parses one line of `ip neigh show ADDR dev DEV`.
 pub fn parse_neigh(line: &str) -> NeighState {
     let line = line.trim();
     if line.is_empty() {
@@ -92,12 +107,12 @@ pub fn parse_neigh(line: &str) -> NeighState {
 #[derive(Debug, Default)]
 pub struct Neighbours {
     /// (address, device) entries we created, deleted again at shutdown.
-    created: Vec<(Ipv4Addr, String)>,
+    created: Vec<(IpAddr, String)>,
 }
 
 impl Neighbours {
     /// Makes sure the next hop towards `addr` has a neighbour entry.
-    pub fn ensure(&mut self, addr: Ipv4Addr) {
+    pub fn ensure(&mut self, addr: IpAddr) {
         let Some((dev, hop)) = route_to(addr, None) else {
             tracing::warn!(%addr, "no route to backend: next-hop MAC resolution is left to traffic");
             return;
@@ -106,7 +121,14 @@ impl Neighbours {
             return;
         }
         let shown = Command::new("ip")
-            .args(["-4", "neigh", "show", &hop.to_string(), "dev", &dev])
+            .args([
+                family_flag(hop),
+                "neigh",
+                "show",
+                &hop.to_string(),
+                "dev",
+                &dev,
+            ])
             .output();
         let state = match shown {
             Ok(o) if o.status.success() => parse_neigh(&String::from_utf8_lossy(&o.stdout)),
@@ -122,7 +144,7 @@ impl Neighbours {
         // `add`, not `replace`: if an entry appeared meanwhile, it is not ours to change.
         let ok = Command::new("ip")
             .args([
-                "-4",
+                family_flag(hop),
                 "neigh",
                 "add",
                 &hop.to_string(),
@@ -143,7 +165,14 @@ impl Neighbours {
     pub fn remove_all(&mut self) {
         for (hop, dev) in self.created.drain(..) {
             let _ = Command::new("ip")
-                .args(["-4", "neigh", "del", &hop.to_string(), "dev", &dev])
+                .args([
+                    family_flag(hop),
+                    "neigh",
+                    "del",
+                    &hop.to_string(),
+                    "dev",
+                    &dev,
+                ])
                 .status();
         }
     }

@@ -5,10 +5,12 @@
 //! - [`host`]: the host's networking (addresses, routes, neighbour entries);
 //! - [`control`]: the registry's subscribers and the admin API handler.
 use std::{
+    collections::HashMap,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -21,17 +23,17 @@ use crate::{
     admin::AdminServer,
     cli::{DecapArgs, RunArgs},
     config::{Config, L4Config},
-    dataplane::{Balancer, Decap},
+    dataplane::{Balancer, Decap, LbAddrs, Maps},
     health::{self, DataPath},
-    l4::{RingWriter, VipSpec},
+    l4::{Adoption, RingWriter, VipSpec, flows},
     proxy::{
         client::ClientConfig,
         server::{self, L7Config},
     },
-    registry::ControlPlane,
+    registry::{ControlPlane, Registry},
 };
 use control::{Control, L4Sync, L7Sync};
-use host::{Neighbours, iface_ipv4_addrs};
+use host::{Neighbours, iface_addrs};
 
 fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -41,47 +43,222 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads lb_xdp (and the health-check encapsulator), attaches them and adds the VIPs.
-fn bring_up_l4(
-    l4: &L4Config,
-    pin_path: &std::path::Path,
-) -> anyhow::Result<(Balancer, RingWriter<crate::dataplane::Maps>, Ipv4Addr)> {
+/// The outer source addresses: those given, and for a family without one the first address
+/// of that family of the first `--iface`. Fails when a family the targets need has none.
+fn lb_addrs(l4: &L4Config, registry: &Registry) -> anyhow::Result<LbAddrs> {
+    let first = &l4.ifaces[0];
+    let found = iface_addrs(first).with_context(|| format!("listing addresses of {first}"))?;
+    let pick = |v6: bool| {
+        l4.lb_addrs
+            .iter()
+            .chain(&found)
+            .copied()
+            .find(|a| a.is_ipv6() == v6)
+    };
+    let addrs = LbAddrs {
+        v4: pick(false).and_then(|a| match a {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }),
+        v6: pick(true).and_then(|a| match a {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }),
+    };
+    for (v6, have, family) in [
+        (false, addrs.v4.is_some(), "IPv4"),
+        (true, addrs.v6.is_some(), "IPv6"),
+    ] {
+        let needed = registry.vips().iter().any(|b| {
+            registry
+                .target_addrs(&b.group)
+                .iter()
+                .any(|a| a.is_ipv6() == v6)
+        });
+        if needed && !have {
+            bail!(
+                "L4 targets are {family} but --iface {first} has no {family} address for the \
+                 outer header: give --lb-addr"
+            );
+        }
+    }
+    if addrs == LbAddrs::default() {
+        bail!("--iface {first} has no address: give --lb-addr explicitly");
+    }
+    Ok(addrs)
+}
+
+/// The L4 data plane once up: the balancer, the ring writer, and what it adopted.
+struct L4Up {
+    balancer: Balancer,
+    writer: RingWriter<Maps>,
+    adoption: Option<Adoption>,
+}
+
+/// Loads lb_xdp (and the health-check encapsulator), attaches them and adds the VIPs. A
+/// previous run's pinned maps and links are adopted (see [`crate::dataplane`]).
+fn bring_up_l4(l4: &L4Config, pin_path: &Path, registry: &Registry) -> anyhow::Result<L4Up> {
     require_root("lb run with --vip")?;
-    let lb_addr = match l4.lb_addr {
-        Some(a) => a,
-        None => {
-            let first = &l4.ifaces[0];
-            *iface_ipv4_addrs(first)
-                .with_context(|| format!("listing addresses of {first}"))?
-                .first()
-                .with_context(|| {
-                    format!("--iface {first} has no IPv4 address: give --lb-addr explicitly")
-                })?
+    let addrs = lb_addrs(l4, registry)?;
+    let (mut balancer, maps) =
+        Balancer::load(l4.sizes, addrs, Some(pin_path)).context("loading lb_xdp")?;
+    let adopted = balancer.adopted();
+    let up = (|| {
+        // The writer first when adopting: the maps must carry this run's VIPs before the new
+        // program meets any packet of a VIP that is gone.
+        let (writer, adoption) = RingWriter::adopt(
+            maps,
+            l4.sizes.ring_size,
+            l4.sizes.max_vips,
+            l4.sizes.max_backends,
+            &l4.vips,
+        )
+        .context("writing the VIPs to the maps")?;
+        for iface in &l4.ifaces {
+            balancer
+                .attach(iface, l4.xdp_mode)
+                .with_context(|| format!("--iface {iface}"))?;
+            balancer
+                .attach_hc_encap(iface)
+                .with_context(|| format!("--iface {iface}: attaching lb_hc_encap (TC egress)"))?;
+        }
+        anyhow::Ok((writer, adoption))
+    })();
+    let (writer, adoption) = match up {
+        Ok(up) => up,
+        Err(e) => {
+            // An adopted data plane is left as it was found: its flows keep going.
+            balancer.keep_dataplane(adopted);
+            return Err(e);
         }
     };
-    let (mut balancer, maps) =
-        Balancer::load(l4.sizes, lb_addr, Some(pin_path)).context("loading lb_xdp")?;
-    for iface in &l4.ifaces {
-        balancer
-            .attach(iface, l4.xdp_mode)
-            .with_context(|| format!("--iface {iface}"))?;
-        balancer
-            .attach_hc_encap(iface)
-            .with_context(|| format!("--iface {iface}: attaching lb_hc_encap (TC egress)"))?;
+    // From here until a clean shutdown decides, a failure leaves an adopted data plane in
+    // place (it carried flows before this run started); a fresh one is removed.
+    balancer.keep_dataplane(adopted);
+    for gone in balancer.detach_others() {
+        tracing::info!(iface = %gone, "lb_xdp detached from an interface the previous run used and this one does not");
     }
-    let mut writer = RingWriter::new(
-        maps,
-        l4.sizes.ring_size,
-        l4.sizes.max_vips,
-        l4.sizes.max_backends,
-    );
-    for v in &l4.vips {
-        writer
-            .add_vip(v.clone())
-            .with_context(|| format!("adding VIP {}", v.vip))?;
+    if adopted {
+        let backends: usize = adoption.vips.iter().map(|v| v.backends.len()).sum();
+        tracing::info!(
+            vips = adoption.vips.len(),
+            backends,
+            removed_vips = ?adoption.removed_vips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            backends_cleared = adoption.backends_cleared,
+            flows_removed = adoption.flows_removed,
+            "adopted the data plane a previous lb run left: its flows continue"
+        );
     }
-    tracing::info!(%lb_addr, ifaces = ?l4.ifaces, pin_path = %pin_path.display(), "lb_xdp attached");
-    Ok((balancer, writer, lb_addr))
+    tracing::info!(lb_addrs = ?addrs, ifaces = ?l4.ifaces, pin_path = %pin_path.display(), "lb_xdp attached");
+    Ok(L4Up {
+        balancer,
+        writer,
+        adoption: adopted.then_some(adoption),
+    })
+}
+
+/// Rebuilds the registry's view of the targets from the maps a previous run left: a target
+/// that was taking new flows (and not only because its group failed open) starts healthy, so
+/// the ring stays as it is while its checks start over; a target in the maps that the flags
+/// no longer name drains for its group's deregistration delay (its flows go on), as if
+/// deregistered.
+fn seed_registry(registry: &mut Registry, vip_groups: &[(VipSpec, String)], adoption: &Adoption) {
+    let now = Instant::now();
+    for v in &adoption.vips {
+        let Some((_, group)) = vip_groups.iter().find(|(s, _)| s.vip == v.vip) else {
+            continue;
+        };
+        for b in &v.backends {
+            let addr = SocketAddr::new(b.member.addr, b.member.port);
+            if registry.has_target(group, addr) {
+                if b.member.takes_new && !v.fail_open {
+                    registry.assume_healthy(group, addr);
+                }
+            } else if b.member.keeps_existing {
+                let drained = registry
+                    .register(group, &[(addr, b.member.weight)])
+                    .and_then(|()| registry.deregister(group, &[addr], now));
+                match drained {
+                    Ok(()) => tracing::info!(
+                        group,
+                        target = %addr,
+                        "target in the pinned maps but not in the flags: draining it"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(group, target = %addr, error = %e, "cannot drain a target the pinned maps hold; its flows are re-steered")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sweeps the flow table every `interval` (see [`flows`]): deletes expired entries and
+/// records the table's size and the live flows the LRU evicted in `LB_FLOW_STATS`.
+async fn sweep_flows(
+    pin_path: PathBuf,
+    sync: Arc<L4Sync>,
+    timeouts: HashMap<u32, u64>,
+    interval: Option<Duration>,
+) {
+    let shortest = timeouts
+        .values()
+        .copied()
+        .filter(|t| *t > 0)
+        .min()
+        .map_or(flows::MAX_SWEEP_INTERVAL, Duration::from_nanos);
+    let interval = interval.unwrap_or_else(|| flows::sweep_interval(shortest));
+    let maps = match tokio::task::spawn_blocking({
+        let p = pin_path.clone();
+        move || Maps::open_pinned(&p)
+    })
+    .await
+    {
+        Ok(Ok(m)) => Arc::new(Mutex::new(m)),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "flow sweeper: cannot open the maps; no flow-table accounting");
+            return;
+        }
+        Err(_) => return,
+    };
+    let timeouts = Arc::new(timeouts);
+    loop {
+        tokio::time::sleep(interval).await;
+        let (maps, sync, timeouts) = (maps.clone(), sync.clone(), timeouts.clone());
+        let swept =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<lb_common::FlowTableStats> {
+                let mut maps = lock(&maps);
+                let inserts = maps.flow_inserts()?;
+                let now_ns = flows::monotonic_ns();
+                let (entries, expired) = maps.sweep_flows(now_ns, &timeouts)?;
+                let prev = maps.flow_table_stats()?;
+                let stats = flows::account(
+                    prev,
+                    flows::SweepResult {
+                        inserts,
+                        deleted_by_writer: sync.take_flows_removed(),
+                        expired,
+                        entries,
+                        now_ns,
+                    },
+                );
+                maps.set_flow_table_stats(stats)?;
+                Ok(stats)
+            })
+            .await;
+        match swept {
+            Ok(Ok(s)) => {
+                tracing::debug!(
+                    entries = s.entries,
+                    expired = s.expired,
+                    evicted_live = s.evicted_live,
+                    "flow table swept"
+                );
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "flow sweep failed"),
+            Err(_) => return,
+        }
+    }
 }
 
 /// Warns when data-path health checks of a VIP would not leave through an interface that
@@ -117,7 +294,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let Config {
         l4: l4_cfg,
         l7: l7_cfg,
-        registry,
+        mut registry,
         pin_path,
         admin_socket,
         admin_tcp,
@@ -127,26 +304,52 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .iter()
         .map(|b| (b.spec.clone(), b.group.clone()))
         .collect();
-    let plane = ControlPlane::new(registry);
     let logs = Arc::new(observe::Logs::open(&args)?);
     let neighbours = Arc::new(Mutex::new(Neighbours::default()));
     let mut tasks = tokio::task::JoinSet::new();
 
-    // L4: the maps first, then the ring writer follows the registry.
+    // L4: the maps first (adopting a previous run's), then the ring writer follows the
+    // registry, which starts from the flags and what the maps held.
+    let mut l4_up = None;
+    if let Some(l4) = &l4_cfg {
+        let up = bring_up_l4(l4, &pin_path, &registry)?;
+        if let Some(adoption) = &up.adoption {
+            seed_registry(&mut registry, &vip_groups, adoption);
+        }
+        l4_up = Some(up);
+    }
+    let plane = ControlPlane::new(registry);
     let mut balancer = None;
     let mut l4_sync = None;
-    if let Some(l4) = &l4_cfg {
-        let (b, writer, _) = match bring_up_l4(l4, &pin_path) {
-            Ok(up) => up,
-            Err(e) => {
-                lock(&neighbours).remove_all();
-                return Err(e);
-            }
-        };
+    if let (Some(l4), Some(up)) = (&l4_cfg, l4_up) {
+        let L4Up {
+            balancer: b,
+            writer,
+            adoption,
+        } = up;
         balancer = Some(b);
+        let timeouts: HashMap<u32, u64> = writer
+            .describe()
+            .into_iter()
+            .map(|(spec, id, _)| {
+                (
+                    id,
+                    u64::try_from(spec.idle_timeout.as_nanos()).unwrap_or(u64::MAX),
+                )
+            })
+            .collect();
         let sync = Arc::new(L4Sync::new(writer, vip_groups.clone(), neighbours.clone()));
+        if let Some(a) = &adoption {
+            sync.add_flows_removed(a.flows_removed as u64);
+        }
         sync.apply(&plane.current());
         tasks.spawn(sync.clone().run(plane.clone()));
+        tasks.spawn(sweep_flows(
+            pin_path.clone(),
+            sync.clone(),
+            timeouts,
+            l4.sweep_interval,
+        ));
         check_probe_routes(&l4.vips, &l4.ifaces);
         l4_sync = Some(sync);
     }
@@ -273,8 +476,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tasks.shutdown().await;
     logs.close(Duration::from_secs(2));
     drop(l4_sync);
-    drop(balancer);
-    lock(&neighbours).remove_all();
+    let keep = l4_cfg.as_ref().is_some_and(|l| l.keep_dataplane);
+    if let Some(mut b) = balancer {
+        b.keep_dataplane(keep);
+        if keep {
+            tracing::info!(pin_path = %pin_path.display(), "leaving lb_xdp attached and its maps pinned (--keep-dataplane): the next lb run with this --pin-path adopts them");
+        }
+        drop(b);
+    }
+    if !keep {
+        // With the data plane left in place, its next hops must stay resolved.
+        lock(&neighbours).remove_all();
+    }
     Ok(())
 }
 
@@ -302,7 +515,12 @@ fn print_check(cfg: &Config) {
         );
         for b in cfg.registry.vips() {
             let name = b.spec.name.as_deref().unwrap_or("-");
-            println!("  VIP {} ({name}) → target group {}", b.spec.vip, b.group);
+            println!(
+                "  VIP {} ({name}) → target group {}, idle timeout {} s",
+                b.spec.vip,
+                b.group,
+                b.spec.idle_timeout.as_secs()
+            );
         }
     }
     let now = std::time::Instant::now();
@@ -358,11 +576,11 @@ pub async fn decap(args: DecapArgs) -> anyhow::Result<()> {
     let mut addrs = args.addrs.clone();
     if addrs.is_empty() {
         for i in &args.ifaces {
-            addrs.extend(iface_ipv4_addrs(i).with_context(|| format!("--iface {i}"))?);
+            addrs.extend(iface_addrs(i).with_context(|| format!("--iface {i}"))?);
         }
     }
     if addrs.is_empty() {
-        bail!("--iface {:?} has no IPv4 address: give --addr", args.ifaces);
+        bail!("--iface {:?} has no address: give --addr", args.ifaces);
     }
     let mut d = Decap::load(&addrs).context("loading lb_decap")?;
     for i in &args.ifaces {

@@ -13,7 +13,7 @@
 //! target cannot take VIP traffic (no `lb decap`, no VIP on `lo`, rp_filter), and the
 //! description says which.
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use crate::targets::health_check::{CheckMode, CheckProtocol, HealthCheck};
 /// Where data-path probes get the backend id their mark carries.
 pub trait BackendIds: Send + Sync + 'static {
     /// The id of `addr:port` under `vip`, once the ring writer has it.
-    fn backend_id(&self, vip: &VipAddr, addr: Ipv4Addr, port: u16) -> Option<u32>;
+    fn backend_id(&self, vip: &VipAddr, addr: IpAddr, port: u16) -> Option<u32>;
 }
 
 /// What the checks of the data path need from the L4 tier.
@@ -234,9 +234,7 @@ async fn check_once(
     let (Some(dp), false) = (data_path, plan.vips.is_empty()) else {
         return Some(probe::run(&direct).await);
     };
-    let IpAddr::V4(addr) = target.ip() else {
-        return Some(probe::run(&direct).await);
-    };
+    let addr = target.ip();
     for vip in &plan.vips {
         let id = dp.ids.backend_id(vip, addr, target.port())?;
         let Some(mark) = lb_common::hc_mark(id) else {
@@ -246,7 +244,7 @@ async fn check_once(
         };
         let started = Instant::now();
         let through = probe::Probe {
-            connect_to: SocketAddr::new(IpAddr::V4(vip.addr), port),
+            connect_to: SocketAddr::new(vip.addr, port),
             mark: Some(mark),
             ..direct.clone()
         };
@@ -266,16 +264,22 @@ async fn check_once(
 /// application that is down.
 async fn diagnose(
     direct: &probe::Probe,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     vip: &VipAddr,
     dp: &DataPath,
     since: Instant,
 ) -> CheckResult {
-    if dp
-        .icmp
-        .as_ref()
-        .is_some_and(|w| w.refused_ipip_since(addr, since))
-    {
+    // Only IPv4 backends are watched: an IPv6 one without a decapsulator answers with ICMPv6
+    // parameter problem, which the watch does not read (it then shows as not answering
+    // through the VIP, below).
+    let refused = match addr {
+        IpAddr::V4(a) => dp
+            .icmp
+            .as_ref()
+            .is_some_and(|w| w.refused_ipip_since(a, since)),
+        IpAddr::V6(_) => false,
+    };
+    if refused {
         return CheckResult::Fail {
             reason: TargetReason::FailedHealthChecks,
             description: format!(

@@ -1,7 +1,11 @@
-//! The L4 tier's userspace side: what a VIP is ([`vip`]) and the ring writer that keeps
-//! `lb_xdp`'s maps in line with the registry ([`writer`]).
+//! The L4 tier's userspace side: what a VIP is ([`vip`]), the ring writer that keeps
+//! `lb_xdp`'s maps in line with the registry ([`writer`]), and the flow-table accounting
+//! ([`flows`]).
+pub mod flows;
 pub mod vip;
 pub mod writer;
 
 pub use vip::{Proto, VipAddr, VipSpec, validate_name};
-pub use writer::{Applied, BackendInfo, L4Error, L4Maps, L4Member, RingWriter};
+pub use writer::{
+    AdoptedVip, Adoption, Applied, BackendInfo, L4Error, L4Maps, L4Member, RingWriter,
+};

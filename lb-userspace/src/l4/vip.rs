@@ -1,8 +1,19 @@
-//! What an L4 VIP is: address, port and protocol, an optional name, and the rule DSR puts on
-//! its targets' ports.
+//! What an L4 VIP is: address (IPv4 or IPv6), port and protocol, an optional name, its flow
+//! idle timeout, and the rule DSR puts on its targets' ports.
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::time::Duration;
+
+/// NLB's TCP idle timeout: a TCP flow's entry is valid this long after its last packet.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(350);
+/// NLB's UDP idle timeout (fixed on AWS).
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest idle timeout a VIP accepts (NLB's upper bound for TCP since 2024).
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(6000);
+/// Shortest idle timeout a VIP accepts. NLB's lower bound for TCP is 60 s; shorter values are
+/// accepted for tests, as health-check intervals are.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// L4 protocol of a VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -30,6 +41,14 @@ impl Proto {
             _ => None,
         }
     }
+
+    /// NLB's idle timeout for flows of this protocol.
+    pub fn default_idle_timeout(self) -> Duration {
+        match self {
+            Proto::Tcp => DEFAULT_TCP_IDLE_TIMEOUT,
+            Proto::Udp => DEFAULT_UDP_IDLE_TIMEOUT,
+        }
+    }
 }
 
 impl fmt::Display for Proto {
@@ -44,8 +63,8 @@ impl fmt::Display for Proto {
 /// The identity of an L4 VIP: address, port (0 = every port) and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VipAddr {
-    /// Address.
-    pub addr: Ipv4Addr,
+    /// Address (IPv4 or IPv6).
+    pub addr: IpAddr,
     /// Port; 0 = every port.
     pub port: u16,
     /// Protocol.
@@ -55,18 +74,30 @@ pub struct VipAddr {
 impl VipAddr {
     /// The key of this VIP in the `LB_VIPS` map.
     pub fn map_key(&self) -> lb_common::VipKey {
+        let (family, addr) = lb_common::addr_to_map(self.addr);
         lb_common::VipKey {
-            addr: lb_common::ipv4_to_map(self.addr),
+            addr,
             port: self.port.to_be(),
             proto: self.proto.number(),
-            _pad: 0,
+            family,
         }
     }
 
-    /// The VIP a `LB_VIPS` key stands for; None for address markers and unknown protocols.
+    /// The key of the address marker of this VIP's address (see
+    /// [`lb_common::VIP_MARKER_PROTO`]).
+    pub fn marker_key(&self) -> lb_common::VipKey {
+        lb_common::VipKey {
+            port: 0,
+            proto: lb_common::VIP_MARKER_PROTO,
+            ..self.map_key()
+        }
+    }
+
+    /// The VIP a `LB_VIPS` key stands for; None for address markers, unknown protocols and
+    /// unknown families.
     pub fn from_map_key(key: &lb_common::VipKey) -> Option<Self> {
         Some(Self {
-            addr: lb_common::ipv4_from_map(key.addr),
+            addr: lb_common::addr_from_map(key.family, key.addr)?,
             port: u16::from_be(key.port),
             proto: Proto::from_number(key.proto)?,
         })
@@ -93,19 +124,25 @@ impl VipAddr {
 }
 
 impl fmt::Display for VipAddr {
+    /// `10.100.0.1:80/tcp`, `[fd00:100::1]:80/tcp`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.addr, self.port),
+            self.proto
+        )
     }
 }
 
 impl FromStr for VipAddr {
     type Err = String;
 
-    /// `ADDR:PORT/PROTO`, e.g. `10.100.0.1:80/tcp`.
+    /// `ADDR:PORT/PROTO`, e.g. `10.100.0.1:80/tcp` or `[fd00:100::1]:80/tcp`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (hostport, proto) = s
             .rsplit_once('/')
-            .ok_or("expected ADDR:PORT/PROTO, e.g. 10.100.0.1:80/tcp")?;
+            .ok_or("expected ADDR:PORT/PROTO, e.g. 10.100.0.1:80/tcp or [fd00::1]:80/tcp")?;
         let proto = match proto.to_ascii_lowercase().as_str() {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
@@ -114,13 +151,31 @@ impl FromStr for VipAddr {
         let (addr, port) = hostport
             .rsplit_once(':')
             .ok_or("expected ADDR:PORT/PROTO (port missing; use port 0 for every port)")?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IP address"))?;
-        let IpAddr::V4(addr) = addr else {
-            return Err("IPv6 VIPs are not supported yet".into());
+        let addr: IpAddr = match addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+            Some(v6) => v6
+                .parse::<std::net::Ipv6Addr>()
+                .map(IpAddr::V6)
+                .map_err(|_| format!("{v6:?} is not an IPv6 address"))?,
+            None if addr.contains(':') => {
+                return Err(format!(
+                    "{addr:?}: write an IPv6 VIP in brackets, e.g. [{addr}]:80/tcp"
+                ));
+            }
+            None => addr
+                .parse()
+                .map_err(|_| format!("{addr:?} is not an IP address"))?,
         };
-        if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+        let unusable = match addr {
+            IpAddr::V4(a) => a.is_broadcast() || a.is_multicast() || a.is_unspecified(),
+            IpAddr::V6(a) => {
+                a.is_multicast()
+                    || a.is_unspecified()
+                    || a.is_loopback()
+                    || a.to_ipv4_mapped().is_some()
+                    || a.is_unicast_link_local()
+            }
+        };
+        if unusable {
             return Err(format!("{addr} cannot be a VIP"));
         }
         let port = port
@@ -130,16 +185,27 @@ impl FromStr for VipAddr {
     }
 }
 
-/// A VIP: its identity and optional name.
+/// A VIP: its identity, optional name and flow idle timeout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipSpec {
     /// Optional name (targets may refer to it).
     pub name: Option<String>,
     /// Address, port, protocol.
     pub vip: VipAddr,
+    /// How long a flow's entry stays valid after its last packet (NLB: TCP 350 s, UDP 120 s).
+    pub idle_timeout: Duration,
 }
 
 impl VipSpec {
+    /// A VIP with NLB's idle timeout for its protocol.
+    pub fn new(name: Option<String>, vip: VipAddr) -> Self {
+        Self {
+            name,
+            idle_timeout: vip.proto.default_idle_timeout(),
+            vip,
+        }
+    }
+
     /// Whether `owner` (the part before `=` of a `--target`) names this VIP: by its name or
     /// by its `ADDR:PORT/PROTO`.
     pub fn answers_to(&self, owner: &str) -> bool {
@@ -177,23 +243,58 @@ mod tests {
         let v: VipAddr = "10.100.0.1:8080/udp".parse().unwrap();
         let k = v.map_key();
         // As in the packet header: address bytes and port bytes in wire order.
-        assert_eq!(k.addr.to_ne_bytes(), [10, 100, 0, 1]);
+        assert_eq!(k.addr[0].to_ne_bytes(), [10, 100, 0, 1]);
+        assert_eq!(k.addr[1..], [0, 0, 0]);
+        assert_eq!(k.family, lb_common::FAMILY_V4);
         assert_eq!(k.port.to_ne_bytes(), [0x1f, 0x90]);
         assert_eq!(k.proto, 17);
         assert_eq!(VipAddr::from_map_key(&k), Some(v));
-        let marker = lb_common::VipKey {
-            proto: lb_common::VIP_MARKER_PROTO,
-            ..k
-        };
-        assert_eq!(VipAddr::from_map_key(&marker), None);
+        assert_eq!(VipAddr::from_map_key(&v.marker_key()), None);
+
+        let v6: VipAddr = "[fd00:100::1]:443/tcp".parse().unwrap();
+        let k6 = v6.map_key();
+        assert_eq!(k6.family, lb_common::FAMILY_V6);
+        assert_eq!(k6.addr[0].to_ne_bytes(), [0xfd, 0, 1, 0]);
+        assert_eq!(k6.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
+        assert_eq!(VipAddr::from_map_key(&k6), Some(v6));
+        assert_eq!(v6.to_string(), "[fd00:100::1]:443/tcp");
+    }
+
+    #[test]
+    fn vips_of_both_families_parse_and_unusable_addresses_are_refused() {
+        for ok in [
+            "10.100.0.1:80/tcp",
+            "[fd00:100::1]:0/udp",
+            "[2001:db8::5]:53/UDP",
+        ] {
+            let v: VipAddr = ok.parse().unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(v.to_string().to_lowercase(), ok.to_lowercase());
+        }
+        for bad in [
+            "fd00::1:80/tcp",
+            "[fd00::1:80/tcp",
+            "[::]:80/tcp",
+            "[::1]:80/tcp",
+            "[ff02::1]:80/tcp",
+            "[fe80::1]:80/tcp",
+            "[::ffff:10.0.0.1]:80/tcp",
+            "224.0.0.1:80/udp",
+        ] {
+            assert!(bad.parse::<VipAddr>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn idle_timeouts_default_to_nlbs() {
+        let tcp = VipSpec::new(None, "10.100.0.1:80/tcp".parse().unwrap());
+        let udp = VipSpec::new(None, "10.100.0.1:53/udp".parse().unwrap());
+        assert_eq!(tcp.idle_timeout, Duration::from_secs(350));
+        assert_eq!(udp.idle_timeout, Duration::from_secs(120));
     }
 
     #[test]
     fn a_vip_answers_to_its_name_and_its_address_spec_only() {
-        let v = VipSpec {
-            name: Some("web".into()),
-            vip: "10.100.0.1:80/tcp".parse().unwrap(),
-        };
+        let v = VipSpec::new(Some("web".into()), "10.100.0.1:80/tcp".parse().unwrap());
         assert!(v.answers_to("web"));
         assert!(v.answers_to("10.100.0.1:80/tcp"));
         assert!(v.answers_to("10.100.0.1:80/TCP"));

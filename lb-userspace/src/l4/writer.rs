@@ -14,10 +14,14 @@
 //! - a departed backend's flow-table entries are deleted, and its id is reused only after
 //!   every never-used id is gone.
 //!
+//! A writer can start from maps a previous `lb run` left pinned ([`RingWriter::adopt`]): it
+//! keeps the VIP and backend ids the flow table refers to and the ring as it is, so the first
+//! [`RingWriter::apply`] rewrites only what the new configuration changes.
+//!
 //! Map access goes through [`L4Maps`], implemented by [`crate::dataplane::Maps`] and by a
 //! recording fake in the tests, so all of this is tested without a kernel.
-use std::collections::{BTreeMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
 
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_F_IN_RING, Backend, RING_EMPTY, VIP_F_FAIL_OPEN, VIP_F_HAS_TCP,
@@ -30,7 +34,8 @@ use crate::{
     maglev,
 };
 
-/// Writes the ring writer makes. Addresses and ports in the map types are in network order.
+/// What the ring writer reads and writes. Addresses and ports in the map types are in
+/// network order.
 pub trait L4Maps {
     /// Inserts or replaces a VIP entry.
     fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<(), DataplaneError>;
@@ -42,48 +47,65 @@ pub trait L4Maps {
     fn set_ring_slot(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError>;
     /// Zeroes backend `id`'s counters before the id is reused.
     fn reset_backend_counters(&mut self, id: u32) -> Result<(), DataplaneError>;
-    /// Deletes every flow-table entry pinned to backend `id`; returns how many.
-    fn remove_flows_of(&mut self, id: u32) -> Result<usize, DataplaneError>;
+    /// Deletes every flow-table entry pinned to one of `ids` (one walk of the table);
+    /// returns how many.
+    fn remove_flows_of(&mut self, ids: &BTreeSet<u32>) -> Result<usize, DataplaneError>;
+    /// Every entry of the VIP table, address markers included.
+    fn vip_entries(&self) -> Result<Vec<(VipKey, VipMeta)>, DataplaneError>;
+    /// Every backend entry that is not empty, with its id.
+    fn backend_entries(&self) -> Result<Vec<(u32, Backend)>, DataplaneError>;
+    /// `len` ring slots from `index` on.
+    fn ring_slots(&self, index: u32, len: u32) -> Result<Vec<u32>, DataplaneError>;
+}
+
+fn map_error(what: String) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { what, source }
 }
 
 impl L4Maps for Maps {
     fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<(), DataplaneError> {
         self.vips
             .insert(key, meta, 0)
-            .map_err(|source| DataplaneError::Map {
-                what: "writing LB_VIPS".into(),
-                source,
-            })
+            .map_err(map_error("writing LB_VIPS".into()))
     }
     fn remove_vip(&mut self, key: VipKey) -> Result<(), DataplaneError> {
         self.vips
             .remove(&key)
-            .map_err(|source| DataplaneError::Map {
-                what: "removing from LB_VIPS".into(),
-                source,
-            })
+            .map_err(map_error("removing from LB_VIPS".into()))
     }
     fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
         self.backends
             .set(id, backend, 0)
-            .map_err(|source| DataplaneError::Map {
-                what: format!("writing LB_BACKENDS[{id}]"),
-                source,
-            })
+            .map_err(map_error(format!("writing LB_BACKENDS[{id}]")))
     }
     fn set_ring_slot(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
         self.rings
             .set(index, backend_id, 0)
-            .map_err(|source| DataplaneError::Map {
-                what: format!("writing LB_RINGS[{index}]"),
-                source,
-            })
+            .map_err(map_error(format!("writing LB_RINGS[{index}]")))
     }
     fn reset_backend_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
         Maps::reset_backend_counters(self, id)
     }
-    fn remove_flows_of(&mut self, id: u32) -> Result<usize, DataplaneError> {
-        Maps::remove_flows_of(self, id)
+    fn remove_flows_of(&mut self, ids: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
+        Maps::remove_flows_of(self, ids)
+    }
+    fn vip_entries(&self) -> Result<Vec<(VipKey, VipMeta)>, DataplaneError> {
+        self.vips
+            .iter()
+            .map(|e| e.map_err(map_error("reading LB_VIPS".into())))
+            .collect()
+    }
+    fn backend_entries(&self) -> Result<Vec<(u32, Backend)>, DataplaneError> {
+        Maps::backend_entries(self)
+    }
+    fn ring_slots(&self, index: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+        (index..index + len)
+            .map(|i| {
+                self.rings
+                    .get(&i, 0)
+                    .map_err(map_error(format!("reading LB_RINGS[{i}]")))
+            })
+            .collect()
     }
 }
 
@@ -107,8 +129,9 @@ pub enum L4Error {
 /// One target of a VIP as the registry sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct L4Member {
-    /// Backend address (outer destination of encapsulated packets).
-    pub addr: Ipv4Addr,
+    /// Backend address (outer destination of encapsulated packets; its family is the outer
+    /// header's).
+    pub addr: IpAddr,
     /// Backend port (the VIP port under DSR; 0 for every-port VIPs).
     pub port: u16,
     /// Maglev weight.
@@ -121,7 +144,7 @@ pub struct L4Member {
 
 impl L4Member {
     /// A member in service: in the ring, keeping its flows.
-    pub fn in_service(addr: Ipv4Addr, port: u16, weight: u32) -> Self {
+    pub fn in_service(addr: IpAddr, port: u16, weight: u32) -> Self {
         Self {
             addr,
             port,
@@ -140,6 +163,17 @@ impl L4Member {
             f |= BACKEND_F_IN_RING;
         }
         f
+    }
+
+    /// The member a backend entry describes; None for an empty or unreadable entry.
+    fn from_entry(b: &Backend) -> Option<Self> {
+        Some(Self {
+            addr: lb_common::addr_from_map(b.family, b.addr)?,
+            port: u16::from_be(b.port),
+            weight: b.weight,
+            takes_new: b.flags & BACKEND_F_IN_RING != 0,
+            keeps_existing: b.flags & BACKEND_F_ACTIVE != 0,
+        })
     }
 }
 
@@ -166,15 +200,52 @@ pub struct Applied {
     pub flows_removed: usize,
 }
 
+/// One configured VIP found in pinned maps by [`RingWriter::adopt`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedVip {
+    /// The VIP.
+    pub vip: VipAddr,
+    /// Its id (kept).
+    pub id: u32,
+    /// Whether its group failed open when the maps were last written.
+    pub fail_open: bool,
+    /// Its backends as the maps held them (ids kept).
+    pub backends: Vec<BackendInfo>,
+}
+
+/// What [`RingWriter::adopt`] found in the maps and did with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Configured VIPs found, with their backends.
+    pub vips: Vec<AdoptedVip>,
+    /// VIPs in the maps that are not configured any more: removed, with their backends and
+    /// flows.
+    pub removed_vips: Vec<VipAddr>,
+    /// Backend entries of no VIP (or of a removed one) cleared.
+    pub backends_cleared: usize,
+    /// Flow-table entries deleted with them.
+    pub flows_removed: usize,
+}
+
 #[derive(Debug)]
 struct VipEntry {
     spec: VipSpec,
     id: u32,
     /// Keyed by (addr, port): the target identity.
-    backends: BTreeMap<(Ipv4Addr, u16), BackendInfo>,
+    backends: BTreeMap<(IpAddr, u16), BackendInfo>,
     /// Backend id per slot, as last written.
     ring: Vec<u32>,
     fail_open: bool,
+}
+
+impl VipEntry {
+    fn meta(&self) -> VipMeta {
+        VipMeta {
+            vip_id: self.id,
+            flags: if self.fail_open { VIP_F_FAIL_OPEN } else { 0 },
+            idle_timeout_ns: u64::try_from(self.spec.idle_timeout.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// Hands out ids lowest-first and reuses a released id only after every never-used id is
@@ -192,6 +263,16 @@ impl IdPool {
             next: 0,
             max,
             released: VecDeque::new(),
+        }
+    }
+    /// A pool in which `used` are taken: ids above the highest used one are fresh, free ids
+    /// below it count as released (an earlier run may have used them).
+    fn with_used(max: u32, used: &BTreeSet<u32>) -> Self {
+        let next = used.last().map_or(0, |&m| m + 1).min(max);
+        Self {
+            next,
+            max,
+            released: (0..next).filter(|id| !used.contains(id)).collect(),
         }
     }
     fn available(&self) -> usize {
@@ -231,9 +312,164 @@ impl<M: L4Maps> RingWriter<M> {
         }
     }
 
+    /// A writer for maps that may hold a previous run's state, serving exactly `vips`:
+    /// - a configured VIP found in the maps keeps its id, ring and backends (with their ids),
+    ///   and gets its configured idle timeout; the first [`Self::apply`] then moves only what
+    ///   changed;
+    /// - a VIP in the maps that is not configured is removed, with its backends' entries and
+    ///   flows (after its ring is emptied, so nothing steers to a cleared entry);
+    /// - backend entries that belong to no VIP are cleared with their flows;
+    /// - configured VIPs not in the maps are added as by [`Self::add_vip`].
+    ///
+    /// On empty maps this is [`Self::new`] followed by [`Self::add_vip`] for each VIP.
+    pub fn adopt(
+        maps: M,
+        ring_size: u32,
+        max_vips: u32,
+        max_backends: u32,
+        vips: &[VipSpec],
+    ) -> Result<(Self, Adoption), L4Error> {
+        let vip_entries = maps.vip_entries()?;
+        let backend_entries = maps.backend_entries()?;
+        let wanted: BTreeMap<VipAddr, &VipSpec> = vips.iter().map(|v| (v.vip, v)).collect();
+        let mut adoption = Adoption::default();
+        let mut this = Self::new(maps, ring_size, max_vips, max_backends);
+
+        let mut stale_keys: Vec<VipKey> = Vec::new();
+        let mut stale_ids: Vec<u32> = Vec::new();
+        for (key, meta) in &vip_entries {
+            if key.proto == VIP_MARKER_PROTO {
+                // Rewritten below for the configured addresses.
+                stale_keys.push(*key);
+                continue;
+            }
+            let known = VipAddr::from_map_key(key);
+            let spec = known.and_then(|v| wanted.get(&v));
+            let usable = meta.vip_id < max_vips
+                && !this.vips.values().any(|e: &VipEntry| e.id == meta.vip_id);
+            let (Some(vip), Some(spec), true) = (known, spec, usable) else {
+                stale_keys.push(*key);
+                if meta.vip_id < max_vips {
+                    stale_ids.push(meta.vip_id);
+                }
+                if let Some(v) = known {
+                    adoption.removed_vips.push(v);
+                }
+                continue;
+            };
+            let ring = this.maps.ring_slots(meta.vip_id * ring_size, ring_size)?;
+            let backends: BTreeMap<(IpAddr, u16), BackendInfo> = backend_entries
+                .iter()
+                .filter(|(_, b)| b.vip_id == meta.vip_id)
+                .filter_map(|(id, b)| {
+                    let member = L4Member::from_entry(b)?;
+                    Some(((member.addr, member.port), BackendInfo { id: *id, member }))
+                })
+                .collect();
+            adoption.vips.push(AdoptedVip {
+                vip,
+                id: meta.vip_id,
+                fail_open: meta.flags & VIP_F_FAIL_OPEN != 0,
+                backends: backends.values().copied().collect(),
+            });
+            this.vips.insert(
+                vip,
+                VipEntry {
+                    spec: (*spec).clone(),
+                    id: meta.vip_id,
+                    backends,
+                    ring,
+                    fail_open: meta.flags & VIP_F_FAIL_OPEN != 0,
+                },
+            );
+        }
+
+        let adopted_ids: BTreeSet<u32> = this.vips.values().map(|e| e.id).collect();
+        stale_ids.retain(|id| !adopted_ids.contains(id));
+        // Retire what is not configured: unreachable first (VIP keys), then its ring, then
+        // its backends and their flows.
+        for key in stale_keys {
+            this.maps.remove_vip(key)?;
+        }
+        for id in &stale_ids {
+            let base = id * ring_size;
+            let ring = this.maps.ring_slots(base, ring_size)?;
+            for (slot, b) in ring.iter().enumerate() {
+                if *b != RING_EMPTY {
+                    this.maps.set_ring_slot(base + slot as u32, RING_EMPTY)?;
+                }
+            }
+        }
+        let kept: BTreeSet<u32> = this
+            .vips
+            .values()
+            .flat_map(|e| e.backends.values().map(|b| b.id))
+            .collect();
+        let doomed: BTreeSet<u32> = backend_entries
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !kept.contains(id))
+            .collect();
+        for id in &doomed {
+            this.maps.set_backend(*id, Backend::default())?;
+        }
+        if !doomed.is_empty() {
+            adoption.flows_removed = this.maps.remove_flows_of(&doomed)?;
+        }
+        adoption.backends_cleared = doomed.len();
+
+        this.vip_ids = IdPool::with_used(max_vips, &adopted_ids);
+        this.backend_ids = IdPool::with_used(max_backends, &kept);
+
+        // The adopted VIPs' entries carry this run's idle timeouts; every configured address
+        // gets its marker back.
+        let adopted: Vec<VipAddr> = this.vips.keys().copied().collect();
+        for vip in &adopted {
+            let meta = this.vips[vip].meta();
+            this.maps.set_vip(vip.map_key(), meta)?;
+            this.write_marker(vip.addr, vip)?;
+        }
+        for spec in vips {
+            if !this.vips.contains_key(&spec.vip) {
+                this.add_vip(spec.clone())?;
+            }
+        }
+        Ok((this, adoption))
+    }
+
     /// The map writer (the daemon reads counters through it).
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    /// The map writer, to change what the writer does not own (tests age flow entries).
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// Writes the address marker of `addr`: one bit per protocol that has a VIP there, `new`
+    /// included (it may not be in `self.vips` yet).
+    fn write_marker(&mut self, addr: IpAddr, new: &VipAddr) -> Result<(), L4Error> {
+        let flags = self
+            .vips
+            .keys()
+            .filter(|v| v.addr == addr)
+            .chain([new])
+            .fold(0, |f, v| {
+                f | match v.proto {
+                    Proto::Tcp => VIP_F_HAS_TCP,
+                    Proto::Udp => VIP_F_HAS_UDP,
+                }
+            });
+        self.maps.set_vip(
+            new.marker_key(),
+            VipMeta {
+                vip_id: VIP_MARKER_ID,
+                flags,
+                idle_timeout_ns: 0,
+            },
+        )?;
+        Ok(())
     }
 
     /// Adds a VIP with no backends (its ring is empty: packets are dropped and counted as
@@ -247,48 +483,18 @@ impl<M: L4Maps> RingWriter<M> {
         for slot in 0..self.ring_size {
             self.maps.set_ring_slot(base + slot, RING_EMPTY)?;
         }
-        self.maps.set_vip(
-            spec.vip.map_key(),
-            VipMeta {
-                vip_id: id,
-                flags: 0,
-            },
-        )?;
-        // The address marker lets lb_xdp recognise fragments for any VIP of this address: one
-        // bit per protocol that has a VIP there (this one included).
-        let flags = self
-            .vips
-            .keys()
-            .filter(|v| v.addr == spec.vip.addr)
-            .chain([&spec.vip])
-            .fold(0, |f, v| {
-                f | match v.proto {
-                    Proto::Tcp => VIP_F_HAS_TCP,
-                    Proto::Udp => VIP_F_HAS_UDP,
-                }
-            });
-        self.maps.set_vip(
-            VipKey {
-                addr: lb_common::ipv4_to_map(spec.vip.addr),
-                port: 0,
-                proto: VIP_MARKER_PROTO,
-                _pad: 0,
-            },
-            VipMeta {
-                vip_id: VIP_MARKER_ID,
-                flags,
-            },
-        )?;
-        self.vips.insert(
-            spec.vip,
-            VipEntry {
-                spec,
-                id,
-                backends: BTreeMap::new(),
-                ring: vec![RING_EMPTY; self.ring_size as usize],
-                fail_open: false,
-            },
-        );
+        let entry = VipEntry {
+            spec,
+            id,
+            backends: BTreeMap::new(),
+            ring: vec![RING_EMPTY; self.ring_size as usize],
+            fail_open: false,
+        };
+        let vip = entry.spec.vip;
+        self.maps.set_vip(vip.map_key(), entry.meta())?;
+        // The address marker lets lb_xdp recognise fragments for any VIP of this address.
+        self.write_marker(vip.addr, &vip)?;
+        self.vips.insert(vip, entry);
         Ok(())
     }
 
@@ -302,7 +508,7 @@ impl<M: L4Maps> RingWriter<M> {
 
     /// The backend id of `addr:port` under `vip`, if it is a member (health checks through
     /// the data path mark their probes with it).
-    pub fn backend_id(&self, vip: &VipAddr, addr: Ipv4Addr, port: u16) -> Option<u32> {
+    pub fn backend_id(&self, vip: &VipAddr, addr: IpAddr, port: u16) -> Option<u32> {
         self.vips
             .get(vip)?
             .backends
@@ -324,7 +530,7 @@ impl<M: L4Maps> RingWriter<M> {
             .get(vip)
             .ok_or_else(|| L4Error::NoSuchVip(vip.to_string()))?;
         let vip_id = entry.id;
-        let mut wanted: BTreeMap<(Ipv4Addr, u16), L4Member> = BTreeMap::new();
+        let mut wanted: BTreeMap<(IpAddr, u16), L4Member> = BTreeMap::new();
         for m in members {
             wanted.entry((m.addr, m.port)).or_insert(*m);
         }
@@ -388,22 +594,22 @@ impl<M: L4Maps> RingWriter<M> {
         for (id, m) in later {
             self.maps.set_backend(id, backend_entry(&m, vip_id))?;
         }
-        for b in gone {
+        for b in &gone {
             self.maps.set_backend(b.id, Backend::default())?;
-            applied.flows_removed += self.maps.remove_flows_of(b.id)?;
-            self.backend_ids.give_back(b.id);
-            applied.removed += 1;
+        }
+        if !gone.is_empty() {
+            let ids: BTreeSet<u32> = gone.iter().map(|b| b.id).collect();
+            applied.flows_removed += self.maps.remove_flows_of(&ids)?;
+            for b in &gone {
+                self.backend_ids.give_back(b.id);
+            }
+            applied.removed += gone.len();
         }
         let entry = self.vips.get_mut(vip).expect("checked above");
         if entry.fail_open != fail_open {
             entry.fail_open = fail_open;
-            self.maps.set_vip(
-                vip.map_key(),
-                VipMeta {
-                    vip_id,
-                    flags: if fail_open { VIP_F_FAIL_OPEN } else { 0 },
-                },
-            )?;
+            let meta = entry.meta();
+            self.maps.set_vip(vip.map_key(), meta)?;
         }
         Ok(applied)
     }
@@ -421,7 +627,7 @@ impl<M: L4Maps> RingWriter<M> {
         let members: Vec<maglev::Member> = infos
             .iter()
             .map(|b| maglev::Member {
-                addr: b.member.addr.into(),
+                addr: b.member.addr,
                 port: b.member.port,
                 weight: b.member.weight,
             })
@@ -454,11 +660,12 @@ impl<M: L4Maps> RingWriter<M> {
 }
 
 fn backend_entry(m: &L4Member, vip_id: u32) -> Backend {
+    let (family, addr) = lb_common::addr_to_map(m.addr);
     Backend {
-        addr: lb_common::ipv4_to_map(m.addr),
+        addr,
         port: m.port.to_be(),
         flags: m.flags(),
-        _pad: 0,
+        family,
         vip_id,
         weight: m.weight,
     }
@@ -466,26 +673,32 @@ fn backend_entry(m: &L4Member, vip_id: u32) -> Backend {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     /// Records map contents and the order of writes, and checks on every write the
     /// invariant `lb_xdp` relies on: a ring slot never names a backend that is not active.
     #[derive(Default)]
     struct FakeMaps {
-        vips: BTreeMap<(u32, u16, u8), VipMeta>,
+        vips: BTreeMap<([u32; 4], u16, u8, u8), VipMeta>,
         backends: BTreeMap<u32, Backend>,
         ring: BTreeMap<u32, u32>,
         flows: Vec<u32>,
         log: Vec<String>,
     }
 
+    fn vkey(k: &VipKey) -> ([u32; 4], u16, u8, u8) {
+        (k.addr, k.port, k.proto, k.family)
+    }
+
     impl L4Maps for FakeMaps {
         fn set_vip(&mut self, k: VipKey, m: VipMeta) -> Result<(), DataplaneError> {
-            self.vips.insert((k.addr, k.port, k.proto), m);
+            self.vips.insert(vkey(&k), m);
             Ok(())
         }
         fn remove_vip(&mut self, k: VipKey) -> Result<(), DataplaneError> {
-            self.vips.remove(&(k.addr, k.port, k.proto));
+            self.vips.remove(&vkey(&k));
             Ok(())
         }
         fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), DataplaneError> {
@@ -514,29 +727,63 @@ mod tests {
         fn reset_backend_counters(&mut self, _id: u32) -> Result<(), DataplaneError> {
             Ok(())
         }
-        fn remove_flows_of(&mut self, id: u32) -> Result<usize, DataplaneError> {
+        fn remove_flows_of(&mut self, ids: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
             let before = self.flows.len();
-            self.flows.retain(|&f| f != id);
-            self.log.push(format!("flows of {id} removed"));
+            self.flows.retain(|f| !ids.contains(f));
+            self.log.push(format!("flows of {ids:?} removed"));
             Ok(before - self.flows.len())
+        }
+        fn vip_entries(&self) -> Result<Vec<(VipKey, VipMeta)>, DataplaneError> {
+            Ok(self
+                .vips
+                .iter()
+                .map(|(&(addr, port, proto, family), m)| {
+                    (
+                        VipKey {
+                            addr,
+                            port,
+                            proto,
+                            family,
+                        },
+                        *m,
+                    )
+                })
+                .collect())
+        }
+        fn backend_entries(&self) -> Result<Vec<(u32, Backend)>, DataplaneError> {
+            Ok(self
+                .backends
+                .iter()
+                .filter(|(_, b)| **b != Backend::default())
+                .map(|(id, b)| (*id, *b))
+                .collect())
+        }
+        fn ring_slots(&self, index: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+            Ok((index..index + len)
+                .map(|i| self.ring.get(&i).copied().unwrap_or(0))
+                .collect())
         }
     }
 
     const M: u32 = 251;
 
     fn vip(port: u16) -> VipSpec {
-        VipSpec {
-            name: Some("web".into()),
-            vip: VipAddr {
-                addr: Ipv4Addr::new(10, 100, 0, 1),
+        VipSpec::new(
+            Some("web".into()),
+            VipAddr {
+                addr: Ipv4Addr::new(10, 100, 0, 1).into(),
                 port,
                 proto: Proto::Tcp,
             },
-        }
+        )
     }
 
     fn member(last: u8) -> L4Member {
-        L4Member::in_service(Ipv4Addr::new(10, 0, 0, last), 80, 1)
+        L4Member::in_service(Ipv4Addr::new(10, 0, 0, last).into(), 80, 1)
+    }
+
+    fn v4_words(a: [u8; 4]) -> [u32; 4] {
+        [u32::from_ne_bytes(a), 0, 0, 0]
     }
 
     fn ring_of(r: &RingWriter<FakeMaps>, vip_id: u32) -> Vec<u32> {
@@ -553,9 +800,23 @@ mod tests {
     fn a_new_vip_has_an_empty_ring_and_a_map_entry() {
         let mut r = writer();
         assert!(ring_of(&r, 0).iter().all(|&s| s == RING_EMPTY));
-        let key = (u32::from_ne_bytes([10, 100, 0, 1]), 80u16.to_be(), 6);
+        let key = (
+            v4_words([10, 100, 0, 1]),
+            80u16.to_be(),
+            6,
+            lb_common::FAMILY_V4,
+        );
         assert_eq!(r.maps.vips[&key].vip_id, 0);
-        let marker = (u32::from_ne_bytes([10, 100, 0, 1]), 0u16, VIP_MARKER_PROTO);
+        assert_eq!(
+            r.maps.vips[&key].idle_timeout_ns, 350_000_000_000,
+            "NLB's TCP idle timeout"
+        );
+        let marker = (
+            v4_words([10, 100, 0, 1]),
+            0u16,
+            VIP_MARKER_PROTO,
+            lb_common::FAMILY_V4,
+        );
         assert_eq!(r.maps.vips[&marker].flags, VIP_F_HAS_TCP);
         let mut udp = vip(53);
         udp.vip.proto = Proto::Udp;
@@ -578,7 +839,8 @@ mod tests {
         for id in 0..3 {
             assert!(ring.contains(&id), "backend {id} owns no slot");
             let b = r.maps.backends[&id];
-            assert_eq!(b.addr, u32::from_ne_bytes([10, 0, 0, 11 + id as u8]));
+            assert_eq!(b.addr, v4_words([10, 0, 0, 11 + id as u8]));
+            assert_eq!(b.family, lb_common::FAMILY_V4);
             assert_eq!(b.flags, BACKEND_F_ACTIVE | BACKEND_F_IN_RING);
             assert_eq!(b.vip_id, 0);
         }
@@ -617,7 +879,7 @@ mod tests {
         assert!(kept as f64 >= (M as usize - owned) as f64 * 0.95);
         assert_eq!(
             r.maps.log,
-            ["backend 1 flags 0", "flows of 1 removed"],
+            ["backend 1 flags 0", "flows of {1} removed"],
             "cleared after the ring moved away, then its flows deleted"
         );
         assert_eq!(r.maps.flows, [0, 2]);
@@ -647,7 +909,7 @@ mod tests {
         };
         r.apply(&vip(80).vip, &[member(11), done], false).unwrap();
         assert_eq!(r.maps.backends[&1].flags, 0);
-        assert_eq!(r.maps.backends[&1].addr, u32::from_ne_bytes([10, 0, 0, 12]));
+        assert_eq!(r.maps.backends[&1].addr, v4_words([10, 0, 0, 12]));
     }
 
     #[test]
@@ -670,7 +932,12 @@ mod tests {
     fn fail_open_is_flagged_on_the_vip() {
         let mut r = writer();
         r.apply(&vip(80).vip, &[member(11)], true).unwrap();
-        let key = (u32::from_ne_bytes([10, 100, 0, 1]), 80u16.to_be(), 6);
+        let key = (
+            v4_words([10, 100, 0, 1]),
+            80u16.to_be(),
+            6,
+            lb_common::FAMILY_V4,
+        );
         assert_eq!(r.maps.vips[&key].flags, VIP_F_FAIL_OPEN);
         r.apply(&vip(80).vip, &[member(11)], false).unwrap();
         assert_eq!(r.maps.vips[&key].flags, 0);
@@ -710,7 +977,7 @@ mod tests {
         r.apply(&vip(80).vip, &[], false).unwrap();
         assert!(ring_of(&r, 0).iter().all(|&s| s == RING_EMPTY));
         assert_eq!(
-            r.backend_id(&vip(80).vip, Ipv4Addr::new(10, 0, 0, 11), 80),
+            r.backend_id(&vip(80).vip, Ipv4Addr::new(10, 0, 0, 11).into(), 80),
             None
         );
     }
@@ -728,5 +995,163 @@ mod tests {
         let share = ring_of(&r, 0).iter().filter(|&&s| s == 1).count() as f64 / f64::from(M);
         assert!((share - 0.75).abs() < 0.02, "{share}");
         assert_eq!(r.maps.backends[&1].weight, 3);
+    }
+
+    #[test]
+    fn ipv6_vips_and_backends_of_either_family_share_one_path() {
+        let mut r = writer();
+        let v6 = VipSpec::new(Some("web6".into()), "[fd00:100::1]:80/tcp".parse().unwrap());
+        r.add_vip(v6.clone()).unwrap();
+        let b6 = L4Member::in_service(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x11).into(), 80, 1);
+        let applied = r.apply(&v6.vip, &[b6, member(12)], false).unwrap();
+        assert_eq!(applied.added, 2);
+        let ids: Vec<u32> = r.describe()[1].2.iter().map(|b| b.id).collect();
+        let six = r.maps.backends[&ids[1]];
+        assert_eq!(six.family, lb_common::FAMILY_V6);
+        assert_eq!(six.addr[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        let four = r.maps.backends[&ids[0]];
+        assert_eq!(four.family, lb_common::FAMILY_V4);
+        let marker = r
+            .maps
+            .vips
+            .iter()
+            .find(|(k, _)| k.2 == VIP_MARKER_PROTO && k.3 == lb_common::FAMILY_V6)
+            .map(|(_, m)| m.flags);
+        assert_eq!(marker, Some(VIP_F_HAS_TCP));
+        assert_eq!(
+            r.backend_id(&v6.vip, b6.addr, 80),
+            Some(ids[1]),
+            "the health checker finds an IPv6 backend's id"
+        );
+    }
+
+    /// A writer adopting `maps` for `vips`.
+    fn adopt(maps: FakeMaps, vips: &[VipSpec]) -> (RingWriter<FakeMaps>, Adoption) {
+        RingWriter::adopt(maps, M, 4, 16, vips).unwrap()
+    }
+
+    #[test]
+    fn adopting_maps_keeps_ids_and_ring_and_the_same_view_rewrites_nothing() {
+        let mut r = writer();
+        r.apply(&vip(80).vip, &[member(11), member(12), member(13)], false)
+            .unwrap();
+        let ring_before = ring_of(&r, 0);
+        let ids_before: Vec<(IpAddr, u32)> = r.describe()[0]
+            .2
+            .iter()
+            .map(|b| (b.member.addr, b.id))
+            .collect();
+        let mut maps = r.maps;
+        maps.log.clear();
+        let mut longer = vip(80);
+        longer.idle_timeout = std::time::Duration::from_secs(600);
+        let (mut r, adoption) = adopt(maps, &[longer]);
+        assert_eq!(adoption.vips.len(), 1);
+        assert_eq!(adoption.vips[0].backends.len(), 3);
+        assert!(adoption.removed_vips.is_empty());
+        let ids_after: Vec<(IpAddr, u32)> = r.describe()[0]
+            .2
+            .iter()
+            .map(|b| (b.member.addr, b.id))
+            .collect();
+        assert_eq!(ids_after, ids_before, "backend ids kept");
+        let key = (
+            v4_words([10, 100, 0, 1]),
+            80u16.to_be(),
+            6,
+            lb_common::FAMILY_V4,
+        );
+        assert_eq!(r.maps.vips[&key].idle_timeout_ns, 600_000_000_000);
+        assert!(
+            !r.maps.log.iter().any(|l| l.starts_with("backend")),
+            "no backend rewritten: {:?}",
+            r.maps.log
+        );
+        let again = r
+            .apply(&vip(80).vip, &[member(11), member(12), member(13)], false)
+            .unwrap();
+        assert_eq!(again, Applied::default(), "the same view changes nothing");
+        assert_eq!(ring_of(&r, 0), ring_before);
+    }
+
+    #[test]
+    fn adopting_with_one_more_target_moves_only_its_share_and_new_ids_are_fresh() {
+        let mut r = writer();
+        r.apply(&vip(80).vip, &[member(11), member(12), member(13)], false)
+            .unwrap();
+        // Backend 1 leaves: id 1 is released, a later run must not hand it out first.
+        r.apply(&vip(80).vip, &[member(11), member(13)], false)
+            .unwrap();
+        let before = ring_of(&r, 0);
+        let (mut r, _) = adopt(r.maps, &[vip(80)]);
+        let applied = r
+            .apply(&vip(80).vip, &[member(11), member(13), member(14)], false)
+            .unwrap();
+        assert_eq!(applied.added, 1);
+        let new_id = r.backend_id(&vip(80).vip, member(14).addr, 80).unwrap();
+        assert_eq!(new_id, 3, "a never-used id before the released one");
+        let after = ring_of(&r, 0);
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        assert_eq!(moved, applied.slots);
+        let its = after.iter().filter(|&&s| s == new_id).count();
+        // Maglev's disruption is near-minimal: the newcomer's share, and few others.
+        assert!(
+            moved >= its && moved <= its + (M as usize) / 50,
+            "{moved} slots moved, {its} now belong to the new backend"
+        );
+    }
+
+    #[test]
+    fn adopting_removes_vips_and_backends_that_are_not_configured() {
+        let mut r = writer();
+        let mut dns = vip(53);
+        dns.vip.proto = Proto::Udp;
+        dns.name = Some("dns".into());
+        r.add_vip(dns.clone()).unwrap();
+        r.apply(&vip(80).vip, &[member(11)], false).unwrap();
+        r.apply(&dns.vip, &[member(12)], false).unwrap();
+        // A backend entry of no VIP (a crashed writer's leftover).
+        r.maps
+            .set_backend(
+                9,
+                Backend {
+                    family: lb_common::FAMILY_V4,
+                    vip_id: 3,
+                    ..Backend::default()
+                },
+            )
+            .unwrap();
+        r.maps.flows = vec![0, 1, 1, 9];
+        let (r, adoption) = adopt(r.maps, &[vip(80)]);
+        assert_eq!(adoption.removed_vips, vec![dns.vip]);
+        assert_eq!(adoption.backends_cleared, 2);
+        assert_eq!(adoption.flows_removed, 3);
+        assert_eq!(r.maps.flows, [0]);
+        let dns_key = (
+            v4_words([10, 100, 0, 1]),
+            53u16.to_be(),
+            17,
+            lb_common::FAMILY_V4,
+        );
+        assert!(!r.maps.vips.contains_key(&dns_key));
+        assert!(
+            ring_of(&r, 1).iter().all(|&s| s == RING_EMPTY),
+            "its ring emptied"
+        );
+        let marker = (
+            v4_words([10, 100, 0, 1]),
+            0u16,
+            VIP_MARKER_PROTO,
+            lb_common::FAMILY_V4,
+        );
+        assert_eq!(r.maps.vips[&marker].flags, VIP_F_HAS_TCP, "UDP bit gone");
+    }
+
+    #[test]
+    fn adopting_empty_maps_is_a_fresh_start() {
+        let (r, adoption) = adopt(FakeMaps::default(), &[vip(80)]);
+        assert_eq!(adoption, Adoption::default());
+        assert!(ring_of(&r, 0).iter().all(|&s| s == RING_EMPTY));
+        assert_eq!(r.describe().len(), 1);
     }
 }

@@ -3,42 +3,29 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lb_common::{Backend, IPPROTO_UDP, ipv4_from_map};
+use lb_common::{Backend, addr_from_map};
 
 use super::{Metric, Series};
 use crate::dataplane::Maps;
 use crate::l4::VipAddr;
 
-/// How long a TCP flow counts as active after its last packet: NLB's TCP idle timeout.
-/// The per-VIP idle timeout of the L4 issue (configurable 60–6000 s) replaces this constant.
-pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(350);
-/// How long a UDP flow counts as active after its last packet: NLB's fixed UDP idle timeout
-/// (see [`TCP_IDLE_TIMEOUT`] for when this becomes per VIP).
-pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// `CLOCK_MONOTONIC` in nanoseconds: what `bpf_ktime_get_ns` stamps flows with.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+/// Whether a flow last seen at `last_seen_ns` is still active at `now_ns` under its VIP's
+/// idle timeout (`lb_xdp` steers a packet after it as a new flow).
+pub fn flow_active(idle_timeout: Duration, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns)
+        <= u64::try_from(idle_timeout.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Whether a flow last seen at `last_seen_ns` is still active at `now_ns`.
-pub fn flow_active(proto: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    let timeout = if proto == IPPROTO_UDP {
-        UDP_IDLE_TIMEOUT
-    } else {
-        TCP_IDLE_TIMEOUT
-    };
-    now_ns.saturating_sub(last_seen_ns) <= u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX)
+/// `ADDR:PORT` (IPv6 in brackets) of an address and a network-order port of the maps.
+fn socket_label(family: u8, words: [u32; 4], port_be: u16) -> String {
+    addr_from_map(family, words).map_or_else(
+        || format!("?:{}", u16::from_be(port_be)),
+        |a| std::net::SocketAddr::new(a, u16::from_be(port_be)).to_string(),
+    )
 }
 
 fn backend_label(b: &Backend) -> String {
-    format!("{}:{}", ipv4_from_map(b.addr), u16::from_be(b.port))
+    socket_label(b.family, b.addr, b.port)
 }
 
 /// Every L4 series from the maps: per VIP and backend packets, bytes, new flows, unhealthy
@@ -46,16 +33,16 @@ fn backend_label(b: &Backend) -> String {
 /// and health-check-probe counter. Map read errors end the step with what was read so far.
 pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
     let mut vips: Vec<(u32, String)> = Vec::new();
+    let mut timeouts: HashMap<u32, Duration> = HashMap::new();
     for entry in maps.vips.iter() {
         let (k, v) = entry?;
         if k.proto == lb_common::VIP_MARKER_PROTO {
             continue;
         }
-        let label = VipAddr::from_map_key(&k).map_or_else(
-            || format!("{}:{}", ipv4_from_map(k.addr), u16::from_be(k.port)),
-            |a| a.to_string(),
-        );
+        let label = VipAddr::from_map_key(&k)
+            .map_or_else(|| socket_label(k.family, k.addr, k.port), |a| a.to_string());
         vips.push((v.vip_id, label));
+        timeouts.insert(v.vip_id, Duration::from_nanos(v.idle_timeout_ns));
     }
     vips.sort();
     let vip_label: HashMap<u32, &str> = vips.iter().map(|(id, l)| (*id, l.as_str())).collect();
@@ -66,12 +53,16 @@ pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
             backends.push((u32::try_from(id).unwrap_or(u32::MAX), b));
         }
     }
-    // Active flows: seen within the idle timeout (the LRU keeps idle ones until evicted).
-    let now = monotonic_ns();
+    // Active flows: seen within their VIP's idle timeout (expired entries linger until the
+    // sweep or the LRU removes them).
+    let now = crate::l4::flows::monotonic_ns();
     let mut active_per_backend: HashMap<u32, u64> = HashMap::new();
     for entry in maps.flows.iter() {
-        let Ok((k, v)) = entry else { continue };
-        if flow_active(k.proto, v.last_seen_ns, now) {
+        let Ok((_, v)) = entry else { continue };
+        let Some(&timeout) = timeouts.get(&v.vip_id) else {
+            continue;
+        };
+        if flow_active(timeout, v.last_seen_ns, now) {
             *active_per_backend.entry(v.backend_id).or_default() += 1;
         }
     }
@@ -137,15 +128,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_flow_is_active_within_its_protocols_idle_timeout_only() {
+    fn a_flow_is_active_within_its_vips_idle_timeout_only() {
         let now = 1_000 * 1_000_000_000;
         let ago = |s: u64| now - s * 1_000_000_000;
-        assert!(flow_active(6, ago(349), now));
-        assert!(!flow_active(6, ago(351), now));
-        assert!(flow_active(17, ago(119), now));
-        assert!(!flow_active(17, ago(121), now));
+        let tcp = Duration::from_secs(350);
+        let udp = Duration::from_secs(120);
+        assert!(flow_active(tcp, ago(349), now));
+        assert!(!flow_active(tcp, ago(351), now));
+        assert!(flow_active(udp, ago(119), now));
+        assert!(!flow_active(udp, ago(121), now));
         assert!(
-            flow_active(6, now + 5, now),
+            flow_active(tcp, now + 5, now),
             "a stamp from another CPU slightly ahead"
         );
     }

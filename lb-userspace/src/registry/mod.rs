@@ -211,6 +211,14 @@ impl Registry {
         Ok(self.group(name)?.config.clone())
     }
 
+    /// The addresses of `group`'s targets (none for an unknown group).
+    pub fn target_addrs(&self, group: &str) -> Vec<IpAddr> {
+        self.groups
+            .get(group)
+            .map(|g| g.targets.keys().map(SocketAddr::ip).collect())
+            .unwrap_or_default()
+    }
+
     /// How many targets `group` has (0 for an unknown group).
     pub fn target_count(&self, group: &str) -> usize {
         self.groups.get(group).map_or(0, |g| g.targets.len())
@@ -429,6 +437,30 @@ impl Registry {
             });
         }
         self.group_mut(group)
+    }
+
+    /// A target a previous `lb run` had in service (the pinned maps say so) starts healthy
+    /// rather than initial, so adopting the maps changes no ring slot while its checks start
+    /// over; the checks demote it as usual if it fails them. Returns whether it was found.
+    pub fn assume_healthy(&mut self, group: &str, addr: SocketAddr) -> bool {
+        let Some(t) = self
+            .groups
+            .get_mut(group)
+            .and_then(|g| g.targets.get_mut(&addr))
+        else {
+            return false;
+        };
+        t.health.status = Status::Healthy;
+        t.health.checks_started = true;
+        self.dirty.insert(group.to_owned());
+        true
+    }
+
+    /// Whether `addr` is registered with `group`.
+    pub fn has_target(&self, group: &str, addr: SocketAddr) -> bool {
+        self.groups
+            .get(group)
+            .is_some_and(|g| g.targets.contains_key(&addr))
     }
 
     /// A check of registration `generation` started (initial targets then show
@@ -827,9 +859,27 @@ fn round_up_secs(d: Duration) -> u64 {
 }
 
 /// Why `addr` cannot be a DSR target of `vip`, if it cannot.
+/// Targets of either family serve VIPs of either family: the outer header takes the target's
+/// family (IPv4-in-IPv6 for an IPv4 VIP on an IPv6-only underlay, and so on).
 fn check_l4_target(vip: &VipAddr, addr: SocketAddr) -> Result<(), String> {
-    if !matches!(addr.ip(), IpAddr::V4(_)) {
-        return Err("IPv6 targets are not supported by the L4 tier yet".into());
+    let unroutable = match addr.ip() {
+        IpAddr::V4(a) => {
+            a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback()
+        }
+        IpAddr::V6(a) => {
+            a.is_unspecified()
+                || a.is_multicast()
+                || a.is_loopback()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some()
+        }
+    };
+    if unroutable {
+        return Err(format!(
+            "{} cannot be the outer destination of encapsulated packets (an L4 target needs a \
+             routable unicast address; for IPv4 use the address itself, not ::ffff:…)",
+            addr.ip()
+        ));
     }
     let given = (addr.port() != 0).then_some(addr.port());
     vip.dsr_target_port(given).map(|_| ())

@@ -465,14 +465,14 @@ fn targets_whose_checks_start_over_keep_their_flows() {
 }
 
 fn vip(port: u16) -> VipSpec {
-    VipSpec {
-        name: Some("v".into()),
-        vip: VipAddr {
-            addr: std::net::Ipv4Addr::new(10, 100, 0, 1),
+    VipSpec::new(
+        Some("v".into()),
+        VipAddr {
+            addr: std::net::Ipv4Addr::new(10, 100, 0, 1).into(),
             port,
             proto: crate::l4::Proto::Tcp,
         },
-    }
+    )
 }
 
 #[test]
@@ -515,13 +515,46 @@ fn target_specs_resolve_through_vips_and_groups() {
     );
     let (g, a) = r.resolve(&spec("api=10.0.0.11:8080")).unwrap();
     r.register(&g, &[(a, 1)]).unwrap();
+    // Targets of either family serve an IPv4 VIP; unroutable ones are refused.
     let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
-    assert!(
-        r.register("web", &[(v6, 1)])
-            .unwrap_err()
-            .to_string()
-            .contains("IPv6")
-    );
+    r.register("web", &[(v6, 1)]).unwrap();
+    for bad in [
+        "[fe80::1]:80",
+        "[::ffff:10.0.0.1]:80",
+        "[::1]:80",
+        "0.0.0.0:80",
+    ] {
+        let a: SocketAddr = bad.parse().unwrap();
+        let err = r.register("web", &[(a, 1)]).unwrap_err().to_string();
+        assert!(err.contains("outer destination"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn a_target_the_maps_had_in_service_starts_healthy() {
+    let mut r = Registry::new();
+    r.create_group(parse_target_group("web,protocol=tcp").unwrap())
+        .unwrap();
+    r.add_vip(vip(80), "web").unwrap();
+    let a: SocketAddr = "10.0.0.11:80".parse().unwrap();
+    let b: SocketAddr = "10.0.0.12:80".parse().unwrap();
+    r.register("web", &[(a, 1), (b, 1)]).unwrap();
+    assert!(r.assume_healthy("web", a));
+    assert!(!r.assume_healthy("web", "10.0.0.13:80".parse().unwrap()));
+    let now = Instant::now();
+    let snap = r.publish(now).unwrap();
+    let v = &snap.groups["web"];
+    let state = |x: SocketAddr| {
+        v.targets
+            .iter()
+            .find(|t| t.addr() == x)
+            .unwrap()
+            .member
+            .state
+    };
+    assert_eq!(state(a), TargetState::Healthy);
+    assert_eq!(state(b), TargetState::Initial);
+    assert!(!v.failing_open, "one healthy target: no fail-open");
 }
 
 #[test]
@@ -539,7 +572,7 @@ fn vips_take_only_groups_that_fit() {
     );
     r.add_vip(vip(80), "t").unwrap();
     let mut other = vip(443);
-    other.vip.addr = std::net::Ipv4Addr::new(10, 100, 0, 2);
+    other.vip.addr = std::net::Ipv4Addr::new(10, 100, 0, 2).into();
     let err = r.add_vip(other, "t").unwrap_err();
     assert!(err.to_string().contains("share the port"), "{err}");
     assert!(matches!(

@@ -1,0 +1,218 @@
+//! Encapsulation for direct server return: the next hop of the backend (`bpf_fib_lookup`,
+//! which also checks the egress MTU), then one outer header of the backend's family in front
+//! of the client's packet: IPv4-in-IPv4 (RFC 2003), IPv6-in-IPv6 or IPv4-in-IPv6 (RFC 2473),
+//! IPv6-in-IPv4 (RFC 4213). One code path for all four; only the outer header differs.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{Backend, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, LbConfig, Reason};
+use network_types::eth::EthHdr;
+
+use crate::{
+    icmp,
+    lookup::Done,
+    parse::Packet,
+    pkt::{
+        AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, OUTER_TTL,
+        checksum_bytes, ptr_at, words_to_bytes,
+    },
+};
+
+const DROP: u32 = xdp_action::XDP_DROP;
+
+/// IPv6's minimum link MTU (RFC 8200 §5): a packet-too-big must not ask for less.
+const IPV6_MIN_MTU: usize = 1280;
+/// The smallest MTU an IPv4 "fragmentation needed" may report (RFC 791: every host accepts
+/// 68-byte datagrams).
+const IPV4_MIN_MTU: usize = 68;
+
+/// The resolved next hop of a backend.
+pub struct Route {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Our MAC on it.
+    pub smac: [u8; 6],
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+}
+
+/// Length of the outer header for a backend of this family.
+#[inline(always)]
+fn outer_len(backend: &Backend) -> usize {
+    if backend.family == FAMILY_V6 {
+        IPV6_LEN
+    } else {
+        IPV4_LEN
+    }
+}
+
+/// The IP protocol / next header that announces the inner packet's family.
+#[inline(always)]
+fn inner_proto(pkt: &Packet) -> u8 {
+    if pkt.key.family == FAMILY_V6 {
+        IPPROTO_IPV6
+    } else {
+        IPPROTO_IPIP
+    }
+}
+
+/// Resolves the backend's next hop before the packet is touched, so a drop leaves it
+/// unmodified. A packet that would not fit the egress MTU once encapsulated is answered with
+/// an ICMP "too big" where that helps the sender, and dropped.
+#[inline(always)]
+pub fn route(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Backend,
+    cfg: &LbConfig,
+) -> Result<Route, Done> {
+    let overhead = outer_len(backend);
+    let total = pkt.ip_len + overhead;
+    if total > u16::MAX as usize {
+        return Err((DROP, Reason::DropMtu));
+    }
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of integers); the
+    // verifier requires the whole block to be initialised before the helper reads it.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    if backend.family == FAMILY_V6 {
+        if cfg.lb_addr6 == [0; 4] {
+            return Err((DROP, Reason::DropNoRoute));
+        }
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = cfg.lb_addr6;
+        fib.__bindgen_anon_4.ipv6_dst = backend.addr;
+    } else {
+        if cfg.lb_addr4 == 0 {
+            return Err((DROP, Reason::DropNoRoute));
+        }
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = cfg.lb_addr4;
+        fib.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    }
+    fib.l4_protocol = inner_proto(pkt);
+    fib.__bindgen_anon_1.tot_len = total as u16;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: `fib` is a valid, fully initialised parameter block of the size passed.
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: on FRAG_NEEDED the helper stores the egress MTU in this union member.
+        let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
+        return Err(too_big(ctx, pkt, mtu.saturating_sub(overhead)));
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Err((DROP, Reason::DropNoRoute));
+    }
+    Ok(Route {
+        ifindex: fib.ifindex,
+        smac: fib.smac,
+        dmac: fib.dmac,
+    })
+}
+
+/// The packet needs `room` bytes or fewer to fit once encapsulated: tell the sender where
+/// that helps (RFC 1191 for IPv4 with DF set and no options, whose header the quote copies
+/// whole; RFC 8201 for IPv6 unless the room is below IPv6's minimum MTU), else drop. An ICMP
+/// error being forwarded never gets an ICMP answer (RFC 1122 §3.2.2, RFC 4443 §2.4 e.1).
+#[inline(always)]
+fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
+    if pkt.icmp_error {
+        return (DROP, Reason::DropMtu);
+    }
+    if pkt.key.family == FAMILY_V6 {
+        if room >= IPV6_MIN_MTU {
+            return icmp::too_big_v6(ctx, room as u32);
+        }
+    } else if pkt.dont_fragment && !pkt.ip_options && room >= IPV4_MIN_MTU {
+        return icmp::too_big_v4(ctx, room as u16);
+    }
+    (DROP, Reason::DropMtu)
+}
+
+/// Puts the outer header in front of the packet and addresses the frame to the next hop.
+/// `flow_label` (20 bits) goes into an IPv6 outer header, so ECMP and LAG hashing along the
+/// underlay keep a flow's packets together without looking inside the tunnel (RFC 6438).
+#[inline(always)]
+pub fn push(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    route: &Route,
+    backend: &Backend,
+    cfg: &LbConfig,
+    flow_label: u32,
+) -> Result<u32, Done> {
+    let outer_v6 = backend.family == FAMILY_V6;
+    let overhead = outer_len(backend);
+    // SAFETY: the context pointer is the one the kernel passed in.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
+        return Err((DROP, Reason::DropAdjustHead));
+    }
+    // Data pointers changed: every access below re-derives and re-checks them.
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Err((DROP, Reason::DropAdjustHead));
+    };
+    let tos = pkt.tos;
+    if outer_v6 {
+        let Some(outer) = ptr_at::<[u8; IPV6_LEN]>(ctx, ETH_LEN) else {
+            return Err((DROP, Reason::DropAdjustHead));
+        };
+        // RFC 2473 §6.5: the traffic class comes from the inner header (TOS for IPv4).
+        let mut h = [0u8; IPV6_LEN];
+        h[0] = 0x60 | (tos >> 4);
+        h[1] = (tos << 4) | ((flow_label >> 16) as u8 & 0x0f);
+        h[2] = (flow_label >> 8) as u8;
+        h[3] = flow_label as u8;
+        h[4..6].copy_from_slice(&(pkt.ip_len as u16).to_be_bytes());
+        h[6] = inner_proto(pkt);
+        h[7] = OUTER_TTL;
+        h[8..24].copy_from_slice(&words_to_bytes(&cfg.lb_addr6));
+        h[24..40].copy_from_slice(&words_to_bytes(&backend.addr));
+        // SAFETY: bounds checked by ptr_at; no other reference into the packet is live.
+        unsafe {
+            *outer = h;
+            (*eth).dst_addr = route.dmac;
+            (*eth).src_addr = route.smac;
+            (*eth).ether_type = ETH_P_IPV6_BE;
+        }
+    } else {
+        let Some(outer) = ptr_at::<[u8; IPV4_LEN]>(ctx, ETH_LEN) else {
+            return Err((DROP, Reason::DropAdjustHead));
+        };
+        let mut h = [0u8; IPV4_LEN];
+        h[0] = 0x45;
+        // RFC 2003 §3.1: TOS and DF from the inner header; the identification too, unique
+        // per source as RFC 6864 asks should the outer header ever be fragmented. An IPv6
+        // inner packet is never fragmented on its path (RFC 8200 §5), so DF is set and path
+        // MTU discovery works through packet-too-big (RFC 4213 §3.2).
+        h[1] = tos;
+        h[2..4].copy_from_slice(&((pkt.ip_len + IPV4_LEN) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&pkt.ip_id);
+        h[6] = if pkt.dont_fragment { 0x40 } else { 0 };
+        h[8] = OUTER_TTL;
+        h[9] = inner_proto(pkt);
+        h[12..16].copy_from_slice(&cfg.lb_addr4.to_ne_bytes());
+        h[16..20].copy_from_slice(&backend.addr[0].to_ne_bytes());
+        let c = checksum_bytes(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        // SAFETY: as above.
+        unsafe {
+            *outer = h;
+            (*eth).dst_addr = route.dmac;
+            (*eth).src_addr = route.smac;
+            (*eth).ether_type = ETH_P_IP_BE;
+        }
+    }
+    if route.ifindex == ctx.ingress_ifindex() as u32 {
+        Ok(xdp_action::XDP_TX)
+    } else {
+        // SAFETY: plain helper call; returns XDP_REDIRECT or XDP_ABORTED.
+        Ok(unsafe { bpf_redirect(route.ifindex, 0) } as u32)
+    }
+}

@@ -1,0 +1,169 @@
+//! Lookups: which VIP a packet is for, and which backend its flow goes to (flow table first,
+//! with the VIP's idle timeout, then the VIP's Maglev ring).
+
+use lb_common::{
+    BACKEND_F_ACTIVE, Backend, FlowKey, FlowValue, IPPROTO_TCP, LbConfig, RING_EMPTY, Reason,
+    VIP_F_HAS_TCP, VIP_F_HAS_UDP, VIP_MARKER_PROTO, VipKey, VipMeta,
+};
+
+use aya_ebpf::bindings::xdp_action;
+
+use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_RINGS, LB_VIPS, count_flow_insert};
+
+/// An outcome that ends the packet's processing: the XDP action and the reason to count.
+pub type Done = (u32, Reason);
+
+const PASS: u32 = xdp_action::XDP_PASS;
+const DROP: u32 = xdp_action::XDP_DROP;
+
+/// The VIP of `key` (exact port first, then the port-0 VIP of the address). A fragment is
+/// dropped when a VIP of its protocol lives at its address (its address marker says so), and
+/// passed otherwise.
+#[inline(always)]
+pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
+    let mut vkey = VipKey {
+        addr: key.dst_addr,
+        port: key.dst_port,
+        proto: key.proto,
+        family: key.family,
+    };
+    // SAFETY: the values are copied out at once; no insert/remove happens in between.
+    if let Some(v) = unsafe { LB_VIPS.get(vkey) } {
+        let v = *v;
+        return if fragment {
+            Err((DROP, Reason::DropFragment))
+        } else {
+            Ok(v)
+        };
+    }
+    vkey.port = 0;
+    // SAFETY: as above.
+    if let Some(v) = unsafe { LB_VIPS.get(vkey) } {
+        let v = *v;
+        return if fragment {
+            Err((DROP, Reason::DropFragment))
+        } else {
+            Ok(v)
+        };
+    }
+    if !fragment {
+        return Err((PASS, Reason::PassNotVip));
+    }
+    // No ports to match: drop it if any VIP of this protocol lives at the address.
+    vkey.proto = VIP_MARKER_PROTO;
+    let want = if key.proto == IPPROTO_TCP {
+        VIP_F_HAS_TCP
+    } else {
+        VIP_F_HAS_UDP
+    };
+    // SAFETY: as above.
+    match unsafe { LB_VIPS.get(vkey) } {
+        Some(m) if m.flags & want != 0 => Err((DROP, Reason::DropFragment)),
+        _ => Err((PASS, Reason::PassNotVip)),
+    }
+}
+
+/// splitmix64's finaliser: a cheap, well-mixing, seedless 64-bit permutation.
+#[inline(always)]
+fn mix(mut h: u64) -> u64 {
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Mixes the 5-tuple into 64 bits. No per-node seed: every LB node must pick the same slot
+/// for the same flow. IPv4 keys have zeros in the upper words, which costs nothing.
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey) -> u64 {
+    let w = |a: &[u32; 4], i: usize| (a[i] as u64) << 32 | a[i + 1] as u64;
+    let ports = ((k.src_port as u64) << 24 | (k.dst_port as u64) << 8 | k.proto as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut h = mix(w(&k.src_addr, 0) ^ ports);
+    h = mix(h ^ w(&k.src_addr, 2));
+    h = mix(h ^ w(&k.dst_addr, 0));
+    mix(h ^ w(&k.dst_addr, 2) ^ k.family as u64)
+}
+
+/// Where a packet goes.
+pub struct Steer {
+    /// Backend id.
+    pub id: u32,
+    /// Its entry.
+    pub backend: Backend,
+    /// Chosen from the ring (no valid flow entry): a new flow to count and record.
+    pub new_flow: bool,
+    /// The flow table had no entry under the key at all (a new key, not a refresh).
+    pub new_key: bool,
+}
+
+/// The backend of `key`'s flow. An entry is used while its backend still keeps flows (its
+/// drain time is not up, it did not turn unhealthy without an unhealthy-draining interval),
+/// the id still belongs to this VIP, and the flow has not been idle longer than the VIP's
+/// idle timeout; otherwise the flow is steered through the ring as a new one. ICMP errors
+/// (`refresh` false) use the flow but do not keep it alive.
+#[inline(always)]
+pub fn backend(
+    key: &FlowKey,
+    vip: &VipMeta,
+    cfg: &LbConfig,
+    now: u64,
+    refresh: bool,
+) -> Result<Steer, Done> {
+    let mut new_key = true;
+    if let Some(flow) = LB_FLOWS.get_ptr_mut(key) {
+        new_key = false;
+        // SAFETY: pointer into the map value, valid for this program run.
+        let (id, last) = unsafe { ((*flow).backend_id, (*flow).last_seen_ns) };
+        // `last` may be a hair ahead of `now` when another CPU refreshed it meanwhile.
+        let fresh = vip.idle_timeout_ns == 0 || now <= last || now - last <= vip.idle_timeout_ns;
+        if let Some(b) = LB_BACKENDS.get(id)
+            && fresh
+            && b.flags & BACKEND_F_ACTIVE != 0
+            && b.vip_id == vip.vip_id
+        {
+            if refresh {
+                // SAFETY: as above.
+                unsafe { (*flow).last_seen_ns = now };
+            }
+            return Ok(Steer {
+                id,
+                backend: *b,
+                new_flow: false,
+                new_key: false,
+            });
+        }
+    }
+    let slot = (flow_hash(key) % cfg.ring_size as u64) as u32;
+    let idx = vip.vip_id.wrapping_mul(cfg.ring_size).wrapping_add(slot);
+    let Some(id) = LB_RINGS.get(idx) else {
+        return Err((DROP, Reason::DropInternal));
+    };
+    let id = *id;
+    if id == RING_EMPTY {
+        return Err((DROP, Reason::DropNoBackend));
+    }
+    let Some(b) = LB_BACKENDS.get(id) else {
+        return Err((DROP, Reason::DropInternal));
+    };
+    Ok(Steer {
+        id,
+        backend: *b,
+        new_flow: true,
+        new_key,
+    })
+}
+
+/// Records a new flow (after its next hop resolved, so a dropped packet leaves no entry).
+#[inline(always)]
+pub fn record(key: &FlowKey, steer: &Steer, vip: &VipMeta, now: u64) {
+    let value = FlowValue {
+        backend_id: steer.id,
+        vip_id: vip.vip_id,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    // A full LRU map evicts its least recently used entries; insert cannot fail for space.
+    if LB_FLOWS.insert(key, value, 0).is_ok() && steer.new_key {
+        count_flow_insert();
+    }
+}

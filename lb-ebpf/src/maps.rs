@@ -1,0 +1,94 @@
+//! The maps of `lb_xdp`, `lb_decap` and `lb_hc_encap`, and the counter helpers.
+//!
+//! Sizes here are the compiled-in defaults; the loader overrides them from the flags
+//! (`--max-flows`, `--max-vips`, `--max-backends`, `--ring-size`) before the maps are created.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    AddrKey, Backend, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, DecapReason, FlowKey, FlowTableStats, FlowValue, LbConfig, Reason, VipKey,
+    VipMeta,
+};
+
+const MAX_VIPS: usize = DEFAULT_MAX_VIPS as usize;
+/// VIPs plus one address marker per VIP address (see `lb_common::VIP_MARKER_PROTO`).
+const VIP_ENTRIES: usize = 2 * MAX_VIPS;
+const MAX_BACKENDS: usize = DEFAULT_MAX_BACKENDS as usize;
+const MAX_FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
+const RING_SLOTS: usize = DEFAULT_MAX_VIPS as usize * DEFAULT_RING_SIZE as usize;
+const REASONS: usize = Reason::COUNT as usize;
+const DECAP_REASONS: usize = DecapReason::COUNT as usize;
+
+#[btf_map]
+pub static LB_CONFIG: Array<LbConfig, 1> = Array::new();
+#[btf_map]
+pub static LB_VIPS: HashMap<VipKey, VipMeta, VIP_ENTRIES> = HashMap::new();
+#[btf_map]
+pub static LB_BACKENDS: Array<Backend, MAX_BACKENDS> = Array::new();
+#[btf_map]
+pub static LB_RINGS: Array<u32, RING_SLOTS> = Array::new();
+#[btf_map]
+pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue, MAX_FLOWS> = LruHashMap::new();
+#[btf_map]
+pub static LB_VIP_STATS: PerCpuArray<Counters, MAX_VIPS> = PerCpuArray::new();
+#[btf_map]
+pub static LB_BACKEND_STATS: PerCpuArray<Counters, MAX_BACKENDS> = PerCpuArray::new();
+#[btf_map]
+pub static LB_REASONS: PerCpuArray<u64, REASONS> = PerCpuArray::new();
+/// Flow-table keys inserted (index 0): the eviction estimate's numerator.
+#[btf_map]
+pub static LB_FLOW_INSERTS: PerCpuArray<u64, 1> = PerCpuArray::new();
+/// Written by userspace only (the flow sweeper); here so it is created, pinned and versioned
+/// with the other maps.
+#[btf_map]
+pub static LB_FLOW_STATS: Array<FlowTableStats, 1> = Array::new();
+#[btf_map]
+pub static LB_DECAP_STATS: PerCpuArray<u64, DECAP_REASONS> = PerCpuArray::new();
+/// Addresses `lb_decap` accepts as outer destination (the backend's own addresses).
+#[btf_map]
+pub static LB_DECAP_ADDRS: HashMap<AddrKey, u8, 64> = HashMap::new();
+
+/// Counts one packet under `reason`.
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(c) = LB_REASONS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot; no other program instance runs on this CPU concurrently.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts one new flow-table key.
+#[inline(always)]
+pub fn count_flow_insert() {
+    if let Some(c) = LB_FLOW_INSERTS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, as in `count`.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Adds one forwarded packet to a VIP's or backend's counters.
+#[inline(always)]
+pub fn add<const N: usize>(
+    map: &PerCpuArray<Counters, N>,
+    idx: u32,
+    bytes: u64,
+    new_flow: bool,
+    fail_open: bool,
+) {
+    if let Some(c) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, as in `count`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            if new_flow {
+                (*c).new_flows += 1;
+                if fail_open {
+                    (*c).unhealthy_routing_flows += 1;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! Parsing: Ethernet, then IPv4 or IPv6 (with a bounded walk over IPv6 extension headers),
+//! then the TCP/UDP ports, into one [`Packet`] that the rest of the program handles the same
+//! way whatever the family. ICMP destination-unreachable and ICMPv6 destination-unreachable /
+//! packet-too-big messages are parsed too: their [`Packet::key`] is the flow of the packet they
+//! quote, turned around (the quote is the backend's reply, from the VIP to the client).
+//!
+//! Everything that is not for the balancer comes back as the [`Reason`] it is passed with.
+
+use lb_common::{
+    FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Reason,
+};
+use network_types::eth::EthHdr;
+
+use aya_ebpf::programs::XdpContext;
+
+use crate::pkt::{
+    ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
+    bytes_to_words, frame_len, opaque, ptr_at,
+};
+
+/// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_ESP: u8 = 50;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_MOBILITY: u8 = 135;
+const NEXTHDR_HIP: u8 = 139;
+const NEXTHDR_SHIM6: u8 = 140;
+const NEXTHDR_EXP1: u8 = 253;
+const NEXTHDR_EXP2: u8 = 254;
+
+/// Most extension headers skipped before the upper-layer header. RFC 8200 §4.1's order allows
+/// hop-by-hop, destination options, routing, and destination options again before a
+/// transport header: four. Also a constant trip count for the verifier.
+const MAX_EXT_HEADERS: usize = 4;
+/// Upper bound of the offset of the upper-layer header. A variable packet offset needs a
+/// known bound before the verifier accepts an access at it; chains longer than this are
+/// passed (`pass_ipv6_ext_header`).
+const MAX_L4_OFF: usize = 1024;
+
+/// ICMP type destination unreachable (RFC 792; code 4 is "fragmentation needed", RFC 1191).
+const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMPv6 types destination unreachable and packet too big (RFC 4443 §3.1, §3.2).
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// ICMP and ICMPv6 headers are both 8 bytes before the quoted packet.
+const ICMP_HDR_LEN: usize = 8;
+
+/// A packet for the balancer, whatever its family.
+pub struct Packet {
+    /// The flow: client → VIP (for an ICMP error, the flow its quote belongs to).
+    pub key: FlowKey,
+    /// Length of the IP packet: IPv4 total length, or 40 + IPv6 payload length. Excludes
+    /// Ethernet padding behind it.
+    pub ip_len: usize,
+    /// IPv4 TOS or IPv6 traffic class.
+    pub tos: u8,
+    /// An IPv4 or IPv6 fragment (its ports, if any, are zero in `key`).
+    pub fragment: bool,
+    /// IPv4: DF set. IPv6: always (routers never fragment IPv6).
+    pub dont_fragment: bool,
+    /// IPv4 header with options (longer than 20 bytes).
+    pub ip_options: bool,
+    /// The IPv4 identification field (zero for IPv6).
+    pub ip_id: [u8; 2],
+    /// An ICMP error quoting a VIP flow's packet, to forward to that flow's backend.
+    pub icmp_error: bool,
+}
+
+/// Parses the frame; `Err` is the reason to pass it with.
+#[inline(always)]
+pub fn packet(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Err(Reason::PassMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == ETH_P_IP_BE {
+        ipv4(ctx)
+    } else if ether_type == ETH_P_IPV6_BE {
+        ipv6(ctx)
+    } else {
+        Err(Reason::PassNotIp)
+    }
+}
+
+/// Source and destination ports at `off`, after checking that an L4 header of `proto` fits
+/// both the frame and `end` (the end of the IP packet, as an offset into the frame).
+#[inline(always)]
+fn ports(ctx: &XdpContext, off: usize, proto: u8, end: usize) -> Result<(u16, u16), Reason> {
+    let l4_min = if proto == IPPROTO_TCP { 20 } else { 8 };
+    if off + l4_min > end {
+        return Err(Reason::PassMalformed);
+    }
+    let Some(p) = ptr_at::<[u16; 2]>(ctx, off) else {
+        return Err(Reason::PassMalformed);
+    };
+    if ptr_at::<u8>(ctx, off + l4_min - 1).is_none() {
+        return Err(Reason::PassMalformed);
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let p = unsafe { &*p };
+    Ok((p[0], p[1]))
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let Some(ip) = ptr_at::<[u8; IPV4_LEN]>(ctx, ETH_LEN) else {
+        return Err(Reason::PassMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let vihl = ip[0];
+    // `ihl` is at most 60 (4-bit field times 4): offsets derived from it stay bounded.
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < IPV4_LEN {
+        return Err(Reason::PassMalformed);
+    }
+    let proto = ip[9];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if tot_len < ihl || ETH_LEN + tot_len > frame_len(ctx) {
+        return Err(Reason::PassMalformed);
+    }
+    let frags = u16::from_ne_bytes([ip[6], ip[7]]);
+    // A non-first fragment has no ports; it cannot be matched to its VIP port, so it is
+    // looked up by its address only and dropped if it belongs to a VIP.
+    let fragment = frags & IP_MF_OFFSET_MASK_BE != 0;
+    let end = opaque(ETH_LEN + tot_len);
+    let l4 = ETH_LEN + (ihl & 0x3c);
+    let mut p = Packet {
+        key: FlowKey {
+            src_addr: [
+                u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+                0,
+                0,
+                0,
+            ],
+            dst_addr: [
+                u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+                0,
+                0,
+                0,
+            ],
+            src_port: 0,
+            dst_port: 0,
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        },
+        ip_len: tot_len,
+        tos: ip[1],
+        fragment,
+        dont_fragment: frags & IP_DF_BE != 0,
+        ip_options: ihl != IPV4_LEN,
+        ip_id: [ip[4], ip[5]],
+        icmp_error: false,
+    };
+    if proto == IPPROTO_ICMP {
+        if fragment {
+            return Err(Reason::PassNotTcpUdp);
+        }
+        return icmp4_error(ctx, l4, end, p);
+    }
+    if !fragment {
+        let (s, d) = ports(ctx, l4, proto, end)?;
+        p.key.src_port = s;
+        p.key.dst_port = d;
+    }
+    Ok(p)
+}
+
+/// An ICMP destination unreachable (any code; "fragmentation needed" is the one path-MTU
+/// discovery needs) whose quote (RFC 792: the IP header and at least 8 bytes after it) is a
+/// TCP or UDP packet: the key is the quoted flow turned around. Anything else is host ICMP.
+#[inline(always)]
+fn icmp4_error(ctx: &XdpContext, l4: usize, end: usize, mut p: Packet) -> Result<Packet, Reason> {
+    let Some(icmp) = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, l4) else {
+        return Err(Reason::PassMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*icmp)[0] } != ICMP_DEST_UNREACH {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let q = l4 + ICMP_HDR_LEN;
+    if q + IPV4_LEN > end {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let Some(inner) = ptr_at::<[u8; IPV4_LEN]>(ctx, q) else {
+        return Err(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner };
+    let inner_ihl = ((inner[0] & 0x0f) as usize) * 4;
+    let inner_proto = inner[9];
+    if inner[0] >> 4 != 4
+        || inner_ihl < IPV4_LEN
+        || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP)
+    {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    // The quote carries the 8 bytes after the inner header: its ports come first.
+    let at = q + (inner_ihl & 0x3c);
+    if at + 4 > end {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx, at) else {
+        return Err(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { &*ports };
+    p.key.src_addr = [
+        u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]),
+        0,
+        0,
+        0,
+    ];
+    p.key.dst_addr = [
+        u32::from_ne_bytes([inner[12], inner[13], inner[14], inner[15]]),
+        0,
+        0,
+        0,
+    ];
+    p.key.src_port = ports[1];
+    p.key.dst_port = ports[0];
+    p.key.proto = inner_proto;
+    p.icmp_error = true;
+    Ok(p)
+}
+
+/// Whether `n` is an IPv6 extension header (IANA registry; ESP counts: what follows it is
+/// encrypted).
+#[inline(always)]
+fn is_extension_header(n: u8) -> bool {
+    matches!(
+        n,
+        NEXTHDR_HOP
+            | NEXTHDR_ROUTING
+            | NEXTHDR_FRAGMENT
+            | NEXTHDR_ESP
+            | NEXTHDR_AUTH
+            | NEXTHDR_DEST
+            | NEXTHDR_MOBILITY
+            | NEXTHDR_HIP
+            | NEXTHDR_SHIM6
+            | NEXTHDR_EXP1
+            | NEXTHDR_EXP2
+    )
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let Some(ip) = ptr_at::<[u8; IPV6_LEN]>(ctx, ETH_LEN) else {
+        return Err(Reason::PassMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let ip_len = IPV6_LEN + u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    if ETH_LEN + ip_len > frame_len(ctx) {
+        return Err(Reason::PassMalformed);
+    }
+    let end = opaque(ETH_LEN + ip_len);
+    let mut p = Packet {
+        key: FlowKey {
+            src_addr: bytes_to_words(ip, 8),
+            dst_addr: bytes_to_words(ip, 24),
+            src_port: 0,
+            dst_port: 0,
+            proto: 0,
+            family: FAMILY_V6,
+            _pad: [0; 2],
+        },
+        ip_len,
+        tos: (ip[0] << 4) | (ip[1] >> 4),
+        fragment: false,
+        dont_fragment: true,
+        ip_options: false,
+        ip_id: [0; 2],
+        icmp_error: false,
+    };
+
+    // Bounded walk over the extension headers (RFC 8200 §4): hop-by-hop and destination
+    // options are skipped; a routing header only when no segments are left (§4.4: the packet
+    // has reached its final destination, this address); a fragment header ends the walk.
+    let mut next = ip[6];
+    let mut off = ETH_LEN + IPV6_LEN;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        i += 1;
+        if next == IPPROTO_TCP || next == IPPROTO_UDP || next == IPPROTO_ICMPV6 {
+            break;
+        }
+        if !is_extension_header(next) {
+            return Err(Reason::PassNotTcpUdp);
+        }
+        if next != NEXTHDR_HOP
+            && next != NEXTHDR_DEST
+            && next != NEXTHDR_ROUTING
+            && next != NEXTHDR_FRAGMENT
+        {
+            return Err(Reason::PassIpv6ExtHeader);
+        }
+        if off + 8 > end {
+            return Err(Reason::PassMalformed);
+        }
+        let Some(h) = ptr_at::<[u8; 8]>(ctx, off) else {
+            return Err(Reason::PassMalformed);
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let h = unsafe { &*h };
+        if next == NEXTHDR_FRAGMENT {
+            // RFC 8200 §4.5: every fragment's header names the first header of the
+            // fragmentable part; only TCP or UDP can belong to a VIP.
+            p.fragment = true;
+            next = h[0];
+            if next != IPPROTO_TCP && next != IPPROTO_UDP {
+                return Err(if is_extension_header(next) {
+                    Reason::PassIpv6ExtHeader
+                } else {
+                    Reason::PassNotTcpUdp
+                });
+            }
+            p.key.proto = next;
+            return Ok(p);
+        }
+        if next == NEXTHDR_ROUTING && h[3] != 0 {
+            return Err(Reason::PassIpv6ExtHeader);
+        }
+        next = h[0];
+        off += (h[1] as usize + 1) * 8;
+        if off > MAX_L4_OFF {
+            return Err(Reason::PassIpv6ExtHeader);
+        }
+    }
+    if next == IPPROTO_ICMPV6 {
+        return icmp6_error(ctx, off, end, p);
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return Err(if is_extension_header(next) {
+            Reason::PassIpv6ExtHeader
+        } else {
+            Reason::PassNotTcpUdp
+        });
+    }
+    p.key.proto = next;
+    let (s, d) = ports(ctx, off, next, end)?;
+    p.key.src_port = s;
+    p.key.dst_port = d;
+    Ok(p)
+}
+
+/// An ICMPv6 destination unreachable or packet too big whose quote (RFC 4443 §3: as much of
+/// the invoking packet as fits) is an IPv6 TCP or UDP packet without extension headers: the
+/// key is the quoted flow turned around. Anything else is host ICMPv6 (neighbour discovery,
+/// echo, …).
+#[inline(always)]
+fn icmp6_error(ctx: &XdpContext, l4: usize, end: usize, mut p: Packet) -> Result<Packet, Reason> {
+    if l4 > MAX_L4_OFF {
+        return Err(Reason::PassIpv6ExtHeader);
+    }
+    let Some(icmp) = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, l4) else {
+        return Err(Reason::PassMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let t = unsafe { (*icmp)[0] };
+    if t != ICMPV6_DEST_UNREACH && t != ICMPV6_PKT_TOOBIG {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let q = l4 + ICMP_HDR_LEN;
+    if q + IPV6_LEN + 4 > end {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let Some(inner) = ptr_at::<[u8; IPV6_LEN]>(ctx, q) else {
+        return Err(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner };
+    let inner_proto = inner[6];
+    if inner[0] >> 4 != 6 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx, q + IPV6_LEN) else {
+        return Err(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { &*ports };
+    p.key.src_addr = bytes_to_words(inner, 24);
+    p.key.dst_addr = bytes_to_words(inner, 8);
+    p.key.src_port = ports[1];
+    p.key.dst_port = ports[0];
+    p.key.proto = inner_proto;
+    p.icmp_error = true;
+    Ok(p)
+}

@@ -1,0 +1,106 @@
+//! Packet access and the header constants every module needs: bounds-checked pointers into the
+//! packet (the verifier accepts a packet access only after a comparison against `data_end`),
+//! and the Internet checksum.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+
+/// Ethernet header length (no VLAN tags: those frames are not parsed).
+pub const ETH_LEN: usize = 14;
+/// IPv4 header without options.
+pub const IPV4_LEN: usize = 20;
+/// IPv6 fixed header.
+pub const IPV6_LEN: usize = 40;
+/// EtherType IPv4 as it appears in the header (network order read natively).
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// EtherType IPv6, likewise.
+pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+/// `AF_INET` for `bpf_fib_lookup`.
+pub const AF_INET: u8 = 2;
+/// `AF_INET6` for `bpf_fib_lookup`.
+pub const AF_INET6: u8 = 10;
+/// More-fragments flag and fragment offset, in network order within the 16-bit field.
+pub const IP_MF_OFFSET_MASK_BE: u16 = 0x3fffu16.to_be();
+/// Don't-fragment flag, in network order within the 16-bit field.
+pub const IP_DF_BE: u16 = 0x4000u16.to_be();
+/// TTL / hop limit of every header the programs write.
+pub const OUTER_TTL: u8 = 64;
+
+/// Returns a pointer to a `T` at `offset` bytes into the packet, if the packet is long enough.
+///
+/// The explicit comparison against `data_end` is what the verifier needs to accept the
+/// subsequent access; `offset` must have a known upper bound where it is variable.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// `x`, through a volatile read: LLVM can no longer relate it to anything it knew about `x`.
+///
+/// Verifier constraint: a check like `off + 20 <= end` (the end of the IP packet), where `end`
+/// was earlier compared with the frame length, lets LLVM prove a later `ptr_at` bounds check
+/// redundant and delete it; but the verifier only trusts comparisons of packet pointers with
+/// `data_end`, so the access is then rejected ("invalid access to packet"). Laundering `end`
+/// keeps every `ptr_at` check in the program.
+#[inline(always)]
+pub fn opaque(x: usize) -> usize {
+    // SAFETY: a read of a local variable.
+    unsafe { core::ptr::read_volatile(&x) }
+}
+
+/// Length of the frame.
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
+}
+
+/// Adds the 16-bit big-endian words of `b` (`N` even) to a one's-complement running sum
+/// (RFC 1071), without folding.
+#[inline(always)]
+pub fn csum_add<const N: usize>(mut sum: u32, b: &[u8; N]) -> u32 {
+    let mut i = 0;
+    // Bounded loop: N is a constant.
+    while i + 1 < N {
+        sum += u16::from_be_bytes([b[i], b[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// Folds a running sum and complements it: the checksum field's value (RFC 1071).
+#[inline(always)]
+pub fn csum_fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// One's-complement checksum (RFC 1071) of `N` bytes, `N` even.
+#[inline(always)]
+pub fn checksum_bytes<const N: usize>(b: &[u8; N]) -> u16 {
+    csum_fold(csum_add(0, b))
+}
+
+/// The 16 bytes of an address stored as four header-order words.
+#[inline(always)]
+pub fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    b[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    b[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    b[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    b
+}
+
+/// Four header-order words of 16 address bytes starting at `b[at]`.
+#[inline(always)]
+pub fn bytes_to_words<const N: usize>(b: &[u8; N], at: usize) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([b[at + i], b[at + i + 1], b[at + i + 2], b[at + i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
