@@ -78,11 +78,12 @@ impl Default for Rotation {
 /// What a writer did so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriterStats {
-    /// Lines written (handed to the file or stdout).
+    /// Lines written (a flush after them succeeded).
     pub written: u64,
-    /// Lines dropped because the queue was full (the writer could not keep up).
+    /// Lines lost: the queue was full (the writer could not keep up), or a write or flush
+    /// failed with them unflushed. `written + dropped` is every line logged.
     pub dropped: u64,
-    /// Failed writes (disk full, closed pipe); each may lose the lines buffered with it.
+    /// Failed writes and flushes (disk full, closed pipe).
     pub errors: u64,
 }
 
@@ -220,26 +221,38 @@ fn run<T>(
         }
         // Read `closed` before draining: whatever was queued before it was set is written.
         let closing = closed.load(Ordering::Relaxed);
-        // Everything queued now, then one flush.
-        let mut wrote = false;
+        // Everything queued now, then one flush. A line counts as written once a flush
+        // after it succeeded; when a write or flush fails, the lines since the last good
+        // flush count as dropped (some may have made it: the count errs on the side of
+        // loss, and written + dropped is every line ever queued or refused).
+        let mut pending: u64 = 0;
+        let mut lost = |pending: &mut u64| {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            counters.dropped.fetch_add(*pending, Ordering::Relaxed);
+            *pending = 0;
+        };
         let disconnected = loop {
             match rx.try_recv() {
                 Ok(entry) => {
                     line.clear();
                     format(&entry, &mut line);
                     line.push('\n');
-                    match sink.write_line(line.as_bytes()) {
-                        Ok(()) => counters.written.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
-                    };
-                    wrote = true;
+                    pending += 1;
+                    if sink.write_line(line.as_bytes()).is_err() {
+                        lost(&mut pending);
+                    }
                 }
                 Err(TryRecvError::Empty) => break false,
                 Err(TryRecvError::Disconnected) => break true,
             }
         };
-        if wrote && sink.flush().is_err() {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
+        if pending > 0 {
+            match sink.flush() {
+                Ok(()) => {
+                    counters.written.fetch_add(pending, Ordering::Relaxed);
+                }
+                Err(_) => lost(&mut pending),
+            }
         }
         if closing || disconnected {
             break;
