@@ -226,7 +226,7 @@ fn run<T>(
         // flush count as dropped (some may have made it: the count errs on the side of
         // loss, and written + dropped is every line ever queued or refused).
         let mut pending: u64 = 0;
-        let mut lost = |pending: &mut u64| {
+        let lost = |pending: &mut u64| {
             counters.errors.fetch_add(1, Ordering::Relaxed);
             counters.dropped.fetch_add(*pending, Ordering::Relaxed);
             *pending = 0;
