@@ -481,7 +481,14 @@ fn run() -> anyhow::Result<()> {
             "needs root (loads XDP programs, creates a network namespace): sudo -E cargo xtask bench xdp"
         );
     }
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only TEXT`: the floors and the rows whose name contains TEXT (for profiling one path
+    // with `perf record`).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
     let rounds = if quick { QUICK_ROUNDS } else { ROUNDS };
     let started = Instant::now();
     private_netns()?;
@@ -561,6 +568,11 @@ fn run() -> anyhow::Result<()> {
         row("non-VIP pass", Kind::NonVip, &non_vip, false),
         row("lb_decap (IPIP)", Kind::Decap, &encapsulated, false),
     ];
+    if let Some(only) = &only {
+        rows.retain(|r| {
+            matches!(r.kind, Kind::TxFloor | Kind::PassFloor) || r.name.contains(only.as_str())
+        });
+    }
 
     // Fill the full-table balancer: twice its capacity of fresh clients.
     let fill = Row {
