@@ -100,8 +100,8 @@ pub fn lb_bench_tx(ctx: XdpContext) -> u32 {
     };
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        let dst = (*eth).dst_addr;
-        (*eth).dst_addr = (*eth).src_addr;
+        let (dst, src) = ((*eth).dst_addr, (*eth).src_addr);
+        (*eth).dst_addr = src;
         (*eth).src_addr = dst;
     }
     xdp_action::XDP_TX

@@ -69,7 +69,7 @@ fn inner_proto(pkt: &Packet) -> u8 {
 #[repr(C, align(8))]
 struct FibBlock(MaybeUninit<FibParams>);
 
-const _: () = assert!(size_of::<FibParams>() % 8 == 0);
+const _: () = assert!(size_of::<FibParams>().is_multiple_of(8));
 
 /// Resolves the backend's next hop before the packet is touched, so a drop leaves it
 /// unmodified. A packet that would not fit the egress MTU once encapsulated is answered with
