@@ -49,6 +49,22 @@ pub mod names {
     /// Prefix of the pinned XDP links (`xdp_link@IFACE`), which keep `lb_xdp` attached when
     /// `lb run` dies, until a new one adopts them.
     pub const PIN_XDP_LINK_PREFIX: &str = "xdp_link@";
+
+    /// Benchmark only (`cargo xtask bench xdp`; never loaded or attached by `lb run`): the
+    /// front program that rewrites the intended frame on every repeat of a live-frames test
+    /// run and tail-calls the program measured (see [`super::BenchTemplate`]).
+    pub const PROG_BENCH_FRONT: &str = "lb_bench_front";
+    /// Benchmark only: the `XDP_TX` floor (swaps the Ethernet addresses, returns `XDP_TX`).
+    pub const PROG_BENCH_TX: &str = "lb_bench_tx";
+    /// Benchmark only: drops every frame; on the veth peer that receives the benchmark's
+    /// transmitted frames.
+    pub const PROG_BENCH_SINK: &str = "lb_bench_sink";
+    /// Benchmark only: [`super::BenchTemplate`] at index 0.
+    pub const MAP_BENCH_TEMPLATE: &str = "LB_BENCH_TEMPLATE";
+    /// Benchmark only: program array; index 0 is the program the front tail-calls.
+    pub const MAP_BENCH_PROGS: &str = "LB_BENCH_PROGS";
+    /// Benchmark only: per-CPU `u64` per [`super::BenchCounter`].
+    pub const MAP_BENCH_STATS: &str = "LB_BENCH_STATS";
 }
 
 /// Version of the map layout (the types below, the map names and what their entries mean).
@@ -470,6 +486,64 @@ reasons! {
     }
 }
 
+/// Largest frame [`BenchTemplate`] holds.
+pub const BENCH_FRAME_MAX: usize = 128;
+
+/// Benchmark only: the frame `lb_bench_front` writes into the packet before every repeat of a
+/// live-frames test run (the kernel recycles those pages without restoring their contents),
+/// index 0 of [`names::MAP_BENCH_TEMPLATE`]. Not part of the pinned map layout: `lb run` never
+/// uses it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchTemplate {
+    /// Bytes of `frame` to write (1..=[`BENCH_FRAME_MAX`]); the test run's frame has this
+    /// length.
+    pub len: u32,
+    /// Non-zero: give every repeat a fresh client, by adding the repeat's sequence number
+    /// (`LB_BENCH_STATS[Runs]` before it) divided by 65536 to the big-endian 32-bit word at
+    /// `vary_addr_off` (the last word of the source address), and writing its low 16 bits
+    /// (big-endian) at `vary_port_off` (the source port).
+    pub vary: u32,
+    /// Offset in the frame of the source-address word to vary.
+    pub vary_addr_off: u32,
+    /// Offset in the frame of the source port to vary.
+    pub vary_port_off: u32,
+    /// The frame (only the first `len` bytes are used).
+    pub frame: [u8; BENCH_FRAME_MAX],
+}
+
+impl Default for BenchTemplate {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            vary: 0,
+            vary_addr_off: 0,
+            vary_port_off: 0,
+            frame: [0; BENCH_FRAME_MAX],
+        }
+    }
+}
+
+/// Benchmark only: what `lb_bench_front` and `lb_bench_sink` count, per CPU, in
+/// [`names::MAP_BENCH_STATS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchCounter {
+    /// Repeats the front program ran (also the sequence number of fresh clients).
+    Runs = 0,
+    /// Tail calls that failed (empty program slot): the repeat measured nothing.
+    TailCallFailed = 1,
+    /// Frames the sink on the veth peer received (frames really transmitted).
+    SinkReceived = 2,
+    /// The template could not be written into the frame (length mismatch).
+    TemplateFailed = 3,
+}
+
+impl BenchCounter {
+    /// Number of counters: the size of the map.
+    pub const COUNT: u32 = 4;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is `repr(C)`, `Copy`, made only of integers, and has no implicit
@@ -483,6 +557,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::FlowTableStats {}
+    unsafe impl aya::Pod for super::BenchTemplate {}
 }
 
 #[cfg(test)]
@@ -503,6 +578,7 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 16 + 1 + 3);
         assert_eq!(size_of::<Counters>(), 4 * 8);
         assert_eq!(size_of::<FlowTableStats>(), 5 * 8);
+        assert_eq!(size_of::<BenchTemplate>(), 4 * 4 + BENCH_FRAME_MAX);
         // The fields that identify a layout keep their place in every layout.
         assert_eq!(core::mem::offset_of!(LbConfig, magic), 0);
         assert_eq!(core::mem::offset_of!(LbConfig, layout), 4);

@@ -10,6 +10,8 @@
 //! - `lb_pass`: passes everything (benchmark baseline; veth peers in the test topology).
 //! - `lb_hc_encap` ([`hc_encap`], TC egress): sends marked health-check probes to their backend
 //!   through the same encapsulation, so a probe tests what client traffic needs.
+//! - `lb_bench_front`, `lb_bench_tx`, `lb_bench_sink` ([`bench`]): benchmark only, never
+//!   loaded by `lb run`.
 //!
 //! One module per concern, one path for both address families: [`parse`] (headers →
 //! [`parse::Packet`]), [`lookup`] (VIP, flow table, ring), [`encap`] (next hop, outer header),
@@ -23,6 +25,7 @@ use aya_ebpf::{
 };
 use lb_common::{FAMILY_V6, Reason, VIP_F_FAIL_OPEN};
 
+mod bench;
 mod decap;
 mod encap;
 mod hc_encap;

@@ -43,6 +43,8 @@ use lb_common::{
 
 use crate::cli::XdpMode;
 
+pub mod bench;
+
 /// The eBPF object (all three programs), built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 

@@ -55,8 +55,13 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// ns/packet of lb_xdp beside an XDP_PASS program, via BPF_PROG_TEST_RUN.
-    Xdp,
+    /// ns/frame of lb_xdp and lb_decap above XDP_TX/XDP_PASS floors, via BPF_PROG_TEST_RUN
+    /// in live-frames mode.
+    Xdp {
+        /// 5 rounds instead of 21 (well under a minute).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Control plane: Maglev build, API change → maps latency, flow-entry memory.
     Control,
     /// L7: lb beside HAProxy and nginx (installed from Debian when missing), on loopback.
@@ -99,9 +104,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Test { no_lint, filter } => test(&root, no_lint, filter.as_deref()),
-        Cmd::Bench { which: Bench::Xdp } => {
+        Cmd::Bench {
+            which: Bench::Xdp { quick },
+        } => {
             require_root("the XDP benchmark")?;
-            cargo(&["bench", "-p", "lb-userspace", "--bench", "xdp"])
+            let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "xdp"];
+            if quick {
+                args.extend(["--", "--quick"]);
+            }
+            cargo(&args)
         }
         Cmd::Bench {
             which: Bench::L7 { quick },
