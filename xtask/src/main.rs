@@ -3,11 +3,12 @@
 //! - `cargo xtask run`: the self-contained demo in network namespaces.
 //! - `cargo xtask run -- FLAGS`: `lb run FLAGS` on this host (release build).
 //! - `cargo xtask test`: every test (unit, L7 on loopback, L4 in namespaces) plus fmt/clippy.
-//! - `cargo xtask bench xdp|control|l7`: the XDP, control-plane and L7 benchmarks.
+//! - `cargo xtask bench xdp|control|l7|l4`: the XDP, control-plane, L7 and L4 benchmarks.
 //! - `cargo xtask prereqs`: check (and, as root, install) what the build needs.
 //!
 //! Every command checks the prerequisites first. This crate depends on nothing that needs
 //! them, so it builds on a fresh machine before they exist.
+mod bench_l4;
 mod bench_l7;
 
 use std::{
@@ -65,6 +66,13 @@ enum Bench {
         #[arg(long)]
         quick: bool,
     },
+    /// L4: lb_xdp (DSR) beside nftables DNAT through a namespace topology: UDP packets/s,
+    /// TCP connections/s, LB CPU per packet.
+    L4 {
+        /// Two short rounds (about a minute) instead of five.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -109,6 +117,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
             cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
             bench_l7::run(&root, &target_dir(&root).join("release/lb"), quick)
+        }
+        Cmd::Bench {
+            which: Bench::L4 { quick },
+        } => {
+            require_root("the L4 benchmark")?;
+            cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
+            bench_l4::run(&target_dir(&root).join("release/lb"), quick)
         }
         Cmd::Bench {
             which: Bench::Control,
