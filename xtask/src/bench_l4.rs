@@ -85,6 +85,9 @@ const TCP_CLIENTS: usize = 16;
 const UNDERLAY_MTU: &str = "1520";
 /// CPU the generators (and every other thread of this process) run on.
 const GEN_CPU: usize = 0;
+/// How long the LB's NAPI instance holds off new wake-ups after a poll (ns): a batch
+/// gathers in the meantime (the ring holds 256 frames: 2.5 ms at 100k packets/s).
+const NAPI_HOLD_NS: u32 = 200_000;
 /// CPU the LB's receive thread runs on.
 const LB_CPU: usize = 1;
 
@@ -209,6 +212,22 @@ fn pin(tid: libc::pid_t, cpu: usize) -> anyhow::Result<()> {
     ensure!(
         rc == 0,
         "pinning {tid} to cpu {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// Gives thread `tid` real-time priority `prio`, so the shared CPUs' other work does not
+/// delay it (the kernel's RT throttling still leaves others 5 %).
+fn fifo(tid: u32, prio: i32) -> anyhow::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: sched_setscheduler on a thread id with a valid sched_param.
+    let rc = unsafe { libc::sched_setscheduler(tid as libc::pid_t, libc::SCHED_FIFO, &param) };
+    ensure!(
+        rc == 0,
+        "making thread {tid} SCHED_FIFO: {}",
         std::io::Error::last_os_error()
     );
     Ok(())
@@ -476,7 +495,8 @@ impl Topology {
         // veth hands an skb to the peer's NAPI only if the sender does no TSO (else it takes
         // the backlog of the sending CPU, and nft's work would not run in the LB's thread).
         in_ns(&br, "ethtool", &["-K", "lb0", "tso", "off"])?;
-        threaded_napi(&br, "lb0", false)?;
+        let after = threaded_napi(&br, "lb0", false)?;
+        fifo(after, 49)?;
 
         for j in 0..BACKENDS.len() {
             let ns = t.ns(&format!("be{j}"));
@@ -568,32 +588,44 @@ impl Topology {
             "sh",
             &["-c", "echo 0 > /sys/class/net/eth0/threaded"],
         )?;
+        // Batches rather than a wake-up per packet: after a poll the NAPI instance stays
+        // scheduled for up to NAPI_HOLD_NS (no new wake-up from the sender's side) and then
+        // polls whatever the ring holds, as a NIC with interrupt coalescing would.
+        in_ns(
+            &lbns,
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "echo 1000 > /sys/class/net/eth0/napi_defer_hard_irqs && \
+                     echo {NAPI_HOLD_NS} > /sys/class/net/eth0/gro_flush_timeout"
+                ),
+            ],
+        )?;
         let tid = threaded_napi(&lbns, "eth0", false)?;
         pin(tid as libc::pid_t, LB_CPU)?;
-        // Real-time priority, so the shared CPU's other work does not delay it (the kernel's
-        // RT throttling still leaves others 5 %).
-        let param = libc::sched_param { sched_priority: 50 };
-        // SAFETY: sched_setscheduler on a thread id with a valid sched_param.
-        let rc = unsafe { libc::sched_setscheduler(tid as libc::pid_t, libc::SCHED_FIFO, &param) };
-        ensure!(
-            rc == 0,
-            "making the LB's NAPI thread SCHED_FIFO: {}",
-            std::io::Error::last_os_error()
-        );
+        fifo(tid, 50)?;
         Ok(tid)
     }
 
-    /// Frames the bridge could not hand to the LB's eth0 (its receive ring was full: the LB
-    /// fell behind).
-    fn lb_ring_drops(&self) -> anyhow::Result<u64> {
-        in_ns(
+    /// Frames the bridge handed to the LB's eth0, and frames it could not (the LB's receive
+    /// ring was full: the LB fell behind): `lb0`'s tx_packets and tx_dropped.
+    fn lb_ring(&self) -> anyhow::Result<(u64, u64)> {
+        let out = in_ns(
             &self.ns("br"),
             "cat",
-            &["/sys/class/net/lb0/statistics/tx_dropped"],
-        )?
-        .trim()
-        .parse()
-        .context("parsing lb0's tx_dropped")
+            &[
+                "/sys/class/net/lb0/statistics/tx_packets",
+                "/sys/class/net/lb0/statistics/tx_dropped",
+            ],
+        )?;
+        let v: Vec<u64> = out
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("parsing lb0's statistics")?;
+        ensure!(v.len() == 2, "lb0's statistics: {out:?}");
+        Ok((v[0], v[1]))
     }
 
     /// UDP packets counted by the backends' ingress counters, summed.
@@ -854,13 +886,16 @@ struct Sample {
     offered: f64,
     /// The LB's NAPI thread: share of one CPU it was running.
     lb_busy: f64,
+    /// Per second: frames that entered the LB's receive ring.
+    lb_in: f64,
     /// Per second: frames dropped because the LB's receive ring was full.
     ring_drops: f64,
-    /// The LB's NAPI thread: ns per delivered unit.
+    /// The LB's NAPI thread: ns per unit (UDP: per frame it received; TCP: per connection
+    /// delivered).
     lb_ns_per: f64,
     /// `lb_xdp`'s own ns per run (lb only; NaN for nft).
     xdp_ns_per_run: f64,
-    /// `lb_xdp` runs per delivered unit (lb only).
+    /// `lb_xdp` runs per unit as `lb_ns_per` counts them (lb only).
     xdp_runs_per: f64,
 }
 
@@ -903,7 +938,7 @@ fn measure(
         delivered()?,
         load.done.load(Ordering::Relaxed),
         runtime_ns(lb_thread)?,
-        t.lb_ring_drops()?,
+        t.lb_ring()?,
         stats()?,
         Instant::now(),
     );
@@ -912,7 +947,7 @@ fn measure(
         delivered()?,
         load.done.load(Ordering::Relaxed),
         runtime_ns(lb_thread)?,
-        t.lb_ring_drops()?,
+        t.lb_ring()?,
         stats()?,
         Instant::now(),
     );
@@ -925,9 +960,16 @@ fn measure(
         mode.name()
     );
     let cpu = (c1 - c0) as f64;
+    let lb_in = (r1.0 - r0.0) as f64;
+    // UDP: per frame the LB received (what is lost after it is not its cost); TCP: per
+    // connection (nft also sees the replies: that is its cost).
+    let per = match fig {
+        Figure::Udp => lb_in.max(1.0),
+        Figure::Tcp => n,
+    };
     let (xdp_ns_per_run, xdp_runs_per) = match (b0, b1) {
         (Some((t0, r0)), Some((t1, r1))) if r1 > r0 => {
-            ((t1 - t0) as f64 / (r1 - r0) as f64, (r1 - r0) as f64 / n)
+            ((t1 - t0) as f64 / (r1 - r0) as f64, (r1 - r0) as f64 / per)
         }
         _ => (f64::NAN, f64::NAN),
     };
@@ -935,8 +977,9 @@ fn measure(
         rate: n / secs,
         offered: (o1 - o0) as f64 / secs,
         lb_busy: cpu / (secs * 1e9),
-        lb_ns_per: cpu / n,
-        ring_drops: (r1 - r0) as f64 / secs,
+        lb_in: lb_in / secs,
+        lb_ns_per: cpu / per,
+        ring_drops: (r1.1 - r0.1) as f64 / secs,
         xdp_ns_per_run,
         xdp_runs_per,
     })
@@ -1067,11 +1110,12 @@ pub fn run(lb: &Path, quick: bool) -> anyhow::Result<()> {
                 let s = measure(&topo, lb_thread, mode, fig, prog, warmup, window)
                     .with_context(|| format!("round {round} {} {fig:?}", mode.name()))?;
                 eprintln!(
-                    "  round {round} {:<3} {:?}: {:>9}/s delivered, {:>9}/s offered, {:>7}/s LB ring drops, LB thread {:>3.0}% busy, {:>6.0} ns/unit, lb_xdp {:.0} ns/run x {:.2} runs/unit",
+                    "  round {round} {:<3} {:?}: {:>9}/s delivered, {:>9}/s offered, {:>9}/s into the LB, {:>7}/s LB ring drops, LB thread {:>3.0}% busy, {:>6.0} ns/unit, lb_xdp {:.0} ns/run x {:.2} runs/unit",
                     mode.name(),
                     fig,
                     k(s.rate),
                     k(s.offered),
+                    k(s.lb_in),
                     k(s.ring_drops),
                     s.lb_busy * 100.0,
                     s.lb_ns_per,
@@ -1101,14 +1145,16 @@ pub fn run(lb: &Path, quick: bool) -> anyhow::Result<()> {
 
 fn table(results: &[(Mode, Figure, Sample)]) -> String {
     let mut out = String::new();
-    for (fig, unit, label) in [
+    for (fig, unit, per, label) in [
         (
             Figure::Udp,
             "pkt",
+            "pkt in",
             "UDP, 60-byte frames: packets/s delivered to the backends",
         ),
         (
             Figure::Tcp,
+            "conn",
             "conn",
             "TCP: new connections/s accepted by the backends",
         ),
@@ -1124,14 +1170,15 @@ fn table(results: &[(Mode, Figure, Sample)]) -> String {
         let _ = writeln!(out, "{label}");
         let _ = writeln!(
             out,
-            "  {:<5} {:>22} {:>10} {:>13} {:>14} {:>22} {:>16}",
+            "  {:<5} {:>22} {:>10} {:>10} {:>13} {:>14} {:>22} {:>16}",
             "mode",
             format!("{unit}/s median (range)"),
             "offered/s",
+            "LB in/s",
             "ring drops/s",
             "LB thread busy",
-            format!("LB ns/{unit} (range)"),
-            format!("lb_xdp ns/{unit}")
+            format!("LB ns/{per} (range)"),
+            format!("lb_xdp ns/{per}")
         );
         for (m, v) in [(Mode::Lb, &lb), (Mode::Nft, &nft)] {
             let col = |f: fn(&Sample) -> f64| v.iter().map(f).collect::<Vec<f64>>();
@@ -1140,10 +1187,11 @@ fn table(results: &[(Mode, Figure, Sample)]) -> String {
             let xdp = median(col(|s| s.xdp_ns_per_run * s.xdp_runs_per));
             let _ = writeln!(
                 out,
-                "  {:<5} {:>22} {:>10} {:>13} {:>13.0}% {:>22} {:>16}",
+                "  {:<5} {:>22} {:>10} {:>10} {:>13} {:>13.0}% {:>22} {:>16}",
                 m.name(),
                 format!("{} ({}–{})", k(median(rate)), k(rlo), k(rhi)),
                 k(median(col(|s| s.offered))),
+                k(median(col(|s| s.lb_in))),
                 k(median(col(|s| s.ring_drops))),
                 median(col(|s| s.lb_busy)) * 100.0,
                 format!("{:.0} ({:.0}–{:.0})", median(ns), nlo, nhi),
@@ -1161,7 +1209,7 @@ fn table(results: &[(Mode, Figure, Sample)]) -> String {
         };
         let _ = writeln!(
             out,
-            "  ratio lb/nft, per round: rate {}; LB CPU per {unit} nft/lb {}",
+            "  ratio lb/nft, per round: rate {}; LB CPU per {per} nft/lb {}",
             per_round(|a, b| a.rate / b.rate),
             per_round(|a, b| b.lb_ns_per / a.lb_ns_per)
         );
