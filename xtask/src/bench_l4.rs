@@ -35,16 +35,19 @@
 //! - **LB CPU per packet / per connection**: the LB's eth0 receives through a threaded NAPI
 //!   kthread (`/sys/class/net/eth0/threaded` = 1; GRO on, and TSO off on the sending peer,
 //!   so veth uses NAPI without XDP too), pinned to CPU 1 at `SCHED_FIFO` priority 50 (so the
-//!   other users of the shared CPU do not delay it): everything the LB does to a packet (lb:
-//!   `lb_xdp` and `XDP_TX`; nft: skb, conntrack, DNAT, routing, forwarding, transmit) runs in
-//!   that thread. The bridge-side peer of the LB's veth runs an XDP program that passes
-//!   everything (`lb decap` for an address nobody has: XDP_TX'd frames reach a veth peer only
-//!   if it runs XDP) and a threaded NAPI thread of its own (unpinned), so the work after the
-//!   LB (bridge, backends) is not charged to the LB's thread. The thread's runtime
-//!   (`/proc/PID/schedstat`) divided by what was delivered is the LB's CPU per packet; it
-//!   includes the thread's wake-ups and, as this kernel has no IRQ time accounting, the
-//!   interrupts that hit it. `lb0`'s `tx_dropped` counts frames the LB's receive ring had no
-//!   room for.
+//!   other users of the shared CPU do not delay it), with `napi_defer_hard_irqs` and
+//!   `gro_flush_timeout` ([`NAPI_HOLD_NS`]) so it polls batches as behind a NIC with
+//!   interrupt coalescing instead of waking for every packet. Everything the LB does to a
+//!   packet (lb: `lb_xdp` and `XDP_TX`; nft: skb, conntrack, DNAT, routing, forwarding,
+//!   transmit) runs in that thread. The bridge-side peer of the LB's veth runs an XDP
+//!   program that passes everything (`lb decap` for an address nobody has: XDP_TX'd frames
+//!   reach a veth peer only if it runs XDP) and a threaded NAPI thread of its own (unpinned,
+//!   `SCHED_FIFO` 49), so the work after the LB (bridge, backends) is neither charged to the
+//!   LB's thread nor left waiting. The thread's runtime (`/proc/PID/schedstat`) divided by
+//!   the frames the LB received (`lb0`'s tx_packets; TCP: by connections delivered) is the
+//!   LB's CPU per packet; it includes the thread's wake-ups and, as this kernel has no IRQ
+//!   time accounting, the interrupts that hit it. `lb0`'s `tx_dropped` counts frames the
+//!   LB's receive ring had no room for.
 //!   For lb, `kernel.bpf_stats_enabled=1` during its rounds adds `lb_xdp`'s own run time per
 //!   packet (`bpftool prog show`: run_time_ns / run_cnt); the sysctl is restored afterwards.
 //!
