@@ -988,9 +988,15 @@ fn measure(
     })
 }
 
+/// The middle value; for an even count (`--quick`'s two rounds) the mean of the middle two.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 fn spread(v: &[f64]) -> (f64, f64) {
