@@ -3,11 +3,13 @@
 //! - `cargo xtask run`: the self-contained demo in network namespaces.
 //! - `cargo xtask run -- FLAGS`: `lb run FLAGS` on this host (release build).
 //! - `cargo xtask test`: every test (unit, L7 on loopback, L4 in namespaces) plus fmt/clippy.
-//! - `cargo xtask bench xdp|control|l7`: the XDP, control-plane and L7 benchmarks.
+//! - `cargo xtask bench xdp|control|l7|l4|all`: the XDP, control-plane, L7 and L4 benchmarks,
+//!   or all of them in turn.
 //! - `cargo xtask prereqs`: check (and, as root, install) what the build needs.
 //!
 //! Every command checks the prerequisites first. This crate depends on nothing that needs
 //! them, so it builds on a fresh machine before they exist.
+mod bench_l4;
 mod bench_l7;
 
 use std::{
@@ -70,6 +72,31 @@ enum Bench {
         #[arg(long)]
         quick: bool,
     },
+    /// L4: lb_xdp (DSR) beside nftables DNAT through a namespace topology: UDP packets/s,
+    /// TCP connections/s, LB CPU per packet.
+    L4 {
+        /// Two short rounds (about a minute) instead of five.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Every suite in turn: xdp, l4, control, l7.
+    All {
+        /// Each suite's short form (about five minutes in all).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+impl Bench {
+    fn name(&self) -> &'static str {
+        match self {
+            Bench::Xdp { .. } => "xdp",
+            Bench::Control => "control",
+            Bench::L7 { .. } => "l7",
+            Bench::L4 { .. } => "l4",
+            Bench::All { .. } => "all",
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -104,9 +131,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Test { no_lint, filter } => test(&root, no_lint, filter.as_deref()),
-        Cmd::Bench {
-            which: Bench::Xdp { quick },
-        } => {
+        Cmd::Bench { which } => bench(&root, which),
+    }
+}
+
+fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
+    match which {
+        Bench::Xdp { quick } => {
             require_root("the XDP benchmark")?;
             let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "xdp"];
             if quick {
@@ -114,18 +145,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cargo(&args)
         }
-        Cmd::Bench {
-            which: Bench::L7 { quick },
-        } => {
+        Bench::L7 { quick } => {
             require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
             cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
-            bench_l7::run(&root, &target_dir(&root).join("release/lb"), quick)
+            bench_l7::run(root, &target_dir(root).join("release/lb"), quick)
         }
-        Cmd::Bench {
-            which: Bench::Control,
-        } => {
+        Bench::L4 { quick } => {
+            require_root("the L4 benchmark")?;
+            cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
+            bench_l4::run(&target_dir(root).join("release/lb"), quick)
+        }
+        Bench::Control => {
             require_root("the control-plane benchmark")?;
             cargo(&["bench", "-p", "lb-userspace", "--bench", "control"])
+        }
+        Bench::All { quick } => {
+            let suites = [
+                Bench::Xdp { quick },
+                Bench::L4 { quick },
+                Bench::Control,
+                Bench::L7 { quick },
+            ];
+            for suite in suites {
+                let name = suite.name();
+                println!(
+                    "\n=== cargo xtask bench {name}{}",
+                    if quick { " --quick" } else { "" }
+                );
+                bench(root, suite).with_context(|| format!("the {name} suite"))?;
+            }
+            Ok(())
         }
     }
 }
