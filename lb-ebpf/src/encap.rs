@@ -122,7 +122,7 @@ pub fn route(
 /// whole; RFC 8201 for IPv6 unless the room is below IPv6's minimum MTU), else drop. An ICMP
 /// error being forwarded never gets an ICMP answer (RFC 1122 §3.2.2, RFC 4443 §2.4 e.1).
 #[inline(always)]
-fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
+pub fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
     if pkt.icmp_error {
         return (DROP, Reason::DropMtu);
     }

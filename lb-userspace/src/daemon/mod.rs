@@ -231,6 +231,8 @@ async fn sweep_flows(
                 let inserts = maps.flow_inserts()?;
                 let now_ns = flows::monotonic_ns();
                 let (entries, expired) = maps.sweep_flows(now_ns, &timeouts)?;
+                // After the flows: a reverse entry whose flow just expired goes with it.
+                let nat_entries = maps.sweep_nat_reverse()?;
                 let prev = maps.flow_table_stats()?;
                 let stats = flows::account(
                     prev,
@@ -240,6 +242,7 @@ async fn sweep_flows(
                         expired,
                         entries,
                         now_ns,
+                        nat_entries,
                     },
                 );
                 maps.set_flow_table_stats(stats)?;
