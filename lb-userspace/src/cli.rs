@@ -88,9 +88,12 @@ pub struct RunArgs {
     #[arg(long = "lb-addr", value_name = "ADDR")]
     pub lb_addrs: Vec<std::net::IpAddr>,
 
-    /// An L4 virtual IP: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]`, PROTO
-    /// `tcp` or `udp`; PORT 0 = every port; IPv6 in brackets (repeatable).
-    /// Example: `--vip web=10.100.0.1:80/tcp`, `--vip web6=[2001:db8::1]:443/tcp`.
+    /// An L4 virtual IP: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]
+    /// [,mode=dsr|nat][,allow=CIDR|…][,deny=CIDR|…][,new-flow-rate=N|off][,new-flow-burst=M]`,
+    /// PROTO `tcp` or `udp`; PORT 0 = every port; IPv6 in brackets (repeatable). `mode=nat`
+    /// rewrites packets to the target (which may listen on another port) and needs the
+    /// balancer as the targets' gateway; the guards drop refused sources in XDP.
+    /// Example: `--vip web=10.100.0.1:80/tcp`, `--vip web6=[2001:db8::1]:443/tcp,mode=nat`.
     #[arg(long = "vip", value_name = "SPEC")]
     pub vips: Vec<String>,
 
@@ -293,6 +296,12 @@ pub enum DumpWhat {
     Backends,
     /// The flow table (5-tuple → backend).
     Flows,
+    /// The sources the new-flow rate limit dropped most (busiest first), per VIP.
+    Limited {
+        /// How many sources to show.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+    },
     /// The Maglev ring of one VIP, as slot counts per backend (`--slots` for every slot).
     Ring {
         /// The VIP: `ADDR:PORT/PROTO`.
