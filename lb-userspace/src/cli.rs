@@ -57,6 +57,9 @@ pub enum Command {
     Listeners(ListenersArgs),
     /// Describe, create, modify, delete and reorder listener rules of a running `lb run`.
     Rules(RulesArgs),
+    /// Describe and change the guards (source lists, new-flow rate) of the L4 VIPs of a
+    /// running `lb run` (admin API).
+    Vips(VipsArgs),
 }
 
 /// XDP attach mode.
@@ -415,6 +418,36 @@ pub enum GroupsAction {
     Delete {
         /// The group.
         name: String,
+    },
+}
+
+/// Flags of `lb vips`.
+#[derive(Debug, Args, Clone)]
+pub struct VipsArgs {
+    /// What to do (default: describe every VIP's guards).
+    #[command(subcommand)]
+    pub action: Option<VipsAction>,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `lb vips` verbs.
+#[derive(Debug, Subcommand, Clone)]
+pub enum VipsAction {
+    /// The mode and guards of one VIP, or of every VIP.
+    Guards {
+        /// The VIP: its name or `ADDR:PORT/PROTO`.
+        vip: Option<String>,
+    },
+    /// Change a VIP's guards at run time: `allow=CIDR|…`, `deny=CIDR|…` (empty: no list),
+    /// `new-flow-rate=N|off`, `new-flow-burst=M`; options not given stay as they are.
+    /// Example: `lb vips set-guards web deny=192.0.2.0/24,new-flow-rate=50`.
+    SetGuards {
+        /// The VIP: its name or `ADDR:PORT/PROTO`.
+        vip: String,
+        /// `OPTION=VALUE[,…]`.
+        options: String,
     },
 }
 

@@ -231,3 +231,63 @@ fn source_over_its_new_flow_rate_is_limited_while_others_and_its_established_flo
     );
     assert_eq!(guard_counter(&topo, label, "drop_denied"), 0);
 }
+
+#[test]
+fn guards_change_at_run_time_through_the_admin_cli() {
+    let vip = SocketAddr::from((Ipv4Addr::new(10, 100, 0, 8), 53));
+    let label = "10.100.0.8:53/udp";
+    let topo = topology(VipSpec::udp("dns", vip.ip(), vip.port()).option("mode=nat"));
+    let ask = |src: Ipv4Addr, port: u16| {
+        topo.in_client(move || {
+            let s = flow(SocketAddr::from((src, port)), vip);
+            answer(&s, "hello", ANSWER).is_some()
+        })
+        .expect("client namespace")
+    };
+    // No guards: both sources served.
+    assert!(ask(CLIENT_ADDR, 46_000) && ask(SECOND_CLIENT_ADDR, 46_000));
+
+    let out = topo
+        .admin_cli(
+            0,
+            &[
+                "vips",
+                "set-guards",
+                "dns",
+                &format!("deny={SECOND_CLIENT_ADDR}/32"),
+            ],
+        )
+        .expect("lb vips set-guards");
+    assert!(out.contains("deny=10.0.0.254/32"), "{out}");
+    // A new flow and the established one of the denied source are dropped; the other
+    // source (positive control) is served.
+    topo.in_client(|| {
+        for port in [46_000, 46_001] {
+            flow(SocketAddr::from((SECOND_CLIENT_ADDR, port)), vip)
+                .send(b"denied")
+                .expect("send");
+        }
+    })
+    .expect("client namespace");
+    assert!(ask(CLIENT_ADDR, 46_001), "the other source is still served");
+    wait_counter(&topo, label, "drop_denied", 2);
+
+    // Bad input is refused with the option named, and changes nothing.
+    let err = topo
+        .admin_cli(0, &["vips", "set-guards", "dns", "deny=10.0.0.0/33"])
+        .expect_err("a bad CIDR is refused");
+    assert!(format!("{err:#}").contains("10.0.0.0/33"), "{err:#}");
+    let shown = topo
+        .admin_cli(0, &["vips", "guards", "dns"])
+        .expect("lb vips guards");
+    assert!(shown.contains("deny=10.0.0.254/32"), "{shown}");
+
+    // Lifted: served again.
+    topo.admin_cli(0, &["vips", "set-guards", "dns", "deny="])
+        .expect("lb vips set-guards");
+    assert!(
+        ask(SECOND_CLIENT_ADDR, 46_002),
+        "served once the deny list is gone"
+    );
+    assert_eq!(guard_counter(&topo, label, "drop_denied"), 2);
+}
