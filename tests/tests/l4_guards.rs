@@ -230,6 +230,22 @@ fn source_over_its_new_flow_rate_is_limited_while_others_and_its_established_flo
         u64::from(burst) - answered,
     );
     assert_eq!(guard_counter(&topo, label, "drop_denied"), 0);
+
+    // `lb dump limited` names the busy source, with the same count, and not the calm one.
+    let pin = topo.lb(0).pin_path.to_string_lossy().into_owned();
+    let dump = topo
+        .lb_cli(["dump", "limited", "--pin-path", &pin, "--json"])
+        .expect("lb dump limited");
+    let rows: Value = serde_json::from_str(&dump).expect("JSON");
+    let rows = rows.as_array().expect("an array");
+    assert_eq!(rows.len(), 1, "one limited source: {dump}");
+    assert_eq!(rows[0]["source"], SECOND_CLIENT_ADDR.to_string(), "{dump}");
+    assert_eq!(rows[0]["vip"], label, "{dump}");
+    assert_eq!(
+        rows[0]["new_flows_dropped"].as_u64(),
+        Some(u64::from(burst) - answered),
+        "{dump}"
+    );
 }
 
 #[test]
