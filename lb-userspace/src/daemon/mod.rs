@@ -267,7 +267,8 @@ async fn sweep_flows(
 /// Warns when data-path health checks of a VIP would not leave through an interface that
 /// runs `lb_hc_encap` (they would reach the wrong backend, or none).
 fn check_probe_routes(vips: &[VipSpec], ifaces: &[String]) {
-    for v in vips {
+    // NAT VIPs' targets are checked directly, not through the data path.
+    for v in vips.iter().filter(|v| v.mode == crate::l4::VipMode::Dsr) {
         match host::route_to(v.vip.addr, Some(lb_common::LB_HC_MARK_BASE)) {
             Some((dev, _)) if ifaces.contains(&dev) => {}
             Some((dev, _)) => tracing::warn!(
