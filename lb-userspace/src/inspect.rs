@@ -80,6 +80,8 @@ fn flow_table_json(maps: &Maps) -> anyhow::Result<Value> {
         "expired": s.expired,
         "deleted": s.deleted,
         "evicted_live": s.evicted_live,
+        // NAT: reverse (reply) entries after the last sweep, one per live NAT flow.
+        "nat_reverse_entries": s.nat_entries,
         "swept_s_ago": (s.swept_ns != 0).then(|| now.saturating_sub(s.swept_ns) as f64 / 1e9),
     }))
 }
@@ -245,7 +247,7 @@ fn limited_json(maps: &Maps, top: usize) -> anyhow::Result<Value> {
             }),
         ));
     }
-    rows.sort_by(|a, b| b.0.cmp(&a.0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
     Ok(Value::Array(
         rows.into_iter().take(top).map(|(_, v)| v).collect(),
     ))

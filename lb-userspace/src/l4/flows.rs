@@ -88,6 +88,7 @@ mod tests {
                 expired: 10,
                 entries: 60,
                 now_ns: 7,
+                nat_entries: 0,
             },
         );
         assert_eq!(
