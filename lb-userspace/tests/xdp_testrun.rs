@@ -3326,3 +3326,97 @@ fn nat_rewrites_to_the_target_and_back_with_every_checksum_correct() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Guards: source lists, before any state.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn guard_lists_drop_refused_sources_of_both_families_before_any_state_and_count_them() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let vip4 = Ipv4Addr::new(198, 51, 100, 1);
+        let vip6 = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+        let guards = |opts: &str| {
+            lb::l4::GuardChange::from_options(opts)
+                .unwrap()
+                .apply(&lb::l4::Guards::default())
+                .unwrap()
+        };
+        let mut spec4 = VipSpec::new(
+            None,
+            VipAddr {
+                addr: vip4.into(),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+        );
+        spec4.guards = guards("allow=192.0.2.0/24,deny=192.0.2.128/25");
+        let web4 = lb.add_vip_spec(spec4, &[backend(11)]);
+        let mut spec6 = VipSpec::new(
+            None,
+            VipAddr {
+                addr: vip6.into(),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+        );
+        spec6.guards = guards("deny=2001:db8:bad::/48");
+        let web6 = lb.add_vip_spec(spec6, &[backend6(12)]);
+        // A VIP without guards next to them: unaffected.
+        let open = lb.add_vip(vip4, 81, Proto::Tcp, &[backend(13)]);
+
+        let from4 = |src: Ipv4Addr, port: u16| {
+            Frame {
+                src,
+                ..tcp(vip4, port)
+            }
+            .build()
+        };
+        let from6 = |src: Ipv6Addr| {
+            Frame6 {
+                src,
+                ..tcp6(vip6, 80)
+            }
+            .build()
+        };
+        // Positive controls: listed, not denied.
+        lb.run_encap(&from4(Ipv4Addr::new(192, 0, 2, 1), 80), backend(11));
+        lb.run_encap(&from6(CLIENT6), backend6(12));
+        // Refused: each dropped unmodified with its reason, no flow created.
+        let flows_before = lb.maps().flows.keys().count();
+        lb.run_untouched(
+            &from4(Ipv4Addr::new(192, 0, 2, 200), 80),
+            XDP_DROP,
+            Reason::DropDenied,
+        );
+        lb.run_untouched(
+            &from4(Ipv4Addr::new(203, 0, 113, 9), 80),
+            XDP_DROP,
+            Reason::DropNotAllowed,
+        );
+        lb.run_untouched(
+            &from4(Ipv4Addr::new(203, 0, 113, 9), 80),
+            XDP_DROP,
+            Reason::DropNotAllowed,
+        );
+        let bad6 = Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 1, 0, 0, 0, 7);
+        lb.run_untouched(&from6(bad6), XDP_DROP, Reason::DropDenied);
+        assert_eq!(lb.maps().flows.keys().count(), flows_before, "no state");
+        // The same sources to the VIP without guards pass.
+        lb.run_encap(&from4(Ipv4Addr::new(203, 0, 113, 9), 81), backend(13));
+
+        let g4 = lb.maps().guard_counters(lb.vip_id(&web4)).unwrap();
+        assert_eq!((g4.denied, g4.not_allowed, g4.rate_limited), (1, 2, 0));
+        let g6 = lb.maps().guard_counters(lb.vip_id(&web6)).unwrap();
+        assert_eq!((g6.denied, g6.not_allowed, g6.rate_limited), (1, 0, 0));
+        let go = lb.maps().guard_counters(lb.vip_id(&open)).unwrap();
+        assert_eq!((go.denied, go.not_allowed), (0, 0));
+
+        // Lifting the deny list at run time lets the source in.
+        lb.registry
+            .set_guards(&web6, lb::l4::Guards::default())
+            .expect("set_guards");
+        lb.run_encap(&from6(bad6), backend6(12));
+    });
+}
