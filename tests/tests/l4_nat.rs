@@ -209,6 +209,10 @@ fn nat_udp_vip_answers_from_the_vip_port() {
         u64::from(flows),
         "{doc:#}"
     );
+    assert!(
+        stats::sum(&doc, "nat_reply", "") > 0,
+        "replies translated by lb_xdp: {doc:#}"
+    );
     assert_eq!(stats::nonzero_drops(&doc), vec![], "{doc:#}");
 }
 
@@ -250,5 +254,9 @@ fn nat_ipv6_vip_reaches_plain_ipv6_backends_that_see_the_client() {
         .expect("client namespace");
     assert_eq!(tally(answers).len(), 2, "both backends served");
     let doc = topo.stats_json(0).expect("lb stats --json");
+    assert!(
+        stats::sum(&doc, "nat_reply", "") > 0,
+        "replies translated by lb_xdp: {doc:#}"
+    );
     assert_eq!(stats::nonzero_drops(&doc), vec![], "{doc:#}");
 }
