@@ -260,3 +260,40 @@ fn nat_ipv6_vip_reaches_plain_ipv6_backends_that_see_the_client() {
     );
     assert_eq!(stats::nonzero_drops(&doc), vec![], "{doc:#}");
 }
+
+#[test]
+fn nat_connection_survives_sigkill_and_a_restart_that_adopts_the_maps() {
+    let vip = VipSpec::tcp("web", VIP, 80).nat_to_port(8080);
+    let mut topo = Topology::builder()
+        .backends(2)
+        .nat(true)
+        .vip(vip.clone())
+        .build()
+        .expect("building the topology");
+    topo.serve_tcp_peer(8080).expect("servers on :8080");
+    let dst = SocketAddr::from((VIP, 80));
+    let mut conn = topo
+        .in_client(|| BufReader::new(client::tcp_connect_from(0, dst, WAIT).expect("connect")))
+        .expect("client namespace");
+    let (first, peer) = who(&mut conn);
+    assert_eq!(peer_ip(&peer), IpAddr::V4(CLIENT_ADDR));
+
+    // lb run dies: lb_xdp stays attached with its maps, both directions keep translating.
+    topo.kill_lb(0).expect("SIGKILL");
+    assert_eq!(who(&mut conn).0, first, "served while no lb run is running");
+    // A new lb run adopts the maps (flow table and reverse entries).
+    topo.restart_lb(0, std::slice::from_ref(&vip), &[])
+        .expect("restart");
+    let (again, peer) = who(&mut conn);
+    assert_eq!(again, first, "the connection stays on its backend");
+    assert_eq!(peer_ip(&peer), IpAddr::V4(CLIENT_ADDR));
+    // New connections too.
+    let fresh = topo
+        .in_client(|| {
+            let s = client::tcp_connect_from(0, dst, WAIT).expect("connect after restart");
+            who(&mut BufReader::new(s)).0
+        })
+        .expect("client namespace");
+    assert!(fresh.starts_with("backend-"), "{fresh}");
+    topo.processes_alive().expect("lb running");
+}
