@@ -519,10 +519,16 @@ fn print_check(cfg: &Config) {
         );
         for b in cfg.registry.vips() {
             let name = b.spec.name.as_deref().unwrap_or("-");
+            let guards = if b.spec.guards.is_empty() {
+                "no guards".to_owned()
+            } else {
+                b.spec.guards.to_options()
+            };
             println!(
-                "  VIP {} ({name}) → target group {}, idle timeout {} s",
+                "  VIP {} ({name}) → target group {}, {}, idle timeout {} s, {guards}",
                 b.spec.vip,
                 b.group,
+                b.spec.mode,
                 b.spec.idle_timeout.as_secs()
             );
         }
