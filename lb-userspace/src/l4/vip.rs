@@ -157,7 +157,8 @@ impl VipAddr {
             (vp, Some(p)) if p == vp => Ok(p),
             (vp, Some(p)) => Err(format!(
                 "port {p} differs from the VIP port {vp}: with direct server return the \
-                 backend receives the packet unchanged, so it must listen on the VIP port (or give the VIP mode=nat)"
+                 backend receives the packet unchanged, so it must listen on the VIP port \
+                 (or give the VIP mode=nat)"
             )),
         }
     }
