@@ -4,6 +4,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use lb::cli::{Cli, Command, LogFormat};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);

@@ -185,14 +185,21 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-async fn proxy() -> (target::Target, support::Proxy) {
-    let t = target::http1()
-        .route("/ok", Reply::text("fine"))
-        .route("/", Reply::Hang)
-        .run()
+/// The proxy, the attack's target (every request hangs) and, apart from it, the well-behaved
+/// client's target (`/ok`), so the attack target's hits are the attack's requests only.
+async fn proxy() -> (target::Target, support::Proxy, target::Target) {
+    let t = target::http1().route("/", Reply::Hang).run().await;
+    let ok = target::http1().route("/", Reply::text("fine")).run().await;
+    let p = ProxyBuilder::new()
+        .group("attack", &[t.addr])
+        .group("ok", &[ok.addr])
+        .rules(&[
+            "web,priority=1,path=/ok,forward=ok",
+            "web,default,forward=attack",
+        ])
+        .start()
         .await;
-    let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
-    (t, p)
+    (t, p, ok)
 }
 
 /// Runs `attack` against the proxy while a well-behaved client keeps asking; checks that the
@@ -237,7 +244,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_in_bursts_gets_goaway_and_stays_bounded() {
-    let (t, p) = proxy().await;
+    let (t, p, _ok) = proxy().await;
     // HEADERS + RST_STREAM(CANCEL) for 100 streams per write, as fast as the socket takes it,
     // for up to a million streams.
     let (seen, sent) = under_attack(&p, "rapid reset (bursts)", |mut wr| async move {
@@ -280,10 +287,12 @@ async fn rapid_reset_in_bursts_gets_goaway_and_stays_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_of_accepted_streams_is_detected_and_closed() {
-    let (t, p) = proxy().await;
-    // Keep ten streams open, cancelling the oldest whenever a new one is opened, with a short
-    // pause between pairs: the proxy has accepted each stream (and started forwarding it to
-    // the hanging target) before it is cancelled, so h2's pending-accept limit never applies.
+    let (t, p, _ok) = proxy().await;
+    // Keep ten streams open, cancelling the oldest whenever a new one is opened, and cancel a
+    // stream only once its request has reached the hanging target: the proxy has accepted
+    // every stream before it is cancelled, so h2's pending-accept limit never applies, however
+    // slowly the proxy runs.
+    let forwarded = t.hits.clone();
     let (seen, sent) = under_attack(&p, "rapid reset (accepted streams)", |mut wr| async move {
         let mut opened = 0u32;
         while opened < 100_000 {
@@ -295,6 +304,16 @@ async fn rapid_reset_of_accepted_streams_is_detected_and_closed() {
                 &get_block("/slow"),
             );
             if opened >= 10 {
+                let oldest = usize::try_from(opened - 10).expect("small");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while forwarded.load(Ordering::SeqCst) <= oldest {
+                    if Instant::now() > deadline {
+                        // The proxy no longer forwards this connection's streams: judged
+                        // abusive (the assertions below say whether it was).
+                        return usize::try_from(opened).expect("small");
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 pair.extend(frame(RST_STREAM, 0, stream - 20, &CANCEL.to_be_bytes()));
             }
             if wr.write_all(&pair).await.is_err() {
@@ -324,7 +343,7 @@ async fn rapid_reset_of_accepted_streams_is_detected_and_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_flood_gets_goaway_before_it_costs_memory() {
-    let (_t, p) = proxy().await;
+    let (_t, p, _ok) = proxy().await;
     // A HEADERS frame without END_HEADERS that starts a 16 MiB header value, then CONTINUATION
     // frames of 16 KiB carrying more of it, never ending the header block.
     let frames_sent = Arc::new(AtomicUsize::new(0));
@@ -373,7 +392,7 @@ async fn a_continuation_flood_gets_goaway_before_it_costs_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_continuation_frames_are_counted_too() {
-    let (_t, p) = proxy().await;
+    let (_t, p, _ok) = proxy().await;
     // Empty CONTINUATION frames cost nothing to send and no memory to hold, only work: their
     // number is what h2 limits.
     let (seen, sent) = under_attack(&p, "empty CONTINUATION frames", |mut wr| async move {
@@ -409,7 +428,7 @@ async fn tiny_continuation_frames_are_counted_too() {
 /// a plain GET on it is answered (else a GOAWAY above could be a protocol error of ours).
 #[tokio::test]
 async fn the_hand_written_client_is_answered_when_it_behaves() {
-    let (_t, p) = proxy().await;
+    let (_t, p, _ok) = proxy().await;
     let (mut rd, mut wr) = handshake(p.addr).await;
     wr.write_all(&frame(
         HEADERS,

@@ -1,7 +1,8 @@
 //! Every status the load balancer generates, each produced by a real failure on loopback.
 mod support;
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -345,4 +346,90 @@ async fn keep_alive_connection_serves_several_requests() {
     })
     .await;
     assert_eq!(t.hits(), 2);
+}
+
+/// A target that reads request heads and answers each with 200, `extra` header fields of its own
+/// and, as the body, the number of header fields it received. Returns its address and the
+/// number of requests it answered.
+async fn header_counting_target(extra: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // Lines between the request line and the empty line.
+                let fields = String::from_utf8_lossy(&head).split("\r\n").count() - 3;
+                let body = fields.to_string();
+                let mut reply = b"HTTP/1.1 200 OK\r\nConnection: close\r\n".to_vec();
+                for i in 0..extra {
+                    reply.extend_from_slice(format!("X-R{i}: v\r\n").as_bytes());
+                }
+                reply.extend_from_slice(
+                    format!("Content-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+                );
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = tcp.write_all(&reply).await;
+            });
+        }
+    });
+    (addr, answered)
+}
+
+/// A request with `Host`, `Connection: close` and `fields - 2` more header fields.
+fn request_with_fields(fields: usize) -> Vec<u8> {
+    let mut req = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();
+    for i in 0..fields - 2 {
+        req.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    req
+}
+
+#[tokio::test]
+async fn a_request_with_100_header_fields_passes_and_one_with_101_is_400() {
+    let (addr, answered) = header_counting_target(0).await;
+    let p = ProxyBuilder::forward_to(&[addr]).start().await;
+    let out = raw(p.addr, &request_with_fields(100)).await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    let seen: usize = out
+        .rsplit("\r\n\r\n")
+        .next()
+        .and_then(|b| b.parse().ok())
+        .expect("the target's count");
+    // The client's 100 and the X-Forwarded-* and X-Amzn-Trace-Id fields the balancer adds.
+    assert!(seen > 100, "the target saw {seen} header fields");
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+
+    let out = raw(p.addr, &request_with_fields(101)).await;
+    assert_eq!(status_of(&out), 400, "{out}");
+    assert_eq!(answered.load(Ordering::SeqCst), 1, "never forwarded");
+}
+
+#[tokio::test]
+async fn a_response_with_100_header_fields_passes_and_one_with_101_is_502() {
+    // The target's own fields are Connection and Content-Length, plus `extra`.
+    let (addr, answered) = header_counting_target(98).await;
+    let p = ProxyBuilder::forward_to(&[addr]).start().await;
+    let got = get(p.addr, "/").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+
+    let (addr, answered) = header_counting_target(99).await;
+    let p = ProxyBuilder::forward_to(&[addr]).start().await;
+    let got = get(p.addr, "/").await;
+    assert_eq!(got.status, 502);
+    assert_eq!(answered.load(Ordering::SeqCst), 1, "the target did answer");
 }

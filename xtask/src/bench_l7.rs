@@ -14,8 +14,8 @@
 //! - `lb+log`: `lb` again with its ALB-format access log on (written to a file), so the cost
 //!   of logging shows beside `lb` without it (counting is always on).
 //!
-//! A proxy's CPU time is read from `/proc` for every process of it (nginx: master and
-//! workers) before and after each run. Ratios within a round are the headline; rounds give
+//! A proxy's CPU time (user and system) is read from `/proc` for every process of it (nginx:
+//! master and workers) before and after each run. Ratios within a round are the headline; rounds give
 //! the spread. Peers' settings are written out in BENCHMARKS.md.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -89,9 +89,12 @@ impl Running {
         pids
     }
 
-    /// User + system CPU seconds of the process and its children processes.
-    fn cpu_seconds(&self) -> f64 {
-        self.pids().into_iter().map(cpu_of).sum()
+    /// (user, system) CPU seconds of the process and its children processes.
+    fn cpu_seconds(&self) -> (f64, f64) {
+        self.pids()
+            .into_iter()
+            .map(cpu_of)
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// Resident memory of the main process, in MiB.
@@ -129,20 +132,20 @@ fn ppid(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn cpu_of(pid: u32) -> f64 {
+/// (user, system) CPU seconds of one process.
+fn cpu_of(pid: u32) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of stat; here, after the name, 12 and 13 (0-based 11, 12).
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz
+    (ticks(11) / hz, ticks(12) / hz)
 }
 
 fn have(cmd: &str) -> bool {
@@ -378,6 +381,9 @@ fn start_proxy(
 struct Sample {
     rps: f64,
     per_cpu_s: f64,
+    /// The proxy's user and system CPU time per request, in µs.
+    user_us: f64,
+    sys_us: f64,
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
@@ -514,12 +520,16 @@ fn measure(f: Figure, p: &Proxy, proxy: &Running, seconds: u64) -> anyhow::Resul
             true,
         )?,
     };
-    let cpu = proxy.cpu_seconds() - before;
-    s.per_cpu_s = if cpu > 0.0 {
-        s.rps * seconds as f64 / cpu
+    let after = proxy.cpu_seconds();
+    let (user, sys) = (after.0 - before.0, after.1 - before.1);
+    let requests = s.rps * seconds as f64;
+    s.per_cpu_s = if user + sys > 0.0 {
+        requests / (user + sys)
     } else {
         f64::NAN
     };
+    s.user_us = user * 1e6 / requests;
+    s.sys_us = sys * 1e6 / requests;
     Ok(s)
 }
 
@@ -597,15 +607,19 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
                 if p.name == "lb" && f == Figure::H1KeepAlive {
                     lb_rss.1 = proxy.rss_mib();
                 }
+                // h2load reports no percentiles.
+                let latency = if f == Figure::H2Tls {
+                    String::new()
+                } else {
+                    format!("  p50 {:>6.2} ms  p99 {:>6.2} ms", s.p50_ms, s.p99_ms)
+                };
                 eprintln!(
-                    "  round {} {:<12} {:<8} {:>9.0} req/s {:>9.0} req/CPU-s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}",
+                    "  round {} {:<12} {:<8} {:>9.0} req/s {:>9.0} req/CPU-s{latency}  errors {}",
                     round + 1,
                     format!("{f:?}"),
                     p.name,
                     s.rps,
                     s.per_cpu_s,
-                    s.p50_ms,
-                    s.p99_ms,
                     s.errors
                 );
                 results.entry((f, p.name)).or_default().push(s);
@@ -618,10 +632,11 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
         let _ = writeln!(table, "{}", f.label());
         let _ = writeln!(
             table,
-            "  {:<8} {:>12} {:>18} {:>10} {:>10} {:>7}   {:>22}",
+            "  {:<8} {:>12} {:>18} {:>14} {:>10} {:>10} {:>7}   {:>22}",
             "proxy",
             "req/s",
             "req per CPU-s",
+            "µs/req usr+sys",
             "p50 ms",
             "p99 ms",
             "errors",
@@ -653,10 +668,15 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
             };
             let _ = writeln!(
                 table,
-                "  {:<8} {:>12} {:>18} {:>10} {:>10} {:>7}   {:>22}",
+                "  {:<8} {:>12} {:>18} {:>14} {:>10} {:>10} {:>7}   {:>22}",
                 p.name,
                 format!("{} ({})", k(median(rps.clone())), range(&rps)),
                 format!("{} ({})", k(median(per.clone())), range(&per)),
+                format!(
+                    "{:.1}+{:.1}",
+                    median(v.iter().map(|s| s.user_us).collect()),
+                    median(v.iter().map(|s| s.sys_us).collect())
+                ),
                 lat(|s| s.p50_ms),
                 lat(|s| s.p99_ms),
                 v.iter().map(|s| s.errors).sum::<u64>(),

@@ -723,7 +723,9 @@ pub async fn serve(
 pub(crate) const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// hyper settings shared by all listeners: header limits as ALB (the sniffer enforces them
-/// exactly for HTTP/1; hyper's own limits are set above them so they never fire first), and
+/// exactly for HTTP/1; hyper's own limits are set above them so they never fire first: its
+/// default of 100 header fields is [`sniff::MAX_HEADER_COUNT`], left unset because setting any
+/// count moves hyper's header slots to the heap), and
 /// HTTP/2 settings chosen against resource-exhaustion attacks.
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -732,7 +734,6 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         // The sniffer enforces `header-timeout` with ALB's 408; hyper's own timeout would close
         // without a response.
         .header_read_timeout(None)
-        .max_headers(sniff::MAX_HEADER_COUNT + 8)
         .max_buf_size(2 * sniff::MAX_HEADERS_TOTAL + 2 * sniff::MAX_LINE);
     b.http2()
         .timer(TokioTimer::new())

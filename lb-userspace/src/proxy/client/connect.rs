@@ -18,11 +18,6 @@ use super::{ClientConfig, Conn, ProxyBody, Target};
 use crate::proxy::error::{ProxyError, TargetTlsError};
 use crate::proxy::pool::{ConnId, ConnShared, DriverAction, H1Conn, H2Conn, TargetPool};
 
-/// Most response header lines accepted (hyper's default is 100). The byte limit
-/// ([`ClientConfig::max_response_header_bytes`]) is what ALB enforces; this only has to be
-/// high enough not to be the limit first.
-const MAX_RESPONSE_HEADERS: usize = 1024;
-
 /// Connects to `target` (TCP with `TCP_NODELAY`, TLS if configured, HTTP handshake) within the
 /// connect timeout, and starts the connection's driver task.
 pub(super) async fn connect(
@@ -93,9 +88,11 @@ async fn establish(target: &Target, config: &ClientConfig) -> Result<Conn, Proxy
         target.pool.set_h2(&conn);
         Ok(Conn::H2(conn))
     } else {
+        // The byte limit is ALB's. The count stays at hyper's default (100 header fields, as
+        // Envoy's; more is a 502): any explicit count makes hyper allocate and fill two arrays
+        // of header slots for every response.
         let (sender, connection) = http1::Builder::new()
             .max_header_size(config.max_response_header_bytes)
-            .max_headers(MAX_RESPONSE_HEADERS)
             .handshake::<_, ProxyBody>(io)
             .await
             .map_err(|e| connect_error(addr, e))?;
