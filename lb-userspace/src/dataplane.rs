@@ -247,11 +247,31 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
             what: format!("{name} is not an XDP program"),
             source,
         })?;
-    prog.load().map_err(|source| DataplaneError::Program {
+    retry_eagain(|| prog.load()).map_err(|source| DataplaneError::Program {
         what: format!("loading {name} (verifier)"),
         source,
     })?;
     Ok(prog)
+}
+
+/// Runs a program load again when the kernel answers EAGAIN: the verifier gives up with it
+/// when a signal arrives while it works (kernel/bpf/verifier.c checks `signal_pending`), which
+/// a busy multi-threaded process sees now and then; libbpf retries such loads the same way.
+/// Bounded: five attempts.
+fn retry_eagain(
+    mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
+) -> std::result::Result<(), aya::programs::ProgramError> {
+    let mut attempts = 5;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts > 1 =>
+            {
+                attempts -= 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 fn ifindex(iface: &str) -> Result<u32> {
@@ -940,12 +960,11 @@ impl Balancer {
         };
         let loaded = load_object(sizes, pin_dir).and_then(|mut ebpf| {
             xdp_program(&mut ebpf, names::PROG_XDP)?;
-            hc_program(&mut ebpf)?
-                .load()
-                .map_err(|source| DataplaneError::Program {
-                    what: format!("loading {} (verifier)", names::PROG_HC_ENCAP),
-                    source,
-                })?;
+            let hc = hc_program(&mut ebpf)?;
+            retry_eagain(|| hc.load()).map_err(|source| DataplaneError::Program {
+                what: format!("loading {} (verifier)", names::PROG_HC_ENCAP),
+                source,
+            })?;
             Ok(ebpf)
         });
         let ebpf = match loaded {
