@@ -254,10 +254,9 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     Ok(prog)
 }
 
-/// Runs a program load again when the kernel answers EAGAIN: the verifier gives up with it
-/// when a signal arrives while it works (kernel/bpf/verifier.c checks `signal_pending`), which
-/// a busy multi-threaded process sees now and then; libbpf retries such loads the same way.
-/// Bounded: five attempts.
+/// Runs a program load again when the kernel answers EAGAIN, a transient refusal (seen twice
+/// in one loaded test run, with a verifier log that ended normally); libbpf retries
+/// `BPF_PROG_LOAD` on EAGAIN the same way. Bounded: five attempts.
 fn retry_eagain(
     mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
 ) -> std::result::Result<(), aya::programs::ProgramError> {
