@@ -300,3 +300,45 @@ fn health_checks_through_the_data_path_work_over_ipv6_encapsulation() {
         vec![topo.backend(0).name.clone()]
     );
 }
+
+#[test]
+fn a_backend_without_lb_decap_is_named_as_such_over_ipv6_encapsulation() {
+    let vip4 = Ipv4Addr::new(10, 100, 0, 1);
+    let mut topo = Topology::builder()
+        .backends(2)
+        .vip(
+            VipSpec::tcp("web6", VIP6, PORT)
+                .ipv6_targets()
+                .group_options(CHECKS),
+        )
+        .vip(
+            VipSpec::tcp("web4", vip4, 81)
+                .ipv6_targets()
+                .group_options(CHECKS),
+        )
+        .build()
+        .expect("building the topology");
+    topo.serve_tcp_lines(PORT).expect("servers");
+    topo.serve_tcp_lines(81).expect("servers");
+    topo.stop_decap(1).expect("stopping backend-2's lb decap");
+    let (b0, b1) = (
+        IpAddr::from(topo.backend(0).addr6),
+        IpAddr::from(topo.backend(1).addr6),
+    );
+    // IPv6-in-IPv6 and IPv4-in-IPv6 probes: backend-2's kernel answers both with ICMPv6
+    // parameter problem (unrecognised next header). Backend-1, with lb decap, is the control.
+    for group in ["web6", "web4"] {
+        wait_states(&topo, group, &[(b0, "healthy"), (b1, "unhealthy")]);
+        let rows = topo
+            .target_health(0, Some(group))
+            .expect("lb targets health");
+        let r = health::of(&rows, b1).expect("listed");
+        let description = r.description.clone().unwrap_or_default();
+        assert!(
+            description.contains("does not decapsulate IP-in-IPv6")
+                && description.contains("lb decap"),
+            "{group}: {r:?}"
+        );
+        println!("{group}: {description}");
+    }
+}

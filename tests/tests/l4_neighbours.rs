@@ -107,3 +107,63 @@ fn an_operators_permanent_neighbour_entry_is_kept_and_used_and_lb_only_removes_i
         "lb removed the entry it created"
     );
 }
+
+#[test]
+fn managed_entries_a_crashed_run_created_are_removed_by_the_next_clean_shutdown() {
+    // No static entries: lb run adds a managed one for each backend.
+    let mut topo = Topology::builder()
+        .backends(2)
+        .vip(VipSpec::tcp("web", VIP, 80))
+        .build()
+        .expect("building the topology");
+    topo.serve_tcp_lines(80).expect("servers");
+    let lb_ns = topo.lb(0).node.ns.clone();
+    let (be1, be2) = (topo.backend(0).clone(), topo.backend(1).clone());
+    for be in [&be1, &be2] {
+        let e = neigh(&lb_ns, be.addr);
+        assert!(e.contains("managed"), "lb run added a managed entry: {e}");
+    }
+
+    // A crash leaves them (nothing runs at SIGKILL).
+    topo.kill_lb(0).expect("SIGKILL");
+    for be in [&be1, &be2] {
+        assert!(neigh(&lb_ns, be.addr).contains("managed"));
+    }
+    // Meanwhile the operator replaces backend-2's with a permanent entry of their own.
+    run_in(
+        &lb_ns,
+        "ip",
+        [
+            "neigh",
+            "replace",
+            &be2.addr.to_string(),
+            "lladdr",
+            &mac_of(be2.addr),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )
+    .expect("the operator's entry");
+    let operators = neigh(&lb_ns, be2.addr);
+    assert!(!operators.contains("managed"), "{operators}");
+
+    let vips = topo.vips().to_vec();
+    topo.restart_lb(0, &vips, &[]).expect("restarting lb run");
+    let vip = SocketAddrV4::new(VIP, 80);
+    topo.in_client(|| client::ask_tcp(41_500, vip).expect("a connection through the VIP"))
+        .expect("client namespace");
+    let status = topo.stop_lb(0).expect("stopping lb run");
+    assert!(status.success(), "lb run exited with {status}");
+    assert_eq!(
+        neigh(&lb_ns, be1.addr),
+        "",
+        "the entry the crashed run created is removed by the next clean shutdown"
+    );
+    assert_eq!(
+        neigh(&lb_ns, be2.addr),
+        operators,
+        "the entry the operator wrote meanwhile is untouched"
+    );
+}

@@ -632,7 +632,7 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
         let _ = writeln!(table, "{}", f.label());
         let _ = writeln!(
             table,
-            "  {:<8} {:>12} {:>18} {:>14} {:>10} {:>10} {:>7}   {:>22}",
+            "  {:<8} {:>20} {:>20} {:>15} {:>7} {:>7} {:>6}   {:>22}",
             "proxy",
             "req/s",
             "req per CPU-s",
@@ -668,7 +668,7 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
             };
             let _ = writeln!(
                 table,
-                "  {:<8} {:>12} {:>18} {:>14} {:>10} {:>10} {:>7}   {:>22}",
+                "  {:<8} {:>20} {:>20} {:>15} {:>7} {:>7} {:>6}   {:>22}",
                 p.name,
                 format!("{} ({})", k(median(rps.clone())), range(&rps)),
                 format!("{} ({})", k(median(per.clone())), range(&per)),

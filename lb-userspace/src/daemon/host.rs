@@ -1,6 +1,7 @@
 //! The host's networking as `lb run` sees it: interface addresses, routes, and the neighbour
 //! entries `bpf_fib_lookup` needs (ARP for IPv4, neighbour discovery for IPv6).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Addresses of `iface`, IPv4 and IPv6, in the order the kernel lists them. IPv6 link-local
@@ -104,13 +105,94 @@ pub fn parse_neigh(line: &str) -> NeighState {
 /// it is: a permanent entry the operator wrote for a next hop that does not answer ARP must
 /// not be replaced by one that never resolves. At shutdown only the entries `lb` created are
 /// deleted.
+///
+/// The entries created are also written to a record file (next to the admin socket), so that
+/// a run after a crash or after `--keep-dataplane` knows which of the managed entries it finds
+/// are `lb`'s: it takes them over and removes them at its own clean shutdown. A recorded entry
+/// that is no longer `managed` (the operator replaced it meanwhile) is not taken over.
 #[derive(Debug, Default)]
 pub struct Neighbours {
     /// (address, device) entries we created, deleted again at shutdown.
     created: Vec<(IpAddr, String)>,
+    /// Where `created` is recorded; `None`: nowhere.
+    record: Option<PathBuf>,
+}
+
+/// The record of the neighbour entries an `lb run` with this admin socket created.
+pub fn neighbour_record(admin_socket: &Path) -> PathBuf {
+    let mut p = admin_socket.as_os_str().to_owned();
+    p.push(".neighbours");
+    PathBuf::from(p)
+}
+
+/// The line `ip neigh show` prints for `hop` on `dev` (empty: no entry), or `None` if the
+/// table cannot be read.
+fn show_neigh(hop: IpAddr, dev: &str) -> Option<String> {
+    let o = Command::new("ip")
+        .args([
+            family_flag(hop),
+            "neigh",
+            "show",
+            &hop.to_string(),
+            "dev",
+            dev,
+        ])
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_owned())
 }
 
 impl Neighbours {
+    /// Neighbour entries recorded in `record`: those a previous run recorded that are still
+    /// `managed` are taken over as this run's own.
+    pub fn with_record(record: PathBuf) -> Self {
+        let mut n = Self {
+            created: Vec::new(),
+            record: Some(record.clone()),
+        };
+        for line in std::fs::read_to_string(&record).unwrap_or_default().lines() {
+            let mut w = line.split_whitespace();
+            let (Some(Ok(hop)), Some(dev)) = (w.next().map(str::parse::<IpAddr>), w.next()) else {
+                continue;
+            };
+            let still_ours =
+                show_neigh(hop, dev).is_some_and(|l| l.split_whitespace().any(|w| w == "managed"));
+            if still_ours {
+                tracing::info!(%hop, %dev, "taking over the managed neighbour entry a previous lb run created");
+                n.created.push((hop, dev.to_owned()));
+            }
+        }
+        n.save();
+        n
+    }
+
+    /// Writes the record (or removes it when nothing is recorded).
+    fn save(&self) {
+        let Some(path) = &self.record else {
+            return;
+        };
+        if self.created.is_empty() {
+            let _ = std::fs::remove_file(path);
+            return;
+        }
+        let text: String = self
+            .created
+            .iter()
+            .map(|(hop, dev)| format!("{hop} {dev}\n"))
+            .collect();
+        let tmp = path.with_extension("neighbours.tmp");
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the neighbour entries lb created; after a crash they would stay");
+        }
+    }
+
     /// Makes sure the next hop towards `addr` has a neighbour entry.
     pub fn ensure(&mut self, addr: IpAddr) {
         let Some((dev, hop)) = route_to(addr, None) else {
@@ -120,19 +202,9 @@ impl Neighbours {
         if dev == "lo" || self.created.iter().any(|(a, d)| *a == hop && *d == dev) {
             return;
         }
-        let shown = Command::new("ip")
-            .args([
-                family_flag(hop),
-                "neigh",
-                "show",
-                &hop.to_string(),
-                "dev",
-                &dev,
-            ])
-            .output();
-        let state = match shown {
-            Ok(o) if o.status.success() => parse_neigh(&String::from_utf8_lossy(&o.stdout)),
-            _ => {
+        let state = match show_neigh(hop, &dev) {
+            Some(line) => parse_neigh(&line),
+            None => {
                 tracing::warn!(%hop, %dev, "cannot read the neighbour table; leaving it alone");
                 return;
             }
@@ -156,12 +228,13 @@ impl Neighbours {
             .is_ok_and(|s| s.success());
         if ok {
             self.created.push((hop, dev));
+            self.save();
         } else {
             tracing::warn!(%hop, %dev, "could not add a managed neighbour entry");
         }
     }
 
-    /// Deletes the entries `ensure` created.
+    /// Deletes the entries `ensure` created (or took over), and the record.
     pub fn remove_all(&mut self) {
         for (hop, dev) in self.created.drain(..) {
             let _ = Command::new("ip")
@@ -175,6 +248,7 @@ impl Neighbours {
                 ])
                 .status();
         }
+        self.save();
     }
 }
 

@@ -309,7 +309,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|b| (b.spec.clone(), b.group.clone()))
         .collect();
     let logs = Arc::new(observe::Logs::open(&args)?);
-    let neighbours = Arc::new(Mutex::new(Neighbours::default()));
+    let neighbours = Arc::new(Mutex::new(Neighbours::with_record(host::neighbour_record(
+        &admin_socket,
+    ))));
     let mut tasks = tokio::task::JoinSet::new();
 
     // L4: the maps first (adopting a previous run's), then the ring writer follows the

@@ -269,22 +269,20 @@ async fn diagnose(
     dp: &DataPath,
     since: Instant,
 ) -> CheckResult {
-    // Only IPv4 backends are watched: an IPv6 one without a decapsulator answers with ICMPv6
-    // parameter problem, which the watch does not read (it then shows as not answering
-    // through the VIP, below).
-    let refused = match addr {
-        IpAddr::V4(a) => dp
-            .icmp
-            .as_ref()
-            .is_some_and(|w| w.refused_ipip_since(a, since)),
-        IpAddr::V6(_) => false,
-    };
+    let refused = dp
+        .icmp
+        .as_ref()
+        .is_some_and(|w| w.refused_tunnel_since(addr, since));
     if refused {
+        let (what, answer) = match addr {
+            IpAddr::V4(_) => ("IP-in-IP", "ICMP protocol unreachable"),
+            IpAddr::V6(_) => ("IP-in-IPv6", "ICMPv6 unrecognised next header"),
+        };
         return CheckResult::Fail {
             reason: TargetReason::FailedHealthChecks,
             description: format!(
-                "The target does not decapsulate IP-in-IP (it answered ICMP protocol \
-                 unreachable): run `lb decap` on it (VIP {})",
+                "The target does not decapsulate {what} (it answered {answer}): run `lb \
+                 decap` on it (VIP {})",
                 vip.addr
             ),
         };
