@@ -46,6 +46,18 @@ pub mod names {
     pub const MAP_FLOW_STATS: &str = "LB_FLOW_STATS";
     /// [`super::AddrKey`] → `u8`: the outer destinations `lb_decap` accepts.
     pub const MAP_DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
+    /// LRU: [`super::FlowKey`] of a NAT target's reply (target → client) →
+    /// [`super::NatReverse`]: how `lb_xdp` finds the flow a reply belongs to.
+    pub const MAP_NAT_REVERSE: &str = "LB_NAT_REVERSE";
+    /// LPM trie: [`super::GuardKey`] → `u8`: the sources a VIP with an allow list accepts.
+    pub const MAP_GUARD_ALLOW: &str = "LB_GUARD_ALLOW";
+    /// LPM trie: [`super::GuardKey`] → `u8`: the sources a VIP with a deny list drops.
+    pub const MAP_GUARD_DENY: &str = "LB_GUARD_DENY";
+    /// LRU: [`super::RateKey`] → [`super::RateState`]: the new-flow token bucket of each
+    /// source of each rate-limited VIP.
+    pub const MAP_RATE: &str = "LB_RATE";
+    /// Per-CPU [`super::GuardCounters`] per VIP id.
+    pub const MAP_GUARD_STATS: &str = "LB_GUARD_STATS";
     /// Prefix of the pinned XDP links (`xdp_link@IFACE`), which keep `lb_xdp` attached when
     /// `lb run` dies, until a new one adopts them.
     pub const PIN_XDP_LINK_PREFIX: &str = "xdp_link@";
@@ -73,8 +85,10 @@ pub mod names {
 /// meaning, the reason enums (their counters are indexed by them) or the map names.
 ///
 /// History: 1 = IPv4 only, no version field (`LB_CONFIG` had 16-byte values); 2 = both
-/// address families, flow ages and idle timeouts, flow-table accounting.
-pub const LB_LAYOUT_VERSION: u32 = 2;
+/// address families, flow ages and idle timeouts, flow-table accounting; 3 = NAT mode (the
+/// reverse map, reply counters), per-VIP guards (allow/deny tries, new-flow rate state, guard
+/// counters), `VipMeta` with the mode and the rate limit.
+pub const LB_LAYOUT_VERSION: u32 = 3;
 /// [`LbConfig::magic`]: marks an `LB_CONFIG` written by a versioned layout ("LBMP").
 pub const LB_CONFIG_MAGIC: u32 = u32::from_le_bytes(*b"LBMP");
 
@@ -149,7 +163,13 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 /// Default number of backends (over all VIPs) the maps are sized for.
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 /// Default flow-table capacity (LRU: the least recently seen flow is evicted when full).
+/// The NAT reverse map has the same capacity.
 pub const DEFAULT_MAX_FLOWS: u32 = 1_048_576;
+/// Capacity of each guard trie (allow, deny): CIDRs over all VIPs.
+pub const MAX_GUARD_CIDRS: u32 = 16_384;
+/// Capacity of the new-flow rate state (LRU: sources over all rate-limited VIPs; the least
+/// recently seen source is forgotten first, and comes back with a full bucket).
+pub const MAX_RATE_SOURCES: u32 = 65_536;
 
 /// First socket mark (`SO_MARK`) of the block reserved for health-check probes: a packet
 /// leaving an interface where `lb_hc_encap` runs with mark `LB_HC_MARK_BASE + id` is
@@ -207,13 +227,18 @@ pub struct LbConfig {
     pub layout: u32,
     /// Maglev table size M; every VIP's ring holds M slots.
     pub ring_size: u32,
-    /// Bit set of `CONFIG_F_*` (none defined yet; zero).
+    /// Bit set of `CONFIG_F_*`.
     pub flags: u32,
     /// Source address of outer IPv4 headers (network order); 0 = none configured.
     pub lb_addr4: u32,
     /// Source address of outer IPv6 headers (as [`addr_to_map`] words); zero = none.
     pub lb_addr6: [u32; 4],
 }
+
+/// [`LbConfig::flags`]: some VIP is in NAT mode, so a packet that is for no VIP may be a NAT
+/// target's reply: `lb_xdp` looks it up in [`names::MAP_NAT_REVERSE`] (without the bit, host
+/// traffic costs no lookup).
+pub const CONFIG_F_NAT: u32 = 1 << 0;
 
 /// Flow table key: the 5-tuple of the client's packet, as it appears in the headers.
 #[repr(C)]
@@ -279,6 +304,13 @@ pub const VIP_MARKER_ID: u32 = u32::MAX;
 /// [`VipMeta::flags`] of a VIP: its target group fails open (too few healthy targets, so the
 /// ring holds unhealthy ones too); new flows count as `unhealthy_routing_flows`.
 pub const VIP_F_FAIL_OPEN: u32 = 1 << 2;
+/// [`VipMeta::flags`] of a VIP in NAT mode: packets are rewritten to the target's address and
+/// port (not encapsulated), and the targets' replies are translated back.
+pub const VIP_F_NAT: u32 = 1 << 3;
+/// [`VipMeta::flags`]: the VIP has an allow list; a source outside it is dropped.
+pub const VIP_F_ALLOW_LIST: u32 = 1 << 4;
+/// [`VipMeta::flags`]: the VIP has a deny list; a source inside it is dropped.
+pub const VIP_F_DENY_LIST: u32 = 1 << 5;
 
 /// VIP table value.
 #[repr(C)]
@@ -291,6 +323,11 @@ pub struct VipMeta {
     /// A flow-table entry of this VIP is valid this long after its last packet; a packet on
     /// an older entry is steered as a new flow. 0 = never expires (address markers).
     pub idle_timeout_ns: u64,
+    /// New-flow rate limit per source: nanoseconds between two new flows at the sustained
+    /// rate (10^9 / rate); 0 = no limit. See [`RateState`].
+    pub rate_interval_ns: u64,
+    /// How far ahead of the sustained rate a source may run: `(burst - 1) * rate_interval_ns`.
+    pub rate_tolerance_ns: u64,
 }
 
 /// Backend table value, indexed by backend id.
@@ -309,6 +346,94 @@ pub struct Backend {
     pub vip_id: u32,
     /// Maglev weight as registered.
     pub weight: u32,
+}
+
+/// What a NAT target's reply needs to be translated back: value of
+/// [`names::MAP_NAT_REVERSE`], whose key is the reply's 5-tuple as it arrives (target address
+/// and port → client address and port). The flow's own entry is the client's key with the
+/// VIP as destination: the reply is translated only while that entry exists, names
+/// `backend_id` and is within its idle timeout, and the reply keeps it alive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReverse {
+    /// The VIP address the client sent to ([`addr_to_map`] words).
+    pub vip_addr: [u32; 4],
+    /// The VIP port the client sent to (network order; the flow's own port for a port-0 VIP).
+    pub vip_port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+    /// Backend the flow was steered to.
+    pub backend_id: u32,
+    /// The VIP's idle timeout when the flow was created (see [`VipMeta::idle_timeout_ns`]).
+    pub idle_timeout_ns: u64,
+}
+
+/// The data of a guard trie key ([`names::MAP_GUARD_ALLOW`], [`names::MAP_GUARD_DENY`]),
+/// behind the LPM prefix length: VIP id, family, source address. A CIDR `a/n` of VIP `v` is
+/// stored with prefix length [`GUARD_PREFIX_BASE`]` + n`; lookups use the whole key
+/// ([`GUARD_PREFIX_FULL`]). IPv4 sits in word 0 as everywhere, so an IPv4 `/n` matches on the
+/// first `n` bits of the address and IPv4 and IPv6 entries never meet (the family byte is part
+/// of the prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GuardKey {
+    /// VIP id.
+    pub vip_id: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding; always zero (part of the matched prefix).
+    pub _pad: [u8; 3],
+    /// The source address ([`addr_to_map`] words).
+    pub addr: [u32; 4],
+}
+
+/// Bits of a [`GuardKey`] before the address: VIP id, family and padding.
+pub const GUARD_PREFIX_BASE: u32 = 64;
+/// Prefix length of a lookup: the whole key.
+pub const GUARD_PREFIX_FULL: u32 = GUARD_PREFIX_BASE + 128;
+
+/// Key of [`names::MAP_RATE`]: one source of one rate-limited VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RateKey {
+    /// VIP id.
+    pub vip_id: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+    /// The source address ([`addr_to_map`] words).
+    pub addr: [u32; 4],
+}
+
+/// One source's new-flow token bucket, kept as a generic cell rate algorithm (GCRA, the
+/// ATM Forum's virtual scheduling form; equivalent to a token bucket of rate `r` and depth
+/// `b`): `tat_ns` is the theoretical arrival time of the next new flow. A new flow at `now`
+/// is allowed when `max(tat, now) - now <= tolerance`, and then moves `tat` on by one
+/// interval; otherwise it is dropped and `tat` stays. One word of state, no division in the
+/// program. Updates from two CPUs may race; the limit is then off by a flow, never wrong for
+/// long.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    /// Theoretical arrival time (`bpf_ktime_get_ns`) of the next conforming new flow.
+    pub tat_ns: u64,
+    /// New flows of this source dropped by the limit, in total.
+    pub dropped: u64,
+    /// When the last one was dropped (`bpf_ktime_get_ns`; 0 = never).
+    pub last_drop_ns: u64,
+}
+
+/// Per-VIP guard counters (per CPU; readers sum over CPUs), in [`names::MAP_GUARD_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardCounters {
+    /// Packets from a source outside the VIP's allow list (`drop_not_allowed`).
+    pub not_allowed: u64,
+    /// Packets from a source in the VIP's deny list (`drop_denied`).
+    pub denied: u64,
+    /// New flows (their packets) dropped by the new-flow rate limit (`drop_rate_limited`).
+    pub rate_limited: u64,
 }
 
 /// Key of [`names::MAP_DECAP_ADDRS`]: an address of the backend host.
@@ -345,6 +470,8 @@ pub struct FlowTableStats {
     /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) of the last sweep;
     /// 0 = none yet.
     pub swept_ns: u64,
+    /// Entries of the NAT reverse map after the last sweep (whose flows are all still there).
+    pub nat_entries: u64,
 }
 
 /// [`Backend::flags`]: flows pinned to the backend keep being forwarded to it. A flow whose
@@ -360,7 +487,7 @@ pub const BACKEND_F_IN_RING: u8 = 1 << 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Packets forwarded.
+    /// Packets forwarded (client to target).
     pub packets: u64,
     /// Bytes forwarded (of the client's packet, before encapsulation).
     pub bytes: u64,
@@ -368,6 +495,11 @@ pub struct Counters {
     pub new_flows: u64,
     /// Flows created while the VIP's group failed open (UnhealthyRoutingFlowCount).
     pub unhealthy_routing_flows: u64,
+    /// NAT: target replies translated back and sent to the client (DSR: always 0, replies
+    /// bypass the balancer).
+    pub reply_packets: u64,
+    /// NAT: bytes of those replies (their IP packets).
+    pub reply_bytes: u64,
 }
 
 macro_rules! reasons {
@@ -444,6 +576,26 @@ reasons! {
         /// VIP to a client): encapsulated to the backend that owns the flow, whose TCP needs
         /// it (path-MTU discovery), and sent out.
         IcmpToBackend = 14 => "icmp_to_backend",
+        /// A NAT target's reply of a live flow: source translated back to the VIP address and
+        /// port, checksums updated, and sent to the client (`XDP_TX` or redirect).
+        NatReply = 15 => "nat_reply",
+        /// A NAT packet (either way) translated, but `bpf_fib_lookup` found the next hop's
+        /// MAC unresolved: passed to the kernel, which forwards it and resolves the neighbour
+        /// (the packets after it take the XDP path).
+        NatViaKernel = 16 => "nat_via_kernel",
+        /// A NAT packet (either way) whose TTL / hop limit would expire here: passed untouched,
+        /// so the kernel answers with ICMP time exceeded (RFC 1812 §5.3.1) as a router does.
+        PassTtlExceeded = 17 => "pass_ttl_exceeded",
+        /// An ICMP error about a NAT flow: its quote is not translated, so it is dropped
+        /// rather than sent to the target encapsulated.
+        DropNatIcmp = 18 => "drop_nat_icmp",
+        /// The source is outside the VIP's allow list: dropped before any state is created.
+        DropNotAllowed = 19 => "drop_not_allowed",
+        /// The source is in the VIP's deny list: dropped before any state is created.
+        DropDenied = 20 => "drop_denied",
+        /// A new flow from a source over the VIP's new-flow rate: dropped, no flow created
+        /// (established flows of the source are not affected).
+        DropRateLimited = 21 => "drop_rate_limited",
     }
 }
 
@@ -558,6 +710,11 @@ mod pod {
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::FlowTableStats {}
     unsafe impl aya::Pod for super::BenchTemplate {}
+    unsafe impl aya::Pod for super::NatReverse {}
+    unsafe impl aya::Pod for super::GuardKey {}
+    unsafe impl aya::Pod for super::RateKey {}
+    unsafe impl aya::Pod for super::RateState {}
+    unsafe impl aya::Pod for super::GuardCounters {}
 }
 
 #[cfg(test)]
@@ -573,12 +730,22 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowValue>(), 4 + 4 + 8 + 8);
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
-        assert_eq!(size_of::<VipMeta>(), 4 + 4 + 8);
+        assert_eq!(size_of::<VipMeta>(), 4 + 4 + 8 + 8 + 8);
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4 + 4);
         assert_eq!(size_of::<AddrKey>(), 16 + 1 + 3);
-        assert_eq!(size_of::<Counters>(), 4 * 8);
-        assert_eq!(size_of::<FlowTableStats>(), 5 * 8);
         assert_eq!(size_of::<BenchTemplate>(), 4 * 4 + BENCH_FRAME_MAX);
+        assert_eq!(size_of::<Counters>(), 6 * 8);
+        assert_eq!(size_of::<NatReverse>(), 16 + 2 + 2 + 4 + 8);
+        assert_eq!(size_of::<GuardKey>(), 4 + 1 + 3 + 16);
+        assert_eq!(size_of::<RateKey>(), 4 + 1 + 3 + 16);
+        assert_eq!(size_of::<RateState>(), 3 * 8);
+        assert_eq!(size_of::<GuardCounters>(), 3 * 8);
+        // The guard prefix counts every bit before the address.
+        assert_eq!(
+            GUARD_PREFIX_BASE as usize,
+            8 * core::mem::offset_of!(GuardKey, addr)
+        );
+        assert_eq!(size_of::<FlowTableStats>(), 6 * 8);
         // The fields that identify a layout keep their place in every layout.
         assert_eq!(core::mem::offset_of!(LbConfig, magic), 0);
         assert_eq!(core::mem::offset_of!(LbConfig, layout), 4);

@@ -67,9 +67,31 @@ fn inner_proto(pkt: &Packet) -> u8 {
 /// `bpf_fib_lookup`'s parameter block, 8-aligned so it can be zeroed with 64-bit stores (the
 /// verifier rejects misaligned stack access).
 #[repr(C, align(8))]
-struct FibBlock(MaybeUninit<FibParams>);
+pub struct FibBlock(MaybeUninit<FibParams>);
 
 const _: () = assert!(size_of::<FibParams>().is_multiple_of(8));
+
+impl FibBlock {
+    pub const fn uninit() -> Self {
+        FibBlock(MaybeUninit::uninit())
+    }
+
+    /// The block, all zero. The verifier requires the whole block to be initialised before
+    /// the helper reads it. Not `core::mem::zeroed()`: in BPF that is a call to a
+    /// byte-by-byte `memset` subprogram (64 iterations, ~320 instructions per packet); eight
+    /// aligned 64-bit stores instead.
+    #[inline(always)]
+    pub fn zeroed_params(&mut self) -> &mut FibParams {
+        let words = self.0.as_mut_ptr().cast::<u64>();
+        for i in 0..size_of::<FibParams>() / 8 {
+            // SAFETY: within the 8-aligned 64-byte block; volatile, so LLVM keeps the stores
+            // instead of turning them back into a memset call.
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        }
+        // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of integers).
+        unsafe { self.0.assume_init_mut() }
+    }
+}
 
 /// Resolves the backend's next hop before the packet is touched, so a drop leaves it
 /// unmodified. A packet that would not fit the egress MTU once encapsulated is answered with
@@ -86,18 +108,8 @@ pub fn route(
     if total > u16::MAX as usize {
         return Err((DROP, Reason::DropMtu));
     }
-    // The verifier requires the whole block to be initialised before the helper reads it.
-    // Not `core::mem::zeroed()`: in BPF that is a call to a byte-by-byte `memset` subprogram
-    // (64 iterations, ~320 instructions per packet); eight aligned 64-bit stores instead.
-    let mut block = FibBlock(MaybeUninit::uninit());
-    let words = block.0.as_mut_ptr().cast::<u64>();
-    for i in 0..size_of::<FibParams>() / 8 {
-        // SAFETY: within the 8-aligned 64-byte block; volatile, so LLVM keeps the stores
-        // instead of turning them back into a memset call.
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-    }
-    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of integers).
-    let fib: &mut FibParams = unsafe { block.0.assume_init_mut() };
+    let mut block = FibBlock::uninit();
+    let fib = block.zeroed_params();
     if backend.family == FAMILY_V6 {
         if cfg.lb_addr6 == [0; 4] {
             return Err((DROP, Reason::DropNoRoute));
@@ -138,7 +150,7 @@ pub fn route(
 /// whole; RFC 8201 for IPv6 unless the room is below IPv6's minimum MTU), else drop. An ICMP
 /// error being forwarded never gets an ICMP answer (RFC 1122 §3.2.2, RFC 4443 §2.4 e.1).
 #[inline(always)]
-fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
+pub fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
     if pkt.icmp_error {
         return (DROP, Reason::DropMtu);
     }

@@ -1,10 +1,12 @@
 //! The eBPF programs of lb.
 //!
-//! - `lb_xdp`: the Layer 4 balancer. Steers packets for configured VIPs (IPv4 and IPv6) to a
-//!   backend (flow table with idle timeouts, then Maglev ring), encapsulates them for direct
-//!   server return in an outer header of the backend's family, and sends them out with
-//!   `XDP_TX` or `bpf_redirect`. ICMP errors about VIP flows go to the flow's backend the same
-//!   way. Everything else passes untouched.
+//! - `lb_xdp`: the Layer 4 balancer. Drops what a VIP's guards refuse ([`guard`]: source
+//!   allow/deny lists, a new-flow rate per source), steers packets for configured VIPs (IPv4
+//!   and IPv6) to a backend (flow table with idle timeouts, then Maglev ring), and either
+//!   encapsulates them for direct server return in an outer header of the backend's family or,
+//!   for a NAT VIP, rewrites them to the target's address and port ([`nat`]; the targets'
+//!   replies are translated back). Out with `XDP_TX` or `bpf_redirect`. ICMP errors about DSR
+//!   flows go to the flow's backend the same way. Everything else passes untouched.
 //! - `lb_decap`: runs on backends; strips the outer header of every encapsulation `lb_xdp`
 //!   emits when addressed to the host, so that backends need no tunnel driver.
 //! - `lb_pass`: passes everything (benchmark baseline; veth peers in the test topology).
@@ -14,24 +16,26 @@
 //!   loaded by `lb run`.
 //!
 //! One module per concern, one path for both address families: [`parse`] (headers →
-//! [`parse::Packet`]), [`lookup`] (VIP, flow table, ring), [`encap`] (next hop, outer header),
-//! [`icmp`] (the "too big" answers), [`decap`], with the maps in [`maps`] and packet access in
-//! [`pkt`]. Every packet increments exactly one reason counter, so nothing is dropped silently.
+//! [`parse::Packet`]), [`lookup`] (VIP, flow table, ring), [`guard`], [`encap`] (next hop, outer
+//! header), [`nat`] (address translation both ways), [`icmp`] (the "too big" answers),
+//! [`decap`], with the maps in [`maps`] and packet access in [`pkt`]. Every packet increments exactly one reason counter, so nothing is dropped silently.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
-use lb_common::{FAMILY_V6, Reason, VIP_F_FAIL_OPEN};
+use lb_common::{FAMILY_V6, Reason, VIP_F_FAIL_OPEN, VIP_F_NAT};
 
 mod bench;
 mod decap;
 mod encap;
+mod guard;
 mod hc_encap;
 mod icmp;
 mod lookup;
 mod maps;
+mod nat;
 mod parse;
 mod pkt;
 
@@ -53,8 +57,17 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     };
     let vip = match lookup::vip(&pkt.key, pkt.fragment) {
         Ok(v) => v,
+        // For no VIP: perhaps a NAT target's reply.
+        Err((_, Reason::PassNotVip)) if !pkt.fragment && !pkt.icmp_error => {
+            // SAFETY: `ktime` has no preconditions.
+            return nat::reply(ctx, &pkt, unsafe { bpf_ktime_get_ns() });
+        }
         Err(done) => return done,
     };
+    // Guards first: a refused source creates no state.
+    if let Err(done) = guard::source(&pkt.key, &vip) {
+        return done;
+    }
     let Some(cfg) = LB_CONFIG.get(0) else {
         return (xdp_action::XDP_DROP, Reason::DropInternal);
     };
@@ -65,37 +78,101 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         Ok(s) => s,
         Err(done) => return done,
     };
-    let route = match encap::route(ctx, &pkt, &steer.backend, &cfg) {
-        Ok(r) => r,
-        Err(done) => return done,
-    };
     // An ICMP error uses its flow's backend but is no flow of its own.
     let new_flow = steer.new_flow && !pkt.icmp_error;
-    if new_flow {
-        lookup::record(&pkt.key, &steer, &vip, now);
+    if new_flow && let Err(done) = guard::new_flow(&pkt.key, &vip, now) {
+        return done;
     }
-    let flow_label = if steer.backend.family == FAMILY_V6 {
-        lookup::flow_hash(&pkt.key) as u32 & 0x000f_ffff
+    let nat = vip.flags & VIP_F_NAT != 0;
+    let action = if nat {
+        match forward_nat(ctx, &pkt, &vip, &steer, new_flow, now) {
+            Ok(a) => a,
+            Err(done) => return done,
+        }
     } else {
-        0
-    };
-    let action = match encap::push(ctx, &pkt, &route, &steer.backend, &cfg, flow_label) {
-        Ok(a) => a,
-        Err(done) => return done,
+        let route = match encap::route(ctx, &pkt, &steer.backend, &cfg) {
+            Ok(r) => r,
+            Err(done) => return done,
+        };
+        if new_flow {
+            lookup::record(&pkt.key, &steer, &vip, now);
+        }
+        let flow_label = if steer.backend.family == FAMILY_V6 {
+            lookup::flow_hash(&pkt.key) as u32 & 0x000f_ffff
+        } else {
+            0
+        };
+        match encap::push(ctx, &pkt, &route, &steer.backend, &cfg, flow_label) {
+            Ok(a) => (
+                a,
+                if a == xdp_action::XDP_TX {
+                    Reason::Tx
+                } else {
+                    Reason::Redirect
+                },
+            ),
+            Err(done) => return done,
+        }
     };
 
     let bytes = pkt.ip_len as u64;
     let fail_open = vip.flags & VIP_F_FAIL_OPEN != 0;
     add(&LB_VIP_STATS, vip.vip_id, bytes, new_flow, fail_open);
     add(&LB_BACKEND_STATS, steer.id, bytes, new_flow, fail_open);
-    let reason = if pkt.icmp_error {
-        Reason::IcmpToBackend
-    } else if action == xdp_action::XDP_TX {
-        Reason::Tx
+    if pkt.icmp_error {
+        (action.0, Reason::IcmpToBackend)
     } else {
-        Reason::Redirect
-    };
-    (action, reason)
+        action
+    }
+}
+
+/// NAT mode: the packet rewritten to its target and sent on (see [`nat`]). The flow (and its
+/// reverse entry) is recorded once the next hop is known, so a dropped packet leaves none.
+#[inline(always)]
+fn forward_nat(
+    ctx: &XdpContext,
+    pkt: &parse::Packet,
+    vip: &lb_common::VipMeta,
+    steer: &lookup::Steer,
+    new_flow: bool,
+    now: u64,
+) -> Result<(u32, Reason), (u32, Reason)> {
+    if pkt.icmp_error {
+        return Err((xdp_action::XDP_DROP, Reason::DropNatIcmp));
+    }
+    let backend = &steer.backend;
+    if backend.family != pkt.key.family {
+        // Userspace never pairs a NAT VIP with a target of the other family.
+        return Err((xdp_action::XDP_DROP, Reason::DropInternal));
+    }
+    if pkt.ttl <= 1 {
+        return Err((xdp_action::XDP_PASS, Reason::PassTtlExceeded));
+    }
+    let port = nat::target_port(backend, &pkt.key);
+    let next = nat::next_hop(
+        ctx,
+        pkt,
+        &pkt.key.src_addr,
+        &backend.addr,
+        pkt.key.src_port,
+        port,
+    )?;
+    if new_flow {
+        lookup::record(&pkt.key, steer, vip, now);
+    }
+    nat::remember(
+        &pkt.key,
+        backend,
+        steer.id,
+        port,
+        vip.idle_timeout_ns,
+        new_flow,
+    );
+    let done = nat::forward(ctx, pkt, &backend.addr, port, &next);
+    match done.1 {
+        Reason::Tx | Reason::Redirect | Reason::NatViaKernel => Ok(done),
+        _ => Err(done),
+    }
 }
 
 #[xdp]

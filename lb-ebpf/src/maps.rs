@@ -4,12 +4,13 @@
 //! (`--max-flows`, `--max-vips`, `--max-backends`, `--ring-size`) before the maps are created.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AddrKey, Backend, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, DecapReason, FlowKey, FlowTableStats, FlowValue, LbConfig, Reason, VipKey,
+    DEFAULT_RING_SIZE, DecapReason, FlowKey, FlowTableStats, FlowValue, GuardCounters, GuardKey,
+    LbConfig, MAX_GUARD_CIDRS, MAX_RATE_SOURCES, NatReverse, RateKey, RateState, Reason, VipKey,
     VipMeta,
 };
 
@@ -47,6 +48,23 @@ pub static LB_FLOW_INSERTS: PerCpuArray<u64, 1> = PerCpuArray::new();
 pub static LB_FLOW_STATS: Array<FlowTableStats, 1> = Array::new();
 #[btf_map]
 pub static LB_DECAP_STATS: PerCpuArray<u64, DECAP_REASONS> = PerCpuArray::new();
+/// NAT: a target's reply 5-tuple → the flow it belongs to (see `nat`). As large as the flow
+/// table (the loader sizes both from `--max-flows`).
+#[btf_map]
+pub static LB_NAT_REVERSE: LruHashMap<FlowKey, NatReverse, MAX_FLOWS> = LruHashMap::new();
+/// Sources each VIP with an allow list accepts.
+#[btf_map]
+pub static LB_GUARD_ALLOW: LpmTrie<GuardKey, u8, { MAX_GUARD_CIDRS as usize }> = LpmTrie::new();
+/// Sources each VIP with a deny list drops.
+#[btf_map]
+pub static LB_GUARD_DENY: LpmTrie<GuardKey, u8, { MAX_GUARD_CIDRS as usize }> = LpmTrie::new();
+/// New-flow token buckets per (VIP, source).
+#[btf_map]
+pub static LB_RATE: LruHashMap<RateKey, RateState, { MAX_RATE_SOURCES as usize }> =
+    LruHashMap::new();
+/// Guard drops per VIP.
+#[btf_map]
+pub static LB_GUARD_STATS: PerCpuArray<GuardCounters, MAX_VIPS> = PerCpuArray::new();
 /// Addresses `lb_decap` accepts as outer destination (the backend's own addresses).
 #[btf_map]
 pub static LB_DECAP_ADDRS: HashMap<AddrKey, u8, 64> = HashMap::new();
@@ -89,6 +107,18 @@ pub fn add<const N: usize>(
                     (*c).unhealthy_routing_flows += 1;
                 }
             }
+        }
+    }
+}
+
+/// Adds one translated NAT reply to a VIP's or backend's counters.
+#[inline(always)]
+pub fn add_reply<const N: usize>(map: &PerCpuArray<Counters, N>, idx: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, as in `count`.
+        unsafe {
+            (*c).reply_packets += 1;
+            (*c).reply_bytes += bytes;
         }
     }
 }

@@ -38,7 +38,7 @@ const MAX_EXT_HEADERS: usize = 4;
 /// Upper bound of the offset of the upper-layer header. A variable packet offset needs a
 /// known bound before the verifier accepts an access at it; chains longer than this are
 /// passed (`pass_ipv6_ext_header`).
-const MAX_L4_OFF: usize = 1024;
+pub const MAX_L4_OFF: usize = 1024;
 
 /// ICMP type destination unreachable (RFC 792; code 4 is "fragmentation needed", RFC 1191).
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -67,6 +67,11 @@ pub struct Packet {
     pub ip_id: [u8; 2],
     /// An ICMP error quoting a VIP flow's packet, to forward to that flow's backend.
     pub icmp_error: bool,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// Offset of the TCP/UDP header in the frame (NAT rewrites its ports and checksum); at
+    /// most [`MAX_L4_OFF`]. Meaningless for fragments and ICMP errors.
+    pub l4_off: usize,
 }
 
 /// Parses the frame; `Err` is the reason to pass it with.
@@ -159,6 +164,8 @@ fn ipv4(ctx: &XdpContext) -> Result<Packet, Reason> {
         ip_options: ihl != IPV4_LEN,
         ip_id: [ip[4], ip[5]],
         icmp_error: false,
+        ttl: ip[8],
+        l4_off: l4,
     };
     if proto == IPPROTO_ICMP {
         if fragment {
@@ -284,6 +291,8 @@ fn ipv6(ctx: &XdpContext) -> Result<Packet, Reason> {
         ip_options: false,
         ip_id: [0; 2],
         icmp_error: false,
+        ttl: ip[7],
+        l4_off: 0,
     };
 
     // Bounded walk over the extension headers (RFC 8200 §4): hop-by-hop and destination
@@ -353,6 +362,7 @@ fn ipv6(ctx: &XdpContext) -> Result<Packet, Reason> {
     let (s, d) = ports(ctx, off, next, end)?;
     p.key.src_port = s;
     p.key.dst_port = d;
+    p.l4_off = off;
     Ok(p)
 }
 

@@ -81,6 +81,29 @@ pub fn csum_fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// Adds, for each 16-bit big-endian word of `old` and `new` (`N` even), `~old + new` to a
+/// running sum: the difference term of an incremental checksum update (RFC 1624 eqn. 3,
+/// `HC' = ~(~HC + ~m + m')`), for any number of changed words.
+#[inline(always)]
+pub fn csum_diff<const N: usize>(mut sum: u32, old: &[u8; N], new: &[u8; N]) -> u32 {
+    let mut i = 0;
+    // Bounded loop: N is a constant.
+    while i + 1 < N {
+        sum += (!u16::from_be_bytes([old[i], old[i + 1]])) as u32;
+        sum += u16::from_be_bytes([new[i], new[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// The checksum field `check` after words changed by `diff` ([`csum_diff`]): RFC 1624 eqn. 3,
+/// which (unlike RFC 1141's `HC + m + ~m'`) never yields 0x0000 where 0xffff is right
+/// (RFC 1624 §3).
+#[inline(always)]
+pub fn csum_replace(check: u16, diff: u32) -> u16 {
+    csum_fold((!check) as u32 + diff)
+}
+
 /// One's-complement checksum (RFC 1071) of `N` bytes, `N` even.
 #[inline(always)]
 pub fn checksum_bytes<const N: usize>(b: &[u8; N]) -> u16 {

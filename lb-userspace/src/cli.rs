@@ -57,6 +57,9 @@ pub enum Command {
     Listeners(ListenersArgs),
     /// Describe, create, modify, delete and reorder listener rules of a running `lb run`.
     Rules(RulesArgs),
+    /// Describe and change the guards (source lists, new-flow rate) of the L4 VIPs of a
+    /// running `lb run` (admin API).
+    Vips(VipsArgs),
 }
 
 /// XDP attach mode.
@@ -88,9 +91,12 @@ pub struct RunArgs {
     #[arg(long = "lb-addr", value_name = "ADDR")]
     pub lb_addrs: Vec<std::net::IpAddr>,
 
-    /// An L4 virtual IP: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]`, PROTO
-    /// `tcp` or `udp`; PORT 0 = every port; IPv6 in brackets (repeatable).
-    /// Example: `--vip web=10.100.0.1:80/tcp`, `--vip web6=[2001:db8::1]:443/tcp`.
+    /// An L4 virtual IP: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]
+    /// [,mode=dsr|nat][,allow=CIDR|…][,deny=CIDR|…][,new-flow-rate=N|off][,new-flow-burst=M]`,
+    /// PROTO `tcp` or `udp`; PORT 0 = every port; IPv6 in brackets (repeatable). `mode=nat`
+    /// rewrites packets to the target (which may listen on another port) and needs the
+    /// balancer as the targets' gateway; the guards drop refused sources in XDP.
+    /// Example: `--vip web=10.100.0.1:80/tcp`, `--vip web6=[2001:db8::1]:443/tcp,mode=nat`.
     #[arg(long = "vip", value_name = "SPEC")]
     pub vips: Vec<String>,
 
@@ -293,6 +299,12 @@ pub enum DumpWhat {
     Backends,
     /// The flow table (5-tuple → backend).
     Flows,
+    /// The sources the new-flow rate limit dropped most (busiest first), per VIP.
+    Limited {
+        /// How many sources to show.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+    },
     /// The Maglev ring of one VIP, as slot counts per backend (`--slots` for every slot).
     Ring {
         /// The VIP: `ADDR:PORT/PROTO`.
@@ -406,6 +418,36 @@ pub enum GroupsAction {
     Delete {
         /// The group.
         name: String,
+    },
+}
+
+/// Flags of `lb vips`.
+#[derive(Debug, Args, Clone)]
+pub struct VipsArgs {
+    /// What to do (default: describe every VIP's guards).
+    #[command(subcommand)]
+    pub action: Option<VipsAction>,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `lb vips` verbs.
+#[derive(Debug, Subcommand, Clone)]
+pub enum VipsAction {
+    /// The mode and guards of one VIP, or of every VIP.
+    Guards {
+        /// The VIP: its name or `ADDR:PORT/PROTO`.
+        vip: Option<String>,
+    },
+    /// Change a VIP's guards at run time: `allow=CIDR|…`, `deny=CIDR|…` (empty: no list),
+    /// `new-flow-rate=N|off`, `new-flow-burst=M`; options not given stay as they are.
+    /// Example: `lb vips set-guards web deny=192.0.2.0/24,new-flow-rate=50`.
+    SetGuards {
+        /// The VIP: its name or `ADDR:PORT/PROTO`.
+        vip: String,
+        /// `OPTION=VALUE[,…]`.
+        options: String,
     },
 }
 

@@ -16,7 +16,7 @@ use crate::{
     cli::{RunArgs, XdpMode},
     dataplane::Sizes,
     l4::{
-        VipSpec, validate_name,
+        GuardChange, VipMode, VipSpec, validate_name,
         vip::{MAX_IDLE_TIMEOUT, MIN_IDLE_TIMEOUT},
     },
     proxy::server::{ListenerConfig, parse_listener},
@@ -62,7 +62,7 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// A parsed `--vip` value: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]`.
+/// A parsed `--vip` value: `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS][,mode=dsr|nat][,GUARD…]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipFlag {
     /// The VIP.
@@ -71,7 +71,7 @@ pub struct VipFlag {
     pub forward: Option<String>,
 }
 
-/// Parses `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS]`.
+/// Parses `[NAME=]ADDR:PORT/PROTO[,forward=GROUP][,idle-timeout=SECS][,mode=dsr|nat][,GUARD…]`.
 pub fn parse_vip(s: &str) -> Result<VipFlag, String> {
     let mut parts = s.split(',');
     let head = parts.next().unwrap_or_default();
@@ -84,8 +84,21 @@ pub fn parse_vip(s: &str) -> Result<VipFlag, String> {
     }
     let mut forward = None;
     let mut idle_timeout = None;
+    let mut mode = None;
+    let mut guards = GuardChange::default();
     for opt in parts {
+        if let Some((k, v)) = opt.split_once('=')
+            && guards.take_option(k, v)?
+        {
+            continue;
+        }
         match opt.split_once('=') {
+            Some(("mode", m)) if mode.is_none() => {
+                mode = Some(VipMode::parse(m).ok_or_else(|| {
+                    format!("mode={m:?}: must be dsr (direct server return) or nat")
+                })?);
+            }
+            Some(("mode", _)) => return Err("mode= is given once".into()),
             Some(("forward", g)) if forward.is_none() && !g.is_empty() => {
                 forward = Some(g.to_owned());
             }
@@ -109,7 +122,9 @@ pub fn parse_vip(s: &str) -> Result<VipFlag, String> {
             Some(("idle-timeout", _)) => return Err("idle-timeout= is given once".into()),
             _ => {
                 return Err(format!(
-                    "unknown option {opt:?} (known: forward=GROUP, idle-timeout=SECS)"
+                    "unknown option {opt:?} (known: forward=GROUP, idle-timeout=SECS, \
+                     mode=dsr|nat, allow=CIDR|…, deny=CIDR|…, new-flow-rate=N|off, \
+                     new-flow-burst=M)"
                 ));
             }
         }
@@ -118,6 +133,11 @@ pub fn parse_vip(s: &str) -> Result<VipFlag, String> {
     if let Some(t) = idle_timeout {
         spec.idle_timeout = t;
     }
+    if let Some(m) = mode {
+        spec.mode = m;
+    }
+    spec.guards = guards.apply(&spec.guards)?;
+    spec.guards.validate(spec.vip.addr.is_ipv6())?;
     Ok(VipFlag { spec, forward })
 }
 
@@ -670,7 +690,11 @@ mod tests {
             "0.0.0.0:80/tcp",
             "[::1]:80/tcp",
             "web=10.100.0.1:80/tcp,forward=",
-            "web=10.100.0.1:80/tcp,mode=nat",
+            "web=10.100.0.1:80/tcp,mode=tunnel",
+            "web=10.100.0.1:80/tcp,mode=nat,mode=dsr",
+            "web=10.100.0.1:80/tcp,deny=2001:db8::/32",
+            "web=10.100.0.1:80/tcp,allow=10.0.0.1/8",
+            "web=10.100.0.1:80/tcp,new-flow-burst=5",
             "web=10.100.0.1:80/tcp,idle-timeout=0",
             "web=10.100.0.1:80/tcp,idle-timeout=6001",
             "web=10.100.0.1:80/tcp,idle-timeout=1.5",
@@ -682,6 +706,23 @@ mod tests {
         assert_eq!(v.spec.vip.to_string(), "[fd00:100::1]:443/tcp");
         assert_eq!(v.spec.idle_timeout, Duration::from_secs(60));
         assert_eq!(v.forward.as_deref(), Some("g"));
+        let nat = parse_vip(
+            "web=10.100.0.1:80/tcp,mode=nat,allow=10.0.0.0/8|192.0.2.7,deny=10.9.0.0/16,\
+             new-flow-rate=20,new-flow-burst=5",
+        )
+        .unwrap();
+        assert_eq!(nat.spec.mode, VipMode::Nat);
+        assert_eq!(nat.spec.guards.allow.len(), 2);
+        assert_eq!(nat.spec.guards.deny.len(), 1);
+        assert_eq!(
+            nat.spec.guards.rate.map(|r| (r.per_second, r.burst)),
+            Some((20, 5))
+        );
+        assert_eq!(
+            parse_vip("10.100.0.1:80/tcp").unwrap().spec.mode,
+            VipMode::Dsr,
+            "DSR by default"
+        );
         let udp = parse_vip("10.100.0.2:53/udp").unwrap();
         assert_eq!(
             udp.spec.idle_timeout,

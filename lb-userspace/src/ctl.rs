@@ -6,7 +6,7 @@ use crate::admin::api::{PriorityMove, TargetRef};
 use crate::admin::{Endpoint, Request, Response, call};
 use crate::cli::{
     AdminArgs, GroupsAction, GroupsArgs, ListenersArgs, RulesAction, RulesArgs, TargetsAction,
-    TargetsArgs,
+    TargetsArgs, VipsAction, VipsArgs,
 };
 use crate::registry::parse_target;
 
@@ -187,6 +187,32 @@ pub fn listeners(args: ListenersArgs) -> anyhow::Result<()> {
         println!(
             "{:<20} {:<6} {:<24} {:>5}  {}",
             l.listener_name, l.protocol, l.address, l.rule_count, l.default_actions
+        );
+    }
+    Ok(())
+}
+
+/// `lb vips …`.
+pub fn vips(args: VipsArgs) -> anyhow::Result<()> {
+    let req = match args.action {
+        None | Some(VipsAction::Guards { vip: None }) => {
+            Request::DescribeVipGuards { vip_name: None }
+        }
+        Some(VipsAction::Guards { vip }) => Request::DescribeVipGuards { vip_name: vip },
+        Some(VipsAction::SetGuards { vip, options }) => Request::ModifyVipGuards {
+            vip_name: vip,
+            options,
+        },
+    };
+    let r = send(&args.admin, &req)?;
+    if args.admin.json {
+        return print_json(&r);
+    }
+    println!("{:<20} {:<28} {:<5} GUARDS", "VIP", "ADDRESS", "MODE");
+    for v in r.vip_guards.unwrap_or_default() {
+        println!(
+            "{:<20} {:<28} {:<5} {}",
+            v.vip_name, v.vip, v.mode, v.guards
         );
     }
     Ok(())

@@ -27,7 +27,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapInfo, PerCpuArray, PerCpuValues,
+    },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
         XdpMode as AyaXdpMode,
@@ -37,8 +39,9 @@ use aya::{
     },
 };
 use lb_common::{
-    AddrKey, Backend, Counters, DecapReason, FlowKey, FlowTableStats, FlowValue, HcReason,
-    LB_CONFIG_MAGIC, LB_LAYOUT_VERSION, LbConfig, Reason, VipKey, VipMeta, names,
+    AddrKey, Backend, Counters, DecapReason, FlowKey, FlowTableStats, FlowValue, GuardCounters,
+    GuardKey, HcReason, LB_CONFIG_MAGIC, LB_LAYOUT_VERSION, LbConfig, NatReverse, RateKey,
+    RateState, Reason, VipKey, VipMeta, names,
 };
 
 use crate::cli::XdpMode;
@@ -191,7 +194,7 @@ impl LbAddrs {
 
 /// The max_entries each pinned map must have for `sizes` (and what the loader creates), with
 /// the flag to change if a pinned map differs. Maps not listed have fixed sizes.
-fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 6] {
+fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 8] {
     let Sizes {
         max_flows,
         ring_size,
@@ -200,6 +203,8 @@ fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 6] {
     } = sizes;
     [
         (names::MAP_FLOWS, max_flows, "--max-flows"),
+        // Every NAT flow has one reverse entry.
+        (names::MAP_NAT_REVERSE, max_flows, "--max-flows"),
         (
             names::MAP_RINGS,
             ring_size.saturating_mul(max_vips),
@@ -208,6 +213,7 @@ fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 6] {
         // One address marker per VIP address besides the VIPs (lb_common::VIP_MARKER_PROTO).
         (names::MAP_VIPS, max_vips.saturating_mul(2), "--max-vips"),
         (names::MAP_VIP_STATS, max_vips, "--max-vips"),
+        (names::MAP_GUARD_STATS, max_vips, "--max-vips"),
         (names::MAP_BACKENDS, max_backends, "--max-backends"),
         (names::MAP_BACKEND_STATS, max_backends, "--max-backends"),
     ]
@@ -243,11 +249,30 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
             what: format!("{name} is not an XDP program"),
             source,
         })?;
-    prog.load().map_err(|source| DataplaneError::Program {
+    retry_eagain(|| prog.load()).map_err(|source| DataplaneError::Program {
         what: format!("loading {name} (verifier)"),
         source,
     })?;
     Ok(prog)
+}
+
+/// Runs a program load again when the kernel answers EAGAIN, a transient refusal (seen twice
+/// in one loaded test run, with a verifier log that ended normally); libbpf retries
+/// `BPF_PROG_LOAD` on EAGAIN the same way. Bounded: five attempts.
+fn retry_eagain(
+    mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
+) -> std::result::Result<(), aya::programs::ProgramError> {
+    let mut attempts = 5;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts > 1 =>
+            {
+                attempts -= 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 fn ifindex(iface: &str) -> Result<u32> {
@@ -506,10 +531,20 @@ pub struct Maps {
     pub flow_inserts: PerCpuArray<MapData, u64>,
     /// What the flow sweeper last found (index 0).
     pub flow_stats: Array<MapData, FlowTableStats>,
+    /// NAT: reply 5-tuple → the flow it belongs to.
+    pub nat_reverse: HashMap<MapData, FlowKey, NatReverse>,
+    /// Allow lists of every VIP.
+    pub guard_allow: LpmTrie<MapData, GuardKey, u8>,
+    /// Deny lists of every VIP.
+    pub guard_deny: LpmTrie<MapData, GuardKey, u8>,
+    /// New-flow token buckets per (VIP, source).
+    pub rate: HashMap<MapData, RateKey, RateState>,
+    /// Guard drops per VIP.
+    pub guard_stats: PerCpuArray<MapData, GuardCounters>,
 }
 
 /// Every map of the balancer that is pinned, in pin order.
-const PINNED: [&str; 11] = [
+const PINNED: [&str; 16] = [
     names::MAP_CONFIG,
     names::MAP_VIPS,
     names::MAP_BACKENDS,
@@ -521,6 +556,11 @@ const PINNED: [&str; 11] = [
     names::MAP_HC_STATS,
     names::MAP_FLOW_INSERTS,
     names::MAP_FLOW_STATS,
+    names::MAP_NAT_REVERSE,
+    names::MAP_GUARD_ALLOW,
+    names::MAP_GUARD_DENY,
+    names::MAP_RATE,
+    names::MAP_GUARD_STATS,
 ];
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -584,6 +624,11 @@ impl Maps {
             hc_stats: typed!(names::MAP_HC_STATS),
             flow_inserts: typed!(names::MAP_FLOW_INSERTS),
             flow_stats: typed!(names::MAP_FLOW_STATS),
+            nat_reverse: typed!(names::MAP_NAT_REVERSE),
+            guard_allow: typed!(names::MAP_GUARD_ALLOW),
+            guard_deny: typed!(names::MAP_GUARD_DENY),
+            rate: typed!(names::MAP_RATE),
+            guard_stats: typed!(names::MAP_GUARD_STATS),
         })
     }
 
@@ -656,7 +701,78 @@ impl Maps {
                 removed += 1;
             }
         }
+        let reverse: Vec<FlowKey> = self
+            .nat_reverse
+            .iter()
+            .filter_map(|entry| match entry {
+                Ok((k, v)) if ids.contains(&v.backend_id) => Some(k),
+                _ => None,
+            })
+            .collect();
+        for k in reverse {
+            let _ = self.nat_reverse.remove(&k);
+        }
         Ok(removed)
+    }
+
+    /// Deletes the NAT reverse entries whose flow is gone or now names another backend (the
+    /// flow sweeper runs it after deleting expired flows); returns how many are left.
+    pub fn sweep_nat_reverse(&mut self) -> Result<u64> {
+        let mut live = 0u64;
+        let mut doomed: Vec<FlowKey> = Vec::new();
+        for entry in self.nat_reverse.iter() {
+            // An entry evicted while we walk is simply gone.
+            let Ok((k, v)) = entry else { continue };
+            let flow = nat_flow_key(&k, &v);
+            match self.flows.get(&flow, 0) {
+                Ok(f) if f.backend_id == v.backend_id => live += 1,
+                _ => doomed.push(k),
+            }
+        }
+        for k in doomed {
+            let _ = self.nat_reverse.remove(&k);
+        }
+        Ok(live)
+    }
+
+    /// Sum over CPUs of one VIP's guard counters.
+    pub fn guard_counters(&self, vip_id: u32) -> Result<GuardCounters> {
+        let v = self
+            .guard_stats
+            .get(&vip_id, 0)
+            .map_err(map_err(format!("reading LB_GUARD_STATS[{vip_id}]")))?;
+        Ok(v.iter().fold(GuardCounters::default(), |a, c| {
+            let GuardCounters {
+                not_allowed,
+                denied,
+                rate_limited,
+            } = *c;
+            GuardCounters {
+                not_allowed: a.not_allowed + not_allowed,
+                denied: a.denied + denied,
+                rate_limited: a.rate_limited + rate_limited,
+            }
+        }))
+    }
+
+    /// Zeroes one VIP's guard counters (its id is being given to a new VIP).
+    pub fn reset_guard_counters(&mut self, vip_id: u32) -> Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Io {
+            what: "counting CPUs from",
+            path: "/sys/devices/system/cpu/possible".into(),
+            source: e,
+        })?;
+        let zeros =
+            PerCpuValues::try_from(vec![GuardCounters::default(); n]).map_err(|source| {
+                DataplaneError::Io {
+                    what: "building per-CPU zeros for",
+                    path: "LB_GUARD_STATS".into(),
+                    source,
+                }
+            })?;
+        self.guard_stats
+            .set(vip_id, zeros, 0)
+            .map_err(map_err("resetting LB_GUARD_STATS"))
     }
 
     /// Every non-empty backend entry with its id.
@@ -756,6 +872,20 @@ impl Maps {
     }
 }
 
+/// The flow-table key of the flow a NAT reverse entry belongs to: the reply's destination is
+/// the client, and the client sent to the VIP.
+pub fn nat_flow_key(reply: &FlowKey, rev: &NatReverse) -> FlowKey {
+    FlowKey {
+        src_addr: reply.dst_addr,
+        dst_addr: rev.vip_addr,
+        src_port: reply.dst_port,
+        dst_port: rev.vip_port,
+        proto: reply.proto,
+        family: reply.family,
+        _pad: [0; 2],
+    }
+}
+
 fn sum_counters(map: &PerCpuArray<MapData, Counters>, idx: u32, name: &str) -> Result<Counters> {
     let v = map
         .get(&idx, 0)
@@ -766,12 +896,16 @@ fn sum_counters(map: &PerCpuArray<MapData, Counters>, idx: u32, name: &str) -> R
             bytes,
             new_flows,
             unhealthy_routing_flows,
+            reply_packets,
+            reply_bytes,
         } = *c;
         Counters {
             packets: a.packets + packets,
             bytes: a.bytes + bytes,
             new_flows: a.new_flows + new_flows,
             unhealthy_routing_flows: a.unhealthy_routing_flows + unhealthy_routing_flows,
+            reply_packets: a.reply_packets + reply_packets,
+            reply_bytes: a.reply_bytes + reply_bytes,
         }
     }))
 }
@@ -827,12 +961,11 @@ impl Balancer {
         };
         let loaded = load_object(sizes, pin_dir).and_then(|mut ebpf| {
             xdp_program(&mut ebpf, names::PROG_XDP)?;
-            hc_program(&mut ebpf)?
-                .load()
-                .map_err(|source| DataplaneError::Program {
-                    what: format!("loading {} (verifier)", names::PROG_HC_ENCAP),
-                    source,
-                })?;
+            let hc = hc_program(&mut ebpf)?;
+            retry_eagain(|| hc.load()).map_err(|source| DataplaneError::Program {
+                what: format!("loading {} (verifier)", names::PROG_HC_ENCAP),
+                source,
+            })?;
             Ok(ebpf)
         });
         let ebpf = match loaded {

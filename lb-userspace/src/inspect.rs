@@ -59,6 +59,8 @@ fn backend_json(id: u32, b: &Backend, maps: &Maps) -> anyhow::Result<Value> {
         "packets": c.packets,
         "bytes": c.bytes,
         "new_flows": c.new_flows,
+        "reply_packets": c.reply_packets,
+        "reply_bytes": c.reply_bytes,
     }))
 }
 
@@ -78,6 +80,8 @@ fn flow_table_json(maps: &Maps) -> anyhow::Result<Value> {
         "expired": s.expired,
         "deleted": s.deleted,
         "evicted_live": s.evicted_live,
+        // NAT: reverse (reply) entries after the last sweep, one per live NAT flow.
+        "nat_reverse_entries": s.nat_entries,
         "swept_s_ago": (s.swept_ns != 0).then(|| now.saturating_sub(s.swept_ns) as f64 / 1e9),
     }))
 }
@@ -97,6 +101,8 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
     keys.sort_by_key(|(_, id)| *id);
     for (k, id) in keys {
         let c = maps.vip_counters(id)?;
+        let g = maps.guard_counters(id)?;
+        let meta = maps.vips.get(&k, 0).context("reading LB_VIPS")?;
         let mut bs = Vec::new();
         for (bid, b) in all_backends.iter().filter(|(_, b)| b.vip_id == id) {
             bs.push(backend_json(*bid, b, maps)?);
@@ -108,6 +114,17 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
             "bytes": c.bytes,
             "new_flows": c.new_flows,
             "unhealthy_routing_flows": c.unhealthy_routing_flows,
+            "mode": if meta.flags & lb_common::VIP_F_NAT != 0 { "nat" } else { "dsr" },
+            // NAT: the targets' replies translated back (DSR replies bypass the balancer).
+            "reply_packets": c.reply_packets,
+            "reply_bytes": c.reply_bytes,
+            // Packets the VIP's guards dropped, by reason (the reason counters of the same
+            // names count them over all VIPs).
+            "guards": {
+                "drop_not_allowed": g.not_allowed,
+                "drop_denied": g.denied,
+                "drop_rate_limited": g.rate_limited,
+            },
             "backends": bs,
         }));
     }
@@ -202,6 +219,40 @@ pub fn stats(args: &PinArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The sources the new-flow rate limit dropped most, busiest first: VIP, source, new flows
+/// dropped in total, and how long ago the last one was.
+fn limited_json(maps: &Maps, top: usize) -> anyhow::Result<Value> {
+    let mut vip_names: HashMap<u32, String> = HashMap::new();
+    for e in maps.vips.iter() {
+        let (k, v) = e.context("reading LB_VIPS")?;
+        if k.proto != lb_common::VIP_MARKER_PROTO {
+            vip_names.insert(v.vip_id, vip_addr(&k));
+        }
+    }
+    let now = monotonic_ns();
+    let mut rows: Vec<(u64, Value)> = Vec::new();
+    for e in maps.rate.iter() {
+        // An entry the LRU evicts while we walk is simply gone.
+        let Ok((k, v)) = e else { continue };
+        if v.dropped == 0 {
+            continue;
+        }
+        rows.push((
+            v.dropped,
+            json!({
+                "vip": vip_names.get(&k.vip_id).cloned().unwrap_or_else(|| format!("id {}", k.vip_id)),
+                "source": addr_text(k.family, k.addr),
+                "new_flows_dropped": v.dropped,
+                "last_drop_s_ago": now.saturating_sub(v.last_drop_ns) as f64 / 1e9,
+            }),
+        ));
+    }
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    Ok(Value::Array(
+        rows.into_iter().take(top).map(|(_, v)| v).collect(),
+    ))
+}
+
 /// `lb dump …`.
 pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
     let maps = Maps::open_pinned(&args.pin.pin_path)?;
@@ -264,6 +315,7 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
             }
             Value::Array(rows)
         }
+        DumpWhat::Limited { top } => limited_json(&maps, *top)?,
         DumpWhat::Ring { vip, slots } => {
             let addr: VipAddr = vip
                 .parse()

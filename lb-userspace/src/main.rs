@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Groups(a) => lb::ctl::groups(a),
         Command::Listeners(a) => lb::ctl::listeners(a),
         Command::Rules(a) => lb::ctl::rules(a),
+        Command::Vips(a) => lb::ctl::vips(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

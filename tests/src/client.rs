@@ -93,6 +93,16 @@ pub fn tcp_connect_from(
     tcp_connect(src_port, None, dst.into(), timeout)
 }
 
+/// Connects to `dst` from `src` (a local address of the client and a port, 0: any), failing
+/// after `timeout`: a second client address on the same host.
+pub fn tcp_connect_bound(
+    src: SocketAddr,
+    dst: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    tcp_connect_at(src, None, dst.into(), timeout)
+}
+
 /// Connects to `dst` from a socket with `SO_MARK = mark` (needs CAP_NET_ADMIN), failing after
 /// `timeout`: what the health checker does to send a probe through `lb_hc_encap`
 /// (`lb_common::hc_mark`).
@@ -110,6 +120,16 @@ fn tcp_connect(
     dst: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream> {
+    tcp_connect_at(any_of(dst, src_port), mark, dst, timeout)
+}
+
+fn tcp_connect_at(
+    local: SocketAddr,
+    mark: Option<u32>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let src_port = local.port();
     let family = if dst.is_ipv6() {
         libc::AF_INET6
     } else {
@@ -157,7 +177,7 @@ fn tcp_connect(
             &format!("SO_MARK {mark:#x}"),
         )?;
     }
-    let local = RawAddr::of(any_of(dst, src_port));
+    let local = RawAddr::of(local);
     let (ptr, len) = local.ptr_len();
     // SAFETY: valid fd and a sockaddr of the given length.
     check(

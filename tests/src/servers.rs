@@ -29,6 +29,8 @@ enum Kind {
     LinePerLine,
     /// An HTTP/1.0 response whose body is `NAME\n`, then close.
     Http,
+    /// `NAME PEER\n` per line, or N bytes for a line `bytes N` ([`Server::tcp_peer`]).
+    Peer,
 }
 
 /// A running server; stops (and joins its threads) on drop.
@@ -46,6 +48,13 @@ impl Server {
     /// TCP server in namespace `ns` on `addr` answering every line it receives with `name`.
     pub fn tcp_lines(ns: &str, addr: SocketAddr, name: &str) -> Result<Self> {
         Self::tcp(ns, addr, name, Kind::LinePerLine)
+    }
+
+    /// TCP server in namespace `ns` on `addr` answering every line with `name PEER` (the
+    /// client address it sees), and a line `bytes N` with N bytes (`0`–`9` repeating, at most
+    /// 256 MiB) and a newline: who connected, and a long transfer.
+    pub fn tcp_peer(ns: &str, addr: SocketAddr, name: &str) -> Result<Self> {
+        Self::tcp(ns, addr, name, Kind::Peer)
     }
 
     /// HTTP/1.0 server in namespace `ns` on `addr` answering every request with status 200 and
@@ -209,6 +218,7 @@ fn accept_loop(listener: &TcpListener, name: &str, kind: Kind, stop: &Arc<Atomic
 /// Serves one connection until the peer closes, it idles out, or `stop`.
 fn serve(conn: TcpStream, name: &str, kind: Kind, stop: &AtomicBool) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
+    let peer = conn.peer_addr()?;
     conn.set_read_timeout(Some(POLL))?;
     let mut writer = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
@@ -225,6 +235,27 @@ fn serve(conn: TcpStream, name: &str, kind: Kind, stop: &AtomicBool) -> std::io:
                     continue;
                 }
                 match kind {
+                    Kind::Peer => {
+                        let text = String::from_utf8_lossy(&line).trim().to_owned();
+                        line.clear();
+                        let n = text
+                            .strip_prefix("bytes ")
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .filter(|n| *n <= 256 << 20);
+                        if let Some(n) = n {
+                            let chunk: Vec<u8> =
+                                (0..65_530).map(|i| b'0' + (i % 10) as u8).collect();
+                            let mut left = n;
+                            while left > 0 {
+                                let k = left.min(chunk.len());
+                                writer.write_all(&chunk[..k])?;
+                                left -= k;
+                            }
+                            writer.write_all(b"\n")?;
+                        } else {
+                            writer.write_all(format!("{name} {peer}\n").as_bytes())?;
+                        }
+                    }
                     Kind::LinePerLine => {
                         writer.write_all(format!("{name}\n").as_bytes())?;
                         line.clear();

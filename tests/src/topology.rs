@@ -33,6 +33,9 @@ use crate::servers::Server;
 pub const SEGMENT_PREFIX_LEN: u8 = 24;
 /// Address of the client on the segment.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// A second address of the client in a NAT topology ([`TopologyBuilder::nat`]): a second
+/// client, as far as the balancer and the backends can tell.
+pub const SECOND_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
 /// Address of balancer 0; balancer `i` has `.2 + i`.
 pub const FIRST_LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 /// Address of backend 0; backend `j` has `.11 + j`.
@@ -118,6 +121,8 @@ pub struct VipSpec {
     pub options: Vec<String>,
     /// Targets by their IPv6 addresses (`fd00::…`) rather than IPv4 ones.
     pub ipv6_targets: bool,
+    /// The port of targets that give none (NAT: the port the target listens on).
+    pub target_port: Option<u16>,
 }
 
 /// [`VipSpec::group_options`] unless a test sets its own.
@@ -144,7 +149,15 @@ impl VipSpec {
             group_options: DEFAULT_GROUP_OPTIONS.to_owned(),
             options: Vec::new(),
             ipv6_targets: false,
+            target_port: None,
         }
+    }
+
+    /// A NAT VIP (`mode=nat`) whose targets listen on `target_port` (`ADDR:PORT`).
+    pub fn nat_to_port(mut self, target_port: u16) -> Self {
+        self.options.push("mode=nat".to_owned());
+        self.target_port = Some(target_port);
+        self
     }
 
     /// Adds a `--vip` option, e.g. `idle-timeout=2`.
@@ -286,6 +299,7 @@ pub struct TopologyBuilder {
     static_neighbours: bool,
     lb_bin: Option<PathBuf>,
     ipv6: bool,
+    nat: bool,
 }
 
 impl Default for TopologyBuilder {
@@ -301,6 +315,7 @@ impl Default for TopologyBuilder {
             static_neighbours: false,
             lb_bin: None,
             ipv6: false,
+            nat: false,
         }
     }
 }
@@ -369,6 +384,18 @@ impl TopologyBuilder {
     /// duplicate address detection out of the tests).
     pub fn ipv6(mut self, yes: bool) -> Self {
         self.ipv6 = yes;
+        self
+    }
+
+    /// Backends for NAT VIPs (default false): plain hosts with no VIP address, no `lb decap`
+    /// and a strict reverse-path filter (`rp_filter=1`), whose route to the client's
+    /// addresses goes through balancer 0 (their gateway, as NAT needs). The client also gets
+    /// [`SECOND_CLIENT_ADDR`] (and its IPv6 twin).
+    pub fn nat(mut self, yes: bool) -> Self {
+        self.nat = yes;
+        if yes {
+            self.start_decap = false;
+        }
         self
     }
 
@@ -495,6 +522,16 @@ impl Topology {
                 bridge_port: format!("be{j}"),
             };
             self.add_node(&node, UNDERLAY_MTU, b.ipv6)?;
+            if b.nat {
+                for (key, value) in [
+                    ("net.ipv4.conf.all.rp_filter", "1"),
+                    ("net.ipv4.conf.eth0.rp_filter", "1"),
+                ] {
+                    netns::sysctl(&node.ns, key, value)?;
+                }
+                self.backends.push(node);
+                continue;
+            }
             let mut vip_addrs: Vec<IpAddr> = self.vips.iter().map(|v| v.addr).collect();
             vip_addrs.sort_unstable();
             vip_addrs.dedup();
@@ -584,6 +621,9 @@ impl Topology {
         }
         if !self.lbs.is_empty() {
             self.route_vips_via(0)?;
+        }
+        if b.nat {
+            self.route_clients_via_lb(b.ipv6)?;
         }
 
         // XDP_TX'd frames on a veth are delivered promptly only if the peer runs an XDP
@@ -704,7 +744,7 @@ impl Topology {
                 args.push(target_flag_value(
                     &vip.name,
                     self.target_addr(vip, t.backend),
-                    t.port,
+                    t.port.or(vip.target_port),
                     t.weight,
                 ));
             }
@@ -839,6 +879,39 @@ impl Topology {
         Ok(())
     }
 
+    /// NAT: the client's second address, and the backends' routes to both client addresses
+    /// through balancer 0.
+    fn route_clients_via_lb(&self, ipv6: bool) -> Result<()> {
+        let cl = &self.client.ns;
+        let second = format!("{SECOND_CLIENT_ADDR}/{SEGMENT_PREFIX_LEN}");
+        run_in(cl, "ip", ["addr", "add", &second, "dev", "eth0"])?;
+        let second6 = v6_of(SECOND_CLIENT_ADDR);
+        if ipv6 {
+            let cidr6 = format!("{second6}/{SEGMENT6_PREFIX_LEN}");
+            run_in(
+                cl,
+                "ip",
+                ["-6", "addr", "add", &cidr6, "dev", "eth0", "nodad"],
+            )?;
+        }
+        let Some(lb) = self.lbs.first() else {
+            return Ok(());
+        };
+        for be in &self.backends {
+            for client in [CLIENT_ADDR, SECOND_CLIENT_ADDR] {
+                let host = format!("{client}/32");
+                let via = lb.node.addr.to_string();
+                run_in(&be.ns, "ip", ["route", "add", &host, "via", &via])?;
+                if ipv6 {
+                    let host6 = format!("{}/128", v6_of(client));
+                    let via6 = lb.node.addr6.to_string();
+                    run_in(&be.ns, "ip", ["-6", "route", "add", &host6, "via", &via6])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The `lb decap` command line of backend `j` (`None` if it runs none).
     pub fn decap_command_line(&self, j: usize) -> Option<&str> {
         self.decaps
@@ -898,6 +971,16 @@ impl Topology {
             let addr = self.any(port);
             self.servers
                 .push(Server::tcp_lines(&be.ns, addr, &be.name)?);
+        }
+        Ok(())
+    }
+
+    /// Starts a peer-reporting server ([`Server::tcp_peer`]) on `0.0.0.0:port` (or `[::]`) of
+    /// every backend.
+    pub fn serve_tcp_peer(&mut self, port: u16) -> Result<()> {
+        for be in self.backends.clone() {
+            let addr = self.any(port);
+            self.servers.push(Server::tcp_peer(&be.ns, addr, &be.name)?);
         }
         Ok(())
     }

@@ -163,6 +163,22 @@ pub enum Request {
     /// CloudWatch get-metric-data, roughly: every metric of both planes with its total, its
     /// sums over the last 1 and 5 minutes and its rate (what `lb stats` shows).
     DescribeMetrics,
+    /// Ours: a VIP's guards (every VIP's when no name is given).
+    DescribeVipGuards {
+        /// The VIP: its name or `ADDR:PORT/PROTO`.
+        #[serde(rename = "VipName", default)]
+        vip_name: Option<String>,
+    },
+    /// Ours: change a VIP's guards at run time. The options are `--vip`'s guard options;
+    /// each one given replaces that part (`allow=` empty: no allow list), the rest stays.
+    ModifyVipGuards {
+        /// The VIP: its name or `ADDR:PORT/PROTO`.
+        #[serde(rename = "VipName")]
+        vip_name: String,
+        /// `allow=CIDR|…`, `deny=CIDR|…`, `new-flow-rate=N|off`, `new-flow-burst=M`.
+        #[serde(rename = "Options")]
+        options: String,
+    },
     /// AWS set-rule-priorities: every move at once.
     SetRulePriorities {
         /// The listener.
@@ -429,6 +445,23 @@ pub struct Response {
     /// DescribeMetrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<crate::metrics::history::Report>,
+    /// DescribeVipGuards, ModifyVipGuards (the guards afterwards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip_guards: Option<Vec<VipGuardsDescription>>,
+}
+
+/// A VIP's guards as DescribeVipGuards reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct VipGuardsDescription {
+    /// The VIP's name (or its address).
+    pub vip_name: String,
+    /// `ADDR:PORT/PROTO`.
+    pub vip: String,
+    /// `dsr` or `nat`.
+    pub mode: String,
+    /// The guards in `--vip` option syntax.
+    pub guards: String,
 }
 
 /// A target's health with its group (we describe several groups in one answer).

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::admin::Handler;
 use crate::admin::api::{
     self, ApiError, GroupTargetHealth, ListenerDescription, ModifyTargetGroup, PriorityMove,
-    Request, Response, RuleDescription, TargetGroupDescription, TargetRef,
+    Request, Response, RuleDescription, TargetGroupDescription, TargetRef, VipGuardsDescription,
 };
 use crate::config::l7_group_problem;
 use crate::dataplane::Maps;
 use crate::health::BackendIds;
-use crate::l4::{L4Member, RingWriter, VipAddr, VipSpec};
+use crate::l4::{GuardChange, L4Member, RingWriter, VipAddr, VipSpec};
 use crate::proxy::server::{Groups, L7Handle, ListenerConfig};
 use crate::registry::{ControlPlane, GroupView, RegistryError, Snapshot, TargetSpec};
 use crate::rules::RuleBook;
@@ -450,6 +450,65 @@ impl Control {
         })
     }
 
+    /// The guards of one VIP (or every VIP), after applying `change` to the one named.
+    fn vip_guards(
+        &self,
+        name: Option<&str>,
+        change: Option<GuardChange>,
+    ) -> Result<Response, ApiError> {
+        let Some(l4) = &self.l4 else {
+            return Err(ApiError::new(
+                "ListenerNotFound",
+                "this lb run serves no L4 VIPs (no --vip)",
+            ));
+        };
+        let chosen: Vec<&VipSpec> = match name {
+            Some(n) => {
+                let v = self
+                    .vips
+                    .iter()
+                    .find(|(v, _)| v.answers_to(n))
+                    .ok_or_else(|| ApiError::new("ListenerNotFound", format!("no VIP {n:?}")))?;
+                vec![&v.0]
+            }
+            None => self.vips.iter().map(|(v, _)| v).collect(),
+        };
+        l4.with_writer_mut(|w| {
+            let mut out = Vec::new();
+            for spec in chosen {
+                if let Some(change) = &change {
+                    let current = w
+                        .vip(&spec.vip)
+                        .map(|(s, _)| s.guards.clone())
+                        .unwrap_or_default();
+                    let next = change
+                        .apply(&current)
+                        .map_err(|e| ApiError::new("ValidationError", e))?;
+                    w.set_guards(&spec.vip, next).map_err(|e| match e {
+                        crate::l4::L4Error::InvalidGuards { .. } => {
+                            ApiError::new("ValidationError", e.to_string())
+                        }
+                        other => ApiError::new("InternalError", other.to_string()),
+                    })?;
+                    tracing::info!(vip = %spec.vip, guards = %w.vip(&spec.vip).map(|(s, _)| s.guards.to_options()).unwrap_or_default(), "VIP guards changed");
+                }
+                let (now, _) = w
+                    .vip(&spec.vip)
+                    .ok_or_else(|| ApiError::new("InternalError", "VIP not in the maps"))?;
+                out.push(VipGuardsDescription {
+                    vip_name: spec.label(),
+                    vip: spec.vip.to_string(),
+                    mode: now.mode.to_string(),
+                    guards: now.guards.to_options(),
+                });
+            }
+            Ok(Response {
+                vip_guards: Some(out),
+                ..Response::default()
+            })
+        })
+    }
+
     fn describe_listeners(&self) -> Response {
         let listeners = lock(&self.listeners);
         let mut out: Vec<ListenerDescription> = listeners
@@ -696,6 +755,12 @@ impl Control {
                 self.describe_groups(Some(&[group]))
             }
             Request::DescribeListeners => Ok(self.describe_listeners()),
+            Request::DescribeVipGuards { vip_name } => self.vip_guards(vip_name.as_deref(), None),
+            Request::ModifyVipGuards { vip_name, options } => {
+                let change = GuardChange::from_options(&options)
+                    .map_err(|e| ApiError::new("ValidationError", e))?;
+                self.vip_guards(Some(&vip_name), Some(change))
+            }
             Request::DescribeMetrics => Err(ApiError::new(
                 "ValidationError",
                 "DescribeMetrics is answered before any change",

@@ -231,6 +231,8 @@ async fn sweep_flows(
                 let inserts = maps.flow_inserts()?;
                 let now_ns = flows::monotonic_ns();
                 let (entries, expired) = maps.sweep_flows(now_ns, &timeouts)?;
+                // After the flows: a reverse entry whose flow just expired goes with it.
+                let nat_entries = maps.sweep_nat_reverse()?;
                 let prev = maps.flow_table_stats()?;
                 let stats = flows::account(
                     prev,
@@ -240,6 +242,7 @@ async fn sweep_flows(
                         expired,
                         entries,
                         now_ns,
+                        nat_entries,
                     },
                 );
                 maps.set_flow_table_stats(stats)?;
@@ -264,7 +267,8 @@ async fn sweep_flows(
 /// Warns when data-path health checks of a VIP would not leave through an interface that
 /// runs `lb_hc_encap` (they would reach the wrong backend, or none).
 fn check_probe_routes(vips: &[VipSpec], ifaces: &[String]) {
-    for v in vips {
+    // NAT VIPs' targets are checked directly, not through the data path.
+    for v in vips.iter().filter(|v| v.mode == crate::l4::VipMode::Dsr) {
         match host::route_to(v.vip.addr, Some(lb_common::LB_HC_MARK_BASE)) {
             Some((dev, _)) if ifaces.contains(&dev) => {}
             Some((dev, _)) => tracing::warn!(
@@ -517,10 +521,16 @@ fn print_check(cfg: &Config) {
         );
         for b in cfg.registry.vips() {
             let name = b.spec.name.as_deref().unwrap_or("-");
+            let guards = if b.spec.guards.is_empty() {
+                "no guards".to_owned()
+            } else {
+                b.spec.guards.to_options()
+            };
             println!(
-                "  VIP {} ({name}) → target group {}, idle timeout {} s",
+                "  VIP {} ({name}) → target group {}, {}, idle timeout {} s, {guards}",
                 b.spec.vip,
                 b.group,
+                b.spec.mode,
                 b.spec.idle_timeout.as_secs()
             );
         }

@@ -106,7 +106,7 @@ fn plans(snapshot: &Snapshot, have_data_path: bool) -> HashMap<Key, Plan> {
         let through_vips = match check.mode {
             CheckMode::Direct => false,
             CheckMode::DataPath => true,
-            CheckMode::Auto => !g.vips.is_empty() && have_data_path,
+            CheckMode::Auto => !g.dsr_vips.is_empty() && have_data_path,
         };
         for t in g.targets.iter().filter(|t| t.checked) {
             out.insert(
@@ -114,7 +114,7 @@ fn plans(snapshot: &Snapshot, have_data_path: bool) -> HashMap<Key, Plan> {
                 Plan {
                     check: check.clone(),
                     vips: if through_vips {
-                        g.vips.clone()
+                        g.dsr_vips.clone()
                     } else {
                         Vec::new()
                     },

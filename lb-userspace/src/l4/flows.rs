@@ -50,6 +50,8 @@ pub struct SweepResult {
     pub entries: u64,
     /// When (CLOCK_MONOTONIC nanoseconds).
     pub now_ns: u64,
+    /// NAT reverse entries left after this sweep.
+    pub nat_entries: u64,
 }
 
 /// The table's accounting after a sweep: `prev` plus what the sweep found. Evictions are
@@ -67,6 +69,7 @@ pub fn account(prev: FlowTableStats, sweep: SweepResult) -> FlowTableStats {
         expired: prev.expired + sweep.expired,
         evicted_live: prev.evicted_live.max(evicted),
         swept_ns: sweep.now_ns,
+        nat_entries: sweep.nat_entries,
     }
 }
 
@@ -85,6 +88,7 @@ mod tests {
                 expired: 10,
                 entries: 60,
                 now_ns: 7,
+                nat_entries: 0,
             },
         );
         assert_eq!(
@@ -95,6 +99,7 @@ mod tests {
                 expired: 10,
                 evicted_live: 25,
                 swept_ns: 7,
+                nat_entries: 0,
             }
         );
         // Nothing new evicted: 20 more inserted, all still there.

@@ -1,9 +1,12 @@
 //! What an L4 VIP is: address (IPv4 or IPv6), port and protocol, an optional name, its flow
-//! idle timeout, and the rule DSR puts on its targets' ports.
+//! idle timeout, its mode (direct server return or NAT) with the rule each puts on its targets'
+//! ports, and its guards.
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
+
+use super::guards::Guards;
 
 /// NLB's TCP idle timeout: a TCP flow's entry is valid this long after its last packet.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(350);
@@ -14,6 +17,43 @@ pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(6000);
 /// Shortest idle timeout a VIP accepts. NLB's lower bound for TCP is 60 s; shorter values are
 /// accepted for tests, as health-check intervals are.
 pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a VIP's packets reach its targets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum VipMode {
+    /// Direct server return: encapsulated (IP-in-IP) unchanged; targets carry the VIP on `lo`,
+    /// run `lb decap` (or a tunnel driver) and answer the client directly.
+    #[default]
+    Dsr,
+    /// NAT: destination rewritten to the target's address and port, client address kept;
+    /// targets need nothing, but must route their replies through the balancer.
+    Nat,
+}
+
+impl VipMode {
+    /// The spelling of `--vip …,mode=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dsr => "dsr",
+            Self::Nat => "nat",
+        }
+    }
+
+    /// Parses `dsr` or `nat`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "dsr" => Some(Self::Dsr),
+            "nat" => Some(Self::Nat),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for VipMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// L4 protocol of a VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -117,8 +157,24 @@ impl VipAddr {
             (vp, Some(p)) if p == vp => Ok(p),
             (vp, Some(p)) => Err(format!(
                 "port {p} differs from the VIP port {vp}: with direct server return the \
-                 backend receives the packet unchanged, so it must listen on the VIP port"
+                 backend receives the packet unchanged, so it must listen on the VIP port \
+                 (or give the VIP mode=nat)"
             )),
+        }
+    }
+
+    /// The port a target of this VIP is registered on under NAT, given the port the operator
+    /// wrote (if any): that port (the destination is rewritten to it), else the VIP's; for an
+    /// every-port VIP none (the client's port is kept).
+    pub fn nat_target_port(&self, given: Option<u16>) -> Result<u16, String> {
+        match (self.port, given) {
+            (0, None) => Ok(0),
+            (0, Some(p)) => Err(format!(
+                "VIP {self} takes every port, so a target port ({p}) cannot apply: NAT keeps the \
+                 port the client used"
+            )),
+            (vp, None) => Ok(vp),
+            (_, Some(p)) => Ok(p),
         }
     }
 }
@@ -185,7 +241,7 @@ impl FromStr for VipAddr {
     }
 }
 
-/// A VIP: its identity, optional name and flow idle timeout.
+/// A VIP: its identity, optional name, flow idle timeout, mode and guards.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipSpec {
     /// Optional name (targets may refer to it).
@@ -194,15 +250,36 @@ pub struct VipSpec {
     pub vip: VipAddr,
     /// How long a flow's entry stays valid after its last packet (NLB: TCP 350 s, UDP 120 s).
     pub idle_timeout: Duration,
+    /// DSR (the default) or NAT.
+    pub mode: VipMode,
+    /// Source lists and new-flow rate limit (none by default).
+    pub guards: Guards,
 }
 
 impl VipSpec {
-    /// A VIP with NLB's idle timeout for its protocol.
+    /// A DSR VIP with NLB's idle timeout for its protocol and no guards.
     pub fn new(name: Option<String>, vip: VipAddr) -> Self {
         Self {
             name,
             idle_timeout: vip.proto.default_idle_timeout(),
             vip,
+            mode: VipMode::Dsr,
+            guards: Guards::default(),
+        }
+    }
+
+    /// The same VIP in NAT mode.
+    pub fn nat(mut self) -> Self {
+        self.mode = VipMode::Nat;
+        self
+    }
+
+    /// The port a target is registered on, given the port the operator wrote: the rule of
+    /// the VIP's mode ([`VipAddr::dsr_target_port`], [`VipAddr::nat_target_port`]).
+    pub fn target_port(&self, given: Option<u16>) -> Result<u16, String> {
+        match self.mode {
+            VipMode::Dsr => self.vip.dsr_target_port(given),
+            VipMode::Nat => self.vip.nat_target_port(given),
         }
     }
 
@@ -301,6 +378,22 @@ mod tests {
         for other in ["api", "10.100.0.1:81/tcp", "10.100.0.1:80/udp", "WEB"] {
             assert!(!v.answers_to(other), "{other}");
         }
+    }
+
+    #[test]
+    fn nat_targets_may_listen_on_another_port_but_not_for_every_port_vips() {
+        let web = VipSpec::new(None, "10.100.0.1:80/tcp".parse().unwrap()).nat();
+        let any = VipSpec::new(None, "10.100.0.1:0/tcp".parse().unwrap()).nat();
+        assert_eq!(web.target_port(None), Ok(80));
+        assert_eq!(web.target_port(Some(8080)), Ok(8080));
+        assert_eq!(any.target_port(None), Ok(0));
+        assert!(
+            any.target_port(Some(8080))
+                .unwrap_err()
+                .contains("every port")
+        );
+        assert_eq!(VipMode::parse("NAT"), Some(VipMode::Nat));
+        assert_eq!(VipMode::parse("tunnel"), None);
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! - a departed backend's flow-table entries are deleted, and its id is reused only after
 //!   every never-used id is gone.
 //!
+//! Guards ([`RingWriter::set_guards`]) follow the same idea: new trie entries first, then the
+//! VIP's flags, then the entries that left, so a change never opens a window in which a
+//! source both lists admit is dropped, or one they refuse passes.
+//!
 //! A writer can start from maps a previous `lb run` left pinned ([`RingWriter::adopt`]): it
 //! keeps the VIP and backend ids the flow table refers to and the ring as it is, so the first
 //! [`RingWriter::apply`] rewrites only what the new configuration changes.
@@ -24,11 +28,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 
 use lb_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_IN_RING, Backend, RING_EMPTY, VIP_F_FAIL_OPEN, VIP_F_HAS_TCP,
-    VIP_F_HAS_UDP, VIP_MARKER_ID, VIP_MARKER_PROTO, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, BACKEND_F_IN_RING, Backend, CONFIG_F_NAT, GuardKey, RING_EMPTY,
+    VIP_F_ALLOW_LIST, VIP_F_DENY_LIST, VIP_F_FAIL_OPEN, VIP_F_HAS_TCP, VIP_F_HAS_UDP, VIP_F_NAT,
+    VIP_MARKER_ID, VIP_MARKER_PROTO, VipKey, VipMeta,
 };
 
-use super::vip::{Proto, VipAddr, VipSpec};
+use super::guards::Guards;
+use super::vip::{Proto, VipAddr, VipMode, VipSpec};
 use crate::{
     dataplane::{DataplaneError, Maps},
     maglev,
@@ -56,6 +62,35 @@ pub trait L4Maps {
     fn backend_entries(&self) -> Result<Vec<(u32, Backend)>, DataplaneError>;
     /// `len` ring slots from `index` on.
     fn ring_slots(&self, index: u32, len: u32) -> Result<Vec<u32>, DataplaneError>;
+    /// Sets `LB_CONFIG.flags` (the rest of the settings stay).
+    fn set_config_flags(&mut self, flags: u32) -> Result<(), DataplaneError>;
+    /// Every entry of both guard tries: (list, prefix length, key).
+    fn guard_entries(&self) -> Result<Vec<(GuardList, u32, GuardKey)>, DataplaneError>;
+    /// Adds a guard trie entry.
+    fn set_guard(
+        &mut self,
+        list: GuardList,
+        prefix: u32,
+        key: GuardKey,
+    ) -> Result<(), DataplaneError>;
+    /// Removes a guard trie entry.
+    fn remove_guard(
+        &mut self,
+        list: GuardList,
+        prefix: u32,
+        key: GuardKey,
+    ) -> Result<(), DataplaneError>;
+    /// Zeroes VIP `id`'s guard counters before the id is (re)used.
+    fn reset_guard_counters(&mut self, id: u32) -> Result<(), DataplaneError>;
+}
+
+/// Which guard trie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GuardList {
+    /// `LB_GUARD_ALLOW`.
+    Allow,
+    /// `LB_GUARD_DENY`.
+    Deny,
 }
 
 fn map_error(what: String) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -107,6 +142,56 @@ impl L4Maps for Maps {
             })
             .collect()
     }
+    fn set_config_flags(&mut self, flags: u32) -> Result<(), DataplaneError> {
+        let mut cfg = self.lb_config()?;
+        if cfg.flags != flags {
+            cfg.flags = flags;
+            self.set_lb_config(cfg)?;
+        }
+        Ok(())
+    }
+    fn guard_entries(&self) -> Result<Vec<(GuardList, u32, GuardKey)>, DataplaneError> {
+        let mut out = Vec::new();
+        for (list, trie, name) in [
+            (GuardList::Allow, &self.guard_allow, "LB_GUARD_ALLOW"),
+            (GuardList::Deny, &self.guard_deny, "LB_GUARD_DENY"),
+        ] {
+            for k in trie.keys() {
+                let k = k.map_err(map_error(format!("reading {name}")))?;
+                out.push((list, k.prefix_len(), k.data()));
+            }
+        }
+        Ok(out)
+    }
+    fn set_guard(
+        &mut self,
+        list: GuardList,
+        prefix: u32,
+        key: GuardKey,
+    ) -> Result<(), DataplaneError> {
+        let k = aya::maps::lpm_trie::Key::new(prefix, key);
+        match list {
+            GuardList::Allow => self.guard_allow.insert(&k, 1, 0),
+            GuardList::Deny => self.guard_deny.insert(&k, 1, 0),
+        }
+        .map_err(map_error(format!("writing the {list:?} list")))
+    }
+    fn remove_guard(
+        &mut self,
+        list: GuardList,
+        prefix: u32,
+        key: GuardKey,
+    ) -> Result<(), DataplaneError> {
+        let k = aya::maps::lpm_trie::Key::new(prefix, key);
+        match list {
+            GuardList::Allow => self.guard_allow.remove(&k),
+            GuardList::Deny => self.guard_deny.remove(&k),
+        }
+        .map_err(map_error(format!("removing from the {list:?} list")))
+    }
+    fn reset_guard_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        Maps::reset_guard_counters(self, id)
+    }
 }
 
 /// Ring writer errors.
@@ -124,6 +209,14 @@ pub enum L4Error {
     /// Out of VIP or backend ids.
     #[error("the maps are full: {0} (raise --max-vips / --max-backends)")]
     Full(&'static str),
+    /// Guards that do not fit the VIP.
+    #[error("VIP {vip}: {problem}")]
+    InvalidGuards {
+        /// The VIP.
+        vip: VipAddr,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// One target of a VIP as the registry sees it.
@@ -240,12 +333,46 @@ struct VipEntry {
 
 impl VipEntry {
     fn meta(&self) -> VipMeta {
+        let VipSpec {
+            mode,
+            guards,
+            idle_timeout,
+            ..
+        } = &self.spec;
+        let mut flags = 0;
+        if self.fail_open {
+            flags |= VIP_F_FAIL_OPEN;
+        }
+        if *mode == VipMode::Nat {
+            flags |= VIP_F_NAT;
+        }
+        if !guards.allow.is_empty() {
+            flags |= VIP_F_ALLOW_LIST;
+        }
+        if !guards.deny.is_empty() {
+            flags |= VIP_F_DENY_LIST;
+        }
         VipMeta {
             vip_id: self.id,
-            flags: if self.fail_open { VIP_F_FAIL_OPEN } else { 0 },
-            idle_timeout_ns: u64::try_from(self.spec.idle_timeout.as_nanos()).unwrap_or(u64::MAX),
+            flags,
+            idle_timeout_ns: u64::try_from(idle_timeout.as_nanos()).unwrap_or(u64::MAX),
+            rate_interval_ns: guards.rate.map_or(0, |r| r.interval_ns()),
+            rate_tolerance_ns: guards.rate.map_or(0, |r| r.tolerance_ns()),
         }
     }
+}
+
+/// The trie entries `guards` of VIP `id` need.
+fn guard_entries_of(id: u32, guards: &Guards) -> BTreeSet<(GuardList, u32, GuardKey)> {
+    let allow = guards.allow.iter().map(|c| (GuardList::Allow, c));
+    let deny = guards.deny.iter().map(|c| (GuardList::Deny, c));
+    allow
+        .chain(deny)
+        .map(|(list, c)| {
+            let (prefix, key) = c.guard_key(id);
+            (list, prefix, key)
+        })
+        .collect()
 }
 
 /// Hands out ids lowest-first and reuses a released id only after every never-used id is
@@ -421,20 +548,76 @@ impl<M: L4Maps> RingWriter<M> {
         this.vip_ids = IdPool::with_used(max_vips, &adopted_ids);
         this.backend_ids = IdPool::with_used(max_backends, &kept);
 
-        // The adopted VIPs' entries carry this run's idle timeouts; every configured address
-        // gets its marker back.
+        // Guards: the adopted VIPs' entries this run configures are added before their
+        // flags say to look them up; entries of anything else go after the flags moved on.
+        let present: BTreeSet<(GuardList, u32, GuardKey)> =
+            this.maps.guard_entries()?.into_iter().collect();
+        let wanted_guards: BTreeSet<(GuardList, u32, GuardKey)> = this
+            .vips
+            .values()
+            .flat_map(|e| guard_entries_of(e.id, &e.spec.guards))
+            .collect();
+        for (list, prefix, key) in wanted_guards.difference(&present) {
+            this.maps.set_guard(*list, *prefix, *key)?;
+        }
+
+        // The adopted VIPs' entries carry this run's idle timeouts, modes and guards; every
+        // configured address gets its marker back.
         let adopted: Vec<VipAddr> = this.vips.keys().copied().collect();
         for vip in &adopted {
             let meta = this.vips[vip].meta();
             this.maps.set_vip(vip.map_key(), meta)?;
             this.write_marker(vip.addr, vip)?;
         }
+        for (list, prefix, key) in present.difference(&wanted_guards) {
+            this.maps.remove_guard(*list, *prefix, *key)?;
+        }
         for spec in vips {
             if !this.vips.contains_key(&spec.vip) {
                 this.add_vip(spec.clone())?;
             }
         }
+        this.write_config_flags()?;
         Ok((this, adoption))
+    }
+
+    /// `LB_CONFIG.flags` for the VIPs now served (NAT replies are looked for only when a NAT
+    /// VIP exists).
+    fn write_config_flags(&mut self) -> Result<(), L4Error> {
+        let nat = self.vips.values().any(|e| e.spec.mode == VipMode::Nat);
+        self.maps
+            .set_config_flags(if nat { CONFIG_F_NAT } else { 0 })?;
+        Ok(())
+    }
+
+    /// Replaces a VIP's guards: new trie entries, then the VIP's flags and rate, then the
+    /// entries that left (see the module docs).
+    pub fn set_guards(&mut self, vip: &VipAddr, guards: Guards) -> Result<(), L4Error> {
+        let entry = self
+            .vips
+            .get(vip)
+            .ok_or_else(|| L4Error::NoSuchVip(vip.to_string()))?;
+        guards
+            .validate(vip.addr.is_ipv6())
+            .map_err(|problem| L4Error::InvalidGuards { vip: *vip, problem })?;
+        let old = guard_entries_of(entry.id, &entry.spec.guards);
+        let new = guard_entries_of(entry.id, &guards);
+        for (list, prefix, key) in new.difference(&old) {
+            self.maps.set_guard(*list, *prefix, *key)?;
+        }
+        let entry = self.vips.get_mut(vip).expect("checked above");
+        entry.spec.guards = guards;
+        let meta = entry.meta();
+        self.maps.set_vip(vip.map_key(), meta)?;
+        for (list, prefix, key) in old.difference(&new) {
+            self.maps.remove_guard(*list, *prefix, *key)?;
+        }
+        Ok(())
+    }
+
+    /// A VIP's spec and id (its guards as applied).
+    pub fn vip(&self, vip: &VipAddr) -> Option<(&VipSpec, u32)> {
+        self.vips.get(vip).map(|e| (&e.spec, e.id))
     }
 
     /// The map writer (the daemon reads counters through it).
@@ -466,7 +649,7 @@ impl<M: L4Maps> RingWriter<M> {
             VipMeta {
                 vip_id: VIP_MARKER_ID,
                 flags,
-                idle_timeout_ns: 0,
+                ..VipMeta::default()
             },
         )?;
         Ok(())
@@ -478,10 +661,20 @@ impl<M: L4Maps> RingWriter<M> {
         if self.vips.contains_key(&spec.vip) {
             return Err(L4Error::VipExists(spec.vip));
         }
+        spec.guards
+            .validate(spec.vip.addr.is_ipv6())
+            .map_err(|problem| L4Error::InvalidGuards {
+                vip: spec.vip,
+                problem,
+            })?;
         let id = self.vip_ids.take().ok_or(L4Error::Full("VIPs"))?;
         let base = id * self.ring_size;
         for slot in 0..self.ring_size {
             self.maps.set_ring_slot(base + slot, RING_EMPTY)?;
+        }
+        self.maps.reset_guard_counters(id)?;
+        for (list, prefix, key) in guard_entries_of(id, &spec.guards) {
+            self.maps.set_guard(list, prefix, key)?;
         }
         let entry = VipEntry {
             spec,
@@ -495,7 +688,7 @@ impl<M: L4Maps> RingWriter<M> {
         // The address marker lets lb_xdp recognise fragments for any VIP of this address.
         self.write_marker(vip.addr, &vip)?;
         self.vips.insert(vip, entry);
-        Ok(())
+        self.write_config_flags()
     }
 
     /// Finds a VIP by name or `ADDR:PORT/PROTO`.
@@ -686,6 +879,8 @@ mod tests {
         ring: BTreeMap<u32, u32>,
         flows: Vec<u32>,
         log: Vec<String>,
+        config_flags: u32,
+        guards: BTreeSet<(GuardList, u32, GuardKey)>,
     }
 
     fn vkey(k: &VipKey) -> ([u32; 4], u16, u8, u8) {
@@ -694,6 +889,10 @@ mod tests {
 
     impl L4Maps for FakeMaps {
         fn set_vip(&mut self, k: VipKey, m: VipMeta) -> Result<(), DataplaneError> {
+            if k.proto != VIP_MARKER_PROTO {
+                self.log
+                    .push(format!("vip {} flags {:#x}", m.vip_id, m.flags));
+            }
             self.vips.insert(vkey(&k), m);
             Ok(())
         }
@@ -762,6 +961,38 @@ mod tests {
             Ok((index..index + len)
                 .map(|i| self.ring.get(&i).copied().unwrap_or(0))
                 .collect())
+        }
+        fn set_config_flags(&mut self, flags: u32) -> Result<(), DataplaneError> {
+            self.config_flags = flags;
+            Ok(())
+        }
+        fn guard_entries(&self) -> Result<Vec<(GuardList, u32, GuardKey)>, DataplaneError> {
+            Ok(self.guards.iter().copied().collect())
+        }
+        fn set_guard(
+            &mut self,
+            list: GuardList,
+            prefix: u32,
+            key: GuardKey,
+        ) -> Result<(), DataplaneError> {
+            self.log
+                .push(format!("guard {list:?} +{prefix} vip {}", key.vip_id));
+            self.guards.insert((list, prefix, key));
+            Ok(())
+        }
+        fn remove_guard(
+            &mut self,
+            list: GuardList,
+            prefix: u32,
+            key: GuardKey,
+        ) -> Result<(), DataplaneError> {
+            self.log
+                .push(format!("guard {list:?} -{prefix} vip {}", key.vip_id));
+            self.guards.remove(&(list, prefix, key));
+            Ok(())
+        }
+        fn reset_guard_counters(&mut self, _id: u32) -> Result<(), DataplaneError> {
+            Ok(())
         }
     }
 
@@ -1145,6 +1376,106 @@ mod tests {
             lb_common::FAMILY_V4,
         );
         assert_eq!(r.maps.vips[&marker].flags, VIP_F_HAS_TCP, "UDP bit gone");
+    }
+
+    #[test]
+    fn nat_vips_are_flagged_and_turn_on_reply_lookups() {
+        let mut r = writer();
+        assert_eq!(r.maps.config_flags, 0, "no NAT VIP: no reply lookups");
+        let nat = VipSpec::new(Some("nat".into()), "10.100.0.2:80/tcp".parse().unwrap()).nat();
+        r.add_vip(nat.clone()).unwrap();
+        assert_eq!(r.maps.config_flags, CONFIG_F_NAT);
+        let key = nat.vip.map_key();
+        assert_eq!(r.maps.vips[&vkey(&key)].flags, VIP_F_NAT);
+        // A restart without it turns the lookups off again.
+        let (r, _) = adopt(r.maps, &[vip(80)]);
+        assert_eq!(r.maps.config_flags, 0);
+    }
+
+    #[test]
+    fn guards_are_written_entries_first_flags_next_and_old_entries_last() {
+        let mut r = writer();
+        let web = vip(80).vip;
+        let g1 = crate::l4::GuardChange::from_options(
+            "allow=10.0.0.0/8,deny=10.9.0.0/16,new-flow-rate=10,new-flow-burst=5",
+        )
+        .unwrap()
+        .apply(&Guards::default())
+        .unwrap();
+        r.maps.log.clear();
+        r.set_guards(&web, g1.clone()).unwrap();
+        assert_eq!(
+            r.maps.log,
+            [
+                "guard Allow +72 vip 0",
+                "guard Deny +80 vip 0",
+                &format!("vip 0 flags {:#x}", VIP_F_ALLOW_LIST | VIP_F_DENY_LIST),
+            ]
+        );
+        let meta = r.maps.vips[&vkey(&web.map_key())];
+        assert_eq!(meta.rate_interval_ns, 100_000_000);
+        assert_eq!(meta.rate_tolerance_ns, 400_000_000);
+        // Replace the allow list, drop the deny list and the rate.
+        let g2 = crate::l4::GuardChange::from_options("allow=192.0.2.0/24,deny=,new-flow-rate=off")
+            .unwrap()
+            .apply(&g1)
+            .unwrap();
+        r.maps.log.clear();
+        r.set_guards(&web, g2).unwrap();
+        assert_eq!(
+            r.maps.log,
+            [
+                "guard Allow +88 vip 0",
+                &format!("vip 0 flags {VIP_F_ALLOW_LIST:#x}"),
+                "guard Allow -72 vip 0",
+                "guard Deny -80 vip 0",
+            ]
+        );
+        assert_eq!(r.maps.vips[&vkey(&web.map_key())].rate_interval_ns, 0);
+        assert_eq!(r.maps.guards.len(), 1);
+        // The other family is refused, and changes nothing.
+        let v6 = Guards {
+            deny: vec!["2001:db8::/32".parse().unwrap()],
+            ..Guards::default()
+        };
+        assert!(matches!(
+            r.set_guards(&web, v6),
+            Err(L4Error::InvalidGuards { .. })
+        ));
+        assert_eq!(r.maps.guards.len(), 1);
+    }
+
+    #[test]
+    fn adopting_reconciles_the_guard_tries_with_the_configuration() {
+        let mut r = writer();
+        let mut dns = vip(53);
+        dns.vip.proto = Proto::Udp;
+        dns.name = Some("dns".into());
+        dns.guards.deny = vec!["10.0.0.0/8".parse().unwrap()];
+        r.add_vip(dns.clone()).unwrap();
+        let g = Guards {
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Guards::default()
+        };
+        r.set_guards(&vip(80).vip, g).unwrap();
+        assert_eq!(r.maps.guards.len(), 2);
+        // The next run configures web with another list and no dns.
+        let mut web = vip(80);
+        web.guards.allow = vec!["192.0.2.0/24".parse().unwrap()];
+        let (r, _) = adopt(r.maps, &[web]);
+        let left: Vec<String> = r
+            .maps
+            .guards
+            .iter()
+            .map(|(l, p, k)| {
+                format!(
+                    "{l:?} {} vip {}",
+                    crate::l4::Cidr::from_guard_key(*p, k).unwrap(),
+                    k.vip_id
+                )
+            })
+            .collect();
+        assert_eq!(left, ["Allow 192.0.2.0/24 vip 0"]);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use view::{
     GroupView, Snapshot, TargetDescription, TargetHealth, TargetHealthDescription, TargetView,
 };
 
-use crate::l4::{VipAddr, VipSpec};
+use crate::l4::{VipAddr, VipMode, VipSpec};
 use crate::targets::{
     Member, SlowStart, TargetGroupConfig, TargetGroupError, TargetProtocol, TargetReason,
     TargetState, modify_target_group, routing,
@@ -271,7 +271,7 @@ impl Registry {
             )));
         }
         for addr in g.targets.keys() {
-            check_l4_target(&spec.vip, *addr).map_err(invalid)?;
+            check_l4_target(&spec, *addr).map_err(invalid)?;
         }
         self.vips.push(VipBinding {
             spec,
@@ -297,13 +297,13 @@ impl Registry {
     /// alike: the owner is a VIP (its group) or a group; a missing port is the VIP's port.
     pub fn resolve(&self, spec: &TargetSpec) -> Result<(String, SocketAddr), String> {
         let (group, vip) = match self.vips.iter().find(|v| v.spec.answers_to(&spec.owner)) {
-            Some(v) => (v.group.clone(), Some(v.spec.vip)),
+            Some(v) => (v.group.clone(), Some(&v.spec)),
             None if self.groups.contains_key(&spec.owner) => {
                 let vip = self
                     .vips
                     .iter()
                     .find(|v| v.group == spec.owner)
-                    .map(|v| v.spec.vip);
+                    .map(|v| &v.spec);
                 (spec.owner.clone(), vip)
             }
             None => {
@@ -311,7 +311,7 @@ impl Registry {
             }
         };
         let port = match (vip, spec.port) {
-            (Some(vip), given) => vip.dsr_target_port(given)?,
+            (Some(vip), given) => vip.target_port(given)?,
             (None, Some(p)) => p,
             (None, None) => {
                 return Err(format!(
@@ -325,7 +325,7 @@ impl Registry {
     /// Why `addr` cannot be a target of `group`, if it cannot.
     fn check_target(&self, group: &str, g: &Group, addr: SocketAddr) -> Result<(), String> {
         for v in self.vips.iter().filter(|v| v.group == group) {
-            check_l4_target(&v.spec.vip, addr)?;
+            check_l4_target(&v.spec, addr)?;
         }
         if g.config.protocol.is_http() && addr.port() == 0 {
             return Err("targets of an HTTP/HTTPS target group need a port".into());
@@ -749,10 +749,10 @@ impl Registry {
             config: g.config.clone(),
             check,
             in_use,
-            vips: self
+            dsr_vips: self
                 .vips
                 .iter()
-                .filter(|v| v.group == name)
+                .filter(|v| v.group == name && v.spec.mode == VipMode::Dsr)
                 .map(|v| v.spec.vip)
                 .collect(),
             failing_open,
@@ -858,10 +858,19 @@ fn round_up_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Why `addr` cannot be a DSR target of `vip`, if it cannot.
-/// Targets of either family serve VIPs of either family: the outer header takes the target's
-/// family (IPv4-in-IPv6 for an IPv4 VIP on an IPv6-only underlay, and so on).
-fn check_l4_target(vip: &VipAddr, addr: SocketAddr) -> Result<(), String> {
+/// Why `addr` cannot be a target of `spec`, if it cannot.
+/// Under DSR, targets of either family serve VIPs of either family: the outer header takes the
+/// target's family (IPv4-in-IPv6 for an IPv4 VIP on an IPv6-only underlay, and so on). Under
+/// NAT the packet itself is readdressed, so the target must be of the VIP's family.
+fn check_l4_target(spec: &VipSpec, addr: SocketAddr) -> Result<(), String> {
+    let vip = &spec.vip;
+    if spec.mode == VipMode::Nat && addr.is_ipv4() != vip.addr.is_ipv4() {
+        return Err(format!(
+            "{} cannot serve NAT VIP {vip}: NAT rewrites the packet's own addresses, so the \
+             target must be of the VIP's address family",
+            addr.ip()
+        ));
+    }
     let unroutable = match addr.ip() {
         IpAddr::V4(a) => {
             a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback()
@@ -882,7 +891,7 @@ fn check_l4_target(vip: &VipAddr, addr: SocketAddr) -> Result<(), String> {
         ));
     }
     let given = (addr.port() != 0).then_some(addr.port());
-    vip.dsr_target_port(given).map(|_| ())
+    spec.target_port(given).map(|_| ())
 }
 
 /// Logs every target whose state or reason changed between two views of a group.

@@ -32,8 +32,9 @@ pub struct GroupView {
     /// Used by a listener rule or a VIP (an unused group's targets are `unused` and not
     /// checked, as on AWS).
     pub in_use: bool,
-    /// The L4 VIPs forwarding to it.
-    pub vips: Vec<VipAddr>,
+    /// The DSR VIPs forwarding to it: data-path health checks go through them. (A NAT VIP's
+    /// targets are plain hosts reachable from the balancer; they are checked directly.)
+    pub dsr_vips: Vec<VipAddr>,
     /// Too few targets are healthy: every target that could serve takes traffic.
     pub failing_open: bool,
     /// Its targets, in address order.
