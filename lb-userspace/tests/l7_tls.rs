@@ -106,7 +106,26 @@ async fn connect_with(
     alpn: &[&[u8]],
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> TlsStream<TcpStream> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    connect_offering(addr, sni, alpn, versions, None).await
+}
+
+/// As [`connect_with`], offering only `suites`, in that order (`None`: ring's defaults).
+async fn connect_offering(
+    addr: SocketAddr,
+    sni: Option<&str>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suites: Option<&[rustls::CipherSuite]>,
+) -> TlsStream<TcpStream> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(order) = suites {
+        let all = std::mem::take(&mut provider.cipher_suites);
+        provider.cipher_suites = order
+            .iter()
+            .filter_map(|want| all.iter().find(|s| s.suite() == *want).copied())
+            .collect();
+    }
+    let provider = Arc::new(provider);
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .expect("versions")
@@ -239,6 +258,67 @@ async fn tls12_and_tls13_both_negotiate_aead_suites() {
             suite.contains("GCM") || suite.contains("CHACHA20_POLY1305"),
             "{suite}"
         );
+    }
+}
+
+#[tokio::test]
+async fn the_listener_chooses_the_cipher_suite_in_albs_order_not_the_clients() {
+    use rustls::CipherSuite as C;
+    let certs = make_certs(&[&["default.test"]]);
+    let (_t, p) = https_proxy(&certs).await;
+    let negotiated = |s: &TlsStream<TcpStream>| {
+        s.get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .expect("suite")
+            .suite()
+    };
+    let cases: [(&'static rustls::SupportedProtocolVersion, &[C], C); 4] = [
+        // A client preferring AES-256 (OpenSSL's order) gets ALB's first choice, AES-128.
+        (
+            &rustls::version::TLS13,
+            &[
+                C::TLS13_AES_256_GCM_SHA384,
+                C::TLS13_CHACHA20_POLY1305_SHA256,
+                C::TLS13_AES_128_GCM_SHA256,
+            ],
+            C::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            &[
+                C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+            C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        // Control: what the client offers alone is what it gets. And one preferring ChaCha20
+        // over AES-256 gets AES-256, ALB's next choice.
+        (
+            &rustls::version::TLS13,
+            &[C::TLS13_AES_256_GCM_SHA384],
+            C::TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            &rustls::version::TLS13,
+            &[
+                C::TLS13_CHACHA20_POLY1305_SHA256,
+                C::TLS13_AES_256_GCM_SHA384,
+            ],
+            C::TLS13_AES_256_GCM_SHA384,
+        ),
+    ];
+    for (version, offer, want) in cases {
+        let s = connect_offering(
+            p.addr,
+            Some("default.test"),
+            &[b"http/1.1"],
+            &[version],
+            Some(offer),
+        )
+        .await;
+        assert_eq!(negotiated(&s), want, "offered {offer:?}");
     }
 }
 

@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 
 const BACKEND: &str = "127.0.0.1:18080";
+/// TLS 1.3 suites in ALB's order, chosen by the server (as `lb` does): HAProxy and nginx are
+/// told the same, so every proxy negotiates AES-128-GCM-SHA256 with an OpenSSL client that
+/// would prefer AES-256 (HAProxy enforces its own order by default; nginx is told to).
+const SUITES: &str = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 /// The backend's answer: exactly 100 bytes.
 const BODY: &str = "lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01";
 
@@ -325,7 +329,7 @@ fn start_proxy(
             write(
                 &conf,
                 &format!(
-                    "global\n  maxconn 8000\n  tune.ssl.default-dh-param 2048\n\
+                    "global\n  maxconn 8000\n  tune.ssl.default-dh-param 2048\n  ssl-default-bind-ciphersuites {SUITES}\n\
                      defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n\
                      frontend fe_http\n  bind 127.0.0.1:{http}\n  default_backend be\n\
                      frontend fe_https\n  bind 127.0.0.1:{https} ssl crt {both} alpn h2,http/1.1\n  default_backend be\n\
@@ -351,7 +355,7 @@ fn start_proxy(
                      http {{\n  access_log off;\n  keepalive_requests 100000000;\n\
                        upstream be {{ server {BACKEND}; keepalive 256; }}\n\
                        server {{\n    listen 127.0.0.1:{http} backlog=4096;\n    listen 127.0.0.1:{https} ssl http2 backlog=4096;\n\
-                         ssl_certificate {c};\n    ssl_certificate_key {k};\n    ssl_protocols TLSv1.2 TLSv1.3;\n\
+                         ssl_certificate {c};\n    ssl_certificate_key {k};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_prefer_server_ciphers on;\n    ssl_conf_command Ciphersuites {SUITES};\n\
                          location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
                     d = dir.display(),
                     http = p.http,
@@ -484,6 +488,30 @@ fn run_h2load(url: &str, seconds: u64) -> anyhow::Result<Sample> {
     Ok(s)
 }
 
+/// The TLS version and cipher suite an OpenSSL client (`openssl s_client`, as wrk's OpenSSL
+/// offers them) negotiates with the proxy listening on `port`.
+fn negotiated(port: u16) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-brief",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(Stdio::null())
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?", str::trim)
+            .to_owned()
+    };
+    format!("{} {}", field("Protocol version:"), field("Ciphersuite:"))
+}
+
 /// A figure measured per proxy per round.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Figure {
@@ -597,6 +625,13 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
         for f in Figure::ALL {
             for p in &PROXIES {
                 let proxy = start_proxy(p, &dir, lb, &certs)?;
+                if round == 0 && f == Figure::Handshakes {
+                    println!(
+                        "{:<8} negotiates {} with an OpenSSL client",
+                        p.name,
+                        negotiated(p.https)
+                    );
+                }
                 // A short warm-up fills the pools.
                 let _ = run_wrk(&format!("http://127.0.0.1:{}/", p.http), 8, 1, false);
                 if p.name == "lb" && f == Figure::H1KeepAlive {

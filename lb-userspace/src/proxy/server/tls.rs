@@ -56,13 +56,35 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// The crypto provider for listeners: ring's defaults restricted to AEAD cipher suites. (ring's
-/// defaults have no CBC suite today; the filter keeps it that way if one is ever added.)
+/// The crypto provider for listeners: ring's defaults restricted to AEAD cipher suites (ring's
+/// defaults have no CBC suite today; the filter keeps it that way if one is ever added), in
+/// the order of ALB's default security policy (ELBSecurityPolicy-TLS13-1-2-2021-06): AES-128-GCM
+/// before AES-256-GCM, ChaCha20-Poly1305 last. Listeners choose in this order, whatever the
+/// client's order ([`server_config`] sets server preference, as ELB does).
 pub fn provider() -> CryptoProvider {
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites
         .retain(|s| !format!("{:?}", s.suite()).contains("CBC"));
+    p.cipher_suites.sort_by_key(|s| alb_rank(s.suite()));
     p
+}
+
+/// A suite's place in ALB's order (lower first): TLS 1.3 before TLS 1.2, then AES-128-GCM,
+/// AES-256-GCM, ChaCha20-Poly1305, ECDSA before RSA.
+fn alb_rank(suite: rustls::CipherSuite) -> u8 {
+    use rustls::CipherSuite as C;
+    match suite {
+        C::TLS13_AES_128_GCM_SHA256 => 0,
+        C::TLS13_AES_256_GCM_SHA384 => 1,
+        C::TLS13_CHACHA20_POLY1305_SHA256 => 2,
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 10,
+        C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 11,
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => 12,
+        C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 13,
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => 14,
+        C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 15,
+        _ => 20,
+    }
 }
 
 /// Chooses the certificate by SNI: exact SAN match first, then wildcard SAN (`*.example.com`
@@ -192,6 +214,8 @@ pub fn server_config_with_resolver(
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // ELB negotiates in its policy's order (server order preference), not the client's.
+    cfg.ignore_client_order = true;
     Ok((Arc::new(cfg), resolver))
 }
 
