@@ -59,8 +59,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         Ok(v) => v,
         // For no VIP: perhaps a NAT target's reply.
         Err((_, Reason::PassNotVip)) if !pkt.fragment && !pkt.icmp_error => {
-            // SAFETY: `ktime` has no preconditions.
-            return nat::reply(ctx, &pkt, unsafe { bpf_ktime_get_ns() });
+            return nat::reply(ctx, &pkt);
         }
         Err(done) => return done,
     };

@@ -26,7 +26,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{Backend, CONFIG_F_NAT, FAMILY_V6, FlowKey, IPPROTO_TCP, NatReverse, Reason};
@@ -297,7 +297,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, addr: &[u32; 4], port: u16, next:
 /// A packet that is for no VIP: if it is a NAT target's reply of a live flow, translate it
 /// back and send it to the client; otherwise pass it untouched (`pass_not_vip`).
 #[inline(always)]
-pub fn reply(ctx: &XdpContext, pkt: &Packet, now: u64) -> (u32, Reason) {
+pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
     const NOT_MINE: Done = (PASS, Reason::PassNotVip);
     match LB_CONFIG.get(0) {
         Some(cfg) if cfg.flags & CONFIG_F_NAT != 0 => {}
@@ -322,6 +322,9 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet, now: u64) -> (u32, Reason) {
     // SAFETY: pointer into the map value, valid for this program run.
     let (backend_id, vip_id, last) =
         unsafe { ((*flow).backend_id, (*flow).vip_id, (*flow).last_seen_ns) };
+    // Read only here: host traffic (most packets that reach this function) pays no clock read.
+    // SAFETY: `ktime` has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let t = rev.idle_timeout_ns;
     let fresh = t == 0 || now <= last || now - last <= t;
     if backend_id != rev.backend_id || !fresh {
