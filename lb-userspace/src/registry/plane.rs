@@ -71,13 +71,24 @@ impl ControlPlane {
     /// Runs until the task is dropped.
     pub async fn run_timers(self: Arc<Self>) {
         loop {
-            let next = self.read(|r, now| r.next_deadline(now));
+            // Whatever is due is ended on every turn, however the task was woken: a write's
+            // wake-up can win the race against a deadline that has just passed, and
+            // `next_deadline` no longer names a deadline in the past, so a tick only on the
+            // sleep's branch could be skipped until some unrelated change (an
+            // unhealthy-draining target kept its flows long after its interval).
+            let next = {
+                let now = Instant::now();
+                let mut reg = self.lock();
+                reg.tick(now);
+                if let Some(snapshot) = reg.publish(now) {
+                    self.tx.send_replace(snapshot);
+                }
+                reg.next_deadline(now)
+            };
             match next {
                 Some(at) => {
                     tokio::select! {
-                        () = tokio::time::sleep_until(at.into()) => {
-                            self.write(|r, now| r.tick(now));
-                        }
+                        () = tokio::time::sleep_until(at.into()) => {}
                         () = self.wake.notified() => {}
                     }
                 }
