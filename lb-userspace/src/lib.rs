@@ -15,6 +15,7 @@
 //! - Process: [`rlimit`] (the open-files limit `lb run` raises at start).
 pub mod accesslog;
 pub mod admin;
+pub mod civil;
 pub mod cli;
 pub mod config;
 pub mod ctl;
