@@ -568,6 +568,19 @@ impl Registry {
     /// draining, slow start, remaining drain time) is re-derived at the next publish.
     pub fn tick(&mut self, now: Instant) {
         for (name, g) in &mut self.groups {
+            let attrs = &g.config.attributes;
+            // Only a group with something that changes by itself (a drain, an unhealthy-draining
+            // interval, a slow-start ramp) can look different now: the timer task ticks on
+            // every wake-up, so the others are not re-derived each time.
+            let timed = g.targets.values().any(|t| {
+                matches!(t.lifecycle, Lifecycle::Draining { .. })
+                    || (matches!(t.health.status, Status::Unhealthy { .. })
+                        && attrs.unhealthy_draining.is_some())
+                    || (t.slow_start_since.is_some() && attrs.slow_start.is_some())
+            });
+            if !timed {
+                continue;
+            }
             g.targets.retain(|_, t| match t.lifecycle {
                 Lifecycle::Draining { until } => now < until,
                 Lifecycle::InUse => true,
