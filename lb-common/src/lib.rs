@@ -640,6 +640,12 @@ reasons! {
 
 /// Largest frame [`BenchTemplate`] holds.
 pub const BENCH_FRAME_MAX: usize = 128;
+/// [`BenchTemplate::vary`]: every repeat the same frame.
+pub const BENCH_VARY_NONE: u32 = 0;
+/// [`BenchTemplate::vary`]: a fresh client (address and port) every repeat.
+pub const BENCH_VARY_FRESH: u32 = 1;
+/// [`BenchTemplate::vary`]: a fixed set of flows, by source port.
+pub const BENCH_VARY_FLOWS: u32 = 2;
 
 /// Benchmark only: the frame `lb_bench_front` writes into the packet before every repeat of a
 /// live-frames test run (the kernel recycles those pages without restoring their contents),
@@ -651,15 +657,23 @@ pub struct BenchTemplate {
     /// Bytes of `frame` to write (1..=[`BENCH_FRAME_MAX`]); the test run's frame has this
     /// length.
     pub len: u32,
-    /// Non-zero: give every repeat a fresh client, by adding the repeat's sequence number
-    /// (`LB_BENCH_STATS[Runs]` before it) divided by 65536 to the big-endian 32-bit word at
-    /// `vary_addr_off` (the last word of the source address), and writing its low 16 bits
-    /// (big-endian) at `vary_port_off` (the source port).
+    /// How repeats differ, from the repeat's sequence number `seq` (`LB_BENCH_STATS[Runs]`
+    /// before it):
+    /// - [`BENCH_VARY_NONE`]: not at all;
+    /// - [`BENCH_VARY_FRESH`]: a fresh client every repeat: `seq / 65536` is added to the
+    ///   big-endian 32-bit word at `vary_addr_off` (the last word of the source address) and
+    ///   `seq`'s low 16 bits are written (big-endian) at `vary_port_off` (the source port);
+    /// - [`BENCH_VARY_FLOWS`]: a fixed set of flows: the source port becomes
+    ///   `vary_port_base + (seq & vary_port_mask)`; the address stays.
     pub vary: u32,
     /// Offset in the frame of the source-address word to vary.
     pub vary_addr_off: u32,
     /// Offset in the frame of the source port to vary.
     pub vary_port_off: u32,
+    /// [`BENCH_VARY_FLOWS`]: the first source port.
+    pub vary_port_base: u32,
+    /// [`BENCH_VARY_FLOWS`]: flows - 1, flows a power of two.
+    pub vary_port_mask: u32,
     /// The frame (only the first `len` bytes are used).
     pub frame: [u8; BENCH_FRAME_MAX],
 }
@@ -671,6 +685,8 @@ impl Default for BenchTemplate {
             vary: 0,
             vary_addr_off: 0,
             vary_port_off: 0,
+            vary_port_base: 0,
+            vary_port_mask: 0,
             frame: [0; BENCH_FRAME_MAX],
         }
     }

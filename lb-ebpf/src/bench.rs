@@ -6,8 +6,12 @@
 //! that rewrites its packet (every encapsulating path of `lb_xdp`) would meet its own output
 //! from the second use of a page on. [`lb_bench_front`] therefore writes the intended frame
 //! from a template before every repeat, optionally with a fresh client (address and port) per
-//! repeat, and tail-calls the program measured. Every row of the benchmark, the floors
-//! included, runs behind it, so its cost cancels out of the differences.
+//! repeat or one of a fixed set of flows, and tail-calls the program measured. Every row of the
+//! benchmark, the floors included, runs behind it, so its cost cancels out of the differences.
+//!
+//! `cargo xtask bench l4` also uses it as a packet generator: the front tail-calls the
+//! `XDP_TX` floor, so every repeat is transmitted to the veth peer, where the balancer under
+//! test receives it.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -16,7 +20,7 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use lb_common::{BENCH_FRAME_MAX, BenchCounter, BenchTemplate};
+use lb_common::{BENCH_FRAME_MAX, BENCH_VARY_FLOWS, BENCH_VARY_NONE, BenchCounter, BenchTemplate};
 use network_types::eth::EthHdr;
 
 use crate::pkt::{frame_len, opaque, ptr_at};
@@ -54,8 +58,16 @@ pub fn lb_bench_front(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: a pointer to the map value, valid for this run.
-    let (len, vary, addr_off, port_off) =
-        unsafe { ((*t).len, (*t).vary, (*t).vary_addr_off, (*t).vary_port_off) };
+    let (len, vary, addr_off, port_off, port_base, port_mask) = unsafe {
+        (
+            (*t).len,
+            (*t).vary,
+            (*t).vary_addr_off,
+            (*t).vary_port_off,
+            (*t).vary_port_base,
+            (*t).vary_port_mask,
+        )
+    };
     // Verifier constraint: the helper's length must be provably within 1..=BENCH_FRAME_MAX;
     // `opaque` keeps LLVM from folding the two checks into one on a derived register.
     let len = opaque(len as usize);
@@ -69,7 +81,16 @@ pub fn lb_bench_front(ctx: XdpContext) -> u32 {
         bump(BenchCounter::TemplateFailed);
         return xdp_action::XDP_ABORTED;
     }
-    if vary != 0 {
+    if vary == BENCH_VARY_FLOWS {
+        // Masked: a variable packet offset needs a known bound.
+        let Some(p) = ptr_at::<[u8; 2]>(&ctx, port_off as usize & 0x7f) else {
+            bump(BenchCounter::TemplateFailed);
+            return xdp_action::XDP_ABORTED;
+        };
+        let port = port_base.wrapping_add(seq as u32 & port_mask) as u16;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *p = port.to_be_bytes() };
+    } else if vary != BENCH_VARY_NONE {
         // Masked: a variable packet offset needs a known bound.
         let (Some(a), Some(p)) = (
             ptr_at::<[u8; 4]>(&ctx, addr_off as usize & 0x7f),

@@ -153,7 +153,13 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
         Bench::L4 { quick } => {
             require_root("the L4 benchmark")?;
             cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
-            bench_l4::run(&target_dir(root).join("release/lb"), quick)
+            bench_l4::run(&target_dir(root).join("release/lb"), quick)?;
+            // Part 2: the LB's capacity, with a generator that outruns it.
+            let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "l4cap"];
+            if quick {
+                args.extend(["--", "--quick"]);
+            }
+            cargo(&args)
         }
         Bench::Control => {
             require_root("the control-plane benchmark")?;
