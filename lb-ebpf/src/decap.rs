@@ -9,7 +9,9 @@ use network_types::eth::EthHdr;
 
 use crate::{
     maps::LB_DECAP_ADDRS,
-    pkt::{ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, bytes_to_words, ptr_at},
+    pkt::{
+        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, bytes_to_words, ptr_at, zeroed,
+    },
 };
 
 /// Strips the outer header of IP-in-IP packets for this host; everything else is untouched.
@@ -30,16 +32,10 @@ pub fn decap(ctx: &XdpContext) -> DecapReason {
         if outer[0] != 0x45 {
             return DecapReason::Passed;
         }
-        let dst = AddrKey {
-            addr: [
-                u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]),
-                0,
-                0,
-                0,
-            ],
-            family: FAMILY_V4,
-            _pad: [0; 3],
-        };
+        // SAFETY: AddrKey is plain integers.
+        let mut dst: AddrKey = unsafe { zeroed() };
+        dst.addr[0] = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);
+        dst.family = FAMILY_V4;
         (IPV4_LEN, outer[9], dst)
     } else if saved.ether_type == ETH_P_IPV6_BE {
         let Some(outer) = ptr_at::<[u8; IPV6_LEN]>(ctx, ETH_LEN) else {
@@ -50,11 +46,10 @@ pub fn decap(ctx: &XdpContext) -> DecapReason {
         if outer[0] >> 4 != 6 {
             return DecapReason::Passed;
         }
-        let dst = AddrKey {
-            addr: bytes_to_words(outer, 24),
-            family: FAMILY_V6,
-            _pad: [0; 3],
-        };
+        // SAFETY: AddrKey is plain integers.
+        let mut dst: AddrKey = unsafe { zeroed() };
+        dst.addr = bytes_to_words(outer, 24);
+        dst.family = FAMILY_V6;
         // The next header directly: lb_xdp writes no extension headers.
         (IPV6_LEN, outer[6], dst)
     } else {

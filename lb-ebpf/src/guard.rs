@@ -5,6 +5,8 @@
 //! A VIP without guards pays one flag test; the tries are only looked up when the VIP's flags
 //! say it has a list, and the rate state only for a packet that would create a flow.
 
+use core::{mem::MaybeUninit, ptr::write_volatile};
+
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
 use lb_common::{
     FlowKey, GUARD_PREFIX_FULL, GuardKey, RateKey, RateState, Reason, VIP_F_ALLOW_LIST,
@@ -14,6 +16,7 @@ use lb_common::{
 use crate::{
     lookup::Done,
     maps::{LB_GUARD_ALLOW, LB_GUARD_DENY, LB_GUARD_STATS, LB_RATE},
+    pkt::zeroed,
 };
 
 const DROP: u32 = xdp_action::XDP_DROP;
@@ -41,15 +44,12 @@ pub fn source(key: &FlowKey, vip: &VipMeta) -> Result<(), Done> {
     if vip.flags & (VIP_F_ALLOW_LIST | VIP_F_DENY_LIST) == 0 {
         return Ok(());
     }
-    let lkey = Key::new(
-        GUARD_PREFIX_FULL,
-        GuardKey {
-            vip_id: vip.vip_id,
-            family: key.family,
-            _pad: [0; 3],
-            addr: key.src_addr,
-        },
-    );
+    // SAFETY: GuardKey is plain integers.
+    let mut gkey: GuardKey = unsafe { zeroed() };
+    gkey.vip_id = vip.vip_id;
+    gkey.family = key.family;
+    gkey.addr = key.src_addr;
+    let lkey = Key::new(GUARD_PREFIX_FULL, gkey);
     if vip.flags & VIP_F_DENY_LIST != 0 && LB_GUARD_DENY.get(&lkey).is_some() {
         return Err(dropped(vip.vip_id, Reason::DropDenied));
     }
@@ -67,20 +67,25 @@ pub fn new_flow(key: &FlowKey, vip: &VipMeta, now: u64) -> Result<(), Done> {
     if interval == 0 {
         return Ok(());
     }
-    let rkey = RateKey {
-        vip_id: vip.vip_id,
-        family: key.family,
-        _pad: [0; 3],
-        addr: key.src_addr,
-    };
+    // SAFETY: RateKey is plain integers.
+    let mut rkey: RateKey = unsafe { zeroed() };
+    rkey.vip_id = vip.vip_id;
+    rkey.family = key.family;
+    rkey.addr = key.src_addr;
     let Some(s) = LB_RATE.get_ptr_mut(rkey) else {
         // First new flow of this source (or it was forgotten by the LRU): a full bucket.
-        let fresh = RateState {
-            tat_ns: now + interval,
-            dropped: 0,
-            last_drop_ns: 0,
+        // Written in place, word by word: built as a value (a literal, or `zeroed()`), its
+        // two zero words became a `memset` call when LLVM copied it.
+        let mut fresh = MaybeUninit::<RateState>::uninit();
+        let f = fresh.as_mut_ptr();
+        // SAFETY: field pointers into `fresh`, each written once; after the three writes the
+        // value is fully initialised.
+        let fresh = unsafe {
+            write_volatile(&raw mut (*f).tat_ns, now + interval);
+            write_volatile(&raw mut (*f).dropped, 0);
+            write_volatile(&raw mut (*f).last_drop_ns, 0);
+            fresh.assume_init_ref()
         };
-        // If the insert fails the flow still goes on: the limit fails open, never closed.
         let _ = LB_RATE.insert(rkey, fresh, 0);
         return Ok(());
     };

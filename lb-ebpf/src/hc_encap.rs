@@ -52,6 +52,7 @@ use aya_ebpf::{
 use lb_common::{FAMILY_V6, HcReason, IPPROTO_IPIP, IPPROTO_IPV6, hc_backend_id};
 
 use crate::{
+    encap::FibBlock,
     maps::{LB_BACKENDS, LB_CONFIG},
     pkt::{
         AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IPV4_LEN, IPV6_LEN,
@@ -183,9 +184,9 @@ fn encapsulate(ctx: &TcContext, backend_id: u32) -> (i32, HcReason) {
     // packet arrived on the interface it is leaving by (input-style, so any interface may
     // be chosen; BPF_FIB_LOOKUP_OUTPUT would restrict it to this one), which is why the host
     // needs forwarding enabled (the helper answers FWD_DISABLED otherwise), as lb_xdp does.
-    // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of integers); the
-    // verifier requires the whole block to be initialised before the helper reads it.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    // The verifier requires the whole block to be initialised before the helper reads it.
+    let mut block = FibBlock::uninit();
+    let fib = block.zeroed_params();
     if outer_v6 {
         if cfg.lb_addr6 == [0; 4] {
             return (SHOT, HcReason::DropNoRoute);
@@ -208,7 +209,7 @@ fn encapsulate(ctx: &TcContext, backend_id: u32) -> (i32, HcReason) {
     fib.__bindgen_anon_1.tot_len = if gso_size == 0 { outer_len as u16 } else { 0 };
     fib.ifindex = ifindex;
     // SAFETY: `fib` is a valid, fully initialised parameter block of the size passed.
-    let rc = unsafe { bpf_fib_lookup(skb.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(skb.cast(), fib, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         return (SHOT, HcReason::DropMtu);
     }

@@ -1445,3 +1445,70 @@ pub fn attach_pass(iface: &str) -> Result<PassGuard> {
     attach_named(&mut guard.ebpf, names::PROG_PASS, iface, XdpMode::Native)?;
     Ok(guard)
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+    /// Out-of-line memory builtins from `compiler_builtins`. The object always contains them;
+    /// a program that calls one runs a byte-by-byte loop as a BPF subprogram. LLVM emits such
+    /// calls silently for large zeroing or copies: `core::mem::zeroed()` of the 64-byte
+    /// `bpf_fib_lookup` block once cost every packet ~320 instructions this way (see
+    /// `FibBlock::zeroed_params` in lb-ebpf/src/encap.rs).
+    const BUILTINS: [&str; 5] = ["memset", "memcpy", "memmove", "memcmp", "bcmp"];
+
+    /// Every (function, symbol) a relocation of the built eBPF object refers to from inside
+    /// that function: calls to functions in other sections, and map references.
+    fn relocation_targets() -> Vec<(String, String)> {
+        let file = object::File::parse(super::OBJECT).expect("parsing the built eBPF object");
+        let mut out = Vec::new();
+        for section in file.sections() {
+            // The functions of this section, by address, to name where a relocation is.
+            let mut funcs: Vec<(u64, &str)> = file
+                .symbols()
+                .filter(|s| {
+                    s.section_index() == Some(section.index())
+                        && s.kind() == object::SymbolKind::Text
+                })
+                .map(|s| (s.address(), s.name().unwrap_or("?")))
+                .collect();
+            funcs.sort();
+            for (offset, reloc) in section.relocations() {
+                if let RelocationTarget::Symbol(idx) = reloc.target()
+                    && let Ok(sym) = file.symbol_by_index(idx)
+                {
+                    let from = funcs
+                        .iter()
+                        .rev()
+                        .find(|(addr, _)| *addr <= offset)
+                        .map_or(section.name().unwrap_or("?"), |(_, name)| name);
+                    out.push((from.to_string(), sym.name().unwrap_or("?").to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn no_bpf_program_calls_an_out_of_line_memory_builtin() {
+        let targets = relocation_targets();
+        // Positive control: relocations are read and resolved to names (every program
+        // reads the configuration map).
+        assert!(
+            targets
+                .iter()
+                .any(|(_, sym)| sym == lb_common::names::MAP_CONFIG),
+            "no relocation names {}: {targets:?}",
+            lb_common::names::MAP_CONFIG
+        );
+        let calls: Vec<&(String, String)> = targets
+            .iter()
+            .filter(|(_, sym)| BUILTINS.contains(&sym.as_str()))
+            .collect();
+        assert!(
+            calls.is_empty(),
+            "the eBPF object calls {calls:?} (caller, callee): a per-packet byte loop in \
+             BPF; zero or copy with aligned word stores instead (see FibBlock::zeroed_params)"
+        );
+    }
+}
