@@ -155,6 +155,8 @@ pub struct L4Config {
     pub keep_dataplane: bool,
     /// `--flow-sweep-interval`, if given.
     pub sweep_interval: Option<Duration>,
+    /// `--nexthop-max-age` (zero: no next-hop cache).
+    pub nexthop_max_age: Duration,
     /// Map sizes.
     pub sizes: Sizes,
     /// The VIPs, in flag order.
@@ -256,6 +258,13 @@ fn check_sizes(a: &RunArgs, errs: &mut Vec<ConfigError>) {
             "--flow-sweep-interval",
             i.to_string(),
             "must be 0.1 to 3600 seconds",
+        ));
+    }
+    if !(0.0..=3600.0).contains(&a.nexthop_max_age) {
+        errs.push(ConfigError::new(
+            "--nexthop-max-age",
+            a.nexthop_max_age.to_string(),
+            "must be 0 (no cache) to 3600 seconds",
         ));
     }
     for v6 in [false, true] {
@@ -612,6 +621,8 @@ impl Config {
             lb_addrs: a.lb_addrs.clone(),
             keep_dataplane: a.keep_dataplane,
             sweep_interval: a.flow_sweep_interval.map(Duration::from_secs_f64),
+            // Validated above: finite, 0 to 3600.
+            nexthop_max_age: Duration::try_from_secs_f64(a.nexthop_max_age).unwrap_or_default(),
             sizes: Sizes {
                 max_flows: a.max_flows,
                 ring_size: a.ring_size,
