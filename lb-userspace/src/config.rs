@@ -683,6 +683,44 @@ mod tests {
     }
 
     #[test]
+    fn nexthop_max_age_is_0_to_3600_seconds_and_reaches_the_l4_model() {
+        let base = ["--iface", "eth0", "--vip", "10.100.0.1:80/tcp", "--target"];
+        let with = |age: &str| {
+            let mut f = base.to_vec();
+            f.push("10.100.0.1:80/tcp=10.0.0.11");
+            let mut f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+            // `=`: a negative value is not taken for a flag.
+            f.push(format!("--nexthop-max-age={age}"));
+            f
+        };
+        for (age, want) in [("0", 0.0), ("2.5", 2.5), ("3600", 3600.0)] {
+            let f = with(age);
+            let f: Vec<&str> = f.iter().map(String::as_str).collect();
+            let c = Config::from_run_args(&run_args(&f)).expect("valid");
+            let got = c.l4.expect("L4").nexthop_max_age.as_secs_f64();
+            assert_eq!(got, want, "--nexthop-max-age {age}");
+        }
+        for bad in ["-1", "3601", "NaN", "inf"] {
+            let f = with(bad);
+            let f: Vec<&str> = f.iter().map(String::as_str).collect();
+            let errs = errors(&f);
+            assert!(
+                errs.iter().any(|e| e.flag == "--nexthop-max-age"),
+                "{bad}: {errs:?}"
+            );
+        }
+        let f = with("1");
+        let mut f: Vec<&str> = f.iter().map(String::as_str).collect();
+        f.pop();
+        let c = Config::from_run_args(&run_args(&f)).expect("valid");
+        assert_eq!(
+            c.l4.expect("L4").nexthop_max_age,
+            crate::dataplane::DEFAULT_NEXTHOP_MAX_AGE,
+            "the default is the dataplane's"
+        );
+    }
+
+    #[test]
     fn vip_specs_parse_with_and_without_names_and_groups() {
         let v = parse_vip("web=10.100.0.1:80/tcp").unwrap();
         assert_eq!(v.spec.name.as_deref(), Some("web"));
