@@ -58,6 +58,14 @@ pub mod names {
     pub const MAP_RATE: &str = "LB_RATE";
     /// Per-CPU [`super::GuardCounters`] per VIP id.
     pub const MAP_GUARD_STATS: &str = "LB_GUARD_STATS";
+    /// Per-CPU [`super::NextHop`] per backend id: the next hop `lb_xdp` last resolved for the
+    /// backend on that CPU.
+    pub const MAP_NEXTHOPS: &str = "LB_NEXTHOPS";
+    /// [`super::NextHopCtl`] at index 0: the generation that invalidates every cached next
+    /// hop, and the cache's maximum age.
+    pub const MAP_NEXTHOP_CTL: &str = "LB_NEXTHOP_CTL";
+    /// Per-CPU `u64` per [`super::NextHopCounter`].
+    pub const MAP_NEXTHOP_STATS: &str = "LB_NEXTHOP_STATS";
     /// Prefix of the pinned XDP links (`xdp_link@IFACE`), which keep `lb_xdp` attached when
     /// `lb run` dies, until a new one adopts them.
     pub const PIN_XDP_LINK_PREFIX: &str = "xdp_link@";
@@ -87,8 +95,9 @@ pub mod names {
 /// History: 1 = IPv4 only, no version field (`LB_CONFIG` had 16-byte values); 2 = both
 /// address families, flow ages and idle timeouts, flow-table accounting; 3 = NAT mode (the
 /// reverse map, reply counters), per-VIP guards (allow/deny tries, new-flow rate state, guard
-/// counters), `VipMeta` with the mode and the rate limit.
-pub const LB_LAYOUT_VERSION: u32 = 3;
+/// counters), `VipMeta` with the mode and the rate limit; 4 = the per-backend next-hop cache
+/// (`LB_NEXTHOPS`, `LB_NEXTHOP_CTL`, `LB_NEXTHOP_STATS`).
+pub const LB_LAYOUT_VERSION: u32 = 4;
 /// [`LbConfig::magic`]: marks an `LB_CONFIG` written by a versioned layout ("LBMP").
 pub const LB_CONFIG_MAGIC: u32 = u32::from_le_bytes(*b"LBMP");
 
@@ -483,6 +492,84 @@ pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
 /// for `lb dump backends`; the ring itself decides where new flows go.
 pub const BACKEND_F_IN_RING: u8 = 1 << 1;
 
+/// The next hop `lb_xdp` resolved for a backend (`bpf_fib_lookup`), cached per CPU in
+/// [`names::MAP_NEXTHOPS`] at the backend's id so the packets after it skip the lookup.
+///
+/// An entry is used only while everything it was resolved for still holds: the same backend
+/// address and family (ids are reused), the same ingress interface, the current
+/// [`NextHopCtl::generation`] (userspace bumps it on every route, neighbour, link or address
+/// change and every backend write), an age within [`NextHopCtl::max_age_ns`], and a packet no
+/// longer than `max_len` (the largest IP length the lookup's MTU check passed: the helper
+/// reports the MTU only when a packet does not fit, so anything longer is looked up again and
+/// gets the "too big" answer from the lookup itself). Only successful lookups are cached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// The backend address it was resolved for ([`addr_to_map`] words).
+    pub addr: [u32; 4],
+    /// [`NextHopCtl::generation`] read before the lookup.
+    pub generation: u32,
+    /// The interface the packet that resolved it arrived on.
+    pub ingress_ifindex: u32,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Largest IP length (outer header included for DSR) known to fit the egress MTU.
+    pub max_len: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] of `addr`; 0 for an entry never filled.
+    pub family: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+    /// Our MAC on the egress interface.
+    pub smac: [u8; 6],
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad2: [u8; 4],
+    /// `bpf_ktime_get_ns()` when it was resolved.
+    pub resolved_ns: u64,
+}
+
+/// Index 0 of [`names::MAP_NEXTHOP_CTL`], written by userspace only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopCtl {
+    /// A cached next hop older than this is resolved again (bounds staleness should a change
+    /// go unnoticed, e.g. while no `lb run` watches); 0 = no cache, every packet is looked up.
+    pub max_age_ns: u64,
+    /// Bumped by userspace on every change that may move a next hop; a cached entry of another
+    /// generation is stale.
+    pub generation: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// What the next-hop cache counts, per CPU, in [`names::MAP_NEXTHOP_STATS`] (only on the
+/// path that calls `bpf_fib_lookup` anyway, so a cache hit costs no counter).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextHopCounter {
+    /// `bpf_fib_lookup` calls for a backend's next hop (DSR and NAT forward): cache misses,
+    /// and packets longer than the cached entry's `max_len`.
+    Lookups = 0,
+    /// Of those, lookups whose answer was cached (success).
+    Cached = 1,
+}
+
+impl NextHopCounter {
+    /// Every counter, in index order.
+    pub const ALL: [NextHopCounter; 2] = [NextHopCounter::Lookups, NextHopCounter::Cached];
+    /// Number of counters: the size of the map.
+    pub const COUNT: u32 = 2;
+
+    /// The name shown by `lb stats`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            NextHopCounter::Lookups => "nexthop_lookups",
+            NextHopCounter::Cached => "nexthop_cached",
+        }
+    }
+}
+
 /// Per-VIP and per-backend counters (per CPU; readers sum over CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -731,6 +818,8 @@ mod pod {
     unsafe impl aya::Pod for super::RateKey {}
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::GuardCounters {}
+    unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::NextHopCtl {}
 }
 
 #[cfg(test)]
@@ -762,6 +851,11 @@ mod tests {
             8 * core::mem::offset_of!(GuardKey, addr)
         );
         assert_eq!(size_of::<FlowTableStats>(), 6 * 8);
+        assert_eq!(
+            size_of::<NextHop>(),
+            16 + 4 + 4 + 4 + 2 + 1 + 1 + 6 + 6 + 4 + 8
+        );
+        assert_eq!(size_of::<NextHopCtl>(), 8 + 4 + 4);
         // The fields that identify a layout keep their place in every layout.
         assert_eq!(core::mem::offset_of!(LbConfig, magic), 0);
         assert_eq!(core::mem::offset_of!(LbConfig, layout), 4);

@@ -1,5 +1,5 @@
-//! Encapsulation for direct server return: the next hop of the backend (`bpf_fib_lookup`,
-//! which also checks the egress MTU), then one outer header of the backend's family in front
+//! Encapsulation for direct server return: the next hop of the backend (cached per backend,
+//! else `bpf_fib_lookup`, which also checks the egress MTU), then one outer header of the backend's family in front
 //! of the client's packet: IPv4-in-IPv4 (RFC 2003), IPv6-in-IPv6 or IPv4-in-IPv6 (RFC 2473),
 //! IPv6-in-IPv4 (RFC 4213). One code path for all four; only the outer header differs.
 
@@ -13,12 +13,13 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::{Backend, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, LbConfig, Reason};
+use lb_common::{Backend, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, LbConfig, NextHopCounter, Reason};
 use network_types::eth::EthHdr;
 
 use crate::{
     icmp,
     lookup::Done,
+    nexthop::{self, Lookup},
     parse::Packet,
     pkt::{
         AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, OUTER_TTL,
@@ -35,6 +36,7 @@ const IPV6_MIN_MTU: usize = 1280;
 const IPV4_MIN_MTU: usize = 68;
 
 /// The resolved next hop of a backend.
+#[derive(Clone, Copy)]
 pub struct Route {
     /// Egress interface.
     pub ifindex: u32,
@@ -93,41 +95,50 @@ impl FibBlock {
     }
 }
 
-/// Resolves the backend's next hop before the packet is touched, so a drop leaves it
-/// unmodified. A packet that would not fit the egress MTU once encapsulated is answered with
-/// an ICMP "too big" where that helps the sender, and dropped.
+/// Resolves backend `id`'s next hop before the packet is touched, so a drop leaves it
+/// unmodified: from the next-hop cache when it holds a valid entry ([`nexthop`]), else with
+/// `bpf_fib_lookup`, whose success is cached. A packet that would not fit the egress MTU once
+/// encapsulated is answered with an ICMP "too big" where that helps the sender, and dropped
+/// (a packet longer than any the cached entry has passed is always looked up, so this answer
+/// comes from the helper's MTU check, cache or not).
 #[inline(always)]
 pub fn route(
     ctx: &XdpContext,
     pkt: &Packet,
+    id: u32,
     backend: &Backend,
     cfg: &LbConfig,
+    now: u64,
 ) -> Result<Route, Done> {
     let overhead = outer_len(backend);
     let total = pkt.ip_len + overhead;
     if total > u16::MAX as usize {
         return Err((DROP, Reason::DropMtu));
     }
+    let v6 = backend.family == FAMILY_V6;
+    if (v6 && cfg.lb_addr6 == [0; 4]) || (!v6 && cfg.lb_addr4 == 0) {
+        return Err((DROP, Reason::DropNoRoute));
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    let generation = match nexthop::get(id, backend, ingress, total, now) {
+        Lookup::Hit(route) => return Ok(route),
+        Lookup::Miss(g) => g,
+    };
+    nexthop::count(NextHopCounter::Lookups);
     let mut block = FibBlock::uninit();
     let fib = block.zeroed_params();
-    if backend.family == FAMILY_V6 {
-        if cfg.lb_addr6 == [0; 4] {
-            return Err((DROP, Reason::DropNoRoute));
-        }
+    if v6 {
         fib.family = AF_INET6;
         fib.__bindgen_anon_3.ipv6_src = cfg.lb_addr6;
         fib.__bindgen_anon_4.ipv6_dst = backend.addr;
     } else {
-        if cfg.lb_addr4 == 0 {
-            return Err((DROP, Reason::DropNoRoute));
-        }
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src = cfg.lb_addr4;
         fib.__bindgen_anon_4.ipv4_dst = backend.addr[0];
     }
     fib.l4_protocol = inner_proto(pkt);
     fib.__bindgen_anon_1.tot_len = total as u16;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.ifindex = ingress;
     // SAFETY: `fib` is a valid, fully initialised parameter block of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
@@ -138,11 +149,15 @@ pub fn route(
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err((DROP, Reason::DropNoRoute));
     }
-    Ok(Route {
+    let route = Route {
         ifindex: fib.ifindex,
         smac: fib.smac,
         dmac: fib.dmac,
-    })
+    };
+    if let Some(g) = generation {
+        nexthop::put(id, backend, ingress, total, now, g, &route);
+    }
+    Ok(route)
 }
 
 /// The packet needs `room` bytes or fewer to fit once encapsulated: tell the sender where

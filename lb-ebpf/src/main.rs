@@ -17,7 +17,7 @@
 //!
 //! One module per concern, one path for both address families: [`parse`] (headers →
 //! [`parse::Packet`]), [`lookup`] (VIP, flow table, ring), [`guard`], [`encap`] (next hop, outer
-//! header), [`nat`] (address translation both ways), [`icmp`] (the "too big" answers),
+//! header), [`nat`] (address translation both ways), [`nexthop`] (the per-backend next-hop cache), [`icmp`] (the "too big" answers),
 //! [`decap`], with the maps in [`maps`] and packet access in [`pkt`]. Every packet increments exactly one reason counter, so nothing is dropped silently.
 #![no_std]
 #![no_main]
@@ -36,6 +36,7 @@ mod icmp;
 mod lookup;
 mod maps;
 mod nat;
+mod nexthop;
 mod parse;
 mod pkt;
 
@@ -89,7 +90,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
             Err(done) => return done,
         }
     } else {
-        let route = match encap::route(ctx, &pkt, &steer.backend, &cfg) {
+        let route = match encap::route(ctx, &pkt, steer.id, &steer.backend, &cfg, now) {
             Ok(r) => r,
             Err(done) => return done,
         };
@@ -148,14 +149,7 @@ fn forward_nat(
         return Err((xdp_action::XDP_PASS, Reason::PassTtlExceeded));
     }
     let port = nat::target_port(backend, &pkt.key);
-    let next = nat::next_hop(
-        ctx,
-        pkt,
-        &pkt.key.src_addr,
-        &backend.addr,
-        pkt.key.src_port,
-        port,
-    )?;
+    let next = nat::to_target(ctx, pkt, steer.id, backend, port, now)?;
     if new_flow {
         lookup::record(&pkt.key, steer, vip, now);
     }

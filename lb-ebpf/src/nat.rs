@@ -18,6 +18,9 @@
 //! - The next hop comes from `bpf_fib_lookup`, as for DSR. When it names a neighbour whose MAC
 //!   is not resolved (the client's router before the balancer ever sent to it), the packet is
 //!   translated and passed to the kernel, which forwards it and resolves the neighbour.
+//!   Towards a target the answer is cached per backend ([`to_target`], [`crate::nexthop`]);
+//!   a reply's next hop (towards the client) is looked up on every reply: a cache per client
+//!   would have to live in the reverse entry, written from several CPUs at once.
 
 use core::mem::size_of;
 
@@ -29,13 +32,16 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Backend, CONFIG_F_NAT, FAMILY_V6, FlowKey, IPPROTO_TCP, NatReverse, Reason};
+use lb_common::{
+    Backend, CONFIG_F_NAT, FAMILY_V6, FlowKey, IPPROTO_TCP, NatReverse, NextHopCounter, Reason,
+};
 use network_types::eth::EthHdr;
 
 use crate::{
     encap::{FibBlock, Route, too_big},
     lookup::Done,
     maps::{LB_BACKEND_STATS, LB_CONFIG, LB_FLOWS, LB_NAT_REVERSE, LB_VIP_STATS, add_reply},
+    nexthop::{self, Lookup},
     parse::{MAX_L4_OFF, Packet},
     pkt::{
         AF_INET, AF_INET6, ETH_LEN, IPV4_LEN, IPV6_LEN, csum_diff, csum_replace, ptr_at,
@@ -109,6 +115,43 @@ pub fn next_hop(
         return Err(too_big(ctx, pkt, mtu));
     }
     Err((DROP, Reason::DropNoRoute))
+}
+
+/// The next hop towards the target (backend `id`) of a client's packet: from the next-hop
+/// cache when it holds a valid entry, else [`next_hop`], whose success is cached. The cache
+/// is per backend, not per client: with policy routing by source address, or several
+/// equal-cost next hops towards one target, every flow to the target takes the next hop the
+/// first lookup found. An unresolved neighbour (`Next::Kernel`) is never cached.
+#[inline(always)]
+pub fn to_target(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    backend: &Backend,
+    port: u16,
+    now: u64,
+) -> Result<Next, Done> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let len = pkt.ip_len;
+    let generation = match nexthop::get(id, backend, ingress, len, now) {
+        Lookup::Hit(route) => return Ok(Next::Hop(route)),
+        Lookup::Miss(g) => g,
+    };
+    nexthop::count(NextHopCounter::Lookups);
+    let next = next_hop(
+        ctx,
+        pkt,
+        &pkt.key.src_addr,
+        &backend.addr,
+        pkt.key.src_port,
+        port,
+    )?;
+    if let (Next::Hop(route), Some(g)) = (&next, generation)
+        && len <= u16::MAX as usize
+    {
+        nexthop::put(id, backend, ingress, len, now, g, route);
+    }
+    Ok(next)
 }
 
 /// The port the target listens on: its registered port, or for a target of a port-0 VIP

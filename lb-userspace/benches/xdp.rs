@@ -17,13 +17,20 @@
 //! Rows (one live run of `REPEAT` frames each, every round; rounds alternate the row order):
 //! - floor XDP_TX: `lb_bench_tx`, swaps the MAC addresses and returns `XDP_TX`.
 //! - floor XDP_PASS: `lb_pass`, returns `XDP_PASS`.
-//! - hit IPv4 / hit IPv6: a known flow: flow-table hit, backend lookup, `bpf_fib_lookup`,
-//!   encapsulation, `XDP_TX` (the backends are behind the receiving interface `d0`, as in a
-//!   one-armed deployment), transmitted to `d1`.
+//! - hit IPv4 / hit IPv6: a known flow: flow-table hit, backend lookup, next hop (from the
+//!   per-backend next-hop cache after the first frame), encapsulation, `XDP_TX` (the backends
+//!   are behind the receiving interface `d0`, as in a one-armed deployment), transmitted to
+//!   `d1`.
+//! - hit IPv4, no next-hop cache: the same with the cache off (`--nexthop-max-age 0`), so
+//!   `bpf_fib_lookup` runs for every frame, as before the cache.
+//! - NAT hit IPv4: a known flow of a NAT VIP (a third balancer, so the NAT reply lookup does
+//!   not slow the other balancers' non-VIP rows): flow-table hit, reverse-entry refresh, next
+//!   hop, address and port rewrite with checksums, `XDP_TX`.
 //! - new flow, empty table: a fresh client every frame into a flow table emptied before each
 //!   round (no eviction): miss, Maglev ring, insert, then as a hit.
 //! - new flow, full table: the same into a second balancer whose (smaller) flow table was
-//!   filled beforehand, so every insert evicts the least recently used flow.
+//!   filled beforehand, so every insert evicts the least recently used flow; and the same
+//!   with the next-hop cache off.
 //! - non-VIP pass: TCP to an address that is no VIP (host traffic): `XDP_PASS`.
 //! - lb_decap: `lb_xdp`'s own IPv4-in-IPv4 output, decapsulated and passed up.
 //!
@@ -84,6 +91,8 @@ const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
 const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+/// The NAT VIP (of the third balancer).
+const NAT_VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 
 /// Backend `n` of the IPv6 VIP: fd00::`n`, the same host (and MAC) as 10.0.0.`n`.
 fn backend6(n: u8) -> Ipv6Addr {
@@ -226,6 +235,53 @@ struct Lb {
 }
 
 impl Lb {
+    /// A balancer with only a NAT VIP (`NAT_VIP`:80, targets on port 8080).
+    fn load_nat() -> anyhow::Result<Self> {
+        let sizes = Sizes {
+            max_flows: 4096,
+            ring_size: lb_common::DEFAULT_RING_SIZE,
+            max_vips: 4,
+            max_backends: 64,
+        };
+        let (lb, maps) = Balancer::load(sizes, LbAddrs::one(LB_ADDR.into()), None)
+            .context("loading lb_xdp (NAT)")?;
+        let mut registry =
+            RingWriter::new(maps, sizes.ring_size, sizes.max_vips, sizes.max_backends);
+        let vip = VipAddr {
+            addr: NAT_VIP.into(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        registry.add_vip(VipSpec::new(None, vip).nat())?;
+        let targets: Vec<L4Member> = (11..11 + BACKENDS)
+            .map(|n| L4Member::in_service(Ipv4Addr::new(10, 0, 0, n).into(), 8080, 1))
+            .collect();
+        registry.apply(&vip, &targets, false)?;
+        let vip_id = registry
+            .describe()
+            .into_iter()
+            .find(|(spec, _, _)| spec.vip == vip)
+            .map(|(_, id, _)| id)
+            .context("the NAT VIP")?;
+        Ok(Self {
+            lb,
+            registry,
+            vip_id,
+            vip6_id: vip_id,
+        })
+    }
+
+    /// Turns the next-hop cache on (the default maximum age) or off.
+    fn nexthop_cache(&mut self, on: bool) -> anyhow::Result<()> {
+        let age = if on {
+            lb::dataplane::DEFAULT_NEXTHOP_MAX_AGE
+        } else {
+            std::time::Duration::ZERO
+        };
+        self.lb.set_nexthop_max_age(self.registry.maps_mut(), age)?;
+        Ok(())
+    }
+
     fn load(max_flows: u32) -> anyhow::Result<Self> {
         let sizes = Sizes {
             max_flows,
@@ -281,10 +337,13 @@ impl Lb {
         self.registry.maps()
     }
 
-    /// New flows of both VIPs so far.
+    /// New flows of both VIPs so far (of the one VIP for the NAT balancer).
     fn new_flows(&self) -> anyhow::Result<u64> {
-        Ok(self.maps().vip_counters(self.vip_id)?.new_flows
-            + self.maps().vip_counters(self.vip6_id)?.new_flows)
+        let v4 = self.maps().vip_counters(self.vip_id)?.new_flows;
+        if self.vip6_id == self.vip_id {
+            return Ok(v4);
+        }
+        Ok(v4 + self.maps().vip_counters(self.vip6_id)?.new_flows)
     }
 }
 
@@ -294,9 +353,12 @@ enum Kind {
     TxFloor,
     PassFloor,
     Hit4,
+    Hit4NoCache,
     Hit6,
+    NatHit4,
     NewEmpty,
     NewFull,
+    NewFullNoCache,
     NonVip,
     Decap,
 }
@@ -314,6 +376,7 @@ struct Bench {
     front: BenchFront,
     main: Lb,
     full: Lb,
+    nat: Lb,
     decap: Decap,
     d0: u32,
 }
@@ -332,10 +395,19 @@ struct Snapshot {
 
 impl Bench {
     fn lb_of(&self, kind: Kind) -> &Lb {
-        if kind == Kind::NewFull {
-            &self.full
-        } else {
-            &self.main
+        match kind {
+            Kind::NewFull | Kind::NewFullNoCache => &self.full,
+            Kind::NatHit4 => &self.nat,
+            _ => &self.main,
+        }
+    }
+
+    /// The balancer of `kind`, mutable.
+    fn lb_of_mut(&mut self, kind: Kind) -> &mut Lb {
+        match kind {
+            Kind::NewFull | Kind::NewFullNoCache => &mut self.full,
+            Kind::NatHit4 => &mut self.nat,
+            _ => &mut self.main,
         }
     }
 
@@ -356,11 +428,25 @@ impl Bench {
 
     /// One live run of `row` with `repeat` frames; checks the counters. Returns ns per frame.
     fn run_row(&mut self, row: &Row, repeat: u32) -> anyhow::Result<f64> {
+        let no_cache = matches!(row.kind, Kind::Hit4NoCache | Kind::NewFullNoCache);
+        if no_cache {
+            self.lb_of_mut(row.kind).nexthop_cache(false)?;
+        }
+        let result = self.run_row_as_set(row, repeat);
+        if no_cache {
+            self.lb_of_mut(row.kind).nexthop_cache(true)?;
+        }
+        result
+    }
+
+    /// [`Self::run_row`] with the next-hop cache as it is.
+    fn run_row_as_set(&mut self, row: &Row, repeat: u32) -> anyhow::Result<f64> {
         let target = match row.kind {
             Kind::TxFloor => BenchTarget::TxFloor,
             Kind::PassFloor => BenchTarget::PassFloor,
             Kind::Decap => BenchTarget::Decap(&self.decap),
-            Kind::NewFull => BenchTarget::Balancer(&self.full.lb),
+            Kind::NewFull | Kind::NewFullNoCache => BenchTarget::Balancer(&self.full.lb),
+            Kind::NatHit4 => BenchTarget::Balancer(&self.nat.lb),
             _ => BenchTarget::Balancer(&self.main.lb),
         };
         self.front.set_target(target)?;
@@ -392,12 +478,12 @@ impl Bench {
         let created = after.new_flows - before.new_flows;
         match row.kind {
             Kind::TxFloor => ensure!(sent_ok(sent, n), "{name}: sink got {sent} of {n}"),
-            Kind::Hit4 | Kind::Hit6 => {
+            Kind::Hit4 | Kind::Hit4NoCache | Kind::Hit6 | Kind::NatHit4 => {
                 ensure!(transmitted == n, "{name}: {transmitted} XDP_TX of {n}");
                 ensure!(created == 0, "{name}: {created} new flows");
                 ensure!(sent_ok(sent, n), "{name}: sink got {sent} of {n}");
             }
-            Kind::NewEmpty | Kind::NewFull => {
+            Kind::NewEmpty | Kind::NewFull | Kind::NewFullNoCache => {
                 ensure!(transmitted == n, "{name}: {transmitted} XDP_TX of {n}");
                 ensure!(created == n, "{name}: {created} new flows of {n}");
                 ensure!(sent_ok(sent, n), "{name}: sink got {sent} of {n}");
@@ -415,8 +501,9 @@ impl Bench {
         Ok(d.as_nanos() as f64)
     }
 
-    /// Empties the main balancer's flow table and re-creates the two hit flows.
-    fn reset_main(&mut self, hit4: &[u8], hit6: &[u8]) -> anyhow::Result<()> {
+    /// Empties the main balancer's flow table and re-creates the two hit flows (and the NAT
+    /// balancer's hit flow).
+    fn reset_main(&mut self, hit4: &[u8], hit6: &[u8], nat4: &[u8]) -> anyhow::Result<()> {
         let all: BTreeSet<u32> = (0..64).collect();
         self.main.registry.maps_mut().remove_flows_of(&all)?;
         for f in [hit4, hit6] {
@@ -426,6 +513,11 @@ impl Bench {
                 "priming a hit flow returned {action}"
             );
         }
+        let (action, _) = self.nat.lb.test_run(nat4)?;
+        ensure!(
+            action == XDP_REDIRECT,
+            "priming the NAT hit flow returned {action}"
+        );
         Ok(())
     }
 }
@@ -497,6 +589,7 @@ fn run() -> anyhow::Result<()> {
 
     let main = Lb::load(MAX_FLOWS)?;
     let full = Lb::load(FULL_FLOWS)?;
+    let nat = Lb::load_nat()?;
     let mut front = BenchFront::load().context("loading the benchmark programs")?;
     front.attach_sink("d1")?;
 
@@ -524,6 +617,12 @@ fn run() -> anyhow::Result<()> {
         ..Frame::default()
     }
     .build();
+    let nat4 = Frame {
+        dst: NAT_VIP,
+        sport: 40_000,
+        ..Frame::default()
+    }
+    .build();
     // lb_xdp's own output for the IPv4 hit: IPv4-in-IPv4 to a backend.
     let (action, encapsulated) = main.lb.test_run(&hit4)?;
     ensure!(
@@ -537,7 +636,7 @@ fn run() -> anyhow::Result<()> {
         encapsulated[ETH_LEN + 19],
     );
     let decap = Decap::load(&[outer_dst.into()]).context("loading lb_decap")?;
-    for f in [&hit4, &hit6, &new4, &non_vip, &encapsulated] {
+    for f in [&hit4, &hit6, &new4, &non_vip, &encapsulated, &nat4] {
         ensure!(
             f.len() <= BENCH_FRAME_MAX,
             "frame too long for the template"
@@ -548,6 +647,7 @@ fn run() -> anyhow::Result<()> {
         front,
         main,
         full,
+        nat,
         decap,
         d0,
     };
@@ -562,9 +662,22 @@ fn run() -> anyhow::Result<()> {
         row("floor XDP_TX (lb_bench_tx)", Kind::TxFloor, &hit4, false),
         row("floor XDP_PASS (lb_pass)", Kind::PassFloor, &non_vip, false),
         row("hit IPv4", Kind::Hit4, &hit4, false),
+        row(
+            "hit IPv4, no nexthop cache",
+            Kind::Hit4NoCache,
+            &hit4,
+            false,
+        ),
         row("hit IPv6", Kind::Hit6, &hit6, false),
+        row("NAT hit IPv4", Kind::NatHit4, &nat4, false),
         row("new flow, empty table", Kind::NewEmpty, &new4, true),
         row("new flow, full table", Kind::NewFull, &new4, true),
+        row(
+            "new flow, full, no cache",
+            Kind::NewFullNoCache,
+            &new4,
+            true,
+        ),
         row("non-VIP pass", Kind::NonVip, &non_vip, false),
         row("lb_decap (IPIP)", Kind::Decap, &encapsulated, false),
     ];
@@ -582,13 +695,13 @@ fn run() -> anyhow::Result<()> {
     bench.run_row(&fill, 2 * FULL_FLOWS)?;
     let stats_full = bench.full.maps().flow_capacity()?;
     // Warm-up: every row once with a tenth of the frames.
-    bench.reset_main(&hit4, &hit6)?;
+    bench.reset_main(&hit4, &hit6, &nat4)?;
     for r in &rows {
         bench.run_row(r, REPEAT / 10)?;
     }
     let measure_start = Instant::now();
     for round in 0..rounds {
-        bench.reset_main(&hit4, &hit6)?;
+        bench.reset_main(&hit4, &hit6, &nat4)?;
         let order: Vec<usize> = if round % 2 == 0 {
             (0..rows.len()).collect()
         } else {
@@ -602,7 +715,7 @@ fn run() -> anyhow::Result<()> {
     let measured = measure_start.elapsed();
 
     // Cross-check with the previous method (per-call runs, repeat = 1).
-    bench.reset_main(&hit4, &hit6)?;
+    bench.reset_main(&hit4, &hit6, &nat4)?;
     let pass = PassGuard::load_unattached().context("loading lb_pass")?;
     let (pc_x, pc_p) = per_call(&bench.main.lb, &pass, &hit4)?;
 

@@ -189,6 +189,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS")]
     pub flow_sweep_interval: Option<f64>,
 
+    /// How long lb_xdp may use a backend's cached next hop (egress interface and MACs) before
+    /// it resolves it again, in seconds; 0 turns the cache off (every packet is looked up).
+    /// Route, neighbour, link and address changes invalidate the cache at once while `lb run`
+    /// runs; this age bounds how stale it gets when nobody watches (see README).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub nexthop_max_age: f64,
+
     /// On SIGINT/SIGTERM, leave lb_xdp attached and its maps pinned: L4 flows keep flowing
     /// (with the targets as they are, no health checks) until the next `lb run` with the same
     /// --pin-path adopts them. Without it a clean shutdown removes everything.
@@ -299,6 +306,8 @@ pub enum DumpWhat {
     Backends,
     /// The flow table (5-tuple → backend).
     Flows,
+    /// The next hop lb_xdp cached per backend and CPU (egress interface, MACs, age).
+    Nexthops,
     /// The sources the new-flow rate limit dropped most (busiest first), per VIP.
     Limited {
         /// How many sources to show.

@@ -155,6 +155,8 @@ pub struct L4Config {
     pub keep_dataplane: bool,
     /// `--flow-sweep-interval`, if given.
     pub sweep_interval: Option<Duration>,
+    /// `--nexthop-max-age` (zero: no next-hop cache).
+    pub nexthop_max_age: Duration,
     /// Map sizes.
     pub sizes: Sizes,
     /// The VIPs, in flag order.
@@ -256,6 +258,13 @@ fn check_sizes(a: &RunArgs, errs: &mut Vec<ConfigError>) {
             "--flow-sweep-interval",
             i.to_string(),
             "must be 0.1 to 3600 seconds",
+        ));
+    }
+    if !(0.0..=3600.0).contains(&a.nexthop_max_age) {
+        errs.push(ConfigError::new(
+            "--nexthop-max-age",
+            a.nexthop_max_age.to_string(),
+            "must be 0 (no cache) to 3600 seconds",
         ));
     }
     for v6 in [false, true] {
@@ -612,6 +621,8 @@ impl Config {
             lb_addrs: a.lb_addrs.clone(),
             keep_dataplane: a.keep_dataplane,
             sweep_interval: a.flow_sweep_interval.map(Duration::from_secs_f64),
+            // Validated above: finite, 0 to 3600.
+            nexthop_max_age: Duration::try_from_secs_f64(a.nexthop_max_age).unwrap_or_default(),
             sizes: Sizes {
                 max_flows: a.max_flows,
                 ring_size: a.ring_size,
@@ -669,6 +680,44 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn nexthop_max_age_is_0_to_3600_seconds_and_reaches_the_l4_model() {
+        let base = ["--iface", "eth0", "--vip", "10.100.0.1:80/tcp", "--target"];
+        let with = |age: &str| {
+            let mut f = base.to_vec();
+            f.push("10.100.0.1:80/tcp=10.0.0.11");
+            let mut f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+            // `=`: a negative value is not taken for a flag.
+            f.push(format!("--nexthop-max-age={age}"));
+            f
+        };
+        for (age, want) in [("0", 0.0), ("2.5", 2.5), ("3600", 3600.0)] {
+            let f = with(age);
+            let f: Vec<&str> = f.iter().map(String::as_str).collect();
+            let c = Config::from_run_args(&run_args(&f)).expect("valid");
+            let got = c.l4.expect("L4").nexthop_max_age.as_secs_f64();
+            assert_eq!(got, want, "--nexthop-max-age {age}");
+        }
+        for bad in ["-1", "3601", "NaN", "inf"] {
+            let f = with(bad);
+            let f: Vec<&str> = f.iter().map(String::as_str).collect();
+            let errs = errors(&f);
+            assert!(
+                errs.iter().any(|e| e.flag == "--nexthop-max-age"),
+                "{bad}: {errs:?}"
+            );
+        }
+        let f = with("1");
+        let mut f: Vec<&str> = f.iter().map(String::as_str).collect();
+        f.pop();
+        let c = Config::from_run_args(&run_args(&f)).expect("valid");
+        assert_eq!(
+            c.l4.expect("L4").nexthop_max_age,
+            crate::dataplane::DEFAULT_NEXTHOP_MAX_AGE,
+            "the default is the dataplane's"
+        );
     }
 
     #[test]

@@ -40,13 +40,19 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, Counters, DecapReason, FlowKey, FlowTableStats, FlowValue, GuardCounters,
-    GuardKey, HcReason, LB_CONFIG_MAGIC, LB_LAYOUT_VERSION, LbConfig, NatReverse, RateKey,
-    RateState, Reason, VipKey, VipMeta, names,
+    GuardKey, HcReason, LB_CONFIG_MAGIC, LB_LAYOUT_VERSION, LbConfig, NatReverse, NextHop,
+    NextHopCounter, NextHopCtl, RateKey, RateState, Reason, VipKey, VipMeta, names,
 };
 
 use crate::cli::XdpMode;
 
 pub mod bench;
+pub mod route_watch;
+
+use route_watch::RouteWatch;
+
+/// Default of `--nexthop-max-age`: how long `lb_xdp` uses a cached next hop at most.
+pub const DEFAULT_NEXTHOP_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The eBPF object (all three programs), built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -194,7 +200,7 @@ impl LbAddrs {
 
 /// The max_entries each pinned map must have for `sizes` (and what the loader creates), with
 /// the flag to change if a pinned map differs. Maps not listed have fixed sizes.
-fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 8] {
+fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 9] {
     let Sizes {
         max_flows,
         ring_size,
@@ -216,6 +222,7 @@ fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 8] {
         (names::MAP_GUARD_STATS, max_vips, "--max-vips"),
         (names::MAP_BACKENDS, max_backends, "--max-backends"),
         (names::MAP_BACKEND_STATS, max_backends, "--max-backends"),
+        (names::MAP_NEXTHOPS, max_backends, "--max-backends"),
     ]
 }
 
@@ -541,10 +548,16 @@ pub struct Maps {
     pub rate: HashMap<MapData, RateKey, RateState>,
     /// Guard drops per VIP.
     pub guard_stats: PerCpuArray<MapData, GuardCounters>,
+    /// The next hop cached per backend, per CPU.
+    pub nexthops: PerCpuArray<MapData, NextHop>,
+    /// The next-hop cache's generation and maximum age.
+    pub nexthop_ctl: Array<MapData, NextHopCtl>,
+    /// The next-hop cache's counters.
+    pub nexthop_stats: PerCpuArray<MapData, u64>,
 }
 
 /// Every map of the balancer that is pinned, in pin order.
-const PINNED: [&str; 16] = [
+const PINNED: [&str; 19] = [
     names::MAP_CONFIG,
     names::MAP_VIPS,
     names::MAP_BACKENDS,
@@ -561,6 +574,9 @@ const PINNED: [&str; 16] = [
     names::MAP_GUARD_DENY,
     names::MAP_RATE,
     names::MAP_GUARD_STATS,
+    names::MAP_NEXTHOPS,
+    names::MAP_NEXTHOP_CTL,
+    names::MAP_NEXTHOP_STATS,
 ];
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -629,6 +645,9 @@ impl Maps {
             guard_deny: typed!(names::MAP_GUARD_DENY),
             rate: typed!(names::MAP_RATE),
             guard_stats: typed!(names::MAP_GUARD_STATS),
+            nexthops: typed!(names::MAP_NEXTHOPS),
+            nexthop_ctl: typed!(names::MAP_NEXTHOP_CTL),
+            nexthop_stats: typed!(names::MAP_NEXTHOP_STATS),
         })
     }
 
@@ -642,6 +661,50 @@ impl Maps {
         self.config
             .set(0, cfg, 0)
             .map_err(map_err("writing LB_CONFIG"))
+    }
+
+    /// The next-hop cache's settings.
+    pub fn nexthop_ctl(&self) -> Result<NextHopCtl> {
+        self.nexthop_ctl
+            .get(&0, 0)
+            .map_err(map_err("reading LB_NEXTHOP_CTL"))
+    }
+
+    /// Invalidates every cached next hop (see [`route_watch::bump_generation`]).
+    pub fn bump_nexthop_generation(&mut self) -> Result<u32> {
+        route_watch::bump_generation(&mut self.nexthop_ctl)
+    }
+
+    /// How long `lb_xdp` may use a cached next hop; zero turns the cache off.
+    pub fn set_nexthop_max_age(&mut self, age: std::time::Duration) -> Result<()> {
+        let mut ctl = self.nexthop_ctl()?;
+        ctl.max_age_ns = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+        self.nexthop_ctl
+            .set(0, ctl, 0)
+            .map_err(map_err("writing LB_NEXTHOP_CTL"))
+    }
+
+    /// Backend `id`'s cached next hop on every CPU, in CPU order.
+    pub fn nexthops_of(&self, id: u32) -> Result<Vec<NextHop>> {
+        let v = self
+            .nexthops
+            .get(&id, 0)
+            .map_err(map_err(format!("reading LB_NEXTHOPS[{id}]")))?;
+        Ok(v.iter().copied().collect())
+    }
+
+    /// Sum over CPUs of the next-hop cache's counters, in [`NextHopCounter`] order.
+    pub fn nexthop_totals(&self) -> Result<Vec<(NextHopCounter, u64)>> {
+        NextHopCounter::ALL
+            .iter()
+            .map(|&c| {
+                let v = self
+                    .nexthop_stats
+                    .get(&(c as u32), 0)
+                    .map_err(map_err("reading LB_NEXTHOP_STATS"))?;
+                Ok((c, v.iter().sum()))
+            })
+            .collect()
     }
 
     /// Sum over CPUs of the per-reason counters, in [`Reason`] order.
@@ -925,6 +988,8 @@ pub struct Balancer {
     link_pins: Vec<PathBuf>,
     hc_attached: Vec<String>,
     keep: bool,
+    /// Bumps the next-hop generation on every route, neighbour, link or address change.
+    _route_watch: Option<RouteWatch>,
 }
 
 /// One `BPF_PROG_TEST_RUN` of `lb_hc_encap` ([`Balancer::test_run_hc_encap`]).
@@ -987,6 +1052,7 @@ impl Balancer {
             link_pins: Vec::new(),
             hc_attached: Vec::new(),
             keep: false,
+            _route_watch: None,
         };
         let mut maps = Maps::take(&mut this.ebpf)?;
         let mut cfg = if adopted {
@@ -1001,7 +1067,33 @@ impl Balancer {
         };
         addrs.write_to(&mut cfg);
         maps.set_lb_config(cfg)?;
+        // The watch subscribes before the generation moves on, so no change falls between
+        // them; entries an adopted program cached before this run are invalid from here on.
+        let watch = RouteWatch::start(&maps.nexthop_ctl);
+        maps.bump_nexthop_generation()?;
+        match watch {
+            Ok(w) => {
+                this._route_watch = Some(w);
+                maps.set_nexthop_max_age(DEFAULT_NEXTHOP_MAX_AGE)?;
+            }
+            Err(e) => {
+                // Without the watch a cached next hop could outlive a route change: no cache.
+                tracing::warn!(error = %e, "cannot watch route changes (netlink); lb_xdp looks up every packet's next hop");
+                maps.set_nexthop_max_age(std::time::Duration::ZERO)?;
+            }
+        }
         Ok((this, maps))
+    }
+
+    /// Sets how long `lb_xdp` may use a cached next hop (`--nexthop-max-age`; zero: no
+    /// cache). Without a route watch (netlink refused) the cache stays off whatever is asked.
+    pub fn set_nexthop_max_age(&self, maps: &mut Maps, age: std::time::Duration) -> Result<()> {
+        let age = if self._route_watch.is_some() {
+            age
+        } else {
+            std::time::Duration::ZERO
+        };
+        maps.set_nexthop_max_age(age)
     }
 
     /// Whether [`Self::load`] adopted a previous run's maps.

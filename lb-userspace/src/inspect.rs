@@ -86,6 +86,73 @@ fn flow_table_json(maps: &Maps) -> anyhow::Result<Value> {
     }))
 }
 
+/// The next-hop cache's settings and counters.
+fn nexthop_cache_json(maps: &Maps) -> anyhow::Result<Value> {
+    let ctl = maps.nexthop_ctl()?;
+    let mut v = json!({
+        "enabled": ctl.max_age_ns != 0,
+        "max_age_s": ctl.max_age_ns as f64 / 1e9,
+        "generation": ctl.generation,
+    });
+    for (c, total) in maps.nexthop_totals()? {
+        v[c.label()] = json!(total);
+    }
+    Ok(v)
+}
+
+/// Interface name of an index, or its number if it has none here (another namespace).
+fn iface_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes, as the call requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return ifindex.to_string();
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+/// `lb dump nexthops`: one row per backend and CPU that holds a cached next hop resolved for
+/// the backend's current address, with whether it is still valid.
+fn nexthops_json(maps: &Maps) -> anyhow::Result<Value> {
+    let ctl = maps.nexthop_ctl()?;
+    let now = monotonic_ns();
+    let mut rows = Vec::new();
+    for (id, b) in backends(maps)? {
+        for (cpu, e) in maps.nexthops_of(id)?.into_iter().enumerate() {
+            if e.family == 0 || e.family != b.family || e.addr != b.addr {
+                continue; // never filled on this CPU, or for an earlier owner of the id
+            }
+            let age = now.saturating_sub(e.resolved_ns);
+            rows.push(json!({
+                "backend_id": id,
+                "backend": addr_text(b.family, b.addr),
+                "cpu": cpu,
+                "ifindex": e.ifindex,
+                "iface": iface_name(e.ifindex),
+                "dmac": mac_text(e.dmac),
+                "smac": mac_text(e.smac),
+                "ingress_iface": iface_name(e.ingress_ifindex),
+                "max_len": e.max_len,
+                "generation": e.generation,
+                "age_s": age as f64 / 1e9,
+                // What lb_xdp would decide for a packet that fits max_len.
+                "valid": ctl.max_age_ns != 0 && e.generation == ctl.generation && age <= ctl.max_age_ns,
+            }));
+        }
+    }
+    Ok(Value::Array(rows))
+}
+
 /// Everything `lb stats` shows, as JSON.
 pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
     let all_backends = backends(maps)?;
@@ -143,6 +210,7 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
         "reasons": reasons,
         "health_check_probes": probes,
         "flow_table": flow_table_json(maps)?,
+        "nexthop_cache": nexthop_cache_json(maps)?,
     }))
 }
 
@@ -215,6 +283,21 @@ pub fn stats(args: &PinArgs) -> anyhow::Result<()> {
     );
     for k in ["inserted", "expired", "evicted_live"] {
         println!("{k:<28} {:>12}", n(&ft[k]));
+    }
+    let nh = &v["nexthop_cache"];
+    println!();
+    println!("{:<28} {:>12}", "NEXT-HOP CACHE", "");
+    println!(
+        "{:<28} {:>12}",
+        "max age (s)",
+        if nh["enabled"].as_bool() == Some(true) {
+            nh["max_age_s"].to_string()
+        } else {
+            "off".to_owned()
+        }
+    );
+    for k in ["generation", "nexthop_lookups", "nexthop_cached"] {
+        println!("{k:<28} {:>12}", n(&nh[k]));
     }
     Ok(())
 }
@@ -316,6 +399,7 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
             Value::Array(rows)
         }
         DumpWhat::Limited { top } => limited_json(&maps, *top)?,
+        DumpWhat::Nexthops => nexthops_json(&maps)?,
         DumpWhat::Ring { vip, slots } => {
             let addr: VipAddr = vip
                 .parse()

@@ -29,7 +29,7 @@ use lb::{
     l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
     packet::{self, ETH_LEN, Frame, Frame6, IPV4_LEN, IPV6_LEN},
 };
-use lb_common::{Counters, DecapReason, FlowKey, HcReason, Reason};
+use lb_common::{Counters, DecapReason, FlowKey, HcReason, NextHop, NextHopCounter, Reason};
 
 /// XDP actions (include/uapi/linux/bpf.h `enum xdp_action`).
 const XDP_ABORTED: u32 = 0;
@@ -3418,5 +3418,414 @@ fn guard_lists_drop_refused_sources_of_both_families_before_any_state_and_count_
             .set_guards(&web6, lb::l4::Guards::default())
             .expect("set_guards");
         lb.run_encap(&from6(bad6), backend6(12));
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The next-hop cache.
+// ---------------------------------------------------------------------------------------------
+
+/// How long a test waits for the route watch to see a change it made (generous: the watch
+/// reacts within milliseconds; a loaded machine may delay it).
+const WATCH_DEADLINE: Duration = Duration::from_secs(20);
+
+impl Lb {
+    /// A cache entry that only an invalidation can end within a test.
+    fn long_cache(&mut self) {
+        self.balancer
+            .set_nexthop_max_age(self.registry.maps_mut(), Duration::from_secs(3600))
+            .expect("writing LB_NEXTHOP_CTL");
+    }
+
+    fn cache_off(&mut self) {
+        self.balancer
+            .set_nexthop_max_age(self.registry.maps_mut(), Duration::ZERO)
+            .expect("writing LB_NEXTHOP_CTL");
+    }
+
+    fn generation(&self) -> u32 {
+        self.maps()
+            .nexthop_ctl()
+            .expect("reading LB_NEXTHOP_CTL")
+            .generation
+    }
+
+    /// (lookups, cached) of the next-hop cache so far.
+    fn nexthop_counts(&self) -> (u64, u64) {
+        let t = self
+            .maps()
+            .nexthop_totals()
+            .expect("reading LB_NEXTHOP_STATS");
+        let get = |c| t.iter().find(|(x, _)| *x == c).map_or(0, |(_, n)| *n);
+        (get(NextHopCounter::Lookups), get(NextHopCounter::Cached))
+    }
+
+    /// The valid cached entries of backend `id` (any CPU).
+    fn valid_nexthops(&self, id: u32) -> Vec<NextHop> {
+        let g = self.generation();
+        self.maps()
+            .nexthops_of(id)
+            .expect("reading LB_NEXTHOPS")
+            .into_iter()
+            .filter(|e| e.family != 0 && e.generation == g)
+            .collect()
+    }
+
+    /// Waits until the route watch has moved the generation past `before`.
+    fn wait_for_generation_past(&self, before: u32) {
+        let start = std::time::Instant::now();
+        while self.generation() == before {
+            assert!(
+                start.elapsed() < WATCH_DEADLINE,
+                "the route watch did not bump the next-hop generation within {WATCH_DEADLINE:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs `f` until no generation bump (some unrelated change in the namespace, e.g. an
+    /// IPv6 link-local address finishing duplicate address detection) happened during it, so
+    /// `f` may assert what a stable cache does. Bounded: 50 attempts.
+    fn with_stable_generation<T>(&mut self, mut f: impl FnMut(&mut Self) -> T) -> T {
+        for _ in 0..50 {
+            let g = self.generation();
+            let out = f(self);
+            if self.generation() == g {
+                return out;
+            }
+        }
+        panic!("the next-hop generation kept moving: something changes routes in a loop");
+    }
+}
+
+#[test]
+fn a_backends_next_hop_is_resolved_once_then_taken_from_the_cache() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        lb.long_cache();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(12)],
+        );
+        let nat_vip = VipAddr {
+            addr: Ipv4Addr::new(198, 51, 100, 2).into(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        lb.registry
+            .add_vip(VipSpec::new(None, nat_vip).nat())
+            .expect("add_vip");
+        lb.registry
+            .apply(
+                &nat_vip,
+                &[L4Member::in_service(backend(13).into(), 8080, 1)],
+                false,
+            )
+            .expect("register");
+        let flow = |dst: Ipv4Addr, sport: u16| {
+            Frame {
+                sport,
+                ..tcp(dst, 80)
+            }
+            .build()
+        };
+        let web_addr = v4(web.addr);
+        let nat_addr = v4(nat_vip.addr);
+        let mut sport = 1000;
+        let (first, later) = lb.with_stable_generation(|lb| {
+            sport += 3;
+            let (l0, _) = lb.nexthop_counts();
+            // A new flow, another new flow, then the first again (a flow-table hit).
+            lb.run_encap(&flow(web_addr, sport), backend(12));
+            let (l1, _) = lb.nexthop_counts();
+            lb.run_encap(&flow(web_addr, sport + 1), backend(12));
+            lb.run_encap(&flow(web_addr, sport), backend(12));
+            let nat_first = lb.run(&flow(nat_addr, sport), XDP_REDIRECT, Reason::Redirect);
+            assert_eq!(
+                &nat_first[0..6],
+                &backend_mac(backend(13)),
+                "NAT: to the target"
+            );
+            let (l2, _) = lb.nexthop_counts();
+            lb.run(&flow(nat_addr, sport + 1), XDP_REDIRECT, Reason::Redirect);
+            let nat_hit = lb.run(&flow(nat_addr, sport), XDP_REDIRECT, Reason::Redirect);
+            assert_eq!(
+                nat_hit, nat_first,
+                "NAT: the cached next hop gives the same frame"
+            );
+            let (l3, _) = lb.nexthop_counts();
+            (l1 - l0, (l2 - l1, l3 - l2))
+        });
+        assert!(first <= 1, "one lookup at most for the first packet");
+        assert_eq!(
+            later,
+            (1, 0),
+            "DSR: the second and third packets were not looked up (the NAT target's first \
+             was); NAT: neither were its second and third"
+        );
+        let (_, cached) = lb.nexthop_counts();
+        assert!(cached >= 2, "both backends' lookups were cached");
+        let entries = lb.valid_nexthops(lb.backend_id(&web, backend(12)));
+        assert_eq!(entries.len(), 1, "one CPU ran the tests: one entry");
+        assert_eq!(entries[0].dmac, backend_mac(backend(12)));
+        assert_eq!(entries[0].smac, D0_MAC);
+        assert_eq!(entries[0].ifindex, ifindex("d0"));
+
+        // Positive control: without the cache every packet is looked up.
+        lb.cache_off();
+        let (l0, c0) = lb.nexthop_counts();
+        for _ in 0..3 {
+            lb.run_encap(&flow(web_addr, sport), backend(12));
+        }
+        assert_eq!(
+            lb.nexthop_counts(),
+            (l0 + 3, c0),
+            "cache off: 3 lookups, none cached"
+        );
+    });
+}
+
+#[test]
+fn after_the_backends_neighbour_mac_changes_packets_go_to_the_new_mac() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        lb.long_cache();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(12)],
+        );
+        let input = tcp(web.addr, 80).build();
+        lb.run_encap(&input, backend(12));
+        let id = lb.backend_id(&web, backend(12));
+        // The old MAC is cached, valid for an hour: only an invalidation can end it.
+        let cached = lb.valid_nexthops(id);
+        assert!(
+            cached.iter().any(|e| e.dmac == backend_mac(backend(12))),
+            "the old MAC is cached: {cached:?}"
+        );
+        let new_mac = [0x02, 0, 0, 0, 0, 0xaa];
+        let g = lb.generation();
+        run_cmd(&[
+            "ip",
+            "neigh",
+            "replace",
+            &backend(12).to_string(),
+            "lladdr",
+            "02:00:00:00:00:aa",
+            "dev",
+            "d0",
+            "nud",
+            "permanent",
+        ]);
+        lb.wait_for_generation_past(g);
+        let out = lb.run(&input, XDP_REDIRECT, Reason::Redirect);
+        assert_eq!(&out[0..6], &new_mac, "Ethernet destination: the new MAC");
+        assert_eq!(&out[6..12], &D0_MAC);
+        assert_eq!(
+            packet::parse_outer(&out).expect("encapsulated").dst,
+            IpAddr::from(backend(12))
+        );
+    });
+}
+
+#[test]
+fn after_a_route_change_packets_follow_the_new_route() {
+    netns_test(|| {
+        // A second link, e0 (10.1.0.2/24), with a router 10.1.0.1 on it.
+        run_cmd(&[
+            "ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1",
+        ]);
+        run_cmd(&["ip", "link", "set", "e1", "up"]);
+        run_cmd(&["ip", "link", "set", "e0", "address", "02:00:00:00:01:02"]);
+        run_cmd(&["ip", "addr", "add", "10.1.0.2/24", "dev", "e0"]);
+        run_cmd(&["ip", "link", "set", "e0", "up"]);
+        run_cmd(&[
+            "ip",
+            "neigh",
+            "add",
+            "10.1.0.1",
+            "lladdr",
+            "02:00:00:00:01:01",
+            "dev",
+            "e0",
+            "nud",
+            "permanent",
+        ]);
+        // The backend is routed via 10.0.0.11 on d0 first.
+        let far = Ipv4Addr::new(203, 0, 113, 50);
+        run_cmd(&[
+            "ip",
+            "route",
+            "add",
+            "203.0.113.50/32",
+            "via",
+            "10.0.0.11",
+            "dev",
+            "d0",
+        ]);
+        let mut lb = Lb::load();
+        lb.long_cache();
+        let web = lb.add_vip(Ipv4Addr::new(198, 51, 100, 1), 80, Proto::Tcp, &[far]);
+        let input = tcp(web.addr, 80).build();
+        let out = lb.run(&input, XDP_REDIRECT, Reason::Redirect);
+        assert_eq!(&out[0..6], &backend_mac(backend(11)), "via 10.0.0.11");
+        assert_eq!(&out[6..12], &D0_MAC, "out of d0");
+        let id = lb.backend_id(&web, far);
+        assert!(
+            lb.valid_nexthops(id)
+                .iter()
+                .any(|e| e.ifindex == ifindex("d0")),
+            "the route via d0 is cached"
+        );
+
+        let g = lb.generation();
+        run_cmd(&[
+            "ip",
+            "route",
+            "replace",
+            "203.0.113.50/32",
+            "via",
+            "10.1.0.1",
+            "dev",
+            "e0",
+        ]);
+        lb.wait_for_generation_past(g);
+        let out = lb.run(&input, XDP_REDIRECT, Reason::Redirect);
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, 1], "via 10.1.0.1");
+        assert_eq!(&out[6..12], &[2, 0, 0, 0, 1, 2], "out of e0");
+        assert_eq!(
+            packet::parse_outer(&out).expect("encapsulated").dst,
+            IpAddr::from(far)
+        );
+        assert!(
+            lb.valid_nexthops(id)
+                .iter()
+                .any(|e| e.ifindex == ifindex("e0")),
+            "the new route is cached"
+        );
+    });
+}
+
+#[test]
+fn an_unresolved_neighbour_is_looked_up_again_for_every_packet_never_cached() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        lb.long_cache();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[NO_NEIGH_BACKEND],
+        );
+        let nat_vip = VipAddr {
+            addr: Ipv4Addr::new(198, 51, 100, 2).into(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let nat_target = Ipv4Addr::new(10, 0, 0, 98);
+        lb.registry
+            .add_vip(VipSpec::new(None, nat_vip).nat())
+            .expect("add_vip");
+        lb.registry
+            .apply(
+                &nat_vip,
+                &[L4Member::in_service(nat_target.into(), 8080, 1)],
+                false,
+            )
+            .expect("register");
+        let input = tcp(web.addr, 80).build();
+        let nat_input = tcp(nat_vip.addr, 80).build();
+        for round in 0..3 {
+            let (l0, c0) = lb.nexthop_counts();
+            lb.run_untouched(&input, XDP_DROP, Reason::DropNoRoute);
+            // NAT: translated and handed to the kernel, which resolves the neighbour.
+            lb.run(&nat_input, XDP_PASS, Reason::NatViaKernel);
+            assert_eq!(
+                lb.nexthop_counts(),
+                (l0 + 2, c0),
+                "round {round}: both looked up, nothing cached"
+            );
+        }
+        assert!(
+            lb.valid_nexthops(lb.backend_id(&web, NO_NEIGH_BACKEND))
+                .is_empty()
+        );
+
+        // Positive control: once the neighbour is known, the next packet goes out to it.
+        for addr in [NO_NEIGH_BACKEND, nat_target] {
+            run_cmd(&[
+                "ip",
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                &format!("02:00:00:00:00:{:02x}", addr.octets()[3]),
+                "dev",
+                "d0",
+                "nud",
+                "permanent",
+            ]);
+        }
+        lb.run_encap(&input, NO_NEIGH_BACKEND);
+        let out = lb.run(&nat_input, XDP_REDIRECT, Reason::Redirect);
+        assert_eq!(&out[0..6], &backend_mac(nat_target));
+    });
+}
+
+#[test]
+fn too_big_is_still_answered_with_a_warm_cache_and_after_the_mtu_shrinks() {
+    netns_test(|| {
+        run_cmd(&["ip", "link", "set", "d0", "mtu", "1000"]);
+        let mut lb = Lb::load();
+        lb.long_cache();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(11)],
+        );
+        let of_ip_len = |ip_len: usize| {
+            Frame {
+                payload: vec![0x5a; ip_len - IPV4_LEN - 20],
+                frag: 0x4000,
+                ..tcp(web.addr, 80)
+            }
+            .build()
+        };
+        let mtu_in = |out: &[u8]| {
+            let icmp = &out[ETH_LEN + IPV4_LEN..];
+            assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+            u16::from_be_bytes([icmp[6], icmp[7]])
+        };
+        // Warm: a small packet caches the next hop.
+        lb.run_encap(&of_ip_len(60), backend(11));
+        // 990 + 20 > 1000: answered as without a cache.
+        let out = lb.run(&of_ip_len(990), XDP_TX, Reason::TxIcmpTooBig);
+        assert_eq!(mtu_in(&out), 980);
+        // Exactly the MTU fits; then the cache knows 1000 bytes fit, and 1010 still do not.
+        lb.run_encap(&of_ip_len(980), backend(11));
+        let out = lb.run(&of_ip_len(990), XDP_TX, Reason::TxIcmpTooBig);
+        assert_eq!(mtu_in(&out), 980);
+        let looked_up = lb.with_stable_generation(|lb| {
+            lb.run_encap(&of_ip_len(980), backend(11));
+            let (l0, _) = lb.nexthop_counts();
+            lb.run_encap(&of_ip_len(980), backend(11));
+            lb.nexthop_counts().0 - l0
+        });
+        assert_eq!(
+            looked_up, 0,
+            "a packet that fits the cached length is not looked up"
+        );
+
+        // The link's MTU shrinks: the cached length no longer holds.
+        let g = lb.generation();
+        run_cmd(&["ip", "link", "set", "d0", "mtu", "900"]);
+        lb.wait_for_generation_past(g);
+        let out = lb.run(&of_ip_len(980), XDP_TX, Reason::TxIcmpTooBig);
+        assert_eq!(mtu_in(&out), 880);
     });
 }

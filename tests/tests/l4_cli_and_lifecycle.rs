@@ -118,6 +118,35 @@ fn lb_stats_prints_the_table_and_lb_dump_prints_every_map() {
         .expect("lb dump flows --json");
     let rows: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(rows.as_array().map(Vec::len), Some(ports.len()), "{json}");
+
+    // The next-hop cache: a resolved next hop for every backend that served a connection,
+    // and its counters in the table and the JSON.
+    assert!(table.contains("NEXT-HOP CACHE"), "{table}");
+    assert!(
+        doc["nexthop_cache"]["nexthop_lookups"].as_u64() > Some(0),
+        "{doc:#}"
+    );
+    let json = topo
+        .lb_cli(["dump", "nexthops", "--pin-path", &pin, "--json"])
+        .expect("lb dump nexthops --json");
+    let rows: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    for be in topo.backends() {
+        if !answers.contains(&be.name) {
+            continue;
+        }
+        let addr = be.addr.to_string();
+        let row = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["backend"] == addr.as_str())
+            .unwrap_or_else(|| panic!("no next hop cached for {addr}: {json}"));
+        assert_ne!(row["dmac"], "00:00:00:00:00:00", "{json}");
+        assert!(
+            row["iface"].as_str().is_some_and(|i| !i.is_empty()),
+            "{json}"
+        );
+    }
 }
 
 #[test]

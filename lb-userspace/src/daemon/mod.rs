@@ -100,8 +100,11 @@ struct L4Up {
 fn bring_up_l4(l4: &L4Config, pin_path: &Path, registry: &Registry) -> anyhow::Result<L4Up> {
     require_root("lb run with --vip")?;
     let addrs = lb_addrs(l4, registry)?;
-    let (mut balancer, maps) =
+    let (mut balancer, mut maps) =
         Balancer::load(l4.sizes, addrs, Some(pin_path)).context("loading lb_xdp")?;
+    balancer
+        .set_nexthop_max_age(&mut maps, l4.nexthop_max_age)
+        .context("configuring the next-hop cache")?;
     let adopted = balancer.adopted();
     let up = (|| {
         // The writer first when adopting: the maps must carry this run's VIPs before the new

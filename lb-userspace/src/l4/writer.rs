@@ -111,7 +111,10 @@ impl L4Maps for Maps {
     fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
         self.backends
             .set(id, backend, 0)
-            .map_err(map_error(format!("writing LB_BACKENDS[{id}]")))
+            .map_err(map_error(format!("writing LB_BACKENDS[{id}]")))?;
+        // A cached next hop is checked against the backend's address anyway; a new generation
+        // also covers a change of mode (DSR and NAT resolve from different sources).
+        self.bump_nexthop_generation().map(|_| ())
     }
     fn set_ring_slot(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
         self.rings

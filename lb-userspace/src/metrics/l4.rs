@@ -120,6 +120,13 @@ pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
             n,
         ));
     }
+    for (c, n) in maps.nexthop_totals()? {
+        out.push(Series::count(
+            Metric::NextHopCacheCount,
+            vec![c.label().to_owned()],
+            n,
+        ));
+    }
     Ok(())
 }
 

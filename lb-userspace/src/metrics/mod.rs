@@ -292,6 +292,8 @@ metrics! {
         "Packets lb_xdp handled, by outcome (every packet counted under exactly one).";
     HealthCheckProbePacketCount: "HealthCheckProbePacketCount", "lb_hc_encap_packets_total", Counter, Count, Sum, Reason,
         "Packets lb_hc_encap handled on egress, by outcome.";
+    NextHopCacheCount: "NextHopCacheCount", "lb_xdp_nexthop_total", Counter, Count, Sum, Reason,
+        "lb_xdp's next-hop cache: route lookups for a backend (nexthop_lookups: misses and packets longer than the cached entry allows) and lookups cached (nexthop_cached).";
     // Logs.
     LogLinesWritten: "LogLinesWritten", "lb_log_lines_written_total", Counter, Count, Sum, Log,
         "Log lines written.";
