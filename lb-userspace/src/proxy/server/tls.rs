@@ -56,13 +56,26 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// The crypto provider for listeners: ring's defaults restricted to AEAD cipher suites (ring's
+/// The crypto provider of every TLS session `lb` makes (listeners and TLS targets): aws-lc-rs,
+/// whose P-256 signatures and X25519 cost less than ring's and whose random numbers come from
+/// a user-space DRBG (ring made one getrandom(2) call per random value: 9 per handshake).
+/// Key exchange groups X25519, P-256 and P-384, in that order: what ALB's default policy and
+/// the ring provider offered. aws-lc-rs's defaults add the X25519MLKEM768 hybrid, which is
+/// left out so that what clients negotiate does not change with the provider.
+pub fn base_provider() -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    p
+}
+
+/// The crypto provider for listeners: [`base_provider`] restricted to AEAD cipher suites (its
 /// defaults have no CBC suite today; the filter keeps it that way if one is ever added), in
 /// the order of ALB's default security policy (ELBSecurityPolicy-TLS13-1-2-2021-06): AES-128-GCM
 /// before AES-256-GCM, ChaCha20-Poly1305 last. Listeners choose in this order, whatever the
 /// client's order ([`server_config`] sets server preference, as ELB does).
 pub fn provider() -> CryptoProvider {
-    let mut p = rustls::crypto::ring::default_provider();
+    let mut p = base_provider();
     p.cipher_suites
         .retain(|s| !format!("{:?}", s.suite()).contains("CBC"));
     p.cipher_suites.sort_by_key(|s| alb_rank(s.suite()));
