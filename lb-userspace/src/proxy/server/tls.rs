@@ -379,6 +379,18 @@ mod tests {
     }
 
     #[test]
+    fn key_exchange_groups_are_x25519_p256_p384_in_that_order() {
+        use rustls::NamedGroup as G;
+        let groups: Vec<G> = provider().kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(groups, [G::X25519, G::secp256r1, G::secp384r1]);
+        // The provider's own defaults offer more (the post-quantum hybrid): the pin matters.
+        let defaults = rustls::crypto::aws_lc_rs::default_provider()
+            .kx_groups
+            .len();
+        assert!(defaults > groups.len(), "{defaults}");
+    }
+
+    #[test]
     fn only_aead_suites_and_modern_versions() {
         let p = provider();
         assert!(!p.cipher_suites.is_empty());
