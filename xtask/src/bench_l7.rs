@@ -14,6 +14,9 @@
 //! - `lb+log`: `lb` again with its ALB-format access log on (written to a file), so the cost
 //!   of logging shows beside `lb` without it (counting is always on).
 //!
+//! `--only h1|h2|handshakes` measures one figure (same peers, same rounds); `--baseline PATH`
+//! runs another `lb` binary as `lb-base` in every round, so two builds compare in one run.
+//!
 //! A proxy's CPU time (user and system) is read from `/proc` for every process of it (nginx:
 //! master and workers) before and after each run. Ratios within a round are the headline; rounds give
 //! the spread. Peers' settings are written out in BENCHMARKS.md.
@@ -63,6 +66,23 @@ const PROXIES: [Proxy; 4] = [
         https: 18443,
     },
 ];
+
+/// With `--baseline PATH`: that other `lb` binary, run right after `lb` in every round.
+const BASELINE: Proxy = Proxy {
+    name: "lb-base",
+    http: 18085,
+    https: 18445,
+};
+
+/// What `cargo xtask bench l7` was asked for.
+pub struct Options {
+    /// One short round instead of three long ones.
+    pub quick: bool,
+    /// One figure only.
+    pub only: Option<Figure>,
+    /// Another `lb` binary to run beside the built one (`lb-base`).
+    pub baseline: Option<PathBuf>,
+}
 
 /// Run lengths.
 struct Plan {
@@ -292,7 +312,7 @@ fn start_proxy(
 ) -> anyhow::Result<Running> {
     let (cert, key, both) = certs;
     let r = match p.name {
-        "lb" | "lb+log" => {
+        "lb" | "lb+log" | "lb-base" => {
             let mut args: Vec<String> = [
                 "run".to_owned(),
                 "--listener".to_owned(),
@@ -488,7 +508,7 @@ fn run_h2load(url: &str, seconds: u64) -> anyhow::Result<Sample> {
     Ok(s)
 }
 
-/// The TLS version and cipher suite an OpenSSL client (`openssl s_client`, as wrk's OpenSSL
+/// The TLS version, cipher suite and key-exchange group an OpenSSL client (`openssl s_client`, as wrk's OpenSSL
 /// offers them) negotiates with the proxy listening on `port`.
 fn negotiated(port: u16) -> String {
     let out = Command::new("openssl")
@@ -509,12 +529,24 @@ fn negotiated(port: u16) -> String {
             .map_or("?", str::trim)
             .to_owned()
     };
-    format!("{} {}", field("Protocol version:"), field("Ciphersuite:"))
+    let group = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Peer Temp Key:")
+                .or_else(|| l.strip_prefix("Server Temp Key:"))
+        })
+        .map_or("?", str::trim)
+        .to_owned();
+    format!(
+        "{} {}, key exchange {group}",
+        field("Protocol version:"),
+        field("Ciphersuite:")
+    )
 }
 
 /// A figure measured per proxy per round.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Figure {
+pub enum Figure {
     H1KeepAlive,
     H2Tls,
     Handshakes,
@@ -522,6 +554,24 @@ enum Figure {
 
 impl Figure {
     const ALL: [Figure; 3] = [Figure::H1KeepAlive, Figure::H2Tls, Figure::Handshakes];
+
+    /// `--only`'s names: `h1`, `h2`, `handshakes`.
+    pub fn parse(name: &str) -> anyhow::Result<Figure> {
+        Ok(match name {
+            "h1" => Figure::H1KeepAlive,
+            "h2" => Figure::H2Tls,
+            "handshakes" => Figure::Handshakes,
+            _ => bail!("--only takes h1, h2 or handshakes, not {name:?}"),
+        })
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Figure::H1KeepAlive => "h1",
+            Figure::H2Tls => "h2",
+            Figure::Handshakes => "handshakes",
+        }
+    }
 
     fn label(self) -> &'static str {
         match self {
@@ -581,8 +631,26 @@ fn k(x: f64) -> String {
 }
 
 /// `cargo xtask bench l7`.
-pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
+pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
+    let quick = opts.quick;
     ensure_tools()?;
+    if let Some(b) = &opts.baseline {
+        ensure!(b.is_file(), "--baseline {}: no such file", b.display());
+    }
+    let figures: Vec<Figure> = Figure::ALL
+        .into_iter()
+        .filter(|f| opts.only.is_none_or(|o| o == *f))
+        .collect();
+    let mut proxies: Vec<&Proxy> = PROXIES.iter().collect();
+    if opts.baseline.is_some() {
+        proxies.insert(1, &BASELINE);
+    }
+    let binary = |p: &Proxy| -> PathBuf {
+        match (&opts.baseline, p.name) {
+            (Some(b), "lb-base") => b.clone(),
+            _ => lb.to_owned(),
+        }
+    };
     let plan = if quick {
         Plan {
             rounds: 1,
@@ -602,8 +670,13 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
 
     println!("lb L7 benchmark, beside HAProxy and nginx");
     println!(
-        "command:  cargo xtask bench l7{}",
-        if quick { " --quick" } else { "" }
+        "command:  cargo xtask bench l7{}{}{}",
+        if quick { " --quick" } else { "" },
+        opts.only
+            .map_or(String::new(), |f| format!(" --only {}", f.short())),
+        opts.baseline
+            .as_ref()
+            .map_or(String::new(), |b| format!(" --baseline {}", b.display()))
     );
     println!("versions: {}", versions(lb));
     println!(
@@ -612,8 +685,10 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
         uname()
     );
     println!(
-        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating lb lb+log haproxy nginx",
-        plan.rounds, plan.seconds
+        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating {}",
+        plan.rounds,
+        plan.seconds,
+        proxies.iter().map(|p| p.name).collect::<Vec<_>>().join(" ")
     );
     println!("backend:  one nginx worker, 100-byte body, keep-alive; access logs off (but lb+log)");
     println!();
@@ -622,10 +697,10 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
     let mut results: BTreeMap<(Figure, &str), Vec<Sample>> = BTreeMap::new();
     let mut lb_rss = (0.0f64, 0.0f64);
     for round in 0..plan.rounds {
-        for f in Figure::ALL {
-            for p in &PROXIES {
-                let proxy = start_proxy(p, &dir, lb, &certs)?;
-                if round == 0 && f == Figure::Handshakes {
+        for &f in &figures {
+            for &p in &proxies {
+                let proxy = start_proxy(p, &dir, &binary(p), &certs)?;
+                if round == 0 && f == figures[0] {
                     println!(
                         "{:<8} negotiates {} with an OpenSSL client",
                         p.name,
@@ -663,7 +738,7 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
     }
 
     let mut table = String::new();
-    for f in Figure::ALL {
+    for &f in &figures {
         let _ = writeln!(table, "{}", f.label());
         let _ = writeln!(
             table,
@@ -678,7 +753,7 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
             "lb ÷ peer (req/CPU-s)"
         );
         let lb_per: Vec<f64> = results[&(f, "lb")].iter().map(|s| s.per_cpu_s).collect();
-        for p in &PROXIES {
+        for &p in &proxies {
             let v = &results[&(f, p.name)];
             let rps: Vec<f64> = v.iter().map(|s| s.rps).collect();
             let per: Vec<f64> = v.iter().map(|s| s.per_cpu_s).collect();
@@ -720,11 +795,13 @@ pub fn run(root: &Path, lb: &Path, quick: bool) -> anyhow::Result<()> {
         }
         let _ = writeln!(table);
     }
-    let _ = writeln!(
-        table,
-        "lb resident memory: {:.1} MiB idle, {:.1} MiB after the keep-alive run",
-        lb_rss.0, lb_rss.1
-    );
+    if figures.contains(&Figure::H1KeepAlive) {
+        let _ = writeln!(
+            table,
+            "lb resident memory: {:.1} MiB idle, {:.1} MiB after the keep-alive run",
+            lb_rss.0, lb_rss.1
+        );
+    }
     println!("{table}");
     Ok(())
 }

@@ -71,6 +71,14 @@ enum Bench {
         /// One short round instead of three long ones.
         #[arg(long)]
         quick: bool,
+        /// Measure one figure only (h1, h2 or handshakes), with the same peers in the same
+        /// rounds: to iterate on one path faster.
+        #[arg(long)]
+        only: Option<String>,
+        /// Also run this `lb` binary, as `lb-base`, in every round beside the freshly built one:
+        /// a same-run A/B comparison of two builds (the ratio column then also reads lb ÷ lb-base).
+        #[arg(long)]
+        baseline: Option<std::path::PathBuf>,
     },
     /// L4: lb_xdp (DSR) beside nftables DNAT through a namespace topology: UDP packets/s,
     /// TCP connections/s, LB CPU per packet.
@@ -145,10 +153,23 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
             }
             cargo(&args)
         }
-        Bench::L7 { quick } => {
+        Bench::L7 {
+            quick,
+            only,
+            baseline,
+        } => {
             require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
+            let only = only.as_deref().map(bench_l7::Figure::parse).transpose()?;
             cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
-            bench_l7::run(root, &target_dir(root).join("release/lb"), quick)
+            bench_l7::run(
+                root,
+                &target_dir(root).join("release/lb"),
+                bench_l7::Options {
+                    quick,
+                    only,
+                    baseline,
+                },
+            )
         }
         Bench::L4 { quick } => {
             require_root("the L4 benchmark")?;
@@ -170,7 +191,11 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                 Bench::Xdp { quick },
                 Bench::L4 { quick },
                 Bench::Control,
-                Bench::L7 { quick },
+                Bench::L7 {
+                    quick,
+                    only: None,
+                    baseline: None,
+                },
             ];
             for suite in suites {
                 let name = suite.name();

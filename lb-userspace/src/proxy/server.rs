@@ -47,6 +47,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 pub use self::sniff::HEADER_TIMEOUT_REASON;
 pub use self::tls::{CertificateSpec, TlsError};
@@ -776,7 +777,11 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 
 async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
     let mut phase = listener.shared.phase.clone();
-    let mut conns = JoinSet::new();
+    // Connection tasks are tracked, not joined one by one: a JoinSet would wake this loop
+    // for every connection that ends (and lock its set twice per connection), which a full
+    // TLS handshake per connection made a visible share of the work. Connections end by
+    // themselves when the phase says so; the loop waits for all of them before returning.
+    let conns = TaskTracker::new();
     loop {
         tokio::select! {
             accepted = socket.accept() => match accepted {
@@ -807,11 +812,11 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
                     break;
                 }
             }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
     drop(socket);
-    while conns.join_next().await.is_some() {}
+    conns.close();
+    conns.wait().await;
 }
 
 /// Serves one accepted client connection; `slot` holds its place under the connection limits

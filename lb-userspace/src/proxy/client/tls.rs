@@ -18,7 +18,7 @@ use super::{BoxError, TargetTls};
 /// Builds the rustls client configuration for a TLS target, offering `alpn` (`h2` or
 /// `http/1.1`: one protocol, the one the target group is configured for).
 pub fn client_config(tls: &TargetTls, alpn: &[u8]) -> Result<Arc<ClientConfig>, BoxError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::proxy::server::tls::base_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()?;
     let mut config = if tls.verify {
