@@ -838,7 +838,7 @@ mod tests {
         assert_eq!(size_of::<VipMeta>(), 4 + 4 + 8 + 8 + 8);
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4 + 4);
         assert_eq!(size_of::<AddrKey>(), 16 + 1 + 3);
-        assert_eq!(size_of::<BenchTemplate>(), 4 * 4 + BENCH_FRAME_MAX);
+        assert_eq!(size_of::<BenchTemplate>(), 6 * 4 + BENCH_FRAME_MAX);
         assert_eq!(size_of::<Counters>(), 6 * 8);
         assert_eq!(size_of::<NatReverse>(), 16 + 2 + 2 + 4 + 8);
         assert_eq!(size_of::<GuardKey>(), 4 + 1 + 3 + 16);
