@@ -346,9 +346,11 @@ fn flow_memory() -> anyhow::Result<()> {
     }
     for (entries, memlock) in &rows {
         println!(
-            "   {entries:>9} entries: {:>10} bytes = {:.1} bytes per entry (key 16 + value 16)",
+            "   {entries:>9} entries: {:>10} bytes = {:.1} bytes per entry (key {} + value {})",
             memlock,
-            *memlock as f64 / f64::from(*entries)
+            *memlock as f64 / f64::from(*entries),
+            size_of::<lb_common::FlowKey>(),
+            size_of::<lb_common::FlowValue>()
         );
     }
     Ok(())
