@@ -56,6 +56,8 @@ use lb::{
     l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
     packet::Frame,
 };
+mod common;
+use common::{cmd_output, ifindex, median, pin, reason, run_cmd};
 use lb_common::{BENCH_VARY_FLOWS, BenchCounter, BenchTemplate, Reason};
 
 /// CPU of the LB's receive thread.
@@ -83,6 +85,8 @@ fn lost_after(sent: u64, arrived: u64) -> f64 {
 
 const GEN_IF: &str = "capgen";
 const LB_IF: &str = "caplb";
+/// The source and destination MACs `lb::packet::Frame` writes: the generator's frames need
+/// no rewriting beyond the swap `lb_bench_tx` undoes.
 const GEN_MAC: &str = "02:00:00:00:00:01";
 const LB_MAC: &str = "02:00:00:00:00:02";
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -113,19 +117,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_cmd(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {args:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 fn run_stdin(args: &[&str], input: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut child = Command::new(args[0])
@@ -146,14 +137,6 @@ fn run_stdin(args: &[&str], input: &str) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
-}
-
-fn cmd_output(args: &[&str]) -> String {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|e| format!("({args:?}: {e})"))
 }
 
 fn sysctl(name: &str, value: &str) -> anyhow::Result<()> {
@@ -227,29 +210,6 @@ fn private_netns() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ifindex(name: &str) -> anyhow::Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    ensure!(idx != 0, "no interface {name}");
-    Ok(idx)
-}
-
-fn pin(tid: i32, cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set)
-    };
-    ensure!(
-        rc == 0,
-        "sched_setaffinity({tid}, cpu {cpu}): {}",
-        io::Error::last_os_error()
-    );
-    Ok(())
-}
-
 fn fifo(tid: i32, prio: i32) -> anyhow::Result<()> {
     let param = libc::sched_param {
         sched_priority: prio,
@@ -318,14 +278,6 @@ fn ip_mib(field: &str) -> anyhow::Result<u64> {
         .nth(i)
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("parsing Ip {field}"))
-}
-
-fn reason(maps: &Maps, r: Reason) -> anyhow::Result<u64> {
-    Ok(maps
-        .reason_totals()?
-        .into_iter()
-        .find(|(x, _)| *x == r)
-        .map_or(0, |(_, n)| n))
 }
 
 /// Frames `lb_xdp` saw, whatever it did with them.
@@ -536,20 +488,6 @@ impl Bench {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n.is_multiple_of(2) {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    } else {
-        s[n / 2]
-    }
-}
-
 fn range(v: &[f64], fmt: impl Fn(f64) -> String) -> String {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(0.0, f64::max);
@@ -606,10 +544,10 @@ fn run() -> anyhow::Result<()> {
         ..Frame::default()
     }
     .build();
-    // lb_bench_tx swaps the Ethernet addresses before sending: the template holds them swapped.
-    let (dst, src) = (mac(LB_MAC), mac(GEN_MAC));
-    frame[0..6].copy_from_slice(&src);
-    frame[6..12].copy_from_slice(&dst);
+    // `Frame` addresses it from GEN_MAC to LB_MAC; lb_bench_tx swaps the Ethernet addresses
+    // before sending, so the template holds them swapped.
+    let (dst, src) = frame.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
     // No UDP checksum (allowed for IPv4), so varying the port keeps the frame valid.
     frame[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
     let mut t = BenchTemplate {
@@ -720,12 +658,4 @@ fn run() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn mac(s: &str) -> [u8; 6] {
-    let mut m = [0u8; 6];
-    for (i, part) in s.split(':').enumerate().take(6) {
-        m[i] = u8::from_str_radix(part, 16).unwrap_or(0);
-    }
-    m
 }

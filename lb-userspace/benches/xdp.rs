@@ -47,7 +47,7 @@ use std::{
     collections::BTreeSet,
     io,
     net::{Ipv4Addr, Ipv6Addr},
-    process::{Command, ExitCode},
+    process::ExitCode,
     time::Instant,
 };
 
@@ -60,6 +60,8 @@ use lb::{
     l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
     packet::{ETH_LEN, Frame, Frame6},
 };
+mod common;
+use common::{cmd_output, ifindex, median, pin, reason, run_cmd};
 use lb_common::{BENCH_FRAME_MAX, BenchCounter, BenchTemplate, DecapReason, Reason};
 
 /// Frames per live run.
@@ -109,27 +111,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_cmd(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {args:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-fn cmd_output(args: &[&str]) -> String {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|e| format!("({args:?}: {e})"))
-}
-
 /// Moves this (single-threaded) process into a new network namespace with the veth pair
 /// `d0`–`d1` and permanent neighbours for the backends behind `d0`.
 fn private_netns() -> anyhow::Result<()> {
@@ -174,48 +155,14 @@ fn private_netns() -> anyhow::Result<()> {
     run_cmd(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
 }
 
-fn ifindex(name: &str) -> anyhow::Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    ensure!(idx != 0, "no interface {name}");
-    Ok(idx)
-}
-
 /// Pins the process to the CPU it runs on, so every run uses the same per-CPU map slots,
 /// caches and page pool. Returns that CPU.
 fn pin_to_current_cpu() -> anyhow::Result<usize> {
     // SAFETY: no preconditions.
     let cpu = unsafe { libc::sched_getcpu() };
     ensure!(cpu >= 0, "sched_getcpu: {}", io::Error::last_os_error());
-    let cpu = cpu as usize;
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
-    };
-    ensure!(rc == 0, "sched_setaffinity: {}", io::Error::last_os_error());
-    Ok(cpu)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n.is_multiple_of(2) {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    } else {
-        s[n / 2]
-    }
-}
-
-fn reason(maps: &Maps, r: Reason) -> anyhow::Result<u64> {
-    Ok(maps
-        .reason_totals()?
-        .into_iter()
-        .find(|(x, _)| *x == r)
-        .map_or(0, |(_, n)| n))
+    pin(0, cpu as usize)?;
+    Ok(cpu as usize)
 }
 
 fn decapsulated(decap: &Decap) -> anyhow::Result<u64> {
