@@ -3,15 +3,15 @@
 //! when it is addressed to this host, so backends need no tunnel driver. Everything else is
 //! left alone.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{AddrKey, DecapReason, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6};
 use network_types::eth::EthHdr;
 
 use crate::{
     maps::LB_DECAP_ADDRS,
-    pkt::{
-        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, bytes_to_words, ptr_at, zeroed,
-    },
+    pkt::{ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, bytes_to_words, ptr_at, zero},
 };
 
 /// Strips the outer header of IP-in-IP packets for this host; everything else is untouched.
@@ -22,6 +22,7 @@ pub fn decap(ctx: &XdpContext) -> DecapReason {
     };
     // SAFETY: bounds checked by ptr_at.
     let saved = unsafe { *eth };
+    let mut key = MaybeUninit::<AddrKey>::uninit();
     let (outer_len, proto, dst) = if saved.ether_type == ETH_P_IP_BE {
         let Some(outer) = ptr_at::<[u8; IPV4_LEN]>(ctx, ETH_LEN) else {
             return DecapReason::Passed;
@@ -33,7 +34,7 @@ pub fn decap(ctx: &XdpContext) -> DecapReason {
             return DecapReason::Passed;
         }
         // SAFETY: AddrKey is plain integers.
-        let mut dst: AddrKey = unsafe { zeroed() };
+        let dst = unsafe { zero(&mut key) };
         dst.addr[0] = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);
         dst.family = FAMILY_V4;
         (IPV4_LEN, outer[9], dst)
@@ -47,7 +48,7 @@ pub fn decap(ctx: &XdpContext) -> DecapReason {
             return DecapReason::Passed;
         }
         // SAFETY: AddrKey is plain integers.
-        let mut dst: AddrKey = unsafe { zeroed() };
+        let dst = unsafe { zero(&mut key) };
         dst.addr = bytes_to_words(outer, 24);
         dst.family = FAMILY_V6;
         // The next header directly: lb_xdp writes no extension headers.

@@ -23,7 +23,7 @@ use crate::{
     parse::Packet,
     pkt::{
         AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, OUTER_TTL,
-        checksum_bytes, ptr_at, words_to_bytes,
+        checksum_bytes, ptr_at, words_to_bytes, zero,
     },
 };
 
@@ -66,32 +66,20 @@ fn inner_proto(pkt: &Packet) -> u8 {
     }
 }
 
-/// `bpf_fib_lookup`'s parameter block, 8-aligned so it can be zeroed with 64-bit stores (the
-/// verifier rejects misaligned stack access).
-#[repr(C, align(8))]
+/// Room for `bpf_fib_lookup`'s parameter block on the stack.
 pub struct FibBlock(MaybeUninit<FibParams>);
-
-const _: () = assert!(size_of::<FibParams>().is_multiple_of(8));
 
 impl FibBlock {
     pub const fn uninit() -> Self {
         FibBlock(MaybeUninit::uninit())
     }
 
-    /// The block, all zero. The verifier requires the whole block to be initialised before
-    /// the helper reads it. Not `core::mem::zeroed()`: in BPF that is a call to a
-    /// byte-by-byte `memset` subprogram (64 iterations, ~320 instructions per packet); eight
-    /// aligned 64-bit stores instead.
+    /// The block, all zero: the verifier requires the whole block to be initialised before
+    /// the helper reads it ([`zero`] says why not `core::mem::zeroed()`).
     #[inline(always)]
     pub fn zeroed_params(&mut self) -> &mut FibParams {
-        let words = self.0.as_mut_ptr().cast::<u64>();
-        for i in 0..size_of::<FibParams>() / 8 {
-            // SAFETY: within the 8-aligned 64-byte block; volatile, so LLVM keeps the stores
-            // instead of turning them back into a memset call.
-            unsafe { core::ptr::write_volatile(words.add(i), 0) };
-        }
         // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of integers).
-        unsafe { self.0.assume_init_mut() }
+        unsafe { zero(&mut self.0) }
     }
 }
 

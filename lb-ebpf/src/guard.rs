@@ -5,7 +5,7 @@
 //! A VIP without guards pays one flag test; the tries are only looked up when the VIP's flags
 //! say it has a list, and the rate state only for a packet that would create a flow.
 
-use core::{mem::MaybeUninit, ptr::write_volatile};
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
 use lb_common::{
@@ -16,7 +16,7 @@ use lb_common::{
 use crate::{
     lookup::Done,
     maps::{LB_GUARD_ALLOW, LB_GUARD_DENY, LB_GUARD_STATS, LB_RATE},
-    pkt::zeroed,
+    pkt::zero,
 };
 
 const DROP: u32 = xdp_action::XDP_DROP;
@@ -44,12 +44,13 @@ pub fn source(key: &FlowKey, vip: &VipMeta) -> Result<(), Done> {
     if vip.flags & (VIP_F_ALLOW_LIST | VIP_F_DENY_LIST) == 0 {
         return Ok(());
     }
+    let mut slot = MaybeUninit::<GuardKey>::uninit();
     // SAFETY: GuardKey is plain integers.
-    let mut gkey: GuardKey = unsafe { zeroed() };
+    let gkey = unsafe { zero(&mut slot) };
     gkey.vip_id = vip.vip_id;
     gkey.family = key.family;
     gkey.addr = key.src_addr;
-    let lkey = Key::new(GUARD_PREFIX_FULL, gkey);
+    let lkey = Key::new(GUARD_PREFIX_FULL, *gkey);
     if vip.flags & VIP_F_DENY_LIST != 0 && LB_GUARD_DENY.get(&lkey).is_some() {
         return Err(dropped(vip.vip_id, Reason::DropDenied));
     }
@@ -67,26 +68,21 @@ pub fn new_flow(key: &FlowKey, vip: &VipMeta, now: u64) -> Result<(), Done> {
     if interval == 0 {
         return Ok(());
     }
+    let mut slot = MaybeUninit::<RateKey>::uninit();
     // SAFETY: RateKey is plain integers.
-    let mut rkey: RateKey = unsafe { zeroed() };
+    let rkey = unsafe { zero(&mut slot) };
     rkey.vip_id = vip.vip_id;
     rkey.family = key.family;
     rkey.addr = key.src_addr;
-    let Some(s) = LB_RATE.get_ptr_mut(rkey) else {
+    let Some(s) = LB_RATE.get_ptr_mut(*rkey) else {
         // First new flow of this source (or it was forgotten by the LRU): a full bucket.
-        // Written in place, word by word: built as a value (a literal, or `zeroed()`), its
-        // two zero words became a `memset` call when LLVM copied it.
         let mut fresh = MaybeUninit::<RateState>::uninit();
-        let f = fresh.as_mut_ptr();
-        // SAFETY: field pointers into `fresh`, each written once; after the three writes the
-        // value is fully initialised.
-        let fresh = unsafe {
-            write_volatile(&raw mut (*f).tat_ns, now + interval);
-            write_volatile(&raw mut (*f).dropped, 0);
-            write_volatile(&raw mut (*f).last_drop_ns, 0);
-            fresh.assume_init_ref()
-        };
-        let _ = LB_RATE.insert(rkey, fresh, 0);
+        // SAFETY: RateState is plain integers.
+        let fresh = unsafe { zero(&mut fresh) };
+        fresh.tat_ns = now + interval;
+        // By reference: a copy of the zeroed value is what LLVM turned into a memset call.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let _ = LB_RATE.insert(*rkey, &*fresh, 0);
         return Ok(());
     };
     // SAFETY: pointer into the map value, valid for this program run; concurrent updates

@@ -27,28 +27,30 @@ pub const IP_DF_BE: u16 = 0x4000u16.to_be();
 /// TTL / hop limit of every header the programs write.
 pub const OUTER_TTL: u8 = 64;
 
-/// A `T` with every byte zero, written as aligned 32-bit words.
+/// Zeroes `slot` in place with aligned 32-bit stores and returns it, initialised.
 ///
-/// For map keys with an odd-sized padding field (`family: u8, _pad: [u8; 3]`): a struct
-/// literal zeroes those three bytes at an unaligned stack address, which LLVM's BPF backend
-/// turns into a call to `memset`, a byte-by-byte loop run as a subprogram. Build such keys
-/// from this and assign the other fields. The stores are volatile so that LLVM does not merge
-/// them back into a `memset` call. (The `no_bpf_program_calls_an_out_of_line_memory_builtin`
-/// test in lb-userspace checks the built object for such calls.)
+/// The one way the programs zero a struct. Neither `core::mem::zeroed()` nor a struct literal
+/// with an odd-sized padding field (`family: u8, _pad: [u8; 3]`) is safe in BPF: LLVM's BPF
+/// backend turns a large zeroing, three zero bytes at an unaligned address, or a copy of a
+/// value it knows to be zero into a call to `memset`, a byte-by-byte loop run as a subprogram
+/// (the 64-byte `bpf_fib_lookup` block once cost every packet ~320 instructions so). The stores
+/// are volatile so that LLVM cannot merge them back into such a call, and the value is used in
+/// place, never copied out of a zeroed temporary. Assign the other fields afterwards. (The
+/// `no_bpf_program_calls_an_out_of_line_memory_builtin` test in lb-userspace checks the built
+/// object.)
 ///
 /// # Safety
-/// All-zero bytes must be a valid `T` (plain integers and arrays of them).
+/// All-zero bytes must be a valid `T` (plain integers, arrays and unions of them).
 #[inline(always)]
-pub unsafe fn zeroed<T>() -> T {
+pub unsafe fn zero<T>(slot: &mut core::mem::MaybeUninit<T>) -> &mut T {
     const { assert!(size_of::<T>().is_multiple_of(4) && core::mem::align_of::<T>() >= 4) };
-    let mut v = core::mem::MaybeUninit::<T>::uninit();
-    let words = v.as_mut_ptr().cast::<u32>();
+    let words = slot.as_mut_ptr().cast::<u32>();
     for i in 0..size_of::<T>() / 4 {
-        // SAFETY: within `v`, 4-aligned (asserted above).
+        // SAFETY: within `slot`, 4-aligned (asserted above).
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
     // SAFETY: every byte written; the caller guarantees all-zero is a valid `T`.
-    unsafe { v.assume_init() }
+    unsafe { slot.assume_init_mut() }
 }
 
 /// Returns a pointer to a `T` at `offset` bytes into the packet, if the packet is long enough.
