@@ -7,47 +7,9 @@
 //! benchmark of `lb` (that is `cargo xtask bench l7 --only handshakes`).
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConnection, DigitallySignedStruct, ServerConnection, SignatureScheme};
-
-#[derive(Debug)]
-struct AcceptAny;
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
+use rustls::pki_types::{PrivateKeyDer, ServerName};
+use rustls::{ClientConnection, ServerConnection};
 
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -121,16 +83,17 @@ fn handshakes(
 }
 
 fn main() {
-    let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny))
-        .with_no_client_auth(),
-    );
+    // The client `lb` uses towards HTTPS targets (it accepts any certificate, as ALB does);
+    // only the server's CPU is timed.
+    let client = lb::proxy::client::tls::client_config(
+        &lb::proxy::client::TargetTls {
+            server_name: "localhost".into(),
+            verify: false,
+            ca_file: None,
+        },
+        b"http/1.1",
+    )
+    .expect("client config");
     let ring = server_config({
         let mut p = rustls::crypto::ring::default_provider();
         p.cipher_suites
