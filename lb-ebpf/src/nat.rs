@@ -29,7 +29,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -366,8 +366,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
     let (backend_id, vip_id, last) =
         unsafe { ((*flow).backend_id, (*flow).vip_id, (*flow).last_seen_ns) };
     // Read only here: host traffic (most packets that reach this function) pays no clock read.
-    // SAFETY: `ktime` has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::lookup::coarse_now();
     let t = rev.idle_timeout_ns;
     let fresh = t == 0 || now <= last || now - last <= t;
     if backend_id != rev.backend_id || !fresh {
@@ -388,8 +387,10 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
         Ok(n) => n,
         Err(done) => return done,
     };
-    // SAFETY: as above.
-    unsafe { (*flow).last_seen_ns = now };
+    if now > last {
+        // SAFETY: as above.
+        unsafe { (*flow).last_seen_ns = now };
+    }
     let hop = matches!(next, Next::Hop(_));
     if !rewrite(ctx, pkt, Side::Src, &rev.vip_addr, rev.vip_port, hop) {
         return (DROP, Reason::DropInternal);
