@@ -107,6 +107,9 @@ pub struct Steer {
     pub new_flow: bool,
     /// The flow table had no entry under the key at all (a new key, not a refresh).
     pub new_key: bool,
+    /// An established flow whose `last_seen_ns` this packet moved on (the clock ticked since
+    /// its last packet): the once-a-tick moment for upkeep that need not run on every packet.
+    pub ticked: bool,
 }
 
 /// The backend of `key`'s flow. An entry is used while its backend still keeps flows (its
@@ -136,7 +139,8 @@ pub fn backend(
         {
             // Written only when the coarse clock moved on since (once a tick at most): a flow's
             // cache line stays clean between ticks, and so on other CPUs.
-            if refresh && now > last {
+            let ticked = refresh && now > last;
+            if ticked {
                 // SAFETY: as above.
                 unsafe { (*flow).last_seen_ns = now };
             }
@@ -145,6 +149,7 @@ pub fn backend(
                 backend: *b,
                 new_flow: false,
                 new_key: false,
+                ticked,
             });
         }
     }
@@ -165,6 +170,7 @@ pub fn backend(
         backend: *b,
         new_flow: true,
         new_key,
+        ticked: false,
     })
 }
 

@@ -157,6 +157,7 @@ fn forward_nat(
         port,
         vip.idle_timeout_ns,
         new_flow,
+        steer.ticked,
     );
     let done = nat::forward(ctx, pkt, &backend.addr, port, &next);
     match done.1 {

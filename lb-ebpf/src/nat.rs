@@ -179,9 +179,14 @@ pub fn reverse_key(key: &FlowKey, backend: &Backend, port: u16) -> FlowKey {
     }
 }
 
-/// Makes sure the flow's reverse entry exists: written for a new flow, looked up (which also
-/// keeps it recently used in the LRU, in step with the flow's own entry) for an established
-/// one and written again if the LRU evicted it.
+/// Makes sure the flow's reverse entry exists: written for a new flow; for an established one
+/// looked up (which also keeps it recently used in the LRU, in step with the flow's own entry)
+/// and written again if the LRU evicted it, once a clock tick (`ticked`: the packet that moved
+/// the flow's `last_seen_ns` on), not on every packet: most NAT hits save a hash lookup of a
+/// 40-byte key. Replies keep the entry recently used too (they look it up). A reverse entry
+/// the LRU evicted (a full table) comes back with the client's first packet of a later tick
+/// (1–10 ms) instead of with its next packet; replies in between pass untranslated, as they
+/// did before the client's packet.
 #[inline(always)]
 pub fn remember(
     key: &FlowKey,
@@ -190,7 +195,11 @@ pub fn remember(
     port: u16,
     idle_timeout_ns: u64,
     new_flow: bool,
+    ticked: bool,
 ) {
+    if !new_flow && !ticked {
+        return;
+    }
     let rkey = reverse_key(key, backend, port);
     if !new_flow && LB_NAT_REVERSE.get_ptr(rkey).is_some() {
         return;
