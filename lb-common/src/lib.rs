@@ -277,9 +277,11 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// VIP the flow belongs to (lets `lb dump flows` and the sweeper find its idle timeout).
     pub vip_id: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was steered.
+    /// When the flow was steered: CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns()`),
+    /// CLOCK_MONOTONIC as of the last timer tick (behind it by less than one tick).
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last packet seen.
+    /// The same clock at the last packet seen; `lb_xdp` rewrites it only when the clock has
+    /// moved on (at most once a tick per flow).
     pub last_seen_ns: u64,
 }
 

@@ -7,7 +7,7 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
     FlowKey, GUARD_PREFIX_FULL, GuardKey, RateKey, RateState, Reason, VIP_F_ALLOW_LIST,
     VIP_F_DENY_LIST, VipMeta,
@@ -62,12 +62,19 @@ pub fn source(key: &FlowKey, vip: &VipMeta) -> Result<(), Done> {
 
 /// Takes one new flow from the source's bucket, or drops the packet if the source is over the
 /// VIP's new-flow rate. Only called for packets that would create a flow.
+///
+/// The bucket reads the precise clock (`bpf_ktime_get_ns`), not the flows' coarse one
+/// ([`crate::lookup::coarse_now`]): at a rate above one flow per tick, a clock that stands
+/// still for a tick would let a source through only once per tick. Only rate-limited VIPs'
+/// new flows pay for it.
 #[inline(always)]
-pub fn new_flow(key: &FlowKey, vip: &VipMeta, now: u64) -> Result<(), Done> {
+pub fn new_flow(key: &FlowKey, vip: &VipMeta) -> Result<(), Done> {
     let interval = vip.rate_interval_ns;
     if interval == 0 {
         return Ok(());
     }
+    // SAFETY: `ktime` has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let mut slot = MaybeUninit::<RateKey>::uninit();
     // SAFETY: RateKey is plain integers.
     let rkey = unsafe { zero(&mut slot) };

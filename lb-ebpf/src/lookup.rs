@@ -6,7 +6,7 @@ use lb_common::{
     VIP_F_HAS_TCP, VIP_F_HAS_UDP, VIP_MARKER_PROTO, VipKey, VipMeta,
 };
 
-use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns};
 
 use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_RINGS, LB_VIPS, count_flow_insert};
 
@@ -63,6 +63,19 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
     }
 }
 
+/// The clock of the flow table (`created_ns`, `last_seen_ns`) and of the next-hop cache:
+/// `bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE. It is CLOCK_MONOTONIC as of the last
+/// timer tick, so it lags the precise clock userspace compares with by less than one tick
+/// (1/CONFIG_HZ: 1–10 ms, 4 ms on a HZ=250 kernel), and it never runs ahead of it. Reading it
+/// costs no clocksource read: `bpf_ktime_get_ns` reads the TSC on every call, which in a VM
+/// was about a tenth of a flow-table hit's samples. A flow's idle age therefore reads up to
+/// one tick too long, and an idle timeout (whole seconds) ends up to one tick early.
+#[inline(always)]
+pub fn coarse_now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
 /// splitmix64's finaliser: a cheap, well-mixing, seedless 64-bit permutation.
 #[inline(always)]
 fn mix(mut h: u64) -> u64 {
@@ -94,6 +107,9 @@ pub struct Steer {
     pub new_flow: bool,
     /// The flow table had no entry under the key at all (a new key, not a refresh).
     pub new_key: bool,
+    /// An established flow whose `last_seen_ns` this packet moved on (the clock ticked since
+    /// its last packet): the once-a-tick moment for upkeep that need not run on every packet.
+    pub ticked: bool,
 }
 
 /// The backend of `key`'s flow. An entry is used while its backend still keeps flows (its
@@ -121,7 +137,10 @@ pub fn backend(
             && b.flags & BACKEND_F_ACTIVE != 0
             && b.vip_id == vip.vip_id
         {
-            if refresh {
+            // Written only when the coarse clock moved on since (once a tick at most): a flow's
+            // cache line stays clean between ticks, and so on other CPUs.
+            let ticked = refresh && now > last;
+            if ticked {
                 // SAFETY: as above.
                 unsafe { (*flow).last_seen_ns = now };
             }
@@ -130,6 +149,7 @@ pub fn backend(
                 backend: *b,
                 new_flow: false,
                 new_key: false,
+                ticked,
             });
         }
     }
@@ -150,6 +170,7 @@ pub fn backend(
         backend: *b,
         new_flow: true,
         new_key,
+        ticked: false,
     })
 }
 

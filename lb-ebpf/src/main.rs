@@ -22,9 +22,7 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{FAMILY_V6, Reason, VIP_F_FAIL_OPEN, VIP_F_NAT};
 
 mod bench;
@@ -72,15 +70,14 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         return (xdp_action::XDP_DROP, Reason::DropInternal);
     };
     let cfg = *cfg;
-    // SAFETY: `ktime` has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = lookup::coarse_now();
     let steer = match lookup::backend(&pkt.key, &vip, &cfg, now, !pkt.icmp_error) {
         Ok(s) => s,
         Err(done) => return done,
     };
     // An ICMP error uses its flow's backend but is no flow of its own.
     let new_flow = steer.new_flow && !pkt.icmp_error;
-    if new_flow && let Err(done) = guard::new_flow(&pkt.key, &vip, now) {
+    if new_flow && let Err(done) = guard::new_flow(&pkt.key, &vip) {
         return done;
     }
     let nat = vip.flags & VIP_F_NAT != 0;
@@ -160,6 +157,7 @@ fn forward_nat(
         port,
         vip.idle_timeout_ns,
         new_flow,
+        steer.ticked,
     );
     let done = nat::forward(ctx, pkt, &backend.addr, port, &next);
     match done.1 {

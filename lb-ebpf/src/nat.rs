@@ -29,7 +29,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -179,9 +179,14 @@ pub fn reverse_key(key: &FlowKey, backend: &Backend, port: u16) -> FlowKey {
     }
 }
 
-/// Makes sure the flow's reverse entry exists: written for a new flow, looked up (which also
-/// keeps it recently used in the LRU, in step with the flow's own entry) for an established
-/// one and written again if the LRU evicted it.
+/// Makes sure the flow's reverse entry exists: written for a new flow; for an established one
+/// looked up (which also keeps it recently used in the LRU, in step with the flow's own entry)
+/// and written again if the LRU evicted it, once a clock tick (`ticked`: the packet that moved
+/// the flow's `last_seen_ns` on), not on every packet: most NAT hits save a hash lookup of a
+/// 40-byte key. Replies keep the entry recently used too (they look it up). A reverse entry
+/// the LRU evicted (a full table) comes back with the client's first packet of a later tick
+/// (1–10 ms) instead of with its next packet; replies in between pass untranslated, as they
+/// did before the client's packet.
 #[inline(always)]
 pub fn remember(
     key: &FlowKey,
@@ -190,7 +195,11 @@ pub fn remember(
     port: u16,
     idle_timeout_ns: u64,
     new_flow: bool,
+    ticked: bool,
 ) {
+    if !new_flow && !ticked {
+        return;
+    }
     let rkey = reverse_key(key, backend, port);
     if !new_flow && LB_NAT_REVERSE.get_ptr(rkey).is_some() {
         return;
@@ -366,8 +375,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
     let (backend_id, vip_id, last) =
         unsafe { ((*flow).backend_id, (*flow).vip_id, (*flow).last_seen_ns) };
     // Read only here: host traffic (most packets that reach this function) pays no clock read.
-    // SAFETY: `ktime` has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::lookup::coarse_now();
     let t = rev.idle_timeout_ns;
     let fresh = t == 0 || now <= last || now - last <= t;
     if backend_id != rev.backend_id || !fresh {
@@ -388,8 +396,10 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
         Ok(n) => n,
         Err(done) => return done,
     };
-    // SAFETY: as above.
-    unsafe { (*flow).last_seen_ns = now };
+    if now > last {
+        // SAFETY: as above.
+        unsafe { (*flow).last_seen_ns = now };
+    }
     let hop = matches!(next, Next::Hop(_));
     if !rewrite(ctx, pkt, Side::Src, &rev.vip_addr, rev.vip_port, hop) {
         return (DROP, Reason::DropInternal);

@@ -2708,6 +2708,79 @@ fn the_flow_sweeper_counts_live_flows_the_lru_evicted_and_deletes_expired_ones()
     });
 }
 
+/// Sets `key`'s `last_seen_ns` to `value` (as the program's clock would have).
+fn set_last_seen(lb: &mut Lb, key: &FlowKey, value: u64) {
+    let maps = lb.registry.maps_mut();
+    let mut v = maps.flows.get(key, 0).expect("the flow exists");
+    v.last_seen_ns = value;
+    v.created_ns = v.created_ns.min(value);
+    maps.flows.insert(key, v, 0).expect("rewriting the flow");
+}
+
+#[test]
+fn flow_times_come_from_the_coarse_clock_and_a_hit_rewrites_last_seen_only_when_it_moved_on() {
+    netns_test(|| {
+        use lb::l4::flows::monotonic_ns;
+        let mut lb = Lb::load();
+        let mut spec = VipSpec::new(
+            None,
+            VipAddr {
+                addr: Ipv4Addr::new(198, 51, 100, 1).into(),
+                port: 53,
+                proto: Proto::Udp,
+            },
+        );
+        spec.idle_timeout = Duration::from_secs(30);
+        let dns = lb.add_vip_spec(spec, &[backend(11)]);
+        let dgram = Frame {
+            sport: 47_000,
+            ..udp(dns.addr, 53)
+        }
+        .build();
+        let key = flow_key(CLIENT, 47_000, dns.addr, 53, 17);
+        // The README's accuracy: never ahead of CLOCK_MONOTONIC, behind it by less than a
+        // tick (1–10 ms). The lower bound here is generous (a loaded VM delays ticks); what
+        // the whole-second idle timeouts need is far below it.
+        let slack = Duration::from_secs(1).as_nanos() as u64;
+
+        let before = monotonic_ns();
+        assert_eq!(lb.backend_of(&dgram), IpAddr::from(backend(11)));
+        let after = monotonic_ns();
+        let v = lb.maps().flows.get(&key, 0).unwrap();
+        assert!(
+            v.created_ns <= after && v.created_ns + slack >= before,
+            "created {} within [{before} - 1 s, {after}]",
+            v.created_ns
+        );
+        assert_eq!(v.last_seen_ns, v.created_ns);
+
+        // A flow last seen 29 s ago (of 30): the hit keeps it and moves last_seen to now.
+        age_flow(&mut lb, &key, Duration::from_secs(29));
+        let before = monotonic_ns();
+        assert_eq!(lb.backend_of(&dgram), IpAddr::from(backend(11)));
+        let after = monotonic_ns();
+        let seen = lb.maps().flows.get(&key, 0).unwrap().last_seen_ns;
+        assert!(
+            seen <= after && seen + slack >= before,
+            "refreshed to {seen}, within [{before} - 1 s, {after}]"
+        );
+
+        // A stored time the clock has not passed yet (as after a packet earlier in the same
+        // tick; here set ahead, so that the clock cannot move past it during the test): the
+        // hit uses the flow and leaves the entry unwritten.
+        let ahead = monotonic_ns() + 60_000_000_000;
+        set_last_seen(&mut lb, &key, ahead);
+        let flows_before = lb.vip_counters(&dns).new_flows;
+        assert_eq!(lb.backend_of(&dgram), IpAddr::from(backend(11)));
+        assert_eq!(lb.vip_counters(&dns).new_flows, flows_before, "still a hit");
+        assert_eq!(
+            lb.maps().flows.get(&key, 0).unwrap().last_seen_ns,
+            ahead,
+            "not rewritten while the clock has not moved past it"
+        );
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // lb_decap: every encapsulation lb_xdp emits.
 // ---------------------------------------------------------------------------------------------
@@ -3323,6 +3396,69 @@ fn nat_rewrites_to_the_target_and_back_with_every_checksum_correct() {
             (c.packets, c.new_flows, c.reply_packets),
             (1, 1, 1),
             "{c:?}"
+        );
+    });
+}
+
+#[test]
+fn nat_reverse_entry_lost_to_the_lru_comes_back_on_the_flows_next_clock_tick() {
+    netns_test(|| {
+        use lb::l4::flows::monotonic_ns;
+        // Replies to the client go through a router on d0 (as in the test above).
+        run_cmd(&["ip", "route", "add", "192.0.2.0/24", "via", "10.0.0.19"]);
+        let mut lb = Lb::load();
+        let vip = VipAddr {
+            addr: Ipv4Addr::new(198, 51, 100, 1).into(),
+            port: 53,
+            proto: Proto::Udp,
+        };
+        lb.registry
+            .add_vip(VipSpec::new(None, vip).nat())
+            .expect("add_vip");
+        let members = vec![L4Member::in_service(backend(13).into(), 5353, 1)];
+        lb.registry.apply(&vip, &members, false).expect("register");
+        let request = with_l4_checksum(
+            Frame {
+                sport: 41_000,
+                payload: b"question".to_vec(),
+                ..udp(vip.addr, 53)
+            }
+            .build(),
+        );
+        let key = flow_key(CLIENT, 41_000, vip.addr, 53, 17);
+        let out = lb.run(&request, XDP_REDIRECT, Reason::Redirect);
+        let reply = reply_to(&out, b"answer!");
+        let reverse_keys = |lb: &Lb| lb.maps().nat_reverse.keys().count();
+        assert_eq!(reverse_keys(&lb), 1, "a new flow writes its reverse entry");
+        lb.run(&reply, XDP_REDIRECT, Reason::NatReply);
+
+        // The LRU evicts the reverse entry (removed here by hand).
+        let drop_reverse = |lb: &mut Lb| {
+            let maps = lb.registry.maps_mut();
+            let keys: Vec<FlowKey> = maps.nat_reverse.keys().map(|k| k.unwrap()).collect();
+            for k in keys {
+                maps.nat_reverse.remove(&k).unwrap();
+            }
+        };
+        drop_reverse(&mut lb);
+        assert_eq!(reverse_keys(&lb), 0);
+        // Client packets within the tick of the flow's last one (its last_seen set ahead of
+        // the clock, so that no tick can pass during the test): forwarded, no reverse entry
+        // written, and the reply passes untranslated, as it would before the client's packet.
+        set_last_seen(&mut lb, &key, monotonic_ns() + 60_000_000_000);
+        lb.run(&request, XDP_REDIRECT, Reason::Redirect);
+        assert_eq!(reverse_keys(&lb), 0, "no upkeep within a tick");
+        lb.run_untouched(&reply, XDP_PASS, Reason::PassNotVip);
+        // The flow's first packet of a later tick (its last_seen 1 s back) writes it again.
+        age_flow(&mut lb, &key, Duration::from_secs(1));
+        lb.run(&request, XDP_REDIRECT, Reason::Redirect);
+        assert_eq!(reverse_keys(&lb), 1, "rewritten on the tick");
+        lb.run(&reply, XDP_REDIRECT, Reason::NatReply);
+        let c = lb.vip_counters(&vip);
+        assert_eq!(
+            (c.packets, c.new_flows, c.reply_packets),
+            (3, 1, 2),
+            "one flow throughout: {c:?}"
         );
     });
 }
