@@ -244,7 +244,7 @@ pub async fn send(
         let RawConn { stream, buf, .. } = &mut conn;
         let (mut reader, mut writer) = stream.split();
         let mut head_read = pin!(read_head(&mut reader, buf, max_head, is_head));
-        let parsed = if framing == RequestFraming::None {
+        if framing == RequestFraming::None {
             head_read.await
         } else {
             body_sent = false;
@@ -262,8 +262,7 @@ pub async fn send(
                     Err(error) => head_read.await.map_err(|_| error),
                 },
             }
-        };
-        parsed
+        }
     };
     let head = parsed.map_err(Failure::Failed)?;
     drop(body);
