@@ -10,18 +10,23 @@
 //! 1. idle connections are retired safely before the target's idle-close time, taken from
 //!    `Keep-Alive: timeout=N` or learned per target from the idle connections it closed
 //!    (see [`crate::proxy::pool`] and its `estimator`);
-//! 2. closed pooled connections are discarded before use (`is_closed`/`is_ready`);
+//! 2. closed pooled connections are discarded before use (`is_closed`/`is_ready` on hyper's,
+//!    a pending EOF or unasked bytes on the socket of our own client's);
 //! 3. a request that could not be sent again (a POST) only reuses a connection whose idle time is
 //!    proven safe, until then it goes out on a new connection (see [`crate::proxy::pool`]);
 //! 4. a request that fails on a reused connection before a response arrived is retried once on
-//!    a new connection when that is safe: always when hyper proves the request was never written
-//!    (`TrySendError::take_message`), otherwise only for idempotent methods (RFC 9110 §9.2.2)
-//!    whose body is empty or small enough to have been kept. A request that may have reached the
-//!    target (a POST whose bytes were written) is never sent twice: it fails with 502.
+//!    a new connection when that is safe: always when the request was never written (hyper's
+//!    `TrySendError::take_message`, or our own client's first write failing), otherwise only
+//!    for idempotent methods (RFC 9110 §9.2.2) whose body is empty or small enough to have been
+//!    kept. A request that may have reached the target (a POST whose bytes were written) is
+//!    never sent twice: it fails with 502.
 //!
-//! HTTP/1.1 connections are driven `with_upgrades()`, and the response's extensions are kept,
-//! so after a `101 Switching Protocols` the server side can call `hyper::upgrade::on` on the
-//! returned response to tunnel (WebSocket).
+//! Plain-TCP HTTP/1.1 targets are served by our own client ([`h1`]) in the request's task;
+//! `Upgrade`/CONNECT requests, TLS and HTTP/2 targets by hyper's.
+//!
+//! hyper's HTTP/1.1 connections are driven `with_upgrades()`, and the response's extensions
+//! are kept, so after a `101 Switching Protocols` the server side can call
+//! `hyper::upgrade::on` on the returned response to tunnel (WebSocket).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -24,6 +24,13 @@
 //! ([`TargetPool::on_connection_ended`]). An idle connection that ends was closed by the target:
 //! its idle time is an observation for the estimator.
 //!
+//! Connections of our own HTTP/1.1 client (plain-TCP targets, `client::h1`) have no driver
+//! task. While they are idle, one sweeper task per pool watches them all: each idle socket has
+//! the sweeper's waker registered for readability, so the sweeper runs only when the target
+//! closes one (the same observation as above) or at the next idle deadline, where it applies
+//! the same retirement, probe and idle-timeout rules. Taking one from the pool checks it for a
+//! pending close, without a syscall unless its socket was reported readable.
+//!
 //! All state sits behind one short-lived `std::sync::Mutex` per target; nothing awaits under it.
 use std::future::Future;
 use std::net::SocketAddr;
