@@ -10,18 +10,23 @@
 //! 1. idle connections are retired safely before the target's idle-close time, taken from
 //!    `Keep-Alive: timeout=N` or learned per target from the idle connections it closed
 //!    (see [`crate::proxy::pool`] and its `estimator`);
-//! 2. closed pooled connections are discarded before use (`is_closed`/`is_ready`);
+//! 2. closed pooled connections are discarded before use (`is_closed`/`is_ready` on hyper's,
+//!    a pending EOF or unasked bytes on the socket of our own client's);
 //! 3. a request that could not be sent again (a POST) only reuses a connection whose idle time is
 //!    proven safe, until then it goes out on a new connection (see [`crate::proxy::pool`]);
 //! 4. a request that fails on a reused connection before a response arrived is retried once on
-//!    a new connection when that is safe: always when hyper proves the request was never written
-//!    (`TrySendError::take_message`), otherwise only for idempotent methods (RFC 9110 §9.2.2)
-//!    whose body is empty or small enough to have been kept. A request that may have reached the
-//!    target (a POST whose bytes were written) is never sent twice: it fails with 502.
+//!    a new connection when that is safe: always when the request was never written (hyper's
+//!    `TrySendError::take_message`, or our own client's first write failing), otherwise only
+//!    for idempotent methods (RFC 9110 §9.2.2) whose body is empty or small enough to have been
+//!    kept. A request that may have reached the target (a POST whose bytes were written) is
+//!    never sent twice: it fails with 502.
 //!
-//! HTTP/1.1 connections are driven `with_upgrades()`, and the response's extensions are kept,
-//! so after a `101 Switching Protocols` the server side can call `hyper::upgrade::on` on the
-//! returned response to tunnel (WebSocket).
+//! Plain-TCP HTTP/1.1 targets are served by our own client ([`h1`]) in the request's task;
+//! `Upgrade`/CONNECT requests, TLS and HTTP/2 targets by hyper's.
+//!
+//! hyper's HTTP/1.1 connections are driven `with_upgrades()`, and the response's extensions
+//! are kept, so after a `101 Switching Protocols` the server side can call
+//! `hyper::upgrade::on` on the returned response to tunnel (WebSocket).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -35,10 +40,11 @@ use hyper::body::Incoming;
 
 use super::error::ProxyError;
 pub use super::pool::TargetPoolStats;
-use super::pool::{H1Conn, H2Conn, TargetPool};
+use super::pool::{H1Conn, H2Conn, RawConn, TargetPool};
 
 mod body;
 mod connect;
+pub mod h1;
 pub mod tls;
 
 pub use body::MAX_REPLAY_BYTES;
@@ -156,6 +162,26 @@ enum Conn {
     H2(H2Conn),
 }
 
+/// Why sending a request on a raw connection failed (see [`SendError`]).
+enum RawSendError {
+    /// Nothing was written: the request is whole.
+    NotSent(Box<Request<ProxyBody>>, h1::H1Error),
+    /// The request may have been written; no response head arrived.
+    Failed(h1::H1Error),
+    /// No response head within the idle timeout.
+    Timeout,
+}
+
+/// Whether a request goes through our own HTTP/1.1 client ([`h1`]) rather than hyper's:
+/// plain-TCP HTTP/1.1 targets, except `Upgrade` (WebSocket) and CONNECT requests, which need
+/// hyper's upgrade machinery.
+fn uses_own_client(endpoint: &TargetEndpoint, req: &Request<ProxyBody>) -> bool {
+    endpoint.tls.is_none()
+        && !endpoint.http2
+        && req.method() != Method::CONNECT
+        && !req.headers().contains_key(http::header::UPGRADE)
+}
+
 /// Why sending a request on a connection failed.
 enum SendError {
     /// hyper gave the request back: it was never written to the connection.
@@ -199,6 +225,9 @@ impl Forwarder {
     ) -> Result<Forwarded, ProxyError> {
         let target = self.inner.target(target);
         let req = prepare_request(req, &target.endpoint);
+        if uses_own_client(&target.endpoint, &req) {
+            return self.forward_raw(&target, req).await;
+        }
         let idempotent = is_idempotent(req.method());
         // Whether the request could be sent again if a reused connection turns out stale: an
         // idempotent method whose body is empty or small enough to be kept (see `Replay`).
@@ -213,7 +242,7 @@ impl Forwarder {
         let mut req = Request::from_parts(parts, body);
 
         let mut retried = false;
-        if let Some((conn, idle_for)) = target.pool_checkout(retryable) {
+        if let Some((conn, idle_for)) = self.pool_checkout(&target, retryable).await {
             target.pool.count_reused();
             match self.send(&target, conn, req, &replay).await {
                 Ok(response) => {
@@ -258,6 +287,119 @@ impl Forwarder {
                 connect_time: Some(connect_time),
             }),
             Err(error) => Err(self.error(&target, error, &replay)),
+        }
+    }
+
+    /// [`Self::forward`] on our own HTTP/1.1 client (plain-TCP targets, see [`h1`]), with the
+    /// same pool rules, retries and error mapping as on hyper's.
+    async fn forward_raw(
+        &self,
+        target: &Arc<Target>,
+        req: Request<ProxyBody>,
+    ) -> Result<Forwarded, ProxyError> {
+        let idempotent = is_idempotent(req.method());
+        let retryable = idempotent
+            && (http_body::Body::is_end_stream(req.body())
+                || http_body::Body::size_hint(req.body())
+                    .upper()
+                    .is_some_and(|n| n <= MAX_REPLAY_BYTES as u64));
+        let (parts, body) = req.into_parts();
+        let (body, replay) = Replay::watch(body, idempotent);
+        let template = idempotent.then(|| RequestTemplate::of(&parts));
+        let mut req = Request::from_parts(parts, body);
+
+        let mut retried = false;
+        if let Some((conn, idle_for)) = target.pool.checkout_raw(retryable) {
+            target.pool.count_reused();
+            match self.send_raw(target, conn, req, &replay).await {
+                Ok(response) => {
+                    target.pool.observe_reuse_answered(idle_for);
+                    return Ok(Forwarded {
+                        response,
+                        reused_connection: true,
+                        retried: false,
+                        connect_time: None,
+                    });
+                }
+                Err(RawSendError::NotSent(request, error)) => {
+                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
+                    req = *request;
+                }
+                Err(RawSendError::Failed(error))
+                    if error.is_stale_symptom() && !replay.body_failed() =>
+                {
+                    let again =
+                        template.and_then(|template| Some(template.build(replay.replay()?)));
+                    let Some(again) = again else {
+                        return Err(self.raw_error(target, RawSendError::Failed(error), &replay));
+                    };
+                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "idempotent request failed on a pooled connection; retrying on a new connection");
+                    req = again;
+                }
+                Err(other) => return Err(self.raw_error(target, other, &replay)),
+            }
+            retried = true;
+            target.pool.count_retried();
+        }
+
+        let (conn, connect_time) = connect::connect_raw(target, &self.inner.config).await?;
+        target.pool.count_fresh();
+        match self.send_raw(target, conn, req, &replay).await {
+            Ok(response) => Ok(Forwarded {
+                response,
+                reused_connection: false,
+                retried,
+                connect_time: Some(connect_time),
+            }),
+            Err(error) => Err(self.raw_error(target, error, &replay)),
+        }
+    }
+
+    async fn send_raw(
+        &self,
+        target: &Arc<Target>,
+        conn: RawConn,
+        req: Request<ProxyBody>,
+        replay: &Replay,
+    ) -> Result<Response<ProxyBody>, RawSendError> {
+        let config = &self.inner.config;
+        let sent = h1::send(
+            conn,
+            req,
+            config.max_response_header_bytes,
+            &target.pool,
+            target.endpoint.addr,
+            config.idle_timeout,
+        );
+        let response = match with_idle_timeout(sent, config.idle_timeout, replay).await {
+            None => return Err(RawSendError::Timeout),
+            Some(Err(h1::Failure::NotSent(req, error))) => {
+                return Err(RawSendError::NotSent(req, error));
+            }
+            Some(Err(h1::Failure::Failed(error))) => return Err(RawSendError::Failed(error)),
+            Some(Ok(response)) => response,
+        };
+        if let Some(hint) = crate::headers::keep_alive_timeout(response.headers()) {
+            target.pool.set_keep_alive_hint(hint);
+        }
+        Ok(response)
+    }
+
+    fn raw_error(&self, target: &Target, error: RawSendError, replay: &Replay) -> ProxyError {
+        let addr = target.endpoint.addr.to_string();
+        match error {
+            RawSendError::Timeout => ProxyError::TargetTimeout {
+                target: addr,
+                timeout: self.inner.config.idle_timeout,
+            },
+            _ if replay.body_failed() => ProxyError::ClientClosed,
+            RawSendError::Failed(h1::H1Error::Body(_)) => ProxyError::ClientClosed,
+            RawSendError::NotSent(_, error) | RawSendError::Failed(error) => {
+                ProxyError::TargetFailed {
+                    target: addr,
+                    source: Box::new(error),
+                }
+            }
         }
     }
 
@@ -323,21 +465,34 @@ async fn await_head(
     idle_timeout: Duration,
     replay: &Replay,
 ) -> Result<Response<Incoming>, SendError> {
+    match with_idle_timeout(sent, idle_timeout, replay).await {
+        Some(result) => receive(result),
+        None => Err(SendError::Timeout),
+    }
+}
+
+/// Runs `fut` (sending a request and waiting for its response head) unless it goes quiet for
+/// the idle timeout (`None`): quiet since the start or the last request body bytes sent.
+async fn with_idle_timeout<T>(
+    fut: impl Future<Output = T>,
+    idle_timeout: Duration,
+    replay: &Replay,
+) -> Option<T> {
     let started = tokio::time::Instant::now();
-    let mut sent = std::pin::pin!(sent);
+    let mut fut = std::pin::pin!(fut);
     loop {
         let quiet_since = replay
             .last_activity()
             .map_or(started, |last| last.max(started));
-        if let Ok(result) = tokio::time::timeout_at(quiet_since + idle_timeout, sent.as_mut()).await
+        if let Ok(result) = tokio::time::timeout_at(quiet_since + idle_timeout, fut.as_mut()).await
         {
-            return receive(result);
+            return Some(result);
         }
         let still_uploading = replay
             .last_activity()
             .is_some_and(|last| last + idle_timeout > tokio::time::Instant::now());
         if !still_uploading {
-            return Err(SendError::Timeout);
+            return None;
         }
     }
 }
@@ -390,16 +545,29 @@ impl Inner {
     }
 }
 
-impl Target {
-    /// A pooled connection for the next request, with how long it was idle (HTTP/1.1 only).
-    fn pool_checkout(&self, retryable: bool) -> Option<(Conn, Option<Duration>)> {
-        if self.endpoint.http2 {
-            self.pool.checkout_h2().map(|c| (Conn::H2(c), None))
-        } else {
-            self.pool
-                .checkout_h1(retryable)
-                .map(|r| (Conn::H1(r.conn), Some(r.idle_for)))
+impl Forwarder {
+    /// A pooled connection for the next request on hyper's client, with how long it was idle
+    /// (HTTP/1.1 only). On plain-TCP targets the pool holds our own client's connections; an
+    /// idle one is handed to hyper.
+    async fn pool_checkout(
+        &self,
+        target: &Target,
+        retryable: bool,
+    ) -> Option<(Conn, Option<Duration>)> {
+        if target.endpoint.http2 {
+            return target.pool.checkout_h2().map(|c| (Conn::H2(c), None));
         }
+        if let Some(reused) = target.pool.checkout_h1(retryable) {
+            return Some((Conn::H1(reused.conn), Some(reused.idle_for)));
+        }
+        if target.endpoint.tls.is_some() {
+            return None;
+        }
+        let (raw, idle_for) = target.pool.checkout_raw(retryable)?;
+        let conn = connect::into_hyper(target, &self.inner.config, raw)
+            .await
+            .ok()?;
+        Some((conn, Some(idle_for)))
     }
 }
 

@@ -24,13 +24,24 @@
 //! ([`TargetPool::on_connection_ended`]). An idle connection that ends was closed by the target:
 //! its idle time is an observation for the estimator.
 //!
+//! Connections of our own HTTP/1.1 client (plain-TCP targets, `client::h1`) have no driver
+//! task. While they are idle, one sweeper task per pool watches them all: each idle socket has
+//! the sweeper's waker registered for readability, so the sweeper runs only when the target
+//! closes one (the same observation as above) or at the next idle deadline, where it applies
+//! the same retirement, probe and idle-timeout rules. Taking one from the pool checks it for a
+//! pending close, without a syscall unless its socket was reported readable.
+//!
 //! All state sits behind one short-lived `std::sync::Mutex` per target; nothing awaits under it.
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::client::conn::{http1, http2};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -139,9 +150,66 @@ pub enum DriverAction {
     Close,
 }
 
+/// An idle HTTP/1.1 connection: run by hyper (TLS targets, upgrades) or by our own client
+/// (plain-TCP targets, see `client::h1`).
+enum Pooled {
+    Hyper(H1Conn),
+    Raw(RawConn),
+}
+
+impl Pooled {
+    fn id(&self) -> ConnId {
+        match self {
+            Pooled::Hyper(conn) => conn.id,
+            Pooled::Raw(conn) => conn.id,
+        }
+    }
+
+    /// Tells a hyper connection's driver to look at its idle deadline again (raw connections
+    /// are watched by the pool's sweeper instead).
+    fn wake_driver(&self) {
+        if let Pooled::Hyper(conn) = self {
+            conn.shared.wake.notify_one();
+        }
+    }
+}
+
 struct Idle {
-    conn: H1Conn,
+    conn: Pooled,
     since: Instant,
+}
+
+/// A plain-TCP HTTP/1.1 connection run by our own client (`client::h1`), between requests.
+#[derive(Debug)]
+pub struct RawConn {
+    /// The connection's id in its pool.
+    pub id: ConnId,
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read from the target and not consumed yet (empty between requests).
+    pub buf: BytesMut,
+}
+
+/// What a look at an idle raw connection found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Liveness {
+    /// Nothing to read: usable as far as we can tell.
+    Open,
+    /// The target closed or reset it, or sent something unasked (it is closing it).
+    Closed,
+}
+
+/// Whether an idle raw connection is still open, without a syscall unless the socket has been
+/// reported readable. `cx`'s waker is registered for the next readability event (the sweeper's
+/// while the connection sits in the pool).
+fn liveness(stream: &TcpStream, cx: &mut Context<'_>) -> Liveness {
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    match stream.poll_peek(cx, &mut buf) {
+        Poll::Pending => Liveness::Open,
+        // EOF, bytes nobody asked for (typically a 408 before the close), or an error.
+        Poll::Ready(_) => Liveness::Closed,
+    }
 }
 
 /// An HTTP/1.1 connection taken from the pool, with how long it had been idle.
@@ -174,6 +242,9 @@ struct PoolState {
     /// The longest idle time a connection was seen to survive (see the module docs).
     survived: Option<Duration>,
     counters: Counters,
+    /// The waker of the task that watches idle raw connections (see [`sweep`]), once it runs.
+    sweeper: Option<Waker>,
+    sweeper_started: bool,
 }
 
 impl PoolState {
@@ -194,8 +265,72 @@ impl PoolState {
 
     fn wake_idle_drivers(&self) {
         for idle in &self.idle {
-            idle.conn.shared.wake.notify_one();
+            idle.conn.wake_driver();
         }
+        if let Some(sweeper) = &self.sweeper {
+            sweeper.wake_by_ref();
+        }
+    }
+
+    /// An idle or probe connection the target closed: record for how long it had been idle.
+    fn closed_by_target(&mut self, id: ConnId, now: Instant) {
+        let idle = if let Some(pos) = self.idle.iter().position(|idle| idle.conn.id() == id) {
+            Some(self.idle.remove(pos))
+        } else if self
+            .probe
+            .as_ref()
+            .is_some_and(|probe| probe.conn.id() == id)
+        {
+            self.probe.take()
+        } else {
+            None
+        };
+        if let Some(idle) = idle {
+            self.counters.closed_by_target_while_idle += 1;
+            self.estimator
+                .observe_idle_close(now.saturating_duration_since(idle.since));
+            self.wake_idle_drivers();
+        }
+    }
+
+    /// The idle deadline of connection `id` passed (see [`TargetPool::on_idle_deadline`]).
+    fn idle_deadline_passed(
+        &mut self,
+        id: ConnId,
+        now: Instant,
+        idle_timeout: Duration,
+    ) -> DriverAction {
+        let limit = self.estimator.reuse_limit(idle_timeout);
+        if let Some(pos) = self.idle.iter().position(|idle| idle.conn.id() == id) {
+            if now.saturating_duration_since(self.idle[pos].since) < limit {
+                return DriverAction::Keep;
+            }
+            let idle = self.idle.remove(pos);
+            // Still open after this long: the target keeps idle connections at least this long.
+            self.survived(now.saturating_duration_since(idle.since));
+            if limit >= idle_timeout {
+                // Our own idle timeout, not an early retirement.
+                return DriverAction::Close;
+            }
+            self.counters.retired_early += 1;
+            if self.probe.is_none() {
+                self.probe = Some(idle);
+                return DriverAction::Keep;
+            }
+            return DriverAction::Close;
+        }
+        let Some(probe) = self.probe.as_ref().filter(|probe| probe.conn.id() == id) else {
+            return DriverAction::Keep;
+        };
+        let idle_for = now.saturating_duration_since(probe.since);
+        if idle_for < idle_timeout {
+            return DriverAction::Keep;
+        }
+        self.probe = None;
+        self.survived(idle_for);
+        self.estimator.observe_survival(idle_for, idle_timeout);
+        self.wake_idle_drivers();
+        DriverAction::Close
     }
 }
 
@@ -263,8 +398,7 @@ impl TargetPool {
         let limit = st.estimator.reuse_limit(self.idle_timeout);
         let usable = |idle: &Idle, limit: Duration| {
             now.saturating_duration_since(idle.since) < limit
-                && !idle.conn.sender.is_closed()
-                && idle.conn.sender.is_ready()
+                && matches!(&idle.conn, Pooled::Hyper(conn) if !conn.sender.is_closed() && conn.sender.is_ready())
         };
         let pos = if retryable {
             st.idle.iter().rposition(|idle| usable(idle, limit))?
@@ -282,11 +416,138 @@ impl TargetPool {
         };
         let idle = st.idle.remove(pos);
         // Its driver must stop watching the idle deadline.
-        idle.conn.shared.wake.notify_one();
+        idle.conn.wake_driver();
+        let Pooled::Hyper(conn) = idle.conn else {
+            unreachable!("`usable` only accepts hyper connections")
+        };
         Some(Reused {
             idle_for: now.saturating_duration_since(idle.since),
-            conn: idle.conn,
+            conn,
         })
+    }
+
+    /// [`Self::checkout_h1`] for raw connections (plain-TCP targets, our own HTTP/1.1 client).
+    /// A candidate the target has closed meanwhile (EOF or bytes waiting on the socket) is
+    /// discarded and recorded as closed by the target, and the next one is tried.
+    pub fn checkout_raw(&self, retryable: bool) -> Option<(RawConn, Duration)> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let limit = st.estimator.reuse_limit(self.idle_timeout);
+        let usable = |idle: &Idle, limit: Duration| {
+            now.saturating_duration_since(idle.since) < limit && matches!(idle.conn, Pooled::Raw(_))
+        };
+        loop {
+            let pos = if retryable {
+                st.idle.iter().rposition(|idle| usable(idle, limit))?
+            } else {
+                let safe = st.unretryable_reuse_limit(self.idle_timeout);
+                match st.idle.iter().rposition(|idle| usable(idle, safe)) {
+                    Some(pos) => pos,
+                    None => {
+                        if st.idle.iter().any(|idle| usable(idle, limit)) {
+                            st.counters.unproven_reuse_avoided += 1;
+                        }
+                        return None;
+                    }
+                }
+            };
+            let Pooled::Raw(conn) = &st.idle[pos].conn else {
+                unreachable!("`usable` only accepts raw connections")
+            };
+            let mut cx = Context::from_waker(Waker::noop());
+            if liveness(&conn.stream, &mut cx) == Liveness::Closed {
+                let id = conn.id;
+                st.closed_by_target(id, now);
+                continue;
+            }
+            let idle = st.idle.remove(pos);
+            let Pooled::Raw(conn) = idle.conn else {
+                unreachable!("checked above")
+            };
+            return Some((conn, now.saturating_duration_since(idle.since)));
+        }
+    }
+
+    /// Puts a raw connection back after its response was read completely. Starts its idle
+    /// clock; from now on the pool's sweeper task is woken if the target closes it.
+    pub fn checkin_raw(self: &Arc<Self>, conn: RawConn) {
+        let mut st = self.lock();
+        if self.max_idle == 0 || !conn.buf.is_empty() {
+            return;
+        }
+        let waker = st.sweeper.clone().unwrap_or_else(|| Waker::noop().clone());
+        if liveness(&conn.stream, &mut Context::from_waker(&waker)) == Liveness::Closed {
+            return;
+        }
+        if st.idle.len() >= self.max_idle {
+            // Dropping the oldest closes it.
+            st.idle.remove(0);
+        }
+        st.idle.push(Idle {
+            conn: Pooled::Raw(conn),
+            since: Instant::now(),
+        });
+        if !st.sweeper_started
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            st.sweeper_started = true;
+            runtime.spawn(sweep(Arc::downgrade(self)));
+        }
+    }
+
+    /// One pass of the sweeper over the idle raw connections: drops those the target closed
+    /// (an estimator observation each), applies the idle deadlines (retirement, probe, our
+    /// idle timeout) and returns when to look again.
+    fn sweep_once(&self, cx: &mut Context<'_>) -> Instant {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if !st.sweeper.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.sweeper = Some(cx.waker().clone());
+        }
+        let closed: Vec<ConnId> = st
+            .idle
+            .iter()
+            .chain(st.probe.as_ref())
+            .filter_map(|idle| match &idle.conn {
+                Pooled::Raw(conn) if liveness(&conn.stream, cx) == Liveness::Closed => {
+                    Some(conn.id)
+                }
+                _ => None,
+            })
+            .collect();
+        for id in closed {
+            st.closed_by_target(id, now);
+        }
+        let limit = st.estimator.reuse_limit(self.idle_timeout);
+        let due: Vec<ConnId> =
+            st.idle
+                .iter()
+                .filter(|idle| now.saturating_duration_since(idle.since) >= limit)
+                .chain(st.probe.as_ref().filter(|probe| {
+                    now.saturating_duration_since(probe.since) >= self.idle_timeout
+                }))
+                .filter(|idle| matches!(idle.conn, Pooled::Raw(_)))
+                .map(|idle| idle.conn.id())
+                .collect();
+        for id in due {
+            // `Close`: the connection was removed and is dropped (closed) here; `Keep`: it
+            // became the probe.
+            st.idle_deadline_passed(id, now, self.idle_timeout);
+        }
+        let limit = st.estimator.reuse_limit(self.idle_timeout);
+        let mut next = now + limit.max(Duration::from_secs(1));
+        for idle in &st.idle {
+            if matches!(idle.conn, Pooled::Raw(_)) {
+                next = next.min(idle.since + limit);
+                break;
+            }
+        }
+        if let Some(probe) = &st.probe
+            && matches!(probe.conn, Pooled::Raw(_))
+        {
+            next = next.min(probe.since + self.idle_timeout);
+        }
+        next
     }
 
     /// A request on a connection reused after `idle_for` was answered: the target keeps idle
@@ -311,7 +572,7 @@ impl TargetPool {
         }
         conn.shared.wake.notify_one();
         st.idle.push(Idle {
-            conn,
+            conn: Pooled::Hyper(conn),
             since: Instant::now(),
         });
     }
@@ -345,50 +606,19 @@ impl TargetPool {
     /// while it is in use.
     pub fn idle_deadline(&self, id: ConnId) -> Option<Instant> {
         let st = self.lock();
-        if let Some(idle) = st.idle.iter().find(|idle| idle.conn.id == id) {
+        if let Some(idle) = st.idle.iter().find(|idle| idle.conn.id() == id) {
             return Some(idle.since + st.estimator.reuse_limit(self.idle_timeout));
         }
         st.probe
             .as_ref()
-            .filter(|probe| probe.conn.id == id)
+            .filter(|probe| probe.conn.id() == id)
             .map(|probe| probe.since + self.idle_timeout)
     }
 
     /// The driver of connection `id` saw its idle deadline pass.
     pub fn on_idle_deadline(&self, id: ConnId) -> DriverAction {
         let now = Instant::now();
-        let mut st = self.lock();
-        let limit = st.estimator.reuse_limit(self.idle_timeout);
-        if let Some(pos) = st.idle.iter().position(|idle| idle.conn.id == id) {
-            if now.saturating_duration_since(st.idle[pos].since) < limit {
-                return DriverAction::Keep;
-            }
-            let idle = st.idle.remove(pos);
-            // Still open after this long: the target keeps idle connections at least this long.
-            st.survived(now.saturating_duration_since(idle.since));
-            if limit >= self.idle_timeout {
-                // Our own idle timeout, not an early retirement.
-                return DriverAction::Close;
-            }
-            st.counters.retired_early += 1;
-            if st.probe.is_none() {
-                st.probe = Some(idle);
-                return DriverAction::Keep;
-            }
-            return DriverAction::Close;
-        }
-        let Some(probe) = st.probe.as_ref().filter(|probe| probe.conn.id == id) else {
-            return DriverAction::Keep;
-        };
-        let idle_for = now.saturating_duration_since(probe.since);
-        if idle_for < self.idle_timeout {
-            return DriverAction::Keep;
-        }
-        st.probe = None;
-        st.survived(idle_for);
-        st.estimator.observe_survival(idle_for, self.idle_timeout);
-        st.wake_idle_drivers();
-        DriverAction::Close
+        self.lock().idle_deadline_passed(id, now, self.idle_timeout)
     }
 
     /// The driver of connection `id` saw the connection end. If it was idle in the pool, the
@@ -397,19 +627,7 @@ impl TargetPool {
         let now = Instant::now();
         let mut st = self.lock();
         shared.ended.store(true, Ordering::Release);
-        let idle = if let Some(pos) = st.idle.iter().position(|idle| idle.conn.id == id) {
-            Some(st.idle.remove(pos))
-        } else if st.probe.as_ref().is_some_and(|probe| probe.conn.id == id) {
-            st.probe.take()
-        } else {
-            None
-        };
-        if let Some(idle) = idle {
-            st.counters.closed_by_target_while_idle += 1;
-            st.estimator
-                .observe_idle_close(now.saturating_duration_since(idle.since));
-            st.wake_idle_drivers();
-        }
+        st.closed_by_target(id, now);
         if st.h2.as_ref().is_some_and(|h2| h2.id == id) {
             st.h2 = None;
         }
@@ -467,4 +685,23 @@ impl TargetPool {
             longest_survived_idle: st.survived,
         }
     }
+}
+
+/// The task that watches a pool's idle raw connections: woken when one of them becomes
+/// readable (the target closed it) and at the next idle deadline. It ends with the pool.
+async fn sweep(pool: std::sync::Weak<TargetPool>) {
+    let mut sleep = Box::pin(tokio::time::sleep(Duration::ZERO));
+    std::future::poll_fn(|cx| {
+        loop {
+            let Some(pool) = pool.upgrade() else {
+                return Poll::Ready(());
+            };
+            let next = pool.sweep_once(cx);
+            sleep.as_mut().reset(next);
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
 }

@@ -16,7 +16,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::{ClientConfig, Conn, ProxyBody, Target};
 use crate::proxy::error::{ProxyError, TargetTlsError};
-use crate::proxy::pool::{ConnId, ConnShared, DriverAction, H1Conn, H2Conn, TargetPool};
+use crate::proxy::pool::{ConnId, ConnShared, DriverAction, H1Conn, H2Conn, RawConn, TargetPool};
 
 /// Connects to `target` (TCP with `TCP_NODELAY`, TLS if configured, HTTP handshake) within the
 /// connect timeout, and starts the connection's driver task.
@@ -33,6 +33,66 @@ pub(super) async fn connect(
             target: addr.to_string(),
         }),
     }
+}
+
+/// Connects a plain-TCP HTTP/1.1 connection for our own client (`h1`), within the connect
+/// timeout. No driver task: the pool's sweeper watches it while it is idle.
+pub(super) async fn connect_raw(
+    target: &Target,
+    config: &ClientConfig,
+) -> Result<(RawConn, Duration), ProxyError> {
+    let started = Instant::now();
+    let addr = target.endpoint.addr;
+    let tcp = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(error)) => return Err(connect_error(addr, error)),
+        Err(_elapsed) => {
+            return Err(ProxyError::ConnectTimeout {
+                target: addr.to_string(),
+            });
+        }
+    };
+    // Heads are written whole; Nagle would only delay the last segment.
+    tcp.set_nodelay(true).map_err(|e| connect_error(addr, e))?;
+    let conn = RawConn {
+        id: target.pool.next_id(),
+        stream: tcp,
+        buf: bytes::BytesMut::new(),
+    };
+    Ok((conn, started.elapsed()))
+}
+
+/// Hands a raw connection (pooled or new) to hyper's client, for a request that stays on hyper
+/// on a plain-TCP target (an `Upgrade` request). The connection is not pooled again unless
+/// hyper's path gives it back as a hyper connection.
+pub(super) async fn into_hyper(
+    target: &Target,
+    config: &ClientConfig,
+    conn: RawConn,
+) -> Result<Conn, ProxyError> {
+    let addr = target.endpoint.addr;
+    let RawConn { id, stream, buf } = conn;
+    if !buf.is_empty() {
+        return Err(connect_error(
+            addr,
+            io::Error::other("unread bytes on an idle connection"),
+        ));
+    }
+    let io = TokioIo::new(TargetStream::Plain(stream));
+    let (sender, connection) = http1::Builder::new()
+        .max_header_size(config.max_response_header_bytes)
+        .handshake::<_, ProxyBody>(io)
+        .await
+        .map_err(|e| connect_error(addr, e))?;
+    let shared = Arc::new(ConnShared::default());
+    tokio::spawn(drive_h1(
+        Arc::clone(&target.pool),
+        id,
+        Arc::clone(&shared),
+        connection.with_upgrades(),
+        addr,
+    ));
+    Ok(Conn::H1(H1Conn { id, sender, shared }))
 }
 
 fn connect_error(addr: SocketAddr, source: impl Into<super::BoxError>) -> ProxyError {

@@ -1,0 +1,873 @@
+//! Our own HTTP/1.1 client for plain-TCP targets (issue 8, step 2): the request's own task
+//! writes the head into a pooled socket it owns while in use, parses the response head with
+//! `httparse` and frames the response body itself, without hyper's client connection task.
+//!
+//! The framing follows hyper's client (RFC 9112 §6): requests carry `Content-Length` when it is
+//! known (from the header or the body's exact size) and are chunked otherwise, except GET, HEAD
+//! and CONNECT without a known length, which go without a body. Responses to HEAD and 1xx/204/304
+//! responses have no body; then `Transfer-Encoding` (chunked last: chunked, otherwise read to
+//! the close), `Content-Length` (all values equal, else 502), else read to the close.
+//! Informational responses other than 101 are skipped. A connection goes back to the pool only
+//! after a complete response, when both sides said keep-alive, the request body was sent whole
+//! and nothing beyond the response was received.
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
+
+use super::{BoxError, ProxyBody};
+use crate::proxy::error::ProxyError;
+use crate::proxy::pool::{RawConn, TargetPool};
+
+/// Most header fields in a response head or trailer section (hyper's default, as before) → 502.
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line accepted (size, extensions and CRLF).
+const MAX_CHUNK_LINE: usize = 4096;
+/// How much is read from the target at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why a request on a raw connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// The target closed or reset the connection before a complete response head.
+    #[error("target closed the connection before a complete response head: {0}")]
+    Closed(#[source] io::Error),
+    /// Reading or writing the connection failed.
+    #[error("target connection: {0}")]
+    Io(#[source] io::Error),
+    /// The response head was larger than the limit.
+    #[error("response head larger than {0} bytes")]
+    HeadTooLarge(usize),
+    /// The response head or trailer section had more fields than [`MAX_HEADERS`].
+    #[error("more than {MAX_HEADERS} header fields in the response")]
+    TooManyHeaders,
+    /// The response was not valid HTTP/1.1.
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+    /// The target closed the connection before the end of a framed response body.
+    #[error("target closed the connection before the end of the response body")]
+    Truncated,
+    /// Reading the client's request body failed.
+    #[error("reading the request body: {0}")]
+    Body(#[source] BoxError),
+}
+
+impl H1Error {
+    /// Whether the failure looks like the target having closed the connection before it got
+    /// the request (see `is_stale_connection_symptom`): closed, reset or broken before a
+    /// complete response head.
+    pub fn is_stale_symptom(&self) -> bool {
+        match self {
+            Self::Closed(_) => true,
+            Self::Io(e) => is_closed_kind(e.kind()),
+            _ => false,
+        }
+    }
+}
+
+fn is_closed_kind(kind: io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// How sending a request on a raw connection failed.
+pub enum Failure {
+    /// Nothing was written: the request is whole and can go out on another connection.
+    NotSent(Box<Request<ProxyBody>>, H1Error),
+    /// The request may have been written; no (usable) response head arrived.
+    Failed(H1Error),
+}
+
+/// How the request body goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Serializes the request head (origin-form target, as `prepare_request` left it) and decides
+/// the body framing as hyper's client does, fixing up the framing headers to match.
+fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> (Vec<u8>, RequestFraming) {
+    let headers = &mut parts.headers;
+    let framing = if body.is_end_stream() {
+        headers.remove(TRANSFER_ENCODING);
+        RequestFraming::None
+    } else if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(CONTENT_LENGTH);
+        if !is_chunked(headers) {
+            headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
+        RequestFraming::Chunked
+    } else if let Some(Ok(len)) = content_length(headers) {
+        RequestFraming::Length(len)
+    } else if let Some(len) = body.size_hint().exact() {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        RequestFraming::Length(len)
+    } else if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
+        // As hyper: these almost never have bodies; without a length, none is sent.
+        RequestFraming::None
+    } else {
+        headers.remove(CONTENT_LENGTH);
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        RequestFraming::Chunked
+    };
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut size = parts.method.as_str().len() + target.len() + 16;
+    for (name, value) in headers.iter() {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    let mut head = Vec::with_capacity(size);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers.iter() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    (head, framing)
+}
+
+/// Whether the last transfer coding is `chunked`.
+fn is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|line| line.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Whether a `Connection` header lists `token`.
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The `Content-Length`, if present: `Err` when a value is invalid or the values differ.
+fn content_length(headers: &HeaderMap) -> Option<Result<u64, ()>> {
+    let mut found: Option<u64> = None;
+    for line in headers.get_all(CONTENT_LENGTH) {
+        for item in line.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+                return Some(Err(()));
+            }
+            let Some(n) = std::str::from_utf8(item)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                return Some(Err(()));
+            };
+            if found.is_some_and(|f| f != n) {
+                return Some(Err(()));
+            }
+            found = Some(n);
+        }
+    }
+    found.map(Ok)
+}
+
+/// The parsed response head and what it says about the body and the connection.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    framing: State,
+    keep_alive: bool,
+}
+
+/// Sends `req` on `conn` and reads the response head; the body streams from the connection
+/// behind the returned response and gives the connection back to `pool` when it completes
+/// cleanly. No timeout here: the caller bounds the wait for the head.
+pub async fn send(
+    mut conn: RawConn,
+    req: Request<ProxyBody>,
+    max_head: usize,
+    pool: &Arc<TargetPool>,
+    target: SocketAddr,
+    idle_timeout: Duration,
+) -> Result<Response<ProxyBody>, Failure> {
+    let (mut parts, mut body) = req.into_parts();
+    let (head, framing) = encode_head(&mut parts, &body);
+    let request_close = parts
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| has_token(v, "close"));
+    let is_head = parts.method == Method::HEAD;
+
+    // The first write decides whether anything reached the connection.
+    let written = match conn.stream.write(&head).await {
+        Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+        other => other,
+    };
+    let written = match written {
+        Ok(n) => n,
+        Err(error) => {
+            let req = Request::from_parts(parts, body);
+            return Err(Failure::NotSent(Box::new(req), H1Error::Io(error)));
+        }
+    };
+    if written < head.len() {
+        conn.stream
+            .write_all(&head[written..])
+            .await
+            .map_err(|e| Failure::Failed(H1Error::Io(e)))?;
+    }
+    drop(head);
+
+    let mut body_sent = true;
+    let parsed = {
+        let RawConn { stream, buf, .. } = &mut conn;
+        let (mut reader, mut writer) = stream.split();
+        let mut head_read = pin!(read_head(&mut reader, buf, max_head, is_head));
+        if framing == RequestFraming::None {
+            head_read.await
+        } else {
+            body_sent = false;
+            let body_write = write_body(&mut writer, &mut body, framing);
+            tokio::select! {
+                biased;
+                head = &mut head_read => head,
+                sent = body_write => match sent {
+                    Ok(()) => {
+                        body_sent = true;
+                        head_read.await
+                    }
+                    Err(error @ H1Error::Body(_)) => Err(error),
+                    // The target may have answered (and closed) before taking the whole body.
+                    Err(error) => head_read.await.map_err(|_| error),
+                },
+            }
+        }
+    };
+    let head = parsed.map_err(Failure::Failed)?;
+    drop(body);
+    let Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    } = head;
+    let reusable = keep_alive && !request_close && body_sent && !matches!(framing, State::Close);
+    let body = RawBody::new(
+        conn,
+        framing,
+        reusable,
+        Arc::clone(pool),
+        target,
+        idle_timeout,
+    );
+    let mut response = Response::new(body.boxed_unsync());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// Streams the request body in the chosen framing. Trailers are not forwarded (the `Trailer`
+/// header is hop-by-hop and removed, as before with hyper).
+async fn write_body<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    body: &mut ProxyBody,
+    framing: RequestFraming,
+) -> Result<(), H1Error> {
+    let mut remaining = match framing {
+        RequestFraming::Length(n) => Some(n),
+        _ => None,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(H1Error::Body)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        match &mut remaining {
+            Some(left) => {
+                // Never more than announced: the rest would be read as the next request.
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
+                writer.write_all(&data[..take]).await.map_err(H1Error::Io)?;
+                *left -= take as u64;
+                if *left == 0 {
+                    break;
+                }
+            }
+            None => {
+                let line = format!("{:x}\r\n", data.len());
+                let mut chunk = Vec::with_capacity(line.len() + data.len() + 2);
+                chunk.extend_from_slice(line.as_bytes());
+                chunk.extend_from_slice(&data);
+                chunk.extend_from_slice(b"\r\n");
+                writer.write_all(&chunk).await.map_err(H1Error::Io)?;
+            }
+        }
+    }
+    match remaining {
+        Some(0) => Ok(()),
+        Some(_) => Err(H1Error::Body(
+            "request body shorter than its Content-Length".into(),
+        )),
+        None => writer.write_all(b"0\r\n\r\n").await.map_err(H1Error::Io),
+    }
+}
+
+/// Reads until a complete final response head is in `buf`, skipping informational responses.
+async fn read_head<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max_head: usize,
+    is_head: bool,
+) -> Result<Head, H1Error> {
+    loop {
+        if !buf.is_empty()
+            && let Some(head) = parse_head(buf, max_head, is_head)?
+        {
+            return Ok(head);
+        }
+        buf.reserve(READ_CHUNK);
+        match reader.read_buf(buf).await {
+            Ok(0) => return Err(H1Error::Closed(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(e) if is_closed_kind(e.kind()) => return Err(H1Error::Closed(e)),
+            Err(e) => return Err(H1Error::Io(e)),
+        }
+    }
+}
+
+/// Parses a final response head from the front of `buf` (consuming it and any informational
+/// responses before it), or `None` if more bytes are needed.
+fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Option<Head>, H1Error> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut fields);
+        let len = match res.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+                return Err(H1Error::HeadTooLarge(max_head));
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(H1Error::TooManyHeaders),
+            Err(_) => return Err(H1Error::Malformed("invalid response head")),
+        };
+        if len > max_head {
+            return Err(H1Error::HeadTooLarge(max_head));
+        }
+        let code = res.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("status code"))?;
+        let version = if res.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        if code == 101 {
+            return Err(H1Error::Malformed(
+                "101 Switching Protocols to a request without Upgrade",
+            ));
+        }
+        if status.is_informational() {
+            // 100 Continue, 103 Early Hints…: not forwarded, as before with hyper.
+            buf.advance(len);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        // Where each field sits in the head, so that the values can share its bytes.
+        let base = buf.as_ptr() as usize;
+        let count = res.headers.len();
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        for (span, field) in spans.iter_mut().zip(res.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            let value = if field.value.is_empty() {
+                0
+            } else {
+                field.value.as_ptr() as usize - base
+            };
+            *span = (
+                name,
+                name + field.name.len(),
+                value,
+                value + field.value.len(),
+            );
+        }
+        let bytes = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut keep_alive = version == Version::HTTP_11;
+        let mut saw_close = false;
+        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+            let name = HeaderName::from_bytes(&bytes[name_start..name_end])
+                .map_err(|_| H1Error::Malformed("header name"))?;
+            let value = HeaderValue::from_maybe_shared(bytes.slice(value_start..value_end))
+                .map_err(|_| H1Error::Malformed("header value"))?;
+            if name == CONNECTION {
+                // Once any `Connection` line asks to close, a later `keep-alive` cannot undo it.
+                if saw_close || has_token(&value, "close") {
+                    saw_close = true;
+                    keep_alive = false;
+                } else if !keep_alive {
+                    keep_alive = has_token(&value, "keep-alive");
+                }
+            }
+            headers.append(name, value);
+        }
+        let framing = if is_head || code == 204 || code == 304 {
+            State::Length(0)
+        } else if headers.contains_key(TRANSFER_ENCODING) {
+            if version == Version::HTTP_10 {
+                return Err(H1Error::Malformed(
+                    "Transfer-Encoding in an HTTP/1.0 response",
+                ));
+            }
+            if is_chunked(&headers) {
+                State::Chunked(Chunk::Size)
+            } else {
+                State::Close
+            }
+        } else {
+            match content_length(&headers) {
+                Some(Ok(len)) => State::Length(len),
+                Some(Err(())) => return Err(H1Error::Malformed("Content-Length")),
+                None => State::Close,
+            }
+        };
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// Where the response body's framing stands.
+#[derive(Debug)]
+enum State {
+    /// This many body bytes still to come.
+    Length(u64),
+    /// Chunked, at this point of a chunk.
+    Chunked(Chunk),
+    /// Read until the target closes (never reused).
+    Close,
+    /// Complete.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this much left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+}
+
+/// What decoding the buffered bytes gave.
+enum Step {
+    Frame(Frame<Bytes>),
+    NeedMore,
+    Done,
+}
+
+/// The response body read from a raw connection. When it completes cleanly the connection goes
+/// back to the pool at once (before the last frame is handed on, when the end is already in the
+/// buffer); dropped earlier, the connection is closed.
+pub struct RawBody {
+    conn: Option<RawConn>,
+    state: State,
+    reusable: bool,
+    pool: Arc<TargetPool>,
+    target: SocketAddr,
+    idle_timeout: Duration,
+    /// Created only when the body has to wait for the target.
+    idle: Option<Pin<Box<Sleep>>>,
+    /// Bytes arrived since the idle timer was last armed.
+    progressed: bool,
+}
+
+impl RawBody {
+    fn new(
+        conn: RawConn,
+        state: State,
+        reusable: bool,
+        pool: Arc<TargetPool>,
+        target: SocketAddr,
+        idle_timeout: Duration,
+    ) -> Self {
+        let mut body = Self {
+            conn: Some(conn),
+            state,
+            reusable,
+            pool,
+            target,
+            idle_timeout,
+            idle: None,
+            progressed: false,
+        };
+        if let Err(error) = body.settle() {
+            // Reported when the body is polled: keep the state and drop the connection.
+            tracing::debug!(target_addr = %body.target, %error, "malformed response body");
+            body.conn = None;
+            body.state = State::Length(1);
+        }
+        body
+    }
+
+    /// Advances over framing that carries no data (chunk ends, size lines, an empty trailer
+    /// section) so that the end is noticed as early as possible; gives the connection back
+    /// when the body is complete.
+    fn settle(&mut self) -> Result<(), H1Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let buf = &mut conn.buf;
+        loop {
+            match &mut self.state {
+                State::Length(0) => self.state = State::Done,
+                State::Chunked(chunk) => match *chunk {
+                    Chunk::DataEnd => {
+                        if buf.len() < 2 {
+                            break;
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(H1Error::Malformed("chunk not followed by CRLF"));
+                        }
+                        buf.advance(2);
+                        *chunk = Chunk::Size;
+                    }
+                    Chunk::Size => {
+                        let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                            if buf.len() > MAX_CHUNK_LINE {
+                                return Err(H1Error::Malformed("chunk size line too long"));
+                            }
+                            break;
+                        };
+                        let line = &buf[..end];
+                        let size = line.split(|&b| b == b';').next().unwrap_or_default();
+                        let size = size.trim_ascii();
+                        if size.is_empty() || size.len() > 16 {
+                            return Err(H1Error::Malformed("chunk size"));
+                        }
+                        let size = std::str::from_utf8(size)
+                            .ok()
+                            .and_then(|s| u64::from_str_radix(s, 16).ok())
+                            .ok_or(H1Error::Malformed("chunk size"))?;
+                        buf.advance(end + 2);
+                        *chunk = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Trailers => {
+                        if buf.len() < 2 {
+                            break;
+                        }
+                        if &buf[..2] == b"\r\n" {
+                            buf.advance(2);
+                            self.state = State::Done;
+                        } else {
+                            break;
+                        }
+                    }
+                    Chunk::Data(_) => break,
+                },
+                State::Done => {
+                    self.finish();
+                    break;
+                }
+                State::Length(_) | State::Close => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// The body is complete: the connection goes back to the pool if it may be reused.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+        {
+            self.pool.checkin_raw(conn);
+        }
+    }
+
+    /// The next frame from the buffered bytes, if there is one.
+    fn decode(&mut self) -> Result<Step, H1Error> {
+        self.settle()?;
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(match self.state {
+                State::Done => Step::Done,
+                _ => Step::NeedMore,
+            });
+        };
+        let buf = &mut conn.buf;
+        let frame = match &mut self.state {
+            State::Done => return Ok(Step::Done),
+            State::Length(left) | State::Chunked(Chunk::Data(left)) => {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= take as u64;
+                if *left == 0
+                    && let State::Chunked(chunk) = &mut self.state
+                {
+                    *chunk = Chunk::DataEnd;
+                }
+                Frame::data(buf.split_to(take).freeze())
+            }
+            State::Close => {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                Frame::data(buf.split().freeze())
+            }
+            State::Chunked(Chunk::Trailers) => {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    if buf.len() > 32 * 1024 {
+                        return Err(H1Error::HeadTooLarge(32 * 1024));
+                    }
+                    return Ok(Step::NeedMore);
+                };
+                let trailers = parse_trailers(&buf[..end + 4])?;
+                buf.advance(end + 4);
+                self.state = State::Done;
+                Frame::trailers(trailers)
+            }
+            State::Chunked(_) => return Ok(Step::NeedMore),
+        };
+        // Notice the end now if it is already buffered (and give the connection back).
+        self.settle()?;
+        Ok(Step::Frame(frame))
+    }
+
+    fn fail(&mut self, error: H1Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.state = State::Done;
+        Poll::Ready(Some(Err(Box::new(ProxyError::TargetFailed {
+            target: self.target.to_string(),
+            source: Box::new(error),
+        }))))
+    }
+}
+
+fn parse_trailers(section: &[u8]) -> Result<HeaderMap, H1Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(section, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => {
+            let mut trailers = HeaderMap::with_capacity(fields.len());
+            for field in fields {
+                let name = HeaderName::from_bytes(field.name.as_bytes())
+                    .map_err(|_| H1Error::Malformed("trailer name"))?;
+                let value = HeaderValue::from_bytes(field.value)
+                    .map_err(|_| H1Error::Malformed("trailer value"))?;
+                trailers.append(name, value);
+            }
+            Ok(trailers)
+        }
+        Ok(httparse::Status::Partial) => Err(H1Error::Malformed("trailer section")),
+        Err(httparse::Error::TooManyHeaders) => Err(H1Error::TooManyHeaders),
+        Err(_) => Err(H1Error::Malformed("trailer section")),
+    }
+}
+
+impl Body for RawBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            match this.decode() {
+                Ok(Step::Frame(frame)) => {
+                    this.progressed = true;
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(Step::Done) => return Poll::Ready(None),
+                Ok(Step::NeedMore) => {}
+                Err(error) => return this.fail(error),
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                // Failed earlier (see `new`).
+                return this.fail(H1Error::Malformed("response body framing"));
+            };
+            let want = match this.state {
+                State::Length(left) | State::Chunked(Chunk::Data(left)) => usize::try_from(left)
+                    .unwrap_or(READ_CHUNK)
+                    .clamp(1, READ_CHUNK),
+                _ => READ_CHUNK,
+            };
+            conn.buf.reserve(want);
+            let RawConn { stream, buf, .. } = conn;
+            match pin!(stream.read_buf(buf)).poll(cx) {
+                Poll::Ready(Ok(0)) => {
+                    if matches!(this.state, State::Close) {
+                        this.state = State::Done;
+                        this.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    return this.fail(H1Error::Truncated);
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(error)) => return this.fail(H1Error::Io(error)),
+                Poll::Pending => {
+                    let idle_timeout = this.idle_timeout;
+                    let progressed = std::mem::take(&mut this.progressed);
+                    let idle = this
+                        .idle
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle_timeout)));
+                    if progressed {
+                        idle.as_mut().reset(Instant::now() + idle_timeout);
+                    }
+                    if idle.as_mut().poll(cx).is_ready() {
+                        this.conn = None;
+                        this.state = State::Done;
+                        return Poll::Ready(Some(Err(Box::new(ProxyError::TargetTimeout {
+                            target: this.target.to_string(),
+                            timeout: idle_timeout,
+                        }))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(left) if self.conn.is_some() => SizeHint::with_exact(left),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8], is_head: bool) -> Result<Option<Head>, H1Error> {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, 32 * 1024, is_head)
+    }
+
+    #[test]
+    fn content_length_values_must_agree() {
+        let mut h = HeaderMap::new();
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
+        assert_eq!(content_length(&h), Some(Ok(5)));
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert_eq!(content_length(&h), Some(Err(())));
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("+5"));
+        assert_eq!(content_length(&h), Some(Err(())));
+    }
+
+    #[test]
+    fn informational_responses_are_skipped() {
+        let head = parse(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        )
+        .expect("valid")
+        .expect("complete");
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(matches!(head.framing, State::Length(2)));
+        assert!(head.keep_alive);
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true)
+            .expect("valid")
+            .expect("complete");
+        assert!(matches!(head.framing, State::Length(0)), "HEAD");
+        let head = parse(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            false,
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(matches!(head.framing, State::Length(0)), "304");
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+            false,
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(matches!(head.framing, State::Chunked(Chunk::Size)));
+        let head = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false)
+            .expect("valid")
+            .expect("complete");
+        assert!(matches!(head.framing, State::Close));
+        let head = parse(b"HTTP/1.0 200 OK\r\n\r\n", false)
+            .expect("valid")
+            .expect("complete");
+        assert!(matches!(head.framing, State::Close));
+        assert!(!head.keep_alive);
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(!head.keep_alive);
+        assert!(matches!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false),
+            Err(H1Error::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn oversized_heads_and_too_many_fields_are_refused() {
+        let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 40 * 1024));
+        assert!(matches!(parse(&raw, false), Err(H1Error::HeadTooLarge(_))));
+        let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            raw.extend(format!("x-{i}: y\r\n").as_bytes());
+        }
+        raw.extend(b"\r\n");
+        assert!(matches!(parse(&raw, false), Err(H1Error::TooManyHeaders)));
+        assert!(matches!(
+            parse(b"HTTP/1.1 200 OK\r\nX: y\r\n", false),
+            Ok(None)
+        ));
+    }
+}
