@@ -34,9 +34,8 @@ pub enum LogFormat {
 }
 
 /// The filter of `lb`'s own log when `LB_LOG` is not set: `info`, but rustls only from
-/// `error`. rustls warns about what a client sent (an IP address as SNI, as OpenSSL-based
-/// clients such as wrk and curl send when given `https://127.0.0.1/`; alerts; malformed
-/// messages) once per connection, so any client could make `lb` format and write a line per
+/// `error`. rustls warns about what a client sent (an IP address as SNI, as wrk sends when
+/// given `https://127.0.0.1/`; alerts; malformed messages) once per connection, so any client could make `lb` format and write a line per
 /// connection. Client TLS failures are counted (`ClientTLSNegotiationErrorCount`) and logged
 /// at `debug` by the listener instead; `LB_LOG=info,rustls=warn` brings rustls's warnings back.
 pub const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
