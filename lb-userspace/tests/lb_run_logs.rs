@@ -264,8 +264,16 @@ fn hello_with_ip_sni(addr: std::net::SocketAddr) {
 
 #[test]
 fn rustls_warnings_about_what_a_client_sent_are_not_logged_by_default() {
+    /// Removes the certificates' directory, also when the test fails.
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
     let t = Target::start("t");
-    let dir = tempdir("logs-tls-certs");
+    let dir = RemoveDir(tempdir("logs-tls-certs"));
+    let dir = &dir.0;
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).expect("cert.pem");
@@ -302,5 +310,4 @@ fn rustls_warnings_about_what_a_client_sent_are_not_logged_by_default() {
     // The default filter still logs lb's own info lines.
     assert!(log.contains("listening"), "{log}");
     assert!(!log.contains("Illegal SNI"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
