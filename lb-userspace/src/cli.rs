@@ -33,6 +33,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// The filter of `lb`'s own log when `LB_LOG` is not set: `info`, but rustls only from
+/// `error`. rustls warns about what a client sent (an IP address as SNI, as wrk sends when
+/// given `https://127.0.0.1/`; alerts; malformed messages) once per connection, so any client could make `lb` format and write a line per
+/// connection. Client TLS failures are counted (`ClientTLSNegotiationErrorCount`) and logged
+/// at `debug` by the listener instead; `LB_LOG=info,rustls=warn` brings rustls's warnings back.
+pub const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 #[expect(
@@ -530,4 +537,59 @@ pub enum RulesAction {
         #[arg(required = true, value_name = "FROM:TO")]
         moves: Vec<String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::DEFAULT_LOG_FILTER;
+
+    /// A `MakeWriter` that appends every line to one shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn default_log_filter_drops_rustls_per_connection_warnings_but_keeps_lb_info_and_rustls_errors()
+    {
+        let out = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER))
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            // What rustls logs (through the `log` bridge, under its module path) when a
+            // client sends an IP address as SNI.
+            tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
+            tracing::error!(target: "rustls::conn", "rustls-error-line");
+            tracing::info!(target: "lb::proxy::server", "listening-line");
+            tracing::warn!(target: "lb::proxy::server", "lb-warning-line");
+        });
+        let text = String::from_utf8(out.0.lock().expect("buffer").clone()).expect("utf-8");
+        // Positive controls: the same subscriber writes lb's info and warnings and rustls's
+        // errors.
+        assert!(text.contains("listening-line"), "{text}");
+        assert!(text.contains("lb-warning-line"), "{text}");
+        assert!(text.contains("rustls-error-line"), "{text}");
+        assert!(!text.contains("Illegal SNI"), "{text}");
+    }
 }

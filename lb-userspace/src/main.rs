@@ -38,12 +38,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `lb`'s own log on stderr: `LB_LOG` filters (default `info`); colours only when stderr is a
-/// terminal; `--log-format json` for log shippers.
+/// `lb`'s own log on stderr: `LB_LOG` filters (default [`lb::cli::DEFAULT_LOG_FILTER`]);
+/// colours only when stderr is a terminal; `--log-format json` for log shippers.
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(lb::cli::DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,6 +1,7 @@
 //! The logs of a running `lb run`, end to end: the access log reopened on SIGHUP after a
 //! logrotate-style move and rotated by time, the health-check log, `--log-format json`
-//! without terminal colours, and `lb stats --watch`.
+//! without terminal colours, rustls's per-connection warnings left out of `lb`'s own log by
+//! default, and `lb stats --watch`.
 mod support_lb;
 
 use std::io::{BufRead as _, BufReader};
@@ -237,4 +238,76 @@ fn lb_stats_watch_prints_a_document_per_interval() {
         docs.iter()
             .all(|d| d["metrics"].as_array().is_some_and(|m| !m.is_empty()))
     );
+}
+
+/// A TLS 1.3 ClientHello as `openssl s_client -connect 127.0.0.1:PORT -servername 127.0.0.1`
+/// sends it: with the IP address as SNI, which RFC 6066 forbids and rustls warns about.
+const CLIENT_HELLO_WITH_IP_SNI: &str = "16030100ee010000ea0303ebb9e4755e20d11fa3798755d1c87116880a5ef46de9be9b2e6dc64e99915f9520d0b39681a659a7529c8203f19626d7399fe18a56f714b61aaa4e07bf44b02941000813021303130100ff010000990000000e000c0000093132372e302e302e31000b000403000102000a00160014001d0017001e0019001801000101010201030104002300000016000000170000000d001e001c040305030603080708080809080a080b080408050806040105010601002b0003020304002d00020101003300260024001d00207949c85bcf03210b07a01521fb2559edfc0a3733f46d450cfb1efaa299a10875";
+
+/// Sends [`CLIENT_HELLO_WITH_IP_SNI`] to `addr` and waits for the ServerHello's record
+/// header: rustls has handled (and logged about) the ClientHello by then.
+fn hello_with_ip_sni(addr: std::net::SocketAddr) {
+    use std::io::{Read as _, Write as _};
+    let hello: Vec<u8> = (0..CLIENT_HELLO_WITH_IP_SNI.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&CLIENT_HELLO_WITH_IP_SNI[i..i + 2], 16).expect("hex"))
+        .collect();
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to the TLS listener");
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    c.write_all(&hello).expect("send the ClientHello");
+    let mut header = [0u8; 5];
+    c.read_exact(&mut header).expect("the ServerHello");
+    // 0x16: a handshake record (the ServerHello), not an alert.
+    assert_eq!(header[0], 0x16, "{header:?}");
+}
+
+#[test]
+fn rustls_warnings_about_what_a_client_sent_are_not_logged_by_default() {
+    /// Removes the certificates' directory, also when the test fails.
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let t = Target::start("t");
+    let dir = RemoveDir(tempdir("logs-tls-certs"));
+    let dir = &dir.0;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).expect("cert.pem");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key.pem");
+    let extra = [
+        "--listener".to_owned(),
+        format!(
+            // Port 0 twice on one address reads as a clash; any 127/8 address is loopback.
+            "tls=https://127.0.0.2:0,cert={}:{}",
+            cert.display(),
+            key.display()
+        ),
+        "--rule".to_owned(),
+        "tls,default,forward=app".to_owned(),
+    ];
+    // Positive control: with rustls's warnings asked for, the same ClientHello logs one.
+    let warned = Lb::start_logging(
+        "logs-rustls-warn",
+        &[],
+        &flags(&extra, &t),
+        Some("info,rustls=warn"),
+    );
+    hello_with_ip_sni(warned.listener_addr("tls"));
+    wait_for(
+        "rustls's warning with LB_LOG=info,rustls=warn",
+        Duration::from_secs(20),
+        || warned.log().contains("Illegal SNI").then_some(()),
+    );
+    let default = Lb::start_logging("logs-rustls-default", &[], &flags(&extra, &t), None);
+    for _ in 0..3 {
+        hello_with_ip_sni(default.listener_addr("tls"));
+    }
+    let log = default.log();
+    // The default filter still logs lb's own info lines.
+    assert!(log.contains("listening"), "{log}");
+    assert!(!log.contains("Illegal SNI"), "{log}");
 }

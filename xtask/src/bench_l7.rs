@@ -8,14 +8,20 @@
 //!
 //! - HTTP/1.1 keep-alive (`wrk -t1 -c64`): requests/s, requests per proxy CPU-second, p50/p99;
 //! - HTTP/2 over TLS (`h2load -c32 -m10`): requests/s and per proxy CPU-second;
-//! - full TLS handshakes, one request per connection (`wrk -H 'Connection: close'` over
-//!   HTTPS: wrk resumes no session), per proxy CPU-second;
+//! - full TLS handshakes, one HTTP/1.0 request per connection, per proxy CPU-second: 32
+//!   `openssl s_time -new` clients at once, each making one connection after another with a
+//!   new session every time (no resumption);
+//! - resumed TLS connections, one request each (`wrk -c32 -H 'Connection: close'` over
+//!   HTTPS), per proxy CPU-second: wrk keeps its previous connection's session (`SSL_clear`)
+//!   and offers its TLS 1.3 ticket, so after the first connection every proxy resumes (PSK
+//!   with a fresh X25519 exchange: no certificate, no signature);
 //! - `lb`'s resident memory idle and after the keep-alive run;
 //! - `lb+log`: `lb` again with its ALB-format access log on (written to a file), so the cost
 //!   of logging shows beside `lb` without it (counting is always on).
 //!
-//! `--only h1|h2|handshakes` measures one figure (same peers, same rounds); `--baseline PATH`
-//! runs another `lb` binary as `lb-base` in every round, so two builds compare in one run.
+//! `--only h1,h2,handshakes,resumed` (any of them) measures those figures only (same peers,
+//! same rounds); `--baseline PATH` runs another `lb` binary as `lb-base` in every round, so two
+//! builds compare in one run.
 //!
 //! A proxy's CPU time (user and system) is read from `/proc` for every process of it (nginx:
 //! master and workers) before and after each run. Ratios within a round are the headline; rounds give
@@ -78,8 +84,8 @@ const BASELINE: Proxy = Proxy {
 pub struct Options {
     /// One short round instead of three long ones.
     pub quick: bool,
-    /// One figure only.
-    pub only: Option<Figure>,
+    /// These figures only.
+    pub only: Option<Vec<Figure>>,
     /// Another `lb` binary to run beside the built one (`lb-base`).
     pub baseline: Option<PathBuf>,
 }
@@ -508,6 +514,67 @@ fn run_h2load(url: &str, seconds: u64) -> anyhow::Result<Sample> {
     Ok(s)
 }
 
+/// Full handshakes: `clients` `openssl s_time -new` processes at once against the HTTPS
+/// listener on `port`, each connecting, sending `GET / HTTP/1.0` and reading the response
+/// until the proxy closes, one connection after another for `seconds`, with a new session
+/// every time (`-new`: no resumption). A connection that read less than the backend's body
+/// counts as an error.
+fn run_s_time(port: u16, clients: u32, seconds: u64) -> anyhow::Result<Sample> {
+    let children = (0..clients)
+        .map(|_| {
+            Command::new("openssl")
+                .args([
+                    "s_time",
+                    "-connect",
+                    &format!("127.0.0.1:{port}"),
+                    "-new",
+                    "-www",
+                    "/",
+                    "-time",
+                    &seconds.to_string(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("running openssl s_time")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut s = Sample::default();
+    let mut connections = 0u64;
+    for child in children {
+        let out = child
+            .wait_with_output()
+            .context("waiting for openssl s_time")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "openssl s_time failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // "806 connections in 3 real seconds, 223 bytes read per connection"
+        let line = text
+            .lines()
+            .find(|l| l.contains("connections in") && l.contains("real seconds"))
+            .with_context(|| format!("could not read openssl s_time's output:\n{text}"))?;
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let n: u64 = w.first().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let per_conn: usize = w
+            .iter()
+            .position(|x| *x == "bytes")
+            .and_then(|i| w.get(i.checked_sub(1)?)?.trim_end_matches(',').parse().ok())
+            .unwrap_or(0);
+        if per_conn < BODY.len() {
+            s.errors += n.max(1);
+        }
+        connections += n;
+    }
+    // `measure` counts rps × seconds requests against the CPU time spent.
+    s.rps = connections as f64 / seconds as f64;
+    ensure!(s.rps > 0.0, "openssl s_time made no connection");
+    Ok(s)
+}
+
 /// The TLS version, cipher suite and key-exchange group an OpenSSL client (`openssl s_client`, as wrk's OpenSSL
 /// offers them) negotiates with the proxy listening on `port`.
 fn negotiated(port: u16) -> String {
@@ -550,18 +617,25 @@ pub enum Figure {
     H1KeepAlive,
     H2Tls,
     Handshakes,
+    Resumed,
 }
 
 impl Figure {
-    const ALL: [Figure; 3] = [Figure::H1KeepAlive, Figure::H2Tls, Figure::Handshakes];
+    const ALL: [Figure; 4] = [
+        Figure::H1KeepAlive,
+        Figure::H2Tls,
+        Figure::Handshakes,
+        Figure::Resumed,
+    ];
 
-    /// `--only`'s names: `h1`, `h2`, `handshakes`.
+    /// `--only`'s names: `h1`, `h2`, `handshakes`, `resumed`.
     pub fn parse(name: &str) -> anyhow::Result<Figure> {
         Ok(match name {
             "h1" => Figure::H1KeepAlive,
             "h2" => Figure::H2Tls,
             "handshakes" => Figure::Handshakes,
-            _ => bail!("--only takes h1, h2 or handshakes, not {name:?}"),
+            "resumed" => Figure::Resumed,
+            _ => bail!("--only takes h1, h2, handshakes or resumed, not {name:?}"),
         })
     }
 
@@ -570,6 +644,7 @@ impl Figure {
             Figure::H1KeepAlive => "h1",
             Figure::H2Tls => "h2",
             Figure::Handshakes => "handshakes",
+            Figure::Resumed => "resumed",
         }
     }
 
@@ -578,7 +653,10 @@ impl Figure {
             Figure::H1KeepAlive => "HTTP/1.1 keep-alive (wrk -t1 -c64)",
             Figure::H2Tls => "HTTP/2 over TLS (h2load -c32 -m10)",
             Figure::Handshakes => {
-                "full TLS handshakes, 1 request each (wrk -c32, Connection: close)"
+                "full TLS handshakes, 1 request each (32 × openssl s_time -new, HTTP/1.0)"
+            }
+            Figure::Resumed => {
+                "resumed TLS connections, 1 request each (wrk -c32, Connection: close)"
             }
         }
     }
@@ -591,7 +669,8 @@ fn measure(f: Figure, p: &Proxy, proxy: &Running, seconds: u64) -> anyhow::Resul
             run_wrk(&format!("http://127.0.0.1:{}/", p.http), 64, seconds, false)?
         }
         Figure::H2Tls => run_h2load(&format!("https://127.0.0.1:{}/", p.https), seconds)?,
-        Figure::Handshakes => run_wrk(
+        Figure::Handshakes => run_s_time(p.https, 32, seconds)?,
+        Figure::Resumed => run_wrk(
             &format!("https://127.0.0.1:{}/", p.https),
             32,
             seconds,
@@ -639,7 +718,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
     }
     let figures: Vec<Figure> = Figure::ALL
         .into_iter()
-        .filter(|f| opts.only.is_none_or(|o| o == *f))
+        .filter(|f| opts.only.as_ref().is_none_or(|o| o.contains(f)))
         .collect();
     let mut proxies: Vec<&Proxy> = PROXIES.iter().collect();
     if opts.baseline.is_some() {
@@ -672,8 +751,10 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
     println!(
         "command:  cargo xtask bench l7{}{}{}",
         if quick { " --quick" } else { "" },
-        opts.only
-            .map_or(String::new(), |f| format!(" --only {}", f.short())),
+        opts.only.as_ref().map_or(String::new(), |f| format!(
+            " --only {}",
+            f.iter().map(|f| f.short()).collect::<Vec<_>>().join(",")
+        )),
         opts.baseline
             .as_ref()
             .map_or(String::new(), |b| format!(" --baseline {}", b.display()))
@@ -717,8 +798,8 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
                 if p.name == "lb" && f == Figure::H1KeepAlive {
                     lb_rss.1 = proxy.rss_mib();
                 }
-                // h2load reports no percentiles.
-                let latency = if f == Figure::H2Tls {
+                // h2load and s_time report no percentiles.
+                let latency = if matches!(f, Figure::H2Tls | Figure::Handshakes) {
                     String::new()
                 } else {
                     format!("  p50 {:>6.2} ms  p99 {:>6.2} ms", s.p50_ms, s.p99_ms)
@@ -770,7 +851,8 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
                 )
             };
             let lat = |g: fn(&Sample) -> f64| {
-                if f == Figure::H2Tls {
+                // h2load and s_time report no percentiles.
+                if matches!(f, Figure::H2Tls | Figure::Handshakes) {
                     "-".to_owned()
                 } else {
                     format!("{:.2}", median(v.iter().map(g).collect()))

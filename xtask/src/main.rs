@@ -71,8 +71,8 @@ enum Bench {
         /// One short round instead of three long ones.
         #[arg(long)]
         quick: bool,
-        /// Measure one figure only (h1, h2 or handshakes), with the same peers in the same
-        /// rounds: to iterate on one path faster.
+        /// Measure only these figures (comma-separated: h1, h2, handshakes, resumed), with the
+        /// same peers in the same rounds: to iterate on one path faster.
         #[arg(long)]
         only: Option<String>,
         /// Also run this `lb` binary, as `lb-base`, in every round beside the freshly built one:
@@ -159,7 +159,15 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
             baseline,
         } => {
             require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
-            let only = only.as_deref().map(bench_l7::Figure::parse).transpose()?;
+            let only = only
+                .as_deref()
+                .map(|names| {
+                    names
+                        .split(',')
+                        .map(bench_l7::Figure::parse)
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+                .transpose()?;
             cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
             bench_l7::run(
                 root,

@@ -241,6 +241,8 @@ pub struct Lb {
     /// The TCP admin listener, if it has one.
     pub admin_tcp: Option<SocketAddr>,
     log: PathBuf,
+    /// Its ready line (`ready: …; listeners NAME=ADDR …; admin socket …`).
+    ready: String,
 }
 
 /// A scratch directory unique to this process and `name`.
@@ -258,16 +260,31 @@ impl Lb {
 
     /// [`start`](Self::start) with global options before `run` (e.g. `--log-format json`).
     pub fn start_with(name: &str, global: &[&str], flags: &[String]) -> Self {
+        Self::start_logging(name, global, flags, Some("info"))
+    }
+
+    /// [`start_with`](Self::start_with) with `LB_LOG` set to `log_filter`, or unset (`lb`'s
+    /// default filter) for `None`.
+    pub fn start_logging(
+        name: &str,
+        global: &[&str],
+        flags: &[String],
+        log_filter: Option<&str>,
+    ) -> Self {
         let dir = tempdir(name);
         let admin = dir.join("admin.sock");
         let log = dir.join("lb.log");
-        let mut child = Command::new(LB)
-            .args(global)
+        let mut cmd = Command::new(LB);
+        cmd.args(global)
             .arg("run")
             .args(flags)
             .arg("--admin-socket")
-            .arg(&admin)
-            .env("LB_LOG", "info")
+            .arg(&admin);
+        match log_filter {
+            Some(f) => cmd.env("LB_LOG", f),
+            None => cmd.env_remove("LB_LOG"),
+        };
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -298,7 +315,18 @@ impl Lb {
             admin_tcp,
             dir,
             log,
+            ready: line,
         }
+    }
+
+    /// The address of the listener `name`, from the ready line.
+    pub fn listener_addr(&self, name: &str) -> SocketAddr {
+        let prefix = format!("{name}=");
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
+            .map(|a| a.trim_end_matches(';').parse().expect("listener address"))
+            .unwrap_or_else(|| panic!("no listener {name} in {:?}", self.ready))
     }
 
     /// What `lb run` logged so far.
