@@ -1041,6 +1041,9 @@ pub fn run(lb: &Path, quick: bool) -> anyhow::Result<()> {
         cpus > LB_CPU,
         "needs at least 2 CPUs (generators on cpu {GEN_CPU}, the LB on cpu {LB_CPU})"
     );
+    // Put back when this returns: `bench all` runs the other suites in this process and its
+    // children after this one, and they must get both CPUs and the default signal handling.
+    let _restore = Restore::take()?;
     // SAFETY: installing an async-signal-safe handler (it only stores an atomic).
     unsafe {
         libc::signal(
@@ -1230,6 +1233,47 @@ fn table(results: &[(Mode, Figure, Sample)]) -> String {
 /// Removes the bench's scratch directory, also when a step fails.
 struct RemoveDir(PathBuf);
 
+/// The calling thread's CPU affinity and the SIGINT/SIGTERM handlers as they were before
+/// [`run`] pinned the thread to the generators' CPU and installed its own handlers; restored on
+/// drop. (Without it, every suite `bench all` ran after this one inherited a one-CPU mask.)
+struct Restore {
+    cpus: libc::cpu_set_t,
+    int: libc::sighandler_t,
+    term: libc::sighandler_t,
+}
+
+impl Restore {
+    fn take() -> anyhow::Result<Self> {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set for sched_getaffinity to fill;
+        // signal(2) with SIG_DFL only reads back (and then reinstates) the current handler.
+        unsafe {
+            let mut cpus: libc::cpu_set_t = std::mem::zeroed();
+            let rc = libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut cpus);
+            ensure!(
+                rc == 0,
+                "reading this thread's CPU affinity: {}",
+                std::io::Error::last_os_error()
+            );
+            let int = libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGINT, int);
+            let term = libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, term);
+            Ok(Self { cpus, int, term })
+        }
+    }
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        // SAFETY: reinstating a mask and handlers this process had before.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.cpus);
+            libc::signal(libc::SIGINT, self.int);
+            libc::signal(libc::SIGTERM, self.term);
+        }
+    }
+}
+
 impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -1242,4 +1286,67 @@ fn uname() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask() -> Vec<usize> {
+        // SAFETY: as in `Restore::take`.
+        let set = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+                0
+            );
+            set
+        };
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+            .collect()
+    }
+
+    fn sigterm_handler() -> libc::sighandler_t {
+        // SAFETY: reads the handler back by swapping SIG_DFL in and out.
+        unsafe {
+            let h = libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, h);
+            h
+        }
+    }
+
+    /// `bench all` runs the L7 and control suites after this one in the same process: they
+    /// must not inherit the generators' one-CPU mask or the interrupt flag's handlers.
+    #[test]
+    fn restore_gives_back_the_cpu_mask_and_signal_handlers_after_pinning() {
+        // A thread of its own: the mask is per thread, and other tests run beside this one.
+        std::thread::spawn(|| {
+            let before = mask();
+            let handler = sigterm_handler();
+            assert!(
+                before.len() >= 2,
+                "the bench needs two CPUs, this thread may use {before:?}"
+            );
+            {
+                let _restore = Restore::take().expect("saving");
+                pin(0, GEN_CPU).expect("pinning");
+                // SAFETY: as in `run`.
+                unsafe {
+                    libc::signal(
+                        libc::SIGTERM,
+                        on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                    );
+                }
+                // Positive control: the pinning and the handler took effect.
+                assert_eq!(mask(), vec![GEN_CPU]);
+                assert_ne!(sigterm_handler(), handler);
+            }
+            assert_eq!(mask(), before);
+            assert_eq!(sigterm_handler(), handler);
+        })
+        .join()
+        .expect("the test thread");
+    }
 }
