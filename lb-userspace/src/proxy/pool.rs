@@ -252,6 +252,32 @@ impl PoolState {
         self.survived = Some(self.survived.map_or(idle_for, |s| s.max(idle_for)));
     }
 
+    /// The idle connection a request should take (the most recently used of those `kind`
+    /// accepts), by the reuse rules: under the estimated reuse limit when the request can be
+    /// retried, under the proven-safe limit when it cannot (counting a connection avoided for
+    /// that reason). The caller removes it from `idle`.
+    fn pick(
+        &mut self,
+        now: Instant,
+        retryable: bool,
+        idle_timeout: Duration,
+        kind: impl Fn(&Pooled) -> bool,
+    ) -> Option<usize> {
+        let limit = self.estimator.reuse_limit(idle_timeout);
+        let usable = |idle: &Idle, limit: Duration| {
+            now.saturating_duration_since(idle.since) < limit && kind(&idle.conn)
+        };
+        if retryable {
+            return self.idle.iter().rposition(|idle| usable(idle, limit));
+        }
+        let safe = self.unretryable_reuse_limit(idle_timeout);
+        let pos = self.idle.iter().rposition(|idle| usable(idle, safe));
+        if pos.is_none() && self.idle.iter().any(|idle| usable(idle, limit)) {
+            self.counters.unproven_reuse_avoided += 1;
+        }
+        pos
+    }
+
     /// How long an idle connection may be reused for a request that cannot be retried.
     fn unretryable_reuse_limit(&self, idle_timeout: Duration) -> Duration {
         let limit = self.estimator.reuse_limit(idle_timeout);
@@ -395,30 +421,14 @@ impl TargetPool {
     pub fn checkout_h1(&self, retryable: bool) -> Option<Reused> {
         let now = Instant::now();
         let mut st = self.lock();
-        let limit = st.estimator.reuse_limit(self.idle_timeout);
-        let usable = |idle: &Idle, limit: Duration| {
-            now.saturating_duration_since(idle.since) < limit
-                && matches!(&idle.conn, Pooled::Hyper(conn) if !conn.sender.is_closed() && conn.sender.is_ready())
-        };
-        let pos = if retryable {
-            st.idle.iter().rposition(|idle| usable(idle, limit))?
-        } else {
-            let safe = st.unretryable_reuse_limit(self.idle_timeout);
-            match st.idle.iter().rposition(|idle| usable(idle, safe)) {
-                Some(pos) => pos,
-                None => {
-                    if st.idle.iter().any(|idle| usable(idle, limit)) {
-                        st.counters.unproven_reuse_avoided += 1;
-                    }
-                    return None;
-                }
-            }
-        };
+        let pos = st.pick(now, retryable, self.idle_timeout, |conn| {
+            matches!(conn, Pooled::Hyper(conn) if !conn.sender.is_closed() && conn.sender.is_ready())
+        })?;
         let idle = st.idle.remove(pos);
         // Its driver must stop watching the idle deadline.
         idle.conn.wake_driver();
         let Pooled::Hyper(conn) = idle.conn else {
-            unreachable!("`usable` only accepts hyper connections")
+            unreachable!("`pick` only accepts hyper connections here")
         };
         Some(Reused {
             idle_for: now.saturating_duration_since(idle.since),
@@ -432,27 +442,12 @@ impl TargetPool {
     pub fn checkout_raw(&self, retryable: bool) -> Option<(RawConn, Duration)> {
         let now = Instant::now();
         let mut st = self.lock();
-        let limit = st.estimator.reuse_limit(self.idle_timeout);
-        let usable = |idle: &Idle, limit: Duration| {
-            now.saturating_duration_since(idle.since) < limit && matches!(idle.conn, Pooled::Raw(_))
-        };
         loop {
-            let pos = if retryable {
-                st.idle.iter().rposition(|idle| usable(idle, limit))?
-            } else {
-                let safe = st.unretryable_reuse_limit(self.idle_timeout);
-                match st.idle.iter().rposition(|idle| usable(idle, safe)) {
-                    Some(pos) => pos,
-                    None => {
-                        if st.idle.iter().any(|idle| usable(idle, limit)) {
-                            st.counters.unproven_reuse_avoided += 1;
-                        }
-                        return None;
-                    }
-                }
-            };
+            let pos = st.pick(now, retryable, self.idle_timeout, |conn| {
+                matches!(conn, Pooled::Raw(_))
+            })?;
             let Pooled::Raw(conn) = &st.idle[pos].conn else {
-                unreachable!("`usable` only accepts raw connections")
+                unreachable!("`pick` only accepts raw connections here")
             };
             let mut cx = Context::from_waker(Waker::noop());
             if liveness(&conn.stream, &mut cx) == Liveness::Closed {
