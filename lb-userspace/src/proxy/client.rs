@@ -162,14 +162,12 @@ enum Conn {
     H2(H2Conn),
 }
 
-/// Why sending a request on a raw connection failed (see [`SendError`]).
-enum RawSendError {
-    /// Nothing was written: the request is whole.
-    NotSent(Box<Request<ProxyBody>>, h1::H1Error),
-    /// The request may have been written; no response head arrived.
-    Failed(h1::H1Error),
-    /// No response head within the idle timeout.
-    Timeout,
+/// A connection a request goes out on: run by hyper (HTTP/2, TLS, upgrades) or by our own
+/// HTTP/1.1 client ([`h1`]). Both follow the same pool, retry and error rules
+/// ([`Forwarder::forward`]).
+enum Any {
+    Hyper(Conn),
+    Raw(RawConn),
 }
 
 /// Whether a request goes through our own HTTP/1.1 client ([`h1`]) rather than hyper's:
@@ -182,14 +180,31 @@ fn uses_own_client(endpoint: &TargetEndpoint, req: &Request<ProxyBody>) -> bool 
         && !req.headers().contains_key(http::header::UPGRADE)
 }
 
-/// Why sending a request on a connection failed.
+/// Why sending a request on a connection failed, on either client.
 enum SendError {
-    /// hyper gave the request back: it was never written to the connection.
-    NotSent(Box<Request<ProxyBody>>, hyper::Error),
+    /// The request was never written to the connection (hyper gave it back, or our own
+    /// client's first write failed): it is whole and can go out on another connection.
+    NotSent(Box<Request<ProxyBody>>, BoxError),
     /// The request may have been written; no response head arrived.
-    Failed(hyper::Error),
+    Failed {
+        error: BoxError,
+        /// It looks like the target closed a connection it had kept idle before the request
+        /// arrived (see [`is_stale_connection_symptom`], [`h1::H1Error::is_stale_symptom`]).
+        stale: bool,
+        /// Reading the client's request body failed (our own client tells it apart).
+        body: bool,
+    },
     /// No response head within the idle timeout.
     Timeout,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotSent(_, error) | Self::Failed { error, .. } => error.fmt(f),
+            Self::Timeout => f.write_str("no response head within the idle timeout"),
+        }
+    }
 }
 
 impl Forwarder {
@@ -225,9 +240,7 @@ impl Forwarder {
     ) -> Result<Forwarded, ProxyError> {
         let target = self.inner.target(target);
         let req = prepare_request(req, &target.endpoint);
-        if uses_own_client(&target.endpoint, &req) {
-            return self.forward_raw(&target, req).await;
-        }
+        let own = uses_own_client(&target.endpoint, &req);
         let idempotent = is_idempotent(req.method());
         // Whether the request could be sent again if a reused connection turns out stale: an
         // idempotent method whose body is empty or small enough to be kept (see `Replay`).
@@ -242,9 +255,9 @@ impl Forwarder {
         let mut req = Request::from_parts(parts, body);
 
         let mut retried = false;
-        if let Some((conn, idle_for)) = self.pool_checkout(&target, retryable).await {
+        if let Some((conn, idle_for)) = self.checkout(&target, retryable, own).await {
             target.pool.count_reused();
-            match self.send(&target, conn, req, &replay).await {
+            match self.send_any(&target, conn, req, &replay).await {
                 Ok(response) => {
                     if let Some(idle_for) = idle_for {
                         target.pool.observe_reuse_answered(idle_for);
@@ -260,15 +273,13 @@ impl Forwarder {
                     tracing::debug!(target_addr = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
                     req = *request;
                 }
-                Err(SendError::Failed(error))
-                    if is_stale_connection_symptom(&error) && !replay.body_failed() =>
-                {
+                Err(failed @ SendError::Failed { stale: true, .. }) if !replay.body_failed() => {
                     let again =
                         template.and_then(|template| Some(template.build(replay.replay()?)));
                     let Some(again) = again else {
-                        return Err(self.error(&target, SendError::Failed(error), &replay));
+                        return Err(self.error(&target, failed, &replay));
                     };
-                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "idempotent request failed on a pooled connection; retrying on a new connection");
+                    tracing::debug!(target_addr = %target.endpoint.addr, error = %failed, "idempotent request failed on a pooled connection; retrying on a new connection");
                     req = again;
                 }
                 Err(other) => return Err(self.error(&target, other, &replay)),
@@ -277,9 +288,16 @@ impl Forwarder {
             target.pool.count_retried();
         }
 
-        let (conn, connect_time) = connect::connect(&target, &self.inner.config).await?;
+        let config = &self.inner.config;
+        let (conn, connect_time) = if own {
+            let (conn, time) = connect::connect_raw(&target, config).await?;
+            (Any::Raw(conn), time)
+        } else {
+            let (conn, time) = connect::connect(&target, config).await?;
+            (Any::Hyper(conn), time)
+        };
         target.pool.count_fresh();
-        match self.send(&target, conn, req, &replay).await {
+        match self.send_any(&target, conn, req, &replay).await {
             Ok(response) => Ok(Forwarded {
                 response,
                 reused_connection: false,
@@ -290,68 +308,32 @@ impl Forwarder {
         }
     }
 
-    /// [`Self::forward`] on our own HTTP/1.1 client (plain-TCP targets, see [`h1`]), with the
-    /// same pool rules, retries and error mapping as on hyper's.
-    async fn forward_raw(
+    /// A pooled connection for the next request, with how long it was idle (HTTP/1.1 only):
+    /// one of our own client's when `own`, else one hyper runs.
+    async fn checkout(
+        &self,
+        target: &Target,
+        retryable: bool,
+        own: bool,
+    ) -> Option<(Any, Option<Duration>)> {
+        if own {
+            let (conn, idle_for) = target.pool.checkout_raw(retryable)?;
+            return Some((Any::Raw(conn), Some(idle_for)));
+        }
+        let (conn, idle_for) = self.pool_checkout(target, retryable).await?;
+        Some((Any::Hyper(conn), idle_for))
+    }
+
+    async fn send_any(
         &self,
         target: &Arc<Target>,
+        conn: Any,
         req: Request<ProxyBody>,
-    ) -> Result<Forwarded, ProxyError> {
-        let idempotent = is_idempotent(req.method());
-        let retryable = idempotent
-            && (http_body::Body::is_end_stream(req.body())
-                || http_body::Body::size_hint(req.body())
-                    .upper()
-                    .is_some_and(|n| n <= MAX_REPLAY_BYTES as u64));
-        let (parts, body) = req.into_parts();
-        let (body, replay) = Replay::watch(body, idempotent);
-        let template = idempotent.then(|| RequestTemplate::of(&parts));
-        let mut req = Request::from_parts(parts, body);
-
-        let mut retried = false;
-        if let Some((conn, idle_for)) = target.pool.checkout_raw(retryable) {
-            target.pool.count_reused();
-            match self.send_raw(target, conn, req, &replay).await {
-                Ok(response) => {
-                    target.pool.observe_reuse_answered(idle_for);
-                    return Ok(Forwarded {
-                        response,
-                        reused_connection: true,
-                        retried: false,
-                        connect_time: None,
-                    });
-                }
-                Err(RawSendError::NotSent(request, error)) => {
-                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
-                    req = *request;
-                }
-                Err(RawSendError::Failed(error))
-                    if error.is_stale_symptom() && !replay.body_failed() =>
-                {
-                    let again =
-                        template.and_then(|template| Some(template.build(replay.replay()?)));
-                    let Some(again) = again else {
-                        return Err(self.raw_error(target, RawSendError::Failed(error), &replay));
-                    };
-                    tracing::debug!(target_addr = %target.endpoint.addr, %error, "idempotent request failed on a pooled connection; retrying on a new connection");
-                    req = again;
-                }
-                Err(other) => return Err(self.raw_error(target, other, &replay)),
-            }
-            retried = true;
-            target.pool.count_retried();
-        }
-
-        let (conn, connect_time) = connect::connect_raw(target, &self.inner.config).await?;
-        target.pool.count_fresh();
-        match self.send_raw(target, conn, req, &replay).await {
-            Ok(response) => Ok(Forwarded {
-                response,
-                reused_connection: false,
-                retried,
-                connect_time: Some(connect_time),
-            }),
-            Err(error) => Err(self.raw_error(target, error, &replay)),
+        replay: &Replay,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        match conn {
+            Any::Hyper(conn) => self.send(target, conn, req, replay).await,
+            Any::Raw(conn) => self.send_raw(target, conn, req, replay).await,
         }
     }
 
@@ -361,7 +343,7 @@ impl Forwarder {
         conn: RawConn,
         req: Request<ProxyBody>,
         replay: &Replay,
-    ) -> Result<Response<ProxyBody>, RawSendError> {
+    ) -> Result<Response<ProxyBody>, SendError> {
         let config = &self.inner.config;
         let sent = h1::send(
             conn,
@@ -372,35 +354,23 @@ impl Forwarder {
             config.idle_timeout,
         );
         let response = match with_idle_timeout(sent, config.idle_timeout, replay).await {
-            None => return Err(RawSendError::Timeout),
+            None => return Err(SendError::Timeout),
             Some(Err(h1::Failure::NotSent(req, error))) => {
-                return Err(RawSendError::NotSent(req, error));
+                return Err(SendError::NotSent(req, Box::new(error)));
             }
-            Some(Err(h1::Failure::Failed(error))) => return Err(RawSendError::Failed(error)),
+            Some(Err(h1::Failure::Failed(error))) => {
+                return Err(SendError::Failed {
+                    stale: error.is_stale_symptom(),
+                    body: matches!(error, h1::H1Error::Body(_)),
+                    error: Box::new(error),
+                });
+            }
             Some(Ok(response)) => response,
         };
         if let Some(hint) = crate::headers::keep_alive_timeout(response.headers()) {
             target.pool.set_keep_alive_hint(hint);
         }
         Ok(response)
-    }
-
-    fn raw_error(&self, target: &Target, error: RawSendError, replay: &Replay) -> ProxyError {
-        let addr = target.endpoint.addr.to_string();
-        match error {
-            RawSendError::Timeout => ProxyError::TargetTimeout {
-                target: addr,
-                timeout: self.inner.config.idle_timeout,
-            },
-            _ if replay.body_failed() => ProxyError::ClientClosed,
-            RawSendError::Failed(h1::H1Error::Body(_)) => ProxyError::ClientClosed,
-            RawSendError::NotSent(_, error) | RawSendError::Failed(error) => {
-                ProxyError::TargetFailed {
-                    target: addr,
-                    source: Box::new(error),
-                }
-            }
-        }
     }
 
     /// A snapshot of every target's pool: learned idle-close time, idle connections, counters
@@ -448,10 +418,13 @@ impl Forwarder {
                 timeout: self.inner.config.idle_timeout,
             },
             _ if replay.body_failed() => ProxyError::ClientClosed,
-            SendError::NotSent(_, error) | SendError::Failed(error) => ProxyError::TargetFailed {
-                target: addr,
-                source: Box::new(error),
-            },
+            SendError::Failed { body: true, .. } => ProxyError::ClientClosed,
+            SendError::NotSent(_, error) | SendError::Failed { error, .. } => {
+                ProxyError::TargetFailed {
+                    target: addr,
+                    source: error,
+                }
+            }
         }
     }
 }
@@ -501,8 +474,18 @@ fn receive(result: Sent) -> Result<Response<Incoming>, SendError> {
     match result {
         Ok(response) => Ok(response),
         Err(mut error) => match error.take_message() {
-            Some(request) => Err(SendError::NotSent(Box::new(request), error.into_error())),
-            None => Err(SendError::Failed(error.into_error())),
+            Some(request) => Err(SendError::NotSent(
+                Box::new(request),
+                Box::new(error.into_error()),
+            )),
+            None => {
+                let error = error.into_error();
+                Err(SendError::Failed {
+                    stale: is_stale_connection_symptom(&error),
+                    body: false,
+                    error: Box::new(error),
+                })
+            }
         },
     }
 }
