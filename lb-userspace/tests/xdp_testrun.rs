@@ -2568,28 +2568,32 @@ fn icmp_that_is_no_error_about_a_vip_flow_is_passed_with_one_counter() {
 
 /// Pretends `key`'s flow was last seen `ago` before now (as if it had been idle that long).
 fn age_flow(lb: &mut Lb, key: &FlowKey, ago: Duration) {
-    let now = lb::l4::flows::monotonic_ns();
-    let maps = lb.registry.maps_mut();
-    let mut v = maps.flows.get(key, 0).expect("the flow exists");
-    v.last_seen_ns = now - ago.as_nanos() as u64;
-    v.created_ns = v.created_ns.min(v.last_seen_ns);
-    maps.flows.insert(key, v, 0).expect("rewriting the flow");
+    set_last_seen(
+        lb,
+        key,
+        lb::l4::flows::monotonic_ns() - ago.as_nanos() as u64,
+    );
+}
+
+/// A UDP VIP 198.51.100.1:53 with a 30 s idle timeout and one backend.
+fn dns_vip_idle_30s(lb: &mut Lb) -> VipAddr {
+    let mut spec = VipSpec::new(
+        None,
+        VipAddr {
+            addr: Ipv4Addr::new(198, 51, 100, 1).into(),
+            port: 53,
+            proto: Proto::Udp,
+        },
+    );
+    spec.idle_timeout = Duration::from_secs(30);
+    lb.add_vip_spec(spec, &[backend(11)])
 }
 
 #[test]
 fn a_flow_idle_beyond_its_vips_timeout_is_steered_as_new_and_one_within_it_is_not() {
     netns_test(|| {
         let mut lb = Lb::load();
-        let mut spec = VipSpec::new(
-            None,
-            VipAddr {
-                addr: Ipv4Addr::new(198, 51, 100, 1).into(),
-                port: 53,
-                proto: Proto::Udp,
-            },
-        );
-        spec.idle_timeout = Duration::from_secs(30);
-        let dns = lb.add_vip_spec(spec, &[backend(11)]);
+        let dns = dns_vip_idle_30s(&mut lb);
         let ports: Vec<u16> = (0..40).map(|i| 48_000 + i).collect();
         let dgram = |p: u16| {
             Frame {
@@ -2722,16 +2726,7 @@ fn flow_times_come_from_the_coarse_clock_and_a_hit_rewrites_last_seen_only_when_
     netns_test(|| {
         use lb::l4::flows::monotonic_ns;
         let mut lb = Lb::load();
-        let mut spec = VipSpec::new(
-            None,
-            VipAddr {
-                addr: Ipv4Addr::new(198, 51, 100, 1).into(),
-                port: 53,
-                proto: Proto::Udp,
-            },
-        );
-        spec.idle_timeout = Duration::from_secs(30);
-        let dns = lb.add_vip_spec(spec, &[backend(11)]);
+        let dns = dns_vip_idle_30s(&mut lb);
         let dgram = Frame {
             sport: 47_000,
             ..udp(dns.addr, 53)

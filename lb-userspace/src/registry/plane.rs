@@ -160,18 +160,23 @@ mod tests {
             .collect()
     }
 
+    /// Group `web` (10 s deregistration delay, used by a rule) with targets 1 and 2.
+    fn web_with_two_targets() -> Arc<ControlPlane> {
+        let mut r = Registry::new();
+        r.create_group(parse_target_group("web,deregistration-delay=10").unwrap())
+            .unwrap();
+        r.set_rule_users(&BTreeMap::from([("web".to_owned(), 1)]));
+        r.register("web", &[(addr(1), 1), (addr(2), 1)]).unwrap();
+        ControlPlane::new(r)
+    }
+
     /// A write that wakes the timer after a drain's deadline has passed, but before the
     /// timer's own sleep fired, must still end the drain. (It once did not: the turn after a
     /// write only looked for deadlines still ahead, so the drain lasted until some unrelated
     /// change.) The timer future is polled by hand, so the interleaving is exact.
     #[tokio::test(start_paused = true)]
     async fn a_drain_ends_when_a_write_wakes_the_timer_after_the_deadline() {
-        let mut r = Registry::new();
-        r.create_group(parse_target_group("web,deregistration-delay=10").unwrap())
-            .unwrap();
-        r.set_rule_users(&BTreeMap::from([("web".to_owned(), 1)]));
-        r.register("web", &[(addr(1), 1), (addr(2), 1)]).unwrap();
-        let plane = ControlPlane::new(r);
+        let plane = web_with_two_targets();
         let mut timer = pin!(plane.clone().run_timers());
         turn(timer.as_mut());
         assert_eq!(
@@ -208,12 +213,7 @@ mod tests {
     /// for the counters and the snapshot the test above reads.
     #[tokio::test(start_paused = true)]
     async fn a_drain_ends_at_its_deadline_without_any_write() {
-        let mut r = Registry::new();
-        r.create_group(parse_target_group("web,deregistration-delay=10").unwrap())
-            .unwrap();
-        r.set_rule_users(&BTreeMap::from([("web".to_owned(), 1)]));
-        r.register("web", &[(addr(1), 1), (addr(2), 1)]).unwrap();
-        let plane = ControlPlane::new(r);
+        let plane = web_with_two_targets();
         let timer = tokio::spawn(plane.clone().run_timers());
         let mut rx = plane.subscribe();
         plane
