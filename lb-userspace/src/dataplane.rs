@@ -695,44 +695,22 @@ impl Maps {
 
     /// Sum over CPUs of the next-hop cache's counters, in [`NextHopCounter`] order.
     pub fn nexthop_totals(&self) -> Result<Vec<(NextHopCounter, u64)>> {
-        NextHopCounter::ALL
-            .iter()
-            .map(|&c| {
-                let v = self
-                    .nexthop_stats
-                    .get(&(c as u32), 0)
-                    .map_err(map_err("reading LB_NEXTHOP_STATS"))?;
-                Ok((c, v.iter().sum()))
-            })
-            .collect()
+        sum_per_cpu(
+            &self.nexthop_stats,
+            &NextHopCounter::ALL,
+            |c| c as u32,
+            "LB_NEXTHOP_STATS",
+        )
     }
 
     /// Sum over CPUs of the per-reason counters, in [`Reason`] order.
     pub fn reason_totals(&self) -> Result<Vec<(Reason, u64)>> {
-        Reason::ALL
-            .iter()
-            .map(|&r| {
-                let v = self
-                    .reasons
-                    .get(&(r as u32), 0)
-                    .map_err(map_err("reading LB_REASONS"))?;
-                Ok((r, v.iter().sum()))
-            })
-            .collect()
+        sum_per_cpu(&self.reasons, Reason::ALL, |r| r as u32, "LB_REASONS")
     }
 
     /// Sum over CPUs of `lb_hc_encap`'s per-reason counters, in [`HcReason`] order.
     pub fn hc_totals(&self) -> Result<Vec<(HcReason, u64)>> {
-        HcReason::ALL
-            .iter()
-            .map(|&r| {
-                let v = self
-                    .hc_stats
-                    .get(&(r as u32), 0)
-                    .map_err(map_err("reading LB_HC_STATS"))?;
-                Ok((r, v.iter().sum()))
-            })
-            .collect()
+        sum_per_cpu(&self.hc_stats, HcReason::ALL, |r| r as u32, "LB_HC_STATS")
     }
 
     /// Sum over CPUs of one VIP's counters.
@@ -947,6 +925,23 @@ pub fn nat_flow_key(reply: &FlowKey, rev: &NatReverse) -> FlowKey {
         family: reply.family,
         _pad: [0; 2],
     }
+}
+
+/// Each of `keys` with its counter in `map` (indexed by `index`), summed over CPUs.
+fn sum_per_cpu<K: Copy>(
+    map: &PerCpuArray<MapData, u64>,
+    keys: &[K],
+    index: impl Fn(K) -> u32,
+    name: &str,
+) -> Result<Vec<(K, u64)>> {
+    keys.iter()
+        .map(|&k| {
+            let v = map
+                .get(&index(k), 0)
+                .map_err(map_err(format!("reading {name}")))?;
+            Ok((k, v.iter().sum()))
+        })
+        .collect()
 }
 
 fn sum_counters(map: &PerCpuArray<MapData, Counters>, idx: u32, name: &str) -> Result<Counters> {
