@@ -330,3 +330,27 @@ async fn a_rejected_head_is_answered_by_the_native_path_and_closes() {
     assert!(head_has(head, "connection", "close"), "{out}");
     assert_eq!(native_requests(&p), 1);
 }
+
+#[tokio::test]
+async fn an_unread_request_body_is_skipped_and_the_connection_serves_the_next_request() {
+    let p = ProxyBuilder::new()
+        .rules(&["web,default,fixed-response=200,body=fixed"])
+        .start()
+        .await;
+    // The fixed response never reads the POST's body; the next request must still be found
+    // after it (and the body's bytes never taken for a request).
+    let out = raw(
+        p.addr,
+        b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 28\r\n\r\n\
+GET /x HTTP/1.1\r\nHost: a\r\n\r\n\
+GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
+    assert!(out.ends_with("\r\n\r\nfixed"), "{out}");
+    assert_eq!(
+        native_requests(&p),
+        2,
+        "the body was not parsed as a request"
+    );
+}

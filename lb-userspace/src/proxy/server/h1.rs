@@ -24,8 +24,9 @@
 //! - `Expect: 100-continue` (HTTP/1.1, with a body): `100 Continue` is sent when the body is
 //!   first read, unless the response has started.
 //! - the client closing its end while a request is in flight ends the request (460), as
-//!   hyper's read-side EOF detection does; a request whose body was not read to its end closes
-//!   the connection after the response.
+//!   hyper's read-side EOF detection does; a request body nobody read (a fixed response to a
+//!   POST) is discarded after the response when it has arrived whole, else the connection
+//!   closes.
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
@@ -218,7 +219,7 @@ where
                 return Ended::Closed;
             }
         };
-        if close || lock(&io).body_open {
+        if close || !drain_body(&io) {
             // A body not read to its end leaves the connection's framing unknown.
             let _ =
                 std::future::poll_fn(|cx| with_io(&io, cx, |s, cx| Pin::new(s).poll_shutdown(cx)))
@@ -226,6 +227,36 @@ where
             return Ended::Closed;
         }
     }
+}
+
+/// After a response whose request body was not read to its end (a fixed response or a
+/// redirect to a POST, say): discards what of it has arrived already, as hyper does. True if
+/// the body is over (the connection can serve the next request), false if the rest of it has
+/// not arrived (the connection closes).
+fn drain_body<IO: AsyncRead + Unpin>(io: &Shared<IO>) -> bool {
+    let mut g = lock(io);
+    if !g.body_open {
+        return true;
+    }
+    let conn = &mut *g;
+    let Some(s) = conn.sniffer.as_mut() else {
+        return false;
+    };
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    loop {
+        match s.poll_native(&mut cx) {
+            Poll::Ready(Ok(Native::Data(_))) => {}
+            Poll::Ready(Ok(Native::Event(e))) => {
+                conn.stash = Some(e);
+                break;
+            }
+            Poll::Ready(Ok(Native::Eof) | Err(_)) => return false,
+            Poll::Pending if s.in_body() => return false,
+            Poll::Pending => break,
+        }
+    }
+    conn.body_open = false;
+    true
 }
 
 /// The next request boundary (`Err` when the connection is over).

@@ -319,6 +319,11 @@ impl<IO> Sniffer<IO> {
         }
     }
 
+    /// Whether the bytes being read belong to a request body (its end not reached yet).
+    pub fn in_body(&self) -> bool {
+        matches!(self.state, State::Length(_) | State::Chunked(..))
+    }
+
     /// Native mode (see [`Sniffer::poll_native`]); call before any byte is read.
     pub fn set_native(&mut self) {
         self.native = true;
@@ -1216,6 +1221,43 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         assert!(matches!(
             s.shared.pop_verdict(),
             Some(HeadVerdict::Pass { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn native_mode_gives_heads_as_parts_between_body_bytes_until_an_upgrade() {
+        let mut s = sniffer();
+        s.set_native();
+        s.on_bytes(
+            b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n",
+        );
+        let events: Vec<_> = s.events.drain(..).collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        match &events[0] {
+            (0, NativeEvent::Head(parts)) => {
+                assert_eq!(parts.uri, "/a");
+                assert_eq!(parts.method, http::Method::POST);
+                assert_eq!(parts.headers["content-length"], "5");
+                assert_eq!(parts.headers["host"], "h");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The body, then hyper's part: the upgrade request's rebuilt head.
+        assert!(matches!(events[1], (5, NativeEvent::Handoff)), "{events:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&s.out),
+            "helloGET /b HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n"
+        );
+        assert!(!s.native);
+        // Both requests have their verdicts queued, in order.
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Pass { upgrade: false, .. })
+        ));
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Pass { upgrade: true, .. })
         ));
     }
 
