@@ -1,11 +1,12 @@
 //! Listeners and the request pipeline of the L7 tier (ALB semantics; see ALB-REFERENCE.md).
 //!
 //! A listener accepts TCP (and TLS with SNI certificate selection and ALPN `h2`/`http/1.1` for
-//! HTTPS), serves HTTP/1.1 and HTTP/2 with hyper, and runs every request through the pipeline
-//! (`server/pipeline.rs`): desync classification, the checks ALB makes before routing (405,
-//! 501, 505), rule evaluation and the action (forward, redirect, fixed response). HTTP/1 bytes
-//! pass through the sniffer (`server/sniff.rs`) first, which enforces the header limits and the
-//! idle timeout the way ALB does and hyper cannot.
+//! HTTPS), serves HTTP/1.1 in the connection's own task (`server/h1.rs`; hyper with
+//! `http1=hyper`, and for upgrades and h2c) and HTTP/2 with hyper, and runs every request
+//! through the pipeline (`server/pipeline.rs`): desync classification, the checks ALB makes
+//! before routing (405, 501, 505), rule evaluation and the action (forward, redirect, fixed
+//! response). HTTP/1 bytes pass through the sniffer (`server/sniff.rs`) first, which enforces
+//! the header limits and the idle timeout the way ALB does and hyper cannot.
 //!
 //! Decisions where ALB documents nothing precise:
 //! - 464: an HTTP/2 target group (`protocol-version=http2`) only takes HTTP/2 requests; an

@@ -17,6 +17,12 @@
 //! CONNECT) pauses reading until the handler says whether the response was 101; after a 101 the
 //! stream is passed through untouched (it is a WebSocket now). HTTP/2 connections (ALPN `h2`, or
 //! the prior-knowledge preface on plain listeners) are passed through, with the idle timeout.
+//!
+//! In native mode (the default for HTTP/1, `h1.rs`) the same decisions come out differently:
+//! a head let through becomes request parts built from its tokens (no rebuilt head), a
+//! rejection becomes a [`NativeEvent::Synthetic`] instead of the synthetic head, and body bytes
+//! are delivered up to the next head ([`Sniffer::poll_native`]). At an upgrade or the HTTP/2
+//! preface the sniffer leaves native mode ([`NativeEvent::Handoff`]) and feeds hyper as above.
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
