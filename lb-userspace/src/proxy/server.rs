@@ -1,11 +1,12 @@
 //! Listeners and the request pipeline of the L7 tier (ALB semantics; see ALB-REFERENCE.md).
 //!
 //! A listener accepts TCP (and TLS with SNI certificate selection and ALPN `h2`/`http/1.1` for
-//! HTTPS), serves HTTP/1.1 and HTTP/2 with hyper, and runs every request through the pipeline
-//! (`server/pipeline.rs`): desync classification, the checks ALB makes before routing (405,
-//! 501, 505), rule evaluation and the action (forward, redirect, fixed response). HTTP/1 bytes
-//! pass through the sniffer (`server/sniff.rs`) first, which enforces the header limits and the
-//! idle timeout the way ALB does and hyper cannot.
+//! HTTPS), serves HTTP/1.1 in the connection's own task (`server/h1.rs`; hyper with
+//! `http1=hyper`, and for upgrades and h2c) and HTTP/2 with hyper, and runs every request
+//! through the pipeline (`server/pipeline.rs`): desync classification, the checks ALB makes
+//! before routing (405, 501, 505), rule evaluation and the action (forward, redirect, fixed
+//! response). HTTP/1 bytes pass through the sniffer (`server/sniff.rs`) first, which enforces
+//! the header limits and the idle timeout the way ALB does and hyper cannot.
 //!
 //! Decisions where ALB documents nothing precise:
 //! - 464: an HTTP/2 target group (`protocol-version=http2`) only takes HTTP/2 requests; an
@@ -55,6 +56,7 @@ pub use crate::proxy::desync::DesyncMode;
 
 mod abuse;
 mod exchange;
+mod h1;
 mod head;
 mod limits;
 mod pipeline;
@@ -145,6 +147,9 @@ pub struct ListenerConfig {
     /// Most client connections open at once from one source address; `None` (default): no
     /// limit. Over it, the connection is closed at once and counted like `max_connections`.
     pub max_connections_per_source: Option<usize>,
+    /// HTTP/1 served by the connection's own loop (`server/h1.rs`; default) or, `false`, by
+    /// hyper as before (`http1=hyper`).
+    pub http1_native: bool,
 }
 
 impl ListenerConfig {
@@ -162,6 +167,7 @@ impl ListenerConfig {
             desync_mode: DesyncMode::default(),
             max_connections: None,
             max_connections_per_source: None,
+            http1_native: true,
         }
     }
 }
@@ -338,6 +344,13 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
             "desync" => {
                 cfg.desync_mode = value.parse().map_err(|e| bad(key, value, format!("{e}")))?;
             }
+            "http1" => {
+                cfg.http1_native = match value {
+                    "native" => true,
+                    "hyper" => false,
+                    _ => return Err(bad(key, value, "expected native or hyper".into())),
+                };
+            }
             _ => {
                 return Err(ListenerError::UnknownOption {
                     name,
@@ -413,6 +426,12 @@ pub struct L7Counters {
     /// HTTP/2 connections closed because the client kept cancelling the streams it opened
     /// (rapid reset, CVE-2023-44487): see `server/abuse.rs`.
     pub http2_abusive_connections: AtomicU64,
+    /// HTTP/1 requests served by the native HTTP/1 path (`server/h1.rs`), not hyper's. Not a
+    /// CloudWatch metric: it shows which path served the requests.
+    pub http1_native_requests: AtomicU64,
+    /// HTTP/1 connections the native path handed to hyper (an upgrade, or the HTTP/2
+    /// preface).
+    pub http1_handoffs: AtomicU64,
 }
 
 impl L7Counters {
@@ -919,16 +938,57 @@ async fn run_http<IO>(
         abuse: abuse.clone(),
         info: conn,
     });
-    let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
-    let conn = listener
-        .http
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
     let keepalive = tokio::time::sleep(listener.cfg.client_keepalive);
     tokio::pin!(keepalive);
     let mut keepalive_done = false;
     let mut phase = listener.shared.phase.clone();
     let mut draining = false;
+    let mut io = io;
+    if http1 && listener.cfg.http1_native {
+        // HTTP/1 without hyper (`server/h1.rs`) until a request needs hyper.
+        io.set_native();
+        let control = Arc::new(h1::Control::default());
+        let native = h1::serve(ctx.clone(), io, control.clone());
+        tokio::pin!(native);
+        io = loop {
+            tokio::select! {
+                ended = native.as_mut() => match ended {
+                    h1::Ended::Closed => return,
+                    h1::Ended::Handoff(io) => break *io,
+                },
+                () = &mut keepalive, if !keepalive_done => {
+                    // As hyper's graceful shutdown: close now if idle, else after the
+                    // current response (`Connection: close`).
+                    keepalive_done = true;
+                    if control.shutdown() {
+                        return;
+                    }
+                }
+                changed = phase.changed() => {
+                    let now = if changed.is_err() { Phase::Stopped } else { *phase.borrow() };
+                    match now {
+                        Phase::Running => {}
+                        Phase::Draining if !draining => {
+                            draining = true;
+                            if control.shutdown() {
+                                return;
+                            }
+                        }
+                        Phase::Draining => {}
+                        Phase::Stopped => return,
+                    }
+                }
+            }
+        };
+    }
+    let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
+    let conn = listener
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    if keepalive_done || draining {
+        conn.as_mut().graceful_shutdown();
+    }
     // Armed when the connection is judged abusive: the hard close after GOAWAY.
     let abuse_close = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(abuse_close);

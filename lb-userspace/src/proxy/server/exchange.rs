@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::sniff::HeadVerdict;
 use super::{L7Counters, Listener};
@@ -79,11 +78,11 @@ impl Exchange {
     /// A record for `req`, which just arrived on `listener` from `peer`. For HTTP/1 the
     /// sniffer's verdict gives the head's real size and, for a head the load balancer
     /// refused, the request line the client wrote (hyper only saw a stand-in).
-    pub fn start(
+    pub fn start<B>(
         listener: &Arc<Listener>,
         peer: SocketAddr,
         conn: &ConnInfo,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         verdict: Option<&HeadVerdict>,
     ) -> Self {
         let https = conn.tls.is_some();
@@ -254,7 +253,7 @@ impl Exchange {
     }
 
     /// Counts the request body's bytes as they stream to the target.
-    pub fn count_body(&mut self, body: Incoming) -> Counted<Incoming> {
+    pub fn count_body<B>(&mut self, body: B) -> Counted<B> {
         let n = Arc::new(AtomicU64::new(0));
         self.body_in = Some(n.clone());
         Counted { inner: body, n }

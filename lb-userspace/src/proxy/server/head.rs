@@ -116,6 +116,18 @@ fn normalize_target(raw: &[u8]) -> Option<Vec<u8>> {
 
 /// Rebuilds a tokenised head for hyper (see the module docs).
 pub fn prepare(raw: &RawHead<'_>) -> Prepared {
+    prepare_as(raw, false).0
+}
+
+/// As [`prepare`], but the head comes out as the `http` request parts the pipeline takes
+/// (what hyper would have parsed from the rebuilt head: same target, same header lines in the
+/// same order, the framing header last) instead of bytes; `Prepared::head` stays empty.
+/// `None` when the head cannot be forwarded (see the other fields).
+pub fn prepare_parts(raw: &RawHead<'_>) -> (Prepared, Option<http::request::Parts>) {
+    prepare_as(raw, true)
+}
+
+fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::request::Parts>) {
     let mut malformed = None;
     let method = raw.method;
     if method.is_empty() || http::Method::from_bytes(method).is_err() {
@@ -217,7 +229,16 @@ pub fn prepare(raw: &RawHead<'_>) -> Prepared {
             .any(|(name, _)| name.eq_ignore_ascii_case(b"upgrade"));
 
     let mut head = Vec::new();
-    if malformed.is_none()
+    let mut parts = None;
+    if as_parts
+        && malformed.is_none()
+        && let Some(v) = version
+    {
+        parts = request_parts(method, target, v, kept, framing);
+        if parts.is_none() {
+            malformed = Some("invalid request head");
+        }
+    } else if malformed.is_none()
         && let Some(v) = version
     {
         head.reserve(raw.target.len() + 64 * (kept.len() + 2));
@@ -243,7 +264,7 @@ pub fn prepare(raw: &RawHead<'_>) -> Prepared {
         }
         head.extend_from_slice(b"\r\n");
     }
-    Prepared {
+    let prepared = Prepared {
         head,
         framing,
         version,
@@ -252,7 +273,46 @@ pub fn prepare(raw: &RawHead<'_>) -> Prepared {
         malformed,
         host_headers,
         upgrade,
+    };
+    (prepared, parts)
+}
+
+/// The request parts of a head [`prepare_as`] found forwardable. Every piece was checked
+/// there already (method, target, names, values); `None` only if one still does not convert.
+fn request_parts(
+    method: &[u8],
+    target: Vec<u8>,
+    version: Version,
+    kept: Vec<(&[u8], Vec<u8>)>,
+    framing: Framing,
+) -> Option<http::request::Parts> {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = http::Method::from_bytes(method).ok()?;
+    parts.uri = http::Uri::from_maybe_shared(bytes::Bytes::from(target)).ok()?;
+    parts.version = match version {
+        Version::Http10 => http::Version::HTTP_10,
+        Version::Http11 => http::Version::HTTP_11,
+    };
+    let mut headers = http::HeaderMap::with_capacity(kept.len() + 1);
+    for (name, value) in kept {
+        let name = HeaderName::from_bytes(name).ok()?;
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()?;
+        headers.append(name, value);
     }
+    match framing {
+        Framing::Chunked => {
+            headers.append(
+                http::header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        Framing::Length(n) => {
+            headers.append(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        Framing::Empty => {}
+    }
+    parts.headers = headers;
+    Some(parts)
 }
 
 #[cfg(test)]

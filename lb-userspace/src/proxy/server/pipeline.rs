@@ -31,7 +31,6 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::abuse::StreamCancellations;
@@ -278,10 +277,21 @@ impl Body for Observed {
     }
 }
 
-/// The hyper service of one connection.
-pub(super) async fn handle(
+/// What the pipeline takes as a request body: hyper's `Incoming`, or the native HTTP/1
+/// path's own (`h1.rs`).
+pub(super) trait RequestBody:
+    Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{}
+
+/// The request handler of one connection (hyper's service; the native HTTP/1 loop calls it
+/// too).
+pub(super) async fn handle<B: RequestBody>(
     ctx: Arc<ConnCtx>,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let version = req.version();
     if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
@@ -355,10 +365,10 @@ pub(super) async fn handle(
     }))
 }
 
-async fn route(
+async fn route<B: RequestBody>(
     ctx: &ConnCtx,
     verdict: Option<HeadVerdict>,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     ex: &mut Exchange,
 ) -> Outcome {
     let listener = &ctx.listener;
@@ -474,14 +484,14 @@ fn fixed_response(fixed: &FixedResponseAction) -> Response<ProxyBody> {
 }
 
 /// Whether the request asks to switch protocols (WebSocket).
-fn wants_upgrade(req: &Request<Incoming>) -> bool {
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
 
 /// The 464 check: what the target group's protocol version cannot carry. An HTTP/2 (or gRPC)
 /// group needs HTTP/2 requests; an HTTP/1 group cannot carry gRPC
 /// (`content-type: application/grpc…`), which needs HTTP/2 trailers end to end.
-fn protocol_mismatch(req: &Request<Incoming>, group_version: ProtocolVersion) -> bool {
+fn protocol_mismatch<B>(req: &Request<B>, group_version: ProtocolVersion) -> bool {
     let grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -493,10 +503,10 @@ fn protocol_mismatch(req: &Request<Incoming>, group_version: ProtocolVersion) ->
     }
 }
 
-async fn forward_request(
+async fn forward_request<B: RequestBody>(
     ctx: &ConnCtx,
     forward: &ForwardAction,
-    req: Request<Incoming>,
+    req: Request<B>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     close_target: bool,
     ex: &mut Exchange,
@@ -587,7 +597,7 @@ async fn forward_request(
     };
     parts.version = target_version;
     let body = ex.count_body(body);
-    let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+    let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
     let endpoint = TargetEndpoint {
         addr: picked.addr,
         tls: (group_cfg.protocol == TargetProtocol::Https).then(|| TargetTls {

@@ -17,12 +17,18 @@
 //! CONNECT) pauses reading until the handler says whether the response was 101; after a 101 the
 //! stream is passed through untouched (it is a WebSocket now). HTTP/2 connections (ALPN `h2`, or
 //! the prior-knowledge preface on plain listeners) are passed through, with the idle timeout.
+//!
+//! In native mode (the default for HTTP/1, `h1.rs`) the same decisions come out differently:
+//! a head let through becomes request parts built from its tokens (no rebuilt head), a
+//! rejection becomes a [`NativeEvent::Synthetic`] instead of the synthetic head, and body bytes
+//! are delivered up to the next head ([`Sniffer::poll_native`]). At an upgrade or the HTTP/2
+//! preface the sniffer leaves native mode ([`NativeEvent::Handoff`]) and feeds hyper as above.
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -208,9 +214,41 @@ pub struct Timeouts {
     pub header: Duration,
 }
 
+/// What the connection's own HTTP/1 loop (`h1.rs`, the "native" path) gets from a sniffer in
+/// native mode, in stream order with the body bytes ([`Sniffer::poll_native`]).
+#[derive(Debug)]
+pub enum NativeEvent {
+    /// A request head the sniffer let through, as request parts (its verdict is queued as
+    /// for hyper). Its body bytes, if any, follow as [`Native::Data`].
+    Head(Box<http::request::Parts>),
+    /// The load balancer answers the request itself (400, 408, 501, 505): its `Reject`
+    /// verdict is queued; nothing more is read.
+    Synthetic,
+    /// From here on hyper serves the connection (WebSocket/CONNECT upgrade, HTTP/2 preface):
+    /// the sniffer is back in its hyper mode and `poll_read` replays, from this point, what
+    /// hyper must parse.
+    Handoff,
+}
+
+/// One step of [`Sniffer::poll_native`].
+#[derive(Debug)]
+pub enum Native {
+    /// Request body bytes, as the client framed them (chunk framing included).
+    Data(bytes::Bytes),
+    /// A request boundary.
+    Event(NativeEvent),
+    /// The client closed the connection, or it was idle between requests for the idle
+    /// timeout.
+    Eof,
+}
+
 /// The sniffing wrapper around a client connection (see the module docs).
 pub struct Sniffer<IO> {
     io: IO,
+    /// Native mode: heads come out as [`NativeEvent`]s instead of bytes for hyper.
+    native: bool,
+    /// Native mode: events and the `out` offset each sits at.
+    events: VecDeque<(usize, NativeEvent)>,
     shared: Arc<ConnShared>,
     mode: DesyncMode,
     state: State,
@@ -259,6 +297,8 @@ impl<IO> Sniffer<IO> {
         } = timeouts;
         Self {
             io,
+            native: false,
+            events: VecDeque::new(),
             shared,
             mode,
             state: if http1 {
@@ -283,6 +323,16 @@ impl<IO> Sniffer<IO> {
             head_deadline: http1.then(|| now + header_timeout),
             header_sleep: Box::pin(tokio::time::sleep_until(now + header_timeout)),
         }
+    }
+
+    /// Whether the bytes being read belong to a request body (its end not reached yet).
+    pub fn in_body(&self) -> bool {
+        matches!(self.state, State::Length(_) | State::Chunked(..))
+    }
+
+    /// Native mode (see [`Sniffer::poll_native`]); call before any byte is read.
+    pub fn set_native(&mut self) {
+        self.native = true;
     }
 
     fn push_verdict(&self, v: HeadVerdict) {
@@ -312,7 +362,12 @@ impl<IO> Sniffer<IO> {
             line,
             head_len,
         });
-        self.out.extend_from_slice(SYNTHETIC_HEAD);
+        if self.native {
+            self.events
+                .push_back((self.out.len(), NativeEvent::Synthetic));
+        } else {
+            self.out.extend_from_slice(SYNTHETIC_HEAD);
+        }
         self.head.clear();
         self.head_deadline = None;
         self.state = State::Stopped;
@@ -450,7 +505,9 @@ impl<IO> Sniffer<IO> {
             while i < data.len() && matches!(data[i], b'\r' | b'\n') {
                 i += 1;
             }
-            self.out.extend_from_slice(&data[..i]);
+            if !self.native {
+                self.out.extend_from_slice(&data[..i]);
+            }
         }
         while i < data.len() {
             let b = data[i];
@@ -521,6 +578,7 @@ impl<IO> Sniffer<IO> {
         let first = std::mem::replace(&mut self.first_head, false);
         if first && head.starts_with(HTTP2_PREFACE_LINE) {
             // HTTP/2 prior knowledge (h2c): hyper-util's auto builder takes it from here.
+            self.hand_off();
             self.out.extend_from_slice(&head);
             self.state = State::Passthrough { idle: true };
             return;
@@ -557,7 +615,11 @@ impl<IO> Sniffer<IO> {
             );
             return;
         }
-        let p = head::prepare(&raw);
+        let (mut p, parts) = if self.native {
+            head::prepare_parts(&raw)
+        } else {
+            (head::prepare(&raw), None)
+        };
         if p.trace && (p.unsupported_coding || p.version.is_none()) {
             // ALB's order: 405 for TRACE comes before 501 and 505.
             self.reject_line(
@@ -618,8 +680,22 @@ impl<IO> Sniffer<IO> {
             head_len: head.len(),
         });
         self.last_head_len = 0;
-        // hyper gets the rebuilt head, never the client's bytes: it frames what we framed.
-        self.out.extend_from_slice(&p.head);
+        match parts {
+            Some(parts) if !p.upgrade => {
+                self.events
+                    .push_back((self.out.len(), NativeEvent::Head(Box::new(parts))));
+            }
+            _ => {
+                if self.native {
+                    // An upgrade: hyper serves the rest of the connection, from this head on.
+                    self.hand_off();
+                    p = head::prepare(&raw);
+                }
+                // hyper gets the rebuilt head, never the client's bytes: it frames what we
+                // framed.
+                self.out.extend_from_slice(&p.head);
+            }
+        }
         self.upgrade_after_body = p.upgrade;
         // Ambiguous in defensive mode: nothing after this request's body reaches hyper; the
         // response says `Connection: close`.
@@ -699,56 +775,120 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Sniffer<IO> {
                 State::Head | State::Length(_) | State::Chunked(..) | State::Passthrough { .. } => {
                 }
             }
-            let mut tmp = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        return Poll::Ready(Ok(()));
-                    }
-                    this.last_read = Instant::now();
-                    this.seen_any = true;
-                    this.on_bytes(&tmp[..n]);
+            match ready!(this.poll_fill(cx)) {
+                Ok(true) => {}
+                Ok(false) => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> Sniffer<IO> {
+    /// Reads once from the client into the state machine and runs the timeouts when there is
+    /// nothing to read. `Ok(true)`: progress (bytes, or a 408 queued); `Ok(false)`: the client
+    /// closed, or an idle keep-alive connection timed out.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut tmp = [0u8; 8192];
+        let mut rb = ReadBuf::new(&mut tmp);
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Ok(false));
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    if this.head_expired(cx) {
-                        // Slow request head (slowloris): 408, then close, even while bytes
-                        // keep trickling in.
-                        this.reject(
+                self.last_read = Instant::now();
+                self.seen_any = true;
+                self.on_bytes(&tmp[..n]);
+                Poll::Ready(Ok(true))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if self.head_expired(cx) {
+                    // Slow request head (slowloris): 408, then close, even while bytes
+                    // keep trickling in.
+                    self.reject(
+                        StatusCode::REQUEST_TIMEOUT,
+                        HEADER_TIMEOUT_REASON,
+                        Classification::COMPLIANT,
+                    );
+                    return Poll::Ready(Ok(true));
+                }
+                if !self.idle_expired(cx) {
+                    return Poll::Pending;
+                }
+                match self.state {
+                    State::Head if !self.seen_any || !self.head.is_empty() => {
+                        // ALB: the client sent no (complete) request within the idle
+                        // timeout: 408, then close.
+                        self.reject(
                             StatusCode::REQUEST_TIMEOUT,
-                            HEADER_TIMEOUT_REASON,
+                            "idle timeout before a request",
                             Classification::COMPLIANT,
                         );
-                        continue;
+                        Poll::Ready(Ok(true))
                     }
-                    if !this.idle_expired(cx) {
-                        return Poll::Pending;
-                    }
-                    match this.state {
-                        State::Head if !this.seen_any || !this.head.is_empty() => {
-                            // ALB: the client sent no (complete) request within the idle
-                            // timeout: 408, then close.
-                            this.reject(
-                                StatusCode::REQUEST_TIMEOUT,
-                                "idle timeout before a request",
-                                Classification::COMPLIANT,
-                            );
-                        }
-                        // Idle keep-alive connection (or HTTP/2 with no stream): just close.
-                        State::Head | State::Passthrough { .. } => {
-                            return Poll::Ready(Ok(()));
-                        }
-                        _ => {
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "client idle timeout during the request body",
-                            )));
-                        }
-                    }
+                    // Idle keep-alive connection (or HTTP/2 with no stream): just close.
+                    State::Head | State::Passthrough { .. } => Poll::Ready(Ok(false)),
+                    _ => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client idle timeout during the request body",
+                    ))),
                 }
             }
+        }
+    }
+
+    /// Native mode: the next body bytes or request boundary, in stream order. Body bytes come
+    /// only up to the next event, so a body's reader never sees the next request.
+    pub fn poll_native(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Native>> {
+        loop {
+            let limit = self.events.front().map_or(self.out.len(), |(at, _)| *at);
+            if self.out_pos < limit {
+                let data = bytes::Bytes::copy_from_slice(&self.out[self.out_pos..limit]);
+                self.out_pos = limit;
+                self.compact_out();
+                return Poll::Ready(Ok(Native::Data(data)));
+            }
+            if let Some((_, event)) = self.events.pop_front() {
+                self.compact_out();
+                return Poll::Ready(Ok(Native::Event(event)));
+            }
+            match self.state {
+                // After a rejection or a forwarded-then-closed request: nothing more is read.
+                // (Upgrades and HTTP/2 were handed off before their states.)
+                State::Stopped | State::AwaitUpgrade | State::Passthrough { .. } => {
+                    return Poll::Pending;
+                }
+                State::Head | State::Length(_) | State::Chunked(..) => {}
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(true) => {}
+                Ok(false) => return Poll::Ready(Ok(Native::Eof)),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Drops what was delivered once everything up to the queued events is.
+    fn compact_out(&mut self) {
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+            for (at, _) in &mut self.events {
+                *at = 0;
+            }
+        }
+    }
+}
+
+impl<IO> Sniffer<IO> {
+    /// Native mode ends here: queue the hand-off; what follows goes to `out` for hyper.
+    fn hand_off(&mut self) {
+        if self.native {
+            self.native = false;
+            self.events
+                .push_back((self.out.len(), NativeEvent::Handoff));
         }
     }
 }
@@ -1087,6 +1227,43 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         assert!(matches!(
             s.shared.pop_verdict(),
             Some(HeadVerdict::Pass { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn native_mode_gives_heads_as_parts_between_body_bytes_until_an_upgrade() {
+        let mut s = sniffer();
+        s.set_native();
+        s.on_bytes(
+            b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n",
+        );
+        let events: Vec<_> = s.events.drain(..).collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        match &events[0] {
+            (0, NativeEvent::Head(parts)) => {
+                assert_eq!(parts.uri, "/a");
+                assert_eq!(parts.method, http::Method::POST);
+                assert_eq!(parts.headers["content-length"], "5");
+                assert_eq!(parts.headers["host"], "h");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The body, then hyper's part: the upgrade request's rebuilt head.
+        assert!(matches!(events[1], (5, NativeEvent::Handoff)), "{events:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&s.out),
+            "helloGET /b HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n"
+        );
+        assert!(!s.native);
+        // Both requests have their verdicts queued, in order.
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Pass { upgrade: false, .. })
+        ));
+        assert!(matches!(
+            s.shared.pop_verdict(),
+            Some(HeadVerdict::Pass { upgrade: true, .. })
         ));
     }
 
