@@ -789,17 +789,19 @@ impl<IO: AsyncRead + Unpin> Sniffer<IO> {
     /// nothing to read. `Ok(true)`: progress (bytes, or a 408 queued); `Ok(false)`: the client
     /// closed, or an idle keep-alive connection timed out.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        let mut tmp = [0u8; 8192];
-        let mut rb = ReadBuf::new(&mut tmp);
+        // Uninitialised: zeroing 8 KiB before every read showed in the HTTP/1 profile, and
+        // `ReadBuf` only hands out the bytes the read filled.
+        let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+        let mut rb = ReadBuf::uninit(&mut tmp);
         match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                if n == 0 {
+                let filled = rb.filled();
+                if filled.is_empty() {
                     return Poll::Ready(Ok(false));
                 }
                 self.last_read = Instant::now();
                 self.seen_any = true;
-                self.on_bytes(&tmp[..n]);
+                self.on_bytes(filled);
                 Poll::Ready(Ok(true))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
