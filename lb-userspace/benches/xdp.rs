@@ -33,6 +33,9 @@
 //!   with the next-hop cache off.
 //! - non-VIP pass: TCP to an address that is no VIP (host traffic): `XDP_PASS`.
 //! - lb_decap: `lb_xdp`'s own IPv4-in-IPv4 output, decapsulated and passed up.
+//! - with `--katran-obj PATH` (`cargo xtask bench xdp --katran DIR`): Katran's
+//!   `balancer_ingress`, configured alike, as "katran hit IPv4/IPv6" and "katran new flow,
+//!   full" (see `katran/mod.rs`).
 //!
 //! After every run the program's own counters must show that every frame took the intended
 //! path (e.g. `tx` grew by exactly `REPEAT`, no new flow on a hit row, exactly `REPEAT`
