@@ -33,6 +33,9 @@
 //!   with the next-hop cache off.
 //! - non-VIP pass: TCP to an address that is no VIP (host traffic): `XDP_PASS`.
 //! - lb_decap: `lb_xdp`'s own IPv4-in-IPv4 output, decapsulated and passed up.
+//! - with `--katran-obj PATH` (`cargo xtask bench xdp --katran DIR`): Katran's
+//!   `balancer_ingress`, configured alike, as "katran hit IPv4/IPv6" and "katran new flow,
+//!   full" (see `katran/mod.rs`).
 //!
 //! After every run the program's own counters must show that every frame took the intended
 //! path (e.g. `tx` grew by exactly `REPEAT`, no new flow on a hit row, exactly `REPEAT`
@@ -61,6 +64,7 @@ use lb::{
     packet::{ETH_LEN, Frame, Frame6},
 };
 mod common;
+mod katran;
 use common::{cmd_output, ifindex, median, pin, reason, run_cmd};
 use lb_common::{BENCH_FRAME_MAX, BenchCounter, BenchTemplate, DecapReason, Reason};
 
@@ -308,6 +312,8 @@ enum Kind {
     NewFullNoCache,
     NonVip,
     Decap,
+    /// Katran's `balancer_ingress` (`--katran-obj`).
+    Katran(katran::Row),
 }
 
 struct Row {
@@ -326,6 +332,8 @@ struct Bench {
     nat: Lb,
     decap: Decap,
     d0: u32,
+    /// Katran's balancer, with `--katran-obj`.
+    katran: Option<katran::Katrans>,
 }
 
 /// Counter values a row's check compares.
@@ -394,6 +402,11 @@ impl Bench {
             Kind::Decap => BenchTarget::Decap(&self.decap),
             Kind::NewFull | Kind::NewFullNoCache => BenchTarget::Balancer(&self.full.lb),
             Kind::NatHit4 => BenchTarget::Balancer(&self.nat.lb),
+            Kind::Katran(k) => {
+                let katrans = self.katran.as_mut().context("no Katran loaded")?;
+                katrans.of_mut(k).reset_conn_rate()?;
+                BenchTarget::Katran(katrans.of(k))
+            }
             _ => BenchTarget::Balancer(&self.main.lb),
         };
         self.front.set_target(target)?;
@@ -406,9 +419,19 @@ impl Bench {
         };
         t.frame[..row.frame.len()].copy_from_slice(&row.frame);
         self.front.set_template(&t)?;
+        let katran_snapshot = |bench: &Self| -> anyhow::Result<Option<katran::Snapshot>> {
+            match (row.kind, &bench.katran) {
+                (Kind::Katran(k), Some(katrans)) => {
+                    Ok(Some(katran::Snapshot::take(katrans.of(k), k)?))
+                }
+                _ => Ok(None),
+            }
+        };
+        let katran_before = katran_snapshot(self)?;
         let before = self.snapshot(row.kind)?;
         let d = self.front.run_live(&row.frame, self.d0, repeat, BATCH)?;
         let after = self.snapshot(row.kind)?;
+        let katran_after = katran_snapshot(self)?;
         let n = u64::from(repeat);
         let name = row.name;
         ensure!(
@@ -444,6 +467,13 @@ impl Bench {
                 ensure!(p == n, "{name}: decapsulated {p} of {n}");
             }
             Kind::PassFloor => {}
+            Kind::Katran(k) => {
+                let (Some(b), Some(a)) = (&katran_before, &katran_after) else {
+                    bail!("{name}: no Katran counters");
+                };
+                katran::check(name, k, b, a, n)?;
+                ensure!(sent_ok(sent, n), "{name}: sink got {sent} of {n}");
+            }
         }
         Ok(d.as_nanos() as f64)
     }
@@ -528,6 +558,12 @@ fn run() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
+    // `--katran-obj PATH`: also measure Katran's balancer_ingress from this object (built by
+    // `cargo xtask bench xdp --katran DIR`).
+    let katran_obj = args
+        .iter()
+        .position(|a| a == "--katran-obj")
+        .and_then(|i| args.get(i + 1).map(std::path::PathBuf::from));
     let rounds = if quick { QUICK_ROUNDS } else { ROUNDS };
     let started = Instant::now();
     private_netns()?;
@@ -590,6 +626,22 @@ fn run() -> anyhow::Result<()> {
         );
     }
 
+    // Katran's hit frames are ACKs: Katran routes a SYN by its ring every time (no LRU lookup).
+    let katran_hit4 = katran::as_ack(&hit4);
+    let katran_hit6 = katran::as_ack(&hit6);
+    let katran = katran_obj
+        .as_deref()
+        .map(|obj| {
+            katran::Katrans::load(
+                obj,
+                (MAX_FLOWS, FULL_FLOWS),
+                (VIP, VIP6),
+                &(11..11 + BACKENDS).collect::<Vec<u8>>(),
+                backend6,
+                &[&katran_hit4, &katran_hit6],
+            )
+        })
+        .transpose()?;
     let mut bench = Bench {
         front,
         main,
@@ -597,6 +649,7 @@ fn run() -> anyhow::Result<()> {
         nat,
         decap,
         d0,
+        katran,
     };
     let row = |name, kind, frame: &Vec<u8>, vary| Row {
         name,
@@ -628,6 +681,28 @@ fn run() -> anyhow::Result<()> {
         row("non-VIP pass", Kind::NonVip, &non_vip, false),
         row("lb_decap (IPIP)", Kind::Decap, &encapsulated, false),
     ];
+    if bench.katran.is_some() {
+        rows.extend([
+            row(
+                "katran hit IPv4",
+                Kind::Katran(katran::Row::Hit4),
+                &katran_hit4,
+                false,
+            ),
+            row(
+                "katran hit IPv6",
+                Kind::Katran(katran::Row::Hit6),
+                &katran_hit6,
+                false,
+            ),
+            row(
+                "katran new flow, full",
+                Kind::Katran(katran::Row::NewFull),
+                &new4,
+                true,
+            ),
+        ]);
+    }
     if let Some(only) = &only {
         rows.retain(|r| {
             matches!(r.kind, Kind::TxFloor | Kind::PassFloor) || r.name.contains(only.as_str())
@@ -641,6 +716,21 @@ fn run() -> anyhow::Result<()> {
     };
     bench.run_row(&fill, 2 * FULL_FLOWS)?;
     let stats_full = bench.full.maps().flow_capacity()?;
+    // The same for Katran's full-table instance, in runs of its LRU size (each below Katran's
+    // new-connection rate limit, so every flow is inserted).
+    let katran_full_len = if bench.katran.is_some() {
+        let fill = Row {
+            name: "filling Katran's full table",
+            ..row("", Kind::Katran(katran::Row::NewFull), &new4, true)
+        };
+        for _ in 0..2 {
+            bench.run_row(&fill, FULL_FLOWS)?;
+        }
+        let k = bench.katran.as_ref().context("Katran")?;
+        Some(k.full.lru_len(cpu)?)
+    } else {
+        None
+    };
     // Warm-up: every row once with a tenth of the frames.
     bench.reset_main(&hit4, &hit6, &nat4)?;
     for r in &rows {
@@ -680,8 +770,13 @@ fn run() -> anyhow::Result<()> {
     let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     println!("lb XDP benchmark (BPF_PROG_TEST_RUN, live frames)");
     println!(
-        "command:  cargo xtask bench xdp{} = cargo bench -p lb-userspace --bench xdp",
-        if quick { " --quick" } else { "" }
+        "command:  cargo xtask bench xdp{}{} = cargo bench -p lb-userspace --bench xdp",
+        if quick { " --quick" } else { "" },
+        if katran_obj.is_some() {
+            " --katran DIR"
+        } else {
+            ""
+        }
     );
     println!(
         "date:     {}",
@@ -699,6 +794,14 @@ fn run() -> anyhow::Result<()> {
         measured.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+    if let (Some(obj), Some(k)) = (&katran_obj, &bench.katran) {
+        println!(
+            "katran:   {} (balancer_ingress; RING_SIZE {}), same VIPs and backends, IPIP/IP6IP6 to the reals, gateway MAC from ctl_array (no route lookup), one LRU per CPU: {MAX_FLOWS} entries (hit rows), {FULL_FLOWS} (full-table row: {} entries after filling); hit rows send TCP ACKs (Katran routes SYNs by its ring), the new-flow row SYNs",
+            obj.display(),
+            k.main.ring_size(),
+            katran_full_len.unwrap_or(0)
+        );
+    }
     println!(
         "verified: after every run, from the programs' counters: every frame ran the front and its target, tx/new-flow/pass_not_vip/decapsulated grew by exactly the frame count, the sink received every transmitted frame"
     );

@@ -11,6 +11,7 @@
 //! them, so it builds on a fresh machine before they exist.
 mod bench_l4;
 mod bench_l7;
+mod katran;
 
 use std::{
     env,
@@ -63,6 +64,11 @@ enum Bench {
         /// 5 rounds instead of 21 (well under a minute).
         #[arg(long)]
         quick: bool,
+        /// Also measure Katran's XDP balancer (rows "katran …"): build its `balancer.bpf.o`
+        /// from this checkout of facebookincubator/katran with Katran's own flags (installs
+        /// clang-22 when missing) and run it behind the same front program.
+        #[arg(long, value_name = "DIR")]
+        katran: Option<PathBuf>,
     },
     /// Control plane: Maglev build, API change → maps latency, flow-entry memory.
     Control,
@@ -145,11 +151,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
     match which {
-        Bench::Xdp { quick } => {
+        Bench::Xdp { quick, katran } => {
             require_root("the XDP benchmark")?;
-            let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "xdp"];
+            let object = katran
+                .map(|dir| katran::build(&dir, &target_dir(root).join("katran")))
+                .transpose()?
+                .map(|o| o.display().to_string());
+            let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "xdp", "--"];
             if quick {
-                args.extend(["--", "--quick"]);
+                args.push("--quick");
+            }
+            if let Some(object) = &object {
+                args.extend(["--katran-obj", object]);
             }
             cargo(&args)
         }
@@ -196,7 +209,10 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
         }
         Bench::All { quick } => {
             let suites = [
-                Bench::Xdp { quick },
+                Bench::Xdp {
+                    quick,
+                    katran: None,
+                },
                 Bench::L4 { quick },
                 Bench::Control,
                 Bench::L7 {

@@ -16,6 +16,8 @@ use super::{
 };
 use crate::cli::XdpMode;
 
+pub mod katran;
+
 /// The program the front tail-calls.
 #[derive(Clone, Copy)]
 pub enum BenchTarget<'a> {
@@ -27,6 +29,8 @@ pub enum BenchTarget<'a> {
     Balancer(&'a Balancer),
     /// `lb_decap` of this decapsulator.
     Decap(&'a Decap),
+    /// Katran's `balancer_ingress` (`cargo xtask bench xdp --katran DIR`).
+    Katran(&'a katran::Katran),
 }
 
 /// `lb_bench_front` and the floors, loaded; the sink attached once [`BenchFront::attach_sink`]
@@ -80,6 +84,7 @@ impl BenchFront {
             BenchTarget::PassFloor => program_fd(&self.ebpf, names::PROG_PASS)?,
             BenchTarget::Balancer(b) => program_fd(&b.ebpf, names::PROG_XDP)?,
             BenchTarget::Decap(d) => program_fd(&d.ebpf, names::PROG_DECAP)?,
+            BenchTarget::Katran(k) => k.program_fd()?,
         };
         let fd = fd.try_clone().map_err(|source| DataplaneError::Io {
             what: "duplicating the descriptor of",
