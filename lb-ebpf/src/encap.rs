@@ -14,7 +14,6 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{Backend, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, LbConfig, NextHopCounter, Reason};
-use network_types::eth::EthHdr;
 
 use crate::{
     icmp,
@@ -22,8 +21,8 @@ use crate::{
     nexthop::{self, Lookup},
     parse::Packet,
     pkt::{
-        AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, OUTER_TTL,
-        checksum_bytes, ptr_at, words_to_bytes, zero,
+        AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IPV4_LEN, IPV6_LEN,
+        OUTER_TTL, csum_fold, csum_words, eth_words, halves, ptr_at, store_words, zero,
     },
 };
 
@@ -185,59 +184,84 @@ pub fn push(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return Err((DROP, Reason::DropAdjustHead));
     }
-    // Data pointers changed: every access below re-derives and re-checks them.
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    // Data pointers changed: every access below re-derives and re-checks them. Each header
+    // is composed as memory-order 16-bit words and written with 16-bit stores
+    // ([`store_words`]): about half the instructions of byte-wise composing and storing.
+    let Some(eth) = ptr_at::<[u16; ETH_LEN / 2]>(ctx, 0) else {
         return Err((DROP, Reason::DropAdjustHead));
     };
     let tos = pkt.tos;
+    let proto = inner_proto(pkt);
     if outer_v6 {
-        let Some(outer) = ptr_at::<[u8; IPV6_LEN]>(ctx, ETH_LEN) else {
+        let Some(outer) = ptr_at::<[u16; IPV6_LEN / 2]>(ctx, ETH_LEN) else {
             return Err((DROP, Reason::DropAdjustHead));
         };
         // RFC 2473 §6.5: the traffic class comes from the inner header (TOS for IPv4).
-        let mut h = [0u8; IPV6_LEN];
-        h[0] = 0x60 | (tos >> 4);
-        h[1] = (tos << 4) | ((flow_label >> 16) as u8 & 0x0f);
-        h[2] = (flow_label >> 8) as u8;
-        h[3] = flow_label as u8;
-        h[4..6].copy_from_slice(&(pkt.ip_len as u16).to_be_bytes());
-        h[6] = inner_proto(pkt);
-        h[7] = OUTER_TTL;
-        h[8..24].copy_from_slice(&words_to_bytes(&cfg.lb_addr6));
-        h[24..40].copy_from_slice(&words_to_bytes(&backend.addr));
-        // SAFETY: bounds checked by ptr_at; no other reference into the packet is live.
+        let first = 0x6000_0000 | (tos as u32) << 20 | (flow_label & 0x000f_ffff);
+        let [s0, s1] = halves(cfg.lb_addr6[0]);
+        let [s2, s3] = halves(cfg.lb_addr6[1]);
+        let [s4, s5] = halves(cfg.lb_addr6[2]);
+        let [s6, s7] = halves(cfg.lb_addr6[3]);
+        let [d0, d1] = halves(backend.addr[0]);
+        let [d2, d3] = halves(backend.addr[1]);
+        let [d4, d5] = halves(backend.addr[2]);
+        let [d6, d7] = halves(backend.addr[3]);
+        let h: [u16; IPV6_LEN / 2] = [
+            ((first >> 16) as u16).to_be(),
+            (first as u16).to_be(),
+            (pkt.ip_len as u16).to_be(),
+            u16::from_ne_bytes([proto, OUTER_TTL]),
+            s0,
+            s1,
+            s2,
+            s3,
+            s4,
+            s5,
+            s6,
+            s7,
+            d0,
+            d1,
+            d2,
+            d3,
+            d4,
+            d5,
+            d6,
+            d7,
+        ];
+        // SAFETY: bounds checked by ptr_at; the frame starts 2-aligned (see store_words);
+        // no other reference into the packet is live.
         unsafe {
-            *outer = h;
-            (*eth).dst_addr = route.dmac;
-            (*eth).src_addr = route.smac;
-            (*eth).ether_type = ETH_P_IPV6_BE;
+            store_words(outer, &h);
+            store_words(eth, &eth_words(&route.dmac, &route.smac, ETH_P_IPV6_BE));
         }
     } else {
-        let Some(outer) = ptr_at::<[u8; IPV4_LEN]>(ctx, ETH_LEN) else {
+        let Some(outer) = ptr_at::<[u16; IPV4_LEN / 2]>(ctx, ETH_LEN) else {
             return Err((DROP, Reason::DropAdjustHead));
         };
-        let mut h = [0u8; IPV4_LEN];
-        h[0] = 0x45;
         // RFC 2003 §3.1: TOS and DF from the inner header; the identification too, unique
         // per source as RFC 6864 asks should the outer header ever be fragmented. An IPv6
         // inner packet is never fragmented on its path (RFC 8200 §5), so DF is set and path
         // MTU discovery works through packet-too-big (RFC 4213 §3.2).
-        h[1] = tos;
-        h[2..4].copy_from_slice(&((pkt.ip_len + IPV4_LEN) as u16).to_be_bytes());
-        h[4..6].copy_from_slice(&pkt.ip_id);
-        h[6] = if pkt.dont_fragment { 0x40 } else { 0 };
-        h[8] = OUTER_TTL;
-        h[9] = inner_proto(pkt);
-        h[12..16].copy_from_slice(&cfg.lb_addr4.to_ne_bytes());
-        h[16..20].copy_from_slice(&backend.addr[0].to_ne_bytes());
-        let c = checksum_bytes(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let [s0, s1] = halves(cfg.lb_addr4);
+        let [d0, d1] = halves(backend.addr[0]);
+        let mut h: [u16; IPV4_LEN / 2] = [
+            u16::from_ne_bytes([0x45, tos]),
+            ((pkt.ip_len + IPV4_LEN) as u16).to_be(),
+            u16::from_ne_bytes(pkt.ip_id),
+            if pkt.dont_fragment { IP_DF_BE } else { 0 },
+            u16::from_ne_bytes([OUTER_TTL, proto]),
+            0,
+            s0,
+            s1,
+            d0,
+            d1,
+        ];
+        // Memory-order words, so the checksum is stored as computed (RFC 1071 §2(B)).
+        h[5] = csum_fold(csum_words(0, &h));
         // SAFETY: as above.
         unsafe {
-            *outer = h;
-            (*eth).dst_addr = route.dmac;
-            (*eth).src_addr = route.smac;
-            (*eth).ether_type = ETH_P_IP_BE;
+            store_words(outer, &h);
+            store_words(eth, &eth_words(&route.dmac, &route.smac, ETH_P_IP_BE));
         }
     }
     if route.ifindex == ctx.ingress_ifindex() as u32 {

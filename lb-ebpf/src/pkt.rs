@@ -136,6 +136,70 @@ pub fn checksum_bytes<const N: usize>(b: &[u8; N]) -> u16 {
     csum_fold(csum_add(0, b))
 }
 
+/// The two 16-bit words, in memory order, of a header-order 32-bit word (an IPv4 address as
+/// the maps store it): what a 16-bit store at its offset writes.
+#[inline(always)]
+pub fn halves(w: u32) -> [u16; 2] {
+    let b = w.to_ne_bytes();
+    [
+        u16::from_ne_bytes([b[0], b[1]]),
+        u16::from_ne_bytes([b[2], b[3]]),
+    ]
+}
+
+/// One's-complement sum (RFC 1071) of 16-bit words held in memory order, without folding.
+/// RFC 1071 §2(B): the sum of byte-swapped words is the byte-swapped sum, so a checksum
+/// computed over memory-order words and stored as one is correct whatever the host's byte
+/// order; no swap per word.
+#[inline(always)]
+pub fn csum_words<const N: usize>(mut sum: u32, w: &[u16; N]) -> u32 {
+    let mut i = 0;
+    // Bounded loop: N is a constant.
+    while i < N {
+        sum += w[i] as u32;
+        i += 1;
+    }
+    sum
+}
+
+/// Writes `w` to the packet at `p` with 16-bit stores, `w[0]` first.
+///
+/// Why 16-bit stores: a byte array written to the packet compiles to one byte store per byte
+/// (LLVM's BPF backend never emits a misaligned wider store, and a packet pointer's type says
+/// nothing about its alignment); 16 bits is the alignment every header field here has, and
+/// the one the programs already assume of frames (`EthHdr::ether_type`, the port pair).
+///
+/// # Safety
+/// `p` must be 2-aligned with `2 * N` writable packet bytes behind it (bounds checked by
+/// [`ptr_at`]), and no reference into them may be live.
+#[inline(always)]
+pub unsafe fn store_words<const N: usize>(p: *mut [u16; N], w: &[u16; N]) {
+    let p = p.cast::<u16>();
+    let mut i = 0;
+    // Bounded loop: N is a constant.
+    while i < N {
+        // SAFETY: within the `N` words the caller guarantees.
+        unsafe { p.add(i).write(w[i]) };
+        i += 1;
+    }
+}
+
+/// The Ethernet header addressed from `smac` to `dmac` with `ether_type` (network order read
+/// natively), as seven memory-order 16-bit words for [`store_words`].
+#[inline(always)]
+pub fn eth_words(dmac: &[u8; 6], smac: &[u8; 6], ether_type: u16) -> [u16; 7] {
+    let w = |m: &[u8; 6], i: usize| u16::from_ne_bytes([m[i], m[i + 1]]);
+    [
+        w(dmac, 0),
+        w(dmac, 2),
+        w(dmac, 4),
+        w(smac, 0),
+        w(smac, 2),
+        w(smac, 4),
+        ether_type,
+    ]
+}
+
 /// The 16 bytes of an address stored as four header-order words.
 #[inline(always)]
 pub fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
@@ -145,6 +209,19 @@ pub fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
     b[8..12].copy_from_slice(&w[2].to_ne_bytes());
     b[12..16].copy_from_slice(&w[3].to_ne_bytes());
     b
+}
+
+/// Four header-order words of the 16 address bytes starting at `w[at]` (16-bit words in
+/// memory order, read from a 2-aligned header: see [`store_words`]): eight 16-bit loads
+/// instead of [`bytes_to_words`]'s sixteen byte loads and their shifts.
+#[inline(always)]
+pub fn halves_to_words<const N: usize>(w: &[u16; N], at: usize) -> [u32; 4] {
+    let word = |i: usize| {
+        let [a, b] = w[at + i].to_ne_bytes();
+        let [c, d] = w[at + i + 1].to_ne_bytes();
+        u32::from_ne_bytes([a, b, c, d])
+    };
+    [word(0), word(2), word(4), word(6)]
 }
 
 /// Four header-order words of 16 address bytes starting at `b[at]`.
