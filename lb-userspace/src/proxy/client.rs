@@ -290,9 +290,9 @@ impl Forwarder {
         }
 
         let config = &self.inner.config;
-        // Connecting is boxed (here and on hyper's paths below): it is rare once the pool is
-        // warm, and its state would otherwise take room in every request's future, which
-        // HTTP/2 moves into a task of its own per stream.
+        // Connecting is boxed (here and in `checkout`): it is rare once the pool is warm, and
+        // its state would otherwise take room in every request's future, which HTTP/2 moves
+        // into a task of its own per stream.
         let (conn, connect_time) = if own {
             let (conn, time) = Box::pin(connect::connect_raw(&target, config)).await?;
             (Any::Raw(conn), time)
@@ -339,9 +339,7 @@ impl Forwarder {
     ) -> impl Future<Output = Result<Response<ProxyBody>, SendError>> + 'a {
         use futures_util::future::Either;
         match conn {
-            // hyper's path (upgrades, TLS and HTTP/2 targets) is boxed: its state is larger
-            // than our own client's.
-            Any::Hyper(conn) => Either::Left(Box::pin(self.send(target, conn, req, replay))),
+            Any::Hyper(conn) => Either::Left(self.send(target, conn, req, replay)),
             Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, replay)),
         }
     }
