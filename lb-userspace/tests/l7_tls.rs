@@ -380,3 +380,173 @@ async fn a_slow_request_head_over_tls_gets_408_from_the_header_timeout() {
     assert_eq!(counters.header_timeouts.load(Ordering::Relaxed), 1);
     assert_eq!(t.hits(), 0);
 }
+
+/// An HTTP/2 connection over TLS to the proxy: the request sender, and the connection's task
+/// (it ends when the proxy closes the connection).
+async fn h2_over_tls(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let s = connect(addr, Some("default.test"), &[b"h2"]).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) = within(hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(s),
+    ))
+    .await
+    .expect("h2 handshake");
+    (send, tokio::spawn(conn))
+}
+
+#[tokio::test]
+async fn http2_over_tls_answers_every_stream_of_a_burst_and_large_bodies_whole() {
+    // Responses of many streams share TLS writes (`batch.rs`): each must still reach its own
+    // stream whole, and a body larger than the write batch must arrive intact.
+    let certs = make_certs(&[&["default.test"]]);
+    let t = target::http1()
+        .route("/echo", Reply::EchoBody)
+        .route("/", Reply::EchoHeaders)
+        .run()
+        .await;
+    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| {
+            l.protocol = ListenerProtocol::Https;
+            l.certificates = specs;
+        })
+        .start()
+        .await;
+    let (send, _conn) = h2_over_tls(p.addr).await;
+    let streams = (0..100).map(|i| {
+        let mut send = send.clone();
+        async move {
+            let req = Request::get(format!("https://default.test/s{i}"))
+                .body(Full::new(Bytes::new()))
+                .expect("req");
+            let resp = send.send_request(req).await.expect("response");
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            assert!(body.starts_with(&format!("GET /s{i} HTTP/1.1")), "{body}");
+        }
+    });
+    within(futures_join_all(streams)).await;
+    // 300 KiB: more than the 64 KiB the batch keeps, in frames of both sizes.
+    // ASCII: the target echoes the body as text.
+    let big: Vec<u8> = (0..300 * 1024u32)
+        .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[(i % 36) as usize])
+        .collect();
+    let echoed = within(async {
+        let mut send = send.clone();
+        let req = Request::post("https://default.test/echo")
+            .body(Full::new(Bytes::from(big.clone())))
+            .expect("req");
+        let resp = send.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.expect("body").to_bytes()
+    })
+    .await;
+    let first_difference = echoed.iter().zip(&big).position(|(a, b)| a != b);
+    assert!(
+        echoed == big,
+        "the echoed body differs: {} bytes back of {}, first difference at {first_difference:?}",
+        echoed.len(),
+        big.len()
+    );
+}
+
+/// Runs every future to completion, concurrently, on the current task.
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http2_over_tls_graceful_shutdown_finishes_the_stream_then_closes() {
+    let certs = make_certs(&[&["default.test"]]);
+    let t = target::http1()
+        .route(
+            "/",
+            Reply::Slow(std::time::Duration::from_millis(500), "finished".into()),
+        )
+        .run()
+        .await;
+    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
+    let mut p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| {
+            l.protocol = ListenerProtocol::Https;
+            l.certificates = specs;
+        })
+        .start()
+        .await;
+    let (mut send, conn) = h2_over_tls(p.addr).await;
+    let request = tokio::spawn(async move {
+        let req = Request::get("https://default.test/")
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        let resp = send.send_request(req).await.expect("response");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, body)
+    });
+    within(async {
+        while t.hits() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let running = p.running.take().expect("running");
+    within(running.shutdown(std::time::Duration::from_secs(10)))
+        .await
+        .expect("shutdown");
+    let (status, body) = within(request).await.expect("request task");
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"finished");
+    // The proxy's GOAWAY and close reached the client: its connection task ends cleanly.
+    within(conn)
+        .await
+        .expect("connection task")
+        .expect("a clean end of the connection");
+}
+
+#[tokio::test]
+async fn http2_over_tls_idle_connection_is_closed_by_the_idle_timeout() {
+    let certs = make_certs(&[&["default.test"]]);
+    let t = target::http1().route("/", Reply::text("hi")).run().await;
+    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| {
+            l.protocol = ListenerProtocol::Https;
+            l.certificates = specs;
+            l.idle_timeout = std::time::Duration::from_millis(300);
+        })
+        .start()
+        .await;
+    let (mut send, conn) = h2_over_tls(p.addr).await;
+    // One request answered (a lone response on an otherwise idle connection is not held
+    // back), then silence: the connection ends.
+    let body = within(async {
+        let req = Request::get("https://default.test/")
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        let resp = send.send_request(req).await.expect("response");
+        resp.into_body().collect().await.expect("body").to_bytes()
+    })
+    .await;
+    assert_eq!(&body[..], b"hi");
+    let _ = within(conn).await.expect("connection task");
+    assert!(send.is_closed());
+}

@@ -55,6 +55,7 @@ pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
 mod abuse;
+mod batch;
 mod exchange;
 mod h1;
 mod head;
@@ -873,7 +874,14 @@ async fn serve_connection(
                         id,
                         tls: Some(Arc::new(tls)),
                     };
-                    run_http(&listener, stream, peer, !h2, slot, conn).await;
+                    if h2 {
+                        // Responses ready in one scheduler pass share a TLS record and a
+                        // write (`batch.rs`).
+                        let stream = batch::BatchedWrites::new(stream);
+                        run_http(&listener, stream, peer, false, slot, conn).await;
+                    } else {
+                        run_http(&listener, stream, peer, true, slot, conn).await;
+                    }
                 }
                 Ok(Err(e)) => {
                     L7Counters::add(&counters.client_tls_negotiation_errors, 1);
