@@ -44,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::L7Counters;
 use super::pipeline::{self, ConnCtx};
-use super::sniff::{Native, NativeEvent, Sniffer};
+use super::sniff::{ChunkPiece, ChunkScan, Native, NativeEvent, Sniffer};
 use crate::proxy::client::ProxyBody;
 use crate::proxy::desync::trim_ows;
 
@@ -975,105 +975,41 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Body for RequestBody<IO> {
 /// Most bytes of request trailer lines (hyper's limit).
 const MAX_TRAILERS: usize = 16 * 1024;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-enum Chunk {
-    #[default]
-    Size,
-    Ext,
-    SizeLf,
-    Data(u64),
-    DataCr,
-    DataLf,
-    Trailer(bool),
-}
-
-/// Chunked request-body decoding, with the sniffer's tolerant grammar (`Sniffer::chunked`):
-/// both must agree on where the body ends.
+/// Chunked request-body decoding, with the sniffer's grammar ([`ChunkScan`]): both must agree
+/// on where the body ends.
 #[derive(Debug, Default)]
 struct ChunkedDecoder {
-    chunk: Chunk,
-    size: u64,
+    scan: ChunkScan,
     trailers: Vec<u8>,
     done: bool,
 }
 
 impl ChunkedDecoder {
-    fn after_size(&self) -> Chunk {
-        if self.size == 0 {
-            Chunk::Trailer(false)
-        } else {
-            Chunk::Data(self.size)
-        }
-    }
-
     fn feed(&mut self, data: &Bytes, out: &mut VecDeque<Frame<Bytes>>) -> io::Result<()> {
-        let mut i = 0;
-        while i < data.len() && !self.done {
-            let b = data[i];
-            match self.chunk {
-                Chunk::Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        let digit = u64::from((b as char).to_digit(16).unwrap_or(0));
-                        self.size = self.size.saturating_mul(16).saturating_add(digit);
-                    }
-                    b'\r' => self.chunk = Chunk::SizeLf,
-                    b'\n' => self.chunk = self.after_size(),
-                    _ => self.chunk = Chunk::Ext,
-                },
-                Chunk::Ext => match b {
-                    b'\r' => self.chunk = Chunk::SizeLf,
-                    b'\n' => self.chunk = self.after_size(),
-                    _ => {}
-                },
-                Chunk::SizeLf => self.chunk = self.after_size(),
-                Chunk::Data(n) => {
-                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(data.len() - i);
-                    out.push_back(Frame::data(data.slice(i..i + take)));
-                    i += take;
-                    let left = n - take as u64;
-                    self.chunk = if left == 0 {
-                        Chunk::DataCr
-                    } else {
-                        Chunk::Data(left)
-                    };
-                    continue;
-                }
-                Chunk::DataCr => {
-                    self.chunk = if b == b'\r' {
-                        Chunk::DataLf
-                    } else {
-                        Chunk::Size
-                    };
-                    self.size = 0;
-                }
-                Chunk::DataLf => {
-                    self.chunk = Chunk::Size;
-                    self.size = 0;
-                }
-                Chunk::Trailer(has_bytes) => {
-                    match b {
-                        b'\n' if !has_bytes => {
-                            self.done = true;
-                            if !self.trailers.is_empty() {
-                                out.push_back(Frame::trailers(parse_trailers(&self.trailers)?));
-                            }
-                        }
-                        b'\n' => self.chunk = Chunk::Trailer(false),
-                        b'\r' => {}
-                        _ => self.chunk = Chunk::Trailer(true),
-                    }
-                    if !self.done {
-                        self.trailers.push(b);
-                        if self.trailers.len() > MAX_TRAILERS {
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "chunk trailers bytes over limit",
-                            ));
-                        }
+        if self.done {
+            return Ok(());
+        }
+        let trailers = &mut self.trailers;
+        let end = self.scan.scan(data, |piece| {
+            match piece {
+                ChunkPiece::Data(range) => out.push_back(Frame::data(data.slice(range))),
+                ChunkPiece::Trailer(b) => {
+                    trailers.push(b);
+                    if trailers.len() > MAX_TRAILERS {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "chunk trailers bytes over limit",
+                        ));
                     }
                 }
             }
-            i += 1;
+            Ok(())
+        })?;
+        if end.is_some() {
+            self.done = true;
+            if !self.trailers.is_empty() {
+                out.push_back(Frame::trailers(parse_trailers(&self.trailers)?));
+            }
         }
         Ok(())
     }

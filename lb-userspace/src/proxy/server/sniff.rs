@@ -175,8 +175,9 @@ impl ConnShared {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum Chunk {
+    #[default]
     Size,
     Ext,
     SizeLf,
@@ -187,6 +188,105 @@ enum Chunk {
     Trailer(bool),
 }
 
+/// Where the scan of a chunked body stands. The one chunked grammar of the HTTP/1 server side:
+/// the sniffer uses it to find where a body ends (and the next head starts), the native path's
+/// body decoder (`h1.rs`) to take the body apart, so both end a body at the same byte. It is
+/// tolerant the way the desync classifier expects: a chunk size ends at the first byte that is
+/// no hex digit (the rest of that line is an extension), a lone LF ends a line, and a chunk's
+/// data need not be followed by CRLF.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct ChunkScan {
+    chunk: Chunk,
+    size: u64,
+}
+
+/// A piece of a chunked body, as [`ChunkScan::scan`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum ChunkPiece {
+    /// Chunk data: this range of the scanned bytes.
+    Data(std::ops::Range<usize>),
+    /// A byte of the trailer section (every byte after the last chunk but the final LF).
+    Trailer(u8),
+}
+
+impl ChunkScan {
+    fn after_size(&self) -> Chunk {
+        if self.size == 0 {
+            Chunk::Trailer(false)
+        } else {
+            Chunk::Data(self.size)
+        }
+    }
+
+    /// Advances over `data`, reporting chunk data and trailer bytes to `on` (an error from `on`
+    /// stops the scan). Returns the index just past the body's end when the body ends within
+    /// `data`, else `None`: all of `data` belongs to the body.
+    pub(super) fn scan<E>(
+        &mut self,
+        data: &[u8],
+        mut on: impl FnMut(ChunkPiece) -> Result<(), E>,
+    ) -> Result<Option<usize>, E> {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.chunk {
+                Chunk::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = u64::from((b as char).to_digit(16).unwrap_or(0));
+                        self.size = self.size.saturating_mul(16).saturating_add(digit);
+                    }
+                    b'\r' => self.chunk = Chunk::SizeLf,
+                    b'\n' => self.chunk = self.after_size(),
+                    _ => self.chunk = Chunk::Ext,
+                },
+                Chunk::Ext => match b {
+                    b'\r' => self.chunk = Chunk::SizeLf,
+                    b'\n' => self.chunk = self.after_size(),
+                    _ => {}
+                },
+                Chunk::SizeLf => self.chunk = self.after_size(),
+                Chunk::Data(n) => {
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(data.len() - i);
+                    on(ChunkPiece::Data(i..i + take))?;
+                    i += take;
+                    let left = n - take as u64;
+                    self.chunk = if left == 0 {
+                        Chunk::DataCr
+                    } else {
+                        Chunk::Data(left)
+                    };
+                    continue;
+                }
+                Chunk::DataCr => {
+                    self.chunk = if b == b'\r' {
+                        Chunk::DataLf
+                    } else {
+                        Chunk::Size
+                    };
+                    self.size = 0;
+                }
+                Chunk::DataLf => {
+                    self.chunk = Chunk::Size;
+                    self.size = 0;
+                }
+                Chunk::Trailer(has_bytes) => {
+                    if b == b'\n' && !has_bytes {
+                        return Ok(Some(i + 1));
+                    }
+                    on(ChunkPiece::Trailer(b))?;
+                    match b {
+                        b'\n' => self.chunk = Chunk::Trailer(false),
+                        b'\r' => {}
+                        _ => self.chunk = Chunk::Trailer(true),
+                    }
+                }
+            }
+            i += 1;
+        }
+        Ok(None)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Collecting a request head.
@@ -194,7 +294,7 @@ enum State {
     /// Passing a fixed-length body.
     Length(u64),
     /// Passing a chunked body (current chunk state, chunk size being read).
-    Chunked(Chunk, u64),
+    Chunked(ChunkScan),
     /// Waiting for the handler to say whether the connection was upgraded.
     AwaitUpgrade,
     /// Raw pass-through (HTTP/2 with the idle timeout; upgraded connections without).
@@ -393,8 +493,18 @@ impl<IO> Sniffer<IO> {
                         State::Length(left)
                     };
                 }
-                State::Chunked(chunk, size) => {
-                    let used = self.chunked(chunk, size, data);
+                State::Chunked(mut scan) => {
+                    let Ok(end) = scan.scan(data, |_| Ok::<(), std::convert::Infallible>(()));
+                    let used = match end {
+                        Some(end) => {
+                            self.state = self.after_body();
+                            end
+                        }
+                        None => {
+                            self.state = State::Chunked(scan);
+                            data.len()
+                        }
+                    };
                     self.out.extend_from_slice(&data[..used]);
                     data = &data[used..];
                 }
@@ -417,84 +527,6 @@ impl<IO> Sniffer<IO> {
         } else {
             State::Head
         }
-    }
-
-    /// Advances the chunked-body tracker over `data`; returns how many bytes belong to the body.
-    fn chunked(&mut self, mut chunk: Chunk, mut size: u64, data: &[u8]) -> usize {
-        let mut i = 0;
-        while i < data.len() {
-            let b = data[i];
-            match chunk {
-                Chunk::Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        let digit = u64::from((b as char).to_digit(16).unwrap_or(0));
-                        size = size.saturating_mul(16).saturating_add(digit);
-                    }
-                    b'\r' => chunk = Chunk::SizeLf,
-                    b'\n' => {
-                        chunk = if size == 0 {
-                            Chunk::Trailer(false)
-                        } else {
-                            Chunk::Data(size)
-                        }
-                    }
-                    _ => chunk = Chunk::Ext,
-                },
-                Chunk::Ext => match b {
-                    b'\r' => chunk = Chunk::SizeLf,
-                    b'\n' => {
-                        chunk = if size == 0 {
-                            Chunk::Trailer(false)
-                        } else {
-                            Chunk::Data(size)
-                        }
-                    }
-                    _ => {}
-                },
-                Chunk::SizeLf => {
-                    chunk = if size == 0 {
-                        Chunk::Trailer(false)
-                    } else {
-                        Chunk::Data(size)
-                    }
-                }
-                Chunk::Data(n) => {
-                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(data.len() - i);
-                    let left = n - take as u64;
-                    i += take;
-                    chunk = if left == 0 {
-                        Chunk::DataCr
-                    } else {
-                        Chunk::Data(left)
-                    };
-                    continue;
-                }
-                Chunk::DataCr => {
-                    chunk = if b == b'\r' {
-                        Chunk::DataLf
-                    } else {
-                        Chunk::Size
-                    };
-                    size = 0;
-                }
-                Chunk::DataLf => {
-                    chunk = Chunk::Size;
-                    size = 0;
-                }
-                Chunk::Trailer(has_bytes) => match b {
-                    b'\n' if !has_bytes => {
-                        self.state = self.after_body();
-                        return i + 1;
-                    }
-                    b'\n' => chunk = Chunk::Trailer(false),
-                    b'\r' => {}
-                    _ => chunk = Chunk::Trailer(true),
-                },
-            }
-            i += 1;
-        }
-        self.state = State::Chunked(chunk, size);
-        i
     }
 
     /// Collects head bytes; returns how many of `data` were consumed (the rest follows the head).
@@ -702,7 +734,7 @@ impl<IO> Sniffer<IO> {
         self.stop_after_body = mitigation == Mitigation::ForwardThenClose;
         self.state = match p.framing {
             head::Framing::Length(n) if n > 0 => State::Length(n),
-            head::Framing::Chunked => State::Chunked(Chunk::Size, 0),
+            head::Framing::Chunked => State::Chunked(ChunkScan::default()),
             head::Framing::Empty | head::Framing::Length(_) => self.after_body(),
         };
     }
@@ -928,6 +960,44 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniffer<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scans `input` in pieces of `step` bytes; returns the data, the trailer bytes and the
+    /// index just past the body.
+    fn scan_in_steps(input: &[u8], step: usize) -> (Vec<u8>, Vec<u8>, Option<usize>) {
+        let mut scan = ChunkScan::default();
+        let (mut data, mut trailers) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        while at < input.len() {
+            let piece = &input[at..(at + step).min(input.len())];
+            let Ok(end) = scan.scan(piece, |p| {
+                match p {
+                    ChunkPiece::Data(r) => data.extend_from_slice(&piece[r]),
+                    ChunkPiece::Trailer(b) => trailers.push(b),
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+            if let Some(end) = end {
+                return (data, trailers, Some(at + end));
+            }
+            at += piece.len();
+        }
+        (data, trailers, None)
+    }
+
+    #[test]
+    fn the_chunk_scan_ends_the_body_at_the_same_byte_however_it_is_split() {
+        let input = b"5;ext=1\r\nhello\r\n3\r\nabc\r\n0\r\nT: 1\r\n\r\nGET / HTTP/1.1";
+        let body_end = input.len() - b"GET / HTTP/1.1".len();
+        for step in [1, 2, 3, 7, input.len()] {
+            let (data, trailers, end) = scan_in_steps(input, step);
+            assert_eq!(data, b"helloabc", "step {step}");
+            assert_eq!(trailers, b"T: 1\r\n\r", "step {step}");
+            assert_eq!(end, Some(body_end), "step {step}");
+        }
+        // Positive control for the end: without the final line the body goes on.
+        let (_, _, end) = scan_in_steps(&input[..body_end - 1], 4);
+        assert_eq!(end, None);
+    }
 
     fn timeouts(idle: Duration, header: Duration) -> Timeouts {
         Timeouts { idle, header }
