@@ -680,7 +680,10 @@ impl RawBody {
     }
 }
 
-fn parse_trailers(section: &[u8]) -> Result<HeaderMap, H1Error> {
+/// A chunked body's trailer section (field lines through the empty line) into fields, at most
+/// [`MAX_HEADERS`]; a line that is no valid field fails it. The one trailer parser of both
+/// HTTP/1 sides: responses from targets here, request bodies in `server/h1.rs`.
+pub(crate) fn parse_trailers(section: &[u8]) -> Result<HeaderMap, H1Error> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::parse_headers(section, &mut fields) {
         Ok(httparse::Status::Complete((_, fields))) => {

@@ -37,7 +37,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -46,7 +46,7 @@ use super::L7Counters;
 use super::pipeline::{self, ConnCtx};
 use super::sniff::{ChunkPiece, ChunkScan, Native, NativeEvent, Sniffer};
 use crate::proxy::client::ProxyBody;
-use crate::proxy::desync::trim_ows;
+use crate::proxy::client::h1::parse_trailers;
 
 /// How a native connection ended.
 pub(super) enum Ended<IO> {
@@ -1008,28 +1008,16 @@ impl ChunkedDecoder {
         if end.is_some() {
             self.done = true;
             if !self.trailers.is_empty() {
-                out.push_back(Frame::trailers(parse_trailers(&self.trailers)?));
+                // The scan keeps every trailer byte but the final line feed.
+                self.trailers.push(b'\n');
+                let trailers = parse_trailers(&self.trailers).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("trailer section: {e}"))
+                })?;
+                out.push_back(Frame::trailers(trailers));
             }
         }
         Ok(())
     }
-}
-
-/// Trailer lines into fields; a line that is no valid field fails the body (as in hyper).
-fn parse_trailers(raw: &[u8]) -> io::Result<HeaderMap> {
-    let mut map = HeaderMap::new();
-    for line in raw.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(|&b| b == b'\r') {
-            continue;
-        }
-        let bad = || io::Error::new(io::ErrorKind::InvalidData, "invalid trailer field");
-        let colon = line.iter().position(|&b| b == b':').ok_or_else(bad)?;
-        let name = HeaderName::from_bytes(&line[..colon]).map_err(|_| bad())?;
-        let value = HeaderValue::from_bytes(trim_ows(&line[colon + 1..])).map_err(|_| bad())?;
-        map.append(name, value);
-    }
-    Ok(map)
 }
 
 /// The `Date` header's value, formatted once a second per thread (as hyper caches it).
@@ -1190,5 +1178,36 @@ mod tests {
         }
         assert_eq!(data, b"helloabc");
         assert_eq!(trailers.expect("trailers")["t"], "1");
+    }
+
+    fn decode_all(input: &'static [u8]) -> io::Result<Vec<Frame<Bytes>>> {
+        let mut d = ChunkedDecoder::default();
+        let mut out = VecDeque::new();
+        d.feed(&Bytes::from_static(input), &mut out)?;
+        assert!(d.done, "the body ended");
+        Ok(out.into())
+    }
+
+    #[test]
+    fn trailer_sections_with_bare_line_feeds_parse_and_invalid_fields_fail() {
+        let frames = decode_all(b"0\nA: 1\nB: two\n\n").expect("decodes");
+        let trailers = frames
+            .into_iter()
+            .find_map(|f| f.into_trailers().ok())
+            .expect("trailers");
+        assert_eq!(
+            (&trailers["a"], &trailers["b"]),
+            (&"1".parse().unwrap(), &"two".parse().unwrap())
+        );
+        // A line that is no field fails the body; the valid section above is the control.
+        let e = decode_all(b"0\r\nno colon here\r\n\r\n").expect_err("an invalid trailer line");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // No trailers: nothing but the end.
+        let frames = decode_all(b"0\r\n\r\n").expect("decodes");
+        assert!(
+            frames
+                .iter()
+                .all(|f| !f.is_trailers() || f.trailers_ref().is_some_and(|t| t.is_empty()))
+        );
     }
 }
