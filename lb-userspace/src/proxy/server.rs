@@ -972,20 +972,15 @@ async fn run_http<IO>(
                         return;
                     }
                 }
-                changed = phase.changed() => {
-                    let now = if changed.is_err() { Phase::Stopped } else { *phase.borrow() };
-                    match now {
-                        Phase::Running => {}
-                        Phase::Draining if !draining => {
-                            draining = true;
-                            if control.shutdown() {
-                                return;
-                            }
+                changed = phase.changed() => match phase_step(changed, &phase, &mut draining) {
+                    PhaseStep::Nothing => {}
+                    PhaseStep::Drain => {
+                        if control.shutdown() {
+                            return;
                         }
-                        Phase::Draining => {}
-                        Phase::Stopped => return,
                     }
-                }
+                    PhaseStep::Stop => return,
+                },
             }
         };
     }
@@ -1024,19 +1019,44 @@ async fn run_http<IO>(
                 abuse_close.as_mut().reset(tokio::time::Instant::now() + abuse::ABUSE_CLOSE_GRACE);
             }
             () = &mut abuse_close, if abusive => break,
-            changed = phase.changed() => {
-                let now = if changed.is_err() { Phase::Stopped } else { *phase.borrow() };
-                match now {
-                    Phase::Running => {}
-                    Phase::Draining if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    Phase::Draining => {}
-                    Phase::Stopped => break,
-                }
-            }
+            changed = phase.changed() => match phase_step(changed, &phase, &mut draining) {
+                PhaseStep::Nothing => {}
+                PhaseStep::Drain => conn.as_mut().graceful_shutdown(),
+                PhaseStep::Stop => break,
+            },
         }
+    }
+}
+
+/// What a change of the tier's phase asks of one client connection.
+enum PhaseStep {
+    Nothing,
+    /// Close at the next request boundary (the first time the tier drains).
+    Drain,
+    /// Close now.
+    Stop,
+}
+
+/// Reads a phase change for a connection's loop, native or hyper; `draining` remembers that
+/// the drain was already acted on.
+fn phase_step(
+    changed: Result<(), watch::error::RecvError>,
+    phase: &watch::Receiver<Phase>,
+    draining: &mut bool,
+) -> PhaseStep {
+    let now = if changed.is_err() {
+        Phase::Stopped
+    } else {
+        *phase.borrow()
+    };
+    match now {
+        Phase::Running => PhaseStep::Nothing,
+        Phase::Draining if !*draining => {
+            *draining = true;
+            PhaseStep::Drain
+        }
+        Phase::Draining => PhaseStep::Nothing,
+        Phase::Stopped => PhaseStep::Stop,
     }
 }
 
