@@ -208,7 +208,11 @@ fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 9] {
         max_backends,
     } = sizes;
     [
-        (names::MAP_FLOWS, max_flows, "--max-flows"),
+        (
+            names::MAP_FLOWS,
+            flow_table_entries(max_flows),
+            "--max-flows",
+        ),
         // Every NAT flow has one reverse entry.
         (names::MAP_NAT_REVERSE, max_flows, "--max-flows"),
         (
@@ -224,6 +228,23 @@ fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 9] {
         (names::MAP_BACKEND_STATS, max_backends, "--max-backends"),
         (names::MAP_NEXTHOPS, max_backends, "--max-backends"),
     ]
+}
+
+/// The entries the kernel gives a flow table asked for `max_flows`: its LRU lists are per CPU
+/// (`BPF_F_NO_COMMON_LRU`), and the kernel rounds `max_entries` up to a multiple of the
+/// possible CPUs so that every CPU's list gets the same share (`htab_map_alloc`). Pinned maps
+/// are compared with this figure.
+pub fn flow_table_entries(max_flows: u32) -> u32 {
+    static POSSIBLE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let cpus = *POSSIBLE.get_or_init(|| {
+        // aya's count of the possible CPUs, the figure the kernel rounds with.
+        aya::util::nr_cpus()
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(1)
+    });
+    max_flows.div_ceil(cpus).saturating_mul(cpus)
 }
 
 /// Loads the object with maps sized for `sizes`. With `pin_dir`, the pinned maps are created
