@@ -96,8 +96,9 @@ pub mod names {
 /// address families, flow ages and idle timeouts, flow-table accounting; 3 = NAT mode (the
 /// reverse map, reply counters), per-VIP guards (allow/deny tries, new-flow rate state, guard
 /// counters), `VipMeta` with the mode and the rate limit; 4 = the per-backend next-hop cache
-/// (`LB_NEXTHOPS`, `LB_NEXTHOP_CTL`, `LB_NEXTHOP_STATS`).
-pub const LB_LAYOUT_VERSION: u32 = 4;
+/// (`LB_NEXTHOPS`, `LB_NEXTHOP_CTL`, `LB_NEXTHOP_STATS`); 5 = `LB_FLOWS` with per-CPU LRU
+/// lists (`BPF_F_NO_COMMON_LRU`; its capacity is split evenly between the possible CPUs).
+pub const LB_LAYOUT_VERSION: u32 = 5;
 /// [`LbConfig::magic`]: marks an `LB_CONFIG` written by a versioned layout ("LBMP").
 pub const LB_CONFIG_MAGIC: u32 = u32::from_le_bytes(*b"LBMP");
 

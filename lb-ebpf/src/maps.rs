@@ -31,8 +31,14 @@ pub static LB_VIPS: HashMap<VipKey, VipMeta, VIP_ENTRIES> = HashMap::new();
 pub static LB_BACKENDS: Array<Backend, MAX_BACKENDS> = Array::new();
 #[btf_map]
 pub static LB_RINGS: Array<u32, RING_SLOTS> = Array::new();
+/// The flow table. Its LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): the table is one hash
+/// every CPU looks flows up in, but a CPU inserting into a full table evicts from its own
+/// share of the entries (`max_entries` / possible CPUs) under its own lock, not from one list
+/// shared (and locked) by all CPUs. Katran keeps one LRU table per CPU for the same reason.
 #[btf_map]
-pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue, MAX_FLOWS> = LruHashMap::new();
+pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue, MAX_FLOWS, FLOWS_FLAGS> = LruHashMap::new();
+/// [`LB_FLOWS`]'s flags: per-CPU LRU lists.
+const FLOWS_FLAGS: usize = aya_ebpf::bindings::BPF_F_NO_COMMON_LRU as usize;
 #[btf_map]
 pub static LB_VIP_STATS: PerCpuArray<Counters, MAX_VIPS> = PerCpuArray::new();
 #[btf_map]

@@ -36,6 +36,12 @@
 //! - with `--katran-obj PATH` (`cargo xtask bench xdp --katran DIR`): Katran's
 //!   `balancer_ingress`, configured alike, as "katran hit IPv4/IPv6" and "katran new flow,
 //!   full" (see `katran/mod.rs`).
+//! - with `--lb-obj LABEL=PATH` (repeatable): another build of the eBPF object (same map
+//!   layouts), e.g. a variant with one piece of the hit path removed or the base of an A/B,
+//!   loaded as balancers of its own and measured in the same rounds as "hit IPv4 [LABEL]",
+//!   "hit IPv6 [LABEL]" and "new flow, full [LABEL]". A variant may have lost its counters, so
+//!   these rows are checked by the sink only (every frame transmitted; the counters, where
+//!   the variant still keeps them, must agree).
 //!
 //! After every run the program's own counters must show that every frame took the intended
 //! path (e.g. `tx` grew by exactly `REPEAT`, no new flow on a hit row, exactly `REPEAT`
@@ -234,6 +240,11 @@ impl Lb {
     }
 
     fn load(max_flows: u32) -> anyhow::Result<Self> {
+        Self::load_from(None, max_flows)
+    }
+
+    /// [`Self::load`] from another build of the object (`--lb-obj`).
+    fn load_from(object: Option<&[u8]>, max_flows: u32) -> anyhow::Result<Self> {
         let sizes = Sizes {
             max_flows,
             ring_size: lb_common::DEFAULT_RING_SIZE,
@@ -244,7 +255,11 @@ impl Lb {
             v4: Some(LB_ADDR),
             v6: Some(LB_ADDR6),
         };
-        let (lb, maps) = Balancer::load(sizes, addrs, None).context("loading lb_xdp")?;
+        let (lb, maps) = match object {
+            Some(obj) => Balancer::load_from(obj, sizes, addrs, None),
+            None => Balancer::load(sizes, addrs, None),
+        }
+        .context("loading lb_xdp")?;
         let mut registry =
             RingWriter::new(maps, sizes.ring_size, sizes.max_vips, sizes.max_backends);
         let vip = VipAddr {
@@ -314,6 +329,16 @@ enum Kind {
     Decap,
     /// Katran's `balancer_ingress` (`--katran-obj`).
     Katran(katran::Row),
+    /// A flow-table hit of `--lb-obj` variant `n`.
+    VariantHit(usize),
+    /// A new flow into the full table of `--lb-obj` variant `n`.
+    VariantNewFull(usize),
+}
+
+/// An `--lb-obj` build: a main balancer (hit rows) and a full-table one.
+struct Variant {
+    main: Lb,
+    full: Lb,
 }
 
 struct Row {
@@ -334,6 +359,8 @@ struct Bench {
     d0: u32,
     /// Katran's balancer, with `--katran-obj`.
     katran: Option<katran::Katrans>,
+    /// `--lb-obj` builds.
+    variants: Vec<Variant>,
 }
 
 /// Counter values a row's check compares.
@@ -351,6 +378,8 @@ struct Snapshot {
 impl Bench {
     fn lb_of(&self, kind: Kind) -> &Lb {
         match kind {
+            Kind::VariantHit(n) => &self.variants[n].main,
+            Kind::VariantNewFull(n) => &self.variants[n].full,
             Kind::NewFull | Kind::NewFullNoCache => &self.full,
             Kind::NatHit4 => &self.nat,
             _ => &self.main,
@@ -360,6 +389,8 @@ impl Bench {
     /// The balancer of `kind`, mutable.
     fn lb_of_mut(&mut self, kind: Kind) -> &mut Lb {
         match kind {
+            Kind::VariantHit(n) => &mut self.variants[n].main,
+            Kind::VariantNewFull(n) => &mut self.variants[n].full,
             Kind::NewFull | Kind::NewFullNoCache => &mut self.full,
             Kind::NatHit4 => &mut self.nat,
             _ => &mut self.main,
@@ -402,6 +433,8 @@ impl Bench {
             Kind::Decap => BenchTarget::Decap(&self.decap),
             Kind::NewFull | Kind::NewFullNoCache => BenchTarget::Balancer(&self.full.lb),
             Kind::NatHit4 => BenchTarget::Balancer(&self.nat.lb),
+            Kind::VariantHit(v) => BenchTarget::Balancer(&self.variants[v].main.lb),
+            Kind::VariantNewFull(v) => BenchTarget::Balancer(&self.variants[v].full.lb),
             Kind::Katran(k) => {
                 let katrans = self.katran.as_mut().context("no Katran loaded")?;
                 katrans.of_mut(k).reset_conn_rate()?;
@@ -467,6 +500,22 @@ impl Bench {
                 ensure!(p == n, "{name}: decapsulated {p} of {n}");
             }
             Kind::PassFloor => {}
+            Kind::VariantHit(_) | Kind::VariantNewFull(_) => {
+                ensure!(sent_ok(sent, n), "{name}: sink got {sent} of {n}");
+                ensure!(
+                    transmitted == n || transmitted == 0,
+                    "{name}: {transmitted} XDP_TX of {n}"
+                );
+                let want = if matches!(row.kind, Kind::VariantHit(_)) {
+                    0
+                } else {
+                    n
+                };
+                ensure!(
+                    created == want || created == 0,
+                    "{name}: {created} new flows"
+                );
+            }
             Kind::Katran(k) => {
                 let (Some(b), Some(a)) = (&katran_before, &katran_after) else {
                     bail!("{name}: no Katran counters");
@@ -495,6 +544,16 @@ impl Bench {
             action == XDP_REDIRECT,
             "priming the NAT hit flow returned {action}"
         );
+        for v in &mut self.variants {
+            v.main.registry.maps_mut().remove_flows_of(&all)?;
+            for f in [hit4, hit6] {
+                let (action, _) = v.main.lb.test_run(f)?;
+                ensure!(
+                    action == XDP_REDIRECT,
+                    "priming a variant's hit flow returned {action}"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -564,6 +623,18 @@ fn run() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--katran-obj")
         .and_then(|i| args.get(i + 1).map(std::path::PathBuf::from));
+    // `--lb-obj LABEL=PATH` (repeatable): another build of the eBPF object, measured beside
+    // the built-in one.
+    let mut lb_objs: Vec<(String, Vec<u8>)> = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        if a != "--lb-obj" {
+            continue;
+        }
+        let spec = args.get(i + 1).context("--lb-obj needs LABEL=PATH")?;
+        let (label, path) = spec.split_once('=').context("--lb-obj needs LABEL=PATH")?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        lb_objs.push((label.to_string(), bytes));
+    }
     let rounds = if quick { QUICK_ROUNDS } else { ROUNDS };
     let started = Instant::now();
     private_netns()?;
@@ -642,6 +713,17 @@ fn run() -> anyhow::Result<()> {
             )
         })
         .transpose()?;
+    let variants = lb_objs
+        .iter()
+        .map(|(label, obj)| -> anyhow::Result<Variant> {
+            Ok(Variant {
+                main: Lb::load_from(Some(obj), MAX_FLOWS)
+                    .with_context(|| format!("--lb-obj {label}"))?,
+                full: Lb::load_from(Some(obj), FULL_FLOWS)
+                    .with_context(|| format!("--lb-obj {label}"))?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut bench = Bench {
         front,
         main,
@@ -650,6 +732,7 @@ fn run() -> anyhow::Result<()> {
         decap,
         d0,
         katran,
+        variants,
     };
     let row = |name, kind, frame: &Vec<u8>, vary| Row {
         name,
@@ -703,6 +786,30 @@ fn run() -> anyhow::Result<()> {
             ),
         ]);
     }
+    // Row names live as long as the process (a few per --lb-obj).
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    for (n, (label, _)) in lb_objs.iter().enumerate() {
+        rows.extend([
+            row(
+                leak(format!("hit IPv4 [{label}]")),
+                Kind::VariantHit(n),
+                &hit4,
+                false,
+            ),
+            row(
+                leak(format!("hit IPv6 [{label}]")),
+                Kind::VariantHit(n),
+                &hit6,
+                false,
+            ),
+            row(
+                leak(format!("new flow, full [{label}]")),
+                Kind::VariantNewFull(n),
+                &new4,
+                true,
+            ),
+        ]);
+    }
     if let Some(only) = &only {
         rows.retain(|r| {
             matches!(r.kind, Kind::TxFloor | Kind::PassFloor) || r.name.contains(only.as_str())
@@ -716,6 +823,13 @@ fn run() -> anyhow::Result<()> {
     };
     bench.run_row(&fill, 2 * FULL_FLOWS)?;
     let stats_full = bench.full.maps().flow_capacity()?;
+    for n in 0..bench.variants.len() {
+        let fill = Row {
+            name: "filling a variant's full table",
+            ..row("", Kind::VariantNewFull(n), &new4, true)
+        };
+        bench.run_row(&fill, 2 * FULL_FLOWS)?;
+    }
     // The same for Katran's full-table instance, in runs of its LRU size (each below Katran's
     // new-connection rate limit, so every flow is inserted).
     let katran_full_len = if bench.katran.is_some() {
@@ -809,7 +923,7 @@ fn run() -> anyhow::Result<()> {
     let floor = median(&rows[0].ns);
     let pass_floor = median(&rows[1].ns);
     println!(
-        "{:<28} {:>8} {:>7} {:>7} {:>12} {:>12}",
+        "{:<34} {:>8} {:>7} {:>7} {:>12} {:>12}",
         "row (ns/frame)", "median", "min", "max", "above TX", "above PASS"
     );
     for r in &rows {
@@ -817,7 +931,7 @@ fn run() -> anyhow::Result<()> {
         let min = r.ns.iter().copied().fold(f64::INFINITY, f64::min);
         let max = r.ns.iter().copied().fold(0.0, f64::max);
         println!(
-            "{:<28} {:>8.0} {:>7.0} {:>7.0} {:>12.0} {:>12.0}",
+            "{:<34} {:>8.0} {:>7.0} {:>7.0} {:>12.0} {:>12.0}",
             r.name,
             m,
             min,

@@ -125,7 +125,9 @@ pub struct RunArgs {
     #[arg(long = "rule", value_name = "SPEC")]
     pub rules: Vec<String>,
 
-    /// Flow-table capacity (LRU: the least recently seen flow is evicted when full).
+    /// Flow-table capacity (LRU: the least recently seen flow is evicted when full), rounded
+    /// up to a multiple of the possible CPUs: each CPU's inserts evict only from its own equal
+    /// share.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FLOWS)]
     pub max_flows: u32,
 

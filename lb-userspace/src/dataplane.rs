@@ -208,7 +208,11 @@ fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 9] {
         max_backends,
     } = sizes;
     [
-        (names::MAP_FLOWS, max_flows, "--max-flows"),
+        (
+            names::MAP_FLOWS,
+            flow_table_entries(max_flows),
+            "--max-flows",
+        ),
         // Every NAT flow has one reverse entry.
         (names::MAP_NAT_REVERSE, max_flows, "--max-flows"),
         (
@@ -226,9 +230,32 @@ fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 9] {
     ]
 }
 
+/// The entries the kernel gives a flow table asked for `max_flows`: its LRU lists are per CPU
+/// (`BPF_F_NO_COMMON_LRU`), and the kernel rounds `max_entries` up to a multiple of the
+/// possible CPUs so that every CPU's list gets the same share (`htab_map_alloc`). Pinned maps
+/// are compared with this figure.
+pub fn flow_table_entries(max_flows: u32) -> u32 {
+    static POSSIBLE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let cpus = *POSSIBLE.get_or_init(|| {
+        // aya's count of the possible CPUs, the figure the kernel rounds with.
+        aya::util::nr_cpus()
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(1)
+    });
+    max_flows.div_ceil(cpus).saturating_mul(cpus)
+}
+
 /// Loads the object with maps sized for `sizes`. With `pin_dir`, the pinned maps are created
 /// and pinned there, or reused if they exist (the caller checked that they fit).
 fn load_object(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf> {
+    load_object_from(OBJECT, sizes, pin_dir)
+}
+
+/// [`load_object`] of another build of the object (`bench xdp --lb-obj`: variants measured
+/// beside the built-in one); the map layouts must be this build's.
+fn load_object_from(object: &[u8], sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     for (name, entries, _) in sized_maps(sizes) {
         loader.map_max_entries(name, entries);
@@ -240,7 +267,7 @@ fn load_object(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf> {
         loader.map_pin_path(name, path.as_path());
     }
     loader
-        .load(OBJECT)
+        .load(object)
         .map_err(|e| DataplaneError::Load(Box::new(e)))
 }
 
@@ -1011,6 +1038,18 @@ impl Balancer {
     /// sizes) and adopted with everything in them, flows included ([`Self::adopted`]).
     /// Neither program is attached yet.
     pub fn load(sizes: Sizes, addrs: LbAddrs, pin_dir: Option<&Path>) -> Result<(Self, Maps)> {
+        Self::load_from(OBJECT, sizes, addrs, pin_dir)
+    }
+
+    /// [`Self::load`] from another build of the eBPF object with this build's map layouts
+    /// (the benchmark's `--lb-obj`, which measures variants of `lb_xdp` in the same run).
+    #[doc(hidden)]
+    pub fn load_from(
+        object: &[u8],
+        sizes: Sizes,
+        addrs: LbAddrs,
+        pin_dir: Option<&Path>,
+    ) -> Result<(Self, Maps)> {
         let (lock, adopted) = match pin_dir {
             Some(dir) => {
                 prepare_pin_dir(dir)?;
@@ -1019,7 +1058,7 @@ impl Balancer {
             }
             None => (None, false),
         };
-        let loaded = load_object(sizes, pin_dir).and_then(|mut ebpf| {
+        let loaded = load_object_from(object, sizes, pin_dir).and_then(|mut ebpf| {
             xdp_program(&mut ebpf, names::PROG_XDP)?;
             let hc = hc_program(&mut ebpf)?;
             retry_eagain(|| hc.load()).map_err(|source| DataplaneError::Program {

@@ -2660,7 +2660,11 @@ fn a_flow_idle_beyond_its_vips_timeout_is_steered_as_new_and_one_within_it_is_no
 fn the_flow_sweeper_counts_live_flows_the_lru_evicted_and_deletes_expired_ones() {
     netns_test(|| {
         use lb::l4::flows::{SweepResult, account, monotonic_ns};
-        let mut lb = Lb::with_flows(256);
+        // One CPU inserts every flow, so the LRU at work is that CPU's share of the table:
+        // 256 entries (see a_cpu_inserting_into_a_full_flow_table_evicts_only_from_its_own_share).
+        pin_thread_to(online_cpus()[0]);
+        let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
+        let mut lb = Lb::with_flows(256 * cpus);
         let web = lb.add_vip(
             Ipv4Addr::new(198, 51, 100, 1),
             80,
@@ -2709,6 +2713,77 @@ fn the_flow_sweeper_counts_live_flows_the_lru_evicted_and_deletes_expired_ones()
         assert_eq!(later.expired, s.entries);
         assert_eq!(later.evicted_live, s.evicted_live);
         assert_eq!(lb.maps().flows.keys().count(), 0);
+    });
+}
+
+/// Pins the calling thread to `cpu`: `BPF_PROG_TEST_RUN` runs the program on the caller's CPU,
+/// so every flow it inserts then lands in that CPU's share of the flow table.
+fn pin_thread_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for cpu < CPU_SETSIZE.
+    let ok = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
+    };
+    assert!(
+        ok,
+        "pinning to cpu {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The online CPUs (the ones a thread can be pinned to).
+fn online_cpus() -> Vec<usize> {
+    aya::util::online_cpus()
+        .expect("reading the online CPUs")
+        .into_iter()
+        .map(|c| c as usize)
+        .collect()
+}
+
+#[test]
+fn a_cpu_inserting_into_a_full_flow_table_evicts_only_from_its_own_share() {
+    netns_test(|| {
+        let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
+        const SHARE: u32 = 256;
+        let mut lb = Lb::with_flows(SHARE * cpus);
+        assert_eq!(lb.maps().flow_capacity().unwrap(), SHARE * cpus);
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(11)],
+        );
+        let online = online_cpus();
+        pin_thread_to(online[0]);
+        let entries = |lb: &Lb| lb.maps().flows.keys().count() as u32;
+        // Positive control: below the CPU's share nothing is evicted.
+        for i in 0..200u16 {
+            lb.backend_of(&client_syn(&web, 10_000 + i));
+        }
+        assert_eq!(entries(&lb), 200);
+        // Four shares' worth from the same CPU: only its share is used. (One LRU list for all
+        // CPUs would let this CPU fill the whole table, SHARE * cpus entries.) The kernel
+        // frees a few entries ahead when it evicts, so the share may be a little short.
+        for i in 0..(4 * SHARE) as u16 {
+            lb.backend_of(&client_syn(&web, 20_000 + i));
+        }
+        let one_cpu = entries(&lb);
+        assert!(
+            (SHARE - 8..=SHARE).contains(&one_cpu),
+            "one CPU's inserts hold {one_cpu} entries of a {} table ({cpus} CPUs)",
+            SHARE * cpus
+        );
+        // Another CPU's inserts take its own share and evict nothing of the first CPU's.
+        let Some(&other) = online.get(1) else {
+            eprintln!("one online CPU: the second half of this test needs two");
+            return;
+        };
+        pin_thread_to(other);
+        for i in 0..100u16 {
+            lb.backend_of(&client_syn(&web, 40_000 + i));
+        }
+        assert_eq!(entries(&lb), one_cpu + 100);
     });
 }
 
