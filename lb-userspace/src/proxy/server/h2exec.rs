@@ -179,12 +179,6 @@ impl Streams {
         }
     }
 
-    /// Streams running now.
-    #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        self.running.len()
-    }
-
     /// Polls `conn` and the streams until `conn` ends; a future to `select!` on in the
     /// connection's loop (it borrows `conn` only while it exists).
     pub(super) fn drive<'a, C: Future>(&'a mut self, conn: Pin<&'a mut C>) -> Drive<'a, C> {

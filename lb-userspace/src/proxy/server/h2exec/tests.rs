@@ -327,6 +327,7 @@ async fn graceful_shutdown_waits_for_the_running_stream_then_ends() {
         .expect("the in-flight stream is answered, not reset");
     assert_eq!((status, &body[..]), (200, &b"finished"[..]));
     let ended = stop.await.expect("join");
+    assert_eq!(ended.stats.started, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
