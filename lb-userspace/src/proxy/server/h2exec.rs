@@ -11,8 +11,13 @@
 //! response, the connection's frame writes and the flush happen in one task and, as a rule,
 //! one scheduler pass. Wake-ups that the connection and its streams give each other while the
 //! task is being polled do not reschedule the task; they make [`Streams::poll_drive`] go round
-//! again, at most [`MAX_ROUNDS`] times, after which the task yields to the scheduler (so
-//! neither a busy connection nor busy streams starve the other or other connections).
+//! again (streams, then the connection), at most [`MAX_ROUNDS`] times, after which the task
+//! yields to the scheduler (so neither a busy connection nor busy streams starve the other or
+//! other connections). One wake-up is passed on as it is: when the connection wakes itself
+//! while polled and nothing else is due, the task is woken and returns, so that it runs after
+//! the tasks already queued — `batch.rs` defers a batch's first flush that way, for the
+//! responses that the target connections' tasks woken in the same reactor pass are about to
+//! hand over.
 //!
 //! Behaviour kept from the spawned tasks:
 //! - A stream's future ends when the client resets the stream (hyper watches for RST_STREAM
@@ -202,23 +207,39 @@ impl Streams {
         self.shared.task.register(cx.waker());
         for _ in 0..MAX_ROUNDS {
             self.shared.polling.store(true, Ordering::SeqCst);
+            // Streams first: the responses they produce go out with the connection's poll
+            // that follows.
+            if self.shared.streams_due.swap(false, Ordering::SeqCst) {
+                self.pick_up();
+                self.poll_streams();
+            }
+            // The connection woke itself while it was polled: it asks to run again after the
+            // tasks already queued (`batch.rs` defers the first flush of a batch so).
+            let mut conn_yields = false;
             if self.shared.conn_due.swap(false, Ordering::SeqCst) {
                 let mut ccx = Context::from_waker(&self.conn_waker);
                 if let Poll::Ready(out) = conn.as_mut().poll(&mut ccx) {
                     self.shared.polling.store(false, Ordering::SeqCst);
                     return Poll::Ready(out);
                 }
-            }
-            if self.shared.streams_due.swap(false, Ordering::SeqCst) {
-                self.pick_up();
-                self.poll_streams();
+                conn_yields = self.shared.conn_due.swap(false, Ordering::SeqCst);
             }
             self.shared.polling.store(false, Ordering::SeqCst);
-            if !self.shared.conn_due.load(Ordering::SeqCst)
-                && !self.shared.streams_due.load(Ordering::SeqCst)
+            if self.shared.streams_due.load(Ordering::SeqCst)
+                || self.shared.conn_due.load(Ordering::SeqCst)
             {
-                return Poll::Pending;
+                // More to do in this pass anyway (a stream woken by the connection, or a wake
+                // from outside): the connection runs again in it.
+                if conn_yields {
+                    self.shared.conn_due.store(true, Ordering::SeqCst);
+                }
+                continue;
             }
+            if conn_yields {
+                self.shared.conn_due.store(true, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
         }
         // Still work to do: let the scheduler run other tasks first. The flags stay set, so
         // the next poll starts with it.
