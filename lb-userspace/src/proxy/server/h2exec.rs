@@ -196,9 +196,9 @@ impl Streams {
         }
     }
 
-    /// One poll of the connection's task: the connection if it was woken, then the streams
-    /// that were woken or queued, again while either woke the other, at most [`MAX_ROUNDS`]
-    /// times.
+    /// One poll of the connection's task: the streams that were woken or queued, then the
+    /// connection if it was woken, again while either woke the other, at most [`MAX_ROUNDS`]
+    /// times (module docs).
     pub(super) fn poll_drive<C: Future>(
         &mut self,
         mut conn: Pin<&mut C>,
