@@ -2,7 +2,8 @@
 //!
 //! A listener accepts TCP (and TLS with SNI certificate selection and ALPN `h2`/`http/1.1` for
 //! HTTPS), serves HTTP/1.1 in the connection's own task (`server/h1.rs`; hyper with
-//! `http1=hyper`, and for upgrades and h2c) and HTTP/2 with hyper, and runs every request
+//! `http1=hyper`, and for upgrades and h2c) and HTTP/2 with hyper (its streams polled in the
+//! connection's task, `server/h2exec.rs`), and runs every request
 //! through the pipeline (`server/pipeline.rs`): desync classification, the checks ALB makes
 //! before routing (405, 501, 505), rule evaluation and the action (forward, redirect, fixed
 //! response). HTTP/1 bytes pass through the sniffer (`server/sniff.rs`) first, which enforces
@@ -43,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -58,6 +59,7 @@ mod abuse;
 mod batch;
 mod exchange;
 mod h1;
+mod h2exec;
 mod head;
 mod limits;
 mod pipeline;
@@ -511,7 +513,6 @@ struct Listener {
     rules: Arc<ArcSwap<RuleSet>>,
     port: u16,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    http: auto::Builder<TokioExecutor>,
     shared: Arc<Shared>,
     /// Open client connections, for `max-connections` and `max-connections-per-source`.
     connections: limits::ConnectionLimits,
@@ -688,7 +689,6 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
             cells: Arc::default(),
             certificates,
             port: local.port(),
-            http: http_builder(),
             connections: limits::ConnectionLimits::new(
                 lcfg.max_connections,
                 lcfg.max_connections_per_source,
@@ -747,9 +747,10 @@ pub(crate) const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 128;
 /// exactly for HTTP/1; hyper's own limits are set above them so they never fire first: its
 /// default of 100 header fields is [`sniff::MAX_HEADER_COUNT`], left unset because setting any
 /// count moves hyper's header slots to the heap), and
-/// HTTP/2 settings chosen against resource-exhaustion attacks.
-fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+/// HTTP/2 settings chosen against resource-exhaustion attacks. `exec` runs the HTTP/2 streams
+/// (one connection's [`h2exec::StreamExec`]: they run in the connection's task).
+fn http_builder<E>(exec: E) -> auto::Builder<E> {
+    let mut b = auto::Builder::new(exec);
     b.http1()
         .timer(TokioTimer::new())
         // The sniffer enforces `header-timeout` with ALB's 408; hyper's own timeout would close
@@ -985,9 +986,10 @@ async fn run_http<IO>(
         };
     }
     let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
-    let conn = listener
-        .http
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    // HTTP/2 streams run in this task, polled with the connection (`server/h2exec.rs`).
+    let mut streams = h2exec::Streams::new();
+    let http = http_builder(streams.executor());
+    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     if keepalive_done || draining {
         conn.as_mut().graceful_shutdown();
@@ -998,7 +1000,7 @@ async fn run_http<IO>(
     let mut abusive = false;
     loop {
         tokio::select! {
-            result = conn.as_mut() => {
+            result = streams.drive(conn.as_mut()) => {
                 if let Err(e) = result {
                     tracing::debug!(listener = %listener.cfg.name, %peer, error = %e, "client connection ended with an error");
                 }

@@ -15,6 +15,11 @@
 //! frames, and the next flush hands everything to TLS in one write. A flush is deferred at most
 //! once: the wake-up guarantees the task is polled again, and h2 flushes on every poll of the
 //! connection (and before shutting it down).
+//!
+//! Since the streams run in the connection's task (`h2exec.rs`), the responses of the streams
+//! woken together are written in one pass anyway; the deferral still lets the target
+//! connections' tasks woken in the same reactor pass hand over their responses first
+//! (`h2exec` passes the connection's self-wake on to the scheduler when nothing else is due).
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};

@@ -1,0 +1,307 @@
+//! HTTP/2 streams run inside their connection's task.
+//!
+//! hyper's HTTP/2 server hands every accepted stream (the request's service future and the
+//! piping of its response) to an executor. With `TokioExecutor` each stream was a task of its
+//! own: spawned, woken from the reactor, then waking the connection task through h2's shared
+//! state so that the connection wrote the stream's frames, and the connection ran in a second
+//! scheduler pass (often on the other worker, after work stealing).
+//!
+//! [`StreamExec`] is the executor of one connection: it only queues the stream futures.
+//! [`Streams`] polls them next to the connection future, in the connection's task: a stream's
+//! response, the connection's frame writes and the flush happen in one task and, as a rule,
+//! one scheduler pass. Wake-ups that the connection and its streams give each other while the
+//! task is being polled do not reschedule the task; they make [`Streams::poll_drive`] go round
+//! again (streams, then the connection), at most [`MAX_ROUNDS`] times, after which the task
+//! yields to the scheduler (so neither a busy connection nor busy streams starve the other or
+//! other connections). One wake-up is passed on as it is: when the connection wakes itself
+//! while polled and nothing else is due, the task is woken and returns, so that it runs after
+//! the tasks already queued — `batch.rs` defers a batch's first flush that way, for the
+//! responses that the target connections' tasks woken in the same reactor pass are about to
+//! hand over.
+//!
+//! Behaviour kept from the spawned tasks:
+//! - A stream's future ends when the client resets the stream (hyper watches for RST_STREAM
+//!   while the service runs) and is dropped then, as before.
+//! - A panicking stream ends alone: the panic is caught, the stream's future dropped (h2 resets
+//!   the stream), the connection and its other streams go on (tokio caught a panicking task's
+//!   panic the same way).
+//! - Graceful shutdown (GOAWAY) waits for the open streams: the connection future ends only
+//!   when every stream has let go of it, and the streams are polled until then.
+//!
+//! Deliberate change: when the connection ends for good (the client went away, the tier
+//! stopped, an abusive client was cut off), the streams still running are dropped with it at
+//! once. Spawned, they ran on until they noticed that their stream had been reset by the
+//! connection's end; they could not answer anyway.
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::FutureExt as _;
+use futures_util::future::CatchUnwind;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use futures_util::task::AtomicWaker;
+
+/// Most rounds (connection, then woken streams) in one poll of the connection's task before it
+/// yields to the scheduler.
+pub(super) const MAX_ROUNDS: usize = 16;
+
+/// A stream's future as hyper hands it over.
+type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The executor hyper gets for one connection: queues the streams for [`Streams`].
+#[derive(Clone)]
+pub(super) struct StreamExec {
+    shared: Arc<Shared>,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.shared
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::pin(fut));
+        self.shared.streams_due.store(true, Ordering::SeqCst);
+        self.shared.notify();
+    }
+}
+
+/// State shared by the executor, the two wakers and the driver.
+struct Shared {
+    /// Streams handed over and not yet picked up by the driver.
+    queued: Mutex<Vec<StreamFuture>>,
+    /// The task that runs the driver (woken only when it is not being polled).
+    task: AtomicWaker,
+    /// The driver is inside its poll: a wake-up only sets a flag, which it reads before it
+    /// returns.
+    polling: AtomicBool,
+    /// The connection future was woken.
+    conn_due: AtomicBool,
+    /// A stream was woken, or a new one queued.
+    streams_due: AtomicBool,
+}
+
+impl Shared {
+    /// After a `*_due` flag was set: wakes the task unless the driver is polling (then it sees
+    /// the flag before returning). `SeqCst` on both sides: either the driver reads the flag
+    /// after clearing `polling`, or this reads `polling` as cleared and wakes the task.
+    fn notify(&self) {
+        if !self.polling.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
+}
+
+/// The waker the connection future is polled with.
+struct ConnWake(Arc<Shared>);
+
+impl Wake for ConnWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.conn_due.store(true, Ordering::SeqCst);
+        self.0.notify();
+    }
+}
+
+/// The waker the streams are polled with (`FuturesUnordered` wakes it for any of them).
+struct StreamsWake(Arc<Shared>);
+
+impl Wake for StreamsWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.streams_due.store(true, Ordering::SeqCst);
+        self.0.notify();
+    }
+}
+
+/// The streams of one connection and the driver that polls them with the connection.
+pub(super) struct Streams {
+    shared: Arc<Shared>,
+    running: FuturesUnordered<CatchUnwind<AssertUnwindSafe<StreamFuture>>>,
+    conn_waker: Waker,
+    streams_waker: Waker,
+    /// The queue's storage, swapped with it when streams are picked up.
+    spare: Vec<StreamFuture>,
+    #[cfg(test)]
+    pub(super) stats: Stats,
+}
+
+/// What a test can check of the driver.
+#[cfg(test)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Stats {
+    /// Streams picked up.
+    pub(super) started: usize,
+    /// Streams that panicked.
+    pub(super) panicked: usize,
+    /// Polls that used every round and yielded.
+    pub(super) yielded: usize,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Streams {
+    pub(super) fn new() -> Self {
+        let shared = Arc::new(Shared {
+            queued: Mutex::new(Vec::new()),
+            task: AtomicWaker::new(),
+            polling: AtomicBool::new(false),
+            // The first poll polls both.
+            conn_due: AtomicBool::new(true),
+            streams_due: AtomicBool::new(true),
+        });
+        Self {
+            conn_waker: Waker::from(Arc::new(ConnWake(shared.clone()))),
+            streams_waker: Waker::from(Arc::new(StreamsWake(shared.clone()))),
+            shared,
+            running: FuturesUnordered::new(),
+            spare: Vec::new(),
+            #[cfg(test)]
+            stats: Stats::default(),
+        }
+    }
+
+    /// The executor to build this connection's hyper connection with.
+    pub(super) fn executor(&self) -> StreamExec {
+        StreamExec {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Polls `conn` and the streams until `conn` ends; a future to `select!` on in the
+    /// connection's loop (it borrows `conn` only while it exists).
+    pub(super) fn drive<'a, C: Future>(&'a mut self, conn: Pin<&'a mut C>) -> Drive<'a, C> {
+        // The connection's loop may have changed the connection between two of these futures
+        // (`graceful_shutdown` wakes nothing): poll it first, as when it was polled directly.
+        self.shared.conn_due.store(true, Ordering::SeqCst);
+        Drive {
+            streams: self,
+            conn,
+        }
+    }
+
+    /// One poll of the connection's task: the streams that were woken or queued, then the
+    /// connection if it was woken, again while either woke the other, at most [`MAX_ROUNDS`]
+    /// times (module docs).
+    pub(super) fn poll_drive<C: Future>(
+        &mut self,
+        mut conn: Pin<&mut C>,
+        cx: &mut Context<'_>,
+    ) -> Poll<C::Output> {
+        self.shared.task.register(cx.waker());
+        for _ in 0..MAX_ROUNDS {
+            self.shared.polling.store(true, Ordering::SeqCst);
+            // Streams first: the responses they produce go out with the connection's poll
+            // that follows.
+            if self.shared.streams_due.swap(false, Ordering::SeqCst) {
+                self.pick_up();
+                self.poll_streams();
+            }
+            // The connection woke itself while it was polled: it asks to run again after the
+            // tasks already queued (`batch.rs` defers the first flush of a batch so).
+            let mut conn_yields = false;
+            if self.shared.conn_due.swap(false, Ordering::SeqCst) {
+                let mut ccx = Context::from_waker(&self.conn_waker);
+                if let Poll::Ready(out) = conn.as_mut().poll(&mut ccx) {
+                    self.shared.polling.store(false, Ordering::SeqCst);
+                    return Poll::Ready(out);
+                }
+                conn_yields = self.shared.conn_due.swap(false, Ordering::SeqCst);
+            }
+            self.shared.polling.store(false, Ordering::SeqCst);
+            if self.shared.streams_due.load(Ordering::SeqCst)
+                || self.shared.conn_due.load(Ordering::SeqCst)
+            {
+                // More to do in this pass anyway (a stream woken by the connection, or a wake
+                // from outside): the connection runs again in it.
+                if conn_yields {
+                    self.shared.conn_due.store(true, Ordering::SeqCst);
+                }
+                continue;
+            }
+            if conn_yields {
+                self.shared.conn_due.store(true, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
+        // Still work to do: let the scheduler run other tasks first. The flags stay set, so
+        // the next poll starts with it.
+        #[cfg(test)]
+        {
+            self.stats.yielded += 1;
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Moves the queued streams into the running set.
+    fn pick_up(&mut self) {
+        std::mem::swap(
+            &mut *self
+                .shared
+                .queued
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            &mut self.spare,
+        );
+        #[cfg(test)]
+        {
+            self.stats.started += self.spare.len();
+        }
+        for fut in self.spare.drain(..) {
+            self.running.push(AssertUnwindSafe(fut).catch_unwind());
+        }
+    }
+
+    /// Polls the woken streams once each; `FuturesUnordered` wakes `streams_waker` when it
+    /// stops early (its own budget), so the next round continues.
+    fn poll_streams(&mut self) {
+        let mut scx = Context::from_waker(&self.streams_waker);
+        while let Poll::Ready(Some(ended)) = self.running.poll_next_unpin(&mut scx) {
+            if ended.is_err() {
+                #[cfg(test)]
+                {
+                    self.stats.panicked += 1;
+                }
+                tracing::error!(
+                    "an HTTP/2 stream panicked; its stream was reset, the connection goes on"
+                );
+            }
+        }
+    }
+}
+
+/// [`Streams::drive`]'s future.
+pub(super) struct Drive<'a, C> {
+    streams: &'a mut Streams,
+    conn: Pin<&'a mut C>,
+}
+
+impl<C: Future> Future for Drive<'_, C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = self.get_mut();
+        this.streams.poll_drive(this.conn.as_mut(), cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;
