@@ -372,8 +372,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    // Usually only `Connection` and `Keep-Alive`, if any, are there: one pass over the names
+    // finds them, instead of a hashed lookup for each of the nine.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in HOP_BY_HOP {
+            headers.remove(name);
+        }
     }
 
     if upgrading {
