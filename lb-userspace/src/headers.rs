@@ -22,6 +22,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::header::{
     CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
@@ -136,17 +137,21 @@ pub fn apply_forwarded(
 
     match mode {
         XffMode::Append => {
-            let peer = peer.to_canonical().to_string();
-            let mut merged = Vec::with_capacity(64);
-            for entry in received.iter().copied().chain([peer.as_bytes()]) {
+            // Formatted on the stack, the entries joined into one buffer of the final size:
+            // one allocation (this runs on every forwarded request).
+            let mut peer_buf = AddrBuf::default();
+            let peer = peer_buf.format(peer.to_canonical());
+            let len = received.iter().map(|e| e.len() + 2).sum::<usize>() + peer.len();
+            let mut merged = Vec::with_capacity(len);
+            for entry in received.iter().copied().chain([peer]) {
                 if !merged.is_empty() {
                     merged.extend_from_slice(b", ");
                 }
                 merged.extend_from_slice(entry);
             }
             // Entries come from valid header values or are an IP address: always valid.
-            let value = HeaderValue::from_bytes(&merged)
-                .or_else(|_| HeaderValue::from_str(&peer))
+            let value = HeaderValue::from_maybe_shared(Bytes::from(merged))
+                .or_else(|_| HeaderValue::from_bytes(peer))
                 .unwrap_or_else(|_| HeaderValue::from_static(""));
             headers.insert(X_FORWARDED_FOR, value);
         }
@@ -156,7 +161,12 @@ pub fn apply_forwarded(
         }
     }
 
-    match HeaderValue::from_str(listener_proto) {
+    let proto = match listener_proto {
+        "http" => Ok(HeaderValue::from_static("http")),
+        "https" => Ok(HeaderValue::from_static("https")),
+        other => HeaderValue::from_str(other),
+    };
+    match proto {
         Ok(proto) => {
             headers.insert(X_FORWARDED_PROTO, proto);
         }
@@ -164,8 +174,57 @@ pub fn apply_forwarded(
             headers.remove(X_FORWARDED_PROTO);
         }
     }
-    headers.insert(X_FORWARDED_PORT, HeaderValue::from(listener_port));
+    // `HeaderValue::from(u16)` makes two allocations (a growable buffer, then its freezing);
+    // copying the digits is one.
+    let mut port = AddrBuf::default();
+    let _ = std::fmt::Write::write_fmt(&mut port, format_args!("{listener_port}"));
+    let port = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(port.as_bytes()))
+        .unwrap_or_else(|_| HeaderValue::from(listener_port));
+    headers.insert(X_FORWARDED_PORT, port);
     Ok(())
+}
+
+/// Room for an IP address (or a port) in text, formatted without allocating (the longest
+/// address text, IPv6 with an embedded IPv4 address, takes 45 bytes).
+struct AddrBuf {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Default for AddrBuf {
+    fn default() -> Self {
+        Self {
+            buf: [0; 48],
+            len: 0,
+        }
+    }
+}
+
+impl AddrBuf {
+    /// `addr` as text (what its `Display` writes), without allocating.
+    fn format(&mut self, addr: IpAddr) -> &[u8] {
+        use std::fmt::Write as _;
+        self.len = 0;
+        if write!(self, "{addr}").is_err() {
+            self.len = 0;
+        }
+        self.as_bytes()
+    }
+
+    /// What was written so far.
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl fmt::Write for AddrBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let room = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// Sets `X-Amzn-Trace-Id` as ALB does and returns its new value (the access log records it).
@@ -178,38 +237,59 @@ pub fn apply_forwarded(
 ///
 /// Fields are `;`-separated (`Self=…;Root=…;CalledFrom=app`); several header lines are
 /// merged into one. A header that is not valid UTF-8 is treated as absent.
-pub fn trace_id(
-    headers: &mut HeaderMap,
+///
+/// Runs on every forwarded request: the value is written into one buffer of its final size
+/// (one allocation), not formatted piece by piece.
+pub fn trace_id<'h>(
+    headers: &'h mut HeaderMap,
     now: SystemTime,
     random: &mut impl rand::RngCore,
-) -> HeaderValue {
-    let received: Vec<String> = headers
+) -> &'h HeaderValue {
+    let mut has_root = false;
+    let mut kept_len = 0;
+    for field in received_trace_fields(headers) {
+        match field_name(field) {
+            "Root" => {
+                has_root = true;
+                kept_len += 1 + field.len();
+            }
+            "Self" => {}
+            _ => kept_len += 1 + field.len(),
+        }
+    }
+    let mut first = [0u8; TRACE_FIELD_LEN];
+    first[..5].copy_from_slice(if has_root { b"Self=" } else { b"Root=" });
+    new_trace_id(&mut first[5..], now, random);
+    let mut text = Vec::with_capacity(TRACE_FIELD_LEN + kept_len);
+    text.extend_from_slice(&first);
+    for field in received_trace_fields(headers).filter(|f| field_name(f) != "Self") {
+        text.push(b';');
+        text.extend_from_slice(field.as_bytes());
+    }
+    // Fields come from a valid value (trimmed, split on ';') or are ASCII we made.
+    let value = HeaderValue::from_maybe_shared(Bytes::from(text))
+        .or_else(|_| HeaderValue::from_bytes(&first))
+        .unwrap_or_else(|_| HeaderValue::from_static(""));
+    match headers.entry(X_AMZN_TRACE_ID) {
+        // Replaces every line the client sent with the one merged value.
+        http::header::Entry::Occupied(mut e) => {
+            e.insert(value);
+            e.into_mut()
+        }
+        http::header::Entry::Vacant(e) => e.insert(value),
+    }
+}
+
+/// The `X-Amzn-Trace-Id` fields a request carries, in order: every line that is valid UTF-8,
+/// split on `;`, trimmed, empty ones left out.
+fn received_trace_fields(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(X_AMZN_TRACE_ID)
         .iter()
         .filter_map(|line| line.to_str().ok())
         .flat_map(|line| line.split(';'))
         .map(str::trim)
         .filter(|field| !field.is_empty())
-        .map(str::to_owned)
-        .collect();
-    let has_root = received.iter().any(|f| field_name(f) == "Root");
-    let kept = received.iter().filter(|f| field_name(f) != "Self");
-    let first = format!(
-        "{}={}",
-        if has_root { "Self" } else { "Root" },
-        new_trace_id(now, random)
-    );
-    let text = std::iter::once(&first)
-        .chain(kept)
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(";");
-    // Fields come from a valid value (trimmed, split on ';') or are ASCII we made.
-    let value = HeaderValue::from_str(&text)
-        .or_else(|_| HeaderValue::from_str(&first))
-        .unwrap_or_else(|_| HeaderValue::from_static(""));
-    headers.insert(X_AMZN_TRACE_ID, value.clone());
-    value
 }
 
 /// The name of a `Name=value` trace-id field (the whole field if it has no `=`).
@@ -217,16 +297,34 @@ fn field_name(field: &str) -> &str {
     field.split_once('=').map_or(field, |(name, _)| name).trim()
 }
 
-/// `1-<8 hex epoch seconds>-<24 hex random>` (the X-Ray trace id format).
-fn new_trace_id(now: SystemTime, random: &mut impl rand::RngCore) -> String {
+/// Length of a trace id, `1-<8 hex>-<24 hex>`.
+const TRACE_ID_LEN: usize = 35;
+/// Length of the field we put first: `Root=` or `Self=` and a trace id.
+const TRACE_FIELD_LEN: usize = 5 + TRACE_ID_LEN;
+
+/// Writes `1-<8 hex epoch seconds>-<24 hex random>` (the X-Ray trace id format, lowercase)
+/// into `out` (exactly [`TRACE_ID_LEN`] bytes).
+fn new_trace_id(out: &mut [u8], now: SystemTime, random: &mut impl rand::RngCore) {
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     // 8 hex digits hold the seconds until 2106; X-Ray keeps the low 32 bits as well.
     let secs = secs & u64::from(u32::MAX);
-    format!(
-        "1-{secs:08x}-{:016x}{:08x}",
-        random.next_u64(),
-        random.next_u32()
-    )
+    let (prefix, rest) = out.split_at_mut(2);
+    prefix.copy_from_slice(b"1-");
+    let (epoch, rest) = rest.split_at_mut(8);
+    write_hex(epoch, secs);
+    let (dash, rest) = rest.split_at_mut(1);
+    dash[0] = b'-';
+    let (high, low) = rest.split_at_mut(16);
+    write_hex(high, random.next_u64());
+    write_hex(low, u64::from(random.next_u32()));
+}
+
+/// Writes the low `out.len()` hex digits of `n` (lowercase, zero-padded) into `out`.
+fn write_hex(out: &mut [u8], mut n: u64) {
+    for b in out.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
 }
 
 /// Removes the hop-by-hop headers (`Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`,
@@ -238,14 +336,33 @@ fn new_trace_id(now: SystemTime, random: &mut impl rand::RngCore) -> String {
 /// `Upgrade` header is present) keeps its `Upgrade` lines and is left with exactly
 /// `Connection: upgrade`, so a WebSocket handshake reaches the target.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
+    // Names `Connection` lists that are present and not removed below anyway. A token is
+    // made into a `HeaderName` (an allocation for a name `http` does not know, such as
+    // `close`) only when such a header is there to remove: this runs twice per request.
+    let mut named: Vec<HeaderName> = Vec::new();
+    let mut names_upgrade = false;
+    for token in headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|line| line.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter_map(|token| HeaderName::from_bytes(token).ok())
-        .collect();
-    let upgrading = keep_upgrade && named.contains(&UPGRADE) && headers.contains_key(UPGRADE);
+    {
+        if token.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes()) {
+            names_upgrade = true;
+        }
+        let removed_anyway = HOP_BY_HOP
+            .iter()
+            .any(|name| token.eq_ignore_ascii_case(name.as_str().as_bytes()));
+        if removed_anyway || token.eq_ignore_ascii_case(HOST.as_str().as_bytes()) {
+            continue;
+        }
+        if std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t))
+            && let Ok(name) = HeaderName::from_bytes(token)
+        {
+            named.push(name);
+        }
+    }
+    let upgrading = keep_upgrade && names_upgrade && headers.contains_key(UPGRADE);
     let upgrade: Vec<HeaderValue> = if upgrading {
         headers.get_all(UPGRADE).iter().cloned().collect()
     } else {
@@ -253,22 +370,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     };
 
     for name in named {
-        if name != HOST {
+        headers.remove(name);
+    }
+    // Usually only `Connection` and `Keep-Alive`, if any, are there: one pass over the names
+    // finds them, instead of a hashed lookup for each of the nine.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in HOP_BY_HOP {
             headers.remove(name);
         }
-    }
-    for name in [
-        CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        TE,
-        TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
-        PROXY_AUTHENTICATE,
-        PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
     }
 
     if upgrading {
@@ -278,6 +387,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
 }
+
+/// The headers [`strip_hop_by_hop`] always removes.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+];
 
 /// The `timeout=N` of a response's `Keep-Alive` header: how long the target keeps an idle
 /// connection open, so the pool can retire it first. Whole seconds by convention (RFC 2068
@@ -384,6 +506,57 @@ mod tests {
     }
 
     const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+
+    #[test]
+    fn addresses_are_formatted_as_display_formats_them() {
+        for addr in [
+            "203.0.113.7",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::7",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+            "::255.255.255.255",
+        ] {
+            let ip: IpAddr = addr.parse().unwrap();
+            let mut buf = AddrBuf::default();
+            assert_eq!(buf.format(ip), ip.to_string().as_bytes(), "{addr}");
+        }
+    }
+
+    /// What the forwarding headers cost a plain request (no `X-Forwarded-For`, no trace id,
+    /// `Connection: keep-alive`): one allocation for `X-Forwarded-For`, one for
+    /// `X-Forwarded-Port`, one for the trace id, none for the hop-by-hop headers.
+    #[test]
+    fn forwarding_headers_allocate_once_per_value_they_add() {
+        use crate::rules::tests::allocations::so_far;
+        let mut headers = HeaderMap::with_capacity(16);
+        headers.insert(HOST, HeaderValue::from_static("example.com"));
+        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        let mut rng = StdRng::seed_from_u64(4);
+        let peer = IpAddr::V6("2001:db8::7".parse().unwrap());
+        let before = so_far();
+        strip_hop_by_hop(&mut headers, false);
+        let stripped = so_far();
+        apply_forwarded(&mut headers, peer, "https", 8443, XffMode::Append).unwrap();
+        let forwarded = so_far();
+        trace_id(&mut headers, new_year(), &mut rng);
+        let traced = so_far();
+        assert_eq!(stripped - before, 0, "strip_hop_by_hop");
+        assert_eq!(forwarded - stripped, 2, "apply_forwarded");
+        assert_eq!(traced - forwarded, 1, "trace_id");
+        // The values are what the other tests check; here only that they are there.
+        assert_eq!(headers[X_FORWARDED_FOR], "2001:db8::7");
+        assert_eq!(headers[X_FORWARDED_PROTO], "https");
+        assert_eq!(headers[X_FORWARDED_PORT], "8443");
+        assert!(headers.contains_key(X_AMZN_TRACE_ID));
+        assert!(!headers.contains_key(CONNECTION) && !headers.contains_key(KEEP_ALIVE));
+        // The counter sees allocations this thread makes (so the zeros above can fail).
+        let v = std::hint::black_box(vec![1u8; 16]);
+        assert!(so_far() > traced);
+        drop(v);
+    }
 
     #[test]
     fn forwarded_headers_table() {
@@ -619,7 +792,7 @@ mod tests {
                 headers.append(X_AMZN_TRACE_ID, HeaderValue::from_str(line).unwrap());
             }
             let mut rng = StdRng::seed_from_u64(1);
-            let value = trace_id(&mut headers, new_year(), &mut rng);
+            let value = trace_id(&mut headers, new_year(), &mut rng).clone();
             assert_eq!(headers.get_all(X_AMZN_TRACE_ID).iter().count(), 1);
             assert_eq!(headers.get(X_AMZN_TRACE_ID), Some(&value));
             let text = value.to_str().unwrap();
@@ -638,8 +811,8 @@ mod tests {
     #[test]
     fn trace_ids_differ_per_request() {
         let mut rng = StdRng::seed_from_u64(2);
-        let a = trace_id(&mut HeaderMap::new(), new_year(), &mut rng);
-        let b = trace_id(&mut HeaderMap::new(), new_year(), &mut rng);
+        let a = trace_id(&mut HeaderMap::new(), new_year(), &mut rng).clone();
+        let b = trace_id(&mut HeaderMap::new(), new_year(), &mut rng).clone();
         assert_ne!(a, b);
     }
 
@@ -647,9 +820,9 @@ mod tests {
     fn refreshing_self_replaces_the_old_one() {
         let mut headers = HeaderMap::new();
         let mut rng = StdRng::seed_from_u64(3);
-        let root = trace_id(&mut headers, new_year(), &mut rng);
-        let first = trace_id(&mut headers, new_year(), &mut rng);
-        let second = trace_id(&mut headers, new_year(), &mut rng);
+        let root = trace_id(&mut headers, new_year(), &mut rng).clone();
+        let first = trace_id(&mut headers, new_year(), &mut rng).clone();
+        let second = trace_id(&mut headers, new_year(), &mut rng).clone();
         let fields: Vec<&str> = second.to_str().unwrap().split(';').collect();
         assert_eq!(fields.len(), 2, "{second:?}");
         assert!(fields[0].starts_with("Self="));
@@ -694,6 +867,12 @@ mod tests {
                     ("x-other", "2"),
                     ("x-kept", "3"),
                 ],
+                false,
+                &[("x-kept", "3")],
+            ),
+            (
+                "a header named like a connection option goes too (`close` here)",
+                &[("connection", "Close"), ("close", "1"), ("x-kept", "3")],
                 false,
                 &[("x-kept", "3")],
             ),

@@ -194,6 +194,8 @@ enum SendError {
         stale: bool,
         /// Reading the client's request body failed (our own client tells it apart).
         body: bool,
+        /// The request's head as it went out (our own client gives it back; hyper does not).
+        sent: Option<Box<http::request::Parts>>,
     },
     /// No response head within the idle timeout.
     Timeout,
@@ -252,7 +254,9 @@ impl Forwarder {
                     .is_some_and(|n| n <= MAX_REPLAY_BYTES as u64));
         let (parts, body) = req.into_parts();
         let (body, replay) = Replay::watch(body, idempotent);
-        let template = idempotent.then(|| RequestTemplate::of(&parts));
+        // What a retry is built from: our own client gives back the head it sent, so a copy is
+        // kept only for hyper's connections (a clone of every header, on every request).
+        let template = (idempotent && !own).then(|| RequestTemplate::of(&parts));
         let mut req = Request::from_parts(parts, body);
 
         let mut retried = false;
@@ -274,9 +278,29 @@ impl Forwarder {
                     tracing::debug!(target_addr = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
                     req = *request;
                 }
-                Err(failed @ SendError::Failed { stale: true, .. }) if !replay.body_failed() => {
-                    let again =
-                        template.and_then(|template| Some(template.build(replay.replay()?)));
+                Err(SendError::Failed {
+                    stale: true,
+                    body,
+                    error,
+                    sent,
+                }) if !replay.body_failed() => {
+                    let failed = SendError::Failed {
+                        stale: true,
+                        body,
+                        error,
+                        sent: None,
+                    };
+                    let again = if idempotent {
+                        match (sent, template) {
+                            (Some(parts), _) => replay
+                                .replay()
+                                .map(|body| Request::from_parts(*parts, body)),
+                            (None, Some(template)) => replay.replay().map(|b| template.build(b)),
+                            (None, None) => None,
+                        }
+                    } else {
+                        None
+                    };
                     let Some(again) = again else {
                         return Err(self.error(&target, failed, &replay));
                     };
@@ -365,11 +389,12 @@ impl Forwarder {
             Some(Err(h1::Failure::NotSent(req, error))) => {
                 return Err(SendError::NotSent(req, Box::new(error)));
             }
-            Some(Err(h1::Failure::Failed(error))) => {
+            Some(Err(h1::Failure::Failed(error, parts))) => {
                 return Err(SendError::Failed {
                     stale: error.is_stale_symptom(),
                     body: matches!(error, h1::H1Error::Body(_)),
                     error: Box::new(error),
+                    sent: Some(parts),
                 });
             }
             Some(Ok(response)) => response,
@@ -494,6 +519,7 @@ fn receive(result: Sent) -> Result<Response<Incoming>, SendError> {
                     stale: is_stale_connection_symptom(&error),
                     body: false,
                     error: Box::new(error),
+                    sent: None,
                 })
             }
         },
@@ -643,20 +669,26 @@ fn prepare_request(mut req: Request<ProxyBody>, endpoint: &TargetEndpoint) -> Re
     if req.method() == Method::CONNECT {
         return req;
     }
-    let authority = req.uri().authority().cloned().or_else(|| {
-        let host = req.headers().get(HOST)?.to_str().ok()?;
-        Authority::try_from(host).ok()
-    });
-    let authority = authority.unwrap_or_else(|| {
-        Authority::try_from(endpoint.addr.to_string().as_str())
-            .unwrap_or_else(|_| Authority::from_static("localhost"))
-    });
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // Only asked for when needed: an HTTP/1.1 request with its `Host` (every one the native
+    // path forwards) needs no authority, and parsing one copies it.
+    let authority = |req: &Request<ProxyBody>| {
+        let authority = req.uri().authority().cloned().or_else(|| {
+            let host = req.headers().get(HOST)?.to_str().ok()?;
+            Authority::try_from(host).ok()
+        });
+        authority.unwrap_or_else(|| {
+            Authority::try_from(endpoint.addr.to_string().as_str())
+                .unwrap_or_else(|_| Authority::from_static("localhost"))
+        })
+    };
+    let path = |req: &Request<ProxyBody>| {
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    };
     if endpoint.http2 {
+        let (authority, path) = (authority(&req), path(&req));
         *req.version_mut() = Version::HTTP_2;
         let scheme = if endpoint.tls.is_some() {
             Scheme::HTTPS
@@ -674,12 +706,12 @@ fn prepare_request(mut req: Request<ProxyBody>, endpoint: &TargetEndpoint) -> Re
     } else {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(HOST)
-            && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
+            && let Ok(host) = http::HeaderValue::from_str(authority(&req).as_str())
         {
             req.headers_mut().insert(HOST, host);
         }
         if req.uri().authority().is_some() {
-            *req.uri_mut() = Uri::from(path);
+            *req.uri_mut() = Uri::from(path(&req));
         }
     }
     req

@@ -346,7 +346,7 @@ impl RuleSet {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use http::HeaderMap;
     use std::net::Ipv4Addr;
@@ -541,8 +541,9 @@ mod tests {
     }
 
     /// Counts heap allocations made by the current thread (a pass-through to the system
-    /// allocator, so other tests in this binary are unaffected).
-    mod allocations {
+    /// allocator, so other tests in this binary are unaffected). The library's other
+    /// allocation tests use it too.
+    pub(crate) mod allocations {
         use std::alloc::{GlobalAlloc, Layout, System};
         use std::cell::Cell;
 
@@ -585,7 +586,7 @@ mod tests {
         static COUNTING: Counting = Counting;
 
         /// Allocations made so far by this thread.
-        pub(super) fn so_far() -> u64 {
+        pub(crate) fn so_far() -> u64 {
             COUNT.with(Cell::get)
         }
     }

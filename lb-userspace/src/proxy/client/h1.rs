@@ -90,8 +90,10 @@ fn is_closed_kind(kind: io::ErrorKind) -> bool {
 pub enum Failure {
     /// Nothing was written: the request is whole and can go out on another connection.
     NotSent(Box<Request<ProxyBody>>, H1Error),
-    /// The request may have been written; no (usable) response head arrived.
-    Failed(H1Error),
+    /// The request may have been written; no (usable) response head arrived. The request's
+    /// head comes back (as sent, framing headers included) so an idempotent request can be
+    /// sent again with its replayed body, without a copy kept beforehand for the rare retry.
+    Failed(H1Error, Box<http::request::Parts>),
 }
 
 /// How the request body goes out.
@@ -231,11 +233,10 @@ pub async fn send(
             return Err(Failure::NotSent(Box::new(req), H1Error::Io(error)));
         }
     };
-    if written < head.len() {
-        conn.stream
-            .write_all(&head[written..])
-            .await
-            .map_err(|e| Failure::Failed(H1Error::Io(e)))?;
+    if written < head.len()
+        && let Err(e) = conn.stream.write_all(&head[written..]).await
+    {
+        return Err(Failure::Failed(H1Error::Io(e), Box::new(parts)));
     }
     drop(head);
 
@@ -264,7 +265,10 @@ pub async fn send(
             }
         }
     };
-    let head = parsed.map_err(Failure::Failed)?;
+    let head = match parsed {
+        Ok(head) => head,
+        Err(error) => return Err(Failure::Failed(error, Box::new(parts))),
+    };
     drop(body);
     let Head {
         status,

@@ -203,7 +203,9 @@ where
             g.responding = false;
         }
         let request = Request::from_parts(parts, body);
-        let handled = pipeline::handle(ctx.clone(), request);
+        // Pinned here, where it is made: the handler's future is several KiB, and handing it
+        // over by value to `watch_client` moved (copied) it twice more on every request.
+        let handled = std::pin::pin!(pipeline::handle(ctx.clone(), request));
         let Some(response) = watch_client(&io, handled).await else {
             // The client went away: the handler was dropped (460) and there is no one to
             // answer.
@@ -288,12 +290,11 @@ fn next_event<IO: AsyncRead + Unpin>(
 /// Runs `handled` while watching the client's side: `None` if the client closed (or the
 /// connection failed) first. Watching stops at the next request's head (kept for later) and
 /// while the request body is still being read (its reader sees the EOF).
-async fn watch_client<IO, F>(io: &Shared<IO>, handled: F) -> Option<F::Output>
+async fn watch_client<IO, F>(io: &Shared<IO>, mut handled: Pin<&mut F>) -> Option<F::Output>
 where
     IO: AsyncRead + Unpin,
     F: Future,
 {
-    let mut handled = std::pin::pin!(handled);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = handled.as_mut().poll(cx) {
             return Poll::Ready(Some(out));

@@ -81,24 +81,50 @@ fn encode(out: &mut Vec<u8>, b: u8) {
     out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
 }
 
-/// The request target as a URI hyper accepts, if there is one.
-fn normalize_target(raw: &[u8]) -> Option<Vec<u8>> {
+/// A normalised request target: its bytes (for a rebuilt head) or, on the request-parts path,
+/// the URI parsed from them.
+enum Target {
+    Bytes(Vec<u8>),
+    Uri(http::Uri),
+}
+
+/// The request target as a URI hyper accepts, if there is one: as bytes, or (`as_uri`) as the
+/// parsed URI itself, so the parts path parses it once and copies it never.
+fn normalize_target(raw: &[u8], as_uri: bool) -> Option<Target> {
     let target = trim_ows(raw);
-    if target.is_empty() {
-        return Some(b"/".to_vec());
-    }
     let utf8 = std::str::from_utf8(target).is_ok();
-    let mut out = Vec::with_capacity(target.len());
-    for &b in target {
-        if b <= b' ' || b == 0x7f || (b >= 0x80 && !utf8) {
-            encode(&mut out, b);
-        } else {
-            out.push(b);
+    let lenient = || {
+        if target.is_empty() {
+            return b"/".to_vec();
         }
-    }
-    if http::Uri::try_from(out.as_slice()).is_ok() {
-        return Some(out);
-    }
+        let mut out = Vec::with_capacity(target.len());
+        for &b in target {
+            if b <= b' ' || b == 0x7f || (b >= 0x80 && !utf8) {
+                encode(&mut out, b);
+            } else {
+                out.push(b);
+            }
+        }
+        out
+    };
+    let accept = |bytes: Vec<u8>| -> Result<Target, Vec<u8>> {
+        if as_uri {
+            // No copy: `Bytes` takes the vector (the bytes are needed again only on failure,
+            // rare, and then rebuilt).
+            http::Uri::from_maybe_shared(bytes::Bytes::from(bytes))
+                .map(Target::Uri)
+                .map_err(|_| Vec::new())
+        } else if http::Uri::try_from(bytes.as_slice()).is_ok() {
+            Ok(Target::Bytes(bytes))
+        } else {
+            Err(bytes)
+        }
+    };
+    let out = match accept(lenient()) {
+        Ok(target) => return Some(target),
+        Err(out) if !as_uri => out,
+        Err(_) => lenient(),
+    };
     // Other bytes the URI grammar does not allow (`"`, `<`, `\`, `{`…): encode them too.
     let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&b);
     let mut strict = Vec::with_capacity(out.len());
@@ -109,9 +135,7 @@ fn normalize_target(raw: &[u8]) -> Option<Vec<u8>> {
             encode(&mut strict, b);
         }
     }
-    http::Uri::try_from(strict.as_slice())
-        .is_ok()
-        .then_some(strict)
+    accept(strict).ok()
 }
 
 /// Rebuilds a tokenised head for hyper (see the module docs).
@@ -133,9 +157,9 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
     if method.is_empty() || http::Method::from_bytes(method).is_err() {
         malformed = Some("invalid method");
     }
-    let target = normalize_target(raw.target).unwrap_or_else(|| {
+    let target = normalize_target(raw.target, as_parts).unwrap_or_else(|| {
         malformed = malformed.or(Some("invalid request target"));
-        Vec::new()
+        Target::Bytes(Vec::new())
     });
     let mut version = match trim_ows(raw.version) {
         b"HTTP/1.1" => Some(Version::Http11),
@@ -182,7 +206,7 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
         }
     }
     // Values are checked once folded lines are joined.
-    kept.retain(|(_, value)| HeaderValue::from_bytes(value).is_ok());
+    kept.retain(|(_, value)| is_valid_value(value));
 
     let mut unsupported_coding = false;
     let mut chunked = 0;
@@ -244,7 +268,9 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
         head.reserve(raw.target.len() + 64 * (kept.len() + 2));
         head.extend_from_slice(method);
         head.push(b' ');
-        head.extend_from_slice(&target);
+        if let Target::Bytes(target) = &target {
+            head.extend_from_slice(target);
+        }
         head.extend_from_slice(match v {
             Version::Http10 => b" HTTP/1.0\r\n",
             Version::Http11 => b" HTTP/1.1\r\n",
@@ -277,23 +303,39 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
     (prepared, parts)
 }
 
+/// Headers the pipeline adds to a forwarded request (`X-Forwarded-For`, `X-Forwarded-Proto`,
+/// `X-Forwarded-Port`, `X-Amzn-Trace-Id`).
+const ADDED_BY_PIPELINE: usize = 4;
+
+/// Whether `value` is a valid header value as `http::HeaderValue::from_bytes` sees it (visible
+/// ASCII, obs-text, space and tab; no other control byte), checked without building one.
+fn is_valid_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| b >= 32 && b != 127 || b == b'\t')
+}
+
 /// The request parts of a head [`prepare_as`] found forwardable. Every piece was checked
 /// there already (method, target, names, values); `None` only if one still does not convert.
 fn request_parts(
     method: &[u8],
-    target: Vec<u8>,
+    target: Target,
     version: Version,
     kept: Vec<(&[u8], Vec<u8>)>,
     framing: Framing,
 ) -> Option<http::request::Parts> {
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = http::Method::from_bytes(method).ok()?;
-    parts.uri = http::Uri::from_maybe_shared(bytes::Bytes::from(target)).ok()?;
+    parts.uri = match target {
+        Target::Uri(uri) => uri,
+        Target::Bytes(bytes) => http::Uri::from_maybe_shared(bytes::Bytes::from(bytes)).ok()?,
+    };
     parts.version = match version {
         Version::Http10 => http::Version::HTTP_10,
         Version::Http11 => http::Version::HTTP_11,
     };
-    let mut headers = http::HeaderMap::with_capacity(kept.len() + 1);
+    // Room for the framing header and for what the pipeline adds to every forwarded request
+    // (`X-Forwarded-For`, `-Proto`, `-Port`, `X-Amzn-Trace-Id`): a map that has to grow for
+    // them reallocates twice per request.
+    let mut headers = http::HeaderMap::with_capacity(kept.len() + 1 + ADDED_BY_PIPELINE);
     for (name, value) in kept {
         let name = HeaderName::from_bytes(name).ok()?;
         let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()?;
@@ -322,6 +364,44 @@ mod tests {
 
     fn prep(head: &str) -> Prepared {
         prepare(&tokenize(head.as_bytes()))
+    }
+
+    #[test]
+    fn header_values_are_checked_as_http_checks_them() {
+        for b in 0..=255u8 {
+            let value = [b'a', b, b'z'];
+            assert_eq!(
+                is_valid_value(&value),
+                HeaderValue::from_bytes(&value).is_ok(),
+                "byte {b:#04x}"
+            );
+        }
+    }
+
+    #[test]
+    fn parts_get_the_target_the_rebuilt_head_has() {
+        for target in [
+            "/",
+            "",
+            "/a b?c=d",
+            "/x\"y",
+            "http://h.test/p?q",
+            "*",
+            "/caf\u{e9}",
+        ] {
+            let head = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n");
+            let raw = tokenize(head.as_bytes());
+            let rebuilt = prepare(&raw).head;
+            let line = rebuilt.split(|&b| b == b'\r').next().unwrap().to_vec();
+            let (_, parts) = prepare_parts(&raw);
+            let parts = parts.expect("forwardable");
+            let expected = String::from_utf8(line).unwrap();
+            assert_eq!(
+                format!("GET {} HTTP/1.1", parts.uri),
+                expected,
+                "target {target:?}"
+            );
+        }
     }
 
     fn rebuilt(head: &str) -> String {
