@@ -113,14 +113,14 @@ pub struct TooManyForwardedFor {
 /// - The 30-address limit applies in every mode, to what the request carries plus, in
 ///   `Append`, the peer: ALB documents 463 as a property of the received header, not of the
 ///   mode, and a header that long is abuse whatever we forward. On error nothing is changed.
-/// - `X-Forwarded-Proto: <listener_proto>` and `X-Forwarded-Port: <listener_port>` always
-///   replace what the client sent (a `listener_proto` that is not a valid header value only
-///   removes the client's).
+/// - `X-Forwarded-Proto: <proto>` and `X-Forwarded-Port: <port>` always replace what the
+///   client sent. Both are the listener's and made when it is set up ([`forwarded_port`]),
+///   not on every request.
 pub fn apply_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
-    listener_proto: &str,
-    listener_port: u16,
+    proto: &HeaderValue,
+    port: &HeaderValue,
     mode: XffMode,
 ) -> Result<(), TooManyForwardedFor> {
     let received: Vec<&[u8]> = headers
@@ -161,30 +161,21 @@ pub fn apply_forwarded(
         }
     }
 
-    let proto = match listener_proto {
-        "http" => Ok(HeaderValue::from_static("http")),
-        "https" => Ok(HeaderValue::from_static("https")),
-        other => HeaderValue::from_str(other),
-    };
-    match proto {
-        Ok(proto) => {
-            headers.insert(X_FORWARDED_PROTO, proto);
-        }
-        Err(_) => {
-            headers.remove(X_FORWARDED_PROTO);
-        }
-    }
-    // `HeaderValue::from(u16)` makes two allocations (a growable buffer, then its freezing);
-    // copying the digits is one.
-    let mut port = AddrBuf::default();
-    let _ = std::fmt::Write::write_fmt(&mut port, format_args!("{listener_port}"));
-    let port = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(port.as_bytes()))
-        .unwrap_or_else(|_| HeaderValue::from(listener_port));
-    headers.insert(X_FORWARDED_PORT, port);
+    headers.insert(X_FORWARDED_PROTO, proto.clone());
+    headers.insert(X_FORWARDED_PORT, port.clone());
     Ok(())
 }
 
-/// Room for an IP address (or a port) in text, formatted without allocating (the longest
+/// A listener's `X-Forwarded-Port` value, made once when the listener is set up. It is cloned
+/// before it is handed out, so that every request's clone only counts a reference (the first
+/// clone of a value built from owned bytes allocates).
+pub fn forwarded_port(port: u16) -> HeaderValue {
+    let value = HeaderValue::from(port);
+    let _shared = value.clone();
+    value
+}
+
+/// Room for an IP address in text, formatted without allocating (the longest
 /// address text, IPv6 with an embedded IPv4 address, takes 45 bytes).
 struct AddrBuf {
     buf: [u8; 48],
@@ -525,8 +516,9 @@ mod tests {
     }
 
     /// What the forwarding headers cost a plain request (no `X-Forwarded-For`, no trace id,
-    /// `Connection: keep-alive`): one allocation for `X-Forwarded-For`, one for
-    /// `X-Forwarded-Port`, one for the trace id, none for the hop-by-hop headers.
+    /// `Connection: keep-alive`): one allocation for `X-Forwarded-For`, one for the trace id,
+    /// none for the hop-by-hop headers, and none for `X-Forwarded-Proto`/`-Port` (the
+    /// listener's values, made when it is set up).
     #[test]
     fn forwarding_headers_allocate_once_per_value_they_add() {
         use crate::rules::tests::allocations::so_far;
@@ -536,15 +528,16 @@ mod tests {
         headers.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
         let mut rng = StdRng::seed_from_u64(4);
         let peer = IpAddr::V6("2001:db8::7".parse().unwrap());
+        let (proto, port) = (HeaderValue::from_static("https"), forwarded_port(8443));
         let before = so_far();
         strip_hop_by_hop(&mut headers, false);
         let stripped = so_far();
-        apply_forwarded(&mut headers, peer, "https", 8443, XffMode::Append).unwrap();
+        apply_forwarded(&mut headers, peer, &proto, &port, XffMode::Append).unwrap();
         let forwarded = so_far();
         trace_id(&mut headers, new_year(), &mut rng);
         let traced = so_far();
         assert_eq!(stripped - before, 0, "strip_hop_by_hop");
-        assert_eq!(forwarded - stripped, 2, "apply_forwarded");
+        assert_eq!(forwarded - stripped, 1, "apply_forwarded");
         assert_eq!(traced - forwarded, 1, "trace_id");
         // The values are what the other tests check; here only that they are there.
         assert_eq!(headers[X_FORWARDED_FOR], "2001:db8::7");
@@ -670,8 +663,14 @@ mod tests {
         ];
         for case in cases {
             let mut headers = map(case.input);
-            apply_forwarded(&mut headers, case.peer, "https", 443, case.mode)
-                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            apply_forwarded(
+                &mut headers,
+                case.peer,
+                &HeaderValue::from_static("https"),
+                &forwarded_port(443),
+                case.mode,
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
             assert_eq!(dump(&headers), owned(case.expected), "{}", case.name);
         }
     }
@@ -697,7 +696,13 @@ mod tests {
         for &(received, mode, expected) in cases {
             let value = chain(received);
             let mut headers = map(&[("x-forwarded-for", &value)]);
-            let outcome = apply_forwarded(&mut headers, V4, "http", 80, mode);
+            let outcome = apply_forwarded(
+                &mut headers,
+                V4,
+                &HeaderValue::from_static("http"),
+                &forwarded_port(80),
+                mode,
+            );
             assert_eq!(
                 outcome,
                 expected.map_err(|count| TooManyForwardedFor { count }),
@@ -718,7 +723,13 @@ mod tests {
         let (first, second) = (chain(15), chain(15));
         let mut headers = map(&[("x-forwarded-for", &first), ("x-forwarded-for", &second)]);
         assert_eq!(
-            apply_forwarded(&mut headers, V4, "http", 80, XffMode::Append),
+            apply_forwarded(
+                &mut headers,
+                V4,
+                &HeaderValue::from_static("http"),
+                &forwarded_port(80),
+                XffMode::Append
+            ),
             Err(TooManyForwardedFor { count: 31 })
         );
     }

@@ -152,16 +152,18 @@ fn leaf(s: &TlsStream<TcpStream>) -> Vec<u8> {
     s.get_ref().1.peer_certificates().expect("certs")[0].to_vec()
 }
 
+/// A proxy with one HTTPS listener serving `certs`, forwarding to `target`.
+fn https_to(target: SocketAddr, certs: &Certs) -> ProxyBuilder {
+    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
+    ProxyBuilder::forward_to(&[target]).listener(|l| {
+        l.protocol = ListenerProtocol::Https;
+        l.certificates = specs;
+    })
+}
+
 async fn https_proxy(certs: &Certs) -> (target::Target, support::Proxy) {
     let t = target::http1().route("/", Reply::EchoHeaders).run().await;
-    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
-    let p = ProxyBuilder::forward_to(&[t.addr])
-        .listener(|l| {
-            l.protocol = ListenerProtocol::Https;
-            l.certificates = specs;
-        })
-        .start()
-        .await;
+    let p = https_to(t.addr, certs).start().await;
     (t, p)
 }
 
@@ -359,13 +361,8 @@ async fn a_slow_request_head_over_tls_gets_408_from_the_header_timeout() {
     // The deadline starts after the handshake and the 408 goes out inside TLS.
     let certs = make_certs(&[&["default.test"]]);
     let t = target::http1().route("/", Reply::text("hello")).run().await;
-    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
-    let p = ProxyBuilder::forward_to(&[t.addr])
-        .listener(|l| {
-            l.protocol = ListenerProtocol::Https;
-            l.certificates = specs;
-            l.header_timeout = std::time::Duration::from_millis(300);
-        })
+    let p = https_to(t.addr, &certs)
+        .listener(|l| l.header_timeout = std::time::Duration::from_millis(300))
         .start()
         .await;
     let mut s = connect(p.addr, Some("default.test"), &[b"http/1.1"]).await;
@@ -410,14 +407,7 @@ async fn http2_over_tls_answers_every_stream_of_a_burst_and_large_bodies_whole()
         .route("/", Reply::EchoHeaders)
         .run()
         .await;
-    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
-    let p = ProxyBuilder::forward_to(&[t.addr])
-        .listener(|l| {
-            l.protocol = ListenerProtocol::Https;
-            l.certificates = specs;
-        })
-        .start()
-        .await;
+    let p = https_to(t.addr, &certs).start().await;
     let (send, _conn) = h2_over_tls(p.addr).await;
     let streams = (0..100).map(|i| {
         let mut send = send.clone();
@@ -432,7 +422,7 @@ async fn http2_over_tls_answers_every_stream_of_a_burst_and_large_bodies_whole()
             assert!(body.starts_with(&format!("GET /s{i} HTTP/1.1")), "{body}");
         }
     });
-    within(futures_join_all(streams)).await;
+    within(futures_util::future::join_all(streams)).await;
     // 300 KiB: more than the 64 KiB the batch keeps, in frames of both sizes.
     // ASCII: the target echoes the body as text.
     let big: Vec<u8> = (0..300 * 1024u32)
@@ -457,23 +447,6 @@ async fn http2_over_tls_answers_every_stream_of_a_burst_and_large_bodies_whole()
     );
 }
 
-/// Runs every future to completion, concurrently, on the current task.
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
-    let mut set = Vec::new();
-    for f in futs {
-        set.push(Box::pin(f));
-    }
-    std::future::poll_fn(|cx| {
-        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if set.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn http2_over_tls_graceful_shutdown_finishes_the_stream_then_closes() {
     let certs = make_certs(&[&["default.test"]]);
@@ -484,14 +457,7 @@ async fn http2_over_tls_graceful_shutdown_finishes_the_stream_then_closes() {
         )
         .run()
         .await;
-    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
-    let mut p = ProxyBuilder::forward_to(&[t.addr])
-        .listener(|l| {
-            l.protocol = ListenerProtocol::Https;
-            l.certificates = specs;
-        })
-        .start()
-        .await;
+    let mut p = https_to(t.addr, &certs).start().await;
     let (mut send, conn) = h2_over_tls(p.addr).await;
     let request = tokio::spawn(async move {
         let req = Request::get("https://default.test/")
@@ -526,13 +492,8 @@ async fn http2_over_tls_graceful_shutdown_finishes_the_stream_then_closes() {
 async fn http2_over_tls_idle_connection_is_closed_by_the_idle_timeout() {
     let certs = make_certs(&[&["default.test"]]);
     let t = target::http1().route("/", Reply::text("hi")).run().await;
-    let specs = certs.certs.iter().map(|(_, s)| s.clone()).collect();
-    let p = ProxyBuilder::forward_to(&[t.addr])
-        .listener(|l| {
-            l.protocol = ListenerProtocol::Https;
-            l.certificates = specs;
-            l.idle_timeout = std::time::Duration::from_millis(300);
-        })
+    let p = https_to(t.addr, &certs)
+        .listener(|l| l.idle_timeout = std::time::Duration::from_millis(300))
         .start()
         .await;
     let (mut send, conn) = h2_over_tls(p.addr).await;

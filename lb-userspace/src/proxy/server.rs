@@ -512,6 +512,8 @@ struct Listener {
     /// and open connections are not touched.
     rules: Arc<ArcSwap<RuleSet>>,
     port: u16,
+    /// `port` as the `X-Forwarded-Port` value, made once ([`crate::headers::forwarded_port`]).
+    forwarded_port: http::HeaderValue,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
     /// Open client connections, for `max-connections` and `max-connections-per-source`.
@@ -689,6 +691,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
             cells: Arc::default(),
             certificates,
             port: local.port(),
+            forwarded_port: crate::headers::forwarded_port(local.port()),
             connections: limits::ConnectionLimits::new(
                 lcfg.max_connections,
                 lcfg.max_connections_per_source,

@@ -98,31 +98,26 @@ impl Shared {
     }
 }
 
-/// The waker the connection future is polled with.
-struct ConnWake(Arc<Shared>);
-
-impl Wake for ConnWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.conn_due.store(true, Ordering::SeqCst);
-        self.0.notify();
-    }
+/// A waker that marks one side due: the connection (the waker the connection future is
+/// polled with) or the streams (the one `FuturesUnordered` wakes for any of them).
+struct DueWake {
+    shared: Arc<Shared>,
+    conn: bool,
 }
 
-/// The waker the streams are polled with (`FuturesUnordered` wakes it for any of them).
-struct StreamsWake(Arc<Shared>);
-
-impl Wake for StreamsWake {
+impl Wake for DueWake {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.0.streams_due.store(true, Ordering::SeqCst);
-        self.0.notify();
+        let due = if self.conn {
+            &self.shared.conn_due
+        } else {
+            &self.shared.streams_due
+        };
+        due.store(true, Ordering::SeqCst);
+        self.shared.notify();
     }
 }
 
@@ -167,8 +162,14 @@ impl Streams {
             streams_due: AtomicBool::new(true),
         });
         Self {
-            conn_waker: Waker::from(Arc::new(ConnWake(shared.clone()))),
-            streams_waker: Waker::from(Arc::new(StreamsWake(shared.clone()))),
+            conn_waker: Waker::from(Arc::new(DueWake {
+                shared: shared.clone(),
+                conn: true,
+            })),
+            streams_waker: Waker::from(Arc::new(DueWake {
+                shared: shared.clone(),
+                conn: false,
+            })),
             shared,
             running: FuturesUnordered::new(),
             spare: Vec::new(),

@@ -560,8 +560,8 @@ async fn forward_request<B: RequestBody>(
     if let Err(too_many) = apply_forwarded(
         &mut parts.headers,
         ctx.peer.ip(),
-        listener.cfg.protocol.as_str(),
-        listener.port,
+        &HeaderValue::from_static(listener.cfg.protocol.as_str()),
+        &listener.forwarded_port,
         listener.cfg.xff,
     ) {
         return from_error(ex, &ProxyError::TooManyForwardedFor(too_many.count));
