@@ -270,6 +270,8 @@ pub async fn send(
         Err(error) => return Err(Failure::Failed(error, Box::new(parts))),
     };
     drop(body);
+    // The request head is no longer needed for a retry: its map serves another request.
+    crate::proxy::recycle::recycle(parts.headers);
     let Head {
         status,
         version,
@@ -421,7 +423,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
             );
         }
         let bytes = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = crate::proxy::recycle::header_map(count);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
         for &(name_start, name_end, value_start, value_end) in &spans[..count] {
