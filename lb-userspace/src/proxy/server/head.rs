@@ -167,7 +167,7 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
         _ => None,
     };
 
-    let mut kept: Vec<(&[u8], Vec<u8>)> = Vec::new();
+    let mut kept: Vec<(&[u8], Vec<u8>)> = Vec::with_capacity(raw.headers.len());
     let mut te_values: Vec<&[u8]> = Vec::new();
     let mut cl_values: Vec<&[u8]> = Vec::new();
     // Whether the last header line was kept, so a folded line after it is joined to it.
