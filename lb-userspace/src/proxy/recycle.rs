@@ -1,4 +1,5 @@
-//! Header maps used again instead of allocated per request (native HTTP/1 path).
+//! Header maps and head buffers used again instead of allocated per request (native HTTP/1
+//! path).
 //!
 //! Each HTTP/1.1 request the native path forwards builds two header maps: the request's (from
 //! the client's head, `server/head.rs`) and the target's response's (`client/h1.rs`). A map
@@ -11,7 +12,10 @@
 //!
 //! What is kept is bounded: at most [`KEEP`] maps per thread, none that grew beyond
 //! [`MAX_CAPACITY`] headers (a request with hundreds of headers does not pin its memory).
-use std::cell::RefCell;
+//!
+//! The request head our own client writes to a target is serialized into one buffer per
+//! thread the same way ([`buffer`], [`recycle_buffer`]): it is needed only until it is written.
+use std::cell::{Cell, RefCell};
 
 use http::HeaderMap;
 
@@ -21,8 +25,35 @@ const KEEP: usize = 64;
 /// Maps with room for more headers than this are freed, not kept.
 const MAX_CAPACITY: usize = 64;
 
+/// Buffers that grew beyond this are freed, not kept.
+const MAX_BUFFER: usize = 16 * 1024;
+
 thread_local! {
     static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    static BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// An empty byte buffer: the one kept on this thread if it is free, else a new (empty, not yet
+/// allocated) one.
+pub fn buffer() -> Vec<u8> {
+    BUFFER.try_with(Cell::take).unwrap_or_default()
+}
+
+/// Gives back a buffer whose bytes are written: emptied and kept for [`buffer`] (one per
+/// thread; the larger of two is kept).
+pub fn recycle_buffer(mut buf: Vec<u8>) {
+    if buf.capacity() > MAX_BUFFER {
+        return;
+    }
+    buf.clear();
+    let _ = BUFFER.try_with(|kept| {
+        let other = kept.take();
+        kept.set(if other.capacity() > buf.capacity() {
+            other
+        } else {
+            buf
+        });
+    });
 }
 
 /// An empty header map with room for at least `capacity` headers: one finished with on this
@@ -92,6 +123,28 @@ mod tests {
         let fresh = std::hint::black_box(header_map(8));
         assert!(so_far() > after, "the counter missed a new map");
         drop((again, fresh));
+    }
+
+    #[test]
+    fn a_buffer_given_back_is_taken_again_empty_and_without_allocating() {
+        drop(buffer());
+        let mut buf = buffer();
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        recycle_buffer(buf);
+        let before = so_far();
+        let mut again = buffer();
+        assert!(again.is_empty(), "a kept buffer still had its bytes");
+        again.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let after = so_far();
+        assert_eq!(after - before, 0, "a kept buffer allocated");
+        // Control: while the kept one is out, a new one allocates, and the counter sees it.
+        let mut other = buffer();
+        other.extend_from_slice(b"x");
+        assert!(so_far() > after, "the counter missed a new buffer");
+        // A big one is not kept.
+        recycle_buffer(Vec::with_capacity(MAX_BUFFER + 1));
+        assert_eq!(buffer().capacity(), 0);
+        drop((again, other));
     }
 
     #[test]

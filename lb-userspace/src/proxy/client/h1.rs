@@ -135,7 +135,8 @@ fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> (Vec<u8>, 
     for (name, value) in headers.iter() {
         size += name.as_str().len() + value.len() + 4;
     }
-    let mut head = Vec::with_capacity(size);
+    let mut head = crate::proxy::recycle::buffer();
+    head.reserve(size);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
@@ -238,7 +239,7 @@ pub async fn send(
     {
         return Err(Failure::Failed(H1Error::Io(e), Box::new(parts)));
     }
-    drop(head);
+    crate::proxy::recycle::recycle_buffer(head);
 
     let mut body_sent = true;
     let parsed = {
