@@ -6,8 +6,10 @@
 //! - [`client`] and [`pool`]: forwarding to targets over pooled connections, with keep-alive
 //!   learning and safe retry of stale pooled connections.
 //! - [`error`]: proxy errors: which side failed, whether retry is safe, the status they map to.
+//! - [`recycle`]: header maps kept per thread and used again by the native HTTP/1 path.
 pub mod client;
 pub mod desync;
 pub mod error;
 pub mod pool;
+pub mod recycle;
 pub mod server;

@@ -145,6 +145,8 @@ pub struct TargetStatus {
 #[derive(Debug)]
 pub struct TargetGroup {
     config: TargetGroupConfig,
+    /// The name again, shared: every request's record names its group.
+    shared_name: Arc<str>,
     key: CookieKey,
     inner: Mutex<Inner>,
     requests: AtomicU64,
@@ -167,6 +169,7 @@ impl TargetGroup {
 
     fn with_rng(config: TargetGroupConfig, rng: StdRng) -> Self {
         Self {
+            shared_name: Arc::from(config.name.as_str()),
             config,
             key: CookieKey::random(),
             inner: Mutex::new(Inner {
@@ -206,6 +209,11 @@ impl TargetGroup {
     /// The group name (shortcut for `config().name`).
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The group name as a shared string (a reference count, not a copy).
+    pub fn shared_name(&self) -> Arc<str> {
+        self.shared_name.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -135,7 +135,8 @@ fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> (Vec<u8>, 
     for (name, value) in headers.iter() {
         size += name.as_str().len() + value.len() + 4;
     }
-    let mut head = Vec::with_capacity(size);
+    let mut head = crate::proxy::recycle::buffer();
+    head.reserve(size);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
@@ -238,7 +239,7 @@ pub async fn send(
     {
         return Err(Failure::Failed(H1Error::Io(e), Box::new(parts)));
     }
-    drop(head);
+    crate::proxy::recycle::recycle_buffer(head);
 
     let mut body_sent = true;
     let parsed = {
@@ -270,6 +271,8 @@ pub async fn send(
         Err(error) => return Err(Failure::Failed(error, Box::new(parts))),
     };
     drop(body);
+    // The request head is no longer needed for a retry: its map serves another request.
+    crate::proxy::recycle::recycle(parts.headers);
     let Head {
         status,
         version,
@@ -421,7 +424,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
             );
         }
         let bytes = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = crate::proxy::recycle::header_map(count);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
         for &(name_start, name_end, value_start, value_end) in &spans[..count] {

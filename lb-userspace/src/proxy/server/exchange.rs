@@ -235,7 +235,7 @@ impl Exchange {
         self.target_cells = Some(picked.metrics());
         self.group = Some(group.clone());
         if let Some(r) = self.rec() {
-            r.target_group = Some(Arc::from(group.name()));
+            r.target_group = Some(group.shared_name());
             r.target = Some(picked.addr);
             r.non_sticky = picked.non_sticky();
             r.unhealthy_routing = picked.unhealthy_routing();

@@ -707,6 +707,8 @@ async fn write_response<IO: AsyncWrite + Unpin>(
             return Err(io::Error::new(io::ErrorKind::InvalidData, why));
         }
     };
+    // The head is written out: its map serves another request.
+    crate::proxy::recycle::recycle(std::mem::take(&mut parts.headers));
     if encoder == Encoder::Length(0) {
         // Nothing after the head (HEAD, 204, 304, empty): the body is not polled, as in hyper.
         drop(body);

@@ -167,7 +167,7 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
         _ => None,
     };
 
-    let mut kept: Vec<(&[u8], Vec<u8>)> = Vec::new();
+    let mut kept: Vec<(&[u8], Vec<u8>)> = Vec::with_capacity(raw.headers.len());
     let mut te_values: Vec<&[u8]> = Vec::new();
     let mut cl_values: Vec<&[u8]> = Vec::new();
     // Whether the last header line was kept, so a folded line after it is joined to it.
@@ -334,8 +334,8 @@ fn request_parts(
     };
     // Room for the framing header and for what the pipeline adds to every forwarded request
     // (`X-Forwarded-For`, `-Proto`, `-Port`, `X-Amzn-Trace-Id`): a map that has to grow for
-    // them reallocates twice per request.
-    let mut headers = http::HeaderMap::with_capacity(kept.len() + 1 + ADDED_BY_PIPELINE);
+    // them reallocates twice per request. A map finished with on this thread is used again.
+    let mut headers = crate::proxy::recycle::header_map(kept.len() + 1 + ADDED_BY_PIPELINE);
     for (name, value) in kept {
         let name = HeaderName::from_bytes(name).ok()?;
         let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()?;

@@ -32,6 +32,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::abuse::StreamCancellations;
 use super::exchange::{ConnInfo, Exchange};
@@ -44,7 +45,7 @@ use crate::proxy::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
 use crate::proxy::error::ProxyError;
 use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView};
-use crate::targets::{ProtocolVersion, TargetProtocol};
+use crate::targets::{Picked, ProtocolVersion, TargetProtocol};
 
 /// ALB's group-stickiness cookie.
 const GROUP_COOKIE: &str = "AWSALBTG";
@@ -67,6 +68,8 @@ pub(super) struct ConnCtx {
 struct Outcome {
     response: Response<ProxyBody>,
     close: bool,
+    /// A forwarded response's target: kept until the response body is over.
+    target: Option<Held>,
 }
 
 impl Outcome {
@@ -74,12 +77,27 @@ impl Outcome {
         Self {
             response,
             close: false,
+            target: None,
         }
     }
 }
 
+/// What a forwarded response holds of its target: the pick (the target's count of requests
+/// in flight) and the signal that the target left its group.
+struct Held {
+    picked: Picked,
+    gone: CancellationToken,
+}
+
 fn full(body: impl Into<Bytes>) -> ProxyBody {
     Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body. `Empty` and the error mapping are zero-sized, so boxing it allocates nothing.
+fn empty_body() -> ProxyBody {
+    http_body_util::Empty::new()
         .map_err(|never| match never {})
         .boxed_unsync()
 }
@@ -115,7 +133,11 @@ fn lb_error(
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-    Outcome { response, close }
+    Outcome {
+        response,
+        close,
+        target: None,
+    }
 }
 
 /// Statuses after which ALB closes the client connection: the request's framing cannot be
@@ -139,6 +161,7 @@ fn from_error(ex: &mut Exchange, e: &ProxyError) -> Outcome {
         return Outcome {
             response,
             close: true,
+            target: None,
         };
     }
     tracing::debug!(error = %e, status = status.as_u16(), "request failed");
@@ -150,6 +173,7 @@ fn from_error(ex: &mut Exchange, e: &ProxyError) -> Outcome {
     Outcome {
         response,
         close: closes_connection(status),
+        target: None,
     }
 }
 
@@ -190,48 +214,71 @@ impl Drop for ClientGone {
     }
 }
 
-/// A response body that keeps guards (the target pick, the in-flight mark) alive until the
-/// body has been sent or dropped.
-struct Guarded<G> {
+/// Every response body the pipeline hands out, in one allocation: the response's own body
+/// and what lives as long as it does. Until the body has been sent, fails or is dropped it
+/// keeps the target pick and the request's in-flight mark, counts what reaches the client into
+/// the request's record and emits the record at the end; a forwarded body ends with an error
+/// when its target leaves the group (its deregistration delay is over): the client sees the
+/// response cut off, as from ALB.
+///
+/// (One type instead of a box per concern: the cut-off watch, the pick, the record and the
+/// in-flight mark were four wrappers, five allocations per forwarded request.)
+struct Answer {
     inner: ProxyBody,
-    guard: Option<G>,
-}
-
-impl<G: Send + Unpin + 'static> Body for Guarded<G> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            this.guard = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The response body of a forwarded request: counts what reaches the client and emits the
-/// request's record when the body ends, fails or is dropped.
-struct Observed {
-    inner: ProxyBody,
+    cut: Option<Cut>,
+    picked: Option<Picked>,
     exchange: Option<Exchange>,
     inflight: Option<Inflight>,
 }
 
-impl Observed {
+/// Watches for the target leaving its group while a response body streams from it.
+struct Cut {
+    gone: CancellationToken,
+    /// Registered only when the body has to wait (the usual small body never does), so the
+    /// wait costs an allocation only then.
+    waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl Cut {
+    fn new(gone: CancellationToken) -> Self {
+        Self {
+            gone,
+            waiting: None,
+        }
+    }
+
+    /// Whether the target is gone; with `cx`, the task is also woken when it goes.
+    fn poll_gone(&mut self, cx: Option<&mut Context<'_>>) -> bool {
+        if self.gone.is_cancelled() {
+            return true;
+        }
+        let Some(cx) = cx else {
+            return false;
+        };
+        let gone = &self.gone;
+        self.waiting
+            .get_or_insert_with(|| Box::pin(gone.clone().cancelled_owned()))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+    }
+}
+
+impl Answer {
+    fn new(inner: ProxyBody, inflight: Inflight) -> Self {
+        Self {
+            inner,
+            cut: None,
+            picked: None,
+            exchange: None,
+            inflight: Some(inflight),
+        }
+    }
+
+    /// The body is over (ended, failed or cut off): the record is emitted and the guards go.
     fn done(&mut self, error: Option<String>) {
+        self.cut = None;
+        self.picked = None;
         if let Some(mut ex) = self.exchange.take() {
             if let Some(e) = error {
                 ex.body_failed(e);
@@ -242,7 +289,7 @@ impl Observed {
     }
 }
 
-impl Body for Observed {
+impl Body for Answer {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -250,7 +297,14 @@ impl Body for Observed {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        const CUT_OFF: &str = "target left its group (deregistration delay over)";
         let this = self.get_mut();
+        if let Some(cut) = &mut this.cut
+            && cut.poll_gone(None)
+        {
+            this.done(Some(CUT_OFF.to_owned()));
+            return Poll::Ready(Some(Err(CUT_OFF.into())));
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -263,7 +317,14 @@ impl Body for Observed {
             }
             Poll::Ready(None) => this.done(None),
             Poll::Ready(Some(Err(e))) => this.done(Some(e.to_string())),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Some(cut) = &mut this.cut
+                    && cut.poll_gone(Some(cx))
+                {
+                    this.done(Some(CUT_OFF.to_owned()));
+                    return Poll::Ready(Some(Err(CUT_OFF.into())));
+                }
+            }
         }
         polled
     }
@@ -317,6 +378,7 @@ pub(super) async fn handle<B: RequestBody>(
     let Outcome {
         mut response,
         close,
+        target,
     } = route(&ctx, verdict, req, &mut ex).await;
     if upgrade_pending {
         ctx.conn
@@ -329,6 +391,15 @@ pub(super) async fn handle<B: RequestBody>(
     }
     gone.armed = false;
     ex.responding(response.status(), response.headers());
+    let answer = |body: ProxyBody, exchange: Option<Exchange>| {
+        let mut answer = Answer::new(body, inflight);
+        if let Some(Held { picked, gone }) = target {
+            answer.cut = Some(Cut::new(gone));
+            answer.picked = Some(picked);
+        }
+        answer.exchange = exchange;
+        answer.boxed_unsync()
+    };
     if !ex.answered_by_target() {
         // The load balancer's own answer (or a 101 whose record went to the tunnel): its
         // body is known whole, so the record is complete now.
@@ -336,33 +407,14 @@ pub(super) async fn handle<B: RequestBody>(
             ex.sent_body(n);
         }
         ex.finish();
-        return Ok(response.map(|b| {
-            Guarded {
-                inner: b,
-                guard: Some(inflight),
-            }
-            .boxed_unsync()
-        }));
+        return Ok(response.map(|b| answer(b, None)));
     }
     if response.body().is_end_stream() {
         // hyper may never poll an empty body.
         ex.finish();
-        return Ok(response.map(|b| {
-            Guarded {
-                inner: b,
-                guard: Some(inflight),
-            }
-            .boxed_unsync()
-        }));
+        return Ok(response.map(|b| answer(b, None)));
     }
-    Ok(response.map(|b| {
-        Observed {
-            inner: b,
-            exchange: Some(ex),
-            inflight: Some(inflight),
-        }
-        .boxed_unsync()
-    }))
+    Ok(response.map(|b| answer(b, Some(ex))))
 }
 
 async fn route<B: RequestBody>(
@@ -596,8 +648,15 @@ async fn forward_request<B: RequestBody>(
         ProtocolVersion::Http1 => Version::HTTP_11,
     };
     parts.version = target_version;
-    let body = ex.count_body(body);
-    let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    let body = if body.is_end_stream() {
+        // Nothing to stream or count (a GET, say): no counter, and a body that boxes
+        // without allocating.
+        drop(body);
+        empty_body()
+    } else {
+        ex.count_body(body).map_err(Into::into).boxed_unsync()
+    };
+    let request = Request::from_parts(parts, body);
     let endpoint = TargetEndpoint {
         addr: picked.addr,
         tls: (group_cfg.protocol == TargetProtocol::Https).then(|| TargetTls {
@@ -649,53 +708,10 @@ async fn forward_request<B: RequestBody>(
             record,
         ));
     }
-    let response = response.map(|b| {
-        Guarded {
-            inner: Cut {
-                inner: b,
-                gone: Box::pin(gone.cancelled_owned()),
-            }
-            .boxed_unsync(),
-            guard: Some(picked),
-        }
-        .boxed_unsync()
-    });
     Outcome {
         response,
         close: close_target,
-    }
-}
-
-/// A response body that ends with an error when its target leaves the group (its
-/// deregistration delay is over): the client sees the response cut off, as from ALB.
-struct Cut {
-    inner: ProxyBody,
-    gone: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-}
-
-impl Body for Cut {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        if this.gone.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(
-                "target left its group (deregistration delay over)".into(),
-            )));
-        }
-        Pin::new(&mut this.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        target: Some(Held { picked, gone }),
     }
 }
 
@@ -806,6 +822,126 @@ impl<IO: hyper::rt::Write + Unpin> hyper::rt::Write for Tally<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::tests::allocations::so_far;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+
+    /// A response body whose target has not sent anything yet.
+    struct Waiting;
+
+    impl Body for Waiting {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Pending
+        }
+    }
+
+    /// Counts how often it was woken.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn answer(inner: ProxyBody, gone: &CancellationToken) -> Pin<Box<Answer>> {
+        Box::pin(Answer {
+            inner,
+            cut: Some(Cut::new(gone.clone())),
+            picked: None,
+            exchange: None,
+            inflight: None,
+        })
+    }
+
+    #[test]
+    fn a_response_body_waiting_on_its_target_is_cut_off_when_the_target_leaves() {
+        let gone = CancellationToken::new();
+        let mut body = answer(Waiting.boxed_unsync(), &gone);
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "woken with nothing to do"
+        );
+        gone.cancel();
+        // The waiting body's task is woken by the target leaving, not only by the target.
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            1,
+            "not woken when the target left"
+        );
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Err(e))) => assert!(e.to_string().contains("left its group"), "{e}"),
+            other => panic!("not cut off: {:?}", other.map(|f| f.map(|r| r.is_ok()))),
+        }
+    }
+
+    #[test]
+    fn a_response_body_of_a_target_already_gone_is_cut_off_before_it_is_read() {
+        let gone = CancellationToken::new();
+        gone.cancel();
+        let mut body = answer(full("never sent"), &gone);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Err(_)))
+        ));
+        // Control: the same body with its target still there is read.
+        let mut body = answer(full("sent"), &CancellationToken::new());
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => assert_eq!(frame.data_ref().unwrap(), "sent"),
+            _ => panic!("a ready body was not read"),
+        }
+    }
+
+    /// The usual small response (its bytes arrived with the head) passes through the
+    /// pipeline's body without an allocation: the cut-off watch registers only when the body
+    /// has to wait.
+    #[test]
+    fn a_ready_response_body_passes_without_allocating() {
+        let gone = CancellationToken::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut ready = answer(full("hello"), &gone);
+        let before = so_far();
+        let polled = ready.as_mut().poll_frame(&mut cx);
+        let after = so_far();
+        assert!(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        drop(polled);
+        assert_eq!(after - before, 0, "a ready body allocated");
+        // Control: a body that has to wait registers the watch, and the counter sees it.
+        let mut waiting = answer(Waiting.boxed_unsync(), &gone);
+        let before = so_far();
+        assert!(waiting.as_mut().poll_frame(&mut cx).is_pending());
+        assert!(
+            so_far() > before,
+            "the counter missed the watch's allocation"
+        );
+    }
+
+    /// A request without a body (a GET) is sent on with a body that costs no allocation.
+    #[test]
+    fn an_empty_request_body_boxes_without_allocating() {
+        let before = so_far();
+        let empty = std::hint::black_box(empty_body());
+        let after = so_far();
+        assert_eq!(after - before, 0, "an empty body allocated");
+        assert!(empty.is_end_stream());
+        // Control: a body with content is boxed on the heap, and the counter sees it.
+        let full = std::hint::black_box(full("x"));
+        assert!(so_far() > after);
+        drop((empty, full));
+    }
 
     #[test]
     fn error_pages_look_like_albs() {
