@@ -13,6 +13,9 @@ usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] NA
   --perf: syscall and scheduler tracepoint counts per request (perf stat -p)
   --wake: the proxy's sched_waking events per request, by wakee, same or other CPU
   --record: perf record -g -e cpu-clock of the proxy (perf-NAME.data, requests in perf-NAME.reqs)
+  every pass also prints, from /proc/PID/task/*/schedstat, per request: the proxy's time on a
+  CPU and waiting on a run queue (runnable, not running), and each thread's share of the run
+  time; and wrk's p50 and p99 beside the mean latency by Little's law (64 / req/s).
   H1SYS_STRACE=1: 0.3 s of strace of the data syscalls (strace-NAME.txt)
 """
 import collections, ctypes, os, struct, re, shutil, signal, subprocess, sys, threading, time
@@ -100,6 +103,31 @@ def ctxsw(pids):
             except FileNotFoundError:
                 pass
     return v, n
+
+
+def schedstat(pids):
+    """Per thread: (comm, ns on a CPU, ns runnable on a run queue, timeslices)."""
+    out = {}
+    for p in pids:
+        for t in os.listdir(f"/proc/{p}/task"):
+            try:
+                run, wait, slices = map(int, open(f"/proc/{p}/task/{t}/schedstat").read().split())
+                comm = open(f"/proc/{p}/task/{t}/comm").read().strip()
+                out[int(t)] = (comm, run, wait, slices)
+            except (FileNotFoundError, ValueError):
+                pass
+    return out
+
+
+def sched_line(before, after, n):
+    """The proxy's run and run-queue time per request, and how its run time splits over its
+    busy threads (the ones with at least 1 % of it)."""
+    d = {t: (a[1] - before[t][1], a[2] - before[t][2]) for t, a in after.items() if t in before}
+    run = sum(r for r, _ in d.values())
+    wait = sum(w for _, w in d.values())
+    split = sorted((r / run for r, _ in d.values() if run and r / run >= 0.01), reverse=True)
+    return (f"   sched per req: on cpu {run / 1e3 / n:5.1f} us, waiting runnable {wait / 1e3 / n:5.1f} us;"
+            f" run-time split over threads {' / '.join(f'{x:.2f}' for x in split)}")
 
 
 def start_backend():
@@ -212,7 +240,7 @@ def main():
                 try:
                     pids = pids_of(p.pid)
                     wrk(1, 8)
-                    c0, x0, s0 = cpu(pids), ctxsw(pids), snmp()
+                    c0, x0, s0, q0 = cpu(pids), ctxsw(pids), snmp(), schedstat(pids)
                     t0 = time.time()
                     res = {}
                     th = threading.Thread(target=lambda: res.update(r=wrk(secs)))
@@ -220,10 +248,13 @@ def main():
                     time.sleep(secs / 2)
                     ssout = ss_snapshot(name)
                     th.join()
-                    c1, x1, s1 = cpu(pids), ctxsw(pids), snmp()
+                    c1, x1, s1, q1 = cpu(pids), ctxsw(pids), snmp(), schedstat(pids)
                     n, p99, out = res["r"]
+                    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE)
                     line = f"{name:10} r{rnd} req {n:8d} ({n/secs/1000:.1f}k/s) p99 {p99:>8}  usr {1e6*(c1[0]-c0[0])/n:5.1f} sys {1e6*(c1[1]-c0[1])/n:5.1f} us/req  vcsw {(x1[0]-x0[0])/n:.3f} ivcsw {(x1[1]-x0[1])/n:.3f}/req"
                     print(line)
+                    print(f"   latency: p50 {p50.group(1) if p50 else '?'}  p99 {p99}  mean by Little's law {64 * secs / n * 1e3:.2f}ms")
+                    print(sched_line(q0, q1, n))
                     print("   per req: " + "  ".join(f"{k.replace('TcpExt','').replace('Tcp','')}={(s1.get(k,0)-s0.get(k,0))/n:.3f}" for k in KEYS if s1.get(k, 0) != s0.get(k, 0)))
                     open(f"{D}/ss-{name}-r{rnd}.txt", "w").write(ssout)
                     if perf:
