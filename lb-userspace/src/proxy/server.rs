@@ -69,7 +69,7 @@ pub mod tls;
 use crate::accesslog::{LogWriter, Record, TlsInfo};
 use crate::headers::XffMode;
 use crate::metrics::ListenerCells;
-use crate::proxy::client::{ClientConfig, Forwarder, ProxyBody, TargetPoolStats};
+use crate::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
 use crate::rules::RuleSet;
 use crate::targets::TargetGroup;
 
@@ -988,7 +988,7 @@ async fn run_http<IO>(
             }
         };
     }
-    let service = hyper::service::service_fn(move |req| serve_request(ctx.clone(), req));
+    let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
     // HTTP/2 streams run in this task, polled with the connection (`server/h2exec.rs`).
     let mut streams = h2exec::Streams::new();
     let http = http_builder(streams.executor());
@@ -1033,22 +1033,6 @@ async fn run_http<IO>(
     }
 }
 
-/// hyper's service future for one request: the pipeline's future, boxed.
-///
-/// hyper keeps the service future inline in its per-request state (HTTP/2: the stream future
-/// it builds, hands to the executor, which boxes it, and moves again when the response head is
-/// sent). The pipeline's future is several KiB (the forwarder's alone is over 3 KiB), so those
-/// moves were a visible share of the HTTP/2 profile (`memmove` under hyper's connection and
-/// stream polls, BENCHMARKS.md). Boxed, hyper moves a pointer; the box is one allocation.
-fn serve_request(
-    ctx: Arc<pipeline::ConnCtx>,
-    req: hyper::Request<hyper::body::Incoming>,
-) -> std::pin::Pin<
-    Box<impl Future<Output = Result<hyper::Response<ProxyBody>, std::convert::Infallible>> + Send>,
-> {
-    Box::pin(pipeline::handle(ctx, req))
-}
-
 /// What a change of the tier's phase asks of one client connection.
 enum PhaseStep {
     Nothing,
@@ -1084,20 +1068,6 @@ fn phase_step(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The size of what a function returns, without calling it.
-    fn returned_size<A, B, R>(_: impl Fn(A, B) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
-
-    #[test]
-    fn hyper_keeps_a_pointer_per_request_not_the_pipeline_future() {
-        // Positive control: the pipeline's own future is what hyper used to move around.
-        let unboxed = returned_size(pipeline::handle::<hyper::body::Incoming>);
-        assert!(unboxed > 1024, "pipeline future is {unboxed} bytes");
-        let boxed = returned_size(serve_request);
-        assert_eq!(boxed, std::mem::size_of::<usize>(), "service future");
-    }
 
     #[test]
     fn http_listener_gets_aws_defaults() {
