@@ -10,6 +10,8 @@
 //! - `lb_decap`: runs on backends; strips the outer header of every encapsulation `lb_xdp`
 //!   emits when addressed to the host, so that backends need no tunnel driver.
 //! - `lb_pass`: passes everything (benchmark baseline; veth peers in the test topology).
+//! - `lb_clock`: reads the kernel's clocks for the loader, which measures the flow clock's
+//!   unit with it (`BPF_PROG_TEST_RUN` only, never attached).
 //! - `lb_hc_encap` ([`hc_encap`], TC egress): sends marked health-check probes to their backend
 //!   through the same encapsulation, so a probe tests what client traffic needs.
 //! - `lb_bench_front`, `lb_bench_tx`, `lb_bench_sink` ([`bench`]): benchmark only, never
