@@ -15,6 +15,11 @@ pub mod names {
     /// A program that passes every packet: the benchmark baseline, and the program the test
     /// topology attaches to veth peers so that XDP_TX'd frames are delivered promptly.
     pub const PROG_PASS: &str = "lb_pass";
+    /// Reads the kernel's clocks for the loader (run with `BPF_PROG_TEST_RUN`, never
+    /// attached): writes `bpf_ktime_get_coarse_ns()`, `bpf_jiffies64()` and the coarse clock
+    /// again as three native `u64` at the start of the packet, from which the loader measures
+    /// [`super::LbConfig::tick_ns`] and [`super::LbConfig::clock_offset_ns`].
+    pub const PROG_CLOCK: &str = "lb_clock";
     /// The TC egress program that sends health-check probes through the DSR data path
     /// (see [`super::LB_HC_MARK_BASE`]).
     pub const PROG_HC_ENCAP: &str = "lb_hc_encap";
@@ -97,8 +102,9 @@ pub mod names {
 /// reverse map, reply counters), per-VIP guards (allow/deny tries, new-flow rate state, guard
 /// counters), `VipMeta` with the mode and the rate limit; 4 = the per-backend next-hop cache
 /// (`LB_NEXTHOPS`, `LB_NEXTHOP_CTL`, `LB_NEXTHOP_STATS`); 5 = `LB_FLOWS` with per-CPU LRU
-/// lists (`BPF_F_NO_COMMON_LRU`; its capacity is split evenly between the possible CPUs).
-pub const LB_LAYOUT_VERSION: u32 = 5;
+/// lists (`BPF_F_NO_COMMON_LRU`; its capacity is split evenly between the possible CPUs);
+/// 6 = the flow clock from jiffies (`LbConfig::tick_ns`, `LbConfig::clock_offset_ns`).
+pub const LB_LAYOUT_VERSION: u32 = 6;
 /// [`LbConfig::magic`]: marks an `LB_CONFIG` written by a versioned layout ("LBMP").
 pub const LB_CONFIG_MAGIC: u32 = u32::from_le_bytes(*b"LBMP");
 
@@ -243,6 +249,16 @@ pub struct LbConfig {
     pub lb_addr4: u32,
     /// Source address of outer IPv6 headers (as [`addr_to_map`] words); zero = none.
     pub lb_addr6: [u32; 4],
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// The flow clock's unit: nanoseconds per jiffy, the kernel's `TICK_NSEC`
+    /// (`(10^9 + CONFIG_HZ / 2) / CONFIG_HZ`), measured by the loader. `lb_xdp` reads time as
+    /// `bpf_jiffies64() * tick_ns + clock_offset_ns` (see [`FlowValue::created_ns`]).
+    pub tick_ns: u64,
+    /// CLOCK_MONOTONIC at jiffy 0 in that reading, modulo 2^64 (jiffies start near 2^32, so
+    /// this is usually "negative"): measured by the loader at every start, against
+    /// `bpf_ktime_get_coarse_ns`.
+    pub clock_offset_ns: u64,
 }
 
 /// [`LbConfig::flags`]: some VIP is in NAT mode, so a packet that is for no VIP may be a NAT
@@ -278,8 +294,9 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// VIP the flow belongs to (lets `lb dump flows` and the sweeper find its idle timeout).
     pub vip_id: u32,
-    /// When the flow was steered: CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns()`),
-    /// CLOCK_MONOTONIC as of the last timer tick (behind it by less than one tick).
+    /// When the flow was steered, in CLOCK_MONOTONIC nanoseconds as of the last timer tick
+    /// (CLOCK_MONOTONIC_COARSE, behind the precise clock by less than one tick): `lb_xdp` reads
+    /// it as `bpf_jiffies64() * LbConfig::tick_ns + LbConfig::clock_offset_ns`.
     pub created_ns: u64,
     /// The same clock at the last packet seen; `lb_xdp` rewrites it only when the clock has
     /// moved on (at most once a tick per flow).
@@ -834,7 +851,7 @@ mod tests {
     #[test]
     fn map_types_have_no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hole the compiler filled.
-        assert_eq!(size_of::<LbConfig>(), 4 * 4 + 4 + 16);
+        assert_eq!(size_of::<LbConfig>(), 4 * 4 + 4 + 16 + 4 + 8 + 8);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowValue>(), 4 + 4 + 8 + 8);
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);

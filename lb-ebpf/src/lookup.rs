@@ -6,7 +6,7 @@ use lb_common::{
     VIP_F_HAS_TCP, VIP_F_HAS_UDP, VIP_MARKER_PROTO, VipKey, VipMeta,
 };
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64};
 
 use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_RINGS, LB_VIPS, count_flow_insert};
 
@@ -64,16 +64,21 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
 }
 
 /// The clock of the flow table (`created_ns`, `last_seen_ns`) and of the next-hop cache:
-/// `bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE. It is CLOCK_MONOTONIC as of the last
-/// timer tick, so it lags the precise clock userspace compares with by less than one tick
-/// (1/CONFIG_HZ: 1–10 ms, 4 ms on a HZ=250 kernel), and it never runs ahead of it. Reading it
-/// costs no clocksource read: `bpf_ktime_get_ns` reads the TSC on every call, which in a VM
-/// was about a tenth of a flow-table hit's samples. A flow's idle age therefore reads up to
-/// one tick too long, and an idle timeout (whole seconds) ends up to one tick early.
+/// `bpf_jiffies64()` in nanoseconds, `jiffies * tick_ns + clock_offset_ns` with the factor and
+/// offset the loader measured (see [`LbConfig::tick_ns`]). It reads like
+/// CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC as of the last timer tick, behind the precise clock
+/// userspace compares with by less than one tick (1/CONFIG_HZ: 1–10 ms, 4 ms on a HZ=250
+/// kernel). `bpf_jiffies64` is inlined by the verifier (a load of `jiffies_64`): no helper
+/// call, unlike `bpf_ktime_get_coarse_ns`, which cost 19 ns of an IPv6 hit and 83 ns of a new
+/// flow into a full table in the ablation (BENCHMARKS.md). A flow's idle age therefore reads
+/// up to one tick too long, and an idle timeout (whole seconds) ends up to one tick early.
 #[inline(always)]
-pub fn coarse_now() -> u64 {
+pub fn coarse_now(cfg: &LbConfig) -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    let jiffies = unsafe { bpf_jiffies64() };
+    jiffies
+        .wrapping_mul(cfg.tick_ns)
+        .wrapping_add(cfg.clock_offset_ns)
 }
 
 /// splitmix64's finaliser: a cheap, well-mixing, seedless 64-bit permutation.

@@ -10,6 +10,8 @@
 //! - `lb_decap`: runs on backends; strips the outer header of every encapsulation `lb_xdp`
 //!   emits when addressed to the host, so that backends need no tunnel driver.
 //! - `lb_pass`: passes everything (benchmark baseline; veth peers in the test topology).
+//! - `lb_clock`: reads the kernel's clocks for the loader, which measures the flow clock's
+//!   unit with it (`BPF_PROG_TEST_RUN` only, never attached).
 //! - `lb_hc_encap` ([`hc_encap`], TC egress): sends marked health-check probes to their backend
 //!   through the same encapsulation, so a probe tests what client traffic needs.
 //! - `lb_bench_front`, `lb_bench_tx`, `lb_bench_sink` ([`bench`]): benchmark only, never
@@ -70,7 +72,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         return (xdp_action::XDP_DROP, Reason::DropInternal);
     };
     let cfg = *cfg;
-    let now = lookup::coarse_now();
+    let now = lookup::coarse_now(&cfg);
     let steer = match lookup::backend(&pkt.key, &vip, &cfg, now, !pkt.icmp_error) {
         Ok(s) => s,
         Err(done) => return done,
@@ -172,6 +174,35 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     if let Some(c) = LB_DECAP_STATS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 };
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Writes the coarse clock, `jiffies_64` and the coarse clock again at the start of the packet
+/// (three native `u64`) and passes it: run by the loader with `BPF_PROG_TEST_RUN` to measure
+/// the flow clock's unit and offset (`LbConfig::tick_ns`), never attached.
+#[xdp]
+pub fn lb_clock(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 24 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: no preconditions.
+    let (before, jiffies, after) = unsafe {
+        let before = aya_ebpf::helpers::bpf_ktime_get_coarse_ns();
+        let jiffies = aya_ebpf::helpers::bpf_jiffies64();
+        (
+            before,
+            jiffies,
+            aya_ebpf::helpers::bpf_ktime_get_coarse_ns(),
+        )
+    };
+    let p = start as *mut u64;
+    // SAFETY: 24 bytes checked above; unaligned stores, as packet data need not be aligned.
+    unsafe {
+        p.write_unaligned(before);
+        p.add(1).write_unaligned(jiffies);
+        p.add(2).write_unaligned(after);
     }
     xdp_action::XDP_PASS
 }

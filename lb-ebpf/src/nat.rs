@@ -351,10 +351,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, addr: &[u32; 4], port: u16, next:
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
     const NOT_MINE: Done = (PASS, Reason::PassNotVip);
-    match LB_CONFIG.get(0) {
-        Some(cfg) if cfg.flags & CONFIG_F_NAT != 0 => {}
+    let cfg = match LB_CONFIG.get(0) {
+        Some(cfg) if cfg.flags & CONFIG_F_NAT != 0 => cfg,
         _ => return NOT_MINE,
-    }
+    };
     // SAFETY: copied out at once.
     let Some(rev) = (unsafe { LB_NAT_REVERSE.get(pkt.key) }).copied() else {
         return NOT_MINE;
@@ -375,7 +375,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
     let (backend_id, vip_id, last) =
         unsafe { ((*flow).backend_id, (*flow).vip_id, (*flow).last_seen_ns) };
     // Read only here: host traffic (most packets that reach this function) pays no clock read.
-    let now = crate::lookup::coarse_now();
+    let now = crate::lookup::coarse_now(cfg);
     let t = rev.idle_timeout_ns;
     let fresh = t == 0 || now <= last || now - last <= t;
     if backend_id != rev.backend_id || !fresh {

@@ -47,6 +47,7 @@ use lb_common::{
 use crate::cli::XdpMode;
 
 pub mod bench;
+pub mod clock;
 pub mod route_watch;
 
 use route_watch::RouteWatch;
@@ -106,6 +107,9 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// The flow clock's unit could not be measured (see [`clock`]).
+    #[error("measuring the kernel's tick (CONFIG_HZ) for the flow clock: {0}")]
+    Clock(String),
     /// The pin directory is not usable.
     #[error("--pin-path {path}: {problem}")]
     PinPath {
@@ -1060,6 +1064,7 @@ impl Balancer {
         };
         let loaded = load_object_from(object, sizes, pin_dir).and_then(|mut ebpf| {
             xdp_program(&mut ebpf, names::PROG_XDP)?;
+            xdp_program(&mut ebpf, names::PROG_CLOCK)?;
             let hc = hc_program(&mut ebpf)?;
             retry_eagain(|| hc.load()).map_err(|source| DataplaneError::Program {
                 what: format!("loading {} (verifier)", names::PROG_HC_ENCAP),
@@ -1100,6 +1105,11 @@ impl Balancer {
             }
         };
         addrs.write_to(&mut cfg);
+        // Measured at every start (an adopted program goes on reading the old values, which
+        // differ by the measurement's jitter at most, until the new one replaces it).
+        let flow_clock = clock::flow_clock(&this.ebpf)?;
+        cfg.tick_ns = flow_clock.tick_ns;
+        cfg.clock_offset_ns = flow_clock.offset_ns;
         maps.set_lb_config(cfg)?;
         // The watch subscribes before the generation moves on, so no change falls between
         // them; entries an adopted program cached before this run are invalid from here on.

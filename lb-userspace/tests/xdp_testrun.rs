@@ -2797,7 +2797,7 @@ fn set_last_seen(lb: &mut Lb, key: &FlowKey, value: u64) {
 }
 
 #[test]
-fn flow_times_come_from_the_coarse_clock_and_a_hit_rewrites_last_seen_only_when_it_moved_on() {
+fn flow_times_come_from_the_tick_clock_and_a_hit_rewrites_last_seen_only_when_it_moved_on() {
     netns_test(|| {
         use lb::l4::flows::monotonic_ns;
         let mut lb = Lb::load();
@@ -2848,6 +2848,49 @@ fn flow_times_come_from_the_coarse_clock_and_a_hit_rewrites_last_seen_only_when_
             ahead,
             "not rewritten while the clock has not moved past it"
         );
+    });
+}
+
+#[test]
+fn the_flow_clock_runs_at_the_rate_of_clock_monotonic() {
+    // lb_xdp's clock is jiffies times the tick the loader measured: a wrong unit (another
+    // CONFIG_HZ's tick) makes it run fast or slow, which the absolute check above does not
+    // see right after the offset was measured. Two new flows 1.5 s apart: their creation
+    // times are as far apart as CLOCK_MONOTONIC's readings around them, within a few ticks.
+    netns_test(|| {
+        use lb::l4::flows::monotonic_ns;
+        let mut lb = Lb::load();
+        let dns = dns_vip_idle_30s(&mut lb);
+        let created = |lb: &mut Lb, sport: u16| {
+            let dgram = Frame {
+                sport,
+                ..udp(dns.addr, 53)
+            }
+            .build();
+            let before = monotonic_ns();
+            assert_eq!(lb.backend_of(&dgram), IpAddr::from(backend(11)));
+            let after = monotonic_ns();
+            let key = flow_key(CLIENT, sport, dns.addr, 53, 17);
+            (
+                before,
+                lb.maps().flows.get(&key, 0).unwrap().created_ns,
+                after,
+            )
+        };
+        let (b1, c1, a1) = created(&mut lb, 47_100);
+        std::thread::sleep(Duration::from_millis(1_500));
+        let (b2, c2, a2) = created(&mut lb, 47_101);
+        let flow = c2.wrapping_sub(c1) as i64;
+        // Three ticks at HZ=100 of slack on each side, beside the readings' own spread.
+        let slack = 30_000_000i64;
+        let (least, most) = ((b2 - a1) as i64, (a2 - b1) as i64);
+        assert!(
+            flow >= least - slack && flow <= most + slack,
+            "the flow clock advanced {flow} ns while CLOCK_MONOTONIC advanced {least}..{most} ns"
+        );
+        // Positive control: the same readings with a clock 4/10 of a tick too fast or too
+        // slow per tick would be far outside the window (≥ 0.6 s over 1.5 s).
+        assert!(flow * 6 / 10 < least - slack && flow * 14 / 10 > most + slack);
     });
 }
 

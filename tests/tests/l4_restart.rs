@@ -281,7 +281,8 @@ fn pinned_maps_of_another_layout_or_size_are_refused_and_left_alone() {
         .expect("lb run on a clean directory");
     topo.kill_lb(0).expect("SIGKILL");
     let config = bpf::get(&dir.join("LB_CONFIG")).expect("opening LB_CONFIG");
-    let mut value = bpf::lookup(&config, 0, 36).expect("reading LB_CONFIG");
+    let mut value =
+        bpf::lookup(&config, 0, size_of::<lb_common::LbConfig>()).expect("reading LB_CONFIG");
     assert_eq!(&value[0..4], b"LBMP", "the layout's magic");
     value[4..8].copy_from_slice(&1u32.to_ne_bytes());
     bpf::update(&config, 0, &value).expect("writing LB_CONFIG");

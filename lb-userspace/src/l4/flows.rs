@@ -21,8 +21,8 @@ pub const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// Shortest interval between two sweeps.
 pub const MIN_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// CLOCK_MONOTONIC in nanoseconds. Flows are stamped with its coarse variant
-/// (`bpf_ktime_get_coarse_ns`), which is behind it by less than one timer tick, never ahead:
+/// CLOCK_MONOTONIC in nanoseconds. Flows are stamped with it as of the last timer tick
+/// (jiffies times the measured tick, see `dataplane::clock`), behind it by less than one tick:
 /// an idle age computed against this clock is at most one tick too long.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
