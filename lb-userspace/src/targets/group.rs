@@ -653,6 +653,26 @@ pub struct Picked {
 }
 
 impl Picked {
+    /// A pick of a target outside any group whose leaving is `gone` (tests of what holds a
+    /// pick).
+    #[cfg(test)]
+    pub(crate) fn detached(addr: SocketAddr, gone: CancellationToken) -> Self {
+        Self {
+            addr,
+            entry: Arc::new(TargetEntry {
+                addr,
+                outstanding: AtomicU64::new(1),
+                requests: AtomicU64::new(1),
+                gone,
+                metrics: Arc::default(),
+            }),
+            sticky: false,
+            non_sticky: false,
+            unhealthy_routing: false,
+            cookie: None,
+        }
+    }
+
     /// Whether a valid stickiness cookie chose this target (otherwise the algorithm did, and
     /// with stickiness on the request counted as NonStickyRequestCount).
     pub fn sticky(&self) -> bool {
@@ -677,8 +697,10 @@ impl Picked {
 
     /// Cancelled when the target leaves its group (its deregistration delay ended): the
     /// request still open on it must be closed (ALB answers 502 if no response started).
-    pub fn gone(&self) -> CancellationToken {
-        self.entry.gone.clone()
+    /// Borrowed: a clone takes the token tree's lock twice (on clone and on drop), which
+    /// the per-request path does not need.
+    pub fn gone(&self) -> &CancellationToken {
+        &self.entry.gone
     }
 
     /// `Set-Cookie` values to append to the response (one header line each), given the

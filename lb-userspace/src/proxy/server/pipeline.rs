@@ -83,10 +83,10 @@ impl Outcome {
 }
 
 /// What a forwarded response holds of its target: the pick (the target's count of requests
-/// in flight) and the signal that the target left its group.
+/// in flight, and the signal that the target left its group, borrowed from it: a token clone
+/// per request took the token tree's lock twice).
 struct Held {
     picked: Picked,
-    gone: CancellationToken,
 }
 
 fn full(body: impl Into<Bytes>) -> ProxyBody {
@@ -231,31 +231,27 @@ struct Answer {
     inflight: Option<Inflight>,
 }
 
-/// Watches for the target leaving its group while a response body streams from it.
+/// Watches for the target leaving its group while a response body streams from it (the
+/// signal is the pick's, [`Picked::gone`]).
 struct Cut {
-    gone: CancellationToken,
     /// Registered only when the body has to wait (the usual small body never does), so the
-    /// wait costs an allocation only then.
+    /// wait costs an allocation (and a token clone) only then.
     waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl Cut {
-    fn new(gone: CancellationToken) -> Self {
-        Self {
-            gone,
-            waiting: None,
-        }
+    fn new() -> Self {
+        Self { waiting: None }
     }
 
     /// Whether the target is gone; with `cx`, the task is also woken when it goes.
-    fn poll_gone(&mut self, cx: Option<&mut Context<'_>>) -> bool {
-        if self.gone.is_cancelled() {
+    fn poll_gone(&mut self, gone: &CancellationToken, cx: Option<&mut Context<'_>>) -> bool {
+        if gone.is_cancelled() {
             return true;
         }
         let Some(cx) = cx else {
             return false;
         };
-        let gone = &self.gone;
         self.waiting
             .get_or_insert_with(|| Box::pin(gone.clone().cancelled_owned()))
             .as_mut()
@@ -299,8 +295,8 @@ impl Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         const CUT_OFF: &str = "target left its group (deregistration delay over)";
         let this = self.get_mut();
-        if let Some(cut) = &mut this.cut
-            && cut.poll_gone(None)
+        if let (Some(cut), Some(picked)) = (&mut this.cut, &this.picked)
+            && cut.poll_gone(picked.gone(), None)
         {
             this.done(Some(CUT_OFF.to_owned()));
             return Poll::Ready(Some(Err(CUT_OFF.into())));
@@ -318,8 +314,8 @@ impl Body for Answer {
             Poll::Ready(None) => this.done(None),
             Poll::Ready(Some(Err(e))) => this.done(Some(e.to_string())),
             Poll::Pending => {
-                if let Some(cut) = &mut this.cut
-                    && cut.poll_gone(Some(cx))
+                if let (Some(cut), Some(picked)) = (&mut this.cut, &this.picked)
+                    && cut.poll_gone(picked.gone(), Some(cx))
                 {
                     this.done(Some(CUT_OFF.to_owned()));
                     return Poll::Ready(Some(Err(CUT_OFF.into())));
@@ -393,8 +389,8 @@ pub(super) async fn handle<B: RequestBody>(
     ex.responding(response.status(), response.headers());
     let answer = |body: ProxyBody, exchange: Option<Exchange>| {
         let mut answer = Answer::new(body, inflight);
-        if let Some(Held { picked, gone }) = target {
-            answer.cut = Some(Cut::new(gone));
+        if let Some(Held { picked }) = target {
+            answer.cut = Some(Cut::new());
             answer.picked = Some(picked);
         }
         answer.exchange = exchange;
@@ -667,9 +663,12 @@ async fn forward_request<B: RequestBody>(
         http2: group_cfg.protocol_version == ProtocolVersion::Http2,
     };
     // When the target's deregistration delay ends, what is still open on it is closed.
+    // Borrowed, not cloned, and polled after the forward (`biased`): its waiter is
+    // registered only when the forward has to wait.
     let gone = picked.gone();
     ex.dispatching();
     let forwarded = tokio::select! {
+        biased;
         result = shared.forwarder.forward(&endpoint, request) => match result {
             Ok(f) => f,
             Err(e) => return from_error(ex, &e),
@@ -702,7 +701,7 @@ async fn forward_request<B: RequestBody>(
             client_upgrade,
             target_upgrade,
             shared.phase.clone(),
-            gone.clone(),
+            picked.gone().clone(),
             ctx.peer,
             ctx.slot.clone(),
             record,
@@ -711,7 +710,7 @@ async fn forward_request<B: RequestBody>(
     Outcome {
         response,
         close: close_target,
-        target: Some(Held { picked, gone }),
+        target: Some(Held { picked }),
     }
 }
 
@@ -852,10 +851,11 @@ mod tests {
     }
 
     fn answer(inner: ProxyBody, gone: &CancellationToken) -> Pin<Box<Answer>> {
+        let target = SocketAddr::from(([127, 0, 0, 1], 8080));
         Box::pin(Answer {
             inner,
-            cut: Some(Cut::new(gone.clone())),
-            picked: None,
+            cut: Some(Cut::new()),
+            picked: Some(Picked::detached(target, gone.clone())),
             exchange: None,
             inflight: None,
         })
