@@ -6,6 +6,10 @@
 set -u
 LB=$1; MODE=$2; SECS=${3:-4}
 D=$(mktemp -d)
+NG=; LBP=
+# Everything it starts or adds is removed, also when it fails or is interrupted.
+cleanup() { perf probe -d 'probe_lb:*' >/dev/null 2>&1; [ -n "$LBP" ] && kill $LBP 2>/dev/null; [ -n "$NG" ] && kill $NG 2>/dev/null; wait 2>/dev/null; rm -rf "$D"; }
+trap cleanup EXIT
 cat > $D/backend.conf <<EOC
 worker_processes 1;
 daemon off;
@@ -48,4 +52,3 @@ record)
 plain)
   wrk -t1 -c64 -d${SECS}s http://127.0.0.1:19081/ ;;
 esac
-kill $LBP; kill $NG; wait $LBP $NG 2>/dev/null; rm -rf "$D"
