@@ -32,7 +32,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::abuse::StreamCancellations;
 use super::exchange::{ConnInfo, Exchange};
@@ -68,8 +68,10 @@ pub(super) struct ConnCtx {
 struct Outcome {
     response: Response<ProxyBody>,
     close: bool,
-    /// A forwarded response's target: kept until the response body is over.
-    target: Option<Held>,
+    /// A forwarded response's target pick (its count of requests in flight, and the signal
+    /// that it left its group, borrowed: a token clone per request took the token tree's lock
+    /// twice): kept until the response body is over.
+    target: Option<Picked>,
 }
 
 impl Outcome {
@@ -80,13 +82,6 @@ impl Outcome {
             target: None,
         }
     }
-}
-
-/// What a forwarded response holds of its target: the pick (the target's count of requests
-/// in flight, and the signal that the target left its group, borrowed from it: a token clone
-/// per request took the token tree's lock twice).
-struct Held {
-    picked: Picked,
 }
 
 fn full(body: impl Into<Bytes>) -> ProxyBody {
@@ -225,27 +220,32 @@ impl Drop for ClientGone {
 /// in-flight mark were four wrappers, five allocations per forwarded request.)
 struct Answer {
     inner: ProxyBody,
+    /// A forwarded body's target, watched for leaving its group.
     cut: Option<Cut>,
-    picked: Option<Picked>,
     exchange: Option<Exchange>,
     inflight: Option<Inflight>,
 }
 
-/// Watches for the target leaving its group while a response body streams from it (the
+/// Holds the target a response body streams from and watches for it leaving its group (the
 /// signal is the pick's, [`Picked::gone`]).
 struct Cut {
+    picked: Picked,
     /// Registered only when the body has to wait (the usual small body never does), so the
     /// wait costs an allocation (and a token clone) only then.
     waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl Cut {
-    fn new() -> Self {
-        Self { waiting: None }
+    fn new(picked: Picked) -> Self {
+        Self {
+            picked,
+            waiting: None,
+        }
     }
 
     /// Whether the target is gone; with `cx`, the task is also woken when it goes.
-    fn poll_gone(&mut self, gone: &CancellationToken, cx: Option<&mut Context<'_>>) -> bool {
+    fn poll_gone(&mut self, cx: Option<&mut Context<'_>>) -> bool {
+        let gone = self.picked.gone();
         if gone.is_cancelled() {
             return true;
         }
@@ -265,7 +265,6 @@ impl Answer {
         Self {
             inner,
             cut: None,
-            picked: None,
             exchange: None,
             inflight: Some(inflight),
         }
@@ -274,7 +273,6 @@ impl Answer {
     /// The body is over (ended, failed or cut off): the record is emitted and the guards go.
     fn done(&mut self, error: Option<String>) {
         self.cut = None;
-        self.picked = None;
         if let Some(mut ex) = self.exchange.take() {
             if let Some(e) = error {
                 ex.body_failed(e);
@@ -295,8 +293,8 @@ impl Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         const CUT_OFF: &str = "target left its group (deregistration delay over)";
         let this = self.get_mut();
-        if let (Some(cut), Some(picked)) = (&mut this.cut, &this.picked)
-            && cut.poll_gone(picked.gone(), None)
+        if let Some(cut) = &mut this.cut
+            && cut.poll_gone(None)
         {
             this.done(Some(CUT_OFF.to_owned()));
             return Poll::Ready(Some(Err(CUT_OFF.into())));
@@ -314,8 +312,8 @@ impl Body for Answer {
             Poll::Ready(None) => this.done(None),
             Poll::Ready(Some(Err(e))) => this.done(Some(e.to_string())),
             Poll::Pending => {
-                if let (Some(cut), Some(picked)) = (&mut this.cut, &this.picked)
-                    && cut.poll_gone(picked.gone(), Some(cx))
+                if let Some(cut) = &mut this.cut
+                    && cut.poll_gone(Some(cx))
                 {
                     this.done(Some(CUT_OFF.to_owned()));
                     return Poll::Ready(Some(Err(CUT_OFF.into())));
@@ -389,10 +387,7 @@ pub(super) async fn handle<B: RequestBody>(
     ex.responding(response.status(), response.headers());
     let answer = |body: ProxyBody, exchange: Option<Exchange>| {
         let mut answer = Answer::new(body, inflight);
-        if let Some(Held { picked }) = target {
-            answer.cut = Some(Cut::new());
-            answer.picked = Some(picked);
-        }
+        answer.cut = target.map(Cut::new);
         answer.exchange = exchange;
         answer.boxed_unsync()
     };
@@ -663,8 +658,9 @@ async fn forward_request<B: RequestBody>(
         http2: group_cfg.protocol_version == ProtocolVersion::Http2,
     };
     // When the target's deregistration delay ends, what is still open on it is closed.
-    // Borrowed, not cloned, and polled after the forward (`biased`): its waiter is
-    // registered only when the forward has to wait.
+    // Borrowed, not cloned. Polled after the forward (`biased`), so a forward that is
+    // ready at once registers no waiter; in practice the forward always waits for the
+    // target first, so the waiter is registered on every request.
     let gone = picked.gone();
     ex.dispatching();
     let forwarded = tokio::select! {
@@ -710,7 +706,7 @@ async fn forward_request<B: RequestBody>(
     Outcome {
         response,
         close: close_target,
-        target: Some(Held { picked }),
+        target: Some(picked),
     }
 }
 
@@ -824,6 +820,7 @@ mod tests {
     use crate::rules::tests::allocations::so_far;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
+    use tokio_util::sync::CancellationToken;
 
     /// A response body whose target has not sent anything yet.
     struct Waiting;
@@ -854,8 +851,7 @@ mod tests {
         let target = SocketAddr::from(([127, 0, 0, 1], 8080));
         Box::pin(Answer {
             inner,
-            cut: Some(Cut::new()),
-            picked: Some(Picked::detached(target, gone.clone())),
+            cut: Some(Cut::new(Picked::detached(target, gone.clone()))),
             exchange: None,
             inflight: None,
         })
