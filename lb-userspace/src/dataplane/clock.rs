@@ -22,17 +22,20 @@ use lb_common::names;
 
 use super::{DataplaneError, Result, run_once};
 
-/// `CONFIG_HZ` values Linux offers on some architecture (x86: 100, 250, 300, 1000).
-const HZ_CHOICES: [u64; 15] = [
-    24, 32, 48, 64, 100, 128, 200, 250, 256, 300, 500, 512, 1000, 1024, 1200,
-];
+/// `CONFIG_HZ` values Linux offers (x86 and arm64: 100, 250, 300, 1000), every two at least
+/// 15 % apart. 256, 512 and 1024 (old architectures without XDP) are left out: they are within
+/// 2.5 % of 250, 500 and 1000, closer than a 100 ms measurement on a loaded machine can tell
+/// apart (one late tick moves it by several percent), and a wrong unit makes every flow's age
+/// drift (2.4 % is 86 s an hour).
+const HZ_CHOICES: [u64; 12] = [24, 32, 48, 64, 100, 128, 200, 250, 300, 500, 1000, 1200];
 
 /// How far apart the first and last samples are at least.
 const SPAN: Duration = Duration::from_millis(100);
 /// Time between samples.
 const STEP: Duration = Duration::from_millis(10);
-/// The measured tick may differ from the snapped one by this fraction at most.
-const TOLERANCE: f64 = 0.02;
+/// The measured tick may differ from the snapped one by this fraction at most (the choices
+/// are at least 15 % apart, so the nearest one is unambiguous).
+const TOLERANCE: f64 = 0.07;
 
 /// One reading of `lb_clock`: coarse clock, jiffies, coarse clock again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,11 +231,20 @@ mod tests {
         }
     }
 
+    /// A loaded machine delays a tick: at HZ=250, 25 ticks measured from a first sample 2.4 ms
+    /// late read as a 3.904 ms tick, nearer 256's (3.906) than 250's (4.0). (`xdp_testrun` once
+    /// saw the flow clock run 2.4 % slow that way, when 256 was still a choice.)
     #[test]
-    fn hz_250_and_256_are_told_apart() {
-        let late = [1_000; 11];
-        assert_eq!(fit(&kernel(250, 1_000, 0, &late, 3)).unwrap().hz, 250);
-        assert_eq!(fit(&kernel(256, 1_000, 0, &late, 3)).unwrap().hz, 256);
+    fn a_late_tick_still_snaps_to_the_kernels_hz() {
+        let mut late = [1_000u64; 26];
+        late[0] = 2_400_000;
+        let c = fit(&kernel(250, 1_000, 0, &late, 1)).expect("fits");
+        assert_eq!(c.hz, 250);
+        // Control: the same samples with every tick on time fit too.
+        assert_eq!(
+            fit(&kernel(250, 1_000, 0, &[1_000; 26], 1)).unwrap().hz,
+            250
+        );
     }
 
     #[test]
