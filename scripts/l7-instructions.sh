@@ -1,0 +1,111 @@
+#!/bin/bash
+# usage: scripts/l7-instructions.sh PROXY MODE [requests] [out-dir]
+#   PROXY: a path to an lb binary, or `haproxy`, or `nginx`.   MODE: h1 | h2
+# Counts the user-space instructions one proxied request costs, exactly, with valgrind's
+# callgrind (needs root, valgrind, nginx, h2load; haproxy for PROXY=haproxy). The proxy runs
+# under callgrind with one worker thread/process, behind an nginx backend (100-byte body,
+# keep-alive); h2load sends the requests (h1: --h1, 16 connections; h2: TLS, 16 connections,
+# 10 streams each). The counters are zeroed after a warm-up, then two loads of N and 2N
+# requests are counted; per request = (Ir(2N) - Ir(N)) / N, which cancels what the loads
+# share (connection set-up, TLS handshakes, timers that fire per load).
+# Output: one line `PROXY MODE instructions/request`, and OUT/callgrind.2n (the 2N load's
+# profile: read it with `callgrind_annotate --inclusive=yes OUT/callgrind.2n`).
+# Kernel time is not counted: this is the user-time half of the per-request CPU cost.
+# Deterministic within a few hundred instructions, so an A/B of two builds needs one run each.
+set -u
+PROXY=$1; MODE=$2; N=${3:-20000}; OUT=${4:-./l7-instructions}
+D=$(mktemp -d)
+mkdir -p "$OUT"
+NG=; PP=
+cleanup() { [ -n "$PP" ] && kill $PP 2>/dev/null; [ -n "$NG" ] && kill $NG 2>/dev/null; wait 2>/dev/null; rm -rf "$D"; }
+trap cleanup EXIT
+BODY=lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01
+cat > $D/backend.conf <<EOC
+worker_processes 1;
+daemon off;
+pid $D/backend.pid;
+error_log $D/backend-error.log;
+events { worker_connections 8192; }
+http {
+  access_log off; keepalive_requests 100000000; keepalive_timeout 300s;
+  server { listen 127.0.0.1:19180 backlog=4096; default_type text/plain;
+    location / { return 200 "$BODY"; } }
+}
+EOC
+nginx -c $D/backend.conf -p $D & NG=$!
+# A throwaway ECDSA P-256 certificate, as the L7 bench uses.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+  -keyout $D/key.pem -out $D/cert.pem -days 2 >/dev/null 2>&1
+cat $D/cert.pem $D/key.pem > $D/both.pem
+VG=(valgrind --tool=callgrind --callgrind-out-file=$D/cg.%p --dump-instr=no --collect-jumps=no)
+case $PROXY in
+haproxy)
+  cat > $D/haproxy.cfg <<EOC
+global
+  maxconn 8000
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend fe_http
+  bind 127.0.0.1:19181
+  default_backend be
+frontend fe_https
+  bind 127.0.0.1:19182 ssl crt $D/both.pem alpn h2,http/1.1
+  default_backend be
+backend be
+  server s1 127.0.0.1:19180
+EOC
+  "${VG[@]}" haproxy -db -f $D/haproxy.cfg > $D/proxy.log 2>&1 & PP=$! ;;
+nginx)
+  cat > $D/proxy.conf <<EOC
+worker_processes 1;
+master_process off;
+daemon off;
+pid $D/proxy.pid;
+error_log $D/proxy-error.log;
+events { worker_connections 16384; }
+http {
+  access_log off; keepalive_requests 100000000;
+  upstream be { server 127.0.0.1:19180; keepalive 256; }
+  server { listen 127.0.0.1:19181; listen 127.0.0.1:19182 ssl http2;
+    ssl_certificate $D/cert.pem; ssl_certificate_key $D/key.pem;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+EOC
+  "${VG[@]}" nginx -c $D/proxy.conf -p $D > $D/proxy.log 2>&1 & PP=$! ;;
+*)
+  TOKIO_WORKER_THREADS=1 "${VG[@]}" "$PROXY" run --listener web=http://127.0.0.1:19181 \
+    --listener tls=https://127.0.0.1:19182,cert=$D/cert.pem:$D/key.pem \
+    --target-group be,health-check=off --target be=127.0.0.1:19180 \
+    --rule web,default,forward=be --rule tls,default,forward=be \
+    --admin-socket $D/admin.sock > $D/proxy.log 2>&1 & PP=$! ;;
+esac
+for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:19181/ && break; sleep 0.2; done
+curl -sf -o /dev/null http://127.0.0.1:19181/ || { echo "the proxy did not come up:"; cat $D/proxy.log; exit 1; }
+case $MODE in
+h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:19181/) ;;
+h2) LOAD=(h2load -c16 -m10 https://127.0.0.1:19182/) ;;
+*) echo "MODE is h1 or h2, not $MODE"; exit 2 ;;
+esac
+count() { # zero, load N requests, dump; prints the instructions counted
+  callgrind_control -z $PP > /dev/null 2>&1
+  "${LOAD[@]}" -n $1 > $D/load.txt 2>&1
+  grep -q "succeeded, 0 failed, 0 errored" $D/load.txt || grep -q "$1 succeeded" $D/load.txt \
+    || { echo "load of $1 had failures:"; grep -E "requests:|status codes" $D/load.txt; exit 1; }
+  rm -f $D/cg.*.[0-9]*
+  callgrind_control -d $PP > /dev/null 2>&1
+  for i in $(seq 100); do ls $D/cg.*.[0-9]* >/dev/null 2>&1 && break; sleep 0.1; done
+  sleep 0.5
+  F=$(ls -t $D/cg.*.[0-9]* | head -1)
+  cp "$F" "$OUT/callgrind.last"
+  grep -E "^totals:" "$F" | awk '{print $2}'
+}
+"${LOAD[@]}" -n 2000 > /dev/null 2>&1   # warm-up: pools, allocator, lazy statics
+A=$(count $N); cp "$OUT/callgrind.last" "$OUT/callgrind.n"
+B=$(count $((2 * N))); cp "$OUT/callgrind.last" "$OUT/callgrind.2n"
+rm -f "$OUT/callgrind.last"
+echo "$(basename "$PROXY") $MODE $(( (B - A) / N )) instructions/request (Ir: ${A} for $N, ${B} for $((2 * N)))"
