@@ -13,6 +13,9 @@
 # Kernel time is not counted: this is the user-time half of the per-request CPU cost.
 # Deterministic within a few hundred instructions, so an A/B of two builds needs one run each.
 set -u
+# PORT_BASE (default 19180): the backend listens there, the proxy on +1 (HTTP) and +2 (TLS),
+# so runs with different bases can go side by side.
+PB=${PORT_BASE:-19180}; BE=$PB; HTTP=$((PB + 1)); TLS=$((PB + 2))
 PROXY=$1; MODE=$2; N=${3:-20000}; OUT=${4:-./l7-instructions}
 D=$(mktemp -d)
 mkdir -p "$OUT"
@@ -28,7 +31,7 @@ error_log $D/backend-error.log;
 events { worker_connections 8192; }
 http {
   access_log off; keepalive_requests 100000000; keepalive_timeout 300s;
-  server { listen 127.0.0.1:19180 backlog=4096; default_type text/plain;
+  server { listen 127.0.0.1:$BE backlog=4096; default_type text/plain;
     location / { return 200 "$BODY"; } }
 }
 EOC
@@ -51,13 +54,13 @@ defaults
   timeout server 60s
   option http-keep-alive
 frontend fe_http
-  bind 127.0.0.1:19181
+  bind 127.0.0.1:$HTTP
   default_backend be
 frontend fe_https
-  bind 127.0.0.1:19182 ssl crt $D/both.pem alpn h2,http/1.1
+  bind 127.0.0.1:$TLS ssl crt $D/both.pem alpn h2,http/1.1
   default_backend be
 backend be
-  server s1 127.0.0.1:19180
+  server s1 127.0.0.1:$BE
 EOC
   "${VG[@]}" haproxy -db -f $D/haproxy.cfg > $D/proxy.log 2>&1 & PP=$! ;;
 nginx)
@@ -70,25 +73,25 @@ error_log $D/proxy-error.log;
 events { worker_connections 16384; }
 http {
   access_log off; keepalive_requests 100000000;
-  upstream be { server 127.0.0.1:19180; keepalive 256; }
-  server { listen 127.0.0.1:19181; listen 127.0.0.1:19182 ssl http2;
+  upstream be { server 127.0.0.1:$BE; keepalive 256; }
+  server { listen 127.0.0.1:$HTTP; listen 127.0.0.1:$TLS ssl http2;
     ssl_certificate $D/cert.pem; ssl_certificate_key $D/key.pem;
     location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 EOC
   "${VG[@]}" nginx -c $D/proxy.conf -p $D > $D/proxy.log 2>&1 & PP=$! ;;
 *)
-  TOKIO_WORKER_THREADS=1 "${VG[@]}" "$PROXY" run --listener web=http://127.0.0.1:19181 \
-    --listener tls=https://127.0.0.1:19182,cert=$D/cert.pem:$D/key.pem \
-    --target-group be,health-check=off --target be=127.0.0.1:19180 \
+  TOKIO_WORKER_THREADS=1 "${VG[@]}" "$PROXY" run --listener web=http://127.0.0.1:$HTTP \
+    --listener tls=https://127.0.0.1:$TLS,cert=$D/cert.pem:$D/key.pem \
+    --target-group be,health-check=off --target be=127.0.0.1:$BE \
     --rule web,default,forward=be --rule tls,default,forward=be \
     --admin-socket $D/admin.sock > $D/proxy.log 2>&1 & PP=$! ;;
 esac
-for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:19181/ && break; sleep 0.2; done
-curl -sf -o /dev/null http://127.0.0.1:19181/ || { echo "the proxy did not come up:"; cat $D/proxy.log; exit 1; }
+for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:$HTTP/ && break; sleep 0.2; done
+curl -sf -o /dev/null http://127.0.0.1:$HTTP/ || { echo "the proxy did not come up:"; cat $D/proxy.log; exit 1; }
 case $MODE in
-h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:19181/) ;;
-h2) LOAD=(h2load -c16 -m10 https://127.0.0.1:19182/) ;;
+h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:$HTTP/) ;;
+h2) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
 *) echo "MODE is h1 or h2, not $MODE"; exit 2 ;;
 esac
 count() { # zero, load N requests, dump; prints the instructions counted
