@@ -105,9 +105,17 @@ enum RequestFraming {
     Chunked,
 }
 
+/// The request head as it goes out.
+struct EncodedHead {
+    bytes: Vec<u8>,
+    framing: RequestFraming,
+    /// A `Connection` line of the request lists `close`.
+    close: bool,
+}
+
 /// Serializes the request head (origin-form target, as `prepare_request` left it) and decides
 /// the body framing as hyper's client does, fixing up the framing headers to match.
-fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> (Vec<u8>, RequestFraming) {
+fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHead {
     let headers = &mut parts.headers;
     let framing = if body.is_end_stream() {
         headers.remove(TRANSFER_ENCODING);
@@ -132,24 +140,31 @@ fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> (Vec<u8>, 
         RequestFraming::Chunked
     };
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut size = parts.method.as_str().len() + target.len() + 16;
-    for (name, value) in headers.iter() {
-        size += name.as_str().len() + value.len() + 4;
-    }
+    // One pass over the fields: the buffer is the thread's recycled one, which already has
+    // room for a usual head; a rough guess saves most regrowth of a new one (an exact size
+    // took a second walk over the map on every request).
     let mut head = crate::proxy::recycle::buffer();
-    head.reserve(size);
+    head.reserve(parts.method.as_str().len() + target.len() + 16 + 48 * headers.len());
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut close = false;
     for (name, value) in headers.iter() {
+        if name == CONNECTION && has_token(value, "close") {
+            close = true;
+        }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    (head, framing)
+    EncodedHead {
+        bytes: head,
+        framing,
+        close,
+    }
 }
 
 /// Whether the last transfer coding is `chunked`.
@@ -158,7 +173,14 @@ fn is_chunked(headers: &HeaderMap) -> bool {
         .get_all(TRANSFER_ENCODING)
         .iter()
         .next_back()
-        .and_then(|line| line.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(ends_chunked)
+}
+
+/// Whether the last transfer coding of one `Transfer-Encoding` line is `chunked`.
+fn ends_chunked(line: &HeaderValue) -> bool {
+    line.as_bytes()
+        .rsplit(|&b| b == b',')
+        .next()
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
@@ -172,24 +194,38 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 
 /// The `Content-Length`, if present: `Err` when a value is invalid or the values differ.
 fn content_length(headers: &HeaderMap) -> Option<Result<u64, ()>> {
-    let mut found: Option<u64> = None;
-    for line in headers.get_all(CONTENT_LENGTH) {
-        for item in line.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-                return Some(Err(()));
-            }
-            let Some(n) = std::str::from_utf8(item)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
-                return Some(Err(()));
-            };
-            if found.is_some_and(|f| f != n) {
-                return Some(Err(()));
-            }
-            found = Some(n);
+    headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .fold(None, add_content_length)
+}
+
+/// What the `Content-Length` lines so far say (`found`), with one more `line`: `Err` from the
+/// first invalid value or value that differs from the others on.
+fn add_content_length(
+    found: Option<Result<u64, ()>>,
+    line: &HeaderValue,
+) -> Option<Result<u64, ()>> {
+    let mut found = match found {
+        Some(Err(())) => return found,
+        Some(Ok(n)) => Some(n),
+        None => None,
+    };
+    for item in line.as_bytes().split(|&b| b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+            return Some(Err(()));
         }
+        let Some(n) = std::str::from_utf8(item)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return Some(Err(()));
+        };
+        if found.is_some_and(|f| f != n) {
+            return Some(Err(()));
+        }
+        found = Some(n);
     }
     found.map(Ok)
 }
@@ -201,6 +237,8 @@ struct Head {
     headers: HeaderMap,
     framing: State,
     keep_alive: bool,
+    /// The head has a `Keep-Alive` field (the target's idle timeout may be in it).
+    keep_alive_field: bool,
 }
 
 /// Sends `req` on `conn` and reads the response head; the body streams from the connection
@@ -215,12 +253,11 @@ pub async fn send(
     idle_timeout: Duration,
 ) -> Result<Response<ProxyBody>, Failure> {
     let (mut parts, mut body) = req.into_parts();
-    let (head, framing) = encode_head(&mut parts, &body);
-    let request_close = parts
-        .headers
-        .get_all(CONNECTION)
-        .iter()
-        .any(|v| has_token(v, "close"));
+    let EncodedHead {
+        bytes: head,
+        framing,
+        close: request_close,
+    } = encode_head(&mut parts, &body);
     let is_head = parts.method == Method::HEAD;
 
     // The first write decides whether anything reached the connection.
@@ -280,7 +317,12 @@ pub async fn send(
         headers,
         framing,
         keep_alive,
+        keep_alive_field,
     } = head;
+    // The target's idle timeout, as the hyper path reads it from every response head.
+    if keep_alive_field && let Some(hint) = crate::headers::keep_alive_timeout(&headers) {
+        pool.set_keep_alive_hint(hint);
+    }
     let reusable = keep_alive && !request_close && body_sent && !matches!(framing, State::Close);
     let body = RawBody::new(
         conn,
@@ -441,13 +483,25 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
         let mut headers = crate::proxy::recycle::header_map(count);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
+        // What the framing and connection fields say, gathered on the way instead of looked
+        // up in the map afterwards: `Transfer-Encoding` present and whether its last line
+        // ends in `chunked` (as `is_chunked`), the `Content-Length` lines folded (as
+        // `content_length`), a `Keep-Alive` field present.
+        let mut transfer_encoding = false;
+        let mut chunked = false;
+        let mut length: Option<Result<u64, ()>> = None;
+        let mut keep_alive_field = false;
         for &[name_start, name_end, value_start, value_end] in &spans[..count] {
             let name = HeaderName::from_bytes(&bytes[name_start as usize..name_end as usize])
                 .map_err(|_| H1Error::Malformed("header name"))?;
-            let value = HeaderValue::from_maybe_shared(
-                bytes.slice(value_start as usize..value_end as usize),
-            )
-            .map_err(|_| H1Error::Malformed("header value"))?;
+            let value = bytes.slice(value_start as usize..value_end as usize);
+            // SAFETY (a contract, not memory): `from_maybe_shared_unchecked` wants bytes that
+            // `HeaderValue::from_bytes` accepts: tab, 0x20..=0x7E and 0x80..=0xFF. httparse
+            // (default config: no obsolete line folding) returns only values made of exactly
+            // those (its HEADER_VALUE_MAP); `a_value_httparse_accepts_is_a_valid_header_value`
+            // checks every byte, and debug builds check each value again. Saves validating
+            // every value byte a second time, as hyper's client does.
+            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
             if name == CONNECTION {
                 // Once any `Connection` line asks to close, a later `keep-alive` cannot undo it.
                 if saw_close || has_token(&value, "close") {
@@ -456,24 +510,31 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
                 } else if !keep_alive {
                     keep_alive = has_token(&value, "keep-alive");
                 }
+            } else if name == CONTENT_LENGTH {
+                length = add_content_length(length, &value);
+            } else if name == TRANSFER_ENCODING {
+                transfer_encoding = true;
+                chunked = ends_chunked(&value);
+            } else if name == crate::headers::KEEP_ALIVE {
+                keep_alive_field = true;
             }
             headers.append(name, value);
         }
         let framing = if is_head || code == 204 || code == 304 {
             State::Length(0)
-        } else if headers.contains_key(TRANSFER_ENCODING) {
+        } else if transfer_encoding {
             if version == Version::HTTP_10 {
                 return Err(H1Error::Malformed(
                     "Transfer-Encoding in an HTTP/1.0 response",
                 ));
             }
-            if is_chunked(&headers) {
+            if chunked {
                 State::Chunked(Chunk::Size)
             } else {
                 State::Close
             }
         } else {
-            match content_length(&headers) {
+            match length {
                 Some(Ok(len)) => State::Length(len),
                 Some(Err(())) => return Err(H1Error::Malformed("Content-Length")),
                 None => State::Close,
@@ -485,6 +546,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
             headers,
             framing,
             keep_alive,
+            keep_alive_field,
         }));
     }
 }
@@ -878,6 +940,169 @@ mod tests {
             parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false),
             Err(H1Error::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_value_httparse_accepts_is_a_valid_header_value() {
+        // `parse_head` builds values unchecked on this: every byte, alone between two letters.
+        let mut accepted = Vec::new();
+        for b in 0..=255u8 {
+            let value = [b'a', b, b'a'];
+            let mut raw = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+            raw.extend_from_slice(&value);
+            raw.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+            let mut fields = [httparse::EMPTY_HEADER; 4];
+            let mut res = httparse::Response::new(&mut fields);
+            let httparse_takes = matches!(res.parse(&raw), Ok(httparse::Status::Complete(_)))
+                && res.headers.first().is_some_and(|f| f.value == value);
+            assert_eq!(
+                httparse_takes,
+                HeaderValue::from_bytes(&value).is_ok(),
+                "byte {b:#04x}"
+            );
+            if httparse_takes {
+                accepted.push(b);
+                // Through `parse_head` too (debug builds re-validate the unchecked value).
+                let head = parse(&raw, false).expect("valid").expect("complete");
+                assert_eq!(head.headers["x"].as_bytes(), value, "byte {b:#04x}");
+            } else {
+                assert!(parse(&raw, false).is_err(), "byte {b:#04x}");
+            }
+        }
+        // Controls: tab, printable ASCII and obs-text pass; other controls and DEL do not.
+        let expected: Vec<u8> = std::iter::once(b'\t')
+            .chain(0x20..=0x7e)
+            .chain(0x80..=0xff)
+            .collect();
+        assert_eq!(accepted, expected);
+    }
+
+    #[test]
+    fn framing_fields_gathered_while_parsing_agree_with_the_map() {
+        let cases: &[(&[u8], fn(&State) -> bool)] = &[
+            (b"Content-Length: 5\r\nContent-Length: 5, 5\r\n", |s| {
+                matches!(s, State::Length(5))
+            }),
+            (
+                b"Content-Length: 5\r\nX: y\r\nContent-Length: 6\r\n",
+                |_| false,
+            ),
+            (
+                b"Content-Length: 5\r\nContent-Length: x\r\nContent-Length: 5\r\n",
+                |_| false,
+            ),
+            (b"Content-Length: \r\n", |_| false),
+            (
+                b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                |s| matches!(s, State::Chunked(Chunk::Size)),
+            ),
+            (
+                b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
+                |s| matches!(s, State::Close),
+            ),
+            (
+                b"Transfer-Encoding: chunked , gzip\r\nContent-Length: 3\r\n",
+                |s| matches!(s, State::Close),
+            ),
+            (
+                b"Transfer-Encoding: x\r\nTransfer-Encoding:  CHUNKED \r\n",
+                |s| matches!(s, State::Chunked(Chunk::Size)),
+            ),
+            (b"X: y\r\n", |s| matches!(s, State::Close)),
+        ];
+        for (fields, expected) in cases {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            raw.extend_from_slice(fields);
+            raw.extend_from_slice(b"\r\n");
+            let what = String::from_utf8_lossy(fields);
+            match parse(&raw, false) {
+                Ok(Some(head)) => {
+                    assert!(expected(&head.framing), "{what}: {:?}", head.framing);
+                    // The map-based answers (as used for requests) say the same.
+                    let by_map = if head.headers.contains_key(TRANSFER_ENCODING) {
+                        if is_chunked(&head.headers) {
+                            "chunked".to_string()
+                        } else {
+                            "close".to_string()
+                        }
+                    } else {
+                        format!("{:?}", content_length(&head.headers))
+                    };
+                    let parsed = match head.framing {
+                        State::Chunked(_) => "chunked".to_string(),
+                        State::Close if head.headers.contains_key(TRANSFER_ENCODING) => {
+                            "close".to_string()
+                        }
+                        State::Close => "None".to_string(),
+                        State::Length(n) => format!("{:?}", Some(Ok::<u64, ()>(n))),
+                        State::Done => unreachable!(),
+                    };
+                    assert_eq!(parsed, by_map, "{what}");
+                }
+                Ok(None) => panic!("{what}: incomplete"),
+                Err(error) => {
+                    assert!(!expected(&State::Done), "{what}: {error}");
+                    assert!(
+                        matches!(error, H1Error::Malformed("Content-Length")),
+                        "{what}"
+                    );
+                    let mut map = HeaderMap::new();
+                    for line in fields.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                        let line = std::str::from_utf8(line).expect("ascii");
+                        let (name, value) = line.trim_end().split_once(':').expect("field");
+                        map.append(
+                            HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                            HeaderValue::from_str(value.trim()).expect("value"),
+                        );
+                    }
+                    assert_eq!(content_length(&map), Some(Err(())), "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_keep_alive_field_is_noticed() {
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(head.keep_alive_field);
+        let head = parse(b"HTTP/1.1 200 OK\r\nKeep-Alivex: 1\r\n\r\n", false)
+            .expect("valid")
+            .expect("complete");
+        assert!(!head.keep_alive_field);
+    }
+
+    fn request_parts(headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = Request::builder().method(Method::GET).uri("/p?q");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).expect("valid request").into_parts().0
+    }
+
+    fn empty_body() -> ProxyBody {
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+
+    #[test]
+    fn the_request_head_is_written_in_one_pass_and_notices_connection_close() {
+        let mut parts = request_parts(&[("host", "a.test"), ("connection", "foo, Close")]);
+        let head = encode_head(&mut parts, &empty_body());
+        assert_eq!(
+            head.bytes,
+            b"GET /p?q HTTP/1.1\r\nhost: a.test\r\nconnection: foo, Close\r\n\r\n"
+        );
+        assert!(head.close);
+        assert_eq!(head.framing, RequestFraming::None);
+        let mut parts = request_parts(&[("connection", "keep-alive"), ("x-close", "close")]);
+        let head = encode_head(&mut parts, &empty_body());
+        assert!(!head.close);
     }
 
     #[test]
