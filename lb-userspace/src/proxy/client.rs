@@ -382,20 +382,23 @@ impl Forwarder {
         replay: &Replay,
     ) -> Result<Response<ProxyBody>, SendError> {
         let config = &self.inner.config;
-        let sent = std::pin::pin!(h1::send(
+        // `h1::send` bounds the exchange by the idle timeout itself, with the connection's
+        // own timer.
+        let sent = h1::send(
             conn,
             req,
             config.max_response_header_bytes,
             &target.pool,
             target.endpoint.addr,
             config.idle_timeout,
-        ));
-        let response = match with_idle_timeout(sent, config.idle_timeout, replay).await {
-            None => return Err(SendError::Timeout),
-            Some(Err(h1::Failure::NotSent(req, error))) => {
+            replay,
+        );
+        let response = match sent.await {
+            Err(h1::Failure::TimedOut) => return Err(SendError::Timeout),
+            Err(h1::Failure::NotSent(req, error)) => {
                 return Err(SendError::NotSent(req, Box::new(error)));
             }
-            Some(Err(h1::Failure::Failed(error, parts))) => {
+            Err(h1::Failure::Failed(error, parts)) => {
                 return Err(SendError::Failed {
                     stale: error.is_stale_symptom(),
                     body: matches!(error, h1::H1Error::Body(_)),
@@ -404,7 +407,7 @@ impl Forwarder {
                 });
             }
             // `h1::send` has taken the target's `Keep-Alive` hint from the head, if it had one.
-            Some(Ok(response)) => response,
+            Ok(response) => response,
         };
         Ok(response)
     }

@@ -27,6 +27,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
+use super::body::Replay;
 use super::{BoxError, ProxyBody};
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::{RawConn, TargetPool};
@@ -95,6 +96,19 @@ pub enum Failure {
     /// head comes back (as sent, framing headers included) so an idempotent request can be
     /// sent again with its replayed body, without a copy kept beforehand for the rare retry.
     Failed(H1Error, Box<http::request::Parts>),
+    /// No response head within the idle timeout: quiet since the request started or since
+    /// the last request body bytes went out. The connection is closed.
+    TimedOut,
+}
+
+/// How the exchange on the connection ended (before the idle timeout).
+enum Exchanged {
+    /// The first write failed: nothing reached the connection.
+    NotSent(H1Error),
+    /// The request may have been written; no usable response head arrived.
+    Failed(H1Error),
+    /// A response head, and whether the request body went out whole.
+    Head(Head, bool),
 }
 
 /// How the request body goes out.
@@ -213,15 +227,25 @@ fn add_content_length(
     };
     for item in line.as_bytes().split(|&b| b == b',') {
         let item = item.trim_ascii();
-        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+        if item.is_empty() {
             return Some(Err(()));
         }
-        let Some(n) = std::str::from_utf8(item)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            return Some(Err(()));
-        };
+        // Digits only (no sign), and at most `u64::MAX`: what `str::parse::<u64>` of
+        // all-digit text accepts, without its checks for signs and radix.
+        let mut n: u64 = 0;
+        for &b in item {
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 {
+                return Some(Err(()));
+            }
+            let Some(next) = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(digit)))
+            else {
+                return Some(Err(()));
+            };
+            n = next;
+        }
         if found.is_some_and(|f| f != n) {
             return Some(Err(()));
         }
@@ -243,7 +267,16 @@ struct Head {
 
 /// Sends `req` on `conn` and reads the response head; the body streams from the connection
 /// behind the returned response and gives the connection back to `pool` when it completes
-/// cleanly. No timeout here: the caller bounds the wait for the head.
+/// cleanly. The whole exchange is bounded by the idle timeout, counted from the start or from
+/// the last request body bytes sent (`replay` tells when), as on ALB's connections.
+///
+/// The timer is the connection's own, kept with it in the pool, and not touched per request:
+/// it may be due earlier than this request's deadline (it was set for an earlier one), never
+/// later, so when it fires the real deadline is worked out and the timer set to it if that is
+/// still ahead (see [`within_idle_timeout`]). A timer per request was registered in tokio's
+/// timer wheel and removed again every time (about 600 instructions), and even moving a kept
+/// one's deadline on every request cost 160.
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     mut conn: RawConn,
     req: Request<ProxyBody>,
@@ -251,6 +284,7 @@ pub async fn send(
     pool: &Arc<TargetPool>,
     target: SocketAddr,
     idle_timeout: Duration,
+    replay: &Replay,
 ) -> Result<Response<ProxyBody>, Failure> {
     let (mut parts, mut body) = req.into_parts();
     let EncodedHead {
@@ -260,54 +294,27 @@ pub async fn send(
     } = encode_head(&mut parts, &body);
     let is_head = parts.method == Method::HEAD;
 
-    // The first write decides whether anything reached the connection.
-    let written = match conn.stream.write(&head).await {
-        Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
-        other => other,
+    let started = Instant::now();
+    let mut timer = conn
+        .timer
+        .take()
+        .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(started + idle_timeout)));
+    let exchanged = {
+        let exchange = pin!(exchange(
+            &mut conn, head, framing, &mut body, max_head, is_head
+        ));
+        within_idle_timeout(exchange, timer.as_mut(), started, idle_timeout, replay).await
     };
-    let written = match written {
-        Ok(n) => n,
-        Err(error) => {
+    let (head, body_sent) = match exchanged {
+        Some(Exchanged::Head(head, body_sent)) => (head, body_sent),
+        Some(Exchanged::NotSent(error)) => {
             let req = Request::from_parts(parts, body);
-            return Err(Failure::NotSent(Box::new(req), H1Error::Io(error)));
+            return Err(Failure::NotSent(Box::new(req), error));
         }
+        Some(Exchanged::Failed(error)) => return Err(Failure::Failed(error, Box::new(parts))),
+        None => return Err(Failure::TimedOut),
     };
-    if written < head.len()
-        && let Err(e) = conn.stream.write_all(&head[written..]).await
-    {
-        return Err(Failure::Failed(H1Error::Io(e), Box::new(parts)));
-    }
-    crate::proxy::recycle::recycle_buffer(head);
-
-    let mut body_sent = true;
-    let parsed = {
-        let RawConn { stream, buf, .. } = &mut conn;
-        let (mut reader, mut writer) = stream.split();
-        let mut head_read = pin!(read_head(&mut reader, buf, max_head, is_head));
-        if framing == RequestFraming::None {
-            head_read.await
-        } else {
-            body_sent = false;
-            let body_write = write_body(&mut writer, &mut body, framing);
-            tokio::select! {
-                biased;
-                head = &mut head_read => head,
-                sent = body_write => match sent {
-                    Ok(()) => {
-                        body_sent = true;
-                        head_read.await
-                    }
-                    Err(error @ H1Error::Body(_)) => Err(error),
-                    // The target may have answered (and closed) before taking the whole body.
-                    Err(error) => head_read.await.map_err(|_| error),
-                },
-            }
-        }
-    };
-    let head = match parsed {
-        Ok(head) => head,
-        Err(error) => return Err(Failure::Failed(error, Box::new(parts))),
-    };
+    conn.timer = Some(timer);
     drop(body);
     // The request head is no longer needed for a retry: its map serves another request.
     crate::proxy::recycle::recycle(parts.headers);
@@ -337,6 +344,92 @@ pub async fn send(
     *response.version_mut() = version;
     *response.headers_mut() = headers;
     Ok(response)
+}
+
+/// Writes the request head (and body) and reads the response head.
+async fn exchange(
+    conn: &mut RawConn,
+    head: Vec<u8>,
+    framing: RequestFraming,
+    body: &mut ProxyBody,
+    max_head: usize,
+    is_head: bool,
+) -> Exchanged {
+    // The first write decides whether anything reached the connection.
+    let written = match conn.stream.write(&head).await {
+        Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+        other => other,
+    };
+    let written = match written {
+        Ok(n) => n,
+        Err(error) => return Exchanged::NotSent(H1Error::Io(error)),
+    };
+    if written < head.len()
+        && let Err(e) = conn.stream.write_all(&head[written..]).await
+    {
+        return Exchanged::Failed(H1Error::Io(e));
+    }
+    crate::proxy::recycle::recycle_buffer(head);
+
+    let mut body_sent = true;
+    let parsed = {
+        let RawConn { stream, buf, .. } = conn;
+        let (mut reader, mut writer) = stream.split();
+        let mut head_read = pin!(read_head(&mut reader, buf, max_head, is_head));
+        if framing == RequestFraming::None {
+            head_read.await
+        } else {
+            body_sent = false;
+            let body_write = write_body(&mut writer, body, framing);
+            tokio::select! {
+                biased;
+                head = &mut head_read => head,
+                sent = body_write => match sent {
+                    Ok(()) => {
+                        body_sent = true;
+                        head_read.await
+                    }
+                    Err(error @ H1Error::Body(_)) => Err(error),
+                    // The target may have answered (and closed) before taking the whole body.
+                    Err(error) => head_read.await.map_err(|_| error),
+                },
+            }
+        }
+    };
+    match parsed {
+        Ok(head) => Exchanged::Head(head, body_sent),
+        Err(error) => Exchanged::Failed(error),
+    }
+}
+
+/// Runs `exchange` unless it goes quiet for the idle timeout (`None`): quiet since `started`
+/// or the last request body bytes sent. `timer` is due at `started + idle_timeout` or
+/// earlier; when it fires before the real deadline (set for an earlier request, or the body is
+/// still uploading), it is set to that deadline.
+async fn within_idle_timeout<T>(
+    mut exchange: Pin<&mut impl Future<Output = T>>,
+    mut timer: Pin<&mut Sleep>,
+    started: Instant,
+    idle_timeout: Duration,
+    replay: &Replay,
+) -> Option<T> {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = exchange.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let quiet_since = replay
+                .last_activity()
+                .map_or(started, |last| last.max(started));
+            let deadline = quiet_since + idle_timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(None);
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Streams the request body in the chosen framing. Trailers are not forwarded (the `Trailer`
@@ -882,9 +975,29 @@ mod tests {
         assert_eq!(content_length(&h), Some(Ok(5)));
         h.append(CONTENT_LENGTH, HeaderValue::from_static("6"));
         assert_eq!(content_length(&h), Some(Err(())));
-        let mut h = HeaderMap::new();
-        h.insert(CONTENT_LENGTH, HeaderValue::from_static("+5"));
-        assert_eq!(content_length(&h), Some(Err(())));
+        for (value, expected) in [
+            ("+5", Err(())),
+            ("-5", Err(())),
+            ("5 5", Err(())),
+            ("0x5", Err(())),
+            ("", Err(())),
+            (" 007 ", Ok(7)),
+            ("18446744073709551615", Ok(u64::MAX)),
+            ("18446744073709551616", Err(())),
+            ("99999999999999999999", Err(())),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_LENGTH, HeaderValue::from_static(value));
+            assert_eq!(content_length(&h), Some(expected), "{value:?}");
+            // The rule it replaces: all digits and a `u64`.
+            let digits = value.trim();
+            let by_parse = if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                digits.parse::<u64>().map_err(|_| ())
+            } else {
+                Err(())
+            };
+            assert_eq!(Some(by_parse), content_length(&h), "{value:?}");
+        }
     }
 
     #[test]
@@ -979,36 +1092,36 @@ mod tests {
 
     #[test]
     fn framing_fields_gathered_while_parsing_agree_with_the_map() {
-        let cases: &[(&[u8], fn(&State) -> bool)] = &[
-            (b"Content-Length: 5\r\nContent-Length: 5, 5\r\n", |s| {
-                matches!(s, State::Length(5))
-            }),
+        /// What a case should give: a framing, or `Malformed("Content-Length")`.
+        type Expected = Option<fn(&State) -> bool>;
+        let cases: &[(&[u8], Expected)] = &[
             (
-                b"Content-Length: 5\r\nX: y\r\nContent-Length: 6\r\n",
-                |_| false,
+                b"Content-Length: 5\r\nContent-Length: 5, 5\r\n",
+                Some(|s| matches!(s, State::Length(5))),
             ),
+            (b"Content-Length: 5\r\nX: y\r\nContent-Length: 6\r\n", None),
             (
                 b"Content-Length: 5\r\nContent-Length: x\r\nContent-Length: 5\r\n",
-                |_| false,
+                None,
             ),
-            (b"Content-Length: \r\n", |_| false),
+            (b"Content-Length: \r\n", None),
             (
                 b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
-                |s| matches!(s, State::Chunked(Chunk::Size)),
+                Some(|s| matches!(s, State::Chunked(Chunk::Size))),
             ),
             (
                 b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
-                |s| matches!(s, State::Close),
+                Some(|s| matches!(s, State::Close)),
             ),
             (
                 b"Transfer-Encoding: chunked , gzip\r\nContent-Length: 3\r\n",
-                |s| matches!(s, State::Close),
+                Some(|s| matches!(s, State::Close)),
             ),
             (
                 b"Transfer-Encoding: x\r\nTransfer-Encoding:  CHUNKED \r\n",
-                |s| matches!(s, State::Chunked(Chunk::Size)),
+                Some(|s| matches!(s, State::Chunked(Chunk::Size))),
             ),
-            (b"X: y\r\n", |s| matches!(s, State::Close)),
+            (b"X: y\r\n", Some(|s| matches!(s, State::Close))),
         ];
         for (fields, expected) in cases {
             let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
@@ -1017,6 +1130,7 @@ mod tests {
             let what = String::from_utf8_lossy(fields);
             match parse(&raw, false) {
                 Ok(Some(head)) => {
+                    let expected = expected.unwrap_or_else(|| panic!("{what}: parsed"));
                     assert!(expected(&head.framing), "{what}: {:?}", head.framing);
                     // The map-based answers (as used for requests) say the same.
                     let by_map = if head.headers.contains_key(TRANSFER_ENCODING) {
@@ -1041,7 +1155,7 @@ mod tests {
                 }
                 Ok(None) => panic!("{what}: incomplete"),
                 Err(error) => {
-                    assert!(!expected(&State::Done), "{what}: {error}");
+                    assert!(expected.is_none(), "{what}: {error}");
                     assert!(
                         matches!(error, H1Error::Malformed("Content-Length")),
                         "{what}"
