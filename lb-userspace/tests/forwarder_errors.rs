@@ -8,6 +8,7 @@ use lb::proxy::error::ProxyError;
 use support_client::{
     RawBehaviour, RawTarget, SAFETY, answering_target, config, forward_collect, get, plain,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 #[tokio::test]
@@ -39,6 +40,64 @@ async fn a_target_that_never_answers_is_a_504_after_the_idle_timeout() {
         "{error:?}"
     );
     assert_eq!(error.status(), 504);
+}
+
+/// Our own client keeps one idle timer per connection and does not reset it per request
+/// (`h1::send`): on a reused connection it is still due at the first request's deadline. The
+/// second request's answer comes after that deadline but well within its own idle timeout,
+/// so it must be answered, not a 504.
+#[tokio::test]
+async fn a_reused_connection_times_each_request_from_its_own_start() {
+    const IDLE: Duration = Duration::from_secs(3);
+    /// Between the requests, and how long the target takes with the second: together past the
+    /// first request's deadline, alone a second inside the second's.
+    const GAP: Duration = Duration::from_secs(2);
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    let _target = tokio::spawn(async move {
+        let mut answered = 0usize;
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            loop {
+                let mut chunk = [0u8; 4096];
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buf.drain(..end + 4);
+                    if answered > 0 {
+                        tokio::time::sleep(GAP).await;
+                    }
+                    answered += 1;
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            }
+        }
+    });
+    let forwarder = Forwarder::new(ClientConfig {
+        idle_timeout: IDLE,
+        ..config()
+    });
+    forward_collect(&forwarder, &plain(addr), get("/first"))
+        .await
+        .expect("answered at once");
+    tokio::time::sleep(GAP).await;
+    let (second, body) = forward_collect(&forwarder, &plain(addr), get("/second"))
+        .await
+        .expect("answered 2 s after it was sent, within its 3 s idle timeout");
+    assert!(
+        second.reused_connection,
+        "the second request must go out on the first one's connection to test its timer"
+    );
+    assert_eq!(body, "ok");
 }
 
 #[tokio::test]

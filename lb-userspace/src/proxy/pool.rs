@@ -188,6 +188,11 @@ pub struct RawConn {
     pub stream: TcpStream,
     /// Bytes read from the target and not consumed yet (empty between requests).
     pub buf: BytesMut,
+    /// The idle timer of its requests (see `client::h1::send`), made on the first one and
+    /// kept. While the connection sits idle it may still fire once, at a past request's
+    /// deadline, and wake that request's task for nothing (at most one stale wake-up per idle
+    /// connection).
+    pub timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// What a look at an idle raw connection found.

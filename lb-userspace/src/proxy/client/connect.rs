@@ -58,6 +58,7 @@ pub(super) async fn connect_raw(
         id: target.pool.next_id(),
         stream: tcp,
         buf: bytes::BytesMut::new(),
+        timer: None,
     };
     Ok((conn, started.elapsed()))
 }
@@ -71,7 +72,9 @@ pub(super) async fn into_hyper(
     conn: RawConn,
 ) -> Result<Conn, ProxyError> {
     let addr = target.endpoint.addr;
-    let RawConn { id, stream, buf } = conn;
+    let RawConn {
+        id, stream, buf, ..
+    } = conn;
     if !buf.is_empty() {
         return Err(connect_error(
             addr,

@@ -12,6 +12,7 @@
 //! and nothing beyond the response was received.
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
+use super::body::Replay;
 use super::{BoxError, ProxyBody};
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::{RawConn, TargetPool};
@@ -94,6 +96,19 @@ pub enum Failure {
     /// head comes back (as sent, framing headers included) so an idempotent request can be
     /// sent again with its replayed body, without a copy kept beforehand for the rare retry.
     Failed(H1Error, Box<http::request::Parts>),
+    /// No response head within the idle timeout: quiet since the request started or since
+    /// the last request body bytes went out. The connection is closed.
+    TimedOut,
+}
+
+/// How the exchange on the connection ended (before the idle timeout).
+enum Exchanged {
+    /// The first write failed: nothing reached the connection.
+    NotSent(H1Error),
+    /// The request may have been written; no usable response head arrived.
+    Failed(H1Error),
+    /// A response head, and whether the request body went out whole.
+    Head(Head, bool),
 }
 
 /// How the request body goes out.
@@ -104,9 +119,17 @@ enum RequestFraming {
     Chunked,
 }
 
+/// The request head as it goes out.
+struct EncodedHead {
+    bytes: Vec<u8>,
+    framing: RequestFraming,
+    /// A `Connection` line of the request lists `close`.
+    close: bool,
+}
+
 /// Serializes the request head (origin-form target, as `prepare_request` left it) and decides
 /// the body framing as hyper's client does, fixing up the framing headers to match.
-fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> (Vec<u8>, RequestFraming) {
+fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHead {
     let headers = &mut parts.headers;
     let framing = if body.is_end_stream() {
         headers.remove(TRANSFER_ENCODING);
@@ -131,24 +154,31 @@ fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> (Vec<u8>, 
         RequestFraming::Chunked
     };
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut size = parts.method.as_str().len() + target.len() + 16;
-    for (name, value) in headers.iter() {
-        size += name.as_str().len() + value.len() + 4;
-    }
+    // One pass over the fields: the buffer is the thread's recycled one, which already has
+    // room for a usual head; a rough guess saves most regrowth of a new one (an exact size
+    // took a second walk over the map on every request).
     let mut head = crate::proxy::recycle::buffer();
-    head.reserve(size);
+    head.reserve(parts.method.as_str().len() + target.len() + 16 + 48 * headers.len());
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut close = false;
     for (name, value) in headers.iter() {
+        if name == CONNECTION && has_token(value, "close") {
+            close = true;
+        }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    (head, framing)
+    EncodedHead {
+        bytes: head,
+        framing,
+        close,
+    }
 }
 
 /// Whether the last transfer coding is `chunked`.
@@ -157,7 +187,14 @@ fn is_chunked(headers: &HeaderMap) -> bool {
         .get_all(TRANSFER_ENCODING)
         .iter()
         .next_back()
-        .and_then(|line| line.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(ends_chunked)
+}
+
+/// Whether the last transfer coding of one `Transfer-Encoding` line is `chunked`.
+fn ends_chunked(line: &HeaderValue) -> bool {
+    line.as_bytes()
+        .rsplit(|&b| b == b',')
+        .next()
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
@@ -171,24 +208,48 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 
 /// The `Content-Length`, if present: `Err` when a value is invalid or the values differ.
 fn content_length(headers: &HeaderMap) -> Option<Result<u64, ()>> {
-    let mut found: Option<u64> = None;
-    for line in headers.get_all(CONTENT_LENGTH) {
-        for item in line.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+    headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .fold(None, add_content_length)
+}
+
+/// What the `Content-Length` lines so far say (`found`), with one more `line`: `Err` from the
+/// first invalid value or value that differs from the others on.
+fn add_content_length(
+    found: Option<Result<u64, ()>>,
+    line: &HeaderValue,
+) -> Option<Result<u64, ()>> {
+    let mut found = match found {
+        Some(Err(())) => return found,
+        Some(Ok(n)) => Some(n),
+        None => None,
+    };
+    for item in line.as_bytes().split(|&b| b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() {
+            return Some(Err(()));
+        }
+        // Digits only (no sign), and at most `u64::MAX`: what `str::parse::<u64>` of
+        // all-digit text accepts, without its checks for signs and radix.
+        let mut n: u64 = 0;
+        for &b in item {
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 {
                 return Some(Err(()));
             }
-            let Some(n) = std::str::from_utf8(item)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
+            let Some(next) = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(digit)))
             else {
                 return Some(Err(()));
             };
-            if found.is_some_and(|f| f != n) {
-                return Some(Err(()));
-            }
-            found = Some(n);
+            n = next;
         }
+        if found.is_some_and(|f| f != n) {
+            return Some(Err(()));
+        }
+        found = Some(n);
     }
     found.map(Ok)
 }
@@ -200,11 +261,22 @@ struct Head {
     headers: HeaderMap,
     framing: State,
     keep_alive: bool,
+    /// The head has a `Keep-Alive` field (the target's idle timeout may be in it).
+    keep_alive_field: bool,
 }
 
 /// Sends `req` on `conn` and reads the response head; the body streams from the connection
 /// behind the returned response and gives the connection back to `pool` when it completes
-/// cleanly. No timeout here: the caller bounds the wait for the head.
+/// cleanly. The whole exchange is bounded by the idle timeout, counted from the start or from
+/// the last request body bytes sent (`replay` tells when), as on ALB's connections.
+///
+/// The timer is the connection's own, kept with it in the pool, and not touched per request:
+/// it may be due earlier than this request's deadline (it was set for an earlier one), never
+/// later, so when it fires the real deadline is worked out and the timer set to it if that is
+/// still ahead (see [`within_idle_timeout`]). A timer per request was registered in tokio's
+/// timer wheel and removed again every time (about 600 instructions), and even moving a kept
+/// one's deadline on every request cost 160.
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     mut conn: RawConn,
     req: Request<ProxyBody>,
@@ -212,16 +284,77 @@ pub async fn send(
     pool: &Arc<TargetPool>,
     target: SocketAddr,
     idle_timeout: Duration,
+    replay: &Replay,
 ) -> Result<Response<ProxyBody>, Failure> {
     let (mut parts, mut body) = req.into_parts();
-    let (head, framing) = encode_head(&mut parts, &body);
-    let request_close = parts
-        .headers
-        .get_all(CONNECTION)
-        .iter()
-        .any(|v| has_token(v, "close"));
+    let EncodedHead {
+        bytes: head,
+        framing,
+        close: request_close,
+    } = encode_head(&mut parts, &body);
     let is_head = parts.method == Method::HEAD;
 
+    let started = Instant::now();
+    let mut timer = conn
+        .timer
+        .take()
+        .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(started + idle_timeout)));
+    let exchanged = {
+        let exchange = pin!(exchange(
+            &mut conn, head, framing, &mut body, max_head, is_head
+        ));
+        within_idle_timeout(exchange, timer.as_mut(), started, idle_timeout, replay).await
+    };
+    let (head, body_sent) = match exchanged {
+        Some(Exchanged::Head(head, body_sent)) => (head, body_sent),
+        Some(Exchanged::NotSent(error)) => {
+            let req = Request::from_parts(parts, body);
+            return Err(Failure::NotSent(Box::new(req), error));
+        }
+        Some(Exchanged::Failed(error)) => return Err(Failure::Failed(error, Box::new(parts))),
+        None => return Err(Failure::TimedOut),
+    };
+    conn.timer = Some(timer);
+    drop(body);
+    // The request head is no longer needed for a retry: its map serves another request.
+    crate::proxy::recycle::recycle(parts.headers);
+    let Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        keep_alive_field,
+    } = head;
+    // The target's idle timeout, as the hyper path reads it from every response head.
+    if keep_alive_field && let Some(hint) = crate::headers::keep_alive_timeout(&headers) {
+        pool.set_keep_alive_hint(hint);
+    }
+    let reusable = keep_alive && !request_close && body_sent && !matches!(framing, State::Close);
+    let body = RawBody::new(
+        conn,
+        framing,
+        reusable,
+        Arc::clone(pool),
+        target,
+        idle_timeout,
+    );
+    let mut response = Response::new(body.boxed_unsync());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// Writes the request head (and body) and reads the response head.
+async fn exchange(
+    conn: &mut RawConn,
+    head: Vec<u8>,
+    framing: RequestFraming,
+    body: &mut ProxyBody,
+    max_head: usize,
+    is_head: bool,
+) -> Exchanged {
     // The first write decides whether anything reached the connection.
     let written = match conn.stream.write(&head).await {
         Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
@@ -229,28 +362,25 @@ pub async fn send(
     };
     let written = match written {
         Ok(n) => n,
-        Err(error) => {
-            let req = Request::from_parts(parts, body);
-            return Err(Failure::NotSent(Box::new(req), H1Error::Io(error)));
-        }
+        Err(error) => return Exchanged::NotSent(H1Error::Io(error)),
     };
     if written < head.len()
         && let Err(e) = conn.stream.write_all(&head[written..]).await
     {
-        return Err(Failure::Failed(H1Error::Io(e), Box::new(parts)));
+        return Exchanged::Failed(H1Error::Io(e));
     }
     crate::proxy::recycle::recycle_buffer(head);
 
     let mut body_sent = true;
     let parsed = {
-        let RawConn { stream, buf, .. } = &mut conn;
+        let RawConn { stream, buf, .. } = conn;
         let (mut reader, mut writer) = stream.split();
         let mut head_read = pin!(read_head(&mut reader, buf, max_head, is_head));
         if framing == RequestFraming::None {
             head_read.await
         } else {
             body_sent = false;
-            let body_write = write_body(&mut writer, &mut body, framing);
+            let body_write = write_body(&mut writer, body, framing);
             tokio::select! {
                 biased;
                 head = &mut head_read => head,
@@ -266,34 +396,40 @@ pub async fn send(
             }
         }
     };
-    let head = match parsed {
-        Ok(head) => head,
-        Err(error) => return Err(Failure::Failed(error, Box::new(parts))),
-    };
-    drop(body);
-    // The request head is no longer needed for a retry: its map serves another request.
-    crate::proxy::recycle::recycle(parts.headers);
-    let Head {
-        status,
-        version,
-        headers,
-        framing,
-        keep_alive,
-    } = head;
-    let reusable = keep_alive && !request_close && body_sent && !matches!(framing, State::Close);
-    let body = RawBody::new(
-        conn,
-        framing,
-        reusable,
-        Arc::clone(pool),
-        target,
-        idle_timeout,
-    );
-    let mut response = Response::new(body.boxed_unsync());
-    *response.status_mut() = status;
-    *response.version_mut() = version;
-    *response.headers_mut() = headers;
-    Ok(response)
+    match parsed {
+        Ok(head) => Exchanged::Head(head, body_sent),
+        Err(error) => Exchanged::Failed(error),
+    }
+}
+
+/// Runs `exchange` unless it goes quiet for the idle timeout (`None`): quiet since `started`
+/// or the last request body bytes sent. `timer` is due at `started + idle_timeout` or
+/// earlier; when it fires before the real deadline (set for an earlier request, or the body is
+/// still uploading), it is set to that deadline.
+async fn within_idle_timeout<T>(
+    mut exchange: Pin<&mut impl Future<Output = T>>,
+    mut timer: Pin<&mut Sleep>,
+    started: Instant,
+    idle_timeout: Duration,
+    replay: &Replay,
+) -> Option<T> {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = exchange.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let quiet_since = replay
+                .last_activity()
+                .map_or(started, |last| last.max(started));
+            let deadline = quiet_since + idle_timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(None);
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Streams the request body in the chosen framing. Trailers are not forwarded (the `Trailer`
@@ -371,9 +507,15 @@ async fn read_head<R: AsyncRead + Unpin>(
 /// responses before it), or `None` if more bytes are needed.
 fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Option<Head>, H1Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut fields);
-        let len = match res.parse(buf) {
+        // Left uninitialized: httparse writes the fields it parses and hands back only those
+        // (filling 100 empty slots per response cost about 400 instructions).
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            buf,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() >= max_head => {
                 return Err(H1Error::HeadTooLarge(max_head));
@@ -405,10 +547,16 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
             }
             continue;
         }
-        // Where each field sits in the head, so that the values can share its bytes.
+        // Where each field sits in the head, so that the values can share its bytes. Offsets
+        // are `u32` (the head is at most `max_head` bytes): the array is zeroed on every
+        // response, and at 1.6 KB that is a few dozen vector stores where 3.2 KB of `usize`
+        // went through `rep stosb` (3,200 instructions under callgrind).
+        if u32::try_from(len).is_err() {
+            return Err(H1Error::HeadTooLarge(max_head));
+        }
         let base = buf.as_ptr() as usize;
         let count = res.headers.len();
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let mut spans = [[0u32; 4]; MAX_HEADERS];
         for (span, field) in spans.iter_mut().zip(res.headers.iter()) {
             let name = field.name.as_ptr() as usize - base;
             let value = if field.value.is_empty() {
@@ -416,22 +564,37 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
             } else {
                 field.value.as_ptr() as usize - base
             };
-            *span = (
-                name,
-                name + field.name.len(),
-                value,
-                value + field.value.len(),
-            );
+            // Lossless: every offset is within the head, whose length fits in `u32`.
+            *span = [
+                name as u32,
+                (name + field.name.len()) as u32,
+                value as u32,
+                (value + field.value.len()) as u32,
+            ];
         }
         let bytes = buf.split_to(len).freeze();
         let mut headers = crate::proxy::recycle::header_map(count);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
-        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-            let name = HeaderName::from_bytes(&bytes[name_start..name_end])
+        // What the framing and connection fields say, gathered on the way instead of looked
+        // up in the map afterwards: `Transfer-Encoding` present and whether its last line
+        // ends in `chunked` (as `is_chunked`), the `Content-Length` lines folded (as
+        // `content_length`), a `Keep-Alive` field present.
+        let mut transfer_encoding = false;
+        let mut chunked = false;
+        let mut length: Option<Result<u64, ()>> = None;
+        let mut keep_alive_field = false;
+        for &[name_start, name_end, value_start, value_end] in &spans[..count] {
+            let name = HeaderName::from_bytes(&bytes[name_start as usize..name_end as usize])
                 .map_err(|_| H1Error::Malformed("header name"))?;
-            let value = HeaderValue::from_maybe_shared(bytes.slice(value_start..value_end))
-                .map_err(|_| H1Error::Malformed("header value"))?;
+            let value = bytes.slice(value_start as usize..value_end as usize);
+            // SAFETY (a contract, not memory): `from_maybe_shared_unchecked` wants bytes that
+            // `HeaderValue::from_bytes` accepts: tab, 0x20..=0x7E and 0x80..=0xFF. httparse
+            // (default config: no obsolete line folding) returns only values made of exactly
+            // those (its HEADER_VALUE_MAP); `a_value_httparse_accepts_is_a_valid_header_value`
+            // checks every byte, and debug builds check each value again. Saves validating
+            // every value byte a second time, as hyper's client does.
+            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
             if name == CONNECTION {
                 // Once any `Connection` line asks to close, a later `keep-alive` cannot undo it.
                 if saw_close || has_token(&value, "close") {
@@ -440,24 +603,31 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
                 } else if !keep_alive {
                     keep_alive = has_token(&value, "keep-alive");
                 }
+            } else if name == CONTENT_LENGTH {
+                length = add_content_length(length, &value);
+            } else if name == TRANSFER_ENCODING {
+                transfer_encoding = true;
+                chunked = ends_chunked(&value);
+            } else if name == crate::headers::KEEP_ALIVE {
+                keep_alive_field = true;
             }
             headers.append(name, value);
         }
         let framing = if is_head || code == 204 || code == 304 {
             State::Length(0)
-        } else if headers.contains_key(TRANSFER_ENCODING) {
+        } else if transfer_encoding {
             if version == Version::HTTP_10 {
                 return Err(H1Error::Malformed(
                     "Transfer-Encoding in an HTTP/1.0 response",
                 ));
             }
-            if is_chunked(&headers) {
+            if chunked {
                 State::Chunked(Chunk::Size)
             } else {
                 State::Close
             }
         } else {
-            match content_length(&headers) {
+            match length {
                 Some(Ok(len)) => State::Length(len),
                 Some(Err(())) => return Err(H1Error::Malformed("Content-Length")),
                 None => State::Close,
@@ -469,6 +639,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
             headers,
             framing,
             keep_alive,
+            keep_alive_field,
         }));
     }
 }
@@ -804,9 +975,29 @@ mod tests {
         assert_eq!(content_length(&h), Some(Ok(5)));
         h.append(CONTENT_LENGTH, HeaderValue::from_static("6"));
         assert_eq!(content_length(&h), Some(Err(())));
-        let mut h = HeaderMap::new();
-        h.insert(CONTENT_LENGTH, HeaderValue::from_static("+5"));
-        assert_eq!(content_length(&h), Some(Err(())));
+        for (value, expected) in [
+            ("+5", Err(())),
+            ("-5", Err(())),
+            ("5 5", Err(())),
+            ("0x5", Err(())),
+            ("", Err(())),
+            (" 007 ", Ok(7)),
+            ("18446744073709551615", Ok(u64::MAX)),
+            ("18446744073709551616", Err(())),
+            ("99999999999999999999", Err(())),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_LENGTH, HeaderValue::from_static(value));
+            assert_eq!(content_length(&h), Some(expected), "{value:?}");
+            // The rule it replaces: all digits and a `u64`.
+            let digits = value.trim();
+            let by_parse = if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                digits.parse::<u64>().map_err(|_| ())
+            } else {
+                Err(())
+            };
+            assert_eq!(Some(by_parse), content_length(&h), "{value:?}");
+        }
     }
 
     #[test]
@@ -862,6 +1053,170 @@ mod tests {
             parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false),
             Err(H1Error::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_value_httparse_accepts_is_a_valid_header_value() {
+        // `parse_head` builds values unchecked on this: every byte, alone between two letters.
+        let mut accepted = Vec::new();
+        for b in 0..=255u8 {
+            let value = [b'a', b, b'a'];
+            let mut raw = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+            raw.extend_from_slice(&value);
+            raw.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+            let mut fields = [httparse::EMPTY_HEADER; 4];
+            let mut res = httparse::Response::new(&mut fields);
+            let httparse_takes = matches!(res.parse(&raw), Ok(httparse::Status::Complete(_)))
+                && res.headers.first().is_some_and(|f| f.value == value);
+            assert_eq!(
+                httparse_takes,
+                HeaderValue::from_bytes(&value).is_ok(),
+                "byte {b:#04x}"
+            );
+            if httparse_takes {
+                accepted.push(b);
+                // Through `parse_head` too (debug builds re-validate the unchecked value).
+                let head = parse(&raw, false).expect("valid").expect("complete");
+                assert_eq!(head.headers["x"].as_bytes(), value, "byte {b:#04x}");
+            } else {
+                assert!(parse(&raw, false).is_err(), "byte {b:#04x}");
+            }
+        }
+        // Controls: tab, printable ASCII and obs-text pass; other controls and DEL do not.
+        let expected: Vec<u8> = std::iter::once(b'\t')
+            .chain(0x20..=0x7e)
+            .chain(0x80..=0xff)
+            .collect();
+        assert_eq!(accepted, expected);
+    }
+
+    #[test]
+    fn framing_fields_gathered_while_parsing_agree_with_the_map() {
+        /// What a case should give: a framing, or `Malformed("Content-Length")`.
+        type Expected = Option<fn(&State) -> bool>;
+        let cases: &[(&[u8], Expected)] = &[
+            (
+                b"Content-Length: 5\r\nContent-Length: 5, 5\r\n",
+                Some(|s| matches!(s, State::Length(5))),
+            ),
+            (b"Content-Length: 5\r\nX: y\r\nContent-Length: 6\r\n", None),
+            (
+                b"Content-Length: 5\r\nContent-Length: x\r\nContent-Length: 5\r\n",
+                None,
+            ),
+            (b"Content-Length: \r\n", None),
+            (
+                b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                Some(|s| matches!(s, State::Chunked(Chunk::Size))),
+            ),
+            (
+                b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
+                Some(|s| matches!(s, State::Close)),
+            ),
+            (
+                b"Transfer-Encoding: chunked , gzip\r\nContent-Length: 3\r\n",
+                Some(|s| matches!(s, State::Close)),
+            ),
+            (
+                b"Transfer-Encoding: x\r\nTransfer-Encoding:  CHUNKED \r\n",
+                Some(|s| matches!(s, State::Chunked(Chunk::Size))),
+            ),
+            (b"X: y\r\n", Some(|s| matches!(s, State::Close))),
+        ];
+        for (fields, expected) in cases {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            raw.extend_from_slice(fields);
+            raw.extend_from_slice(b"\r\n");
+            let what = String::from_utf8_lossy(fields);
+            match parse(&raw, false) {
+                Ok(Some(head)) => {
+                    let expected = expected.unwrap_or_else(|| panic!("{what}: parsed"));
+                    assert!(expected(&head.framing), "{what}: {:?}", head.framing);
+                    // The map-based answers (as used for requests) say the same.
+                    let by_map = if head.headers.contains_key(TRANSFER_ENCODING) {
+                        if is_chunked(&head.headers) {
+                            "chunked".to_string()
+                        } else {
+                            "close".to_string()
+                        }
+                    } else {
+                        format!("{:?}", content_length(&head.headers))
+                    };
+                    let parsed = match head.framing {
+                        State::Chunked(_) => "chunked".to_string(),
+                        State::Close if head.headers.contains_key(TRANSFER_ENCODING) => {
+                            "close".to_string()
+                        }
+                        State::Close => "None".to_string(),
+                        State::Length(n) => format!("{:?}", Some(Ok::<u64, ()>(n))),
+                        State::Done => unreachable!(),
+                    };
+                    assert_eq!(parsed, by_map, "{what}");
+                }
+                Ok(None) => panic!("{what}: incomplete"),
+                Err(error) => {
+                    assert!(expected.is_none(), "{what}: {error}");
+                    assert!(
+                        matches!(error, H1Error::Malformed("Content-Length")),
+                        "{what}"
+                    );
+                    let mut map = HeaderMap::new();
+                    for line in fields.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                        let line = std::str::from_utf8(line).expect("ascii");
+                        let (name, value) = line.trim_end().split_once(':').expect("field");
+                        map.append(
+                            HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                            HeaderValue::from_str(value.trim()).expect("value"),
+                        );
+                    }
+                    assert_eq!(content_length(&map), Some(Err(())), "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_keep_alive_field_is_noticed() {
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(head.keep_alive_field);
+        let head = parse(b"HTTP/1.1 200 OK\r\nKeep-Alivex: 1\r\n\r\n", false)
+            .expect("valid")
+            .expect("complete");
+        assert!(!head.keep_alive_field);
+    }
+
+    fn request_parts(headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = Request::builder().method(Method::GET).uri("/p?q");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).expect("valid request").into_parts().0
+    }
+
+    fn empty_body() -> ProxyBody {
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+
+    #[test]
+    fn the_request_head_is_written_in_one_pass_and_notices_connection_close() {
+        let mut parts = request_parts(&[("host", "a.test"), ("connection", "foo, Close")]);
+        let head = encode_head(&mut parts, &empty_body());
+        assert_eq!(
+            head.bytes,
+            b"GET /p?q HTTP/1.1\r\nhost: a.test\r\nconnection: foo, Close\r\n\r\n"
+        );
+        assert!(head.close);
+        assert_eq!(head.framing, RequestFraming::None);
+        let mut parts = request_parts(&[("connection", "keep-alive"), ("x-close", "close")]);
+        let head = encode_head(&mut parts, &empty_body());
+        assert!(!head.close);
     }
 
     #[test]
