@@ -658,19 +658,34 @@ async fn forward_request<B: RequestBody>(
         http2: group_cfg.protocol_version == ProtocolVersion::Http2,
     };
     // When the target's deregistration delay ends, what is still open on it is closed.
-    // Borrowed, not cloned. Polled after the forward (`biased`), so a forward that is
-    // ready at once registers no waiter; in practice the forward always waits for the
-    // target first, so the waiter is registered on every request.
-    let gone = picked.gone();
+    // Borrowed, not cloned. Polled after the forward, so a forward that is ready at once
+    // registers no waiter; in practice the forward always waits for the target first, so
+    // the waiter is registered on every request.
     ex.dispatching();
-    let forwarded = tokio::select! {
-        biased;
-        result = shared.forwarder.forward(&endpoint, request) => match result {
-            Ok(f) => f,
-            Err(e) => return from_error(ex, &e),
-        },
-        () = gone.cancelled() => {
-            return from_error(ex, &ProxyError::DrainExpired { target: picked.addr.to_string() });
+    let polled = {
+        // Both pinned where they are made and polled in place (what `select! { biased; … }`
+        // did): `select!` moved the forward's future, over 3 KiB, twice more per request
+        // (into its tuple, then into this function's future).
+        let mut forwarding = std::pin::pin!(shared.forwarder.forward(&endpoint, request));
+        let mut target_left = std::pin::pin!(picked.gone().cancelled());
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
+                return Poll::Ready(Some(result));
+            }
+            target_left.as_mut().poll(cx).map(|()| None)
+        })
+        .await
+    };
+    let forwarded = match polled {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => return from_error(ex, &e),
+        None => {
+            return from_error(
+                ex,
+                &ProxyError::DrainExpired {
+                    target: picked.addr.to_string(),
+                },
+            );
         }
     };
     ex.forwarded(&forwarded);
