@@ -405,9 +405,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             if token.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes()) {
                 names_upgrade = true;
             }
-            let removed_anyway = HOP_BY_HOP
-                .iter()
-                .any(|name| token.eq_ignore_ascii_case(name.as_str().as_bytes()));
+            let removed_anyway = hop_by_hop_bit_of_token(token) != 0;
             if removed_anyway || token.eq_ignore_ascii_case(HOST.as_str().as_bytes()) {
                 continue;
             }
@@ -464,18 +462,38 @@ const UPGRADE_BIT: u16 = 1 << 6;
 /// `name`'s bit if it is one of [`HOP_BY_HOP`] (bit `i` for `HOP_BY_HOP[i]`), else 0. Header
 /// names are lowercase, so the comparison is exact.
 fn hop_by_hop_bit(name: &HeaderName) -> u16 {
-    match name.as_str() {
-        "connection" => CONNECTION_BIT,
-        "keep-alive" => 1 << 1,
-        "proxy-connection" => 1 << 2,
-        "te" => 1 << 3,
-        "trailer" => 1 << 4,
-        "transfer-encoding" => 1 << 5,
-        "upgrade" => UPGRADE_BIT,
-        "proxy-authenticate" => 1 << 7,
-        "proxy-authorization" => 1 << 8,
-        _ => 0,
+    hop_by_hop_bit_of(name.as_str().as_bytes())
+}
+
+/// [`hop_by_hop_bit`] of a lowercase name. Length and first byte pick the one candidate,
+/// so most names are told apart without comparing their text (this runs for every header of
+/// every request and response).
+fn hop_by_hop_bit_of(name: &[u8]) -> u16 {
+    let (candidate, bit): (&[u8], u16) = match (name.len(), name.first()) {
+        (10, Some(b'c')) => (b"connection", CONNECTION_BIT),
+        (10, Some(b'k')) => (b"keep-alive", 1 << 1),
+        (16, Some(b'p')) => (b"proxy-connection", 1 << 2),
+        (2, Some(b't')) => (b"te", 1 << 3),
+        (7, Some(b't')) => (b"trailer", 1 << 4),
+        (17, Some(b't')) => (b"transfer-encoding", 1 << 5),
+        (7, Some(b'u')) => (b"upgrade", UPGRADE_BIT),
+        (18, Some(b'p')) => (b"proxy-authenticate", 1 << 7),
+        (19, Some(b'p')) => (b"proxy-authorization", 1 << 8),
+        _ => return 0,
+    };
+    if name == candidate { bit } else { 0 }
+}
+
+/// [`hop_by_hop_bit`] of a `Connection` token, whatever its case.
+fn hop_by_hop_bit_of_token(token: &[u8]) -> u16 {
+    let mut lower = [0u8; 19];
+    let Some(lower) = lower.get_mut(..token.len()) else {
+        return 0;
+    };
+    for (l, t) in lower.iter_mut().zip(token) {
+        *l = t.to_ascii_lowercase();
     }
+    hop_by_hop_bit_of(lower)
 }
 
 /// The `timeout=N` of a response's `Keep-Alive` header: how long the target keeps an idle
@@ -641,6 +659,16 @@ mod tests {
         }
         let custom = HeaderName::from_static("x-connection");
         assert_eq!(hop_by_hop_bit(&custom), 0);
+        // Same length and first letter as a hop-by-hop name, another name.
+        assert_eq!(hop_by_hop_bit(&HeaderName::from_static("keep-alivf")), 0);
+        assert_eq!(hop_by_hop_bit(&http::header::TRANSFER_ENCODING), 1 << 5);
+        // Connection tokens come in any case; a token longer than every name is none.
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(hop_by_hop_bit_of_token(upper.as_bytes()), 1 << i, "{upper}");
+        }
+        assert_eq!(hop_by_hop_bit_of_token(b"Proxy-Authorization-X"), 0);
+        assert_eq!(hop_by_hop_bit_of_token(b""), 0);
     }
 
     /// What the forwarding headers cost a plain request (no `X-Forwarded-For`, no trace id,
