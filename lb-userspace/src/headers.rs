@@ -286,7 +286,7 @@ pub fn trace_id<'h>(
             e.insert(value);
             e.into_mut()
         }
-        http::header::Entry::Vacant(e) => e.insert(trace_value(|| std::iter::empty(), now, random)),
+        http::header::Entry::Vacant(e) => e.insert(trace_value(std::iter::empty, now, random)),
     }
 }
 

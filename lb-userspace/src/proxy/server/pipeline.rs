@@ -443,6 +443,10 @@ pub(super) async fn handle<B: RequestBody>(
 }
 
 /// What routing decided: the load balancer's own answer, or a request to forward.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made and taken apart once per request; a box would allocate on every request"
+)]
 enum Routed<'r> {
     Answer(Outcome),
     Forward(Dispatch<'r>),
@@ -620,6 +624,10 @@ fn protocol_mismatch<B>(req: &Request<B>, group_version: ProtocolVersion) -> boo
 /// Forwarding up to the send: the group (sticky or weighted), the 464 check, the request's
 /// headers (463 first), the target (503 if none), the trace id and the target's URI and
 /// version. `Err` is the load balancer's answer instead.
+#[expect(
+    clippy::result_large_err,
+    reason = "returned once per request; a boxed answer would allocate"
+)]
 fn prepare_forward<'r, B: RequestBody>(
     ctx: &ConnCtx,
     forward: &'r ForwardAction,
