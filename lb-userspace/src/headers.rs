@@ -123,47 +123,61 @@ pub fn apply_forwarded(
     port: &HeaderValue,
     mode: XffMode,
 ) -> Result<(), TooManyForwardedFor> {
-    let received: Vec<&[u8]> = headers
-        .get_all(X_FORWARDED_FOR)
-        .iter()
-        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|entry| !entry.is_empty())
-        .collect();
-    let count = received.len() + usize::from(mode == XffMode::Append);
-    if count > MAX_FORWARDED_FOR {
-        return Err(TooManyForwardedFor { count });
-    }
-
-    match mode {
-        XffMode::Append => {
-            // Formatted on the stack, the entries joined into one buffer of the final size:
-            // one allocation (this runs on every forwarded request).
-            let mut peer_buf = AddrBuf::default();
-            let peer = peer_buf.format(peer.to_canonical());
-            let len = received.iter().map(|e| e.len() + 2).sum::<usize>() + peer.len();
-            let mut merged = Vec::with_capacity(len);
-            for entry in received.iter().copied().chain([peer]) {
-                if !merged.is_empty() {
-                    merged.extend_from_slice(b", ");
-                }
-                merged.extend_from_slice(entry);
+    // One hashed lookup of `X-Forwarded-For` for reading, replacing and removing it.
+    match headers.entry(X_FORWARDED_FOR) {
+        http::header::Entry::Occupied(mut entry) => {
+            let received: Vec<&[u8]> = entry
+                .iter()
+                .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|entry| !entry.is_empty())
+                .collect();
+            let count = received.len() + usize::from(mode == XffMode::Append);
+            if count > MAX_FORWARDED_FOR {
+                return Err(TooManyForwardedFor { count });
             }
-            // Entries come from valid header values or are an IP address: always valid.
-            let value = HeaderValue::from_maybe_shared(Bytes::from(merged))
-                .or_else(|_| HeaderValue::from_bytes(peer))
-                .unwrap_or_else(|_| HeaderValue::from_static(""));
-            headers.insert(X_FORWARDED_FOR, value);
+            match mode {
+                XffMode::Append => {
+                    let value = merged_forwarded_for(&received, peer);
+                    // Replaces every line the client sent with the one merged value.
+                    entry.insert(value);
+                }
+                XffMode::Preserve => {}
+                XffMode::Remove => {
+                    // Every line goes.
+                    entry.remove();
+                }
+            }
         }
-        XffMode::Preserve => {}
-        XffMode::Remove => {
-            headers.remove(X_FORWARDED_FOR);
+        http::header::Entry::Vacant(entry) => {
+            if mode == XffMode::Append {
+                entry.insert(merged_forwarded_for(&[], peer));
+            }
         }
     }
-
     headers.insert(X_FORWARDED_PROTO, proto.clone());
     headers.insert(X_FORWARDED_PORT, port.clone());
     Ok(())
+}
+
+/// `a, b, <peer>`: the received entries and the peer (an IPv4-mapped IPv6 peer written as
+/// IPv4). Formatted on the stack, the entries joined into one buffer of the final size: one
+/// allocation (this runs on every forwarded request).
+fn merged_forwarded_for(received: &[&[u8]], peer: IpAddr) -> HeaderValue {
+    let mut peer_buf = AddrBuf::default();
+    let peer = peer_buf.format(peer.to_canonical());
+    let len = received.iter().map(|e| e.len() + 2).sum::<usize>() + peer.len();
+    let mut merged = Vec::with_capacity(len);
+    for entry in received.iter().copied().chain([peer]) {
+        if !merged.is_empty() {
+            merged.extend_from_slice(b", ");
+        }
+        merged.extend_from_slice(entry);
+    }
+    // Entries come from valid header values or are an IP address: always valid.
+    HeaderValue::from_maybe_shared(Bytes::from(merged))
+        .or_else(|_| HeaderValue::from_bytes(peer))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// A listener's `X-Forwarded-Port` value, made once when the listener is set up. It is cloned
@@ -196,10 +210,38 @@ impl AddrBuf {
     fn format(&mut self, addr: IpAddr) -> &[u8] {
         use std::fmt::Write as _;
         self.len = 0;
-        if write!(self, "{addr}").is_err() {
-            self.len = 0;
+        match addr {
+            // The usual client: written digit by digit, as `Display` would write it but
+            // without the formatting machinery (about 1,000 instructions a request).
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b'.');
+                    }
+                    if octet >= 100 {
+                        self.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        self.push(b'0' + octet / 10 % 10);
+                    }
+                    self.push(b'0' + octet % 10);
+                }
+            }
+            IpAddr::V6(_) => {
+                if write!(self, "{addr}").is_err() {
+                    self.len = 0;
+                }
+            }
         }
         self.as_bytes()
+    }
+
+    /// Appends one byte (an IPv4 address, at most 15, always fits).
+    fn push(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
     }
 
     /// What was written so far.
@@ -236,9 +278,27 @@ pub fn trace_id<'h>(
     now: SystemTime,
     random: &mut impl rand::RngCore,
 ) -> &'h HeaderValue {
+    // One hashed lookup for reading and replacing the header.
+    match headers.entry(X_AMZN_TRACE_ID) {
+        // Replaces every line the client sent with the one merged value.
+        http::header::Entry::Occupied(mut e) => {
+            let value = trace_value(|| received_trace_fields(e.iter()), now, random);
+            e.insert(value);
+            e.into_mut()
+        }
+        http::header::Entry::Vacant(e) => e.insert(trace_value(std::iter::empty, now, random)),
+    }
+}
+
+/// The new `X-Amzn-Trace-Id` value given the `fields` received (see [`trace_id`]).
+fn trace_value<'a, I: Iterator<Item = &'a str>>(
+    fields: impl Fn() -> I,
+    now: SystemTime,
+    random: &mut impl rand::RngCore,
+) -> HeaderValue {
     let mut has_root = false;
     let mut kept_len = 0;
-    for field in received_trace_fields(headers) {
+    for field in fields() {
         match field_name(field) {
             "Root" => {
                 has_root = true;
@@ -253,30 +313,22 @@ pub fn trace_id<'h>(
     new_trace_id(&mut first[5..], now, random);
     let mut text = Vec::with_capacity(TRACE_FIELD_LEN + kept_len);
     text.extend_from_slice(&first);
-    for field in received_trace_fields(headers).filter(|f| field_name(f) != "Self") {
+    for field in fields().filter(|f| field_name(f) != "Self") {
         text.push(b';');
         text.extend_from_slice(field.as_bytes());
     }
     // Fields come from a valid value (trimmed, split on ';') or are ASCII we made.
-    let value = HeaderValue::from_maybe_shared(Bytes::from(text))
+    HeaderValue::from_maybe_shared(Bytes::from(text))
         .or_else(|_| HeaderValue::from_bytes(&first))
-        .unwrap_or_else(|_| HeaderValue::from_static(""));
-    match headers.entry(X_AMZN_TRACE_ID) {
-        // Replaces every line the client sent with the one merged value.
-        http::header::Entry::Occupied(mut e) => {
-            e.insert(value);
-            e.into_mut()
-        }
-        http::header::Entry::Vacant(e) => e.insert(value),
-    }
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// The `X-Amzn-Trace-Id` fields a request carries, in order: every line that is valid UTF-8,
-/// split on `;`, trimmed, empty ones left out.
-fn received_trace_fields(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(X_AMZN_TRACE_ID)
-        .iter()
+/// The `X-Amzn-Trace-Id` fields in a request's `lines`, in order: every line that is valid
+/// UTF-8, split on `;`, trimmed, empty ones left out.
+fn received_trace_fields<'a>(
+    lines: impl Iterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a str> {
+    lines
         .filter_map(|line| line.to_str().ok())
         .flat_map(|line| line.split(';'))
         .map(str::trim)
@@ -327,33 +379,44 @@ fn write_hex(out: &mut [u8], mut n: u64) {
 /// `Upgrade` header is present) keeps its `Upgrade` lines and is left with exactly
 /// `Connection: upgrade`, so a WebSocket handshake reaches the target.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the names finds which hop-by-hop headers are there (usually only
+    // `Connection` and `Keep-Alive`, if any); only those are looked up again to be removed.
+    // (This runs twice per request: removing all nine cost nine hashed lookups, and the
+    // list as a `const` array was built and dropped on every use.)
+    let present = headers
+        .keys()
+        .fold(0u16, |bits, name| bits | hop_by_hop_bit(name));
+    if present == 0 {
+        // No `Connection` (so nothing named in it, no upgrade) and nothing else to remove.
+        return;
+    }
     // Names `Connection` lists that are present and not removed below anyway. A token is
     // made into a `HeaderName` (an allocation for a name `http` does not know, such as
-    // `close`) only when such a header is there to remove: this runs twice per request.
+    // `close`) only when such a header is there to remove.
     let mut named: Vec<HeaderName> = Vec::new();
     let mut names_upgrade = false;
-    for token in headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-    {
-        if token.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes()) {
-            names_upgrade = true;
-        }
-        let removed_anyway = HOP_BY_HOP
+    if present & CONNECTION_BIT != 0 {
+        for token in headers
+            .get_all(CONNECTION)
             .iter()
-            .any(|name| token.eq_ignore_ascii_case(name.as_str().as_bytes()));
-        if removed_anyway || token.eq_ignore_ascii_case(HOST.as_str().as_bytes()) {
-            continue;
-        }
-        if std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t))
-            && let Ok(name) = HeaderName::from_bytes(token)
+            .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
         {
-            named.push(name);
+            if token.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes()) {
+                names_upgrade = true;
+            }
+            let removed_anyway = hop_by_hop_bit_of_token(token) != 0;
+            if removed_anyway || token.eq_ignore_ascii_case(HOST.as_str().as_bytes()) {
+                continue;
+            }
+            if std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t))
+                && let Ok(name) = HeaderName::from_bytes(token)
+            {
+                named.push(name);
+            }
         }
     }
-    let upgrading = keep_upgrade && names_upgrade && headers.contains_key(UPGRADE);
+    let upgrading = keep_upgrade && names_upgrade && present & UPGRADE_BIT != 0;
     let upgrade: Vec<HeaderValue> = if upgrading {
         headers.get_all(UPGRADE).iter().cloned().collect()
     } else {
@@ -363,10 +426,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    // Usually only `Connection` and `Keep-Alive`, if any, are there: one pass over the names
-    // finds them, instead of a hashed lookup for each of the nine.
-    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        for name in HOP_BY_HOP {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
@@ -379,8 +440,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The headers [`strip_hop_by_hop`] always removes.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// The headers [`strip_hop_by_hop`] always removes. A `static`, not a `const`: a `const`
+/// array of `HeaderName`s is a new value, dropped again, wherever it is used.
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -391,6 +453,48 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
 ];
+
+/// [`hop_by_hop_bit`] of `Connection`.
+const CONNECTION_BIT: u16 = 1 << 0;
+/// [`hop_by_hop_bit`] of `Upgrade`.
+const UPGRADE_BIT: u16 = 1 << 6;
+
+/// `name`'s bit if it is one of [`HOP_BY_HOP`] (bit `i` for `HOP_BY_HOP[i]`), else 0. Header
+/// names are lowercase, so the comparison is exact.
+fn hop_by_hop_bit(name: &HeaderName) -> u16 {
+    hop_by_hop_bit_of(name.as_str().as_bytes())
+}
+
+/// [`hop_by_hop_bit`] of a lowercase name. Length and first byte pick the one candidate,
+/// so most names are told apart without comparing their text (this runs for every header of
+/// every request and response).
+fn hop_by_hop_bit_of(name: &[u8]) -> u16 {
+    let (candidate, bit): (&[u8], u16) = match (name.len(), name.first()) {
+        (10, Some(b'c')) => (b"connection", CONNECTION_BIT),
+        (10, Some(b'k')) => (b"keep-alive", 1 << 1),
+        (16, Some(b'p')) => (b"proxy-connection", 1 << 2),
+        (2, Some(b't')) => (b"te", 1 << 3),
+        (7, Some(b't')) => (b"trailer", 1 << 4),
+        (17, Some(b't')) => (b"transfer-encoding", 1 << 5),
+        (7, Some(b'u')) => (b"upgrade", UPGRADE_BIT),
+        (18, Some(b'p')) => (b"proxy-authenticate", 1 << 7),
+        (19, Some(b'p')) => (b"proxy-authorization", 1 << 8),
+        _ => return 0,
+    };
+    if name == candidate { bit } else { 0 }
+}
+
+/// [`hop_by_hop_bit`] of a `Connection` token, whatever its case.
+fn hop_by_hop_bit_of_token(token: &[u8]) -> u16 {
+    let mut lower = [0u8; 19];
+    let Some(lower) = lower.get_mut(..token.len()) else {
+        return 0;
+    };
+    for (l, t) in lower.iter_mut().zip(token) {
+        *l = t.to_ascii_lowercase();
+    }
+    hop_by_hop_bit_of(lower)
+}
 
 /// The `timeout=N` of a response's `Keep-Alive` header: how long the target keeps an idle
 /// connection open, so the pool can retire it first. Whole seconds by convention (RFC 2068
@@ -513,6 +617,58 @@ mod tests {
             let mut buf = AddrBuf::default();
             assert_eq!(buf.format(ip), ip.to_string().as_bytes(), "{addr}");
         }
+    }
+
+    /// The hand-written IPv4 path writes what `Display` writes, for every octet length in
+    /// every position (the digit boundaries 9/10, 99/100, 199/200, 249/250/255).
+    #[test]
+    fn ipv4_addresses_are_written_as_display_writes_them() {
+        const OCTETS: [u8; 13] = [0, 1, 9, 10, 11, 99, 100, 101, 199, 200, 249, 250, 255];
+        let mut checked = 0;
+        for a in OCTETS {
+            for b in OCTETS {
+                for c in OCTETS {
+                    for d in OCTETS {
+                        let ip = IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+                        let mut buf = AddrBuf::default();
+                        assert_eq!(buf.format(ip), ip.to_string().as_bytes(), "{ip}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 13 * 13 * 13 * 13);
+        // A mapped IPv6 peer goes through the IPv4 path once made canonical, as
+        // `apply_forwarded` does.
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 200, 0, 9).to_ipv6_mapped());
+        assert_eq!(
+            AddrBuf::default().format(mapped.to_canonical()),
+            b"10.200.0.9"
+        );
+    }
+
+    /// `hop_by_hop_bit` is the bit of the name's place in `HOP_BY_HOP`, one bit per name,
+    /// and no bit for any other name.
+    #[test]
+    fn every_hop_by_hop_name_has_its_own_bit() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_bit(name), 1 << i, "{name}");
+        }
+        for other in [HOST, COOKIE, X_FORWARDED_FOR, http::header::CONTENT_LENGTH] {
+            assert_eq!(hop_by_hop_bit(&other), 0, "{other}");
+        }
+        let custom = HeaderName::from_static("x-connection");
+        assert_eq!(hop_by_hop_bit(&custom), 0);
+        // Same length and first letter as a hop-by-hop name, another name.
+        assert_eq!(hop_by_hop_bit(&HeaderName::from_static("keep-alivf")), 0);
+        assert_eq!(hop_by_hop_bit(&http::header::TRANSFER_ENCODING), 1 << 5);
+        // Connection tokens come in any case; a token longer than every name is none.
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(hop_by_hop_bit_of_token(upper.as_bytes()), 1 << i, "{upper}");
+        }
+        assert_eq!(hop_by_hop_bit_of_token(b"Proxy-Authorization-X"), 0);
+        assert_eq!(hop_by_hop_bit_of_token(b""), 0);
     }
 
     /// What the forwarding headers cost a plain request (no `X-Forwarded-For`, no trace id,
@@ -917,6 +1073,22 @@ mod tests {
                 &[("connection", "upgrade"), ("upgrade", "websocket")],
                 false,
                 &[],
+            ),
+            (
+                "hop-by-hop headers go without a Connection header too",
+                &[
+                    ("keep-alive", "timeout=5"),
+                    ("proxy-connection", "keep-alive"),
+                    ("x-kept", "3"),
+                ],
+                false,
+                &[("x-kept", "3")],
+            ),
+            (
+                "nothing hop-by-hop: nothing changes",
+                &[("host", "example.com"), ("x-kept", "3"), ("x-kept", "4")],
+                true,
+                &[("host", "example.com"), ("x-kept", "3"), ("x-kept", "4")],
             ),
             (
                 "Upgrade without Connection: upgrade is not an upgrade",

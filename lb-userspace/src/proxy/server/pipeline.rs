@@ -41,10 +41,10 @@ use super::sniff::{ConnShared, HeadVerdict};
 use super::{Listener, Phase};
 use crate::accesslog::{ActionKind, LbError};
 use crate::headers::{apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id};
-use crate::proxy::client::{BoxError, ProxyBody, TargetEndpoint, TargetTls};
+use crate::proxy::client::{BoxError, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
 use crate::proxy::error::ProxyError;
-use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView};
+use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView, RuleSet};
 use crate::targets::{Picked, ProtocolVersion, TargetProtocol};
 
 /// ALB's group-stickiness cookie.
@@ -369,11 +369,45 @@ pub(super) async fn handle<B: RequestBody>(
     };
     let mut ex = Exchange::start(&ctx.listener, ctx.peer, &ctx.info, &req, verdict.as_ref());
     let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
+    // One version of the rules for the whole request, whatever changes meanwhile.
+    let rules = ctx.listener.rules.load_full();
+    // Routing and the request's rewrite are plain functions and the forward is awaited here,
+    // the handler's only await: each nested async function copied the request (and its own
+    // arguments) into its future and again into its locals, on every request.
     let Outcome {
         mut response,
         close,
         target,
-    } = route(&ctx, verdict, req, &mut ex).await;
+    } = match route(&ctx, &rules, verdict, req, &mut ex) {
+        Routed::Answer(outcome) => outcome,
+        Routed::Forward(dispatch) => {
+            let Dispatch {
+                request,
+                endpoint,
+                reply,
+            } = dispatch;
+            ex.dispatching();
+            let polled = {
+                // The forward and the watch on its target (when the target's deregistration
+                // delay ends, what is still open on it is closed), pinned where they are
+                // made and polled in place, the forward first: `select! { biased; … }`
+                // copied the forward's future, over 3 KiB, twice more per request. The
+                // watch registers its waiter only when the forward has to wait (in
+                // practice always: it waits for the target).
+                let mut forwarding =
+                    std::pin::pin!(ctx.listener.shared.forwarder.forward(&endpoint, request));
+                let mut target_left = std::pin::pin!(reply.picked.gone().cancelled());
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
+                        return Poll::Ready(Some(result));
+                    }
+                    target_left.as_mut().poll(cx).map(|()| None)
+                })
+                .await
+            };
+            reply.finish(&ctx, polled, &mut ex)
+        }
+    };
     if upgrade_pending {
         ctx.conn
             .decide_upgrade(response.status() == StatusCode::SWITCHING_PROTOCOLS);
@@ -408,12 +442,48 @@ pub(super) async fn handle<B: RequestBody>(
     Ok(response.map(|b| answer(b, Some(ex))))
 }
 
-async fn route<B: RequestBody>(
+/// What routing decided: the load balancer's own answer, or a request to forward.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made and taken apart once per request; a box would allocate on every request"
+)]
+enum Routed<'r> {
+    Answer(Outcome),
+    Forward(Dispatch<'r>),
+}
+
+impl From<Outcome> for Routed<'_> {
+    fn from(outcome: Outcome) -> Self {
+        Self::Answer(outcome)
+    }
+}
+
+/// A request rewritten for its target and ready to be sent.
+struct Dispatch<'r> {
+    request: Request<ProxyBody>,
+    endpoint: TargetEndpoint,
+    reply: Reply<'r>,
+}
+
+/// What the target's response needs once it arrives.
+struct Reply<'r> {
+    forward: &'r ForwardAction,
+    group_name: &'r str,
+    picked: Picked,
+    /// The client asked to switch protocols (WebSocket).
+    upgrade: bool,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    /// Ambiguous request (desync defensive mode): both connections close after it.
+    close_target: bool,
+}
+
+fn route<'r, B: RequestBody>(
     ctx: &ConnCtx,
+    rules: &'r RuleSet,
     verdict: Option<HeadVerdict>,
     mut req: Request<B>,
     ex: &mut Exchange,
-) -> Outcome {
+) -> Routed<'r> {
     let listener = &ctx.listener;
     let mut close_after = false;
     match verdict {
@@ -424,7 +494,8 @@ async fn route<B: RequestBody>(
                 status,
                 true,
                 Some((LbError::ClientRequest, reason.to_owned())),
-            );
+            )
+            .into();
         }
         Some(HeadVerdict::Pass {
             classification,
@@ -446,13 +517,13 @@ async fn route<B: RequestBody>(
     }
 
     if req.method() == Method::TRACE {
-        return from_error(ex, &ProxyError::MethodNotAllowed);
+        return from_error(ex, &ProxyError::MethodNotAllowed).into();
     }
     if !matches!(
         req.version(),
         Version::HTTP_10 | Version::HTTP_11 | Version::HTTP_2
     ) {
-        return from_error(ex, &ProxyError::VersionNotSupported);
+        return from_error(ex, &ProxyError::VersionNotSupported).into();
     }
 
     let host = req
@@ -468,8 +539,6 @@ async fn route<B: RequestBody>(
         headers: req.headers(),
         source_ip: ctx.peer.ip(),
     };
-    // One version of the rules for the whole request, whatever changes meanwhile.
-    let rules = listener.rules.load_full();
     let matched = rules.evaluate(&view);
     let kind = match matched.action {
         Action::FixedResponse(_) => ActionKind::FixedResponse,
@@ -508,11 +577,17 @@ async fn route<B: RequestBody>(
         Action::Forward(forward) => {
             let forward: &ForwardAction = forward;
             let upgrade = hyper::upgrade::on(&mut req);
-            forward_request(ctx, forward, req, upgrade, close_after, ex).await
+            return match prepare_forward(ctx, forward, req, upgrade, close_after, ex) {
+                Ok(dispatch) => Routed::Forward(dispatch),
+                Err(mut outcome) => {
+                    outcome.close |= close_after;
+                    Routed::Answer(outcome)
+                }
+            };
         }
     };
     outcome.close |= close_after;
-    outcome
+    Routed::Answer(outcome)
 }
 
 fn fixed_response(fixed: &FixedResponseAction) -> Response<ProxyBody> {
@@ -546,14 +621,21 @@ fn protocol_mismatch<B>(req: &Request<B>, group_version: ProtocolVersion) -> boo
     }
 }
 
-async fn forward_request<B: RequestBody>(
+/// Forwarding up to the send: the group (sticky or weighted), the 464 check, the request's
+/// headers (463 first), the target (503 if none), the trace id and the target's URI and
+/// version. `Err` is the load balancer's answer instead.
+#[expect(
+    clippy::result_large_err,
+    reason = "returned once per request; a boxed answer would allocate"
+)]
+fn prepare_forward<'r, B: RequestBody>(
     ctx: &ConnCtx,
-    forward: &ForwardAction,
+    forward: &'r ForwardAction,
     req: Request<B>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     close_target: bool,
     ex: &mut Exchange,
-) -> Outcome {
+) -> Result<Dispatch<'r>, Outcome> {
     let listener = &ctx.listener;
     let shared = &listener.shared;
 
@@ -569,13 +651,13 @@ async fn forward_request<B: RequestBody>(
                 .map(|wg| wg.name.as_str())
         })
     });
-    let group_name: &str = match sticky_group {
+    let group_name: &'r str = match sticky_group {
         Some(g) => g,
         None => forward.choose(rand::random()),
     };
     let Some(group) = shared.groups.load().get(group_name).cloned() else {
         tracing::error!(group = %group_name, "forward action names an unknown target group");
-        return lb_error(
+        return Err(lb_error(
             ex,
             StatusCode::INTERNAL_SERVER_ERROR,
             false,
@@ -583,11 +665,11 @@ async fn forward_request<B: RequestBody>(
                 LbError::Internal,
                 format!("forward action names an unknown target group {group_name:?}"),
             )),
-        );
+        ));
     };
     let group_cfg = group.config();
     if protocol_mismatch(&req, group_cfg.protocol_version) {
-        return from_error(ex, &ProxyError::ProtocolMismatch);
+        return Err(from_error(ex, &ProxyError::ProtocolMismatch));
     }
 
     let upgrade = wants_upgrade(&req);
@@ -607,18 +689,23 @@ async fn forward_request<B: RequestBody>(
         &listener.forwarded_port,
         listener.cfg.xff,
     ) {
-        return from_error(ex, &ProxyError::TooManyForwardedFor(too_many.count));
+        return Err(from_error(
+            ex,
+            &ProxyError::TooManyForwardedFor(too_many.count),
+        ));
     }
-    let Some(picked) = group.pick(cookies.as_deref()) else {
-        return from_error(
+    // One clock read for the stickiness cookies' expiry and the trace id's epoch seconds.
+    let now = SystemTime::now();
+    let Some(picked) = group.pick_at(cookies.as_deref(), now) else {
+        return Err(from_error(
             ex,
             &ProxyError::NoTarget {
                 group: group_name.to_owned(),
             },
-        );
+        ));
     };
     ex.picked(&group, &picked);
-    trace_id(&mut parts.headers, SystemTime::now(), &mut rand::rng());
+    trace_id(&mut parts.headers, now, &mut rand::rng());
     ex.trace_id(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if close_target {
@@ -657,56 +744,87 @@ async fn forward_request<B: RequestBody>(
         }),
         http2: group_cfg.protocol_version == ProtocolVersion::Http2,
     };
-    // When the target's deregistration delay ends, what is still open on it is closed.
-    // Borrowed, not cloned. Polled after the forward (`biased`), so a forward that is
-    // ready at once registers no waiter; in practice the forward always waits for the
-    // target first, so the waiter is registered on every request.
-    let gone = picked.gone();
-    ex.dispatching();
-    let forwarded = tokio::select! {
-        biased;
-        result = shared.forwarder.forward(&endpoint, request) => match result {
-            Ok(f) => f,
-            Err(e) => return from_error(ex, &e),
-        },
-        () = gone.cancelled() => {
-            return from_error(ex, &ProxyError::DrainExpired { target: picked.addr.to_string() });
-        }
-    };
-    ex.forwarded(&forwarded);
-    let mut response = forwarded.response;
-    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade;
-    let target_upgrade = switching.then(|| hyper::upgrade::on(&mut response));
-    strip_hop_by_hop(response.headers_mut(), switching);
-    for cookie in picked.set_cookies(response.headers()) {
-        response.headers_mut().append(header::SET_COOKIE, cookie);
-    }
-    if let Some(duration) = forward.group_stickiness
-        && let Ok(v) = HeaderValue::try_from(format!(
-            "{GROUP_COOKIE}={group_name}; Max-Age={}; Path=/",
-            duration.as_secs()
-        ))
-    {
-        response.headers_mut().append(header::SET_COOKIE, v);
-    }
-    if let Some(target_upgrade) = target_upgrade {
-        // The record goes with the tunnel: a WebSocket is logged when it closes.
-        ex.responding(response.status(), response.headers());
-        let record = ex.split_off();
-        tokio::spawn(tunnel(
+    Ok(Dispatch {
+        request,
+        endpoint,
+        reply: Reply {
+            forward,
+            group_name,
+            picked,
+            upgrade,
             client_upgrade,
-            target_upgrade,
-            shared.phase.clone(),
-            picked.gone().clone(),
-            ctx.peer,
-            ctx.slot.clone(),
-            record,
-        ));
-    }
-    Outcome {
-        response,
-        close: close_target,
-        target: Some(picked),
+            close_target,
+        },
+    })
+}
+
+impl Reply<'_> {
+    /// The forward's result (`None`: the target left its group first) made into the
+    /// client's response: 502/504 and friends, or the target's response with its hop-by-hop
+    /// headers removed and the stickiness cookies added; a 101 to an upgrade request starts
+    /// the tunnel.
+    fn finish(
+        self,
+        ctx: &ConnCtx,
+        polled: Option<Result<Forwarded, ProxyError>>,
+        ex: &mut Exchange,
+    ) -> Outcome {
+        let Self {
+            forward,
+            group_name,
+            picked,
+            upgrade,
+            client_upgrade,
+            close_target,
+        } = self;
+        let shared = &ctx.listener.shared;
+        let forwarded = match polled {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return from_error(ex, &e),
+            None => {
+                return from_error(
+                    ex,
+                    &ProxyError::DrainExpired {
+                        target: picked.addr.to_string(),
+                    },
+                );
+            }
+        };
+        ex.forwarded(&forwarded);
+        let mut response = forwarded.response;
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade;
+        let target_upgrade = switching.then(|| hyper::upgrade::on(&mut response));
+        strip_hop_by_hop(response.headers_mut(), switching);
+        for cookie in picked.set_cookies(response.headers()) {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        if let Some(duration) = forward.group_stickiness
+            && let Ok(v) = HeaderValue::try_from(format!(
+                "{GROUP_COOKIE}={group_name}; Max-Age={}; Path=/",
+                duration.as_secs()
+            ))
+        {
+            response.headers_mut().append(header::SET_COOKIE, v);
+        }
+        if let Some(target_upgrade) = target_upgrade {
+            // The record goes with the tunnel: a WebSocket is logged when it closes.
+            ex.responding(response.status(), response.headers());
+            let record = ex.split_off();
+            tokio::spawn(tunnel(
+                client_upgrade,
+                target_upgrade,
+                shared.phase.clone(),
+                picked.gone().clone(),
+                ctx.peer,
+                ctx.slot.clone(),
+                record,
+            ));
+        }
+        Outcome {
+            response,
+            close: close_target,
+            target: Some(picked),
+        }
     }
 }
 
