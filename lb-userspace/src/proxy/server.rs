@@ -63,6 +63,7 @@ mod h2exec;
 mod head;
 mod limits;
 mod pipeline;
+mod service;
 mod sniff;
 pub mod tls;
 
@@ -988,7 +989,7 @@ async fn run_http<IO>(
             }
         };
     }
-    let service = hyper::service::service_fn(move |req| pipeline::handle(ctx.clone(), req));
+    let service = hyper::service::service_fn(move |req| service::Respond::new(&ctx, req));
     // HTTP/2 streams run in this task, polled with the connection (`server/h2exec.rs`).
     let mut streams = h2exec::Streams::new();
     let http = http_builder(streams.executor());

@@ -1,0 +1,128 @@
+//! The future hyper gets from the service for each request it serves (HTTP/2 streams, and
+//! HTTP/1 on hyper's path): the pipeline's future, boxed, and on HTTP/2 one HPACK hint for
+//! the response's `Date`.
+//!
+//! The pipeline's future is large (it holds the whole request's state, the forward to the
+//! target included). hyper's HTTP/2 server puts the service future inside its stream future
+//! and hands that to the executor (`h2exec.rs`), which boxes it: the stream future was copied
+//! twice on the way (about 1,200 instructions of `memcpy` per request, and a large allocation
+//! on mimalloc's slow path). Boxed here once, only a pointer travels with the stream.
+//!
+//! HTTP/2 `Date`: the same header, value and position reach the client; only its HPACK
+//! representation changes, from "literal with incremental indexing" (then "indexed" while the
+//! second lasts) to "literal never indexed" (RFC 7541 §6.2.3), marked through
+//! [`http::HeaderValue::set_sensitive`]. Why: h2's encoder chains the dynamic-table entries
+//! of one header name from oldest to newest and walks the whole chain for every header it
+//! encodes. `Date` changes every second, so each second of a connection's life leaves one more
+//! entry; after about a minute the 4 KiB table holds some 60 dates and every response walked
+//! all of them (about 70 instructions each: 4,300 per request on a 70 s old connection, 1,000
+//! to 3,000 on younger ones). Never indexed, a date costs its Huffman encoding (about 550
+//! instructions) whatever the connection's age, and about 20 more bytes in the HEADERS frame.
+//! HAProxy's and nginx's HPACK encoders keep no dynamic table for responses at all. Responses
+//! without a `Date` (the load balancer's own) get hyper's, indexed as before.
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::header::{self, Entry};
+use http::{HeaderMap, Request, Response, Version};
+use hyper::body::Incoming;
+
+use super::pipeline::{self, ConnCtx};
+use crate::proxy::client::ProxyBody;
+
+/// What the service answers: the response, never an error (the pipeline makes its own).
+type Answered = Result<Response<ProxyBody>, Infallible>;
+
+/// One request's service future (module docs).
+pub(super) struct Respond {
+    inner: Pin<Box<dyn Future<Output = Answered> + Send>>,
+    /// An HTTP/2 request: its response's `Date` is not indexed (module docs).
+    h2: bool,
+}
+
+impl Respond {
+    /// Starts the pipeline for `req`.
+    pub(super) fn new(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Self {
+        Self {
+            h2: req.version() == Version::HTTP_2,
+            inner: Box::pin(pipeline::handle(ctx.clone(), req)),
+        }
+    }
+}
+
+impl Future for Respond {
+    type Output = Answered;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answered> {
+        let this = self.get_mut();
+        let mut answered = ready!(this.inner.as_mut().poll(cx));
+        if this.h2
+            && let Ok(response) = &mut answered
+        {
+            date_not_indexed(response.headers_mut());
+        }
+        Poll::Ready(answered)
+    }
+}
+
+/// Marks every `Date` value for HPACK's "never indexed" representation; values unchanged.
+fn date_not_indexed(headers: &mut HeaderMap) {
+    if let Entry::Occupied(mut dates) = headers.entry(header::DATE) {
+        for date in dates.iter_mut() {
+            date.set_sensitive(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn date_is_marked_not_indexed_and_nothing_else_changes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        headers.append(
+            header::DATE,
+            HeaderValue::from_static("Sun, 29 Nov 2026 16:00:14 GMT"),
+        );
+        headers.append(
+            header::DATE,
+            HeaderValue::from_static("Sun, 29 Nov 2026 16:00:15 GMT"),
+        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let before: Vec<_> = headers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_bytes().to_vec()))
+            .collect();
+        date_not_indexed(&mut headers);
+        let after: Vec<_> = headers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(before, after, "names, values and order unchanged");
+        assert_eq!(headers.get_all(header::DATE).iter().count(), 2);
+        assert!(
+            headers
+                .get_all(header::DATE)
+                .iter()
+                .all(HeaderValue::is_sensitive)
+        );
+        assert!(!headers[header::SERVER].is_sensitive());
+        assert!(!headers[header::CONTENT_TYPE].is_sensitive());
+    }
+
+    #[test]
+    fn a_response_without_date_is_left_alone() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        date_not_indexed(&mut headers);
+        assert!(!headers.contains_key(header::DATE));
+        assert_eq!(headers.len(), 1);
+        assert!(!headers[header::SERVER].is_sensitive());
+    }
+}
