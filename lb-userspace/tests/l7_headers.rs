@@ -119,3 +119,37 @@ async fn trace_id_is_created_or_extended() {
     assert!(id.starts_with("Self=1-"), "{id}");
     assert!(id.ends_with(sent), "the client's fields are kept: {id}");
 }
+
+/// A client cannot delete what the load balancer adds by naming it in `Connection`: the
+/// headers a request's `Connection` names are the client's own hop-by-hop headers, removed
+/// before `X-Forwarded-*` and `X-Amzn-Trace-Id` are written (the client's own copies go).
+#[tokio::test]
+async fn headers_the_balancer_adds_survive_a_connection_header_naming_them() {
+    let e = echo(
+        XffMode::Append,
+        &[
+            (
+                "connection",
+                "x-forwarded-for, X-Forwarded-Proto, x-forwarded-port, x-amzn-trace-id",
+            ),
+            ("x-forwarded-for", "10.9.9.9"),
+            (
+                "x-amzn-trace-id",
+                "Root=1-5759e988-bd862e3fe1be46a994272793",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        header(&e, "x-forwarded-for"),
+        Some("127.0.0.1"),
+        "the client's X-Forwarded-For was hop-by-hop (removed), ours is added: {e}"
+    );
+    assert_eq!(header(&e, "x-forwarded-proto"), Some("http"), "{e}");
+    assert!(header(&e, "x-forwarded-port").is_some(), "{e}");
+    let id = header(&e, "x-amzn-trace-id").expect("a trace id of our own");
+    assert!(
+        id.starts_with("Root=1-") && !id.contains("5759e988"),
+        "the client's trace id was hop-by-hop, a new one is made: {id}"
+    );
+}

@@ -674,6 +674,9 @@ fn prepare_forward<'r, B: RequestBody>(
 
     let upgrade = wants_upgrade(&req);
     let (mut parts, body) = req.into_parts();
+    // The client's hop-by-hop headers go first, so that naming `X-Forwarded-For` or
+    // `X-Amzn-Trace-Id` in `Connection` removes the client's copy, never the one added below.
+    strip_hop_by_hop(&mut parts.headers, upgrade);
     if !parts.headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
         && let Ok(h) = HeaderValue::from_str(authority.as_str())
@@ -707,7 +710,6 @@ fn prepare_forward<'r, B: RequestBody>(
     ex.picked(&group, &picked);
     trace_id(&mut parts.headers, now, &mut rand::rng());
     ex.trace_id(&parts.headers);
-    strip_hop_by_hop(&mut parts.headers, upgrade);
     if close_target {
         // Ambiguous request (desync defensive mode): the target connection must not be reused.
         parts
