@@ -170,15 +170,16 @@ fn ends_tick(good: &[Sample], ticks: u64) -> f64 {
     let tail: Vec<usize> = (0..points.len())
         .filter(|&i| points[i].0 >= last - quarter)
         .collect();
-    // The sample of `set` whose offset under `slope` is the median (of an even count, the
-    // lower one).
+    // The sample of `set` whose offset under `slope` is the median; of an even count, the
+    // upper one: the disturbance seen on real kernels is early (read in the handler's
+    // window), so of two samples, one of them early, the other one.
     let median = |set: &[usize], slope: f64| {
         let mut by_offset: Vec<(f64, usize)> = set
             .iter()
             .map(|&i| (points[i].1 - points[i].0 * slope, i))
             .collect();
         by_offset.sort_by(|a, b| a.0.total_cmp(&b.0));
-        by_offset[(by_offset.len() - 1) / 2].1
+        by_offset[by_offset.len() / 2].1
     };
     // The offsets are taken with the first-to-last slope, off by the ends' disturbance over
     // the span: across an end (a quarter of the span) that shifts them by a quarter of the
@@ -597,6 +598,42 @@ mod tests {
         assert_eq!(measured(&s), tick as f64);
         assert_eq!(fit(&s).expect("fits").hz, hz);
         assert!(first_to_last_off(&s, hz) < -0.02);
+    }
+
+    /// A sampler starved of CPU (tests loading the program in parallel on 2 vCPUs) can end
+    /// up with two samples at an end, one of them read in the tick handler's window (a tick
+    /// early): of the two, the other one is taken, at either end.
+    #[test]
+    fn a_starved_sampler_with_two_samples_at_an_end_one_of_them_early_measures_exactly() {
+        let tick = tick_nsec(250);
+        let at = |j: u64, c: u64| Sample {
+            before: c * tick,
+            jiffies: 9_000 + j,
+            after: c * tick,
+        };
+        // Jiffies 1 to 38: the head is 1–10, the tail 29–38, two samples in each.
+        let early_first = [
+            at(1, 0),
+            at(2, 2),
+            at(15, 15),
+            at(25, 25),
+            at(37, 37),
+            at(38, 38),
+        ];
+        let early_last = [
+            at(1, 1),
+            at(2, 2),
+            at(15, 15),
+            at(25, 25),
+            at(37, 37),
+            at(38, 37),
+        ];
+        for s in [early_first, early_last] {
+            assert_eq!(measured(&s), tick as f64, "{s:?}");
+            assert_eq!(fit(&s).expect("fits").hz, 250);
+            // Control: the early sample is an end of the span, so first-to-last is off.
+            assert!(first_to_last_off(&s, 250).abs() > 0.02);
+        }
     }
 
     #[test]
