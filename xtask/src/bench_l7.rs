@@ -21,7 +21,8 @@
 //!
 //! `--only h1,h2,handshakes,resumed` (any of them) measures those figures only (same peers,
 //! same rounds); `--baseline PATH` runs another `lb` binary as `lb-base` in every round, so two
-//! builds compare in one run.
+//! builds compare in one run; `--rounds N` runs N alternating rounds instead of 3 (1 with
+//! `--quick`), each of the same length.
 //!
 //! A proxy's CPU time (user and system) is read from `/proc` for every process of it (nginx:
 //! master and workers) before and after each run. Ratios within a round are the headline; rounds give
@@ -88,6 +89,19 @@ pub struct Options {
     pub only: Option<Vec<Figure>>,
     /// Another `lb` binary to run beside the built one (`lb-base`).
     pub baseline: Option<PathBuf>,
+    /// Rounds instead of the default (3, or 1 with `quick`).
+    pub rounds: Option<usize>,
+}
+
+/// `--rounds`: a whole number of rounds, at least 1 (clap names the flag in its error).
+pub fn parse_rounds(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("at least 1 round is needed, not 0".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "a whole number of rounds (1, 2, …) is needed, not {text:?}"
+        )),
+    }
 }
 
 /// Run lengths.
@@ -730,7 +744,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
             _ => lb.to_owned(),
         }
     };
-    let plan = if quick {
+    let mut plan = if quick {
         Plan {
             rounds: 1,
             seconds: 3,
@@ -741,6 +755,10 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
             seconds: 10,
         }
     };
+    if let Some(rounds) = opts.rounds {
+        ensure!(rounds > 0, "--rounds: at least 1 round is needed, not 0");
+        plan.rounds = rounds;
+    }
     let dir = std::env::temp_dir().join(format!("lb-bench-l7-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = RemoveDir(dir.clone());
@@ -749,8 +767,10 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
 
     println!("lb L7 benchmark, beside HAProxy and nginx");
     println!(
-        "command:  cargo xtask bench l7{}{}{}",
+        "command:  cargo xtask bench l7{}{}{}{}",
         if quick { " --quick" } else { "" },
+        opts.rounds
+            .map_or(String::new(), |n| format!(" --rounds {n}")),
         opts.only.as_ref().map_or(String::new(), |f| format!(
             " --only {}",
             f.iter().map(|f| f.short()).collect::<Vec<_>>().join(",")
@@ -924,4 +944,19 @@ fn uname() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_must_be_a_whole_number_of_at_least_one() {
+        assert_eq!(parse_rounds("1"), Ok(1));
+        assert_eq!(parse_rounds("12"), Ok(12));
+        for bad in ["0", "", "-1", "three", "2.5", "1e3"] {
+            let e = parse_rounds(bad).expect_err(bad);
+            assert!(e.contains("is needed, not"), "{bad:?}: {e}");
+        }
+    }
 }

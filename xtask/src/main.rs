@@ -85,6 +85,11 @@ enum Bench {
         /// a same-run A/B comparison of two builds (the ratio column then also reads lb ÷ lb-base).
         #[arg(long)]
         baseline: Option<std::path::PathBuf>,
+        /// How many alternating rounds (default 3, or 1 with `--quick`; each round runs every
+        /// proxy once per figure, 10 s each, or 3 s with `--quick`). More rounds narrow the
+        /// median of the per-round ratios, to settle an A/B on a noisy machine.
+        #[arg(long, value_name = "N", value_parser = bench_l7::parse_rounds)]
+        rounds: Option<usize>,
     },
     /// L4: lb_xdp (DSR) beside nftables DNAT through a namespace topology: UDP packets/s,
     /// TCP connections/s, LB CPU per packet.
@@ -170,6 +175,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
             quick,
             only,
             baseline,
+            rounds,
         } => {
             require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
             let only = only
@@ -189,6 +195,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                     quick,
                     only,
                     baseline,
+                    rounds,
                 },
             )
         }
@@ -219,6 +226,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                     quick,
                     only: None,
                     baseline: None,
+                    rounds: None,
                 },
             ];
             for suite in suites {
