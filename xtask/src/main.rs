@@ -415,6 +415,26 @@ fn cargo_env(args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(args);
+    // `cargo xtask` runs us through `cargo run`, which sets the package variables of xtask
+    // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, …). Passed on, they differ from a shell's `cargo
+    // build`, and build scripts that watch them (ring's) run again, rebuilding ring, rustls and
+    // lb: every `cargo xtask bench` after a shell build rebuilt for minutes.
+    for (k, _) in env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || matches!(
+                &*k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&*k);
+        }
+    }
     for (k, v) in envs {
         cmd.env(k, v);
     }
