@@ -478,7 +478,7 @@ impl<IO> Sniffer<IO> {
         self.state = State::Stopped;
     }
 
-    /// Feeds newly read bytes through the state machine.
+    /// Feeds newly read bytes through the state machine; they were read at `last_read`.
     fn on_bytes(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match self.state {
@@ -515,7 +515,9 @@ impl<IO> Sniffer<IO> {
                 }
                 State::Head => {
                     if self.head_deadline.is_none() {
-                        self.head_deadline = Some(Instant::now() + self.header_timeout);
+                        // The head starts with the read that brought its first byte (its time
+                        // is at hand: a second clock read per request is not needed).
+                        self.head_deadline = Some(self.last_read + self.header_timeout);
                     }
                     let used = self.head_bytes(data);
                     data = &data[used..];
@@ -784,10 +786,22 @@ impl<IO> Sniffer<IO> {
         }
         let activity = *lock(&self.shared.activity);
         let deadline = self.last_read.max(activity) + self.idle_timeout;
-        if self.sleep.deadline() != deadline {
+        // The deadline moves later with every request; re-registering the timer each time cost
+        // a timer-wheel update per request. The timer is moved only to an earlier deadline;
+        // when it fires before the current one, it is set again and polled, so it expires
+        // exactly when the deadline passes.
+        loop {
+            if self.sleep.deadline() > deadline {
+                self.sleep.as_mut().reset(deadline);
+            }
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.sleep.deadline() >= deadline {
+                return true;
+            }
             self.sleep.as_mut().reset(deadline);
         }
-        self.sleep.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -1158,6 +1172,37 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         shared.request_started();
         let err = read_some(&mut s).await.expect_err("idle timeout");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// The idle timer is armed at the connection's start and not moved later by each request;
+    /// it still closes an idle keep-alive connection exactly the idle timeout after the last
+    /// activity (time is paused: the clock moves only to the next timer).
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_from_the_last_activity_however_the_timer_was_armed() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let start = Instant::now();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            timeouts(Duration::from_secs(10), Duration::from_secs(60)),
+            true,
+        );
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .expect("write");
+        read_some(&mut s).await.expect("head");
+        shared.request_started();
+        tokio::time::advance(Duration::from_secs(8)).await;
+        // The response ends 8 s in: the connection may idle until 18 s, past the 10 s the
+        // timer was first armed for.
+        shared.request_finished();
+        let got = read_some(&mut s).await.expect("closed, not failed");
+        assert!(got.is_empty(), "{got:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(18));
     }
 
     #[tokio::test]
