@@ -361,6 +361,8 @@ pub struct Sniffer<IO> {
     head: Vec<u8>,
     /// Start of the current, unfinished line in `head`.
     line_start: usize,
+    /// Complete lines in `head` (the request line included).
+    head_lines: usize,
     /// Length of the request line once known.
     request_line: Option<usize>,
     /// Bytes ready for hyper, and how many of them were delivered.
@@ -413,6 +415,7 @@ impl<IO> Sniffer<IO> {
             },
             head: Vec::new(),
             line_start: 0,
+            head_lines: 0,
             request_line: None,
             out: Vec::new(),
             out_pos: 0,
@@ -567,6 +570,7 @@ impl<IO> Sniffer<IO> {
             let content_len =
                 line.len() - 1 - usize::from(line.len() >= 2 && line[line.len() - 2] == b'\r');
             self.line_start = self.head.len();
+            self.head_lines += 1;
             if self.request_line.is_none() {
                 self.request_line = Some(self.head.len());
                 if content_len > MAX_LINE {
@@ -631,6 +635,7 @@ impl<IO> Sniffer<IO> {
         self.head_deadline = None;
         self.last_head_len = head.len();
         self.line_start = 0;
+        let lines = std::mem::take(&mut self.head_lines);
         let request_line = self.request_line.take().unwrap_or(0);
         let first = std::mem::replace(&mut self.first_head, false);
         if first && head.starts_with(HTTP2_PREFACE_LINE) {
@@ -650,7 +655,7 @@ impl<IO> Sniffer<IO> {
         }
         // Every line after the request line, less the empty one that ends the head: an upper
         // bound on the header fields hyper will find (a folded line counts as one more).
-        let header_lines = memchr::memchr_iter(b'\n', &head[request_line..]).count();
+        let header_lines = lines.saturating_sub(1);
         if header_lines.saturating_sub(1) > MAX_HEADER_COUNT {
             self.reject(
                 StatusCode::BAD_REQUEST,
@@ -659,7 +664,7 @@ impl<IO> Sniffer<IO> {
             );
             return;
         }
-        let raw = desync::tokenize(head);
+        let raw = desync::tokenize_lines(head, lines);
         let c = desync::classify_tokens(&raw);
         let mitigation = self.mode.mitigation(c.tier);
         if mitigation == Mitigation::Block {
@@ -1076,6 +1081,56 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         // The `GET /` inside the chunk is body, not a request.
         assert_eq!(n, 3);
         assert_eq!(s.state, State::Head);
+    }
+
+    /// 100 header lines pass and 101 are refused, whether the head comes in one read or a
+    /// byte at a time (the lines are counted as they arrive), after empty lines or not, and on
+    /// the second request of a connection.
+    #[tokio::test]
+    async fn the_101st_header_line_is_refused() {
+        let head = |n: usize| {
+            let mut h = String::from("GET / HTTP/1.1\r\nHost: h\r\n");
+            for i in 1..n {
+                h.push_str(&format!("X-{i}: v\r\n"));
+            }
+            h.push_str("\r\n");
+            h.into_bytes()
+        };
+        for (n, passes) in [(MAX_HEADER_COUNT, true), (MAX_HEADER_COUNT + 1, false)] {
+            let mut second = head(1);
+            second.extend_from_slice(&head(n));
+            let mut leading = b"\r\n\r\n".to_vec();
+            leading.extend_from_slice(&head(n));
+            for (input, verdicts) in [(head(n), 1), (leading, 1), (second, 2)] {
+                for step in [input.len(), 1] {
+                    let mut s = sniffer();
+                    for piece in input.chunks(step) {
+                        s.on_bytes(piece);
+                    }
+                    for _ in 1..verdicts {
+                        assert!(matches!(
+                            s.shared.pop_verdict(),
+                            Some(HeadVerdict::Pass { .. })
+                        ));
+                    }
+                    let v = s.shared.pop_verdict();
+                    if passes {
+                        assert!(matches!(v, Some(HeadVerdict::Pass { .. })), "{n}: {v:?}");
+                    } else {
+                        assert!(
+                            matches!(
+                                v,
+                                Some(HeadVerdict::Reject {
+                                    reason: "too many headers",
+                                    ..
+                                })
+                            ),
+                            "{n}: {v:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[tokio::test]
