@@ -234,9 +234,37 @@ const CL_NAME: &[u8] = b"content-length";
 /// The transfer codings the guardian knows (`VALID_TE`); anything else is `BadTransferEncoding`.
 const KNOWN_CODINGS: [&[u8]; 5] = [b"chunked", b"compress", b"deflate", b"gzip", b"identity"];
 
+/// tchar (RFC 9110 §5.6.2), the definition [`TCHAR`] is built from.
+const fn is_tchar_by_definition(b: u8) -> bool {
+    const OTHERS: &[u8] = b"!#$%&'*+-.^_`|~";
+    if b.is_ascii_alphanumeric() {
+        return true;
+    }
+    let mut i = 0;
+    while i < OTHERS.len() {
+        if OTHERS[i] == b {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// [`is_tchar_by_definition`] for every byte, so that the test is one load: searching the
+/// 15 punctuation tchars for every byte of every header name was most of the classifier's cost.
+const TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = is_tchar_by_definition(b as u8);
+        b += 1;
+    }
+    table
+};
+
 /// tchar (RFC 9110 §5.6.2).
 pub(crate) fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
 
 /// Bytes that are never acceptable in a header or target: NUL, CR, LF.
@@ -246,7 +274,7 @@ fn is_bad_char(b: u8) -> bool {
 
 /// Header value bytes RFC 9110 allows: VCHAR, obs-text, SP, HTAB.
 fn is_value_char(b: u8) -> bool {
-    (0x20..0x7f).contains(&b) || b >= 0x80 || b == b'\t'
+    (b >= 0x20) & (b != 0x7f) | (b == b'\t')
 }
 
 /// Trims SP and HTAB on both sides (OWS).
@@ -422,10 +450,12 @@ impl<'a> Window<'a> {
 
     /// The token up to `delimiter` (excluded); the window moves past the delimiter.
     fn next_token(&mut self, delimiter: u8) -> Self {
-        let mut at = self.pos;
-        while at < self.end && self.buf[at] != delimiter {
-            at += 1;
-        }
+        let at = if self.pos < self.end {
+            memchr::memchr(delimiter, &self.buf[self.pos..self.end])
+                .map_or(self.end, |k| self.pos + k)
+        } else {
+            self.pos
+        };
         let token = Self {
             buf: self.buf,
             pos: self.pos,
@@ -505,6 +535,13 @@ pub(crate) struct RawHead<'a> {
 
 /// Tokenises `head` (request line through the empty line) as the guardian's raw parser does.
 pub(crate) fn tokenize(head: &[u8]) -> RawHead<'_> {
+    // (memchr's count: the plain filter-and-count loop compiled to 19 instructions per 4 bytes.)
+    tokenize_lines(head, memchr::memchr_iter(b'\n', head).count())
+}
+
+/// [`tokenize`] when the caller knows how many LFs `head` holds (the sniffer counted them
+/// while collecting it); the count only sizes the header list.
+pub(crate) fn tokenize_lines(head: &[u8], lines: usize) -> RawHead<'_> {
     let mut findings = Classification::COMPLIANT;
     let mut buffer = Window::new(head);
 
@@ -527,7 +564,6 @@ pub(crate) fn tokenize(head: &[u8]) -> RawHead<'_> {
 
     // Sized once for every line the head has (the request line's slot is spare): grown from
     // empty, a browser's dozen header lines cost three allocations instead of one.
-    let lines = head.iter().filter(|&&b| b == b'\n').count();
     let mut headers = Vec::with_capacity(lines);
     let mut folding_into: Option<&[u8]> = None;
     let mut in_content_type = false;
@@ -596,6 +632,17 @@ enum HeaderTier {
 }
 
 fn header_tier(name: &[u8], value: &[u8]) -> HeaderTier {
+    // The common case first: every byte allowed. The value's test does not stop early, so it
+    // is vectorised (values are most of a head's bytes).
+    if name.iter().all(|&b| is_tchar(b)) && value.iter().fold(true, |ok, &b| ok & is_value_char(b))
+    {
+        return HeaderTier::Compliant;
+    }
+    header_tier_by_bytes(name, value)
+}
+
+/// [`header_tier`] without its fast path.
+fn header_tier_by_bytes(name: &[u8], value: &[u8]) -> HeaderTier {
     let part = |bytes: &[u8], ok: fn(u8) -> bool| {
         let mut tier = HeaderTier::Compliant;
         for &b in bytes {
@@ -776,6 +823,49 @@ mod tests {
         assert_eq!(raw.headers.len(), 13);
         // One, not zero: the counter sees this thread's allocations.
         assert_eq!(after - before, 1, "tokenize allocated more than once");
+    }
+
+    #[test]
+    fn value_chars_are_vchar_obs_text_sp_htab() {
+        for b in 0..=255u8 {
+            let rfc = (0x21..=0x7e).contains(&b) || b >= 0x80 || b == b' ' || b == b'\t';
+            assert_eq!(is_value_char(b), rfc, "byte {b:#04x}");
+        }
+    }
+
+    /// The table gives every byte the tchar verdict of RFC 9110's list.
+    #[test]
+    fn tchar_table_matches_the_rfc_list() {
+        for b in 0..=255u8 {
+            let rfc = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(is_tchar(b), rfc, "byte {b:#04x}");
+        }
+    }
+
+    /// The all-clean fast path of `header_tier` gives the verdict the byte-by-byte rule gives,
+    /// for every byte in the name and in the value, alone and next to clean bytes.
+    #[test]
+    fn header_tier_fast_path_agrees_with_the_byte_rule() {
+        let mut tiers = std::collections::BTreeSet::new();
+        for b in 0..=255u8 {
+            for (name, value) in [
+                (vec![b], b"v".to_vec()),
+                (b"x".to_vec(), vec![b]),
+                (vec![b'a', b, b'z'], b"value".to_vec()),
+                (b"Name".to_vec(), vec![b'a', b, b'z']),
+                (vec![b, b], vec![b, b]),
+            ] {
+                let tier = header_tier(&name, &value);
+                assert_eq!(
+                    tier,
+                    header_tier_by_bytes(&name, &value),
+                    "{name:?} {value:?}"
+                );
+                tiers.insert(tier);
+            }
+        }
+        // Positive control: the inputs reach all three tiers.
+        assert_eq!(tiers.len(), 3);
     }
 
     fn classify_str(head: &str) -> (Tier, Option<Reason>) {

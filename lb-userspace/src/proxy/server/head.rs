@@ -97,9 +97,14 @@ fn normalize_target(raw: &[u8], as_uri: bool) -> Option<Target> {
         if target.is_empty() {
             return b"/".to_vec();
         }
+        let needs_encoding = |b: u8| b <= b' ' || b == 0x7f || (b >= 0x80 && !utf8);
+        // Usually nothing is encoded: then one copy, not a push per byte.
+        if !target.iter().any(|&b| needs_encoding(b)) {
+            return target.to_vec();
+        }
         let mut out = Vec::with_capacity(target.len());
         for &b in target {
-            if b <= b' ' || b == 0x7f || (b >= 0x80 && !utf8) {
+            if needs_encoding(b) {
                 encode(&mut out, b);
             } else {
                 out.push(b);
@@ -167,7 +172,14 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
         _ => None,
     };
 
-    let mut kept: Vec<(&[u8], Vec<u8>)> = Vec::with_capacity(raw.headers.len());
+    // Each kept line: its name as written (for a rebuilt head), the name parsed (once: the
+    // parse is the representability check and the request parts' name) and its value, `None`
+    // if `HeaderValue` refuses it (a control byte): such a line is dropped. The conversion is
+    // the only check of a value (one vectorised pass; a separate check before it read every
+    // value twice). A folded line joins the value it continues: a refused value stays refused,
+    // as more bytes cannot make it valid.
+    let mut kept: Vec<(&[u8], HeaderName, Option<HeaderValue>)> =
+        Vec::with_capacity(raw.headers.len());
     let mut te_values: Vec<&[u8]> = Vec::new();
     let mut cl_values: Vec<&[u8]> = Vec::new();
     // Whether the last header line was kept, so a folded line after it is joined to it.
@@ -185,28 +197,30 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
             continue;
         }
         if h.continuation {
-            if last_kept && let Some((_, value)) = kept.last_mut() {
-                let more = trim_ows(h.line);
-                if !more.is_empty() {
-                    if !value.is_empty() {
-                        value.push(b' ');
-                    }
-                    value.extend_from_slice(more);
+            let more = trim_ows(h.line);
+            if last_kept
+                && !more.is_empty()
+                && let Some((_, _, slot)) = kept.last_mut()
+                && let Some(value) = slot.as_ref()
+            {
+                let mut joined = Vec::with_capacity(value.len() + 1 + more.len());
+                joined.extend_from_slice(value.as_bytes());
+                if !joined.is_empty() {
+                    joined.push(b' ');
                 }
+                joined.extend_from_slice(more);
+                *slot = value_of(joined);
             }
             continue;
         }
-        let representable = !h.no_colon
-            && te == Similarity::Distant
-            && cl == Similarity::Distant
-            && HeaderName::from_bytes(h.name).is_ok();
-        last_kept = representable;
-        if representable {
-            kept.push((h.name, trim_ows(h.value).to_vec()));
+        let name = (!h.no_colon && te == Similarity::Distant && cl == Similarity::Distant)
+            .then(|| HeaderName::from_bytes(h.name).ok())
+            .flatten();
+        last_kept = name.is_some();
+        if let Some(name) = name {
+            kept.push((h.name, name, value_of(trim_ows(h.value).to_vec())));
         }
     }
-    // Values are checked once folded lines are joined.
-    kept.retain(|(_, value)| is_valid_value(value));
 
     let mut unsupported_coding = false;
     let mut chunked = 0;
@@ -243,14 +257,16 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
         version = Some(Version::Http11);
     }
 
+    // Kept names are tokens, so the parsed name is `host` exactly when the written one is
+    // `Host` in any case.
     let host_headers = kept
         .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case(b"host"))
+        .filter(|(_, name, value)| value.is_some() && name == http::header::HOST)
         .count();
     let upgrade = method == b"CONNECT"
         || kept
             .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case(b"upgrade"));
+            .any(|(_, name, value)| value.is_some() && name == http::header::UPGRADE);
 
     let mut head = Vec::new();
     let mut parts = None;
@@ -275,10 +291,11 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
             Version::Http10 => b" HTTP/1.0\r\n",
             Version::Http11 => b" HTTP/1.1\r\n",
         });
-        for (name, value) in &kept {
+        for (name, _, value) in &kept {
+            let Some(value) = value else { continue };
             head.extend_from_slice(name);
             head.extend_from_slice(b": ");
-            head.extend_from_slice(value);
+            head.extend_from_slice(value.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
         match framing {
@@ -303,15 +320,15 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
     (prepared, parts)
 }
 
+/// A header value as `http` accepts it (visible ASCII, obs-text, space and tab; no other control
+/// byte), without a copy; `None` if it is not one.
+fn value_of(bytes: Vec<u8>) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes)).ok()
+}
+
 /// Headers the pipeline adds to a forwarded request (`X-Forwarded-For`, `X-Forwarded-Proto`,
 /// `X-Forwarded-Port`, `X-Amzn-Trace-Id`).
 const ADDED_BY_PIPELINE: usize = 4;
-
-/// Whether `value` is a valid header value as `http::HeaderValue::from_bytes` sees it (visible
-/// ASCII, obs-text, space and tab; no other control byte), checked without building one.
-fn is_valid_value(value: &[u8]) -> bool {
-    value.iter().all(|&b| b >= 32 && b != 127 || b == b'\t')
-}
 
 /// The request parts of a head [`prepare_as`] found forwardable. Every piece was checked
 /// there already (method, target, names, values); `None` only if one still does not convert.
@@ -319,7 +336,7 @@ fn request_parts(
     method: &[u8],
     target: Target,
     version: Version,
-    kept: Vec<(&[u8], Vec<u8>)>,
+    kept: Vec<(&[u8], HeaderName, Option<HeaderValue>)>,
     framing: Framing,
 ) -> Option<http::request::Parts> {
     let (mut parts, ()) = http::Request::new(()).into_parts();
@@ -336,10 +353,10 @@ fn request_parts(
     // (`X-Forwarded-For`, `-Proto`, `-Port`, `X-Amzn-Trace-Id`): a map that has to grow for
     // them reallocates twice per request. A map finished with on this thread is used again.
     let mut headers = crate::proxy::recycle::header_map(kept.len() + 1 + ADDED_BY_PIPELINE);
-    for (name, value) in kept {
-        let name = HeaderName::from_bytes(name).ok()?;
-        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()?;
-        headers.append(name, value);
+    for (_, name, value) in kept {
+        if let Some(value) = value {
+            headers.append(name, value);
+        }
     }
     match framing {
         Framing::Chunked => {
@@ -366,15 +383,29 @@ mod tests {
         prepare(&tokenize(head.as_bytes()))
     }
 
+    /// A line whose value holds a byte `http` refuses is dropped, from the rebuilt head and
+    /// from the request parts alike, also when the byte comes with a folded line; every other
+    /// byte is kept.
     #[test]
-    fn header_values_are_checked_as_http_checks_them() {
-        for b in 0..=255u8 {
-            let value = [b'a', b, b'z'];
-            assert_eq!(
-                is_valid_value(&value),
-                HeaderValue::from_bytes(&value).is_ok(),
-                "byte {b:#04x}"
-            );
+    fn a_value_http_refuses_drops_its_line() {
+        for b in (0..=255u8).filter(|b| !matches!(b, b'\r' | b'\n')) {
+            let valid = HeaderValue::from_bytes(&[b'a', b, b'z']).is_ok();
+            let mut plain = b"GET / HTTP/1.1\r\nHost: h\r\nX: a".to_vec();
+            plain.extend_from_slice(&[b, b'z']);
+            plain.extend_from_slice(b"\r\n\r\n");
+            let mut folded = b"GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n a".to_vec();
+            folded.extend_from_slice(&[b, b'z']);
+            folded.extend_from_slice(b"\r\n\r\n");
+            for head in [plain, folded] {
+                let raw = tokenize(&head);
+                let rebuilt = prepare(&raw).head;
+                let has_x = rebuilt.windows(5).any(|w| w == b"\r\nX: ");
+                assert_eq!(has_x, valid, "byte {b:#04x} in {head:?}");
+                let (_, parts) = prepare_parts(&raw);
+                let parts = parts.expect("forwardable");
+                assert_eq!(parts.headers.contains_key("x"), valid, "byte {b:#04x}");
+                assert_eq!(parts.headers.len(), 1 + usize::from(valid));
+            }
         }
     }
 

@@ -361,6 +361,8 @@ pub struct Sniffer<IO> {
     head: Vec<u8>,
     /// Start of the current, unfinished line in `head`.
     line_start: usize,
+    /// Complete lines in `head` (the request line included).
+    head_lines: usize,
     /// Length of the request line once known.
     request_line: Option<usize>,
     /// Bytes ready for hyper, and how many of them were delivered.
@@ -413,6 +415,7 @@ impl<IO> Sniffer<IO> {
             },
             head: Vec::new(),
             line_start: 0,
+            head_lines: 0,
             request_line: None,
             out: Vec::new(),
             out_pos: 0,
@@ -478,7 +481,7 @@ impl<IO> Sniffer<IO> {
         self.state = State::Stopped;
     }
 
-    /// Feeds newly read bytes through the state machine.
+    /// Feeds newly read bytes through the state machine; they were read at `last_read`.
     fn on_bytes(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match self.state {
@@ -515,7 +518,9 @@ impl<IO> Sniffer<IO> {
                 }
                 State::Head => {
                     if self.head_deadline.is_none() {
-                        self.head_deadline = Some(Instant::now() + self.header_timeout);
+                        // The head starts with the read that brought its first byte (its time
+                        // is at hand: a second clock read per request is not needed).
+                        self.head_deadline = Some(self.last_read + self.header_timeout);
                     }
                     let used = self.head_bytes(data);
                     data = &data[used..];
@@ -550,16 +555,22 @@ impl<IO> Sniffer<IO> {
             self.head.reserve(INITIAL_HEAD_CAPACITY);
         }
         while i < data.len() {
-            let b = data[i];
-            self.head.push(b);
-            i += 1;
-            if b != b'\n' {
-                continue;
-            }
+            // A line at a time: the bytes up to and including the next LF are copied in one
+            // piece (a byte-at-a-time push was the head's biggest cost). Without an LF, all of
+            // `data` belongs to the unfinished line; its limits are checked below.
+            let Some(lf) = memchr::memchr(b'\n', &data[i..]) else {
+                self.head.extend_from_slice(&data[i..]);
+                i = data.len();
+                break;
+            };
+            let end = i + lf + 1;
+            self.head.extend_from_slice(&data[i..end]);
+            i = end;
             let line = &self.head[self.line_start..];
             let content_len =
                 line.len() - 1 - usize::from(line.len() >= 2 && line[line.len() - 2] == b'\r');
             self.line_start = self.head.len();
+            self.head_lines += 1;
             if self.request_line.is_none() {
                 self.request_line = Some(self.head.len());
                 if content_len > MAX_LINE {
@@ -624,6 +635,7 @@ impl<IO> Sniffer<IO> {
         self.head_deadline = None;
         self.last_head_len = head.len();
         self.line_start = 0;
+        let lines = std::mem::take(&mut self.head_lines);
         let request_line = self.request_line.take().unwrap_or(0);
         let first = std::mem::replace(&mut self.first_head, false);
         if first && head.starts_with(HTTP2_PREFACE_LINE) {
@@ -643,7 +655,7 @@ impl<IO> Sniffer<IO> {
         }
         // Every line after the request line, less the empty one that ends the head: an upper
         // bound on the header fields hyper will find (a folded line counts as one more).
-        let header_lines = head[request_line..].iter().filter(|&&b| b == b'\n').count();
+        let header_lines = lines.saturating_sub(1);
         if header_lines.saturating_sub(1) > MAX_HEADER_COUNT {
             self.reject(
                 StatusCode::BAD_REQUEST,
@@ -652,7 +664,7 @@ impl<IO> Sniffer<IO> {
             );
             return;
         }
-        let raw = desync::tokenize(head);
+        let raw = desync::tokenize_lines(head, lines);
         let c = desync::classify_tokens(&raw);
         let mitigation = self.mode.mitigation(c.tier);
         if mitigation == Mitigation::Block {
@@ -779,10 +791,22 @@ impl<IO> Sniffer<IO> {
         }
         let activity = *lock(&self.shared.activity);
         let deadline = self.last_read.max(activity) + self.idle_timeout;
-        if self.sleep.deadline() != deadline {
+        // The deadline moves later with every request; re-registering the timer each time cost
+        // a timer-wheel update per request. The timer is moved only to an earlier deadline;
+        // when it fires before the current one, it is set again and polled, so it expires
+        // exactly when the deadline passes.
+        loop {
+            if self.sleep.deadline() > deadline {
+                self.sleep.as_mut().reset(deadline);
+            }
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.sleep.deadline() >= deadline {
+                return true;
+            }
             self.sleep.as_mut().reset(deadline);
         }
-        self.sleep.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -1059,6 +1083,56 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         assert_eq!(s.state, State::Head);
     }
 
+    /// 100 header lines pass and 101 are refused, whether the head comes in one read or a
+    /// byte at a time (the lines are counted as they arrive), after empty lines or not, and on
+    /// the second request of a connection.
+    #[tokio::test]
+    async fn the_101st_header_line_is_refused() {
+        let head = |n: usize| {
+            let mut h = String::from("GET / HTTP/1.1\r\nHost: h\r\n");
+            for i in 1..n {
+                h.push_str(&format!("X-{i}: v\r\n"));
+            }
+            h.push_str("\r\n");
+            h.into_bytes()
+        };
+        for (n, passes) in [(MAX_HEADER_COUNT, true), (MAX_HEADER_COUNT + 1, false)] {
+            let mut second = head(1);
+            second.extend_from_slice(&head(n));
+            let mut leading = b"\r\n\r\n".to_vec();
+            leading.extend_from_slice(&head(n));
+            for (input, verdicts) in [(head(n), 1), (leading, 1), (second, 2)] {
+                for step in [input.len(), 1] {
+                    let mut s = sniffer();
+                    for piece in input.chunks(step) {
+                        s.on_bytes(piece);
+                    }
+                    for _ in 1..verdicts {
+                        assert!(matches!(
+                            s.shared.pop_verdict(),
+                            Some(HeadVerdict::Pass { .. })
+                        ));
+                    }
+                    let v = s.shared.pop_verdict();
+                    if passes {
+                        assert!(matches!(v, Some(HeadVerdict::Pass { .. })), "{n}: {v:?}");
+                    } else {
+                        assert!(
+                            matches!(
+                                v,
+                                Some(HeadVerdict::Reject {
+                                    reason: "too many headers",
+                                    ..
+                                })
+                            ),
+                            "{n}: {v:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn after_an_ambiguous_request_in_defensive_mode_nothing_more_is_read() {
         let mut s = sniffer();
@@ -1153,6 +1227,37 @@ GET /c HTTP/1.1\r\nHost: h\r\n\r\n";
         shared.request_started();
         let err = read_some(&mut s).await.expect_err("idle timeout");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// The idle timer is armed at the connection's start and not moved later by each request;
+    /// it still closes an idle keep-alive connection exactly the idle timeout after the last
+    /// activity (time is paused: the clock moves only to the next timer).
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_from_the_last_activity_however_the_timer_was_armed() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let shared = ConnShared::new();
+        let start = Instant::now();
+        let mut s = Sniffer::new(
+            server,
+            shared.clone(),
+            DesyncMode::Defensive,
+            timeouts(Duration::from_secs(10), Duration::from_secs(60)),
+            true,
+        );
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .expect("write");
+        read_some(&mut s).await.expect("head");
+        shared.request_started();
+        tokio::time::advance(Duration::from_secs(8)).await;
+        // The response ends 8 s in: the connection may idle until 18 s, past the 10 s the
+        // timer was first armed for.
+        shared.request_finished();
+        let got = read_some(&mut s).await.expect("closed, not failed");
+        assert!(got.is_empty(), "{got:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(18));
     }
 
     #[tokio::test]
