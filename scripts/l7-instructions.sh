@@ -1,6 +1,6 @@
 #!/bin/bash
 # usage: scripts/l7-instructions.sh PROXY MODE [requests] [out-dir]
-#   PROXY: a path to an lb binary, or `haproxy`, or `nginx`.   MODE: h1 | h2
+#   PROXY: a path to an lb binary, or `haproxy`, or `nginx`.   MODE: h1 | h2 | h2aged
 # Counts the user-space instructions one proxied request costs, exactly, with valgrind's
 # callgrind (needs root, valgrind, nginx, h2load; haproxy for PROXY=haproxy). The proxy runs
 # under callgrind with one worker thread/process, behind an nginx backend (100-byte body,
@@ -12,6 +12,12 @@
 # profile: read it with `callgrind_annotate --inclusive=yes OUT/callgrind.2n`).
 # Kernel time is not counted: this is the user-time half of the per-request CPU cost.
 # Deterministic within a few hundred instructions, so an A/B of two builds needs one run each.
+# MODE h2aged (AGE and MEAS seconds, defaults 70 and 20): HTTP/2 on connections already AGE
+# seconds old, the steady state of a long-lived connection whose HPACK table has filled up
+# (N and 2N loads on fresh connections never reach it): h2load sends for AGE seconds of
+# warm-up, then for MEAS seconds during which the instructions are counted; per request =
+# Ir / the requests h2load counted in that window. Not exact to the instruction (the window's
+# edges are set by sleeps: a few per cent); compare builds with equal AGE and MEAS.
 set -u
 # PORT_BASE (default 19180): the backend listens there, the proxy on +1 (HTTP) and +2 (TLS),
 # so runs with different bases can go side by side.
@@ -19,8 +25,8 @@ PB=${PORT_BASE:-19180}; BE=$PB; HTTP=$((PB + 1)); TLS=$((PB + 2))
 PROXY=$1; MODE=$2; N=${3:-20000}; OUT=${4:-./l7-instructions}
 D=$(mktemp -d)
 mkdir -p "$OUT"
-NG=; PP=
-cleanup() { [ -n "$PP" ] && kill $PP 2>/dev/null; [ -n "$NG" ] && kill $NG 2>/dev/null; wait 2>/dev/null; rm -rf "$D"; }
+NG=; PP=; LP=
+cleanup() { for p in $LP $PP $NG; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf "$D"; }
 trap cleanup EXIT
 BODY=lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01
 cat > $D/backend.conf <<EOC
@@ -91,8 +97,8 @@ for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:$HTTP/ && break; s
 curl -sf -o /dev/null http://127.0.0.1:$HTTP/ || { echo "the proxy did not come up:"; cat $D/proxy.log; exit 1; }
 case $MODE in
 h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:$HTTP/) ;;
-h2) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
-*) echo "MODE is h1 or h2, not $MODE"; exit 2 ;;
+h2 | h2aged) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
+*) echo "MODE is h1, h2 or h2aged, not $MODE"; exit 2 ;;
 esac
 count() { # zero, load N requests, dump; prints the instructions counted
   callgrind_control -z $PP > /dev/null 2>&1
@@ -107,6 +113,24 @@ count() { # zero, load N requests, dump; prints the instructions counted
   cp "$F" "$OUT/callgrind.last"
   grep -E "^totals:" "$F" | awk '{print $2}'
 }
+if [ "$MODE" = h2aged ]; then
+  AGE=${AGE:-70}; MEAS=${MEAS:-20}
+  "${LOAD[@]}" -D $MEAS --warm-up-time $AGE > $D/load.txt 2>&1 & LP=$!
+  sleep $AGE
+  callgrind_control -z $PP > /dev/null 2>&1
+  wait $LP; LP=
+  rm -f $D/cg.*.[0-9]*
+  callgrind_control -d $PP > /dev/null 2>&1
+  for i in $(seq 100); do ls $D/cg.*.[0-9]* >/dev/null 2>&1 && break; sleep 0.1; done
+  sleep 0.5
+  F=$(ls -t $D/cg.*.[0-9]* | head -1)
+  cp "$F" "$OUT/callgrind.aged"
+  IR=$(grep -E "^totals:" "$F" | awk '{print $2}')
+  REQ=$(grep -E "^requests:" $D/load.txt | awk '{print $8}')
+  grep -E "^requests:" $D/load.txt
+  echo "$(basename "$PROXY") h2 aged ${AGE}s: $(( IR / REQ )) instructions/request (Ir ${IR} for ${REQ} requests)"
+  exit 0
+fi
 "${LOAD[@]}" -n 2000 > /dev/null 2>&1   # warm-up: pools, allocator, lazy statics
 A=$(count $N); cp "$OUT/callgrind.last" "$OUT/callgrind.n"
 B=$(count $((2 * N))); cp "$OUT/callgrind.last" "$OUT/callgrind.2n"
