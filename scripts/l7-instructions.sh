@@ -46,7 +46,9 @@ nginx -c $D/backend.conf -p $D & NG=$!
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
   -keyout $D/key.pem -out $D/cert.pem -days 2 >/dev/null 2>&1
 cat $D/cert.pem $D/key.pem > $D/both.pem
-VG=(valgrind --tool=callgrind --callgrind-out-file=$D/cg.%p --dump-instr=no --collect-jumps=no)
+# CALLGRIND_OPTS adds callgrind options, e.g. "--cache-sim=yes --branch-sim=yes": then every
+# event (cache misses, mispredicted branches) is also printed per request.
+VG=(valgrind --tool=callgrind --callgrind-out-file=$D/cg.%p --dump-instr=no --collect-jumps=no ${CALLGRIND_OPTS:-})
 case $PROXY in
 haproxy)
   cat > $D/haproxy.cfg <<EOC
@@ -136,3 +138,9 @@ A=$(count $N); cp "$OUT/callgrind.last" "$OUT/callgrind.n"
 B=$(count $((2 * N))); cp "$OUT/callgrind.last" "$OUT/callgrind.2n"
 rm -f "$OUT/callgrind.last"
 echo "$(basename "$PROXY") $MODE $(( (B - A) / N )) instructions/request (Ir: ${A} for $N, ${B} for $((2 * N)))"
+if [ -n "${CALLGRIND_OPTS:-}" ]; then # every event, per request, the same way
+  paste <(grep -E "^events:" "$OUT/callgrind.2n" | cut -d' ' -f2- | tr ' ' '\n') \
+        <(grep -E "^totals:" "$OUT/callgrind.n" | cut -d' ' -f2- | tr ' ' '\n') \
+        <(grep -E "^totals:" "$OUT/callgrind.2n" | cut -d' ' -f2- | tr ' ' '\n') |
+    awk -v n=$N '{ printf "  %-5s %10.1f per request\n", $1, ($3 - $2) / n }'
+fi
