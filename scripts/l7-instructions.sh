@@ -102,18 +102,20 @@ h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:$HTTP/) ;;
 h2 | h2aged) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
 *) echo "MODE is h1, h2 or h2aged, not $MODE"; exit 2 ;;
 esac
-count() { # zero, load N requests, dump; prints the instructions counted
-  callgrind_control -z $PP > /dev/null 2>&1
-  "${LOAD[@]}" -n $1 > $D/load.txt 2>&1
-  grep -q "succeeded, 0 failed, 0 errored" $D/load.txt || grep -q "$1 succeeded" $D/load.txt \
-    || { echo "load of $1 had failures:"; grep -E "requests:|status codes" $D/load.txt; exit 1; }
+dump() { # dumps what was counted since the last zeroing to OUT/$1; prints its Ir total
   rm -f $D/cg.*.[0-9]*
   callgrind_control -d $PP > /dev/null 2>&1
   for i in $(seq 100); do ls $D/cg.*.[0-9]* >/dev/null 2>&1 && break; sleep 0.1; done
   sleep 0.5
-  F=$(ls -t $D/cg.*.[0-9]* | head -1)
-  cp "$F" "$OUT/callgrind.last"
-  grep -E "^totals:" "$F" | awk '{print $2}'
+  cp "$(ls -t $D/cg.*.[0-9]* | head -1)" "$OUT/$1"
+  grep -E "^totals:" "$OUT/$1" | awk '{print $2}'
+}
+count() { # zero, load N requests, dump to OUT/$2; prints the instructions counted
+  callgrind_control -z $PP > /dev/null 2>&1
+  "${LOAD[@]}" -n $1 > $D/load.txt 2>&1
+  grep -q "succeeded, 0 failed, 0 errored" $D/load.txt || grep -q "$1 succeeded" $D/load.txt \
+    || { echo "load of $1 had failures:"; grep -E "requests:|status codes" $D/load.txt; exit 1; }
+  dump "$2"
 }
 if [ "$MODE" = h2aged ]; then
   AGE=${AGE:-70}; MEAS=${MEAS:-20}
@@ -121,22 +123,15 @@ if [ "$MODE" = h2aged ]; then
   sleep $AGE
   callgrind_control -z $PP > /dev/null 2>&1
   wait $LP; LP=
-  rm -f $D/cg.*.[0-9]*
-  callgrind_control -d $PP > /dev/null 2>&1
-  for i in $(seq 100); do ls $D/cg.*.[0-9]* >/dev/null 2>&1 && break; sleep 0.1; done
-  sleep 0.5
-  F=$(ls -t $D/cg.*.[0-9]* | head -1)
-  cp "$F" "$OUT/callgrind.aged"
-  IR=$(grep -E "^totals:" "$F" | awk '{print $2}')
+  IR=$(dump callgrind.aged)
   REQ=$(grep -E "^requests:" $D/load.txt | awk '{print $8}')
   grep -E "^requests:" $D/load.txt
   echo "$(basename "$PROXY") h2 aged ${AGE}s: $(( IR / REQ )) instructions/request (Ir ${IR} for ${REQ} requests)"
   exit 0
 fi
 "${LOAD[@]}" -n 2000 > /dev/null 2>&1   # warm-up: pools, allocator, lazy statics
-A=$(count $N); cp "$OUT/callgrind.last" "$OUT/callgrind.n"
-B=$(count $((2 * N))); cp "$OUT/callgrind.last" "$OUT/callgrind.2n"
-rm -f "$OUT/callgrind.last"
+A=$(count $N callgrind.n)
+B=$(count $((2 * N)) callgrind.2n)
 echo "$(basename "$PROXY") $MODE $(( (B - A) / N )) instructions/request (Ir: ${A} for $N, ${B} for $((2 * N)))"
 if [ -n "${CALLGRIND_OPTS:-}" ]; then # every event, per request, the same way
   paste <(grep -E "^events:" "$OUT/callgrind.2n" | cut -d' ' -f2- | tr ' ' '\n') \

@@ -18,7 +18,7 @@
 //! all of them (about 70 instructions each: 4,300 per request on a 70 s old connection, 1,000
 //! to 3,000 on younger ones). Never indexed, a date costs its Huffman encoding (about 550
 //! instructions) whatever the connection's age, and about 20 more bytes in the HEADERS frame.
-//! HAProxy's and nginx's HPACK encoders keep no dynamic table for responses at all. Responses
+//! Responses
 //! without a `Date` (the load balancer's own) get hyper's, indexed as before.
 use std::convert::Infallible;
 use std::future::Future;
