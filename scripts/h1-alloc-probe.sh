@@ -10,19 +10,8 @@ NG=; LBP=
 # Everything it starts or adds is removed, also when it fails or is interrupted.
 cleanup() { perf probe -d 'probe_lb:*' >/dev/null 2>&1; [ -n "$LBP" ] && kill $LBP 2>/dev/null; [ -n "$NG" ] && kill $NG 2>/dev/null; wait 2>/dev/null; rm -rf "$D"; }
 trap cleanup EXIT
-cat > $D/backend.conf <<EOC
-worker_processes 1;
-daemon off;
-pid $D/backend.pid;
-error_log $D/backend-error.log;
-events { worker_connections 8192; }
-http {
-  access_log off; keepalive_requests 100000000; keepalive_timeout 300s;
-  server { listen 127.0.0.1:19080 backlog=4096; default_type text/plain;
-    location / { return 200 "lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01"; } }
-}
-EOC
-nginx -c $D/backend.conf -p $D & NG=$!
+. "$(dirname "$0")/bench-backend.sh"
+start_backend "$D" 19080
 $LB run --listener web=http://127.0.0.1:19081 --target-group be,health-check=off --target be=127.0.0.1:19080 \
    --rule web,default,forward=be --admin-socket $D/admin.sock > $D/lb.log 2>&1 & LBP=$!
 for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:19081/ && break; sleep 0.1; done

@@ -28,20 +28,8 @@ mkdir -p "$OUT"
 NG=; PP=; LP=
 cleanup() { for p in $LP $PP $NG; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf "$D"; }
 trap cleanup EXIT
-BODY=lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01
-cat > $D/backend.conf <<EOC
-worker_processes 1;
-daemon off;
-pid $D/backend.pid;
-error_log $D/backend-error.log;
-events { worker_connections 8192; }
-http {
-  access_log off; keepalive_requests 100000000; keepalive_timeout 300s;
-  server { listen 127.0.0.1:$BE backlog=4096; default_type text/plain;
-    location / { return 200 "$BODY"; } }
-}
-EOC
-nginx -c $D/backend.conf -p $D & NG=$!
+. "$(dirname "$0")/bench-backend.sh"
+start_backend "$D" $BE
 # A throwaway ECDSA P-256 certificate, as the L7 bench uses.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
   -keyout $D/key.pem -out $D/cert.pem -days 2 >/dev/null 2>&1
