@@ -3890,7 +3890,7 @@ fn after_the_backends_neighbour_mac_changes_packets_go_to_the_new_mac() {
 fn concurrent_writers_of_lb_config_lose_no_generation_bump_and_no_setting() {
     use std::os::fd::AsFd as _;
 
-    use aya::maps::{Array, Map, MapData};
+    use aya::maps::{Array, IterableMap as _, Map, MapData};
     use lb::dataplane::route_watch;
     use lb_common::LbConfig;
 
