@@ -66,9 +66,6 @@ pub mod names {
     /// Per-CPU [`super::NextHop`] per backend id: the next hop `lb_xdp` last resolved for the
     /// backend on that CPU.
     pub const MAP_NEXTHOPS: &str = "LB_NEXTHOPS";
-    /// [`super::NextHopCtl`] at index 0: the generation that invalidates every cached next
-    /// hop, and the cache's maximum age.
-    pub const MAP_NEXTHOP_CTL: &str = "LB_NEXTHOP_CTL";
     /// Per-CPU `u64` per [`super::NextHopCounter`].
     pub const MAP_NEXTHOP_STATS: &str = "LB_NEXTHOP_STATS";
     /// Prefix of the pinned XDP links (`xdp_link@IFACE`), which keep `lb_xdp` attached when
@@ -103,8 +100,11 @@ pub mod names {
 /// counters), `VipMeta` with the mode and the rate limit; 4 = the per-backend next-hop cache
 /// (`LB_NEXTHOPS`, `LB_NEXTHOP_CTL`, `LB_NEXTHOP_STATS`); 5 = `LB_FLOWS` with per-CPU LRU
 /// lists (`BPF_F_NO_COMMON_LRU`; its capacity is split evenly between the possible CPUs);
-/// 6 = the flow clock from jiffies (`LbConfig::tick_ns`, `LbConfig::clock_offset_ns`).
-pub const LB_LAYOUT_VERSION: u32 = 6;
+/// 6 = the flow clock from jiffies (`LbConfig::tick_ns`, `LbConfig::clock_offset_ns`);
+/// 7 = the next-hop cache's generation and maximum age moved from `LB_NEXTHOP_CTL` (removed)
+/// into `LB_CONFIG` (`LbConfig::nexthop_generation`, `LbConfig::nexthop_max_age_ns`), so a
+/// flow-table hit makes one map lookup fewer.
+pub const LB_LAYOUT_VERSION: u32 = 7;
 /// [`LbConfig::magic`]: marks an `LB_CONFIG` written by a versioned layout ("LBMP").
 pub const LB_CONFIG_MAGIC: u32 = u32::from_le_bytes(*b"LBMP");
 
@@ -249,8 +249,13 @@ pub struct LbConfig {
     pub lb_addr4: u32,
     /// Source address of outer IPv6 headers (as [`addr_to_map`] words); zero = none.
     pub lb_addr6: [u32; 4],
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// The next-hop cache's generation: moved on by userspace on every change that may move
+    /// a next hop (route, neighbour, link, address, rule; every backend write); a cached
+    /// [`NextHop`] of another generation is stale. Every writer of `LB_CONFIG` in `lb run`
+    /// reads, modifies and writes the entry under one lock (the route watch is a thread of
+    /// its own), and the pin directory's lock keeps a second `lb run` out, so no write can
+    /// put back a generation stale entries were stored under.
+    pub nexthop_generation: u32,
     /// The flow clock's unit: nanoseconds per jiffy, the kernel's `TICK_NSEC`
     /// (`(10^9 + CONFIG_HZ / 2) / CONFIG_HZ`), measured by the loader. `lb_xdp` reads time as
     /// `bpf_jiffies64() * tick_ns + clock_offset_ns` (see [`FlowValue::created_ns`]).
@@ -259,6 +264,10 @@ pub struct LbConfig {
     /// this is usually "negative"): measured by the loader at every start, against
     /// `bpf_ktime_get_coarse_ns`.
     pub clock_offset_ns: u64,
+    /// A cached [`NextHop`] older than this is resolved again (bounds staleness should a
+    /// change go unnoticed, e.g. while no `lb run` watches); 0 = no cache, every packet is
+    /// looked up.
+    pub nexthop_max_age_ns: u64,
 }
 
 /// [`LbConfig::flags`]: some VIP is in NAT mode, so a packet that is for no VIP may be a NAT
@@ -517,17 +526,17 @@ pub const BACKEND_F_IN_RING: u8 = 1 << 1;
 ///
 /// An entry is used only while everything it was resolved for still holds: the same backend
 /// address and family (ids are reused), the same ingress interface, the current
-/// [`NextHopCtl::generation`] (userspace bumps it on every route, neighbour, link or address
-/// change and every backend write), an age within [`NextHopCtl::max_age_ns`], and a packet no
-/// longer than `max_len` (the largest IP length the lookup's MTU check passed: the helper
-/// reports the MTU only when a packet does not fit, so anything longer is looked up again and
-/// gets the "too big" answer from the lookup itself). Only successful lookups are cached.
+/// [`LbConfig::nexthop_generation`] (userspace bumps it on every route, neighbour, link or
+/// address change and every backend write), an age within [`LbConfig::nexthop_max_age_ns`],
+/// and a packet no longer than `max_len` (the largest IP length the lookup's MTU check
+/// passed: the helper reports the MTU only when a packet does not fit, so anything longer is
+/// looked up again and gets the "too big" answer from the lookup itself). Only successful lookups are cached.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
     /// The backend address it was resolved for ([`addr_to_map`] words).
     pub addr: [u32; 4],
-    /// [`NextHopCtl::generation`] read before the lookup.
+    /// [`LbConfig::nexthop_generation`] read before the lookup.
     pub generation: u32,
     /// The interface the packet that resolved it arrived on.
     pub ingress_ifindex: u32,
@@ -547,20 +556,6 @@ pub struct NextHop {
     pub _pad2: [u8; 4],
     /// `bpf_ktime_get_ns()` when it was resolved.
     pub resolved_ns: u64,
-}
-
-/// Index 0 of [`names::MAP_NEXTHOP_CTL`], written by userspace only.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NextHopCtl {
-    /// A cached next hop older than this is resolved again (bounds staleness should a change
-    /// go unnoticed, e.g. while no `lb run` watches); 0 = no cache, every packet is looked up.
-    pub max_age_ns: u64,
-    /// Bumped by userspace on every change that may move a next hop; a cached entry of another
-    /// generation is stale.
-    pub generation: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
 }
 
 /// What the next-hop cache counts, per CPU, in [`names::MAP_NEXTHOP_STATS`] (only on the
@@ -839,7 +834,6 @@ mod pod {
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::GuardCounters {}
     unsafe impl aya::Pod for super::NextHop {}
-    unsafe impl aya::Pod for super::NextHopCtl {}
 }
 
 #[cfg(test)]
@@ -851,7 +845,7 @@ mod tests {
     #[test]
     fn map_types_have_no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hole the compiler filled.
-        assert_eq!(size_of::<LbConfig>(), 4 * 4 + 4 + 16 + 4 + 8 + 8);
+        assert_eq!(size_of::<LbConfig>(), 4 * 4 + 4 + 16 + 4 + 8 + 8 + 8);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowValue>(), 4 + 4 + 8 + 8);
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
@@ -875,7 +869,6 @@ mod tests {
             size_of::<NextHop>(),
             16 + 4 + 4 + 4 + 2 + 1 + 1 + 6 + 6 + 4 + 8
         );
-        assert_eq!(size_of::<NextHopCtl>(), 8 + 4 + 4);
         // The fields that identify a layout keep their place in every layout.
         assert_eq!(core::mem::offset_of!(LbConfig, magic), 0);
         assert_eq!(core::mem::offset_of!(LbConfig, layout), 4);

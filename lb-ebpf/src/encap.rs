@@ -107,7 +107,7 @@ pub fn route(
         return Err((DROP, Reason::DropNoRoute));
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let generation = match nexthop::get(id, backend, ingress, total, now) {
+    let generation = match nexthop::get(id, backend, ingress, total, cfg, now) {
         Lookup::Hit(route) => return Ok(route),
         Lookup::Miss(g) => g,
     };

@@ -84,7 +84,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     }
     let nat = vip.flags & VIP_F_NAT != 0;
     let action = if nat {
-        match forward_nat(ctx, &pkt, &vip, &steer, new_flow, now) {
+        match forward_nat(ctx, &pkt, &vip, &steer, new_flow, &cfg, now) {
             Ok(a) => a,
             Err(done) => return done,
         }
@@ -134,6 +134,7 @@ fn forward_nat(
     vip: &lb_common::VipMeta,
     steer: &lookup::Steer,
     new_flow: bool,
+    cfg: &lb_common::LbConfig,
     now: u64,
 ) -> Result<(u32, Reason), (u32, Reason)> {
     if pkt.icmp_error {
@@ -148,7 +149,7 @@ fn forward_nat(
         return Err((xdp_action::XDP_PASS, Reason::PassTtlExceeded));
     }
     let port = nat::target_port(backend, &pkt.key);
-    let next = nat::to_target(ctx, pkt, steer.id, backend, port, now)?;
+    let next = nat::to_target(ctx, pkt, steer.id, backend, port, cfg, now)?;
     if new_flow {
         lookup::record(&pkt.key, steer, vip, now);
     }

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Backend, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_VIPS,
     DEFAULT_RING_SIZE, DecapReason, FlowKey, FlowTableStats, FlowValue, GuardCounters, GuardKey,
-    LbConfig, MAX_GUARD_CIDRS, MAX_RATE_SOURCES, NatReverse, NextHop, NextHopCounter, NextHopCtl,
-    RateKey, RateState, Reason, VipKey, VipMeta,
+    LbConfig, MAX_GUARD_CIDRS, MAX_RATE_SOURCES, NatReverse, NextHop, NextHopCounter, RateKey,
+    RateState, Reason, VipKey, VipMeta,
 };
 
 const MAX_VIPS: usize = DEFAULT_MAX_VIPS as usize;
@@ -78,9 +78,6 @@ pub static LB_DECAP_ADDRS: HashMap<AddrKey, u8, 64> = HashMap::new();
 /// The next hop last resolved for each backend, per CPU (see `nexthop`).
 #[btf_map]
 pub static LB_NEXTHOPS: PerCpuArray<NextHop, MAX_BACKENDS> = PerCpuArray::new();
-/// The cache's generation and maximum age; written by userspace only.
-#[btf_map]
-pub static LB_NEXTHOP_CTL: Array<NextHopCtl, 1> = Array::new();
 /// The cache's counters.
 #[btf_map]
 pub static LB_NEXTHOP_STATS: PerCpuArray<u64, { NextHopCounter::COUNT as usize }> =

@@ -33,7 +33,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, CONFIG_F_NAT, FAMILY_V6, FlowKey, IPPROTO_TCP, NatReverse, NextHopCounter, Reason,
+    Backend, CONFIG_F_NAT, FAMILY_V6, FlowKey, IPPROTO_TCP, LbConfig, NatReverse, NextHopCounter,
+    Reason,
 };
 use network_types::eth::EthHdr;
 
@@ -129,11 +130,12 @@ pub fn to_target(
     id: u32,
     backend: &Backend,
     port: u16,
+    cfg: &LbConfig,
     now: u64,
 ) -> Result<Next, Done> {
     let ingress = ctx.ingress_ifindex() as u32;
     let len = pkt.ip_len;
-    let generation = match nexthop::get(id, backend, ingress, len, now) {
+    let generation = match nexthop::get(id, backend, ingress, len, cfg, now) {
         Lookup::Hit(route) => return Ok(Next::Hop(route)),
         Lookup::Miss(g) => g,
     };

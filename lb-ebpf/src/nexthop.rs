@@ -2,18 +2,21 @@
 //! machine, about as much as the rest of a flow-table hit, and its answer for a backend
 //! changes only when routes, neighbours, links or addresses do. So the answer is kept per CPU
 //! at the backend's id ([`LB_NEXTHOPS`], a [`NextHop`]) and used while it is still valid
-//! (see [`NextHop`] for every condition). Userspace bumps [`NextHopCtl::generation`] on every
-//! change the kernel announces on its route netlink groups, which invalidates every entry at
-//! once; entries also expire after [`NextHopCtl::max_age_ns`], so a change nobody saw (no
+//! (see [`NextHop`] for every condition). Userspace bumps [`LbConfig::nexthop_generation`] on
+//! every change the kernel announces on its route netlink groups, which invalidates every entry
+//! at once; entries also expire after [`LbConfig::nexthop_max_age_ns`], so a change nobody saw (no
 //! `lb run` alive to watch) is picked up anyway. Only successful lookups are stored: an
 //! unresolved neighbour, a missing route or a packet too big are decided by the helper on
 //! every packet, exactly as without the cache.
+//!
+//! Both settings live in `LB_CONFIG`, whose entry the program has looked up (and copied)
+//! before it steers, so a hit costs no map lookup besides the entry's own.
 
-use lb_common::{Backend, NextHop, NextHopCounter, NextHopCtl};
+use lb_common::{Backend, LbConfig, NextHop, NextHopCounter};
 
 use crate::{
     encap::Route,
-    maps::{LB_NEXTHOP_CTL, LB_NEXTHOP_STATS, LB_NEXTHOPS},
+    maps::{LB_NEXTHOP_STATS, LB_NEXTHOPS},
 };
 
 /// What the cache said about a backend's next hop.
@@ -25,19 +28,20 @@ pub enum Lookup {
 }
 
 /// The cached next hop of backend `id` for a packet of IP length `len` (the length handed to
-/// `bpf_fib_lookup`) that arrived on `ingress`, if still valid at `now`.
+/// `bpf_fib_lookup`) that arrived on `ingress`, if still valid at `now`. `cfg` is the program's
+/// copy of `LB_CONFIG`, made before anything was looked up for this packet: a change announced
+/// while a miss's lookup runs moves the generation past the one its answer is stored under.
 #[inline(always)]
-pub fn get(id: u32, backend: &Backend, ingress: u32, len: usize, now: u64) -> Lookup {
-    // Read before the lookup a miss leads to: a change announced while the lookup runs bumps
-    // the generation past the one the answer is stored under.
-    let Some(ctl) = LB_NEXTHOP_CTL.get(0) else {
-        return Lookup::Miss(None);
-    };
-    let NextHopCtl {
-        max_age_ns,
-        generation,
-        _pad,
-    } = *ctl;
+pub fn get(
+    id: u32,
+    backend: &Backend,
+    ingress: u32,
+    len: usize,
+    cfg: &LbConfig,
+    now: u64,
+) -> Lookup {
+    let max_age_ns = cfg.nexthop_max_age_ns;
+    let generation = cfg.nexthop_generation;
     if max_age_ns == 0 {
         return Lookup::Miss(None);
     }

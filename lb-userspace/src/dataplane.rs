@@ -41,7 +41,7 @@ use aya::{
 use lb_common::{
     AddrKey, Backend, Counters, DecapReason, FlowKey, FlowTableStats, FlowValue, GuardCounters,
     GuardKey, HcReason, LB_CONFIG_MAGIC, LB_LAYOUT_VERSION, LbConfig, NatReverse, NextHop,
-    NextHopCounter, NextHopCtl, RateKey, RateState, Reason, VipKey, VipMeta, names,
+    NextHopCounter, RateKey, RateState, Reason, VipKey, VipMeta, names,
 };
 
 use crate::cli::XdpMode;
@@ -545,6 +545,39 @@ fn is_bpffs(path: &Path) -> bool {
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// Serialises every read-modify-write of `LB_CONFIG` in this process. Its writers are the
+/// thread that owns [`Maps`] (the loader, the L4 writer's flags and backend writes, the
+/// next-hop cache's maximum age) and the route watch's thread, which moves
+/// [`LbConfig::nexthop_generation`] on. Without the lock, a writer that read the entry before
+/// another's write could put back an older generation (under which stale next hops were
+/// stored: they would be valid again until they age out) or an older flag. Other processes
+/// never write the entry: the pin directory's lock admits one `lb run` at a time, and `lb
+/// stats` / `lb dump` only read. One lock for every balancer of the process (tests run
+/// several): the writes are rare and short.
+static LB_CONFIG_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Reads `LB_CONFIG`, changes it with `f` and writes it back if `f` changed it, under
+/// [`LB_CONFIG_WRITE`]; returns the entry as it now is.
+pub fn update_lb_config(
+    config: &mut Array<MapData, LbConfig>,
+    f: impl FnOnce(&mut LbConfig),
+) -> Result<LbConfig> {
+    // A panic elsewhere while holding the lock leaves no half-done state behind it (the map
+    // write is one syscall), so a poisoned lock is as good as a free one.
+    let _held = LB_CONFIG_WRITE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let before = config.get(&0, 0).map_err(map_err("reading LB_CONFIG"))?;
+    let mut after = before;
+    f(&mut after);
+    if after != before {
+        config
+            .set(0, after, 0)
+            .map_err(map_err("writing LB_CONFIG"))?;
+    }
+    Ok(after)
+}
+
 /// Typed handles on the balancer's maps, from a loaded object or from pins.
 pub struct Maps {
     /// Global settings.
@@ -581,14 +614,12 @@ pub struct Maps {
     pub guard_stats: PerCpuArray<MapData, GuardCounters>,
     /// The next hop cached per backend, per CPU.
     pub nexthops: PerCpuArray<MapData, NextHop>,
-    /// The next-hop cache's generation and maximum age.
-    pub nexthop_ctl: Array<MapData, NextHopCtl>,
     /// The next-hop cache's counters.
     pub nexthop_stats: PerCpuArray<MapData, u64>,
 }
 
 /// Every map of the balancer that is pinned, in pin order.
-const PINNED: [&str; 19] = [
+const PINNED: [&str; 18] = [
     names::MAP_CONFIG,
     names::MAP_VIPS,
     names::MAP_BACKENDS,
@@ -606,7 +637,6 @@ const PINNED: [&str; 19] = [
     names::MAP_RATE,
     names::MAP_GUARD_STATS,
     names::MAP_NEXTHOPS,
-    names::MAP_NEXTHOP_CTL,
     names::MAP_NEXTHOP_STATS,
 ];
 
@@ -677,7 +707,6 @@ impl Maps {
             rate: typed!(names::MAP_RATE),
             guard_stats: typed!(names::MAP_GUARD_STATS),
             nexthops: typed!(names::MAP_NEXTHOPS),
-            nexthop_ctl: typed!(names::MAP_NEXTHOP_CTL),
             nexthop_stats: typed!(names::MAP_NEXTHOP_STATS),
         })
     }
@@ -687,32 +716,22 @@ impl Maps {
         self.config.get(&0, 0).map_err(map_err("reading LB_CONFIG"))
     }
 
-    /// Writes the global settings.
-    pub fn set_lb_config(&mut self, cfg: LbConfig) -> Result<()> {
-        self.config
-            .set(0, cfg, 0)
-            .map_err(map_err("writing LB_CONFIG"))
-    }
-
-    /// The next-hop cache's settings.
-    pub fn nexthop_ctl(&self) -> Result<NextHopCtl> {
-        self.nexthop_ctl
-            .get(&0, 0)
-            .map_err(map_err("reading LB_NEXTHOP_CTL"))
+    /// Changes the global settings with `f` (see [`update_lb_config`]); returns them as
+    /// written.
+    pub fn update_lb_config(&mut self, f: impl FnOnce(&mut LbConfig)) -> Result<LbConfig> {
+        update_lb_config(&mut self.config, f)
     }
 
     /// Invalidates every cached next hop (see [`route_watch::bump_generation`]).
     pub fn bump_nexthop_generation(&mut self) -> Result<u32> {
-        route_watch::bump_generation(&mut self.nexthop_ctl)
+        route_watch::bump_generation(&mut self.config)
     }
 
     /// How long `lb_xdp` may use a cached next hop; zero turns the cache off.
     pub fn set_nexthop_max_age(&mut self, age: std::time::Duration) -> Result<()> {
-        let mut ctl = self.nexthop_ctl()?;
-        ctl.max_age_ns = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
-        self.nexthop_ctl
-            .set(0, ctl, 0)
-            .map_err(map_err("writing LB_NEXTHOP_CTL"))
+        let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+        self.update_lb_config(|c| c.nexthop_max_age_ns = age)
+            .map(|_| ())
     }
 
     /// Backend `id`'s cached next hop on every CPU, in CPU order.
@@ -1094,26 +1113,25 @@ impl Balancer {
             _route_watch: None,
         };
         let mut maps = Maps::take(&mut this.ebpf)?;
-        let mut cfg = if adopted {
-            maps.lb_config()?
-        } else {
-            LbConfig {
-                magic: LB_CONFIG_MAGIC,
-                layout: LB_LAYOUT_VERSION,
-                ring_size: sizes.ring_size,
-                ..LbConfig::default()
-            }
-        };
-        addrs.write_to(&mut cfg);
         // Measured at every start (an adopted program goes on reading the old values, which
         // differ by the measurement's jitter at most, until the new one replaces it).
         let flow_clock = clock::flow_clock(&this.ebpf)?;
-        cfg.tick_ns = flow_clock.tick_ns;
-        cfg.clock_offset_ns = flow_clock.offset_ns;
-        maps.set_lb_config(cfg)?;
+        maps.update_lb_config(|cfg| {
+            if !adopted {
+                *cfg = LbConfig {
+                    magic: LB_CONFIG_MAGIC,
+                    layout: LB_LAYOUT_VERSION,
+                    ring_size: sizes.ring_size,
+                    ..LbConfig::default()
+                };
+            }
+            addrs.write_to(cfg);
+            cfg.tick_ns = flow_clock.tick_ns;
+            cfg.clock_offset_ns = flow_clock.offset_ns;
+        })?;
         // The watch subscribes before the generation moves on, so no change falls between
         // them; entries an adopted program cached before this run are invalid from here on.
-        let watch = RouteWatch::start(&maps.nexthop_ctl);
+        let watch = RouteWatch::start(&maps.config);
         maps.bump_nexthop_generation()?;
         match watch {
             Ok(w) => {

@@ -88,11 +88,11 @@ fn flow_table_json(maps: &Maps) -> anyhow::Result<Value> {
 
 /// The next-hop cache's settings and counters.
 fn nexthop_cache_json(maps: &Maps) -> anyhow::Result<Value> {
-    let ctl = maps.nexthop_ctl()?;
+    let cfg = maps.lb_config()?;
     let mut v = json!({
-        "enabled": ctl.max_age_ns != 0,
-        "max_age_s": ctl.max_age_ns as f64 / 1e9,
-        "generation": ctl.generation,
+        "enabled": cfg.nexthop_max_age_ns != 0,
+        "max_age_s": cfg.nexthop_max_age_ns as f64 / 1e9,
+        "generation": cfg.nexthop_generation,
     });
     for (c, total) in maps.nexthop_totals()? {
         v[c.label()] = json!(total);
@@ -124,7 +124,7 @@ fn mac_text(m: [u8; 6]) -> String {
 /// `lb dump nexthops`: one row per backend and CPU that holds a cached next hop resolved for
 /// the backend's current address, with whether it is still valid.
 fn nexthops_json(maps: &Maps) -> anyhow::Result<Value> {
-    let ctl = maps.nexthop_ctl()?;
+    let cfg = maps.lb_config()?;
     let now = monotonic_ns();
     let mut rows = Vec::new();
     for (id, b) in backends(maps)? {
@@ -146,7 +146,7 @@ fn nexthops_json(maps: &Maps) -> anyhow::Result<Value> {
                 "generation": e.generation,
                 "age_s": age as f64 / 1e9,
                 // What lb_xdp would decide for a packet that fits max_len.
-                "valid": ctl.max_age_ns != 0 && e.generation == ctl.generation && age <= ctl.max_age_ns,
+                "valid": cfg.nexthop_max_age_ns != 0 && e.generation == cfg.nexthop_generation && age <= cfg.nexthop_max_age_ns,
             }));
         }
     }

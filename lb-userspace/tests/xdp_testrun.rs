@@ -3683,20 +3683,20 @@ impl Lb {
     fn long_cache(&mut self) {
         self.balancer
             .set_nexthop_max_age(self.registry.maps_mut(), Duration::from_secs(3600))
-            .expect("writing LB_NEXTHOP_CTL");
+            .expect("writing LB_CONFIG");
     }
 
     fn cache_off(&mut self) {
         self.balancer
             .set_nexthop_max_age(self.registry.maps_mut(), Duration::ZERO)
-            .expect("writing LB_NEXTHOP_CTL");
+            .expect("writing LB_CONFIG");
     }
 
     fn generation(&self) -> u32 {
         self.maps()
-            .nexthop_ctl()
-            .expect("reading LB_NEXTHOP_CTL")
-            .generation
+            .lb_config()
+            .expect("reading LB_CONFIG")
+            .nexthop_generation
     }
 
     /// (lookups, cached) of the next-hop cache so far.
@@ -3877,6 +3877,67 @@ fn after_the_backends_neighbour_mac_changes_packets_go_to_the_new_mac() {
         assert_eq!(
             packet::parse_outer(&out).expect("encapsulated").dst,
             IpAddr::from(backend(12))
+        );
+    });
+}
+
+/// The route watch's thread moves the generation on while the thread owning the maps writes
+/// other fields of `LB_CONFIG` (flags, the cache's maximum age): a read-modify-write of one
+/// that falls between the other's read and write would put back an old generation (stale
+/// next hops valid again) or an old setting. Here a second handle bumps as fast as it can
+/// while the owner rewrites the maximum age: every bump and the last age must stay.
+#[test]
+fn concurrent_writers_of_lb_config_lose_no_generation_bump_and_no_setting() {
+    use std::os::fd::AsFd as _;
+
+    use aya::maps::{Array, IterableMap as _, Map, MapData};
+    use lb::dataplane::route_watch;
+    use lb_common::LbConfig;
+
+    const BUMPS: u32 = 3000;
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let fd = lb
+            .maps()
+            .config
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("duplicating LB_CONFIG's descriptor");
+        let mut other: Array<MapData, LbConfig> =
+            Map::Array(MapData::from_fd(fd).expect("a second handle on LB_CONFIG"))
+                .try_into()
+                .expect("LB_CONFIG is an array");
+        let before = lb.generation();
+        let bumper = thread::spawn(move || {
+            for _ in 0..BUMPS {
+                route_watch::bump_generation(&mut other).expect("bumping the generation");
+            }
+        });
+        let mut last = Duration::ZERO;
+        let mut writes = 0u32;
+        while !bumper.is_finished() || writes < BUMPS {
+            // Every write differs from the one before (a write of the same value is skipped).
+            last = Duration::from_millis(u64::from(writes % 7) + 1);
+            lb.balancer
+                .set_nexthop_max_age(lb.registry.maps_mut(), last)
+                .expect("writing LB_CONFIG");
+            writes += 1;
+        }
+        bumper.join().expect("the bumping thread");
+        let cfg = lb.maps().lb_config().expect("reading LB_CONFIG");
+        // The route watch may have bumped too (the namespace's own changes): at least BUMPS.
+        let moved = cfg.nexthop_generation.wrapping_sub(before);
+        assert!(
+            moved >= BUMPS,
+            "{BUMPS} bumps moved the generation by {moved} only: a write of the maximum age \
+             put an older generation back"
+        );
+        assert_eq!(
+            cfg.nexthop_max_age_ns,
+            u64::try_from(last.as_nanos()).expect("small"),
+            "the last maximum age written ({last:?}) was lost to a bump"
         );
     });
 }

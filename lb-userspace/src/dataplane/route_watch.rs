@@ -1,6 +1,6 @@
 //! Invalidation of `lb_xdp`'s next-hop cache: a thread that listens on a `NETLINK_ROUTE`
 //! socket joined to the kernel's link, neighbour, address, route and rule groups of both
-//! families (rtnetlink(7)) and bumps [`NextHopCtl::generation`] after every batch of
+//! families (rtnetlink(7)) and bumps [`LbConfig::nexthop_generation`] after every batch of
 //! messages. The messages are not parsed: any change there may move a backend's next hop (a
 //! neighbour's MAC, a route via another gateway or interface, an MTU, an address the lookup
 //! depends on), and a new generation costs one `bpf_fib_lookup` per backend per CPU.
@@ -16,9 +16,9 @@ use std::{
 };
 
 use aya::maps::{Array, IterableMap as _, MapData};
-use lb_common::NextHopCtl;
+use lb_common::LbConfig;
 
-use super::{DataplaneError, Result};
+use super::{DataplaneError, Result, update_lb_config};
 
 /// rtnetlink multicast groups (`enum rtnetlink_groups`, include/uapi/linux/rtnetlink.h).
 const GROUPS: [(u32, &str); 9] = [
@@ -38,18 +38,15 @@ const GROUPS: [(u32, &str); 9] = [
 /// not overflow it; if it does, `ENOBUFS` still bumps the generation.
 const RCVBUF: libc::c_int = 1 << 20;
 
-/// Moves the generation on by one; returns the new one. Read-modify-write is safe with
-/// several writers: every writer writes a value newer than the one it read after its change,
-/// so a generation never goes back to one that lookups before the change were stored under.
-pub fn bump_generation(ctl: &mut Array<MapData, NextHopCtl>) -> Result<u32> {
-    let what = |w: &str| {
-        let what = format!("{w} LB_NEXTHOP_CTL");
-        move |source| DataplaneError::Map { what, source }
-    };
-    let mut c = ctl.get(&0, 0).map_err(what("reading"))?;
-    c.generation = c.generation.wrapping_add(1);
-    ctl.set(0, c, 0).map_err(what("writing"))?;
-    Ok(c.generation)
+/// Moves the generation on by one; returns the new one. The read-modify-write holds the
+/// process's `LB_CONFIG` lock (see [`update_lb_config`]), so no other write of the entry falls
+/// between its read and its write: a generation never goes back to one that lookups before
+/// the change were stored under.
+pub fn bump_generation(config: &mut Array<MapData, LbConfig>) -> Result<u32> {
+    update_lb_config(config, |c| {
+        c.nexthop_generation = c.nexthop_generation.wrapping_add(1);
+    })
+    .map(|c| c.nexthop_generation)
 }
 
 /// The running watch; dropping it stops the thread.
@@ -146,29 +143,30 @@ fn drain(sock: &OwnedFd, buf: &mut [u8]) -> bool {
 
 impl RouteWatch {
     /// Subscribes (in the calling thread's network namespace) and starts the thread that
-    /// bumps the generation of `ctl` (a second handle on the same map) after every change.
-    pub fn start(ctl: &Array<MapData, NextHopCtl>) -> Result<Self> {
+    /// bumps the generation in `config` (through a second handle on the same map) after every
+    /// change.
+    pub fn start(config: &Array<MapData, LbConfig>) -> Result<Self> {
         let sock = subscribe()?;
-        let map_fd = ctl
+        let map_fd = config
             .map()
             .fd()
             .as_fd()
             .try_clone_to_owned()
             .map_err(|source| DataplaneError::Io {
                 what: "watching route changes: duplicating",
-                path: "LB_NEXTHOP_CTL".into(),
+                path: "LB_CONFIG".into(),
                 source,
             })?;
-        let mut ctl: Array<MapData, NextHopCtl> =
+        let mut config: Array<MapData, LbConfig> =
             aya::maps::Map::Array(MapData::from_fd(map_fd).map_err(|source| {
                 DataplaneError::Map {
-                    what: "opening LB_NEXTHOP_CTL for the route watch".into(),
+                    what: "opening LB_CONFIG for the route watch".into(),
                     source,
                 }
             })?)
             .try_into()
             .map_err(|source| DataplaneError::Map {
-                what: "opening LB_NEXTHOP_CTL for the route watch".into(),
+                what: "opening LB_CONFIG for the route watch".into(),
                 source,
             })?;
         let mut fds = [0 as libc::c_int; 2];
@@ -212,7 +210,7 @@ impl RouteWatch {
                         continue;
                     }
                     let broken = drain(&sock, &mut buf);
-                    if let Err(e) = bump_generation(&mut ctl) {
+                    if let Err(e) = bump_generation(&mut config) {
                         tracing::warn!(error = %e, "route watch: cannot bump the next-hop generation");
                     }
                     if broken {

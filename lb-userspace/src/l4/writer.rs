@@ -146,12 +146,7 @@ impl L4Maps for Maps {
             .collect()
     }
     fn set_config_flags(&mut self, flags: u32) -> Result<(), DataplaneError> {
-        let mut cfg = self.lb_config()?;
-        if cfg.flags != flags {
-            cfg.flags = flags;
-            self.set_lb_config(cfg)?;
-        }
-        Ok(())
+        self.update_lb_config(|cfg| cfg.flags = flags).map(|_| ())
     }
     fn guard_entries(&self) -> Result<Vec<(GuardList, u32, GuardKey)>, DataplaneError> {
         let mut out = Vec::new();
