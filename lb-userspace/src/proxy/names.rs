@@ -128,6 +128,18 @@ mod tests {
     }
 
     #[test]
+    fn the_same_name_again_is_the_kept_one_not_parsed_again() {
+        let mut names = HeaderNames::new();
+        let first = names.get(0, b"X-Custom").expect("valid");
+        let again = names.get(0, b"X-Custom").expect("valid");
+        // A name `http` does not know owns its bytes: the kept one is shared, not copied.
+        assert_eq!(first.as_str().as_ptr(), again.as_str().as_ptr());
+        // Control: a parse makes a copy of its own.
+        let parsed = HeaderName::from_bytes(b"X-Custom").expect("valid");
+        assert_ne!(first.as_str().as_ptr(), parsed.as_str().as_ptr());
+    }
+
+    #[test]
     fn a_name_written_differently_is_parsed_again() {
         let mut names = HeaderNames::new();
         assert_eq!(names.get(0, b"x-a").expect("valid").as_str(), "x-a");
