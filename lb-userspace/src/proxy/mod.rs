@@ -7,9 +7,11 @@
 //!   learning and safe retry of stale pooled connections.
 //! - [`error`]: proxy errors: which side failed, whether retry is safe, the status they map to.
 //! - [`recycle`]: header maps kept per thread and used again by the native HTTP/1 path.
+//! - [`names`]: header names kept per connection and used again by the native HTTP/1 path.
 pub mod client;
 pub mod desync;
 pub mod error;
+pub mod names;
 pub mod pool;
 pub mod recycle;
 pub mod server;

@@ -193,6 +193,9 @@ pub struct RawConn {
     /// deadline, and wake that request's task for nothing (at most one stale wake-up per idle
     /// connection).
     pub timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The header names of the target's previous response head, used again
+    /// (`proxy::names`).
+    pub names: crate::proxy::names::HeaderNames,
 }
 
 /// What a look at an idle raw connection found.

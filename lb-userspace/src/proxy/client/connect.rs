@@ -59,6 +59,7 @@ pub(super) async fn connect_raw(
         stream: tcp,
         buf: bytes::BytesMut::new(),
         timer: None,
+        names: crate::proxy::names::HeaderNames::new(),
     };
     Ok((conn, started.elapsed()))
 }

@@ -30,6 +30,7 @@ use tokio::time::{Instant, Sleep};
 use super::body::Replay;
 use super::{BoxError, ProxyBody};
 use crate::proxy::error::ProxyError;
+use crate::proxy::names::HeaderNames;
 use crate::proxy::pool::{RawConn, TargetPool};
 
 /// Most header fields in a response head or trailer section (hyper's default, as before) → 502.
@@ -373,9 +374,11 @@ async fn exchange(
 
     let mut body_sent = true;
     let parsed = {
-        let RawConn { stream, buf, .. } = conn;
+        let RawConn {
+            stream, buf, names, ..
+        } = conn;
         let (mut reader, mut writer) = stream.split();
-        let mut head_read = pin!(read_head(&mut reader, buf, max_head, is_head));
+        let mut head_read = pin!(read_head(&mut reader, buf, names, max_head, is_head));
         if framing == RequestFraming::None {
             head_read.await
         } else {
@@ -484,12 +487,13 @@ async fn write_body<W: AsyncWrite + Unpin>(
 async fn read_head<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
+    names: &mut HeaderNames,
     max_head: usize,
     is_head: bool,
 ) -> Result<Head, H1Error> {
     loop {
         if !buf.is_empty()
-            && let Some(head) = parse_head(buf, max_head, is_head)?
+            && let Some(head) = parse_head(buf, names, max_head, is_head)?
         {
             return Ok(head);
         }
@@ -504,8 +508,14 @@ async fn read_head<R: AsyncRead + Unpin>(
 }
 
 /// Parses a final response head from the front of `buf` (consuming it and any informational
-/// responses before it), or `None` if more bytes are needed.
-fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Option<Head>, H1Error> {
+/// responses before it), or `None` if more bytes are needed. `names`: the connection's header
+/// names of its previous response head, used again where the same name is written.
+fn parse_head(
+    buf: &mut BytesMut,
+    names: &mut HeaderNames,
+    max_head: usize,
+    is_head: bool,
+) -> Result<Option<Head>, H1Error> {
     loop {
         // Left uninitialized: httparse writes the fields it parses and hands back only those
         // (filling 100 empty slots per response cost about 400 instructions).
@@ -584,8 +594,11 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, is_head: bool) -> Result<Opti
         let mut chunked = false;
         let mut length: Option<Result<u64, ()>> = None;
         let mut keep_alive_field = false;
-        for &[name_start, name_end, value_start, value_end] in &spans[..count] {
-            let name = HeaderName::from_bytes(&bytes[name_start as usize..name_end as usize])
+        for (i, &[name_start, name_end, value_start, value_end]) in
+            spans[..count].iter().enumerate()
+        {
+            let name = names
+                .get(i, &bytes[name_start as usize..name_end as usize])
                 .map_err(|_| H1Error::Malformed("header name"))?;
             let value = bytes.slice(value_start as usize..value_end as usize);
             // SAFETY (a contract, not memory): `from_maybe_shared_unchecked` wants bytes that
@@ -965,7 +978,7 @@ mod tests {
 
     fn parse(raw: &[u8], is_head: bool) -> Result<Option<Head>, H1Error> {
         let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, 32 * 1024, is_head)
+        parse_head(&mut buf, &mut HeaderNames::new(), 32 * 1024, is_head)
     }
 
     #[test]

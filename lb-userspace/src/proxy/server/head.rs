@@ -33,6 +33,7 @@ use http::header::{HeaderName, HeaderValue};
 use crate::proxy::desync::{
     RawHead, Similarity, framing_similarity, known_coding, parse_content_length, trim_ows,
 };
+use crate::proxy::names::HeaderNames;
 
 /// How the body after the head is delimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,21 +146,31 @@ fn normalize_target(raw: &[u8], as_uri: bool) -> Option<Target> {
 
 /// Rebuilds a tokenised head for hyper (see the module docs).
 pub fn prepare(raw: &RawHead<'_>) -> Prepared {
-    prepare_as(raw, false).0
+    prepare_as(raw, false, &mut HeaderNames::new()).0
 }
 
 /// As [`prepare`], but the head comes out as the `http` request parts the pipeline takes
 /// (what hyper would have parsed from the rebuilt head: same target, same header lines in the
 /// same order, the framing header last) instead of bytes; `Prepared::head` stays empty.
-/// `None` when the head cannot be forwarded (see the other fields).
-pub fn prepare_parts(raw: &RawHead<'_>) -> (Prepared, Option<http::request::Parts>) {
-    prepare_as(raw, true)
+/// `None` when the head cannot be forwarded (see the other fields). `names`: the connection's
+/// header names of its previous head, used again where the same name is written.
+pub fn prepare_parts(
+    raw: &RawHead<'_>,
+    names: &mut HeaderNames,
+) -> (Prepared, Option<http::request::Parts>) {
+    prepare_as(raw, true, names)
 }
 
-fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::request::Parts>) {
+fn prepare_as(
+    raw: &RawHead<'_>,
+    as_parts: bool,
+    names: &mut HeaderNames,
+) -> (Prepared, Option<http::request::Parts>) {
     let mut malformed = None;
     let method = raw.method;
-    if method.is_empty() || http::Method::from_bytes(method).is_err() {
+    // Parsed once: the check here, and the request parts' method below.
+    let parsed_method = http::Method::from_bytes(method).ok();
+    if method.is_empty() || parsed_method.is_none() {
         malformed = Some("invalid method");
     }
     let target = normalize_target(raw.target, as_parts).unwrap_or_else(|| {
@@ -184,6 +195,8 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
     let mut cl_values: Vec<&[u8]> = Vec::new();
     // Whether the last header line was kept, so a folded line after it is joined to it.
     let mut last_kept = false;
+    // How many names were parsed: each one's position for `names`.
+    let mut parsed = 0;
     for h in &raw.headers {
         let (te, cl) = framing_similarity(h.name);
         if te == Similarity::Identical {
@@ -214,7 +227,10 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
             continue;
         }
         let name = (!h.no_colon && te == Similarity::Distant && cl == Similarity::Distant)
-            .then(|| HeaderName::from_bytes(h.name).ok())
+            .then(|| {
+                parsed += 1;
+                names.get(parsed - 1, h.name).ok()
+            })
             .flatten();
         last_kept = name.is_some();
         if let Some(name) = name {
@@ -273,8 +289,9 @@ fn prepare_as(raw: &RawHead<'_>, as_parts: bool) -> (Prepared, Option<http::requ
     if as_parts
         && malformed.is_none()
         && let Some(v) = version
+        && let Some(m) = parsed_method
     {
-        parts = request_parts(method, target, v, kept, framing);
+        parts = request_parts(m, target, v, kept, framing);
         if parts.is_none() {
             malformed = Some("invalid request head");
         }
@@ -333,14 +350,14 @@ const ADDED_BY_PIPELINE: usize = 4;
 /// The request parts of a head [`prepare_as`] found forwardable. Every piece was checked
 /// there already (method, target, names, values); `None` only if one still does not convert.
 fn request_parts(
-    method: &[u8],
+    method: http::Method,
     target: Target,
     version: Version,
     kept: Vec<(&[u8], HeaderName, Option<HeaderValue>)>,
     framing: Framing,
 ) -> Option<http::request::Parts> {
     let (mut parts, ()) = http::Request::new(()).into_parts();
-    parts.method = http::Method::from_bytes(method).ok()?;
+    parts.method = method;
     parts.uri = match target {
         Target::Uri(uri) => uri,
         Target::Bytes(bytes) => http::Uri::from_maybe_shared(bytes::Bytes::from(bytes)).ok()?,
@@ -388,6 +405,8 @@ mod tests {
     /// byte is kept.
     #[test]
     fn a_value_http_refuses_drops_its_line() {
+        // One connection's names for every head: each head checks the kept names too.
+        let mut names = HeaderNames::new();
         for b in (0..=255u8).filter(|b| !matches!(b, b'\r' | b'\n')) {
             let valid = HeaderValue::from_bytes(&[b'a', b, b'z']).is_ok();
             let mut plain = b"GET / HTTP/1.1\r\nHost: h\r\nX: a".to_vec();
@@ -401,7 +420,7 @@ mod tests {
                 let rebuilt = prepare(&raw).head;
                 let has_x = rebuilt.windows(5).any(|w| w == b"\r\nX: ");
                 assert_eq!(has_x, valid, "byte {b:#04x} in {head:?}");
-                let (_, parts) = prepare_parts(&raw);
+                let (_, parts) = prepare_parts(&raw, &mut names);
                 let parts = parts.expect("forwardable");
                 assert_eq!(parts.headers.contains_key("x"), valid, "byte {b:#04x}");
                 assert_eq!(parts.headers.len(), 1 + usize::from(valid));
@@ -424,7 +443,7 @@ mod tests {
             let raw = tokenize(head.as_bytes());
             let rebuilt = prepare(&raw).head;
             let line = rebuilt.split(|&b| b == b'\r').next().unwrap().to_vec();
-            let (_, parts) = prepare_parts(&raw);
+            let (_, parts) = prepare_parts(&raw, &mut HeaderNames::new());
             let parts = parts.expect("forwardable");
             let expected = String::from_utf8(line).unwrap();
             assert_eq!(

@@ -37,6 +37,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::head;
 use crate::proxy::desync::{self, Classification, DesyncMode, Mitigation};
+use crate::proxy::names::HeaderNames;
 
 /// Longest request line and longest single header line (ALB: 16 KiB).
 pub const MAX_LINE: usize = 16 * 1024;
@@ -386,6 +387,8 @@ pub struct Sniffer<IO> {
     /// request) or with the first byte of a later head; cleared when the head is complete.
     head_deadline: Option<Instant>,
     header_sleep: Pin<Box<Sleep>>,
+    /// Native mode: the header names of the previous head, used again (`proxy::names`).
+    names: HeaderNames,
 }
 
 impl<IO> Sniffer<IO> {
@@ -430,6 +433,7 @@ impl<IO> Sniffer<IO> {
             header_timeout,
             head_deadline: http1.then(|| now + header_timeout),
             header_sleep: Box::pin(tokio::time::sleep_until(now + header_timeout)),
+            names: HeaderNames::new(),
         }
     }
 
@@ -678,7 +682,7 @@ impl<IO> Sniffer<IO> {
             return;
         }
         let (mut p, parts) = if self.native {
-            head::prepare_parts(&raw)
+            head::prepare_parts(&raw, &mut self.names)
         } else {
             (head::prepare(&raw), None)
         };
