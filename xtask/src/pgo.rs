@@ -203,7 +203,13 @@ const HTTPS: u16 = 18451;
 ///
 /// then a second `lb` with the same configuration and the access log on: HTTP/1.1 keep-alive
 /// 5 s. Each `lb` is stopped with SIGTERM, so its profile is written as it exits.
+///
+/// On a machine whose benchmarks are serialised with `flock FILE`, `XTASK_LOAD_LOCK=FILE` makes
+/// the training hold that lock while it loads the machine (it waits for its turn).
 pub fn train(lb: &Path, raw: &Path) -> anyhow::Result<()> {
+    let _lock = std::env::var_os("XTASK_LOAD_LOCK")
+        .map(|f| LoadLock::take(Path::new(&f)))
+        .transpose()?;
     let dir = std::env::temp_dir().join(format!("lb-pgo-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = bench_l7::RemoveDir(dir.clone());
@@ -256,6 +262,39 @@ pub fn train(lb: &Path, raw: &Path) -> anyhow::Result<()> {
     )?;
     stop(lb_log, raw)?;
     Ok(())
+}
+
+/// An exclusive `flock(2)` on a file, held until dropped (the lock `flock FILE cmd` takes).
+struct LoadLock(std::fs::File);
+
+impl LoadLock {
+    fn take(path: &Path) -> anyhow::Result<LoadLock> {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("XTASK_LOAD_LOCK: opening {}", path.display()))?;
+        eprintln!("xtask: waiting for the lock on {}", path.display());
+        // SAFETY: flock(2) on a descriptor we own; blocks until the lock is ours.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        ensure!(
+            rc == 0,
+            "XTASK_LOAD_LOCK: flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        Ok(LoadLock(file))
+    }
+}
+
+impl Drop for LoadLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: unlocking our own descriptor (closing it would unlock it too).
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
 }
 
 fn start(
@@ -414,5 +453,26 @@ mod tests {
             let e = check_env(|v| (v == var).then(|| "-Cfoo".into())).expect_err(var);
             assert!(e.to_string().starts_with(&format!("{var} is set")), "{e}");
         }
+    }
+
+    #[test]
+    fn the_load_lock_is_held_until_dropped() {
+        use std::os::fd::AsRawFd as _;
+        let path = std::env::temp_dir().join(format!("xtask-load-lock-{}", std::process::id()));
+        let try_lock = || {
+            let f = std::fs::File::open(&path).unwrap();
+            // SAFETY: flock(2) on our own descriptor, non-blocking.
+            let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            rc == 0
+        };
+        let lock = LoadLock::take(&path).unwrap();
+        assert!(
+            !try_lock(),
+            "a second lock was granted while the first is held"
+        );
+        drop(lock);
+        // Positive control: the same attempt succeeds once it is released.
+        assert!(try_lock(), "the lock was not released");
+        std::fs::remove_file(&path).unwrap();
     }
 }
