@@ -219,14 +219,10 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                         .collect::<anyhow::Result<Vec<_>>>()
                 })
                 .transpose()?;
-            let release = release_lb(root)?;
-            let (lb, baseline) = if pgo {
-                (
-                    pgo::build(&target_dir(root))?,
-                    Some(baseline.unwrap_or(release)),
-                )
-            } else {
-                (release, baseline)
+            let (lb, baseline) = match (pgo, baseline) {
+                (true, Some(baseline)) => (pgo::build(&target_dir(root))?, Some(baseline)),
+                (true, None) => (pgo::build(&target_dir(root))?, Some(release_lb(root)?)),
+                (false, baseline) => (release_lb(root)?, baseline),
             };
             bench_l7::run(
                 root,

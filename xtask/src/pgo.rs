@@ -144,38 +144,55 @@ pub fn build(target: &Path) -> anyhow::Result<PathBuf> {
     let pgo = target.join("pgo");
     let raw = pgo.join("profraw");
     let profile = pgo.join("lb.profdata");
-    // Old raw profiles would mix a previous build's counters into this one's.
-    if raw.exists() {
-        std::fs::remove_dir_all(&raw).with_context(|| format!("removing {}", raw.display()))?;
-    }
-    std::fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
 
     let gen_dir = pgo.join("gen");
     cargo_pass(&cargo_args(Pass::Generate(&raw), &host, &gen_dir))?;
     let instrumented = gen_dir.join(&host).join("release/lb");
-    eprintln!(
-        "xtask: training {} (about a minute)",
-        instrumented.display()
-    );
-    train(&instrumented, &raw)?;
-
-    eprintln!(
-        "xtask: {} merge -o {}",
-        profdata.display(),
-        profile.display()
-    );
-    let status = Command::new(&profdata)
-        .arg("merge")
-        .arg("-o")
-        .arg(&profile)
-        .arg(&raw)
-        .status()
-        .with_context(|| format!("running {}", profdata.display()))?;
-    ensure!(status.success(), "llvm-profdata merge failed ({status})");
+    if newer(&profile, &instrumented) {
+        // The same instrumented binary would give about the same profile, and a new one
+        // rebuilds everything: `lb` is only trained again when it changed.
+        eprintln!(
+            "xtask: {} is newer than the instrumented lb: using it (delete it to train again)",
+            profile.display()
+        );
+    } else {
+        // Old raw profiles would mix a previous build's counters into this one's.
+        if raw.exists() {
+            std::fs::remove_dir_all(&raw).with_context(|| format!("removing {}", raw.display()))?;
+        }
+        std::fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
+        eprintln!(
+            "xtask: training {} (about a minute)",
+            instrumented.display()
+        );
+        train(&instrumented, &raw)?;
+        eprintln!(
+            "xtask: {} merge -o {}",
+            profdata.display(),
+            profile.display()
+        );
+        let status = Command::new(&profdata)
+            .arg("merge")
+            .arg("-o")
+            .arg(&profile)
+            .arg(&raw)
+            .status()
+            .with_context(|| format!("running {}", profdata.display()))?;
+        ensure!(status.success(), "llvm-profdata merge failed ({status})");
+    }
 
     let use_dir = pgo.join("use");
     cargo_pass(&cargo_args(Pass::Use(&profile), &host, &use_dir))?;
     Ok(use_dir.join(&host).join("release/lb"))
+}
+
+/// Whether `a` exists and was modified after `b`.
+fn newer(a: &Path, b: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (modified(a), modified(b)) {
+        (Some(a), Some(b)) => a > b,
+        _ => false,
+    }
 }
 
 fn cargo_pass(args: &[String]) -> anyhow::Result<()> {
@@ -474,5 +491,25 @@ mod tests {
         // Positive control: the same attempt succeeds once it is released.
         assert!(try_lock(), "the lock was not released");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_profile_is_reused_only_when_newer_than_the_instrumented_lb() {
+        use std::time::SystemTime;
+        let dir = std::env::temp_dir().join(format!("xtask-newer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (profile, lb) = (dir.join("lb.profdata"), dir.join("lb"));
+        let at = |p: &Path, secs: u64| {
+            let f = std::fs::File::create(p).unwrap();
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                .unwrap();
+        };
+        at(&lb, 2_000_000_000);
+        assert!(!newer(&profile, &lb), "no profile yet");
+        at(&profile, 1_000_000_000);
+        assert!(!newer(&profile, &lb), "profile older than the binary");
+        at(&profile, 2_000_000_001);
+        assert!(newer(&profile, &lb), "profile newer than the binary");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
