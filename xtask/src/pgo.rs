@@ -19,6 +19,9 @@
 //! (aya-build sets that build's `CARGO_ENCODED_RUSTFLAGS` itself; a `RUSTFLAGS` or
 //! `CARGO_PROFILE_RELEASE_LTO` in our environment would be inherited by it). The LTO settings
 //! are `--config profile.release.…` for the same reason.
+//!
+//! rustc lists the `-Cprofile-use` file in every crate's dep-info and cargo checks it (for
+//! registry crates too), so a new profile rebuilds every crate of the optimised build.
 use std::{
     path::{Path, PathBuf},
     process::Command,
