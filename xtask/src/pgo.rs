@@ -16,9 +16,9 @@
 //! rustc book's PGO chapter advises), so cargo applies them neither to build scripts and proc
 //! macros (which would write profiles of their own while building) nor, through the
 //! environment, to the nested cargo that `lb-userspace/build.rs` starts for the BPF object
-//! (aya-build sets that build's `CARGO_ENCODED_RUSTFLAGS` itself; a `RUSTFLAGS` or
-//! `CARGO_PROFILE_RELEASE_LTO` in our environment would be inherited by it). The LTO settings
-//! are `--config profile.release.…` for the same reason.
+//! (aya-build replaces that build's rustflags with its own `CARGO_ENCODED_RUSTFLAGS`, but not
+//! its profile: a `CARGO_PROFILE_RELEASE_LTO` in our environment would reach it). The LTO
+//! settings are `--config profile.release.…` for that reason.
 //!
 //! rustc lists the `-Cprofile-use` file in every crate's dep-info and cargo checks it (for
 //! registry crates too), so a new profile rebuilds every crate of the optimised build.
@@ -41,9 +41,11 @@ pub enum Pass<'a> {
     Use(&'a Path),
 }
 
-/// Environment variables that would override or leak past the `--config` flags of a PGO
-/// build: cargo gives `CARGO_ENCODED_RUSTFLAGS` and `RUSTFLAGS` precedence over
-/// `target.<host>.rustflags`, and every variable here is inherited by the BPF build's cargo.
+/// Environment variables that would defeat the `--config` flags of a PGO build: cargo gives
+/// `CARGO_ENCODED_RUSTFLAGS` and `RUSTFLAGS` precedence over `target.<host>.rustflags` (the
+/// profile flag would be dropped) and ignores `CARGO_BUILD_RUSTFLAGS` when those are set (the
+/// caller's flags would be dropped silently); the release-profile variables are inherited by
+/// the BPF build's cargo.
 const CONFLICTING_ENV: &[&str] = &[
     "RUSTFLAGS",
     "CARGO_ENCODED_RUSTFLAGS",
