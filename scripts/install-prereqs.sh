@@ -5,6 +5,8 @@
 #   - rust-src for the nightly toolchain (lb-ebpf is built with -Z build-std)
 #   - llvm-22-dev (bpf-linker links against it)
 #   - bpf-linker built against LLVM 22
+#   - llvm-tools for the stable toolchain (llvm-profdata: `cargo xtask build --pgo`; Debian's
+#     llvm-22, which llvm-22-dev brings, is the fall-back)
 #   - iproute2 and ethtool (tests and the demo build topologies with them)
 #   - promtool (Debian's prometheus package: a test checks the /metrics output with it)
 #   - a bpffs mount at /sys/fs/bpf (lb pins its maps there)
@@ -34,6 +36,11 @@ fi
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
   log "rustup component add rust-src --toolchain nightly"
   rustup component add rust-src --toolchain nightly
+fi
+
+if ! rustup component list --installed 2>/dev/null | grep -q '^llvm-tools'; then
+  log "rustup component add llvm-tools"
+  rustup component add llvm-tools || log "llvm-tools not installed; Debian's llvm-profdata will do if its LLVM matches rustc's"
 fi
 
 if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/bpf-linker" ]; then

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 
-const BACKEND: &str = "127.0.0.1:18080";
+pub(crate) const BACKEND: &str = "127.0.0.1:18080";
 /// TLS 1.3 suites in ALB's order, chosen by the server (as `lb` does): HAProxy and nginx are
 /// told the same, so every proxy negotiates AES-128-GCM-SHA256 with an OpenSSL client that
 /// would prefer AES-256 (HAProxy enforces its own order by default; nginx is told to).
@@ -91,6 +91,8 @@ pub struct Options {
     pub baseline: Option<PathBuf>,
     /// Rounds instead of the default (3, or 1 with `quick`).
     pub rounds: Option<usize>,
+    /// `lb` is the profile-guided build (only printed with the command line).
+    pub pgo: bool,
 }
 
 /// `--rounds`: a whole number of rounds, at least 1 (clap names the flag in its error).
@@ -111,7 +113,7 @@ struct Plan {
 }
 
 /// A started process (and, for nginx, its workers), killed on drop.
-struct Running {
+pub(crate) struct Running {
     child: Child,
 }
 
@@ -153,8 +155,32 @@ impl Running {
     }
 }
 
+impl Running {
+    /// SIGTERM, then wait up to `grace` for the exit (SIGKILL after it, and an error).
+    pub(crate) fn terminate(mut self, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "process {} still running {} s after SIGTERM",
+            self.child.id(),
+            grace.as_secs()
+        )
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
+        // Already reaped (`terminate`): its pid may belong to another process by now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         // SAFETY: kill(2) on our own child: SIGTERM so nginx/haproxy/lb exit cleanly.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -200,7 +226,7 @@ fn have(cmd: &str) -> bool {
 }
 
 /// Installs the peers and load generators from Debian when they are missing.
-fn ensure_tools() -> anyhow::Result<()> {
+pub(crate) fn ensure_tools() -> anyhow::Result<()> {
     let wanted = [
         ("haproxy", "haproxy"),
         ("nginx", "nginx"),
@@ -242,7 +268,7 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// An ECDSA P-256 certificate for 127.0.0.1: (cert, key, cert+key for HAProxy).
-fn certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+pub(crate) fn certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let (cert, key, both) = (
         dir.join("cert.pem"),
         dir.join("key.pem"),
@@ -277,7 +303,7 @@ fn certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     Ok((cert, key, both))
 }
 
-fn spawn(what: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Running> {
+pub(crate) fn spawn(what: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Running> {
     let log = std::fs::File::create(log)?;
     let child = cmd
         .stdout(Stdio::null())
@@ -287,7 +313,7 @@ fn spawn(what: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Running> {
     Ok(Running { child })
 }
 
-fn wait_port(port: u16) -> anyhow::Result<()> {
+pub(crate) fn wait_port(port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -298,7 +324,7 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
     bail!("nothing listens on 127.0.0.1:{port} after 10 s")
 }
 
-fn nginx_backend(dir: &Path) -> anyhow::Result<Running> {
+pub(crate) fn nginx_backend(dir: &Path) -> anyhow::Result<Running> {
     let conf = dir.join("backend.conf");
     write(
         &conf,
@@ -422,15 +448,15 @@ fn start_proxy(
 
 /// One load run's result.
 #[derive(Debug, Clone, Copy, Default)]
-struct Sample {
-    rps: f64,
+pub(crate) struct Sample {
+    pub(crate) rps: f64,
     per_cpu_s: f64,
     /// The proxy's user and system CPU time per request, in µs.
     user_us: f64,
     sys_us: f64,
     p50_ms: f64,
     p99_ms: f64,
-    errors: u64,
+    pub(crate) errors: u64,
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
@@ -460,7 +486,7 @@ fn wrk_ms(s: &str) -> f64 {
     num.parse::<f64>().unwrap_or(f64::NAN) * mult
 }
 
-fn run_wrk(url: &str, conns: u32, seconds: u64, close: bool) -> anyhow::Result<Sample> {
+pub(crate) fn run_wrk(url: &str, conns: u32, seconds: u64, close: bool) -> anyhow::Result<Sample> {
     let mut cmd = Command::new("wrk");
     cmd.args([
         "-t1",
@@ -494,15 +520,24 @@ fn run_wrk(url: &str, conns: u32, seconds: u64, close: bool) -> anyhow::Result<S
 }
 
 fn run_h2load(url: &str, seconds: u64) -> anyhow::Result<Sample> {
-    let text = output(Command::new("h2load").args([
-        "-c32",
-        "-m10",
-        "-t1",
-        "-D",
-        &seconds.to_string(),
-        "--warm-up-time=1",
-        url,
-    ]))?;
+    run_h2load_urls(&[url], seconds)
+}
+
+/// `h2load -c32 -m10` for `seconds`; with several URLs (same scheme, host and port), each
+/// client's requests go to them in turn.
+pub(crate) fn run_h2load_urls(urls: &[&str], seconds: u64) -> anyhow::Result<Sample> {
+    let text = output(
+        Command::new("h2load")
+            .args([
+                "-c32",
+                "-m10",
+                "-t1",
+                "-D",
+                &seconds.to_string(),
+                "--warm-up-time=1",
+            ])
+            .args(urls),
+    )?;
     let mut s = Sample::default();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("finished in") {
@@ -533,7 +568,7 @@ fn run_h2load(url: &str, seconds: u64) -> anyhow::Result<Sample> {
 /// until the proxy closes, one connection after another for `seconds`, with a new session
 /// every time (`-new`: no resumption). A connection that read less than the backend's body
 /// counts as an error.
-fn run_s_time(port: u16, clients: u32, seconds: u64) -> anyhow::Result<Sample> {
+pub(crate) fn run_s_time(port: u16, clients: u32, seconds: u64) -> anyhow::Result<Sample> {
     let children = (0..clients)
         .map(|_| {
             Command::new("openssl")
@@ -767,8 +802,9 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
 
     println!("lb L7 benchmark, beside HAProxy and nginx");
     println!(
-        "command:  cargo xtask bench l7{}{}{}{}",
+        "command:  cargo xtask bench l7{}{}{}{}{}",
         if quick { " --quick" } else { "" },
+        if opts.pgo { " --pgo" } else { "" },
         opts.rounds
             .map_or(String::new(), |n| format!(" --rounds {n}")),
         opts.only.as_ref().map_or(String::new(), |f| format!(
@@ -909,7 +945,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
 }
 
 /// Removes the bench's scratch directory, also when a step fails.
-struct RemoveDir(PathBuf);
+pub(crate) struct RemoveDir(pub(crate) PathBuf);
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {

@@ -1,7 +1,10 @@
 //! `cargo xtask …`: the commands a newcomer and CI run.
 //!
 //! - `cargo xtask run`: the self-contained demo in network namespaces.
-//! - `cargo xtask run -- FLAGS`: `lb run FLAGS` on this host (release build).
+//! - `cargo xtask run [--pgo] -- FLAGS`: `lb run FLAGS` on this host (release build, or the
+//!   profile-guided one).
+//! - `cargo xtask build [--pgo]`: the release `lb`, or a profile-guided fat-LTO one (`pgo`);
+//!   prints the binary's path.
 //! - `cargo xtask test`: every test (unit, L7 on loopback, L4 in namespaces) plus fmt/clippy.
 //! - `cargo xtask bench xdp|control|l7|l4|all`: the XDP, control-plane, L7 and L4 benchmarks,
 //!   or all of them in turn.
@@ -12,6 +15,7 @@
 mod bench_l4;
 mod bench_l7;
 mod katran;
+mod pgo;
 
 use std::{
     env,
@@ -34,9 +38,21 @@ struct Cli {
 enum Cmd {
     /// Without flags: the namespace demo. With `-- FLAGS`: `lb run FLAGS` on this host.
     Run {
+        /// Run the profile-guided build (`cargo xtask build --pgo`) instead of the release build.
+        #[arg(long)]
+        pgo: bool,
         /// Flags for `lb run` (after `--`).
         #[arg(last = true)]
         flags: Vec<OsString>,
+    },
+    /// Build the release `lb` and print its path.
+    Build {
+        /// Profile-guided and fat LTO: build `lb` instrumented, train it on an L7 load (about a
+        /// minute, on loopback ports 18080, 18091 and 18451; nginx, wrk, h2load and openssl are
+        /// installed when missing, as root), build it again with the profile. The binary is
+        /// `target/pgo/use/<host>/release/lb`.
+        #[arg(long)]
+        pgo: bool,
     },
     /// Run every test: unit, L7 on loopback, L4 in network namespaces; then fmt and clippy.
     Test {
@@ -90,6 +106,10 @@ enum Bench {
         /// median of the per-round ratios, to settle an A/B on a noisy machine.
         #[arg(long, value_name = "N", value_parser = bench_l7::parse_rounds)]
         rounds: Option<usize>,
+        /// Measure the profile-guided build (`cargo xtask build --pgo`) as `lb`; without
+        /// `--baseline`, the normal release build runs beside it as `lb-base`.
+        #[arg(long)]
+        pgo: bool,
     },
     /// L4: lb_xdp (DSR) beside nftables DNAT through a namespace topology: UDP packets/s,
     /// TCP connections/s, LB CPU per packet.
@@ -135,10 +155,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     prereqs(&root)?;
     match cli.command {
         Cmd::Prereqs => Ok(()),
-        Cmd::Run { flags } if flags.is_empty() => demo(&root),
-        Cmd::Run { flags } => {
-            cargo(&["build", "--release", "-p", "lb-userspace"])?;
-            let lb = target_dir(&root).join("release/lb");
+        Cmd::Run { pgo, flags } => {
+            let lb = match run_mode(pgo, &flags)? {
+                RunMode::Demo => return demo(&root),
+                RunMode::Lb { pgo: true } => pgo::build(&target_dir(&root))?,
+                RunMode::Lb { pgo: false } => release_lb(&root)?,
+            };
             let status = Command::new(&lb)
                 .arg("run")
                 .args(&flags)
@@ -147,6 +169,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !status.success() {
                 bail!("lb run exited with {status}");
             }
+            Ok(())
+        }
+        Cmd::Build { pgo } => {
+            let lb = if pgo {
+                pgo::build(&target_dir(&root))?
+            } else {
+                release_lb(&root)?
+            };
+            println!("{}", lb.display());
             Ok(())
         }
         Cmd::Test { no_lint, filter } => test(&root, no_lint, filter.as_deref()),
@@ -176,6 +207,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
             only,
             baseline,
             rounds,
+            pgo,
         } => {
             require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
             let only = only
@@ -187,15 +219,20 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                         .collect::<anyhow::Result<Vec<_>>>()
                 })
                 .transpose()?;
-            cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
+            let (lb, baseline) = match (pgo, baseline) {
+                (true, Some(baseline)) => (pgo::build(&target_dir(root))?, Some(baseline)),
+                (true, None) => (pgo::build(&target_dir(root))?, Some(release_lb(root)?)),
+                (false, baseline) => (release_lb(root)?, baseline),
+            };
             bench_l7::run(
                 root,
-                &target_dir(root).join("release/lb"),
+                &lb,
                 bench_l7::Options {
                     quick,
                     only,
                     baseline,
                     rounds,
+                    pgo,
                 },
             )
         }
@@ -227,6 +264,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                     only: None,
                     baseline: None,
                     rounds: None,
+                    pgo: false,
                 },
             ];
             for suite in suites {
@@ -244,6 +282,31 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `cargo xtask run` does.
+#[derive(Debug, PartialEq, Eq)]
+enum RunMode {
+    /// The namespace demo (no flags).
+    Demo,
+    /// `lb run FLAGS` with the release build, or the PGO build.
+    Lb { pgo: bool },
+}
+
+fn run_mode(pgo: bool, flags: &[OsString]) -> anyhow::Result<RunMode> {
+    match (pgo, flags.is_empty()) {
+        (false, true) => Ok(RunMode::Demo),
+        (true, true) => {
+            bail!("--pgo runs `lb run FLAGS` with the PGO build: give the flags after `--`")
+        }
+        (pgo, false) => Ok(RunMode::Lb { pgo }),
+    }
+}
+
+/// `cargo build --release` of `lb`; its path.
+fn release_lb(root: &Path) -> anyhow::Result<PathBuf> {
+    cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "lb"])?;
+    Ok(target_dir(root).join("release/lb"))
 }
 
 fn workspace_root() -> PathBuf {
@@ -327,6 +390,11 @@ const PREREQS: &[Prereq] = &[
         what: "LLVM 22 development files (bpf-linker links against them)",
         present: || succeeds("dpkg", &["-s", "llvm-22-dev"]),
         install: "apt-get update && apt-get install -y llvm-22-dev",
+    },
+    Prereq {
+        what: "llvm-profdata for rustc's LLVM (cargo xtask build --pgo merges the profiles with it)",
+        present: || pgo::llvm_profdata().is_some(),
+        install: "rustup component add llvm-tools",
     },
     Prereq {
         what: "bpf-linker",
@@ -548,4 +616,92 @@ fn test(root: &Path, no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> 
     }
     eprintln!("xtask: all tests passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["cargo xtask"].iter().chain(args))
+    }
+
+    #[test]
+    fn pgo_is_a_flag_of_build_run_and_bench_l7() {
+        assert!(matches!(
+            parse(&["build"]).unwrap().command,
+            Cmd::Build { pgo: false }
+        ));
+        assert!(matches!(
+            parse(&["build", "--pgo"]).unwrap().command,
+            Cmd::Build { pgo: true }
+        ));
+        match parse(&[
+            "run",
+            "--pgo",
+            "--",
+            "--listener",
+            "web=http://127.0.0.1:80",
+        ])
+        .unwrap()
+        .command
+        {
+            Cmd::Run { pgo, flags } => {
+                assert!(pgo);
+                assert_eq!(flags, ["--listener", "web=http://127.0.0.1:80"]);
+            }
+            _ => panic!("not run"),
+        }
+        match parse(&["bench", "l7", "--pgo", "--only", "h1,h2"])
+            .unwrap()
+            .command
+        {
+            Cmd::Bench {
+                which: Bench::L7 { pgo, only, .. },
+            } => {
+                assert!(pgo);
+                assert_eq!(only.as_deref(), Some("h1,h2"));
+            }
+            _ => panic!("not bench l7"),
+        }
+    }
+
+    #[test]
+    fn pgo_elsewhere_is_an_error_naming_the_flag() {
+        // Positive control: the same subcommands parse without it.
+        assert!(parse(&["bench", "l4"]).is_ok());
+        assert!(parse(&["test"]).is_ok());
+        for args in [
+            &["bench", "l4", "--pgo"][..],
+            &["test", "--pgo"],
+            &["build", "--pgo=yes"],
+        ] {
+            let e = parse(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} parsed"));
+            assert!(e.to_string().contains("--pgo"), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn run_pgo_without_lb_flags_is_refused() {
+        let mode = |args: &[&str]| {
+            let Cmd::Run { pgo, flags } = parse(args).unwrap().command else {
+                panic!("not run");
+            };
+            run_mode(pgo, &flags)
+        };
+        assert_eq!(mode(&["run"]).unwrap(), RunMode::Demo);
+        assert_eq!(
+            mode(&["run", "--", "--listener", "a=http://127.0.0.1:1"]).unwrap(),
+            RunMode::Lb { pgo: false }
+        );
+        assert_eq!(
+            mode(&["run", "--pgo", "--", "--listener", "a=http://127.0.0.1:1"]).unwrap(),
+            RunMode::Lb { pgo: true }
+        );
+        // The demo has no PGO variant: `run --pgo` alone must not silently start it.
+        let e = mode(&["run", "--pgo"]).unwrap_err();
+        assert!(e.to_string().starts_with("--pgo "), "{e}");
+    }
 }
