@@ -10,6 +10,8 @@
 //! - [`trace_id`]: creates or extends `X-Amzn-Trace-Id`, returns it for the access log.
 //! - [`keep_alive_timeout`]: a response's `Keep-Alive: timeout=N`, for the connection pool.
 //! - [`request_cookies`]: every `Cookie` line joined, for target stickiness.
+//! - [`list_elements`], [`has_token`]: the elements of a comma-separated value such as
+//!   `Connection`, and whether one of them is a given token.
 //!
 //! Order on a request: [`keep_alive_timeout`] has nothing to do there; call
 //! [`strip_hop_by_hop`] first (a client could otherwise name `X-Forwarded-For` in
@@ -128,8 +130,7 @@ pub fn apply_forwarded(
         http::header::Entry::Occupied(mut entry) => {
             let received: Vec<&[u8]> = entry
                 .iter()
-                .flat_map(|line| line.as_bytes().split(|&b| b == b','))
-                .map(<[u8]>::trim_ascii)
+                .flat_map(list_elements)
                 .filter(|entry| !entry.is_empty())
                 .collect();
             let count = received.len() + usize::from(mode == XffMode::Append);
@@ -396,12 +397,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let mut named: Vec<HeaderName> = Vec::new();
     let mut names_upgrade = false;
     if present & CONNECTION_BIT != 0 {
-        for token in headers
-            .get_all(CONNECTION)
-            .iter()
-            .flat_map(|line| line.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-        {
+        for token in headers.get_all(CONNECTION).iter().flat_map(list_elements) {
             if token.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes()) {
                 names_upgrade = true;
             }
@@ -566,6 +562,22 @@ pub fn cookie_values<'a>(header: &'a str, name: &'a str) -> impl Iterator<Item =
     })
 }
 
+/// The elements of a comma-separated header value (RFC 9110 section 5.6.1), trimmed of
+/// spaces and tabs; empty elements are kept. Works on the bytes, so an element with bytes
+/// outside visible ASCII does not hide the others.
+pub fn list_elements(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+}
+
+/// Whether the comma-separated `value` (`Connection`, `TE`, `Keep-Alive`, …) lists `token`,
+/// compared ASCII case-insensitively.
+pub fn has_token(value: &HeaderValue, token: &str) -> bool {
+    list_elements(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
@@ -574,6 +586,23 @@ mod tests {
     use rand::rngs::StdRng;
 
     use super::*;
+
+    #[test]
+    fn has_token_finds_a_listed_token_in_any_case_and_spacing_only_as_a_whole_element() {
+        let v = |s: &[u8]| HeaderValue::from_bytes(s).unwrap();
+        assert!(has_token(&v(b"close"), "close"));
+        assert!(has_token(&v(b"Keep-Alive ,\tCLOSE "), "close"));
+        assert!(has_token(&v(b",,close,"), "close"));
+        // An element with a byte outside visible ASCII (obs-text) does not hide the others;
+        // the value is not valid `to_str`, which the check once went through.
+        let obs = v(b"x-\xe9t\xe9, close");
+        assert!(obs.to_str().is_err());
+        assert!(has_token(&obs, "close"));
+        // Negative checks: part of an element, or a token with other words, is not the token.
+        assert!(!has_token(&v(b"closed, keep-alive"), "close"));
+        assert!(!has_token(&v(b"close keep-alive"), "close"));
+        assert!(!has_token(&v(b""), "close"));
+    }
 
     fn map(headers: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

@@ -8,7 +8,9 @@
 //! - [`error`]: proxy errors: which side failed, whether retry is safe, the status they map to.
 //! - [`recycle`]: header maps kept per thread and used again by the native HTTP/1 path.
 //! - [`names`]: header names kept per connection and used again by the native HTTP/1 path.
+//! - `deadline`: idle timers moved on only when they fire, not at every activity.
 pub mod client;
+mod deadline;
 pub mod desync;
 pub mod error;
 pub mod names;

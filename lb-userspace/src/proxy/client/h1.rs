@@ -29,6 +29,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::body::Replay;
 use super::{BoxError, ProxyBody};
+use crate::headers::has_token;
+use crate::proxy::deadline::poll_idle_deadline;
 use crate::proxy::error::ProxyError;
 use crate::proxy::names::HeaderNames;
 use crate::proxy::pool::{RawConn, TargetPool};
@@ -197,14 +199,6 @@ fn ends_chunked(line: &HeaderValue) -> bool {
         .rsplit(|&b| b == b',')
         .next()
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// Whether a `Connection` header lists `token`.
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The `Content-Length`, if present: `Err` when a value is invalid or the values differ.
@@ -420,17 +414,13 @@ async fn within_idle_timeout<T>(
         if let Poll::Ready(out) = exchange.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        while timer.as_mut().poll(cx).is_ready() {
+        poll_idle_deadline(timer.as_mut(), cx, || {
             let quiet_since = replay
                 .last_activity()
                 .map_or(started, |last| last.max(started));
-            let deadline = quiet_since + idle_timeout;
-            if deadline <= Instant::now() {
-                return Poll::Ready(None);
-            }
-            timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
+            quiet_since + idle_timeout
+        })
+        .map(|()| None)
     })
     .await
 }

@@ -45,6 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::L7Counters;
 use super::pipeline::{self, ConnCtx};
 use super::sniff::{ChunkPiece, ChunkScan, Native, NativeEvent, Sniffer};
+use crate::headers::has_token;
 use crate::proxy::client::ProxyBody;
 use crate::proxy::client::h1::parse_trailers;
 
@@ -107,13 +108,6 @@ struct RequestInfo {
     connect: bool,
     keep_alive: bool,
     te_trailers: bool,
-}
-
-/// A `Connection` header value lists `token` (hyper's `connection_has`).
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 impl RequestInfo {

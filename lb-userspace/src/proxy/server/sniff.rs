@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::head;
+use crate::proxy::deadline::poll_idle_deadline;
 use crate::proxy::desync::{self, Classification, DesyncMode, Mitigation};
 use crate::proxy::names::HeaderNames;
 
@@ -795,22 +796,12 @@ impl<IO> Sniffer<IO> {
         }
         let activity = *lock(&self.shared.activity);
         let deadline = self.last_read.max(activity) + self.idle_timeout;
-        // The deadline moves later with every request; re-registering the timer each time cost
-        // a timer-wheel update per request. The timer is moved only to an earlier deadline;
-        // when it fires before the current one, it is set again and polled, so it expires
-        // exactly when the deadline passes.
-        loop {
-            if self.sleep.deadline() > deadline {
-                self.sleep.as_mut().reset(deadline);
-            }
-            if self.sleep.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if self.sleep.deadline() >= deadline {
-                return true;
-            }
+        // Only ever moved to an earlier deadline here (the deadline moves later with every
+        // request; `poll_idle_deadline` moves the timer on when it fires).
+        if self.sleep.deadline() > deadline {
             self.sleep.as_mut().reset(deadline);
         }
+        poll_idle_deadline(self.sleep.as_mut(), cx, || deadline).is_ready()
     }
 }
 
