@@ -9,55 +9,15 @@ usage: callgrind-diff.py OUT N [EVENT [TOP [REGEX]]]
   --branch-sim=yes" for the cache and branch columns."""
 import re
 import sys
-from collections import defaultdict
 
-
-def load(path):
-    names, cost = {}, defaultdict(lambda: None)
-    fn, after, events, npos = None, False, [], 1
-
-    def name(rest):
-        m = re.match(r"\((\d+)\)(?: (.*))?", rest)
-        if not m:
-            return rest
-        if m.group(2) is not None:
-            names[m.group(1)] = m.group(2)
-        return names.get(m.group(1), rest)
-
-    for line in open(path, errors="replace"):
-        line = line.rstrip("\n")
-        if line.startswith("events:"):
-            events = line.split()[1:]
-        elif line.startswith("positions:"):
-            npos = len(line.split()) - 1
-        elif line.startswith("fn="):
-            fn, after = name(line[3:]), False
-        elif line.startswith("cfn="):
-            name(line[4:])
-        elif line.startswith("calls="):
-            after = True
-        elif line and (line[0].isdigit() or line[0] in "+-*"):
-            if after:  # the inclusive cost of a call: not self
-                after = False
-                continue
-            if fn is None:
-                continue
-            v = [int(x) for x in line.split()[npos:]]
-            v += [0] * (len(events) - len(v))
-            if cost[fn] is None:
-                cost[fn] = v
-            else:
-                for i, x in enumerate(v):
-                    cost[fn][i] += x
-    return events, cost
-
+from callgrind_profile import self_costs
 
 out, n = sys.argv[1], float(sys.argv[2])
 key = sys.argv[3] if len(sys.argv) > 3 else "Ir"
 top = int(sys.argv[4]) if len(sys.argv) > 4 else 40
 keep = re.compile(sys.argv[5]) if len(sys.argv) > 5 else None
-events, a = load(out + "/callgrind.n")
-_, b = load(out + "/callgrind.2n")
+events, a = self_costs(out + "/callgrind.n")
+_, b = self_costs(out + "/callgrind.2n")
 zero = [0] * len(events)
 diff = {f: [(y - x) / n for x, y in zip(a.get(f) or zero, b.get(f) or zero)] for f in set(a) | set(b)}
 show = [e for e in ["Ir", "Dw", "I1mr", "D1mr", "D1mw", "Bc", "Bcm", "Bi", "Bim"] if e in events]

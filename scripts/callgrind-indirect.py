@@ -16,48 +16,19 @@ import subprocess
 import sys
 from collections import defaultdict
 
+from callgrind_profile import cost_lines
+
 
 def per_instruction(path):
-    names, cost, fnof = {}, defaultdict(int), {}
-    fn, after, events, pos, last = None, False, [], [], []
-
-    def name(rest):
-        m = re.match(r"\((\d+)\)(?: (.*))?", rest)
-        if not m:
-            return rest
-        if m.group(2) is not None:
-            names[m.group(1)] = m.group(2)
-        return names.get(m.group(1), rest)
-
-    for line in open(path, errors="replace"):
-        line = line.rstrip("\n")
-        if line.startswith("positions:"):
-            pos = line.split()[1:]
-            last = [0] * len(pos)
-        elif line.startswith("events:"):
-            events = line.split()[1:]
-        elif line.startswith("fn="):
-            fn, after = name(line[3:]), False
-        elif line.startswith("cfn="):
-            name(line[4:])
-        elif line.startswith("calls="):
-            after = True
-        elif line and (line[0].isdigit() or line[0] in "+-*"):
-            p = line.split()
-            for i in range(len(pos)):
-                t = p[i]
-                if t == "*":
-                    continue
-                last[i] = last[i] + int(t, 0) if t[0] in "+-" else int(t, 0)
-            if after:
-                after = False
-                continue
-            ev = p[len(pos):]
-            k = events.index("Bim")
-            if k < len(ev):
-                cost[last[0]] += int(ev[k])
-                fnof[last[0]] = fn
-    if pos[:1] != ["instr"]:
+    """({instruction address: Bim}, {instruction address: function}) of the file at `path`."""
+    cost, fnof, positions = defaultdict(int), {}, None
+    for fn, cfn, pos, costs, events in cost_lines(path):
+        if positions is None:
+            positions = pos
+        if cfn is None:
+            cost[pos[0]] += costs[events.index("Bim")]
+            fnof[pos[0]] = fn
+    if positions is None or len(positions) < 2:
         sys.exit("the profile has no instruction addresses: run with --dump-instr=yes")
     return cost, fnof
 
