@@ -156,42 +156,45 @@ impl Running {
 }
 
 impl Running {
-    /// SIGTERM, then wait up to `grace` for the exit (SIGKILL after it, and an error).
-    pub(crate) fn terminate(mut self, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    /// SIGTERM (so nginx, HAProxy and lb exit cleanly), then up to `grace` for the exit: its
+    /// status, or `None` while it still runs. A child already reaped is not signalled again:
+    /// its pid may belong to another process by now.
+    fn sigterm_and_wait(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!(
-            "process {} still running {} s after SIGTERM",
-            self.child.id(),
-            grace.as_secs()
-        )
+        None
+    }
+
+    /// SIGTERM, then wait up to `grace` for the exit; an error if it did not (the drop then
+    /// kills it).
+    pub(crate) fn terminate(mut self, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        match self.sigterm_and_wait(grace) {
+            Some(status) => Ok(status),
+            None => bail!(
+                "process {} still running {} s after SIGTERM",
+                self.child.id(),
+                grace.as_secs()
+            ),
+        }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // Already reaped (`terminate`): its pid may belong to another process by now.
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
+        if self.sigterm_and_wait(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        // SAFETY: kill(2) on our own child: SIGTERM so nginx/haproxy/lb exit cleanly.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

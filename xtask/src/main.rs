@@ -158,8 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run { pgo, flags } => {
             let lb = match run_mode(pgo, &flags)? {
                 RunMode::Demo => return demo(&root),
-                RunMode::Lb { pgo: true } => pgo::build(&target_dir(&root))?,
-                RunMode::Lb { pgo: false } => release_lb(&root)?,
+                RunMode::Lb { pgo } => lb_binary(&root, pgo)?,
             };
             let status = Command::new(&lb)
                 .arg("run")
@@ -172,12 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Build { pgo } => {
-            let lb = if pgo {
-                pgo::build(&target_dir(&root))?
-            } else {
-                release_lb(&root)?
-            };
-            println!("{}", lb.display());
+            println!("{}", lb_binary(&root, pgo)?.display());
             Ok(())
         }
         Cmd::Test { no_lint, filter } => test(&root, no_lint, filter.as_deref()),
@@ -219,10 +213,11 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                         .collect::<anyhow::Result<Vec<_>>>()
                 })
                 .transpose()?;
-            let (lb, baseline) = match (pgo, baseline) {
-                (true, Some(baseline)) => (pgo::build(&target_dir(root))?, Some(baseline)),
-                (true, None) => (pgo::build(&target_dir(root))?, Some(release_lb(root)?)),
-                (false, baseline) => (release_lb(root)?, baseline),
+            let lb = lb_binary(root, pgo)?;
+            // The PGO build is compared with the normal one unless told otherwise.
+            let baseline = match (pgo, baseline) {
+                (true, None) => Some(release_lb(root)?),
+                (_, baseline) => baseline,
             };
             bench_l7::run(
                 root,
@@ -300,6 +295,16 @@ fn run_mode(pgo: bool, flags: &[OsString]) -> anyhow::Result<RunMode> {
             bail!("--pgo runs `lb run FLAGS` with the PGO build: give the flags after `--`")
         }
         (pgo, false) => Ok(RunMode::Lb { pgo }),
+    }
+}
+
+/// The `lb` binary `cargo xtask run`, `build` and `bench l7` use: the profile-guided build
+/// with `--pgo`, else the release build; built first.
+fn lb_binary(root: &Path, pgo: bool) -> anyhow::Result<PathBuf> {
+    if pgo {
+        pgo::build(&target_dir(root))
+    } else {
+        release_lb(root)
     }
 }
 
