@@ -22,8 +22,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// Answers every request with what it saw: `METHOD URI VERSION host=HOST`.
+/// Answers every request with what it saw: `METHOD URI VERSION host=HOST`; a request for
+/// `/never` is never answered.
 async fn describe(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/never" {
+        std::future::pending::<()>().await;
+    }
     let host = req
         .headers()
         .get("host")
@@ -237,6 +241,44 @@ async fn an_http2_target_by_prior_knowledge_gets_http2_with_the_authority_from_h
     assert!(second.reused_connection, "the HTTP/2 connection is shared");
     let stats = forwarder.stats();
     assert_eq!((stats[0].fresh, stats[0].reused), (1, 1), "{stats:?}");
+}
+
+/// hyper's client path (HTTP/2 and HTTPS targets) bounds the wait for the response head by
+/// the idle timeout as lb's own HTTP/1.1 client does (`within_idle_timeout`, shared): a
+/// stream the target never answers is a 504, on a connection that answers others (the
+/// control, before and after).
+#[tokio::test]
+async fn an_http2_target_that_never_answers_a_request_is_a_504_from_the_idle_timeout() {
+    let (addr, _target) = cleartext_target(Speak::Http2).await;
+    let endpoint = TargetEndpoint {
+        addr,
+        tls: None,
+        http2: true,
+    };
+    let forwarder = Forwarder::new(lb::proxy::client::ClientConfig {
+        idle_timeout: std::time::Duration::from_millis(300),
+        ..config()
+    });
+    let (answered, _) = forward_collect(&forwarder, &endpoint, get("/h2"))
+        .await
+        .expect("answered");
+    assert_eq!(answered.response.status(), 200);
+    let error = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        forward_collect(&forwarder, &endpoint, get("/never")),
+    )
+    .await
+    .expect("still waiting 20 s after a 300 ms idle timeout")
+    .expect_err("never answered");
+    assert!(
+        matches!(error, ProxyError::TargetTimeout { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), 504);
+    let (again, _) = forward_collect(&forwarder, &endpoint, get("/h2"))
+        .await
+        .expect("answered after the timeout");
+    assert_eq!(again.response.status(), 200);
 }
 
 #[tokio::test]

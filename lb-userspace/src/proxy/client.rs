@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::HOST;
@@ -39,6 +40,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::deadline::poll_idle_deadline;
 use super::error::ProxyError;
 pub use super::pool::TargetPoolStats;
 use super::pool::{H1Conn, H2Conn, RawConn, TargetPool};
@@ -477,39 +479,41 @@ async fn await_head(
     idle_timeout: Duration,
     replay: &Replay,
 ) -> Result<Response<Incoming>, SendError> {
-    match with_idle_timeout(sent, idle_timeout, replay).await {
+    let started = tokio::time::Instant::now();
+    let timer = std::pin::pin!(tokio::time::sleep_until(started + idle_timeout));
+    match within_idle_timeout(sent, timer, started, idle_timeout, replay).await {
         Some(result) => receive(result),
         None => Err(SendError::Timeout),
     }
 }
 
-/// Runs `fut` (sending a request and waiting for its response head) unless it goes quiet for
-/// the idle timeout (`None`): quiet since the start or the last request body bytes sent.
-///
-/// `fut` comes pinned by the caller, which keeps it in its own state: an `async fn` keeps an
-/// argument it was given by value and a pinned copy of it, which doubled the size of every
-/// request's future (about 1.6 KB of the 5 KB of `Forwarder::forward`'s).
-async fn with_idle_timeout<T>(
-    mut fut: Pin<&mut impl Future<Output = T>>,
+/// Runs `exchange` (sending a request and waiting for its response head) unless it goes quiet
+/// for the idle timeout (`None`): quiet since `started` or the last request body bytes sent.
+/// Both paths to targets use it: lb's HTTP/1.1 client with its connection's kept timer, hyper's
+/// with a new one. `exchange` comes pinned by the caller, which keeps it in its own state (an
+/// `async fn` taking it by value would hold a second, pinned copy). `timer` is due at `started + idle_timeout` or
+/// earlier; when it fires before the real deadline (set for an earlier request, or the body is
+/// still uploading), it is set to that deadline.
+pub(crate) async fn within_idle_timeout<T>(
+    mut exchange: Pin<&mut impl Future<Output = T>>,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    started: tokio::time::Instant,
     idle_timeout: Duration,
     replay: &Replay,
 ) -> Option<T> {
-    let started = tokio::time::Instant::now();
-    loop {
-        let quiet_since = replay
-            .last_activity()
-            .map_or(started, |last| last.max(started));
-        if let Ok(result) = tokio::time::timeout_at(quiet_since + idle_timeout, fut.as_mut()).await
-        {
-            return Some(result);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = exchange.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
         }
-        let still_uploading = replay
-            .last_activity()
-            .is_some_and(|last| last + idle_timeout > tokio::time::Instant::now());
-        if !still_uploading {
-            return None;
-        }
-    }
+        poll_idle_deadline(timer.as_mut(), cx, || {
+            let quiet_since = replay
+                .last_activity()
+                .map_or(started, |last| last.max(started));
+            quiet_since + idle_timeout
+        })
+        .map(|()| None)
+    })
+    .await
 }
 
 fn receive(result: Sent) -> Result<Response<Incoming>, SendError> {

@@ -28,9 +28,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use super::body::Replay;
-use super::{BoxError, ProxyBody};
+use super::{BoxError, ProxyBody, within_idle_timeout};
 use crate::headers::has_token;
-use crate::proxy::deadline::poll_idle_deadline;
 use crate::proxy::error::ProxyError;
 use crate::proxy::names::HeaderNames;
 use crate::proxy::pool::{RawConn, TargetPool};
@@ -397,32 +396,6 @@ async fn exchange(
         Ok(head) => Exchanged::Head(head, body_sent),
         Err(error) => Exchanged::Failed(error),
     }
-}
-
-/// Runs `exchange` unless it goes quiet for the idle timeout (`None`): quiet since `started`
-/// or the last request body bytes sent. `timer` is due at `started + idle_timeout` or
-/// earlier; when it fires before the real deadline (set for an earlier request, or the body is
-/// still uploading), it is set to that deadline.
-async fn within_idle_timeout<T>(
-    mut exchange: Pin<&mut impl Future<Output = T>>,
-    mut timer: Pin<&mut Sleep>,
-    started: Instant,
-    idle_timeout: Duration,
-    replay: &Replay,
-) -> Option<T> {
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = exchange.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        poll_idle_deadline(timer.as_mut(), cx, || {
-            let quiet_since = replay
-                .last_activity()
-                .map_or(started, |last| last.max(started));
-            quiet_since + idle_timeout
-        })
-        .map(|()| None)
-    })
-    .await
 }
 
 /// Streams the request body in the chosen framing. Trailers are not forwarded (the `Trailer`
