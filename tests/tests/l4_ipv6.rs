@@ -288,6 +288,32 @@ fn health_checks_through_the_data_path_work_over_ipv6_encapsulation() {
     // same path, and client connections then avoid it.
     topo.stop_server(1, PORT).expect("stopping a server");
     wait_states(&topo, "web6", &[(b0, "healthy"), (b1, "unhealthy")]);
+    // The maps follow the registry a few milliseconds later.
+    wait_until(
+        Duration::from_secs(20),
+        "backend-2 out of web6's ring",
+        || {
+            let doc = topo.stats_json(0)?;
+            // web6 is the IPv6 VIP: its address is written in brackets.
+            let web6 = doc["vips"]
+                .as_array()
+                .and_then(|v| {
+                    v.iter()
+                        .find(|v| v["vip"].as_str().is_some_and(|a| a.starts_with('[')))
+                })
+                .cloned()
+                .unwrap_or_default();
+            let entries = stats::backends(&web6);
+            let b1 = b1.to_string();
+            let mine: Vec<_> = entries.iter().filter(|b| b.addr == b1).collect();
+            Ok(if !mine.is_empty() && mine.iter().all(|b| !b.in_ring) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(format!("{entries:?}"))
+            })
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let answers = topo
         .in_client(|| {
             (0..20u16)
