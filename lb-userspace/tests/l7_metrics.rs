@@ -258,6 +258,54 @@ fn every_metric_equals_what_the_test_counted_in_lb_stats_and_prometheus() {
 
 /// promtool from Debian's `prometheus` package (scripts/install-prereqs.sh installs it); a
 /// missing one fails the test with the command that installs it.
+/// Whether the scrape has a pool series for `addr`.
+fn has_pool(text: &str, addr: std::net::SocketAddr) -> bool {
+    let series = format!("lb_pool_new_connection_count_total{{target=\"{addr}\"}} ");
+    text.lines().any(|l| l.starts_with(&series))
+}
+
+#[test]
+fn a_deregistered_targets_connection_pool_and_its_series_go_away() {
+    let a = Target::start("a");
+    let b = Target::start("b");
+    let flags: Vec<String> = [
+        "--listener",
+        "web=http://127.0.0.1:0",
+        "--target-group",
+        "app,health-check=off,deregistration-delay=0",
+        "--target",
+        &format!("app={}", a.addr),
+        "--target",
+        &format!("app={}", b.addr),
+        "--rule",
+        "web,default,forward=app",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let lb = Lb::start("pool-prune", &flags);
+    wait_for("both targets answered", Duration::from_secs(20), || {
+        assert_eq!(lb.get("/").0, 200);
+        (a.hits() > 0 && b.hits() > 0).then_some(())
+    });
+    // Control: both targets have a pool while both are registered.
+    let text = scrape(&lb);
+    assert!(has_pool(&text, a.addr) && has_pool(&text, b.addr), "{text}");
+
+    lb.cli_ok(&[
+        "targets",
+        "deregister",
+        "--target",
+        &format!("app={}", a.addr),
+    ]);
+    wait_for("a's pool gone", Duration::from_secs(20), || {
+        (!has_pool(&scrape(&lb), a.addr)).then_some(())
+    });
+    // The target that stayed keeps its pool, and is still served.
+    assert!(has_pool(&scrape(&lb), b.addr));
+    assert_eq!(lb.get("/").0, 200);
+}
+
 fn which_promtool() -> std::path::PathBuf {
     let p = std::path::PathBuf::from("/usr/bin/promtool");
     assert!(

@@ -75,6 +75,19 @@ impl L7Sync {
             applied.insert(name.clone(), view.clone());
         }
         applied.retain(|name, _| groups.contains_key(name));
+        // A target that left every group (deregistered, its draining done) leaves no pool
+        // behind: its idle connections close and the map of pools does not grow with every
+        // target ever registered.
+        let members: std::collections::HashSet<std::net::SocketAddr> = groups
+            .keys()
+            .flat_map(|name| snapshot.groups[name].targets.iter().map(|t| t.member.addr))
+            .collect();
+        let dropped = self
+            .handle
+            .retain_target_pools(|addr| members.contains(&addr));
+        if dropped > 0 {
+            tracing::debug!(dropped, "connection pools of departed targets dropped");
+        }
         let same_set = groups.len() == running.len()
             && groups
                 .iter()

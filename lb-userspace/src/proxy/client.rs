@@ -414,6 +414,18 @@ impl Forwarder {
         Ok(response)
     }
 
+    /// Forgets every target whose address `keep` refuses: its pool, with its idle connections
+    /// (closed as they drop) and its counters. Requests still running on such a target hold
+    /// their own reference and finish; a later request to the address starts a fresh pool.
+    /// Returns how many targets were forgotten. Without this, every target ever registered
+    /// kept a pool until the process ended.
+    pub fn retain_targets(&self, keep: impl Fn(SocketAddr) -> bool) -> usize {
+        let mut targets = self.inner.lock_targets();
+        let before = targets.len();
+        targets.retain(|endpoint, _| keep(endpoint.addr));
+        before - targets.len()
+    }
+
     /// A snapshot of every target's pool: learned idle-close time, idle connections, counters
     /// (reused, fresh, retried after a stale connection, retired early, unproven reuse avoided).
     pub fn stats(&self) -> Vec<TargetPoolStats> {

@@ -580,6 +580,12 @@ impl L7Handle {
         self.shared.forwarder.stats()
     }
 
+    /// Drops the connection pools of targets whose address `keep` refuses (see
+    /// [`Forwarder::retain_targets`]); returns how many.
+    pub fn retain_target_pools(&self, keep: impl Fn(SocketAddr) -> bool) -> usize {
+        self.shared.forwarder.retain_targets(keep)
+    }
+
     /// The tier's counters.
     pub fn counters(&self) -> &Arc<L7Counters> {
         &self.shared.counters
