@@ -723,6 +723,10 @@ fn prepare_request(mut req: Request<ProxyBody>, endpoint: &TargetEndpoint) -> Re
             .build()
         {
             *req.uri_mut() = uri;
+            // `:authority` carries the host now. RFC 9113 lets an intermediary keep `Host`
+            // too, but nginx (1.22, Debian 12's) refuses such a request as carrying a
+            // duplicate host; HAProxy and Envoy send `:authority` alone, and so does lb.
+            req.headers_mut().remove(HOST);
         }
     } else {
         *req.version_mut() = Version::HTTP_11;
