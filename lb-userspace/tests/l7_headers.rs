@@ -153,3 +153,48 @@ async fn headers_the_balancer_adds_survive_a_connection_header_naming_them() {
         "the client's trace id was hop-by-hop, a new one is made: {id}"
     );
 }
+
+/// The client's `X-Forwarded-For` entry is written once per connection and reused: on one
+/// connection, a request without the header gets the client alone, one with it gets the client
+/// appended, and the next one without it gets the client alone again.
+#[tokio::test]
+async fn forwarded_for_on_one_connection_with_and_without_the_clients_own() {
+    use http_body_util::BodyExt as _;
+    use hyper_util::rt::TokioIo;
+
+    let t = target::http1().route("/", Reply::EchoHeaders).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| l.xff = XffMode::Append)
+        .start()
+        .await;
+    let requests: [(Option<&str>, &str); 3] = [
+        (None, "127.0.0.1"),
+        (Some("10.0.0.1"), "10.0.0.1, 127.0.0.1"),
+        (None, "127.0.0.1"),
+    ];
+    support::within(async {
+        // One connection: every request goes over this one handshake's sender.
+        let tcp = tokio::net::TcpStream::connect(p.addr)
+            .await
+            .expect("connect to proxy");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        for (i, (sent, want)) in requests.into_iter().enumerate() {
+            let mut req = Request::get("/echo").header("host", "app.test");
+            if let Some(xff) = sent {
+                req = req.header("x-forwarded-for", xff);
+            }
+            let resp = sender
+                .send_request(req.body(Full::new(Bytes::new())).expect("req"))
+                .await
+                .unwrap_or_else(|e| panic!("request {i} on the same connection: {e}"));
+            assert_eq!(resp.status(), 200, "request {i}");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            let e = String::from_utf8_lossy(&body);
+            assert_eq!(header(&e, "x-forwarded-for"), Some(want), "request {i}\n{e}");
+        }
+    })
+    .await;
+}
