@@ -99,7 +99,15 @@ async fn host_path_and_query_are_preserved_and_hop_by_hop_headers_dropped() {
 
 #[tokio::test]
 async fn trace_id_is_created_or_extended() {
+    let secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    };
+    let before = secs();
     let e = echo(XffMode::Append, &[]).await;
+    let after = secs();
     let id = header(&e, "x-amzn-trace-id").expect("trace id");
     let root = id.strip_prefix("Root=1-").expect("Root=1-");
     let (epoch, random) = root.split_once('-').expect("two parts");
@@ -111,6 +119,13 @@ async fn trace_id_is_created_or_extended() {
             .chain(random.chars())
             .all(|c| c.is_ascii_hexdigit()),
         "{id}"
+    );
+    // The epoch seconds are the request's (the proxy takes them from when the request
+    // arrived): between the clock read before it was sent and the one after its answer.
+    let epoch = u64::from_str_radix(epoch, 16).expect("hex");
+    assert!(
+        (before..=after).contains(&epoch),
+        "{before} <= {epoch} <= {after}: {id}"
     );
 
     let sent = "Root=1-5759e988-bd862e3fe1be46a994272793;Sampled=1";
@@ -193,7 +208,11 @@ async fn forwarded_for_on_one_connection_with_and_without_the_clients_own() {
             assert_eq!(resp.status(), 200, "request {i}");
             let body = resp.into_body().collect().await.expect("body").to_bytes();
             let e = String::from_utf8_lossy(&body);
-            assert_eq!(header(&e, "x-forwarded-for"), Some(want), "request {i}\n{e}");
+            assert_eq!(
+                header(&e, "x-forwarded-for"),
+                Some(want),
+                "request {i}\n{e}"
+            );
         }
     })
     .await;
