@@ -118,9 +118,12 @@ pub struct TooManyForwardedFor {
 /// - `X-Forwarded-Proto: <proto>` and `X-Forwarded-Port: <port>` always replace what the
 ///   client sent. Both are the listener's and made when it is set up ([`forwarded_port`]),
 ///   not on every request.
+/// - `peer` is the connection's address as text, made once per connection
+///   ([`ForwardedPeer::new`]): a request without `X-Forwarded-For` gets a clone of it (a
+///   reference count, no formatting, no allocation).
 pub fn apply_forwarded(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &ForwardedPeer,
     proto: &HeaderValue,
     port: &HeaderValue,
     mode: XffMode,
@@ -139,7 +142,7 @@ pub fn apply_forwarded(
             }
             match mode {
                 XffMode::Append => {
-                    let value = merged_forwarded_for(&received, peer);
+                    let value = merged_forwarded_for(&received, peer.0.as_bytes());
                     // Replaces every line the client sent with the one merged value.
                     entry.insert(value);
                 }
@@ -152,7 +155,7 @@ pub fn apply_forwarded(
         }
         http::header::Entry::Vacant(entry) => {
             if mode == XffMode::Append {
-                entry.insert(merged_forwarded_for(&[], peer));
+                entry.insert(peer.0.clone());
             }
         }
     }
@@ -161,12 +164,31 @@ pub fn apply_forwarded(
     Ok(())
 }
 
-/// `a, b, <peer>`: the received entries and the peer (an IPv4-mapped IPv6 peer written as
-/// IPv4). Formatted on the stack, the entries joined into one buffer of the final size: one
-/// allocation (this runs on every forwarded request).
-fn merged_forwarded_for(received: &[&[u8]], peer: IpAddr) -> HeaderValue {
-    let mut peer_buf = AddrBuf::default();
-    let peer = peer_buf.format(peer.to_canonical());
+/// The client's address as an `X-Forwarded-For` entry (an IPv4-mapped IPv6 address written
+/// as IPv4), made once per client connection: every request on it without an
+/// `X-Forwarded-For` of its own forwards a clone, and `append` joins its text to what the
+/// request carries.
+#[derive(Debug, Clone)]
+pub struct ForwardedPeer(HeaderValue);
+
+impl ForwardedPeer {
+    /// `peer`'s entry. Cloned once before it is kept, as [`forwarded_port`] is, so that each
+    /// request's clone only counts a reference.
+    pub fn new(peer: IpAddr) -> Self {
+        let mut buf = AddrBuf::default();
+        let text = buf.format(peer.to_canonical());
+        // An IP address in text is always a valid header value.
+        let value = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(text))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        let _shared = value.clone();
+        Self(value)
+    }
+}
+
+/// `a, b, <peer>`: the received entries and the peer's entry ([`ForwardedPeer`]), joined
+/// into one buffer of the final size: one allocation (this runs on every forwarded request
+/// that carries an `X-Forwarded-For`).
+fn merged_forwarded_for(received: &[&[u8]], peer: &[u8]) -> HeaderValue {
     let len = received.iter().map(|e| e.len() + 2).sum::<usize>() + peer.len();
     let mut merged = Vec::with_capacity(len);
     for entry in received.iter().copied().chain([peer]) {
@@ -701,9 +723,10 @@ mod tests {
     }
 
     /// What the forwarding headers cost a plain request (no `X-Forwarded-For`, no trace id,
-    /// `Connection: keep-alive`): one allocation for `X-Forwarded-For`, one for the trace id,
-    /// none for the hop-by-hop headers, and none for `X-Forwarded-Proto`/`-Port` (the
-    /// listener's values, made when it is set up).
+    /// `Connection: keep-alive`): one allocation for the trace id, none for the hop-by-hop
+    /// headers, none for `X-Forwarded-For` (the connection's [`ForwardedPeer`], made when it
+    /// is accepted) and none for `X-Forwarded-Proto`/`-Port` (the listener's values, made when
+    /// it is set up).
     #[test]
     fn forwarding_headers_allocate_once_per_value_they_add() {
         use crate::rules::tests::allocations::so_far;
@@ -712,17 +735,17 @@ mod tests {
         headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
         headers.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
         let mut rng = StdRng::seed_from_u64(4);
-        let peer = IpAddr::V6("2001:db8::7".parse().unwrap());
+        let peer = ForwardedPeer::new(IpAddr::V6("2001:db8::7".parse().unwrap()));
         let (proto, port) = (HeaderValue::from_static("https"), forwarded_port(8443));
         let before = so_far();
         strip_hop_by_hop(&mut headers, false);
         let stripped = so_far();
-        apply_forwarded(&mut headers, peer, &proto, &port, XffMode::Append).unwrap();
+        apply_forwarded(&mut headers, &peer, &proto, &port, XffMode::Append).unwrap();
         let forwarded = so_far();
         trace_id(&mut headers, new_year(), &mut rng);
         let traced = so_far();
         assert_eq!(stripped - before, 0, "strip_hop_by_hop");
-        assert_eq!(forwarded - stripped, 1, "apply_forwarded");
+        assert_eq!(forwarded - stripped, 0, "apply_forwarded");
         assert_eq!(traced - forwarded, 1, "trace_id");
         // The values are what the other tests check; here only that they are there.
         assert_eq!(headers[X_FORWARDED_FOR], "2001:db8::7");
@@ -850,13 +873,36 @@ mod tests {
             let mut headers = map(case.input);
             apply_forwarded(
                 &mut headers,
-                case.peer,
+                &ForwardedPeer::new(case.peer),
                 &HeaderValue::from_static("https"),
                 &forwarded_port(443),
                 case.mode,
             )
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
             assert_eq!(dump(&headers), owned(case.expected), "{}", case.name);
+        }
+    }
+
+    /// One connection's [`ForwardedPeer`] serves all its requests: one without
+    /// `X-Forwarded-For` gets the peer alone, one with it gets the peer appended, and the one
+    /// after that the peer alone again (the append did not change the kept value).
+    #[test]
+    fn one_connections_peer_serves_requests_with_and_without_their_own_xff() {
+        let peer = ForwardedPeer::new(IpAddr::V6(Ipv4Addr::new(10, 200, 0, 9).to_ipv6_mapped()));
+        let (proto, port) = (HeaderValue::from_static("http"), forwarded_port(80));
+        let requests: [(&[(&str, &str)], &str); 3] = [
+            (&[], "10.200.0.9"),
+            (
+                &[("x-forwarded-for", "198.51.100.1")],
+                "198.51.100.1, 10.200.0.9",
+            ),
+            (&[], "10.200.0.9"),
+        ];
+        for (i, (input, expected)) in requests.into_iter().enumerate() {
+            let mut headers = map(input);
+            apply_forwarded(&mut headers, &peer, &proto, &port, XffMode::Append).unwrap();
+            let lines: Vec<_> = headers.get_all(X_FORWARDED_FOR).iter().collect();
+            assert_eq!(lines, [expected], "request {i}");
         }
     }
 
@@ -883,7 +929,7 @@ mod tests {
             let mut headers = map(&[("x-forwarded-for", &value)]);
             let outcome = apply_forwarded(
                 &mut headers,
-                V4,
+                &ForwardedPeer::new(V4),
                 &HeaderValue::from_static("http"),
                 &forwarded_port(80),
                 mode,
@@ -910,7 +956,7 @@ mod tests {
         assert_eq!(
             apply_forwarded(
                 &mut headers,
-                V4,
+                &ForwardedPeer::new(V4),
                 &HeaderValue::from_static("http"),
                 &forwarded_port(80),
                 XffMode::Append

@@ -99,7 +99,15 @@ async fn host_path_and_query_are_preserved_and_hop_by_hop_headers_dropped() {
 
 #[tokio::test]
 async fn trace_id_is_created_or_extended() {
+    let secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    };
+    let before = secs();
     let e = echo(XffMode::Append, &[]).await;
+    let after = secs();
     let id = header(&e, "x-amzn-trace-id").expect("trace id");
     let root = id.strip_prefix("Root=1-").expect("Root=1-");
     let (epoch, random) = root.split_once('-').expect("two parts");
@@ -111,6 +119,13 @@ async fn trace_id_is_created_or_extended() {
             .chain(random.chars())
             .all(|c| c.is_ascii_hexdigit()),
         "{id}"
+    );
+    // The epoch seconds are the request's (the proxy takes them from when the request
+    // arrived): between the clock read before it was sent and the one after its answer.
+    let epoch = u64::from_str_radix(epoch, 16).expect("hex");
+    assert!(
+        (before..=after).contains(&epoch),
+        "{before} <= {epoch} <= {after}: {id}"
     );
 
     let sent = "Root=1-5759e988-bd862e3fe1be46a994272793;Sampled=1";
@@ -152,4 +167,53 @@ async fn headers_the_balancer_adds_survive_a_connection_header_naming_them() {
         id.starts_with("Root=1-") && !id.contains("5759e988"),
         "the client's trace id was hop-by-hop, a new one is made: {id}"
     );
+}
+
+/// The client's `X-Forwarded-For` entry is written once per connection and reused: on one
+/// connection, a request without the header gets the client alone, one with it gets the client
+/// appended, and the next one without it gets the client alone again.
+#[tokio::test]
+async fn forwarded_for_on_one_connection_with_and_without_the_clients_own() {
+    use http_body_util::BodyExt as _;
+    use hyper_util::rt::TokioIo;
+
+    let t = target::http1().route("/", Reply::EchoHeaders).run().await;
+    let p = ProxyBuilder::forward_to(&[t.addr])
+        .listener(|l| l.xff = XffMode::Append)
+        .start()
+        .await;
+    let requests: [(Option<&str>, &str); 3] = [
+        (None, "127.0.0.1"),
+        (Some("10.0.0.1"), "10.0.0.1, 127.0.0.1"),
+        (None, "127.0.0.1"),
+    ];
+    support::within(async {
+        // One connection: every request goes over this one handshake's sender.
+        let tcp = tokio::net::TcpStream::connect(p.addr)
+            .await
+            .expect("connect to proxy");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        for (i, (sent, want)) in requests.into_iter().enumerate() {
+            let mut req = Request::get("/echo").header("host", "app.test");
+            if let Some(xff) = sent {
+                req = req.header("x-forwarded-for", xff);
+            }
+            let resp = sender
+                .send_request(req.body(Full::new(Bytes::new())).expect("req"))
+                .await
+                .unwrap_or_else(|e| panic!("request {i} on the same connection: {e}"));
+            assert_eq!(resp.status(), 200, "request {i}");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            let e = String::from_utf8_lossy(&body);
+            assert_eq!(
+                header(&e, "x-forwarded-for"),
+                Some(want),
+                "request {i}\n{e}"
+            );
+        }
+    })
+    .await;
 }

@@ -952,6 +952,7 @@ async fn run_http<IO>(
     let ctx = Arc::new(pipeline::ConnCtx {
         listener: listener.clone(),
         peer,
+        forwarded_peer: crate::headers::ForwardedPeer::new(peer.ip()),
         conn: conn_shared,
         slot,
         abuse: abuse.clone(),

@@ -175,6 +175,16 @@ impl Exchange {
         self.record.as_deref_mut()
     }
 
+    /// When the request arrived (the record's `request_creation_time`, read from the clock
+    /// once): the wall-clock instant the rest of the request's handling reuses where "now"
+    /// means "this request" (stickiness cookie expiry, the trace id's epoch seconds) rather
+    /// than reading the clock again. After the record is emitted, the clock.
+    pub fn received_at(&self) -> SystemTime {
+        self.record
+            .as_deref()
+            .map_or_else(SystemTime::now, |r| r.request_creation_time)
+    }
+
     /// Whether the access log is on (text fields are only gathered then).
     pub fn logging(&self) -> bool {
         self.listener.shared.access_log.is_some()

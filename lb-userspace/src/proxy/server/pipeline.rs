@@ -23,7 +23,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -40,7 +39,9 @@ use super::limits::ConnectionSlot;
 use super::sniff::{ConnShared, HeadVerdict};
 use super::{Listener, Phase};
 use crate::accesslog::{ActionKind, LbError};
-use crate::headers::{apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id};
+use crate::headers::{
+    ForwardedPeer, apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id,
+};
 use crate::proxy::client::{BoxError, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
 use crate::proxy::error::ProxyError;
@@ -54,6 +55,9 @@ const GROUP_COOKIE: &str = "AWSALBTG";
 pub(super) struct ConnCtx {
     pub listener: Arc<Listener>,
     pub peer: SocketAddr,
+    /// `peer`'s address as an `X-Forwarded-For` entry, written once for all the
+    /// connection's requests.
+    pub forwarded_peer: ForwardedPeer,
     pub conn: Arc<ConnShared>,
     /// The connection's place under the listener's connection limits; a WebSocket tunnel
     /// keeps it until the tunnel ends.
@@ -687,7 +691,7 @@ fn prepare_forward<'r, B: RequestBody>(
     // 463 before a target is picked: a refused request never counts on a target.
     if let Err(too_many) = apply_forwarded(
         &mut parts.headers,
-        ctx.peer.ip(),
+        &ctx.forwarded_peer,
         &HeaderValue::from_static(listener.cfg.protocol.as_str()),
         &listener.forwarded_port,
         listener.cfg.xff,
@@ -697,8 +701,9 @@ fn prepare_forward<'r, B: RequestBody>(
             &ProxyError::TooManyForwardedFor(too_many.count),
         ));
     }
-    // One clock read for the stickiness cookies' expiry and the trace id's epoch seconds.
-    let now = SystemTime::now();
+    // The stickiness cookies' expiry and the trace id's epoch seconds count from when the
+    // request arrived (the access log's `request_creation_time`): no clock read of their own.
+    let now = ex.received_at();
     let Some(picked) = group.pick_at(cookies.as_deref(), now) else {
         return Err(from_error(
             ex,
