@@ -34,10 +34,14 @@ pub mod names {
     pub const MAP_RINGS: &str = "LB_RINGS";
     /// LRU: [`super::FlowKey`] → [`super::FlowValue`].
     pub const MAP_FLOWS: &str = "LB_FLOWS";
-    /// Per-CPU [`super::Counters`] per VIP id.
-    pub const MAP_VIP_STATS: &str = "LB_VIP_STATS";
-    /// Per-CPU [`super::Counters`] per backend id.
+    /// Per-CPU [`super::Counters`] per backend id: the only counters `lb_xdp` updates for a
+    /// forwarded packet or a translated NAT reply (a VIP's figures and the reasons `tx`,
+    /// `redirect` and `nat_reply` are derived from them, see [`super::Counters`]).
     pub const MAP_BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    /// [`super::Counters`] (not per CPU), written by userspace only: index 0 holds what every
+    /// backend that left had counted, index `1 + vip_id` what the departed backends of that
+    /// VIP had counted (see [`super::Counters`]). `max_entries` is `--max-vips` + 1.
+    pub const MAP_RETIRED_STATS: &str = "LB_RETIRED_STATS";
     /// Per-CPU `u64` per [`super::Reason`].
     pub const MAP_REASONS: &str = "LB_REASONS";
     /// Per-CPU `u64` per [`super::DecapReason`].
@@ -103,8 +107,11 @@ pub mod names {
 /// 6 = the flow clock from jiffies (`LbConfig::tick_ns`, `LbConfig::clock_offset_ns`);
 /// 7 = the next-hop cache's generation and maximum age moved from `LB_NEXTHOP_CTL` (removed)
 /// into `LB_CONFIG` (`LbConfig::nexthop_generation`, `LbConfig::nexthop_max_age_ns`), so a
-/// flow-table hit makes one map lookup fewer.
-pub const LB_LAYOUT_VERSION: u32 = 7;
+/// flow-table hit makes one map lookup fewer; 8 = one counter record per forwarded packet:
+/// `LB_VIP_STATS` replaced by `LB_RETIRED_STATS` (VIP figures derived from the backends'
+/// records), [`Counters`] with `redirected`, `counted_apart` and `replies_via_kernel`, and the
+/// reasons `tx`, `redirect` and `nat_reply` no longer counted in `LB_REASONS`.
+pub const LB_LAYOUT_VERSION: u32 = 8;
 /// [`LbConfig::magic`]: marks an `LB_CONFIG` written by a versioned layout ("LBMP").
 pub const LB_CONFIG_MAGIC: u32 = u32::from_le_bytes(*b"LBMP");
 
@@ -585,7 +592,20 @@ impl NextHopCounter {
     }
 }
 
-/// Per-VIP and per-backend counters (per CPU; readers sum over CPUs).
+/// One backend's counters, per CPU in [`names::MAP_BACKEND_STATS`] (readers sum over CPUs):
+/// the one record `lb_xdp` updates for a forwarded packet or a translated NAT reply.
+///
+/// Everything else is derived by userspace, which relies on a backend id serving one VIP for
+/// as long as its entry is in [`names::MAP_BACKENDS`]:
+/// - a VIP's figures = the sum of the records of the backends whose entry names the VIP, plus
+///   [`names::MAP_RETIRED_STATS`]`[1 + vip_id]` (what its departed backends had counted, folded
+///   in once, when the backend's entry is cleared; zeroed when the VIP id is given out again);
+/// - the reason counters `tx`, `redirect` and `nat_reply` = `LB_REASONS`' own slot (zero from
+///   this layout on) plus, over every backend entry in use and `LB_RETIRED_STATS[0]`,
+///   `packets - redirected - counted_apart`, `redirected` and
+///   `reply_packets - replies_via_kernel`.
+///
+/// The same type holds the sums and the retired records.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -602,6 +622,45 @@ pub struct Counters {
     pub reply_packets: u64,
     /// NAT: bytes of those replies (their IP packets).
     pub reply_bytes: u64,
+    /// Of `packets`, those sent with `bpf_redirect` (reason `redirect`).
+    pub redirected: u64,
+    /// Of `packets`, those whose reason `LB_REASONS` counts itself (`icmp_to_backend`,
+    /// `nat_via_kernel`); the rest of `packets` not `redirected` are reason `tx`.
+    pub counted_apart: u64,
+    /// Of `reply_packets`, those passed to the kernel (reason `nat_via_kernel`, counted in
+    /// `LB_REASONS`); the rest are reason `nat_reply`.
+    pub replies_via_kernel: u64,
+}
+
+impl Counters {
+    /// The sum of two records, field by field (wrapping, as the kernel's counters do).
+    pub fn plus(self, o: Counters) -> Counters {
+        Counters {
+            packets: self.packets.wrapping_add(o.packets),
+            bytes: self.bytes.wrapping_add(o.bytes),
+            new_flows: self.new_flows.wrapping_add(o.new_flows),
+            unhealthy_routing_flows: self
+                .unhealthy_routing_flows
+                .wrapping_add(o.unhealthy_routing_flows),
+            reply_packets: self.reply_packets.wrapping_add(o.reply_packets),
+            reply_bytes: self.reply_bytes.wrapping_add(o.reply_bytes),
+            redirected: self.redirected.wrapping_add(o.redirected),
+            counted_apart: self.counted_apart.wrapping_add(o.counted_apart),
+            replies_via_kernel: self.replies_via_kernel.wrapping_add(o.replies_via_kernel),
+        }
+    }
+
+    /// Packets of the record counted under reason `tx`.
+    pub fn tx(&self) -> u64 {
+        self.packets
+            .wrapping_sub(self.redirected)
+            .wrapping_sub(self.counted_apart)
+    }
+
+    /// Replies of the record counted under reason `nat_reply`.
+    pub fn nat_replies(&self) -> u64 {
+        self.reply_packets.wrapping_sub(self.replies_via_kernel)
+    }
 }
 
 macro_rules! reasons {
@@ -629,7 +688,9 @@ macro_rules! reasons {
 
 reasons! {
     /// What `lb_xdp` did with a packet, counted per CPU in [`names::MAP_REASONS`]. Every packet
-    /// the program sees increments exactly one of these.
+    /// the program sees increments exactly one of these, but `tx`, `redirect` and `nat_reply`
+    /// are counted in the packet's backend record instead (one counter update per forwarded
+    /// packet), from which userspace derives them (see [`Counters`]).
     pub enum Reason {
         /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, …): passed untouched.
         PassNotIp = 0 => "pass_not_ip",
@@ -853,7 +914,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4 + 4);
         assert_eq!(size_of::<AddrKey>(), 16 + 1 + 3);
         assert_eq!(size_of::<BenchTemplate>(), 6 * 4 + BENCH_FRAME_MAX);
-        assert_eq!(size_of::<Counters>(), 6 * 8);
+        assert_eq!(size_of::<Counters>(), 9 * 8);
         assert_eq!(size_of::<NatReverse>(), 16 + 2 + 2 + 4 + 8);
         assert_eq!(size_of::<GuardKey>(), 4 + 1 + 3 + 16);
         assert_eq!(size_of::<RateKey>(), 4 + 1 + 3 + 16);

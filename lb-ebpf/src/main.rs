@@ -20,7 +20,7 @@
 //! One module per concern, one path for both address families: [`parse`] (headers →
 //! [`parse::Packet`]), [`lookup`] (VIP, flow table, ring), [`guard`], [`encap`] (next hop, outer
 //! header), [`nat`] (address translation both ways), [`nexthop`] (the per-backend next-hop cache), [`icmp`] (the "too big" answers),
-//! [`decap`], with the maps in [`maps`] and packet access in [`pkt`]. Every packet increments exactly one reason counter, so nothing is dropped silently.
+//! [`decap`], with the maps in [`maps`] and packet access in [`pkt`]. Every packet increments exactly one reason counter (a forwarded packet's `tx` or `redirect`, and a NAT reply's `nat_reply`, in its backend's record, its only counter update), so nothing is dropped silently.
 #![no_std]
 #![no_main]
 
@@ -40,12 +40,15 @@ mod nexthop;
 mod parse;
 mod pkt;
 
-use maps::{LB_BACKEND_STATS, LB_CONFIG, LB_DECAP_STATS, LB_VIP_STATS, add, count};
+use maps::{LB_CONFIG, LB_DECAP_STATS, add, count, counted_in_reasons};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let (action, reason) = balance(&ctx);
-    count(reason);
+    // A forwarded packet or translated reply was counted in its backend's record.
+    if counted_in_reasons(reason) {
+        count(reason);
+    }
     action
 }
 
@@ -114,15 +117,16 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         }
     };
 
-    let bytes = pkt.ip_len as u64;
-    let fail_open = vip.flags & VIP_F_FAIL_OPEN != 0;
-    add(&LB_VIP_STATS, vip.vip_id, bytes, new_flow, fail_open);
-    add(&LB_BACKEND_STATS, steer.id, bytes, new_flow, fail_open);
-    if pkt.icmp_error {
+    let action = if pkt.icmp_error {
         (action.0, Reason::IcmpToBackend)
     } else {
         action
-    }
+    };
+    // One counter record per forwarded packet: the VIP's figures and the reasons `tx` and
+    // `redirect` are derived from the backends' records by userspace.
+    let fail_open = vip.flags & VIP_F_FAIL_OPEN != 0;
+    add(steer.id, pkt.ip_len as u64, new_flow, fail_open, action.1);
+    action
 }
 
 /// NAT mode: the packet rewritten to its target and sent on (see [`nat`]). The flow (and its

@@ -39,8 +39,11 @@ pub static LB_RINGS: Array<u32, RING_SLOTS> = Array::new();
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue, MAX_FLOWS, FLOWS_FLAGS> = LruHashMap::new();
 /// [`LB_FLOWS`]'s flags: per-CPU LRU lists.
 const FLOWS_FLAGS: usize = aya_ebpf::bindings::BPF_F_NO_COMMON_LRU as usize;
+/// Written by userspace only (the departed backends' counts, see `lb_common::Counters`);
+/// here so it is created, pinned and versioned with the other maps.
 #[btf_map]
-pub static LB_VIP_STATS: PerCpuArray<Counters, MAX_VIPS> = PerCpuArray::new();
+pub static LB_RETIRED_STATS: Array<Counters, { MAX_VIPS + 1 }> = Array::new();
+/// The one counter record a forwarded packet or a translated NAT reply updates.
 #[btf_map]
 pub static LB_BACKEND_STATS: PerCpuArray<Counters, MAX_BACKENDS> = PerCpuArray::new();
 #[btf_map]
@@ -101,16 +104,11 @@ pub fn count_flow_insert() {
     }
 }
 
-/// Adds one forwarded packet to a VIP's or backend's counters.
+/// Counts one forwarded packet, sent under `reason`, in its backend's record: the only
+/// counter update it gets (`lb_xdp` leaves `tx` and `redirect` out of `LB_REASONS`).
 #[inline(always)]
-pub fn add<const N: usize>(
-    map: &PerCpuArray<Counters, N>,
-    idx: u32,
-    bytes: u64,
-    new_flow: bool,
-    fail_open: bool,
-) {
-    if let Some(c) = map.get_ptr_mut(idx) {
+pub fn add(backend_id: u32, bytes: u64, new_flow: bool, fail_open: bool, reason: Reason) {
+    if let Some(c) = LB_BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU slot, as in `count`.
         unsafe {
             (*c).packets += 1;
@@ -121,18 +119,34 @@ pub fn add<const N: usize>(
                     (*c).unhealthy_routing_flows += 1;
                 }
             }
+            if reason == Reason::Redirect {
+                (*c).redirected += 1;
+            } else if reason != Reason::Tx {
+                (*c).counted_apart += 1;
+            }
         }
     }
 }
 
-/// Adds one translated NAT reply to a VIP's or backend's counters.
+/// Counts one translated NAT reply in its backend's record (`lb_xdp` leaves `nat_reply` out
+/// of `LB_REASONS`; a reply passed to the kernel is also counted there, as `nat_via_kernel`).
 #[inline(always)]
-pub fn add_reply<const N: usize>(map: &PerCpuArray<Counters, N>, idx: u32, bytes: u64) {
-    if let Some(c) = map.get_ptr_mut(idx) {
+pub fn add_reply(backend_id: u32, bytes: u64, via_kernel: bool) {
+    if let Some(c) = LB_BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU slot, as in `count`.
         unsafe {
             (*c).reply_packets += 1;
             (*c).reply_bytes += bytes;
+            if via_kernel {
+                (*c).replies_via_kernel += 1;
+            }
         }
     }
+}
+
+/// Whether `lb_xdp` counts `reason` in `LB_REASONS`: all but the three a backend record holds
+/// (see [`add`], [`add_reply`]).
+#[inline(always)]
+pub fn counted_in_reasons(reason: Reason) -> bool {
+    !matches!(reason, Reason::Tx | Reason::Redirect | Reason::NatReply)
 }

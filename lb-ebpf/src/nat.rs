@@ -41,7 +41,7 @@ use network_types::eth::EthHdr;
 use crate::{
     encap::{FibBlock, Route, too_big},
     lookup::Done,
-    maps::{LB_BACKEND_STATS, LB_CONFIG, LB_FLOWS, LB_NAT_REVERSE, LB_VIP_STATS, add_reply},
+    maps::{LB_CONFIG, LB_FLOWS, LB_NAT_REVERSE, add_reply},
     nexthop::{self, Lookup},
     parse::{MAX_L4_OFF, Packet},
     pkt::{
@@ -374,8 +374,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
         return NOT_MINE;
     };
     // SAFETY: pointer into the map value, valid for this program run.
-    let (backend_id, vip_id, last) =
-        unsafe { ((*flow).backend_id, (*flow).vip_id, (*flow).last_seen_ns) };
+    let (backend_id, last) = unsafe { ((*flow).backend_id, (*flow).last_seen_ns) };
     // Read only here: host traffic (most packets that reach this function) pays no clock read.
     let now = crate::lookup::coarse_now(cfg);
     let t = rev.idle_timeout_ns;
@@ -407,7 +406,6 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
         return (DROP, Reason::DropInternal);
     }
     let bytes = pkt.ip_len as u64;
-    add_reply(&LB_VIP_STATS, vip_id, bytes);
-    add_reply(&LB_BACKEND_STATS, backend_id, bytes);
+    add_reply(backend_id, bytes, !hop);
     send(ctx, &next, true)
 }

@@ -226,7 +226,12 @@ fn sized_maps(sizes: Sizes) -> [(&'static str, u32, &'static str); 9] {
         ),
         // One address marker per VIP address besides the VIPs (lb_common::VIP_MARKER_PROTO).
         (names::MAP_VIPS, max_vips.saturating_mul(2), "--max-vips"),
-        (names::MAP_VIP_STATS, max_vips, "--max-vips"),
+        // Index 0: every departed backend; 1 + vip_id: that VIP's.
+        (
+            names::MAP_RETIRED_STATS,
+            max_vips.saturating_add(1),
+            "--max-vips",
+        ),
         (names::MAP_GUARD_STATS, max_vips, "--max-vips"),
         (names::MAP_BACKENDS, max_backends, "--max-backends"),
         (names::MAP_BACKEND_STATS, max_backends, "--max-backends"),
@@ -590,10 +595,11 @@ pub struct Maps {
     pub rings: Array<MapData, u32>,
     /// Flow table.
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
-    /// Per-VIP counters.
-    pub vip_stats: PerCpuArray<MapData, Counters>,
-    /// Per-backend counters.
+    /// Per-backend counters: the one record a forwarded packet updates.
     pub backend_stats: PerCpuArray<MapData, Counters>,
+    /// What departed backends had counted: index 0 all of them, `1 + vip_id` that VIP's
+    /// (written by userspace only; see [`Counters`]).
+    pub retired: Array<MapData, Counters>,
     /// Per-reason packet counters.
     pub reasons: PerCpuArray<MapData, u64>,
     /// Per-reason packet counters of `lb_hc_encap` (health-check probes).
@@ -625,8 +631,8 @@ const PINNED: [&str; 18] = [
     names::MAP_BACKENDS,
     names::MAP_RINGS,
     names::MAP_FLOWS,
-    names::MAP_VIP_STATS,
     names::MAP_BACKEND_STATS,
+    names::MAP_RETIRED_STATS,
     names::MAP_REASONS,
     names::MAP_HC_STATS,
     names::MAP_FLOW_INSERTS,
@@ -695,8 +701,8 @@ impl Maps {
             backends: typed!(names::MAP_BACKENDS),
             rings: typed!(names::MAP_RINGS),
             flows: typed!(names::MAP_FLOWS),
-            vip_stats: typed!(names::MAP_VIP_STATS),
             backend_stats: typed!(names::MAP_BACKEND_STATS),
+            retired: typed!(names::MAP_RETIRED_STATS),
             reasons: typed!(names::MAP_REASONS),
             hc_stats: typed!(names::MAP_HC_STATS),
             flow_inserts: typed!(names::MAP_FLOW_INSERTS),
@@ -753,9 +759,16 @@ impl Maps {
         )
     }
 
-    /// Sum over CPUs of the per-reason counters, in [`Reason`] order.
+    /// Sum over CPUs of the per-reason counters, in [`Reason`] order, with `tx`, `redirect`
+    /// and `nat_reply` derived from the backends' records (see [`Counters`]): one walk of the
+    /// backend table.
     pub fn reason_totals(&self) -> Result<Vec<(Reason, u64)>> {
-        sum_per_cpu(&self.reasons, Reason::ALL, |r| r as u32, "LB_REASONS")
+        let mut records = self.retired_counters(None)?;
+        for (id, _) in self.backend_entries()? {
+            records = records.plus(self.backend_counters(id)?);
+        }
+        let own = sum_per_cpu(&self.reasons, Reason::ALL, |r| r as u32, "LB_REASONS")?;
+        Ok(with_derived_reasons(own, &records))
     }
 
     /// Sum over CPUs of `lb_hc_encap`'s per-reason counters, in [`HcReason`] order.
@@ -763,9 +776,64 @@ impl Maps {
         sum_per_cpu(&self.hc_stats, HcReason::ALL, |r| r as u32, "LB_HC_STATS")
     }
 
-    /// Sum over CPUs of one VIP's counters.
+    /// One VIP's figures: its backends' records plus what its departed backends had counted
+    /// (see [`Counters`]). One walk of the backend table; a caller that has the backends'
+    /// counters at hand uses [`vip_figures`] with [`Self::retired_counters`].
     pub fn vip_counters(&self, vip_id: u32) -> Result<Counters> {
-        sum_counters(&self.vip_stats, vip_id, "LB_VIP_STATS")
+        let mut backends = Vec::new();
+        for (id, b) in self.backend_entries()? {
+            if b.vip_id == vip_id {
+                backends.push((b, self.backend_counters(id)?));
+            }
+        }
+        Ok(vip_figures(
+            vip_id,
+            &backends,
+            self.retired_counters(Some(vip_id))?,
+        ))
+    }
+
+    /// What departed backends had counted: of VIP `vip_id`, or of all VIPs (`None`). Zero for
+    /// a VIP id beyond the map.
+    pub fn retired_counters(&self, vip_id: Option<u32>) -> Result<Counters> {
+        let idx = retired_index(vip_id);
+        match self.retired.get(&idx, 0) {
+            Ok(c) => Ok(c),
+            Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(Counters::default()),
+            Err(e) => Err(map_err(format!("reading LB_RETIRED_STATS[{idx}]"))(e)),
+        }
+    }
+
+    /// Folds backend `backend_id`'s record into what VIP `vip_id`'s departed backends (and
+    /// all departed backends) had counted. Called once, after the backend's entry was
+    /// cleared: from then on no VIP's figures include its record, which is zeroed when the
+    /// id is given out again. Writes only `LB_RETIRED_STATS` (userspace's own), never the
+    /// per-CPU record `lb_xdp` increments.
+    pub fn retire_backend_counters(&mut self, backend_id: u32, vip_id: u32) -> Result<()> {
+        let c = self.backend_counters(backend_id)?;
+        for idx in [None, Some(vip_id)] {
+            let i = retired_index(idx);
+            if idx.is_some() && i >= self.retired.len() {
+                continue;
+            }
+            let sum = self.retired_counters(idx)?.plus(c);
+            self.retired
+                .set(i, sum, 0)
+                .map_err(map_err(format!("writing LB_RETIRED_STATS[{i}]")))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes what VIP `vip_id`'s departed backends had counted (its id is being given to a
+    /// new VIP); the total over all VIPs keeps it.
+    pub fn reset_vip_counters(&mut self, vip_id: u32) -> Result<()> {
+        let i = retired_index(Some(vip_id));
+        if i >= self.retired.len() {
+            return Ok(());
+        }
+        self.retired
+            .set(i, Counters::default(), 0)
+            .map_err(map_err(format!("resetting LB_RETIRED_STATS[{i}]")))
     }
 
     /// Sum over CPUs of one backend's counters.
@@ -998,24 +1066,35 @@ fn sum_counters(map: &PerCpuArray<MapData, Counters>, idx: u32, name: &str) -> R
     let v = map
         .get(&idx, 0)
         .map_err(map_err(format!("reading {name}[{idx}]")))?;
-    Ok(v.iter().fold(Counters::default(), |a, c| {
-        let Counters {
-            packets,
-            bytes,
-            new_flows,
-            unhealthy_routing_flows,
-            reply_packets,
-            reply_bytes,
-        } = *c;
-        Counters {
-            packets: a.packets + packets,
-            bytes: a.bytes + bytes,
-            new_flows: a.new_flows + new_flows,
-            unhealthy_routing_flows: a.unhealthy_routing_flows + unhealthy_routing_flows,
-            reply_packets: a.reply_packets + reply_packets,
-            reply_bytes: a.reply_bytes + reply_bytes,
-        }
-    }))
+    Ok(v.iter().fold(Counters::default(), |a, c| a.plus(*c)))
+}
+
+/// Index in `LB_RETIRED_STATS` of VIP `vip_id`'s departed backends, or of all (`None`).
+fn retired_index(vip_id: Option<u32>) -> u32 {
+    vip_id.map_or(0, |v| v.saturating_add(1))
+}
+
+/// A VIP's figures from its backends' entries and records (entries of other VIPs are left
+/// out) and what its departed backends had counted.
+pub fn vip_figures(vip_id: u32, backends: &[(Backend, Counters)], retired: Counters) -> Counters {
+    backends
+        .iter()
+        .filter(|(b, _)| b.vip_id == vip_id && *b != Backend::default())
+        .fold(retired, |a, (_, c)| a.plus(*c))
+}
+
+/// `LB_REASONS`' own counts with `tx`, `redirect` and `nat_reply` added from `records`: the sum
+/// of every backend record in use and of all departed backends (see [`Counters`]).
+pub fn with_derived_reasons(mut own: Vec<(Reason, u64)>, records: &Counters) -> Vec<(Reason, u64)> {
+    for (r, n) in &mut own {
+        *n = n.wrapping_add(match r {
+            Reason::Tx => records.tx(),
+            Reason::Redirect => records.redirected,
+            Reason::NatReply => records.nat_replies(),
+            _ => 0,
+        });
+    }
+    own
 }
 
 /// The loaded balancer: `lb_xdp` and `lb_hc_encap`, their maps (pinned), and their

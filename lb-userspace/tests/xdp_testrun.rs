@@ -953,6 +953,8 @@ fn vip_packet_is_encapsulated_to_its_backend_and_redirected_to_the_egress_interf
             bytes: inner_len,
             new_flows: 1,
             unhealthy_routing_flows: 0,
+            // Test runs send to another interface: reason `redirect`, counted here.
+            redirected: 1,
             ..Counters::default()
         };
         assert_eq!(lb.vip_counters(&web), expected, "VIP counters");
@@ -1173,6 +1175,8 @@ fn encapsulation_that_would_exceed_the_egress_mtu_is_answered_with_icmp_or_dropp
                 bytes: 980,
                 new_flows: 1,
                 unhealthy_routing_flows: 0,
+                // Test runs send to another interface: reason `redirect`, counted here.
+                redirected: 1,
                 ..Counters::default()
             }
         );
@@ -1260,6 +1264,8 @@ fn same_five_tuple_goes_to_the_same_backend_and_counts_one_new_flow() {
             bytes: 2 * len,
             new_flows: 1,
             unhealthy_routing_flows: 0,
+            // Test runs send to another interface: reason `redirect`, counted here.
+            redirected: 2,
             ..Counters::default()
         };
         assert_eq!(lb.vip_counters(&web), two_packets_one_flow);
@@ -1858,6 +1864,8 @@ fn every_family_combination_is_encapsulated_in_the_backends_family() {
                     bytes: inner_len as u64,
                     new_flows: 1,
                     unhealthy_routing_flows: 0,
+                    // Test runs send to another interface: reason `redirect`, counted here.
+                    redirected: 1,
                     ..Counters::default()
                 },
                 "{name}: VIP counters"

@@ -53,6 +53,11 @@ pub trait L4Maps {
     fn set_ring_slot(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError>;
     /// Zeroes backend `id`'s counters before the id is reused.
     fn reset_backend_counters(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Folds backend `id`'s counters into what VIP `vip_id`'s departed backends had counted,
+    /// once, right after its entry was cleared (see [`lb_common::Counters`]).
+    fn retire_backend_counters(&mut self, id: u32, vip_id: u32) -> Result<(), DataplaneError>;
+    /// Zeroes what VIP `id`'s departed backends had counted before the id is (re)used.
+    fn reset_vip_counters(&mut self, id: u32) -> Result<(), DataplaneError>;
     /// Deletes every flow-table entry pinned to one of `ids` (one walk of the table);
     /// returns how many.
     fn remove_flows_of(&mut self, ids: &BTreeSet<u32>) -> Result<usize, DataplaneError>;
@@ -123,6 +128,12 @@ impl L4Maps for Maps {
     }
     fn reset_backend_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
         Maps::reset_backend_counters(self, id)
+    }
+    fn retire_backend_counters(&mut self, id: u32, vip_id: u32) -> Result<(), DataplaneError> {
+        Maps::retire_backend_counters(self, id, vip_id)
+    }
+    fn reset_vip_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        Maps::reset_vip_counters(self, id)
     }
     fn remove_flows_of(&mut self, ids: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
         Maps::remove_flows_of(self, ids)
@@ -535,8 +546,10 @@ impl<M: L4Maps> RingWriter<M> {
             .map(|(id, _)| *id)
             .filter(|id| !kept.contains(id))
             .collect();
-        for id in &doomed {
+        for (id, b) in backend_entries.iter().filter(|(id, _)| doomed.contains(id)) {
             this.maps.set_backend(*id, Backend::default())?;
+            // Its VIP's figures no longer include the record: folded in once, here.
+            this.maps.retire_backend_counters(*id, b.vip_id)?;
         }
         if !doomed.is_empty() {
             adoption.flows_removed = this.maps.remove_flows_of(&doomed)?;
@@ -671,6 +684,7 @@ impl<M: L4Maps> RingWriter<M> {
             self.maps.set_ring_slot(base + slot, RING_EMPTY)?;
         }
         self.maps.reset_guard_counters(id)?;
+        self.maps.reset_vip_counters(id)?;
         for (list, prefix, key) in guard_entries_of(id, &spec.guards) {
             self.maps.set_guard(list, prefix, key)?;
         }
@@ -787,6 +801,8 @@ impl<M: L4Maps> RingWriter<M> {
         }
         for b in &gone {
             self.maps.set_backend(b.id, Backend::default())?;
+            // The VIP's figures no longer include the record: folded in once, here.
+            self.maps.retire_backend_counters(b.id, vip_id)?;
         }
         if !gone.is_empty() {
             let ids: BTreeSet<u32> = gone.iter().map(|b| b.id).collect();
@@ -879,6 +895,43 @@ mod tests {
         log: Vec<String>,
         config_flags: u32,
         guards: BTreeSet<(GuardList, u32, GuardKey)>,
+        /// Backend records (what `lb_xdp` counts), by id.
+        records: BTreeMap<u32, lb_common::Counters>,
+        /// `LB_RETIRED_STATS` by index (0: all, 1 + vip id).
+        retired: BTreeMap<u32, lb_common::Counters>,
+    }
+
+    impl FakeMaps {
+        /// VIP `vip_id`'s figures as `Maps::vip_counters` derives them.
+        fn vip_figures(&self, vip_id: u32) -> lb_common::Counters {
+            let backends: Vec<_> = self
+                .backends
+                .iter()
+                .map(|(id, b)| (*b, self.records.get(id).copied().unwrap_or_default()))
+                .collect();
+            let retired = self.retired.get(&(vip_id + 1)).copied().unwrap_or_default();
+            crate::dataplane::vip_figures(vip_id, &backends, retired)
+        }
+
+        /// The sum `Maps::reason_totals` derives `tx` from: every backend entry in use and
+        /// all departed backends.
+        fn all_records(&self) -> lb_common::Counters {
+            self.backends
+                .iter()
+                .filter(|(_, b)| **b != Backend::default())
+                .map(|(id, _)| self.records.get(id).copied().unwrap_or_default())
+                .fold(
+                    self.retired.get(&0).copied().unwrap_or_default(),
+                    lb_common::Counters::plus,
+                )
+        }
+
+        /// `lb_xdp` forwarding `n` packets of one byte each to backend `id` (`XDP_TX`).
+        fn forward(&mut self, id: u32, n: u64) {
+            let c = self.records.entry(id).or_default();
+            c.packets += n;
+            c.bytes += n;
+        }
     }
 
     fn vkey(k: &VipKey) -> ([u32; 4], u16, u8, u8) {
@@ -921,7 +974,25 @@ mod tests {
             self.ring.insert(i, id);
             Ok(())
         }
-        fn reset_backend_counters(&mut self, _id: u32) -> Result<(), DataplaneError> {
+        fn reset_backend_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+            self.records.remove(&id);
+            Ok(())
+        }
+        fn retire_backend_counters(&mut self, id: u32, vip_id: u32) -> Result<(), DataplaneError> {
+            assert_eq!(
+                self.backends.get(&id).copied().unwrap_or_default(),
+                Backend::default(),
+                "backend {id} retired while its entry still counts for its VIP"
+            );
+            let c = self.records.get(&id).copied().unwrap_or_default();
+            for i in [0, vip_id + 1] {
+                let r = self.retired.entry(i).or_default();
+                *r = r.plus(c);
+            }
+            Ok(())
+        }
+        fn reset_vip_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+            self.retired.remove(&(id + 1));
             Ok(())
         }
         fn remove_flows_of(&mut self, ids: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
@@ -1482,5 +1553,89 @@ mod tests {
         assert_eq!(adoption, Adoption::default());
         assert!(ring_of(&r, 0).iter().all(|&s| s == RING_EMPTY));
         assert_eq!(r.describe().len(), 1);
+    }
+
+    #[test]
+    fn a_vips_figures_are_its_backends_records_plus_its_departed_backends_folded_once() {
+        // Room for exactly the four backends below, so a departed id is reused at once.
+        let mut r = RingWriter::new(FakeMaps::default(), M, 4, 4);
+        r.add_vip(vip(80)).unwrap();
+        let web = vip(80).vip;
+        r.apply(&web, &[member(11), member(12), member(13)], false)
+            .unwrap();
+        // A second VIP whose backend records must never count for the first.
+        r.add_vip(vip(443)).unwrap();
+        r.apply(&vip(443).vip, &[member(11)], false).unwrap();
+        let other = r.backend_id(&vip(443).vip, member(11).addr, 80).unwrap();
+        let id = |r: &RingWriter<FakeMaps>, last: u8| r.backend_id(&web, member(last).addr, 80);
+        let (a, b, c) = (
+            id(&r, 11).unwrap(),
+            id(&r, 12).unwrap(),
+            id(&r, 13).unwrap(),
+        );
+        assert_ne!(other, a, "one backend id per (VIP, target)");
+        r.maps.forward(a, 1);
+        r.maps.forward(b, 10);
+        r.maps.forward(c, 100);
+        r.maps.forward(other, 1000);
+        assert_eq!(r.maps.vip_figures(0).packets, 111);
+        assert_eq!(r.maps.vip_figures(1).packets, 1000);
+
+        // 12 leaves: its 10 packets stay the VIP's, folded in once.
+        r.apply(&web, &[member(11), member(13)], false).unwrap();
+        assert_eq!(id(&r, 12), None);
+        assert_eq!(r.maps.vip_figures(0).packets, 111);
+        assert_eq!(r.maps.all_records().tx(), 1111, "reason tx keeps them too");
+        // Its id goes to a newcomer (here of the other VIP): the record starts from zero and
+        // counts for the newcomer's VIP only.
+        r.apply(&vip(443).vip, &[member(11), member(14)], false)
+            .unwrap();
+        let newcomer = r.backend_id(&vip(443).vip, member(14).addr, 80).unwrap();
+        assert_eq!(newcomer, b, "the departed id is reused");
+        assert_eq!(r.maps.vip_figures(0).packets, 111);
+        assert_eq!(r.maps.vip_figures(1).packets, 1000);
+        r.maps.forward(newcomer, 5);
+        assert_eq!(r.maps.vip_figures(0).packets, 111);
+        assert_eq!(r.maps.vip_figures(1).packets, 1005);
+        assert_eq!(r.maps.all_records().tx(), 1116);
+
+        // The newcomer leaves again: folded into the other VIP, once.
+        r.apply(&vip(443).vip, &[member(11)], false).unwrap();
+        assert_eq!(r.maps.vip_figures(1).packets, 1005);
+        assert_eq!(r.maps.all_records().tx(), 1116);
+        // Every backend leaves: the figures stay.
+        r.apply(&web, &[], false).unwrap();
+        assert_eq!(r.maps.vip_figures(0).packets, 111);
+        assert_eq!(r.maps.all_records().tx(), 1116);
+    }
+
+    #[test]
+    fn departed_backends_counts_survive_adoption_and_a_reused_vip_id_starts_from_zero() {
+        let mut r = writer();
+        let web = vip(80).vip;
+        r.apply(&web, &[member(11), member(12)], false).unwrap();
+        let a = r.backend_id(&web, member(11).addr, 80).unwrap();
+        let b = r.backend_id(&web, member(12).addr, 80).unwrap();
+        r.maps.forward(a, 3);
+        r.maps.forward(b, 4);
+        r.apply(&web, &[member(11)], false).unwrap();
+        // A restart: the pinned maps (records and retired counts) are adopted.
+        let (r, _) = adopt(r.maps, &[vip(80)]);
+        assert_eq!(r.maps.vip_figures(0).packets, 7, "kept across the restart");
+        assert_eq!(r.maps.all_records().tx(), 7);
+        // A restart whose configuration dropped the VIP: its backends are cleared (and
+        // folded, once); the reason counts keep them, and a new VIP given the id starts
+        // from zero.
+        let mut other = vip(8080);
+        other.name = None;
+        let (r, adoption) = adopt(r.maps, std::slice::from_ref(&other));
+        assert_eq!(adoption.backends_cleared, 1);
+        assert_eq!(r.maps.all_records().tx(), 7, "folded exactly once");
+        assert_eq!(
+            r.vip(&other.vip).map(|(_, id)| id),
+            Some(0),
+            "the id is reused"
+        );
+        assert_eq!(r.maps.vip_figures(0), lb_common::Counters::default());
     }
 }

@@ -67,7 +67,13 @@ pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
         }
     }
     for (id, label) in &vips {
-        let c = maps.vip_counters(*id)?;
+        // The VIP's figures from its backends' records (read once, for both).
+        let mut records = Vec::new();
+        for (bid, b) in backends.iter().filter(|(_, b)| b.vip_id == *id) {
+            records.push((*bid, *b, maps.backend_counters(*bid)?));
+        }
+        let pairs: Vec<_> = records.iter().map(|(_, b, c)| (*b, *c)).collect();
+        let c = crate::dataplane::vip_figures(*id, &pairs, maps.retired_counters(Some(*id))?);
         let l = || vec![label.clone()];
         out.push(Series::count(Metric::ProcessedPackets, l(), c.packets));
         out.push(Series::count(Metric::VipProcessedBytes, l(), c.bytes));
@@ -78,8 +84,7 @@ pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
             c.unhealthy_routing_flows,
         ));
         let mut active = 0;
-        for (bid, b) in backends.iter().filter(|(_, b)| b.vip_id == *id) {
-            let bc = maps.backend_counters(*bid)?;
+        for (bid, b, bc) in &records {
             let flows = active_per_backend.get(bid).copied().unwrap_or(0);
             active += flows;
             let bl = || vec![label.clone(), backend_label(b)];
