@@ -398,6 +398,52 @@ async fn h2_over_tls(
 }
 
 #[tokio::test]
+async fn http2_responses_carry_one_date_the_load_balancers_own_included() {
+    // hyper's automatic `Date` is off for HTTP/2; `service.rs` adds the current second's to
+    // the responses lb makes itself (here a fixed response) and keeps the target's on the
+    // others. Without that, the fixed response would have no `Date` (RFC 9110 §6.6.1: an
+    // origin with a clock must send one).
+    let certs = make_certs(&[&["default.test"]]);
+    let t = target::http1().route("/", Reply::EchoHeaders).run().await;
+    let p = https_to(t.addr, &certs)
+        .rules(&[
+            "web,priority=10,path=/fixed,fixed-response=503,body=down",
+            "web,default,forward=tg",
+        ])
+        .start()
+        .await;
+    let (send, _conn) = h2_over_tls(p.addr).await;
+    for (path, status) in [("/fixed", 503), ("/forwarded", 200)] {
+        let mut send = send.clone();
+        let before = std::time::SystemTime::now();
+        let resp = within(
+            send.send_request(
+                Request::get(format!("https://default.test{path}"))
+                    .body(Full::new(Bytes::new()))
+                    .expect("req"),
+            ),
+        )
+        .await
+        .expect("response");
+        let after = std::time::SystemTime::now();
+        assert_eq!(resp.status(), status, "{path}");
+        let dates: Vec<_> = resp.headers().get_all(http::header::DATE).iter().collect();
+        assert_eq!(dates.len(), 1, "{path}: {dates:?}");
+        let text = dates[0].to_str().expect("ASCII");
+        let at = httpdate::parse_http_date(text).expect("an HTTP date");
+        let second = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs()
+        };
+        assert!(
+            (second(before)..=second(after)).contains(&second(at)),
+            "{path}: {text} is not between the clock's readings around the request"
+        );
+    }
+}
+
+#[tokio::test]
 async fn http2_over_tls_answers_every_stream_of_a_burst_and_large_bodies_whole() {
     // Responses of many streams share TLS writes (`batch.rs`): each must still reach its own
     // stream whole, and a body larger than the write batch must arrive intact.

@@ -802,7 +802,10 @@ fn http_builder<E>(exec: E) -> auto::Builder<E> {
         // No keep-alive PINGs: a client answering them would reset the sniffer's idle clock
         // (bytes arrived), so idle HTTP/2 connections would never be closed. Dead peers are
         // found by the idle timeout instead.
-        .keep_alive_interval(None);
+        .keep_alive_interval(None)
+        // `service::Respond` gives every HTTP/2 response its `Date` (the target's, else the
+        // current second's), marked never indexed; hyper's would look the header up again.
+        .auto_date_header(false);
     b
 }
 
