@@ -1,6 +1,18 @@
 #!/bin/bash
 # usage: scripts/l7-instructions.sh PROXY MODE [requests] [out-dir]
-#   PROXY: a path to an lb binary, or `haproxy`, or `nginx`.   MODE: h1 | h2 | h2aged
+#   PROXY: a path to an lb binary, or `haproxy`, or `nginx`.   MODE: h1 | h2 | h2aged, or (lb
+#   only) one of the paths the PGO training does not run, each HTTP/1.1 like h1 unless said:
+#     h1log      the access log on (to a file)
+#     h1big64k   a 65,536-byte response body        h1big1m   a 1,048,576-byte response body
+#     h1post     a POST with a 65,536-byte request body (100-byte response)
+#     h1tls      an HTTPS target (protocol=https)
+#     h2h2t      HTTP/2 like h2, to an HTTP/2 target (h2c; ALB answers an HTTP/1 client 464)
+#     h1fixed    a fixed-response rule (200, 100-byte body), no target
+#     h1redirect a redirect rule (301 to https://…), no target
+#     h1e503     a target group with no targets: lb's own 503
+#     h1e463     31 X-Forwarded-For addresses: lb's own 463
+#   (these use a second nginx on PORT_BASE+10 and +11, and h2h2t HAProxy on +12:
+#   scripts/bench-backend.sh start_extra_backend, start_h2c_backend)
 # Counts the user-space instructions one proxied request costs, exactly, with valgrind's
 # callgrind (needs root, valgrind, nginx, h2load; haproxy for PROXY=haproxy). The proxy runs
 # under callgrind with one worker thread/process, behind an nginx backend (100-byte body,
@@ -21,12 +33,12 @@
 set -u
 # PORT_BASE (default 19180): the backend listens there, the proxy on +1 (HTTP) and +2 (TLS),
 # so runs with different bases can go side by side.
-PB=${PORT_BASE:-19180}; BE=$PB; HTTP=$((PB + 1)); TLS=$((PB + 2))
+PB=${PORT_BASE:-19180}; BE=$PB; HTTP=$((PB + 1)); TLS=$((PB + 2)); BE2=$((PB + 10))
 PROXY=$1; MODE=$2; N=${3:-20000}; OUT=${4:-./l7-instructions}
 D=$(mktemp -d)
 mkdir -p "$OUT"
-NG=; PP=; LP=
-cleanup() { for p in $LP $PP $NG; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf "$D"; }
+NG=; NG2=; NG3=; PP=; LP=
+cleanup() { for p in $LP $PP $NG $NG2 $NG3; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf "$D"; }
 trap cleanup EXIT
 . "$(dirname "$0")/bench-backend.sh"
 start_backend "$D" $BE
@@ -34,6 +46,31 @@ start_backend "$D" $BE
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
   -keyout $D/key.pem -out $D/cert.pem -days 2 >/dev/null 2>&1
 cat $D/cert.pem $D/key.pem > $D/both.pem
+# The untrained-path modes: what lb is configured with (group, target, rule, extra flags) and
+# which path the load asks for. h1, h2 and h2aged keep the configuration they always had.
+GROUP=be,health-check=off; TARGET=(--target be=127.0.0.1:$BE); RULE=forward=be; EXTRA=(); URL=/
+TLSRULE=
+LOADX=()
+case $MODE in
+h1 | h2 | h2aged) ;;
+h1log) EXTRA=(--access-log $D/access.log) ;;
+h1big64k) TARGET=(--target be=127.0.0.1:$BE2); URL=/64k ;;
+h1big1m) TARGET=(--target be=127.0.0.1:$BE2); URL=/1m ;;
+h1post) TARGET=(--target be=127.0.0.1:$BE2)
+  head -c 65536 /dev/zero | tr '\0' p > $D/post; LOADX=(-d $D/post) ;;
+h1tls) GROUP=be,health-check=off,protocol=https; TARGET=(--target be=127.0.0.1:$((BE2 + 1))) ;;
+h2h2t) GROUP=be,health-check=off,protocol-version=http2; TARGET=(--target be=127.0.0.1:$((BE2 + 2))) ;;
+h1fixed) RULE="fixed-response=200,content-type=text/plain,body=lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01" ;;
+h1redirect) RULE="redirect=https://#{host}:$TLS/#{path}?#{query},status=301"; TLSRULE=forward=be ;;
+h1e503) TARGET=() ;;
+h1e463) LOADX=(-H "X-Forwarded-For: $(seq -s ', ' -f '10.0.0.%g' 31)") ;;
+*) echo "MODE is h1, h2, h2aged, h1log, h1big64k, h1big1m, h1post, h1tls, h2h2t, h1fixed, h1redirect, h1e503 or h1e463, not $MODE"; exit 2 ;;
+esac
+case $MODE in h1 | h2 | h2aged) ;; *)
+  case $PROXY in haproxy | nginx) echo "MODE $MODE is for lb only"; exit 2 ;; esac
+  start_extra_backend "$D" $BE2 $D/cert.pem $D/key.pem
+  [ "$MODE" = h2h2t ] && start_h2c_backend "$D" $((BE2 + 2)) ;;
+esac
 # CALLGRIND_OPTS adds callgrind options, e.g. "--cache-sim=yes --branch-sim=yes": then every
 # event (cache misses, mispredicted branches) is also printed per request.
 VG=(valgrind --tool=callgrind --callgrind-out-file=$D/cg.%p --dump-instr=no --collect-jumps=no ${CALLGRIND_OPTS:-})
@@ -79,16 +116,26 @@ EOC
 *)
   TOKIO_WORKER_THREADS=1 "${VG[@]}" "$PROXY" run --listener web=http://127.0.0.1:$HTTP \
     --listener tls=https://127.0.0.1:$TLS,cert=$D/cert.pem:$D/key.pem \
-    --target-group be,health-check=off --target be=127.0.0.1:$BE \
-    --rule web,default,forward=be --rule tls,default,forward=be \
+    --target-group $GROUP "${TARGET[@]}" \
+    --rule web,default,$RULE --rule tls,default,${TLSRULE:-$RULE} "${EXTRA[@]}" \
     --admin-socket $D/admin.sock > $D/proxy.log 2>&1 & PP=$! ;;
 esac
 for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:$HTTP/ && break; sleep 0.2; done
-curl -sf -o /dev/null http://127.0.0.1:$HTTP/ || { echo "the proxy did not come up:"; cat $D/proxy.log; exit 1; }
+case $MODE in
+h1 | h2 | h2aged)
+  curl -sf -o /dev/null http://127.0.0.1:$HTTP/ || { echo "the proxy did not come up:"; cat $D/proxy.log; exit 1; } ;;
+*) # the untrained paths: each mode must produce the status it is meant to, or nothing is counted
+  # (h2load counts a 4xx or 5xx as failed: ERRS lets the error modes' loads be all such)
+  case $MODE in h1redirect) WANT=301 ;; h1e503) WANT=503; ERRS=1 ;; h1e463) WANT=463; ERRS=1 ;; *) WANT=200 ;; esac
+  case $MODE in h1post) CURLX=(--data-binary @$D/post) ;; h1e463) CURLX=("${LOADX[@]}") ;;
+  h2h2t) CURLX=(--http2-prior-knowledge) ;; *) CURLX=() ;; esac
+  GOT=$(curl -s -o /dev/null -w '%{http_code}' "${CURLX[@]}" http://127.0.0.1:$HTTP$URL)
+  [ "$GOT" = "$WANT" ] || { echo "MODE $MODE: status $GOT, not $WANT:"; cat $D/proxy.log; exit 1; } ;;
+esac
 case $MODE in
 h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:$HTTP/) ;;
-h2 | h2aged) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
-*) echo "MODE is h1, h2 or h2aged, not $MODE"; exit 2 ;;
+h2 | h2aged | h2h2t) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
+*) LOAD=(h2load --h1 -c16 -m1 "${LOADX[@]}" http://127.0.0.1:$HTTP$URL) ;;
 esac
 dump() { # dumps what was counted since the last zeroing to OUT/$1; prints its Ir total
   rm -f $D/cg.*.[0-9]*
@@ -102,6 +149,7 @@ count() { # zero, load N requests, dump to OUT/$2; prints the instructions count
   callgrind_control -z $PP > /dev/null 2>&1
   "${LOAD[@]}" -n $1 > $D/load.txt 2>&1
   grep -q "succeeded, 0 failed, 0 errored" $D/load.txt || grep -q "$1 succeeded" $D/load.txt \
+    || { [ -n "${ERRS:-}" ] && grep -q "$1 done, 0 succeeded, $1 failed, 0 errored" $D/load.txt; } \
     || { echo "load of $1 had failures:"; grep -E "requests:|status codes" $D/load.txt; exit 1; }
   dump "$2"
 }
@@ -121,6 +169,8 @@ fi
 A=$(count $N callgrind.n)
 B=$(count $((2 * N)) callgrind.2n)
 echo "$(basename "$PROXY") $MODE $(( (B - A) / N )) instructions/request (Ir: ${A} for $N, ${B} for $((2 * N)))"
+# h1log: every request must have its line (lb drops lines rather than wait for the writer).
+[ "$MODE" = h1log ] && echo "  access log: $(wc -l < $D/access.log) lines for $((3 * N + 2000)) requests and the readiness checks"
 if [ -n "${CALLGRIND_OPTS:-}" ]; then # every event, per request, the same way
   paste <(grep -E "^events:" "$OUT/callgrind.2n" | cut -d' ' -f2- | tr ' ' '\n') \
         <(grep -E "^totals:" "$OUT/callgrind.n" | cut -d' ' -f2- | tr ' ' '\n') \

@@ -146,11 +146,13 @@ pub fn build(target: &Path) -> anyhow::Result<PathBuf> {
          (or install Debian's llvm-N for rustc's LLVM major version N)",
     )?;
     let (host, _) = rustc_host_and_llvm()?;
-    let pgo = target.join("pgo");
-    let raw = pgo.join("profraw");
-    let profile = pgo.join("lb.profdata");
+    let Dirs {
+        raw,
+        profile,
+        gen_dir,
+        use_dir,
+    } = Dirs::under(target);
 
-    let gen_dir = pgo.join("gen");
     cargo_pass(&cargo_args(Pass::Generate(&raw), &host, &gen_dir))?;
     let instrumented = gen_dir.join(&host).join("release/lb");
     if newer(&profile, &instrumented) {
@@ -186,9 +188,34 @@ pub fn build(target: &Path) -> anyhow::Result<PathBuf> {
         ensure!(status.success(), "llvm-profdata merge failed ({status})");
     }
 
-    let use_dir = pgo.join("use");
     cargo_pass(&cargo_args(Pass::Use(&profile), &host, &use_dir))?;
     Ok(use_dir.join(&host).join("release/lb"))
+}
+
+/// Where the PGO build keeps its files, all under `target/pgo/`.
+#[derive(Debug)]
+struct Dirs {
+    /// The instrumented `lb`'s raw profiles.
+    raw: PathBuf,
+    /// Their merge, the optimised pass's input.
+    profile: PathBuf,
+    /// The instrumented pass's target directory.
+    gen_dir: PathBuf,
+    /// The optimised pass's target directory.
+    use_dir: PathBuf,
+}
+
+impl Dirs {
+    /// The directories of a PGO build in the workspace target directory `target`.
+    fn under(target: &Path) -> Dirs {
+        let pgo = target.join("pgo");
+        Dirs {
+            raw: pgo.join("profraw"),
+            profile: pgo.join("lb.profdata"),
+            gen_dir: pgo.join("gen"),
+            use_dir: pgo.join("use"),
+        }
+    }
 }
 
 /// Whether `a` exists and was modified after `b`.
@@ -447,15 +474,42 @@ mod tests {
 
     #[test]
     fn each_pass_has_its_own_target_dir() {
-        let raw = Path::new("/r");
-        let gen_args = cargo_args(Pass::Generate(raw), HOST, Path::new("/t/pgo/gen"));
-        let use_args = cargo_args(Pass::Use(raw), HOST, Path::new("/t/pgo/use"));
+        // The directories `build` actually uses: the two passes' target directories differ
+        // from each other and from the normal build's (`target`, whose release build is in
+        // `target/release`), and none holds another, so neither pass's cargo overwrites (or
+        // invalidates the fingerprints of) the other pass's build or the normal release build.
+        let target = Path::new("/w/target");
+        let d = Dirs::under(target);
+        let release = target.join("release");
+        let dirs = [&release, &d.gen_dir, &d.use_dir];
+        for (i, a) in dirs.iter().enumerate() {
+            for b in &dirs[i + 1..] {
+                assert!(
+                    !a.starts_with(b) && !b.starts_with(a),
+                    "{} and {} overlap",
+                    a.display(),
+                    b.display()
+                );
+            }
+        }
+        assert!(d.gen_dir != target && d.use_dir != target);
+        // And cargo is given those directories, one per pass.
         let dir = |args: &[String]| {
             let i = args.iter().position(|a| a == "--target-dir").unwrap();
-            args[i + 1].clone()
+            PathBuf::from(&args[i + 1])
         };
-        assert_eq!(dir(&gen_args), "/t/pgo/gen");
-        assert_eq!(dir(&use_args), "/t/pgo/use");
+        let gen_args = cargo_args(Pass::Generate(&d.raw), HOST, &d.gen_dir);
+        let use_args = cargo_args(Pass::Use(&d.profile), HOST, &d.use_dir);
+        assert_eq!(dir(&gen_args), d.gen_dir);
+        assert_eq!(dir(&use_args), d.use_dir);
+        // The raw profiles and the merged profile are outside both passes' target directories
+        // (a `cargo clean` of one pass keeps the profile).
+        for p in [&d.raw, &d.profile] {
+            assert!(
+                !p.starts_with(&d.gen_dir) && !p.starts_with(&d.use_dir),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]
