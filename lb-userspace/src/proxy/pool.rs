@@ -32,6 +32,7 @@
 //! pending close, without a syscall unless its socket was reported readable.
 //!
 //! All state sits behind one short-lived `std::sync::Mutex` per target; nothing awaits under it.
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -241,8 +242,9 @@ struct Counters {
 
 #[derive(Default)]
 struct PoolState {
-    /// Reusable idle connections, oldest first.
-    idle: Vec<Idle>,
+    /// Reusable idle connections, oldest first (pushed at the back, each `since` the time of
+    /// its push): a full pool drops its oldest from the front without moving the rest.
+    idle: VecDeque<Idle>,
     /// A retired connection kept open, unused, to observe when the target closes it.
     probe: Option<Idle>,
     h2: Option<H2Conn>,
@@ -272,18 +274,24 @@ impl PoolState {
         kind: impl Fn(&Pooled) -> bool,
     ) -> Option<usize> {
         let limit = self.estimator.reuse_limit(idle_timeout);
-        let usable = |idle: &Idle, limit: Duration| {
-            now.saturating_duration_since(idle.since) < limit && kind(&idle.conn)
-        };
-        if retryable {
-            return self.idle.iter().rposition(|idle| usable(idle, limit));
+        // The newest connection `kind` accepts is the youngest: if it is idle too long, so is
+        // every older one, and the walk stops there instead of ageing the whole pool (up to
+        // `max_idle` clock subtractions per request when nothing may be reused).
+        let (pos, newest) = self
+            .idle
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, idle)| kind(&idle.conn))?;
+        let idle_for = now.saturating_duration_since(newest.since);
+        if idle_for >= limit {
+            return None;
         }
-        let safe = self.unretryable_reuse_limit(idle_timeout);
-        let pos = self.idle.iter().rposition(|idle| usable(idle, safe));
-        if pos.is_none() && self.idle.iter().any(|idle| usable(idle, limit)) {
-            self.counters.unproven_reuse_avoided += 1;
+        if retryable || idle_for < self.unretryable_reuse_limit(idle_timeout) {
+            return Some(pos);
         }
-        pos
+        self.counters.unproven_reuse_avoided += 1;
+        None
     }
 
     /// How long an idle connection may be reused for a request that cannot be retried.
@@ -309,7 +317,11 @@ impl PoolState {
     /// An idle or probe connection the target closed: record for how long it had been idle.
     fn closed_by_target(&mut self, id: ConnId, now: Instant) {
         let idle = if let Some(pos) = self.idle.iter().position(|idle| idle.conn.id() == id) {
-            Some(self.idle.remove(pos))
+            Some(
+                self.idle
+                    .remove(pos)
+                    .expect("a position found in `idle` under the same lock"),
+            )
         } else if self
             .probe
             .as_ref()
@@ -339,7 +351,10 @@ impl PoolState {
             if now.saturating_duration_since(self.idle[pos].since) < limit {
                 return DriverAction::Keep;
             }
-            let idle = self.idle.remove(pos);
+            let idle = self
+                .idle
+                .remove(pos)
+                .expect("a position found in `idle` under the same lock");
             // Still open after this long: the target keeps idle connections at least this long.
             self.survived(now.saturating_duration_since(idle.since));
             if limit >= idle_timeout {
@@ -432,7 +447,10 @@ impl TargetPool {
         let pos = st.pick(now, retryable, self.idle_timeout, |conn| {
             matches!(conn, Pooled::Hyper(conn) if !conn.sender.is_closed() && conn.sender.is_ready())
         })?;
-        let idle = st.idle.remove(pos);
+        let idle = st
+            .idle
+            .remove(pos)
+            .expect("a position found in `idle` under the same lock");
         // Its driver must stop watching the idle deadline.
         idle.conn.wake_driver();
         let Pooled::Hyper(conn) = idle.conn else {
@@ -463,7 +481,10 @@ impl TargetPool {
                 st.closed_by_target(id, now);
                 continue;
             }
-            let idle = st.idle.remove(pos);
+            let idle = st
+                .idle
+                .remove(pos)
+                .expect("a position found in `idle` under the same lock");
             let Pooled::Raw(conn) = idle.conn else {
                 unreachable!("checked above")
             };
@@ -484,9 +505,9 @@ impl TargetPool {
         }
         if st.idle.len() >= self.max_idle {
             // Dropping the oldest closes it.
-            st.idle.remove(0);
+            st.idle.pop_front();
         }
-        st.idle.push(Idle {
+        st.idle.push_back(Idle {
             conn: Pooled::Raw(conn),
             since: Instant::now(),
         });
@@ -571,10 +592,10 @@ impl TargetPool {
         }
         if st.idle.len() >= self.max_idle {
             // Dropping the oldest closes it; its driver then finds it in no list.
-            st.idle.remove(0);
+            st.idle.pop_front();
         }
         conn.shared.wake.notify_one();
-        st.idle.push(Idle {
+        st.idle.push_back(Idle {
             conn: Pooled::Hyper(conn),
             since: Instant::now(),
         });
@@ -707,4 +728,82 @@ async fn sweep(pool: std::sync::Weak<TargetPool>) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` raw connections to a local listener (kept open by the returned peers).
+    async fn raw_conns(pool: &TargetPool, n: usize) -> (Vec<RawConn>, Vec<TcpStream>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mut conns, mut peers) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            peers.push(listener.accept().await.unwrap().0);
+            conns.push(RawConn {
+                id: pool.next_id(),
+                stream,
+                buf: BytesMut::new(),
+                timer: None,
+                names: crate::proxy::names::HeaderNames::new(),
+            });
+        }
+        (conns, peers)
+    }
+
+    /// A full pool drops its oldest connection for a new one, and requests take the newest
+    /// first: checked through the ids that come back out.
+    #[tokio::test]
+    async fn a_full_pool_drops_its_oldest_and_hands_out_the_newest_first() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let pool = Arc::new(TargetPool::new(
+            addr,
+            false,
+            false,
+            Duration::from_secs(60),
+            3,
+        ));
+        let (conns, _peers) = raw_conns(&pool, 4).await;
+        let ids: Vec<ConnId> = conns.iter().map(|c| c.id).collect();
+        for conn in conns {
+            pool.checkin_raw(conn);
+        }
+        assert_eq!(pool.stats().idle_connections, 3, "max_idle holds");
+        let out: Vec<ConnId> =
+            std::iter::from_fn(|| pool.checkout_raw(true).map(|(c, _)| c.id)).collect();
+        assert_eq!(
+            out,
+            vec![ids[3], ids[2], ids[1]],
+            "newest first, the oldest dropped"
+        );
+    }
+
+    /// A request that cannot be retried takes no connection before the pool has proof that
+    /// the target keeps idle connections (and counts the connection it avoided); a retryable
+    /// one takes the newest. The control for the early stop in `pick`.
+    #[tokio::test]
+    async fn an_unretryable_request_avoids_unproven_connections_and_counts_it() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let pool = Arc::new(TargetPool::new(
+            addr,
+            false,
+            false,
+            Duration::from_secs(60),
+            8,
+        ));
+        let (conns, _peers) = raw_conns(&pool, 2).await;
+        let newest = conns[1].id;
+        for conn in conns {
+            pool.checkin_raw(conn);
+        }
+        assert!(pool.checkout_raw(false).is_none(), "nothing proven yet");
+        assert_eq!(pool.stats().unproven_reuse_avoided, 1);
+        let (conn, _) = pool.checkout_raw(true).expect("a retryable request reuses");
+        assert_eq!(conn.id, newest);
+        // Proof that the target keeps connections idle for a minute: now it may reuse.
+        pool.lock().survived(Duration::from_secs(60));
+        assert!(pool.checkout_raw(false).is_some(), "proven safe");
+    }
 }
