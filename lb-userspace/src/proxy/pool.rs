@@ -734,6 +734,18 @@ async fn sweep(pool: std::sync::Weak<TargetPool>) {
 mod tests {
     use super::*;
 
+    /// A plain-TCP HTTP/1.1 target's pool (60 s idle timeout) holding at most `max_idle`.
+    fn plain_pool(max_idle: usize) -> Arc<TargetPool> {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        Arc::new(TargetPool::new(
+            addr,
+            false,
+            false,
+            Duration::from_secs(60),
+            max_idle,
+        ))
+    }
+
     /// `n` raw connections to a local listener (kept open by the returned peers).
     async fn raw_conns(pool: &TargetPool, n: usize) -> (Vec<RawConn>, Vec<TcpStream>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -757,14 +769,7 @@ mod tests {
     /// first: checked through the ids that come back out.
     #[tokio::test]
     async fn a_full_pool_drops_its_oldest_and_hands_out_the_newest_first() {
-        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let pool = Arc::new(TargetPool::new(
-            addr,
-            false,
-            false,
-            Duration::from_secs(60),
-            3,
-        ));
+        let pool = plain_pool(3);
         let (conns, _peers) = raw_conns(&pool, 4).await;
         let ids: Vec<ConnId> = conns.iter().map(|c| c.id).collect();
         for conn in conns {
@@ -785,14 +790,7 @@ mod tests {
     /// one takes the newest. The control for the early stop in `pick`.
     #[tokio::test]
     async fn an_unretryable_request_avoids_unproven_connections_and_counts_it() {
-        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let pool = Arc::new(TargetPool::new(
-            addr,
-            false,
-            false,
-            Duration::from_secs(60),
-            8,
-        ));
+        let pool = plain_pool(8);
         let (conns, _peers) = raw_conns(&pool, 2).await;
         let newest = conns[1].id;
         for conn in conns {
