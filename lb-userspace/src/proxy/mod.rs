@@ -9,7 +9,9 @@
 //! - [`recycle`]: header maps kept per thread and used again by the native HTTP/1 path.
 //! - [`names`]: header names kept per connection and used again by the native HTTP/1 path.
 //! - `deadline`: idle timers moved on only when they fire, not at every activity.
+//! - `date`: the current second's HTTP date, formatted once a second per thread.
 pub mod client;
+mod date;
 mod deadline;
 pub mod desync;
 pub mod error;

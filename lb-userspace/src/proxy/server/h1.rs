@@ -639,7 +639,7 @@ fn encode_head(
         dst.extend_from_slice(b"\r\n");
     } else {
         dst.extend_from_slice(b"date: ");
-        date::extend(dst);
+        crate::proxy::date::with_current(|date| dst.extend_from_slice(date.as_bytes()));
         dst.extend_from_slice(b"\r\n\r\n");
     }
     if let (Encoder::Chunked(allowed), Some(names)) = (&mut encoder, trailers) {
@@ -1018,28 +1018,6 @@ impl ChunkedDecoder {
             }
         }
         Ok(())
-    }
-}
-
-/// The `Date` header's value, formatted once a second per thread (as hyper caches it).
-mod date {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    thread_local! {
-        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
-    }
-
-    pub fn extend(dst: &mut Vec<u8>) {
-        let now = SystemTime::now();
-        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        CACHED.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.0 != secs || c.1.is_empty() {
-                *c = (secs, httpdate::fmt_http_date(now));
-            }
-            dst.extend_from_slice(c.1.as_bytes());
-        });
     }
 }
 

@@ -23,13 +23,11 @@
 //! itself would otherwise chain its dates the same way). hyper's own `Date` for HTTP/2 is off
 //! (`auto_date_header(false)` in `server.rs`): it looked the header up a second time in every
 //! response (about 170 instructions per request) only to find the target's.
-use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::header::{self, Entry};
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
@@ -99,38 +97,17 @@ fn date_not_indexed(headers: &mut HeaderMap) {
     }
 }
 
-/// The current second as an HTTP date (IMF-fixdate), marked never indexed: formatted once a
-/// second per thread, then a reference-counted copy (as hyper caches its own).
+/// The current second's date ([`crate::proxy::date`]), marked never indexed.
 fn current_date() -> HeaderValue {
-    thread_local! {
-        static CACHED: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let make = || {
-        let mut value =
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(httpdate::fmt_http_date(now)))
-                .expect("an HTTP date is a valid header value");
-        value.set_sensitive(true);
-        value
-    };
-    CACHED
-        .try_with(|cached| {
-            let mut cached = cached.borrow_mut();
-            match &*cached {
-                Some((at, value)) if *at == secs => value.clone(),
-                _ => {
-                    let value = make();
-                    *cached = Some((secs, value.clone()));
-                    value
-                }
-            }
-        })
-        .unwrap_or_else(|_| make())
+    let mut value = crate::proxy::date::with_current(HeaderValue::clone);
+    value.set_sensitive(true);
+    value
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
     use super::*;
     use http::HeaderValue;
 
