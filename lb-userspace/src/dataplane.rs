@@ -761,14 +761,34 @@ impl Maps {
 
     /// Sum over CPUs of the per-reason counters, in [`Reason`] order, with `tx`, `redirect`
     /// and `nat_reply` derived from the backends' records (see [`Counters`]): one walk of the
-    /// backend table.
+    /// backend table. A caller that has [`Self::backend_records`] at hand uses
+    /// [`Self::reason_totals_of`].
     pub fn reason_totals(&self) -> Result<Vec<(Reason, u64)>> {
-        let mut records = self.retired_counters(None)?;
-        for (id, _) in self.backend_entries()? {
-            records = records.plus(self.backend_counters(id)?);
-        }
+        self.reason_totals_of(&self.backend_records()?)
+    }
+
+    /// [`Self::reason_totals`] with the derived reasons taken from `records` (every backend in
+    /// use, as [`Self::backend_records`] read them) and what departed backends had counted.
+    pub fn reason_totals_of(&self, records: &[BackendRecord]) -> Result<Vec<(Reason, u64)>> {
+        let all = all_figures(records, self.retired_counters(None)?);
         let own = sum_per_cpu(&self.reasons, Reason::ALL, |r| r as u32, "LB_REASONS")?;
-        Ok(with_derived_reasons(own, &records))
+        Ok(with_derived_reasons(own, &all))
+    }
+
+    /// Every backend in use with its record, in one walk of the backend table and one read of
+    /// each record: what a report derives its VIP figures ([`vip_figures`]) and reasons
+    /// ([`Self::reason_totals_of`]) from, so they agree with the backend rows beside them.
+    pub fn backend_records(&self) -> Result<Vec<BackendRecord>> {
+        self.backend_entries()?
+            .into_iter()
+            .map(|(id, backend)| {
+                Ok(BackendRecord {
+                    id,
+                    backend,
+                    counters: self.backend_counters(id)?,
+                })
+            })
+            .collect()
     }
 
     /// Sum over CPUs of `lb_hc_encap`'s per-reason counters, in [`HcReason`] order.
@@ -777,18 +797,12 @@ impl Maps {
     }
 
     /// One VIP's figures: its backends' records plus what its departed backends had counted
-    /// (see [`Counters`]). One walk of the backend table; a caller that has the backends'
-    /// counters at hand uses [`vip_figures`] with [`Self::retired_counters`].
+    /// (see [`Counters`]). One walk of the backend table; a report over every VIP reads
+    /// [`Self::backend_records`] once and uses [`vip_figures`].
     pub fn vip_counters(&self, vip_id: u32) -> Result<Counters> {
-        let mut backends = Vec::new();
-        for (id, b) in self.backend_entries()? {
-            if b.vip_id == vip_id {
-                backends.push((b, self.backend_counters(id)?));
-            }
-        }
         Ok(vip_figures(
             vip_id,
-            &backends,
+            &self.backend_records()?,
             self.retired_counters(Some(vip_id))?,
         ))
     }
@@ -1074,13 +1088,30 @@ fn retired_index(vip_id: Option<u32>) -> u32 {
     vip_id.map_or(0, |v| v.saturating_add(1))
 }
 
-/// A VIP's figures from its backends' entries and records (entries of other VIPs are left
+/// One backend in use and its record (summed over CPUs), as [`Maps::backend_records`] read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendRecord {
+    pub id: u32,
+    pub backend: Backend,
+    pub counters: Counters,
+}
+
+/// A VIP's figures from the backends' entries and records (entries of other VIPs are left
 /// out) and what its departed backends had counted.
-pub fn vip_figures(vip_id: u32, backends: &[(Backend, Counters)], retired: Counters) -> Counters {
-    backends
+pub fn vip_figures(vip_id: u32, records: &[BackendRecord], retired: Counters) -> Counters {
+    records
         .iter()
-        .filter(|(b, _)| b.vip_id == vip_id && *b != Backend::default())
-        .fold(retired, |a, (_, c)| a.plus(*c))
+        .filter(|r| r.backend.vip_id == vip_id && r.backend != Backend::default())
+        .fold(retired, |a, r| a.plus(r.counters))
+}
+
+/// Every VIP's figures together: the records of every backend in use and what all departed
+/// backends had counted. `tx`, `redirect` and `nat_reply` are derived from it.
+pub fn all_figures(records: &[BackendRecord], retired: Counters) -> Counters {
+    records
+        .iter()
+        .filter(|r| r.backend != Backend::default())
+        .fold(retired, |a, r| a.plus(r.counters))
 }
 
 /// `LB_REASONS`' own counts with `tx`, `redirect` and `nat_reply` added from `records`: the sum

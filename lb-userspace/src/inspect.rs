@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::{
     cli::{DumpArgs, DumpWhat, PinArgs},
-    dataplane::Maps,
+    dataplane::{BackendRecord, Maps, vip_figures},
     l4::{Proto, VipAddr, flows::monotonic_ns},
 };
 
@@ -44,9 +44,9 @@ fn backend_addr(b: &Backend) -> String {
     socket_text(b.family, b.addr, b.port)
 }
 
-fn backend_json(id: u32, b: &Backend, maps: &Maps) -> anyhow::Result<Value> {
-    let c = maps.backend_counters(id)?;
-    Ok(json!({
+fn backend_json(r: &BackendRecord) -> Value {
+    let (id, b, c) = (r.id, &r.backend, &r.counters);
+    json!({
         "id": id,
         "addr": addr_text(b.family, b.addr),
         "port": u16::from_be(b.port),
@@ -61,7 +61,7 @@ fn backend_json(id: u32, b: &Backend, maps: &Maps) -> anyhow::Result<Value> {
         "new_flows": c.new_flows,
         "reply_packets": c.reply_packets,
         "reply_bytes": c.reply_bytes,
-    }))
+    })
 }
 
 /// Registered backends: (id, entry) for every non-empty slot of LB_BACKENDS.
@@ -155,7 +155,9 @@ fn nexthops_json(maps: &Maps) -> anyhow::Result<Value> {
 
 /// Everything `lb stats` shows, as JSON.
 pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
-    let all_backends = backends(maps)?;
+    // Every backend's entry and record, read once: the VIP figures, the backend rows and
+    // the derived reasons agree with one another.
+    let records = maps.backend_records()?;
     let mut vips = Vec::new();
     let mut keys: Vec<(VipKey, u32)> = Vec::new();
     for entry in maps.vips.iter() {
@@ -167,13 +169,14 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
     }
     keys.sort_by_key(|(_, id)| *id);
     for (k, id) in keys {
-        let c = maps.vip_counters(id)?;
+        let c = vip_figures(id, &records, maps.retired_counters(Some(id))?);
         let g = maps.guard_counters(id)?;
         let meta = maps.vips.get(&k, 0).context("reading LB_VIPS")?;
-        let mut bs = Vec::new();
-        for (bid, b) in all_backends.iter().filter(|(_, b)| b.vip_id == id) {
-            bs.push(backend_json(*bid, b, maps)?);
-        }
+        let bs: Vec<Value> = records
+            .iter()
+            .filter(|r| r.backend.vip_id == id)
+            .map(backend_json)
+            .collect();
         vips.push(json!({
             "vip": vip_addr(&k),
             "id": id,
@@ -196,7 +199,7 @@ pub fn stats_json(maps: &Maps) -> anyhow::Result<Value> {
         }));
     }
     let reasons: serde_json::Map<String, Value> = maps
-        .reason_totals()?
+        .reason_totals_of(&records)?
         .into_iter()
         .map(|(r, n)| (r.label().to_string(), json!(n)))
         .collect();
@@ -358,11 +361,7 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<()> {
             Value::Array(rows)
         }
         DumpWhat::Backends => {
-            let mut rows = Vec::new();
-            for (id, b) in backends(&maps)? {
-                rows.push(backend_json(id, &b, &maps)?);
-            }
-            Value::Array(rows)
+            Value::Array(maps.backend_records()?.iter().map(backend_json).collect())
         }
         DumpWhat::Flows => {
             let now = monotonic_ns();

@@ -902,28 +902,30 @@ mod tests {
     }
 
     impl FakeMaps {
-        /// VIP `vip_id`'s figures as `Maps::vip_counters` derives them.
-        fn vip_figures(&self, vip_id: u32) -> lb_common::Counters {
-            let backends: Vec<_> = self
-                .backends
+        /// The backends in use and their records, as `Maps::backend_records` reads them.
+        fn backend_records(&self) -> Vec<crate::dataplane::BackendRecord> {
+            self.backends
                 .iter()
-                .map(|(id, b)| (*b, self.records.get(id).copied().unwrap_or_default()))
-                .collect();
+                .filter(|(_, b)| **b != Backend::default())
+                .map(|(id, b)| crate::dataplane::BackendRecord {
+                    id: *id,
+                    backend: *b,
+                    counters: self.records.get(id).copied().unwrap_or_default(),
+                })
+                .collect()
+        }
+
+        /// VIP `vip_id`'s figures as `lb stats` and the metrics derive them.
+        fn vip_figures(&self, vip_id: u32) -> lb_common::Counters {
             let retired = self.retired.get(&(vip_id + 1)).copied().unwrap_or_default();
-            crate::dataplane::vip_figures(vip_id, &backends, retired)
+            crate::dataplane::vip_figures(vip_id, &self.backend_records(), retired)
         }
 
         /// The sum `Maps::reason_totals` derives `tx` from: every backend entry in use and
         /// all departed backends.
         fn all_records(&self) -> lb_common::Counters {
-            self.backends
-                .iter()
-                .filter(|(_, b)| **b != Backend::default())
-                .map(|(id, _)| self.records.get(id).copied().unwrap_or_default())
-                .fold(
-                    self.retired.get(&0).copied().unwrap_or_default(),
-                    lb_common::Counters::plus,
-                )
+            let retired = self.retired.get(&0).copied().unwrap_or_default();
+            crate::dataplane::all_figures(&self.backend_records(), retired)
         }
 
         /// `lb_xdp` forwarding `n` packets of one byte each to backend `id` (`XDP_TX`).

@@ -45,14 +45,9 @@ pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
         timeouts.insert(v.vip_id, Duration::from_nanos(v.idle_timeout_ns));
     }
     vips.sort();
-    let vip_label: HashMap<u32, &str> = vips.iter().map(|(id, l)| (*id, l.as_str())).collect();
-    let mut backends: Vec<(u32, Backend)> = Vec::new();
-    for (id, b) in maps.backends.iter().enumerate() {
-        let b = b?;
-        if b != Backend::default() && vip_label.contains_key(&b.vip_id) {
-            backends.push((u32::try_from(id).unwrap_or(u32::MAX), b));
-        }
-    }
+    // Every backend's entry and record, read once for the VIP figures, the backend series
+    // and the derived reasons alike.
+    let records = maps.backend_records()?;
     // Active flows: seen within their VIP's idle timeout (expired entries linger until the
     // sweep or the LRU removes them).
     let now = crate::l4::flows::monotonic_ns();
@@ -67,13 +62,7 @@ pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
         }
     }
     for (id, label) in &vips {
-        // The VIP's figures from its backends' records (read once, for both).
-        let mut records = Vec::new();
-        for (bid, b) in backends.iter().filter(|(_, b)| b.vip_id == *id) {
-            records.push((*bid, *b, maps.backend_counters(*bid)?));
-        }
-        let pairs: Vec<_> = records.iter().map(|(_, b, c)| (*b, *c)).collect();
-        let c = crate::dataplane::vip_figures(*id, &pairs, maps.retired_counters(Some(*id))?);
+        let c = crate::dataplane::vip_figures(*id, &records, maps.retired_counters(Some(*id))?);
         let l = || vec![label.clone()];
         out.push(Series::count(Metric::ProcessedPackets, l(), c.packets));
         out.push(Series::count(Metric::VipProcessedBytes, l(), c.bytes));
@@ -84,10 +73,11 @@ pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
             c.unhealthy_routing_flows,
         ));
         let mut active = 0;
-        for (bid, b, bc) in &records {
-            let flows = active_per_backend.get(bid).copied().unwrap_or(0);
+        for r in records.iter().filter(|r| r.backend.vip_id == *id) {
+            let bc = &r.counters;
+            let flows = active_per_backend.get(&r.id).copied().unwrap_or(0);
             active += flows;
-            let bl = || vec![label.clone(), backend_label(b)];
+            let bl = || vec![label.clone(), backend_label(&r.backend)];
             out.push(Series::count(
                 Metric::VipTargetProcessedPackets,
                 bl(),
@@ -111,7 +101,7 @@ pub fn collect(maps: &Maps, out: &mut Vec<Series>) -> anyhow::Result<()> {
         }
         out.push(Series::gauge(Metric::ActiveFlowCount, l(), active as f64));
     }
-    for (r, n) in maps.reason_totals()? {
+    for (r, n) in maps.reason_totals_of(&records)? {
         out.push(Series::count(
             Metric::PacketOutcomeCount,
             vec![r.label().to_owned()],
