@@ -306,6 +306,71 @@ fn a_deregistered_targets_connection_pool_and_its_series_go_away() {
     assert_eq!(lb.get("/").0, 200);
 }
 
+/// The value of a `lb_pool_…` series of `addr`, if the pool is listed.
+fn pool_value(text: &str, name: &str, addr: std::net::SocketAddr) -> Option<f64> {
+    let series = format!("{name}{{target=\"{addr}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(|v| v.trim().parse().expect("a number"))
+}
+
+/// Requests the target's listed pool has sent (new and reused connections).
+fn pool_requests(text: &str, addr: std::net::SocketAddr) -> Option<u64> {
+    let fresh = pool_value(text, "lb_pool_new_connection_count_total", addr)?;
+    let reused = pool_value(text, "lb_pool_reused_connection_count_total", addr)?;
+    Some((fresh + reused) as u64)
+}
+
+#[test]
+fn a_target_deregistered_and_registered_again_gets_a_fresh_working_pool() {
+    let a = Target::start("a");
+    let b = Target::start("b");
+    let flags: Vec<String> = [
+        "--listener",
+        "web=http://127.0.0.1:0",
+        "--target-group",
+        "app,health-check=off,deregistration-delay=0",
+        "--target",
+        &format!("app={}", a.addr),
+        "--target",
+        &format!("app={}", b.addr),
+        "--rule",
+        "web,default,forward=app",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let lb = Lb::start("pool-readd", &flags);
+    // The first registration's pool sends several requests to `a`.
+    wait_for("a answered 5 requests", Duration::from_secs(20), || {
+        assert_eq!(lb.get("/").0, 200);
+        (a.hits() >= 5).then_some(())
+    });
+    let first = pool_requests(&scrape(&lb), a.addr).expect("a's pool listed");
+    assert_eq!(first, a.hits(), "the pool's counters are not a's requests");
+    let target = format!("app={}", a.addr);
+    lb.cli_ok(&["targets", "deregister", "--target", &target]);
+    wait_for("a's pool gone", Duration::from_secs(20), || {
+        (!has_pool(&scrape(&lb), a.addr)).then_some(())
+    });
+    let hits_before = a.hits();
+
+    lb.cli_ok(&["targets", "register", "--target", &target]);
+    // `a` is served again, through a pool the forwarder lists (its series are back).
+    wait_for("a served again", Duration::from_secs(20), || {
+        assert_eq!(lb.get("/").0, 200);
+        (a.hits() >= hits_before + 2).then_some(())
+    });
+    let text = scrape(&lb);
+    let again = pool_requests(&text, a.addr).expect("a's new pool is not listed");
+    // A fresh pool: its counters hold the new registration's requests only.
+    assert_eq!(
+        again,
+        a.hits() - hits_before,
+        "the old pool's counts carried over: {text}"
+    );
+}
+
 fn which_promtool() -> std::path::PathBuf {
     let p = std::path::PathBuf::from("/usr/bin/promtool");
     assert!(

@@ -148,6 +148,34 @@ struct Inner {
 type TargetMap =
     std::collections::HashMap<TargetEndpoint, Arc<Target>, foldhash::fast::RandomState>;
 
+/// The forwarder's handle on one target endpoint: its connection pool and TLS settings,
+/// made once per endpoint ([`Forwarder::target`]) and kept by whoever sends to it often, so
+/// a request finds its pool without the forwarder's lock or a hash of the endpoint (the
+/// target group's pick keeps it, see [`crate::targets::Picked::target_handle`]). Cheap to
+/// clone. A handle outlives [`Forwarder::retain_targets`] forgetting its endpoint: requests
+/// sent through it still work, on a pool the forwarder no longer lists (no `pool_` series);
+/// a handle asked for afterwards is a fresh one.
+#[derive(Clone, Debug)]
+pub struct TargetHandle(Arc<Target>);
+
+impl TargetHandle {
+    /// Where and how the handle reaches its target.
+    pub fn endpoint(&self) -> &TargetEndpoint {
+        &self.0.endpoint
+    }
+
+    /// Whether both handles share one pool (the same endpoint, asked for while the forwarder
+    /// kept it).
+    pub fn same_pool(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// A snapshot of the handle's pool (see [`Forwarder::stats`]).
+    pub fn stats(&self) -> TargetPoolStats {
+        self.0.pool.stats()
+    }
+}
+
 /// What the forwarder keeps per target endpoint.
 #[derive(Debug)]
 struct Target {
@@ -249,7 +277,25 @@ impl Forwarder {
         target: &TargetEndpoint,
         req: Request<ProxyBody>,
     ) -> Result<Forwarded, ProxyError> {
-        let target = self.inner.target(target);
+        let target = self.target(target);
+        self.forward_to(&target, req).await
+    }
+
+    /// The handle on `endpoint`'s pool: the one the forwarder keeps for it, or a new one it
+    /// keeps from now on (until [`retain_targets`](Self::retain_targets) forgets it). Takes
+    /// the forwarder's lock; keep the handle rather than asking per request.
+    pub fn target(&self, endpoint: &TargetEndpoint) -> TargetHandle {
+        TargetHandle(self.inner.target(endpoint))
+    }
+
+    /// [`forward`](Self::forward) to a target the caller already holds the handle of: no lock,
+    /// no lookup.
+    pub async fn forward_to(
+        &self,
+        target: &TargetHandle,
+        req: Request<ProxyBody>,
+    ) -> Result<Forwarded, ProxyError> {
+        let target = &target.0;
         let req = prepare_request(req, &target.endpoint);
         let own = uses_own_client(&target.endpoint, &req);
         let idempotent = is_idempotent(req.method());
@@ -268,9 +314,9 @@ impl Forwarder {
         let mut req = Request::from_parts(parts, body);
 
         let mut retried = false;
-        if let Some((conn, idle_for)) = self.checkout(&target, retryable, own).await {
+        if let Some((conn, idle_for)) = self.checkout(target, retryable, own).await {
             target.pool.count_reused();
-            match self.send_any(&target, conn, req, &replay).await {
+            match self.send_any(target, conn, req, &replay).await {
                 Ok(response) => {
                     if let Some(idle_for) = idle_for {
                         target.pool.observe_reuse_answered(idle_for);
@@ -310,12 +356,12 @@ impl Forwarder {
                         None
                     };
                     let Some(again) = again else {
-                        return Err(self.error(&target, failed, &replay));
+                        return Err(self.error(target, failed, &replay));
                     };
                     tracing::debug!(target_addr = %target.endpoint.addr, error = %failed, "idempotent request failed on a pooled connection; retrying on a new connection");
                     req = again;
                 }
-                Err(other) => return Err(self.error(&target, other, &replay)),
+                Err(other) => return Err(self.error(target, other, &replay)),
             }
             retried = true;
             target.pool.count_retried();
@@ -326,21 +372,21 @@ impl Forwarder {
         // its state would otherwise take room in every request's future, which HTTP/2 moves
         // into a task of its own per stream.
         let (conn, connect_time) = if own {
-            let (conn, time) = Box::pin(connect::connect_raw(&target, config)).await?;
+            let (conn, time) = Box::pin(connect::connect_raw(target, config)).await?;
             (Any::Raw(conn), time)
         } else {
-            let (conn, time) = Box::pin(connect::connect(&target, config)).await?;
+            let (conn, time) = Box::pin(connect::connect(target, config)).await?;
             (Any::Hyper(conn), time)
         };
         target.pool.count_fresh();
-        match self.send_any(&target, conn, req, &replay).await {
+        match self.send_any(target, conn, req, &replay).await {
             Ok(response) => Ok(Forwarded {
                 response,
                 reused_connection: false,
                 retried,
                 connect_time: Some(connect_time),
             }),
-            Err(error) => Err(self.error(&target, error, &replay)),
+            Err(error) => Err(self.error(target, error, &replay)),
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
@@ -19,6 +19,7 @@ use super::routing;
 use super::state::{TargetAddr, TargetReason, TargetState};
 use super::sticky::{self, APP_COOKIE, CookieKey, CookieKind, LB_COOKIE, LB_CORS_COOKIE};
 use crate::metrics::{GroupCells, TargetCells};
+use crate::proxy::client::TargetHandle;
 
 /// What a [`Picked`] guard shares with its group: the counters that outlive a deregistration
 /// (an in-flight request still finishes and releases its count), and the signal that the
@@ -34,6 +35,24 @@ struct TargetEntry {
     gone: CancellationToken,
     /// Its request metrics (fed from each request's record).
     metrics: Arc<TargetCells>,
+    /// The forwarder's handle on the target's connection pool, set by the first request
+    /// forwarded to this registration ([`Picked::target_handle`]): later requests reach the
+    /// pool through the pick, without the forwarder's lock and lookup. A new registration of
+    /// the address (after it left the group) is a new entry and asks the forwarder again.
+    handle: OnceLock<TargetHandle>,
+}
+
+impl TargetEntry {
+    fn new(addr: SocketAddr, gone: CancellationToken) -> Self {
+        Self {
+            addr,
+            outstanding: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            gone,
+            metrics: Arc::default(),
+            handle: OnceLock::new(),
+        }
+    }
 }
 
 /// A linear ramp of a newly healthy target's share (ALB slow start).
@@ -551,13 +570,7 @@ impl Inner {
         let id = self.next_id;
         self.next_id += 1;
         Slot {
-            entry: Arc::new(TargetEntry {
-                addr,
-                outstanding: AtomicU64::new(0),
-                requests: AtomicU64::new(0),
-                gone: CancellationToken::new(),
-                metrics: Arc::default(),
-            }),
+            entry: Arc::new(TargetEntry::new(addr, CancellationToken::new())),
             id,
             weight: 1,
             state: TargetState::Initial,
@@ -657,15 +670,12 @@ impl Picked {
     /// pick).
     #[cfg(test)]
     pub(crate) fn detached(addr: SocketAddr, gone: CancellationToken) -> Self {
+        let entry = TargetEntry::new(addr, gone);
+        entry.outstanding.store(1, Ordering::Relaxed);
+        entry.requests.store(1, Ordering::Relaxed);
         Self {
             addr,
-            entry: Arc::new(TargetEntry {
-                addr,
-                outstanding: AtomicU64::new(1),
-                requests: AtomicU64::new(1),
-                gone,
-                metrics: Arc::default(),
-            }),
+            entry: Arc::new(entry),
             sticky: false,
             non_sticky: false,
             unhealthy_routing: false,
@@ -701,6 +711,16 @@ impl Picked {
     /// the per-request path does not need.
     pub fn gone(&self) -> &CancellationToken {
         &self.entry.gone
+    }
+
+    /// The forwarder's handle on the target's connection pool: the one this registration of
+    /// the target was given by the first request forwarded to it, else `init`'s (called once
+    /// per registration, however many requests race for it). Every later pick of the target
+    /// hands the same handle out without calling `init`: no lock, no lookup of the endpoint.
+    /// `init` must give the handle of the endpoint the pick's group sends this address to
+    /// (fixed by the group's configuration, which never changes).
+    pub fn target_handle(&self, init: impl FnOnce() -> TargetHandle) -> &TargetHandle {
+        self.entry.handle.get_or_init(init)
     }
 
     /// `Set-Cookie` values to append to the response (one header line each), given the
@@ -1255,5 +1275,102 @@ mod tests {
         assert_eq!(early.ramp(now), 1, "never starved completely");
         assert_eq!(early.ramp(now + Duration::from_secs(10)), 100);
         assert_eq!(early.ramp(now + Duration::from_secs(200)), SHARE_SCALE);
+    }
+
+    /// The forwarder (no connections) whose handles the picks keep, and how often a pick had
+    /// to ask it.
+    struct Handles {
+        forwarder: crate::proxy::client::Forwarder,
+        asked: std::cell::Cell<usize>,
+    }
+
+    impl Handles {
+        fn new() -> Self {
+            Self {
+                forwarder: crate::proxy::client::Forwarder::new(Default::default()),
+                asked: std::cell::Cell::new(0),
+            }
+        }
+
+        /// The pick's handle, asking the forwarder (and counting it) only if the pick has none.
+        fn of(&self, picked: &Picked) -> TargetHandle {
+            picked
+                .target_handle(|| {
+                    self.asked.set(self.asked.get() + 1);
+                    self.forwarder
+                        .target(&crate::proxy::client::TargetEndpoint {
+                            addr: picked.addr,
+                            tls: None,
+                            http2: false,
+                        })
+                })
+                .clone()
+        }
+    }
+
+    #[test]
+    fn every_pick_of_a_target_hands_out_the_pool_handle_its_first_request_was_given() {
+        let group = group("web", &[1, 1]);
+        let handles = Handles::new();
+        let first = group.pick(None).expect("a target");
+        let a = handles.of(&first);
+        assert_eq!(handles.asked.get(), 1);
+        assert_eq!(a.endpoint().addr, first.addr);
+        let mut seen = HashMap::new();
+        for _ in 0..10 {
+            let picked = group.pick(None).expect("a target");
+            let handle = handles.of(&picked);
+            assert_eq!(handle.endpoint().addr, picked.addr, "another target's pool");
+            seen.entry(picked.addr).or_insert(handle);
+        }
+        // One request to the forwarder per target, none for the picks after it.
+        assert_eq!(handles.asked.get(), 2);
+        assert!(seen[&first.addr].same_pool(&a));
+        // Control: the two targets' handles are different pools.
+        assert!(!seen[&addr(1)].same_pool(&seen[&addr(2)]));
+    }
+
+    #[test]
+    fn a_target_that_left_and_came_back_is_given_a_new_pool_handle() {
+        let group = group("web", &[1]);
+        let handles = Handles::new();
+        let before = handles.of(&group.pick(None).expect("a target"));
+        // Still registered (a state or weight change): the same handle, not asked again.
+        group.set_state(addr(1), TargetState::Healthy);
+        assert!(
+            handles
+                .of(&group.pick(None).expect("a target"))
+                .same_pool(&before)
+        );
+        assert_eq!(handles.asked.get(), 1);
+        // Gone, and the forwarder forgets its pool as the L7 sync has it do; then back.
+        assert!(group.deregister(addr(1)));
+        assert_eq!(handles.forwarder.retain_targets(|a| a != addr(1)), 1);
+        group.register(TargetAddr::new(addr(1)));
+        let after = handles.of(&group.pick(None).expect("a target"));
+        assert_eq!(
+            handles.asked.get(),
+            2,
+            "the old registration's handle was reused"
+        );
+        assert!(!after.same_pool(&before));
+        // The new handle is the pool the forwarder lists (its `pool_` series).
+        let listed = handles.forwarder.stats();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].target, addr(1));
+        assert!(handles.forwarder.target(after.endpoint()).same_pool(&after));
+    }
+
+    #[test]
+    fn two_groups_sending_to_the_same_endpoint_share_its_pool() {
+        let (one, two) = (group("one", &[1]), group("two", &[1]));
+        let handles = Handles::new();
+        let a = handles.of(&one.pick(None).expect("a target"));
+        let b = handles.of(&two.pick(None).expect("a target"));
+        assert!(a.same_pool(&b));
+        assert_eq!(
+            (handles.asked.get(), handles.forwarder.stats().len()),
+            (2, 1)
+        );
     }
 }

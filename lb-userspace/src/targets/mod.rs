@@ -21,7 +21,9 @@
 //! - [`TargetGroup::pick`] chooses a target for a request and returns a [`Picked`] guard: it
 //!   counts one outstanding request on the target until dropped, says whether stickiness
 //!   chose it ([`Picked::sticky`]), which `Set-Cookie` lines the response needs
-//!   ([`Picked::set_cookies`]) and when the target is gone for good ([`Picked::gone`]).
+//!   ([`Picked::set_cookies`]), when the target is gone for good ([`Picked::gone`]), and
+//!   the forwarder's handle on the target's connection pool ([`Picked::target_handle`]: asked
+//!   for once per registration of the target, then kept by its entry).
 //!
 //! # Picking
 //!

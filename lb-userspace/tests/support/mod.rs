@@ -10,7 +10,6 @@
     reason = "each test file uses a different part of the support code"
 )]
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -346,7 +345,7 @@ impl Drop for Proxy {
 pub struct ProxyBuilder {
     pub listener: ListenerConfig,
     pub rules: RuleSet,
-    pub groups: HashMap<String, Arc<TargetGroup>>,
+    pub groups: lb::proxy::server::Groups,
     pub client: ClientConfig,
     pub access_log: Option<Arc<lb::proxy::server::AccessLog>>,
 }
@@ -362,7 +361,7 @@ impl ProxyBuilder {
                 "127.0.0.1:0".parse().expect("addr"),
             ),
             rules: rules(&["web,default,fixed-response=404"]),
-            groups: HashMap::new(),
+            groups: Default::default(),
             client: ClientConfig::default(),
             access_log: None,
         }

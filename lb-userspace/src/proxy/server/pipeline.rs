@@ -391,6 +391,12 @@ pub(super) async fn handle<B: RequestBody>(
                 reply,
             } = dispatch;
             ex.dispatching();
+            // The pick keeps the forwarder's handle on its target's pool: only the first
+            // request to a registration asks the forwarder (its lock, a hash of the endpoint).
+            let forwarder = &ctx.listener.shared.forwarder;
+            let target = reply
+                .picked
+                .target_handle(|| forwarder.target(&endpoint.of(reply.picked.addr)));
             let polled = {
                 // The forward and the watch on its target (when the target's deregistration
                 // delay ends, what is still open on it is closed), pinned where they are
@@ -398,8 +404,7 @@ pub(super) async fn handle<B: RequestBody>(
                 // copied the forward's future, over 3 KiB, twice more per request. The
                 // watch registers its waiter only when the forward has to wait (in
                 // practice always: it waits for the target).
-                let mut forwarding =
-                    std::pin::pin!(ctx.listener.shared.forwarder.forward(&endpoint, request));
+                let mut forwarding = std::pin::pin!(forwarder.forward_to(target, request));
                 let mut target_left = std::pin::pin!(reply.picked.gone().cancelled());
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
@@ -447,10 +452,6 @@ pub(super) async fn handle<B: RequestBody>(
 }
 
 /// What routing decided: the load balancer's own answer, or a request to forward.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "made and taken apart once per request; a box would allocate on every request"
-)]
 enum Routed<'r> {
     Answer(Outcome),
     Forward(Dispatch<'r>),
@@ -465,8 +466,42 @@ impl From<Outcome> for Routed<'_> {
 /// A request rewritten for its target and ready to be sent.
 struct Dispatch<'r> {
     request: Request<ProxyBody>,
-    endpoint: TargetEndpoint,
+    /// How the group reaches its targets (used only if the pick has no pool handle yet).
+    endpoint: EndpointSettings,
     reply: Reply<'r>,
+}
+
+/// How a target group reaches its targets: what a [`TargetEndpoint`] takes from the group's
+/// configuration. Plain data, so a request carries it without building the endpoint (and,
+/// for HTTPS, its SNI string) every time.
+#[derive(Clone, Copy, Debug)]
+struct EndpointSettings {
+    https: bool,
+    verify_tls: bool,
+    http2: bool,
+}
+
+impl EndpointSettings {
+    fn of_group(cfg: &crate::targets::TargetGroupConfig) -> Self {
+        Self {
+            https: cfg.protocol == TargetProtocol::Https,
+            verify_tls: cfg.verify_tls,
+            http2: cfg.protocol_version == ProtocolVersion::Http2,
+        }
+    }
+
+    /// The endpoint of the target at `addr`.
+    fn of(self, addr: SocketAddr) -> TargetEndpoint {
+        TargetEndpoint {
+            addr,
+            tls: self.https.then(|| TargetTls {
+                server_name: addr.ip().to_string(),
+                verify: self.verify_tls,
+                ca_file: None,
+            }),
+            http2: self.http2,
+        }
+    }
 }
 
 /// What the target's response needs once it arrives.
@@ -742,15 +777,7 @@ fn prepare_forward<'r, B: RequestBody>(
         ex.count_body(body).map_err(Into::into).boxed_unsync()
     };
     let request = Request::from_parts(parts, body);
-    let endpoint = TargetEndpoint {
-        addr: picked.addr,
-        tls: (group_cfg.protocol == TargetProtocol::Https).then(|| TargetTls {
-            server_name: picked.addr.ip().to_string(),
-            verify: group_cfg.verify_tls,
-            ca_file: None,
-        }),
-        http2: group_cfg.protocol_version == ProtocolVersion::Http2,
-    };
+    let endpoint = EndpointSettings::of_group(group_cfg);
     Ok(Dispatch {
         request,
         endpoint,
