@@ -128,24 +128,12 @@ pub(crate) fn expiry(now: SystemTime, duration: Duration) -> SystemTime {
     now.checked_add(duration).unwrap_or(now)
 }
 
-/// RFC 9110 §5.6.7 IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+/// RFC 9110 §5.6.7 IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT` (`httpdate`, which the
+/// `Date` header of lb's own responses uses too). A clock before 1970 gives the epoch's date
+/// (`httpdate` would panic on it); expiry dates are at most a week ahead (the stickiness
+/// duration's bound), far from the year 9999 it also refuses.
 pub(crate) fn http_date(t: SystemTime) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let secs = unix_seconds(t);
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (year, month, day) = crate::civil::civil_from_days(days);
-    format!(
-        "{}, {day:02} {} {year:04} {:02}:{:02}:{:02} GMT",
-        DAYS[(days % 7) as usize],
-        MONTHS[(month - 1) as usize],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    httpdate::fmt_http_date(t.max(UNIX_EPOCH))
 }
 
 #[cfg(test)]
@@ -206,6 +194,8 @@ mod tests {
         assert_eq!(http_date(at(784_111_777)), "Sun, 06 Nov 1994 08:49:37 GMT");
         assert_eq!(http_date(at(951_782_400)), "Tue, 29 Feb 2000 00:00:00 GMT");
         assert_eq!(http_date(at(0)), "Thu, 01 Jan 1970 00:00:00 GMT");
+        let before_1970 = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(http_date(before_1970), "Thu, 01 Jan 1970 00:00:00 GMT");
     }
 
     #[test]
