@@ -102,6 +102,20 @@ pub fn flow_hash(k: &FlowKey) -> u64 {
     mix(h ^ w(&k.dst_addr, 2) ^ k.family as u64)
 }
 
+/// The 20-bit IPv6 flow label of `k`'s outer header (RFC 6438: the same for every packet of
+/// a flow, different between flows, so ECMP and LAG hashing on the underlay spread flows
+/// without looking inside the tunnel). One multiply (Fibonacci hashing: the product's top
+/// bits depend on every bit of the folded 5-tuple) instead of [`flow_hash`]'s four mixing
+/// rounds, which cost about 70 instructions of an IPv6 hit (BENCHMARKS.md, "XDP IPv6 hit
+/// (stop 22)"); the label only spreads flows over paths, it picks no backend.
+#[inline(always)]
+pub fn flow_label(k: &FlowKey) -> u32 {
+    let s = &k.src_addr;
+    let addrs = s[0] ^ s[1] ^ s[2] ^ s[3] ^ k.dst_addr[3];
+    let x = addrs as u64 ^ ((k.src_port as u64) << 32 | (k.dst_port as u64) << 48);
+    (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 44) as u32
+}
+
 /// Where a packet goes.
 pub struct Steer {
     /// Backend id.

@@ -100,7 +100,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
             lookup::record(&pkt.key, &steer, &vip, now);
         }
         let flow_label = if steer.backend.family == FAMILY_V6 {
-            lookup::flow_hash(&pkt.key) as u32 & 0x000f_ffff
+            lookup::flow_label(&pkt.key)
         } else {
             0
         };

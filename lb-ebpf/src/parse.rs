@@ -15,7 +15,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::pkt::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
-    bytes_to_words, frame_len, halves_to_words, opaque, ptr_at,
+    bytes_to_words, frame_len, halves_to_words, opaque, pair, ptr_at,
 };
 
 /// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
@@ -120,11 +120,7 @@ fn ipv4(ctx: &XdpContext) -> Result<Packet, Reason> {
     // `w`: the same header as 16-bit words (the frame starts 2-aligned, see
     // `pkt::store_words`); the multi-byte fields are read from it, two loads per address
     // instead of four byte loads and their shifts.
-    let addr = |i: usize| {
-        let [a, b] = w[i].to_ne_bytes();
-        let [c, d] = w[i + 1].to_ne_bytes();
-        u32::from_ne_bytes([a, b, c, d])
-    };
+    let addr = |i: usize| pair(w[i], w[i + 1]);
     let vihl = ip[0];
     // `ihl` is at most 60 (4-bit field times 4): offsets derived from it stay bounded.
     let ihl = ((vihl & 0x0f) as usize) * 4;

@@ -1881,6 +1881,72 @@ fn every_family_combination_is_encapsulated_in_the_backends_family() {
     });
 }
 
+/// RFC 6438 through a flow-table hit: the outer IPv6 header's flow label is the same for
+/// every packet of a flow (the second packet of each flow below is a hit) and differs between
+/// flows, whether they differ in the client's port or its address, IPv6 or IPv4 inside.
+#[test]
+fn outer_flow_labels_are_one_per_flow_and_differ_between_flows() {
+    netns_test(|| {
+        let mut lb = Lb::load();
+        let v4_vip = Ipv4Addr::new(198, 51, 100, 1);
+        let _six = lb.add_vip(VIP6, 80, Proto::Tcp, &[backend6(12)]);
+        let _four = lb.add_vip(v4_vip, 80, Proto::Tcp, &[backend6(14)]);
+        let label = |input: &[u8], backend: Ipv6Addr| {
+            let first = packet::parse_outer(&lb.run_encap(input, backend))
+                .unwrap()
+                .flow_label;
+            let hit = packet::parse_outer(&lb.run_encap(input, backend))
+                .unwrap()
+                .flow_label;
+            assert_eq!(hit, first, "a flow's packets carry one label");
+            first
+        };
+        const FLOWS: u16 = 64;
+        let by_port: Vec<u32> = (0..FLOWS)
+            .map(|i| {
+                let f = Frame6 {
+                    sport: 40_000 + i,
+                    ..tcp6(VIP6, 80)
+                };
+                label(&f.build(), backend6(12))
+            })
+            .collect();
+        let by_addr: Vec<u32> = (0..FLOWS)
+            .map(|i| {
+                let f = Frame6 {
+                    src: Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, 0, 1 + i),
+                    ..tcp6(VIP6, 80)
+                };
+                label(&f.build(), backend6(12))
+            })
+            .collect();
+        let by_v4_port: Vec<u32> = (0..FLOWS)
+            .map(|i| {
+                let f = Frame {
+                    sport: 40_000 + i,
+                    ..tcp(v4_vip, 80)
+                };
+                label(&f.build(), backend6(14))
+            })
+            .collect();
+        for (what, labels) in [
+            ("client ports (IPv6)", &by_port),
+            ("client addresses (IPv6)", &by_addr),
+            ("client ports (IPv4 in IPv6)", &by_v4_port),
+        ] {
+            let distinct: std::collections::BTreeSet<u32> = labels.iter().copied().collect();
+            // A well-spread 20-bit label gives 64 flows a colliding pair with probability
+            // 0.2 %: two collisions are allowed (the frames are fixed, so is the outcome).
+            assert!(
+                distinct.len() >= usize::from(FLOWS) - 2,
+                "{FLOWS} flows of different {what} got {} labels: {labels:x?}",
+                distinct.len()
+            );
+            assert!(!distinct.contains(&0), "{what}: a flow without a label");
+        }
+    });
+}
+
 #[test]
 fn ipv6_flows_stay_on_their_backend_and_are_keyed_by_their_five_tuple() {
     netns_test(|| {
