@@ -49,8 +49,9 @@ enum Cmd {
     Build {
         /// Profile-guided and fat LTO: build `lb` instrumented, train it on an L7 load (about a
         /// minute, on loopback ports 18080, 18091 and 18451; nginx, wrk, h2load and openssl are
-        /// installed when missing, as root), build it again with the profile. The binary is
-        /// `target/pgo/use/<host>/release/lb`.
+        /// installed when missing, as root), build it again with the profile, then BOLT it
+        /// (instrument, the same training, lay the binary out by that profile). Prints
+        /// `target/pgo/bolt/lb`; the PGO-only binary is `target/pgo/use/<host>/release/lb`.
         #[arg(long)]
         pgo: bool,
     },
@@ -302,10 +303,22 @@ fn run_mode(pgo: bool, flags: &[OsString]) -> anyhow::Result<RunMode> {
 /// with `--pgo`, else the release build; built first.
 fn lb_binary(root: &Path, pgo: bool) -> anyhow::Result<PathBuf> {
     if pgo {
-        pgo::build(&target_dir(root))
+        let built = pgo::build(&target_dir(root))?;
+        eprintln!(
+            "xtask: PGO build: {}; PGO + BOLT: {} (using the latter; the former for --baseline)",
+            built.pgo.display(),
+            built.bolt.display()
+        );
+        Ok(pgo_choice(built))
     } else {
         release_lb(root)
     }
+}
+
+/// Which of the PGO build's binaries `--pgo` means: the BOLTed one (fewer instruction-cache
+/// misses and less CPU per request than the PGO-only build: BENCHMARKS.md, "BOLT").
+fn pgo_choice(built: pgo::Built) -> PathBuf {
+    built.bolt
 }
 
 /// `cargo build --release` of `lb`; its path.
@@ -400,6 +413,11 @@ const PREREQS: &[Prereq] = &[
         what: "llvm-profdata for rustc's LLVM (cargo xtask build --pgo merges the profiles with it)",
         present: || pgo::llvm_profdata().is_some(),
         install: "rustup component add llvm-tools",
+    },
+    Prereq {
+        what: "BOLT (llvm-bolt, merge-fdata: the last step of cargo xtask build --pgo)",
+        present: || pgo::bolt_tools().is_some(),
+        install: "apt-get update && apt-get install -y bolt-22",
     },
     Prereq {
         what: "bpf-linker",
