@@ -276,7 +276,7 @@ const BOLT_LAYOUT: &[&str] = &[
     "-split-functions",
     "-split-all-cold",
     // Identical functions folded (generic code monomorphised more than once).
-    "-icf=1",
+    "-icf=all",
     // The rewritten text's new segment takes GNU_STACK's program header: no new header.
     "-use-gnu-stack",
     // Prints the profile's executed instructions, taken branches etc. before and after.
