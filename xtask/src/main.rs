@@ -709,6 +709,16 @@ mod tests {
     }
 
     #[test]
+    fn pgo_means_the_bolted_binary_and_the_pgo_only_one_is_not_lost() {
+        let built = pgo::Built {
+            pgo: PathBuf::from("/w/target/pgo/use/x86_64-unknown-linux-gnu/release/lb"),
+            bolt: PathBuf::from("/w/target/pgo/bolt/lb"),
+        };
+        assert_ne!(built.pgo, built.bolt);
+        assert_eq!(pgo_choice(built), Path::new("/w/target/pgo/bolt/lb"));
+    }
+
+    #[test]
     fn run_pgo_without_lb_flags_is_refused() {
         let mode = |args: &[&str]| {
             let Cmd::Run { pgo, flags } = parse(args).unwrap().command else {
