@@ -317,8 +317,9 @@ fn lb_binary(root: &Path, pgo: bool) -> anyhow::Result<PathBuf> {
 
 /// Which of the PGO build's binaries `--pgo` means: the BOLTed one (10 % and 21 % fewer
 /// simulated L1 instruction-cache misses per HTTP/1.1 and HTTP/2 request than the PGO-only
-/// build at equal instructions; a CPU-time A/B on a loaded machine could not tell them apart:
-/// BENCHMARKS.md, "BOLT on top of the PGO build"). The PGO-only one stays a `--baseline`.
+/// build at equal instructions; 1.06x and 1.00x its HTTP/1.1 and HTTP/2 requests per
+/// CPU-second on a loaded machine: BENCHMARKS.md, "BOLT on top of the PGO build"). The
+/// PGO-only one stays a `--baseline`.
 fn pgo_choice(built: pgo::Built) -> PathBuf {
     built.bolt
 }
