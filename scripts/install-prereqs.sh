@@ -9,6 +9,7 @@
 #     llvm-22, which llvm-22-dev brings, is the fall-back)
 #   - iproute2 and ethtool (tests and the demo build topologies with them)
 #   - promtool (Debian's prometheus package: a test checks the /metrics output with it)
+#   - BOLT for LLVM 22 (llvm-bolt, merge-fdata: the last step of `cargo xtask build --pgo`)
 #   - a bpffs mount at /sys/fs/bpf (lb pins its maps there)
 #
 # Needs root for apt and mount. xtask calls this when a check fails and we are root;
@@ -22,6 +23,7 @@ dpkg -s llvm-22-dev >/dev/null 2>&1 || need_apt+=(llvm-22-dev)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || need_apt+=(ethtool)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+{ [ -x /usr/lib/llvm-22/bin/llvm-bolt ] && [ -x /usr/lib/llvm-22/bin/merge-fdata ]; } || need_apt+=(bolt-22)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"

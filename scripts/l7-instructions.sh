@@ -72,7 +72,13 @@ case $MODE in h1 | h2 | h2aged) ;; *)
   [ "$MODE" = h2h2t ] && start_h2c_backend "$D" $((BE2 + 2)) ;;
 esac
 # CALLGRIND_OPTS adds callgrind options, e.g. "--cache-sim=yes --branch-sim=yes": then every
-# event (cache misses, mispredicted branches) is also printed per request.
+# event (cache misses, mispredicted branches) is also printed per request. The cache mode,
+# CALLGRIND_OPTS=--cache-sim=yes, is cachegrind's simulation (I1, D1 and the last level, sized
+# from the host's CPUID: `valgrind --tool=callgrind --cache-sim=yes -v true` prints them) and
+# prints I1mr (instruction fetches that missed the L1 instruction cache) and ILmr (missed the
+# last level too) per request beside Ir: the instruction-cache cost of a code layout (PGO vs
+# BOLT), deterministic like Ir, on a VM without hardware counters. Valgrind simulates no L2:
+# an I1 miss is a fetch from L2 or beyond.
 VG=(valgrind --tool=callgrind --callgrind-out-file=$D/cg.%p --dump-instr=no --collect-jumps=no ${CALLGRIND_OPTS:-})
 case $PROXY in
 haproxy)

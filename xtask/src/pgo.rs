@@ -8,8 +8,12 @@
 //! 2. train it: run the instrumented `lb` behind an nginx backend and put an L7 load through it
 //!    (see [`train`]), then merge the raw profiles with `llvm-profdata`
 //!    (`target/pgo/lb.profdata`);
-//! 3. build `lb` again with `-Cprofile-use` of that profile, same LTO settings
-//!    (`target/pgo/use`).
+//! 3. build `lb` again with `-Cprofile-use` of that profile, same LTO settings, linked with
+//!    its relocations kept (`target/pgo/use`): the PGO-only binary;
+//! 4. BOLT (LLVM's post-link optimiser, Debian's `bolt-22`): instrument that binary
+//!    (`llvm-bolt -instrument`), run the same training through it, merge its profiles
+//!    (`merge-fdata`), and lay the binary out again by that profile — blocks within
+//!    functions, functions within the text, cold blocks split off (`target/pgo/bolt/lb`).
 //!
 //! The compiler flags reach only the host build of `lb` and its Rust dependencies: they are
 //! given as `--config target.<host>.rustflags=[…]` with an explicit `--target <host>` (as the
@@ -71,7 +75,13 @@ fn check_env(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Result
 pub fn cargo_args(pass: Pass<'_>, host: &str, target_dir: &Path) -> Vec<String> {
     let flags = match pass {
         Pass::Generate(dir) => vec![format!("-Cprofile-generate={}", dir.display())],
-        Pass::Use(profile) => vec![format!("-Cprofile-use={}", profile.display())],
+        // The relocations stay in the optimised `lb` so BOLT can move whole functions, not
+        // only the blocks inside each (the code is the same; the extra sections are not
+        // loaded).
+        Pass::Use(profile) => vec![
+            format!("-Cprofile-use={}", profile.display()),
+            EMIT_RELOCS.to_owned(),
+        ],
     };
     let rustflags = flags
         .iter()
@@ -100,6 +110,10 @@ pub fn cargo_args(pass: Pass<'_>, host: &str, target_dir: &Path) -> Vec<String> 
     .map(str::to_owned)
     .collect()
 }
+
+/// The link argument that keeps the relocations in the linked `lb` (`ld -q`): BOLT's
+/// relocation mode, which reorders functions, needs them.
+const EMIT_RELOCS: &str = "-Clink-arg=-Wl,--emit-relocs";
 
 /// `rustc -vV`: (host triple, LLVM major version).
 fn rustc_host_and_llvm() -> anyhow::Result<(String, u32)> {
@@ -138,24 +152,37 @@ pub fn llvm_profdata() -> Option<PathBuf> {
     rustup.into_iter().chain([debian]).find(|p| p.is_file())
 }
 
-/// Builds, trains and rebuilds `lb`; returns the path of the optimised binary.
-pub fn build(target: &Path) -> anyhow::Result<PathBuf> {
+/// The two binaries of a PGO build.
+#[derive(Debug)]
+pub struct Built {
+    /// The profile-guided build (`target/pgo/use/<host>/release/lb`).
+    pub pgo: PathBuf,
+    /// That build laid out again by BOLT (`target/pgo/bolt/lb`).
+    pub bolt: PathBuf,
+}
+
+/// Builds, trains and rebuilds `lb`, then BOLTs it; returns the paths of both binaries.
+pub fn build(target: &Path) -> anyhow::Result<Built> {
     check_env(|var| std::env::var_os(var))?;
     let profdata = llvm_profdata().context(
         "no llvm-profdata matching rustc's LLVM: rustup component add llvm-tools \
          (or install Debian's llvm-N for rustc's LLVM major version N)",
     )?;
     let (host, _) = rustc_host_and_llvm()?;
-    let Dirs {
-        raw,
-        profile,
-        gen_dir,
-        use_dir,
-    } = Dirs::under(target);
+    // Checked before the (long) compiles, so a missing BOLT fails at once.
+    let tools = bolt_tools().with_context(|| {
+        format!(
+            "no llvm-bolt and merge-fdata in {BOLT_BIN}: the PGO build's last step is BOLT; \
+             apt-get install {BOLT_PACKAGE} (cargo xtask prereqs does, as root)"
+        )
+    })?;
+    let dirs = Dirs::under(target);
+    let (raw, profile) = (dirs.raw.as_path(), dirs.profile.as_path());
+    let (gen_dir, use_dir) = (&dirs.gen_dir, &dirs.use_dir);
 
-    cargo_pass(&cargo_args(Pass::Generate(&raw), &host, &gen_dir))?;
+    cargo_pass(&cargo_args(Pass::Generate(raw), &host, gen_dir))?;
     let instrumented = gen_dir.join(&host).join("release/lb");
-    if newer(&profile, &instrumented) {
+    if newer(profile, &instrumented) {
         // The same instrumented binary would give about the same profile, and a new one
         // rebuilds everything: `lb` is only trained again when it changed.
         eprintln!(
@@ -165,14 +192,14 @@ pub fn build(target: &Path) -> anyhow::Result<PathBuf> {
     } else {
         // Old raw profiles would mix a previous build's counters into this one's.
         if raw.exists() {
-            std::fs::remove_dir_all(&raw).with_context(|| format!("removing {}", raw.display()))?;
+            std::fs::remove_dir_all(raw).with_context(|| format!("removing {}", raw.display()))?;
         }
-        std::fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
+        std::fs::create_dir_all(raw).with_context(|| format!("creating {}", raw.display()))?;
         eprintln!(
             "xtask: training {} (about a minute)",
             instrumented.display()
         );
-        train(&instrumented, &raw)?;
+        train(&instrumented, raw)?;
         eprintln!(
             "xtask: {} merge -o {}",
             profdata.display(),
@@ -181,15 +208,153 @@ pub fn build(target: &Path) -> anyhow::Result<PathBuf> {
         let status = Command::new(&profdata)
             .arg("merge")
             .arg("-o")
-            .arg(&profile)
-            .arg(&raw)
+            .arg(profile)
+            .arg(raw)
             .status()
             .with_context(|| format!("running {}", profdata.display()))?;
         ensure!(status.success(), "llvm-profdata merge failed ({status})");
     }
 
-    cargo_pass(&cargo_args(Pass::Use(&profile), &host, &use_dir))?;
-    Ok(use_dir.join(&host).join("release/lb"))
+    cargo_pass(&cargo_args(Pass::Use(profile), &host, use_dir))?;
+    let optimised = use_dir.join(&host).join("release/lb");
+    let bolted = bolt(&tools, &optimised, &dirs)?;
+    Ok(Built {
+        pgo: optimised,
+        bolt: bolted,
+    })
+}
+
+/// Debian's package of BOLT for LLVM 22, and where it installs its tools.
+pub const BOLT_PACKAGE: &str = "bolt-22";
+const BOLT_BIN: &str = "/usr/lib/llvm-22/bin";
+
+/// `llvm-bolt` and `merge-fdata`.
+#[derive(Debug)]
+pub struct BoltTools {
+    bolt: PathBuf,
+    merge: PathBuf,
+}
+
+/// BOLT's tools, if installed.
+pub fn bolt_tools() -> Option<BoltTools> {
+    let dir = Path::new(BOLT_BIN);
+    let tools = BoltTools {
+        bolt: dir.join("llvm-bolt"),
+        merge: dir.join("merge-fdata"),
+    };
+    (tools.bolt.is_file() && tools.merge.is_file()).then_some(tools)
+}
+
+/// Where an instrumented `lb` writes its profile: `FILE.<pid>.fdata` in the directory given
+/// (one file per process: the training runs two).
+const FDATA_FILE: &str = "lb";
+
+/// `llvm-bolt` arguments that instrument `input` into `output`; the instrumented binary writes
+/// its profile as it exits (BOLT hooks the ELF's fini: `exit`, which a SIGTERM'd `lb` calls,
+/// runs it) into `fdata_dir`, one file per process.
+fn instrument_args(input: &Path, output: &Path, fdata_dir: &Path) -> Vec<String> {
+    vec![
+        input.display().to_string(),
+        "-instrument".into(),
+        format!(
+            "-instrumentation-file={}",
+            fdata_dir.join(FDATA_FILE).display()
+        ),
+        "-instrumentation-file-append-pid".into(),
+        "-o".into(),
+        output.display().to_string(),
+    ]
+}
+
+/// The layout BOLT applies with the profile (options checked against BOLT 22).
+const BOLT_LAYOUT: &[&str] = &[
+    // Blocks within a function: the extended-TSP order (fall-throughs along hot paths).
+    "-reorder-blocks=ext-tsp",
+    // Functions: callers beside callees, hot ones together (needs the relocations).
+    "-reorder-functions=cdsort",
+    // Cold blocks out of hot functions, into a cold fragment far away.
+    "-split-functions",
+    "-split-all-cold",
+    // Identical functions folded (generic code monomorphised more than once).
+    "-icf=all",
+    // The rewritten text's new segment takes GNU_STACK's program header: no new header.
+    "-use-gnu-stack",
+    // Prints the profile's executed instructions, taken branches etc. before and after.
+    "-dyno-stats",
+];
+
+/// `llvm-bolt` arguments that lay `input` out by `profile` into `output`.
+fn optimize_args(input: &Path, profile: &Path, output: &Path) -> Vec<String> {
+    let mut args = vec![
+        input.display().to_string(),
+        format!("-data={}", profile.display()),
+        "-o".into(),
+        output.display().to_string(),
+    ];
+    args.extend(BOLT_LAYOUT.iter().map(|&a| a.to_owned()));
+    args
+}
+
+/// Instruments `optimised`, trains it, merges its profiles and lays it out again; returns the
+/// BOLTed binary. The training is skipped when the merged profile is newer than `optimised`
+/// (as the PGO step does with its own profile); the layout is always redone (seconds).
+fn bolt(tools: &BoltTools, optimised: &Path, dirs: &Dirs) -> anyhow::Result<PathBuf> {
+    let run = |args: &[String], what: &str| -> anyhow::Result<()> {
+        eprintln!("xtask: {} {}", tools.bolt.display(), args.join(" "));
+        let status = Command::new(&tools.bolt)
+            .args(args)
+            .status()
+            .with_context(|| format!("running {}", tools.bolt.display()))?;
+        ensure!(status.success(), "llvm-bolt ({what}) failed ({status})");
+        Ok(())
+    };
+    std::fs::create_dir_all(&dirs.bolt_dir)
+        .with_context(|| format!("creating {}", dirs.bolt_dir.display()))?;
+    if newer(&dirs.bolt_profile, optimised) {
+        eprintln!(
+            "xtask: {} is newer than {}: using it (delete it to train again)",
+            dirs.bolt_profile.display(),
+            optimised.display()
+        );
+    } else {
+        let fdata = &dirs.fdata_dir;
+        if fdata.exists() {
+            std::fs::remove_dir_all(fdata)
+                .with_context(|| format!("removing {}", fdata.display()))?;
+        }
+        std::fs::create_dir_all(fdata).with_context(|| format!("creating {}", fdata.display()))?;
+        run(
+            &instrument_args(optimised, &dirs.instrumented, fdata),
+            "instrument",
+        )?;
+        eprintln!(
+            "xtask: training {} (about a minute)",
+            dirs.instrumented.display()
+        );
+        train(&dirs.instrumented, fdata)?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(fdata)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        files.sort();
+        eprintln!(
+            "xtask: {} -o {} ({} profiles)",
+            tools.merge.display(),
+            dirs.bolt_profile.display(),
+            files.len()
+        );
+        let status = Command::new(&tools.merge)
+            .arg("-o")
+            .arg(&dirs.bolt_profile)
+            .args(&files)
+            .status()
+            .with_context(|| format!("running {}", tools.merge.display()))?;
+        ensure!(status.success(), "merge-fdata failed ({status})");
+    }
+    run(
+        &optimize_args(optimised, &dirs.bolt_profile, &dirs.bolted),
+        "layout",
+    )?;
+    Ok(dirs.bolted.clone())
 }
 
 /// Where the PGO build keeps its files, all under `target/pgo/`.
@@ -203,17 +368,29 @@ struct Dirs {
     gen_dir: PathBuf,
     /// The optimised pass's target directory.
     use_dir: PathBuf,
+    /// BOLT's files: the instrumented binary, its profiles, their merge, the BOLTed binary.
+    bolt_dir: PathBuf,
+    instrumented: PathBuf,
+    fdata_dir: PathBuf,
+    bolt_profile: PathBuf,
+    bolted: PathBuf,
 }
 
 impl Dirs {
     /// The directories of a PGO build in the workspace target directory `target`.
     fn under(target: &Path) -> Dirs {
         let pgo = target.join("pgo");
+        let bolt = pgo.join("bolt");
         Dirs {
             raw: pgo.join("profraw"),
             profile: pgo.join("lb.profdata"),
             gen_dir: pgo.join("gen"),
             use_dir: pgo.join("use"),
+            instrumented: bolt.join("lb.instrumented"),
+            fdata_dir: bolt.join("fdata"),
+            bolt_profile: bolt.join("lb.fdata"),
+            bolted: bolt.join("lb"),
+            bolt_dir: bolt,
         }
     }
 }
@@ -460,8 +637,14 @@ mod tests {
             let t = args.iter().position(|a| a == "--target").expect("--target");
             assert_eq!(args[t + 1], HOST);
             let configs = config_values(&args);
+            // The optimised pass is linked with its relocations, for BOLT's function
+            // reordering; the instrumented pass (never BOLTed) is not.
+            let rustflags = match pass {
+                Pass::Generate(_) => format!("[\"{flag}\"]"),
+                Pass::Use(_) => format!("[\"{flag}\", \"-Clink-arg=-Wl,--emit-relocs\"]"),
+            };
             assert!(
-                configs.contains(&format!("target.{HOST}.rustflags=[\"{flag}\"]").as_str()),
+                configs.contains(&format!("target.{HOST}.rustflags={rustflags}").as_str()),
                 "{configs:?}"
             );
             // The flag appears in that one place and nowhere else on the command line.
@@ -503,13 +686,80 @@ mod tests {
         assert_eq!(dir(&gen_args), d.gen_dir);
         assert_eq!(dir(&use_args), d.use_dir);
         // The raw profiles and the merged profile are outside both passes' target directories
-        // (a `cargo clean` of one pass keeps the profile).
-        for p in [&d.raw, &d.profile] {
+        // (a `cargo clean` of one pass keeps the profile); so are BOLT's files, which no cargo
+        // run may overwrite, and which leave the PGO-only binary in place.
+        for p in [
+            &d.raw,
+            &d.profile,
+            &d.bolt_dir,
+            &d.instrumented,
+            &d.fdata_dir,
+            &d.bolt_profile,
+            &d.bolted,
+        ] {
             assert!(
                 !p.starts_with(&d.gen_dir) && !p.starts_with(&d.use_dir),
                 "{p:?}"
             );
         }
+    }
+
+    /// The value of `-name=value` in `args`.
+    fn option<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+        args.iter()
+            .find_map(|a| a.strip_prefix(name)?.strip_prefix('='))
+    }
+
+    /// The argument after `-o`.
+    fn output(args: &[String]) -> &str {
+        let o = args.iter().position(|a| a == "-o").expect("-o");
+        &args[o + 1]
+    }
+
+    #[test]
+    fn bolt_instruments_the_pgo_binary_into_a_profile_per_process() {
+        let d = Dirs::under(Path::new("/w/target"));
+        let optimised = d.use_dir.join(HOST).join("release/lb");
+        let args = instrument_args(&optimised, &d.instrumented, &d.fdata_dir);
+        // The input is the PGO-only binary, which stays as it is: the output is elsewhere.
+        assert_eq!(args[0], optimised.display().to_string());
+        assert_eq!(output(&args), d.instrumented.display().to_string());
+        assert_ne!(d.instrumented, optimised);
+        assert!(args.iter().any(|a| a == "-instrument"), "{args:?}");
+        // The profile goes into the directory `train` checks after each `lb` and merges from,
+        // one file per process: the training's two `lb`s would overwrite each other's
+        // otherwise.
+        let file = Path::new(option(&args, "-instrumentation-file").expect("a profile file"));
+        assert_eq!(file.parent(), Some(d.fdata_dir.as_path()), "{args:?}");
+        assert!(
+            args.iter().any(|a| a == "-instrumentation-file-append-pid"),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn bolt_lays_out_blocks_and_functions_by_the_merged_profile() {
+        let d = Dirs::under(Path::new("/w/target"));
+        let optimised = d.use_dir.join(HOST).join("release/lb");
+        let args = optimize_args(&optimised, &d.bolt_profile, &d.bolted);
+        assert_eq!(args[0], optimised.display().to_string());
+        assert_eq!(output(&args), d.bolted.display().to_string());
+        assert_ne!(d.bolted, optimised);
+        assert_eq!(
+            option(&args, "-data"),
+            Some(d.bolt_profile.display().to_string().as_str())
+        );
+        // Functions are reordered (what the relocations are kept for), blocks too, and cold
+        // blocks split off: the instruction-cache layout this step is for.
+        let reorder = option(&args, "-reorder-functions").expect("-reorder-functions");
+        assert_ne!(reorder, "none");
+        assert_eq!(option(&args, "-reorder-blocks"), Some("ext-tsp"));
+        assert!(args.iter().any(|a| a == "-split-functions"), "{args:?}");
+        // Never instrumented: this is the binary that is run.
+        assert!(
+            !args.iter().any(|a| a.starts_with("-instrument")),
+            "{args:?}"
+        );
     }
 
     #[test]
