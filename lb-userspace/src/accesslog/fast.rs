@@ -3,6 +3,7 @@
 //! about 7,500 instructions a line on them (stop 20's callgrind). Each function here writes
 //! exactly what the `format!` named in its doc writes (tests: the same for many random
 //! values), so the log's bytes do not change.
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -99,10 +100,30 @@ pub fn push_seconds(out: &mut String, d: Duration) {
 }
 
 /// `2018-07-02T22:23:00.186641Z`: ISO 8601, UTC, microseconds; what
-/// `"{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z"` writes.
+/// `"{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z"` writes. The part up to
+/// the second is kept per thread and reused while the second is the same (a line's two times,
+/// and the lines of a busy second, share it).
 pub fn push_iso8601(out: &mut String, t: SystemTime) {
+    thread_local! {
+        /// The second last written, and its text up to the `.`.
+        static LAST: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
+    LAST.with_borrow_mut(|(last, text)| {
+        if *last != secs {
+            text.clear();
+            push_date_time(text, secs);
+            *last = secs;
+        }
+        out.push_str(text);
+    });
+    push_padded(out, u64::from(d.subsec_micros()), 6);
+    out.push('Z');
+}
+
+/// `2018-07-02T22:23:00.` for `secs` since the epoch.
+fn push_date_time(out: &mut String, secs: u64) {
     let (year, month, day) = crate::civil::civil_from_days(secs / 86_400);
     let rem = secs % 86_400;
     push_padded(out, year, 4);
@@ -117,8 +138,6 @@ pub fn push_iso8601(out: &mut String, t: SystemTime) {
     out.push(':');
     push2(out, rem % 60);
     out.push('.');
-    push_padded(out, u64::from(d.subsec_micros()), 6);
-    out.push('Z');
 }
 
 /// Appends ASCII bytes (digits, hex letters) one `char` each: `push_str` would first check
@@ -260,6 +279,13 @@ mod tests {
                     r.random_range(0..1_000_000_000),
                 )
         }));
+        // A walk through time in small steps, as a log's lines go: the same second many
+        // times over (the cached part reused), then the next.
+        let mut t = UNIX_EPOCH + Duration::from_secs(1_764_460_799);
+        for _ in 0..100_000 {
+            t += Duration::from_micros(r.random_range(0..200_000));
+            ts.push(t);
+        }
         for t in ts {
             let d = t.duration_since(UNIX_EPOCH).unwrap();
             let secs = d.as_secs();

@@ -523,6 +523,11 @@ fn escape_runs(
     escape: impl Fn(u8, &mut String),
 ) {
     let bytes = s.as_bytes();
+    // Most fields have nothing to escape: one scan and one copy.
+    if bytes.iter().all(|&b| plain(b)) {
+        out.push_str(s);
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if !plain(b) {
