@@ -24,13 +24,15 @@
 //!
 //! Writing happens on a background thread ([`writer`]) that drops and counts lines instead of
 //! ever blocking a request.
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use crate::proxy::desync::{Classification, Tier};
 
+pub(crate) mod fast;
 pub mod health;
 pub mod writer;
 
@@ -102,12 +104,12 @@ pub struct TlsInfo {
 /// The request line as the client sent it: `METHOD scheme://host:port/uri HTTP/x.y`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestLine {
-    /// The method.
-    pub method: String,
+    /// The method (the standard ones not copied).
+    pub method: Cow<'static, str>,
     /// `scheme://host:port/path?query`.
     pub url: String,
-    /// `HTTP/1.1`, `HTTP/2.0`, …
-    pub version: String,
+    /// `HTTP/1.1`, `HTTP/2.0`, … (not copied but from a line the load balancer refused).
+    pub version: Cow<'static, str>,
 }
 
 /// Why a request failed, in `lb`'s own words (the `lb_error_reason` field and the
@@ -319,11 +321,11 @@ impl Record {
         iso8601(self.time, out);
         out.push(' ');
         token(elb, out);
-        let _ = write!(out, " {} ", self.client);
-        match self.target {
-            Some(t) => {
-                let _ = write!(out, "{t}");
-            }
+        out.push(' ');
+        fast::push_addr(out, &self.client);
+        out.push(' ');
+        match &self.target {
+            Some(t) => fast::push_addr(out, t),
             None => dash(out),
         }
         for d in [
@@ -337,13 +339,15 @@ impl Record {
         for s in [self.elb_status, self.target_status] {
             out.push(' ');
             match s {
-                Some(s) => {
-                    let _ = write!(out, "{s}");
-                }
+                Some(s) => fast::push_u64(out, u64::from(s)),
                 None => dash(out),
             }
         }
-        let _ = write!(out, " {} {} ", self.received_bytes, self.sent_bytes);
+        out.push(' ');
+        fast::push_u64(out, self.received_bytes);
+        out.push(' ');
+        fast::push_u64(out, self.sent_bytes);
+        out.push(' ');
         match &self.request {
             Some(r) => {
                 out.push('"');
@@ -373,7 +377,9 @@ impl Record {
         quoted(tls.and_then(|t| t.certificate.as_deref()), out);
         match self.matched_rule_priority {
             Some(p) => {
-                let _ = write!(out, " {p} ");
+                out.push(' ');
+                fast::push_u64(out, u64::from(p));
+                out.push(' ');
             }
             None => out.push_str(" -1 "),
         }
@@ -384,19 +390,17 @@ impl Record {
         quoted(self.redirect_url.as_deref(), out);
         // error_reason: ALB's codes (authentication, Lambda, WAF) never apply.
         out.push_str(" \"-\" ");
-        match self.target {
-            Some(t) => {
-                let _ = write!(out, "\"{t}\"");
-            }
-            None => out.push_str("\"-\""),
+        out.push('"');
+        match &self.target {
+            Some(t) => fast::push_addr(out, t),
+            None => dash(out),
         }
-        out.push(' ');
+        out.push_str("\" \"");
         match self.target_status {
-            Some(s) => {
-                let _ = write!(out, "\"{s}\"");
-            }
-            None => out.push_str("\"-\""),
+            Some(s) => fast::push_u64(out, u64::from(s)),
+            None => dash(out),
         }
+        out.push('"');
         let (class, reason) = match self.classification.tier {
             Tier::Compliant => (None, None),
             tier => (
@@ -408,7 +412,8 @@ impl Record {
         quoted(class, out);
         out.push(' ');
         quoted(reason, out);
-        let _ = write!(out, " TID_{:016x}", self.conn_id);
+        out.push_str(" TID_");
+        fast::push_hex16(out, self.conn_id);
         // lb's own fields, after ALB's.
         out.push(' ');
         quoted(Some(&self.listener), out);
@@ -455,43 +460,32 @@ pub fn access_log_writer(
 
 /// `2018-07-02T22:23:00.186641Z`: ISO 8601, UTC, microseconds.
 pub fn iso8601(t: SystemTime, out: &mut String) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (year, month, day) = crate::civil::civil_from_days(secs / 86_400);
-    let rem = secs % 86_400;
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    );
+    fast::push_iso8601(out, t);
 }
 
 /// Seconds with millisecond precision, or `-1`.
 fn seconds(d: Option<Duration>, out: &mut String) {
     match d {
-        Some(d) => {
-            let _ = write!(out, "{:.3}", d.as_secs_f64());
-        }
+        Some(d) => fast::push_seconds(out, d),
         None => out.push_str("-1"),
     }
 }
 
-/// A bare field: never empty, never with a space, quote or control byte in it.
+/// A bare field: never empty, never with a space, quote or control byte in it (those, and
+/// non-ASCII bytes, as `\xHH`).
 fn token(s: &str, out: &mut String) {
     if s.is_empty() {
         out.push('-');
         return;
     }
-    for c in s.chars() {
-        if c.is_ascii_graphic() && c != '"' && c != '\\' {
-            out.push(c);
-        } else {
-            push_escape(c, out);
-        }
-    }
+    escape_runs(
+        s,
+        out,
+        |b| b.is_ascii_graphic() && b != b'"' && b != b'\\',
+        |b, out| {
+            push_hex_escape(b, out);
+        },
+    );
 }
 
 /// A quoted field, `"-"` when absent.
@@ -507,21 +501,55 @@ fn quoted(s: Option<&str>, out: &mut String) {
 /// Text inside a quoted field: `"` and `\` escaped with a backslash, control and non-ASCII
 /// bytes as `\xHH`, so a line never breaks and a quote never ends a field early.
 fn escaped(s: &str, out: &mut String) {
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            ' '..='~' => out.push(c),
-            _ => push_escape(c, out),
+    escape_runs(
+        s,
+        out,
+        |b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\',
+        |b, out| match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            _ => push_hex_escape(b, out),
+        },
+    );
+}
+
+/// Copies `s` to `out` a run of `plain` bytes at a time, writing every other byte as
+/// `escape` says. Byte by byte, a non-ASCII character's escape is its UTF-8 bytes', each
+/// `\xHH`.
+fn escape_runs(
+    s: &str,
+    out: &mut String,
+    plain: impl Fn(u8) -> bool,
+    escape: impl Fn(u8, &mut String),
+) {
+    let bytes = s.as_bytes();
+    // Most fields have nothing to escape: one scan and one copy.
+    if bytes.iter().all(|&b| plain(b)) {
+        out.push_str(s);
+        return;
+    }
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !plain(b) {
+            // `start..i` holds only ASCII bytes, so it is whole characters (an empty run may
+            // start inside a character: it is not sliced).
+            if start < i {
+                out.push_str(&s[start..i]);
+            }
+            escape(b, out);
+            start = i + 1;
         }
+    }
+    if start < bytes.len() {
+        out.push_str(&s[start..]);
     }
 }
 
-fn push_escape(c: char, out: &mut String) {
-    let mut buf = [0u8; 4];
-    for b in c.encode_utf8(&mut buf).bytes() {
-        let _ = write!(out, "\\x{b:02X}");
-    }
+fn push_hex_escape(b: u8, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push_str("\\x");
+    out.push(char::from(HEX[usize::from(b >> 4)]));
+    out.push(char::from(HEX[usize::from(b & 0xf)]));
 }
 
 /// The `elb` field: `app/NAME/ID`, ID 16 hex digits derived from the name and the host name
@@ -542,6 +570,8 @@ pub fn elb_id(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
     use crate::proxy::desync::Reason;
 
@@ -661,6 +691,152 @@ mod tests {
         let mut s = String::new();
         seconds(None, &mut s);
         assert_eq!(s, "-1");
+    }
+
+    /// A line written by hand from ALB-REFERENCE's field list (not from the code's output):
+    /// every field set, TLS, a retried request, a response time on a half-millisecond tie.
+    #[test]
+    fn a_full_line_is_albs_fields_in_order() {
+        let mut r = record();
+        r.kind = RequestType::Https;
+        r.client = "192.168.131.39:2817".parse().unwrap();
+        r.request_creation_time = at(1_530_570_168, 364_000);
+        r.target = Some("10.0.0.1:80".parse().unwrap());
+        r.request_processing = Some(Duration::from_micros(86));
+        r.target_processing = Some(Duration::from_millis(1048));
+        r.response_processing = Some(Duration::from_micros(37_500));
+        r.elb_status = Some(200);
+        r.target_status = Some(200);
+        r.received_bytes = 34;
+        r.sent_bytes = 366;
+        r.request = Some(RequestLine {
+            method: "GET".into(),
+            url: "https://www.example.com:443/".into(),
+            version: "HTTP/2.0".into(),
+        });
+        r.user_agent = Some("curl/7.46.0".into());
+        r.tls = Some(Arc::new(TlsInfo {
+            cipher: "ECDHE-RSA-AES128-GCM-SHA256",
+            protocol: "TLSv1.2",
+            sni: Some("www.example.com".into()),
+            certificate: Some("/etc/lb/cert.pem".into()),
+        }));
+        r.target_group = Some("tg-web".into());
+        r.trace_id = Some("Root=1-58337327-72bd00b0343d75b906739c42".into());
+        r.matched_rule_priority = Some(1);
+        r.action = Some(ActionKind::Forward);
+        r.conn_id = 0x1f;
+        r.listener = "tls".into();
+        r.target_connection = Some(TargetConnection::RetriedOnNew);
+        let mut line = String::new();
+        r.write_line("app/my-loadbalancer/50dc6c495c0c9188", &mut line);
+        assert_eq!(
+            line,
+            "https 2018-07-02T22:23:00.186641Z app/my-loadbalancer/50dc6c495c0c9188 \
+             192.168.131.39:2817 10.0.0.1:80 0.000 1.048 0.037 200 200 34 366 \
+             \"GET https://www.example.com:443/ HTTP/2.0\" \"curl/7.46.0\" \
+             ECDHE-RSA-AES128-GCM-SHA256 TLSv1.2 tg-web \
+             \"Root=1-58337327-72bd00b0343d75b906739c42\" \"www.example.com\" \
+             \"/etc/lb/cert.pem\" 1 2018-07-02T22:22:48.364000Z \"forward\" \"-\" \"-\" \
+             \"10.0.0.1:80\" \"200\" \"-\" \"-\" TID_000000000000001f \"tls\" \"-\" \"-\" \
+             StalePooledConnection new"
+        );
+    }
+
+    /// The same by hand for a refused request from an IPv6 client: nothing but dashes and
+    /// `-1`s where no target, time or rule was had.
+    #[test]
+    fn a_refused_request_from_ipv6_is_albs_fields_in_order() {
+        let mut r = record();
+        r.time = UNIX_EPOCH;
+        r.request_creation_time = UNIX_EPOCH;
+        r.client = "[2001:db8::7]:51000".parse().unwrap();
+        r.elb_status = Some(400);
+        r.classification = Classification {
+            tier: Tier::Severe,
+            reason: Some(Reason::BadContentLength),
+        };
+        r.lb_error = Some(LbError::ClientRequest);
+        r.lb_error_detail = Some("bad \"length\"".into());
+        r.conn_id = u64::MAX;
+        let mut line = String::new();
+        r.write_line("app/lb/0123456789abcdef", &mut line);
+        assert_eq!(
+            line,
+            "http 1970-01-01T00:00:00.000000Z app/lb/0123456789abcdef [2001:db8::7]:51000 - \
+             -1 -1 -1 400 - 0 0 \"- - -\" \"-\" - - - \"-\" \"-\" \"-\" -1 \
+             1970-01-01T00:00:00.000000Z \"-\" \"-\" \"-\" \"-\" \"-\" \"Severe\" \
+             \"BadContentLength\" TID_ffffffffffffffff \"web\" \"ClientRequestRefused\" \
+             \"bad \\\"length\\\"\" - -"
+        );
+    }
+
+    /// The escaping as it was written before it went byte-wise (char by char, `write!` for
+    /// `\xHH`): the oracle of the property test below.
+    fn token_by_chars(s: &str, out: &mut String) {
+        if s.is_empty() {
+            out.push('-');
+            return;
+        }
+        for c in s.chars() {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' {
+                out.push(c);
+            } else {
+                escape_by_chars(c, out);
+            }
+        }
+    }
+
+    fn escaped_by_chars(s: &str, out: &mut String) {
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                ' '..='~' => out.push(c),
+                _ => escape_by_chars(c, out),
+            }
+        }
+    }
+
+    fn escape_by_chars(c: char, out: &mut String) {
+        let mut buf = [0u8; 4];
+        for b in c.encode_utf8(&mut buf).bytes() {
+            let _ = write!(out, "\\x{b:02X}");
+        }
+    }
+
+    #[test]
+    fn escaping_byte_wise_is_escaping_char_by_char() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xe5c);
+        // ASCII (controls, space, quote, backslash, DEL among them) and 2-, 3-, 4-byte chars.
+        let alphabet: Vec<char> = (0u8..=0x7f)
+            .map(char::from)
+            .chain("é€𝄞\u{fffd}\u{85}\u{2028}".chars())
+            .collect();
+        let mut escaped_some = false;
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..24);
+            let s: String = (0..len)
+                .map(|_| {
+                    if rng.random_bool(0.7) {
+                        char::from(rng.random_range(b'a'..=b'z'))
+                    } else {
+                        alphabet[rng.random_range(0..alphabet.len())]
+                    }
+                })
+                .collect();
+            let (mut a, mut b) = (String::new(), String::new());
+            token(&s, &mut a);
+            token_by_chars(&s, &mut b);
+            assert_eq!(a, b, "token {s:?}");
+            let (mut a, mut b) = (String::new(), String::new());
+            escaped(&s, &mut a);
+            escaped_by_chars(&s, &mut b);
+            assert_eq!(a, b, "escaped {s:?}");
+            escaped_some |= a.contains("\\x") && a.contains("\\\"");
+        }
+        assert!(escaped_some, "the strings had bytes to escape");
     }
 
     #[test]

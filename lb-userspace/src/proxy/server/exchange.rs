@@ -3,6 +3,7 @@
 //! goes away before any response (460), or when a WebSocket tunnel closes. Emitting feeds
 //! every L7 request counter (listener, target group, target, [`L7Counters`]) and the access
 //! log from the same record, so they always agree.
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,11 +12,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode, Version};
+use http::{HeaderMap, Method, Request, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
 use super::sniff::HeadVerdict;
 use super::{L7Counters, Listener};
+use crate::accesslog::fast::push_u64;
 use crate::accesslog::{
     ActionKind, LbError, Record, RequestLine, RequestType, TargetConnection, TlsInfo,
 };
@@ -52,6 +54,34 @@ fn version_text(v: Version) -> &'static str {
         Version::HTTP_3 => "HTTP/3.0",
         _ => "-",
     }
+}
+
+/// The method as in a request line: the standard ones without a copy.
+fn method_text(m: &Method) -> Cow<'static, str> {
+    Cow::Borrowed(match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        _ => return Cow::Owned(m.as_str().to_owned()),
+    })
+}
+
+/// `{scheme}://{host}:{port}{path_and_query}` in one allocation, without `core::fmt`.
+fn url(scheme: &str, host: &str, port: u16, path_and_query: &str) -> String {
+    let mut u = String::with_capacity(scheme.len() + host.len() + path_and_query.len() + 9);
+    u.push_str(scheme);
+    u.push_str("://");
+    u.push_str(host);
+    u.push(':');
+    push_u64(&mut u, u64::from(port));
+    u.push_str(path_and_query);
+    u
 }
 
 /// A response head's size (see [`head_bytes`]): `HTTP/1.1 200 OK` and the headers.
@@ -121,12 +151,12 @@ impl Exchange {
                     let url = if line.target.contains("://") {
                         line.target.clone()
                     } else {
-                        format!("{scheme}://{host}:{port}{}", line.target)
+                        url(scheme, host, port, &line.target)
                     };
                     record.request = Some(RequestLine {
-                        method: line.method.clone(),
+                        method: line.method.clone().into(),
                         url,
-                        version: line.version.clone(),
+                        version: line.version.clone().into(),
                     });
                 }
             }
@@ -140,9 +170,9 @@ impl Exchange {
                         .map_or("-", strip_port);
                     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
                     record.request = Some(RequestLine {
-                        method: req.method().as_str().to_owned(),
-                        url: format!("{scheme}://{host}:{port}{pq}"),
-                        version: version_text(req.version()).to_owned(),
+                        method: method_text(req.method()),
+                        url: url(scheme, host, port, pq),
+                        version: version_text(req.version()).into(),
                     });
                     record.user_agent = req
                         .headers()
@@ -255,7 +285,7 @@ impl Exchange {
     /// The trace id as sent to the target.
     pub fn trace_id(&mut self, headers: &HeaderMap) {
         if self.logging()
-            && let Some(v) = headers.get("x-amzn-trace-id")
+            && let Some(v) = headers.get(&crate::headers::X_AMZN_TRACE_ID)
             && let Some(r) = self.rec()
         {
             r.trace_id = Some(String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -467,6 +497,31 @@ mod tests {
         assert_eq!(strip_port("app.test"), "app.test");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn urls_are_what_format_writes() {
+        for (scheme, host, port, pq) in [
+            ("http", "app.test", 80, "/"),
+            ("https", "[::1]", 65535, "/a?b=c"),
+            ("http", "-", 0, "*"),
+            ("https", "h", 8443, ""),
+        ] {
+            assert_eq!(
+                url(scheme, host, port, pq),
+                format!("{scheme}://{host}:{port}{pq}")
+            );
+        }
+    }
+
+    #[test]
+    fn methods_are_as_written() {
+        for m in [
+            "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "CONNECT", "PATCH", "TRACE",
+            "PURGE", "get",
+        ] {
+            assert_eq!(method_text(&Method::from_bytes(m.as_bytes()).unwrap()), m);
+        }
     }
 
     #[test]
