@@ -1,5 +1,5 @@
-//! Calendar dates from day counts, for the timestamps `lb` writes itself (access-log times,
-//! cookie expiry dates) without a date crate.
+//! Calendar dates from day counts, for the ISO-8601 times of the access logs (HTTP dates, in
+//! `Date` headers and cookie expiry, come from `httpdate`).
 
 /// Gregorian (year, month 1–12, day 1–31) of a day count since 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`, restricted to days after the epoch).
