@@ -256,18 +256,15 @@ fn every_metric_equals_what_the_test_counted_in_lb_stats_and_prometheus() {
     );
 }
 
-/// promtool from Debian's `prometheus` package (scripts/install-prereqs.sh installs it); a
-/// missing one fails the test with the command that installs it.
 /// Whether the scrape has a pool series for `addr`.
 fn has_pool(text: &str, addr: std::net::SocketAddr) -> bool {
     let series = format!("lb_pool_new_connection_count_total{{target=\"{addr}\"}} ");
     text.lines().any(|l| l.starts_with(&series))
 }
 
-#[test]
-fn a_deregistered_targets_connection_pool_and_its_series_go_away() {
-    let a = Target::start("a");
-    let b = Target::start("b");
+/// `lb` with one listener forwarding to group `app` of targets `a` and `b`: no health checks,
+/// no deregistration delay.
+fn two_target_lb(name: &str, a: &Target, b: &Target) -> Lb {
     let flags: Vec<String> = [
         "--listener",
         "web=http://127.0.0.1:0",
@@ -283,7 +280,14 @@ fn a_deregistered_targets_connection_pool_and_its_series_go_away() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let lb = Lb::start("pool-prune", &flags);
+    Lb::start(name, &flags)
+}
+
+#[test]
+fn a_deregistered_targets_connection_pool_and_its_series_go_away() {
+    let a = Target::start("a");
+    let b = Target::start("b");
+    let lb = two_target_lb("pool-prune", &a, &b);
     wait_for("both targets answered", Duration::from_secs(20), || {
         assert_eq!(lb.get("/").0, 200);
         (a.hits() > 0 && b.hits() > 0).then_some(())
@@ -325,22 +329,7 @@ fn pool_requests(text: &str, addr: std::net::SocketAddr) -> Option<u64> {
 fn a_target_deregistered_and_registered_again_gets_a_fresh_working_pool() {
     let a = Target::start("a");
     let b = Target::start("b");
-    let flags: Vec<String> = [
-        "--listener",
-        "web=http://127.0.0.1:0",
-        "--target-group",
-        "app,health-check=off,deregistration-delay=0",
-        "--target",
-        &format!("app={}", a.addr),
-        "--target",
-        &format!("app={}", b.addr),
-        "--rule",
-        "web,default,forward=app",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let lb = Lb::start("pool-readd", &flags);
+    let lb = two_target_lb("pool-readd", &a, &b);
     // The first registration's pool sends several requests to `a`.
     wait_for("a answered 5 requests", Duration::from_secs(20), || {
         assert_eq!(lb.get("/").0, 200);
@@ -371,6 +360,8 @@ fn a_target_deregistered_and_registered_again_gets_a_fresh_working_pool() {
     );
 }
 
+/// promtool from Debian's `prometheus` package (scripts/install-prereqs.sh installs it); a
+/// missing one fails the test with the command that installs it.
 fn which_promtool() -> std::path::PathBuf {
     let p = std::path::PathBuf::from("/usr/bin/promtool");
     assert!(

@@ -14,15 +14,7 @@ pub fn push_u64(out: &mut String, n: u64) {
         out.push(char::from(b'0' + n as u8));
         return;
     }
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    let mut n = n;
-    while n > 0 {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    push_ascii(out, &buf[i..]);
+    push_padded(out, n, 1);
 }
 
 /// `{n:0W$}` for `W` = `width` (more digits when `n` needs them).

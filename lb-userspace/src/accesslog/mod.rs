@@ -628,9 +628,8 @@ mod tests {
         r
     }
 
-    #[test]
-    fn a_request_answered_by_the_balancer_has_dashes_and_minus_ones() {
-        let mut r = record();
+    /// `r` answered by lb itself: 400 for a bad Content-Length, never sent to a target.
+    fn refused_as_bad_length(r: &mut Record) {
         r.elb_status = Some(400);
         r.classification = Classification {
             tier: Tier::Severe,
@@ -638,6 +637,12 @@ mod tests {
         };
         r.lb_error = Some(LbError::ClientRequest);
         r.lb_error_detail = Some("bad \"length\"".into());
+    }
+
+    #[test]
+    fn a_request_answered_by_the_balancer_has_dashes_and_minus_ones() {
+        let mut r = record();
+        refused_as_bad_length(&mut r);
         let mut line = String::new();
         r.write_line("app/lb/0123456789abcdef", &mut line);
         let f = fields(&line);
@@ -751,13 +756,7 @@ mod tests {
         r.time = UNIX_EPOCH;
         r.request_creation_time = UNIX_EPOCH;
         r.client = "[2001:db8::7]:51000".parse().unwrap();
-        r.elb_status = Some(400);
-        r.classification = Classification {
-            tier: Tier::Severe,
-            reason: Some(Reason::BadContentLength),
-        };
-        r.lb_error = Some(LbError::ClientRequest);
-        r.lb_error_detail = Some("bad \"length\"".into());
+        refused_as_bad_length(&mut r);
         r.conn_id = u64::MAX;
         let mut line = String::new();
         r.write_line("app/lb/0123456789abcdef", &mut line);
