@@ -623,7 +623,7 @@ fn encode_head(
             BodyLength::Known(n) => {
                 if can_have_content_length(info, status) {
                     dst.extend_from_slice(b"content-length: ");
-                    dst.extend_from_slice(itoa(n).as_bytes());
+                    dst.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
                     dst.extend_from_slice(b"\r\n");
                     Encoder::Length(n)
                 } else {
@@ -647,10 +647,6 @@ fn encode_head(
     }
     let close = is_last || encoder == Encoder::CloseDelimited;
     Ok((encoder, close))
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 /// Trailer fields hyper never sends (`is_valid_trailer_field`).
