@@ -299,12 +299,20 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     Ok(prog)
 }
 
-/// Runs a program load again when the kernel answers EAGAIN, a transient refusal (seen twice
-/// in one loaded test run, with a verifier log that ended normally); libbpf retries
-/// `BPF_PROG_LOAD` on EAGAIN the same way. Bounded: five attempts.
+/// Loads a program with SIGCHLD kept away from the loading thread, and again when the kernel
+/// still answers EAGAIN. The verifier gives up with EAGAIN when a signal reaches the loading
+/// thread while it checks the program (`do_check` tests `signal_pending`); for `lb_xdp` that
+/// is a window of about 40 ms, and the SIGCHLD of any child the process started, by any
+/// thread, is enough: the kernel hands it to whichever thread does not block it, even with
+/// SIGCHLD's default (ignoring) action. In the suite, where parallel tests each start a few
+/// dozen `ip` commands, that failed two runs in twelve of `xdp_testrun` under load, five
+/// attempts in a row each time. Blocked here, the signal goes to another thread, or waits
+/// until the mask is restored. libbpf retries `BPF_PROG_LOAD` on EAGAIN the same way; other
+/// signals (a SIGTERM during start-up) still interrupt. Bounded: five attempts.
 fn retry_eagain(
     mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
 ) -> std::result::Result<(), aya::programs::ProgramError> {
+    let _blocked = SigchldBlocked::new();
     let mut attempts = 5;
     loop {
         match load() {
@@ -314,6 +322,40 @@ fn retry_eagain(
                 attempts -= 1;
             }
             other => return other,
+        }
+    }
+}
+
+/// SIGCHLD blocked in the calling thread while this lives; the previous mask comes back on
+/// drop (also when the load panics).
+struct SigchldBlocked {
+    previous: Option<libc::sigset_t>,
+}
+
+impl SigchldBlocked {
+    fn new() -> Self {
+        // SAFETY: sigemptyset/sigaddset initialise a local set; pthread_sigmask changes only
+        // the calling thread's mask and writes the old one into `previous`.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            let ok = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous) == 0;
+            // Cannot fail with these arguments; if it did, the load goes ahead unprotected.
+            Self {
+                previous: ok.then_some(previous),
+            }
+        }
+    }
+}
+
+impl Drop for SigchldBlocked {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous {
+            // SAFETY: restores the mask read in `new`, on the same thread: the guard lives in
+            // `retry_eagain`'s frame and is never moved elsewhere.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, previous, std::ptr::null_mut()) };
         }
     }
 }
@@ -1713,6 +1755,48 @@ pub fn attach_pass(iface: &str) -> Result<PassGuard> {
 #[cfg(test)]
 mod tests {
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+    /// Whether SIGCHLD is in the calling thread's signal mask.
+    fn sigchld_blocked() -> bool {
+        // SAFETY: reads this thread's mask into a local set (a null `set` changes nothing).
+        unsafe {
+            let mut current: libc::sigset_t = std::mem::zeroed();
+            assert_eq!(
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut current),
+                0
+            );
+            libc::sigismember(&current, libc::SIGCHLD) == 1
+        }
+    }
+
+    #[test]
+    fn sigchld_is_blocked_only_while_a_program_loads_also_when_the_load_panics() {
+        // A fresh thread: the test harness's own mask is not ours to assume.
+        std::thread::spawn(|| {
+            assert!(
+                !sigchld_blocked(),
+                "positive control: unblocked to begin with"
+            );
+            let mut seen_during = None;
+            super::retry_eagain(|| {
+                seen_during = Some(sigchld_blocked());
+                Ok(())
+            })
+            .expect("the closure succeeds");
+            assert_eq!(seen_during, Some(true), "blocked while loading");
+            assert!(!sigchld_blocked(), "the previous mask is back");
+            let panicked = std::panic::catch_unwind(|| {
+                let _ = super::retry_eagain(|| panic!("a load that panics"));
+            });
+            assert!(panicked.is_err());
+            assert!(
+                !sigchld_blocked(),
+                "the previous mask is back after a panic"
+            );
+        })
+        .join()
+        .expect("the checks pass");
+    }
 
     /// Out-of-line memory builtins from `compiler_builtins`. The object always contains them;
     /// a program that calls one runs a byte-by-byte loop as a BPF subprogram. LLVM emits such
