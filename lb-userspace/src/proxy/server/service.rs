@@ -167,6 +167,40 @@ mod tests {
         assert!(!headers[header::CONTENT_TYPE].is_sensitive());
     }
 
+    /// A head longer than the scan's limit takes the hashed lookup: the same result, with and
+    /// without a `Date` (both paths run: one line below the limit, then one above).
+    #[test]
+    fn long_heads_are_looked_up_with_the_same_result() {
+        for lines in [DATE_SCAN_MAX - 1, DATE_SCAN_MAX + 8] {
+            for with_date in [true, false] {
+                let mut headers = HeaderMap::new();
+                for i in 0..lines {
+                    headers.append(header::SET_COOKIE, HeaderValue::from(i));
+                }
+                if with_date {
+                    headers.append(
+                        header::DATE,
+                        HeaderValue::from_static("Sun, 29 Nov 2026 16:00:14 GMT"),
+                    );
+                }
+                date_not_indexed(&mut headers);
+                let dates: Vec<_> = headers.get_all(header::DATE).iter().collect();
+                assert_eq!(dates.len(), 1, "{lines} lines, date {with_date}");
+                assert!(dates[0].is_sensitive(), "{lines} lines, date {with_date}");
+                if with_date {
+                    assert_eq!(dates[0], "Sun, 29 Nov 2026 16:00:14 GMT");
+                }
+                assert_eq!(headers.len(), lines + 1);
+                assert!(
+                    headers
+                        .get_all(header::SET_COOKIE)
+                        .iter()
+                        .all(|v| !v.is_sensitive())
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_response_without_date_gets_the_current_second_not_indexed() {
         let mut headers = HeaderMap::new();
