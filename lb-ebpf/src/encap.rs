@@ -22,7 +22,7 @@ use crate::{
     parse::Packet,
     pkt::{
         AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IPV4_LEN, IPV6_LEN,
-        OUTER_TTL, csum_fold, csum_words, eth_words, halves, ptr_at, store_words, zero,
+        OUTER_TTL, csum_fold, csum_words, eth_words, halves, load_addr, ptr_at, store_words, zero,
     },
 };
 
@@ -116,8 +116,8 @@ pub fn route(
     let fib = block.zeroed_params();
     if v6 {
         fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = cfg.lb_addr6;
-        fib.__bindgen_anon_4.ipv6_dst = backend.addr;
+        fib.__bindgen_anon_3.ipv6_src = load_addr(&cfg.lb_addr6);
+        fib.__bindgen_anon_4.ipv6_dst = load_addr(&backend.addr);
     } else {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src = cfg.lb_addr4;

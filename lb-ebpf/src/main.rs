@@ -74,9 +74,10 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     let Some(cfg) = LB_CONFIG.get(0) else {
         return (xdp_action::XDP_DROP, Reason::DropInternal);
     };
-    let cfg = *cfg;
-    let now = lookup::coarse_now(&cfg);
-    let steer = match lookup::backend(&pkt.key, &vip, &cfg, now, !pkt.icmp_error) {
+    // Read in place, not copied: the next-hop cache reads its generation before it looks the
+    // backend's next hop up, which is all its invalidation needs (see `nexthop::get`).
+    let now = lookup::coarse_now(cfg);
+    let steer = match lookup::backend(&pkt.key, &vip, cfg, now, !pkt.icmp_error) {
         Ok(s) => s,
         Err(done) => return done,
     };
@@ -87,12 +88,12 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     }
     let nat = vip.flags & VIP_F_NAT != 0;
     let action = if nat {
-        match forward_nat(ctx, &pkt, &vip, &steer, new_flow, &cfg, now) {
+        match forward_nat(ctx, &pkt, &vip, &steer, new_flow, cfg, now) {
             Ok(a) => a,
             Err(done) => return done,
         }
     } else {
-        let route = match encap::route(ctx, &pkt, steer.id, &steer.backend, &cfg, now) {
+        let route = match encap::route(ctx, &pkt, steer.id, steer.backend, cfg, now) {
             Ok(r) => r,
             Err(done) => return done,
         };
@@ -104,7 +105,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         } else {
             0
         };
-        match encap::push(ctx, &pkt, &route, &steer.backend, &cfg, flow_label) {
+        match encap::push(ctx, &pkt, &route, steer.backend, cfg, flow_label) {
             Ok(a) => (
                 a,
                 if a == xdp_action::XDP_TX {
@@ -144,7 +145,7 @@ fn forward_nat(
     if pkt.icmp_error {
         return Err((xdp_action::XDP_DROP, Reason::DropNatIcmp));
     }
-    let backend = &steer.backend;
+    let backend = steer.backend;
     if backend.family != pkt.key.family {
         // Userspace never pairs a NAT VIP with a target of the other family.
         return Err((xdp_action::XDP_DROP, Reason::DropInternal));

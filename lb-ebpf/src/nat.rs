@@ -45,7 +45,7 @@ use crate::{
     nexthop::{self, Lookup},
     parse::{MAX_L4_OFF, Packet},
     pkt::{
-        AF_INET, AF_INET6, ETH_LEN, IPV4_LEN, IPV6_LEN, csum_diff, csum_replace, ptr_at,
+        AF_INET, AF_INET6, ETH_LEN, IPV4_LEN, IPV6_LEN, csum_diff, csum_replace, load_addr, ptr_at,
         words_to_bytes,
     },
 };
@@ -86,8 +86,8 @@ pub fn next_hop(
     let fib = block.zeroed_params();
     if pkt.key.family == FAMILY_V6 {
         fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = *src;
-        fib.__bindgen_anon_4.ipv6_dst = *dst;
+        fib.__bindgen_anon_3.ipv6_src = load_addr(src);
+        fib.__bindgen_anon_4.ipv6_dst = load_addr(dst);
     } else {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src = src[0];
@@ -171,7 +171,7 @@ pub fn target_port(backend: &Backend, key: &FlowKey) -> u16 {
 #[inline(always)]
 pub fn reverse_key(key: &FlowKey, backend: &Backend, port: u16) -> FlowKey {
     FlowKey {
-        src_addr: backend.addr,
+        src_addr: load_addr(&backend.addr),
         dst_addr: key.src_addr,
         src_port: port,
         dst_port: key.src_port,

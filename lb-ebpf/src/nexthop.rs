@@ -9,14 +9,15 @@
 //! unresolved neighbour, a missing route or a packet too big are decided by the helper on
 //! every packet, exactly as without the cache.
 //!
-//! Both settings live in `LB_CONFIG`, whose entry the program has looked up (and copied)
-//! before it steers, so a hit costs no map lookup besides the entry's own.
+//! Both settings live in `LB_CONFIG`, whose entry the program has looked up before it steers,
+//! so a hit costs no map lookup besides the entry's own.
 
 use lb_common::{Backend, LbConfig, NextHop, NextHopCounter};
 
 use crate::{
     encap::Route,
     maps::{LB_NEXTHOP_STATS, LB_NEXTHOPS},
+    pkt::load_addr,
 };
 
 /// What the cache said about a backend's next hop.
@@ -28,9 +29,10 @@ pub enum Lookup {
 }
 
 /// The cached next hop of backend `id` for a packet of IP length `len` (the length handed to
-/// `bpf_fib_lookup`) that arrived on `ingress`, if still valid at `now`. `cfg` is the program's
-/// copy of `LB_CONFIG`, made before anything was looked up for this packet: a change announced
-/// while a miss's lookup runs moves the generation past the one its answer is stored under.
+/// `bpf_fib_lookup`) that arrived on `ingress`, if still valid at `now`. `cfg` is the
+/// `LB_CONFIG` entry; its generation is read here, before the entry and before a miss's
+/// `bpf_fib_lookup`: a change announced while that lookup runs moves the generation past the
+/// one its answer is stored under.
 #[inline(always)]
 pub fn get(
     id: u32,
@@ -84,7 +86,7 @@ pub fn put(
         return;
     };
     let entry = NextHop {
-        addr: backend.addr,
+        addr: load_addr(&backend.addr),
         generation,
         ingress_ifindex: ingress,
         ifindex: route.ifindex,

@@ -200,6 +200,23 @@ pub fn eth_words(dmac: &[u8; 6], smac: &[u8; 6], ether_type: u16) -> [u16; 7] {
     ]
 }
 
+/// The four words of an address in a map value (a backend's), loaded one by one. Copied as a
+/// whole out of a map value into another (or into a stack block), the 16 bytes became a call
+/// to `memmove`, a byte loop (see [`zero`]); volatile loads keep them four word loads.
+#[inline(always)]
+pub fn load_addr(a: &[u32; 4]) -> [u32; 4] {
+    let p = a.as_ptr();
+    // SAFETY: four reads within `a`.
+    unsafe {
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    }
+}
+
 /// The 16 bytes of an address stored as four header-order words.
 #[inline(always)]
 pub fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
