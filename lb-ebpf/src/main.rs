@@ -24,6 +24,8 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{FAMILY_V6, Reason, VIP_F_FAIL_OPEN, VIP_F_NAT};
 
@@ -55,7 +57,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// The balancer proper: returns the XDP action and the reason to count.
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> (u32, Reason) {
-    let pkt = match parse::packet(ctx) {
+    let mut slot = MaybeUninit::uninit();
+    let pkt: &parse::Packet = match parse::packet(ctx, &mut slot) {
         Ok(p) => p,
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
@@ -63,7 +66,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         Ok(v) => v,
         // For no VIP: perhaps a NAT target's reply.
         Err((_, Reason::PassNotVip)) if !pkt.fragment && !pkt.icmp_error => {
-            return nat::reply(ctx, &pkt);
+            return nat::reply(ctx, pkt);
         }
         Err(done) => return done,
     };
@@ -88,12 +91,12 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     }
     let nat = vip.flags & VIP_F_NAT != 0;
     let action = if nat {
-        match forward_nat(ctx, &pkt, &vip, &steer, new_flow, cfg, now) {
+        match forward_nat(ctx, pkt, &vip, &steer, new_flow, cfg, now) {
             Ok(a) => a,
             Err(done) => return done,
         }
     } else {
-        let route = match encap::route(ctx, &pkt, steer.id, steer.backend, cfg, now) {
+        let route = match encap::route(ctx, pkt, steer.id, steer.backend, cfg, now) {
             Ok(r) => r,
             Err(done) => return done,
         };
@@ -105,7 +108,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         } else {
             0
         };
-        match encap::push(ctx, &pkt, &route, steer.backend, cfg, flow_label) {
+        match encap::push(ctx, pkt, &route, steer.backend, cfg, flow_label) {
             Ok(a) => (
                 a,
                 if a == xdp_action::XDP_TX {
