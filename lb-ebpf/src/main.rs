@@ -96,7 +96,8 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
             Err(done) => return done,
         }
     } else {
-        let route = match encap::route(ctx, pkt, steer.id, steer.backend, cfg, now) {
+        let mut block = encap::FibBlock::uninit();
+        let route = match encap::route(ctx, pkt, steer.id, steer.backend, cfg, now, &mut block) {
             Ok(r) => r,
             Err(done) => return done,
         };
@@ -157,7 +158,8 @@ fn forward_nat(
         return Err((xdp_action::XDP_PASS, Reason::PassTtlExceeded));
     }
     let port = nat::target_port(backend, &pkt.key);
-    let next = nat::to_target(ctx, pkt, steer.id, backend, port, cfg, now)?;
+    let mut block = encap::FibBlock::uninit();
+    let next = nat::to_target(ctx, pkt, steer.id, backend, port, cfg, now, &mut block)?;
     if new_flow {
         lookup::record(&pkt.key, steer, vip, now);
     }

@@ -15,7 +15,7 @@
 use lb_common::{Backend, LbConfig, NextHop, NextHopCounter};
 
 use crate::{
-    encap::Route,
+    encap::{Macs, Route},
     maps::{LB_NEXTHOP_STATS, LB_NEXTHOPS},
     pkt::load_addr,
 };
@@ -23,7 +23,7 @@ use crate::{
 /// What the cache said about a backend's next hop.
 pub enum Lookup {
     /// A valid entry: use it, no lookup.
-    Hit(Route),
+    Hit(Route<'static>),
     /// Look it up; store a success under this generation (`None`: the cache is off).
     Miss(Option<u32>),
 }
@@ -62,8 +62,8 @@ pub fn get(
     {
         return Lookup::Hit(Route {
             ifindex: e.ifindex,
-            smac: e.smac,
-            dmac: e.dmac,
+            // SAFETY: the entry is a map value, valid for this program run.
+            macs: unsafe { Macs::of_entry(e) },
         });
     }
     Lookup::Miss(Some(generation))
@@ -85,6 +85,7 @@ pub fn put(
     let Some(e) = LB_NEXTHOPS.get_ptr_mut(id) else {
         return;
     };
+    let (smac, dmac) = route.macs.bytes();
     let entry = NextHop {
         addr: load_addr(&backend.addr),
         generation,
@@ -94,8 +95,8 @@ pub fn put(
         max_len: len as u16,
         family: backend.family,
         _pad: 0,
-        smac: route.smac,
-        dmac: route.dmac,
+        smac,
+        dmac,
         _pad2: [0; 4],
         resolved_ns: now,
     };

@@ -184,19 +184,13 @@ pub unsafe fn store_words<const N: usize>(p: *mut [u16; N], w: &[u16; N]) {
     }
 }
 
-/// The Ethernet header addressed from `smac` to `dmac` with `ether_type` (network order read
-/// natively), as seven memory-order 16-bit words for [`store_words`].
+/// The Ethernet header addressed from `smac` to `dmac` (MACs as memory-order 16-bit words)
+/// with `ether_type` (network order read natively), as seven memory-order 16-bit words for
+/// [`store_words`].
 #[inline(always)]
-pub fn eth_words(dmac: &[u8; 6], smac: &[u8; 6], ether_type: u16) -> [u16; 7] {
-    let w = |m: &[u8; 6], i: usize| u16::from_ne_bytes([m[i], m[i + 1]]);
+pub fn eth_words(dmac: &[u16; 3], smac: &[u16; 3], ether_type: u16) -> [u16; 7] {
     [
-        w(dmac, 0),
-        w(dmac, 2),
-        w(dmac, 4),
-        w(smac, 0),
-        w(smac, 2),
-        w(smac, 4),
-        ether_type,
+        dmac[0], dmac[1], dmac[2], smac[0], smac[1], smac[2], ether_type,
     ]
 }
 
