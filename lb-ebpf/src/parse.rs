@@ -17,7 +17,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::pkt::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
-    bytes_to_words, frame_len, halves_to_words, opaque, pair, ptr_at,
+    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr,
 };
 
 /// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
@@ -286,26 +286,30 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         return Err(Reason::PassMalformed);
     }
     let end = opaque(ETH_LEN + ip_len);
-    let p = out.write(Packet {
-        key: FlowKey {
-            src_addr: halves_to_words(w, 4),
-            dst_addr: halves_to_words(w, 12),
-            src_port: 0,
-            dst_port: 0,
-            proto: 0,
-            family: FAMILY_V6,
-            _pad: [0; 2],
-        },
-        ip_len,
-        tos: (ip[0] << 4) | (ip[1] >> 4),
-        fragment: false,
-        dont_fragment: true,
-        ip_options: false,
-        ip_id: [0; 2],
-        icmp_error: false,
-        ttl: ip[7],
-        l4_off: 0,
-    });
+    // The addresses are stored word by word as they are composed, the rest as one value (a
+    // whole `Packet` value kept the eight words in registers, spilled, until all were known).
+    let slot = out.as_mut_ptr();
+    // SAFETY: `slot` is valid for writes; raw places, no reference to uninitialised memory.
+    unsafe {
+        store_addr(&raw mut (*slot).key.src_addr, w, 4);
+        store_addr(&raw mut (*slot).key.dst_addr, w, 12);
+        (&raw mut (*slot).key.src_port).write(0);
+        (&raw mut (*slot).key.dst_port).write(0);
+        (&raw mut (*slot).key.proto).write(0);
+        (&raw mut (*slot).key.family).write(FAMILY_V6);
+        (&raw mut (*slot).key._pad).write([0; 2]);
+        (&raw mut (*slot).ip_len).write(ip_len);
+        (&raw mut (*slot).tos).write((ip[0] << 4) | (ip[1] >> 4));
+        (&raw mut (*slot).fragment).write(false);
+        (&raw mut (*slot).dont_fragment).write(true);
+        (&raw mut (*slot).ip_options).write(false);
+        (&raw mut (*slot).ip_id).write([0; 2]);
+        (&raw mut (*slot).icmp_error).write(false);
+        (&raw mut (*slot).ttl).write(ip[7]);
+        (&raw mut (*slot).l4_off).write(0);
+    }
+    // SAFETY: every field written above.
+    let p = unsafe { out.assume_init_mut() };
 
     // Bounded walk over the extension headers (RFC 8200 §4): hop-by-hop and destination
     // options are skipped; a routing header only when no segments are left (§4.4: the packet

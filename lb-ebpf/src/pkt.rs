@@ -235,13 +235,24 @@ pub fn pair(lo: u16, hi: u16) -> u32 {
     }
 }
 
-/// Four header-order words of the 16 address bytes starting at `w[at]` (16-bit words in
-/// memory order, read from a 2-aligned header: see [`store_words`]): eight 16-bit loads
-/// instead of [`bytes_to_words`]'s sixteen byte loads and their shifts.
+/// Stores the four header-order words of the 16 address bytes starting at `w[at]` (16-bit
+/// words in memory order, read from a 2-aligned header: see [`store_words`]) into `dst`: eight
+/// 16-bit loads instead of [`bytes_to_words`]'s sixteen byte loads and their shifts, each word
+/// stored as soon as it is composed (volatile stores: returned as one value, the eight words of
+/// an IPv6 key's addresses were all composed, and spilled, before any was stored; stop 22's
+/// `halves_to_words` did that).
+///
+/// # Safety
+/// `dst` must be valid for writes and 4-aligned.
 #[inline(always)]
-pub fn halves_to_words<const N: usize>(w: &[u16; N], at: usize) -> [u32; 4] {
-    let word = |i: usize| pair(w[at + i], w[at + i + 1]);
-    [word(0), word(2), word(4), word(6)]
+pub unsafe fn store_addr<const N: usize>(dst: *mut [u32; 4], w: &[u16; N], at: usize) {
+    let d = dst.cast::<u32>();
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: within `dst`, as the caller guarantees.
+        unsafe { core::ptr::write_volatile(d.add(i), pair(w[at + 2 * i], w[at + 2 * i + 1])) };
+        i += 1;
+    }
 }
 
 /// Four header-order words of 16 address bytes starting at `b[at]`.
