@@ -221,6 +221,18 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
     (DROP, Reason::DropMtu)
 }
 
+/// The Ethernet header and the `O`-word outer IP header behind it at the start of the frame
+/// (`T` = 7 + `O` words), after one bounds check of both.
+#[inline(always)]
+fn headers<const T: usize, const O: usize>(
+    ctx: &XdpContext,
+) -> Option<(*mut [u16; ETH_LEN / 2], *mut [u16; O])> {
+    const { assert!(T == ETH_LEN / 2 + O) };
+    let p = ptr_at::<[u16; T]>(ctx, 0)?.cast::<u16>();
+    // SAFETY: both within the `T` words checked.
+    Some((p.cast(), unsafe { p.add(ETH_LEN / 2) }.cast()))
+}
+
 /// Puts the outer header in front of the packet and addresses the frame to the next hop.
 /// `flow_label` (20 bits) goes into an IPv6 outer header, so ECMP and LAG hashing along the
 /// underlay keep a flow's packets together without looking inside the tunnel (RFC 6438).
@@ -239,16 +251,15 @@ pub fn push(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return Err((DROP, Reason::DropAdjustHead));
     }
-    // Data pointers changed: every access below re-derives and re-checks them. Each header
-    // is composed as memory-order 16-bit words and written with 16-bit stores
-    // ([`store_words`]): about half the instructions of byte-wise composing and storing.
-    let Some(eth) = ptr_at::<[u16; ETH_LEN / 2]>(ctx, 0) else {
-        return Err((DROP, Reason::DropAdjustHead));
-    };
+    // Data pointers changed: every access below re-derives and re-checks them, one check for
+    // both headers. Each header is composed as memory-order 16-bit words and written with
+    // 16-bit stores ([`store_words`]): about half the instructions of byte-wise composing and
+    // storing.
     let tos = pkt.tos;
     let proto = inner_proto(pkt);
     if outer_v6 {
-        let Some(outer) = ptr_at::<[u16; IPV6_LEN / 2]>(ctx, ETH_LEN) else {
+        let Some((eth, outer)) = headers::<{ (ETH_LEN + IPV6_LEN) / 2 }, { IPV6_LEN / 2 }>(ctx)
+        else {
             return Err((DROP, Reason::DropAdjustHead));
         };
         // RFC 2473 §6.5: the traffic class comes from the inner header (TOS for IPv4).
@@ -293,7 +304,8 @@ pub fn push(
             );
         }
     } else {
-        let Some(outer) = ptr_at::<[u16; IPV4_LEN / 2]>(ctx, ETH_LEN) else {
+        let Some((eth, outer)) = headers::<{ (ETH_LEN + IPV4_LEN) / 2 }, { IPV4_LEN / 2 }>(ctx)
+        else {
             return Err((DROP, Reason::DropAdjustHead));
         };
         // RFC 2003 §3.1: TOS and DF from the inner header; the identification too, unique

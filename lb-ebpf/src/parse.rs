@@ -102,19 +102,25 @@ pub fn packet<'a>(
 }
 
 /// Source and destination ports at `off`, after checking that an L4 header of `proto` fits
-/// both the frame and `end` (the end of the IP packet, as an offset into the frame).
+/// both the frame and `end` (the end of the IP packet, as an offset into the frame). One
+/// bounds check of the whole minimal header per protocol (not one for the ports and one for
+/// the header's last byte).
 #[inline(always)]
 fn ports(ctx: &XdpContext, off: usize, proto: u8, end: usize) -> Result<(u16, u16), Reason> {
-    let l4_min = if proto == IPPROTO_TCP { 20 } else { 8 };
-    if off + l4_min > end {
-        return Err(Reason::PassMalformed);
-    }
-    let Some(p) = ptr_at::<[u16; 2]>(ctx, off) else {
+    let p = if proto == IPPROTO_TCP {
+        if off + 20 > end {
+            return Err(Reason::PassMalformed);
+        }
+        ptr_at::<[u16; 10]>(ctx, off).map(|p| p.cast::<[u16; 2]>())
+    } else {
+        if off + 8 > end {
+            return Err(Reason::PassMalformed);
+        }
+        ptr_at::<[u16; 4]>(ctx, off).map(|p| p.cast::<[u16; 2]>())
+    };
+    let Some(p) = p else {
         return Err(Reason::PassMalformed);
     };
-    if ptr_at::<u8>(ctx, off + l4_min - 1).is_none() {
-        return Err(Reason::PassMalformed);
-    }
     // SAFETY: bounds checked by ptr_at.
     let p = unsafe { &*p };
     Ok((p[0], p[1]))
