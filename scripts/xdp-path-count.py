@@ -8,6 +8,7 @@ nanoseconds, so it A/Bs a change to the hit path exactly.
 
     python3 scripts/xdp-path-count.py OBJ [OBJ...]         # instructions, helpers, lookups
     python3 scripts/xdp-path-count.py --lines v6 OBJ [N]    # the N source lines executing most
+    python3 scripts/xdp-path-count.py --frames BASE OBJ...  # same action and output frame as BASE?
 
 What it counts: BPF instructions as compiled (an ld_imm64 counts once), before the verifier's
 rewrites (which inline array-map lookups and `bpf_jiffies64`, and JIT to x86). Helper calls
@@ -300,6 +301,18 @@ if __name__ == '__main__':
     if a and a[0] == '--lines':
         lines(a[2], a[1] == 'v6', int(a[3]) if len(a) > 3 else 30)
         sys.exit(0)
+    if a and a[0] == '--frames':
+        # The action and the first 94 bytes written (Ethernet + outer IPv6 + 40 inner) of each
+        # object's hit, against BASE's (stop 23: every cut must leave them byte-identical).
+        bad = 0
+        for path in a[2:]:
+            for v6 in (False, True):
+                want, got = lb_run(a[1], v6), lb_run(path, v6)
+                same = want[0] == got[0] and want[4] == got[4]
+                bad += not same
+                print('%s hit %s: %s' % (path, 'IPv6' if v6 else 'IPv4',
+                                         'same action and frame' if same else 'DIFFERS'))
+        sys.exit(1 if bad else 0)
     for path in a:
         for v6 in (False, True):
             rc, n, calls, lookups, out = lb_run(path, v6)

@@ -3,7 +3,7 @@
 //! of the client's packet: IPv4-in-IPv4 (RFC 2003), IPv6-in-IPv6 or IPv4-in-IPv6 (RFC 2473),
 //! IPv6-in-IPv4 (RFC 4213). One code path for all four; only the outer header differs.
 
-use core::mem::{MaybeUninit, size_of};
+use core::mem::{MaybeUninit, offset_of, size_of};
 
 use aya_ebpf::{
     bindings::{
@@ -13,7 +13,9 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::{Backend, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, LbConfig, NextHopCounter, Reason};
+use lb_common::{
+    Backend, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, LbConfig, NextHop, NextHopCounter, Reason,
+};
 
 use crate::{
     icmp,
@@ -22,7 +24,7 @@ use crate::{
     parse::Packet,
     pkt::{
         AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IPV4_LEN, IPV6_LEN,
-        OUTER_TTL, csum_fold, csum_words, eth_words, halves, ptr_at, store_words, zero,
+        OUTER_TTL, csum_fold, csum_words, eth_words, halves, load_addr, ptr_at, store_words, zero,
     },
 };
 
@@ -34,15 +36,69 @@ const IPV6_MIN_MTU: usize = 1280;
 /// 68-byte datagrams).
 const IPV4_MIN_MTU: usize = 68;
 
+/// Our MAC on the egress interface and the next hop's, as memory-order 16-bit words, in the
+/// order and at the 2-aligned place both `bpf_fib_lookup`'s block and a [`NextHop`] entry keep
+/// them (`smac` then `dmac`; asserted below), so a [`Route`] points at them where they are.
+#[repr(C)]
+pub struct Macs {
+    /// Our MAC.
+    pub smac: [u16; 3],
+    /// The next hop's MAC.
+    pub dmac: [u16; 3],
+}
+
+const _: () = {
+    assert!(offset_of!(FibParams, dmac) == offset_of!(FibParams, smac) + 6);
+    assert!(offset_of!(FibParams, smac) % 2 == 0);
+    assert!(offset_of!(NextHop, dmac) == offset_of!(NextHop, smac) + 6);
+    assert!(offset_of!(NextHop, smac) % 2 == 0);
+};
+
+impl Macs {
+    /// The MACs of a `bpf_fib_lookup` answer.
+    #[inline(always)]
+    pub fn of_fib(fib: &FibParams) -> &Macs {
+        // SAFETY: 12 bytes at `smac` (then `dmac`, asserted above) inside `fib`, 2-aligned
+        // (`fib` is 4-aligned, the offset even); any bytes are valid `u16`s.
+        unsafe {
+            &*core::ptr::from_ref(fib)
+                .byte_add(offset_of!(FibParams, smac))
+                .cast::<Macs>()
+        }
+    }
+
+    /// The MACs of a next-hop cache entry.
+    ///
+    /// # Safety
+    /// `e` must point to a valid entry that outlives `'a`.
+    #[inline(always)]
+    pub unsafe fn of_entry<'a>(e: *const NextHop) -> &'a Macs {
+        // SAFETY: as in `of_fib`, inside the entry the caller vouches for.
+        unsafe { &*e.byte_add(offset_of!(NextHop, smac)).cast::<Macs>() }
+    }
+
+    /// Both MACs as bytes (for a cache entry).
+    #[inline(always)]
+    pub fn bytes(&self) -> ([u8; 6], [u8; 6]) {
+        let b = |m: &[u16; 3]| {
+            let [a, b] = m[0].to_ne_bytes();
+            let [c, d] = m[1].to_ne_bytes();
+            let [e, f] = m[2].to_ne_bytes();
+            [a, b, c, d, e, f]
+        };
+        (b(&self.smac), b(&self.dmac))
+    }
+}
+
 /// The resolved next hop of a backend.
 #[derive(Clone, Copy)]
-pub struct Route {
+pub struct Route<'a> {
     /// Egress interface.
     pub ifindex: u32,
-    /// Our MAC on it.
-    pub smac: [u8; 6],
-    /// The next hop's MAC.
-    pub dmac: [u8; 6],
+    /// The MACs, read where the frame is addressed: in the next-hop entry on a cache hit (a
+    /// copy made the hit compose them into registers and take them apart again, about 30
+    /// instructions), else in the lookup's block.
+    pub macs: &'a Macs,
 }
 
 /// Length of the outer header for a backend of this family.
@@ -87,16 +143,17 @@ impl FibBlock {
 /// `bpf_fib_lookup`, whose success is cached. A packet that would not fit the egress MTU once
 /// encapsulated is answered with an ICMP "too big" where that helps the sender, and dropped
 /// (a packet longer than any the cached entry has passed is always looked up, so this answer
-/// comes from the helper's MTU check, cache or not).
+/// comes from the helper's MTU check, cache or not). A looked-up answer lives in `block`.
 #[inline(always)]
-pub fn route(
+pub fn route<'a>(
     ctx: &XdpContext,
     pkt: &Packet,
     id: u32,
     backend: &Backend,
     cfg: &LbConfig,
     now: u64,
-) -> Result<Route, Done> {
+    block: &'a mut FibBlock,
+) -> Result<Route<'a>, Done> {
     let overhead = outer_len(backend);
     let total = pkt.ip_len + overhead;
     if total > u16::MAX as usize {
@@ -112,12 +169,11 @@ pub fn route(
         Lookup::Miss(g) => g,
     };
     nexthop::count(NextHopCounter::Lookups);
-    let mut block = FibBlock::uninit();
     let fib = block.zeroed_params();
     if v6 {
         fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = cfg.lb_addr6;
-        fib.__bindgen_anon_4.ipv6_dst = backend.addr;
+        fib.__bindgen_anon_3.ipv6_src = load_addr(&cfg.lb_addr6);
+        fib.__bindgen_anon_4.ipv6_dst = load_addr(&backend.addr);
     } else {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src = cfg.lb_addr4;
@@ -138,8 +194,7 @@ pub fn route(
     }
     let route = Route {
         ifindex: fib.ifindex,
-        smac: fib.smac,
-        dmac: fib.dmac,
+        macs: Macs::of_fib(fib),
     };
     if let Some(g) = generation {
         nexthop::put(id, backend, ingress, total, now, g, &route);
@@ -166,6 +221,18 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
     (DROP, Reason::DropMtu)
 }
 
+/// The Ethernet header and the `O`-word outer IP header behind it at the start of the frame
+/// (`T` = 7 + `O` words), after one bounds check of both.
+#[inline(always)]
+fn headers<const T: usize, const O: usize>(
+    ctx: &XdpContext,
+) -> Option<(*mut [u16; ETH_LEN / 2], *mut [u16; O])> {
+    const { assert!(T == ETH_LEN / 2 + O) };
+    let p = ptr_at::<[u16; T]>(ctx, 0)?.cast::<u16>();
+    // SAFETY: both within the `T` words checked.
+    Some((p.cast(), unsafe { p.add(ETH_LEN / 2) }.cast()))
+}
+
 /// Puts the outer header in front of the packet and addresses the frame to the next hop.
 /// `flow_label` (20 bits) goes into an IPv6 outer header, so ECMP and LAG hashing along the
 /// underlay keep a flow's packets together without looking inside the tunnel (RFC 6438).
@@ -184,16 +251,15 @@ pub fn push(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return Err((DROP, Reason::DropAdjustHead));
     }
-    // Data pointers changed: every access below re-derives and re-checks them. Each header
-    // is composed as memory-order 16-bit words and written with 16-bit stores
-    // ([`store_words`]): about half the instructions of byte-wise composing and storing.
-    let Some(eth) = ptr_at::<[u16; ETH_LEN / 2]>(ctx, 0) else {
-        return Err((DROP, Reason::DropAdjustHead));
-    };
+    // Data pointers changed: every access below re-derives and re-checks them, one check for
+    // both headers. Each header is composed as memory-order 16-bit words and written with
+    // 16-bit stores ([`store_words`]): about half the instructions of byte-wise composing and
+    // storing.
     let tos = pkt.tos;
     let proto = inner_proto(pkt);
     if outer_v6 {
-        let Some(outer) = ptr_at::<[u16; IPV6_LEN / 2]>(ctx, ETH_LEN) else {
+        let Some((eth, outer)) = headers::<{ (ETH_LEN + IPV6_LEN) / 2 }, { IPV6_LEN / 2 }>(ctx)
+        else {
             return Err((DROP, Reason::DropAdjustHead));
         };
         // RFC 2473 §6.5: the traffic class comes from the inner header (TOS for IPv4).
@@ -232,10 +298,14 @@ pub fn push(
         // no other reference into the packet is live.
         unsafe {
             store_words(outer, &h);
-            store_words(eth, &eth_words(&route.dmac, &route.smac, ETH_P_IPV6_BE));
+            store_words(
+                eth,
+                &eth_words(&route.macs.dmac, &route.macs.smac, ETH_P_IPV6_BE),
+            );
         }
     } else {
-        let Some(outer) = ptr_at::<[u16; IPV4_LEN / 2]>(ctx, ETH_LEN) else {
+        let Some((eth, outer)) = headers::<{ (ETH_LEN + IPV4_LEN) / 2 }, { IPV4_LEN / 2 }>(ctx)
+        else {
             return Err((DROP, Reason::DropAdjustHead));
         };
         // RFC 2003 §3.1: TOS and DF from the inner header; the identification too, unique
@@ -261,7 +331,10 @@ pub fn push(
         // SAFETY: as above.
         unsafe {
             store_words(outer, &h);
-            store_words(eth, &eth_words(&route.dmac, &route.smac, ETH_P_IP_BE));
+            store_words(
+                eth,
+                &eth_words(&route.macs.dmac, &route.macs.smac, ETH_P_IP_BE),
+            );
         }
     }
     if route.ifindex == ctx.ingress_ifindex() as u32 {

@@ -19,7 +19,11 @@ const DROP: u32 = xdp_action::XDP_DROP;
 /// The VIP of `key` (exact port first, then the port-0 VIP of the address). A fragment is
 /// dropped when a VIP of its protocol lives at its address (its address marker says so), and
 /// passed otherwise.
+///
+/// The key goes to `LB_VIPS.get` by reference although it is `Copy`: passed by value it was
+/// copied once more on the stack before every lookup (ten instructions of a hit).
 #[inline(always)]
+#[allow(clippy::needless_borrows_for_generic_args)]
 pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
     let mut vkey = VipKey {
         addr: key.dst_addr,
@@ -28,7 +32,7 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
         family: key.family,
     };
     // SAFETY: the values are copied out at once; no insert/remove happens in between.
-    if let Some(v) = unsafe { LB_VIPS.get(vkey) } {
+    if let Some(v) = unsafe { LB_VIPS.get(&vkey) } {
         let v = *v;
         return if fragment {
             Err((DROP, Reason::DropFragment))
@@ -38,7 +42,7 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
     }
     vkey.port = 0;
     // SAFETY: as above.
-    if let Some(v) = unsafe { LB_VIPS.get(vkey) } {
+    if let Some(v) = unsafe { LB_VIPS.get(&vkey) } {
         let v = *v;
         return if fragment {
             Err((DROP, Reason::DropFragment))
@@ -57,7 +61,7 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
         VIP_F_HAS_UDP
     };
     // SAFETY: as above.
-    match unsafe { LB_VIPS.get(vkey) } {
+    match unsafe { LB_VIPS.get(&vkey) } {
         Some(m) if m.flags & want != 0 => Err((DROP, Reason::DropFragment)),
         _ => Err((PASS, Reason::PassNotVip)),
     }
@@ -120,8 +124,9 @@ pub fn flow_label(k: &FlowKey) -> u32 {
 pub struct Steer {
     /// Backend id.
     pub id: u32,
-    /// Its entry.
-    pub backend: Backend,
+    /// Its entry, in `LB_BACKENDS` (read where used, not copied: a copy cost the hit a load
+    /// and a spill per field).
+    pub backend: &'static Backend,
     /// Chosen from the ring (no valid flow entry): a new flow to count and record.
     pub new_flow: bool,
     /// The flow table had no entry under the key at all (a new key, not a refresh).
@@ -165,7 +170,7 @@ pub fn backend(
             }
             return Ok(Steer {
                 id,
-                backend: *b,
+                backend: b,
                 new_flow: false,
                 new_key: false,
                 ticked,
@@ -186,7 +191,7 @@ pub fn backend(
     };
     Ok(Steer {
         id,
-        backend: *b,
+        backend: b,
         new_flow: true,
         new_key,
         ticked: false,

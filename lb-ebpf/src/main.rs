@@ -24,6 +24,8 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{FAMILY_V6, Reason, VIP_F_FAIL_OPEN, VIP_F_NAT};
 
@@ -55,7 +57,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// The balancer proper: returns the XDP action and the reason to count.
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> (u32, Reason) {
-    let pkt = match parse::packet(ctx) {
+    let mut slot = MaybeUninit::uninit();
+    let pkt: &parse::Packet = match parse::packet(ctx, &mut slot) {
         Ok(p) => p,
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
@@ -63,7 +66,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         Ok(v) => v,
         // For no VIP: perhaps a NAT target's reply.
         Err((_, Reason::PassNotVip)) if !pkt.fragment && !pkt.icmp_error => {
-            return nat::reply(ctx, &pkt);
+            return nat::reply(ctx, pkt);
         }
         Err(done) => return done,
     };
@@ -74,9 +77,10 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     let Some(cfg) = LB_CONFIG.get(0) else {
         return (xdp_action::XDP_DROP, Reason::DropInternal);
     };
-    let cfg = *cfg;
-    let now = lookup::coarse_now(&cfg);
-    let steer = match lookup::backend(&pkt.key, &vip, &cfg, now, !pkt.icmp_error) {
+    // Read in place, not copied: the next-hop cache reads its generation before it looks the
+    // backend's next hop up, which is all its invalidation needs (see `nexthop::get`).
+    let now = lookup::coarse_now(cfg);
+    let steer = match lookup::backend(&pkt.key, &vip, cfg, now, !pkt.icmp_error) {
         Ok(s) => s,
         Err(done) => return done,
     };
@@ -87,12 +91,13 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     }
     let nat = vip.flags & VIP_F_NAT != 0;
     let action = if nat {
-        match forward_nat(ctx, &pkt, &vip, &steer, new_flow, &cfg, now) {
+        match forward_nat(ctx, pkt, &vip, &steer, new_flow, cfg, now) {
             Ok(a) => a,
             Err(done) => return done,
         }
     } else {
-        let route = match encap::route(ctx, &pkt, steer.id, &steer.backend, &cfg, now) {
+        let mut block = encap::FibBlock::uninit();
+        let route = match encap::route(ctx, pkt, steer.id, steer.backend, cfg, now, &mut block) {
             Ok(r) => r,
             Err(done) => return done,
         };
@@ -104,7 +109,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         } else {
             0
         };
-        match encap::push(ctx, &pkt, &route, &steer.backend, &cfg, flow_label) {
+        match encap::push(ctx, pkt, &route, steer.backend, cfg, flow_label) {
             Ok(a) => (
                 a,
                 if a == xdp_action::XDP_TX {
@@ -144,7 +149,7 @@ fn forward_nat(
     if pkt.icmp_error {
         return Err((xdp_action::XDP_DROP, Reason::DropNatIcmp));
     }
-    let backend = &steer.backend;
+    let backend = steer.backend;
     if backend.family != pkt.key.family {
         // Userspace never pairs a NAT VIP with a target of the other family.
         return Err((xdp_action::XDP_DROP, Reason::DropInternal));
@@ -153,7 +158,8 @@ fn forward_nat(
         return Err((xdp_action::XDP_PASS, Reason::PassTtlExceeded));
     }
     let port = nat::target_port(backend, &pkt.key);
-    let next = nat::to_target(ctx, pkt, steer.id, backend, port, cfg, now)?;
+    let mut block = encap::FibBlock::uninit();
+    let next = nat::to_target(ctx, pkt, steer.id, backend, port, cfg, now, &mut block)?;
     if new_flow {
         lookup::record(&pkt.key, steer, vip, now);
     }

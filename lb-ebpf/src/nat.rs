@@ -36,17 +36,16 @@ use lb_common::{
     Backend, CONFIG_F_NAT, FAMILY_V6, FlowKey, IPPROTO_TCP, LbConfig, NatReverse, NextHopCounter,
     Reason,
 };
-use network_types::eth::EthHdr;
 
 use crate::{
-    encap::{FibBlock, Route, too_big},
+    encap::{FibBlock, Macs, Route, too_big},
     lookup::Done,
     maps::{LB_CONFIG, LB_FLOWS, LB_NAT_REVERSE, add_reply},
     nexthop::{self, Lookup},
     parse::{MAX_L4_OFF, Packet},
     pkt::{
-        AF_INET, AF_INET6, ETH_LEN, IPV4_LEN, IPV6_LEN, csum_diff, csum_replace, ptr_at,
-        words_to_bytes,
+        AF_INET, AF_INET6, ETH_LEN, IPV4_LEN, IPV6_LEN, csum_diff, csum_replace, load_addr, ptr_at,
+        store_words, words_to_bytes,
     },
 };
 
@@ -54,9 +53,9 @@ const PASS: u32 = xdp_action::XDP_PASS;
 const DROP: u32 = xdp_action::XDP_DROP;
 
 /// Where a translated packet goes.
-pub enum Next {
+pub enum Next<'a> {
     /// Out through XDP to this next hop.
-    Hop(Route),
+    Hop(Route<'a>),
     /// To the kernel's forwarding path (the next hop's MAC is not resolved yet).
     Kernel,
 }
@@ -73,21 +72,22 @@ enum Side {
 /// The next hop of the packet once its destination is `dst` (and its source `src`), looked up
 /// before the packet is touched so a drop leaves it unmodified. A packet too big for the
 /// egress MTU is answered with ICMP "too big" where that helps (as for DSR, with no overhead).
+/// The answer lives in `block`.
 #[inline(always)]
-pub fn next_hop(
+pub fn next_hop<'a>(
     ctx: &XdpContext,
     pkt: &Packet,
     src: &[u32; 4],
     dst: &[u32; 4],
     sport: u16,
     dport: u16,
-) -> Result<Next, Done> {
-    let mut block = FibBlock::uninit();
+    block: &'a mut FibBlock,
+) -> Result<Next<'a>, Done> {
     let fib = block.zeroed_params();
     if pkt.key.family == FAMILY_V6 {
         fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = *src;
-        fib.__bindgen_anon_4.ipv6_dst = *dst;
+        fib.__bindgen_anon_3.ipv6_src = load_addr(src);
+        fib.__bindgen_anon_4.ipv6_dst = load_addr(dst);
     } else {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src = src[0];
@@ -103,8 +103,7 @@ pub fn next_hop(
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Ok(Next::Hop(Route {
             ifindex: fib.ifindex,
-            smac: fib.smac,
-            dmac: fib.dmac,
+            macs: Macs::of_fib(fib),
         }));
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
@@ -124,7 +123,8 @@ pub fn next_hop(
 /// equal-cost next hops towards one target, every flow to the target takes the next hop the
 /// first lookup found. An unresolved neighbour (`Next::Kernel`) is never cached.
 #[inline(always)]
-pub fn to_target(
+#[allow(clippy::too_many_arguments)]
+pub fn to_target<'a>(
     ctx: &XdpContext,
     pkt: &Packet,
     id: u32,
@@ -132,7 +132,8 @@ pub fn to_target(
     port: u16,
     cfg: &LbConfig,
     now: u64,
-) -> Result<Next, Done> {
+    block: &'a mut FibBlock,
+) -> Result<Next<'a>, Done> {
     let ingress = ctx.ingress_ifindex() as u32;
     let len = pkt.ip_len;
     let generation = match nexthop::get(id, backend, ingress, len, cfg, now) {
@@ -147,6 +148,7 @@ pub fn to_target(
         &backend.addr,
         pkt.key.src_port,
         port,
+        block,
     )?;
     if let (Next::Hop(route), Some(g)) = (&next, generation)
         && len <= u16::MAX as usize
@@ -171,7 +173,7 @@ pub fn target_port(backend: &Backend, key: &FlowKey) -> u16 {
 #[inline(always)]
 pub fn reverse_key(key: &FlowKey, backend: &Backend, port: u16) -> FlowKey {
     FlowKey {
-        src_addr: backend.addr,
+        src_addr: load_addr(&backend.addr),
         dst_addr: key.src_addr,
         src_port: port,
         dst_port: key.src_port,
@@ -312,14 +314,13 @@ fn send(ctx: &XdpContext, next: &Next, is_reply: bool) -> Done {
         Next::Kernel => return (PASS, Reason::NatViaKernel),
         Next::Hop(r) => r,
     };
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Some(eth) = ptr_at::<[u16; 6]>(ctx, 0) else {
         return (DROP, Reason::DropInternal);
     };
-    // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        (*eth).dst_addr = route.dmac;
-        (*eth).src_addr = route.smac;
-    }
+    let (d, s) = (&route.macs.dmac, &route.macs.smac);
+    // SAFETY: bounds checked by ptr_at; the frame starts 2-aligned (see store_words); no other
+    // reference into the packet is live.
+    unsafe { store_words(eth, &[d[0], d[1], d[2], s[0], s[1], s[2]]) };
     let (action, reason) = if route.ifindex == ctx.ingress_ifindex() as u32 {
         (xdp_action::XDP_TX, Reason::Tx)
     } else {
@@ -386,6 +387,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
     if pkt.ttl <= 1 {
         return (PASS, Reason::PassTtlExceeded);
     }
+    let mut block = FibBlock::uninit();
     let next = match next_hop(
         ctx,
         pkt,
@@ -393,6 +395,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
         &pkt.key.dst_addr,
         rev.vip_port,
         pkt.key.dst_port,
+        &mut block,
     ) {
         Ok(n) => n,
         Err(done) => return done,

@@ -9,28 +9,30 @@
 //! unresolved neighbour, a missing route or a packet too big are decided by the helper on
 //! every packet, exactly as without the cache.
 //!
-//! Both settings live in `LB_CONFIG`, whose entry the program has looked up (and copied)
-//! before it steers, so a hit costs no map lookup besides the entry's own.
+//! Both settings live in `LB_CONFIG`, whose entry the program has looked up before it steers,
+//! so a hit costs no map lookup besides the entry's own.
 
 use lb_common::{Backend, LbConfig, NextHop, NextHopCounter};
 
 use crate::{
-    encap::Route,
+    encap::{Macs, Route},
     maps::{LB_NEXTHOP_STATS, LB_NEXTHOPS},
+    pkt::load_addr,
 };
 
 /// What the cache said about a backend's next hop.
 pub enum Lookup {
     /// A valid entry: use it, no lookup.
-    Hit(Route),
+    Hit(Route<'static>),
     /// Look it up; store a success under this generation (`None`: the cache is off).
     Miss(Option<u32>),
 }
 
 /// The cached next hop of backend `id` for a packet of IP length `len` (the length handed to
-/// `bpf_fib_lookup`) that arrived on `ingress`, if still valid at `now`. `cfg` is the program's
-/// copy of `LB_CONFIG`, made before anything was looked up for this packet: a change announced
-/// while a miss's lookup runs moves the generation past the one its answer is stored under.
+/// `bpf_fib_lookup`) that arrived on `ingress`, if still valid at `now`. `cfg` is the
+/// `LB_CONFIG` entry; its generation is read here, before the entry and before a miss's
+/// `bpf_fib_lookup`: a change announced while that lookup runs moves the generation past the
+/// one its answer is stored under.
 #[inline(always)]
 pub fn get(
     id: u32,
@@ -60,8 +62,8 @@ pub fn get(
     {
         return Lookup::Hit(Route {
             ifindex: e.ifindex,
-            smac: e.smac,
-            dmac: e.dmac,
+            // SAFETY: the entry is a map value, valid for this program run.
+            macs: unsafe { Macs::of_entry(e) },
         });
     }
     Lookup::Miss(Some(generation))
@@ -83,8 +85,9 @@ pub fn put(
     let Some(e) = LB_NEXTHOPS.get_ptr_mut(id) else {
         return;
     };
+    let (smac, dmac) = route.macs.bytes();
     let entry = NextHop {
-        addr: backend.addr,
+        addr: load_addr(&backend.addr),
         generation,
         ingress_ifindex: ingress,
         ifindex: route.ifindex,
@@ -92,8 +95,8 @@ pub fn put(
         max_len: len as u16,
         family: backend.family,
         _pad: 0,
-        smac: route.smac,
-        dmac: route.dmac,
+        smac,
+        dmac,
         _pad2: [0; 4],
         resolved_ns: now,
     };

@@ -6,6 +6,8 @@
 //!
 //! Everything that is not for the balancer comes back as the [`Reason`] it is passed with.
 
+use core::mem::MaybeUninit;
+
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Reason,
 };
@@ -15,7 +17,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::pkt::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
-    bytes_to_words, frame_len, halves_to_words, opaque, pair, ptr_at,
+    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr,
 };
 
 /// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
@@ -74,44 +76,58 @@ pub struct Packet {
     pub l4_off: usize,
 }
 
-/// Parses the frame; `Err` is the reason to pass it with.
+/// Parses the frame into `out`; `Err` is the reason to pass it with.
+///
+/// Written in place, not returned by value: every path stores its fields straight into the
+/// caller's slot, where the flow key must be anyway (the map lookups read it from the stack).
+/// A returned `Packet` was assembled from the six return paths' registers and stored there
+/// afterwards, about 40 instructions of every hit (BENCHMARKS.md, "XDP hit (stop 23)").
 #[inline(always)]
-pub fn packet(ctx: &XdpContext) -> Result<Packet, Reason> {
+pub fn packet<'a>(
+    ctx: &XdpContext,
+    out: &'a mut MaybeUninit<Packet>,
+) -> Result<&'a mut Packet, Reason> {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Err(Reason::PassMalformed);
     };
     // SAFETY: bounds checked by ptr_at.
     let ether_type = unsafe { (*eth).ether_type };
     if ether_type == ETH_P_IP_BE {
-        ipv4(ctx)
+        ipv4(ctx, out)
     } else if ether_type == ETH_P_IPV6_BE {
-        ipv6(ctx)
+        ipv6(ctx, out)
     } else {
         Err(Reason::PassNotIp)
     }
 }
 
 /// Source and destination ports at `off`, after checking that an L4 header of `proto` fits
-/// both the frame and `end` (the end of the IP packet, as an offset into the frame).
+/// both the frame and `end` (the end of the IP packet, as an offset into the frame). One
+/// bounds check of the whole minimal header per protocol (not one for the ports and one for
+/// the header's last byte).
 #[inline(always)]
 fn ports(ctx: &XdpContext, off: usize, proto: u8, end: usize) -> Result<(u16, u16), Reason> {
-    let l4_min = if proto == IPPROTO_TCP { 20 } else { 8 };
-    if off + l4_min > end {
-        return Err(Reason::PassMalformed);
-    }
-    let Some(p) = ptr_at::<[u16; 2]>(ctx, off) else {
+    let p = if proto == IPPROTO_TCP {
+        if off + 20 > end {
+            return Err(Reason::PassMalformed);
+        }
+        ptr_at::<[u16; 10]>(ctx, off).map(|p| p.cast::<[u16; 2]>())
+    } else {
+        if off + 8 > end {
+            return Err(Reason::PassMalformed);
+        }
+        ptr_at::<[u16; 4]>(ctx, off).map(|p| p.cast::<[u16; 2]>())
+    };
+    let Some(p) = p else {
         return Err(Reason::PassMalformed);
     };
-    if ptr_at::<u8>(ctx, off + l4_min - 1).is_none() {
-        return Err(Reason::PassMalformed);
-    }
     // SAFETY: bounds checked by ptr_at.
     let p = unsafe { &*p };
     Ok((p[0], p[1]))
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext) -> Result<Packet, Reason> {
+fn ipv4<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mut Packet, Reason> {
     let Some(ip) = ptr_at::<[u8; IPV4_LEN]>(ctx, ETH_LEN) else {
         return Err(Reason::PassMalformed);
     };
@@ -141,10 +157,13 @@ fn ipv4(ctx: &XdpContext) -> Result<Packet, Reason> {
     let fragment = frags & IP_MF_OFFSET_MASK_BE != 0;
     let end = opaque(ETH_LEN + tot_len);
     let l4 = ETH_LEN + (ihl & 0x3c);
-    let mut p = Packet {
+    // Zero as LLVM cannot see it: the six zero words of the IPv4 key, stored in place, would
+    // otherwise become a call to `memset` (see `pkt::zero`).
+    let z = opaque(0) as u32;
+    let p = out.write(Packet {
         key: FlowKey {
-            src_addr: [addr(6), 0, 0, 0],
-            dst_addr: [addr(8), 0, 0, 0],
+            src_addr: [addr(6), z, z, z],
+            dst_addr: [addr(8), z, z, z],
             src_port: 0,
             dst_port: 0,
             proto,
@@ -160,7 +179,7 @@ fn ipv4(ctx: &XdpContext) -> Result<Packet, Reason> {
         icmp_error: false,
         ttl: ip[8],
         l4_off: l4,
-    };
+    });
     if proto == IPPROTO_ICMP {
         if fragment {
             return Err(Reason::PassNotTcpUdp);
@@ -179,7 +198,12 @@ fn ipv4(ctx: &XdpContext) -> Result<Packet, Reason> {
 /// discovery needs) whose quote (RFC 792: the IP header and at least 8 bytes after it) is a
 /// TCP or UDP packet: the key is the quoted flow turned around. Anything else is host ICMP.
 #[inline(always)]
-fn icmp4_error(ctx: &XdpContext, l4: usize, end: usize, mut p: Packet) -> Result<Packet, Reason> {
+fn icmp4_error<'a>(
+    ctx: &XdpContext,
+    l4: usize,
+    end: usize,
+    p: &'a mut Packet,
+) -> Result<&'a mut Packet, Reason> {
     let Some(icmp) = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, l4) else {
         return Err(Reason::PassMalformed);
     };
@@ -254,7 +278,7 @@ fn is_extension_header(n: u8) -> bool {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext) -> Result<Packet, Reason> {
+fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mut Packet, Reason> {
     let Some(ip) = ptr_at::<[u8; IPV6_LEN]>(ctx, ETH_LEN) else {
         return Err(Reason::PassMalformed);
     };
@@ -268,26 +292,30 @@ fn ipv6(ctx: &XdpContext) -> Result<Packet, Reason> {
         return Err(Reason::PassMalformed);
     }
     let end = opaque(ETH_LEN + ip_len);
-    let mut p = Packet {
-        key: FlowKey {
-            src_addr: halves_to_words(w, 4),
-            dst_addr: halves_to_words(w, 12),
-            src_port: 0,
-            dst_port: 0,
-            proto: 0,
-            family: FAMILY_V6,
-            _pad: [0; 2],
-        },
-        ip_len,
-        tos: (ip[0] << 4) | (ip[1] >> 4),
-        fragment: false,
-        dont_fragment: true,
-        ip_options: false,
-        ip_id: [0; 2],
-        icmp_error: false,
-        ttl: ip[7],
-        l4_off: 0,
-    };
+    // The addresses are stored word by word as they are composed, the rest as one value (a
+    // whole `Packet` value kept the eight words in registers, spilled, until all were known).
+    let slot = out.as_mut_ptr();
+    // SAFETY: `slot` is valid for writes; raw places, no reference to uninitialised memory.
+    unsafe {
+        store_addr(&raw mut (*slot).key.src_addr, w, 4);
+        store_addr(&raw mut (*slot).key.dst_addr, w, 12);
+        (&raw mut (*slot).key.src_port).write(0);
+        (&raw mut (*slot).key.dst_port).write(0);
+        (&raw mut (*slot).key.proto).write(0);
+        (&raw mut (*slot).key.family).write(FAMILY_V6);
+        (&raw mut (*slot).key._pad).write([0; 2]);
+        (&raw mut (*slot).ip_len).write(ip_len);
+        (&raw mut (*slot).tos).write((ip[0] << 4) | (ip[1] >> 4));
+        (&raw mut (*slot).fragment).write(false);
+        (&raw mut (*slot).dont_fragment).write(true);
+        (&raw mut (*slot).ip_options).write(false);
+        (&raw mut (*slot).ip_id).write([0; 2]);
+        (&raw mut (*slot).icmp_error).write(false);
+        (&raw mut (*slot).ttl).write(ip[7]);
+        (&raw mut (*slot).l4_off).write(0);
+    }
+    // SAFETY: every field written above.
+    let p = unsafe { out.assume_init_mut() };
 
     // Bounded walk over the extension headers (RFC 8200 §4): hop-by-hop and destination
     // options are skipped; a routing header only when no segments are left (§4.4: the packet
@@ -365,7 +393,12 @@ fn ipv6(ctx: &XdpContext) -> Result<Packet, Reason> {
 /// key is the quoted flow turned around. Anything else is host ICMPv6 (neighbour discovery,
 /// echo, …).
 #[inline(always)]
-fn icmp6_error(ctx: &XdpContext, l4: usize, end: usize, mut p: Packet) -> Result<Packet, Reason> {
+fn icmp6_error<'a>(
+    ctx: &XdpContext,
+    l4: usize,
+    end: usize,
+    p: &'a mut Packet,
+) -> Result<&'a mut Packet, Reason> {
     if l4 > MAX_L4_OFF {
         return Err(Reason::PassIpv6ExtHeader);
     }

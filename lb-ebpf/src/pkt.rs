@@ -184,20 +184,31 @@ pub unsafe fn store_words<const N: usize>(p: *mut [u16; N], w: &[u16; N]) {
     }
 }
 
-/// The Ethernet header addressed from `smac` to `dmac` with `ether_type` (network order read
-/// natively), as seven memory-order 16-bit words for [`store_words`].
+/// The Ethernet header addressed from `smac` to `dmac` (MACs as memory-order 16-bit words)
+/// with `ether_type` (network order read natively), as seven memory-order 16-bit words for
+/// [`store_words`].
 #[inline(always)]
-pub fn eth_words(dmac: &[u8; 6], smac: &[u8; 6], ether_type: u16) -> [u16; 7] {
-    let w = |m: &[u8; 6], i: usize| u16::from_ne_bytes([m[i], m[i + 1]]);
+pub fn eth_words(dmac: &[u16; 3], smac: &[u16; 3], ether_type: u16) -> [u16; 7] {
     [
-        w(dmac, 0),
-        w(dmac, 2),
-        w(dmac, 4),
-        w(smac, 0),
-        w(smac, 2),
-        w(smac, 4),
-        ether_type,
+        dmac[0], dmac[1], dmac[2], smac[0], smac[1], smac[2], ether_type,
     ]
+}
+
+/// The four words of an address in a map value (a backend's), loaded one by one. Copied as a
+/// whole out of a map value into another (or into a stack block), the 16 bytes became a call
+/// to `memmove`, a byte loop (see [`zero`]); volatile loads keep them four word loads.
+#[inline(always)]
+pub fn load_addr(a: &[u32; 4]) -> [u32; 4] {
+    let p = a.as_ptr();
+    // SAFETY: four reads within `a`.
+    unsafe {
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    }
 }
 
 /// The 16 bytes of an address stored as four header-order words.
@@ -224,13 +235,24 @@ pub fn pair(lo: u16, hi: u16) -> u32 {
     }
 }
 
-/// Four header-order words of the 16 address bytes starting at `w[at]` (16-bit words in
-/// memory order, read from a 2-aligned header: see [`store_words`]): eight 16-bit loads
-/// instead of [`bytes_to_words`]'s sixteen byte loads and their shifts.
+/// Stores the four header-order words of the 16 address bytes starting at `w[at]` (16-bit
+/// words in memory order, read from a 2-aligned header: see [`store_words`]) into `dst`: eight
+/// 16-bit loads instead of [`bytes_to_words`]'s sixteen byte loads and their shifts, each word
+/// stored as soon as it is composed (volatile stores: returned as one value, the eight words of
+/// an IPv6 key's addresses were all composed, and spilled, before any was stored; stop 22's
+/// `halves_to_words` did that).
+///
+/// # Safety
+/// `dst` must be valid for writes and 4-aligned.
 #[inline(always)]
-pub fn halves_to_words<const N: usize>(w: &[u16; N], at: usize) -> [u32; 4] {
-    let word = |i: usize| pair(w[at + i], w[at + i + 1]);
-    [word(0), word(2), word(4), word(6)]
+pub unsafe fn store_addr<const N: usize>(dst: *mut [u32; 4], w: &[u16; N], at: usize) {
+    let d = dst.cast::<u32>();
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: within `dst`, as the caller guarantees.
+        unsafe { core::ptr::write_volatile(d.add(i), pair(w[at + 2 * i], w[at + 2 * i + 1])) };
+        i += 1;
+    }
 }
 
 /// Four header-order words of 16 address bytes starting at `b[at]`.
