@@ -22,6 +22,12 @@ const JITTER_MICROS: i64 = 2_000;
 /// Every third request follows the previous one after this short gap instead, well inside any
 /// reuse limit: those must go out on a pooled connection (the pool is in use, not bypassed).
 const SHORT_GAP: Duration = Duration::from_millis(30);
+/// A short gap that in fact lasted this long or longer (from the previous request's end to
+/// this request's start) is not counted as short: on a loaded machine the 30 ms sleep can
+/// overrun past the pool's reuse limit (one did, once: 99 reuses where 100 were expected), and
+/// the pool is then right to send the request out fresh. Below every reuse limit these tests
+/// produce (120 ms and more with the hint).
+const OVERSLEPT: Duration = Duration::from_millis(90);
 
 fn stats_of(forwarder: &Forwarder) -> TargetPoolStats {
     let stats = forwarder.stats();
@@ -32,8 +38,12 @@ fn stats_of(forwarder: &Forwarder) -> TargetPoolStats {
 /// What a run of requests saw.
 struct Run {
     stats: TargetPoolStats,
-    /// Requests sent after [`SHORT_GAP`]: GETs and POSTs.
+    /// Requests sent after [`SHORT_GAP`] that really followed their predecessor within
+    /// [`OVERSLEPT`]: GETs and POSTs.
     short_gaps: (u64, u64),
+    /// Requests sent after [`SHORT_GAP`] whose gap overran [`OVERSLEPT`] (counted in neither
+    /// of the other two): GETs and POSTs.
+    overslept: (u64, u64),
     /// Requests sent at the target's idle-close time: GETs and POSTs.
     boundary_gaps: (u64, u64),
 }
@@ -47,13 +57,18 @@ async fn requests_at_the_close_time_all_succeed(target: &RawTarget, n: usize) ->
     let forwarder = Forwarder::new(config());
     let mut failures = Vec::new();
     let mut posts = Vec::new();
-    let (mut short_gaps, mut boundary_gaps) = ((0, 0), (0, 0));
+    let (mut short_gaps, mut boundary_gaps, mut overslept) = ((0, 0), (0, 0), (0, 0));
+    let mut previous_end = std::time::Instant::now();
     for i in 0..n {
         let post = i.is_multiple_of(2);
         if i > 0 {
             let counts = if i % 3 == 2 {
                 tokio::time::sleep(SHORT_GAP).await;
-                &mut short_gaps
+                if previous_end.elapsed() < OVERSLEPT {
+                    &mut short_gaps
+                } else {
+                    &mut overslept
+                }
             } else {
                 pause().await;
                 &mut boundary_gaps
@@ -90,6 +105,7 @@ async fn requests_at_the_close_time_all_succeed(target: &RawTarget, n: usize) ->
             )),
             Err(error) => failures.push(format!("request {i}: {error} ({})", error.status())),
         }
+        previous_end = std::time::Instant::now();
     }
 
     assert!(
@@ -118,6 +134,13 @@ async fn requests_at_the_close_time_all_succeed(target: &RawTarget, n: usize) ->
         );
     }
     let stats = stats_of(&forwarder);
+    let late = overslept.0 + overslept.1;
+    let all_short = short_gaps.0 + short_gaps.1 + late;
+    assert!(
+        late * 10 <= all_short.max(10),
+        "{late} of {all_short} short gaps overslept (at most one in ten, or one): a machine \
+         this loaded proves nothing about the pool"
+    );
     assert!(
         stats.reused >= short_gaps.0,
         "every GET after a short gap went out on a pooled connection: {stats:?}"
@@ -125,6 +148,7 @@ async fn requests_at_the_close_time_all_succeed(target: &RawTarget, n: usize) ->
     Run {
         stats,
         short_gaps,
+        overslept,
         boundary_gaps,
     }
 }
@@ -150,6 +174,7 @@ async fn stale_keepalive_connections_never_fail_requests_when_the_target_adverti
     let Run {
         stats,
         short_gaps,
+        overslept,
         boundary_gaps,
     } = requests_at_the_close_time_all_succeed(&target, REQUESTS).await;
     assert_eq!(stats.keep_alive_hint, Some(TARGET_IDLE_CLOSE), "{stats:?}");
@@ -159,15 +184,16 @@ async fn stale_keepalive_connections_never_fail_requests_when_the_target_adverti
     );
     // With the hint nothing is ever reused at the boundary: every short-gap request reuses,
     // every boundary request goes out fresh, and no reused connection was ever found stale.
-    assert_eq!(
-        (stats.reused, stats.retried),
-        (short_gaps.0 + short_gaps.1, 0),
-        "{stats:?}"
+    // An overslept short gap may go either way (its idle age may have passed the limit).
+    let (short, late) = (short_gaps.0 + short_gaps.1, overslept.0 + overslept.1);
+    assert!(
+        (short..=short + late).contains(&stats.reused) && stats.retried == 0,
+        "{short} short gaps, {late} overslept: {stats:?}"
     );
     assert_eq!(
-        stats.fresh,
-        boundary_gaps.0 + boundary_gaps.1 + 1,
-        "{stats:?}"
+        stats.fresh + stats.reused,
+        boundary_gaps.0 + boundary_gaps.1 + short + late + 1,
+        "every request went out once, fresh or reused: {stats:?}"
     );
     assert!(
         stats.retired_early > 0,
@@ -230,21 +256,28 @@ async fn a_post_never_goes_out_on_a_connection_of_unproven_idle_age() {
     let Run {
         stats,
         short_gaps,
+        overslept,
         boundary_gaps,
     } = requests_at_the_close_time_all_succeed(&target, 20).await;
     // The target never closes an idle connection itself, so nothing is ever learned; the only
     // proof of a safe idle age is a GET reused after 30 ms, too short to cover any margin.
     assert_eq!(stats.learned_idle_close, None, "{stats:?}");
-    assert_eq!(
-        stats.retried, boundary_gaps.0,
-        "each GET at a boundary gap was dropped on its reused connection and retried: {stats:?}"
+    // An overslept GET may have lost the race too (idle 150 ms or more), or not.
+    assert!(
+        (boundary_gaps.0..=boundary_gaps.0 + overslept.0).contains(&stats.retried),
+        "each GET at a boundary gap was dropped on its reused connection and retried \
+         ({overslept:?} overslept): {stats:?}"
     );
     assert_eq!(
         stats.unproven_reuse_avoided,
-        short_gaps.1 + boundary_gaps.1,
+        short_gaps.1 + boundary_gaps.1 + overslept.1,
         "every POST after the first went out on a new connection: {stats:?}"
     );
-    assert_eq!(stats.reused, short_gaps.0 + boundary_gaps.0, "{stats:?}");
+    assert_eq!(
+        stats.reused,
+        short_gaps.0 + boundary_gaps.0 + overslept.0,
+        "{stats:?}"
+    );
     let posts_on_reused = target
         .seen()
         .iter()
