@@ -437,11 +437,12 @@ impl Record {
     }
 }
 
-/// The access log's writer: records queued boxed (small queue slots), written as ALB lines
-/// with `elb` as the load balancer's id (see [`elb_id`]); at most `capacity` queued.
+/// The access log's writer: records (boxed, as the exchange builds them) formatted as ALB
+/// lines with `elb` as the load balancer's id (see [`elb_id`]) on the thread that logs them;
+/// at most `capacity` lines held between two writes.
 #[expect(
     clippy::borrowed_box,
-    reason = "the queue holds boxed records; the formatter sees them so"
+    reason = "the exchange logs boxed records; the formatter sees them so"
 )]
 pub fn access_log_writer(
     destination: Destination,
