@@ -2,7 +2,7 @@
 # usage: scripts/l7-instructions.sh PROXY MODE [requests] [out-dir]
 #   PROXY: a path to an lb binary, or `haproxy`, or `nginx`.   MODE: h1 | h2 | h2aged, or (lb
 #   only) one of the paths the PGO training does not run, each HTTP/1.1 like h1 unless said:
-#     h1log      the access log on (to a file)
+#     h1log      the access log on (to a file)        h2log     HTTP/2 like h2, the access log on
 #     h1big64k   a 65,536-byte response body        h1big1m   a 1,048,576-byte response body
 #     h1post     a POST with a 65,536-byte request body (100-byte response)
 #     h1tls      an HTTPS target (protocol=https)
@@ -53,7 +53,7 @@ TLSRULE=
 LOADX=()
 case $MODE in
 h1 | h2 | h2aged) ;;
-h1log) EXTRA=(--access-log $D/access.log) ;;
+h1log | h2log) EXTRA=(--access-log $D/access.log) ;;
 h1big64k) TARGET=(--target be=127.0.0.1:$BE2); URL=/64k ;;
 h1big1m) TARGET=(--target be=127.0.0.1:$BE2); URL=/1m ;;
 h1post) TARGET=(--target be=127.0.0.1:$BE2)
@@ -64,7 +64,7 @@ h1fixed) RULE="fixed-response=200,content-type=text/plain,body=lb-bench-response
 h1redirect) RULE="redirect=https://#{host}:$TLS/#{path}?#{query},status=301"; TLSRULE=forward=be ;;
 h1e503) TARGET=() ;;
 h1e463) LOADX=(-H "X-Forwarded-For: $(seq -s ', ' -f '10.0.0.%g' 31)") ;;
-*) echo "MODE is h1, h2, h2aged, h1log, h1big64k, h1big1m, h1post, h1tls, h2h2t, h1fixed, h1redirect, h1e503 or h1e463, not $MODE"; exit 2 ;;
+*) echo "MODE is h1, h2, h2aged, h1log, h2log, h1big64k, h1big1m, h1post, h1tls, h2h2t, h1fixed, h1redirect, h1e503 or h1e463, not $MODE"; exit 2 ;;
 esac
 case $MODE in h1 | h2 | h2aged) ;; *)
   case $PROXY in haproxy | nginx) echo "MODE $MODE is for lb only"; exit 2 ;; esac
@@ -140,7 +140,7 @@ h1 | h2 | h2aged)
 esac
 case $MODE in
 h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:$HTTP/) ;;
-h2 | h2aged | h2h2t) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
+h2 | h2aged | h2h2t | h2log) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
 *) LOAD=(h2load --h1 -c16 -m1 "${LOADX[@]}" http://127.0.0.1:$HTTP$URL) ;;
 esac
 dump() { # dumps what was counted since the last zeroing to OUT/$1; prints its Ir total
@@ -175,8 +175,8 @@ fi
 A=$(count $N callgrind.n)
 B=$(count $((2 * N)) callgrind.2n)
 echo "$(basename "$PROXY") $MODE $(( (B - A) / N )) instructions/request (Ir: ${A} for $N, ${B} for $((2 * N)))"
-# h1log: every request must have its line (lb drops lines rather than wait for the writer).
-[ "$MODE" = h1log ] && echo "  access log: $(wc -l < $D/access.log) lines for $((3 * N + 2000)) requests and the readiness checks"
+# h1log, h2log: every request must have its line (lb drops lines rather than wait for the writer).
+case $MODE in h1log | h2log) echo "  access log: $(wc -l < $D/access.log) lines for $((3 * N + 2000)) requests and the readiness checks" ;; esac
 if [ -n "${CALLGRIND_OPTS:-}" ]; then # every event, per request, the same way
   paste <(grep -E "^events:" "$OUT/callgrind.2n" | cut -d' ' -f2- | tr ' ' '\n') \
         <(grep -E "^totals:" "$OUT/callgrind.n" | cut -d' ' -f2- | tr ' ' '\n') \

@@ -34,10 +34,13 @@ fn push2(out: &mut String, n: u64) {
 pub fn push_hex16(out: &mut String, n: u64) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut buf = [0u8; 16];
-    for (k, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((n >> (60 - 4 * k)) & 0xf) as usize];
+    for (k, pair) in buf.chunks_exact_mut(2).enumerate() {
+        let byte = (n >> (56 - 8 * k)) as u8;
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
-    push_ascii(out, &buf);
+    // One ASCII check and one copy, not 16 `push`es.
+    out.push_str(std::str::from_utf8(&buf).unwrap_or_default());
 }
 
 /// `{addr}`: IPv4 written here, IPv6 (rare, and with `::` compression to get right) by
@@ -122,15 +125,6 @@ fn push_date_time(out: &mut String, secs: u64) {
     out.push(':');
     push2(out, rem % 60);
     out.push('.');
-}
-
-/// Appends ASCII bytes (hex digits) one `char` each: `push_str` of a `from_utf8` would check
-/// them for UTF-8 first.
-fn push_ascii(out: &mut String, ascii: &[u8]) {
-    out.reserve(ascii.len());
-    for &b in ascii {
-        out.push(char::from(b));
-    }
 }
 
 #[cfg(test)]
