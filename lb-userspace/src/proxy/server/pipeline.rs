@@ -565,9 +565,8 @@ fn route<'r, B: RequestBody>(
         return from_error(ex, &ProxyError::VersionNotSupported).into();
     }
 
-    let host = req
-        .headers()
-        .get(header::HOST)
+    let (host, seen) = Seen::scan(req.headers());
+    let host = host
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     let view = RequestView {
@@ -616,7 +615,7 @@ fn route<'r, B: RequestBody>(
         Action::Forward(forward) => {
             let forward: &ForwardAction = forward;
             let upgrade = hyper::upgrade::on(&mut req);
-            return match prepare_forward(ctx, forward, req, upgrade, close_after, ex) {
+            return match prepare_forward(ctx, forward, req, seen, upgrade, close_after, ex) {
                 Ok(dispatch) => Routed::Forward(dispatch),
                 Err(mut outcome) => {
                     outcome.close |= close_after;
@@ -640,23 +639,77 @@ fn fixed_response(fixed: &FixedResponseAction) -> Response<ProxyBody> {
     response
 }
 
+/// What routing and forwarding read of the request's headers, found in one pass over them
+/// before anything is rewritten: five lookups (`Host`, `Content-Type`, `Upgrade`, `Cookie`,
+/// and `Host` again after the hop-by-hop headers are gone) each hashed a name and probed the
+/// map. [`Seen::by_lookup`] is the same by lookups (the tests compare them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Seen {
+    /// A `Host` field (never removed by [`strip_hop_by_hop`], so still there after it).
+    host: bool,
+    /// An `Upgrade` field.
+    upgrade: bool,
+    /// A `Cookie` field.
+    cookie: bool,
+    /// The first `Content-Type` says gRPC (`application/grpc…`).
+    grpc: bool,
+}
+
+impl Seen {
+    /// The first `Host` value, and what is seen.
+    fn scan(headers: &http::HeaderMap) -> (Option<&HeaderValue>, Self) {
+        let mut seen = Self::default();
+        let mut host = None;
+        let mut content_type = None;
+        for (name, value) in headers {
+            if *name == header::HOST {
+                host = host.or(Some(value));
+            } else if *name == header::COOKIE {
+                seen.cookie = true;
+            } else if *name == header::CONTENT_TYPE {
+                content_type = content_type.or(Some(value));
+            } else if *name == header::UPGRADE {
+                seen.upgrade = true;
+            }
+        }
+        seen.host = host.is_some();
+        seen.grpc = content_type.is_some_and(is_grpc);
+        (host, seen)
+    }
+
+    /// [`Seen::scan`] by one lookup per name: the reference the tests hold the scan to.
+    #[cfg(test)]
+    fn by_lookup(headers: &http::HeaderMap) -> (Option<&HeaderValue>, Self) {
+        let host = headers.get(header::HOST);
+        let seen = Self {
+            host: headers.contains_key(header::HOST),
+            upgrade: headers.contains_key(header::UPGRADE),
+            cookie: headers.contains_key(header::COOKIE),
+            grpc: headers.get(header::CONTENT_TYPE).is_some_and(is_grpc),
+        };
+        (host, seen)
+    }
+}
+
+/// `content-type: application/grpc…`.
+fn is_grpc(content_type: &HeaderValue) -> bool {
+    content_type
+        .to_str()
+        .is_ok_and(|ct| ct.starts_with("application/grpc"))
+}
+
 /// Whether the request asks to switch protocols (WebSocket).
-fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+fn wants_upgrade(version: Version, seen: Seen) -> bool {
+    version == Version::HTTP_11 && seen.upgrade
 }
 
 /// The 464 check: what the target group's protocol version cannot carry. An HTTP/2 (or gRPC)
 /// group needs HTTP/2 requests; an HTTP/1 group cannot carry gRPC
 /// (`content-type: application/grpc…`), which needs HTTP/2 trailers end to end.
-fn protocol_mismatch<B>(req: &Request<B>, group_version: ProtocolVersion) -> bool {
-    let grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"));
+fn protocol_mismatch(version: Version, seen: Seen, group_version: ProtocolVersion) -> bool {
     match group_version {
-        ProtocolVersion::Http2 => req.version() != Version::HTTP_2,
-        ProtocolVersion::Http1 => grpc,
+        ProtocolVersion::Http2 => version != Version::HTTP_2,
+        ProtocolVersion::Http1 => seen.grpc,
     }
 }
 
@@ -671,6 +724,7 @@ fn prepare_forward<'r, B: RequestBody>(
     ctx: &ConnCtx,
     forward: &'r ForwardAction,
     req: Request<B>,
+    seen: Seen,
     client_upgrade: hyper::upgrade::OnUpgrade,
     close_target: bool,
     ex: &mut Exchange,
@@ -680,7 +734,10 @@ fn prepare_forward<'r, B: RequestBody>(
 
     // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
     // Owned: the headers are rewritten before the pick (463 comes first).
-    let cookies = request_cookies(req.headers()).map(|c| c.into_owned());
+    let cookies = seen
+        .cookie
+        .then(|| request_cookies(req.headers()).map(|c| c.into_owned()))
+        .flatten();
     let sticky_group = forward.group_stickiness.and_then(|_| {
         cookie_values(cookies.as_deref()?, GROUP_COOKIE).find_map(|g| {
             forward
@@ -707,16 +764,16 @@ fn prepare_forward<'r, B: RequestBody>(
         ));
     };
     let group_cfg = group.config();
-    if protocol_mismatch(&req, group_cfg.protocol_version) {
+    if protocol_mismatch(req.version(), seen, group_cfg.protocol_version) {
         return Err(from_error(ex, &ProxyError::ProtocolMismatch));
     }
 
-    let upgrade = wants_upgrade(&req);
+    let upgrade = wants_upgrade(req.version(), seen);
     let (mut parts, body) = req.into_parts();
     // The client's hop-by-hop headers go first, so that naming `X-Forwarded-For` or
     // `X-Amzn-Trace-Id` in `Connection` removes the client's copy, never the one added below.
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if !parts.headers.contains_key(header::HOST)
+    if !seen.host
         && let Some(authority) = parts.uri.authority()
         && let Ok(h) = HeaderValue::from_str(authority.as_str())
     {
@@ -1099,5 +1156,64 @@ mod tests {
         assert!(
             error_page(StatusCode::GATEWAY_TIMEOUT).contains("<title>504 Gateway Time-out</title>")
         );
+    }
+
+    /// The one-pass scan of the request's headers against the lookups it replaced, over maps
+    /// built from the fields it reads (repeated, first values differing) beside fields it must
+    /// ignore; counts that each outcome was reached.
+    #[test]
+    fn the_routing_scan_agrees_with_a_lookup_per_name() {
+        let fields: &[(&str, &[u8])] = &[
+            ("host", b"a.example"),
+            ("host", b"b.example:8080"),
+            ("host", b"\xe9t\xe9"),
+            ("cookie", b"AWSALBTG=x"),
+            ("cookie", b"\xff"),
+            ("content-type", b"application/grpc+proto"),
+            ("content-type", b"text/plain"),
+            ("content-type", b"application/grp"),
+            ("upgrade", b"websocket"),
+            ("connection", b"upgrade, host"),
+            ("x-host", b"c.example"),
+            ("set-cookie", b"a=1"),
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let mut reached = [0usize; 5];
+        for _ in 0..20_000 {
+            let mut headers = http::HeaderMap::new();
+            for _ in 0..next(7) {
+                let (name, value) = fields[next(fields.len())];
+                headers.append(
+                    http::HeaderName::from_static(name),
+                    HeaderValue::from_bytes(value).unwrap(),
+                );
+            }
+            let scanned = Seen::scan(&headers);
+            assert_eq!(scanned, Seen::by_lookup(&headers), "{headers:?}");
+            let (host, seen) = scanned;
+            // Skipping `request_cookies` when no `Cookie` was seen gives what calling it does.
+            if !seen.cookie {
+                assert_eq!(request_cookies(&headers), None);
+            }
+            for (i, hit) in [
+                host.is_some_and(|h| h.as_bytes() == b"b.example:8080"),
+                seen.upgrade,
+                seen.cookie,
+                seen.grpc,
+                headers.contains_key(header::CONTENT_TYPE) && !seen.grpc,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                reached[i] += usize::from(hit);
+            }
+        }
+        assert!(reached.iter().all(|&n| n > 500), "{reached:?}");
     }
 }
