@@ -42,7 +42,7 @@ use crate::accesslog::{ActionKind, LbError};
 use crate::headers::{
     ForwardedPeer, apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id,
 };
-use crate::proxy::client::{BoxError, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
+use crate::proxy::client::{BoxError, Facts, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
 use crate::proxy::error::ProxyError;
 use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView, RuleSet};
@@ -387,6 +387,7 @@ pub(super) async fn handle<B: RequestBody>(
         Routed::Forward(dispatch) => {
             let Dispatch {
                 request,
+                facts,
                 endpoint,
                 reply,
             } = dispatch;
@@ -404,7 +405,7 @@ pub(super) async fn handle<B: RequestBody>(
                 // copied the forward's future, over 3 KiB, twice more per request. The
                 // watch registers its waiter only when the forward has to wait (in
                 // practice always: it waits for the target).
-                let mut forwarding = std::pin::pin!(forwarder.forward_to(target, request));
+                let mut forwarding = std::pin::pin!(forwarder.forward_to(target, request, facts));
                 let mut target_left = std::pin::pin!(reply.picked.gone().cancelled());
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
@@ -466,6 +467,8 @@ impl From<Outcome> for Routed<'_> {
 /// A request rewritten for its target and ready to be sent.
 struct Dispatch<'r> {
     request: Request<ProxyBody>,
+    /// What is known of the request's headers (the forwarder need not look them up).
+    facts: Facts,
     /// How the group reaches its targets (used only if the pick has no pool handle yet).
     endpoint: EndpointSettings,
     reply: Reply<'r>,
@@ -773,13 +776,21 @@ fn prepare_forward<'r, B: RequestBody>(
     // The client's hop-by-hop headers go first, so that naming `X-Forwarded-For` or
     // `X-Amzn-Trace-Id` in `Connection` removes the client's copy, never the one added below.
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    let mut has_host = seen.host;
     if !seen.host
         && let Some(authority) = parts.uri.authority()
         && let Ok(h) = HeaderValue::from_str(authority.as_str())
     {
         // HTTP/2 clients send `:authority`; HTTP/1 targets need `Host`.
         parts.headers.insert(header::HOST, h);
+        has_host = true;
     }
+    let facts = Facts {
+        host: Some(has_host),
+        // Without an `Upgrade` from the client there is none (nothing below adds one); with
+        // one, the hop-by-hop strip may have removed it: the forwarder looks.
+        upgrade: (!seen.upgrade).then_some(false),
+    };
     // 463 before a target is picked: a refused request never counts on a target.
     if let Err(too_many) = apply_forwarded(
         &mut parts.headers,
@@ -813,13 +824,7 @@ fn prepare_forward<'r, B: RequestBody>(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some(pq) = parts.uri.path_and_query().cloned() {
-        let mut uri = http::uri::Parts::default();
-        uri.path_and_query = Some(pq);
-        if let Ok(u) = http::Uri::from_parts(uri) {
-            parts.uri = u;
-        }
-    }
+    origin_form(&mut parts.uri);
     let target_version = match group_cfg.protocol_version {
         ProtocolVersion::Http2 => Version::HTTP_2,
         ProtocolVersion::Http1 => Version::HTTP_11,
@@ -837,6 +842,7 @@ fn prepare_forward<'r, B: RequestBody>(
     let endpoint = EndpointSettings::of_group(group_cfg);
     Ok(Dispatch {
         request,
+        facts,
         endpoint,
         reply: Reply {
             forward,
@@ -847,6 +853,22 @@ fn prepare_forward<'r, B: RequestBody>(
             close_target,
         },
     })
+}
+
+/// The request target as the target gets it: the path and query alone. An HTTP/1 request's
+/// target is that already (origin-form), and is left as it is: rebuilding it cloned the path,
+/// checked the parts and dropped the old URI on every request, for an equal one.
+fn origin_form(uri: &mut http::Uri) {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return;
+    }
+    if let Some(pq) = uri.path_and_query().cloned() {
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(pq);
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *uri = u;
+        }
+    }
 }
 
 impl Reply<'_> {
@@ -1215,5 +1237,55 @@ mod tests {
             }
         }
         assert!(reached.iter().all(|&n| n > 500), "{reached:?}");
+    }
+
+    /// Leaving an origin-form target as it is gives what rebuilding it from its path and
+    /// query gives, for every form of target; counts that both paths ran.
+    #[test]
+    fn an_origin_form_target_is_left_as_rebuilding_would_make_it() {
+        let rebuilt = |uri: &http::Uri| {
+            let mut uri = uri.clone();
+            if let Some(pq) = uri.path_and_query().cloned() {
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(pq);
+                if let Ok(u) = http::Uri::from_parts(parts) {
+                    uri = u;
+                }
+            }
+            uri
+        };
+        let (mut kept, mut changed) = (0, 0);
+        for text in [
+            "/",
+            "/a/b?c=d&e",
+            "/?",
+            "*",
+            "/caf%C3%A9",
+            "http://h.test/p?q",
+            "https://h.test",
+            "http://user@h.test:8080/x",
+            "h.test:443",
+        ] {
+            let uri: http::Uri = text.parse().expect(text);
+            let mut ours = uri.clone();
+            origin_form(&mut ours);
+            let reference = rebuilt(&uri);
+            assert_eq!(ours, reference, "{text}");
+            assert_eq!(
+                (ours.scheme(), ours.authority(), ours.path_and_query()),
+                (
+                    reference.scheme(),
+                    reference.authority(),
+                    reference.path_and_query()
+                ),
+                "{text}"
+            );
+            if ours == uri {
+                kept += 1;
+            } else {
+                changed += 1;
+            }
+        }
+        assert!(kept >= 5 && changed >= 3, "{kept} {changed}");
     }
 }
