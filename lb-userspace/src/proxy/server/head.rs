@@ -94,6 +94,11 @@ enum Target {
 /// parsed URI itself, so the parts path parses it once and copies it never.
 fn normalize_target(raw: &[u8], as_uri: bool) -> Option<Target> {
     let target = trim_ows(raw);
+    if as_uri && target == b"/" {
+        // The most common target of all: the URI `http` parses `/` into, without copying it
+        // into a buffer of its own first.
+        return Some(Target::Uri(http::Uri::from_static("/")));
+    }
     let utf8 = std::str::from_utf8(target).is_ok();
     let lenient = || {
         if target.is_empty() {
@@ -492,6 +497,28 @@ mod tests {
                 assert_eq!(parts.headers.contains_key("x"), valid, "byte {b:#04x}");
                 assert_eq!(parts.headers.len(), 1 + usize::from(valid));
             }
+        }
+    }
+
+    /// The `/` taken without a copy is the URI parsing a copy gives (path, query, form).
+    #[test]
+    fn the_slash_target_is_the_uri_parsing_gives() {
+        for raw in [&b"/"[..], b" / ", b"\t/"] {
+            let Some(Target::Uri(fast)) = normalize_target(raw, true) else {
+                panic!("a URI");
+            };
+            let parsed = http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(b"/")).unwrap();
+            assert_eq!(fast, parsed);
+            assert_eq!(
+                (fast.scheme(), fast.authority(), fast.path(), fast.query()),
+                (
+                    parsed.scheme(),
+                    parsed.authority(),
+                    parsed.path(),
+                    parsed.query()
+                )
+            );
+            assert_eq!(fast.to_string(), "/");
         }
     }
 
