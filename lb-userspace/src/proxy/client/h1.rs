@@ -594,6 +594,17 @@ fn parse_head(
         let mut chunked = false;
         let mut length: Option<Result<u64, ()>> = None;
         let mut keep_alive_field = false;
+        // The fields the pipeline gets (`Reply::finish` removes the hop-by-hop ones with
+        // `strip_hop_by_hop`) are the head's own, with one exception, made only where it
+        // changes nothing the pipeline passes on: a last field `Connection: keep-alive`
+        // (nginx's usual last line) with no other hop-by-hop field in the head is left out.
+        // It concerns this connection only (read above for `keep_alive`), and
+        // `strip_hop_by_hop` would remove just it, from the end (`HeaderMap::remove` moves
+        // the last entry into the hole: here there is none), leaving the other fields in
+        // their order. An earlier `Connection`, or one beside other hop-by-hop fields (whose
+        // removal order moves fields), stays for it to remove. Appended and removed again,
+        // it cost a hashed append and a hashed remove on every response.
+        let mut hop_by_hop = false;
         for (i, &[name_start, name_end, value_start, value_end]) in
             spans[..count].iter().enumerate()
         {
@@ -623,6 +634,13 @@ fn parse_head(
                 chunked = ends_chunked(&value);
             } else if name == crate::headers::KEEP_ALIVE {
                 keep_alive_field = true;
+            }
+            if is_hop_by_hop(&name) {
+                if i + 1 == count && !hop_by_hop && name == CONNECTION && only_keep_alive(&value) {
+                    // The last field: left out (see above).
+                    break;
+                }
+                hop_by_hop = true;
             }
             headers.append(name, value);
         }
@@ -655,6 +673,30 @@ fn parse_head(
             keep_alive_field,
         }));
     }
+}
+
+/// Whether `strip_hop_by_hop` removes `name` whatever `Connection` says (its fixed list; the
+/// test `the_hop_by_hop_names_are_those_strip_removes` holds the two together).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    let candidate: &[u8] = match (name.len(), name.first()) {
+        (10, Some(b'c')) => b"connection",
+        (10, Some(b'k')) => b"keep-alive",
+        (16, Some(b'p')) => b"proxy-connection",
+        (2, Some(b't')) => b"te",
+        (7, Some(b't')) => b"trailer",
+        (17, Some(b't')) => b"transfer-encoding",
+        (7, Some(b'u')) => b"upgrade",
+        (18, Some(b'p')) => b"proxy-authenticate",
+        (19, Some(b'p')) => b"proxy-authorization",
+        _ => return false,
+    };
+    name == candidate
+}
+
+/// A `Connection` value that lists `keep-alive` and nothing else (no empty element either).
+fn only_keep_alive(value: &HeaderValue) -> bool {
+    crate::headers::list_elements(value).all(|t| t.eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// Where the response body's framing stands.
@@ -979,6 +1021,129 @@ mod tests {
     fn parse(raw: &[u8], is_head: bool) -> Result<Option<Head>, H1Error> {
         let mut buf = BytesMut::from(raw);
         parse_head(&mut buf, &mut HeaderNames::new(), 32 * 1024, is_head)
+    }
+
+    /// `is_hop_by_hop` says of each name what `strip_hop_by_hop` does to it without a
+    /// `Connection` naming it: removes it or not (the nine names, their near misses, others).
+    #[test]
+    fn the_hop_by_hop_names_are_those_strip_removes() {
+        let mut removed = 0;
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "connectiom",
+            "keep-alivf",
+            "proxy-connectiom",
+            "tf",
+            "trailers",
+            "transfer-encodinf",
+            "upgradf",
+            "proxy-authenticatf",
+            "proxy-authorizatiom",
+            "host",
+            "x-connection",
+            "content-length",
+            "t",
+            "u",
+        ] {
+            let name = HeaderName::from_static(name);
+            let mut headers = HeaderMap::new();
+            headers.append(name.clone(), HeaderValue::from_static("v"));
+            headers.append(
+                HeaderName::from_static("x-other"),
+                HeaderValue::from_static("y"),
+            );
+            crate::headers::strip_hop_by_hop(&mut headers, false);
+            let strip_removes = !headers.contains_key(&name);
+            assert_eq!(is_hop_by_hop(&name), strip_removes, "{name}");
+            removed += usize::from(strip_removes);
+        }
+        assert_eq!(removed, 9);
+    }
+
+    /// What the pipeline passes on of a response head (its fields after `strip_hop_by_hop`,
+    /// in order) is the same whether or not the parse left a last `Connection: keep-alive`
+    /// out, over varied heads: `Connection` lines of several kinds at every position, other
+    /// hop-by-hop fields, a field a `Connection` names. The reference map holds every field
+    /// of the head in order. Counts that the field was left out, and that the reference's
+    /// strip reordered fields (the case the exception must stay clear of).
+    #[test]
+    fn leaving_out_a_last_keep_alive_changes_nothing_the_pipeline_passes_on() {
+        let fields: &[(&str, &str)] = &[
+            ("server", "nginx"),
+            ("date", "Sun, 30 Nov 2026 03:00:00 GMT"),
+            ("content-type", "text/plain"),
+            ("content-length", "5"),
+            ("connection", "keep-alive"),
+            ("connection", "Keep-Alive"),
+            ("connection", "keep-alive, x-named"),
+            ("connection", "keep-alive,"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-named", "1"),
+            ("etag", "\"abc\""),
+            ("te", "trailers"),
+        ];
+        let ordered = |h: &HeaderMap| -> Vec<(String, Vec<u8>)> {
+            h.iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let (mut left_out, mut reordered) = (0, 0);
+        for _ in 0..20_000 {
+            let picked: Vec<(&str, &str)> =
+                (0..next(7)).map(|_| fields[next(fields.len())]).collect();
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            let mut reference = HeaderMap::new();
+            for (name, value) in &picked {
+                raw.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+                reference.append(
+                    HeaderName::from_static(name),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            raw.extend_from_slice(b"\r\n");
+            let head = parse(&raw, false).expect("parses").expect("complete");
+            let mut ours = head.headers;
+            left_out += usize::from(ours.len() < reference.len());
+            let in_order = |h: &HeaderMap| {
+                let names: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+                let mut expected: Vec<&str> = picked.iter().map(|(n, _)| *n).collect();
+                expected.dedup_by(|a, b| a == b);
+                expected.retain(|n| names.contains(n));
+                let mut seen = Vec::new();
+                for n in expected {
+                    if !seen.contains(&n) {
+                        seen.push(n);
+                    }
+                }
+                names == seen
+            };
+            crate::headers::strip_hop_by_hop(&mut ours, false);
+            crate::headers::strip_hop_by_hop(&mut reference, false);
+            reordered += usize::from(!in_order(&reference));
+            assert_eq!(
+                ordered(&ours),
+                ordered(&reference),
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
+        assert!(left_out > 500 && reordered > 1000, "{left_out} {reordered}");
     }
 
     #[test]
