@@ -752,7 +752,7 @@ fn prepare_forward<'r, B: RequestBody>(
     });
     let group_name: &'r str = match sticky_group {
         Some(g) => g,
-        None => forward.choose(rand::random()),
+        None => forward.choose_with(rand::random),
     };
     let Some(group) = shared.groups.load().get(group_name).cloned() else {
         tracing::error!(group = %group_name, "forward action names an unknown target group");
