@@ -696,7 +696,9 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// A `Connection` value that lists `keep-alive` and nothing else (no empty element either).
 fn only_keep_alive(value: &HeaderValue) -> bool {
-    crate::headers::list_elements(value).all(|t| t.eq_ignore_ascii_case(b"keep-alive"))
+    // The usual value, whole, before taking the list apart.
+    value.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+        || crate::headers::list_elements(value).all(|t| t.eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// Where the response body's framing stands.
