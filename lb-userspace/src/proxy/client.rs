@@ -210,11 +210,23 @@ enum Any {
 /// Whether a request goes through our own HTTP/1.1 client ([`h1`]) rather than hyper's:
 /// plain-TCP HTTP/1.1 targets, except `Upgrade` (WebSocket) and CONNECT requests, which need
 /// hyper's upgrade machinery.
-fn uses_own_client(endpoint: &TargetEndpoint, req: &Request<ProxyBody>) -> bool {
+fn uses_own_client(endpoint: &TargetEndpoint, req: &Request<ProxyBody>, facts: Facts) -> bool {
     endpoint.tls.is_none()
         && !endpoint.http2
         && req.method() != Method::CONNECT
-        && !req.headers().contains_key(http::header::UPGRADE)
+        && !facts
+            .upgrade
+            .unwrap_or_else(|| req.headers().contains_key(http::header::UPGRADE))
+}
+
+/// What the caller already knows of a request's headers, so that forwarding does not look
+/// them up again (each lookup hashes the name): `None` where it does not know.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Whether it has a `Host` field.
+    pub host: Option<bool>,
+    /// Whether it has an `Upgrade` field.
+    pub upgrade: Option<bool>,
 }
 
 /// Why sending a request on a connection failed, on either client.
@@ -278,7 +290,7 @@ impl Forwarder {
         req: Request<ProxyBody>,
     ) -> Result<Forwarded, ProxyError> {
         let target = self.target(target);
-        self.forward_to(&target, req).await
+        self.forward_to(&target, req, Facts::default()).await
     }
 
     /// The handle on `endpoint`'s pool: the one the forwarder keeps for it, or a new one it
@@ -289,15 +301,16 @@ impl Forwarder {
     }
 
     /// [`forward`](Self::forward) to a target the caller already holds the handle of: no lock,
-    /// no lookup.
+    /// no lookup. `facts`: what the caller knows of the request's headers (true facts only).
     pub async fn forward_to(
         &self,
         target: &TargetHandle,
         req: Request<ProxyBody>,
+        facts: Facts,
     ) -> Result<Forwarded, ProxyError> {
         let target = &target.0;
-        let req = prepare_request(req, &target.endpoint);
-        let own = uses_own_client(&target.endpoint, &req);
+        let req = prepare_request(req, &target.endpoint, facts);
+        let own = uses_own_client(&target.endpoint, &req, facts);
         let idempotent = is_idempotent(req.method());
         // Whether the request could be sent again if a reused connection turns out stale: an
         // idempotent method whose body is empty or small enough to be kept (see `Replay`).
@@ -732,7 +745,11 @@ impl RequestTemplate {
 
 /// Adapts version and URI form to the connection: HTTP/1.1 wants origin-form and `Host`;
 /// HTTP/2 wants `:scheme` and `:authority` (from the URI, else `Host`, else the address).
-fn prepare_request(mut req: Request<ProxyBody>, endpoint: &TargetEndpoint) -> Request<ProxyBody> {
+fn prepare_request(
+    mut req: Request<ProxyBody>,
+    endpoint: &TargetEndpoint,
+    facts: Facts,
+) -> Request<ProxyBody> {
     if req.method() == Method::CONNECT {
         return req;
     }
@@ -776,7 +793,9 @@ fn prepare_request(mut req: Request<ProxyBody>, endpoint: &TargetEndpoint) -> Re
         }
     } else {
         *req.version_mut() = Version::HTTP_11;
-        if !req.headers().contains_key(HOST)
+        if !facts
+            .host
+            .unwrap_or_else(|| req.headers().contains_key(HOST))
             && let Ok(host) = http::HeaderValue::from_str(authority(&req).as_str())
         {
             req.headers_mut().insert(HOST, host);
@@ -840,6 +859,7 @@ mod tests {
         let req = prepare_request(
             request("http://app.test:81/a?b=1", None),
             &endpoint(false, false),
+            Facts::default(),
         );
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.headers()[HOST], "app.test:81");
@@ -848,17 +868,77 @@ mod tests {
 
     #[test]
     fn http1_requests_keep_the_clients_host() {
-        let req = prepare_request(request("/x", Some("app.test")), &endpoint(false, false));
+        let req = prepare_request(
+            request("/x", Some("app.test")),
+            &endpoint(false, false),
+            Facts::default(),
+        );
         assert_eq!(req.uri(), "/x");
         assert_eq!(req.headers()[HOST], "app.test");
     }
 
+    /// Requests prepared with what the caller knows of their headers come out as those
+    /// prepared by looking, and go to the same client, for every kind of endpoint and request;
+    /// counts that a `Host` was added and that both clients were chosen.
+    #[test]
+    fn known_facts_prepare_what_looking_prepares() {
+        let (mut added, mut own, mut hyper) = (0, 0, 0);
+        for uri in ["/x?y", "http://app.test:81/a", "*"] {
+            for host in [None, Some("app.test")] {
+                for upgrade in [false, true] {
+                    for method in [Method::GET, Method::CONNECT] {
+                        for (h2, tls) in
+                            [(false, false), (true, false), (true, true), (false, true)]
+                        {
+                            let make = || {
+                                let mut req = request(uri, host);
+                                *req.method_mut() = method.clone();
+                                if upgrade {
+                                    req.headers_mut().insert(
+                                        http::header::UPGRADE,
+                                        "websocket".parse().unwrap(),
+                                    );
+                                }
+                                req
+                            };
+                            let endpoint = endpoint(h2, tls);
+                            let facts = Facts {
+                                host: Some(host.is_some()),
+                                upgrade: Some(upgrade),
+                            };
+                            let known = prepare_request(make(), &endpoint, facts);
+                            let looked = prepare_request(make(), &endpoint, Facts::default());
+                            assert_eq!(
+                                (known.uri(), known.version(), known.headers()),
+                                (looked.uri(), looked.version(), looked.headers())
+                            );
+                            let chosen = uses_own_client(&endpoint, &known, facts);
+                            assert_eq!(
+                                chosen,
+                                uses_own_client(&endpoint, &looked, Facts::default())
+                            );
+                            added +=
+                                usize::from(host.is_none() && known.headers().contains_key(HOST));
+                            own += usize::from(chosen);
+                            hyper += usize::from(!chosen);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(added > 0 && own > 0 && hyper > 0, "{added} {own} {hyper}");
+    }
+
     #[test]
     fn http2_requests_get_scheme_and_authority_from_host() {
-        let req = prepare_request(request("/x?y", Some("app.test")), &endpoint(true, true));
+        let req = prepare_request(
+            request("/x?y", Some("app.test")),
+            &endpoint(true, true),
+            Facts::default(),
+        );
         assert_eq!(req.uri(), "https://app.test/x?y");
         assert_eq!(req.version(), Version::HTTP_2);
-        let req = prepare_request(request("/", None), &endpoint(true, false));
+        let req = prepare_request(request("/", None), &endpoint(true, false), Facts::default());
         assert_eq!(req.uri(), "http://127.0.0.1:8080/");
     }
 

@@ -153,6 +153,16 @@ impl ForwardAction {
         }
     }
 
+    /// [`choose`](Self::choose) with the random number drawn only when there is a choice: an
+    /// action with one group (the usual forward) answers it whatever the number is, and a
+    /// draw from the thread's generator costs more than the rest of the pick.
+    pub fn choose_with(&self, random: impl FnOnce() -> u32) -> &str {
+        if let [only] = self.groups.as_slice() {
+            return &only.name;
+        }
+        self.choose(random())
+    }
+
     /// Picks a group in proportion to the weights, from a uniformly random `random` (the
     /// caller owns the random source, so tests are deterministic). Groups of weight 0 are never
     /// chosen. For a validated action the answer is always one of its groups; an action with no
@@ -722,6 +732,27 @@ mod tests {
         assert_eq!(counts, [3000, 1000]);
         assert_eq!(f.choose(0), "api");
         assert_eq!(f.choose(u32::MAX), "web");
+    }
+
+    /// One group: `choose_with` answers what `choose` answers for every number, without
+    /// drawing one; several: it draws and answers what `choose` does with that number.
+    #[test]
+    fn choose_with_draws_only_when_there_is_a_choice() {
+        for weights in [&[("only", 1)][..], &[("only", 0)], &[("a", 1), ("b", 2)]] {
+            let f = ForwardAction {
+                groups: groups(weights),
+                group_stickiness: None,
+            };
+            for r in [0, 1, u32::MAX / 3, u32::MAX / 2, u32::MAX] {
+                let mut drawn = false;
+                let chosen = f.choose_with(|| {
+                    drawn = true;
+                    r
+                });
+                assert_eq!(chosen, f.choose(r), "{weights:?} {r}");
+                assert_eq!(drawn, weights.len() > 1, "{weights:?}");
+            }
+        }
     }
 
     #[test]

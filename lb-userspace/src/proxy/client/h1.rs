@@ -132,11 +132,20 @@ struct EncodedHead {
 /// Serializes the request head (origin-form target, as `prepare_request` left it) and decides
 /// the body framing as hyper's client does, fixing up the framing headers to match.
 fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHead {
+    if body.is_end_stream() {
+        // No body (a GET, say): the only fix-up is removing `Transfer-Encoding`, which a
+        // forwarded request never has (it is hop-by-hop). The head is written first and
+        // written again only if one was there: the `remove` hashed the name on every request.
+        let written = write_head(parts);
+        if !written.transfer_encoding {
+            return written.head(RequestFraming::None);
+        }
+        crate::proxy::recycle::recycle_buffer(written.bytes);
+        parts.headers.remove(TRANSFER_ENCODING);
+        return write_head(parts).head(RequestFraming::None);
+    }
     let headers = &mut parts.headers;
-    let framing = if body.is_end_stream() {
-        headers.remove(TRANSFER_ENCODING);
-        RequestFraming::None
-    } else if headers.contains_key(TRANSFER_ENCODING) {
+    let framing = if headers.contains_key(TRANSFER_ENCODING) {
         headers.remove(CONTENT_LENGTH);
         if !is_chunked(headers) {
             headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
@@ -155,10 +164,35 @@ fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHea
         headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         RequestFraming::Chunked
     };
+    write_head(parts).head(framing)
+}
+
+/// A request head written by [`write_head`].
+struct Written {
+    bytes: Vec<u8>,
+    /// A `Connection` line lists `close`.
+    close: bool,
+    /// A `Transfer-Encoding` line was written.
+    transfer_encoding: bool,
+}
+
+impl Written {
+    fn head(self, framing: RequestFraming) -> EncodedHead {
+        EncodedHead {
+            bytes: self.bytes,
+            framing,
+            close: self.close,
+        }
+    }
+}
+
+/// The request line and every field of `parts`, in one pass over the fields: the buffer is
+/// the thread's recycled one, which already has room for a usual head; a rough guess saves
+/// most regrowth of a new one (an exact size took a second walk over the map on every
+/// request).
+fn write_head(parts: &http::request::Parts) -> Written {
+    let headers = &parts.headers;
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    // One pass over the fields: the buffer is the thread's recycled one, which already has
-    // room for a usual head; a rough guess saves most regrowth of a new one (an exact size
-    // took a second walk over the map on every request).
     let mut head = crate::proxy::recycle::buffer();
     head.reserve(parts.method.as_str().len() + target.len() + 16 + 48 * headers.len());
     head.extend_from_slice(parts.method.as_str().as_bytes());
@@ -166,9 +200,12 @@ fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHea
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     let mut close = false;
+    let mut transfer_encoding = false;
     for (name, value) in headers.iter() {
-        if name == CONNECTION && has_token(value, "close") {
-            close = true;
+        if name == CONNECTION {
+            close = close || has_token(value, "close");
+        } else if name == TRANSFER_ENCODING {
+            transfer_encoding = true;
         }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
@@ -176,10 +213,10 @@ fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHea
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    EncodedHead {
+    Written {
         bytes: head,
-        framing,
         close,
+        transfer_encoding,
     }
 }
 
@@ -557,6 +594,17 @@ fn parse_head(
         let mut chunked = false;
         let mut length: Option<Result<u64, ()>> = None;
         let mut keep_alive_field = false;
+        // The fields the pipeline gets (`Reply::finish` removes the hop-by-hop ones with
+        // `strip_hop_by_hop`) are the head's own, with one exception, made only where it
+        // changes nothing the pipeline passes on: a last field `Connection: keep-alive`
+        // (nginx's usual last line) with no other hop-by-hop field in the head is left out.
+        // It concerns this connection only (read above for `keep_alive`), and
+        // `strip_hop_by_hop` would remove just it, from the end (`HeaderMap::remove` moves
+        // the last entry into the hole: here there is none), leaving the other fields in
+        // their order. An earlier `Connection`, or one beside other hop-by-hop fields (whose
+        // removal order moves fields), stays for it to remove. Appended and removed again,
+        // it cost a hashed append and a hashed remove on every response.
+        let mut hop_by_hop = false;
         for (i, &[name_start, name_end, value_start, value_end]) in
             spans[..count].iter().enumerate()
         {
@@ -586,6 +634,13 @@ fn parse_head(
                 chunked = ends_chunked(&value);
             } else if name == crate::headers::KEEP_ALIVE {
                 keep_alive_field = true;
+            }
+            if is_hop_by_hop(&name) {
+                if i + 1 == count && !hop_by_hop && name == CONNECTION && only_keep_alive(&value) {
+                    // The last field: left out (see above).
+                    break;
+                }
+                hop_by_hop = true;
             }
             headers.append(name, value);
         }
@@ -618,6 +673,32 @@ fn parse_head(
             keep_alive_field,
         }));
     }
+}
+
+/// Whether `strip_hop_by_hop` removes `name` whatever `Connection` says (its fixed list; the
+/// test `the_hop_by_hop_names_are_those_strip_removes` holds the two together).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    let candidate: &[u8] = match (name.len(), name.first()) {
+        (10, Some(b'c')) => b"connection",
+        (10, Some(b'k')) => b"keep-alive",
+        (16, Some(b'p')) => b"proxy-connection",
+        (2, Some(b't')) => b"te",
+        (7, Some(b't')) => b"trailer",
+        (17, Some(b't')) => b"transfer-encoding",
+        (7, Some(b'u')) => b"upgrade",
+        (18, Some(b'p')) => b"proxy-authenticate",
+        (19, Some(b'p')) => b"proxy-authorization",
+        _ => return false,
+    };
+    name == candidate
+}
+
+/// A `Connection` value that lists `keep-alive` and nothing else (no empty element either).
+fn only_keep_alive(value: &HeaderValue) -> bool {
+    // The usual value, whole, before taking the list apart.
+    value.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+        || crate::headers::list_elements(value).all(|t| t.eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// Where the response body's framing stands.
@@ -944,6 +1025,129 @@ mod tests {
         parse_head(&mut buf, &mut HeaderNames::new(), 32 * 1024, is_head)
     }
 
+    /// `is_hop_by_hop` says of each name what `strip_hop_by_hop` does to it without a
+    /// `Connection` naming it: removes it or not (the nine names, their near misses, others).
+    #[test]
+    fn the_hop_by_hop_names_are_those_strip_removes() {
+        let mut removed = 0;
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "connectiom",
+            "keep-alivf",
+            "proxy-connectiom",
+            "tf",
+            "trailers",
+            "transfer-encodinf",
+            "upgradf",
+            "proxy-authenticatf",
+            "proxy-authorizatiom",
+            "host",
+            "x-connection",
+            "content-length",
+            "t",
+            "u",
+        ] {
+            let name = HeaderName::from_static(name);
+            let mut headers = HeaderMap::new();
+            headers.append(name.clone(), HeaderValue::from_static("v"));
+            headers.append(
+                HeaderName::from_static("x-other"),
+                HeaderValue::from_static("y"),
+            );
+            crate::headers::strip_hop_by_hop(&mut headers, false);
+            let strip_removes = !headers.contains_key(&name);
+            assert_eq!(is_hop_by_hop(&name), strip_removes, "{name}");
+            removed += usize::from(strip_removes);
+        }
+        assert_eq!(removed, 9);
+    }
+
+    /// What the pipeline passes on of a response head (its fields after `strip_hop_by_hop`,
+    /// in order) is the same whether or not the parse left a last `Connection: keep-alive`
+    /// out, over varied heads: `Connection` lines of several kinds at every position, other
+    /// hop-by-hop fields, a field a `Connection` names. The reference map holds every field
+    /// of the head in order. Counts that the field was left out, and that the reference's
+    /// strip reordered fields (the case the exception must stay clear of).
+    #[test]
+    fn leaving_out_a_last_keep_alive_changes_nothing_the_pipeline_passes_on() {
+        let fields: &[(&str, &str)] = &[
+            ("server", "nginx"),
+            ("date", "Sun, 30 Nov 2026 03:00:00 GMT"),
+            ("content-type", "text/plain"),
+            ("content-length", "5"),
+            ("connection", "keep-alive"),
+            ("connection", "Keep-Alive"),
+            ("connection", "keep-alive, x-named"),
+            ("connection", "keep-alive,"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-named", "1"),
+            ("etag", "\"abc\""),
+            ("te", "trailers"),
+        ];
+        let ordered = |h: &HeaderMap| -> Vec<(String, Vec<u8>)> {
+            h.iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let (mut left_out, mut reordered) = (0, 0);
+        for _ in 0..20_000 {
+            let picked: Vec<(&str, &str)> =
+                (0..next(7)).map(|_| fields[next(fields.len())]).collect();
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            let mut reference = HeaderMap::new();
+            for (name, value) in &picked {
+                raw.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+                reference.append(
+                    HeaderName::from_static(name),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            raw.extend_from_slice(b"\r\n");
+            let head = parse(&raw, false).expect("parses").expect("complete");
+            let mut ours = head.headers;
+            left_out += usize::from(ours.len() < reference.len());
+            let in_order = |h: &HeaderMap| {
+                let names: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+                let mut expected: Vec<&str> = picked.iter().map(|(n, _)| *n).collect();
+                expected.dedup_by(|a, b| a == b);
+                expected.retain(|n| names.contains(n));
+                let mut seen = Vec::new();
+                for n in expected {
+                    if !seen.contains(&n) {
+                        seen.push(n);
+                    }
+                }
+                names == seen
+            };
+            crate::headers::strip_hop_by_hop(&mut ours, false);
+            crate::headers::strip_hop_by_hop(&mut reference, false);
+            reordered += usize::from(!in_order(&reference));
+            assert_eq!(
+                ordered(&ours),
+                ordered(&reference),
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
+        assert!(left_out > 500 && reordered > 1000, "{left_out} {reordered}");
+    }
+
     #[test]
     fn content_length_values_must_agree() {
         let mut h = HeaderMap::new();
@@ -1193,6 +1397,126 @@ mod tests {
         let mut parts = request_parts(&[("connection", "keep-alive"), ("x-close", "close")]);
         let head = encode_head(&mut parts, &empty_body());
         assert!(!head.close);
+    }
+
+    /// `encode_head` as it was before the head of a bodiless request was written first (the
+    /// framing decided and the map fixed up, then the head written): the reference.
+    fn encode_head_by_lookup(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHead {
+        let headers = &mut parts.headers;
+        let framing = if body.is_end_stream() {
+            headers.remove(TRANSFER_ENCODING);
+            RequestFraming::None
+        } else if headers.contains_key(TRANSFER_ENCODING) {
+            headers.remove(CONTENT_LENGTH);
+            if !is_chunked(headers) {
+                headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
+            RequestFraming::Chunked
+        } else if let Some(Ok(len)) = content_length(headers) {
+            RequestFraming::Length(len)
+        } else if let Some(len) = body.size_hint().exact() {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+            RequestFraming::Length(len)
+        } else if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
+            RequestFraming::None
+        } else {
+            headers.remove(CONTENT_LENGTH);
+            headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            RequestFraming::Chunked
+        };
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = Vec::new();
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut close = false;
+        for (name, value) in parts.headers.iter() {
+            if name == CONNECTION && has_token(value, "close") {
+                close = true;
+            }
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        EncodedHead {
+            bytes: head,
+            framing,
+            close,
+        }
+    }
+
+    /// A body that is not over and whose size is unknown.
+    struct Streaming;
+
+    impl http_body::Body for Streaming {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// The head, framing, close flag and fixed-up map agree with the reference over varied
+    /// requests (framing fields present or not, repeated, with every kind of body); counts
+    /// that the rewrite path (a bodiless request with `Transfer-Encoding`) was reached.
+    #[test]
+    fn the_request_head_agrees_with_the_framing_decided_first() {
+        let fields: &[(&str, &str)] = &[
+            ("host", "a.test"),
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "gzip"),
+            ("content-length", "5"),
+            ("content-length", "7"),
+            ("connection", "close"),
+            ("connection", "keep-alive"),
+            ("x-forwarded-for", "10.0.0.1"),
+        ];
+        let mut rng = 0x853c_49e6_748f_ea9bu64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let mut rewritten = 0;
+        for _ in 0..10_000 {
+            let mut builder = Request::builder()
+                .method([Method::GET, Method::POST, Method::HEAD][next(3)].clone())
+                .uri("/p?q");
+            for _ in 0..next(6) {
+                let (name, value) = fields[next(fields.len())];
+                builder = builder.header(name, value);
+            }
+            let parts = builder.body(()).expect("valid request").into_parts().0;
+            let body: ProxyBody = match next(3) {
+                0 => empty_body(),
+                1 => http_body_util::Full::new(Bytes::from_static(b"hello"))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+                _ => Streaming.boxed_unsync(),
+            };
+            let (mut ours, mut reference) = (parts.clone(), parts);
+            rewritten +=
+                usize::from(body.is_end_stream() && ours.headers.contains_key(TRANSFER_ENCODING));
+            let a = encode_head(&mut ours, &body);
+            let b = encode_head_by_lookup(&mut reference, &body);
+            assert_eq!(
+                (String::from_utf8_lossy(&a.bytes), a.framing, a.close),
+                (String::from_utf8_lossy(&b.bytes), b.framing, b.close)
+            );
+            assert_eq!(ours.headers, reference.headers);
+        }
+        assert!(
+            rewritten > 500,
+            "only {rewritten} bodiless requests with a coding"
+        );
     }
 
     #[test]

@@ -102,6 +102,7 @@ fn gone() -> io::Error {
 }
 
 /// What the response writer needs to know about the request.
+#[cfg_attr(test, derive(Debug, PartialEq, Eq))]
 struct RequestInfo {
     version: Version,
     head: bool,
@@ -110,8 +111,71 @@ struct RequestInfo {
     te_trailers: bool,
 }
 
+/// How the request's body is framed, as its headers say (the sniffer made them: at most one
+/// framing header, checked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BodyFraming {
+    chunked: bool,
+    /// The first `Content-Length` (0 without one, or if it does not parse).
+    length: u64,
+    /// HTTP/1.1 with `Expect: 100-continue` (the last `Expect` field).
+    expect_continue: bool,
+}
+
 impl RequestInfo {
-    fn of(parts: &http::request::Parts) -> Self {
+    /// What the response writer and the request body need from the request, from one pass
+    /// over its headers: the five lookups this replaces (`Connection`, `TE`,
+    /// `Transfer-Encoding`, `Content-Length`, `Expect`) each hashed a name and probed the map.
+    /// [`RequestInfo::of_by_lookup`] is the same by lookups (the tests compare them).
+    fn scan(parts: &http::request::Parts) -> (Self, BodyFraming) {
+        let version = parts.version;
+        let mut keep_alive = version == Version::HTTP_11;
+        let mut saw_close = false;
+        let mut te_trailers = false;
+        let mut chunked = false;
+        let mut length: Option<&HeaderValue> = None;
+        let mut expect: Option<&HeaderValue> = None;
+        for (name, value) in &parts.headers {
+            if *name == header::CONNECTION {
+                if saw_close || has_token(value, "close") {
+                    saw_close = true;
+                    keep_alive = false;
+                } else if !keep_alive {
+                    keep_alive = has_token(value, "keep-alive");
+                }
+            } else if *name == header::CONTENT_LENGTH {
+                length = length.or(Some(value));
+            } else if *name == header::TRANSFER_ENCODING {
+                chunked = true;
+            } else if *name == header::TE {
+                te_trailers = te_trailers || has_token(value, "trailers");
+            } else if *name == header::EXPECT {
+                expect = Some(value);
+            }
+        }
+        let info = Self {
+            version,
+            head: parts.method == Method::HEAD,
+            connect: parts.method == Method::CONNECT,
+            keep_alive,
+            te_trailers,
+        };
+        let framing = BodyFraming {
+            chunked,
+            length: length
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0),
+            expect_continue: version == Version::HTTP_11
+                && expect.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")),
+        };
+        (info, framing)
+    }
+
+    /// [`RequestInfo::scan`] by lookups, one per header name: the reference the tests hold
+    /// the scan to.
+    #[cfg(test)]
+    fn of_by_lookup(parts: &http::request::Parts) -> (Self, BodyFraming) {
         let version = parts.version;
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
@@ -123,7 +187,7 @@ impl RequestInfo {
                 keep_alive = has_token(value, "keep-alive");
             }
         }
-        Self {
+        let info = Self {
             version,
             head: parts.method == Method::HEAD,
             connect: parts.method == Method::CONNECT,
@@ -133,7 +197,24 @@ impl RequestInfo {
                 .get_all(header::TE)
                 .iter()
                 .any(|v| has_token(v, "trailers")),
-        }
+        };
+        let framing = BodyFraming {
+            chunked: parts.headers.contains_key(header::TRANSFER_ENCODING),
+            length: parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0),
+            expect_continue: parts.version == Version::HTTP_11
+                && parts
+                    .headers
+                    .get_all(header::EXPECT)
+                    .iter()
+                    .next_back()
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")),
+        };
+        (info, framing)
     }
 }
 
@@ -189,8 +270,8 @@ where
             Err(_) => return Ended::Closed,
         };
         L7Counters::add(&counters.http1_native_requests, 1);
-        let info = RequestInfo::of(&parts);
-        let body = RequestBody::new(io.clone(), &parts);
+        let (info, framing) = RequestInfo::scan(&parts);
+        let body = RequestBody::new(io.clone(), framing);
         {
             let mut g = lock(&io);
             g.body_open = !body.is_end_stream();
@@ -832,27 +913,14 @@ enum Framing {
 }
 
 impl<IO> RequestBody<IO> {
-    fn new(io: Shared<IO>, parts: &http::request::Parts) -> Self {
-        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-        let length = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        let framing = if chunked {
+    fn new(io: Shared<IO>, head: BodyFraming) -> Self {
+        let framing = if head.chunked {
             Framing::Chunked(ChunkedDecoder::default())
         } else {
-            Framing::Length(length)
+            Framing::Length(head.length)
         };
         let done = matches!(framing, Framing::Length(0));
-        let expect = parts.version == Version::HTTP_11
-            && parts
-                .headers
-                .get_all(header::EXPECT)
-                .iter()
-                .next_back()
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let expect = head.expect_continue;
         Self {
             io,
             framing,
@@ -1184,5 +1252,84 @@ mod tests {
                 .iter()
                 .all(|f| !f.is_trailers() || f.trailers_ref().is_some_and(|t| t.is_empty()))
         );
+    }
+
+    /// The one-pass scan of the request's headers against the lookups it replaced, over
+    /// heads built from every kind of field it reads (repeated, in varied orders and cases of
+    /// their tokens), beside fields it must ignore. Also counts that the varied heads really
+    /// reach each outcome (a generator that never made one would prove nothing about it).
+    #[test]
+    fn the_header_scan_agrees_with_a_lookup_per_name() {
+        let fields: &[(&str, &str)] = &[
+            ("connection", "close"),
+            ("connection", "keep-alive"),
+            ("connection", "Keep-Alive, Upgrade"),
+            ("connection", "x-foo , CLOSE"),
+            ("connection", "keepalive"),
+            ("te", "trailers"),
+            ("te", "gzip, Trailers"),
+            ("te", "trailers;q=0.5"),
+            ("content-length", "0"),
+            ("content-length", "17"),
+            ("content-length", "4"),
+            ("content-length", "x1"),
+            ("transfer-encoding", "chunked"),
+            ("expect", "100-continue"),
+            ("expect", "100-Continue"),
+            ("expect", "200-ok"),
+            ("host", "example.com"),
+            ("x-te", "trailers"),
+            ("x-connection", "close"),
+            ("upgrade", "websocket"),
+        ];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let (mut keep, mut close, mut trailers, mut chunked, mut length, mut expect) =
+            (0, 0, 0, 0, 0, 0);
+        for _ in 0..20_000 {
+            let (mut parts, ()) = Request::new(()).into_parts();
+            parts.version = [Version::HTTP_10, Version::HTTP_11][next(2)];
+            parts.method =
+                [Method::GET, Method::HEAD, Method::CONNECT, Method::POST][next(4)].clone();
+            for _ in 0..next(7) {
+                let (name, value) = fields[next(fields.len())];
+                parts.headers.append(
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                );
+            }
+            let scanned = RequestInfo::scan(&parts);
+            let looked_up = RequestInfo::of_by_lookup(&parts);
+            assert_eq!(
+                scanned, looked_up,
+                "{:?} {:?}",
+                parts.version, parts.headers
+            );
+            let (info, framing) = scanned;
+            if info.keep_alive {
+                keep += 1;
+            } else {
+                close += 1;
+            }
+            trailers += usize::from(info.te_trailers);
+            chunked += usize::from(framing.chunked);
+            length += usize::from(framing.length > 0);
+            expect += usize::from(framing.expect_continue);
+        }
+        for (what, n) in [
+            ("keep-alive", keep),
+            ("close", close),
+            ("te trailers", trailers),
+            ("chunked", chunked),
+            ("a length", length),
+            ("100-continue", expect),
+        ] {
+            assert!(n > 500, "only {n} heads with {what}");
+        }
     }
 }

@@ -31,7 +31,8 @@
 use http::header::{HeaderName, HeaderValue};
 
 use crate::proxy::desync::{
-    RawHead, Similarity, framing_similarity, known_coding, parse_content_length, trim_ows,
+    Classification, RawHead, Similarity, framing_similarity, known_coding, parse_content_length,
+    trim_ows,
 };
 use crate::proxy::names::HeaderNames;
 
@@ -93,6 +94,11 @@ enum Target {
 /// parsed URI itself, so the parts path parses it once and copies it never.
 fn normalize_target(raw: &[u8], as_uri: bool) -> Option<Target> {
     let target = trim_ows(raw);
+    if as_uri && target == b"/" {
+        // The most common target of all: the URI `http` parses `/` into, without copying it
+        // into a buffer of its own first.
+        return Some(Target::Uri(http::Uri::from_static("/")));
+    }
     let utf8 = std::str::from_utf8(target).is_ok();
     let lenient = || {
         if target.is_empty() {
@@ -146,7 +152,7 @@ fn normalize_target(raw: &[u8], as_uri: bool) -> Option<Target> {
 
 /// Rebuilds a tokenised head for hyper (see the module docs).
 pub fn prepare(raw: &RawHead<'_>) -> Prepared {
-    prepare_as(raw, false, &mut HeaderNames::new()).0
+    prepare_as(raw, false, false, &mut HeaderNames::new()).0
 }
 
 /// As [`prepare`], but the head comes out as the `http` request parts the pipeline takes
@@ -154,16 +160,29 @@ pub fn prepare(raw: &RawHead<'_>) -> Prepared {
 /// same order, the framing header last) instead of bytes; `Prepared::head` stays empty.
 /// `None` when the head cannot be forwarded (see the other fields). `names`: the connection's
 /// header names of its previous head, used again where the same name is written.
+/// `classification`: what [`crate::proxy::desync::classify_tokens`] said of `raw`; a compliant
+/// head's values are taken without checking their bytes again.
 pub fn prepare_parts(
     raw: &RawHead<'_>,
+    classification: Classification,
     names: &mut HeaderNames,
 ) -> (Prepared, Option<http::request::Parts>) {
-    prepare_as(raw, true, names)
+    prepare_as(raw, true, values_checked(raw, classification), names)
+}
+
+/// Whether the classifier has checked every byte of every header value of `raw` against what
+/// `HeaderValue` accepts, and found them all good: it found the head compliant (nothing at
+/// all raised: a value byte outside VCHAR, obs-text, SP and HTAB raises `NonCompliantHeader`
+/// or `BadHeader`, and `is_value_char` is `HeaderValue`'s own rule), and did look at the
+/// headers (it leaves heads of HTTP/2 and later, which it does not read, compliant).
+fn values_checked(raw: &RawHead<'_>, classification: Classification) -> bool {
+    classification == Classification::COMPLIANT && raw.version < b"HTTP/2".as_slice()
 }
 
 fn prepare_as(
     raw: &RawHead<'_>,
     as_parts: bool,
+    values_valid: bool,
     names: &mut HeaderNames,
 ) -> (Prepared, Option<http::request::Parts>) {
     let mut malformed = None;
@@ -234,7 +253,18 @@ fn prepare_as(
             .flatten();
         last_kept = name.is_some();
         if let Some(name) = name {
-            kept.push((h.name, name, value_of(trim_ows(h.value).to_vec())));
+            let value = trim_ows(h.value).to_vec();
+            let value = if values_valid {
+                // SAFETY (a contract, not memory): `from_maybe_shared_unchecked` wants bytes
+                // `HeaderValue::from_bytes` accepts; `values_valid` says the classifier found
+                // every byte of this line's value to be one (see `values_checked`; trimming
+                // only drops bytes). Debug builds check each value again; the test
+                // `values_taken_unchecked_are_the_values_checking_gives` runs every byte.
+                Some(unsafe { HeaderValue::from_maybe_shared_unchecked(bytes::Bytes::from(value)) })
+            } else {
+                value_of(value)
+            };
+            kept.push((h.name, name, value));
         }
     }
 
@@ -394,7 +424,49 @@ fn request_parts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::desync::tokenize;
+    use crate::proxy::desync::{classify_tokens, tokenize};
+
+    /// Values taken without a second check (the classifier found the head compliant) are the
+    /// values checking them gives: every byte but CR and LF, at the start, middle and end of a
+    /// value, on its own line, after a folded line, and in a head the classifier does not read
+    /// (HTTP/2 version; the head is not forwardable then, and nothing may be taken unchecked).
+    /// Debug builds check inside `from_maybe_shared_unchecked` too: a head wrongly taken as
+    /// checked panics here. Counts that both paths ran.
+    #[test]
+    fn values_taken_unchecked_are_the_values_checking_gives() {
+        let (mut unchecked, mut checked) = (0, 0);
+        let mut names = HeaderNames::new();
+        for b in (0..=255u8).filter(|b| !matches!(b, b'\r' | b'\n')) {
+            for value in [vec![b, b'z'], vec![b'a', b, b'z'], vec![b'a', b]] {
+                for (version, fold) in
+                    [("HTTP/1.1", false), ("HTTP/1.1", true), ("HTTP/2.0", false)]
+                {
+                    let mut head = format!("GET / {version}\r\nHost: h\r\nX: ").into_bytes();
+                    head.extend_from_slice(&value);
+                    if fold {
+                        head.extend_from_slice(b"\r\n folded");
+                    }
+                    head.extend_from_slice(b"\r\nY: v\r\n\r\n");
+                    let raw = tokenize(&head);
+                    let c = classify_tokens(&raw);
+                    let fast = prepare_parts(&raw, c, &mut names);
+                    let slow = prepare_as(&raw, true, false, &mut names);
+                    assert_eq!(fast.0.malformed, slow.0.malformed, "{head:?}");
+                    assert_eq!(
+                        fast.1.map(|p| p.headers),
+                        slow.1.map(|p| p.headers),
+                        "{head:?}"
+                    );
+                    if values_checked(&raw, c) {
+                        unchecked += 1;
+                    } else {
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(unchecked > 500 && checked > 1000, "{unchecked} {checked}");
+    }
 
     fn prep(head: &str) -> Prepared {
         prepare(&tokenize(head.as_bytes()))
@@ -420,11 +492,33 @@ mod tests {
                 let rebuilt = prepare(&raw).head;
                 let has_x = rebuilt.windows(5).any(|w| w == b"\r\nX: ");
                 assert_eq!(has_x, valid, "byte {b:#04x} in {head:?}");
-                let (_, parts) = prepare_parts(&raw, &mut names);
+                let (_, parts) = prepare_parts(&raw, classify_tokens(&raw), &mut names);
                 let parts = parts.expect("forwardable");
                 assert_eq!(parts.headers.contains_key("x"), valid, "byte {b:#04x}");
                 assert_eq!(parts.headers.len(), 1 + usize::from(valid));
             }
+        }
+    }
+
+    /// The `/` taken without a copy is the URI parsing a copy gives (path, query, form).
+    #[test]
+    fn the_slash_target_is_the_uri_parsing_gives() {
+        for raw in [&b"/"[..], b" / ", b"\t/"] {
+            let Some(Target::Uri(fast)) = normalize_target(raw, true) else {
+                panic!("a URI");
+            };
+            let parsed = http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(b"/")).unwrap();
+            assert_eq!(fast, parsed);
+            assert_eq!(
+                (fast.scheme(), fast.authority(), fast.path(), fast.query()),
+                (
+                    parsed.scheme(),
+                    parsed.authority(),
+                    parsed.path(),
+                    parsed.query()
+                )
+            );
+            assert_eq!(fast.to_string(), "/");
         }
     }
 
@@ -443,7 +537,7 @@ mod tests {
             let raw = tokenize(head.as_bytes());
             let rebuilt = prepare(&raw).head;
             let line = rebuilt.split(|&b| b == b'\r').next().unwrap().to_vec();
-            let (_, parts) = prepare_parts(&raw, &mut HeaderNames::new());
+            let (_, parts) = prepare_parts(&raw, classify_tokens(&raw), &mut HeaderNames::new());
             let parts = parts.expect("forwardable");
             let expected = String::from_utf8(line).unwrap();
             assert_eq!(

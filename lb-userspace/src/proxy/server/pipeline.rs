@@ -42,7 +42,7 @@ use crate::accesslog::{ActionKind, LbError};
 use crate::headers::{
     ForwardedPeer, apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id,
 };
-use crate::proxy::client::{BoxError, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
+use crate::proxy::client::{BoxError, Facts, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
 use crate::proxy::error::ProxyError;
 use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView, RuleSet};
@@ -387,6 +387,7 @@ pub(super) async fn handle<B: RequestBody>(
         Routed::Forward(dispatch) => {
             let Dispatch {
                 request,
+                facts,
                 endpoint,
                 reply,
             } = dispatch;
@@ -404,7 +405,7 @@ pub(super) async fn handle<B: RequestBody>(
                 // copied the forward's future, over 3 KiB, twice more per request. The
                 // watch registers its waiter only when the forward has to wait (in
                 // practice always: it waits for the target).
-                let mut forwarding = std::pin::pin!(forwarder.forward_to(target, request));
+                let mut forwarding = std::pin::pin!(forwarder.forward_to(target, request, facts));
                 let mut target_left = std::pin::pin!(reply.picked.gone().cancelled());
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
@@ -466,6 +467,8 @@ impl From<Outcome> for Routed<'_> {
 /// A request rewritten for its target and ready to be sent.
 struct Dispatch<'r> {
     request: Request<ProxyBody>,
+    /// What is known of the request's headers (the forwarder need not look them up).
+    facts: Facts,
     /// How the group reaches its targets (used only if the pick has no pool handle yet).
     endpoint: EndpointSettings,
     reply: Reply<'r>,
@@ -565,9 +568,8 @@ fn route<'r, B: RequestBody>(
         return from_error(ex, &ProxyError::VersionNotSupported).into();
     }
 
-    let host = req
-        .headers()
-        .get(header::HOST)
+    let (host, seen) = Seen::scan(req.headers());
+    let host = host
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     let view = RequestView {
@@ -616,7 +618,7 @@ fn route<'r, B: RequestBody>(
         Action::Forward(forward) => {
             let forward: &ForwardAction = forward;
             let upgrade = hyper::upgrade::on(&mut req);
-            return match prepare_forward(ctx, forward, req, upgrade, close_after, ex) {
+            return match prepare_forward(ctx, forward, req, seen, upgrade, close_after, ex) {
                 Ok(dispatch) => Routed::Forward(dispatch),
                 Err(mut outcome) => {
                     outcome.close |= close_after;
@@ -640,23 +642,77 @@ fn fixed_response(fixed: &FixedResponseAction) -> Response<ProxyBody> {
     response
 }
 
+/// What routing and forwarding read of the request's headers, found in one pass over them
+/// before anything is rewritten: five lookups (`Host`, `Content-Type`, `Upgrade`, `Cookie`,
+/// and `Host` again after the hop-by-hop headers are gone) each hashed a name and probed the
+/// map. [`Seen::by_lookup`] is the same by lookups (the tests compare them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Seen {
+    /// A `Host` field (never removed by [`strip_hop_by_hop`], so still there after it).
+    host: bool,
+    /// An `Upgrade` field.
+    upgrade: bool,
+    /// A `Cookie` field.
+    cookie: bool,
+    /// The first `Content-Type` says gRPC (`application/grpc…`).
+    grpc: bool,
+}
+
+impl Seen {
+    /// The first `Host` value, and what is seen.
+    fn scan(headers: &http::HeaderMap) -> (Option<&HeaderValue>, Self) {
+        let mut seen = Self::default();
+        let mut host = None;
+        let mut content_type = None;
+        for (name, value) in headers {
+            if *name == header::HOST {
+                host = host.or(Some(value));
+            } else if *name == header::COOKIE {
+                seen.cookie = true;
+            } else if *name == header::CONTENT_TYPE {
+                content_type = content_type.or(Some(value));
+            } else if *name == header::UPGRADE {
+                seen.upgrade = true;
+            }
+        }
+        seen.host = host.is_some();
+        seen.grpc = content_type.is_some_and(is_grpc);
+        (host, seen)
+    }
+
+    /// [`Seen::scan`] by one lookup per name: the reference the tests hold the scan to.
+    #[cfg(test)]
+    fn by_lookup(headers: &http::HeaderMap) -> (Option<&HeaderValue>, Self) {
+        let host = headers.get(header::HOST);
+        let seen = Self {
+            host: headers.contains_key(header::HOST),
+            upgrade: headers.contains_key(header::UPGRADE),
+            cookie: headers.contains_key(header::COOKIE),
+            grpc: headers.get(header::CONTENT_TYPE).is_some_and(is_grpc),
+        };
+        (host, seen)
+    }
+}
+
+/// `content-type: application/grpc…`.
+fn is_grpc(content_type: &HeaderValue) -> bool {
+    content_type
+        .to_str()
+        .is_ok_and(|ct| ct.starts_with("application/grpc"))
+}
+
 /// Whether the request asks to switch protocols (WebSocket).
-fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+fn wants_upgrade(version: Version, seen: Seen) -> bool {
+    version == Version::HTTP_11 && seen.upgrade
 }
 
 /// The 464 check: what the target group's protocol version cannot carry. An HTTP/2 (or gRPC)
 /// group needs HTTP/2 requests; an HTTP/1 group cannot carry gRPC
 /// (`content-type: application/grpc…`), which needs HTTP/2 trailers end to end.
-fn protocol_mismatch<B>(req: &Request<B>, group_version: ProtocolVersion) -> bool {
-    let grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"));
+fn protocol_mismatch(version: Version, seen: Seen, group_version: ProtocolVersion) -> bool {
     match group_version {
-        ProtocolVersion::Http2 => req.version() != Version::HTTP_2,
-        ProtocolVersion::Http1 => grpc,
+        ProtocolVersion::Http2 => version != Version::HTTP_2,
+        ProtocolVersion::Http1 => seen.grpc,
     }
 }
 
@@ -671,6 +727,7 @@ fn prepare_forward<'r, B: RequestBody>(
     ctx: &ConnCtx,
     forward: &'r ForwardAction,
     req: Request<B>,
+    seen: Seen,
     client_upgrade: hyper::upgrade::OnUpgrade,
     close_target: bool,
     ex: &mut Exchange,
@@ -680,7 +737,10 @@ fn prepare_forward<'r, B: RequestBody>(
 
     // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
     // Owned: the headers are rewritten before the pick (463 comes first).
-    let cookies = request_cookies(req.headers()).map(|c| c.into_owned());
+    let cookies = seen
+        .cookie
+        .then(|| request_cookies(req.headers()).map(|c| c.into_owned()))
+        .flatten();
     let sticky_group = forward.group_stickiness.and_then(|_| {
         cookie_values(cookies.as_deref()?, GROUP_COOKIE).find_map(|g| {
             forward
@@ -692,7 +752,7 @@ fn prepare_forward<'r, B: RequestBody>(
     });
     let group_name: &'r str = match sticky_group {
         Some(g) => g,
-        None => forward.choose(rand::random()),
+        None => forward.choose_with(rand::random),
     };
     let Some(group) = shared.groups.load().get(group_name).cloned() else {
         tracing::error!(group = %group_name, "forward action names an unknown target group");
@@ -707,22 +767,30 @@ fn prepare_forward<'r, B: RequestBody>(
         ));
     };
     let group_cfg = group.config();
-    if protocol_mismatch(&req, group_cfg.protocol_version) {
+    if protocol_mismatch(req.version(), seen, group_cfg.protocol_version) {
         return Err(from_error(ex, &ProxyError::ProtocolMismatch));
     }
 
-    let upgrade = wants_upgrade(&req);
+    let upgrade = wants_upgrade(req.version(), seen);
     let (mut parts, body) = req.into_parts();
     // The client's hop-by-hop headers go first, so that naming `X-Forwarded-For` or
     // `X-Amzn-Trace-Id` in `Connection` removes the client's copy, never the one added below.
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if !parts.headers.contains_key(header::HOST)
+    let mut has_host = seen.host;
+    if !seen.host
         && let Some(authority) = parts.uri.authority()
         && let Ok(h) = HeaderValue::from_str(authority.as_str())
     {
         // HTTP/2 clients send `:authority`; HTTP/1 targets need `Host`.
         parts.headers.insert(header::HOST, h);
+        has_host = true;
     }
+    let facts = Facts {
+        host: Some(has_host),
+        // Without an `Upgrade` from the client there is none (nothing below adds one); with
+        // one, the hop-by-hop strip may have removed it: the forwarder looks.
+        upgrade: (!seen.upgrade).then_some(false),
+    };
     // 463 before a target is picked: a refused request never counts on a target.
     if let Err(too_many) = apply_forwarded(
         &mut parts.headers,
@@ -756,13 +824,7 @@ fn prepare_forward<'r, B: RequestBody>(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some(pq) = parts.uri.path_and_query().cloned() {
-        let mut uri = http::uri::Parts::default();
-        uri.path_and_query = Some(pq);
-        if let Ok(u) = http::Uri::from_parts(uri) {
-            parts.uri = u;
-        }
-    }
+    origin_form(&mut parts.uri);
     let target_version = match group_cfg.protocol_version {
         ProtocolVersion::Http2 => Version::HTTP_2,
         ProtocolVersion::Http1 => Version::HTTP_11,
@@ -780,6 +842,7 @@ fn prepare_forward<'r, B: RequestBody>(
     let endpoint = EndpointSettings::of_group(group_cfg);
     Ok(Dispatch {
         request,
+        facts,
         endpoint,
         reply: Reply {
             forward,
@@ -790,6 +853,22 @@ fn prepare_forward<'r, B: RequestBody>(
             close_target,
         },
     })
+}
+
+/// The request target as the target gets it: the path and query alone. An HTTP/1 request's
+/// target is that already (origin-form), and is left as it is: rebuilding it cloned the path,
+/// checked the parts and dropped the old URI on every request, for an equal one.
+fn origin_form(uri: &mut http::Uri) {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return;
+    }
+    if let Some(pq) = uri.path_and_query().cloned() {
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(pq);
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *uri = u;
+        }
+    }
 }
 
 impl Reply<'_> {
@@ -1099,5 +1178,114 @@ mod tests {
         assert!(
             error_page(StatusCode::GATEWAY_TIMEOUT).contains("<title>504 Gateway Time-out</title>")
         );
+    }
+
+    /// The one-pass scan of the request's headers against the lookups it replaced, over maps
+    /// built from the fields it reads (repeated, first values differing) beside fields it must
+    /// ignore; counts that each outcome was reached.
+    #[test]
+    fn the_routing_scan_agrees_with_a_lookup_per_name() {
+        let fields: &[(&str, &[u8])] = &[
+            ("host", b"a.example"),
+            ("host", b"b.example:8080"),
+            ("host", b"\xe9t\xe9"),
+            ("cookie", b"AWSALBTG=x"),
+            ("cookie", b"\xff"),
+            ("content-type", b"application/grpc+proto"),
+            ("content-type", b"text/plain"),
+            ("content-type", b"application/grp"),
+            ("upgrade", b"websocket"),
+            ("connection", b"upgrade, host"),
+            ("x-host", b"c.example"),
+            ("set-cookie", b"a=1"),
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let mut reached = [0usize; 5];
+        for _ in 0..20_000 {
+            let mut headers = http::HeaderMap::new();
+            for _ in 0..next(7) {
+                let (name, value) = fields[next(fields.len())];
+                headers.append(
+                    http::HeaderName::from_static(name),
+                    HeaderValue::from_bytes(value).unwrap(),
+                );
+            }
+            let scanned = Seen::scan(&headers);
+            assert_eq!(scanned, Seen::by_lookup(&headers), "{headers:?}");
+            let (host, seen) = scanned;
+            // Skipping `request_cookies` when no `Cookie` was seen gives what calling it does.
+            if !seen.cookie {
+                assert_eq!(request_cookies(&headers), None);
+            }
+            for (i, hit) in [
+                host.is_some_and(|h| h.as_bytes() == b"b.example:8080"),
+                seen.upgrade,
+                seen.cookie,
+                seen.grpc,
+                headers.contains_key(header::CONTENT_TYPE) && !seen.grpc,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                reached[i] += usize::from(hit);
+            }
+        }
+        assert!(reached.iter().all(|&n| n > 500), "{reached:?}");
+    }
+
+    /// Leaving an origin-form target as it is gives what rebuilding it from its path and
+    /// query gives, for every form of target; counts that both paths ran.
+    #[test]
+    fn an_origin_form_target_is_left_as_rebuilding_would_make_it() {
+        let rebuilt = |uri: &http::Uri| {
+            let mut uri = uri.clone();
+            if let Some(pq) = uri.path_and_query().cloned() {
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(pq);
+                if let Ok(u) = http::Uri::from_parts(parts) {
+                    uri = u;
+                }
+            }
+            uri
+        };
+        let (mut kept, mut changed) = (0, 0);
+        for text in [
+            "/",
+            "/a/b?c=d&e",
+            "/?",
+            "*",
+            "/caf%C3%A9",
+            "http://h.test/p?q",
+            "https://h.test",
+            "http://user@h.test:8080/x",
+            "h.test:443",
+        ] {
+            let uri: http::Uri = text.parse().expect(text);
+            let mut ours = uri.clone();
+            origin_form(&mut ours);
+            let reference = rebuilt(&uri);
+            assert_eq!(ours, reference, "{text}");
+            assert_eq!(
+                (ours.scheme(), ours.authority(), ours.path_and_query()),
+                (
+                    reference.scheme(),
+                    reference.authority(),
+                    reference.path_and_query()
+                ),
+                "{text}"
+            );
+            if ours == uri {
+                kept += 1;
+            } else {
+                changed += 1;
+            }
+        }
+        assert!(kept >= 5 && changed >= 3, "{kept} {changed}");
     }
 }

@@ -683,7 +683,7 @@ impl<IO> Sniffer<IO> {
             return;
         }
         let (mut p, parts) = if self.native {
-            head::prepare_parts(&raw, &mut self.names)
+            head::prepare_parts(&raw, c, &mut self.names)
         } else {
             (head::prepare(&raw), None)
         };
