@@ -1098,13 +1098,9 @@ mod tests {
                 .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
                 .collect()
         };
-        let mut rng = 0x1234_5678_9abc_def1u64;
-        let mut next = move |n: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % n as u64) as usize
-        };
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x1234_5678_9abc_def1);
+        let mut next = move |n: usize| rand::Rng::random_range(&mut rng, 0..n);
         let (mut left_out, mut reordered) = (0, 0);
         for _ in 0..20_000 {
             let picked: Vec<(&str, &str)> =
@@ -1478,13 +1474,9 @@ mod tests {
             ("connection", "keep-alive"),
             ("x-forwarded-for", "10.0.0.1"),
         ];
-        let mut rng = 0x853c_49e6_748f_ea9bu64;
-        let mut next = move |n: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % n as u64) as usize
-        };
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x853c_49e6_748f_ea9b);
+        let mut next = move |n: usize| rand::Rng::random_range(&mut rng, 0..n);
         let mut rewritten = 0;
         for _ in 0..10_000 {
             let mut builder = Request::builder()

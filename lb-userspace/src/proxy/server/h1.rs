@@ -1282,13 +1282,9 @@ mod tests {
             ("x-connection", "close"),
             ("upgrade", "websocket"),
         ];
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % n as u64) as usize
-        };
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |n: usize| rand::Rng::random_range(&mut rng, 0..n);
         let (mut keep, mut close, mut trailers, mut chunked, mut length, mut expect) =
             (0, 0, 0, 0, 0, 0);
         for _ in 0..20_000 {

@@ -1199,13 +1199,9 @@ mod tests {
             ("x-host", b"c.example"),
             ("set-cookie", b"a=1"),
         ];
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % n as u64) as usize
-        };
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut next = move |n: usize| rand::Rng::random_range(&mut rng, 0..n);
         let mut reached = [0usize; 5];
         for _ in 0..20_000 {
             let mut headers = http::HeaderMap::new();
