@@ -510,6 +510,12 @@ const CONNECTION_BIT: u16 = 1 << 0;
 /// [`hop_by_hop_bit`] of `Upgrade`.
 const UPGRADE_BIT: u16 = 1 << 6;
 
+/// Whether [`strip_hop_by_hop`] removes `name` whatever `Connection` says: one of
+/// [`HOP_BY_HOP`].
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_bit(name) != 0
+}
+
 /// `name`'s bit if it is one of [`HOP_BY_HOP`] (bit `i` for `HOP_BY_HOP[i]`), else 0. Header
 /// names are lowercase, so the comparison is exact.
 fn hop_by_hop_bit(name: &HeaderName) -> u16 {
@@ -1151,6 +1157,51 @@ mod tests {
                 headers.append(UPGRADE, value);
             }
         }
+    }
+
+    /// `is_hop_by_hop` says of each name what `strip_hop_by_hop` does to it without a
+    /// `Connection` naming it: removes it or not (the nine names, their near misses, others).
+    #[test]
+    fn the_hop_by_hop_names_are_those_strip_removes() {
+        let mut removed = 0;
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "connectiom",
+            "keep-alivf",
+            "proxy-connectiom",
+            "tf",
+            "trailers",
+            "transfer-encodinf",
+            "upgradf",
+            "proxy-authenticatf",
+            "proxy-authorizatiom",
+            "host",
+            "x-connection",
+            "content-length",
+            "t",
+            "u",
+        ] {
+            let name = HeaderName::from_static(name);
+            let mut headers = HeaderMap::new();
+            headers.append(name.clone(), HeaderValue::from_static("v"));
+            headers.append(
+                HeaderName::from_static("x-other"),
+                HeaderValue::from_static("y"),
+            );
+            strip_hop_by_hop(&mut headers, false);
+            let strip_removes = !headers.contains_key(&name);
+            assert_eq!(is_hop_by_hop(&name), strip_removes, "{name}");
+            removed += usize::from(strip_removes);
+        }
+        assert_eq!(removed, 9);
     }
 
     /// `strip_hop_by_hop` leaves exactly what the reference leaves, in the same order, over
