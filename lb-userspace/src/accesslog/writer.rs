@@ -718,6 +718,43 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// The window the lock-free check leaves: a logger read `closed` as false, then `close`
+    /// ran before the logger took the lock. The check under the lock must refuse the line, or
+    /// it would land in a batch the writer never takes again (counted neither written nor
+    /// dropped) or be written after the close.
+    #[test]
+    fn a_line_racing_the_close_is_refused_under_the_lock() {
+        let dir = tempdir("close-race");
+        let path = dir.join("access.log");
+        let w = LogWriter::start(
+            "t",
+            Destination::File(path.clone()),
+            Rotation::default(),
+            text,
+        )
+        .unwrap();
+        w.log(1);
+        // `close` as seen from a logger that has passed the lock-free check: only the flag
+        // under the lock is set yet.
+        w.shared.pending().closed = true;
+        assert!(
+            !w.shared.closed.load(Ordering::Relaxed),
+            "the lock-free flag is set: this would test the early check, not the one under the lock"
+        );
+        w.log(2);
+        w.close(Duration::from_secs(5));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "line 0001\n");
+        assert_eq!(
+            w.stats(),
+            WriterStats {
+                written: 1,
+                dropped: 1,
+                errors: 0
+            }
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn size_rotation_keeps_every_line_and_prunes_old_files() {
         let dir = tempdir("size");
