@@ -148,6 +148,7 @@ fn on_client(p: &mut Pair) -> bool {
     }
     p.clen += n as usize;
     while let Some(h) = request_len(&p.cbuf[..p.clen]) {
+        burn();
         if !send_all(p.bfd, &p.cbuf[..h]) {
             return false;
         }

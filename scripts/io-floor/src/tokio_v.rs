@@ -47,6 +47,7 @@ async fn pair(mut c: TcpStream, backend: SocketAddrV4) -> std::io::Result<()> {
             }
             clen += n;
         };
+        burn();
         b.write_all(&cbuf[..h]).await?;
         cbuf.copy_within(h..clen, 0);
         clen -= h;

@@ -170,6 +170,7 @@ impl W {
         }
         if !p.sreq {
             if let Some(h) = request_len(&p.cbuf[..p.clen]) {
+                burn();
                 let e = opcode::Send::new(types::Fd(p.bfd), p.cbuf.as_ptr(), h as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build();
