@@ -8,7 +8,7 @@
 //!   `\r\n\r\n`, no body) and each response (head + Content-Length body) is forwarded
 //!   unchanged. On SIGTERM/SIGINT it prints its counters to stderr and exits.
 //!   IOFLOOR_URING_FLAGS=defer (default: SINGLE_ISSUER + DEFER_TASKRUN) | coop (SINGLE_ISSUER +
-//!   COOP_TASKRUN) | none. IOFLOOR_BURN=N: N iterations of a multiply-add chain per request
+//!   COOP_TASKRUN) | none. IOFLOOR_BURN_NS=N: about N ns of a multiply-add chain per request
 //!   (user time, to see each model's system time at a proxy's user time).
 mod epoll_raw;
 mod frame;

@@ -36,20 +36,40 @@ pub fn install() {
 
 static BURN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
-/// User time added per request: `IOFLOOR_BURN` iterations of a dependent multiply-add chain
-/// (unset or 0: none), so a model's system time can be seen at a proxy's user time (lb spends
-/// 6–9 µs per HTTP/1.1 request in user space; this tool's own framing under 2 µs).
+fn spin(n: u64) {
+    let mut x = 1u64;
+    for i in 0..n {
+        // black_box per step: one dependent multiply-add each, not reassociated by LLVM
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+    }
+}
+
+/// Iterations of `spin` for `IOFLOOR_BURN_NS` nanoseconds, calibrated once (the fastest of 20
+/// timed runs of 20,000 iterations, so a preemption during calibration does not count).
+fn iterations() -> u64 {
+    let ns: f64 = std::env::var("IOFLOOR_BURN_NS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    if ns <= 0.0 {
+        return 0;
+    }
+    let best = (0..20)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            spin(20_000);
+            t.elapsed().as_nanos() as f64
+        })
+        .fold(f64::MAX, f64::min);
+    let n = (ns * 20_000.0 / best) as u64;
+    eprintln!("io-floor: IOFLOOR_BURN_NS={ns}: {n} iterations per request");
+    n
+}
+
+/// User time added per request (`IOFLOOR_BURN_NS`, unset or 0: none), so a model's system time
+/// can be seen at a proxy's user time (lb spends 6–9 µs per HTTP/1.1 request in user space,
+/// this tool's own framing under 2 µs).
 #[inline(never)]
 pub fn burn() {
-    let n = *BURN.get_or_init(|| {
-        std::env::var("IOFLOOR_BURN")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    });
-    let mut x = std::hint::black_box(1u64);
-    for i in 0..n {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
-    }
-    std::hint::black_box(x);
+    spin(*BURN.get_or_init(iterations));
 }
