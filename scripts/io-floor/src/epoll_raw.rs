@@ -44,11 +44,15 @@ fn ctl_add(ep: RawFd, fd: RawFd, token: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One `send`; anything but the whole message counts as a short write and ends the pair.
+/// One `send`; anything but the whole message is counted (short or failed) and ends the pair.
 fn send_all(fd: RawFd, b: &[u8]) -> bool {
     let n = unsafe { libc::send(fd, b.as_ptr().cast(), b.len(), libc::MSG_NOSIGNAL) };
     if n as usize != b.len() {
-        SHORT_WRITES.fetch_add(1, Relaxed);
+        if n < 0 {
+            FAILED_WRITES.fetch_add(1, Relaxed)
+        } else {
+            SHORT_WRITES.fetch_add(1, Relaxed)
+        };
         return false;
     }
     true

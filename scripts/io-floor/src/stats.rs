@@ -3,6 +3,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 pub static RESPONSES: AtomicU64 = AtomicU64::new(0);
 pub static SHORT_WRITES: AtomicU64 = AtomicU64::new(0);
+/// Sends that failed (e.g. EPIPE / ECONNRESET when wrk closes its connections at the end).
+pub static FAILED_WRITES: AtomicU64 = AtomicU64::new(0);
 pub static BAD: AtomicU64 = AtomicU64::new(0);
 pub static PAIRS_OPENED: AtomicU64 = AtomicU64::new(0);
 pub static PAIRS_CLOSED: AtomicU64 = AtomicU64::new(0);
@@ -21,9 +23,10 @@ pub fn install() {
             let mut sig = 0;
             libc::sigwait(&set, &mut sig);
             eprintln!(
-                "io-floor: responses {} short_writes {} bad {} pairs_opened {} pairs_closed {} enobufs {}",
+                "io-floor: responses {} short_writes {} failed_writes {} bad {} pairs_opened {} pairs_closed {} enobufs {}",
                 RESPONSES.load(Relaxed),
                 SHORT_WRITES.load(Relaxed),
+                FAILED_WRITES.load(Relaxed),
                 BAD.load(Relaxed),
                 PAIRS_OPENED.load(Relaxed),
                 PAIRS_CLOSED.load(Relaxed),

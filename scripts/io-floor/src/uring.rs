@@ -394,7 +394,10 @@ fn worker(l: RawFd, backend: SocketAddrV4, mshot: bool) -> std::io::Result<()> {
                 SEND_B => {
                     p.inflight -= 1;
                     p.sreq = false;
-                    if res as usize != p.req_len || res < 0 {
+                    if res < 0 {
+                        FAILED_WRITES.fetch_add(1, Relaxed);
+                        w.close(p);
+                    } else if res as usize != p.req_len {
                         SHORT_WRITES.fetch_add(1, Relaxed);
                         w.close(p);
                     } else {
@@ -406,7 +409,10 @@ fn worker(l: RawFd, backend: SocketAddrV4, mshot: bool) -> std::io::Result<()> {
                 _ => {
                     p.inflight -= 1;
                     p.sresp = false;
-                    if res as usize != p.resp_len || res < 0 {
+                    if res < 0 {
+                        FAILED_WRITES.fetch_add(1, Relaxed);
+                        w.close(p);
+                    } else if res as usize != p.resp_len {
                         SHORT_WRITES.fetch_add(1, Relaxed);
                         w.close(p);
                     } else {
