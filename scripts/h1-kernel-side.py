@@ -2,10 +2,13 @@
 """Per-request kernel-side counters of lb, HAProxy and nginx as HTTP/1.1 proxies under
 `wrk -t1 -c64` (the configurations of `cargo xtask bench l7`, HTTP listeners only), all inside a
 private network namespace (`h1sys-m`, removed on exit) so the TCP counters see only this traffic.
-Run as root, inside `flock /tmp/bench.lock`. Written for issue 8 (BENCHMARKS.md, "The kernel side").
+Run as root, inside `flock /tmp/bench.lock`. H1SYS_NS (namespace name), H1SYS_PORT_BASE (backend
+port; the proxy listens on the next one) and H1SYS_DIR let two runs coexist. Written for issue 8 (BENCHMARKS.md, "The kernel side").
 
 usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] NAME=SPEC ...
-  SPEC: lb:/path/to/lb[:ENV=V,ENV=V[:batch|:slice=MICROSECONDS]] | haproxy[:N] | nginx
+  SPEC: lb:/path/to/lb[:ENV=V,ENV=V[:batch|:slice=MICROSECONDS]] | haproxy[:N] | nginx | cmd:COMMAND
+        cmd:COMMAND runs COMMAND (split on spaces; {LISTEN} and {BACKEND} replaced by the
+        addresses), e.g. 'cmd:scripts/io-floor/target/release/io-floor uring {LISTEN} {BACKEND}'.
         haproxy:N adds N `set-var(...) req.hdrs,sha2(256)` rules: HAProxy with more user time.
   every pass: req/s, p99, user/system CPU µs per request, voluntary/involuntary context
   switches and the namespace's TCP counters (/proc/net/snmp, netstat) per request; `ss -tinem`
@@ -20,11 +23,12 @@ usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] NA
 """
 import collections, ctypes, os, struct, re, shutil, signal, subprocess, sys, threading, time
 
-NS = "h1sys-m"
+NS = os.environ.get("H1SYS_NS", "h1sys-m")
 D = os.environ.get("H1SYS_DIR", "/tmp/h1sys-run")
 BODY = "lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01"
-BACKEND = "127.0.0.1:18080"
-PORT = 18081
+_BASE = int(os.environ.get("H1SYS_PORT_BASE", "18080"))
+BACKEND = f"127.0.0.1:{_BASE}"
+PORT = _BASE + 1
 
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -156,6 +160,9 @@ def start_proxy(spec):
             env["H1SYS_SLICE"] = rest[2][6:]
         if len(rest) > 2 and rest[2] == "batch":
             args = ["chrt", "-b", "0"] + args
+    elif kind == "cmd":
+        args = [a.replace("{LISTEN}", f"127.0.0.1:{PORT}").replace("{BACKEND}", BACKEND)
+                for a in ":".join(rest).split()]
     elif kind == "haproxy":
         conf = f"{D}/haproxy.cfg"
         burn = int(rest[0]) if rest else 0
@@ -259,7 +266,7 @@ def main():
                     open(f"{D}/ss-{name}-r{rnd}.txt", "w").write(ssout)
                     if perf:
                         pl = ",".join(map(str, pids))
-                        ev = "raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendmsg,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex,sched:sched_wakeup,sched:sched_switch,net:net_dev_xmit,syscalls:sys_exit_recvfrom"
+                        ev = "raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendmsg,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex,syscalls:sys_enter_io_uring_enter,sched:sched_wakeup,sched:sched_switch,net:net_dev_xmit,syscalls:sys_exit_recvfrom"
                         pp = subprocess.Popen(["perf", "stat", "-x,", "-e", ev, "-p", pl], stderr=subprocess.PIPE, text=True)
                         time.sleep(0.5)
                         n5, _, _ = wrk(5)

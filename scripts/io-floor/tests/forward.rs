@@ -1,0 +1,131 @@
+//! Each variant forwards keep-alive requests and responses unchanged and in order, including a
+//! request head and a response that arrive in two pieces (the framing's "incomplete" paths).
+//! Ports 23090-23097 on 127.0.0.1 (the uring helper's range).
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut b = [0u8; 4096];
+        let n = s.read(&mut b).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&b[..n]);
+    }
+}
+
+/// Answers each request with its path as the body, the response in two writes 20 ms apart.
+fn backend(l: TcpListener) {
+    for s in l.incoming() {
+        let Ok(mut s) = s else { return };
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            while let Some(h) = read_head(&mut s, &mut buf) {
+                let head = String::from_utf8_lossy(&buf[..h]).to_string();
+                buf.drain(..h);
+                let path = head.split(' ').nth(1).unwrap_or("?").to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                    path.len()
+                );
+                let (a, b) = resp.as_bytes().split_at(resp.len() - 2);
+                if s.write_all(a).is_err() {
+                    return;
+                }
+                sleep(Duration::from_millis(20));
+                if s.write_all(b).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn check(variant: &str, port: u16) {
+    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || backend(l));
+    let listen = format!("127.0.0.1:{}", port + 1);
+    let _p = Kill(
+        Command::new(env!("CARGO_BIN_EXE_io-floor"))
+            .args([variant, &listen, &format!("127.0.0.1:{port}")])
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut c = loop {
+        match TcpStream::connect(&listen) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => panic!("{variant} never listened: {e}"),
+            Err(_) => sleep(Duration::from_millis(20)),
+        }
+    };
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = Vec::new();
+    for i in 0..5 {
+        let req = format!("GET /r{i} HTTP/1.1\r\nHost: x\r\n\r\n");
+        if i == 1 {
+            // the head in two pieces: the proxy must wait for the rest
+            c.write_all(&req.as_bytes()[..10]).unwrap();
+            sleep(Duration::from_millis(20));
+            c.write_all(&req.as_bytes()[10..]).unwrap();
+        } else {
+            c.write_all(req.as_bytes()).unwrap();
+        }
+        let h = read_head(&mut c, &mut buf).unwrap_or_else(|| panic!("{variant}: no response {i}"));
+        let want = format!("/r{i}");
+        while buf.len() < h + want.len() {
+            let mut b = [0u8; 4096];
+            let n = c
+                .read(&mut b)
+                .unwrap_or_else(|e| panic!("{variant}: response {i} cut: {e}"));
+            assert!(n > 0, "{variant}: closed in response {i}");
+            buf.extend_from_slice(&b[..n]);
+        }
+        let expect = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{want}",
+            want.len()
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&buf[..h + want.len()]),
+            expect,
+            "{variant}: response {i}"
+        );
+        buf.drain(..h + want.len());
+    }
+}
+
+#[test]
+fn epoll_tokio_forwards() {
+    check("epoll-tokio", 23090);
+}
+
+#[test]
+fn epoll_raw_forwards() {
+    check("epoll-raw", 23092);
+}
+
+#[test]
+fn uring_forwards() {
+    check("uring", 23094);
+}
+
+#[test]
+fn uring_mshot_forwards() {
+    check("uring-mshot", 23096);
+}
