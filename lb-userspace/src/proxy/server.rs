@@ -60,6 +60,7 @@ mod batch;
 mod exchange;
 mod h1;
 mod h2exec;
+mod h2native;
 mod head;
 mod limits;
 mod pipeline;
@@ -154,6 +155,11 @@ pub struct ListenerConfig {
     /// HTTP/1 served by the connection's own loop (`server/h1.rs`; default) or, `false`, by
     /// hyper as before (`http1=hyper`).
     pub http1_native: bool,
+    /// HTTP/2 served by lb's own glue on the `h2` crate (`server/h2native.rs`; default) or,
+    /// `false`, by hyper's HTTP/2 server as before (`http2=hyper`). Applies to ALPN `h2` and
+    /// to prior knowledge handed over by the native HTTP/1 path; with `http1=hyper`, hyper's
+    /// own protocol detection serves prior knowledge.
+    pub http2_native: bool,
 }
 
 impl ListenerConfig {
@@ -172,6 +178,7 @@ impl ListenerConfig {
             max_connections: None,
             max_connections_per_source: None,
             http1_native: true,
+            http2_native: true,
         }
     }
 }
@@ -240,7 +247,7 @@ pub enum ListenerError {
 /// `NAME=https://ADDR:PORT,cert=CERT.pem:KEY.pem[,cert=…]`, plus `,idle-timeout=SECS`,
 /// `,keepalive=SECS`, `,header-timeout=SECS` (fractions allowed, e.g. `0.5`),
 /// `,xff=append|preserve|remove`, `,desync=monitor|defensive|strictest`, `,max-connections=N`,
-/// `,max-connections-per-source=N`.
+/// `,max-connections-per-source=N`, `,http1=native|hyper`, `,http2=native|hyper`.
 pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
     let Some((name, rest)) = spec.split_once('=').filter(|(n, _)| !n.is_empty()) else {
         return Err(ListenerError::MissingName(spec.to_owned()));
@@ -348,12 +355,17 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
             "desync" => {
                 cfg.desync_mode = value.parse().map_err(|e| bad(key, value, format!("{e}")))?;
             }
-            "http1" => {
-                cfg.http1_native = match value {
+            "http1" | "http2" => {
+                let native = match value {
                     "native" => true,
                     "hyper" => false,
                     _ => return Err(bad(key, value, "expected native or hyper".into())),
                 };
+                if key == "http1" {
+                    cfg.http1_native = native;
+                } else {
+                    cfg.http2_native = native;
+                }
             }
             _ => {
                 return Err(ListenerError::UnknownOption {
@@ -439,6 +451,9 @@ pub struct L7Counters {
     /// HTTP/1 connections the native path handed to hyper (an upgrade, or the HTTP/2
     /// preface).
     pub http1_handoffs: AtomicU64,
+    /// HTTP/2 streams served by the native HTTP/2 path (`server/h2native.rs`), not hyper's.
+    /// Not a CloudWatch metric: it shows which path served the requests.
+    pub http2_native_requests: AtomicU64,
 }
 
 impl L7Counters {
@@ -1045,13 +1060,23 @@ async fn run_http<IO>(
         phase,
         draining,
     };
-    let service = hyper::service::service_fn(move |req| service::Respond::new(&ctx, req));
-    let http = http_builder(streams.executor());
-    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    control
-        .run(&mut streams, conn, |conn| conn.graceful_shutdown())
-        .await;
+    if listener.cfg.http2_native && io.is_http2() {
+        // HTTP/2 without hyper (`server/h2native.rs`).
+        let shutdown = Arc::new(h2native::Control::default());
+        let conn = h2native::Conn::new(io, ctx, streams.executor(), shutdown.clone());
+        tokio::pin!(conn);
+        control
+            .run(&mut streams, conn, |_| shutdown.graceful_shutdown())
+            .await;
+    } else {
+        let service = hyper::service::service_fn(move |req| service::Respond::new(&ctx, req));
+        let http = http_builder(streams.executor());
+        let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        control
+            .run(&mut streams, conn, |conn| conn.graceful_shutdown())
+            .await;
+    }
 }
 
 /// The control side of a connection served by hyper or by the native HTTP/2 path: its
