@@ -38,7 +38,8 @@ fn expect_counted(p: &Proxy, native: bool, streams: u64) {
 
 /// Waits for `f` to hold, polling, up to a generous deadline (never a timed assertion).
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + support::SAFETY;
+    // Half the safety net, so this panics with its own message before `within` does.
+    let deadline = tokio::time::Instant::now() + support::SAFETY / 2;
     while !f() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -421,4 +422,73 @@ async fn drain_sends_goaway_and_the_open_stream_finishes() {
         let counted = counters.http2_native_requests.load(Ordering::Relaxed);
         assert_eq!(counted > 0, native, "native={native}: {counted}");
     }
+}
+
+/// What a client gets for `:method CONNECT` (extended CONNECT is not enabled): the native path
+/// answers it as hyper's did, for a target that accepts it (2xx) and one that refuses it.
+#[tokio::test]
+async fn connect_gets_what_it_got_from_hyper() {
+    let (t, _task) = target(false, |req: Request<Incoming>| async move {
+        let mut response = Response::new(text("refused"));
+        if req.uri().port_u16() == Some(443) {
+            *response.status_mut() = http::StatusCode::OK;
+        } else {
+            *response.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+        }
+        response
+    })
+    .await;
+    let mut seen = Vec::new();
+    for native in [true, false] {
+        let p = proxy_to(t, false, native).start().await;
+        let mut outcomes = Vec::new();
+        for authority in ["app.test:443", "app.test:8080"] {
+            let outcome = within(async {
+                let mut client = h2_client(p.addr, 65_535).await;
+                let req = Request::builder()
+                    .method("CONNECT")
+                    .uri(authority)
+                    .body(())
+                    .expect("request");
+                let (response, _body) = client.send_request(req, false).expect("send");
+                match response.await {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let has_length = response.headers().contains_key("content-length");
+                        let (body, reset) = {
+                            let mut body = response.into_body();
+                            let mut got = Vec::new();
+                            let mut reset = None;
+                            // A tunnel that stays open is an outcome too (not an assertion
+                            // on time: both paths are read the same way).
+                            loop {
+                                match tokio::time::timeout(Duration::from_secs(2), body.data())
+                                    .await
+                                {
+                                    Err(_) => {
+                                        reset = Some("still open".to_owned());
+                                        break;
+                                    }
+                                    Ok(None) => break,
+                                    Ok(Some(Ok(c))) => got.extend_from_slice(&c),
+                                    Ok(Some(Err(e))) => {
+                                        reset = Some(format!("{:?}", e.reason()));
+                                        break;
+                                    }
+                                }
+                            }
+                            (String::from_utf8_lossy(&got).into_owned(), reset)
+                        };
+                        format!("{status} length={has_length} body={body:?} reset={reset:?}")
+                    }
+                    Err(e) => format!("error {:?}", e.reason()),
+                }
+            })
+            .await;
+            outcomes.push(outcome);
+        }
+        eprintln!("native={native}: {outcomes:?}");
+        seen.push(outcomes);
+    }
+    assert_eq!(seen[0], seen[1], "native, then hyper");
 }

@@ -31,9 +31,9 @@
 //!
 //! CONNECT (`:method CONNECT`; extended CONNECT is not enabled, so h2 refuses `:protocol`): the
 //! request reaches the pipeline with an empty body, as from hyper, and a non-zero
-//! `content-length` resets the stream; a successful answer is sent without `content-length` and
-//! then the stream is reset (hyper set up a tunnel that nothing in lb ever took, so its two
-//! halves were dropped at once).
+//! `content-length` resets the stream; a successful answer is sent without `content-length`,
+//! then the stream ends (hyper set up a tunnel that nothing in lb ever took: the client saw the
+//! head and an empty body ending the stream; `connect_gets_what_it_got_from_hyper` compares).
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -192,11 +192,12 @@ impl Stream {
         let mut head = Response::from_parts(head, ());
         if connect && head.status().is_success() {
             head.headers_mut().remove(http::header::CONTENT_LENGTH);
-            if self.reply.send_response(head, false).is_err() {
-                self.reply.send_reset(h2::Reason::INTERNAL_ERROR);
-                return None;
+            match self.reply.send_response(head, false) {
+                Ok(mut tx) => {
+                    let _ = tx.send_data(Bytes::new(), true);
+                }
+                Err(_) => self.reply.send_reset(h2::Reason::INTERNAL_ERROR),
             }
-            self.reply.send_reset(h2::Reason::CANCEL);
             return None;
         }
         if body.is_end_stream() {
