@@ -303,7 +303,12 @@ impl Pipe {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => {
                         let eos = self.body.is_end_stream();
-                        if chunk.is_empty() {
+                        if chunk.is_empty() || eos {
+                            // The last chunk (most responses' only one) goes to h2 at once,
+                            // without the capacity round trip: h2 asks the client's window
+                            // for it in `send_data` and holds it until the window allows, one
+                            // chunk, as `buffered` would have held it; nothing more is pulled
+                            // from the body after it.
                             if self.tx.send_data(chunk, eos).is_err() || eos {
                                 return Poll::Ready(());
                             }
