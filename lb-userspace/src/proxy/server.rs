@@ -1353,6 +1353,23 @@ mod tests {
     }
 
     #[test]
+    fn http1_and_http2_pick_their_server() {
+        let l = parse_listener("web=http://127.0.0.1:80").expect("parses");
+        assert!(l.http1_native && l.http2_native, "native by default");
+        let l = parse_listener("web=http://127.0.0.1:80,http2=hyper").expect("parses");
+        assert!(l.http1_native && !l.http2_native);
+        let l = parse_listener("web=http://127.0.0.1:80,http1=hyper,http2=native").expect("parses");
+        assert!(!l.http1_native && l.http2_native);
+        let err = parse_listener("web=http://127.0.0.1:80,http2=nghttp2")
+            .expect_err("unknown server")
+            .to_string();
+        assert!(
+            err.contains("http2") && err.contains("native or hyper"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn header_timeout_takes_fractions_and_limits_take_counts() {
         let l = parse_listener(
             "web=http://127.0.0.1:80,header-timeout=0.5,max-connections=1000,max-connections-per-source=20",
