@@ -2,8 +2,9 @@
 //!
 //! A listener accepts TCP (and TLS with SNI certificate selection and ALPN `h2`/`http/1.1` for
 //! HTTPS), serves HTTP/1.1 in the connection's own task (`server/h1.rs`; hyper with
-//! `http1=hyper`, and for upgrades and h2c) and HTTP/2 with hyper (its streams polled in the
-//! connection's task, `server/h2exec.rs`), and runs every request
+//! `http1=hyper`, and for upgrades) and HTTP/2 on the `h2` crate with lb's own glue
+//! (`server/h2native.rs`; hyper's HTTP/2 server with `http2=hyper`), its streams polled in the
+//! connection's task (`server/h2exec.rs`), and runs every request
 //! through the pipeline (`server/pipeline.rs`): desync classification, the checks ALB makes
 //! before routing (405, 501, 505), rule evaluation and the action (forward, redirect, fixed
 //! response). HTTP/1 bytes pass through the sniffer (`server/sniff.rs`) first, which enforces
