@@ -492,3 +492,110 @@ async fn connect_gets_what_it_got_from_hyper() {
     }
     assert_eq!(seen[0], seen[1], "native, then hyper");
 }
+
+/// What a client sees of one response: status, `content-length`, whether the HEADERS frame
+/// ended the stream, the body, the trailers, and how the stream ended.
+async fn outcome(client: &mut h2::client::SendRequest<Bytes>, req: Request<()>) -> String {
+    let (response, _) = client.send_request(req, true).expect("send");
+    let response = match response.await {
+        Ok(r) => r,
+        Err(e) => return format!("error {:?}", e.reason()),
+    };
+    let status = response.status().as_u16();
+    let length = response
+        .headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap_or("?").to_owned());
+    let mut body = response.into_body();
+    let ended_with_head = body.is_end_stream();
+    let mut got = Vec::new();
+    let mut end = "end".to_owned();
+    while let Some(chunk) = body.data().await {
+        match chunk {
+            Ok(c) => {
+                let _ = body.flow_control().release_capacity(c.len());
+                got.extend_from_slice(&c);
+            }
+            Err(e) => {
+                end = format!("reset {:?}", e.reason());
+                break;
+            }
+        }
+    }
+    format!(
+        "{status} length={length:?} end_with_head={ended_with_head} body={:?} {end}",
+        String::from_utf8_lossy(&got)
+    )
+}
+
+/// HEAD, 204 and 304 end the stream with the HEADERS frame (no DATA frame), a HEAD answer keeps
+/// the target's `content-length`, and a response body that fails half-way resets the stream
+/// with INTERNAL_ERROR: the same on both paths, and as expected.
+#[tokio::test]
+async fn bodiless_answers_and_a_failing_body_look_the_same_on_both_paths() {
+    let (t, _task) = target(false, |req: Request<Incoming>| async move {
+        let status = match req.uri().path() {
+            "/204" => 204,
+            "/304" => 304,
+            _ => 200,
+        };
+        if req.uri().path() == "/broken" {
+            // A declared length the target never delivers: the body fails when it closes.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"part")))).await;
+            });
+            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            let mut response = Response::new(StreamBody::new(stream).boxed());
+            response
+                .headers_mut()
+                .insert("content-length", "100".parse().expect("value"));
+            return response;
+        }
+        let mut response = Response::new(text(if status == 200 { "hello" } else { "" }));
+        *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+        response
+    })
+    .await;
+    let mut seen = Vec::new();
+    for native in [true, false] {
+        let p = proxy_to(t, false, native).start().await;
+        let outcomes = within(async {
+            let mut client = h2_client(p.addr, 65_535).await;
+            let mut outcomes = Vec::new();
+            for (method, path) in [
+                ("HEAD", "/"),
+                ("GET", "/204"),
+                ("GET", "/304"),
+                ("GET", "/"),
+                ("GET", "/broken"),
+            ] {
+                outcomes.push(outcome(&mut client, request(method, path)).await);
+            }
+            outcomes
+        })
+        .await;
+        eprintln!("native={native}: {outcomes:#?}");
+        assert_eq!(
+            outcomes[..4],
+            [
+                r#"200 length=Some("5") end_with_head=true body="" end"#,
+                r#"204 length=None end_with_head=true body="" end"#,
+                r#"304 length=None end_with_head=true body="" end"#,
+                r#"200 length=Some("5") end_with_head=false body="hello" end"#,
+            ],
+            "native={native}"
+        );
+        // The reset may reach the client with the head or after some of the body, depending
+        // on how the frames were batched: either way the stream ends with INTERNAL_ERROR.
+        assert!(
+            outcomes[4].ends_with("reset Some(INTERNAL_ERROR)")
+                || outcomes[4] == "error Some(INTERNAL_ERROR)",
+            "native={native}: {}",
+            outcomes[4]
+        );
+        expect_counted(&p, native, 5);
+        seen.push(outcomes);
+    }
+    assert_eq!(seen[0][..4], seen[1][..4], "native, then hyper");
+}
