@@ -2,7 +2,8 @@
 //! the rules a real HTTP/2 library enforces): rapid reset (CVE-2023-44487) and CONTINUATION
 //! floods (CVE-2024-27316 class). The abusive connection must get GOAWAY and be closed, the
 //! work it causes must stay bounded, and a well-behaved client on another connection keeps
-//! getting answers throughout.
+//! getting answers throughout. Every test runs on both HTTP/2 servers (`http2=native`, then
+//! `http2=hyper`) and checks the native path's stream counter.
 //!
 //! Each test prints what it measured (streams or frames sent, requests that reached the target,
 //! CPU time and resident memory of the test process); run with `--nocapture` to see them.
@@ -187,7 +188,7 @@ fn rss_kib() -> u64 {
 
 /// The proxy, the attack's target (every request hangs) and, apart from it, the well-behaved
 /// client's target (`/ok`), so the attack target's hits are the attack's requests only.
-async fn proxy() -> (target::Target, support::Proxy, target::Target) {
+async fn proxy(native: bool) -> (target::Target, support::Proxy, target::Target) {
     let t = target::http1().route("/", Reply::Hang).run().await;
     let ok = target::http1().route("/", Reply::text("fine")).run().await;
     let p = ProxyBuilder::new()
@@ -197,6 +198,7 @@ async fn proxy() -> (target::Target, support::Proxy, target::Target) {
             "web,priority=1,path=/ok,forward=ok",
             "web,default,forward=attack",
         ])
+        .listener(|l| l.http2_native = native)
         .start()
         .await;
     (t, p, ok)
@@ -205,7 +207,12 @@ async fn proxy() -> (target::Target, support::Proxy, target::Target) {
 /// Runs `attack` against the proxy while a well-behaved client keeps asking; checks that the
 /// attack connection got GOAWAY and was closed and the good client never failed. Returns what
 /// the attack connection saw and what the attack reported.
-async fn under_attack<F, Fut>(p: &support::Proxy, name: &str, attack: F) -> (Seen, usize)
+async fn under_attack<F, Fut>(
+    p: &support::Proxy,
+    native: bool,
+    name: &str,
+    attack: F,
+) -> (Seen, usize)
 where
     F: FnOnce(tokio::net::tcp::OwnedWriteHalf) -> Fut,
     Fut: std::future::Future<Output = usize> + Send + 'static,
@@ -239,15 +246,35 @@ where
         "{name}: the proxy closed without GOAWAY: {seen:?}"
     );
     assert!(answered > 3, "{name}: the good client kept being served");
+    // Which HTTP/2 server served it: a silent fall-back to hyper cannot pass as native.
+    let native_streams = p
+        .running
+        .as_ref()
+        .expect("running")
+        .counters()
+        .http2_native_requests
+        .load(Ordering::Relaxed);
+    assert_eq!(
+        native_streams > 0,
+        native,
+        "{name}: {native_streams} native streams"
+    );
     (seen, sent)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_in_bursts_gets_goaway_and_stays_bounded() {
-    let (t, p, _ok) = proxy().await;
+    for native in [true, false] {
+        eprintln!("http2 native: {native}");
+        rapid_reset_in_bursts_gets_goaway_and_stays_bounded_on(native).await;
+    }
+}
+
+async fn rapid_reset_in_bursts_gets_goaway_and_stays_bounded_on(native: bool) {
+    let (t, p, _ok) = proxy(native).await;
     // HEADERS + RST_STREAM(CANCEL) for 100 streams per write, as fast as the socket takes it,
     // for up to a million streams.
-    let (seen, sent) = under_attack(&p, "rapid reset (bursts)", |mut wr| async move {
+    let (seen, sent) = under_attack(&p, native, "rapid reset (bursts)", |mut wr| async move {
         let mut stream = 1u32;
         let mut sent = 0;
         while sent < 1_000_000 {
@@ -287,45 +314,57 @@ async fn rapid_reset_in_bursts_gets_goaway_and_stays_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_of_accepted_streams_is_detected_and_closed() {
-    let (t, p, _ok) = proxy().await;
+    for native in [true, false] {
+        eprintln!("http2 native: {native}");
+        rapid_reset_of_accepted_streams_is_detected_and_closed_on(native).await;
+    }
+}
+
+async fn rapid_reset_of_accepted_streams_is_detected_and_closed_on(native: bool) {
+    let (t, p, _ok) = proxy(native).await;
     // Keep ten streams open, cancelling the oldest whenever a new one is opened, and cancel a
     // stream only once its request has reached the hanging target: the proxy has accepted
     // every stream before it is cancelled, so h2's pending-accept limit never applies, however
     // slowly the proxy runs.
     let forwarded = t.hits.clone();
-    let (seen, sent) = under_attack(&p, "rapid reset (accepted streams)", |mut wr| async move {
-        let mut opened = 0u32;
-        while opened < 100_000 {
-            let stream = 2 * opened + 1;
-            let mut pair = frame(
-                HEADERS,
-                END_HEADERS | END_STREAM,
-                stream,
-                &get_block("/slow"),
-            );
-            if opened >= 10 {
-                let oldest = usize::try_from(opened - 10).expect("small");
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while forwarded.load(Ordering::SeqCst) <= oldest {
-                    if Instant::now() > deadline {
-                        // The proxy no longer forwards this connection's streams: judged
-                        // abusive (the assertions below say whether it was).
-                        return usize::try_from(opened).expect("small");
+    let (seen, sent) = under_attack(
+        &p,
+        native,
+        "rapid reset (accepted streams)",
+        |mut wr| async move {
+            let mut opened = 0u32;
+            while opened < 100_000 {
+                let stream = 2 * opened + 1;
+                let mut pair = frame(
+                    HEADERS,
+                    END_HEADERS | END_STREAM,
+                    stream,
+                    &get_block("/slow"),
+                );
+                if opened >= 10 {
+                    let oldest = usize::try_from(opened - 10).expect("small");
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while forwarded.load(Ordering::SeqCst) <= oldest {
+                        if Instant::now() > deadline {
+                            // The proxy no longer forwards this connection's streams: judged
+                            // abusive (the assertions below say whether it was).
+                            return usize::try_from(opened).expect("small");
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
                     }
+                    pair.extend(frame(RST_STREAM, 0, stream - 20, &CANCEL.to_be_bytes()));
+                }
+                if wr.write_all(&pair).await.is_err() {
+                    break;
+                }
+                opened += 1;
+                if opened.is_multiple_of(10) {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                pair.extend(frame(RST_STREAM, 0, stream - 20, &CANCEL.to_be_bytes()));
             }
-            if wr.write_all(&pair).await.is_err() {
-                break;
-            }
-            opened += 1;
-            if opened.is_multiple_of(10) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-        usize::try_from(opened).expect("small")
-    })
+            usize::try_from(opened).expect("small")
+        },
+    )
     .await;
     let counters = p.running.as_ref().expect("running").counters();
     assert_eq!(
@@ -343,12 +382,19 @@ async fn rapid_reset_of_accepted_streams_is_detected_and_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_flood_gets_goaway_before_it_costs_memory() {
-    let (_t, p, _ok) = proxy().await;
+    for native in [true, false] {
+        eprintln!("http2 native: {native}");
+        a_continuation_flood_gets_goaway_before_it_costs_memory_on(native).await;
+    }
+}
+
+async fn a_continuation_flood_gets_goaway_before_it_costs_memory_on(native: bool) {
+    let (_t, p, _ok) = proxy(native).await;
     // A HEADERS frame without END_HEADERS that starts a 16 MiB header value, then CONTINUATION
     // frames of 16 KiB carrying more of it, never ending the header block.
     let frames_sent = Arc::new(AtomicUsize::new(0));
     let counted = frames_sent.clone();
-    let (seen, sent) = under_attack(&p, "CONTINUATION flood", |mut wr| async move {
+    let (seen, sent) = under_attack(&p, native, "CONTINUATION flood", |mut wr| async move {
         let mut block = vec![0x82, 0x86, 0x84, 0x01, 10];
         block.extend_from_slice(b"abuse.test");
         // Literal without indexing, new name "x-flood", value length 2^24 (HPACK integer:
@@ -392,30 +438,42 @@ async fn a_continuation_flood_gets_goaway_before_it_costs_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_continuation_frames_are_counted_too() {
-    let (_t, p, _ok) = proxy().await;
+    for native in [true, false] {
+        eprintln!("http2 native: {native}");
+        tiny_continuation_frames_are_counted_too_on(native).await;
+    }
+}
+
+async fn tiny_continuation_frames_are_counted_too_on(native: bool) {
+    let (_t, p, _ok) = proxy(native).await;
     // Empty CONTINUATION frames cost nothing to send and no memory to hold, only work: their
     // number is what h2 limits.
-    let (seen, sent) = under_attack(&p, "empty CONTINUATION frames", |mut wr| async move {
-        if wr
-            .write_all(&frame(HEADERS, 0, 1, &get_block("/")))
-            .await
-            .is_err()
-        {
-            return 0;
-        }
-        let mut sent = 0;
-        while sent < 1_000_000 {
-            let mut burst = Vec::new();
-            for _ in 0..1000 {
-                burst.extend(frame(CONTINUATION, 0, 1, &[]));
+    let (seen, sent) = under_attack(
+        &p,
+        native,
+        "empty CONTINUATION frames",
+        |mut wr| async move {
+            if wr
+                .write_all(&frame(HEADERS, 0, 1, &get_block("/")))
+                .await
+                .is_err()
+            {
+                return 0;
             }
-            if wr.write_all(&burst).await.is_err() {
-                break;
+            let mut sent = 0;
+            while sent < 1_000_000 {
+                let mut burst = Vec::new();
+                for _ in 0..1000 {
+                    burst.extend(frame(CONTINUATION, 0, 1, &[]));
+                }
+                if wr.write_all(&burst).await.is_err() {
+                    break;
+                }
+                sent += 1000;
             }
-            sent += 1000;
-        }
-        sent
-    })
+            sent
+        },
+    )
     .await;
     assert!(
         sent < 1_000_000,
@@ -428,7 +486,14 @@ async fn tiny_continuation_frames_are_counted_too() {
 /// a plain GET on it is answered (else a GOAWAY above could be a protocol error of ours).
 #[tokio::test]
 async fn the_hand_written_client_is_answered_when_it_behaves() {
-    let (_t, p, _ok) = proxy().await;
+    for native in [true, false] {
+        eprintln!("http2 native: {native}");
+        the_hand_written_client_is_answered_when_it_behaves_on(native).await;
+    }
+}
+
+async fn the_hand_written_client_is_answered_when_it_behaves_on(native: bool) {
+    let (_t, p, _ok) = proxy(native).await;
     let (mut rd, mut wr) = handshake(p.addr).await;
     wr.write_all(&frame(
         HEADERS,
@@ -467,4 +532,12 @@ async fn the_hand_written_client_is_answered_when_it_behaves() {
     })
     .await;
     assert_eq!(body, b"fine");
+    let native_streams = p
+        .running
+        .as_ref()
+        .expect("running")
+        .counters()
+        .http2_native_requests
+        .load(Ordering::Relaxed);
+    assert_eq!(native_streams, u64::from(native), "native={native}");
 }

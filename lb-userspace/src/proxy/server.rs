@@ -2,8 +2,9 @@
 //!
 //! A listener accepts TCP (and TLS with SNI certificate selection and ALPN `h2`/`http/1.1` for
 //! HTTPS), serves HTTP/1.1 in the connection's own task (`server/h1.rs`; hyper with
-//! `http1=hyper`, and for upgrades and h2c) and HTTP/2 with hyper (its streams polled in the
-//! connection's task, `server/h2exec.rs`), and runs every request
+//! `http1=hyper`, and for upgrades) and HTTP/2 on the `h2` crate with lb's own glue
+//! (`server/h2native.rs`; hyper's HTTP/2 server with `http2=hyper`), its streams polled in the
+//! connection's task (`server/h2exec.rs`), and runs every request
 //! through the pipeline (`server/pipeline.rs`): desync classification, the checks ALB makes
 //! before routing (405, 501, 505), rule evaluation and the action (forward, redirect, fixed
 //! response). HTTP/1 bytes pass through the sniffer (`server/sniff.rs`) first, which enforces
@@ -60,6 +61,7 @@ mod batch;
 mod exchange;
 mod h1;
 mod h2exec;
+mod h2native;
 mod head;
 mod limits;
 mod pipeline;
@@ -154,6 +156,11 @@ pub struct ListenerConfig {
     /// HTTP/1 served by the connection's own loop (`server/h1.rs`; default) or, `false`, by
     /// hyper as before (`http1=hyper`).
     pub http1_native: bool,
+    /// HTTP/2 served by lb's own glue on the `h2` crate (`server/h2native.rs`; default) or,
+    /// `false`, by hyper's HTTP/2 server as before (`http2=hyper`). Applies to ALPN `h2` and
+    /// to prior knowledge handed over by the native HTTP/1 path; with `http1=hyper`, hyper's
+    /// own protocol detection serves prior knowledge.
+    pub http2_native: bool,
 }
 
 impl ListenerConfig {
@@ -172,6 +179,7 @@ impl ListenerConfig {
             max_connections: None,
             max_connections_per_source: None,
             http1_native: true,
+            http2_native: true,
         }
     }
 }
@@ -240,7 +248,7 @@ pub enum ListenerError {
 /// `NAME=https://ADDR:PORT,cert=CERT.pem:KEY.pem[,cert=…]`, plus `,idle-timeout=SECS`,
 /// `,keepalive=SECS`, `,header-timeout=SECS` (fractions allowed, e.g. `0.5`),
 /// `,xff=append|preserve|remove`, `,desync=monitor|defensive|strictest`, `,max-connections=N`,
-/// `,max-connections-per-source=N`.
+/// `,max-connections-per-source=N`, `,http1=native|hyper`, `,http2=native|hyper`.
 pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
     let Some((name, rest)) = spec.split_once('=').filter(|(n, _)| !n.is_empty()) else {
         return Err(ListenerError::MissingName(spec.to_owned()));
@@ -348,12 +356,17 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
             "desync" => {
                 cfg.desync_mode = value.parse().map_err(|e| bad(key, value, format!("{e}")))?;
             }
-            "http1" => {
-                cfg.http1_native = match value {
+            "http1" | "http2" => {
+                let native = match value {
                     "native" => true,
                     "hyper" => false,
                     _ => return Err(bad(key, value, "expected native or hyper".into())),
                 };
+                if key == "http1" {
+                    cfg.http1_native = native;
+                } else {
+                    cfg.http2_native = native;
+                }
             }
             _ => {
                 return Err(ListenerError::UnknownOption {
@@ -439,6 +452,9 @@ pub struct L7Counters {
     /// HTTP/1 connections the native path handed to hyper (an upgrade, or the HTTP/2
     /// preface).
     pub http1_handoffs: AtomicU64,
+    /// HTTP/2 streams served by the native HTTP/2 path (`server/h2native.rs`), not hyper's.
+    /// Not a CloudWatch metric: it shows which path served the requests.
+    pub http2_native_requests: AtomicU64,
 }
 
 impl L7Counters {
@@ -755,6 +771,19 @@ pub async fn serve(
 /// Most concurrent HTTP/2 streams per client connection: ALB's limit (128 parallel requests per
 /// HTTP/2 connection). hyper's default is 200.
 pub(crate) const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`: ALB's 64 KiB for all request headers.
+const HTTP2_MAX_HEADER_LIST_SIZE: u32 = sniff::MAX_HEADERS_TOTAL as u32;
+/// HTTP/2 frame size: 16 KiB.
+const HTTP2_MAX_FRAME_SIZE: u32 = 16 * 1024;
+/// Streams reset before they were accepted before the client gets GOAWAY ENHANCE_YOUR_CALM.
+const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams we reset for the client's protocol errors before GOAWAY.
+const HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 128;
+/// Receive windows, per connection and per stream.
+const HTTP2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+const HTTP2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// Per-stream send buffer.
+const HTTP2_MAX_SEND_BUF_SIZE: usize = 128 * 1024;
 
 /// hyper settings shared by all listeners: header limits as ALB (the sniffer enforces them
 /// exactly for HTTP/1; hyper's own limits are set above them so they never fire first: its
@@ -776,32 +805,32 @@ fn http_builder<E>(exec: E) -> auto::Builder<E> {
         // (CVE-2024-27316 class): h2 accepts at most max(5, 1.25 × this / max_frame_size)
         // CONTINUATION frames per header block (5 here) and never buffers more than this many
         // header bytes, then answers GOAWAY ENHANCE_YOUR_CALM / COMPRESSION_ERROR.
-        .max_header_list_size(u32::try_from(sniff::MAX_HEADERS_TOTAL).unwrap_or(u32::MAX))
+        .max_header_list_size(HTTP2_MAX_HEADER_LIST_SIZE)
         // 16 KiB, the protocol's minimum and h2's default, stated because the CONTINUATION bound
         // above is derived from it.
-        .max_frame_size(16 * 1024)
+        .max_frame_size(HTTP2_MAX_FRAME_SIZE)
         // Each open stream can hold a request to a target and buffers; ALB's 128 bounds that.
         .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
         // Rapid reset (CVE-2023-44487) in its usual shape, HEADERS and RST_STREAM in one burst:
         // more than 20 streams reset before they were accepted → GOAWAY ENHANCE_YOUR_CALM.
         // (Streams cancelled after the handler started are bounded in `abuse.rs`.)
-        .max_pending_accept_reset_streams(20)
+        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS)
         // Streams we had to reset because the client broke the protocol on them (malformed
         // headers, flow-control violations): a client doing that on purpose makes us spend
         // work per stream; 128 (one stream window's worth) is far above any honest client's
         // mistakes. h2's default is 1024.
-        .max_local_error_reset_streams(128)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS)
         // Received-data buffering: a client may have 1 MiB in flight per connection and per
         // stream (hyper's defaults, stated): request bodies are buffered at most this much
         // before flow control stops the client. No adaptive window: it would let one client
         // grow the buffers.
-        .initial_connection_window_size(1024 * 1024)
-        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .adaptive_window(false)
         // Per-stream send buffer: bounds what we hold for a client that does not read its
         // responses (128 streams × 128 KiB = 16 MiB per connection at worst; h2's default is
         // ~400 KiB per stream).
-        .max_send_buf_size(128 * 1024)
+        .max_send_buf_size(HTTP2_MAX_SEND_BUF_SIZE)
         // No keep-alive PINGs: a client answering them would reset the sniffer's idle clock
         // (bytes arrived), so idle HTTP/2 connections would never be closed. Dead peers are
         // found by the idle timeout instead.
@@ -1021,49 +1050,151 @@ async fn run_http<IO>(
             }
         };
     }
-    let service = hyper::service::service_fn(move |req| service::Respond::new(&ctx, req));
     // HTTP/2 streams run in this task, polled with the connection (`server/h2exec.rs`).
     let mut streams = h2exec::Streams::new();
-    let http = http_builder(streams.executor());
-    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    if keepalive_done || draining {
-        conn.as_mut().graceful_shutdown();
+    let control = ConnControl {
+        listener,
+        peer,
+        abuse: &abuse,
+        keepalive: keepalive.as_mut(),
+        keepalive_done,
+        phase,
+        draining,
+    };
+    if listener.cfg.http2_native && io.is_http2() {
+        // HTTP/2 without hyper (`server/h2native.rs`).
+        let shutdown = Arc::new(h2native::Control::default());
+        let conn = h2native::Conn::new(io, ctx, streams.executor(), shutdown.clone());
+        tokio::pin!(conn);
+        control
+            .run(&mut streams, conn, |_| shutdown.graceful_shutdown())
+            .await;
+    } else {
+        let service = hyper::service::service_fn(move |req| service::Respond::new(&ctx, req));
+        let http = http_builder(streams.executor());
+        let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        control
+            .run(&mut streams, conn, |conn| conn.graceful_shutdown())
+            .await;
     }
-    // Armed when the connection is judged abusive: the hard close after GOAWAY.
-    let abuse_close = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(abuse_close);
-    let mut abusive = false;
-    loop {
-        tokio::select! {
-            result = streams.drive(conn.as_mut()) => {
-                if let Err(e) = result {
-                    tracing::debug!(listener = %listener.cfg.name, %peer, error = %e, "client connection ended with an error");
+}
+
+/// The control side of a connection served by hyper or by the native HTTP/2 path: its
+/// keep-alive lifetime, rapid-reset abuse and the tier's phase.
+struct ConnControl<'a> {
+    listener: &'a Arc<Listener>,
+    peer: SocketAddr,
+    abuse: &'a Arc<abuse::StreamCancellations>,
+    keepalive: std::pin::Pin<&'a mut tokio::time::Sleep>,
+    keepalive_done: bool,
+    phase: watch::Receiver<Phase>,
+    draining: bool,
+}
+
+impl ConnControl<'_> {
+    /// Drives `conn` (and its streams) until it ends or must be closed; `shutdown` asks it for
+    /// a graceful shutdown (HTTP/1: close after the current response; HTTP/2: GOAWAY, open
+    /// streams finish).
+    async fn run<C, E>(
+        self,
+        streams: &mut h2exec::Streams,
+        mut conn: std::pin::Pin<&mut C>,
+        mut shutdown: impl FnMut(std::pin::Pin<&mut C>),
+    ) where
+        C: Future<Output = Result<(), E>>,
+        E: fmt::Display,
+    {
+        let Self {
+            listener,
+            peer,
+            abuse,
+            mut keepalive,
+            mut keepalive_done,
+            mut phase,
+            mut draining,
+        } = self;
+        if keepalive_done || draining {
+            shutdown(conn.as_mut());
+        }
+        // Armed when the connection is judged abusive: the hard close after GOAWAY.
+        let abuse_close = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(abuse_close);
+        let mut abusive = false;
+        let tripped = abuse.tripped();
+        tokio::pin!(tripped);
+        // As in the native HTTP/1 loop: the keep-alive timer, the abuse trip, the abuse close
+        // and the phase watch are polled only when one of them woke the task (`Woken`), not on
+        // every wake-up the connection's I/O and streams cause (`select!` polled all four
+        // each time).
+        let woken = Woken::new();
+        loop {
+            let step = {
+                let changed = phase.changed();
+                tokio::pin!(changed);
+                woken.set();
+                let mut drive = streams.drive(conn.as_mut());
+                std::future::poll_fn(|cx| {
+                    if let std::task::Poll::Ready(result) = std::pin::Pin::new(&mut drive).poll(cx)
+                    {
+                        return std::task::Poll::Ready(ConnStep::Ended(result));
+                    }
+                    woken.poll_if_woken(cx, |wcx| {
+                        if !keepalive_done && keepalive.as_mut().poll(wcx).is_ready() {
+                            return std::task::Poll::Ready(ConnStep::KeepAlive);
+                        }
+                        if !abusive && tripped.as_mut().poll(wcx).is_ready() {
+                            return std::task::Poll::Ready(ConnStep::Abusive);
+                        }
+                        if abusive && abuse_close.as_mut().poll(wcx).is_ready() {
+                            return std::task::Poll::Ready(ConnStep::AbuseClose);
+                        }
+                        changed.as_mut().poll(wcx).map(ConnStep::Phase)
+                    })
+                })
+                .await
+            };
+            match step {
+                ConnStep::Ended(result) => {
+                    if let Err(e) = result {
+                        tracing::debug!(listener = %listener.cfg.name, %peer, error = %e, "client connection ended with an error");
+                    }
+                    break;
                 }
-                break;
+                ConnStep::KeepAlive => {
+                    // Client keep-alive lifetime: finish the current request, then close
+                    // (HTTP/1: `Connection: close`; HTTP/2: GOAWAY).
+                    keepalive_done = true;
+                    shutdown(conn.as_mut());
+                }
+                ConnStep::Abusive => {
+                    abusive = true;
+                    L7Counters::add(&listener.shared.counters.http2_abusive_connections, 1);
+                    L7Counters::add(&listener.cells.http2_abusive_connections, 1);
+                    tracing::warn!(listener = %listener.cfg.name, %peer, "client keeps cancelling its HTTP/2 streams (rapid reset): closing the connection");
+                    shutdown(conn.as_mut());
+                    abuse_close
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + abuse::ABUSE_CLOSE_GRACE);
+                }
+                ConnStep::AbuseClose => break,
+                ConnStep::Phase(changed) => match phase_step(changed, &phase, &mut draining) {
+                    PhaseStep::Nothing => {}
+                    PhaseStep::Drain => shutdown(conn.as_mut()),
+                    PhaseStep::Stop => break,
+                },
             }
-            () = &mut keepalive, if !keepalive_done => {
-                // Client keep-alive lifetime: finish the current request, then close
-                // (HTTP/1: `Connection: close`; HTTP/2: GOAWAY).
-                keepalive_done = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = abuse.tripped(), if !abusive => {
-                abusive = true;
-                L7Counters::add(&listener.shared.counters.http2_abusive_connections, 1);
-                L7Counters::add(&listener.cells.http2_abusive_connections, 1);
-                tracing::warn!(listener = %listener.cfg.name, %peer, "client keeps cancelling its HTTP/2 streams (rapid reset): closing the connection");
-                conn.as_mut().graceful_shutdown();
-                abuse_close.as_mut().reset(tokio::time::Instant::now() + abuse::ABUSE_CLOSE_GRACE);
-            }
-            () = &mut abuse_close, if abusive => break,
-            changed = phase.changed() => match phase_step(changed, &phase, &mut draining) {
-                PhaseStep::Nothing => {}
-                PhaseStep::Drain => conn.as_mut().graceful_shutdown(),
-                PhaseStep::Stop => break,
-            },
         }
     }
+}
+
+/// What woke a hyper-served or native HTTP/2 connection's task for good.
+enum ConnStep<E> {
+    Ended(Result<(), E>),
+    KeepAlive,
+    Abusive,
+    AbuseClose,
+    Phase(Result<(), watch::error::RecvError>),
 }
 
 /// What woke a native HTTP/1 connection's task for good.
@@ -1220,6 +1351,23 @@ mod tests {
         assert_eq!(l.header_timeout, Duration::from_secs(60));
         assert_eq!(l.max_connections, None);
         assert_eq!(l.max_connections_per_source, None);
+    }
+
+    #[test]
+    fn http1_and_http2_pick_their_server() {
+        let l = parse_listener("web=http://127.0.0.1:80").expect("parses");
+        assert!(l.http1_native && l.http2_native, "native by default");
+        let l = parse_listener("web=http://127.0.0.1:80,http2=hyper").expect("parses");
+        assert!(l.http1_native && !l.http2_native);
+        let l = parse_listener("web=http://127.0.0.1:80,http1=hyper,http2=native").expect("parses");
+        assert!(!l.http1_native && l.http2_native);
+        let err = parse_listener("web=http://127.0.0.1:80,http2=nghttp2")
+            .expect_err("unknown server")
+            .to_string();
+        assert!(
+            err.contains("http2") && err.contains("native or hyper"),
+            "{err}"
+        );
     }
 
     #[test]

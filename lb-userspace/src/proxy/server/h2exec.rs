@@ -6,7 +6,8 @@
 //! state so that the connection wrote the stream's frames, and the connection ran in a second
 //! scheduler pass (often on the other worker, after work stealing).
 //!
-//! [`StreamExec`] is the executor of one connection: it only queues the stream futures.
+//! [`StreamExec`] is the executor of one connection: it only queues the stream futures (the
+//! native HTTP/2 path, `h2native.rs`, queues its own stream futures through it the same way).
 //! [`Streams`] polls them next to the connection future, in the connection's task: a stream's
 //! response, the connection's frame writes and the flush happen in one task and, as a rule,
 //! one scheduler pass. Wake-ups that the connection and its streams give each other while the
@@ -20,8 +21,8 @@
 //! hand over.
 //!
 //! Behaviour kept from the spawned tasks:
-//! - A stream's future ends when the client resets the stream (hyper watches for RST_STREAM
-//!   while the service runs) and is dropped then, as before.
+//! - A stream's future ends when the client resets the stream (hyper, and the native path,
+//!   watch for RST_STREAM while the service runs) and is dropped then, as before.
 //! - A panicking stream ends alone: the panic is caught, the stream's future dropped (h2 resets
 //!   the stream), the connection and its other streams go on (tokio caught a panicking task's
 //!   panic the same way).

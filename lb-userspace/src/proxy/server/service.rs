@@ -1,6 +1,6 @@
 //! The future hyper gets from the service for each request it serves (HTTP/2 streams, and
-//! HTTP/1 on hyper's path): the pipeline's future, boxed, and on HTTP/2 one HPACK hint for
-//! the response's `Date`.
+//! HTTP/1 on hyper's path), and the native HTTP/2 path's streams (`h2native.rs`) too: the
+//! pipeline's future, boxed, and on HTTP/2 one HPACK hint for the response's `Date`.
 //!
 //! The pipeline's future is large (it holds the whole request's state, the forward to the
 //! target included). hyper's HTTP/2 server puts the service future inside its stream future
@@ -32,7 +32,6 @@ use std::task::{Context, Poll, ready};
 
 use http::header::{self, Entry};
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
-use hyper::body::Incoming;
 
 use super::pipeline::{self, ConnCtx};
 use crate::proxy::client::ProxyBody;
@@ -57,7 +56,7 @@ impl Respond {
     /// in callgrind's simulation. Written here rather than through a helper taking a closure:
     /// the closure holding `req` was one more copy of the request (52 instructions of
     /// `memcpy` per request).
-    pub(super) fn new(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Self {
+    pub(super) fn new<B: pipeline::RequestBody>(ctx: &Arc<ConnCtx>, req: Request<B>) -> Self {
         let h2 = req.version() == Version::HTTP_2;
         let slot = Box::new_uninit();
         let future = Box::write(slot, pipeline::handle(ctx.clone(), req));

@@ -443,6 +443,12 @@ impl<IO> Sniffer<IO> {
         matches!(self.state, State::Length(_) | State::Chunked(..))
     }
 
+    /// Whether the connection is HTTP/2 passed through (ALPN `h2`, or the prior-knowledge
+    /// preface the native HTTP/1 path handed off), not an HTTP/1 request handed to hyper.
+    pub fn is_http2(&self) -> bool {
+        matches!(self.state, State::Passthrough { idle: true })
+    }
+
     /// Native mode (see [`Sniffer::poll_native`]); call before any byte is read.
     pub fn set_native(&mut self) {
         self.native = true;
