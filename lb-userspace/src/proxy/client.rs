@@ -44,6 +44,7 @@ use super::deadline::poll_idle_deadline;
 use super::error::ProxyError;
 pub use super::pool::TargetPoolStats;
 use super::pool::{H1Conn, H2Conn, RawConn, TargetPool};
+use crate::headers::ForwardedTail;
 
 mod body;
 mod connect;
@@ -290,7 +291,7 @@ impl Forwarder {
         req: Request<ProxyBody>,
     ) -> Result<Forwarded, ProxyError> {
         let target = self.target(target);
-        self.forward_to(&target, req, Facts::default()).await
+        self.forward_to(&target, req, Facts::default(), None).await
     }
 
     /// The handle on `endpoint`'s pool: the one the forwarder keeps for it, or a new one it
@@ -302,15 +303,24 @@ impl Forwarder {
 
     /// [`forward`](Self::forward) to a target the caller already holds the handle of: no lock,
     /// no lookup. `facts`: what the caller knows of the request's headers (true facts only).
+    /// `tail`: fields that belong at the end of the request's map, kept out of it (our own
+    /// client writes them after the map's fields; for hyper's they go into the map).
     pub async fn forward_to(
         &self,
         target: &TargetHandle,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
         facts: Facts,
+        mut tail: Option<ForwardedTail<'_>>,
     ) -> Result<Forwarded, ProxyError> {
         let target = &target.0;
-        let req = prepare_request(req, &target.endpoint, facts);
+        // Whether our own client sends it does not depend on what `prepare_request` changes
+        // (version, URI, `Host`); the tail goes into the map before those changes, where the
+        // map functions would have put it.
         let own = uses_own_client(&target.endpoint, &req, facts);
+        if !own && let Some(tail) = tail.take() {
+            tail.append_to(req.headers_mut());
+        }
+        let req = prepare_request(req, &target.endpoint, facts);
         let idempotent = is_idempotent(req.method());
         // Whether the request could be sent again if a reused connection turns out stale: an
         // idempotent method whose body is empty or small enough to be kept (see `Replay`).
@@ -329,7 +339,7 @@ impl Forwarder {
         let mut retried = false;
         if let Some((conn, idle_for)) = self.checkout(target, retryable, own).await {
             target.pool.count_reused();
-            match self.send_any(target, conn, req, &replay).await {
+            match self.send_any(target, conn, req, tail.take(), &replay).await {
                 Ok(response) => {
                     if let Some(idle_for) = idle_for {
                         target.pool.observe_reuse_answered(idle_for);
@@ -392,7 +402,7 @@ impl Forwarder {
             (Any::Hyper(conn), time)
         };
         target.pool.count_fresh();
-        match self.send_any(target, conn, req, &replay).await {
+        match self.send_any(target, conn, req, tail, &replay).await {
             Ok(response) => Ok(Forwarded {
                 response,
                 reused_connection: false,
@@ -425,13 +435,20 @@ impl Forwarder {
         &'a self,
         target: &'a Arc<Target>,
         conn: Any,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
+        tail: Option<ForwardedTail<'a>>,
         replay: &'a Replay,
     ) -> impl Future<Output = Result<Response<ProxyBody>, SendError>> + 'a {
         use futures_util::future::Either;
         match conn {
-            Any::Hyper(conn) => Either::Left(self.send(target, conn, req, replay)),
-            Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, replay)),
+            Any::Hyper(conn) => {
+                // Only our own client takes a tail (`forward_to` gives hyper's none).
+                if let Some(tail) = tail {
+                    tail.append_to(req.headers_mut());
+                }
+                Either::Left(self.send(target, conn, req, replay))
+            }
+            Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, tail, replay)),
         }
     }
 
@@ -440,6 +457,7 @@ impl Forwarder {
         target: &Arc<Target>,
         conn: RawConn,
         req: Request<ProxyBody>,
+        tail: Option<ForwardedTail<'_>>,
         replay: &Replay,
     ) -> Result<Response<ProxyBody>, SendError> {
         let config = &self.inner.config;
@@ -448,6 +466,7 @@ impl Forwarder {
         let sent = h1::send(
             conn,
             req,
+            tail,
             config.max_response_header_bytes,
             &target.pool,
             target.endpoint.addr,
