@@ -435,17 +435,16 @@ impl Forwarder {
         &'a self,
         target: &'a Arc<Target>,
         conn: Any,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
         tail: Option<ForwardedTail<'a>>,
         replay: &'a Replay,
     ) -> impl Future<Output = Result<Response<ProxyBody>, SendError>> + 'a {
         use futures_util::future::Either;
         match conn {
             Any::Hyper(conn) => {
-                // Only our own client takes a tail (`forward_to` gives hyper's none).
-                if let Some(tail) = tail {
-                    tail.append_to(req.headers_mut());
-                }
+                // `forward_to` has put the tail into the map already: a request gets a
+                // connection hyper runs only when it does not go through our own client.
+                debug_assert!(tail.is_none(), "a tail reaches only our own client");
                 Either::Left(self.send(target, conn, req, replay))
             }
             Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, tail, replay)),
