@@ -128,6 +128,9 @@ pub struct Forwarded {
     pub retried: bool,
     /// How long connecting took, when a new connection was made.
     pub connect_time: Option<Duration>,
+    /// The response's head is known to have no hop-by-hop field (our own client looked while
+    /// parsing it): `strip_hop_by_hop` would remove nothing. False when not known (hyper's).
+    pub no_hop_by_hop: bool,
 }
 
 /// Forwards requests to targets over pooled connections. One per process; cheap to clone
@@ -340,7 +343,7 @@ impl Forwarder {
         if let Some((conn, idle_for)) = self.checkout(target, retryable, own).await {
             target.pool.count_reused();
             match self.send_any(target, conn, req, tail.take(), &replay).await {
-                Ok(response) => {
+                Ok((response, no_hop_by_hop)) => {
                     if let Some(idle_for) = idle_for {
                         target.pool.observe_reuse_answered(idle_for);
                     }
@@ -349,6 +352,7 @@ impl Forwarder {
                         reused_connection: true,
                         retried: false,
                         connect_time: None,
+                        no_hop_by_hop,
                     });
                 }
                 Err(SendError::NotSent(request, error)) => {
@@ -403,11 +407,12 @@ impl Forwarder {
         };
         target.pool.count_fresh();
         match self.send_any(target, conn, req, tail, &replay).await {
-            Ok(response) => Ok(Forwarded {
+            Ok((response, no_hop_by_hop)) => Ok(Forwarded {
                 response,
                 reused_connection: false,
                 retried,
                 connect_time: Some(connect_time),
+                no_hop_by_hop,
             }),
             Err(error) => Err(self.error(target, error, &replay)),
         }
@@ -430,7 +435,10 @@ impl Forwarder {
     }
 
     /// Sends on either client. Not an `async fn`: one would keep `conn` and `req` a second
-    /// time beside the future it awaits.
+    /// time beside the future it awaits. Always inlined: called, it returned its future (the
+    /// send's state, several hundred bytes) into a temporary that `forward_to` then copied
+    /// into its own state, on every request.
+    #[inline(always)]
     fn send_any<'a>(
         &'a self,
         target: &'a Arc<Target>,
@@ -438,14 +446,16 @@ impl Forwarder {
         req: Request<ProxyBody>,
         tail: Option<ForwardedTail<'a>>,
         replay: &'a Replay,
-    ) -> impl Future<Output = Result<Response<ProxyBody>, SendError>> + 'a {
+    ) -> impl Future<Output = Result<(Response<ProxyBody>, bool), SendError>> + 'a {
+        use futures_util::TryFutureExt as _;
         use futures_util::future::Either;
         match conn {
             Any::Hyper(conn) => {
                 // `forward_to` has put the tail into the map already: a request gets a
                 // connection hyper runs only when it does not go through our own client.
                 debug_assert!(tail.is_none(), "a tail reaches only our own client");
-                Either::Left(self.send(target, conn, req, replay))
+                // What hyper's client parsed is not known to be free of hop-by-hop fields.
+                Either::Left(self.send(target, conn, req, replay).map_ok(|r| (r, false)))
             }
             Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, tail, replay)),
         }
@@ -458,7 +468,7 @@ impl Forwarder {
         req: Request<ProxyBody>,
         tail: Option<ForwardedTail<'_>>,
         replay: &Replay,
-    ) -> Result<Response<ProxyBody>, SendError> {
+    ) -> Result<(Response<ProxyBody>, bool), SendError> {
         let config = &self.inner.config;
         // `h1::send` bounds the exchange by the idle timeout itself, with the connection's
         // own timer.
@@ -486,7 +496,7 @@ impl Forwarder {
                 });
             }
             // `h1::send` has taken the target's `Keep-Alive` hint from the head, if it had one.
-            Ok(response) => response,
+            Ok(sent) => sent,
         };
         Ok(response)
     }

@@ -951,7 +951,9 @@ impl Reply<'_> {
         let mut response = forwarded.response;
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade;
         let target_upgrade = switching.then(|| hyper::upgrade::on(&mut response));
-        strip_hop_by_hop(response.headers_mut(), switching);
+        if !forwarded.no_hop_by_hop {
+            strip_hop_by_hop(response.headers_mut(), switching);
+        }
         for cookie in picked.set_cookies(response.headers()) {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
