@@ -44,6 +44,7 @@ use super::deadline::poll_idle_deadline;
 use super::error::ProxyError;
 pub use super::pool::TargetPoolStats;
 use super::pool::{H1Conn, H2Conn, RawConn, TargetPool};
+use crate::headers::ForwardedTail;
 
 mod body;
 mod connect;
@@ -127,6 +128,9 @@ pub struct Forwarded {
     pub retried: bool,
     /// How long connecting took, when a new connection was made.
     pub connect_time: Option<Duration>,
+    /// The response's head is known to have no hop-by-hop field (our own client looked while
+    /// parsing it): `strip_hop_by_hop` would remove nothing. False when not known (hyper's).
+    pub no_hop_by_hop: bool,
 }
 
 /// Forwards requests to targets over pooled connections. One per process; cheap to clone
@@ -290,7 +294,7 @@ impl Forwarder {
         req: Request<ProxyBody>,
     ) -> Result<Forwarded, ProxyError> {
         let target = self.target(target);
-        self.forward_to(&target, req, Facts::default()).await
+        self.forward_to(&target, req, Facts::default(), None).await
     }
 
     /// The handle on `endpoint`'s pool: the one the forwarder keeps for it, or a new one it
@@ -302,15 +306,24 @@ impl Forwarder {
 
     /// [`forward`](Self::forward) to a target the caller already holds the handle of: no lock,
     /// no lookup. `facts`: what the caller knows of the request's headers (true facts only).
+    /// `tail`: fields that belong at the end of the request's map, kept out of it (our own
+    /// client writes them after the map's fields; for hyper's they go into the map).
     pub async fn forward_to(
         &self,
         target: &TargetHandle,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
         facts: Facts,
+        mut tail: Option<ForwardedTail<'_>>,
     ) -> Result<Forwarded, ProxyError> {
         let target = &target.0;
-        let req = prepare_request(req, &target.endpoint, facts);
+        // Whether our own client sends it does not depend on what `prepare_request` changes
+        // (version, URI, `Host`); the tail goes into the map before those changes, where the
+        // map functions would have put it.
         let own = uses_own_client(&target.endpoint, &req, facts);
+        if !own && let Some(tail) = tail.take() {
+            tail.append_to(req.headers_mut());
+        }
+        let req = prepare_request(req, &target.endpoint, facts);
         let idempotent = is_idempotent(req.method());
         // Whether the request could be sent again if a reused connection turns out stale: an
         // idempotent method whose body is empty or small enough to be kept (see `Replay`).
@@ -329,8 +342,8 @@ impl Forwarder {
         let mut retried = false;
         if let Some((conn, idle_for)) = self.checkout(target, retryable, own).await {
             target.pool.count_reused();
-            match self.send_any(target, conn, req, &replay).await {
-                Ok(response) => {
+            match self.send_any(target, conn, req, tail.take(), &replay).await {
+                Ok((response, no_hop_by_hop)) => {
                     if let Some(idle_for) = idle_for {
                         target.pool.observe_reuse_answered(idle_for);
                     }
@@ -339,6 +352,7 @@ impl Forwarder {
                         reused_connection: true,
                         retried: false,
                         connect_time: None,
+                        no_hop_by_hop,
                     });
                 }
                 Err(SendError::NotSent(request, error)) => {
@@ -392,12 +406,13 @@ impl Forwarder {
             (Any::Hyper(conn), time)
         };
         target.pool.count_fresh();
-        match self.send_any(target, conn, req, &replay).await {
-            Ok(response) => Ok(Forwarded {
+        match self.send_any(target, conn, req, tail, &replay).await {
+            Ok((response, no_hop_by_hop)) => Ok(Forwarded {
                 response,
                 reused_connection: false,
                 retried,
                 connect_time: Some(connect_time),
+                no_hop_by_hop,
             }),
             Err(error) => Err(self.error(target, error, &replay)),
         }
@@ -420,18 +435,29 @@ impl Forwarder {
     }
 
     /// Sends on either client. Not an `async fn`: one would keep `conn` and `req` a second
-    /// time beside the future it awaits.
+    /// time beside the future it awaits. Always inlined: called, it returned its future (the
+    /// send's state, several hundred bytes) into a temporary that `forward_to` then copied
+    /// into its own state, on every request.
+    #[inline(always)]
     fn send_any<'a>(
         &'a self,
         target: &'a Arc<Target>,
         conn: Any,
         req: Request<ProxyBody>,
+        tail: Option<ForwardedTail<'a>>,
         replay: &'a Replay,
-    ) -> impl Future<Output = Result<Response<ProxyBody>, SendError>> + 'a {
+    ) -> impl Future<Output = Result<(Response<ProxyBody>, bool), SendError>> + 'a {
+        use futures_util::TryFutureExt as _;
         use futures_util::future::Either;
         match conn {
-            Any::Hyper(conn) => Either::Left(self.send(target, conn, req, replay)),
-            Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, replay)),
+            Any::Hyper(conn) => {
+                // `forward_to` has put the tail into the map already: a request gets a
+                // connection hyper runs only when it does not go through our own client.
+                debug_assert!(tail.is_none(), "a tail reaches only our own client");
+                // What hyper's client parsed is not known to be free of hop-by-hop fields.
+                Either::Left(self.send(target, conn, req, replay).map_ok(|r| (r, false)))
+            }
+            Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, tail, replay)),
         }
     }
 
@@ -440,14 +466,16 @@ impl Forwarder {
         target: &Arc<Target>,
         conn: RawConn,
         req: Request<ProxyBody>,
+        tail: Option<ForwardedTail<'_>>,
         replay: &Replay,
-    ) -> Result<Response<ProxyBody>, SendError> {
+    ) -> Result<(Response<ProxyBody>, bool), SendError> {
         let config = &self.inner.config;
         // `h1::send` bounds the exchange by the idle timeout itself, with the connection's
         // own timer.
         let sent = h1::send(
             conn,
             req,
+            tail,
             config.max_response_header_bytes,
             &target.pool,
             target.endpoint.addr,
@@ -468,7 +496,7 @@ impl Forwarder {
                 });
             }
             // `h1::send` has taken the target's `Keep-Alive` hint from the head, if it had one.
-            Ok(response) => response,
+            Ok(sent) => sent,
         };
         Ok(response)
     }

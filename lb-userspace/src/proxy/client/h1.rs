@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+
+use crate::headers::ForwardedTail;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -131,18 +133,32 @@ struct EncodedHead {
 
 /// Serializes the request head (origin-form target, as `prepare_request` left it) and decides
 /// the body framing as hyper's client does, fixing up the framing headers to match.
-fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHead {
+///
+/// `tail`: fields written after the map's (see [`ForwardedTail`]); it comes only with a
+/// request without a body. Where the map changes after they would have been appended, they go
+/// into the map first (taken out of `tail`).
+fn encode_head(
+    parts: &mut http::request::Parts,
+    body: &ProxyBody,
+    tail: &mut Option<ForwardedTail<'_>>,
+) -> EncodedHead {
     if body.is_end_stream() {
         // No body (a GET, say): the only fix-up is removing `Transfer-Encoding`, which a
         // forwarded request never has (it is hop-by-hop). The head is written first and
         // written again only if one was there: the `remove` hashed the name on every request.
-        let written = write_head(parts);
+        let written = write_head(parts, tail.as_ref());
         if !written.transfer_encoding {
             return written.head(RequestFraming::None);
         }
         crate::proxy::recycle::recycle_buffer(written.bytes);
+        if let Some(tail) = tail.take() {
+            tail.append_to(&mut parts.headers);
+        }
         parts.headers.remove(TRANSFER_ENCODING);
-        return write_head(parts).head(RequestFraming::None);
+        return write_head(parts, None).head(RequestFraming::None);
+    }
+    if let Some(tail) = tail.take() {
+        tail.append_to(&mut parts.headers);
     }
     let headers = &mut parts.headers;
     let framing = if headers.contains_key(TRANSFER_ENCODING) {
@@ -164,7 +180,7 @@ fn encode_head(parts: &mut http::request::Parts, body: &ProxyBody) -> EncodedHea
         headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         RequestFraming::Chunked
     };
-    write_head(parts).head(framing)
+    write_head(parts, None).head(framing)
 }
 
 /// A request head written by [`write_head`].
@@ -190,7 +206,7 @@ impl Written {
 /// the thread's recycled one, which already has room for a usual head; a rough guess saves
 /// most regrowth of a new one (an exact size took a second walk over the map on every
 /// request).
-fn write_head(parts: &http::request::Parts) -> Written {
+fn write_head(parts: &http::request::Parts, tail: Option<&ForwardedTail<'_>>) -> Written {
     let headers = &parts.headers;
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut head = crate::proxy::recycle::buffer();
@@ -211,6 +227,9 @@ fn write_head(parts: &http::request::Parts) -> Written {
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
+    }
+    if let Some(tail) = tail {
+        tail.write_to(&mut head);
     }
     head.extend_from_slice(b"\r\n");
     Written {
@@ -294,12 +313,18 @@ struct Head {
     keep_alive: bool,
     /// The head has a `Keep-Alive` field (the target's idle timeout may be in it).
     keep_alive_field: bool,
+    /// `headers` has a hop-by-hop field (`headers::is_hop_by_hop`). Without one,
+    /// `strip_hop_by_hop` has nothing to remove: `Connection`, which names the others it
+    /// removes, is one.
+    hop_by_hop: bool,
 }
 
 /// Sends `req` on `conn` and reads the response head; the body streams from the connection
 /// behind the returned response and gives the connection back to `pool` when it completes
 /// cleanly. The whole exchange is bounded by the idle timeout, counted from the start or from
-/// the last request body bytes sent (`replay` tells when), as on ALB's connections.
+/// the last request body bytes sent (`replay` tells when), as on ALB's connections. With the
+/// response, whether its head is known to have no hop-by-hop field (nothing for
+/// `strip_hop_by_hop` to do).
 ///
 /// The timer is the connection's own, kept with it in the pool, and not touched per request:
 /// it may be due earlier than this request's deadline (it was set for an earlier one), never
@@ -311,18 +336,19 @@ struct Head {
 pub async fn send(
     mut conn: RawConn,
     req: Request<ProxyBody>,
+    mut tail: Option<ForwardedTail<'_>>,
     max_head: usize,
     pool: &Arc<TargetPool>,
     target: SocketAddr,
     idle_timeout: Duration,
     replay: &Replay,
-) -> Result<Response<ProxyBody>, Failure> {
+) -> Result<(Response<ProxyBody>, bool), Failure> {
     let (mut parts, mut body) = req.into_parts();
     let EncodedHead {
         bytes: head,
         framing,
         close: request_close,
-    } = encode_head(&mut parts, &body);
+    } = encode_head(&mut parts, &body, &mut tail);
     let is_head = parts.method == Method::HEAD;
 
     let started = Instant::now();
@@ -339,10 +365,19 @@ pub async fn send(
     let (head, body_sent) = match exchanged {
         Some(Exchanged::Head(head, body_sent)) => (head, body_sent),
         Some(Exchanged::NotSent(error)) => {
+            // Whatever sends it again takes the head whole, in its map.
+            if let Some(tail) = tail {
+                tail.append_to(&mut parts.headers);
+            }
             let req = Request::from_parts(parts, body);
             return Err(Failure::NotSent(Box::new(req), error));
         }
-        Some(Exchanged::Failed(error)) => return Err(Failure::Failed(error, Box::new(parts))),
+        Some(Exchanged::Failed(error)) => {
+            if let Some(tail) = tail {
+                tail.append_to(&mut parts.headers);
+            }
+            return Err(Failure::Failed(error, Box::new(parts)));
+        }
         None => return Err(Failure::TimedOut),
     };
     conn.timer = Some(timer);
@@ -356,6 +391,7 @@ pub async fn send(
         framing,
         keep_alive,
         keep_alive_field,
+        hop_by_hop,
     } = head;
     // The target's idle timeout, as the hyper path reads it from every response head.
     if keep_alive_field && let Some(hint) = crate::headers::keep_alive_timeout(&headers) {
@@ -374,7 +410,7 @@ pub async fn send(
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = headers;
-    Ok(response)
+    Ok((response, !hop_by_hop))
 }
 
 /// Writes the request head (and body) and reads the response head.
@@ -671,6 +707,7 @@ fn parse_head(
             framing,
             keep_alive,
             keep_alive_field,
+            hop_by_hop,
         }));
     }
 }
@@ -1037,7 +1074,7 @@ mod tests {
         let mut rng =
             <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x1234_5678_9abc_def1);
         let mut next = move |n: usize| rand::Rng::random_range(&mut rng, 0..n);
-        let (mut left_out, mut reordered) = (0, 0);
+        let (mut left_out, mut reordered, mut clean) = (0, 0, 0);
         for _ in 0..20_000 {
             let picked: Vec<(&str, &str)> =
                 (0..next(7)).map(|_| fields[next(fields.len())]).collect();
@@ -1067,7 +1104,12 @@ mod tests {
                 }
                 names == seen
             };
-            crate::headers::strip_hop_by_hop(&mut ours, false);
+            // A head without a hop-by-hop field is passed on as parsed: the strip skipped.
+            if head.hop_by_hop {
+                crate::headers::strip_hop_by_hop(&mut ours, false);
+            } else {
+                clean += 1;
+            }
             crate::headers::strip_hop_by_hop(&mut reference, false);
             reordered += usize::from(!in_order(&reference));
             assert_eq!(
@@ -1077,7 +1119,10 @@ mod tests {
                 String::from_utf8_lossy(&raw)
             );
         }
-        assert!(left_out > 500 && reordered > 1000, "{left_out} {reordered}");
+        assert!(
+            left_out > 500 && reordered > 1000 && clean > 1000,
+            "{left_out} {reordered} {clean}"
+        );
     }
 
     #[test]
@@ -1319,7 +1364,7 @@ mod tests {
     #[test]
     fn the_request_head_is_written_in_one_pass_and_notices_connection_close() {
         let mut parts = request_parts(&[("host", "a.test"), ("connection", "foo, Close")]);
-        let head = encode_head(&mut parts, &empty_body());
+        let head = encode_head(&mut parts, &empty_body(), &mut None);
         assert_eq!(
             head.bytes,
             b"GET /p?q HTTP/1.1\r\nhost: a.test\r\nconnection: foo, Close\r\n\r\n"
@@ -1327,7 +1372,7 @@ mod tests {
         assert!(head.close);
         assert_eq!(head.framing, RequestFraming::None);
         let mut parts = request_parts(&[("connection", "keep-alive"), ("x-close", "close")]);
-        let head = encode_head(&mut parts, &empty_body());
+        let head = encode_head(&mut parts, &empty_body(), &mut None);
         assert!(!head.close);
     }
 
@@ -1433,7 +1478,7 @@ mod tests {
             let (mut ours, mut reference) = (parts.clone(), parts);
             rewritten +=
                 usize::from(body.is_end_stream() && ours.headers.contains_key(TRANSFER_ENCODING));
-            let a = encode_head(&mut ours, &body);
+            let a = encode_head(&mut ours, &body, &mut None);
             let b = encode_head_by_lookup(&mut reference, &body);
             assert_eq!(
                 (String::from_utf8_lossy(&a.bytes), a.framing, a.close),
@@ -1445,6 +1490,80 @@ mod tests {
             rewritten > 500,
             "only {rewritten} bodiless requests with a coding"
         );
+    }
+
+    /// A request written with a [`ForwardedTail`] is the request written with the tail's
+    /// fields appended to its map: same bytes, framing and `close`; and what is left of the
+    /// tail, appended to the map after encoding (what `send` does before handing a request
+    /// back for a retry), gives the same map in the same order. Over bodiless requests (the
+    /// ones the pipeline gives a tail), with and without a `Transfer-Encoding` to remove,
+    /// and requests with bodies.
+    #[test]
+    fn a_tail_writes_the_head_its_fields_in_the_map_write() {
+        use crate::headers::{ForwardedPeer, XffMode, forwarded_port};
+        let fields: &[(&str, &str)] = &[
+            ("host", "a.test"),
+            ("user-agent", "h2load"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5"),
+            ("connection", "close"),
+            ("accept", "*/*"),
+        ];
+        let peer = ForwardedPeer::new(std::net::IpAddr::from([10, 1, 2, 3]));
+        let port = forwarded_port(8080);
+        let in_order = |headers: &HeaderMap| -> Vec<(String, Vec<u8>)> {
+            headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0xbb67_ae85_84ca_a73b);
+        let mut next = move |n: usize| rand::Rng::random_range(&mut rng, 0..n);
+        let mut reached = [0usize; 3];
+        for round in 0..10_000u64 {
+            let mut builder = Request::builder()
+                .method([Method::GET, Method::POST, Method::HEAD][next(3)].clone())
+                .uri("/p?q");
+            for _ in 0..next(6) {
+                let (name, value) = fields[next(fields.len())];
+                builder = builder.header(name, value);
+            }
+            let parts = builder.body(()).expect("valid request").into_parts().0;
+            let body = || -> ProxyBody {
+                match round % 4 {
+                    0 | 1 => empty_body(),
+                    2 => http_body_util::Full::new(Bytes::from_static(b"hello"))
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                    _ => Streaming.boxed_unsync(),
+                }
+            };
+            let mode = [XffMode::Append, XffMode::Preserve, XffMode::Remove][next(3)];
+            let now = std::time::UNIX_EPOCH + Duration::from_secs(round);
+            let tail = || {
+                let mut random = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(round);
+                ForwardedTail::new(&peer, "http", &port, mode, now, &mut random)
+            };
+            let (mut ours, mut reference) = (parts.clone(), parts);
+            tail().append_to(&mut reference.headers);
+            let (ours_body, reference_body) = (body(), body());
+            let b = encode_head(&mut reference, &reference_body, &mut None);
+            let mut ours_tail = Some(tail());
+            let a = encode_head(&mut ours, &ours_body, &mut ours_tail);
+            assert_eq!(
+                (String::from_utf8_lossy(&a.bytes), a.framing, a.close),
+                (String::from_utf8_lossy(&b.bytes), b.framing, b.close)
+            );
+            reached[0] += usize::from(ours_tail.is_some());
+            reached[1] += usize::from(ours_tail.is_none() && ours_body.is_end_stream());
+            reached[2] += usize::from(!ours_body.is_end_stream());
+            if let Some(left) = ours_tail {
+                left.append_to(&mut ours.headers);
+            }
+            assert_eq!(in_order(&ours.headers), in_order(&reference.headers));
+        }
+        assert!(reached.iter().all(|&n| n > 500), "{reached:?}");
     }
 
     #[test]

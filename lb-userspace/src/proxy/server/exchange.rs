@@ -283,9 +283,8 @@ impl Exchange {
     }
 
     /// The trace id as sent to the target.
-    pub fn trace_id(&mut self, headers: &HeaderMap) {
+    pub fn trace_id(&mut self, v: &http::HeaderValue) {
         if self.logging()
-            && let Some(v) = headers.get(&crate::headers::X_AMZN_TRACE_ID)
             && let Some(r) = self.rec()
         {
             r.trace_id = Some(String::from_utf8_lossy(v.as_bytes()).into_owned());

@@ -40,7 +40,8 @@ use super::sniff::{ConnShared, HeadVerdict};
 use super::{Listener, Phase};
 use crate::accesslog::{ActionKind, LbError};
 use crate::headers::{
-    ForwardedPeer, apply_forwarded, cookie_values, request_cookies, strip_hop_by_hop, trace_id,
+    ForwardedPeer, ForwardedTail, apply_forwarded, cookie_values, request_cookies,
+    strip_hop_by_hop, trace_id,
 };
 use crate::proxy::client::{BoxError, Facts, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
 use crate::proxy::desync::{Mitigation, Tier};
@@ -388,6 +389,7 @@ pub(super) async fn handle<B: RequestBody>(
             let Dispatch {
                 request,
                 facts,
+                tail,
                 endpoint,
                 reply,
             } = dispatch;
@@ -405,7 +407,8 @@ pub(super) async fn handle<B: RequestBody>(
                 // copied the forward's future, over 3 KiB, twice more per request. The
                 // watch registers its waiter only when the forward has to wait (in
                 // practice always: it waits for the target).
-                let mut forwarding = std::pin::pin!(forwarder.forward_to(target, request, facts));
+                let mut forwarding =
+                    std::pin::pin!(forwarder.forward_to(target, request, facts, tail));
                 let mut target_left = std::pin::pin!(reply.picked.gone().cancelled());
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
@@ -453,6 +456,10 @@ pub(super) async fn handle<B: RequestBody>(
 }
 
 /// What routing decided: the load balancer's own answer, or a request to forward.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per request and taken apart at once; a boxed dispatch would allocate"
+)]
 enum Routed<'r> {
     Answer(Outcome),
     Forward(Dispatch<'r>),
@@ -469,6 +476,8 @@ struct Dispatch<'r> {
     request: Request<ProxyBody>,
     /// What is known of the request's headers (the forwarder need not look them up).
     facts: Facts,
+    /// The forwarded fields and the trace id, when they are kept out of the request's map.
+    tail: Option<ForwardedTail<'r>>,
     /// How the group reaches its targets (used only if the pick has no pool handle yet).
     endpoint: EndpointSettings,
     reply: Reply<'r>,
@@ -520,7 +529,7 @@ struct Reply<'r> {
 }
 
 fn route<'r, B: RequestBody>(
-    ctx: &ConnCtx,
+    ctx: &'r ConnCtx,
     rules: &'r RuleSet,
     verdict: Option<HeadVerdict>,
     mut req: Request<B>,
@@ -656,6 +665,9 @@ struct Seen {
     cookie: bool,
     /// The first `Content-Type` says gRPC (`application/grpc…`).
     grpc: bool,
+    /// An `X-Forwarded-For`, `-Proto`, `-Port` or `X-Amzn-Trace-Id` field
+    /// ([`ForwardedTail::names`]): without one, what forwarding adds is a [`ForwardedTail`].
+    forwarded: bool,
 }
 
 impl Seen {
@@ -673,6 +685,8 @@ impl Seen {
                 content_type = content_type.or(Some(value));
             } else if *name == header::UPGRADE {
                 seen.upgrade = true;
+            } else if ForwardedTail::names(name) {
+                seen.forwarded = true;
             }
         }
         seen.host = host.is_some();
@@ -689,6 +703,14 @@ impl Seen {
             upgrade: headers.contains_key(header::UPGRADE),
             cookie: headers.contains_key(header::COOKIE),
             grpc: headers.get(header::CONTENT_TYPE).is_some_and(is_grpc),
+            forwarded: [
+                crate::headers::X_FORWARDED_FOR,
+                crate::headers::X_FORWARDED_PROTO,
+                crate::headers::X_FORWARDED_PORT,
+                crate::headers::X_AMZN_TRACE_ID,
+            ]
+            .into_iter()
+            .any(|name| headers.contains_key(name)),
         };
         (host, seen)
     }
@@ -724,7 +746,7 @@ fn protocol_mismatch(version: Version, seen: Seen, group_version: ProtocolVersio
     reason = "returned once per request; a boxed answer would allocate"
 )]
 fn prepare_forward<'r, B: RequestBody>(
-    ctx: &ConnCtx,
+    ctx: &'r ConnCtx,
     forward: &'r ForwardAction,
     req: Request<B>,
     seen: Seen,
@@ -791,14 +813,22 @@ fn prepare_forward<'r, B: RequestBody>(
         // one, the hop-by-hop strip may have removed it: the forwarder looks.
         upgrade: (!seen.upgrade).then_some(false),
     };
+    // A request with none of the fields added below, with its `Host`, without a body and
+    // without a `Connection: close` to add (each of which would go into the map after them)
+    // gets them as a tail that the target's HTTP/1.1 client writes after the map's fields:
+    // the same head, without four hashed map inserts. Such a request cannot be refused with
+    // 463 (only the peer's address goes into its `X-Forwarded-For`).
+    let tail_fits = !seen.forwarded && has_host && !close_target && body.is_end_stream();
     // 463 before a target is picked: a refused request never counts on a target.
-    if let Err(too_many) = apply_forwarded(
-        &mut parts.headers,
-        &ctx.forwarded_peer,
-        &HeaderValue::from_static(listener.cfg.protocol.as_str()),
-        &listener.forwarded_port,
-        listener.cfg.xff,
-    ) {
+    if !tail_fits
+        && let Err(too_many) = apply_forwarded(
+            &mut parts.headers,
+            &ctx.forwarded_peer,
+            &HeaderValue::from_static(listener.cfg.protocol.as_str()),
+            &listener.forwarded_port,
+            listener.cfg.xff,
+        )
+    {
         return Err(from_error(
             ex,
             &ProxyError::TooManyForwardedFor(too_many.count),
@@ -816,8 +846,21 @@ fn prepare_forward<'r, B: RequestBody>(
         ));
     };
     ex.picked(&group, &picked);
-    trace_id(&mut parts.headers, now, &mut rand::rng());
-    ex.trace_id(&parts.headers);
+    let tail = if tail_fits {
+        let tail = ForwardedTail::new(
+            &ctx.forwarded_peer,
+            listener.cfg.protocol.as_str(),
+            &listener.forwarded_port,
+            listener.cfg.xff,
+            now,
+            &mut rand::rng(),
+        );
+        ex.trace_id(tail.trace_id());
+        Some(tail)
+    } else {
+        ex.trace_id(trace_id(&mut parts.headers, now, &mut rand::rng()));
+        None
+    };
     if close_target {
         // Ambiguous request (desync defensive mode): the target connection must not be reused.
         parts
@@ -843,6 +886,7 @@ fn prepare_forward<'r, B: RequestBody>(
     Ok(Dispatch {
         request,
         facts,
+        tail,
         endpoint,
         reply: Reply {
             forward,
@@ -907,7 +951,9 @@ impl Reply<'_> {
         let mut response = forwarded.response;
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade;
         let target_upgrade = switching.then(|| hyper::upgrade::on(&mut response));
-        strip_hop_by_hop(response.headers_mut(), switching);
+        if !forwarded.no_hop_by_hop {
+            strip_hop_by_hop(response.headers_mut(), switching);
+        }
         for cookie in picked.set_cookies(response.headers()) {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
@@ -1198,11 +1244,16 @@ mod tests {
             ("connection", b"upgrade, host"),
             ("x-host", b"c.example"),
             ("set-cookie", b"a=1"),
+            ("x-forwarded-for", b"192.0.2.1"),
+            ("x-forwarded-proto", b"https"),
+            ("x-forwarded-port", b"443"),
+            ("x-amzn-trace-id", b"Root=1-2-3"),
+            ("x-forwarded-host", b"d.example"),
         ];
         let mut rng =
             <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x2545_f491_4f6c_dd1d);
         let mut next = move |n: usize| rand::Rng::random_range(&mut rng, 0..n);
-        let mut reached = [0usize; 5];
+        let mut reached = [0usize; 7];
         for _ in 0..20_000 {
             let mut headers = http::HeaderMap::new();
             for _ in 0..next(7) {
@@ -1225,6 +1276,9 @@ mod tests {
                 seen.cookie,
                 seen.grpc,
                 headers.contains_key(header::CONTENT_TYPE) && !seen.grpc,
+                seen.forwarded,
+                // Only a near miss of the four names (the scan must not count it).
+                !seen.forwarded && headers.contains_key("x-forwarded-host"),
             ]
             .into_iter()
             .enumerate()
