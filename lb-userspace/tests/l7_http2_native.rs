@@ -135,14 +135,20 @@ fn proxy_to(addr: SocketAddr, http2_target: bool, native: bool) -> ProxyBuilder 
 }
 
 /// A 5 MiB upload, five times the stream and connection windows lb grants: it completes only
-/// if lb releases flow-control capacity as the pipeline forwards the body.
+/// if lb releases flow-control capacity as the pipeline forwards the body. The HTTP/1.1 target
+/// gets it framed by the client's `content-length` (not chunked), on both paths.
 #[tokio::test]
 async fn a_request_body_larger_than_the_window_is_uploaded_whole() {
     const SIZE: usize = 5 * 1024 * 1024;
     let (t, _task) = target(false, |req: Request<Incoming>| async move {
+        let framing = format!(
+            "content-length {:?}, transfer-encoding {:?}",
+            req.headers().get("content-length"),
+            req.headers().get("transfer-encoding")
+        );
         let body = req.into_body().collect().await.expect("body").to_bytes();
         let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
-        Response::new(text(format!("{} {sum}", body.len())))
+        Response::new(text(format!("{} {sum} {framing}", body.len())))
     })
     .await;
     for native in [true, false] {
@@ -171,8 +177,8 @@ async fn a_request_body_larger_than_the_window_is_uploaded_whole() {
             let (got, _) = read_body(response.into_body()).await;
             assert_eq!(
                 String::from_utf8_lossy(&got),
-                format!("{SIZE} {sum}"),
-                "native={native}: the target got every byte"
+                format!("{SIZE} {sum} content-length Some(\"{SIZE}\"), transfer-encoding None"),
+                "native={native}: the target got every byte, framed by its length"
             );
         })
         .await;

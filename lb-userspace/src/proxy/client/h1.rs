@@ -257,7 +257,8 @@ fn ends_chunked(line: &HeaderValue) -> bool {
 }
 
 /// The `Content-Length`, if present: `Err` when a value is invalid or the values differ.
-fn content_length(headers: &HeaderMap) -> Option<Result<u64, ()>> {
+/// (Also the native HTTP/2 server's reading of a request's length, `server/h2native.rs`.)
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<Result<u64, ()>> {
     headers
         .get_all(CONTENT_LENGTH)
         .iter()

@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -163,7 +163,11 @@ impl Stream {
         req: Request<h2::RecvStream>,
         mut reply: h2::server::SendResponse<Bytes>,
     ) -> Self {
-        let content_length = content_length(req.headers());
+        // The request's `content-length` when every value is the same valid number, as
+        // hyper's `content_length_parse_all` (h2 has already refused a stream whose values
+        // disagree); the rule our own HTTP/1.1 client reads a length by.
+        let content_length =
+            crate::proxy::client::h1::content_length(req.headers()).and_then(Result::ok);
         let connect = req.method() == Method::CONNECT;
         let (parts, recv) = req.into_parts();
         let body = if connect {
@@ -339,26 +343,6 @@ impl Pipe {
             }
         }
     }
-}
-
-/// The request's `content-length` when every value is the same valid number (as hyper's
-/// `content_length_parse_all`; h2 has already refused a stream whose values disagree).
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut found = None;
-    for value in headers.get_all(http::header::CONTENT_LENGTH) {
-        for part in value.to_str().ok()?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let n: u64 = part.parse().ok()?;
-            if found.is_some_and(|f| f != n) {
-                return None;
-            }
-            found = Some(n);
-        }
-    }
-    found
 }
 
 /// A request body read from the client's stream (module docs). Its bytes are released to h2's

@@ -650,7 +650,8 @@ impl<IO> Sniffer<IO> {
         let request_line = self.request_line.take().unwrap_or(0);
         let first = std::mem::replace(&mut self.first_head, false);
         if first && head.starts_with(HTTP2_PREFACE_LINE) {
-            // HTTP/2 prior knowledge (h2c): hyper-util's auto builder takes it from here.
+            // HTTP/2 prior knowledge (h2c): the listener's HTTP/2 server takes it from here
+            // (`server/h2native.rs`, or hyper-util's auto builder with `http2=hyper`).
             self.hand_off();
             self.out.extend_from_slice(head);
             self.state = State::Passthrough { idle: true };
