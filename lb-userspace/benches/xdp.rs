@@ -43,6 +43,11 @@
 //!   these rows are checked by the sink only (every frame transmitted; the counters, where
 //!   the variant still keeps them, must agree).
 //!
+//! Katran's and the variants' rows run right after the embedded build's rows they compare
+//! with, and a paired table gives, per round, the difference of the two rows: the machine's
+//! drift from round to round (large on a shared VM) cancels in it, where it does not in the
+//! rows' medians.
+//!
 //! After every run the program's own counters must show that every frame took the intended
 //! path (e.g. `tx` grew by exactly `REPEAT`, no new flow on a hit row, exactly `REPEAT`
 //! new flows on a new-flow row, the sink got `REPEAT` frames), else the benchmark fails.
@@ -339,6 +344,41 @@ enum Kind {
 struct Variant {
     main: Lb,
     full: Lb,
+}
+
+/// lb's rows and the Katran rows they are compared with, in the paired table.
+const PAIRS: [(&str, &str); 3] = [
+    ("hit IPv4", "katran hit IPv4"),
+    ("hit IPv6", "katran hit IPv6"),
+    ("new flow, full table", "katran new flow, full"),
+];
+
+/// Differences of two rows measured in the same rounds (`a[i] - b[i]`): their median and
+/// quartiles, and in how many rounds `a` was the lower.
+pub struct Paired {
+    pub median: f64,
+    pub q1: f64,
+    pub q3: f64,
+    pub a_lower: usize,
+    pub n: usize,
+}
+
+impl Paired {
+    pub fn of(a: &[f64], b: &[f64]) -> Self {
+        let d: Vec<f64> = a.iter().zip(b).map(|(a, b)| a - b).collect();
+        let mut s = d.clone();
+        s.sort_by(f64::total_cmp);
+        // Quartiles as the medians of the lower and upper halves (the middle value, for an
+        // odd count, in neither).
+        let half = s.len() / 2;
+        Paired {
+            median: median(&s),
+            q1: median(&s[..half]),
+            q3: median(&s[s.len() - half..]),
+            a_lower: d.iter().filter(|x| **x < 0.0).count(),
+            n: d.len(),
+        }
+    }
 }
 
 struct Row {
@@ -765,50 +805,83 @@ fn run() -> anyhow::Result<()> {
         row("lb_decap (IPIP)", Kind::Decap, &encapsulated, false),
     ];
     if bench.katran.is_some() {
-        rows.extend([
-            row(
-                "katran hit IPv4",
-                Kind::Katran(katran::Row::Hit4),
-                &katran_hit4,
-                false,
+        // Each of Katran's rows runs right after lb's row it is compared with, so the pair
+        // sees the same moment of the machine in every round (the paired table below).
+        for (after, katran_row) in [
+            (
+                "hit IPv4",
+                row(
+                    "katran hit IPv4",
+                    Kind::Katran(katran::Row::Hit4),
+                    &katran_hit4,
+                    false,
+                ),
             ),
-            row(
-                "katran hit IPv6",
-                Kind::Katran(katran::Row::Hit6),
-                &katran_hit6,
-                false,
+            (
+                "hit IPv6",
+                row(
+                    "katran hit IPv6",
+                    Kind::Katran(katran::Row::Hit6),
+                    &katran_hit6,
+                    false,
+                ),
             ),
-            row(
-                "katran new flow, full",
-                Kind::Katran(katran::Row::NewFull),
-                &new4,
-                true,
+            (
+                "new flow, full table",
+                row(
+                    "katran new flow, full",
+                    Kind::Katran(katran::Row::NewFull),
+                    &new4,
+                    true,
+                ),
             ),
-        ]);
+        ] {
+            let at = rows
+                .iter()
+                .position(|r| r.name == after)
+                .context("row order")?;
+            rows.insert(at + 1, katran_row);
+        }
     }
     // Row names live as long as the process (a few per --lb-obj).
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     for (n, (label, _)) in lb_objs.iter().enumerate() {
-        rows.extend([
-            row(
-                leak(format!("hit IPv4 [{label}]")),
-                Kind::VariantHit(n),
-                &hit4,
-                false,
+        // Next to the embedded build's rows, as Katran's are (the paired table).
+        for (after, variant_row) in [
+            (
+                "hit IPv4",
+                row(
+                    leak(format!("hit IPv4 [{label}]")),
+                    Kind::VariantHit(n),
+                    &hit4,
+                    false,
+                ),
             ),
-            row(
-                leak(format!("hit IPv6 [{label}]")),
-                Kind::VariantHit(n),
-                &hit6,
-                false,
+            (
+                "hit IPv6",
+                row(
+                    leak(format!("hit IPv6 [{label}]")),
+                    Kind::VariantHit(n),
+                    &hit6,
+                    false,
+                ),
             ),
-            row(
-                leak(format!("new flow, full [{label}]")),
-                Kind::VariantNewFull(n),
-                &new4,
-                true,
+            (
+                "new flow, full table",
+                row(
+                    leak(format!("new flow, full [{label}]")),
+                    Kind::VariantNewFull(n),
+                    &new4,
+                    true,
+                ),
             ),
-        ]);
+        ] {
+            let at = rows
+                .iter()
+                .position(|r| r.name == after)
+                .context("row order")?;
+            rows.insert(at + 1, variant_row);
+        }
     }
     if let Some(only) = &only {
         rows.retain(|r| {
@@ -940,6 +1013,46 @@ fn run() -> anyhow::Result<()> {
             m - pass_floor
         );
     }
+    let pairs: Vec<(&Row, &Row)> = PAIRS
+        .iter()
+        .filter_map(|(a, b)| {
+            let a = rows.iter().find(|r| r.name == *a)?;
+            let b = rows.iter().find(|r| r.name == *b)?;
+            Some((a, b))
+        })
+        .chain(rows.iter().filter_map(|r| {
+            // A variant's rows against the embedded build's: "hit IPv4 [x]" - "hit IPv4".
+            let base = r.name.split_once(" [")?.0;
+            let base = if base == "new flow, full" {
+                "new flow, full table"
+            } else {
+                base
+            };
+            Some((r, rows.iter().find(|b| b.name == base)?))
+        }))
+        .collect();
+    if !pairs.is_empty() {
+        println!();
+        println!(
+            "paired, per round (A - B, ns/frame; one difference per round, so drift of the machine between rounds cancels):"
+        );
+        println!(
+            "{:<58} {:>7} {:>7} {:>7} {:>11}",
+            "A - B", "median", "q1", "q3", "A cheaper"
+        );
+        for (a, b) in pairs {
+            let d = Paired::of(&a.ns, &b.ns);
+            println!(
+                "{:<58} {:>7.0} {:>7.0} {:>7.0} {:>5} of {:<2}",
+                format!("{} - {}", a.name, b.name),
+                d.median,
+                d.q1,
+                d.q3,
+                d.a_lower,
+                d.n
+            );
+        }
+    }
     println!();
     println!(
         "cross-check, per-call method (repeat=1, {PER_CALL} calls each, alternating), hit IPv4: lb_xdp {pc_x:.0} ns, lb_pass {pc_p:.0} ns, diff {:.0} ns",
@@ -956,6 +1069,11 @@ notes:
   cost is mostly the skb the kernel builds for a passed frame.
 - every row includes lb_bench_front (template write + tail call) and, for transmitting rows,
   the veth transmit and the sink on d1: the same in the floor, so cancelled in the differences.
+- 'paired': for each round, row A's ns/frame minus row B's in that round; the median and
+  quartiles of those differences, and in how many rounds A was the cheaper. Katran's rows run
+  right after the lb rows they are paired with; a --lb-obj variant's rows pair with the
+  embedded build's and run next to them too (a variant of the same object is the method's
+  control: its differences centre on 0).
 - the per-call cross-check measures single runs (each with the test-run loop's fixed cost,
   ~10 ns clock granularity, no transmit); it agrees with 'above TX' only roughly.
 "
