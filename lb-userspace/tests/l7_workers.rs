@@ -43,7 +43,10 @@ fn worker_threads(port: u16) -> usize {
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + SAFETY;
     while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "waited too long for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited too long for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -61,9 +64,16 @@ async fn connections_spread_over_both_workers_with_reuseport() {
     }
     let per_worker = handle.worker_connections();
     assert_eq!(per_worker.len(), 2, "{per_worker:?}");
-    assert_eq!(per_worker.iter().sum::<u64>(), 64, "every connection counted once: {per_worker:?}");
+    assert_eq!(
+        per_worker.iter().sum::<u64>(),
+        64,
+        "every connection counted once: {per_worker:?}"
+    );
     // The kernel's hash spreads 64 source ports over both sockets (all on one: 2 in 2^64).
-    assert!(per_worker.iter().all(|n| *n > 0), "both workers accepted: {per_worker:?}");
+    assert!(
+        per_worker.iter().all(|n| *n > 0),
+        "both workers accepted: {per_worker:?}"
+    );
 }
 
 #[tokio::test]
@@ -117,7 +127,10 @@ async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() 
     }
     let shards = handle.pool_stats_per_worker();
     let foreign: u64 = shards.iter().map(|(_, s)| s.foreign_worker_reuse).sum();
-    assert_eq!(foreign, 0, "a worker took another worker's connection: {shards:?}");
+    assert_eq!(
+        foreign, 0,
+        "a worker took another worker's connection: {shards:?}"
+    );
     // Positive control: both workers reused pooled connections (so both had the chance to take
     // a foreign one), and the merged stats add the shards up.
     for worker in 0..2 {
@@ -157,9 +170,11 @@ async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads(
     wait_for("two named worker threads", || worker_threads(port) == 2).await;
     // Open connections with a response in flight until both workers hold some.
     let mut bodies = Vec::new();
-    while handle.worker_connections().iter().any(|n| *n == 0) {
+    while handle.worker_connections().contains(&0) {
         assert!(bodies.len() < 64, "64 connections all on one worker");
-        let tcp = within(TcpStream::connect(proxy.addr)).await.expect("connect");
+        let tcp = within(TcpStream::connect(proxy.addr))
+            .await
+            .expect("connect");
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .expect("handshake");
@@ -168,10 +183,15 @@ async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads(
             .header("host", "app.test")
             .body(Full::new(Bytes::new()))
             .expect("request");
-        let resp = within(sender.send_request(req)).await.expect("response head");
+        let resp = within(sender.send_request(req))
+            .await
+            .expect("response head");
         assert_eq!(resp.status(), 200);
         let mut body = resp.into_body();
-        let first = within(body.frame()).await.expect("first chunk").expect("chunk");
+        let first = within(body.frame())
+            .await
+            .expect("first chunk")
+            .expect("chunk");
         assert_eq!(first.into_data().expect("data"), "first,");
         bodies.push(body);
     }
@@ -185,7 +205,11 @@ async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads(
         !shutdown.is_finished(),
         "the drain must wait for the responses in flight"
     );
-    assert_eq!(worker_threads(port), 2, "both workers still serve their connections");
+    assert_eq!(
+        worker_threads(port),
+        2,
+        "both workers still serve their connections"
+    );
     // Release the responses (the gate's waiters may register late: keep notifying).
     let released = Arc::new(AtomicBool::new(false));
     let notifier = {
@@ -198,7 +222,10 @@ async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads(
         })
     };
     for body in bodies {
-        let rest = within(body.collect()).await.expect("rest of the body").to_bytes();
+        let rest = within(body.collect())
+            .await
+            .expect("rest of the body")
+            .to_bytes();
         assert_eq!(rest, "second", "the response finished during the drain");
     }
     released.store(true, Ordering::SeqCst);
@@ -207,7 +234,11 @@ async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads(
         .await
         .expect("shutdown task")
         .expect("shutdown");
-    assert_eq!(worker_threads(port), 0, "shutdown joined every worker thread");
+    assert_eq!(
+        worker_threads(port),
+        0,
+        "shutdown joined every worker thread"
+    );
 }
 
 #[tokio::test]
@@ -236,14 +267,16 @@ fn bad_worker_flags_are_refused_naming_the_flag() {
         lb::cli::Cli::try_parse_from(argv).map(|_| ())
     };
     for bad in ["0", "-1", "two", "1025", ""] {
-        let err = parse(&["--l7-workers", bad])
-            .expect_err(bad)
-            .to_string();
+        let err = parse(&["--l7-workers", bad]).expect_err(bad).to_string();
         assert!(err.contains("--l7-workers"), "{bad:?}: {err}");
     }
-    let err = parse(&["--l7-runtime", "threads"]).expect_err("bad runtime").to_string();
+    let err = parse(&["--l7-runtime", "threads"])
+        .expect_err("bad runtime")
+        .to_string();
     assert!(err.contains("--l7-runtime"), "{err}");
-    let err = parse(&["--l7-accept", "steal"]).expect_err("bad accept").to_string();
+    let err = parse(&["--l7-accept", "steal"])
+        .expect_err("bad accept")
+        .to_string();
     assert!(err.contains("--l7-accept"), "{err}");
     // Positive control: good values parse, and the layout follows them.
     for good in [
