@@ -152,11 +152,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub drain_timeout: u64,
 
-    /// Which threads serve L7 client connections: `per-worker` (one thread per worker, each
-    /// with its own runtime, listening sockets and target connection pools) or `shared` (one
-    /// multi-thread runtime for everything, the layout before stop 25). See README "Worker
-    /// layout".
-    #[arg(long, value_enum, value_name = "LAYOUT", default_value_t = L7RuntimeArg::PerWorker)]
+    /// Which threads serve L7 client connections: `shared` (one multi-thread runtime for
+    /// everything) or `per-worker` (one thread per worker, each with its own runtime,
+    /// listening sockets and target connection pools). See README "Worker layout".
+    #[arg(long, value_enum, value_name = "LAYOUT", default_value_t = L7RuntimeArg::Shared)]
     pub l7_runtime: L7RuntimeArg,
 
     /// L7 workers with `--l7-runtime per-worker`: `auto` (one per CPU this process may run on)

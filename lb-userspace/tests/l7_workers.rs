@@ -288,9 +288,24 @@ fn bad_worker_flags_are_refused_naming_the_flag() {
     ] {
         parse(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
     }
-    let cli = lb::cli::Cli::try_parse_from(["lb", "run", "--l7-workers", "3"]).expect("parses");
-    let lb::cli::Command::Run(args) = cli.command else {
-        panic!("not run")
+    let layout = |argv: &[&str]| {
+        let cli = lb::cli::Cli::try_parse_from(argv).expect("parses");
+        let lb::cli::Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        args.l7_layout()
     };
-    assert_eq!(args.l7_layout(), per_worker(3, AcceptMode::ReusePort));
+    assert_eq!(
+        layout(&[
+            "lb",
+            "run",
+            "--l7-runtime",
+            "per-worker",
+            "--l7-workers",
+            "3"
+        ]),
+        per_worker(3, AcceptMode::ReusePort)
+    );
+    // In-process tests get `lb run`'s default layout.
+    assert_eq!(layout(&["lb", "run"]), WorkerLayout::default());
 }

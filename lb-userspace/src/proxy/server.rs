@@ -434,8 +434,10 @@ pub struct WorkerLayout {
     pub accept: AcceptMode,
 }
 
-/// `lb run`'s L7 runtime when `--l7-runtime` is not given (and [`WorkerLayout::default`]'s).
-pub const DEFAULT_L7_RUNTIME: L7Runtime = L7Runtime::PerWorker;
+/// `lb run`'s L7 runtime when `--l7-runtime` is not given (and [`WorkerLayout::default`]'s,
+/// which in-process tests use). Shared: per-worker used less CPU per request but had a worse
+/// HTTP/1.1 p99 (BENCHMARKS.md, "One runtime per CPU (stop 25)").
+pub const DEFAULT_L7_RUNTIME: L7Runtime = L7Runtime::Shared;
 
 impl Default for WorkerLayout {
     fn default() -> Self {
