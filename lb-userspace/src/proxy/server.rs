@@ -435,8 +435,8 @@ pub struct WorkerLayout {
 }
 
 /// `lb run`'s L7 runtime when `--l7-runtime` is not given (and [`WorkerLayout::default`]'s,
-/// which in-process tests use). Shared: per-worker used less CPU per request but had a worse
-/// HTTP/1.1 p99 (BENCHMARKS.md, "One runtime per CPU (stop 25)").
+/// which in-process tests use). Shared: per-worker used less CPU per request, but its HTTP/1.1
+/// p99 was no better (BENCHMARKS.md, "One runtime per CPU (stop 25)").
 pub const DEFAULT_L7_RUNTIME: L7Runtime = L7Runtime::Shared;
 
 impl Default for WorkerLayout {
