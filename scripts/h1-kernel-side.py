@@ -7,6 +7,8 @@ port; the proxy listens on the next one) and H1SYS_DIR let two runs coexist. Wri
 
 usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] NAME=SPEC ...
   SPEC: lb:/path/to/lb[:ENV=V,ENV=V[:batch|:slice=MICROSECONDS]] | haproxy[:N] | nginx | cmd:COMMAND
+        an lb ENV=V item starting with `--` is a flag for `lb run` instead, e.g.
+        lb:/path/to/lb:--l7-runtime=shared,--l7-workers=2
         cmd:COMMAND runs COMMAND (split on spaces; {LISTEN} and {BACKEND} replaced by the
         addresses), e.g. 'cmd:scripts/io-floor/target/release/io-floor uring {LISTEN} {BACKEND}'.
         haproxy:N adds N `set-var(...) req.hdrs,sha2(256)` rules: HAProxy with more user time.
@@ -150,12 +152,17 @@ def start_proxy(spec):
     env = dict(os.environ)
     if kind == "lb":
         lb = rest[0]
+        flags = []
         if len(rest) > 1 and rest[1]:
             for kv in rest[1].split(","):
+                if kv.startswith("--"):
+                    flags.append(kv)
+                    continue
                 k, v = kv.split("=", 1)
                 env[k] = v
         args = [lb, "run", "--listener", f"web=http://127.0.0.1:{PORT}", "--target-group", "be,health-check=off",
-                "--target", f"be={BACKEND}", "--rule", "web,default,forward=be", "--admin-socket", f"{D}/admin.sock"]
+                "--target", f"be={BACKEND}", "--rule", "web,default,forward=be", "--admin-socket", f"{D}/admin.sock",
+                *flags]
         if len(rest) > 2 and rest[2].startswith("slice="):
             env["H1SYS_SLICE"] = rest[2][6:]
         if len(rest) > 2 and rest[2] == "batch":

@@ -192,6 +192,7 @@ async fn bed(n: usize) -> anyhow::Result<Bed> {
         groups: L7Sync::groups_for(&plane.current(), &Default::default()),
         client: ClientConfig::default(),
         access_log: None,
+        workers: Default::default(),
     })
     .await?;
     let l7 = Arc::new(L7Sync::new(running.handle()));

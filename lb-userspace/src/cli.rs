@@ -152,6 +152,23 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub drain_timeout: u64,
 
+    /// Which threads serve L7 client connections: `shared` (one multi-thread runtime for
+    /// everything) or `per-worker` (one thread per worker, each with its own runtime,
+    /// listening sockets and target connection pools). See README "Worker layout".
+    #[arg(long, value_enum, value_name = "LAYOUT", default_value_t = L7RuntimeArg::Shared)]
+    pub l7_runtime: L7RuntimeArg,
+
+    /// L7 workers with `--l7-runtime per-worker`: `auto` (one per CPU this process may run on)
+    /// or a number (1–1024).
+    #[arg(long, value_name = "N|auto", default_value = "auto", value_parser = parse_l7_workers)]
+    pub l7_workers: L7Workers,
+
+    /// How the per-worker listening sockets share a listener's port: `reuseport` (one socket
+    /// per worker with SO_REUSEPORT; the kernel spreads connections by address hash) or
+    /// `shared-socket` (one socket, duplicated into every worker).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = L7AcceptArg::Reuseport)]
+    pub l7_accept: L7AcceptArg,
+
     /// Unix socket of the admin API (`lb targets …`, `lb rules …`); created mode 0600.
     #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
@@ -214,6 +231,61 @@ pub struct RunArgs {
     /// Validate the flags, print the resulting configuration and exit.
     #[arg(long)]
     pub check: bool,
+}
+
+/// `--l7-runtime`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum L7RuntimeArg {
+    /// One runtime per worker thread.
+    PerWorker,
+    /// One multi-thread runtime.
+    Shared,
+}
+
+/// `--l7-accept`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum L7AcceptArg {
+    /// One socket per worker, SO_REUSEPORT.
+    Reuseport,
+    /// One socket, duplicated.
+    SharedSocket,
+}
+
+/// `--l7-workers`: a count, or `None` for `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L7Workers(pub Option<std::num::NonZeroUsize>);
+
+/// Most L7 workers `--l7-workers` accepts.
+pub const MAX_L7_WORKERS: usize = 1024;
+
+fn parse_l7_workers(s: &str) -> Result<L7Workers, String> {
+    if s == "auto" {
+        return Ok(L7Workers(None));
+    }
+    s.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_L7_WORKERS).contains(n))
+        .and_then(std::num::NonZeroUsize::new)
+        .map(|n| L7Workers(Some(n)))
+        .ok_or_else(|| format!("{s:?}: expected auto or a whole number from 1 to {MAX_L7_WORKERS}"))
+}
+
+impl RunArgs {
+    /// The L7 worker layout the flags ask for.
+    pub fn l7_layout(&self) -> crate::proxy::server::WorkerLayout {
+        use crate::proxy::server::{AcceptMode, L7Runtime, WorkerLayout};
+        WorkerLayout {
+            runtime: match self.l7_runtime {
+                L7RuntimeArg::PerWorker => L7Runtime::PerWorker,
+                L7RuntimeArg::Shared => L7Runtime::Shared,
+            },
+            workers: self.l7_workers.0,
+            accept: match self.l7_accept {
+                L7AcceptArg::Reuseport => AcceptMode::ReusePort,
+                L7AcceptArg::SharedSocket => AcceptMode::SharedSocket,
+            },
+        }
+    }
 }
 
 /// `100`, `64K`, `100M`, `1G` (powers of 1024).

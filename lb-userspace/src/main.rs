@@ -13,7 +13,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => {
             raise_open_files_limit();
-            runtime().and_then(|rt| rt.block_on(lb::daemon::run(a)))
+            // With per-worker L7 runtimes the main runtime runs only the control side (health
+            // checks, admin API, metrics, map writers): one thread of its own is enough, and
+            // the workers get the CPUs.
+            let main_threads = match a.l7_runtime {
+                lb::cli::L7RuntimeArg::PerWorker => Some(1),
+                lb::cli::L7RuntimeArg::Shared => None,
+            };
+            runtime_with(main_threads).and_then(|rt| rt.block_on(lb::daemon::run(a)))
         }
         Command::Decap(a) => runtime().and_then(|rt| rt.block_on(lb::daemon::decap(a))),
         Command::Stats(a) => lb::stats::run(&a),
@@ -68,7 +75,15 @@ fn raise_open_files_limit() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    runtime_with(None)
+}
+
+/// A multi-thread runtime with `threads` workers (`None`: tokio's default, one per CPU or
+/// `TOKIO_WORKER_THREADS`).
+fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    Ok(builder.enable_all().build()?)
 }

@@ -378,6 +378,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             groups,
             client: ClientConfig::default(),
             access_log: logs.access.clone(),
+            workers: args.l7_layout(),
         };
         listener_books = spec.listeners;
         match server::start(cfg).await {

@@ -144,6 +144,8 @@ pub struct Forwarder {
 struct Inner {
     config: ClientConfig,
     targets: Mutex<TargetMap>,
+    /// Shards per target pool: one per L7 worker.
+    shards: usize,
 }
 
 /// The targets by endpoint. Looked up once per request: foldhash, not the default SipHash
@@ -174,9 +176,9 @@ impl TargetHandle {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
-    /// A snapshot of the handle's pool (see [`Forwarder::stats`]).
+    /// A snapshot of the handle's pool, its workers' shards merged (see [`Forwarder::stats`]).
     pub fn stats(&self) -> TargetPoolStats {
-        self.0.pool.stats()
+        self.0.stats()
     }
 }
 
@@ -184,7 +186,9 @@ impl TargetHandle {
 #[derive(Debug)]
 struct Target {
     endpoint: TargetEndpoint,
-    pool: Arc<TargetPool>,
+    /// One pool per L7 worker (one in the shared layout): a worker reuses only connections it
+    /// made, whose sockets its own reactor watches ([`Target::pool`]).
+    pools: Box<[Arc<TargetPool>]>,
     /// The rustls configuration and SNI name, or why they could not be built.
     tls: Option<
         Result<
@@ -195,6 +199,24 @@ struct Target {
             String,
         >,
     >,
+}
+
+impl Target {
+    /// The calling L7 worker's shard of the pool (worker 0's on any other thread).
+    fn pool(&self) -> &Arc<TargetPool> {
+        let worker = super::pool::current_worker();
+        self.pools.get(worker).unwrap_or(&self.pools[0])
+    }
+
+    /// Every shard's snapshot merged ([`TargetPoolStats::merge_shard`]).
+    fn stats(&self) -> TargetPoolStats {
+        let mut shards = self.pools.iter().map(|p| p.stats());
+        let mut all = shards.next().expect("at least one shard");
+        for shard in shards {
+            all.merge_shard(&shard);
+        }
+        all
+    }
 }
 
 /// A connection ready for one request.
@@ -263,12 +285,20 @@ impl std::fmt::Display for SendError {
 }
 
 impl Forwarder {
-    /// A forwarder with no connections yet.
+    /// A forwarder with no connections yet, one pool per target.
     pub fn new(config: ClientConfig) -> Self {
+        Self::sharded(config, 1)
+    }
+
+    /// A forwarder whose target pools have one shard per L7 worker (`workers`, at least 1):
+    /// each worker thread ([`crate::proxy::pool::current_worker`]) reuses only the connections
+    /// it made, with their own estimator, sweeper task and HTTP/2 connection.
+    pub fn sharded(config: ClientConfig, workers: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
                 targets: Mutex::new(TargetMap::default()),
+                shards: workers.max(1),
             }),
         }
     }
@@ -341,11 +371,11 @@ impl Forwarder {
 
         let mut retried = false;
         if let Some((conn, idle_for)) = self.checkout(target, retryable, own).await {
-            target.pool.count_reused();
+            target.pool().count_reused();
             match self.send_any(target, conn, req, tail.take(), &replay).await {
                 Ok((response, no_hop_by_hop)) => {
                     if let Some(idle_for) = idle_for {
-                        target.pool.observe_reuse_answered(idle_for);
+                        target.pool().observe_reuse_answered(idle_for);
                     }
                     return Ok(Forwarded {
                         response,
@@ -391,7 +421,7 @@ impl Forwarder {
                 Err(other) => return Err(self.error(target, other, &replay)),
             }
             retried = true;
-            target.pool.count_retried();
+            target.pool().count_retried();
         }
 
         let config = &self.inner.config;
@@ -405,7 +435,7 @@ impl Forwarder {
             let (conn, time) = Box::pin(connect::connect(target, config)).await?;
             (Any::Hyper(conn), time)
         };
-        target.pool.count_fresh();
+        target.pool().count_fresh();
         match self.send_any(target, conn, req, tail, &replay).await {
             Ok((response, no_hop_by_hop)) => Ok(Forwarded {
                 response,
@@ -427,7 +457,7 @@ impl Forwarder {
         own: bool,
     ) -> Option<(Any, Option<Duration>)> {
         if own {
-            let (conn, idle_for) = target.pool.checkout_raw(retryable)?;
+            let (conn, idle_for) = target.pool().checkout_raw(retryable)?;
             return Some((Any::Raw(conn), Some(idle_for)));
         }
         let (conn, idle_for) = Box::pin(self.pool_checkout(target, retryable)).await?;
@@ -477,7 +507,7 @@ impl Forwarder {
             req,
             tail,
             config.max_response_header_bytes,
-            &target.pool,
+            target.pool(),
             target.endpoint.addr,
             config.idle_timeout,
             replay,
@@ -517,7 +547,23 @@ impl Forwarder {
     /// (reused, fresh, retried after a stale connection, retired early, unproven reuse avoided).
     pub fn stats(&self) -> Vec<TargetPoolStats> {
         let targets: Vec<Arc<Target>> = self.inner.lock_targets().values().cloned().collect();
-        targets.iter().map(|target| target.pool.stats()).collect()
+        targets.iter().map(|target| target.stats()).collect()
+    }
+
+    /// [`stats`](Self::stats) of every target, one entry per L7 worker's shard: `(worker,
+    /// stats)`.
+    pub fn stats_per_worker(&self) -> Vec<(usize, TargetPoolStats)> {
+        let targets: Vec<Arc<Target>> = self.inner.lock_targets().values().cloned().collect();
+        targets
+            .iter()
+            .flat_map(|target| {
+                target
+                    .pools
+                    .iter()
+                    .enumerate()
+                    .map(|(worker, pool)| (worker, pool.stats()))
+            })
+            .collect()
     }
 
     async fn send(
@@ -534,12 +580,12 @@ impl Forwarder {
                 let sent = std::pin::pin!(conn.sender.try_send_request(req));
                 let response = await_head(sent, idle_timeout, replay).await?;
                 if let Some(hint) = crate::headers::keep_alive_timeout(response.headers()) {
-                    target.pool.set_keep_alive_hint(hint);
+                    target.pool().set_keep_alive_hint(hint);
                 }
                 // After a 101 the connection belongs to the upgrade; otherwise it goes back to
                 // the pool when the body has been read.
                 let checkin = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
-                    .then(|| Checkin::new(conn, Arc::clone(&target.pool)));
+                    .then(|| Checkin::new(conn, Arc::clone(target.pool())));
                 (response, checkin)
             }
             Conn::H2(mut conn) => {
@@ -655,16 +701,20 @@ impl Inner {
                 .map_err(|e| format!("server name {:?}: {e}", tls.server_name))?;
             Ok((config, name))
         });
-        let pool = Arc::new(TargetPool::new(
-            endpoint.addr,
-            endpoint.tls.is_some(),
-            endpoint.http2,
-            self.config.idle_timeout,
-            self.config.max_idle_per_target,
-        ));
+        let pools = (0..self.shards)
+            .map(|_| {
+                Arc::new(TargetPool::new(
+                    endpoint.addr,
+                    endpoint.tls.is_some(),
+                    endpoint.http2,
+                    self.config.idle_timeout,
+                    self.config.max_idle_per_target,
+                ))
+            })
+            .collect();
         let target = Arc::new(Target {
             endpoint: endpoint.clone(),
-            pool,
+            pools,
             tls,
         });
         targets.insert(endpoint.clone(), Arc::clone(&target));
@@ -682,15 +732,15 @@ impl Forwarder {
         retryable: bool,
     ) -> Option<(Conn, Option<Duration>)> {
         if target.endpoint.http2 {
-            return target.pool.checkout_h2().map(|c| (Conn::H2(c), None));
+            return target.pool().checkout_h2().map(|c| (Conn::H2(c), None));
         }
-        if let Some(reused) = target.pool.checkout_h1(retryable) {
+        if let Some(reused) = target.pool().checkout_h1(retryable) {
             return Some((Conn::H1(reused.conn), Some(reused.idle_for)));
         }
         if target.endpoint.tls.is_some() {
             return None;
         }
-        let (raw, idle_for) = target.pool.checkout_raw(retryable)?;
+        let (raw, idle_for) = target.pool().checkout_raw(retryable)?;
         let conn = connect::into_hyper(target, &self.inner.config, raw)
             .await
             .ok()?;

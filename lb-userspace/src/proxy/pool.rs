@@ -48,6 +48,23 @@ use tokio::time::Instant;
 
 use super::client::ProxyBody;
 
+std::thread_local! {
+    /// The L7 worker this thread is (see `proxy::server`'s worker layout); 0 on every other
+    /// thread (the main runtime, tests).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The L7 worker the calling thread runs: its index among the per-worker runtimes, 0 on any
+/// other thread. Picks the shard of each target's pool ([`crate::proxy::client::Forwarder`]).
+pub fn current_worker() -> usize {
+    WORKER.with(std::cell::Cell::get)
+}
+
+/// Marks the calling thread as L7 worker `index` (called once, as the worker thread starts).
+pub(crate) fn set_current_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
 pub mod estimator;
 
 pub use estimator::{IdleCloseEstimator, reuse_limit_for};
@@ -86,6 +103,10 @@ pub struct TargetPoolStats {
     pub unproven_reuse_avoided: u64,
     /// The longest idle time a connection to this target was seen to survive.
     pub longest_survived_idle: Option<Duration>,
+    /// Pooled connections of our own HTTP/1.1 client taken for a request by another L7 worker
+    /// than the one that connected them (its socket's readiness is delivered to the other
+    /// worker's thread). Per-worker pools keep this at 0.
+    pub foreign_worker_reuse: u64,
 }
 
 impl TargetPoolStats {
@@ -99,6 +120,7 @@ impl TargetPoolStats {
             retired_early,
             closed_by_target_while_idle,
             unproven_reuse_avoided,
+            foreign_worker_reuse,
             ..
         } = other;
         self.reused += reused;
@@ -107,6 +129,23 @@ impl TargetPoolStats {
         self.retired_early += retired_early;
         self.closed_by_target_while_idle += closed_by_target_while_idle;
         self.unproven_reuse_avoided += unproven_reuse_avoided;
+        self.foreign_worker_reuse += foreign_worker_reuse;
+    }
+
+    /// Merges `other`, the same target's pool on another L7 worker, into these: counters and
+    /// idle connections add up; the estimates take the most cautious value (the shortest
+    /// learned idle-close time and reuse limit, the latest hint either had, the longest
+    /// survival seen).
+    pub fn merge_shard(&mut self, other: &TargetPoolStats) {
+        self.add_counters(other);
+        self.idle_connections += other.idle_connections;
+        self.keep_alive_hint = self.keep_alive_hint.or(other.keep_alive_hint);
+        self.learned_idle_close = match (self.learned_idle_close, other.learned_idle_close) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.reuse_limit = self.reuse_limit.min(other.reuse_limit);
+        self.longest_survived_idle = self.longest_survived_idle.max(other.longest_survived_idle);
     }
 }
 
@@ -197,6 +236,9 @@ pub struct RawConn {
     /// The header names of the target's previous response head, used again
     /// (`proxy::names`).
     pub names: crate::proxy::names::HeaderNames,
+    /// The L7 worker that connected it ([`current_worker`]): its socket is registered with
+    /// that worker's reactor.
+    pub worker: usize,
 }
 
 /// What a look at an idle raw connection found.
@@ -238,6 +280,7 @@ struct Counters {
     retired_early: u64,
     closed_by_target_while_idle: u64,
     unproven_reuse_avoided: u64,
+    foreign_worker_reuse: u64,
 }
 
 #[derive(Default)]
@@ -488,6 +531,9 @@ impl TargetPool {
             let Pooled::Raw(conn) = idle.conn else {
                 unreachable!("checked above")
             };
+            if conn.worker != current_worker() {
+                st.counters.foreign_worker_reuse += 1;
+            }
             return Some((conn, now.saturating_duration_since(idle.since)));
         }
     }
@@ -691,6 +737,7 @@ impl TargetPool {
             retired_early,
             closed_by_target_while_idle,
             unproven_reuse_avoided,
+            foreign_worker_reuse,
         } = st.counters;
         TargetPoolStats {
             target: self.target,
@@ -707,6 +754,7 @@ impl TargetPool {
             closed_by_target_while_idle,
             unproven_reuse_avoided,
             longest_survived_idle: st.survived,
+            foreign_worker_reuse,
         }
     }
 }
@@ -760,6 +808,7 @@ mod tests {
                 buf: BytesMut::new(),
                 timer: None,
                 names: crate::proxy::names::HeaderNames::new(),
+                worker: current_worker(),
             });
         }
         (conns, peers)

@@ -397,6 +397,71 @@ pub type Groups = HashMap<String, Arc<TargetGroup>, foldhash::fast::RandomState>
 /// The access log the L7 tier writes one record per request to.
 pub type AccessLog = LogWriter<Box<Record>>;
 
+/// Which runtime serves the L7 tier's client connections (`lb run --l7-runtime`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L7Runtime {
+    /// One tokio multi-thread runtime for everything (the caller's): one accept loop per
+    /// listener, connection tasks stolen between its worker threads, one connection pool per
+    /// target.
+    Shared,
+    /// One OS thread per worker, each running its own tokio `current_thread` runtime: every
+    /// worker accepts on its own listening socket per listener and serves the connections it
+    /// accepted to the end, with its own shard of every target's connection pool (nginx's
+    /// `worker_processes` + `reuseport`, HAProxy's `nbthread`, in one process).
+    PerWorker,
+}
+
+/// How per-worker listening sockets share a listener's port (`lb run --l7-accept`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptMode {
+    /// One socket per worker, all bound to the port with `SO_REUSEPORT`: the kernel spreads
+    /// new connections over them by a hash of the addresses.
+    ReusePort,
+    /// One listening socket, a duplicate of it (`dup`) per worker: whichever worker wakes
+    /// first accepts.
+    SharedSocket,
+}
+
+/// The L7 tier's thread layout (see the README's "Worker layout").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerLayout {
+    /// Shared runtime or one per worker.
+    pub runtime: L7Runtime,
+    /// Per-worker runtime: how many workers; `None`: one per CPU the process may use
+    /// (`std::thread::available_parallelism`).
+    pub workers: Option<std::num::NonZeroUsize>,
+    /// Per-worker runtime: how the workers' listening sockets share each port.
+    pub accept: AcceptMode,
+}
+
+/// `lb run`'s L7 runtime when `--l7-runtime` is not given (and [`WorkerLayout::default`]'s,
+/// which in-process tests use). Shared: per-worker used less CPU per request, but its HTTP/1.1
+/// p99 was no better (BENCHMARKS.md, "One runtime per CPU (stop 25)").
+pub const DEFAULT_L7_RUNTIME: L7Runtime = L7Runtime::Shared;
+
+impl Default for WorkerLayout {
+    fn default() -> Self {
+        Self {
+            runtime: DEFAULT_L7_RUNTIME,
+            workers: None,
+            accept: AcceptMode::ReusePort,
+        }
+    }
+}
+
+impl WorkerLayout {
+    /// How many per-worker runtimes this layout runs (0 for the shared runtime).
+    pub fn worker_count(&self) -> usize {
+        match self.runtime {
+            L7Runtime::Shared => 0,
+            L7Runtime::PerWorker => self
+                .workers
+                .or_else(|| std::thread::available_parallelism().ok())
+                .map_or(1, std::num::NonZeroUsize::get),
+        }
+    }
+}
+
 /// Everything the L7 tier serves.
 pub struct L7Config {
     /// Listeners with their rules.
@@ -408,6 +473,8 @@ pub struct L7Config {
     /// Where each request's access-log line goes (`None`: no access log; the metrics are
     /// counted either way).
     pub access_log: Option<Arc<AccessLog>>,
+    /// Which threads serve the client connections.
+    pub workers: WorkerLayout,
 }
 
 /// Counters of the whole L7 tier (CloudWatch names in the docs), the request ones derived from
@@ -516,6 +583,8 @@ struct Shared {
     counters: Arc<L7Counters>,
     phase: watch::Receiver<Phase>,
     access_log: Option<Arc<AccessLog>>,
+    /// Client connections accepted per worker (one entry in the shared runtime).
+    worker_accepts: Box<[AtomicU64]>,
 }
 
 /// One listener at run time.
@@ -609,6 +678,21 @@ impl L7Handle {
     pub fn counters(&self) -> &Arc<L7Counters> {
         &self.shared.counters
     }
+
+    /// Client connections accepted so far by each worker (over all listeners, rejected ones
+    /// included); one entry with the shared runtime.
+    pub fn worker_connections(&self) -> Vec<u64> {
+        self.shared
+            .worker_accepts
+            .iter()
+            .map(L7Counters::get)
+            .collect()
+    }
+
+    /// Per-target pool statistics of each worker's shard: `(worker, stats)`.
+    pub fn pool_stats_per_worker(&self) -> Vec<(usize, TargetPoolStats)> {
+        self.shared.forwarder.stats_per_worker()
+    }
 }
 
 /// A running L7 tier (from [`start`]).
@@ -663,27 +747,32 @@ impl Drop for RunningL7 {
 }
 
 /// Binds every listener (bind errors name the listener) and serves until [`RunningL7::shutdown`].
+/// With [`L7Runtime::PerWorker`] the workers' threads are started here and joined when the
+/// tier has stopped; with [`L7Runtime::Shared`] everything runs on the caller's runtime.
 pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     let L7Config {
         listeners,
         groups,
         client,
         access_log,
+        workers: layout,
     } = cfg;
     anyhow::ensure!(
         listeners.len() <= MAX_LISTENERS,
         "{} listeners configured; a load balancer has at most {MAX_LISTENERS}",
         listeners.len()
     );
+    let workers = layout.worker_count();
     let counters = Arc::new(L7Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-    let forwarder = Forwarder::new(client);
+    let forwarder = Forwarder::sharded(client, workers.max(1));
     let shared = Arc::new(Shared {
         groups: ArcSwap::from_pointee(groups),
         forwarder: forwarder.clone(),
         counters: counters.clone(),
         phase: phase_rx,
         access_log,
+        worker_accepts: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
     });
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
@@ -707,10 +796,13 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
                 )
             }
         };
-        let socket = TcpListener::bind(lcfg.bind)
-            .await
-            .with_context(|| format!("listener {}: binding {}", lcfg.name, lcfg.bind))?;
-        let local = socket.local_addr()?;
+        let sockets = if workers == 0 {
+            TcpListener::bind(lcfg.bind).await.map(Sockets::Shared)
+        } else {
+            bind_per_worker(lcfg.bind, workers, layout.accept).map(Sockets::PerWorker)
+        }
+        .with_context(|| format!("listener {}: binding {}", lcfg.name, lcfg.bind))?;
+        let local = sockets.local_addr()?;
         addrs.push((lcfg.name.clone(), local));
         let listener = Arc::new(Listener {
             name: Arc::from(lcfg.name.as_str()),
@@ -727,17 +819,25 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
             tls,
             shared: shared.clone(),
         });
-        bound.push((listener, socket));
+        bound.push((listener, sockets));
     }
     let shared_for_handle = shared.clone();
     let listeners_for_handle: Vec<Arc<Listener>> = bound.iter().map(|(l, _)| l.clone()).collect();
-    let task = tokio::spawn(async move {
-        let mut loops = JoinSet::new();
-        for (listener, socket) in bound {
-            loops.spawn(accept_loop(listener, socket));
-        }
-        while loops.join_next().await.is_some() {}
-    });
+    let task = if workers == 0 {
+        tokio::spawn(async move {
+            let mut loops = JoinSet::new();
+            for (listener, sockets) in bound {
+                if let Sockets::Shared(socket) = sockets {
+                    loops.spawn(accept_loop(listener, socket, 0));
+                }
+            }
+            while loops.join_next().await.is_some() {}
+        })
+    } else {
+        let first_port = addrs.first().map_or(0, |(_, a)| a.port());
+        let threads = start_workers(bound, workers, first_port)?;
+        tokio::spawn(threads.join())
+    };
     Ok(RunningL7 {
         addrs,
         handle: L7Handle {
@@ -750,6 +850,152 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         phase: phase_tx,
         task: Some(task),
     })
+}
+
+/// A listener's listening sockets: the shared runtime's one, or one per worker.
+enum Sockets {
+    Shared(TcpListener),
+    PerWorker(Vec<std::net::TcpListener>),
+}
+
+impl Sockets {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Self::Shared(s) => s.local_addr(),
+            Self::PerWorker(v) => v[0].local_addr(),
+        }
+    }
+}
+
+/// Listen backlog of every listening socket (tokio's `TcpListener::bind` uses the same).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// `workers` listening sockets for `addr` (port 0: the port the first one got), non-blocking,
+/// not yet registered with any runtime: bound with `SO_REUSEPORT` each, or one socket and its
+/// duplicates.
+fn bind_per_worker(
+    addr: SocketAddr,
+    workers: usize,
+    accept: AcceptMode,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let new_socket = |addr: SocketAddr| {
+        if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+    };
+    let socket = |addr: SocketAddr, reuseport: bool| -> std::io::Result<std::net::TcpListener> {
+        let s = new_socket(addr)?;
+        s.set_reuseaddr(true)?;
+        if reuseport {
+            s.set_reuseport(true)?;
+        }
+        s.bind(addr)?;
+        // Registered with the caller's runtime only until `into_std`: each worker registers
+        // its sockets with its own.
+        s.listen(LISTEN_BACKLOG)?.into_std()
+    };
+    let reuseport = accept == AcceptMode::ReusePort && workers > 1;
+    if reuseport && addr.port() != 0 {
+        // A port another process holds with `SO_REUSEPORT` (a second `lb run` as the same user)
+        // would take our sockets into its group and share our traffic: a bind without it is
+        // refused there, as on any port in use.
+        let probe = new_socket(addr)?;
+        probe.set_reuseaddr(true)?;
+        probe.bind(addr)?;
+    }
+    let first = socket(addr, reuseport)?;
+    let local = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        let next = if reuseport {
+            socket(local, true)?
+        } else {
+            sockets[0].try_clone()?
+        };
+        sockets.push(next);
+    }
+    Ok(sockets)
+}
+
+/// The per-worker threads, joined by [`WorkerThreads::join`].
+struct WorkerThreads {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Each closes (its sender is dropped) as its thread ends.
+    ended: Vec<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl WorkerThreads {
+    /// Waits (without blocking the runtime) until every worker has ended, then joins them.
+    async fn join(self) {
+        for ended in self.ended {
+            let _ = ended.await;
+        }
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("an L7 worker thread panicked");
+            }
+        }
+    }
+}
+
+/// Starts `workers` threads named `l7w{INDEX}:{port}` (`port`: the first listener's, which
+/// tells apart the workers of tiers in one process), each with its own `current_thread`
+/// runtime and its socket of every listener.
+fn start_workers(
+    bound: Vec<(Arc<Listener>, Sockets)>,
+    workers: usize,
+    port: u16,
+) -> anyhow::Result<WorkerThreads> {
+    let mut per_worker: Vec<Vec<(Arc<Listener>, std::net::TcpListener)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    for (listener, sockets) in bound {
+        let Sockets::PerWorker(sockets) = sockets else {
+            unreachable!("per-worker layouts bind per-worker sockets")
+        };
+        for (worker, socket) in sockets.into_iter().enumerate() {
+            per_worker[worker].push((listener.clone(), socket));
+        }
+    }
+    let mut threads = WorkerThreads {
+        threads: Vec::with_capacity(workers),
+        ended: Vec::with_capacity(workers),
+    };
+    for (worker, sockets) in per_worker.into_iter().enumerate() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building an L7 worker's runtime")?;
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("l7w{worker}:{port}"))
+            .spawn(move || {
+                crate::proxy::pool::set_current_worker(worker);
+                runtime.block_on(async move {
+                    let mut loops = JoinSet::new();
+                    for (listener, socket) in sockets {
+                        match TcpListener::from_std(socket) {
+                            Ok(socket) => {
+                                loops.spawn(accept_loop(listener, socket, worker));
+                            }
+                            Err(e) => {
+                                tracing::error!(listener = %listener.cfg.name, worker, error = %e, "registering a listening socket failed");
+                            }
+                        }
+                    }
+                    while loops.join_next().await.is_some() {}
+                });
+                // Tasks left on the runtime (pool sweepers, target connection drivers) end
+                // with it, before the thread says it has ended.
+                drop(runtime);
+                drop(ended_tx);
+            })
+            .context("starting an L7 worker thread")?;
+        threads.threads.push(thread);
+        threads.ended.push(ended_rx);
+    }
+    Ok(threads)
 }
 
 /// Binds every listener, serves until `shutdown` resolves, then stops accepting and lets
@@ -841,7 +1087,7 @@ fn http_builder<E>(exec: E) -> auto::Builder<E> {
     b
 }
 
-async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
+async fn accept_loop(listener: Arc<Listener>, socket: TcpListener, worker: usize) {
     let mut phase = listener.shared.phase.clone();
     // Connection tasks are tracked, not joined one by one: a JoinSet would wake this loop
     // for every connection that ends (and lock its set twice per connection), which a full
@@ -852,6 +1098,7 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener) {
         tokio::select! {
             accepted = socket.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    L7Counters::add(&listener.shared.worker_accepts[worker], 1);
                     L7Counters::add(&listener.shared.counters.new_connections, 1);
                     L7Counters::add(&listener.cells.new_connections, 1);
                     match listener.connections.admit(peer.ip()) {
@@ -1469,6 +1716,7 @@ mod tests {
             groups: Groups::default(),
             client: ClientConfig::default(),
             access_log: None,
+            workers: WorkerLayout::default(),
         };
         let err = start(cfg).await.err().expect("address in use");
         assert!(format!("{err:#}").contains("listener busy"), "{err:#}");

@@ -348,6 +348,8 @@ pub struct ProxyBuilder {
     pub groups: lb::proxy::server::Groups,
     pub client: ClientConfig,
     pub access_log: Option<Arc<lb::proxy::server::AccessLog>>,
+    /// The L7 worker layout: `lb run`'s default unless a test sets it ([`Self::workers`]).
+    pub workers: lb::proxy::server::WorkerLayout,
 }
 
 impl ProxyBuilder {
@@ -364,6 +366,7 @@ impl ProxyBuilder {
             groups: Default::default(),
             client: ClientConfig::default(),
             access_log: None,
+            workers: Default::default(),
         }
     }
 
@@ -407,12 +410,19 @@ impl ProxyBuilder {
         self
     }
 
+    /// Sets the L7 worker layout.
+    pub fn workers(mut self, layout: lb::proxy::server::WorkerLayout) -> Self {
+        self.workers = layout;
+        self
+    }
+
     pub async fn start(self) -> Proxy {
         let running = lb::proxy::server::start(L7Config {
             listeners: vec![(self.listener, self.rules)],
             groups: self.groups,
             client: self.client,
             access_log: self.access_log,
+            workers: self.workers,
         })
         .await
         .expect("start the L7 tier");

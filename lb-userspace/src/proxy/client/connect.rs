@@ -55,11 +55,12 @@ pub(super) async fn connect_raw(
     // Heads are written whole; Nagle would only delay the last segment.
     tcp.set_nodelay(true).map_err(|e| connect_error(addr, e))?;
     let conn = RawConn {
-        id: target.pool.next_id(),
+        id: target.pool().next_id(),
         stream: tcp,
         buf: bytes::BytesMut::new(),
         timer: None,
         names: crate::proxy::names::HeaderNames::new(),
+        worker: crate::proxy::pool::current_worker(),
     };
     Ok((conn, started.elapsed()))
 }
@@ -90,7 +91,7 @@ pub(super) async fn into_hyper(
         .map_err(|e| connect_error(addr, e))?;
     let shared = Arc::new(ConnShared::default());
     tokio::spawn(drive_h1(
-        Arc::clone(&target.pool),
+        Arc::clone(target.pool()),
         id,
         Arc::clone(&shared),
         connection.with_upgrades(),
@@ -130,7 +131,7 @@ async fn establish(target: &Target, config: &ClientConfig) -> Result<Conn, Proxy
         }
     };
     let io = TokioIo::new(stream);
-    let pool = Arc::clone(&target.pool);
+    let pool = Arc::clone(target.pool());
     let id = pool.next_id();
     let shared = Arc::new(ConnShared::default());
     if target.endpoint.http2 {
@@ -149,7 +150,7 @@ async fn establish(target: &Target, config: &ClientConfig) -> Result<Conn, Proxy
             pool.on_connection_ended(id, &shared);
         });
         let conn = H2Conn { id, sender };
-        target.pool.set_h2(&conn);
+        target.pool().set_h2(&conn);
         Ok(Conn::H2(conn))
     } else {
         // The byte limit is ALB's. The count stays at hyper's default (100 header fields, as

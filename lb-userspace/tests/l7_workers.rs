@@ -1,0 +1,311 @@
+//! The per-worker L7 layout (`--l7-runtime per-worker`): connections spread over the workers,
+//! each worker reuses only the target connections it made, a drain waits for the open
+//! connections of every worker, shutdown leaves no worker thread, and bad flag values are
+//! refused naming the flag.
+mod support;
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser as _;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use lb::proxy::server::{AcceptMode, L7Runtime, WorkerLayout};
+use support::target::{self, Reply};
+use support::{ProxyBuilder, SAFETY, get, get_many, within};
+use tokio::net::TcpStream;
+
+fn per_worker(workers: usize, accept: AcceptMode) -> WorkerLayout {
+    WorkerLayout {
+        runtime: L7Runtime::PerWorker,
+        workers: NonZeroUsize::new(workers),
+        accept,
+    }
+}
+
+/// Threads of this process named as the workers of the tier whose first listener has `port`.
+fn worker_threads(port: u16) -> usize {
+    let suffix = format!(":{port}");
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|comm| {
+            let comm = comm.trim();
+            comm.starts_with("l7w") && comm.ends_with(&suffix)
+        })
+        .count()
+}
+
+/// Waits (up to the safety timeout) until `done` holds.
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited too long for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn connections_spread_over_both_workers_with_reuseport() {
+    let proxy = ProxyBuilder::new()
+        .rules(&["web,default,fixed-response=200"])
+        .workers(per_worker(2, AcceptMode::ReusePort))
+        .start()
+        .await;
+    let handle = proxy.running.as_ref().expect("running").handle();
+    for _ in 0..64 {
+        assert_eq!(get(proxy.addr, "/").await.status, 200);
+    }
+    let per_worker = handle.worker_connections();
+    assert_eq!(per_worker.len(), 2, "{per_worker:?}");
+    assert_eq!(
+        per_worker.iter().sum::<u64>(),
+        64,
+        "every connection counted once: {per_worker:?}"
+    );
+    // The kernel's hash spreads 64 source ports over both sockets (all on one: 2 in 2^64).
+    assert!(
+        per_worker.iter().all(|n| *n > 0),
+        "both workers accepted: {per_worker:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_shared_socket_serves_every_connection_on_some_worker() {
+    let proxy = ProxyBuilder::new()
+        .rules(&["web,default,fixed-response=200"])
+        .workers(per_worker(2, AcceptMode::SharedSocket))
+        .start()
+        .await;
+    let handle = proxy.running.as_ref().expect("running").handle();
+    for _ in 0..32 {
+        assert_eq!(get(proxy.addr, "/").await.status, 200);
+    }
+    let per_worker = handle.worker_connections();
+    assert_eq!(per_worker.len(), 2, "{per_worker:?}");
+    assert_eq!(per_worker.iter().sum::<u64>(), 32, "{per_worker:?}");
+}
+
+#[tokio::test]
+async fn the_shared_runtime_counts_one_worker() {
+    let proxy = ProxyBuilder::new()
+        .rules(&["web,default,fixed-response=200"])
+        .workers(WorkerLayout {
+            runtime: L7Runtime::Shared,
+            ..WorkerLayout::default()
+        })
+        .start()
+        .await;
+    assert_eq!(get(proxy.addr, "/").await.status, 200);
+    let handle = proxy.running.as_ref().expect("running").handle();
+    assert_eq!(handle.worker_connections(), vec![1]);
+    assert_eq!(worker_threads(proxy.addr.port()), 0, "no worker threads");
+}
+
+#[tokio::test]
+async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() {
+    let target = target::http1().route("/", Reply::text("ok")).run().await;
+    let proxy = ProxyBuilder::forward_to(&[target.addr])
+        .workers(per_worker(2, AcceptMode::ReusePort))
+        .start()
+        .await;
+    let handle = proxy.running.as_ref().expect("running").handle();
+    // 16 client connections at once, 25 requests each: both workers serve some, and each pools
+    // target connections and takes them again.
+    let clients: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(get_many(proxy.addr, "/", 25)))
+        .collect();
+    for client in clients {
+        let bodies = client.await.expect("client task");
+        assert!(bodies.iter().all(|b| b == "ok"), "{bodies:?}");
+    }
+    let shards = handle.pool_stats_per_worker();
+    let foreign: u64 = shards.iter().map(|(_, s)| s.foreign_worker_reuse).sum();
+    assert_eq!(
+        foreign, 0,
+        "a worker took another worker's connection: {shards:?}"
+    );
+    // Positive control: both workers reused pooled connections (so both had the chance to take
+    // a foreign one), and the merged stats add the shards up.
+    for worker in 0..2 {
+        let reused: u64 = shards
+            .iter()
+            .filter(|(w, _)| *w == worker)
+            .map(|(_, s)| s.reused)
+            .sum();
+        assert!(reused > 0, "worker {worker} reused nothing: {shards:?}");
+    }
+    let merged: u64 = handle.pool_stats().iter().map(|s| s.reused + s.fresh).sum();
+    assert_eq!(merged, 16 * 25, "every request counted once");
+}
+
+#[tokio::test]
+async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let target = target::http1()
+        .route(
+            "/",
+            Reply::Gated {
+                first: "first,".into(),
+                gate: gate.clone(),
+                second: "second".into(),
+            },
+        )
+        .run()
+        .await;
+    let mut proxy = ProxyBuilder::forward_to(&[target.addr])
+        .workers(per_worker(2, AcceptMode::ReusePort))
+        .start()
+        .await;
+    let port = proxy.addr.port();
+    let running = proxy.running.take().expect("running");
+    let handle = running.handle();
+    // A thread names itself as it starts.
+    wait_for("two named worker threads", || worker_threads(port) == 2).await;
+    // Open connections with a response in flight until both workers hold some.
+    let mut bodies = Vec::new();
+    while handle.worker_connections().contains(&0) {
+        assert!(bodies.len() < 64, "64 connections all on one worker");
+        let tcp = within(TcpStream::connect(proxy.addr))
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get("/")
+            .header("host", "app.test")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = within(sender.send_request(req))
+            .await
+            .expect("response head");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = within(body.frame())
+            .await
+            .expect("first chunk")
+            .expect("chunk");
+        assert_eq!(first.into_data().expect("data"), "first,");
+        bodies.push(body);
+    }
+    let shutdown = tokio::spawn(running.shutdown(SAFETY));
+    // The workers stop accepting: new connections are refused once every socket is closed.
+    wait_for("the listening sockets to close", || {
+        std::net::TcpStream::connect(proxy.addr).is_err()
+    })
+    .await;
+    assert!(
+        !shutdown.is_finished(),
+        "the drain must wait for the responses in flight"
+    );
+    assert_eq!(
+        worker_threads(port),
+        2,
+        "both workers still serve their connections"
+    );
+    // Release the responses (the gate's waiters may register late: keep notifying).
+    let released = Arc::new(AtomicBool::new(false));
+    let notifier = {
+        let (gate, released) = (gate.clone(), released.clone());
+        tokio::spawn(async move {
+            while !released.load(Ordering::SeqCst) {
+                gate.notify_waiters();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for body in bodies {
+        let rest = within(body.collect())
+            .await
+            .expect("rest of the body")
+            .to_bytes();
+        assert_eq!(rest, "second", "the response finished during the drain");
+    }
+    released.store(true, Ordering::SeqCst);
+    notifier.await.expect("notifier");
+    within(shutdown)
+        .await
+        .expect("shutdown task")
+        .expect("shutdown");
+    assert_eq!(
+        worker_threads(port),
+        0,
+        "shutdown joined every worker thread"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_leaves_no_worker_thread() {
+    let mut proxy = ProxyBuilder::new()
+        .rules(&["web,default,fixed-response=200"])
+        .workers(per_worker(3, AcceptMode::ReusePort))
+        .start()
+        .await;
+    let port = proxy.addr.port();
+    assert_eq!(get(proxy.addr, "/").await.status, 200);
+    // Positive control: the workers are seen (a thread names itself as it starts).
+    wait_for("three named worker threads", || worker_threads(port) == 3).await;
+    let running = proxy.running.take().expect("running");
+    within(running.shutdown(Duration::from_secs(5)))
+        .await
+        .expect("shutdown");
+    assert_eq!(worker_threads(port), 0, "no worker thread left");
+}
+
+#[test]
+fn bad_worker_flags_are_refused_naming_the_flag() {
+    let parse = |args: &[&str]| {
+        let mut argv = vec!["lb".to_owned(), "run".to_owned()];
+        argv.extend(args.chunks(2).map(|kv| kv.join("=")));
+        lb::cli::Cli::try_parse_from(argv).map(|_| ())
+    };
+    for bad in ["0", "-1", "two", "1025", ""] {
+        let err = parse(&["--l7-workers", bad]).expect_err(bad).to_string();
+        assert!(err.contains("--l7-workers"), "{bad:?}: {err}");
+    }
+    let err = parse(&["--l7-runtime", "threads"])
+        .expect_err("bad runtime")
+        .to_string();
+    assert!(err.contains("--l7-runtime"), "{err}");
+    let err = parse(&["--l7-accept", "steal"])
+        .expect_err("bad accept")
+        .to_string();
+    assert!(err.contains("--l7-accept"), "{err}");
+    // Positive control: good values parse, and the layout follows them.
+    for good in [
+        &["--l7-workers", "auto"][..],
+        &["--l7-workers", "1"],
+        &["--l7-workers", "1024"],
+        &["--l7-runtime", "shared"],
+        &["--l7-accept", "shared-socket"],
+    ] {
+        parse(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+    }
+    let layout = |argv: &[&str]| {
+        let cli = lb::cli::Cli::try_parse_from(argv).expect("parses");
+        let lb::cli::Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        args.l7_layout()
+    };
+    assert_eq!(
+        layout(&[
+            "lb",
+            "run",
+            "--l7-runtime",
+            "per-worker",
+            "--l7-workers",
+            "3"
+        ]),
+        per_worker(3, AcceptMode::ReusePort)
+    );
+    // In-process tests get `lb run`'s default layout.
+    assert_eq!(layout(&["lb", "run"]), WorkerLayout::default());
+}
