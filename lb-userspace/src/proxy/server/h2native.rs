@@ -136,7 +136,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Conn<IO> {
                 Some(Ok((req, reply))) => {
                     L7Counters::add(&this.ctx.listener.shared.counters.http2_native_requests, 1);
                     let stream = Stream::new(&this.ctx, req, reply);
-                    hyper::rt::Executor::execute(&this.exec, stream);
+                    this.exec.execute_native(stream);
                 }
                 Some(Err(e)) => return Poll::Ready(Err(e)),
                 None => return Poll::Ready(Ok(())),
