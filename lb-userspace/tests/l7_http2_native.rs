@@ -4,6 +4,7 @@
 //! the native path (and the hyper run is the counter's positive control). The client is the
 //! `h2` crate itself (prior knowledge), for control over windows, trailers and resets.
 mod support;
+mod support_client;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{Proxy, ProxyBuilder, within};
+use support_client::{RawBehaviour, RawTarget};
 use tokio::net::{TcpListener, TcpStream};
 
 fn native_requests(p: &Proxy) -> u64 {
@@ -183,6 +185,79 @@ async fn a_request_body_larger_than_the_window_is_uploaded_whole() {
         })
         .await;
         expect_counted(&p, native, 1);
+    }
+}
+
+/// A small PUT with a `content-length` is retried on a new target connection when its pooled
+/// one turns out stale: only a body whose size hint says it is small enough to be kept is
+/// retryable, and only a retryable request may reuse a connection whose idle age the pool has
+/// not proven safe (a fresh pool has proven none). The target answers a connection's first
+/// request and resets the connection after reading its second, so the PUT, reusing the GET's
+/// connection, is lost there and must be replayed, whole, on a second connection. Without the
+/// hint (the native path's body dropping it) the PUT would go out fresh instead: no retry,
+/// which the pool's `retried` counter and the target's record tell apart.
+#[tokio::test]
+async fn a_small_put_with_a_length_is_retried_on_a_stale_pooled_connection() {
+    for native in [true, false] {
+        let t = RawTarget::start(RawBehaviour {
+            reset_after_reading_request: Some(2),
+            ..RawBehaviour::default()
+        })
+        .await;
+        let p = proxy_to(t.addr, false, native).start().await;
+        let running = p.running.as_ref().expect("running");
+        within(async {
+            let mut client = h2_client(p.addr, 65_535).await;
+            let (response, _) = client
+                .send_request(request("GET", "/first"), true)
+                .expect("send GET");
+            let response = response.await.expect("GET response");
+            assert_eq!(response.status(), 200, "native={native}");
+            read_body(response.into_body()).await;
+            // The GET's target connection is back in the pool before the PUT goes out.
+            wait_until("the GET's connection pooled", || {
+                running
+                    .pool_stats()
+                    .first()
+                    .is_some_and(|s| s.idle_connections == 1)
+            })
+            .await;
+
+            let mut req = request("PUT", "/doc");
+            req.headers_mut()
+                .insert("content-length", "9".parse().expect("value"));
+            let (response, mut body) = client.send_request(req, false).expect("send PUT");
+            body.send_data(Bytes::from_static(b"version-2"), true)
+                .expect("send PUT body");
+            let response = response.await.expect("PUT response");
+            let status = response.status();
+            let (got, _) = read_body(response.into_body()).await;
+            assert_eq!(
+                (status.as_u16(), String::from_utf8_lossy(&got).into_owned()),
+                (200, "PUT /doc #1 on connection 1".to_string()),
+                "native={native}: answered on the second connection"
+            );
+        })
+        .await;
+        let puts: Vec<_> = t
+            .seen()
+            .into_iter()
+            .filter(|s| s.method == "PUT")
+            .map(|s| (s.connection, s.nth_on_connection, s.body))
+            .collect();
+        assert_eq!(
+            puts,
+            vec![(0, 2, b"version-2".to_vec()), (1, 1, b"version-2".to_vec())],
+            "native={native}: the PUT reused the GET's connection, was lost there and sent \
+             again, whole, on a new one"
+        );
+        let stats = running.pool_stats().pop().expect("one target pool");
+        assert_eq!(
+            (stats.reused, stats.retried, stats.unproven_reuse_avoided),
+            (1, 1, 0),
+            "native={native}: {stats:?}"
+        );
+        expect_counted(&p, native, 2);
     }
 }
 

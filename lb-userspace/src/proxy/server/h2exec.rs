@@ -20,6 +20,12 @@
 //! responses that the target connections' tasks woken in the same reactor pass are about to
 //! hand over.
 //!
+//! The running streams sit in slots the connection reuses (a slot and its waker are made once,
+//! when more streams run at once than ever before on the connection): a stream costs the
+//! driver no allocation. The native path's streams are kept in their slot unboxed; hyper's
+//! come boxed (their type is hyper's). `FuturesUnordered`, used before, allocated a task per
+//! stream.
+//!
 //! Behaviour kept from the spawned tasks:
 //! - A stream's future ends when the client resets the stream (hyper, and the native path,
 //!   watch for RST_STREAM while the service runs) and is dropped then, as before.
@@ -40,10 +46,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::FutureExt as _;
-use futures_util::future::CatchUnwind;
-use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use futures_util::task::AtomicWaker;
+
+use super::h2native;
 
 /// Most rounds (connection, then woken streams) in one poll of the connection's task before it
 /// yields to the scheduler.
@@ -51,6 +56,22 @@ pub(super) const MAX_ROUNDS: usize = 16;
 
 /// A stream's future as hyper hands it over.
 type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A stream to run: hyper's (its future boxed, of a type only hyper names) or the native
+/// path's, kept unboxed in its slot.
+enum Task {
+    Hyper(StreamFuture),
+    Native(h2native::Stream),
+}
+
+impl Task {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Task::Hyper(fut) => fut.as_mut().poll(cx),
+            Task::Native(stream) => Pin::new(stream).poll(cx),
+        }
+    }
+}
 
 /// The executor hyper gets for one connection: queues the streams for [`Streams`].
 #[derive(Clone)]
@@ -63,11 +84,22 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        self.queue(Task::Hyper(Box::pin(fut)));
+    }
+}
+
+impl StreamExec {
+    /// Queues a native stream (`h2native.rs`), unboxed.
+    pub(super) fn execute_native(&self, stream: h2native::Stream) {
+        self.queue(Task::Native(stream));
+    }
+
+    fn queue(&self, task: Task) {
         self.shared
             .queued
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(Box::pin(fut));
+            .push(task);
         self.shared.streams_due.store(true, Ordering::SeqCst);
         self.shared.notify();
     }
@@ -76,7 +108,10 @@ where
 /// State shared by the executor, the two wakers and the driver.
 struct Shared {
     /// Streams handed over and not yet picked up by the driver.
-    queued: Mutex<Vec<StreamFuture>>,
+    queued: Mutex<Vec<Task>>,
+    /// The slots whose stream was woken, each once (its [`SlotWake::queued`] flag), for the
+    /// driver's next round.
+    woken: Mutex<Vec<usize>>,
     /// The task that runs the driver (woken only when it is not being polled).
     task: AtomicWaker,
     /// The driver is inside its poll: a wake-up only sets a flag, which it reads before it
@@ -99,37 +134,72 @@ impl Shared {
     }
 }
 
-/// A waker that marks one side due: the connection (the waker the connection future is
-/// polled with) or the streams (the one `FuturesUnordered` wakes for any of them).
-struct DueWake {
+/// The waker the connection future is polled with: marks the connection due.
+struct ConnWake {
     shared: Arc<Shared>,
-    conn: bool,
 }
 
-impl Wake for DueWake {
+impl Wake for ConnWake {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let due = if self.conn {
-            &self.shared.conn_due
-        } else {
-            &self.shared.streams_due
-        };
-        due.store(true, Ordering::SeqCst);
+        self.shared.conn_due.store(true, Ordering::SeqCst);
         self.shared.notify();
     }
+}
+
+/// The waker of one stream slot: puts the slot on the woken list (once until it is polled)
+/// and marks the streams due.
+struct SlotWake {
+    shared: Arc<Shared>,
+    slot: usize,
+    /// On the woken list (or about to be polled from it) already.
+    queued: AtomicBool,
+}
+
+impl Wake for SlotWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.shared
+            .woken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self.slot);
+        self.shared.streams_due.store(true, Ordering::SeqCst);
+        self.shared.notify();
+    }
+}
+
+/// A place for one running stream, reused by the connection's later streams with its waker:
+/// a stream costs no allocation of the driver's (`FuturesUnordered` allocated a task per
+/// stream, and the native stream was boxed).
+struct Slot {
+    task: Option<Task>,
+    wake: Arc<SlotWake>,
+    waker: Waker,
 }
 
 /// The streams of one connection and the driver that polls them with the connection.
 pub(super) struct Streams {
     shared: Arc<Shared>,
-    running: FuturesUnordered<CatchUnwind<AssertUnwindSafe<StreamFuture>>>,
+    /// The running streams' slots; as many as ever ran at once on the connection (h2 bounds
+    /// them: `HTTP2_MAX_CONCURRENT_STREAMS`, plus the reset ones not yet dropped).
+    slots: Vec<Slot>,
+    /// Empty slots.
+    free: Vec<usize>,
+    /// The slots to poll in this round (the woken list's storage, swapped with it).
+    ready: Vec<usize>,
     conn_waker: Waker,
-    streams_waker: Waker,
     /// The queue's storage, swapped with it when streams are picked up.
-    spare: Vec<StreamFuture>,
+    spare: Vec<Task>,
     #[cfg(test)]
     pub(super) stats: Stats,
 }
@@ -144,6 +214,8 @@ pub(super) struct Stats {
     pub(super) panicked: usize,
     /// Polls that used every round and yielded.
     pub(super) yielded: usize,
+    /// Stream slots made (each reused by later streams once free).
+    pub(super) slots: usize,
 }
 
 impl Default for Streams {
@@ -156,6 +228,7 @@ impl Streams {
     pub(super) fn new() -> Self {
         let shared = Arc::new(Shared {
             queued: Mutex::new(Vec::new()),
+            woken: Mutex::new(Vec::new()),
             task: AtomicWaker::new(),
             polling: AtomicBool::new(false),
             // The first poll polls both.
@@ -163,16 +236,13 @@ impl Streams {
             streams_due: AtomicBool::new(true),
         });
         Self {
-            conn_waker: Waker::from(Arc::new(DueWake {
+            conn_waker: Waker::from(Arc::new(ConnWake {
                 shared: shared.clone(),
-                conn: true,
-            })),
-            streams_waker: Waker::from(Arc::new(DueWake {
-                shared: shared.clone(),
-                conn: false,
             })),
             shared,
-            running: FuturesUnordered::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            ready: Vec::new(),
             spare: Vec::new(),
             #[cfg(test)]
             stats: Stats::default(),
@@ -253,7 +323,8 @@ impl Streams {
         Poll::Pending
     }
 
-    /// Moves the queued streams into the running set.
+    /// Moves the queued streams into free slots (new ones when none is free), each to be
+    /// polled in this round.
     fn pick_up(&mut self) {
         std::mem::swap(
             &mut *self
@@ -267,17 +338,67 @@ impl Streams {
         {
             self.stats.started += self.spare.len();
         }
-        for fut in self.spare.drain(..) {
-            self.running.push(AssertUnwindSafe(fut).catch_unwind());
+        for task in self.spare.drain(..) {
+            let slot = match self.free.pop() {
+                Some(slot) => slot,
+                None => {
+                    let slot = self.slots.len();
+                    let wake = Arc::new(SlotWake {
+                        shared: self.shared.clone(),
+                        slot,
+                        queued: AtomicBool::new(false),
+                    });
+                    self.slots.push(Slot {
+                        task: None,
+                        waker: Waker::from(wake.clone()),
+                        wake,
+                    });
+                    #[cfg(test)]
+                    {
+                        self.stats.slots += 1;
+                    }
+                    slot
+                }
+            };
+            let s = &mut self.slots[slot];
+            s.task = Some(task);
+            // Already on the woken list when a wake-up meant for the slot's previous stream
+            // is pending: polled from there (a spurious poll is harmless to a stream that did
+            // not ask for it).
+            if !s.wake.queued.swap(true, Ordering::SeqCst) {
+                self.ready.push(slot);
+            }
         }
     }
 
-    /// Polls the woken streams once each; `FuturesUnordered` wakes `streams_waker` when it
-    /// stops early (its own budget), so the next round continues.
+    /// Polls the new and the woken streams once each; a stream woken while it (or another)
+    /// is polled goes on the woken list for the next round. A panicking stream is dropped
+    /// (h2 resets it), the others go on.
     fn poll_streams(&mut self) {
-        let mut scx = Context::from_waker(&self.streams_waker);
-        while let Poll::Ready(Some(ended)) = self.running.poll_next_unpin(&mut scx) {
-            if ended.is_err() {
+        self.ready.extend(
+            self.shared
+                .woken
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain(..),
+        );
+        for i in 0..self.ready.len() {
+            let slot = &mut self.slots[self.ready[i]];
+            // Cleared before the poll: a wake-up from now on puts the slot on the list again.
+            slot.wake.queued.store(false, Ordering::SeqCst);
+            let Some(task) = &mut slot.task else {
+                continue;
+            };
+            let mut cx = Context::from_waker(&slot.waker);
+            let panicked = match std::panic::catch_unwind(AssertUnwindSafe(|| task.poll(&mut cx))) {
+                Ok(Poll::Pending) => continue,
+                Ok(Poll::Ready(())) => false,
+                Err(_) => true,
+            };
+            // Dropped outside the catch, as `FuturesUnordered` dropped a panicked future.
+            slot.task = None;
+            self.free.push(self.ready[i]);
+            if panicked {
                 #[cfg(test)]
                 {
                     self.stats.panicked += 1;
@@ -287,6 +408,7 @@ impl Streams {
                 );
             }
         }
+        self.ready.clear();
     }
 }
 

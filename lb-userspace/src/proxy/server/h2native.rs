@@ -53,7 +53,8 @@ use crate::proxy::client::ProxyBody;
 
 /// The `h2` server settings of every listener: exactly those `http_builder` gives hyper's
 /// HTTP/2 server (see the reasons there). Keep-alive PINGs and the adaptive window, which hyper
-/// implements above h2, are off there and absent here.
+/// implements above h2, are off there and absent here. Built once: every connection's
+/// handshake takes it by reference ([`BUILDER`]).
 pub(super) fn builder() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(super::HTTP2_STREAM_WINDOW)
@@ -66,6 +67,9 @@ pub(super) fn builder() -> h2::server::Builder {
         .max_pending_accept_reset_streams(super::HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS);
     b
 }
+
+/// [`builder`]'s settings, built on first use and shared by every connection.
+static BUILDER: std::sync::LazyLock<h2::server::Builder> = std::sync::LazyLock::new(builder);
 
 /// Lets the connection's control loop ask for a graceful shutdown (GOAWAY, open streams
 /// finish). The loop polls the connection again after every step it takes, so a flag is
@@ -99,7 +103,7 @@ pub(super) struct Conn<IO> {
 impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     pub(super) fn new(io: IO, ctx: Arc<ConnCtx>, exec: StreamExec, control: Arc<Control>) -> Self {
         Self {
-            state: State::Handshaking(builder().handshake(io)),
+            state: State::Handshaking(BUILDER.handshake(io)),
             ctx,
             exec,
             control,
@@ -132,7 +136,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Conn<IO> {
                 Some(Ok((req, reply))) => {
                     L7Counters::add(&this.ctx.listener.shared.counters.http2_native_requests, 1);
                     let stream = Stream::new(&this.ctx, req, reply);
-                    hyper::rt::Executor::execute(&this.exec, stream);
+                    this.exec.execute_native(stream);
                 }
                 Some(Err(e)) => return Poll::Ready(Err(e)),
                 None => return Poll::Ready(Ok(())),
@@ -165,12 +169,25 @@ impl Stream {
     ) -> Self {
         // The request's `content-length` when every value is the same valid number, as
         // hyper's `content_length_parse_all` (h2 has already refused a stream whose values
-        // disagree); the rule our own HTTP/1.1 client reads a length by.
-        let content_length =
-            crate::proxy::client::h1::content_length(req.headers()).and_then(Result::ok);
+        // disagree); the rule our own HTTP/1.1 client reads a length by. Not looked up when
+        // the HEADERS frame ended the stream: h2 resets such a stream with a non-zero length
+        // (RFC 9113 §8.1.1), and no trailers can follow, so the body is empty whatever the
+        // header says, and is given as such (exact size 0, at its end: as hyper's `Incoming`
+        // for an ended stream) without keeping the stream's receive half: asking h2 whether
+        // it has ended takes its lock each time (about 60 instructions, twice more per
+        // request in the pipeline).
+        let ended = req.body().is_end_stream();
+        let content_length = if ended {
+            None
+        } else {
+            crate::proxy::client::h1::content_length(req.headers()).and_then(Result::ok)
+        };
         let connect = req.method() == Method::CONNECT;
         let (parts, recv) = req.into_parts();
-        let body = if connect {
+        let body = if ended {
+            drop(recv);
+            RequestBody::empty()
+        } else if connect {
             if content_length.is_some_and(|len| len != 0) {
                 reply.send_reset(h2::Reason::INTERNAL_ERROR);
                 return Self {
@@ -356,16 +373,12 @@ pub(super) struct RequestBody {
 }
 
 impl RequestBody {
+    /// The body of a stream the HEADERS frame did not end (an ended one is [`Self::empty`]).
     fn new(recv: h2::RecvStream, content_length: Option<u64>) -> Self {
-        // An ended stream without `content-length` has an empty body (as hyper).
-        let remaining = match content_length {
-            None if recv.is_end_stream() => Some(0),
-            other => other,
-        };
         Self {
             recv: Some(recv),
             data_done: false,
-            remaining,
+            remaining: content_length,
         }
     }
 

@@ -221,6 +221,32 @@ async fn streams_run_in_the_connection_task_not_in_tasks_of_their_own() {
     assert_eq!(ended.stats.started, 0);
 }
 
+/// A stream costs no slot of its own: one request after the other, every stream runs in the
+/// slot the previous one left (its future is dropped before its response is flushed); a burst
+/// needs no more slots than streams.
+#[tokio::test]
+async fn stream_slots_are_reused() {
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let (mut send, server) = connect(recording_handler(ids.clone()), false).await;
+    for i in 0..20 {
+        let (status, body) = fetch(&mut send, get(&format!("/{i}")))
+            .await
+            .expect("response");
+        assert_eq!((status, &body[..]), (200, &b"hi"[..]));
+    }
+    burst(&send, 30).await;
+    let ended = server.stop(Stop::Graceful).await;
+    assert_eq!(
+        ended.stats.started, 50,
+        "every stream went through the executor"
+    );
+    assert!(
+        (1..=30).contains(&ended.stats.slots),
+        "the sequential streams share one slot, the burst needs at most one per stream: {:?}",
+        ended.stats
+    );
+}
+
 /// A handler for `/hang` that runs until dropped (flags: started, dropped); anything else
 /// answers at once.
 fn hanging_handler(started: Arc<Notify>, dropped: Arc<AtomicBool>) -> Handler {
