@@ -164,8 +164,9 @@ pub struct RunArgs {
     pub l7_workers: L7Workers,
 
     /// How the per-worker listening sockets share a listener's port: `reuseport` (one socket
-    /// per worker with SO_REUSEPORT; the kernel spreads connections by address hash) or
-    /// `shared-socket` (one socket, duplicated into every worker).
+    /// per worker with SO_REUSEPORT; the kernel spreads connections by address hash),
+    /// `shared-socket` (one socket, duplicated into every worker) or `balanced` (reuseport
+    /// sockets; the accepting worker hands each connection to the least loaded worker).
     #[arg(long, value_enum, value_name = "MODE", default_value_t = L7AcceptArg::Reuseport)]
     pub l7_accept: L7AcceptArg,
 
@@ -249,6 +250,8 @@ pub enum L7AcceptArg {
     Reuseport,
     /// One socket, duplicated.
     SharedSocket,
+    /// SO_REUSEPORT sockets; each connection served by the least loaded worker.
+    Balanced,
 }
 
 /// `--l7-workers`: a count, or `None` for `auto`.
@@ -283,6 +286,7 @@ impl RunArgs {
             accept: match self.l7_accept {
                 L7AcceptArg::Reuseport => AcceptMode::ReusePort,
                 L7AcceptArg::SharedSocket => AcceptMode::SharedSocket,
+                L7AcceptArg::Balanced => AcceptMode::Balanced,
             },
         }
     }

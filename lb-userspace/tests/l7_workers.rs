@@ -1,5 +1,5 @@
-//! The per-worker L7 layout (`--l7-runtime per-worker`): connections spread over the workers,
-//! each worker reuses only the target connections it made, a drain waits for the open
+//! The per-worker L7 layout (`--l7-runtime per-worker`): connections spread over the workers
+//! (`--l7-accept balanced`: evenly, by handing them over), each worker reuses only the target connections it made, a drain waits for the open
 //! connections of every worker, shutdown leaves no worker thread, and bad flag values are
 //! refused naming the flag.
 mod support;
@@ -145,8 +145,65 @@ async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() 
     assert_eq!(merged, 16 * 25, "every request counted once");
 }
 
+/// Balanced accept: every connection is served by the worker with the fewest open ones, so
+/// after each new connection the two workers' counts differ by at most one, whatever the
+/// kernel's hash picked; and a worker's count falls again as its connections close.
+#[tokio::test]
+async fn balanced_accept_serves_each_connection_on_the_least_loaded_worker() {
+    let proxy = ProxyBuilder::new()
+        .rules(&["web,default,fixed-response=200"])
+        .workers(per_worker(2, AcceptMode::Balanced))
+        .start()
+        .await;
+    let handle = proxy.running.as_ref().expect("running").handle();
+    let mut held = Vec::new();
+    let mut handed_over = false;
+    for n in 1..=32u64 {
+        held.push(
+            within(TcpStream::connect(proxy.addr))
+                .await
+                .expect("connect"),
+        );
+        wait_for("the connection to be counted", || {
+            handle.worker_open_connections().iter().sum::<u64>() == n
+        })
+        .await;
+        let open = handle.worker_open_connections();
+        assert!(
+            open[0].abs_diff(open[1]) <= 1,
+            "after {n} connections: {open:?} (accepted {:?})",
+            handle.worker_connections()
+        );
+        handed_over |= handle.worker_connections() != open;
+    }
+    assert_eq!(handle.worker_open_connections(), vec![16, 16]);
+    // Positive control: some connection was served by a worker other than the one that
+    // accepted it (the hash alone keeps the two within one at all 32 steps 1 time in 65,536).
+    assert!(
+        handed_over,
+        "no connection was handed over: accepted {:?}",
+        handle.worker_connections()
+    );
+    drop(held);
+    wait_for("every connection to be uncounted", || {
+        handle.worker_open_connections() == vec![0, 0]
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads() {
+    drain_waits_and_joins(AcceptMode::ReusePort).await;
+}
+
+/// The same with connections handed between workers: a handed connection's response in flight
+/// also holds the drain, and its worker's thread.
+#[tokio::test]
+async fn drain_waits_for_handed_over_connections_too() {
+    drain_waits_and_joins(AcceptMode::Balanced).await;
+}
+
+async fn drain_waits_and_joins(accept: AcceptMode) {
     let gate = Arc::new(tokio::sync::Notify::new());
     let target = target::http1()
         .route(
@@ -160,7 +217,7 @@ async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads(
         .run()
         .await;
     let mut proxy = ProxyBuilder::forward_to(&[target.addr])
-        .workers(per_worker(2, AcceptMode::ReusePort))
+        .workers(per_worker(2, accept))
         .start()
         .await;
     let port = proxy.addr.port();
@@ -170,7 +227,7 @@ async fn drain_waits_for_open_connections_on_every_worker_and_joins_the_threads(
     wait_for("two named worker threads", || worker_threads(port) == 2).await;
     // Open connections with a response in flight until both workers hold some.
     let mut bodies = Vec::new();
-    while handle.worker_connections().contains(&0) {
+    while handle.worker_open_connections().contains(&0) {
         assert!(bodies.len() < 64, "64 connections all on one worker");
         let tcp = within(TcpStream::connect(proxy.addr))
             .await
@@ -285,6 +342,7 @@ fn bad_worker_flags_are_refused_naming_the_flag() {
         &["--l7-workers", "1024"],
         &["--l7-runtime", "shared"],
         &["--l7-accept", "shared-socket"],
+        &["--l7-accept", "balanced"],
     ] {
         parse(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
     }

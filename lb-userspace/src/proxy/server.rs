@@ -420,6 +420,12 @@ pub enum AcceptMode {
     /// One listening socket, a duplicate of it (`dup`) per worker: whichever worker wakes
     /// first accepts.
     SharedSocket,
+    /// Sockets as [`ReusePort`](Self::ReusePort), and the worker that accepts a connection
+    /// hands it to the worker serving the fewest open connections when that is another one
+    /// (HAProxy's default: a listener picks the least loaded thread). The kernel's hash
+    /// splits a few dozen connections unevenly (36/28 of 64 seen), and a worker never gives
+    /// work back.
+    Balanced,
 }
 
 /// The L7 tier's thread layout (see the README's "Worker layout").
@@ -585,6 +591,9 @@ struct Shared {
     access_log: Option<Arc<AccessLog>>,
     /// Client connections accepted per worker (one entry in the shared runtime).
     worker_accepts: Box<[AtomicU64]>,
+    /// Client connections each worker is serving now (one entry in the shared runtime):
+    /// where [`AcceptMode::Balanced`] sends the next one.
+    worker_open: Box<[AtomicU64]>,
 }
 
 /// One listener at run time.
@@ -689,6 +698,16 @@ impl L7Handle {
             .collect()
     }
 
+    /// Client connections each worker is serving now (accepted and not yet closed, wherever
+    /// they were accepted); one entry with the shared runtime.
+    pub fn worker_open_connections(&self) -> Vec<u64> {
+        self.shared
+            .worker_open
+            .iter()
+            .map(L7Counters::get)
+            .collect()
+    }
+
     /// Per-target pool statistics of each worker's shard: `(worker, stats)`.
     pub fn pool_stats_per_worker(&self) -> Vec<(usize, TargetPoolStats)> {
         self.shared.forwarder.stats_per_worker()
@@ -773,6 +792,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         phase: phase_rx,
         access_log,
         worker_accepts: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
+        worker_open: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
     });
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
@@ -828,14 +848,14 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
             let mut loops = JoinSet::new();
             for (listener, sockets) in bound {
                 if let Sockets::Shared(socket) = sockets {
-                    loops.spawn(accept_loop(listener, socket, 0));
+                    loops.spawn(accept_loop(listener, socket, 0, None));
                 }
             }
             while loops.join_next().await.is_some() {}
         })
     } else {
         let first_port = addrs.first().map_or(0, |(_, a)| a.port());
-        let threads = start_workers(bound, workers, first_port)?;
+        let threads = start_workers(bound, workers, first_port, layout.accept)?;
         tokio::spawn(threads.join())
     };
     Ok(RunningL7 {
@@ -896,7 +916,7 @@ fn bind_per_worker(
         // its sockets with its own.
         s.listen(LISTEN_BACKLOG)?.into_std()
     };
-    let reuseport = accept == AcceptMode::ReusePort && workers > 1;
+    let reuseport = accept != AcceptMode::SharedSocket && workers > 1;
     if reuseport && addr.port() != 0 {
         // A port another process holds with `SO_REUSEPORT` (a second `lb run` as the same user)
         // would take our sockets into its group and share our traffic: a bind without it is
@@ -947,7 +967,20 @@ fn start_workers(
     bound: Vec<(Arc<Listener>, Sockets)>,
     workers: usize,
     port: u16,
+    accept: AcceptMode,
 ) -> anyhow::Result<WorkerThreads> {
+    // Balanced: a channel into every worker for the connections others hand it. The senders
+    // are held by every accept loop, so a worker's receiving loop ends when all accept loops
+    // have ended (a drain), and waits for the connections it was given.
+    let (handoff, mut inboxes): (Option<Arc<[Handoff]>>, Vec<_>) = if accept == AcceptMode::Balanced
+    {
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        (Some(tx.into()), rx.into_iter().map(Some).collect())
+    } else {
+        (None, (0..workers).map(|_| None).collect())
+    };
     let mut per_worker: Vec<Vec<(Arc<Listener>, std::net::TcpListener)>> =
         (0..workers).map(|_| Vec::new()).collect();
     for (listener, sockets) in bound {
@@ -963,6 +996,8 @@ fn start_workers(
         ended: Vec::with_capacity(workers),
     };
     for (worker, sockets) in per_worker.into_iter().enumerate() {
+        let handoff = handoff.clone();
+        let inbox = inboxes[worker].take();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -977,12 +1012,16 @@ fn start_workers(
                     for (listener, socket) in sockets {
                         match TcpListener::from_std(socket) {
                             Ok(socket) => {
-                                loops.spawn(accept_loop(listener, socket, worker));
+                                loops.spawn(accept_loop(listener, socket, worker, handoff.clone()));
                             }
                             Err(e) => {
                                 tracing::error!(listener = %listener.cfg.name, worker, error = %e, "registering a listening socket failed");
                             }
                         }
+                    }
+                    drop(handoff);
+                    if let Some(inbox) = inbox {
+                        loops.spawn(serve_handed(inbox, worker));
                     }
                     while loops.join_next().await.is_some() {}
                 });
@@ -1087,7 +1126,81 @@ fn http_builder<E>(exec: E) -> auto::Builder<E> {
     b
 }
 
-async fn accept_loop(listener: Arc<Listener>, socket: TcpListener, worker: usize) {
+/// A connection one worker accepted (and admitted) for another to serve.
+struct Handed {
+    listener: Arc<Listener>,
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: limits::ConnectionSlot,
+    open: OpenConnection,
+}
+
+/// The sending half of a worker's channel of [`Handed`] connections.
+type Handoff = tokio::sync::mpsc::UnboundedSender<Handed>;
+
+/// One connection in its worker's open count ([`Shared::worker_open`]) while it lives.
+struct OpenConnection {
+    shared: Arc<Shared>,
+    worker: usize,
+}
+
+impl OpenConnection {
+    fn new(shared: &Arc<Shared>, worker: usize) -> Self {
+        shared.worker_open[worker].fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared: shared.clone(),
+            worker,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.shared.worker_open[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The worker serving the fewest open connections; `me` on a tie.
+fn least_loaded(open: &[AtomicU64], me: usize) -> usize {
+    let mut best = me;
+    let mut fewest = open[me].load(Ordering::Relaxed);
+    for (w, n) in open.iter().enumerate() {
+        let n = n.load(Ordering::Relaxed);
+        if n < fewest {
+            best = w;
+            fewest = n;
+        }
+    }
+    best
+}
+
+/// Serves the connections other workers hand to `worker` until every accept loop has ended,
+/// then waits for them.
+async fn serve_handed(mut inbox: tokio::sync::mpsc::UnboundedReceiver<Handed>, worker: usize) {
+    let conns = TaskTracker::new();
+    while let Some(h) = inbox.recv().await {
+        match TcpStream::from_std(h.tcp) {
+            Ok(tcp) => {
+                conns.spawn(async move {
+                    let _open = h.open;
+                    serve_connection(h.listener, tcp, h.peer, h.slot).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(listener = %h.listener.cfg.name, worker, error = %e, "registering a handed connection failed");
+            }
+        }
+    }
+    conns.close();
+    conns.wait().await;
+}
+
+async fn accept_loop(
+    listener: Arc<Listener>,
+    socket: TcpListener,
+    worker: usize,
+    handoff: Option<Arc<[Handoff]>>,
+) {
     let mut phase = listener.shared.phase.clone();
     // Connection tasks are tracked, not joined one by one: a JoinSet would wake this loop
     // for every connection that ends (and lock its set twice per connection), which a full
@@ -1103,7 +1216,23 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener, worker: usize
                     L7Counters::add(&listener.cells.new_connections, 1);
                     match listener.connections.admit(peer.ip()) {
                         Ok(slot) => {
-                            conns.spawn(serve_connection(listener.clone(), tcp, peer, slot));
+                            let shared = &listener.shared;
+                            let to = handoff.as_ref().map_or(worker, |_| least_loaded(&shared.worker_open, worker));
+                            let tcp = match (to != worker, &handoff) {
+                                (true, Some(handoff)) => match hand(&handoff[to], &listener, tcp, peer, slot, to) {
+                                    Ok(()) => continue,
+                                    Err(back) => back,
+                                },
+                                _ => Some((tcp, slot)),
+                            };
+                            if let Some((tcp, slot)) = tcp {
+                                let open = OpenConnection::new(shared, worker);
+                                let listener = listener.clone();
+                                conns.spawn(async move {
+                                    let _open = open;
+                                    serve_connection(listener, tcp, peer, slot).await;
+                                });
+                            }
                         }
                         Err(over) => {
                             // Closed at once: no TLS handshake, no byte read or written.
@@ -1130,6 +1259,39 @@ async fn accept_loop(listener: Arc<Listener>, socket: TcpListener, worker: usize
     drop(socket);
     conns.close();
     conns.wait().await;
+}
+
+/// Hands an accepted connection to worker `to`. `Err(Some(..))` gives it back when that
+/// worker has stopped taking connections (a drain); `Err(None)` when its socket could not be
+/// taken from this worker's reactor (closed).
+fn hand(
+    handoff: &Handoff,
+    listener: &Arc<Listener>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: limits::ConnectionSlot,
+    to: usize,
+) -> Result<(), Option<(TcpStream, limits::ConnectionSlot)>> {
+    let tcp = match tcp.into_std() {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            tracing::debug!(listener = %listener.cfg.name, %peer, error = %e, "handing a connection over failed");
+            return Err(None);
+        }
+    };
+    let handed = Handed {
+        listener: listener.clone(),
+        tcp,
+        peer,
+        slot,
+        open: OpenConnection::new(&listener.shared, to),
+    };
+    handoff.send(handed).map_err(|back| {
+        let Handed { tcp, slot, .. } = back.0;
+        Some(tcp)
+            .and_then(|tcp| TcpStream::from_std(tcp).ok())
+            .map(|tcp| (tcp, slot))
+    })
 }
 
 /// Serves one accepted client connection; `slot` holds its place under the connection limits
