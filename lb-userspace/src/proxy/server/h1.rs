@@ -257,11 +257,9 @@ where
         }
         let event = std::future::poll_fn(|cx| next_event(&io, cx)).await;
         control.idle.store(false, Ordering::Relaxed);
-        // Left in its box until it goes into the request: moving it out first copied its
-        // 224 bytes once more per request.
         let parts = match event {
-            Ok(NativeEvent::Head(parts)) => parts,
-            Ok(NativeEvent::Synthetic) => Box::new(synthetic_parts()),
+            Ok(NativeEvent::Head(parts)) => *parts,
+            Ok(NativeEvent::Synthetic) => synthetic_parts(),
             Ok(NativeEvent::Handoff) => {
                 L7Counters::add(&counters.http1_handoffs, 1);
                 return match lock(&io).sniffer.take() {
@@ -279,7 +277,7 @@ where
             g.body_open = !body.is_end_stream();
             g.responding = false;
         }
-        let request = Request::from_parts(*parts, body);
+        let request = Request::from_parts(parts, body);
         // Pinned here, where it is made: the handler's future is several KiB, and handing it
         // over by value to `watch_client` moved (copied) it twice more on every request.
         let handled = std::pin::pin!(pipeline::handle(ctx.clone(), request));
