@@ -467,39 +467,32 @@ fn new_trace_id(out: &mut [u8], now: SystemTime, random: &mut impl rand::RngCore
     let (prefix, rest) = out.split_at_mut(2);
     prefix.copy_from_slice(b"1-");
     let (epoch, rest) = rest.split_at_mut(8);
-    write_hex(epoch, secs);
+    epoch.copy_from_slice(&hex8(secs as u32));
     let (dash, rest) = rest.split_at_mut(1);
     dash[0] = b'-';
-    let (high, low) = rest.split_at_mut(16);
-    write_hex(high, random.next_u64());
-    write_hex(low, u64::from(random.next_u32()));
+    let high = random.next_u64();
+    let (a, rest) = rest.split_at_mut(8);
+    a.copy_from_slice(&hex8((high >> 32) as u32));
+    let (b, low) = rest.split_at_mut(8);
+    b.copy_from_slice(&hex8(high as u32));
+    low.copy_from_slice(&hex8(random.next_u32()));
 }
 
-/// Writes the low `out.len()` hex digits of `n` (lowercase, zero-padded) into `out`: two
-/// digits per byte of `n` from [`HEX_PAIRS`] (the trace id's 32 digits in 16 steps, not 32),
-/// an odd length's last digit alone.
-fn write_hex(out: &mut [u8], mut n: u64) {
-    let mut pairs = out.rchunks_exact_mut(2);
-    for pair in &mut pairs {
-        pair.copy_from_slice(&HEX_PAIRS[(n & 0xff) as usize]);
-        n >>= 8;
-    }
-    if let [digit] = pairs.into_remainder() {
-        *digit = HEX_PAIRS[(n & 0xf) as usize][1];
-    }
+/// `n`'s 8 hex digits (lowercase, zero-padded), all at once in one `u64`: each nibble spread
+/// into a byte of its own, then `'0'` added to each and 39 more (`'a' - '0' - 10`) to those
+/// of 10 and over. (A table of digit pairs took about 8 instructions per pair, 134 per trace
+/// id; this is about 15 per 8 digits.)
+fn hex8(n: u32) -> [u8; 8] {
+    let x = u64::from(n);
+    // Nibble `i` (from the lowest) into byte `i`, in three halvings.
+    let x = ((x & 0xffff_0000) << 16) | (x & 0xffff);
+    let x = ((x & 0x0000_ff00_0000_ff00) << 8) | (x & 0x0000_00ff_0000_00ff);
+    let x = ((x & 0x00f0_00f0_00f0_00f0) << 4) | (x & 0x000f_000f_000f_000f);
+    // 1 in each byte whose nibble is 10 or more (nibble + 6 carries into bit 4; no byte
+    // overflows).
+    let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (x + 0x3030_3030_3030_3030 + letters * 39).to_be_bytes()
 }
-
-/// Every byte's two lowercase hex digits.
-static HEX_PAIRS: [[u8; 2]; 256] = {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut table = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        table[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
-        i += 1;
-    }
-    table
-};
 
 /// Removes the hop-by-hop headers (`Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`,
 /// `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`, `Proxy-Authorization`)
@@ -1526,34 +1519,45 @@ mod tests {
         assert_eq!(headers.len(), HOP_BY_HOP.len());
     }
 
-    /// `write_hex`'s pairs table gives what `format!` gives, every length up to 16 digits.
+    /// `hex8` gives what `format!` gives, and a trace id is the seconds' and the random
+    /// numbers' digits in `format!`'s words.
     #[test]
-    fn write_hex_matches_format() {
+    fn hex8_matches_format() {
         use rand::Rng as _;
         let mut rng = StdRng::seed_from_u64(8);
         for n in [
             0,
             1,
+            9,
+            0xa,
             0xf,
             0x10,
+            0x9f,
+            0xa0,
             0xff,
             0xabc,
-            u64::MAX,
-            0x0123_4567_89ab_cdef,
+            u32::MAX,
+            0x0123_4567,
         ]
         .into_iter()
-        .chain((0..2_000).map(|_| rng.random::<u64>() >> rng.random_range(0..64)))
+        .chain((0..0x100).map(|i| i * 0x0101_0101))
+        .chain((0..20_000).map(|_| rng.random::<u32>() >> rng.random_range(0..32)))
         {
-            for width in 0..=16 {
-                let mut out = vec![0u8; width];
-                write_hex(&mut out, n);
-                let full = format!("{n:016x}");
-                assert_eq!(
-                    std::str::from_utf8(&out).unwrap(),
-                    &full[16 - width..],
-                    "{n:#x} in {width}"
-                );
-            }
+            assert_eq!(hex8(n), *format!("{n:08x}").as_bytes(), "{n:#x}");
+        }
+        for _ in 0..2_000 {
+            let secs = rng.random::<u64>() >> rng.random_range(24..64);
+            let now = UNIX_EPOCH + Duration::from_secs(secs);
+            let seed = rng.random::<u64>();
+            let mut drawn = StdRng::seed_from_u64(seed);
+            let (high, low) = (
+                rand::RngCore::next_u64(&mut drawn),
+                rand::RngCore::next_u32(&mut drawn),
+            );
+            let mut out = [0u8; TRACE_ID_LEN];
+            new_trace_id(&mut out, now, &mut StdRng::seed_from_u64(seed));
+            let expected = format!("1-{:08x}-{high:016x}{low:08x}", secs & u64::from(u32::MAX));
+            assert_eq!(std::str::from_utf8(&out).unwrap(), expected);
         }
     }
 

@@ -151,15 +151,11 @@ fn encode_head(
             return written.head(RequestFraming::None);
         }
         crate::proxy::recycle::recycle_buffer(written.bytes);
-        if let Some(tail) = tail.take() {
-            tail.append_to(&mut parts.headers);
-        }
+        into_map(tail.take(), &mut parts.headers);
         parts.headers.remove(TRANSFER_ENCODING);
         return write_head(parts, None).head(RequestFraming::None);
     }
-    if let Some(tail) = tail.take() {
-        tail.append_to(&mut parts.headers);
-    }
+    into_map(tail.take(), &mut parts.headers);
     let headers = &mut parts.headers;
     let framing = if headers.contains_key(TRANSFER_ENCODING) {
         headers.remove(CONTENT_LENGTH);
@@ -181,6 +177,15 @@ fn encode_head(
         RequestFraming::Chunked
     };
     write_head(parts, None).head(framing)
+}
+
+/// Puts a [`ForwardedTail`]'s fields (if there is one) into the request's map, where the map
+/// functions would have put them: for every use of the request other than writing its head
+/// unchanged (a map about to change, a request handed back for a retry or a report).
+fn into_map(tail: Option<ForwardedTail<'_>>, headers: &mut HeaderMap) {
+    if let Some(tail) = tail {
+        tail.append_to(headers);
+    }
 }
 
 /// A request head written by [`write_head`].
@@ -365,18 +370,16 @@ pub async fn send(
     };
     let (head, body_sent) = match exchanged {
         Some(Exchanged::Head(head, body_sent)) => (head, body_sent),
+        // Whatever sends the request again (or reports it) takes its head whole, in its map.
         Some(Exchanged::NotSent(error)) => {
-            // Whatever sends it again takes the head whole, in its map.
-            if let Some(tail) = tail {
-                tail.append_to(&mut parts.headers);
-            }
-            let req = Request::from_parts(parts, body);
-            return Err(Failure::NotSent(Box::new(req), error));
+            into_map(tail, &mut parts.headers);
+            return Err(Failure::NotSent(
+                Box::new(Request::from_parts(parts, body)),
+                error,
+            ));
         }
         Some(Exchanged::Failed(error)) => {
-            if let Some(tail) = tail {
-                tail.append_to(&mut parts.headers);
-            }
+            into_map(tail, &mut parts.headers);
             return Err(Failure::Failed(error, Box::new(parts)));
         }
         None => return Err(Failure::TimedOut),

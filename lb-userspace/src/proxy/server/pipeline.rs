@@ -40,7 +40,7 @@ use super::sniff::{ConnShared, HeadVerdict};
 use super::{Listener, Phase};
 use crate::accesslog::{ActionKind, LbError};
 use crate::headers::{
-    ForwardedPeer, ForwardedTail, apply_forwarded, cookie_values, request_cookies,
+    ForwardedPeer, ForwardedTail, apply_forwarded, cookie_values, is_hop_by_hop, request_cookies,
     strip_hop_by_hop, trace_id,
 };
 use crate::proxy::client::{BoxError, Facts, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
@@ -668,6 +668,9 @@ struct Seen {
     /// An `X-Forwarded-For`, `-Proto`, `-Port` or `X-Amzn-Trace-Id` field
     /// ([`ForwardedTail::names`]): without one, what forwarding adds is a [`ForwardedTail`].
     forwarded: bool,
+    /// A hop-by-hop field ([`is_hop_by_hop`]; `Upgrade` is one). Without one there is no
+    /// `Connection` either (it is one), so [`strip_hop_by_hop`] has nothing to remove.
+    hop_by_hop: bool,
 }
 
 impl Seen {
@@ -685,8 +688,11 @@ impl Seen {
                 content_type = content_type.or(Some(value));
             } else if *name == header::UPGRADE {
                 seen.upgrade = true;
+                seen.hop_by_hop = true;
             } else if ForwardedTail::names(name) {
                 seen.forwarded = true;
+            } else if is_hop_by_hop(name) {
+                seen.hop_by_hop = true;
             }
         }
         seen.host = host.is_some();
@@ -708,6 +714,19 @@ impl Seen {
                 crate::headers::X_FORWARDED_PROTO,
                 crate::headers::X_FORWARDED_PORT,
                 crate::headers::X_AMZN_TRACE_ID,
+            ]
+            .into_iter()
+            .any(|name| headers.contains_key(name)),
+            hop_by_hop: [
+                header::CONNECTION,
+                crate::headers::KEEP_ALIVE,
+                crate::headers::PROXY_CONNECTION,
+                header::TE,
+                header::TRAILER,
+                header::TRANSFER_ENCODING,
+                header::UPGRADE,
+                header::PROXY_AUTHENTICATE,
+                header::PROXY_AUTHORIZATION,
             ]
             .into_iter()
             .any(|name| headers.contains_key(name)),
@@ -797,7 +816,10 @@ fn prepare_forward<'r, B: RequestBody>(
     let (mut parts, body) = req.into_parts();
     // The client's hop-by-hop headers go first, so that naming `X-Forwarded-For` or
     // `X-Amzn-Trace-Id` in `Connection` removes the client's copy, never the one added below.
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // Without any (the scan saw none) the strip would walk the fields to remove nothing.
+    if seen.hop_by_hop {
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+    }
     let mut has_host = seen.host;
     if !seen.host
         && let Some(authority) = parts.uri.authority()
@@ -1249,11 +1271,19 @@ mod tests {
             ("x-forwarded-port", b"443"),
             ("x-amzn-trace-id", b"Root=1-2-3"),
             ("x-forwarded-host", b"d.example"),
+            ("connection", b"keep-alive"),
+            ("keep-alive", b"timeout=5"),
+            ("te", b"trailers"),
+            ("proxy-connection", b"close"),
+            ("transfer-encoding", b"chunked"),
+            ("proxy-authorization", b"Basic x"),
+            ("trailers", b"x"),
+            ("user-agent", b"h2load"),
         ];
         let mut rng =
             <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x2545_f491_4f6c_dd1d);
         let mut next = move |n: usize| rand::Rng::random_range(&mut rng, 0..n);
-        let mut reached = [0usize; 7];
+        let mut reached = [0usize; 9];
         for _ in 0..20_000 {
             let mut headers = http::HeaderMap::new();
             for _ in 0..next(7) {
@@ -1270,6 +1300,15 @@ mod tests {
             if !seen.cookie {
                 assert_eq!(request_cookies(&headers), None);
             }
+            // Skipping the request's strip when no hop-by-hop field was seen gives what
+            // stripping does (the same map, in order); with one, the strip changes the map
+            // (the positive control: the condition is not always true).
+            let mut stripped = headers.clone();
+            strip_hop_by_hop(&mut stripped, seen.upgrade);
+            let strip_changed = !stripped.iter().eq(headers.iter());
+            if !seen.hop_by_hop {
+                assert!(!strip_changed, "{headers:?}");
+            }
             for (i, hit) in [
                 host.is_some_and(|h| h.as_bytes() == b"b.example:8080"),
                 seen.upgrade,
@@ -1279,6 +1318,9 @@ mod tests {
                 seen.forwarded,
                 // Only a near miss of the four names (the scan must not count it).
                 !seen.forwarded && headers.contains_key("x-forwarded-host"),
+                // The skip taken on a non-empty map, and the strip needed where it is not.
+                !seen.hop_by_hop && !headers.is_empty(),
+                seen.hop_by_hop && strip_changed,
             ]
             .into_iter()
             .enumerate()
