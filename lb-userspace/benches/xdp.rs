@@ -381,6 +381,17 @@ impl Paired {
     }
 }
 
+/// Puts `row` right after the row named `after`, so the two run next to each other in every
+/// round (the paired table).
+fn insert_after(rows: &mut Vec<Row>, after: &str, row: Row) -> anyhow::Result<()> {
+    let at = rows
+        .iter()
+        .position(|r| r.name == after)
+        .with_context(|| format!("no row {after:?} to put {:?} after", row.name))?;
+    rows.insert(at + 1, row);
+    Ok(())
+}
+
 struct Row {
     name: &'static str,
     kind: Kind,
@@ -836,11 +847,7 @@ fn run() -> anyhow::Result<()> {
                 ),
             ),
         ] {
-            let at = rows
-                .iter()
-                .position(|r| r.name == after)
-                .context("row order")?;
-            rows.insert(at + 1, katran_row);
+            insert_after(&mut rows, after, katran_row)?;
         }
     }
     // Row names live as long as the process (a few per --lb-obj).
@@ -876,11 +883,7 @@ fn run() -> anyhow::Result<()> {
                 ),
             ),
         ] {
-            let at = rows
-                .iter()
-                .position(|r| r.name == after)
-                .context("row order")?;
-            rows.insert(at + 1, variant_row);
+            insert_after(&mut rows, after, variant_row)?;
         }
     }
     if let Some(only) = &only {
