@@ -204,6 +204,10 @@ struct Target {
 impl Target {
     /// The calling L7 worker's shard of the pool (worker 0's on any other thread).
     fn pool(&self) -> &Arc<TargetPool> {
+        // The shared runtime's one shard: no thread-local read on every pool call.
+        if let [only] = &*self.pools {
+            return only;
+        }
         let worker = super::pool::current_worker();
         self.pools.get(worker).unwrap_or(&self.pools[0])
     }
