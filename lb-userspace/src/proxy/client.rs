@@ -706,14 +706,17 @@ impl Inner {
             Ok((config, name))
         });
         let pools = (0..self.shards)
-            .map(|_| {
-                Arc::new(TargetPool::new(
-                    endpoint.addr,
-                    endpoint.tls.is_some(),
-                    endpoint.http2,
-                    self.config.idle_timeout,
-                    self.config.max_idle_per_target,
-                ))
+            .map(|worker| {
+                Arc::new(
+                    TargetPool::new(
+                        endpoint.addr,
+                        endpoint.tls.is_some(),
+                        endpoint.http2,
+                        self.config.idle_timeout,
+                        self.config.max_idle_per_target,
+                    )
+                    .for_worker(worker),
+                )
             })
             .collect();
         let target = Arc::new(Target {

@@ -104,8 +104,9 @@ pub struct TargetPoolStats {
     /// The longest idle time a connection to this target was seen to survive.
     pub longest_survived_idle: Option<Duration>,
     /// Pooled connections of our own HTTP/1.1 client taken for a request by another L7 worker
-    /// than the one that connected them (its socket's readiness is delivered to the other
-    /// worker's thread). Per-worker pools keep this at 0.
+    /// than the one whose shard of the pool holds them (the worker that connected them: its
+    /// socket's readiness is delivered to that worker's thread). Per-worker pools keep this
+    /// at 0.
     pub foreign_worker_reuse: u64,
 }
 
@@ -236,9 +237,6 @@ pub struct RawConn {
     /// The header names of the target's previous response head, used again
     /// (`proxy::names`).
     pub names: crate::proxy::names::HeaderNames,
-    /// The L7 worker that connected it ([`current_worker`]): its socket is registered with
-    /// that worker's reactor.
-    pub worker: usize,
 }
 
 /// What a look at an idle raw connection found.
@@ -433,6 +431,9 @@ pub struct TargetPool {
     http2: bool,
     idle_timeout: Duration,
     max_idle: usize,
+    /// The L7 worker whose shard this is ([`current_worker`]; 0 with one shard): connections
+    /// in it were connected by that worker, their sockets registered with its reactor.
+    worker: usize,
     next_id: AtomicU64,
     state: Mutex<PoolState>,
 }
@@ -461,9 +462,16 @@ impl TargetPool {
             http2,
             idle_timeout,
             max_idle,
+            worker: 0,
             next_id: AtomicU64::new(1),
             state: Mutex::new(PoolState::default()),
         }
+    }
+
+    /// The pool as worker `worker`'s shard of a target's pool.
+    pub fn for_worker(mut self, worker: usize) -> Self {
+        self.worker = worker;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
@@ -531,7 +539,7 @@ impl TargetPool {
             let Pooled::Raw(conn) = idle.conn else {
                 unreachable!("checked above")
             };
-            if conn.worker != current_worker() {
+            if self.worker != current_worker() {
                 st.counters.foreign_worker_reuse += 1;
             }
             return Some((conn, now.saturating_duration_since(idle.since)));
@@ -808,7 +816,6 @@ mod tests {
                 buf: BytesMut::new(),
                 timer: None,
                 names: crate::proxy::names::HeaderNames::new(),
-                worker: current_worker(),
             });
         }
         (conns, peers)

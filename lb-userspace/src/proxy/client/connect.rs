@@ -60,7 +60,6 @@ pub(super) async fn connect_raw(
         buf: bytes::BytesMut::new(),
         timer: None,
         names: crate::proxy::names::HeaderNames::new(),
-        worker: crate::proxy::pool::current_worker(),
     };
     Ok((conn, started.elapsed()))
 }
