@@ -784,15 +784,17 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     let workers = layout.worker_count();
     let counters = Arc::new(L7Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-    let forwarder = Forwarder::sharded(client, workers.max(1));
+    // One pool shard and one count per worker; the shared runtime is one "worker" here.
+    let shards = workers.max(1);
+    let forwarder = Forwarder::sharded(client, shards);
     let shared = Arc::new(Shared {
         groups: ArcSwap::from_pointee(groups),
         forwarder: forwarder.clone(),
         counters: counters.clone(),
         phase: phase_rx,
         access_log,
-        worker_accepts: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
-        worker_open: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
+        worker_accepts: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        worker_open: (0..shards).map(|_| AtomicU64::new(0)).collect(),
     });
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
@@ -1288,9 +1290,7 @@ fn hand(
     };
     handoff.send(handed).map_err(|back| {
         let Handed { tcp, slot, .. } = back.0;
-        Some(tcp)
-            .and_then(|tcp| TcpStream::from_std(tcp).ok())
-            .map(|tcp| (tcp, slot))
+        TcpStream::from_std(tcp).ok().map(|tcp| (tcp, slot))
     })
 }
 

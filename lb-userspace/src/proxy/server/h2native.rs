@@ -55,7 +55,7 @@ use crate::proxy::client::ProxyBody;
 /// HTTP/2 server (see the reasons there). Keep-alive PINGs and the adaptive window, which hyper
 /// implements above h2, are off there and absent here. Built once: every connection's
 /// handshake takes it by reference ([`BUILDER`]).
-pub(super) fn builder() -> h2::server::Builder {
+fn builder() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(super::HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(super::HTTP2_CONNECTION_WINDOW)
