@@ -18,7 +18,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{Proxy, ProxyBuilder, within};
+use support::{Proxy, ProxyBuilder, wait_until, within};
 use support_client::{RawBehaviour, RawTarget};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -36,19 +36,6 @@ fn native_requests(p: &Proxy) -> u64 {
 fn expect_counted(p: &Proxy, native: bool, streams: u64) {
     let want = if native { streams } else { 0 };
     assert_eq!(native_requests(p), want, "native={native}");
-}
-
-/// Waits for `f` to hold, polling, up to a generous deadline (never a timed assertion).
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    // Half the safety net, so this panics with its own message before `within` does.
-    let deadline = tokio::time::Instant::now() + support::SAFETY / 2;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not reached within the safety deadline"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// An HTTP/2 client connection (prior knowledge), its driver spawned; `window` is the client's

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use lb::proxy::server::{AcceptMode, L7Runtime, WorkerLayout};
 use support::target::{self, Reply};
-use support::{ProxyBuilder, SAFETY, get, get_many, within};
+use support::{ProxyBuilder, SAFETY, get, get_many, wait_until, within};
 use tokio::net::TcpStream;
 
 fn per_worker(workers: usize, accept: AcceptMode) -> WorkerLayout {
@@ -37,18 +37,6 @@ fn worker_threads(port: u16) -> usize {
             comm.starts_with("l7w") && comm.ends_with(&suffix)
         })
         .count()
-}
-
-/// Waits (up to the safety timeout) until `done` holds.
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + SAFETY;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited too long for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -164,7 +152,7 @@ async fn balanced_accept_serves_each_connection_on_the_least_loaded_worker() {
                 .await
                 .expect("connect"),
         );
-        wait_for("the connection to be counted", || {
+        wait_until("the connection to be counted", || {
             handle.worker_open_connections().iter().sum::<u64>() == n
         })
         .await;
@@ -185,7 +173,7 @@ async fn balanced_accept_serves_each_connection_on_the_least_loaded_worker() {
         handle.worker_connections()
     );
     drop(held);
-    wait_for("every connection to be uncounted", || {
+    wait_until("every connection to be uncounted", || {
         handle.worker_open_connections() == vec![0, 0]
     })
     .await;
@@ -224,7 +212,7 @@ async fn drain_waits_and_joins(accept: AcceptMode) {
     let running = proxy.running.take().expect("running");
     let handle = running.handle();
     // A thread names itself as it starts.
-    wait_for("two named worker threads", || worker_threads(port) == 2).await;
+    wait_until("two named worker threads", || worker_threads(port) == 2).await;
     // Open connections with a response in flight until both workers hold some.
     let mut bodies = Vec::new();
     while handle.worker_open_connections().contains(&0) {
@@ -254,7 +242,7 @@ async fn drain_waits_and_joins(accept: AcceptMode) {
     }
     let shutdown = tokio::spawn(running.shutdown(SAFETY));
     // The workers stop accepting: new connections are refused once every socket is closed.
-    wait_for("the listening sockets to close", || {
+    wait_until("the listening sockets to close", || {
         std::net::TcpStream::connect(proxy.addr).is_err()
     })
     .await;
@@ -308,7 +296,7 @@ async fn shutdown_leaves_no_worker_thread() {
     let port = proxy.addr.port();
     assert_eq!(get(proxy.addr, "/").await.status, 200);
     // Positive control: the workers are seen (a thread names itself as it starts).
-    wait_for("three named worker threads", || worker_threads(port) == 3).await;
+    wait_until("three named worker threads", || worker_threads(port) == 3).await;
     let running = proxy.running.take().expect("running");
     within(running.shutdown(Duration::from_secs(5)))
         .await

@@ -38,6 +38,19 @@ pub async fn within<F: std::future::Future>(f: F) -> F::Output {
         .expect("test step did not finish within the safety timeout")
 }
 
+/// Waits, polling every 10 ms, until `done` holds; panics naming `what` after half the safety
+/// net (so before an enclosing [`within`] does). A deadline, never a timed assertion.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + SAFETY / 2;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not reached within the safety deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub mod target {
     use super::*;
 
