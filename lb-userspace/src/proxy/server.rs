@@ -422,7 +422,8 @@ pub enum AcceptMode {
     SharedSocket,
     /// Sockets as [`ReusePort`](Self::ReusePort), and the worker that accepts a connection
     /// hands it to the worker serving the fewest open connections when that is another one
-    /// (HAProxy's default: a listener picks the least loaded thread). The kernel's hash
+    /// (HAProxy's default, `tune.listener.multi-queue on`: a listener picks the least loaded
+    /// thread). The kernel's hash
     /// splits a few dozen connections unevenly (36/28 of 64 seen), and a worker never gives
     /// work back.
     Balanced,
