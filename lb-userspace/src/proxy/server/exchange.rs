@@ -404,7 +404,7 @@ impl Exchange {
         let Some(mut r) = self.record.take() else {
             return;
         };
-        if self.listener.shared.access_log.is_some() {
+        if self.logging() {
             // The response's end, the log line's `time`: only the log reads it (the counters
             // and metrics below do not), so without a log the clock is not read (about 80
             // instructions a request).
