@@ -135,8 +135,8 @@ impl TargetPoolStats {
 
     /// Merges `other`, the same target's pool on another L7 worker, into these: counters and
     /// idle connections add up; the estimates take the most cautious value (the shortest
-    /// learned idle-close time and reuse limit, the latest hint either had, the longest
-    /// survival seen).
+    /// learned idle-close time and reuse limit, the longest survival seen); the hint is the
+    /// first shard's that has one (every shard hears the same target).
     pub fn merge_shard(&mut self, other: &TargetPoolStats) {
         self.add_counters(other);
         self.idle_connections += other.idle_connections;
