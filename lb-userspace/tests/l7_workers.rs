@@ -5,8 +5,6 @@
 mod support;
 
 use std::num::NonZeroUsize;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -192,18 +190,8 @@ async fn drain_waits_for_handed_over_connections_too() {
 }
 
 async fn drain_waits_and_joins(accept: AcceptMode) {
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let target = target::http1()
-        .route(
-            "/",
-            Reply::Gated {
-                first: "first,".into(),
-                gate: gate.clone(),
-                second: "second".into(),
-            },
-        )
-        .run()
-        .await;
+    let (reply, gate) = Reply::gated("first,", "second");
+    let target = target::http1().route("/", reply).run().await;
     let mut proxy = ProxyBuilder::forward_to(&[target.addr])
         .workers(per_worker(2, accept))
         .start()
@@ -255,17 +243,8 @@ async fn drain_waits_and_joins(accept: AcceptMode) {
         2,
         "both workers still serve their connections"
     );
-    // Release the responses (the gate's waiters may register late: keep notifying).
-    let released = Arc::new(AtomicBool::new(false));
-    let notifier = {
-        let (gate, released) = (gate.clone(), released.clone());
-        tokio::spawn(async move {
-            while !released.load(Ordering::SeqCst) {
-                gate.notify_waiters();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    // Release the responses (the gate stays open for waiters that register late).
+    gate.release();
     for body in bodies {
         let rest = within(body.collect())
             .await
@@ -273,8 +252,6 @@ async fn drain_waits_and_joins(accept: AcceptMode) {
             .to_bytes();
         assert_eq!(rest, "second", "the response finished during the drain");
     }
-    released.store(true, Ordering::SeqCst);
-    notifier.await.expect("notifier");
     within(shutdown)
         .await
         .expect("shutdown task")

@@ -70,10 +70,11 @@ pub mod target {
         /// 101 and then echoes every byte back (a WebSocket-like upgrade echo).
         UpgradeEcho,
         /// 200 whose body sends `first`, then waits for the gate before sending `second`:
-        /// proves the balancer streams instead of buffering the whole body.
+        /// proves the balancer streams instead of buffering the whole body. Built with
+        /// [`Reply::gated`].
         Gated {
             first: String,
-            gate: Arc<tokio::sync::Notify>,
+            gate: Gate,
             second: String,
         },
     }
@@ -81,6 +82,51 @@ pub mod target {
     impl Reply {
         pub fn text(s: &str) -> Self {
             Self::Text(s.to_owned())
+        }
+
+        /// A [`Reply::Gated`] and the [`Gate`] that releases its second part.
+        pub fn gated(first: &str, second: &str) -> (Self, Gate) {
+            let gate = Gate::default();
+            let reply = Self::Gated {
+                first: first.to_owned(),
+                gate: gate.clone(),
+                second: second.to_owned(),
+            };
+            (reply, gate)
+        }
+    }
+
+    /// Holds back the second part of every [`Reply::Gated`] built with it until
+    /// [`Gate::release`]; then it stays open: every response waiting passes, and so does one
+    /// whose body reaches the gate only later.
+    #[derive(Clone, Debug, Default)]
+    pub struct Gate(Arc<GateState>);
+
+    #[derive(Debug, Default)]
+    struct GateState {
+        open: std::sync::atomic::AtomicBool,
+        notify: tokio::sync::Notify,
+    }
+
+    impl Gate {
+        /// Opens the gate for good.
+        pub fn release(&self) {
+            self.0.open.store(true, Ordering::SeqCst);
+            self.0.notify.notify_waiters();
+        }
+
+        /// Waits until the gate is open.
+        async fn passed(&self) {
+            loop {
+                let notified = self.0.notify.notified();
+                tokio::pin!(notified);
+                // Registered before the check: a release in between is not missed.
+                notified.as_mut().enable();
+                if self.0.open.load(Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
         }
     }
 
@@ -222,7 +268,7 @@ pub mod target {
                 let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
                 tokio::spawn(async move {
                     let _ = tx.send(Ok(Frame::data(Bytes::from(first)))).await;
-                    gate.notified().await;
+                    gate.passed().await;
                     let _ = tx.send(Ok(Frame::data(Bytes::from(second)))).await;
                 });
                 let body = StreamBody::new(tokio_stream_from(rx));
