@@ -1513,7 +1513,7 @@ impl ConnControl<'_> {
                 let keepalive = &mut self.keepalive;
                 std::future::poll_fn(|cx| {
                     let ended = match &mut polled {
-                        Polled::Alone(conn) => conn.as_mut().poll(cx),
+                        Polled::Alone(conn) => poll_alone(conn.as_mut(), cx),
                         Polled::WithStreams(drive) => std::pin::Pin::new(drive).poll(cx),
                     };
                     if let std::task::Poll::Ready(output) = ended {
@@ -1588,6 +1588,18 @@ enum Polled<'a, C> {
     WithStreams(h2exec::Drive<'a, C>),
 }
 
+/// Polls a connection driven alone (native HTTP/1) out of line. Inlined into the control
+/// loop's poll, the native connection's future cost about 150 instructions more per HTTP/1.1
+/// request: LLVM then left helpers of the request path out of line (callgrind; BENCHMARKS.md,
+/// "One connection control loop (stop 26)").
+#[inline(never)]
+fn poll_alone<C: Future>(
+    conn: std::pin::Pin<&mut C>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<C::Output> {
+    conn.poll(cx)
+}
+
 /// What woke a connection's task for good.
 enum ConnStep<O> {
     Ended(O),
@@ -1635,6 +1647,7 @@ impl Woken {
     /// Runs `poll` with this waker if one of its futures fired since the last run (or
     /// [`Self::set`] was called); `Pending` otherwise. The task's own waker is registered
     /// first, so a firing in between wakes the task again.
+    #[inline]
     fn poll_if_woken<T>(
         &self,
         cx: &mut std::task::Context<'_>,
