@@ -595,6 +595,8 @@ struct Shared {
     /// Client connections each worker is serving now (one entry in the shared runtime):
     /// where [`AcceptMode::Balanced`] sends the next one.
     worker_open: Box<[AtomicU64]>,
+    /// One runtime per worker ([`L7Runtime::PerWorker`]): the per-worker counts are exposed.
+    per_worker: bool,
 }
 
 /// One listener at run time.
@@ -709,6 +711,12 @@ impl L7Handle {
             .collect()
     }
 
+    /// Whether the tier runs one runtime per worker (`--l7-runtime per-worker`); the metrics
+    /// show the per-worker counts only then.
+    pub fn per_worker(&self) -> bool {
+        self.shared.per_worker
+    }
+
     /// Per-target pool statistics of each worker's shard: `(worker, stats)`.
     pub fn pool_stats_per_worker(&self) -> Vec<(usize, TargetPoolStats)> {
         self.shared.forwarder.stats_per_worker()
@@ -796,6 +804,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         access_log,
         worker_accepts: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         worker_open: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        per_worker: workers > 0,
     });
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
