@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use lb::proxy::server::{AcceptMode, L7Runtime, WorkerLayout};
 use support::target::{self, Reply};
-use support::{ProxyBuilder, SAFETY, get, get_many, wait_until, within};
+use support::{ProxyBuilder, SAFETY, get, get_many, get_many_h2, wait_until, within};
 use tokio::net::TcpStream;
 
 fn per_worker(workers: usize, accept: AcceptMode) -> WorkerLayout {
@@ -97,7 +97,25 @@ async fn the_shared_runtime_counts_one_worker() {
 #[tokio::test]
 async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() {
     let target = target::http1().route("/", Reply::text("ok")).run().await;
-    let proxy = ProxyBuilder::forward_to(&[target.addr])
+    reused_only_by_the_worker_that_made_it(target.addr, "tg", false).await;
+}
+
+/// The same for the target's HTTP/2 connection (hyper's client; one per worker's shard), with
+/// HTTP/2 clients (ALB answers an HTTP/1 client of an HTTP/2 group 464).
+#[tokio::test]
+async fn a_targets_http2_connection_is_used_only_by_the_worker_that_made_it() {
+    let target = target::http2().route("/", Reply::text("ok")).run().await;
+    reused_only_by_the_worker_that_made_it(target.addr, "tg,protocol-version=http2", true).await;
+}
+
+async fn reused_only_by_the_worker_that_made_it(
+    target: std::net::SocketAddr,
+    group: &str,
+    http2: bool,
+) {
+    let proxy = ProxyBuilder::new()
+        .group_spec(group, &[target])
+        .rules(&["web,default,forward=tg"])
         .workers(per_worker(2, AcceptMode::ReusePort))
         .start()
         .await;
@@ -105,7 +123,13 @@ async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() 
     // 16 client connections at once, 25 requests each: both workers serve some, and each pools
     // target connections and takes them again.
     let clients: Vec<_> = (0..16)
-        .map(|_| tokio::spawn(get_many(proxy.addr, "/", 25)))
+        .map(|_| {
+            if http2 {
+                tokio::spawn(get_many_h2(proxy.addr, "/", 25))
+            } else {
+                tokio::spawn(get_many(proxy.addr, "/", 25))
+            }
+        })
         .collect();
     for client in clients {
         let bodies = client.await.expect("client task");

@@ -596,3 +596,32 @@ pub async fn get_many(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
     })
     .await
 }
+
+/// [`get_many`] over HTTP/2 with prior knowledge (h2c): `n` requests, one after the other,
+/// on one connection.
+pub async fn get_many_h2(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
+    within(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect to proxy");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2c handshake");
+        tokio::spawn(conn);
+        let mut bodies = Vec::with_capacity(n);
+        for _ in 0..n {
+            sender.ready().await.expect("connection ready");
+            let resp = sender
+                .send_request(
+                    Request::get(format!("http://app.test{path}"))
+                        .body(Full::new(Bytes::new()))
+                        .expect("request"),
+                )
+                .await
+                .expect("response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            bodies.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        bodies
+    })
+    .await
+}
