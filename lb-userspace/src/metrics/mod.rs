@@ -278,7 +278,7 @@ metrics! {
         "Client connections the L7 worker serves now, wherever they were accepted.";
     // L7 connection pool (lb's own; `--l7-runtime per-worker` only), per worker and target.
     ForeignWorkerReuseCount: "ForeignWorkerReuseCount", "lb_pool_foreign_worker_reuse_count_total", Counter, Count, Sum, WorkerPoolTarget,
-        "Pooled HTTP/1.1 connections of the worker's pool shard taken by another worker (0 while each worker keeps to its own shard).";
+        "Pooled target connections (HTTP/1.1 ones, the HTTP/2 connection) of the worker's pool shard taken for a request by another worker (0 while each worker keeps to its own shard).";
     // L4, per VIP.
     ProcessedPackets: "ProcessedPackets", "lb_vip_processed_packets_total", Counter, Count, Sum, Vip,
         "Packets of the VIP's flows steered to a backend.";
