@@ -4,7 +4,6 @@
 //! counter's positive control.
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use support::target::{self, Reply};
@@ -116,19 +115,12 @@ async fn the_hyper_path_leaves_the_native_counter_alone() {
 
 #[tokio::test]
 async fn a_chunked_request_body_reaches_the_target_and_a_chunked_response_comes_back() {
-    let gate = Arc::new(tokio::sync::Notify::new());
     // The target's body is streamed (no length): the client gets it chunked.
-    gate.notify_one();
+    let (reply, gate) = Reply::gated("first,", "second");
+    gate.release();
     let t = target::http1()
         .route("/echo", Reply::EchoBody)
-        .route(
-            "/stream",
-            Reply::Gated {
-                first: "first,".into(),
-                gate: gate.clone(),
-                second: "second".into(),
-            },
-        )
+        .route("/stream", reply)
         .run()
         .await;
     let p = ProxyBuilder::forward_to(&[t.addr]).start().await;

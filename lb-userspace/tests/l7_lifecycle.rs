@@ -263,18 +263,8 @@ async fn grpc_to_an_http1_group_is_464() {
 
 #[tokio::test]
 async fn response_bodies_are_streamed_not_buffered() {
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
-    let t = target::http1()
-        .route(
-            "/",
-            Reply::Gated {
-                first: "first,".into(),
-                gate: gate.clone(),
-                second: "second".into(),
-            },
-        )
-        .run()
-        .await;
+    let (reply, gate) = Reply::gated("first,", "second");
+    let t = target::http1().route("/", reply).run().await;
     let p = ProxyBuilder::forward_to(&[t.addr]).start().await;
     within(async {
         let tcp = TcpStream::connect(p.addr).await.expect("connect");
@@ -295,7 +285,7 @@ async fn response_bodies_are_streamed_not_buffered() {
         // The first chunk arrives while the target is still holding the rest back.
         let first = body.frame().await.expect("frame").expect("ok");
         assert_eq!(first.into_data().expect("data"), "first,");
-        gate.notify_one();
+        gate.release();
         let rest = body.collect().await.expect("rest").to_bytes();
         assert_eq!(rest, "second");
     })

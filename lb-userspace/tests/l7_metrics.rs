@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support_lb::{LB, Lb, Target, wait_for};
+use support_lb::{KeepAlive, LB, Lb, Target, wait_for};
 
 const FAST: &str = "health-check-interval=0.2,health-check-timeout=0.15,\
                     healthy-threshold=2,unhealthy-threshold=2";
@@ -69,10 +69,18 @@ fn stat(doc: &Value, metric: &str, dims: &[(&str, &str)]) -> f64 {
         .filter(|s| s["metric"] == metric && dims.iter().all(|(k, v)| s[*k] == *v))
         // Exactly these dimensions: a target-level series also names its group.
         .filter(|s| {
-            ["listener", "target_group", "target", "vip", "reason", "log"]
-                .iter()
-                .filter(|k| s.get(**k).is_some())
-                .count()
+            [
+                "listener",
+                "target_group",
+                "target",
+                "vip",
+                "reason",
+                "log",
+                "worker",
+            ]
+            .iter()
+            .filter(|k| s.get(**k).is_some())
+            .count()
                 == dims.len()
         })
         .collect();
@@ -81,6 +89,27 @@ fn stat(doc: &Value, metric: &str, dims: &[(&str, &str)]) -> f64 {
         .as_f64()
         .or_else(|| found[0]["value"].as_f64())
         .unwrap_or_else(|| panic!("{metric}: no total or value"))
+}
+
+/// `lb stats --json`, another process, through the admin socket (no pins: L7 only).
+fn stats_json(lb: &Lb) -> Value {
+    let out = Command::new(LB)
+        .args([
+            "stats",
+            "--json",
+            "--pin-path",
+            "/nonexistent",
+            "--admin-socket",
+        ])
+        .arg(&lb.admin)
+        .output()
+        .expect("lb stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 /// A metric, its dimensions, and the value the test counted.
@@ -145,23 +174,7 @@ fn every_metric_equals_what_the_test_counted_in_lb_stats_and_prometheus() {
         "lb stats to see every request",
         Duration::from_secs(20),
         || {
-            let out = Command::new(LB)
-                .args([
-                    "stats",
-                    "--json",
-                    "--pin-path",
-                    "/nonexistent",
-                    "--admin-socket",
-                ])
-                .arg(&lb.admin)
-                .output()
-                .expect("lb stats");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            let doc = stats_json(&lb);
             (stat(&doc, "NewConnectionCount", &[("listener", "web")]) >= requests as f64)
                 .then_some(doc)
         },
@@ -241,7 +254,14 @@ fn every_metric_equals_what_the_test_counted_in_lb_stats_and_prometheus() {
         1.0
     );
 
-    // Prometheus's own parser and linter accept the whole exposition.
+    // The shared runtime has no per-worker series (README, "Worker layout").
+    assert!(!text.contains("lb_worker_"), "{text}");
+
+    promtool_accepts(&text);
+}
+
+/// Prometheus's own parser and linter accept the whole exposition.
+fn promtool_accepts(text: &str) {
     let promtool = which_promtool();
     let out = Command::new(&promtool)
         .args(["check", "metrics"])
@@ -386,4 +406,113 @@ impl OutputWithStdin for Command {
         child.stdin.take()?.write_all(input).ok()?;
         child.wait_with_output().ok()
     }
+}
+
+/// The sum over workers 0 and 1 of the Prometheus sample `family{worker="W"}`.
+fn worker_sum(text: &str, family: &str) -> f64 {
+    (0..2)
+        .map(|w| sample(text, &format!("{family}{{worker=\"{w}\"}}")))
+        .sum()
+}
+
+/// With `--l7-runtime per-worker` and two workers, the per-worker counts that Prometheus and
+/// `lb stats` show add up to the connections the test opened, both workers have some
+/// (balanced accept spreads them), and the open counts fall back to 0 once they are closed.
+#[test]
+fn per_worker_connection_counts_add_up_to_the_connections_opened() {
+    let a = Target::start("a");
+    let flags: Vec<String> = [
+        "--listener",
+        "web=http://127.0.0.1:0",
+        "--target-group",
+        "app,health-check=off",
+        "--target",
+        &format!("app={}", a.addr),
+        "--rule",
+        "web,default,forward=app",
+        "--l7-runtime",
+        "per-worker",
+        "--l7-workers",
+        "2",
+        "--l7-accept",
+        "balanced",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let lb = Lb::start("per-worker", &flags);
+    let addr = lb.listener_addr("web");
+    // Each connection answered once and kept open: the only client connections lb sees.
+    let opened = 6;
+    let conns: Vec<KeepAlive> = (0..opened)
+        .map(|_| {
+            let mut c = KeepAlive::connect(addr);
+            assert_eq!(c.get("/").map(|(status, _)| status), Some(200));
+            c
+        })
+        .collect();
+    let text = scrape(&lb);
+    assert_eq!(
+        worker_sum(&text, "lb_worker_new_connection_count_total"),
+        opened as f64,
+        "{text}"
+    );
+    assert_eq!(
+        worker_sum(&text, "lb_worker_active_connections"),
+        opened as f64,
+        "{text}"
+    );
+    for w in ["0", "1"] {
+        assert!(
+            sample(
+                &text,
+                &format!("lb_worker_active_connections{{worker=\"{w}\"}}")
+            ) > 0.0,
+            "balanced accept gives worker {w} some connections: {text}"
+        );
+    }
+    promtool_accepts(&text);
+    // One foreign-reuse series per worker's shard of the target's pool, each 0: the HTTP/1.1
+    // pool never lends a worker's connection to another.
+    for w in ["0", "1"] {
+        let series = format!(
+            "lb_pool_foreign_worker_reuse_count_total{{worker=\"{w}\",target=\"{}\"}}",
+            a.addr
+        );
+        assert_eq!(sample(&text, &series), 0.0, "{text}");
+    }
+    // The same counts in `lb stats --json` (the history samples them: wait for the sample).
+    let doc = wait_for(
+        "lb stats to see the connections",
+        Duration::from_secs(20),
+        || {
+            let doc = stats_json(&lb);
+            let open: f64 = ["0", "1"]
+                .iter()
+                .map(|w| stat(&doc, "WorkerActiveConnectionCount", &[("worker", w)]))
+                .sum();
+            (open == opened as f64).then_some(doc)
+        },
+    );
+    let accepted: f64 = ["0", "1"]
+        .iter()
+        .map(|w| stat(&doc, "WorkerNewConnectionCount", &[("worker", w)]))
+        .sum();
+    assert_eq!(accepted, opened as f64);
+
+    drop(conns);
+    wait_for(
+        "every worker's open count back to 0",
+        Duration::from_secs(20),
+        || {
+            let text = scrape(&lb);
+            (worker_sum(&text, "lb_worker_active_connections") == 0.0).then_some(())
+        },
+    );
+    let text = scrape(&lb);
+    assert_eq!(
+        worker_sum(&text, "lb_worker_new_connection_count_total"),
+        opened as f64,
+        "closing does not undo the accepted count: {text}"
+    );
 }

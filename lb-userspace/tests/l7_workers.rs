@@ -5,8 +5,6 @@
 mod support;
 
 use std::num::NonZeroUsize;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use lb::proxy::server::{AcceptMode, L7Runtime, WorkerLayout};
 use support::target::{self, Reply};
-use support::{ProxyBuilder, SAFETY, get, get_many, wait_until, within};
+use support::{ProxyBuilder, SAFETY, get, get_many, get_many_h2, wait_until, within};
 use tokio::net::TcpStream;
 
 fn per_worker(workers: usize, accept: AcceptMode) -> WorkerLayout {
@@ -99,7 +97,25 @@ async fn the_shared_runtime_counts_one_worker() {
 #[tokio::test]
 async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() {
     let target = target::http1().route("/", Reply::text("ok")).run().await;
-    let proxy = ProxyBuilder::forward_to(&[target.addr])
+    reused_only_by_the_worker_that_made_it(target.addr, "tg", false).await;
+}
+
+/// The same for the target's HTTP/2 connection (hyper's client; one per worker's shard), with
+/// HTTP/2 clients (ALB answers an HTTP/1 client of an HTTP/2 group 464).
+#[tokio::test]
+async fn a_targets_http2_connection_is_used_only_by_the_worker_that_made_it() {
+    let target = target::http2().route("/", Reply::text("ok")).run().await;
+    reused_only_by_the_worker_that_made_it(target.addr, "tg,protocol-version=http2", true).await;
+}
+
+async fn reused_only_by_the_worker_that_made_it(
+    target: std::net::SocketAddr,
+    group: &str,
+    http2: bool,
+) {
+    let proxy = ProxyBuilder::new()
+        .group_spec(group, &[target])
+        .rules(&["web,default,forward=tg"])
         .workers(per_worker(2, AcceptMode::ReusePort))
         .start()
         .await;
@@ -107,7 +123,13 @@ async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() 
     // 16 client connections at once, 25 requests each: both workers serve some, and each pools
     // target connections and takes them again.
     let clients: Vec<_> = (0..16)
-        .map(|_| tokio::spawn(get_many(proxy.addr, "/", 25)))
+        .map(|_| {
+            if http2 {
+                tokio::spawn(get_many_h2(proxy.addr, "/", 25))
+            } else {
+                tokio::spawn(get_many(proxy.addr, "/", 25))
+            }
+        })
         .collect();
     for client in clients {
         let bodies = client.await.expect("client task");
@@ -192,18 +214,8 @@ async fn drain_waits_for_handed_over_connections_too() {
 }
 
 async fn drain_waits_and_joins(accept: AcceptMode) {
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let target = target::http1()
-        .route(
-            "/",
-            Reply::Gated {
-                first: "first,".into(),
-                gate: gate.clone(),
-                second: "second".into(),
-            },
-        )
-        .run()
-        .await;
+    let (reply, gate) = Reply::gated("first,", "second");
+    let target = target::http1().route("/", reply).run().await;
     let mut proxy = ProxyBuilder::forward_to(&[target.addr])
         .workers(per_worker(2, accept))
         .start()
@@ -255,17 +267,8 @@ async fn drain_waits_and_joins(accept: AcceptMode) {
         2,
         "both workers still serve their connections"
     );
-    // Release the responses (the gate's waiters may register late: keep notifying).
-    let released = Arc::new(AtomicBool::new(false));
-    let notifier = {
-        let (gate, released) = (gate.clone(), released.clone());
-        tokio::spawn(async move {
-            while !released.load(Ordering::SeqCst) {
-                gate.notify_waiters();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    // Release the responses (the gate stays open for waiters that register late).
+    gate.release();
     for body in bodies {
         let rest = within(body.collect())
             .await
@@ -273,8 +276,6 @@ async fn drain_waits_and_joins(accept: AcceptMode) {
             .to_bytes();
         assert_eq!(rest, "second", "the response finished during the drain");
     }
-    released.store(true, Ordering::SeqCst);
-    notifier.await.expect("notifier");
     within(shutdown)
         .await
         .expect("shutdown task")

@@ -1,5 +1,5 @@
 //! The L7 collect steps: the listeners', target groups' and targets' cells, the connection
-//! pool, and the registry's host counts (both tiers' groups).
+//! pool, the per-worker counts, and the registry's host counts (both tiers' groups).
 use super::{Metric, Series, Value};
 use crate::proxy::server::L7Handle;
 use crate::registry::Snapshot;
@@ -143,6 +143,38 @@ pub fn collect(l7: &L7Handle, out: &mut Vec<Series>) {
             Metric::IdleTargetConnectionCount,
             l(),
             p.idle_connections as f64,
+        ));
+    }
+    collect_workers(l7, out);
+}
+
+/// The per-worker series of a tier with one runtime per worker: each worker's accepted and
+/// open client connections, and each worker's pool shard's connections other workers took.
+/// None with the shared runtime (its one "worker" is the whole tier: the listener series say
+/// it).
+fn collect_workers(l7: &L7Handle, out: &mut Vec<Series>) {
+    if !l7.per_worker() {
+        return;
+    }
+    let open = l7.worker_open_connections();
+    for (worker, accepted) in l7.worker_connections().into_iter().enumerate() {
+        let l = || vec![worker.to_string()];
+        out.push(Series::count(
+            Metric::WorkerNewConnectionCount,
+            l(),
+            accepted,
+        ));
+        out.push(Series::gauge(
+            Metric::WorkerActiveConnectionCount,
+            l(),
+            open.get(worker).copied().unwrap_or(0) as f64,
+        ));
+    }
+    for (worker, p) in l7.pool_stats_per_worker() {
+        out.push(Series::count(
+            Metric::ForeignWorkerReuseCount,
+            vec![worker.to_string(), p.target.to_string()],
+            p.foreign_worker_reuse,
         ));
     }
 }

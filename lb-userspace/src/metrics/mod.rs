@@ -102,6 +102,10 @@ pub enum Scope {
     PoolTarget,
     /// One log (`access`, `health_check`).
     Log,
+    /// One L7 worker (`--l7-runtime per-worker`), by index from 0.
+    Worker,
+    /// One target endpoint of one L7 worker's shard of the connection pool.
+    WorkerPoolTarget,
 }
 
 impl Scope {
@@ -116,6 +120,8 @@ impl Scope {
             Self::Reason => &["reason"],
             Self::PoolTarget => &["target"],
             Self::Log => &["log"],
+            Self::Worker => &["worker"],
+            Self::WorkerPoolTarget => &["worker", "target"],
         }
     }
 }
@@ -265,6 +271,14 @@ metrics! {
         "Requests that could not be retried and took a new connection rather than an idle one of unproven age.";
     IdleTargetConnectionCount: "IdleTargetConnectionCount", "lb_pool_idle_connections", Gauge, Count, Sum, PoolTarget,
         "Idle pooled connections now.";
+    // L7 workers (lb's own; `--l7-runtime per-worker` only), per worker.
+    WorkerNewConnectionCount: "WorkerNewConnectionCount", "lb_worker_new_connection_count_total", Counter, Count, Sum, Worker,
+        "Client connections the L7 worker accepted, over all listeners (rejected ones included; a connection handed over by balanced accept counts where it was accepted).";
+    WorkerActiveConnectionCount: "WorkerActiveConnectionCount", "lb_worker_active_connections", Gauge, Count, Sum, Worker,
+        "Client connections the L7 worker serves now, wherever they were accepted.";
+    // L7 connection pool (lb's own; `--l7-runtime per-worker` only), per worker and target.
+    ForeignWorkerReuseCount: "ForeignWorkerReuseCount", "lb_pool_foreign_worker_reuse_count_total", Counter, Count, Sum, WorkerPoolTarget,
+        "Pooled target connections (HTTP/1.1 ones, the HTTP/2 connection) of the worker's pool shard taken for a request by another worker (0 while each worker keeps to its own shard).";
     // L4, per VIP.
     ProcessedPackets: "ProcessedPackets", "lb_vip_processed_packets_total", Counter, Count, Sum, Vip,
         "Packets of the VIP's flows steered to a backend.";

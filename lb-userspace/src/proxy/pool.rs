@@ -103,8 +103,9 @@ pub struct TargetPoolStats {
     pub unproven_reuse_avoided: u64,
     /// The longest idle time a connection to this target was seen to survive.
     pub longest_survived_idle: Option<Duration>,
-    /// Pooled connections of our own HTTP/1.1 client taken for a request by another L7 worker
-    /// than the one whose shard of the pool holds them (the worker that connected them: its
+    /// Pooled connections (our own HTTP/1.1 client's, hyper's HTTP/1.1 ones, the HTTP/2
+    /// connection) taken for a request by another L7 worker than the one whose shard of the
+    /// pool holds them (the worker that connected them: its
     /// socket's readiness is delivered to that worker's thread). Per-worker pools keep this
     /// at 0.
     pub foreign_worker_reuse: u64,
@@ -507,6 +508,9 @@ impl TargetPool {
         let Pooled::Hyper(conn) = idle.conn else {
             unreachable!("`pick` only accepts hyper connections here")
         };
+        if self.worker != current_worker() {
+            st.counters.foreign_worker_reuse += 1;
+        }
         Some(Reused {
             idle_for: now.saturating_duration_since(idle.since),
             conn,
@@ -659,10 +663,16 @@ impl TargetPool {
     pub fn checkout_h2(&self) -> Option<H2Conn> {
         let mut st = self.lock();
         match &st.h2 {
-            Some(h2) if h2.sender.is_ready() => Some(H2Conn {
-                id: h2.id,
-                sender: h2.sender.clone(),
-            }),
+            Some(h2) if h2.sender.is_ready() => {
+                let conn = H2Conn {
+                    id: h2.id,
+                    sender: h2.sender.clone(),
+                };
+                if self.worker != current_worker() {
+                    st.counters.foreign_worker_reuse += 1;
+                }
+                Some(conn)
+            }
             Some(_) => {
                 st.h2 = None;
                 None

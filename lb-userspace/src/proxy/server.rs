@@ -595,6 +595,8 @@ struct Shared {
     /// Client connections each worker is serving now (one entry in the shared runtime):
     /// where [`AcceptMode::Balanced`] sends the next one.
     worker_open: Box<[AtomicU64]>,
+    /// One runtime per worker ([`L7Runtime::PerWorker`]): the per-worker counts are exposed.
+    per_worker: bool,
 }
 
 /// One listener at run time.
@@ -709,6 +711,12 @@ impl L7Handle {
             .collect()
     }
 
+    /// Whether the tier runs one runtime per worker (`--l7-runtime per-worker`); the metrics
+    /// show the per-worker counts only then.
+    pub fn per_worker(&self) -> bool {
+        self.shared.per_worker
+    }
+
     /// Per-target pool statistics of each worker's shard: `(worker, stats)`.
     pub fn pool_stats_per_worker(&self) -> Vec<(usize, TargetPoolStats)> {
         self.shared.forwarder.stats_per_worker()
@@ -796,6 +804,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         access_log,
         worker_accepts: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         worker_open: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        per_worker: workers > 0,
     });
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
@@ -1405,93 +1414,66 @@ async fn run_http<IO>(
     });
     let keepalive = tokio::time::sleep(listener.cfg.client_keepalive);
     tokio::pin!(keepalive);
-    let mut keepalive_done = false;
-    let mut phase = listener.shared.phase.clone();
-    let mut draining = false;
-    let mut io = io;
-    if http1 && listener.cfg.http1_native {
-        // HTTP/1 without hyper (`server/h1.rs`) until a request needs hyper.
-        io.set_native();
-        let control = Arc::new(h1::Control::default());
-        let native = h1::serve(ctx.clone(), io, control.clone());
-        tokio::pin!(native);
-        // The keep-alive timer and the phase watch are polled only when one of them woke the
-        // task (`Woken`), not on every wake-up of the connection's I/O: `select!` polled both
-        // per wake-up, about 500 instructions per request for branches that almost never fire.
-        let woken = Woken::new();
-        io = loop {
-            let step = {
-                let changed = phase.changed();
-                tokio::pin!(changed);
-                woken.set();
-                std::future::poll_fn(|cx| {
-                    if let std::task::Poll::Ready(ended) = native.as_mut().poll(cx) {
-                        return std::task::Poll::Ready(NativeStep::Ended(ended));
-                    }
-                    woken.poll_if_woken(cx, |wcx| {
-                        if !keepalive_done && keepalive.as_mut().poll(wcx).is_ready() {
-                            return std::task::Poll::Ready(NativeStep::KeepAlive);
-                        }
-                        changed.as_mut().poll(wcx).map(NativeStep::Phase)
-                    })
-                })
-                .await
-            };
-            match step {
-                NativeStep::Ended(h1::Ended::Closed) => return,
-                NativeStep::Ended(h1::Ended::Handoff(io)) => break *io,
-                NativeStep::KeepAlive => {
-                    // As hyper's graceful shutdown: close now if idle, else after the
-                    // current response (`Connection: close`).
-                    keepalive_done = true;
-                    if control.shutdown() {
-                        return;
-                    }
-                }
-                NativeStep::Phase(changed) => match phase_step(changed, &phase, &mut draining) {
-                    PhaseStep::Nothing => {}
-                    PhaseStep::Drain => {
-                        if control.shutdown() {
-                            return;
-                        }
-                    }
-                    PhaseStep::Stop => return,
-                },
-            }
-        };
-    }
-    // HTTP/2 streams run in this task, polled with the connection (`server/h2exec.rs`).
-    let mut streams = h2exec::Streams::new();
-    let control = ConnControl {
+    // One control loop (keep-alive lifetime, drain, stop, abuse) for the whole connection: the
+    // native HTTP/1 part and, after a handoff, hyper carry on with the same timer and state.
+    let mut control = ConnControl {
         listener,
         peer,
         abuse: &abuse,
         keepalive: keepalive.as_mut(),
-        keepalive_done,
-        phase,
-        draining,
+        keepalive_done: false,
+        phase: listener.shared.phase.clone(),
+        draining: false,
     };
+    let mut io = io;
+    if http1 && listener.cfg.http1_native {
+        // HTTP/1 without hyper (`server/h1.rs`) until a request needs hyper.
+        io.set_native();
+        let native_control = Arc::new(h1::Control::default());
+        let native = h1::serve(ctx.clone(), io, native_control.clone());
+        tokio::pin!(native);
+        // As hyper's graceful shutdown: close now if idle, else after the current response
+        // (`Connection: close`).
+        match control
+            .run(None, native, |_| native_control.shutdown())
+            .await
+        {
+            Some(h1::Ended::Handoff(handed)) => io = *handed,
+            Some(h1::Ended::Closed) | None => return,
+        }
+    }
+    // HTTP/2 streams run in this task, polled with the connection (`server/h2exec.rs`).
+    let mut streams = h2exec::Streams::new();
     if listener.cfg.http2_native && io.is_http2() {
         // HTTP/2 without hyper (`server/h2native.rs`).
         let shutdown = Arc::new(h2native::Control::default());
         let conn = h2native::Conn::new(io, ctx, streams.executor(), shutdown.clone());
         tokio::pin!(conn);
-        control
-            .run(&mut streams, conn, |_| shutdown.graceful_shutdown())
+        let ended = control
+            .run(Some(&mut streams), conn, |_| {
+                shutdown.graceful_shutdown();
+                false
+            })
             .await;
+        control.log_error(ended);
     } else {
         let service = hyper::service::service_fn(move |req| service::Respond::new(&ctx, req));
         let http = http_builder(streams.executor());
         let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
-        control
-            .run(&mut streams, conn, |conn| conn.graceful_shutdown())
+        let ended = control
+            .run(Some(&mut streams), conn, |conn| {
+                conn.graceful_shutdown();
+                false
+            })
             .await;
+        control.log_error(ended);
     }
 }
 
-/// The control side of a connection served by hyper or by the native HTTP/2 path: its
-/// keep-alive lifetime, rapid-reset abuse and the tier's phase.
+/// The control side of a client connection, native or served by hyper: its keep-alive
+/// lifetime, rapid-reset abuse (HTTP/2) and the tier's phase. It outlives a native HTTP/1
+/// connection's handoff to hyper: the timer and the drain already acted on carry over.
 struct ConnControl<'a> {
     listener: &'a Arc<Listener>,
     peer: SocketAddr,
@@ -1503,51 +1485,48 @@ struct ConnControl<'a> {
 }
 
 impl ConnControl<'_> {
-    /// Drives `conn` (and its streams) until it ends or must be closed; `shutdown` asks it for
-    /// a graceful shutdown (HTTP/1: close after the current response; HTTP/2: GOAWAY, open
-    /// streams finish).
-    async fn run<C, E>(
-        self,
-        streams: &mut h2exec::Streams,
+    /// Drives `conn` (with its HTTP/2 streams if `streams` is given) until it ends, `Some`
+    /// with what it returned, or must be closed, `None`. `shutdown` asks it for a graceful
+    /// shutdown (HTTP/1: close after the current response; HTTP/2: GOAWAY, open streams
+    /// finish) and says whether to close it now instead (an idle native HTTP/1 connection).
+    async fn run<C: Future>(
+        &mut self,
+        mut streams: Option<&mut h2exec::Streams>,
         mut conn: std::pin::Pin<&mut C>,
-        mut shutdown: impl FnMut(std::pin::Pin<&mut C>),
-    ) where
-        C: Future<Output = Result<(), E>>,
-        E: fmt::Display,
-    {
-        let Self {
-            listener,
-            peer,
-            abuse,
-            mut keepalive,
-            mut keepalive_done,
-            mut phase,
-            mut draining,
-        } = self;
-        if keepalive_done || draining {
-            shutdown(conn.as_mut());
+        mut shutdown: impl FnMut(std::pin::Pin<&mut C>) -> bool,
+    ) -> Option<C::Output> {
+        if (self.keepalive_done || self.draining) && shutdown(conn.as_mut()) {
+            return None;
         }
         // Armed when the connection is judged abusive: the hard close after GOAWAY.
         let abuse_close = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(abuse_close);
         let mut abusive = false;
-        let tripped = abuse.tripped();
+        let tripped = self.abuse.tripped();
         tokio::pin!(tripped);
-        // As in the native HTTP/1 loop: the keep-alive timer, the abuse trip, the abuse close
-        // and the phase watch are polled only when one of them woke the task (`Woken`), not on
-        // every wake-up the connection's I/O and streams cause (`select!` polled all four
-        // each time).
+        // The keep-alive timer, the abuse trip, the abuse close and the phase watch are polled
+        // only when one of them woke the task (`Woken`), not on every wake-up the
+        // connection's I/O and streams cause (`select!` polled all four each time: about 500
+        // instructions per HTTP/1.1 request for branches that almost never fire).
         let woken = Woken::new();
         loop {
             let step = {
-                let changed = phase.changed();
+                let changed = self.phase.changed();
                 tokio::pin!(changed);
                 woken.set();
-                let mut drive = streams.drive(conn.as_mut());
+                let mut polled = match streams.as_deref_mut() {
+                    Some(streams) => Polled::WithStreams(streams.drive(conn.as_mut())),
+                    None => Polled::Alone(conn.as_mut()),
+                };
+                let keepalive_done = self.keepalive_done;
+                let keepalive = &mut self.keepalive;
                 std::future::poll_fn(|cx| {
-                    if let std::task::Poll::Ready(result) = std::pin::Pin::new(&mut drive).poll(cx)
-                    {
-                        return std::task::Poll::Ready(ConnStep::Ended(result));
+                    let ended = match &mut polled {
+                        Polled::Alone(conn) => poll_alone(conn.as_mut(), cx),
+                        Polled::WithStreams(drive) => std::pin::Pin::new(drive).poll(cx),
+                    };
+                    if let std::task::Poll::Ready(output) = ended {
+                        return std::task::Poll::Ready(ConnStep::Ended(output));
                     }
                     woken.poll_if_woken(cx, |wcx| {
                         if !keepalive_done && keepalive.as_mut().poll(wcx).is_ready() {
@@ -1565,52 +1544,77 @@ impl ConnControl<'_> {
                 .await
             };
             match step {
-                ConnStep::Ended(result) => {
-                    if let Err(e) = result {
-                        tracing::debug!(listener = %listener.cfg.name, %peer, error = %e, "client connection ended with an error");
-                    }
-                    break;
-                }
+                ConnStep::Ended(output) => return Some(output),
                 ConnStep::KeepAlive => {
                     // Client keep-alive lifetime: finish the current request, then close
                     // (HTTP/1: `Connection: close`; HTTP/2: GOAWAY).
-                    keepalive_done = true;
-                    shutdown(conn.as_mut());
+                    self.keepalive_done = true;
+                    if shutdown(conn.as_mut()) {
+                        return None;
+                    }
                 }
                 ConnStep::Abusive => {
                     abusive = true;
+                    let listener = self.listener;
                     L7Counters::add(&listener.shared.counters.http2_abusive_connections, 1);
                     L7Counters::add(&listener.cells.http2_abusive_connections, 1);
-                    tracing::warn!(listener = %listener.cfg.name, %peer, "client keeps cancelling its HTTP/2 streams (rapid reset): closing the connection");
-                    shutdown(conn.as_mut());
+                    tracing::warn!(listener = %listener.cfg.name, peer = %self.peer, "client keeps cancelling its HTTP/2 streams (rapid reset): closing the connection");
+                    if shutdown(conn.as_mut()) {
+                        return None;
+                    }
                     abuse_close
                         .as_mut()
                         .reset(tokio::time::Instant::now() + abuse::ABUSE_CLOSE_GRACE);
                 }
-                ConnStep::AbuseClose => break,
-                ConnStep::Phase(changed) => match phase_step(changed, &phase, &mut draining) {
-                    PhaseStep::Nothing => {}
-                    PhaseStep::Drain => shutdown(conn.as_mut()),
-                    PhaseStep::Stop => break,
-                },
+                ConnStep::AbuseClose => return None,
+                ConnStep::Phase(changed) => {
+                    match phase_step(changed, &self.phase, &mut self.draining) {
+                        PhaseStep::Nothing => {}
+                        PhaseStep::Drain => {
+                            if shutdown(conn.as_mut()) {
+                                return None;
+                            }
+                        }
+                        PhaseStep::Stop => return None,
+                    }
+                }
             }
+        }
+    }
+
+    /// Logs a hyper-served or native HTTP/2 connection that ended with an error.
+    fn log_error<E: fmt::Display>(&self, ended: Option<Result<(), E>>) {
+        if let Some(Err(e)) = ended {
+            tracing::debug!(listener = %self.listener.cfg.name, peer = %self.peer, error = %e, "client connection ended with an error");
         }
     }
 }
 
-/// What woke a hyper-served or native HTTP/2 connection's task for good.
-enum ConnStep<E> {
-    Ended(Result<(), E>),
+/// A connection as [`ConnControl::run`] polls it: alone (native HTTP/1) or with its HTTP/2
+/// streams (`server/h2exec.rs`).
+enum Polled<'a, C> {
+    Alone(std::pin::Pin<&'a mut C>),
+    WithStreams(h2exec::Drive<'a, C>),
+}
+
+/// Polls a connection driven alone (native HTTP/1) out of line. Inlined into the control
+/// loop's poll, the native connection's future cost about 150 instructions more per HTTP/1.1
+/// request: LLVM then left helpers of the request path out of line (callgrind; BENCHMARKS.md,
+/// "One connection control loop (stop 26)").
+#[inline(never)]
+fn poll_alone<C: Future>(
+    conn: std::pin::Pin<&mut C>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<C::Output> {
+    conn.poll(cx)
+}
+
+/// What woke a connection's task for good.
+enum ConnStep<O> {
+    Ended(O),
     KeepAlive,
     Abusive,
     AbuseClose,
-    Phase(Result<(), watch::error::RecvError>),
-}
-
-/// What woke a native HTTP/1 connection's task for good.
-enum NativeStep<IO> {
-    Ended(h1::Ended<IO>),
-    KeepAlive,
     Phase(Result<(), watch::error::RecvError>),
 }
 
@@ -1652,6 +1656,7 @@ impl Woken {
     /// Runs `poll` with this waker if one of its futures fired since the last run (or
     /// [`Self::set`] was called); `Pending` otherwise. The task's own waker is registered
     /// first, so a firing in between wakes the task again.
+    #[inline]
     fn poll_if_woken<T>(
         &self,
         cx: &mut std::task::Context<'_>,

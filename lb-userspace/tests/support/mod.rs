@@ -70,10 +70,11 @@ pub mod target {
         /// 101 and then echoes every byte back (a WebSocket-like upgrade echo).
         UpgradeEcho,
         /// 200 whose body sends `first`, then waits for the gate before sending `second`:
-        /// proves the balancer streams instead of buffering the whole body.
+        /// proves the balancer streams instead of buffering the whole body. Built with
+        /// [`Reply::gated`].
         Gated {
             first: String,
-            gate: Arc<tokio::sync::Notify>,
+            gate: Gate,
             second: String,
         },
     }
@@ -81,6 +82,51 @@ pub mod target {
     impl Reply {
         pub fn text(s: &str) -> Self {
             Self::Text(s.to_owned())
+        }
+
+        /// A [`Reply::Gated`] and the [`Gate`] that releases its second part.
+        pub fn gated(first: &str, second: &str) -> (Self, Gate) {
+            let gate = Gate::default();
+            let reply = Self::Gated {
+                first: first.to_owned(),
+                gate: gate.clone(),
+                second: second.to_owned(),
+            };
+            (reply, gate)
+        }
+    }
+
+    /// Holds back the second part of every [`Reply::Gated`] built with it until
+    /// [`Gate::release`]; then it stays open: every response waiting passes, and so does one
+    /// whose body reaches the gate only later.
+    #[derive(Clone, Debug, Default)]
+    pub struct Gate(Arc<GateState>);
+
+    #[derive(Debug, Default)]
+    struct GateState {
+        open: std::sync::atomic::AtomicBool,
+        notify: tokio::sync::Notify,
+    }
+
+    impl Gate {
+        /// Opens the gate for good.
+        pub fn release(&self) {
+            self.0.open.store(true, Ordering::SeqCst);
+            self.0.notify.notify_waiters();
+        }
+
+        /// Waits until the gate is open.
+        async fn passed(&self) {
+            loop {
+                let notified = self.0.notify.notified();
+                tokio::pin!(notified);
+                // Registered before the check: a release in between is not missed.
+                notified.as_mut().enable();
+                if self.0.open.load(Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
         }
     }
 
@@ -222,7 +268,7 @@ pub mod target {
                 let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
                 tokio::spawn(async move {
                     let _ = tx.send(Ok(Frame::data(Bytes::from(first)))).await;
-                    gate.notified().await;
+                    gate.passed().await;
                     let _ = tx.send(Ok(Frame::data(Bytes::from(second)))).await;
                 });
                 let body = StreamBody::new(tokio_stream_from(rx));
@@ -538,6 +584,35 @@ pub async fn get_many(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
                 .send_request(
                     Request::get(path)
                         .header("host", "app.test")
+                        .body(Full::new(Bytes::new()))
+                        .expect("request"),
+                )
+                .await
+                .expect("response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            bodies.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        bodies
+    })
+    .await
+}
+
+/// [`get_many`] over HTTP/2 with prior knowledge (h2c): `n` requests, one after the other,
+/// on one connection.
+pub async fn get_many_h2(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
+    within(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect to proxy");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2c handshake");
+        tokio::spawn(conn);
+        let mut bodies = Vec::with_capacity(n);
+        for _ in 0..n {
+            sender.ready().await.expect("connection ready");
+            let resp = sender
+                .send_request(
+                    Request::get(format!("http://app.test{path}"))
                         .body(Full::new(Bytes::new()))
                         .expect("request"),
                 )
