@@ -124,7 +124,7 @@ impl Exchange {
             (_, true) => RequestType::Https,
             (_, false) => RequestType::Http,
         };
-        let mut record = Box::new(Record::new(
+        let mut record = Box::write(Box::new_uninit(), Record::new(
             kind,
             listener.name.clone(),
             peer,
