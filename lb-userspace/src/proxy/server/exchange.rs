@@ -16,8 +16,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
-use super::sniff::HeadVerdict;
 use super::Listener;
+use super::sniff::HeadVerdict;
 use crate::accesslog::fast::push_u64;
 use crate::accesslog::{
     ActionKind, LbError, Record, RequestLine, RequestType, TargetConnection, TlsInfo,
@@ -124,13 +124,10 @@ impl Exchange {
             (_, true) => RequestType::Https,
             (_, false) => RequestType::Http,
         };
-        let mut record = Box::write(Box::new_uninit(), Record::new(
-            kind,
-            listener.name.clone(),
-            peer,
-            conn.id,
-            conn.tls.clone(),
-        ));
+        let mut record = Box::write(
+            Box::new_uninit(),
+            Record::new(kind, listener.name.clone(), peer, conn.id, conn.tls.clone()),
+        );
         let logging = listener.shared.access_log.is_some();
         let scheme = listener.cfg.protocol.as_str();
         let port = listener.port;
