@@ -307,14 +307,15 @@ impl PoolState {
     /// The idle connection a request should take (the most recently used of those `kind`
     /// accepts), by the reuse rules: under the estimated reuse limit when the request can be
     /// retried, under the proven-safe limit when it cannot (counting a connection avoided for
-    /// that reason). The caller removes it from `idle`.
+    /// that reason). The caller removes it from `idle`. With the position, how long it has
+    /// been idle (the one clock subtraction: the caller reports it too).
     fn pick(
         &mut self,
         now: Instant,
         retryable: bool,
         idle_timeout: Duration,
         kind: impl Fn(&Pooled) -> bool,
-    ) -> Option<usize> {
+    ) -> Option<(usize, Duration)> {
         let limit = self.estimator.reuse_limit(idle_timeout);
         // The newest connection `kind` accepts is the youngest: if it is idle too long, so is
         // every older one, and the walk stops there instead of ageing the whole pool (up to
@@ -330,7 +331,7 @@ impl PoolState {
             return None;
         }
         if retryable || idle_for < self.unretryable_reuse_limit(idle_timeout) {
-            return Some(pos);
+            return Some((pos, idle_for));
         }
         self.counters.unproven_reuse_avoided += 1;
         None
@@ -496,7 +497,7 @@ impl TargetPool {
     pub fn checkout_h1(&self, retryable: bool) -> Option<Reused> {
         let now = Instant::now();
         let mut st = self.lock();
-        let pos = st.pick(now, retryable, self.idle_timeout, |conn| {
+        let (pos, idle_for) = st.pick(now, retryable, self.idle_timeout, |conn| {
             matches!(conn, Pooled::Hyper(conn) if !conn.sender.is_closed() && conn.sender.is_ready())
         })?;
         let idle = st
@@ -511,10 +512,7 @@ impl TargetPool {
         if self.worker != current_worker() {
             st.counters.foreign_worker_reuse += 1;
         }
-        Some(Reused {
-            idle_for: now.saturating_duration_since(idle.since),
-            conn,
-        })
+        Some(Reused { idle_for, conn })
     }
 
     /// [`Self::checkout_h1`] for raw connections (plain-TCP targets, our own HTTP/1.1 client).
@@ -524,7 +522,7 @@ impl TargetPool {
         let now = Instant::now();
         let mut st = self.lock();
         loop {
-            let pos = st.pick(now, retryable, self.idle_timeout, |conn| {
+            let (pos, idle_for) = st.pick(now, retryable, self.idle_timeout, |conn| {
                 matches!(conn, Pooled::Raw(_))
             })?;
             let Pooled::Raw(conn) = &st.idle[pos].conn else {
@@ -546,7 +544,7 @@ impl TargetPool {
             if self.worker != current_worker() {
                 st.counters.foreign_worker_reuse += 1;
             }
-            return Some((conn, now.saturating_duration_since(idle.since)));
+            return Some((conn, idle_for));
         }
     }
 

@@ -1,8 +1,9 @@
 //! One request's [`Record`], filled as the pipeline goes and emitted exactly once: when the
 //! response body ends or is dropped, when the load balancer answers itself, when the client
 //! goes away before any response (460), or when a WebSocket tunnel closes. Emitting feeds
-//! every L7 request counter (listener, target group, target, [`L7Counters`]) and the access
-//! log from the same record, so they always agree.
+//! every L7 request counter (listener, target group, target,
+//! [`L7Counters`](super::L7Counters)) and the access log from the same record, so they always
+//! agree.
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,8 +16,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
+use super::Listener;
 use super::sniff::HeadVerdict;
-use super::{L7Counters, Listener};
 use crate::accesslog::fast::push_u64;
 use crate::accesslog::{
     ActionKind, LbError, Record, RequestLine, RequestType, TargetConnection, TlsInfo,
@@ -94,7 +95,6 @@ pub(super) fn response_head_bytes(status: StatusCode, headers: &HeaderMap) -> u6
 pub(super) struct Exchange {
     record: Option<Box<Record>>,
     listener: Arc<Listener>,
-    counters: Arc<L7Counters>,
     /// When the request arrived (monotonic), for the log's `request_processing_time`: read
     /// only when an access log is open, the one reader of the request and response
     /// processing times (the target's goes to the metrics too, and is always measured).
@@ -124,13 +124,10 @@ impl Exchange {
             (_, true) => RequestType::Https,
             (_, false) => RequestType::Http,
         };
-        let mut record = Box::new(Record::new(
-            kind,
-            listener.name.clone(),
-            peer,
-            conn.id,
-            conn.tls.clone(),
-        ));
+        let mut record = Box::write(
+            Box::new_uninit(),
+            Record::new(kind, listener.name.clone(), peer, conn.id, conn.tls.clone()),
+        );
         let logging = listener.shared.access_log.is_some();
         let scheme = listener.cfg.protocol.as_str();
         let port = listener.port;
@@ -193,7 +190,6 @@ impl Exchange {
         Self {
             record: Some(record),
             listener: listener.clone(),
-            counters: listener.shared.counters.clone(),
             started: logging.then(Instant::now),
             head_len,
             body_in: None,
@@ -371,7 +367,6 @@ impl Exchange {
         Exchange {
             record: self.record.take(),
             listener: self.listener.clone(),
-            counters: self.counters.clone(),
             started: self.started,
             head_len: self.head_len,
             body_in: self.body_in.clone(),
@@ -434,7 +429,7 @@ impl Exchange {
                 t.record(&r);
             }
         }
-        self.counters.record(&r);
+        self.listener.shared.counters.record(&r);
         if let Some(log) = &self.listener.shared.access_log {
             log.log(r);
         }

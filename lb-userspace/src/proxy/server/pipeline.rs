@@ -348,9 +348,11 @@ impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + S
 {}
 
 /// The request handler of one connection (hyper's service; the native HTTP/1 loop calls it
-/// too).
+/// too). `ctx`: the service's `Arc` (its future must own what it reads), or a plain
+/// reference where the caller outlives the future (the native loop: no `Arc` clone and drop,
+/// two atomic read-modify-writes, per request).
 pub(super) async fn handle<B: RequestBody>(
-    ctx: Arc<ConnCtx>,
+    ctx: impl std::ops::Deref<Target = ConnCtx> + Send,
     req: Request<B>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let version = req.version();

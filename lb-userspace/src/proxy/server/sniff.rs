@@ -757,7 +757,7 @@ impl<IO> Sniffer<IO> {
         match parts {
             Some(parts) if !p.upgrade => {
                 self.events
-                    .push_back((self.out.len(), NativeEvent::Head(Box::new(parts))));
+                    .push_back((self.out.len(), NativeEvent::Head(parts)));
             }
             _ => {
                 if self.native {
