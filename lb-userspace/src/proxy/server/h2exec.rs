@@ -350,7 +350,7 @@ impl Streams {
                 Some(slot) => slot,
                 None => {
                     let slot = self.slots.len();
-                    if slot % 64 == 0 {
+                    if slot.is_multiple_of(64) {
                         self.woken.push(Arc::new(AtomicU64::new(0)));
                     }
                     let wake = Arc::new(SlotWake {
