@@ -22,7 +22,11 @@
 //!
 //! The running streams sit in slots the connection reuses (a slot and its waker are made once,
 //! when more streams run at once than ever before on the connection): a stream costs the
-//! driver no allocation. The native path's streams are kept in their slot unboxed; hyper's
+//! driver no allocation. A slot's waker sets the slot's bit in an atomic bitmap of woken slots
+//! (one word per 64 slots, shared by the driver and the wakers of those slots), without a lock:
+//! wakers may fire from any thread (a target connection's task on another worker), the driver
+//! takes each word's bits with one `swap`, and the streams-due flag set after the bit tells it
+//! to look. The native path's streams are kept in their slot unboxed; hyper's
 //! come boxed (their type is hyper's). `FuturesUnordered`, used before, allocated a task per
 //! stream.
 //!
@@ -42,7 +46,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -109,9 +113,6 @@ impl StreamExec {
 struct Shared {
     /// Streams handed over and not yet picked up by the driver.
     queued: Mutex<Vec<Task>>,
-    /// The slots whose stream was woken, each once (its [`SlotWake::queued`] flag), for the
-    /// driver's next round.
-    woken: Mutex<Vec<usize>>,
     /// The task that runs the driver (woken only when it is not being polled).
     task: AtomicWaker,
     /// The driver is inside its poll: a wake-up only sets a flag, which it reads before it
@@ -150,13 +151,17 @@ impl Wake for ConnWake {
     }
 }
 
-/// The waker of one stream slot: puts the slot on the woken list (once until it is polled)
-/// and marks the streams due.
+/// The woken bits of 64 slots (slot `64 * i + b` is bit `b` of word `i`), shared by the driver
+/// and those slots' wakers.
+type WokenWord = Arc<AtomicU64>;
+
+/// The waker of one stream slot: sets the slot's woken bit and, when the bit was clear, marks
+/// the streams due (a slot woken again before it is polled costs one atomic `or`). No lock:
+/// the bit is the whole record of the wake-up.
 struct SlotWake {
     shared: Arc<Shared>,
-    slot: usize,
-    /// On the woken list (or about to be polled from it) already.
-    queued: AtomicBool,
+    word: WokenWord,
+    bit: u64,
 }
 
 impl Wake for SlotWake {
@@ -165,14 +170,12 @@ impl Wake for SlotWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.queued.swap(true, Ordering::SeqCst) {
+        // `SeqCst`: the bit is set before the flag, so a driver that sees the flag (it clears
+        // it before taking the bits) finds the bit; one that took the bits before this sees
+        // the flag in its next round or next poll.
+        if self.word.fetch_or(self.bit, Ordering::SeqCst) & self.bit != 0 {
             return;
         }
-        self.shared
-            .woken
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(self.slot);
         self.shared.streams_due.store(true, Ordering::SeqCst);
         self.shared.notify();
     }
@@ -183,7 +186,6 @@ impl Wake for SlotWake {
 /// stream, and the native stream was boxed).
 struct Slot {
     task: Option<Task>,
-    wake: Arc<SlotWake>,
     waker: Waker,
 }
 
@@ -195,7 +197,10 @@ pub(super) struct Streams {
     slots: Vec<Slot>,
     /// Empty slots.
     free: Vec<usize>,
-    /// The slots to poll in this round (the woken list's storage, swapped with it).
+    /// The woken bitmap: word `i` holds the bits of slots `64 * i..64 * i + 64`, one word made
+    /// with the first slot it covers.
+    woken: Vec<WokenWord>,
+    /// The slots to poll in this round (taken from the bitmap).
     ready: Vec<usize>,
     conn_waker: Waker,
     /// The queue's storage, swapped with it when streams are picked up.
@@ -216,6 +221,8 @@ pub(super) struct Stats {
     pub(super) yielded: usize,
     /// Stream slots made (each reused by later streams once free).
     pub(super) slots: usize,
+    /// Stream polls (first polls and polls after a wake-up).
+    pub(super) polls: usize,
 }
 
 impl Default for Streams {
@@ -228,7 +235,6 @@ impl Streams {
     pub(super) fn new() -> Self {
         let shared = Arc::new(Shared {
             queued: Mutex::new(Vec::new()),
-            woken: Mutex::new(Vec::new()),
             task: AtomicWaker::new(),
             polling: AtomicBool::new(false),
             // The first poll polls both.
@@ -242,6 +248,7 @@ impl Streams {
             shared,
             slots: Vec::new(),
             free: Vec::new(),
+            woken: Vec::new(),
             ready: Vec::new(),
             spare: Vec::new(),
             #[cfg(test)]
@@ -323,8 +330,8 @@ impl Streams {
         Poll::Pending
     }
 
-    /// Moves the queued streams into free slots (new ones when none is free), each to be
-    /// polled in this round.
+    /// Moves the queued streams into free slots (new ones when none is free), each marked
+    /// woken, to be polled in this round.
     fn pick_up(&mut self) {
         std::mem::swap(
             &mut *self
@@ -343,15 +350,17 @@ impl Streams {
                 Some(slot) => slot,
                 None => {
                     let slot = self.slots.len();
+                    if slot.is_multiple_of(64) {
+                        self.woken.push(Arc::new(AtomicU64::new(0)));
+                    }
                     let wake = Arc::new(SlotWake {
                         shared: self.shared.clone(),
-                        slot,
-                        queued: AtomicBool::new(false),
+                        word: self.woken[slot / 64].clone(),
+                        bit: 1 << (slot % 64),
                     });
                     self.slots.push(Slot {
                         task: None,
-                        waker: Waker::from(wake.clone()),
-                        wake,
+                        waker: Waker::from(wake),
                     });
                     #[cfg(test)]
                     {
@@ -360,35 +369,41 @@ impl Streams {
                     slot
                 }
             };
-            let s = &mut self.slots[slot];
-            s.task = Some(task);
-            // Already on the woken list when a wake-up meant for the slot's previous stream
-            // is pending: polled from there (a spurious poll is harmless to a stream that did
-            // not ask for it).
-            if !s.wake.queued.swap(true, Ordering::SeqCst) {
-                self.ready.push(slot);
-            }
+            self.slots[slot].task = Some(task);
+            // Polled in this round with the woken slots (`poll_streams` takes the bits). The
+            // bit may be set already by a wake-up meant for the slot's previous stream: then
+            // the new stream is polled once all the same (a spurious poll is harmless to a
+            // stream that did not ask for it).
+            self.woken[slot / 64].fetch_or(1 << (slot % 64), Ordering::SeqCst);
         }
     }
 
-    /// Polls the new and the woken streams once each; a stream woken while it (or another)
-    /// is polled goes on the woken list for the next round. A panicking stream is dropped
-    /// (h2 resets it), the others go on.
+    /// Polls the new and the woken streams once each; their bits are cleared before the first
+    /// of them is polled, so a stream woken from then on (by its own poll, another stream's or
+    /// another thread) has its bit set again and is polled in the next round. A panicking
+    /// stream is dropped (h2 resets it), the others go on.
     fn poll_streams(&mut self) {
-        self.ready.extend(
-            self.shared
-                .woken
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .drain(..),
-        );
+        for (i, word) in self.woken.iter().enumerate() {
+            // A plain load first: most words of a connection with many slots have no bit set,
+            // and the `swap` is a locked instruction.
+            if word.load(Ordering::SeqCst) == 0 {
+                continue;
+            }
+            let mut bits = word.swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                self.ready.push(64 * i + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
         for i in 0..self.ready.len() {
             let slot = &mut self.slots[self.ready[i]];
-            // Cleared before the poll: a wake-up from now on puts the slot on the list again.
-            slot.wake.queued.store(false, Ordering::SeqCst);
             let Some(task) = &mut slot.task else {
                 continue;
             };
+            #[cfg(test)]
+            {
+                self.stats.polls += 1;
+            }
             let mut cx = Context::from_waker(&slot.waker);
             let panicked = match std::panic::catch_unwind(AssertUnwindSafe(|| task.poll(&mut cx))) {
                 Ok(Poll::Pending) => continue,

@@ -421,3 +421,185 @@ async fn a_stream_that_keeps_waking_itself_does_not_starve_the_connection() {
         "the driver yielded to the scheduler"
     );
 }
+
+/// Counts the wake-ups of the connection's task.
+#[derive(Default)]
+struct CountWake(AtomicUsize);
+
+impl Wake for CountWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A stream future's record: how often it was polled, its latest waker, whether to end.
+#[derive(Default)]
+struct Probe {
+    polls: AtomicUsize,
+    waker: Mutex<Option<Waker>>,
+    done: AtomicBool,
+}
+
+impl Probe {
+    /// Queues a stream that records its polls in `self` and ends once `done` is set.
+    fn queue(self: &Arc<Self>, exec: &StreamExec) {
+        let probe = self.clone();
+        hyper::rt::Executor::execute(
+            exec,
+            std::future::poll_fn(move |cx| {
+                probe.polls.fetch_add(1, Ordering::SeqCst);
+                *probe.waker.lock().expect("waker") = Some(cx.waker().clone());
+                if probe.done.load(Ordering::SeqCst) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }),
+        );
+    }
+
+    fn polls(&self) -> usize {
+        self.polls.load(Ordering::SeqCst)
+    }
+
+    fn waker(&self) -> Waker {
+        self.waker
+            .lock()
+            .expect("waker")
+            .clone()
+            .expect("polled once")
+    }
+}
+
+/// The woken-slot bitmap: a waker fired from another thread wakes the connection's task and
+/// gets exactly its own slot polled again, in either bitmap word (70 streams: slots 0..63 in
+/// the first word, 64..69 in the second); a slot woken twice before the driver runs is polled
+/// once.
+#[test]
+fn a_wake_from_another_thread_polls_exactly_the_woken_slot() {
+    const N: usize = 70;
+    let task_wakes = Arc::new(CountWake::default());
+    let task_waker = Waker::from(task_wakes.clone());
+    let mut cx = Context::from_waker(&task_waker);
+    let mut streams = Streams::new();
+    let exec = streams.executor();
+    let probes: Vec<Arc<Probe>> = (0..N).map(|_| Arc::new(Probe::default())).collect();
+    for probe in &probes {
+        probe.queue(&exec);
+    }
+    let mut conn = std::pin::pin!(std::future::pending::<()>());
+    assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
+    assert!(
+        probes.iter().all(|p| p.polls() == 1),
+        "each new stream polled once"
+    );
+    assert_eq!((streams.stats.slots, streams.stats.polls), (N, N));
+
+    let woken = [3, 66];
+    let wakers: Vec<Waker> = woken.iter().map(|&i| probes[i].waker()).collect();
+    let before = task_wakes.0.load(Ordering::SeqCst);
+    std::thread::spawn(move || {
+        for w in &wakers {
+            w.wake_by_ref();
+            w.wake_by_ref();
+        }
+    })
+    .join()
+    .expect("waking thread");
+    assert!(
+        task_wakes.0.load(Ordering::SeqCst) > before,
+        "the wake-ups from the other thread woke the connection's task"
+    );
+    assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
+    for (i, probe) in probes.iter().enumerate() {
+        let want = if woken.contains(&i) { 2 } else { 1 };
+        assert_eq!(probe.polls(), want, "stream {i}");
+    }
+    assert_eq!(streams.stats.polls, N + woken.len());
+
+    // Nothing woken: nothing polled.
+    assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
+    assert_eq!(streams.stats.polls, N + woken.len());
+
+    // The woken stream that ends frees its slot, which the next stream takes.
+    probes[66].done.store(true, Ordering::SeqCst);
+    probes[66].waker().wake();
+    assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
+    assert_eq!(probes[66].polls(), 3);
+    let next = Arc::new(Probe::default());
+    next.queue(&exec);
+    assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
+    assert_eq!((next.polls(), streams.stats.slots), (1, N));
+    assert_eq!(
+        probes[66].polls(),
+        3,
+        "the ended stream is not polled again"
+    );
+}
+
+/// Wake-ups from another thread racing the driver's poll (the stream is woken while the
+/// driver is still inside the poll that just polled it, or after it returned) are never lost:
+/// the driver polls only when its task was woken, and every wake-up gets the stream polled
+/// once more. The test counts that the race happened (wake-ups sent while the driver was
+/// inside its poll).
+#[test]
+fn wake_ups_racing_the_drivers_poll_are_not_lost() {
+    const WAKES: usize = 2_000;
+    let task_wakes = Arc::new(CountWake::default());
+    let task_waker = Waker::from(task_wakes.clone());
+    let mut cx = Context::from_waker(&task_waker);
+    let mut streams = Streams::new();
+    let probe = Arc::new(Probe::default());
+    probe.queue(&streams.executor());
+    let mut conn = std::pin::pin!(std::future::pending::<()>());
+    let inside = Arc::new(AtomicBool::new(false));
+    let waker_thread = {
+        let probe = probe.clone();
+        let inside = inside.clone();
+        std::thread::spawn(move || {
+            let mut during_poll = 0;
+            for k in 1..=WAKES {
+                // Wait for the poll that follows the previous wake-up.
+                let until = std::time::Instant::now() + DEADLINE;
+                while probe.polls() < k {
+                    assert!(std::time::Instant::now() < until, "wake-up {k} was lost");
+                    std::hint::spin_loop();
+                }
+                if inside.load(Ordering::SeqCst) {
+                    during_poll += 1;
+                }
+                probe.waker().wake_by_ref();
+            }
+            during_poll
+        })
+    };
+    let until = std::time::Instant::now() + DEADLINE;
+    let mut seen = 0;
+    while probe.polls() <= WAKES {
+        // Poll only after a wake-up of the task (the first poll needs none).
+        let now = task_wakes.0.load(Ordering::SeqCst);
+        if now == seen && probe.polls() > 0 {
+            assert!(
+                std::time::Instant::now() < until,
+                "the driver's task was not woken (polls: {})",
+                probe.polls()
+            );
+            std::hint::spin_loop();
+            continue;
+        }
+        seen = now;
+        inside.store(true, Ordering::SeqCst);
+        assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
+        inside.store(false, Ordering::SeqCst);
+    }
+    let during_poll = waker_thread.join().expect("waker thread");
+    assert_eq!(probe.polls(), WAKES + 1);
+    assert!(
+        during_poll > 0,
+        "some wake-ups came while the driver was polling"
+    );
+}
