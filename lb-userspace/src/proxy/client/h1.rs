@@ -606,7 +606,10 @@ fn parse_head(
         }
         let base = buf.as_ptr() as usize;
         let count = res.headers.len();
-        let mut spans = [[0u32; 4]; MAX_HEADERS];
+        // Left uninitialized too: zeroing all 100 slots (1.6 KB, most of them never used)
+        // wrote about 26 cache lines of stack per response, 8 or 9 of them not in the L1
+        // data cache (callgrind's cache model).
+        let mut spans = [const { MaybeUninit::<[u32; 4]>::uninit() }; MAX_HEADERS];
         for (span, field) in spans.iter_mut().zip(res.headers.iter()) {
             let name = field.name.as_ptr() as usize - base;
             let value = if field.value.is_empty() {
@@ -615,13 +618,18 @@ fn parse_head(
                 field.value.as_ptr() as usize - base
             };
             // Lossless: every offset is within the head, whose length fits in `u32`.
-            *span = [
+            span.write([
                 name as u32,
                 (name + field.name.len()) as u32,
                 value as u32,
                 (value + field.value.len()) as u32,
-            ];
+            ]);
         }
+        // SAFETY: the loop above wrote the first `count` slots (`count` is the number of
+        // parsed fields, at most `MAX_HEADERS`, so the zip visited that many), and
+        // `MaybeUninit<T>` has the layout of `T`.
+        let spans: &[[u32; 4]] =
+            unsafe { std::slice::from_raw_parts(spans.as_ptr().cast::<[u32; 4]>(), count) };
         let bytes = buf.split_to(len).freeze();
         let mut headers = crate::proxy::recycle::header_map(count);
         let mut keep_alive = version == Version::HTTP_11;
