@@ -569,6 +569,12 @@ pub fn head_has(head: &str, name: &str, value: &str) -> bool {
     })
 }
 
+/// A response's whole body as text (lossy UTF-8).
+async fn body_text(resp: Response<Incoming>) -> String {
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// `n` sequential `GET path` over one keep-alive connection; returns the bodies in order.
 pub async fn get_many(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
     within(async {
@@ -589,8 +595,7 @@ pub async fn get_many(addr: SocketAddr, path: &str, n: usize) -> Vec<String> {
                 )
                 .await
                 .expect("response");
-            let body = resp.into_body().collect().await.expect("body").to_bytes();
-            bodies.push(String::from_utf8_lossy(&body).into_owned());
+            bodies.push(body_text(resp).await);
         }
         bodies
     })
@@ -618,8 +623,7 @@ pub async fn get_many_h2(addr: SocketAddr, path: &str, n: usize) -> Vec<String> 
                 )
                 .await
                 .expect("response");
-            let body = resp.into_body().collect().await.expect("body").to_bytes();
-            bodies.push(String::from_utf8_lossy(&body).into_owned());
+            bodies.push(body_text(resp).await);
         }
         bodies
     })
