@@ -717,16 +717,18 @@ impl Inner {
         });
         let pools = (0..self.shards)
             .map(|worker| {
-                Arc::new(
-                    TargetPool::new(
-                        endpoint.addr,
-                        endpoint.tls.is_some(),
-                        endpoint.http2,
-                        self.config.idle_timeout,
-                        self.config.max_idle_per_target,
-                    )
-                    .for_worker(worker),
-                )
+                let pool = TargetPool::new(
+                    endpoint.addr,
+                    endpoint.tls.is_some(),
+                    endpoint.http2,
+                    self.config.idle_timeout,
+                    self.config.max_idle_per_target,
+                );
+                Arc::new(if self.shards > 1 {
+                    pool.for_worker(worker)
+                } else {
+                    pool
+                })
             })
             .collect();
         let target = Arc::new(Target {

@@ -433,9 +433,11 @@ pub struct TargetPool {
     http2: bool,
     idle_timeout: Duration,
     max_idle: usize,
-    /// The L7 worker whose shard this is ([`current_worker`]; 0 with one shard): connections
-    /// in it were connected by that worker, their sockets registered with its reactor.
-    worker: usize,
+    /// The L7 worker whose shard this is ([`current_worker`]): connections in it were connected
+    /// by that worker, their sockets registered with its reactor. `None` for a target's only
+    /// pool (the shared runtime), which every thread uses: nothing to count, and no
+    /// thread-local read per checkout.
+    worker: Option<usize>,
     next_id: AtomicU64,
     state: Mutex<PoolState>,
 }
@@ -464,16 +466,24 @@ impl TargetPool {
             http2,
             idle_timeout,
             max_idle,
-            worker: 0,
+            worker: None,
             next_id: AtomicU64::new(1),
             state: Mutex::new(PoolState::default()),
         }
     }
 
-    /// The pool as worker `worker`'s shard of a target's pool.
+    /// The pool as worker `worker`'s shard of a target's pool (one of several).
     pub fn for_worker(mut self, worker: usize) -> Self {
-        self.worker = worker;
+        self.worker = Some(worker);
         self
+    }
+
+    /// Counts a checkout by another worker than the one whose shard this is
+    /// ([`TargetPoolStats::foreign_worker_reuse`]).
+    fn note_checkout(&self, st: &mut PoolState) {
+        if self.worker.is_some_and(|worker| worker != current_worker()) {
+            st.counters.foreign_worker_reuse += 1;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
@@ -509,9 +519,7 @@ impl TargetPool {
         let Pooled::Hyper(conn) = idle.conn else {
             unreachable!("`pick` only accepts hyper connections here")
         };
-        if self.worker != current_worker() {
-            st.counters.foreign_worker_reuse += 1;
-        }
+        self.note_checkout(&mut st);
         Some(Reused { idle_for, conn })
     }
 
@@ -541,9 +549,7 @@ impl TargetPool {
             let Pooled::Raw(conn) = idle.conn else {
                 unreachable!("checked above")
             };
-            if self.worker != current_worker() {
-                st.counters.foreign_worker_reuse += 1;
-            }
+            self.note_checkout(&mut st);
             return Some((conn, idle_for));
         }
     }
@@ -666,9 +672,7 @@ impl TargetPool {
                     id: h2.id,
                     sender: h2.sender.clone(),
                 };
-                if self.worker != current_worker() {
-                    st.counters.foreign_worker_reuse += 1;
-                }
+                self.note_checkout(&mut st);
                 Some(conn)
             }
             Some(_) => {
