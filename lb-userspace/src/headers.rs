@@ -494,6 +494,38 @@ fn hex8(n: u32) -> [u8; 8] {
     (x + 0x3030_3030_3030_3030 + letters * 39).to_be_bytes()
 }
 
+/// Most header lines [`for_each_value_mut`] scans; a longer map is looked up.
+pub(crate) const SCAN_MAX: usize = 16;
+
+/// Calls `f` on every value of `name` in `headers`, and says whether there was one. A usual
+/// response head (at most [`SCAN_MAX`] lines) is scanned: a standard name compares as a tag,
+/// while the hashed lookup (`entry`) cost about 170 instructions per response. A longer head
+/// is looked up, so the scan never costs more than the lookup it replaces (a caller that then
+/// inserts the missing name hashes it once more: long heads only).
+pub(crate) fn for_each_value_mut(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    mut f: impl FnMut(&mut HeaderValue),
+) -> bool {
+    if headers.len() <= SCAN_MAX {
+        let mut found = false;
+        for (n, value) in headers.iter_mut() {
+            if *n == name {
+                f(value);
+                found = true;
+            }
+        }
+        return found;
+    }
+    match headers.entry(name) {
+        http::header::Entry::Occupied(mut values) => {
+            values.iter_mut().for_each(f);
+            true
+        }
+        http::header::Entry::Vacant(_) => false,
+    }
+}
+
 /// Removes the hop-by-hop headers (`Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`,
 /// `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`, `Proxy-Authorization`)
 /// and every header `Connection` names (RFC 9110 §7.6.1), except `Host`, which a client

@@ -49,6 +49,7 @@ use super::L7Counters;
 use super::h2exec::StreamExec;
 use super::pipeline::ConnCtx;
 use super::service;
+use crate::headers::for_each_value_mut;
 use crate::proxy::client::ProxyBody;
 
 /// The `h2` server settings of every listener: exactly those `http_builder` gives hyper's
@@ -281,26 +282,13 @@ impl Future for Stream {
     }
 }
 
-/// Most header names [`content_length_if_missing`] scans; beyond, it looks the name up.
-const LENGTH_SCAN_MAX: usize = 16;
-
 /// Gives the head `content-length: len` unless it has a `content-length` already (as hyper
-/// did). A usual head (a handful of names) is scanned, not looked up: a standard name compares
-/// as a tag, while the hashed `entry` cost about 170 instructions per response (as `Date`'s in
-/// `service.rs`); a head with more than [`LENGTH_SCAN_MAX`] names takes the lookup, so the scan
-/// never costs more than the lookup it replaces. Only a head without the header is hashed into
-/// (the insert).
+/// did). A usual head is scanned, not looked up ([`for_each_value_mut`]).
 fn content_length_if_missing(headers: &mut http::HeaderMap, len: u64) {
     use http::header::CONTENT_LENGTH;
-    if headers.keys_len() <= LENGTH_SCAN_MAX {
-        if !headers.keys().any(|name| *name == CONTENT_LENGTH) {
-            headers.insert(CONTENT_LENGTH, http::HeaderValue::from(len));
-        }
-        return;
+    if !for_each_value_mut(headers, CONTENT_LENGTH, |_| {}) {
+        headers.insert(CONTENT_LENGTH, http::HeaderValue::from(len));
     }
-    headers
-        .entry(CONTENT_LENGTH)
-        .or_insert_with(|| http::HeaderValue::from(len));
 }
 
 /// A response body on its way to the client, flow-controlled (as hyper's `PipeToSendStream`).
@@ -475,7 +463,7 @@ mod tests {
     /// the other lines are unchanged.
     #[test]
     fn content_length_is_set_only_when_missing() {
-        for names in [3, LENGTH_SCAN_MAX + 4] {
+        for names in [3, crate::headers::SCAN_MAX + 4] {
             for has_length in [true, false] {
                 let mut headers = HeaderMap::new();
                 for i in 0..names {

@@ -34,10 +34,11 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::header::{self, Entry};
+use http::header;
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 
 use super::pipeline::{self, ConnCtx};
+use crate::headers::for_each_value_mut;
 use crate::proxy::client::ProxyBody;
 
 /// What the service answers: the response, never an error (the pipeline makes its own).
@@ -189,40 +190,13 @@ impl Future for Respond {
 }
 
 /// Marks every `Date` value for HPACK's "never indexed" representation, values unchanged; a
-/// response without one gets the current second's, marked the same (module docs).
-///
-/// A usual response head (a handful of headers) is scanned for `Date` rather than looked up:
-/// comparing a standard name is a byte compare, while the hashed lookup (`entry`) cost about
-/// 170 instructions per response. Heads longer than [`DATE_SCAN_MAX`] lines are looked up, so
-/// the scan never costs more than the lookup it replaces.
+/// response without one gets the current second's, marked the same (module docs). A usual
+/// head is scanned for `Date`, not looked up ([`for_each_value_mut`]).
 fn date_not_indexed(headers: &mut HeaderMap) {
-    if headers.len() <= DATE_SCAN_MAX {
-        let mut found = false;
-        for (name, value) in headers.iter_mut() {
-            if *name == header::DATE {
-                value.set_sensitive(true);
-                found = true;
-            }
-        }
-        if !found {
-            headers.insert(header::DATE, current_date());
-        }
-        return;
-    }
-    match headers.entry(header::DATE) {
-        Entry::Occupied(mut dates) => {
-            for date in dates.iter_mut() {
-                date.set_sensitive(true);
-            }
-        }
-        Entry::Vacant(slot) => {
-            slot.insert(current_date());
-        }
+    if !for_each_value_mut(headers, header::DATE, |date| date.set_sensitive(true)) {
+        headers.insert(header::DATE, current_date());
     }
 }
-
-/// Most header lines [`date_not_indexed`] scans; beyond, it looks `Date` up.
-const DATE_SCAN_MAX: usize = 16;
 
 /// The current second's date ([`crate::proxy::date`]), marked never indexed.
 fn current_date() -> HeaderValue {
@@ -364,7 +338,8 @@ mod tests {
     /// without a `Date` (both paths run: one line below the limit, then one above).
     #[test]
     fn long_heads_are_looked_up_with_the_same_result() {
-        for lines in [DATE_SCAN_MAX - 1, DATE_SCAN_MAX + 8] {
+        use crate::headers::SCAN_MAX;
+        for lines in [SCAN_MAX - 1, SCAN_MAX + 8] {
             for with_date in [true, false] {
                 let mut headers = HeaderMap::new();
                 for i in 0..lines {
