@@ -1279,6 +1279,8 @@ mod tests {
             ("proxy-connection", b"close"),
             ("transfer-encoding", b"chunked"),
             ("proxy-authorization", b"Basic x"),
+            ("trailer", b"x-checksum"),
+            // A near miss of `Trailer` (the scan must not count it).
             ("trailers", b"x"),
             ("user-agent", b"h2load"),
         ];
