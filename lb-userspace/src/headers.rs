@@ -501,7 +501,10 @@ pub(crate) const SCAN_MAX: usize = 16;
 /// response head (at most [`SCAN_MAX`] lines) is scanned: a standard name compares as a tag,
 /// while the hashed lookup (`entry`) cost about 170 instructions per response. A longer head
 /// is looked up, so the scan never costs more than the lookup it replaces (a caller that then
-/// inserts the missing name hashes it once more: long heads only).
+/// inserts the missing name hashes it once more: long heads only). Inlined, so that the
+/// comparison is with the caller's constant name (out of line: about 200 instructions more
+/// per HTTP/2 response, measured).
+#[inline]
 pub(crate) fn for_each_value_mut(
     headers: &mut HeaderMap,
     name: HeaderName,
