@@ -100,6 +100,20 @@ async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() 
     reused_only_by_the_worker_that_made_it(target.addr, "tg", false).await;
 }
 
+/// The same for a TLS target's connections (`protocol=https`: the hyper HTTP/1.1 client and
+/// its pool's `checkout_h1`, which counts a foreign checkout on its own line; its positive
+/// control, a checkout forced across workers, is the pool's unit test
+/// `checkout_h1_counts_a_checkout_by_another_worker_only`: the layout cannot force one).
+#[tokio::test]
+async fn a_tls_targets_pooled_connection_is_reused_only_by_the_worker_that_made_it() {
+    let target = target::https1().route("/", Reply::text("ok")).run().await;
+    reused_only_by_the_worker_that_made_it(target.addr, "tg,protocol=https", false).await;
+    assert!(
+        target.hits() >= 16 * 25,
+        "every request reached the TLS target"
+    );
+}
+
 /// The same for the target's HTTP/2 connection (hyper's client; one per worker's shard), with
 /// HTTP/2 clients (ALB answers an HTTP/1 client of an HTTP/2 group 464).
 #[tokio::test]
