@@ -11,7 +11,7 @@ use bytes::Bytes;
 use clap::Parser as _;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use lb::proxy::server::{AcceptMode, L7Runtime, WorkerLayout};
+use lb::proxy::server::{AcceptMode, L7Handle, L7Runtime, WorkerLayout};
 use support::target::{self, Reply};
 use support::{ProxyBuilder, SAFETY, get, get_many, get_many_h2, wait_until, within};
 use tokio::net::TcpStream;
@@ -22,6 +22,16 @@ fn per_worker(workers: usize, accept: AcceptMode) -> WorkerLayout {
         workers: NonZeroUsize::new(workers),
         accept,
     }
+}
+
+/// Client connections accepted so far by each worker.
+fn accepted(handle: &L7Handle) -> Vec<u64> {
+    handle.worker_counts().iter().map(|w| w.accepted).collect()
+}
+
+/// Client connections each worker is serving now.
+fn open(handle: &L7Handle) -> Vec<u64> {
+    handle.worker_counts().iter().map(|w| w.open).collect()
 }
 
 /// Threads of this process named as the workers of the tier whose first listener has `port`.
@@ -48,7 +58,7 @@ async fn connections_spread_over_both_workers_with_reuseport() {
     for _ in 0..64 {
         assert_eq!(get(proxy.addr, "/").await.status, 200);
     }
-    let per_worker = handle.worker_connections();
+    let per_worker = accepted(&handle);
     assert_eq!(per_worker.len(), 2, "{per_worker:?}");
     assert_eq!(
         per_worker.iter().sum::<u64>(),
@@ -73,7 +83,7 @@ async fn a_shared_socket_serves_every_connection_on_some_worker() {
     for _ in 0..32 {
         assert_eq!(get(proxy.addr, "/").await.status, 200);
     }
-    let per_worker = handle.worker_connections();
+    let per_worker = accepted(&handle);
     assert_eq!(per_worker.len(), 2, "{per_worker:?}");
     assert_eq!(per_worker.iter().sum::<u64>(), 32, "{per_worker:?}");
 }
@@ -90,7 +100,7 @@ async fn the_shared_runtime_counts_one_worker() {
         .await;
     assert_eq!(get(proxy.addr, "/").await.status, 200);
     let handle = proxy.running.as_ref().expect("running").handle();
-    assert_eq!(handle.worker_connections(), vec![1]);
+    assert_eq!(accepted(&handle), vec![1]);
     assert_eq!(worker_threads(proxy.addr.port()), 0, "no worker threads");
 }
 
@@ -98,6 +108,20 @@ async fn the_shared_runtime_counts_one_worker() {
 async fn a_pooled_target_connection_is_reused_only_by_the_worker_that_made_it() {
     let target = target::http1().route("/", Reply::text("ok")).run().await;
     reused_only_by_the_worker_that_made_it(target.addr, "tg", false).await;
+}
+
+/// The same for a TLS target's connections (`protocol=https`: the hyper HTTP/1.1 client and
+/// its pool's `checkout_h1`, which counts a foreign checkout on its own line; its positive
+/// control, a checkout forced across workers, is the pool's unit test
+/// `checkout_h1_counts_a_checkout_by_another_worker_only`: the layout cannot force one).
+#[tokio::test]
+async fn a_tls_targets_pooled_connection_is_reused_only_by_the_worker_that_made_it() {
+    let target = target::https1().route("/", Reply::text("ok")).run().await;
+    reused_only_by_the_worker_that_made_it(target.addr, "tg,protocol=https", false).await;
+    assert!(
+        target.hits() >= 16 * 25,
+        "every request reached the TLS target"
+    );
 }
 
 /// The same for the target's HTTP/2 connection (hyper's client; one per worker's shard), with
@@ -175,28 +199,28 @@ async fn balanced_accept_serves_each_connection_on_the_least_loaded_worker() {
                 .expect("connect"),
         );
         wait_until("the connection to be counted", || {
-            handle.worker_open_connections().iter().sum::<u64>() == n
+            open(&handle).iter().sum::<u64>() == n
         })
         .await;
-        let open = handle.worker_open_connections();
+        let now = open(&handle);
         assert!(
-            open[0].abs_diff(open[1]) <= 1,
-            "after {n} connections: {open:?} (accepted {:?})",
-            handle.worker_connections()
+            now[0].abs_diff(now[1]) <= 1,
+            "after {n} connections: {now:?} (accepted {:?})",
+            accepted(&handle)
         );
-        handed_over |= handle.worker_connections() != open;
+        handed_over |= accepted(&handle) != now;
     }
-    assert_eq!(handle.worker_open_connections(), vec![16, 16]);
+    assert_eq!(open(&handle), vec![16, 16]);
     // Positive control: some connection was served by a worker other than the one that
     // accepted it (the hash alone keeps the two within one at all 32 steps 1 time in 65,536).
     assert!(
         handed_over,
         "no connection was handed over: accepted {:?}",
-        handle.worker_connections()
+        accepted(&handle)
     );
     drop(held);
     wait_until("every connection to be uncounted", || {
-        handle.worker_open_connections() == vec![0, 0]
+        open(&handle) == vec![0, 0]
     })
     .await;
 }
@@ -227,7 +251,7 @@ async fn drain_waits_and_joins(accept: AcceptMode) {
     wait_until("two named worker threads", || worker_threads(port) == 2).await;
     // Open connections with a response in flight until both workers hold some.
     let mut bodies = Vec::new();
-    while handle.worker_open_connections().contains(&0) {
+    while open(&handle).contains(&0) {
         assert!(bodies.len() < 64, "64 connections all on one worker");
         let tcp = within(TcpStream::connect(proxy.addr))
             .await

@@ -156,18 +156,17 @@ fn collect_workers(l7: &L7Handle, out: &mut Vec<Series>) {
     if !l7.per_worker() {
         return;
     }
-    let open = l7.worker_open_connections();
-    for (worker, accepted) in l7.worker_connections().into_iter().enumerate() {
+    for (worker, counts) in l7.worker_counts().into_iter().enumerate() {
         let l = || vec![worker.to_string()];
         out.push(Series::count(
             Metric::WorkerNewConnectionCount,
             l(),
-            accepted,
+            counts.accepted,
         ));
         out.push(Series::gauge(
             Metric::WorkerActiveConnectionCount,
             l(),
-            open.get(worker).copied().unwrap_or(0) as f64,
+            counts.open as f64,
         ));
     }
     for (worker, p) in l7.pool_stats_per_worker() {

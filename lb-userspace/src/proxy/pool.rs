@@ -872,4 +872,51 @@ mod tests {
         pool.lock().survived(Duration::from_secs(60));
         assert!(pool.checkout_raw(false).is_some(), "proven safe");
     }
+
+    /// A hyper HTTP/1.1 connection (as a TLS target's, `checkout_h1`'s kind) over an in-memory
+    /// pipe, ready for a request; the pipe's other end is returned to keep it open.
+    async fn hyper_conn(pool: &TargetPool) -> (H1Conn, tokio::io::DuplexStream) {
+        let (client, server) = tokio::io::duplex(1024);
+        let (mut sender, conn) =
+            http1::handshake::<_, ProxyBody>(hyper_util::rt::TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender.ready().await.unwrap();
+        let shared = Arc::new(ConnShared::default());
+        let id = pool.next_id();
+        (H1Conn { id, sender, shared }, server)
+    }
+
+    /// `checkout_h1` counts a checkout of a worker's shard by another worker (the positive
+    /// control: worker 0 takes shard 1's connection) and none by the shard's own worker, nor
+    /// any by a pool that is no worker's shard.
+    #[tokio::test]
+    async fn checkout_h1_counts_a_checkout_by_another_worker_only() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let shard = TargetPool::new(addr, true, false, Duration::from_secs(60), 8).for_worker(1);
+        let whole = TargetPool::new(addr, true, false, Duration::from_secs(60), 8);
+        let mut peers = Vec::new();
+        for (pool, worker, want) in [
+            (&shard, 0, 1),
+            (&shard, 1, 1),
+            (&shard, 0, 2),
+            (&shard, 1, 2),
+            (&whole, 1, 0),
+        ] {
+            set_current_worker(worker);
+            let (conn, peer) = hyper_conn(pool).await;
+            peers.push(peer);
+            let id = conn.id;
+            pool.checkin_h1(conn);
+            let reused = pool.checkout_h1(true).expect("the idle connection");
+            assert_eq!(reused.conn.id, id);
+            assert_eq!(
+                pool.stats().foreign_worker_reuse,
+                want,
+                "after a checkout by worker {worker}"
+            );
+        }
+        set_current_worker(0);
+    }
 }

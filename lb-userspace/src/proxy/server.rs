@@ -590,13 +590,30 @@ struct Shared {
     counters: Arc<L7Counters>,
     phase: watch::Receiver<Phase>,
     access_log: Option<Arc<AccessLog>>,
-    /// Client connections accepted per worker (one entry in the shared runtime).
-    worker_accepts: Box<[AtomicU64]>,
-    /// Client connections each worker is serving now (one entry in the shared runtime):
-    /// where [`AcceptMode::Balanced`] sends the next one.
-    worker_open: Box<[AtomicU64]>,
-    /// One runtime per worker ([`L7Runtime::PerWorker`]): the per-worker counts are exposed.
-    per_worker: bool,
+    /// Each worker's client-connection counts (one entry in the shared runtime).
+    workers: Box<[WorkerCounts]>,
+    /// The layout's runtime: with [`L7Runtime::PerWorker`] the per-worker counts are exposed.
+    runtime: L7Runtime,
+}
+
+/// One worker's client-connection counts, on a cache line of its own (each worker's accept
+/// loop and connections write their own).
+#[derive(Default)]
+#[repr(align(64))]
+struct WorkerCounts {
+    /// Client connections accepted (over all listeners, rejected ones included).
+    accepts: AtomicU64,
+    /// Client connections being served now: where [`AcceptMode::Balanced`] sends the next one.
+    open: AtomicU64,
+}
+
+/// One worker's client connections, as [`L7Handle::worker_counts`] reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerCount {
+    /// Accepted so far by this worker (over all listeners, rejected ones included).
+    pub accepted: u64,
+    /// Being served now by this worker (accepted and not yet closed, wherever accepted).
+    pub open: u64,
 }
 
 /// One listener at run time.
@@ -691,30 +708,23 @@ impl L7Handle {
         &self.shared.counters
     }
 
-    /// Client connections accepted so far by each worker (over all listeners, rejected ones
-    /// included); one entry with the shared runtime.
-    pub fn worker_connections(&self) -> Vec<u64> {
+    /// Each worker's client connections, accepted so far and open now; one entry with the
+    /// shared runtime.
+    pub fn worker_counts(&self) -> Vec<WorkerCount> {
         self.shared
-            .worker_accepts
+            .workers
             .iter()
-            .map(L7Counters::get)
-            .collect()
-    }
-
-    /// Client connections each worker is serving now (accepted and not yet closed, wherever
-    /// they were accepted); one entry with the shared runtime.
-    pub fn worker_open_connections(&self) -> Vec<u64> {
-        self.shared
-            .worker_open
-            .iter()
-            .map(L7Counters::get)
+            .map(|w| WorkerCount {
+                accepted: L7Counters::get(&w.accepts),
+                open: L7Counters::get(&w.open),
+            })
             .collect()
     }
 
     /// Whether the tier runs one runtime per worker (`--l7-runtime per-worker`); the metrics
     /// show the per-worker counts only then.
     pub fn per_worker(&self) -> bool {
-        self.shared.per_worker
+        self.shared.runtime == L7Runtime::PerWorker
     }
 
     /// Per-target pool statistics of each worker's shard: `(worker, stats)`.
@@ -802,9 +812,8 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         counters: counters.clone(),
         phase: phase_rx,
         access_log,
-        worker_accepts: (0..shards).map(|_| AtomicU64::new(0)).collect(),
-        worker_open: (0..shards).map(|_| AtomicU64::new(0)).collect(),
-        per_worker: workers > 0,
+        workers: (0..shards).map(|_| WorkerCounts::default()).collect(),
+        runtime: layout.runtime,
     });
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
@@ -1150,7 +1159,7 @@ struct Handed {
 /// The sending half of a worker's channel of [`Handed`] connections.
 type Handoff = tokio::sync::mpsc::UnboundedSender<Handed>;
 
-/// One connection in its worker's open count ([`Shared::worker_open`]) while it lives.
+/// One connection in its worker's open count ([`WorkerCounts::open`]) while it lives.
 struct OpenConnection {
     shared: Arc<Shared>,
     worker: usize,
@@ -1158,7 +1167,7 @@ struct OpenConnection {
 
 impl OpenConnection {
     fn new(shared: &Arc<Shared>, worker: usize) -> Self {
-        shared.worker_open[worker].fetch_add(1, Ordering::Relaxed);
+        shared.workers[worker].open.fetch_add(1, Ordering::Relaxed);
         Self {
             shared: shared.clone(),
             worker,
@@ -1168,16 +1177,18 @@ impl OpenConnection {
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.shared.worker_open[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.shared.workers[self.worker]
+            .open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// The worker serving the fewest open connections; `me` on a tie.
-fn least_loaded(open: &[AtomicU64], me: usize) -> usize {
+fn least_loaded(workers: &[WorkerCounts], me: usize) -> usize {
     let mut best = me;
-    let mut fewest = open[me].load(Ordering::Relaxed);
-    for (w, n) in open.iter().enumerate() {
-        let n = n.load(Ordering::Relaxed);
+    let mut fewest = workers[me].open.load(Ordering::Relaxed);
+    for (w, n) in workers.iter().enumerate() {
+        let n = n.open.load(Ordering::Relaxed);
         if n < fewest {
             best = w;
             fewest = n;
@@ -1223,13 +1234,13 @@ async fn accept_loop(
         tokio::select! {
             accepted = socket.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    L7Counters::add(&listener.shared.worker_accepts[worker], 1);
+                    L7Counters::add(&listener.shared.workers[worker].accepts, 1);
                     L7Counters::add(&listener.shared.counters.new_connections, 1);
                     L7Counters::add(&listener.cells.new_connections, 1);
                     match listener.connections.admit(peer.ip()) {
                         Ok(slot) => {
                             let shared = &listener.shared;
-                            let to = handoff.as_ref().map_or(worker, |_| least_loaded(&shared.worker_open, worker));
+                            let to = handoff.as_ref().map_or(worker, |_| least_loaded(&shared.workers, worker));
                             let tcp = match (to != worker, &handoff) {
                                 (true, Some(handoff)) => match hand(&handoff[to], &listener, tcp, peer, slot, to) {
                                     Ok(()) => continue,

@@ -133,12 +133,15 @@ pub mod target {
     pub struct Builder {
         routes: Vec<(String, Reply)>,
         http2: bool,
+        /// HTTP/1.1 over TLS ([`https1`]).
+        tls: bool,
     }
 
     pub fn http1() -> Builder {
         Builder {
             routes: Vec::new(),
             http2: false,
+            tls: false,
         }
     }
 
@@ -146,7 +149,38 @@ pub mod target {
         Builder {
             routes: Vec::new(),
             http2: true,
+            tls: false,
         }
+    }
+
+    /// An HTTP/1.1 target over TLS (ALPN `http/1.1`) with a fresh self-signed certificate for
+    /// `localhost`: a `protocol=https` group's target (certificates are not verified unless
+    /// the group says `verify-tls=true`).
+    pub fn https1() -> Builder {
+        Builder {
+            routes: Vec::new(),
+            http2: false,
+            tls: true,
+        }
+    }
+
+    /// The TLS acceptor of an [`https1`] target: a self-signed certificate made with rcgen.
+    fn self_signed_acceptor() -> tokio_rustls::TlsAcceptor {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("self-signed certificate");
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()),
+        );
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .expect("server certificate");
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(server))
     }
 
     /// A running target; it stops when dropped.
@@ -183,6 +217,7 @@ pub mod target {
             let hits = Arc::new(AtomicUsize::new(0));
             let routes = Arc::new(self.routes);
             let http2 = self.http2;
+            let tls = self.tls.then(self_signed_acceptor);
             let h = hits.clone();
             let task = tokio::spawn(async move {
                 loop {
@@ -191,6 +226,21 @@ pub mod target {
                     };
                     let routes = routes.clone();
                     let hits = h.clone();
+                    if let Some(acceptor) = tls.clone() {
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let svc = hyper::service::service_fn(move |req| {
+                                hits.fetch_add(1, Ordering::SeqCst);
+                                answer(routes.clone(), req)
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(tls), svc)
+                                .await;
+                        });
+                        continue;
+                    }
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req| {
                             hits.fetch_add(1, Ordering::SeqCst);

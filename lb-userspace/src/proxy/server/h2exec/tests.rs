@@ -580,14 +580,16 @@ fn wake_ups_racing_the_drivers_poll_are_not_lost() {
     let until = std::time::Instant::now() + DEADLINE;
     let mut seen = 0;
     while probe.polls() <= WAKES {
+        // Also while the stream was never polled (then the driver polls on and on: a stream
+        // lost before its first poll must fail the test, not hang it).
+        assert!(
+            std::time::Instant::now() < until,
+            "the driver's task was not woken, or the stream never ran (polls: {})",
+            probe.polls()
+        );
         // Poll only after a wake-up of the task (the first poll needs none).
         let now = task_wakes.0.load(Ordering::SeqCst);
         if now == seen && probe.polls() > 0 {
-            assert!(
-                std::time::Instant::now() < until,
-                "the driver's task was not woken (polls: {})",
-                probe.polls()
-            );
             std::hint::spin_loop();
             continue;
         }
