@@ -258,7 +258,7 @@ where
         let event = std::future::poll_fn(|cx| next_event(&io, cx)).await;
         control.idle.store(false, Ordering::Relaxed);
         let parts = match event {
-            Ok(NativeEvent::Head(parts)) => *parts,
+            Ok(NativeEvent::Head(parts)) => super::head::unbox_parts(parts),
             Ok(NativeEvent::Synthetic) => synthetic_parts(),
             Ok(NativeEvent::Handoff) => {
                 L7Counters::add(&counters.http1_handoffs, 1);
