@@ -5,6 +5,8 @@
 //! [`L7Counters`](super::L7Counters)) and the access log from the same record, so they always
 //! agree.
 use std::borrow::Cow;
+use std::cell::Cell;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -125,7 +127,7 @@ impl Exchange {
             (_, false) => RequestType::Http,
         };
         let mut record = Box::write(
-            Box::new_uninit(),
+            spare_record(),
             Record::new(kind, listener.name.clone(), peer, conn.id, conn.tls.clone()),
         );
         let logging = listener.shared.access_log.is_some();
@@ -432,8 +434,43 @@ impl Exchange {
         self.listener.shared.counters.record(&r);
         if let Some(log) = &self.listener.shared.access_log {
             log.log(r);
+        } else {
+            keep_record(r);
         }
     }
+}
+
+thread_local! {
+    /// The allocation of the last record this thread emitted without an access log, emptied,
+    /// for the next record started here (see [`spare_record`]).
+    static SPARE_RECORD: Cell<Option<Box<MaybeUninit<Record>>>> = const { Cell::new(None) };
+}
+
+/// Room for a record: the one this thread kept (its memory was written by the previous
+/// request, so it is likely still in the L1 data cache), else a new allocation. A fresh
+/// block from the allocator is a block freed many requests ago (mimalloc reuses a page's
+/// freed blocks only once its free list runs out): each of its cache lines missed the L1 on
+/// the first write, about seven misses per request for the 408-byte record.
+fn spare_record() -> Box<MaybeUninit<Record>> {
+    SPARE_RECORD
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_else(Box::new_uninit)
+}
+
+/// Drops the record's fields and keeps its allocation for [`spare_record`] (one per thread:
+/// a second one is freed).
+fn keep_record(r: Box<Record>) {
+    let raw = Box::into_raw(r);
+    // SAFETY: `raw` comes from a `Box<Record>` and is valid; its fields are dropped once, here,
+    // and the allocation is then owned as a `MaybeUninit<Record>` (same layout) whose
+    // contents are never read before `Box::write` fills them again.
+    let room = unsafe {
+        std::ptr::drop_in_place(raw);
+        Box::from_raw(raw.cast::<MaybeUninit<Record>>())
+    };
+    let _ = SPARE_RECORD.try_with(|spare| spare.set(Some(room)));
 }
 
 impl Drop for Exchange {
@@ -492,6 +529,36 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An emitted record's allocation is written again by the next record started on the
+    /// thread: no allocation then (with nothing kept, one: the positive control), the same
+    /// address, and the old record's fields were dropped (its listener name released).
+    #[test]
+    fn a_kept_record_is_the_next_records_room() {
+        use crate::rules::tests::allocations::so_far;
+        let name: Arc<str> = Arc::from("l");
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let record = |id| Record::new(RequestType::Http, name.clone(), peer, id, None);
+        let _ = SPARE_RECORD.with(Cell::take);
+        let before = so_far();
+        let first = Box::write(spare_record(), record(1));
+        assert_eq!(so_far() - before, 1, "nothing kept, yet nothing allocated");
+        let at = &raw const *first as usize;
+        assert_eq!(Arc::strong_count(&name), 2);
+        keep_record(first);
+        assert_eq!(
+            Arc::strong_count(&name),
+            1,
+            "the kept record's fields were not dropped"
+        );
+        let before = so_far();
+        let second = Box::write(spare_record(), record(2));
+        assert_eq!(so_far() - before, 0, "a kept record's room allocated");
+        assert_eq!(&raw const *second as usize, at);
+        assert_eq!(second.conn_id, 2);
+        drop(second);
+        assert_eq!(Arc::strong_count(&name), 1);
+    }
 
     #[test]
     fn ports_come_off_hosts() {

@@ -258,7 +258,7 @@ where
         let event = std::future::poll_fn(|cx| next_event(&io, cx)).await;
         control.idle.store(false, Ordering::Relaxed);
         let parts = match event {
-            Ok(NativeEvent::Head(parts)) => *parts,
+            Ok(NativeEvent::Head(parts)) => super::head::unbox_parts(parts),
             Ok(NativeEvent::Synthetic) => synthetic_parts(),
             Ok(NativeEvent::Handoff) => {
                 L7Counters::add(&counters.http1_handoffs, 1);
@@ -278,10 +278,13 @@ where
             g.responding = false;
         }
         let request = Request::from_parts(parts, body);
-        // Pinned here, where it is made: the handler's future is several KiB, and handing it
-        // over by value to `watch_client` moved (copied) it twice more on every request.
-        let handled = std::pin::pin!(pipeline::handle(&*ctx, request));
-        let Some(response) = watch_client(&io, handled).await else {
+        // Made in a block of this thread's (see [`Reused`]), written where it is made: the
+        // handler's future is several KiB, and handing it over by value moved (copied) it.
+        let mut handled = Reused::new(|| pipeline::handle(&*ctx, request));
+        let response = watch_client(&io, handled.as_mut()).await;
+        // The block goes back now, for the next request the thread starts (on any connection).
+        drop(handled);
+        let Some(response) = response else {
             // The client went away: the handler was dropped (460) and there is no one to
             // answer.
             return Ended::Closed;
@@ -302,6 +305,94 @@ where
                 std::future::poll_fn(|cx| with_io(&io, cx, |s, cx| Pin::new(s).poll_shutdown(cx)))
                     .await;
             return Ended::Closed;
+        }
+    }
+}
+
+/// A value (the handler's future) in a heap block taken from the blocks this thread gave
+/// back, last given back first. The handler's future lived inside the connection's own future,
+/// whose memory one request touched again only after every other connection's request had
+/// gone through the L1 data cache; a block just given back by the request that finished is
+/// likely still there. At most [`KEEP_BLOCKS`] blocks are kept per thread; the rest are freed.
+pub(super) struct Reused<F> {
+    ptr: std::ptr::NonNull<F>,
+}
+
+/// Blocks kept per thread: one per request in flight on it, for up to 64 connections.
+const KEEP_BLOCKS: usize = 64;
+
+/// A thread's free blocks, each with its layout.
+struct Blocks(Vec<(std::alloc::Layout, std::ptr::NonNull<u8>)>);
+
+impl Drop for Blocks {
+    fn drop(&mut self) {
+        for (layout, block) in self.0.drain(..) {
+            // SAFETY: allocated with `layout` (in `Reused::new`) and owned by this list alone.
+            unsafe { std::alloc::dealloc(block.as_ptr(), layout) };
+        }
+    }
+}
+
+thread_local! {
+    static BLOCKS: std::cell::RefCell<Blocks> = const { std::cell::RefCell::new(Blocks(Vec::new())) };
+}
+
+// SAFETY: `Reused<F>` owns its `F` as a `Box<F>` does; the block goes back to the list of the
+// thread that drops it (the allocator frees across threads).
+unsafe impl<F: Send> Send for Reused<F> {}
+
+impl<F> Reused<F> {
+    /// `make()`'s value in a block: a kept one of `F`'s layout, else a new allocation.
+    pub fn new(make: impl FnOnce() -> F) -> Self {
+        let layout = std::alloc::Layout::new::<F>();
+        assert!(layout.size() > 0, "Reused holds no zero-sized values");
+        let kept = BLOCKS
+            .try_with(|blocks| {
+                let mut blocks = blocks.try_borrow_mut().ok()?;
+                let at = blocks.0.iter().rposition(|(l, _)| *l == layout)?;
+                Some(blocks.0.swap_remove(at).1)
+            })
+            .ok()
+            .flatten();
+        let block = kept.unwrap_or_else(|| {
+            // SAFETY: `layout` is not zero-sized.
+            let p = unsafe { std::alloc::alloc(layout) };
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
+        });
+        let ptr = block.cast::<F>();
+        // SAFETY: the block has `F`'s layout and holds nothing.
+        unsafe { ptr.as_ptr().write(make()) };
+        Self { ptr }
+    }
+
+    /// The value, pinned: it never moves until it is dropped.
+    pub fn as_mut(&mut self) -> Pin<&mut F> {
+        // SAFETY: `ptr` holds an `F` until `drop`, and the block is not moved or reused before.
+        unsafe { Pin::new_unchecked(self.ptr.as_mut()) }
+    }
+}
+
+impl<F> Drop for Reused<F> {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::new::<F>();
+        let block = self.ptr.cast::<u8>();
+        // SAFETY: `ptr` holds an `F`, dropped once, here.
+        unsafe { std::ptr::drop_in_place(self.ptr.as_ptr()) };
+        let kept = BLOCKS
+            .try_with(|blocks| {
+                let Ok(mut blocks) = blocks.try_borrow_mut() else {
+                    return false;
+                };
+                if blocks.0.len() >= KEEP_BLOCKS {
+                    return false;
+                }
+                blocks.0.push((layout, block));
+                true
+            })
+            .unwrap_or(false);
+        if !kept {
+            // SAFETY: allocated with `layout` and no longer used.
+            unsafe { std::alloc::dealloc(block.as_ptr(), layout) };
         }
     }
 }
@@ -1124,6 +1215,61 @@ impl ChunkedDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The next request's handler future is written in the block the previous one gave back:
+    /// no allocation, the same address, and the old future (with what it held) dropped first.
+    /// Controls: while a block is in use, a second value allocates its own; the list keeps at
+    /// most `KEEP_BLOCKS` blocks.
+    #[test]
+    fn a_handler_block_given_back_is_the_next_handlers() {
+        use crate::rules::tests::allocations::so_far;
+        let drain = || drop(BLOCKS.with(|b| b.replace(Blocks(Vec::new()))));
+        drain();
+        let held = Arc::new(());
+        let handler = |held: Arc<()>| async move {
+            let _held = held;
+            std::future::ready(7u64).await
+        };
+        let before = so_far();
+        let mut first = Reused::new(|| handler(held.clone()));
+        assert_eq!(so_far() - before, 1, "nothing kept, yet nothing allocated");
+        let at = first.ptr.as_ptr() as usize;
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert_eq!(first.as_mut().poll(&mut cx), Poll::Ready(7));
+        // Control: a second handler while the first holds its block allocates another.
+        let before = so_far();
+        let second = Reused::new(|| handler(held.clone()));
+        assert_eq!(so_far() - before, 1, "two live handlers shared a block");
+        assert_ne!(second.ptr.as_ptr() as usize, at);
+        assert_eq!(
+            Arc::strong_count(&held),
+            2,
+            "the finished handler still holds its capture"
+        );
+        drop(second);
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "a dropped handler kept its capture"
+        );
+        drop(first);
+        // Last given back, first taken: the block `first` had.
+        let before = so_far();
+        let mut next = Reused::new(|| handler(held.clone()));
+        assert_eq!(so_far() - before, 0, "a kept block was not used");
+        assert_eq!(next.ptr.as_ptr() as usize, at);
+        assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(7));
+        drop(next);
+        // Bounded: of more blocks than it keeps, the list keeps `KEEP_BLOCKS`.
+        let many: Vec<_> = (0..KEEP_BLOCKS + 5)
+            .map(|_| Reused::new(|| handler(held.clone())))
+            .collect();
+        drop(many);
+        assert_eq!(BLOCKS.with(|b| b.borrow().0.len()), KEEP_BLOCKS);
+        assert_eq!(Arc::strong_count(&held), 1);
+        drain();
+    }
 
     fn info(version: Version, head: bool) -> RequestInfo {
         RequestInfo {
