@@ -5,7 +5,7 @@ private network namespace (`h1sys-m`, removed on exit) so the TCP counters see o
 Run as root, inside `flock /tmp/bench.lock`. H1SYS_NS (namespace name), H1SYS_PORT_BASE (backend
 port; the proxy listens on the next one) and H1SYS_DIR let two runs coexist. Written for issue 8 (BENCHMARKS.md, "The kernel side").
 
-usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] NAME=SPEC ...
+usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] [--h2load-log [--sched]] NAME=SPEC ...
   SPEC: lb:/path/to/lb[:ENV=V,ENV=V[:batch|:slice=MICROSECONDS]] | haproxy[:N] | nginx | cmd:COMMAND
         an lb ENV=V item starting with `--` is a flag for `lb run` instead, e.g.
         lb:/path/to/lb:--l7-runtime=shared,--l7-workers=2
@@ -17,6 +17,11 @@ usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] NA
   half-way (saved in $H1SYS_DIR, default /tmp/h1sys-run).
   --perf: syscall and scheduler tracepoint counts per request (perf stat -p)
   --wake: the proxy's sched_waking events per request, by wakee, same or other CPU
+  --h2load-log: after the wrk pass, one more pass of `h2load --h1 -t1 -c64 -D SECS --log-file`
+        (h2load-NAME-rROUND.log) analysed by h1_tail.py: latency distribution, stalls (gaps with
+        no completion), bursts of slow requests; wrk stays the client of the main pass
+  --sched (with --h2load-log): `perf sched record -k CLOCK_MONOTONIC` of the whole machine
+        during that pass; prints what the proxy, client and backend threads did in the stalls
   --record: perf record -g -e cpu-clock of the proxy (perf-NAME.data, requests in perf-NAME.reqs)
   every pass also prints, from /proc/PID/task/*/schedstat, per request: the proxy's time on a
   CPU and waiting on a run queue (runnable, not running), and each thread's share of the run
@@ -223,9 +228,38 @@ KEYS = ["TcpInSegs", "TcpOutSegs", "TcpExtDelayedACKs", "TcpExtTCPPureAcks", "Tc
         "TcpExtTCPKeepAlive", "TcpExtTCPSackRecovery", "TcpRetransSegs"]
 
 
+def h2load_pass(name, rnd, secs, pids, psched):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import h1_tail
+    log = f"{D}/h2load-{name}-r{rnd}.log"
+    tids = [int(t) for p_ in pids for t in os.listdir(f"/proc/{p_}/task")]
+    pp = None
+    if psched:
+        sd = f"{D}/sched-{name}-r{rnd}.data"
+        pp = subprocess.Popen(["perf", "sched", "record", "-k", "CLOCK_MONOTONIC", "-o", sd], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+    offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+    out = subprocess.run(nsx("h2load", "--h1", "-t1", "-c64", "-D", str(secs), f"--log-file={log}",
+                             f"http://127.0.0.1:{PORT}/"), capture_output=True, text=True).stdout
+    offset = (offset + time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)) / 2
+    open(f"{D}/h2load-{name}-r{rnd}.txt", "w").write(out)
+    th = None
+    if pp:
+        pp.send_signal(signal.SIGINT)
+        pp.wait()
+        th = f"{D}/sched-{name}-r{rnd}.txt"
+        with open(th, "w") as f:
+            subprocess.run(["perf", "sched", "timehist", "-i", sd], stdout=f, stderr=subprocess.DEVNULL)
+        os.unlink(sd)
+    # to run the analysis again: h1_tail.py LOG TIMEHIST OFFSET TIDS
+    open(f"{D}/h2load-{name}-r{rnd}.meta", "w").write(f"{log} {th} {offset:.6f} {','.join(map(str, tids))}\n")
+    h1_tail.report(log, th, offset, tids, name)
+
+
 def main():
     argv = sys.argv[1:]
-    secs, perf, record, rounds, wake = 10, False, False, 1, False
+    secs, perf, record, rounds, wake, h2log, psched = 10, False, False, 1, False, False, False
     while argv and argv[0].startswith("--"):
         a = argv.pop(0)
         if a == "--secs":
@@ -236,6 +270,10 @@ def main():
             wake = True
         elif a == "--record":
             record = True
+        elif a == "--h2load-log":
+            h2log = True
+        elif a == "--sched":
+            psched = True
         elif a == "--rounds":
             rounds = int(argv.pop(0))
     specs = [a.split("=", 1) for a in argv]
@@ -271,6 +309,8 @@ def main():
                     print(sched_line(q0, q1, n))
                     print("   per req: " + "  ".join(f"{k.replace('TcpExt','').replace('Tcp','')}={(s1.get(k,0)-s0.get(k,0))/n:.3f}" for k in KEYS if s1.get(k, 0) != s0.get(k, 0)))
                     open(f"{D}/ss-{name}-r{rnd}.txt", "w").write(ssout)
+                    if h2log:
+                        h2load_pass(name, rnd, secs, pids, psched)
                     if perf:
                         pl = ",".join(map(str, pids))
                         ev = "raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendmsg,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex,syscalls:sys_enter_io_uring_enter,sched:sched_wakeup,sched:sched_switch,net:net_dev_xmit,syscalls:sys_exit_recvfrom"
