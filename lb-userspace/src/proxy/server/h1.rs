@@ -45,6 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::L7Counters;
 use super::pipeline::{self, ConnCtx};
 use super::sniff::{ChunkPiece, ChunkScan, Native, NativeEvent, Sniffer};
+use super::spares::Spares;
 use crate::headers::has_token;
 use crate::proxy::client::ProxyBody;
 use crate::proxy::client::h1::parse_trailers;
@@ -310,31 +311,12 @@ where
 }
 
 /// A value (the handler's future) in a heap block taken from the blocks this thread gave
-/// back, last given back first. The handler's future lived inside the connection's own future,
-/// whose memory one request touched again only after every other connection's request had
-/// gone through the L1 data cache; a block just given back by the request that finished is
-/// likely still there. At most [`KEEP_BLOCKS`] blocks are kept per thread; the rest are freed.
+/// back ([`Spares`], the one given back last first). The handler's future lived inside the
+/// connection's own future, whose memory one request touched again only after every other
+/// connection's request had gone through the L1 data cache; a block just given back by the
+/// request that finished is likely still there.
 pub(super) struct Reused<F> {
     ptr: std::ptr::NonNull<F>,
-}
-
-/// Blocks kept per thread: one per request in flight on it, for up to 64 connections.
-const KEEP_BLOCKS: usize = 64;
-
-/// A thread's free blocks, each with its layout.
-struct Blocks(Vec<(std::alloc::Layout, std::ptr::NonNull<u8>)>);
-
-impl Drop for Blocks {
-    fn drop(&mut self) {
-        for (layout, block) in self.0.drain(..) {
-            // SAFETY: allocated with `layout` (in `Reused::new`) and owned by this list alone.
-            unsafe { std::alloc::dealloc(block.as_ptr(), layout) };
-        }
-    }
-}
-
-thread_local! {
-    static BLOCKS: std::cell::RefCell<Blocks> = const { std::cell::RefCell::new(Blocks(Vec::new())) };
 }
 
 // SAFETY: `Reused<F>` owns its `F` as a `Box<F>` does; the block goes back to the list of the
@@ -346,15 +328,7 @@ impl<F> Reused<F> {
     pub fn new(make: impl FnOnce() -> F) -> Self {
         let layout = std::alloc::Layout::new::<F>();
         assert!(layout.size() > 0, "Reused holds no zero-sized values");
-        let kept = BLOCKS
-            .try_with(|blocks| {
-                let mut blocks = blocks.try_borrow_mut().ok()?;
-                let at = blocks.0.iter().rposition(|(l, _)| *l == layout)?;
-                Some(blocks.0.swap_remove(at).1)
-            })
-            .ok()
-            .flatten();
-        let block = kept.unwrap_or_else(|| {
+        let block = Spares::take(layout).unwrap_or_else(|| {
             // SAFETY: `layout` is not zero-sized.
             let p = unsafe { std::alloc::alloc(layout) };
             std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
@@ -374,25 +348,11 @@ impl<F> Reused<F> {
 
 impl<F> Drop for Reused<F> {
     fn drop(&mut self) {
-        let layout = std::alloc::Layout::new::<F>();
-        let block = self.ptr.cast::<u8>();
-        // SAFETY: `ptr` holds an `F`, dropped once, here.
-        unsafe { std::ptr::drop_in_place(self.ptr.as_ptr()) };
-        let kept = BLOCKS
-            .try_with(|blocks| {
-                let Ok(mut blocks) = blocks.try_borrow_mut() else {
-                    return false;
-                };
-                if blocks.0.len() >= KEEP_BLOCKS {
-                    return false;
-                }
-                blocks.0.push((layout, block));
-                true
-            })
-            .unwrap_or(false);
-        if !kept {
-            // SAFETY: allocated with `layout` and no longer used.
-            unsafe { std::alloc::dealloc(block.as_ptr(), layout) };
+        // SAFETY: `ptr` holds an `F`, dropped once, here; its block was allocated by the
+        // global allocator with `F`'s layout (`new`) and is used by nothing after.
+        unsafe {
+            std::ptr::drop_in_place(self.ptr.as_ptr());
+            Spares::put(self.ptr.cast::<u8>(), std::alloc::Layout::new::<F>());
         }
     }
 }
@@ -1219,11 +1179,11 @@ mod tests {
     /// The next request's handler future is written in the block the previous one gave back:
     /// no allocation, the same address, and the old future (with what it held) dropped first.
     /// Controls: while a block is in use, a second value allocates its own; the list keeps at
-    /// most `KEEP_BLOCKS` blocks.
+    /// most `SPARES_MAX` blocks.
     #[test]
     fn a_handler_block_given_back_is_the_next_handlers() {
         use crate::rules::tests::allocations::so_far;
-        let drain = || drop(BLOCKS.with(|b| b.replace(Blocks(Vec::new()))));
+        let drain = Spares::drain;
         drain();
         let held = Arc::new(());
         let handler = |held: Arc<()>| async move {
@@ -1261,12 +1221,12 @@ mod tests {
         assert_eq!(next.ptr.as_ptr() as usize, at);
         assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(7));
         drop(next);
-        // Bounded: of more blocks than it keeps, the list keeps `KEEP_BLOCKS`.
-        let many: Vec<_> = (0..KEEP_BLOCKS + 5)
+        // Bounded: of more blocks than it keeps, the list keeps `SPARES_MAX`.
+        let many: Vec<_> = (0..crate::proxy::server::spares::SPARES_MAX + 5)
             .map(|_| Reused::new(|| handler(held.clone())))
             .collect();
         drop(many);
-        assert_eq!(BLOCKS.with(|b| b.borrow().0.len()), KEEP_BLOCKS);
+        assert_eq!(Spares::kept(), crate::proxy::server::spares::SPARES_MAX);
         assert_eq!(Arc::strong_count(&held), 1);
         drain();
     }

@@ -25,7 +25,6 @@
 //! response (about 170 instructions per request) only to find the target's. `Date` is found
 //! by a scan of the (short) response head, not a hashed lookup.
 use std::alloc::Layout;
-use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::mem::{ManuallyDrop, MaybeUninit};
@@ -38,6 +37,7 @@ use http::header;
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 
 use super::pipeline::{self, ConnCtx};
+use super::spares::Spares;
 use crate::headers::for_each_value_mut;
 use crate::proxy::client::ProxyBody;
 
@@ -112,68 +112,6 @@ fn slot_for<A, R, F>(_make: &impl FnOnce(A, R) -> F) -> Box<MaybeUninit<F>> {
     }
 }
 
-/// Finished pipeline futures' heap slots kept by a thread for its next requests, at most
-/// [`SPARES_MAX`]; freed when the thread ends.
-struct Spares(Vec<(NonNull<u8>, Layout)>);
-
-/// Most heap slots a thread keeps: a burst of finished streams refills it, the next burst of
-/// requests empties it. 32 × 4.9 KB, about 160 KB per worker thread at most.
-const SPARES_MAX: usize = 32;
-
-thread_local! {
-    static SPARES: RefCell<Spares> = const { RefCell::new(Spares(Vec::new())) };
-}
-
-impl Spares {
-    fn take(layout: Layout) -> Option<NonNull<u8>> {
-        SPARES
-            .try_with(|spares| {
-                let mut spares = spares.borrow_mut();
-                match spares.0.last() {
-                    Some(&(ptr, kept)) if kept == layout => {
-                        spares.0.pop();
-                        Some(ptr)
-                    }
-                    _ => None,
-                }
-            })
-            .ok()
-            .flatten()
-    }
-
-    /// Keeps `ptr` (allocated with `layout`, its contents dropped), or frees it.
-    ///
-    /// # Safety
-    /// `ptr` was allocated by the global allocator with `layout` and is used by nothing.
-    unsafe fn put(ptr: NonNull<u8>, layout: Layout) {
-        let kept = SPARES
-            .try_with(|spares| {
-                let Ok(mut spares) = spares.try_borrow_mut() else {
-                    return false;
-                };
-                if spares.0.len() >= SPARES_MAX {
-                    return false;
-                }
-                spares.0.push((ptr, layout));
-                true
-            })
-            .unwrap_or(false);
-        if !kept {
-            // SAFETY: as the caller promised.
-            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
-        }
-    }
-}
-
-impl Drop for Spares {
-    fn drop(&mut self) {
-        for (ptr, layout) in self.0.drain(..) {
-            // SAFETY: every kept slot was allocated with its layout and is used by nothing.
-            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
-        }
-    }
-}
-
 impl Future for Respond {
     type Output = Answered;
 
@@ -213,7 +151,7 @@ mod tests {
     use http::HeaderValue;
 
     fn spares() -> usize {
-        SPARES.with(|spares| spares.borrow().0.len())
+        Spares::kept()
     }
 
     /// Sets its flag when dropped.
@@ -290,14 +228,14 @@ mod tests {
     #[test]
     fn a_thread_keeps_a_bounded_number_of_slots() {
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let all: Vec<Respond> = (0..SPARES_MAX + 5)
+        let all: Vec<Respond> = (0..crate::proxy::server::spares::SPARES_MAX + 5)
             .map(|i| {
                 let fut = Box::write(slot_for(&big), big(Dropped(flag.clone()), i as u8));
                 respond(Box::into_pin(fut))
             })
             .collect();
         drop(all);
-        assert_eq!(spares(), SPARES_MAX);
+        assert_eq!(spares(), crate::proxy::server::spares::SPARES_MAX);
     }
 
     #[test]
