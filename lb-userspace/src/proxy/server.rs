@@ -67,6 +67,7 @@ mod limits;
 mod pipeline;
 mod service;
 mod sniff;
+mod spares;
 pub mod tls;
 
 use crate::accesslog::{LogWriter, Record, TlsInfo};
