@@ -15,10 +15,14 @@ use std::ptr::NonNull;
 /// ends.
 pub(super) struct Spares(Vec<(NonNull<u8>, Layout)>);
 
-/// Most blocks a thread keeps: one per request in flight on it, for up to 64 at once (a burst
-/// of finished requests refills the list, the next burst empties it). 64 × 4.9 KB (the largest
-/// future), about 315 KB per worker thread at most.
-pub(super) const SPARES_MAX: usize = 64;
+/// Most blocks a thread keeps (a burst of finished requests refills the list, the next burst
+/// empties it): 16 × 4.9 KB (the largest future), about 78 KB per worker thread at most.
+/// Measured (BENCHMARKS.md, "The block store's cap and resident memory (stop 27)"): with 64,
+/// the process held about 2 MB more anonymous memory after a one-second warm-up (an inference:
+/// blocks given back on the other worker pile up there while the first allocates anew); 16
+/// made no resolved difference in instructions per request against 32 or 64 (HTTP/1.1 and
+/// HTTP/2) nor in simulated cache misses (HTTP/1.1).
+pub(super) const SPARES_MAX: usize = 16;
 
 thread_local! {
     static SPARES: RefCell<Spares> = const { RefCell::new(Spares(Vec::new())) };
