@@ -29,7 +29,8 @@ usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] [-
         port = the backend's); p50/p90/p99/p99.9 per side, and for the delays > 1 ms what the
         reading thread did since the data came: on a CPU the whole time (running other work),
         switched in after being preempted (waited for a CPU), or switched in after sleeping
-        (react-NAME-rROUND.txt holds bpftrace's maps). Tracepoints only (this kernel has no kprobes).
+        (react-NAME-rROUND.txt holds bpftrace's maps); the same delay, unclassified, for the
+        peers' reads: `wrk` reading responses and the backend nginx reading requests. Tracepoints only (this kernel has no kprobes).
   --record: perf record -g -e cpu-clock of the proxy (perf-NAME.data, requests in perf-NAME.reqs)
   every pass also prints, from /proc/PID/task/*/schedstat, per request: the proxy's time on a
   CPU and waiting on a run queue (runnable, not running), and each thread's share of the run
@@ -243,7 +244,10 @@ def react_bt(pids):
     since then, 2 = switched in after sleeping since then; @slowwait[side, kind] sums, over
     those, the part of the delay the thread spent in its last run-queue (kind 1) or sleep
     (kind 2) stretch before it was switched in; @slowwake[side, 2] the part from its wake-up
-    (sched_waking) to its switch-in (waiting for a CPU after being woken)."""
+    (sched_waking) to its switch-in (waiting for a CPU after being woken). Sides 2 and 3 are
+    the same delay for the peers' reads, without the classification: `wrk` reading a response
+    (remote port = the listener's) and the backend nginx reading a request (local port = the
+    backend's)."""
     pf = " || ".join(f"pid == {p}" for p in pids)
     return f"""
 tracepoint:sock:sk_data_ready {{
@@ -251,7 +255,7 @@ tracepoint:sock:sk_data_ready {{
   $l = $sk->__sk_common.skc_num;
   $d0 = $sk->__sk_common.skc_dport;
   $d = (($d0 & 0xff) << 8) | ($d0 >> 8);
-  if ($l == {PORT} || ($d == {_BASE} && $l != {_BASE})) {{
+  if ($l == {PORT} || $d == {_BASE} || $d == {PORT} || $l == {_BASE}) {{
     if (@ts[$sk] == 0) {{ @ts[$sk] = nsecs; }}
   }}
 }}
@@ -299,6 +303,17 @@ tracepoint:sock:sock_recv_length /args->ret > 0 && ({pf})/ {{
         }}
       }}
     }}
+  }}
+}}
+tracepoint:sock:sock_recv_length /args->ret > 0 && !({pf})/ {{
+  $sk = (struct sock *)args->sk;
+  $t = @ts[$sk];
+  if ($t != 0) {{
+    delete(@ts[$sk]);
+    $dl = (nsecs - $t) / 1000;
+    $side = $sk->__sk_common.skc_num == {_BASE} ? 3 : 2;
+    $b = $dl < 100 ? $dl : ($dl < 1000 ? $dl / 10 * 10 : ($dl < 10000 ? $dl / 100 * 100 : $dl / 1000 * 1000));
+    @h[$side, $b] = count();
   }}
 }}
 """
@@ -356,13 +371,17 @@ def pct(hist, q):
 def react_summary(txt, secs, n):
     h, slow, wait, dl, wake = react_parse(txt)
     out = []
-    for side, sname in ((0, "client"), (1, "backend")):
+    for side, sname in ((0, "client"), (1, "backend"), (2, "wrk"), (3, "nginx-be")):
         hs = {b: v for (s, b), v in h.items() if s == side}
         tot = sum(hs.values())
         if not tot:
             out.append(f"react {sname:7}: no reads seen")
             continue
         over = sum(v for b, v in hs.items() if b >= 1000)
+        if side >= 2:
+            out.append(f"peer  {sname:8}: reads {tot / n:.2f}/req  p50 {pct(hs, .5)} p90 {pct(hs, .9)} p99 {pct(hs, .99)}"
+                       f" p99.9 {pct(hs, .999)} us;  >1ms {over / secs:.0f}/s")
+            continue
         ks = [slow[(side, k)] for k in range(3)]
         ws = sum(ks) or 1
         share = [f"{wait[(side, k)] / dl[(side, k)]:.2f}" if dl[(side, k)] else "-" for k in (1, 2)]
