@@ -245,6 +245,11 @@ def react_bt(pids):
     those, the part of the delay the thread spent in its last run-queue (kind 1) or sleep
     (kind 2) stretch before it was switched in; @slowwake[side, 2] the part from its wake-up
     (sched_waking) to its switch-in (waiting for a CPU after being woken). Sides 2 and 3 are
+    the same delay for the peers' reads. @rt[0, bucket]: per client socket, from its first
+    readable since the proxy's last send on it to the proxy's next send on it (a request's
+    time from arrival to its response's write: the proxy's and the backend's part of the
+    latency); @rt[1, bucket]: per backend socket, from the proxy's first send since its last
+    readable to its next readable (the backend's part, the loopback included). Sides 2 and 3 are
     the same delay for the peers' reads, without the classification: `wrk` reading a response
     (remote port = the listener's) and the backend nginx reading a request (local port = the
     backend's)."""
@@ -257,6 +262,28 @@ tracepoint:sock:sk_data_ready {{
   $d = (($d0 & 0xff) << 8) | ($d0 >> 8);
   if ($l == {PORT} || $d == {_BASE} || $d == {PORT} || $l == {_BASE}) {{
     if (@ts[$sk] == 0) {{ @ts[$sk] = nsecs; }}
+  }}
+  if ($l == {PORT} && @rq[$sk] == 0) {{ @rq[$sk] = nsecs; }}
+  if ($d == {_BASE} && $l != {_BASE} && @bs[$sk] != 0) {{
+    $dl = (nsecs - @bs[$sk]) / 1000;
+    delete(@bs[$sk]);
+    $b = $dl < 100 ? $dl : ($dl < 1000 ? $dl / 10 * 10 : ($dl < 10000 ? $dl / 100 * 100 : $dl / 1000 * 1000));
+    @rt[1, $b] = count();
+  }}
+}}
+tracepoint:sock:sock_send_length /args->ret > 0 && ({pf})/ {{
+  $sk = (struct sock *)args->sk;
+  $l = $sk->__sk_common.skc_num;
+  if ($l == {PORT}) {{
+    $t = @rq[$sk];
+    if ($t != 0) {{
+      delete(@rq[$sk]);
+      $dl = (nsecs - $t) / 1000;
+      $b = $dl < 100 ? $dl : ($dl < 1000 ? $dl / 10 * 10 : ($dl < 10000 ? $dl / 100 * 100 : $dl / 1000 * 1000));
+      @rt[0, $b] = count();
+    }}
+  }} else {{
+    if (@bs[$sk] == 0) {{ @bs[$sk] = nsecs; }}
   }}
 }}
 tracepoint:sched:sched_waking /@th[args->pid]/ {{
@@ -351,6 +378,8 @@ def react_pass(name, rnd, secs, pids):
 
 def react_parse(txt):
     h, slow, wait, dl, wake = (collections.Counter() for _ in range(5))
+    for m in re.finditer(r"^@(rt)\[(\d+), (\d+)\]: (\d+)", txt, re.MULTILINE):
+        h[(int(m.group(2)) + 4, int(m.group(3)))] += int(m.group(4))
     for m in re.finditer(r"^@(h|slow|slowwait|slowdl|slowwake)\[(\d+), (\d+)\]: (\d+)", txt, re.MULTILINE):
         k, a, b, v = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
         {"h": h, "slow": slow, "slowwait": wait, "slowdl": dl, "slowwake": wake}[k][(a, b)] += v
@@ -371,7 +400,7 @@ def pct(hist, q):
 def react_summary(txt, secs, n):
     h, slow, wait, dl, wake = react_parse(txt)
     out = []
-    for side, sname in ((0, "client"), (1, "backend"), (2, "wrk"), (3, "nginx-be")):
+    for side, sname in ((0, "client"), (1, "backend"), (2, "wrk"), (3, "nginx-be"), (4, "req-in"), (5, "be-rtt")):
         hs = {b: v for (s, b), v in h.items() if s == side}
         tot = sum(hs.values())
         if not tot:
@@ -379,7 +408,7 @@ def react_summary(txt, secs, n):
             continue
         over = sum(v for b, v in hs.items() if b >= 1000)
         if side >= 2:
-            out.append(f"peer  {sname:8}: reads {tot / n:.2f}/req  p50 {pct(hs, .5)} p90 {pct(hs, .9)} p99 {pct(hs, .99)}"
+            out.append(f"{'peer' if side < 4 else 'time'}  {sname:8}: reads {tot / n:.2f}/req  p50 {pct(hs, .5)} p90 {pct(hs, .9)} p99 {pct(hs, .99)}"
                        f" p99.9 {pct(hs, .999)} us;  >1ms {over / secs:.0f}/s")
             continue
         ks = [slow[(side, k)] for k in range(3)]

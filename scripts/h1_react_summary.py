@@ -27,18 +27,20 @@ def main(path):
             cur["p99/mean"].append(p99 / (64 / rps * 1000))
             cur["usr+sys us"].append(float(m.group(6)) + float(m.group(7)))
             continue
-        m = re.match(r"^\s+(?:react|peer)\s+(client|backend|wrk|nginx-be)\s*: reads [\d.]+/req\s+p50 (\d+) p90 \d+ p99 (\d+) p99.9 (\d+) us;"
+        m = re.match(r"^\s+(?:react|peer|time)\s+(client|backend|wrk|nginx-be|req-in|be-rtt)\s*: reads [\d.]+/req\s+p50 (\d+) p90 \d+ p99 (\d+) p99.9 (\d+) us;"
                      r"\s+>1ms (\d+)/s(?:: running (\d+)% preempted (\d+)% .* asleep (\d+)%)?", line)
         if m and cur is not None:
-            s = m.group(1)[0]
+            s = {"client": "c", "backend": "b", "wrk": "w", "nginx-be": "n", "req-in": "r", "be-rtt": "t"}[m.group(1)]
             for k, v in zip(("p50", "p99", "p99.9", ">1ms/s", "run%", "pre%", "slp%"), m.groups()[1:]):
                 if v is None:
                     continue
                 cur[f"{s} {k}"].append(float(v))
-    keys = ["req/s", "p99 ms", "p99/mean", "usr+sys us"] + [f"{s} {k}" for s in "cbwn" for k in
+    keys = ["req/s", "p99 ms", "p99/mean", "usr+sys us"] + [f"{s} {k}" for s in "cbwnrt" for k in
                                                           ("p50", "p99", "p99.9", ">1ms/s", "run%", "pre%", "slp%")]
     print("median (min-max) over rounds; c = client side, b = backend side reaction delay of the proxy; "
-          "w = wrk reading responses, n = the backend nginx reading requests (us)")
+          "w = wrk reading responses, n = the backend nginx reading requests; "
+          "r = req-in, a request's arrival at the proxy to its response's write; t = be-rtt, the proxy's "
+          "write to the backend to the response's arrival (us)")
     print(f"{'':12}" + "".join(f"{a:>22}" for a in arms))
     for k in keys:
         if not any(a.get(k) for a in arms.values()):
