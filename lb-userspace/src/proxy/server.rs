@@ -603,7 +603,7 @@ struct Shared {
 #[repr(align(64))]
 struct WorkerCounts {
     /// Client connections accepted (over all listeners, rejected ones included).
-    accepts: AtomicU64,
+    accepted: AtomicU64,
     /// Client connections being served now: where [`AcceptMode::Balanced`] sends the next one.
     open: AtomicU64,
 }
@@ -716,7 +716,7 @@ impl L7Handle {
             .workers
             .iter()
             .map(|w| WorkerCount {
-                accepted: L7Counters::get(&w.accepts),
+                accepted: L7Counters::get(&w.accepted),
                 open: L7Counters::get(&w.open),
             })
             .collect()
@@ -1235,7 +1235,7 @@ async fn accept_loop(
         tokio::select! {
             accepted = socket.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    L7Counters::add(&listener.shared.workers[worker].accepts, 1);
+                    L7Counters::add(&listener.shared.workers[worker].accepted, 1);
                     L7Counters::add(&listener.shared.counters.new_connections, 1);
                     L7Counters::add(&listener.cells.new_connections, 1);
                     match listener.connections.admit(peer.ip()) {
