@@ -245,6 +245,67 @@ fn a_request_still_open_when_the_delay_ends_is_closed_with_502() {
     assert_eq!(slow.hits(), 0);
 }
 
+/// The native HTTP/1 loop keeps its watch on each target across a connection's requests
+/// (`pipeline::TargetWatches`): a later request on the same connection, to a target the
+/// connection went to before, and one to a second target (watched beside the first) are still
+/// closed with 502 when their target leaves. The connection went to `fast` first, so a watch
+/// taken for the wrong target (a wrong identity) would watch `fast` and let the request wait
+/// for `slow`'s answer (200, after 15 s).
+#[test]
+fn a_later_request_on_a_kept_alive_connection_is_closed_with_502_when_its_target_leaves() {
+    let fast = Target::start("fast");
+    let slow = Target::start("slow");
+    let lb = Lb::start(
+        "drain-kept",
+        &flags("health-check=off,deregistration-delay=1", &[&fast]),
+    );
+    let mut conn = KeepAlive::connect(lb.listener);
+    let local = conn.local();
+    assert_eq!(conn.get("/"), Some((200, "fast".to_owned())));
+    lb.cli_ok(&[
+        "targets",
+        "register",
+        "--target",
+        &format!("app={}", slow.addr),
+    ]);
+    // Both targets serve this connection (round robin), `slow` answering at once for now.
+    wait_for(
+        "slow to serve the connection",
+        Duration::from_secs(10),
+        || (conn.get("/") == Some((200, "slow".to_owned()))).then_some(()),
+    );
+    assert_eq!(conn.get("/"), Some((200, "fast".to_owned())));
+    assert_eq!(conn.local(), local, "one connection throughout");
+    slow.set(|b| b.delay = Duration::from_secs(15));
+    let before = slow.started();
+    let req = thread::spawn(move || {
+        // `fast` may take one more request first.
+        loop {
+            match conn.get("/") {
+                Some((200, body)) if body == "fast" => {}
+                other => return (other, conn.local()),
+            }
+        }
+    });
+    wait_for("the request to reach slow", Duration::from_secs(10), || {
+        (slow.started() > before).then_some(())
+    });
+    lb.cli_ok(&[
+        "targets",
+        "deregister",
+        "--target",
+        &format!("app={}", slow.addr),
+    ]);
+    let (answer, on) = req.join().unwrap();
+    assert_eq!(on, local, "the same connection");
+    assert_eq!(
+        answer.map(|(status, _)| status),
+        Some(502),
+        "the drain ended with the request open"
+    );
+    assert_eq!(slow.hits(), before, "slow never answered it");
+}
+
 #[test]
 fn rules_change_at_run_time_without_closing_open_connections() {
     let app = Target::start("app");

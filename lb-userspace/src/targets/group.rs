@@ -5,8 +5,8 @@
 //! needs: outstanding counts, round-robin positions, stickiness ids and slow-start ramps.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
@@ -33,6 +33,9 @@ struct TargetEntry {
     requests: AtomicU64,
     /// Cancelled when the target leaves the group.
     gone: CancellationToken,
+    /// Set when the target leaves the group, before `gone` is cancelled: read with one load,
+    /// where the token's `is_cancelled` takes its lock ([`Picked::left`]).
+    left: AtomicBool,
     /// Its request metrics (fed from each request's record).
     metrics: Arc<TargetCells>,
     /// The forwarder's handle on the target's connection pool, set by the first request
@@ -43,15 +46,22 @@ struct TargetEntry {
 }
 
 impl TargetEntry {
-    fn new(addr: SocketAddr, gone: CancellationToken) -> Self {
+    fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
             outstanding: AtomicU64::new(0),
             requests: AtomicU64::new(0),
-            gone,
+            gone: CancellationToken::new(),
+            left: AtomicBool::new(false),
             metrics: Arc::default(),
             handle: OnceLock::new(),
         }
+    }
+
+    /// The target left its group: `left` first, so whoever is woken by `gone` sees it.
+    fn leave(&self) {
+        self.left.store(true, Ordering::Release);
+        self.gone.cancel();
     }
 }
 
@@ -272,7 +282,7 @@ impl TargetGroup {
             inner.slots.push(slot);
         }
         for gone in old.into_values() {
-            gone.entry.gone.cancel();
+            gone.entry.leave();
         }
         inner.failing_open = failing_open;
         inner.slow_start_until = inner
@@ -570,7 +580,7 @@ impl Inner {
         let id = self.next_id;
         self.next_id += 1;
         Slot {
-            entry: Arc::new(TargetEntry::new(addr, CancellationToken::new())),
+            entry: Arc::new(TargetEntry::new(addr)),
             id,
             weight: 1,
             state: TargetState::Initial,
@@ -651,6 +661,49 @@ struct IssuedCookie {
     app_cookie: Option<String>,
 }
 
+/// A target's registration, as [`Picked::registration`] hands it out: identity only.
+#[derive(Debug, Clone)]
+pub struct Registration(Weak<TargetEntry>);
+
+impl Registration {
+    /// Whether nothing holds the registration any more: it left its group (or its group is
+    /// gone) and every pick of it is over.
+    pub fn is_over(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
+
+/// A target registration outside any group (tests of what holds a pick): its picks, and its
+/// leaving.
+#[cfg(test)]
+pub(crate) struct Detached(Arc<TargetEntry>);
+
+#[cfg(test)]
+impl Detached {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        Self(Arc::new(TargetEntry::new(addr)))
+    }
+
+    /// A pick of the target, counted as a group's pick is.
+    pub(crate) fn pick(&self) -> Picked {
+        self.0.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.0.requests.fetch_add(1, Ordering::Relaxed);
+        Picked {
+            addr: self.0.addr,
+            entry: self.0.clone(),
+            sticky: false,
+            non_sticky: false,
+            unhealthy_routing: false,
+            cookie: None,
+        }
+    }
+
+    /// The target leaves, as [`TargetGroup::apply`] makes it leave.
+    pub(crate) fn leave(&self) {
+        self.0.leave();
+    }
+}
+
 /// A chosen target. While it lives it counts one outstanding request on its target (least
 /// outstanding requests reads that count); dropping it releases the count. Keep it until the
 /// response body is done.
@@ -666,23 +719,6 @@ pub struct Picked {
 }
 
 impl Picked {
-    /// A pick of a target outside any group whose leaving is `gone` (tests of what holds a
-    /// pick).
-    #[cfg(test)]
-    pub(crate) fn detached(addr: SocketAddr, gone: CancellationToken) -> Self {
-        let entry = TargetEntry::new(addr, gone);
-        entry.outstanding.store(1, Ordering::Relaxed);
-        entry.requests.store(1, Ordering::Relaxed);
-        Self {
-            addr,
-            entry: Arc::new(entry),
-            sticky: false,
-            non_sticky: false,
-            unhealthy_routing: false,
-            cookie: None,
-        }
-    }
-
     /// Whether a valid stickiness cookie chose this target (otherwise the algorithm did, and
     /// with stickiness on the request counted as NonStickyRequestCount).
     pub fn sticky(&self) -> bool {
@@ -711,6 +747,27 @@ impl Picked {
     /// the per-request path does not need.
     pub fn gone(&self) -> &CancellationToken {
         &self.entry.gone
+    }
+
+    /// Whether the target left its group: one load, where [`Picked::gone`]'s `is_cancelled`
+    /// takes the token's lock. Set before `gone` is cancelled, so a task woken by `gone`
+    /// sees it.
+    pub fn left(&self) -> bool {
+        self.entry.left.load(Ordering::Acquire)
+    }
+
+    /// The registration of the target this pick is of, for a watch kept across requests
+    /// (the native HTTP/1 loop's, `pipeline::TargetWatches`). It keeps neither the target's
+    /// counters nor its pool handle alive, only the memory their entry lives in, so a later
+    /// pick's [`Picked::is_of`] compares against an address no new registration can reuse.
+    pub fn registration(&self) -> Registration {
+        Registration(Arc::downgrade(&self.entry))
+    }
+
+    /// Whether this pick is of the registration `r` (the same entry: a target that left and
+    /// registered again is a new one).
+    pub fn is_of(&self, r: &Registration) -> bool {
+        std::ptr::eq(r.0.as_ptr(), Arc::as_ptr(&self.entry))
     }
 
     /// The forwarder's handle on the target's connection pool: the one this registration of
@@ -1246,7 +1303,9 @@ mod tests {
         };
         group.apply(&[member(1, TargetState::Healthy, true)], false);
         assert!(leaves.gone().is_cancelled());
+        assert!(leaves.left());
         assert!(!stays.gone().is_cancelled());
+        assert!(!stays.left());
         // A weight or state change is no departure.
         group.apply(&[member(1, TargetState::Draining, false)], false);
         assert!(!stays.gone().is_cancelled());

@@ -55,5 +55,9 @@ pub use config::{
     ProtocolVersion, RUNTIME_OPTIONS, Stickiness, TargetGroupConfig, TargetGroupError,
     TargetProtocol, modify_target_group, parse_target_group,
 };
-pub use group::{Member, Picked, SlowStart, TargetGroup, TargetGroupCounters, TargetStatus};
+#[cfg(test)]
+pub(crate) use group::Detached;
+pub use group::{
+    Member, Picked, Registration, SlowStart, TargetGroup, TargetGroupCounters, TargetStatus,
+};
 pub use state::{DEFAULT_WEIGHT, TargetAddr, TargetReason, TargetState};

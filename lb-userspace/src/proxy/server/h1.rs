@@ -251,6 +251,8 @@ where
     }));
     let counters = ctx.listener.shared.counters.clone();
     let mut wbuf = Vec::with_capacity(1024);
+    // The watches on the targets this connection's requests went to, kept for its next ones.
+    let mut watches = pipeline::TargetWatches::default();
     loop {
         control.idle.store(true, Ordering::Relaxed);
         if control.closing() {
@@ -281,7 +283,7 @@ where
         let request = Request::from_parts(parts, body);
         // Made in a block of this thread's (see [`Reused`]), written where it is made: the
         // handler's future is several KiB, and handing it over by value moved (copied) it.
-        let mut handled = Reused::new(|| pipeline::handle(&*ctx, request));
+        let mut handled = Reused::new(|| pipeline::handle(&*ctx, request, Some(&mut watches)));
         let response = watch_client(&io, handled.as_mut()).await;
         // The block goes back now, for the next request the thread starts (on any connection).
         drop(handled);

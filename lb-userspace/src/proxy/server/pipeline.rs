@@ -31,7 +31,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{WaitForCancellationFuture, WaitForCancellationFutureOwned};
 
 use super::abuse::StreamCancellations;
 use super::exchange::{ConnInfo, Exchange};
@@ -47,7 +47,7 @@ use crate::proxy::client::{BoxError, Facts, Forwarded, ProxyBody, TargetEndpoint
 use crate::proxy::desync::{Mitigation, Tier};
 use crate::proxy::error::ProxyError;
 use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView, RuleSet};
-use crate::targets::{Picked, ProtocolVersion, TargetProtocol};
+use crate::targets::{Picked, ProtocolVersion, Registration, TargetProtocol};
 
 /// ALB's group-stickiness cookie.
 const GROUP_COOKIE: &str = "AWSALBTG";
@@ -250,10 +250,10 @@ impl Cut {
 
     /// Whether the target is gone; with `cx`, the task is also woken when it goes.
     fn poll_gone(&mut self, cx: Option<&mut Context<'_>>) -> bool {
-        let gone = self.picked.gone();
-        if gone.is_cancelled() {
+        if self.picked.left() {
             return true;
         }
+        let gone = self.picked.gone();
         let Some(cx) = cx else {
             return false;
         };
@@ -337,6 +337,84 @@ impl Body for Answer {
     }
 }
 
+/// Watches on the targets a connection's requests went to, kept from one request to the next
+/// (the native HTTP/1 loop's; hyper's and HTTP/2's handlers watch per request). A request
+/// forwarded to a target it watches already polls that watch: its waiter stays in the
+/// target's list with the connection task's waker, where a watch made per request registered
+/// its waiter and removed it again (about 260 instructions per request). A target that left
+/// its group wakes the connection task; the request in flight on it, if any, sees it gone.
+///
+/// At most [`TargetWatches::KEPT`] targets: a request to another one, when each place is
+/// taken by a registration still alive, watches for itself as before (a connection spread
+/// over many targets gains nothing and loses nothing but a few compares).
+#[derive(Default)]
+pub(super) struct TargetWatches {
+    kept: [Option<KeptWatch>; TargetWatches::KEPT],
+}
+
+struct KeptWatch {
+    of: Registration,
+    waiting: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker `waiting` was last polled with (a no-op one before its first poll).
+    waker: std::task::Waker,
+}
+
+impl KeptWatch {
+    /// Ready when `picked`'s target (this watch's) left its group; else pending, the task
+    /// woken when it leaves. `waiting` is polled only when `cx`'s waker would not wake the
+    /// task it holds: its waiter stays registered with that one, and polling it again took
+    /// the token's lock and the waiter list's, about 140 instructions per request.
+    fn poll(&mut self, picked: &Picked, cx: &mut Context<'_>) -> Poll<()> {
+        if picked.left() {
+            return Poll::Ready(());
+        }
+        if self.waker.will_wake(cx.waker()) {
+            return Poll::Pending;
+        }
+        let polled = self.waiting.as_mut().poll(cx);
+        if polled.is_pending() {
+            self.waker.clone_from(cx.waker());
+        }
+        polled
+    }
+}
+
+impl TargetWatches {
+    /// Targets watched at once.
+    pub(super) const KEPT: usize = 4;
+
+    /// The kept watch on `picked`'s target: the one there is, or a new one in a place that is
+    /// free or whose registration is over. `None` when every place holds a live registration.
+    fn watch(&mut self, picked: &Picked) -> Option<&mut KeptWatch> {
+        let at = match self
+            .kept
+            .iter()
+            .position(|k| k.as_ref().is_some_and(|k| picked.is_of(&k.of)))
+        {
+            Some(at) => at,
+            None => {
+                let at = self
+                    .kept
+                    .iter()
+                    .position(|k| k.as_ref().is_none_or(|k| k.of.is_over()))?;
+                self.kept[at] = Some(KeptWatch {
+                    of: picked.registration(),
+                    waiting: Box::pin(picked.gone().clone().cancelled_owned()),
+                    waker: std::task::Waker::noop().clone(),
+                });
+                at
+            }
+        };
+        self.kept[at].as_mut()
+    }
+
+    /// Targets watched now (tests).
+    #[cfg(test)]
+    fn watched(&self) -> usize {
+        self.kept.iter().flatten().count()
+    }
+}
+
 /// What the pipeline takes as a request body: hyper's `Incoming`, or the native HTTP/1
 /// path's own (`h1.rs`).
 pub(super) trait RequestBody:
@@ -350,10 +428,13 @@ impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + S
 /// The request handler of one connection (hyper's service; the native HTTP/1 loop calls it
 /// too). `ctx`: the service's `Arc` (its future must own what it reads), or a plain
 /// reference where the caller outlives the future (the native loop: no `Arc` clone and drop,
-/// two atomic read-modify-writes, per request).
+/// two atomic read-modify-writes, per request). `watches`: the connection's kept watches on
+/// its targets, if it keeps them (the native loop), else the request watches its target for
+/// itself.
 pub(super) async fn handle<B: RequestBody>(
     ctx: impl std::ops::Deref<Target = ConnCtx> + Send,
     req: Request<B>,
+    mut watches: Option<&mut TargetWatches>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let version = req.version();
     if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
@@ -407,16 +488,27 @@ pub(super) async fn handle<B: RequestBody>(
                 // delay ends, what is still open on it is closed), pinned where they are
                 // made and polled in place, the forward first: `select! { biased; … }`
                 // copied the forward's future, over 3 KiB, twice more per request. The
-                // watch registers its waiter only when the forward has to wait (in
-                // practice always: it waits for the target).
+                // watch is polled only when the forward has to wait (in practice always: it
+                // waits for the target): the connection's kept one ([`TargetWatches`]) if
+                // it has one for the target, else one made here.
                 let mut forwarding =
                     std::pin::pin!(forwarder.forward_to(target, request, facts, tail));
-                let mut target_left = std::pin::pin!(reply.picked.gone().cancelled());
+                let mut own_watch = std::pin::pin!(None::<WaitForCancellationFuture<'_>>);
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
                         return Poll::Ready(Some(result));
                     }
-                    target_left.as_mut().poll(cx).map(|()| None)
+                    if let Some(kept) = watches.as_deref_mut().and_then(|w| w.watch(&reply.picked))
+                    {
+                        return kept.poll(&reply.picked, cx).map(|()| None);
+                    }
+                    if own_watch.is_none() {
+                        own_watch.set(Some(reply.picked.gone().cancelled()));
+                    }
+                    match own_watch.as_mut().as_pin_mut() {
+                        Some(watch) => watch.poll(cx).map(|()| None),
+                        None => Poll::Pending,
+                    }
                 })
                 .await
             };
@@ -1119,9 +1211,9 @@ impl<IO: hyper::rt::Write + Unpin> hyper::rt::Write for Tally<IO> {
 mod tests {
     use super::*;
     use crate::rules::tests::allocations::so_far;
+    use crate::targets::Detached;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
-    use tokio_util::sync::CancellationToken;
 
     /// A response body whose target has not sent anything yet.
     struct Waiting;
@@ -1148,11 +1240,72 @@ mod tests {
         }
     }
 
-    fn answer(inner: ProxyBody, gone: &CancellationToken) -> Pin<Box<Answer>> {
-        let target = SocketAddr::from(([127, 0, 0, 1], 8080));
+    /// A connection's kept watches: one per target registration, found again by a later pick
+    /// of the same registration (no new watch), woken and ready when that target leaves, while
+    /// the other target's stays pending (the control); a place whose registration is over is
+    /// taken again; with every place held by a live registration, the request watches for
+    /// itself (`None`); a watch polled from another task wakes that one.
+    #[test]
+    fn kept_watches_follow_each_registration_and_see_it_leave() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (a_gone, b_gone) = (Detached::new(addr), Detached::new(addr));
+        let (a, b) = (a_gone.pick(), b_gone.pick());
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut watches = TargetWatches::default();
+
+        let mut poll = |watches: &mut TargetWatches, p: &Picked| {
+            watches.watch(p).expect("a place").poll(p, &mut cx)
+        };
+        assert!(poll(&mut watches, &a).is_pending());
+        assert!(poll(&mut watches, &a).is_pending());
+        assert_eq!(watches.watched(), 1, "a's second request made a new watch");
+        assert!(poll(&mut watches, &b).is_pending());
+        assert_eq!(watches.watched(), 2, "b shared a's watch");
+
+        b_gone.leave();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "b leaving woke no one");
+        assert!(poll(&mut watches, &b).is_ready(), "b left unseen");
+        assert!(poll(&mut watches, &a).is_pending(), "a seen gone with b");
+
+        // b's registration over (its last pick gone): its place is taken again.
+        drop((b, b_gone));
+        let others: Vec<(Detached, Picked)> = (0..TargetWatches::KEPT)
+            .map(|_| {
+                let d = Detached::new(addr);
+                let p = d.pick();
+                (d, p)
+            })
+            .collect();
+        for (_, p) in &others[..TargetWatches::KEPT - 1] {
+            assert!(poll(&mut watches, p).is_pending());
+        }
+        assert_eq!(watches.watched(), TargetWatches::KEPT);
+        assert!(
+            watches.watch(&others[TargetWatches::KEPT - 1].1).is_none(),
+            "every place holds a live registration"
+        );
+        // Polled by another task now (its waker would not wake the first): that task is the
+        // one woken when a leaves.
+        let moved = Arc::new(Wakes::default());
+        let moved_waker = Waker::from(moved.clone());
+        let mut moved_cx = Context::from_waker(&moved_waker);
+        let kept = watches.watch(&a).expect("a's place");
+        assert!(kept.poll(&a, &mut moved_cx).is_pending());
+        a_gone.leave();
+        assert_eq!(moved.0.load(Ordering::SeqCst), 1, "the new waker not woken");
+        assert!(poll(&mut watches, &a).is_ready(), "a left unseen");
+    }
+
+    fn target() -> Detached {
+        Detached::new(SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    fn answer(inner: ProxyBody, gone: &Detached) -> Pin<Box<Answer>> {
         Box::pin(Answer {
             inner,
-            cut: Some(Cut::new(Picked::detached(target, gone.clone()))),
+            cut: Some(Cut::new(gone.pick())),
             exchange: None,
             inflight: None,
         })
@@ -1160,7 +1313,7 @@ mod tests {
 
     #[test]
     fn a_response_body_waiting_on_its_target_is_cut_off_when_the_target_leaves() {
-        let gone = CancellationToken::new();
+        let gone = target();
         let mut body = answer(Waiting.boxed_unsync(), &gone);
         let wakes = Arc::new(Wakes::default());
         let waker = Waker::from(wakes.clone());
@@ -1171,7 +1324,7 @@ mod tests {
             0,
             "woken with nothing to do"
         );
-        gone.cancel();
+        gone.leave();
         // The waiting body's task is woken by the target leaving, not only by the target.
         assert_eq!(
             wakes.0.load(Ordering::SeqCst),
@@ -1186,8 +1339,8 @@ mod tests {
 
     #[test]
     fn a_response_body_of_a_target_already_gone_is_cut_off_before_it_is_read() {
-        let gone = CancellationToken::new();
-        gone.cancel();
+        let gone = target();
+        gone.leave();
         let mut body = answer(full("never sent"), &gone);
         let mut cx = Context::from_waker(Waker::noop());
         assert!(matches!(
@@ -1195,7 +1348,7 @@ mod tests {
             Poll::Ready(Some(Err(_)))
         ));
         // Control: the same body with its target still there is read.
-        let mut body = answer(full("sent"), &CancellationToken::new());
+        let mut body = answer(full("sent"), &target());
         match body.as_mut().poll_frame(&mut cx) {
             Poll::Ready(Some(Ok(frame))) => assert_eq!(frame.data_ref().unwrap(), "sent"),
             _ => panic!("a ready body was not read"),
@@ -1207,7 +1360,7 @@ mod tests {
     /// has to wait.
     #[test]
     fn a_ready_response_body_passes_without_allocating() {
-        let gone = CancellationToken::new();
+        let gone = target();
         let mut cx = Context::from_waker(Waker::noop());
         let mut ready = answer(full("hello"), &gone);
         let before = so_far();
