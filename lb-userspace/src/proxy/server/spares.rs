@@ -16,13 +16,13 @@ use std::ptr::NonNull;
 pub(super) struct Spares(Vec<(NonNull<u8>, Layout)>);
 
 /// Most blocks a thread keeps (a burst of finished requests refills the list, the next burst
-/// empties it): 16 × 4.9 KB (the largest future), about 78 KB per worker thread at most.
-/// Measured (BENCHMARKS.md, "The block store's cap and resident memory (stop 27)"): with 64,
-/// the process held about 2 MB more anonymous memory after a one-second warm-up (an inference:
-/// blocks given back on the other worker pile up there while the first allocates anew); 16
-/// made no resolved difference in instructions per request against 32 or 64 (HTTP/1.1 and
-/// HTTP/2) nor in simulated cache misses (HTTP/1.1).
-pub(super) const SPARES_MAX: usize = 16;
+/// empties it): 64 × 4.9 KB (the largest future), about 314 KB per worker thread at most,
+/// whatever the number of connections. Under HTTP/2 with many concurrent streams a smaller
+/// store runs dry and each stream's future takes mimalloc's slow path again (BENCHMARKS.md,
+/// "HTTP/2 cycles per request (stop 28)": 16 blocks, 0.9–1.2 slow-path calls per request).
+/// The 2 MB of resident memory once put on 64 blocks was one more transparent huge page
+/// touched, not the blocks ("Resident memory: mimalloc's huge pages (stop 28)").
+pub(super) const SPARES_MAX: usize = 64;
 
 thread_local! {
     static SPARES: RefCell<Spares> = const { RefCell::new(Spares(Vec::new())) };
