@@ -472,6 +472,10 @@ def main():
             react = True
         elif a == "--rounds":
             rounds = int(argv.pop(0))
+        else:
+            sys.exit(f"h1-kernel-side.py: unknown option {a}")
+    if react and shutil.which("bpftrace") is None:
+        sys.exit("h1-kernel-side.py: --react needs bpftrace (apt-get install bpftrace)")
     specs = [a.split("=", 1) for a in argv]
     shutil.rmtree(D, ignore_errors=True)
     os.makedirs(D)
