@@ -87,3 +87,44 @@ fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
     }
     Ok(builder.enable_all().build()?)
 }
+
+/// Backs `lb`'s heap with normal 4 KiB pages unless `MIMALLOC_ALLOW_THP` is set. mimalloc
+/// marks its 1 GiB arena for transparent huge pages, so the kernel maps it 2 MiB at a time:
+/// `lb`'s heap of 2–4 MB was counted as 9–15 MB resident, and the resident figure moved in
+/// 2 MiB steps; without huge pages the CPU per request was no higher (BENCHMARKS.md,
+/// "Resident memory: mimalloc's huge pages (stop 28)").
+///
+/// Run from `.preinit_array`, before any constructor (mimalloc's own included) and before
+/// `main`: pages faulted before the call keep their size, and from `main` two huge pages were
+/// already in. Nothing here allocates; the environment is read from the `envp` the loader
+/// passes (`getenv` does not see it yet at this point). A kernel without the call leaves
+/// things as they were.
+extern "C" fn small_pages_for_the_heap(
+    _argc: libc::c_int,
+    _argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) {
+    const NAME: &[u8] = b"MIMALLOC_ALLOW_THP=";
+    // SAFETY: glibc calls `.preinit_array` functions with the process's `envp`: NULL or a
+    // NULL-terminated array of NUL-terminated strings, alive for the whole process.
+    // PR_SET_THP_DISABLE takes plain integers and changes only this process's page-size
+    // policy for memory it faults in from now on.
+    unsafe {
+        let mut at = envp;
+        while !at.is_null() && !(*at).is_null() {
+            if std::ffi::CStr::from_ptr(*at).to_bytes().starts_with(NAME) {
+                return;
+            }
+            at = at.add(1);
+        }
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".preinit_array")]
+static SMALL_PAGES: extern "C" fn(
+    libc::c_int,
+    *const *const libc::c_char,
+    *const *const libc::c_char,
+) = small_pages_for_the_heap;

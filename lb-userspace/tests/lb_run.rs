@@ -310,3 +310,55 @@ fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `THP_enabled` of a running `lb run` (`/proc/PID/status`: 0 once the process has asked for
+/// no transparent huge pages), started with `env` added.
+fn thp_enabled_of_lb_run(name: &str, env: &[(&str, &str)]) -> String {
+    let dir = tempdir(name);
+    let mut child = Command::new(LB)
+        .args([
+            "run",
+            "--listener",
+            "web=http://127.0.0.1:0",
+            "--target-group",
+            "app",
+            "--rule",
+            "web,default,fixed-response=200,body=ok",
+            "--admin-socket",
+        ])
+        .arg(dir.join("admin.sock"))
+        .env_remove("MIMALLOC_ALLOW_THP")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn lb");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(line.starts_with("ready:"), "lb printed {line:?}");
+    status
+        .expect("status of the running lb")
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .expect("a THP_enabled line (kernel 5.0 or later, with THP built in)")
+        .trim()
+        .to_string()
+}
+
+/// `lb` asks for normal pages for its heap (mimalloc's arena would be mapped 2 MiB at a
+/// time, counting a 2–4 MB heap as 9–15 MB resident), unless `MIMALLOC_ALLOW_THP` is set,
+/// which leaves the choice to mimalloc: the positive control.
+#[test]
+fn lb_run_turns_transparent_huge_pages_off_unless_mimalloc_allow_thp_is_set() {
+    assert_eq!(thp_enabled_of_lb_run("thp-default", &[]), "0");
+    assert_eq!(
+        thp_enabled_of_lb_run("thp-allowed", &[("MIMALLOC_ALLOW_THP", "1")]),
+        "1"
+    );
+}
