@@ -237,10 +237,9 @@ fn check_validates_and_exits_without_serving() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
 }
 
-#[test]
-fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
-    use std::os::unix::process::CommandExt as _;
-    let dir = tempdir("rlimit");
+/// `lb run` with one listener on an ephemeral loopback port answering 200 itself (no target),
+/// its admin socket in `dir`: the smallest running tier, for checks on the process.
+fn fixed_response_lb_run(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(LB);
     cmd.args([
         "run",
@@ -252,10 +251,18 @@ fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
         "web,default,fixed-response=200,body=ok",
         "--admin-socket",
     ])
-    .arg(dir.join("admin.sock"))
-    .env("LB_LOG", "info")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .arg(dir.join("admin.sock"));
+    cmd
+}
+
+#[test]
+fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempdir("rlimit");
+    let mut cmd = fixed_response_lb_run(&dir);
+    cmd.env("LB_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // The common service default: soft 256 here (1,024 in the wild), hard 4,096.
     // SAFETY: setrlimit is async-signal-safe and only changes the child.
     unsafe {
@@ -315,18 +322,7 @@ fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
 /// no transparent huge pages), started with `env` added.
 fn thp_enabled_of_lb_run(name: &str, env: &[(&str, &str)]) -> String {
     let dir = tempdir(name);
-    let mut child = Command::new(LB)
-        .args([
-            "run",
-            "--listener",
-            "web=http://127.0.0.1:0",
-            "--target-group",
-            "app",
-            "--rule",
-            "web,default,fixed-response=200,body=ok",
-            "--admin-socket",
-        ])
-        .arg(dir.join("admin.sock"))
+    let mut child = fixed_response_lb_run(&dir)
         .env_remove("MIMALLOC_ALLOW_THP")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
