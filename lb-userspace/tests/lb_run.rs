@@ -79,11 +79,7 @@ impl Lb {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn lb");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("ready:"), "lb printed {line:?}");
+        let line = ready_line(&mut child);
         // "… listeners web=127.0.0.1:PORT; …"
         let listener = line
             .split_whitespace()
@@ -134,6 +130,19 @@ impl Drop for Lb {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The first line a started `lb run` prints on its stdout (piped), which must be its `ready:`
+/// line; a child that printed anything else, or nothing, is killed before the test fails.
+fn ready_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().expect("stdout piped")).read_line(&mut line);
+    if read.is_err() || !line.starts_with("ready:") {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("lb printed {line:?} ({read:?}) instead of its ready line");
+    }
+    line
 }
 
 fn tempdir(name: &str) -> PathBuf {
@@ -278,11 +287,7 @@ fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
         });
     }
     let mut child = cmd.spawn().expect("spawn lb");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
-    assert!(line.starts_with("ready:"), "lb printed {line:?}");
+    ready_line(&mut child);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
     let open_files: Vec<&str> = limits
         .lines()
@@ -329,15 +334,11 @@ fn thp_enabled_of_lb_run(name: &str, env: &[(&str, &str)]) -> String {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn lb");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
+    ready_line(&mut child);
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(line.starts_with("ready:"), "lb printed {line:?}");
     status
         .expect("status of the running lb")
         .lines()
