@@ -99,6 +99,12 @@ fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
 /// already in. Nothing here allocates; the environment is read from the `envp` the loader
 /// passes (`getenv` does not see it yet at this point). A kernel without the call leaves
 /// things as they were.
+///
+/// This is the `prctl` mimalloc makes itself at start when its `allow_thp` option is off;
+/// that option's default can only be changed by the environment variable or a C define the
+/// `mimalloc` crate does not expose. Its `no_thp` feature only drops the `MADV_HUGEPAGE`
+/// advice: a kernel in THP mode `always` would still map the arena in huge pages, and
+/// `MIMALLOC_ALLOW_THP=1` could no longer bring them back.
 extern "C" fn small_pages_for_the_heap(
     _argc: libc::c_int,
     _argv: *const *const libc::c_char,
