@@ -253,12 +253,12 @@ impl Cut {
         if self.picked.left() {
             return true;
         }
-        let gone = self.picked.gone();
         let Some(cx) = cx else {
             return false;
         };
+        let picked = &self.picked;
         self.waiting
-            .get_or_insert_with(|| Box::pin(gone.clone().cancelled_owned()))
+            .get_or_insert_with(|| Box::pin(picked.gone_owned()))
             .as_mut()
             .poll(cx)
             .is_ready()
@@ -414,7 +414,7 @@ impl TargetWatches {
                     .position(|k| k.as_ref().is_none_or(|k| k.of.is_over()))?;
                 self.kept[at] = Some(KeptWatch {
                     of: picked.registration(),
-                    waiting: Box::pin(picked.gone().clone().cancelled_owned()),
+                    waiting: Box::pin(picked.gone_owned()),
                     waker: std::task::Waker::noop().clone(),
                 });
                 at
@@ -518,7 +518,7 @@ pub(super) async fn handle<B: RequestBody>(
                         return kept.poll(&reply.picked, cx).map(|()| None);
                     }
                     if own_watch.is_none() {
-                        own_watch.set(Some(reply.picked.gone().cancelled()));
+                        own_watch.set(Some(reply.picked.gone()));
                     }
                     match own_watch.as_mut().as_pin_mut() {
                         Some(watch) => watch.poll(cx).map(|()| None),
@@ -1104,7 +1104,7 @@ impl Reply<'_> {
                 client_upgrade,
                 target_upgrade,
                 shared.phase.clone(),
-                picked.gone().clone(),
+                picked.gone_owned(),
                 ctx.peer,
                 ctx.slot.clone(),
                 record,
@@ -1126,7 +1126,7 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     target: hyper::upgrade::OnUpgrade,
     mut phase: tokio::sync::watch::Receiver<Phase>,
-    gone: tokio_util::sync::CancellationToken,
+    gone: WaitForCancellationFutureOwned,
     peer: SocketAddr,
     _slot: Arc<ConnectionSlot>,
     mut record: Exchange,
@@ -1154,7 +1154,7 @@ async fn tunnel(
                 }
             }
         } => {}
-        () = gone.cancelled() => {
+        () = gone => {
             tracing::debug!(client = %peer, "tunnel closed: its target left the group");
         }
     }
