@@ -24,6 +24,14 @@
 # profile: read it with `callgrind_annotate --inclusive=yes OUT/callgrind.2n`).
 # Kernel time is not counted: this is the user-time half of the per-request CPU cost.
 # Deterministic within a few hundred instructions, so an A/B of two builds needs one run each.
+# MODE h1conn: per connection instead of per request, full TLS handshakes as `cargo xtask bench
+# l7`'s handshake figure makes them (`openssl s_time -new -www /`): each connection a new
+# TLS session (no resumption; ECDSA P-256 certificate, the client's default groups), one
+# `GET / HTTP/1.0`, the response read until the proxy closes, then closed without
+# close_notify as s_time does. The client is a small Python ssl loop (one connection after
+# another, so the count is exact; a response without 200 and the 100-byte body is a failure);
+# N is connections (300-1000 keeps a run under 2 minutes), the warm-up 200 connections, and
+# per connection = (Ir(2N) - Ir(N)) / N.
 # MODE h2aged (AGE and MEAS seconds, defaults 70 and 20): HTTP/2 on connections already AGE
 # seconds old, the steady state of a long-lived connection whose HPACK table has filled up
 # (N and 2N loads on fresh connections never reach it): h2load sends for AGE seconds of
@@ -52,7 +60,7 @@ GROUP=be,health-check=off; TARGET=(--target be=127.0.0.1:$BE); RULE=forward=be; 
 TLSRULE=
 LOADX=()
 case $MODE in
-h1 | h2 | h2aged) ;;
+h1 | h2 | h2aged | h1conn) ;;
 h1log | h2log) EXTRA=(--access-log $D/access.log) ;;
 h1big64k) TARGET=(--target be=127.0.0.1:$BE2); URL=/64k ;;
 h1big1m) TARGET=(--target be=127.0.0.1:$BE2); URL=/1m ;;
@@ -64,9 +72,9 @@ h1fixed) RULE="fixed-response=200,content-type=text/plain,body=lb-bench-response
 h1redirect) RULE="redirect=https://#{host}:$TLS/#{path}?#{query},status=301"; TLSRULE=forward=be ;;
 h1e503) TARGET=() ;;
 h1e463) LOADX=(-H "X-Forwarded-For: $(seq -s ', ' -f '10.0.0.%g' 31)") ;;
-*) echo "MODE is h1, h2, h2aged, h1log, h2log, h1big64k, h1big1m, h1post, h1tls, h2h2t, h1fixed, h1redirect, h1e503 or h1e463, not $MODE"; exit 2 ;;
+*) echo "MODE is h1, h2, h2aged, h1conn, h1log, h2log, h1big64k, h1big1m, h1post, h1tls, h2h2t, h1fixed, h1redirect, h1e503 or h1e463, not $MODE"; exit 2 ;;
 esac
-case $MODE in h1 | h2 | h2aged) ;; *)
+case $MODE in h1 | h2 | h2aged | h1conn) ;; *)
   case $PROXY in haproxy | nginx) echo "MODE $MODE is for lb only"; exit 2 ;; esac
   start_extra_backend "$D" $BE2 $D/cert.pem $D/key.pem
   [ "$MODE" = h2h2t ] && start_h2c_backend "$D" $((BE2 + 2)) ;;
@@ -128,7 +136,7 @@ EOC
 esac
 for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:$HTTP/ && break; sleep 0.2; done
 case $MODE in
-h1 | h2 | h2aged)
+h1 | h2 | h2aged | h1conn)
   curl -sf -o /dev/null http://127.0.0.1:$HTTP/ || { echo "the proxy did not come up:"; cat $D/proxy.log; exit 1; } ;;
 *) # the untrained paths: each mode must produce the status it is meant to, or nothing is counted
   # (h2load counts a 4xx or 5xx as failed: ERRS lets the error modes' loads be all such)
@@ -140,6 +148,32 @@ h1 | h2 | h2aged)
 esac
 case $MODE in
 h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:$HTTP/) ;;
+h1conn) # prints h2load's summary words, so count() checks it the same way
+  cat > $D/conns.py <<'EOP'
+import socket, ssl, sys
+port, n = int(sys.argv[1]), int(sys.argv[3])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ok = 0
+for _ in range(n):
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        s = ctx.wrap_socket(raw)  # no session given: a full handshake every time
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        got = b""
+        while True:
+            try:
+                b = s.recv(65536)
+            except (ssl.SSLEOFError, ConnectionResetError):
+                break
+            if not b:
+                break
+            got += b
+        ok += got.startswith(b"HTTP/1.") and b" 200 " in got[:16] and got.endswith(b"-01")
+        s.close()  # no close_notify (only unwrap() sends it), as s_time
+print(f"requests: {n} total, {n} started, {n} done, {ok} succeeded, {n - ok} failed, 0 errored")
+EOP
+  LOAD=(python3 $D/conns.py $TLS) ;;
 h2 | h2aged | h2h2t | h2log) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
 *) LOAD=(h2load --h1 -c16 -m1 "${LOADX[@]}" http://127.0.0.1:$HTTP$URL) ;;
 esac
@@ -171,10 +205,10 @@ if [ "$MODE" = h2aged ]; then
   echo "$(basename "$PROXY") h2 aged ${AGE}s: $(( IR / REQ )) instructions/request (Ir ${IR} for ${REQ} requests)"
   exit 0
 fi
-"${LOAD[@]}" -n 2000 > /dev/null 2>&1   # warm-up: pools, allocator, lazy statics
+"${LOAD[@]}" -n $([ $MODE = h1conn ] && echo 200 || echo 2000) > /dev/null 2>&1   # warm-up: pools, allocator, lazy statics
 A=$(count $N callgrind.n)
 B=$(count $((2 * N)) callgrind.2n)
-echo "$(basename "$PROXY") $MODE $(( (B - A) / N )) instructions/request (Ir: ${A} for $N, ${B} for $((2 * N)))"
+echo "$(basename "$PROXY") $MODE $(( (B - A) / N )) instructions/$([ $MODE = h1conn ] && echo connection || echo request) (Ir: ${A} for $N, ${B} for $((2 * N)))"
 # h1log, h2log: every request must have its line (lb drops lines rather than wait for the writer).
 case $MODE in h1log | h2log) echo "  access log: $(wc -l < $D/access.log) lines for $((3 * N + 2000)) requests and the readiness checks" ;; esac
 if [ -n "${CALLGRIND_OPTS:-}" ]; then # every event, per request, the same way

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{HeaderMap, HeaderValue};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{
+    CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned,
+};
 
 use super::config::{Algorithm, Stickiness, TargetGroupConfig};
 use super::routing;
@@ -741,16 +743,23 @@ impl Picked {
         self.entry.metrics.clone()
     }
 
-    /// Cancelled when the target leaves its group (its deregistration delay ended): the
-    /// request still open on it must be closed (ALB answers 502 if no response started).
-    /// Borrowed: a clone takes the token tree's lock twice (on clone and on drop), which
-    /// the per-request path does not need.
-    pub fn gone(&self) -> &CancellationToken {
-        &self.entry.gone
+    /// Ready when the target leaves its group (its deregistration delay ended): the request
+    /// still open on it must be closed (ALB answers 502 if no response started). Borrows the
+    /// pick: no clone of the signal (a clone takes the token tree's lock twice, on clone and
+    /// on drop), which the per-request path does not need. Only a wait is handed out, never
+    /// the token: a holder could cancel it and bypass [`Picked::left`].
+    pub fn gone(&self) -> WaitForCancellationFuture<'_> {
+        self.entry.gone.cancelled()
     }
 
-    /// Whether the target left its group: one load, where [`Picked::gone`]'s `is_cancelled`
-    /// takes the token's lock. Set before `gone` is cancelled, so a task woken by `gone`
+    /// [`Picked::gone`] owning a clone of the signal, for a wait kept apart from the pick
+    /// (a boxed or spawned one).
+    pub fn gone_owned(&self) -> WaitForCancellationFutureOwned {
+        self.entry.gone.clone().cancelled_owned()
+    }
+
+    /// Whether the target left its group: one load, where polling [`Picked::gone`] takes the
+    /// token's lock. Set before `gone` is cancelled, so a task woken by `gone`
     /// sees it.
     pub fn left(&self) -> bool {
         self.entry.left.load(Ordering::Acquire)
@@ -829,6 +838,7 @@ impl Drop for Picked {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::future::Future as _;
     use std::time::Duration;
 
     use super::*;
@@ -1301,14 +1311,32 @@ mod tests {
         } else {
             (&held[1], &held[0])
         };
+        // Made before the departure (as a request's watch is), ready after it.
+        let mut owned = Box::pin(leaves.gone_owned());
         group.apply(&[member(1, TargetState::Healthy, true)], false);
-        assert!(leaves.gone().is_cancelled());
+        assert!(gone_now(leaves));
+        assert!(owned.as_mut().poll(&mut noop_cx()).is_ready());
         assert!(leaves.left());
-        assert!(!stays.gone().is_cancelled());
+        assert!(!gone_now(stays));
         assert!(!stays.left());
         // A weight or state change is no departure.
         group.apply(&[member(1, TargetState::Draining, false)], false);
-        assert!(!stays.gone().is_cancelled());
+        assert!(!gone_now(stays));
+        assert!(
+            Box::pin(stays.gone_owned())
+                .as_mut()
+                .poll(&mut noop_cx())
+                .is_pending()
+        );
+    }
+
+    fn noop_cx() -> std::task::Context<'static> {
+        std::task::Context::from_waker(std::task::Waker::noop())
+    }
+
+    /// Whether `p`'s [`Picked::gone`] is ready now.
+    fn gone_now(p: &Picked) -> bool {
+        std::pin::pin!(p.gone()).poll(&mut noop_cx()).is_ready()
     }
 
     #[test]

@@ -253,12 +253,12 @@ impl Cut {
         if self.picked.left() {
             return true;
         }
-        let gone = self.picked.gone();
         let Some(cx) = cx else {
             return false;
         };
+        let picked = &self.picked;
         self.waiting
-            .get_or_insert_with(|| Box::pin(gone.clone().cancelled_owned()))
+            .get_or_insert_with(|| Box::pin(picked.gone_owned()))
             .as_mut()
             .poll(cx)
             .is_ready()
@@ -347,9 +347,19 @@ impl Body for Answer {
 /// At most [`TargetWatches::KEPT`] targets: a request to another one, when each place is
 /// taken by a registration still alive, watches for itself as before (a connection spread
 /// over many targets gains nothing and loses nothing but a few compares).
+///
+/// The connection's first forwarded request watches for itself too: a kept watch costs an
+/// allocation, a token clone (the token tree's lock, again at its drop) and a `Weak` more
+/// than a request's own, which only a later request pays back, and most connections made
+/// for one request (HTTP/1.0, `Connection: close`, a full TLS handshake per request) never
+/// make one. Watches are kept from the second forwarded request on, for whichever targets
+/// the requests go to (a marker per registration instead would never keep the watches of a
+/// connection whose requests alternate between two targets).
 #[derive(Default)]
 pub(super) struct TargetWatches {
     kept: [Option<KeptWatch>; TargetWatches::KEPT],
+    /// Whether a request of this connection was forwarded already (see above).
+    forwarded: bool,
 }
 
 struct KeptWatch {
@@ -383,9 +393,14 @@ impl TargetWatches {
     /// Targets watched at once.
     pub(super) const KEPT: usize = 4;
 
-    /// The kept watch on `picked`'s target: the one there is, or a new one in a place that is
-    /// free or whose registration is over. `None` when every place holds a live registration.
+    /// The kept watch on `picked`'s target, for one forwarded request (called once per
+    /// request): the one there is, or a new one in a place that is free or whose
+    /// registration is over. `None` for the connection's first forwarded request, and when
+    /// every place holds a live registration.
     fn watch(&mut self, picked: &Picked) -> Option<&mut KeptWatch> {
+        if !std::mem::replace(&mut self.forwarded, true) {
+            return None;
+        }
         let at = match self
             .kept
             .iter()
@@ -399,7 +414,7 @@ impl TargetWatches {
                     .position(|k| k.as_ref().is_none_or(|k| k.of.is_over()))?;
                 self.kept[at] = Some(KeptWatch {
                     of: picked.registration(),
-                    waiting: Box::pin(picked.gone().clone().cancelled_owned()),
+                    waiting: Box::pin(picked.gone_owned()),
                     waker: std::task::Waker::noop().clone(),
                 });
                 at
@@ -434,7 +449,7 @@ impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + S
 pub(super) async fn handle<B: RequestBody>(
     ctx: impl std::ops::Deref<Target = ConnCtx> + Send,
     req: Request<B>,
-    mut watches: Option<&mut TargetWatches>,
+    watches: Option<&mut TargetWatches>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let version = req.version();
     if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
@@ -489,21 +504,21 @@ pub(super) async fn handle<B: RequestBody>(
                 // made and polled in place, the forward first: `select! { biased; … }`
                 // copied the forward's future, over 3 KiB, twice more per request. The
                 // watch is polled only when the forward has to wait (in practice always: it
-                // waits for the target): the connection's kept one ([`TargetWatches`]) if
-                // it has one for the target, else one made here.
+                // waits for the target): the connection's kept one ([`TargetWatches`], looked
+                // up once per request) if it has one for the target, else one made here.
                 let mut forwarding =
                     std::pin::pin!(forwarder.forward_to(target, request, facts, tail));
                 let mut own_watch = std::pin::pin!(None::<WaitForCancellationFuture<'_>>);
+                let mut kept = watches.and_then(|w| w.watch(&reply.picked));
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
                         return Poll::Ready(Some(result));
                     }
-                    if let Some(kept) = watches.as_deref_mut().and_then(|w| w.watch(&reply.picked))
-                    {
+                    if let Some(kept) = kept.as_deref_mut() {
                         return kept.poll(&reply.picked, cx).map(|()| None);
                     }
                     if own_watch.is_none() {
-                        own_watch.set(Some(reply.picked.gone().cancelled()));
+                        own_watch.set(Some(reply.picked.gone()));
                     }
                     match own_watch.as_mut().as_pin_mut() {
                         Some(watch) => watch.poll(cx).map(|()| None),
@@ -1089,7 +1104,7 @@ impl Reply<'_> {
                 client_upgrade,
                 target_upgrade,
                 shared.phase.clone(),
-                picked.gone().clone(),
+                picked.gone_owned(),
                 ctx.peer,
                 ctx.slot.clone(),
                 record,
@@ -1111,7 +1126,7 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     target: hyper::upgrade::OnUpgrade,
     mut phase: tokio::sync::watch::Receiver<Phase>,
-    gone: tokio_util::sync::CancellationToken,
+    gone: WaitForCancellationFutureOwned,
     peer: SocketAddr,
     _slot: Arc<ConnectionSlot>,
     mut record: Exchange,
@@ -1139,7 +1154,7 @@ async fn tunnel(
                 }
             }
         } => {}
-        () = gone.cancelled() => {
+        () = gone => {
             tracing::debug!(client = %peer, "tunnel closed: its target left the group");
         }
     }
@@ -1240,7 +1255,9 @@ mod tests {
         }
     }
 
-    /// A connection's kept watches: one per target registration, found again by a later pick
+    /// A connection's kept watches: none for its first forwarded request (it watches for
+    /// itself: a one-request connection makes no kept watch), then one per target
+    /// registration, found again by a later pick
     /// of the same registration (no new watch), woken and ready when that target leaves, while
     /// the other target's stays pending (the control); a place whose registration is over is
     /// taken again; with every place held by a live registration, the request watches for
@@ -1258,9 +1275,16 @@ mod tests {
         let mut poll = |watches: &mut TargetWatches, p: &Picked| {
             watches.watch(p).expect("a place").poll(p, &mut cx)
         };
+        assert!(
+            watches.watch(&a).is_none(),
+            "the connection's first request kept a watch"
+        );
+        assert_eq!(watches.watched(), 0);
+        // Its second request keeps one (the control: a place was free).
         assert!(poll(&mut watches, &a).is_pending());
+        assert_eq!(watches.watched(), 1);
         assert!(poll(&mut watches, &a).is_pending());
-        assert_eq!(watches.watched(), 1, "a's second request made a new watch");
+        assert_eq!(watches.watched(), 1, "a's next request made a new watch");
         assert!(poll(&mut watches, &b).is_pending());
         assert_eq!(watches.watched(), 2, "b shared a's watch");
 
