@@ -22,7 +22,10 @@
 //! `--only h1,h2,handshakes,resumed` (any of them) measures those figures only (same peers,
 //! same rounds); `--baseline PATH` runs another `lb` binary as `lb-base` in every round, so two
 //! builds compare in one run; `--rounds N` runs N alternating rounds instead of 3 (1 with
-//! `--quick`), each of the same length.
+//! `--quick`), each of the same length. Each round starts one proxy later than the round
+//! before (`round_order`), so over as many rounds as there are proxies each proxy runs in
+//! each position once: a proxy measured right after another one (a warmer backend, a page
+//! cache, the VM's own rhythm) is not the same proxy in every round.
 //!
 //! A proxy's CPU time (user and system) is read from `/proc` for every process of it (nginx:
 //! master and workers) before and after each run. Ratios within a round are the headline; rounds give
@@ -825,7 +828,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
         uname()
     );
     println!(
-        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating {}",
+        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating {} (each round starting one later)",
         plan.rounds,
         plan.seconds,
         proxies.iter().map(|p| p.name).collect::<Vec<_>>().join(" ")
@@ -838,7 +841,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
     let mut lb_rss = (0.0f64, 0.0f64);
     for round in 0..plan.rounds {
         for &f in &figures {
-            for &p in &proxies {
+            for p in round_order(&proxies, round) {
                 let proxy = start_proxy(p, &dir, &binary(p), &certs)?;
                 if round == 0 && f == figures[0] {
                     println!(
@@ -985,9 +988,45 @@ fn uname() -> String {
         .unwrap_or_default()
 }
 
+/// The order the proxies run in during round `round` (0-based): the declared order, turned
+/// by one place per round.
+fn round_order<T: Copy>(items: &[T], round: usize) -> Vec<T> {
+    (0..items.len())
+        .map(|i| items[(i + round) % items.len()])
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn over_as_many_rounds_as_proxies_each_runs_once_in_each_position() {
+        let proxies = ["lb", "lb-base", "haproxy", "nginx", "lb+log"];
+        let sorted = |mut v: Vec<&'static str>| {
+            v.sort_unstable();
+            v
+        };
+        let all = sorted(proxies.to_vec());
+        assert_eq!(
+            round_order(&proxies, 0),
+            proxies,
+            "the first round: as declared"
+        );
+        for position in 0..proxies.len() {
+            let there = (0..proxies.len())
+                .map(|round| round_order(&proxies, round)[position])
+                .collect();
+            assert_eq!(sorted(there), all, "position {position}");
+        }
+        for round in 0..12 {
+            assert_eq!(
+                sorted(round_order(&proxies, round)),
+                all,
+                "round {round}: each once"
+            );
+        }
+    }
 
     #[test]
     fn rounds_must_be_a_whole_number_of_at_least_one() {
