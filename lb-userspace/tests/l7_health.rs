@@ -170,12 +170,7 @@ fn a_deregistered_target_finishes_its_requests_gets_no_new_ones_and_leaves_after
     );
     assert_eq!(slow.hits(), 0, "and not answered yet");
     let deregistered = Instant::now();
-    lb.cli_ok(&[
-        "targets",
-        "deregister",
-        "--target",
-        &format!("app={}", slow.addr),
-    ]);
+    lb.deregister("app", slow.addr);
     let h = lb.health_of("app", slow.addr.port()).expect("still listed");
     assert_eq!(h.state, "draining");
     assert_eq!(h.reason.as_deref(), Some("Target.DeregistrationInProgress"));
@@ -230,12 +225,7 @@ fn a_request_still_open_when_the_delay_ends_is_closed_with_502() {
         Duration::from_secs(10),
         || (slow.started() > 0).then_some(()),
     );
-    lb.cli_ok(&[
-        "targets",
-        "deregister",
-        "--target",
-        &format!("app={}", slow.addr),
-    ]);
+    lb.deregister("app", slow.addr);
     let (status, _) = req.join().unwrap();
     assert_eq!(status, 502, "the drain ended with the request open");
     assert!(
@@ -262,12 +252,7 @@ fn a_later_request_on_a_kept_alive_connection_is_closed_with_502_when_its_target
     let mut conn = KeepAlive::connect(lb.listener);
     let local = conn.local();
     assert_eq!(conn.get("/"), Some((200, "fast".to_owned())));
-    lb.cli_ok(&[
-        "targets",
-        "register",
-        "--target",
-        &format!("app={}", slow.addr),
-    ]);
+    lb.register("app", slow.addr);
     // Both targets serve this connection (round robin), `slow` answering at once for now.
     wait_for(
         "slow to serve the connection",
@@ -290,12 +275,7 @@ fn a_later_request_on_a_kept_alive_connection_is_closed_with_502_when_its_target
     wait_for("the request to reach slow", Duration::from_secs(10), || {
         (slow.started() > before).then_some(())
     });
-    lb.cli_ok(&[
-        "targets",
-        "deregister",
-        "--target",
-        &format!("app={}", slow.addr),
-    ]);
+    lb.deregister("app", slow.addr);
     let (answer, on) = req.join().unwrap();
     assert_eq!(on, local, "the same connection");
     assert_eq!(
@@ -408,12 +388,7 @@ fn target_groups_are_created_used_and_deleted_at_run_time() {
     let extra = Target::start("extra");
     let lb = Lb::start("groups", &flags("health-check=off", &[&app]));
     lb.cli_ok(&["groups", "create", &format!("extra,{FAST}")]);
-    lb.cli_ok(&[
-        "targets",
-        "register",
-        "--target",
-        &format!("extra={}", extra.addr),
-    ]);
+    lb.register("extra", extra.addr);
     // Not used by any rule yet: unused, and not checked.
     let h = lb.health_of("extra", extra.addr.port()).unwrap();
     assert_eq!(
@@ -575,22 +550,12 @@ fn changes_reach_the_picker_while_requests_flow() {
         })
     };
     for _ in 0..5 {
-        lb.cli_ok(&[
-            "targets",
-            "register",
-            "--target",
-            &format!("app={}", b.addr),
-        ]);
+        lb.register("app", b.addr);
         let before = b.hits();
         wait_for("beta to serve", Duration::from_secs(10), || {
             (b.hits() > before).then_some(())
         });
-        lb.cli_ok(&[
-            "targets",
-            "deregister",
-            "--target",
-            &format!("app={}", b.addr),
-        ]);
+        lb.deregister("app", b.addr);
         // In effect when the command returns: at most the one request in flight still
         // reaches beta.
         let after = b.started();

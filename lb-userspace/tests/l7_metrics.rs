@@ -316,12 +316,7 @@ fn a_deregistered_targets_connection_pool_and_its_series_go_away() {
     let text = scrape(&lb);
     assert!(has_pool(&text, a.addr) && has_pool(&text, b.addr), "{text}");
 
-    lb.cli_ok(&[
-        "targets",
-        "deregister",
-        "--target",
-        &format!("app={}", a.addr),
-    ]);
+    lb.deregister("app", a.addr);
     wait_for("a's pool gone", Duration::from_secs(20), || {
         (!has_pool(&scrape(&lb), a.addr)).then_some(())
     });
@@ -357,14 +352,13 @@ fn a_target_deregistered_and_registered_again_gets_a_fresh_working_pool() {
     });
     let first = pool_requests(&scrape(&lb), a.addr).expect("a's pool listed");
     assert_eq!(first, a.hits(), "the pool's counters are not a's requests");
-    let target = format!("app={}", a.addr);
-    lb.cli_ok(&["targets", "deregister", "--target", &target]);
+    lb.deregister("app", a.addr);
     wait_for("a's pool gone", Duration::from_secs(20), || {
         (!has_pool(&scrape(&lb), a.addr)).then_some(())
     });
     let hits_before = a.hits();
 
-    lb.cli_ok(&["targets", "register", "--target", &target]);
+    lb.register("app", a.addr);
     // `a` is served again, through a pool the forwarder lists (its series are back).
     wait_for("a served again", Duration::from_secs(20), || {
         assert_eq!(lb.get("/").0, 200);

@@ -171,12 +171,7 @@ fn json_logs_are_one_object_per_line_and_text_logs_have_no_colours_off_a_termina
     let text = Lb::start("logs-text", &flags(&[], &t));
     let json = Lb::start_with("logs-json", &["--log-format", "json"], &flags(&[], &t));
     for lb in [&text, &json] {
-        lb.cli_ok(&[
-            "targets",
-            "register",
-            "--target",
-            &format!("app={}", t.addr),
-        ]);
+        lb.register("app", t.addr);
     }
     let text_log = wait_for("text log lines", Duration::from_secs(20), || {
         let l = text.log();

@@ -355,6 +355,26 @@ impl Lb {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `lb targets register --target GROUP=ADDR`, which must succeed.
+    pub fn register(&self, group: &str, addr: SocketAddr) {
+        self.cli_ok(&[
+            "targets",
+            "register",
+            "--target",
+            &format!("{group}={addr}"),
+        ]);
+    }
+
+    /// `lb targets deregister --target GROUP=ADDR`, which must succeed.
+    pub fn deregister(&self, group: &str, addr: SocketAddr) {
+        self.cli_ok(&[
+            "targets",
+            "deregister",
+            "--target",
+            &format!("{group}={addr}"),
+        ]);
+    }
+
     /// `lb targets health --group GROUP --json`: (port, state, reason, description) per
     /// target.
     pub fn health(&self, group: &str) -> Vec<Health> {
