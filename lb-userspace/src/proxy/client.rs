@@ -387,7 +387,13 @@ impl Forwarder {
             let template = (idempotent && !own).then(|| RequestTemplate::of(&req));
 
             let mut retried = false;
-            if let Some((conn, idle_for)) = self.checkout(target, retryable, own).await {
+            // A labelled block with `let … else`, not `if let`: the checkout's result (144
+            // bytes) is then dead once taken apart, where as the `if let`'s scrutinee it was
+            // kept in this future across the send and written there on every request.
+            'pooled: {
+                let Some((conn, idle_for)) = self.checkout(target, retryable, own).await else {
+                    break 'pooled;
+                };
                 target.pool().count_reused();
                 match self.send_any(target, conn, req, tail.take(), &replay).await {
                     Ok((response, no_hop_by_hop)) => {
