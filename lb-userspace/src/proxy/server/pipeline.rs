@@ -436,6 +436,10 @@ impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + S
 /// each argument from its future's captured state into a local of the body on the first
 /// poll, so the request (264 bytes) was stored twice in the stream's future and copied once
 /// more per request; the block uses what it captured in place.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an `async fn` stores each argument twice in its future (see above)"
+)]
 pub(super) fn handle<B: RequestBody>(
     ctx: impl std::ops::Deref<Target = ConnCtx> + Send,
     req: Request<B>,
