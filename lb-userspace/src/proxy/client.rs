@@ -534,11 +534,9 @@ impl Forwarder {
         // own timer.
         // Pinned where it is made: awaited by value, the send's future (its arguments, 368
         // bytes before it starts) was moved into this future's state once more per request.
-        let (parts, body) = req.into_parts();
         let sent = std::pin::pin!(h1::send(
             conn,
-            parts,
-            body,
+            req,
             tail,
             config.max_response_header_bytes,
             target.pool(),

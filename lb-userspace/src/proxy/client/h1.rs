@@ -341,9 +341,7 @@ struct Head {
 ///
 /// A plain function returning an `async move` block, not an `async fn`, which would store
 /// each argument twice in its future (captured, then moved into a local of the body on the
-/// first poll: the connection and the tail, 200 bytes written once more per request). The
-/// request comes taken apart: taken apart here, its head (224 bytes) was a second copy of the
-/// captured request.
+/// first poll: the connection and the tail, 200 bytes written once more per request).
 #[expect(
     clippy::manual_async_fn,
     reason = "an `async fn` stores each argument twice in its future (see above)"
@@ -351,8 +349,7 @@ struct Head {
 #[allow(clippy::too_many_arguments)]
 pub fn send<'a>(
     mut conn: RawConn,
-    mut parts: http::request::Parts,
-    mut body: ProxyBody,
+    req: Request<ProxyBody>,
     mut tail: Option<ForwardedTail<'a>>,
     max_head: usize,
     pool: &'a Arc<TargetPool>,
@@ -361,6 +358,7 @@ pub fn send<'a>(
     replay: &'a Replay,
 ) -> impl Future<Output = Result<(Response<ProxyBody>, bool), Failure>> + Send + 'a {
     async move {
+        let (mut parts, mut body) = req.into_parts();
         let EncodedHead {
             bytes: head,
             framing,
