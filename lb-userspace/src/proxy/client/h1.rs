@@ -338,83 +338,94 @@ struct Head {
 /// still ahead (see [`within_idle_timeout`]). A timer per request was registered in tokio's
 /// timer wheel and removed again every time (about 600 instructions), and even moving a kept
 /// one's deadline on every request cost 160.
+///
+/// A plain function returning an `async move` block, not an `async fn`, which would store
+/// each argument twice in its future (captured, then moved into a local of the body on the
+/// first poll: the connection and the tail, 200 bytes written once more per request).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an `async fn` stores each argument twice in its future (see above)"
+)]
 #[allow(clippy::too_many_arguments)]
-pub async fn send(
+pub fn send<'a>(
     mut conn: RawConn,
     req: Request<ProxyBody>,
-    mut tail: Option<ForwardedTail<'_>>,
+    mut tail: Option<ForwardedTail<'a>>,
     max_head: usize,
-    pool: &Arc<TargetPool>,
+    pool: &'a Arc<TargetPool>,
     target: SocketAddr,
     idle_timeout: Duration,
-    replay: &Replay,
-) -> Result<(Response<ProxyBody>, bool), Failure> {
-    let (mut parts, mut body) = req.into_parts();
-    let EncodedHead {
-        bytes: head,
-        framing,
-        close: request_close,
-    } = encode_head(&mut parts, &body, &mut tail);
-    let is_head = parts.method == Method::HEAD;
+    replay: &'a Replay,
+) -> impl Future<Output = Result<(Response<ProxyBody>, bool), Failure>> + Send + 'a {
+    async move {
+        let (mut parts, mut body) = req.into_parts();
+        let EncodedHead {
+            bytes: head,
+            framing,
+            close: request_close,
+        } = encode_head(&mut parts, &body, &mut tail);
+        let is_head = parts.method == Method::HEAD;
 
-    let started = Instant::now();
-    let mut timer = conn
-        .timer
-        .take()
-        .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(started + idle_timeout)));
-    let exchanged = {
-        let exchange = pin!(exchange(
-            &mut conn, head, framing, &mut body, max_head, is_head
-        ));
-        within_idle_timeout(exchange, timer.as_mut(), started, idle_timeout, replay).await
-    };
-    let (head, body_sent) = match exchanged {
-        Some(Exchanged::Head(head, body_sent)) => (head, body_sent),
-        // Whatever sends the request again (or reports it) takes its head whole, in its map.
-        Some(Exchanged::NotSent(error)) => {
-            into_map(tail, &mut parts.headers);
-            return Err(Failure::NotSent(
-                Box::new(Request::from_parts(parts, body)),
-                error,
+        let started = Instant::now();
+        let mut timer = conn
+            .timer
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(started + idle_timeout)));
+        let exchanged = {
+            let exchange = pin!(exchange(
+                &mut conn, head, framing, &mut body, max_head, is_head
             ));
+            within_idle_timeout(exchange, timer.as_mut(), started, idle_timeout, replay).await
+        };
+        let (head, body_sent) = match exchanged {
+            Some(Exchanged::Head(head, body_sent)) => (head, body_sent),
+            // Whatever sends the request again (or reports it) takes its head whole, in its map.
+            Some(Exchanged::NotSent(error)) => {
+                into_map(tail, &mut parts.headers);
+                return Err(Failure::NotSent(
+                    Box::new(Request::from_parts(parts, body)),
+                    error,
+                ));
+            }
+            Some(Exchanged::Failed(error)) => {
+                into_map(tail, &mut parts.headers);
+                return Err(Failure::Failed(error, Box::new(parts)));
+            }
+            None => return Err(Failure::TimedOut),
+        };
+        conn.timer = Some(timer);
+        drop(body);
+        // The request head is no longer needed for a retry: its map serves another request.
+        crate::proxy::recycle::recycle(parts.headers);
+        let Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+            keep_alive_field,
+            hop_by_hop,
+        } = head;
+        // The target's idle timeout, as the hyper path reads it from every response head.
+        if keep_alive_field && let Some(hint) = crate::headers::keep_alive_timeout(&headers) {
+            pool.set_keep_alive_hint(hint);
         }
-        Some(Exchanged::Failed(error)) => {
-            into_map(tail, &mut parts.headers);
-            return Err(Failure::Failed(error, Box::new(parts)));
-        }
-        None => return Err(Failure::TimedOut),
-    };
-    conn.timer = Some(timer);
-    drop(body);
-    // The request head is no longer needed for a retry: its map serves another request.
-    crate::proxy::recycle::recycle(parts.headers);
-    let Head {
-        status,
-        version,
-        headers,
-        framing,
-        keep_alive,
-        keep_alive_field,
-        hop_by_hop,
-    } = head;
-    // The target's idle timeout, as the hyper path reads it from every response head.
-    if keep_alive_field && let Some(hint) = crate::headers::keep_alive_timeout(&headers) {
-        pool.set_keep_alive_hint(hint);
+        let reusable =
+            keep_alive && !request_close && body_sent && !matches!(framing, State::Close);
+        let body = RawBody::new(
+            conn,
+            framing,
+            reusable,
+            Arc::clone(pool),
+            target,
+            idle_timeout,
+        );
+        let mut response = Response::new(body.boxed_unsync());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        Ok((response, !hop_by_hop))
     }
-    let reusable = keep_alive && !request_close && body_sent && !matches!(framing, State::Close);
-    let body = RawBody::new(
-        conn,
-        framing,
-        reusable,
-        Arc::clone(pool),
-        target,
-        idle_timeout,
-    );
-    let mut response = Response::new(body.boxed_unsync());
-    *response.status_mut() = status;
-    *response.version_mut() = version;
-    *response.headers_mut() = headers;
-    Ok((response, !hop_by_hop))
 }
 
 /// Writes the request head (and body) and reads the response head.

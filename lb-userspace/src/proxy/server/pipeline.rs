@@ -446,90 +446,135 @@ impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + S
 /// two atomic read-modify-writes, per request). `watches`: the connection's kept watches on
 /// its targets, if it keeps them (the native loop), else the request watches its target for
 /// itself.
-pub(super) async fn handle<B: RequestBody>(
+///
+/// A plain function returning an `async move` block, not an `async fn`: an `async fn` moves
+/// each argument from its future's captured state into a local of the body on the first
+/// poll, so the request (264 bytes) was stored twice in the stream's future and copied once
+/// more per request; the block uses what it captured in place.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an `async fn` stores each argument twice in its future (see above)"
+)]
+pub(super) fn handle<B: RequestBody>(
     ctx: impl std::ops::Deref<Target = ConnCtx> + Send,
     req: Request<B>,
     watches: Option<&mut TargetWatches>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let version = req.version();
-    if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
-        // The connection was judged abusive (rapid reset) and is being closed: the streams
-        // h2 still accepts before the GOAWAY takes effect never reach a target, however far
-        // behind the connection task is.
-        let mut refused = Response::new(full(Bytes::new()));
-        *refused.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        return Ok(refused);
+) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
+    async move {
+        let version = req.version();
+        if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
+            // The connection was judged abusive (rapid reset) and is being closed: the streams
+            // h2 still accepts before the GOAWAY takes effect never reach a target, however far
+            // behind the connection task is.
+            let mut refused = Response::new(full(Bytes::new()));
+            *refused.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            return Ok(refused);
+        }
+        let inflight = Inflight::new(&ctx.conn);
+        let gone = ClientGone {
+            armed: true,
+            stream: (version == Version::HTTP_2).then(|| ctx.abuse.clone()),
+        };
+        let verdict = if version == Version::HTTP_2 {
+            None
+        } else {
+            ctx.conn.pop_verdict()
+        };
+        let mut ex = Exchange::start(&ctx.listener, ctx.peer, &ctx.info, &req, verdict.as_ref());
+        let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
+        // One version of the rules for the whole request, whatever changes meanwhile.
+        let rules = ctx.listener.rules.load_full();
+        // Routing and the request's rewrite are plain functions and the forward is awaited here,
+        // the handler's only await: each nested async function copied the request (and its own
+        // arguments) into its future and again into its locals, on every request. The routing
+        // result is taken apart in this statement, so it is dead before the await:
+        // matched in the expression the await's result went to, it (472 bytes) was kept in the
+        // stream's future across the forward and written there on every request.
+        let Dispatch {
+            request,
+            facts,
+            tail,
+            endpoint,
+            reply,
+        } = match route(&ctx, &rules, verdict, req, &mut ex) {
+            Routed::Answer(outcome) => {
+                return Ok(respond(
+                    &ctx,
+                    outcome,
+                    ex,
+                    inflight,
+                    gone,
+                    version,
+                    upgrade_pending,
+                ));
+            }
+            Routed::Forward(dispatch) => dispatch,
+        };
+        ex.dispatching();
+        // The pick keeps the forwarder's handle on its target's pool: only the first
+        // request to a registration asks the forwarder (its lock, a hash of the endpoint).
+        let forwarder = &ctx.listener.shared.forwarder;
+        let target = reply
+            .picked
+            .target_handle(|| forwarder.target(&endpoint.of(reply.picked.addr)));
+        let polled = {
+            // The forward and the watch on its target (when the target's deregistration
+            // delay ends, what is still open on it is closed), pinned where they are
+            // made and polled in place, the forward first: `select! { biased; … }`
+            // copied the forward's future, over 3 KiB, twice more per request. The
+            // watch is polled only when the forward has to wait (in practice always: it
+            // waits for the target): the connection's kept one ([`TargetWatches`], looked
+            // up once per request) if it has one for the target, else one made here.
+            let mut forwarding = std::pin::pin!(forwarder.forward_to(target, request, facts, tail));
+            let mut own_watch = std::pin::pin!(None::<WaitForCancellationFuture<'_>>);
+            let mut kept = watches.and_then(|w| w.watch(&reply.picked));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
+                    return Poll::Ready(Some(result));
+                }
+                if let Some(kept) = kept.as_deref_mut() {
+                    return kept.poll(&reply.picked, cx).map(|()| None);
+                }
+                if own_watch.is_none() {
+                    own_watch.set(Some(reply.picked.gone()));
+                }
+                match own_watch.as_mut().as_pin_mut() {
+                    Some(watch) => watch.poll(cx).map(|()| None),
+                    None => Poll::Pending,
+                }
+            })
+            .await
+        };
+        let outcome = reply.finish(&ctx, polled, &mut ex);
+        Ok(respond(
+            &ctx,
+            outcome,
+            ex,
+            inflight,
+            gone,
+            version,
+            upgrade_pending,
+        ))
     }
-    let inflight = Inflight::new(&ctx.conn);
-    let mut gone = ClientGone {
-        armed: true,
-        stream: (version == Version::HTTP_2).then(|| ctx.abuse.clone()),
-    };
-    let verdict = if version == Version::HTTP_2 {
-        None
-    } else {
-        ctx.conn.pop_verdict()
-    };
-    let mut ex = Exchange::start(&ctx.listener, ctx.peer, &ctx.info, &req, verdict.as_ref());
-    let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
-    // One version of the rules for the whole request, whatever changes meanwhile.
-    let rules = ctx.listener.rules.load_full();
-    // Routing and the request's rewrite are plain functions and the forward is awaited here,
-    // the handler's only await: each nested async function copied the request (and its own
-    // arguments) into its future and again into its locals, on every request.
+}
+
+/// The response's last steps, for the load balancer's own answer and a target's alike: the
+/// upgrade decision, `Connection: close`, the stream's tally, the record, and the body's
+/// wrapper that ends the request in flight (and the record, when the target's body ends).
+fn respond(
+    ctx: &ConnCtx,
+    outcome: Outcome,
+    mut ex: Exchange,
+    inflight: Inflight,
+    mut gone: ClientGone,
+    version: Version,
+    upgrade_pending: bool,
+) -> Response<ProxyBody> {
     let Outcome {
         mut response,
         close,
         target,
-    } = match route(&ctx, &rules, verdict, req, &mut ex) {
-        Routed::Answer(outcome) => outcome,
-        Routed::Forward(dispatch) => {
-            let Dispatch {
-                request,
-                facts,
-                tail,
-                endpoint,
-                reply,
-            } = dispatch;
-            ex.dispatching();
-            // The pick keeps the forwarder's handle on its target's pool: only the first
-            // request to a registration asks the forwarder (its lock, a hash of the endpoint).
-            let forwarder = &ctx.listener.shared.forwarder;
-            let target = reply
-                .picked
-                .target_handle(|| forwarder.target(&endpoint.of(reply.picked.addr)));
-            let polled = {
-                // The forward and the watch on its target (when the target's deregistration
-                // delay ends, what is still open on it is closed), pinned where they are
-                // made and polled in place, the forward first: `select! { biased; … }`
-                // copied the forward's future, over 3 KiB, twice more per request. The
-                // watch is polled only when the forward has to wait (in practice always: it
-                // waits for the target): the connection's kept one ([`TargetWatches`], looked
-                // up once per request) if it has one for the target, else one made here.
-                let mut forwarding =
-                    std::pin::pin!(forwarder.forward_to(target, request, facts, tail));
-                let mut own_watch = std::pin::pin!(None::<WaitForCancellationFuture<'_>>);
-                let mut kept = watches.and_then(|w| w.watch(&reply.picked));
-                std::future::poll_fn(|cx| {
-                    if let Poll::Ready(result) = forwarding.as_mut().poll(cx) {
-                        return Poll::Ready(Some(result));
-                    }
-                    if let Some(kept) = kept.as_deref_mut() {
-                        return kept.poll(&reply.picked, cx).map(|()| None);
-                    }
-                    if own_watch.is_none() {
-                        own_watch.set(Some(reply.picked.gone()));
-                    }
-                    match own_watch.as_mut().as_pin_mut() {
-                        Some(watch) => watch.poll(cx).map(|()| None),
-                        None => Poll::Pending,
-                    }
-                })
-                .await
-            };
-            reply.finish(&ctx, polled, &mut ex)
-        }
-    };
+    } = outcome;
     if upgrade_pending {
         ctx.conn
             .decide_upgrade(response.status() == StatusCode::SWITCHING_PROTOCOLS);
@@ -554,14 +599,14 @@ pub(super) async fn handle<B: RequestBody>(
             ex.sent_body(n);
         }
         ex.finish();
-        return Ok(response.map(|b| answer(b, None)));
+        return response.map(|b| answer(b, None));
     }
     if response.body().is_end_stream() {
         // hyper may never poll an empty body.
         ex.finish();
-        return Ok(response.map(|b| answer(b, None)));
+        return response.map(|b| answer(b, None));
     }
-    Ok(response.map(|b| answer(b, Some(ex))))
+    response.map(|b| answer(b, Some(ex)))
 }
 
 /// What routing decided: the load balancer's own answer, or a request to forward.
