@@ -53,6 +53,7 @@
 //!
 //! Ratios lb ÷ nft are computed per round (the same minute's machine for both) and their
 //! median printed; rounds give the spread.
+use crate::median;
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
@@ -986,17 +987,6 @@ fn measure(
         xdp_ns_per_run,
         xdp_runs_per,
     })
-}
-
-/// The middle value; for an even count (`--quick`'s two rounds) the mean of the middle two.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n.is_multiple_of(2) {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    } else {
-        v[n / 2]
-    }
 }
 
 fn spread(v: &[f64]) -> (f64, f64) {

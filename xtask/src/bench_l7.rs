@@ -31,6 +31,8 @@
 //! master and workers) before and after each run. Ratios within a round are the headline; rounds give
 //! the spread. Peers' settings are written out in BENCHMARKS.md.
 use std::collections::BTreeMap;
+
+use crate::median;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -743,11 +745,6 @@ fn measure(f: Figure, p: &Proxy, proxy: &Running, seconds: u64) -> anyhow::Resul
     s.user_us = user * 1e6 / requests;
     s.sys_us = sys * 1e6 / requests;
     Ok(s)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn range(v: &[f64]) -> String {
