@@ -1,6 +1,9 @@
 # Sourced by the probe scripts (scripts/h1-alloc-probe.sh, scripts/l7-instructions.sh): the
 # nginx backend every L7 measurement puts behind the proxy, as `cargo xtask bench l7` configures
 # it (one worker, keep-alive without limits, logs off, a 100-byte body).
+# BENCH_BODY: the 100-byte body every backend here answers with (xtask/src/bench_l7.rs's
+# BODY, which `cargo xtask bench l7` serves, and scripts/h1-kernel-side.py's are the same).
+BENCH_BODY=lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01
 # start_backend DIR PORT: writes DIR/backend.conf, starts nginx in the background and sets NG
 # to its pid (the caller's cleanup kills it).
 start_backend() {
@@ -14,7 +17,7 @@ events { worker_connections 8192; }
 http {
   access_log off; keepalive_requests 100000000; keepalive_timeout 300s;
   server { listen 127.0.0.1:$port backlog=4096; default_type text/plain;
-    location / { return 200 "lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01"; } }
+    location / { return 200 "$BENCH_BODY"; } }
 }
 EOC
   nginx -c "$dir/backend.conf" -p "$dir" &
@@ -34,7 +37,7 @@ start_extra_backend() {
   local locs="default_type text/plain; client_max_body_size 0;
     location = /64k { alias $dir/64k; }
     location = /1m { alias $dir/1m; }
-    location / { return 200 \"lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01\"; }"
+    location / { return 200 \"$BENCH_BODY\"; }"
   cat > "$dir/backend2.conf" <<EOC
 worker_processes 1;
 daemon off;
@@ -68,7 +71,7 @@ defaults
   timeout server 300s
 frontend h2c
   bind 127.0.0.1:$port proto h2
-  http-request return status 200 content-type text/plain string "lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01"
+  http-request return status 200 content-type text/plain string "$BENCH_BODY"
 EOC
   haproxy -db -f "$dir/h2c.cfg" > "$dir/h2c.log" 2>&1 &
   NG3=$!

@@ -68,7 +68,7 @@ h1post) TARGET=(--target be=127.0.0.1:$BE2)
   head -c 65536 /dev/zero | tr '\0' p > $D/post; LOADX=(-d $D/post) ;;
 h1tls) GROUP=be,health-check=off,protocol=https; TARGET=(--target be=127.0.0.1:$((BE2 + 1))) ;;
 h2h2t) GROUP=be,health-check=off,protocol-version=http2; TARGET=(--target be=127.0.0.1:$((BE2 + 2))) ;;
-h1fixed) RULE="fixed-response=200,content-type=text/plain,body=lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01" ;;
+h1fixed) RULE="fixed-response=200,content-type=text/plain,body=$BENCH_BODY" ;;
 h1redirect) RULE="redirect=https://#{host}:$TLS/#{path}?#{query},status=301"; TLSRULE=forward=be ;;
 h1e503) TARGET=() ;;
 h1e463) LOADX=(-H "X-Forwarded-For: $(seq -s ', ' -f '10.0.0.%g' 31)") ;;
@@ -151,7 +151,8 @@ h1) LOAD=(h2load --h1 -c16 -m1 http://127.0.0.1:$HTTP/) ;;
 h1conn) # prints h2load's summary words, so count() checks it the same way
   cat > $D/conns.py <<'EOP'
 import socket, ssl, sys
-port, n = int(sys.argv[1]), int(sys.argv[3])
+# conns.py PORT BODY -n N (the load's count comes last, as h2load's -n)
+port, body, n = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[4])
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
@@ -169,11 +170,11 @@ for _ in range(n):
             if not b:
                 break
             got += b
-        ok += got.startswith(b"HTTP/1.") and b" 200 " in got[:16] and got.endswith(b"-01")
+        ok += got.startswith(b"HTTP/1.") and b" 200 " in got[:16] and got.endswith(b"\r\n\r\n" + body)
         s.close()  # no close_notify (only unwrap() sends it), as s_time
 print(f"requests: {n} total, {n} started, {n} done, {ok} succeeded, {n - ok} failed, 0 errored")
 EOP
-  LOAD=(python3 $D/conns.py $TLS) ;;
+  LOAD=(python3 $D/conns.py $TLS "$BENCH_BODY") ;;
 h2 | h2aged | h2h2t | h2log) LOAD=(h2load -c16 -m10 https://127.0.0.1:$TLS/) ;;
 *) LOAD=(h2load --h1 -c16 -m1 "${LOADX[@]}" http://127.0.0.1:$HTTP$URL) ;;
 esac
