@@ -207,8 +207,10 @@ if [ "$MODE" = h2aged ]; then
   exit 0
 fi
 "${LOAD[@]}" -n $([ $MODE = h1conn ] && echo 200 || echo 2000) > /dev/null 2>&1   # warm-up: pools, allocator, lazy statics
-A=$(count $N callgrind.n)
-B=$(count $((2 * N)) callgrind.2n)
+# count's failure message is its output: print it and stop (inside $(…) its exit ends only the
+# subshell, and the arithmetic below then failed on the message's words instead).
+A=$(count $N callgrind.n) || { echo "$A"; exit 1; }
+B=$(count $((2 * N)) callgrind.2n) || { echo "$B"; exit 1; }
 echo "$(basename "$PROXY") $MODE $(( (B - A) / N )) instructions/$([ $MODE = h1conn ] && echo connection || echo request) (Ir: ${A} for $N, ${B} for $((2 * N)))"
 # h1log, h2log: every request must have its line (lb drops lines rather than wait for the writer).
 case $MODE in h1log | h2log) echo "  access log: $(wc -l < $D/access.log) lines for $((3 * N + 2000)) requests and the readiness checks" ;; esac
