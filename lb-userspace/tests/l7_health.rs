@@ -466,7 +466,7 @@ fn the_operator_switch_takes_a_target_out_of_service_and_back() {
 #[test]
 fn the_admin_socket_is_root_only_and_the_tcp_listener_needs_its_token() {
     let t = Target::start("t");
-    let dir = support_lb::tempdir("admin-auth");
+    let dir = support_lb::ScratchDir::new("admin-auth");
     let token = "0123456789abcdef-secret";
     let file = token_file(&dir, token);
     let mut f = flags("health-check=off", &[&t]);
@@ -518,7 +518,6 @@ fn the_admin_socket_is_root_only_and_the_tcp_listener_needs_its_token() {
     let right = over_tcp(Some(token));
     assert!(right.status.success(), "{right:?}");
     assert!(String::from_utf8_lossy(&right.stdout).contains(&t.addr.port().to_string()));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

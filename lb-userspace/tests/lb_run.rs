@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-const LB: &str = env!("CARGO_BIN_EXE_lb");
+mod support_lb;
+
+use support_lb::{LB, Running, ScratchDir};
 
 /// A tiny HTTP/1.1 server answering every request with `name` (closes after each response).
 struct Backend {
@@ -145,15 +147,9 @@ fn ready_line(child: &mut Child) -> String {
     line
 }
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lb-run-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[test]
 fn flags_become_a_running_tier_that_the_admin_socket_changes() {
-    let dir = tempdir("admin");
+    let dir = ScratchDir::new("admin");
     let a = Backend::start("alpha");
     let b = Backend::start("beta");
     let lb = Lb::start(
@@ -201,7 +197,6 @@ fn flags_become_a_running_tier_that_the_admin_socket_changes() {
     let status = lb.terminate();
     assert!(status.success(), "lb exited with {status}");
     assert!(!admin.exists(), "admin socket left behind");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -267,7 +262,7 @@ fn fixed_response_lb_run(dir: &std::path::Path) -> Command {
 #[test]
 fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
     use std::os::unix::process::CommandExt as _;
-    let dir = tempdir("rlimit");
+    let dir = ScratchDir::new("rlimit");
     let mut cmd = fixed_response_lb_run(&dir);
     cmd.env("LB_LOG", "info")
         .stdout(Stdio::piped())
@@ -286,8 +281,9 @@ fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("spawn lb");
-    ready_line(&mut child);
+    let mut lb = Running(cmd.spawn().expect("spawn lb"));
+    let child = &mut lb.0;
+    ready_line(child);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
     let open_files: Vec<&str> = limits
         .lines()
@@ -320,25 +316,24 @@ fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
         stderr.contains("open files limit raised from 256 to 4096"),
         "{stderr}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `THP_enabled` of a running `lb run` (`/proc/PID/status`: 0 once the process has asked for
 /// no transparent huge pages), started with `env` added.
 fn thp_enabled_of_lb_run(name: &str, env: &[(&str, &str)]) -> String {
-    let dir = tempdir(name);
-    let mut child = fixed_response_lb_run(&dir)
-        .env_remove("MIMALLOC_ALLOW_THP")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn lb");
-    ready_line(&mut child);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new(name);
+    let mut lb = Running(
+        fixed_response_lb_run(&dir)
+            .env_remove("MIMALLOC_ALLOW_THP")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn lb"),
+    );
+    ready_line(&mut lb.0);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", lb.0.id()));
+    drop(lb);
     status
         .expect("status of the running lb")
         .lines()

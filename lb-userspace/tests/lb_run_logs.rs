@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support_lb::{LB, Lb, Target, tempdir, wait_for};
+use support_lb::{LB, Lb, ScratchDir, Target, wait_for};
 
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
@@ -48,7 +48,7 @@ fn wait_lines(path: &Path, n: usize) -> Vec<String> {
 #[test]
 fn sighup_reopens_the_access_log_after_it_was_moved() {
     let t = Target::start("t");
-    let dir = tempdir("logs-hup");
+    let dir = ScratchDir::new("logs-hup");
     let log = dir.join("access.log");
     let moved = dir.join("access.log.1");
     let lb = Lb::start(
@@ -74,13 +74,12 @@ fn sighup_reopens_the_access_log_after_it_was_moved() {
     let new = lines(&log);
     assert!(new.iter().all(|l| l.contains("/after")), "{new:?}");
     assert!(lines(&moved).iter().all(|l| !l.contains("/after")));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_access_log_rotates_by_time() {
     let t = Target::start("t");
-    let dir = tempdir("logs-rotate");
+    let dir = ScratchDir::new("logs-rotate");
     let log = dir.join("access.log");
     let lb = Lb::start(
         "logs-rotate",
@@ -109,7 +108,6 @@ fn the_access_log_rotates_by_time() {
     let served = t.hits() as usize;
     let logged: usize = lines(&log).len() + rotated.iter().map(|p| lines(p).len()).sum::<usize>();
     assert_eq!(logged, served, "{rotated:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -117,7 +115,7 @@ fn the_health_check_log_has_a_line_per_probe_with_its_result() {
     let ok = Target::start("ok");
     let missing = Target::start("missing");
     missing.set(|b| b.health_status = 404);
-    let dir = tempdir("logs-hc");
+    let dir = ScratchDir::new("logs-hc");
     let hc = dir.join("health.log");
     let f = vec![
         "--listener".to_owned(),
@@ -162,7 +160,6 @@ fn the_health_check_log_has_a_line_per_probe_with_its_result() {
         fail.ends_with("\"Health checks failed with these codes: [404]\""),
         "{fail}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -259,16 +256,8 @@ fn hello_with_ip_sni(addr: std::net::SocketAddr) {
 
 #[test]
 fn rustls_warnings_about_what_a_client_sent_are_not_logged_by_default() {
-    /// Removes the certificates' directory, also when the test fails.
-    struct RemoveDir(std::path::PathBuf);
-    impl Drop for RemoveDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
     let t = Target::start("t");
-    let dir = RemoveDir(tempdir("logs-tls-certs"));
-    let dir = &dir.0;
+    let dir = ScratchDir::new("logs-tls-certs");
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).expect("cert.pem");

@@ -252,6 +252,44 @@ pub fn tempdir(name: &str) -> PathBuf {
     d
 }
 
+/// [`tempdir`] removed when dropped, also when the test fails before its end.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(name: &str) -> Self {
+        Self(tempdir(name))
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed and reaped when dropped, also when the test fails while it runs.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Lb {
     /// Starts `lb run FLAGS` (one listener must be named `web`) and waits for its ready line.
     pub fn start(name: &str, flags: &[String]) -> Self {
