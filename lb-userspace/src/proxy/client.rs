@@ -262,8 +262,9 @@ pub struct Facts {
 /// Why sending a request on a connection failed, on either client.
 enum SendError {
     /// The request was never written to the connection (hyper gave it back, or our own
-    /// client's first write failed): it is whole and can go out on another connection.
-    NotSent(Box<Request<ProxyBody>>, BoxError),
+    /// client's first write failed): it is whole and can go out on another connection. Hyper's
+    /// gives it back here; our own client left it in the caller's place (`None`).
+    NotSent(Option<Box<Request<ProxyBody>>>, BoxError),
     /// The request may have been written; no response head arrived.
     Failed {
         error: BoxError,
@@ -272,8 +273,9 @@ enum SendError {
         stale: bool,
         /// Reading the client's request body failed (our own client tells it apart).
         body: bool,
-        /// The request's head as it went out (our own client gives it back; hyper does not).
-        sent: Option<Box<http::request::Parts>>,
+        /// The request's head as it went out is still in the caller's place (our own client
+        /// leaves it there; hyper took the request).
+        head_kept: bool,
     },
     /// No response head within the idle timeout.
     Timeout,
@@ -325,10 +327,11 @@ impl Forwarder {
     pub async fn forward(
         &self,
         target: &TargetEndpoint,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
     ) -> Result<Forwarded, ProxyError> {
         let target = self.target(target);
-        self.forward_to(&target, req, Facts::default(), None).await
+        self.forward_to(&target, &mut req, Facts::default(), None)
+            .await
     }
 
     /// The handle on `endpoint`'s pool: the one the forwarder keeps for it, or a new one it
@@ -343,6 +346,11 @@ impl Forwarder {
     /// `tail`: fields that belong at the end of the request's map, kept out of it (our own
     /// client writes them after the map's fields; for hyper's they go into the map).
     ///
+    /// `req` is borrowed: it stays in the caller's place for the whole forward (rewritten
+    /// there, its body consumed there), and a retry on a new connection re-reads it from
+    /// there. Taken by value, it was written into the forward's, `send_raw`'s and
+    /// `h1::send`'s futures in turn, 224-240 bytes each, on every request.
+    ///
     /// A plain function returning an `async move` block, not an `async fn`, which would store
     /// each argument twice in its future (captured, then moved into a local of the body on the
     /// first poll: the request and the tail, 312 bytes written once more per request).
@@ -353,7 +361,7 @@ impl Forwarder {
     pub fn forward_to<'a>(
         &'a self,
         target: &'a TargetHandle,
-        mut req: Request<ProxyBody>,
+        req: &'a mut Request<ProxyBody>,
         facts: Facts,
         mut tail: Option<ForwardedTail<'a>>,
     ) -> impl Future<Output = Result<Forwarded, ProxyError>> + Send + 'a {
@@ -362,14 +370,14 @@ impl Forwarder {
             // Whether our own client sends it does not depend on what `prepare_request` changes
             // (version, URI, `Host`); the tail goes into the map before those changes, where the
             // map functions would have put it.
-            let own = uses_own_client(&target.endpoint, &req, facts);
+            let own = uses_own_client(&target.endpoint, req, facts);
             if !own && let Some(tail) = tail.take() {
                 tail.append_to(req.headers_mut());
             }
             // The request is rewritten and its body wrapped in place: passing it by value to
             // `prepare_request` and taking it apart and back (`into_parts`, `from_parts`) moved
             // its 224-240 bytes four times into this future, on every request.
-            prepare_request(&mut req, &target.endpoint, facts);
+            prepare_request(req, &target.endpoint, facts);
             let idempotent = is_idempotent(req.method());
             // Whether the request could be sent again if a reused connection turns out stale: an
             // idempotent method whose body is empty or small enough to be kept (see `Replay`).
@@ -388,7 +396,7 @@ impl Forwarder {
             };
             // What a retry is built from: our own client gives back the head it sent, so a copy is
             // kept only for hyper's connections (a clone of every header, on every request).
-            let template = (idempotent && !own).then(|| RequestTemplate::of(&req));
+            let template = (idempotent && !own).then(|| RequestTemplate::of(req));
 
             let mut retried = false;
             // A labelled block with `let … else`, not `if let`: the checkout's result (144
@@ -414,38 +422,40 @@ impl Forwarder {
                     }
                     Err(SendError::NotSent(request, error)) => {
                         tracing::debug!(target_addr = %target.endpoint.addr, %error, "pooled connection closed before the request was written; retrying on a new connection");
-                        req = *request;
+                        // Hyper's client gives the request back; our own left it in place.
+                        if let Some(request) = request {
+                            *req = *request;
+                        }
                     }
                     Err(SendError::Failed {
                         stale: true,
                         body,
                         error,
-                        sent,
+                        head_kept,
                     }) if !replay.body_failed() => {
                         let failed = SendError::Failed {
                             stale: true,
                             body,
                             error,
-                            sent: None,
+                            head_kept: false,
                         };
-                        let again = if idempotent {
-                            match (sent, template) {
-                                (Some(parts), _) => replay
-                                    .replay()
-                                    .map(|body| Request::from_parts(*parts, body)),
-                                (None, Some(template)) => {
-                                    replay.replay().map(|b| template.build(b))
+                        // Our own client left the head as sent in place: only the body is
+                        // replayed into it. Hyper's took the request: it is built again.
+                        let again = idempotent
+                            && match (head_kept, template) {
+                                (true, _) => {
+                                    replay.replay().map(|body| *req.body_mut() = body).is_some()
                                 }
-                                (None, None) => None,
-                            }
-                        } else {
-                            None
-                        };
-                        let Some(again) = again else {
+                                (false, Some(template)) => replay
+                                    .replay()
+                                    .map(|body| *req = template.build(body))
+                                    .is_some(),
+                                (false, None) => false,
+                            };
+                        if !again {
                             return Err(self.error(target, failed, &replay));
-                        };
+                        }
                         tracing::debug!(target_addr = %target.endpoint.addr, error = %failed, "idempotent request failed on a pooled connection; retrying on a new connection");
-                        req = again;
                     }
                     Err(other) => return Err(self.error(target, other, &replay)),
                 }
@@ -503,7 +513,7 @@ impl Forwarder {
         &'a self,
         target: &'a Arc<Target>,
         conn: Any,
-        req: Request<ProxyBody>,
+        req: &'a mut Request<ProxyBody>,
         tail: Option<ForwardedTail<'a>>,
         replay: &'a Replay,
     ) -> impl Future<Output = Result<(Response<ProxyBody>, bool), SendError>> + 'a {
@@ -515,6 +525,8 @@ impl Forwarder {
                 // connection hyper runs only when it does not go through our own client.
                 debug_assert!(tail.is_none(), "a tail reaches only our own client");
                 // What hyper's client parsed is not known to be free of hop-by-hop fields.
+                // Hyper takes the request by value (and gives it back if it did not send it).
+                let req = std::mem::take(req);
                 Either::Left(self.send(target, conn, req, replay).map_ok(|r| (r, false)))
             }
             Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, tail, replay)),
@@ -525,7 +537,7 @@ impl Forwarder {
         &self,
         target: &Arc<Target>,
         conn: RawConn,
-        req: Request<ProxyBody>,
+        req: &mut Request<ProxyBody>,
         tail: Option<ForwardedTail<'_>>,
         replay: &Replay,
     ) -> Result<(Response<ProxyBody>, bool), SendError> {
@@ -546,15 +558,15 @@ impl Forwarder {
         ));
         let response = match sent.await {
             Err(h1::Failure::TimedOut) => return Err(SendError::Timeout),
-            Err(h1::Failure::NotSent(req, error)) => {
-                return Err(SendError::NotSent(req, Box::new(error)));
+            Err(h1::Failure::NotSent(error)) => {
+                return Err(SendError::NotSent(None, Box::new(error)));
             }
-            Err(h1::Failure::Failed(error, parts)) => {
+            Err(h1::Failure::Failed(error)) => {
                 return Err(SendError::Failed {
                     stale: error.is_stale_symptom(),
                     body: matches!(error, h1::H1Error::Body(_)),
                     error: Box::new(error),
-                    sent: Some(parts),
+                    head_kept: true,
                 });
             }
             // `h1::send` has taken the target's `Keep-Alive` hint from the head, if it had one.
@@ -698,7 +710,7 @@ fn receive(result: Sent) -> Result<Response<Incoming>, SendError> {
         Ok(response) => Ok(response),
         Err(mut error) => match error.take_message() {
             Some(request) => Err(SendError::NotSent(
-                Box::new(request),
+                Some(Box::new(request)),
                 Box::new(error.into_error()),
             )),
             None => {
@@ -707,7 +719,7 @@ fn receive(result: Sent) -> Result<Response<Incoming>, SendError> {
                     stale: is_stale_connection_symptom(&error),
                     body: false,
                     error: Box::new(error),
-                    sent: None,
+                    head_kept: false,
                 })
             }
         },

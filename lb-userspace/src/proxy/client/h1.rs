@@ -94,12 +94,14 @@ fn is_closed_kind(kind: io::ErrorKind) -> bool {
 
 /// How sending a request on a raw connection failed.
 pub enum Failure {
-    /// Nothing was written: the request is whole and can go out on another connection.
-    NotSent(Box<Request<ProxyBody>>, H1Error),
+    /// Nothing was written: the request, still in the caller's place, is whole and can go
+    /// out on another connection.
+    NotSent(H1Error),
     /// The request may have been written; no (usable) response head arrived. The request's
-    /// head comes back (as sent, framing headers included) so an idempotent request can be
-    /// sent again with its replayed body, without a copy kept beforehand for the rare retry.
-    Failed(H1Error, Box<http::request::Parts>),
+    /// head stays in the caller's place (as sent, framing headers included) so an idempotent
+    /// request can be sent again with its replayed body, without a copy kept beforehand for
+    /// the rare retry.
+    Failed(H1Error),
     /// No response head within the idle timeout: quiet since the request started or since
     /// the last request body bytes went out. The connection is closed.
     TimedOut,
@@ -137,26 +139,24 @@ struct EncodedHead {
 /// `tail`: fields written after the map's (see [`ForwardedTail`]); it comes only with a
 /// request without a body. Where the map changes after they would have been appended, they go
 /// into the map first (taken out of `tail`).
-fn encode_head(
-    parts: &mut http::request::Parts,
-    body: &ProxyBody,
-    tail: &mut Option<ForwardedTail<'_>>,
-) -> EncodedHead {
-    if body.is_end_stream() {
+fn encode_head(req: &mut Request<ProxyBody>, tail: &mut Option<ForwardedTail<'_>>) -> EncodedHead {
+    if req.body().is_end_stream() {
         // No body (a GET, say): the only fix-up is removing `Transfer-Encoding`, which a
         // forwarded request never has (it is hop-by-hop). The head is written first and
         // written again only if one was there: the `remove` hashed the name on every request.
-        let written = write_head(parts, tail.as_ref());
+        let written = write_head(req, tail.as_ref());
         if !written.transfer_encoding {
             return written.head(RequestFraming::None);
         }
         crate::proxy::recycle::recycle_buffer(written.bytes);
-        into_map(tail.take(), &mut parts.headers);
-        parts.headers.remove(TRANSFER_ENCODING);
-        return write_head(parts, None).head(RequestFraming::None);
+        into_map(tail.take(), req.headers_mut());
+        req.headers_mut().remove(TRANSFER_ENCODING);
+        return write_head(req, None).head(RequestFraming::None);
     }
-    into_map(tail.take(), &mut parts.headers);
-    let headers = &mut parts.headers;
+    let exact = req.body().size_hint().exact();
+    let bodiless_method = matches!(*req.method(), Method::GET | Method::HEAD | Method::CONNECT);
+    into_map(tail.take(), req.headers_mut());
+    let headers = req.headers_mut();
     let framing = if headers.contains_key(TRANSFER_ENCODING) {
         headers.remove(CONTENT_LENGTH);
         if !is_chunked(headers) {
@@ -165,10 +165,10 @@ fn encode_head(
         RequestFraming::Chunked
     } else if let Some(Ok(len)) = content_length(headers) {
         RequestFraming::Length(len)
-    } else if let Some(len) = body.size_hint().exact() {
+    } else if let Some(len) = exact {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
         RequestFraming::Length(len)
-    } else if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
+    } else if bodiless_method {
         // As hyper: these almost never have bodies; without a length, none is sent.
         RequestFraming::None
     } else {
@@ -176,7 +176,7 @@ fn encode_head(
         headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         RequestFraming::Chunked
     };
-    write_head(parts, None).head(framing)
+    write_head(req, None).head(framing)
 }
 
 /// Puts a [`ForwardedTail`]'s fields (if there is one) into the request's map, where the map
@@ -207,16 +207,17 @@ impl Written {
     }
 }
 
-/// The request line and every field of `parts`, in one pass over the fields: the buffer is
+/// The request line and every field of `req`, in one pass over the fields: the buffer is
 /// the thread's recycled one, which already has room for a usual head; a rough guess saves
 /// most regrowth of a new one (an exact size took a second walk over the map on every
 /// request).
-fn write_head(parts: &http::request::Parts, tail: Option<&ForwardedTail<'_>>) -> Written {
-    let headers = &parts.headers;
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+fn write_head<B>(req: &Request<B>, tail: Option<&ForwardedTail<'_>>) -> Written {
+    let headers = req.headers();
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let method = req.method().as_str();
     let mut head = crate::proxy::recycle::buffer();
-    head.reserve(parts.method.as_str().len() + target.len() + 16 + 48 * headers.len());
-    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.reserve(method.len() + target.len() + 16 + 48 * headers.len());
+    head.extend_from_slice(method.as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
@@ -332,6 +333,12 @@ struct Head {
 /// response, whether its head is known to have no hop-by-hop field (nothing for
 /// `strip_hop_by_hop` to do).
 ///
+/// `req` is borrowed, not taken: it stays in the caller's place (the handler's future) for the
+/// whole forward, and a request that was not sent, or may have been, is still there for a
+/// retry. Taken by value, the request (224-240 bytes) was written into each layer's future on
+/// its way here (the forward's, `send_raw`'s, this one's), on every request. On success its
+/// body and map are taken out of it (dropped, recycled); the rest drops with the caller's.
+///
 /// The timer is the connection's own, kept with it in the pool, and not touched per request:
 /// it may be due earlier than this request's deadline (it was set for an earlier one), never
 /// later, so when it fires the real deadline is worked out and the timer set to it if that is
@@ -349,7 +356,7 @@ struct Head {
 #[allow(clippy::too_many_arguments)]
 pub fn send<'a>(
     mut conn: RawConn,
-    req: Request<ProxyBody>,
+    req: &'a mut Request<ProxyBody>,
     mut tail: Option<ForwardedTail<'a>>,
     max_head: usize,
     pool: &'a Arc<TargetPool>,
@@ -358,13 +365,12 @@ pub fn send<'a>(
     replay: &'a Replay,
 ) -> impl Future<Output = Result<(Response<ProxyBody>, bool), Failure>> + Send + 'a {
     async move {
-        let (mut parts, mut body) = req.into_parts();
         let EncodedHead {
             bytes: head,
             framing,
             close: request_close,
-        } = encode_head(&mut parts, &body, &mut tail);
-        let is_head = parts.method == Method::HEAD;
+        } = encode_head(req, &mut tail);
+        let is_head = req.method() == Method::HEAD;
 
         let started = Instant::now();
         let mut timer = conn
@@ -373,7 +379,12 @@ pub fn send<'a>(
             .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(started + idle_timeout)));
         let exchanged = {
             let exchange = pin!(exchange(
-                &mut conn, head, framing, &mut body, max_head, is_head
+                &mut conn,
+                head,
+                framing,
+                req.body_mut(),
+                max_head,
+                is_head
             ));
             within_idle_timeout(exchange, timer.as_mut(), started, idle_timeout, replay).await
         };
@@ -381,22 +392,20 @@ pub fn send<'a>(
             Some(Exchanged::Head(head, body_sent)) => (head, body_sent),
             // Whatever sends the request again (or reports it) takes its head whole, in its map.
             Some(Exchanged::NotSent(error)) => {
-                into_map(tail, &mut parts.headers);
-                return Err(Failure::NotSent(
-                    Box::new(Request::from_parts(parts, body)),
-                    error,
-                ));
+                into_map(tail, req.headers_mut());
+                return Err(Failure::NotSent(error));
             }
             Some(Exchanged::Failed(error)) => {
-                into_map(tail, &mut parts.headers);
-                return Err(Failure::Failed(error, Box::new(parts)));
+                into_map(tail, req.headers_mut());
+                return Err(Failure::Failed(error));
             }
             None => return Err(Failure::TimedOut),
         };
         conn.timer = Some(timer);
-        drop(body);
-        // The request head is no longer needed for a retry: its map serves another request.
-        crate::proxy::recycle::recycle(parts.headers);
+        // The request body is done with (dropped here, as when it was this future's own), and
+        // the head is no longer needed for a retry: its map serves another request.
+        drop(std::mem::take(req.body_mut()));
+        crate::proxy::recycle::recycle(std::mem::take(req.headers_mut()));
         let Head {
             status,
             version,
@@ -1378,6 +1387,21 @@ mod tests {
         builder.body(()).expect("valid request").into_parts().0
     }
 
+    /// [`encode_head`] of a request made of `parts` and `body`, with `parts` updated as the
+    /// request's were; the body comes back.
+    fn encode_parts(
+        parts: &mut http::request::Parts,
+        body: ProxyBody,
+        tail: &mut Option<ForwardedTail<'_>>,
+    ) -> (EncodedHead, ProxyBody) {
+        let taken = std::mem::replace(parts, Request::new(()).into_parts().0);
+        let mut req = Request::from_parts(taken, body);
+        let head = encode_head(&mut req, tail);
+        let (encoded, body) = req.into_parts();
+        *parts = encoded;
+        (head, body)
+    }
+
     fn empty_body() -> ProxyBody {
         http_body_util::Empty::new()
             .map_err(|never| match never {})
@@ -1387,7 +1411,7 @@ mod tests {
     #[test]
     fn the_request_head_is_written_in_one_pass_and_notices_connection_close() {
         let mut parts = request_parts(&[("host", "a.test"), ("connection", "foo, Close")]);
-        let head = encode_head(&mut parts, &empty_body(), &mut None);
+        let (head, _) = encode_parts(&mut parts, empty_body(), &mut None);
         assert_eq!(
             head.bytes,
             b"GET /p?q HTTP/1.1\r\nhost: a.test\r\nconnection: foo, Close\r\n\r\n"
@@ -1395,7 +1419,7 @@ mod tests {
         assert!(head.close);
         assert_eq!(head.framing, RequestFraming::None);
         let mut parts = request_parts(&[("connection", "keep-alive"), ("x-close", "close")]);
-        let head = encode_head(&mut parts, &empty_body(), &mut None);
+        let (head, _) = encode_parts(&mut parts, empty_body(), &mut None);
         assert!(!head.close);
     }
 
@@ -1501,8 +1525,8 @@ mod tests {
             let (mut ours, mut reference) = (parts.clone(), parts);
             rewritten +=
                 usize::from(body.is_end_stream() && ours.headers.contains_key(TRANSFER_ENCODING));
-            let a = encode_head(&mut ours, &body, &mut None);
             let b = encode_head_by_lookup(&mut reference, &body);
+            let (a, _) = encode_parts(&mut ours, body, &mut None);
             assert_eq!(
                 (String::from_utf8_lossy(&a.bytes), a.framing, a.close),
                 (String::from_utf8_lossy(&b.bytes), b.framing, b.close)
@@ -1571,9 +1595,9 @@ mod tests {
             let (mut ours, mut reference) = (parts.clone(), parts);
             tail().append_to(&mut reference.headers);
             let (ours_body, reference_body) = (body(), body());
-            let b = encode_head(&mut reference, &reference_body, &mut None);
+            let (b, _) = encode_parts(&mut reference, reference_body, &mut None);
             let mut ours_tail = Some(tail());
-            let a = encode_head(&mut ours, &ours_body, &mut ours_tail);
+            let (a, ours_body) = encode_parts(&mut ours, ours_body, &mut ours_tail);
             assert_eq!(
                 (String::from_utf8_lossy(&a.bytes), a.framing, a.close),
                 (String::from_utf8_lossy(&b.bytes), b.framing, b.close)

@@ -491,7 +491,7 @@ pub(super) fn handle<B: RequestBody>(
         // matched in the expression the await's result went to, it (472 bytes) was kept in the
         // stream's future across the forward and written there on every request.
         let Dispatch {
-            request,
+            mut request,
             facts,
             tail,
             endpoint,
@@ -525,7 +525,8 @@ pub(super) fn handle<B: RequestBody>(
             // watch is polled only when the forward has to wait (in practice always: it
             // waits for the target): the connection's kept one ([`TargetWatches`], looked
             // up once per request) if it has one for the target, else one made here.
-            let mut forwarding = std::pin::pin!(forwarder.forward_to(target, request, facts, tail));
+            let mut forwarding =
+                std::pin::pin!(forwarder.forward_to(target, &mut request, facts, tail));
             let mut own_watch = std::pin::pin!(None::<WaitForCancellationFuture<'_>>);
             let mut kept = watches.and_then(|w| w.watch(&reply.picked));
             std::future::poll_fn(|cx| {
