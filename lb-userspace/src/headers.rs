@@ -623,10 +623,18 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
 ];
 
-/// [`hop_by_hop_bit`] of `Connection`.
+// Each name's [`hop_by_hop_bit`]: bit `i` for `HOP_BY_HOP[i]`, written once here for the two
+// lookups below (by `HeaderName`, by lowercase text); `every_hop_by_hop_name_has_its_own_bit`
+// checks both against the array.
 const CONNECTION_BIT: u16 = 1 << 0;
-/// [`hop_by_hop_bit`] of `Upgrade`.
+const KEEP_ALIVE_BIT: u16 = 1 << 1;
+const PROXY_CONNECTION_BIT: u16 = 1 << 2;
+const TE_BIT: u16 = 1 << 3;
+const TRAILER_BIT: u16 = 1 << 4;
+const TRANSFER_ENCODING_BIT: u16 = 1 << 5;
 const UPGRADE_BIT: u16 = 1 << 6;
+const PROXY_AUTHENTICATE_BIT: u16 = 1 << 7;
+const PROXY_AUTHORIZATION_BIT: u16 = 1 << 8;
 
 /// Whether [`strip_hop_by_hop`] removes `name` whatever `Connection` says: one of
 /// [`HOP_BY_HOP`].
@@ -644,14 +652,14 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
 fn hop_by_hop_bit(name: &HeaderName) -> u16 {
     match *name {
         CONNECTION => CONNECTION_BIT,
-        TE => 1 << 3,
-        TRAILER => 1 << 4,
-        TRANSFER_ENCODING => 1 << 5,
+        TE => TE_BIT,
+        TRAILER => TRAILER_BIT,
+        TRANSFER_ENCODING => TRANSFER_ENCODING_BIT,
         UPGRADE => UPGRADE_BIT,
-        PROXY_AUTHENTICATE => 1 << 7,
-        PROXY_AUTHORIZATION => 1 << 8,
-        _ if *name == KEEP_ALIVE => 1 << 1,
-        _ if *name == PROXY_CONNECTION => 1 << 2,
+        PROXY_AUTHENTICATE => PROXY_AUTHENTICATE_BIT,
+        PROXY_AUTHORIZATION => PROXY_AUTHORIZATION_BIT,
+        _ if *name == KEEP_ALIVE => KEEP_ALIVE_BIT,
+        _ if *name == PROXY_CONNECTION => PROXY_CONNECTION_BIT,
         _ => 0,
     }
 }
@@ -662,14 +670,14 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
 fn hop_by_hop_bit_of(name: &[u8]) -> u16 {
     let (candidate, bit): (&[u8], u16) = match (name.len(), name.first()) {
         (10, Some(b'c')) => (b"connection", CONNECTION_BIT),
-        (10, Some(b'k')) => (b"keep-alive", 1 << 1),
-        (16, Some(b'p')) => (b"proxy-connection", 1 << 2),
-        (2, Some(b't')) => (b"te", 1 << 3),
-        (7, Some(b't')) => (b"trailer", 1 << 4),
-        (17, Some(b't')) => (b"transfer-encoding", 1 << 5),
+        (10, Some(b'k')) => (b"keep-alive", KEEP_ALIVE_BIT),
+        (16, Some(b'p')) => (b"proxy-connection", PROXY_CONNECTION_BIT),
+        (2, Some(b't')) => (b"te", TE_BIT),
+        (7, Some(b't')) => (b"trailer", TRAILER_BIT),
+        (17, Some(b't')) => (b"transfer-encoding", TRANSFER_ENCODING_BIT),
         (7, Some(b'u')) => (b"upgrade", UPGRADE_BIT),
-        (18, Some(b'p')) => (b"proxy-authenticate", 1 << 7),
-        (19, Some(b'p')) => (b"proxy-authorization", 1 << 8),
+        (18, Some(b'p')) => (b"proxy-authenticate", PROXY_AUTHENTICATE_BIT),
+        (19, Some(b'p')) => (b"proxy-authorization", PROXY_AUTHORIZATION_BIT),
         _ => return 0,
     };
     if name == candidate { bit } else { 0 }
