@@ -1,159 +1,18 @@
 //! The `lb` binary end to end on loopback (L7 only: no root or XDP needed): flags become a
 //! running tier, the admin socket changes it, bad flags are reported, SIGTERM cleans up.
-use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    sync::atomic::{AtomicBool, Ordering},
-    thread,
-    time::Duration,
-};
+use std::io::Read as _;
+use std::process::{Command, Stdio};
 
 mod support_lb;
 
-use support_lb::{LB, Running, ScratchDir};
-
-/// A tiny HTTP/1.1 server answering every request with `name` (closes after each response).
-struct Backend {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-}
-
-impl Backend {
-    fn start(name: &'static str) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let addr = l.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut c, _)) => {
-                        c.set_nonblocking(false).unwrap();
-                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                        let mut buf = [0u8; 4096];
-                        let mut got = Vec::new();
-                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match c.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => got.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        let _ = write!(
-                            c,
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
-                            name.len()
-                        );
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Self { addr, stop }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// `lb run` as a child; killed on drop.
-struct Lb {
-    child: Child,
-    admin: PathBuf,
-    listener: SocketAddr,
-}
-
-impl Lb {
-    fn start(dir: &std::path::Path, flags: &[String]) -> Self {
-        let admin = dir.join("admin.sock");
-        let mut child = Command::new(LB)
-            .arg("run")
-            .args(flags)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn lb");
-        let line = ready_line(&mut child);
-        // "… listeners web=127.0.0.1:PORT; …"
-        let listener = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("web="))
-            .map(|a| a.trim_end_matches(';').parse().unwrap())
-            .expect("listener address in the ready line");
-        Self {
-            child,
-            admin,
-            listener,
-        }
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.listener).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp[9..12].parse().unwrap();
-        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        (status, body)
-    }
-
-    fn targets(&self, args: &[&str]) -> std::process::Output {
-        Command::new(LB)
-            .arg("targets")
-            .args(args)
-            .arg("--admin-socket")
-            .arg(&self.admin)
-            .output()
-            .unwrap()
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: plain kill(2) on our child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Lb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The first line a started `lb run` prints on its stdout (piped), which must be its `ready:`
-/// line; a child that printed anything else, or nothing, is killed before the test fails.
-fn ready_line(child: &mut Child) -> String {
-    let mut line = String::new();
-    let read = BufReader::new(child.stdout.take().expect("stdout piped")).read_line(&mut line);
-    if read.is_err() || !line.starts_with("ready:") {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("lb printed {line:?} ({read:?}) instead of its ready line");
-    }
-    line
-}
+use support_lb::{LB, Lb, Running, ScratchDir, Target, ready_line};
 
 #[test]
 fn flags_become_a_running_tier_that_the_admin_socket_changes() {
-    let dir = ScratchDir::new("admin");
-    let a = Backend::start("alpha");
-    let b = Backend::start("beta");
-    let lb = Lb::start(
-        &dir,
+    let a = Target::start("alpha");
+    let b = Target::start("beta");
+    let mut lb = Lb::start(
+        "admin",
         &[
             "--listener".into(),
             "web=http://127.0.0.1:0".into(),
@@ -171,16 +30,26 @@ fn flags_become_a_running_tier_that_the_admin_socket_changes() {
     assert_eq!(lb.get("/"), (200, "alpha".into()));
     assert_eq!(lb.get("/private/x"), (403, "nope".into()));
 
-    let out = lb.targets(&["register", "--target", &format!("app={}", b.addr)]);
+    let out = lb.cli(&[
+        "targets",
+        "register",
+        "--target",
+        &format!("app={}", b.addr),
+    ]);
     assert!(out.status.success(), "{out:?}");
     let seen: Vec<String> = (0..4).map(|_| lb.get("/").1).collect();
     assert_eq!(seen.iter().filter(|s| *s == "beta").count(), 2, "{seen:?}");
 
-    let out = lb.targets(&["deregister", "--target", &format!("app={}", a.addr)]);
+    let out = lb.cli(&[
+        "targets",
+        "deregister",
+        "--target",
+        &format!("app={}", a.addr),
+    ]);
     assert!(out.status.success(), "{out:?}");
     assert!((0..4).all(|_| lb.get("/").1 == "beta"));
 
-    let out = lb.targets(&["health"]);
+    let out = lb.cli(&["targets", "health"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let port = |addr: std::net::SocketAddr| format!(" {} ", addr.port());
     assert!(
@@ -189,14 +58,20 @@ fn flags_become_a_running_tier_that_the_admin_socket_changes() {
     );
 
     // Deregistering what is not there is an error the CLI reports.
-    let out = lb.targets(&["deregister", "--target", &format!("app={}", a.addr)]);
+    let out = lb.cli(&[
+        "targets",
+        "deregister",
+        "--target",
+        &format!("app={}", a.addr),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not registered"));
 
-    let admin = lb.admin.clone();
     let status = lb.terminate();
     assert!(status.success(), "lb exited with {status}");
-    assert!(!admin.exists(), "admin socket left behind");
+    // Its directory is still there (removed when `lb` is dropped): only the socket went.
+    assert!(lb.dir.exists(), "scratch directory gone early");
+    assert!(!lb.admin.exists(), "admin socket left behind");
 }
 
 #[test]
@@ -283,7 +158,7 @@ fn lb_run_raises_its_open_files_soft_limit_to_the_hard_limit_and_says_so() {
     }
     let mut lb = Running(cmd.spawn().expect("spawn lb"));
     let child = &mut lb.0;
-    ready_line(child);
+    ready_line(child, None);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
     let open_files: Vec<&str> = limits
         .lines()
@@ -331,7 +206,7 @@ fn thp_enabled_of_lb_run(name: &str, env: &[(&str, &str)]) -> String {
             .spawn()
             .expect("spawn lb"),
     );
-    ready_line(&mut lb.0);
+    ready_line(&mut lb.0, None);
     let status = std::fs::read_to_string(format!("/proc/{}/status", lb.0.id()));
     drop(lb);
     status

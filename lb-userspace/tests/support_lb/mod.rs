@@ -5,7 +5,7 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -245,6 +245,23 @@ pub struct Lb {
     ready: String,
 }
 
+/// The first line a started `lb run` prints on its stdout (piped), which must be its `ready:`
+/// line. A child that printed anything else, or nothing, is killed and reaped before the test
+/// fails (with what it logged to `log`, if given): a failed start leaves no `lb` running.
+pub fn ready_line(child: &mut Child, log: Option<&Path>) -> String {
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().expect("stdout piped")).read_line(&mut line);
+    if read.is_err() || !line.starts_with("ready:") {
+        let _ = child.kill();
+        let _ = child.wait();
+        let logged = log
+            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .unwrap_or_default();
+        panic!("lb printed {line:?} ({read:?}) instead of its ready line; log:\n{logged}");
+    }
+    line
+}
+
 /// A scratch directory unique to this process and `name`.
 pub fn tempdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lb-test-{name}-{}", std::process::id()));
@@ -327,15 +344,7 @@ impl Lb {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn lb");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        assert!(
-            line.starts_with("ready:"),
-            "lb printed {line:?}; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        let line = ready_line(&mut child, Some(&log));
         // "… listeners web=127.0.0.1:PORT; admin socket PATH and 127.0.0.1:PORT"
         let listener = line
             .split_whitespace()
@@ -467,11 +476,11 @@ impl Lb {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
-    /// Stops it with SIGTERM; returns whether it exited cleanly.
-    pub fn terminate(mut self) -> bool {
-        // SAFETY: plain kill(2) on our child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    /// Stops it with SIGTERM and waits for it to exit. Its directory stays until it is
+    /// dropped, so a test can check what the exit left behind (the admin socket).
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.wait().expect("wait for lb")
     }
 }
 
