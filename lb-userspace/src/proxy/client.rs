@@ -234,7 +234,7 @@ enum Conn {
 /// ([`Forwarder::forward`]).
 enum Any {
     Hyper(Conn),
-    Raw(RawConn),
+    Raw(Box<RawConn>),
 }
 
 /// Whether a request goes through our own HTTP/1.1 client ([`h1`]) rather than hyper's:
@@ -536,7 +536,7 @@ impl Forwarder {
     async fn send_raw(
         &self,
         target: &Arc<Target>,
-        conn: RawConn,
+        conn: Box<RawConn>,
         req: &mut Request<ProxyBody>,
         tail: Option<ForwardedTail<'_>>,
         replay: &Replay,

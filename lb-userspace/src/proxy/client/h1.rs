@@ -355,7 +355,7 @@ struct Head {
 )]
 #[allow(clippy::too_many_arguments)]
 pub fn send<'a>(
-    mut conn: RawConn,
+    mut conn: Box<RawConn>,
     req: &'a mut Request<ProxyBody>,
     mut tail: Option<ForwardedTail<'a>>,
     max_head: usize,
@@ -787,7 +787,7 @@ enum Step {
 /// back to the pool at once (before the last frame is handed on, when the end is already in the
 /// buffer); dropped earlier, the connection is closed.
 pub struct RawBody {
-    conn: Option<RawConn>,
+    conn: Option<Box<RawConn>>,
     state: State,
     reusable: bool,
     pool: Arc<TargetPool>,
@@ -801,7 +801,7 @@ pub struct RawBody {
 
 impl RawBody {
     fn new(
-        conn: RawConn,
+        conn: Box<RawConn>,
         state: State,
         reusable: bool,
         pool: Arc<TargetPool>,
@@ -1018,7 +1018,7 @@ impl Body for RawBody {
                 _ => READ_CHUNK,
             };
             conn.buf.reserve(want);
-            let RawConn { stream, buf, .. } = conn;
+            let RawConn { stream, buf, .. } = &mut **conn;
             match pin!(stream.read_buf(buf)).poll(cx) {
                 Poll::Ready(Ok(0)) => {
                     if matches!(this.state, State::Close) {
