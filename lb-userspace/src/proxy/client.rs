@@ -234,7 +234,7 @@ enum Conn {
 /// ([`Forwarder::forward`]).
 enum Any {
     Hyper(Conn),
-    Raw(RawConn),
+    Raw(Box<RawConn>),
 }
 
 /// Whether a request goes through our own HTTP/1.1 client ([`h1`]) rather than hyper's:
@@ -348,7 +348,7 @@ impl Forwarder {
     ///
     /// `req` is borrowed: it stays in the caller's place for the whole forward (rewritten
     /// there, its body consumed there), and a retry on a new connection re-reads it from
-    /// there. Taken by value, it was written into the forward's, `send_raw`'s and
+    /// there. Taken by value, it was written into the forward's, a `send_raw` layer's and
     /// `h1::send`'s futures in turn, 224-240 bytes each, on every request.
     ///
     /// A plain function returning an `async move` block, not an `async fn`, which would store
@@ -407,7 +407,7 @@ impl Forwarder {
                     break 'pooled;
                 };
                 target.pool().count_reused();
-                match self.send_any(target, conn, req, tail.take(), &replay).await {
+                match self.send_any(target, conn, req, &mut tail, &replay).await {
                     Ok((response, no_hop_by_hop)) => {
                         if let Some(idle_for) = idle_for {
                             target.pool().observe_reuse_answered(idle_for);
@@ -475,7 +475,7 @@ impl Forwarder {
                 (Any::Hyper(conn), time)
             };
             target.pool().count_fresh();
-            match self.send_any(target, conn, req, tail, &replay).await {
+            match self.send_any(target, conn, req, &mut tail, &replay).await {
                 Ok((response, no_hop_by_hop)) => Ok(Forwarded {
                     response,
                     reused_connection: false,
@@ -508,13 +508,19 @@ impl Forwarder {
     /// time beside the future it awaits. Always inlined: called, it returned its future (the
     /// send's state, several hundred bytes) into a temporary that `forward_to` then copied
     /// into its own state, on every request.
+    ///
+    /// Our own client's send is `h1::send`'s future itself, its failure mapped by a
+    /// `map_err`: an `async fn` around it (`send_raw`, until stop 31) kept its arguments (the
+    /// connection, the tail, five references: 120 bytes) in a layer of its own and copied
+    /// them into the send's future on its first poll, per request. `tail` stays in the
+    /// caller's place: a send that fails leaves it empty, its fields in the request's map.
     #[inline(always)]
-    fn send_any<'a>(
+    fn send_any<'a, 't: 'a>(
         &'a self,
         target: &'a Arc<Target>,
         conn: Any,
         req: &'a mut Request<ProxyBody>,
-        tail: Option<ForwardedTail<'a>>,
+        tail: &'a mut Option<ForwardedTail<'t>>,
         replay: &'a Replay,
     ) -> impl Future<Output = Result<(Response<ProxyBody>, bool), SendError>> + 'a {
         use futures_util::TryFutureExt as _;
@@ -529,50 +535,26 @@ impl Forwarder {
                 let req = std::mem::take(req);
                 Either::Left(self.send(target, conn, req, replay).map_ok(|r| (r, false)))
             }
-            Any::Raw(conn) => Either::Right(self.send_raw(target, conn, req, tail, replay)),
+            Any::Raw(conn) => {
+                let config = &self.inner.config;
+                // `h1::send` bounds the exchange by the idle timeout itself, with the
+                // connection's own timer, and takes the target's `Keep-Alive` hint from the
+                // head, if it had one.
+                Either::Right(
+                    h1::send(
+                        conn,
+                        req,
+                        tail,
+                        config.max_response_header_bytes,
+                        target.pool(),
+                        target.endpoint.addr,
+                        config.idle_timeout,
+                        replay,
+                    )
+                    .map_err(raw_failure),
+                )
+            }
         }
-    }
-
-    async fn send_raw(
-        &self,
-        target: &Arc<Target>,
-        conn: RawConn,
-        req: &mut Request<ProxyBody>,
-        tail: Option<ForwardedTail<'_>>,
-        replay: &Replay,
-    ) -> Result<(Response<ProxyBody>, bool), SendError> {
-        let config = &self.inner.config;
-        // `h1::send` bounds the exchange by the idle timeout itself, with the connection's
-        // own timer.
-        // Pinned where it is made: awaited by value, the send's future (its arguments, 368
-        // bytes before it starts) was moved into this future's state once more per request.
-        let sent = std::pin::pin!(h1::send(
-            conn,
-            req,
-            tail,
-            config.max_response_header_bytes,
-            target.pool(),
-            target.endpoint.addr,
-            config.idle_timeout,
-            replay,
-        ));
-        let response = match sent.await {
-            Err(h1::Failure::TimedOut) => return Err(SendError::Timeout),
-            Err(h1::Failure::NotSent(error)) => {
-                return Err(SendError::NotSent(None, Box::new(error)));
-            }
-            Err(h1::Failure::Failed(error)) => {
-                return Err(SendError::Failed {
-                    stale: error.is_stale_symptom(),
-                    body: matches!(error, h1::H1Error::Body(_)),
-                    error: Box::new(error),
-                    head_kept: true,
-                });
-            }
-            // `h1::send` has taken the target's `Keep-Alive` hint from the head, if it had one.
-            Ok(sent) => sent,
-        };
-        Ok(response)
     }
 
     /// Forgets every target whose address `keep` refuses: its pool, with its idle connections
@@ -703,6 +685,20 @@ pub(crate) async fn within_idle_timeout<T>(
         .map(|()| None)
     })
     .await
+}
+
+/// Our own client's failure as either client's [`SendError`].
+fn raw_failure(failure: h1::Failure) -> SendError {
+    match failure {
+        h1::Failure::TimedOut => SendError::Timeout,
+        h1::Failure::NotSent(error) => SendError::NotSent(None, Box::new(error)),
+        h1::Failure::Failed(error) => SendError::Failed {
+            stale: error.is_stale_symptom(),
+            body: matches!(error, h1::H1Error::Body(_)),
+            error: Box::new(error),
+            head_kept: true,
+        },
+    }
 }
 
 fn receive(result: Sent) -> Result<Response<Incoming>, SendError> {

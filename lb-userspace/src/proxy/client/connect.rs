@@ -40,7 +40,7 @@ pub(super) async fn connect(
 pub(super) async fn connect_raw(
     target: &Target,
     config: &ClientConfig,
-) -> Result<(RawConn, Duration), ProxyError> {
+) -> Result<(Box<RawConn>, Duration), ProxyError> {
     let started = Instant::now();
     let addr = target.endpoint.addr;
     let tcp = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
@@ -54,13 +54,13 @@ pub(super) async fn connect_raw(
     };
     // Heads are written whole; Nagle would only delay the last segment.
     tcp.set_nodelay(true).map_err(|e| connect_error(addr, e))?;
-    let conn = RawConn {
+    let conn = Box::new(RawConn {
         id: target.pool().next_id(),
         stream: tcp,
         buf: bytes::BytesMut::new(),
         timer: None,
         names: crate::proxy::names::HeaderNames::new(),
-    };
+    });
     Ok((conn, started.elapsed()))
 }
 
@@ -70,12 +70,12 @@ pub(super) async fn connect_raw(
 pub(super) async fn into_hyper(
     target: &Target,
     config: &ClientConfig,
-    conn: RawConn,
+    conn: Box<RawConn>,
 ) -> Result<Conn, ProxyError> {
     let addr = target.endpoint.addr;
     let RawConn {
         id, stream, buf, ..
-    } = conn;
+    } = *conn;
     if !buf.is_empty() {
         return Err(connect_error(
             addr,

@@ -336,8 +336,11 @@ struct Head {
 /// `req` is borrowed, not taken: it stays in the caller's place (the handler's future) for the
 /// whole forward, and a request that was not sent, or may have been, is still there for a
 /// retry. Taken by value, the request (224-240 bytes) was written into each layer's future on
-/// its way here (the forward's, `send_raw`'s, this one's), on every request. On success its
+/// its way here (the forward's, a `send_raw` layer's, this one's), on every request. On success its
 /// body and map are taken out of it (dropped, recycled); the rest drops with the caller's.
+/// `tail` is borrowed too, from the forward's own place: taken by value, its 72 bytes were
+/// written into the forward's, a `send_raw` layer's and this future per request. A request that was
+/// not sent, or may have been, leaves this with the tail's fields in its map and `tail` empty.
 ///
 /// The timer is the connection's own, kept with it in the pool, and not touched per request:
 /// it may be due earlier than this request's deadline (it was set for an earlier one), never
@@ -354,10 +357,10 @@ struct Head {
     reason = "an `async fn` stores each argument twice in its future (see above)"
 )]
 #[allow(clippy::too_many_arguments)]
-pub fn send<'a>(
-    mut conn: RawConn,
+pub fn send<'a, 't: 'a>(
+    mut conn: Box<RawConn>,
     req: &'a mut Request<ProxyBody>,
-    mut tail: Option<ForwardedTail<'a>>,
+    tail: &'a mut Option<ForwardedTail<'t>>,
     max_head: usize,
     pool: &'a Arc<TargetPool>,
     target: SocketAddr,
@@ -369,7 +372,7 @@ pub fn send<'a>(
             bytes: head,
             framing,
             close: request_close,
-        } = encode_head(req, &mut tail);
+        } = encode_head(req, tail);
         let is_head = req.method() == Method::HEAD;
 
         let started = Instant::now();
@@ -392,11 +395,11 @@ pub fn send<'a>(
             Some(Exchanged::Head(head, body_sent)) => (head, body_sent),
             // Whatever sends the request again (or reports it) takes its head whole, in its map.
             Some(Exchanged::NotSent(error)) => {
-                into_map(tail, req.headers_mut());
+                into_map(tail.take(), req.headers_mut());
                 return Err(Failure::NotSent(error));
             }
             Some(Exchanged::Failed(error)) => {
-                into_map(tail, req.headers_mut());
+                into_map(tail.take(), req.headers_mut());
                 return Err(Failure::Failed(error));
             }
             None => return Err(Failure::TimedOut),
@@ -787,7 +790,7 @@ enum Step {
 /// back to the pool at once (before the last frame is handed on, when the end is already in the
 /// buffer); dropped earlier, the connection is closed.
 pub struct RawBody {
-    conn: Option<RawConn>,
+    conn: Option<Box<RawConn>>,
     state: State,
     reusable: bool,
     pool: Arc<TargetPool>,
@@ -801,7 +804,7 @@ pub struct RawBody {
 
 impl RawBody {
     fn new(
-        conn: RawConn,
+        conn: Box<RawConn>,
         state: State,
         reusable: bool,
         pool: Arc<TargetPool>,
@@ -1018,7 +1021,7 @@ impl Body for RawBody {
                 _ => READ_CHUNK,
             };
             conn.buf.reserve(want);
-            let RawConn { stream, buf, .. } = conn;
+            let RawConn { stream, buf, .. } = &mut **conn;
             match pin!(stream.read_buf(buf)).poll(cx) {
                 Poll::Ready(Ok(0)) => {
                     if matches!(this.state, State::Close) {
