@@ -637,10 +637,6 @@ fn respond(
 }
 
 /// What routing decided: the load balancer's own answer, or a request to forward.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "returned once per request and taken apart at once; a boxed dispatch would allocate"
-)]
 enum Routed<'r> {
     Answer(Outcome),
     Forward(Dispatch<'r>),
