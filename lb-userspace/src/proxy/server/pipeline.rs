@@ -22,7 +22,6 @@ use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -35,7 +34,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::{WaitForCancellationFuture, WaitForCancellationFutureOwned};
 
 use super::abuse::StreamCancellations;
-use super::exchange::{ConnInfo, Counted, Exchange};
+use super::exchange::{ConnInfo, Exchange};
 use super::limits::ConnectionSlot;
 use super::sniff::{ConnShared, HeadVerdict};
 use super::{Listener, Phase};
@@ -448,34 +447,19 @@ impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + S
 /// its targets, if it keeps them (the native loop), else the request watches its target for
 /// itself.
 ///
-/// The request's body is boxed as the forwarder takes it before the future is made, so the
-/// future holds the request once, as it is forwarded: routing rewrites it in place. (It was
-/// captured with its own body type and rebuilt by the routing into a second request, kept
-/// beside the first across the forward: 224 more bytes of the future written and read per
-/// request.) A body without content (a GET) boxes without allocating.
-///
 /// A plain function returning an `async move` block, not an `async fn`: an `async fn` moves
 /// each argument from its future's captured state into a local of the body on the first
-/// poll, so the request was stored twice in the stream's future and copied once more per
-/// request; the block uses what it captured in place.
+/// poll, so the request (264 bytes) was stored twice in the stream's future and copied once
+/// more per request; the block uses what it captured in place.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an `async fn` stores each argument twice in its future (see above)"
+)]
 pub(super) fn handle<B: RequestBody>(
     ctx: impl std::ops::Deref<Target = ConnCtx> + Send,
     req: Request<B>,
     watches: Option<&mut TargetWatches>,
 ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
-    let (parts, body) = req.into_parts();
-    let (body, body_in) = if body.is_end_stream() {
-        // Nothing to stream or count: no counter, and a body that boxes without allocating.
-        drop(body);
-        (empty_body(), None)
-    } else {
-        let (counted, n) = Counted::new(body);
-        (counted.map_err(Into::into).boxed_unsync(), Some(n))
-    };
-    let mut req = Request::from_parts(parts, body);
-    // The block is made here, not by a second function returning it: a future returned
-    // through two functions was built on the stack and copied whole into `Respond::new`'s
-    // heap slot (about 40 more write misses per HTTP/2 request).
     async move {
         let version = req.version();
         if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
@@ -500,18 +484,19 @@ pub(super) fn handle<B: RequestBody>(
         let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
         // One version of the rules for the whole request, whatever changes meanwhile.
         let rules = ctx.listener.rules.load_full();
-        // Routing and the request's rewrite (in place) are plain functions and the forward is
-        // awaited here, the handler's only await: each nested async function copied the
-        // request (and its own arguments) into its future and again into its locals, on every
-        // request. The routing result is taken apart in this statement, so it is dead before
-        // the await: matched in the expression the await's result went to, it (472 bytes) was
-        // kept in the stream's future across the forward and written there on every request.
+        // Routing and the request's rewrite are plain functions and the forward is awaited here,
+        // the handler's only await: each nested async function copied the request (and its own
+        // arguments) into its future and again into its locals, on every request. The routing
+        // result is taken apart in this statement, so it is dead before the await:
+        // matched in the expression the await's result went to, it (472 bytes) was kept in the
+        // stream's future across the forward and written there on every request.
         let Dispatch {
+            mut request,
             facts,
             tail,
             endpoint,
             reply,
-        } = match route(&ctx, &rules, verdict, &mut req, body_in, &mut ex) {
+        } = match route(&ctx, &rules, verdict, req, &mut ex) {
             Routed::Answer(outcome) => {
                 return Ok(respond(
                     &ctx,
@@ -541,7 +526,7 @@ pub(super) fn handle<B: RequestBody>(
             // waits for the target): the connection's kept one ([`TargetWatches`], looked
             // up once per request) if it has one for the target, else one made here.
             let mut forwarding =
-                std::pin::pin!(forwarder.forward_to(target, &mut req, facts, tail));
+                std::pin::pin!(forwarder.forward_to(target, &mut request, facts, tail));
             let mut own_watch = std::pin::pin!(None::<WaitForCancellationFuture<'_>>);
             let mut kept = watches.and_then(|w| w.watch(&reply.picked));
             std::future::poll_fn(|cx| {
@@ -626,6 +611,10 @@ fn respond(
 }
 
 /// What routing decided: the load balancer's own answer, or a request to forward.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per request and taken apart at once; a boxed dispatch would allocate"
+)]
 enum Routed<'r> {
     Answer(Outcome),
     Forward(Dispatch<'r>),
@@ -637,8 +626,9 @@ impl From<Outcome> for Routed<'_> {
     }
 }
 
-/// What sending the request (rewritten for its target in place) needs.
+/// A request rewritten for its target and ready to be sent.
 struct Dispatch<'r> {
+    request: Request<ProxyBody>,
     /// What is known of the request's headers (the forwarder need not look them up).
     facts: Facts,
     /// The forwarded fields and the trace id, when they are kept out of the request's map.
@@ -693,12 +683,11 @@ struct Reply<'r> {
     close_target: bool,
 }
 
-fn route<'r>(
+fn route<'r, B: RequestBody>(
     ctx: &'r ConnCtx,
     rules: &'r RuleSet,
     verdict: Option<HeadVerdict>,
-    req: &mut Request<ProxyBody>,
-    body_in: Option<Arc<AtomicU64>>,
+    mut req: Request<B>,
     ex: &mut Exchange,
 ) -> Routed<'r> {
     let listener = &ctx.listener;
@@ -792,9 +781,8 @@ fn route<'r>(
         }
         Action::Forward(forward) => {
             let forward: &ForwardAction = forward;
-            let upgrade = hyper::upgrade::on(&mut *req);
-            return match prepare_forward(ctx, forward, req, body_in, seen, upgrade, close_after, ex)
-            {
+            let upgrade = hyper::upgrade::on(&mut req);
+            return match prepare_forward(ctx, forward, req, seen, upgrade, close_after, ex) {
                 Ok(dispatch) => Routed::Forward(dispatch),
                 Err(mut outcome) => {
                     outcome.close |= close_after;
@@ -926,20 +914,15 @@ fn protocol_mismatch(version: Version, seen: Seen, group_version: ProtocolVersio
 
 /// Forwarding up to the send: the group (sticky or weighted), the 464 check, the request's
 /// headers (463 first), the target (503 if none), the trace id and the target's URI and
-/// version, all rewritten in `req` in place. `Err` is the load balancer's answer instead.
+/// version. `Err` is the load balancer's answer instead.
 #[expect(
     clippy::result_large_err,
     reason = "returned once per request; a boxed answer would allocate"
 )]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "a bundle of them would be one more value written per request"
-)]
-fn prepare_forward<'r>(
+fn prepare_forward<'r, B: RequestBody>(
     ctx: &'r ConnCtx,
     forward: &'r ForwardAction,
-    req: &mut Request<ProxyBody>,
-    body_in: Option<Arc<AtomicU64>>,
+    req: Request<B>,
     seen: Seen,
     client_upgrade: hyper::upgrade::OnUpgrade,
     close_target: bool,
@@ -985,20 +968,20 @@ fn prepare_forward<'r>(
     }
 
     let upgrade = wants_upgrade(req.version(), seen);
-    let body_empty = req.body().is_end_stream();
+    let (mut parts, body) = req.into_parts();
     // The client's hop-by-hop headers go first, so that naming `X-Forwarded-For` or
     // `X-Amzn-Trace-Id` in `Connection` removes the client's copy, never the one added below.
     // Without any (the scan saw none) the strip would walk the fields to remove nothing.
     if seen.hop_by_hop {
-        strip_hop_by_hop(req.headers_mut(), upgrade);
+        strip_hop_by_hop(&mut parts.headers, upgrade);
     }
     let mut has_host = seen.host;
     if !seen.host
-        && let Some(authority) = req.uri().authority()
+        && let Some(authority) = parts.uri.authority()
         && let Ok(h) = HeaderValue::from_str(authority.as_str())
     {
         // HTTP/2 clients send `:authority`; HTTP/1 targets need `Host`.
-        req.headers_mut().insert(header::HOST, h);
+        parts.headers.insert(header::HOST, h);
         has_host = true;
     }
     let facts = Facts {
@@ -1012,11 +995,11 @@ fn prepare_forward<'r>(
     // gets them as a tail that the target's HTTP/1.1 client writes after the map's fields:
     // the same head, without four hashed map inserts. Such a request cannot be refused with
     // 463 (only the peer's address goes into its `X-Forwarded-For`).
-    let tail_fits = !seen.forwarded && has_host && !close_target && body_empty;
+    let tail_fits = !seen.forwarded && has_host && !close_target && body.is_end_stream();
     // 463 before a target is picked: a refused request never counts on a target.
     if !tail_fits
         && let Err(too_many) = apply_forwarded(
-            req.headers_mut(),
+            &mut parts.headers,
             &ctx.forwarded_peer,
             &HeaderValue::from_static(listener.cfg.protocol.as_str()),
             &listener.forwarded_port,
@@ -1052,25 +1035,33 @@ fn prepare_forward<'r>(
         ex.trace_id(tail.trace_id());
         Some(tail)
     } else {
-        ex.trace_id(trace_id(req.headers_mut(), now, &mut rand::rng()));
+        ex.trace_id(trace_id(&mut parts.headers, now, &mut rand::rng()));
         None
     };
     if close_target {
         // Ambiguous request (desync defensive mode): the target connection must not be reused.
-        req.headers_mut()
+        parts
+            .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    origin_form(req.uri_mut());
+    origin_form(&mut parts.uri);
     let target_version = match group_cfg.protocol_version {
         ProtocolVersion::Http2 => Version::HTTP_2,
         ProtocolVersion::Http1 => Version::HTTP_11,
     };
-    *req.version_mut() = target_version;
-    if let Some(n) = body_in {
-        ex.count_body(n);
-    }
+    parts.version = target_version;
+    let body = if body.is_end_stream() {
+        // Nothing to stream or count (a GET, say): no counter, and a body that boxes
+        // without allocating.
+        drop(body);
+        empty_body()
+    } else {
+        ex.count_body(body).map_err(Into::into).boxed_unsync()
+    };
+    let request = Request::from_parts(parts, body);
     let endpoint = EndpointSettings::of_group(group_cfg);
     Ok(Dispatch {
+        request,
         facts,
         tail,
         endpoint,
