@@ -164,3 +164,76 @@ async fn clients_never_see_stale_keepalive_failures_when_the_target_advertises_i
 async fn clients_never_see_stale_keepalive_failures_when_the_target_advertises_nothing() {
     client_sees_no_failure(false).await;
 }
+
+/// Header lines of `head` named `name` (case-insensitive).
+fn lines_named<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.split("\r\n")
+        .filter(|line| {
+            line.split_once(':')
+                .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        })
+        .collect()
+}
+
+/// The retry on a new connection sends the same request as the first attempt, with the
+/// headers the balancer adds (`X-Forwarded-For`, `-Proto`, `-Port`, `X-Amzn-Trace-Id`, which
+/// our own client writes after the request's map) exactly once: a retry that lost them, or
+/// added them a second time, would reach the target as a different request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_carries_the_balancers_headers_once_as_the_first_attempt_did() {
+    let target = RawTarget::start(RawBehaviour {
+        reset_after_reading_request: Some(2),
+        ..RawBehaviour::default()
+    })
+    .await;
+    let proxy = ProxyBuilder::forward_to(&[target.addr]).start().await;
+    let tcp = TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect to proxy");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    for path in ["/first", "/again"] {
+        let req = Request::get(path)
+            .header("host", "app.test")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("answered");
+        assert_eq!(resp.status(), 200, "{path}");
+        resp.into_body().collect().await.expect("body");
+    }
+
+    let seen = target.seen();
+    let again: Vec<_> = seen.iter().filter(|s| s.path == "/again").collect();
+    assert_eq!(
+        again.iter().map(|s| s.connection).collect::<Vec<_>>(),
+        vec![0, 1],
+        "the second request is read on the first connection (then reset) and retried on a new one: {seen:?}"
+    );
+    let first = seen
+        .iter()
+        .find(|s| s.path == "/first")
+        .expect("/first seen");
+    for attempt in [first, again[0], again[1]] {
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-amzn-trace-id",
+        ] {
+            assert_eq!(
+                lines_named(&attempt.head, name).len(),
+                1,
+                "{name} once in {} on connection {}:\n{}",
+                attempt.path,
+                attempt.connection,
+                attempt.head
+            );
+        }
+    }
+    assert_eq!(
+        again[0].head, again[1].head,
+        "the retry differs from the first attempt"
+    );
+}

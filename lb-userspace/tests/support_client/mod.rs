@@ -117,6 +117,8 @@ pub struct Seen {
     pub connection: usize,
     /// 1 for the first request on its connection, 2 for the second, …
     pub nth_on_connection: usize,
+    /// The request line and header lines as received (with their CRLFs and the empty line).
+    pub head: String,
 }
 
 /// How a raw HTTP/1.1 target behaves.
@@ -214,6 +216,7 @@ impl RawTarget {
 struct RawRequest {
     method: String,
     path: String,
+    head: String,
     body: Vec<u8>,
 }
 
@@ -272,7 +275,12 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<RawRe
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = buf.drain(..length).collect();
-    Ok(RawRequest { method, path, body })
+    Ok(RawRequest {
+        method,
+        path,
+        head,
+        body,
+    })
 }
 
 async fn serve_raw(
@@ -319,6 +327,7 @@ async fn serve_raw(
             body: request.body.clone(),
             connection,
             nth_on_connection: nth,
+            head: request.head.clone(),
         });
         if let Some(idle) = behaviour.drop_request_after_idle
             && nth > 1
