@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""What one request touches: reads scripts/l7-footprint.sh's trace.
+
+usage: scripts/footprint.py OUT LB_BIN REQUESTS [TOP]
+
+Prints, per request of the measured part: the data accesses, the distinct 64-byte lines one
+request touches (the footprint), by region (`stack`: valgrind's 2 MiB thread stacks; `heap`:
+the anonymous mappings of 1 GiB or more, mimalloc's arena; the binary's and libraries'
+mappings by name), and the misses of two simulated L1 data caches of 32 KiB with LRU
+replacement: this VM's shape (8 ways, 64 sets) and a fully associative one (what is left
+there is capacity, not conflict), each over the measured part with its first half as
+warm-up. Then the functions (by the instruction that made the access, symbolised with `nm`)
+with the most misses, and those that touch the most stack lines in one request. Valgrind
+loads a position-independent binary at 0x108000 (checked against OUT/maps).
+"""
+import bisect, collections, subprocess, sys
+
+out, binp, nreq = sys.argv[1], sys.argv[2], int(sys.argv[3])
+top = int(sys.argv[4]) if len(sys.argv) > 4 else 25
+start, end = (int(open(f"{out}/{f}").read()) for f in ("start", "end"))
+maps = []
+for line in open(f"{out}/maps"):
+    p = line.split()
+    a, b = (int(x, 16) for x in p[0].split("-"))
+    maps.append((a, b, p[5] if len(p) > 5 else "", p[1]))
+maps.sort()
+mstarts = [m[0] for m in maps]
+base = min(a for a, b, n, _ in maps if n.endswith(binp.split("/")[-1]))
+
+
+def region(addr):
+    i = bisect.bisect_right(mstarts, addr) - 1
+    if i < 0 or addr >= maps[i][1]:
+        return "?"
+    a, b, name, perm = maps[i]
+    if not name:
+        if b - a == 2 << 20:
+            return "stack"
+        return "heap" if b - a >= 1 << 30 else "anon"
+    return f"{name.split('/')[-1]} {perm}"
+
+
+syms = []
+for line in subprocess.run(["nm", "-n", "--defined-only", "-C", binp], capture_output=True,
+                           text=True, check=True).stdout.splitlines():
+    p = line.split(" ", 2)
+    if len(p) == 3 and p[1] in "tTwW":
+        syms.append((int(p[0], 16) + base, p[2]))
+sstarts = [s[0] for s in syms]
+text_end = max(b for a, b, n, perm in maps if n.endswith(binp.split("/")[-1]) and "x" in perm)
+
+
+def function(ip):
+    if not base <= ip < text_end:
+        r = region(ip)
+        return f"({r.split()[0]})"
+    i = bisect.bisect_right(sstarts, ip) - 1
+    return syms[i][1][:110] if i >= 0 else hex(ip)
+
+
+with open(f"{out}/trace", "rb") as f:
+    f.seek(start)
+    lines = f.read(end - start).split(b"\n")[1:-1]
+acc, ip = [], 0
+for line in lines:
+    if line[:1] == b"I":
+        ip = int(line[3:].split(b",")[0], 16)
+        continue
+    line = line.strip()
+    if line[:1] not in (b"L", b"S", b"M"):
+        continue
+    a, s = line[2:].split(b",")
+    a, s = int(a, 16), int(s)
+    for ln in range(a >> 6, ((a + s - 1) >> 6) + 1):
+        acc.append((ln, line[:1] != b"L", ip))
+n = len(acc)
+half, reqs = n // 2, nreq / 2
+print(f"data accesses per request (64-byte lines): {n / nreq:.0f}")
+one = acc[half:half + n // nreq]
+by = collections.Counter(region(ln << 6) for ln in {ln for ln, _, _ in one})
+print(f"one request's footprint: {sum(by.values())} distinct lines "
+      f"({sum(by.values()) * 64 / 1024:.1f} KiB): " + ", ".join(f"{r} {c}" for r, c in by.most_common(8)))
+for name, ways, sets in (("8-way, 64 sets", 8, 64), ("fully associative", 512, 1)):
+    cache = [collections.OrderedDict() for _ in range(sets)]
+    byreg, byfn, byfnw, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
+    for i, (ln, w, ip) in enumerate(acc):
+        c = cache[ln % sets]
+        if ln in c:
+            c.move_to_end(ln)
+            continue
+        c[ln] = 1
+        if len(c) > ways:
+            c.popitem(last=False)
+        if i >= half:
+            total += 1
+            r = region(ln << 6)
+            byreg[r] += 1
+            byfn[(r, function(ip))] += 1
+            byfnw[(r, function(ip))] += w
+    print(f"== L1D 32 KiB {name}: {total / reqs:.1f} misses per request: "
+          + ", ".join(f"{r} {c / reqs:.1f}" for r, c in byreg.most_common(6)))
+    for (r, f_), c in byfn.most_common(top):
+        print(f"  {c / reqs:6.1f} (writes {byfnw[(r, f_)] / reqs:5.1f})  {r[:14]:14}  {f_}")
+frames = collections.defaultdict(set)
+for ln, _, ip in one:
+    if region(ln << 6) == "stack":
+        frames[function(ip)].add(ln)
+print("== stack lines one request touches, by function")
+for f_, s in sorted(frames.items(), key=lambda x: -len(x[1]))[:top]:
+    print(f"  {len(s):4d}  {f_}")
