@@ -199,6 +199,8 @@ async fn a_retried_request_carries_the_balancers_headers_once_as_the_first_attem
             .header("host", "app.test")
             .body(Full::new(Bytes::new()))
             .expect("request");
+        // The client connection takes the next request once it has finished the last one.
+        sender.ready().await.expect("client connection ready");
         let resp = sender.send_request(req).await.expect("answered");
         assert_eq!(resp.status(), 200, "{path}");
         resp.into_body().collect().await.expect("body");
