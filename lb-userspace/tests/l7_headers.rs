@@ -175,7 +175,6 @@ async fn headers_the_balancer_adds_survive_a_connection_header_naming_them() {
 #[tokio::test]
 async fn forwarded_for_on_one_connection_with_and_without_the_clients_own() {
     use http_body_util::BodyExt as _;
-    use hyper_util::rt::TokioIo;
 
     let t = target::http1().route("/", Reply::EchoHeaders).run().await;
     let p = ProxyBuilder::forward_to(&[t.addr])
@@ -189,13 +188,7 @@ async fn forwarded_for_on_one_connection_with_and_without_the_clients_own() {
     ];
     support::within(async {
         // One connection: every request goes over this one handshake's sender.
-        let tcp = tokio::net::TcpStream::connect(p.addr)
-            .await
-            .expect("connect to proxy");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
+        let mut sender = support::h1_client(p.addr).await;
         for (i, (sent, want)) in requests.into_iter().enumerate() {
             let mut req = Request::get("/echo").header("host", "app.test");
             if let Some(xff) = sent {

@@ -13,11 +13,9 @@ use std::{collections::HashMap, time::Duration};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
 use rand::Rng as _;
 use support::ProxyBuilder;
 use support_client::{RawBehaviour, RawTarget};
-use tokio::net::TcpStream;
 
 /// The target closes connections idle this long.
 const TARGET_IDLE_CLOSE: Duration = Duration::from_millis(200);
@@ -45,13 +43,7 @@ async fn client_sees_no_failure(advertise_keep_alive: bool) {
     let proxy = ProxyBuilder::forward_to(&[target.addr]).start().await;
 
     // One long-lived client connection, as a browser or an SDK would keep.
-    let tcp = TcpStream::connect(proxy.addr)
-        .await
-        .expect("connect to proxy");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
+    let mut sender = support::h1_client(proxy.addr).await;
 
     let mut failures: Vec<String> = Vec::new();
     let mut posts = 0;
@@ -187,13 +179,7 @@ async fn a_retried_request_carries_the_balancers_headers_once_as_the_first_attem
     })
     .await;
     let proxy = ProxyBuilder::forward_to(&[target.addr]).start().await;
-    let tcp = TcpStream::connect(proxy.addr)
-        .await
-        .expect("connect to proxy");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
+    let mut sender = support::h1_client(proxy.addr).await;
     for path in ["/first", "/again"] {
         let req = Request::get(path)
             .header("host", "app.test")

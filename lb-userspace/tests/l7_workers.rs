@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser as _;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use lb::proxy::server::{AcceptMode, L7Handle, L7Runtime, WorkerLayout};
 use support::target::{self, Reply};
 use support::{ProxyBuilder, SAFETY, get, get_many, get_many_h2, wait_until, within};
@@ -253,13 +252,7 @@ async fn drain_waits_and_joins(accept: AcceptMode) {
     let mut bodies = Vec::new();
     while open(&handle).contains(&0) {
         assert!(bodies.len() < 64, "64 connections all on one worker");
-        let tcp = within(TcpStream::connect(proxy.addr))
-            .await
-            .expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
+        let mut sender = within(support::h1_client(proxy.addr)).await;
         let req = http::Request::get("/")
             .header("host", "app.test")
             .body(Full::new(Bytes::new()))

@@ -32,6 +32,17 @@ use tokio::net::{TcpListener, TcpStream};
 /// Safety net for every network wait in tests (never asserted on).
 pub const SAFETY: Duration = Duration::from_secs(20);
 
+/// A keep-alive HTTP/1.1 client connection to `addr` (hyper's, its connection task spawned):
+/// the requests a test sends on it share one TCP connection, as a browser's or an SDK's do.
+pub async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(addr).await.expect("connect to proxy");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
 pub async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(SAFETY, f)
         .await
