@@ -4,7 +4,9 @@
 usage: scripts/footprint.py OUT LB_BIN REQUESTS [TOP]
 
 Prints, per request of the measured part: the data accesses, the distinct 64-byte lines one
-request touches (the footprint), by region (`stack`: valgrind's 2 MiB thread stacks; `heap`:
+request touches (the footprint: the lines of one window of the trace as long as an average
+request's accesses, at the middle of the measured part; not aligned to a request's start, so
+an estimate), by region (`stack`: valgrind's 2 MiB thread stacks; `heap`:
 the anonymous mappings of 1 GiB or more, mimalloc's arena; the binary's and libraries'
 mappings by name), and the misses of two simulated L1 data caches of 32 KiB with LRU
 replacement: this VM's shape (8 ways, 64 sets) and a fully associative one (what is left
