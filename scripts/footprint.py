@@ -4,9 +4,9 @@
 usage: scripts/footprint.py OUT LB_BIN REQUESTS [TOP]
 
 Prints, per request of the measured part: the data accesses, the distinct 64-byte lines one
-request touches (the footprint: the lines of one window of the trace as long as an average
-request's accesses, at the middle of the measured part; not aligned to a request's start, so
-an estimate), by region (`stack`: valgrind's 2 MiB thread stacks; `heap`:
+request touches (the footprint: the distinct lines of a window of the trace as long as an
+average request's accesses, averaged over the windows of the measured part's second half; not
+aligned to a request's start, so an estimate, with the windows' spread), by region (`stack`: valgrind's 2 MiB thread stacks; `heap`:
 the anonymous mappings of 1 GiB or more, mimalloc's arena; the binary's and libraries'
 mappings by name), and the misses of two simulated L1 data caches of 32 KiB with LRU
 replacement: this VM's shape (8 ways, 64 sets) and a fully associative one (what is left
@@ -78,10 +78,21 @@ for line in lines:
 n = len(acc)
 half, reqs = n // 2, nreq / 2
 print(f"data accesses per request (64-byte lines): {n / nreq:.0f}")
-one = acc[half:half + n // nreq]
-by = collections.Counter(region(ln << 6) for ln in {ln for ln, _, _ in one})
-print(f"one request's footprint: {sum(by.values())} distinct lines "
-      f"({sum(by.values()) * 64 / 1024:.1f} KiB): " + ", ".join(f"{r} {c}" for r, c in by.most_common(8)))
+# The footprint: the distinct lines of each request-long window of the measured part's second
+# half, averaged (the windows are not aligned to requests, so each is an estimate; their
+# spread is printed), and the regions of the mean.
+width = n // nreq
+wins = [acc[i:i + width] for i in range(half, n - width + 1, width)]
+by, sizes = collections.Counter(), []
+for w in wins:
+    lns = {ln for ln, _, _ in w}
+    sizes.append(len(lns))
+    by.update(region(ln << 6) for ln in lns)
+mean = sum(sizes) / len(sizes)
+print(f"one request's footprint, mean of {len(wins)} request-long windows: {mean:.1f} distinct lines "
+      f"({mean * 64 / 1024:.1f} KiB; windows {min(sizes)}-{max(sizes)}): "
+      + ", ".join(f"{r} {c / len(wins):.1f}" for r, c in by.most_common(8)))
+one = wins[0]
 for name, ways, sets in (("8-way, 64 sets", 8, 64), ("fully associative", 512, 1)):
     cache = [collections.OrderedDict() for _ in range(sets)]
     byreg, byfn, byfnw, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
@@ -107,6 +118,6 @@ frames = collections.defaultdict(set)
 for ln, _, ip in one:
     if region(ln << 6) == "stack":
         frames[function(ip)].add(ln)
-print("== stack lines one request touches, by function")
+print("== stack lines touched in one request-long window, by function")
 for f_, s in sorted(frames.items(), key=lambda x: -len(x[1]))[:top]:
     print(f"  {len(s):4d}  {f_}")
