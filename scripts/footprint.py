@@ -90,7 +90,8 @@ for w in wins:
     by.update(region(ln << 6) for ln in lns)
 mean = sum(sizes) / len(sizes)
 print(f"one request's footprint, mean of {len(wins)} request-long windows: {mean:.1f} distinct lines "
-      f"({mean * 64 / 1024:.1f} KiB; windows {min(sizes)}-{max(sizes)}): "
+      f"({mean * 64 / 1024:.1f} KiB; windows {min(sizes)}-{max(sizes)}, "
+      f"median {sorted(sizes)[len(sizes) // 2]}): "
       + ", ".join(f"{r} {c / len(wins):.1f}" for r, c in by.most_common(8)))
 one = wins[0]
 for name, ways, sets in (("8-way, 64 sets", 8, 64), ("fully associative", 512, 1)):
