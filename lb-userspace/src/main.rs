@@ -4,8 +4,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use lb::cli::{Cli, Command, LogFormat};
 
+mod lifo;
+
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: lifo::Lifo = lifo::Lifo;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
