@@ -291,11 +291,10 @@ impl Exchange {
         }
     }
 
-    /// Counts the request body's bytes as they stream to the target.
-    pub fn count_body<B>(&mut self, body: B) -> Counted<B> {
-        let n = Arc::new(AtomicU64::new(0));
-        self.body_in = Some(n.clone());
-        Counted { inner: body, n }
+    /// The request body's bytes, counted as they stream to the target ([`Counted::new`]'s
+    /// counter), go into the record.
+    pub fn count_body(&mut self, n: Arc<AtomicU64>) {
+        self.body_in = Some(n);
     }
 
     /// The request is about to be sent (the forwarder connects or takes a pooled connection
@@ -495,6 +494,20 @@ fn strip_port(host: &str) -> &str {
 pub(super) struct Counted<B> {
     inner: B,
     n: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    /// `body`, and the counter of the bytes it yields.
+    pub fn new(body: B) -> (Self, Arc<AtomicU64>) {
+        let n = Arc::new(AtomicU64::new(0));
+        (
+            Self {
+                inner: body,
+                n: n.clone(),
+            },
+            n,
+        )
+    }
 }
 
 impl<B> Body for Counted<B>

@@ -71,8 +71,9 @@ impl Respond {
     /// request, and 70 more to free it).
     pub(super) fn new<B: pipeline::RequestBody>(ctx: &Arc<ConnCtx>, req: Request<B>) -> Self {
         let h2 = req.version() == Version::HTTP_2;
-        let slot = slot_for(&pipeline::handle::<B>);
-        let future = Box::write(slot, pipeline::handle(ctx.clone(), req, None));
+        let (req, body_in) = pipeline::forwardable(req);
+        let slot = slot_for(&pipeline::handle::<Arc<ConnCtx>>);
+        let future = Box::write(slot, pipeline::handle(ctx.clone(), req, body_in, None));
         Self {
             h2,
             inner: ManuallyDrop::new(Box::into_pin(future)),
@@ -102,7 +103,7 @@ impl Drop for Respond {
 /// A heap slot for the future `make` returns: a spare one of its layout, else a new one.
 /// `make` is only named, never called: it lets the caller's future type, which has no name,
 /// be inferred, so the future can still be built in place.
-fn slot_for<A, R, W, F>(_make: &impl FnOnce(A, R, W) -> F) -> Box<MaybeUninit<F>> {
+fn slot_for<A, R, N, W, F>(_make: &impl FnOnce(A, R, N, W) -> F) -> Box<MaybeUninit<F>> {
     let layout = Layout::new::<F>();
     match Spares::take(layout) {
         // SAFETY: allocated by the global allocator with exactly this layout (a `Box` of a
@@ -163,7 +164,7 @@ mod tests {
         }
     }
 
-    async fn big(flag: Dropped, byte: u8, (): ()) -> Answered {
+    async fn big(flag: Dropped, byte: u8, (): (), (): ()) -> Answered {
         let pad = [byte; 4096];
         std::future::pending::<()>().await;
         drop(flag);
@@ -171,7 +172,7 @@ mod tests {
         unreachable!()
     }
 
-    async fn small(flag: Dropped, _byte: u8, (): ()) -> Answered {
+    async fn small(flag: Dropped, _byte: u8, (): (), (): ()) -> Answered {
         std::future::pending::<()>().await;
         drop(flag);
         unreachable!()
@@ -191,7 +192,7 @@ mod tests {
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let before = spares();
         let slot = slot_for(&big);
-        let first = Box::write(slot, big(Dropped(flag.clone()), 1, ()));
+        let first = Box::write(slot, big(Dropped(flag.clone()), 1, (), ()));
         let addr = std::ptr::from_ref(&*first).cast::<u8>();
         drop(respond(Box::into_pin(first)));
         assert!(
@@ -201,7 +202,7 @@ mod tests {
         assert_eq!(spares(), before + 1, "its slot was kept");
 
         // Another layout: not given the kept slot.
-        let other = Box::write(slot_for(&small), small(Dropped(flag.clone()), 2, ()));
+        let other = Box::write(slot_for(&small), small(Dropped(flag.clone()), 2, (), ()));
         assert_eq!(
             spares(),
             before + 1,
@@ -209,12 +210,12 @@ mod tests {
         );
         drop(respond(Box::into_pin(other)));
         assert_eq!(spares(), before + 2);
-        let other = Box::write(slot_for(&small), small(Dropped(flag.clone()), 2, ()));
+        let other = Box::write(slot_for(&small), small(Dropped(flag.clone()), 2, (), ()));
         assert_eq!(spares(), before + 1, "the small slot was taken");
         drop(other);
 
         // Same layout: the kept slot, written in place.
-        let second = Box::write(slot_for(&big), big(Dropped(flag.clone()), 3, ()));
+        let second = Box::write(slot_for(&big), big(Dropped(flag.clone()), 3, (), ()));
         assert_eq!(
             std::ptr::from_ref(&*second).cast::<u8>(),
             addr,
@@ -230,7 +231,7 @@ mod tests {
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let all: Vec<Respond> = (0..crate::proxy::server::spares::SPARES_MAX + 5)
             .map(|i| {
-                let fut = Box::write(slot_for(&big), big(Dropped(flag.clone()), i as u8, ()));
+                let fut = Box::write(slot_for(&big), big(Dropped(flag.clone()), i as u8, (), ()));
                 respond(Box::into_pin(fut))
             })
             .collect();
