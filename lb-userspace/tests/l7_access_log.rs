@@ -399,6 +399,45 @@ async fn too_many_forwarded_for_addresses_is_a_463_before_any_target() {
     assert_eq!(t.hits(), 0);
 }
 
+/// `received_bytes` is the head plus the body the balancer forwarded: a forwarded request's
+/// body counts byte for byte, and the body of a request the balancer answers itself (463
+/// here) is never read and adds nothing.
+#[tokio::test]
+async fn received_bytes_counts_a_forwarded_body_and_not_an_unforwarded_one() {
+    let log = Log::new("body");
+    let t = target::http1().route("/", Reply::text("ok")).run().await;
+    let mut b = ProxyBuilder::forward_to(&[t.addr]);
+    b.access_log = Some(log.writer.clone());
+    let p = b.start().await;
+    let body = "b".repeat(1000);
+    let post = |extra: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: app.test\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let forwarded = post("");
+    assert_eq!(status_of(&raw(p.addr, forwarded.as_bytes()).await), 200);
+    let f = log.line(1).await;
+    assert_eq!(f[ELB_STATUS], "200");
+    assert_eq!(
+        f[RECEIVED].parse::<u64>().expect("received_bytes"),
+        forwarded.len() as u64,
+        "the head and the 1000-byte body"
+    );
+    let xff: Vec<String> = (1..=31).map(|i| format!("10.0.0.{i}")).collect();
+    let refused = post(&format!("X-Forwarded-For: {}\r\n", xff.join(", ")));
+    assert_eq!(status_of(&raw(p.addr, refused.as_bytes()).await), 463);
+    let f = log.line(2).await;
+    assert_eq!(f[ELB_STATUS], "463");
+    assert_eq!(
+        f[RECEIVED].parse::<u64>().expect("received_bytes"),
+        (refused.len() - body.len()) as u64,
+        "the head only"
+    );
+    assert_eq!(t.hits(), 1);
+}
+
 #[tokio::test]
 async fn a_severe_desync_request_is_a_400_with_its_classification_and_request_line() {
     let log = Log::new("desync");

@@ -292,9 +292,9 @@ impl Exchange {
     }
 
     /// The request body's bytes, counted as they stream to the target ([`Counted::new`]'s
-    /// counter), go into the record.
-    pub fn count_body(&mut self, n: Arc<AtomicU64>) {
-        self.body_in = Some(n);
+    /// counter; none for a body without content), go into the record.
+    pub fn count_body(&mut self, n: Option<Arc<AtomicU64>>) {
+        self.body_in = n;
     }
 
     /// The request is about to be sent (the forwarder connects or takes a pooled connection

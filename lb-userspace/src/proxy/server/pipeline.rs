@@ -511,6 +511,9 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
             ctx.conn.pop_verdict()
         };
         let mut ex = Exchange::start(&ctx.listener, ctx.peer, &ctx.info, &req, verdict.as_ref());
+        // The record counts what the body yields; a body the load balancer answers without
+        // forwarding is dropped unread and adds nothing.
+        ex.count_body(body_in);
         let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
         // One version of the rules for the whole request, whatever changes meanwhile.
         let rules = ctx.listener.rules.load_full();
@@ -525,7 +528,7 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
             tail,
             endpoint,
             reply,
-        } = match route(&ctx, &rules, verdict, &mut req, body_in, &mut ex) {
+        } = match route(&ctx, &rules, verdict, &mut req, &mut ex) {
             Routed::Answer(outcome) => {
                 // The request body goes now, as when the routing took the request by value
                 // (the native loop learns at once that it was not read).
@@ -715,7 +718,6 @@ fn route<'r>(
     rules: &'r RuleSet,
     verdict: Option<HeadVerdict>,
     req: &mut Request<ProxyBody>,
-    body_in: Option<Arc<AtomicU64>>,
     ex: &mut Exchange,
 ) -> Routed<'r> {
     let listener = &ctx.listener;
@@ -810,8 +812,7 @@ fn route<'r>(
         Action::Forward(forward) => {
             let forward: &ForwardAction = forward;
             let upgrade = hyper::upgrade::on(&mut *req);
-            return match prepare_forward(ctx, forward, req, body_in, seen, upgrade, close_after, ex)
-            {
+            return match prepare_forward(ctx, forward, req, seen, upgrade, close_after, ex) {
                 Ok(dispatch) => Routed::Forward(dispatch),
                 Err(mut outcome) => {
                     outcome.close |= close_after;
@@ -948,15 +949,10 @@ fn protocol_mismatch(version: Version, seen: Seen, group_version: ProtocolVersio
     clippy::result_large_err,
     reason = "returned once per request; a boxed answer would allocate"
 )]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "a bundle of them would be one more value written per request"
-)]
 fn prepare_forward<'r>(
     ctx: &'r ConnCtx,
     forward: &'r ForwardAction,
     req: &mut Request<ProxyBody>,
-    body_in: Option<Arc<AtomicU64>>,
     seen: Seen,
     client_upgrade: hyper::upgrade::OnUpgrade,
     close_target: bool,
@@ -1083,9 +1079,6 @@ fn prepare_forward<'r>(
         ProtocolVersion::Http1 => Version::HTTP_11,
     };
     *req.version_mut() = target_version;
-    if let Some(n) = body_in {
-        ex.count_body(n);
-    }
     let endpoint = EndpointSettings::of_group(group_cfg);
     Ok(Dispatch {
         facts,
