@@ -6,13 +6,14 @@ usage: scripts/footprint.py OUT LB_BIN REQUESTS [TOP]
 Prints, per request of the measured part: the data accesses, the distinct 64-byte lines one
 request touches (the footprint: the distinct lines of a window of the trace as long as an
 average request's accesses, averaged over the windows of the measured part's second half; not
-aligned to a request's start, so an estimate, with the windows' spread), by region (`stack`: valgrind's 2 MiB thread stacks; `heap`:
-the anonymous mappings of 1 GiB or more, mimalloc's arena; the binary's and libraries'
-mappings by name), and the misses of two simulated L1 data caches of 32 KiB with LRU
-replacement: this VM's shape (8 ways, 64 sets) and a fully associative one (what is left
-there is capacity, not conflict), each over the measured part with its first half as
-warm-up. Then the functions (by the instruction that made the access, symbolised with `nm`)
-with the most misses, and those that touch the most stack lines in one request. Valgrind
+aligned to a request's start, so an estimate, with the windows' spread), by region (`stack`:
+valgrind's 2 MiB thread stacks; `heap`: the anonymous mappings of 1 GiB or more, mimalloc's
+arena; the binary's and libraries' mappings by name), and the misses of two simulated L1
+data caches of 32 KiB with LRU replacement: this VM's shape (8 ways, 64 sets) and a fully
+associative one (what is left there is capacity, not conflict), each over the measured part
+with its first half as warm-up. Then the functions (by the instruction that made the access,
+symbolised with `nm`) with the most misses, and those that touch the most stack lines in the
+first request-long window of the second half. Valgrind
 loads a position-independent binary at 0x108000 (checked against OUT/maps).
 """
 import bisect, collections, subprocess, sys
