@@ -60,6 +60,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A streamed request or response body.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
 
+/// A new connection to a target (hyper's or our own) and how long connecting took.
+type Connected<C> = Result<(C, Duration), ProxyError>;
+
+/// A pooled connection for hyper's client and how long it was idle (HTTP/1.1 only).
+type PoolCheckout = Option<(Conn, Option<Duration>)>;
+
 /// How the forwarder talks to targets. Defaults are ALB's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -511,7 +517,7 @@ impl Forwarder {
         &'a self,
         target: &'a Target,
         retryable: bool,
-    ) -> Pin<Box<impl Future<Output = Option<(Conn, Option<Duration>)>> + Send + 'a>> {
+    ) -> Pin<Box<impl Future<Output = PoolCheckout> + Send + 'a>> {
         Box::pin(self.pool_checkout(target, retryable))
     }
 
@@ -524,7 +530,7 @@ impl Forwarder {
     fn connecting<'a>(
         target: &'a Target,
         config: &'a ClientConfig,
-    ) -> Pin<Box<impl Future<Output = Result<(Conn, Duration), ProxyError>> + Send + 'a>> {
+    ) -> Pin<Box<impl Future<Output = Connected<Conn>> + Send + 'a>> {
         Box::pin(connect::connect(target, config))
     }
 
@@ -534,7 +540,7 @@ impl Forwarder {
     fn connecting_raw<'a>(
         target: &'a Target,
         config: &'a ClientConfig,
-    ) -> Pin<Box<impl Future<Output = Result<(Box<RawConn>, Duration), ProxyError>> + Send + 'a>> {
+    ) -> Pin<Box<impl Future<Output = Connected<Box<RawConn>>> + Send + 'a>> {
         Box::pin(connect::connect_raw(target, config))
     }
 
