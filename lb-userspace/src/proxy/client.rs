@@ -60,12 +60,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A streamed request or response body.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
 
-/// A new connection to a target (hyper's or our own) and how long connecting took.
-type Connected<C> = Result<(C, Duration), ProxyError>;
-
-/// A pooled connection for hyper's client and how long it was idle (HTTP/1.1 only).
-type PoolCheckout = Option<(Conn, Option<Duration>)>;
-
 /// How the forwarder talks to targets. Defaults are ALB's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -474,10 +468,10 @@ impl Forwarder {
             // its state would otherwise take room in every request's future, which HTTP/2 moves
             // into a task of its own per stream.
             let (conn, connect_time) = if own {
-                let (conn, time) = Self::connecting_raw(target, config).await?;
+                let (conn, time) = Box::pin(connect::connect_raw(target, config)).await?;
                 (Any::Raw(conn), time)
             } else {
-                let (conn, time) = Self::connecting(target, config).await?;
+                let (conn, time) = Box::pin(connect::connect(target, config)).await?;
                 (Any::Hyper(conn), time)
             };
             target.pool().count_fresh();
@@ -506,42 +500,8 @@ impl Forwarder {
             let (conn, idle_for) = target.pool().checkout_raw(retryable)?;
             return Some((Any::Raw(conn), Some(idle_for)));
         }
-        let (conn, idle_for) = self.pool_checkout_boxed(target, retryable).await?;
+        let (conn, idle_for) = Box::pin(self.pool_checkout(target, retryable)).await?;
         Some((Any::Hyper(conn), idle_for))
-    }
-
-    /// [`Self::pool_checkout`]'s future, boxed out of line: built in place, its state (352
-    /// bytes) was a temporary of `forward_to`'s frame before its copy into the box (stop 33).
-    #[inline(never)]
-    fn pool_checkout_boxed<'a>(
-        &'a self,
-        target: &'a Target,
-        retryable: bool,
-    ) -> Pin<Box<impl Future<Output = PoolCheckout> + Send + 'a>> {
-        Box::pin(self.pool_checkout(target, retryable))
-    }
-
-    /// A new connection's future for hyper's client, boxed out of line and cold (connecting is
-    /// rare once the pool is warm): built in place, its state (1,424 bytes) was a temporary of
-    /// `forward_to`'s frame, below which every request's send and parse run, before its copy into
-    /// the box (stop 33).
-    #[cold]
-    #[inline(never)]
-    fn connecting<'a>(
-        target: &'a Target,
-        config: &'a ClientConfig,
-    ) -> Pin<Box<impl Future<Output = Connected<Conn>> + Send + 'a>> {
-        Box::pin(connect::connect(target, config))
-    }
-
-    /// As [`Self::connecting`], for our own HTTP/1.1 client (360 bytes of state).
-    #[cold]
-    #[inline(never)]
-    fn connecting_raw<'a>(
-        target: &'a Target,
-        config: &'a ClientConfig,
-    ) -> Pin<Box<impl Future<Output = Connected<Box<RawConn>>> + Send + 'a>> {
-        Box::pin(connect::connect_raw(target, config))
     }
 
     /// Sends on either client. Not an `async fn`: one would keep `conn` and `req` a second
