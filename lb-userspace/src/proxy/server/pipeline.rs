@@ -45,9 +45,11 @@ use crate::headers::{
     strip_hop_by_hop, trace_id,
 };
 use crate::proxy::client::{BoxError, Facts, Forwarded, ProxyBody, TargetEndpoint, TargetTls};
-use crate::proxy::desync::{Mitigation, Tier};
+use crate::proxy::desync::{Classification, Mitigation, Tier};
 use crate::proxy::error::ProxyError;
-use crate::rules::{Action, FixedResponseAction, ForwardAction, RequestView, RuleSet};
+use crate::rules::{
+    Action, FixedResponseAction, ForwardAction, RedirectAction, RequestView, RuleSet,
+};
 use crate::targets::{Picked, ProtocolVersion, Registration, TargetProtocol};
 
 /// ALB's group-stickiness cookie.
@@ -122,6 +124,12 @@ fn error_page(status: StatusCode) -> String {
 }
 
 /// A load-balancer-generated error response; `why` goes into the record.
+///
+/// Out of line and cold, as [`from_error`]: inlined, its page, response and header insert
+/// sized the frames of `route`, `prepare_forward` and `Reply::finish`, and every request ran
+/// below them (stop 33).
+#[cold]
+#[inline(never)]
 fn lb_error(
     ex: &mut Exchange,
     status: StatusCode,
@@ -147,6 +155,9 @@ fn closes_connection(status: StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 408 | 501 | 505)
 }
 
+/// The error response for `e` (see [`lb_error`] for why it is out of line).
+#[cold]
+#[inline(never)]
 fn from_error(ex: &mut Exchange, e: &ProxyError) -> Outcome {
     let status = e.status();
     ex.failed(e);
@@ -496,9 +507,7 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
             // The connection was judged abusive (rapid reset) and is being closed: the streams
             // h2 still accepts before the GOAWAY takes effect never reach a target, however far
             // behind the connection task is.
-            let mut refused = Response::new(full(Bytes::new()));
-            *refused.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            return Ok(refused);
+            return Ok(refused());
         }
         let inflight = Inflight::new(&ctx.conn);
         let gone = ClientGone {
@@ -628,21 +637,34 @@ fn respond(
         answer.exchange = exchange;
         answer.boxed_unsync()
     };
-    if !ex.answered_by_target() {
+    // One `map` for every case: each inlined copy of it moved the response (and the boxing
+    // closure) through slots of its own in this frame.
+    let exchange = if !ex.answered_by_target() {
         // The load balancer's own answer (or a 101 whose record went to the tunnel): its
         // body is known whole, so the record is complete now.
         if let Some(n) = response.body().size_hint().exact() {
             ex.sent_body(n);
         }
         ex.finish();
-        return response.map(|b| answer(b, None));
-    }
-    if response.body().is_end_stream() {
+        None
+    } else if response.body().is_end_stream() {
         // hyper may never poll an empty body.
         ex.finish();
-        return response.map(|b| answer(b, None));
-    }
-    response.map(|b| answer(b, Some(ex)))
+        None
+    } else {
+        Some(ex)
+    };
+    response.map(|b| answer(b, exchange))
+}
+
+/// The empty 503 a stream of a connection judged abusive gets. Out of line and cold: the
+/// handler's frame is polled on every request.
+#[cold]
+#[inline(never)]
+fn refused() -> Response<ProxyBody> {
+    let mut refused = Response::new(full(Bytes::new()));
+    *refused.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    refused
 }
 
 /// What routing decided: the load balancer's own answer, or a request to forward.
@@ -724,14 +746,7 @@ fn route<'r>(
     let mut close_after = false;
     match verdict {
         Some(HeadVerdict::Reject { status, reason, .. }) => {
-            tracing::debug!(client = %ctx.peer, status = status.as_u16(), reason, "request rejected");
-            return lb_error(
-                ex,
-                status,
-                true,
-                Some((LbError::ClientRequest, reason.to_owned())),
-            )
-            .into();
+            return rejected(ctx, ex, status, reason).into();
         }
         Some(HeadVerdict::Pass {
             classification,
@@ -739,12 +754,7 @@ fn route<'r>(
             ..
         }) => {
             if classification.tier > Tier::Compliant {
-                tracing::info!(
-                    client = %ctx.peer,
-                    classification = classification.tier.as_str(),
-                    reason = classification.reason.map(|r| r.as_str()),
-                    "non-compliant request"
-                );
+                log_non_compliant(ctx.peer, classification);
             }
             // Block never reaches here: the sniffer rejects it before hyper.
             close_after = mitigation == Mitigation::ForwardThenClose;
@@ -782,33 +792,8 @@ fn route<'r>(
     };
     ex.rule(matched.priority, matched.rules_evaluated, kind);
     let mut outcome = match matched.action {
-        Action::FixedResponse(fixed) => {
-            let response = fixed_response(fixed);
-            ex.answer(response.status(), None);
-            Outcome::keep(response)
-        }
-        Action::Redirect(redirect) => {
-            let location = redirect.location(&view, listener.cfg.protocol.as_str(), listener.port);
-            ex.redirect(&location);
-            let mut response = Response::new(full(Bytes::new()));
-            *response.status_mut() = redirect.status();
-            match HeaderValue::try_from(location) {
-                Ok(v) => {
-                    response.headers_mut().insert(header::LOCATION, v);
-                    ex.answer(response.status(), None);
-                    Outcome::keep(response)
-                }
-                Err(_) => lb_error(
-                    ex,
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    false,
-                    Some((
-                        LbError::Internal,
-                        "redirect URL is not a valid header".into(),
-                    )),
-                ),
-            }
-        }
+        Action::FixedResponse(fixed) => fixed_outcome(fixed, ex),
+        Action::Redirect(redirect) => redirected(redirect, &view, listener, ex),
         Action::Forward(forward) => {
             let forward: &ForwardAction = forward;
             let upgrade = hyper::upgrade::on(&mut *req);
@@ -823,6 +808,73 @@ fn route<'r>(
     };
     outcome.close |= close_after;
     Routed::Answer(outcome)
+}
+
+/// The routing's cold ends, out of line so that `route`'s frame (on every forwarded
+/// request's path) holds none of their values (stop 33).
+///
+/// A head the sniffer refused: ALB's error page, and the connection closes.
+#[cold]
+#[inline(never)]
+fn rejected(ctx: &ConnCtx, ex: &mut Exchange, status: StatusCode, reason: &str) -> Outcome {
+    tracing::debug!(client = %ctx.peer, status = status.as_u16(), reason, "request rejected");
+    lb_error(
+        ex,
+        status,
+        true,
+        Some((LbError::ClientRequest, reason.to_owned())),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn log_non_compliant(peer: SocketAddr, classification: Classification) {
+    tracing::info!(
+        client = %peer,
+        classification = classification.tier.as_str(),
+        reason = classification.reason.map(|r| r.as_str()),
+        "non-compliant request"
+    );
+}
+
+/// A fixed-response action's answer.
+#[cold]
+#[inline(never)]
+fn fixed_outcome(fixed: &FixedResponseAction, ex: &mut Exchange) -> Outcome {
+    let response = fixed_response(fixed);
+    ex.answer(response.status(), None);
+    Outcome::keep(response)
+}
+
+/// A redirect action's answer (500 if the URL it makes is not a valid header value).
+#[cold]
+#[inline(never)]
+fn redirected(
+    redirect: &RedirectAction,
+    view: &RequestView<'_>,
+    listener: &Listener,
+    ex: &mut Exchange,
+) -> Outcome {
+    let location = redirect.location(view, listener.cfg.protocol.as_str(), listener.port);
+    ex.redirect(&location);
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = redirect.status();
+    match HeaderValue::try_from(location) {
+        Ok(v) => {
+            response.headers_mut().insert(header::LOCATION, v);
+            ex.answer(response.status(), None);
+            Outcome::keep(response)
+        }
+        Err(_) => lb_error(
+            ex,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            false,
+            Some((
+                LbError::Internal,
+                "redirect URL is not a valid header".into(),
+            )),
+        ),
+    }
 }
 
 fn fixed_response(fixed: &FixedResponseAction) -> Response<ProxyBody> {
@@ -981,16 +1033,7 @@ fn prepare_forward<'r>(
         None => forward.choose_with(rand::random),
     };
     let Some(group) = shared.groups.load().get(group_name).cloned() else {
-        tracing::error!(group = %group_name, "forward action names an unknown target group");
-        return Err(lb_error(
-            ex,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            false,
-            Some((
-                LbError::Internal,
-                format!("forward action names an unknown target group {group_name:?}"),
-            )),
-        ));
+        return Err(unknown_group(group_name, ex));
     };
     let group_cfg = group.config();
     if protocol_mismatch(req.version(), seen, group_cfg.protocol_version) {
@@ -1045,12 +1088,7 @@ fn prepare_forward<'r>(
     // request arrived (the access log's `request_creation_time`): no clock read of their own.
     let now = ex.received_at();
     let Some(picked) = group.pick_at(cookies.as_deref(), now) else {
-        return Err(from_error(
-            ex,
-            &ProxyError::NoTarget {
-                group: group_name.to_owned(),
-            },
-        ));
+        return Err(no_target(group_name, ex));
     };
     ex.picked(&group, &picked);
     let tail = if tail_fits {
@@ -1095,6 +1133,33 @@ fn prepare_forward<'r>(
     })
 }
 
+/// `prepare_forward`'s cold ends, out of line for the reason [`rejected`] is.
+#[cold]
+#[inline(never)]
+fn unknown_group(group_name: &str, ex: &mut Exchange) -> Outcome {
+    tracing::error!(group = %group_name, "forward action names an unknown target group");
+    lb_error(
+        ex,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        false,
+        Some((
+            LbError::Internal,
+            format!("forward action names an unknown target group {group_name:?}"),
+        )),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn no_target(group_name: &str, ex: &mut Exchange) -> Outcome {
+    from_error(
+        ex,
+        &ProxyError::NoTarget {
+            group: group_name.to_owned(),
+        },
+    )
+}
+
 /// The request target as the target gets it: the path and query alone. An HTTP/1 request's
 /// target is that already (origin-form), and is left as it is: rebuilding it cloned the path,
 /// checked the parts and dropped the old URI on every request, for an equal one.
@@ -1130,18 +1195,10 @@ impl Reply<'_> {
             client_upgrade,
             close_target,
         } = self;
-        let shared = &ctx.listener.shared;
         let forwarded = match polled {
             Some(Ok(f)) => f,
             Some(Err(e)) => return from_error(ex, &e),
-            None => {
-                return from_error(
-                    ex,
-                    &ProxyError::DrainExpired {
-                        target: picked.addr.to_string(),
-                    },
-                );
-            }
+            None => return drain_expired(picked.addr, ex),
         };
         ex.forwarded(&forwarded);
         let mut response = forwarded.response;
@@ -1154,26 +1211,12 @@ impl Reply<'_> {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         if let Some(duration) = forward.group_stickiness
-            && let Ok(v) = HeaderValue::try_from(format!(
-                "{GROUP_COOKIE}={group_name}; Max-Age={}; Path=/",
-                duration.as_secs()
-            ))
+            && let Some(v) = group_cookie(group_name, duration)
         {
             response.headers_mut().append(header::SET_COOKIE, v);
         }
         if let Some(target_upgrade) = target_upgrade {
-            // The record goes with the tunnel: a WebSocket is logged when it closes.
-            ex.responding(response.status(), response.headers());
-            let record = ex.split_off();
-            tokio::spawn(tunnel(
-                client_upgrade,
-                target_upgrade,
-                shared.phase.clone(),
-                picked.gone_owned(),
-                ctx.peer,
-                ctx.slot.clone(),
-                record,
-            ));
+            start_tunnel(ctx, &picked, &response, client_upgrade, target_upgrade, ex);
         }
         Outcome {
             response,
@@ -1181,6 +1224,56 @@ impl Reply<'_> {
             target: Some(picked),
         }
     }
+}
+
+/// 504-style answer when the target left its group (deregistration delay over) before it
+/// answered. Out of line: see [`rejected`].
+#[cold]
+#[inline(never)]
+fn drain_expired(addr: SocketAddr, ex: &mut Exchange) -> Outcome {
+    from_error(
+        ex,
+        &ProxyError::DrainExpired {
+            target: addr.to_string(),
+        },
+    )
+}
+
+/// The group stickiness cookie. Out of line: its formatting's values sized
+/// `Reply::finish`'s frame for every request, sticky or not.
+#[inline(never)]
+fn group_cookie(group_name: &str, duration: std::time::Duration) -> Option<HeaderValue> {
+    HeaderValue::try_from(format!(
+        "{GROUP_COOKIE}={group_name}; Max-Age={}; Path=/",
+        duration.as_secs()
+    ))
+    .ok()
+}
+
+/// A 101 to an upgrade request: the tunnel's task, which takes the record (a WebSocket is
+/// logged when it closes). Out of line and cold: the tunnel's future (built here, then moved
+/// into its task) sized `Reply::finish`'s frame for every request.
+#[cold]
+#[inline(never)]
+fn start_tunnel(
+    ctx: &ConnCtx,
+    picked: &Picked,
+    response: &Response<ProxyBody>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    target_upgrade: hyper::upgrade::OnUpgrade,
+    ex: &mut Exchange,
+) {
+    ex.responding(response.status(), response.headers());
+    let record = ex.split_off();
+    tokio::spawn(tunnel(
+        client_upgrade,
+        target_upgrade,
+        ctx.listener.shared.phase.clone(),
+        picked.gone_owned(),
+        ctx.peer,
+        ctx.slot.clone(),
+        record,
+    ));
 }
 
 /// Copies bytes both ways between an upgraded client and target connection until either side
