@@ -260,42 +260,48 @@ where
         }
         let event = std::future::poll_fn(|cx| next_event(&io, cx)).await;
         control.idle.store(false, Ordering::Relaxed);
-        let parts = match event {
-            Ok(NativeEvent::Head(parts)) => super::head::unbox_parts(parts),
-            Ok(NativeEvent::Synthetic) => synthetic_parts(),
-            Ok(NativeEvent::Handoff) => {
-                L7Counters::add(&counters.http1_handoffs, 1);
-                return match lock(&io).sniffer.take() {
-                    Some(s) => Ended::Handoff(Box::new(s)),
-                    None => Ended::Closed,
-                };
+        // The request's values live in this block only: a local of the loop's body whose
+        // scope spans an `.await` gets a slot of its own in this (the connection's) future
+        // even after it was moved, and each such slot is heap memory written anew by every
+        // request (the request head, its body, the request built from them).
+        let (info, mut handled) = {
+            let parts = match event {
+                Ok(NativeEvent::Head(parts)) => super::head::unbox_parts(parts),
+                Ok(NativeEvent::Synthetic) => synthetic_parts(),
+                Ok(NativeEvent::Handoff) => {
+                    L7Counters::add(&counters.http1_handoffs, 1);
+                    return match lock(&io).sniffer.take() {
+                        Some(s) => Ended::Handoff(Box::new(s)),
+                        None => Ended::Closed,
+                    };
+                }
+                Err(_) => return Ended::Closed,
+            };
+            L7Counters::add(&counters.http1_native_requests, 1);
+            let (info, framing) = RequestInfo::scan(&parts);
+            let body = RequestBody::new(&io, framing);
+            {
+                let mut g = lock(&io);
+                g.body_open = !body.is_end_stream();
+                g.responding = false;
             }
-            Err(_) => return Ended::Closed,
+            let (request, body_in) = pipeline::forwardable(Request::from_parts(parts, body));
+            // Made in a block of this thread's (see [`Reused`]), written where it is made: the
+            // handler's future is several KiB, and handing it over by value moved (copied) it.
+            let handled =
+                Reused::new(|| pipeline::handle(&*ctx, request, body_in, Some(&mut watches)));
+            (info, handled)
         };
-        L7Counters::add(&counters.http1_native_requests, 1);
-        let (info, framing) = RequestInfo::scan(&parts);
-        let body = RequestBody::new(&io, framing);
-        {
-            let mut g = lock(&io);
-            g.body_open = !body.is_end_stream();
-            g.responding = false;
-        }
-        let (request, body_in) = pipeline::forwardable(Request::from_parts(parts, body));
-        // Made in a block of this thread's (see [`Reused`]), written where it is made: the
-        // handler's future is several KiB, and handing it over by value moved (copied) it.
-        let mut handled =
-            Reused::new(|| pipeline::handle(&*ctx, request, body_in, Some(&mut watches)));
         let response = watch_client(&io, handled.as_mut()).await;
         // The block goes back now, for the next request the thread starts (on any connection).
         drop(handled);
-        let Some(response) = response else {
+        let Some(Ok(response)) = response else {
             // The client went away: the handler was dropped (460) and there is no one to
             // answer.
             return Ended::Closed;
         };
         lock(&io).responding = true;
         let keep_alive = info.keep_alive && !control.closing();
-        let Ok(response) = response;
         let close = match write_response(&io, response, &info, keep_alive, &mut wbuf).await {
             Ok(close) => close,
             Err(e) => {
