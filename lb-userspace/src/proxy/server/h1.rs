@@ -822,24 +822,30 @@ async fn write_response<IO: AsyncWrite + Unpin>(
     keep_alive: bool,
     buf: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    let (mut parts, mut body) = response.into_parts();
-    let length = if body.is_end_stream() {
-        BodyLength::None
-    } else {
-        body.size_hint()
-            .exact()
-            .map_or(BodyLength::Unknown, BodyLength::Known)
+    // The head's parts live in this block only: kept to the end of the function, they had a
+    // slot of their own in the connection's future (beside `response`'s), written by every
+    // response (see `serve`).
+    let (mut encoder, close, mut body) = {
+        let (mut parts, body) = response.into_parts();
+        let length = if body.is_end_stream() {
+            BodyLength::None
+        } else {
+            body.size_hint()
+                .exact()
+                .map_or(BodyLength::Unknown, BodyLength::Known)
+        };
+        buf.clear();
+        let (encoder, close) = match encode_head(buf, &mut parts, info, length, keep_alive) {
+            Ok(e) => e,
+            Err(BadResponseHeader(why)) => {
+                buf.clear();
+                return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+            }
+        };
+        // The head is written out: its map serves another request.
+        crate::proxy::recycle::recycle(std::mem::take(&mut parts.headers));
+        (encoder, close, body)
     };
-    buf.clear();
-    let (mut encoder, close) = match encode_head(buf, &mut parts, info, length, keep_alive) {
-        Ok(e) => e,
-        Err(BadResponseHeader(why)) => {
-            buf.clear();
-            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
-        }
-    };
-    // The head is written out: its map serves another request.
-    crate::proxy::recycle::recycle(std::mem::take(&mut parts.headers));
     if encoder == Encoder::Length(0) {
         // Nothing after the head (HEAD, 204, 304, empty): the body is not polled, as in hyper.
         drop(body);
