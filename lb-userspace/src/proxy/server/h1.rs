@@ -292,17 +292,23 @@ where
                 Reused::new(|| pipeline::handle(&*ctx, request, body_in, Some(&mut watches)));
             (info, handled)
         };
-        let response = watch_client(&io, handled.as_mut()).await;
-        // The block goes back now, for the next request the thread starts (on any connection).
-        drop(handled);
-        let Some(Ok(response)) = response else {
-            // The client went away: the handler was dropped (460) and there is no one to
-            // answer.
-            return Ended::Closed;
+        // The response too lives in a block only, the one that makes the future writing it
+        // (which holds it): awaited outside, so that it has no slot besides that future's.
+        let writing = {
+            let response = watch_client(&io, handled.as_mut()).await;
+            // The block goes back now, for the next request the thread starts (on any
+            // connection).
+            drop(handled);
+            let Some(Ok(response)) = response else {
+                // The client went away: the handler was dropped (460) and there is no one to
+                // answer.
+                return Ended::Closed;
+            };
+            lock(&io).responding = true;
+            let keep_alive = info.keep_alive && !control.closing();
+            write_response(&io, response, &info, keep_alive, &mut wbuf)
         };
-        lock(&io).responding = true;
-        let keep_alive = info.keep_alive && !control.closing();
-        let close = match write_response(&io, response, &info, keep_alive, &mut wbuf).await {
+        let close = match writing.await {
             Ok(close) => close,
             Err(e) => {
                 tracing::debug!(client = %ctx.peer, error = %e, "writing the response failed");
