@@ -488,22 +488,8 @@ pub struct L7Config {
 /// Counters of the whole L7 tier (CloudWatch names in the docs), the request ones derived from
 /// each request's record. Read with `Ordering::Relaxed`. The per-listener, per-group and
 /// per-target metrics are in [`crate::metrics`].
-///
-/// `#[repr(C, align(64))]`: the four that requests add to (every forwarded request adds to the
-/// first two and to one of the native-path counts) come first, on one cache line.
 #[derive(Debug, Default)]
-#[repr(C, align(64))]
 pub struct L7Counters {
-    /// RequestCount: requests for which a target was chosen.
-    pub requests_forwarded: AtomicU64,
-    /// RuleEvaluations.
-    pub rule_evaluations: AtomicU64,
-    /// HTTP/1 requests served by the native HTTP/1 path (`server/h1.rs`), not hyper's. Not a
-    /// CloudWatch metric: it shows which path served the requests.
-    pub http1_native_requests: AtomicU64,
-    /// HTTP/2 streams served by the native HTTP/2 path (`server/h2native.rs`), not hyper's.
-    /// Not a CloudWatch metric: it shows which path served the requests.
-    pub http2_native_requests: AtomicU64,
     /// ClientTLSNegotiationErrorCount: TLS handshakes with clients that failed or timed out.
     pub client_tls_negotiation_errors: AtomicU64,
     /// DesyncMitigationMode_NonCompliant_Request_Count: requests classified other than
@@ -516,10 +502,14 @@ pub struct L7Counters {
     pub elb_4xx: AtomicU64,
     /// HTTPCode_ELB_5XX_Count.
     pub elb_5xx: AtomicU64,
+    /// RequestCount: requests for which a target was chosen.
+    pub requests_forwarded: AtomicU64,
     /// HTTP_Fixed_Response_Count.
     pub fixed_responses: AtomicU64,
     /// HTTP_Redirect_Count.
     pub redirects: AtomicU64,
+    /// RuleEvaluations.
+    pub rule_evaluations: AtomicU64,
     /// NewConnectionCount.
     pub new_connections: AtomicU64,
     /// RejectedConnectionCount: client connections closed at once because the listener's
@@ -531,9 +521,15 @@ pub struct L7Counters {
     /// HTTP/2 connections closed because the client kept cancelling the streams it opened
     /// (rapid reset, CVE-2023-44487): see `server/abuse.rs`.
     pub http2_abusive_connections: AtomicU64,
+    /// HTTP/1 requests served by the native HTTP/1 path (`server/h1.rs`), not hyper's. Not a
+    /// CloudWatch metric: it shows which path served the requests.
+    pub http1_native_requests: AtomicU64,
     /// HTTP/1 connections the native path handed to hyper (an upgrade, or the HTTP/2
     /// preface).
     pub http1_handoffs: AtomicU64,
+    /// HTTP/2 streams served by the native HTTP/2 path (`server/h2native.rs`), not hyper's.
+    /// Not a CloudWatch metric: it shows which path served the requests.
+    pub http2_native_requests: AtomicU64,
 }
 
 impl L7Counters {
