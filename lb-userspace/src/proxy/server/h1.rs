@@ -260,55 +260,43 @@ where
         }
         let event = std::future::poll_fn(|cx| next_event(&io, cx)).await;
         control.idle.store(false, Ordering::Relaxed);
-        // The request's values live in this block only: a local of the loop's body whose
-        // scope spans an `.await` gets a slot of its own in this (the connection's) future
-        // even after it was moved, and each such slot is heap memory written anew by every
-        // request (the request head, its body, the request built from them).
-        let (info, mut handled) = {
-            let parts = match event {
-                Ok(NativeEvent::Head(parts)) => super::head::unbox_parts(parts),
-                Ok(NativeEvent::Synthetic) => synthetic_parts(),
-                Ok(NativeEvent::Handoff) => {
-                    L7Counters::add(&counters.http1_handoffs, 1);
-                    return match lock(&io).sniffer.take() {
-                        Some(s) => Ended::Handoff(Box::new(s)),
-                        None => Ended::Closed,
-                    };
-                }
-                Err(_) => return Ended::Closed,
-            };
-            L7Counters::add(&counters.http1_native_requests, 1);
-            let (info, framing) = RequestInfo::scan(&parts);
-            let body = RequestBody::new(&io, framing);
-            {
-                let mut g = lock(&io);
-                g.body_open = !body.is_end_stream();
-                g.responding = false;
+        let parts = match event {
+            Ok(NativeEvent::Head(parts)) => super::head::unbox_parts(parts),
+            Ok(NativeEvent::Synthetic) => synthetic_parts(),
+            Ok(NativeEvent::Handoff) => {
+                L7Counters::add(&counters.http1_handoffs, 1);
+                return match lock(&io).sniffer.take() {
+                    Some(s) => Ended::Handoff(Box::new(s)),
+                    None => Ended::Closed,
+                };
             }
-            let (request, body_in) = pipeline::forwardable(Request::from_parts(parts, body));
-            // Made in a block of this thread's (see [`Reused`]), written where it is made: the
-            // handler's future is several KiB, and handing it over by value moved (copied) it.
-            let handled =
-                Reused::new(|| pipeline::handle(&*ctx, request, body_in, Some(&mut watches)));
-            (info, handled)
+            Err(_) => return Ended::Closed,
         };
-        // The response too lives in a block only, the one that makes the future writing it
-        // (which holds it): awaited outside, so that it has no slot besides that future's.
-        let writing = {
-            let response = watch_client(&io, handled.as_mut()).await;
-            // The block goes back now, for the next request the thread starts (on any
-            // connection).
-            drop(handled);
-            let Some(Ok(response)) = response else {
-                // The client went away: the handler was dropped (460) and there is no one to
-                // answer.
-                return Ended::Closed;
-            };
-            lock(&io).responding = true;
-            let keep_alive = info.keep_alive && !control.closing();
-            write_response(&io, response, &info, keep_alive, &mut wbuf)
+        L7Counters::add(&counters.http1_native_requests, 1);
+        let (info, framing) = RequestInfo::scan(&parts);
+        let body = RequestBody::new(&io, framing);
+        {
+            let mut g = lock(&io);
+            g.body_open = !body.is_end_stream();
+            g.responding = false;
+        }
+        let (request, body_in) = pipeline::forwardable(Request::from_parts(parts, body));
+        // Made in a block of this thread's (see [`Reused`]), written where it is made: the
+        // handler's future is several KiB, and handing it over by value moved (copied) it.
+        let mut handled =
+            Reused::new(|| pipeline::handle(&*ctx, request, body_in, Some(&mut watches)));
+        let response = watch_client(&io, handled.as_mut()).await;
+        // The block goes back now, for the next request the thread starts (on any connection).
+        drop(handled);
+        let Some(response) = response else {
+            // The client went away: the handler was dropped (460) and there is no one to
+            // answer.
+            return Ended::Closed;
         };
-        let close = match writing.await {
+        lock(&io).responding = true;
+        let keep_alive = info.keep_alive && !control.closing();
+        let Ok(response) = response;
+        let close = match write_response(&io, response, &info, keep_alive, &mut wbuf).await {
             Ok(close) => close,
             Err(e) => {
                 tracing::debug!(client = %ctx.peer, error = %e, "writing the response failed");
@@ -828,30 +816,24 @@ async fn write_response<IO: AsyncWrite + Unpin>(
     keep_alive: bool,
     buf: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    // The head's parts live in this block only: kept to the end of the function, they had a
-    // slot of their own in the connection's future (beside `response`'s), written by every
-    // response (see `serve`).
-    let (mut encoder, close, mut body) = {
-        let (mut parts, body) = response.into_parts();
-        let length = if body.is_end_stream() {
-            BodyLength::None
-        } else {
-            body.size_hint()
-                .exact()
-                .map_or(BodyLength::Unknown, BodyLength::Known)
-        };
-        buf.clear();
-        let (encoder, close) = match encode_head(buf, &mut parts, info, length, keep_alive) {
-            Ok(e) => e,
-            Err(BadResponseHeader(why)) => {
-                buf.clear();
-                return Err(io::Error::new(io::ErrorKind::InvalidData, why));
-            }
-        };
-        // The head is written out: its map serves another request.
-        crate::proxy::recycle::recycle(std::mem::take(&mut parts.headers));
-        (encoder, close, body)
+    let (mut parts, mut body) = response.into_parts();
+    let length = if body.is_end_stream() {
+        BodyLength::None
+    } else {
+        body.size_hint()
+            .exact()
+            .map_or(BodyLength::Unknown, BodyLength::Known)
     };
+    buf.clear();
+    let (mut encoder, close) = match encode_head(buf, &mut parts, info, length, keep_alive) {
+        Ok(e) => e,
+        Err(BadResponseHeader(why)) => {
+            buf.clear();
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+        }
+    };
+    // The head is written out: its map serves another request.
+    crate::proxy::recycle::recycle(std::mem::take(&mut parts.headers));
     if encoder == Encoder::Length(0) {
         // Nothing after the head (HEAD, 204, 304, empty): the body is not polled, as in hyper.
         drop(body);
