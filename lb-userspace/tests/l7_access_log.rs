@@ -106,6 +106,13 @@ impl Log {
     }
 
     /// Waits for the `n`th line and returns it split into fields.
+    /// A proxy forwarding to `targets` that writes this log.
+    async fn proxy(&self, targets: &[SocketAddr]) -> support::Proxy {
+        let mut b = ProxyBuilder::forward_to(targets);
+        b.access_log = Some(self.writer.clone());
+        b.start().await
+    }
+
     async fn line(&self, n: usize) -> Vec<String> {
         within(async {
             loop {
@@ -182,9 +189,7 @@ fn no_target(f: &[String]) {
 async fn a_forwarded_request_has_every_phase_its_target_and_its_trace_id() {
     let log = Log::new("forward");
     let t = target::http1().route("/", Reply::text("hello")).run().await;
-    let mut b = ProxyBuilder::forward_to(&[t.addr]);
-    b.access_log = Some(log.writer.clone());
-    let p = b.start().await;
+    let p = log.proxy(&[t.addr]).await;
     let got = support::send(
         p.addr,
         http::Request::get("/a/b?c=d")
@@ -295,9 +300,7 @@ async fn a_refused_connection_is_a_502_naming_the_target_and_the_cause() {
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let mut b = ProxyBuilder::forward_to(&[closed]);
-    b.access_log = Some(log.writer.clone());
-    let p = b.start().await;
+    let p = log.proxy(&[closed]).await;
     assert_eq!(get(p.addr, "/").await.status, 502);
     let f = log.line(1).await;
     common(&f, None);
@@ -348,9 +351,7 @@ async fn a_client_leaving_before_the_response_is_a_460() {
         .route("/", Reply::Slow(Duration::from_secs(30), "late".into()))
         .run()
         .await;
-    let mut b = ProxyBuilder::forward_to(&[t.addr]);
-    b.access_log = Some(log.writer.clone());
-    let p = b.start().await;
+    let p = log.proxy(&[t.addr]).await;
     let mut tcp = TcpStream::connect(p.addr).await.expect("connect");
     let client = tcp.local_addr().expect("local");
     tcp.write_all(b"GET /slow HTTP/1.1\r\nHost: app.test\r\n\r\n")
@@ -378,13 +379,10 @@ async fn a_client_leaving_before_the_response_is_a_460() {
 async fn too_many_forwarded_for_addresses_is_a_463_before_any_target() {
     let log = Log::new("463");
     let t = target::http1().route("/", Reply::text("never")).run().await;
-    let mut b = ProxyBuilder::forward_to(&[t.addr]);
-    b.access_log = Some(log.writer.clone());
-    let p = b.start().await;
-    let xff: Vec<String> = (1..=31).map(|i| format!("10.0.0.{i}")).collect();
+    let p = log.proxy(&[t.addr]).await;
     let req = format!(
         "GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: {}\r\nConnection: close\r\n\r\n",
-        xff.join(", ")
+        xff_past_the_limit()
     );
     assert_eq!(status_of(&raw(p.addr, req.as_bytes()).await), 463);
     let f = log.line(1).await;
@@ -406,9 +404,7 @@ async fn too_many_forwarded_for_addresses_is_a_463_before_any_target() {
 async fn received_bytes_counts_a_forwarded_body_and_not_an_unforwarded_one() {
     let log = Log::new("body");
     let t = target::http1().route("/", Reply::text("ok")).run().await;
-    let mut b = ProxyBuilder::forward_to(&[t.addr]);
-    b.access_log = Some(log.writer.clone());
-    let p = b.start().await;
+    let p = log.proxy(&[t.addr]).await;
     let body = "b".repeat(1000);
     let post = |extra: &str| {
         format!(
@@ -425,8 +421,7 @@ async fn received_bytes_counts_a_forwarded_body_and_not_an_unforwarded_one() {
         forwarded.len() as u64,
         "the head and the 1000-byte body"
     );
-    let xff: Vec<String> = (1..=31).map(|i| format!("10.0.0.{i}")).collect();
-    let refused = post(&format!("X-Forwarded-For: {}\r\n", xff.join(", ")));
+    let refused = post(&format!("X-Forwarded-For: {}\r\n", xff_past_the_limit()));
     assert_eq!(status_of(&raw(p.addr, refused.as_bytes()).await), 463);
     let f = log.line(2).await;
     assert_eq!(f[ELB_STATUS], "463");
@@ -442,9 +437,7 @@ async fn received_bytes_counts_a_forwarded_body_and_not_an_unforwarded_one() {
 async fn a_severe_desync_request_is_a_400_with_its_classification_and_request_line() {
     let log = Log::new("desync");
     let t = target::http1().route("/", Reply::text("never")).run().await;
-    let mut b = ProxyBuilder::forward_to(&[t.addr]);
-    b.access_log = Some(log.writer.clone());
-    let p = b.start().await;
+    let p = log.proxy(&[t.addr]).await;
     let req =
         b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n";
     assert_eq!(status_of(&raw(p.addr, req).await), 400);
@@ -540,9 +533,7 @@ async fn an_https_request_logs_cipher_protocol_sni_and_certificate() {
 async fn a_websocket_is_logged_when_it_closes_with_its_bytes() {
     let log = Log::new("ws");
     let t = target::http1().route("/", Reply::UpgradeEcho).run().await;
-    let mut b = ProxyBuilder::forward_to(&[t.addr]);
-    b.access_log = Some(log.writer.clone());
-    let p = b.start().await;
+    let p = log.proxy(&[t.addr]).await;
     let upgrade =
         b"GET /chat HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
@@ -677,4 +668,13 @@ async fn a_log_nobody_reads_drops_and_counts_lines_while_requests_complete() {
         s.errors >= 1,
         "the write stuck on the closed pipe failed: {s:?}"
     );
+}
+
+/// An `X-Forwarded-For` of 31 addresses: past ALB's limit of 30, so the request is refused
+/// with a 463.
+fn xff_past_the_limit() -> String {
+    (1..=31)
+        .map(|i| format!("10.0.0.{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
