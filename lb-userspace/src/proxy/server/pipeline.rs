@@ -1226,8 +1226,8 @@ impl Reply<'_> {
     }
 }
 
-/// 504-style answer when the target left its group (deregistration delay over) before it
-/// answered. Out of line: see [`rejected`].
+/// The 502 (`TargetDrainExpired`) when the target left its group (deregistration delay over)
+/// before it answered. Out of line: see [`rejected`].
 #[cold]
 #[inline(never)]
 fn drain_expired(addr: SocketAddr, ex: &mut Exchange) -> Outcome {
