@@ -43,10 +43,11 @@
 //!   these rows are checked by the sink only (every frame transmitted; the counters, where
 //!   the variant still keeps them, must agree).
 //!
-//! Katran's and the variants' rows run right after the embedded build's rows they compare
-//! with, and a paired table gives, per round, the difference of the two rows: the machine's
-//! drift from round to round (large on a shared VM) cancels in it, where it does not in the
-//! rows' medians.
+//! Katran's and the variants' rows run next to the embedded build's rows they compare with
+//! (right after them in half the rounds, right before in the other half), and a paired table
+//! gives, per round, the difference of the two rows: the machine's drift from round to round
+//! (large on a shared VM) cancels in it, where it does not in the rows' medians. `--raw`
+//! also prints every row's figure in every round.
 //!
 //! After every run the program's own counters must show that every frame took the intended
 //! path (e.g. `tx` grew by exactly `REPEAT`, no new flow on a hit row, exactly `REPEAT`
@@ -686,6 +687,8 @@ fn run() -> anyhow::Result<()> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
         lb_objs.push((label.to_string(), bytes));
     }
+    // `--raw`: also print every row's figure in every round (and the round's direction).
+    let raw = args.iter().any(|a| a == "--raw");
     let rounds = if quick { QUICK_ROUNDS } else { ROUNDS };
     let started = Instant::now();
     private_netns()?;
@@ -926,14 +929,40 @@ fn run() -> anyhow::Result<()> {
     for r in &rows {
         bench.run_row(r, REPEAT / 10)?;
     }
+    // Rows that are compared (an `lb` row, then Katran's and the variants' rows paired with
+    // it) form a group. Order A runs each group as listed, order B each group reversed; rounds
+    // go A forward, A reversed, B forward, B reversed, and so on. Where a row sits in the round
+    // moves its figure by up to ~20 ns on this VM, the same in forward and reversed rounds
+    // (stop 34: an `--lb-obj` copy of the embedded object, run right after it, measured 13-19
+    // ns cheaper in both directions); swapping the pairs' places cancels that in the paired
+    // medians, and the paired table shows each order's median apart.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let partner = matches!(
+            r.kind,
+            Kind::Katran(_) | Kind::VariantHit(_) | Kind::VariantNewFull(_)
+        );
+        match groups.last_mut() {
+            Some(g) if partner => g.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    let order_a: Vec<usize> = groups.iter().flatten().copied().collect();
+    let order_b: Vec<usize> = groups
+        .iter()
+        .flat_map(|g| g.iter().rev())
+        .copied()
+        .collect();
+    let mut in_order_b: Vec<bool> = Vec::with_capacity(rounds);
     let measure_start = Instant::now();
     for round in 0..rounds {
         bench.reset_main(&hit4, &hit6, &nat4)?;
-        let order: Vec<usize> = if round % 2 == 0 {
-            (0..rows.len()).collect()
-        } else {
-            (0..rows.len()).rev().collect()
-        };
+        let b = (round / 2) % 2 == 1;
+        in_order_b.push(b);
+        let mut order = if b { order_b.clone() } else { order_a.clone() };
+        if round % 2 == 1 {
+            order.reverse();
+        }
         for i in order {
             let ns = bench.run_row(&rows[i], REPEAT)?;
             rows[i].ns.push(ns);
@@ -979,7 +1008,7 @@ fn run() -> anyhow::Result<()> {
         lb_common::DEFAULT_RING_SIZE
     );
     println!(
-        "runs:     {rounds} rounds x {} rows, each one live run of {REPEAT} frames (batch {BATCH}), row order reversed every other round; {:.1} s measuring, {:.1} s in all",
+        "runs:     {rounds} rounds x {} rows, each one live run of {REPEAT} frames (batch {BATCH}), row order reversed every other round, each pair's rows swapped every other pair of rounds; {:.1} s measuring, {:.1} s in all",
         rows.len(),
         measured.as_secs_f64(),
         started.elapsed().as_secs_f64()
@@ -1016,6 +1045,25 @@ fn run() -> anyhow::Result<()> {
             m - pass_floor
         );
     }
+    if raw {
+        println!();
+        println!("per round (ns/frame; A/B = the pairs' order, f = forward, r = reversed):");
+        print!("{:<34}", "row");
+        for (round, b) in in_order_b.iter().enumerate() {
+            let order = if *b { "B" } else { "A" };
+            let dir = if round % 2 == 0 { "f" } else { "r" };
+            print!(" {:>6}", format!("{round}{order}{dir}"));
+        }
+        println!();
+        for r in &rows {
+            print!("{:<34}", r.name);
+            for ns in &r.ns {
+                print!(" {ns:>6.0}");
+            }
+            println!();
+        }
+        println!();
+    }
     let pairs: Vec<(&Row, &Row)> = PAIRS
         .iter()
         .filter_map(|(a, b)| {
@@ -1040,19 +1088,29 @@ fn run() -> anyhow::Result<()> {
             "paired, per round (A - B, ns/frame; one difference per round, so drift of the machine between rounds cancels):"
         );
         println!(
-            "{:<58} {:>7} {:>7} {:>7} {:>11}",
-            "A - B", "median", "q1", "q3", "A cheaper"
+            "{:<58} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9}",
+            "A - B", "median", "q1", "q3", "A cheaper", "order A", "order B"
         );
+        let in_order = |ns: &[f64], b: bool| -> Vec<f64> {
+            ns.iter()
+                .zip(&in_order_b)
+                .filter(|(_, o)| **o == b)
+                .map(|(x, _)| *x)
+                .collect()
+        };
         for (a, b) in pairs {
             let d = Paired::of(&a.ns, &b.ns);
+            let of_order = |o: bool| Paired::of(&in_order(&a.ns, o), &in_order(&b.ns, o)).median;
             println!(
-                "{:<58} {:>7.0} {:>7.0} {:>7.0} {:>5} of {:<2}",
+                "{:<58} {:>7.0} {:>7.0} {:>7.0} {:>5} of {:<2} {:>9.0} {:>9.0}",
                 format!("{} - {}", a.name, b.name),
                 d.median,
                 d.q1,
                 d.q3,
                 d.a_lower,
-                d.n
+                d.n,
+                of_order(false),
+                of_order(true)
             );
         }
     }
@@ -1074,9 +1132,11 @@ notes:
   the veth transmit and the sink on d1: the same in the floor, so cancelled in the differences.
 - 'paired': for each round, row A's ns/frame minus row B's in that round; the median and
   quartiles of those differences, and in how many rounds A was the cheaper. Katran's rows run
-  right after the lb rows they are paired with; a --lb-obj variant's rows pair with the
+  next to the lb rows they are paired with; a --lb-obj variant's rows pair with the
   embedded build's and run next to them too (a variant of the same object is the method's
-  control: its differences centre on 0).
+  control: its differences centre on 0). Each pair swaps places every other pair of rounds
+  (order A: the lb row first, order B: last); 'order A' and 'order B' are the paired medians
+  of those rounds apart, so a gap between them is the rows' position, not the programs.
 - the per-call cross-check measures single runs (each with the test-run loop's fixed cost,
   ~10 ns clock granularity, no transmit); it agrees with 'above TX' only roughly.
 "
