@@ -347,7 +347,6 @@ mod tests {
     fn record() -> Record {
         Record::new(
             RequestType::Http,
-            "web".into(),
             "127.0.0.1:1".parse().unwrap(),
             1,
             None,
