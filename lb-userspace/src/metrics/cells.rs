@@ -24,11 +24,15 @@ fn get(c: &AtomicU64) -> u64 {
 }
 
 /// A fixed-bucket histogram of durations (Prometheus-style: cumulative on export).
+/// `repr(C)`: the count and the sum, which every observation adds to, come first, next to
+/// the first buckets and to what the cell holding the histogram puts before it (see
+/// [`TargetCells`]).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
     count: AtomicU64,
+    sum_micros: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len() + 1],
 }
 
 impl Histogram {
@@ -119,9 +123,16 @@ impl HistogramSnapshot {
     }
 }
 
-/// Per-listener counters (CloudWatch's load-balancer dimension).
+/// Per-listener counters (CloudWatch's load-balancer dimension). `repr(C)`: the counters a
+/// forwarded request adds to (bytes, requests, rule evaluations) come first, in 32 bytes,
+/// so a request writes one or two of the cell's lines rather than two or three.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct ListenerCells {
+    processed_bytes: AtomicU64,
+    requests: AtomicU64,
+    rule_evaluations: AtomicU64,
+    lcu_rule_evaluations: AtomicU64,
     /// NewConnectionCount.
     pub new_connections: AtomicU64,
     /// RejectedConnectionCount.
@@ -130,8 +141,6 @@ pub struct ListenerCells {
     pub client_tls_errors: AtomicU64,
     /// HTTP2AbusiveConnectionCount.
     pub http2_abusive_connections: AtomicU64,
-    processed_bytes: AtomicU64,
-    requests: AtomicU64,
     elb_3xx: AtomicU64,
     elb_4xx: AtomicU64,
     elb_5xx: AtomicU64,
@@ -139,8 +148,6 @@ pub struct ListenerCells {
     elb_502: AtomicU64,
     elb_503: AtomicU64,
     elb_504: AtomicU64,
-    rule_evaluations: AtomicU64,
-    lcu_rule_evaluations: AtomicU64,
     fixed_responses: AtomicU64,
     redirects: AtomicU64,
     desync_non_compliant: AtomicU64,
@@ -200,11 +207,17 @@ impl ListenerCells {
                 _ => {}
             }
         }
-        add(&self.rule_evaluations, u64::from(r.rules_evaluated));
-        add(
-            &self.lcu_rule_evaluations,
-            u64::from(r.rules_evaluated.saturating_sub(FREE_RULE_EVALUATIONS)),
-        );
+        // Adding 0 would still write the line (an atomic add is a write): most requests
+        // evaluate no more rules than are free, many (the default rule alone) none.
+        if r.rules_evaluated > 0 {
+            add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+        }
+        if r.rules_evaluated > FREE_RULE_EVALUATIONS {
+            add(
+                &self.lcu_rule_evaluations,
+                u64::from(r.rules_evaluated - FREE_RULE_EVALUATIONS),
+            );
+        }
         match r.action {
             Some(ActionKind::FixedResponse) => add(&self.fixed_responses, 1),
             Some(ActionKind::Redirect) => add(&self.redirects, 1),
@@ -245,17 +258,21 @@ impl ListenerCells {
 }
 
 /// Counters of requests sent to one target (and, inside [`GroupCells`], to a group).
+/// `repr(C)`: what a request answered 2xx adds to (requests, 2xx, the histogram's count, sum
+/// and first buckets) in the first 80 bytes, after the `Arc`'s counts, which the request
+/// touches too; the rare counters last.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct TargetCells {
     requests: AtomicU64,
     target_2xx: AtomicU64,
+    /// TargetResponseTime.
+    pub response_time: Histogram,
     target_3xx: AtomicU64,
     target_4xx: AtomicU64,
     target_5xx: AtomicU64,
     connection_errors: AtomicU64,
     tls_errors: AtomicU64,
-    /// TargetResponseTime.
-    pub response_time: Histogram,
 }
 
 /// The counts of a [`TargetCells`] now.
@@ -345,13 +362,22 @@ mod tests {
     use crate::accesslog::RequestType;
 
     fn record() -> Record {
-        Record::new(
-            RequestType::Http,
-            "web".into(),
-            "127.0.0.1:1".parse().unwrap(),
-            1,
-            None,
-        )
+        Record::new(RequestType::Http, "127.0.0.1:1".parse().unwrap(), 1, None)
+    }
+
+    /// The counters a forwarded 2xx request adds to share the first bytes of their cells (one
+    /// or two cache lines with the `Arc`'s counts before them), the rare ones after.
+    #[test]
+    fn the_counters_a_request_adds_to_come_first() {
+        use std::mem::offset_of;
+        assert_eq!(offset_of!(ListenerCells, processed_bytes), 0);
+        assert_eq!(offset_of!(ListenerCells, lcu_rule_evaluations), 24);
+        assert_eq!(offset_of!(TargetCells, target_2xx), 8);
+        let histogram = offset_of!(TargetCells, response_time);
+        assert_eq!(histogram + offset_of!(Histogram, count), 16);
+        assert_eq!(histogram + offset_of!(Histogram, sum_micros), 24);
+        assert_eq!(histogram + offset_of!(Histogram, buckets), 32);
+        assert!(offset_of!(TargetCells, target_3xx) > histogram);
     }
 
     #[test]

@@ -128,9 +128,12 @@ impl Exchange {
         };
         let mut record = Box::write(
             spare_record(),
-            Record::new(kind, listener.name.clone(), peer, conn.id, conn.tls.clone()),
+            Record::new(kind, peer, conn.id, conn.tls.clone()),
         );
         let logging = listener.shared.access_log.is_some();
+        if logging {
+            record.text_mut().listener = Some(listener.name.clone());
+        }
         let scheme = listener.cfg.protocol.as_str();
         let port = listener.port;
         let head_len = match verdict {
@@ -155,7 +158,7 @@ impl Exchange {
                     } else {
                         url(scheme, host, port, &line.target)
                     };
-                    record.request = Some(RequestLine {
+                    record.text_mut().request = Some(RequestLine {
                         method: line.method.clone().into(),
                         url,
                         version: line.version.clone().into(),
@@ -171,12 +174,13 @@ impl Exchange {
                         .or_else(|| req.uri().authority().map(|a| a.as_str()))
                         .map_or("-", strip_port);
                     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                    record.request = Some(RequestLine {
+                    let text = record.text_mut();
+                    text.request = Some(RequestLine {
                         method: method_text(req.method()),
                         url: url(scheme, host, port, pq),
                         version: version_text(req.version()).into(),
                     });
-                    record.user_agent = req
+                    text.user_agent = req
                         .headers()
                         .get(http::header::USER_AGENT)
                         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -235,7 +239,7 @@ impl Exchange {
         if self.logging()
             && let Some(r) = self.rec()
         {
-            r.redirect_url = Some(url.to_owned());
+            r.text_mut().redirect_url = Some(url.to_owned());
         }
     }
 
@@ -265,7 +269,7 @@ impl Exchange {
             && let Some(started) = self.started
             && let Some(r) = self.rec()
         {
-            r.request_processing = Some(sent.saturating_duration_since(started));
+            r.text_mut().request_processing = Some(sent.saturating_duration_since(started));
         }
         self.answer(e.status(), Some((e.lb_error(), e.to_string())));
     }
@@ -275,7 +279,9 @@ impl Exchange {
         self.target_cells = Some(picked.metrics());
         self.group = Some(group.clone());
         if let Some(r) = self.rec() {
-            r.target_group = Some(group.shared_name());
+            if let Some(text) = r.text.as_deref_mut() {
+                text.target_group = Some(group.shared_name());
+            }
             r.target = Some(picked.addr);
             r.non_sticky = picked.non_sticky();
             r.unhealthy_routing = picked.unhealthy_routing();
@@ -287,7 +293,7 @@ impl Exchange {
         if self.logging()
             && let Some(r) = self.rec()
         {
-            r.trace_id = Some(String::from_utf8_lossy(v.as_bytes()).into_owned());
+            r.text_mut().trace_id = Some(String::from_utf8_lossy(v.as_bytes()).into_owned());
         }
     }
 
@@ -314,7 +320,9 @@ impl Exchange {
         self.head_at = Some(now);
         let started = self.started;
         if let Some(r) = self.rec() {
-            r.request_processing = started.map(|started| sent.saturating_duration_since(started));
+            if let Some(started) = started {
+                r.text_mut().request_processing = Some(sent.saturating_duration_since(started));
+            }
             r.target_processing = Some(now.saturating_duration_since(sent));
             r.target_status = Some(f.response.status().as_u16());
             r.target_connection = Some(if f.retried {
@@ -335,7 +343,7 @@ impl Exchange {
             r.elb_status = Some(status.as_u16());
             r.sent_bytes = response_head_bytes(status, headers);
             if let Some(h) = head_at {
-                r.response_processing = Some(h.elapsed());
+                r.text_mut().response_processing = Some(h.elapsed());
             }
         }
     }
@@ -545,13 +553,18 @@ mod tests {
 
     /// An emitted record's allocation is written again by the next record started on the
     /// thread: no allocation then (with nothing kept, one: the positive control), the same
-    /// address, and the old record's fields were dropped (its listener name released).
+    /// address, and the old record's fields were dropped (its TLS details released).
     #[test]
     fn a_kept_record_is_the_next_records_room() {
         use crate::rules::tests::allocations::so_far;
-        let name: Arc<str> = Arc::from("l");
+        let name = Arc::new(TlsInfo {
+            cipher: "c",
+            protocol: "p",
+            sni: None,
+            certificate: None,
+        });
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let record = |id| Record::new(RequestType::Http, name.clone(), peer, id, None);
+        let record = |id| Record::new(RequestType::Https, peer, id, Some(name.clone()));
         let _ = SPARE_RECORD.with(Cell::take);
         let before = so_far();
         let first = Box::write(spare_record(), record(1));
