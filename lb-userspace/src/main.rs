@@ -10,6 +10,21 @@ mod lifo;
 static ALLOC: lifo::Lifo = lifo::Lifo;
 
 fn main() -> ExitCode {
+    // The bench-only placement knob (`LB_PLACEMENT`, see `lb::proxy::server::parse_placement`):
+    // read first, so its blocks are the first the main thread leaks.
+    let var = lb::proxy::server::PLACEMENT_VAR;
+    let value = std::env::var_os(var).map(|v| v.to_string_lossy().into_owned());
+    match lb::proxy::server::parse_placement(value.as_deref()) {
+        Ok(0) => {}
+        Ok(n) => {
+            lb::proxy::server::set_placement(n);
+            lb::proxy::server::leak_placement_blocks(n);
+        }
+        Err(e) => {
+            eprintln!("lb: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
