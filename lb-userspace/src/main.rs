@@ -102,6 +102,16 @@ fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
     if let Some(n) = threads {
         builder.worker_threads(n);
     }
+    // `LB_PLACEMENT` (bench-only): the shared runtime's threads run the L7 request path by
+    // default, so they get the placement too. A stack `n` × 64 bytes longer than std's 2 MiB
+    // default puts its top, and the thread's TLS block glibc keeps there, `n` lines further
+    // into their page; the leaked blocks move the thread's small heap blocks.
+    let placement = lb::proxy::server::placement();
+    if placement > 0 {
+        builder
+            .thread_stack_size((2 << 20) + usize::from(placement) * 64)
+            .on_thread_start(move || lb::proxy::server::leak_placement_blocks(placement));
+    }
     Ok(builder.enable_all().build()?)
 }
 

@@ -1002,7 +1002,8 @@ pub struct PlacementError {
 
 /// Parses `LB_PLACEMENT`, a bench-only knob that changes only where the request path's memory
 /// lands, not the work it does: with `n` > 0, every L7 worker runs its runtime `n` 64-byte
-/// frames deeper in its stack ([`placed_deeper`]), and the main thread (before the
+/// frames deeper in its stack ([`placed_deeper`]; the shared runtime's threads, which serve
+/// by default, get a stack `n` × 64 bytes longer, which moves its top), and the main thread (before the
 /// configuration is built) and every worker (before its runtime starts) leak `n` blocks of
 /// every size from 8 to 512 bytes ([`leak_placement_blocks`]), so the blocks the request path
 /// allocates later start at other offsets of their pages. The working set of one request is
@@ -1026,7 +1027,8 @@ pub fn set_placement(n: u8) {
     PLACEMENT.store(n.min(MAX_PLACEMENT), std::sync::atomic::Ordering::Relaxed);
 }
 
-fn placement() -> u8 {
+/// The placement [`set_placement`] set (0 if none).
+pub fn placement() -> u8 {
     PLACEMENT.load(std::sync::atomic::Ordering::Relaxed)
 }
 
@@ -1801,7 +1803,10 @@ mod tests {
             let e = parse_placement(Some(junk)).expect_err(junk);
             assert_eq!(e.value, junk);
             let said = e.to_string();
-            assert!(said.contains("LB_PLACEMENT") && said.contains("0 to 63"), "{said}");
+            assert!(
+                said.contains("LB_PLACEMENT") && said.contains("0 to 63"),
+                "{said}"
+            );
         }
     }
 
