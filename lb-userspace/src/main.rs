@@ -10,6 +10,21 @@ mod lifo;
 static ALLOC: lifo::Lifo = lifo::Lifo;
 
 fn main() -> ExitCode {
+    // The bench-only placement knob (`LB_PLACEMENT`, see `lb::proxy::server::parse_placement`):
+    // read first, so its blocks are the first the main thread leaks.
+    let var = lb::proxy::server::PLACEMENT_VAR;
+    let value = std::env::var_os(var).map(|v| v.to_string_lossy().into_owned());
+    match lb::proxy::server::parse_placement(value.as_deref()) {
+        Ok(0) => {}
+        Ok(n) => {
+            lb::proxy::server::set_placement(n);
+            lb::proxy::server::leak_placement_blocks(n);
+        }
+        Err(e) => {
+            eprintln!("lb: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
@@ -86,6 +101,16 @@ fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads {
         builder.worker_threads(n);
+    }
+    // `LB_PLACEMENT` (bench-only): the shared runtime's threads run the L7 request path by
+    // default, so they get the placement too. A stack `n` × 64 bytes longer than std's 2 MiB
+    // default puts its top, and the thread's TLS block glibc keeps there, `n` lines further
+    // into their page; the leaked blocks move the thread's small heap blocks.
+    let placement = lb::proxy::server::placement();
+    if placement > 0 {
+        builder
+            .thread_stack_size((2 << 20) + usize::from(placement) * 64)
+            .on_thread_start(move || lb::proxy::server::leak_placement_blocks(placement));
     }
     Ok(builder.enable_all().build()?)
 }

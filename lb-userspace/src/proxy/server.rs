@@ -982,6 +982,81 @@ impl WorkerThreads {
     }
 }
 
+/// The environment variable of the bench-only placement knob (see [`parse_placement`]).
+pub const PLACEMENT_VAR: &str = "LB_PLACEMENT";
+
+/// The largest placement [`PLACEMENT_VAR`] takes: 64 placements, one per 64-byte line of a
+/// 4 KiB page (the L1 data cache's 64 sets).
+pub const MAX_PLACEMENT: u8 = 63;
+
+/// The placement `lb run` was started with: 0 unless [`set_placement`] was called.
+static PLACEMENT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// [`PLACEMENT_VAR`]'s value is not a placement.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{PLACEMENT_VAR} must be a whole number from 0 to {MAX_PLACEMENT}, not {value:?}")]
+pub struct PlacementError {
+    /// What the variable held.
+    pub value: String,
+}
+
+/// Parses `LB_PLACEMENT`, a bench-only knob that changes only where the request path's memory
+/// lands, not the work it does: with `n` > 0, every L7 worker runs its runtime `n` 64-byte
+/// frames deeper in its stack ([`placed_deeper`]; the shared runtime's threads, which serve
+/// by default, get a stack `n` × 64 bytes longer, which moves its top), and the main thread (before the
+/// configuration is built) and every worker (before its runtime starts) leak `n` blocks of
+/// every size from 8 to 512 bytes ([`leak_placement_blocks`]), so the blocks the request path
+/// allocates later start at other offsets of their pages. The working set of one request is
+/// about the L1 data cache's size, so which of its 64 sets each line lands in moves the
+/// simulated 8-way miss count by 10-20 per request from one build to the next (BENCHMARKS.md,
+/// "Placement: the 8-way miss count's spread over where lines land (stop 34)"); measuring one
+/// build at several placements gives that spread. Unset (`None`) or 0 is the normal layout
+/// and adds nothing; anything but 0..=63 is an error naming the variable.
+pub fn parse_placement(value: Option<&str>) -> Result<u8, PlacementError> {
+    let Some(value) = value else { return Ok(0) };
+    match value.trim().parse::<u8>() {
+        Ok(n) if n <= MAX_PLACEMENT => Ok(n),
+        _ => Err(PlacementError {
+            value: value.to_owned(),
+        }),
+    }
+}
+
+/// Sets the placement the L7 workers started from now on use (see [`parse_placement`]).
+pub fn set_placement(n: u8) {
+    PLACEMENT.store(n.min(MAX_PLACEMENT), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The placement [`set_placement`] set (0 if none).
+pub fn placement() -> u8 {
+    PLACEMENT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Leaks `n` blocks of every size from 8 to 512 bytes in steps of 8 (which covers every small
+/// size class of mimalloc and of the thread's freed-block cache) on the calling thread's heap,
+/// so the blocks allocated afterwards sit `n` blocks further into their pages. Nothing for 0.
+pub fn leak_placement_blocks(n: u8) {
+    for _ in 0..n {
+        for size in (8..=512).step_by(8) {
+            std::hint::black_box(Box::leak(vec![0u8; size].into_boxed_slice()));
+        }
+    }
+}
+
+/// Runs `f` `frames` frames of at least 64 bytes deeper in the stack than a direct call would
+/// (for 0, a direct call): a worker's runtime, and every future it polls, then sits that much
+/// lower in the worker's stack.
+#[inline(never)]
+fn placed_deeper<R>(frames: u8, f: impl FnOnce() -> R) -> R {
+    if frames == 0 {
+        return f();
+    }
+    let pad = std::hint::black_box([frames; 64]);
+    let r = placed_deeper(frames - 1, f);
+    std::hint::black_box(&pad);
+    r
+}
+
 /// Starts `workers` threads named `l7w{INDEX}:{port}` (`port`: the first listener's, which
 /// tells apart the workers of tiers in one process), each with its own `current_thread`
 /// runtime and its socket of every listener.
@@ -1025,11 +1100,13 @@ fn start_workers(
             .build()
             .context("building an L7 worker's runtime")?;
         let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+        let placement = placement();
         let thread = std::thread::Builder::new()
             .name(format!("l7w{worker}:{port}"))
             .spawn(move || {
                 crate::proxy::pool::set_current_worker(worker);
-                runtime.block_on(async move {
+                leak_placement_blocks(placement);
+                placed_deeper(placement, || runtime.block_on(async move {
                     let mut loops = JoinSet::new();
                     for (listener, socket) in sockets {
                         match TcpListener::from_std(socket) {
@@ -1046,7 +1123,7 @@ fn start_workers(
                         loops.spawn(serve_handed(inbox, worker));
                     }
                     while loops.join_next().await.is_some() {}
-                });
+                }));
                 // Tasks left on the runtime (pool sweepers, target connection drivers) end
                 // with it, before the thread says it has ended.
                 drop(runtime);
@@ -1716,6 +1793,47 @@ fn phase_step(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_placement_knob_takes_0_to_63_and_refuses_anything_else_naming_the_variable() {
+        assert_eq!(parse_placement(None), Ok(0));
+        assert_eq!(parse_placement(Some("0")), Ok(0));
+        assert_eq!(parse_placement(Some("19")), Ok(19));
+        assert_eq!(parse_placement(Some("63")), Ok(63));
+        for junk in ["64", "255", "-1", "", "x", "5k", "1.5"] {
+            let e = parse_placement(Some(junk)).expect_err(junk);
+            assert_eq!(e.value, junk);
+            let said = e.to_string();
+            assert!(
+                said.contains("LB_PLACEMENT") && said.contains("0 to 63"),
+                "{said}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_placement_runs_the_worker_runtime_at_least_n_lines_deeper_in_its_stack() {
+        // Both runs on one thread, so the only difference is the depth.
+        let local_in_runtime = |n: u8| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            placed_deeper(n, || {
+                runtime.block_on(async {
+                    let local = std::hint::black_box(0u8);
+                    std::hint::black_box(&local) as *const u8 as usize
+                })
+            })
+        };
+        let at_0 = local_in_runtime(0);
+        for n in [1u8, 5, 37] {
+            let at_n = local_in_runtime(n);
+            assert!(
+                at_0 >= at_n + usize::from(n) * 64,
+                "placement {n}: a local at {at_n:#x}, at placement 0 {at_0:#x}"
+            );
+        }
+    }
+
     use super::*;
 
     /// A waker that counts its wake-ups.
