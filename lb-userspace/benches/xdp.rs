@@ -663,8 +663,9 @@ fn run() -> anyhow::Result<()> {
     }
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // `--only TEXT`: the floors and the rows whose name contains TEXT (for profiling one path
-    // with `perf record`).
+    // `--only TEXT[|TEXT…]`: the floors and the rows whose name contains one of the TEXTs
+    // (`|`-separated: row names contain commas), for profiling one path with `perf record`,
+    // or for finding which rows move another row's figure.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -891,7 +892,8 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(only) = &only {
         rows.retain(|r| {
-            matches!(r.kind, Kind::TxFloor | Kind::PassFloor) || r.name.contains(only.as_str())
+            matches!(r.kind, Kind::TxFloor | Kind::PassFloor)
+                || only.split('|').any(|t| r.name.contains(t))
         });
     }
 
