@@ -664,8 +664,9 @@ fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only TEXT[|TEXT…]`: the floors and the rows whose name contains one of the TEXTs
-    // (`|`-separated: row names contain commas), for profiling one path with `perf record`,
-    // or for finding which rows move another row's figure.
+    // (`|`-separated: row names contain commas; `=NAME` is one row by its whole name), for
+    // profiling one path with `perf record`, or for finding which rows move another row's
+    // figure.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -893,7 +894,10 @@ fn run() -> anyhow::Result<()> {
     if let Some(only) = &only {
         rows.retain(|r| {
             matches!(r.kind, Kind::TxFloor | Kind::PassFloor)
-                || only.split('|').any(|t| r.name.contains(t))
+                || only.split('|').any(|t| match t.strip_prefix('=') {
+                    Some(name) => r.name == name,
+                    None => r.name.contains(t),
+                })
         });
     }
 
