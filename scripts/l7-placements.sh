@@ -22,7 +22,7 @@ stats() { # stats NAME VALUES…: median, min and max
     m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
     printf "%-14s median %9.1f  min %9.1f  max %9.1f  spread %7.1f\n", name, m, v[1], v[NR], v[NR] - v[1] }'
 }
-IRS=(); MISSES=(); LINES=(); W8=(); FA=()
+IRS=(); MISSES=()
 for P in $PLACEMENTS; do
   if [ "${FOOTPRINT:-0}" = 1 ]; then
     LB_PLACEMENT=$P flock /tmp/bench.lock "$HERE/l7-footprint.sh" "$BIN" "$N" "$OUT/p$P" > "$OUT/p$P.log" 2>&1 \

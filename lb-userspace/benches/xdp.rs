@@ -47,7 +47,9 @@
 //! (right after them in half the rounds, right before in the other half), and a paired table
 //! gives, per round, the difference of the two rows: the machine's drift from round to round
 //! (large on a shared VM) cancels in it, where it does not in the rows' medians. `--raw`
-//! also prints every row's figure in every round.
+//! also prints every row's figure in every round. A decoy balancer is loaded before all the
+//! measured ones and never run: the first balancer a run loads measured ~12 ns slower on the
+//! IPv4 hit than later loads of the same object (`--no-decoy` shows it).
 //!
 //! After every run the program's own counters must show that every frame took the intended
 //! path (e.g. `tx` grew by exactly `REPEAT`, no new flow on a hit row, exactly `REPEAT`
@@ -950,11 +952,11 @@ fn run() -> anyhow::Result<()> {
     }
     // Rows that are compared (an `lb` row, then Katran's and the variants' rows paired with
     // it) form a group. Order A runs each group as listed, order B each group reversed; rounds
-    // go A forward, A reversed, B forward, B reversed, and so on. Where a row sits in the round
-    // moves its figure by up to ~20 ns on this VM, the same in forward and reversed rounds
-    // (stop 34: an `--lb-obj` copy of the embedded object, run right after it, measured 13-19
-    // ns cheaper in both directions); swapping the pairs' places cancels that in the paired
-    // medians, and the paired table shows each order's median apart.
+    // go A forward, A reversed, B forward, B reversed, and so on, so neither row of a pair
+    // always runs first, and the paired table shows each order's median apart: a gap between
+    // the two would be the rows' position. (Stop 34 suspected position for a copy of the
+    // embedded object measuring ~12 ns cheaper than it; both orders showed the gap, and its
+    // cause was the first load: see `_decoy`.)
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         let partner = matches!(
