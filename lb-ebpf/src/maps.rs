@@ -35,6 +35,10 @@ pub static LB_RINGS: Array<u32, RING_SLOTS> = Array::new();
 /// every CPU looks flows up in, but a CPU inserting into a full table evicts from its own
 /// share of the entries (`max_entries` / possible CPUs) under its own lock, not from one list
 /// shared (and locked) by all CPUs. Katran keeps one LRU table per CPU for the same reason.
+/// The price: the kernel rotates a CPU's lists on every insert (`bpf_percpu_lru_pop_free`),
+/// the common lists only once per batch of frees, so an insert costs ~100 ns more than with
+/// the common lists, and about 40 of the ~85 ns a new flow into a full table costs beyond
+/// Katran's (BENCHMARKS.md, "XDP new flow into a full table (stop 35)").
 #[btf_map]
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue, MAX_FLOWS, FLOWS_FLAGS> = LruHashMap::new();
 /// [`LB_FLOWS`]'s flags: per-CPU LRU lists.
