@@ -6,7 +6,10 @@ use lb_common::{
     VIP_F_HAS_TCP, VIP_F_HAS_UDP, VIP_MARKER_PROTO, VipKey, VipMeta,
 };
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, xdp_action},
+    helpers::bpf_jiffies64,
+};
 
 use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_RINGS, LB_VIPS, count_flow_insert};
 
@@ -134,6 +137,10 @@ pub struct Steer {
     /// An established flow whose `last_seen_ns` this packet moved on (the clock ticked since
     /// its last packet): the once-a-tick moment for upkeep that need not run on every packet.
     pub ticked: bool,
+    /// The new flow's entry is already in the table (an opening SYN inserted it while it was
+    /// steered): nothing to record, and a packet dropped after all must take it out again
+    /// ([`unrecord`]).
+    pub recorded: bool,
 }
 
 /// The backend of `key`'s flow. An entry is used while its backend still keeps flows (its
@@ -141,6 +148,16 @@ pub struct Steer {
 /// the id still belongs to this VIP, and the flow has not been idle longer than the VIP's
 /// idle timeout; otherwise the flow is steered through the ring as a new one. ICMP errors
 /// (`refresh` false) use the flow but do not keep it alive.
+///
+/// An opening TCP segment (`open`: a SYN of a DSR VIP) goes the other way round: ring first,
+/// and its entry inserted only if the key has none (`BPF_NOEXIST`). A new connection (nearly
+/// every SYN) so pays one hash-table operation instead of a lookup that misses and an insert:
+/// the miss cost ~70 ns per new flow (BENCHMARKS.md, "XDP new flow into a full table (stop
+/// 35)"). A key that is already there (a retransmitted SYN, a reused 5-tuple) fails the
+/// insert and is looked up as any packet, so an existing flow keeps its backend even when the
+/// ring changed since (Katran steers every SYN by its ring and overwrites the entry). The
+/// price of that failed insert: the kernel takes a free node before it looks for the key, so
+/// in a full table it evicts the least recently used flow of the CPU's share first.
 #[inline(always)]
 pub fn backend(
     key: &FlowKey,
@@ -148,7 +165,27 @@ pub fn backend(
     cfg: &LbConfig,
     now: u64,
     refresh: bool,
+    open: bool,
 ) -> Result<Steer, Done> {
+    if open {
+        let (id, b) = ring(key, vip, cfg)?;
+        let value = FlowValue {
+            backend_id: id,
+            vip_id: vip.vip_id,
+            created_ns: now,
+            last_seen_ns: now,
+        };
+        if LB_FLOWS.insert(key, value, u64::from(BPF_NOEXIST)).is_ok() {
+            return Ok(Steer {
+                id,
+                backend: b,
+                new_flow: true,
+                new_key: true,
+                ticked: false,
+                recorded: true,
+            });
+        }
+    }
     let mut new_key = true;
     if let Some(flow) = LB_FLOWS.get_ptr_mut(key) {
         new_key = false;
@@ -174,9 +211,24 @@ pub fn backend(
                 new_flow: false,
                 new_key: false,
                 ticked,
+                recorded: false,
             });
         }
     }
+    let (id, b) = ring(key, vip, cfg)?;
+    Ok(Steer {
+        id,
+        backend: b,
+        new_flow: true,
+        new_key,
+        ticked: false,
+        recorded: false,
+    })
+}
+
+/// The backend the VIP's Maglev ring gives `key`.
+#[inline(always)]
+fn ring(key: &FlowKey, vip: &VipMeta, cfg: &LbConfig) -> Result<(u32, &'static Backend), Done> {
     let slot = (flow_hash(key) % cfg.ring_size as u64) as u32;
     let idx = vip.vip_id.wrapping_mul(cfg.ring_size).wrapping_add(slot);
     let Some(id) = LB_RINGS.get(idx) else {
@@ -189,18 +241,26 @@ pub fn backend(
     let Some(b) = LB_BACKENDS.get(id) else {
         return Err((DROP, Reason::DropInternal));
     };
-    Ok(Steer {
-        id,
-        backend: b,
-        new_flow: true,
-        new_key,
-        ticked: false,
-    })
+    Ok((id, b))
 }
 
-/// Records a new flow (after its next hop resolved, so a dropped packet leaves no entry).
+/// Takes out the entry an opening SYN inserted while it was steered ([`Steer::recorded`]),
+/// when the packet is dropped after all (a guard, no route): a dropped packet leaves no entry.
+#[inline(always)]
+pub fn unrecord(key: &FlowKey, steer: &Steer) {
+    if steer.recorded {
+        let _ = LB_FLOWS.remove(key);
+    }
+}
+
+/// Records a new flow (after its next hop resolved, so a dropped packet leaves no entry), or
+/// counts the one an opening SYN already inserted.
 #[inline(always)]
 pub fn record(key: &FlowKey, steer: &Steer, vip: &VipMeta, now: u64) {
+    if steer.recorded {
+        count_flow_insert();
+        return;
+    }
     let value = FlowValue {
         backend_id: steer.id,
         vip_id: vip.vip_id,

@@ -80,16 +80,20 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     // Read in place, not copied: the next-hop cache reads its generation before it looks the
     // backend's next hop up, which is all its invalidation needs (see `nexthop::get`).
     let now = lookup::coarse_now(cfg);
-    let steer = match lookup::backend(&pkt.key, &vip, cfg, now, !pkt.icmp_error) {
+    let nat = vip.flags & VIP_F_NAT != 0;
+    // An opening SYN of a DSR VIP is steered by the ring and inserted without a lookup first
+    // (NAT flows also keep a reverse entry, written with the forward one in `forward_nat`).
+    let open = pkt.syn && !nat;
+    let steer = match lookup::backend(&pkt.key, &vip, cfg, now, !pkt.icmp_error, open) {
         Ok(s) => s,
         Err(done) => return done,
     };
     // An ICMP error uses its flow's backend but is no flow of its own.
     let new_flow = steer.new_flow && !pkt.icmp_error;
     if new_flow && let Err(done) = guard::new_flow(&pkt.key, &vip) {
+        lookup::unrecord(&pkt.key, &steer);
         return done;
     }
-    let nat = vip.flags & VIP_F_NAT != 0;
     let action = if nat {
         match forward_nat(ctx, pkt, &vip, &steer, new_flow, cfg, now) {
             Ok(a) => a,
@@ -99,7 +103,10 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         let mut block = encap::FibBlock::uninit();
         let route = match encap::route(ctx, pkt, steer.id, steer.backend, cfg, now, &mut block) {
             Ok(r) => r,
-            Err(done) => return done,
+            Err(done) => {
+                lookup::unrecord(&pkt.key, &steer);
+                return done;
+            }
         };
         if new_flow {
             lookup::record(&pkt.key, &steer, &vip, now);

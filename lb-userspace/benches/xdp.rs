@@ -17,17 +17,18 @@
 //! Rows (one live run of `REPEAT` frames each, every round; rounds alternate the row order):
 //! - floor XDP_TX: `lb_bench_tx`, swaps the MAC addresses and returns `XDP_TX`.
 //! - floor XDP_PASS: `lb_pass`, returns `XDP_PASS`.
-//! - hit IPv4 / hit IPv6: a known flow: flow-table hit, backend lookup, next hop (from the
-//!   per-backend next-hop cache after the first frame), encapsulation, `XDP_TX` (the backends
-//!   are behind the receiving interface `d0`, as in a one-armed deployment), transmitted to
-//!   `d1`.
+//! - hit IPv4 / hit IPv6: a known flow's TCP ACK: flow-table hit, backend lookup, next hop
+//!   (from the per-backend next-hop cache after the first frame), encapsulation, `XDP_TX` (the
+//!   backends are behind the receiving interface `d0`, as in a one-armed deployment),
+//!   transmitted to `d1`.
 //! - hit IPv4, no next-hop cache: the same with the cache off (`--nexthop-max-age 0`), so
 //!   `bpf_fib_lookup` runs for every frame, as before the cache.
 //! - NAT hit IPv4: a known flow of a NAT VIP (a third balancer, so the NAT reply lookup does
 //!   not slow the other balancers' non-VIP rows): flow-table hit, reverse-entry refresh, next
 //!   hop, address and port rewrite with checksums, `XDP_TX`.
-//! - new flow, empty table: a fresh client every frame into a flow table emptied before each
-//!   round (no eviction): miss, Maglev ring, insert, then as a hit.
+//! - new flow, empty table: a fresh client's SYN every frame into a flow table emptied before
+//!   each round (no eviction): Maglev ring, insert (an opening SYN is not looked up first),
+//!   then as a hit.
 //! - new flow, full table: the same into a second balancer whose (smaller) flow table was
 //!   filled beforehand, so every insert evicts the least recently used flow; and the same
 //!   with the next-hop cache off.
@@ -718,18 +719,24 @@ fn run() -> anyhow::Result<()> {
     let mut front = BenchFront::load().context("loading the benchmark programs")?;
     front.attach_sink("d1")?;
 
-    let hit4 = Frame {
-        dst: VIP,
-        sport: 40_000,
-        ..Frame::default()
-    }
-    .build();
-    let hit6 = Frame6 {
-        dst: VIP6,
-        sport: 40_000,
-        ..Frame6::default()
-    }
-    .build();
+    // The hit rows send what an established connection sends, TCP ACKs, to `lb` and Katran
+    // alike: both steer an opening SYN by the ring first (the new-flow rows send SYNs).
+    let hit4 = katran::as_ack(
+        &Frame {
+            dst: VIP,
+            sport: 40_000,
+            ..Frame::default()
+        }
+        .build(),
+    );
+    let hit6 = katran::as_ack(
+        &Frame6 {
+            dst: VIP6,
+            sport: 40_000,
+            ..Frame6::default()
+        }
+        .build(),
+    );
     // New-flow clients: 10.128.0.0 + (sequence >> 16), port = sequence & 0xffff.
     let new4 = Frame {
         src: Ipv4Addr::new(10, 128, 0, 0),
@@ -768,9 +775,8 @@ fn run() -> anyhow::Result<()> {
         );
     }
 
-    // Katran's hit frames are ACKs: Katran routes a SYN by its ring every time (no LRU lookup).
-    let katran_hit4 = katran::as_ack(&hit4);
-    let katran_hit6 = katran::as_ack(&hit6);
+    // Katran's hit frames are the same ACKs (Katran routes a SYN by its ring every time).
+    let (katran_hit4, katran_hit6) = (hit4.clone(), hit6.clone());
     let katran = katran_obj
         .as_deref()
         .map(|obj| {
@@ -1041,7 +1047,7 @@ fn run() -> anyhow::Result<()> {
     );
     if let (Some(obj), Some(k)) = (&katran_obj, &bench.katran) {
         println!(
-            "katran:   {} (balancer_ingress; RING_SIZE {}), same VIPs and backends, IPIP/IP6IP6 to the reals, gateway MAC from ctl_array (no route lookup), one LRU per CPU: {MAX_FLOWS} entries (hit rows), {FULL_FLOWS} (full-table row: {} entries after filling); hit rows send TCP ACKs (Katran routes SYNs by its ring), the new-flow row SYNs",
+            "katran:   {} (balancer_ingress; RING_SIZE {}), same VIPs and backends, IPIP/IP6IP6 to the reals, gateway MAC from ctl_array (no route lookup), one LRU per CPU: {MAX_FLOWS} entries (hit rows), {FULL_FLOWS} (full-table row: {} entries after filling); hit rows send TCP ACKs to both (both steer an opening SYN by the ring), the new-flow rows SYNs",
             obj.display(),
             k.main.ring_size(),
             katran_full_len.unwrap_or(0)

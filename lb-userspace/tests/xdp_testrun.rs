@@ -1300,6 +1300,9 @@ fn established_flows_stay_on_their_backend_when_backends_are_added() {
             assert_eq!(lb.backend_of(&client_syn(&web, p)), backend(11));
         }
         lb.register(&web, &[backend(12), backend(13)]);
+        // The same SYNs again (retransmissions, as far as the balancer can tell): an opening
+        // SYN is steered by the ring first, but its insert fails on the existing key and the
+        // lookup keeps the flow's backend, although the ring now sends some of them elsewhere.
         for &p in &ports {
             assert_eq!(
                 lb.backend_of(&client_syn(&web, p)),
@@ -3178,6 +3181,73 @@ fn a_backend_of_a_family_without_an_outer_source_address_is_dropped_as_no_route(
         lb.run_untouched(&tcp(v4_vip, 80).build(), XDP_DROP, Reason::DropNoRoute);
         // Positive control: the IPv4 backend, which has its source address, is reached.
         lb.run_encap(&tcp(v4_vip, 81).build(), backend(11));
+    });
+}
+
+/// An opening SYN is inserted into the flow table while it is steered, before its guards and
+/// route are checked (`lookup::backend`): one that is dropped after all must leave no entry and
+/// count no insert, as a packet recorded only after its route resolved never did.
+#[test]
+fn an_opening_syn_dropped_after_it_was_steered_leaves_no_flow_entry() {
+    netns_test(|| {
+        let mut lb = Lb::with(
+            4096,
+            LbAddrs {
+                v4: Some(LB_ADDR),
+                v6: None,
+            },
+        );
+        let vip4 = Ipv4Addr::new(198, 51, 100, 1);
+        // No route: an IPv6 backend, and no outer IPv6 source address.
+        lb.add_vip(vip4, 80, Proto::Tcp, &[backend6(11)]);
+        // One new flow per source at once, then none for a second.
+        let mut spec = VipSpec::new(
+            None,
+            VipAddr {
+                addr: vip4.into(),
+                port: 81,
+                proto: Proto::Tcp,
+            },
+        );
+        spec.guards = lb::l4::GuardChange::from_options("new-flow-rate=1,new-flow-burst=1")
+            .unwrap()
+            .apply(&lb::l4::Guards::default())
+            .unwrap();
+        lb.add_vip_spec(spec, &[backend(12)]);
+        let syn = |dport: u16, sport: u16| {
+            Frame {
+                sport,
+                ..tcp(vip4, dport)
+            }
+            .build()
+        };
+        let has_entry = |lb: &Lb, dport: u16, sport: u16| {
+            lb.maps()
+                .flows
+                .get(&flow_key(CLIENT, sport, vip4, dport, 6), 0)
+                .is_ok()
+        };
+        let inserts = lb.maps().flow_inserts().unwrap();
+
+        lb.run_untouched(&syn(80, 40_000), XDP_DROP, Reason::DropNoRoute);
+        assert!(
+            !has_entry(&lb, 80, 40_000),
+            "an unroutable SYN left its entry"
+        );
+        // Positive control: the source's first SYN to the rate-limited VIP is forwarded and
+        // its entry stays.
+        lb.run_encap(&syn(81, 40_001), backend(12));
+        assert!(has_entry(&lb, 81, 40_001), "a forwarded SYN left no entry");
+        lb.run_untouched(&syn(81, 40_002), XDP_DROP, Reason::DropRateLimited);
+        assert!(
+            !has_entry(&lb, 81, 40_002),
+            "a rate-limited SYN left its entry"
+        );
+        assert_eq!(
+            lb.maps().flow_inserts().unwrap(),
+            inserts + 1,
+            "only the forwarded SYN counts an insert"
+        );
     });
 }
 
