@@ -83,7 +83,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     let nat = vip.flags & VIP_F_NAT != 0;
     // An opening SYN of a DSR VIP is steered by the ring and inserted without a lookup first
     // (NAT flows also keep a reverse entry, written with the forward one in `forward_nat`).
-    let open = pkt.syn && !nat;
+    let open = !nat && pkt.opens();
     let steer = match lookup::backend(&pkt.key, &vip, cfg, now, !pkt.icmp_error, open) {
         Ok(s) => s,
         Err(done) => return done,

@@ -74,10 +74,9 @@ pub struct Packet {
     /// Offset of the TCP/UDP header in the frame (NAT rewrites its ports and checksum); at
     /// most [`MAX_L4_OFF`]. Meaningless for fragments and ICMP errors.
     pub l4_off: usize,
-    /// A TCP segment opening a connection: SYN set, ACK and RST clear. Such a packet is
-    /// steered by the ring first and looked up in the flow table only when its key is
-    /// already there (`lookup::backend`). False for UDP, fragments and ICMP errors.
-    pub syn: bool,
+    /// The TCP header's flags byte (RFC 9293 §3.1), as received; 0 for UDP, fragments and
+    /// ICMP errors. See [`Packet::opens`].
+    pub tcp_flags: u8,
 }
 
 /// Parses the frame into `out`; `Err` is the reason to pass it with.
@@ -105,17 +104,26 @@ pub fn packet<'a>(
     }
 }
 
-/// TCP flags (RFC 9293 §3.1), in the low byte of the header's seventh 16-bit word.
-const TCP_FIN_SYN_RST_ACK: u16 = 0x17;
-const TCP_SYN: u16 = 0x02;
+/// TCP flags (RFC 9293 §3.1).
+const TCP_FIN_SYN_RST_ACK: u8 = 0x17;
+const TCP_SYN: u8 = 0x02;
+
+impl Packet {
+    /// A TCP segment opening a connection: SYN set, ACK, RST and FIN clear. Such a packet is
+    /// steered by the ring first and looked up in the flow table only when its key is
+    /// already there (`lookup::backend`).
+    #[inline(always)]
+    pub fn opens(&self) -> bool {
+        self.tcp_flags & TCP_FIN_SYN_RST_ACK == TCP_SYN
+    }
+}
 
 /// Source and destination ports at `off`, after checking that an L4 header of `proto` fits
-/// both the frame and `end` (the end of the IP packet, as an offset into the frame), and
-/// whether it is a TCP connection's opening segment (SYN without ACK, RST or FIN). One bounds
-/// check of the whole minimal header per protocol (not one for the ports and one for the
+/// both the frame and `end` (the end of the IP packet, as an offset into the frame), and the
+/// TCP flags byte (0 for UDP). One bounds check of the whole minimal header per protocol (not one for the ports and one for the
 /// header's last byte).
 #[inline(always)]
-fn ports(ctx: &XdpContext, off: usize, proto: u8, end: usize) -> Result<(u16, u16, bool), Reason> {
+fn ports(ctx: &XdpContext, off: usize, proto: u8, end: usize) -> Result<(u16, u16, u8), Reason> {
     if proto == IPPROTO_TCP {
         if off + 20 > end {
             return Err(Reason::PassMalformed);
@@ -123,10 +131,9 @@ fn ports(ctx: &XdpContext, off: usize, proto: u8, end: usize) -> Result<(u16, u1
         let Some(p) = ptr_at::<[u16; 10]>(ctx, off) else {
             return Err(Reason::PassMalformed);
         };
-        // SAFETY: bounds checked by ptr_at.
-        let p = unsafe { &*p };
-        let syn = u16::from_be(p[6]) & TCP_FIN_SYN_RST_ACK == TCP_SYN;
-        return Ok((p[0], p[1], syn));
+        // SAFETY: bounds checked by ptr_at; the same 20 bytes as bytes.
+        let (p, b) = unsafe { (&*p, &*p.cast::<[u8; 20]>()) };
+        return Ok((p[0], p[1], b[13]));
     }
     if off + 8 > end {
         return Err(Reason::PassMalformed);
@@ -136,7 +143,7 @@ fn ports(ctx: &XdpContext, off: usize, proto: u8, end: usize) -> Result<(u16, u1
     };
     // SAFETY: bounds checked by ptr_at.
     let p = unsafe { &*p };
-    Ok((p[0], p[1], false))
+    Ok((p[0], p[1], 0))
 }
 
 #[inline(always)]
@@ -192,7 +199,7 @@ fn ipv4<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         icmp_error: false,
         ttl: ip[8],
         l4_off: l4,
-        syn: false,
+        tcp_flags: 0,
     });
     if proto == IPPROTO_ICMP {
         if fragment {
@@ -201,10 +208,10 @@ fn ipv4<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         return icmp4_error(ctx, l4, end, p);
     }
     if !fragment {
-        let (s, d, syn) = ports(ctx, l4, proto, end)?;
+        let (s, d, flags) = ports(ctx, l4, proto, end)?;
         p.key.src_port = s;
         p.key.dst_port = d;
-        p.syn = syn;
+        p.tcp_flags = flags;
     }
     Ok(p)
 }
@@ -328,7 +335,7 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         (&raw mut (*slot).icmp_error).write(false);
         (&raw mut (*slot).ttl).write(ip[7]);
         (&raw mut (*slot).l4_off).write(0);
-        (&raw mut (*slot).syn).write(false);
+        (&raw mut (*slot).tcp_flags).write(0);
     }
     // SAFETY: every field written above.
     let p = unsafe { out.assume_init_mut() };
@@ -397,11 +404,11 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         });
     }
     p.key.proto = next;
-    let (s, d, syn) = ports(ctx, off, next, end)?;
+    let (s, d, flags) = ports(ctx, off, next, end)?;
     p.key.src_port = s;
     p.key.dst_port = d;
     p.l4_off = off;
-    p.syn = syn;
+    p.tcp_flags = flags;
     Ok(p)
 }
 
