@@ -566,7 +566,10 @@ impl L7Counters {
             Some(ActionKind::Redirect) => Self::add(&self.redirects, 1),
             _ => {}
         }
-        Self::add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+        if r.rules_evaluated > 0 {
+            // An add of 0 writes the line all the same.
+            Self::add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+        }
         if r.lb_error_detail.as_deref() == Some(HEADER_TIMEOUT_REASON) {
             Self::add(&self.header_timeouts, 1);
         }
@@ -583,10 +586,23 @@ enum Phase {
     Stopped,
 }
 
+/// `rules` with every forward action's groups looked up in `groups` once (see
+/// [`crate::rules::ResolvedGroups`]).
+fn resolved(mut rules: RuleSet, groups: &Groups) -> Arc<RuleSet> {
+    rules.resolve_groups(|name| groups.get(name).cloned());
+    Arc::new(rules)
+}
+
 /// What every listener shares.
 struct Shared {
-    /// Swapped whole when groups come or go; each request loads it once.
+    /// Swapped whole when groups come or go. A request finds its group in its rule set
+    /// (resolved against these when stored); the map is read by name only for a rule set
+    /// stored unresolved.
     groups: ArcSwap<Groups>,
+    /// Held while a rule set is resolved and stored, or the groups and the rule sets resolved
+    /// against them are: a change of the rules and one of the groups at the same moment
+    /// cannot leave a rule set resolved against groups that were replaced.
+    resolving: std::sync::Mutex<()>,
     forwarder: Forwarder,
     counters: Arc<L7Counters>,
     phase: watch::Receiver<Phase>,
@@ -660,19 +676,36 @@ pub struct ListenerMetrics {
 }
 
 impl L7Handle {
-    /// Replaces a listener's rules; false if there is no such listener.
+    /// Replaces a listener's rules (their forward actions resolved against the current
+    /// groups); false if there is no such listener.
     pub fn set_rules(&self, listener: &str, rules: Arc<RuleSet>) -> bool {
         match self.rules.get(listener) {
             Some(slot) => {
-                slot.store(rules);
+                let _serial = self
+                    .shared
+                    .resolving
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let groups = self.shared.groups.load();
+                slot.store(resolved(Arc::unwrap_or_clone(rules), &groups));
                 true
             }
             None => false,
         }
     }
 
-    /// Replaces the target groups.
+    /// Replaces the target groups, and every listener's rules with a copy resolved against
+    /// them (a request then finds its group in its rule set, as if by name in `groups`).
     pub fn set_groups(&self, groups: Groups) {
+        let _serial = self
+            .shared
+            .resolving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for slot in self.rules.values() {
+            let rules = RuleSet::clone(&slot.load());
+            slot.store(resolved(rules, &groups));
+        }
         self.shared.groups.store(Arc::new(groups));
     }
 
@@ -809,6 +842,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     let forwarder = Forwarder::sharded(client, shards);
     let shared = Arc::new(Shared {
         groups: ArcSwap::from_pointee(groups),
+        resolving: std::sync::Mutex::new(()),
         forwarder: forwarder.clone(),
         counters: counters.clone(),
         phase: phase_rx,
@@ -820,7 +854,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     let mut addrs = Vec::new();
     let mut rule_slots = HashMap::new();
     for (lcfg, rules) in listeners {
-        let rules = Arc::new(ArcSwap::from_pointee(rules));
+        let rules = Arc::new(ArcSwap::new(resolved(rules, &shared.groups.load())));
         rule_slots.insert(lcfg.name.clone(), rules.clone());
         let (tls, certificates) = match lcfg.protocol {
             ListenerProtocol::Http => (None, None),
