@@ -2029,6 +2029,75 @@ mod tests {
         assert!(err.contains("27 certificates"), "{err}");
     }
 
+    /// A request finds its forward action's group in its rule set, resolved when the rule
+    /// set was stored: every change of the groups or of the rules stores rule sets resolved
+    /// against the groups of that moment (a group replaced, removed or added again), as the
+    /// lookup by name per request found them.
+    #[tokio::test]
+    async fn rule_sets_are_resolved_against_the_groups_of_every_change() {
+        use crate::rules::{Action, ForwardAction, WeightedGroup};
+        use crate::targets::parse_target_group;
+        let forward_web = || {
+            let action = ForwardAction::new(
+                vec![WeightedGroup {
+                    name: "web".into(),
+                    weight: 1,
+                }],
+                None,
+            )
+            .expect("valid forward");
+            RuleSet::new(Vec::new(), Action::Forward(action)).expect("valid rules")
+        };
+        let group = || Arc::new(TargetGroup::new(parse_target_group("web").expect("group")));
+        let groups = |g: &Arc<TargetGroup>| Groups::from_iter([("web".to_owned(), g.clone())]);
+        // The group the listener's rule set resolved "web" to (`None`: no such group).
+        let resolved = |handle: &L7Handle| {
+            let rules = handle.rules["web"].load_full();
+            let Action::Forward(f) = rules.default_action() else {
+                panic!("a forward action")
+            };
+            f.resolved.get().expect("resolved when stored")[0].clone()
+        };
+        let same = |a: Option<Arc<TargetGroup>>, b: &Arc<TargetGroup>| {
+            a.is_some_and(|a| Arc::ptr_eq(&a, b))
+        };
+        let first = group();
+        let cfg = L7Config {
+            listeners: vec![(
+                ListenerConfig::new(
+                    "web",
+                    ListenerProtocol::Http,
+                    "127.0.0.1:0".parse().unwrap(),
+                ),
+                forward_web(),
+            )],
+            groups: groups(&first),
+            client: ClientConfig::default(),
+            access_log: None,
+            workers: WorkerLayout::default(),
+        };
+        let running = start(cfg).await.expect("listener starts");
+        let handle = running.handle();
+        assert!(same(resolved(&handle), &first), "at start");
+        let second = group();
+        handle.set_groups(groups(&second));
+        assert!(
+            same(resolved(&handle), &second),
+            "after the group was replaced"
+        );
+        handle.set_groups(Groups::default());
+        assert!(resolved(&handle).is_none(), "after the group was removed");
+        let third = group();
+        handle.set_groups(groups(&third));
+        assert!(same(resolved(&handle), &third), "after it came back");
+        assert!(handle.set_rules("web", Arc::new(forward_web())));
+        assert!(
+            same(resolved(&handle), &third),
+            "new rules, resolved on store"
+        );
+        running.shutdown(Duration::ZERO).await.expect("shutdown");
+    }
+
     #[tokio::test]
     async fn bind_errors_name_the_listener() {
         let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
