@@ -566,7 +566,10 @@ impl L7Counters {
             Some(ActionKind::Redirect) => Self::add(&self.redirects, 1),
             _ => {}
         }
-        Self::add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+        if r.rules_evaluated > 0 {
+            // An add of 0 writes the line all the same.
+            Self::add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+        }
         if r.lb_error_detail.as_deref() == Some(HEADER_TIMEOUT_REASON) {
             Self::add(&self.header_timeouts, 1);
         }
@@ -583,10 +586,23 @@ enum Phase {
     Stopped,
 }
 
+/// `rules` with every forward action's groups looked up in `groups` once (see
+/// [`crate::rules::ResolvedGroups`]).
+fn resolved(mut rules: RuleSet, groups: &Groups) -> Arc<RuleSet> {
+    rules.resolve_groups(|name| groups.get(name).cloned());
+    Arc::new(rules)
+}
+
 /// What every listener shares.
 struct Shared {
-    /// Swapped whole when groups come or go; each request loads it once.
+    /// Swapped whole when groups come or go. A request finds its group in its rule set
+    /// (resolved against these when stored); the map is read by name only for a rule set
+    /// stored unresolved.
     groups: ArcSwap<Groups>,
+    /// Held while a rule set is resolved and stored, or the groups and the rule sets resolved
+    /// against them are: a change of the rules and one of the groups at the same moment
+    /// cannot leave a rule set resolved against groups that were replaced.
+    resolving: std::sync::Mutex<()>,
     forwarder: Forwarder,
     counters: Arc<L7Counters>,
     phase: watch::Receiver<Phase>,
@@ -660,19 +676,36 @@ pub struct ListenerMetrics {
 }
 
 impl L7Handle {
-    /// Replaces a listener's rules; false if there is no such listener.
+    /// Replaces a listener's rules (their forward actions resolved against the current
+    /// groups); false if there is no such listener.
     pub fn set_rules(&self, listener: &str, rules: Arc<RuleSet>) -> bool {
         match self.rules.get(listener) {
             Some(slot) => {
-                slot.store(rules);
+                let _serial = self
+                    .shared
+                    .resolving
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let groups = self.shared.groups.load();
+                slot.store(resolved(Arc::unwrap_or_clone(rules), &groups));
                 true
             }
             None => false,
         }
     }
 
-    /// Replaces the target groups.
+    /// Replaces the target groups, and every listener's rules with a copy resolved against
+    /// them (a request then finds its group in its rule set, as if by name in `groups`).
     pub fn set_groups(&self, groups: Groups) {
+        let _serial = self
+            .shared
+            .resolving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for slot in self.rules.values() {
+            let rules = RuleSet::clone(&slot.load());
+            slot.store(resolved(rules, &groups));
+        }
         self.shared.groups.store(Arc::new(groups));
     }
 
@@ -809,6 +842,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     let forwarder = Forwarder::sharded(client, shards);
     let shared = Arc::new(Shared {
         groups: ArcSwap::from_pointee(groups),
+        resolving: std::sync::Mutex::new(()),
         forwarder: forwarder.clone(),
         counters: counters.clone(),
         phase: phase_rx,
@@ -820,7 +854,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
     let mut addrs = Vec::new();
     let mut rule_slots = HashMap::new();
     for (lcfg, rules) in listeners {
-        let rules = Arc::new(ArcSwap::from_pointee(rules));
+        let rules = Arc::new(ArcSwap::new(resolved(rules, &shared.groups.load())));
         rule_slots.insert(lcfg.name.clone(), rules.clone());
         let (tls, certificates) = match lcfg.protocol {
             ListenerProtocol::Http => (None, None),
@@ -1993,6 +2027,75 @@ mod tests {
             .expect_err("27 certificates")
             .to_string();
         assert!(err.contains("27 certificates"), "{err}");
+    }
+
+    /// A request finds its forward action's group in its rule set, resolved when the rule
+    /// set was stored: every change of the groups or of the rules stores rule sets resolved
+    /// against the groups of that moment (a group replaced, removed or added again), as the
+    /// lookup by name per request found them.
+    #[tokio::test]
+    async fn rule_sets_are_resolved_against_the_groups_of_every_change() {
+        use crate::rules::{Action, ForwardAction, WeightedGroup};
+        use crate::targets::parse_target_group;
+        let forward_web = || {
+            let action = ForwardAction::new(
+                vec![WeightedGroup {
+                    name: "web".into(),
+                    weight: 1,
+                }],
+                None,
+            )
+            .expect("valid forward");
+            RuleSet::new(Vec::new(), Action::Forward(action)).expect("valid rules")
+        };
+        let group = || Arc::new(TargetGroup::new(parse_target_group("web").expect("group")));
+        let groups = |g: &Arc<TargetGroup>| Groups::from_iter([("web".to_owned(), g.clone())]);
+        // The group the listener's rule set resolved "web" to (`None`: no such group).
+        let resolved = |handle: &L7Handle| {
+            let rules = handle.rules["web"].load_full();
+            let Action::Forward(f) = rules.default_action() else {
+                panic!("a forward action")
+            };
+            f.resolved.get().expect("resolved when stored")[0].clone()
+        };
+        let same = |a: Option<Arc<TargetGroup>>, b: &Arc<TargetGroup>| {
+            a.is_some_and(|a| Arc::ptr_eq(&a, b))
+        };
+        let first = group();
+        let cfg = L7Config {
+            listeners: vec![(
+                ListenerConfig::new(
+                    "web",
+                    ListenerProtocol::Http,
+                    "127.0.0.1:0".parse().unwrap(),
+                ),
+                forward_web(),
+            )],
+            groups: groups(&first),
+            client: ClientConfig::default(),
+            access_log: None,
+            workers: WorkerLayout::default(),
+        };
+        let running = start(cfg).await.expect("listener starts");
+        let handle = running.handle();
+        assert!(same(resolved(&handle), &first), "at start");
+        let second = group();
+        handle.set_groups(groups(&second));
+        assert!(
+            same(resolved(&handle), &second),
+            "after the group was replaced"
+        );
+        handle.set_groups(Groups::default());
+        assert!(resolved(&handle).is_none(), "after the group was removed");
+        let third = group();
+        handle.set_groups(groups(&third));
+        assert!(same(resolved(&handle), &third), "after it came back");
+        assert!(handle.set_rules("web", Arc::new(forward_web())));
+        assert!(
+            same(resolved(&handle), &third),
+            "new rules, resolved on store"
+        );
+        running.shutdown(Duration::ZERO).await.expect("shutdown");
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! ALB validates it.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -9,6 +10,7 @@ use http::StatusCode;
 use super::RequestView;
 use super::condition::strip_port;
 use super::error::RuleError;
+use crate::targets::TargetGroup;
 
 /// At most this many target groups in one forward action (ALB quota).
 pub const MAX_TARGET_GROUPS_PER_FORWARD: usize = 5;
@@ -92,6 +94,47 @@ pub struct ForwardAction {
     /// Group stickiness: the `AWSALBTG` cookie pins a client to the chosen group for this long
     /// (1 s – 7 days). `None`: off (the ALB default).
     pub group_stickiness: Option<Duration>,
+    /// The groups' handles, in `groups`' order, as the running tier resolved them when it
+    /// stored this rule set (see [`ResolvedGroups`]); not part of the action's meaning.
+    pub resolved: ResolvedGroups,
+}
+
+/// A forward action's target groups looked up by name once, when the running tier stores
+/// its rule set (and again whenever the groups change: every change of the rules or the
+/// groups stores a newly resolved rule set), so that a request does not load the group map,
+/// hash the name and compare it (each of them lines a request touched) to find its group.
+/// Equal to every other: two actions that name the same groups are the same action.
+#[derive(Clone, Default)]
+pub struct ResolvedGroups(Option<Box<[Option<Arc<TargetGroup>>]>>);
+
+impl ResolvedGroups {
+    /// `None`: never resolved (the caller looks the group up by name); else each group's
+    /// handle in the action's order, `None` for a name no group has.
+    pub fn get(&self) -> Option<&[Option<Arc<TargetGroup>>]> {
+        self.0.as_deref()
+    }
+}
+
+impl PartialEq for ResolvedGroups {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ResolvedGroups {}
+
+impl std::fmt::Debug for ResolvedGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("unresolved"),
+            Some(g) => write!(
+                f,
+                "resolved({} of {})",
+                g.iter().filter(|g| g.is_some()).count(),
+                g.len()
+            ),
+        }
+    }
 }
 
 impl ForwardAction {
@@ -103,6 +146,7 @@ impl ForwardAction {
         let action = Self {
             groups,
             group_stickiness,
+            resolved: ResolvedGroups::default(),
         };
         action.validate()?;
         Ok(action)
@@ -153,14 +197,27 @@ impl ForwardAction {
         }
     }
 
+    /// Looks each group up with `lookup` (by name) and keeps the handles for
+    /// [`resolved`](Self::resolved).
+    pub fn resolve(&mut self, lookup: impl Fn(&str) -> Option<Arc<TargetGroup>>) {
+        self.resolved = ResolvedGroups(Some(self.groups.iter().map(|g| lookup(&g.name)).collect()));
+    }
+
     /// [`choose`](Self::choose) with the random number drawn only when there is a choice: an
     /// action with one group (the usual forward) answers it whatever the number is, and a
     /// draw from the thread's generator costs more than the rest of the pick.
     pub fn choose_with(&self, random: impl FnOnce() -> u32) -> &str {
-        if let [only] = self.groups.as_slice() {
-            return &only.name;
+        self.choose_index_with(random)
+            .map_or("", |i| self.groups[i].name.as_str())
+    }
+
+    /// [`choose_with`](Self::choose_with)'s group as its index in `groups` (`None`: the
+    /// action has no group).
+    pub fn choose_index_with(&self, random: impl FnOnce() -> u32) -> Option<usize> {
+        if self.groups.len() == 1 {
+            return Some(0);
         }
-        self.choose(random())
+        self.choose_index(random())
     }
 
     /// Picks a group in proportion to the weights, from a uniformly random `random` (the
@@ -168,25 +225,27 @@ impl ForwardAction {
     /// chosen. For a validated action the answer is always one of its groups; an action with no
     /// weight at all (unvalidated) answers its first group, or `""` if it has none.
     pub fn choose(&self, random: u32) -> &str {
+        self.choose_index(random)
+            .map_or("", |i| self.groups[i].name.as_str())
+    }
+
+    /// [`choose`](Self::choose)'s group as its index in `groups`.
+    fn choose_index(&self, random: u32) -> Option<usize> {
         let total: u64 = self.groups.iter().map(|g| u64::from(g.weight)).sum();
         if total == 0 {
-            return self.groups.first().map_or("", |g| g.name.as_str());
+            return (!self.groups.is_empty()).then_some(0);
         }
         // Multiply-shift maps 0..2^32 onto 0..total without modulo bias worth speaking of.
         let mut pick = (u64::from(random) * total) >> 32;
-        for g in &self.groups {
+        for (i, g) in self.groups.iter().enumerate() {
             let w = u64::from(g.weight);
             if pick < w {
-                return &g.name;
+                return Some(i);
             }
             pick -= w;
         }
         // Unreachable: pick < total. Answer the last weighted group rather than panic.
-        self.groups
-            .iter()
-            .rev()
-            .find(|g| g.weight > 0)
-            .map_or("", |g| g.name.as_str())
+        self.groups.iter().rposition(|g| g.weight > 0)
     }
 }
 
@@ -742,6 +801,7 @@ mod tests {
             let f = ForwardAction {
                 groups: groups(weights),
                 group_stickiness: None,
+                resolved: ResolvedGroups::default(),
             };
             for r in [0, 1, u32::MAX / 3, u32::MAX / 2, u32::MAX] {
                 let mut drawn = false;

@@ -119,7 +119,7 @@ use std::net::IpAddr;
 pub use action::{
     Action, CONTENT_TYPES, DEFAULT_WEIGHT, FixedResponseAction, ForwardAction, MAX_BODY_CHARS,
     MAX_GROUP_STICKINESS, MAX_TARGET_GROUPS_PER_FORWARD, MAX_WEIGHT, MIN_GROUP_STICKINESS,
-    RedirectAction, RedirectParts, RedirectStatus, WeightedGroup,
+    RedirectAction, RedirectParts, RedirectStatus, ResolvedGroups, WeightedGroup,
 };
 pub use book::RuleBook;
 pub use condition::{
@@ -334,6 +334,24 @@ impl RuleSet {
     /// The default action.
     pub fn default_action(&self) -> &Action {
         &self.default
+    }
+
+    /// Resolves every forward action's groups with `lookup` (see [`ResolvedGroups`]): the
+    /// running tier does it whenever it stores a rule set.
+    pub fn resolve_groups(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<std::sync::Arc<crate::targets::TargetGroup>>,
+    ) {
+        let actions = self
+            .rules
+            .iter_mut()
+            .map(|r| &mut r.action)
+            .chain(std::iter::once(&mut self.default));
+        for action in actions {
+            if let Action::Forward(f) = action {
+                f.resolve(&lookup);
+            }
+        }
     }
 
     /// Every action of the listener, default included (config checks target groups exist).

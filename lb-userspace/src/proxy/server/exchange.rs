@@ -631,4 +631,72 @@ mod tests {
             17 + 2
         );
     }
+
+    /// Without an access log a request's record gets no log text (no `LogText` allocated,
+    /// `Record::text` stays `None`); with one, `Exchange::start` fills it (the listener's
+    /// name, the request line).
+    #[tokio::test]
+    async fn the_log_text_is_made_only_for_an_access_log() {
+        use crate::proxy::server::{
+            Groups, L7Config, ListenerConfig, ListenerProtocol, WorkerLayout, start,
+        };
+        for logging in [false, true] {
+            let access_log = logging.then(|| {
+                Arc::new(
+                    crate::accesslog::access_log_writer(
+                        crate::accesslog::Destination::Writer(Box::new(std::io::sink())),
+                        crate::accesslog::Rotation::default(),
+                        16,
+                        "elb".into(),
+                    )
+                    .expect("access log"),
+                )
+            });
+            let cfg = L7Config {
+                listeners: vec![(
+                    ListenerConfig::new(
+                        "web",
+                        ListenerProtocol::Http,
+                        "127.0.0.1:0".parse().unwrap(),
+                    ),
+                    crate::rules::RuleSet::new(
+                        Vec::new(),
+                        crate::rules::Action::FixedResponse(
+                            crate::rules::FixedResponseAction::new("200", None, "")
+                                .expect("valid fixed response"),
+                        ),
+                    )
+                    .expect("valid rules"),
+                )],
+                groups: Groups::default(),
+                client: crate::proxy::client::ClientConfig::default(),
+                access_log,
+                workers: WorkerLayout::default(),
+            };
+            let running = start(cfg).await.expect("listener starts");
+            let listener = running.handle().listeners[0].clone();
+            let req = Request::get("/x").header("host", "web").body(()).unwrap();
+            let info = ConnInfo { id: 1, tls: None };
+            let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+            let ex = Exchange::start(&listener, peer, &info, &req, None);
+            let text = ex.record.as_deref().expect("a record").text.as_deref();
+            if logging {
+                let text = text.expect("with an access log, the log text");
+                assert_eq!(text.listener.as_deref(), Some("web"));
+                let url = text.request.as_ref().map(|r| r.url.as_str());
+                assert_eq!(
+                    url,
+                    Some(format!("http://web:{}/x", listener.port).as_str())
+                );
+            } else {
+                assert!(
+                    text.is_none(),
+                    "without an access log, a LogText was allocated"
+                );
+            }
+            drop(ex);
+            drop(listener);
+            running.shutdown(Duration::ZERO).await.expect("shutdown");
+        }
+    }
 }

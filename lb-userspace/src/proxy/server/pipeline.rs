@@ -50,7 +50,7 @@ use crate::proxy::error::ProxyError;
 use crate::rules::{
     Action, FixedResponseAction, ForwardAction, RedirectAction, RequestView, RuleSet,
 };
-use crate::targets::{Picked, ProtocolVersion, Registration, TargetProtocol};
+use crate::targets::{Picked, ProtocolVersion, Registration, TargetGroup, TargetProtocol};
 
 /// ALB's group-stickiness cookie.
 const GROUP_COOKIE: &str = "AWSALBTG";
@@ -524,8 +524,10 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
         // forwarding is dropped unread and adds nothing.
         ex.count_body(body_in);
         let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
-        // One version of the rules for the whole request, whatever changes meanwhile.
-        let rules = ctx.listener.rules.load_full();
+        // One version of the rules (and of the groups they were resolved against) for the
+        // whole request, whatever changes meanwhile: a guard, not an `Arc` clone (a write of
+        // the rule set's shared count line by every request, from every worker).
+        let rules = ctx.listener.rules.load();
         // Routing and the request's rewrite (in place) are plain functions and the forward is
         // awaited here, the handler's only await: each nested async function copied the
         // request (and its own arguments) into its future and again into its locals, on every
@@ -1020,21 +1022,22 @@ fn prepare_forward<'r>(
         .then(|| request_cookies(req.headers()).map(|c| c.into_owned()))
         .flatten();
     let sticky_group = forward.group_stickiness.and_then(|_| {
-        cookie_values(cookies.as_deref()?, GROUP_COOKIE).find_map(|g| {
-            forward
-                .groups
-                .iter()
-                .find(|wg| wg.name == g)
-                .map(|wg| wg.name.as_str())
-        })
+        cookie_values(cookies.as_deref()?, GROUP_COOKIE)
+            .find_map(|g| forward.groups.iter().position(|wg| wg.name == g))
     });
-    let group_name: &'r str = match sticky_group {
-        Some(g) => g,
-        None => forward.choose_with(rand::random),
-    };
-    let Some(group) = shared.groups.load().get(group_name).cloned() else {
-        return Err(unknown_group(group_name, ex));
-    };
+    let index = sticky_group.or_else(|| forward.choose_index_with(rand::random));
+    let group_name: &'r str = index.map_or("", |i| forward.groups[i].name.as_str());
+    // The group as the rule set was resolved against the groups when it was stored (no map
+    // load, no hash of the name); by name only in a rule set stored unresolved.
+    let by_name;
+    let group: &Arc<TargetGroup> = match forward.resolved.get() {
+        Some(resolved) => index.and_then(|i| resolved.get(i)?.as_ref()),
+        None => {
+            by_name = shared.groups.load().get(group_name).cloned();
+            by_name.as_ref()
+        }
+    }
+    .ok_or_else(|| unknown_group(group_name, ex))?;
     let group_cfg = group.config();
     if protocol_mismatch(req.version(), seen, group_cfg.protocol_version) {
         return Err(from_error(ex, &ProxyError::ProtocolMismatch));
@@ -1090,7 +1093,7 @@ fn prepare_forward<'r>(
     let Some(picked) = group.pick_at(cookies.as_deref(), now) else {
         return Err(no_target(group_name, ex));
     };
-    ex.picked(&group, &picked);
+    ex.picked(group, &picked);
     let tail = if tail_fits {
         let tail = ForwardedTail::new(
             &ctx.forwarded_peer,
