@@ -227,6 +227,18 @@ impl Lb {
         )
     }
 
+    /// Like [`Self::load`] with an IPv4 outer source address only: an IPv6 backend has no
+    /// route.
+    fn v4_only() -> Self {
+        Self::with(
+            4096,
+            LbAddrs {
+                v4: Some(LB_ADDR),
+                v6: None,
+            },
+        )
+    }
+
     /// Like [`Self::load`] with a flow table of `max_flows` entries and these outer source
     /// addresses.
     fn with(max_flows: u32, addrs: LbAddrs) -> Self {
@@ -3168,13 +3180,7 @@ fn ipv6_backends_without_a_route_or_neighbour_are_dropped_unmodified() {
 #[test]
 fn a_backend_of_a_family_without_an_outer_source_address_is_dropped_as_no_route() {
     netns_test(|| {
-        let mut lb = Lb::with(
-            4096,
-            LbAddrs {
-                v4: Some(LB_ADDR),
-                v6: None,
-            },
-        );
+        let mut lb = Lb::v4_only();
         let v4_vip = Ipv4Addr::new(198, 51, 100, 1);
         lb.add_vip(v4_vip, 80, Proto::Tcp, &[backend6(11)]);
         lb.add_vip(v4_vip, 81, Proto::Tcp, &[backend(11)]);
@@ -3190,13 +3196,7 @@ fn a_backend_of_a_family_without_an_outer_source_address_is_dropped_as_no_route(
 #[test]
 fn an_opening_syn_dropped_after_it_was_steered_leaves_no_flow_entry() {
     netns_test(|| {
-        let mut lb = Lb::with(
-            4096,
-            LbAddrs {
-                v4: Some(LB_ADDR),
-                v6: None,
-            },
-        );
+        let mut lb = Lb::v4_only();
         let vip4 = Ipv4Addr::new(198, 51, 100, 1);
         // No route: an IPv6 backend, and no outer IPv6 source address.
         lb.add_vip(vip4, 80, Proto::Tcp, &[backend6(11)]);
