@@ -775,8 +775,6 @@ fn run() -> anyhow::Result<()> {
         );
     }
 
-    // Katran's hit frames are the same ACKs (Katran routes a SYN by its ring every time).
-    let (katran_hit4, katran_hit6) = (hit4.clone(), hit6.clone());
     let katran = katran_obj
         .as_deref()
         .map(|obj| {
@@ -786,7 +784,7 @@ fn run() -> anyhow::Result<()> {
                 (VIP, VIP6),
                 &(11..11 + BACKENDS).collect::<Vec<u8>>(),
                 backend6,
-                &[&katran_hit4, &katran_hit6],
+                &[&hit4, &hit6],
             )
         })
         .transpose()?;
@@ -850,7 +848,7 @@ fn run() -> anyhow::Result<()> {
                 row(
                     "katran hit IPv4",
                     Kind::Katran(katran::Row::Hit4),
-                    &katran_hit4,
+                    &hit4,
                     false,
                 ),
             ),
@@ -859,7 +857,7 @@ fn run() -> anyhow::Result<()> {
                 row(
                     "katran hit IPv6",
                     Kind::Katran(katran::Row::Hit6),
-                    &katran_hit6,
+                    &hit6,
                     false,
                 ),
             ),
