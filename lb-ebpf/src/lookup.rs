@@ -157,7 +157,9 @@ pub struct Steer {
 /// insert and is looked up as any packet, so an existing flow keeps its backend even when the
 /// ring changed since (Katran steers every SYN by its ring and overwrites the entry). The
 /// price of that failed insert: the kernel takes a free node before it looks for the key, so
-/// in a full table it evicts the least recently used flow of the CPU's share first.
+/// when the CPU's share of a full table has none, it evicts a batch of that share's least
+/// recently used flows first (4 with per-CPU lists); the failed insert gives its node back,
+/// so a burst of retransmitted SYNs evicts about one batch.
 #[inline(always)]
 pub fn backend(
     key: &FlowKey,
