@@ -485,6 +485,41 @@ pub struct L7Config {
     pub workers: WorkerLayout,
 }
 
+#[cfg(test)]
+impl L7Config {
+    /// One plain-HTTP listener `name` on `addr` with `rules`, the given groups, and defaults
+    /// for the rest (no access log): the unit tests' tier.
+    pub(crate) fn one_listener(
+        name: &str,
+        addr: SocketAddr,
+        rules: RuleSet,
+        groups: Groups,
+    ) -> Self {
+        Self {
+            listeners: vec![(
+                ListenerConfig::new(name, ListenerProtocol::Http, addr),
+                rules,
+            )],
+            groups,
+            client: ClientConfig::default(),
+            access_log: None,
+            workers: WorkerLayout::default(),
+        }
+    }
+
+    /// Rules that answer every request with an empty 200 (no target group needed).
+    pub(crate) fn fixed_200() -> RuleSet {
+        RuleSet::new(
+            Vec::new(),
+            crate::rules::Action::FixedResponse(
+                crate::rules::FixedResponseAction::new("200", None, "")
+                    .expect("valid fixed response"),
+            ),
+        )
+        .expect("valid rules")
+    }
+}
+
 /// Counters of the whole L7 tier (CloudWatch names in the docs), the request ones derived from
 /// each request's record. Read with `Ordering::Relaxed`. The per-listener, per-group and
 /// per-target metrics are in [`crate::metrics`].
@@ -2062,20 +2097,12 @@ mod tests {
             a.is_some_and(|a| Arc::ptr_eq(&a, b))
         };
         let first = group();
-        let cfg = L7Config {
-            listeners: vec![(
-                ListenerConfig::new(
-                    "web",
-                    ListenerProtocol::Http,
-                    "127.0.0.1:0".parse().unwrap(),
-                ),
-                forward_web(),
-            )],
-            groups: groups(&first),
-            client: ClientConfig::default(),
-            access_log: None,
-            workers: WorkerLayout::default(),
-        };
+        let cfg = L7Config::one_listener(
+            "web",
+            "127.0.0.1:0".parse().unwrap(),
+            forward_web(),
+            groups(&first),
+        );
         let running = start(cfg).await.expect("listener starts");
         let handle = running.handle();
         assert!(same(resolved(&handle), &first), "at start");
@@ -2102,23 +2129,7 @@ mod tests {
     async fn bind_errors_name_the_listener() {
         let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = taken.local_addr().expect("addr");
-        let cfg = L7Config {
-            listeners: vec![(
-                ListenerConfig::new("busy", ListenerProtocol::Http, addr),
-                RuleSet::new(
-                    Vec::new(),
-                    crate::rules::Action::FixedResponse(
-                        crate::rules::FixedResponseAction::new("200", None, "")
-                            .expect("valid fixed response"),
-                    ),
-                )
-                .expect("valid rules"),
-            )],
-            groups: Groups::default(),
-            client: ClientConfig::default(),
-            access_log: None,
-            workers: WorkerLayout::default(),
-        };
+        let cfg = L7Config::one_listener("busy", addr, L7Config::fixed_200(), Groups::default());
         let err = start(cfg).await.err().expect("address in use");
         assert!(format!("{err:#}").contains("listener busy"), "{err:#}");
     }

@@ -637,9 +637,7 @@ mod tests {
     /// name, the request line).
     #[tokio::test]
     async fn the_log_text_is_made_only_for_an_access_log() {
-        use crate::proxy::server::{
-            Groups, L7Config, ListenerConfig, ListenerProtocol, WorkerLayout, start,
-        };
+        use crate::proxy::server::{Groups, L7Config, start};
         for logging in [false, true] {
             let access_log = logging.then(|| {
                 Arc::new(
@@ -653,25 +651,13 @@ mod tests {
                 )
             });
             let cfg = L7Config {
-                listeners: vec![(
-                    ListenerConfig::new(
-                        "web",
-                        ListenerProtocol::Http,
-                        "127.0.0.1:0".parse().unwrap(),
-                    ),
-                    crate::rules::RuleSet::new(
-                        Vec::new(),
-                        crate::rules::Action::FixedResponse(
-                            crate::rules::FixedResponseAction::new("200", None, "")
-                                .expect("valid fixed response"),
-                        ),
-                    )
-                    .expect("valid rules"),
-                )],
-                groups: Groups::default(),
-                client: crate::proxy::client::ClientConfig::default(),
                 access_log,
-                workers: WorkerLayout::default(),
+                ..L7Config::one_listener(
+                    "web",
+                    "127.0.0.1:0".parse().unwrap(),
+                    L7Config::fixed_200(),
+                    Groups::default(),
+                )
             };
             let running = start(cfg).await.expect("listener starts");
             let listener = running.handle().listeners[0].clone();
