@@ -2125,6 +2125,106 @@ mod tests {
         running.shutdown(Duration::ZERO).await.expect("shutdown");
     }
 
+    /// A request waiting for its target holds nothing of the rule set: its routing's guard is
+    /// gone before the forward is awaited. Held across the await, every guard beyond a
+    /// thread's eight arc_swap slots took the rule set's count (a write of its shared line per
+    /// request), so 40 requests waiting on two workers raised it by at least 24. Positive
+    /// control: 40 guards held on one thread raise it by at least 32.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_waiting_for_their_target_hold_no_count_of_the_rule_set() {
+        use crate::rules::{Action, ForwardAction, WeightedGroup};
+        use crate::targets::{TargetAddr, parse_target_group};
+        use std::sync::atomic::AtomicUsize;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const WAITING: usize = 40;
+        // The target: reads each request's head, counts it, and never answers.
+        let target = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+        let target_addr = target.local_addr().expect("target addr");
+        let heads = Arc::new(AtomicUsize::new(0));
+        let counted = heads.clone();
+        let target_task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((mut conn, _)) = target.accept().await else {
+                    return;
+                };
+                let counted = counted.clone();
+                held.push(tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    // Held open, unanswered, until the test ends.
+                    let _ = conn.read(&mut buf).await;
+                }));
+            }
+        });
+        let forward = ForwardAction::new(
+            vec![WeightedGroup {
+                name: "web".into(),
+                weight: 1,
+            }],
+            None,
+        )
+        .expect("valid forward");
+        let rules = RuleSet::new(Vec::new(), Action::Forward(forward)).expect("valid rules");
+        let group = Arc::new(TargetGroup::new(parse_target_group("web").expect("group")));
+        group.register(TargetAddr::new(target_addr));
+        let cfg = L7Config::one_listener(
+            "web",
+            "127.0.0.1:0".parse().unwrap(),
+            rules,
+            Groups::from_iter([("web".to_owned(), group)]),
+        );
+        let running = start(cfg).await.expect("listener starts");
+        let lb_addr = running.addrs[0].1;
+        let handle = running.handle();
+        let slot = handle.rules["web"].clone();
+        // The rule set's count: the slot's own and the one taken here to read it.
+        let count = || Arc::strong_count(&slot.load_full()) - 1;
+        let idle = count();
+        let mut clients = Vec::new();
+        for _ in 0..WAITING {
+            let mut c = tokio::net::TcpStream::connect(lb_addr)
+                .await
+                .expect("connect to lb");
+            c.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+                .await
+                .expect("send request");
+            clients.push(c);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while heads.load(Ordering::SeqCst) < WAITING {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {WAITING} requests reached the target",
+                heads.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            count(),
+            idle,
+            "{WAITING} requests waiting for their target hold counts of the rule set"
+        );
+        // The control: guards held past a thread's slots do show in the count.
+        let guards: Vec<_> = (0..WAITING).map(|_| slot.load()).collect();
+        assert!(
+            count() >= idle + WAITING - 8,
+            "{WAITING} guards on one thread raised the count from {idle} to {} only",
+            count()
+        );
+        drop(guards);
+        drop(clients);
+        running.shutdown(Duration::ZERO).await.expect("shutdown");
+        target_task.abort();
+    }
+
     #[tokio::test]
     async fn bind_errors_name_the_listener() {
         let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");

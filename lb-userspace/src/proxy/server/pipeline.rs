@@ -525,9 +525,13 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
         ex.count_body(body_in);
         let upgrade_pending = matches!(verdict, Some(HeadVerdict::Pass { upgrade: true, .. }));
         // One version of the rules (and of the groups they were resolved against) for the
-        // whole request, whatever changes meanwhile: a guard, not an `Arc` clone (a write of
-        // the rule set's shared count line by every request, from every worker).
-        let rules = ctx.listener.rules.load();
+        // routing, whatever changes meanwhile: a guard, not an `Arc` clone (a write of the
+        // rule set's shared count line by every request, from every worker). The guard is
+        // dropped with the routing, before the await: what the forward and the reply need is
+        // owned or borrowed from the connection. Held across the await, it outlived the
+        // thread's eight guard slots whenever more than eight requests per worker wait for
+        // their targets (any keep-alive load of more connections, any HTTP/2 load), and each
+        // guard past those took the rule set's count after all, plus arc_swap's fallback.
         // Routing and the request's rewrite (in place) are plain functions and the forward is
         // awaited here, the handler's only await: each nested async function copied the
         // request (and its own arguments) into its future and again into its locals, on every
@@ -539,7 +543,7 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
             tail,
             endpoint,
             reply,
-        } = match route(&ctx, &rules, verdict, &mut req, &mut ex) {
+        } = match route(&ctx, &ctx.listener.rules.load(), verdict, &mut req, &mut ex) {
             Routed::Answer(outcome) => {
                 // The request body goes now, as when the routing took the request by value
                 // (the native loop learns at once that it was not read).
@@ -689,7 +693,7 @@ struct Dispatch<'r> {
     tail: Option<ForwardedTail<'r>>,
     /// How the group reaches its targets (used only if the pick has no pool handle yet).
     endpoint: EndpointSettings,
-    reply: Reply<'r>,
+    reply: Reply,
 }
 
 /// How a target group reaches its targets: what a [`TargetEndpoint`] takes from the group's
@@ -726,9 +730,13 @@ impl EndpointSettings {
 }
 
 /// What the target's response needs once it arrives.
-struct Reply<'r> {
-    forward: &'r ForwardAction,
-    group_name: &'r str,
+///
+/// Owned, or borrowed from the connection: nothing in it borrows the rule set, so the handler
+/// lets go of the rules before it awaits the target (see [`handle`]).
+struct Reply {
+    /// The group stickiness cookie to add to a target's response (the forward action has
+    /// group stickiness), made when the group was chosen.
+    group_cookie: Option<HeaderValue>,
     picked: Picked,
     /// The client asked to switch protocols (WebSocket).
     upgrade: bool,
@@ -739,7 +747,7 @@ struct Reply<'r> {
 
 fn route<'r>(
     ctx: &'r ConnCtx,
-    rules: &'r RuleSet,
+    rules: &RuleSet,
     verdict: Option<HeadVerdict>,
     req: &mut Request<ProxyBody>,
     ex: &mut Exchange,
@@ -1005,7 +1013,7 @@ fn protocol_mismatch(version: Version, seen: Seen, group_version: ProtocolVersio
 )]
 fn prepare_forward<'r>(
     ctx: &'r ConnCtx,
-    forward: &'r ForwardAction,
+    forward: &ForwardAction,
     req: &mut Request<ProxyBody>,
     seen: Seen,
     client_upgrade: hyper::upgrade::OnUpgrade,
@@ -1026,7 +1034,7 @@ fn prepare_forward<'r>(
             .find_map(|g| forward.groups.iter().position(|wg| wg.name == g))
     });
     let index = sticky_group.or_else(|| forward.choose_index_with(rand::random));
-    let group_name: &'r str = index.map_or("", |i| forward.groups[i].name.as_str());
+    let group_name: &str = index.map_or("", |i| forward.groups[i].name.as_str());
     // The group as the rule set was resolved against the groups when it was stored (no map
     // load, no hash of the name); by name only in a rule set stored unresolved.
     let by_name;
@@ -1126,8 +1134,9 @@ fn prepare_forward<'r>(
         tail,
         endpoint,
         reply: Reply {
-            forward,
-            group_name,
+            group_cookie: forward
+                .group_stickiness
+                .and_then(|duration| group_cookie(group_name, duration)),
             picked,
             upgrade,
             client_upgrade,
@@ -1179,7 +1188,7 @@ fn origin_form(uri: &mut http::Uri) {
     }
 }
 
-impl Reply<'_> {
+impl Reply {
     /// The forward's result (`None`: the target left its group first) made into the
     /// client's response: 502/504 and friends, or the target's response with its hop-by-hop
     /// headers removed and the stickiness cookies added; a 101 to an upgrade request starts
@@ -1191,8 +1200,7 @@ impl Reply<'_> {
         ex: &mut Exchange,
     ) -> Outcome {
         let Self {
-            forward,
-            group_name,
+            group_cookie,
             picked,
             upgrade,
             client_upgrade,
@@ -1213,9 +1221,7 @@ impl Reply<'_> {
         for cookie in picked.set_cookies(response.headers()) {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
-        if let Some(duration) = forward.group_stickiness
-            && let Some(v) = group_cookie(group_name, duration)
-        {
+        if let Some(v) = group_cookie {
             response.headers_mut().append(header::SET_COOKIE, v);
         }
         if let Some(target_upgrade) = target_upgrade {
