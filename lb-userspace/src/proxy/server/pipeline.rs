@@ -735,8 +735,10 @@ impl EndpointSettings {
 /// lets go of the rules before it awaits the target (see [`handle`]).
 struct Reply {
     /// The group stickiness cookie to add to a target's response (the forward action has
-    /// group stickiness), made when the group was chosen.
-    group_cookie: Option<HeaderValue>,
+    /// group stickiness), made when the group was chosen. Boxed: one word in the reply that
+    /// every forwarded request moves, where the value would be five (the borrowed action and
+    /// group name it replaces were three).
+    group_cookie: Option<Box<HeaderValue>>,
     picked: Picked,
     /// The client asked to switch protocols (WebSocket).
     upgrade: bool,
@@ -1136,7 +1138,8 @@ fn prepare_forward<'r>(
         reply: Reply {
             group_cookie: forward
                 .group_stickiness
-                .and_then(|duration| group_cookie(group_name, duration)),
+                .and_then(|duration| group_cookie(group_name, duration))
+                .map(Box::new),
             picked,
             upgrade,
             client_upgrade,
@@ -1222,7 +1225,7 @@ impl Reply {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         if let Some(v) = group_cookie {
-            response.headers_mut().append(header::SET_COOKIE, v);
+            response.headers_mut().append(header::SET_COOKIE, *v);
         }
         if let Some(target_upgrade) = target_upgrade {
             start_tunnel(ctx, &picked, &response, client_upgrade, target_upgrade, ex);
