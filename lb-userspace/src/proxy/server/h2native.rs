@@ -303,17 +303,12 @@ impl Pipe {
     /// Ready when the body was sent, failed (the stream reset) or the client reset the stream.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            // Registered while waiting for the body or for capacity, so the client's RST_STREAM
-            // ends the piping (and drops the body) at once.
-            if self.tx.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
-            }
             if let Some((chunk, eos)) = self.buffered.take() {
                 while self.tx.capacity() == 0 {
                     match self.tx.poll_capacity(cx) {
                         Poll::Pending => {
                             self.buffered = Some((chunk, eos));
-                            return Poll::Pending;
+                            return self.pending_unless_reset(cx);
                         }
                         Poll::Ready(Some(Ok(0))) => {}
                         Poll::Ready(Some(Ok(_))) => break,
@@ -328,7 +323,10 @@ impl Pipe {
                 }
                 continue;
             }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) else {
+                return self.pending_unless_reset(cx);
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => {
                         let eos = self.body.is_end_stream();
@@ -366,6 +364,23 @@ impl Pipe {
                     return Poll::Ready(());
                 }
             }
+        }
+    }
+}
+
+impl Pipe {
+    /// Before the piping waits (for the body or for the client's window): `Pending` with the
+    /// stream's reset watched, so the client's RST_STREAM wakes it and ends the piping (the
+    /// body dropped) at once; `Ready` when the stream was reset already. Asked only before a
+    /// wait, not on every turn of the loop: each ask takes h2's lock (about 125 instructions),
+    /// and most responses never wait (their one chunk is sent on the first turn). A stream
+    /// reset while the piping was not waiting is noticed at the next step all the same: h2
+    /// refuses its data (`send_data` fails) and ends its capacity (`poll_capacity` gives
+    /// `None`), so at most the body's next chunk is pulled before the body is dropped.
+    fn pending_unless_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.tx.poll_reset(cx) {
+            Poll::Ready(_) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
