@@ -546,13 +546,13 @@ pub(super) fn handle<C: std::borrow::Borrow<Arc<ConnCtx>> + Send>(
             tail,
             endpoint,
             reply,
-        } = match route(&ctx, &ctx.listener.rules.load(), verdict, &mut req, &mut ex) {
+        } = match route(ctx, &ctx.listener.rules.load(), verdict, &mut req, &mut ex) {
             Routed::Answer(outcome) => {
                 // The request body goes now, as when the routing took the request by value
                 // (the native loop learns at once that it was not read).
                 drop(std::mem::take(req.body_mut()));
                 return Ok(respond(
-                    &ctx,
+                    ctx,
                     outcome,
                     ex,
                     inflight,
@@ -599,9 +599,9 @@ pub(super) fn handle<C: std::borrow::Borrow<Arc<ConnCtx>> + Send>(
             })
             .await
         };
-        let outcome = reply.finish(&ctx, polled, &mut ex);
+        let outcome = reply.finish(ctx, polled, &mut ex);
         Ok(respond(
-            &ctx,
+            ctx,
             outcome,
             ex,
             inflight,
