@@ -40,6 +40,9 @@ struct TargetEntry {
     left: AtomicBool,
     /// Its request metrics (fed from each request's record).
     metrics: Arc<TargetCells>,
+    /// Its group's request metrics: a request's record reaches both through the pick's
+    /// entry ([`Picked::cells`]), whose count the pick writes anyway.
+    group_metrics: Arc<GroupCells>,
     /// The forwarder's handle on the target's connection pool, set by the first request
     /// forwarded to this registration ([`Picked::target_handle`]): later requests reach the
     /// pool through the pick, without the forwarder's lock and lookup. A new registration of
@@ -48,7 +51,7 @@ struct TargetEntry {
 }
 
 impl TargetEntry {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, group_metrics: Arc<GroupCells>) -> Self {
         Self {
             addr,
             outstanding: AtomicU64::new(0),
@@ -56,6 +59,7 @@ impl TargetEntry {
             gone: CancellationToken::new(),
             left: AtomicBool::new(false),
             metrics: Arc::default(),
+            group_metrics,
             handle: OnceLock::new(),
         }
     }
@@ -183,7 +187,8 @@ pub struct TargetGroup {
     requests: AtomicU64,
     unhealthy_routing_requests: AtomicU64,
     non_sticky_requests: AtomicU64,
-    metrics: GroupCells,
+    /// Shared with every target entry of the group (see [`TargetEntry::group_metrics`]).
+    metrics: Arc<GroupCells>,
 }
 
 impl TargetGroup {
@@ -214,7 +219,7 @@ impl TargetGroup {
             requests: AtomicU64::new(0),
             unhealthy_routing_requests: AtomicU64::new(0),
             non_sticky_requests: AtomicU64::new(0),
-            metrics: GroupCells::default(),
+            metrics: Arc::default(),
         }
     }
 
@@ -270,7 +275,7 @@ impl TargetGroup {
             }
             let mut slot = match old.remove(&m.addr) {
                 Some(s) => s,
-                None => inner.new_slot(m.addr),
+                None => inner.new_slot(m.addr, &self.metrics),
             };
             if slot.takes_new != m.takes_new {
                 // A target (re)joining the rotation starts from a neutral round-robin position.
@@ -578,11 +583,11 @@ impl Shares {
 }
 
 impl Inner {
-    fn new_slot(&mut self, addr: SocketAddr) -> Slot {
+    fn new_slot(&mut self, addr: SocketAddr, group_metrics: &Arc<GroupCells>) -> Slot {
         let id = self.next_id;
         self.next_id += 1;
         Slot {
-            entry: Arc::new(TargetEntry::new(addr)),
+            entry: Arc::new(TargetEntry::new(addr, group_metrics.clone())),
             id,
             weight: 1,
             state: TargetState::Initial,
@@ -683,7 +688,7 @@ pub(crate) struct Detached(Arc<TargetEntry>);
 #[cfg(test)]
 impl Detached {
     pub(crate) fn new(addr: SocketAddr) -> Self {
-        Self(Arc::new(TargetEntry::new(addr)))
+        Self(Arc::new(TargetEntry::new(addr, Arc::default())))
     }
 
     /// A pick of the target, counted as a group's pick is.
@@ -703,6 +708,22 @@ impl Detached {
     /// The target leaves, as [`TargetGroup::apply`] makes it leave.
     pub(crate) fn leave(&self) {
         self.0.leave();
+    }
+}
+
+/// The request metrics of a picked target and of its group ([`Picked::cells`]).
+#[derive(Debug)]
+pub struct PickedCells(Arc<TargetEntry>);
+
+impl PickedCells {
+    /// The target's request metrics.
+    pub fn target(&self) -> &TargetCells {
+        &self.0.metrics
+    }
+
+    /// The target group's request metrics.
+    pub fn group(&self) -> &GroupCells {
+        &self.0.group_metrics
     }
 }
 
@@ -741,6 +762,14 @@ impl Picked {
     /// The target's request metrics.
     pub fn metrics(&self) -> Arc<TargetCells> {
         self.entry.metrics.clone()
+    }
+
+    /// The request metrics of the target and of its group, for a record that outlives the
+    /// pick's borrow: a clone of the entry the pick already holds (its count line is written
+    /// by every pick anyway), where clones of the group and of the target's cells wrote two
+    /// more lines that every worker's requests share.
+    pub fn cells(&self) -> PickedCells {
+        PickedCells(self.entry.clone())
     }
 
     /// Ready when the target leaves its group (its deregistration delay ended): the request

@@ -58,6 +58,7 @@ pub use config::{
 #[cfg(test)]
 pub(crate) use group::Detached;
 pub use group::{
-    Member, Picked, Registration, SlowStart, TargetGroup, TargetGroupCounters, TargetStatus,
+    Member, Picked, PickedCells, Registration, SlowStart, TargetGroup, TargetGroupCounters,
+    TargetStatus,
 };
 pub use state::{DEFAULT_WEIGHT, TargetAddr, TargetReason, TargetState};

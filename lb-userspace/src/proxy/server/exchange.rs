@@ -7,7 +7,6 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,16 +17,15 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
-use super::Listener;
+use super::pipeline::ConnCtx;
 use super::sniff::HeadVerdict;
 use crate::accesslog::fast::push_u64;
 use crate::accesslog::{
     ActionKind, LbError, Record, RequestLine, RequestType, TargetConnection, TlsInfo,
 };
-use crate::metrics::TargetCells;
 use crate::proxy::client::Forwarded;
 use crate::proxy::error::ProxyError;
-use crate::targets::{Picked, TargetGroup};
+use crate::targets::{Picked, PickedCells, TargetGroup};
 
 /// What a connection tells each of its requests' records.
 pub(super) struct ConnInfo {
@@ -96,30 +94,32 @@ pub(super) fn response_head_bytes(status: StatusCode, headers: &HeaderMap) -> u6
 /// The record of one request and what emitting it needs.
 pub(super) struct Exchange {
     record: Option<Box<Record>>,
-    listener: Arc<Listener>,
+    /// The connection's context, for its listener's cells, the tier's counters and the log
+    /// at emit time (the exchange outlives the handler: it rides in the response body). A
+    /// clone of the connection's handle, whose count stays in the cache of the connection's
+    /// one worker; a clone of the listener's, shared by every connection, wrote a line that
+    /// both workers' requests wrote.
+    ctx: Arc<ConnCtx>,
     /// When the request arrived (monotonic), for the log's `request_processing_time`: read
     /// only when an access log is open, the one reader of the request and response
     /// processing times (the target's goes to the metrics too, and is always measured).
     started: Option<Instant>,
     head_len: u64,
     body_in: Option<Arc<AtomicU64>>,
-    group: Option<Arc<TargetGroup>>,
-    target_cells: Option<Arc<TargetCells>>,
+    /// The picked target's and its group's metrics, through the pick's target entry.
+    cells: Option<PickedCells>,
     sent_at: Option<Instant>,
     head_at: Option<Instant>,
 }
 
 impl Exchange {
-    /// A record for `req`, which just arrived on `listener` from `peer`. For HTTP/1 the
+    /// A record for `req`, which just arrived on the connection of `ctx`. For HTTP/1 the
     /// sniffer's verdict gives the head's real size and, for a head the load balancer
     /// refused, the request line the client wrote (hyper only saw a stand-in).
-    pub fn start<B>(
-        listener: &Arc<Listener>,
-        peer: SocketAddr,
-        conn: &ConnInfo,
-        req: &Request<B>,
-        verdict: Option<&HeadVerdict>,
-    ) -> Self {
+    pub fn start<B>(ctx: Arc<ConnCtx>, req: &Request<B>, verdict: Option<&HeadVerdict>) -> Self {
+        let listener = &ctx.listener;
+        let conn = &ctx.info;
+        let peer = ctx.peer;
         let https = conn.tls.is_some();
         let kind = match (req.version(), https) {
             (Version::HTTP_2, _) => RequestType::H2,
@@ -195,12 +195,11 @@ impl Exchange {
         }
         Self {
             record: Some(record),
-            listener: listener.clone(),
+            ctx,
             started: logging.then(Instant::now),
             head_len,
             body_in: None,
-            group: None,
-            target_cells: None,
+            cells: None,
             sent_at: None,
             head_at: None,
         }
@@ -222,7 +221,7 @@ impl Exchange {
 
     /// Whether the access log is on (text fields are only gathered then).
     pub fn logging(&self) -> bool {
-        self.listener.shared.access_log.is_some()
+        self.ctx.listener.shared.access_log.is_some()
     }
 
     /// The rule that matched, how many were evaluated, and its action.
@@ -264,7 +263,7 @@ impl Exchange {
                 | ProxyError::ClientClosed
         );
         if dispatched
-            && self.target_cells.is_some()
+            && self.cells.is_some()
             && let Some(sent) = self.sent_at
             && let Some(started) = self.started
             && let Some(r) = self.rec()
@@ -276,8 +275,7 @@ impl Exchange {
 
     /// A target of `group` was picked.
     pub fn picked(&mut self, group: &Arc<TargetGroup>, picked: &Picked) {
-        self.target_cells = Some(picked.metrics());
-        self.group = Some(group.clone());
+        self.cells = Some(picked.cells());
         if let Some(r) = self.rec() {
             if let Some(text) = r.text.as_deref_mut() {
                 text.target_group = Some(group.shared_name());
@@ -375,12 +373,11 @@ impl Exchange {
     pub fn split_off(&mut self) -> Exchange {
         Exchange {
             record: self.record.take(),
-            listener: self.listener.clone(),
+            ctx: self.ctx.clone(),
             started: self.started,
             head_len: self.head_len,
             body_in: self.body_in.clone(),
-            group: self.group.take(),
-            target_cells: self.target_cells.take(),
+            cells: self.cells.take(),
             sent_at: self.sent_at,
             head_at: self.head_at,
         }
@@ -429,17 +426,16 @@ impl Exchange {
                 "client closed the connection before the response"
             );
         }
-        self.listener.cells.record(&r);
-        if r.target.is_some() {
-            if let Some(g) = &self.group {
-                g.metrics().record(&r);
-            }
-            if let Some(t) = &self.target_cells {
-                t.record(&r);
-            }
+        let listener = &self.ctx.listener;
+        listener.cells.record(&r);
+        if r.target.is_some()
+            && let Some(cells) = &self.cells
+        {
+            cells.group().record(&r);
+            cells.target().record(&r);
         }
-        self.listener.shared.counters.record(&r);
-        if let Some(log) = &self.listener.shared.access_log {
+        listener.shared.counters.record(&r);
+        if let Some(log) = &listener.shared.access_log {
             log.log(r);
         } else {
             keep_record(r);
@@ -550,6 +546,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     /// An emitted record's allocation is written again by the next record started on the
     /// thread: no allocation then (with nothing kept, one: the positive control), the same
@@ -662,9 +659,17 @@ mod tests {
             let running = start(cfg).await.expect("listener starts");
             let listener = running.handle().listeners[0].clone();
             let req = Request::get("/x").header("host", "web").body(()).unwrap();
-            let info = ConnInfo { id: 1, tls: None };
             let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-            let ex = Exchange::start(&listener, peer, &info, &req, None);
+            let ctx = Arc::new(ConnCtx {
+                listener: listener.clone(),
+                peer,
+                forwarded_peer: crate::headers::ForwardedPeer::new(peer.ip()),
+                conn: super::super::sniff::ConnShared::new(),
+                slot: Arc::new(listener.connections.admit(peer.ip()).expect("a slot")),
+                abuse: Arc::default(),
+                info: ConnInfo { id: 1, tls: None },
+            });
+            let ex = Exchange::start(ctx, &req, None);
             let text = ex.record.as_deref().expect("a record").text.as_deref();
             if logging {
                 let text = text.expect("with an access log, the log text");

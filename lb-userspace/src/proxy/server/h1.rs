@@ -284,7 +284,7 @@ where
         // Made in a block of this thread's (see [`Reused`]), written where it is made: the
         // handler's future is several KiB, and handing it over by value moved (copied) it.
         let mut handled =
-            Reused::new(|| pipeline::handle(&*ctx, request, body_in, Some(&mut watches)));
+            Reused::new(|| pipeline::handle(&ctx, request, body_in, Some(&mut watches)));
         let response = watch_client(&io, handled.as_mut()).await;
         // The block goes back now, for the next request the thread starts (on any connection).
         drop(handled);

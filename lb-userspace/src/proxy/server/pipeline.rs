@@ -495,13 +495,16 @@ pub(super) fn forwardable<B: RequestBody>(
     clippy::manual_async_fn,
     reason = "an `async fn` stores each argument twice in its future (see above)"
 )]
-pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
+pub(super) fn handle<C: std::borrow::Borrow<Arc<ConnCtx>> + Send>(
     ctx: C,
     mut req: Request<ProxyBody>,
     body_in: Option<Arc<AtomicU64>>,
     watches: Option<&mut TargetWatches>,
 ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     async move {
+        // Borrowed by the native HTTP/1 loop (which awaits the handler in place), owned by an
+        // HTTP/2 stream's future; the record's exchange takes a clone of its own.
+        let ctx: &Arc<ConnCtx> = ctx.borrow();
         let version = req.version();
         if version == Version::HTTP_2 && ctx.abuse.is_tripped() {
             // The connection was judged abusive (rapid reset) and is being closed: the streams
@@ -519,7 +522,7 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
         } else {
             ctx.conn.pop_verdict()
         };
-        let mut ex = Exchange::start(&ctx.listener, ctx.peer, &ctx.info, &req, verdict.as_ref());
+        let mut ex = Exchange::start(ctx.clone(), &req, verdict.as_ref());
         // The record counts what the body yields; a body the load balancer answers without
         // forwarding is dropped unread and adds nothing.
         ex.count_body(body_in);
@@ -543,13 +546,13 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
             tail,
             endpoint,
             reply,
-        } = match route(&ctx, &ctx.listener.rules.load(), verdict, &mut req, &mut ex) {
+        } = match route(ctx, &ctx.listener.rules.load(), verdict, &mut req, &mut ex) {
             Routed::Answer(outcome) => {
                 // The request body goes now, as when the routing took the request by value
                 // (the native loop learns at once that it was not read).
                 drop(std::mem::take(req.body_mut()));
                 return Ok(respond(
-                    &ctx,
+                    ctx,
                     outcome,
                     ex,
                     inflight,
@@ -596,9 +599,9 @@ pub(super) fn handle<C: std::ops::Deref<Target = ConnCtx> + Send>(
             })
             .await
         };
-        let outcome = reply.finish(&ctx, polled, &mut ex);
+        let outcome = reply.finish(ctx, polled, &mut ex);
         Ok(respond(
-            &ctx,
+            ctx,
             outcome,
             ex,
             inflight,
@@ -1023,7 +1026,6 @@ fn prepare_forward<'r>(
     ex: &mut Exchange,
 ) -> Result<Dispatch<'r>, Outcome> {
     let listener = &ctx.listener;
-    let shared = &listener.shared;
 
     // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
     // Owned: the headers are rewritten before the pick (463 comes first).
@@ -1038,16 +1040,18 @@ fn prepare_forward<'r>(
     let index = sticky_group.or_else(|| forward.choose_index_with(rand::random));
     let group_name: &str = index.map_or("", |i| forward.groups[i].name.as_str());
     // The group as the rule set was resolved against the groups when it was stored (no map
-    // load, no hash of the name); by name only in a rule set stored unresolved.
-    let by_name;
-    let group: &Arc<TargetGroup> = match forward.resolved.get() {
-        Some(resolved) => index.and_then(|i| resolved.get(i)?.as_ref()),
-        None => {
-            by_name = shared.groups.load().get(group_name).cloned();
-            by_name.as_ref()
-        }
-    }
-    .ok_or_else(|| unknown_group(group_name, ex))?;
+    // load, no hash of the name). Every stored rule set is resolved (`start`, `set_rules` and
+    // `set_groups` resolve each before they store it): a group the resolution did not find,
+    // or (were one stored so) an unresolved rule set, answers as an unknown group.
+    debug_assert!(
+        forward.resolved.get().is_some(),
+        "a rule set was stored without resolving its groups"
+    );
+    let group: &Arc<TargetGroup> = forward
+        .resolved
+        .get()
+        .and_then(|resolved| resolved.get(index?)?.as_ref())
+        .ok_or_else(|| unknown_group(group_name, ex))?;
     let group_cfg = group.config();
     if protocol_mismatch(req.version(), seen, group_cfg.protocol_version) {
         return Err(from_error(ex, &ProxyError::ProtocolMismatch));
