@@ -2125,13 +2125,17 @@ mod tests {
         running.shutdown(Duration::ZERO).await.expect("shutdown");
     }
 
-    /// A request waiting for its target holds nothing of the rule set: its routing's guard is
-    /// gone before the forward is awaited. Held across the await, every guard beyond a
-    /// thread's eight arc_swap slots took the rule set's count (a write of its shared line per
-    /// request), so 40 requests waiting on two workers raised it by at least 24. Positive
-    /// control: 40 guards held on one thread raise it by at least 32.
+    /// A request waiting for its target holds no count of what every connection shares: the
+    /// rule set (its routing's guard is gone before the forward is awaited), the listener and
+    /// the target group (its record holds the connection's context and the pick's target
+    /// entry). Each such count is a line that both workers' requests write. Held across the
+    /// await, every guard beyond a thread's eight arc_swap slots took the rule set's count, so
+    /// 40 requests waiting on two workers raised it by at least 24; a record holding clones of
+    /// the listener and the group raised theirs by 40. Positive controls: 40 guards held on one
+    /// thread raise the rule set's count by at least 32, and the 40 connections (each holds
+    /// the listener) raised the listener's by 40.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn requests_waiting_for_their_target_hold_no_count_of_the_rule_set() {
+    async fn requests_waiting_for_their_target_hold_no_count_of_what_connections_share() {
         use crate::rules::{Action, ForwardAction, WeightedGroup};
         use crate::targets::{TargetAddr, parse_target_group};
         use std::sync::atomic::AtomicUsize;
@@ -2175,6 +2179,7 @@ mod tests {
         let rules = RuleSet::new(Vec::new(), Action::Forward(forward)).expect("valid rules");
         let group = Arc::new(TargetGroup::new(parse_target_group("web").expect("group")));
         group.register(TargetAddr::new(target_addr));
+        let web = group.clone();
         let cfg = L7Config::one_listener(
             "web",
             "127.0.0.1:0".parse().unwrap(),
@@ -2188,17 +2193,39 @@ mod tests {
         // The rule set's count: the slot's own and the one taken here to read it.
         let count = || Arc::strong_count(&slot.load_full()) - 1;
         let idle = count();
+        let listener = handle.listeners[0].clone();
+        let listener_idle = Arc::strong_count(&listener);
+        let open = || handle.worker_counts().iter().map(|w| w.open).sum::<u64>();
         let mut clients = Vec::new();
         for _ in 0..WAITING {
-            let mut c = tokio::net::TcpStream::connect(lb_addr)
-                .await
-                .expect("connect to lb");
+            clients.push(
+                tokio::net::TcpStream::connect(lb_addr)
+                    .await
+                    .expect("connect to lb"),
+            );
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while open() < WAITING as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {WAITING} connections open",
+                open()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The connections are served (each holds the listener), no request has come yet.
+        let listener_connected = Arc::strong_count(&listener);
+        assert!(
+            listener_connected >= listener_idle + WAITING,
+            "{WAITING} connections raised the listener's count from {listener_idle} to \
+             {listener_connected} only"
+        );
+        let group_connected = Arc::strong_count(&web);
+        for c in &mut clients {
             c.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
                 .await
                 .expect("send request");
-            clients.push(c);
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while heads.load(Ordering::SeqCst) < WAITING {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -2207,10 +2234,17 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(
+        // All three compared at once, so a failure shows every count that moved.
+        let waiting = (
             count(),
-            idle,
-            "{WAITING} requests waiting for their target hold counts of the rule set"
+            Arc::strong_count(&listener),
+            Arc::strong_count(&web),
+        );
+        assert_eq!(
+            waiting,
+            (idle, listener_connected, group_connected),
+            "counts of the rule set, the listener and the group with {WAITING} requests \
+             waiting for their target, against before the requests"
         );
         // The control: guards held past a thread's slots do show in the count.
         let guards: Vec<_> = (0..WAITING).map(|_| slot.load()).collect();

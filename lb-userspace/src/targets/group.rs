@@ -759,11 +759,6 @@ impl Picked {
         self.unhealthy_routing
     }
 
-    /// The target's request metrics.
-    pub fn metrics(&self) -> Arc<TargetCells> {
-        self.entry.metrics.clone()
-    }
-
     /// The request metrics of the target and of its group, for a record that outlives the
     /// pick's borrow: a clone of the entry the pick already holds (its count line is written
     /// by every pick anyway), where clones of the group and of the target's cells wrote two
