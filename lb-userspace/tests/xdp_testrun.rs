@@ -227,6 +227,21 @@ impl Lb {
         )
     }
 
+    /// Like [`Self::load`] with a flow table of `share` entries per possible CPU (each CPU's
+    /// LRU lists hold its share), and the VIP 198.51.100.1:80/TCP to `backends`.
+    fn with_flow_share(share: u32, backends: &[Ipv4Addr]) -> (Self, VipAddr) {
+        let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
+        let mut lb = Self::with_flows(share * cpus);
+        assert_eq!(lb.maps().flow_capacity().unwrap(), share * cpus);
+        let web = lb.add_vip(Ipv4Addr::new(198, 51, 100, 1), 80, Proto::Tcp, backends);
+        (lb, web)
+    }
+
+    /// Entries in the flow table now.
+    fn flow_entries(&self) -> u32 {
+        self.maps().flows.keys().count() as u32
+    }
+
     /// Like [`Self::load`] with an IPv4 outer source address only: an IPv6 backend has no
     /// route.
     fn v4_only() -> Self {
@@ -2833,19 +2848,12 @@ fn online_cpus() -> Vec<usize> {
 #[test]
 fn a_cpu_inserting_into_a_full_flow_table_evicts_only_from_its_own_share() {
     netns_test(|| {
-        let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
         const SHARE: u32 = 256;
-        let mut lb = Lb::with_flows(SHARE * cpus);
-        assert_eq!(lb.maps().flow_capacity().unwrap(), SHARE * cpus);
-        let web = lb.add_vip(
-            Ipv4Addr::new(198, 51, 100, 1),
-            80,
-            Proto::Tcp,
-            &[backend(11)],
-        );
+        let (lb, web) = Lb::with_flow_share(SHARE, &[backend(11)]);
+        let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
         let online = online_cpus();
         pin_thread_to(online[0]);
-        let entries = |lb: &Lb| lb.maps().flows.keys().count() as u32;
+        let entries = Lb::flow_entries;
         // Positive control: below the CPU's share nothing is evicted.
         for i in 0..200u16 {
             lb.backend_of(&client_syn(&web, 10_000 + i));
@@ -2886,17 +2894,10 @@ fn a_cpu_inserting_into_a_full_flow_table_evicts_only_from_its_own_share() {
 #[test]
 fn retransmitted_syns_into_a_full_flow_table_keep_their_flows_and_evict_at_most_a_batch() {
     netns_test(|| {
-        let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
         const SHARE: u32 = 256;
-        let mut lb = Lb::with_flows(SHARE * cpus);
-        let web = lb.add_vip(
-            Ipv4Addr::new(198, 51, 100, 1),
-            80,
-            Proto::Tcp,
-            &[backend(11), backend(12), backend(13)],
-        );
+        let (lb, web) = Lb::with_flow_share(SHARE, &[backend(11), backend(12), backend(13)]);
         pin_thread_to(online_cpus()[0]);
-        let entries = |lb: &Lb| lb.maps().flows.keys().count() as u32;
+        let entries = Lb::flow_entries;
         // Two shares' worth from one CPU: its share is full and evicting.
         for i in 0..(2 * SHARE) as u16 {
             lb.backend_of(&client_syn(&web, 20_000 + i));
