@@ -9,7 +9,8 @@ usage: h1-kernel-side.py [--h2] [--secs N] [--rounds N] [--perf] [--wake] [--byt
   --h2: HTTP/2 over TLS instead, as `cargo xtask bench l7`'s HTTP/2 figure: lb gets a TLS
         listener (a self-signed certificate made in $H1SYS_DIR) on the proxy port with
         `tls,default,forward=be`, and the client of every pass is `h2load -c32 -m10 -t1 -D SECS`
-        (warm-up: `h2load -c8 -m10 -D 1`); requests = h2load's "succeeded". lb specs only, and
+        (warm-up: `h2load -c8 -m10 -D 1`); requests = h2load's "succeeded". lb and nginx specs
+        only (nginx with `listen ... ssl http2` and the bench's TLS settings), and
         not with --h2load-log or --react (those are HTTP/1.1 analyses). The same lines are
         printed; --perf and --wake count per request as for HTTP/1.1, and the backend nginx's
         syscalls are counted too ("backend perf per req"); "target conns" is the namespace's
@@ -219,7 +220,11 @@ def start_proxy(spec):
             "events { worker_connections 16384; }\n"
             "http {\n  access_log off;\n  keepalive_requests 100000000;\n"
             f"  upstream be {{ server {BACKEND}; keepalive 256; }}\n"
-            f"  server {{\n    listen 127.0.0.1:{PORT} backlog=4096;\n"
+            f"  server {{\n    listen 127.0.0.1:{PORT} {'ssl http2 ' if H2 else ''}backlog=4096;\n"
+            + (f"    ssl_certificate {D}/cert.pem;\n    ssl_certificate_key {D}/key.pem;\n"
+               "    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_prefer_server_ciphers on;\n"
+               "    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;\n"
+               if H2 else "") +
             '    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }\n  }\n}\n')
         args = ["nginx", "-c", conf, "-p", D]
     p = subprocess.Popen(nsx(*args), stdout=open(f"{D}/proxy.log", "w"), stderr=subprocess.STDOUT, env=env)
@@ -568,8 +573,8 @@ def main():
     if react and shutil.which("bpftrace") is None:
         sys.exit("h1-kernel-side.py: --react needs bpftrace (apt-get install bpftrace)")
     specs = [a.split("=", 1) for a in argv]
-    if H2 and (h2log or react or any(not spec.startswith("lb:") for _, spec in specs)):
-        sys.exit("h1-kernel-side.py: --h2 takes lb specs only, without --h2load-log or --react")
+    if H2 and (h2log or react or any(not spec.startswith(("lb:", "nginx")) for _, spec in specs)):
+        sys.exit("h1-kernel-side.py: --h2 takes lb and nginx specs only, without --h2load-log or --react")
     if nbytes and shutil.which("bpftrace") is None:
         sys.exit("h1-kernel-side.py: --bytes needs bpftrace (apt-get install bpftrace)")
     shutil.rmtree(D, ignore_errors=True)
