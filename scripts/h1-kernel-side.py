@@ -5,7 +5,22 @@ private network namespace (`h1sys-m`, removed on exit) so the TCP counters see o
 Run as root, inside `flock /tmp/bench.lock`. H1SYS_NS (namespace name), H1SYS_PORT_BASE (backend
 port; the proxy listens on the next one) and H1SYS_DIR let two runs coexist. Written for issue 8 (BENCHMARKS.md, "The kernel side").
 
-usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] [--h2load-log [--sched]] [--react] NAME=SPEC ...
+usage: h1-kernel-side.py [--h2] [--secs N] [--rounds N] [--perf] [--wake] [--bytes] [--record] [--h2load-log [--sched]] [--react] NAME=SPEC ...
+  --h2: HTTP/2 over TLS instead, as `cargo xtask bench l7`'s HTTP/2 figure: lb gets a TLS
+        listener (a self-signed certificate made in $H1SYS_DIR) on the proxy port with
+        `tls,default,forward=be`, and the client of every pass is `h2load -c32 -m10 -t1 -D SECS`
+        (warm-up: `h2load -c8 -m10 -D 1`); requests = h2load's "succeeded". lb and nginx specs
+        only (nginx with `listen ... ssl http2` and the bench's TLS settings), and
+        not with --h2load-log or --react (those are HTTP/1.1 analyses). The same lines are
+        printed; --perf and --wake count per request as for HTTP/1.1, and the backend nginx's
+        syscalls are counted too ("backend perf per req"); "target conns" is the namespace's
+        TcpActiveOpens less h2load's 32 (connections lb opened to the backend) and requests per target connection.
+  --bytes: one more pass under bpftrace: the proxy's bytes and calls per request of each data
+        syscall (read/recvfrom/readv in, write/writev/sendto/sendmsg out), split by side
+        (client: local port = the listener's; target: the rest) with bytes per call; in --h2
+        mode also the TLS records per request each way (a proxy write to the client of B bytes
+        carries ceil(B / 16406) records at least: the estimate is printed as records >= ...).
+        Tracepoints sock:sock_send_length / sock_recv_length (one per socket send or receive).
   SPEC: lb:/path/to/lb[:ENV=V,ENV=V[:batch|:slice=MICROSECONDS]] | haproxy[:N] | nginx | cmd:COMMAND
         an lb ENV=V item starting with `--` is a flag for `lb run` instead, e.g.
         lb:/path/to/lb:--l7-runtime=shared,--l7-workers=2
@@ -40,6 +55,7 @@ usage: h1-kernel-side.py [--secs N] [--rounds N] [--perf] [--wake] [--record] [-
 import collections, ctypes, os, struct, re, shutil, signal, subprocess, sys, threading, time
 
 NS = os.environ.get("H1SYS_NS", "h1sys-m")
+H2 = False  # --h2: HTTP/2 over TLS under h2load
 D = os.environ.get("H1SYS_DIR", "/tmp/h1sys-run")
 BODY = "lb-bench-response-body-0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz-01"
 _BASE = int(os.environ.get("H1SYS_PORT_BASE", "18080"))
@@ -174,9 +190,12 @@ def start_proxy(spec):
                     continue
                 k, v = kv.split("=", 1)
                 env[k] = v
-        args = [lb, "run", "--listener", f"web=http://127.0.0.1:{PORT}", "--target-group", "be,health-check=off",
-                "--target", f"be={BACKEND}", "--rule", "web,default,forward=be", "--admin-socket", f"{D}/admin.sock",
-                *flags]
+        listen = ["--listener", f"web=http://127.0.0.1:{PORT}", "--rule", "web,default,forward=be"]
+        if H2:
+            listen = ["--listener", f"tls=https://127.0.0.1:{PORT},cert={D}/cert.pem:{D}/key.pem",
+                      "--rule", "tls,default,forward=be"]
+        args = [lb, "run", *listen, "--target-group", "be,health-check=off",
+                "--target", f"be={BACKEND}", "--admin-socket", f"{D}/admin.sock", *flags]
         if len(rest) > 2 and rest[2].startswith("slice="):
             env["H1SYS_SLICE"] = rest[2][6:]
         if len(rest) > 2 and rest[2] == "batch":
@@ -201,7 +220,11 @@ def start_proxy(spec):
             "events { worker_connections 16384; }\n"
             "http {\n  access_log off;\n  keepalive_requests 100000000;\n"
             f"  upstream be {{ server {BACKEND}; keepalive 256; }}\n"
-            f"  server {{\n    listen 127.0.0.1:{PORT} backlog=4096;\n"
+            f"  server {{\n    listen 127.0.0.1:{PORT} {'ssl http2 ' if H2 else ''}backlog=4096;\n"
+            + (f"    ssl_certificate {D}/cert.pem;\n    ssl_certificate_key {D}/key.pem;\n"
+               "    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_prefer_server_ciphers on;\n"
+               "    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;\n"
+               if H2 else "") +
             '    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }\n  }\n}\n')
         args = ["nginx", "-c", conf, "-p", D]
     p = subprocess.Popen(nsx(*args), stdout=open(f"{D}/proxy.log", "w"), stderr=subprocess.STDOUT, env=env)
@@ -218,7 +241,19 @@ def start_proxy(spec):
     return p
 
 
+def h2load(secs, conns=32):
+    """`h2load -c32 -m10 -t1` over TLS (the bench's HTTP/2 figure): (succeeded requests, "?", output)."""
+    out = subprocess.run(nsx("h2load", f"-c{conns}", "-m10", "-t1", "-D", str(secs), f"https://127.0.0.1:{PORT}/"),
+                         capture_output=True, text=True).stdout
+    m = re.search(r"^requests: .*?(\d+) succeeded", out, re.MULTILINE)
+    if not m or int(m.group(1)) == 0:
+        raise RuntimeError(f"h2load failed:\n{out[-800:]}")
+    return int(m.group(1)), "?", out
+
+
 def wrk(secs, conns=64):
+    if H2:
+        return h2load(secs, 32 if conns == 64 else conns)
     out = subprocess.run(nsx("wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", f"http://127.0.0.1:{PORT}/"),
                          capture_output=True, text=True).stdout
     m = re.search(r"(\d+) requests in", out)
@@ -346,6 +381,61 @@ tracepoint:sock:sock_recv_length /args->ret > 0 && !({pf})/ {{
 """
 
 
+def bytes_bt(pids):
+    """bpftrace program for --bytes: per side (0 client, 1 target) and direction, the calls, the
+    bytes, and (client writes) the lower bound of TLS records, ceil(bytes / 16406) per call."""
+    pf = " || ".join(f"pid == {p}" for p in pids)
+    return f"""
+tracepoint:sock:sock_send_length /args->ret > 0 && ({pf})/ {{
+  $sk = (struct sock *)args->sk;
+  $s = $sk->__sk_common.skc_num == {PORT} ? 0 : 1;
+  @out_n[$s] = count(); @out_b[$s] = sum(args->ret);
+  @out_rec[$s] = sum((args->ret + 16405) / 16406);
+}}
+tracepoint:sock:sock_recv_length /args->ret > 0 && ({pf})/ {{
+  $sk = (struct sock *)args->sk;
+  $s = $sk->__sk_common.skc_num == {PORT} ? 0 : 1;
+  @in_n[$s] = count(); @in_b[$s] = sum(args->ret);
+}}
+tracepoint:sock:sock_recv_length /args->ret <= 0 && ({pf})/ {{
+  $sk = (struct sock *)args->sk;
+  $s = $sk->__sk_common.skc_num == {PORT} ? 0 : 1;
+  @in_empty[$s] = count();
+}}
+"""
+
+
+def bytes_pass(name, rnd, secs, pids):
+    """One pass under bytes_bt; prints calls and bytes per request by side and direction."""
+    bt = f"{D}/bytes.bt"
+    open(bt, "w").write(bytes_bt(pids))
+    out = f"{D}/bytes-{name}-r{rnd}.txt"
+    bp = subprocess.Popen(["bpftrace", bt], stdout=open(out, "w"), stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            if "Attaching" in open(out).read():
+                break
+            if bp.poll() is not None:
+                raise RuntimeError(f"bpftrace exited: {open(out).read()[-500:]}")
+            time.sleep(0.1)
+        time.sleep(1.0)
+        n, _, _ = wrk(secs)
+    finally:
+        bp.send_signal(signal.SIGINT)
+        bp.wait(120)
+    v = {}
+    for m in re.finditer(r"^@(\w+)\[(\d+)\]: (\d+)", open(out).read(), re.MULTILINE):
+        v[(m.group(1), int(m.group(2)))] = int(m.group(3))
+    for side, sname in ((0, "client"), (1, "target")):
+        on, ob, inn, ib = (v.get((k, side), 0) for k in ("out_n", "out_b", "in_n", "in_b"))
+        line = (f"   bytes per req, {sname}: sends {on / n:.3f} ({ob / n:.1f} B, {ob / max(on, 1):.0f} B/send)"
+                f"  receives {inn / n:.3f} ({ib / n:.1f} B, {ib / max(inn, 1):.0f} B/receive)"
+                f"  empty receives {v.get(('in_empty', side), 0) / n:.3f}")
+        if H2 and side == 0:
+            line += f"  TLS records out >= {v.get(('out_rec', 0), 0) / n:.3f}"
+        print(line)
+
+
 def react_pass(name, rnd, secs, pids):
     """One wrk pass under the --react bpftrace program; prints the reaction delay per side."""
     bt = f"{D}/react.bt"
@@ -453,10 +543,16 @@ def h2load_pass(name, rnd, secs, pids, psched):
 
 def main():
     argv = sys.argv[1:]
+    global H2
     secs, perf, record, rounds, wake, h2log, psched, react = 10, False, False, 1, False, False, False, False
+    nbytes = False
     while argv and argv[0].startswith("--"):
         a = argv.pop(0)
-        if a == "--secs":
+        if a == "--h2":
+            H2 = True
+        elif a == "--bytes":
+            nbytes = True
+        elif a == "--secs":
             secs = int(argv.pop(0))
         elif a == "--perf":
             perf = True
@@ -477,8 +573,16 @@ def main():
     if react and shutil.which("bpftrace") is None:
         sys.exit("h1-kernel-side.py: --react needs bpftrace (apt-get install bpftrace)")
     specs = [a.split("=", 1) for a in argv]
+    if H2 and (h2log or react or any(not spec.startswith(("lb:", "nginx")) for _, spec in specs)):
+        sys.exit("h1-kernel-side.py: --h2 takes lb and nginx specs only, without --h2load-log or --react")
+    if nbytes and shutil.which("bpftrace") is None:
+        sys.exit("h1-kernel-side.py: --bytes needs bpftrace (apt-get install bpftrace)")
     shutil.rmtree(D, ignore_errors=True)
     os.makedirs(D)
+    if H2:
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-keyout", f"{D}/key.pem", "-out", f"{D}/cert.pem", "-days", "2", "-subj", "/CN=localhost",
+           capture_output=True)
     subprocess.run(["ip", "netns", "del", NS], capture_output=True)
     sh("ip", "netns", "add", NS)
     sh("ip", "-n", NS, "link", "set", "lo", "up")
@@ -505,7 +609,13 @@ def main():
                     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE)
                     line = f"{name:10} r{rnd} req {n:8d} ({n/secs/1000:.1f}k/s) p99 {p99:>8}  usr {1e6*(c1[0]-c0[0])/n:5.1f} sys {1e6*(c1[1]-c0[1])/n:5.1f} us/req  vcsw {(x1[0]-x0[0])/n:.3f} ivcsw {(x1[1]-x0[1])/n:.3f}/req"
                     print(line)
-                    print(f"   latency: p50 {p50.group(1) if p50 else '?'}  p99 {p99}  mean by Little's law {64 * secs / n * 1e3:.2f}ms")
+                    inflight = 320 if H2 else 64
+                    print(f"   latency: p50 {p50.group(1) if p50 else '?'}  p99 {p99}  mean by Little's law {inflight * secs / n * 1e3:.2f}ms")
+                    if H2:
+                        # h2load's own 32 connections are active opens in the namespace too
+                        opens = s1.get("TcpActiveOpens", 0) - s0.get("TcpActiveOpens", 0) - 32
+                        print(f"   target conns opened {opens} ({n / max(opens, 1):.0f} req per target conn in this pass)"
+                              f"; h2load: {' '.join(l.strip() for l in out.splitlines() if l.startswith(('traffic:', 'requests:')))}")
                     print(sched_line(q0, q1, n))
                     print("   per req: " + "  ".join(f"{k.replace('TcpExt','').replace('Tcp','')}={(s1.get(k,0)-s0.get(k,0))/n:.3f}" for k in KEYS if s1.get(k, 0) != s0.get(k, 0)))
                     open(f"{D}/ss-{name}-r{rnd}.txt", "w").write(ssout)
@@ -517,10 +627,20 @@ def main():
                         pl = ",".join(map(str, pids))
                         ev = "raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendmsg,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex,syscalls:sys_enter_io_uring_enter,sched:sched_wakeup,sched:sched_switch,net:net_dev_xmit,syscalls:sys_exit_recvfrom"
                         pp = subprocess.Popen(["perf", "stat", "-x,", "-e", ev, "-p", pl], stderr=subprocess.PIPE, text=True)
+                        bpl = ",".join(map(str, pids_of(backend.pid)))
+                        bp_ = subprocess.Popen(["perf", "stat", "-x,", "-e", ev, "-p", bpl], stderr=subprocess.PIPE, text=True)
                         time.sleep(0.5)
                         n5, _, _ = wrk(5)
                         pp.send_signal(signal.SIGINT)
+                        bp_.send_signal(signal.SIGINT)
                         _, err = pp.communicate()
+                        _, berr = bp_.communicate()
+                        bvals = []
+                        for l in berr.splitlines():
+                            f = l.split(",")
+                            if len(f) > 3 and f[0].replace(".", "").isdigit() and int(float(f[0])):
+                                bvals.append(f"{f[2].split(':')[-1]}={int(float(f[0]))/n5:.3f}")
+                        print("   backend perf per req: " + "  ".join(bvals))
                         rate = n5
                         pr = type("R", (), {"stderr": err})
                         vals = []
@@ -529,6 +649,8 @@ def main():
                             if len(f) > 3 and f[0].replace(".", "").isdigit():
                                 vals.append(f"{f[2].split(':')[-1]}={int(float(f[0]))/rate:.3f}")
                         print("   perf per req: " + "  ".join(vals))
+                    if nbytes:
+                        bytes_pass(name, rnd, secs, pids)
                     if os.environ.get("H1SYS_STRACE"):
                         th = threading.Thread(target=lambda: res.update(r=wrk(3)))
                         th.start()
