@@ -74,7 +74,7 @@ use crate::accesslog::{LogWriter, Record, TlsInfo};
 use crate::headers::XffMode;
 use crate::metrics::ListenerCells;
 use crate::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
-use crate::rules::RuleSet;
+use crate::rules::{ResolvedRuleSet, RuleSet};
 use crate::targets::TargetGroup;
 
 /// Most listeners per load balancer (ALB quota).
@@ -622,10 +622,11 @@ enum Phase {
 }
 
 /// `rules` with every forward action's groups looked up in `groups` once (see
-/// [`crate::rules::ResolvedGroups`]).
-fn resolved(mut rules: RuleSet, groups: &Groups) -> Arc<RuleSet> {
-    rules.resolve_groups(|name| groups.get(name).cloned());
-    Arc::new(rules)
+/// [`ResolvedRuleSet`]).
+fn resolved(rules: RuleSet, groups: &Groups) -> Arc<ResolvedRuleSet> {
+    Arc::new(ResolvedRuleSet::new(rules, |name| {
+        groups.get(name).cloned()
+    }))
 }
 
 /// What every listener shares.
@@ -680,7 +681,7 @@ struct Listener {
     certificates: Option<(Arc<tls::SniResolver>, Vec<Arc<str>>)>,
     /// Swapped whole when a rule changes: a request evaluates one version from start to end,
     /// and open connections are not touched.
-    rules: Arc<ArcSwap<RuleSet>>,
+    rules: Arc<ArcSwap<ResolvedRuleSet>>,
     port: u16,
     /// `port` as the `X-Forwarded-Port` value, made once ([`crate::headers::forwarded_port`]).
     forwarded_port: http::HeaderValue,
@@ -695,7 +696,7 @@ struct Listener {
 #[derive(Clone)]
 pub struct L7Handle {
     shared: Arc<Shared>,
-    rules: Arc<HashMap<String, Arc<ArcSwap<RuleSet>>>>,
+    rules: Arc<HashMap<String, Arc<ArcSwap<ResolvedRuleSet>>>>,
     listeners: Arc<Vec<Arc<Listener>>>,
 }
 
@@ -738,7 +739,7 @@ impl L7Handle {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for slot in self.rules.values() {
-            let rules = RuleSet::clone(&slot.load());
+            let rules = slot.load().rules().clone();
             slot.store(resolved(rules, &groups));
         }
         self.shared.groups.store(Arc::new(groups));
@@ -2088,10 +2089,16 @@ mod tests {
         // The group the listener's rule set resolved "web" to (`None`: no such group).
         let resolved = |handle: &L7Handle| {
             let rules = handle.rules["web"].load_full();
-            let Action::Forward(f) = rules.default_action() else {
-                panic!("a forward action")
+            let headers = http::HeaderMap::new();
+            let view = crate::rules::RequestView {
+                method: "GET",
+                host: None,
+                path: "/",
+                query: None,
+                headers: &headers,
+                source_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             };
-            f.resolved.get().expect("resolved when stored")[0].clone()
+            rules.evaluate(&view).1[0].group.clone()
         };
         let same = |a: Option<Arc<TargetGroup>>, b: &Arc<TargetGroup>| {
             a.is_some_and(|a| Arc::ptr_eq(&a, b))

@@ -2,7 +2,6 @@
 //! ALB validates it.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -10,7 +9,6 @@ use http::StatusCode;
 use super::RequestView;
 use super::condition::strip_port;
 use super::error::RuleError;
-use crate::targets::TargetGroup;
 
 /// At most this many target groups in one forward action (ALB quota).
 pub const MAX_TARGET_GROUPS_PER_FORWARD: usize = 5;
@@ -94,47 +92,6 @@ pub struct ForwardAction {
     /// Group stickiness: the `AWSALBTG` cookie pins a client to the chosen group for this long
     /// (1 s – 7 days). `None`: off (the ALB default).
     pub group_stickiness: Option<Duration>,
-    /// The groups' handles, in `groups`' order, as the running tier resolved them when it
-    /// stored this rule set (see [`ResolvedGroups`]); not part of the action's meaning.
-    pub resolved: ResolvedGroups,
-}
-
-/// A forward action's target groups looked up by name once, when the running tier stores
-/// its rule set (and again whenever the groups change: every change of the rules or the
-/// groups stores a newly resolved rule set), so that a request does not load the group map,
-/// hash the name and compare it (each of them lines a request touched) to find its group.
-/// Equal to every other: two actions that name the same groups are the same action.
-#[derive(Clone, Default)]
-pub struct ResolvedGroups(Option<Box<[Option<Arc<TargetGroup>>]>>);
-
-impl ResolvedGroups {
-    /// `None`: never resolved (the caller looks the group up by name); else each group's
-    /// handle in the action's order, `None` for a name no group has.
-    pub fn get(&self) -> Option<&[Option<Arc<TargetGroup>>]> {
-        self.0.as_deref()
-    }
-}
-
-impl PartialEq for ResolvedGroups {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for ResolvedGroups {}
-
-impl std::fmt::Debug for ResolvedGroups {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            None => f.write_str("unresolved"),
-            Some(g) => write!(
-                f,
-                "resolved({} of {})",
-                g.iter().filter(|g| g.is_some()).count(),
-                g.len()
-            ),
-        }
-    }
 }
 
 impl ForwardAction {
@@ -146,7 +103,6 @@ impl ForwardAction {
         let action = Self {
             groups,
             group_stickiness,
-            resolved: ResolvedGroups::default(),
         };
         action.validate()?;
         Ok(action)
@@ -195,12 +151,6 @@ impl ForwardAction {
         } else {
             Err(errors)
         }
-    }
-
-    /// Looks each group up with `lookup` (by name) and keeps the handles for
-    /// [`resolved`](Self::resolved).
-    pub fn resolve(&mut self, lookup: impl Fn(&str) -> Option<Arc<TargetGroup>>) {
-        self.resolved = ResolvedGroups(Some(self.groups.iter().map(|g| lookup(&g.name)).collect()));
     }
 
     /// [`choose`](Self::choose) with the random number drawn only when there is a choice: an
@@ -801,7 +751,6 @@ mod tests {
             let f = ForwardAction {
                 groups: groups(weights),
                 group_stickiness: None,
-                resolved: ResolvedGroups::default(),
             };
             for r in [0, 1, u32::MAX / 3, u32::MAX / 2, u32::MAX] {
                 let mut drawn = false;

@@ -12,7 +12,8 @@
 //! Rule::new(priority, Vec<Condition>, Action) -> Result<Rule, Vec<RuleError>>
 //! RuleSet::new(Vec<Rule>, default: Action) -> Result<RuleSet, Vec<RuleError>>
 //! RuleSet::validate_for_listener(&self, "http" | "https", port) -> Result<(), Vec<RuleError>>
-//! RuleSet::evaluate(&self, &RequestView) -> Matched { priority (0 = default), action, rules_evaluated }
+//! RuleSet::evaluate(&self, &RequestView) -> Matched { priority (0 = default), action, rules_evaluated, index }
+//! ResolvedRuleSet::new(RuleSet, lookup) / ::evaluate(&RequestView) -> (Matched, &[ResolvedGroup])   what a listener stores
 //! Action::{Forward(ForwardAction), Redirect(RedirectAction), FixedResponse(FixedResponseAction)}
 //! Action::target_groups() / Action::kind()            config checks, access-log actions_executed
 //! ForwardAction::choose(random: u32) -> &str          weighted pick; caller supplies randomness
@@ -113,13 +114,14 @@ mod condition;
 mod error;
 mod parse;
 mod pattern;
+mod resolved;
 
 use std::net::IpAddr;
 
 pub use action::{
     Action, CONTENT_TYPES, DEFAULT_WEIGHT, FixedResponseAction, ForwardAction, MAX_BODY_CHARS,
     MAX_GROUP_STICKINESS, MAX_TARGET_GROUPS_PER_FORWARD, MAX_WEIGHT, MIN_GROUP_STICKINESS,
-    RedirectAction, RedirectParts, RedirectStatus, ResolvedGroups, WeightedGroup,
+    RedirectAction, RedirectParts, RedirectStatus, WeightedGroup,
 };
 pub use book::RuleBook;
 pub use condition::{
@@ -127,6 +129,7 @@ pub use condition::{
 };
 pub use error::RuleError;
 pub use parse::{ParsedRule, RuleOrDefault, parse_rule, rule_body};
+pub use resolved::{GROUP_COOKIE, ResolvedGroup, ResolvedRuleSet};
 
 /// Lowest rule priority (evaluated first).
 pub const MIN_PRIORITY: u32 = 1;
@@ -228,6 +231,9 @@ pub struct Matched<'a> {
     pub action: &'a Action,
     /// How many non-default rules were tried, the matching one included (for RuleEvaluations).
     pub rules_evaluated: u32,
+    /// The action's position: the matching rule's index in [`RuleSet::rules`], or
+    /// [`RuleSet::len`] for the default.
+    pub index: usize,
 }
 
 impl RuleSet {
@@ -299,13 +305,14 @@ impl RuleSet {
     /// First matching rule by ascending priority, else the default (priority 0).
     pub fn evaluate(&self, req: &RequestView<'_>) -> Matched<'_> {
         let mut evaluated = 0;
-        for rule in &self.rules {
+        for (index, rule) in self.rules.iter().enumerate() {
             evaluated += 1;
             if rule.matches(req) {
                 return Matched {
                     priority: rule.priority,
                     action: &rule.action,
                     rules_evaluated: evaluated,
+                    index,
                 };
             }
         }
@@ -313,6 +320,7 @@ impl RuleSet {
             priority: DEFAULT_RULE_PRIORITY,
             action: &self.default,
             rules_evaluated: evaluated,
+            index: self.rules.len(),
         }
     }
 
@@ -334,24 +342,6 @@ impl RuleSet {
     /// The default action.
     pub fn default_action(&self) -> &Action {
         &self.default
-    }
-
-    /// Resolves every forward action's groups with `lookup` (see [`ResolvedGroups`]): the
-    /// running tier does it whenever it stores a rule set.
-    pub fn resolve_groups(
-        &mut self,
-        lookup: impl Fn(&str) -> Option<std::sync::Arc<crate::targets::TargetGroup>>,
-    ) {
-        let actions = self
-            .rules
-            .iter_mut()
-            .map(|r| &mut r.action)
-            .chain(std::iter::once(&mut self.default));
-        for action in actions {
-            if let Action::Forward(f) = action {
-                f.resolve(&lookup);
-            }
-        }
     }
 
     /// Every action of the listener, default included (config checks target groups exist).

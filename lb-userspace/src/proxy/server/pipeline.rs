@@ -48,12 +48,10 @@ use crate::proxy::client::{BoxError, Facts, Forwarded, ProxyBody, TargetEndpoint
 use crate::proxy::desync::{Classification, Mitigation, Tier};
 use crate::proxy::error::ProxyError;
 use crate::rules::{
-    Action, FixedResponseAction, ForwardAction, RedirectAction, RequestView, RuleSet,
+    Action, FixedResponseAction, ForwardAction, GROUP_COOKIE, RedirectAction, RequestView,
+    ResolvedGroup, ResolvedRuleSet,
 };
 use crate::targets::{Picked, ProtocolVersion, Registration, TargetGroup, TargetProtocol};
-
-/// ALB's group-stickiness cookie.
-const GROUP_COOKIE: &str = "AWSALBTG";
 
 /// Per-connection context of the request handler.
 pub(super) struct ConnCtx {
@@ -752,7 +750,7 @@ struct Reply {
 
 fn route<'r>(
     ctx: &'r ConnCtx,
-    rules: &RuleSet,
+    rules: &ResolvedRuleSet,
     verdict: Option<HeadVerdict>,
     req: &mut Request<ProxyBody>,
     ex: &mut Exchange,
@@ -799,7 +797,7 @@ fn route<'r>(
         headers: req.headers(),
         source_ip: ctx.peer.ip(),
     };
-    let matched = rules.evaluate(&view);
+    let (matched, resolved) = rules.evaluate(&view);
     let kind = match matched.action {
         Action::FixedResponse(_) => ActionKind::FixedResponse,
         Action::Redirect(_) => ActionKind::Redirect,
@@ -812,7 +810,9 @@ fn route<'r>(
         Action::Forward(forward) => {
             let forward: &ForwardAction = forward;
             let upgrade = hyper::upgrade::on(&mut *req);
-            return match prepare_forward(ctx, forward, req, seen, upgrade, close_after, ex) {
+            let prepared =
+                prepare_forward(ctx, forward, resolved, req, seen, upgrade, close_after, ex);
+            return match prepared {
                 Ok(dispatch) => Routed::Forward(dispatch),
                 Err(mut outcome) => {
                     outcome.close |= close_after;
@@ -1016,9 +1016,14 @@ fn protocol_mismatch(version: Version, seen: Seen, group_version: ProtocolVersio
     clippy::result_large_err,
     reason = "returned once per request; a boxed answer would allocate"
 )]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, on every forwarded request; a struct of them would be built and moved"
+)]
 fn prepare_forward<'r>(
     ctx: &'r ConnCtx,
     forward: &ForwardAction,
+    resolved: &[ResolvedGroup],
     req: &mut Request<ProxyBody>,
     seen: Seen,
     client_upgrade: hyper::upgrade::OnUpgrade,
@@ -1040,17 +1045,14 @@ fn prepare_forward<'r>(
     let index = sticky_group.or_else(|| forward.choose_index_with(rand::random));
     let group_name: &str = index.map_or("", |i| forward.groups[i].name.as_str());
     // The group as the rule set was resolved against the groups when it was stored (no map
-    // load, no hash of the name). Every stored rule set is resolved (`start`, `set_rules` and
-    // `set_groups` resolve each before they store it): a group the resolution did not find,
-    // or (were one stored so) an unresolved rule set, answers as an unknown group.
-    debug_assert!(
-        forward.resolved.get().is_some(),
-        "a rule set was stored without resolving its groups"
-    );
-    let group: &Arc<TargetGroup> = forward
-        .resolved
-        .get()
-        .and_then(|resolved| resolved.get(index?)?.as_ref())
+    // load, no hash of the name): a group the resolution did not find answers as an unknown
+    // group.
+    let chosen: &ResolvedGroup = index
+        .and_then(|i| resolved.get(i))
+        .ok_or_else(|| unknown_group(group_name, ex))?;
+    let group: &Arc<TargetGroup> = chosen
+        .group
+        .as_ref()
         .ok_or_else(|| unknown_group(group_name, ex))?;
     let group_cfg = group.config();
     if protocol_mismatch(req.version(), seen, group_cfg.protocol_version) {
@@ -1140,10 +1142,7 @@ fn prepare_forward<'r>(
         tail,
         endpoint,
         reply: Reply {
-            group_cookie: forward
-                .group_stickiness
-                .and_then(|duration| group_cookie(group_name, duration))
-                .map(Box::new),
+            group_cookie: chosen.cookie.clone().map(Box::new),
             picked,
             upgrade,
             client_upgrade,
@@ -1253,17 +1252,6 @@ fn drain_expired(addr: SocketAddr, ex: &mut Exchange) -> Outcome {
             target: addr.to_string(),
         },
     )
-}
-
-/// The group stickiness cookie. Out of line: its formatting's values sized
-/// `Reply::finish`'s frame for every request, sticky or not.
-#[inline(never)]
-fn group_cookie(group_name: &str, duration: std::time::Duration) -> Option<HeaderValue> {
-    HeaderValue::try_from(format!(
-        "{GROUP_COOKIE}={group_name}; Max-Age={}; Path=/",
-        duration.as_secs()
-    ))
-    .ok()
 }
 
 /// A 101 to an upgrade request: the tunnel's task, which takes the record (a WebSocket is
