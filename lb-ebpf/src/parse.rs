@@ -17,7 +17,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::pkt::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
-    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr,
+    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr, store_addr4,
 };
 
 /// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
@@ -177,41 +177,50 @@ fn ipv4<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     let fragment = frags & IP_MF_OFFSET_MASK_BE != 0;
     let end = opaque(ETH_LEN + tot_len);
     let l4 = ETH_LEN + (ihl & 0x3c);
-    // Zero as LLVM cannot see it: the six zero words of the IPv4 key, stored in place, would
-    // otherwise become a call to `memset` (see `pkt::zero`).
-    let z = opaque(0) as u32;
-    let p = out.write(Packet {
-        key: FlowKey {
-            src_addr: [addr(6), z, z, z],
-            dst_addr: [addr(8), z, z, z],
-            src_port: 0,
-            dst_port: 0,
-            proto,
-            family: FAMILY_V4,
-            _pad: [0; 2],
-        },
-        ip_len: tot_len,
-        tos: ip[1],
-        fragment,
-        dont_fragment: frags & IP_DF_BE != 0,
-        ip_options: ihl != IPV4_LEN,
-        ip_id: w[2].to_ne_bytes(),
-        icmp_error: false,
-        ttl: ip[8],
-        l4_off: l4,
-        tcp_flags: 0,
-    });
-    if proto == IPPROTO_ICMP {
+    // Every field is stored as soon as it is known, the key's words with volatile stores (as
+    // in `ipv6`): a whole `Packet` value was composed in registers and spilled before any of
+    // it was stored, ~40 instructions of every IPv4 hit (BENCHMARKS.md, "XDP hit: the path
+    // below Katran's again (stop 37)"), and plain zero words become a call to `memset` (see
+    // `pkt::zero`).
+    let slot = out.as_mut_ptr();
+    // SAFETY: `slot` is valid for writes; raw places, no reference to uninitialised memory.
+    unsafe {
+        store_addr4(&raw mut (*slot).key.src_addr, addr(6));
+        store_addr4(&raw mut (*slot).key.dst_addr, addr(8));
+        (&raw mut (*slot).key.proto).write(proto);
+        (&raw mut (*slot).key.family).write(FAMILY_V4);
+        (&raw mut (*slot).key._pad).write([0; 2]);
+        (&raw mut (*slot).ip_len).write(tot_len);
+        (&raw mut (*slot).tos).write(ip[1]);
+        (&raw mut (*slot).fragment).write(fragment);
+        (&raw mut (*slot).dont_fragment).write(frags & IP_DF_BE != 0);
+        (&raw mut (*slot).ip_options).write(ihl != IPV4_LEN);
+        (&raw mut (*slot).ip_id).write(w[2].to_ne_bytes());
+        (&raw mut (*slot).icmp_error).write(false);
+        (&raw mut (*slot).ttl).write(ip[8]);
+        (&raw mut (*slot).l4_off).write(l4);
+    }
+    let (s, d, flags) = if proto == IPPROTO_ICMP {
         if fragment {
             return Err(Reason::PassNotTcpUdp);
         }
+        // The quote's ports are stored by `icmp4_error`.
+        (0, 0, 0)
+    } else if fragment {
+        (0, 0, 0)
+    } else {
+        ports(ctx, l4, proto, end)?
+    };
+    // SAFETY: as above.
+    let p = unsafe {
+        (&raw mut (*slot).key.src_port).write(s);
+        (&raw mut (*slot).key.dst_port).write(d);
+        (&raw mut (*slot).tcp_flags).write(flags);
+        // Every field written above.
+        out.assume_init_mut()
+    };
+    if proto == IPPROTO_ICMP {
         return icmp4_error(ctx, l4, end, p);
-    }
-    if !fragment {
-        let (s, d, flags) = ports(ctx, l4, proto, end)?;
-        p.key.src_port = s;
-        p.key.dst_port = d;
-        p.tcp_flags = flags;
     }
     Ok(p)
 }
