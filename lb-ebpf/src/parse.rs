@@ -330,9 +330,6 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     unsafe {
         store_addr(&raw mut (*slot).key.src_addr, w, 4);
         store_addr(&raw mut (*slot).key.dst_addr, w, 12);
-        (&raw mut (*slot).key.src_port).write(0);
-        (&raw mut (*slot).key.dst_port).write(0);
-        (&raw mut (*slot).key.proto).write(0);
         (&raw mut (*slot).key.family).write(FAMILY_V6);
         (&raw mut (*slot).key._pad).write([0; 2]);
         (&raw mut (*slot).ip_len).write(ip_len);
@@ -343,11 +340,19 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         (&raw mut (*slot).ip_id).write([0; 2]);
         (&raw mut (*slot).icmp_error).write(false);
         (&raw mut (*slot).ttl).write(ip[7]);
-        (&raw mut (*slot).l4_off).write(0);
-        (&raw mut (*slot).tcp_flags).write(0);
     }
-    // SAFETY: every field written above.
-    let p = unsafe { out.assume_init_mut() };
+    // The ports, protocol, L4 offset and flags are stored once, on each way out below (they
+    // are known only there).
+    let rest = |proto: u8, s: u16, d: u16, l4_off: usize, flags: u8| {
+        // SAFETY: as above; after it, every field of `slot` is written.
+        unsafe {
+            (&raw mut (*slot).key.src_port).write(s);
+            (&raw mut (*slot).key.dst_port).write(d);
+            (&raw mut (*slot).key.proto).write(proto);
+            (&raw mut (*slot).l4_off).write(l4_off);
+            (&raw mut (*slot).tcp_flags).write(flags);
+        }
+    };
 
     // Bounded walk over the extension headers (RFC 8200 §4): hop-by-hop and destination
     // options are skipped; a routing header only when no segments are left (§4.4: the packet
@@ -381,7 +386,6 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         if next == NEXTHDR_FRAGMENT {
             // RFC 8200 §4.5: every fragment's header names the first header of the
             // fragmentable part; only TCP or UDP can belong to a VIP.
-            p.fragment = true;
             next = h[0];
             if next != IPPROTO_TCP && next != IPPROTO_UDP {
                 return Err(if is_extension_header(next) {
@@ -390,7 +394,10 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
                     Reason::PassNotTcpUdp
                 });
             }
-            p.key.proto = next;
+            rest(next, 0, 0, 0, 0);
+            // SAFETY: every field written above and by `rest`.
+            let p = unsafe { out.assume_init_mut() };
+            p.fragment = true;
             return Ok(p);
         }
         if next == NEXTHDR_ROUTING && h[3] != 0 {
@@ -403,7 +410,10 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         }
     }
     if next == IPPROTO_ICMPV6 {
-        return icmp6_error(ctx, off, end, p);
+        // The quote's ports and protocol are stored by `icmp6_error`.
+        rest(0, 0, 0, 0, 0);
+        // SAFETY: every field written above and by `rest`.
+        return icmp6_error(ctx, off, end, unsafe { out.assume_init_mut() });
     }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Err(if is_extension_header(next) {
@@ -412,13 +422,10 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
             Reason::PassNotTcpUdp
         });
     }
-    p.key.proto = next;
     let (s, d, flags) = ports(ctx, off, next, end)?;
-    p.key.src_port = s;
-    p.key.dst_port = d;
-    p.l4_off = off;
-    p.tcp_flags = flags;
-    Ok(p)
+    rest(next, s, d, off, flags);
+    // SAFETY: every field written above and by `rest`.
+    Ok(unsafe { out.assume_init_mut() })
 }
 
 /// An ICMPv6 destination unreachable or packet too big whose quote (RFC 4443 §3: as much of
