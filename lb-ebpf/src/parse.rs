@@ -10,6 +10,7 @@ use core::mem::MaybeUninit;
 
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Reason,
+    VipKey,
 };
 use network_types::eth::EthHdr;
 
@@ -17,7 +18,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::pkt::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
-    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr, store_addr4,
+    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr, store_addr2, store_addr4,
 };
 
 /// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
@@ -54,6 +55,11 @@ const ICMP_HDR_LEN: usize = 8;
 pub struct Packet {
     /// The flow: client → VIP (for an ICMP error, the flow its quote belongs to).
     pub key: FlowKey,
+    /// The key of `key`'s VIP (its destination address, port, protocol and family), stored
+    /// by the parser with `key`: built from `key` by `lookup::vip`, the copy cost every hit
+    /// about ten instructions. `lookup::vip` changes it (port 0, the address marker) when the
+    /// exact lookup misses.
+    pub vip_key: VipKey,
     /// Length of the IP packet: IPv4 total length, or 40 + IPv6 payload length. Excludes
     /// Ethernet padding behind it.
     pub ip_len: usize,
@@ -187,8 +193,11 @@ fn ipv4<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     unsafe {
         store_addr4(&raw mut (*slot).key.src_addr, addr(6));
         store_addr4(&raw mut (*slot).key.dst_addr, addr(8));
+        store_addr4(&raw mut (*slot).vip_key.addr, addr(8));
         (&raw mut (*slot).key.proto).write(proto);
         (&raw mut (*slot).key.family).write(FAMILY_V4);
+        (&raw mut (*slot).vip_key.proto).write(proto);
+        (&raw mut (*slot).vip_key.family).write(FAMILY_V4);
         (&raw mut (*slot).key._pad).write([0; 2]);
         (&raw mut (*slot).ip_len).write(tot_len);
         (&raw mut (*slot).tos).write(ip[1]);
@@ -215,6 +224,7 @@ fn ipv4<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     let p = unsafe {
         (&raw mut (*slot).key.src_port).write(s);
         (&raw mut (*slot).key.dst_port).write(d);
+        (&raw mut (*slot).vip_key.port).write(d);
         (&raw mut (*slot).tcp_flags).write(flags);
         // Every field written above.
         out.assume_init_mut()
@@ -284,6 +294,9 @@ fn icmp4_error<'a>(
     p.key.src_port = ports[1];
     p.key.dst_port = ports[0];
     p.key.proto = inner_proto;
+    p.vip_key.addr = p.key.dst_addr;
+    p.vip_key.port = p.key.dst_port;
+    p.vip_key.proto = inner_proto;
     p.icmp_error = true;
     Ok(p)
 }
@@ -329,8 +342,14 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     // SAFETY: `slot` is valid for writes; raw places, no reference to uninitialised memory.
     unsafe {
         store_addr(&raw mut (*slot).key.src_addr, w, 4);
-        store_addr(&raw mut (*slot).key.dst_addr, w, 12);
+        store_addr2(
+            &raw mut (*slot).key.dst_addr,
+            &raw mut (*slot).vip_key.addr,
+            w,
+            12,
+        );
         (&raw mut (*slot).key.family).write(FAMILY_V6);
+        (&raw mut (*slot).vip_key.family).write(FAMILY_V6);
         (&raw mut (*slot).key._pad).write([0; 2]);
         (&raw mut (*slot).ip_len).write(ip_len);
         (&raw mut (*slot).tos).write((ip[0] << 4) | (ip[1] >> 4));
@@ -349,6 +368,8 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
             (&raw mut (*slot).key.src_port).write(s);
             (&raw mut (*slot).key.dst_port).write(d);
             (&raw mut (*slot).key.proto).write(proto);
+            (&raw mut (*slot).vip_key.port).write(d);
+            (&raw mut (*slot).vip_key.proto).write(proto);
             (&raw mut (*slot).l4_off).write(l4_off);
             (&raw mut (*slot).tcp_flags).write(flags);
         }
@@ -473,6 +494,9 @@ fn icmp6_error<'a>(
     p.key.src_port = ports[1];
     p.key.dst_port = ports[0];
     p.key.proto = inner_proto;
+    p.vip_key.addr = p.key.dst_addr;
+    p.vip_key.port = p.key.dst_port;
+    p.vip_key.proto = inner_proto;
     p.icmp_error = true;
     Ok(p)
 }

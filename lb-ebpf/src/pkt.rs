@@ -279,3 +279,28 @@ pub unsafe fn store_addr4(dst: *mut [u32; 4], a: u32) {
         core::ptr::write_volatile(d.add(3), 0);
     }
 }
+
+/// [`store_addr`] into two places at once (a flow key's address and its VIP key's): each word
+/// is composed once and stored twice, where a copy would load it back.
+///
+/// # Safety
+/// `a` and `b` must be valid for writes and 4-aligned.
+#[inline(always)]
+pub unsafe fn store_addr2<const N: usize>(
+    a: *mut [u32; 4],
+    b: *mut [u32; 4],
+    w: &[u16; N],
+    at: usize,
+) {
+    let (a, b) = (a.cast::<u32>(), b.cast::<u32>());
+    let mut i = 0;
+    while i < 4 {
+        let x = pair(w[at + 2 * i], w[at + 2 * i + 1]);
+        // SAFETY: within `a` and `b`, as the caller guarantees.
+        unsafe {
+            core::ptr::write_volatile(a.add(i), x);
+            core::ptr::write_volatile(b.add(i), x);
+        }
+        i += 1;
+    }
+}
