@@ -19,23 +19,18 @@ pub type Done = (u32, Reason);
 const PASS: u32 = xdp_action::XDP_PASS;
 const DROP: u32 = xdp_action::XDP_DROP;
 
-/// The VIP of `key` (exact port first, then the port-0 VIP of the address). A fragment is
-/// dropped when a VIP of its protocol lives at its address (its address marker says so), and
-/// passed otherwise.
+/// The VIP of a packet whose VIP key the parser stored in `vkey` (exact port first, then the
+/// port-0 VIP of the address; `vkey` is changed for those). A fragment is dropped when a VIP
+/// of its protocol (`proto`) lives at its address (its address marker says so), and passed
+/// otherwise.
 ///
 /// The key goes to `LB_VIPS.get` by reference although it is `Copy`: passed by value it was
 /// copied once more on the stack before every lookup (ten instructions of a hit).
 #[inline(always)]
 #[allow(clippy::needless_borrows_for_generic_args)]
-pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
-    let mut vkey = VipKey {
-        addr: key.dst_addr,
-        port: key.dst_port,
-        proto: key.proto,
-        family: key.family,
-    };
+pub fn vip(vkey: &mut VipKey, proto: u8, fragment: bool) -> Result<VipMeta, Done> {
     // SAFETY: the values are copied out at once; no insert/remove happens in between.
-    if let Some(v) = unsafe { LB_VIPS.get(&vkey) } {
+    if let Some(v) = unsafe { LB_VIPS.get(&*vkey) } {
         let v = *v;
         return if fragment {
             Err((DROP, Reason::DropFragment))
@@ -45,7 +40,7 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
     }
     vkey.port = 0;
     // SAFETY: as above.
-    if let Some(v) = unsafe { LB_VIPS.get(&vkey) } {
+    if let Some(v) = unsafe { LB_VIPS.get(&*vkey) } {
         let v = *v;
         return if fragment {
             Err((DROP, Reason::DropFragment))
@@ -58,13 +53,13 @@ pub fn vip(key: &FlowKey, fragment: bool) -> Result<VipMeta, Done> {
     }
     // No ports to match: drop it if any VIP of this protocol lives at the address.
     vkey.proto = VIP_MARKER_PROTO;
-    let want = if key.proto == IPPROTO_TCP {
+    let want = if proto == IPPROTO_TCP {
         VIP_F_HAS_TCP
     } else {
         VIP_F_HAS_UDP
     };
     // SAFETY: as above.
-    match unsafe { LB_VIPS.get(&vkey) } {
+    match unsafe { LB_VIPS.get(&*vkey) } {
         Some(m) if m.flags & want != 0 => Err((DROP, Reason::DropFragment)),
         _ => Err((PASS, Reason::PassNotVip)),
     }

@@ -58,11 +58,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> (u32, Reason) {
     let mut slot = MaybeUninit::uninit();
-    let pkt: &parse::Packet = match parse::packet(ctx, &mut slot) {
+    let pkt = match parse::packet(ctx, &mut slot) {
         Ok(p) => p,
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
-    let vip = match lookup::vip(&pkt.key, pkt.fragment) {
+    let vip = match lookup::vip(&mut pkt.vip_key, pkt.key.proto, pkt.fragment) {
         Ok(v) => v,
         // For no VIP: perhaps a NAT target's reply.
         Err((_, Reason::PassNotVip)) if !pkt.fragment && !pkt.icmp_error => {
@@ -70,6 +70,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         }
         Err(done) => return done,
     };
+    let pkt: &parse::Packet = pkt;
     // Guards first: a refused source creates no state.
     if let Err(done) = guard::source(&pkt.key, &vip) {
         return done;

@@ -10,6 +10,7 @@ use core::mem::MaybeUninit;
 
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Reason,
+    VipKey,
 };
 use network_types::eth::EthHdr;
 
@@ -17,7 +18,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::pkt::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
-    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr,
+    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr, store_addr2, store_addr4,
 };
 
 /// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
@@ -54,6 +55,11 @@ const ICMP_HDR_LEN: usize = 8;
 pub struct Packet {
     /// The flow: client → VIP (for an ICMP error, the flow its quote belongs to).
     pub key: FlowKey,
+    /// The key of `key`'s VIP (its destination address, port, protocol and family), stored
+    /// by the parser with `key`: built from `key` by `lookup::vip`, the copy cost every hit
+    /// about ten instructions. `lookup::vip` changes it (port 0, the address marker) when the
+    /// exact lookup misses.
+    pub vip_key: VipKey,
     /// Length of the IP packet: IPv4 total length, or 40 + IPv6 payload length. Excludes
     /// Ethernet padding behind it.
     pub ip_len: usize,
@@ -177,41 +183,54 @@ fn ipv4<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     let fragment = frags & IP_MF_OFFSET_MASK_BE != 0;
     let end = opaque(ETH_LEN + tot_len);
     let l4 = ETH_LEN + (ihl & 0x3c);
-    // Zero as LLVM cannot see it: the six zero words of the IPv4 key, stored in place, would
-    // otherwise become a call to `memset` (see `pkt::zero`).
-    let z = opaque(0) as u32;
-    let p = out.write(Packet {
-        key: FlowKey {
-            src_addr: [addr(6), z, z, z],
-            dst_addr: [addr(8), z, z, z],
-            src_port: 0,
-            dst_port: 0,
-            proto,
-            family: FAMILY_V4,
-            _pad: [0; 2],
-        },
-        ip_len: tot_len,
-        tos: ip[1],
-        fragment,
-        dont_fragment: frags & IP_DF_BE != 0,
-        ip_options: ihl != IPV4_LEN,
-        ip_id: w[2].to_ne_bytes(),
-        icmp_error: false,
-        ttl: ip[8],
-        l4_off: l4,
-        tcp_flags: 0,
-    });
-    if proto == IPPROTO_ICMP {
+    // Every field is stored as soon as it is known, the key's words with volatile stores (as
+    // in `ipv6`): a whole `Packet` value was composed in registers and spilled before any of
+    // it was stored, ~40 instructions of every IPv4 hit (BENCHMARKS.md, "XDP hit: the path
+    // below Katran's again (stop 37)"), and plain zero words become a call to `memset` (see
+    // `pkt::zero`).
+    let slot = out.as_mut_ptr();
+    // SAFETY: `slot` is valid for writes; raw places, no reference to uninitialised memory.
+    unsafe {
+        store_addr4(&raw mut (*slot).key.src_addr, addr(6));
+        store_addr4(&raw mut (*slot).key.dst_addr, addr(8));
+        store_addr4(&raw mut (*slot).vip_key.addr, addr(8));
+        (&raw mut (*slot).key.proto).write(proto);
+        (&raw mut (*slot).key.family).write(FAMILY_V4);
+        (&raw mut (*slot).vip_key.proto).write(proto);
+        (&raw mut (*slot).vip_key.family).write(FAMILY_V4);
+        (&raw mut (*slot).key._pad).write([0; 2]);
+        (&raw mut (*slot).ip_len).write(tot_len);
+        (&raw mut (*slot).tos).write(ip[1]);
+        (&raw mut (*slot).fragment).write(fragment);
+        (&raw mut (*slot).dont_fragment).write(frags & IP_DF_BE != 0);
+        (&raw mut (*slot).ip_options).write(ihl != IPV4_LEN);
+        (&raw mut (*slot).ip_id).write(w[2].to_ne_bytes());
+        (&raw mut (*slot).icmp_error).write(false);
+        (&raw mut (*slot).ttl).write(ip[8]);
+        (&raw mut (*slot).l4_off).write(l4);
+    }
+    let (s, d, flags) = if proto == IPPROTO_ICMP {
         if fragment {
             return Err(Reason::PassNotTcpUdp);
         }
+        // The quote's ports are stored by `icmp4_error`.
+        (0, 0, 0)
+    } else if fragment {
+        (0, 0, 0)
+    } else {
+        ports(ctx, l4, proto, end)?
+    };
+    // SAFETY: as above.
+    let p = unsafe {
+        (&raw mut (*slot).key.src_port).write(s);
+        (&raw mut (*slot).key.dst_port).write(d);
+        (&raw mut (*slot).vip_key.port).write(d);
+        (&raw mut (*slot).tcp_flags).write(flags);
+        // Every field written above.
+        out.assume_init_mut()
+    };
+    if proto == IPPROTO_ICMP {
         return icmp4_error(ctx, l4, end, p);
-    }
-    if !fragment {
-        let (s, d, flags) = ports(ctx, l4, proto, end)?;
-        p.key.src_port = s;
-        p.key.dst_port = d;
-        p.tcp_flags = flags;
     }
     Ok(p)
 }
@@ -275,6 +294,9 @@ fn icmp4_error<'a>(
     p.key.src_port = ports[1];
     p.key.dst_port = ports[0];
     p.key.proto = inner_proto;
+    p.vip_key.addr = p.key.dst_addr;
+    p.vip_key.port = p.key.dst_port;
+    p.vip_key.proto = inner_proto;
     p.icmp_error = true;
     Ok(p)
 }
@@ -320,11 +342,14 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     // SAFETY: `slot` is valid for writes; raw places, no reference to uninitialised memory.
     unsafe {
         store_addr(&raw mut (*slot).key.src_addr, w, 4);
-        store_addr(&raw mut (*slot).key.dst_addr, w, 12);
-        (&raw mut (*slot).key.src_port).write(0);
-        (&raw mut (*slot).key.dst_port).write(0);
-        (&raw mut (*slot).key.proto).write(0);
+        store_addr2(
+            &raw mut (*slot).key.dst_addr,
+            &raw mut (*slot).vip_key.addr,
+            w,
+            12,
+        );
         (&raw mut (*slot).key.family).write(FAMILY_V6);
+        (&raw mut (*slot).vip_key.family).write(FAMILY_V6);
         (&raw mut (*slot).key._pad).write([0; 2]);
         (&raw mut (*slot).ip_len).write(ip_len);
         (&raw mut (*slot).tos).write((ip[0] << 4) | (ip[1] >> 4));
@@ -334,11 +359,21 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         (&raw mut (*slot).ip_id).write([0; 2]);
         (&raw mut (*slot).icmp_error).write(false);
         (&raw mut (*slot).ttl).write(ip[7]);
-        (&raw mut (*slot).l4_off).write(0);
-        (&raw mut (*slot).tcp_flags).write(0);
     }
-    // SAFETY: every field written above.
-    let p = unsafe { out.assume_init_mut() };
+    // The ports, protocol, L4 offset and flags are stored once, on each way out below (they
+    // are known only there).
+    let rest = |proto: u8, s: u16, d: u16, l4_off: usize, flags: u8| {
+        // SAFETY: as above; after it, every field of `slot` is written.
+        unsafe {
+            (&raw mut (*slot).key.src_port).write(s);
+            (&raw mut (*slot).key.dst_port).write(d);
+            (&raw mut (*slot).key.proto).write(proto);
+            (&raw mut (*slot).vip_key.port).write(d);
+            (&raw mut (*slot).vip_key.proto).write(proto);
+            (&raw mut (*slot).l4_off).write(l4_off);
+            (&raw mut (*slot).tcp_flags).write(flags);
+        }
+    };
 
     // Bounded walk over the extension headers (RFC 8200 §4): hop-by-hop and destination
     // options are skipped; a routing header only when no segments are left (§4.4: the packet
@@ -372,7 +407,6 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         if next == NEXTHDR_FRAGMENT {
             // RFC 8200 §4.5: every fragment's header names the first header of the
             // fragmentable part; only TCP or UDP can belong to a VIP.
-            p.fragment = true;
             next = h[0];
             if next != IPPROTO_TCP && next != IPPROTO_UDP {
                 return Err(if is_extension_header(next) {
@@ -381,7 +415,10 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
                     Reason::PassNotTcpUdp
                 });
             }
-            p.key.proto = next;
+            rest(next, 0, 0, 0, 0);
+            // SAFETY: every field written above and by `rest`.
+            let p = unsafe { out.assume_init_mut() };
+            p.fragment = true;
             return Ok(p);
         }
         if next == NEXTHDR_ROUTING && h[3] != 0 {
@@ -394,7 +431,10 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
         }
     }
     if next == IPPROTO_ICMPV6 {
-        return icmp6_error(ctx, off, end, p);
+        // The quote's ports and protocol are stored by `icmp6_error`.
+        rest(0, 0, 0, 0, 0);
+        // SAFETY: every field written above and by `rest`.
+        return icmp6_error(ctx, off, end, unsafe { out.assume_init_mut() });
     }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Err(if is_extension_header(next) {
@@ -403,13 +443,10 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
             Reason::PassNotTcpUdp
         });
     }
-    p.key.proto = next;
     let (s, d, flags) = ports(ctx, off, next, end)?;
-    p.key.src_port = s;
-    p.key.dst_port = d;
-    p.l4_off = off;
-    p.tcp_flags = flags;
-    Ok(p)
+    rest(next, s, d, off, flags);
+    // SAFETY: every field written above and by `rest`.
+    Ok(unsafe { out.assume_init_mut() })
 }
 
 /// An ICMPv6 destination unreachable or packet too big whose quote (RFC 4443 §3: as much of
@@ -457,6 +494,9 @@ fn icmp6_error<'a>(
     p.key.src_port = ports[1];
     p.key.dst_port = ports[0];
     p.key.proto = inner_proto;
+    p.vip_key.addr = p.key.dst_addr;
+    p.vip_key.port = p.key.dst_port;
+    p.vip_key.proto = inner_proto;
     p.icmp_error = true;
     Ok(p)
 }

@@ -261,3 +261,46 @@ pub fn bytes_to_words<const N: usize>(b: &[u8; N], at: usize) -> [u32; 4] {
     let w = |i: usize| u32::from_ne_bytes([b[at + i], b[at + i + 1], b[at + i + 2], b[at + i + 3]]);
     [w(0), w(4), w(8), w(12)]
 }
+
+/// Stores an IPv4 address (a header-order word) as a key's four words, `a` first and three
+/// zero words behind it, with volatile stores: plain zero words next to each other become a
+/// call to `memset` (see [`zero`]).
+///
+/// # Safety
+/// `dst` must be valid for writes and 4-aligned.
+#[inline(always)]
+pub unsafe fn store_addr4(dst: *mut [u32; 4], a: u32) {
+    let d = dst.cast::<u32>();
+    // SAFETY: within `dst`, as the caller guarantees.
+    unsafe {
+        core::ptr::write_volatile(d, a);
+        core::ptr::write_volatile(d.add(1), 0);
+        core::ptr::write_volatile(d.add(2), 0);
+        core::ptr::write_volatile(d.add(3), 0);
+    }
+}
+
+/// [`store_addr`] into two places at once (a flow key's address and its VIP key's): each word
+/// is composed once and stored twice, where a copy would load it back.
+///
+/// # Safety
+/// `a` and `b` must be valid for writes and 4-aligned.
+#[inline(always)]
+pub unsafe fn store_addr2<const N: usize>(
+    a: *mut [u32; 4],
+    b: *mut [u32; 4],
+    w: &[u16; N],
+    at: usize,
+) {
+    let (a, b) = (a.cast::<u32>(), b.cast::<u32>());
+    let mut i = 0;
+    while i < 4 {
+        let x = pair(w[at + 2 * i], w[at + 2 * i + 1]);
+        // SAFETY: within `a` and `b`, as the caller guarantees.
+        unsafe {
+            core::ptr::write_volatile(a.add(i), x);
+            core::ptr::write_volatile(b.add(i), x);
+        }
+        i += 1;
+    }
+}
