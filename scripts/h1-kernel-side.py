@@ -405,11 +405,10 @@ tracepoint:sock:sock_recv_length /args->ret <= 0 && ({pf})/ {{
 """
 
 
-def bytes_pass(name, rnd, secs, pids):
-    """One pass under bytes_bt; prints calls and bytes per request by side and direction."""
-    bt = f"{D}/bytes.bt"
-    open(bt, "w").write(bytes_bt(pids))
-    out = f"{D}/bytes-{name}-r{rnd}.txt"
+def traced_pass(bt, program, out, secs):
+    """One client pass of SECS under the bpftrace PROGRAM (written to BT; its output, maps
+    included, to OUT): started and attached first, stopped with SIGINT after. (requests, p99)."""
+    open(bt, "w").write(program)
     bp = subprocess.Popen(["bpftrace", bt], stdout=open(out, "w"), stderr=subprocess.STDOUT)
     try:
         for _ in range(600):
@@ -419,10 +418,17 @@ def bytes_pass(name, rnd, secs, pids):
                 raise RuntimeError(f"bpftrace exited: {open(out).read()[-500:]}")
             time.sleep(0.1)
         time.sleep(1.0)
-        n, _, _ = wrk(secs)
+        n, p99, _ = wrk(secs)
     finally:
         bp.send_signal(signal.SIGINT)
         bp.wait(120)
+    return n, p99
+
+
+def bytes_pass(name, rnd, secs, pids):
+    """One pass under bytes_bt; prints calls and bytes per request by side and direction."""
+    out = f"{D}/bytes-{name}-r{rnd}.txt"
+    n, _ = traced_pass(f"{D}/bytes.bt", bytes_bt(pids), out, secs)
     v = {}
     for m in re.finditer(r"^@(\w+)\[(\d+)\]: (\d+)", open(out).read(), re.MULTILINE):
         v[(m.group(1), int(m.group(2)))] = int(m.group(3))
@@ -438,22 +444,8 @@ def bytes_pass(name, rnd, secs, pids):
 
 def react_pass(name, rnd, secs, pids):
     """One wrk pass under the --react bpftrace program; prints the reaction delay per side."""
-    bt = f"{D}/react.bt"
-    open(bt, "w").write(react_bt(pids))
     out = f"{D}/react-{name}-r{rnd}.txt"
-    bp = subprocess.Popen(["bpftrace", bt], stdout=open(out, "w"), stderr=subprocess.STDOUT)
-    try:
-        for _ in range(600):
-            if "Attaching" in open(out).read():
-                break
-            if bp.poll() is not None:
-                raise RuntimeError(f"bpftrace exited: {open(out).read()[-500:]}")
-            time.sleep(0.1)
-        time.sleep(1.0)
-        n, p99, _ = wrk(secs)
-    finally:
-        bp.send_signal(signal.SIGINT)
-        bp.wait(120)
+    n, p99 = traced_pass(f"{D}/react.bt", react_bt(pids), out, secs)
     print(f"   react pass (bpftrace on): req {n} ({n/secs/1000:.1f}k/s) p99 {p99}")
     txt = open(out).read()
     for k, label in (("preemptedby", "proxy threads switched out runnable, per req, by next task"),
