@@ -28,8 +28,6 @@ use crate::{
     },
 };
 
-const DROP: u32 = xdp_action::XDP_DROP;
-
 /// IPv6's minimum link MTU (RFC 8200 §5): a packet-too-big must not ask for less.
 const IPV6_MIN_MTU: usize = 1280;
 /// The smallest MTU an IPv4 "fragmentation needed" may report (RFC 791: every host accepts
@@ -157,11 +155,11 @@ pub fn route<'a>(
     let overhead = outer_len(backend);
     let total = pkt.ip_len + overhead;
     if total > u16::MAX as usize {
-        return Err((DROP, Reason::DropMtu));
+        return Err(Reason::DropMtu);
     }
     let v6 = backend.family == FAMILY_V6;
     if (v6 && cfg.lb_addr6 == [0; 4]) || (!v6 && cfg.lb_addr4 == 0) {
-        return Err((DROP, Reason::DropNoRoute));
+        return Err(Reason::DropNoRoute);
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let generation = match nexthop::get(id, backend, ingress, total, cfg, now) {
@@ -190,7 +188,7 @@ pub fn route<'a>(
         return Err(too_big(ctx, pkt, mtu.saturating_sub(overhead)));
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Err((DROP, Reason::DropNoRoute));
+        return Err(Reason::DropNoRoute);
     }
     let route = Route {
         ifindex: fib.ifindex,
@@ -209,7 +207,7 @@ pub fn route<'a>(
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
     if pkt.icmp_error {
-        return (DROP, Reason::DropMtu);
+        return Reason::DropMtu;
     }
     if pkt.key.family == FAMILY_V6 {
         if room >= IPV6_MIN_MTU {
@@ -218,7 +216,7 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, room: usize) -> Done {
     } else if pkt.dont_fragment && !pkt.ip_options && room >= IPV4_MIN_MTU {
         return icmp::too_big_v4(ctx, room as u16);
     }
-    (DROP, Reason::DropMtu)
+    Reason::DropMtu
 }
 
 /// The Ethernet header and the `O`-word outer IP header behind it at the start of the frame
@@ -249,7 +247,7 @@ pub fn push(
     let overhead = outer_len(backend);
     // SAFETY: the context pointer is the one the kernel passed in.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
-        return Err((DROP, Reason::DropAdjustHead));
+        return Err(Reason::DropAdjustHead);
     }
     // Data pointers changed: every access below re-derives and re-checks them, one check for
     // both headers. Each header is composed as memory-order 16-bit words and written with
@@ -260,7 +258,7 @@ pub fn push(
     if outer_v6 {
         let Some((eth, outer)) = headers::<{ (ETH_LEN + IPV6_LEN) / 2 }, { IPV6_LEN / 2 }>(ctx)
         else {
-            return Err((DROP, Reason::DropAdjustHead));
+            return Err(Reason::DropAdjustHead);
         };
         // RFC 2473 §6.5: the traffic class comes from the inner header (TOS for IPv4).
         let first = 0x6000_0000 | (tos as u32) << 20 | (flow_label & 0x000f_ffff);
@@ -306,7 +304,7 @@ pub fn push(
     } else {
         let Some((eth, outer)) = headers::<{ (ETH_LEN + IPV4_LEN) / 2 }, { IPV4_LEN / 2 }>(ctx)
         else {
-            return Err((DROP, Reason::DropAdjustHead));
+            return Err(Reason::DropAdjustHead);
         };
         // RFC 2003 §3.1: TOS and DF from the inner header; the identification too, unique
         // per source as RFC 6864 asks should the outer header ever be fragmented. An IPv6

@@ -7,7 +7,7 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
     FlowKey, GUARD_PREFIX_FULL, GuardKey, RateKey, RateState, Reason, VIP_F_ALLOW_LIST,
     VIP_F_DENY_LIST, VipMeta,
@@ -18,8 +18,6 @@ use crate::{
     maps::{LB_GUARD_ALLOW, LB_GUARD_DENY, LB_GUARD_STATS, LB_RATE},
     pkt::zero,
 };
-
-const DROP: u32 = xdp_action::XDP_DROP;
 
 /// Counts one guard drop in the VIP's counters and returns it.
 #[inline(always)]
@@ -34,7 +32,7 @@ fn dropped(vip_id: u32, reason: Reason) -> Done {
             }
         }
     }
-    (DROP, reason)
+    reason
 }
 
 /// Drops a packet whose source the VIP's lists refuse: in the deny list, or outside the allow

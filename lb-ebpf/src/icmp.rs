@@ -10,7 +10,6 @@
 //! the whole program, a verifier limit).
 
 use aya_ebpf::{
-    bindings::xdp_action,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
@@ -21,7 +20,7 @@ use crate::{
     pkt::{ETH_LEN, IPV4_LEN, IPV6_LEN, OUTER_TTL, csum_add, csum_fold, frame_len, ptr_at},
 };
 
-const DROP: Done = (xdp_action::XDP_DROP, Reason::DropMtu);
+const DROP: Done = Reason::DropMtu;
 const ICMP_LEN: usize = 8;
 
 /// Cuts the frame to its first `keep` bytes, then grows it by `grow` bytes at the front.
@@ -86,7 +85,7 @@ pub fn too_big_v4(ctx: &XdpContext, mtu: u16) -> Done {
     msg.copy_from_slice(&f[icmp..]);
     let c = csum_fold(csum_add(0, &msg));
     f[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
-    (xdp_action::XDP_TX, Reason::TxIcmpTooBig)
+    Reason::TxIcmpTooBig
 }
 
 /// How much of the offending IPv6 packet a packet-too-big quotes: its header, and room for
@@ -152,5 +151,5 @@ pub fn too_big_v6(ctx: &XdpContext, mtu: u32) -> Done {
     }
     let c = csum_fold(sum);
     f[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
-    (xdp_action::XDP_TX, Reason::TxIcmpTooBig)
+    Reason::TxIcmpTooBig
 }

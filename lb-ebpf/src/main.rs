@@ -46,7 +46,10 @@ use maps::{LB_CONFIG, LB_DECAP_STATS, add, count, counted_in_reasons};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let (action, reason) = balance(&ctx);
+    let (action, reason) = match balance(&ctx) {
+        Ok(out) => out,
+        Err(r) => (lookup::action_of(r), r),
+    };
     // A forwarded packet or translated reply was counted in its backend's record.
     if counted_in_reasons(reason) {
         count(reason);
@@ -54,29 +57,25 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
-/// The balancer proper: returns the XDP action and the reason to count.
+/// The balancer proper: the XDP action and the reason to count, or (`Err`) the reason a
+/// packet ended early, whose action [`lookup::action_of`] gives.
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> (u32, Reason) {
+fn balance(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let mut slot = MaybeUninit::uninit();
-    let pkt = match parse::packet(ctx, &mut slot) {
-        Ok(p) => p,
-        Err(reason) => return (xdp_action::XDP_PASS, reason),
-    };
+    let pkt = parse::packet(ctx, &mut slot)?;
     let vip = match lookup::vip(&mut pkt.vip_key, pkt.key.proto, pkt.fragment) {
         Ok(v) => v,
         // For no VIP: perhaps a NAT target's reply.
-        Err((_, Reason::PassNotVip)) if !pkt.fragment && !pkt.icmp_error => {
-            return nat::reply(ctx, pkt);
+        Err(Reason::PassNotVip) if !pkt.fragment && !pkt.icmp_error => {
+            return Ok(nat::reply(ctx, pkt));
         }
-        Err(done) => return done,
+        Err(done) => return Err(done),
     };
     let pkt: &parse::Packet = pkt;
     // Guards first: a refused source creates no state.
-    if let Err(done) = guard::source(&pkt.key, &vip) {
-        return done;
-    }
+    guard::source(&pkt.key, &vip)?;
     let Some(cfg) = LB_CONFIG.get(0) else {
-        return (xdp_action::XDP_DROP, Reason::DropInternal);
+        return Err(Reason::DropInternal);
     };
     // Read in place, not copied: the next-hop cache reads its generation before it looks the
     // backend's next hop up, which is all its invalidation needs (see `nexthop::get`).
@@ -85,28 +84,22 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     // An opening SYN of a DSR VIP is steered by the ring and inserted without a lookup first
     // (NAT flows also keep a reverse entry, written with the forward one in `forward_nat`).
     let open = !nat && pkt.opens();
-    let steer = match lookup::backend(&pkt.key, &vip, cfg, now, !pkt.icmp_error, open) {
-        Ok(s) => s,
-        Err(done) => return done,
-    };
+    let steer = lookup::backend(&pkt.key, &vip, cfg, now, !pkt.icmp_error, open)?;
     // An ICMP error uses its flow's backend but is no flow of its own.
     let new_flow = steer.new_flow && !pkt.icmp_error;
     if new_flow && let Err(done) = guard::new_flow(&pkt.key, &vip) {
         lookup::unrecord(&pkt.key, &steer);
-        return done;
+        return Err(done);
     }
     let action = if nat {
-        match forward_nat(ctx, pkt, &vip, &steer, new_flow, cfg, now) {
-            Ok(a) => a,
-            Err(done) => return done,
-        }
+        forward_nat(ctx, pkt, &vip, &steer, new_flow, cfg, now)?
     } else {
         let mut block = encap::FibBlock::uninit();
         let route = match encap::route(ctx, pkt, steer.id, steer.backend, cfg, now, &mut block) {
             Ok(r) => r,
             Err(done) => {
                 lookup::unrecord(&pkt.key, &steer);
-                return done;
+                return Err(done);
             }
         };
         if new_flow {
@@ -117,17 +110,13 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         } else {
             0
         };
-        match encap::push(ctx, pkt, &route, steer.backend, cfg, flow_label) {
-            Ok(a) => (
-                a,
-                if a == xdp_action::XDP_TX {
-                    Reason::Tx
-                } else {
-                    Reason::Redirect
-                },
-            ),
-            Err(done) => return done,
-        }
+        let a = encap::push(ctx, pkt, &route, steer.backend, cfg, flow_label)?;
+        let reason = if a == xdp_action::XDP_TX {
+            Reason::Tx
+        } else {
+            Reason::Redirect
+        };
+        (a, reason)
     };
 
     let action = if pkt.icmp_error {
@@ -139,7 +128,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     // `redirect` are derived from the backends' records by userspace.
     let fail_open = vip.flags & VIP_F_FAIL_OPEN != 0;
     add(steer.id, pkt.ip_len as u64, new_flow, fail_open, action.1);
-    action
+    Ok(action)
 }
 
 /// NAT mode: the packet rewritten to its target and sent on (see [`nat`]). The flow (and its
@@ -153,17 +142,17 @@ fn forward_nat(
     new_flow: bool,
     cfg: &lb_common::LbConfig,
     now: u64,
-) -> Result<(u32, Reason), (u32, Reason)> {
+) -> Result<(u32, Reason), Reason> {
     if pkt.icmp_error {
-        return Err((xdp_action::XDP_DROP, Reason::DropNatIcmp));
+        return Err(Reason::DropNatIcmp);
     }
     let backend = steer.backend;
     if backend.family != pkt.key.family {
         // Userspace never pairs a NAT VIP with a target of the other family.
-        return Err((xdp_action::XDP_DROP, Reason::DropInternal));
+        return Err(Reason::DropInternal);
     }
     if pkt.ttl <= 1 {
-        return Err((xdp_action::XDP_PASS, Reason::PassTtlExceeded));
+        return Err(Reason::PassTtlExceeded);
     }
     let port = nat::target_port(backend, &pkt.key);
     let mut block = encap::FibBlock::uninit();
@@ -183,7 +172,7 @@ fn forward_nat(
     let done = nat::forward(ctx, pkt, &backend.addr, port, &next);
     match done.1 {
         Reason::Tx | Reason::Redirect | Reason::NatViaKernel => Ok(done),
-        _ => Err(done),
+        _ => Err(done.1),
     }
 }
 

@@ -39,7 +39,7 @@ use lb_common::{
 
 use crate::{
     encap::{FibBlock, Macs, Route, too_big},
-    lookup::Done,
+    lookup::{Done, Out, action_of},
     maps::{LB_CONFIG, LB_FLOWS, LB_NAT_REVERSE, add_reply},
     nexthop::{self, Lookup},
     parse::{MAX_L4_OFF, Packet},
@@ -114,7 +114,7 @@ pub fn next_hop<'a>(
         let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
         return Err(too_big(ctx, pkt, mtu));
     }
-    Err((DROP, Reason::DropNoRoute))
+    Err(Reason::DropNoRoute)
 }
 
 /// The next hop towards the target (backend `id`) of a client's packet: from the next-hop
@@ -309,7 +309,7 @@ fn rewrite(
 /// redirect (`redirect`) to a hop, or for a reply `nat_reply` either way; `XDP_PASS` for the
 /// kernel (`nat_via_kernel`).
 #[inline(always)]
-fn send(ctx: &XdpContext, next: &Next, is_reply: bool) -> Done {
+fn send(ctx: &XdpContext, next: &Next, is_reply: bool) -> Out {
     let route = match next {
         Next::Kernel => return (PASS, Reason::NatViaKernel),
         Next::Hop(r) => r,
@@ -335,7 +335,7 @@ fn send(ctx: &XdpContext, next: &Next, is_reply: bool) -> Done {
 
 /// Rewrites a client's packet to the target (`addr`:`port`) and sends it to `next`.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, addr: &[u32; 4], port: u16, next: &Next) -> Done {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, addr: &[u32; 4], port: u16, next: &Next) -> Out {
     if !rewrite(
         ctx,
         pkt,
@@ -353,7 +353,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, addr: &[u32; 4], port: u16, next:
 /// back and send it to the client; otherwise pass it untouched (`pass_not_vip`).
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
-    const NOT_MINE: Done = (PASS, Reason::PassNotVip);
+    const NOT_MINE: Out = (PASS, Reason::PassNotVip);
     let cfg = match LB_CONFIG.get(0) {
         Some(cfg) if cfg.flags & CONFIG_F_NAT != 0 => cfg,
         _ => return NOT_MINE,
@@ -398,7 +398,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
         &mut block,
     ) {
         Ok(n) => n,
-        Err(done) => return done,
+        Err(done) => return (action_of(done), done),
     };
     if now > last {
         // SAFETY: as above.
