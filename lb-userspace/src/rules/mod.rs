@@ -344,7 +344,8 @@ impl RuleSet {
         &self.default
     }
 
-    /// Every action of the listener, default included (config checks target groups exist).
+    /// Every action of the listener, default included (config checks target groups exist), in
+    /// the order [`Matched::index`] counts: the rules by ascending priority, then the default.
     pub fn actions(&self) -> impl Iterator<Item = &Action> {
         self.rules
             .iter()

@@ -32,8 +32,8 @@ pub struct ResolvedGroup {
 /// A [`RuleSet`] with every forward action's groups resolved (see the module doc).
 pub struct ResolvedRuleSet {
     rules: RuleSet,
-    /// By action position (the rules in order, then the default, as [`Matched::index`]
-    /// counts): a forward action's groups in its `groups`' order; empty for other actions.
+    /// By action position ([`RuleSet::actions`]' order, which [`Matched::index`] counts): a
+    /// forward action's groups in its `groups`' order; empty for other actions.
     groups: Box<[Box<[ResolvedGroup]>]>,
 }
 
@@ -41,10 +41,7 @@ impl ResolvedRuleSet {
     /// `rules` with each forward action's groups looked up with `lookup` (by name).
     pub fn new(rules: RuleSet, lookup: impl Fn(&str) -> Option<Arc<TargetGroup>>) -> Self {
         let groups = rules
-            .rules()
-            .iter()
-            .map(|r| &r.action)
-            .chain(std::iter::once(rules.default_action()))
+            .actions()
             .map(|action| match action {
                 Action::Forward(f) => f
                     .groups
