@@ -20,7 +20,8 @@ use crate::{
     pkt::{ETH_LEN, IPV4_LEN, IPV6_LEN, OUTER_TTL, csum_add, csum_fold, frame_len, ptr_at},
 };
 
-const DROP: Done = Reason::DropMtu;
+/// The end of a packet whose ICMP "too big" answer cannot be built: dropped as too big.
+const CANNOT_ANSWER: Done = Reason::DropMtu;
 const ICMP_LEN: usize = 8;
 
 /// Cuts the frame to its first `keep` bytes, then grows it by `grow` bytes at the front.
@@ -43,10 +44,10 @@ pub fn too_big_v4(ctx: &XdpContext, mtu: u16) -> Done {
     const FRAME: usize = ETH_LEN + HDRS + QUOTE;
 
     if !reshape(ctx, ETH_LEN + QUOTE, HDRS) {
-        return DROP;
+        return CANNOT_ANSWER;
     }
     let Some(f) = ptr_at::<[u8; FRAME]>(ctx, 0) else {
-        return DROP;
+        return CANNOT_ANSWER;
     };
     // SAFETY: bounds checked by ptr_at; the only reference into the packet.
     let f = unsafe { &mut *f };
@@ -104,10 +105,10 @@ pub fn too_big_v6(ctx: &XdpContext, mtu: u32) -> Done {
     const FRAME: usize = ETH_LEN + HDRS + QUOTE6;
 
     if !reshape(ctx, ETH_LEN + QUOTE6, HDRS) {
-        return DROP;
+        return CANNOT_ANSWER;
     }
     let Some(f) = ptr_at::<[u8; FRAME]>(ctx, 0) else {
-        return DROP;
+        return CANNOT_ANSWER;
     };
     // SAFETY: bounds checked by ptr_at; the only reference into the packet.
     let f = unsafe { &mut *f };
