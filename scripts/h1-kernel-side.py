@@ -251,10 +251,12 @@ def h2load(secs, conns=32):
     return int(m.group(1)), "?", out
 
 
-def wrk(secs, conns=64):
+def wrk(secs, conns=None):
+    """One pass of the mode's client: `wrk -t1 -c64` (HTTP/1.1) or, with --h2, `h2load -c32
+    -m10` (`conns` overrides the connections): (requests, p99 or "?", output)."""
     if H2:
-        return h2load(secs, 32 if conns == 64 else conns)
-    out = subprocess.run(nsx("wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", f"http://127.0.0.1:{PORT}/"),
+        return h2load(secs, conns or 32)
+    out = subprocess.run(nsx("wrk", "-t1", f"-c{conns or 64}", f"-d{secs}s", "--latency", f"http://127.0.0.1:{PORT}/"),
                          capture_output=True, text=True).stdout
     m = re.search(r"(\d+) requests in", out)
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE)
