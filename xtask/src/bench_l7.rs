@@ -22,10 +22,13 @@
 //! `--only h1,h2,handshakes,resumed` (any of them) measures those figures only (same peers,
 //! same rounds); `--baseline PATH` runs another `lb` binary as `lb-base` in every round, so two
 //! builds compare in one run; `--rounds N` runs N alternating rounds instead of 3 (1 with
-//! `--quick`), each of the same length. Each round starts one proxy later than the round
-//! before (`round_order`), so over as many rounds as there are proxies each proxy runs in
-//! each position once: a proxy measured right after another one (a warmer backend, a page
-//! cache, the VM's own rhythm) is not the same proxy in every round.
+//! `--quick`), each of the same length. The rounds' orders form a balanced Latin square
+//! (`round_order`, Williams' design): over as many rounds as there are proxies each proxy runs
+//! in each position once and before each other proxy as often as after it (once more at most,
+//! for an odd count), and over a whole period (as many rounds, or twice as many for an odd
+//! count) right before each other proxy equally often. So neither a place in the round nor a
+//! neighbour (a warmer backend, a page cache, the VM's own rhythm) belongs to one proxy: with
+//! `--baseline`, `lb` and `lb-base` take turns in running first.
 //!
 //! A proxy's CPU time (user and system) is read from `/proc` for every process of it (nginx:
 //! master and workers) before and after each run. Ratios within a round are the headline; rounds give
@@ -79,7 +82,7 @@ const PROXIES: [Proxy; 4] = [
     },
 ];
 
-/// With `--baseline PATH`: that other `lb` binary, run right after `lb` in every round.
+/// With `--baseline PATH`: that other `lb` binary, run in every round.
 const BASELINE: Proxy = Proxy {
     name: "lb-base",
     http: 18085,
@@ -825,7 +828,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
         uname()
     );
     println!(
-        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating {} (each round starting one later)",
+        "runs:     {} round(s) x {} s per figure and proxy, proxies alternating {} (balanced order: each proxy once in each place, before and after each other one in turn)",
         plan.rounds,
         plan.seconds,
         proxies.iter().map(|p| p.name).collect::<Vec<_>>().join(" ")
@@ -985,44 +988,126 @@ fn uname() -> String {
         .unwrap_or_default()
 }
 
-/// The order the proxies run in during round `round` (0-based): the declared order, turned
-/// by one place per round.
+/// The order the proxies run in during round `round` (0-based): a row of a Williams design.
+/// With n proxies, round q of a period (n rounds for an even n, 2n for an odd one) runs the
+/// sequence 0, 1, n-1, 2, n-2, 3, … with every index shifted by q (mod n); for an odd n the
+/// period's second n rounds run the first n's orders backwards. Any n consecutive rounds that
+/// start a period put each proxy once in each place; over a whole period each proxy runs
+/// right before each other one equally often (once for an even n, twice for an odd one).
 fn round_order<T: Copy>(items: &[T], round: usize) -> Vec<T> {
-    (0..items.len())
-        .map(|i| items[(i + round) % items.len()])
-        .collect()
+    let n = items.len();
+    let period = if n.is_multiple_of(2) { n } else { 2 * n };
+    let q = round % period.max(1);
+    let mut order: Vec<T> = (0..n)
+        .map(|i| {
+            let step = match i {
+                0 => 0,
+                odd if odd % 2 == 1 => odd.div_ceil(2),
+                even => n - even / 2,
+            };
+            items[(step + q) % n]
+        })
+        .collect();
+    if q >= n {
+        order.reverse();
+    }
+    order
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// How many rounds ran one proxy (by index) with another: `(a, b)` → count.
+    type PairCounts = BTreeMap<(usize, usize), usize>;
+
+    /// `(a, b)` → how many of `rounds` ran `a` right before `b`, and how many ran `a` (anywhere)
+    /// before `b`.
+    fn pairs(rounds: &[Vec<usize>]) -> (PairCounts, PairCounts) {
+        let (mut next, mut before) = (BTreeMap::new(), BTreeMap::new());
+        for order in rounds {
+            for (i, &a) in order.iter().enumerate() {
+                if let Some(&b) = order.get(i + 1) {
+                    *next.entry((a, b)).or_insert(0) += 1;
+                }
+                for &b in &order[i + 1..] {
+                    *before.entry((a, b)).or_insert(0) += 1;
+                }
+            }
+        }
+        (next, before)
+    }
+
     #[test]
-    fn over_as_many_rounds_as_proxies_each_runs_once_in_each_position() {
-        let proxies = ["lb", "lb-base", "haproxy", "nginx", "lb+log"];
-        let sorted = |mut v: Vec<&'static str>| {
-            v.sort_unstable();
-            v
+    fn each_proxy_takes_each_place_once_and_every_neighbour_in_turn() {
+        for n in 1..=7 {
+            let items: Vec<usize> = (0..n).collect();
+            let period = if n.is_multiple_of(2) { n } else { 2 * n };
+            let rounds: Vec<Vec<usize>> = (0..period).map(|r| round_order(&items, r)).collect();
+            for (r, order) in rounds.iter().enumerate() {
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, items, "n {n}, round {r}: each proxy once");
+                assert_eq!(
+                    order,
+                    &round_order(&items, r + period),
+                    "n {n}, round {r}: the next period repeats this one"
+                );
+            }
+            // Each place once over the period's first n rounds, and over its last n.
+            for half in rounds.chunks(n) {
+                for place in 0..n {
+                    let mut there: Vec<usize> = half.iter().map(|o| o[place]).collect();
+                    there.sort_unstable();
+                    assert_eq!(there, items, "n {n}, place {place}");
+                }
+            }
+            let (next, _) = pairs(&rounds);
+            let times = if n.is_multiple_of(2) { 1 } else { 2 };
+            for a in 0..n {
+                for b in (0..n).filter(|&b| b != a) {
+                    assert_eq!(
+                        next.get(&(a, b)).copied().unwrap_or(0),
+                        times,
+                        "n {n}: {a} right before {b}"
+                    );
+                }
+            }
+            // Over the first n rounds (the bench's usual count), before and after in turn.
+            let (_, before) = pairs(&rounds[..n]);
+            for a in 0..n {
+                for b in (0..n).filter(|&b| b != a) {
+                    let ab = before.get(&(a, b)).copied().unwrap_or(0);
+                    let ba = before.get(&(b, a)).copied().unwrap_or(0);
+                    assert!(
+                        ab.abs_diff(ba) <= n % 2,
+                        "n {n}: {a} before {b} {ab} times, after {ba}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn with_a_baseline_lb_and_lb_base_take_turns_in_running_first() {
+        // The bench's own list with `--baseline`: the baseline second.
+        let mut proxies: Vec<&str> = PROXIES.iter().map(|p| p.name).collect();
+        proxies.insert(1, BASELINE.name);
+        let first = |r| {
+            let order = round_order(&proxies, r);
+            let at = |name| order.iter().position(|p| *p == name).unwrap();
+            at("lb") < at("lb-base")
         };
-        let all = sorted(proxies.to_vec());
+        let lb_first = (0..proxies.len()).filter(|&r| first(r)).count();
         assert_eq!(
-            round_order(&proxies, 0),
-            proxies,
-            "the first round: as declared"
+            lb_first,
+            proxies.len().div_ceil(2),
+            "lb first in {lb_first} rounds"
         );
-        for position in 0..proxies.len() {
-            let there = (0..proxies.len())
-                .map(|round| round_order(&proxies, round)[position])
-                .collect();
-            assert_eq!(sorted(there), all, "position {position}");
-        }
-        for round in 0..12 {
-            assert_eq!(
-                sorted(round_order(&proxies, round)),
-                all,
-                "round {round}: each once"
-            );
-        }
+        assert!(
+            first(0) && !first(1),
+            "the first two rounds already swap them"
+        );
     }
 
     #[test]
