@@ -85,6 +85,20 @@ pub struct Packet {
     pub tcp_flags: u8,
 }
 
+// `pkt::store_addr4` stores an IPv4 address's last two (zero) words as one 64-bit word: the
+// three addresses it writes must have them 8-aligned (the verifier rejects a misaligned
+// stack access). `Packet` is not `repr(C)`: these hold for the layout the compiler chose.
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    const fn ok(at: usize) -> bool {
+        (at + 8) % 8 == 0
+    }
+    assert!(align_of::<Packet>() % 8 == 0);
+    assert!(ok(offset_of!(Packet, key) + offset_of!(FlowKey, src_addr)));
+    assert!(ok(offset_of!(Packet, key) + offset_of!(FlowKey, dst_addr)));
+    assert!(ok(offset_of!(Packet, vip_key) + offset_of!(VipKey, addr)));
+};
+
 /// Parses the frame into `out`; `Err` is the reason to pass it with.
 ///
 /// Written in place, not returned by value: every path stores its fields straight into the
