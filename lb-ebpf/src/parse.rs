@@ -18,7 +18,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::pkt::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
-    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr, store_addr2, store_addr4,
+    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr, store_addr4,
 };
 
 /// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
@@ -355,10 +355,9 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     let slot = out.as_mut_ptr();
     // SAFETY: `slot` is valid for writes; raw places, no reference to uninitialised memory.
     unsafe {
-        store_addr(&raw mut (*slot).key.src_addr, w, 4);
-        store_addr2(
-            &raw mut (*slot).key.dst_addr,
-            &raw mut (*slot).vip_key.addr,
+        store_addr([&raw mut (*slot).key.src_addr], w, 4);
+        store_addr(
+            [&raw mut (*slot).key.dst_addr, &raw mut (*slot).vip_key.addr],
             w,
             12,
         );

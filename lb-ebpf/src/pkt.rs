@@ -236,21 +236,31 @@ pub fn pair(lo: u16, hi: u16) -> u32 {
 }
 
 /// Stores the four header-order words of the 16 address bytes starting at `w[at]` (16-bit
-/// words in memory order, read from a 2-aligned header: see [`store_words`]) into `dst`: eight
-/// 16-bit loads instead of [`bytes_to_words`]'s sixteen byte loads and their shifts, each word
-/// stored as soon as it is composed (volatile stores: returned as one value, the eight words of
-/// an IPv6 key's addresses were all composed, and spilled, before any was stored; stop 22's
-/// `halves_to_words` did that).
+/// words in memory order, read from a 2-aligned header: see [`store_words`]) into each of
+/// `dst` (one place, or two: a flow key's address and its VIP key's): eight 16-bit loads
+/// instead of [`bytes_to_words`]'s sixteen byte loads and their shifts, each word stored as
+/// soon as it is composed, into every place (volatile stores: returned as one value, the eight
+/// words of an IPv6 key's addresses were all composed, and spilled, before any was stored;
+/// stop 22's `halves_to_words` did that; a copy of a stored address would load it back).
 ///
 /// # Safety
-/// `dst` must be valid for writes and 4-aligned.
+/// Every `dst` must be valid for writes and 4-aligned.
 #[inline(always)]
-pub unsafe fn store_addr<const N: usize>(dst: *mut [u32; 4], w: &[u16; N], at: usize) {
-    let d = dst.cast::<u32>();
+pub unsafe fn store_addr<const N: usize, const M: usize>(
+    dst: [*mut [u32; 4]; M],
+    w: &[u16; N],
+    at: usize,
+) {
     let mut i = 0;
     while i < 4 {
-        // SAFETY: within `dst`, as the caller guarantees.
-        unsafe { core::ptr::write_volatile(d.add(i), pair(w[at + 2 * i], w[at + 2 * i + 1])) };
+        let x = pair(w[at + 2 * i], w[at + 2 * i + 1]);
+        let mut j = 0;
+        // Bounded loops: 4 and M are constants.
+        while j < M {
+            // SAFETY: within `dst[j]`, as the caller guarantees.
+            unsafe { core::ptr::write_volatile(dst[j].cast::<u32>().add(i), x) };
+            j += 1;
+        }
         i += 1;
     }
 }
@@ -279,30 +289,5 @@ pub unsafe fn store_addr4(dst: *mut [u32; 4], a: u32) {
         core::ptr::write_volatile(d, a);
         core::ptr::write_volatile(d.add(1), 0);
         core::ptr::write_volatile(d.add(2).cast::<u64>(), 0);
-    }
-}
-
-/// [`store_addr`] into two places at once (a flow key's address and its VIP key's): each word
-/// is composed once and stored twice, where a copy would load it back.
-///
-/// # Safety
-/// `a` and `b` must be valid for writes and 4-aligned.
-#[inline(always)]
-pub unsafe fn store_addr2<const N: usize>(
-    a: *mut [u32; 4],
-    b: *mut [u32; 4],
-    w: &[u16; N],
-    at: usize,
-) {
-    let (a, b) = (a.cast::<u32>(), b.cast::<u32>());
-    let mut i = 0;
-    while i < 4 {
-        let x = pair(w[at + 2 * i], w[at + 2 * i + 1]);
-        // SAFETY: within `a` and `b`, as the caller guarantees.
-        unsafe {
-            core::ptr::write_volatile(a.add(i), x);
-            core::ptr::write_volatile(b.add(i), x);
-        }
-        i += 1;
     }
 }
