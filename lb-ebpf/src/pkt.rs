@@ -147,6 +147,27 @@ pub fn halves(w: u32) -> [u16; 2] {
     ]
 }
 
+/// Writes the 16 address bytes of `a` (header-order words, as the maps hold them) to the
+/// packet at `p` with 16-bit stores, each word loaded just before its two stores (volatile
+/// stores keep that order: the words all loaded first did not fit the registers).
+///
+/// # Safety
+/// As [`store_words`], for 8 words at `p`.
+#[inline(always)]
+pub unsafe fn store_addr_halves(p: *mut u16, a: &[u32; 4]) {
+    let mut i = 0;
+    // Bounded loop: 4 words.
+    while i < 4 {
+        let [lo, hi] = halves(a[i]);
+        // SAFETY: within the 8 words the caller guarantees.
+        unsafe {
+            core::ptr::write_volatile(p.add(2 * i), lo);
+            core::ptr::write_volatile(p.add(2 * i + 1), hi);
+        }
+        i += 1;
+    }
+}
+
 /// One's-complement sum (RFC 1071) of 16-bit words held in memory order, without folding.
 /// RFC 1071 §2(B): the sum of byte-swapped words is the byte-swapped sum, so a checksum
 /// computed over memory-order words and stored as one is correct whatever the host's byte
