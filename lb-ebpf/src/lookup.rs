@@ -207,8 +207,10 @@ pub fn backend(
         let (id, last) = unsafe { ((*flow).backend_id, (*flow).last_seen_ns) };
         // `last` may be a hair ahead of `now` when another CPU refreshed it meanwhile.
         let fresh = vip.idle_timeout_ns == 0 || now <= last || now - last <= vip.idle_timeout_ns;
-        if let Some(b) = LB_BACKENDS.get(id)
-            && fresh
+        // `fresh` first: tested after the backend's lookup, it was computed before that call
+        // and kept across it (four BPF instructions of a hit).
+        if fresh
+            && let Some(b) = LB_BACKENDS.get(id)
             && b.flags & BACKEND_F_ACTIVE != 0
             && b.vip_id == vip.vip_id
         {
