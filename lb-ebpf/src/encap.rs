@@ -161,11 +161,11 @@ pub fn route<'a>(
     if (v6 && cfg.lb_addr6 == [0; 4]) || (!v6 && cfg.lb_addr4 == 0) {
         return Err(Reason::DropNoRoute);
     }
-    let ingress = ctx.ingress_ifindex() as u32;
-    let generation = match nexthop::get(id, backend, ingress, total, cfg, now) {
+    let generation = match nexthop::get(id, backend, ctx, total, cfg, now) {
         Lookup::Hit(route) => return Ok(route),
         Lookup::Miss(g) => g,
     };
+    let ingress = ctx.ingress_ifindex() as u32;
     nexthop::count(NextHopCounter::Lookups);
     let fib = block.zeroed_params();
     if v6 {
