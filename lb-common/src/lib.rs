@@ -992,7 +992,10 @@ mod tests {
                 EarlyEnd::Drop
             };
             assert_eq!(r.early_end(), want, "{r:?}");
-            assert_eq!(Reason::PASS_ON_EARLY_END >> r as u32 & 1 == 1, want == EarlyEnd::Pass);
+            assert_eq!(
+                Reason::PASS_ON_EARLY_END >> r as u32 & 1 == 1,
+                want == EarlyEnd::Pass
+            );
         }
     }
 

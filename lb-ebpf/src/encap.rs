@@ -24,7 +24,8 @@ use crate::{
     parse::Packet,
     pkt::{
         AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IPV4_LEN, IPV6_LEN,
-        OUTER_TTL, csum_fold, csum_words, eth_words, halves, store_addr_halves, load_addr, ptr_at, store_words, zero,
+        OUTER_TTL, csum_fold, csum_words, eth_words, halves, load_addr, ptr_at, store_addr_halves,
+        store_words, zero,
     },
 };
 
