@@ -90,10 +90,11 @@ pub struct Packet {
 // stack access). `Packet` is not `repr(C)`: these hold for the layout the compiler chose.
 const _: () = {
     use core::mem::{align_of, offset_of};
+    // An address at `at` has its last two words at `at + 8`.
     const fn ok(at: usize) -> bool {
-        (at + 8) % 8 == 0
+        (at + 8).is_multiple_of(8)
     }
-    assert!(align_of::<Packet>() % 8 == 0);
+    assert!(align_of::<Packet>().is_multiple_of(8));
     assert!(ok(offset_of!(Packet, key) + offset_of!(FlowKey, src_addr)));
     assert!(ok(offset_of!(Packet, key) + offset_of!(FlowKey, dst_addr)));
     assert!(ok(offset_of!(Packet, vip_key) + offset_of!(VipKey, addr)));
