@@ -9,6 +9,7 @@ nanoseconds, so it A/Bs a change to the hit path exactly.
     python3 scripts/xdp-path-count.py OBJ [OBJ...]         # instructions, helpers, lookups
     python3 scripts/xdp-path-count.py --lines v6 OBJ [N]    # the N source lines executing most
     python3 scripts/xdp-path-count.py --frames BASE OBJ...  # same action and output frame as BASE?
+    python3 scripts/xdp-path-count.py --paths OBJ...        # the hit, a new flow, a SYN, not a VIP
 
 What it counts: BPF instructions as compiled (an ld_imm64 counts once), before the verifier's
 rewrites (which inline array-map lookups and `bpf_jiffies64`, and JIT to x86). Helper calls
@@ -210,16 +211,28 @@ def lb_maps(v6=True, nat=False):
     }
     return vals
 
-def frame(v6=True):
+def frame(v6=True, flags=0x10):
     eth = b'\x02' * 6 + b'\x04' * 6 + (b'\x86\xdd' if v6 else b'\x08\x00')
-    tcp = struct.pack('>HHIIBBHHH', 40000, 80, 1, 1, 0x50, 0x10, 65535, 0, 0)
+    tcp = struct.pack('>HHIIBBHHH', 40000, 80, 1, 1, 0x50, flags, 65535, 0, 0)
     if v6:
         ip = struct.pack('>IHBB', 0x60000000, len(tcp), 6, 64) + ip6('2001:db8:1::5') + ip6('2001:db8:100::1')
     else:
         ip = struct.pack('>BBHHHBBH', 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0) + ip4('192.0.2.5') + ip4('10.100.0.1')
     return eth + ip + tcp
 
-def lb_run(path, v6=True, verbose=False):
+# The paths `--paths` counts besides the hit: (TCP flags, lookups that find nothing, XDP action).
+# `new flow`: an ACK whose flow table has no entry (ring, then the insert); `SYN`: an opening
+# SYN (ring, then the NOEXIST insert, which succeeds); `not a VIP`: no VIP at the address:port
+# nor at port 0, no NAT reverse entry (host traffic: passed).
+PATHS = {
+    'hit': (0x10, (), 3),
+    'new flow': (0x10, ('LB_FLOWS',), 3),
+    'SYN': (0x02, (), 3),
+    'not a VIP': (0x10, ('LB_VIPS', 'LB_NAT_REVERSE'), 2),
+}
+
+def lb_run(path, v6=True, verbose=False, scenario='hit'):
+    flags, absent, _ = PATHS[scenario]
     elf = Elf(path)
     mem = Mem()
     vals = lb_maps(v6)
@@ -236,7 +249,7 @@ def lb_run(path, v6=True, verbose=False):
     ro = mem.add(0x50000000, bytearray(rodata), '.rodata')
     maps = {'__data': lambda sh: ro}
     pkt = bytearray(256 + 2048)
-    f = frame(v6); pkt[256:256 + len(f)] = f
+    f = frame(v6, flags); pkt[256:256 + len(f)] = f
     PB = 0x20000000
     mem.add(PB, pkt, 'packet')
     ctx = bytearray(24)
@@ -246,7 +259,10 @@ def lb_run(path, v6=True, verbose=False):
     def helpers(h, R, mem):
         if h == 1:
             name = R[1][1]; lookups[name] = lookups.get(name, 0) + 1
-            return mapval(name)
+            return 0 if name in absent else mapval(name)
+        if h in (2, 3):  # map update / delete: succeed
+            name = R[1][1]; lookups[name + (' update' if h == 2 else ' delete')] = 1
+            return 0
         if h == 118: return J
         if h == 44:
             d = struct.unpack_from('<I', ctx, 0)[0] + s32(R[2]); struct.pack_into('<I', ctx, 0, d); return 0
@@ -300,6 +316,16 @@ if __name__ == '__main__':
     a = sys.argv[1:]
     if a and a[0] == '--lines':
         lines(a[2], a[1] == 'v6', int(a[3]) if len(a) > 3 else 30)
+        sys.exit(0)
+    if a and a[0] == '--paths':
+        # Every path of PATHS, both families: instructions and the action.
+        for path in a[1:]:
+            for sc, (_, _, want) in PATHS.items():
+                for v6 in (False, True):
+                    rc, n, calls, lookups, out = lb_run(path, v6, scenario=sc)
+                    assert rc == want, '%s: expected action %d, got %d' % (sc, want, rc)
+                    print('%s %s IPv%d: %d BPF instructions, helper calls %s' % (
+                        path, sc, 6 if v6 else 4, n, calls))
         sys.exit(0)
     if a and a[0] == '--frames':
         # The action and the first 94 bytes written (Ethernet + outer IPv6 + 40 inner) of each

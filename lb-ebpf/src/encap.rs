@@ -24,7 +24,8 @@ use crate::{
     parse::Packet,
     pkt::{
         AF_INET, AF_INET6, ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IPV4_LEN, IPV6_LEN,
-        OUTER_TTL, csum_fold, csum_words, eth_words, halves, load_addr, ptr_at, store_words, zero,
+        OUTER_TTL, csum_fold, csum_words, eth_words, halves, load_addr, ptr_at, store_addr_halves,
+        store_words, zero,
     },
 };
 
@@ -157,15 +158,21 @@ pub fn route<'a>(
     if total > u16::MAX as usize {
         return Err(Reason::DropMtu);
     }
+    let generation = match nexthop::get(id, backend, ctx, total, cfg, now) {
+        Lookup::Hit(route) => return Ok(route),
+        Lookup::Miss(g) => g,
+    };
+    // Without a source address of the backend's family there is no outer header. Tested on a
+    // miss only: an entry is stored only after this test passed, under the generation read
+    // before it, and userspace moves the generation on after it writes the addresses (`lb
+    // run`'s start), so no valid entry outlives an address taken away (the test cost an IPv6
+    // hit eight BPF instructions, an IPv4 hit two; BENCHMARKS.md, "XDP hit: counted down
+    // further (stop 38)").
     let v6 = backend.family == FAMILY_V6;
     if (v6 && cfg.lb_addr6 == [0; 4]) || (!v6 && cfg.lb_addr4 == 0) {
         return Err(Reason::DropNoRoute);
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let generation = match nexthop::get(id, backend, ingress, total, cfg, now) {
-        Lookup::Hit(route) => return Ok(route),
-        Lookup::Miss(g) => g,
-    };
     nexthop::count(NextHopCounter::Lookups);
     let fib = block.zeroed_params();
     if v6 {
@@ -262,40 +269,23 @@ pub fn push(
         };
         // RFC 2473 §6.5: the traffic class comes from the inner header (TOS for IPv4).
         let first = 0x6000_0000 | (tos as u32) << 20 | (flow_label & 0x000f_ffff);
-        let [s0, s1] = halves(cfg.lb_addr6[0]);
-        let [s2, s3] = halves(cfg.lb_addr6[1]);
-        let [s4, s5] = halves(cfg.lb_addr6[2]);
-        let [s6, s7] = halves(cfg.lb_addr6[3]);
-        let [d0, d1] = halves(backend.addr[0]);
-        let [d2, d3] = halves(backend.addr[1]);
-        let [d4, d5] = halves(backend.addr[2]);
-        let [d6, d7] = halves(backend.addr[3]);
-        let h: [u16; IPV6_LEN / 2] = [
+        let h: [u16; 4] = [
             ((first >> 16) as u16).to_be(),
             (first as u16).to_be(),
             (pkt.ip_len as u16).to_be(),
             u16::from_ne_bytes([proto, OUTER_TTL]),
-            s0,
-            s1,
-            s2,
-            s3,
-            s4,
-            s5,
-            s6,
-            s7,
-            d0,
-            d1,
-            d2,
-            d3,
-            d4,
-            d5,
-            d6,
-            d7,
         ];
         // SAFETY: bounds checked by ptr_at; the frame starts 2-aligned (see store_words);
         // no other reference into the packet is live.
         unsafe {
-            store_words(outer, &h);
+            let outer = outer.cast::<u16>();
+            store_words(outer.cast::<[u16; 4]>(), &h);
+            // The addresses word by word, each stored as it is loaded: composed as one header
+            // value, three of the eight words were spilled to the stack and loaded back
+            // (five BPF instructions of an IPv6 hit; BENCHMARKS.md, "XDP hit: counted down
+            // further (stop 38)").
+            store_addr_halves(outer.add(4), &cfg.lb_addr6);
+            store_addr_halves(outer.add(12), &backend.addr);
             store_words(
                 eth,
                 &eth_words(&route.macs.dmac, &route.macs.smac, ETH_P_IPV6_BE),

@@ -22,29 +22,14 @@ pub type Done = Reason;
 /// An XDP action and the reason to count (NAT's sends, whose action is the redirect's).
 pub type Out = (u32, Reason);
 
-/// The XDP action of a packet that ended early with reason `r`: every such reason has one.
-/// The pass reasons hand the packet to the kernel untouched (not ours, malformed, a NAT
-/// reply the kernel must route, a TTL the kernel must answer), the ICMP "too big" goes back
-/// out, everything else is dropped.
+/// The XDP action of a packet that ended early with reason `r`: every such reason has one,
+/// [`Reason::early_end`] (lb-common, beside the reasons, so that a new one cannot be left
+/// out), tested here through its bit set.
 #[inline(always)]
 pub fn action_of(r: Reason) -> u32 {
-    // A bit set, one shift and test: a `match` on the reasons (measured with `Tx` and
-    // `Redirect` arms besides these) compiled to compares that cost the hit 14 (IPv4) and 11
-    // (IPv6) BPF instructions more.
-    const _: () = assert!(
-        Reason::COUNT <= 32,
-        "a reason's bit must fit in PASS_REASONS"
-    );
-    const PASS_REASONS: u32 = 1 << Reason::PassNotIp as u32
-        | 1 << Reason::PassNotTcpUdp as u32
-        | 1 << Reason::PassNotVip as u32
-        | 1 << Reason::PassMalformed as u32
-        | 1 << Reason::PassIpv6ExtHeader as u32
-        | 1 << Reason::NatViaKernel as u32
-        | 1 << Reason::PassTtlExceeded as u32;
     if r == Reason::TxIcmpTooBig {
         xdp_action::XDP_TX
-    } else if (PASS_REASONS >> (r as u32)) & 1 != 0 {
+    } else if (Reason::PASS_ON_EARLY_END >> (r as u32)) & 1 != 0 {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -222,8 +207,10 @@ pub fn backend(
         let (id, last) = unsafe { ((*flow).backend_id, (*flow).last_seen_ns) };
         // `last` may be a hair ahead of `now` when another CPU refreshed it meanwhile.
         let fresh = vip.idle_timeout_ns == 0 || now <= last || now - last <= vip.idle_timeout_ns;
-        if let Some(b) = LB_BACKENDS.get(id)
-            && fresh
+        // `fresh` first: tested after the backend's lookup, it was computed before that call
+        // and kept across it (four BPF instructions of a hit).
+        if fresh
+            && let Some(b) = LB_BACKENDS.get(id)
             && b.flags & BACKEND_F_ACTIVE != 0
             && b.vip_id == vip.vip_id
         {

@@ -46,28 +46,40 @@ use maps::{LB_CONFIG, LB_DECAP_STATS, add, count, counted_in_reasons};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let (action, reason) = match balance(&ctx) {
-        Ok(out) => out,
-        Err(r) => (lookup::action_of(r), r),
-    };
-    // A forwarded packet or translated reply was counted in its backend's record.
+    match balance(&ctx) {
+        Ok(action) => action,
+        Err(r) => {
+            count_unless_in_record(r);
+            lookup::action_of(r)
+        }
+    }
+}
+
+/// Counts `reason` in `LB_REASONS` unless a backend's record holds it (a forwarded packet or
+/// a translated reply: see [`counted_in_reasons`]).
+#[inline(always)]
+fn count_unless_in_record(reason: Reason) {
     if counted_in_reasons(reason) {
         count(reason);
     }
-    action
 }
 
-/// The balancer proper: the XDP action and the reason to count, or (`Err`) the reason a
-/// packet ended early, whose action [`lookup::action_of`] gives.
+/// The balancer proper: the XDP action of a packet it counted, or (`Err`) the reason a packet
+/// ended early, whose action [`lookup::action_of`] gives and which `lb_xdp` counts. Counted
+/// here, on each way out, and not where the ways meet: a forwarded packet then skips the test
+/// of a reason it is known not to need (8 BPF instructions of a hit; BENCHMARKS.md, "XDP hit:
+/// counted down further (stop 38)").
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let mut slot = MaybeUninit::uninit();
     let pkt = parse::packet(ctx, &mut slot)?;
     let vip = match lookup::vip(&mut pkt.vip_key, pkt.key.proto, pkt.fragment) {
         Ok(v) => v,
         // For no VIP: perhaps a NAT target's reply.
         Err(Reason::PassNotVip) if !pkt.fragment && !pkt.icmp_error => {
-            return Ok(nat::reply(ctx, pkt));
+            let (action, reason) = nat::reply(ctx, pkt);
+            count_unless_in_record(reason);
+            return Ok(action);
         }
         Err(done) => return Err(done),
     };
@@ -128,7 +140,8 @@ fn balance(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     // `redirect` are derived from the backends' records by userspace.
     let fail_open = vip.flags & VIP_F_FAIL_OPEN != 0;
     add(steer.id, pkt.ip_len as u64, new_flow, fail_open, action.1);
-    Ok(action)
+    count_unless_in_record(action.1);
+    Ok(action.0)
 }
 
 /// NAT mode: the packet rewritten to its target and sent on (see [`nat`]). The flow (and its

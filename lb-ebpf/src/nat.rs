@@ -134,12 +134,12 @@ pub fn to_target<'a>(
     now: u64,
     block: &'a mut FibBlock,
 ) -> Result<Next<'a>, Done> {
-    let ingress = ctx.ingress_ifindex() as u32;
     let len = pkt.ip_len;
-    let generation = match nexthop::get(id, backend, ingress, len, cfg, now) {
+    let generation = match nexthop::get(id, backend, ctx, len, cfg, now) {
         Lookup::Hit(route) => return Ok(Next::Hop(route)),
         Lookup::Miss(g) => g,
     };
+    let ingress = ctx.ingress_ifindex() as u32;
     nexthop::count(NextHopCounter::Lookups);
     let next = next_hop(
         ctx,

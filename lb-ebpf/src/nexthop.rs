@@ -12,6 +12,7 @@
 //! Both settings live in `LB_CONFIG`, whose entry the program has looked up before it steers,
 //! so a hit costs no map lookup besides the entry's own.
 
+use aya_ebpf::programs::XdpContext;
 use lb_common::{Backend, LbConfig, NextHop, NextHopCounter};
 
 use crate::{
@@ -29,25 +30,28 @@ pub enum Lookup {
 }
 
 /// The cached next hop of backend `id` for a packet of IP length `len` (the length handed to
-/// `bpf_fib_lookup`) that arrived on `ingress`, if still valid at `now`. `cfg` is the
-/// `LB_CONFIG` entry; its generation is read here, before the entry and before a miss's
-/// `bpf_fib_lookup`: a change announced while that lookup runs moves the generation past the
-/// one its answer is stored under.
+/// `bpf_fib_lookup`) that arrived on `ctx`'s interface, if still valid at `now`. `cfg` is the
+/// `LB_CONFIG` entry; its generation is read here, before the entry's fields and before a
+/// miss's `bpf_fib_lookup`: a change announced while that lookup runs moves the generation
+/// past the one its answer is stored under. The settings and the ingress interface are read
+/// after the entry's lookup, not before: read before, they were kept across the helper call
+/// on the stack (BENCHMARKS.md, "XDP hit: counted down further (stop 38)").
 #[inline(always)]
 pub fn get(
     id: u32,
     backend: &Backend,
-    ingress: u32,
+    ctx: &XdpContext,
     len: usize,
     cfg: &LbConfig,
     now: u64,
 ) -> Lookup {
+    let e = LB_NEXTHOPS.get_ptr(id);
     let max_age_ns = cfg.nexthop_max_age_ns;
     let generation = cfg.nexthop_generation;
     if max_age_ns == 0 {
         return Lookup::Miss(None);
     }
-    let Some(e) = LB_NEXTHOPS.get_ptr(id) else {
+    let Some(e) = e else {
         return Lookup::Miss(Some(generation));
     };
     // SAFETY: this CPU's slot; only this CPU's program runs write it, never concurrently.
@@ -55,7 +59,7 @@ pub fn get(
     if e.generation == generation
         && e.family == backend.family
         && e.addr == backend.addr
-        && e.ingress_ifindex == ingress
+        && e.ingress_ifindex == ctx.ingress_ifindex() as u32
         && len <= e.max_len as usize
         // Clock skew between CPUs cannot arise (per-CPU slot); `now < resolved` cannot either.
         && now.wrapping_sub(e.resolved_ns) <= max_age_ns

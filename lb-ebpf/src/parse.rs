@@ -18,7 +18,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::pkt::{
     ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IP_DF_BE, IP_MF_OFFSET_MASK_BE, IPV4_LEN, IPV6_LEN,
-    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr, store_addr2, store_addr4,
+    bytes_to_words, frame_len, opaque, pair, ptr_at, store_addr, store_addr4,
 };
 
 /// IPv6 extension headers (IANA "IPv6 Extension Header Types"; RFC 8200 §4).
@@ -84,6 +84,21 @@ pub struct Packet {
     /// ICMP errors. See [`Packet::opens`].
     pub tcp_flags: u8,
 }
+
+// `pkt::store_addr4` stores an IPv4 address's last two (zero) words as one 64-bit word: the
+// three addresses it writes must have them 8-aligned (the verifier rejects a misaligned
+// stack access). `Packet` is not `repr(C)`: these hold for the layout the compiler chose.
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    // An address at `at` has its last two words at `at + 8`.
+    const fn ok(at: usize) -> bool {
+        (at + 8).is_multiple_of(8)
+    }
+    assert!(align_of::<Packet>().is_multiple_of(8));
+    assert!(ok(offset_of!(Packet, key) + offset_of!(FlowKey, src_addr)));
+    assert!(ok(offset_of!(Packet, key) + offset_of!(FlowKey, dst_addr)));
+    assert!(ok(offset_of!(Packet, vip_key) + offset_of!(VipKey, addr)));
+};
 
 /// Parses the frame into `out`; `Err` is the reason to pass it with.
 ///
@@ -341,10 +356,9 @@ fn ipv6<'a>(ctx: &XdpContext, out: &'a mut MaybeUninit<Packet>) -> Result<&'a mu
     let slot = out.as_mut_ptr();
     // SAFETY: `slot` is valid for writes; raw places, no reference to uninitialised memory.
     unsafe {
-        store_addr(&raw mut (*slot).key.src_addr, w, 4);
-        store_addr2(
-            &raw mut (*slot).key.dst_addr,
-            &raw mut (*slot).vip_key.addr,
+        store_addr([&raw mut (*slot).key.src_addr], w, 4);
+        store_addr(
+            [&raw mut (*slot).key.dst_addr, &raw mut (*slot).vip_key.addr],
             w,
             12,
         );
