@@ -1648,7 +1648,7 @@ impl ConnControl<'_> {
     /// with what it returned, or must be closed, `None`. `shutdown` asks it for a graceful
     /// shutdown (HTTP/1: close after the current response; HTTP/2: GOAWAY, open streams
     /// finish) and says whether to close it now instead (an idle native HTTP/1 connection).
-    async fn run<C: Future>(
+    async fn run<C: h2exec::Driven>(
         &mut self,
         mut streams: Option<&mut h2exec::Streams>,
         mut conn: std::pin::Pin<&mut C>,
@@ -1761,11 +1761,11 @@ enum Polled<'a, C> {
 /// request: LLVM then left helpers of the request path out of line (callgrind; BENCHMARKS.md,
 /// "One connection control loop (stop 26)").
 #[inline(never)]
-fn poll_alone<C: Future>(
+fn poll_alone<C: h2exec::Driven>(
     conn: std::pin::Pin<&mut C>,
     cx: &mut std::task::Context<'_>,
 ) -> std::task::Poll<C::Output> {
-    conn.poll(cx)
+    h2exec::Driven::poll_driven(conn, cx, None)
 }
 
 /// What woke a connection's task for good.

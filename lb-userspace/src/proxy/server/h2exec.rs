@@ -6,8 +6,12 @@
 //! state so that the connection wrote the stream's frames, and the connection ran in a second
 //! scheduler pass (often on the other worker, after work stealing).
 //!
-//! [`StreamExec`] is the executor of one connection: it only queues the stream futures (the
-//! native HTTP/2 path, `h2native.rs`, queues its own stream futures through it the same way).
+//! [`StreamExec`] is the executor of one connection: it only queues the stream futures.
+//! The native HTTP/2 path (`h2native.rs`) hands its streams over without the queue: its
+//! connection is polled only by the driver, which lends it [`NewStreams`] for the poll
+//! ([`Driven`]), so each accepted stream goes straight into its slot, on the driver's thread,
+//! with no lock, no shared flag and no wake-up (the queue took a lock to push and another to
+//! pick up, per stream: about 190 instructions per request at stop 29).
 //! [`Streams`] polls them next to the connection future, in the connection's task: a stream's
 //! response, the connection's frame writes and the flush happen in one task and, as a rule,
 //! one scheduler pass. Wake-ups that the connection and its streams give each other while the
@@ -77,6 +81,54 @@ impl Task {
     }
 }
 
+/// A connection as the driver polls it ([`Streams::poll_drive`]): every future as it is (its
+/// streams, if any, come through the executor, [`StreamExec`]), and the native HTTP/2
+/// connection (`h2native::Conn`, not a future), which puts the streams it accepts in `new`.
+/// `new` is `None` when the connection is polled without a driver.
+pub(super) trait Driven {
+    type Output;
+
+    fn poll_driven(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        new: Option<&mut NewStreams<'_>>,
+    ) -> Poll<Self::Output>;
+}
+
+impl<F: Future> Driven for F {
+    type Output = F::Output;
+
+    #[inline]
+    fn poll_driven(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        _new: Option<&mut NewStreams<'_>>,
+    ) -> Poll<F::Output> {
+        self.poll(cx)
+    }
+}
+
+/// Where a connection polled by the driver puts the streams it accepts: straight into a free
+/// slot (a new one when none is free), marked woken, so the driver polls it in the round that
+/// follows the connection's poll, in the same pass (as a queued stream was).
+pub(super) struct NewStreams<'a> {
+    slots: &'a mut Slots,
+}
+
+impl NewStreams<'_> {
+    /// Starts a native stream (`h2native.rs`), unboxed in its slot.
+    #[inline]
+    pub(super) fn native(&mut self, stream: h2native::Stream) {
+        self.slots.start(Task::Native(stream));
+    }
+
+    /// Starts a boxed stream (the tests' streams).
+    #[cfg(test)]
+    pub(super) fn boxed(&mut self, fut: StreamFuture) {
+        self.slots.start(Task::Hyper(fut));
+    }
+}
+
 /// The executor hyper gets for one connection: queues the streams for [`Streams`].
 #[derive(Clone)]
 pub(super) struct StreamExec {
@@ -93,7 +145,8 @@ where
 }
 
 impl StreamExec {
-    /// Queues a native stream (`h2native.rs`), unboxed.
+    /// Queues a native stream (`h2native.rs`), unboxed: only when its connection is polled
+    /// without a driver (with one, the stream goes to [`NewStreams`]).
     pub(super) fn execute_native(&self, stream: h2native::Stream) {
         self.queue(Task::Native(stream));
     }
@@ -104,6 +157,7 @@ impl StreamExec {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(task);
+        self.shared.queued_due.store(true, Ordering::SeqCst);
         self.shared.streams_due.store(true, Ordering::SeqCst);
         self.shared.notify();
     }
@@ -113,6 +167,9 @@ impl StreamExec {
 struct Shared {
     /// Streams handed over and not yet picked up by the driver.
     queued: Mutex<Vec<Task>>,
+    /// Streams were queued: the driver takes the queue's lock only then (set after the push,
+    /// cleared before the lock is taken, so a stream pushed meanwhile is found now or next).
+    queued_due: AtomicBool,
     /// The task that runs the driver (woken only when it is not being polled).
     task: AtomicWaker,
     /// The driver is inside its poll: a wake-up only sets a flag, which it reads before it
@@ -192,28 +249,81 @@ struct Slot {
 /// The streams of one connection and the driver that polls them with the connection.
 pub(super) struct Streams {
     shared: Arc<Shared>,
-    /// The running streams' slots; as many as ever ran at once on the connection (h2 bounds
-    /// them: `HTTP2_MAX_CONCURRENT_STREAMS`, plus the reset ones not yet dropped).
+    slots: Slots,
+    /// The slots to poll in this round (taken from the bitmap).
+    ready: Vec<usize>,
+    conn_waker: Waker,
+    /// The queue's storage, swapped with it when streams are picked up.
+    spare: Vec<Task>,
+    /// What the tests check ([`Streams::stats`]; the slots made are counted in [`Slots`]).
+    #[cfg(test)]
+    counts: Stats,
+}
+
+/// The running streams' places, and the streams started in them since the driver last looked.
+struct Slots {
+    shared: Arc<Shared>,
+    /// As many as ever ran at once on the connection (h2 bounds them:
+    /// `HTTP2_MAX_CONCURRENT_STREAMS`, plus the reset ones not yet dropped).
     slots: Vec<Slot>,
     /// Empty slots.
     free: Vec<usize>,
     /// The woken bitmap: word `i` holds the bits of slots `64 * i..64 * i + 64`, one word made
     /// with the first slot it covers.
     woken: Vec<WokenWord>,
-    /// The slots to poll in this round (taken from the bitmap).
-    ready: Vec<usize>,
-    conn_waker: Waker,
-    /// The queue's storage, swapped with it when streams are picked up.
-    spare: Vec<Task>,
+    /// Streams started since the driver last polled the streams (they are due).
+    started: usize,
+    /// Slots made (each reused by later streams once free).
     #[cfg(test)]
-    pub(super) stats: Stats,
+    made: usize,
+}
+
+impl Slots {
+    /// Puts `task` in a free slot (a new one when none is free), marked woken, to be polled in
+    /// the driver's next round.
+    fn start(&mut self, task: Task) {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => self.make(),
+        };
+        self.slots[slot].task = Some(task);
+        self.started += 1;
+        // Polled in the next round with the woken slots (`poll_streams` takes the bits). The
+        // bit may be set already by a wake-up meant for the slot's previous stream: then the
+        // new stream is polled once all the same (a spurious poll is harmless to a stream
+        // that did not ask for it).
+        self.woken[slot / 64].fetch_or(1 << (slot % 64), Ordering::SeqCst);
+    }
+
+    /// A new empty slot with its waker (and its bitmap word, first slot of 64).
+    #[cold]
+    fn make(&mut self) -> usize {
+        let slot = self.slots.len();
+        if slot.is_multiple_of(64) {
+            self.woken.push(Arc::new(AtomicU64::new(0)));
+        }
+        let wake = Arc::new(SlotWake {
+            shared: self.shared.clone(),
+            word: self.woken[slot / 64].clone(),
+            bit: 1 << (slot % 64),
+        });
+        self.slots.push(Slot {
+            task: None,
+            waker: Waker::from(wake),
+        });
+        #[cfg(test)]
+        {
+            self.made += 1;
+        }
+        slot
+    }
 }
 
 /// What a test can check of the driver.
 #[cfg(test)]
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Stats {
-    /// Streams picked up.
+    /// Streams started (picked up from the queue or handed over by the connection).
     pub(super) started: usize,
     /// Streams that panicked.
     pub(super) panicked: usize,
@@ -223,6 +333,8 @@ pub(super) struct Stats {
     pub(super) slots: usize,
     /// Stream polls (first polls and polls after a wake-up).
     pub(super) polls: usize,
+    /// Rounds (streams, then the connection) over all polls of the driver.
+    pub(super) rounds: usize,
 }
 
 impl Default for Streams {
@@ -235,6 +347,7 @@ impl Streams {
     pub(super) fn new() -> Self {
         let shared = Arc::new(Shared {
             queued: Mutex::new(Vec::new()),
+            queued_due: AtomicBool::new(false),
             task: AtomicWaker::new(),
             polling: AtomicBool::new(false),
             // The first poll polls both.
@@ -245,14 +358,29 @@ impl Streams {
             conn_waker: Waker::from(Arc::new(ConnWake {
                 shared: shared.clone(),
             })),
+            slots: Slots {
+                shared: shared.clone(),
+                slots: Vec::new(),
+                free: Vec::new(),
+                woken: Vec::new(),
+                started: 0,
+                #[cfg(test)]
+                made: 0,
+            },
             shared,
-            slots: Vec::new(),
-            free: Vec::new(),
-            woken: Vec::new(),
             ready: Vec::new(),
             spare: Vec::new(),
             #[cfg(test)]
-            stats: Stats::default(),
+            counts: Stats::default(),
+        }
+    }
+
+    /// What the driver did so far.
+    #[cfg(test)]
+    pub(super) fn stats(&self) -> Stats {
+        Stats {
+            slots: self.slots.made,
+            ..self.counts
         }
     }
 
@@ -265,7 +393,7 @@ impl Streams {
 
     /// Polls `conn` and the streams until `conn` ends; a future to `select!` on in the
     /// connection's loop (it borrows `conn` only while it exists).
-    pub(super) fn drive<'a, C: Future>(&'a mut self, conn: Pin<&'a mut C>) -> Drive<'a, C> {
+    pub(super) fn drive<'a, C: Driven>(&'a mut self, conn: Pin<&'a mut C>) -> Drive<'a, C> {
         // The connection's loop may have changed the connection between two of these futures
         // (`graceful_shutdown` wakes nothing): poll it first, as when it was polled directly.
         self.shared.conn_due.store(true, Ordering::SeqCst);
@@ -278,17 +406,26 @@ impl Streams {
     /// One poll of the connection's task: the streams that were woken or queued, then the
     /// connection if it was woken, again while either woke the other, at most [`MAX_ROUNDS`]
     /// times (module docs).
-    pub(super) fn poll_drive<C: Future>(
+    pub(super) fn poll_drive<C: Driven>(
         &mut self,
         mut conn: Pin<&mut C>,
         cx: &mut Context<'_>,
     ) -> Poll<C::Output> {
         self.shared.task.register(cx.waker());
         for _ in 0..MAX_ROUNDS {
+            #[cfg(test)]
+            {
+                self.counts.rounds += 1;
+            }
             self.shared.polling.store(true, Ordering::SeqCst);
             // Streams first: the responses they produce go out with the connection's poll
-            // that follows.
-            if self.shared.streams_due.swap(false, Ordering::SeqCst) {
+            // that follows. Those the connection started in the previous round are due too.
+            let started = std::mem::take(&mut self.slots.started);
+            #[cfg(test)]
+            {
+                self.counts.started += started;
+            }
+            if self.shared.streams_due.swap(false, Ordering::SeqCst) | (started != 0) {
                 self.pick_up();
                 self.poll_streams();
             }
@@ -297,18 +434,22 @@ impl Streams {
             let mut conn_yields = false;
             if self.shared.conn_due.swap(false, Ordering::SeqCst) {
                 let mut ccx = Context::from_waker(&self.conn_waker);
-                if let Poll::Ready(out) = conn.as_mut().poll(&mut ccx) {
+                let mut new = NewStreams {
+                    slots: &mut self.slots,
+                };
+                if let Poll::Ready(out) = conn.as_mut().poll_driven(&mut ccx, Some(&mut new)) {
                     self.shared.polling.store(false, Ordering::SeqCst);
                     return Poll::Ready(out);
                 }
                 conn_yields = self.shared.conn_due.swap(false, Ordering::SeqCst);
             }
             self.shared.polling.store(false, Ordering::SeqCst);
-            if self.shared.streams_due.load(Ordering::SeqCst)
+            if self.slots.started != 0
+                || self.shared.streams_due.load(Ordering::SeqCst)
                 || self.shared.conn_due.load(Ordering::SeqCst)
             {
-                // More to do in this pass anyway (a stream woken by the connection, or a wake
-                // from outside): the connection runs again in it.
+                // More to do in this pass anyway (a stream started or woken by the connection,
+                // or a wake from outside): the connection runs again in it.
                 if conn_yields {
                     self.shared.conn_due.store(true, Ordering::SeqCst);
                 }
@@ -324,15 +465,19 @@ impl Streams {
         // the next poll starts with it.
         #[cfg(test)]
         {
-            self.stats.yielded += 1;
+            self.counts.yielded += 1;
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
 
-    /// Moves the queued streams into free slots (new ones when none is free), each marked
-    /// woken, to be polled in this round.
+    /// Moves the queued streams (hyper's) into free slots, each marked woken, to be polled in
+    /// this round. The queue's lock is taken only when something was queued.
     fn pick_up(&mut self) {
+        if !self.shared.queued_due.load(Ordering::SeqCst) {
+            return;
+        }
+        self.shared.queued_due.store(false, Ordering::SeqCst);
         std::mem::swap(
             &mut *self
                 .shared
@@ -343,39 +488,13 @@ impl Streams {
         );
         #[cfg(test)]
         {
-            self.stats.started += self.spare.len();
+            self.counts.started += self.spare.len();
         }
         for task in self.spare.drain(..) {
-            let slot = match self.free.pop() {
-                Some(slot) => slot,
-                None => {
-                    let slot = self.slots.len();
-                    if slot.is_multiple_of(64) {
-                        self.woken.push(Arc::new(AtomicU64::new(0)));
-                    }
-                    let wake = Arc::new(SlotWake {
-                        shared: self.shared.clone(),
-                        word: self.woken[slot / 64].clone(),
-                        bit: 1 << (slot % 64),
-                    });
-                    self.slots.push(Slot {
-                        task: None,
-                        waker: Waker::from(wake),
-                    });
-                    #[cfg(test)]
-                    {
-                        self.stats.slots += 1;
-                    }
-                    slot
-                }
-            };
-            self.slots[slot].task = Some(task);
-            // Polled in this round with the woken slots (`poll_streams` takes the bits). The
-            // bit may be set already by a wake-up meant for the slot's previous stream: then
-            // the new stream is polled once all the same (a spurious poll is harmless to a
-            // stream that did not ask for it).
-            self.woken[slot / 64].fetch_or(1 << (slot % 64), Ordering::SeqCst);
+            self.slots.start(task);
         }
+        // Polled now, in this round: not counted again in the next.
+        self.slots.started = 0;
     }
 
     /// Polls the new and the woken streams once each; their bits are cleared before the first
@@ -383,7 +502,7 @@ impl Streams {
     /// another thread) has its bit set again and is polled in the next round. A panicking
     /// stream is dropped (h2 resets it), the others go on.
     fn poll_streams(&mut self) {
-        for (i, word) in self.woken.iter().enumerate() {
+        for (i, word) in self.slots.woken.iter().enumerate() {
             // A plain load first: most words of a connection with many slots have no bit set,
             // and the `swap` is a locked instruction.
             if word.load(Ordering::SeqCst) == 0 {
@@ -396,13 +515,13 @@ impl Streams {
             }
         }
         for i in 0..self.ready.len() {
-            let slot = &mut self.slots[self.ready[i]];
+            let slot = &mut self.slots.slots[self.ready[i]];
             let Some(task) = &mut slot.task else {
                 continue;
             };
             #[cfg(test)]
             {
-                self.stats.polls += 1;
+                self.counts.polls += 1;
             }
             let mut cx = Context::from_waker(&slot.waker);
             let panicked = match std::panic::catch_unwind(AssertUnwindSafe(|| task.poll(&mut cx))) {
@@ -412,11 +531,11 @@ impl Streams {
             };
             // Dropped outside the catch, as `FuturesUnordered` dropped a panicked future.
             slot.task = None;
-            self.free.push(self.ready[i]);
+            self.slots.free.push(self.ready[i]);
             if panicked {
                 #[cfg(test)]
                 {
-                    self.stats.panicked += 1;
+                    self.counts.panicked += 1;
                 }
                 tracing::error!(
                     "an HTTP/2 stream panicked; its stream was reset, the connection goes on"
@@ -433,7 +552,7 @@ pub(super) struct Drive<'a, C> {
     conn: Pin<&'a mut C>,
 }
 
-impl<C: Future> Future for Drive<'_, C> {
+impl<C: Driven> Future for Drive<'_, C> {
     type Output = C::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {

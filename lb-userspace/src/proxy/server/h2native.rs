@@ -1,11 +1,12 @@
 //! HTTP/2 served by lb's own glue on the `h2` crate (the "native" path, `http2=native`),
 //! without hyper's HTTP/2 server in between.
 //!
-//! [`Conn`] is the connection future: it runs h2's handshake with the settings hyper was given
-//! ([`builder`]: the same values, set on `h2::server::Builder` directly), accepts the client's
-//! streams and queues each, as a [`Stream`] future, to the connection's [`Streams`] driver
-//! (`h2exec.rs`: the streams run in the connection's task, with its round limit, panic isolation
-//! and deferred first flush, exactly as they did under hyper). The connection's control loop in
+//! [`Conn`] is the connection, polled by the connection's [`Streams`] driver (`h2exec.rs`,
+//! [`Driven`]): it runs h2's handshake with the settings hyper was given ([`builder`]: the same
+//! values, set on `h2::server::Builder` directly), accepts the client's streams and hands each,
+//! as a [`Stream`] future, straight to the driver's [`NewStreams`] (the streams run in the
+//! connection's task, with its round limit, panic isolation and deferred first flush, exactly
+//! as they did under hyper). The connection's control loop in
 //! `server.rs` asks for a graceful shutdown through [`Control`] (GOAWAY, the open streams
 //! finish, then the connection ends), as it called hyper's `graceful_shutdown`.
 //!
@@ -46,7 +47,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::L7Counters;
-use super::h2exec::StreamExec;
+use super::h2exec::{Driven, NewStreams, StreamExec};
 use super::pipeline::ConnCtx;
 use super::service;
 use crate::headers::for_each_value_mut;
@@ -91,10 +92,12 @@ enum State<IO> {
     Serving(h2::server::Connection<IO, Bytes>),
 }
 
-/// One client connection served natively (module docs); ends when h2 has closed it.
+/// One client connection served natively (module docs); ends when h2 has closed it. Not a
+/// future: polled by its driver, which takes its new streams ([`Driven`]).
 pub(super) struct Conn<IO> {
     state: State<IO>,
     ctx: Arc<ConnCtx>,
+    /// Where new streams go when the connection is polled without a driver.
     exec: StreamExec,
     control: Arc<Control>,
     /// GOAWAY was asked of h2 already.
@@ -113,10 +116,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Conn<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Driven for Conn<IO> {
     type Output = Result<(), h2::Error>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll_driven(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut new: Option<&mut NewStreams<'_>>,
+    ) -> Poll<Self::Output> {
         let this = self.get_mut();
         loop {
             let conn = match &mut this.state {
@@ -137,7 +144,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Conn<IO> {
                 Some(Ok((req, reply))) => {
                     L7Counters::add(&this.ctx.listener.shared.counters.http2_native_requests, 1);
                     let stream = Stream::new(&this.ctx, req, reply);
-                    this.exec.execute_native(stream);
+                    match new.as_deref_mut() {
+                        Some(new) => new.native(stream),
+                        None => this.exec.execute_native(stream),
+                    }
                 }
                 Some(Err(e)) => return Poll::Ready(Err(e)),
                 None => return Poll::Ready(Ok(())),

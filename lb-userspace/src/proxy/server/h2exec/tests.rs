@@ -109,7 +109,7 @@ async fn connect(
                 }
             }
         }
-        let stats = streams.stats;
+        let stats = streams.stats();
         drop(streams);
         Ended { task, stats }
     });
@@ -497,7 +497,7 @@ fn a_wake_from_another_thread_polls_exactly_the_woken_slot() {
         probes.iter().all(|p| p.polls() == 1),
         "each new stream polled once"
     );
-    assert_eq!((streams.stats.slots, streams.stats.polls), (N, N));
+    assert_eq!((streams.stats().slots, streams.stats().polls), (N, N));
 
     let woken = [3, 66];
     let wakers: Vec<Waker> = woken.iter().map(|&i| probes[i].waker()).collect();
@@ -519,11 +519,11 @@ fn a_wake_from_another_thread_polls_exactly_the_woken_slot() {
         let want = if woken.contains(&i) { 2 } else { 1 };
         assert_eq!(probe.polls(), want, "stream {i}");
     }
-    assert_eq!(streams.stats.polls, N + woken.len());
+    assert_eq!(streams.stats().polls, N + woken.len());
 
     // Nothing woken: nothing polled.
     assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
-    assert_eq!(streams.stats.polls, N + woken.len());
+    assert_eq!(streams.stats().polls, N + woken.len());
 
     // The woken stream that ends frees its slot, which the next stream takes.
     probes[66].done.store(true, Ordering::SeqCst);
@@ -533,7 +533,7 @@ fn a_wake_from_another_thread_polls_exactly_the_woken_slot() {
     let next = Arc::new(Probe::default());
     next.queue(&exec);
     assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
-    assert_eq!((next.polls(), streams.stats.slots), (1, N));
+    assert_eq!((next.polls(), streams.stats().slots), (1, N));
     assert_eq!(
         probes[66].polls(),
         3,
@@ -648,4 +648,77 @@ fn wake_ups_racing_the_drivers_poll_are_not_lost() {
         during_poll >= RACES,
         "{during_poll} wake-ups came while the driver was polling"
     );
+}
+
+/// A connection that hands `streams` new streams to the driver on its first poll, then waits
+/// (never wakes itself): as the native HTTP/2 connection does with the streams it accepts.
+struct HandsOver {
+    probes: Vec<Arc<Probe>>,
+}
+
+impl Driven for HandsOver {
+    type Output = ();
+
+    fn poll_driven(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        new: Option<&mut NewStreams<'_>>,
+    ) -> Poll<()> {
+        let new = new.expect("polled by the driver");
+        for probe in self.get_mut().probes.drain(..) {
+            new.boxed(Box::pin(std::future::poll_fn(move |cx| {
+                probe.polls.fetch_add(1, Ordering::SeqCst);
+                *probe.waker.lock().expect("waker") = Some(cx.waker().clone());
+                if probe.done.load(Ordering::SeqCst) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })));
+        }
+        Poll::Pending
+    }
+}
+
+/// Streams the connection hands over while the driver polls it are polled in the same poll of
+/// the task, in the round after the connection's (two rounds in all, as when they came through
+/// the queue), without waking the task; the slot of one that ended is the next one's.
+#[test]
+fn streams_handed_over_by_the_connection_are_polled_in_the_same_pass() {
+    let task_wakes = Arc::new(CountWake::default());
+    let task_waker = Waker::from(task_wakes.clone());
+    let mut cx = Context::from_waker(&task_waker);
+    let mut streams = Streams::new();
+    let probes: Vec<Arc<Probe>> = (0..3).map(|_| Arc::new(Probe::default())).collect();
+    probes[1].done.store(true, Ordering::SeqCst);
+    let mut conn = std::pin::pin!(HandsOver {
+        probes: probes.clone()
+    });
+    assert!(streams.poll_drive(conn.as_mut(), &mut cx).is_pending());
+    assert!(
+        probes.iter().all(|p| p.polls() == 1),
+        "each handed-over stream polled once in this pass"
+    );
+    let stats = streams.stats();
+    assert_eq!(
+        (stats.started, stats.slots, stats.polls, stats.rounds),
+        (3, 3, 3, 2),
+        "{stats:?}"
+    );
+    assert_eq!(task_wakes.0.load(Ordering::SeqCst), 0, "no wake-up");
+
+    // A later hand-over takes the slot the ended stream left.
+    let next = Arc::new(Probe::default());
+    conn.as_mut().get_mut().probes.push(next.clone());
+    // Through `drive`, which has the connection polled (as the connection's loop does).
+    let drive = std::pin::pin!(streams.drive(conn.as_mut()));
+    assert!(drive.poll(&mut cx).is_pending());
+    let stats = streams.stats();
+    assert_eq!((next.polls(), stats.started, stats.slots), (1, 4, 3));
+    assert_eq!(
+        (probes[0].polls(), probes[1].polls(), probes[2].polls()),
+        (1, 1, 1),
+        "the others not polled again"
+    );
+    assert_eq!(task_wakes.0.load(Ordering::SeqCst), 0, "no wake-up");
 }
