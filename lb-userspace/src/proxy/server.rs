@@ -2098,7 +2098,10 @@ mod tests {
                 headers: &headers,
                 source_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             };
-            rules.evaluate(&view).1[0].group.clone()
+            match rules.evaluate(&view).action {
+                crate::rules::ResolvedAction::Forward(f) => f.group(0).map(|(g, _)| Arc::clone(g)),
+                _ => None,
+            }
         };
         let same = |a: Option<Arc<TargetGroup>>, b: &Arc<TargetGroup>| {
             a.is_some_and(|a| Arc::ptr_eq(&a, b))

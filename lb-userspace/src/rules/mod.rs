@@ -13,7 +13,8 @@
 //! RuleSet::new(Vec<Rule>, default: Action) -> Result<RuleSet, Vec<RuleError>>
 //! RuleSet::validate_for_listener(&self, "http" | "https", port) -> Result<(), Vec<RuleError>>
 //! RuleSet::evaluate(&self, &RequestView) -> Matched { priority (0 = default), action, rules_evaluated, index }
-//! ResolvedRuleSet::new(RuleSet, lookup) / ::evaluate(&RequestView) -> (Matched, &[ResolvedGroup])   what a listener stores
+//! ResolvedRuleSet::new(RuleSet, lookup) / ::evaluate(&RequestView) -> ResolvedMatch { priority, rules_evaluated, action }   what a listener stores
+//! ResolvedAction::{Forward(ResolvedForward { action, .. }), Redirect, FixedResponse};  ResolvedForward::group(i) -> Option<(&group, cookie)>
 //! Action::{Forward(ForwardAction), Redirect(RedirectAction), FixedResponse(FixedResponseAction)}
 //! Action::target_groups() / Action::kind()            config checks, access-log actions_executed
 //! ForwardAction::choose(random: u32) -> &str          weighted pick; caller supplies randomness
@@ -129,7 +130,9 @@ pub use condition::{
 };
 pub use error::RuleError;
 pub use parse::{ParsedRule, RuleOrDefault, parse_rule, rule_body};
-pub use resolved::{GROUP_COOKIE, ResolvedGroup, ResolvedRuleSet};
+pub use resolved::{
+    GROUP_COOKIE, ResolvedAction, ResolvedForward, ResolvedGroup, ResolvedMatch, ResolvedRuleSet,
+};
 
 /// Lowest rule priority (evaluated first).
 pub const MIN_PRIORITY: u32 = 1;

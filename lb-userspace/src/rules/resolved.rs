@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-use super::{Action, Matched, RequestView, RuleSet};
+use super::{
+    Action, FixedResponseAction, ForwardAction, Matched, RedirectAction, RequestView, RuleSet,
+};
 use crate::targets::TargetGroup;
 
 /// ALB's group-stickiness cookie.
@@ -32,17 +34,61 @@ pub struct ResolvedGroup {
 /// A [`RuleSet`] with every forward action's groups resolved (see the module doc).
 pub struct ResolvedRuleSet {
     rules: RuleSet,
-    /// By action position ([`RuleSet::actions`]' order, which [`Matched::index`] counts): a
+    /// The default action's groups in its `groups`' order (empty unless it forwards): a
+    /// request that matches no rule reads them one pointer from here (stop 38; through a
+    /// table of every action's groups it read one 64-byte line more).
+    default: Box<[ResolvedGroup]>,
+    /// By rule position ([`RuleSet::rules`]' order, which [`Matched::index`] counts): a
     /// forward action's groups in its `groups`' order; empty for other actions.
-    groups: Box<[Box<[ResolvedGroup]>]>,
+    by_rule: Box<[Box<[ResolvedGroup]>]>,
+}
+
+/// What a request matched, with a forward action's resolved groups (see
+/// [`ResolvedRuleSet::evaluate`]).
+pub struct ResolvedMatch<'a> {
+    /// The matching rule's priority, or 0 for the default rule ([`Matched::priority`]).
+    pub priority: u32,
+    /// How many non-default rules were tried ([`Matched::rules_evaluated`]).
+    pub rules_evaluated: u32,
+    /// The action to perform.
+    pub action: ResolvedAction<'a>,
+}
+
+/// A matched [`Action`]; a forward action comes with its groups as the rule set resolved them.
+#[derive(Clone, Copy)]
+pub enum ResolvedAction<'a> {
+    /// Forward, with the action's resolved groups.
+    Forward(ResolvedForward<'a>),
+    /// Redirect.
+    Redirect(&'a RedirectAction),
+    /// Fixed response.
+    FixedResponse(&'a FixedResponseAction),
+}
+
+/// A matched forward action and its resolved groups, borrowed together: the groups are
+/// always those of this action (one value, so that no caller can pair them otherwise).
+#[derive(Clone, Copy)]
+pub struct ResolvedForward<'a> {
+    /// The action as configured.
+    pub action: &'a ForwardAction,
+    /// Its groups, in `action.groups`' order.
+    groups: &'a [ResolvedGroup],
+}
+
+impl<'a> ResolvedForward<'a> {
+    /// The group at `index` in `action.groups`' order, with its stickiness cookie; `None` for
+    /// an unknown group: no position `index`, or no group has its name.
+    pub fn group(&self, index: usize) -> Option<(&'a Arc<TargetGroup>, Option<&'a HeaderValue>)> {
+        let resolved = self.groups.get(index)?;
+        Some((resolved.group.as_ref()?, resolved.cookie.as_ref()))
+    }
 }
 
 impl ResolvedRuleSet {
     /// `rules` with each forward action's groups looked up with `lookup` (by name).
     pub fn new(rules: RuleSet, lookup: impl Fn(&str) -> Option<Arc<TargetGroup>>) -> Self {
-        let groups = rules
-            .actions()
-            .map(|action| match action {
+        let resolve = |action: &Action| -> Box<[ResolvedGroup]> {
+            match action {
                 Action::Forward(f) => f
                     .groups
                     .iter()
@@ -54,9 +100,18 @@ impl ResolvedRuleSet {
                     })
                     .collect(),
                 Action::Redirect(_) | Action::FixedResponse(_) => Box::default(),
-            })
-            .collect();
-        Self { rules, groups }
+            }
+        };
+        let (by_rule, default) = {
+            let mut actions = rules.actions();
+            let by_rule = actions.by_ref().take(rules.len()).map(&resolve).collect();
+            (by_rule, actions.next().map_or_else(Box::default, &resolve))
+        };
+        Self {
+            rules,
+            default,
+            by_rule,
+        }
     }
 
     /// The rules as configured.
@@ -64,12 +119,28 @@ impl ResolvedRuleSet {
         &self.rules
     }
 
-    /// [`RuleSet::evaluate`], with the matched action's resolved groups (empty unless it
-    /// forwards).
-    pub fn evaluate(&self, req: &RequestView<'_>) -> (Matched<'_>, &[ResolvedGroup]) {
-        let matched = self.rules.evaluate(req);
-        let groups = self.groups.get(matched.index).map_or(&[][..], |g| &g[..]);
-        (matched, groups)
+    /// [`RuleSet::evaluate`], a forward action with its resolved groups.
+    pub fn evaluate(&self, req: &RequestView<'_>) -> ResolvedMatch<'_> {
+        let Matched {
+            priority,
+            action,
+            rules_evaluated,
+            index,
+        } = self.rules.evaluate(req);
+        let action = match action {
+            Action::Forward(action) => ResolvedAction::Forward(ResolvedForward {
+                action,
+                // The default's position is one past the rules.
+                groups: self.by_rule.get(index).unwrap_or(&self.default),
+            }),
+            Action::Redirect(redirect) => ResolvedAction::Redirect(redirect),
+            Action::FixedResponse(fixed) => ResolvedAction::FixedResponse(fixed),
+        };
+        ResolvedMatch {
+            priority,
+            rules_evaluated,
+            action,
+        }
     }
 }
 
@@ -150,17 +221,27 @@ mod tests {
             r.group.as_ref().is_some_and(|r| Arc::ptr_eq(r, g))
         };
 
-        let (m, groups) = resolved.evaluate(&view("/api/x"));
-        assert_eq!(m.priority, 10);
+        let forwarded = |path| match resolved.evaluate(&view(path)) {
+            ResolvedMatch {
+                priority,
+                action: ResolvedAction::Forward(f),
+                ..
+            } => (priority, f),
+            _ => panic!("{path} forwards"),
+        };
+
+        let (priority, f) = forwarded("/api/x");
+        assert_eq!(priority, 10);
+        let groups = f.groups;
         assert_eq!(groups.len(), 2);
         assert!(same(&groups[0], &api));
         assert!(groups[1].group.is_none(), "a name no group has");
+        assert!(f.group(1).is_none(), "an unknown group");
+        assert!(f.group(2).is_none(), "no such position");
         assert_eq!(
-            groups[0]
-                .cookie
-                .as_ref()
-                .map(|c| c.to_str().expect("ascii")),
-            Some("AWSALBTG=api; Max-Age=60; Path=/")
+            f.group(0)
+                .map(|(g, c)| (Arc::ptr_eq(g, &api), c.map(|c| c.to_str().expect("ascii")))),
+            Some((true, Some("AWSALBTG=api; Max-Age=60; Path=/")))
         );
         assert_eq!(
             groups[1]
@@ -170,12 +251,16 @@ mod tests {
             Some("AWSALBTG=missing; Max-Age=60; Path=/")
         );
 
-        let (m, groups) = resolved.evaluate(&view("/old/x"));
+        let m = resolved.evaluate(&view("/old/x"));
         assert_eq!(m.priority, 20);
-        assert!(groups.is_empty(), "a fixed response has no groups");
+        assert!(
+            matches!(m.action, ResolvedAction::FixedResponse(_)),
+            "a fixed response has no groups"
+        );
 
-        let (m, groups) = resolved.evaluate(&view("/"));
-        assert_eq!(m.priority, 0);
+        let (priority, f) = forwarded("/");
+        assert_eq!(priority, 0);
+        let groups = f.groups;
         assert_eq!(groups.len(), 2);
         assert!(same(&groups[0], &web) && same(&groups[1], &canary));
         assert!(groups.iter().all(|g| g.cookie.is_none()), "no stickiness");

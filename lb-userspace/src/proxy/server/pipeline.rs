@@ -48,10 +48,10 @@ use crate::proxy::client::{BoxError, Facts, Forwarded, ProxyBody, TargetEndpoint
 use crate::proxy::desync::{Classification, Mitigation, Tier};
 use crate::proxy::error::ProxyError;
 use crate::rules::{
-    Action, FixedResponseAction, ForwardAction, GROUP_COOKIE, RedirectAction, RequestView,
-    ResolvedGroup, ResolvedRuleSet,
+    FixedResponseAction, GROUP_COOKIE, RedirectAction, RequestView, ResolvedAction,
+    ResolvedForward, ResolvedRuleSet,
 };
-use crate::targets::{Picked, ProtocolVersion, Registration, TargetGroup, TargetProtocol};
+use crate::targets::{Picked, ProtocolVersion, Registration, TargetProtocol};
 
 /// Per-connection context of the request handler.
 pub(super) struct ConnCtx {
@@ -797,21 +797,19 @@ fn route<'r>(
         headers: req.headers(),
         source_ip: ctx.peer.ip(),
     };
-    let (matched, resolved) = rules.evaluate(&view);
+    let matched = rules.evaluate(&view);
     let kind = match matched.action {
-        Action::FixedResponse(_) => ActionKind::FixedResponse,
-        Action::Redirect(_) => ActionKind::Redirect,
-        Action::Forward(_) => ActionKind::Forward,
+        ResolvedAction::FixedResponse(_) => ActionKind::FixedResponse,
+        ResolvedAction::Redirect(_) => ActionKind::Redirect,
+        ResolvedAction::Forward(_) => ActionKind::Forward,
     };
     ex.rule(matched.priority, matched.rules_evaluated, kind);
     let mut outcome = match matched.action {
-        Action::FixedResponse(fixed) => fixed_outcome(fixed, ex),
-        Action::Redirect(redirect) => redirected(redirect, &view, listener, ex),
-        Action::Forward(forward) => {
-            let forward: &ForwardAction = forward;
+        ResolvedAction::FixedResponse(fixed) => fixed_outcome(fixed, ex),
+        ResolvedAction::Redirect(redirect) => redirected(redirect, &view, listener, ex),
+        ResolvedAction::Forward(forward) => {
             let upgrade = hyper::upgrade::on(&mut *req);
-            let prepared =
-                prepare_forward(ctx, forward, resolved, req, seen, upgrade, close_after, ex);
+            let prepared = prepare_forward(ctx, forward, req, seen, upgrade, close_after, ex);
             return match prepared {
                 Ok(dispatch) => Routed::Forward(dispatch),
                 Err(mut outcome) => {
@@ -1016,14 +1014,9 @@ fn protocol_mismatch(version: Version, seen: Seen, group_version: ProtocolVersio
     clippy::result_large_err,
     reason = "returned once per request; a boxed answer would allocate"
 )]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site, on every forwarded request; a struct of them would be built and moved"
-)]
 fn prepare_forward<'r>(
     ctx: &'r ConnCtx,
-    forward: &ForwardAction,
-    resolved: &[ResolvedGroup],
+    forward: ResolvedForward<'_>,
     req: &mut Request<ProxyBody>,
     seen: Seen,
     client_upgrade: hyper::upgrade::OnUpgrade,
@@ -1034,26 +1027,23 @@ fn prepare_forward<'r>(
 
     // Group: sticky group cookie first (if it names one of this action's groups), else weighted.
     // Owned: the headers are rewritten before the pick (463 comes first).
+    let ResolvedForward { action, .. } = forward;
     let cookies = seen
         .cookie
         .then(|| request_cookies(req.headers()).map(|c| c.into_owned()))
         .flatten();
-    let sticky_group = forward.group_stickiness.and_then(|_| {
+    let sticky_group = action.group_stickiness.and_then(|_| {
         cookie_values(cookies.as_deref()?, GROUP_COOKIE)
-            .find_map(|g| forward.groups.iter().position(|wg| wg.name == g))
+            .find_map(|g| action.groups.iter().position(|wg| wg.name == g))
     });
-    let index = sticky_group.or_else(|| forward.choose_index_with(rand::random));
-    let group_name: &str = index.map_or("", |i| forward.groups[i].name.as_str());
+    let index = sticky_group.or_else(|| action.choose_index_with(rand::random));
     // The group as the rule set was resolved against the groups when it was stored (no map
     // load, no hash of the name): a group the resolution did not find answers as an unknown
     // group.
-    let chosen: &ResolvedGroup = index
-        .and_then(|i| resolved.get(i))
-        .ok_or_else(|| unknown_group(group_name, ex))?;
-    let group: &Arc<TargetGroup> = chosen
-        .group
-        .as_ref()
-        .ok_or_else(|| unknown_group(group_name, ex))?;
+    let group_name = || index.map_or("", |i| action.groups[i].name.as_str());
+    let Some((group, group_cookie)) = index.and_then(|i| forward.group(i)) else {
+        return Err(unknown_group(group_name(), ex));
+    };
     let group_cfg = group.config();
     if protocol_mismatch(req.version(), seen, group_cfg.protocol_version) {
         return Err(from_error(ex, &ProxyError::ProtocolMismatch));
@@ -1107,7 +1097,7 @@ fn prepare_forward<'r>(
     // request arrived (the access log's `request_creation_time`): no clock read of their own.
     let now = ex.received_at();
     let Some(picked) = group.pick_at(cookies.as_deref(), now) else {
-        return Err(no_target(group_name, ex));
+        return Err(no_target(group_name(), ex));
     };
     ex.picked(group, &picked);
     let tail = if tail_fits {
@@ -1142,7 +1132,7 @@ fn prepare_forward<'r>(
         tail,
         endpoint,
         reply: Reply {
-            group_cookie: chosen.cookie.clone().map(Box::new),
+            group_cookie: group_cookie.cloned().map(Box::new),
             picked,
             upgrade,
             client_upgrade,
