@@ -445,21 +445,23 @@ struct Probe {
 }
 
 impl Probe {
-    /// Queues a stream that records its polls in `self` and ends once `done` is set.
-    fn queue(self: &Arc<Self>, exec: &StreamExec) {
+    /// A stream that records its polls in `self` and ends once `done` is set.
+    fn stream(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         let probe = self.clone();
-        hyper::rt::Executor::execute(
-            exec,
-            std::future::poll_fn(move |cx| {
-                probe.polls.fetch_add(1, Ordering::SeqCst);
-                *probe.waker.lock().expect("waker") = Some(cx.waker().clone());
-                if probe.done.load(Ordering::SeqCst) {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            }),
-        );
+        std::future::poll_fn(move |cx| {
+            probe.polls.fetch_add(1, Ordering::SeqCst);
+            *probe.waker.lock().expect("waker") = Some(cx.waker().clone());
+            if probe.done.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Queues [`Probe::stream`] through the executor (hyper's way).
+    fn queue(self: &Arc<Self>, exec: &StreamExec) {
+        hyper::rt::Executor::execute(exec, self.stream());
     }
 
     fn polls(&self) -> usize {
@@ -666,15 +668,7 @@ impl Driven for HandsOver {
     ) -> Poll<()> {
         let new = new.expect("polled by the driver");
         for probe in self.get_mut().probes.drain(..) {
-            new.boxed(Box::pin(std::future::poll_fn(move |cx| {
-                probe.polls.fetch_add(1, Ordering::SeqCst);
-                *probe.waker.lock().expect("waker") = Some(cx.waker().clone());
-                if probe.done.load(Ordering::SeqCst) {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            })));
+            new.boxed(Box::pin(probe.stream()));
         }
         Poll::Pending
     }
