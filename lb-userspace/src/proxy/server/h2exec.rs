@@ -120,12 +120,14 @@ impl NewStreams<'_> {
     #[inline]
     pub(super) fn native(&mut self, stream: h2native::Stream) {
         self.slots.start(Task::Native(stream));
+        self.slots.started += 1;
     }
 
     /// Starts a boxed stream (the tests' streams).
     #[cfg(test)]
     pub(super) fn boxed(&mut self, fut: StreamFuture) {
         self.slots.start(Task::Hyper(fut));
+        self.slots.started += 1;
     }
 }
 
@@ -271,7 +273,8 @@ struct Slots {
     /// The woken bitmap: word `i` holds the bits of slots `64 * i..64 * i + 64`, one word made
     /// with the first slot it covers.
     woken: Vec<WokenWord>,
-    /// Streams started since the driver last polled the streams (they are due).
+    /// Streams the connection handed over ([`NewStreams`]) since the driver last polled the
+    /// streams (they are due; queued ones are found through `streams_due`).
     started: usize,
     /// Slots made (each reused by later streams once free).
     #[cfg(test)]
@@ -287,7 +290,6 @@ impl Slots {
             None => self.make(),
         };
         self.slots[slot].task = Some(task);
-        self.started += 1;
         // Polled in the next round with the woken slots (`poll_streams` takes the bits). The
         // bit may be set already by a wake-up meant for the slot's previous stream: then the
         // new stream is polled once all the same (a spurious poll is harmless to a stream
@@ -493,8 +495,6 @@ impl Streams {
         for task in self.spare.drain(..) {
             self.slots.start(task);
         }
-        // Polled now, in this round: not counted again in the next.
-        self.slots.started = 0;
     }
 
     /// Polls the new and the woken streams once each; their bits are cleared before the first
