@@ -531,19 +531,21 @@ pub const BACKEND_F_IN_RING: u8 = 1 << 1;
 /// The next hop `lb_xdp` resolved for a backend (`bpf_fib_lookup`), cached per CPU in
 /// [`names::MAP_NEXTHOPS`] at the backend's id so the packets after it skip the lookup.
 ///
-/// An entry is used only while everything it was resolved for still holds: the same backend
-/// address and family (ids are reused), the same ingress interface, the current
+/// An entry is used only while everything it was resolved for still holds: the current
 /// [`LbConfig::nexthop_generation`] (userspace bumps it on every route, neighbour, link or
-/// address change and every backend write), an age within [`LbConfig::nexthop_max_age_ns`],
+/// address change and after every backend write; `lb_xdp` reads it before the backend's
+/// entry, so a slot rewritten with another address, ids being reused, needs no address
+/// compare: `lb-ebpf/src/nexthop.rs`), the same ingress interface, an age within [`LbConfig::nexthop_max_age_ns`],
 /// and a packet no longer than `max_len` (the largest IP length the lookup's MTU check
 /// passed: the helper reports the MTU only when a packet does not fit, so anything longer is
 /// looked up again and gets the "too big" answer from the lookup itself). Only successful lookups are cached.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
-    /// The backend address it was resolved for ([`addr_to_map`] words).
+    /// The backend address it was resolved for ([`addr_to_map`] words): for `lb dump` and
+    /// tests; `lb_xdp` does not compare it.
     pub addr: [u32; 4],
-    /// [`LbConfig::nexthop_generation`] read before the lookup.
+    /// [`LbConfig::nexthop_generation`] read before the backend's entry and the lookup.
     pub generation: u32,
     /// The interface the packet that resolved it arrived on.
     pub ingress_ifindex: u32,

@@ -143,13 +143,16 @@ impl FibBlock {
 /// encapsulated is answered with an ICMP "too big" where that helps the sender, and dropped
 /// (a packet longer than any the cached entry has passed is always looked up, so this answer
 /// comes from the helper's MTU check, cache or not). A looked-up answer lives in `block`.
+/// `generation` is the cache's, read before the backend's entry ([`nexthop::generation`]).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn route<'a>(
     ctx: &XdpContext,
     pkt: &Packet,
     id: u32,
     backend: &Backend,
     cfg: &LbConfig,
+    generation: u32,
     now: u64,
     block: &'a mut FibBlock,
 ) -> Result<Route<'a>, Done> {
@@ -158,7 +161,7 @@ pub fn route<'a>(
     if total > u16::MAX as usize {
         return Err(Reason::DropMtu);
     }
-    let generation = match nexthop::get(id, backend, ctx, total, cfg, now) {
+    let generation = match nexthop::get(id, ctx, total, cfg, generation, now) {
         Lookup::Hit(route) => return Ok(route),
         Lookup::Miss(g) => g,
     };

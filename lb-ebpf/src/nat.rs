@@ -131,11 +131,12 @@ pub fn to_target<'a>(
     backend: &Backend,
     port: u16,
     cfg: &LbConfig,
+    generation: u32,
     now: u64,
     block: &'a mut FibBlock,
 ) -> Result<Next<'a>, Done> {
     let len = pkt.ip_len;
-    let generation = match nexthop::get(id, backend, ctx, len, cfg, now) {
+    let generation = match nexthop::get(id, ctx, len, cfg, generation, now) {
         Lookup::Hit(route) => return Ok(Next::Hop(route)),
         Lookup::Miss(g) => g,
     };

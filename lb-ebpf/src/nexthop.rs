@@ -3,8 +3,8 @@
 //! changes only when routes, neighbours, links or addresses do. So the answer is kept per CPU
 //! at the backend's id ([`LB_NEXTHOPS`], a [`NextHop`]) and used while it is still valid
 //! (see [`NextHop`] for every condition). Userspace bumps [`LbConfig::nexthop_generation`] on
-//! every change the kernel announces on its route netlink groups, which invalidates every entry
-//! at once; entries also expire after [`LbConfig::nexthop_max_age_ns`], so a change nobody saw (no
+//! every change the kernel announces on its route netlink groups and after every write of a
+//! backend slot, which invalidates every entry at once; entries also expire after [`LbConfig::nexthop_max_age_ns`], so a change nobody saw (no
 //! `lb run` alive to watch) is picked up anyway. Only successful lookups are stored: an
 //! unresolved neighbour, a missing route or a packet too big are decided by the helper on
 //! every packet, exactly as without the cache.
@@ -29,25 +29,50 @@ pub enum Lookup {
     Miss(Option<u32>),
 }
 
+/// [`LbConfig::nexthop_generation`], read once for the packet before its backend's entry is
+/// (`lb_xdp` calls this before it steers). That order is what lets a cached entry be used
+/// without checking it against the backend's address:
+///
+/// - userspace moves the generation on after every write of a backend slot (`set_backend`
+///   in `l4::writer`), as after every route, neighbour, link or address change;
+/// - an entry stored under generation `g` was resolved by a packet that read `g` first and
+///   the backend's entry after, so after every slot write that preceded the bump to `g`;
+/// - a packet that reads `g` and then the backend's entry sees those writes too, and no later
+///   one unless the bump after it is also still to come: a packet whose two reads straddle a
+///   slot write (in flight while it happens) may use the old address's next hop once, as it
+///   may read a half-written entry: userspace's write is a plain copy, not atomic with
+///   the packet's reads. Every packet that starts after the bump uses a next hop resolved for
+///   the entry as written.
+///
+/// Read with a volatile load: through a `&LbConfig` the compiler may assume the value cannot
+/// change and load it again where it is used, after the backend's lookup. Comparing the
+/// address instead cost a hit 14 BPF instructions (BENCHMARKS.md, "XDP hit: the next hop by
+/// generation, and Katran paired with a loaded copy (stop 39)").
+#[inline(always)]
+pub fn generation(cfg: &LbConfig) -> u32 {
+    // SAFETY: a valid, aligned reference.
+    unsafe { core::ptr::read_volatile(&cfg.nexthop_generation) }
+}
+
 /// The cached next hop of backend `id` for a packet of IP length `len` (the length handed to
 /// `bpf_fib_lookup`) that arrived on `ctx`'s interface, if still valid at `now`. `cfg` is the
-/// `LB_CONFIG` entry; its generation is read here, before the entry's fields and before a
-/// miss's `bpf_fib_lookup`: a change announced while that lookup runs moves the generation
-/// past the one its answer is stored under. The settings and the ingress interface are read
-/// after the entry's lookup, not before: read before, they were kept across the helper call
-/// on the stack (BENCHMARKS.md, "XDP hit: counted down further (stop 38)").
+/// `LB_CONFIG` entry; `generation` its [`generation`], read before the backend's entry and so
+/// before a miss's `bpf_fib_lookup` too: a change announced while that lookup runs moves the
+/// generation past the one its answer is stored under. The maximum age and the ingress
+/// interface are read after the entry's lookup, not before: read before, they were kept
+/// across the helper call on the stack (BENCHMARKS.md, "XDP hit: counted down further (stop
+/// 38)").
 #[inline(always)]
 pub fn get(
     id: u32,
-    backend: &Backend,
     ctx: &XdpContext,
     len: usize,
     cfg: &LbConfig,
+    generation: u32,
     now: u64,
 ) -> Lookup {
     let e = LB_NEXTHOPS.get_ptr(id);
     let max_age_ns = cfg.nexthop_max_age_ns;
-    let generation = cfg.nexthop_generation;
     if max_age_ns == 0 {
         return Lookup::Miss(None);
     }
@@ -56,9 +81,8 @@ pub fn get(
     };
     // SAFETY: this CPU's slot; only this CPU's program runs write it, never concurrently.
     let e = unsafe { &*e };
+    // No address compare: the generation covers a rewritten backend slot ([`generation`]).
     if e.generation == generation
-        && e.family == backend.family
-        && e.addr == backend.addr
         && e.ingress_ifindex == ctx.ingress_ifindex() as u32
         && len <= e.max_len as usize
         // Clock skew between CPUs cannot arise (per-CPU slot); `now < resolved` cannot either.

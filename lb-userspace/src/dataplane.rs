@@ -1216,6 +1216,13 @@ impl Balancer {
         Self::load_from(OBJECT, sizes, addrs, pin_dir)
     }
 
+    /// The eBPF object [`Self::load`] loads, for the benchmark to load a copy of it the way it
+    /// loads another build (`--lb-obj`), and so pair Katran with a balancer loaded alike.
+    #[doc(hidden)]
+    pub fn object() -> &'static [u8] {
+        OBJECT
+    }
+
     /// [`Self::load`] from another build of the eBPF object with this build's map layouts
     /// (the benchmark's `--lb-obj`, which measures variants of `lb_xdp` in the same run).
     #[doc(hidden)]

@@ -4087,6 +4087,58 @@ fn after_the_backends_neighbour_mac_changes_packets_go_to_the_new_mac() {
     });
 }
 
+/// `lb_xdp` uses a cached next hop without comparing the backend's address with the one it
+/// was resolved for: the generation, read before the backend's entry and moved on after every
+/// write of a backend slot, stands for it (`lb-ebpf/src/nexthop.rs`). Here a slot (ids are
+/// reused) is rewritten in place with another address while a flow and a valid cache entry
+/// still name it: the flow's next packet must go to the new address's next hop.
+#[test]
+fn a_backend_slot_rewritten_with_another_address_does_not_keep_the_old_next_hop() {
+    use lb::l4::L4Maps as _;
+
+    netns_test(|| {
+        let mut lb = Lb::load();
+        lb.long_cache();
+        let web = lb.add_vip(
+            Ipv4Addr::new(198, 51, 100, 1),
+            80,
+            Proto::Tcp,
+            &[backend(12)],
+        );
+        let input = tcp(web.addr, 80).build();
+        let id = lb.backend_id(&web, backend(12));
+        // Positive control: the first packet resolves and caches backend 12's next hop, the
+        // second (a flow-table hit) takes it from the cache, no lookup.
+        let (lookups, after_hit) = lb.with_stable_generation(|lb| {
+            let out = lb.run_encap(&input, backend(12));
+            assert_eq!(&out[0..6], &backend_mac(backend(12)));
+            let (lookups, _) = lb.nexthop_counts();
+            let out = lb.run_encap(&input, backend(12));
+            assert_eq!(&out[0..6], &backend_mac(backend(12)), "from the cache");
+            (lookups, lb.nexthop_counts().0)
+        });
+        assert_eq!(after_hit, lookups, "the hit was not looked up");
+        assert_eq!(lb.valid_nexthops(id).len(), 1, "a valid entry for the slot");
+
+        // The slot rewritten with backend 14's address; the flow still names the id.
+        let mut entry = lb.maps().backends.get(&id, 0).expect("reading LB_BACKENDS");
+        let (family, words) = lb_common::addr_to_map(backend(14).into());
+        entry.family = family;
+        entry.addr = words;
+        lb.registry
+            .maps_mut()
+            .set_backend(id, entry)
+            .expect("writing LB_BACKENDS");
+        let out = lb.run_encap(&input, backend(14));
+        assert_eq!(
+            &out[0..6],
+            &backend_mac(backend(14)),
+            "Ethernet destination: the new address's neighbour, not the cached one"
+        );
+        assert_eq!(lb.nexthop_counts().0, lookups + 1, "looked up once more");
+    });
+}
+
 /// The route watch's thread moves the generation on while the thread owning the maps writes
 /// other fields of `LB_CONFIG` (flags, the cache's maximum age): a read-modify-write of one
 /// that falls between the other's read and write would put back an old generation (stale
