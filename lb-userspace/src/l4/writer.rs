@@ -117,8 +117,10 @@ impl L4Maps for Maps {
         self.backends
             .set(id, backend, 0)
             .map_err(map_error(format!("writing LB_BACKENDS[{id}]")))?;
-        // A cached next hop is checked against the backend's address anyway; a new generation
-        // also covers a change of mode (DSR and NAT resolve from different sources).
+        // The bump is what invalidates a rewritten slot's cached next hop: `lb_xdp` no longer
+        // compares the entry's address with the backend's, it reads the generation before the
+        // backend's entry and trusts it (lb-ebpf/src/nexthop.rs, `generation`). It also covers a
+        // change of mode (DSR and NAT resolve from different sources). Keep it after the write.
         self.bump_nexthop_generation().map(|_| ())
     }
     fn set_ring_slot(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
