@@ -19,7 +19,9 @@ parks: every access from the worker's park (tokio's `Context::park_internal` or
 and any other thread that ran meanwhile, such as the metrics sampler) up to the next task it
 runs (`Context::run_task`) is cut out, and the windows are as long as the rest's accesses per
 request: how often the worker parks varies from run to run (more on a loaded machine), and
-each park touched lines in some windows and not others. Valgrind
+each park touched lines in some windows and not others. And the same per request, each
+request's accesses (without the parks) from its `Exchange::start` to the next request's:
+aligned to the requests, so without the windows' phase. Valgrind
 loads a position-independent binary at 0x108000 (checked against OUT/maps).
 """
 import bisect, collections, subprocess, sys
@@ -139,6 +141,38 @@ print(f"one request's footprint without the parks, mean of {len(rwins)} windows 
       f"accesses: {rmean:.1f} distinct lines ({rmean * 64 / 1024:.1f} KiB; windows "
       f"{min(rsizes)}-{max(rsizes)}, median {sorted(rsizes)[len(rsizes) // 2]}): "
       + ", ".join(f"{r} {c / len(rwins):.1f}" for r, c in rby.most_common(8)))
+# And aligned to the requests: the distinct lines from one request's `Exchange::start` (the
+# record each request starts with) to the next request's, without the parks, for each request
+# of the second half.
+MARK = "Exchange::start"
+marks, last = [], -rwidth
+for j in range(k0, len(rest)):
+    if MARK in function(rest[j][1]):
+        # A request's first access there: its callees split its accesses into several runs,
+        # all within far less than half a request's accesses.
+        if j - last > rwidth // 2:
+            marks.append(j)
+        last = j
+asizes = [len({ln for ln, _ in rest[a:b]}) for a, b in zip(marks, marks[1:])]
+
+
+def aby_at(ks):
+    c = collections.Counter()
+    for k in ks:
+        c.update(region(ln << 6) for ln in {ln for ln, _ in rest[marks[k]:marks[k + 1]]})
+    return c
+
+
+if asizes:
+    # The median, and the regions of the requests at it: a few requests hold far more (what
+    # else ran in between), and move the mean.
+    amean, amed = sum(asizes) / len(asizes), sorted(asizes)[len(asizes) // 2]
+    at = [k for k, z in enumerate(asizes) if z == amed]
+    print(f"one request's lines without the parks, from one {MARK} to the next, "
+          f"{len(asizes)} requests: median {amed} (range {min(asizes)}-{max(asizes)}, mean "
+          f"{amean:.1f}, {sum(z > amed + 10 for z in asizes)} above median + 10); the "
+          f"{len(at)} at the median: "
+          + ", ".join(f"{r} {c / len(at):.1f}" for r, c in aby_at(at).most_common(8)))
 one = wins[0]
 for name, ways, sets in (("8-way, 64 sets", 8, 64), ("fully associative", 512, 1)):
     cache = [collections.OrderedDict() for _ in range(sets)]
