@@ -13,7 +13,15 @@ data caches of 32 KiB with LRU replacement: this VM's shape (8 ways, 64 sets) an
 associative one (what is left there is capacity, not conflict), each over the measured part
 with its first half as warm-up. Then the functions (by the instruction that made the access,
 symbolised with `nm`) with the most misses, and those that touch the most stack lines in the
-first request-long window of the second half. Valgrind
+first request-long window of the second half. Then the footprint (and the stack table) without the worker's
+parks: every access from the worker's park (tokio's `Context::park_internal` or
+`transition_worker_to_parked`: the I/O driver's turn, the timer wheel, the clock, epoll_wait,
+and any other thread that ran meanwhile, such as the metrics sampler) up to the next task it
+runs (`Context::run_task`) is cut out, and the windows are as long as the rest's accesses per
+request: how often the worker parks varies from run to run (more on a loaded machine), and
+each park touched lines in some windows and not others. And the same per request, each
+request's accesses (without the parks) from its `Exchange::start` to the next request's:
+aligned to the requests, so without the windows' phase. Valgrind
 loads a position-independent binary at 0x108000 (checked against OUT/maps).
 """
 import bisect, collections, subprocess, sys
@@ -61,6 +69,19 @@ def function(ip):
     return syms[i][1][:110] if i >= 0 else hex(ip)
 
 
+# The worker's park (see above): from an access by PARK's functions up to the next by RUN's.
+PARK, RUN = ("Context::park_internal", "transition_worker_to_parked"), "Context::run_task"
+kinds = {}
+
+
+def kind(ip):
+    """1 if `ip` starts a park, 2 if it ends one (the worker runs a task), else 0."""
+    if ip not in kinds:
+        f_ = function(ip)
+        kinds[ip] = 2 if RUN in f_ else 1 if any(p in f_ for p in PARK) else 0
+    return kinds[ip]
+
+
 with open(f"{out}/trace", "rb") as f:
     f.seek(start)
     lines = f.read(end - start).split(b"\n")[1:-1]
@@ -94,6 +115,64 @@ print(f"one request's footprint, mean of {len(wins)} request-long windows: {mean
       f"({mean * 64 / 1024:.1f} KiB; windows {min(sizes)}-{max(sizes)}, "
       f"median {sorted(sizes)[len(sizes) // 2]}): "
       + ", ".join(f"{r} {c / len(wins):.1f}" for r, c in by.most_common(8)))
+# The footprint without the parks: the accesses outside them, in windows as long as those
+# accesses per request.
+rest, parked, parks, k0 = [], False, 0, 0
+for i, (ln, w, ip) in enumerate(acc):
+    k = kind(ip)
+    if k == 1 and not parked:
+        parked = True
+        parks += i >= half
+    elif k == 2:
+        parked = False
+    if not parked:
+        rest.append((ln, ip))
+        k0 += i < half
+print(f"parks in the measured part's second half: {parks / reqs:.2f} per request, "
+      f"{(n - half - (len(rest) - k0)) / reqs:.0f} accesses per request "
+      f"({PARK[0]} or {PARK[1]} up to the next {RUN})")
+rwidth = (len(rest) - k0) * 2 // nreq
+rwins = [{ln for ln, _ in rest[i:i + rwidth]} for i in range(k0, len(rest) - rwidth + 1, rwidth)]
+rby, rsizes = collections.Counter(), [len(w) for w in rwins]
+for w in rwins:
+    rby.update(region(ln << 6) for ln in w)
+rmean = sum(rsizes) / len(rsizes)
+print(f"one request's footprint without the parks, mean of {len(rwins)} windows of {rwidth} "
+      f"accesses: {rmean:.1f} distinct lines ({rmean * 64 / 1024:.1f} KiB; windows "
+      f"{min(rsizes)}-{max(rsizes)}, median {sorted(rsizes)[len(rsizes) // 2]}): "
+      + ", ".join(f"{r} {c / len(rwins):.1f}" for r, c in rby.most_common(8)))
+# And aligned to the requests: the distinct lines from one request's `Exchange::start` (the
+# record each request starts with) to the next request's, without the parks, for each request
+# of the second half.
+MARK = "Exchange::start"
+marks, last = [], -rwidth
+for j in range(k0, len(rest)):
+    if MARK in function(rest[j][1]):
+        # A request's first access there: its callees split its accesses into several runs,
+        # all within far less than half a request's accesses.
+        if j - last > rwidth // 2:
+            marks.append(j)
+        last = j
+asizes = [len({ln for ln, _ in rest[a:b]}) for a, b in zip(marks, marks[1:])]
+
+
+def aby_at(ks):
+    c = collections.Counter()
+    for k in ks:
+        c.update(region(ln << 6) for ln in {ln for ln, _ in rest[marks[k]:marks[k + 1]]})
+    return c
+
+
+if asizes:
+    # The median, and the regions of the requests at it: a few requests hold far more (what
+    # else ran in between), and move the mean.
+    amean, amed = sum(asizes) / len(asizes), sorted(asizes)[len(asizes) // 2]
+    at = [k for k, z in enumerate(asizes) if z == amed]
+    print(f"one request's lines without the parks, from one {MARK} to the next, "
+          f"{len(asizes)} requests: median {amed} (range {min(asizes)}-{max(asizes)}, mean "
+          f"{amean:.1f}, {sum(z > amed + 10 for z in asizes)} above median + 10); the "
+          f"{len(at)} at the median: "
+          + ", ".join(f"{r} {c / len(at):.1f}" for r, c in aby_at(at).most_common(8)))
 one = wins[0]
 for name, ways, sets in (("8-way, 64 sets", 8, 64), ("fully associative", 512, 1)):
     cache = [collections.OrderedDict() for _ in range(sets)]
@@ -121,5 +200,12 @@ for ln, _, ip in one:
     if region(ln << 6) == "stack":
         frames[function(ip)].add(ln)
 print("== stack lines touched in one request-long window, by function")
+for f_, s in sorted(frames.items(), key=lambda x: -len(x[1]))[:top]:
+    print(f"  {len(s):4d}  {f_}")
+frames = collections.defaultdict(set)
+for ln, ip in rest[k0:k0 + rwidth]:
+    if region(ln << 6) == "stack":
+        frames[function(ip)].add(ln)
+print("== stack lines touched in the first window without the parks, by function")
 for f_, s in sorted(frames.items(), key=lambda x: -len(x[1]))[:top]:
     print(f"  {len(s):4d}  {f_}")
