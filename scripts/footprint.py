@@ -9,8 +9,10 @@ average request's accesses, averaged over the windows of the measured part's sec
 aligned to a request's start, so an estimate, with the windows' spread), by region (`stack`:
 valgrind's 2 MiB thread stacks; `heap`: the anonymous mappings of 1 GiB or more, mimalloc's
 arena; the binary's and libraries' mappings by name), and the misses of two simulated L1
-data caches of 32 KiB with LRU replacement: this VM's shape (8 ways, 64 sets) and a fully
-associative one (what is left there is capacity, not conflict), each over the measured part
+data caches of 32 KiB with LRU replacement: the shape of the VM of stops 30-38 (8 ways, 64
+sets) and a fully associative one (what is left there is capacity, not conflict), and the
+L1 data cache of the machine the script runs on when sysfs gives another shape (stop 39's VM:
+48 KiB, 12 ways, 64 sets), each over the measured part
 with its first half as warm-up. Then the functions (by the instruction that made the access,
 symbolised with `nm`) with the most misses, and those that touch the most stack lines in the
 first request-long window of the second half. Then the footprint (and the stack table) without the worker's
@@ -174,7 +176,29 @@ if asizes:
           f"{len(at)} at the median: "
           + ", ".join(f"{r} {c / len(at):.1f}" for r, c in aby_at(at).most_common(8)))
 one = wins[0]
-for name, ways, sets in (("8-way, 64 sets", 8, 64), ("fully associative", 512, 1)):
+def this_machines_l1d():
+    """The L1 data cache of the machine the script runs on (CPU 0, from sysfs), as (KiB, ways,
+    sets), or None when sysfs does not say or it is the 32 KiB 8-way shape simulated anyway."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        import os
+        for idx in sorted(os.listdir(base)):
+            rd = lambda f: open(f"{base}/{idx}/{f}").read().strip()
+            if rd("level") == "1" and rd("type") == "Data" and rd("coherency_line_size") == "64":
+                kib, ways, sets = int(rd("size").rstrip("K")), int(rd("ways_of_associativity")), int(rd("number_of_sets"))
+                return None if (kib, ways, sets) == (32, 8, 64) else (kib, ways, sets)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+models = [("32 KiB", "8-way, 64 sets", 8, 64), ("32 KiB", "fully associative", 512, 1)]
+here = this_machines_l1d()
+if here:
+    # The trace is the same whatever the machine; the shape simulated is this machine's too
+    # (stops 30-38 ran on a VM with the 32 KiB 8-way one).
+    models.append((f"{here[0]} KiB", f"{here[1]}-way, {here[2]} sets (this machine's)", here[1], here[2]))
+for size, name, ways, sets in models:
     cache = [collections.OrderedDict() for _ in range(sets)]
     byreg, byfn, byfnw, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
     for i, (ln, w, ip) in enumerate(acc):
@@ -191,7 +215,7 @@ for name, ways, sets in (("8-way, 64 sets", 8, 64), ("fully associative", 512, 1
             byreg[r] += 1
             byfn[(r, function(ip))] += 1
             byfnw[(r, function(ip))] += w
-    print(f"== L1D 32 KiB {name}: {total / reqs:.1f} misses per request: "
+    print(f"== L1D {size} {name}: {total / reqs:.1f} misses per request: "
           + ", ".join(f"{r} {c / reqs:.1f}" for r, c in byreg.most_common(6)))
     for (r, f_), c in byfn.most_common(top):
         print(f"  {c / reqs:6.1f} (writes {byfnw[(r, f_)] / reqs:5.1f})  {r[:14]:14}  {f_}")
