@@ -112,11 +112,17 @@ for w in wins:
     lns = {ln for ln, _, _ in w}
     sizes.append(len(lns))
     by.update(region(ln << 6) for ln in lns)
-mean = sum(sizes) / len(sizes)
-print(f"one request's footprint, mean of {len(wins)} request-long windows: {mean:.1f} distinct lines "
-      f"({mean * 64 / 1024:.1f} KiB; windows {min(sizes)}-{max(sizes)}, "
-      f"median {sorted(sizes)[len(sizes) // 2]}): "
-      + ", ".join(f"{r} {c / len(wins):.1f}" for r, c in by.most_common(8)))
+
+
+def spread(sizes, by):
+    """The windows' mean footprint, its spread, and the regions' mean lines."""
+    mean = sum(sizes) / len(sizes)
+    return (f"{mean:.1f} distinct lines ({mean * 64 / 1024:.1f} KiB; windows "
+            f"{min(sizes)}-{max(sizes)}, median {sorted(sizes)[len(sizes) // 2]}): "
+            + ", ".join(f"{r} {c / len(sizes):.1f}" for r, c in by.most_common(8)))
+
+
+print(f"one request's footprint, mean of {len(wins)} request-long windows: {spread(sizes, by)}")
 # The footprint without the parks: the accesses outside them, in windows as long as those
 # accesses per request.
 rest, parked, parks, k0 = [], False, 0, 0
@@ -138,11 +144,8 @@ rwins = [{ln for ln, _ in rest[i:i + rwidth]} for i in range(k0, len(rest) - rwi
 rby, rsizes = collections.Counter(), [len(w) for w in rwins]
 for w in rwins:
     rby.update(region(ln << 6) for ln in w)
-rmean = sum(rsizes) / len(rsizes)
 print(f"one request's footprint without the parks, mean of {len(rwins)} windows of {rwidth} "
-      f"accesses: {rmean:.1f} distinct lines ({rmean * 64 / 1024:.1f} KiB; windows "
-      f"{min(rsizes)}-{max(rsizes)}, median {sorted(rsizes)[len(rsizes) // 2]}): "
-      + ", ".join(f"{r} {c / len(rwins):.1f}" for r, c in rby.most_common(8)))
+      f"accesses: {spread(rsizes, rby)}")
 # And aligned to the requests: the distinct lines from one request's `Exchange::start` (the
 # record each request starts with) to the next request's, without the parks, for each request
 # of the second half.
