@@ -26,7 +26,7 @@ request's accesses (without the parks) from its `Exchange::start` to the next re
 aligned to the requests, so without the windows' phase. Valgrind
 loads a position-independent binary at 0x108000 (checked against OUT/maps).
 """
-import bisect, collections, subprocess, sys
+import bisect, collections, os, subprocess, sys
 
 out, binp, nreq = sys.argv[1], sys.argv[2], int(sys.argv[3])
 top = int(sys.argv[4]) if len(sys.argv) > 4 else 25
@@ -168,7 +168,10 @@ def aby_at(ks):
     return c
 
 
-if asizes:
+if not asizes:
+    print(f"one request's lines without the parks, from one {MARK} to the next: not printed, "
+          f"{MARK} is no symbol of this binary (a PGO + BOLT build) or fewer than two requests were found")
+else:
     # The median, and the regions of the requests at it: a few requests hold far more (what
     # else ran in between), and move the mean.
     amean, amed = sum(asizes) / len(asizes), sorted(asizes)[len(asizes) // 2]
@@ -178,13 +181,13 @@ if asizes:
           f"{amean:.1f}, {sum(z > amed + 10 for z in asizes)} above median + 10); the "
           f"{len(at)} at the median: "
           + ", ".join(f"{r} {c / len(at):.1f}" for r, c in aby_at(at).most_common(8)))
-one = wins[0]
+
+
 def this_machines_l1d():
     """The L1 data cache of the machine the script runs on (CPU 0, from sysfs), as (KiB, ways,
     sets), or None when sysfs does not say or it is the 32 KiB 8-way shape simulated anyway."""
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        import os
         for idx in sorted(os.listdir(base)):
             rd = lambda f: open(f"{base}/{idx}/{f}").read().strip()
             if rd("level") == "1" and rd("type") == "Data" and rd("coherency_line_size") == "64":
@@ -222,17 +225,18 @@ for size, name, ways, sets in models:
           + ", ".join(f"{r} {c / reqs:.1f}" for r, c in byreg.most_common(6)))
     for (r, f_), c in byfn.most_common(top):
         print(f"  {c / reqs:6.1f} (writes {byfnw[(r, f_)] / reqs:5.1f})  {r[:14]:14}  {f_}")
-frames = collections.defaultdict(set)
-for ln, _, ip in one:
-    if region(ln << 6) == "stack":
-        frames[function(ip)].add(ln)
-print("== stack lines touched in one request-long window, by function")
-for f_, s in sorted(frames.items(), key=lambda x: -len(x[1]))[:top]:
-    print(f"  {len(s):4d}  {f_}")
-frames = collections.defaultdict(set)
-for ln, ip in rest[k0:k0 + rwidth]:
-    if region(ln << 6) == "stack":
-        frames[function(ip)].add(ln)
-print("== stack lines touched in the first window without the parks, by function")
-for f_, s in sorted(frames.items(), key=lambda x: -len(x[1]))[:top]:
-    print(f"  {len(s):4d}  {f_}")
+
+
+def stack_table(title, accesses):
+    """The functions touching the most stack lines among `accesses` ((line, ip) pairs)."""
+    frames = collections.defaultdict(set)
+    for ln, ip in accesses:
+        if region(ln << 6) == "stack":
+            frames[function(ip)].add(ln)
+    print(f"== stack lines touched in {title}, by function")
+    for f_, lns in sorted(frames.items(), key=lambda x: -len(x[1]))[:top]:
+        print(f"  {len(lns):4d}  {f_}")
+
+
+stack_table("one request-long window", ((ln, ip) for ln, _, ip in wins[0]))
+stack_table("the first window without the parks", rest[k0:k0 + rwidth])

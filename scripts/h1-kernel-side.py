@@ -408,9 +408,10 @@ tracepoint:sock:sock_recv_length /args->ret <= 0 && ({pf})/ {{
 
 
 def mount_tracefs():
-    """bpftrace finds the tracepoints in tracefs, which a fresh machine may not have mounted
-    (stop 39's VM had not: "tracepoint not found: sock:sk_data_ready"). Mounts it when missing;
-    True if it did, so the caller unmounts it and leaves the machine as it was."""
+    """bpftrace (--bytes, --react) and perf's tracepoint events (--perf, --wake, --sched) find
+    the tracepoints in tracefs, which a fresh machine may not have mounted (stop 39's VM had
+    not: "tracepoint not found: sock:sk_data_ready"). Mounts it when missing; True if it did,
+    so main unmounts it at the end and leaves the machine as it was."""
     if os.path.isdir("/sys/kernel/tracing/events"):
         return False
     subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=True)
@@ -421,15 +422,6 @@ def traced_pass(bt, program, out, secs):
     """One client pass of SECS under the bpftrace PROGRAM (written to BT; its output, maps
     included, to OUT): started and attached first, stopped with SIGINT after. (requests, p99)."""
     open(bt, "w").write(program)
-    mounted = mount_tracefs()
-    try:
-        return traced_pass_mounted(out, bt, secs)
-    finally:
-        if mounted:
-            subprocess.run(["umount", "/sys/kernel/tracing"], capture_output=True)
-
-
-def traced_pass_mounted(out, bt, secs):
     bp = subprocess.Popen(["bpftrace", bt], stdout=open(out, "w"), stderr=subprocess.STDOUT)
     try:
         for _ in range(600):
@@ -600,6 +592,7 @@ def main():
     sh("ip", "netns", "add", NS)
     sh("ip", "-n", NS, "link", "set", "lo", "up")
     backend = None
+    tracefs = mount_tracefs()
     try:
         backend = start_backend()
         time.sleep(0.5)
@@ -721,6 +714,8 @@ def main():
             except subprocess.TimeoutExpired:
                 backend.kill()
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+        if tracefs:
+            subprocess.run(["umount", "/sys/kernel/tracing"], capture_output=True)
 
 
 main()
