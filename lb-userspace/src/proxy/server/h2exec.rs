@@ -119,14 +119,19 @@ impl NewStreams<'_> {
     /// Starts a native stream (`h2native.rs`), unboxed in its slot.
     #[inline]
     pub(super) fn native(&mut self, stream: h2native::Stream) {
-        self.slots.start(Task::Native(stream));
-        self.slots.started += 1;
+        self.hand_over(Task::Native(stream));
     }
 
     /// Starts a boxed stream (the tests' streams).
     #[cfg(test)]
     pub(super) fn boxed(&mut self, fut: StreamFuture) {
-        self.slots.start(Task::Hyper(fut));
+        self.hand_over(Task::Hyper(fut));
+    }
+
+    /// Starts `task` in a slot and counts it as handed over (due in the driver's next round).
+    #[inline]
+    fn hand_over(&mut self, task: Task) {
+        self.slots.start(task);
         self.slots.started += 1;
     }
 }
