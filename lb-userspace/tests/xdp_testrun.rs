@@ -3885,6 +3885,15 @@ fn guard_lists_drop_refused_sources_of_both_families_before_any_state_and_count_
 const WATCH_DEADLINE: Duration = Duration::from_secs(20);
 
 impl Lb {
+    /// Loaded with a next-hop cache that only an invalidation ends ([`Self::long_cache`]) and
+    /// the VIP 198.51.100.1:80/TCP to one backend: where the next-hop cache's tests start.
+    fn cached_web(backend: impl Into<IpAddr> + Copy) -> (Self, VipAddr) {
+        let mut lb = Self::load();
+        lb.long_cache();
+        let web = lb.add_vip(Ipv4Addr::new(198, 51, 100, 1), 80, Proto::Tcp, &[backend]);
+        (lb, web)
+    }
+
     /// A cache entry that only an invalidation can end within a test.
     fn long_cache(&mut self) {
         self.balancer
@@ -3956,14 +3965,7 @@ impl Lb {
 #[test]
 fn a_backends_next_hop_is_resolved_once_then_taken_from_the_cache() {
     netns_test(|| {
-        let mut lb = Lb::load();
-        lb.long_cache();
-        let web = lb.add_vip(
-            Ipv4Addr::new(198, 51, 100, 1),
-            80,
-            Proto::Tcp,
-            &[backend(12)],
-        );
+        let (mut lb, web) = Lb::cached_web(backend(12));
         let nat_vip = VipAddr {
             addr: Ipv4Addr::new(198, 51, 100, 2).into(),
             port: 80,
@@ -4045,14 +4047,7 @@ fn a_backends_next_hop_is_resolved_once_then_taken_from_the_cache() {
 #[test]
 fn after_the_backends_neighbour_mac_changes_packets_go_to_the_new_mac() {
     netns_test(|| {
-        let mut lb = Lb::load();
-        lb.long_cache();
-        let web = lb.add_vip(
-            Ipv4Addr::new(198, 51, 100, 1),
-            80,
-            Proto::Tcp,
-            &[backend(12)],
-        );
+        let (lb, web) = Lb::cached_web(backend(12));
         let input = tcp(web.addr, 80).build();
         lb.run_encap(&input, backend(12));
         let id = lb.backend_id(&web, backend(12));
@@ -4097,14 +4092,7 @@ fn a_backend_slot_rewritten_with_another_address_does_not_keep_the_old_next_hop(
     use lb::l4::L4Maps as _;
 
     netns_test(|| {
-        let mut lb = Lb::load();
-        lb.long_cache();
-        let web = lb.add_vip(
-            Ipv4Addr::new(198, 51, 100, 1),
-            80,
-            Proto::Tcp,
-            &[backend(12)],
-        );
+        let (mut lb, web) = Lb::cached_web(backend(12));
         let input = tcp(web.addr, 80).build();
         let id = lb.backend_id(&web, backend(12));
         // Positive control: the first packet resolves and caches backend 12's next hop, the
@@ -4235,9 +4223,7 @@ fn after_a_route_change_packets_follow_the_new_route() {
             "dev",
             "d0",
         ]);
-        let mut lb = Lb::load();
-        lb.long_cache();
-        let web = lb.add_vip(Ipv4Addr::new(198, 51, 100, 1), 80, Proto::Tcp, &[far]);
+        let (lb, web) = Lb::cached_web(far);
         let input = tcp(web.addr, 80).build();
         let out = lb.run(&input, XDP_REDIRECT, Reason::Redirect);
         assert_eq!(&out[0..6], &backend_mac(backend(11)), "via 10.0.0.11");
@@ -4281,14 +4267,7 @@ fn after_a_route_change_packets_follow_the_new_route() {
 #[test]
 fn an_unresolved_neighbour_is_looked_up_again_for_every_packet_never_cached() {
     netns_test(|| {
-        let mut lb = Lb::load();
-        lb.long_cache();
-        let web = lb.add_vip(
-            Ipv4Addr::new(198, 51, 100, 1),
-            80,
-            Proto::Tcp,
-            &[NO_NEIGH_BACKEND],
-        );
+        let (mut lb, web) = Lb::cached_web(NO_NEIGH_BACKEND);
         let nat_vip = VipAddr {
             addr: Ipv4Addr::new(198, 51, 100, 2).into(),
             port: 80,
@@ -4348,14 +4327,7 @@ fn an_unresolved_neighbour_is_looked_up_again_for_every_packet_never_cached() {
 fn too_big_is_still_answered_with_a_warm_cache_and_after_the_mtu_shrinks() {
     netns_test(|| {
         run_cmd(&["ip", "link", "set", "d0", "mtu", "1000"]);
-        let mut lb = Lb::load();
-        lb.long_cache();
-        let web = lb.add_vip(
-            Ipv4Addr::new(198, 51, 100, 1),
-            80,
-            Proto::Tcp,
-            &[backend(11)],
-        );
+        let (mut lb, web) = Lb::cached_web(backend(11));
         let of_ip_len = |ip_len: usize| {
             Frame {
                 payload: vec![0x5a; ip_len - IPV4_LEN - 20],
