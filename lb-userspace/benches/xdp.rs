@@ -1143,7 +1143,7 @@ fn run() -> anyhow::Result<()> {
             } else {
                 base
             };
-            let label = if r.name.ends_with(" [lb copy]") {
+            let label = if r.name.ends_with(&format!(" [{COPY}]")) {
                 "control: copy - embedded"
             } else {
                 "variant - embedded"
