@@ -1397,8 +1397,9 @@ async fn accept_loop(
                                 _ => Some((tcp, slot)),
                             };
                             if let Some((tcp, slot)) = tcp {
-                                let open = OpenConnection::new(shared, worker);
+                                // The connection holds the listener before it is counted open.
                                 let listener = listener.clone();
+                                let open = OpenConnection::new(shared, worker);
                                 conns.spawn(async move {
                                     let _open = open;
                                     serve_connection(listener, tcp, peer, slot).await;
@@ -1478,7 +1479,7 @@ async fn serve_connection(
     match &listener.tls {
         None => {
             run_http(
-                &listener,
+                listener,
                 tcp,
                 peer,
                 true,
@@ -1502,9 +1503,9 @@ async fn serve_connection(
                         // Responses ready in one scheduler pass share a TLS record and a
                         // write (`batch.rs`).
                         let stream = batch::BatchedWrites::new(stream);
-                        run_http(&listener, stream, peer, false, slot, conn).await;
+                        run_http(listener, stream, peer, false, slot, conn).await;
                     } else {
-                        run_http(&listener, stream, peer, true, slot, conn).await;
+                        run_http(listener, stream, peer, true, slot, conn).await;
                     }
                 }
                 Ok(Err(e)) => {
@@ -1540,8 +1541,10 @@ fn tls_info(listener: &Listener, session: &rustls::ServerConnection) -> TlsInfo 
     }
 }
 
+/// Serves `io` to its end. The connection's one count of `listener` moves into its context:
+/// the listener's count is a line every worker's connections write, once per connection.
 async fn run_http<IO>(
-    listener: &Arc<Listener>,
+    listener: Arc<Listener>,
     io: IO,
     peer: SocketAddr,
     http1: bool,
@@ -1563,7 +1566,7 @@ async fn run_http<IO>(
     );
     let abuse = Arc::new(abuse::StreamCancellations::default());
     let ctx = Arc::new(pipeline::ConnCtx {
-        listener: listener.clone(),
+        listener,
         peer,
         forwarded_peer: crate::headers::ForwardedPeer::new(peer.ip()),
         conn: conn_shared,
@@ -1571,6 +1574,7 @@ async fn run_http<IO>(
         abuse: abuse.clone(),
         info: conn,
     });
+    let listener = &ctx.listener;
     let keepalive = tokio::time::sleep(listener.cfg.client_keepalive);
     tokio::pin!(keepalive);
     // One control loop (keep-alive lifetime, drain, stop, abuse) for the whole connection: the
@@ -1606,7 +1610,7 @@ async fn run_http<IO>(
     if listener.cfg.http2_native && io.is_http2() {
         // HTTP/2 without hyper (`server/h2native.rs`).
         let shutdown = Arc::new(h2native::Control::default());
-        let conn = h2native::Conn::new(io, ctx, streams.executor(), shutdown.clone());
+        let conn = h2native::Conn::new(io, ctx.clone(), streams.executor(), shutdown.clone());
         tokio::pin!(conn);
         let ended = control
             .run(Some(&mut streams), conn, |_| {
@@ -1616,7 +1620,9 @@ async fn run_http<IO>(
             .await;
         control.log_error(ended);
     } else {
-        let service = hyper::service::service_fn(move |req| service::Respond::new(&ctx, req));
+        let service_ctx = ctx.clone();
+        let service =
+            hyper::service::service_fn(move |req| service::Respond::new(&service_ctx, req));
         let http = http_builder(streams.executor());
         let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
@@ -2223,13 +2229,19 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The connections are served (each holds the listener), no request has come yet.
+        // The connections are served (each holds the listener, taken before it is counted
+        // open), no request has come yet. Waited for, not read once: the open count and the
+        // listener's are two atomics, read without an order between them.
+        while Arc::strong_count(&listener) < listener_idle + WAITING {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{WAITING} connections raised the listener's count from {listener_idle} to {} \
+                 only",
+                Arc::strong_count(&listener)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let listener_connected = Arc::strong_count(&listener);
-        assert!(
-            listener_connected >= listener_idle + WAITING,
-            "{WAITING} connections raised the listener's count from {listener_idle} to \
-             {listener_connected} only"
-        );
         let group_connected = Arc::strong_count(&web);
         for c in &mut clients {
             c.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
