@@ -412,6 +412,17 @@ fn counter_deltas<R: Copy + PartialEq + Debug>(
 /// intact behind it.
 fn assert_encapsulated(input: &[u8], out: &[u8], backend: impl Into<IpAddr>) {
     let backend = backend.into();
+    let lb: IpAddr = if backend.is_ipv6() {
+        LB_ADDR6.into()
+    } else {
+        LB_ADDR.into()
+    };
+    assert_encapsulated_from(input, out, backend, lb);
+}
+
+/// [`assert_encapsulated`] with the outer source `lb` (the balancer's address of the
+/// backend's family).
+fn assert_encapsulated_from(input: &[u8], out: &[u8], backend: IpAddr, lb: IpAddr) {
     let (inner_len, inner_tos) = packet::ip_len_and_tos(input).expect("input is IP");
     let inner_v6 = input[12..14] == [0x86, 0xdd];
     let outer_len = if backend.is_ipv6() {
@@ -427,11 +438,6 @@ fn assert_encapsulated(input: &[u8], out: &[u8], backend: impl Into<IpAddr>) {
         if inner_v6 { 41 } else { 4 },
         "protocol / next header announces the inner family"
     );
-    let lb: IpAddr = if backend.is_ipv6() {
-        LB_ADDR6.into()
-    } else {
-        LB_ADDR.into()
-    };
     assert_eq!(outer.src, lb, "outer source");
     assert_eq!(outer.dst, backend, "outer destination");
     assert_eq!(outer.ttl, 64, "outer TTL / hop limit");
@@ -4367,5 +4373,160 @@ fn too_big_is_still_answered_with_a_warm_cache_and_after_the_mtu_shrinks() {
         lb.wait_for_generation_past(g);
         let out = lb.run(&of_ip_len(980), XDP_TX, Reason::TxIcmpTooBig);
         assert_eq!(mtu_in(&out), 880);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pinned maps adopted by the next run.
+// ---------------------------------------------------------------------------------------------
+
+/// A pin directory on the bpffs, removed with everything in it when dropped (also on panic).
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new(what: &str) -> Self {
+        Self(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/lb-xdp-testrun-{what}-{}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Lb {
+    /// `lb_xdp` loaded with its maps pinned in `dir` (adopting a previous load's maps there,
+    /// as `lb run` does) and serving `vips`.
+    fn pinned(dir: &std::path::Path, addrs: LbAddrs, vips: &[VipSpec]) -> Self {
+        let sizes = Sizes {
+            max_flows: 4096,
+            ring_size: RING,
+            max_vips: 16,
+            max_backends: 32,
+        };
+        let (balancer, maps) = Balancer::load(sizes, addrs, Some(dir))
+            .expect("loading lb_xdp with pinned maps (verifier, privileges, bpffs)");
+        let (registry, _) = RingWriter::adopt(maps, RING, sizes.max_vips, sizes.max_backends, vips)
+            .expect("writing the VIPs");
+        Self {
+            balancer,
+            registry,
+            members: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// A run started with other outer source addresses (`--lb-addr`) adopts the pinned maps and
+/// sends the flows it inherits from its own addresses: the next packet of a flow the previous
+/// run steered (and whose next hop it cached) leaves from the new address, to the same
+/// backend. The loader writes the addresses into the adopted `LB_CONFIG` before it moves the
+/// next-hop generation; one that wrote them only into fresh maps fails here. Positive
+/// controls: before the restart the flow left from the old address through the cache, and the
+/// second load did adopt (the flow went on without a new-flow count, the counters kept).
+#[test]
+fn a_run_with_other_outer_addresses_sends_the_flows_it_adopts_from_the_new_ones() {
+    netns_test(|| {
+        const NEW_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+        const NEW_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3);
+        run_cmd(&["ip", "addr", "add", "10.0.0.3/24", "dev", "d0"]);
+        run_cmd(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00::3/64",
+            "dev",
+            "d0",
+            "nodad",
+        ]);
+        let pins = PinDir::new("readdress");
+        let web = VipAddr {
+            addr: Ipv4Addr::new(198, 51, 100, 1).into(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let web6 = VipAddr {
+            addr: Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1).into(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let specs = [VipSpec::new(None, web), VipSpec::new(None, web6)];
+        let old = LbAddrs {
+            v4: Some(LB_ADDR),
+            v6: Some(LB_ADDR6),
+        };
+        let flow = client_syn(&web, 40_000);
+        let flow6 = Frame6 {
+            sport: 40_000,
+            ..tcp6(web6.addr, 80)
+        }
+        .build();
+        let before = {
+            let mut first = Lb::pinned(&pins.0, old, &specs);
+            assert!(!first.balancer.adopted(), "a fresh pin directory");
+            first.long_cache();
+            first.register(&web, &[backend(11)]);
+            first.register(&web6, &[backend6(11)]);
+            for (packet, to) in [
+                (&flow, IpAddr::from(backend(11))),
+                (&flow6, backend6(11).into()),
+            ] {
+                first.run_encap(packet, to);
+                let lookups = first.nexthop_counts().0;
+                let out = first.run(packet, XDP_REDIRECT, Reason::Redirect);
+                assert_encapsulated(packet, &out, to);
+                assert_eq!(
+                    first.nexthop_counts().0,
+                    lookups,
+                    "the flow's second packet used the cached next hop (no lookup)"
+                );
+            }
+            first.balancer.keep_dataplane(true);
+            (first.vip_counters(&web), first.vip_counters(&web6))
+        };
+        assert!(
+            pins.0.join("LB_FLOWS").exists(),
+            "the first load left its maps pinned"
+        );
+        let new = LbAddrs {
+            v4: Some(NEW_ADDR),
+            v6: Some(NEW_ADDR6),
+        };
+        let mut second = Lb::pinned(&pins.0, new, &specs);
+        assert!(
+            second.balancer.adopted(),
+            "the second load adopted the pins"
+        );
+        second.long_cache();
+        for (packet, to, from) in [
+            (&flow, IpAddr::from(backend(11)), IpAddr::from(NEW_ADDR)),
+            (&flow6, backend6(11).into(), NEW_ADDR6.into()),
+        ] {
+            let lookups = second.nexthop_counts().0;
+            let out = second.run(packet, XDP_REDIRECT, Reason::Redirect);
+            assert_encapsulated_from(packet, &out, to, from);
+            assert_eq!(
+                second.nexthop_counts().0,
+                lookups + 1,
+                "the previous run's cached next hop was invalid after the load: one lookup"
+            );
+        }
+        for (vip, before) in [(&web, before.0), (&web6, before.1)] {
+            let after = second.vip_counters(vip);
+            assert_eq!(
+                (after.packets, after.new_flows),
+                (before.packets + 1, before.new_flows),
+                "{vip}: one more packet of the adopted flow, no new flow"
+            );
+        }
+        drop(second);
+        assert!(
+            !pins.0.join("LB_FLOWS").exists(),
+            "a load that does not keep its data plane removes the pins"
+        );
     });
 }
