@@ -1,7 +1,13 @@
 //! The L7 tier's counters: plain atomics owned by the listener, the target group and the
 //! target they count, so recording a request takes no lock and no lookup (`Relaxed` adds on
 //! cells the request already holds). Each is fed only from a request's [`Record`], once.
-use std::sync::atomic::{AtomicU64, Ordering};
+//!
+//! The counters every forwarded request adds to are kept once per recording thread
+//! ([`PerThread`]) and summed when read: the first threads to record (the L7 workers) each
+//! own a copy that only they write, with a plain load and store, where a shared atomic add is
+//! a `lock`-prefixed instruction on a line both workers write (12 of them a request).
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::accesslog::{ActionKind, LbError, Record};
@@ -23,6 +29,77 @@ fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
+/// Copies of a [`PerThread`] cell: the first `THREADS - 1` threads that record own one each,
+/// every later thread shares copy 0 (with atomic adds, as before). Eight covers the L7 workers
+/// of the machines this runs on; more workers than that share copy 0 and count correctly.
+const THREADS: usize = 8;
+
+/// The next copy a thread that records for the first time gets to own.
+static NEXT_OWNER: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// This thread's copy: 1.. its own, 0 the shared one; `usize::MAX` until it first records.
+    static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// This thread's copy of every [`PerThread`] cell (1..THREADS: only this thread writes it).
+fn my_copy() -> usize {
+    MINE.try_with(|m| {
+        let i = m.get();
+        if i != usize::MAX {
+            return i;
+        }
+        let next = NEXT_OWNER
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < THREADS).then_some(n + 1)
+            })
+            .unwrap_or(0);
+        m.set(next);
+        next
+    })
+    .unwrap_or(0)
+}
+
+/// Where a request's counts go: this thread's own copy, or the shared one.
+#[derive(Clone, Copy)]
+struct Adder(bool);
+
+impl Adder {
+    /// Adds `n` to `c`. On an owned copy a plain load and store (no other thread writes it,
+    /// readers only load): no `lock` prefix. On the shared copy an atomic add.
+    fn add(self, c: &AtomicU64, n: u64) {
+        if self.0 {
+            c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        } else {
+            add(c, n);
+        }
+    }
+}
+
+/// One copy, on cache lines of its own (no two threads' copies share a line).
+#[derive(Debug, Default)]
+#[repr(C, align(64))]
+struct Line<T>(T);
+
+/// A cell kept once per recording thread (see [`THREADS`]); read by summing the copies.
+#[derive(Debug, Default)]
+pub struct PerThread<T> {
+    copies: [Line<T>; THREADS],
+}
+
+impl<T> PerThread<T> {
+    /// This thread's copy and how to add to it.
+    fn mine(&self) -> (&T, Adder) {
+        let i = my_copy();
+        (&self.copies[i].0, Adder(i != 0))
+    }
+
+    /// Every copy, to sum.
+    fn all(&self) -> impl Iterator<Item = &T> {
+        self.copies.iter().map(|c| &c.0)
+    }
+}
+
 /// A fixed-bucket histogram of durations (Prometheus-style: cumulative on export).
 /// `repr(C)`: the count and the sum, which every observation adds to, come first, next to
 /// the first buckets and to what the cell holding the histogram puts before it (see
@@ -38,26 +115,40 @@ pub struct Histogram {
 impl Histogram {
     /// Counts one observation.
     pub fn observe(&self, d: Duration) {
+        self.observe_with(Adder(false), d);
+    }
+
+    fn observe_with(&self, a: Adder, d: Duration) {
         let secs = d.as_secs_f64();
         let i = BUCKETS
             .iter()
             .position(|&b| secs <= b)
             .unwrap_or(BUCKETS.len());
-        add(&self.buckets[i], 1);
-        add(
+        a.add(&self.buckets[i], 1);
+        a.add(
             &self.sum_micros,
             u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
         );
-        add(&self.count, 1);
+        a.add(&self.count, 1);
     }
 
     /// The counts now.
     pub fn snapshot(&self) -> HistogramSnapshot {
-        HistogramSnapshot {
-            buckets: self.buckets.iter().map(get).collect(),
-            sum_micros: get(&self.sum_micros),
-            count: get(&self.count),
+        let mut s = HistogramSnapshot {
+            buckets: vec![0; self.buckets.len()],
+            ..HistogramSnapshot::default()
+        };
+        self.add_to(&mut s);
+        s
+    }
+
+    /// Adds the counts now to `s` (whose `buckets` has one entry per bucket).
+    fn add_to(&self, s: &mut HistogramSnapshot) {
+        for (sum, b) in s.buckets.iter_mut().zip(&self.buckets) {
+            *sum = sum.wrapping_add(get(b));
         }
+        s.sum_micros = s.sum_micros.wrapping_add(get(&self.sum_micros));
+        s.count = s.count.wrapping_add(get(&self.count));
     }
 }
 
@@ -123,16 +214,20 @@ impl HistogramSnapshot {
     }
 }
 
-/// Per-listener counters (CloudWatch's load-balancer dimension). `repr(C)`: the counters a
-/// forwarded request adds to (bytes, requests, rule evaluations) come first, in 32 bytes,
-/// so a request writes one or two of the cell's lines rather than two or three.
+/// The per-listener counters a forwarded request adds to, kept per thread.
 #[derive(Debug, Default)]
-#[repr(C)]
-pub struct ListenerCells {
+struct ListenerHot {
     processed_bytes: AtomicU64,
     requests: AtomicU64,
     rule_evaluations: AtomicU64,
     lcu_rule_evaluations: AtomicU64,
+}
+
+/// Per-listener counters (CloudWatch's load-balancer dimension). What a forwarded request adds
+/// to (bytes, requests, rule evaluations) is kept per thread, in one line of each copy.
+#[derive(Debug, Default)]
+pub struct ListenerCells {
+    hot: PerThread<ListenerHot>,
     /// NewConnectionCount.
     pub new_connections: AtomicU64,
     /// RejectedConnectionCount.
@@ -186,9 +281,10 @@ pub const HEADER_TIMEOUT_DETAIL: &str = crate::proxy::server::HEADER_TIMEOUT_REA
 impl ListenerCells {
     /// Counts one request.
     pub fn record(&self, r: &Record) {
-        add(&self.processed_bytes, r.received_bytes + r.sent_bytes);
+        let (hot, a) = self.hot.mine();
+        a.add(&hot.processed_bytes, r.received_bytes + r.sent_bytes);
         if r.target.is_some() {
-            add(&self.requests, 1);
+            a.add(&hot.requests, 1);
         }
         if r.generated_by_lb()
             && let Some(status) = r.elb_status
@@ -210,11 +306,11 @@ impl ListenerCells {
         // Adding 0 would still write the line (an atomic add is a write): most requests
         // evaluate no more rules than are free, many (the default rule alone) none.
         if r.rules_evaluated > 0 {
-            add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+            a.add(&hot.rule_evaluations, u64::from(r.rules_evaluated));
         }
         if r.rules_evaluated > FREE_RULE_EVALUATIONS {
-            add(
-                &self.lcu_rule_evaluations,
+            a.add(
+                &hot.lcu_rule_evaluations,
                 u64::from(r.rules_evaluated - FREE_RULE_EVALUATIONS),
             );
         }
@@ -233,13 +329,16 @@ impl ListenerCells {
 
     /// The counts now.
     pub fn counts(&self) -> ListenerCounts {
+        let sum = |f: fn(&ListenerHot) -> &AtomicU64| {
+            self.hot.all().map(|h| get(f(h))).fold(0, u64::wrapping_add)
+        };
         ListenerCounts {
             new_connections: get(&self.new_connections),
             rejected_connections: get(&self.rejected_connections),
             client_tls_errors: get(&self.client_tls_errors),
             http2_abusive_connections: get(&self.http2_abusive_connections),
-            processed_bytes: get(&self.processed_bytes),
-            requests: get(&self.requests),
+            processed_bytes: sum(|h| &h.processed_bytes),
+            requests: sum(|h| &h.requests),
             elb_3xx: get(&self.elb_3xx),
             elb_4xx: get(&self.elb_4xx),
             elb_5xx: get(&self.elb_5xx),
@@ -247,8 +346,8 @@ impl ListenerCells {
             elb_502: get(&self.elb_502),
             elb_503: get(&self.elb_503),
             elb_504: get(&self.elb_504),
-            rule_evaluations: get(&self.rule_evaluations),
-            lcu_rule_evaluations: get(&self.lcu_rule_evaluations),
+            rule_evaluations: sum(|h| &h.rule_evaluations),
+            lcu_rule_evaluations: sum(|h| &h.lcu_rule_evaluations),
             fixed_responses: get(&self.fixed_responses),
             redirects: get(&self.redirects),
             desync_non_compliant: get(&self.desync_non_compliant),
@@ -257,17 +356,21 @@ impl ListenerCells {
     }
 }
 
-/// Counters of requests sent to one target (and, inside [`GroupCells`], to a group).
-/// `repr(C)`: what a request answered 2xx adds to (requests, 2xx, the histogram's count, sum
-/// and first buckets) in the first 80 bytes, after the `Arc`'s counts, which the request
-/// touches too; the rare counters last.
+/// What a request answered 2xx adds to in a [`TargetCells`], kept per thread. `repr(C)`:
+/// requests, 2xx, the histogram's count, sum and first buckets in the copy's first 80 bytes.
 #[derive(Debug, Default)]
 #[repr(C)]
-pub struct TargetCells {
+struct TargetHot {
     requests: AtomicU64,
     target_2xx: AtomicU64,
-    /// TargetResponseTime.
-    pub response_time: Histogram,
+    response_time: Histogram,
+}
+
+/// Counters of requests sent to one target (and, inside [`GroupCells`], to a group). What
+/// every forwarded request adds to is kept per thread; the rare counters are shared.
+#[derive(Debug, Default)]
+pub struct TargetCells {
+    hot: PerThread<TargetHot>,
     target_3xx: AtomicU64,
     target_4xx: AtomicU64,
     target_5xx: AtomicU64,
@@ -291,10 +394,11 @@ pub struct TargetCounts {
 impl TargetCells {
     /// Counts one request sent (or being sent) to the target.
     pub fn record(&self, r: &Record) {
-        add(&self.requests, 1);
+        let (hot, a) = self.hot.mine();
+        a.add(&hot.requests, 1);
         if let Some(s) = r.target_status {
             match s / 100 {
-                2 => add(&self.target_2xx, 1),
+                2 => a.add(&hot.target_2xx, 1),
                 3 => add(&self.target_3xx, 1),
                 4 => add(&self.target_4xx, 1),
                 5 => add(&self.target_5xx, 1),
@@ -302,7 +406,7 @@ impl TargetCells {
             }
         }
         if let Some(t) = r.target_processing {
-            self.response_time.observe(t);
+            hot.response_time.observe_with(a, t);
         }
         if let Some(e) = r.lb_error {
             if e.is_target_connection_error() {
@@ -316,15 +420,30 @@ impl TargetCells {
 
     /// The counts now.
     pub fn counts(&self) -> TargetCounts {
+        let sum = |f: fn(&TargetHot) -> &AtomicU64| {
+            self.hot.all().map(|h| get(f(h))).fold(0, u64::wrapping_add)
+        };
         TargetCounts {
-            requests: get(&self.requests),
-            target_2xx: get(&self.target_2xx),
+            requests: sum(|h| &h.requests),
+            target_2xx: sum(|h| &h.target_2xx),
             target_3xx: get(&self.target_3xx),
             target_4xx: get(&self.target_4xx),
             target_5xx: get(&self.target_5xx),
             connection_errors: get(&self.connection_errors),
             tls_errors: get(&self.tls_errors),
         }
+    }
+
+    /// TargetResponseTime's counts now.
+    pub fn response_time(&self) -> HistogramSnapshot {
+        let mut s = HistogramSnapshot {
+            buckets: vec![0; BUCKETS.len() + 1],
+            ..HistogramSnapshot::default()
+        };
+        for h in self.hot.all() {
+            h.response_time.add_to(&mut s);
+        }
+        s
     }
 }
 
@@ -365,19 +484,52 @@ mod tests {
         Record::new(RequestType::Http, "127.0.0.1:1".parse().unwrap(), 1, None)
     }
 
-    /// The counters a forwarded 2xx request adds to share the first bytes of their cells (one
-    /// or two cache lines with the `Arc`'s counts before them), the rare ones after.
+    /// The counters a forwarded 2xx request adds to share the first bytes of their thread's
+    /// copy (one or two cache lines), and no two copies share a line.
     #[test]
     fn the_counters_a_request_adds_to_come_first() {
-        use std::mem::offset_of;
-        assert_eq!(offset_of!(ListenerCells, processed_bytes), 0);
-        assert_eq!(offset_of!(ListenerCells, lcu_rule_evaluations), 24);
-        assert_eq!(offset_of!(TargetCells, target_2xx), 8);
-        let histogram = offset_of!(TargetCells, response_time);
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(size_of::<ListenerHot>(), 32);
+        assert_eq!(offset_of!(TargetHot, target_2xx), 8);
+        let histogram = offset_of!(TargetHot, response_time);
         assert_eq!(histogram + offset_of!(Histogram, count), 16);
         assert_eq!(histogram + offset_of!(Histogram, sum_micros), 24);
         assert_eq!(histogram + offset_of!(Histogram, buckets), 32);
-        assert!(offset_of!(TargetCells, target_3xx) > histogram);
+        assert_eq!(align_of::<Line<ListenerHot>>(), 64);
+        assert_eq!(size_of::<Line<TargetHot>>() % 64, 0);
+    }
+
+    /// Each thread's requests land in its own copy, the counts read are the sum of all
+    /// (threads beyond the owned copies share copy 0), none lost or double-counted.
+    #[test]
+    fn counts_from_many_threads_sum_across_their_copies() {
+        let listener = ListenerCells::default();
+        let target = TargetCells::default();
+        let threads = 2 * THREADS;
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    let mut r = record();
+                    r.target = Some("127.0.0.1:9".parse().unwrap());
+                    r.target_status = Some(200);
+                    r.target_processing = Some(Duration::from_millis(3));
+                    r.received_bytes = 7;
+                    for _ in 0..1000 {
+                        listener.record(&r);
+                        target.record(&r);
+                    }
+                });
+            }
+        });
+        let n = 1000 * threads as u64;
+        let c = listener.counts();
+        assert_eq!((c.requests, c.processed_bytes), (n, 7 * n));
+        let t = target.counts();
+        assert_eq!((t.requests, t.target_2xx), (n, n));
+        let h = target.response_time();
+        assert_eq!((h.count, h.sum_micros, h.buckets[3]), (n, 3000 * n, n));
+        let owned = listener.hot.all().filter(|h| get(&h.requests) > 0).count();
+        assert!(owned > 1, "the threads' counts went to {owned} copy");
     }
 
     #[test]

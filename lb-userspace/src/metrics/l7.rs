@@ -77,7 +77,7 @@ pub fn collect(l7: &L7Handle, out: &mut Vec<Series>) {
         out.push(Series {
             metric: Metric::TargetGroupTargetResponseTime,
             labels: l(),
-            value: Value::Histogram(cells.all.response_time.snapshot()),
+            value: Value::Histogram(cells.all.response_time()),
         });
         for (addr, t) in g.target_metrics() {
             let tc = t.counts();
@@ -98,7 +98,7 @@ pub fn collect(l7: &L7Handle, out: &mut Vec<Series>) {
             out.push(Series {
                 metric: Metric::TargetTargetResponseTime,
                 labels: tl(),
-                value: Value::Histogram(t.response_time.snapshot()),
+                value: Value::Histogram(t.response_time()),
             });
         }
     }
