@@ -3,11 +3,11 @@
 //! cells the request already holds). Each is fed only from a request's [`Record`], once.
 //!
 //! The counters every forwarded request adds to are kept once per recording thread
-//! ([`PerThread`]) and summed when read: the first threads to record (the L7 workers) each
-//! own a copy that only they write, with a plain load and store, where a shared atomic add is
+//! ([`PerThread`]) and summed when read: a thread that records (an L7 worker) owns a copy
+//! while it lives, and only it writes that copy, with a plain load and store, where a shared atomic add is
 //! a `lock`-prefixed instruction on a line both workers write (12 of them a request).
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::accesslog::{ActionKind, LbError, Record};
@@ -29,17 +29,40 @@ fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
-/// Copies of a [`PerThread`] cell: the first `THREADS - 1` threads that record own one each,
-/// every later thread shares copy 0 (with atomic adds, as before). Eight covers the L7 workers
-/// of the machines this runs on; more workers than that share copy 0 and count correctly.
+/// Copies of a [`PerThread`] cell: a thread that records owns one of copies 1.. while it
+/// lives (the L7 workers, which live as long as the tier); a thread that finds them all owned
+/// shares copy 0 (with atomic adds, as before). Eight covers the L7 workers of the machines
+/// this runs on; more workers than that share copy 0 and count correctly.
 const THREADS: usize = 8;
 
-/// The next copy a thread that records for the first time gets to own.
-static NEXT_OWNER: AtomicUsize = AtomicUsize::new(1);
+/// The copies 1.. that have an owner now: bit `i` for copy `i`.
+static OWNED: AtomicU32 = AtomicU32::new(0);
+/// Bits of the copies a thread may own.
+const OWNABLE: u32 = ((1 << THREADS) - 1) & !1;
 
 thread_local! {
     /// This thread's copy: 1.. its own, 0 the shared one; `usize::MAX` until it first records.
+    /// No destructor: it stays readable while other thread-locals are destroyed.
     static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+    /// Gives this thread's copy back when the thread ends.
+    static OWNER: Owner = const { Owner(Cell::new(0)) };
+}
+
+/// The owned copy of a thread, given back when the thread ends (so a process whose threads
+/// come and go, a test binary for one, keeps owned copies for the threads alive now). The
+/// copy keeps its counts; its next owner adds to them.
+struct Owner(Cell<usize>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let i = self.0.get();
+        if i != 0 {
+            // Anything this thread records from here on (another thread-local's destructor)
+            // goes to the shared copy, before the copy can have another owner.
+            let _ = MINE.try_with(|m| m.set(0));
+            OWNED.fetch_and(!(1 << i), Ordering::AcqRel);
+        }
+    }
 }
 
 /// This thread's copy of every [`PerThread`] cell (1..THREADS: only this thread writes it).
@@ -49,15 +72,28 @@ fn my_copy() -> usize {
         if i != usize::MAX {
             return i;
         }
-        let next = NEXT_OWNER
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < THREADS).then_some(n + 1)
-            })
-            .unwrap_or(0);
-        m.set(next);
-        next
+        let i = claim();
+        m.set(i);
+        i
     })
     .unwrap_or(0)
+}
+
+/// Takes a free copy for this thread (0, the shared one, when none is free or the thread is
+/// ending). Acquire: the previous owner's counts are seen before this thread adds to them.
+fn claim() -> usize {
+    let Ok(before) = OWNED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
+        let free = !m & OWNABLE;
+        (free != 0).then(|| m | (free & free.wrapping_neg()))
+    }) else {
+        return 0;
+    };
+    let i = (!before & OWNABLE).trailing_zeros() as usize;
+    if OWNER.try_with(|o| o.0.set(i)).is_err() {
+        OWNED.fetch_and(!(1 << i), Ordering::AcqRel);
+        return 0;
+    }
+    i
 }
 
 /// Where a request's counts go: this thread's own copy, or the shared one.
@@ -530,6 +566,36 @@ mod tests {
         assert_eq!((h.count, h.sum_micros, h.buckets[3]), (n, 3000 * n, n));
         let owned = listener.hot.all().filter(|h| get(&h.requests) > 0).count();
         assert!(owned > 1, "the threads' counts went to {owned} copy");
+    }
+
+    /// A thread's copy is given back when the thread ends: threads that come and go one after
+    /// another (three times as many as there are copies) each own one. Kept for life, the
+    /// copies would run out after the seventh and every later thread would share copy 0.
+    /// (Threads of tests running beside this one may hold a few copies meanwhile.)
+    #[test]
+    fn a_thread_that_ends_gives_its_copy_back() {
+        let cells = ListenerCells::default();
+        let copies: Vec<usize> = (0..3 * THREADS)
+            .map(|_| {
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        cells.record(&record());
+                        my_copy()
+                    })
+                    .join()
+                    .expect("the recording thread")
+                })
+            })
+            .collect();
+        assert!(
+            copies.iter().all(|&i| i != 0),
+            "threads one after another got copies {copies:?}"
+        );
+        let c = cells.counts();
+        assert_eq!(
+            c.processed_bytes, 0,
+            "a record without bytes adds no bytes (the counts are read back)"
+        );
     }
 
     #[test]
