@@ -30,9 +30,9 @@ def main(path):
             cur["p99/mean"].append(p99 / (64 / rps * 1000))
             cur["usr+sys us"].append(float(m.group(6)) + float(m.group(7)))
             continue
-        m = re.match(r"^\s+latency: p50 ([\d.]+)ms", line)
+        m = re.match(r"^\s+latency: p50 ([\d.]+(?:ms|us|s))\s", line)
         if m and cur is not None:
-            cur["p50 ms"].append(float(m.group(1)))
+            cur["p50 ms"].append(ms(m.group(1)))
             continue
         m = re.match(r"^\s+(?:react|peer|time)\s+(client|backend|wrk|nginx-be|req-in|be-rtt)\s*: reads [\d.]+/req\s+p50 (\d+) p90 \d+ p99 (\d+) p99.9 (\d+) us;"
                      r"\s+>1ms (\d+)/s(?:: running (\d+)% preempted (\d+)% .* asleep (\d+)%)?", line)
