@@ -25,6 +25,7 @@ use std::{
 };
 
 use lb::{
+    cli::XdpMode,
     dataplane::{Balancer, Decap, LbAddrs, Maps, Sizes, TcTestRun},
     l4::{L4Member, Proto, RingWriter, VipAddr, VipSpec},
     packet::{self, ETH_LEN, Frame, Frame6, IPV4_LEN, IPV6_LEN},
@@ -4528,5 +4529,45 @@ fn a_run_with_other_outer_addresses_sends_the_flows_it_adopts_from_the_new_ones(
             !pins.0.join("LB_FLOWS").exists(),
             "a load that does not keep its data plane removes the pins"
         );
+    });
+}
+
+/// Whether an XDP program is attached to `iface` (in this thread's namespace).
+fn xdp_attached(iface: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-d", "link", "show", "dev", iface])
+        .output()
+        .expect("ip link show");
+    assert!(out.status.success(), "ip link show {iface}");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// `lb_xdp` attached through a pinned link (as `lb run` attaches it) is detached, and its
+/// pins are gone, by the time its balancer has dropped without keeping its data plane (a
+/// clean shutdown): nothing is left for the operator or the next command to find. Five rounds
+/// on one pin directory (each load starts afresh). Positive control: attached before each
+/// drop. (`l4_host_traffic` checks the same after a whole `lb run`; it failed once under load
+/// at stop 40's predecessor, on this check or the exit status, not reproduced here: 100
+/// rounds of this test beside six busy loops passed.)
+#[test]
+fn a_pinned_lb_xdp_is_detached_when_its_balancer_drops() {
+    netns_test(|| {
+        let pins = PinDir::new("detach");
+        for round in 0..5 {
+            let mut lb = Lb::pinned(&pins.0, LbAddrs::one(LB_ADDR.into()), &[]);
+            lb.balancer
+                .attach("d0", XdpMode::Native)
+                .expect("attaching lb_xdp to d0");
+            assert!(
+                xdp_attached("d0"),
+                "round {round}: attached before the drop"
+            );
+            drop(lb);
+            assert!(
+                !xdp_attached("d0"),
+                "round {round}: lb_xdp still attached to d0 after its balancer dropped"
+            );
+            assert!(!pins.0.exists(), "round {round}: the pin directory removed");
+        }
     });
 }
