@@ -255,15 +255,20 @@ impl Lb {
         )
     }
 
-    /// Like [`Self::load`] with a flow table of `max_flows` entries and these outer source
-    /// addresses.
-    fn with(max_flows: u32, addrs: LbAddrs) -> Self {
-        let sizes = Sizes {
+    /// The tests' map sizes, with a flow table of `max_flows` entries.
+    fn sizes(max_flows: u32) -> Sizes {
+        Sizes {
             max_flows,
             ring_size: RING,
             max_vips: 16,
             max_backends: 32,
-        };
+        }
+    }
+
+    /// Like [`Self::load`] with a flow table of `max_flows` entries and these outer source
+    /// addresses.
+    fn with(max_flows: u32, addrs: LbAddrs) -> Self {
+        let sizes = Self::sizes(max_flows);
         let (balancer, maps) =
             Balancer::load(sizes, addrs, None).expect("loading lb_xdp (verifier, privileges)");
         Self {
@@ -4403,12 +4408,7 @@ impl Lb {
     /// `lb_xdp` loaded with its maps pinned in `dir` (adopting a previous load's maps there,
     /// as `lb run` does) and serving `vips`.
     fn pinned(dir: &std::path::Path, addrs: LbAddrs, vips: &[VipSpec]) -> Self {
-        let sizes = Sizes {
-            max_flows: 4096,
-            ring_size: RING,
-            max_vips: 16,
-            max_backends: 32,
-        };
+        let sizes = Self::sizes(4096);
         let (balancer, maps) = Balancer::load(sizes, addrs, Some(dir))
             .expect("loading lb_xdp with pinned maps (verifier, privileges, bpffs)");
         let (registry, _) = RingWriter::adopt(maps, RING, sizes.max_vips, sizes.max_backends, vips)
@@ -4547,7 +4547,7 @@ fn xdp_attached(iface: &str) -> bool {
 /// clean shutdown): nothing is left for the operator or the next command to find. Five rounds
 /// on one pin directory (each load starts afresh). Positive control: attached before each
 /// drop. (`l4_host_traffic` checks the same after a whole `lb run`; it failed once under load
-/// at stop 40's predecessor, on this check or the exit status, not reproduced here: 100
+/// at stop 39, on this check or the exit status, not reproduced here: 100
 /// rounds of this test beside six busy loops passed.)
 #[test]
 fn a_pinned_lb_xdp_is_detached_when_its_balancer_drops() {
