@@ -24,10 +24,10 @@ pub type Out = (u32, Reason);
 
 /// The XDP action of a packet that ended early with reason `r`: every such reason has one,
 /// [`Reason::early_end`] (lb-common, beside the reasons, so that a new one cannot be left
-/// out), tested here through its bit set.
+/// out), tested here through its bit sets.
 #[inline(always)]
 pub fn action_of(r: Reason) -> u32 {
-    if r == Reason::TxIcmpTooBig {
+    if (Reason::TX_ON_EARLY_END >> (r as u32)) & 1 != 0 {
         xdp_action::XDP_TX
     } else if (Reason::PASS_ON_EARLY_END >> (r as u32)) & 1 != 0 {
         xdp_action::XDP_PASS
