@@ -59,19 +59,24 @@ pub fn generation(cfg: &LbConfig) -> u32 {
 /// The cached next hop of the backend `steer` names for a packet of IP length `len` (the
 /// length handed to `bpf_fib_lookup`) that arrived on `ctx`'s interface, if still valid at
 /// `now`. `cfg` is the `LB_CONFIG` entry; [`Steer::generation`] its [`generation`], read
-/// before the backend's entry and so before a miss's `bpf_fib_lookup` too: a change announced while that lookup runs moves the
-/// generation past the one its answer is stored under. The maximum age and the ingress
-/// interface are read after the entry's lookup, not before: read before, they were kept
-/// across the helper call on the stack (BENCHMARKS.md, "XDP hit: counted down further (stop
-/// 38)").
+/// before the backend's entry and so before a miss's `bpf_fib_lookup` too: a change announced
+/// while that lookup runs moves the generation past the one its answer is stored under.
+///
+/// The cache-off test (`nexthop_max_age_ns` 0) comes before the entry's lookup, so a packet
+/// with the cache off does not pay it (7 and 8 BPF instructions and one map lookup fewer on
+/// a cache-off hit, IPv4 and IPv6), and a cache-on hit counts the same (389 / 397): the
+/// maximum age is loaded again for the age compare rather than kept across the helper call
+/// (BENCHMARKS.md, "XDP and rules: review leftovers mended (stop 41)"). The ingress interface
+/// is read after the lookup: read before, it was kept across the call on the stack
+/// (BENCHMARKS.md, "XDP hit: counted down further (stop 38)").
 #[inline(always)]
 pub fn get(steer: &Steer, ctx: &XdpContext, len: usize, cfg: &LbConfig, now: u64) -> Lookup {
     let generation = steer.generation;
-    let e = LB_NEXTHOPS.get_ptr(steer.id);
     let max_age_ns = cfg.nexthop_max_age_ns;
     if max_age_ns == 0 {
         return Lookup::Miss(None);
     }
+    let e = LB_NEXTHOPS.get_ptr(steer.id);
     let Some(e) = e else {
         return Lookup::Miss(Some(generation));
     };
