@@ -19,7 +19,7 @@ use lb_common::{
 
 use crate::{
     icmp,
-    lookup::Done,
+    lookup::{Done, Steer},
     nexthop::{self, Lookup},
     parse::Packet,
     pkt::{
@@ -137,31 +137,29 @@ impl FibBlock {
     }
 }
 
-/// Resolves backend `id`'s next hop before the packet is touched, so a drop leaves it
+/// Resolves the next hop of the backend `steer` names before the packet is touched, so a drop leaves it
 /// unmodified: from the next-hop cache when it holds a valid entry ([`nexthop`]), else with
 /// `bpf_fib_lookup`, whose success is cached. A packet that would not fit the egress MTU once
 /// encapsulated is answered with an ICMP "too big" where that helps the sender, and dropped
 /// (a packet longer than any the cached entry has passed is always looked up, so this answer
 /// comes from the helper's MTU check, cache or not). A looked-up answer lives in `block`.
-/// `generation` is the cache's, read before the backend's entry ([`nexthop::generation`]).
+/// The cache is asked under [`Steer::generation`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn route<'a>(
     ctx: &XdpContext,
     pkt: &Packet,
-    id: u32,
-    backend: &Backend,
+    steer: &Steer,
     cfg: &LbConfig,
-    generation: u32,
     now: u64,
     block: &'a mut FibBlock,
 ) -> Result<Route<'a>, Done> {
+    let backend = steer.backend;
     let overhead = outer_len(backend);
     let total = pkt.ip_len + overhead;
     if total > u16::MAX as usize {
         return Err(Reason::DropMtu);
     }
-    let generation = match nexthop::get(id, ctx, total, cfg, generation, now) {
+    let generation = match nexthop::get(steer, ctx, total, cfg, now) {
         Lookup::Hit(route) => return Ok(route),
         Lookup::Miss(g) => g,
     };
@@ -205,7 +203,7 @@ pub fn route<'a>(
         macs: Macs::of_fib(fib),
     };
     if let Some(g) = generation {
-        nexthop::put(id, backend, ingress, total, now, g, &route);
+        nexthop::put(steer.id, backend, ingress, total, now, g, &route);
     }
     Ok(route)
 }

@@ -24,10 +24,10 @@ pub type Out = (u32, Reason);
 
 /// The XDP action of a packet that ended early with reason `r`: every such reason has one,
 /// [`Reason::early_end`] (lb-common, beside the reasons, so that a new one cannot be left
-/// out), tested here through its bit set.
+/// out), tested here through its bit sets.
 #[inline(always)]
 pub fn action_of(r: Reason) -> u32 {
-    if r == Reason::TxIcmpTooBig {
+    if (Reason::TX_ON_EARLY_END >> (r as u32)) & 1 != 0 {
         xdp_action::XDP_TX
     } else if (Reason::PASS_ON_EARLY_END >> (r as u32)) & 1 != 0 {
         xdp_action::XDP_PASS
@@ -153,6 +153,11 @@ pub struct Steer {
     /// steered): nothing to record, and a packet dropped after all must take it out again
     /// ([`unrecord`]).
     pub recorded: bool,
+    /// The next-hop cache's generation, read before `backend`'s entry was
+    /// ([`nexthop::generation`](crate::nexthop::generation) says why that order matters): the
+    /// generation a cached next hop of `id` must carry, and the one a looked-up one is stored
+    /// under.
+    pub generation: u32,
 }
 
 /// The backend of `key`'s flow. An entry is used while its backend still keeps flows (its
@@ -181,6 +186,8 @@ pub fn backend(
     refresh: bool,
     open: bool,
 ) -> Result<Steer, Done> {
+    // Before any read of `LB_BACKENDS` (the ring's or the flow's backend).
+    let generation = crate::nexthop::generation(cfg);
     if open {
         let (id, b) = ring(key, vip, cfg)?;
         let value = FlowValue {
@@ -197,6 +204,7 @@ pub fn backend(
                 new_key: true,
                 ticked: false,
                 recorded: true,
+                generation,
             });
         }
     }
@@ -228,6 +236,7 @@ pub fn backend(
                 new_key: false,
                 ticked,
                 recorded: false,
+                generation,
             });
         }
     }
@@ -239,6 +248,7 @@ pub fn backend(
         new_key,
         ticked: false,
         recorded: false,
+        generation,
     })
 }
 

@@ -89,10 +89,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let Some(cfg) = LB_CONFIG.get(0) else {
         return Err(Reason::DropInternal);
     };
-    // Read in place, not copied. The next-hop cache's generation is read before the backend's
-    // entry is, which lets a cached next hop go unchecked against the backend's address (see
-    // `nexthop::generation`).
-    let generation = nexthop::generation(cfg);
+    // Read in place, not copied. `lookup::backend` reads the next-hop cache's generation
+    // before the backend's entry (`Steer::generation`).
     let now = lookup::coarse_now(cfg);
     let nat = vip.flags & VIP_F_NAT != 0;
     // An opening SYN of a DSR VIP is steered by the ring and inserted without a lookup first
@@ -106,19 +104,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         return Err(done);
     }
     let action = if nat {
-        forward_nat(ctx, pkt, &vip, &steer, new_flow, cfg, generation, now)?
+        forward_nat(ctx, pkt, &vip, &steer, new_flow, cfg, now)?
     } else {
         let mut block = encap::FibBlock::uninit();
-        let route = match encap::route(
-            ctx,
-            pkt,
-            steer.id,
-            steer.backend,
-            cfg,
-            generation,
-            now,
-            &mut block,
-        ) {
+        let route = match encap::route(ctx, pkt, &steer, cfg, now, &mut block) {
             Ok(r) => r,
             Err(done) => {
                 lookup::unrecord(&pkt.key, &steer);
@@ -158,7 +147,6 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
 /// NAT mode: the packet rewritten to its target and sent on (see [`nat`]). The flow (and its
 /// reverse entry) is recorded once the next hop is known, so a dropped packet leaves none.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn forward_nat(
     ctx: &XdpContext,
     pkt: &parse::Packet,
@@ -166,7 +154,6 @@ fn forward_nat(
     steer: &lookup::Steer,
     new_flow: bool,
     cfg: &lb_common::LbConfig,
-    generation: u32,
     now: u64,
 ) -> Result<(u32, Reason), Reason> {
     if pkt.icmp_error {
@@ -182,9 +169,7 @@ fn forward_nat(
     }
     let port = nat::target_port(backend, &pkt.key);
     let mut block = encap::FibBlock::uninit();
-    let next = nat::to_target(
-        ctx, pkt, steer.id, backend, port, cfg, generation, now, &mut block,
-    )?;
+    let next = nat::to_target(ctx, pkt, steer, port, cfg, now, &mut block)?;
     if new_flow {
         lookup::record(&pkt.key, steer, vip, now);
     }

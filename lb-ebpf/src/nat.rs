@@ -39,7 +39,7 @@ use lb_common::{
 
 use crate::{
     encap::{FibBlock, Macs, Route, too_big},
-    lookup::{Done, Out, action_of},
+    lookup::{Done, Out, Steer, action_of},
     maps::{LB_CONFIG, LB_FLOWS, LB_NAT_REVERSE, add_reply},
     nexthop::{self, Lookup},
     parse::{MAX_L4_OFF, Packet},
@@ -117,26 +117,24 @@ pub fn next_hop<'a>(
     Err(Reason::DropNoRoute)
 }
 
-/// The next hop towards the target (backend `id`) of a client's packet: from the next-hop
+/// The next hop towards the target (the backend `steer` names) of a client's packet: from the next-hop
 /// cache when it holds a valid entry, else [`next_hop`], whose success is cached. The cache
 /// is per backend, not per client: with policy routing by source address, or several
 /// equal-cost next hops towards one target, every flow to the target takes the next hop the
 /// first lookup found. An unresolved neighbour (`Next::Kernel`) is never cached.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn to_target<'a>(
     ctx: &XdpContext,
     pkt: &Packet,
-    id: u32,
-    backend: &Backend,
+    steer: &Steer,
     port: u16,
     cfg: &LbConfig,
-    generation: u32,
     now: u64,
     block: &'a mut FibBlock,
 ) -> Result<Next<'a>, Done> {
+    let backend = steer.backend;
     let len = pkt.ip_len;
-    let generation = match nexthop::get(id, ctx, len, cfg, generation, now) {
+    let generation = match nexthop::get(steer, ctx, len, cfg, now) {
         Lookup::Hit(route) => return Ok(Next::Hop(route)),
         Lookup::Miss(g) => g,
     };
@@ -154,7 +152,7 @@ pub fn to_target<'a>(
     if let (Next::Hop(route), Some(g)) = (&next, generation)
         && len <= u16::MAX as usize
     {
-        nexthop::put(id, backend, ingress, len, now, g, route);
+        nexthop::put(steer.id, backend, ingress, len, now, g, route);
     }
     Ok(next)
 }

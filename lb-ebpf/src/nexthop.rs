@@ -17,6 +17,7 @@ use lb_common::{Backend, LbConfig, NextHop, NextHopCounter};
 
 use crate::{
     encap::{Macs, Route},
+    lookup::Steer,
     maps::{LB_NEXTHOP_STATS, LB_NEXTHOPS},
     pkt::load_addr,
 };
@@ -30,7 +31,8 @@ pub enum Lookup {
 }
 
 /// [`LbConfig::nexthop_generation`], read once for the packet before its backend's entry is
-/// (`lb_xdp` calls this before it steers). That order is what lets a cached entry be used
+/// ([`lookup::backend`](crate::lookup::backend) calls this first and keeps the value in
+/// [`Steer::generation`]). That order is what lets a cached entry be used
 /// without checking it against the backend's address:
 ///
 /// - userspace moves the generation on after every write of a backend slot (`set_backend`
@@ -54,28 +56,27 @@ pub fn generation(cfg: &LbConfig) -> u32 {
     unsafe { core::ptr::read_volatile(&cfg.nexthop_generation) }
 }
 
-/// The cached next hop of backend `id` for a packet of IP length `len` (the length handed to
-/// `bpf_fib_lookup`) that arrived on `ctx`'s interface, if still valid at `now`. `cfg` is the
-/// `LB_CONFIG` entry; `generation` its [`generation`], read before the backend's entry and so
-/// before a miss's `bpf_fib_lookup` too: a change announced while that lookup runs moves the
-/// generation past the one its answer is stored under. The maximum age and the ingress
-/// interface are read after the entry's lookup, not before: read before, they were kept
-/// across the helper call on the stack (BENCHMARKS.md, "XDP hit: counted down further (stop
-/// 38)").
+/// The cached next hop of the backend `steer` names for a packet of IP length `len` (the
+/// length handed to `bpf_fib_lookup`) that arrived on `ctx`'s interface, if still valid at
+/// `now`. `cfg` is the `LB_CONFIG` entry; [`Steer::generation`] its [`generation`], read
+/// before the backend's entry and so before a miss's `bpf_fib_lookup` too: a change announced
+/// while that lookup runs moves the generation past the one its answer is stored under.
+///
+/// The cache-off test (`nexthop_max_age_ns` 0) comes before the entry's lookup, so a packet
+/// with the cache off does not pay it (7 and 8 BPF instructions and one map lookup fewer on
+/// a cache-off hit, IPv4 and IPv6), and a cache-on hit counts the same (389 / 397): the
+/// maximum age is loaded again for the age compare rather than kept across the helper call
+/// (BENCHMARKS.md, "XDP and rules: review leftovers mended (stop 41)"). The ingress interface
+/// is read after the lookup: read before, it was kept across the call on the stack
+/// (BENCHMARKS.md, "XDP hit: counted down further (stop 38)").
 #[inline(always)]
-pub fn get(
-    id: u32,
-    ctx: &XdpContext,
-    len: usize,
-    cfg: &LbConfig,
-    generation: u32,
-    now: u64,
-) -> Lookup {
-    let e = LB_NEXTHOPS.get_ptr(id);
+pub fn get(steer: &Steer, ctx: &XdpContext, len: usize, cfg: &LbConfig, now: u64) -> Lookup {
+    let generation = steer.generation;
     let max_age_ns = cfg.nexthop_max_age_ns;
     if max_age_ns == 0 {
         return Lookup::Miss(None);
     }
+    let e = LB_NEXTHOPS.get_ptr(steer.id);
     let Some(e) = e else {
         return Lookup::Miss(Some(generation));
     };

@@ -12,8 +12,8 @@
 //! Rule::new(priority, Vec<Condition>, Action) -> Result<Rule, Vec<RuleError>>
 //! RuleSet::new(Vec<Rule>, default: Action) -> Result<RuleSet, Vec<RuleError>>
 //! RuleSet::validate_for_listener(&self, "http" | "https", port) -> Result<(), Vec<RuleError>>
-//! RuleSet::evaluate(&self, &RequestView) -> Matched { priority (0 = default), action, rules_evaluated, index }
-//! ResolvedRuleSet::new(RuleSet, lookup) / ::evaluate(&RequestView) -> ResolvedMatch { priority, rules_evaluated, action }   what a listener stores
+//! RuleSet::evaluate(&self, &RequestView) -> Matched<&Action> { priority (0 = default), action, rules_evaluated, index }
+//! ResolvedRuleSet::new(RuleSet, lookup) / ::evaluate(&RequestView) -> Matched<ResolvedAction>   what a listener stores
 //! ResolvedAction::{Forward(ResolvedForward { action, .. }), Redirect, FixedResponse};  ResolvedForward::group(i) -> Option<(&group, cookie)>
 //! Action::{Forward(ForwardAction), Redirect(RedirectAction), FixedResponse(FixedResponseAction)}
 //! Action::target_groups() / Action::kind()            config checks, access-log actions_executed
@@ -130,9 +130,7 @@ pub use condition::{
 };
 pub use error::RuleError;
 pub use parse::{ParsedRule, RuleOrDefault, parse_rule, rule_body};
-pub use resolved::{
-    GROUP_COOKIE, ResolvedAction, ResolvedForward, ResolvedGroup, ResolvedMatch, ResolvedRuleSet,
-};
+pub use resolved::{GROUP_COOKIE, ResolvedAction, ResolvedForward, ResolvedGroup, ResolvedRuleSet};
 
 /// Lowest rule priority (evaluated first).
 pub const MIN_PRIORITY: u32 = 1;
@@ -225,13 +223,16 @@ const _: () = {
     shareable::<RuleSet>();
 };
 
-/// The outcome of evaluating a request against a [`RuleSet`].
+/// The outcome of evaluating a request: which rule matched, and its action as `A`: the
+/// configured `&Action` from [`RuleSet::evaluate`], a [`ResolvedAction`] (a forward with its
+/// resolved groups) from [`ResolvedRuleSet::evaluate`]. One type for both, so the two
+/// evaluations cannot disagree on what else a match says.
 #[derive(Debug, Clone, Copy)]
-pub struct Matched<'a> {
+pub struct Matched<A> {
     /// The matching rule's priority, or 0 for the default rule.
     pub priority: u32,
     /// The action to perform.
-    pub action: &'a Action,
+    pub action: A,
     /// How many non-default rules were tried, the matching one included (for RuleEvaluations).
     pub rules_evaluated: u32,
     /// The action's position: the matching rule's index in [`RuleSet::rules`], or
@@ -306,7 +307,7 @@ impl RuleSet {
     }
 
     /// First matching rule by ascending priority, else the default (priority 0).
-    pub fn evaluate(&self, req: &RequestView<'_>) -> Matched<'_> {
+    pub fn evaluate(&self, req: &RequestView<'_>) -> Matched<&Action> {
         let mut evaluated = 0;
         for (index, rule) in self.rules.iter().enumerate() {
             evaluated += 1;
@@ -396,7 +397,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn group_of<'a>(m: &Matched<'a>) -> Vec<&'a str> {
+    fn group_of<'a>(m: &Matched<&'a Action>) -> Vec<&'a str> {
         m.action.target_groups().collect()
     }
 

@@ -43,17 +43,6 @@ pub struct ResolvedRuleSet {
     by_rule: Box<[Box<[ResolvedGroup]>]>,
 }
 
-/// What a request matched, with a forward action's resolved groups (see
-/// [`ResolvedRuleSet::evaluate`]).
-pub struct ResolvedMatch<'a> {
-    /// The matching rule's priority, or 0 for the default rule ([`Matched::priority`]).
-    pub priority: u32,
-    /// How many non-default rules were tried ([`Matched::rules_evaluated`]).
-    pub rules_evaluated: u32,
-    /// The action to perform.
-    pub action: ResolvedAction<'a>,
-}
-
 /// A matched [`Action`]; a forward action comes with its groups as the rule set resolved them.
 #[derive(Clone, Copy)]
 pub enum ResolvedAction<'a> {
@@ -120,7 +109,7 @@ impl ResolvedRuleSet {
     }
 
     /// [`RuleSet::evaluate`], a forward action with its resolved groups.
-    pub fn evaluate(&self, req: &RequestView<'_>) -> ResolvedMatch<'_> {
+    pub fn evaluate(&self, req: &RequestView<'_>) -> Matched<ResolvedAction<'_>> {
         let Matched {
             priority,
             action,
@@ -136,10 +125,11 @@ impl ResolvedRuleSet {
             Action::Redirect(redirect) => ResolvedAction::Redirect(redirect),
             Action::FixedResponse(fixed) => ResolvedAction::FixedResponse(fixed),
         };
-        ResolvedMatch {
+        Matched {
             priority,
-            rules_evaluated,
             action,
+            rules_evaluated,
+            index,
         }
     }
 }
@@ -222,7 +212,7 @@ mod tests {
         };
 
         let forwarded = |path| match resolved.evaluate(&view(path)) {
-            ResolvedMatch {
+            Matched {
                 priority,
                 action: ResolvedAction::Forward(f),
                 ..
