@@ -145,6 +145,25 @@ impl<T> PerThread<T> {
     }
 }
 
+/// One counter that many requests add to, kept per recording thread like the cells below
+/// (each copy on its own line, a thread's own copy written without a `lock` prefix) and read
+/// by summing the copies: [`Counter::get`] returns what one shared atomic would hold.
+#[derive(Debug, Default)]
+pub struct Counter(PerThread<AtomicU64>);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        let (c, a) = self.0.mine();
+        a.add(c, n);
+    }
+
+    /// The total over every thread's copy.
+    pub fn get(&self) -> u64 {
+        self.0.sum(|c| c)
+    }
+}
+
 /// A fixed-bucket histogram of durations (Prometheus-style: cumulative on export).
 /// `repr(C)`: the count and the sum, which every observation adds to, come first, next to
 /// the first buckets and to what the cell holding the histogram puts before it (see
@@ -573,6 +592,28 @@ mod tests {
         assert_eq!((h.count, h.sum_micros, h.buckets[3]), (n, 3000 * n, n));
         let owned = listener.hot.all().filter(|h| get(&h.requests) > 0).count();
         assert!(owned > 1, "the threads' counts went to {owned} copy");
+    }
+
+    /// A [`Counter`] reads what one shared atomic would: the adds of every thread, each
+    /// thread's to its own copy (more than one copy written).
+    #[test]
+    fn a_counter_added_to_from_many_threads_reads_their_total() {
+        let counter = Counter::default();
+        let threads = 2 * THREADS;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let counter = &counter;
+                s.spawn(move || {
+                    for _ in 0..1000 {
+                        counter.add(1 + t as u64);
+                    }
+                });
+            }
+        });
+        let n: u64 = (1..=threads as u64).map(|k| 1000 * k).sum();
+        assert_eq!(counter.get(), n);
+        let written = counter.0.all().filter(|c| get(c) > 0).count();
+        assert!(written > 1, "the threads' adds went to {written} copy");
     }
 
     /// A thread's copy is given back when the thread ends: threads that come and go one after
