@@ -537,6 +537,16 @@ impl GroupCells {
     }
 }
 
+/// Held by the tests whose threads claim copies many at a time (here and the target group's
+/// concurrent picks): run side by side, two of them take every copy, and a test whose
+/// positive control is "more than one copy was written" finds them all taken.
+#[cfg(test)]
+pub(crate) fn many_threads() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,9 +575,13 @@ mod tests {
     /// (threads beyond the owned copies share copy 0), none lost or double-counted.
     #[test]
     fn counts_from_many_threads_sum_across_their_copies() {
+        let _copies = many_threads();
         let listener = ListenerCells::default();
         let target = TargetCells::default();
         let threads = 2 * THREADS;
+        // Every thread holds its copy until all have claimed one: a thread that ended first
+        // would give its copy back to the next, and all would write one copy.
+        let all_claimed = std::sync::Barrier::new(threads);
         std::thread::scope(|s| {
             for _ in 0..threads {
                 s.spawn(|| {
@@ -576,9 +590,12 @@ mod tests {
                     r.target_status = Some(200);
                     r.target_processing = Some(Duration::from_millis(3));
                     r.received_bytes = 7;
-                    for _ in 0..1000 {
+                    for i in 0..1000 {
                         listener.record(&r);
                         target.record(&r);
+                        if i == 0 {
+                            all_claimed.wait();
+                        }
                     }
                 });
             }
@@ -598,14 +615,20 @@ mod tests {
     /// thread's to its own copy (more than one copy written).
     #[test]
     fn a_counter_added_to_from_many_threads_reads_their_total() {
+        let _copies = many_threads();
         let counter = Counter::default();
         let threads = 2 * THREADS;
+        // As in the test above: no thread gives its copy back before all have claimed one.
+        let all_claimed = std::sync::Barrier::new(threads);
         std::thread::scope(|s| {
             for t in 0..threads {
-                let counter = &counter;
+                let (counter, all_claimed) = (&counter, &all_claimed);
                 s.spawn(move || {
-                    for _ in 0..1000 {
+                    for i in 0..1000 {
                         counter.add(1 + t as u64);
+                        if i == 0 {
+                            all_claimed.wait();
+                        }
                     }
                 });
             }
@@ -622,6 +645,7 @@ mod tests {
     /// (Threads of tests running beside this one may hold a few copies meanwhile.)
     #[test]
     fn a_thread_that_ends_gives_its_copy_back() {
+        let _copies = many_threads();
         let cells = ListenerCells::default();
         let copies: Vec<usize> = (0..3 * THREADS)
             .map(|_| {
