@@ -1479,9 +1479,10 @@ async fn serve_connection(
     let id = rand::random::<u64>();
     match &listener.tls {
         None => {
+            // Plain HTTP: reads and writes without glibc's cancellation points (`rawio`).
             run_http(
                 listener,
-                tcp,
+                crate::proxy::rawio::RawTcp(tcp),
                 peer,
                 true,
                 slot,
