@@ -17,7 +17,7 @@ fn native_requests(p: &support::Proxy) -> u64 {
         .expect("running")
         .counters()
         .http1_native_requests
-        .load(Ordering::Relaxed)
+        .get()
 }
 
 fn handoffs(p: &support::Proxy) -> u64 {

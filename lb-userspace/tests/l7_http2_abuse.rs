@@ -253,7 +253,7 @@ where
         .expect("running")
         .counters()
         .http2_native_requests
-        .load(Ordering::Relaxed);
+        .get();
     assert_eq!(
         native_streams > 0,
         native,
@@ -538,6 +538,6 @@ async fn the_hand_written_client_is_answered_when_it_behaves_on(native: bool) {
         .expect("running")
         .counters()
         .http2_native_requests
-        .load(Ordering::Relaxed);
+        .get();
     assert_eq!(native_streams, u64::from(native), "native={native}");
 }

@@ -28,7 +28,7 @@ fn native_requests(p: &Proxy) -> u64 {
         .expect("running")
         .counters()
         .http2_native_requests
-        .load(Ordering::Relaxed)
+        .get()
 }
 
 /// What the path under test should have counted: every stream on the native path, none on
@@ -487,7 +487,7 @@ async fn drain_sends_goaway_and_the_open_stream_finishes() {
             shutdown.await.expect("join").expect("shutdown");
         })
         .await;
-        let counted = counters.http2_native_requests.load(Ordering::Relaxed);
+        let counted = counters.http2_native_requests.get();
         assert_eq!(counted > 0, native, "native={native}: {counted}");
     }
 }

@@ -145,6 +145,25 @@ impl<T> PerThread<T> {
     }
 }
 
+/// One counter that many requests add to, kept per recording thread like the cells below
+/// (each copy on its own line, a thread's own copy written without a `lock` prefix) and read
+/// by summing the copies: [`Counter::get`] returns what one shared atomic would hold.
+#[derive(Debug, Default)]
+pub struct Counter(PerThread<AtomicU64>);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        let (c, a) = self.0.mine();
+        a.add(c, n);
+    }
+
+    /// The total over every thread's copy.
+    pub fn get(&self) -> u64 {
+        self.0.sum(|c| c)
+    }
+}
+
 /// A fixed-bucket histogram of durations (Prometheus-style: cumulative on export).
 /// `repr(C)`: the count and the sum, which every observation adds to, come first, next to
 /// the first buckets and to what the cell holding the histogram puts before it (see
@@ -518,6 +537,16 @@ impl GroupCells {
     }
 }
 
+/// Held by the tests whose threads claim copies many at a time (here and the target group's
+/// concurrent picks): run side by side, two of them take every copy, and a test whose
+/// positive control is "more than one copy was written" finds them all taken.
+#[cfg(test)]
+pub(crate) fn many_threads() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,9 +575,13 @@ mod tests {
     /// (threads beyond the owned copies share copy 0), none lost or double-counted.
     #[test]
     fn counts_from_many_threads_sum_across_their_copies() {
+        let _copies = many_threads();
         let listener = ListenerCells::default();
         let target = TargetCells::default();
         let threads = 2 * THREADS;
+        // Every thread holds its copy until all have claimed one: a thread that ended first
+        // would give its copy back to the next, and all would write one copy.
+        let all_claimed = std::sync::Barrier::new(threads);
         std::thread::scope(|s| {
             for _ in 0..threads {
                 s.spawn(|| {
@@ -557,9 +590,12 @@ mod tests {
                     r.target_status = Some(200);
                     r.target_processing = Some(Duration::from_millis(3));
                     r.received_bytes = 7;
-                    for _ in 0..1000 {
+                    for i in 0..1000 {
                         listener.record(&r);
                         target.record(&r);
+                        if i == 0 {
+                            all_claimed.wait();
+                        }
                     }
                 });
             }
@@ -575,12 +611,41 @@ mod tests {
         assert!(owned > 1, "the threads' counts went to {owned} copy");
     }
 
+    /// A [`Counter`] reads what one shared atomic would: the adds of every thread, each
+    /// thread's to its own copy (more than one copy written).
+    #[test]
+    fn a_counter_added_to_from_many_threads_reads_their_total() {
+        let _copies = many_threads();
+        let counter = Counter::default();
+        let threads = 2 * THREADS;
+        // As in the test above: no thread gives its copy back before all have claimed one.
+        let all_claimed = std::sync::Barrier::new(threads);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (counter, all_claimed) = (&counter, &all_claimed);
+                s.spawn(move || {
+                    for i in 0..1000 {
+                        counter.add(1 + t as u64);
+                        if i == 0 {
+                            all_claimed.wait();
+                        }
+                    }
+                });
+            }
+        });
+        let n: u64 = (1..=threads as u64).map(|k| 1000 * k).sum();
+        assert_eq!(counter.get(), n);
+        let written = counter.0.all().filter(|c| get(c) > 0).count();
+        assert!(written > 1, "the threads' adds went to {written} copy");
+    }
+
     /// A thread's copy is given back when the thread ends: threads that come and go one after
     /// another (three times as many as there are copies) each own one. Kept for life, the
     /// copies would run out after the seventh and every later thread would share copy 0.
     /// (Threads of tests running beside this one may hold a few copies meanwhile.)
     #[test]
     fn a_thread_that_ends_gives_its_copy_back() {
+        let _copies = many_threads();
         let cells = ListenerCells::default();
         let copies: Vec<usize> = (0..3 * THREADS)
             .map(|_| {

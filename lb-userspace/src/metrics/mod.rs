@@ -22,7 +22,7 @@ pub mod l4;
 pub mod l7;
 pub mod prometheus;
 
-pub use cells::{GroupCells, Histogram, HistogramSnapshot, ListenerCells, TargetCells};
+pub use cells::{Counter, GroupCells, Histogram, HistogramSnapshot, ListenerCells, TargetCells};
 
 /// How a metric behaves over time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,6 +10,8 @@
 //! - [`names`]: header names kept per connection and used again by the native HTTP/1 path.
 //! - `deadline`: idle timers moved on only when they fire, not at every activity.
 //! - `date`: the current second's HTTP date, formatted once a second per thread.
+//! - `rawio`: a target's plain TCP socket read and written without glibc's cancellation
+//!   points.
 pub mod client;
 mod date;
 mod deadline;
@@ -17,5 +19,6 @@ pub mod desync;
 pub mod error;
 pub mod names;
 pub mod pool;
+mod rawio;
 pub mod recycle;
 pub mod server;

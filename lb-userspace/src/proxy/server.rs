@@ -72,7 +72,7 @@ pub mod tls;
 
 use crate::accesslog::{LogWriter, Record, TlsInfo};
 use crate::headers::XffMode;
-use crate::metrics::ListenerCells;
+use crate::metrics::{Counter, ListenerCells};
 use crate::proxy::client::{ClientConfig, Forwarder, TargetPoolStats};
 use crate::rules::{ResolvedRuleSet, RuleSet};
 use crate::targets::TargetGroup;
@@ -521,8 +521,9 @@ impl L7Config {
 }
 
 /// Counters of the whole L7 tier (CloudWatch names in the docs), the request ones derived from
-/// each request's record. Read with `Ordering::Relaxed`. The per-listener, per-group and
-/// per-target metrics are in [`crate::metrics`].
+/// each request's record. Read with `Ordering::Relaxed`, or with [`Counter::get`] for the
+/// ones every request adds to (kept per thread: no `lock`-prefixed add on a line both workers
+/// write). The per-listener, per-group and per-target metrics are in [`crate::metrics`].
 #[derive(Debug, Default)]
 pub struct L7Counters {
     /// ClientTLSNegotiationErrorCount: TLS handshakes with clients that failed or timed out.
@@ -538,13 +539,13 @@ pub struct L7Counters {
     /// HTTPCode_ELB_5XX_Count.
     pub elb_5xx: AtomicU64,
     /// RequestCount: requests for which a target was chosen.
-    pub requests_forwarded: AtomicU64,
+    pub requests_forwarded: Counter,
     /// HTTP_Fixed_Response_Count.
     pub fixed_responses: AtomicU64,
     /// HTTP_Redirect_Count.
     pub redirects: AtomicU64,
     /// RuleEvaluations.
-    pub rule_evaluations: AtomicU64,
+    pub rule_evaluations: Counter,
     /// NewConnectionCount.
     pub new_connections: AtomicU64,
     /// RejectedConnectionCount: client connections closed at once because the listener's
@@ -558,13 +559,13 @@ pub struct L7Counters {
     pub http2_abusive_connections: AtomicU64,
     /// HTTP/1 requests served by the native HTTP/1 path (`server/h1.rs`), not hyper's. Not a
     /// CloudWatch metric: it shows which path served the requests.
-    pub http1_native_requests: AtomicU64,
+    pub http1_native_requests: Counter,
     /// HTTP/1 connections the native path handed to hyper (an upgrade, or the HTTP/2
     /// preface).
     pub http1_handoffs: AtomicU64,
     /// HTTP/2 streams served by the native HTTP/2 path (`server/h2native.rs`), not hyper's.
     /// Not a CloudWatch metric: it shows which path served the requests.
-    pub http2_native_requests: AtomicU64,
+    pub http2_native_requests: Counter,
 }
 
 impl L7Counters {
@@ -594,7 +595,7 @@ impl L7Counters {
             Self::add(&self.client_closed_requests, 1);
         }
         if r.target.is_some() {
-            Self::add(&self.requests_forwarded, 1);
+            self.requests_forwarded.add(1);
         }
         match r.action {
             Some(ActionKind::FixedResponse) => Self::add(&self.fixed_responses, 1),
@@ -603,7 +604,7 @@ impl L7Counters {
         }
         if r.rules_evaluated > 0 {
             // An add of 0 writes the line all the same.
-            Self::add(&self.rule_evaluations, u64::from(r.rules_evaluated));
+            self.rule_evaluations.add(u64::from(r.rules_evaluated));
         }
         if r.lb_error_detail.as_deref() == Some(HEADER_TIMEOUT_REASON) {
             Self::add(&self.header_timeouts, 1);
@@ -1478,9 +1479,10 @@ async fn serve_connection(
     let id = rand::random::<u64>();
     match &listener.tls {
         None => {
+            // Plain HTTP: reads and writes without glibc's cancellation points (`rawio`).
             run_http(
                 listener,
-                tcp,
+                crate::proxy::rawio::RawTcp(tcp),
                 peer,
                 true,
                 slot,

@@ -20,7 +20,7 @@ use super::config::{Algorithm, Stickiness, TargetGroupConfig};
 use super::routing;
 use super::state::{TargetAddr, TargetReason, TargetState};
 use super::sticky::{self, APP_COOKIE, CookieKey, CookieKind, LB_COOKIE, LB_CORS_COOKIE};
-use crate::metrics::{GroupCells, TargetCells};
+use crate::metrics::{Counter, GroupCells, TargetCells};
 use crate::proxy::client::TargetHandle;
 
 /// What a [`Picked`] guard shares with its group: the counters that outlive a deregistration
@@ -31,8 +31,10 @@ struct TargetEntry {
     addr: SocketAddr,
     /// Requests picked for this target and not yet finished (their [`Picked`] is alive).
     outstanding: AtomicU64,
-    /// Requests ever picked for this target (RequestCountPerTarget).
-    requests: AtomicU64,
+    /// Requests ever picked for this target (RequestCountPerTarget), per picking thread:
+    /// every pick adds to it, and a shared atomic is a `lock`-prefixed add on a line both
+    /// workers write.
+    requests: Counter,
     /// Cancelled when the target leaves the group.
     gone: CancellationToken,
     /// Set when the target leaves the group, before `gone` is cancelled: read with one load,
@@ -55,7 +57,7 @@ impl TargetEntry {
         Self {
             addr,
             outstanding: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
+            requests: Counter::default(),
             gone: CancellationToken::new(),
             left: AtomicBool::new(false),
             metrics: Arc::default(),
@@ -184,7 +186,8 @@ pub struct TargetGroup {
     shared_name: Arc<str>,
     key: CookieKey,
     inner: Mutex<Inner>,
-    requests: AtomicU64,
+    /// Picks that returned a target, per picking thread (see [`TargetEntry::requests`]).
+    requests: Counter,
     unhealthy_routing_requests: AtomicU64,
     non_sticky_requests: AtomicU64,
     /// Shared with every target entry of the group (see [`TargetEntry::group_metrics`]).
@@ -216,7 +219,7 @@ impl TargetGroup {
                 failing_open: false,
                 slow_start_until: None,
             }),
-            requests: AtomicU64::new(0),
+            requests: Counter::default(),
             unhealthy_routing_requests: AtomicU64::new(0),
             non_sticky_requests: AtomicU64::new(0),
             metrics: Arc::default(),
@@ -416,7 +419,7 @@ impl TargetGroup {
                 state: s.state,
                 reason: s.reason,
                 outstanding: s.entry.outstanding.load(Ordering::Relaxed),
-                requests: s.entry.requests.load(Ordering::Relaxed),
+                requests: s.entry.requests.get(),
             })
             .collect()
     }
@@ -432,7 +435,7 @@ impl TargetGroup {
     /// The group-wide counters.
     pub fn counters(&self) -> TargetGroupCounters {
         TargetGroupCounters {
-            requests: self.requests.load(Ordering::Relaxed),
+            requests: self.requests.get(),
             unhealthy_routing_requests: self.unhealthy_routing_requests.load(Ordering::Relaxed),
             non_sticky_requests: self.non_sticky_requests.load(Ordering::Relaxed),
         }
@@ -489,11 +492,11 @@ impl TargetGroup {
         let entry = Arc::clone(&slot.entry);
         // Counted under the lock, so the next least-outstanding pick already sees it.
         entry.outstanding.fetch_add(1, Ordering::Relaxed);
-        entry.requests.fetch_add(1, Ordering::Relaxed);
         let target_id = slot.id;
         drop(inner);
 
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        entry.requests.add(1);
+        self.requests.add(1);
         if failing_open {
             self.unhealthy_routing_requests
                 .fetch_add(1, Ordering::Relaxed);
@@ -694,7 +697,7 @@ impl Detached {
     /// A pick of the target, counted as a group's pick is.
     pub(crate) fn pick(&self) -> Picked {
         self.0.outstanding.fetch_add(1, Ordering::Relaxed);
-        self.0.requests.fetch_add(1, Ordering::Relaxed);
+        self.0.requests.add(1);
         Picked {
             addr: self.0.addr,
             entry: self.0.clone(),
@@ -1235,6 +1238,8 @@ mod tests {
     fn concurrent_picks_keep_counters_consistent() {
         const THREADS: usize = 4;
         const PICKS: usize = 2000;
+        // The picking threads claim copies of the per-thread request counts.
+        let _copies = crate::metrics::cells::many_threads();
         for algorithm in [
             "round_robin",
             "least_outstanding_requests",
@@ -1271,6 +1276,7 @@ mod tests {
 
     #[test]
     fn round_robin_stays_exact_under_concurrency() {
+        let _copies = crate::metrics::cells::many_threads();
         let group = Arc::new(group("web", &[1, 1, 1, 1]));
         let handles: Vec<_> = (0..4)
             .map(|_| {

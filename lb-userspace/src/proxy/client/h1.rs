@@ -35,6 +35,7 @@ use crate::headers::has_token;
 use crate::proxy::error::ProxyError;
 use crate::proxy::names::HeaderNames;
 use crate::proxy::pool::{RawConn, TargetPool};
+use crate::proxy::rawio::Raw;
 
 /// Most header fields in a response head or trailer section (hyper's default, as before) → 502.
 pub const MAX_HEADERS: usize = 100;
@@ -450,7 +451,7 @@ async fn exchange(
     is_head: bool,
 ) -> Exchanged {
     // The first write decides whether anything reached the connection.
-    let written = match conn.stream.write(&head).await {
+    let written = match Raw(&conn.stream).write(&head).await {
         Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
         other => other,
     };
@@ -459,7 +460,7 @@ async fn exchange(
         Err(error) => return Exchanged::NotSent(H1Error::Io(error)),
     };
     if written < head.len()
-        && let Err(e) = conn.stream.write_all(&head[written..]).await
+        && let Err(e) = Raw(&conn.stream).write_all(&head[written..]).await
     {
         return Exchanged::Failed(H1Error::Io(e));
     }
@@ -470,7 +471,7 @@ async fn exchange(
         let RawConn {
             stream, buf, names, ..
         } = conn;
-        let (mut reader, mut writer) = stream.split();
+        let (mut reader, mut writer) = (Raw(stream), Raw(stream));
         let mut head_read = pin!(read_head(&mut reader, buf, names, max_head, is_head));
         if framing == RequestFraming::None {
             head_read.await
@@ -1059,7 +1060,7 @@ impl Body for RawBody {
             };
             conn.buf.reserve(want);
             let RawConn { stream, buf, .. } = &mut **conn;
-            match pin!(stream.read_buf(buf)).poll(cx) {
+            match pin!(Raw(stream).read_buf(buf)).poll(cx) {
                 Poll::Ready(Ok(0)) => {
                     if matches!(this.state, State::Close) {
                         this.state = State::Done;

@@ -272,7 +272,7 @@ where
             }
             Err(_) => return Ended::Closed,
         };
-        L7Counters::add(&counters.http1_native_requests, 1);
+        counters.http1_native_requests.add(1);
         let (info, framing) = RequestInfo::scan(&parts);
         let body = RequestBody::new(&io, framing);
         {

@@ -46,7 +46,6 @@ use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::L7Counters;
 use super::h2exec::{Driven, NewStreams, StreamExec};
 use super::pipeline::ConnCtx;
 use super::service;
@@ -142,7 +141,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driven for Conn<IO> {
             // the open streams are done), which is also when the connection is closed.
             match ready!(conn.poll_accept(cx)) {
                 Some(Ok((req, reply))) => {
-                    L7Counters::add(&this.ctx.listener.shared.counters.http2_native_requests, 1);
+                    this.ctx
+                        .listener
+                        .shared
+                        .counters
+                        .http2_native_requests
+                        .add(1);
                     let stream = Stream::new(&this.ctx, req, reply);
                     match new.as_deref_mut() {
                         Some(new) => new.native(stream),
