@@ -1,13 +1,11 @@
-//! Reads and writes on a plain TCP socket (a target's, a client's) through the system calls
-//! themselves.
+//! Reads and writes on a target's plain TCP socket through the system calls themselves.
 //!
 //! glibc's `recv` and `send` are POSIX cancellation points: in a process with more than one
 //! thread each brackets its system call with `__pthread_enable_asynccancel` and
 //! `__pthread_disable_asynccancel`, a `lock cmpxchg` each on the thread's descriptor (stop
 //! 40's count: 8.3 locked instructions per HTTP/1.1 request over the client and target
 //! sides). `lb` never cancels a thread, so the bracket protects nothing here; `syscall(2)` is
-//! not a cancellation point. [`Raw`] (borrowed: a target's pooled connection) and [`RawTcp`]
-//! (owned: a plain-HTTP client connection) read and write through it, waiting on tokio's readiness
+//! not a cancellation point. [`Raw`] reads and writes through it, waiting on tokio's readiness
 //! as the socket's own `AsyncRead`/`AsyncWrite` do: `EINTR` is retried, `EAGAIN` clears the
 //! readiness and waits for the next event, a short read or write clears it too (the next
 //! call would find the socket empty or full: tokio saves that system call the same way), and
@@ -24,11 +22,6 @@ use tokio::net::TcpStream;
 /// A plain TCP socket read and written with raw system calls (see the module docs).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Raw<'a>(pub &'a TcpStream);
-
-/// A plain TCP socket read and written with raw system calls, owned (see the module docs):
-/// what a plain-HTTP listener serves a client connection through.
-#[derive(Debug)]
-pub(crate) struct RawTcp(pub TcpStream);
 
 /// A system call's return: the count, or the error in `errno`.
 fn result(r: libc::c_long) -> io::Result<usize> {
@@ -74,28 +67,6 @@ fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
                 libc::c_long::from(libc::MSG_NOSIGNAL),
                 std::ptr::null::<libc::sockaddr>(),
                 0 as libc::c_long,
-            )
-        };
-        match result(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            other => return other,
-        }
-    }
-}
-
-/// `writev(fd, iov, iovcnt)` without glibc's cancellation point.
-fn writev(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-    // Linux takes at most IOV_MAX (1024) buffers; the rest go in a later call.
-    let bufs = &bufs[..bufs.len().min(1024)];
-    loop {
-        // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix; each is valid for
-        // reads of its length.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_writev,
-                libc::c_long::from(fd),
-                bufs.as_ptr(),
-                bufs.len(),
             )
         };
         match result(r) {
@@ -187,47 +158,6 @@ impl AsyncWrite for Raw<'_> {
     }
 }
 
-impl AsyncRead for RawTcp {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut Raw(&self.0)).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for RawTcp {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut Raw(&self.0)).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let want = bufs.iter().take(1024).map(|b| b.len()).sum();
-        poll_op(&self.0, cx, Interest::WRITABLE, want, |fd| writev(fd, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut Raw(&self.0)).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut Raw(&self.0)).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,9 +197,7 @@ mod tests {
         }
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "the bytes read differ from those written");
-        let mut t = RawTcp(t);
-        let parts = [io::IoSlice::new(b"b"), io::IoSlice::new(b"ye")];
-        assert_eq!(t.write_vectored(&parts).await.unwrap(), 3);
+        Raw(&t).write_all(b"bye").await.unwrap();
         drop(t);
         assert_eq!(writer.await.unwrap(), b"bye");
     }

@@ -1479,10 +1479,9 @@ async fn serve_connection(
     let id = rand::random::<u64>();
     match &listener.tls {
         None => {
-            // Plain HTTP: reads and writes without glibc's cancellation points (`rawio`).
             run_http(
                 listener,
-                crate::proxy::rawio::RawTcp(tcp),
+                tcp,
                 peer,
                 true,
                 slot,
