@@ -137,13 +137,13 @@ impl FibBlock {
     }
 }
 
-/// Resolves the next hop of the backend `steer` names before the packet is touched, so a drop leaves it
-/// unmodified: from the next-hop cache when it holds a valid entry ([`nexthop`]), else with
-/// `bpf_fib_lookup`, whose success is cached. A packet that would not fit the egress MTU once
-/// encapsulated is answered with an ICMP "too big" where that helps the sender, and dropped
-/// (a packet longer than any the cached entry has passed is always looked up, so this answer
-/// comes from the helper's MTU check, cache or not). A looked-up answer lives in `block`.
-/// The cache is asked under [`Steer::generation`].
+/// Resolves the next hop of the backend `steer` names before the packet is touched, so a drop
+/// leaves it unmodified: from the next-hop cache when it holds a valid entry ([`nexthop`]), else
+/// with `bpf_fib_lookup`, whose success is cached. A packet that would not fit the egress MTU once
+/// encapsulated is answered with an ICMP "too big" where that helps the sender, and dropped (a
+/// packet longer than any the cached entry has passed is always looked up, so this answer comes
+/// from the helper's MTU check, cache or not). A looked-up answer lives in `block`. The cache is
+/// asked under [`Steer::generation`].
 #[inline(always)]
 pub fn route<'a>(
     ctx: &XdpContext,

@@ -117,11 +117,11 @@ pub fn next_hop<'a>(
     Err(Reason::DropNoRoute)
 }
 
-/// The next hop towards the target (the backend `steer` names) of a client's packet: from the next-hop
-/// cache when it holds a valid entry, else [`next_hop`], whose success is cached. The cache
-/// is per backend, not per client: with policy routing by source address, or several
-/// equal-cost next hops towards one target, every flow to the target takes the next hop the
-/// first lookup found. An unresolved neighbour (`Next::Kernel`) is never cached.
+/// The next hop towards the target (the backend `steer` names) of a client's packet: from the
+/// next-hop cache when it holds a valid entry, else [`next_hop`], whose success is cached. The
+/// cache is per backend, not per client: with policy routing by source address, or several
+/// equal-cost next hops towards one target, every flow to the target takes the next hop the first
+/// lookup found. An unresolved neighbour (`Next::Kernel`) is never cached.
 #[inline(always)]
 pub fn to_target<'a>(
     ctx: &XdpContext,
