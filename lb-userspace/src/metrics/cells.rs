@@ -578,29 +578,16 @@ mod tests {
         let _copies = many_threads();
         let listener = ListenerCells::default();
         let target = TargetCells::default();
-        let threads = 2 * THREADS;
-        // Every thread holds its copy until all have claimed one: a thread that ended first
-        // would give its copy back to the next, and all would write one copy.
-        let all_claimed = std::sync::Barrier::new(threads);
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| {
-                    let mut r = record();
-                    r.target = Some("127.0.0.1:9".parse().unwrap());
-                    r.target_status = Some(200);
-                    r.target_processing = Some(Duration::from_millis(3));
-                    r.received_bytes = 7;
-                    for i in 0..1000 {
-                        listener.record(&r);
-                        target.record(&r);
-                        if i == 0 {
-                            all_claimed.wait();
-                        }
-                    }
-                });
-            }
+        let mut r = record();
+        r.target = Some("127.0.0.1:9".parse().unwrap());
+        r.target_status = Some(200);
+        r.target_processing = Some(Duration::from_millis(3));
+        r.received_bytes = 7;
+        on_many_threads(|_| {
+            listener.record(&r);
+            target.record(&r);
         });
-        let n = 1000 * threads as u64;
+        let n = (1000 * MANY) as u64;
         let c = listener.counts();
         assert_eq!((c.requests, c.processed_bytes), (n, 7 * n));
         let t = target.counts();
@@ -611,29 +598,37 @@ mod tests {
         assert!(owned > 1, "the threads' counts went to {owned} copy");
     }
 
+    /// Threads the copy tests record from: twice as many as there are copies.
+    const MANY: usize = 2 * THREADS;
+
+    /// Runs `add(t)` 1,000 times on each of [`MANY`] threads (`t` the thread's number), all
+    /// alive at once: each waits after its first add until every one has claimed its copy,
+    /// since a thread that ended first would give its copy back to the next, and all would
+    /// write one copy.
+    fn on_many_threads(add: impl Fn(usize) + Sync) {
+        let all_claimed = std::sync::Barrier::new(MANY);
+        std::thread::scope(|s| {
+            for t in 0..MANY {
+                let (add, all_claimed) = (&add, &all_claimed);
+                s.spawn(move || {
+                    add(t);
+                    all_claimed.wait();
+                    for _ in 1..1000 {
+                        add(t);
+                    }
+                });
+            }
+        });
+    }
+
     /// A [`Counter`] reads what one shared atomic would: the adds of every thread, each
     /// thread's to its own copy (more than one copy written).
     #[test]
     fn a_counter_added_to_from_many_threads_reads_their_total() {
         let _copies = many_threads();
         let counter = Counter::default();
-        let threads = 2 * THREADS;
-        // As in the test above: no thread gives its copy back before all have claimed one.
-        let all_claimed = std::sync::Barrier::new(threads);
-        std::thread::scope(|s| {
-            for t in 0..threads {
-                let (counter, all_claimed) = (&counter, &all_claimed);
-                s.spawn(move || {
-                    for i in 0..1000 {
-                        counter.add(1 + t as u64);
-                        if i == 0 {
-                            all_claimed.wait();
-                        }
-                    }
-                });
-            }
-        });
-        let n: u64 = (1..=threads as u64).map(|k| 1000 * k).sum();
+        on_many_threads(|t| counter.add(1 + t as u64));
+        let n: u64 = (1..=MANY as u64).map(|k| 1000 * k).sum();
         assert_eq!(counter.get(), n);
         let written = counter.0.all().filter(|c| get(c) > 0).count();
         assert!(written > 1, "the threads' adds went to {written} copy");
