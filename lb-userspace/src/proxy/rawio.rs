@@ -23,57 +23,51 @@ use tokio::net::TcpStream;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Raw<'a>(pub &'a TcpStream);
 
-/// A system call's return: the count, or the error in `errno`.
-fn result(r: libc::c_long) -> io::Result<usize> {
-    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+/// Makes the system call `call` until it is not interrupted (`EINTR`): its count, or the
+/// error in `errno`.
+fn retrying(mut call: impl FnMut() -> libc::c_long) -> io::Result<usize> {
+    loop {
+        match usize::try_from(call()).map_err(|_| io::Error::last_os_error()) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
 }
 
 /// `recvfrom(fd, buf, len, 0, NULL, NULL)`: what glibc's `recv` calls, without its
 /// cancellation point.
 fn recv(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes, the most the kernel writes;
-        // no address is asked for.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                libc::c_long::from(fd),
-                buf.as_mut_ptr(),
-                buf.len(),
-                0 as libc::c_long,
-                std::ptr::null_mut::<libc::sockaddr>(),
-                std::ptr::null_mut::<libc::socklen_t>(),
-            )
-        };
-        match result(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            other => return other,
-        }
-    }
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, the most the kernel writes; no
+    // address is asked for.
+    retrying(|| unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            libc::c_long::from(fd),
+            buf.as_mut_ptr(),
+            buf.len(),
+            0 as libc::c_long,
+            std::ptr::null_mut::<libc::sockaddr>(),
+            std::ptr::null_mut::<libc::socklen_t>(),
+        )
+    })
 }
 
 /// `sendto(fd, buf, len, MSG_NOSIGNAL, NULL, 0)`: what glibc's `send` calls (with the flag
 /// std's `TcpStream` passes on Linux: a closed peer is `EPIPE`, not `SIGPIPE`), without its
 /// cancellation point.
 fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for reads of `buf.len()` bytes; no address is given.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_sendto,
-                libc::c_long::from(fd),
-                buf.as_ptr(),
-                buf.len(),
-                libc::c_long::from(libc::MSG_NOSIGNAL),
-                std::ptr::null::<libc::sockaddr>(),
-                0 as libc::c_long,
-            )
-        };
-        match result(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            other => return other,
-        }
-    }
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes; no address is given.
+    retrying(|| unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            libc::c_long::from(fd),
+            buf.as_ptr(),
+            buf.len(),
+            libc::c_long::from(libc::MSG_NOSIGNAL),
+            std::ptr::null::<libc::sockaddr>(),
+            0 as libc::c_long,
+        )
+    })
 }
 
 /// Runs `op` once the socket is ready for `interest`, as tokio's own reads and writes do:
