@@ -170,6 +170,14 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "MODE", default_value_t = L7AcceptArg::Reuseport)]
     pub l7_accept: L7AcceptArg,
 
+    /// Binds each per-worker runtime's thread to one CPU (HAProxy's `cpu-map`, nginx's
+    /// `worker_cpu_affinity`): `none` (the scheduler places them), `auto` (worker i on the
+    /// i-th CPU this process may run on, wrapping round) or a CPU list such as `0-3,8` (the same
+    /// over the CPUs listed). Only with `--l7-runtime per-worker`. See README "Worker layout".
+    #[arg(long, value_name = "none|auto|CPUS", default_value = "none",
+          value_parser = crate::proxy::server::affinity::CpuAffinity::parse)]
+    pub l7_cpu_affinity: crate::proxy::server::affinity::CpuAffinity,
+
     /// Unix socket of the admin API (`lb targets …`, `lb rules …`); created mode 0600.
     #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
@@ -288,6 +296,7 @@ impl RunArgs {
                 L7AcceptArg::SharedSocket => AcceptMode::SharedSocket,
                 L7AcceptArg::Balanced => AcceptMode::Balanced,
             },
+            affinity: self.l7_cpu_affinity,
         }
     }
 }

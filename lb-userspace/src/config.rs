@@ -571,6 +571,38 @@ fn admin_tcp(a: &RunArgs, errs: &mut Vec<ConfigError>) -> Option<AdminTcp> {
     }
 }
 
+/// `--l7-cpu-affinity`: only with the per-worker runtime, and a list only of CPUs this process
+/// may run on.
+fn check_l7_affinity(a: &RunArgs, errs: &mut Vec<ConfigError>) {
+    use crate::proxy::server::affinity::{CpuAffinity, CpuSet};
+    const FLAG: &str = "--l7-cpu-affinity";
+    let affinity = a.l7_cpu_affinity;
+    if affinity == CpuAffinity::Unbound {
+        return;
+    }
+    if a.l7_runtime != crate::cli::L7RuntimeArg::PerWorker {
+        errs.push(ConfigError::new(
+            FLAG,
+            affinity.to_string(),
+            "only applies with --l7-runtime per-worker (the shared runtime's threads are \
+             not bound)",
+        ));
+        return;
+    }
+    match CpuSet::of_this_thread() {
+        Ok(allowed) => {
+            if let Err(problem) = affinity.plan(1, &allowed) {
+                errs.push(ConfigError::new(FLAG, affinity.to_string(), problem));
+            }
+        }
+        Err(e) => errs.push(ConfigError::new(
+            FLAG,
+            affinity.to_string(),
+            format!("cannot read the CPUs this process may run on: {e}"),
+        )),
+    }
+}
+
 impl Config {
     /// Validates `lb run` flags. Returns every problem found.
     pub fn from_run_args(a: &RunArgs) -> Result<Config, ConfigErrors> {
@@ -582,6 +614,7 @@ impl Config {
         let l7 = add_listeners(a, &mut reg, &mut errs);
         add_targets(a, &mut reg, &mut errs);
         let admin_tcp = admin_tcp(a, &mut errs);
+        check_l7_affinity(a, &mut errs);
 
         let backends: usize = reg.vips().iter().map(|v| reg.target_count(&v.group)).sum();
         if backends > a.max_backends as usize {
@@ -944,6 +977,49 @@ mod tests {
             errs[0].problem.contains("no VIP or target group"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn l7_cpu_affinity_needs_the_per_worker_runtime_and_cpus_this_process_may_use() {
+        let with = |extra: &[&str]| {
+            let mut f = vec![
+                "--listener",
+                "web=http://127.0.0.1:8080",
+                "--rule",
+                "web,default,fixed-response=200",
+            ];
+            f.extend_from_slice(extra);
+            Config::from_run_args(&run_args(&f))
+        };
+        let flag_errors = |extra: &[&str]| match with(extra) {
+            Ok(_) => panic!("{extra:?} should be rejected"),
+            Err(e) => {
+                e.0.into_iter()
+                    .filter(|e| e.flag == "--l7-cpu-affinity")
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let shared = flag_errors(&["--l7-cpu-affinity", "auto"]);
+        assert!(
+            shared.len() == 1 && shared[0].contains("--l7-runtime per-worker"),
+            "{shared:?}"
+        );
+        let allowed = crate::proxy::server::affinity::CpuSet::of_this_thread().unwrap();
+        let outside = (0..1024).find(|c| !allowed.contains(*c)).unwrap();
+        let cpu = outside.to_string();
+        let bad = flag_errors(&["--l7-runtime", "per-worker", "--l7-cpu-affinity", &cpu]);
+        assert!(
+            bad.len() == 1 && bad[0].contains(&format!("CPUs {outside} are not among")),
+            "{bad:?}"
+        );
+        // Positive control: auto, and a list of allowed CPUs, with the per-worker runtime.
+        let first = allowed.iter().next().unwrap().to_string();
+        for ok in ["auto", first.as_str(), "none"] {
+            let c = with(&["--l7-runtime", "per-worker", "--l7-cpu-affinity", ok]);
+            assert!(c.is_ok(), "{ok}: {:?}", c.err());
+        }
+        assert!(with(&["--l7-cpu-affinity", "none"]).is_ok());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The per-worker L7 layout (`--l7-runtime per-worker`): connections spread over the workers
 //! (`--l7-accept balanced`: evenly, by handing them over), each worker reuses only the target connections it made, a drain waits for the open
-//! connections of every worker, shutdown leaves no worker thread, and bad flag values are
-//! refused naming the flag.
+//! connections of every worker, shutdown leaves no worker thread, `--l7-cpu-affinity` binds each
+//! worker's thread to its CPU, and bad flag values are refused naming the flag.
 mod support;
 
 use std::num::NonZeroUsize;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser as _;
 use http_body_util::{BodyExt, Full};
+use lb::proxy::server::affinity::{CpuAffinity, CpuSet};
 use lb::proxy::server::{AcceptMode, L7Handle, L7Runtime, WorkerLayout};
 use support::target::{self, Reply};
 use support::{ProxyBuilder, SAFETY, get, get_many, get_many_h2, wait_until, within};
@@ -20,6 +21,7 @@ fn per_worker(workers: usize, accept: AcceptMode) -> WorkerLayout {
         runtime: L7Runtime::PerWorker,
         workers: NonZeroUsize::new(workers),
         accept,
+        affinity: CpuAffinity::Unbound,
     }
 }
 
@@ -35,15 +37,28 @@ fn open(handle: &L7Handle) -> Vec<u64> {
 
 /// Threads of this process named as the workers of the tier whose first listener has `port`.
 fn worker_threads(port: u16) -> usize {
+    worker_cpus(port).len()
+}
+
+/// The name of each thread of this process named as a worker of the tier whose first listener
+/// has `port`, with the CPUs it may run on (`Cpus_allowed_list` in its status), by name.
+fn worker_cpus(port: u16) -> Vec<(String, String)> {
     let suffix = format!(":{port}");
-    std::fs::read_dir("/proc/self/task")
+    let mut found: Vec<(String, String)> = std::fs::read_dir("/proc/self/task")
         .expect("/proc/self/task")
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
-        .filter(|comm| {
-            let comm = comm.trim();
-            comm.starts_with("l7w") && comm.ends_with(&suffix)
+        .filter_map(|e| {
+            let dir = e.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            Some((comm.trim().to_owned(), cpus.trim().to_owned()))
         })
-        .count()
+        .filter(|(comm, _)| comm.starts_with("l7w") && comm.ends_with(&suffix))
+        .collect();
+    found.sort();
+    found
 }
 
 #[tokio::test]
@@ -349,8 +364,17 @@ fn bad_worker_flags_are_refused_naming_the_flag() {
         &["--l7-runtime", "shared"],
         &["--l7-accept", "shared-socket"],
         &["--l7-accept", "balanced"],
+        &["--l7-cpu-affinity", "none"],
+        &["--l7-cpu-affinity", "auto"],
+        &["--l7-cpu-affinity", "0-3,8"],
     ] {
         parse(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+    }
+    for bad in ["x", "3-1", "1024", ""] {
+        let err = parse(&["--l7-cpu-affinity", bad])
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains("--l7-cpu-affinity"), "{bad:?}: {err}");
     }
     let layout = |argv: &[&str]| {
         let cli = lb::cli::Cli::try_parse_from(argv).expect("parses");
@@ -372,4 +396,88 @@ fn bad_worker_flags_are_refused_naming_the_flag() {
     );
     // In-process tests get `lb run`'s default layout.
     assert_eq!(layout(&["lb", "run"]), WorkerLayout::default());
+}
+
+/// `--l7-cpu-affinity auto`: worker i runs only on the i-th CPU this process may use.
+/// Control: the same layout unbound leaves every worker the whole set.
+#[tokio::test]
+async fn auto_affinity_binds_each_worker_to_its_own_cpu() {
+    let allowed = CpuSet::of_this_thread().expect("sched_getaffinity");
+    let cpus: Vec<usize> = allowed.iter().collect();
+    let start = |affinity| {
+        ProxyBuilder::new()
+            .rules(&["web,default,fixed-response=200"])
+            .workers(WorkerLayout {
+                affinity,
+                ..per_worker(3, AcceptMode::ReusePort)
+            })
+            .start()
+    };
+    let bound = start(CpuAffinity::Auto).await;
+    assert_eq!(get(bound.addr, "/").await.status, 200);
+    let port = bound.addr.port();
+    let want: Vec<(String, String)> = (0..3)
+        .map(|w| (format!("l7w{w}:{port}"), cpus[w % cpus.len()].to_string()))
+        .collect();
+    // Each worker binds itself first thing: wait until all three have.
+    wait_until("every worker bound", || worker_cpus(port) == want).await;
+
+    let unbound = start(CpuAffinity::Unbound).await;
+    let port = unbound.addr.port();
+    let everywhere = allowed.to_string();
+    // A thread takes its name when it starts.
+    wait_until("three named workers", || worker_cpus(port).len() == 3).await;
+    let got = worker_cpus(port);
+    assert!(got.iter().all(|(_, c)| *c == everywhere), "{got:?}");
+}
+
+/// A listed CPU this process may not run on fails the start; the shared runtime refuses any
+/// affinity. Control: a list of allowed CPUs starts, and binds the workers round it.
+#[tokio::test]
+async fn an_affinity_the_tier_cannot_honour_fails_the_start() {
+    let allowed = CpuSet::of_this_thread().expect("sched_getaffinity");
+    let first = allowed.iter().next().expect("a CPU");
+    let outside = (0..lb::proxy::server::affinity::MAX_CPUS)
+        .find(|c| !allowed.contains(*c))
+        .expect("a CPU outside the set");
+    let with = |affinity, runtime| {
+        ProxyBuilder::new()
+            .rules(&["web,default,fixed-response=200"])
+            .workers(WorkerLayout {
+                runtime,
+                affinity,
+                ..per_worker(2, AcceptMode::ReusePort)
+            })
+            .try_start()
+    };
+    let set = |cpus: &[usize]| {
+        let mut s = CpuSet::empty();
+        cpus.iter().for_each(|c| assert!(s.insert(*c)));
+        s
+    };
+    let err = with(
+        CpuAffinity::Cpus(set(&[first, outside])),
+        L7Runtime::PerWorker,
+    )
+    .await
+    .err()
+    .expect("a CPU outside the set");
+    assert!(
+        err.to_string()
+            .contains(&format!("CPUs {outside} are not among")),
+        "{err:#}"
+    );
+    let err = with(CpuAffinity::Auto, L7Runtime::Shared)
+        .await
+        .err()
+        .expect("shared runtime");
+    assert!(err.to_string().contains("per-worker"), "{err:#}");
+    let ok = with(CpuAffinity::Cpus(set(&[first])), L7Runtime::PerWorker)
+        .await
+        .expect("an allowed CPU");
+    let port = ok.addr.port();
+    let want: Vec<(String, String)> = (0..2)
+        .map(|w| (format!("l7w{w}:{port}"), first.to_string()))
+        .collect();
+    wait_until("every worker bound", || worker_cpus(port) == want).await;
 }

@@ -57,6 +57,7 @@ pub use self::tls::{CertificateSpec, TlsError};
 pub use crate::proxy::desync::DesyncMode;
 
 mod abuse;
+pub mod affinity;
 mod batch;
 mod exchange;
 mod h1;
@@ -440,6 +441,8 @@ pub struct WorkerLayout {
     pub workers: Option<std::num::NonZeroUsize>,
     /// Per-worker runtime: how the workers' listening sockets share each port.
     pub accept: AcceptMode,
+    /// Per-worker runtime: which CPU each worker's thread is bound to.
+    pub affinity: affinity::CpuAffinity,
 }
 
 /// `lb run`'s L7 runtime when `--l7-runtime` is not given (and [`WorkerLayout::default`]'s,
@@ -453,6 +456,7 @@ impl Default for WorkerLayout {
             runtime: DEFAULT_L7_RUNTIME,
             workers: None,
             accept: AcceptMode::ReusePort,
+            affinity: affinity::CpuAffinity::Unbound,
         }
     }
 }
@@ -872,6 +876,20 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         listeners.len()
     );
     let workers = layout.worker_count();
+    // Checked before anything is bound: a CPU list naming CPUs the process may not use fails
+    // the start.
+    let cpus = match layout.affinity {
+        affinity::CpuAffinity::Unbound => vec![None; workers],
+        a => {
+            anyhow::ensure!(
+                layout.runtime == L7Runtime::PerWorker,
+                "a CPU affinity needs the per-worker runtime"
+            );
+            let allowed = affinity::CpuSet::of_this_thread()
+                .context("reading the CPUs this process may run on")?;
+            a.plan(workers, &allowed).map_err(anyhow::Error::msg)?
+        }
+    };
     let counters = Arc::new(L7Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     // One pool shard and one count per worker; the shared runtime is one "worker" here.
@@ -948,7 +966,7 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
         })
     } else {
         let first_port = addrs.first().map_or(0, |(_, a)| a.port());
-        let threads = start_workers(bound, workers, first_port, layout.accept)?;
+        let threads = start_workers(bound, &cpus, first_port, layout.accept)?;
         tokio::spawn(threads.join())
     };
     Ok(RunningL7 {
@@ -1128,15 +1146,16 @@ fn placed_deeper<R>(frames: u8, f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Starts `workers` threads named `l7w{INDEX}:{port}` (`port`: the first listener's, which
-/// tells apart the workers of tiers in one process), each with its own `current_thread`
-/// runtime and its socket of every listener.
+/// Starts one thread per entry of `cpus`, named `l7w{INDEX}:{port}` (`port`: the first
+/// listener's, which tells apart the workers of tiers in one process), each bound to its CPU
+/// when one is given, with its own `current_thread` runtime and its socket of every listener.
 fn start_workers(
     bound: Vec<(Arc<Listener>, Sockets)>,
-    workers: usize,
+    cpus: &[Option<usize>],
     port: u16,
     accept: AcceptMode,
 ) -> anyhow::Result<WorkerThreads> {
+    let workers = cpus.len();
     // Balanced: a channel into every worker for the connections others hand it. The senders
     // are held by every accept loop, so a worker's receiving loop ends when all accept loops
     // have ended (a drain), and waits for the connections it was given.
@@ -1163,7 +1182,7 @@ fn start_workers(
         threads: Vec::with_capacity(workers),
         ended: Vec::with_capacity(workers),
     };
-    for (worker, sockets) in per_worker.into_iter().enumerate() {
+    for ((worker, sockets), &cpu) in per_worker.into_iter().enumerate().zip(cpus) {
         let handoff = handoff.clone();
         let inbox = inboxes[worker].take();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1175,6 +1194,15 @@ fn start_workers(
         let thread = std::thread::Builder::new()
             .name(format!("l7w{worker}:{port}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    match affinity::bind_this_thread(cpu) {
+                        Ok(()) => tracing::info!(worker, cpu, "L7 worker bound to its CPU"),
+                        Err(e) => tracing::error!(
+                            worker, cpu, error = %e,
+                            "binding the L7 worker to its CPU failed; it runs unbound"
+                        ),
+                    }
+                }
                 crate::proxy::pool::set_current_worker(worker);
                 leak_placement_blocks(placement);
                 placed_deeper(placement, || runtime.block_on(async move {

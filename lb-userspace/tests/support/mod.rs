@@ -537,6 +537,11 @@ impl ProxyBuilder {
     }
 
     pub async fn start(self) -> Proxy {
+        self.try_start().await.expect("start the L7 tier")
+    }
+
+    /// The start, or why the tier refused to start.
+    pub async fn try_start(self) -> anyhow::Result<Proxy> {
         let running = lb::proxy::server::start(L7Config {
             listeners: vec![(self.listener, self.rules)],
             groups: self.groups,
@@ -544,13 +549,12 @@ impl ProxyBuilder {
             access_log: self.access_log,
             workers: self.workers,
         })
-        .await
-        .expect("start the L7 tier");
+        .await?;
         let addr = running.addrs[0].1;
-        Proxy {
+        Ok(Proxy {
             addr,
             running: Some(running),
-        }
+        })
     }
 }
 
