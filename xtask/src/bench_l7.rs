@@ -28,7 +28,10 @@
 //! for an odd count), and over a whole period (as many rounds, or twice as many for an odd
 //! count) right before each other proxy equally often. So neither a place in the round nor a
 //! neighbour (a warmer backend, a page cache, the VM's own rhythm) belongs to one proxy: with
-//! `--baseline`, `lb` and `lb-base` take turns in running first.
+//! `--baseline`, `lb` and `lb-base` take turns in running first. `--pin` binds every proxy's
+//! workers one per CPU ([`Pinning`]: `lb`'s per-worker runtime with `--l7-cpu-affinity auto`,
+//! HAProxy's `cpu-map`, nginx's `worker_cpu_affinity auto`); the client and the backend stay
+//! unbound.
 //!
 //! A proxy's CPU time (user and system) is read from `/proc` for every process of it (nginx:
 //! master and workers) before and after each run. Ratios within a round are the headline; rounds give
@@ -101,6 +104,58 @@ pub struct Options {
     pub rounds: Option<usize>,
     /// `lb` is the profile-guided build (only printed with the command line).
     pub pgo: bool,
+    /// Every proxy's workers bound one per CPU ([`Pinning`]).
+    pub pin: bool,
+}
+
+/// `--pin`: the settings that bind each proxy's workers one per CPU of those the bench may
+/// use (`Cpus_allowed_list`), in order. The client (wrk, h2load, s_time) and the backend stay
+/// unbound.
+struct Pinning {
+    /// The CPUs, as `0-1` or `0,2-3`.
+    cpus: String,
+    /// How many.
+    count: usize,
+}
+
+impl Pinning {
+    fn of_this_process() -> anyhow::Result<Self> {
+        let status = std::fs::read_to_string("/proc/self/status")?;
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .context("no Cpus_allowed_list in /proc/self/status")?
+            .trim()
+            .to_owned();
+        let count = std::thread::available_parallelism()?.get();
+        Ok(Self { cpus, count })
+    }
+
+    /// `lb run` flags.
+    fn lb_flags() -> [&'static str; 6] {
+        [
+            "--l7-runtime",
+            "per-worker",
+            "--l7-accept",
+            "balanced",
+            "--l7-cpu-affinity",
+            "auto",
+        ]
+    }
+
+    /// HAProxy `global` lines: its threads (one per CPU, its default) bound in order.
+    fn haproxy_global(&self) -> String {
+        format!(
+            "  nbthread {n}\n  cpu-map auto:1/1-{n} {cpus}\n",
+            n = self.count,
+            cpus = self.cpus.replace(',', " ")
+        )
+    }
+
+    /// nginx main-context line.
+    fn nginx_main() -> &'static str {
+        "worker_cpu_affinity auto;\n"
+    }
 }
 
 /// `--rounds`: a whole number of rounds, at least 1 (clap names the flag in its error).
@@ -366,6 +421,7 @@ fn start_proxy(
     dir: &Path,
     lb: &Path,
     certs: &(PathBuf, PathBuf, PathBuf),
+    pin: Option<&Pinning>,
 ) -> anyhow::Result<Running> {
     let (cert, key, both) = certs;
     let r = match p.name {
@@ -399,6 +455,9 @@ fn start_proxy(
                 args.push("--access-log".to_owned());
                 args.push(dir.join("access.log").display().to_string());
             }
+            if pin.is_some() {
+                args.extend(Pinning::lb_flags().map(str::to_owned));
+            }
             spawn(p.name, Command::new(lb).args(&args), &dir.join("lb.log"))?
         }
         "haproxy" => {
@@ -406,14 +465,15 @@ fn start_proxy(
             write(
                 &conf,
                 &format!(
-                    "global\n  maxconn 8000\n  tune.ssl.default-dh-param 2048\n  ssl-default-bind-ciphersuites {SUITES}\n\
+                    "global\n  maxconn 8000\n  tune.ssl.default-dh-param 2048\n  ssl-default-bind-ciphersuites {SUITES}\n{pin}\
                      defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n\
                      frontend fe_http\n  bind 127.0.0.1:{http}\n  default_backend be\n\
                      frontend fe_https\n  bind 127.0.0.1:{https} ssl crt {both} alpn h2,http/1.1\n  default_backend be\n\
                      backend be\n  server s1 {BACKEND}\n",
                     http = p.http,
                     https = p.https,
-                    both = both.display()
+                    both = both.display(),
+                    pin = pin.map_or(String::new(), Pinning::haproxy_global)
                 ),
             )?;
             spawn(
@@ -427,13 +487,18 @@ fn start_proxy(
             write(
                 &conf,
                 &format!(
-                    "worker_processes auto;\ndaemon off;\npid {d}/proxy.pid;\nerror_log {d}/proxy-error.log;\n\
+                    "worker_processes auto;\n{pin}daemon off;\npid {d}/proxy.pid;\nerror_log {d}/proxy-error.log;\n\
                      events {{ worker_connections 16384; }}\n\
                      http {{\n  access_log off;\n  keepalive_requests 100000000;\n\
                        upstream be {{ server {BACKEND}; keepalive 256; }}\n\
                        server {{\n    listen 127.0.0.1:{http} backlog=4096;\n    listen 127.0.0.1:{https} ssl http2 backlog=4096;\n\
                          ssl_certificate {c};\n    ssl_certificate_key {k};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_prefer_server_ciphers on;\n    ssl_conf_command Ciphersuites {SUITES};\n\
                          location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+                    pin = if pin.is_some() {
+                        Pinning::nginx_main()
+                    } else {
+                        ""
+                    },
                     d = dir.display(),
                     http = p.http,
                     https = p.https,
@@ -805,10 +870,11 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
     let _cleanup = RemoveDir(dir.clone());
     let certs = certificate(&dir)?;
     let _backend = nginx_backend(&dir)?;
+    let pinning = opts.pin.then(Pinning::of_this_process).transpose()?;
 
     println!("lb L7 benchmark, beside HAProxy and nginx");
     println!(
-        "command:  cargo xtask bench l7{}{}{}{}{}",
+        "command:  cargo xtask bench l7{}{}{}{}{}{}",
         if quick { " --quick" } else { "" },
         if opts.pgo { " --pgo" } else { "" },
         opts.rounds
@@ -819,7 +885,8 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
         )),
         opts.baseline
             .as_ref()
-            .map_or(String::new(), |b| format!(" --baseline {}", b.display()))
+            .map_or(String::new(), |b| format!(" --baseline {}", b.display())),
+        if opts.pin { " --pin" } else { "" }
     );
     println!("versions: {}", versions(lb));
     println!(
@@ -834,6 +901,15 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
         proxies.iter().map(|p| p.name).collect::<Vec<_>>().join(" ")
     );
     println!("backend:  one nginx worker, 100-byte body, keep-alive; access logs off (but lb+log)");
+    if let Some(p) = &pinning {
+        println!(
+            "pinning:  workers one per CPU of {}: lb {}, HAProxy `{}`, nginx `{}`; client and backend unbound",
+            p.cpus,
+            Pinning::lb_flags().join(" "),
+            p.haproxy_global().trim().replace("\n  ", "; "),
+            Pinning::nginx_main().trim()
+        );
+    }
     println!();
     let _ = root;
 
@@ -842,7 +918,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
     for round in 0..plan.rounds {
         for &f in &figures {
             for p in round_order(&proxies, round) {
-                let proxy = start_proxy(p, &dir, &binary(p), &certs)?;
+                let proxy = start_proxy(p, &dir, &binary(p), &certs, pinning.as_ref())?;
                 if round == 0 && f == figures[0] {
                     println!(
                         "{:<8} negotiates {} with an OpenSSL client",

@@ -111,6 +111,11 @@ enum Bench {
         /// `--baseline`, the normal release build runs beside it as `lb-base`.
         #[arg(long)]
         pgo: bool,
+        /// Bind every proxy's workers one per CPU: `lb` with `--l7-runtime per-worker
+        /// --l7-accept balanced --l7-cpu-affinity auto`, HAProxy with `cpu-map`, nginx with
+        /// `worker_cpu_affinity auto` (the client and the backend stay unbound).
+        #[arg(long)]
+        pin: bool,
     },
     /// L4: lb_xdp (DSR) beside nftables DNAT through a namespace topology: UDP packets/s,
     /// TCP connections/s, LB CPU per packet.
@@ -203,6 +208,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
             baseline,
             rounds,
             pgo,
+            pin,
         } => {
             require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
             let only = only
@@ -229,6 +235,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                     baseline,
                     rounds,
                     pgo,
+                    pin,
                 },
             )
         }
@@ -261,6 +268,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                     baseline: None,
                     rounds: None,
                     pgo: false,
+                    pin: false,
                 },
             ];
             for suite in suites {
