@@ -21,11 +21,12 @@ usage: h1-kernel-side.py [--h2] [--secs N] [--rounds N] [--perf] [--wake] [--byt
         mode also the TLS records per request each way (a proxy write to the client of B bytes
         carries ceil(B / 16406) records at least: the estimate is printed as records >= ...).
         Tracepoints sock:sock_send_length / sock_recv_length (one per socket send or receive).
-  SPEC: lb:/path/to/lb[:ENV=V,ENV=V[:batch|:slice=MICROSECONDS]] | haproxy[:N] | nginx | cmd:COMMAND
+  SPEC: [pin+]lb:/path/to/lb[:ENV=V,ENV=V[:batch|:slice=MICROSECONDS]] | haproxy[:N] | nginx | cmd:COMMAND
         an lb ENV=V item starting with `--` is a flag for `lb run` instead, e.g.
         lb:/path/to/lb:--l7-runtime=shared,--l7-workers=2
         cmd:COMMAND runs COMMAND (split on spaces; {LISTEN} and {BACKEND} replaced by the
         addresses), e.g. 'cmd:scripts/io-floor/target/release/io-floor uring {LISTEN} {BACKEND}'.
+        pin+SPEC: after the start, bind the proxy's worker threads one per CPU, round robin.
         haproxy:N adds N `set-var(...) req.hdrs,sha2(256)` rules: HAProxy with more user time.
   every pass: req/s, p99, user/system CPU µs per request, voluntary/involuntary context
   switches and the namespace's TCP counters (/proc/net/snmp, netstat) per request; `ss -tinem`
@@ -177,7 +178,25 @@ def start_backend():
     return subprocess.Popen(nsx("nginx", "-c", conf, "-p", D), stdout=open(f"{D}/backend.log", "w"), stderr=subprocess.STDOUT)
 
 
+def pin_workers(root):
+    """Bind the proxy's worker threads one per CPU, round robin (`pin+` specs): lb's
+    tokio-rt-worker threads, every HAProxy thread, nginx's worker processes (not the master)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    tids = []
+    for pid in sorted(pids_of(root)):
+        for t in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            comm = open(f"/proc/{pid}/task/{t}/comm").read().strip()
+            if comm in ("tokio-rt-worker", "haproxy") or comm.startswith("l7w") or (comm == "nginx" and pid != root):
+                tids.append(int(t))
+    for i, t in enumerate(tids):
+        os.sched_setaffinity(t, {cpus[i % len(cpus)]})
+    print(f"   pinned {len(tids)} threads to CPUs {cpus}", flush=True)
+
+
 def start_proxy(spec):
+    pin = spec.startswith("pin+")
+    if pin:
+        spec = spec[4:]
     kind, *rest = spec.split(":")
     env = dict(os.environ)
     if kind == "lb":
@@ -237,6 +256,8 @@ def start_proxy(spec):
     if env.get("H1SYS_SLICE"):
         for t in os.listdir(f"/proc/{p.pid}/task"):
             set_slice(int(t), int(env["H1SYS_SLICE"]) * 1000)
+    if pin:
+        pin_workers(p.pid)
     # ip netns exec execs, so p.pid is the proxy itself
     return p
 
