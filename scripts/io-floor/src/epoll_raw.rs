@@ -1,7 +1,13 @@
 //! (b) `epoll-raw`: one thread per CPU, each with its own level-triggered epoll and its own
 //! `SO_REUSEPORT` listener; a connection stays on the thread that accepted it (nginx's model).
 //! Each readiness event gets one `recv`; a complete message goes out at once with one `send`.
+//!
+//! `epoll-h1`: the same loop with `lb`'s request work ([`crate::h1`]) instead of forwarding the
+//! bytes unchanged: each request head parsed, routed and rewritten, each response re-encoded
+//! (the same-run control of `uring-h1`). A refused request is answered (400/501) and the pair
+//! closed; with earlier requests still unanswered (pipelining) the pair is closed without it.
 use crate::frame::{BACKEND_BUF, CLIENT_BUF, Resp, request_len, response_len};
+use crate::h1;
 use crate::sock;
 use crate::stats::*;
 use std::net::SocketAddrV4;
@@ -18,13 +24,27 @@ struct Pair {
     bbuf: Box<[u8]>,
     blen: usize,
     responses: u64,
+    /// `epoll-h1`: the connection's forwarded-head values, the output buffer, requests
+    /// forwarded and not yet answered, and whether to close once they are.
+    h1: Option<h1::Conn>,
+    out: Vec<u8>,
+    outstanding: u32,
+    close_after: bool,
 }
 
-pub fn run(listen: SocketAddrV4, backend: SocketAddrV4, threads: usize) -> std::io::Result<()> {
+pub fn run(
+    listen: SocketAddrV4,
+    backend: SocketAddrV4,
+    threads: usize,
+    with_h1: bool,
+) -> std::io::Result<()> {
     let hs: Vec<_> = (0..threads)
         .map(|_| {
             let l = sock::listener(listen, true)?;
-            Ok(std::thread::spawn(move || worker(l, backend)))
+            let router = with_h1.then(|| h1::Router::new(backend));
+            Ok(std::thread::spawn(move || {
+                worker(l, backend, router, listen.port())
+            }))
         })
         .collect::<std::io::Result<_>>()?;
     for h in hs {
@@ -58,7 +78,12 @@ fn send_all(fd: RawFd, b: &[u8]) -> bool {
     true
 }
 
-fn worker(l: RawFd, backend: SocketAddrV4) -> std::io::Result<()> {
+fn worker(
+    l: RawFd,
+    backend: SocketAddrV4,
+    mut router: Option<h1::Router>,
+    port: u16,
+) -> std::io::Result<()> {
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     ctl_add(ep, l, LISTENER)?;
     let mut pairs: Vec<Option<Pair>> = Vec::new();
@@ -89,6 +114,23 @@ fn worker(l: RawFd, backend: SocketAddrV4) -> std::io::Result<()> {
                         continue;
                     };
                     sock::prepare(c, true)?;
+                    let conn = match &router {
+                        Some(_) => match sock::peer(c) {
+                            Ok(a) => Some(h1::Conn {
+                                peer: a.ip().to_string(),
+                                port: port.to_string(),
+                                target: backend,
+                            }),
+                            Err(_) => {
+                                unsafe {
+                                    libc::close(c);
+                                    libc::close(b);
+                                }
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
                     let i = free.pop().unwrap_or_else(|| {
                         pairs.push(None);
                         pairs.len() - 1
@@ -101,6 +143,10 @@ fn worker(l: RawFd, backend: SocketAddrV4) -> std::io::Result<()> {
                         bbuf: vec![0; BACKEND_BUF].into(),
                         blen: 0,
                         responses: 0,
+                        h1: conn,
+                        out: Vec::with_capacity(BACKEND_BUF),
+                        outstanding: 0,
+                        close_after: false,
                     };
                     ctl_add(ep, c, (i as u64) << 1)?;
                     ctl_add(ep, b, (i as u64) << 1 | 1)?;
@@ -111,10 +157,11 @@ fn worker(l: RawFd, backend: SocketAddrV4) -> std::io::Result<()> {
             }
             let i = (token >> 1) as usize;
             let Some(p) = pairs[i].as_mut() else { continue };
-            let ok = if token & 1 == 0 {
-                on_client(p)
-            } else {
-                on_backend(p)
+            let ok = match (token & 1 == 0, router.as_mut()) {
+                (true, None) => on_client(p),
+                (false, None) => on_backend(p),
+                (true, Some(r)) => on_client_h1(p, r),
+                (false, Some(_)) => on_backend_h1(p),
             };
             if !ok {
                 unsafe {
@@ -195,6 +242,91 @@ fn on_backend(p: &mut Pair) -> bool {
             Resp::Incomplete => return true,
             Resp::Bad => {
                 BAD.fetch_add(1, Relaxed);
+                return false;
+            }
+        }
+    }
+}
+
+/// Reads into `buf[*len..]`: `None` to close (peer closed, error, buffer full), `Some(false)`
+/// when nothing was read (`EAGAIN`), `Some(true)` when something was.
+fn recv_into(fd: RawFd, buf: &mut [u8], len: &mut usize) -> Option<bool> {
+    if *len == buf.len() {
+        BAD.fetch_add(1, Relaxed);
+        return None;
+    }
+    let n = unsafe { libc::recv(fd, buf[*len..].as_mut_ptr().cast(), buf.len() - *len, 0) };
+    if n == 0 {
+        return None;
+    }
+    if n < 0 {
+        return (std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock)
+            .then_some(false);
+    }
+    *len += n as usize;
+    Some(true)
+}
+
+/// `epoll-h1`'s client side: each complete request head parsed, routed and its rewritten head
+/// sent to the target. Returns false when the pair is to be closed.
+fn on_client_h1(p: &mut Pair, router: &mut h1::Router) -> bool {
+    match recv_into(p.cfd, &mut p.cbuf, &mut p.clen) {
+        None => return false,
+        Some(false) => return true,
+        Some(true) => {}
+    }
+    let Some(conn) = p.h1.as_ref() else {
+        return false;
+    };
+    while !p.close_after {
+        match h1::request(&p.cbuf[..p.clen], conn, router, &mut p.out) {
+            h1::Req::Incomplete => break,
+            h1::Req::Forward { consumed, close } => {
+                if !send_all(p.bfd, &p.out) {
+                    return false;
+                }
+                p.outstanding += 1;
+                p.close_after = close;
+                p.cbuf.copy_within(consumed..p.clen, 0);
+                p.clen -= consumed;
+            }
+            h1::Req::Refuse => {
+                BAD.fetch_add(1, Relaxed);
+                if p.outstanding == 0 {
+                    send_all(p.cfd, &p.out);
+                }
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// `epoll-h1`'s target side: each complete response re-encoded and sent to the client.
+fn on_backend_h1(p: &mut Pair) -> bool {
+    match recv_into(p.bfd, &mut p.bbuf, &mut p.blen) {
+        None => return false,
+        Some(false) => return true,
+        Some(true) => {}
+    }
+    loop {
+        match h1::response(&p.bbuf[..p.blen], &mut p.out) {
+            h1::Resp::Forward { consumed, close } => {
+                if !send_all(p.cfd, &p.out) {
+                    return false;
+                }
+                p.responses += 1;
+                p.outstanding = p.outstanding.saturating_sub(1);
+                p.bbuf.copy_within(consumed..p.blen, 0);
+                p.blen -= consumed;
+                if close || (p.close_after && p.outstanding == 0) {
+                    return false;
+                }
+            }
+            h1::Resp::Incomplete => return true,
+            h1::Resp::Refuse => {
+                BAD.fetch_add(1, Relaxed);
+                send_all(p.cfd, &p.out);
                 return false;
             }
         }

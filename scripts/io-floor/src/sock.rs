@@ -63,3 +63,15 @@ pub fn prepare(fd: RawFd, nonblocking: bool) -> io::Result<()> {
     let mut nb: libc::c_int = nonblocking as _;
     cvt(unsafe { libc::ioctl(fd, libc::FIONBIO, &mut nb) }).map(drop)
 }
+
+/// The peer's IPv4 address of a connected socket (once per client connection, for the `-h1`
+/// arms' `X-Forwarded-For`).
+pub fn peer(fd: RawFd) -> io::Result<SocketAddrV4> {
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    cvt(unsafe { libc::getpeername(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) })?;
+    Ok(SocketAddrV4::new(
+        u32::from_be(sa.sin_addr.s_addr).into(),
+        u16::from_be(sa.sin_port),
+    ))
+}

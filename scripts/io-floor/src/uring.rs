@@ -8,7 +8,15 @@
 //! (d) `uring-mshot`: the same, but each socket has one multishot recv drawing from a provided
 //! buffer ring (the data is copied from the ring's buffer into the connection's buffer, so the
 //! framing is the same code); per request only the two sends are submitted.
+//!
+//! (e) `uring-h1`: `uring-mshot` with `lb`'s request work ([`crate::h1`]) instead of forwarding
+//! the bytes unchanged: each request head parsed, routed and rewritten into the pair's target
+//! output buffer, each response re-encoded into its client output buffer; the sends go from
+//! those buffers. A refused request is answered (400/501) and the pair closed once nothing is
+//! in flight; with earlier requests still unanswered (pipelining) the pair is closed without
+//! the answer. A response that does not fit the 16 KiB target buffer closes the pair.
 use crate::frame::{BACKEND_BUF, CLIENT_BUF, Resp, request_len, response_len};
+use crate::h1;
 use crate::sock;
 use crate::stats::*;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -42,6 +50,18 @@ struct Pair {
     inflight: u32,
     closing: bool,
     responses: u64,
+    /// Bytes handed to the target's / the client's send in flight (the `-h1` arm sends its
+    /// output buffers, whose lengths differ from what was consumed).
+    send_b_len: usize,
+    send_c_len: usize,
+    /// `uring-h1`: the connection's forwarded-head values, the output buffers (target side,
+    /// client side), requests forwarded and not yet answered, and whether to close once they
+    /// are.
+    h1: Option<h1::Conn>,
+    bout: Vec<u8>,
+    cout: Vec<u8>,
+    outstanding: u32,
+    close_after: bool,
 }
 
 fn ud(i: usize, op: u64) -> u64 {
@@ -53,11 +73,15 @@ pub fn run(
     backend: SocketAddrV4,
     threads: usize,
     mshot: bool,
+    with_h1: bool,
 ) -> std::io::Result<()> {
     let hs: Vec<_> = (0..threads)
         .map(|_| {
             let l = sock::listener(listen, false)?;
-            Ok(std::thread::spawn(move || worker(l, backend, mshot)))
+            let router = with_h1.then(|| h1::Router::new(backend));
+            Ok(std::thread::spawn(move || {
+                worker(l, backend, mshot, router, listen.port())
+            }))
         })
         .collect::<std::io::Result<_>>()?;
     for h in hs {
@@ -127,6 +151,8 @@ impl BufRing {
 struct W {
     pending: Vec<squeue::Entry>,
     mshot: bool,
+    /// `uring-h1`: the listener's rules and target group.
+    router: Option<h1::Router>,
 }
 
 impl W {
@@ -164,7 +190,92 @@ impl W {
         }
     }
 
+    fn send(&mut self, p: &mut Pair, i: usize, client: bool) {
+        let (fd, b, op) = if client {
+            p.send_c_len = p.cout.len();
+            (p.cfd, &p.cout, SEND_C)
+        } else {
+            p.send_b_len = p.bout.len();
+            (p.bfd, &p.bout, SEND_B)
+        };
+        let e = opcode::Send::new(types::Fd(fd), b.as_ptr(), b.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        self.pending.push(e.user_data(ud(i, op)));
+        p.inflight += 1;
+        if client {
+            p.sresp = true;
+        } else {
+            p.sreq = true;
+        }
+    }
+
+    /// `uring-h1`'s client side: the next complete request parsed, routed and its rewritten
+    /// head sent to the target (one send in flight per direction, as in `fwd_req`).
+    fn fwd_req_h1(&mut self, p: &mut Pair, i: usize) {
+        if p.closing || p.sreq || p.close_after {
+            return;
+        }
+        let (Some(router), Some(conn)) = (self.router.as_mut(), p.h1.as_ref()) else {
+            return;
+        };
+        match h1::request(&p.cbuf[..p.clen], conn, router, &mut p.bout) {
+            h1::Req::Forward { consumed, close } => {
+                p.req_len = consumed;
+                p.outstanding += 1;
+                p.close_after = close;
+                self.send(p, i, false);
+            }
+            h1::Req::Incomplete if p.clen == p.cbuf.len() => {
+                BAD.fetch_add(1, Relaxed);
+                self.close(p);
+            }
+            h1::Req::Incomplete => {}
+            h1::Req::Refuse => {
+                BAD.fetch_add(1, Relaxed);
+                if p.outstanding == 0 && !p.sresp {
+                    std::mem::swap(&mut p.bout, &mut p.cout);
+                    p.resp_len = 0;
+                    p.close_after = true;
+                    self.send(p, i, true);
+                } else {
+                    self.close(p);
+                }
+            }
+        }
+    }
+
+    /// `uring-h1`'s target side: the next complete response re-encoded and sent to the client.
+    fn fwd_resp_h1(&mut self, p: &mut Pair, i: usize) {
+        if p.closing || p.sresp {
+            return;
+        }
+        match h1::response(&p.bbuf[..p.blen], &mut p.cout) {
+            h1::Resp::Forward { consumed, close } => {
+                p.resp_len = consumed;
+                p.outstanding = p.outstanding.saturating_sub(1);
+                p.close_after |= close;
+                self.send(p, i, true);
+            }
+            h1::Resp::Incomplete if p.blen == p.bbuf.len() => {
+                BAD.fetch_add(1, Relaxed);
+                self.close(p);
+            }
+            h1::Resp::Incomplete => {}
+            h1::Resp::Refuse => {
+                BAD.fetch_add(1, Relaxed);
+                p.resp_len = 0;
+                p.outstanding = 0;
+                p.close_after = true;
+                self.send(p, i, true);
+            }
+        }
+    }
+
     fn fwd_req(&mut self, p: &mut Pair, i: usize) {
+        if self.router.is_some() {
+            return self.fwd_req_h1(p, i);
+        }
         if p.closing {
             return;
         }
@@ -177,6 +288,7 @@ impl W {
                 self.pending.push(e.user_data(ud(i, SEND_B)));
                 p.sreq = true;
                 p.req_len = h;
+                p.send_b_len = h;
                 p.inflight += 1;
                 if !self.mshot && !p.brecv && !p.sresp {
                     self.recv(p, i, false);
@@ -195,6 +307,9 @@ impl W {
     }
 
     fn fwd_resp(&mut self, p: &mut Pair, i: usize) {
+        if self.router.is_some() {
+            return self.fwd_resp_h1(p, i);
+        }
         if p.closing {
             return;
         }
@@ -207,6 +322,7 @@ impl W {
                     self.pending.push(e.user_data(ud(i, SEND_C)));
                     p.sresp = true;
                     p.resp_len = t;
+                    p.send_c_len = t;
                     p.inflight += 1;
                     return;
                 }
@@ -229,7 +345,13 @@ impl W {
     }
 }
 
-fn worker(l: RawFd, backend: SocketAddrV4, mshot: bool) -> std::io::Result<()> {
+fn worker(
+    l: RawFd,
+    backend: SocketAddrV4,
+    mshot: bool,
+    router: Option<h1::Router>,
+    port: u16,
+) -> std::io::Result<()> {
     let mut b = IoUring::builder();
     match std::env::var("IOFLOOR_URING_FLAGS").as_deref() {
         Ok("none") => {}
@@ -250,7 +372,9 @@ fn worker(l: RawFd, backend: SocketAddrV4, mshot: bool) -> std::io::Result<()> {
     let mut w = W {
         pending: Vec::with_capacity(1024),
         mshot,
+        router,
     };
+    let port = port.to_string();
     let mut pairs: Vec<Option<Pair>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(4096);
@@ -287,8 +411,19 @@ fn worker(l: RawFd, backend: SocketAddrV4, mshot: bool) -> std::io::Result<()> {
             if op == ACCEPT {
                 if res >= 0 {
                     let c = res;
+                    let conn = match w.router {
+                        Some(_) => sock::peer(c).ok().map(|a| h1::Conn {
+                            peer: a.ip().to_string(),
+                            port: port.clone(),
+                            target: backend,
+                        }),
+                        None => None,
+                    };
                     match sock::connect(backend, false) {
-                        Ok(bfd) if sock::prepare(c, false).is_ok() => {
+                        Ok(bfd)
+                            if sock::prepare(c, false).is_ok()
+                                && (w.router.is_none() || conn.is_some()) =>
+                        {
                             let i = free.pop().unwrap_or_else(|| {
                                 pairs.push(None);
                                 pairs.len() - 1
@@ -309,6 +444,21 @@ fn worker(l: RawFd, backend: SocketAddrV4, mshot: bool) -> std::io::Result<()> {
                                 inflight: 0,
                                 closing: false,
                                 responses: 0,
+                                send_b_len: 0,
+                                send_c_len: 0,
+                                bout: Vec::with_capacity(if conn.is_some() {
+                                    CLIENT_BUF
+                                } else {
+                                    0
+                                }),
+                                cout: Vec::with_capacity(if conn.is_some() {
+                                    BACKEND_BUF
+                                } else {
+                                    0
+                                }),
+                                h1: conn,
+                                outstanding: 0,
+                                close_after: false,
                             };
                             w.recv(&mut p, i, true);
                             if mshot {
@@ -397,7 +547,7 @@ fn worker(l: RawFd, backend: SocketAddrV4, mshot: bool) -> std::io::Result<()> {
                     if res < 0 {
                         FAILED_WRITES.fetch_add(1, Relaxed);
                         w.close(p);
-                    } else if res as usize != p.req_len {
+                    } else if res as usize != p.send_b_len {
                         SHORT_WRITES.fetch_add(1, Relaxed);
                         w.close(p);
                     } else {
@@ -412,13 +562,16 @@ fn worker(l: RawFd, backend: SocketAddrV4, mshot: bool) -> std::io::Result<()> {
                     if res < 0 {
                         FAILED_WRITES.fetch_add(1, Relaxed);
                         w.close(p);
-                    } else if res as usize != p.resp_len {
+                    } else if res as usize != p.send_c_len {
                         SHORT_WRITES.fetch_add(1, Relaxed);
                         w.close(p);
                     } else {
                         p.responses += 1;
                         p.bbuf.copy_within(p.resp_len..p.blen, 0);
                         p.blen -= p.resp_len;
+                        if p.close_after && p.outstanding == 0 {
+                            w.close(p);
+                        }
                         w.fwd_resp(p, i);
                         if mshot {
                             w.fwd_req(p, i);
