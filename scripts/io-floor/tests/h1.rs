@@ -6,32 +6,13 @@
 //! Ports 23098-23101 on 127.0.0.1.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-struct Kill(Child);
+mod common;
 
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
-    loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Some(i + 4);
-        }
-        let mut b = [0u8; 4096];
-        let n = s.read(&mut b).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&b[..n]);
-    }
-}
+use common::{Kill, read_head};
 
 /// Answers each request with the head it received as the body, in two writes 20 ms apart.
 fn backend(l: TcpListener) {
