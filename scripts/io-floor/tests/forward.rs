@@ -3,13 +3,12 @@
 //! Ports 23090-23097 on 127.0.0.1 (the uring helper's range).
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Kill, read_head};
+use common::{read_head, start};
 
 /// Answers each request with its path as the body, the response in two writes 20 ms apart.
 fn backend(l: TcpListener) {
@@ -39,15 +38,7 @@ fn backend(l: TcpListener) {
 }
 
 fn check(variant: &str, port: u16) {
-    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    std::thread::spawn(move || backend(l));
-    let listen = format!("127.0.0.1:{}", port + 1);
-    let _p = Kill(
-        Command::new(env!("CARGO_BIN_EXE_io-floor"))
-            .args([variant, &listen, &format!("127.0.0.1:{port}")])
-            .spawn()
-            .unwrap(),
-    );
+    let (_p, listen) = start(variant, port, backend);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut c = loop {
         match TcpStream::connect(&listen) {

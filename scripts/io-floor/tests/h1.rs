@@ -6,13 +6,12 @@
 //! Ports 23098-23101 on 127.0.0.1.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Kill, read_head};
+use common::{read_head, start};
 
 /// Answers each request with the head it received as the body, in two writes 20 ms apart.
 fn backend(l: TcpListener) {
@@ -105,15 +104,7 @@ fn without_trace(head: &str, variant: &str) -> String {
 }
 
 fn check(variant: &str, port: u16) {
-    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    std::thread::spawn(move || backend(l));
-    let listen = format!("127.0.0.1:{}", port + 1);
-    let _p = Kill(
-        Command::new(env!("CARGO_BIN_EXE_io-floor"))
-            .args([variant, &listen, &format!("127.0.0.1:{port}")])
-            .spawn()
-            .unwrap(),
-    );
+    let (_p, listen) = start(variant, port, backend);
     let mut c = connect(&listen, variant);
     let mut buf = Vec::new();
     for i in 0..2 {

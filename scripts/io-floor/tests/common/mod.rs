@@ -1,7 +1,7 @@
 //! What the forwarding tests share: a child process killed on drop, and reading one HTTP head.
 use std::io::Read;
-use std::net::TcpStream;
-use std::process::Child;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command};
 
 /// The arm under test, killed and reaped when the test ends (also on panic).
 pub struct Kill(pub Child);
@@ -27,4 +27,19 @@ pub fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
         }
         buf.extend_from_slice(&b[..n]);
     }
+}
+
+/// Starts `backend` on 127.0.0.1:`port` and the arm `variant` listening on `port + 1` and
+/// forwarding to it: the arm (killed on drop) and its listening address.
+pub fn start(variant: &str, port: u16, backend: fn(TcpListener)) -> (Kill, String) {
+    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || backend(l));
+    let listen = format!("127.0.0.1:{}", port + 1);
+    let arm = Kill(
+        Command::new(env!("CARGO_BIN_EXE_io-floor"))
+            .args([variant, &listen, &format!("127.0.0.1:{port}")])
+            .spawn()
+            .unwrap(),
+    );
+    (arm, listen)
 }
