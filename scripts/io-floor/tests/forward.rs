@@ -2,52 +2,27 @@
 //! request head and a response that arrive in two pieces (the framing's "incomplete" paths).
 //! Ports 23090-23097 on 127.0.0.1 (the uring helper's range).
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
-use common::{read_head, start};
+use common::{connect, read_head, start};
 
-/// Answers each request with its path as the body, the response in two writes 20 ms apart.
-fn backend(l: TcpListener) {
-    for s in l.incoming() {
-        let Ok(mut s) = s else { return };
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            while let Some(h) = read_head(&mut s, &mut buf) {
-                let head = String::from_utf8_lossy(&buf[..h]).to_string();
-                buf.drain(..h);
-                let path = head.split(' ').nth(1).unwrap_or("?").to_string();
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
-                    path.len()
-                );
-                let (a, b) = resp.as_bytes().split_at(resp.len() - 2);
-                if s.write_all(a).is_err() {
-                    return;
-                }
-                sleep(Duration::from_millis(20));
-                if s.write_all(b).is_err() {
-                    return;
-                }
-            }
-        });
-    }
+/// The request's path as the body.
+fn echo_path(head: &[u8]) -> Vec<u8> {
+    let head = String::from_utf8_lossy(head);
+    let path = head.split(' ').nth(1).unwrap_or("?");
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+        path.len()
+    )
+    .into_bytes()
 }
 
 fn check(variant: &str, port: u16) {
-    let (_p, listen) = start(variant, port, backend);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut c = loop {
-        match TcpStream::connect(&listen) {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => panic!("{variant} never listened: {e}"),
-            Err(_) => sleep(Duration::from_millis(20)),
-        }
-    };
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (_p, listen) = start(variant, port, echo_path);
+    let mut c = connect(&listen, variant);
     let mut buf = Vec::new();
     for i in 0..5 {
         let req = format!("GET /r{i} HTTP/1.1\r\nHost: x\r\n\r\n");

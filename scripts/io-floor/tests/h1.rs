@@ -5,52 +5,23 @@
 //! after the response; a request with a body is answered 501, not forwarded.
 //! Ports 23098-23101 on 127.0.0.1.
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
-use common::{read_head, start};
+use common::{connect, read_head, start};
 
-/// Answers each request with the head it received as the body, in two writes 20 ms apart.
-fn backend(l: TcpListener) {
-    for s in l.incoming() {
-        let Ok(mut s) = s else { return };
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            while let Some(h) = read_head(&mut s, &mut buf) {
-                let head: Vec<u8> = buf.drain(..h).collect();
-                let mut resp = format!(
-                    "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Up: 1\r\nContent-Length: {}\r\n\r\n",
-                    head.len()
-                )
-                .into_bytes();
-                resp.extend_from_slice(&head);
-                let (a, b) = resp.split_at(resp.len() - 2);
-                if s.write_all(a).is_err() {
-                    return;
-                }
-                sleep(Duration::from_millis(20));
-                if s.write_all(b).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-}
-
-fn connect(listen: &str, variant: &str) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let c = loop {
-        match TcpStream::connect(listen) {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => panic!("{variant} never listened: {e}"),
-            Err(_) => sleep(Duration::from_millis(20)),
-        }
-    };
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    c
+/// The head received, as the body of a keep-alive response with headers the arm must drop.
+fn echo_head(head: &[u8]) -> Vec<u8> {
+    let mut resp = format!(
+        "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Up: 1\r\nContent-Length: {}\r\n\r\n",
+        head.len()
+    )
+    .into_bytes();
+    resp.extend_from_slice(head);
+    resp
 }
 
 /// One response: head (as text) and body.
@@ -104,7 +75,7 @@ fn without_trace(head: &str, variant: &str) -> String {
 }
 
 fn check(variant: &str, port: u16) {
-    let (_p, listen) = start(variant, port, backend);
+    let (_p, listen) = start(variant, port, echo_head);
     let mut c = connect(&listen, variant);
     let mut buf = Vec::new();
     for i in 0..2 {
