@@ -179,15 +179,20 @@ def start_backend():
 
 
 def pin_workers(root):
-    """Bind the proxy's worker threads one per CPU, round robin (`pin+` specs): lb's
-    tokio-rt-worker threads, every HAProxy thread, nginx's worker processes (not the master)."""
+    """Bind the proxy's serving threads one per CPU, in order (`pin+` specs): lb's per-worker
+    threads (`l7w*`) when it has them, else its tokio-rt-worker threads (the shared runtime;
+    its blocking-pool threads carry the same name, so they take turns too); every HAProxy
+    thread; nginx's worker processes (not the master). With per-worker lb, the main runtime's
+    threads serve no requests and stay unbound."""
     cpus = sorted(os.sched_getaffinity(0))
-    tids = []
+    threads = []
     for pid in sorted(pids_of(root)):
         for t in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
             comm = open(f"/proc/{pid}/task/{t}/comm").read().strip()
-            if comm in ("tokio-rt-worker", "haproxy") or comm.startswith("l7w") or (comm == "nginx" and pid != root):
-                tids.append(int(t))
+            threads.append((int(t), comm, pid))
+    per_worker = [t for t, comm, _ in threads if comm.startswith("l7w")]
+    tids = per_worker or [t for t, comm, pid in threads
+                          if comm in ("tokio-rt-worker", "haproxy") or (comm == "nginx" and pid != root)]
     for i, t in enumerate(tids):
         os.sched_setaffinity(t, {cpus[i % len(cpus)]})
     print(f"   pinned {len(tids)} threads to CPUs {cpus}", flush=True)
