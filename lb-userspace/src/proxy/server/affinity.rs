@@ -4,7 +4,8 @@
 //! Left to the scheduler, two L7 workers that never run out of work can share one CPU for
 //! long stretches while the client and the backend share the other: each then waits a whole
 //! time slice (1–4 ms here) for the other to be preempted, and the connections it holds wait
-//! with it. That was `lb`'s HTTP/1.1 p99 on 2 vCPUs (BENCHMARKS.md, "Two workers on one CPU
+//! with it. That is where `lb`'s long waits for a CPU came from on 2 vCPUs, and bound, its
+//! HTTP/1.1 p99 fell below unbound HAProxy's (BENCHMARKS.md, "Two workers on one CPU
 //! (stop 42)"). Bound one per CPU, a worker shares its CPU only with threads that sleep.
 //!
 //! `auto` binds worker `i` to the `i`-th CPU (in ascending order) of those the process may run
