@@ -23,7 +23,8 @@ usage: h1-kernel-side.py [--h2] [--secs N] [--rounds N] [--perf] [--wake] [--byt
         Tracepoints sock:sock_send_length / sock_recv_length (one per socket send or receive).
   SPEC: [pin+]lb:/path/to/lb[:ENV=V,ENV=V[:batch|:slice=MICROSECONDS]] | haproxy[:N] | nginx | cmd:COMMAND
         an lb ENV=V item starting with `--` is a flag for `lb run` instead, e.g.
-        lb:/path/to/lb:--l7-runtime=shared,--l7-workers=2
+        lb:/path/to/lb:--l7-runtime=shared,--l7-workers=2; one starting with `+` is an option
+        of the (HTTP/1.1) listener, e.g. lb:/path/to/lb:--l7-runtime=per-worker,+http1=lean
         cmd:COMMAND runs COMMAND (split on spaces; {LISTEN} and {BACKEND} replaced by the
         addresses), e.g. 'cmd:scripts/io-floor/target/release/io-floor uring {LISTEN} {BACKEND}'.
         pin+SPEC: after the start, bind the proxy's worker threads one per CPU, round robin.
@@ -207,14 +208,18 @@ def start_proxy(spec):
     if kind == "lb":
         lb = rest[0]
         flags = []
+        options = ""
         if len(rest) > 1 and rest[1]:
             for kv in rest[1].split(","):
                 if kv.startswith("--"):
                     flags.append(kv)
                     continue
+                if kv.startswith("+"):
+                    options += "," + kv[1:]
+                    continue
                 k, v = kv.split("=", 1)
                 env[k] = v
-        listen = ["--listener", f"web=http://127.0.0.1:{PORT}", "--rule", "web,default,forward=be"]
+        listen = ["--listener", f"web=http://127.0.0.1:{PORT}{options}", "--rule", "web,default,forward=be"]
         if H2:
             listen = ["--listener", f"tls=https://127.0.0.1:{PORT},cert={D}/cert.pem:{D}/key.pem",
                       "--rule", "tls,default,forward=be"]

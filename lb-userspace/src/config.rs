@@ -391,6 +391,16 @@ fn add_listeners(a: &RunArgs, reg: &mut Registry, errs: &mut Vec<ConfigError>) -
                     "another listener binds this address",
                 ));
             }
+            Ok(cfg) if cfg.http1_lean && a.l7_runtime != crate::cli::L7RuntimeArg::PerWorker => {
+                errs.push(ConfigError::new(
+                    "--listener",
+                    l,
+                    "http1=lean needs --l7-runtime per-worker (the lean loop runs one per \
+                     worker thread)",
+                ));
+                // Kept, so its rules do not also fail as naming no listener.
+                listeners.push(cfg);
+            }
             Ok(cfg) => listeners.push(cfg),
             Err(e) => errs.push(ConfigError::new("--listener", l, e.to_string())),
         }
@@ -1020,6 +1030,36 @@ mod tests {
             assert!(c.is_ok(), "{ok}: {:?}", c.err());
         }
         assert!(with(&["--l7-cpu-affinity", "none"]).is_ok());
+    }
+
+    #[test]
+    fn a_lean_listener_needs_the_per_worker_runtime() {
+        let with = |listener: &str, extra: &[&str]| {
+            let mut f = vec![
+                "--listener",
+                listener,
+                "--rule",
+                "web,default,fixed-response=200",
+            ];
+            f.extend_from_slice(extra);
+            Config::from_run_args(&run_args(&f))
+        };
+        let lean = "web=http://127.0.0.1:8080,http1=lean";
+        let errs = match with(lean, &[]) {
+            Ok(_) => panic!("a lean listener on the shared runtime should be rejected"),
+            Err(e) => e.0,
+        };
+        assert!(
+            errs.len() == 1
+                && errs[0].flag == "--listener"
+                && errs[0]
+                    .to_string()
+                    .contains("http1=lean needs --l7-runtime per-worker"),
+            "{errs:?}"
+        );
+        // Positive control: the same listener with the per-worker runtime.
+        let c = with(lean, &["--l7-runtime", "per-worker"]);
+        assert!(c.is_ok(), "{:?}", c.err());
     }
 
     #[test]

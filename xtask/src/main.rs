@@ -574,6 +574,22 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The L7 suites `cargo xtask test` runs a second time on the lean HTTP/1.1 path.
+const LEAN_SUITES: &[&str] = &[
+    "l7_access_log",
+    "l7_algorithms",
+    "l7_desync",
+    "l7_headers",
+    "l7_http2_abuse",
+    "l7_http2_native",
+    "l7_lifecycle",
+    "l7_limits",
+    "l7_rules",
+    "l7_stale_keepalive",
+    "l7_status",
+    "l7_tls",
+];
+
 fn test(root: &Path, no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
     require_root("the test suite (XDP and namespace tests)")?;
     let lb = target_dir(root).join("debug/lb");
@@ -601,6 +617,24 @@ fn test(root: &Path, no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> 
     cargo_env(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[("LB_BIN", &lb)],
+    )?;
+    // The L7 suites once more with their plain HTTP listeners on the lean HTTP/1.1 path
+    // (`LB_TEST_HTTP1=lean`, tests/support): what they check of the native path's behaviour
+    // must hold there too, served by the lean loop or by the native path it hands over to.
+    // Left out: the suites that count the native path's requests or check the default worker
+    // layout (l7_http1_native, l7_workers), and those that build their listeners otherwise.
+    let mut args = vec!["test".to_string(), "-p".into(), "lb-userspace".into()];
+    for suite in LEAN_SUITES {
+        args.push("--test".into());
+        args.push((*suite).into());
+    }
+    if let Some(f) = filter {
+        args.push("--".into());
+        args.push(f.into());
+    }
+    cargo_env(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("LB_BIN", &lb), ("LB_TEST_HTTP1", Path::new("lean"))],
     )?;
     // Namespace topologies with real traffic: one at a time (2 cores; timing-sensitive traffic).
     let mut args = vec![

@@ -64,6 +64,7 @@ mod h1;
 mod h2exec;
 mod h2native;
 mod head;
+mod lean;
 mod limits;
 mod pipeline;
 mod service;
@@ -158,6 +159,10 @@ pub struct ListenerConfig {
     /// HTTP/1 served by the connection's own loop (`server/h1.rs`; default) or, `false`, by
     /// hyper as before (`http1=hyper`).
     pub http1_native: bool,
+    /// HTTP/1.1 served by the lean per-worker event loop (`server/lean.rs`, `http1=lean`):
+    /// requests it cannot serve, and the rest of their connection, go to the native path.
+    /// Plain HTTP listeners of the per-worker runtime only.
+    pub http1_lean: bool,
     /// HTTP/2 served by lb's own glue on the `h2` crate (`server/h2native.rs`; default) or,
     /// `false`, by hyper's HTTP/2 server as before (`http2=hyper`). Applies to ALPN `h2` and
     /// to prior knowledge handed over by the native HTTP/1 path; with `http1=hyper`, hyper's
@@ -181,6 +186,7 @@ impl ListenerConfig {
             max_connections: None,
             max_connections_per_source: None,
             http1_native: true,
+            http1_lean: false,
             http2_native: true,
         }
     }
@@ -250,7 +256,7 @@ pub enum ListenerError {
 /// `NAME=https://ADDR:PORT,cert=CERT.pem:KEY.pem[,cert=…]`, plus `,idle-timeout=SECS`,
 /// `,keepalive=SECS`, `,header-timeout=SECS` (fractions allowed, e.g. `0.5`),
 /// `,xff=append|preserve|remove`, `,desync=monitor|defensive|strictest`, `,max-connections=N`,
-/// `,max-connections-per-source=N`, `,http1=native|hyper`, `,http2=native|hyper`.
+/// `,max-connections-per-source=N`, `,http1=native|hyper|lean`, `,http2=native|hyper`.
 pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
     let Some((name, rest)) = spec.split_once('=').filter(|(n, _)| !n.is_empty()) else {
         return Err(ListenerError::MissingName(spec.to_owned()));
@@ -362,10 +368,24 @@ pub fn parse_listener(spec: &str) -> Result<ListenerConfig, ListenerError> {
                 let native = match value {
                     "native" => true,
                     "hyper" => false,
+                    "lean" if key == "http1" => {
+                        if cfg.protocol != ListenerProtocol::Http {
+                            return Err(bad(
+                                key,
+                                value,
+                                "the lean HTTP/1.1 path serves plain http listeners only".into(),
+                            ));
+                        }
+                        true
+                    }
+                    _ if key == "http1" => {
+                        return Err(bad(key, value, "expected native, hyper or lean".into()));
+                    }
                     _ => return Err(bad(key, value, "expected native or hyper".into())),
                 };
                 if key == "http1" {
                     cfg.http1_native = native;
+                    cfg.http1_lean = value == "lean";
                 } else {
                     cfg.http2_native = native;
                 }
@@ -570,6 +590,12 @@ pub struct L7Counters {
     /// HTTP/2 streams served by the native HTTP/2 path (`server/h2native.rs`), not hyper's.
     /// Not a CloudWatch metric: it shows which path served the requests.
     pub http2_native_requests: Counter,
+    /// HTTP/1.1 requests served by the lean loop (`server/lean`, `http1=lean`). Not a
+    /// CloudWatch metric: it shows which path served the requests.
+    pub http1_lean_requests: Counter,
+    /// Client connections the lean loop handed to the native path (a request it does not
+    /// serve: the native path serves it and the rest of the connection).
+    pub http1_lean_handoffs: AtomicU64,
 }
 
 impl L7Counters {
@@ -890,6 +916,14 @@ pub async fn start(cfg: L7Config) -> anyhow::Result<RunningL7> {
             a.plan(workers, &allowed).map_err(anyhow::Error::msg)?
         }
     };
+    if let Some(l) = listeners.iter().find(|(l, _)| l.http1_lean)
+        && layout.runtime != L7Runtime::PerWorker
+    {
+        anyhow::bail!(
+            "listener {}: http1=lean needs the per-worker runtime (--l7-runtime per-worker)",
+            l.0.name
+        );
+    }
     let counters = Arc::new(L7Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     // One pool shard and one count per worker; the shared runtime is one "worker" here.
@@ -1208,6 +1242,10 @@ fn start_workers(
                 placed_deeper(placement, || runtime.block_on(async move {
                     let mut loops = JoinSet::new();
                     for (listener, socket) in sockets {
+                        if listener.cfg.http1_lean {
+                            loops.spawn(lean::run(listener, socket, worker));
+                            continue;
+                        }
                         match TcpListener::from_std(socket) {
                             Ok(socket) => {
                                 loops.spawn(accept_loop(listener, socket, worker, handoff.clone()));
@@ -2011,6 +2049,24 @@ mod tests {
         assert!(l.http1_native && !l.http2_native);
         let l = parse_listener("web=http://127.0.0.1:80,http1=hyper,http2=native").expect("parses");
         assert!(!l.http1_native && l.http2_native);
+        let l = parse_listener("web=http://127.0.0.1:80,http1=lean").expect("parses");
+        assert!(
+            l.http1_lean && l.http1_native,
+            "lean hands over to the native path"
+        );
+        assert!(
+            !parse_listener("web=http://127.0.0.1:80,http1=native")
+                .unwrap()
+                .http1_lean
+        );
+        let err = parse_listener("tls=https://127.0.0.1:443,cert=a.pem:a.key,http1=lean")
+            .expect_err("lean on TLS")
+            .to_string();
+        assert!(err.contains("plain http listeners only"), "{err}");
+        let err = parse_listener("web=http://127.0.0.1:80,http2=lean")
+            .expect_err("no lean HTTP/2")
+            .to_string();
+        assert!(err.contains("native or hyper"), "{err}");
         let err = parse_listener("web=http://127.0.0.1:80,http2=nghttp2")
             .expect_err("unknown server")
             .to_string();

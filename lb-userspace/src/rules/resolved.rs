@@ -41,6 +41,9 @@ pub struct ResolvedRuleSet {
     /// By rule position ([`RuleSet::rules`]' order, which [`Matched::index`] counts): a
     /// forward action's groups in its `groups`' order; empty for other actions.
     by_rule: Box<[Box<[ResolvedGroup]>]>,
+    /// Some rule has an `http-header` condition (the lean HTTP/1.1 path builds a header map
+    /// only then).
+    reads_headers: bool,
 }
 
 /// A matched [`Action`]; a forward action comes with its groups as the rule set resolved them.
@@ -96,11 +99,23 @@ impl ResolvedRuleSet {
             let by_rule = actions.by_ref().take(rules.len()).map(&resolve).collect();
             (by_rule, actions.next().map_or_else(Box::default, &resolve))
         };
+        let reads_headers = rules.rules().iter().any(|r| {
+            r.conditions
+                .iter()
+                .any(|c| matches!(c, super::Condition::HttpHeader { .. }))
+        });
         Self {
             rules,
             default,
             by_rule,
+            reads_headers,
         }
+    }
+
+    /// Whether some rule has an `http-header` condition: without one, evaluating reads no
+    /// request header (the view's map may be empty).
+    pub fn reads_headers(&self) -> bool {
+        self.reads_headers
     }
 
     /// The rules as configured.

@@ -457,6 +457,17 @@ pub struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        if std::env::var("LB_TEST_HTTP1").as_deref() == Ok("lean")
+            && let Some(r) = &self.running
+        {
+            // What the lean path served of the test (LB_TEST_HTTP1=lean runs).
+            let c = r.counters();
+            eprintln!(
+                "lean-path: requests {} handoffs {}",
+                c.http1_lean_requests.get(),
+                c.http1_lean_handoffs.load(Ordering::Relaxed)
+            );
+        }
         drop(self.running.take());
     }
 }
@@ -541,7 +552,18 @@ impl ProxyBuilder {
     }
 
     /// The start, or why the tier refused to start.
-    pub async fn try_start(self) -> anyhow::Result<Proxy> {
+    pub async fn try_start(mut self) -> anyhow::Result<Proxy> {
+        // LB_TEST_HTTP1=lean runs a test's plain native HTTP/1 listener on the lean path
+        // (`http1=lean`, per-worker runtime): the suite as a check of the lean path's
+        // behaviour against the native path's.
+        if std::env::var("LB_TEST_HTTP1").as_deref() == Ok("lean")
+            && self.listener.protocol == ListenerProtocol::Http
+            && self.listener.http1_native
+            && self.listener.http2_native
+        {
+            self.listener.http1_lean = true;
+            self.workers.runtime = lb::proxy::server::L7Runtime::PerWorker;
+        }
         let running = lb::proxy::server::start(L7Config {
             listeners: vec![(self.listener, self.rules)],
             groups: self.groups,

@@ -205,6 +205,89 @@ impl Exchange {
         }
     }
 
+    /// A record for a request the lean HTTP/1.1 loop (`lean.rs`) serves: a compliant
+    /// HTTP/1.1 head of `head_len` bytes on a plain listener, its request line and
+    /// `User-Agent` as written (read only when an access log is open).
+    /// `line` (method, target, `Host`) is `None` for a head the loop refused before it was
+    /// complete (a timeout): the log shows no request line then, as on the native path.
+    pub fn start_lean(
+        ctx: Arc<ConnCtx>,
+        head_len: usize,
+        line: Option<(&[u8], &[u8], &[u8])>,
+        user_agent: Option<&[u8]>,
+    ) -> Self {
+        let listener = &ctx.listener;
+        let mut record = Box::write(
+            spare_record(),
+            Record::new(RequestType::Http, ctx.peer, ctx.info.id, None),
+        );
+        let logging = listener.shared.access_log.is_some();
+        if logging {
+            let text = record.text_mut();
+            text.listener = Some(listener.name.clone());
+            if let Some((method, target, host)) = line {
+                let host = strip_port(std::str::from_utf8(host).unwrap_or("-"));
+                let pq = std::str::from_utf8(target).unwrap_or("/");
+                text.request = Some(RequestLine {
+                    method: String::from_utf8_lossy(method).into_owned().into(),
+                    url: url(listener.cfg.protocol.as_str(), host, listener.port, pq),
+                    version: "HTTP/1.1".into(),
+                });
+            }
+            text.user_agent = user_agent.map(|v| String::from_utf8_lossy(v).into_owned());
+        }
+        Self {
+            record: Some(record),
+            ctx,
+            started: logging.then(Instant::now),
+            head_len: head_len as u64,
+            body_in: None,
+            cells: None,
+            sent_at: None,
+            head_at: None,
+        }
+    }
+
+    /// The trace id as sent to the target, as bytes (the lean loop's [`Exchange::trace_id`]).
+    pub fn trace_id_bytes(&mut self, v: &[u8]) {
+        if self.logging()
+            && let Some(r) = self.rec()
+        {
+            r.text_mut().trace_id = Some(String::from_utf8_lossy(v).into_owned());
+        }
+    }
+
+    /// The target's response head arrived (the lean loop's [`Exchange::forwarded`]):
+    /// `connect` is how long connecting took (included in getting the request there).
+    pub fn forwarded_lean(&mut self, status: u16, connection: TargetConnection, connect: Duration) {
+        let now = Instant::now();
+        let sent = (self.sent_at.unwrap_or(now) + connect).min(now);
+        self.sent_at = Some(sent);
+        self.head_at = Some(now);
+        let started = self.started;
+        if let Some(r) = self.rec() {
+            if let Some(started) = started {
+                r.text_mut().request_processing = Some(sent.saturating_duration_since(started));
+            }
+            r.target_processing = Some(now.saturating_duration_since(sent));
+            r.target_status = Some(status);
+            r.target_connection = Some(connection);
+        }
+    }
+
+    /// The response head, `head_len` bytes with status `status`, goes to the client now (the
+    /// lean loop's [`Exchange::responding`]).
+    pub fn responding_lean(&mut self, status: u16, head_len: usize) {
+        let head_at = self.head_at.filter(|_| self.logging());
+        if let Some(r) = self.rec() {
+            r.elb_status = Some(status);
+            r.sent_bytes = head_len as u64;
+            if let Some(h) = head_at {
+                r.text_mut().response_processing = Some(h.elapsed());
+            }
+        }
+    }
+
     fn rec(&mut self) -> Option<&mut Record> {
         self.record.as_deref_mut()
     }

@@ -106,7 +106,7 @@ fn empty_body() -> ProxyBody {
 /// The page ALB sends with the errors it generates, e.g. `<title>502 Bad Gateway</title>`.
 /// ALB's own wording for 503 and 504 (nginx-style), the standard reason phrase otherwise, and
 /// just the number for ALB's non-standard 460/463/464.
-fn error_page(status: StatusCode) -> String {
+pub(super) fn error_page(status: StatusCode) -> String {
     let reason = match status.as_u16() {
         503 => Some("Service Temporarily Unavailable"),
         504 => Some("Gateway Time-out"),
