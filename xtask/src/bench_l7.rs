@@ -106,6 +106,10 @@ pub struct Options {
     pub pgo: bool,
     /// Every proxy's workers bound one per CPU ([`Pinning`]).
     pub pin: bool,
+    /// `lb` serves its HTTP listener on the lean HTTP/1.1 path (`http1=lean`), and `lb-base`
+    /// (the same binary unless `--baseline` names another) on the native path, both with the
+    /// per-worker runtime.
+    pub lean: bool,
 }
 
 /// `--pin`: the settings that bind each proxy's workers one per CPU of those the bench may
@@ -422,6 +426,7 @@ fn start_proxy(
     lb: &Path,
     certs: &(PathBuf, PathBuf, PathBuf),
     pin: Option<&Pinning>,
+    lean: bool,
 ) -> anyhow::Result<Running> {
     let (cert, key, both) = certs;
     let r = match p.name {
@@ -429,7 +434,15 @@ fn start_proxy(
             let mut args: Vec<String> = [
                 "run".to_owned(),
                 "--listener".to_owned(),
-                format!("web=http://127.0.0.1:{}", p.http),
+                format!(
+                    "web=http://127.0.0.1:{}{}",
+                    p.http,
+                    if lean && p.name == "lb" {
+                        ",http1=lean"
+                    } else {
+                        ""
+                    }
+                ),
                 "--listener".to_owned(),
                 format!(
                     "tls=https://127.0.0.1:{},cert={}:{}",
@@ -457,6 +470,8 @@ fn start_proxy(
             }
             if pin.is_some() {
                 args.extend(Pinning::lb_flags().map(str::to_owned));
+            } else if lean {
+                args.extend(["--l7-runtime".to_owned(), "per-worker".to_owned()]);
             }
             spawn(p.name, Command::new(lb).args(&args), &dir.join("lb.log"))?
         }
@@ -841,11 +856,16 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
         .filter(|f| opts.only.as_ref().is_none_or(|o| o.contains(f)))
         .collect();
     let mut proxies: Vec<&Proxy> = PROXIES.iter().collect();
-    if opts.baseline.is_some() {
+    // `--lean`: the same binary on the native path beside it, unless another is named.
+    let baseline = opts
+        .baseline
+        .clone()
+        .or_else(|| opts.lean.then(|| lb.to_owned()));
+    if baseline.is_some() {
         proxies.insert(1, &BASELINE);
     }
     let binary = |p: &Proxy| -> PathBuf {
-        match (&opts.baseline, p.name) {
+        match (&baseline, p.name) {
             (Some(b), "lb-base") => b.clone(),
             _ => lb.to_owned(),
         }
@@ -874,7 +894,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
 
     println!("lb L7 benchmark, beside HAProxy and nginx");
     println!(
-        "command:  cargo xtask bench l7{}{}{}{}{}{}",
+        "command:  cargo xtask bench l7{}{}{}{}{}{}{}",
         if quick { " --quick" } else { "" },
         if opts.pgo { " --pgo" } else { "" },
         opts.rounds
@@ -886,8 +906,17 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
         opts.baseline
             .as_ref()
             .map_or(String::new(), |b| format!(" --baseline {}", b.display())),
-        if opts.pin { " --pin" } else { "" }
+        if opts.pin { " --pin" } else { "" },
+        if opts.lean { " --lean" } else { "" },
     );
+    if opts.lean {
+        println!(
+            "lean:     lb serves its HTTP listener with http1=lean, lb-base ({}) on the native path, both --l7-runtime per-worker",
+            baseline
+                .as_ref()
+                .map_or(String::new(), |b| b.display().to_string())
+        );
+    }
     println!("versions: {}", versions(lb));
     println!(
         "machine:  {} cpus, {}",
@@ -918,7 +947,7 @@ pub fn run(root: &Path, lb: &Path, opts: Options) -> anyhow::Result<()> {
     for round in 0..plan.rounds {
         for &f in &figures {
             for p in round_order(&proxies, round) {
-                let proxy = start_proxy(p, &dir, &binary(p), &certs, pinning.as_ref())?;
+                let proxy = start_proxy(p, &dir, &binary(p), &certs, pinning.as_ref(), opts.lean)?;
                 if round == 0 && f == figures[0] {
                     println!(
                         "{:<8} negotiates {} with an OpenSSL client",

@@ -116,6 +116,11 @@ enum Bench {
         /// `worker_cpu_affinity auto` (the client and the backend stay unbound).
         #[arg(long)]
         pin: bool,
+        /// `lb` serves its HTTP listener on the lean HTTP/1.1 path (`http1=lean`, with the
+        /// per-worker runtime); `lb-base`, the same binary unless `--baseline` names another,
+        /// runs beside it on the native path with the same layout.
+        #[arg(long)]
+        lean: bool,
     },
     /// L4: lb_xdp (DSR) beside nftables DNAT through a namespace topology: UDP packets/s,
     /// TCP connections/s, LB CPU per packet.
@@ -209,6 +214,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
             rounds,
             pgo,
             pin,
+            lean,
         } => {
             require_root("the L7 benchmark (it installs and runs HAProxy and nginx)")?;
             let only = only
@@ -222,9 +228,9 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                 .transpose()?;
             let lb = lb_binary(root, pgo)?;
             // The PGO build is compared with the normal one unless told otherwise.
-            let baseline = match (pgo, baseline) {
-                (true, None) => Some(release_lb(root)?),
-                (_, baseline) => baseline,
+            let baseline = match (pgo, lean, baseline) {
+                (true, false, None) => Some(release_lb(root)?),
+                (_, _, baseline) => baseline,
             };
             bench_l7::run(
                 root,
@@ -236,6 +242,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                     rounds,
                     pgo,
                     pin,
+                    lean,
                 },
             )
         }
@@ -269,6 +276,7 @@ fn bench(root: &Path, which: Bench) -> anyhow::Result<()> {
                     rounds: None,
                     pgo: false,
                     pin: false,
+                    lean: false,
                 },
             ];
             for suite in suites {
