@@ -1243,7 +1243,14 @@ fn start_workers(
                     let mut loops = JoinSet::new();
                     for (listener, socket) in sockets {
                         if listener.cfg.http1_lean {
-                            loops.spawn(lean::run(listener, socket, worker));
+                            match lean::start(listener.clone(), socket, worker, cpu) {
+                                Ok(ended) => {
+                                    loops.spawn(ended);
+                                }
+                                Err(e) => {
+                                    tracing::error!(listener = %listener.cfg.name, worker, error = %e, "starting the lean HTTP/1.1 loop failed");
+                                }
+                            }
                             continue;
                         }
                         match TcpListener::from_std(socket) {
