@@ -428,7 +428,10 @@ const HTTPS: u16 = 18451;
 /// - resumed TLS connections, one request each (`wrk -c32`, `Connection: close`): 6 s;
 ///
 /// then a second `lb` with the same configuration and the access log on: HTTP/1.1 keep-alive
-/// 5 s. Each `lb` is stopped with SIGTERM, so its profile is written as it exits.
+/// 5 s; then a third with the per-worker runtime and its HTTP listener on the lean path
+/// (`http1=lean`): HTTP/1.1 keep-alive 8 s on `/` (the lean loop) and 2 s on `/api/…` (a
+/// sticky group: handed to the native path). Each `lb` is stopped with SIGTERM, so its
+/// profile is written as it exits.
 ///
 /// On a machine whose benchmarks are serialised with `flock FILE`, `XTASK_LOAD_LOCK=FILE` makes
 /// the training hold that lock while it loads the machine (it waits for its turn).
@@ -454,7 +457,7 @@ pub fn train(lb: &Path, raw: &Path) -> anyhow::Result<()> {
         Ok(())
     };
 
-    let lb_run = start(lb, raw, &dir, &certs, false)?;
+    let lb_run = start(lb, raw, &dir, &certs, Variant::Plain)?;
     step(
         "h1 /",
         bench_l7::run_wrk(&format!("{http}/"), 64, 12, false),
@@ -481,13 +484,35 @@ pub fn train(lb: &Path, raw: &Path) -> anyhow::Result<()> {
     )?;
     stop(lb_run, raw)?;
 
-    let lb_log = start(lb, raw, &dir, &certs, true)?;
+    let lb_log = start(lb, raw, &dir, &certs, Variant::AccessLog)?;
     step(
         "h1 / with the access log",
         bench_l7::run_wrk(&format!("{http}/"), 64, 5, false),
     )?;
     stop(lb_log, raw)?;
+
+    let lb_lean = start(lb, raw, &dir, &certs, Variant::Lean)?;
+    step(
+        "h1 / on the lean path",
+        bench_l7::run_wrk(&format!("{http}/"), 64, 8, false),
+    )?;
+    step(
+        "h1 /api handed from the lean path",
+        bench_l7::run_wrk(&format!("{http}/api/v1/items?id=7"), 16, 2, false),
+    )?;
+    stop(lb_lean, raw)?;
     Ok(())
+}
+
+/// Which training `lb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// The default configuration.
+    Plain,
+    /// With the access log.
+    AccessLog,
+    /// The per-worker runtime with the HTTP listener on the lean path.
+    Lean,
 }
 
 /// An exclusive `flock(2)` on a file, held until dropped (the lock `flock FILE cmd` takes).
@@ -528,13 +553,20 @@ fn start(
     raw: &Path,
     dir: &Path,
     (cert, key, _): &(PathBuf, PathBuf, PathBuf),
-    access_log: bool,
+    variant: Variant,
 ) -> anyhow::Result<bench_l7::Running> {
     let backend = bench_l7::BACKEND;
     let mut args: Vec<String> = vec![
         "run".into(),
         "--listener".into(),
-        format!("web=http://127.0.0.1:{HTTP}"),
+        format!(
+            "web=http://127.0.0.1:{HTTP}{}",
+            if variant == Variant::Lean {
+                ",http1=lean"
+            } else {
+                ""
+            }
+        ),
         "--listener".into(),
         format!(
             "tls=https://127.0.0.1:{HTTPS},cert={}:{}",
@@ -562,13 +594,20 @@ fn start(
         "--rule".into(),
         "tls,default,forward=be".into(),
         "--admin-socket".into(),
-        dir.join(format!("train-{access_log}.sock"))
+        dir.join(format!("train-{variant:?}.sock"))
             .display()
             .to_string(),
     ];
-    if access_log {
-        args.push("--access-log".into());
-        args.push(dir.join("access.log").display().to_string());
+    match variant {
+        Variant::Plain => {}
+        Variant::AccessLog => {
+            args.push("--access-log".into());
+            args.push(dir.join("access.log").display().to_string());
+        }
+        Variant::Lean => {
+            args.push("--l7-runtime".into());
+            args.push("per-worker".into());
+        }
     }
     let r = bench_l7::spawn(
         "the instrumented lb",
@@ -576,7 +615,7 @@ fn start(
             .args(&args)
             // The runtime's own file name pattern: one file per process and binary.
             .env("LLVM_PROFILE_FILE", raw.join("lb-%p-%m.profraw")),
-        &dir.join(format!("lb-train-{access_log}.log")),
+        &dir.join(format!("lb-train-{variant:?}.log")),
     )?;
     bench_l7::wait_port(HTTP)?;
     bench_l7::wait_port(HTTPS)?;

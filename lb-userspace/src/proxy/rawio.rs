@@ -36,7 +36,7 @@ fn retrying(mut call: impl FnMut() -> libc::c_long) -> io::Result<usize> {
 
 /// `recvfrom(fd, buf, len, 0, NULL, NULL)`: what glibc's `recv` calls, without its
 /// cancellation point.
-fn recv(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+pub(crate) fn recv(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes, the most the kernel writes; no
     // address is asked for.
     retrying(|| unsafe {
@@ -55,7 +55,7 @@ fn recv(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
 /// `sendto(fd, buf, len, MSG_NOSIGNAL, NULL, 0)`: what glibc's `send` calls (with the flag
 /// std's `TcpStream` passes on Linux: a closed peer is `EPIPE`, not `SIGPIPE`), without its
 /// cancellation point.
-fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes; no address is given.
     retrying(|| unsafe {
         libc::syscall(

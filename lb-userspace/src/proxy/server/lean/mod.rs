@@ -25,7 +25,7 @@
 mod wire;
 
 use std::collections::HashMap;
-use std::io::{self, Read as _, Write as _};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
@@ -211,37 +211,41 @@ fn connect_error(s: &TcpStream) -> Option<io::Error> {
     }
 }
 
-/// Reads what `s` has into `buf`'s spare room (at least [`READ_ROOM`]): `Ok(0)` is the peer's
-/// close, `WouldBlock` nothing to read. `*readable` is cleared when the socket is known to be
-/// empty (the read did not fill the room, or would block): edge-triggered, the next byte
-/// raises an event, so the loop does not read again until then (an empty read per message
-/// was two more system calls per request).
-fn read_into(mut s: &TcpStream, buf: &mut Vec<u8>, readable: &mut bool) -> io::Result<usize> {
+/// Reads what `s` has into `buf`'s spare room (at least [`READ_ROOM`], not zeroed first):
+/// `Ok(0)` is the peer's close, `WouldBlock` nothing to read. `*readable` is cleared when the
+/// socket is known to be empty (the read did not fill the room, or would block):
+/// edge-triggered, the next byte raises an event, so the loop does not read again until then
+/// (an empty read per message was two more system calls per request). The system call is
+/// made directly, without glibc's cancellation point (`proxy::rawio`: its bracket was a fifth
+/// of this loop's user time).
+///
+/// A peer that has closed (`closed`: the event said `EPOLLRDHUP`/`EPOLLHUP`) may have sent its
+/// close with the last bytes, in the same edge: then only a read of 0 clears `*readable`.
+fn read_into(
+    s: &TcpStream,
+    buf: &mut Vec<u8>,
+    readable: &mut bool,
+    closed: bool,
+) -> io::Result<usize> {
     buf.reserve(READ_ROOM);
-    let len = buf.len();
-    let room = buf.capacity() - len;
-    buf.resize(len + room, 0);
-    let r = loop {
-        match s.read(&mut buf[len..]) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => break r,
-        }
-    };
+    let room = buf.capacity() - buf.len();
+    let r = crate::proxy::rawio::recv(s.as_raw_fd(), buf.spare_capacity_mut());
     let n = *r.as_ref().unwrap_or(&0);
-    buf.truncate(len + n);
-    if n < room && !matches!(r, Ok(0)) {
+    // SAFETY: the kernel wrote `n` bytes (at most the spare room's length) at the vector's end.
+    unsafe { buf.set_len(buf.len() + n) };
+    if n < room && !matches!(r, Ok(0)) && !closed {
         *readable = false;
     }
     r
 }
 
-/// Writes `buf[*pos..]` to `s`: `Ok(true)` when all of it went out.
-fn write_from(mut s: &TcpStream, buf: &[u8], pos: &mut usize) -> io::Result<bool> {
+/// Writes `buf[*pos..]` to `s` (directly, as [`read_into`] reads): `Ok(true)` when all of it
+/// went out.
+fn write_from(s: &TcpStream, buf: &[u8], pos: &mut usize) -> io::Result<bool> {
     while *pos < buf.len() {
-        match s.write(&buf[*pos..]) {
+        match crate::proxy::rawio::send(s.as_raw_fd(), &buf[*pos..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => *pos += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
         }
@@ -313,6 +317,8 @@ struct Client {
     seen_any: bool,
     /// The socket may have bytes to read (see [`read_into`]).
     readable: bool,
+    /// The peer closed its side (or the socket failed): reads go on until they return 0.
+    closed: bool,
 }
 
 struct Target {
@@ -326,6 +332,8 @@ struct Target {
     idle_since: Instant,
     /// The socket may have bytes to read (see [`read_into`]).
     readable: bool,
+    /// The peer closed its side (or the socket failed): reads go on until they return 0.
+    closed: bool,
 }
 
 /// A slab of connections: stable indexes, reused slots with a new generation.
@@ -413,7 +421,10 @@ struct Lean {
     /// The worker's runtime, which runs them.
     runtime: tokio::runtime::Handle,
     draining: bool,
+    /// The clock, read once per wake-up (as nginx's cached time).
     now: Instant,
+    /// The wall clock, read with `now`.
+    wall: std::time::SystemTime,
     idle_timeout: Duration,
     header_timeout: Duration,
     keepalive: Duration,
@@ -474,6 +485,7 @@ pub(super) fn start(
         runtime: tokio::runtime::Handle::current(),
         draining: false,
         now: Instant::now(),
+        wall: std::time::SystemTime::now(),
     };
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new().name(name).spawn(move || {
@@ -510,6 +522,7 @@ impl Lean {
             let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
             let n = self.epoll.wait(&mut events, ms);
             self.now = Instant::now();
+            self.wall = std::time::SystemTime::now();
             for ev in &events[..n] {
                 let (e, t) = (ev.events, ev.u64);
                 self.event(t, e);
@@ -547,6 +560,7 @@ impl Lean {
                 if events & (libc::EPOLLIN as u32 | GONE_EVENTS) != 0 {
                     c.readable = true;
                 }
+                c.closed |= events & GONE_EVENTS != 0;
                 if events & GONE_EVENTS != 0 && matches!(c.state, State::Busy(_)) {
                     // The client went away (or half-closed) with its request in flight.
                     self.client_gone(index);
@@ -561,6 +575,7 @@ impl Lean {
                 if events & (libc::EPOLLIN as u32 | GONE_EVENTS) != 0 {
                     t.readable = true;
                 }
+                t.closed |= events & GONE_EVENTS != 0;
                 match t.owner {
                     None => {
                         // A pooled connection spoke or closed: it is no longer usable.
@@ -671,6 +686,7 @@ impl Lean {
                 closing: self.draining,
                 seen_any: false,
                 readable: true,
+                closed: false,
             },
         );
         // Edge-triggered: bytes that arrived with the connection raise no later event.
@@ -729,7 +745,7 @@ impl Lean {
                     if !c.readable {
                         return;
                     }
-                    match read_into(&c.tcp, &mut c.inbuf, &mut c.readable) {
+                    match read_into(&c.tcp, &mut c.inbuf, &mut c.readable, c.closed) {
                         Ok(0) => {
                             // The client closed: quietly between requests, as the native
                             // path does with a partial head too.
@@ -845,8 +861,9 @@ impl Lean {
         {
             return None;
         }
-        // No target in service: the native path answers (503) and records it.
-        let picked = group.pick_at(None, std::time::SystemTime::now())?;
+        // No target in service: the native path answers (503) and records it. (Without
+        // stickiness the pick reads no time; the batch's clock reading stands in.)
+        let picked = group.pick_at(None, self.wall)?;
         // Committed from here on: the request is this loop's.
         let mut ex = Exchange::start_lean(
             c.ctx.clone(),
@@ -935,6 +952,7 @@ impl Lean {
                             buf: Vec::new(),
                             idle_since: self.now,
                             readable: false,
+                            closed: false,
                         },
                     );
                     let connection = if fresh {
@@ -1002,7 +1020,7 @@ impl Lean {
         if !t.readable {
             return if progress { Step::Progress } else { Step::Wait };
         }
-        match read_into(&t.tcp, &mut t.buf, &mut t.readable) {
+        match read_into(&t.tcp, &mut t.buf, &mut t.readable, t.closed) {
             Ok(0) => return self.target_closed(ci),
             Ok(_) => {
                 f.deadline = self.now + self.target_idle;
