@@ -215,7 +215,7 @@ async fn what_the_lean_path_declines_the_native_path_serves_on_the_same_connecti
         p.addr,
         b"GET /first HTTP/1.1\r\nHost: app.test\r\n\r\n\
 POST /body HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n\r\nhello\
-GET /third HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.9.9.9\r\nConnection: close\r\n\r\n",
+GET /third HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
     )
     .await;
     let first = out.find("GET /first").expect("first answered");
@@ -224,11 +224,6 @@ GET /third HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.9.9.9\r\nConnection
         .expect("the body reached the target");
     let third = out.find("GET /third").expect("third answered");
     assert!(first < body && body < third, "{out}");
-    // The native path merged the client's X-Forwarded-For with the peer.
-    assert!(
-        out.contains("x-forwarded-for: 10.9.9.9, 127.0.0.1"),
-        "{out}"
-    );
     assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{out}");
     assert_eq!((lean_requests(&p), lean_handoffs(&p)), (1, 1));
     assert_eq!(
@@ -236,6 +231,19 @@ GET /third HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.9.9.9\r\nConnection
         2,
         "the rest of the connection went native"
     );
+    // A received X-Forwarded-For, first on its connection: the native path merges it with
+    // the peer (the lean path would only add the peer's).
+    let out = raw(
+        p.addr,
+        b"GET /xff HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.9.9.9\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        out.contains("x-forwarded-for: 10.9.9.9, 127.0.0.1"),
+        "{out}"
+    );
+    assert_eq!((lean_requests(&p), lean_handoffs(&p)), (1, 2));
+    assert_eq!(native_requests(&p), 3);
 }
 
 #[tokio::test]
@@ -583,4 +591,97 @@ async fn metrics_and_rules_see_lean_requests() {
     assert_eq!(l.requests_forwarded.get(), n.requests_forwarded.get());
     assert!(l.rule_evaluations.get() >= 3);
     assert_eq!(l.rule_evaluations.get(), n.rule_evaluations.get());
+}
+
+/// Splits an access-log line: spaces separate fields, double quotes group.
+fn log_fields(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            '"' => quoted = !quoted,
+            ' ' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+#[tokio::test]
+async fn the_access_log_line_of_a_lean_request_is_the_native_paths() {
+    use lb::accesslog::{Destination, Rotation, access_log_writer};
+    let t = target::http1().route("/", Reply::text("hello")).run().await;
+    let dir = std::env::temp_dir().join(format!("lb-lean-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut lines = Vec::new();
+    for (name, on_lean) in [("native", false), ("lean", true)] {
+        let path = dir.join(format!("{name}.log"));
+        let writer = access_log_writer(
+            Destination::File(path.clone()),
+            Rotation::default(),
+            1024,
+            "app/lb/0123456789abcdef".into(),
+        )
+        .expect("access log");
+        let mut b = ProxyBuilder::forward_to(&[t.addr]);
+        b.access_log = Some(std::sync::Arc::new(writer));
+        let p = if on_lean { lean(b) } else { b }.start().await;
+        let out = raw(
+            p.addr,
+            b"GET /a/b?c=d HTTP/1.1\r\nHost: app.test\r\nUser-Agent: golden/1.0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.ends_with("hello"), "{out}");
+        let written = out.len();
+        let line = within(async {
+            loop {
+                if let Some(l) = std::fs::read_to_string(&path)
+                    .unwrap_or_default()
+                    .lines()
+                    .next()
+                {
+                    return l.to_owned();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let mut f = log_fields(&line);
+        assert_eq!(f.len(), 35, "{line}");
+        // What differs between any two requests: times, the client's port, the listener's
+        // port in the URL, the trace and connection ids.
+        for i in [1, 3, 5, 6, 7, 17, 21, 29] {
+            f[i] = "*".into();
+        }
+        f[12] = f[12].replace(&p.addr.port().to_string(), "PORT");
+        // sent_bytes: the lean path counts every byte it wrote; the native path counts the
+        // head from its fields before the writer adds `connection: close`, so it falls short
+        // by that line here (a difference of the native path's, kept out of the comparison).
+        let sent: usize = f[11].parse().expect("sent_bytes");
+        if on_lean {
+            assert_eq!(
+                sent, written,
+                "the lean path's sent_bytes is what the client got"
+            );
+        } else {
+            assert_eq!(sent + "connection: close\r\n".len(), written);
+        }
+        f[11] = "*".into();
+        assert_eq!(
+            (on_lean, lean_requests(&p), native_requests(&p)),
+            (on_lean, u64::from(on_lean), u64::from(!on_lean))
+        );
+        lines.push(f);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(lines[0][12], "GET http://app.test:PORT/a/b?c=d HTTP/1.1");
+    assert_eq!(lines[1], lines[0]);
 }
