@@ -54,27 +54,9 @@ const LB_RETRY: usize = 33;
 const LB_TARGET_CONNECTION: usize = 34;
 const FIELDS: usize = 35;
 
-/// Splits an access-log line: spaces separate fields, double quotes group (a `\"` inside a
-/// quoted field is a quote).
+/// Splits an access-log line ([`support::log_fields`]).
 fn fields(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-            }
-            '"' => quoted = !quoted,
-            ' ' if !quoted => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out
+    support::log_fields(line)
 }
 
 struct Log {

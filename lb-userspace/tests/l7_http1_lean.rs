@@ -593,28 +593,6 @@ async fn metrics_and_rules_see_lean_requests() {
     assert_eq!(l.rule_evaluations.get(), n.rule_evaluations.get());
 }
 
-/// Splits an access-log line: spaces separate fields, double quotes group.
-fn log_fields(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-            }
-            '"' => quoted = !quoted,
-            ' ' if !quoted => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out
-}
-
 #[tokio::test]
 async fn the_access_log_line_of_a_lean_request_is_the_native_paths() {
     use lb::accesslog::{Destination, Rotation, access_log_writer};
@@ -654,7 +632,7 @@ async fn the_access_log_line_of_a_lean_request_is_the_native_paths() {
             }
         })
         .await;
-        let mut f = log_fields(&line);
+        let mut f = support::log_fields(&line);
         assert_eq!(f.len(), 35, "{line}");
         // What differs between any two requests: times, the client's port, the listener's
         // port in the URL, the trace and connection ids.

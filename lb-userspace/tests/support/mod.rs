@@ -716,3 +716,26 @@ pub async fn get_many_h2(addr: SocketAddr, path: &str, n: usize) -> Vec<String> 
     })
     .await
 }
+
+/// Splits an access-log line: spaces separate fields, double quotes group (a `\"` inside a
+/// quoted field is a quote).
+pub fn log_fields(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            '"' => quoted = !quoted,
+            ' ' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
