@@ -663,3 +663,24 @@ async fn the_access_log_line_of_a_lean_request_is_the_native_paths() {
     assert_eq!(lines[0][12], "GET http://app.test:PORT/a/b?c=d HTTP/1.1");
     assert_eq!(lines[1], lines[0]);
 }
+
+#[tokio::test]
+async fn thousands_of_pipelined_requests_to_a_refused_target_each_get_their_502() {
+    // Every request's connect is refused: the loop answers each on the one connection, in
+    // order, and goes on to the next, with none lost and none answered twice.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let p = lean(ProxyBuilder::forward_to(&[closed])).start().await;
+    const N: usize = 3000;
+    let mut burst = b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n".repeat(N);
+    burst.extend_from_slice(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    let out = raw(p.addr, &burst).await;
+    assert_eq!(out.matches("HTTP/1.1 502 Bad Gateway\r\n").count(), N + 1);
+    assert_eq!(lean_requests(&p), N as u64 + 1);
+    assert_eq!(
+        counter(&p, |c| c.elb_5xx.load(Ordering::Relaxed)),
+        N as u64 + 1
+    );
+}

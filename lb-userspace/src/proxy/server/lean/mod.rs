@@ -591,6 +591,7 @@ impl Lean {
                             t.connecting = false;
                             if let Some(e) = connect_error(&t.tcp) {
                                 self.connect_failed(owner, e);
+                                self.drive(owner);
                                 return;
                             }
                             if let Some(c) = self.clients.at(owner)
@@ -1229,6 +1230,9 @@ impl Lean {
             Some(State::Busy(f)) => f.picked.addr,
             _ => return,
         };
+        // Not driven from here: a connect that fails at once fails inside `drive` (which goes
+        // on with the next request), and driving again from here nested one `drive` per
+        // pipelined request.
         self.fail(
             ci,
             ProxyError::Connect {
@@ -1236,7 +1240,6 @@ impl Lean {
                 source: Box::new(e),
             },
         );
-        self.drive(ci);
     }
 
     /// Client `ci`'s request failed with `e`: before its response head, the load balancer
