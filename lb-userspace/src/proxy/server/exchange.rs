@@ -257,8 +257,9 @@ impl Exchange {
         }
     }
 
-    /// The target's response head arrived (the lean loop's [`Exchange::forwarded`]):
-    /// `connect` is how long connecting took (included in getting the request there).
+    /// The target's response head arrived, with `status`, on a `connection`; `connect` is
+    /// how long connecting took (part of getting the request there). The lean loop calls it
+    /// directly, [`Exchange::forwarded`] with what the forwarder reports.
     pub fn forwarded_lean(&mut self, status: u16, connection: TargetConnection, connect: Duration) {
         let now = Instant::now();
         let sent = (self.sent_at.unwrap_or(now) + connect).min(now);
@@ -392,28 +393,18 @@ impl Exchange {
 
     /// The target's response head arrived.
     pub fn forwarded(&mut self, f: &Forwarded) {
-        let now = Instant::now();
-        let call = self.sent_at.unwrap_or(now);
-        // Connecting is part of getting the request to the target.
-        let sent = call + f.connect_time.unwrap_or(Duration::ZERO);
-        let sent = sent.min(now);
-        self.sent_at = Some(sent);
-        self.head_at = Some(now);
-        let started = self.started;
-        if let Some(r) = self.rec() {
-            if let Some(started) = started {
-                r.text_mut().request_processing = Some(sent.saturating_duration_since(started));
-            }
-            r.target_processing = Some(now.saturating_duration_since(sent));
-            r.target_status = Some(f.response.status().as_u16());
-            r.target_connection = Some(if f.retried {
-                TargetConnection::RetriedOnNew
-            } else if f.reused_connection {
-                TargetConnection::Reused
-            } else {
-                TargetConnection::New
-            });
-        }
+        let connection = if f.retried {
+            TargetConnection::RetriedOnNew
+        } else if f.reused_connection {
+            TargetConnection::Reused
+        } else {
+            TargetConnection::New
+        };
+        self.forwarded_lean(
+            f.response.status().as_u16(),
+            connection,
+            f.connect_time.unwrap_or(Duration::ZERO),
+        );
     }
 
     /// The response (head) is handed to the client now.
