@@ -557,10 +557,7 @@ impl Lean {
                 let Some(c) = self.clients.get(index, generation) else {
                     return;
                 };
-                if events & (libc::EPOLLIN as u32 | GONE_EVENTS) != 0 {
-                    c.readable = true;
-                }
-                c.closed |= events & GONE_EVENTS != 0;
+                mark(events, &mut c.readable, &mut c.closed);
                 if events & GONE_EVENTS != 0 && matches!(c.state, State::Busy(_)) {
                     // The client went away (or half-closed) with its request in flight.
                     self.client_gone(index);
@@ -572,10 +569,7 @@ impl Lean {
                 let Some(t) = self.targets.get(index, generation) else {
                     return;
                 };
-                if events & (libc::EPOLLIN as u32 | GONE_EVENTS) != 0 {
-                    t.readable = true;
-                }
-                t.closed |= events & GONE_EVENTS != 0;
+                mark(events, &mut t.readable, &mut t.closed);
                 match t.owner {
                     None => {
                         // A pooled connection spoke or closed: it is no longer usable.
@@ -1489,6 +1483,15 @@ enum Step {
     Wait,
     /// The connection is gone (closed or handed off).
     Done,
+}
+
+/// What an event says of a socket's read side: bytes (or the peer's close) to read, and
+/// whether the peer closed (see [`read_into`]).
+fn mark(events: u32, readable: &mut bool, closed: &mut bool) {
+    if events & (libc::EPOLLIN as u32 | GONE_EVENTS) != 0 {
+        *readable = true;
+    }
+    *closed |= events & GONE_EVENTS != 0;
 }
 
 /// Where a request head ends (just past its empty line), if it is complete: CRLF CRLF, or a
