@@ -1146,6 +1146,11 @@ impl Lean {
         let Some(t) = self.targets.at(ti) else {
             return;
         };
+        if t.closed {
+            // The target closed it while answering: no use keeping it.
+            self.drop_target(ti);
+            return;
+        }
         t.owner = None;
         t.idle_since = self.now;
         t.buf.clear();
