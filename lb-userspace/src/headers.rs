@@ -695,6 +695,12 @@ fn hop_by_hop_bit_of_token(token: &[u8]) -> u16 {
     hop_by_hop_bit_of(lower)
 }
 
+/// Whether `name`, in any case, is one of the hop-by-hop fields [`strip_hop_by_hop`] removes
+/// (for code that reads field names as bytes, such as the lean HTTP/1.1 path's).
+pub(crate) fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    hop_by_hop_bit_of_token(name) != 0
+}
+
 /// The `timeout=N` of a response's `Keep-Alive` header: how long the target keeps an idle
 /// connection open, so the pool can retire it first. Whole seconds by convention (RFC 2068
 /// §19.7.1.1); decimal seconds (`timeout=0.5`) are accepted too, as some servers send them.

@@ -135,7 +135,7 @@ async fn lean_responses_are_the_native_paths_byte_for_byte() {
     // Targets answering with each framing a response can have; the same requests go through
     // a native listener and a lean one, each on one keep-alive connection.
     let cases: [&'static [u8]; 6] = [
-        b"HTTP/1.1 200 OK\r\nServer: t\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nServer: t\r\nProxy-Authorization: Basic eA==\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
         b"HTTP/1.1 404 Whatever\r\nX-A: 1\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\n\r\nno",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",

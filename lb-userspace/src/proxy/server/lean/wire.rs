@@ -5,7 +5,7 @@
 //! connection as before: the lean path never answers a request differently, it only declines.
 use std::mem::MaybeUninit;
 
-use crate::headers::ForwardedTail;
+use crate::headers::{ForwardedTail, is_hop_by_hop_name};
 use crate::proxy::desync::{RawHead, is_tchar, trim_ows};
 
 /// Most request or response header fields (the native path's limit).
@@ -24,19 +24,13 @@ pub(super) struct Facts<'a> {
     pub head: bool,
 }
 
-/// Request header names that make the lean path decline a request: framing and upgrades
-/// (bodies and tunnels stay on the native path), the fields `lb` adds itself (the native
-/// path merges a received one), hop-by-hop fields other than `Connection` and `Keep-Alive`,
-/// and `Expect`.
-const DECLINED: [&[u8]; 14] = [
+/// Request header names that make the lean path decline a request, beside the hop-by-hop
+/// fields other than `Connection` and `Keep-Alive` (`headers::is_hop_by_hop_name`: framing,
+/// upgrades, `TE`, proxy fields): a body's length (bodies stay on the native path), the
+/// fields `lb` adds itself (the native path merges a received one), `Expect`, and HTTP/2's
+/// upgrade settings.
+const DECLINED: [&[u8]; 7] = [
     b"content-length",
-    b"transfer-encoding",
-    b"upgrade",
-    b"te",
-    b"trailer",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"proxy-authorization",
     b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-forwarded-port",
@@ -113,7 +107,9 @@ pub(super) fn examine<'a>(raw: &RawHead<'a>) -> Option<Facts<'a>> {
             close |= connection_close(value)?;
         } else if is(name, b"user-agent") {
             user_agent = Some(value);
-        } else if DECLINED.iter().any(|d| is(name, d)) {
+        } else if (is_hop_by_hop_name(name) && !is(name, b"keep-alive"))
+            || DECLINED.iter().any(|d| is(name, d))
+        {
             return None;
         }
     }
@@ -181,18 +177,6 @@ pub(super) struct Response {
 /// Why a target's response head cannot be forwarded (502).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct BadResponse(pub &'static str);
-
-/// Hop-by-hop response fields, never passed on.
-const HOP_BY_HOP: [&[u8]; 8] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-];
 
 /// Reads the target's response head from `buf` and writes the client's into `out`, as the
 /// native path does (status line with the standard reason phrase; the target's fields in
@@ -317,7 +301,9 @@ pub(super) fn response_head(
         let mut wrote_date = false;
         for h in res.headers.iter() {
             let name = h.name.as_bytes();
-            if HOP_BY_HOP.iter().any(|n| is(name, n)) || named.iter().any(|n| is(name, n)) {
+            // Hop-by-hop fields (the same list the native path strips) and those the
+            // target's `Connection` names are never passed on.
+            if is_hop_by_hop_name(name) || named.iter().any(|n| is(name, n)) {
                 continue;
             }
             if is(name, b"content-length") {
@@ -425,6 +411,8 @@ mod tests {
             b"GET /a#frag HTTP/1.1\r\nHost: x\r\n\r\n",
             b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic eA==\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n",
         ] {
             assert_eq!(
                 facts(declined),
