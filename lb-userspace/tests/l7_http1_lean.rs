@@ -684,3 +684,56 @@ async fn thousands_of_pipelined_requests_to_a_refused_target_each_get_their_502(
         N as u64 + 1
     );
 }
+
+#[tokio::test]
+async fn a_target_answering_garbage_is_502_and_the_log_names_it() {
+    use lb::accesslog::{Destination, Rotation, access_log_writer};
+    let t = target::raw(support::target::RawBehavior::Garbage)
+        .run()
+        .await;
+    let dir = std::env::temp_dir().join(format!("lb-lean-garbage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("access.log");
+    let writer = access_log_writer(
+        Destination::File(path.clone()),
+        Rotation::default(),
+        1024,
+        "app/lb/0123456789abcdef".into(),
+    )
+    .expect("access log");
+    let mut b = lean(ProxyBuilder::forward_to(&[t.addr]));
+    b.access_log = Some(std::sync::Arc::new(writer));
+    let p = b.start().await;
+    let out = raw(
+        p.addr,
+        b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{out}");
+    let line = within(async {
+        loop {
+            if let Some(l) = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .next()
+            {
+                return l.to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let f = support::log_fields(&line);
+    // elb_status, target, and lb's error detail naming the target.
+    assert_eq!(
+        (f[8].as_str(), f[4].as_str()),
+        ("502", t.addr.to_string().as_str())
+    );
+    assert!(
+        f[32].contains(&format!("target {} failed", t.addr)),
+        "{}",
+        f[32]
+    );
+    assert_eq!(lean_requests(&p), 1);
+}

@@ -1061,14 +1061,11 @@ impl Lean {
                 }
                 Err(bad) => {
                     c.out.truncate(out_start);
-                    f.reusable = false;
-                    return self.fail(
-                        ci,
-                        ProxyError::TargetFailed {
-                            target: "".into(),
-                            source: bad.0.into(),
-                        },
-                    );
+                    let e = ProxyError::TargetFailed {
+                        target: f.picked.addr.to_string(),
+                        source: bad.0.into(),
+                    };
+                    return self.fail(ci, e);
                 }
             }
         }
@@ -1259,15 +1256,6 @@ impl Lean {
             body_sent,
             ..
         } = *f;
-        let e = match e {
-            ProxyError::TargetFailed { target: t, source } if t.is_empty() => {
-                ProxyError::TargetFailed {
-                    target: picked.addr.to_string(),
-                    source,
-                }
-            }
-            e => e,
-        };
         if responded {
             ex.sent_body(body_sent);
             ex.body_failed(e.to_string());
