@@ -299,7 +299,7 @@ enum State {
 struct Client {
     tcp: TcpStream,
     ctx: Arc<ConnCtx>,
-    open: Option<OpenConnection>,
+    open: OpenConnection,
     inbuf: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
@@ -670,7 +670,7 @@ impl Lean {
             Client {
                 tcp,
                 ctx,
-                open: Some(open),
+                open,
                 inbuf: Vec::with_capacity(READ_ROOM),
                 out: Vec::new(),
                 out_pos: 0,
@@ -1110,26 +1110,23 @@ impl Lean {
     /// The flight of client `ci` is over (the response is queued for the client): the
     /// record is emitted, the target goes back to the pool or is closed.
     fn finish(&mut self, ci: usize) {
-        let Some(c) = self.clients.at(ci) else {
-            return;
-        };
-        let State::Busy(f) = std::mem::replace(&mut c.state, State::Head) else {
-            return;
-        };
-        let Flight {
-            mut ex,
+        let Some(Flight {
+            ex,
             picked,
             target,
             reusable,
-            body_sent,
             ..
-        } = *f;
-        ex.sent_body(body_sent);
+        }) = self.land(ci)
+        else {
+            return;
+        };
         ex.finish();
-        if c.head_deadline.is_none() && !c.inbuf.is_empty() {
+        if let Some(c) = self.clients.at(ci)
+            && c.head_deadline.is_none()
+            && !c.inbuf.is_empty()
+        {
             c.head_deadline = Some(self.now + self.header_timeout);
         }
-        c.idle_deadline = self.now + self.idle_timeout;
         let gone = picked.left();
         drop(picked);
         if reusable && !gone && !self.draining {
@@ -1137,6 +1134,21 @@ impl Lean {
         } else {
             self.drop_target(target);
         }
+    }
+
+    /// Takes client `ci`'s flight off it (the connection is between requests again, its idle
+    /// clock restarted) and returns it, its record holding the response body bytes sent so
+    /// far (none before the head went out). What ends a flight (`finish`, `fail`,
+    /// `client_gone`) starts here.
+    fn land(&mut self, ci: usize) -> Option<Flight> {
+        let c = self.clients.at(ci)?;
+        let State::Busy(f) = std::mem::replace(&mut c.state, State::Head) else {
+            return None;
+        };
+        c.idle_deadline = self.now + self.idle_timeout;
+        let mut f = *f;
+        f.ex.sent_body(f.body_sent);
+        Some(f)
     }
 
     fn pool_target(&mut self, ti: usize) {
@@ -1242,22 +1254,24 @@ impl Lean {
     /// answers (502, 504) and the connection goes on; after it, the response is cut off and
     /// the connection closed.
     fn fail(&mut self, ci: usize, e: ProxyError) -> Step {
-        let Some(c) = self.clients.at(ci) else {
-            return Step::Done;
-        };
-        let State::Busy(f) = std::mem::replace(&mut c.state, State::Head) else {
-            return Step::Wait;
-        };
-        let Flight {
+        let Some(Flight {
             mut ex,
             picked,
             target,
             responded,
-            body_sent,
             ..
-        } = *f;
+        }) = self.land(ci)
+        else {
+            return if self.clients.at(ci).is_some() {
+                Step::Wait
+            } else {
+                Step::Done
+            };
+        };
+        let Some(c) = self.clients.at(ci) else {
+            return Step::Done;
+        };
         if responded {
-            ex.sent_body(body_sent);
             ex.body_failed(e.to_string());
             c.closing = true;
             c.inbuf.clear();
@@ -1271,7 +1285,6 @@ impl Lean {
             ex.sent_body(body as u64);
         }
         ex.finish();
-        c.idle_deadline = self.now + self.idle_timeout;
         drop(picked);
         self.drop_target(target);
         Step::Progress
@@ -1279,19 +1292,15 @@ impl Lean {
 
     /// Client `ci` went away: its request in flight ends as 460 (nothing sent).
     fn client_gone(&mut self, ci: usize) {
-        if let Some(c) = self.clients.at(ci)
-            && let State::Busy(f) = std::mem::replace(&mut c.state, State::Head)
+        if let Some(Flight {
+            mut ex,
+            picked,
+            target,
+            responded,
+            ..
+        }) = self.land(ci)
         {
-            let Flight {
-                mut ex,
-                picked,
-                target,
-                responded,
-                body_sent,
-                ..
-            } = *f;
             if responded {
-                ex.sent_body(body_sent);
                 ex.body_failed("the client closed the connection".into());
             }
             // Dropped without a response: the record says 460.
@@ -1315,11 +1324,10 @@ impl Lean {
             let Client {
                 tcp,
                 ctx,
-                mut open,
+                open,
                 inbuf,
                 ..
             } = c;
-            let open = open.take();
             let (listener, peer, slot, id) = (
                 ctx.listener.clone(),
                 ctx.peer,
