@@ -276,9 +276,11 @@ impl Exchange {
         }
     }
 
-    /// The response head, `head_len` bytes with status `status`, goes to the client now (the
-    /// lean loop's [`Exchange::responding`]).
+    /// The response head, `head_len` bytes with status `status`, goes to the client now. The
+    /// lean loop calls it with the bytes it wrote, [`Exchange::responding`] with the size
+    /// of a head it has as fields.
     pub fn responding_lean(&mut self, status: u16, head_len: usize) {
+        // Only the log reads the response processing time: without one, no clock read.
         let head_at = self.head_at.filter(|_| self.logging());
         if let Some(r) = self.rec() {
             r.elb_status = Some(status);
@@ -409,15 +411,8 @@ impl Exchange {
 
     /// The response (head) is handed to the client now.
     pub fn responding(&mut self, status: StatusCode, headers: &HeaderMap) {
-        // Only the log reads the response processing time: without one, no clock read.
-        let head_at = self.head_at.filter(|_| self.logging());
-        if let Some(r) = self.rec() {
-            r.elb_status = Some(status.as_u16());
-            r.sent_bytes = response_head_bytes(status, headers);
-            if let Some(h) = head_at {
-                r.text_mut().response_processing = Some(h.elapsed());
-            }
-        }
+        let head = response_head_bytes(status, headers);
+        self.responding_lean(status.as_u16(), usize::try_from(head).unwrap_or(usize::MAX));
     }
 
     /// Whether the target answered (the response is the target's, not the load balancer's).
