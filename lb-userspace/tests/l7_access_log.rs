@@ -4,9 +4,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lb::accesslog::{Destination, Rotation, access_log_writer};
@@ -52,72 +50,9 @@ const LB_ERROR: usize = 31;
 const LB_DETAIL: usize = 32;
 const LB_RETRY: usize = 33;
 const LB_TARGET_CONNECTION: usize = 34;
-const FIELDS: usize = 35;
 
-/// Splits an access-log line ([`support::log_fields`]).
-fn fields(line: &str) -> Vec<String> {
-    support::log_fields(line)
-}
-
-struct Log {
-    path: PathBuf,
-    writer: Arc<AccessLog>,
-}
-
-impl Log {
-    fn new(name: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lb-access-log-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("access.log");
-        let writer = access_log_writer(
-            Destination::File(path.clone()),
-            Rotation::default(),
-            1024,
-            "app/lb/0123456789abcdef".into(),
-        )
-        .expect("access log");
-        Self {
-            path,
-            writer: Arc::new(writer),
-        }
-    }
-
-    /// Waits for the `n`th line and returns it split into fields.
-    /// A proxy forwarding to `targets` that writes this log.
-    async fn proxy(&self, targets: &[SocketAddr]) -> support::Proxy {
-        let mut b = ProxyBuilder::forward_to(targets);
-        b.access_log = Some(self.writer.clone());
-        b.start().await
-    }
-
-    async fn line(&self, n: usize) -> Vec<String> {
-        within(async {
-            loop {
-                let text = std::fs::read_to_string(&self.path).unwrap_or_default();
-                if let Some(l) = text.lines().nth(n - 1) {
-                    let f = fields(l);
-                    assert_eq!(f.len(), FIELDS, "{l}");
-                    return f;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for Log {
-    fn drop(&mut self) {
-        if let Some(d) = self.path.parent() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
+/// The access log of these tests: a file of its own, read back line by line.
+use support::LogFile as Log;
 
 fn seconds(f: &str) -> f64 {
     let v: f64 = f.parse().unwrap_or_else(|_| panic!("{f:?} is not seconds"));

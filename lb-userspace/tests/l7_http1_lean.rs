@@ -130,53 +130,7 @@ async fn fixed_target(
     (addr, conns)
 }
 
-/// An access log written to a file of its own (removed on drop), for the tests that read it.
-struct Log {
-    dir: std::path::PathBuf,
-    path: std::path::PathBuf,
-    writer: std::sync::Arc<lb::proxy::server::AccessLog>,
-}
-
-impl Log {
-    fn new(name: &str) -> Self {
-        use lb::accesslog::{Destination, Rotation, access_log_writer};
-        let dir = std::env::temp_dir().join(format!("lb-lean-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("access.log");
-        let writer = access_log_writer(
-            Destination::File(path.clone()),
-            Rotation::default(),
-            1024,
-            "app/lb/0123456789abcdef".into(),
-        )
-        .expect("access log");
-        Self {
-            dir,
-            path,
-            writer: std::sync::Arc::new(writer),
-        }
-    }
-
-    /// The first `n` lines, split into fields, once they are written.
-    async fn lines(&self, n: usize) -> Vec<Vec<String>> {
-        within(async {
-            loop {
-                let text = std::fs::read_to_string(&self.path).unwrap_or_default();
-                if text.lines().count() >= n {
-                    return text.lines().take(n).map(support::log_fields).collect();
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for Log {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use support::LogFile as Log;
 
 #[tokio::test]
 async fn lean_responses_are_the_native_paths_byte_for_byte() {
@@ -416,7 +370,8 @@ async fn a_pooled_connection_the_target_closed_is_not_used_again() {
     assert_eq!(counter(&p, |c| c.elb_5xx.load(Ordering::Relaxed)), 0);
     // Not tried on the closed connection and then again on a new one (which would log
     // `lb_retry` StalePooledConnection): dropped from the pool when the close arrived.
-    for f in log.lines(3).await {
+    for n in 1..=3 {
+        let f = log.line(n).await;
         assert_eq!((f[33].as_str(), f[34].as_str()), ("-", "new"), "{f:?}");
     }
     assert_eq!(lean_requests(&p), 3);
@@ -667,8 +622,7 @@ async fn the_access_log_line_of_a_lean_request_is_the_native_paths() {
         .await;
         assert!(out.ends_with("hello"), "{out}");
         let written = out.len();
-        let mut f = log.lines(1).await.remove(0);
-        assert_eq!(f.len(), 35, "{f:?}");
+        let mut f = log.line(1).await;
         // What differs between any two requests: times, the client's port, the listener's
         // port in the URL, the trace and connection ids.
         for i in [1, 3, 5, 6, 7, 17, 21, 29] {
@@ -734,7 +688,7 @@ async fn a_target_answering_garbage_is_502_and_the_log_names_it() {
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{out}");
-    let f = log.lines(1).await.remove(0);
+    let f = log.line(1).await;
     // elb_status, target, and lb's error detail naming the target.
     assert_eq!(
         (f[8].as_str(), f[4].as_str()),

@@ -739,3 +739,67 @@ pub fn log_fields(line: &str) -> Vec<String> {
     out.push(cur);
     out
 }
+
+/// Fields of an access-log line: ALB's 29 and `lb`'s 6.
+pub const LOG_FIELDS: usize = 35;
+
+/// An access log written to a file of its own, in a directory removed on drop.
+pub struct LogFile {
+    pub path: std::path::PathBuf,
+    pub writer: Arc<lb::proxy::server::AccessLog>,
+}
+
+impl LogFile {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lb-access-log-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("access.log");
+        let writer = lb::accesslog::access_log_writer(
+            lb::accesslog::Destination::File(path.clone()),
+            lb::accesslog::Rotation::default(),
+            1024,
+            "app/lb/0123456789abcdef".into(),
+        )
+        .expect("access log");
+        Self {
+            path,
+            writer: Arc::new(writer),
+        }
+    }
+
+    /// A proxy forwarding to `targets` that writes this log.
+    pub async fn proxy(&self, targets: &[SocketAddr]) -> Proxy {
+        let mut b = ProxyBuilder::forward_to(targets);
+        b.access_log = Some(self.writer.clone());
+        b.start().await
+    }
+
+    /// Waits for the `n`th line and returns it split into fields (all [`LOG_FIELDS`]).
+    pub async fn line(&self, n: usize) -> Vec<String> {
+        within(async {
+            loop {
+                let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+                if let Some(l) = text.lines().nth(n - 1) {
+                    let f = log_fields(l);
+                    assert_eq!(f.len(), LOG_FIELDS, "{l}");
+                    return f;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        if let Some(d) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
